@@ -1,0 +1,35 @@
+"""squant-rs: SQuant (Guo et al., ICLR 2022) on-the-fly, data-free weight
+quantization with a Rust core.
+
+Quick start::
+
+    import numpy as np, squant_rs
+    w = np.random.randn(64, 32, 3, 3).astype(np.float32)
+    qt = squant_rs.quantize_tensor(w, bits=4)          # mode="squant" (E+K+C)
+    qt.codes, qt.scale, qt.zero_point, qt.dequantize()
+"""
+
+from __future__ import annotations
+
+from ._squant_rs import (
+    InvalidArgumentError,
+    NonFiniteWeightError,
+    SquantError,
+    WeightRangeError,
+    __version__,
+)
+from ._tensor import QuantizedTensor, quantize_tensor
+from ._validate import BACKENDS, MODES, UnsupportedDtypeError
+
+__all__ = [
+    "BACKENDS",
+    "MODES",
+    "InvalidArgumentError",
+    "NonFiniteWeightError",
+    "QuantizedTensor",
+    "SquantError",
+    "UnsupportedDtypeError",
+    "WeightRangeError",
+    "__version__",
+    "quantize_tensor",
+]

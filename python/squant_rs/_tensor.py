@@ -1,0 +1,126 @@
+"""`quantize_tensor` and `QuantizedTensor`: the numpy path (Rust core) and
+the dispatch to the torch adapter."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _squant_rs as _native
+from ._validate import (
+    UnsupportedDtypeError,
+    check_backend,
+    check_bits,
+    check_mode,
+    check_shape,
+    check_threads,
+)
+
+_NUMPY_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A SQuant-quantized weight.
+
+    Convention (the SQuant release's): per output channel ``o``,
+    ``codes = rne(scale[o] * w - zero_point[o])`` refined by CASE flips, and
+    ``w_hat = (codes + zero_point[o]) / scale[o]``. ``scale`` is in levels per
+    unit, i.e. the inverse of the step size that torch calls "scale"; the
+    step and torch-style zero point are available as :attr:`step` and
+    :attr:`torch_zero_point`.
+
+    ``codes``, ``scale`` and ``zero_point`` are numpy arrays for numpy input
+    and torch tensors on the input's device for torch input.
+    """
+
+    codes: Any
+    scale: Any
+    zero_point: Any
+    bits: int
+    mode: str
+    dtype: Any
+    k_flips: int
+    c_flips: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    @property
+    def step(self) -> Any:
+        """Step size ``1 / scale`` per output channel (torch's "scale")."""
+        return 1.0 / self.scale
+
+    @property
+    def torch_zero_point(self) -> Any:
+        """``-zero_point``: with :attr:`step`, ``w_hat ~= (codes - zp) * step``."""
+        return -self.zero_point
+
+    def dequantize(self) -> Any:
+        """Dequantized weight of the input's shape and dtype (and device)."""
+        if isinstance(self.codes, np.ndarray):
+            out = _native.dequantize(self.codes, self.scale, self.zero_point)
+            return out.astype(self.dtype, copy=False)
+        from ._torch_adapter import dequantize_torch
+
+        return dequantize_torch(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedTensor(shape={self.shape}, bits={self.bits}, mode={self.mode!r}, "
+            f"dtype={self.dtype}, k_flips={self.k_flips}, c_flips={self.c_flips})"
+        )
+
+
+def _is_torch_tensor(w: object) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(w, torch.Tensor)
+
+
+def as_float32_array(w: object) -> tuple[np.ndarray, np.dtype]:
+    """Validated float32 view of a numpy-like weight (copies only when the
+    dtype or byte order differs), with the original dtype."""
+    a = np.asarray(w)
+    if a.dtype not in _NUMPY_FLOATS:
+        raise UnsupportedDtypeError(
+            f"weight dtype {a.dtype} is not supported: expected float16, float32 or float64"
+        )
+    check_shape(a.shape)
+    return np.asarray(a, dtype=np.float32), np.dtype(a.dtype).newbyteorder("=")
+
+
+def quantize_tensor(
+    w: Any,
+    bits: int = 4,
+    mode: str = "squant",
+    *,
+    backend: str = "auto",
+    threads: int | None = None,
+) -> QuantizedTensor:
+    """Quantize one weight of shape ``(OC, IC, *kernel)`` with SQuant.
+
+    ``w`` is a numpy array (float16/32/64) or a torch tensor (float16,
+    bfloat16, float32, float64, any device). ``bits`` in 2..8; ``mode`` one of
+    ``"squant"`` (E+K+C), ``"squant-e"``, ``"squant-k"``, ``"squant-c"``.
+    ``backend`` applies to torch input: ``"auto"`` (CUDA -> torch, CPU ->
+    Rust), ``"rust"`` or ``"torch"``. ``threads`` sets the Rust thread count
+    (default: ``SQUANT_NUM_THREADS`` or all CPUs). The input is never
+    modified.
+    """
+    bits = check_bits(bits)
+    mode = check_mode(mode)
+    backend = check_backend(backend)
+    threads = check_threads(threads)
+    if _is_torch_tensor(w):
+        from ._torch_adapter import quantize_torch_tensor
+
+        return quantize_torch_tensor(w, bits, mode, backend, threads)
+    if type(w).__module__.startswith("torch"):
+        raise TypeError("got a torch object but torch is not importable")
+    a32, dtype = as_float32_array(w)
+    codes, scale, zp, kf, cf = _native.quantize(a32, bits, mode, threads)
+    return QuantizedTensor(codes, scale, zp, bits, mode, dtype, int(kf), int(cf))

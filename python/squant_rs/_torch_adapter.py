@@ -1,0 +1,109 @@
+"""torch tensors in and out: routes to the Rust core (CPU) or to the
+vectorized torch implementation (CUDA, or on request)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import _squant_rs as _native
+from ._squant_rs import NonFiniteWeightError, WeightRangeError
+from ._validate import UnsupportedDtypeError, check_shape
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._tensor import QuantizedTensor
+
+
+def require_torch() -> Any:
+    """Import torch or explain how to get it."""
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - exercised without torch
+        raise ImportError(
+            "this squant_rs feature needs PyTorch: pip install 'squant-rs[torch]'"
+        ) from exc
+    return torch
+
+
+def _float_dtypes(torch: Any) -> tuple[Any, ...]:
+    return (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_torch_weight(w: torch.Tensor) -> None:
+    torch = require_torch()
+    if w.dtype not in _float_dtypes(torch):
+        raise UnsupportedDtypeError(
+            f"weight dtype {w.dtype} is not supported: expected float16, bfloat16, "
+            "float32 or float64"
+        )
+    check_shape(tuple(w.shape))
+
+
+def _check_finite_torch(w32: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> None:
+    """The Rust core's value checks, for the torch path (one host sync)."""
+    torch = require_torch()
+    flat = w32.reshape(w32.shape[0], -1)
+    bad = ~torch.isfinite(flat)
+    mx = flat.amax(dim=1)
+    mn = flat.amin(dim=1)
+    overflow = ~(
+        torch.isfinite(scale) & (scale > 0) & torch.isfinite(scale * mn)
+        & torch.isfinite(scale * mx) & torch.isfinite(zp)
+    )
+    bad_rows = bad.any(dim=1)
+    if bool(bad_rows.any() | overflow.any()):
+        rows = bad_rows.nonzero()
+        if rows.numel():
+            o = int(rows[0, 0])
+            i = int(bad[o].nonzero()[0, 0])
+            raise NonFiniteWeightError(
+                f"weight contains NaN or infinity in output channel {o} "
+                f"(element {i} of that channel)"
+            )
+        o = int(overflow.nonzero()[0, 0])
+        raise WeightRangeError(
+            f"output channel {o}: weight values too large to quantize in float32 "
+            "(scale or zero point overflows)"
+        )
+
+
+def quantize_torch_tensor(
+    w: torch.Tensor, bits: int, mode: str, backend: str, threads: int | None
+) -> QuantizedTensor:
+    from ._tensor import QuantizedTensor
+
+    torch = require_torch()
+    check_torch_weight(w)
+    w = w.detach()
+    use_torch = backend == "torch" or (backend == "auto" and w.device.type != "cpu")
+    if use_torch:
+        from ._torch_backend import quantize_torch
+
+        codes, scale, zp, kf, cf = quantize_torch(w, bits, mode)
+        _check_finite_torch(w.to(torch.float32), scale, zp)
+        return QuantizedTensor(codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf))
+    host = w.to(device="cpu", dtype=torch.float32)
+    # A contiguous float32 CPU tensor is shared with numpy, not copied.
+    arr = host.numpy()
+    codes_np, scale_np, zp_np, kf, cf = _native.quantize(arr, bits, mode, threads)
+    codes = torch.from_numpy(codes_np).to(w.device)
+    scale = torch.from_numpy(scale_np).to(w.device)
+    zp = torch.from_numpy(zp_np).to(w.device)
+    return QuantizedTensor(codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf))
+
+
+def dequantize_torch(qt: QuantizedTensor) -> torch.Tensor:
+    torch = require_torch()
+    codes = qt.codes
+    view = (-1,) + (1,) * (codes.dim() - 1)
+    out = (codes.to(torch.float32) + qt.zero_point.view(view)) / qt.scale.view(view)
+    return out.to(qt.dtype)
+
+
+def to_numpy_f32(t: torch.Tensor) -> np.ndarray:
+    """A CPU float32 numpy view (or copy, when needed) of a tensor."""
+    torch = require_torch()
+    return t.detach().to(device="cpu", dtype=torch.float32).numpy()

@@ -1,0 +1,61 @@
+//! Errors reported by the core. Every failure a caller can provoke is a
+//! variant here; the core never panics on caller input.
+
+use std::fmt;
+
+/// Why a weight tensor could not be quantized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SquantError {
+    /// `bits` outside the supported range `2..=8`.
+    InvalidBits(u32),
+    /// Mode string that is none of `squant`, `squant-e`, `squant-k`, `squant-c`.
+    UnknownMode(String),
+    /// A dimension of the `(OC, IC, K)` layout is zero.
+    EmptyTensor,
+    /// Buffer lengths do not match the layout.
+    ShapeMismatch {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    /// One output channel holds more than `u32::MAX` elements.
+    ChannelTooLarge(usize),
+    /// A NaN or an infinity in the weights.
+    NonFinite { channel: usize, index: usize },
+    /// The channel's range overflows float32 arithmetic of the quantizer.
+    RangeTooLarge { channel: usize },
+}
+
+impl fmt::Display for SquantError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SquantError::InvalidBits(b) => {
+                write!(f, "bits must be an integer in 2..=8, got {b}")
+            }
+            SquantError::UnknownMode(m) => write!(
+                f,
+                "unknown mode {m:?}: expected one of 'squant', 'squant-e', 'squant-k', 'squant-c'"
+            ),
+            SquantError::EmptyTensor => write!(f, "weight tensor is empty (a dimension is 0)"),
+            SquantError::ShapeMismatch {
+                what,
+                expected,
+                got,
+            } => write!(f, "{what}: expected {expected} elements, got {got}"),
+            SquantError::ChannelTooLarge(n) => write!(
+                f,
+                "an output channel holds {n} elements, more than the supported 4294967295"
+            ),
+            SquantError::NonFinite { channel, index } => write!(
+                f,
+                "weight contains NaN or infinity in output channel {channel} (element {index} of that channel)"
+            ),
+            SquantError::RangeTooLarge { channel } => write!(
+                f,
+                "output channel {channel}: weight values too large to quantize in float32 (scale or zero point overflows)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SquantError {}

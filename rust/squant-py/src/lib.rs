@@ -1,0 +1,176 @@
+//! Python bindings of squant-core. One flow for every entry point:
+//! validate -> borrow the numpy buffer (copy only when it is not
+//! C-contiguous) -> allocate the outputs -> run the core with the GIL
+//! released, in the chosen pool -> map errors.
+
+mod error;
+mod pool;
+
+use std::borrow::Cow;
+
+use numpy::{
+    IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn,
+    PyUntypedArrayMethods,
+};
+use pyo3::prelude::*;
+use squant_core::{Layout, Mode};
+
+use crate::error::{InvalidArgumentError, PyCoreError};
+
+type Quantized<'py> = (
+    Bound<'py, PyArrayDyn<i8>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<f32>>,
+    u64,
+    u64,
+);
+
+fn layout_of(shape: &[usize]) -> PyResult<Layout> {
+    Layout::from_shape(shape).ok_or_else(|| {
+        InvalidArgumentError::new_err(format!(
+            "weight must have at least 2 dimensions (OC, IC, *kernel), got {} dimension(s)",
+            shape.len()
+        ))
+    })
+}
+
+fn parse_mode(mode: &str) -> PyResult<Mode> {
+    mode.parse::<Mode>()
+        .map_err(|e| PyErr::from(PyCoreError(e)))
+}
+
+/// The buffer as a row-major slice: borrowed when already C-contiguous.
+fn row_major<'a, T: numpy::Element + Copy>(a: &'a PyReadonlyArrayDyn<'_, T>) -> Cow<'a, [T]> {
+    match a.as_slice() {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => Cow::Owned(a.as_array().iter().copied().collect()),
+    }
+}
+
+/// quantize(w, bits, mode, threads=None)
+/// --
+///
+/// SQuant-quantize a float32 weight of shape (OC, IC, *kernel). Returns
+/// (codes int8 of w's shape, scale (OC,), zero_point (OC,), k_flips, c_flips).
+#[pyfunction]
+#[pyo3(signature = (w, bits, mode, threads=None))]
+fn quantize<'py>(
+    py: Python<'py>,
+    w: PyReadonlyArrayDyn<'py, f32>,
+    bits: u32,
+    mode: &str,
+    threads: Option<usize>,
+) -> PyResult<Quantized<'py>> {
+    let mode = parse_mode(mode)?;
+    let shape = w.shape().to_vec();
+    let layout = layout_of(&shape)?;
+    let pool = pool::pool(pool::resolve_threads(threads)?)?;
+    let data = row_major(&w);
+    let n = layout.len();
+    let (codes, scale, zp, flips) = py.detach(|| {
+        let mut codes = vec![0i8; n];
+        let mut scale = vec![0f32; layout.oc];
+        let mut zp = vec![0f32; layout.oc];
+        let flips = pool.install(|| {
+            squant_core::quantize(&data, layout, bits, mode, &mut codes, &mut scale, &mut zp)
+        })?;
+        Ok::<_, PyCoreError>((codes, scale, zp, flips))
+    })?;
+    let codes = codes.into_pyarray(py).reshape(shape)?;
+    Ok((
+        codes,
+        scale.into_pyarray(py),
+        zp.into_pyarray(py),
+        flips.k,
+        flips.c,
+    ))
+}
+
+/// quantize_reference(w, bits, mode)
+/// --
+///
+/// The scalar Rust reference (slow, sequential): same outputs as quantize().
+#[pyfunction]
+fn quantize_reference<'py>(
+    py: Python<'py>,
+    w: PyReadonlyArrayDyn<'py, f32>,
+    bits: u32,
+    mode: &str,
+) -> PyResult<Quantized<'py>> {
+    let mode = parse_mode(mode)?;
+    let shape = w.shape().to_vec();
+    let layout = layout_of(&shape)?;
+    let data = row_major(&w);
+    let (codes, params, flips) = py
+        .detach(|| squant_core::quantize_ref(&data, layout, bits, mode))
+        .map_err(PyCoreError)?;
+    let scale: Vec<f32> = params.iter().map(|p| p.scale).collect();
+    let zp: Vec<f32> = params.iter().map(|p| p.zero_point).collect();
+    let codes = codes.into_pyarray(py).reshape(shape)?;
+    Ok((
+        codes,
+        scale.into_pyarray(py),
+        zp.into_pyarray(py),
+        flips.k,
+        flips.c,
+    ))
+}
+
+/// dequantize(codes, scale, zero_point, threads=None)
+/// --
+///
+/// (codes + zero_point[o]) / scale[o] in float32, codes of shape (OC, ...).
+#[pyfunction]
+#[pyo3(signature = (codes, scale, zero_point, threads=None))]
+fn dequantize<'py>(
+    py: Python<'py>,
+    codes: PyReadonlyArrayDyn<'py, i8>,
+    scale: PyReadonlyArray1<'py, f32>,
+    zero_point: PyReadonlyArray1<'py, f32>,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let shape = codes.shape().to_vec();
+    let layout = layout_of(&shape)?;
+    let pool = pool::pool(pool::resolve_threads(threads)?)?;
+    let q = row_major(&codes);
+    let s = scale.as_array().to_vec();
+    let z = zero_point.as_array().to_vec();
+    let out = py.detach(|| {
+        let mut out = vec![0f32; layout.len()];
+        pool.install(|| squant_core::dequantize(&q, layout, &s, &z, &mut out))?;
+        Ok::<_, PyCoreError>(out)
+    })?;
+    Ok(out.into_pyarray(py).reshape(shape)?)
+}
+
+/// resolve_threads(threads=None)
+/// --
+///
+/// The thread count a call would use (argument, else SQUANT_NUM_THREADS, else CPUs).
+#[pyfunction]
+#[pyo3(signature = (threads=None))]
+fn resolve_threads(threads: Option<usize>) -> PyResult<usize> {
+    pool::resolve_threads(threads)
+}
+
+#[pymodule]
+fn _squant_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_reference, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(resolve_threads, m)?)?;
+    let py = m.py();
+    m.add("SquantError", py.get_type::<error::SquantError>())?;
+    m.add(
+        "NonFiniteWeightError",
+        py.get_type::<error::NonFiniteWeightError>(),
+    )?;
+    m.add("WeightRangeError", py.get_type::<error::WeightRangeError>())?;
+    m.add(
+        "InvalidArgumentError",
+        py.get_type::<error::InvalidArgumentError>(),
+    )?;
+    m.add("THREADS_ENV_VAR", pool::ENV_VAR)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! The thread-count knob. No pool exists at import time; pools are built on
+//! first use and cached per thread count, and rebuilt in a forked child
+//! (whose copy of the parent's pool has no threads and would deadlock).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use pyo3::PyResult;
+use rayon::{ThreadPool, ThreadPoolBuilder};
+
+use crate::error::InvalidArgumentError;
+
+/// Environment variable read when no `threads` argument is given.
+pub const ENV_VAR: &str = "SQUANT_NUM_THREADS";
+
+struct Cache {
+    pid: u32,
+    pools: HashMap<usize, Arc<ThreadPool>>,
+}
+
+static POOLS: Mutex<Option<Cache>> = Mutex::new(None);
+
+/// Thread count from the argument, else `SQUANT_NUM_THREADS`, else the
+/// number of CPUs available to the process.
+pub fn resolve_threads(threads: Option<usize>) -> PyResult<usize> {
+    if let Some(n) = threads {
+        if n == 0 {
+            return Err(InvalidArgumentError::new_err(
+                "threads must be a positive integer, got 0",
+            ));
+        }
+        return Ok(n);
+    }
+    match std::env::var(ENV_VAR) {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(InvalidArgumentError::new_err(format!(
+                "{ENV_VAR} must be a positive integer, got {v:?}"
+            ))),
+        },
+        Err(_) => Ok(std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)),
+    }
+}
+
+/// The pool for `n` threads, built on first use in this process.
+pub fn pool(n: usize) -> PyResult<Arc<ThreadPool>> {
+    let pid = std::process::id();
+    let mut guard = POOLS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let cache = guard.get_or_insert_with(|| Cache {
+        pid,
+        pools: HashMap::new(),
+    });
+    if cache.pid != pid {
+        // Forked child: the parent's worker threads do not exist here. Leak
+        // the stale pools (dropping them would wait for those threads).
+        for (_, p) in cache.pools.drain() {
+            std::mem::forget(p);
+        }
+        cache.pid = pid;
+    }
+    if let Some(p) = cache.pools.get(&n) {
+        return Ok(Arc::clone(p));
+    }
+    let p = ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("squant-{i}"))
+        .build()
+        .map_err(|e| InvalidArgumentError::new_err(format!("cannot start {n} threads: {e}")))?;
+    let p = Arc::new(p);
+    cache.pools.insert(n, Arc::clone(&p));
+    Ok(p)
+}
