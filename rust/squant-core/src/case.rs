@@ -35,9 +35,16 @@ impl std::ops::Add for Flips {
 /// Per-thread working memory, reused across channels.
 #[derive(Default)]
 pub struct Scratch {
+    /// `x = s * w - z`.
     x: Vec<f32>,
+    /// Current value and error of every element.
     r: Vec<f32>,
     e: Vec<f32>,
+    /// E-level priorities in the up and down tables.
+    pu: Vec<f32>,
+    pd: Vec<f32>,
+    /// `e` of every element in fixed point (see `sum`), kept current.
+    fx: Vec<i64>,
     keys: Vec<u64>,
     /// Carries of the K level: position in channel, up table?, priority.
     carries: Vec<(u32, bool, f32)>,
@@ -57,21 +64,10 @@ fn key_pos(k: u64) -> usize {
     (!(k as u32)) as usize
 }
 
-/// Priority of an element in the up (`up = true`) or down table, from its
-/// E-level state (`e` is the nearest-rounding error).
+/// `v` where `ok`, else `0.0`, without a branch.
 #[inline(always)]
-fn priority(x: f32, e: f32, up: bool, tmin: f32, tmax: f32) -> f32 {
-    if up {
-        if e < 0.0 && x < tmax {
-            -e
-        } else {
-            0.0
-        }
-    } else if e > 0.0 && x > tmin {
-        e
-    } else {
-        0.0
-    }
+fn masked(v: f32, ok: bool) -> f32 {
+    f32::from_bits(v.to_bits() & 0u32.wrapping_sub(ok as u32))
 }
 
 /// Table entry `(value, error)` of an element for a flip in direction `up`.
@@ -102,6 +98,15 @@ fn step_params(s: f64, len: usize) -> (bool, usize, bool) {
     (up, (t as usize).min(len), over)
 }
 
+/// Kernels up to this size are ordered on the stack by repeated arg-max.
+const SMALL_K: usize = 32;
+
+/// Up to this many wanted ranks, a sorted buffer beats quickselect.
+const SMALL_TOP: usize = 48;
+
+/// Fractional bits of the precomputed fixed-point errors.
+const FX_BITS: i32 = 40;
+
 /// Moves the `m` largest keys to the front of `keys`, sorted descending.
 fn top_sorted(keys: &mut [u64], m: usize) {
     let m = m.min(keys.len());
@@ -114,57 +119,159 @@ fn top_sorted(keys: &mut [u64], m: usize) {
     keys[..m].sort_unstable_by(|a, b| b.cmp(a));
 }
 
+/// Inserts `k` into the descending buffer `top` of capacity `m`.
+#[inline(always)]
+fn admit(top: &mut Vec<u64>, m: usize, k: u64) {
+    let at = top.partition_point(|&v| v > k);
+    if top.len() == m {
+        top.pop();
+    }
+    top.insert(at, k);
+}
+
 impl Scratch {
     fn resize(&mut self, g: usize) {
         if self.x.len() != g {
-            self.x.resize(g, 0.0);
-            self.r.resize(g, 0.0);
-            self.e.resize(g, 0.0);
+            for v in [
+                &mut self.x,
+                &mut self.r,
+                &mut self.e,
+                &mut self.pu,
+                &mut self.pd,
+            ] {
+                v.resize(g, 0.0);
+            }
+            self.fx.resize(g, 0);
         }
         self.carries.clear();
     }
 
+    /// SQuant-E: values, errors, both priorities and fixed-point errors.
+    #[inline(never)]
+    fn nearest(&mut self, w: &[f32], p: ChannelParams, tmin: f32, tmax: f32) {
+        let scale = sum::pow2(FX_BITS);
+        let it = self
+            .x
+            .iter_mut()
+            .zip(self.r.iter_mut())
+            .zip(self.e.iter_mut())
+            .zip(self.pu.iter_mut().zip(self.pd.iter_mut()))
+            .zip(self.fx.iter_mut().zip(w));
+        for ((((x, r), e), (pu, pd)), (fx, &wv)) in it {
+            let prod = p.scale * wv;
+            let xv = prod - p.zero_point;
+            let rv = rne(xv);
+            let ev = rv - xv;
+            *x = xv;
+            *r = rv;
+            *e = ev;
+            *pu = masked(-ev, (ev < 0.0) & (xv < tmax));
+            *pd = masked(ev, (ev > 0.0) & (xv > tmin));
+            *fx = sum::fixed(ev, scale);
+        }
+    }
+
+    /// Flips element `j`; returns whether its value changed and the change
+    /// of its fixed-point error.
     #[inline(always)]
-    fn flip(&mut self, j: usize, up: bool, tmin: f32, tmax: f32) -> u64 {
+    fn flip(&mut self, j: usize, up: bool, tmin: f32, tmax: f32) -> (u64, i64) {
         let (v, err) = table(self.x[j], up, tmin, tmax);
         let changed = u64::from(self.r[j] != v);
         self.r[j] = v;
         self.e[j] = err;
-        changed
+        let old = self.fx[j];
+        self.fx[j] = sum::fixed(err, sum::pow2(FX_BITS));
+        (changed, self.fx[j] - old)
+    }
+
+    /// S of a group from the fixed-point errors (or exactly as `sum` defines
+    /// it for a group too large for 40 fractional bits).
+    #[inline(always)]
+    fn group_sum(&self, span: std::ops::Range<usize>) -> f64 {
+        let f = sum::frac_bits(span.len());
+        if f == FX_BITS {
+            sum::to_sum(self.fx[span].iter().sum(), f)
+        } else {
+            sum::slice_sum(&self.e[span], f)
+        }
     }
 
     /// SQuant-K on every kernel of the channel; records carries when `carry`.
+    #[inline(never)]
     fn kernel_level(&mut self, k: usize, carry: bool, tmin: f32, tmax: f32) -> u64 {
         let g = self.x.len();
-        let f = sum::frac_bits(k);
         let mut changed = 0;
-        let mut keys = std::mem::take(&mut self.keys);
+        let mut heap_keys = std::mem::take(&mut self.keys);
+        let mut pri = [0f32; SMALL_K];
+        let mut ranks = [0usize; SMALL_K];
+        let mut long_order: Vec<usize> = Vec::new();
         for base in (0..g).step_by(k) {
-            let (up, t, over) = step_params(sum::slice_sum(&self.e[base..base + k], f), k);
-            // Ranks of the order this step reads.
+            let (up, t, over) = step_params(self.group_sum(base..base + k), k);
+            // Ranks of the order this step reads: t flips, maybe one carry.
             let need = if carry && !over { (t + 1).min(k) } else { t };
-            keys.clear();
-            keys.extend((0..k).map(|i| {
-                let j = base + i;
-                key(priority(self.x[j], self.e[j], up, tmin, tmax), i)
-            }));
+            let src = if up {
+                &self.pu[base..base + k]
+            } else {
+                &self.pd[base..base + k]
+            };
+            // `order[last]` (lowest priority, highest position): read only
+            // when S == 0 exactly.
             let last = if carry && over && t == 0 {
-                keys.iter().copied().min().map(key_pos)
+                let mut li = 0;
+                for (i, &p) in src.iter().enumerate() {
+                    if p <= src[li] {
+                        li = i;
+                    }
+                }
+                Some(li)
             } else {
                 None
             };
-            top_sorted(&mut keys, need);
-            for &kk in &keys[..t] {
-                changed += self.flip(base + key_pos(kk), up, tmin, tmax);
+            let order: &[usize] = if k <= SMALL_K && need <= 2 {
+                // The common case (t <= 1 with a carry): one pass for the top
+                // two; strict comparisons keep the lower position on ties.
+                let (mut i1, mut p1, mut i2, mut p2) = (0usize, -1.0f32, 0usize, -1.0f32);
+                for (i, &p) in src.iter().enumerate() {
+                    if p > p1 {
+                        (i2, p2) = (i1, p1);
+                        (i1, p1) = (i, p);
+                    } else if p > p2 {
+                        (i2, p2) = (i, p);
+                    }
+                }
+                ranks[0] = i1;
+                ranks[1] = i2;
+                &ranks[..need]
+            } else if k <= SMALL_K && need <= SMALL_K {
+                pri[..k].copy_from_slice(src);
+                for rank in ranks.iter_mut().take(need) {
+                    let (mut bi, mut bp) = (0, -1.0f32);
+                    for (i, &p) in pri[..k].iter().enumerate() {
+                        if p > bp {
+                            bp = p;
+                            bi = i;
+                        }
+                    }
+                    *rank = bi;
+                    pri[bi] = -2.0;
+                }
+                &ranks[..need]
+            } else {
+                heap_keys.clear();
+                heap_keys.extend(src.iter().enumerate().map(|(i, &p)| key(p, i)));
+                top_sorted(&mut heap_keys, need);
+                long_order.clear();
+                long_order.extend(heap_keys[..need].iter().map(|&kk| key_pos(kk)));
+                &long_order
+            };
+            for &i in &order[..t] {
+                changed += self.flip(base + i, up, tmin, tmax).0;
             }
             if carry {
                 let c = if over {
-                    match last {
-                        Some(i) => Some((i, !up)),
-                        None => Some((key_pos(keys[t - 1]), !up)),
-                    }
+                    Some((last.unwrap_or_else(|| order[t.saturating_sub(1)]), !up))
                 } else if t < k {
-                    Some((key_pos(keys[t]), up))
+                    Some((order[t], up))
                 } else {
                     None
                 };
@@ -174,16 +281,17 @@ impl Scratch {
                 }
             }
         }
-        self.keys = keys;
+        self.keys = heap_keys;
         changed
     }
 
     /// SQuant-C on the whole channel. `after_k`: the only non-zero
     /// priorities are the K-level carries; otherwise they are the E-level
-    /// element priorities (and `e` still holds the E-level errors).
+    /// element priorities.
+    #[inline(never)]
     fn channel_level(&mut self, after_k: bool, tmin: f32, tmax: f32) -> u64 {
         let g = self.x.len();
-        let (up, t, _over) = step_params(sum::slice_sum(&self.e, sum::frac_bits(g)), g);
+        let (up, t, _over) = step_params(self.group_sum(0..g), g);
         if t == 0 {
             return 0;
         }
@@ -191,47 +299,84 @@ impl Scratch {
         let mut zeros = std::mem::take(&mut self.zeros);
         keys.clear();
         zeros.clear();
-        if after_k {
+        let pri = if up { &self.pu } else { &self.pd };
+        // The t largest positive-priority keys, and the number of positives.
+        let n_pos = if after_k {
             keys.extend(
                 self.carries
                     .iter()
                     .filter(|&&(_, tu, p)| tu == up && p > 0.0)
                     .map(|&(j, _, p)| key(p, j as usize)),
             );
-        } else {
-            for j in 0..g {
-                let p = priority(self.x[j], self.e[j], up, tmin, tmax);
-                if p > 0.0 {
-                    keys.push(key(p, j));
+            let n = keys.len();
+            if t < n {
+                keys.select_nth_unstable_by(t - 1, |a, b| b.cmp(a));
+                keys.truncate(t);
+            }
+            n
+        } else if t <= SMALL_TOP {
+            // One pass with a sorted buffer. Positions only grow, so a
+            // priority equal to the threshold loses its tie: compare
+            // priorities strictly.
+            let mut thr = 0.0f32;
+            let mut n = 0usize;
+            for (j, &p) in pri.iter().enumerate() {
+                n += (p > 0.0) as usize;
+                if p > thr {
+                    admit(&mut keys, t, key(p, j));
+                    if keys.len() == t {
+                        thr = f32::from_bits((keys[t - 1] >> 32) as u32);
+                    }
                 }
             }
-        }
-        let n_pos = keys.len();
-        if t < n_pos {
-            keys.select_nth_unstable_by(t - 1, |a, b| b.cmp(a));
-            keys.truncate(t);
-        } else if t > n_pos {
+            n
+        } else {
+            keys.extend(
+                pri.iter()
+                    .enumerate()
+                    .filter(|&(_, &p)| p > 0.0)
+                    .map(|(j, &p)| key(p, j)),
+            );
+            let n = keys.len();
+            if t < n {
+                keys.select_nth_unstable_by(t - 1, |a, b| b.cmp(a));
+                keys.truncate(t);
+            }
+            n
+        };
+        if t > n_pos {
             // The order continues with zero-priority positions, ascending.
-            let mut positive: Vec<usize> = keys.iter().map(|&kk| key_pos(kk)).collect();
-            positive.sort_unstable();
-            let mut p = positive.iter().peekable();
+            let is_positive = |j: usize| -> bool {
+                if after_k {
+                    false
+                } else {
+                    pri[j] > 0.0
+                }
+            };
+            let mut carried: Vec<usize> = if after_k {
+                keys.iter().map(|&kk| key_pos(kk)).collect()
+            } else {
+                Vec::new()
+            };
+            carried.sort_unstable();
+            let mut cp = carried.iter().peekable();
             for j in 0..g {
                 if zeros.len() == t - n_pos {
                     break;
                 }
-                if p.peek() == Some(&&j) {
-                    p.next();
-                } else {
+                if cp.peek() == Some(&&j) {
+                    cp.next();
+                } else if !is_positive(j) {
                     zeros.push(j as u32);
                 }
             }
         }
         let mut changed = 0;
         for &kk in &keys {
-            changed += self.flip(key_pos(kk), up, tmin, tmax);
+            changed += self.flip(key_pos(kk), up, tmin, tmax).0;
         }
         for &j in &zeros {
-            changed += self.flip(j as usize, up, tmin, tmax);
+            changed += self.flip(j as usize, up, tmin, tmax).0;
         }
         self.keys = keys;
         self.zeros = zeros;
@@ -252,15 +397,7 @@ pub fn quantize_channel(
     let p = params_of(w, bits, channel)?;
     let (tmin, tmax) = code_range(bits);
     sc.resize(w.len());
-
-    // SQuant-E.
-    for (((x, r), e), &wv) in sc.x.iter_mut().zip(&mut sc.r).zip(&mut sc.e).zip(w) {
-        let prod = p.scale * wv;
-        *x = prod - p.zero_point;
-        *r = rne(*x);
-        *e = *r - *x;
-    }
-
+    sc.nearest(w, p, tmin, tmax);
     let mut flips = Flips::default();
     let run_k = mode.has_k() && k > 1;
     if run_k {
@@ -270,7 +407,11 @@ pub fn quantize_channel(
         flips.c = sc.channel_level(run_k, tmin, tmax);
     }
     for (q, &r) in codes.iter_mut().zip(&sc.r) {
-        *q = r.clamp(tmin, tmax) as i8;
+        // r is an integer in [-128, 127] after the clamp: adding 1.5 * 2^23
+        // puts it in the low mantissa bits, an integer-only conversion that
+        // vectorises (a saturating `as i8` does not).
+        let v = r.clamp(tmin, tmax) + 12_582_912.0;
+        *q = (v.to_bits() as i32).wrapping_sub(0x4B40_0000) as i8;
     }
     Ok((p, flips))
 }

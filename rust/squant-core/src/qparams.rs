@@ -3,22 +3,26 @@
 
 use crate::error::SquantError;
 
-/// `2^22`: below this magnitude the magic-constant rounding below is exact.
-const EXACT_LIMIT: f32 = 4_194_304.0;
-/// `1.5 * 2^23`: adding and subtracting it rounds to an integer, ties to even.
-const MAGIC: f32 = 12_582_912.0;
+/// `2^23`: every float32 of at least this magnitude is an integer.
+const INT_LIMIT: f32 = 8_388_608.0;
 
 /// Round half to even (numpy `rint`, torch `round`).
 ///
-/// `f32::round_ties_even` lowers to a library call on baseline x86-64 (no
-/// SSE4.1), so the hot loops use the classic magic-constant trick, exact for
-/// `|x| < 2^22`; larger floats are already integers or handled by std.
+/// `f32::round_ties_even` lowers to a `rintf` library call on baseline
+/// x86-64 (no SSE4.1), and LLVM happily speculates it in branch-free code,
+/// so the hot loops use the classic trick instead: for `|x| < 2^23`,
+/// `(x + copysign(2^23, x)) - copysign(2^23, x)` rounds in the FPU's
+/// round-to-nearest-even mode and the subtraction is exact; larger floats
+/// are already integers. Vectorises; bit-identical to `rint` except that it
+/// may return `+0.0` where `rint` returns `-0.0`.
 #[inline(always)]
 pub fn rne(x: f32) -> f32 {
-    if x.abs() < EXACT_LIMIT {
-        (x + MAGIC) - MAGIC
+    let m = INT_LIMIT.copysign(x);
+    let y = (x + m) - m;
+    if x.abs() < INT_LIMIT {
+        y
     } else {
-        x.round_ties_even()
+        x
     }
 }
 
@@ -49,21 +53,36 @@ pub struct ChannelParams {
 }
 
 /// Min and max of a channel; `Err(index)` names the first non-finite value.
-#[inline]
+///
+/// Eight independent lanes so the loop vectorises; `v * 0` is 0 for every
+/// finite value and NaN for NaN and infinities, so one sum flags them all.
+#[inline(never)]
 pub fn min_max(w: &[f32]) -> Result<(f32, f32), usize> {
-    let mut mn = f32::INFINITY;
-    let mut mx = f32::NEG_INFINITY;
-    let mut bad = false;
-    for &v in w {
-        bad |= !v.is_finite();
-        mn = mn.min(v);
-        mx = mx.max(v);
+    const L: usize = 8;
+    let mut mn = [f32::INFINITY; L];
+    let mut mx = [f32::NEG_INFINITY; L];
+    let mut bad = [0.0f32; L];
+    let chunks = w.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..L {
+            let v = c[i];
+            mn[i] = if v < mn[i] { v } else { mn[i] };
+            mx[i] = if v > mx[i] { v } else { mx[i] };
+            bad[i] += v * 0.0;
+        }
     }
-    if bad {
-        Err(w.iter().position(|v| !v.is_finite()).unwrap_or(0))
-    } else {
-        Ok((mn, mx))
+    for (i, &v) in tail.iter().enumerate() {
+        mn[i] = if v < mn[i] { v } else { mn[i] };
+        mx[i] = if v > mx[i] { v } else { mx[i] };
+        bad[i] += v * 0.0;
     }
+    if bad.iter().any(|b| b.is_nan()) {
+        return Err(w.iter().position(|v| !v.is_finite()).unwrap_or(0));
+    }
+    let lo = mn.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = mx.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    Ok((lo, hi))
 }
 
 /// SPEC section 1 for one channel whose min and max are known.
@@ -79,9 +98,12 @@ pub fn channel_params(
     let smn = scale * mn;
     let smx = scale * mx;
     let zero_point = rne(smn) + n;
-    if !(scale.is_finite() && scale > 0.0 && smn.is_finite() && smx.is_finite())
-        || !zero_point.is_finite()
-    {
+    let finite = scale.is_finite()
+        && scale > 0.0
+        && smn.is_finite()
+        && smx.is_finite()
+        && zero_point.is_finite();
+    if !finite {
         return Err(SquantError::RangeTooLarge { channel });
     }
     Ok(ChannelParams { scale, zero_point })
@@ -111,6 +133,14 @@ mod tests {
         }
         for &x in &[
             4_194_303.5f32,
+            -4_194_303.5,
+            -6_000_000.5,
+            8_388_607.5,
+            -8_388_607.5,
+            0.5,
+            -0.5,
+            1.5,
+            -2.5,
             4_194_304.5,
             8_388_607.5,
             1e10,

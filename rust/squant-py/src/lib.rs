@@ -140,7 +140,7 @@ fn dequantize<'py>(
         pool.install(|| squant_core::dequantize(&q, layout, &s, &z, &mut out))?;
         Ok::<_, PyCoreError>(out)
     })?;
-    Ok(out.into_pyarray(py).reshape(shape)?)
+    out.into_pyarray(py).reshape(shape)
 }
 
 /// resolve_threads(threads=None)

@@ -1,0 +1,175 @@
+"""Issue-2 benchmark: SQuant on the 54 Conv/Linear weights of ResNet-50.
+
+Prints, all measured in this one run (ratios, because shared machines are
+noisy):
+  * full 4-bit SQuant time relative to plain NumPy nearest rounding with the
+    same per-channel quantizer (goal <= 0.33x);
+  * relative to ``np.copyto`` of the same weights, the memory-bandwidth
+    floor (goal <= 2.5x);
+  * speed-up over a straightforward per-kernel Python loop implementing
+    SPEC, on one 256x256x3x3 layer (goal >= 1000x).
+
+    python benches/bench_core.py [--repeat 7] [--threads N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+import squant_rs
+from squant_rs._shapes import he_weights, resnet_shapes
+
+
+def nearest_numpy(w: np.ndarray, bits: int = 4) -> np.ndarray:
+    """Per-channel min/max quantizer with nearest rounding, plain NumPy."""
+    w2 = w.reshape(w.shape[0], -1)
+    mx = w2.max(axis=1)
+    mn = w2.min(axis=1)
+    n = 2 ** (bits - 1)
+    s = np.float32(2**bits - 1) / np.maximum(mx - mn, np.float32(1e-8))
+    z = np.rint(s * mn) + np.float32(n)
+    q = np.rint(s[:, None] * w2 - z[:, None])
+    return np.clip(q, -n, n - 1).astype(np.int8).reshape(w.shape)
+
+
+def python_loop_squant(w: np.ndarray, bits: int = 4) -> np.ndarray:
+    """SPEC sections 1-4 (mode "squant") with a plain Python loop over kernels
+    and channels; numpy only inside one kernel. The "straightforward" port."""
+    oc, ic = w.shape[:2]
+    k = int(np.prod(w.shape[2:]))
+    w3 = w.reshape(oc, ic, k).astype(np.float32)
+    n = 2 ** (bits - 1)
+    tmin, tmax = -n, n - 1
+    out = np.empty((oc, ic, k), dtype=np.int8)
+
+    def step(e, r, table, order_up, order_dn, pri_up, pri_dn, idx):
+        total = int(np.rint(e[idx].astype(np.float64) * 2.0**40).astype(np.int64).sum())
+        s = total * 2.0**-40
+        up = s < 0
+        a = np.float32(abs(s))
+        t = int(np.rint(a))
+        over = t >= a
+        order = order_up if up else order_dn
+        val, err = table[0 if up else 1]
+        flip = idx[order[:t]]
+        r[flip] = val[flip]
+        e[flip] = err[flip]
+        if over:
+            c = idx[order[t - 1] if t > 0 else order[-1]]
+            (pri_dn if up else pri_up)[c] = abs(e[c])
+        elif t < len(idx):
+            c = idx[order[t]]
+            (pri_up if up else pri_dn)[c] = abs(e[c])
+
+    for o in range(oc):
+        wc = w3[o].reshape(-1)
+        s = np.float32(2**bits - 1) / max(np.float32(wc.max() - wc.min()), np.float32(1e-8))
+        z = np.rint(s * wc.min()) + np.float32(n)
+        x = s * wc - z
+        r = np.rint(x)
+        e = r - x
+        upc = (e < 0) & (x < tmax)
+        dnc = (e > 0) & (x > tmin)
+        table = (
+            (np.where(upc, r + 1, r), np.where(upc, e + 1, 0).astype(np.float32)),
+            (np.where(dnc, r - 1, r), np.where(dnc, e - 1, 0).astype(np.float32)),
+        )
+        pri_up = np.where(upc, np.abs(e), 0).astype(np.float32)
+        pri_dn = np.where(dnc, e, 0).astype(np.float32)
+        orders = []
+        for i in range(ic):
+            idx = np.arange(i * k, (i + 1) * k)
+            orders.append(
+                (np.argsort(-pri_up[idx], kind="stable"), np.argsort(-pri_dn[idx], kind="stable"))
+            )
+        pri_up[:] = 0
+        pri_dn[:] = 0
+        for i in range(ic):
+            idx = np.arange(i * k, (i + 1) * k)
+            step(e, r, table, orders[i][0], orders[i][1], pri_up, pri_dn, idx)
+        idx = np.arange(ic * k)
+        order_up = np.argsort(-pri_up, kind="stable")
+        order_dn = np.argsort(-pri_dn, kind="stable")
+        step(e, r, table, order_up, order_dn, pri_up, pri_dn, idx)
+        out[o] = np.clip(r, tmin, tmax).astype(np.int8).reshape(ic, k)
+    return out.reshape(w.shape)
+
+
+def timeit(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--json", default=None, help="write the numbers to this file")
+    args = ap.parse_args()
+
+    shapes = resnet_shapes(50)
+    weights = list(he_weights(shapes, seed=0).values())
+    nparams = sum(w.size for w in weights)
+    dst = [np.empty_like(w) for w in weights]
+    threads = squant_rs._squant_rs.resolve_threads(args.threads)
+    b = args.bits
+
+    t_squant = timeit(lambda: [squant_rs.quantize_tensor(w, b, threads=threads) for w in weights], args.repeat)
+    t_e = timeit(lambda: [squant_rs.quantize_tensor(w, b, "squant-e", threads=threads) for w in weights], args.repeat)
+    t_near = timeit(lambda: [nearest_numpy(w, b) for w in weights], args.repeat)
+    t_copy = timeit(lambda: [np.copyto(d, w) for d, w in zip(dst, weights)], args.repeat)
+
+    layer = he_weights([("l", (256, 256, 3, 3))], seed=1)["l"]
+    t_layer = timeit(lambda: squant_rs.quantize_tensor(layer, b, threads=threads), args.repeat)
+    t0 = time.perf_counter()
+    slow = python_loop_squant(layer, b)
+    t_loop = time.perf_counter() - t0
+    same = bool(np.array_equal(slow, squant_rs.quantize_tensor(layer, b).codes))
+
+    res = {
+        "params": int(nparams),
+        "layers": len(weights),
+        "threads": threads,
+        "cpus": os.cpu_count(),
+        "squant_ms": t_squant * 1e3,
+        "squant_e_ms": t_e * 1e3,
+        "numpy_nearest_ms": t_near * 1e3,
+        "copyto_ms": t_copy * 1e3,
+        "ratio_vs_nearest": t_squant / t_near,
+        "ratio_vs_copyto": t_squant / t_copy,
+        "layer_256x256x3x3_ms": t_layer * 1e3,
+        "python_loop_s": t_loop,
+        "speedup_vs_python_loop": t_loop / t_layer,
+        "python_loop_codes_identical": same,
+    }
+    print(f"ResNet-50 weights: {len(weights)} layers, {nparams / 1e6:.1f} M params, "
+          f"{b}-bit, {threads} thread(s), median of {args.repeat}")
+    print("| measurement | time | ratio | goal |")
+    print("|---|---|---|---|")
+    print(f"| SQuant (E+K+C), squant-rs | {t_squant * 1e3:.1f} ms | 1 | |")
+    print(f"| SQuant-E only (nearest), squant-rs | {t_e * 1e3:.1f} ms | {t_e / t_squant:.2f} | |")
+    print(f"| NumPy nearest rounding | {t_near * 1e3:.1f} ms | squant/nearest = {t_squant / t_near:.2f}x | <= 0.33x |")
+    print(f"| np.copyto (bandwidth floor) | {t_copy * 1e3:.1f} ms | squant/copyto = {t_squant / t_copy:.2f}x | <= 2.5x |")
+    print(f"| Python per-kernel loop, 256x256x3x3 | {t_loop * 1e3:.0f} ms | speed-up = {t_loop / t_layer:.0f}x | >= 1000x |")
+    print(f"| squant-rs, same layer | {t_layer * 1e3:.2f} ms | codes identical: {same} | |")
+    print("paper: ResNet-50 in 188 ms on an A100 GPU")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
