@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-
 import squant_rs
 from squant_rs._shapes import he_weights, resnet_shapes
 
@@ -127,8 +126,13 @@ def main() -> None:
     threads = squant_rs._squant_rs.resolve_threads(args.threads)
     b = args.bits
 
-    t_squant = timeit(lambda: [squant_rs.quantize_tensor(w, b, threads=threads) for w in weights], args.repeat)
-    t_e = timeit(lambda: [squant_rs.quantize_tensor(w, b, "squant-e", threads=threads) for w in weights], args.repeat)
+    t_squant = timeit(
+        lambda: [squant_rs.quantize_tensor(w, b, threads=threads) for w in weights], args.repeat
+    )
+    t_e = timeit(
+        lambda: [squant_rs.quantize_tensor(w, b, "squant-e", threads=threads) for w in weights],
+        args.repeat,
+    )
     t_near = timeit(lambda: [nearest_numpy(w, b) for w in weights], args.repeat)
     t_copy = timeit(lambda: [np.copyto(d, w) for d, w in zip(dst, weights)], args.repeat)
 
@@ -155,15 +159,23 @@ def main() -> None:
         "speedup_vs_python_loop": t_loop / t_layer,
         "python_loop_codes_identical": same,
     }
-    print(f"ResNet-50 weights: {len(weights)} layers, {nparams / 1e6:.1f} M params, "
-          f"{b}-bit, {threads} thread(s), median of {args.repeat}")
+    print(
+        f"ResNet-50 weights: {len(weights)} layers, {nparams / 1e6:.1f} M params, "
+        f"{b}-bit, {threads} thread(s), median of {args.repeat}"
+    )
     print("| measurement | time | ratio | goal |")
     print("|---|---|---|---|")
     print(f"| SQuant (E+K+C), squant-rs | {t_squant * 1e3:.1f} ms | 1 | |")
     print(f"| SQuant-E only (nearest), squant-rs | {t_e * 1e3:.1f} ms | {t_e / t_squant:.2f} | |")
-    print(f"| NumPy nearest rounding | {t_near * 1e3:.1f} ms | squant/nearest = {t_squant / t_near:.2f}x | <= 0.33x |")
-    print(f"| np.copyto (bandwidth floor) | {t_copy * 1e3:.1f} ms | squant/copyto = {t_squant / t_copy:.2f}x | <= 2.5x |")
-    print(f"| Python per-kernel loop, 256x256x3x3 | {t_loop * 1e3:.0f} ms | speed-up = {t_loop / t_layer:.0f}x | >= 1000x |")
+    print(
+        f"| NumPy nearest rounding | {t_near * 1e3:.1f} ms | squant/nearest = {t_squant / t_near:.2f}x | <= 0.33x |"
+    )
+    print(
+        f"| np.copyto (bandwidth floor) | {t_copy * 1e3:.1f} ms | squant/copyto = {t_squant / t_copy:.2f}x | <= 2.5x |"
+    )
+    print(
+        f"| Python per-kernel loop, 256x256x3x3 | {t_loop * 1e3:.0f} ms | speed-up = {t_loop / t_layer:.0f}x | >= 1000x |"
+    )
     print(f"| squant-rs, same layer | {t_layer * 1e3:.2f} ms | codes identical: {same} | |")
     print("paper: ResNet-50 in 188 ms on an A100 GPU")
     if args.json:

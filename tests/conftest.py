@@ -7,6 +7,13 @@ import sys
 import zlib
 
 import numpy as np
+from hypothesis import settings
+
+# Hypothesis budgets: the default keeps the suite quick; run with
+# SQUANT_HYPOTHESIS_PROFILE=stress for a long hunt.
+settings.register_profile("squant", max_examples=60, deadline=None)
+settings.register_profile("stress", max_examples=3000, deadline=None)
+settings.load_profile(os.environ.get("SQUANT_HYPOTHESIS_PROFILE", "squant"))
 
 # Make ``import reference`` work whatever pytest's import mode is.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

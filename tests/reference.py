@@ -38,11 +38,10 @@ def group_sum(errors) -> float:
     F = min(40, 62 - ceil_log2(len)); each term is int64(rint(float64(e) * 2**F)),
     the terms are added exactly, and S = float64(total) * 2**-F.
     """
-    n = len(errors)
-    frac_bits = min(40, 62 - ceil_log2(n))
-    total = 0  # Python int: exact
-    for value in errors:
-        total += int(np.rint(np.float64(value) * np.float64(2.0**frac_bits)))
+    e64 = np.asarray(errors, dtype=np.float32).astype(np.float64)
+    frac_bits = min(40, 62 - ceil_log2(e64.size))
+    terms = np.rint(e64 * np.float64(2.0**frac_bits)).astype(np.int64)
+    total = sum(terms.tolist())  # Python ints: exact, order-independent
     assert -(2**63) <= total < 2**63, "fixed-point sum overflowed int64"
     return float(np.float64(total) * np.float64(2.0**-frac_bits))
 
@@ -66,10 +65,11 @@ def channel_quantizer(w2: np.ndarray, bits: int):
     return s, z, x
 
 
-def _descending_order(positions, priority):
-    """Positions sorted by priority descending; ties keep the lower position
-    first (Python's sort is stable and the input positions are ascending)."""
-    return sorted(positions, key=lambda j: -float(priority[j]))
+def _descending_order(group: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """Positions of ``group`` (ascending) sorted by priority descending; ties
+    keep the lower position first (stable sort of the negated priorities)."""
+    keys = -priority[group].astype(np.float64) + 0.0  # + 0.0: no -0.0 keys
+    return group[np.argsort(keys, kind="stable")]
 
 
 class _State:
@@ -107,11 +107,11 @@ class _State:
 
 
 def case_step(state: _State, group, orders, stats=None) -> int:
-    """SPEC section 3: one CASE step on ``group`` (ascending flat positions)
-    with precomputed ``orders``.  Returns the number of elements whose value
-    actually changed."""
+    """SPEC section 3: one CASE step on ``group`` (an int array of ascending
+    flat positions) with precomputed ``orders``.  Returns the number of
+    elements whose value actually changed."""
     size = len(group)
-    s_sum = group_sum([state.e[j] for j in group])
+    s_sum = group_sum(state.e[group])
     direction = "up" if s_sum < 0 else "down"  # S == 0 goes down
     opposite = "down" if direction == "up" else "up"
     a = F32(abs(s_sum))
@@ -133,7 +133,7 @@ def case_step(state: _State, group, orders, stats=None) -> int:
                 stats["boundary_ties"] = stats.get("boundary_ties", 0) + 1
 
     changed = 0
-    for j in order[:t]:
+    for j in order[:t].tolist():
         if value[j] != state.r[j]:
             changed += 1
         state.r[j] = value[j]
@@ -141,10 +141,10 @@ def case_step(state: _State, group, orders, stats=None) -> int:
 
     if over:
         # t == 0 only when S == 0: order[-1] is then the last position.
-        c = order[t - 1]
+        c = int(order[t - 1])
         state.table(opposite)[2][c] = np.abs(state.e[c])
     elif t < size:
-        c = order[t]
+        c = int(order[t])
         priority[c] = np.abs(state.e[c])
     return changed
 
@@ -171,7 +171,12 @@ def squant_reference(w: np.ndarray, bits: int, mode: str, *, stats=None):
     n = 2 ** (bits - 1)
     tmin, tmax = -n, n - 1
 
-    s, z, x = channel_quantizer(w32.reshape(oc, ic * k), bits)
+    with np.errstate(over="ignore", invalid="ignore"):
+        s, z, x = channel_quantizer(w32.reshape(oc, ic * k), bits)
+    bad = ~(np.isfinite(z) & (s > 0) & np.all(np.isfinite(x), axis=1))
+    if bad.any():
+        o = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"channel {o}: weights too large for the float32 quantizer")
     state = _State(x, tmin, tmax)
     if stats is not None:
         frac = x.astype(np.float64) - np.floor(x.astype(np.float64))
@@ -182,7 +187,7 @@ def squant_reference(w: np.ndarray, bits: int, mode: str, *, stats=None):
 
     # SQuant-K: kernel groups of K elements, only when K > 1.
     if k > 1 and mode in ("squant-k", "squant"):
-        kernels = [list(range(g * k, (g + 1) * k)) for g in range(oc * ic)]
+        kernels = [np.arange(g * k, (g + 1) * k) for g in range(oc * ic)]
         kernel_orders = [state.orders(g) for g in kernels]
         state.up_priority[:] = 0
         state.down_priority[:] = 0
@@ -193,7 +198,7 @@ def squant_reference(w: np.ndarray, bits: int, mode: str, *, stats=None):
     if mode in ("squant-c", "squant"):
         width = ic * k
         for o in range(oc):
-            group = list(range(o * width, (o + 1) * width))
+            group = np.arange(o * width, (o + 1) * width)
             c_changed += case_step(state, group, state.orders(group), stats)
 
     codes = np.clip(state.r, tmin, tmax).astype(np.int8).reshape(w32.shape)

@@ -92,9 +92,7 @@ def test_reference_hand_worked_conv():
     squant-k stops after K: [-8, 0, 6 | 7, 2, 3] (k=1, c=0).
     squant-c: S = .375 -> down, t = 0, no flips: [-8, 1, 6 | 7, 2, 3].
     """
-    w = np.array(
-        [[[0.0, 1.078125, 1.703125], [1.875, 1.296875, 1.375]]], dtype=np.float32
-    )
+    w = np.array([[[0.0, 1.078125, 1.703125], [1.875, 1.296875, 1.375]]], dtype=np.float32)
     expected = {
         "squant": ([[[-8, 1, 6], [7, 2, 3]]], 1, 1),
         "squant-k": ([[[-8, 0, 6], [7, 2, 3]]], 1, 0),
@@ -144,16 +142,33 @@ def test_fixed_point_group_sum_is_pinned():
     goes to .5 -> t = rne(.5) = 0, no flip.  An exact/float64 sum would give
     A = .5 + 2**-24 -> t = 1 and flip element 3 down.
     """
-    w = np.array(
-        [[-128.0, 127.0, -0.25, -(0.25 + 2.0**-25), -(2.0**-45)]], dtype=np.float32
-    )
-    assert group_sum([0.25, np.float32(0.25 + 2.0**-25), np.float32(2.0**-45)]) == (
-        0.5 + 2.0**-25
-    )
+    w = np.array([[-128.0, 127.0, -0.25, -(0.25 + 2.0**-25), -(2.0**-45)]], dtype=np.float32)
+    assert group_sum([0.25, np.float32(0.25 + 2.0**-25), np.float32(2.0**-45)]) == (0.5 + 2.0**-25)
     codes, s, z, _, c_changed = squant_reference(w, 8, "squant")
     assert s.tolist() == [1.0] and z.tolist() == [0.0]
     assert codes.tolist() == [[-128, 127, 0, 0, 0]] and c_changed == 0
     for mode in MODES:
+        assert_parity(w, 8, mode)
+
+
+@pytest.mark.parametrize("length", (2**22, 2**22 + 1))
+def test_fixed_point_fraction_bits_shrink_for_huge_channels(length):
+    """F = min(40, 62 - ceil_log2(len)) drops to 39 above 2**22 elements.
+
+    As in the test above, plus e = 2**-40 (x = -2**-40) and zeros elsewhere:
+    len = 2**22:     F = 40 keeps 2**-40: S = .5 + 2**-25 + 2**-40, A rounds up
+                     to .5 + 2**-24 -> t = 1, over: element 3 flips down to -1.
+    len = 2**22 + 1: F = 39, rint(2**-40 * 2**39) = rint(.5) = 0:
+                     S = .5 + 2**-25 -> A = .5 -> t = 0, no flip.
+    """
+    w = np.zeros((1, length), np.float32)
+    w[0, :5] = [-128.0, 127.0, -0.25, -(0.25 + 2.0**-25), -(2.0**-40)]
+    flipped = length == 2**22
+    for mode in ("squant", "squant-c"):
+        codes, _, _, _, c_changed = squant_reference(w, 8, mode)
+        assert codes[0, :5].tolist() == [-128, 127, 0, -1 if flipped else 0, 0]
+        assert c_changed == int(flipped)
+        assert not codes[0, 5:].any()
         assert_parity(w, 8, mode)
 
 
@@ -248,11 +263,7 @@ def test_parity_tiny_but_nonconstant_ranges():
                 assert_parity(w, bits, mode)
 
 
-@settings(
-    deadline=None,
-    max_examples=60,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     oc=st.integers(1, 6),
     ic=st.integers(1, 9),
@@ -266,3 +277,15 @@ def test_parity_hypothesis(oc, ic, kernel, dist, bits, seed):
     w = make_weight(np.random.default_rng(seed), shape, dist, bits=bits)
     for mode in MODES:
         assert_parity(w, bits, mode)
+
+
+@pytest.mark.parametrize(
+    "channel", ([1e30, 1e30, 1e30], [-3e38, 0.0, 3e38]), ids=("huge", "range-overflow")
+)
+def test_both_reject_weights_too_large_for_float32(channel):
+    w = np.zeros((2, 3), np.float32)
+    w[1] = channel
+    with pytest.raises(ValueError, match="channel 1"):
+        squant_reference(w, 4, "squant")
+    with pytest.raises(ValueError, match="channel 1"):
+        squant_rs.quantize_tensor(w, bits=4)

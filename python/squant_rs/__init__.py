@@ -20,16 +20,25 @@ from ._squant_rs import (
 )
 from ._tensor import QuantizedTensor, quantize_tensor
 from ._validate import BACKENDS, MODES, UnsupportedDtypeError
+from .io import FormatError, load_quantized, save_quantized
+from .model import ActivationQuantizer, LayerReport, QuantReport, quantize_model
 
 __all__ = [
     "BACKENDS",
     "MODES",
+    "ActivationQuantizer",
+    "FormatError",
     "InvalidArgumentError",
+    "LayerReport",
     "NonFiniteWeightError",
+    "QuantReport",
     "QuantizedTensor",
     "SquantError",
     "UnsupportedDtypeError",
     "WeightRangeError",
     "__version__",
+    "load_quantized",
+    "quantize_model",
     "quantize_tensor",
+    "save_quantized",
 ]

@@ -44,9 +44,7 @@ def resnet_shapes(depth: int = 50) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def he_weights(
-    shapes: list[tuple[str, tuple[int, ...]]], seed: int = 0
-) -> dict[str, np.ndarray]:
+def he_weights(shapes: list[tuple[str, tuple[int, ...]]], seed: int = 0) -> dict[str, np.ndarray]:
     """He-normal float32 weights (std = sqrt(2 / fan_in)) for the given shapes."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}

@@ -19,8 +19,6 @@ from ._validate import (
     check_threads,
 )
 
-_NUMPY_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
 
 @dataclass(frozen=True, eq=False)
 class QuantizedTensor:
@@ -83,14 +81,18 @@ def _is_torch_tensor(w: object) -> bool:
 
 def as_float32_array(w: object) -> tuple[np.ndarray, np.dtype]:
     """Validated float32 view of a numpy-like weight (copies only when the
-    dtype or byte order differs), with the original dtype."""
+    dtype or byte order differs), with the original dtype in native order."""
     a = np.asarray(w)
-    if a.dtype not in _NUMPY_FLOATS:
+    if a.dtype.kind != "f" or a.dtype.itemsize not in (2, 4, 8):
         raise UnsupportedDtypeError(
             f"weight dtype {a.dtype} is not supported: expected float16, float32 or float64"
         )
     check_shape(a.shape)
-    return np.asarray(a, dtype=np.float32), np.dtype(a.dtype).newbyteorder("=")
+    # float64 beyond float32's range becomes inf here, then fails the
+    # non-finite check with a clear message instead of a numpy warning.
+    with np.errstate(over="ignore"):
+        a32 = np.asarray(a, dtype=np.float32)
+    return a32, a.dtype.newbyteorder("=")
 
 
 def quantize_tensor(

@@ -50,8 +50,11 @@ def _check_finite_torch(w32: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor
     mx = flat.amax(dim=1)
     mn = flat.amin(dim=1)
     overflow = ~(
-        torch.isfinite(scale) & (scale > 0) & torch.isfinite(scale * mn)
-        & torch.isfinite(scale * mx) & torch.isfinite(zp)
+        torch.isfinite(scale)
+        & (scale > 0)
+        & torch.isfinite(scale * mn)
+        & torch.isfinite(scale * mx)
+        & torch.isfinite(zp)
     )
     bad_rows = bad.any(dim=1)
     if bool(bad_rows.any() | overflow.any()):

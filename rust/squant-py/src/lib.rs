@@ -40,11 +40,14 @@ fn parse_mode(mode: &str) -> PyResult<Mode> {
 }
 
 /// The buffer as a row-major slice: borrowed when already C-contiguous.
+/// (`as_slice` alone also accepts Fortran order, which is the wrong order.)
 fn row_major<'a, T: numpy::Element + Copy>(a: &'a PyReadonlyArrayDyn<'_, T>) -> Cow<'a, [T]> {
-    match a.as_slice() {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => Cow::Owned(a.as_array().iter().copied().collect()),
+    if a.is_c_contiguous() {
+        if let Ok(s) = a.as_slice() {
+            return Cow::Borrowed(s);
+        }
     }
+    Cow::Owned(a.as_array().iter().copied().collect())
 }
 
 /// quantize(w, bits, mode, threads=None)

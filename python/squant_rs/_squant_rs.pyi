@@ -1,0 +1,54 @@
+"""Type stubs of the native module (Rust, PyO3). Kept honest by
+``python -m mypy.stubtest squant_rs._squant_rs`` in the test script."""
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "quantize",
+    "quantize_reference",
+    "dequantize",
+    "resolve_threads",
+    "SquantError",
+    "NonFiniteWeightError",
+    "WeightRangeError",
+    "InvalidArgumentError",
+    "THREADS_ENV_VAR",
+    "__version__",
+]
+
+__version__: str
+THREADS_ENV_VAR: str
+
+class SquantError(ValueError):
+    """Base class of squant-rs errors about values (a ValueError)."""
+
+class NonFiniteWeightError(SquantError):
+    """The weight holds NaN or infinity; the message names the output channel."""
+
+class WeightRangeError(SquantError):
+    """A channel's values overflow the float32 quantizer."""
+
+class InvalidArgumentError(SquantError):
+    """An argument (bits, mode, shape, threads) is out of range."""
+
+def quantize(
+    w: npt.NDArray[np.float32],
+    bits: int,
+    mode: str,
+    threads: int | None = None,
+) -> tuple[
+    npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int
+]: ...
+def quantize_reference(
+    w: npt.NDArray[np.float32], bits: int, mode: str
+) -> tuple[
+    npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int
+]: ...
+def dequantize(
+    codes: npt.NDArray[np.int8],
+    scale: npt.NDArray[np.float32],
+    zero_point: npt.NDArray[np.float32],
+    threads: int | None = None,
+) -> npt.NDArray[np.float32]: ...
+def resolve_threads(threads: int | None = None) -> int: ...
