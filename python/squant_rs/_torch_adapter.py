@@ -99,10 +99,11 @@ def quantize_torch_tensor(
 
 
 def dequantize_torch(qt: QuantizedTensor) -> torch.Tensor:
-    torch = require_torch()
-    codes = qt.codes
+    import torch  # present: the codes are a tensor
+
+    codes: torch.Tensor = qt.codes
     view = (-1,) + (1,) * (codes.dim() - 1)
-    out = (codes.to(torch.float32) + qt.zero_point.view(view)) / qt.scale.view(view)
+    out: torch.Tensor = (codes.to(torch.float32) + qt.zero_point.view(view)) / qt.scale.view(view)
     return out.to(qt.dtype)
 
 
