@@ -49,6 +49,8 @@ pub struct Scratch {
     /// Carries of the K level: position in channel, up table?, priority.
     carries: Vec<(u32, bool, f32)>,
     zeros: Vec<u32>,
+    /// K-level flips decided but not yet applied: position, up?
+    pending: Vec<(u32, bool)>,
 }
 
 /// A sort key that orders by priority descending, then position ascending,
@@ -119,6 +121,58 @@ fn top_sorted(keys: &mut [u64], m: usize) {
     keys[..m].sort_unstable_by(|a, b| b.cmp(a));
 }
 
+/// The first `need` positions of the order of `src` (priority descending,
+/// position ascending) into `ranks`. Strict comparisons keep the lower
+/// position on ties.
+#[inline(always)]
+fn select_ranks(src: &[f32], need: usize, ranks: &mut [usize]) {
+    match need {
+        0 => {}
+        1 => {
+            let (mut i1, mut p1) = (0usize, -1.0f32);
+            for (i, &p) in src.iter().enumerate() {
+                if p > p1 {
+                    (i1, p1) = (i, p);
+                }
+            }
+            ranks[0] = i1;
+        }
+        2 => {
+            let (mut i1, mut p1, mut i2, mut p2) = (0usize, -1.0f32, 0usize, -1.0f32);
+            for (i, &p) in src.iter().enumerate() {
+                if p > p1 {
+                    (i2, p2) = (i1, p1);
+                    (i1, p1) = (i, p);
+                } else if p > p2 {
+                    (i2, p2) = (i, p);
+                }
+            }
+            ranks[0] = i1;
+            ranks[1] = i2;
+        }
+        _ => {
+            let mut keys: Vec<u64> = src.iter().enumerate().map(|(i, &p)| key(p, i)).collect();
+            top_sorted(&mut keys, need);
+            for (r, &kk) in ranks.iter_mut().zip(&keys[..need]) {
+                *r = key_pos(kk);
+            }
+        }
+    }
+}
+
+/// Position of the last element of the order of `src`: lowest priority,
+/// highest position among equals.
+#[inline(always)]
+fn last_rank(src: &[f32]) -> usize {
+    let mut li = 0;
+    for (i, &p) in src.iter().enumerate() {
+        if p <= src[li] {
+            li = i;
+        }
+    }
+    li
+}
+
 /// Inserts `k` into the descending buffer `top` of capacity `m`.
 #[inline(always)]
 fn admit(top: &mut Vec<u64>, m: usize, k: u64) {
@@ -147,7 +201,7 @@ impl Scratch {
     }
 
     /// SQuant-E: values, errors, both priorities and fixed-point errors.
-    #[inline(never)]
+    #[inline(always)]
     fn nearest(&mut self, w: &[f32], p: ChannelParams, tmin: f32, tmax: f32) {
         let scale = sum::pow2(FX_BITS);
         let it = self
@@ -197,8 +251,81 @@ impl Scratch {
     }
 
     /// SQuant-K on every kernel of the channel; records carries when `carry`.
-    #[inline(never)]
     fn kernel_level(&mut self, k: usize, carry: bool, tmin: f32, tmax: f32) -> u64 {
+        // Common kernel sizes get a build with the size fixed at compile
+        // time (unrolled, no bounds checks); the rest the general loop.
+        match k {
+            9 => self.kernel_level_fixed::<9>(carry, tmin, tmax),
+            3 => self.kernel_level_fixed::<3>(carry, tmin, tmax),
+            25 => self.kernel_level_fixed::<25>(carry, tmin, tmax),
+            49 => self.kernel_level_fixed::<49>(carry, tmin, tmax),
+            27 => self.kernel_level_fixed::<27>(carry, tmin, tmax),
+            _ => self.kernel_level_dyn(k, carry, tmin, tmax),
+        }
+    }
+
+    /// SQuant-K for kernels of exactly `K` elements: decisions first (every
+    /// kernel reads only its own E-level state), flips applied afterwards.
+    #[inline(never)]
+    fn kernel_level_fixed<const K: usize>(&mut self, carry: bool, tmin: f32, tmax: f32) -> u64 {
+        let Scratch {
+            x,
+            e,
+            pu,
+            pd,
+            fx,
+            carries,
+            pending,
+            ..
+        } = self;
+        pending.clear();
+        let kernels = fx
+            .chunks_exact(K)
+            .zip(pu.chunks_exact(K))
+            .zip(pd.chunks_exact(K));
+        for (kk, ((fxk, puk), pdk)) in kernels.enumerate() {
+            let base = kk * K;
+            let total: i64 = fxk.iter().sum();
+            let (up, t, over) = step_params(sum::to_sum(total, FX_BITS), K);
+            let src = if up { puk } else { pdk };
+            let need = if carry && !over { (t + 1).min(K) } else { t };
+            let mut ranks = [0usize; K];
+            select_ranks(src, need, &mut ranks);
+            for &i in &ranks[..t] {
+                pending.push(((base + i) as u32, up));
+            }
+            if carry {
+                let c = if over {
+                    if t == 0 {
+                        let li = last_rank(src);
+                        Some((li, e[base + li].abs()))
+                    } else {
+                        // Flipped just now: its error is the table's.
+                        let i = ranks[t - 1];
+                        Some((i, table(x[base + i], up, tmin, tmax).1.abs()))
+                    }
+                } else if t < K {
+                    let i = ranks[t];
+                    Some((i, e[base + i].abs()))
+                } else {
+                    None
+                };
+                if let Some((i, v)) = c {
+                    carries.push(((base + i) as u32, up ^ over, v));
+                }
+            }
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let mut changed = 0;
+        for &(j, up) in &pending {
+            changed += self.flip(j as usize, up, tmin, tmax).0;
+        }
+        self.pending = pending;
+        changed
+    }
+
+    #[inline(never)]
+    fn kernel_level_dyn(&mut self, k: usize, carry: bool, tmin: f32, tmax: f32) -> u64 {
         let g = self.x.len();
         let mut changed = 0;
         let mut heap_keys = std::mem::take(&mut self.keys);
@@ -385,7 +512,46 @@ impl Scratch {
 }
 
 /// Quantizes one output channel `w` (`ic * k` values) into `codes`.
+///
+/// On x86-64 CPUs with AVX2 the element-wise passes run in an AVX2 build of
+/// the same code (chosen at run time; identical results: no FMA contraction,
+/// same IEEE operations), elsewhere in the baseline build.
 pub fn quantize_channel(
+    w: &[f32],
+    k: usize,
+    bits: u32,
+    mode: Mode,
+    channel: usize,
+    codes: &mut [i8],
+    sc: &mut Scratch,
+) -> Result<(ChannelParams, Flips), SquantError> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { quantize_channel_avx2(w, k, bits, mode, channel, codes, sc) };
+        }
+    }
+    quantize_channel_impl(w, k, bits, mode, channel, codes, sc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_channel_avx2(
+    w: &[f32],
+    k: usize,
+    bits: u32,
+    mode: Mode,
+    channel: usize,
+    codes: &mut [i8],
+    sc: &mut Scratch,
+) -> Result<(ChannelParams, Flips), SquantError> {
+    quantize_channel_impl(w, k, bits, mode, channel, codes, sc)
+}
+
+/// Quantizes one output channel `w` (`ic * k` values) into `codes`.
+#[inline(always)]
+fn quantize_channel_impl(
     w: &[f32],
     k: usize,
     bits: u32,

@@ -56,7 +56,7 @@ pub struct ChannelParams {
 ///
 /// Eight independent lanes so the loop vectorises; `v * 0` is 0 for every
 /// finite value and NaN for NaN and infinities, so one sum flags them all.
-#[inline(never)]
+#[inline(always)]
 pub fn min_max(w: &[f32]) -> Result<(f32, f32), usize> {
     const L: usize = 8;
     let mut mn = [f32::INFINITY; L];
@@ -110,6 +110,7 @@ pub fn channel_params(
 }
 
 /// Parameters of one channel straight from its weights.
+#[inline(always)]
 pub fn params_of(w: &[f32], bits: u32, channel: usize) -> Result<ChannelParams, SquantError> {
     let (mn, mx) = min_max(w).map_err(|index| SquantError::NonFinite { channel, index })?;
     channel_params(mn, mx, bits, channel)
