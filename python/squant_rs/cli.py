@@ -1,0 +1,509 @@
+"""The ``squant-rs`` command line.
+
+::
+
+    squant-rs demo [--depth 50] [--wbits 4] [--mode squant] [--threads N] [--out FILE]
+    squant-rs quantize IN OUT [--wbits 4] [--mode squant] [--include PATTERN ...]
+                              [--skip PATTERN ...] [--threads N] [-v | -q]
+    squant-rs info FILE [-v]
+
+``demo`` needs numpy only. ``quantize`` reads a ``.safetensors`` file (numpy
+only) or a torch checkpoint (``.pt``/``.pth``, loaded with
+``torch.load(weights_only=True)``; needs torch) and writes a squant-rs file.
+Without module information it quantizes every floating tensor of 2+
+dimensions whose name ends in ``weight``; ``--include``/``--skip`` take
+fnmatch patterns (a skip pattern also matches the name without ``.weight``).
+
+Exit status: 0 on success, 2 on bad input (missing, truncated or corrupt
+files, unknown formats, bad options) with one ``squant-rs: error: ...`` line
+on stderr and no output file left behind, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn, TextIO
+
+import numpy as np
+
+from . import _squant_rs as _native
+from ._shapes import he_weights, resnet_shapes
+from ._squant_rs import SquantError, __version__
+from ._tensor import quantize_tensor
+from ._validate import MODES, UnsupportedDtypeError
+from .io import (
+    FormatError,
+    RawTensor,
+    _export,
+    inspect_quantized,
+    read_safetensors,
+    select_state_dict,
+)
+from .model import format_bytes, format_table
+
+PROG = "squant-rs"
+TORCH_HINT = "pip install 'squant-rs[torch]'"
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class _UsageError(CliError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _bits(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid bit width {text!r}") from None
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"bit width must be in 2..8, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid positive integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+# --------------------------------------------------------------------------
+# progress bar
+
+
+class Progress:
+    """A one-line progress bar on ``stream``, drawn only on a terminal."""
+
+    def __init__(self, stream: TextIO, enabled: bool | None = None) -> None:
+        self.stream = stream
+        if enabled is None:
+            enabled = bool(getattr(stream, "isatty", lambda: False)())
+        self.enabled = enabled
+        self.drawn = False
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if not self.enabled:
+            return
+        width = shutil.get_terminal_size((80, 20)).columns
+        bar_w = 24
+        filled = bar_w * done // total if total else bar_w
+        count = f"{done}/{total}"
+        line = f"[{'#' * filled}{'.' * (bar_w - filled)}] {count} {name}"
+        line = line[: max(width - 1, 10)]
+        self.stream.write("\r" + line.ljust(max(width - 1, 10)))
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            width = shutil.get_terminal_size((80, 20)).columns
+            self.stream.write("\r" + " " * max(width - 1, 10) + "\r")
+            self.stream.flush()
+            self.drawn = False
+
+
+# --------------------------------------------------------------------------
+# input
+
+
+def _require_torch(what: str) -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise CliError(f"{what} needs PyTorch: {TORCH_HINT}") from None
+    return torch
+
+
+def _sniff(path: str) -> str:
+    """'safetensors', 'torch' or 'unknown', from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "torch"  # zip-based torch.save
+    if head[:1] == b"\x80":
+        return "torch"  # legacy pickle-based torch.save
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "unknown"
+
+
+def _torch_load_reason(exc: BaseException) -> str:
+    """A short reason from torch.load's (long, multi-line, ANSI-styled) errors."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (
+            f"it holds Python objects other than tensors{what}; squant-rs loads checkpoints "
+            "with weights_only=True and never unpickles arbitrary objects"
+        )
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _torch_state_dict(path: str) -> dict[str, RawTensor]:
+    torch = _require_torch("reading torch checkpoints")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad files
+        raise FormatError(
+            f"{path}: cannot load torch checkpoint ({_torch_load_reason(exc)})"
+        ) from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise FormatError(
+            f"{path}: the checkpoint is a {type(obj).__name__}, not a state dict "
+            "(a dict of tensors, or a dict with a 'state_dict' key)"
+        )
+    out: dict[str, RawTensor] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise FormatError(
+                f"{path}: checkpoint entry {key!r} is a {type(value).__name__}, not a tensor "
+                "(expected a flat state dict, or a dict with a 'state_dict' key)"
+            )
+        out[key] = RawTensor.from_torch(value)
+    return out
+
+
+def load_input(path: str) -> tuple[dict[str, RawTensor], str]:
+    """The tensors of a ``.safetensors`` file or torch checkpoint, and the kind."""
+    if not os.path.exists(path):
+        raise CliError(f"input file not found: {path}")
+    if os.path.isdir(path):
+        raise CliError(f"input is a directory, not a file: {path}")
+    kind = _sniff(path)
+    if kind == "unknown" and path.endswith(".safetensors"):
+        kind = "safetensors"  # let the reader say what is wrong with it
+    if kind == "unknown":
+        raise FormatError(
+            f"{path}: unrecognized input format (expected a .safetensors file or a "
+            "torch .pt/.pth checkpoint)"
+        )
+    if kind == "torch":
+        return _torch_state_dict(path), kind
+    tensors, _ = read_safetensors(path)
+    return tensors, kind
+
+
+# --------------------------------------------------------------------------
+# commands
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    wall = time.perf_counter()
+    src, dst = args.input, args.output
+    if os.path.isdir(dst):
+        raise CliError(f"output is a directory: {dst}")
+    tensors, kind = load_input(src)
+    include = tuple(args.include) if args.include else None
+    keys = select_state_dict(tensors, include, tuple(args.skip or ()))
+    if not keys:
+        raise CliError(
+            f"{src}: no tensor to quantize (none is a floating tensor of 2+ dimensions "
+            "matching the include patterns)"
+        )
+    progress = Progress(sys.stderr)
+    try:
+        report = _export(
+            tensors,
+            {k: tensors[k] for k in keys},
+            dst,
+            args.wbits,
+            args.mode,
+            "auto",
+            args.threads,
+            [],
+            progress,
+            wall,
+        )
+    finally:
+        progress.close()
+    if args.quiet:
+        return 0
+    if args.verbose:
+        print(report)
+        print()
+    size_in = os.path.getsize(src)
+    assert report.size_after is not None
+    rows = [
+        ["input", f"{src} ({kind})"],
+        ["output", dst],
+        ["layers quantized", f"{len(report.layers)} of {len(tensors)} tensors"],
+        ["parameters quantized", f"{report.params:,}"],
+        ["bits / mode", f"{args.wbits} / {args.mode}"],
+        ["quantization time", f"{report.total_ms:.1f} ms (wall {report.wall_ms:.1f} ms)"],
+        ["size before", format_bytes(size_in)],
+        [
+            "size after",
+            f"{format_bytes(report.size_after)} ({report.size_after / max(size_in, 1):.3f}x)",
+        ],
+        ["mean relative error", f"{report.mean_rel_error:.4f}"],
+        ["flips (K / C)", f"{report.k_flips:,} / {report.c_flips:,}"],
+    ]
+    for label, value in rows:
+        print(f"{label:<22}{value}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    path = args.file
+    if not os.path.exists(path):
+        raise CliError(f"file not found: {path}")
+    if os.path.isdir(path):
+        raise CliError(f"is a directory, not a file: {path}")
+    info = inspect_quantized(path)
+    q = info.quantized
+    f32 = info.float32_size
+    bits = sorted({t.bits for t in q if t.bits is not None})
+    modes = sorted({t.mode for t in q if t.mode is not None})
+    print(f"{'file':<22}{info.path} ({format_bytes(info.file_size)})")
+    print(
+        f"{'format':<22}squant-rs version {info.format_version} "
+        f"(written by squant-rs {info.writer_version})"
+    )
+    print(
+        f"{'tensors':<22}{len(info.tensors)} ({len(q)} quantized, "
+        f"{len(info.tensors) - len(q)} stored unchanged)"
+    )
+    print(f"{'bits / mode':<22}{', '.join(map(str, bits)) or '-'} / {', '.join(modes) or '-'}")
+    print(f"{'quantized parameters':<22}{sum(t.numel for t in q):,}")
+    print(
+        f"{'size':<22}{format_bytes(info.file_size)} vs {format_bytes(f32)} as float32 "
+        f"({info.file_size / max(f32, 1):.3f}x)"
+    )
+    if args.verbose or len(info.tensors) <= 50:
+        print()
+        rows = [
+            [
+                t.name,
+                "x".join(map(str, t.shape)) or "scalar",
+                t.dtype,
+                "-" if t.bits is None else str(t.bits),
+                t.mode or "-",
+                f"{t.stored_bytes:,}",
+                f"{t.stored_bytes / max(t.float32_bytes, 1):.3f}" if t.bits is not None else "-",
+            ]
+            for t in info.tensors
+        ]
+        headers = ["tensor", "shape", "dtype", "bits", "mode", "bytes", "ratio"]
+        for line in format_table(headers, rows, right={5, 6}):
+            print(line)
+    else:
+        print(f"\n({len(info.tensors)} tensors; -v lists them)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    shapes = resnet_shapes(args.depth)
+    weights = he_weights(shapes, seed=args.seed)
+    threads = _native.resolve_threads(args.threads)
+    n_params = sum(w.size for w in weights.values())
+    print(
+        f"squant-rs {__version__} demo: ResNet-{args.depth} weight shapes ({len(shapes)} layers, "
+        f"{n_params:,} parameters), He-normal random weights (seed {args.seed})"
+    )
+    print(f"W{args.wbits} {args.mode}, Rust backend, {threads} thread(s)\n")
+    progress = Progress(sys.stderr)
+    t_sq = t_e = 0.0
+    kf = cf = 0
+    sq_err2 = e_err2 = ref2 = 0.0
+    k_sum = {"sq": 0.0, "e": 0.0}
+    c_sum = {"sq": 0.0, "e": 0.0}
+    n_kernels = n_channels = 0
+    wall = time.perf_counter()
+    try:
+        for i, (name, w) in enumerate(weights.items()):
+            progress(i, len(weights), name)
+            t0 = time.perf_counter()
+            qt = quantize_tensor(w, args.wbits, args.mode, threads=args.threads)
+            t_sq += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            qe = quantize_tensor(w, args.wbits, "squant-e", threads=args.threads)
+            t_e += time.perf_counter() - t0
+            kf += qt.k_flips
+            cf += qt.c_flips
+            w64 = w.astype(np.float64)
+            ref2 += float(np.square(w64).sum())
+            oc, ic = w.shape[0], w.shape[1]
+            # x = s*w - z as the core computes it; the rounding error is codes - x.
+            x = qt.scale.reshape((-1,) + (1,) * (w.ndim - 1)) * w
+            x = x - qt.zero_point.reshape((-1,) + (1,) * (w.ndim - 1))
+            for tag, q in (("sq", qt), ("e", qe)):
+                err2 = float(np.square(q.dequantize().astype(np.float64) - w64).sum())
+                if tag == "sq":
+                    sq_err2 += err2
+                else:
+                    e_err2 += err2
+                e = (q.codes.astype(np.float32) - x).reshape(oc, ic, -1)
+                if e.shape[2] > 1:  # kernel level only exists for K > 1
+                    k_sum[tag] += float(np.abs(e.sum(axis=2, dtype=np.float64)).sum())
+                c_sum[tag] += float(np.abs(e.reshape(oc, -1).sum(axis=1, dtype=np.float64)).sum())
+            if w[0, 0].size > 1:
+                n_kernels += oc * ic
+            n_channels += oc
+        progress(len(weights), len(weights), "")
+    finally:
+        progress.close()
+    wall_ms = (time.perf_counter() - wall) * 1e3
+    rel_sq = math.sqrt(sq_err2 / ref2)
+    rel_e = math.sqrt(e_err2 / ref2)
+    rows = [
+        ["layers quantized", f"{len(weights)}"],
+        [
+            f"time ({args.mode})",
+            f"{t_sq * 1e3:.1f} ms (sum over layers; nearest rounding {t_e * 1e3:.1f} ms)",
+        ],
+        ["flips (K / C)", f"{kf:,} / {cf:,}"],
+        ["rel. weight error", f"{rel_sq:.5f} {args.mode}  vs  {rel_e:.5f} nearest (squant-e)"],
+        [
+            "mean |kernel err sum|",  # over the kernels of layers with K > 1
+            f"{k_sum['sq'] / n_kernels:.4f} {args.mode}  vs  {k_sum['e'] / n_kernels:.4f} nearest",
+        ],
+        [
+            "mean |channel err sum|",
+            f"{c_sum['sq'] / n_channels:.4f} {args.mode}  vs  "
+            f"{c_sum['e'] / n_channels:.4f} nearest",
+        ],
+    ]
+    for label, value in rows:
+        print(f"{label:<24}{value}")
+    print(
+        "\nSQuant trades a slightly larger element-wise error for error sums near zero per"
+        "\nkernel and per output channel (errors in units of quantization steps)."
+    )
+    if args.out:
+        raw = {name: RawTensor.from_numpy(w) for name, w in weights.items()}
+        report = _export(
+            raw, raw, args.out, args.wbits, args.mode, "auto", args.threads, [], None, wall
+        )
+        assert report.size_after is not None and report.size_before is not None
+        print(
+            f"\nwrote {args.out}: {format_bytes(report.size_after)} "
+            f"({report.size_after / report.size_before:.3f}x of float32)"
+        )
+    print(f"\ntotal wall time {wall_ms:.0f} ms")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# parser and entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="SQuant data-free weight quantization (Guo et al., ICLR 2022).",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo",
+        help="quantize built-in ResNet weight shapes (no download, numpy only)",
+        description="Quantize He-initialised ResNet weights of the real shapes with the "
+        "Rust core and compare SQuant with nearest rounding.",
+    )
+    demo.add_argument("--depth", type=int, choices=(18, 34, 50, 101, 152), default=50)
+    demo.add_argument("--wbits", type=_bits, default=4, help="weight bits, 2..8 (default 4)")
+    demo.add_argument("--mode", choices=MODES, default="squant")
+    demo.add_argument("--threads", type=_positive, default=None)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", metavar="FILE", help="also write the quantized weights here")
+    demo.set_defaults(func=_cmd_demo)
+
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a .safetensors file or torch checkpoint into a squant-rs file",
+        description="Quantize every floating tensor of 2+ dimensions whose name ends in "
+        "'weight' (override with --include/--skip) and write a packed squant-rs "
+        "safetensors file.",
+    )
+    q.add_argument("input", metavar="IN", help=".safetensors file or torch .pt/.pth state dict")
+    q.add_argument("output", metavar="OUT", help="squant-rs .safetensors file to write")
+    q.add_argument("--wbits", type=_bits, default=4, help="weight bits, 2..8 (default 4)")
+    q.add_argument("--mode", choices=MODES, default="squant")
+    q.add_argument(
+        "--include",
+        nargs="+",
+        action="extend",
+        metavar="PATTERN",
+        help="quantize tensors whose name matches one of these fnmatch patterns "
+        "(default: '*weight')",
+    )
+    q.add_argument(
+        "--skip",
+        nargs="+",
+        action="extend",
+        metavar="PATTERN",
+        help="leave tensors matching these patterns float (tried on the name and on "
+        "the name without '.weight')",
+    )
+    q.add_argument("--threads", type=_positive, default=None, help="Rust thread count")
+    g = q.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", help="print the per-layer table")
+    g.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    q.set_defaults(func=_cmd_quantize)
+
+    info = sub.add_parser("info", help="describe a squant-rs file")
+    info.add_argument("file", metavar="FILE")
+    info.add_argument("-v", "--verbose", action="store_true", help="list every tensor")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except CliError as exc:
+        _error(str(exc))
+        return 2
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    try:
+        status: int = args.func(args)
+        return status
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except (CliError, SquantError, UnsupportedDtypeError, OSError) as exc:
+        _error(_one_line(exc))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

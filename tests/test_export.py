@@ -1,0 +1,495 @@
+"""The squant-rs file format: packing, save/load round trips, size, bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import squant_rs
+from squant_rs import FormatError, SquantError
+from squant_rs._packing import codes_per_byte, pack_codes, packed_size, unpack_codes
+from squant_rs.io import RawTensor, inspect_quantized, read_safetensors, write_safetensors
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+# --------------------------------------------------------------------------
+# packing
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 17, 1001])
+def test_pack_round_trip(bits: int, count: int) -> None:
+    rng = np.random.default_rng(bits * 1000 + count)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    codes = rng.integers(lo, hi + 1, size=count).astype(np.int8)
+    if count >= 2:
+        codes[0], codes[-1] = lo, hi  # both extremes
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == np.uint8 and packed.ndim == 1
+    assert packed.size == packed_size(count, bits) == -(-count // codes_per_byte(bits))
+    out = unpack_codes(packed, bits, count)
+    assert out.dtype == np.int8
+    np.testing.assert_array_equal(out, codes)
+
+
+def test_codes_per_byte() -> None:
+    assert [codes_per_byte(b) for b in range(2, 9)] == [4, 2, 2, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("bits", "codes", "expected"),
+    [
+        # first code in the low bits, offset q + 2^(b-1), zero padding
+        (4, [-8, 7, 0], [0xF0, 0x08]),
+        (2, [-2, -1, 0, 1, 1], [0 | 1 << 2 | 2 << 4 | 3 << 6, 3]),
+        (3, [-4, 3, 0], [0x70, 0x04]),
+        (5, [-16, 15], [0, 31]),
+        (8, [-128, 127, 0], [0, 255, 128]),
+    ],
+)
+def test_pack_layout(bits: int, codes: list[int], expected: list[int]) -> None:
+    packed = pack_codes(np.array(codes, dtype=np.int8), bits)
+    assert packed.tolist() == expected
+
+
+def test_pack_multidimensional_is_row_major() -> None:
+    codes = np.arange(-8, 8, dtype=np.int8).reshape(2, 2, 4)
+    np.testing.assert_array_equal(
+        unpack_codes(pack_codes(codes, 4), 4, codes.size), codes.reshape(-1)
+    )
+
+
+def test_pack_rejects_out_of_range_codes() -> None:
+    with pytest.raises(squant_rs.InvalidArgumentError, match="out of range"):
+        pack_codes(np.array([8], dtype=np.int8), 4)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="integers"):
+        pack_codes(np.array([0.5]), 4)
+
+
+def test_unpack_rejects_bad_input() -> None:
+    with pytest.raises(squant_rs.InvalidArgumentError, match="expected 2"):
+        unpack_codes(np.zeros(3, dtype=np.uint8), 4, 4)
+    # a 4-bit lane holding 15 is not a 3-bit code
+    with pytest.raises(squant_rs.InvalidArgumentError, match="not 3-bit"):
+        unpack_codes(np.array([0x0F], dtype=np.uint8), 3, 2)
+
+
+# --------------------------------------------------------------------------
+# models and state dicts
+
+
+class Mixed(nn.Module):
+    """Every supported layer kind (no forward needed for weight tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3)
+        self.c2 = nn.Conv2d(6, 8, 3, bias=False)
+        self.grouped = nn.Conv2d(8, 8, 3, groups=2)
+        self.dw = nn.Conv2d(8, 8, 5, groups=8)
+        self.c3 = nn.Conv3d(2, 3, (1, 2, 3))
+        self.bn = nn.BatchNorm2d(8)
+        self.ln = nn.LayerNorm(7)
+        self.up = nn.ConvTranspose2d(8, 4, 2)
+        self.fc = nn.Linear(7, 5)
+        self.emb = nn.Embedding(10, 3)
+
+
+def _mixed(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = Mixed()
+    with torch.no_grad():
+        m.bn.running_mean.normal_()
+        m.bn.running_var.uniform_(0.5, 2)
+        m.bn.num_batches_tracked.fill_(7)
+    return m
+
+
+def _assert_state_dicts_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_model_round_trip_equals_quantize_model(tmp_path, bits: int) -> None:
+    model = _mixed(bits)
+    path = tmp_path / "m.safetensors"
+    report = squant_rs.save_quantized(model, path, wbits=bits)
+    loaded = squant_rs.load_quantized(path)
+    expected = squant_rs.quantize_model(model, wbits=bits).state_dict()
+    _assert_state_dicts_equal(loaded, expected)
+    # into a fresh model: identical weights to quantize_model's
+    fresh = Mixed()
+    fresh.load_state_dict(loaded)
+    _assert_state_dicts_equal(fresh.state_dict(), expected)
+    names = [r.name for r in report.layers]
+    assert names == [
+        "c1.weight",
+        "c2.weight",
+        "grouped.weight",
+        "dw.weight",
+        "c3.weight",
+        "fc.weight",
+    ]
+    assert report.skipped == ["up"]  # ConvTranspose stays float
+    assert report.size_after == os.path.getsize(path)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_model_round_trip_dtypes(tmp_path, dtype: str) -> None:
+    model = _mixed().to(getattr(torch, dtype))
+    path = tmp_path / "m.safetensors"
+    squant_rs.save_quantized(model, path, wbits=4)
+    loaded = squant_rs.load_quantized(path)
+    _assert_state_dicts_equal(loaded, squant_rs.quantize_model(model, wbits=4).state_dict())
+    assert loaded["c2.weight"].dtype == getattr(torch, dtype)
+    info = {t.name: t for t in inspect_quantized(path).tensors}
+    assert (
+        info["c2.weight"].dtype == {"float16": "F16", "bfloat16": "BF16", "float64": "F64"}[dtype]
+    )
+
+
+def test_model_skip_matches_quantize_model(tmp_path) -> None:
+    model = _mixed()
+    path = tmp_path / "m.safetensors"
+    squant_rs.save_quantized(model, path, skip=("c*", "fc"))
+    loaded = squant_rs.load_quantized(path)
+    expected = squant_rs.quantize_model(model, skip=("c*", "fc")).state_dict()
+    _assert_state_dicts_equal(loaded, expected)
+    assert torch.equal(loaded["fc.weight"], model.fc.weight)
+    assert torch.equal(loaded["c1.weight"], model.c1.weight)
+    assert not torch.equal(loaded["dw.weight"], model.dw.weight)
+    quantized = {t.name for t in inspect_quantized(path).quantized}
+    assert quantized == {"grouped.weight", "dw.weight"}
+
+
+def test_file_is_standard_safetensors(tmp_path) -> None:
+    from safetensors import safe_open
+
+    model = _mixed()
+    path = tmp_path / "m.safetensors"
+    squant_rs.save_quantized(model, path, wbits=3, mode="squant-k")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+        codes = f.get_tensor("c2.weight:codes")
+        bn_var = f.get_tensor("bn.running_var")
+    assert meta["format"] == "squant-rs" and meta["format_version"] == "1"
+    q = json.loads(meta["quantized"])
+    assert q["c2.weight"] == {
+        "bits": 3,
+        "mode": "squant-k",
+        "shape": [8, 6, 3, 3],
+        "dtype": "F32",
+        "codes_per_byte": 2,
+    }
+    assert {"c2.weight:codes", "c2.weight:scale", "c2.weight:zero_point"} <= keys
+    assert "c2.weight" not in keys and "bn.running_var" in keys
+    assert codes.dtype == torch.uint8 and codes.shape == (packed_size(8 * 6 * 9, 3),)
+    assert torch.equal(bn_var, model.bn.running_var)
+    qt = squant_rs.quantize_tensor(model.c2.weight.detach(), 3, "squant-k")
+    np.testing.assert_array_equal(
+        unpack_codes(codes.numpy(), 3, qt.codes.numel()), qt.codes.reshape(-1).numpy()
+    )
+
+
+def test_torch_state_dict_default_selection(tmp_path) -> None:
+    model = _mixed()
+    sd = model.state_dict()
+    path = tmp_path / "sd.safetensors"
+    report = squant_rs.save_quantized(sd, path)
+    # every floating tensor of 2+ dims whose key ends in "weight": the embedding too,
+    # and the ConvTranspose weight (no module information in a state dict)
+    assert [r.name for r in report.layers] == [
+        "c1.weight",
+        "c2.weight",
+        "grouped.weight",
+        "dw.weight",
+        "c3.weight",
+        "up.weight",
+        "fc.weight",
+        "emb.weight",
+    ]
+    loaded = squant_rs.load_quantized(path)
+    assert list(loaded) == list(sd)
+    for key, value in sd.items():
+        if key in {r.name for r in report.layers}:
+            want = squant_rs.quantize_tensor(value, 4).dequantize()
+        else:
+            want = value
+        assert torch.equal(loaded[key], want), key
+
+
+def test_state_dict_include_and_skip(tmp_path) -> None:
+    sd = _mixed().state_dict()
+    path = tmp_path / "sd.safetensors"
+    r = squant_rs.save_quantized(sd, path, include=("c*.weight", "fc.*"), skip=("c2",))
+    assert [x.name for x in r.layers] == ["c1.weight", "c3.weight", "fc.weight"]
+    r = squant_rs.save_quantized(sd, path, include=lambda k: k.startswith("dw"))
+    assert [x.name for x in r.layers] == ["dw.weight"]
+    r = squant_rs.save_quantized(sd, path, skip="*")
+    assert r.layers == []
+    assert squant_rs.load_quantized(path).keys() == sd.keys()
+
+
+def test_numpy_state_dict(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    sd = {
+        "a.weight": rng.standard_normal((5, 3, 3, 3)).astype(np.float32),
+        "a.bias": rng.standard_normal(5).astype(np.float32),
+        "h.weight": rng.standard_normal((4, 9)).astype(np.float16),
+        "steps": np.array(3, dtype=np.int64),
+    }
+    path = tmp_path / "np.safetensors"
+    squant_rs.save_quantized(sd, path, wbits=5)
+    loaded = squant_rs.load_quantized(path)
+    for key in ("a.weight", "h.weight"):
+        want = squant_rs.quantize_tensor(sd[key], 5).dequantize()
+        assert loaded[key].dtype == torch.from_numpy(want).dtype
+        np.testing.assert_array_equal(loaded[key].numpy(), want)
+    np.testing.assert_array_equal(loaded["a.bias"].numpy(), sd["a.bias"])
+    assert loaded["steps"].shape == () and int(loaded["steps"]) == 3
+
+
+def test_resnet18_size_ratio(tmp_path) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    from safetensors.torch import save_file
+
+    model = torchvision.models.resnet18(weights=None)
+    fp = tmp_path / "float.safetensors"
+    qp = tmp_path / "q4.safetensors"
+    save_file(model.state_dict(), str(fp))
+    report = squant_rs.save_quantized(model, qp, wbits=4)
+    ratio = os.path.getsize(qp) / os.path.getsize(fp)
+    assert ratio <= 0.16, ratio
+    assert len(report.layers) == 21
+    loaded = squant_rs.load_quantized(qp)
+    expected = squant_rs.quantize_model(model, wbits=4).state_dict()
+    _assert_state_dicts_equal(loaded, expected)
+
+
+# --------------------------------------------------------------------------
+# atomic writes and argument errors
+
+
+def _listing(directory) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def test_error_leaves_no_partial_file(tmp_path) -> None:
+    model = _mixed()
+    with torch.no_grad():
+        model.dw.weight[3, 0, 1, 1] = float("nan")
+    path = tmp_path / "out.safetensors"
+    with pytest.raises(squant_rs.NonFiniteWeightError, match="dw.weight"):
+        squant_rs.save_quantized(model, path)
+    assert _listing(tmp_path) == []
+    path.write_bytes(b"previous")
+    with pytest.raises(squant_rs.NonFiniteWeightError):
+        squant_rs.save_quantized(model, path)
+    assert path.read_bytes() == b"previous"
+    assert _listing(tmp_path) == ["out.safetensors"]
+
+
+def test_failure_during_write_removes_temp_file(tmp_path, monkeypatch) -> None:
+    import squant_rs.io as sio
+
+    def boom(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sio.os, "fsync", boom)
+    with pytest.raises(OSError, match="No space"):
+        squant_rs.save_quantized(_mixed(), tmp_path / "out.safetensors")
+    assert _listing(tmp_path) == []
+
+
+def test_missing_directory(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError):
+        squant_rs.save_quantized(_mixed(), tmp_path / "nope" / "out.safetensors")
+
+
+def test_save_argument_errors(tmp_path) -> None:
+    path = tmp_path / "x.safetensors"
+    with pytest.raises(squant_rs.InvalidArgumentError, match="wbits"):
+        squant_rs.save_quantized(_mixed(), path, wbits=9)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="mode"):
+        squant_rs.save_quantized(_mixed(), path, mode="nearest")
+    with pytest.raises(squant_rs.InvalidArgumentError, match="include"):
+        squant_rs.save_quantized(_mixed(), path, include=("*",))
+    with pytest.raises(TypeError, match="state dict"):
+        squant_rs.save_quantized([1, 2], path)  # type: ignore[arg-type]
+    w = torch.randn(3, 4)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="already has a tensor"):
+        squant_rs.save_quantized({"a.weight": w, "a.weight:scale": w[0]}, path)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="not a tensor"):
+        squant_rs.save_quantized({"a.weight": w, "note": "hello"}, path)
+    assert _listing(tmp_path) == []
+
+
+# --------------------------------------------------------------------------
+# bad files
+
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("good") / "good.safetensors"
+    squant_rs.save_quantized(_mixed(), path, wbits=3)
+    return path.read_bytes()
+
+
+def _rewrite(tmp_path, good: bytes, edit) -> str:
+    """A copy of the good file with its tensors/metadata edited."""
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(good)
+    tensors, meta = read_safetensors(src)
+    tensors, meta = edit(dict(tensors), dict(meta))
+    out = tmp_path / "bad.safetensors"
+    write_safetensors(out, tensors, meta)
+    return str(out)
+
+
+def _header_len(good: bytes) -> int:
+    return int.from_bytes(good[:8], "little")
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("empty", "too short"),
+        ("text", "not a safetensors file"),
+        ("cut_header", "truncated"),
+        ("cut_data", "truncated"),
+        ("one_byte_short", "truncated"),
+        ("trailing", "unexpected bytes"),
+        ("bad_json", "not valid JSON"),
+        ("bad_offsets", "corrupt header"),
+        ("bad_dtype", "unsupported dtype"),
+    ],
+)
+def test_damaged_container(tmp_path, good_file: bytes, case: str, match: str) -> None:
+    n = _header_len(good_file)
+    data = {
+        "empty": b"",
+        "text": b"this is a text file, not a model\n" * 3,
+        "cut_header": good_file[: 8 + n // 2],
+        "cut_data": good_file[: 8 + n + 100],
+        "one_byte_short": good_file[:-1],
+        "trailing": good_file + b"\0\0",
+        "bad_json": good_file[:8] + b"[" + good_file[9:],
+        "bad_offsets": good_file.replace(b'"data_offsets":[0,', b'"data_offsets":[1,', 1),
+        "bad_dtype": good_file.replace(b'"dtype":"F32"', b'"dtype":"X32"', 1),
+    }[case]
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(FormatError, match=match) as info:
+        squant_rs.load_quantized(path)
+    assert isinstance(info.value, SquantError) and isinstance(info.value, ValueError)
+    with pytest.raises(FormatError):
+        inspect_quantized(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("plain", "not a squant-rs file"),
+        ("version", "unsupported squant-rs format version '2'"),
+        ("no_version", "unsupported squant-rs format version None"),
+        ("meta_json", "not valid JSON"),
+        ("meta_bits", "corrupt squant-rs metadata"),
+        ("missing_codes", "missing its codes"),
+        ("short_codes", "wrong size"),
+        ("bad_code_value", "corrupt codes"),
+        ("nan_scale", "corrupt scale"),
+    ],
+)
+def test_invalid_squant_file(tmp_path, good_file: bytes, case: str, match: str) -> None:
+    def edit(t: dict, m: dict) -> tuple[dict, dict]:
+        if case == "plain":
+            m = {}
+        elif case == "version":
+            m["format_version"] = "2"
+        elif case == "no_version":
+            del m["format_version"]
+        elif case == "meta_json":
+            m["quantized"] = "{oops"
+        elif case == "meta_bits":
+            q = json.loads(m["quantized"])
+            q["c2.weight"]["bits"] = 12
+            m["quantized"] = json.dumps(q)
+        elif case == "missing_codes":
+            del t["c2.weight:codes"]
+        elif case == "short_codes":
+            c = t["c2.weight:codes"]
+            t["c2.weight:codes"] = RawTensor("U8", (c.shape[0] - 1,), c.data[:-1])
+        elif case == "bad_code_value":
+            c = t["c2.weight:codes"]
+            t["c2.weight:codes"] = RawTensor("U8", c.shape, np.full_like(c.data, 0xFF))
+        elif case == "nan_scale":
+            s = t["c2.weight:scale"].to_numpy()
+            s[0] = np.nan
+            t["c2.weight:scale"] = RawTensor.from_numpy(s)
+        return t, m
+
+    path = _rewrite(tmp_path, good_file, edit)
+    with pytest.raises(FormatError, match=match):
+        squant_rs.load_quantized(path)
+
+
+def test_load_missing_file(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError):
+        squant_rs.load_quantized(tmp_path / "missing.safetensors")
+
+
+def test_raw_tensor_bfloat16_and_scalars() -> None:
+    t = torch.randn(3, 5).to(torch.bfloat16)
+    raw = RawTensor.from_torch(t)
+    assert raw.dtype == "BF16" and raw.nbytes == 30
+    np.testing.assert_array_equal(raw.to_float32(), t.float().numpy())
+    assert torch.equal(raw.to_torch(), t)
+    s = RawTensor.from_torch(torch.tensor(5))
+    assert s.shape == () and int(s.to_torch()) == 5
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight  # tied parameter
+        self.shared = nn.Linear(6, 6)
+        self.seq = nn.Sequential(self.shared, nn.ReLU(), self.shared)  # shared module
+
+
+def test_tied_and_shared_weights(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = Tied()
+    qmodel, report = squant_rs.quantize_model(model, return_report=True)
+    assert [r.name for r in report.layers] == ["head", "shared"]  # each weight once
+    sd = qmodel.state_dict()
+    want = squant_rs.quantize_tensor(model.head.weight.detach(), 4).dequantize()
+    assert torch.equal(sd["head.weight"], want) and torch.equal(sd["emb.weight"], want)
+    assert torch.equal(sd["seq.0.weight"], sd["shared.weight"])
+    assert torch.equal(sd["seq.2.weight"], sd["shared.weight"])
+    path = tmp_path / "tied.safetensors"
+    squant_rs.save_quantized(model, path)
+    _assert_state_dicts_equal(squant_rs.load_quantized(path), sd)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_model_round_trip(tmp_path) -> None:
+    model = _mixed().cuda()
+    qmodel = squant_rs.quantize_model(model)  # backend "auto": torch on the GPU
+    assert qmodel.c2.weight.is_cuda
+    path = tmp_path / "m.safetensors"
+    squant_rs.save_quantized(model, path)
+    loaded = squant_rs.load_quantized(path, device="cuda")
+    _assert_state_dicts_equal(loaded, qmodel.state_dict())
+    cpu = squant_rs.quantize_model(model.cpu(), backend="rust").state_dict()
+    _assert_state_dicts_equal({k: v.cpu() for k, v in loaded.items()}, cpu)

@@ -1,0 +1,407 @@
+"""quantize_model: weights, skip patterns, the report, and the W/A pipeline."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import squant_rs
+from squant_rs.model import (
+    DEFAULT_INPUT_SHAPE,
+    ActivationQuantizer,
+    activation_quantizers,
+    default_s_sigma,
+)
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+
+class Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3)
+        self.c2 = nn.Conv2d(6, 8, 3, bias=False)
+        self.grouped = nn.Conv2d(8, 8, 3, groups=2)
+        self.dw = nn.Conv2d(8, 8, 5, groups=8)
+        self.c3 = nn.Conv3d(2, 3, (1, 2, 3))
+        self.bn = nn.BatchNorm2d(8)
+        self.up = nn.ConvTranspose2d(8, 4, 2)
+        self.head = nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 5))
+
+
+LAYERS = ["c1", "c2", "grouped", "dw", "c3", "head.0", "head.2"]
+
+
+def _mixed(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Mixed()
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _get(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+# --------------------------------------------------------------------------
+# weights
+
+
+@pytest.mark.parametrize("mode", ["squant", "squant-e", "squant-c"])
+def test_weights_are_squant_dequantized(mode: str) -> None:
+    model = _mixed()
+    before = _snapshot(model)
+    params = {n: p for n, p in model.named_parameters()}
+    qmodel = squant_rs.quantize_model(model, wbits=3, mode=mode)
+
+    # the original is untouched: same values, same parameter objects
+    after = _snapshot(model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert qmodel is not model
+
+    sd = qmodel.state_dict()
+    assert list(sd) == list(model.state_dict())  # names unchanged
+    for name in LAYERS:
+        w = _get(model, name).weight.detach()
+        want = squant_rs.quantize_tensor(w, 3, mode).dequantize()
+        got = _get(qmodel, name).weight
+        assert isinstance(got, nn.Parameter) and got.dtype == w.dtype
+        assert torch.equal(got, want), name
+        assert not torch.equal(got, w)
+    for key, value in sd.items():  # everything else is unchanged
+        if not any(key == f"{n}.weight" for n in LAYERS):
+            assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_weight_dtype_preserved(dtype: str) -> None:
+    model = _mixed().to(getattr(torch, dtype))
+    qmodel = squant_rs.quantize_model(model, wbits=4)
+    for name in LAYERS:
+        w = _get(model, name).weight.detach()
+        got = _get(qmodel, name).weight
+        assert got.dtype == getattr(torch, dtype)
+        assert torch.equal(got, squant_rs.quantize_tensor(w, 4).dequantize())
+
+
+def test_backend_torch_gives_same_weights() -> None:
+    model = _mixed()
+    a = squant_rs.quantize_model(model, backend="rust").state_dict()
+    b = squant_rs.quantize_model(model, backend="torch").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("skip", "quantized"),
+    [
+        ((), LAYERS),
+        ("c*", ["grouped", "dw", "head.0", "head.2"]),
+        (("head.*",), ["c1", "c2", "grouped", "dw", "c3"]),
+        (["c2", "head.2", "dw"], ["c1", "grouped", "c3", "head.0"]),
+        (("*",), []),
+        (("head",), LAYERS),  # a pattern names modules: "head" is not a layer
+    ],
+)
+def test_skip_patterns(skip, quantized: list[str]) -> None:
+    model = _mixed()
+    qmodel, report = squant_rs.quantize_model(model, skip=skip, return_report=True)
+    assert [r.name for r in report.layers] == quantized
+    for name in LAYERS:
+        same = torch.equal(_get(qmodel, name).weight, _get(model, name).weight)
+        assert same == (name not in quantized), name
+    assert "up" in report.skipped  # ConvTranspose is never quantized
+    assert set(report.skipped) == {"up", *(set(LAYERS) - set(quantized))}
+
+
+def test_report() -> None:
+    model = _mixed()
+    qmodel, report = squant_rs.quantize_model(model, wbits=4, return_report=True)
+    assert qmodel.squant_report is report
+    assert [r.name for r in report.layers] == LAYERS
+    for r in report.layers:
+        w = _get(model, r.name).weight.detach()
+        qt = squant_rs.quantize_tensor(w, 4)
+        assert r.shape == tuple(w.shape) and r.params == w.numel()
+        assert (r.k_flips, r.c_flips) == (qt.k_flips, qt.c_flips)
+        w64 = w.double().numpy()
+        want = np.linalg.norm(qt.dequantize().double().numpy() - w64) / np.linalg.norm(w64)
+        assert r.rel_error == pytest.approx(want, rel=1e-5)
+        assert r.time_ms >= 0 and r.bits == 4 and r.act_bits is None
+    assert report.total_ms == pytest.approx(sum(r.time_ms for r in report.layers))
+    assert report.wall_ms >= report.total_ms
+    assert report.params == sum(r.params for r in report.layers)
+    assert report.mean_rel_error == pytest.approx(np.mean([r.rel_error for r in report.layers]))
+    text = str(report)
+    for name in LAYERS:
+        assert name in text
+    assert "total: 7 layers" in text and "left float: up" in text
+    # without return_report: just the model, report attached
+    assert isinstance(squant_rs.quantize_model(model).squant_report, squant_rs.QuantReport)
+
+
+def test_report_of_default_call_is_copyable() -> None:
+    qmodel = squant_rs.quantize_model(_mixed())
+    clone = copy.deepcopy(qmodel)
+    assert len(clone.squant_report.layers) == len(LAYERS)
+
+
+def test_argument_errors() -> None:
+    model = _mixed()
+    with pytest.raises(squant_rs.InvalidArgumentError, match="wbits"):
+        squant_rs.quantize_model(model, wbits=1)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="abits"):
+        squant_rs.quantize_model(model, abits=9)
+    with pytest.raises(TypeError, match="wbits"):
+        squant_rs.quantize_model(model, wbits=4.0)  # type: ignore[arg-type]
+    with pytest.raises(squant_rs.InvalidArgumentError, match="mode"):
+        squant_rs.quantize_model(model, mode="squant-x")
+    with pytest.raises(squant_rs.InvalidArgumentError, match="backend"):
+        squant_rs.quantize_model(model, backend="cuda")
+    with pytest.raises(squant_rs.InvalidArgumentError, match="calibration"):
+        squant_rs.quantize_model(model, abits=4, calibration="data")
+    with pytest.raises(squant_rs.InvalidArgumentError, match="input_shape"):
+        squant_rs.quantize_model(model, abits=4, input_shape=(1, 0))
+    with pytest.raises(squant_rs.InvalidArgumentError, match="s_sigma"):
+        squant_rs.quantize_model(model, abits=4, s_sigma=-1.0)
+    with pytest.raises(TypeError, match="skip"):
+        squant_rs.quantize_model(model, skip=[3])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="nn.Module"):
+        squant_rs.quantize_model({"w": torch.zeros(2, 2)})  # type: ignore[arg-type]
+
+
+def test_non_finite_weight_names_the_layer() -> None:
+    model = _mixed()
+    with torch.no_grad():
+        model.grouped.weight[1, 2, 0, 0] = float("inf")
+    with pytest.raises(squant_rs.NonFiniteWeightError, match="grouped"):
+        squant_rs.quantize_model(model)
+
+
+# --------------------------------------------------------------------------
+# activation quantization
+
+
+def test_default_s_sigma() -> None:
+    assert [default_s_sigma(b) for b in range(2, 9)] == [12, 12, 12, 13, 14, 19.5, 25]
+
+
+def _fake_quant(a: np.ndarray, x_min: float, x_max: float, bits: int) -> np.ndarray:
+    """SPEC section 5, written out independently in numpy float32."""
+    f32 = np.float32
+    signed = x_min < 0
+    s = f32(2**bits - 1) / max(f32(x_max) - f32(x_min), f32(1e-8))
+    z = np.rint(s * f32(x_min)) + f32(2 ** (bits - 1) if signed else 0)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    q = np.clip(np.rint(s * a.astype(np.float32) - z), lo, hi)
+    return ((q + z) / s).astype(np.float32)
+
+
+def test_activation_quantizer_by_hand() -> None:
+    # unsigned, 4 bits: sigma = std([1, 2, 3, 4]) = 1.29; 12 sigma > max, so alpha = 4
+    q = ActivationQuantizer("x", 4, 12.0)
+    q.observe(torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]))
+    assert (q.x_min, q.x_max) == (0.0, 4.0)
+    assert (q.scale, q.zero_point, q.qmin, q.qmax) == (3.75, 0.0, 0, 15)
+    # s * a = [0, 3.75, 7.5, 11.25, 15] -> [0, 4, 8, 11, 15] (7.5 rounds to even)
+    out = q.quantize(torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 9.0, -1.0]))
+    want = torch.tensor([0, 4, 8, 11, 15, 15, 0], dtype=torch.float32) / 3.75
+    assert torch.equal(out, want)
+
+    # signed, 4 bits: alpha = min(12 * std / 1.25, max) = 2; range [-2, 2], s = 3.75,
+    # z = rne(-7.5) + 8 = 0; codes clamp to [-8, 7]
+    q = ActivationQuantizer("y", 4, 12.0)
+    q.observe(torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]))
+    assert (q.x_min, q.x_max, q.scale, q.zero_point) == (-2.0, 2.0, 3.75, 0.0)
+    out = q.quantize(torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]))
+    assert torch.equal(out, torch.tensor([-8, -4, 0, 4, 7], dtype=torch.float32) / 3.75)
+
+    # 8 bits (same s_sigma, as the release's last layer): no clip to max
+    q.set_bits(8)
+    sigma = np.std([-2, -1, 0, 1, 2], ddof=1)
+    assert q.x_max == pytest.approx(12 * sigma / 1.25, rel=1e-6)
+    assert q.x_min == -q.x_max
+
+
+class ThreeLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(6, 16)
+        self.l2 = nn.Linear(16, 12)
+        self.l3 = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(self.l2(F.relu(self.l1(x))))
+
+
+def _calib_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    # the documented calibration batch
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+def _linear(x: np.ndarray, layer: nn.Linear) -> np.ndarray:
+    w = layer.weight.detach().numpy().astype(np.float64)
+    b = layer.bias.detach().numpy().astype(np.float64)
+    return x.astype(np.float64) @ w.T + b
+
+
+@pytest.mark.parametrize("abits", [4, 6])
+def test_activation_pipeline_known_answer(abits: int) -> None:
+    torch.manual_seed(1)
+    model = ThreeLayer()
+    shape = (64, 6)
+    qmodel, report = squant_rs.quantize_model(
+        model, wbits=4, abits=abits, input_shape=shape, seed=3, return_report=True
+    )
+    s_sigma = {4: 12.0, 6: 14.0}[abits]
+
+    # calibration statistics on the float model, computed independently (float64)
+    x = _calib_input(shape, seed=3)
+    h1 = np.maximum(_linear(x, model.l1), 0)  # input of l2: unsigned
+    h2 = _linear(h1, model.l2)  # input of l3 (the last layer): signed, 8 bits
+    assert h2.min() < 0
+    alpha2 = s_sigma * np.std(h1[h1 > 0], ddof=1)
+    if abits < 6:
+        alpha2 = min(alpha2, h1.max())
+    alpha3 = s_sigma * np.std(h2, ddof=1) / 1.25  # 8 bits: no clip
+
+    rows = {r.name: r for r in report.layers}
+    assert rows["l1"].act_bits is None and rows["l1"].act_range is None  # first: float
+    assert rows["l2"].act_bits == abits
+    assert rows["l2"].act_range == pytest.approx((0.0, alpha2), rel=1e-5)
+    assert rows["l3"].act_bits == 8
+    assert rows["l3"].act_range == pytest.approx((-alpha3, alpha3), rel=1e-5)
+
+    # inference: fake-quantized inputs of l2 and l3, quantized weights
+    hooks = activation_quantizers(qmodel)
+    assert set(hooks) == {"l1", "l2", "l3"} and not hooks["l1"].enabled
+    t = torch.randn(10, 6)
+    a1 = F.relu(F.linear(t, qmodel.l1.weight, qmodel.l1.bias)).detach().numpy()
+    a1q = _fake_quant(a1, *rows["l2"].act_range, abits)
+    a2 = F.linear(torch.from_numpy(a1q), qmodel.l2.weight, qmodel.l2.bias).detach().numpy()
+    a2q = _fake_quant(a2, *rows["l3"].act_range, 8)
+    want = F.linear(torch.from_numpy(a2q), qmodel.l3.weight, qmodel.l3.bias)
+    with torch.no_grad():
+        got = qmodel(t)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert len(np.unique(a1q)) <= 2**abits
+    # the original model has no hooks and gives the float answer
+    assert not activation_quantizers(model)
+    with torch.no_grad():
+        assert torch.equal(model(t), model.l3(model.l2(F.relu(model.l1(t)))))
+
+
+def test_calibration_quantized_follows_the_release() -> None:
+    torch.manual_seed(2)
+    model = ThreeLayer()
+    shape = (32, 6)
+    qmodel, report = squant_rs.quantize_model(
+        model, wbits=3, abits=4, input_shape=shape, calibration="quantized", return_report=True
+    )
+    x = _calib_input(shape)
+    # statistics on the quantized-weight model, upstream activations quantized
+    h1 = np.maximum(_linear(x, qmodel.l1), 0)
+    alpha2 = min(12.0 * np.std(h1[h1 > 0], ddof=1), h1.max())
+    rows = {r.name: r for r in report.layers}
+    assert rows["l2"].act_range == pytest.approx((0.0, alpha2), rel=1e-5)
+    h1q = _fake_quant(h1.astype(np.float32), *rows["l2"].act_range, 4)
+    h2 = _linear(h1q, qmodel.l2)
+    alpha3 = 12.0 * np.std(h2, ddof=1) / 1.25
+    assert rows["l3"].act_range == pytest.approx((-alpha3, alpha3), rel=1e-5)
+
+
+def test_s_sigma_override_applies_to_every_quantizer() -> None:
+    torch.manual_seed(1)
+    model = ThreeLayer()
+    _, r12 = squant_rs.quantize_model(
+        model, abits=8, input_shape=(16, 6), s_sigma=12, return_report=True
+    )
+    _, r25 = squant_rs.quantize_model(model, abits=8, input_shape=(16, 6), return_report=True)
+    for a, b in zip(r12.layers[1:], r25.layers[1:]):
+        assert a.act_range is not None and b.act_range is not None
+        assert a.act_range[1] == pytest.approx(b.act_range[1] * 12 / 25, rel=1e-6)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, groups=8, padding=1)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.unused = nn.Linear(4, 4)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = F.relu(self.pw(self.dw(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_cnn_with_activations_pickles_and_copies(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = SmallCNN().train()
+    qmodel, report = squant_rs.quantize_model(
+        model, wbits=4, abits=4, input_shape=(4, 3, 16, 16), return_report=True
+    )
+    assert model.training and qmodel.training  # modes restored after calibration
+    assert qmodel.state_dict().keys() == model.state_dict().keys()
+    rows = {r.name: r for r in report.layers}
+    assert rows["conv"].act_bits is None
+    assert rows["dw"].act_bits == 4 and rows["pw"].act_bits == 4
+    assert rows["fc"].act_bits == 8  # last to run, though "unused" is registered before it
+    assert rows["unused"].act_range is None  # never ran: float input
+    assert "act range" in str(report)
+
+    qmodel.eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        y = qmodel(x)
+        assert torch.equal(copy.deepcopy(qmodel)(x), y)
+        clone = pickle.loads(pickle.dumps(qmodel))
+        assert torch.equal(clone(x), y)
+        path = tmp_path / "m.pt"
+        torch.save(qmodel, path)
+        loaded = torch.load(path, weights_only=False)
+        assert torch.equal(loaded(x), y)
+        # the hooks really act: without them the output differs
+        plain = SmallCNN().eval()
+        plain.load_state_dict(qmodel.state_dict())
+        assert not torch.equal(plain(x), y)
+        # an uncalibrated quantizer passes its input through
+        v = torch.randn(3, 4)
+        assert torch.equal(qmodel.unused(v), F.linear(v, qmodel.unused.weight, qmodel.unused.bias))
+
+
+def test_calibration_uses_model_dtype_and_restores_nothing_else() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN().to(torch.float64)
+    state = torch.get_rng_state()
+    qmodel = squant_rs.quantize_model(model, abits=6, input_shape=(2, 3, 8, 8))
+    assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
+    with torch.no_grad():
+        y = qmodel.eval()(torch.rand(1, 3, 8, 8, dtype=torch.float64))
+    assert y.dtype == torch.float64 and torch.isfinite(y).all()
+
+
+def test_bad_input_shape_is_explained() -> None:
+    with pytest.raises(squant_rs.InvalidArgumentError, match="input_shape"):
+        squant_rs.quantize_model(ThreeLayer(), abits=4)  # image-shaped default for an MLP
+    assert DEFAULT_INPUT_SHAPE == (8, 3, 224, 224)
+
+
+def test_single_layer_model_keeps_float_input() -> None:
+    model = nn.Linear(5, 3)
+    qmodel, report = squant_rs.quantize_model(
+        model, abits=4, input_shape=(8, 5), return_report=True
+    )
+    assert report.layers[0].name == "" and report.layers[0].act_bits is None
+    x = torch.rand(2, 5)
+    assert torch.equal(qmodel(x), F.linear(x, qmodel.weight, qmodel.bias))
