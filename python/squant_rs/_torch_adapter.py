@@ -102,6 +102,10 @@ def dequantize_torch(qt: QuantizedTensor) -> torch.Tensor:
     import torch  # present: the codes are a tensor
 
     codes: torch.Tensor = qt.codes
+    if codes.device.type == "cpu":
+        # Same IEEE operations in the parallel Rust loop, on zero-copy views.
+        out_np = _native.dequantize(codes.numpy(), qt.scale.numpy(), qt.zero_point.numpy())
+        return torch.from_numpy(out_np).to(qt.dtype)
     view = (-1,) + (1,) * (codes.dim() - 1)
     out: torch.Tensor = (codes.to(torch.float32) + qt.zero_point.view(view)) / qt.scale.view(view)
     return out.to(qt.dtype)

@@ -3,10 +3,18 @@ use squant_core::{quantize, Layout, Mode};
 use std::time::Instant;
 
 fn main() {
-    let layout = Layout {
-        oc: 256,
-        ic: 256,
-        k: 9,
+    // Usage: timing [MODE] [OCxICxK]
+    let shape: Vec<usize> = std::env::args()
+        .nth(2)
+        .map(|v| v.split('x').filter_map(|d| d.parse().ok()).collect())
+        .unwrap_or_else(|| vec![256, 256, 9]);
+    let layout = match shape[..] {
+        [oc, ic, k] => Layout { oc, ic, k },
+        _ => Layout {
+            oc: 256,
+            ic: 256,
+            k: 9,
+        },
     };
     let mut s = 12345u64;
     let w: Vec<f32> = (0..layout.len())

@@ -173,6 +173,31 @@ fn last_rank(src: &[f32]) -> usize {
     li
 }
 
+/// Number of positive values (eight lanes, so it vectorises).
+#[inline(always)]
+fn count_positive(v: &[f32]) -> usize {
+    let mut lanes = [0u32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            lanes[i] += (c[i] > 0.0) as u32;
+        }
+    }
+    let tail_count = tail.iter().filter(|&&p| p > 0.0).count();
+    lanes.iter().map(|&c| c as usize).sum::<usize>() + tail_count
+}
+
+/// Whether any value exceeds `thr` (no early exit, so it vectorises).
+#[inline(always)]
+fn any_above(v: &[f32], thr: f32) -> bool {
+    let mut m = 0u32;
+    for &p in v {
+        m |= (p > thr) as u32;
+    }
+    m != 0
+}
+
 /// Inserts `k` into the descending buffer `top` of capacity `m`.
 #[inline(always)]
 fn admit(top: &mut Vec<u64>, m: usize, k: u64) {
@@ -266,7 +291,7 @@ impl Scratch {
 
     /// SQuant-K for kernels of exactly `K` elements: decisions first (every
     /// kernel reads only its own E-level state), flips applied afterwards.
-    #[inline(never)]
+    #[inline(always)]
     fn kernel_level_fixed<const K: usize>(&mut self, carry: bool, tmin: f32, tmax: f32) -> u64 {
         let Scratch {
             x,
@@ -415,7 +440,7 @@ impl Scratch {
     /// SQuant-C on the whole channel. `after_k`: the only non-zero
     /// priorities are the K-level carries; otherwise they are the E-level
     /// element priorities.
-    #[inline(never)]
+    #[inline(always)]
     fn channel_level(&mut self, after_k: bool, tmin: f32, tmax: f32) -> u64 {
         let g = self.x.len();
         let (up, t, _over) = step_params(self.group_sum(0..g), g);
@@ -445,14 +470,21 @@ impl Scratch {
             // One pass with a sorted buffer. Positions only grow, so a
             // priority equal to the threshold loses its tie: compare
             // priorities strictly.
+            let n = count_positive(pri);
             let mut thr = 0.0f32;
-            let mut n = 0usize;
-            for (j, &p) in pri.iter().enumerate() {
-                n += (p > 0.0) as usize;
-                if p > thr {
-                    admit(&mut keys, t, key(p, j));
-                    if keys.len() == t {
-                        thr = f32::from_bits((keys[t - 1] >> 32) as u32);
+            const B: usize = 16;
+            for (b, block) in pri.chunks(B).enumerate() {
+                // Most blocks hold nothing above the threshold once the
+                // buffer is full: one vectorised test skips them.
+                if !any_above(block, thr) {
+                    continue;
+                }
+                for (i, &p) in block.iter().enumerate() {
+                    if p > thr {
+                        admit(&mut keys, t, key(p, b * B + i));
+                        if keys.len() == t {
+                            thr = f32::from_bits((keys[t - 1] >> 32) as u32);
+                        }
                     }
                 }
             }
