@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
 import squant_rs
 from squant_rs._shapes import he_weights, resnet_shapes
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 import squant_rs
 from squant_rs.cli import Progress, main
 

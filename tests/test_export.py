@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+
 import squant_rs
 from squant_rs import FormatError, SquantError
 from squant_rs._packing import codes_per_byte, pack_codes, packed_size, unpack_codes

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 import squant_rs
+
 from conftest import (
     DISTRIBUTIONS,
     interior_weight,
@@ -13,8 +17,6 @@ from conftest import (
     tmin_tmax,
     x_of,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from reference import MODES, nearest_reference, squant_reference
 
 SETTINGS = settings(deadline=None)  # max_examples from the profile (conftest)

@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+
 import squant_rs
 from squant_rs.model import (
     DEFAULT_INPUT_SHAPE,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import squant_rs
-from conftest import DISTRIBUTIONS, grid_weight, make_weight, seed_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import squant_rs
+
+from conftest import DISTRIBUTIONS, grid_weight, make_weight, seed_for
 from reference import MODES, group_sum, nearest_reference, squant_reference
 
 ALL_BITS = tuple(range(2, 9))

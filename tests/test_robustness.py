@@ -12,7 +12,9 @@ import time
 
 import numpy as np
 import pytest
+
 import squant_rs
+
 from conftest import make_weight, seed_for
 from reference import MODES
 

@@ -42,13 +42,19 @@ def check_torch_weight(w: torch.Tensor) -> None:
     check_shape(tuple(w.shape))
 
 
-def _check_finite_torch(w32: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> None:
-    """The Rust core's value checks, for the torch path (one host sync)."""
+def _check_values_torch(w32: torch.Tensor, bits: int) -> None:
+    """The Rust core's value checks, for the torch path, before it runs:
+    non-finite weights and channels whose quantizer overflows float32 (one
+    host sync)."""
     torch = require_torch()
     flat = w32.reshape(w32.shape[0], -1)
     bad = ~torch.isfinite(flat)
+    bad_rows = bad.any(dim=1)
     mx = flat.amax(dim=1)
     mn = flat.amin(dim=1)
+    levels = float(2**bits - 1)
+    scale = levels / (mx - mn).clamp_min(1e-8)
+    zp = torch.round(scale * mn) + float(2 ** (bits - 1))
     overflow = ~(
         torch.isfinite(scale)
         & (scale > 0)
@@ -56,7 +62,6 @@ def _check_finite_torch(w32: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor
         & torch.isfinite(scale * mx)
         & torch.isfinite(zp)
     )
-    bad_rows = bad.any(dim=1)
     if bool(bad_rows.any() | overflow.any()):
         rows = bad_rows.nonzero()
         if rows.numel():
@@ -85,8 +90,8 @@ def quantize_torch_tensor(
     if use_torch:
         from ._torch_backend import quantize_torch
 
+        _check_values_torch(w.to(torch.float32), bits)
         codes, scale, zp, kf, cf = quantize_torch(w, bits, mode)
-        _check_finite_torch(w.to(torch.float32), scale, zp)
         return QuantizedTensor(codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf))
     host = w.to(device="cpu", dtype=torch.float32)
     # A contiguous float32 CPU tensor is shared with numpy, not copied.

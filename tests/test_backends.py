@@ -1,0 +1,155 @@
+"""The torch adapter and both backends: Rust (CPU, numpy buffers) against
+the vectorized torch path, on CPU here and on CUDA where a GPU exists."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import squant_rs
+
+from conftest import DISTRIBUTIONS, make_weight, seed_for
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+SHAPES = [
+    (16, 24),  # Linear
+    (8, 6, 5),  # Conv1d
+    (12, 10, 3, 3),  # Conv2d
+    (16, 1, 3, 3),  # depthwise
+    (12, 4, 3, 3),  # grouped (IC / groups = 4)
+    (24, 16, 1, 1),  # 1x1
+    (4, 3, 3, 3, 3),  # Conv3d
+    (5, 7, 7, 7),  # odd sizes, 7x7
+    (1, 1, 1),
+    (3, 130, 1),  # long channels at K = 1
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _both(w: torch.Tensor, bits: int, mode: str) -> tuple[object, object]:
+    a = squant_rs.quantize_tensor(w, bits, mode, backend="rust")
+    b = squant_rs.quantize_tensor(w, bits, mode, backend="torch")
+    return a, b
+
+
+def _assert_same(a: squant_rs.QuantizedTensor, b: squant_rs.QuantizedTensor) -> None:
+    assert a.codes.dtype == b.codes.dtype == torch.int8
+    assert torch.equal(a.codes.cpu(), b.codes.cpu())
+    assert torch.equal(a.scale.cpu(), b.scale.cpu())
+    assert torch.equal(a.zero_point.cpu(), b.zero_point.cpu())
+    assert (a.k_flips, a.c_flips) == (b.k_flips, b.c_flips)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_rust_and_torch_agree_on_cpu(shape: tuple[int, ...], dist: str) -> None:
+    rng = np.random.default_rng(seed_for("backends", shape, dist))
+    for bits in (2, 4, 7):
+        w = torch.from_numpy(make_weight(rng, shape, dist, bits=bits))
+        for mode in squant_rs.MODES:
+            _assert_same(*_both(w, bits, mode))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtypes_round_trip(dtype: torch.dtype) -> None:
+    w = (torch.randn(8, 6, 3, 3, generator=torch.Generator().manual_seed(1)) * 0.1).to(dtype)
+    a, b = _both(w, 4, "squant")
+    _assert_same(a, b)
+    assert a.codes.shape == w.shape
+    d = a.dequantize()
+    assert d.dtype == dtype and d.shape == w.shape and d.device == w.device
+    assert torch.equal(d, b.dequantize())
+    # float32 arithmetic whatever the input dtype: same codes as float32 input.
+    c = squant_rs.quantize_tensor(w.to(torch.float32), 4)
+    assert torch.equal(c.codes, a.codes)
+
+
+def test_auto_backend_and_zero_copy() -> None:
+    w = torch.randn(32, 16, 3, 3)
+    qt = squant_rs.quantize_tensor(w, 4)  # CPU -> Rust
+    ref = squant_rs.quantize_tensor(w.numpy(), 4)
+    assert torch.equal(qt.codes, torch.from_numpy(ref.codes))
+    # A contiguous float32 CPU tensor is handed to Rust as a view.
+    from squant_rs._torch_adapter import to_numpy_f32
+
+    assert to_numpy_f32(w).ctypes.data == w.data_ptr()
+
+
+def test_input_untouched_and_grad_tensors() -> None:
+    w = torch.randn(6, 5, 3, 3, requires_grad=True)
+    before = w.detach().clone()
+    for backend in ("rust", "torch"):
+        qt = squant_rs.quantize_tensor(w, 4, backend=backend)
+        assert not qt.dequantize().requires_grad
+    assert torch.equal(w.detach(), before)
+
+
+def test_non_contiguous_tensor() -> None:
+    w = torch.randn(9, 8, 3, 3)
+    t = w.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    assert not t.is_contiguous()
+    for backend in ("rust", "torch"):
+        a = squant_rs.quantize_tensor(t, 4, backend=backend)
+        b = squant_rs.quantize_tensor(w, 4, backend=backend)
+        assert torch.equal(a.codes, b.codes)
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_bad_torch_inputs(backend: str) -> None:
+    w = torch.randn(4, 3, 3, 3)
+    w[2, 1, 0, 0] = float("nan")
+    with pytest.raises(squant_rs.NonFiniteWeightError, match="channel 2"):
+        squant_rs.quantize_tensor(w, 4, backend=backend)
+    with pytest.raises(TypeError, match="int32"):
+        squant_rs.quantize_tensor(torch.ones(4, 4, dtype=torch.int32), 4, backend=backend)
+    with pytest.raises(ValueError, match="2 dimensions"):
+        squant_rs.quantize_tensor(torch.ones(4), 4, backend=backend)
+    with pytest.raises(ValueError, match="empty"):
+        squant_rs.quantize_tensor(torch.ones(0, 4), 4, backend=backend)
+    with pytest.raises(ValueError, match="bits"):
+        squant_rs.quantize_tensor(torch.ones(4, 4), 9, backend=backend)
+    big = torch.full((2, 3), 1e32)
+    with pytest.raises(squant_rs.WeightRangeError, match="channel 0"):
+        squant_rs.quantize_tensor(big, 4, backend=backend)
+
+
+def test_unknown_backend() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        squant_rs.quantize_tensor(torch.ones(4, 4), 4, backend="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_cuda_matches_rust(shape: tuple[int, ...], dist: str) -> None:
+    rng = np.random.default_rng(seed_for("cuda", shape, dist))
+    for bits in (2, 4, 8):
+        w = torch.from_numpy(make_weight(rng, shape, dist, bits=bits))
+        for mode in squant_rs.MODES:
+            a = squant_rs.quantize_tensor(w, bits, mode, backend="rust")
+            b = squant_rs.quantize_tensor(w.cuda(), bits, mode)  # auto -> torch on CUDA
+            assert b.codes.is_cuda and b.scale.is_cuda
+            _assert_same(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_dtypes_and_rust_backend(dtype: torch.dtype) -> None:
+    w = (torch.randn(64, 32, 3, 3) * 0.05).to(dtype).cuda()
+    a = squant_rs.quantize_tensor(w, 4, backend="rust")  # copied to the host and back
+    b = squant_rs.quantize_tensor(w, 4, backend="torch")
+    assert a.codes.is_cuda
+    _assert_same(a, b)
+    assert b.dequantize().dtype == dtype and b.dequantize().is_cuda
+
+
+@needs_cuda
+def test_cuda_large_layers() -> None:
+    for shape in [(512, 512, 3, 3), (2048, 512, 1, 1), (1000, 2048)]:
+        w = torch.randn(shape) * 0.02
+        a = squant_rs.quantize_tensor(w, 4, backend="rust")
+        b = squant_rs.quantize_tensor(w.cuda(), 4)
+        _assert_same(a, b)
