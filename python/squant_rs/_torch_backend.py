@@ -1,0 +1,603 @@
+"""Vectorized torch implementation of SQuant weight quantization (SPEC sections 1-4).
+
+``quantize_torch`` runs on the device the weight lives on (CPU or CUDA) and
+gives the same integer codes as the scalar reference, priority ties and
+``.5`` roundings included.  No Python loop runs over kernels or channels:
+each CASE level handles all of its groups at once.  (The CPU strategy loops
+over *ranks*: the first few of the kernel level, at most ``ceil(K/2) + 1``,
+and the first ``max t`` of a channel level ranked by element priorities.)
+
+Exact tie rule without a stable sort
+------------------------------------
+Priorities are non-negative float32, so their int32 bit patterns order like
+the floats.  A group's order (priority descending, lower position first on
+ties) is the descending order of the unique int64 keys
+``bits << 32 | (len - 1 - position)`` (``sort``/``topk`` on those), or the
+result of repeated ``argmax`` over the int32 bits, because ``argmax``
+returns the *first* maximal index (documented).
+
+Flip tables without tables
+--------------------------
+Up and down candidates are exclusive (``e < 0`` vs ``e > 0``), so one
+float32 array ``P`` -- ``e`` where the element is a candidate of either
+table, else 0 -- holds both priorities (up: ``-P`` where ``P < 0``, down:
+``P`` where ``P > 0``).  Flipping in direction ``sigma`` (+1 up, -1 down)
+gives the table value ``rne(x) + sigma * cand`` and error
+``cand * (P + sigma)`` with ``cand = [sigma * P < 0]``, non-candidates
+included (value unchanged, error 0).
+
+Fixed-point CASE sums
+---------------------
+``S`` is summed in fixed point (SPEC, Rust ``sum.rs``): each term is
+``rne(e * 2^F)``, added exactly as int64, so every backend, device and
+thread count gets the same ``S``.
+
+Two strategies, identical results
+---------------------------------
+* CPU (``on_cpu=True``): work is proportional to the elements touched.  The
+  kernel level ranks by repeated ``argmax`` (``sort``/``topk`` over millions
+  of 9-element rows is slow on CPU), flips are computed on gathered entries
+  and scattered back, the channel totals after the kernel level are the
+  kernel totals plus the change of the flipped terms, and the channel level
+  after K ranks only the ``IC`` carries plus the first ``t`` positions (the
+  zero-priority fill) instead of the whole channel.  Channels ranked by
+  their element priorities (K skipped) use a tournament over chunks when
+  that beats ``topk`` (~10 ns per element on CPU whatever ``k``).
+* CUDA (``on_cpu=False``): as few kernel launches and host syncs as possible
+  -- dense full-tensor updates, one segmented ``sort`` for the kernels, one
+  ``topk`` per channel level, one sync for its ``k`` and one for the counts.
+
+Both run on any device; the tests run both on CPU against a loop oracle.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+__all__ = ["quantize_torch"]
+
+_MAX_FRAC_BITS = 40
+_FIXED_TOTAL_BITS = 62
+_LITTLE_ENDIAN = sys.byteorder == "little"
+# Kernel groups longer than this are ranked with int64 keys + topk on CPU
+# instead of repeated argmax, and with topk instead of a full sort on CUDA.
+_SMALL_KERNEL = 64
+# CPU channel level with element priorities: tournament chunk length (<= 0:
+# a power of two near sqrt(channel length)); force the tournament on (True)
+# or off (False) instead of choosing by estimated cost (None).
+_CHUNK = 0
+_TOURNAMENT: bool | None = None
+
+
+def _frac_bits(length: int) -> int:
+    """Fractional bits of the fixed-point sum of a group of ``length`` terms."""
+    return min(_MAX_FRAC_BITS, _FIXED_TOTAL_BITS - (length - 1).bit_length())
+
+
+def _fixed(e: torch.Tensor, frac: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``rne(e * 2^frac)`` as an integer-valued float32 tensor.
+
+    Scaling a float32 with ``|e| <= 1`` by a power of two is exact (a
+    subnormal times 2^frac is still a multiple of 2^-149) and rounding a
+    float32 to an integer is exact, so this equals the reference's
+    ``rne(float64(e) * 2^frac)``; the value (at most 2^40) is exact in
+    float32 too.
+    """
+    scale = float(2.0**frac)
+    v = e * scale if out is None else torch.mul(e, scale, out=out)
+    return v.round_()
+
+
+def _group_totals(e: torch.Tensor, frac: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact int64 fixed-point totals over the last dimension of ``e``."""
+    return _fixed(e, frac, out).long().sum(dim=-1)
+
+
+def _decide(total: torch.Tensor, frac: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC section 3 from the exact fixed-point total: ``(up, t, over)``.
+
+    ``up``: S < 0 (S == 0 goes down); ``t``: rne(|S| as float32) as int64;
+    ``over``: t >= |S|.  SPEC clamps t to the group length, which never
+    binds: every |e| <= 1 (<= 0.5 before any flip), so |S| <= length.
+    """
+    s = total.double().mul_(float(2.0**-frac))
+    up = s < 0
+    a = s.abs_().float()
+    t = torch.round(a)
+    over = t >= a
+    return up, t.long(), over
+
+
+def _sigma(up: torch.Tensor) -> torch.Tensor:
+    """+1.0 where ``up``, -1.0 elsewhere (one launch)."""
+    return torch.where(up, 1.0, -1.0)
+
+
+def _sigma_arith(up: torch.Tensor) -> torch.Tensor:
+    """``_sigma`` without ``where`` (which is slow on CPU)."""
+    return up.float().mul_(2.0).sub_(1.0)
+
+
+def _keys(hi: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
+    """Unique int64 keys ``hi << 32 | rev`` for non-negative int32 ``hi``
+    and ``rev``; ``rev`` broadcasts against ``hi``."""
+    if _LITTLE_ENDIAN or hi.device.type != "cpu":
+        # One pass: the int32 pair (low word rev, high word hi) is the key.
+        pair = torch.stack([rev.expand_as(hi), hi], dim=-1)
+        return pair.view(torch.int64).squeeze(-1)
+    return (hi.long() << 32) | rev.long()  # pragma: no cover (big-endian host)
+
+
+def _rev(length: int, device: torch.device) -> torch.Tensor:
+    """``length - 1 - position`` as int32."""
+    return torch.arange(length - 1, -1, -1, dtype=torch.int32, device=device)
+
+
+def quantize_torch(
+    w: torch.Tensor, bits: int, mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """SQuant-quantize ``w`` on its device (SPEC sections 1-4).
+
+    ``w`` must already be validated (finite, non-empty, ``ndim >= 2``, bits in
+    2..8, a known mode).  It is read as float32 and viewed as ``(OC, IC, K)``.
+    Returns ``(codes, scale, zero_point, k_changed, c_changed)``: int8 codes
+    of ``w.shape`` on ``w.device``, SPEC's ``s`` and ``z`` as float32
+    ``(OC,)``, and the numbers of elements whose code the kernel and the
+    channel level changed.
+    """
+    return _quantize(w, bits, mode, on_cpu=w.device.type == "cpu")
+
+
+def _quantize(
+    w: torch.Tensor, bits: int, mode: str, *, on_cpu: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """``quantize_torch`` with the strategy chosen explicitly (see module doc)."""
+    device = w.device
+    oc, ic = int(w.shape[0]), int(w.shape[1])
+    k = math.prod(int(d) for d in w.shape[2:])
+    width = ic * k
+    n = 2 ** (bits - 1)
+    tmin, tmax = -n, n - 1
+    w2 = w.detach().to(torch.float32).reshape(oc, width)
+
+    # --- SPEC 1: per-channel quantizer ------------------------------------
+    if on_cpu:  # aminmax over a dim is slow on CPU; one launch on CUDA
+        mn, mx = w2.amin(dim=1), w2.amax(dim=1)
+    else:
+        mn, mx = torch.aminmax(w2, dim=1)
+    s = torch.full((oc,), float(2**bits - 1), dtype=torch.float32, device=device)
+    s.div_((mx - mn).clamp_min_(1e-8))  # true division, not reciprocal * c
+    z = torch.round(s * mn).add_(float(n))
+    x = s.unsqueeze(1) * w2  # multiply, then subtract: two roundings
+    x.sub_(z.unsqueeze(1))
+
+    # --- SPEC 2: nearest rounding -----------------------------------------
+    r = torch.round(x)
+    run_k = k > 1 and mode in ("squant-k", "squant")
+    run_c = mode in ("squant-c", "squant")
+    if not (run_k or run_c):
+        return _codes(r, tmin, tmax, w.shape), s, z, 0, 0
+    e = r - x  # exact: |e| <= 0.5
+
+    # --- SPEC 3-4: the CASE levels ----------------------------------------
+    levels: _SparseLevels | _DenseLevels
+    levels = _SparseLevels(x, r, e, tmin, tmax) if on_cpu else _DenseLevels(x, r, e, tmin, tmax)
+    counts: list[torch.Tensor] = []
+    carry: _Carry | None = None
+    if run_k:
+        counts.append(levels.kernel_level(ic, k, run_c))
+        carry = levels.carry
+    if run_c:
+        counts.append(levels.channel_level(ic, k, carry))
+    values = [int(c) for c in torch.stack(counts).tolist()]
+    k_changed = values[0] if run_k else 0
+    c_changed = values[-1] if run_c else 0
+    return _codes(levels.r, tmin, tmax, w.shape), s, z, k_changed, c_changed
+
+
+def _codes(r: torch.Tensor, tmin: int, tmax: int, shape: torch.Size) -> torch.Tensor:
+    """SPEC 4.4: clamp to ``[tmin, tmax]``, as int8 of the weight's shape."""
+    return r.clamp_(tmin, tmax).to(torch.int8).reshape(shape)
+
+
+class _Carry:
+    """The kernel level's carries, one per kernel (SPEC 3).
+
+    ``local``: position inside the kernel (G,) int64; ``pri``: priority (G,)
+    float32; ``up``: True for the up table (G,); ``total``: the channel
+    fixed-point totals after the kernel level (OC,) int64.
+    """
+
+    def __init__(
+        self, local: torch.Tensor, pri: torch.Tensor, up: torch.Tensor, total: torch.Tensor
+    ) -> None:
+        self.local = local
+        self.pri = pri
+        self.up = up
+        self.total = total
+
+
+def _priorities(e: torch.Tensor, r: torch.Tensor, tmin: int, tmax: int, buf: torch.Tensor) -> None:
+    """Turn ``e`` into ``P`` in place (``buf``: scratch of the same shape).
+
+    ``P = clamp(e, lo, hi)``: lo = 0 where r >= tmax (no up flip), else -1;
+    hi = 0 where r <= tmin (no down flip), else 1.  With |e| <= 0.5 and
+    integral r these are SPEC's "x < tmax" / "x > tmin" conditions.
+    """
+    torch.sub(r, tmax, out=buf).clamp_(-1.0, 0.0)
+    e.clamp_(min=buf)
+    torch.sub(r, tmin, out=buf).clamp_(0.0, 1.0)
+    e.clamp_(max=buf)
+
+
+class _SparseLevels:
+    """CPU strategy: gathers, scatters, repeated argmax (see module doc)."""
+
+    def __init__(self, x: torch.Tensor, r: torch.Tensor, e: torch.Tensor, tmin: int, tmax: int):
+        self.x, self.r, self.e = x, r, e
+        self.tmin, self.tmax = tmin, tmax
+        self.carry: _Carry | None = None
+
+    def kernel_level(self, ic: int, k: int, want_carry: bool) -> torch.Tensor:
+        x, r, e = self.x, self.r, self.e
+        device = x.device
+        oc = x.shape[0]
+        g_count = oc * ic
+        frac = _frac_bits(k)
+        buf = torch.empty_like(e)
+        total = _group_totals(e.view(g_count, k), frac, out=buf.view(g_count, k))
+        _priorities(e, r, self.tmin, self.tmax, buf)
+        p = e.view(g_count, k)
+        up, t, over = _decide(total, frac)
+        sigma = _sigma_arith(up)
+        # |e| <= 0.5 gives |S| <= k/2, so t <= ceil(k/2) < k: a non-over
+        # step always has its carry at rank t.
+        need = t + (~over).long()
+        kk = max(int(need.max()), 1)
+        hi = buf.view(torch.int32).view(g_count, k)
+        torch.mul(p, sigma.neg().unsqueeze(1), out=buf.view(g_count, k))
+        hi.clamp_min_(0)  # dir's priority bits (-0.0 -> 0)
+
+        # order[last] (for S == 0) before the ranking overwrites hi.
+        zero = total == 0
+        zero_rows = torch.nonzero(zero).squeeze(1) if bool(zero.any()) else None
+        last = None if zero_rows is None else (k - 1) - hi[zero_rows].flip(1).argmin(dim=1)
+
+        deep_rows: torch.Tensor | None = None
+        deep_idx: torch.Tensor | None = None
+        if k <= _SMALL_KERNEL:
+            dense = min(kk, 2)
+            idx = torch.empty((g_count, dense), dtype=torch.int64, device=device)
+            for j in range(dense):
+                a = hi.argmax(dim=1)
+                idx[:, j] = a
+                if j + 1 < kk:
+                    hi.scatter_(1, a.unsqueeze(1), -1)
+            if kk > dense:
+                deep_rows = torch.nonzero(need > dense).squeeze(1)
+                h = hi[deep_rows]
+                deep_idx = torch.empty(
+                    (deep_rows.numel(), kk - dense), dtype=torch.int64, device=device
+                )
+                for j in range(kk - dense):
+                    a = h.argmax(dim=1)
+                    deep_idx[:, j] = a
+                    if j + 1 < kk - dense:
+                        h.scatter_(1, a.unsqueeze(1), -1)
+        else:
+            idx = _keys(hi, _rev(k, device)).topk(kk, dim=1).indices
+        del hi, buf
+
+        frac_c = _frac_bits(ic * k)  # the corrections feed the channel level
+        x2 = x.view(g_count, k)
+        r2 = r.view(g_count, k)
+        blocks = [_KernelFlips(x2, r2, p, None, idx, 0, t, sigma, frac_c)]
+        if deep_rows is not None and deep_idx is not None:
+            blocks.append(
+                _KernelFlips(
+                    x2,
+                    r2,
+                    p,
+                    deep_rows,
+                    deep_idx,
+                    idx.shape[1],
+                    t[deep_rows],
+                    sigma[deep_rows],
+                    frac_c,
+                )
+            )
+        changed = blocks[0].changed
+        corr = blocks[0].corr
+        for b in blocks[1:]:
+            assert b.rows is not None
+            changed = changed + b.changed
+            corr.index_add_(0, b.rows, b.corr)
+        if not want_carry:
+            return changed
+
+        # Carries (SPEC 3).  Over: c = order[t-1], already flipped, goes to
+        # the opposite table with |its new e|; otherwise c = order[t] goes
+        # to dir's table with its unflipped |e|.  S == 0: c = order[last].
+        cj = t - over.long()
+        local, flipped_e, e0 = blocks[0].at(cj)
+        for b in blocks[1:]:
+            assert b.rows is not None
+            sub = cj[b.rows] - b.jstart
+            hit = torch.nonzero(sub >= 0).squeeze(1)
+            rows = b.rows[hit]
+            local[rows], flipped_e[rows], e0[rows] = b.at(sub[hit], hit)
+        if zero_rows is not None and last is not None:
+            local[zero_rows] = last
+            xz = x2[zero_rows].gather(1, last.unsqueeze(1)).squeeze(1)
+            e0[zero_rows] = torch.round(xz) - xz
+        flipped = (over & (t > 0)).float()
+        carry_e = flipped_e.mul_(flipped).add_(e0.mul_(1.0 - flipped))
+        if frac_c == frac:
+            total_c = (total + corr).view(oc, ic).sum(dim=1)
+        else:  # channels above 2^22 elements: fewer fractional bits
+            e_full = torch.round(x).sub_(x)
+            total_c = _group_totals(e_full, frac_c, out=e_full)
+            total_c += corr.view(oc, ic).sum(dim=1)
+        self.carry = _Carry(local, carry_e.abs_(), up ^ over, total_c)
+        return changed
+
+    def channel_level(self, ic: int, k: int, carry: _Carry | None) -> torch.Tensor:
+        x, r, e = self.x, self.r, self.e
+        device = x.device
+        oc, width = x.shape
+        frac = _frac_bits(width)
+        if carry is None:
+            buf = torch.empty_like(e)
+            total = _group_totals(e, frac, out=buf)
+            _priorities(e, r, self.tmin, self.tmax, buf)
+            del buf
+        else:
+            total = carry.total
+        up, t, _ = _decide(total, frac)
+        t_max = int(t.max())
+        if t_max == 0:
+            return torch.zeros((), dtype=torch.int64, device=device)
+        if carry is None:
+            pos = _top_positions_elements(e, up, t_max)
+        else:
+            pos = _top_positions_after_k(carry, up, t_max, oc, ic, k)
+        # Flip the first t[o] positions of each row (positions unique per row).
+        kk = pos.shape[1]
+        valid = torch.arange(kk, device=device).unsqueeze(0) < t.unsqueeze(1)
+        sig = _sigma(up).unsqueeze(1)
+        xg = x.gather(1, pos)
+        cand = (e.gather(1, pos) * sig < 0).float()
+        value = torch.round(xg).add_(sig * cand)
+        current = r.gather(1, pos)
+        value = torch.where(valid, value, current)
+        r.scatter_(1, pos, value)
+        return torch.count_nonzero(value != current)
+
+
+class _KernelFlips:
+    """Flip the entries of one block of kernel ranks and keep what the
+    carries need.
+
+    Rows ``rows`` (None: all kernels) with rank positions ``idx`` (R, c) for
+    ranks ``jstart .. jstart + c - 1``.  Entries with rank >= t are written
+    back unchanged: the positions are unique and ``r`` is still the E-level
+    code at every position a block touches.
+    """
+
+    def __init__(
+        self,
+        x2: torch.Tensor,
+        r2: torch.Tensor,
+        p2: torch.Tensor,
+        rows: torch.Tensor | None,
+        idx: torch.Tensor,
+        jstart: int,
+        t: torch.Tensor,
+        sigma: torch.Tensor,
+        frac_c: int,
+    ) -> None:
+        self.rows, self.idx, self.jstart = rows, idx, jstart
+        device = x2.device
+        if rows is None:
+            xg, pg = x2.gather(1, idx), p2.gather(1, idx)
+        else:
+            xg, pg = x2[rows].gather(1, idx), p2[rows].gather(1, idx)
+        sig = sigma.unsqueeze(1)
+        cols = torch.arange(jstart, jstart + idx.shape[1], device=device, dtype=torch.float32)
+        valid = (t.float().unsqueeze(1) - cols).clamp_(0.0, 1.0)  # rank < t
+        cand = (pg * sig < 0).float()
+        self.error = (pg + sig).mul_(cand)  # table error if flipped
+        r0 = torch.round(xg)  # r is still the E-level code here
+        self.e0 = r0 - xg  # E-level error
+        step = cand.mul_(valid).mul_(sig)
+        if rows is None:
+            r2.scatter_(1, idx, r0.add_(step))
+        else:
+            k = r2.shape[1]
+            r2.view(-1)[(rows.unsqueeze(1) * k + idx).view(-1)] = r0.add_(step).view(-1)
+        self.changed = torch.count_nonzero(step)
+        # Change of the fixed-point terms (int64: float32 cannot hold it).
+        new_term = _fixed(self.error * valid, frac_c).long()
+        self.corr = new_term.sub_(_fixed(self.e0 * valid, frac_c).long()).sum(dim=1)
+
+    def at(
+        self, col: torch.Tensor, sub: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(position, flipped error, E-level error) at rank ``jstart + col``
+        of each row (rows ``sub`` of the block; None: all)."""
+        idx, err, e0 = self.idx, self.error, self.e0
+        if sub is not None:
+            idx, err, e0 = idx[sub], err[sub], e0[sub]
+        c = col.clamp(0, idx.shape[1] - 1).unsqueeze(1)
+        return idx.gather(1, c).squeeze(1), err.gather(1, c).squeeze(1), e0.gather(1, c).squeeze(1)
+
+
+def _top_positions_after_k(
+    carry: _Carry, up: torch.Tensor, t_max: int, oc: int, ic: int, k: int
+) -> torch.Tensor:
+    """First ``t_max`` positions of each channel's order after the kernel
+    level, from the carries alone.
+
+    Only carries have a non-zero priority, so the order starts with the
+    positive carries (priority descending, position ascending), followed by
+    every other position in ascending order.  Ranking the ``IC`` carries and
+    the first ``t_max`` positions (minus those that are carries, which are
+    listed with their own key) covers the first ``t_max`` ranks: at most
+    ``IC`` of the fill positions can be carries.
+    """
+    device = carry.local.device
+    width = ic * k
+    pos = (torch.arange(ic, device=device) * k).unsqueeze(0) + carry.local.view(oc, ic)
+    pri = carry.pri.view(oc, ic) * (carry.up.view(oc, ic) == up.unsqueeze(1))
+    key_carry = _keys(pri.view(torch.int32), ((width - 1) - pos).to(torch.int32))
+    fill = min(t_max, width)
+    fpos = torch.arange(fill, device=device)
+    is_carry = pos[:, fpos // k] == fpos.unsqueeze(0)
+    key_fill = ((width - 1) - fpos).unsqueeze(0).expand(oc, fill).masked_fill(is_carry, -1)
+    keys = torch.cat([key_carry, key_fill], dim=1)
+    cand_pos = torch.cat([pos, fpos.unsqueeze(0).expand(oc, fill)], dim=1)
+    sel = keys.topk(min(t_max, keys.shape[1]), dim=1).indices
+    return cand_pos.gather(1, sel)
+
+
+def _top_positions_elements(p: torch.Tensor, up: torch.Tensor, t_max: int) -> torch.Tensor:
+    """First ``t_max`` positions of each channel's order by the element
+    priorities (CPU): a chunk tournament, or keys + ``topk`` where the
+    estimated cost is lower (small channels, large ``t_max``)."""
+    oc, width = p.shape
+    chunk = _chunk_len(width)
+    n_chunks = -(-width // chunk)
+    # Rough CPU cost model (units of ~3 ns, measured): per rank ~10 small
+    # ops (~15k units) plus a chunk maxima row and a chunk per channel;
+    # keys + topk: ~4 units per element.
+    cheaper = t_max * (15_000 + oc * (n_chunks + chunk)) < 4 * oc * width
+    if cheaper if _TOURNAMENT is None else _TOURNAMENT:
+        buf = torch.empty(p.shape, dtype=torch.int32, device=p.device)
+        return _top_positions_tournament(p, up, t_max, buf, chunk)
+    hi = (p * _sigma(up).neg_().unsqueeze(1)).view(torch.int32).clamp_min_(0)
+    return _keys(hi, _rev(width, p.device)).topk(t_max, dim=1).indices
+
+
+def _top_positions_tournament(
+    p: torch.Tensor, up: torch.Tensor, t_max: int, buf: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """First ``t_max`` positions of each channel's order by the element
+    priorities (from ``P``), by a tournament over chunks (CPU).
+
+    ``topk`` costs ~10 ns per element on CPU whatever ``k``; here the tensor
+    is read twice (priority bits, chunk maxima) and each rank then touches
+    one chunk maximum row and one chunk per channel.  Ties: ``argmax``
+    returns the first maximal index, so the best chunk is the lowest one
+    holding the best priority and, inside it, the lowest position -- the
+    element the order puts first.  A taken element's priority becomes -1.
+    ``buf`` is int32 scratch of ``p``'s shape.
+    """
+    oc, width = p.shape
+    device = p.device
+    n_chunks = -(-width // chunk)
+    hi = buf
+    torch.mul(p, _sigma(up).neg_().unsqueeze(1), out=hi.view(torch.float32))
+    hi.clamp_min_(0)
+    if n_chunks * chunk != width:  # pad the last chunk with taken entries
+        hi = torch.cat([hi, hi.new_full((oc, n_chunks * chunk - width), -1)], dim=1)
+    padded = n_chunks * chunk
+    blocks = hi.view(oc * n_chunks, chunk)
+    best = blocks.amax(dim=1)  # (OC * n_chunks,) chunk maxima
+    best_rows = best.view(oc, n_chunks)
+    flat_hi = hi.view(-1)
+    chunk_base = torch.arange(oc, device=device) * n_chunks
+    pos = torch.empty((oc, t_max), dtype=torch.int64, device=device)
+    for j in range(t_max):
+        c = best_rows.argmax(dim=1).add_(chunk_base)  # flat chunk index
+        block = blocks.index_select(0, c)  # (OC, chunk) copy
+        a = block.argmax(dim=1)
+        flat = c * chunk + a  # flat index into the padded bits
+        pos[:, j] = flat
+        flat_hi.index_fill_(0, flat, -1)
+        block.scatter_(1, a.unsqueeze(1), -1)
+        best.index_copy_(0, c, block.amax(dim=1))
+    return pos.sub_((torch.arange(oc, device=device) * padded).unsqueeze(1))
+
+
+def _chunk_len(width: int) -> int:
+    """Chunk length for the tournament: a power of two near sqrt(width)."""
+    return max(1, 1 << round(math.log2(max(width, 1)) / 2)) if _CHUNK <= 0 else _CHUNK
+
+
+class _DenseLevels:
+    """CUDA strategy: dense full-tensor updates, few launches and syncs."""
+
+    def __init__(self, x: torch.Tensor, r: torch.Tensor, e: torch.Tensor, tmin: int, tmax: int):
+        self.x, self.r, self.e = x, r, e
+        # P = clamp(e, lo, hi), as in _priorities.
+        lo = (r - tmax).clamp_(-1.0, 0.0)
+        hi = (r - tmin).clamp_(0.0, 1.0)
+        self.p = torch.clamp(e, lo, hi)
+        self.carry: _Carry | None = None
+
+    def kernel_level(self, ic: int, k: int, want_carry: bool) -> torch.Tensor:
+        oc = self.x.shape[0]
+        g_count = oc * ic
+        device = self.x.device
+        frac = _frac_bits(k)
+        e = self.e.view(g_count, k)
+        p = self.p.view(g_count, k)
+        total = _group_totals(e, frac)
+        up, t, over = _decide(total, frac)
+        sig = _sigma(up).unsqueeze(1)
+        q = p * sig.neg()  # dir's priority where > 0
+        keys = _keys(q.view(torch.int32).clamp_min(0), _rev(k, device))
+        if k <= _SMALL_KERNEL:
+            order = keys.sort(dim=1, descending=True).indices
+        else:  # t <= ceil(k/2): the ranks beyond are never needed
+            order = keys.topk((k + 1) // 2 + 1, dim=1).indices
+            order = torch.cat([order, keys.argmin(dim=1, keepdim=True)], dim=1)
+        ranks = torch.full((g_count, k), k, dtype=torch.int64, device=device)
+        ranks.scatter_(1, order, torch.arange(order.shape[1], device=device).expand_as(order))
+        flip = ranks < t.unsqueeze(1)
+        cand = q > 0
+        step = sig * (flip & cand)
+        self.r.view(g_count, k).add_(step)
+        e_new = torch.where(flip, (p + sig).mul_(cand), e)
+        self.e = e_new.view(oc, ic * k)
+        if want_carry:
+            # Over: c = order[t-1] (order[last] when S == 0); else order[t].
+            last = order.shape[1] - 1
+            cj = torch.where(total == 0, last, t - over.long())
+            local = order.gather(1, cj.unsqueeze(1))
+            pri = e_new.gather(1, local).abs_()
+            frac_c = _frac_bits(ic * k)
+            total_c = _group_totals(self.e, frac_c)
+            self.carry = _Carry(local.squeeze(1), pri.squeeze(1), up ^ over, total_c)
+        return torch.count_nonzero(step)
+
+    def channel_level(self, ic: int, k: int, carry: _Carry | None) -> torch.Tensor:
+        x, r = self.x, self.r
+        device = x.device
+        oc, width = x.shape
+        frac = _frac_bits(width)
+        total = _group_totals(self.e, frac) if carry is None else carry.total
+        up, t, _ = _decide(total, frac)
+        t_max = int(t.max())
+        if t_max == 0:
+            return torch.zeros((), dtype=torch.int64, device=device)
+        sig = _sigma(up).unsqueeze(1)
+        if carry is None:
+            hi = (self.p * sig.neg()).view(torch.int32).clamp_min_(0)
+        else:
+            in_dir = carry.up.view(oc, ic) == up.unsqueeze(1)
+            pri = (carry.pri.view(oc, ic) * in_dir).view(oc, ic, 1)
+            hi = torch.zeros((oc, ic, k), dtype=torch.int32, device=device)
+            hi.scatter_(2, carry.local.view(oc, ic, 1), pri.view(torch.int32))
+            hi = hi.view(oc, width)
+        sel = _keys(hi, _rev(width, device)).topk(min(t_max, width), dim=1).indices
+        valid = torch.arange(sel.shape[1], device=device).unsqueeze(0) < t.unsqueeze(1)
+        flip = torch.zeros((oc, width), dtype=torch.bool, device=device).scatter_(1, sel, valid)
+        value = torch.round(x).add_(sig * (self.p * sig < 0))
+        new_r = torch.where(flip, value, r)
+        changed = torch.count_nonzero((new_r != r).logical_and_(flip))
+        self.r = new_r
+        return changed
