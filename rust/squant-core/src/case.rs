@@ -90,6 +90,20 @@ fn table(x: f32, up: bool, tmin: f32, tmax: f32) -> (f32, f32) {
     }
 }
 
+/// The error column of `table`, without branches.
+#[inline(always)]
+fn table_error(x: f32, up: bool, tmin: f32, tmax: f32) -> f32 {
+    let r0 = rne(x);
+    let e0 = r0 - x;
+    let cand = if up {
+        (e0 < 0.0) & (x < tmax)
+    } else {
+        (e0 > 0.0) & (x > tmin)
+    };
+    let sigma = if up { 1.0 } else { -1.0 };
+    masked(e0 + sigma, cand)
+}
+
 /// Direction, flip count and over flag of one CASE step (SPEC section 3).
 #[inline(always)]
 fn step_params(s: f64, len: usize) -> (bool, usize, bool) {
@@ -315,28 +329,38 @@ impl Scratch {
             let src = if up { puk } else { pdk };
             let need = if carry && !over { (t + 1).min(K) } else { t };
             let mut ranks = [0usize; K];
-            select_ranks(src, need, &mut ranks);
+            if need <= 2 {
+                // Top two keys without a data-dependent branch (the
+                // comparisons are coin flips on real weights).
+                let (mut k1, mut k2) = (0u64, 0u64);
+                for (i, &p) in src.iter().enumerate() {
+                    let kk = key(p, i);
+                    let lo = kk.min(k1);
+                    k1 = kk.max(k1);
+                    k2 = k2.max(lo);
+                }
+                ranks[0] = key_pos(k1);
+                if K > 1 {
+                    ranks[1] = key_pos(k2);
+                }
+            } else {
+                select_ranks(src, need, &mut ranks);
+            }
             for &i in &ranks[..t] {
                 pending.push(((base + i) as u32, up));
             }
             if carry {
-                let c = if over {
-                    if t == 0 {
-                        let li = last_rank(src);
-                        Some((li, e[base + li].abs()))
-                    } else {
-                        // Flipped just now: its error is the table's.
-                        let i = ranks[t - 1];
-                        Some((i, table(x[base + i], up, tmin, tmax).1.abs()))
-                    }
-                } else if t < K {
-                    let i = ranks[t];
-                    Some((i, e[base + i].abs()))
-                } else {
-                    None
-                };
-                if let Some((i, v)) = c {
-                    carries.push(((base + i) as u32, up ^ over, v));
+                if over && t == 0 {
+                    // S == 0 exactly: the carry is the order's last element.
+                    let j = base + last_rank(src);
+                    carries.push((j as u32, !up, e[j].abs()));
+                } else if over || t < K {
+                    // order[t - 1] (flipped just now, so its error is the
+                    // table's) or order[t]; selects instead of branches.
+                    let j = base + ranks[t - over as usize];
+                    let flipped = table_error(x[j], up, tmin, tmax).abs();
+                    let v = if over { flipped } else { e[j].abs() };
+                    carries.push((j as u32, up ^ over, v));
                 }
             }
         }
