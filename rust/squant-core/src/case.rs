@@ -114,9 +114,6 @@ fn step_params(s: f64, len: usize) -> (bool, usize, bool) {
     (up, (t as usize).min(len), over)
 }
 
-/// Kernels up to this size are ordered on the stack by repeated arg-max.
-const SMALL_K: usize = 32;
-
 /// Up to this many wanted ranks, a sorted buffer beats quickselect.
 const SMALL_TOP: usize = 48;
 
@@ -136,41 +133,12 @@ fn top_sorted(keys: &mut [u64], m: usize) {
 }
 
 /// The first `need` positions of the order of `src` (priority descending,
-/// position ascending) into `ranks`. Strict comparisons keep the lower
-/// position on ties.
-#[inline(always)]
+/// position ascending) into `ranks`, through unique keys.
 fn select_ranks(src: &[f32], need: usize, ranks: &mut [usize]) {
-    match need {
-        0 => {}
-        1 => {
-            let (mut i1, mut p1) = (0usize, -1.0f32);
-            for (i, &p) in src.iter().enumerate() {
-                if p > p1 {
-                    (i1, p1) = (i, p);
-                }
-            }
-            ranks[0] = i1;
-        }
-        2 => {
-            let (mut i1, mut p1, mut i2, mut p2) = (0usize, -1.0f32, 0usize, -1.0f32);
-            for (i, &p) in src.iter().enumerate() {
-                if p > p1 {
-                    (i2, p2) = (i1, p1);
-                    (i1, p1) = (i, p);
-                } else if p > p2 {
-                    (i2, p2) = (i, p);
-                }
-            }
-            ranks[0] = i1;
-            ranks[1] = i2;
-        }
-        _ => {
-            let mut keys: Vec<u64> = src.iter().enumerate().map(|(i, &p)| key(p, i)).collect();
-            top_sorted(&mut keys, need);
-            for (r, &kk) in ranks.iter_mut().zip(&keys[..need]) {
-                *r = key_pos(kk);
-            }
-        }
+    let mut keys: Vec<u64> = src.iter().enumerate().map(|(i, &p)| key(p, i)).collect();
+    top_sorted(&mut keys, need);
+    for (r, &kk) in ranks.iter_mut().zip(&keys[..need.min(keys.len())]) {
+        *r = key_pos(kk);
     }
 }
 
@@ -291,22 +259,31 @@ impl Scratch {
 
     /// SQuant-K on every kernel of the channel; records carries when `carry`.
     fn kernel_level(&mut self, k: usize, carry: bool, tmin: f32, tmax: f32) -> u64 {
-        // Common kernel sizes get a build with the size fixed at compile
-        // time (unrolled, no bounds checks); the rest the general loop.
+        // Common kernel sizes get a build with the size known at compile
+        // time (unrolled loops, no bounds checks); the rest the same code
+        // with a run-time size.
         match k {
-            9 => self.kernel_level_fixed::<9>(carry, tmin, tmax),
-            3 => self.kernel_level_fixed::<3>(carry, tmin, tmax),
-            25 => self.kernel_level_fixed::<25>(carry, tmin, tmax),
-            49 => self.kernel_level_fixed::<49>(carry, tmin, tmax),
-            27 => self.kernel_level_fixed::<27>(carry, tmin, tmax),
-            _ => self.kernel_level_dyn(k, carry, tmin, tmax),
+            9 => self.kernel_level_with(9, &mut [0; 9], carry, tmin, tmax),
+            3 => self.kernel_level_with(3, &mut [0; 3], carry, tmin, tmax),
+            25 => self.kernel_level_with(25, &mut [0; 25], carry, tmin, tmax),
+            49 => self.kernel_level_with(49, &mut [0; 49], carry, tmin, tmax),
+            27 => self.kernel_level_with(27, &mut [0; 27], carry, tmin, tmax),
+            _ => self.kernel_level_with(k, &mut vec![0; k], carry, tmin, tmax),
         }
     }
 
-    /// SQuant-K for kernels of exactly `K` elements: decisions first (every
-    /// kernel reads only its own E-level state), flips applied afterwards.
+    /// SQuant-K for kernels of `k` elements (`ranks.len() == k`): decisions
+    /// first (every kernel reads only its own E-level state), flips applied
+    /// afterwards.
     #[inline(always)]
-    fn kernel_level_fixed<const K: usize>(&mut self, carry: bool, tmin: f32, tmax: f32) -> u64 {
+    fn kernel_level_with(
+        &mut self,
+        k: usize,
+        ranks: &mut [usize],
+        carry: bool,
+        tmin: f32,
+        tmax: f32,
+    ) -> u64 {
         let Scratch {
             x,
             e,
@@ -318,33 +295,37 @@ impl Scratch {
             ..
         } = self;
         pending.clear();
+        let f = sum::frac_bits(k);
         let kernels = fx
-            .chunks_exact(K)
-            .zip(pu.chunks_exact(K))
-            .zip(pd.chunks_exact(K));
+            .chunks_exact(k)
+            .zip(pu.chunks_exact(k))
+            .zip(pd.chunks_exact(k));
         for (kk, ((fxk, puk), pdk)) in kernels.enumerate() {
-            let base = kk * K;
-            let total: i64 = fxk.iter().sum();
-            let (up, t, over) = step_params(sum::to_sum(total, FX_BITS), K);
+            let base = kk * k;
+            let s = if f == FX_BITS {
+                sum::to_sum(fxk.iter().sum(), f)
+            } else {
+                sum::slice_sum(&e[base..base + k], f)
+            };
+            let (up, t, over) = step_params(s, k);
             let src = if up { puk } else { pdk };
-            let need = if carry && !over { (t + 1).min(K) } else { t };
-            let mut ranks = [0usize; K];
+            let need = if carry && !over { (t + 1).min(k) } else { t };
             if need <= 2 {
                 // Top two keys without a data-dependent branch (the
                 // comparisons are coin flips on real weights).
                 let (mut k1, mut k2) = (0u64, 0u64);
                 for (i, &p) in src.iter().enumerate() {
-                    let kk = key(p, i);
-                    let lo = kk.min(k1);
-                    k1 = kk.max(k1);
+                    let kv = key(p, i);
+                    let lo = kv.min(k1);
+                    k1 = kv.max(k1);
                     k2 = k2.max(lo);
                 }
                 ranks[0] = key_pos(k1);
-                if K > 1 {
+                if k > 1 {
                     ranks[1] = key_pos(k2);
                 }
             } else {
-                select_ranks(src, need, &mut ranks);
+                select_ranks(src, need, ranks);
             }
             for &i in &ranks[..t] {
                 pending.push(((base + i) as u32, up));
@@ -354,7 +335,7 @@ impl Scratch {
                     // S == 0 exactly: the carry is the order's last element.
                     let j = base + last_rank(src);
                     carries.push((j as u32, !up, e[j].abs()));
-                } else if over || t < K {
+                } else if over || t < k {
                     // order[t - 1] (flipped just now, so its error is the
                     // table's) or order[t]; selects instead of branches.
                     let j = base + ranks[t - over as usize];
@@ -370,94 +351,6 @@ impl Scratch {
             changed += self.flip(j as usize, up, tmin, tmax).0;
         }
         self.pending = pending;
-        changed
-    }
-
-    #[inline(never)]
-    fn kernel_level_dyn(&mut self, k: usize, carry: bool, tmin: f32, tmax: f32) -> u64 {
-        let g = self.x.len();
-        let mut changed = 0;
-        let mut heap_keys = std::mem::take(&mut self.keys);
-        let mut pri = [0f32; SMALL_K];
-        let mut ranks = [0usize; SMALL_K];
-        let mut long_order: Vec<usize> = Vec::new();
-        for base in (0..g).step_by(k) {
-            let (up, t, over) = step_params(self.group_sum(base..base + k), k);
-            // Ranks of the order this step reads: t flips, maybe one carry.
-            let need = if carry && !over { (t + 1).min(k) } else { t };
-            let src = if up {
-                &self.pu[base..base + k]
-            } else {
-                &self.pd[base..base + k]
-            };
-            // `order[last]` (lowest priority, highest position): read only
-            // when S == 0 exactly.
-            let last = if carry && over && t == 0 {
-                let mut li = 0;
-                for (i, &p) in src.iter().enumerate() {
-                    if p <= src[li] {
-                        li = i;
-                    }
-                }
-                Some(li)
-            } else {
-                None
-            };
-            let order: &[usize] = if k <= SMALL_K && need <= 2 {
-                // The common case (t <= 1 with a carry): one pass for the top
-                // two; strict comparisons keep the lower position on ties.
-                let (mut i1, mut p1, mut i2, mut p2) = (0usize, -1.0f32, 0usize, -1.0f32);
-                for (i, &p) in src.iter().enumerate() {
-                    if p > p1 {
-                        (i2, p2) = (i1, p1);
-                        (i1, p1) = (i, p);
-                    } else if p > p2 {
-                        (i2, p2) = (i, p);
-                    }
-                }
-                ranks[0] = i1;
-                ranks[1] = i2;
-                &ranks[..need]
-            } else if k <= SMALL_K && need <= SMALL_K {
-                pri[..k].copy_from_slice(src);
-                for rank in ranks.iter_mut().take(need) {
-                    let (mut bi, mut bp) = (0, -1.0f32);
-                    for (i, &p) in pri[..k].iter().enumerate() {
-                        if p > bp {
-                            bp = p;
-                            bi = i;
-                        }
-                    }
-                    *rank = bi;
-                    pri[bi] = -2.0;
-                }
-                &ranks[..need]
-            } else {
-                heap_keys.clear();
-                heap_keys.extend(src.iter().enumerate().map(|(i, &p)| key(p, i)));
-                top_sorted(&mut heap_keys, need);
-                long_order.clear();
-                long_order.extend(heap_keys[..need].iter().map(|&kk| key_pos(kk)));
-                &long_order
-            };
-            for &i in &order[..t] {
-                changed += self.flip(base + i, up, tmin, tmax).0;
-            }
-            if carry {
-                let c = if over {
-                    Some((last.unwrap_or_else(|| order[t.saturating_sub(1)]), !up))
-                } else if t < k {
-                    Some((order[t], up))
-                } else {
-                    None
-                };
-                if let Some((i, table_up)) = c {
-                    let j = base + i;
-                    self.carries.push((j as u32, table_up, self.e[j].abs()));
-                }
-            }
-        }
-        self.keys = heap_keys;
         changed
     }
 

@@ -25,6 +25,24 @@ type Quantized<'py> = (
     u64,
 );
 
+/// Moves the core's outputs into numpy arrays (no copy).
+fn to_python<'py>(
+    py: Python<'py>,
+    codes: Vec<i8>,
+    shape: &[usize],
+    scale: Vec<f32>,
+    zp: Vec<f32>,
+    flips: squant_core::Flips,
+) -> PyResult<Quantized<'py>> {
+    Ok((
+        codes.into_pyarray(py).reshape(shape)?,
+        scale.into_pyarray(py),
+        zp.into_pyarray(py),
+        flips.k,
+        flips.c,
+    ))
+}
+
 fn layout_of(shape: &[usize]) -> PyResult<Layout> {
     Layout::from_shape(shape).ok_or_else(|| {
         InvalidArgumentError::new_err(format!(
@@ -79,14 +97,7 @@ fn quantize<'py>(
         })?;
         Ok::<_, PyCoreError>((codes, scale, zp, flips))
     })?;
-    let codes = codes.into_pyarray(py).reshape(shape)?;
-    Ok((
-        codes,
-        scale.into_pyarray(py),
-        zp.into_pyarray(py),
-        flips.k,
-        flips.c,
-    ))
+    to_python(py, codes, &shape, scale, zp, flips)
 }
 
 /// quantize_reference(w, bits, mode)
@@ -107,16 +118,9 @@ fn quantize_reference<'py>(
     let (codes, params, flips) = py
         .detach(|| squant_core::quantize_ref(&data, layout, bits, mode))
         .map_err(PyCoreError)?;
-    let scale: Vec<f32> = params.iter().map(|p| p.scale).collect();
-    let zp: Vec<f32> = params.iter().map(|p| p.zero_point).collect();
-    let codes = codes.into_pyarray(py).reshape(shape)?;
-    Ok((
-        codes,
-        scale.into_pyarray(py),
-        zp.into_pyarray(py),
-        flips.k,
-        flips.c,
-    ))
+    let scale = params.iter().map(|p| p.scale).collect();
+    let zp = params.iter().map(|p| p.zero_point).collect();
+    to_python(py, codes, &shape, scale, zp, flips)
 }
 
 /// dequantize(codes, scale, zero_point, threads=None)
