@@ -37,14 +37,10 @@ def quantize(
     bits: int,
     mode: str,
     threads: int | None = None,
-) -> tuple[
-    npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int
-]: ...
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...
 def quantize_reference(
     w: npt.NDArray[np.float32], bits: int, mode: str
-) -> tuple[
-    npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int
-]: ...
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...
 def dequantize(
     codes: npt.NDArray[np.int8],
     scale: npt.NDArray[np.float32],

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import _squant_rs as _native
+from ._squant_rs import WeightRangeError
 from ._validate import (
     UnsupportedDtypeError,
     check_backend,
@@ -62,6 +63,11 @@ class QuantizedTensor:
         """Dequantized weight of the input's shape and dtype (and device)."""
         if isinstance(self.codes, np.ndarray):
             out = _native.dequantize(self.codes, self.scale, self.zero_point)
+            if self.dtype == np.float16:
+                # The grid's end points can lie slightly beyond the range
+                # (rounded zero point): clamp instead of overflowing to inf.
+                fmax = np.finfo(np.float16).max
+                np.clip(out, -fmax, fmax, out=out)
             return out.astype(self.dtype, copy=False)
         from ._torch_adapter import dequantize_torch
 
@@ -92,7 +98,20 @@ def as_float32_array(w: object) -> tuple[np.ndarray, np.dtype]:
     # non-finite check with a clear message instead of a numpy warning.
     with np.errstate(over="ignore"):
         a32 = np.asarray(a, dtype=np.float32)
+    if a.dtype.itemsize == 8:
+        _check_float32_range(a, a32)
     return a32, a.dtype.newbyteorder("=")
+
+
+def _check_float32_range(a: np.ndarray, a32: np.ndarray) -> None:
+    """float64 values beyond float32's range: a clear error, not "NaN"."""
+    big = np.isinf(a32) & np.isfinite(a)
+    if big.any():
+        o, *_ = np.unravel_index(int(np.argmax(big)), a.shape)
+        raise WeightRangeError(
+            f"output channel {int(o)}: a float64 value exceeds the float32 range "
+            "(squant-rs computes in float32)"
+        )
 
 
 def quantize_tensor(

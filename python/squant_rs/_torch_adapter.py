@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _squant_rs as _native
-from ._squant_rs import NonFiniteWeightError, WeightRangeError
+from ._squant_rs import InvalidArgumentError, NonFiniteWeightError, WeightRangeError
 from ._validate import UnsupportedDtypeError, check_shape
 
 if TYPE_CHECKING:
@@ -34,6 +34,13 @@ def _float_dtypes(torch: Any) -> tuple[Any, ...]:
 
 def check_torch_weight(w: torch.Tensor) -> None:
     torch = require_torch()
+    if w.layout != torch.strided or w.is_nested:
+        raise UnsupportedDtypeError(
+            f"weight must be a dense (strided) tensor, got layout {w.layout}"
+            + (" (nested)" if w.is_nested else "")
+        )
+    if w.device.type == "meta":
+        raise InvalidArgumentError("weight is a meta tensor: it has no values to quantize")
     if w.dtype not in _float_dtypes(torch):
         raise UnsupportedDtypeError(
             f"weight dtype {w.dtype} is not supported: expected float16, bfloat16, "
@@ -42,7 +49,7 @@ def check_torch_weight(w: torch.Tensor) -> None:
     check_shape(tuple(w.shape))
 
 
-def _check_values_torch(w32: torch.Tensor, bits: int) -> None:
+def _check_values_torch(w32: torch.Tensor, bits: int, original: torch.Tensor | None = None) -> None:
     """The Rust core's value checks, for the torch path, before it runs:
     non-finite weights and channels whose quantizer overflows float32 (one
     host sync)."""
@@ -67,6 +74,11 @@ def _check_values_torch(w32: torch.Tensor, bits: int) -> None:
         if rows.numel():
             o = int(rows[0, 0])
             i = int(bad[o].nonzero()[0, 0])
+            if original is not None and bool(torch.isfinite(original.reshape(flat.shape)[o, i])):
+                raise WeightRangeError(
+                    f"output channel {o}: a float64 value exceeds the float32 range "
+                    "(squant-rs computes in float32)"
+                )
             raise NonFiniteWeightError(
                 f"weight contains NaN or infinity in output channel {o} "
                 f"(element {i} of that channel)"
@@ -90,12 +102,11 @@ def quantize_torch_tensor(
     if use_torch:
         from ._torch_backend import quantize_torch
 
-        _check_values_torch(w.to(torch.float32), bits)
+        _check_values_torch(w.to(torch.float32), bits, w if w.dtype == torch.float64 else None)
         codes, scale, zp, kf, cf = quantize_torch(w, bits, mode)
         return QuantizedTensor(codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf))
-    host = w.to(device="cpu", dtype=torch.float32)
     # A contiguous float32 CPU tensor is shared with numpy, not copied.
-    arr = host.numpy()
+    arr = to_numpy_f32(w)
     codes_np, scale_np, zp_np, kf, cf = _native.quantize(arr, bits, mode, threads)
     codes = torch.from_numpy(codes_np).to(w.device)
     scale = torch.from_numpy(scale_np).to(w.device)
@@ -110,13 +121,28 @@ def dequantize_torch(qt: QuantizedTensor) -> torch.Tensor:
     if codes.device.type == "cpu":
         # Same IEEE operations in the parallel Rust loop, on zero-copy views.
         out_np = _native.dequantize(codes.numpy(), qt.scale.numpy(), qt.zero_point.numpy())
-        return torch.from_numpy(out_np).to(qt.dtype)
+        return cast_dequantized(torch.from_numpy(out_np), qt.dtype)
     view = (-1,) + (1,) * (codes.dim() - 1)
     out: torch.Tensor = (codes.to(torch.float32) + qt.zero_point.view(view)) / qt.scale.view(view)
-    return out.to(qt.dtype)
+    return cast_dequantized(out, qt.dtype)
+
+
+def cast_dequantized(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 dequantized values in the weight's dtype. The grid's end
+    points can lie slightly beyond the channel's range (the zero point is
+    rounded), so for float16 they are clamped to its largest finite value
+    instead of becoming infinities."""
+    import torch
+
+    if dtype == torch.float16:
+        fmax = float(torch.finfo(torch.float16).max)
+        out = out.clamp(-fmax, fmax)
+    return out.to(dtype)
 
 
 def to_numpy_f32(t: torch.Tensor) -> np.ndarray:
     """A CPU float32 numpy view (or copy, when needed) of a tensor."""
     torch = require_torch()
-    return t.detach().to(device="cpu", dtype=torch.float32).numpy()
+    # Negative/conjugate views are lazy in torch; numpy needs real values.
+    host = t.detach().to(device="cpu", dtype=torch.float32).resolve_neg().resolve_conj()
+    return host.numpy()

@@ -11,6 +11,8 @@ from ._squant_rs import InvalidArgumentError
 
 MODES: tuple[str, ...] = ("squant", "squant-e", "squant-k", "squant-c")
 BACKENDS: tuple[str, ...] = ("auto", "rust", "torch")
+#: Largest accepted thread count (the Rust side enforces the same bound).
+MAX_THREADS = 1024
 
 
 class UnsupportedDtypeError(TypeError):
@@ -47,8 +49,10 @@ def check_threads(threads: object) -> int | None:
         return None
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
         raise TypeError(f"threads must be a positive integer or None, got {threads!r}")
-    if int(threads) < 1:
-        raise InvalidArgumentError(f"threads must be a positive integer, got {int(threads)}")
+    if not 1 <= int(threads) <= MAX_THREADS:
+        raise InvalidArgumentError(
+            f"threads must be an integer in 1..={MAX_THREADS}, got {int(threads)}"
+        )
     return int(threads)
 
 

@@ -37,7 +37,7 @@ from . import _squant_rs as _native
 from ._shapes import he_weights, resnet_shapes
 from ._squant_rs import SquantError, __version__
 from ._tensor import quantize_tensor
-from ._validate import MODES, UnsupportedDtypeError
+from ._validate import MAX_THREADS, MODES, UnsupportedDtypeError
 from .io import (
     FormatError,
     RawTensor,
@@ -80,8 +80,10 @@ def _positive(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid positive integer {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer up to {MAX_THREADS}, got {value}"
+        )
     return value
 
 

@@ -50,7 +50,7 @@ import numpy as np
 from ._packing import codes_per_byte, pack_codes, packed_size, unpack_codes
 from ._squant_rs import InvalidArgumentError, SquantError, __version__
 from ._tensor import _is_torch_tensor
-from ._torch_adapter import require_torch
+from ._torch_adapter import cast_dequantized, require_torch
 from ._validate import UnsupportedDtypeError, check_backend, check_bits, check_mode, check_threads
 from .model import (
     LayerReport,
@@ -270,7 +270,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, RawTensor]
         raw_header = f.read(n)
         try:
             header = json.loads(raw_header.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise _fail(path, "not a safetensors file (header is not valid JSON)") from None
         if not isinstance(header, dict):
             raise _fail(path, "not a safetensors file (header is not a JSON object)")
@@ -288,7 +288,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, RawTensor]
         if not isinstance(info, dict):
             raise _fail(path, f"corrupt header entry for {key!r}")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise _fail(path, f"tensor {key!r} has an unsupported dtype {dtype!r}")
         if not (
             isinstance(shape, list)
@@ -329,7 +329,11 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Non
     target = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(target))
     tmp = os.path.join(directory, f".{os.path.basename(target)}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as exc:
+        # Name the file the user asked for, not the temporary one.
+        raise type(exc)(exc.errno, exc.strerror, target) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -667,7 +671,7 @@ def _parse_metadata(
         )
     try:
         table = json.loads(metadata.get("quantized", "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _fail(path, "corrupt squant-rs metadata (not valid JSON)") from None
     if not isinstance(table, dict):
         raise _fail(path, "corrupt squant-rs metadata (not a JSON object)")
@@ -756,7 +760,7 @@ def _dequantize(
     z = torch.from_numpy(zp).view(view)
     # The same float32 operations as QuantizedTensor.dequantize: bit-exact.
     w = (c.to(torch.float32) + z) / s
-    return w.to(_torch_dtype(q.dtype))
+    return cast_dequantized(w, _torch_dtype(q.dtype))
 
 
 def load_quantized(

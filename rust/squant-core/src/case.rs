@@ -474,6 +474,7 @@ pub fn quantize_channel(
     codes: &mut [i8],
     sc: &mut Scratch,
 ) -> Result<(ChannelParams, Flips), SquantError> {
+    check_channel(w, k, bits, codes)?;
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
@@ -482,6 +483,26 @@ pub fn quantize_channel(
         }
     }
     quantize_channel_impl(w, k, bits, mode, channel, codes, sc)
+}
+
+/// The argument checks of `quantize_channel` (cheap; once per channel).
+fn check_channel(w: &[f32], k: usize, bits: u32, codes: &[i8]) -> Result<(), SquantError> {
+    crate::qparams::check_bits(bits)?;
+    if w.is_empty() || k == 0 || w.len() % k != 0 || w.len() > u32::MAX as usize {
+        return Err(SquantError::ShapeMismatch {
+            what: "channel (a non-empty multiple of the kernel size)",
+            expected: k,
+            got: w.len(),
+        });
+    }
+    if codes.len() != w.len() {
+        return Err(SquantError::ShapeMismatch {
+            what: "codes",
+            expected: w.len(),
+            got: codes.len(),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -71,7 +71,9 @@ impl Layout {
         self.len() == 0
     }
 
-    fn validate(&self, w: usize, codes: usize, scale: usize, zp: usize) -> Result<(), SquantError> {
+    /// The layout alone: no zero dimension, channels within `u32`, the
+    /// element count within `usize`. Returns the element count.
+    pub fn check(&self) -> Result<usize, SquantError> {
         if self.oc == 0 || self.ic == 0 || self.k == 0 {
             return Err(SquantError::EmptyTensor);
         }
@@ -82,11 +84,15 @@ impl Layout {
         if g > u32::MAX as usize {
             return Err(SquantError::ChannelTooLarge(g));
         }
-        let n = self.oc.checked_mul(g).ok_or(SquantError::ShapeMismatch {
+        self.oc.checked_mul(g).ok_or(SquantError::ShapeMismatch {
             what: "weights",
             expected: usize::MAX,
-            got: w,
-        })?;
+            got: 0,
+        })
+    }
+
+    fn validate(&self, w: usize, codes: usize, scale: usize, zp: usize) -> Result<(), SquantError> {
+        let n = self.check()?;
         for (what, expected, got) in [
             ("weights", n, w),
             ("codes", n, codes),

@@ -26,10 +26,11 @@ pub fn rne(x: f32) -> f32 {
     }
 }
 
-/// Integer code range `[tmin, tmax] = [-2^(b-1), 2^(b-1) - 1]` for `bits`.
+/// Integer code range `[tmin, tmax] = [-2^(b-1), 2^(b-1) - 1]` for `bits`
+/// (meaningful for the supported 2..=8; never panics).
 #[inline]
 pub fn code_range(bits: u32) -> (f32, f32) {
-    let n = (1u32 << (bits - 1)) as f32;
+    let n = 2f32.powi(bits.clamp(1, 31) as i32 - 1);
     (-n, n - 1.0)
 }
 
@@ -92,6 +93,7 @@ pub fn channel_params(
     bits: u32,
     channel: usize,
 ) -> Result<ChannelParams, SquantError> {
+    check_bits(bits)?;
     let levels = ((1u32 << bits) - 1) as f32;
     let n = (1u32 << (bits - 1)) as f32;
     let scale = levels / (mx - mn).max(1e-8);

@@ -104,6 +104,13 @@ pub fn quantize_channel_ref(
     mode: Mode,
     channel: usize,
 ) -> Result<(Vec<i8>, ChannelParams, usize, usize), SquantError> {
+    if ic.checked_mul(k) != Some(w.len()) || w.is_empty() {
+        return Err(SquantError::ShapeMismatch {
+            what: "channel",
+            expected: ic.saturating_mul(k),
+            got: w.len(),
+        });
+    }
     let p = params_of(w, bits, channel)?;
     let (tmin, tmax) = code_range(bits);
     let g = w.len();

@@ -12,6 +12,7 @@ use numpy::{
     IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn,
     PyUntypedArrayMethods,
 };
+use pyo3::exceptions::PyMemoryError;
 use pyo3::prelude::*;
 use squant_core::{Layout, Mode};
 
@@ -43,13 +44,30 @@ fn to_python<'py>(
     ))
 }
 
+/// The layout of a shape, fully checked before anything is copied or
+/// allocated (a broadcast view can claim far more elements than memory).
 fn layout_of(shape: &[usize]) -> PyResult<Layout> {
-    Layout::from_shape(shape).ok_or_else(|| {
+    let layout = Layout::from_shape(shape).ok_or_else(|| {
         InvalidArgumentError::new_err(format!(
             "weight must have at least 2 dimensions (OC, IC, *kernel), got {} dimension(s)",
             shape.len()
         ))
-    })
+    })?;
+    layout.check().map_err(PyCoreError)?;
+    Ok(layout)
+}
+
+/// A zeroed buffer of `n` elements, or `MemoryError` instead of an abort.
+fn alloc<T: Clone + Default>(n: usize) -> PyResult<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        PyMemoryError::new_err(format!(
+            "cannot allocate {n} elements of {} bytes",
+            std::mem::size_of::<T>()
+        ))
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
 }
 
 fn parse_mode(mode: &str) -> PyResult<Mode> {
@@ -59,13 +77,19 @@ fn parse_mode(mode: &str) -> PyResult<Mode> {
 
 /// The buffer as a row-major slice: borrowed when already C-contiguous.
 /// (`as_slice` alone also accepts Fortran order, which is the wrong order.)
-fn row_major<'a, T: numpy::Element + Copy>(a: &'a PyReadonlyArrayDyn<'_, T>) -> Cow<'a, [T]> {
+fn row_major<'a, T: numpy::Element + Copy + Default>(
+    a: &'a PyReadonlyArrayDyn<'_, T>,
+) -> PyResult<Cow<'a, [T]>> {
     if a.is_c_contiguous() {
         if let Ok(s) = a.as_slice() {
-            return Cow::Borrowed(s);
+            return Ok(Cow::Borrowed(s));
         }
     }
-    Cow::Owned(a.as_array().iter().copied().collect())
+    let mut v: Vec<T> = alloc(0)?;
+    v.try_reserve_exact(a.len())
+        .map_err(|_| PyMemoryError::new_err(format!("cannot copy {} elements", a.len())))?;
+    v.extend(a.as_array().iter().copied());
+    Ok(Cow::Owned(v))
 }
 
 /// quantize(w, bits, mode, threads=None)
@@ -86,12 +110,11 @@ fn quantize<'py>(
     let shape = w.shape().to_vec();
     let layout = layout_of(&shape)?;
     let pool = pool::pool(pool::resolve_threads(threads)?)?;
-    let data = row_major(&w);
-    let n = layout.len();
+    let data = row_major(&w)?;
+    let mut codes = alloc::<i8>(layout.len())?;
+    let mut scale = alloc::<f32>(layout.oc)?;
+    let mut zp = alloc::<f32>(layout.oc)?;
     let (codes, scale, zp, flips) = py.detach(|| {
-        let mut codes = vec![0i8; n];
-        let mut scale = vec![0f32; layout.oc];
-        let mut zp = vec![0f32; layout.oc];
         let flips = pool.install(|| {
             squant_core::quantize(&data, layout, bits, mode, &mut codes, &mut scale, &mut zp)
         })?;
@@ -114,7 +137,7 @@ fn quantize_reference<'py>(
     let mode = parse_mode(mode)?;
     let shape = w.shape().to_vec();
     let layout = layout_of(&shape)?;
-    let data = row_major(&w);
+    let data = row_major(&w)?;
     let (codes, params, flips) = py
         .detach(|| squant_core::quantize_ref(&data, layout, bits, mode))
         .map_err(PyCoreError)?;
@@ -139,11 +162,11 @@ fn dequantize<'py>(
     let shape = codes.shape().to_vec();
     let layout = layout_of(&shape)?;
     let pool = pool::pool(pool::resolve_threads(threads)?)?;
-    let q = row_major(&codes);
+    let q = row_major(&codes)?;
     let s = scale.as_array().to_vec();
     let z = zero_point.as_array().to_vec();
+    let mut out = alloc::<f32>(layout.len())?;
     let out = py.detach(|| {
-        let mut out = vec![0f32; layout.len()];
         pool.install(|| squant_core::dequantize(&q, layout, &s, &z, &mut out))?;
         Ok::<_, PyCoreError>(out)
     })?;

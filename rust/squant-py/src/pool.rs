@@ -10,6 +10,12 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::error::InvalidArgumentError;
 
+/// At most this many pools are kept alive at once.
+const MAX_POOLS: usize = 2;
+
+/// Upper bound of a thread count (argument or environment).
+pub const MAX_THREADS: usize = 1024;
+
 /// Environment variable read when no `threads` argument is given.
 pub const ENV_VAR: &str = "SQUANT_NUM_THREADS";
 
@@ -24,18 +30,18 @@ static POOLS: Mutex<Option<Cache>> = Mutex::new(None);
 /// number of CPUs available to the process.
 pub fn resolve_threads(threads: Option<usize>) -> PyResult<usize> {
     if let Some(n) = threads {
-        if n == 0 {
-            return Err(InvalidArgumentError::new_err(
-                "threads must be a positive integer, got 0",
-            ));
+        if n == 0 || n > MAX_THREADS {
+            return Err(InvalidArgumentError::new_err(format!(
+                "threads must be an integer in 1..={MAX_THREADS}, got {n}"
+            )));
         }
         return Ok(n);
     }
     match std::env::var(ENV_VAR) {
         Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(n),
+            Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
             _ => Err(InvalidArgumentError::new_err(format!(
-                "{ENV_VAR} must be a positive integer, got {v:?}"
+                "{ENV_VAR} must be an integer in 1..={MAX_THREADS}, got {v:?}"
             ))),
         },
         Err(_) => Ok(std::thread::available_parallelism()
@@ -64,6 +70,11 @@ pub fn pool(n: usize) -> PyResult<Arc<ThreadPool>> {
     }
     if let Some(p) = cache.pools.get(&n) {
         return Ok(Arc::clone(p));
+    }
+    if cache.pools.len() >= MAX_POOLS {
+        // Callers switching between many counts must not pile up threads;
+        // a dropped pool's workers exit once idle (running calls keep theirs).
+        cache.pools.clear();
     }
     let p = ThreadPoolBuilder::new()
         .num_threads(n)
