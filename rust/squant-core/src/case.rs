@@ -72,36 +72,17 @@ fn masked(v: f32, ok: bool) -> f32 {
     f32::from_bits(v.to_bits() & 0u32.wrapping_sub(ok as u32))
 }
 
-/// Table entry `(value, error)` of an element for a flip in direction `up`.
+/// Table entry `(value, error)` of an element for a flip in direction `up`
+/// (SPEC section 2), computed with selects: the direction and the
+/// candidate test are coin flips on real weights, so branches mispredict.
 #[inline(always)]
 fn table(x: f32, up: bool, tmin: f32, tmax: f32) -> (f32, f32) {
     let r0 = rne(x);
     let e0 = r0 - x;
-    if up {
-        if e0 < 0.0 && x < tmax {
-            (r0 + 1.0, e0 + 1.0)
-        } else {
-            (r0, 0.0)
-        }
-    } else if e0 > 0.0 && x > tmin {
-        (r0 - 1.0, e0 - 1.0)
-    } else {
-        (r0, 0.0)
-    }
-}
-
-/// The error column of `table`, without branches.
-#[inline(always)]
-fn table_error(x: f32, up: bool, tmin: f32, tmax: f32) -> f32 {
-    let r0 = rne(x);
-    let e0 = r0 - x;
-    let cand = if up {
-        (e0 < 0.0) & (x < tmax)
-    } else {
-        (e0 > 0.0) & (x > tmin)
-    };
-    let sigma = if up { 1.0 } else { -1.0 };
-    masked(e0 + sigma, cand)
+    let cand = (up & (e0 < 0.0) & (x < tmax)) | (!up & (e0 > 0.0) & (x > tmin));
+    let sigma = f32::from_bits(1.0f32.to_bits() | ((!up as u32) << 31));
+    let value = r0 + masked(sigma, cand);
+    (value, masked(e0 + sigma, cand))
 }
 
 /// Direction, flip count and over flag of one CASE step (SPEC section 3).
@@ -327,19 +308,29 @@ impl Scratch {
             } else {
                 select_ranks(src, need, ranks);
             }
-            for &i in &ranks[..t] {
-                pending.push(((base + i) as u32, up));
+            if t <= 2 {
+                // Without a loop of unpredictable length: push both, keep t.
+                let len = pending.len();
+                pending.push(((base + ranks[0]) as u32, up));
+                pending.push(((base + ranks[1.min(k - 1)]) as u32, up));
+                pending.truncate(len + t);
+            } else {
+                for &i in &ranks[..t] {
+                    pending.push(((base + i) as u32, up));
+                }
             }
             if carry {
-                if over && t == 0 {
+                // `&`/`|`, not `&&`/`||`: no branch on the unpredictable
+                // `over`; the first case (S == 0 exactly) is rare.
+                if over & (t == 0) {
                     // S == 0 exactly: the carry is the order's last element.
                     let j = base + last_rank(src);
                     carries.push((j as u32, !up, e[j].abs()));
-                } else if over || t < k {
+                } else if over | (t < k) {
                     // order[t - 1] (flipped just now, so its error is the
                     // table's) or order[t]; selects instead of branches.
                     let j = base + ranks[t - over as usize];
-                    let flipped = table_error(x[j], up, tmin, tmax).abs();
+                    let flipped = table(x[j], up, tmin, tmax).1.abs();
                     let v = if over { flipped } else { e[j].abs() };
                     carries.push((j as u32, up ^ over, v));
                 }
@@ -371,13 +362,14 @@ impl Scratch {
         let pri = if up { &self.pu } else { &self.pd };
         // The t largest positive-priority keys, and the number of positives.
         let n_pos = if after_k {
-            keys.extend(
-                self.carries
-                    .iter()
-                    .filter(|&&(_, tu, p)| tu == up && p > 0.0)
-                    .map(|&(j, _, p)| key(p, j as usize)),
-            );
-            let n = keys.len();
+            // Branch-free compaction of the carries in this direction.
+            keys.resize(self.carries.len(), 0);
+            let mut n = 0;
+            for &(j, tu, p) in &self.carries {
+                keys[n] = key(p, j as usize);
+                n += ((tu == up) & (p > 0.0)) as usize;
+            }
+            keys.truncate(n);
             if t < n {
                 keys.select_nth_unstable_by(t - 1, |a, b| b.cmp(a));
                 keys.truncate(t);
