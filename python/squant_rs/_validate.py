@@ -7,7 +7,7 @@ import math
 import numbers
 from collections.abc import Sequence
 
-from ._squant_rs import InvalidArgumentError
+from ._squant_rs import InvalidArgumentError, resolve_threads
 
 MODES: tuple[str, ...] = ("squant", "squant-e", "squant-k", "squant-c")
 BACKENDS: tuple[str, ...] = ("auto", "rust", "torch")
@@ -44,16 +44,19 @@ def check_backend(backend: object) -> str:
     return backend
 
 
-def check_threads(threads: object) -> int | None:
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
-        raise TypeError(f"threads must be a positive integer or None, got {threads!r}")
-    if not 1 <= int(threads) <= MAX_THREADS:
-        raise InvalidArgumentError(
-            f"threads must be an integer in 1..={MAX_THREADS}, got {int(threads)}"
-        )
-    return int(threads)
+def check_threads(threads: object) -> int:
+    """The thread count a call will use: ``threads`` if given, else
+    ``SQUANT_NUM_THREADS``, else the CPU count (errors raised here, once,
+    before any work)."""
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
+            raise TypeError(f"threads must be a positive integer or None, got {threads!r}")
+        if not 1 <= int(threads) <= MAX_THREADS:
+            raise InvalidArgumentError(
+                f"threads must be an integer in 1..={MAX_THREADS}, got {int(threads)}"
+            )
+        return int(threads)
+    return resolve_threads(None)
 
 
 def check_shape(shape: Sequence[int]) -> None:
