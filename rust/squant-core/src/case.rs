@@ -85,6 +85,19 @@ fn table(x: f32, up: bool, tmin: f32, tmax: f32) -> (f32, f32) {
     (value, masked(e0 + sigma, cand))
 }
 
+/// S of the group `span` from the precomputed fixed-point errors `fx`, or
+/// from the errors `e` for a group too large for 40 fractional bits (see
+/// `sum`).
+#[inline(always)]
+fn group_sum(fx: &[i64], e: &[f32], span: std::ops::Range<usize>) -> f64 {
+    let f = sum::frac_bits(span.len());
+    if f == FX_BITS {
+        sum::to_sum(fx[span].iter().sum(), f)
+    } else {
+        sum::slice_sum(&e[span], f)
+    }
+}
+
 /// Direction, flip count and over flag of one CASE step (SPEC section 3).
 #[inline(always)]
 fn step_params(s: f64, len: usize) -> (bool, usize, bool) {
@@ -213,29 +226,16 @@ impl Scratch {
         }
     }
 
-    /// Flips element `j`; returns whether its value changed and the change
-    /// of its fixed-point error.
+    /// Flips element `j` (its fixed-point error follows); returns whether
+    /// its value changed.
     #[inline(always)]
-    fn flip(&mut self, j: usize, up: bool, tmin: f32, tmax: f32) -> (u64, i64) {
+    fn flip(&mut self, j: usize, up: bool, tmin: f32, tmax: f32) -> u64 {
         let (v, err) = table(self.x[j], up, tmin, tmax);
         let changed = u64::from(self.r[j] != v);
         self.r[j] = v;
         self.e[j] = err;
-        let old = self.fx[j];
         self.fx[j] = sum::fixed(err, sum::pow2(FX_BITS));
-        (changed, self.fx[j] - old)
-    }
-
-    /// S of a group from the fixed-point errors (or exactly as `sum` defines
-    /// it for a group too large for 40 fractional bits).
-    #[inline(always)]
-    fn group_sum(&self, span: std::ops::Range<usize>) -> f64 {
-        let f = sum::frac_bits(span.len());
-        if f == FX_BITS {
-            sum::to_sum(self.fx[span].iter().sum(), f)
-        } else {
-            sum::slice_sum(&self.e[span], f)
-        }
+        changed
     }
 
     /// SQuant-K on every kernel of the channel; records carries when `carry`.
@@ -276,19 +276,10 @@ impl Scratch {
             ..
         } = self;
         pending.clear();
-        let f = sum::frac_bits(k);
-        let kernels = fx
-            .chunks_exact(k)
-            .zip(pu.chunks_exact(k))
-            .zip(pd.chunks_exact(k));
-        for (kk, ((fxk, puk), pdk)) in kernels.enumerate() {
+        let kernels = pu.chunks_exact(k).zip(pd.chunks_exact(k));
+        for (kk, (puk, pdk)) in kernels.enumerate() {
             let base = kk * k;
-            let s = if f == FX_BITS {
-                sum::to_sum(fxk.iter().sum(), f)
-            } else {
-                sum::slice_sum(&e[base..base + k], f)
-            };
-            let (up, t, over) = step_params(s, k);
+            let (up, t, over) = step_params(group_sum(fx, e, base..base + k), k);
             let src = if up { puk } else { pdk };
             let need = if carry && !over { (t + 1).min(k) } else { t };
             if need <= 2 {
@@ -339,7 +330,7 @@ impl Scratch {
         let pending = std::mem::take(&mut self.pending);
         let mut changed = 0;
         for &(j, up) in &pending {
-            changed += self.flip(j as usize, up, tmin, tmax).0;
+            changed += self.flip(j as usize, up, tmin, tmax);
         }
         self.pending = pending;
         changed
@@ -351,7 +342,7 @@ impl Scratch {
     #[inline(always)]
     fn channel_level(&mut self, after_k: bool, tmin: f32, tmax: f32) -> u64 {
         let g = self.x.len();
-        let (up, t, _over) = step_params(self.group_sum(0..g), g);
+        let (up, t, _over) = step_params(group_sum(&self.fx, &self.e, 0..g), g);
         if t == 0 {
             return 0;
         }
@@ -441,10 +432,10 @@ impl Scratch {
         }
         let mut changed = 0;
         for &kk in &keys {
-            changed += self.flip(key_pos(kk), up, tmin, tmax).0;
+            changed += self.flip(key_pos(kk), up, tmin, tmax);
         }
         for &j in &zeros {
-            changed += self.flip(j as usize, up, tmin, tmax).0;
+            changed += self.flip(j as usize, up, tmin, tmax);
         }
         self.keys = keys;
         self.zeros = zeros;
