@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable
 
@@ -25,6 +24,8 @@ import numpy as np
 
 import squant_rs
 from squant_rs._shapes import he_weights, resnet_shapes
+
+from _timing import median_ms  # benches/ is the script's directory
 
 
 def nearest_numpy(w: np.ndarray, bits: int = 4) -> np.ndarray:
@@ -103,13 +104,8 @@ def python_loop_squant(w: np.ndarray, bits: int = 4) -> np.ndarray:
 
 
 def timeit(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn`` after one warm-up run."""
+    return median_ms(fn, repeat)[0] / 1e3
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ import importlib
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +42,8 @@ import numpy as np
 import torch
 
 import squant_rs
+
+from _timing import median_ms  # benches/ is the script's directory
 
 # name -> (pytorchcv module, input size, paper's A100 SQuant time in ms, paper's layer count)
 MODELS: dict[str, tuple[str, int, float, int]] = {
@@ -79,17 +80,6 @@ def nearest_codes(w: np.ndarray, bits: int) -> np.ndarray:
     q = np.clip(np.rint(s * w2 - z), -n, n - 1).astype(np.int8)
     out: np.ndarray = q.reshape(w.shape)
     return out
-
-
-def _median_ms(fn: Callable[[], Any], repeat: int, warmup: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), times
 
 
 def time_model(
@@ -149,7 +139,7 @@ def time_model(
 
         timings.append(("cuda", cuda_run, repeat, 2))
     for key, fn, rep, warm in timings:
-        med, runs = _median_ms(fn, rep, warm)
+        med, runs = median_ms(fn, rep, warm)
         row[f"{key}_ms"] = med
         row["runs_ms"][key] = runs
     return row

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 import squant_rs
 from squant_rs._shapes import he_weights, resnet_shapes
+
+from _timing import median_ms  # benches/ is the script's directory
 
 PAPER_A100_MS = {18: 84.0, 50: 188.0}
 
@@ -36,16 +37,6 @@ def cuda_ms(fn, repeat: int) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def cpu_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -81,7 +72,7 @@ def main() -> None:
             for g, h in zip(gpu, host)
         )
         t_gpu = cuda_ms(run_gpu, args.repeat)
-        t_rust = cpu_ms(run_rust, max(3, args.repeat // 4))
+        t_rust = median_ms(run_rust, max(3, args.repeat // 4))[0]
         rows.append(
             {
                 "model": f"resnet{depth}",
