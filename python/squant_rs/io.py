@@ -47,6 +47,7 @@ from typing import IO, TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from . import _squant_rs as _native
 from ._packing import codes_per_byte, pack_codes, packed_size, unpack_codes
 from ._squant_rs import InvalidArgumentError, SquantError, __version__
 from ._tensor import _is_torch_tensor
@@ -754,13 +755,16 @@ def _dequantize(
     zp = tensors[name + ZERO_POINT].to_numpy()
     if not (np.isfinite(scale).all() and (scale > 0).all() and np.isfinite(zp).all()):
         raise _fail(path, f"corrupt scale or zero point for {name!r}")
-    view = (-1,) + (1,) * (len(q.shape) - 1)
-    c = torch.from_numpy(codes.reshape(q.shape))
-    s = torch.from_numpy(scale).view(view)
-    z = torch.from_numpy(zp).view(view)
-    # The same float32 operations as QuantizedTensor.dequantize: bit-exact.
-    w = (c.to(torch.float32) + z) / s
-    return cast_dequantized(w, _torch_dtype(q.dtype))
+    # The Rust loop behind QuantizedTensor.dequantize: bit-exact with it.
+    try:
+        w = _native.dequantize(
+            codes.reshape(q.shape),
+            np.ascontiguousarray(scale, dtype=np.float32),
+            np.ascontiguousarray(zp, dtype=np.float32),
+        )
+    except InvalidArgumentError as exc:
+        raise _fail(path, f"corrupt scale or zero point for {name!r} ({exc})") from None
+    return cast_dequantized(torch.from_numpy(w), _torch_dtype(q.dtype))
 
 
 def load_quantized(
