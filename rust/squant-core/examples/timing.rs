@@ -33,7 +33,10 @@ fn main() {
         .build()
         .unwrap();
     let only: Option<Mode> = std::env::args().nth(1).and_then(|m| m.parse().ok());
-    let reps = if only.is_some() { 1 } else { 10 };
+    let reps = std::env::var("REPS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(if only.is_some() { 1 } else { 10 });
     for mode in Mode::ALL
         .into_iter()
         .filter(|m| only.is_none_or(|o| o == *m))

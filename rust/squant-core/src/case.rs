@@ -9,8 +9,9 @@
 //! - carries are only tracked when the C level follows the K level.
 
 use crate::error::SquantError;
+use crate::fast::{self, Simd};
 use crate::mode::Mode;
-use crate::qparams::{code_range, params_of, rne, ChannelParams};
+use crate::qparams::{channel_params, code_range, rne, ChannelParams};
 use crate::sum;
 
 /// Numbers of elements whose value changed at each level.
@@ -51,18 +52,20 @@ pub struct Scratch {
     zeros: Vec<u32>,
     /// K-level flips decided but not yet applied: position, up?
     pending: Vec<(u32, bool)>,
+    /// The lane path's working memory.
+    lanes: fast::Lanes,
 }
 
 /// A sort key that orders by priority descending, then position ascending,
 /// when keys are compared descending. Priorities are non-negative floats,
 /// whose bit patterns order like their values.
 #[inline(always)]
-fn key(priority: f32, pos: usize) -> u64 {
+pub(crate) fn key(priority: f32, pos: usize) -> u64 {
     ((priority.to_bits() as u64) << 32) | (!(pos as u32)) as u64
 }
 
 #[inline(always)]
-fn key_pos(k: u64) -> usize {
+pub(crate) fn key_pos(k: u64) -> usize {
     (!(k as u32)) as usize
 }
 
@@ -76,7 +79,7 @@ fn masked(v: f32, ok: bool) -> f32 {
 /// (SPEC section 2), computed with selects: the direction and the
 /// candidate test are coin flips on real weights, so branches mispredict.
 #[inline(always)]
-fn table(x: f32, up: bool, tmin: f32, tmax: f32) -> (f32, f32) {
+pub(crate) fn table(x: f32, up: bool, tmin: f32, tmax: f32) -> (f32, f32) {
     let r0 = rne(x);
     let e0 = r0 - x;
     let cand = (up & (e0 < 0.0) & (x < tmax)) | (!up & (e0 > 0.0) & (x > tmin));
@@ -100,7 +103,7 @@ fn group_sum(fx: &[i64], e: &[f32], span: std::ops::Range<usize>) -> f64 {
 
 /// Direction, flip count and over flag of one CASE step (SPEC section 3).
 #[inline(always)]
-fn step_params(s: f64, len: usize) -> (bool, usize, bool) {
+pub(crate) fn step_params(s: f64, len: usize) -> (bool, usize, bool) {
     let up = s < 0.0;
     let a = s.abs() as f32;
     let t = rne(a);
@@ -443,11 +446,30 @@ impl Scratch {
     }
 }
 
+/// Which build of the fast path runs. Every build gives the same results;
+/// tests and benchmarks choose one to compare them.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// The best build the CPU supports.
+    Best,
+    /// At most the AVX2 build (x86-64).
+    Avx2,
+    /// The baseline build of the target.
+    Baseline,
+}
+
+impl Isa {
+    /// All builds, best first.
+    pub const ALL: [Isa; 3] = [Isa::Best, Isa::Avx2, Isa::Baseline];
+}
+
 /// Quantizes one output channel `w` (`ic * k` values) into `codes`.
 ///
-/// On x86-64 CPUs with AVX2 the element-wise passes run in an AVX2 build of
-/// the same code (chosen at run time; identical results: no FMA contraction,
-/// same IEEE operations), elsewhere in the baseline build.
+/// On x86-64 the code runs in a build for the best instruction set the CPU
+/// has (chosen at run time): AVX-512 (with lane kernels written in
+/// intrinsics), AVX2, or the baseline. All of them compute the same IEEE
+/// operations (no FMA contraction), so the results are identical.
 pub fn quantize_channel(
     w: &[f32],
     k: usize,
@@ -457,21 +479,70 @@ pub fn quantize_channel(
     codes: &mut [i8],
     sc: &mut Scratch,
 ) -> Result<(ChannelParams, Flips), SquantError> {
+    quantize_channel_isa(w, k, bits, mode, channel, codes, sc, Isa::Best)
+}
+
+/// [`quantize_channel`] in the build `isa` (or the best one below it that
+/// the CPU supports).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_channel_isa(
+    w: &[f32],
+    k: usize,
+    bits: u32,
+    mode: Mode,
+    channel: usize,
+    codes: &mut [i8],
+    sc: &mut Scratch,
+    isa: Isa,
+) -> Result<(ChannelParams, Flips), SquantError> {
     check_channel(w, k, bits, codes)?;
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if isa == Isa::Best && has_avx512() {
+            // SAFETY: the CPU supports these features (`has_avx512`).
+            return unsafe { quantize_channel_avx512(w, k, bits, mode, channel, codes, sc) };
+        }
+        if isa != Isa::Baseline && std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
             return unsafe { quantize_channel_avx2(w, k, bits, mode, channel, codes, sc) };
         }
+        // Baseline x86-64 has no rounding instruction (SSE4.1).
+        quantize_channel_impl::<fast::Portable<fast::SoftRound>>(
+            w, k, bits, mode, channel, codes, sc,
+        )
     }
-    quantize_channel_impl(w, k, bits, mode, channel, codes, sc)
+    #[cfg(target_arch = "aarch64")]
+    {
+        let _ = isa;
+        quantize_channel_impl::<fast::Portable<fast::HwRound>>(w, k, bits, mode, channel, codes, sc)
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = isa;
+        quantize_channel_impl::<fast::Portable<fast::SoftRound>>(
+            w, k, bits, mode, channel, codes, sc,
+        )
+    }
+}
+
+/// Whether the CPU has everything the AVX-512 build is compiled for.
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("popcnt")
+        && std::arch::is_x86_feature_detected!("bmi1")
+        && std::arch::is_x86_feature_detected!("bmi2")
+        && std::arch::is_x86_feature_detected!("lzcnt")
 }
 
 /// The argument checks of `quantize_channel` (cheap; once per channel).
 fn check_channel(w: &[f32], k: usize, bits: u32, codes: &[i8]) -> Result<(), SquantError> {
     crate::qparams::check_bits(bits)?;
-    if w.is_empty() || k == 0 || w.len() % k != 0 || w.len() > u32::MAX as usize {
+    if w.is_empty() || k == 0 || !w.len().is_multiple_of(k) || w.len() > u32::MAX as usize {
         return Err(SquantError::ShapeMismatch {
             what: "channel (a non-empty multiple of the kernel size)",
             expected: k,
@@ -499,12 +570,12 @@ unsafe fn quantize_channel_avx2(
     codes: &mut [i8],
     sc: &mut Scratch,
 ) -> Result<(ChannelParams, Flips), SquantError> {
-    quantize_channel_impl(w, k, bits, mode, channel, codes, sc)
+    quantize_channel_impl::<fast::Portable<fast::HwRound>>(w, k, bits, mode, channel, codes, sc)
 }
 
-/// Quantizes one output channel `w` (`ic * k` values) into `codes`.
-#[inline(always)]
-fn quantize_channel_impl(
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+unsafe fn quantize_channel_avx512(
     w: &[f32],
     k: usize,
     bits: u32,
@@ -513,8 +584,27 @@ fn quantize_channel_impl(
     codes: &mut [i8],
     sc: &mut Scratch,
 ) -> Result<(ChannelParams, Flips), SquantError> {
-    let p = params_of(w, bits, channel)?;
+    quantize_channel_impl::<fast::Avx512>(w, k, bits, mode, channel, codes, sc)
+}
+
+/// Quantizes one output channel `w` (`ic * k` values) into `codes`: the
+/// lane path when it can decide the channel, else the general path.
+#[inline(always)]
+fn quantize_channel_impl<S: Simd>(
+    w: &[f32],
+    k: usize,
+    bits: u32,
+    mode: Mode,
+    channel: usize,
+    codes: &mut [i8],
+    sc: &mut Scratch,
+) -> Result<(ChannelParams, Flips), SquantError> {
+    let (mn, mx) = S::min_max(w).map_err(|index| SquantError::NonFinite { channel, index })?;
+    let p = channel_params(mn, mx, bits, channel)?;
     let (tmin, tmax) = code_range(bits);
+    if let Some(flips) = fast::channel::<S>(w, k, p, tmin, tmax, mode, codes, &mut sc.lanes) {
+        return Ok((p, flips));
+    }
     sc.resize(w.len());
     sc.nearest(w, p, tmin, tmax);
     let mut flips = Flips::default();

@@ -22,6 +22,9 @@
 
 pub mod case;
 pub mod error;
+mod fast;
+#[cfg(target_arch = "x86_64")]
+mod fast_avx512;
 pub mod mode;
 pub mod qparams;
 pub mod reference;
@@ -130,6 +133,31 @@ pub fn quantize(
     scale: &mut [f32],
     zero_point: &mut [f32],
 ) -> Result<Flips, SquantError> {
+    quantize_isa(
+        w,
+        layout,
+        bits,
+        mode,
+        codes,
+        scale,
+        zero_point,
+        case::Isa::Best,
+    )
+}
+
+/// [`quantize`] in a chosen build of the fast path (see [`case::Isa`]).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_isa(
+    w: &[f32],
+    layout: Layout,
+    bits: u32,
+    mode: Mode,
+    codes: &mut [i8],
+    scale: &mut [f32],
+    zero_point: &mut [f32],
+    isa: case::Isa,
+) -> Result<Flips, SquantError> {
     qparams::check_bits(bits)?;
     layout.validate(w.len(), codes.len(), scale.len(), zero_point.len())?;
     let g = layout.channel_len();
@@ -141,7 +169,7 @@ pub fn quantize(
         .enumerate()
         .with_min_len(min_len)
         .map_init(case::Scratch::default, |sc, (o, ((wc, qc), (s, z)))| {
-            let (p, f) = case::quantize_channel(wc, layout.k, bits, mode, o, qc, sc)?;
+            let (p, f) = case::quantize_channel_isa(wc, layout.k, bits, mode, o, qc, sc, isa)?;
             *s = p.scale;
             *z = p.zero_point;
             Ok(f)

@@ -2,7 +2,8 @@
 //! invariants, on many generated tensors.
 
 use proptest::prelude::*;
-use squant_core::{qparams, quantize, quantize_ref, Flips, Layout, Mode};
+use squant_core::case::Isa;
+use squant_core::{qparams, quantize, quantize_isa, quantize_ref, Flips, Layout, Mode};
 
 /// Small deterministic generator (no dev-dependency on rand).
 struct Lcg(u64);
@@ -42,14 +43,14 @@ fn make(n: usize, g: usize, dist: Dist, rng: &mut Lcg) -> Vec<f32> {
                 rng.normal() / u.sqrt()
             }
             Dist::Outliers => {
-                if rng.next_u32() % 97 == 0 {
+                if rng.next_u32().is_multiple_of(97) {
                     rng.normal() * 3.0
                 } else {
                     rng.normal() * 0.1
                 }
             }
             Dist::Pruned => {
-                if rng.next_u32() % 3 == 0 {
+                if rng.next_u32().is_multiple_of(3) {
                     rng.normal()
                 } else {
                     0.0
@@ -76,15 +77,25 @@ fn make(n: usize, g: usize, dist: Dist, rng: &mut Lcg) -> Vec<f32> {
 
 fn check(w: &[f32], layout: Layout, bits: u32, mode: Mode) {
     let (rc, rp, rf) = quantize_ref(w, layout, bits, mode).expect("reference");
-    let mut codes = vec![0i8; layout.len()];
-    let mut scale = vec![0f32; layout.oc];
-    let mut zp = vec![0f32; layout.oc];
-    let f = quantize(w, layout, bits, mode, &mut codes, &mut scale, &mut zp).expect("fast");
-    assert_eq!(codes, rc, "codes differ: {layout:?} bits {bits} {mode}");
-    assert_eq!(f, rf, "flip counts differ: {layout:?} bits {bits} {mode}");
-    for (o, p) in rp.iter().enumerate() {
-        assert_eq!(scale[o].to_bits(), p.scale.to_bits());
-        assert_eq!(zp[o].to_bits(), p.zero_point.to_bits());
+    // Every build of the fast path (AVX-512, AVX2, baseline on x86-64).
+    for isa in Isa::ALL {
+        let mut codes = vec![0i8; layout.len()];
+        let mut scale = vec![0f32; layout.oc];
+        let mut zp = vec![0f32; layout.oc];
+        let f = quantize_isa(w, layout, bits, mode, &mut codes, &mut scale, &mut zp, isa)
+            .expect("fast");
+        assert_eq!(
+            codes, rc,
+            "codes differ: {layout:?} bits {bits} {mode} {isa:?}"
+        );
+        assert_eq!(
+            f, rf,
+            "flip counts differ: {layout:?} bits {bits} {mode} {isa:?}"
+        );
+        for (o, p) in rp.iter().enumerate() {
+            assert_eq!(scale[o].to_bits(), p.scale.to_bits());
+            assert_eq!(zp[o].to_bits(), p.zero_point.to_bits());
+        }
     }
 }
 
@@ -99,6 +110,12 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (5, 200, 1),
     (6, 33, 25),
     (2, 4, 100),
+    // Lane blocks of 16 kernels, with and without a tail.
+    (4, 48, 9),
+    (3, 37, 9),
+    (3, 64, 3),
+    (2, 21, 3),
+    (2, 300, 1),
 ];
 
 #[test]
@@ -284,7 +301,7 @@ proptest! {
     /// Arbitrary finite inputs: the fast path equals the reference.
     #[test]
     fn parity_on_arbitrary_values(
-        ic in 1usize..12, k in prop::sample::select(vec![1usize, 2, 9]),
+        ic in 1usize..40, k in prop::sample::select(vec![1usize, 2, 3, 9]),
         bits in 2u32..=8, mode in prop::sample::select(Mode::ALL.to_vec()),
         vals in prop::collection::vec(-1e3f32..1e3f32, 1..300)
     ) {

@@ -1,0 +1,414 @@
+//! The lane path's building blocks in AVX-512 intrinsics (x86-64 CPUs with
+//! AVX-512 F, BW, DQ and VL; chosen at run time). Same IEEE operations as
+//! the portable build in `fast.rs`: no FMA, rounding by `vrndscaleps` in
+//! round-to-nearest-even, f64 sums; the tests compare both with the scalar
+//! reference.
+
+use std::arch::x86_64::*;
+
+use crate::case::key;
+use crate::fast::{Carries, HwRound, Simd, L};
+use crate::qparams::ChannelParams;
+
+/// The AVX-512 build. Its methods are only called from functions compiled
+/// with these features, after the CPU was checked (`case.rs`).
+pub(crate) struct Avx512;
+
+/// `vrndscaleps` immediate: round to nearest even, no precision exception.
+const RNE: i32 = 0x08;
+
+impl Simd for Avx512 {
+    type R = HwRound;
+
+    #[inline(always)]
+    fn min_max(w: &[f32]) -> Result<(f32, f32), usize> {
+        // SAFETY: only reached from `quantize_channel_avx512`, which runs
+        // after the CPU features were checked.
+        unsafe { min_max(w) }
+    }
+
+    #[inline(always)]
+    fn e_codes(w: &[f32], p: ChannelParams, tmin: f32, tmax: f32, codes: &mut [i8]) {
+        // SAFETY: as above.
+        unsafe { e_codes(w, p, tmin, tmax, codes) }
+    }
+
+    #[inline(always)]
+    fn e_pass(
+        w: &[f32],
+        p: ChannelParams,
+        tmin: f32,
+        tmax: f32,
+        codes: &mut [i8],
+        pv: &mut [f32],
+    ) -> (f64, usize, usize) {
+        // SAFETY: as above.
+        unsafe { e_pass(w, p, tmin, tmax, codes, pv) }
+    }
+
+    #[inline(always)]
+    fn block<const K: usize, const CARRY: bool>(
+        wb: &[f32],
+        p: ChannelParams,
+        tmin: f32,
+        tmax: f32,
+        qb: &mut [i8],
+        carries: Carries<'_>,
+        base: u32,
+    ) -> (u32, u32, f64) {
+        // SAFETY: as above.
+        unsafe { block::<K, CARRY>(wb, p, tmin, tmax, qb, carries, base) }
+    }
+
+    #[inline(always)]
+    fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>) {
+        // SAFETY: as above.
+        unsafe { collect_above(vals, sign, thr, keys) }
+    }
+}
+
+/// Mask of the first `n` lanes (`n <= 16`).
+#[inline(always)]
+fn first_lanes(n: usize) -> __mmask16 {
+    ((1u32 << n) - 1) as __mmask16
+}
+
+/// int8 codes of sixteen integral values: clamp, convert, narrow.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+fn codes16(r: __m512, lo: __m512, hi: __m512) -> __m128i {
+    _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi)))
+}
+
+/// Sum of the sixteen f32 lanes of `e` (where `m`) into two f64 halves.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+fn add_f64(lo: __m512d, hi: __m512d, e: __m512) -> (__m512d, __m512d) {
+    (
+        _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(e))),
+        _mm512_add_pd(hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(e))),
+    )
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+unsafe fn min_max(w: &[f32]) -> Result<(f32, f32), usize> {
+    let n = w.len();
+    let ptr = w.as_ptr();
+    let mut mn = _mm512_set1_ps(f32::INFINITY);
+    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+    let zero = _mm512_setzero_ps();
+    let mut bad: __mmask16 = 0;
+    let mut i = 0;
+    while i < n {
+        let m = if i + L <= n { !0 } else { first_lanes(n - i) };
+        // SAFETY: lanes outside `m` are not read.
+        let v = unsafe { _mm512_maskz_loadu_ps(m, ptr.add(i)) };
+        mn = _mm512_mask_min_ps(mn, m, mn, v);
+        mx = _mm512_mask_max_ps(mx, m, mx, v);
+        // v * 0 is NaN exactly for NaN and infinities.
+        let z = _mm512_mul_ps(v, zero);
+        bad |= _mm512_mask_cmp_ps_mask::<_CMP_UNORD_Q>(m, z, z);
+        i += L;
+    }
+    if bad != 0 {
+        return Err(w.iter().position(|v| !v.is_finite()).unwrap_or(0));
+    }
+    Ok((_mm512_reduce_min_ps(mn), _mm512_reduce_max_ps(mx)))
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+unsafe fn e_codes(w: &[f32], p: ChannelParams, tmin: f32, tmax: f32, codes: &mut [i8]) {
+    let n = w.len().min(codes.len());
+    let (sv, zv) = (_mm512_set1_ps(p.scale), _mm512_set1_ps(p.zero_point));
+    let (lo, hi) = (_mm512_set1_ps(tmin), _mm512_set1_ps(tmax));
+    let mut i = 0;
+    while i < n {
+        let m = if i + L <= n { !0 } else { first_lanes(n - i) };
+        // SAFETY: lanes outside `m` are neither read nor written.
+        unsafe {
+            let x = _mm512_sub_ps(
+                _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(m, w.as_ptr().add(i))),
+                zv,
+            );
+            let r = _mm512_roundscale_ps::<RNE>(x);
+            _mm_mask_storeu_epi8(codes.as_mut_ptr().add(i), m, codes16(r, lo, hi));
+        }
+        i += L;
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+unsafe fn e_pass(
+    w: &[f32],
+    p: ChannelParams,
+    tmin: f32,
+    tmax: f32,
+    codes: &mut [i8],
+    pv: &mut [f32],
+) -> (f64, usize, usize) {
+    let n = w.len().min(codes.len()).min(pv.len());
+    let (sv, zv) = (_mm512_set1_ps(p.scale), _mm512_set1_ps(p.zero_point));
+    let (lo, hi) = (_mm512_set1_ps(tmin), _mm512_set1_ps(tmax));
+    let zero = _mm512_setzero_ps();
+    let (mut acc_lo, mut acc_hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+    let (mut nu, mut nd) = (0usize, 0usize);
+    let mut i = 0;
+    while i < n {
+        let m = if i + L <= n { !0 } else { first_lanes(n - i) };
+        // SAFETY: lanes outside `m` are neither read nor written.
+        unsafe {
+            let x = _mm512_sub_ps(
+                _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(m, w.as_ptr().add(i))),
+                zv,
+            );
+            let r = _mm512_roundscale_ps::<RNE>(x);
+            let e = _mm512_maskz_sub_ps(m, r, x);
+            _mm_mask_storeu_epi8(codes.as_mut_ptr().add(i), m, codes16(r, lo, hi));
+            // Up candidate: e < 0 and x < tmax, i.e. r < tmax; down: e > 0
+            // and r > tmin (r is the integer nearest to x).
+            let neg = _mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(m, e, zero);
+            let pos = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(m, e, zero);
+            let cu = _mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(neg, r, hi);
+            let cd = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(pos, r, lo);
+            _mm512_mask_storeu_ps(pv.as_mut_ptr().add(i), m, _mm512_maskz_mov_ps(cu | cd, e));
+            nu += cu.count_ones() as usize;
+            nd += cd.count_ones() as usize;
+            (acc_lo, acc_hi) = add_f64(acc_lo, acc_hi, e);
+        }
+        i += L;
+    }
+    (_mm512_reduce_add_pd(_mm512_add_pd(acc_lo, acc_hi)), nu, nd)
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+unsafe fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>) {
+    // Indices of the hits, compressed without a branch per block (a branch
+    // on "any hit" mispredicts about as often as it is taken), then keys.
+    let n = vals.len();
+    keys.clear();
+    keys.resize(n + L, 0);
+    let idx: &mut [u32] = {
+        // The index list lives in the key buffer's second half of each u64:
+        // reuse it as u32 scratch of 2 * (n + L) entries.
+        let len = keys.len() * 2;
+        // SAFETY: u64 storage reinterpreted as twice as many u32.
+        unsafe { std::slice::from_raw_parts_mut(keys.as_mut_ptr().cast::<u32>(), len) }
+    };
+    let (sg, th) = (_mm512_set1_ps(sign), _mm512_set1_ps(thr));
+    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // Compressed indices go to the upper half of the scratch, so building
+    // keys front to back never overwrites an index not yet read.
+    let hi = n + L;
+    let mut count = 0usize;
+    let mut i = 0;
+    while i < n {
+        let m = if i + L <= n { !0 } else { first_lanes(n - i) };
+        // SAFETY: lanes outside `m` are not read; the store writes 16 u32
+        // at `hi + count <= hi + n`, inside the 2 * (n + L) scratch.
+        unsafe {
+            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, vals.as_ptr().add(i)), sg);
+            let hit = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(m, v, th);
+            let at = _mm512_add_epi32(iota, _mm512_set1_epi32(i as i32));
+            _mm512_storeu_si512(
+                idx.as_mut_ptr().add(hi + count).cast(),
+                _mm512_maskz_compress_epi32(hit, at),
+            );
+            count += hit.count_ones() as usize;
+        }
+        i += L;
+    }
+    for c in 0..count {
+        let j = idx[hi + c] as usize;
+        let k = key(vals[j] * sign, j);
+        keys[c] = k;
+    }
+    keys.truncate(count);
+}
+
+/// One CASE step on each of 16 kernels of `K` elements, as
+/// `fast::kernel_block` (which documents the steps).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+unsafe fn block<const K: usize, const CARRY: bool>(
+    wb: &[f32],
+    p: ChannelParams,
+    tmin: f32,
+    tmax: f32,
+    qb: &mut [i8],
+    carries: Carries<'_>,
+    base: u32,
+) -> (u32, u32, f64) {
+    assert!(wb.len() == L * K && qb.len() == L * K);
+    assert!(carries.cp.len() >= L && carries.cpos.len() >= L && carries.ccur.len() >= L);
+    let zero = _mm512_setzero_ps();
+    let one = _mm512_set1_ps(1.0);
+    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let starts = _mm512_mullo_epi32(iota, _mm512_set1_epi32(K as i32));
+    let (sv, zv) = (_mm512_set1_ps(p.scale), _mm512_set1_ps(p.zero_point));
+    let (lo, hi) = (_mm512_set1_ps(tmin), _mm512_set1_ps(tmax));
+
+    // Transposed E level: position j of the 16 kernels in one vector.
+    let mut es = [zero; K];
+    let mut rs = [zero; K];
+    let (mut slo, mut shi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+    for j in 0..K {
+        let idx = _mm512_add_epi32(starts, _mm512_set1_epi32(j as i32));
+        // SAFETY: every index is below 16 * K = wb.len().
+        let wj = unsafe { _mm512_i32gather_ps::<4>(idx, wb.as_ptr()) };
+        let x = _mm512_sub_ps(_mm512_mul_ps(sv, wj), zv);
+        let r = _mm512_roundscale_ps::<RNE>(x);
+        let e = _mm512_sub_ps(r, x);
+        es[j] = e;
+        rs[j] = r;
+        (slo, shi) = add_f64(slo, shi, e);
+    }
+
+    // Step parameters, and the lanes that cannot be decided here.
+    let zero_pd = _mm512_setzero_pd();
+    let up: __mmask16 = (_mm512_cmp_pd_mask::<_CMP_LT_OQ>(slo, zero_pd) as u16)
+        | ((_mm512_cmp_pd_mask::<_CMP_LT_OQ>(shi, zero_pd) as u16) << 8);
+    let s32 = _mm512_insertf32x8::<1>(
+        _mm512_castps256_ps512(_mm512_cvtpd_ps(slo)),
+        _mm512_cvtpd_ps(shi),
+    );
+    let a = _mm512_abs_ps(s32);
+    let t = _mm512_roundscale_ps::<RNE>(a);
+    let over = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, a);
+    let tol = _mm512_set1_ps(K as f32 * 2f32.powi(-21) + 2f32.powi(-20));
+    let half = _mm512_mul_ps(
+        _mm512_roundscale_ps::<RNE>(_mm512_add_ps(a, a)),
+        _mm512_set1_ps(0.5),
+    );
+    let near = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_abs_ps(_mm512_sub_ps(a, half)), tol);
+    let ge1 = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, one);
+    let ge2 = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, _mm512_set1_ps(2.0));
+    let ge3 = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, _mm512_set1_ps(3.0));
+    let bad = near | ge3 | (ge2 & !over);
+    let ok = !bad;
+
+    // sg: the flip's change (+1 up, -1 down); sp = -sg makes the
+    // direction's priority positive; bnd: the code bound a flip must stay
+    // inside.
+    let sg = _mm512_mask_blend_ps(up, _mm512_set1_ps(-1.0), one);
+    let sp = _mm512_sub_ps(zero, sg);
+    let bnd = _mm512_mask_blend_ps(up, lo, hi);
+
+    // First two ranks of each kernel's order (strict >, ascending j).
+    let neg1 = _mm512_set1_ps(-1.0);
+    let (mut b1, mut b2) = (neg1, neg1);
+    let (mut i1, mut i2) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    let (mut e1, mut e2, mut r1, mut r2) = (zero, zero, zero, zero);
+    for j in 0..K {
+        let (e, r) = (es[j], rs[j]);
+        let v = _mm512_mul_ps(e, sp);
+        let d = _mm512_mul_ps(_mm512_sub_ps(r, bnd), sp);
+        let cand = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(
+            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, zero),
+            d,
+            zero,
+        );
+        let q = _mm512_maskz_mov_ps(cand, v);
+        let g1 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(q, b1);
+        let g2 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(q, b2);
+        let jv = _mm512_set1_epi32(j as i32);
+        b2 = _mm512_mask_blend_ps(g1, _mm512_mask_blend_ps(g2, b2, q), b1);
+        i2 = _mm512_mask_blend_epi32(g1, _mm512_mask_blend_epi32(g2, i2, jv), i1);
+        e2 = _mm512_mask_blend_ps(g1, _mm512_mask_blend_ps(g2, e2, e), e1);
+        r2 = _mm512_mask_blend_ps(g1, _mm512_mask_blend_ps(g2, r2, r), r1);
+        b1 = _mm512_mask_blend_ps(g1, b1, q);
+        i1 = _mm512_mask_blend_epi32(g1, i1, jv);
+        e1 = _mm512_mask_blend_ps(g1, e1, e);
+        r1 = _mm512_mask_blend_ps(g1, r1, r);
+    }
+
+    let c1 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(b1, zero);
+    let c2 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(b2, zero);
+    let f1 = ok & ge1;
+    let f2 = ok & ge2;
+    let d1 = f1 & c1;
+    let d2 = f2 & c2;
+    let changed = d1.count_ones() + d2.count_ones();
+
+    // Table errors of the two (e + sg for a candidate, else 0) and the
+    // kernel sums after the flips, in f64.
+    let n1 = _mm512_maskz_add_ps(c1, e1, sg);
+    let n2 = _mm512_maskz_add_ps(c2, e2, sg);
+    let delta = |lo_half: bool, f: __mmask16, n: __m512, e: __m512| -> __m512d {
+        let (nn, ee, k) = if lo_half {
+            (
+                _mm512_castps512_ps256(n),
+                _mm512_castps512_ps256(e),
+                f as u8,
+            )
+        } else {
+            (
+                _mm512_extractf32x8_ps::<1>(n),
+                _mm512_extractf32x8_ps::<1>(e),
+                (f >> 8) as u8,
+            )
+        };
+        _mm512_maskz_sub_pd(k, _mm512_cvtps_pd(nn), _mm512_cvtps_pd(ee))
+    };
+    let after_lo = _mm512_add_pd(
+        _mm512_add_pd(slo, delta(true, f1, n1, e1)),
+        delta(true, f2, n2, e2),
+    );
+    let after_hi = _mm512_add_pd(
+        _mm512_add_pd(shi, delta(false, f1, n1, e1)),
+        delta(false, f2, n2, e2),
+    );
+    let total = _mm512_reduce_add_pd(_mm512_add_pd(
+        _mm512_maskz_mov_pd(ok as u8, after_lo),
+        _mm512_maskz_mov_pd((ok >> 8) as u8, after_hi),
+    ));
+
+    if CARRY {
+        // over: order[t-1] (flipped) to the opposite table with |its new
+        // error|; else order[t] (unflipped) to dir's table with |e|.
+        let first = (over & !ge2) | (!over & !ge1);
+        let ce = _mm512_mask_blend_ps(first, e2, e1);
+        let cn = _mm512_mask_blend_ps(first, n2, n1);
+        let cc = (first & c1) | (!first & c2);
+        let pri = _mm512_abs_ps(_mm512_mask_blend_ps(over, ce, cn));
+        let tab_up = up ^ over;
+        let cp = _mm512_mask_sub_ps(pri, tab_up, zero, pri);
+        let pos = _mm512_add_epi32(
+            _mm512_add_epi32(_mm512_mask_blend_epi32(first, i2, i1), starts),
+            _mm512_set1_epi32(base as i32),
+        );
+        let cur = _mm512_maskz_mov_ps(over & cc, sg);
+        // SAFETY: each slice holds at least 16 values (asserted above).
+        unsafe {
+            _mm512_storeu_ps(carries.cp.as_mut_ptr(), cp);
+            _mm512_storeu_si512(carries.cpos.as_mut_ptr().cast(), pos);
+            _mm512_storeu_ps(carries.ccur.as_mut_ptr(), cur);
+        }
+    }
+
+    if (d1 | d2) != 0 {
+        let mut pos = [[0i32; L]; 2];
+        let mut code = [[0i32; L]; 2];
+        let nr1 = _mm512_mask_add_ps(r1, d1, r1, sg);
+        let nr2 = _mm512_mask_add_ps(r2, d2, r2, sg);
+        // SAFETY: stores into local arrays of 16 i32.
+        unsafe {
+            _mm512_storeu_si512(pos[0].as_mut_ptr().cast(), _mm512_add_epi32(starts, i1));
+            _mm512_storeu_si512(pos[1].as_mut_ptr().cast(), _mm512_add_epi32(starts, i2));
+            let clamp = |r: __m512| _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
+            _mm512_storeu_si512(code[0].as_mut_ptr().cast(), clamp(nr1));
+            _mm512_storeu_si512(code[1].as_mut_ptr().cast(), clamp(nr2));
+        }
+        for (s, mut m) in [d1, d2].into_iter().enumerate() {
+            while m != 0 {
+                let l = m.trailing_zeros() as usize;
+                m &= m - 1;
+                qb[pos[s][l] as usize] = code[s][l] as i8;
+            }
+        }
+    }
+    (changed, bad as u32, total)
+}
