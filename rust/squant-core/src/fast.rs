@@ -97,10 +97,11 @@ pub(crate) trait Simd {
         pv: &mut [f32],
     ) -> (f64, usize, usize);
     /// One CASE step on each of `L` kernels of `K` elements in lanes (see
-    /// [`kernel_block`]); the carries go to `carries` (when `CARRY`), with
-    /// positions offset by `base`. Returns the changed codes, the lanes it
-    /// could not decide (one bit each) and the f64 sum of the errors of the
-    /// decided kernels after the step.
+    /// [`kernel_block`]): writes the codes of the decided kernels into
+    /// `qb` and their carries to `carries` (when `CARRY`), with positions
+    /// offset by `base`. Returns the changed codes, the lanes it could not
+    /// decide (one bit each) and the f64 sum of the errors of the decided
+    /// kernels after the step.
     fn block<const K: usize, const CARRY: bool>(
         wb: &[f32],
         p: ChannelParams,
@@ -159,6 +160,7 @@ impl<R: Round> Simd for Portable<R> {
         carries: Carries<'_>,
         base: u32,
     ) -> (u32, u32, f64) {
+        e_codes::<R>(wb, p, tmin, tmax, qb);
         let out = kernel_block::<R, K, CARRY>(wb, p, tmin, tmax, qb);
         if CARRY {
             carries.cp.copy_from_slice(&out.cp);
@@ -473,7 +475,6 @@ fn kernel_level<S: Simd, const K: usize>(
         let base = b * L * K;
         let wb = &w[base..base + L * K];
         let qb = &mut codes[base..base + L * K];
-        S::e_codes(wb, p, tmin, tmax, qb);
         let at = if carry { b * L } else { 0 };
         let carries = Carries {
             cp: &mut ln.cp[at..at + L],

@@ -1,5 +1,5 @@
 //! The lane path's building blocks in AVX-512 intrinsics (x86-64 CPUs with
-//! AVX-512 F, BW, DQ and VL; chosen at run time). Same IEEE operations as
+//! AVX-512 F, BW, DQ, VL and VBMI; chosen at run time). Same IEEE operations as
 //! the portable build in `fast.rs`: no FMA, rounding by `vrndscaleps` in
 //! round-to-nearest-even, f64 sums; the tests compare both with the scalar
 //! reference.
@@ -75,14 +75,14 @@ fn first_lanes(n: usize) -> __mmask16 {
 
 /// int8 codes of sixteen integral values: clamp, convert, narrow.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,popcnt,bmi1,bmi2,lzcnt")]
 fn codes16(r: __m512, lo: __m512, hi: __m512) -> __m128i {
     _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi)))
 }
 
 /// Sum of the sixteen f32 lanes of `e` (where `m`) into two f64 halves.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,popcnt,bmi1,bmi2,lzcnt")]
 fn add_f64(lo: __m512d, hi: __m512d, e: __m512) -> (__m512d, __m512d) {
     (
         _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(e))),
@@ -91,7 +91,7 @@ fn add_f64(lo: __m512d, hi: __m512d, e: __m512) -> (__m512d, __m512d) {
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,popcnt,bmi1,bmi2,lzcnt")]
 unsafe fn min_max(w: &[f32]) -> Result<(f32, f32), usize> {
     let n = w.len();
     let ptr = w.as_ptr();
@@ -118,7 +118,7 @@ unsafe fn min_max(w: &[f32]) -> Result<(f32, f32), usize> {
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,popcnt,bmi1,bmi2,lzcnt")]
 unsafe fn e_codes(w: &[f32], p: ChannelParams, tmin: f32, tmax: f32, codes: &mut [i8]) {
     let n = w.len().min(codes.len());
     let (sv, zv) = (_mm512_set1_ps(p.scale), _mm512_set1_ps(p.zero_point));
@@ -140,7 +140,7 @@ unsafe fn e_codes(w: &[f32], p: ChannelParams, tmin: f32, tmax: f32, codes: &mut
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,popcnt,bmi1,bmi2,lzcnt")]
 unsafe fn e_pass(
     w: &[f32],
     p: ChannelParams,
@@ -184,7 +184,7 @@ unsafe fn e_pass(
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,popcnt,bmi1,bmi2,lzcnt")]
 unsafe fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>) {
     // Indices of the hits, compressed without a branch per block (a branch
     // on "any hit" mispredicts about as often as it is taken), then keys.
@@ -229,10 +229,45 @@ unsafe fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>) 
     keys.truncate(count);
 }
 
-/// One CASE step on each of 16 kernels of `K` elements, as
-/// `fast::kernel_block` (which documents the steps).
+/// The byte permutation from transposed codes (`T[16 j + l]`: element `j`
+/// of kernel `l`, in three 64-byte registers) to the natural order
+/// (`N[K l + j]`), 64 output bytes at a time: the source byte modulo 128
+/// (`vpermi2b` over the first two registers; `vpermb` over the third,
+/// which reads the low six bits) and the mask of output bytes taken from
+/// the third register. For `K <= 12`.
+struct Transpose<const K: usize>;
+
+impl<const K: usize> Transpose<K> {
+    const TABLES: ([[u8; 64]; 3], [u64; 3]) = transpose_tables(K);
+}
+
+const fn transpose_tables(k: usize) -> ([[u8; 64]; 3], [u64; 3]) {
+    let mut idx = [[0u8; 64]; 3];
+    let mut third = [0u64; 3];
+    let mut c = 0;
+    while c < 3 {
+        let mut b = 0;
+        while b < 64 {
+            let n = 64 * c + b;
+            if n < L * k {
+                let src = L * (n % k) + n / k;
+                idx[c][b] = (src % 128) as u8;
+                if src >= 128 {
+                    third[c] |= 1 << b;
+                }
+            }
+            b += 1;
+        }
+        c += 1;
+    }
+    (idx, third)
+}
+
+/// One CASE step on each of 16 kernels of `K` elements (`K <= 12`), as
+/// `fast::kernel_block` (which documents the steps), writing all 16 `K`
+/// codes.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,popcnt,bmi1,bmi2,lzcnt")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,popcnt,bmi1,bmi2,lzcnt")]
 unsafe fn block<const K: usize, const CARRY: bool>(
     wb: &[f32],
     p: ChannelParams,
@@ -242,7 +277,7 @@ unsafe fn block<const K: usize, const CARRY: bool>(
     carries: Carries<'_>,
     base: u32,
 ) -> (u32, u32, f64) {
-    assert!(wb.len() == L * K && qb.len() == L * K);
+    assert!(K <= 12 && wb.len() == L * K && qb.len() == L * K);
     assert!(carries.cp.len() >= L && carries.cpos.len() >= L && carries.ccur.len() >= L);
     let zero = _mm512_setzero_ps();
     let one = _mm512_set1_ps(1.0);
@@ -287,7 +322,9 @@ unsafe fn block<const K: usize, const CARRY: bool>(
     let ge1 = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, one);
     let ge2 = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, _mm512_set1_ps(2.0));
     let ge3 = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, _mm512_set1_ps(3.0));
-    let bad = near | ge3 | (ge2 & !over);
+    let ge4 = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(t, _mm512_set1_ps(4.0));
+    // A step needs its first t ranks plus the carry: at most three here.
+    let bad = near | ge4 | (ge3 & !over);
     let ok = !bad;
 
     // sg: the flip's change (+1 up, -1 down); sp = -sg makes the
@@ -297,11 +334,12 @@ unsafe fn block<const K: usize, const CARRY: bool>(
     let sp = _mm512_sub_ps(zero, sg);
     let bnd = _mm512_mask_blend_ps(up, lo, hi);
 
-    // First two ranks of each kernel's order (strict >, ascending j).
+    // First three ranks of each kernel's order (strict >, ascending j):
+    // priority, position and error of each.
     let neg1 = _mm512_set1_ps(-1.0);
-    let (mut b1, mut b2) = (neg1, neg1);
-    let (mut i1, mut i2) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-    let (mut e1, mut e2, mut r1, mut r2) = (zero, zero, zero, zero);
+    let mut bv = [neg1; 3];
+    let mut iv = [_mm512_setzero_si512(); 3];
+    let mut ev = [zero; 3];
     for j in 0..K {
         let (e, r) = (es[j], rs[j]);
         let v = _mm512_mul_ps(e, sp);
@@ -312,31 +350,40 @@ unsafe fn block<const K: usize, const CARRY: bool>(
             zero,
         );
         let q = _mm512_maskz_mov_ps(cand, v);
-        let g1 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(q, b1);
-        let g2 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(q, b2);
+        let g0 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(q, bv[0]);
+        let g1 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(q, bv[1]);
+        let g2 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(q, bv[2]);
         let jv = _mm512_set1_epi32(j as i32);
-        b2 = _mm512_mask_blend_ps(g1, _mm512_mask_blend_ps(g2, b2, q), b1);
-        i2 = _mm512_mask_blend_epi32(g1, _mm512_mask_blend_epi32(g2, i2, jv), i1);
-        e2 = _mm512_mask_blend_ps(g1, _mm512_mask_blend_ps(g2, e2, e), e1);
-        r2 = _mm512_mask_blend_ps(g1, _mm512_mask_blend_ps(g2, r2, r), r1);
-        b1 = _mm512_mask_blend_ps(g1, b1, q);
-        i1 = _mm512_mask_blend_epi32(g1, i1, jv);
-        e1 = _mm512_mask_blend_ps(g1, e1, e);
-        r1 = _mm512_mask_blend_ps(g1, r1, r);
+        // Slot s takes slot s-1's entry where q beats it, q where q beats
+        // only slot s, and keeps its own otherwise.
+        bv[2] = _mm512_mask_blend_ps(g1, _mm512_mask_blend_ps(g2, bv[2], q), bv[1]);
+        iv[2] = _mm512_mask_blend_epi32(g1, _mm512_mask_blend_epi32(g2, iv[2], jv), iv[1]);
+        ev[2] = _mm512_mask_blend_ps(g1, _mm512_mask_blend_ps(g2, ev[2], e), ev[1]);
+        bv[1] = _mm512_mask_blend_ps(g0, _mm512_mask_blend_ps(g1, bv[1], q), bv[0]);
+        iv[1] = _mm512_mask_blend_epi32(g0, _mm512_mask_blend_epi32(g1, iv[1], jv), iv[0]);
+        ev[1] = _mm512_mask_blend_ps(g0, _mm512_mask_blend_ps(g1, ev[1], e), ev[0]);
+        bv[0] = _mm512_mask_blend_ps(g0, bv[0], q);
+        iv[0] = _mm512_mask_blend_epi32(g0, iv[0], jv);
+        ev[0] = _mm512_mask_blend_ps(g0, ev[0], e);
     }
 
-    let c1 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(b1, zero);
-    let c2 = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(b2, zero);
-    let f1 = ok & ge1;
-    let f2 = ok & ge2;
-    let d1 = f1 & c1;
-    let d2 = f2 & c2;
-    let changed = d1.count_ones() + d2.count_ones();
+    // Rank s flips where t > s; it changes its code where it is a
+    // candidate (priority > 0). Table errors: e + sg for a candidate, else 0.
+    let ge = [ge1, ge2, ge3];
+    let mut cand = [0 as __mmask16; 3];
+    let mut flip = [0 as __mmask16; 3];
+    let mut moved = [0 as __mmask16; 3];
+    let mut nv = [zero; 3];
+    let mut changed = 0;
+    for s in 0..3 {
+        cand[s] = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(bv[s], zero);
+        flip[s] = ok & ge[s];
+        moved[s] = flip[s] & cand[s];
+        nv[s] = _mm512_maskz_add_ps(cand[s], ev[s], sg);
+        changed += moved[s].count_ones();
+    }
 
-    // Table errors of the two (e + sg for a candidate, else 0) and the
-    // kernel sums after the flips, in f64.
-    let n1 = _mm512_maskz_add_ps(c1, e1, sg);
-    let n2 = _mm512_maskz_add_ps(c2, e2, sg);
+    // Kernel sums after the flips, in f64 halves.
     let delta = |lo_half: bool, f: __mmask16, n: __m512, e: __m512| -> __m512d {
         let (nn, ee, k) = if lo_half {
             (
@@ -353,14 +400,11 @@ unsafe fn block<const K: usize, const CARRY: bool>(
         };
         _mm512_maskz_sub_pd(k, _mm512_cvtps_pd(nn), _mm512_cvtps_pd(ee))
     };
-    let after_lo = _mm512_add_pd(
-        _mm512_add_pd(slo, delta(true, f1, n1, e1)),
-        delta(true, f2, n2, e2),
-    );
-    let after_hi = _mm512_add_pd(
-        _mm512_add_pd(shi, delta(false, f1, n1, e1)),
-        delta(false, f2, n2, e2),
-    );
+    let (mut after_lo, mut after_hi) = (slo, shi);
+    for s in 0..3 {
+        after_lo = _mm512_add_pd(after_lo, delta(true, flip[s], nv[s], ev[s]));
+        after_hi = _mm512_add_pd(after_hi, delta(false, flip[s], nv[s], ev[s]));
+    }
     let total = _mm512_reduce_add_pd(_mm512_add_pd(
         _mm512_maskz_mov_pd(ok as u8, after_lo),
         _mm512_maskz_mov_pd((ok >> 8) as u8, after_hi),
@@ -368,18 +412,20 @@ unsafe fn block<const K: usize, const CARRY: bool>(
 
     if CARRY {
         // over: order[t-1] (flipped) to the opposite table with |its new
-        // error|; else order[t] (unflipped) to dir's table with |e|.
-        let first = (over & !ge2) | (!over & !ge1);
-        let ce = _mm512_mask_blend_ps(first, e2, e1);
-        let cn = _mm512_mask_blend_ps(first, n2, n1);
-        let cc = (first & c1) | (!first & c2);
+        // error|; else order[t] (unflipped) to dir's table with |e|. The
+        // rank is 1 or 2 in `at1` / `at2`, else 0.
+        let at1 = (over & ge2 & !ge3) | (!over & ge1 & !ge2);
+        let at2 = (over & ge3) | (!over & ge2);
+        let pick =
+            |v: [__m512; 3]| _mm512_mask_blend_ps(at2, _mm512_mask_blend_ps(at1, v[0], v[1]), v[2]);
+        let ce = pick(ev);
+        let cn = pick(nv);
+        let cc = (at2 & cand[2]) | (at1 & cand[1]) | (!(at1 | at2) & cand[0]);
         let pri = _mm512_abs_ps(_mm512_mask_blend_ps(over, ce, cn));
         let tab_up = up ^ over;
         let cp = _mm512_mask_sub_ps(pri, tab_up, zero, pri);
-        let pos = _mm512_add_epi32(
-            _mm512_add_epi32(_mm512_mask_blend_epi32(first, i2, i1), starts),
-            _mm512_set1_epi32(base as i32),
-        );
+        let ci = _mm512_mask_blend_epi32(at2, _mm512_mask_blend_epi32(at1, iv[0], iv[1]), iv[2]);
+        let pos = _mm512_add_epi32(_mm512_add_epi32(ci, starts), _mm512_set1_epi32(base as i32));
         let cur = _mm512_maskz_mov_ps(over & cc, sg);
         // SAFETY: each slice holds at least 16 values (asserted above).
         unsafe {
@@ -389,25 +435,41 @@ unsafe fn block<const K: usize, const CARRY: bool>(
         }
     }
 
-    if (d1 | d2) != 0 {
-        let mut pos = [[0i32; L]; 2];
-        let mut code = [[0i32; L]; 2];
-        let nr1 = _mm512_mask_add_ps(r1, d1, r1, sg);
-        let nr2 = _mm512_mask_add_ps(r2, d2, r2, sg);
-        // SAFETY: stores into local arrays of 16 i32.
-        unsafe {
-            _mm512_storeu_si512(pos[0].as_mut_ptr().cast(), _mm512_add_epi32(starts, i1));
-            _mm512_storeu_si512(pos[1].as_mut_ptr().cast(), _mm512_add_epi32(starts, i2));
-            let clamp = |r: __m512| _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
-            _mm512_storeu_si512(code[0].as_mut_ptr().cast(), clamp(nr1));
-            _mm512_storeu_si512(code[1].as_mut_ptr().cast(), clamp(nr2));
+    // Codes: the flips applied in lanes, then a byte transpose back to the
+    // natural order (`vpermi2b`).
+    let mut t = [_mm512_setzero_si512(); 3];
+    for j in 0..K {
+        let jv = _mm512_set1_epi32(j as i32);
+        let here = (_mm512_cmpeq_epi32_mask(iv[0], jv) & moved[0])
+            | (_mm512_cmpeq_epi32_mask(iv[1], jv) & moved[1])
+            | (_mm512_cmpeq_epi32_mask(iv[2], jv) & moved[2]);
+        let r = _mm512_mask_add_ps(rs[j], here, rs[j], sg);
+        let c = codes16(r, lo, hi);
+        let reg = &mut t[j / 4];
+        *reg = match j % 4 {
+            0 => _mm512_inserti32x4::<0>(*reg, c),
+            1 => _mm512_inserti32x4::<1>(*reg, c),
+            2 => _mm512_inserti32x4::<2>(*reg, c),
+            _ => _mm512_inserti32x4::<3>(*reg, c),
+        };
+    }
+    let (idx, third) = Transpose::<K>::TABLES;
+    let bytes = L * K;
+    for (c, (ix, &th)) in idx.iter().zip(&third).enumerate() {
+        if 64 * c >= bytes {
+            break;
         }
-        for (s, mut m) in [d1, d2].into_iter().enumerate() {
-            while m != 0 {
-                let l = m.trailing_zeros() as usize;
-                m &= m - 1;
-                qb[pos[s][l] as usize] = code[s][l] as i8;
+        // SAFETY: a 64-byte table; the store covers bytes 64c.. of qb only
+        // up to its end (the mask), and qb.len() == 16 K.
+        unsafe {
+            let ix = _mm512_loadu_si512(ix.as_ptr().cast());
+            let mut v = _mm512_permutex2var_epi8(t[0], ix, t[1]);
+            if bytes > 128 {
+                v = _mm512_mask_permutexvar_epi8(v, th, ix, t[2]);
             }
+            let n = (bytes - 64 * c).min(64);
+            let m: __mmask64 = if n == 64 { !0 } else { (1u64 << n) - 1 };
+            _mm512_mask_storeu_epi8(qb.as_mut_ptr().add(64 * c), m, v);
         }
     }
     (changed, bad as u32, total)
