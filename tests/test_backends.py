@@ -116,6 +116,64 @@ def test_bad_torch_inputs(backend: str) -> None:
         squant_rs.quantize_tensor(big, 4, backend=backend)
 
 
+def _bad_weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for name, value, where in (
+        ("nan", float("nan"), (2, 9)),
+        ("inf", float("inf"), (1, 4)),
+        ("-inf", -float("inf"), (3, 26)),
+    ):
+        w = torch.randn(4, 27, generator=g)
+        w[where] = value
+        out[name] = w.view(4, 3, 3, 3)
+    out["nan-and-big"] = torch.full((3, 5), 1e32)
+    out["nan-and-big"][2, 1] = float("nan")
+    out["too-large"] = torch.full((2, 3), 1e32)
+    w = torch.randn(3, 4, generator=g)
+    w[1, 0], w[1, 1] = 3e38, -3e38  # mx - mn overflows
+    out["range-overflow"] = w
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    w[1, 2] = 1e300
+    out["float64-beyond-float32"] = w
+    out["float16-inf"] = torch.randn(3, 4, generator=g).half()
+    out["float16-inf"][2, 3] = float("inf")
+    out["bfloat16-nan"] = torch.randn(3, 4, generator=g).bfloat16()
+    out["bfloat16-nan"][0, 0] = float("nan")
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["cpu", "dense"])
+@pytest.mark.parametrize("name", list(_bad_weights()))
+def test_torch_value_errors(monkeypatch: pytest.MonkeyPatch, strategy: str, name: str) -> None:
+    """The torch path raises exactly what the full value check raises (the
+    backend calls it only when its own per-channel test flags a channel,
+    after the levels on the dense strategy) and leaves the input alone."""
+    from squant_rs import _torch_backend as tb
+    from squant_rs._torch_adapter import _check_values_torch
+
+    monkeypatch.setattr(
+        tb,
+        "quantize_torch",
+        lambda w, bits, mode, *, check=None: tb._quantize(
+            w, bits, mode, on_cpu=strategy == "cpu", check=check
+        ),
+    )
+    w = _bad_weights()[name]
+    devices = ["cpu"] + (["cuda"] if CUDA else [])
+    for device in devices:
+        wd = w.to(device)
+        before = wd.clone()
+        with pytest.raises(squant_rs.SquantError) as want:
+            _check_values_torch(wd.float(), 4, wd if wd.dtype == torch.float64 else None)
+        for mode in squant_rs.MODES:
+            with pytest.raises(squant_rs.SquantError) as got:
+                squant_rs.quantize_tensor(wd, 4, mode, backend="torch")
+            assert type(got.value) is type(want.value)
+            assert str(got.value) == str(want.value)
+        assert torch.equal(wd.view(-1).view(torch.uint8), before.view(-1).view(torch.uint8))
+
+
 def test_unknown_backend() -> None:
     with pytest.raises(ValueError, match="backend"):
         squant_rs.quantize_tensor(torch.ones(4, 4), 4, backend="cuda")

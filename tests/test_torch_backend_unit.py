@@ -10,6 +10,7 @@ oracle) is cross-checked when it is importable.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -456,6 +457,169 @@ def test_matches_native_core_on_larger_tensors() -> None:
                 for on_cpu in (True, False):
                     got = _run(torch.from_numpy(w), bits, mode, on_cpu)
                     _assert_same(got, want, f"native {shape} {dist} b{bits} {mode}")
+
+
+def _clamped_min_weight(
+    rng: np.random.Generator, shape: tuple[int, ...], bits: int, share: float = 0.85
+) -> np.ndarray:
+    """Channels whose minimum repeats: with ``s * mn = -(n - 0.7)`` those
+    elements land at ``x = tmin - 0.3`` (error +0.3, no candidate), so the
+    kernel level flips non-candidates, zeroes their errors and leaves
+    zero-priority carries: the channel level then flips more positions
+    than there are positive carries (the fill, in position order)."""
+    n = 2 ** (bits - 1)
+    mx = -1.0 + (2**bits - 1) / (n - 0.7)
+    w = rng.uniform(-1.0, mx, shape)
+    w[rng.random(shape) < share] = -1.0
+    flat = w.reshape(shape[0], -1)
+    flat[:, 0] = mx
+    flat[:, -1] = -1.0
+    return np.asarray(w, dtype=F32)
+
+
+def _biased_weight(rng: np.random.Generator, shape: tuple[int, ...], bits: int) -> np.ndarray:
+    """``s = 1`` and ``z = n`` exactly; every other element sits at an
+    integer + 0.3, so every error is -0.3 and the sums (so ``t``) are large."""
+    top = 2**bits - 1
+    w = rng.integers(0, top, shape) + 0.3
+    flat = w.reshape(shape[0], -1)
+    flat[:, 0], flat[:, -1] = 0.0, float(top)
+    return np.asarray(w, dtype=F32)
+
+
+def _t_and_positive_carries(w: np.ndarray, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel: the channel level's ``t`` and number of positive carries
+    in its direction after the dense kernel level."""
+    oc, ic = w.shape[:2]
+    k = math.prod(w.shape[2:])
+    n = 2 ** (bits - 1)
+    w2 = torch.from_numpy(w.reshape(oc, -1))
+    s = torch.full((oc,), float(2**bits - 1)).div_((w2.amax(1) - w2.amin(1)).clamp_min_(1e-8))
+    z = torch.round(s * w2.amin(1)).add_(float(n))
+    x = (s.unsqueeze(1) * w2).sub_(z.unsqueeze(1))
+    r = torch.round(x)
+    levels = tb._DenseLevels(x, r, r - x, -n, n - 1)
+    levels.kernel_level(ic, k, True)
+    carry = levels.carry
+    assert carry is not None
+    up, t = tb._decide_channel(carry.total, tb._frac_bits(ic * k))
+    in_dir = carry.up.view(oc, ic) == up.unsqueeze(1)
+    n_pos = ((carry.pri.view(oc, ic) > 0) & in_dir).sum(1)
+    return t, n_pos
+
+
+@pytest.mark.parametrize("on_cpu", [True, False], ids=["cpu-path", "cuda-path"])
+def test_channel_level_fill_beyond_positive_carries(on_cpu: bool) -> None:
+    """After the kernel level, channels with t > (positive carries): the
+    dense strategy's running count over the non-carry positions, and the
+    sparse one's fill, against the oracle and the Rust core; large t
+    without K too (biased errors), all bit widths."""
+    native = pytest.importorskip("squant_rs._squant_rs")
+    rng = np.random.default_rng(31)
+    shapes = ((6, 5, 3, 3), (5, 1, 3, 3), (4, 16, 2, 2), (3, 4, 5), (7, 9), (6, 12, 1, 1))
+    beyond = 0
+    for bits in range(2, 9):
+        for shape in shapes:
+            for make in (_clamped_min_weight, _biased_weight):
+                w = make(rng, shape, bits)
+                if len(shape) > 2 and math.prod(shape[2:]) > 1:
+                    t, n_pos = _t_and_positive_carries(w, bits)
+                    beyond += int((t > n_pos).sum())
+                for mode in MODES:
+                    want = oracle(w, bits, mode)
+                    got = _run(torch.from_numpy(w), bits, mode, on_cpu)
+                    _assert_same(got, want, f"{make.__name__} {shape} b{bits} {mode}")
+                    ref = native.quantize(w, bits, mode, 1)
+                    _assert_same(got, (*ref[:3], int(ref[3]), int(ref[4])), f"native {shape}")
+    assert beyond > 40  # the case this test is about really happens
+
+
+@pytest.mark.parametrize("route", ["float32", "float64-total", "int64-t"])
+def test_dense_decide_routes(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
+    """The dense strategy's shortcuts in SPEC 3 (int64 total -> float32
+    directly, t kept as float32) and the exact routes it takes for long
+    groups (through float64; int64 t) give the same codes."""
+    if route == "float64-total":
+        monkeypatch.setattr(tb, "_EXACT_TOTAL_LIMIT", 0)
+    elif route == "int64-t":
+        monkeypatch.setattr(tb, "_FLOAT_T_LIMIT", 0)
+    native = pytest.importorskip("squant_rs._squant_rs")
+    rng = np.random.default_rng(37)
+    for shape, dist in (
+        ((6, 5, 3, 3), "grid"),
+        ((4, 8, 3, 3), "normal"),
+        ((5, 3, 2, 2), "grid_coarse"),
+        ((7, 40), "student_t"),
+        ((2, 8200), "normal"),  # 8200 * 2^40 >= 2^53: float64 route in any case
+    ):
+        w = make_weight(rng, shape, dist)
+        for bits in (2, 4, 8):
+            for mode in MODES:
+                ref = native.quantize(w, bits, mode, 1)
+                got = _run(torch.from_numpy(w), bits, mode, False)
+                _assert_same(got, (*ref[:3], int(ref[3]), int(ref[4])), f"{route} {shape} {mode}")
+
+
+def test_dense_strategy_survives_non_finite_weights() -> None:
+    """Without a check the dense strategy runs to the end on NaN and
+    infinities (its gathers stay in range: on CUDA an out-of-range index
+    would be a device-side assert), and flags the channels."""
+    rng = np.random.default_rng(17)
+    for shape in ((6, 5, 3, 3), (4, 1, 3, 3), (5, 8), (3, 4, 9, 9)):
+        for bad in (float("nan"), float("inf"), -float("inf"), 3e38):
+            w = torch.from_numpy(make_weight(rng, shape, "normal"))
+            w.view(shape[0], -1)[1, 2] = bad
+            w.view(shape[0], -1)[-1, :] = bad
+            before = w.clone()
+            calls: list[int] = []
+            flagged = functools.partial(calls.append, 1)
+            for mode in MODES:
+                for bits in (2, 4, 8):
+                    codes, s, z, kc, cc = tb._quantize(w, bits, mode, on_cpu=False, check=flagged)
+                    assert codes.shape == w.shape and isinstance(kc, int) and isinstance(cc, int)
+            assert len(calls) == len(MODES) * 3  # flagged every time
+            assert torch.equal(w.view(torch.int32), before.view(torch.int32))  # untouched
+
+
+def test_check_false_alarm_keeps_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flagged channel whose exact check passes (check returns): the
+    results are the ones computed, for both strategies."""
+    monkeypatch.setattr(tb, "_suspect_channels", lambda s, mx, z: torch.ones((), dtype=torch.int64))
+    rng = np.random.default_rng(19)
+    w = make_weight(rng, (6, 5, 3, 3), "normal")
+    for on_cpu in (True, False):
+        calls: list[int] = []
+        flagged = functools.partial(calls.append, 1)
+        for mode in MODES:
+            got = tb._quantize(torch.from_numpy(w), 4, mode, on_cpu=on_cpu, check=flagged)
+            got_np = (got[0].numpy(), got[1].numpy(), got[2].numpy(), got[3], got[4])
+            _assert_same(got_np, oracle(w, 4, mode), f"false alarm {on_cpu} {mode}")
+        assert len(calls) == len(MODES)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_one_host_sync_per_layer() -> None:
+    """The public CUDA path syncs with the host once per weight (the flip
+    counts and the suspect-channel count, read together)."""
+    import warnings
+
+    import squant_rs
+
+    rng = np.random.default_rng(23)
+    for shape in ((64, 32, 3, 3), (128, 64, 1, 1), (100, 300), (32, 1, 3, 3)):
+        w = torch.from_numpy(make_weight(rng, shape, "normal")).cuda()
+        for mode in MODES:
+            squant_rs.quantize_tensor(w, 4, mode)  # warm-up (lazy init may sync)
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    squant_rs.quantize_tensor(w, 4, mode)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs = [x for x in seen if "called a synchronizing" in str(x.message)]
+            assert len(syncs) == 1, (shape, mode, [str(x.message) for x in syncs])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

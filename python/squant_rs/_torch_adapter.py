@@ -50,9 +50,10 @@ def check_torch_weight(w: torch.Tensor) -> None:
 
 
 def _check_values_torch(w32: torch.Tensor, bits: int, original: torch.Tensor | None = None) -> None:
-    """The Rust core's value checks, for the torch path, before it runs:
-    non-finite weights and channels whose quantizer overflows float32 (one
-    host sync)."""
+    """The Rust core's value checks, for the torch path: non-finite weights
+    and channels whose quantizer overflows float32.  Raises the Rust core's
+    error for the first such channel; returns when there is none.  The
+    backend calls it only when its own cheap test flags a channel."""
     torch = require_torch()
     flat = w32.reshape(w32.shape[0], -1)
     bad = ~torch.isfinite(flat)
@@ -102,8 +103,12 @@ def quantize_torch_tensor(
     if use_torch:
         from ._torch_backend import quantize_torch
 
-        _check_values_torch(w.to(torch.float32), bits, w if w.dtype == torch.float64 else None)
-        codes, scale, zp, kf, cf = quantize_torch(w, bits, mode)
+        def check() -> None:  # the error path only: raises for a bad weight
+            _check_values_torch(w.to(torch.float32), bits, w if w.dtype == torch.float64 else None)
+
+        # The backend flags suspect channels from the quantizer it computes
+        # anyway and calls check() after its one host sync.
+        codes, scale, zp, kf, cf = quantize_torch(w, bits, mode, check=check)
         return QuantizedTensor(codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf))
     # A contiguous float32 CPU tensor is shared with numpy, not copied.
     arr = to_numpy_f32(w)

@@ -7,14 +7,15 @@ each CASE level handles all of its groups at once.  (The CPU strategy loops
 over *ranks*: the first few of the kernel level, at most ``ceil(K/2) + 1``,
 and the first ``max t`` of a channel level ranked by element priorities.)
 
-Exact tie rule without a stable sort
-------------------------------------
+Exact tie rule
+--------------
 Priorities are non-negative float32, so their int32 bit patterns order like
 the floats.  A group's order (priority descending, lower position first on
 ties) is the descending order of the unique int64 keys
-``bits << 32 | (len - 1 - position)`` (``sort``/``topk`` on those), or the
+``bits << 32 | (len - 1 - position)`` (``sort``/``topk`` on those), the
 result of repeated ``argmax`` over the int32 bits, because ``argmax``
-returns the *first* maximal index (documented).
+returns the *first* maximal index (documented), or a stable descending
+``sort`` of the int32 bits.
 
 Flip tables without tables
 --------------------------
@@ -43,9 +44,12 @@ Two strategies, identical results
   zero-priority fill) instead of the whole channel.  Channels ranked by
   their element priorities (K skipped) use a tournament over chunks when
   that beats ``topk`` (~10 ns per element on CPU whatever ``k``).
-* CUDA (``on_cpu=False``): as few kernel launches and host syncs as possible
-  -- dense full-tensor updates, one segmented ``sort`` for the kernels, one
-  ``topk`` per channel level, one sync for its ``k`` and one for the counts.
+* CUDA (``on_cpu=False``): as few kernel launches as possible and one host
+  sync per weight, which reads the flip counts and the suspect-channel count
+  (``check``) together -- dense full-tensor updates, one segmented ``sort``
+  for the kernels, one per channel level: of the elements when the kernel
+  level was skipped, else of the ``IC`` carries, the rest of the order
+  being every other position ascending (a running count).
 
 Both run on any device; the tests run both on CPU against a loop oracle.
 """
@@ -54,6 +58,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Callable
 
 import torch
 
@@ -103,12 +108,53 @@ def _decide(total: torch.Tensor, frac: int) -> tuple[torch.Tensor, torch.Tensor,
     ``over``: t >= |S|.  SPEC clamps t to the group length, which never
     binds: every |e| <= 1 (<= 0.5 before any flip), so |S| <= length.
     """
+    up, a, t = _abs_sum(total, frac)
+    over = t >= a
+    return up, t.long(), over
+
+
+def _decide_channel(total: torch.Tensor, frac: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_decide`` without ``over`` (the channel level leaves no carry)."""
+    up, _, t = _abs_sum(total, frac)
+    return up, t.long()
+
+
+def _abs_sum(total: torch.Tensor, frac: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(S < 0, |S| as float32, rne of it)`` from the fixed-point total."""
     s = total.double().mul_(float(2.0**-frac))
     up = s < 0
     a = s.abs_().float()
+    return up, a, torch.round(a)
+
+
+# Dense strategy: int64 totals below this convert to float32 with one
+# rounding, as through float64 (exact there); t stays float32, compared with
+# int64 ranks and counts, while the group is shorter than _FLOAT_T_LIMIT.
+_EXACT_TOTAL_LIMIT = 1 << 53
+_FLOAT_T_LIMIT = 1 << 24
+
+
+def _decide_dense(
+    total: torch.Tensor, frac: int, length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(up, |S| as float32, t)`` in few launches (see ``_decide``).
+
+    ``|total| <= length * 2^frac`` (every |e| <= 1).  ``t`` is float32
+    (int64 for groups of ``_FLOAT_T_LIMIT`` elements or more).
+    """
+    up = total < 0
+    if length << frac < _EXACT_TOTAL_LIMIT:
+        a = total.abs().float().mul_(float(2.0**-frac))
+    else:
+        a = total.double().mul_(float(2.0**-frac)).abs_().float()
     t = torch.round(a)
-    over = t >= a
-    return up, t.long(), over
+    return up, a, t if length < _FLOAT_T_LIMIT else t.long()
+
+
+def _neg_sigma(up: torch.Tensor) -> torch.Tensor:
+    """-1.0 where ``up``, +1.0 elsewhere, as an ``(N, 1)`` column (two
+    launches on CUDA; ``where`` with two scalars takes three)."""
+    return torch.pow(-1.0, up).unsqueeze(1)
 
 
 def _sigma(up: torch.Tensor) -> torch.Tensor:
@@ -137,40 +183,60 @@ def _rev(length: int, device: torch.device) -> torch.Tensor:
 
 
 def quantize_torch(
-    w: torch.Tensor, bits: int, mode: str
+    w: torch.Tensor, bits: int, mode: str, *, check: Callable[[], None] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """SQuant-quantize ``w`` on its device (SPEC sections 1-4).
 
-    ``w`` must already be validated (finite, non-empty, ``ndim >= 2``, bits in
-    2..8, a known mode).  It is read as float32 and viewed as ``(OC, IC, K)``.
+    ``w`` must already be validated (non-empty, ``ndim >= 2``, bits in 2..8,
+    a known mode).  It is read as float32 and viewed as ``(OC, IC, K)``.
     Returns ``(codes, scale, zero_point, k_changed, c_changed)``: int8 codes
     of ``w.shape`` on ``w.device``, SPEC's ``s`` and ``z`` as float32
     ``(OC,)``, and the numbers of elements whose code the kernel and the
     channel level changed.
+
+    ``check`` is called when some channel's quantizer may not be finite (a
+    NaN or infinity in the channel, or ``s``, ``s * mn``, ``s * mx`` or ``z``
+    overflowing float32): it should raise the error that describes it.  If
+    it returns (or is None) the results are returned as computed -- for a
+    channel that really is non-finite they mean nothing.  On CUDA the test
+    shares the one host sync that reads the flip counts.
     """
-    return _quantize(w, bits, mode, on_cpu=w.device.type == "cpu")
+    return _quantize(w, bits, mode, on_cpu=w.device.type == "cpu", check=check)
 
 
 def _quantize(
-    w: torch.Tensor, bits: int, mode: str, *, on_cpu: bool
+    w: torch.Tensor,
+    bits: int,
+    mode: str,
+    *,
+    on_cpu: bool,
+    check: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """``quantize_torch`` with the strategy chosen explicitly (see module doc)."""
-    device = w.device
     oc, ic = int(w.shape[0]), int(w.shape[1])
     k = math.prod(int(d) for d in w.shape[2:])
     width = ic * k
     n = 2 ** (bits - 1)
     tmin, tmax = -n, n - 1
-    w2 = w.detach().to(torch.float32).reshape(oc, width)
+    w2 = w.detach().to(torch.float32).reshape(oc, width)  # read only: may be w itself
 
     # --- SPEC 1: per-channel quantizer ------------------------------------
     if on_cpu:  # aminmax over a dim is slow on CPU; one launch on CUDA
         mn, mx = w2.amin(dim=1), w2.amax(dim=1)
     else:
         mn, mx = torch.aminmax(w2, dim=1)
-    s = torch.full((oc,), float(2**bits - 1), dtype=torch.float32, device=device)
-    s.div_((mx - mn).clamp_min_(1e-8))  # true division, not reciprocal * c
+    # True division (not reciprocal * c): a CPU scalar dividend keeps it
+    # one launch on CUDA.
+    s = torch.div(torch.tensor(float(2**bits - 1)), (mx - mn).clamp_min_(1e-8))
     z = torch.round(s * mn).add_(float(n))
+    bad: torch.Tensor | None = None  # CUDA: read with the flip counts
+    if check is not None:
+        suspect = _suspect_channels(s, mx, z)
+        if not on_cpu:
+            bad = suspect
+        elif int(suspect):
+            # Before the levels: their host-side loop bounds come from the data.
+            check()
     x = s.unsqueeze(1) * w2  # multiply, then subtract: two roundings
     x.sub_(z.unsqueeze(1))
 
@@ -178,24 +244,48 @@ def _quantize(
     r = torch.round(x)
     run_k = k > 1 and mode in ("squant-k", "squant")
     run_c = mode in ("squant-c", "squant")
-    if not (run_k or run_c):
-        return _codes(r, tmin, tmax, w.shape), s, z, 0, 0
-    e = r - x  # exact: |e| <= 0.5
-
-    # --- SPEC 3-4: the CASE levels ----------------------------------------
-    levels: _SparseLevels | _DenseLevels
-    levels = _SparseLevels(x, r, e, tmin, tmax) if on_cpu else _DenseLevels(x, r, e, tmin, tmax)
     counts: list[torch.Tensor] = []
-    carry: _Carry | None = None
-    if run_k:
-        counts.append(levels.kernel_level(ic, k, run_c))
-        carry = levels.carry
-    if run_c:
-        counts.append(levels.channel_level(ic, k, carry))
-    values = [int(c) for c in torch.stack(counts).tolist()]
+    levels: _SparseLevels | _DenseLevels | None = None
+    if run_k or run_c:
+        e = r - x  # exact: |e| <= 0.5
+
+        # --- SPEC 3-4: the CASE levels ------------------------------------
+        if on_cpu:
+            levels = _SparseLevels(x, r, e, tmin, tmax)
+        else:
+            levels = _DenseLevels(x, r, e, tmin, tmax)
+        del x, e
+        carry: _Carry | None = None
+        if run_k:
+            counts.append(levels.kernel_level(ic, k, run_c))
+            carry = levels.carry
+        if run_c:
+            counts.append(levels.channel_level(ic, k, carry))
+        r = levels.r
+    if bad is not None:
+        counts.append(bad)
+    # The one host sync (CUDA): flip counts and the suspect-channel count.
+    values = [int(c) for c in torch.stack(counts).tolist()] if counts else []
+    if bad is not None and values.pop() and check is not None:
+        check()
     k_changed = values[0] if run_k else 0
     c_changed = values[-1] if run_c else 0
-    return _codes(levels.r, tmin, tmax, w.shape), s, z, k_changed, c_changed
+    return _codes(r, tmin, tmax, w.shape), s, z, k_changed, c_changed
+
+
+def _suspect_channels(s: torch.Tensor, mx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Number of channels whose quantizer may not be finite (int64, 0-dim).
+
+    ``(s * mx - z) / s`` is NaN or infinite when ``s`` is NaN (a NaN in the
+    channel) or 0 (``mx - mn`` overflowed, infinities included), or when
+    ``s * mx`` or ``z`` (so ``s * mn``) is not finite; for a finite
+    quantizer it is about ``(n - 1) / s``, which overflows only when ``s``
+    is tiny (weights near float32's limit): a false alarm, which the
+    caller's exact check clears.  ``v - v`` is then 0 or NaN.
+    """
+    v = s * mx
+    v.sub_(z).div_(s)
+    return torch.count_nonzero(v.sub_(v))
 
 
 def _codes(r: torch.Tensor, tmin: int, tmax: int, shape: torch.Size) -> torch.Tensor:
@@ -356,7 +446,7 @@ class _SparseLevels:
             del buf
         else:
             total = carry.total
-        up, t, _ = _decide(total, frac)
+        up, t = _decide_channel(total, frac)
         t_max = int(t.max())
         if t_max == 0:
             return torch.zeros((), dtype=torch.int64, device=device)
@@ -528,10 +618,20 @@ def _chunk_len(width: int) -> int:
 
 
 class _DenseLevels:
-    """CUDA strategy: dense full-tensor updates, few launches and syncs."""
+    """CUDA strategy: dense full-tensor updates, no host sync (the caller
+    reads the flip counts once at the end).
+
+    Every group is fully ordered -- a ``sort`` of the unique int64 keys for
+    the kernels, a stable descending ``sort`` of the int32 priority bits
+    (clamped at 0, so ``-0.0`` and the other direction's candidates tie at
+    0; ties keep the lower position first) for the channels -- and a
+    position flips when its rank is below ``t``: no ``t``-sized tensor, so
+    no sync for ``max t``.  ``r`` is replaced, never updated in place, so
+    ``r0`` (SQuant-E's codes, the base of both flip tables) stays at hand.
+    """
 
     def __init__(self, x: torch.Tensor, r: torch.Tensor, e: torch.Tensor, tmin: int, tmax: int):
-        self.x, self.r, self.e = x, r, e
+        self.x, self.r, self.e, self.r0 = x, r, e, r
         # P = clamp(e, lo, hi), as in _priorities.
         lo = (r - tmax).clamp_(-1.0, 0.0)
         hi = (r - tmin).clamp_(0.0, 1.0)
@@ -541,63 +641,92 @@ class _DenseLevels:
     def kernel_level(self, ic: int, k: int, want_carry: bool) -> torch.Tensor:
         oc = self.x.shape[0]
         g_count = oc * ic
-        device = self.x.device
         frac = _frac_bits(k)
         e = self.e.view(g_count, k)
         p = self.p.view(g_count, k)
         total = _group_totals(e, frac)
-        up, t, over = _decide(total, frac)
-        sig = _sigma(up).unsqueeze(1)
-        q = p * sig.neg()  # dir's priority where > 0
-        keys = _keys(q.view(torch.int32).clamp_min(0), _rev(k, device))
-        if k <= _SMALL_KERNEL:
-            order = keys.sort(dim=1, descending=True).indices
-        else:  # t <= ceil(k/2): the ranks beyond are never needed
-            order = keys.topk((k + 1) // 2 + 1, dim=1).indices
-            order = torch.cat([order, keys.argmin(dim=1, keepdim=True)], dim=1)
-        ranks = torch.full((g_count, k), k, dtype=torch.int64, device=device)
-        ranks.scatter_(1, order, torch.arange(order.shape[1], device=device).expand_as(order))
-        flip = ranks < t.unsqueeze(1)
-        cand = q > 0
-        step = sig * (flip & cand)
-        self.r.view(g_count, k).add_(step)
-        e_new = torch.where(flip, (p + sig).mul_(cand), e)
+        up, a, t = _decide_dense(total, frac, k)
+        nsig = _neg_sigma(up)  # -sigma
+        q = p * nsig  # dir's priority where > 0
+        # Unique int64 keys: a plain sort (bitonic on short rows, ~3x faster
+        # on CUDA than the stable sort of the int32 bits here).
+        keys = _keys(q.view(torch.int32).clamp_min(0), _rev(k, q.device))
+        order = keys.sort(dim=1, descending=True).indices
+        flip = _ranks(order) < t.unsqueeze(1)
+        flip_cand = (q > 0).logical_and_(flip)
+        step = flip_cand * nsig  # -sigma where a candidate flips, else 0
+        self.r = (self.r0.view(g_count, k) - step).view(oc, ic * k)
+        # Flipped candidates: e + sigma; flipped non-candidates: 0.
+        e_new = (e - step).masked_fill_(flip.logical_xor_(flip_cand), 0.0)
         self.e = e_new.view(oc, ic * k)
         if want_carry:
-            # Over: c = order[t-1] (order[last] when S == 0); else order[t].
-            last = order.shape[1] - 1
-            cj = torch.where(total == 0, last, t - over.long())
-            local = order.gather(1, cj.unsqueeze(1))
+            # Over (t >= A): c = order[t-1], else order[t]: that is rank
+            # ceil(A) - 1 either way (A integral: t = A, over), and -1, which
+            # the remainder wraps to order[last], when S == 0.  The remainder
+            # also keeps the index in range for a non-finite channel.
+            cj = torch.remainder(a.ceil().sub_(1.0), k).long().unsqueeze(1)
+            local = order.gather(1, cj)
             pri = e_new.gather(1, local).abs_()
-            frac_c = _frac_bits(ic * k)
-            total_c = _group_totals(self.e, frac_c)
+            total_c = _group_totals(self.e, _frac_bits(ic * k))
+            over = t >= a
             self.carry = _Carry(local.squeeze(1), pri.squeeze(1), up ^ over, total_c)
-        return torch.count_nonzero(step)
+        return flip_cand.sum()
 
     def channel_level(self, ic: int, k: int, carry: _Carry | None) -> torch.Tensor:
-        x, r = self.x, self.r
-        device = x.device
-        oc, width = x.shape
+        oc, width = self.x.shape
         frac = _frac_bits(width)
         total = _group_totals(self.e, frac) if carry is None else carry.total
-        up, t, _ = _decide(total, frac)
-        t_max = int(t.max())
-        if t_max == 0:
-            return torch.zeros((), dtype=torch.int64, device=device)
-        sig = _sigma(up).unsqueeze(1)
+        up, _, t = _decide_dense(total, frac, width)
+        nsig = _neg_sigma(up)  # -sigma
+        q = self.p * nsig  # dir's priority (E-level tables) where > 0
         if carry is None:
-            hi = (self.p * sig.neg()).view(torch.int32).clamp_min_(0)
-        else:
-            in_dir = carry.up.view(oc, ic) == up.unsqueeze(1)
-            pri = (carry.pri.view(oc, ic) * in_dir).view(oc, ic, 1)
-            hi = torch.zeros((oc, ic, k), dtype=torch.int32, device=device)
-            hi.scatter_(2, carry.local.view(oc, ic, 1), pri.view(torch.int32))
-            hi = hi.view(oc, width)
-        sel = _keys(hi, _rev(width, device)).topk(min(t_max, width), dim=1).indices
-        valid = torch.arange(sel.shape[1], device=device).unsqueeze(0) < t.unsqueeze(1)
-        flip = torch.zeros((oc, width), dtype=torch.bool, device=device).scatter_(1, sel, valid)
-        value = torch.round(x).add_(sig * (self.p * sig < 0))
-        new_r = torch.where(flip, value, r)
-        changed = torch.count_nonzero((new_r != r).logical_and_(flip))
+            # r is still r0: flipping a non-candidate changes nothing.
+            flip = _ranks(_stable_order(q)) < t.unsqueeze(1)
+            flip.logical_and_(q > 0)
+            self.r = torch.where(flip, self.r0 - nsig, self.r0)
+            return flip.sum()
+        flip = _flips_after_k(carry, up, t, oc, ic, k)
+        value = torch.where(q > 0, self.r0 - nsig, self.r0)
+        new_r = torch.where(flip, value, self.r)
+        changed = (new_r != self.r).sum()
         self.r = new_r
         return changed
+
+
+def _stable_order(q: torch.Tensor) -> torch.Tensor:
+    """Positions of each row by priority ``max(q, 0)`` descending, lower
+    position first on ties (stable sort of the non-negative int32 bits)."""
+    bits = q.view(torch.int32).clamp_min(0)
+    return bits.sort(dim=-1, descending=True, stable=True).indices
+
+
+def _ranks(order: torch.Tensor) -> torch.Tensor:
+    """Inverse permutation of each row of ``order``: the rank of every position."""
+    n = order.shape[-1]
+    ar = torch.arange(n, device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ar)
+
+
+def _flips_after_k(
+    carry: _Carry, up: torch.Tensor, t: torch.Tensor, oc: int, ic: int, k: int
+) -> torch.Tensor:
+    """Dense (OC, IC*K) mask of the first ``t`` positions of each channel's
+    order after the kernel level, from the carries alone (no sync).
+
+    Only carries have a non-zero priority, so the order is: the positive
+    carries in the channel's direction (priority descending, position --
+    that is, kernel -- ascending), then every other position ascending.  A
+    positive carry flips when its rank among them is below ``t``; another
+    position flips when it is among the first ``t - n_pos`` of the rest
+    (inclusive running count of the non-carry mask).
+    """
+    pri = carry.pri.view(oc, ic) * (carry.up.view(oc, ic) == up.unsqueeze(1))
+    positive = pri > 0
+    n_pos = positive.sum(dim=1)
+    first = _ranks(_stable_order(pri)) < t.unsqueeze(1)  # (OC, IC)
+    hit = torch.arange(k, device=pri.device) == carry.local.view(oc, ic, 1)
+    pc = hit.logical_and_(positive.unsqueeze(2)).view(oc, ic * k)
+    # Running count of the other positions (pc's own entries are not used).
+    fill = pc.logical_not().cumsum(dim=1) <= (t - n_pos).unsqueeze(1)
+    flip = torch.where(pc.view(oc, ic, k), first.unsqueeze(2), fill.view(oc, ic, k))
+    return flip.view(oc, ic * k)
