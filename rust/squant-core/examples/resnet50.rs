@@ -1,7 +1,9 @@
 //! The issue-2 workload in Rust alone: the 54 Conv/Linear weights of a
 //! ResNet-50 (He-normal random values), quantized at 4 bits in every mode,
 //! on 1 and 2 threads. `cargo run --release -p squant-core --example resnet50 [REPS]`
-use squant_core::{quantize, Layout, Mode};
+//! (`ISA=avx2` or `ISA=baseline` times a lower build of the fast path).
+use squant_core::case::Isa;
+use squant_core::{quantize_isa, Layout, Mode};
 use std::time::Instant;
 
 /// (OC, IC, K) of the 54 weights, in model order.
@@ -48,9 +50,14 @@ fn main() {
             (Layout { oc, ic, k }, w)
         })
         .collect();
+    let isa = match std::env::var("ISA").as_deref() {
+        Ok("avx2") => Isa::Avx2,
+        Ok("baseline") => Isa::Baseline,
+        _ => Isa::Best,
+    };
     let n: usize = layers.iter().map(|(l, _)| l.len()).sum();
     println!(
-        "{} layers, {:.2} M parameters",
+        "{} layers, {:.2} M parameters, build {isa:?}",
         layers.len(),
         n as f64 / 1e6
     );
@@ -70,7 +77,7 @@ fn main() {
                 let t = Instant::now();
                 pool.install(|| {
                     for ((l, w), (q, sc, zp)) in layers.iter().zip(out.iter_mut()) {
-                        let f = quantize(w, *l, 4, mode, q, sc, zp).expect("quantize");
+                        let f = quantize_isa(w, *l, 4, mode, q, sc, zp, isa).expect("quantize");
                         flips = (f.k, f.c);
                     }
                 });

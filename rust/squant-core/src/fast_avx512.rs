@@ -154,7 +154,9 @@ unsafe fn e_pass(
     let (lo, hi) = (_mm512_set1_ps(tmin), _mm512_set1_ps(tmax));
     let zero = _mm512_setzero_ps();
     let (mut acc_lo, mut acc_hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
-    let (mut nu, mut nd) = (0usize, 0usize);
+    // Candidate counts per lane (a masked subtract of -1 adds 1).
+    let (mut nu, mut nd) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    let minus1 = _mm512_set1_epi32(-1);
     let mut i = 0;
     while i < n {
         let m = if i + L <= n { !0 } else { first_lanes(n - i) };
@@ -174,13 +176,17 @@ unsafe fn e_pass(
             let cu = _mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(neg, r, hi);
             let cd = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(pos, r, lo);
             _mm512_mask_storeu_ps(pv.as_mut_ptr().add(i), m, _mm512_maskz_mov_ps(cu | cd, e));
-            nu += cu.count_ones() as usize;
-            nd += cd.count_ones() as usize;
+            nu = _mm512_mask_sub_epi32(nu, cu, nu, minus1);
+            nd = _mm512_mask_sub_epi32(nd, cd, nd, minus1);
             (acc_lo, acc_hi) = add_f64(acc_lo, acc_hi, e);
         }
         i += L;
     }
-    (_mm512_reduce_add_pd(_mm512_add_pd(acc_lo, acc_hi)), nu, nd)
+    (
+        _mm512_reduce_add_pd(_mm512_add_pd(acc_lo, acc_hi)),
+        _mm512_reduce_add_epi32(nu) as u32 as usize,
+        _mm512_reduce_add_epi32(nd) as u32 as usize,
+    )
 }
 
 #[inline]
