@@ -1,7 +1,8 @@
 //! The issue-2 workload in Rust alone: the 54 Conv/Linear weights of a
 //! ResNet-50 (He-normal random values), quantized at 4 bits in every mode,
 //! on 1 and 2 threads. `cargo run --release -p squant-core --example resnet50 [REPS]`
-//! (`ISA=avx2` or `ISA=baseline` times a lower build of the fast path).
+//! (`ISA=avx2` or `ISA=baseline` times a lower build of the fast path;
+//! `FRESH=1` gives every run new output buffers, page faults included).
 use squant_core::case::Isa;
 use squant_core::{quantize_isa, Layout, Mode};
 use std::time::Instant;
@@ -23,6 +24,16 @@ fn shapes() -> Vec<(usize, usize, usize)> {
     }
     v.push((1000, 2048, 1));
     v
+}
+
+type Outputs = Vec<(Vec<i8>, Vec<f32>, Vec<f32>)>;
+
+/// Zeroed outputs for every layer (`vec![0; n]`: calloc, pages untouched).
+fn fresh_outputs(layers: &[(Layout, Vec<f32>)]) -> Outputs {
+    layers
+        .iter()
+        .map(|(l, _)| (vec![0; l.len()], vec![0.0; l.oc], vec![0.0; l.oc]))
+        .collect()
 }
 
 fn main() {
@@ -61,10 +72,8 @@ fn main() {
         layers.len(),
         n as f64 / 1e6
     );
-    let mut out: Vec<(Vec<i8>, Vec<f32>, Vec<f32>)> = layers
-        .iter()
-        .map(|(l, _)| (vec![0; l.len()], vec![0.0; l.oc], vec![0.0; l.oc]))
-        .collect();
+    let fresh = std::env::var_os("FRESH").is_some();
+    let mut out = fresh_outputs(&layers);
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -75,6 +84,11 @@ fn main() {
             let mut flips = (0, 0);
             for _ in 0..reps {
                 let t = Instant::now();
+                if fresh {
+                    // New (untouched) output buffers, as a caller that keeps
+                    // every result gets.
+                    out = fresh_outputs(&layers);
+                }
                 pool.install(|| {
                     for ((l, w), (q, sc, zp)) in layers.iter().zip(out.iter_mut()) {
                         let f = quantize_isa(w, *l, 4, mode, q, sc, zp, isa).expect("quantize");

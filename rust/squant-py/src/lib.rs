@@ -151,8 +151,40 @@ fn zeros<'py, T: numpy::Element>(
 ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
     let np = py.import("numpy")?;
     let arr = np.call_method1("zeros", (shape.to_vec(), dtype))?;
-    Ok(arr.cast_into::<PyArrayDyn<T>>()?)
+    let arr = arr.cast_into::<PyArrayDyn<T>>()?;
+    prefault(
+        arr.data().cast::<u8>(),
+        arr.len() * std::mem::size_of::<T>(),
+    );
+    Ok(arr)
 }
+
+/// Maps the pages of a fresh output buffer in one system call
+/// (`MADV_POPULATE_WRITE`, Linux 5.14+) instead of one page fault per 4 KiB
+/// page during the parallel run (about 3 us each on virtual machines: 18 ms
+/// for the 25 MB of ResNet-50 codes). Best effort: errors (older kernels)
+/// are ignored, and the memory is already valid either way.
+#[cfg(target_os = "linux")]
+fn prefault(ptr: *mut u8, len: usize) {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    const PAGE: usize = 4096;
+    // Below a few pages a system call saves nothing.
+    if len < 16 * PAGE {
+        return;
+    }
+    let start = (ptr as usize).div_ceil(PAGE) * PAGE;
+    let end = (ptr as usize + len) / PAGE * PAGE;
+    if end > start {
+        // SAFETY: [start, end) lies inside the array's own allocation;
+        // MADV_POPULATE_WRITE only maps pages (their contents are kept).
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn prefault(_ptr: *mut u8, _len: usize) {}
 
 /// quantize_reference(w, bits, mode)
 /// --
