@@ -1,5 +1,6 @@
 //! Quick timing of the fast path on one layer: `cargo run --release --example timing`.
-use squant_core::{quantize, Layout, Mode};
+use squant_core::case::Isa;
+use squant_core::{quantize_isa, Layout, Mode};
 use std::time::Instant;
 
 fn main() {
@@ -32,6 +33,11 @@ fn main() {
         .num_threads(1)
         .build()
         .unwrap();
+    let isa = match std::env::var("ISA").as_deref() {
+        Ok("avx2") => Isa::Avx2,
+        Ok("baseline") => Isa::Baseline,
+        _ => Isa::Best,
+    };
     let only: Option<Mode> = std::env::args().nth(1).and_then(|m| m.parse().ok());
     let reps = std::env::var("REPS")
         .ok()
@@ -44,7 +50,7 @@ fn main() {
         let mut best = f64::MAX;
         for _ in 0..reps {
             let t = Instant::now();
-            pool.install(|| quantize(&w, layout, 4, mode, &mut codes, &mut scale, &mut zp))
+            pool.install(|| quantize_isa(&w, layout, 4, mode, &mut codes, &mut scale, &mut zp, isa))
                 .unwrap();
             best = best.min(t.elapsed().as_secs_f64());
         }
