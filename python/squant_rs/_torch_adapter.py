@@ -3,12 +3,19 @@ vectorized torch implementation (CUDA, or on request)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import _squant_rs as _native
-from ._squant_rs import InvalidArgumentError, NonFiniteWeightError, WeightRangeError
+from ._squant_rs import (
+    InvalidArgumentError,
+    NonFiniteWeightError,
+    SquantError,
+    WeightRangeError,
+)
 from ._validate import UnsupportedDtypeError, check_shape
 
 if TYPE_CHECKING:
@@ -117,6 +124,126 @@ def quantize_torch_tensor(
     scale = torch.from_numpy(scale_np).to(w.device)
     zp = torch.from_numpy(zp_np).to(w.device)
     return QuantizedTensor(codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf))
+
+
+# A batch is cut into passes of at most this many elements (a weight larger
+# than that gets a pass of its own): beyond it launches no longer dominate,
+# and the backend's scratch memory stays that of one large weight.
+_MAX_PASS_ELEMENTS = 1 << 24
+
+
+def quantize_torch_tensors(
+    ws: list[torch.Tensor], bits: int, mode: str, indices: list[int]
+) -> list[QuantizedTensor]:
+    """``quantize_torch_tensor(w, bits, mode, "torch", None)`` for every
+    ``w`` in ``ws``, in few passes of the torch backend.
+
+    Output channels are quantized independently, so weights with the same
+    device, dtype and trailing shape ``(IC, *kernel)`` are concatenated
+    along dim 0 (one copy; the inputs are never modified), quantized in one
+    pass with one host sync, and split again: the results are bit-identical
+    to one call per weight, flip counts included (counted per weight).  A
+    weight alone in its group takes the single-weight path.  Groups keep the
+    order in which they first appear; a group is cut into passes of at most
+    ``_MAX_PASS_ELEMENTS`` elements.
+
+    ``bits`` and ``mode`` must be valid.  ``indices[i]`` is the position of
+    ``ws[i]`` in the caller's list: errors are the single-weight ones with
+    ``"weight {indices[i]}: "`` in front, for the weight with the lowest
+    index that one call per weight would reject.  The codes, scale and zero
+    point of a batched weight are views into its pass's outputs.
+    """
+    from ._tensor import QuantizedTensor
+    from ._torch_backend import quantize_torch, quantize_torch_segments
+
+    torch = require_torch()
+    if len(indices) != len(ws):
+        raise ValueError(f"got {len(ws)} weights but {len(indices)} indices")
+    ws = [w.detach() for w in ws]
+    pending = set(range(len(ws)))  # weights whose values are not known good
+
+    def check_values(positions: list[int]) -> None:
+        """Raise the prefixed value error of the lowest-indexed bad weight
+        in ``positions``; those found good are no longer pending."""
+        for p in sorted(positions, key=indices.__getitem__):
+            w = ws[p]
+            with _prefix(indices[p]):
+                _check_values_torch(
+                    w.to(torch.float32), bits, w if w.dtype == torch.float64 else None
+                )
+            pending.discard(p)
+
+    by_index = sorted(range(len(ws)), key=indices.__getitem__)
+    for j, p in enumerate(by_index):
+        try:
+            check_torch_weight(ws[p])
+        except (SquantError, UnsupportedDtypeError) as exc:
+            # One call per weight would reject an earlier bad value first.
+            check_values(by_index[:j])
+            raise _prefixed(exc, indices[p]) from None
+
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for p, w in enumerate(ws):
+        groups.setdefault((w.device, w.dtype, tuple(w.shape[1:])), []).append(p)
+
+    out: list[QuantizedTensor | None] = [None] * len(ws)
+    for ps in _passes(groups.values(), ws):
+
+        def check(last: int = max(indices[p] for p in ps)) -> None:
+            # Some channel of this pass is suspect: check its weights and the
+            # pending ones of later passes with lower indices (the lowest bad
+            # index wins); the results stand if all are good (a false alarm).
+            check_values([p for p in pending if indices[p] <= last])
+
+        if len(ps) == 1:
+            (p,) = ps
+            w = ws[p]
+            codes, scale, zp, kf, cf = quantize_torch(w, bits, mode, check=check)
+            out[p] = QuantizedTensor(codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf))
+        else:
+            sizes = [int(ws[p].shape[0]) for p in ps]
+            both = torch.cat([ws[p] for p in ps])
+            codes, scale, zp, kfs, cfs = quantize_torch_segments(
+                both, bits, mode, sizes, check=check
+            )
+            del both
+            split = (torch.split(t, sizes) for t in (codes, scale, zp))
+            for p, c, sc, z, kf, cf in zip(ps, *split, kfs, cfs):
+                out[p] = QuantizedTensor(c, sc, z, bits, mode, ws[p].dtype, int(kf), int(cf))
+        pending.difference_update(ps)
+    return [qt for qt in out if qt is not None]
+
+
+def _passes(groups: Iterable[list[int]], ws: list[torch.Tensor]) -> list[list[int]]:
+    """Cut each group (positions in ``ws``) into runs of at most
+    ``_MAX_PASS_ELEMENTS`` elements (a larger weight runs alone)."""
+    passes: list[list[int]] = []
+    for ps in groups:
+        run: list[int] = []
+        size = 0
+        for p in ps:
+            n = ws[p].numel()
+            if run and size + n > _MAX_PASS_ELEMENTS:
+                passes.append(run)
+                run, size = [], 0
+            run.append(p)
+            size += n
+        passes.append(run)
+    return passes
+
+
+def _prefixed(exc: Exception, index: int) -> Exception:
+    """``exc`` with ``"weight {index}: "`` in front of its message."""
+    return type(exc)(f"weight {index}: {exc}").with_traceback(exc.__traceback__)
+
+
+@contextlib.contextmanager
+def _prefix(index: int) -> Iterator[None]:
+    """Re-raise squant errors with ``"weight {index}: "`` in front."""
+    try:
+        yield
+    except (SquantError, UnsupportedDtypeError) as exc:
+        raise _prefixed(exc, index) from None
 
 
 def dequantize_torch(qt: QuantizedTensor) -> torch.Tensor:

@@ -52,17 +52,28 @@ Two strategies, identical results
   being every other position ascending (a running count).
 
 Both run on any device; the tests run both on CPU against a loop oracle.
+
+Batches
+-------
+Every step is per output channel (or per kernel of one), so weights with
+the same trailing shape ``(IC, *kernel)`` concatenated along dim 0 are
+quantized exactly as one by one: ``quantize_torch_segments`` runs such a
+concatenation in one pass -- the launches of one weight, one host sync --
+with the levels counting flips per channel (a row sum instead of a full
+sum) and the host summing them per weight.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from typing import Callable
 
+import numpy as np
 import torch
 
-__all__ = ["quantize_torch"]
+__all__ = ["quantize_torch", "quantize_torch_segments"]
 
 _MAX_FRAC_BITS = 40
 _FIXED_TOTAL_BITS = 62
@@ -75,6 +86,9 @@ _SMALL_KERNEL = 64
 # or off (False) instead of choosing by estimated cost (None).
 _CHUNK = 0
 _TOURNAMENT: bool | None = None
+# Strategy for every device (tests, profiling): True the CPU one, False the
+# CUDA one; None chooses by the weight's device.
+_ON_CPU: bool | None = None
 
 
 def _frac_bits(length: int) -> int:
@@ -201,7 +215,31 @@ def quantize_torch(
     channel that really is non-finite they mean nothing.  On CUDA the test
     shares the one host sync that reads the flip counts.
     """
-    return _quantize(w, bits, mode, on_cpu=w.device.type == "cpu", check=check)
+    return _quantize(w, bits, mode, on_cpu=_strategy_on_cpu(w), check=check)
+
+
+def quantize_torch_segments(
+    w: torch.Tensor,
+    bits: int,
+    mode: str,
+    segments: Sequence[int],
+    *,
+    check: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """``quantize_torch`` for several weights concatenated along dim 0.
+
+    Every step works per output channel, so the rows of the concatenation
+    are quantized exactly as in their own weight.  ``segments`` lists the
+    rows of each weight (they must add up to ``w.shape[0]``); the flip
+    counts come back per segment -- what ``quantize_torch`` reports for that
+    weight alone -- read with the same single host sync.  ``check`` is
+    called when a channel of any segment is suspect.
+    """
+    return _quantize_segments(w, bits, mode, segments, on_cpu=_strategy_on_cpu(w), check=check)
+
+
+def _strategy_on_cpu(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" if _ON_CPU is None else _ON_CPU
 
 
 def _quantize(
@@ -213,6 +251,44 @@ def _quantize(
     check: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """``quantize_torch`` with the strategy chosen explicitly (see module doc)."""
+    codes, s, z, kc, cc = _run(w, bits, mode, None, on_cpu=on_cpu, check=check)
+    return codes, s, z, kc[0], cc[0]
+
+
+def _quantize_segments(
+    w: torch.Tensor,
+    bits: int,
+    mode: str,
+    segments: Sequence[int],
+    *,
+    on_cpu: bool,
+    check: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """``quantize_torch_segments`` with the strategy chosen explicitly."""
+    sizes = [int(n) for n in segments]
+    if not sizes or min(sizes) < 1 or sum(sizes) != int(w.shape[0]):
+        raise ValueError(
+            f"segments {sizes} must be positive row counts adding up to {int(w.shape[0])}"
+        )
+    return _run(w, bits, mode, sizes, on_cpu=on_cpu, check=check)
+
+
+def _run(
+    w: torch.Tensor,
+    bits: int,
+    mode: str,
+    segments: list[int] | None,
+    *,
+    on_cpu: bool,
+    check: Callable[[], None] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """The quantizer; flip counts per segment (None: one, the whole weight).
+
+    With segments the levels count flips per channel, and the host sums
+    each segment's channels after the one sync; otherwise they count one
+    total each.  The same kernels run either way (a row sum instead of a
+    full sum).
+    """
     oc, ic = int(w.shape[0]), int(w.shape[1])
     k = math.prod(int(d) for d in w.shape[2:])
     width = ic * k
@@ -250,10 +326,11 @@ def _quantize(
         e = r - x  # exact: |e| <= 0.5
 
         # --- SPEC 3-4: the CASE levels ------------------------------------
+        per_row = segments is not None
         if on_cpu:
-            levels = _SparseLevels(x, r, e, tmin, tmax)
+            levels = _SparseLevels(x, r, e, tmin, tmax, per_row)
         else:
-            levels = _DenseLevels(x, r, e, tmin, tmax)
+            levels = _DenseLevels(x, r, e, tmin, tmax, per_row)
         del x, e
         carry: _Carry | None = None
         if run_k:
@@ -262,15 +339,39 @@ def _quantize(
         if run_c:
             counts.append(levels.channel_level(ic, k, carry))
         r = levels.r
-    if bad is not None:
-        counts.append(bad)
     # The one host sync (CUDA): flip counts and the suspect-channel count.
-    values = [int(c) for c in torch.stack(counts).tolist()] if counts else []
-    if bad is not None and values.pop() and check is not None:
+    if segments is None:
+        if bad is not None:
+            counts.append(bad)
+        values = [[int(c)] for c in torch.stack(counts).tolist()] if counts else []
+        any_bad = bad is not None and values.pop()[0] > 0
+    else:
+        values, any_bad = _segment_sums(counts, segments, bad)
+    if any_bad and check is not None:
         check()
-    k_changed = values[0] if run_k else 0
-    c_changed = values[-1] if run_c else 0
+    zeros = [0] * (1 if segments is None else len(segments))
+    k_changed = values[0] if run_k else zeros
+    c_changed = values[-1] if run_c else zeros
     return _codes(r, tmin, tmax, w.shape), s, z, k_changed, c_changed
+
+
+def _segment_sums(
+    counts: list[torch.Tensor], segments: list[int], bad: torch.Tensor | None
+) -> tuple[list[list[int]], bool]:
+    """Per-segment sums of per-channel counts (each ``(OC,)``), and whether
+    the suspect-channel count ``bad`` is non-zero.  One copy to the host --
+    the sync -- then numpy sums the segments."""
+    parts = counts if bad is None else [*counts, bad.view(1)]
+    if not parts:
+        return [], False
+    host = torch.cat(parts).cpu().numpy()
+    suspect = bad is not None and int(host[-1]) > 0
+    if not counts:
+        return [], suspect
+    oc = sum(segments)
+    starts = np.cumsum([0, *segments[:-1]])
+    rows = host[: len(counts) * oc].reshape(len(counts), oc)
+    return np.add.reduceat(rows, starts, axis=1).tolist(), suspect
 
 
 def _suspect_channels(s: torch.Tensor, mx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -324,11 +425,24 @@ def _priorities(e: torch.Tensor, r: torch.Tensor, tmin: int, tmax: int, buf: tor
 
 
 class _SparseLevels:
-    """CPU strategy: gathers, scatters, repeated argmax (see module doc)."""
+    """CPU strategy: gathers, scatters, repeated argmax (see module doc).
 
-    def __init__(self, x: torch.Tensor, r: torch.Tensor, e: torch.Tensor, tmin: int, tmax: int):
+    The levels return their flip counts as one total, or per output channel
+    (``(OC,)``) when ``per_row``.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        r: torch.Tensor,
+        e: torch.Tensor,
+        tmin: int,
+        tmax: int,
+        per_row: bool = False,
+    ):
         self.x, self.r, self.e = x, r, e
         self.tmin, self.tmax = tmin, tmax
+        self.per_row = per_row
         self.carry: _Carry | None = None
 
     def kernel_level(self, ic: int, k: int, want_carry: bool) -> torch.Tensor:
@@ -384,7 +498,8 @@ class _SparseLevels:
         frac_c = _frac_bits(ic * k)  # the corrections feed the channel level
         x2 = x.view(g_count, k)
         r2 = r.view(g_count, k)
-        blocks = [_KernelFlips(x2, r2, p, None, idx, 0, t, sigma, frac_c)]
+        per_row = self.per_row
+        blocks = [_KernelFlips(x2, r2, p, None, idx, 0, t, sigma, frac_c, per_row)]
         if deep_rows is not None and deep_idx is not None:
             blocks.append(
                 _KernelFlips(
@@ -397,13 +512,18 @@ class _SparseLevels:
                     t[deep_rows],
                     sigma[deep_rows],
                     frac_c,
+                    per_row,
                 )
             )
-        changed = blocks[0].changed
+        # Per kernel when per_row: summed per channel.
+        changed = blocks[0].changed.view(oc, ic).sum(dim=1) if per_row else blocks[0].changed
         corr = blocks[0].corr
         for b in blocks[1:]:
             assert b.rows is not None
-            changed = changed + b.changed
+            if per_row:
+                changed.index_add_(0, b.rows // ic, b.changed)
+            else:
+                changed = changed + b.changed
             corr.index_add_(0, b.rows, b.corr)
         if not want_carry:
             return changed
@@ -449,7 +569,7 @@ class _SparseLevels:
         up, t = _decide_channel(total, frac)
         t_max = int(t.max())
         if t_max == 0:
-            return torch.zeros((), dtype=torch.int64, device=device)
+            return torch.zeros((oc,) if self.per_row else (), dtype=torch.int64, device=device)
         if carry is None:
             pos = _top_positions_elements(e, up, t_max)
         else:
@@ -464,6 +584,8 @@ class _SparseLevels:
         current = r.gather(1, pos)
         value = torch.where(valid, value, current)
         r.scatter_(1, pos, value)
+        if self.per_row:
+            return torch.count_nonzero(value != current, dim=1)
         return torch.count_nonzero(value != current)
 
 
@@ -474,7 +596,8 @@ class _KernelFlips:
     Rows ``rows`` (None: all kernels) with rank positions ``idx`` (R, c) for
     ranks ``jstart .. jstart + c - 1``.  Entries with rank >= t are written
     back unchanged: the positions are unique and ``r`` is still the E-level
-    code at every position a block touches.
+    code at every position a block touches.  ``changed`` counts the flips:
+    one total, or per row (``(R,)``) when ``per_row``.
     """
 
     def __init__(
@@ -488,6 +611,7 @@ class _KernelFlips:
         t: torch.Tensor,
         sigma: torch.Tensor,
         frac_c: int,
+        per_row: bool = False,
     ) -> None:
         self.rows, self.idx, self.jstart = rows, idx, jstart
         device = x2.device
@@ -508,7 +632,7 @@ class _KernelFlips:
         else:
             k = r2.shape[1]
             r2.view(-1)[(rows.unsqueeze(1) * k + idx).view(-1)] = r0.add_(step).view(-1)
-        self.changed = torch.count_nonzero(step)
+        self.changed = torch.count_nonzero(step, dim=1) if per_row else torch.count_nonzero(step)
         # Change of the fixed-point terms (int64: float32 cannot hold it).
         new_term = _fixed(self.error * valid, frac_c).long()
         self.corr = new_term.sub_(_fixed(self.e0 * valid, frac_c).long()).sum(dim=1)
@@ -628,10 +752,21 @@ class _DenseLevels:
     position flips when its rank is below ``t``: no ``t``-sized tensor, so
     no sync for ``max t``.  ``r`` is replaced, never updated in place, so
     ``r0`` (SQuant-E's codes, the base of both flip tables) stays at hand.
+    The levels return their flip counts as one total, or per output channel
+    (``(OC,)``, a row sum instead of a full sum) when ``per_row``.
     """
 
-    def __init__(self, x: torch.Tensor, r: torch.Tensor, e: torch.Tensor, tmin: int, tmax: int):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        r: torch.Tensor,
+        e: torch.Tensor,
+        tmin: int,
+        tmax: int,
+        per_row: bool = False,
+    ):
         self.x, self.r, self.e, self.r0 = x, r, e, r
+        self.per_row = per_row
         # P = clamp(e, lo, hi), as in _priorities.
         lo = (r - tmax).clamp_(-1.0, 0.0)
         hi = (r - tmin).clamp_(0.0, 1.0)
@@ -670,7 +805,7 @@ class _DenseLevels:
             total_c = _group_totals(self.e, _frac_bits(ic * k))
             over = t >= a
             self.carry = _Carry(local.squeeze(1), pri.squeeze(1), up ^ over, total_c)
-        return flip_cand.sum()
+        return self._count(flip_cand, oc)
 
     def channel_level(self, ic: int, k: int, carry: _Carry | None) -> torch.Tensor:
         oc, width = self.x.shape
@@ -684,13 +819,18 @@ class _DenseLevels:
             flip = _ranks(_stable_order(q)) < t.unsqueeze(1)
             flip.logical_and_(q > 0)
             self.r = torch.where(flip, self.r0 - nsig, self.r0)
-            return flip.sum()
+            return self._count(flip, oc)
         flip = _flips_after_k(carry, up, t, oc, ic, k)
         value = torch.where(q > 0, self.r0 - nsig, self.r0)
         new_r = torch.where(flip, value, self.r)
-        changed = (new_r != self.r).sum()
+        changed = self._count(new_r != self.r, oc)
         self.r = new_r
         return changed
+
+    def _count(self, mask: torch.Tensor, oc: int) -> torch.Tensor:
+        """True entries of a mask of the weight's elements: in all, or per
+        output channel."""
+        return mask.view(oc, -1).sum(dim=1) if self.per_row else mask.sum()
 
 
 def _stable_order(q: torch.Tensor) -> torch.Tensor:
