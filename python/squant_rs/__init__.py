@@ -7,10 +7,12 @@ Quick start::
     w = np.random.randn(64, 32, 3, 3).astype(np.float32)
     qt = squant_rs.quantize_tensor(w, bits=4)          # mode="squant" (E+K+C)
     qt.codes, qt.scale, qt.zero_point, qt.dequantize()
+    qts = squant_rs.quantize_tensors([w, w[:8]], bits=4)   # many in one call
 """
 
 from __future__ import annotations
 
+from ._batch import quantize_tensors
 from ._squant_rs import (
     InvalidArgumentError,
     NonFiniteWeightError,
@@ -40,5 +42,6 @@ __all__ = [
     "load_quantized",
     "quantize_model",
     "quantize_tensor",
+    "quantize_tensors",
     "save_quantized",
 ]

@@ -6,6 +6,7 @@ import numpy.typing as npt
 
 __all__ = [
     "quantize",
+    "quantize_many",
     "quantize_reference",
     "dequantize",
     "resolve_threads",
@@ -38,6 +39,14 @@ def quantize(
     mode: str,
     threads: int | None = None,
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...
+def quantize_many(
+    ws: list[npt.NDArray[np.float32]],
+    bits: int,
+    mode: str,
+    threads: int | None = None,
+) -> list[
+    tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]
+]: ...
 def quantize_reference(
     w: npt.NDArray[np.float32], bits: int, mode: str
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...

@@ -50,8 +50,10 @@ fn main() {
         let mut best = f64::MAX;
         for _ in 0..reps {
             let t = Instant::now();
-            pool.install(|| quantize_isa(&w, layout, 4, mode, &mut codes, &mut scale, &mut zp, isa))
-                .unwrap();
+            pool.install(|| {
+                quantize_isa(&w, layout, 4, mode, &mut codes, &mut scale, &mut zp, isa)
+            })
+            .unwrap();
             best = best.min(t.elapsed().as_secs_f64());
         }
         println!(

@@ -14,6 +14,7 @@ use numpy::{
 };
 use pyo3::exceptions::PyMemoryError;
 use pyo3::prelude::*;
+use rayon::prelude::*;
 use squant_core::{Layout, Mode};
 
 use crate::error::{InvalidArgumentError, PyCoreError};
@@ -138,6 +139,93 @@ fn quantize<'py>(
     ))
 }
 
+/// One weight of a `quantize_many` call, ready to run.
+struct Job<'a> {
+    layout: Layout,
+    data: Cow<'a, [f32]>,
+    scale: Vec<f32>,
+    zp: Vec<f32>,
+}
+
+/// quantize_many(ws, bits, mode, threads=None)
+/// --
+///
+/// quantize() on every float32 weight of a list in one parallel run (the
+/// threads share the weights and their channels; no per-weight start-up).
+/// Returns the list of quantize()'s tuples. An error names the weight by
+/// its position: "weight 3: ...".
+#[pyfunction]
+#[pyo3(signature = (ws, bits, mode, threads=None))]
+fn quantize_many<'py>(
+    py: Python<'py>,
+    ws: Vec<PyReadonlyArrayDyn<'py, f32>>,
+    bits: u32,
+    mode: &str,
+    threads: Option<usize>,
+) -> PyResult<Vec<Quantized<'py>>> {
+    let mode = parse_mode(mode)?;
+    squant_core::qparams::check_bits(bits).map_err(PyCoreError)?;
+    let pool = pool::pool(pool::resolve_threads(threads)?)?;
+    let mut jobs = Vec::with_capacity(ws.len());
+    let mut codes = Vec::with_capacity(ws.len());
+    for (i, w) in ws.iter().enumerate() {
+        let shape = w.shape().to_vec();
+        let layout = layout_of(&shape).map_err(|e| with_index(py, e, i))?;
+        jobs.push(Job {
+            layout,
+            data: row_major(w)?,
+            scale: alloc::<f32>(layout.oc)?,
+            zp: alloc::<f32>(layout.oc)?,
+        });
+        codes.push(zeros::<i8>(py, &shape, "int8")?);
+    }
+    let mut rw: Vec<_> = codes.iter().map(|c| c.readwrite()).collect();
+    let mut outs = Vec::with_capacity(rw.len());
+    for r in rw.iter_mut() {
+        outs.push(
+            r.as_slice_mut()
+                .map_err(|e| InvalidArgumentError::new_err(e.to_string()))?,
+        );
+    }
+    let results: Vec<Result<squant_core::Flips, squant_core::SquantError>> = py.detach(|| {
+        pool.install(|| {
+            jobs.par_iter_mut()
+                .zip(outs.par_iter_mut())
+                .map(|(job, out)| {
+                    squant_core::quantize(
+                        &job.data,
+                        job.layout,
+                        bits,
+                        mode,
+                        out,
+                        &mut job.scale,
+                        &mut job.zp,
+                    )
+                })
+                .collect()
+        })
+    });
+    drop(rw);
+    let mut ret = Vec::with_capacity(results.len());
+    for (i, ((res, job), c)) in results.into_iter().zip(jobs).zip(codes).enumerate() {
+        let flips = res.map_err(|e| with_index(py, PyCoreError(e).into(), i))?;
+        ret.push((
+            c,
+            job.scale.into_pyarray(py),
+            job.zp.into_pyarray(py),
+            flips.k,
+            flips.c,
+        ));
+    }
+    Ok(ret)
+}
+
+/// The same exception with "weight {i}: " before its message.
+fn with_index(py: Python<'_>, err: PyErr, i: usize) -> PyErr {
+    let msg = format!("weight {i}: {}", err.value(py));
+    PyErr::from_type(err.get_type(py), msg)
+}
+
 /// A zeroed C-order numpy array of `shape` (its size already checked by
 /// `layout_of`) and dtype `dtype` (matching `T`). Made by `numpy.zeros`:
 /// numpy's allocator gets lazily zeroed pages from the OS (huge pages for
@@ -253,6 +341,7 @@ fn resolve_threads(threads: Option<usize>) -> PyResult<usize> {
 #[pymodule]
 fn _squant_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_many, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_reference, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_threads, m)?)?;

@@ -1,0 +1,106 @@
+"""`quantize_tensors`: many weights in one call.
+
+The results equal ``quantize_tensor`` on each weight; what changes is the
+cost. Weights for the Rust core run in one parallel pass (the threads share
+the weights and their channels, with no per-call start-up), and weights for
+the torch backend (CUDA) are grouped by trailing shape and quantized one
+group at a time, which divides the number of kernel launches -- the cost
+that dominates on a GPU -- by the number of weights per group. Every SQuant
+step is per output channel, so both are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from . import _squant_rs as _native
+from ._squant_rs import SquantError
+from ._tensor import QuantizedTensor, _is_torch_tensor, as_float32_array
+from ._validate import UnsupportedDtypeError, check_backend, check_bits, check_mode, check_threads
+
+
+def _with_index(exc: Exception, i: int) -> Exception:
+    """The same exception type with ``weight {i}: `` before its message."""
+    return type(exc)(f"weight {i}: {exc}")
+
+
+def quantize_tensors(
+    weights: Iterable[Any],
+    bits: int = 4,
+    mode: str = "squant",
+    *,
+    backend: str = "auto",
+    threads: int | None = None,
+) -> list[QuantizedTensor]:
+    """Quantize every weight of ``weights`` with SQuant, in one call.
+
+    Accepts what :func:`quantize_tensor` accepts (numpy arrays and torch
+    tensors, mixed shapes, dtypes and devices) with the same ``bits``,
+    ``mode``, ``backend`` and ``threads``, and returns the list of
+    :class:`QuantizedTensor` that ``quantize_tensor`` would return for each,
+    in order, bit for bit. An error names the weight: ``"weight 3: ..."``.
+    Inputs are never modified.
+    """
+    bits = check_bits(bits)
+    mode = check_mode(mode)
+    backend = check_backend(backend)
+    threads = check_threads(threads)
+    ws = list(weights)
+    out: list[QuantizedTensor | None] = [None] * len(ws)
+
+    native_idx: list[int] = []
+    native_arrays: list[Any] = []
+    native_dtypes: list[Any] = []
+    native_devices: list[Any] = []  # None: numpy input; else the torch device
+    torch_idx: list[int] = []
+    torch_ws: list[Any] = []
+    for i, w in enumerate(ws):
+        try:
+            if _is_torch_tensor(w):
+                from ._torch_adapter import check_torch_weight, to_numpy_f32
+
+                check_torch_weight(w)
+                w = w.detach()
+                if backend == "torch" or (backend == "auto" and w.device.type != "cpu"):
+                    torch_idx.append(i)
+                    torch_ws.append(w)
+                    continue
+                a32, dtype, device = to_numpy_f32(w), w.dtype, w.device
+            elif type(w).__module__.startswith("torch"):
+                raise TypeError("got a torch object but torch is not importable")
+            else:
+                a32, dtype = as_float32_array(w)
+                device = None
+        except (SquantError, TypeError, UnsupportedDtypeError) as exc:
+            raise _with_index(exc, i) from None
+        native_idx.append(i)
+        native_arrays.append(a32)
+        native_dtypes.append(dtype)
+        native_devices.append(device)
+
+    if native_arrays:
+        results = _native.quantize_many(native_arrays, bits, mode, threads)
+        for i, res, dtype, device in zip(native_idx, results, native_dtypes, native_devices):
+            codes, scale, zp, kf, cf = res
+            if device is None:
+                out[i] = QuantizedTensor(codes, scale, zp, bits, mode, dtype, int(kf), int(cf))
+                continue
+            import torch
+
+            out[i] = QuantizedTensor(
+                torch.from_numpy(codes).to(device),
+                torch.from_numpy(scale).to(device),
+                torch.from_numpy(zp).to(device),
+                bits,
+                mode,
+                dtype,
+                int(kf),
+                int(cf),
+            )
+    if torch_ws:
+        from ._torch_adapter import quantize_torch_tensors
+
+        for i, qt in zip(torch_idx, quantize_torch_tensors(torch_ws, bits, mode, torch_idx)):
+            out[i] = qt
+    return [qt for qt in out if qt is not None]

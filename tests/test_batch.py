@@ -1,0 +1,128 @@
+"""`quantize_tensors`: many weights in one call, the same results as
+`quantize_tensor` on each (numpy and CPU torch inputs, Rust core)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import squant_rs
+
+from conftest import make_weight, seed_for
+from reference import MODES
+
+SHAPES = [
+    (16, 8, 3, 3),
+    (5, 8, 3, 3),
+    (32, 64),
+    (7, 1, 3, 3),
+    (6, 4, 5),
+    (3, 2, 7, 7),
+    (40, 33, 1, 1),
+]
+
+
+def _weights(dtype=np.float32, key="batch"):
+    return [
+        make_weight(np.random.default_rng(seed_for(key, s)), s, "normal").astype(dtype)
+        for s in SHAPES
+    ]
+
+
+def _same(a, b) -> None:
+    assert np.array_equal(np.asarray(a.codes), np.asarray(b.codes))
+    assert np.array_equal(np.asarray(a.scale).view(np.uint32), np.asarray(b.scale).view(np.uint32))
+    assert np.array_equal(
+        np.asarray(a.zero_point).view(np.uint32), np.asarray(b.zero_point).view(np.uint32)
+    )
+    assert (a.k_flips, a.c_flips, a.bits, a.mode, a.dtype) == (
+        b.k_flips,
+        b.c_flips,
+        b.bits,
+        b.mode,
+        b.dtype,
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("dtype", (np.float16, np.float32, np.float64))
+def test_equals_one_call_per_weight(mode, bits, dtype):
+    ws = _weights(dtype, key=f"eq{dtype.__name__}")
+    before = [w.copy() for w in ws]
+    got = squant_rs.quantize_tensors(ws, bits, mode)
+    assert len(got) == len(ws)
+    for w, b, qt in zip(ws, before, got):
+        _same(qt, squant_rs.quantize_tensor(w, bits, mode))
+        assert w.tobytes() == b.tobytes()  # inputs untouched
+        assert qt.dequantize().dtype == w.dtype
+
+
+def test_thread_count_does_not_matter():
+    ws = _weights(key="threads")
+    one = squant_rs.quantize_tensors(ws, 4, threads=1)
+    for threads in (2, 3, 7):
+        for a, b in zip(one, squant_rs.quantize_tensors(ws, 4, threads=threads)):
+            _same(a, b)
+
+
+def test_empty_list_and_iterables():
+    assert squant_rs.quantize_tensors([]) == []
+    ws = _weights(key="iter")[:2]
+    for a, b in zip(squant_rs.quantize_tensors(iter(ws)), squant_rs.quantize_tensors(tuple(ws))):
+        _same(a, b)
+
+
+def test_strided_and_fortran_inputs():
+    base = _weights(key="layout")
+    views = [np.asfortranarray(base[0]), base[2][:, ::2], base[3][::-1]]
+    for v, qt in zip(views, squant_rs.quantize_tensors(views)):
+        _same(qt, squant_rs.quantize_tensor(np.ascontiguousarray(v)))
+
+
+def test_errors_name_the_weight():
+    ws = _weights(key="err")
+    bad = [w.copy() for w in ws]
+    bad[3][5, 0, 1, 2] = np.nan
+    with pytest.raises(squant_rs.NonFiniteWeightError, match=r"^weight 3: .*output channel 5"):
+        squant_rs.quantize_tensors(bad)
+    bad = list(ws)
+    bad[2] = np.zeros((0, 4), np.float32)
+    with pytest.raises(squant_rs.InvalidArgumentError, match=r"^weight 2: .*empty"):
+        squant_rs.quantize_tensors(bad)
+    bad[2] = np.arange(6, dtype=np.int32).reshape(2, 3)
+    with pytest.raises(squant_rs.UnsupportedDtypeError, match=r"^weight 2: .*int32"):
+        squant_rs.quantize_tensors(bad)
+    bad[2] = np.ones(4, np.float32)
+    with pytest.raises(squant_rs.InvalidArgumentError, match=r"^weight 2: .*2 dimensions"):
+        squant_rs.quantize_tensors(bad)
+    big = list(ws)
+    big[1] = np.full((2, 3), 1e39, np.float64)
+    with pytest.raises(squant_rs.WeightRangeError, match=r"^weight 1: "):
+        squant_rs.quantize_tensors(big)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="bits"):
+        squant_rs.quantize_tensors(ws, 9)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="mode"):
+        squant_rs.quantize_tensors(ws, 4, "squant-x")
+
+
+def test_native_errors_name_the_weight():
+    ws = [w.astype(np.float32) for w in _weights(key="nat")]
+    ws[4] = ws[4].copy()
+    ws[4][2, 1, 3] = np.inf
+    with pytest.raises(squant_rs.NonFiniteWeightError, match=r"^weight 4: .*output channel 2"):
+        squant_rs._squant_rs.quantize_many(ws, 4, "squant")
+
+
+def test_torch_cpu_tensors_take_the_rust_path():
+    torch = pytest.importorskip("torch")
+    ws = _weights(key="torch")
+    ts = [torch.from_numpy(w) for w in ws]
+    ts[1] = ts[1].to(torch.bfloat16)
+    got = squant_rs.quantize_tensors(ts + [ws[0]], 4)
+    for t, qt in zip(ts, got):
+        ref = squant_rs.quantize_tensor(t, 4)
+        assert isinstance(qt.codes, torch.Tensor) and qt.codes.device == t.device
+        assert torch.equal(qt.codes, ref.codes) and qt.dtype == t.dtype
+        assert (qt.k_flips, qt.c_flips) == (ref.k_flips, ref.c_flips)
+    assert isinstance(got[-1].codes, np.ndarray)
