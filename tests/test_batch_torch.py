@@ -153,18 +153,16 @@ def test_grouping_and_order(monkeypatch: pytest.MonkeyPatch) -> None:
     the groups first appear; a weight alone in its group takes the
     single-weight path."""
     calls: list[tuple[str, object]] = []
-    single, segmented = tb.quantize_torch, tb.quantize_torch_segments
+    queue = tb.launch
 
-    def one(w, bits, mode, *, check=None):
-        calls.append(("one", tuple(w.shape)))
-        return single(w, bits, mode, check=check)
+    def spy(w, bits, mode, segments, *, check=None):
+        if segments is None:
+            calls.append(("one", tuple(w.shape)))
+        else:
+            calls.append(("many", (tuple(w.shape), list(segments))))
+        return queue(w, bits, mode, segments, check=check)
 
-    def many(w, bits, mode, segments, *, check=None):
-        calls.append(("many", (tuple(w.shape), list(segments))))
-        return segmented(w, bits, mode, segments, check=check)
-
-    monkeypatch.setattr(tb, "quantize_torch", one)
-    monkeypatch.setattr(tb, "quantize_torch_segments", many)
+    monkeypatch.setattr(tb, "launch", spy)
     f32, f16 = torch.float32, torch.float16
     ws = [
         torch.randn(4, 3, 3, 3),
@@ -341,13 +339,13 @@ def test_cuda_nan_in_third_weight_of_group(mode: str) -> None:
 
 
 @needs_cuda
-def test_cuda_one_host_sync_per_group() -> None:
-    """One host sync per group: the flip counts of all its weights and the
-    suspect-channel count are read together."""
+def test_cuda_one_host_sync_per_call() -> None:
+    """One host sync for the whole call: every pass is queued first, then
+    the flip counts and suspect-channel counts of all of them are read
+    together (the host keeps launching while the GPU works)."""
     import warnings
 
     ws = _weights("syncs", "cuda")
-    n_groups = len({(w.dtype, tuple(w.shape[1:])) for w in ws})
     for mode in ("squant", "squant-k", "squant-c"):
         quantize_torch_tensors(ws, 4, mode, list(range(len(ws))))  # warm-up
         torch.cuda.synchronize()
@@ -359,4 +357,4 @@ def test_cuda_one_host_sync_per_group() -> None:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = [x for x in seen if "called a synchronizing" in str(x.message)]
-        assert len(syncs) == n_groups, (mode, [str(x.message) for x in syncs])
+        assert len(syncs) == 1, (mode, [str(x.message) for x in syncs])

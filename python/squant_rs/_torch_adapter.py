@@ -4,7 +4,7 @@ vectorized torch implementation (CUDA, or on request)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -154,7 +154,7 @@ def quantize_torch_tensors(
     point of a batched weight are views into its pass's outputs.
     """
     from ._tensor import QuantizedTensor
-    from ._torch_backend import quantize_torch, quantize_torch_segments
+    from ._torch_backend import Launched, launch, settle
 
     torch = require_torch()
     if len(indices) != len(ws):
@@ -186,7 +186,9 @@ def quantize_torch_tensors(
     for p, w in enumerate(ws):
         groups.setdefault((w.device, w.dtype, tuple(w.shape[1:])), []).append(p)
 
-    out: list[QuantizedTensor | None] = [None] * len(ws)
+    # Queue every pass, then read all their counts with one host copy per
+    # device: the host keeps launching while the GPU works.
+    runs: list[tuple[list[int], Launched, Callable[..., None]]] = []
     for ps in _passes(groups.values(), ws):
 
         def check(last: int = max(indices[p] for p in ps)) -> None:
@@ -196,21 +198,30 @@ def quantize_torch_tensors(
             check_values([p for p in pending if indices[p] <= last])
 
         if len(ps) == 1:
-            (p,) = ps
-            w = ws[p]
-            codes, scale, zp, kf, cf = quantize_torch(w, bits, mode, check=check)
-            out[p] = QuantizedTensor(codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf))
+            run = launch(ws[ps[0]], bits, mode, None, check=check)
         else:
-            sizes = [int(ws[p].shape[0]) for p in ps]
             both = torch.cat([ws[p] for p in ps])
-            codes, scale, zp, kfs, cfs = quantize_torch_segments(
-                both, bits, mode, sizes, check=check
-            )
+            run = launch(both, bits, mode, [int(ws[p].shape[0]) for p in ps], check=check)
             del both
-            split = (torch.split(t, sizes) for t in (codes, scale, zp))
-            for p, c, sc, z, kf, cf in zip(ps, *split, kfs, cfs):
-                out[p] = QuantizedTensor(c, sc, z, bits, mode, ws[p].dtype, int(kf), int(cf))
+        runs.append((ps, run, check))
+    counts = settle([run for _, run, _ in runs])
+    for (ps, _, check), (_, _, suspect) in zip(runs, counts):
+        if suspect:
+            check()
         pending.difference_update(ps)
+
+    out: list[QuantizedTensor | None] = [None] * len(ws)
+    for (ps, run, _), (kfs, cfs, _) in zip(runs, counts):
+        if len(ps) == 1:
+            (p,) = ps
+            out[p] = QuantizedTensor(
+                run.codes, run.s, run.z, bits, mode, ws[p].dtype, int(kfs[0]), int(cfs[0])
+            )
+            continue
+        sizes = [int(ws[p].shape[0]) for p in ps]
+        split = (torch.split(t, sizes) for t in (run.codes, run.s, run.z))
+        for p, c, sc, z, kf, cf in zip(ps, *split, kfs, cfs):
+            out[p] = QuantizedTensor(c, sc, z, bits, mode, ws[p].dtype, int(kf), int(cf))
     return [qt for qt in out if qt is not None]
 
 

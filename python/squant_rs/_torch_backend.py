@@ -73,7 +73,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["quantize_torch", "quantize_torch_segments"]
+__all__ = ["Launched", "launch", "quantize_torch", "quantize_torch_segments", "settle"]
 
 _MAX_FRAC_BITS = 40
 _FIXED_TOTAL_BITS = 62
@@ -289,6 +289,109 @@ def _run(
     total each.  The same kernels run either way (a row sum instead of a
     full sum).
     """
+    run = _launch(w, bits, mode, segments, on_cpu=on_cpu, check=check)
+    ((k_changed, c_changed, suspect),) = settle([run])
+    if suspect and check is not None:
+        check()
+    return run.codes, run.s, run.z, k_changed, c_changed
+
+
+class Launched:
+    """A pass whose kernels are queued: its outputs (valid once the queue
+    runs) and the device-side counts still to be read by :func:`settle`."""
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        s: torch.Tensor,
+        z: torch.Tensor,
+        counts: list[torch.Tensor],
+        bad: torch.Tensor | None,
+        run_k: bool,
+        run_c: bool,
+        segments: list[int] | None,
+    ) -> None:
+        self.codes, self.s, self.z = codes, s, z
+        self.counts, self.bad = counts, bad
+        self.run_k, self.run_c = run_k, run_c
+        self.segments = segments
+
+    def parts(self) -> list[torch.Tensor]:
+        """What the host must read, as 1-D int64 tensors."""
+        parts = [c.reshape(-1).to(torch.int64) for c in self.counts]
+        if self.bad is not None:
+            parts.append(self.bad.reshape(1).to(torch.int64))
+        return parts
+
+    def read(self, host: np.ndarray) -> tuple[list[int], list[int], bool]:
+        """Per-segment K and C flip counts and the suspect flag, from this
+        pass's slice of the host copy of :meth:`parts`."""
+        suspect = False
+        if self.bad is not None:
+            suspect = int(host[-1]) > 0
+            host = host[:-1]
+        values: list[list[int]] = []
+        if self.counts:
+            if self.segments is None:
+                values = [[int(v)] for v in host]
+            else:
+                oc = sum(self.segments)
+                starts = np.cumsum([0, *self.segments[:-1]])
+                rows = host.reshape(len(self.counts), oc)
+                values = np.add.reduceat(rows, starts, axis=1).tolist()
+        zeros = [0] * (1 if self.segments is None else len(self.segments))
+        k_changed = values[0] if self.run_k else zeros
+        c_changed = values[-1] if self.run_c else zeros
+        return k_changed, c_changed, suspect
+
+
+def settle(runs: list[Launched]) -> list[tuple[list[int], list[int], bool]]:
+    """Read the counts of several queued passes with one host copy per
+    device (the only host syncs), in order."""
+    parts = [r.parts() for r in runs]
+    sizes = [sum(int(p.numel()) for p in ps) for ps in parts]
+    host: dict[torch.device, np.ndarray] = {}
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for r, ps in zip(runs, parts):
+        by_device.setdefault(r.codes.device, []).extend(ps)
+    for device, ts in by_device.items():
+        host[device] = torch.cat(ts).cpu().numpy() if ts else np.zeros(0, np.int64)
+    offset = dict.fromkeys(host, 0)
+    out = []
+    for r, n in zip(runs, sizes):
+        d = r.codes.device
+        out.append(r.read(host[d][offset[d] : offset[d] + n]))
+        offset[d] += n
+    return out
+
+
+def launch(
+    w: torch.Tensor,
+    bits: int,
+    mode: str,
+    segments: Sequence[int] | None,
+    *,
+    check: Callable[[], None] | None = None,
+) -> Launched:
+    """Queue the quantization of ``w`` (segments: rows per weight of a
+    concatenation, or None) without reading anything back; :func:`settle`
+    reads the flip counts and the suspect flag of many such passes at once,
+    and the caller calls ``check`` for a suspect pass.  (The CPU strategy
+    calls ``check`` itself, before its levels.)"""
+    sizes = None if segments is None else [int(n) for n in segments]
+    return _launch(w, bits, mode, sizes, on_cpu=_strategy_on_cpu(w), check=check)
+
+
+def _launch(
+    w: torch.Tensor,
+    bits: int,
+    mode: str,
+    segments: list[int] | None,
+    *,
+    on_cpu: bool,
+    check: Callable[[], None] | None,
+) -> Launched:
+    """Everything of :func:`_run` up to its host sync."""
     oc, ic = int(w.shape[0]), int(w.shape[1])
     k = math.prod(int(d) for d in w.shape[2:])
     width = ic * k
@@ -321,12 +424,12 @@ def _run(
     run_k = k > 1 and mode in ("squant-k", "squant")
     run_c = mode in ("squant-c", "squant")
     counts: list[torch.Tensor] = []
-    levels: _SparseLevels | _DenseLevels | None = None
     if run_k or run_c:
         e = r - x  # exact: |e| <= 0.5
 
         # --- SPEC 3-4: the CASE levels ------------------------------------
         per_row = segments is not None
+        levels: _SparseLevels | _DenseLevels
         if on_cpu:
             levels = _SparseLevels(x, r, e, tmin, tmax, per_row)
         else:
@@ -339,39 +442,8 @@ def _run(
         if run_c:
             counts.append(levels.channel_level(ic, k, carry))
         r = levels.r
-    # The one host sync (CUDA): flip counts and the suspect-channel count.
-    if segments is None:
-        if bad is not None:
-            counts.append(bad)
-        values = [[int(c)] for c in torch.stack(counts).tolist()] if counts else []
-        any_bad = bad is not None and values.pop()[0] > 0
-    else:
-        values, any_bad = _segment_sums(counts, segments, bad)
-    if any_bad and check is not None:
-        check()
-    zeros = [0] * (1 if segments is None else len(segments))
-    k_changed = values[0] if run_k else zeros
-    c_changed = values[-1] if run_c else zeros
-    return _codes(r, tmin, tmax, w.shape), s, z, k_changed, c_changed
-
-
-def _segment_sums(
-    counts: list[torch.Tensor], segments: list[int], bad: torch.Tensor | None
-) -> tuple[list[list[int]], bool]:
-    """Per-segment sums of per-channel counts (each ``(OC,)``), and whether
-    the suspect-channel count ``bad`` is non-zero.  One copy to the host --
-    the sync -- then numpy sums the segments."""
-    parts = counts if bad is None else [*counts, bad.view(1)]
-    if not parts:
-        return [], False
-    host = torch.cat(parts).cpu().numpy()
-    suspect = bad is not None and int(host[-1]) > 0
-    if not counts:
-        return [], suspect
-    oc = sum(segments)
-    starts = np.cumsum([0, *segments[:-1]])
-    rows = host[: len(counts) * oc].reshape(len(counts), oc)
-    return np.add.reduceat(rows, starts, axis=1).tolist(), suspect
+    codes = _codes(r, tmin, tmax, w.shape)
+    return Launched(codes, s, z, counts, bad, run_k, run_c, segments)
 
 
 def _suspect_channels(s: torch.Tensor, mx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
