@@ -111,8 +111,9 @@ pub(crate) trait Simd {
         carries: Carries<'_>,
         base: u32,
     ) -> (u32, u32, f64);
-    /// Keys of the entries whose priority `sign * v` exceeds `thr`.
-    fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>);
+    /// Keys of the entries whose priority `sign * v` exceeds `thr`
+    /// (`idx`: scratch).
+    fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>, idx: &mut Vec<u32>);
 }
 
 /// Where a block writes its `L` carries (see [`Lanes`]).
@@ -173,7 +174,7 @@ impl<R: Round> Simd for Portable<R> {
     }
 
     #[inline(always)]
-    fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>) {
+    fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>, _: &mut Vec<u32>) {
         collect_above(vals, sign, thr, keys)
     }
 }
@@ -191,6 +192,7 @@ pub(crate) struct Lanes {
     /// Current value of the carried element minus its E-level value.
     ccur: Vec<f32>,
     keys: Vec<u64>,
+    idx: Vec<u32>,
     kx: Vec<f32>,
     kr: Vec<f32>,
     ke: Vec<f32>,
@@ -339,12 +341,41 @@ fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>) {
     }
 }
 
-/// The `t` largest keys, in `keys[..t]` (any order).
+/// Up to this many wanted keys, [`keep_top`] keeps a sorted buffer.
+const TOP_BUFFER: usize = 32;
+
+/// The `t` largest keys (unique), in `keys[..t]` (any order).
+///
+/// A small `t` among many keys (the usual channel step: a handful of flips
+/// among hundreds of carries) keeps a sorted buffer of the `t` best: after
+/// the first few keys almost none beats its last entry, so the scan is one
+/// well-predicted comparison per key. Otherwise quickselect.
 #[inline(always)]
 fn keep_top(keys: &mut [u64], t: usize) {
-    if t > 0 && t < keys.len() {
-        keys.select_nth_unstable_by(t - 1, |a, b| b.cmp(a));
+    let n = keys.len();
+    if t == 0 || t >= n {
+        return;
     }
+    if t > TOP_BUFFER || 4 * t > n {
+        keys.select_nth_unstable_by(t - 1, |a, b| b.cmp(a));
+        return;
+    }
+    let mut top = [0u64; TOP_BUFFER];
+    top[..t].copy_from_slice(&keys[..t]);
+    top[..t].sort_unstable_by(|a, b| b.cmp(a));
+    let mut last = top[t - 1];
+    for &k in &keys[t..] {
+        if k > last {
+            let mut i = t - 1;
+            while i > 0 && top[i - 1] < k {
+                top[i] = top[i - 1];
+                i -= 1;
+            }
+            top[i] = k;
+            last = top[t - 1];
+        }
+    }
+    keys[..t].copy_from_slice(&top[..t]);
 }
 
 /// SQuant-C over the element priorities (K level skipped): flips the first
@@ -382,7 +413,7 @@ fn channel_flips_elements<S: Simd>(
         0.0
     };
     loop {
-        S::collect_above(&ln.p, sign, thr, &mut ln.keys);
+        S::collect_above(&ln.p, sign, thr, &mut ln.keys, &mut ln.idx);
         if ln.keys.len() >= t || thr == 0.0 {
             break;
         }
@@ -824,6 +855,32 @@ mod tests {
         // A channel sum within ~1e-6 of a multiple of 0.5 is left to the
         // general path; that is rare on such data.
         assert!(decided >= 40 * 3 * 4 - 2, "decided {decided} of 480");
+    }
+
+    /// Both strategies of `keep_top` keep exactly the t largest keys.
+    #[test]
+    fn keep_top_keeps_the_largest() {
+        let mut s = 7u64;
+        for n in [1usize, 2, 5, 40, 300, 1000] {
+            let keys: Vec<u64> = (0..n)
+                .map(|i| {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    ((s >> 45) << 32) | i as u64
+                })
+                .collect();
+            for t in [0usize, 1, 2, 3, 7, 31, 32, 33, 100] {
+                let t = t.min(n);
+                let mut got = keys.clone();
+                keep_top(&mut got, t);
+                let mut got = got[..t].to_vec();
+                got.sort_unstable();
+                let mut want = keys.clone();
+                want.sort_unstable_by(|a, b| b.cmp(a));
+                let mut want = want[..t].to_vec();
+                want.sort_unstable();
+                assert_eq!(got, want, "n {n} t {t}");
+            }
+        }
     }
 
     /// A channel sum on a multiple of 0.5 (here exactly 0), and a step

@@ -61,9 +61,9 @@ impl Simd for Avx512 {
     }
 
     #[inline(always)]
-    fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>) {
+    fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>, idx: &mut Vec<u32>) {
         // SAFETY: as above.
-        unsafe { collect_above(vals, sign, thr, keys) }
+        unsafe { collect_above(vals, sign, thr, keys, idx) }
     }
 }
 
@@ -191,48 +191,46 @@ unsafe fn e_pass(
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,popcnt,bmi1,bmi2,lzcnt")]
-unsafe fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>) {
+unsafe fn collect_above(
+    vals: &[f32],
+    sign: f32,
+    thr: f32,
+    keys: &mut Vec<u64>,
+    idx: &mut Vec<u32>,
+) {
     // Indices of the hits, compressed without a branch per block (a branch
     // on "any hit" mispredicts about as often as it is taken), then keys.
     let n = vals.len();
-    keys.clear();
-    keys.resize(n + L, 0);
-    let idx: &mut [u32] = {
-        // The index list lives in the key buffer's second half of each u64:
-        // reuse it as u32 scratch of 2 * (n + L) entries.
-        let len = keys.len() * 2;
-        // SAFETY: u64 storage reinterpreted as twice as many u32.
-        unsafe { std::slice::from_raw_parts_mut(keys.as_mut_ptr().cast::<u32>(), len) }
-    };
+    if idx.len() < n + L {
+        // Grows only: no zeroing on later calls.
+        idx.resize(n + L, 0);
+    }
     let (sg, th) = (_mm512_set1_ps(sign), _mm512_set1_ps(thr));
     let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    // Compressed indices go to the upper half of the scratch, so building
-    // keys front to back never overwrites an index not yet read.
-    let hi = n + L;
     let mut count = 0usize;
     let mut i = 0;
     while i < n {
         let m = if i + L <= n { !0 } else { first_lanes(n - i) };
         // SAFETY: lanes outside `m` are not read; the store writes 16 u32
-        // at `hi + count <= hi + n`, inside the 2 * (n + L) scratch.
+        // at `count <= i`, inside the n + 16 scratch.
         unsafe {
             let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, vals.as_ptr().add(i)), sg);
             let hit = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(m, v, th);
             let at = _mm512_add_epi32(iota, _mm512_set1_epi32(i as i32));
             _mm512_storeu_si512(
-                idx.as_mut_ptr().add(hi + count).cast(),
+                idx.as_mut_ptr().add(count).cast(),
                 _mm512_maskz_compress_epi32(hit, at),
             );
             count += hit.count_ones() as usize;
         }
         i += L;
     }
-    for c in 0..count {
-        let j = idx[hi + c] as usize;
-        let k = key(vals[j] * sign, j);
-        keys[c] = k;
-    }
-    keys.truncate(count);
+    keys.clear();
+    keys.extend(
+        idx[..count]
+            .iter()
+            .map(|&j| key(vals[j as usize] * sign, j as usize)),
+    );
 }
 
 /// The byte permutation from transposed codes (`T[16 j + l]`: element `j`

@@ -178,6 +178,36 @@ pub fn quantize_isa(
     result.map_err(|err| first_error(w, g, bits).unwrap_or(err))
 }
 
+/// [`quantize`] on the calling thread only (no rayon pool involved): for
+/// one thread, or weights too small to be worth handing to a pool. Same
+/// results.
+pub fn quantize_serial(
+    w: &[f32],
+    layout: Layout,
+    bits: u32,
+    mode: Mode,
+    codes: &mut [i8],
+    scale: &mut [f32],
+    zero_point: &mut [f32],
+) -> Result<Flips, SquantError> {
+    qparams::check_bits(bits)?;
+    layout.validate(w.len(), codes.len(), scale.len(), zero_point.len())?;
+    let g = layout.channel_len();
+    let mut sc = case::Scratch::default();
+    let mut flips = Flips::default();
+    let channels = w.chunks(g).zip(codes.chunks_mut(g));
+    for (o, ((wc, qc), (s, z))) in channels
+        .zip(scale.iter_mut().zip(zero_point.iter_mut()))
+        .enumerate()
+    {
+        let (p, f) = case::quantize_channel(wc, layout.k, bits, mode, o, qc, &mut sc)?;
+        *s = p.scale;
+        *z = p.zero_point;
+        flips = flips + f;
+    }
+    Ok(flips)
+}
+
 /// The error of the lowest failing channel (a parallel run may report any).
 fn first_error(w: &[f32], g: usize, bits: u32) -> Option<SquantError> {
     w.chunks(g)

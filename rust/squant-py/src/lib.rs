@@ -27,6 +27,10 @@ type Quantized<'py> = (
     u64,
 );
 
+/// Below this many elements a weight is quantized on the calling thread:
+/// handing it to the pool and back costs about as much as the work.
+const SERIAL_BELOW: usize = 1 << 15;
+
 /// Moves the core's outputs into numpy arrays (no copy).
 fn to_python<'py>(
     py: Python<'py>,
@@ -110,7 +114,7 @@ fn quantize<'py>(
     let mode = parse_mode(mode)?;
     let shape = w.shape().to_vec();
     let layout = layout_of(&shape)?;
-    let pool = pool::pool(pool::resolve_threads(threads)?)?;
+    let threads = pool::resolve_threads(threads)?;
     let data = row_major(&w)?;
     // The codes array comes from numpy's allocator (zeroed lazily by the
     // OS, huge pages for large arrays, cached for reuse): far fewer page
@@ -123,11 +127,19 @@ fn quantize<'py>(
         let out = rw
             .as_slice_mut()
             .map_err(|e| InvalidArgumentError::new_err(e.to_string()))?;
-        py.detach(|| {
-            pool.install(|| {
-                squant_core::quantize(&data, layout, bits, mode, out, &mut scale, &mut zp)
+        if threads == 1 || layout.len() < SERIAL_BELOW {
+            // No hand-off to a pool and back (tens of microseconds each way).
+            py.detach(|| {
+                squant_core::quantize_serial(&data, layout, bits, mode, out, &mut scale, &mut zp)
             })
-        })
+        } else {
+            let pool = pool::pool(threads)?;
+            py.detach(|| {
+                pool.install(|| {
+                    squant_core::quantize(&data, layout, bits, mode, out, &mut scale, &mut zp)
+                })
+            })
+        }
         .map_err(PyCoreError)?
     };
     Ok((
