@@ -3,7 +3,9 @@
 
 use proptest::prelude::*;
 use squant_core::case::Isa;
-use squant_core::{qparams, quantize, quantize_isa, quantize_ref, Flips, Layout, Mode};
+use squant_core::{
+    qparams, quantize, quantize_isa, quantize_ref, quantize_serial, Flips, Layout, Mode,
+};
 
 /// Small deterministic generator (no dev-dependency on rand).
 struct Lcg(u64);
@@ -101,6 +103,17 @@ fn check(w: &[f32], layout: Layout, bits: u32, mode: Mode) {
             assert_eq!(zp[o].to_bits(), p.zero_point.to_bits());
         }
     }
+    // The calling-thread variant.
+    let mut codes = vec![0i8; layout.len()];
+    let mut scale = vec![0f32; layout.oc];
+    let mut zp = vec![0f32; layout.oc];
+    let f =
+        quantize_serial(w, layout, bits, mode, &mut codes, &mut scale, &mut zp).expect("serial");
+    assert_eq!(
+        (codes, f),
+        (rc, rf),
+        "serial differs: {layout:?} bits {bits} {mode}"
+    );
 }
 
 const SHAPES: &[(usize, usize, usize)] = &[
