@@ -10,6 +10,7 @@ of ``--repeat`` runs after a warm-up:
   tensors), ``quantize_tensor(w, bits, backend="rust")`` -- integer codes,
   scales and zero points;
 * ``rust+deq``: the same plus ``.dequantize()`` (float weights back);
+* ``batch``: one ``quantize_tensors(weights, bits)`` call for all of them;
 * ``quantize_model``: ``squant_rs.quantize_model(model, wbits=bits,
   backend="rust")`` -- the whole public API: deep copy of the model, SQuant,
   dequantized weights written back, per-layer report (relative error);
@@ -117,12 +118,17 @@ def time_model(
         for a in arrays:
             nearest_codes(a, bits)
 
+    def batch() -> None:
+        with torch.inference_mode():
+            squant_rs.quantize_tensors(weights, bits)
+
     def api() -> None:
         squant_rs.quantize_model(model, wbits=bits, backend="rust")
 
     timings: list[tuple[str, Callable[[], None], int, int]] = [
         ("rust", loop("rust", weights), repeat, 1),
         ("rust_deq", loop("rust", weights, deq=True), repeat, 1),
+        ("batch", batch, repeat, 1),
         ("quantize_model", api, repeat, 1),
         ("nearest", nearest, repeat, 1),
     ]
@@ -153,7 +159,7 @@ def _fmt(v: float | None) -> str:
 
 def render_table(rows: Sequence[dict[str, Any]], bits: int, cuda_name: str | None) -> str:
     has_torch = any(r.get("torch_cpu_ms") is not None for r in rows)
-    cols = ["model", "layers", "params", "rust ms", "rust+deq ms", "quantize_model ms"]
+    cols = ["model", "layers", "params", "rust ms", "rust+deq ms", "batch ms", "quantize_model ms"]
     if has_torch:
         cols.append("torch-cpu ms")
     if cuda_name:
@@ -169,6 +175,7 @@ def render_table(rows: Sequence[dict[str, Any]], bits: int, cuda_name: str | Non
             f"{r['params'] / 1e6:.2f} M",
             _fmt(r["rust_ms"]),
             _fmt(r["rust_deq_ms"]),
+            _fmt(r["batch_ms"]),
             _fmt(r["quantize_model_ms"]),
         ]
         if has_torch:
@@ -250,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f" + {cuda_name}" if cuda_name else "")
         + f", torch {torch.__version__}.\n"
         "'rust' = `quantize_tensor(w, bits, backend=\"rust\")` over every Conv/Linear weight "
-        "(codes, scales, zero points); 'rust+deq' adds `.dequantize()`; 'quantize_model' is "
+        "(codes, scales, zero points); 'rust+deq' adds `.dequantize()`; 'batch' is one "
+        "`quantize_tensors` call for all of them; 'quantize_model' is "
         "the whole API (deep copy, SQuant, write-back, per-layer report); 'torch-cpu'"
         + ("/'cuda'" if cuda_name else "")
         + " = the same loop with `backend=\"torch\"`; 'nearest' = per-channel min/max "

@@ -234,6 +234,9 @@ pub(crate) fn channel<S: Simd>(
     let (changed, s) = match k {
         9 => kernel_level::<S, 9>(w, p, tmin, tmax, run_c, codes, ln),
         3 => kernel_level::<S, 3>(w, p, tmin, tmax, run_c, codes, ln),
+        // 1x7 / 7x1 (Inception) and 5-tap kernels.
+        7 => kernel_level::<S, 7>(w, p, tmin, tmax, run_c, codes, ln),
+        5 => kernel_level::<S, 5>(w, p, tmin, tmax, run_c, codes, ln),
         _ => return None,
     };
     flips.k = changed;
