@@ -479,15 +479,17 @@ pub fn quantize_channel(
     codes: &mut [i8],
     sc: &mut Scratch,
 ) -> Result<(ChannelParams, Flips), SquantError> {
-    quantize_channel_isa(w, k, bits, mode, channel, codes, sc, Isa::Best)
+    quantize_channel_isa(w, &[], k, bits, mode, channel, codes, sc, Isa::Best)
 }
 
 /// [`quantize_channel`] in the build `isa` (or the best one below it that
-/// the CPU supports).
+/// the CPU supports). `next`: the channel that will be quantized next on
+/// this thread (or empty), loaded into the cache while this one computes.
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_channel_isa(
     w: &[f32],
+    next: &[f32],
     k: usize,
     bits: u32,
     mode: Mode,
@@ -501,27 +503,29 @@ pub fn quantize_channel_isa(
     {
         if isa == Isa::Best && has_avx512() {
             // SAFETY: the CPU supports these features (`has_avx512`).
-            return unsafe { quantize_channel_avx512(w, k, bits, mode, channel, codes, sc) };
+            return unsafe { quantize_channel_avx512(w, next, k, bits, mode, channel, codes, sc) };
         }
         if isa != Isa::Baseline && std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { quantize_channel_avx2(w, k, bits, mode, channel, codes, sc) };
+            return unsafe { quantize_channel_avx2(w, next, k, bits, mode, channel, codes, sc) };
         }
         // Baseline x86-64 has no rounding instruction (SSE4.1).
         quantize_channel_impl::<fast::Portable<fast::SoftRound>>(
-            w, k, bits, mode, channel, codes, sc,
+            w, next, k, bits, mode, channel, codes, sc,
         )
     }
     #[cfg(target_arch = "aarch64")]
     {
         let _ = isa;
-        quantize_channel_impl::<fast::Portable<fast::HwRound>>(w, k, bits, mode, channel, codes, sc)
+        quantize_channel_impl::<fast::Portable<fast::HwRound>>(
+            w, next, k, bits, mode, channel, codes, sc,
+        )
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         let _ = isa;
         quantize_channel_impl::<fast::Portable<fast::SoftRound>>(
-            w, k, bits, mode, channel, codes, sc,
+            w, next, k, bits, mode, channel, codes, sc,
         )
     }
 }
@@ -562,8 +566,10 @@ fn check_channel(w: &[f32], k: usize, bits: u32, codes: &[i8]) -> Result<(), Squ
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn quantize_channel_avx2(
     w: &[f32],
+    next: &[f32],
     k: usize,
     bits: u32,
     mode: Mode,
@@ -571,13 +577,17 @@ unsafe fn quantize_channel_avx2(
     codes: &mut [i8],
     sc: &mut Scratch,
 ) -> Result<(ChannelParams, Flips), SquantError> {
-    quantize_channel_impl::<fast::Portable<fast::HwRound>>(w, k, bits, mode, channel, codes, sc)
+    quantize_channel_impl::<fast::Portable<fast::HwRound>>(
+        w, next, k, bits, mode, channel, codes, sc,
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,popcnt,bmi1,bmi2,lzcnt")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn quantize_channel_avx512(
     w: &[f32],
+    next: &[f32],
     k: usize,
     bits: u32,
     mode: Mode,
@@ -585,14 +595,16 @@ unsafe fn quantize_channel_avx512(
     codes: &mut [i8],
     sc: &mut Scratch,
 ) -> Result<(ChannelParams, Flips), SquantError> {
-    quantize_channel_impl::<fast::Avx512>(w, k, bits, mode, channel, codes, sc)
+    quantize_channel_impl::<fast::Avx512>(w, next, k, bits, mode, channel, codes, sc)
 }
 
 /// Quantizes one output channel `w` (`ic * k` values) into `codes`: the
 /// lane path when it can decide the channel, else the general path.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn quantize_channel_impl<S: Simd>(
     w: &[f32],
+    next: &[f32],
     k: usize,
     bits: u32,
     mode: Mode,
@@ -603,7 +615,7 @@ fn quantize_channel_impl<S: Simd>(
     let (mn, mx) = S::min_max(w).map_err(|index| SquantError::NonFinite { channel, index })?;
     let p = channel_params(mn, mx, bits, channel)?;
     let (tmin, tmax) = code_range(bits);
-    if let Some(flips) = fast::channel::<S>(w, k, p, tmin, tmax, mode, codes, &mut sc.lanes) {
+    if let Some(flips) = fast::channel::<S>(w, next, k, p, tmin, tmax, mode, codes, &mut sc.lanes) {
         return Ok((p, flips));
     }
     sc.resize(w.len());

@@ -205,6 +205,7 @@ pub(crate) struct Lanes {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn channel<S: Simd>(
     w: &[f32],
+    next: &[f32],
     k: usize,
     p: ChannelParams,
     tmin: f32,
@@ -222,21 +223,31 @@ pub(crate) fn channel<S: Simd>(
     let mut flips = Flips::default();
     if !run_k {
         if !run_c {
-            S::e_codes(w, p, tmin, tmax, codes);
+            for (c, ((wc, qc), _)) in chunks(w, codes, &mut ln.p).enumerate() {
+                prefetch_lines(next, c * CHUNK_LINES, (c + 1) * CHUNK_LINES);
+                S::e_codes(wc, p, tmin, tmax, qc);
+            }
             return Some(flips);
         }
         ln.p.resize(g, 0.0);
-        let (s, n_up, n_dn) = S::e_pass(w, p, tmin, tmax, codes, &mut ln.p);
+        let (mut s, mut n_up, mut n_dn) = (0.0, 0, 0);
+        for (c, ((wc, qc), pc)) in chunks(w, codes, &mut ln.p).enumerate() {
+            prefetch_lines(next, c * CHUNK_LINES, (c + 1) * CHUNK_LINES);
+            let (cs, cu, cd) = S::e_pass(wc, p, tmin, tmax, qc, pc);
+            s += cs;
+            n_up += cu;
+            n_dn += cd;
+        }
         let (up, t) = channel_decision(s, g)?;
         flips.c = channel_flips_elements::<S>(w, p, tmin, tmax, up, t, n_up, n_dn, codes, ln)?;
         return Some(flips);
     }
     let (changed, s) = match k {
-        9 => kernel_level::<S, 9>(w, p, tmin, tmax, run_c, codes, ln),
-        3 => kernel_level::<S, 3>(w, p, tmin, tmax, run_c, codes, ln),
+        9 => kernel_level::<S, 9>(w, next, p, tmin, tmax, run_c, codes, ln),
+        3 => kernel_level::<S, 3>(w, next, p, tmin, tmax, run_c, codes, ln),
         // 1x7 / 7x1 (Inception) and 5-tap kernels.
-        7 => kernel_level::<S, 7>(w, p, tmin, tmax, run_c, codes, ln),
-        5 => kernel_level::<S, 5>(w, p, tmin, tmax, run_c, codes, ln),
+        7 => kernel_level::<S, 7>(w, next, p, tmin, tmax, run_c, codes, ln),
+        5 => kernel_level::<S, 5>(w, next, p, tmin, tmax, run_c, codes, ln),
         _ => return None,
     };
     flips.k = changed;
@@ -245,6 +256,48 @@ pub(crate) fn channel<S: Simd>(
         flips.c = channel_flips_carries::<S::R>(w, p, tmin, tmax, up, t, codes, ln)?;
     }
     Some(flips)
+}
+
+/// Elements per chunk of an element pass (16 cache lines).
+const CHUNK_LINES: usize = 16;
+
+/// `w`, `codes` and `pv` in chunks of `CHUNK_LINES` lines of `w` (`pv` may
+/// be empty).
+#[inline(always)]
+fn chunks<'a>(
+    w: &'a [f32],
+    codes: &'a mut [i8],
+    pv: &'a mut [f32],
+) -> impl Iterator<Item = ((&'a [f32], &'a mut [i8]), &'a mut [f32])> {
+    const N: usize = CHUNK_LINES * L;
+    let pv_chunks = pv
+        .chunks_mut(N)
+        .chain(std::iter::repeat_with(<&mut [f32]>::default));
+    w.chunks(N).zip(codes.chunks_mut(N)).zip(pv_chunks)
+}
+
+/// Starts loading 64-byte lines `[from, to)` of `next` into the cache: the
+/// channel that comes after the one being computed, so that its first pass
+/// (min and max) finds it there instead of waiting on memory.
+#[inline(always)]
+fn prefetch_lines(next: &[f32], from: usize, to: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let end = (to * L).min(next.len());
+        let mut i = from * L;
+        while i < end {
+            // SAFETY: a prefetch is only a hint, and the address lies
+            // inside `next`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    next.as_ptr().add(i).cast(),
+                )
+            };
+            i += L;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (next, from, to);
 }
 
 /// SQuant-E codes of a run of elements.
@@ -487,8 +540,10 @@ fn channel_flips_carries<R: Round>(
 /// kernels in lanes, the rest one by one. Records the carries when `carry`.
 /// Returns the number of changed codes and the channel sum after the level.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn kernel_level<S: Simd, const K: usize>(
     w: &[f32],
+    next: &[f32],
     p: ChannelParams,
     tmin: f32,
     tmax: f32,
@@ -506,6 +561,9 @@ fn kernel_level<S: Simd, const K: usize>(
     let mut changed = 0u64;
     let blocks = ic / L;
     for b in 0..blocks {
+        // A block reads K cache lines of this channel: start loading as
+        // many of the next one.
+        prefetch_lines(next, b * K, (b + 1) * K);
         let base = b * L * K;
         let wb = &w[base..base + L * K];
         let qb = &mut codes[base..base + L * K];
@@ -839,7 +897,7 @@ mod tests {
         let (tmin, tmax) = code_range(4);
         let mut codes = vec![0i8; w.len()];
         let mut ln = Lanes::default();
-        channel::<Portable<HwRound>>(w, k, p, tmin, tmax, mode, &mut codes, &mut ln)
+        channel::<Portable<HwRound>>(w, &[], k, p, tmin, tmax, mode, &mut codes, &mut ln)
     }
 
     /// The lane path must really take ordinary channels (the parity tests
@@ -903,7 +961,8 @@ mod tests {
         let (tmin, tmax) = code_range(2);
         let mut codes = vec![0i8; w.len()];
         let mut ln = Lanes::default();
-        let r = channel::<Portable<HwRound>>(&w, 1, p, tmin, tmax, Mode::C, &mut codes, &mut ln);
+        let r =
+            channel::<Portable<HwRound>>(&w, &[], 1, p, tmin, tmax, Mode::C, &mut codes, &mut ln);
         assert!(r.is_none(), "{r:?}");
     }
 }

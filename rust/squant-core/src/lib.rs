@@ -169,7 +169,9 @@ pub fn quantize_isa(
         .enumerate()
         .with_min_len(min_len)
         .map_init(case::Scratch::default, |sc, (o, ((wc, qc), (s, z)))| {
-            let (p, f) = case::quantize_channel_isa(wc, layout.k, bits, mode, o, qc, sc, isa)?;
+            let next = w.get((o + 1) * g..(o + 2) * g).unwrap_or(&[]);
+            let (p, f) =
+                case::quantize_channel_isa(wc, next, layout.k, bits, mode, o, qc, sc, isa)?;
             *s = p.scale;
             *z = p.zero_point;
             Ok(f)
@@ -200,7 +202,18 @@ pub fn quantize_serial(
         .zip(scale.iter_mut().zip(zero_point.iter_mut()))
         .enumerate()
     {
-        let (p, f) = case::quantize_channel(wc, layout.k, bits, mode, o, qc, &mut sc)?;
+        let next = w.get((o + 1) * g..(o + 2) * g).unwrap_or(&[]);
+        let (p, f) = case::quantize_channel_isa(
+            wc,
+            next,
+            layout.k,
+            bits,
+            mode,
+            o,
+            qc,
+            &mut sc,
+            case::Isa::Best,
+        )?;
         *s = p.scale;
         *z = p.zero_point;
         flips = flips + f;
