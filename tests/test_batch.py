@@ -126,3 +126,27 @@ def test_torch_cpu_tensors_take_the_rust_path():
         assert torch.equal(qt.codes, ref.codes) and qt.dtype == t.dtype
         assert (qt.k_flips, qt.c_flips) == (ref.k_flips, ref.c_flips)
     assert isinstance(got[-1].codes, np.ndarray)
+
+
+@pytest.mark.parametrize("threads", (2, 3))
+def test_large_weight_errors_name_the_lowest_channel(threads):
+    """Weights above the serial threshold are shared between the calling
+    thread and pool workers by chunks of channels; an error still names the
+    lowest failing channel, whichever thread met it."""
+    w = make_weight(np.random.default_rng(seed_for("shared", threads)), (96, 64, 3, 3), "normal")
+    assert w.size >= 1 << 15
+    bad = w.copy()
+    bad[70, 3, 1, 1] = np.inf
+    bad[41, 0, 2, 2] = np.nan
+    with pytest.raises(
+        squant_rs.NonFiniteWeightError, match=r"output channel 41 \(element 8 of that channel\)"
+    ):
+        squant_rs.quantize_tensor(bad, 4, threads=threads)
+    huge = w.copy()
+    huge[90] = 1e32  # constant channel: the quantizer's scale overflows
+    huge[60] = 2e32
+    with pytest.raises(squant_rs.WeightRangeError, match=r"output channel 60"):
+        squant_rs.quantize_tensor(huge, 4, threads=threads)
+    # And without errors, the same results at every thread count.
+    one = squant_rs.quantize_tensor(w, 4, threads=1)
+    _same(squant_rs.quantize_tensor(w, 4, threads=threads), one)

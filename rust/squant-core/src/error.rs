@@ -26,6 +26,18 @@ pub enum SquantError {
     RangeTooLarge { channel: usize },
 }
 
+impl SquantError {
+    /// The same error for output channel `channel` (errors that name one:
+    /// for a channel quantized on its own, as channel 0).
+    pub fn with_channel(self, channel: usize) -> SquantError {
+        match self {
+            SquantError::NonFinite { index, .. } => SquantError::NonFinite { channel, index },
+            SquantError::RangeTooLarge { .. } => SquantError::RangeTooLarge { channel },
+            other => other,
+        }
+    }
+}
+
 impl fmt::Display for SquantError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
