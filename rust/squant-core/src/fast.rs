@@ -70,7 +70,11 @@ impl Round for SoftRound {
 /// mantissa bits: an integer-only conversion that vectorises.
 #[inline(always)]
 pub(crate) fn code_of(r: f32, tmin: f32, tmax: f32) -> i8 {
-    let v = r.max(tmin).min(tmax) + 12_582_912.0;
+    // Comparisons, not f32::max/min (whose NaN rules cost extra
+    // instructions; r is never NaN here).
+    let r = if r < tmin { tmin } else { r };
+    let r = if r > tmax { tmax } else { r };
+    let v = r + 12_582_912.0;
     (v.to_bits() as i32).wrapping_sub(0x4B40_0000) as i8
 }
 
@@ -323,40 +327,40 @@ fn e_pass<R: Round>(
     let mut acc = [0f64; L];
     let mut nu = [0u32; L];
     let mut nd = [0u32; L];
-    let lane = |wv: f32, q: &mut i8, pe: &mut f32, acc: &mut f64, nu: &mut u32, nd: &mut u32| {
-        let x = p.scale * wv - p.zero_point;
-        let r = R::rne(x);
-        let e = r - x;
-        *q = code_of(r, tmin, tmax);
-        let cu = (e < 0.0) & (x < tmax);
-        let cd = (e > 0.0) & (x > tmin);
-        *pe = if cu | cd { e } else { 0.0 };
-        *nu += cu as u32;
-        *nd += cd as u32;
-        *acc += e as f64;
-    };
-    let mut wc = w.chunks_exact(L);
-    let mut qc = codes.chunks_exact_mut(L);
-    let mut pc = pv.chunks_exact_mut(L);
-    for ((wb, qb), pb) in (&mut wc).zip(&mut qc).zip(&mut pc) {
+    let n = w.len().min(codes.len()).min(pv.len());
+    let full = n / L * L;
+    for i in (0..full).step_by(L) {
+        let (wb, qb, pb) = (&w[i..i + L], &mut codes[i..i + L], &mut pv[i..i + L]);
+        let mut e = [0f32; L];
+        let mut cu = [false; L];
+        let mut cd = [false; L];
         for l in 0..L {
-            lane(
-                wb[l],
-                &mut qb[l],
-                &mut pb[l],
-                &mut acc[l],
-                &mut nu[l],
-                &mut nd[l],
-            );
+            let x = p.scale * wb[l] - p.zero_point;
+            let r = R::rne(x);
+            e[l] = r - x;
+            qb[l] = code_of(r, tmin, tmax);
+            cu[l] = (e[l] < 0.0) & (x < tmax);
+            cd[l] = (e[l] > 0.0) & (x > tmin);
+        }
+        for l in 0..L {
+            pb[l] = if cu[l] | cd[l] { e[l] } else { 0.0 };
+            nu[l] += cu[l] as u32;
+            nd[l] += cd[l] as u32;
+            acc[l] += e[l] as f64;
         }
     }
-    let rest = wc
-        .remainder()
-        .iter()
-        .zip(qc.into_remainder())
-        .zip(pc.into_remainder());
-    for (l, ((&wv, q), pe)) in rest.enumerate() {
-        lane(wv, q, pe, &mut acc[l], &mut nu[l], &mut nd[l]);
+    for i in full..n {
+        let l = i - full;
+        let x = p.scale * w[i] - p.zero_point;
+        let r = R::rne(x);
+        let e = r - x;
+        codes[i] = code_of(r, tmin, tmax);
+        let u = (e < 0.0) & (x < tmax);
+        let d = (e > 0.0) & (x > tmin);
+        pv[i] = if u | d { e } else { 0.0 };
+        nu[l] += u as u32;
+        nd[l] += d as u32;
+        acc[l] += e as f64;
     }
     let n_up = nu.iter().map(|&v| v as usize).sum();
     let n_dn = nd.iter().map(|&v| v as usize).sum();
