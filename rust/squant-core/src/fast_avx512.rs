@@ -339,11 +339,10 @@ unsafe fn block<const K: usize, const CARRY: bool>(
     let bnd = _mm512_mask_blend_ps(up, lo, hi);
 
     // First three ranks of each kernel's order (strict >, ascending j):
-    // priority, position and error of each.
+    // priority and position of each (their errors are gathered after).
     let neg1 = _mm512_set1_ps(-1.0);
     let mut bv = [neg1; 3];
     let mut iv = [_mm512_setzero_si512(); 3];
-    let mut ev = [zero; 3];
     for j in 0..K {
         let (e, r) = (es[j], rs[j]);
         let v = _mm512_mul_ps(e, sp);
@@ -362,13 +361,18 @@ unsafe fn block<const K: usize, const CARRY: bool>(
         // only slot s, and keeps its own otherwise.
         bv[2] = _mm512_mask_blend_ps(g1, _mm512_mask_blend_ps(g2, bv[2], q), bv[1]);
         iv[2] = _mm512_mask_blend_epi32(g1, _mm512_mask_blend_epi32(g2, iv[2], jv), iv[1]);
-        ev[2] = _mm512_mask_blend_ps(g1, _mm512_mask_blend_ps(g2, ev[2], e), ev[1]);
         bv[1] = _mm512_mask_blend_ps(g0, _mm512_mask_blend_ps(g1, bv[1], q), bv[0]);
         iv[1] = _mm512_mask_blend_epi32(g0, _mm512_mask_blend_epi32(g1, iv[1], jv), iv[0]);
-        ev[1] = _mm512_mask_blend_ps(g0, _mm512_mask_blend_ps(g1, ev[1], e), ev[0]);
         bv[0] = _mm512_mask_blend_ps(g0, bv[0], q);
         iv[0] = _mm512_mask_blend_epi32(g0, iv[0], jv);
-        ev[0] = _mm512_mask_blend_ps(g0, ev[0], e);
+    }
+
+    // The errors at the three ranks: lane l of rank s is es[iv[s][l]][l].
+    let mut ev = [zero; 3];
+    for s in 0..3 {
+        let at = _mm512_add_epi32(_mm512_slli_epi32::<4>(iv[s]), iota);
+        // SAFETY: es holds K vectors of 16 floats and iv[s] < K.
+        ev[s] = unsafe { _mm512_i32gather_ps::<4>(at, es.as_ptr().cast()) };
     }
 
     // Rank s flips where t > s; it changes its code where it is a
