@@ -28,6 +28,6 @@ python3 -c "import torch, squant_rs; print(torch.__version__, torch.cuda.is_avai
     | tee "$OUT/env.txt"
 # CUDA parity tests (they skip without a GPU), against the installed wheel;
 # bounded so the benchmark below always runs.
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests -k cuda \
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests -k cuda \
     2>&1 | tail -30 | tee "$OUT/pytest_cuda.txt" || true
 python3 benches/gpu_check.py --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.md"

@@ -36,6 +36,9 @@ const MAX_CHANNEL: usize = 1 << 16;
 
 /// Round half to even.
 pub(crate) trait Round {
+    /// Whether the build has a rounding instruction (and, with it, the
+    /// vector blends of SSE4.1 / NEON).
+    const HARDWARE: bool;
     fn rne(x: f32) -> f32;
 }
 
@@ -47,6 +50,7 @@ pub(crate) struct HwRound;
 pub(crate) use crate::fast_avx512::Avx512;
 
 impl Round for HwRound {
+    const HARDWARE: bool = true;
     #[inline(always)]
     fn rne(x: f32) -> f32 {
         x.round_ties_even()
@@ -59,6 +63,7 @@ impl Round for HwRound {
 pub(crate) struct SoftRound;
 
 impl Round for SoftRound {
+    const HARDWARE: bool = false;
     #[inline(always)]
     fn rne(x: f32) -> f32 {
         crate::qparams::rne(x)
@@ -85,6 +90,11 @@ pub(crate) fn code_of(r: f32, tmin: f32, tmax: f32) -> i8 {
 pub(crate) trait Simd {
     /// Rounding for the scalar parts.
     type R: Round;
+    /// Whether the kernel level runs in lanes. Without a blend instruction
+    /// (baseline x86-64, SSE2) the lanes cost more than the general path's
+    /// kernel after kernel (ResNet-50 set, one thread: 424-444 against 287
+    /// ms), so that build leaves channels with a kernel level to it.
+    const LANE_KERNELS: bool = true;
     /// Min and max of a channel, or the index of its first non-finite value.
     fn min_max(w: &[f32]) -> Result<(f32, f32), usize>;
     /// SQuant-E codes of a run of elements.
@@ -132,6 +142,7 @@ pub(crate) struct Portable<R>(std::marker::PhantomData<R>);
 
 impl<R: Round> Simd for Portable<R> {
     type R = R;
+    const LANE_KERNELS: bool = R::HARDWARE;
 
     #[inline(always)]
     fn min_max(w: &[f32]) -> Result<(f32, f32), usize> {
@@ -245,6 +256,9 @@ pub(crate) fn channel<S: Simd>(
         let (up, t) = channel_decision(s, g)?;
         flips.c = channel_flips_elements::<S>(w, p, tmin, tmax, up, t, n_up, n_dn, codes, ln)?;
         return Some(flips);
+    }
+    if !S::LANE_KERNELS {
+        return None;
     }
     let (changed, s) = match k {
         9 => kernel_level::<S, 9>(w, next, p, tmin, tmax, run_c, codes, ln),
