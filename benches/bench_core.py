@@ -2,8 +2,9 @@
 
 Prints, all measured in this one run (ratios, because shared machines are
 noisy):
-  * full 4-bit SQuant time relative to plain NumPy nearest rounding with the
-    same per-channel quantizer (goal <= 0.33x);
+  * full 4-bit SQuant time -- one ``quantize_tensor`` call per weight, and
+    one ``quantize_tensors`` call for all 54 ("batch") -- relative to plain
+    NumPy nearest rounding with the same per-channel quantizer (goal <= 0.33x);
   * relative to ``np.copyto`` of the same weights, the memory-bandwidth
     floor (goal <= 2.5x);
   * speed-up over a straightforward per-kernel Python loop implementing
