@@ -24,6 +24,7 @@ for pkg in numpy pytest hypothesis; do
         python3 -m pip install --quiet --no-index --find-links wheels "$pkg"
 done
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+lscpu > "$OUT/lscpu.txt" 2>&1 || true
 python3 -c "import torch, squant_rs; print(torch.__version__, torch.cuda.is_available(), squant_rs.__file__)" \
     | tee "$OUT/env.txt"
 # CUDA parity tests (they skip without a GPU), against the installed wheel;
