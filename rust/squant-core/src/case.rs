@@ -532,7 +532,7 @@ pub fn quantize_channel_isa(
 
 /// Whether the CPU has everything the AVX-512 build is compiled for.
 #[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
+pub(crate) fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512dq")

@@ -10,9 +10,19 @@ use crate::case::key;
 use crate::fast::{Carries, HwRound, Simd, L};
 use crate::qparams::ChannelParams;
 
-/// The AVX-512 build. Its methods are only called from functions compiled
-/// with these features, after the CPU was checked (`case.rs`).
+/// The AVX-512 build. Its methods run AVX-512 instructions without checking
+/// the CPU: they must only be called from `quantize_channel_avx512`, which
+/// runs after `case::has_avx512()` (debug builds assert it).
 pub(crate) struct Avx512;
+
+/// Debug builds: the CPU really has the features (see [`Avx512`]).
+#[inline(always)]
+fn debug_check() {
+    debug_assert!(
+        crate::case::has_avx512(),
+        "AVX-512 build called on a CPU without it"
+    );
+}
 
 /// `vrndscaleps` immediate: round to nearest even, no precision exception.
 const RNE: i32 = 0x08;
@@ -24,13 +34,19 @@ impl Simd for Avx512 {
     fn min_max(w: &[f32]) -> Result<(f32, f32), usize> {
         // SAFETY: only reached from `quantize_channel_avx512`, which runs
         // after the CPU features were checked.
-        unsafe { min_max(w) }
+        {
+            debug_check();
+            unsafe { min_max(w) }
+        }
     }
 
     #[inline(always)]
     fn e_codes(w: &[f32], p: ChannelParams, tmin: f32, tmax: f32, codes: &mut [i8]) {
         // SAFETY: as above.
-        unsafe { e_codes(w, p, tmin, tmax, codes) }
+        {
+            debug_check();
+            unsafe { e_codes(w, p, tmin, tmax, codes) }
+        }
     }
 
     #[inline(always)]
@@ -43,7 +59,10 @@ impl Simd for Avx512 {
         pv: &mut [f32],
     ) -> (f64, usize, usize) {
         // SAFETY: as above.
-        unsafe { e_pass(w, p, tmin, tmax, codes, pv) }
+        {
+            debug_check();
+            unsafe { e_pass(w, p, tmin, tmax, codes, pv) }
+        }
     }
 
     #[inline(always)]
@@ -57,13 +76,19 @@ impl Simd for Avx512 {
         base: u32,
     ) -> (u32, u32, f64) {
         // SAFETY: as above.
-        unsafe { block::<K, CARRY>(wb, p, tmin, tmax, qb, carries, base) }
+        {
+            debug_check();
+            unsafe { block::<K, CARRY>(wb, p, tmin, tmax, qb, carries, base) }
+        }
     }
 
     #[inline(always)]
     fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>, idx: &mut Vec<u32>) {
         // SAFETY: as above.
-        unsafe { collect_above(vals, sign, thr, keys, idx) }
+        {
+            debug_check();
+            unsafe { collect_above(vals, sign, thr, keys, idx) }
+        }
     }
 }
 

@@ -39,8 +39,8 @@ const CHUNK_ELEMS: usize = 1 << 14;
 /// `pool.install`, the call is not handed to a worker and back (two
 /// cross-thread wake-ups per call), and a worker that wakes late takes fewer
 /// chunks instead of leaving the others idle at the end. Same results (every
-/// channel is independent); on an error the lowest failing channel is found
-/// again serially, so it does not depend on which thread saw what.
+/// channel is independent); after an error the weight is quantized again
+/// serially, which names the lowest failing channel whatever thread saw what.
 #[allow(clippy::too_many_arguments)]
 fn quantize_shared(
     pool: &rayon::ThreadPool,
@@ -92,17 +92,10 @@ fn quantize_shared(
         .into_inner()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     if failed {
-        // The lowest failing channel, whatever thread met which.
-        let mut c = vec![0i8; data.len().min(g)];
-        for (o, w) in data.chunks(g).enumerate() {
-            let one = Layout { oc: 1, ..layout };
-            let (mut s1, mut z1) = ([0f32], [0f32]);
-            if let Err(e) =
-                squant_core::quantize_serial(w, one, bits, mode, &mut c, &mut s1, &mut z1)
-            {
-                return Err(e.with_channel(o));
-            }
-        }
+        // Again on this thread alone, which stops at the lowest failing
+        // channel (whatever thread met which first), and would otherwise
+        // leave complete, valid outputs.
+        return squant_core::quantize_serial(data, layout, bits, mode, codes, scale, zp);
     }
     Ok(flips)
 }
