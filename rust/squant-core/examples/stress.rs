@@ -349,8 +349,8 @@ fn run_case(w: &[f32], layout: Layout, bits: u32, mode: Mode, st: &mut Stats, de
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let seed0: u64 = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(1);
-    let secs: u64 = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(60);
+    let seed0: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let secs: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(60);
     let only: Option<usize> = args.get(3).and_then(|s| s.parse().ok());
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut st = Stats::default();
