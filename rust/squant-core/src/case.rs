@@ -577,9 +577,7 @@ unsafe fn quantize_channel_avx2(
     codes: &mut [i8],
     sc: &mut Scratch,
 ) -> Result<(ChannelParams, Flips), SquantError> {
-    quantize_channel_impl::<fast::Portable<fast::HwRound>>(
-        w, next, k, bits, mode, channel, codes, sc,
-    )
+    quantize_channel_impl::<fast::Avx2>(w, next, k, bits, mode, channel, codes, sc)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -47,6 +47,8 @@ pub(crate) trait Round {
 pub(crate) struct HwRound;
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use crate::fast_avx2::Avx2;
+#[cfg(target_arch = "x86_64")]
 pub(crate) use crate::fast_avx512::Avx512;
 
 impl Round for HwRound {

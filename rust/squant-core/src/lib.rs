@@ -24,6 +24,8 @@ pub mod case;
 pub mod error;
 mod fast;
 #[cfg(target_arch = "x86_64")]
+mod fast_avx2;
+#[cfg(target_arch = "x86_64")]
 mod fast_avx512;
 pub mod mode;
 pub mod qparams;
