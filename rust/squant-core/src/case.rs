@@ -627,11 +627,7 @@ fn quantize_channel_impl<S: Simd>(
         flips.c = sc.channel_level(run_k, tmin, tmax);
     }
     for (q, &r) in codes.iter_mut().zip(&sc.r) {
-        // r is an integer in [-128, 127] after the clamp: adding 1.5 * 2^23
-        // puts it in the low mantissa bits, an integer-only conversion that
-        // vectorises (a saturating `as i8` does not).
-        let v = r.clamp(tmin, tmax) + 12_582_912.0;
-        *q = (v.to_bits() as i32).wrapping_sub(0x4B40_0000) as i8;
+        *q = fast::code_of(r, tmin, tmax);
     }
     Ok((p, flips))
 }

@@ -483,17 +483,15 @@ fn channel_flips_elements<S: Simd>(
     // Candidate priorities are spread over (0, 0.5]: guess a threshold that
     // a few more than t of them pass, and lower it to 0 if too few do.
     let want = t + 16;
-    let mut thr = if n_pos > 2 * want {
+    let mut thr: f32 = if n_pos > 2 * want {
         0.5 - 0.5 * want as f32 / n_pos as f32
     } else {
         0.0
     };
-    loop {
-        S::collect_above(&ln.p, sign, thr, &mut ln.keys, &mut ln.idx);
-        if ln.keys.len() >= t || thr == 0.0 {
-            break;
-        }
+    S::collect_above(&ln.p, sign, thr, &mut ln.keys, &mut ln.idx);
+    if ln.keys.len() < t && thr > 0.0 {
         thr = 0.0;
+        S::collect_above(&ln.p, sign, thr, &mut ln.keys, &mut ln.idx);
     }
     if ln.keys.len() < t {
         return None;
@@ -501,13 +499,30 @@ fn channel_flips_elements<S: Simd>(
     keep_top(&mut ln.keys, t);
     let mut changed = 0;
     for &kk in &ln.keys[..t] {
-        let j = key_pos(kk);
-        let x = p.scale * w[j] - p.zero_point;
-        let (v, _) = table(x, up, tmin, tmax);
-        changed += u64::from(v != S::R::rne(x));
-        codes[j] = code_of(v, tmin, tmax);
+        changed += channel_flip::<S::R>(w, key_pos(kk), 0.0, p, up, tmin, tmax, codes);
     }
     Some(changed)
+}
+
+/// Flips element `j` in direction `up` at the channel level (SPEC 2's
+/// table value, computed from its `x`) and writes its code; returns 1 when
+/// the value changed. `cur`: its current value minus its E-level value.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn channel_flip<R: Round>(
+    w: &[f32],
+    j: usize,
+    cur: f32,
+    p: ChannelParams,
+    up: bool,
+    tmin: f32,
+    tmax: f32,
+    codes: &mut [i8],
+) -> u64 {
+    let x = p.scale * w[j] - p.zero_point;
+    let (v, _) = table(x, up, tmin, tmax);
+    codes[j] = code_of(v, tmin, tmax);
+    u64::from(v != R::rne(x) + cur)
 }
 
 /// SQuant-C after SQuant-K: only the carries have a priority. Flips the
@@ -548,10 +563,7 @@ fn channel_flips_carries<R: Round>(
     for &kk in &keys[..t] {
         let i = key_pos(kk);
         let j = ln.cpos[i] as usize;
-        let x = p.scale * w[j] - p.zero_point;
-        let (v, _) = table(x, up, tmin, tmax);
-        changed += u64::from(v != R::rne(x) + ln.ccur[i]);
-        codes[j] = code_of(v, tmin, tmax);
+        changed += channel_flip::<R>(w, j, ln.ccur[i], p, up, tmin, tmax, codes);
     }
     Some(changed)
 }

@@ -32,21 +32,17 @@ impl Simd for Avx512 {
 
     #[inline(always)]
     fn min_max(w: &[f32]) -> Result<(f32, f32), usize> {
+        debug_check();
         // SAFETY: only reached from `quantize_channel_avx512`, which runs
         // after the CPU features were checked.
-        {
-            debug_check();
-            unsafe { min_max(w) }
-        }
+        unsafe { min_max(w) }
     }
 
     #[inline(always)]
     fn e_codes(w: &[f32], p: ChannelParams, tmin: f32, tmax: f32, codes: &mut [i8]) {
+        debug_check();
         // SAFETY: as above.
-        {
-            debug_check();
-            unsafe { e_codes(w, p, tmin, tmax, codes) }
-        }
+        unsafe { e_codes(w, p, tmin, tmax, codes) }
     }
 
     #[inline(always)]
@@ -58,11 +54,9 @@ impl Simd for Avx512 {
         codes: &mut [i8],
         pv: &mut [f32],
     ) -> (f64, usize, usize) {
+        debug_check();
         // SAFETY: as above.
-        {
-            debug_check();
-            unsafe { e_pass(w, p, tmin, tmax, codes, pv) }
-        }
+        unsafe { e_pass(w, p, tmin, tmax, codes, pv) }
     }
 
     #[inline(always)]
@@ -75,20 +69,16 @@ impl Simd for Avx512 {
         carries: Carries<'_>,
         base: u32,
     ) -> (u32, u32, f64) {
+        debug_check();
         // SAFETY: as above.
-        {
-            debug_check();
-            unsafe { block::<K, CARRY>(wb, p, tmin, tmax, qb, carries, base) }
-        }
+        unsafe { block::<K, CARRY>(wb, p, tmin, tmax, qb, carries, base) }
     }
 
     #[inline(always)]
     fn collect_above(vals: &[f32], sign: f32, thr: f32, keys: &mut Vec<u64>, idx: &mut Vec<u32>) {
+        debug_check();
         // SAFETY: as above.
-        {
-            debug_check();
-            unsafe { collect_above(vals, sign, thr, keys, idx) }
-        }
+        unsafe { collect_above(vals, sign, thr, keys, idx) }
     }
 }
 

@@ -164,19 +164,14 @@ pub fn quantize_isa(
     layout.validate(w.len(), codes.len(), scale.len(), zero_point.len())?;
     let g = layout.channel_len();
     let min_len = MIN_TASK_ELEMS.div_ceil(g).max(1);
-    let result = w
-        .par_chunks(g)
-        .zip(codes.par_chunks_mut(g))
-        .zip(scale.par_iter_mut().zip(zero_point.par_iter_mut()))
+    let result = codes
+        .par_chunks_mut(g)
+        .zip(scale.par_iter_mut())
+        .zip(zero_point.par_iter_mut())
         .enumerate()
         .with_min_len(min_len)
-        .map_init(case::Scratch::default, |sc, (o, ((wc, qc), (s, z)))| {
-            let next = w.get((o + 1) * g..(o + 2) * g).unwrap_or(&[]);
-            let (p, f) =
-                case::quantize_channel_isa(wc, next, layout.k, bits, mode, o, qc, sc, isa)?;
-            *s = p.scale;
-            *z = p.zero_point;
-            Ok(f)
+        .map_init(case::Scratch::default, |sc, (o, ((qc, s), z))| {
+            channel_step(w, layout, o, qc, s, z, bits, mode, sc, isa)
         })
         .try_reduce(Flips::default, |a, b| Ok(a + b));
     result.map_err(|err| first_error(w, g, bits).unwrap_or(err))
@@ -199,28 +194,39 @@ pub fn quantize_serial(
     let g = layout.channel_len();
     let mut sc = case::Scratch::default();
     let mut flips = Flips::default();
-    let channels = w.chunks(g).zip(codes.chunks_mut(g));
-    for (o, ((wc, qc), (s, z))) in channels
-        .zip(scale.iter_mut().zip(zero_point.iter_mut()))
-        .enumerate()
-    {
-        let next = w.get((o + 1) * g..(o + 2) * g).unwrap_or(&[]);
-        let (p, f) = case::quantize_channel_isa(
-            wc,
-            next,
-            layout.k,
-            bits,
-            mode,
-            o,
-            qc,
-            &mut sc,
-            case::Isa::Best,
-        )?;
-        *s = p.scale;
-        *z = p.zero_point;
-        flips = flips + f;
+    let channels = codes
+        .chunks_mut(g)
+        .zip(scale.iter_mut())
+        .zip(zero_point.iter_mut());
+    for (o, ((qc, s), z)) in channels.enumerate() {
+        flips = flips + channel_step(w, layout, o, qc, s, z, bits, mode, &mut sc, case::Isa::Best)?;
     }
     Ok(flips)
+}
+
+/// Output channel `o` of `w` into its codes, scale and zero point, handing
+/// the next channel along for prefetching.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn channel_step(
+    w: &[f32],
+    layout: Layout,
+    o: usize,
+    codes: &mut [i8],
+    scale: &mut f32,
+    zero_point: &mut f32,
+    bits: u32,
+    mode: Mode,
+    sc: &mut case::Scratch,
+    isa: case::Isa,
+) -> Result<Flips, SquantError> {
+    let g = layout.channel_len();
+    let wc = &w[o * g..(o + 1) * g];
+    let next = w.get((o + 1) * g..(o + 2) * g).unwrap_or(&[]);
+    let (p, f) = case::quantize_channel_isa(wc, next, layout.k, bits, mode, o, codes, sc, isa)?;
+    *scale = p.scale;
+    *zero_point = p.zero_point;
+    Ok(f)
 }
 
 /// The error of the lowest failing channel (a parallel run may report any).
