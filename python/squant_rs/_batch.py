@@ -16,13 +16,15 @@ from typing import Any
 
 from . import _squant_rs as _native
 from ._squant_rs import SquantError
-from ._tensor import QuantizedTensor, _is_torch_tensor, as_float32_array
-from ._validate import UnsupportedDtypeError, check_backend, check_bits, check_mode, check_threads
-
-
-def _with_index(exc: Exception, i: int) -> Exception:
-    """The same exception type with ``weight {i}: `` before its message."""
-    return type(exc)(f"weight {i}: {exc}")
+from ._tensor import QuantizedTensor, _is_torch_tensor, as_float32_array, from_native
+from ._validate import (
+    UnsupportedDtypeError,
+    check_backend,
+    check_bits,
+    check_mode,
+    check_threads,
+    with_weight_index,
+)
 
 
 def quantize_tensors(
@@ -73,7 +75,7 @@ def quantize_tensors(
                 a32, dtype = as_float32_array(w)
                 device = None
         except (SquantError, TypeError, UnsupportedDtypeError) as exc:
-            raise _with_index(exc, i) from None
+            raise with_weight_index(exc, i) from None
         native_idx.append(i)
         native_arrays.append(a32)
         native_dtypes.append(dtype)
@@ -82,22 +84,7 @@ def quantize_tensors(
     if native_arrays:
         results = _native.quantize_many(native_arrays, bits, mode, threads)
         for i, res, dtype, device in zip(native_idx, results, native_dtypes, native_devices):
-            codes, scale, zp, kf, cf = res
-            if device is None:
-                out[i] = QuantizedTensor(codes, scale, zp, bits, mode, dtype, int(kf), int(cf))
-                continue
-            import torch
-
-            out[i] = QuantizedTensor(
-                torch.from_numpy(codes).to(device),
-                torch.from_numpy(scale).to(device),
-                torch.from_numpy(zp).to(device),
-                bits,
-                mode,
-                dtype,
-                int(kf),
-                int(cf),
-            )
+            out[i] = from_native(res, bits, mode, dtype, device)
     if torch_ws:
         from ._torch_adapter import quantize_torch_tensors
 

@@ -143,5 +143,19 @@ def quantize_tensor(
     if type(w).__module__.startswith("torch"):
         raise TypeError("got a torch object but torch is not importable")
     a32, dtype = as_float32_array(w)
-    codes, scale, zp, kf, cf = _native.quantize(a32, bits, mode, threads)
+    return from_native(_native.quantize(a32, bits, mode, threads), bits, mode, dtype)
+
+
+def from_native(
+    res: tuple[Any, Any, Any, int, int], bits: int, mode: str, dtype: Any, device: Any = None
+) -> QuantizedTensor:
+    """A :class:`QuantizedTensor` from the native ``quantize`` tuple: numpy
+    arrays, or torch tensors on ``device`` when one is given."""
+    codes, scale, zp, kf, cf = res
+    if device is not None:
+        import torch
+
+        codes = torch.from_numpy(codes).to(device)
+        scale = torch.from_numpy(scale).to(device)
+        zp = torch.from_numpy(zp).to(device)
     return QuantizedTensor(codes, scale, zp, bits, mode, dtype, int(kf), int(cf))

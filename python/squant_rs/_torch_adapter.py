@@ -16,7 +16,7 @@ from ._squant_rs import (
     SquantError,
     WeightRangeError,
 )
-from ._validate import UnsupportedDtypeError, check_shape
+from ._validate import UnsupportedDtypeError, check_shape, with_weight_index
 
 if TYPE_CHECKING:
     import torch
@@ -101,7 +101,7 @@ def _check_values_torch(w32: torch.Tensor, bits: int, original: torch.Tensor | N
 def quantize_torch_tensor(
     w: torch.Tensor, bits: int, mode: str, backend: str, threads: int | None
 ) -> QuantizedTensor:
-    from ._tensor import QuantizedTensor
+    from ._tensor import QuantizedTensor, from_native
 
     torch = require_torch()
     check_torch_weight(w)
@@ -118,12 +118,8 @@ def quantize_torch_tensor(
         codes, scale, zp, kf, cf = quantize_torch(w, bits, mode, check=check)
         return QuantizedTensor(codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf))
     # A contiguous float32 CPU tensor is shared with numpy, not copied.
-    arr = to_numpy_f32(w)
-    codes_np, scale_np, zp_np, kf, cf = _native.quantize(arr, bits, mode, threads)
-    codes = torch.from_numpy(codes_np).to(w.device)
-    scale = torch.from_numpy(scale_np).to(w.device)
-    zp = torch.from_numpy(zp_np).to(w.device)
-    return QuantizedTensor(codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf))
+    res = _native.quantize(to_numpy_f32(w), bits, mode, threads)
+    return from_native(res, bits, mode, w.dtype, w.device)
 
 
 # A batch is cut into passes of at most this many elements (a weight larger
@@ -180,7 +176,7 @@ def quantize_torch_tensors(
         except (SquantError, UnsupportedDtypeError) as exc:
             # One call per weight would reject an earlier bad value first.
             check_values(by_index[:j])
-            raise _prefixed(exc, indices[p]) from None
+            raise with_weight_index(exc, indices[p]) from None
 
     groups: dict[tuple[Any, ...], list[int]] = {}
     for p, w in enumerate(ws):
@@ -243,18 +239,13 @@ def _passes(groups: Iterable[list[int]], ws: list[torch.Tensor]) -> list[list[in
     return passes
 
 
-def _prefixed(exc: Exception, index: int) -> Exception:
-    """``exc`` with ``"weight {index}: "`` in front of its message."""
-    return type(exc)(f"weight {index}: {exc}").with_traceback(exc.__traceback__)
-
-
 @contextlib.contextmanager
 def _prefix(index: int) -> Iterator[None]:
     """Re-raise squant errors with ``"weight {index}: "`` in front."""
     try:
         yield
     except (SquantError, UnsupportedDtypeError) as exc:
-        raise _prefixed(exc, index) from None
+        raise with_weight_index(exc, index) from None
 
 
 def dequantize_torch(qt: QuantizedTensor) -> torch.Tensor:

@@ -67,3 +67,9 @@ def check_shape(shape: Sequence[int]) -> None:
         )
     if math.prod(shape) == 0:
         raise InvalidArgumentError(f"weight tensor is empty (shape {tuple(shape)})")
+
+
+def with_weight_index(exc: Exception, index: int) -> Exception:
+    """``exc`` (same type and traceback) with ``"weight {index}: "`` in front
+    of its message: errors of calls over many weights name the weight."""
+    return type(exc)(f"weight {index}: {exc}").with_traceback(exc.__traceback__)
