@@ -100,22 +100,30 @@ fn quantize_shared(
     Ok(flips)
 }
 
-/// Moves the core's outputs into numpy arrays (no copy).
+/// The Python tuple of one quantized weight: its codes array and the
+/// core's other outputs moved into numpy arrays (no copy).
 fn to_python<'py>(
     py: Python<'py>,
-    codes: Vec<i8>,
-    shape: &[usize],
+    codes: Bound<'py, PyArrayDyn<i8>>,
     scale: Vec<f32>,
     zp: Vec<f32>,
     flips: squant_core::Flips,
-) -> PyResult<Quantized<'py>> {
-    Ok((
-        codes.into_pyarray(py).reshape(shape)?,
+) -> Quantized<'py> {
+    (
+        codes,
         scale.into_pyarray(py),
         zp.into_pyarray(py),
         flips.k,
         flips.c,
-    ))
+    )
+}
+
+/// The buffer of a C-contiguous array made by [`zeros`], to be written.
+fn slice_mut<'a, T: numpy::Element>(
+    rw: &'a mut numpy::PyReadwriteArrayDyn<'_, T>,
+) -> PyResult<&'a mut [T]> {
+    rw.as_slice_mut()
+        .map_err(|e| InvalidArgumentError::new_err(e.to_string()))
 }
 
 /// The layout of a shape, fully checked before anything is copied or
@@ -193,9 +201,7 @@ fn quantize<'py>(
     let mut zp = alloc::<f32>(layout.oc)?;
     let flips = {
         let mut rw = codes.readwrite();
-        let out = rw
-            .as_slice_mut()
-            .map_err(|e| InvalidArgumentError::new_err(e.to_string()))?;
+        let out = slice_mut(&mut rw)?;
         if threads == 1 || layout.len() < SERIAL_BELOW {
             // No hand-off to a pool and back (tens of microseconds each way).
             py.detach(|| {
@@ -211,13 +217,7 @@ fn quantize<'py>(
         }
         .map_err(PyCoreError)?
     };
-    Ok((
-        codes,
-        scale.into_pyarray(py),
-        zp.into_pyarray(py),
-        flips.k,
-        flips.c,
-    ))
+    Ok(to_python(py, codes, scale, zp, flips))
 }
 
 /// One weight of a `quantize_many` call, ready to run.
@@ -263,10 +263,7 @@ fn quantize_many<'py>(
     let mut rw: Vec<_> = codes.iter().map(|c| c.readwrite()).collect();
     let mut outs = Vec::with_capacity(rw.len());
     for r in rw.iter_mut() {
-        outs.push(
-            r.as_slice_mut()
-                .map_err(|e| InvalidArgumentError::new_err(e.to_string()))?,
-        );
+        outs.push(slice_mut(r)?);
     }
     let results: Vec<Result<squant_core::Flips, squant_core::SquantError>> = py.detach(|| {
         pool.install(|| {
@@ -290,13 +287,7 @@ fn quantize_many<'py>(
     let mut ret = Vec::with_capacity(results.len());
     for (i, ((res, job), c)) in results.into_iter().zip(jobs).zip(codes).enumerate() {
         let flips = res.map_err(|e| with_index(py, PyCoreError(e).into(), i))?;
-        ret.push((
-            c,
-            job.scale.into_pyarray(py),
-            job.zp.into_pyarray(py),
-            flips.k,
-            flips.c,
-        ));
+        ret.push(to_python(py, c, job.scale, job.zp, flips));
     }
     Ok(ret)
 }
@@ -375,7 +366,8 @@ fn quantize_reference<'py>(
         .map_err(PyCoreError)?;
     let scale = params.iter().map(|p| p.scale).collect();
     let zp = params.iter().map(|p| p.zero_point).collect();
-    to_python(py, codes, &shape, scale, zp, flips)
+    let codes = codes.into_pyarray(py).reshape(shape)?;
+    Ok(to_python(py, codes, scale, zp, flips))
 }
 
 /// dequantize(codes, scale, zero_point, threads=None)
@@ -400,9 +392,7 @@ fn dequantize<'py>(
     let out = zeros::<f32>(py, &shape, "float32")?;
     {
         let mut rw = out.readwrite();
-        let dst = rw
-            .as_slice_mut()
-            .map_err(|e| InvalidArgumentError::new_err(e.to_string()))?;
+        let dst = slice_mut(&mut rw)?;
         py.detach(|| pool.install(|| squant_core::dequantize(&q, layout, &s, &z, dst)))
             .map_err(PyCoreError)?;
     }
