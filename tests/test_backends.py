@@ -73,7 +73,7 @@ def test_auto_backend_and_zero_copy() -> None:
     ref = squant_rs.quantize_tensor(w.numpy(), 4)
     assert torch.equal(qt.codes, torch.from_numpy(ref.codes))
     # A contiguous float32 CPU tensor is handed to Rust as a view.
-    from squant_rs._torch_adapter import to_numpy_f32
+    from squant_rs.torch.adapter import to_numpy_f32
 
     assert to_numpy_f32(w).ctypes.data == w.data_ptr()
 
@@ -149,8 +149,8 @@ def test_torch_value_errors(monkeypatch: pytest.MonkeyPatch, strategy: str, name
     """The torch path raises exactly what the full value check raises (the
     backend calls it only when its own per-channel test flags a channel,
     after the levels on the dense strategy) and leaves the input alone."""
-    from squant_rs import _torch_backend as tb
-    from squant_rs._torch_adapter import _check_values_torch
+    from squant_rs.torch import backend as tb
+    from squant_rs.torch.adapter import _check_values_torch
 
     monkeypatch.setattr(
         tb,

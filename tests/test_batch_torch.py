@@ -14,9 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import squant_rs  # noqa: E402
-from squant_rs import _torch_adapter as ta  # noqa: E402
-from squant_rs import _torch_backend as tb  # noqa: E402
-from squant_rs._torch_adapter import quantize_torch_tensors  # noqa: E402
+from squant_rs.torch import adapter as ta  # noqa: E402
+from squant_rs.torch import backend as tb  # noqa: E402
+from squant_rs.torch.adapter import quantize_torch_tensors  # noqa: E402
 
 from conftest import make_weight, seed_for  # noqa: E402
 

@@ -97,7 +97,8 @@ def test_quantize_options(tmp_path, capsys, model, st_file) -> None:
     assert "dw.weight" in stdout and "total:" in stdout  # -v: per-layer table
     rc, _, _ = _run(capsys, "quantize", st_file, out, "--include", "conv.*", "dw.*", "--skip", "dw")
     assert rc == 0
-    assert [t.name for t in squant_rs.io.inspect_quantized(out).quantized] == ["conv.weight"]
+    info = squant_rs.formats.safetensors.inspect_quantized(out)
+    assert [t.name for t in info.quantized] == ["conv.weight"]
     rc, stdout, stderr = _run(capsys, "quantize", st_file, out, "-q")
     assert rc == 0 and stdout == "" and stderr == ""
 
@@ -133,7 +134,7 @@ def test_demo(tmp_path, capsys) -> None:
     for label in ("time (squant)", "flips (K / C)", "rel. weight error", "nearest (squant-e)"):
         assert label in stdout
     assert f"wrote {out}" in stdout
-    info = squant_rs.io.inspect_quantized(out)
+    info = squant_rs.formats.safetensors.inspect_quantized(out)
     assert len(info.quantized) == 21
 
 
@@ -314,7 +315,8 @@ NO_TORCH = textwrap.dedent(
     rng = np.random.default_rng(0)
     sd = {{"a.weight": rng.standard_normal((8, 4, 3, 3)).astype(np.float32),
            "a.bias": np.zeros(8, np.float32)}}
-    squant_rs.io.write_safetensors("{src}", {{k: squant_rs.io.RawTensor.from_numpy(v)
+    from squant_rs.formats.safetensors import RawTensor, write_safetensors
+    write_safetensors("{src}", {{k: RawTensor.from_numpy(v)
                                            for k, v in sd.items()}})
     assert main(["quantize", "{src}", "{dst}"]) == 0
     assert main(["info", "{dst}"]) == 0

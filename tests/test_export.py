@@ -10,8 +10,13 @@ import pytest
 
 import squant_rs
 from squant_rs import FormatError, SquantError
-from squant_rs._packing import codes_per_byte, pack_codes, packed_size, unpack_codes
-from squant_rs.io import RawTensor, inspect_quantized, read_safetensors, write_safetensors
+from squant_rs.formats.safetensors import (
+    RawTensor,
+    inspect_quantized,
+    read_safetensors,
+    write_safetensors,
+)
+from squant_rs.tensor.packing import codes_per_byte, pack_codes, packed_size, unpack_codes
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -300,7 +305,7 @@ def test_error_leaves_no_partial_file(tmp_path) -> None:
 
 
 def test_failure_during_write_removes_temp_file(tmp_path, monkeypatch) -> None:
-    import squant_rs.io as sio
+    import squant_rs.formats.safetensors as sio
 
     def boom(fd: int) -> None:
         raise OSError(28, "No space left on device")

@@ -1,4 +1,4 @@
-"""Unit tests of the vectorized torch backend (``squant_rs._torch_backend``).
+"""Unit tests of the vectorized torch backend (``squant_rs.torch.backend``).
 
 The oracle below is a plain, slow, loop-over-groups transcription of
 /work/shared/SPEC.md sections 1-4 (with the fixed-point CASE sum), written
@@ -21,7 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from squant_rs import _torch_backend as tb  # noqa: E402
+from squant_rs.torch import backend as tb  # noqa: E402
 
 MODES = ("squant", "squant-e", "squant-k", "squant-c")
 F32 = np.float32

@@ -12,7 +12,6 @@ Quick start::
 
 from __future__ import annotations
 
-from ._batch import quantize_tensors
 from ._squant_rs import (
     InvalidArgumentError,
     NonFiniteWeightError,
@@ -20,10 +19,11 @@ from ._squant_rs import (
     WeightRangeError,
     __version__,
 )
-from ._tensor import QuantizedTensor, quantize_tensor
-from ._validate import BACKENDS, MODES, UnsupportedDtypeError
-from .io import FormatError, load_quantized, save_quantized
+from .formats.safetensors import FormatError, load_quantized, save_quantized
 from .model import ActivationQuantizer, LayerReport, QuantReport, quantize_model
+from .tensor.batch import quantize_tensors
+from .tensor.quantized import QuantizedTensor, quantize_tensor
+from .tensor.validate import BACKENDS, MODES, UnsupportedDtypeError
 
 __all__ = [
     "BACKENDS",

@@ -34,12 +34,9 @@ from typing import Any, NoReturn, TextIO
 import numpy as np
 
 from . import _squant_rs as _native
-from ._batch import quantize_tensors
 from ._shapes import he_weights, resnet_shapes
 from ._squant_rs import SquantError, __version__
-from ._tensor import quantize_tensor
-from ._validate import MAX_THREADS, MODES, UnsupportedDtypeError
-from .io import (
+from .formats.safetensors import (
     FormatError,
     RawTensor,
     _export,
@@ -48,6 +45,9 @@ from .io import (
     select_state_dict,
 )
 from .model import format_bytes, format_table
+from .tensor.batch import quantize_tensors
+from .tensor.quantized import quantize_tensor
+from .tensor.validate import MAX_THREADS, MODES, UnsupportedDtypeError
 
 PROG = "squant-rs"
 TORCH_HINT = "pip install 'squant-rs[torch]'"

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _squant_rs as _native
-from ._squant_rs import WeightRangeError
-from ._validate import (
+from .. import _squant_rs as _native
+from .._squant_rs import WeightRangeError
+from .validate import (
     UnsupportedDtypeError,
     check_backend,
     check_bits,
@@ -69,7 +69,7 @@ class QuantizedTensor:
                 fmax = np.finfo(np.float16).max
                 np.clip(out, -fmax, fmax, out=out)
             return out.astype(self.dtype, copy=False)
-        from ._torch_adapter import dequantize_torch
+        from ..torch.adapter import dequantize_torch
 
         return dequantize_torch(self)
 
@@ -137,7 +137,7 @@ def quantize_tensor(
     backend = check_backend(backend)
     threads = check_threads(threads)
     if _is_torch_tensor(w):
-        from ._torch_adapter import quantize_torch_tensor
+        from ..torch.adapter import quantize_torch_tensor
 
         return quantize_torch_tensor(w, bits, mode, backend, threads)
     if type(w).__module__.startswith("torch"):

@@ -7,7 +7,7 @@ import math
 import numbers
 from collections.abc import Sequence
 
-from ._squant_rs import InvalidArgumentError, resolve_threads
+from .._squant_rs import InvalidArgumentError, resolve_threads
 
 MODES: tuple[str, ...] = ("squant", "squant-e", "squant-k", "squant-c")
 BACKENDS: tuple[str, ...] = ("auto", "rust", "torch")

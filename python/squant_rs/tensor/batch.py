@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from . import _squant_rs as _native
-from ._squant_rs import SquantError
-from ._tensor import QuantizedTensor, _is_torch_tensor, as_float32_array, from_native
-from ._validate import (
+from .. import _squant_rs as _native
+from .._squant_rs import SquantError
+from .quantized import QuantizedTensor, _is_torch_tensor, as_float32_array, from_native
+from .validate import (
     UnsupportedDtypeError,
     check_backend,
     check_bits,
@@ -60,7 +60,7 @@ def quantize_tensors(
     for i, w in enumerate(ws):
         try:
             if _is_torch_tensor(w):
-                from ._torch_adapter import check_torch_weight, to_numpy_f32
+                from ..torch.adapter import check_torch_weight, to_numpy_f32
 
                 check_torch_weight(w)
                 w = w.detach()
@@ -86,7 +86,7 @@ def quantize_tensors(
         for i, res, dtype, device in zip(native_idx, results, native_dtypes, native_devices):
             out[i] = from_native(res, bits, mode, dtype, device)
     if torch_ws:
-        from ._torch_adapter import quantize_torch_tensors
+        from ..torch.adapter import quantize_torch_tensors
 
         for i, qt in zip(torch_idx, quantize_torch_tensors(torch_ws, bits, mode, torch_idx)):
             out[i] = qt

@@ -9,7 +9,7 @@ library). For every quantized weight ``NAME`` of original shape ``(OC, ...)``:
     ``U8``, 1-D: the integer codes in row-major order, offset to unsigned
     (``q + 2^(b-1)``) and packed four per byte at 2 bits, two per byte at 3
     and 4 bits, one per byte at 5-8 bits, first code in the low bits, last
-    byte zero-padded (see ``squant_rs._packing``).
+    byte zero-padded (see ``squant_rs.tensor.packing``).
 ``NAME:scale``, ``NAME:zero_point``
     ``F32``, ``(OC,)``: the per-channel ``s`` (levels per unit) and ``z``;
     the weight is ``(codes + z[o]) / s[o]`` computed in float32, then cast to
@@ -47,22 +47,27 @@ from typing import IO, TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from . import _squant_rs as _native
-from ._packing import codes_per_byte, pack_codes, packed_size, unpack_codes
-from ._squant_rs import InvalidArgumentError, SquantError, __version__
-from ._tensor import _is_torch_tensor
-from ._torch_adapter import cast_dequantized, require_torch
-from ._validate import UnsupportedDtypeError, check_backend, check_bits, check_mode, check_threads
-from .model import (
-    LayerReport,
+from .. import _squant_rs as _native
+from .._squant_rs import InvalidArgumentError, SquantError, __version__
+from ..model.layers import (
     ProgressFn,
-    QuantReport,
     check_patterns,
     matches_any,
     quantize_layer_weight,
     relative_error,
     select_layers,
 )
+from ..model.report import LayerReport, QuantReport
+from ..tensor.packing import codes_per_byte, pack_codes, packed_size, unpack_codes
+from ..tensor.quantized import _is_torch_tensor
+from ..tensor.validate import (
+    UnsupportedDtypeError,
+    check_backend,
+    check_bits,
+    check_mode,
+    check_threads,
+)
+from ..torch.adapter import cast_dequantized, require_torch
 
 if TYPE_CHECKING:
     import torch

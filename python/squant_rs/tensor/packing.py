@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._squant_rs import InvalidArgumentError
-from ._validate import check_bits
+from .._squant_rs import InvalidArgumentError
+from .validate import check_bits
 
 
 def codes_per_byte(bits: int) -> int:

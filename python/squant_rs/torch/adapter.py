@@ -9,19 +9,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _squant_rs as _native
-from ._squant_rs import (
+from .. import _squant_rs as _native
+from .._squant_rs import (
     InvalidArgumentError,
     NonFiniteWeightError,
     SquantError,
     WeightRangeError,
 )
-from ._validate import UnsupportedDtypeError, check_shape, with_weight_index
+from ..tensor.validate import UnsupportedDtypeError, check_shape, with_weight_index
 
 if TYPE_CHECKING:
     import torch
 
-    from ._tensor import QuantizedTensor
+    from ..tensor.quantized import QuantizedTensor
 
 
 def require_torch() -> Any:
@@ -101,14 +101,14 @@ def _check_values_torch(w32: torch.Tensor, bits: int, original: torch.Tensor | N
 def quantize_torch_tensor(
     w: torch.Tensor, bits: int, mode: str, backend: str, threads: int | None
 ) -> QuantizedTensor:
-    from ._tensor import QuantizedTensor, from_native
+    from ..tensor.quantized import QuantizedTensor, from_native
 
     torch = require_torch()
     check_torch_weight(w)
     w = w.detach()
     use_torch = backend == "torch" or (backend == "auto" and w.device.type != "cpu")
     if use_torch:
-        from ._torch_backend import quantize_torch
+        from .backend import quantize_torch
 
         def check() -> None:  # the error path only: raises for a bad weight
             _check_values_torch(w.to(torch.float32), bits, w if w.dtype == torch.float64 else None)
@@ -149,8 +149,8 @@ def quantize_torch_tensors(
     index that one call per weight would reject.  The codes, scale and zero
     point of a batched weight are views into its pass's outputs.
     """
-    from ._tensor import QuantizedTensor
-    from ._torch_backend import Launched, launch, settle
+    from ..tensor.quantized import QuantizedTensor
+    from .backend import Launched, launch, settle
 
     torch = require_torch()
     if len(indices) != len(ws):

@@ -1,0 +1,1 @@
+"""File formats: the packed safetensors layout (``safetensors``)."""

@@ -1,0 +1,197 @@
+"""``quantize_model``: the whole-model walk (weights, then optional activation quantizers)."""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, overload
+
+from .._squant_rs import InvalidArgumentError
+from ..tensor.validate import (
+    check_backend,
+    check_bits,
+    check_mode,
+    check_threads,
+)
+from ..torch.adapter import require_torch
+from .activations import (
+    CALIBRATIONS,
+    DEFAULT_INPUT_SHAPE,
+    ActivationQuantizer,
+    _calibrate,
+    _check_input_shape,
+    _check_s_sigma,
+    default_s_sigma,
+)
+from .layers import check_patterns, quantize_layer_weight, relative_error, select_layers
+from .report import LayerReport, QuantReport
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+# --------------------------------------------------------------------------
+# quantize_model
+
+
+@overload
+def quantize_model(
+    model: nn.Module,
+    wbits: int = ...,
+    abits: int | None = ...,
+    mode: str = ...,
+    *,
+    backend: str = ...,
+    threads: int | None = ...,
+    skip: str | Sequence[str] = ...,
+    input_shape: Sequence[int] = ...,
+    s_sigma: float | None = ...,
+    calibration: str = ...,
+    seed: int = ...,
+    return_report: Literal[False] = ...,
+) -> nn.Module: ...
+
+
+@overload
+def quantize_model(
+    model: nn.Module,
+    wbits: int = ...,
+    abits: int | None = ...,
+    mode: str = ...,
+    *,
+    backend: str = ...,
+    threads: int | None = ...,
+    skip: str | Sequence[str] = ...,
+    input_shape: Sequence[int] = ...,
+    s_sigma: float | None = ...,
+    calibration: str = ...,
+    seed: int = ...,
+    return_report: Literal[True],
+) -> tuple[nn.Module, QuantReport]: ...
+
+
+def quantize_model(
+    model: nn.Module,
+    wbits: int = 4,
+    abits: int | None = None,
+    mode: str = "squant",
+    *,
+    backend: str = "auto",
+    threads: int | None = None,
+    skip: str | Sequence[str] = (),
+    input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE,
+    s_sigma: float | None = None,
+    calibration: str = "float",
+    seed: int = 0,
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, QuantReport]:
+    """A SQuant-quantized deep copy of ``model`` (the original is untouched).
+
+    Every Conv1d/2d/3d and Linear weight (module names matching a ``skip``
+    fnmatch pattern excepted, e.g. ``skip=("fc", "layer4.*")``) is replaced
+    by its ``wbits``-bit SQuant dequantized value, same dtype and device.
+    ``mode``, ``backend`` and ``threads`` are as in :func:`quantize_tensor`.
+
+    With ``abits`` (2..8), activation quantizers are added as forward
+    pre-hooks and calibrated on one ``U[0,1)`` batch of ``input_shape``
+    (default :data:`DEFAULT_INPUT_SHAPE`, an ImageNet-sized batch of 8;
+    give e.g. ``(8, 784)`` for an MLP). ``s_sigma`` defaults to
+    :func:`default_s_sigma` of ``abits`` and is used for every activation
+    quantizer, the 8-bit last layer included, as in the release.
+    ``calibration`` is ``"float"`` or ``"quantized"`` (see the module doc);
+    ``seed`` seeds the calibration noise.
+
+    The per-layer :class:`QuantReport` is attached as ``qmodel.squant_report``
+    and, with ``return_report=True``, returned as ``(qmodel, report)``.
+    """
+    wall = time.perf_counter()
+    wbits = check_bits(wbits, "wbits")
+    if abits is not None:
+        abits = check_bits(abits, "abits")
+    mode = check_mode(mode)
+    backend = check_backend(backend)
+    threads = check_threads(threads)
+    patterns = check_patterns(skip, "skip")
+    if calibration not in CALIBRATIONS:
+        raise InvalidArgumentError(
+            f"unknown calibration {calibration!r}: expected one of {CALIBRATIONS}"
+        )
+    shape = _check_input_shape(input_shape) if abits is not None else ()
+    sigma_mult = _check_s_sigma(s_sigma)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    require_torch()
+    import torch
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+    qmodel = copy.deepcopy(model)
+    layers, skipped = select_layers(qmodel, patterns)
+
+    quantizers: dict[str, ActivationQuantizer] = {}
+    if abits is not None:
+        mult = sigma_mult if sigma_mult is not None else default_s_sigma(abits)
+        quantizers = {name: ActivationQuantizer(name, abits, mult) for name, _ in layers}
+        if calibration == "float":
+            _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=False)
+
+    reports: list[LayerReport] = []
+    for name, module in layers:
+        weight = module.weight
+        qt, ms = quantize_layer_weight(name, weight.detach(), wbits, mode, backend, threads)
+        w_hat = qt.dequantize()
+        err = relative_error(weight, w_hat)
+        with torch.no_grad():
+            weight.copy_(w_hat)
+        reports.append(
+            LayerReport(
+                name=name,
+                shape=tuple(weight.shape),
+                params=weight.numel(),
+                time_ms=ms,
+                rel_error=err,
+                k_flips=qt.k_flips,
+                c_flips=qt.c_flips,
+                bits=wbits,
+                kind=type(module).__name__,
+            )
+        )
+
+    if abits is not None:
+        if calibration == "quantized":
+            _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=True)
+        for (name, module), rep in zip(layers, reports):
+            q = quantizers[name]
+            module.register_forward_pre_hook(q)
+            if q.calibrated and q.enabled:
+                assert q.x_min is not None and q.x_max is not None
+                rep.act_range = (q.x_min, q.x_max)
+                rep.act_bits = q.bits
+
+    report = QuantReport(
+        layers=reports,
+        wbits=wbits,
+        mode=mode,
+        abits=abits,
+        wall_ms=(time.perf_counter() - wall) * 1e3,
+        skipped=skipped,
+    )
+    # Plain attribute (nn.Module.__setattr__ is typed for tensors/modules only).
+    qmodel.__dict__["squant_report"] = report
+    if return_report:
+        return qmodel, report
+    return qmodel
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:
+    """The :class:`ActivationQuantizer` hooks of a quantized model, by layer name."""
+    out: dict[str, ActivationQuantizer] = {}
+    for name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, ActivationQuantizer):
+                out[name] = hook
+    return out

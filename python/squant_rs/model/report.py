@@ -1,0 +1,141 @@
+"""The per-layer quantization report (:class:`QuantReport`) and its table formatting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LayerReport:
+    """One quantized weight: what it was and what quantizing it did."""
+
+    name: str
+    shape: tuple[int, ...]
+    params: int
+    time_ms: float
+    #: ``||w_hat - w|| / ||w||`` (L2, computed in float64).
+    rel_error: float
+    k_flips: int
+    c_flips: int
+    bits: int
+    kind: str = ""
+    #: Activation bits of the layer's input (``None``: float input).
+    act_bits: int | None = None
+    #: Activation range ``(x_min, x_max)`` fixed by calibration.
+    act_range: tuple[float, float] | None = None
+
+
+@dataclass
+class QuantReport:
+    """Per-layer report of :func:`quantize_model` or :func:`save_quantized`.
+
+    ``print(report)`` shows a table. ``total_ms`` is the sum of the per-layer
+    quantization times, ``wall_ms`` the wall time of the whole call (copy,
+    calibration, file writing included)."""
+
+    layers: list[LayerReport]
+    wbits: int
+    mode: str
+    abits: int | None = None
+    wall_ms: float = 0.0
+    #: Conv/Linear layers (or tensors) left float, by name.
+    skipped: list[str] = field(default_factory=list)
+    #: Bytes of the input tensors (as stored) and of the written file, for exports.
+    size_before: int | None = None
+    size_after: int | None = None
+
+    @property
+    def total_ms(self) -> float:
+        return sum(layer.time_ms for layer in self.layers)
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def mean_rel_error(self) -> float:
+        if not self.layers:
+            return 0.0
+        return sum(layer.rel_error for layer in self.layers) / len(self.layers)
+
+    @property
+    def k_flips(self) -> int:
+        return sum(layer.k_flips for layer in self.layers)
+
+    @property
+    def c_flips(self) -> int:
+        return sum(layer.c_flips for layer in self.layers)
+
+    def summary(self) -> str:
+        """One line: layers, parameters, time, mean error (and sizes)."""
+        text = (
+            f"{len(self.layers)} layers, {self.params:,} parameters, W{self.wbits}"
+            + (f"A{self.abits}" if self.abits is not None else "")
+            + f" {self.mode}: {self.total_ms:.1f} ms (wall {self.wall_ms:.1f} ms), "
+            f"mean relative error {self.mean_rel_error:.4f}"
+        )
+        if self.size_before is not None and self.size_after is not None:
+            ratio = self.size_after / self.size_before if self.size_before else float("nan")
+            text += (
+                f", size {format_bytes(self.size_before)} -> "
+                f"{format_bytes(self.size_after)} ({ratio:.3f}x)"
+            )
+        return text
+
+    def __str__(self) -> str:
+        headers = ["layer", "shape", "params", "time ms", "rel err", "K flips", "C flips"]
+        with_act = self.abits is not None
+        if with_act:
+            headers += ["act", "act range"]
+        rows: list[list[str]] = []
+        for r in self.layers:
+            row = [
+                r.name or "(model)",
+                "x".join(str(d) for d in r.shape),
+                f"{r.params:,}",
+                f"{r.time_ms:.2f}",
+                f"{r.rel_error:.4f}",
+                f"{r.k_flips:,}",
+                f"{r.c_flips:,}",
+            ]
+            if with_act:
+                row.append("float" if r.act_bits is None else f"{r.act_bits} bit")
+                row.append(
+                    "-" if r.act_range is None else f"[{r.act_range[0]:.4g}, {r.act_range[1]:.4g}]"
+                )
+            rows.append(row)
+        lines = format_table(headers, rows, right=set(range(2, 7)))
+        lines.append(f"total: {self.summary()}")
+        if self.skipped:
+            lines.append(f"left float: {', '.join(self.skipped)}")
+        return "\n".join(lines)
+
+
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]
+) -> list[str]:
+    """Plain-text table lines (columns in ``right`` right-aligned)."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def fmt(cells: Sequence[str]) -> str:
+        parts = [
+            c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells)
+        ]
+        return "  ".join(parts).rstrip()
+
+    out = [fmt(headers), "  ".join("-" * w for w in widths)]
+    out += [fmt(row) for row in rows]
+    return out
+
+
+def format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
