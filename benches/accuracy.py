@@ -56,7 +56,16 @@ from _accuracy_data import (  # noqa: E402
 )
 
 MODES: tuple[str, ...] = ("squant-e", "squant-k", "squant-c", "squant")
-CONFIGS: tuple[str, ...] = ("W8", "W6", "W5", "W4", "W3", "W8A8", "W6A6", "W4A4")
+CONFIGS: tuple[str, ...] = ("W8", "W6", "W5", "W4", "W3", "W8A8", "W6A6", "W4A8", "W4A4")
+# The squant+ recipe (docs/recipe.md) and its leave-one-out ablations, all
+# with mode="squant": row name -> quantize_model keyword arguments.
+RECIPE_ROWS: dict[str, dict[str, Any]] = {
+    "squant+": {"recipe": "squant+"},
+    "squant+ w/o BN folding": {"recipe": "squant+", "fold_bn": False},
+    "squant+ w/o bias correction": {"recipe": "squant+", "bias_correction": False},
+    "squant+ w/o BN ranges": {"recipe": "squant+", "act_ranges": "sigma"},
+}
+RECIPE_CONFIGS: tuple[str, ...] = ("W8", "W6", "W4", "W8A8", "W6A6", "W4A8", "W4A4")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CONFIDENT = 0.5
@@ -169,7 +178,7 @@ def _table(
 ) -> list[str]:
     lines = ["| method | " + " | ".join(configs) + " |", "|---" * (len(configs) + 1) + "|"]
     for mode in modes:
-        cells = [fmt(results[mode][c][key]) for c in configs]
+        cells = [fmt(results[mode][c][key]) if c in results.get(mode, {}) else "—" for c in configs]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return lines
 
@@ -185,7 +194,7 @@ def paper_table() -> list[str]:
 
 def render_markdown(res: dict[str, Any]) -> str:
     ds = res["dataset"]
-    configs, modes = res["configs"], res["modes"]
+    configs, modes = res["configs"], res["modes"] + res.get("recipe_rows", [])
     out = [
         "# SQuant on pretrained models: agreement with the float model (offline)",
         "",
@@ -199,6 +208,10 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"- images: {', '.join(ds['images'])}",
         f"- weights: per-output-channel asymmetric min/max, SQuant ({res['backend']} backend), "
         "all Conv/Linear layers; `squant-e` = nearest rounding with the same quantizer",
+        '- `squant+`: `quantize_model(..., recipe="squant+")` (mode squant; BN folding, '
+        "analytic bias correction, BN-statistics activation ranges; docs/recipe.md); "
+        '`w/o X`: the recipe with step X switched off; W/A rows with `act_ranges="bn"` '
+        "need no calibration batch",
         f"- W/A columns: the data-free activation pipeline (SPEC 5) of "
         f"`squant_rs.quantize_model(..., abits=...)`, ranges from one batch of "
         f'{res["calib_batch"]} U[0,1) images (calibration="{res["calibration"]}"); '
@@ -248,17 +261,20 @@ def plot(res: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(
         2, len(names), figsize=(5.5 * len(names), 7.5), squeeze=False, sharex=True
     )
-    colors = dict(zip(MODES, ("tab:gray", "tab:blue", "tab:orange", "tab:red")))
+    colors = dict(
+        zip((*MODES, "squant+"), ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green"))
+    )
     for j, name in enumerate(names):
         r = res["models"][name]["results"]
         ax_a, ax_k = axes[0][j], axes[1][j]
-        for mode in res["modes"]:
+        rows = res["modes"] + [m for m in res.get("recipe_rows", []) if m == "squant+"]
+        for mode in rows:
             col = colors.get(mode)
             for wa, style in ((False, "-"), (True, "--")):
                 pts = sorted(
                     (parse_config(c)[0], r[mode][c])
                     for c in res["configs"]
-                    if (parse_config(c)[1] is not None) == wa
+                    if (parse_config(c)[1] is not None) == wa and c in r[mode]
                 )
                 if not pts:
                     continue
@@ -293,8 +309,8 @@ def plot(res: dict[str, Any], path: str) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(
-        f"SQuant vs nearest rounding (squant-e): agreement with the float model on "
-        f"{res['dataset']['n_crops']} crops of sample images (not ImageNet top-1)",
+        "SQuant, nearest rounding (squant-e) and the squant+ recipe: agreement with the "
+        f"float model on {res['dataset']['n_crops']} crops of sample images (not ImageNet top-1)",
         fontsize=10,
     )
     fig.tight_layout(rect=(0.0, 0.07, 1.0, 1.0))
@@ -341,6 +357,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument(
+        "--recipes",
+        nargs="*",
+        default=list(RECIPE_ROWS),
+        choices=list(RECIPE_ROWS),
+        help="squant+ rows (recipe and ablations) to add (default: all; none: --recipes)",
+    )
+    ap.add_argument(
+        "--recipe-configs",
+        nargs="+",
+        default=list(RECIPE_CONFIGS),
+        help="configs of the squant+ rows (default: %(default)s)",
+    )
+    ap.add_argument(
         "--configs",
         nargs="+",
         default=list(CONFIGS),
@@ -382,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
-    for c in args.configs:
+    for c in [*args.configs, *args.recipe_configs]:
         parse_config(c)
     os.makedirs(args.out, exist_ok=True)
     out_md = args.out_md or os.path.join(args.out, "accuracy.md")
@@ -419,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "NOT ImageNet top-1",
         "configs": list(args.configs),
         "modes": list(args.modes),
+        "recipe_rows": list(args.recipes),
         "backend": args.backend,
         "calib_batch": args.calib_batch,
         "calibration": args.calibration,
@@ -462,40 +492,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         sanity = sanity_check(name, ref, meta)
         results: dict[str, dict[str, dict[str, float]]] = {}
-        for mode in args.modes:
-            results[mode] = {}
-            for cfg in args.configs:
-                wbits, abits = parse_config(cfg)
-                t0 = time.perf_counter()
-                qmodel = squant_rs.quantize_model(
-                    model,
-                    wbits=wbits,
-                    abits=abits,
-                    mode=mode,
-                    backend=args.backend,
-                    input_shape=(args.calib_batch, 3, 224, 224),
-                    calibration=args.calibration,
-                    seed=args.seed,
-                )
-                tq = time.perf_counter() - t0
-                if args.channels_last:
-                    qmodel = qmodel.to(memory_format=torch.channels_last)
-                q = logits_of(qmodel, x, args.batch_size)
-                del qmodel
-                agr = top1_agreement(ref, q)
-                conf, _ = confident_agreement(ref, q, CONFIDENT)
-                kl = mean_kl(ref, q)
-                results[mode][cfg] = {
-                    "agreement": agr,
-                    "confident": conf,
-                    "kl": kl,
-                    "quantize_s": tq,
-                }
-                print(
-                    f"  {mode:9s} {cfg:5s} agree {100 * agr:5.1f}%  confident "
-                    f"{100 * conf:5.1f}%  KL {kl:.4f}  (quantize_model {tq:.2f} s)",
-                    flush=True,
-                )
+        jobs: list[tuple[str, str, dict[str, Any]]] = [
+            (mode, cfg, {"mode": mode}) for mode in args.modes for cfg in args.configs
+        ]
+        for row in args.recipes:
+            for cfg in args.recipe_configs:
+                if parse_config(cfg)[1] is None and RECIPE_ROWS[row].get("act_ranges"):
+                    continue  # an activation switch changes nothing without abits
+                jobs.append((row, cfg, {"mode": "squant", **RECIPE_ROWS[row]}))
+        for row, cfg, kwargs in jobs:
+            results.setdefault(row, {})
+            wbits, abits = parse_config(cfg)
+            t0 = time.perf_counter()
+            qmodel = squant_rs.quantize_model(
+                model,
+                wbits=wbits,
+                abits=abits,
+                backend=args.backend,
+                input_shape=(args.calib_batch, 3, 224, 224),
+                calibration=args.calibration,
+                seed=args.seed,
+                **kwargs,
+            )
+            tq = time.perf_counter() - t0
+            if args.channels_last:
+                qmodel = qmodel.to(memory_format=torch.channels_last)
+            q = logits_of(qmodel, x, args.batch_size)
+            del qmodel
+            agr = top1_agreement(ref, q)
+            conf, _ = confident_agreement(ref, q, CONFIDENT)
+            kl = mean_kl(ref, q)
+            results[row][cfg] = {
+                "agreement": agr,
+                "confident": conf,
+                "kl": kl,
+                "quantize_s": tq,
+            }
+            print(
+                f"  {row:28s} {cfg:5s} agree {100 * agr:5.1f}%  confident "
+                f"{100 * conf:5.1f}%  KL {kl:.4f}  (quantize_model {tq:.2f} s)",
+                flush=True,
+            )
         res["models"][name] = {
             "source": spec.source,
             "layers": len(layers),

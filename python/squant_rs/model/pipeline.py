@@ -25,8 +25,14 @@ from .activations import (
     _check_s_sigma,
     default_s_sigma,
 )
-from .fold import fold_batchnorm
 from .layers import check_patterns, quantize_layer_weight, relative_error, select_layers
+from .recipe import (
+    apply_bias_correction,
+    bn_activation_ranges,
+    finish_activation_order,
+    prepare,
+    resolve_recipe,
+)
 from .report import LayerReport, QuantReport
 
 if TYPE_CHECKING:
@@ -51,7 +57,12 @@ def quantize_model(
     s_sigma: float | None = ...,
     calibration: str = ...,
     seed: int = ...,
-    fold_bn: bool = ...,
+    recipe: str = ...,
+    fold_bn: bool | None = ...,
+    bias_correction: bool | None = ...,
+    act_ranges: str | None = ...,
+    weight_range: str | None = ...,
+    bn_sigmas: float | None = ...,
     return_report: Literal[False] = ...,
 ) -> nn.Module: ...
 
@@ -70,7 +81,12 @@ def quantize_model(
     s_sigma: float | None = ...,
     calibration: str = ...,
     seed: int = ...,
-    fold_bn: bool = ...,
+    recipe: str = ...,
+    fold_bn: bool | None = ...,
+    bias_correction: bool | None = ...,
+    act_ranges: str | None = ...,
+    weight_range: str | None = ...,
+    bn_sigmas: float | None = ...,
     return_report: Literal[True],
 ) -> tuple[nn.Module, QuantReport]: ...
 
@@ -88,7 +104,12 @@ def quantize_model(
     s_sigma: float | None = None,
     calibration: str = "float",
     seed: int = 0,
-    fold_bn: bool = False,
+    recipe: str = "paper",
+    fold_bn: bool | None = None,
+    bias_correction: bool | None = None,
+    act_ranges: str | None = None,
+    weight_range: str | None = None,
+    bn_sigmas: float | None = None,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, QuantReport]:
     """A SQuant-quantized deep copy of ``model`` (the original is untouched).
@@ -107,10 +128,26 @@ def quantize_model(
     ``calibration`` is ``"float"`` or ``"quantized"`` (see the module doc);
     ``seed`` seeds the calibration noise.
 
-    With ``fold_bn=True`` every BatchNorm that follows a Conv/Linear layer
-    is folded into it first (:func:`~squant_rs.model.fold.fold_batchnorm`:
-    the BN becomes ``nn.Identity``, the layer gets the folded weight and
-    bias), so the quantized weights are the ones an exported graph uses.
+    ``recipe="paper"`` (default) is the paper's pipeline above;
+    ``recipe="squant+"`` adds the data-free steps of ``docs/recipe.md``
+    (:mod:`squant_rs.model.recipe`). The switches override the recipe's
+    choice one by one (``None``: the recipe's):
+
+    * ``fold_bn``: fold every BatchNorm that follows a Conv/Linear layer into
+      it first (:func:`~squant_rs.model.fold.fold_batchnorm`: the BN becomes
+      ``nn.Identity``, the layer gets the folded weight and bias), so the
+      quantized weights are the ones an exported graph uses;
+    * ``bias_correction``: ``b -= (W_q - W) . E[x]`` with ``E[x]`` from the
+      BatchNorm statistics in front of the layer;
+    * ``act_ranges``: ``"sigma"`` (the paper's rule on noise) or ``"bn"``
+      (``mu -+ bn_sigmas * sigma`` of the BatchNorm statistics, clipped by
+      the activation; the sigma rule where a layer has none);
+    * ``weight_range``: ``"minmax"`` (SPEC) or ``"search"`` (per-channel
+      clipping chosen after CASE rounding).
+
+    Raises:
+        TypeError: an argument of the wrong type.
+        InvalidArgumentError: an unknown choice or an out-of-range value.
 
     The per-layer :class:`QuantReport` is attached as ``qmodel.squant_report``
     and, with ``return_report=True``, returned as ``(qmodel, report)``.
@@ -138,29 +175,41 @@ def quantize_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
-    if not isinstance(fold_bn, bool):
-        raise TypeError(f"fold_bn must be a bool, got {fold_bn!r}")
+    config = resolve_recipe(
+        recipe,
+        fold_bn=fold_bn,
+        bias_correction=bias_correction,
+        act_ranges=act_ranges,
+        weight_range=weight_range,
+        bn_sigmas=bn_sigmas,
+    )
 
     qmodel = copy.deepcopy(model)
-    if fold_bn:
-        fold_batchnorm(qmodel, inplace=True)
+    plan = prepare(qmodel, config)
     layers, skipped = select_layers(qmodel, patterns)
 
     quantizers: dict[str, ActivationQuantizer] = {}
     if abits is not None:
         mult = sigma_mult if sigma_mult is not None else default_s_sigma(abits)
         quantizers = {name: ActivationQuantizer(name, abits, mult) for name, _ in layers}
-        if calibration == "float":
-            _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=False)
+        noise_layers = layers
+        if config.act_ranges == "bn":
+            noise_layers = bn_activation_ranges(plan, layers, quantizers, abits)
+        if calibration == "float" and noise_layers:
+            _calibrate(qmodel, noise_layers, quantizers, shape, int(seed), apply=False)
 
     reports: list[LayerReport] = []
     for name, module in layers:
         weight = module.weight
+        w_float = weight.detach().clone() if config.bias_correction else None
         qt, ms = quantize_layer_weight(name, weight.detach(), wbits, mode, backend, threads)
         w_hat = qt.dequantize()
         err = relative_error(weight, w_hat)
         with torch.no_grad():
             weight.copy_(w_hat)
+        corrected = w_float is not None and apply_bias_correction(
+            plan, name, module, w_float, w_hat
+        )
         reports.append(
             LayerReport(
                 name=name,
@@ -172,12 +221,16 @@ def quantize_model(
                 c_flips=qt.c_flips,
                 bits=wbits,
                 kind=type(module).__name__,
+                folded=name in plan.folded,
+                bias_corrected=corrected,
             )
         )
 
     if abits is not None:
-        if calibration == "quantized":
-            _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=True)
+        if calibration == "quantized" and noise_layers:
+            _calibrate(qmodel, noise_layers, quantizers, shape, int(seed), apply=True)
+        if config.act_ranges == "bn":
+            finish_activation_order(plan, layers, quantizers, abits)
         for (name, module), rep in zip(layers, reports):
             q = quantizers[name]
             module.register_forward_pre_hook(q)
@@ -185,6 +238,7 @@ def quantize_model(
                 assert q.x_min is not None and q.x_max is not None
                 rep.act_range = (q.x_min, q.x_max)
                 rep.act_bits = q.bits
+                rep.range_source = plan.range_sources.get(name, "sigma")
 
     report = QuantReport(
         layers=reports,
@@ -193,6 +247,7 @@ def quantize_model(
         abits=abits,
         wall_ms=(time.perf_counter() - wall) * 1e3,
         skipped=skipped,
+        recipe=config.name,
     )
     # Plain attribute (nn.Module.__setattr__ is typed for tensors/modules only).
     qmodel.__dict__["squant_report"] = report

@@ -24,6 +24,15 @@ class LayerReport:
     act_bits: int | None = None
     #: Activation range ``(x_min, x_max)`` fixed by calibration.
     act_range: tuple[float, float] | None = None
+    #: A BatchNorm was folded into this layer (recipe step ``fold_bn``).
+    folded: bool = False
+    #: The bias was corrected analytically (recipe step ``bias_correction``).
+    bias_corrected: bool = False
+    #: Where ``act_range`` came from: ``"sigma"`` (noise) or the BN
+    #: statistics' path, e.g. ``"bn+relu6"``, ``"add"`` (``None``: float input).
+    range_source: str | None = None
+    #: Mean per-channel clipping of ``[min, max]`` (1.0: the plain range).
+    clip_ratio: float = 1.0
 
 
 @dataclass
@@ -44,6 +53,8 @@ class QuantReport:
     #: Bytes of the input tensors (as stored) and of the written file, for exports.
     size_before: int | None = None
     size_after: int | None = None
+    #: The ``quantize_model`` recipe (``"paper"`` or ``"squant+"``).
+    recipe: str = "paper"
 
     @property
     def total_ms(self) -> float:
@@ -88,6 +99,15 @@ class QuantReport:
         with_act = self.abits is not None
         if with_act:
             headers += ["act", "act range"]
+        with_recipe = any(
+            r.folded
+            or r.bias_corrected
+            or r.clip_ratio != 1.0
+            or r.range_source not in (None, "sigma")
+            for r in self.layers
+        )
+        if with_recipe:
+            headers += ["folded", "bias corr", "range src", "clip"]
         rows: list[list[str]] = []
         for r in self.layers:
             row = [
@@ -104,6 +124,13 @@ class QuantReport:
                 row.append(
                     "-" if r.act_range is None else f"[{r.act_range[0]:.4g}, {r.act_range[1]:.4g}]"
                 )
+            if with_recipe:
+                row += [
+                    "yes" if r.folded else "-",
+                    "yes" if r.bias_corrected else "-",
+                    r.range_source or "-",
+                    f"{r.clip_ratio:.3f}",
+                ]
             rows.append(row)
         lines = format_table(headers, rows, right=set(range(2, 7)))
         lines.append(f"total: {self.summary()}")
