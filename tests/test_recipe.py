@@ -16,6 +16,9 @@ from squant_rs.model.recipe import (
     clipped_normal_moments,
     correct_bias,
     default_bn_sigmas,
+    expected_quantized,
+    fix_range,
+    mse_range,
     resolve_recipe,
 )
 
@@ -247,6 +250,19 @@ def test_bias_correction_removes_mean_output_error(layer: nn.Module) -> None:
     assert flipped > plain
 
 
+@pytest.mark.parametrize(("bits", "x_min", "x_max"), [(4, 0.0, 3.0), (6, -2.0, 5.0), (8, 0.0, 6.0)])
+def test_expected_quantized_matches_sampling(bits: int, x_min: float, x_max: float) -> None:
+    stats = ChannelStats(
+        np.array([-0.5, 0.05, 1.0, 4.0, 2.0]), np.array([1.0, 0.03, 0.7, 2.0, 0.0]), 0.0, 6.0
+    )
+    q = squant_rs.ActivationQuantizer("x", bits, 1.0)
+    fix_range(q, x_min, x_max, bits)
+    rng = np.random.default_rng(0)
+    x = np.clip(stats.mu + stats.sigma * rng.standard_normal((200_000, 5)), 0.0, 6.0)
+    got = q.quantize(torch.from_numpy(x).float()).double().numpy().mean(axis=0)
+    np.testing.assert_allclose(expected_quantized(stats, q), got, atol=4e-3)
+
+
 def test_bias_shift_depthwise_is_per_channel() -> None:
     conv = nn.Conv2d(3, 3, 2, groups=3)
     delta = torch.arange(12, dtype=torch.float32).reshape(3, 1, 2, 2)
@@ -315,6 +331,40 @@ def test_bn_ranges_hand_computed() -> None:
     assert rows["fc"].act_range == pytest.approx(
         (0.0, float(np.clip(beta + 2 * gamma, 0, 6).max())), rel=1e-6
     )
+
+
+def test_default_ranges_mse_below_8_bits() -> None:
+    model = _tiny()
+    _, rep = squant_rs.quantize_model(model, 8, 4, recipe="squant+", return_report=True)
+    rows = {r.name: r for r in rep.layers}
+    bn = model.stem[1]
+    stem = ChannelStats(
+        bn.bias.detach().double().numpy(), bn.weight.detach().double().abs().numpy(), 0.0, 6.0
+    )
+    assert rows["proj.0"].act_range == pytest.approx(mse_range(stem, 4), rel=1e-6)
+    head = model.head[1]
+    out = ChannelStats(
+        head.bias.detach().double().numpy(), head.weight.detach().double().abs().numpy(), 0.0, 6.0
+    )
+    assert rows["fc"].act_bits == 8
+    assert rows["fc"].act_range == pytest.approx(out.tensor_range(4.0), rel=1e-6)
+
+
+def test_mse_range() -> None:
+    # N(0, 1): the MSE-optimal uniform 4-bit range is about +-2.7 sigma (8 bits: wider)
+    std = ChannelStats(np.zeros(1), np.ones(1))
+    lo4, hi4 = mse_range(std, 4)
+    assert lo4 == -hi4 and 2.3 < hi4 < 3.1
+    lo8, hi8 = mse_range(std, 8)
+    assert hi8 > hi4 + 0.5
+    # every channel saturates ReLU6: the whole mass sits at 6, keep it
+    sat = ChannelStats(np.full(3, 10.0), np.ones(3), 0.0, 6.0)
+    assert mse_range(sat, 4) == (0.0, 6.0)
+    # a mixture scaled by 2 gives a range scaled by 2
+    mix = ChannelStats(np.array([0.2, 1.0, 2.0]), np.array([0.5, 1.0, 0.3]), 0.0, math.inf)
+    a, b = mse_range(mix, 6)
+    a2, b2 = mse_range(ChannelStats(2 * mix.mu, 2 * mix.sigma, 0.0, math.inf), 6)
+    assert a == a2 == 0.0 and b2 == pytest.approx(2 * b)
 
 
 def test_bn_ranges_fall_back_to_sigma_rule() -> None:

@@ -142,8 +142,8 @@ def quantize_model(
     * ``act_ranges``: ``"sigma"`` (the paper's rule on noise) or ``"bn"``
       (``mu -+ bn_sigmas * sigma`` of the BatchNorm statistics, clipped by
       the activation; the sigma rule where a layer has none);
-    * ``weight_range``: ``"minmax"`` (SPEC) or ``"search"`` (per-channel
-      clipping chosen after CASE rounding).
+    * ``weight_range``: ``"minmax"`` (SPEC section 1; the only choice, see
+      ``docs/recipe.md`` step 4).
 
     Raises:
         TypeError: an argument of the wrong type.
@@ -197,6 +197,8 @@ def quantize_model(
             noise_layers = bn_activation_ranges(plan, layers, quantizers, abits)
         if calibration == "float" and noise_layers:
             _calibrate(qmodel, noise_layers, quantizers, shape, int(seed), apply=False)
+        if config.act_ranges == "bn" and calibration == "float":
+            finish_activation_order(plan, layers, quantizers, abits)
 
     reports: list[LayerReport] = []
     for name, module in layers:
@@ -208,7 +210,12 @@ def quantize_model(
         with torch.no_grad():
             weight.copy_(w_hat)
         corrected = w_float is not None and apply_bias_correction(
-            plan, name, module, w_float, w_hat
+            plan,
+            name,
+            module,
+            w_float,
+            w_hat,
+            quantizers.get(name) if calibration == "float" else None,
         )
         reports.append(
             LayerReport(
@@ -229,7 +236,7 @@ def quantize_model(
     if abits is not None:
         if calibration == "quantized" and noise_layers:
             _calibrate(qmodel, noise_layers, quantizers, shape, int(seed), apply=True)
-        if config.act_ranges == "bn":
+        if config.act_ranges == "bn" and calibration == "quantized":
             finish_activation_order(plan, layers, quantizers, abits)
         for (name, module), rep in zip(layers, reports):
             q = quantizers[name]
