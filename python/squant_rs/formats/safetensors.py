@@ -578,7 +578,10 @@ def save_quantized(
     ``load_quantized(path)`` equals ``quantize_model(model, ...).state_dict()``
     bit for bit. For a state dict (torch tensors or numpy arrays), see
     :func:`select_state_dict` for ``include``/``skip``. Everything else is
-    stored unchanged. The file is written atomically."""
+    stored unchanged. The file is written atomically by
+    :func:`squant_rs.formats.output.atomic_output` (symlinks followed,
+    permissions kept; a FIFO or device path raises
+    :class:`InvalidArgumentError`)."""
     wall = time.perf_counter()
     bits = check_bits(wbits, "wbits")
     mode = check_mode(mode)
