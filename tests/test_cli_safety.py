@@ -5,6 +5,7 @@ pipes, escaped names, thread settings, help, sizes and timings."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import pytest
 
 import squant_rs
 from squant_rs import InvalidArgumentError
-from squant_rs.cli import OUTPUT_FORMATS, build_parser, main, printable
+from squant_rs.cli import OUTPUT_FORMATS, Progress, build_parser, main, printable
 from squant_rs.formats.output import atomic_output, check_output
 from squant_rs.formats.safetensors import RawTensor, write_safetensors
 
@@ -376,6 +377,29 @@ def test_info_escapes_control_characters(tmp_path, capsys) -> None:
     table = out.split("\n\n", 1)[1].splitlines()
     assert len(table) == 2 + len(names)  # header, rule, one line per tensor
     assert printable("ok é\u2028") == "ok é\\u2028"
+
+
+def test_verbose_quantize_escapes_names(tmp_path, capsys) -> None:
+    src = tmp_path / "in.safetensors"
+    names = ["evil\x1b[2J\nname.weight", "plain.weight"]
+    write_safetensors(src, {n: RawTensor.from_numpy(np.ones((4, 3), np.float32)) for n in names})
+    rc, out, err = _run(capsys, "quantize", src, tmp_path / "out.safetensors", "-v")
+    assert rc == 0, err
+    assert "\x1b" not in out
+    rows = [line for line in out.splitlines() if "name.weight" in line]
+    assert len(rows) == 1 and "evil\\x1b[2J\\nname.weight" in rows[0]
+
+
+def test_progress_bar_escapes_names() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Tty()
+    Progress(stream)(0, 1, "evil\x1b]0;TITLE\x07\nname")
+    text = stream.getvalue()
+    assert "\x1b" not in text and "\x07" not in text and "\n" not in text
+    assert "evil\\x1b]0;TITLE\\x07\\nname" in text
 
 
 # --------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -63,6 +64,7 @@ from .formats.safetensors import (
     select_state_dict,
 )
 from .model import format_bytes, format_table
+from .model.report import QuantReport
 from .tensor.batch import quantize_tensors
 from .tensor.quantized import quantize_tensor
 from .tensor.validate import MAX_THREADS, MODES, UnsupportedDtypeError, check_threads
@@ -233,7 +235,7 @@ class Progress:
         bar_w = 24
         filled = bar_w * done // total if total else bar_w
         count = f"{done}/{total}"
-        line = f"[{'#' * filled}{'.' * (bar_w - filled)}] {count} {name}"
+        line = f"[{'#' * filled}{'.' * (bar_w - filled)}] {count} {printable(name, self.stream)}"
         line = line[: max(width - 1, 10)]
         self.stream.write("\r" + line.ljust(max(width - 1, 10)))
         self.stream.flush()
@@ -438,7 +440,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.quiet:
         return 0
     if args.verbose:
-        print(printable(str(report)))
+        print(_printable_report(report))
         print()
     quantized = clock.quantized_at if clock.quantized_at is not None else written
     assert report.size_after is not None and report.size_before is not None
@@ -459,6 +461,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     ]
     _print_rows(rows)
     return 0
+
+
+def _printable_report(report: QuantReport) -> str:
+    """The per-layer table with the names escaped (one line per layer)."""
+    layers = [dataclasses.replace(layer, name=printable(layer.name)) for layer in report.layers]
+    skipped = [printable(name) for name in report.skipped]
+    return str(dataclasses.replace(report, layers=layers, skipped=skipped))
 
 
 def _size_rows(before: int, after: int) -> list[list[str]]:
