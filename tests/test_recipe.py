@@ -282,6 +282,7 @@ def test_recipe_corrects_layers_with_bn_in_front() -> None:
     assert all(rows[n].bias_corrected for n in LAYERS[1:])
     assert all(isinstance(m, nn.Identity) or not isinstance(m, nn.BatchNorm2d) for m in q.modules())
     assert "bias corr" in str(rep) and rep.recipe == "squant+"
+    assert "(recipe squant+)" in rep.summary()
     off = squant_rs.quantize_model(model, 4, recipe="squant+", bias_correction=False)
     # same weights, different biases where corrected
     assert torch.equal(q.fc.weight, off.fc.weight)

@@ -83,7 +83,9 @@ class QuantReport:
         text = (
             f"{len(self.layers)} layers, {self.params:,} parameters, W{self.wbits}"
             + (f"A{self.abits}" if self.abits is not None else "")
-            + f" {self.mode}: {self.total_ms:.1f} ms (wall {self.wall_ms:.1f} ms), "
+            + f" {self.mode}"
+            + (f" (recipe {self.recipe})" if self.recipe != "paper" else "")
+            + f": {self.total_ms:.1f} ms (wall {self.wall_ms:.1f} ms), "
             f"mean relative error {self.mean_rel_error:.4f}"
         )
         if self.size_before is not None and self.size_after is not None:
