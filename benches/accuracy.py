@@ -291,7 +291,9 @@ def plot(res: dict[str, Any], path: str) -> None:
                 pts = sorted(
                     (parse_config(c)[0], r[mode][c])
                     for c in all_configs(res)
-                    if (parse_config(c)[1] is not None) == wa and c in r[mode]
+                    if (parse_config(c)[1] is not None) == wa
+                    and parse_config(c)[1] in (None, parse_config(c)[0])  # W=A lines only
+                    and c in r[mode]
                 )
                 if not pts:
                     continue
