@@ -107,6 +107,8 @@ pub struct SquantFile {
     pub writer_version: String,
     /// Stored tensor name -> CRC32C (`None`: a file written before checksums).
     pub checksums: Option<HashMap<String, u32>>,
+    /// Pool of the parallel dequantization (`None`: the current pool).
+    pub pool: Option<std::sync::Arc<rayon::ThreadPool>>,
 }
 
 fn mode_of(s: &str) -> Option<Mode> {
@@ -344,6 +346,7 @@ impl SquantFile {
             format_version,
             writer_version,
             checksums,
+            pool: None,
         })
     }
 
@@ -409,15 +412,13 @@ impl SquantFile {
         Ok(())
     }
 
-    fn load_f32s(&self, name: &str, verify: bool) -> Result<Vec<f32>> {
+    /// A float32 tensor's values and the CRC32C of its bytes.
+    fn load_f32s(&self, name: &str) -> Result<(Vec<f32>, u32)> {
         let e = self.entry(name)?;
         let region = self.st.map_all(e)?;
-        if verify {
-            self.check_crc(name, crc32c::crc32c(&region))?;
-        }
         let mut v = vec![0f32; e.numel()];
         dtype::to_f32(Dtype::F32, &region, &mut v);
-        Ok(v)
+        Ok((v, crc32c::crc32c(&region)))
     }
 
     fn load_quantized(
@@ -428,8 +429,9 @@ impl SquantFile {
         verify: bool,
     ) -> Result<()> {
         let path = self.st.path();
-        let scale = self.load_f32s(&format!("{name}{SCALE}"), verify)?;
-        let zp = self.load_f32s(&format!("{name}{ZERO_POINT}"), verify)?;
+        let (scale_name, zp_name) = (format!("{name}{SCALE}"), format!("{name}{ZERO_POINT}"));
+        let (scale, scale_crc) = self.load_f32s(&scale_name)?;
+        let (zp, zp_crc) = self.load_f32s(&zp_name)?;
         let symmetric = self.quantizer == Quantizer::Symmetric;
         let params_ok = scale
             .iter()
@@ -440,6 +442,10 @@ impl SquantFile {
                 path,
                 format!("corrupt scale or zero point for {}", repr(name)),
             ));
+        }
+        if verify {
+            self.check_crc(&scale_name, scale_crc)?;
+            self.check_crc(&zp_name, zp_crc)?;
         }
         let codes_name = format!("{name}{CODES}");
         let codes_entry = self.entry(&codes_name)?;
@@ -485,23 +491,25 @@ impl SquantFile {
                     &mut scratch
                 }
             };
-            let bad = dst
-                .par_chunks_mut(g * isz)
-                .zip(codes.par_chunks(g))
-                .enumerate()
-                .with_min_len((1 << 14) / g + 1)
-                .filter_map(|(j, (d, qc))| {
-                    let p = ChannelParams {
-                        scale: scale[o0 + j],
-                        zero_point: zp[o0 + j],
-                    };
-                    let mut ok = true;
-                    for (b, &c) in d.chunks_exact_mut(isz).zip(qc) {
-                        ok &= dtype::store_f32(q.dtype, dequantize_one(c, p), b);
-                    }
-                    (!ok).then_some(o0 + j)
-                })
-                .min();
+            let (scale, zp) = (&scale, &zp);
+            let bad = crate::quant::in_pool(self.pool.as_deref(), || {
+                dst.par_chunks_mut(g * isz)
+                    .zip(codes.par_chunks(g))
+                    .enumerate()
+                    .with_min_len((1 << 14) / g + 1)
+                    .filter_map(|(j, (d, qc))| {
+                        let p = ChannelParams {
+                            scale: scale[o0 + j],
+                            zero_point: zp[o0 + j],
+                        };
+                        let mut ok = true;
+                        for (b, &c) in d.chunks_exact_mut(isz).zip(qc) {
+                            ok &= dtype::store_f32(q.dtype, dequantize_one(c, p), b);
+                        }
+                        (!ok).then_some(o0 + j)
+                    })
+                    .min()
+            });
             if let Some(channel) = bad {
                 return Err(IoError::format(
                     path,

@@ -4,6 +4,7 @@
 //! it is produced. Everything runs in the current rayon pool.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -24,6 +25,18 @@ pub struct Options {
     pub include: Vec<String>,
     /// fnmatch patterns of names (or module names) to leave float.
     pub skip: Vec<String>,
+    /// Pool of the parallel sections (`None`: the current rayon pool). The
+    /// tensor loop itself stays on the calling thread, so a progress
+    /// callback runs there (e.g. to check for signals).
+    pub pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+/// Runs `f` in `pool` (or in the current pool).
+pub fn in_pool<R: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
+    match pool {
+        Some(p) => p.install(f),
+        None => f(),
+    }
 }
 
 /// One quantized weight in the report.
@@ -172,30 +185,34 @@ fn quantize_entry(
         let region = src.map(e, o0 * g * isz, n * isz)?;
         let start = Instant::now();
         let wb = &mut wbuf[..n];
-        wb.par_chunks_mut(1 << 16)
-            .zip(region.par_chunks((1 << 16) * isz))
-            .for_each(|(d, s)| dtype::to_f32(e.dtype, s, d));
-        drop(region);
         let sub = Layout { oc: n_ch, ..layout };
         let (s, z) = (&mut scale[o0..o0 + n_ch], &mut zp[o0..o0 + n_ch]);
-        let f = squant_core::quantize(wb, sub, opts.bits, opts.mode, &mut codes[..n], s, z)
-            .map_err(|err| qerr(shift_channel(err, o0)))?;
-        flips = flips + f;
-        let (a, b) = wb
-            .par_chunks(g)
-            .zip(codes[..n].par_chunks(g))
-            .zip(s.par_iter().zip(z.par_iter()))
-            .map(|((wc, qc), (&s, &z))| {
-                let p = ChannelParams {
-                    scale: s,
-                    zero_point: z,
-                };
-                wc.iter().zip(qc).fold((0f64, 0f64), |(a, b), (&x, &q)| {
-                    let d = (dequantize_one(q, p) - x) as f64;
-                    (a + d * d, b + (x as f64) * (x as f64))
+        let cb = &mut codes[..n];
+        let (f, a, b) = in_pool(opts.pool.as_deref(), || {
+            wb.par_chunks_mut(1 << 16)
+                .zip(region.par_chunks((1 << 16) * isz))
+                .for_each(|(d, s)| dtype::to_f32(e.dtype, s, d));
+            let f = squant_core::quantize(wb, sub, opts.bits, opts.mode, cb, s, z)?;
+            let (a, b) = wb
+                .par_chunks(g)
+                .zip(cb.par_chunks(g))
+                .zip(s.par_iter().zip(z.par_iter()))
+                .map(|((wc, qc), (&s, &z))| {
+                    let p = ChannelParams {
+                        scale: s,
+                        zero_point: z,
+                    };
+                    wc.iter().zip(qc).fold((0f64, 0f64), |(a, b), (&x, &q)| {
+                        let d = (dequantize_one(q, p) - x) as f64;
+                        (a + d * d, b + (x as f64) * (x as f64))
+                    })
                 })
-            })
-            .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
+                .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
+            Ok((f, a, b))
+        })
+        .map_err(|err| qerr(shift_channel(err, o0)))?;
+        drop(region);
+        flips = flips + f;
         err2 += a;
         ref2 += b;
         ms += start.elapsed().as_secs_f64() * 1e3;

@@ -94,6 +94,7 @@ fn opts(bits: u32) -> Options {
         mode: Mode::Full,
         include: vec![],
         skip: vec![],
+        pool: None,
     }
 }
 
