@@ -41,8 +41,10 @@ from .formats.safetensors import (
     RawTensor,
     _export,
     inspect_quantized,
-    read_safetensors,
+    is_sharded,
+    quantize_checkpoint,
     select_state_dict,
+    verify_quantized,
 )
 from .model import format_bytes, format_table
 from .tensor.batch import quantize_tensors
@@ -103,8 +105,9 @@ def _one_line(exc: BaseException) -> str:
 class Progress:
     """A one-line progress bar on ``stream``, drawn only on a terminal."""
 
-    def __init__(self, stream: TextIO, enabled: bool | None = None) -> None:
+    def __init__(self, stream: TextIO, enabled: bool | None = None, unit: str = "") -> None:
         self.stream = stream
+        self.unit = unit  # "bytes": done/total are byte counts
         if enabled is None:
             enabled = bool(getattr(stream, "isatty", lambda: False)())
         self.enabled = enabled
@@ -117,6 +120,8 @@ class Progress:
         bar_w = 24
         filled = bar_w * done // total if total else bar_w
         count = f"{done}/{total}"
+        if self.unit == "bytes":
+            count = f"{format_bytes(done)}/{format_bytes(total)}"
         line = f"[{'#' * filled}{'.' * (bar_w - filled)}] {count} {name}"
         line = line[: max(width - 1, 10)]
         self.stream.write("\r" + line.ljust(max(width - 1, 10)))
@@ -212,8 +217,7 @@ def load_input(path: str) -> tuple[dict[str, RawTensor], str]:
         )
     if kind == "torch":
         return _torch_state_dict(path), kind
-    tensors, _ = read_safetensors(path)
-    return tensors, kind
+    return {}, kind  # safetensors: read lazily by quantize_checkpoint (Rust)
 
 
 # --------------------------------------------------------------------------
@@ -223,43 +227,65 @@ def load_input(path: str) -> tuple[dict[str, RawTensor], str]:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     wall = time.perf_counter()
     src, dst = args.input, args.output
-    if os.path.isdir(dst):
+    sharded = is_sharded(src)
+    if not sharded and os.path.isdir(dst):
         raise CliError(f"output is a directory: {dst}")
-    tensors, kind = load_input(src)
-    include = tuple(args.include) if args.include else None
-    keys = select_state_dict(tensors, include, tuple(args.skip or ()))
-    if not keys:
-        raise CliError(
-            f"{src}: no tensor to quantize (none is a floating tensor of 2+ dimensions "
-            "matching the include patterns)"
-        )
-    progress = Progress(sys.stderr)
-    try:
-        report = _export(
-            tensors,
-            {k: tensors[k] for k in keys},
-            dst,
-            args.wbits,
-            args.mode,
-            "auto",
-            args.threads,
-            [],
-            progress,
-            wall,
-        )
-    finally:
-        progress.close()
+    tensors, kind = ({}, "sharded safetensors") if sharded else load_input(src)
+    if kind != "torch":
+        # safetensors files and sharded directories: Rust end to end
+        # (memory-mapped, block by block, bounded memory).
+        progress = Progress(sys.stderr, unit="bytes")
+        try:
+            result = quantize_checkpoint(
+                src,
+                dst,
+                args.wbits,
+                args.mode,
+                include=tuple(args.include) if args.include else None,
+                skip=tuple(args.skip or ()),
+                threads=args.threads,
+                progress=progress,
+            )
+        finally:
+            progress.close()
+        report, n_tensors, size_in = result.report, result.tensors, result.input_size
+        if sharded:
+            kind = f"sharded safetensors, {result.shards} shards"
+    else:
+        include = tuple(args.include) if args.include else None
+        keys = select_state_dict(tensors, include, tuple(args.skip or ()))
+        if not keys:
+            raise CliError(
+                f"{src}: no tensor to quantize (none is a floating tensor of 2+ dimensions "
+                "matching the include patterns)"
+            )
+        progress = Progress(sys.stderr)
+        try:
+            report = _export(
+                tensors,
+                {k: tensors[k] for k in keys},
+                dst,
+                args.wbits,
+                args.mode,
+                "auto",
+                args.threads,
+                [],
+                progress,
+                wall,
+            )
+        finally:
+            progress.close()
+        n_tensors, size_in = len(tensors), os.path.getsize(src)
     if args.quiet:
         return 0
     if args.verbose:
         print(report)
         print()
-    size_in = os.path.getsize(src)
     assert report.size_after is not None
     rows = [
         ["input", f"{src} ({kind})"],
         ["output", dst],
-        ["layers quantized", f"{len(report.layers)} of {len(tensors)} tensors"],
+        ["layers quantized", f"{len(report.layers)} of {n_tensors} tensors"],
         ["parameters quantized", f"{report.params:,}"],
         ["bits / mode", f"{args.wbits} / {args.mode}"],
         ["quantization time", f"{report.total_ms:.1f} ms (wall {report.wall_ms:.1f} ms)"],
@@ -280,9 +306,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     path = args.file
     if not os.path.exists(path):
         raise CliError(f"file not found: {path}")
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_sharded(path):
         raise CliError(f"is a directory, not a file: {path}")
     info = inspect_quantized(path)
+    if args.verify:
+        verify_quantized(path)
     q = info.quantized
     f32 = info.float32_size
     bits = sorted({t.bits for t in q if t.bits is not None})
@@ -302,6 +330,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"{'size':<22}{format_bytes(info.file_size)} vs {format_bytes(f32)} as float32 "
         f"({info.file_size / max(f32, 1):.3f}x)"
     )
+    if args.verify:
+        print(f"{'verified':<22}every checksum, code, scale and zero point")
     if args.verbose or len(info.tensors) <= 50:
         print()
         rows = [
@@ -484,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a squant-rs file")
     info.add_argument("file", metavar="FILE")
     info.add_argument("-v", "--verbose", action="store_true", help="list every tensor")
+    info.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every tensor and check its checksum, codes, scales and zero points",
+    )
     info.set_defaults(func=_cmd_info)
     return parser
 

@@ -761,6 +761,9 @@ def load_quantized(
 
     out: dict[str, torch.Tensor] = {}
     for name, dtype, shape, data in _native.io_load(os.fspath(path), bool(verify)):
+        if data.size == 0:  # (torch cannot view an empty byte array as wider items)
+            out[name] = torch.empty(shape, dtype=_torch_dtype(dtype))
+            continue
         t = torch.from_numpy(data)
         if dtype != "U8":
             t = t.view(_torch_dtype(dtype))
