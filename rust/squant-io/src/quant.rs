@@ -202,8 +202,15 @@ fn quantize_entry(
                         scale: s,
                         zero_point: z,
                     };
+                    // The channel's 2^bits values (as dequantize_one: no
+                    // division per element).
+                    let mut lut = [0f32; 256];
+                    let half = 1i32 << (opts.bits - 1);
+                    for q in -half..half {
+                        lut[q as i8 as u8 as usize] = dequantize_one(q as i8, p);
+                    }
                     wc.iter().zip(qc).fold((0f64, 0f64), |(a, b), (&x, &q)| {
-                        let d = (dequantize_one(q, p) - x) as f64;
+                        let d = (lut[q as u8 as usize] - x) as f64;
                         (a + d * d, b + (x as f64) * (x as f64))
                     })
                 })
