@@ -3,9 +3,11 @@
 
 import os
 from collections.abc import Callable
+from typing import final
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import disjoint_base
 
 __all__ = [
     "quantize",
@@ -109,7 +111,7 @@ def io_load(
     path: _Path, verify: bool = True, threads: int | None = None
 ) -> list[tuple[str, str, list[int], npt.NDArray[np.uint8]]]: ...
 def io_read_safetensors(
-    path: _Path,
+    path: _Path, data: bool = True
 ) -> tuple[list[tuple[str, str, list[int], npt.NDArray[np.uint8]]], dict[str, str]]: ...
 def io_write_safetensors(
     path: _Path,
@@ -117,6 +119,7 @@ def io_write_safetensors(
     metadata: list[tuple[str, str]],
 ) -> int: ...
 
+@final
 class QuantizedFileWriter:
     """A squant-rs file written tensor by tensor (atomically)."""
 

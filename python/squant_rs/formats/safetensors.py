@@ -32,7 +32,10 @@ tensor's bytes as 8 hex digits; verified on load (``verify=True``) and by
 ``docs/format.md``.
 
 Files are written atomically (a temporary file in the target directory,
-then a rename): an error never leaves a partial file behind.
+then a rename, by the Rust writer) under the rules of
+:mod:`squant_rs.formats.output` (output never the input, symlinks followed,
+permissions kept, special files refused, SIGTERM/SIGHUP cleaned up): an error
+or a signal never leaves a partial file behind.
 
 Reading, quantizing from files, packing and writing happen in Rust (crate
 ``squant-io`` on the ``safetensors`` crate): files are memory-mapped and
@@ -45,16 +48,18 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
 from .. import _squant_rs as _native
-from .._squant_rs import InvalidArgumentError, SquantError, __version__
+from .._squant_rs import InvalidArgumentError, SquantError
 from ..model.layers import (
     ProgressFn,
     check_patterns,
@@ -73,6 +78,7 @@ from ..tensor.validate import (
     check_threads,
 )
 from ..torch.adapter import require_torch
+from .output import _cleanup_on_signals, check_output
 
 if TYPE_CHECKING:
     import torch
@@ -101,7 +107,6 @@ FORMAT_VERSION = "1"
 #: Suffixes of the three tensors that hold one quantized weight.
 CODES, SCALE, ZERO_POINT = ":codes", ":scale", ":zero_point"
 DEFAULT_INCLUDE: tuple[str, ...] = ("*weight",)
-
 
 
 class FormatError(SquantError):
@@ -264,11 +269,14 @@ def _fail(path: str | os.PathLike[str], what: str) -> FormatError:
     return FormatError(f"{os.fspath(path)}: {what}")
 
 
-def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, RawTensor], dict[str, str]]:
-    """Read and validate a whole safetensors file: ``(tensors in header
-    order, metadata)``. A helper for small files and tests: every tensor's
-    bytes are copied into memory (the quantize and load paths map the file
-    lazily instead).
+def read_safetensors(
+    path: str | os.PathLike[str], *, data: bool = True
+) -> tuple[dict[str, RawTensor], dict[str, str]]:
+    """Read and validate a safetensors file: ``(tensors in header order,
+    metadata)``. Every tensor's bytes are copied into memory (a helper for
+    small files and tests: the quantize and load paths map the file lazily);
+    with ``data=False`` only the header is read and every ``RawTensor.data``
+    is empty (dtypes and shapes only).
 
     Returns:
         The tensors by name and the ``__metadata__`` strings.
@@ -277,10 +285,8 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, RawTensor]
         FormatError: anything that is not a well-formed safetensors file.
         OSError: the file cannot be read.
     """
-    entries, metadata = _native.io_read_safetensors(os.fspath(path))
-    tensors = {
-        name: RawTensor(dtype, tuple(shape), data) for name, dtype, shape, data in entries
-    }
+    entries, metadata = _native.io_read_safetensors(os.fspath(path), data)
+    tensors = {name: RawTensor(dtype, tuple(shape), data) for name, dtype, shape, data in entries}
     return tensors, dict(metadata)
 
 
@@ -306,7 +312,31 @@ def write_safetensors(
         for key, t in tensors.items()
     ]
     meta = [(str(k), str(v)) for k, v in (metadata or {}).items()]
-    return int(_native.io_write_safetensors(os.fspath(path), items, meta))
+    with _output(path) as target:
+        return int(_native.io_write_safetensors(target, items, meta))
+
+
+@contextmanager
+def _output(path: str | os.PathLike[str], inputs: Sequence[str] = ()) -> Iterator[str]:
+    """The output rules of :func:`squant_rs.formats.output.atomic_output` for
+    a file the Rust writer writes (atomically itself): checks ``path``
+    (:func:`~squant_rs.formats.output.check_output`), yields the path to
+    write (symlinks resolved), cleans up on SIGTERM/SIGHUP (the writer's
+    temporary file is removed when the signal interrupts it) and gives a
+    replaced file its permission bits back."""
+    target = check_output(path, inputs=inputs)
+    try:
+        old: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    with _cleanup_on_signals():
+        yield target
+    if old is not None:
+        try:
+            os.chown(target, old.st_uid, old.st_gid)
+        except (OSError, AttributeError):
+            pass  # not root: the file keeps this user's owner
+        os.chmod(target, stat.S_IMODE(old.st_mode))
 
 
 def _utf8_name(key: str) -> str:
@@ -433,7 +463,33 @@ def _export(
             plan.append((_utf8_name(key), dtype, list(shape), bits, mode))
         else:
             plan.append((_utf8_name(key), dtype, list(shape), None, None))
-    writer = _native.QuantizedFileWriter(os.fspath(path), plan)
+    with _output(path) as target:
+        writer = _native.QuantizedFileWriter(target, plan)
+        layers, size_after = _write_all(
+            writer, entries, selected, bits, mode, backend, threads, progress
+        )
+    return QuantReport(
+        layers=layers,
+        wbits=bits,
+        mode=mode,
+        wall_ms=(time.perf_counter() - wall_start) * 1e3,
+        skipped=skipped,
+        size_before=size_before,
+        size_after=size_after,
+    )
+
+
+def _write_all(
+    writer: _native.QuantizedFileWriter,
+    entries: Mapping[str, Any],
+    selected: Mapping[str, Any],
+    bits: int,
+    mode: str,
+    backend: str,
+    threads: int | None,
+    progress: ProgressFn | None,
+) -> tuple[list[LayerReport], int]:
+    """Every entry into ``writer``, quantized or as stored; (layers, file size)."""
     layers: list[LayerReport] = []
     total = len(selected)
     try:
@@ -461,15 +517,7 @@ def _export(
     except BaseException:
         writer.abort()
         raise
-    return QuantReport(
-        layers=layers,
-        wbits=bits,
-        mode=mode,
-        wall_ms=(time.perf_counter() - wall_start) * 1e3,
-        skipped=skipped,
-        size_before=size_before,
-        size_after=size_after,
-    )
+    return layers, size_after
 
 
 def _is_module(obj: object) -> bool:
@@ -498,7 +546,10 @@ def save_quantized(
     ``load_quantized(path)`` equals ``quantize_model(model, ...).state_dict()``
     bit for bit. For a state dict (torch tensors or numpy arrays), see
     :func:`select_state_dict` for ``include``/``skip``. Everything else is
-    stored unchanged. The file is written atomically."""
+    stored unchanged. The file is written atomically by the Rust writer
+    under the rules of :mod:`squant_rs.formats.output` (symlinks followed,
+    permissions kept; a FIFO or device path raises
+    :class:`InvalidArgumentError`)."""
     wall = time.perf_counter()
     bits = check_bits(wbits, "wbits")
     mode = check_mode(mode)
@@ -626,14 +677,16 @@ def quantize_checkpoint(
     inc = list(check_patterns(include, "include")) if include is not None else []
     sk = list(check_patterns(skip, "skip"))
     if is_sharded(src):
-        raw, shards, input_size = _native.io_quantize_sharded(
-            os.fspath(src), os.fspath(dst), bits, mode, inc, sk, threads, progress
-        )
+        with _cleanup_on_signals():
+            raw, shards, input_size = _native.io_quantize_sharded(
+                os.fspath(src), os.fspath(dst), bits, mode, inc, sk, threads, progress
+            )
         report, tensors = _report_of(raw, bits, mode, wall)
         return CheckpointResult(report, tensors, int(input_size), int(shards))
-    raw = _native.io_quantize_file(
-        os.fspath(src), os.fspath(dst), bits, mode, inc, sk, threads, progress
-    )
+    with _output(dst, inputs=[os.fspath(src)]) as target:
+        raw = _native.io_quantize_file(
+            os.fspath(src), target, bits, mode, inc, sk, threads, progress
+        )
     report, tensors = _report_of(raw, bits, mode, wall)
     return CheckpointResult(report, tensors, os.path.getsize(src), 1)
 

@@ -165,22 +165,113 @@ fn same_file(a: &Path, b: &Path) -> bool {
     matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
-/// Where to write `dst`: a symlink is written through (its target is
-/// replaced), an existing file keeps its permissions; special files are
-/// refused.
-fn output_target(dst: &Path) -> Result<(PathBuf, Option<std::fs::Permissions>), CliError> {
-    match std::fs::metadata(dst) {
-        Ok(m) if m.is_file() => {
-            let real = std::fs::canonicalize(dst).map_err(|e| IoError::os(dst, e))?;
-            Ok((real, Some(m.permissions())))
-        }
-        Ok(m) if m.is_dir() => fail(format!("output is a directory: {}", dst.display())),
-        Ok(_) => fail(format!(
-            "output is not a regular file (a device, FIFO or socket): {}",
-            dst.display()
-        )),
-        Err(_) => Ok((dst.to_path_buf(), None)),
+/// What an existing non-regular file is (as the Python CLI names it).
+#[cfg(unix)]
+fn kind_of(ft: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
     }
+}
+
+#[cfg(not(unix))]
+fn kind_of(_ft: &std::fs::FileType) -> &'static str {
+    "not a regular file"
+}
+
+/// The output rules of the Python CLI (`check_output`, `output_format`):
+/// never the input, regular files only (a symlink is written through: its
+/// target is replaced), `.safetensors` only. Returns the path to write and
+/// the permissions to keep.
+fn check_output(
+    dst: &Path,
+    src: &Path,
+) -> Result<(PathBuf, Option<std::fs::Permissions>), CliError> {
+    let name = dst.display();
+    if dst.is_dir() {
+        return fail(format!("output is a directory: {name}"));
+    }
+    let (target, keep) = match std::fs::metadata(dst) {
+        Ok(m) => {
+            if same_file(src, dst) {
+                return fail(format!(
+                    "output {name} is the same file as the input {}: refusing to overwrite the input",
+                    src.display()
+                ));
+            }
+            if !m.is_file() {
+                return fail(format!(
+                    "output {name} is {}; squant-rs writes regular files only (atomically, through a temporary file): write to a file and copy it",
+                    kind_of(&m.file_type())
+                ));
+            }
+            if m.permissions().readonly() {
+                return fail(format!("Permission denied: {name}"));
+            }
+            let real = std::fs::canonicalize(dst).map_err(|e| IoError::os(dst, e))?;
+            (real, Some(m.permissions()))
+        }
+        Err(_) => {
+            let parent = match dst.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if !parent.is_dir() {
+                return fail(format!("No such file or directory: {name}"));
+            }
+            (dst.to_path_buf(), None)
+        }
+    };
+    let suffix = dst
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy().to_lowercase()));
+    if suffix.as_deref() != Some(".safetensors") {
+        let shown = match &suffix {
+            Some(s) => py_repr(s),
+            None => "'no extension'".to_string(),
+        };
+        return fail(format!(
+            "output {name}: the output format is chosen by the file extension and {shown} is not one squant-rs writes (use .safetensors)"
+        ));
+    }
+    Ok((target, keep))
+}
+
+fn py_repr(s: &str) -> String {
+    squant_io::read::repr(s)
+}
+
+/// Python's `printable`: non-printable characters as backslash escapes.
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let code = c as u32;
+        if c == ' ' || !(c.is_control() || c.is_whitespace() || (0xd800..0xe000).contains(&code)) {
+            out.push(c);
+            continue;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            _ if code < 0x100 => out.push_str(&format!("\\x{code:02x}")),
+            _ if code < 0x10000 => out.push_str(&format!("\\u{code:04x}")),
+            _ => out.push_str(&format!("\\U{code:08x}")),
+        }
+    }
+    out
+}
+
+fn message(kind: &str, text: &str) {
+    eprintln!("{PROG}: {kind}: {}", printable(text));
 }
 
 fn progress_bar() -> ProgressBar {
@@ -196,6 +287,45 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
+/// The `--include`/`--skip` patterns that change nothing (one warning each,
+/// as the Python CLI).
+fn unmatched_patterns(
+    entries: &[squant_io::Entry],
+    include: &[String],
+    skip: &[String],
+) -> Vec<String> {
+    let count = |inc: &[String], sk: &[String]| {
+        entries
+            .iter()
+            .filter(|e| squant_io::select::is_selected(e, inc, sk))
+            .count()
+    };
+    let candidates = count(include, &[]);
+    let mut notes: Vec<String> = include
+        .iter()
+        .filter(|p| count(std::slice::from_ref(p), &[]) == 0)
+        .map(|p| {
+            format!(
+                "--include pattern {} matches no floating tensor of 2+ dimensions",
+                py_repr(p)
+            )
+        })
+        .collect();
+    notes.extend(
+        skip.iter()
+            .filter(|p| count(include, std::slice::from_ref(p)) == candidates)
+            .map(|p| {
+                format!(
+                    "--skip pattern {} matches no tensor that would be quantized",
+                    py_repr(p)
+                )
+            }),
+    );
+    notes
+}
+
+const MAX_DIMS: usize = 64;
+
 #[allow(clippy::too_many_arguments)]
 fn cmd_quantize(
     src: &Path,
@@ -208,17 +338,19 @@ fn cmd_quantize(
     verbose: bool,
     quiet: bool,
 ) -> Result<(), CliError> {
-    let wall = Instant::now();
-    if !src.exists() {
-        return fail(format!("input file not found: {}", src.display()));
-    }
     let sharded = squant_io::is_sharded(src);
-    let mut kind = "safetensors".to_string();
     let mut keep_mode = None;
     let mut target = dst.to_path_buf();
     if !sharded {
-        if dst.is_dir() {
-            return fail(format!("output is a directory: {}", dst.display()));
+        (target, keep_mode) = check_output(dst, src)?;
+    }
+    let n = threads(n_threads)?;
+    let start = Instant::now();
+    let mut kind = "safetensors".to_string();
+    let mut file = None;
+    if !sharded {
+        if !src.exists() {
+            return fail(format!("input file not found: {}", src.display()));
         }
         if src.is_dir() {
             return fail(format!(
@@ -241,18 +373,32 @@ fn cmd_quantize(
             }
             _ => {}
         }
-        if same_file(src, dst) {
+        let f = squant_io::SafetensorsFile::open(src)?;
+        if f.meta("format") == Some(squant_io::format::FORMAT_NAME) {
             return fail(format!(
-                "output is the same file as the input: {}",
-                dst.display()
+                "{0} is already a squant-rs file (written by squant-rs {1}): quantize the original float model instead ('{PROG} info {0}' describes this one)",
+                src.display(),
+                f.meta("squant_rs_version").unwrap_or("?")
             ));
         }
-        (target, keep_mode) = output_target(dst)?;
+        if let Some(e) = f.entries.iter().find(|e| e.shape.len() > MAX_DIMS) {
+            return fail(format!(
+                "{}: tensor {} has {} dimensions; squant-rs handles at most {MAX_DIMS}",
+                src.display(),
+                py_repr(&e.name),
+                e.shape.len()
+            ));
+        }
+        for note in unmatched_patterns(&f.entries, &include, &skip) {
+            message("warning", &note);
+        }
+        file = Some(f);
+    } else if !src.exists() {
+        return fail(format!("input file not found: {}", src.display()));
     }
     let mode_v: Mode = mode
         .parse()
         .map_err(|e: squant_core::SquantError| CliError(e.to_string()))?;
-    let n = threads(n_threads)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .thread_name(|i| format!("squant-{i}"))
@@ -269,50 +415,59 @@ fn cmd_quantize(
     let mut progress = |done: u64, total: u64, name: &str| {
         bar.set_length(total);
         bar.set_position(done);
-        bar.set_message(name.to_string());
+        bar.set_message(printable(name));
         Ok(())
     };
-    let (report, input_size) = if sharded {
-        let r = squant_io::quantize_sharded(src, dst, &opts, true, &mut progress);
-        bar.finish_and_clear();
-        let r = r?;
-        kind = format!("sharded safetensors, {} shards", r.shards);
-        (r.report, r.input_size)
-    } else {
-        let file = squant_io::SafetensorsFile::open(src)?;
-        let selected = squant_io::quant::selection(&file, &opts);
-        if !selected.iter().any(|&s| s) {
-            return fail(format!(
-                "{}: no tensor to quantize (none is a floating tensor of 2+ dimensions matching the include patterns)",
-                src.display()
-            ));
+    let loaded = Instant::now();
+    let report = match file {
+        None => {
+            let r = squant_io::quantize_sharded(src, dst, &opts, true, &mut progress);
+            bar.finish_and_clear();
+            let r = r?;
+            kind = format!("sharded safetensors, {} shards", r.shards);
+            r.report
         }
-        let total = file.entries.iter().map(|e| e.nbytes() as u64).sum();
-        let r = squant_io::quant::quantize_open(
-            &file,
-            &target,
-            &opts,
-            &selected,
-            &mut progress,
-            0,
-            total,
-        );
-        bar.finish_and_clear();
-        let r = r?;
-        if let Some(perm) = keep_mode {
-            std::fs::set_permissions(&target, perm).map_err(|e| IoError::os(dst, e))?;
+        Some(file) => {
+            let selected = squant_io::quant::selection(&file, &opts);
+            if !selected.iter().any(|&s| s) {
+                return fail(format!(
+                    "{}: no tensor to quantize (none is a floating tensor of 2+ dimensions matching the include patterns)",
+                    src.display()
+                ));
+            }
+            let total = file.entries.iter().map(|e| e.nbytes() as u64).sum();
+            let r = squant_io::quant::quantize_open(
+                &file,
+                &target,
+                &opts,
+                &selected,
+                &mut progress,
+                0,
+                total,
+            );
+            bar.finish_and_clear();
+            let r = r?;
+            if let Some(perm) = keep_mode {
+                std::fs::set_permissions(&target, perm).map_err(|e| IoError::os(dst, e))?;
+            }
+            r
         }
-        (r, file.size())
     };
+    let written = Instant::now();
     if quiet {
         return Ok(());
     }
-    let wall_ms = wall.elapsed().as_secs_f64() * 1e3;
+    let t = totals(&report.layers);
     if verbose {
+        let wall_ms = (written - loaded).as_secs_f64() * 1e3;
+        let mut layers = report.layers.clone();
+        for l in layers.iter_mut() {
+            l.name = printable(&l.name);
+        }
         println!(
             "{}",
             report_table(
-                &report.layers,
+                &layers,
                 bits,
                 mode,
                 wall_ms,
@@ -322,7 +477,7 @@ fn cmd_quantize(
         );
         println!();
     }
-    let t = totals(&report.layers);
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     let rows = [
         ("input", format!("{} ({kind})", src.display())),
         ("output", dst.display().to_string()),
@@ -333,16 +488,27 @@ fn cmd_quantize(
         ("parameters quantized", commas(t.params)),
         ("bits / mode", format!("{bits} / {mode}")),
         (
-            "quantization time",
-            format!("{:.1} ms (wall {wall_ms:.1} ms)", t.total_ms),
+            "time",
+            format!(
+                "load {:.1} ms, quantize and write {:.1} ms (SQuant {:.1} ms)",
+                ms(loaded - start),
+                ms(written - loaded),
+                t.total_ms
+            ),
         ),
-        ("size before", format_bytes(input_size)),
+        (
+            "size before",
+            format!(
+                "{} (tensor data, original dtypes)",
+                format_bytes(report.size_before)
+            ),
+        ),
         (
             "size after",
             format!(
                 "{} ({:.3}x)",
                 format_bytes(report.size_after),
-                report.size_after as f64 / input_size.max(1) as f64
+                report.size_after as f64 / report.size_before.max(1) as f64
             ),
         ),
         ("mean relative error", format!("{:.4}", t.mean_rel_error)),
@@ -352,7 +518,7 @@ fn cmd_quantize(
         ),
     ];
     for (label, value) in rows {
-        println!("{label:<22}{value}");
+        println!("{label:<22}{}", printable(&value));
     }
     Ok(())
 }
@@ -402,41 +568,78 @@ fn cmd_info(path: &Path, verbose: bool, verify: bool) -> Result<(), CliError> {
             v.join(", ")
         }
     };
-    println!("{:<22}{} ({})", "file", path.display(), format_bytes(size));
-    println!(
-        "{:<22}squant-rs version {} (written by squant-rs {})",
-        "format", first.format_version, first.writer_version
-    );
-    println!(
-        "{:<22}{} ({} quantized, {} stored unchanged)",
-        "tensors",
-        tensors.len(),
-        q.len(),
-        tensors.len() - q.len()
-    );
-    println!(
-        "{:<22}{} / {}",
-        "bits / mode",
-        or_dash(bits.iter().map(|b| b.to_string()).collect()),
-        or_dash(modes.iter().map(|m| m.to_string()).collect())
-    );
     let params: u64 = q
         .iter()
         .map(|(_, e)| e.shape.iter().product::<usize>() as u64)
         .sum();
-    println!("{:<22}{}", "quantized parameters", commas(params));
-    println!(
-        "{:<22}{} vs {} as float32 ({:.3}x)",
-        "size",
-        format_bytes(size),
-        format_bytes(f32_total),
-        size as f64 / f32_total.max(1) as f64
-    );
+    let before: u64 = tensors
+        .iter()
+        .map(|t| match &t.kind {
+            Kind::Quantized(e) => {
+                e.shape.iter().product::<usize>() as u64 * dtype::item_size(e.dtype) as u64
+            }
+            Kind::Plain { .. } => t.stored_bytes as u64,
+        })
+        .sum();
+    let mut rows = vec![
+        (
+            "file",
+            format!("{} ({})", path.display(), format_bytes(size)),
+        ),
+        (
+            "format",
+            format!(
+                "squant-rs version {} (written by squant-rs {})",
+                first.format_version, first.writer_version
+            ),
+        ),
+        (
+            "tensors",
+            format!(
+                "{} ({} quantized, {} stored unchanged)",
+                tensors.len(),
+                q.len(),
+                tensors.len() - q.len()
+            ),
+        ),
+        (
+            "bits / mode",
+            format!(
+                "{} / {}",
+                or_dash(bits.iter().map(|b| b.to_string()).collect()),
+                or_dash(modes.iter().map(|m| m.to_string()).collect())
+            ),
+        ),
+        ("quantized parameters", commas(params)),
+        (
+            "size before",
+            format!("{} (tensor data, original dtypes)", format_bytes(before)),
+        ),
+        (
+            "size after",
+            format!(
+                "{} ({:.3}x)",
+                format_bytes(size),
+                size as f64 / before.max(1) as f64
+            ),
+        ),
+        (
+            "as float32",
+            format!(
+                "{} ({:.3}x)",
+                format_bytes(f32_total),
+                size as f64 / f32_total.max(1) as f64
+            ),
+        ),
+    ];
     if verify {
-        println!(
-            "{:<22}every checksum, code, scale and zero point",
-            "verified"
-        );
+        rows.push((
+            "verified",
+            "every checksum, code, scale and zero point".to_string(),
+        ));
+    }
+    for (label, value) in rows {
+        println!("{label:<22}{}", printable(&value));
     }
     if verbose || tensors.len() <= 50 {
         println!();
@@ -455,7 +658,7 @@ fn cmd_info(path: &Path, verbose: bool, verify: bool) -> Result<(), CliError> {
                     Kind::Plain { .. } => "-".to_string(),
                 };
                 vec![
-                    t.name.clone(),
+                    printable(&t.name),
                     if shape.is_empty() {
                         "scalar".to_string()
                     } else {
@@ -481,7 +684,7 @@ fn cmd_info(path: &Path, verbose: bool, verify: bool) -> Result<(), CliError> {
 
 fn error_line(message: &str) {
     let text = message.split_whitespace().collect::<Vec<_>>().join(" ");
-    eprintln!("{PROG}: error: {text}");
+    eprintln!("{PROG}: error: {}", printable(&text));
 }
 
 fn main() -> ExitCode {

@@ -349,27 +349,35 @@ pub fn io_load<'py>(
 
 type RawTuple<'py> = (String, String, Vec<usize>, Bound<'py, PyArray1<u8>>);
 
-/// io_read_safetensors(path)
+/// io_read_safetensors(path, data=True)
 /// --
 ///
 /// Every tensor of a safetensors file, header order, as (name, dtype, shape,
-/// bytes as a uint8 array), and its metadata as a dict.
+/// bytes as a uint8 array; empty when data is false: the header only), and
+/// its metadata as a dict.
 #[pyfunction]
+#[pyo3(signature = (path, data=true))]
 pub fn io_read_safetensors<'py>(
     py: Python<'py>,
     path: PathBuf,
+    data: bool,
 ) -> PyResult<(Vec<RawTuple<'py>>, Bound<'py, PyDict>)> {
     let f = py
         .detach(|| squant_io::SafetensorsFile::open(&path))
         .map_err(|e| to_py(py, e, &mut None))?;
     let mut out = Vec::with_capacity(f.entries.len());
     for e in &f.entries {
-        let region = f.map_all(e).map_err(|e| to_py(py, e, &mut None))?;
+        let bytes = if data {
+            let region = f.map_all(e).map_err(|e| to_py(py, e, &mut None))?;
+            PyArray1::from_slice(py, &region)
+        } else {
+            PyArray1::from_slice(py, &[])
+        };
         out.push((
             e.name.clone(),
             dtype::name(e.dtype).to_string(),
             e.shape.clone(),
-            PyArray1::from_slice(py, &region),
+            bytes,
         ));
     }
     let meta = PyDict::new(py);
