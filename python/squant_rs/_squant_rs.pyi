@@ -7,7 +7,6 @@ from typing import final
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import disjoint_base
 
 __all__ = [
     "quantize",
