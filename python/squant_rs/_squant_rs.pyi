@@ -114,8 +114,9 @@ def io_read_safetensors(
 ) -> tuple[list[tuple[str, str, list[int], npt.NDArray[np.uint8]]], dict[str, str]]: ...
 def io_write_safetensors(
     path: _Path,
-    tensors: list[tuple[str, str, list[int], npt.NDArray[np.uint8]]],
+    tensors: list[tuple[str, str, list[int]]],
     metadata: list[tuple[str, str]],
+    data: Callable[[int], npt.NDArray[np.uint8]],
 ) -> int: ...
 
 @final

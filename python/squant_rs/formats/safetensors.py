@@ -307,13 +307,15 @@ def write_safetensors(
         InvalidArgumentError: a tensor named ``__metadata__`` or twice.
         OSError: the file cannot be written (nothing is left behind).
     """
-    items = [
-        (_utf8_name(key), t.dtype, list(t.shape), np.ascontiguousarray(t.data, dtype=np.uint8))
-        for key, t in tensors.items()
-    ]
+    items = [(_utf8_name(key), t.dtype, list(t.shape)) for key, t in tensors.items()]
+    values = list(tensors.values())
     meta = [(str(k), str(v)) for k, v in (metadata or {}).items()]
+
+    def data(i: int) -> np.ndarray:  # asked for tensor by tensor during the write
+        return np.ascontiguousarray(values[i].data, dtype=np.uint8).reshape(-1)
+
     with _output(path) as target:
-        return int(_native.io_write_safetensors(target, items, meta))
+        return int(_native.io_write_safetensors(target, items, meta, data))
 
 
 @contextmanager

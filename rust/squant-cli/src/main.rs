@@ -490,10 +490,11 @@ fn cmd_quantize(
         (
             "time",
             format!(
-                "load {:.1} ms, quantize and write {:.1} ms (SQuant {:.1} ms)",
+                "load {:.1} ms, quantize {:.1} ms (SQuant {:.1} ms), write {:.1} ms",
                 ms(loaded - start),
-                ms(written - loaded),
-                t.total_ms
+                t.total_ms,
+                t.total_ms,
+                (ms(written - loaded) - t.total_ms).max(0.0)
             ),
         ),
         (

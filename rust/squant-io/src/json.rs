@@ -104,5 +104,7 @@ mod tests {
         assert_eq!(keys, ["z", "a"]);
         assert!(parse(r#"{"a":1} x"#).is_err());
         assert_eq!(quote("a\"b"), r#""a\"b""#);
+        let e = parse(r#"{"a\ud800b":1}"#).unwrap_err();
+        assert!(e.contains("hex escape") || e.contains("surrogate"), "{e}");
     }
 }

@@ -146,6 +146,14 @@ impl SafetensorsFile {
             Err(e) if json::is_duplicate(&e) => {
                 return Err(fail(format!("corrupt header ({e})")));
             }
+            Err(e)
+                if e.contains("surrogate") || e.contains("unicode") || e.contains("hex escape") =>
+            {
+                return Err(fail(
+                    "corrupt header (a name or value is not valid Unicode (a lone surrogate))"
+                        .to_string(),
+                ));
+            }
             Err(_) => return Err(not_json()),
         };
         let Value::Object(header) = header else {

@@ -387,21 +387,23 @@ pub fn io_read_safetensors<'py>(
     Ok((out, meta))
 }
 
-/// io_write_safetensors(path, tensors, metadata)
+/// io_write_safetensors(path, tensors, metadata, data)
 /// --
 ///
 /// Write a plain safetensors file atomically (no checksums added): tensors
-/// as (name, dtype, shape, uint8 array), metadata as (key, value) pairs.
+/// as (name, dtype, shape), metadata as (key, value) pairs; data(i) returns
+/// tensor i's bytes (a uint8 array), asked for while the file is written.
 /// Returns the file size.
 #[pyfunction]
 pub fn io_write_safetensors(
     py: Python<'_>,
     path: PathBuf,
-    tensors: Vec<(String, String, Vec<usize>, PyReadonlyArray1<'_, u8>)>,
+    tensors: Vec<(String, String, Vec<usize>)>,
     metadata: Vec<(String, String)>,
+    data: Bound<'_, PyAny>,
 ) -> PyResult<u64> {
     let mut planned = Vec::with_capacity(tensors.len());
-    for (name, d, shape, _) in &tensors {
+    for (name, d, shape) in &tensors {
         planned.push(squant_io::Planned {
             name: name.clone(),
             dtype: dtype_of(d)?,
@@ -410,8 +412,11 @@ pub fn io_write_safetensors(
     }
     let mut w = squant_io::Writer::create(&path, &planned, &metadata, false)
         .map_err(|e| to_py(py, e, &mut None))?;
-    for (i, (_, _, _, data)) in tensors.iter().enumerate() {
-        let bytes = data
+    for i in 0..tensors.len() {
+        // An exception here (or a signal) drops the writer: no temporary file.
+        let arr = data.call1((i,))?.cast_into::<PyArray1<u8>>()?;
+        let ro = arr.readonly();
+        let bytes = ro
             .as_slice()
             .map_err(|e| InvalidArgumentError::new_err(e.to_string()))?;
         w.write(i, bytes).map_err(|e| to_py(py, e, &mut None))?;
