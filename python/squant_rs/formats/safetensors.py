@@ -49,6 +49,7 @@ import numpy as np
 
 from .. import _squant_rs as _native
 from .._squant_rs import InvalidArgumentError, SquantError, __version__
+from ..errors import FormatError
 from ..model.layers import (
     ProgressFn,
     check_patterns,
@@ -94,11 +95,6 @@ CODES, SCALE, ZERO_POINT = ":codes", ":scale", ":zero_point"
 DEFAULT_INCLUDE: tuple[str, ...] = ("*weight",)
 
 _MAX_HEADER = 100 * 1024 * 1024  # as the safetensors library
-
-
-class FormatError(SquantError):
-    """A file is not a (valid) safetensors / squant-rs file: unknown format,
-    truncated, corrupt, or written in an unsupported format version."""
 
 
 # --------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._squant_rs import InvalidArgumentError, SquantError
+from ..errors import InvalidArgumentError, SquantError
 from ..tensor.validate import (
     check_bits,
 )

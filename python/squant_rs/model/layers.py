@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._squant_rs import InvalidArgumentError, SquantError
+from ..errors import InvalidArgumentError, SquantError
 from ..tensor.quantized import quantize_tensor
 from ..tensor.validate import (
     UnsupportedDtypeError,

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, overload
 
-from .._squant_rs import InvalidArgumentError
+from ..errors import InvalidArgumentError
 from ..tensor.validate import (
     check_backend,
     check_bits,

@@ -410,7 +410,7 @@ def _launch(
     z = torch.round(s * mn).add_(float(n))
     bad: torch.Tensor | None = None  # CUDA: read with the flip counts
     if check is not None:
-        suspect = _suspect_channels(s, mx, z)
+        suspect = _suspect_channels(s, z, n)
         if not on_cpu:
             bad = suspect
         elif int(suspect):
@@ -446,18 +446,18 @@ def _launch(
     return Launched(codes, s, z, counts, bad, run_k, run_c, segments)
 
 
-def _suspect_channels(s: torch.Tensor, mx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _suspect_channels(s: torch.Tensor, z: torch.Tensor, n: int) -> torch.Tensor:
     """Number of channels whose quantizer may not be finite (int64, 0-dim).
 
-    ``(s * mx - z) / s`` is NaN or infinite when ``s`` is NaN (a NaN in the
-    channel) or 0 (``mx - mn`` overflowed, infinities included), or when
-    ``s * mx`` or ``z`` (so ``s * mn``) is not finite; for a finite
-    quantizer it is about ``(n - 1) / s``, which overflows only when ``s``
-    is tiny (weights near float32's limit): a false alarm, which the
-    caller's exact check clears.  ``v - v`` is then 0 or NaN.
+    Every grid value ``(q + z) / s`` (``q`` in ``[-n, n - 1]``) is at most
+    ``(|z| + n) / s`` in magnitude, which is NaN when ``s`` is NaN (a NaN in
+    the channel) or ``z`` is not finite, infinite when ``s`` is 0 (``mx -
+    mn`` overflowed, infinities included) or when the grid's ends overflow
+    float32 (weights near float32's limit; the bound may also be a false
+    alarm there, which the caller's exact check clears).  ``v - v`` is then
+    NaN, else 0.
     """
-    v = s * mx
-    v.sub_(z).div_(s)
+    v = z.abs().add_(float(n)).div_(s)
     return torch.count_nonzero(v.sub_(v))
 
 

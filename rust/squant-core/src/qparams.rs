@@ -100,11 +100,18 @@ pub fn channel_params(
     let smn = scale * mn;
     let smx = scale * mx;
     let zero_point = rne(smn) + n;
+    // The ends of the channel's grid, `(tmin + z) / s` and `(tmax + z) / s`,
+    // lie within half a step of `mn` and `mx`; with `mx` or `mn` near
+    // float32's limit they (and so dequantized values) can overflow.
+    let lo = (zero_point - n) / scale;
+    let hi = (zero_point + (n - 1.0)) / scale;
     let finite = scale.is_finite()
         && scale > 0.0
         && smn.is_finite()
         && smx.is_finite()
-        && zero_point.is_finite();
+        && zero_point.is_finite()
+        && lo.is_finite()
+        && hi.is_finite();
     if !finite {
         return Err(SquantError::RangeTooLarge { channel });
     }
@@ -173,6 +180,20 @@ mod tests {
             channel_params(-3e38, 3e38, 4, 1),
             Err(SquantError::RangeTooLarge { channel: 1 })
         );
+    }
+
+    #[test]
+    fn grid_beyond_float32_is_an_error() {
+        // Finite weights whose dequantized grid end overflows float32.
+        assert_eq!(
+            channel_params(0.0, f32::MAX, 2, 5),
+            Err(SquantError::RangeTooLarge { channel: 5 })
+        );
+        assert_eq!(
+            channel_params(-f32::MAX, 0.0, 8, 0),
+            Err(SquantError::RangeTooLarge { channel: 0 })
+        );
+        assert!(channel_params(0.0, 1e38, 2, 0).is_ok());
     }
 
     #[test]
