@@ -48,7 +48,7 @@ from typing import IO, TYPE_CHECKING, Any, Union
 import numpy as np
 
 from .. import _squant_rs as _native
-from .._squant_rs import InvalidArgumentError, SquantError, __version__
+from .._squant_rs import InvalidArgumentError, __version__
 from ..errors import FormatError
 from ..model.layers import (
     ProgressFn,
