@@ -41,6 +41,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Union
@@ -57,6 +58,7 @@ from ..model.layers import (
     quantize_layer_weight,
     relative_error,
     select_layers,
+    warn_unmatched,
 )
 from ..model.report import LayerReport, QuantReport
 from ..tensor.packing import codes_per_byte, pack_codes, packed_size, unpack_codes
@@ -399,7 +401,7 @@ def _quantized_entries(
     name: str, weight: Any, dtype: str, bits: int, mode: str, backend: str, threads: int | None
 ) -> tuple[dict[str, RawTensor], dict[str, Any], LayerReport]:
     qt, ms = quantize_layer_weight(name, weight, bits, mode, backend, threads)
-    err = relative_error(weight, qt.dequantize())
+    err = relative_error(weight, qt.dequantize(threads))
     codes = np.ascontiguousarray(_as_numpy(qt.codes))
     scale = np.ascontiguousarray(_as_numpy(qt.scale), dtype=np.float32)
     zp = np.ascontiguousarray(_as_numpy(qt.zero_point), dtype=np.float32)
@@ -593,6 +595,15 @@ def save_quantized(
             if not isinstance(key, str):
                 raise InvalidArgumentError(f"state dict keys must be strings, got {key!r}")
         keys = select_state_dict(entries, include, patterns)
+        modules = [k[: -len(".weight")] for k in entries if k.endswith(".weight")]
+        warn_unmatched(patterns, [*entries, *modules], "tensor", stacklevel=2)
+        if not keys and not select_state_dict(entries, include, ()):
+            warnings.warn(
+                "the state dict has no tensor to quantize (none is a floating tensor of "
+                "2+ dimensions matching include)",
+                UserWarning,
+                stacklevel=2,
+            )
         selected = {k: entries[k] for k in keys}
         skipped = []
     else:
@@ -756,12 +767,15 @@ def _dequantize(
     zp = tensors[name + ZERO_POINT].to_numpy()
     if not (np.isfinite(scale).all() and (scale > 0).all() and np.isfinite(zp).all()):
         raise _fail(path, f"corrupt scale or zero point for {name!r}")
+    # A bad SQUANT_NUM_THREADS is reported as itself, not as a corrupt file.
+    threads = check_threads(None)
     # The Rust loop behind QuantizedTensor.dequantize: bit-exact with it.
     try:
         w = _native.dequantize(
             codes.reshape(q.shape),
             np.ascontiguousarray(scale, dtype=np.float32),
             np.ascontiguousarray(zp, dtype=np.float32),
+            threads,
         )
     except InvalidArgumentError as exc:
         raise _fail(path, f"corrupt scale or zero point for {name!r} ({exc})") from None
