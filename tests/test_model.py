@@ -199,7 +199,7 @@ def test_default_s_sigma() -> None:
 
 
 def _fake_quant(a: np.ndarray, x_min: float, x_max: float, bits: int) -> np.ndarray:
-    """SPEC section 5, written out independently in numpy float32."""
+    """docs/algorithm.md section 5, written out independently in numpy float32."""
     f32 = np.float32
     signed = x_min < 0
     s = f32(2**bits - 1) / max(f32(x_max) - f32(x_min), f32(1e-8))

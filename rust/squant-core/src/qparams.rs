@@ -1,4 +1,4 @@
-//! Per-output-channel asymmetric min/max quantizer (SPEC section 1) and the
+//! Per-output-channel asymmetric min/max quantizer (docs/algorithm.md section 1) and the
 //! bit-exact float32 helpers every level uses.
 
 use crate::error::SquantError;
@@ -86,7 +86,7 @@ pub fn min_max(w: &[f32]) -> Result<(f32, f32), usize> {
     Ok((lo, hi))
 }
 
-/// SPEC section 1 for one channel whose min and max are known.
+/// docs/algorithm.md section 1 for one channel whose min and max are known.
 pub fn channel_params(
     mn: f32,
     mx: f32,
