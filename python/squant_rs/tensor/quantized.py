@@ -31,7 +31,7 @@ from .validate import (
 #: and quantized (and dequantized) in blocks of whole output channels of
 #: about this many elements, so that no full-size float32 copy exists: every
 #: SQuant step is per output channel, so the results are the same.
-BLOCK_ELEMENTS = 1 << 22
+BLOCK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True, eq=False)
