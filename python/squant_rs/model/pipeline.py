@@ -26,6 +26,7 @@ from .activations import (
     _check_s_sigma,
     default_s_sigma,
 )
+from .fold import fold_batchnorm
 from .layers import check_patterns, plan_layers, quantize_layer_weight, relative_error
 from .report import LayerReport, QuantReport
 
@@ -51,6 +52,7 @@ def quantize_model(
     s_sigma: float | None = ...,
     calibration: str = ...,
     seed: int = ...,
+    fold_bn: bool = ...,
     return_report: Literal[False] = ...,
 ) -> nn.Module: ...
 
@@ -69,6 +71,7 @@ def quantize_model(
     s_sigma: float | None = ...,
     calibration: str = ...,
     seed: int = ...,
+    fold_bn: bool = ...,
     return_report: Literal[True],
 ) -> tuple[nn.Module, QuantReport]: ...
 
@@ -86,6 +89,7 @@ def quantize_model(
     s_sigma: float | None = None,
     calibration: str = "float",
     seed: int = 0,
+    fold_bn: bool = False,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, QuantReport]:
     """A SQuant-quantized deep copy of ``model`` (the original is untouched).
@@ -112,6 +116,11 @@ def quantize_model(
     quantizer, the 8-bit last layer included, as in the release.
     ``calibration`` is ``"float"`` or ``"quantized"`` (see the module doc);
     ``seed`` seeds the calibration noise.
+
+    With ``fold_bn=True`` every BatchNorm that follows a Conv/Linear layer
+    is folded into it first (:func:`~squant_rs.model.fold.fold_batchnorm`:
+    the BN becomes ``nn.Identity``, the layer gets the folded weight and
+    bias), so the quantized weights are the ones an exported graph uses.
 
     The per-layer :class:`QuantReport` is attached as ``qmodel.squant_report``
     and, with ``return_report=True``, returned as ``(qmodel, report)``.
@@ -157,7 +166,12 @@ def quantize_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
+    if not isinstance(fold_bn, bool):
+        raise TypeError(f"fold_bn must be a bool, got {fold_bn!r}")
+
     qmodel = _deepcopy(model)
+    if fold_bn:
+        fold_batchnorm(qmodel, inplace=True)
     plan = plan_layers(qmodel, patterns, stacklevel=2)
     # Activation quantizers go on every distinct module with a quantized
     # weight, tied ones included (a module under two names gets one).
