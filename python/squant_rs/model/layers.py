@@ -52,38 +52,60 @@ def matches_any(name: str, patterns: Sequence[str]) -> bool:
 #: Elements per chunk of the float64 sums in :func:`relative_error`.
 _NORM_CHUNK = 1 << 20
 
+#: Below this norm the float32 sums may have lost squares to underflow.
+_NORM_TINY = 1e-18
+
 
 def relative_error(w: Any, w_hat: Any) -> float:
     """``||w_hat - w|| / ||w||`` (0 when both are 0) for numpy arrays or torch
-    tensors. The squares are summed in float64, a chunk at a time, so the
-    result is finite for any finite float32 weights (``1e20``, ``1e-30``)
-    and no weight-sized temporary is made."""
+    tensors. The norms are taken in float32 (float64 for float64 input);
+    where a float32 sum of squares overflows or may underflow (weights near
+    ``1e20`` or ``1e-20``), they are summed again in float64, a chunk at a
+    time, so the result is finite for any finite weights."""
+    num, den = _norms(w, w_hat, exact=False)
+    if not (math.isfinite(num) and math.isfinite(den)) or den < _NORM_TINY:
+        num, den = _norms(w, w_hat, exact=True)
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.inf
+
+
+def _norms(w: Any, w_hat: Any, exact: bool) -> tuple[float, float]:
+    """``(||w_hat - w||, ||w||)``: fast (BLAS, the input's precision), or
+    ``exact`` (squares summed in float64, a chunk at a time)."""
     if isinstance(w, np.ndarray):
         a = np.asarray(w).reshape(-1)
         b = np.asarray(w_hat).reshape(-1)
+        if not exact:
+            dt: Any = np.float64 if a.dtype == np.float64 else np.float32
+            with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+                a = a.astype(dt, copy=False)
+                return float(np.linalg.norm(b.astype(dt, copy=False) - a)), float(np.linalg.norm(a))
         num_sq = den_sq = 0.0
         for i in range(0, a.size, _NORM_CHUNK):
             a64 = a[i : i + _NORM_CHUNK].astype(np.float64)
             d64 = b[i : i + _NORM_CHUNK].astype(np.float64) - a64
             num_sq += float(np.dot(d64, d64))
             den_sq += float(np.dot(a64, a64))
-    else:
-        import torch
+        return math.sqrt(num_sq), math.sqrt(den_sq)
+    import torch
 
-        ta = w.detach().reshape(-1)
-        tb = w_hat.detach().reshape(-1)
-        num = torch.zeros((), dtype=torch.float64, device=ta.device)
-        den = torch.zeros((), dtype=torch.float64, device=ta.device)
-        step = _NORM_CHUNK if ta.device.type == "cpu" else 16 * _NORM_CHUNK
-        for i in range(0, ta.numel(), step):
-            c64 = ta[i : i + step].to(torch.float64)
-            d64 = tb[i : i + step].to(torch.float64) - c64
-            num += torch.dot(d64, d64)
-            den += torch.dot(c64, c64)
-        num_sq, den_sq = float(num), float(den)
-    if den_sq > 0:
-        return math.sqrt(num_sq) / math.sqrt(den_sq)
-    return 0.0 if num_sq == 0 else math.inf
+    ta = w.detach().reshape(-1)
+    tb = w_hat.detach().reshape(-1)
+    if not exact:
+        tdt = torch.float64 if ta.dtype == torch.float64 else torch.float32
+        t32 = ta.to(tdt)
+        num_t = torch.linalg.vector_norm(tb.to(tdt) - t32)
+        return float(num_t), float(torch.linalg.vector_norm(t32))
+    num = torch.zeros((), dtype=torch.float64, device=ta.device)
+    den = torch.zeros((), dtype=torch.float64, device=ta.device)
+    step = _NORM_CHUNK if ta.device.type == "cpu" else 16 * _NORM_CHUNK
+    for i in range(0, ta.numel(), step):
+        c64 = ta[i : i + step].to(torch.float64)
+        d64 = tb[i : i + step].to(torch.float64) - c64
+        num += torch.dot(d64, d64)
+        den += torch.dot(c64, c64)
+    return math.sqrt(float(num)), math.sqrt(float(den))
 
 
 def _layer_types() -> tuple[type[Any], ...]:
