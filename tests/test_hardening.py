@@ -278,7 +278,7 @@ def test_rel_error_is_finite_for_huge_and_tiny_weights() -> None:
         want = np.linalg.norm(w_hat.astype(np.float64) - w) / np.linalg.norm(w.astype(np.float64))
         assert relative_error(w, w_hat) == pytest.approx(want, rel=1e-6)
         assert relative_error(torch.from_numpy(w), torch.from_numpy(w_hat)) == pytest.approx(
-            want, rel=1e-9
+            want, rel=1e-6
         )
     model = nn.Sequential(_linear((rng.standard_normal((8, 8)) * 1e20).astype(np.float32)))
     _, report = squant_rs.quantize_model(model, return_report=True)
