@@ -189,10 +189,12 @@ mod tests {
             channel_params(0.0, f32::MAX, 2, 5),
             Err(SquantError::RangeTooLarge { channel: 5 })
         );
+        // Scale and zero point are finite here; only the grid end is not.
         assert_eq!(
-            channel_params(-f32::MAX, 0.0, 8, 0),
+            channel_params(3.4028e38, f32::MAX, 8, 0),
             Err(SquantError::RangeTooLarge { channel: 0 })
         );
+        assert!(channel_params(-f32::MAX, 0.0, 8, 0).is_ok());
         assert!(channel_params(0.0, 1e38, 2, 0).is_ok());
     }
 
