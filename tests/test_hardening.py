@@ -423,12 +423,13 @@ def _tracked_text_files() -> list[Path]:
 
 def test_nothing_points_outside_the_repository() -> None:
     assert (ROOT / "docs" / "algorithm.md").is_file()
-    pattern = re.compile(r"SPEC\.md|SPEC section|\.\./shared|/work/")
+    # (Written with classes so that this line does not match itself.)
+    pattern = re.compile(r"S[P]EC\b|\.\./shar[e]d|shar[e]d/S|/wor[k]/")
     offenders = [
         f"{p.relative_to(ROOT)}:{i}"
         for p in _tracked_text_files()
         for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-        if pattern.search(line) and p.name != "test_hardening.py"
+        if pattern.search(line)
     ]
     assert offenders == []
 
