@@ -51,6 +51,7 @@ import os
 import stat
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from .. import _squant_rs as _native
-from .._squant_rs import InvalidArgumentError, SquantError
+from .._squant_rs import InvalidArgumentError
+from ..errors import FormatError
 from ..model.layers import (
     ProgressFn,
     check_patterns,
@@ -67,6 +69,7 @@ from ..model.layers import (
     quantize_layer_weight,
     relative_error,
     select_layers,
+    warn_unmatched,
 )
 from ..model.report import LayerReport, QuantReport
 from ..tensor.quantized import _is_torch_tensor
@@ -107,11 +110,6 @@ FORMAT_VERSION = "1"
 #: Suffixes of the three tensors that hold one quantized weight.
 CODES, SCALE, ZERO_POINT = ":codes", ":scale", ":zero_point"
 DEFAULT_INCLUDE: tuple[str, ...] = ("*weight",)
-
-
-class FormatError(SquantError):
-    """A file is not a (valid) safetensors / squant-rs file: unknown format,
-    truncated, corrupt, or written in an unsupported format version."""
 
 
 # --------------------------------------------------------------------------
@@ -366,7 +364,7 @@ def _layer_report(
     name: str, weight: Any, bits: int, mode: str, backend: str, threads: int | None
 ) -> tuple[Any, LayerReport]:
     qt, ms = quantize_layer_weight(name, weight, bits, mode, backend, threads)
-    err = relative_error(weight, qt.dequantize())
+    err = relative_error(weight, qt.dequantize(threads))
     shape = tuple(int(d) for d in weight.shape)
     rep = LayerReport(
         name=name,
@@ -578,6 +576,15 @@ def save_quantized(
             if not isinstance(key, str):
                 raise InvalidArgumentError(f"state dict keys must be strings, got {key!r}")
         keys = select_state_dict(entries, include, patterns)
+        modules = [k[: -len(".weight")] for k in entries if k.endswith(".weight")]
+        warn_unmatched(patterns, [*entries, *modules], "tensor", stacklevel=2)
+        if not keys and not select_state_dict(entries, include, ()):
+            warnings.warn(
+                "the state dict has no tensor to quantize (none is a floating tensor of "
+                "2+ dimensions matching include)",
+                UserWarning,
+                stacklevel=2,
+            )
         selected = {k: entries[k] for k in keys}
         skipped = []
     else:

@@ -27,14 +27,12 @@ fn py_class<'py>(py: Python<'py>, module: &str, name: &str) -> PyResult<Bound<'p
 fn to_py(py: Python<'_>, err: IoError, cancelled: &mut Option<PyErr>) -> PyErr {
     let msg = err.to_string();
     let made = match err {
-        IoError::Format(_) => py_class(py, "squant_rs.formats.safetensors", "FormatError")
+        IoError::Format(_) => py_class(py, "squant_rs.errors", "FormatError")
             .and_then(|c| c.call1((msg,)))
             .map(PyErr::from_value),
-        IoError::UnsupportedDtype(_) => {
-            py_class(py, "squant_rs.tensor.validate", "UnsupportedDtypeError")
-                .and_then(|c| c.call1((msg,)))
-                .map(PyErr::from_value)
-        }
+        IoError::UnsupportedDtype(_) => py_class(py, "squant_rs.errors", "UnsupportedDtypeError")
+            .and_then(|c| c.call1((msg,)))
+            .map(PyErr::from_value),
         IoError::Os { path, source } => {
             let errno = source.raw_os_error().unwrap_or(0);
             let reason = squant_io::error::os_reason(&source);
