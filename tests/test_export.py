@@ -304,15 +304,33 @@ def test_error_leaves_no_partial_file(tmp_path) -> None:
     assert _listing(tmp_path) == ["out.safetensors"]
 
 
-def test_failure_during_write_removes_temp_file(tmp_path, monkeypatch) -> None:
-    import squant_rs.formats.safetensors as sio
+FILE_TOO_LARGE = """
+import os, resource, signal, sys
+import torch, squant_rs
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+out = os.path.join(sys.argv[1], "out.safetensors")
+try:
+    squant_rs.save_quantized({"w.weight": torch.randn(256, 256)}, out)
+except OSError as exc:
+    print(type(exc).__name__, exc.errno, exc.filename)
+"""
 
-    def boom(fd: int) -> None:
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sio.os, "fsync", boom)
-    with pytest.raises(OSError, match="No space"):
-        squant_rs.save_quantized(_mixed(), tmp_path / "out.safetensors")
+def test_failure_during_write_removes_temp_file(tmp_path) -> None:
+    # The Rust writer fails half-way (the file-size limit stands in for a
+    # full disk): OSError naming the target, and no temporary file left.
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-c", FILE_TOO_LARGE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["OSError", "27", str(tmp_path / "out.safetensors")]
     assert _listing(tmp_path) == []
 
 
@@ -477,12 +495,22 @@ def test_tied_and_shared_weights(tmp_path) -> None:
     torch.manual_seed(0)
     model = Tied()
     qmodel, report = squant_rs.quantize_model(model, return_report=True)
-    assert [r.name for r in report.layers] == ["head", "shared"]  # each weight once
+    # One module under three names: quantized once, reported under every name.
+    assert [r.name for r in report.layers] == ["shared", "seq.0", "seq.2"]
+    assert [r.tied_to for r in report.layers] == [None, "shared", "shared"]
+    assert report.params == 36 and len(str(report).splitlines()) == 2 + 3 + 3
+    # A Linear tied to an Embedding stays float (both), with a note.
+    assert report.skipped == ["head"]
+    assert report.notes == [
+        "head: shares its weight with emb.weight (Embedding), which SQuant does not "
+        "quantize; left float"
+    ]
     sd = qmodel.state_dict()
-    want = squant_rs.quantize_tensor(model.head.weight.detach(), 4).dequantize()
-    assert torch.equal(sd["head.weight"], want) and torch.equal(sd["emb.weight"], want)
-    assert torch.equal(sd["seq.0.weight"], sd["shared.weight"])
-    assert torch.equal(sd["seq.2.weight"], sd["shared.weight"])
+    assert torch.equal(sd["head.weight"], model.emb.weight)
+    assert torch.equal(sd["emb.weight"], model.emb.weight)
+    want = squant_rs.quantize_tensor(model.shared.weight.detach(), 4).dequantize()
+    for key in ("shared.weight", "seq.0.weight", "seq.2.weight"):
+        assert torch.equal(sd[key], want)
     path = tmp_path / "tied.safetensors"
     squant_rs.save_quantized(model, path)
     _assert_state_dicts_equal(squant_rs.load_quantized(path), sd)
