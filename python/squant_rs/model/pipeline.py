@@ -152,7 +152,7 @@ def quantize_model(
     * ``act_ranges``: ``"sigma"`` (the paper's rule on noise) or ``"bn"``
       (``mu -+ bn_sigmas * sigma`` of the BatchNorm statistics, clipped by
       the activation; the sigma rule where a layer has none);
-    * ``weight_range``: ``"minmax"`` (SPEC section 1; the only choice, see
+    * ``weight_range``: ``"minmax"`` (docs/algorithm.md section 1; the only choice, see
       ``docs/recipe.md`` step 4).
 
     Raises:

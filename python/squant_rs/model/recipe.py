@@ -14,7 +14,7 @@ back-propagation):
    ``[min(0, min_c lo_c), max(0, max_c hi_c)]`` with ``lo, hi`` the clipped
    ``mu -+ n sigma`` of the same per-channel statistics. Layers whose input
    has no statistics fall back to the paper's sigma rule on noise.
-4. **Weight range**: the SPEC's per-channel ``[min, max]`` (a clipping
+4. **Weight range**: the per-channel ``[min, max]`` of docs/algorithm.md (a clipping
    search that minimizes the weight error after CASE rounding was measured
    and made MobileNetV2 W4 worse, so it is not offered).
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 RECIPES: tuple[str, ...] = ("paper", "squant+")
 ACT_RANGES: tuple[str, ...] = ("sigma", "bn")
-#: Only the SPEC's per-channel min/max: a per-channel clipping search after
+#: Only the per-channel min/max of docs/algorithm.md: a per-channel clipping search after
 #: CASE rounding was measured and lowered agreement (docs/recipe.md, step 4).
 WEIGHT_RANGES: tuple[str, ...] = ("minmax",)
 
@@ -556,7 +556,8 @@ def shift_bias(module: Any, shift: np.ndarray, like: torch.Tensor) -> None:
 
 
 def fix_range(q: ActivationQuantizer, x_min: float, x_max: float, bits: int) -> None:
-    """Give ``q`` the range ``[x_min, x_max]`` at ``bits`` (SPEC 5 affine scheme)."""
+    """Give ``q`` the range ``[x_min, x_max]`` at ``bits`` (the affine
+    scheme of docs/algorithm.md section 5)."""
     q.bits = bits
     q.signed = x_min < 0
     q.x_min, q.x_max = float(x_min), float(x_max)
