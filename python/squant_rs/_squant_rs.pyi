@@ -7,6 +7,8 @@ import numpy.typing as npt
 __all__ = [
     "quantize",
     "quantize_many",
+    "quantize_into",
+    "simd_build",
     "quantize_reference",
     "dequantize",
     "resolve_threads",
@@ -47,6 +49,25 @@ def quantize_many(
 ) -> list[
     tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]
 ]: ...
+def quantize_into(
+    ws: list[npt.NDArray[np.float32]],
+    outs: list[npt.NDArray[np.floating] | npt.NDArray[np.int16]],
+    bits: int,
+    mode: str,
+    keep_codes: bool = True,
+    threads: int | None = None,
+) -> list[
+    tuple[
+        npt.NDArray[np.int8] | None,
+        npt.NDArray[np.float32],
+        npt.NDArray[np.float32],
+        int,
+        int,
+        float,
+        float,
+    ]
+]: ...
+def simd_build() -> str: ...
 def quantize_reference(
     w: npt.NDArray[np.float32], bits: int, mode: str
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
+import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import _squant_rs as _native
 from .._squant_rs import InvalidArgumentError, SquantError
-from ..tensor.quantized import quantize_tensor
+from ..tensor.quantized import QuantizedTensor, from_native, quantize_tensor
 from ..tensor.validate import (
     UnsupportedDtypeError,
 )
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 #: Progress callback: ``(done, total, name)``.
@@ -131,3 +137,252 @@ def quantize_layer_weight(
     except (SquantError, UnsupportedDtypeError) as exc:
         raise type(exc)(f"{name or 'weight'}: {exc}") from exc
     return qt, (time.perf_counter() - start) * 1e3
+
+
+# --------------------------------------------------------------------------
+# The whole-model pass
+
+
+def copy_model(model: nn.Module, fresh: Sequence[Any]) -> nn.Module:
+    """``copy.deepcopy(model)``, except that every parameter in ``fresh`` is
+    not cloned: its copy is a new parameter of the same type, shape, dtype,
+    device, strides and ``requires_grad`` whose values are uninitialised
+    (for weights about to be overwritten). Parameters tied between modules
+    stay tied in the copy.
+
+    Modules whose class copies the ordinary way (no ``__deepcopy__``,
+    ``__reduce__``, ``__reduce_ex__``, ``__getstate__`` or slots of its own)
+    are rebuilt directly, the way ``deepcopy`` would, without its generic
+    dispatch on every attribute; anything else goes through ``deepcopy``
+    with the same memo.
+
+    Returns:
+        The copy."""
+    import torch
+
+    memo: dict[Any, Any] = {}
+    with torch.no_grad():
+        for p in fresh:
+            if id(p) not in memo:
+                data = torch.empty_like(p, memory_format=torch.preserve_format)
+                memo[id(p)] = type(p)(data, p.requires_grad)
+    copied: nn.Module = _Copier(memo).copy(model)
+    return copied
+
+
+#: Values ``deepcopy`` returns as they are.
+_ATOMIC: frozenset[type] = frozenset(
+    {type(None), int, float, bool, complex, str, bytes, type, range, type(Ellipsis)}
+)
+
+
+class _Copier:
+    """``copy.deepcopy`` of a module tree, fast for plain modules, the
+    containers of their ``__dict__`` and plain CPU buffers (see
+    :func:`copy_model`). Uses and fills ``deepcopy``'s memo, storages
+    included, so that whatever it hands to ``deepcopy`` stays consistent."""
+
+    def __init__(self, memo: dict[Any, Any]) -> None:
+        import torch
+        from torch import nn
+
+        self.memo = memo
+        self.plain: dict[type, bool] = {}
+        self.module: Any = nn.Module
+        self.tensor: Any = torch.Tensor
+        self.strided = torch.strided
+
+    def _is_plain(self, cls: Any) -> bool:
+        ok = self.plain.get(cls)
+        if ok is None:
+            import copyreg
+
+            ok = (
+                getattr(cls, "__deepcopy__", None) is None
+                and cls.__reduce_ex__ is object.__reduce_ex__
+                and cls.__reduce__ is object.__reduce__
+                and cls.__getstate__ is self.module.__getstate__
+                and not copyreg._slotnames(cls)  # type: ignore[attr-defined]
+            )
+            self.plain[cls] = ok
+        return ok
+
+    def _buffer(self, t: Any) -> Any:
+        """A plain, dense, contiguous CPU tensor that owns all of its storage:
+        cloned, its storage recorded as ``Tensor.__deepcopy__`` does; else
+        ``None``."""
+        if (
+            t.requires_grad
+            or t.layout != self.strided
+            or t.device.type != "cpu"
+            or t.is_quantized
+            or t.is_conj()
+            or t.is_neg()
+            or t.storage_offset() != 0
+            or not t.is_contiguous()
+            or t.__dict__
+        ):
+            return None
+        storage = t.untyped_storage()
+        if storage.nbytes() != t.numel() * t.element_size():
+            return None
+        seen = self.memo.setdefault("torch", {})
+        if storage._cdata in seen:  # shared with another tensor: deepcopy's way
+            return None
+        new = t.clone()
+        seen[storage._cdata] = new.untyped_storage()
+        self.memo[id(t)] = new
+        return new
+
+    def copy(self, obj: Any) -> Any:
+        cls: Any = type(obj)
+        if cls in _ATOMIC:
+            return obj
+        memo = self.memo
+        y = memo.get(id(obj), memo)
+        if y is not memo:
+            return y
+        if cls is dict or cls is OrderedDict:
+            d: Any = cls()
+            memo[id(obj)] = d
+            for k, v in obj.items():
+                d[k if type(k) is str else self.copy(k)] = v if type(v) in _ATOMIC else self.copy(v)
+            return d
+        if cls is tuple:
+            if all(type(v) in _ATOMIC for v in obj):
+                return obj
+            t = tuple(self.copy(v) for v in obj)
+            if all(a is b for a, b in zip(t, obj)):
+                return obj
+            memo[id(obj)] = t
+            return t
+        if cls is set and all(type(v) in _ATOMIC for v in obj):
+            c = set(obj)
+            memo[id(obj)] = c
+            return c
+        if cls is self.tensor:
+            new = self._buffer(obj)
+            if new is not None:
+                return new
+        elif isinstance(obj, self.module) and self._is_plain(cls):
+            m = cls.__new__(cls)
+            memo[id(obj)] = m
+            # The state dict is a fresh temporary: copied without a memo entry.
+            state = obj.__getstate__()
+            m.__setstate__({k: v if type(v) in _ATOMIC else self.copy(v) for k, v in state.items()})
+            return m
+        return copy.deepcopy(obj, memo)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerResult:
+    """What quantizing one weight into its destination gave."""
+
+    qtensor: QuantizedTensor
+    #: ``||w_hat - w|| / ||w||`` of the values written.
+    rel_error: float
+    #: Time spent on this weight (ms); for the Rust pass, the time its
+    #: threads spent on it.
+    time_ms: float
+
+
+_WEIGHT_INDEX = re.compile(r"weight (\d+): (.*)", re.S)
+
+
+def _numpy_out(t: torch.Tensor) -> np.ndarray:
+    """A writeable numpy view of a CPU tensor for ``quantize_into``
+    (bfloat16 as its int16 bit patterns)."""
+    import torch
+
+    d = t.detach()
+    if d.dtype == torch.bfloat16:
+        d = d.view(torch.int16)
+    out: np.ndarray = d.numpy()
+    return out
+
+
+def quantize_into(
+    items: Sequence[tuple[str, Any, Any]],
+    bits: int,
+    mode: str,
+    backend: str,
+    threads: int | None,
+) -> list[LayerResult]:
+    """Quantize every ``(name, weight, destination)`` and write the weight's
+    dequantized value into ``destination`` (a tensor of the weight's shape,
+    dtype and device, fully overwritten; never the weight itself).
+
+    Weights for the Rust core (``backend="rust"``, or ``"auto"`` on the CPU)
+    run in one parallel native pass that writes the destinations directly
+    and computes the relative errors (float64 sums) on the way; the others
+    take :func:`quantize_tensor` one at a time. ``bits``, ``mode``,
+    ``backend`` and ``threads`` must be valid. Every result equals
+    ``quantize_tensor(weight, bits, mode, backend=backend)`` and its
+    ``dequantize()``, bit for bit.
+
+    Returns:
+        One :class:`LayerResult` per item, in order.
+
+    Raises:
+        SquantError, UnsupportedDtypeError: for the first weight in order
+            that cannot be quantized, the message starting with its name.
+    """
+    import torch
+
+    from ..torch.adapter import check_torch_weight, to_numpy_f32
+
+    native: list[int] = []
+    for i, (name, w, _) in enumerate(items):
+        try:
+            check_torch_weight(w)
+        except (SquantError, UnsupportedDtypeError) as exc:
+            raise type(exc)(f"{name or 'weight'}: {exc}") from exc
+        if backend == "rust" or (backend == "auto" and w.device.type == "cpu"):
+            if w.device.type == "cpu" and items[i][2].device.type == "cpu":
+                native.append(i)
+    out: list[LayerResult | None] = [None] * len(items)
+    failure: tuple[int, Exception] | None = None
+    if native:
+        arrays = [to_numpy_f32(items[i][1]) for i in native]
+        outs: list[np.ndarray] = []
+        back: list[tuple[Any, np.ndarray]] = []  # non-contiguous destinations
+        for i in native:
+            dst = items[i][2]
+            view = _numpy_out(dst)
+            if not view.flags.c_contiguous:
+                view = np.empty(view.shape, view.dtype)
+                back.append((dst, view))
+            outs.append(view)
+        try:
+            res = _native.quantize_into(arrays, outs, bits, mode, True, threads)
+        except SquantError as exc:
+            m = _WEIGHT_INDEX.match(str(exc))
+            if m is None:  # pragma: no cover - every per-weight error is indexed
+                raise
+            i = native[int(m.group(1))]
+            failure = (i, type(exc)(f"{items[i][0] or 'weight'}: {m.group(2)}"))
+        else:
+            for i, (codes, scale, zp, kf, cf, err, ms) in zip(native, res):
+                w = items[i][1]
+                qt = from_native((codes, scale, zp, kf, cf), bits, mode, w.dtype, w.device)
+                out[i] = LayerResult(qt, err, ms)
+            with torch.no_grad():
+                for dst, tmp in back:
+                    src = torch.from_numpy(tmp)
+                    if dst.dtype == torch.bfloat16:
+                        src = src.view(torch.bfloat16)
+                    dst.copy_(src)
+    done = set(native)
+    for i, (name, w, dst) in enumerate(items):
+        if failure is not None and i >= failure[0]:
+            # The pass failed here: raise unless an earlier weight fails.
+            raise failure[1]
+        if i in done:
+            continue
+        qt, ms = quantize_layer_weight(name, w.detach(), bits, mode, backend, threads)
+        w_hat = qt.dequantize()
+        err = relative_error(w, w_hat)
+        with torch.no_grad():
+            dst.copy_(w_hat)
+        out[i] = LayerResult(qt, err, ms)
+    return [r for r in out if r is not None]

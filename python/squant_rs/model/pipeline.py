@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import numbers
 import time
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from .activations import (
     _check_s_sigma,
     default_s_sigma,
 )
-from .layers import check_patterns, quantize_layer_weight, relative_error, select_layers
+from .layers import check_patterns, copy_model, quantize_into, select_layers
 from .report import LayerReport, QuantReport
 
 if TYPE_CHECKING:
@@ -123,14 +122,17 @@ def quantize_model(
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer, got {seed!r}")
     require_torch()
-    import torch
     from torch import nn
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
-    qmodel = copy.deepcopy(model)
-    layers, skipped = select_layers(qmodel, patterns)
+    src_layers, skipped = select_layers(model, patterns)
+    # The copy's weights are about to be overwritten: not cloned, unless the
+    # float model is run first (activation calibration on float weights).
+    float_first = abits is not None and calibration == "float"
+    qmodel = copy_model(model, [] if float_first else [m.weight for _, m in src_layers])
+    layers = [(name, qmodel.get_submodule(name)) for name, _ in src_layers]
 
     quantizers: dict[str, ActivationQuantizer] = {}
     if abits is not None:
@@ -139,23 +141,20 @@ def quantize_model(
         if calibration == "float":
             _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=False)
 
+    items = [(name, src.weight, dst.weight) for (name, src), (_, dst) in zip(src_layers, layers)]
+    results = quantize_into(items, wbits, mode, backend, threads)
     reports: list[LayerReport] = []
-    for name, module in layers:
+    for (name, module), res in zip(layers, results):
         weight = module.weight
-        qt, ms = quantize_layer_weight(name, weight.detach(), wbits, mode, backend, threads)
-        w_hat = qt.dequantize()
-        err = relative_error(weight, w_hat)
-        with torch.no_grad():
-            weight.copy_(w_hat)
         reports.append(
             LayerReport(
                 name=name,
                 shape=tuple(weight.shape),
                 params=weight.numel(),
-                time_ms=ms,
-                rel_error=err,
-                k_flips=qt.k_flips,
-                c_flips=qt.c_flips,
+                time_ms=res.time_ms,
+                rel_error=res.rel_error,
+                k_flips=res.qtensor.k_flips,
+                c_flips=res.qtensor.c_flips,
                 bits=wbits,
                 kind=type(module).__name__,
             )
