@@ -310,7 +310,9 @@ def quantize_into(
 ) -> list[LayerResult]:
     """Quantize every ``(name, weight, destination)`` and write the weight's
     dequantized value into ``destination`` (a tensor of the weight's shape,
-    dtype and device, fully overwritten; never the weight itself).
+    dtype and device, fully overwritten). When ``destination`` is the
+    weight itself, the values are written into a new tensor that then
+    becomes the weight's ``.data``.
 
     Weights for the Rust core (``backend="rust"``, or ``"auto"`` on the CPU)
     run in one parallel native pass that writes the destinations directly
@@ -331,6 +333,13 @@ def quantize_into(
 
     from ..torch.adapter import check_torch_weight, to_numpy_f32
 
+    items = list(items)
+    in_place: list[tuple[Any, Any]] = []
+    for i, (name, w, dst) in enumerate(items):
+        if dst is w:
+            fresh = torch.empty_like(w, memory_format=torch.preserve_format)
+            in_place.append((w, fresh))
+            items[i] = (name, w, fresh)
     native: list[int] = []
     for i, (name, w, _) in enumerate(items):
         try:
@@ -385,4 +394,7 @@ def quantize_into(
         with torch.no_grad():
             dst.copy_(w_hat)
         out[i] = LayerResult(qt, err, ms)
+    with torch.no_grad():
+        for w, fresh in in_place:
+            w.data = fresh
     return [r for r in out if r is not None]

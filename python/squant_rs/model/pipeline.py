@@ -24,6 +24,7 @@ from .activations import (
     _check_s_sigma,
     default_s_sigma,
 )
+from .fold import fold_batchnorm
 from .layers import check_patterns, copy_model, quantize_into, select_layers
 from .report import LayerReport, QuantReport
 
@@ -49,6 +50,7 @@ def quantize_model(
     s_sigma: float | None = ...,
     calibration: str = ...,
     seed: int = ...,
+    fold_bn: bool = ...,
     return_report: Literal[False] = ...,
 ) -> nn.Module: ...
 
@@ -67,6 +69,7 @@ def quantize_model(
     s_sigma: float | None = ...,
     calibration: str = ...,
     seed: int = ...,
+    fold_bn: bool = ...,
     return_report: Literal[True],
 ) -> tuple[nn.Module, QuantReport]: ...
 
@@ -84,6 +87,7 @@ def quantize_model(
     s_sigma: float | None = None,
     calibration: str = "float",
     seed: int = 0,
+    fold_bn: bool = False,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, QuantReport]:
     """A SQuant-quantized deep copy of ``model`` (the original is untouched).
@@ -101,6 +105,11 @@ def quantize_model(
     quantizer, the 8-bit last layer included, as in the release.
     ``calibration`` is ``"float"`` or ``"quantized"`` (see the module doc);
     ``seed`` seeds the calibration noise.
+
+    With ``fold_bn=True`` every BatchNorm that follows a Conv/Linear layer
+    is folded into it first (:func:`~squant_rs.model.fold.fold_batchnorm`:
+    the BN becomes ``nn.Identity``, the layer gets the folded weight and
+    bias), so the quantized weights are the ones an exported graph uses.
 
     The per-layer :class:`QuantReport` is attached as ``qmodel.squant_report``
     and, with ``return_report=True``, returned as ``(qmodel, report)``.
@@ -127,12 +136,23 @@ def quantize_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
-    src_layers, skipped = select_layers(model, patterns)
-    # The copy's weights are about to be overwritten: not cloned, unless the
-    # float model is run first (activation calibration on float weights).
-    float_first = abits is not None and calibration == "float"
-    qmodel = copy_model(model, [] if float_first else [m.weight for _, m in src_layers])
-    layers = [(name, qmodel.get_submodule(name)) for name, _ in src_layers]
+    if not isinstance(fold_bn, bool):
+        raise TypeError(f"fold_bn must be a bool, got {fold_bn!r}")
+
+    # Weights are quantized from the caller's model straight into a copy
+    # that never cloned them, unless the copy's float weights are needed
+    # first (BatchNorm folding, float calibration): then in place.
+    if fold_bn or (abits is not None and calibration == "float"):
+        qmodel = copy_model(model, [])
+        if fold_bn:
+            fold_batchnorm(qmodel, inplace=True)
+        layers, skipped = select_layers(qmodel, patterns)
+        sources = [m.weight for _, m in layers]
+    else:
+        src_layers, skipped = select_layers(model, patterns)
+        sources = [m.weight for _, m in src_layers]
+        qmodel = copy_model(model, sources)
+        layers = [(name, qmodel.get_submodule(name)) for name, _ in src_layers]
 
     quantizers: dict[str, ActivationQuantizer] = {}
     if abits is not None:
@@ -141,7 +161,7 @@ def quantize_model(
         if calibration == "float":
             _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=False)
 
-    items = [(name, src.weight, dst.weight) for (name, src), (_, dst) in zip(src_layers, layers)]
+    items = [(name, src, dst.weight) for src, (name, dst) in zip(sources, layers)]
     results = quantize_into(items, wbits, mode, backend, threads)
     reports: list[LayerReport] = []
     for (name, module), res in zip(layers, results):
