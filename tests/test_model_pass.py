@@ -11,7 +11,7 @@ import pytest
 
 import squant_rs
 from squant_rs import _squant_rs as native
-from squant_rs.model.layers import copy_model
+from squant_rs.model.layers import copy_model, dequantize_tensors
 
 from conftest import make_weight, seed_for
 
@@ -226,3 +226,63 @@ def test_quantize_model_with_tied_weights_and_float_calibration() -> None:
         want = squant_rs.quantize_tensor(model.lin.weight, 4).dequantize()
         assert torch.equal(qmodel.lin.weight, want)
         assert torch.equal(model.bn.running_mean, torch.zeros(6))
+
+
+# --------------------------------------------------------------------------
+# dequantizing into buffers
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "bfloat16"])
+def test_dequantize_into_and_dequantize_tensors(dtype: str) -> None:
+    tdt = getattr(torch, dtype)
+    ws = [torch.from_numpy(w * 300).to(tdt) for w in _weights("deq" + dtype)]
+    qts = [squant_rs.quantize_tensor(w, 4) for w in ws]
+    want = [qt.dequantize() for qt in qts]
+    got = dequantize_tensors(qts, threads=2)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want))
+    dst = [torch.empty_like(w) for w in ws]
+    views = [d.view(torch.int16).numpy() if dtype == "bfloat16" else d.numpy() for d in dst]
+    args = (
+        [qt.codes.numpy() for qt in qts],
+        [qt.scale.numpy() for qt in qts],
+        [qt.zero_point.numpy() for qt in qts],
+        views,
+    )
+    errs = native.dequantize_into(*args, [w.float().numpy() for w in ws])
+    assert all(torch.equal(a, b) for a, b in zip(dst, want))
+    assert errs is not None
+    for e, w, w_hat in zip(errs, ws, want):
+        assert e == pytest.approx(_rel_error(w_hat.double().numpy(), w.double().numpy()), rel=1e-12)
+    assert native.dequantize_into(*args) is None
+
+
+def test_dequantize_tensors_of_numpy_results() -> None:
+    ws = _weights("deq-numpy")
+    qts = squant_rs.quantize_tensors([w.astype(np.float16) for w in ws], 3)
+    for t, qt in zip(dequantize_tensors(qts), qts):
+        assert t.dtype == torch.float16
+        assert np.array_equal(t.numpy(), qt.dequantize())
+
+
+def test_dequantize_into_rejects_bad_arguments() -> None:
+    (w,) = _weights("deq-bad")[:1]
+    qt = squant_rs.quantize_tensor(w, 4)
+    out = np.empty_like(w)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="1 codes arrays but 0 scales"):
+        native.dequantize_into([qt.codes], [], [qt.zero_point], [out])
+    with pytest.raises(squant_rs.InvalidArgumentError, match="weight 0: scale has 3 elements"):
+        native.dequantize_into([qt.codes], [qt.scale[:3]], [qt.zero_point], [out])
+    with pytest.raises(squant_rs.InvalidArgumentError, match="weight 0: output has shape"):
+        native.dequantize_into([qt.codes], [qt.scale], [qt.zero_point], [out[:2]])
+    with pytest.raises(squant_rs.InvalidArgumentError, match="weight 0: weight has shape"):
+        native.dequantize_into([qt.codes], [qt.scale], [qt.zero_point], [out], [w[:2]])
+
+
+def test_quantize_model_torch_backend_on_cpu_matches_rust() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(4, 6)).to(torch.float16)
+    a, ra = squant_rs.quantize_model(model, backend="torch", return_report=True)
+    b, rb = squant_rs.quantize_model(model, backend="rust", return_report=True)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    for x, y in zip(ra.layers, rb.layers):
+        assert (x.k_flips, x.c_flips, x.rel_error) == (y.k_flips, y.c_flips, y.rel_error)

@@ -8,6 +8,7 @@ __all__ = [
     "quantize",
     "quantize_many",
     "quantize_into",
+    "dequantize_into",
     "simd_build",
     "quantize_reference",
     "dequantize",
@@ -67,6 +68,14 @@ def quantize_into(
         float,
     ]
 ]: ...
+def dequantize_into(
+    codes: list[npt.NDArray[np.int8]],
+    scales: list[npt.NDArray[np.float32]],
+    zero_points: list[npt.NDArray[np.float32]],
+    outs: list[npt.NDArray[np.floating] | npt.NDArray[np.int16]],
+    ws: list[npt.NDArray[np.float32]] | None = None,
+    threads: int | None = None,
+) -> list[float] | None: ...
 def simd_build() -> str: ...
 def quantize_reference(
     w: npt.NDArray[np.float32], bits: int, mode: str

@@ -268,8 +268,19 @@ class _Copier:
             m = cls.__new__(cls)
             memo[id(obj)] = m
             # The state dict is a fresh temporary: copied without a memo entry.
-            state = obj.__getstate__()
-            m.__setstate__({k: v if type(v) in _ATOMIC else self.copy(v) for k, v in state.items()})
+            new = {}
+            for k, v in obj.__getstate__().items():
+                vt = type(v)
+                if vt in _ATOMIC:
+                    new[k] = v
+                elif (vt is OrderedDict or vt is dict) and not v and id(v) not in memo:
+                    # Hook dicts, mostly: the common case, inline.
+                    memo[id(v)] = new[k] = vt()
+                elif vt is tuple and all(type(x) in _ATOMIC for x in v):
+                    new[k] = v  # kernel sizes, strides...: deepcopy keeps them
+                else:
+                    new[k] = self.copy(v)
+            m.__setstate__(new)
             return m
         return copy.deepcopy(obj, memo)
 
@@ -289,15 +300,88 @@ class LayerResult:
 _WEIGHT_INDEX = re.compile(r"weight (\d+): (.*)", re.S)
 
 
-def _numpy_out(t: torch.Tensor) -> np.ndarray:
-    """A writeable numpy view of a CPU tensor for ``quantize_into``
-    (bfloat16 as its int16 bit patterns)."""
+class _Destinations:
+    """Writeable numpy views of CPU destination tensors for the native
+    passes (bfloat16 as its int16 bit patterns); a destination that is not
+    C-contiguous (e.g. channels-last) gets a temporary array, copied into it
+    by :meth:`finish`."""
+
+    def __init__(self) -> None:
+        self.back: list[tuple[Any, np.ndarray]] = []
+
+    def view(self, t: Any) -> np.ndarray:
+        import torch
+
+        d = t.detach()
+        if d.dtype == torch.bfloat16:
+            d = d.view(torch.int16)
+        out: np.ndarray = d.numpy()
+        if not out.flags.c_contiguous:
+            out = np.empty(out.shape, out.dtype)
+            self.back.append((t, out))
+        return out
+
+    def finish(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for dst, tmp in self.back:
+                src = torch.from_numpy(tmp)
+                if dst.dtype == torch.bfloat16:
+                    src = src.view(torch.bfloat16)
+                dst.copy_(src)
+        self.back.clear()
+
+
+def dequantize_tensors(
+    qts: Sequence[QuantizedTensor], threads: int | None = None
+) -> list[torch.Tensor]:
+    """``[qt.dequantize() for qt in qts]`` for quantized tensors whose codes,
+    scale and zero point are CPU torch tensors or numpy arrays, as CPU torch
+    tensors of each one's dtype, in one parallel native pass: the values are
+    written straight into the new tensors (no float32 intermediate, no torch
+    op whose speed depends on torch's thread count). Bit-identical to
+    ``dequantize()``.
+
+    Returns:
+        One tensor per quantized tensor, in order.
+
+    Raises:
+        SquantError: a malformed quantized tensor (named ``"weight {i}: ..."``).
+    """
     import torch
 
-    d = t.detach()
-    if d.dtype == torch.bfloat16:
-        d = d.view(torch.int16)
-    out: np.ndarray = d.numpy()
+    from ..torch.adapter import _float_dtypes
+
+    dests = _Destinations()
+    outs: list[torch.Tensor] = []
+    views: list[np.ndarray] = []
+    for qt in qts:
+        dtype = qt.dtype
+        if not isinstance(dtype, torch.dtype):
+            dtype = getattr(torch, np.dtype(dtype).name)
+        if dtype not in _float_dtypes(torch):
+            raise UnsupportedDtypeError(f"cannot dequantize to {qt.dtype}")
+        t = torch.empty(qt.shape, dtype=dtype)
+        outs.append(t)
+        views.append(dests.view(t))
+    _native.dequantize_into(
+        [_host(qt.codes) for qt in qts],
+        [_host(qt.scale) for qt in qts],
+        [_host(qt.zero_point) for qt in qts],
+        views,
+        None,
+        threads,
+    )
+    dests.finish()
+    return outs
+
+
+def _host(a: Any) -> np.ndarray:
+    """A numpy array of a numpy array or CPU tensor (no copy when possible)."""
+    if isinstance(a, np.ndarray):
+        return a
+    out: np.ndarray = a.detach().numpy()
     return out
 
 
@@ -316,11 +400,12 @@ def quantize_into(
 
     Weights for the Rust core (``backend="rust"``, or ``"auto"`` on the CPU)
     run in one parallel native pass that writes the destinations directly
-    and computes the relative errors (float64 sums) on the way; the others
-    take :func:`quantize_tensor` one at a time. ``bits``, ``mode``,
-    ``backend`` and ``threads`` must be valid. Every result equals
-    ``quantize_tensor(weight, bits, mode, backend=backend)`` and its
-    ``dequantize()``, bit for bit.
+    and computes the relative errors (float64 sums) on the way. The others
+    take :func:`quantize_tensor` one at a time; those on the CPU are then
+    dequantized into their destinations, errors included, in one native
+    pass too. ``bits``, ``mode``, ``backend`` and ``threads`` must be
+    valid. Every result equals ``quantize_tensor(weight, bits, mode,
+    backend=backend)`` and its ``dequantize()``, bit for bit.
 
     Returns:
         One :class:`LayerResult` per item, in order.
@@ -341,27 +426,20 @@ def quantize_into(
             in_place.append((w, fresh))
             items[i] = (name, w, fresh)
     native: list[int] = []
-    for i, (name, w, _) in enumerate(items):
+    for i, (name, w, dst) in enumerate(items):
         try:
             check_torch_weight(w)
         except (SquantError, UnsupportedDtypeError) as exc:
             raise type(exc)(f"{name or 'weight'}: {exc}") from exc
-        if backend == "rust" or (backend == "auto" and w.device.type == "cpu"):
-            if w.device.type == "cpu" and items[i][2].device.type == "cpu":
-                native.append(i)
+        on_cpu = w.device.type == "cpu" and dst.device.type == "cpu"
+        if on_cpu and backend != "torch":
+            native.append(i)
     out: list[LayerResult | None] = [None] * len(items)
     failure: tuple[int, Exception] | None = None
+    dests = _Destinations()
     if native:
         arrays = [to_numpy_f32(items[i][1]) for i in native]
-        outs: list[np.ndarray] = []
-        back: list[tuple[Any, np.ndarray]] = []  # non-contiguous destinations
-        for i in native:
-            dst = items[i][2]
-            view = _numpy_out(dst)
-            if not view.flags.c_contiguous:
-                view = np.empty(view.shape, view.dtype)
-                back.append((dst, view))
-            outs.append(view)
+        outs = [dests.view(items[i][2]) for i in native]
         try:
             res = _native.quantize_into(arrays, outs, bits, mode, True, threads)
         except SquantError as exc:
@@ -375,13 +453,9 @@ def quantize_into(
                 w = items[i][1]
                 qt = from_native((codes, scale, zp, kf, cf), bits, mode, w.dtype, w.device)
                 out[i] = LayerResult(qt, err, ms)
-            with torch.no_grad():
-                for dst, tmp in back:
-                    src = torch.from_numpy(tmp)
-                    if dst.dtype == torch.bfloat16:
-                        src = src.view(torch.bfloat16)
-                    dst.copy_(src)
+            dests.finish()
     done = set(native)
+    later: list[tuple[int, QuantizedTensor, float]] = []  # CPU results to dequantize
     for i, (name, w, dst) in enumerate(items):
         if failure is not None and i >= failure[0]:
             # The pass failed here: raise unless an earlier weight fails.
@@ -389,11 +463,27 @@ def quantize_into(
         if i in done:
             continue
         qt, ms = quantize_layer_weight(name, w.detach(), bits, mode, backend, threads)
+        if qt.codes.device.type == "cpu" and dst.device.type == "cpu":
+            later.append((i, qt, ms))
+            continue
         w_hat = qt.dequantize()
         err = relative_error(w, w_hat)
         with torch.no_grad():
             dst.copy_(w_hat)
         out[i] = LayerResult(qt, err, ms)
+    if later:
+        errs = _native.dequantize_into(
+            [qt.codes.numpy() for _, qt, _ in later],
+            [qt.scale.numpy() for _, qt, _ in later],
+            [qt.zero_point.numpy() for _, qt, _ in later],
+            [dests.view(items[i][2]) for i, _, _ in later],
+            [to_numpy_f32(items[i][1]) for i, _, _ in later],
+            threads,
+        )
+        assert errs is not None
+        dests.finish()
+        for (i, qt, ms), err in zip(later, errs):
+            out[i] = LayerResult(qt, err, ms)
     with torch.no_grad():
         for w, fresh in in_place:
             w.data = fresh

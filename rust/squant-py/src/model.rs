@@ -17,11 +17,12 @@ use std::time::Instant;
 
 use half::{bf16, f16};
 use numpy::{
-    IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
-    PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArrayDyn,
+    PyReadwriteArrayDyn, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use rayon::prelude::*;
 use squant_core::case::{self, Flips, Isa, Scratch};
 use squant_core::{dequantize_one, ChannelParams, Layout, Mode, SquantError};
 
@@ -380,6 +381,258 @@ fn write_out_impl<T: Store>(
         }
     }
     (err.iter().sum(), norm.iter().sum())
+}
+
+/// Dequantized values of a chunk into `out`, nothing else.
+fn dequantize_out<T: Store>(codes: &[i8], g: usize, scale: &[f32], zp: &[f32], out: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { dequantize_out_avx2(codes, g, scale, zp, out) };
+        }
+    }
+    dequantize_out_impl(codes, g, scale, zp, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dequantize_out_avx2<T: Store>(
+    codes: &[i8],
+    g: usize,
+    scale: &[f32],
+    zp: &[f32],
+    out: &mut [T],
+) {
+    dequantize_out_impl(codes, g, scale, zp, out)
+}
+
+#[inline(always)]
+fn dequantize_out_impl<T: Store>(codes: &[i8], g: usize, scale: &[f32], zp: &[f32], out: &mut [T]) {
+    let channels = codes
+        .chunks(g)
+        .zip(out.chunks_mut(g).zip(scale.iter().zip(zp)));
+    for (qc, (oc, (&s, &z))) in channels {
+        let p = ChannelParams {
+            scale: s,
+            zero_point: z,
+        };
+        for (o, &q) in oc.iter_mut().zip(qc) {
+            *o = T::store(dequantize_one(q, p));
+        }
+    }
+}
+
+/// One chunk of a `dequantize_into` call.
+struct DeqChunk<'a> {
+    layer: usize,
+    codes: &'a [i8],
+    w: Option<&'a [f32]>,
+    scale: &'a [f32],
+    zp: &'a [f32],
+    out: Out<'a>,
+}
+
+fn run_deq_chunk(c: DeqChunk<'_>) -> (usize, f64, f64) {
+    let g = c.codes.len() / c.scale.len().max(1);
+    let (ptr, len) = c.out.bytes();
+    prefault_pages(ptr as *mut u8, len, 1);
+    let (err, norm) = match c.w {
+        Some(w) => match c.out {
+            Out::F32(o) => write_out(w, c.codes, g, c.scale, c.zp, o),
+            Out::F64(o) => write_out(w, c.codes, g, c.scale, c.zp, o),
+            Out::F16(o) => write_out(w, c.codes, g, c.scale, c.zp, o),
+            Out::Bf16(o) => write_out(w, c.codes, g, c.scale, c.zp, o),
+        },
+        None => {
+            match c.out {
+                Out::F32(o) => dequantize_out(c.codes, g, c.scale, c.zp, o),
+                Out::F64(o) => dequantize_out(c.codes, g, c.scale, c.zp, o),
+                Out::F16(o) => dequantize_out(c.codes, g, c.scale, c.zp, o),
+                Out::Bf16(o) => dequantize_out(c.codes, g, c.scale, c.zp, o),
+            }
+            (0.0, 0.0)
+        }
+    };
+    (c.layer, err, norm)
+}
+
+/// dequantize_into(codes, scales, zero_points, outs, ws=None, threads=None)
+/// --
+///
+/// dequantize() of every weight of a list, in one parallel pass, written
+/// into `outs[i]` (codes' shape, C-contiguous, writeable; float16, float32,
+/// float64, or int16 holding bfloat16 bit patterns: float16 clamped to its
+/// finite range, like QuantizedTensor.dequantize). With `ws` (the float32
+/// weights the codes came from), returns every weight's relative error
+/// ||w_hat - w|| / ||w|| of the stored values, else None. An error names
+/// the weight by its position: "weight 3: ...".
+#[pyfunction]
+#[pyo3(signature = (codes, scales, zero_points, outs, ws=None, threads=None))]
+pub fn dequantize_into<'py>(
+    py: Python<'py>,
+    codes: Vec<PyReadonlyArrayDyn<'py, i8>>,
+    scales: Vec<PyReadonlyArray1<'py, f32>>,
+    zero_points: Vec<PyReadonlyArray1<'py, f32>>,
+    outs: Vec<Bound<'py, PyAny>>,
+    ws: Option<Vec<PyReadonlyArrayDyn<'py, f32>>>,
+    threads: Option<usize>,
+) -> PyResult<Option<Vec<f64>>> {
+    let threads = pool::resolve_threads(threads)?;
+    let n = codes.len();
+    let counts = [
+        scales.len(),
+        zero_points.len(),
+        outs.len(),
+        ws.as_ref().map_or(n, Vec::len),
+    ];
+    if counts.iter().any(|&c| c != n) {
+        return Err(InvalidArgumentError::new_err(format!(
+            "got {n} codes arrays but {} scales, {} zero points, {} outputs{}",
+            counts[0],
+            counts[1],
+            counts[2],
+            ws.as_ref()
+                .map_or(String::new(), |w| format!(" and {} weights", w.len()))
+        )));
+    }
+    let mut layouts = Vec::with_capacity(n);
+    let mut qs = Vec::with_capacity(n);
+    let mut ss = Vec::with_capacity(n);
+    let mut zs = Vec::with_capacity(n);
+    let mut wd = Vec::with_capacity(n);
+    let mut out_arrays = Vec::with_capacity(n);
+    for i in 0..n {
+        let shape = codes[i].shape().to_vec();
+        let layout = layout_of(&shape).map_err(|e| with_index(py, e, i))?;
+        let out = OutArray::borrow(&outs[i]).map_err(|e| with_index(py, e, i))?;
+        let bad = |what: String| with_index(py, InvalidArgumentError::new_err(what), i);
+        if out.shape() != shape {
+            return Err(bad(format!(
+                "output has shape {:?}, expected the codes' shape {shape:?}",
+                out.shape()
+            )));
+        }
+        for (what, len) in [
+            ("scale", scales[i].len()),
+            ("zero_point", zero_points[i].len()),
+        ] {
+            if len != layout.oc {
+                return Err(bad(format!(
+                    "{what} has {len} elements, expected one per output channel ({})",
+                    layout.oc
+                )));
+            }
+        }
+        if let Some(ws) = &ws {
+            if ws[i].shape() != shape.as_slice() {
+                return Err(bad(format!(
+                    "weight has shape {:?}, expected the codes' shape {shape:?}",
+                    ws[i].shape()
+                )));
+            }
+            wd.push(Some(row_major(&ws[i])?));
+        } else {
+            wd.push(None);
+        }
+        qs.push(row_major(&codes[i])?);
+        ss.push(scales[i].as_array().to_vec());
+        zs.push(zero_points[i].as_array().to_vec());
+        out_arrays.push(out);
+        layouts.push(layout);
+    }
+    let mut out_slices = Vec::with_capacity(n);
+    for o in out_arrays.iter_mut() {
+        out_slices.push(o.slice()?);
+    }
+    let mut in_ranges: Vec<(usize, usize)> =
+        qs.iter().map(|q| (q.as_ptr() as usize, q.len())).collect();
+    in_ranges.extend(
+        wd.iter()
+            .flatten()
+            .map(|w| (w.as_ptr() as usize, std::mem::size_of_val(&**w))),
+    );
+    let out_ranges: Vec<(usize, usize)> = out_slices.iter().map(|o| o.bytes()).collect();
+    if let Some((i, j, is_out)) = find_overlap(&in_ranges, &out_ranges) {
+        let other = if is_out {
+            format!("output {j}")
+        } else if j < n {
+            format!("codes {j}")
+        } else {
+            "a weight".to_string()
+        };
+        return Err(with_index(
+            py,
+            InvalidArgumentError::new_err(format!(
+                "output overlaps the memory of {other}: outputs must be separate buffers"
+            )),
+            i,
+        ));
+    }
+    for &(start, len) in &out_ranges {
+        advise_huge(start as *mut u8, len);
+    }
+    let mut chunks = Vec::new();
+    let parts = qs
+        .iter()
+        .zip(&wd)
+        .zip(ss.iter().zip(&zs))
+        .zip(out_slices)
+        .zip(&layouts);
+    for (layer, ((((q, w), (s, z)), out), layout)) in parts.enumerate() {
+        let g = layout.channel_len();
+        let per = (CHUNK_ELEMS / g).max(1);
+        let (mut q, mut w, mut s, mut z, mut out): (
+            &[i8],
+            Option<&[f32]>,
+            &[f32],
+            &[f32],
+            Out<'_>,
+        ) = (q, w.as_deref(), s, z, out);
+        while !s.is_empty() {
+            let m = per.min(s.len());
+            let (qa, qb) = q.split_at(m * g);
+            let (wa, wb) = match w {
+                Some(w) => {
+                    let (a, b) = w.split_at(m * g);
+                    (Some(a), Some(b))
+                }
+                None => (None, None),
+            };
+            let (sa, sb) = s.split_at(m);
+            let (za, zb) = z.split_at(m);
+            let (oa, ob) = out.split_at(m * g);
+            chunks.push(DeqChunk {
+                layer,
+                codes: qa,
+                w: wa,
+                scale: sa,
+                zp: za,
+                out: oa,
+            });
+            (q, w, s, z, out) = (qb, wb, sb, zb, ob);
+        }
+    }
+    let sums: Vec<(usize, f64, f64)> = if threads <= 1 || chunks.len() <= 1 {
+        py.detach(|| chunks.into_iter().map(run_deq_chunk).collect())
+    } else {
+        let pool = pool::pool(threads)?;
+        py.detach(|| pool.install(|| chunks.into_par_iter().map(run_deq_chunk).collect()))
+    };
+    if ws.is_none() {
+        return Ok(None);
+    }
+    let mut totals = vec![(0f64, 0f64); n];
+    for (layer, err, norm) in sums {
+        totals[layer].0 += err;
+        totals[layer].1 += norm;
+    }
+    Ok(Some(
+        totals
+            .into_iter()
+            .map(|(e, w)| relative_error(e, w))
+            .collect(),
+    ))
 }
 
 /// `||w_hat - w|| / ||w||` from the sums of squares (0 when both are 0).
