@@ -12,6 +12,7 @@ echo "== cargo fmt / clippy / test"
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --release --quiet -p squant-core
+cargo test --release --quiet -p squant-py
 
 echo "== ruff / mypy / stubtest"
 python3 -m ruff check python tests benches

@@ -94,6 +94,8 @@ def as_float32_array(w: object) -> tuple[np.ndarray, np.dtype]:
             f"weight dtype {a.dtype} is not supported: expected float16, float32 or float64"
         )
     check_shape(a.shape)
+    if a.dtype == np.float32 and a.dtype.isnative:
+        return a, a.dtype
     # float64 beyond float32's range becomes inf here, then fails the
     # non-finite check with a clear message instead of a numpy warning.
     with np.errstate(over="ignore"):

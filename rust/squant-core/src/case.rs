@@ -655,3 +655,20 @@ fn quantize_channel_impl<S: Simd>(
     }
     Ok((p, flips))
 }
+
+#[cfg(test)]
+mod build_tests {
+    use super::*;
+
+    #[test]
+    fn best_build_names_what_isa_best_runs() {
+        let name = best_build();
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert_eq!(name == "avx512", has_avx512());
+            let avx2 = std::arch::is_x86_feature_detected!("avx2");
+            assert_eq!(name == "baseline", !avx2 && !has_avx512());
+        }
+        assert!(["avx512", "avx2", "baseline", "neon", "portable"].contains(&name));
+    }
+}

@@ -51,7 +51,7 @@ fn to_python<'py>(
     )
 }
 
-/// The buffer of a C-contiguous array made by [`zeros`], to be written.
+/// The buffer of a C-contiguous array made by [`empty`], to be written.
 pub(crate) fn slice_mut<'a, T: numpy::Element>(
     rw: &'a mut numpy::PyReadwriteArrayDyn<'_, T>,
 ) -> PyResult<&'a mut [T]> {
@@ -126,10 +126,10 @@ fn quantize<'py>(
     let layout = layout_of(&shape)?;
     let threads = pool::resolve_threads(threads)?;
     let data = row_major(&w)?;
-    // The codes array comes from numpy's allocator (zeroed lazily by the
-    // OS, huge pages for large arrays, cached for reuse): far fewer page
-    // faults than a fresh zeroed Vec, and no copy on return.
-    let codes = zeros::<i8>(py, &shape, "int8")?;
+    // The codes array comes from numpy's allocator (huge pages for large
+    // arrays, cached for reuse, nothing zeroed): far fewer page faults than
+    // a fresh zeroed Vec, and no copy on return.
+    let codes = empty::<i8>(py, &shape, "int8")?;
     let mut scale = alloc::<f32>(layout.oc)?;
     let mut zp = alloc::<f32>(layout.oc)?;
     let flips = {
@@ -191,7 +191,7 @@ fn quantize_many<'py>(
             scale: alloc::<f32>(layout.oc)?,
             zp: alloc::<f32>(layout.oc)?,
         });
-        codes.push(zeros::<i8>(py, &shape, "int8")?);
+        codes.push(empty::<i8>(py, &shape, "int8")?);
     }
     let mut rw: Vec<_> = codes.iter().map(|c| c.readwrite()).collect();
     let mut outs = Vec::with_capacity(rw.len());
@@ -231,19 +231,21 @@ pub(crate) fn with_index(py: Python<'_>, err: PyErr, i: usize) -> PyErr {
     PyErr::from_type(err.get_type(py), msg)
 }
 
-/// A zeroed C-order numpy array of `shape` (its size already checked by
-/// `layout_of`) and dtype `dtype` (matching `T`). Made by `numpy.zeros`:
-/// numpy's allocator gets lazily zeroed pages from the OS (huge pages for
-/// large arrays) and caches freed ones, far fewer page faults than a fresh
-/// zeroed `Vec`, and it raises `MemoryError` when the allocation fails
-/// (rust-numpy's `PyArray::zeros` would panic).
-pub(crate) fn zeros<'py, T: numpy::Element>(
+/// A C-order numpy array of `shape` (its size already checked by
+/// `layout_of`) and dtype `dtype` (matching `T`), for outputs that are
+/// written in full before Python sees them (on an error they are dropped
+/// unseen). Made by `numpy.empty`: numpy's allocator caches freed blocks
+/// and asks for huge pages for large arrays, nothing is zeroed that is about
+/// to be overwritten, and it raises `MemoryError` when the allocation fails
+/// (rust-numpy's `PyArray::new` would panic). Its pages are then mapped in
+/// one go ([`prefault`]).
+pub(crate) fn empty<'py, T: numpy::Element>(
     py: Python<'py>,
     shape: &[usize],
     dtype: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
     let np = py.import("numpy")?;
-    let arr = np.call_method1("zeros", (shape.to_vec(), dtype))?;
+    let arr = np.call_method1("empty", (shape.to_vec(), dtype))?;
     let arr = arr.cast_into::<PyArrayDyn<T>>()?;
     prefault(
         arr.data().cast::<u8>(),
@@ -347,7 +349,7 @@ fn dequantize<'py>(
     let q = row_major(&codes)?;
     let s = scale.as_array().to_vec();
     let z = zero_point.as_array().to_vec();
-    let out = zeros::<f32>(py, &shape, "float32")?;
+    let out = empty::<f32>(py, &shape, "float32")?;
     {
         let mut rw = out.readwrite();
         let dst = slice_mut(&mut rw)?;

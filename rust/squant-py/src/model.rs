@@ -28,7 +28,7 @@ use squant_core::{dequantize_one, ChannelParams, Layout, Mode, SquantError};
 
 use crate::error::{InvalidArgumentError, PyCoreError};
 use crate::{
-    advise_huge, alloc, layout_of, parse_mode, pool, prefault_pages, row_major, with_index, zeros,
+    advise_huge, alloc, empty, layout_of, parse_mode, pool, prefault_pages, row_major, with_index,
 };
 
 /// Channels are handed out in chunks of about this many elements.
@@ -582,13 +582,8 @@ pub fn dequantize_into<'py>(
     for (layer, ((((q, w), (s, z)), out), layout)) in parts.enumerate() {
         let g = layout.channel_len();
         let per = (CHUNK_ELEMS / g).max(1);
-        let (mut q, mut w, mut s, mut z, mut out): (
-            &[i8],
-            Option<&[f32]>,
-            &[f32],
-            &[f32],
-            Out<'_>,
-        ) = (q, w.as_deref(), s, z, out);
+        let (mut q, mut s, mut z): (&[i8], &[f32], &[f32]) = (q, s, z);
+        let (mut w, mut out): (Option<&[f32]>, Out<'_>) = (w.as_deref(), out);
         while !s.is_empty() {
             let m = per.min(s.len());
             let (qa, qb) = q.split_at(m * g);
@@ -726,7 +721,7 @@ pub fn quantize_into<'py>(
         data.push(row_major(w)?);
         out_arrays.push(out);
         if keep_codes {
-            codes.push(Some(zeros::<i8>(py, &shape, "int8")?));
+            codes.push(Some(empty::<i8>(py, &shape, "int8")?));
         } else {
             codes.push(None);
         }
@@ -843,6 +838,9 @@ pub fn quantize_into<'py>(
     Ok(ret)
 }
 
+/// A chunk's id, weight and result.
+type ChunkOutcome = (usize, usize, Result<Tally, SquantError>);
+
 /// Why a pass stopped.
 enum Failure {
     /// The first failing chunk's error, and its weight.
@@ -863,8 +861,7 @@ fn run_all(
     let n = chunks.len();
     let queue = Mutex::new(chunks.into_iter().enumerate());
     let failed = AtomicBool::new(false);
-    let done: Mutex<Vec<(usize, usize, Result<Tally, SquantError>)>> =
-        Mutex::new(Vec::with_capacity(n));
+    let done: Mutex<Vec<ChunkOutcome>> = Mutex::new(Vec::with_capacity(n));
     let work = || {
         let mut wk = Worker::default();
         let mut mine = Vec::new();
