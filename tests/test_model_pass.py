@@ -286,3 +286,11 @@ def test_quantize_model_torch_backend_on_cpu_matches_rust() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     for x, y in zip(ra.layers, rb.layers):
         assert (x.k_flips, x.c_flips, x.rel_error) == (y.k_flips, y.c_flips, y.rel_error)
+
+
+def test_report_times_add_up_to_at_most_the_wall_time() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(*(nn.Conv2d(128, 128, 3) for _ in range(4)))
+    report = squant_rs.quantize_model(model, threads=2).squant_report
+    assert all(r.time_ms > 0 for r in report.layers)
+    assert report.total_ms <= report.wall_ms

@@ -203,6 +203,7 @@ class _Copier:
                 and cls.__reduce__ is object.__reduce__
                 and cls.__getstate__ is self.module.__getstate__
                 and not copyreg._slotnames(cls)  # type: ignore[attr-defined]
+                and cls not in copyreg.dispatch_table
             )
             self.plain[cls] = ok
         return ok
@@ -292,8 +293,9 @@ class LayerResult:
     qtensor: QuantizedTensor
     #: ``||w_hat - w|| / ||w||`` of the values written.
     rel_error: float
-    #: Time spent on this weight (ms); for the Rust pass, the time its
-    #: threads spent on it.
+    #: Time spent on this weight (ms); for the Rust pass, its share of the
+    #: pass's wall time, in proportion to the time the pass's threads spent
+    #: on it.
     time_ms: float
 
 
@@ -440,6 +442,7 @@ def quantize_into(
     if native:
         arrays = [to_numpy_f32(items[i][1]) for i in native]
         outs = [dests.view(items[i][2]) for i in native]
+        start = time.perf_counter()
         try:
             res = _native.quantize_into(arrays, outs, bits, mode, True, threads)
         except SquantError as exc:
@@ -449,10 +452,16 @@ def quantize_into(
             i = native[int(m.group(1))]
             failure = (i, type(exc)(f"{items[i][0] or 'weight'}: {m.group(2)}"))
         else:
+            # The pass's wall time, shared between the layers in proportion
+            # to the time its threads spent on each (so the rows add up to
+            # the time the pass took, whatever the thread count).
+            wall = (time.perf_counter() - start) * 1e3
+            spent = sum(r[6] for r in res)
+            share = wall / spent if spent > 0 else 0.0
             for i, (codes, scale, zp, kf, cf, err, ms) in zip(native, res):
                 w = items[i][1]
                 qt = from_native((codes, scale, zp, kf, cf), bits, mode, w.dtype, w.device)
-                out[i] = LayerResult(qt, err, ms)
+                out[i] = LayerResult(qt, err, ms * share)
             dests.finish()
     done = set(native)
     later: list[tuple[int, QuantizedTensor, float]] = []  # CPU results to dequantize
