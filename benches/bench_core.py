@@ -12,7 +12,7 @@ noisy):
   * ``load_quantized`` of a 4-bit ResNet-50 file relative to reading the
     file's bytes (goal <= 2x; needs torch and safetensors);
   * speed-up over a straightforward per-kernel Python loop implementing
-    SPEC, on one 256x256x3x3 layer (goal >= 1000x).
+    docs/algorithm.md, on one 256x256x3x3 layer (goal >= 1000x).
 
     python benches/bench_core.py [--repeat 7] [--threads N] [--json out.json]
 """
@@ -48,7 +48,7 @@ def nearest_numpy(w: np.ndarray, bits: int = 4) -> np.ndarray:
 
 
 def python_loop_squant(w: np.ndarray, bits: int = 4) -> np.ndarray:
-    """SPEC sections 1-4 (mode "squant") with a plain Python loop over kernels
+    """docs/algorithm.md sections 1-4 (mode "squant") with a plain Python loop over kernels
     and channels; numpy only inside one kernel. The "straightforward" port."""
     oc, ic = w.shape[:2]
     k = int(np.prod(w.shape[2:]))

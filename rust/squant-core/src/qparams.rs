@@ -1,4 +1,4 @@
-//! Per-output-channel asymmetric min/max quantizer (SPEC section 1) and the
+//! Per-output-channel asymmetric min/max quantizer (docs/algorithm.md section 1) and the
 //! bit-exact float32 helpers every level uses.
 
 use crate::error::SquantError;
@@ -86,7 +86,7 @@ pub fn min_max(w: &[f32]) -> Result<(f32, f32), usize> {
     Ok((lo, hi))
 }
 
-/// SPEC section 1 for one channel whose min and max are known.
+/// docs/algorithm.md section 1 for one channel whose min and max are known.
 pub fn channel_params(
     mn: f32,
     mx: f32,
@@ -100,11 +100,18 @@ pub fn channel_params(
     let smn = scale * mn;
     let smx = scale * mx;
     let zero_point = rne(smn) + n;
+    // The ends of the channel's grid, `(tmin + z) / s` and `(tmax + z) / s`,
+    // lie within half a step of `mn` and `mx`; with `mx` or `mn` near
+    // float32's limit they (and so dequantized values) can overflow.
+    let lo = (zero_point - n) / scale;
+    let hi = (zero_point + (n - 1.0)) / scale;
     let finite = scale.is_finite()
         && scale > 0.0
         && smn.is_finite()
         && smx.is_finite()
-        && zero_point.is_finite();
+        && zero_point.is_finite()
+        && lo.is_finite()
+        && hi.is_finite();
     if !finite {
         return Err(SquantError::RangeTooLarge { channel });
     }
@@ -173,6 +180,22 @@ mod tests {
             channel_params(-3e38, 3e38, 4, 1),
             Err(SquantError::RangeTooLarge { channel: 1 })
         );
+    }
+
+    #[test]
+    fn grid_beyond_float32_is_an_error() {
+        // Finite weights whose dequantized grid end overflows float32.
+        assert_eq!(
+            channel_params(0.0, f32::MAX, 2, 5),
+            Err(SquantError::RangeTooLarge { channel: 5 })
+        );
+        // Scale and zero point are finite here; only the grid end is not.
+        assert_eq!(
+            channel_params(3.4028e38, f32::MAX, 8, 0),
+            Err(SquantError::RangeTooLarge { channel: 0 })
+        );
+        assert!(channel_params(-f32::MAX, 0.0, 8, 0).is_ok());
+        assert!(channel_params(0.0, 1e38, 2, 0).is_ok());
     }
 
     #[test]

@@ -93,9 +93,12 @@ impl Store for f16 {
 /// bfloat16 as its bit pattern in an int16 buffer (numpy has no bfloat16;
 /// torch gives one with `t.view(torch.int16).numpy()`).
 impl Store for i16 {
+    /// Clamped to bfloat16's finite range first, like float16, then
+    /// rounded to nearest even.
     #[inline(always)]
     fn store(v: f32) -> Self {
-        bf16::from_f32(v).to_bits() as i16
+        const MAX: f32 = 3.389_531_4e38; // bfloat16's largest value, 0x7f7f
+        bf16::from_f32(v.clamp(-MAX, MAX)).to_bits() as i16
     }
     #[inline(always)]
     fn widen(self) -> f64 {
@@ -462,8 +465,8 @@ fn run_deq_chunk(c: DeqChunk<'_>) -> (usize, f64, f64) {
 ///
 /// dequantize() of every weight of a list, in one parallel pass, written
 /// into `outs[i]` (codes' shape, C-contiguous, writeable; float16, float32,
-/// float64, or int16 holding bfloat16 bit patterns: float16 clamped to its
-/// finite range, like QuantizedTensor.dequantize). With `ws` (the float32
+/// float64, or int16 holding bfloat16 bit patterns: the 16-bit ones clamped
+/// to their finite range, like QuantizedTensor.dequantize). With `ws` (the float32
 /// weights the codes came from), returns every weight's relative error
 /// ||w_hat - w|| / ||w|| of the stored values, else None. An error names
 /// the weight by its position: "weight 3: ...".
@@ -671,7 +674,8 @@ fn find_overlap(
 /// quantize() on every float32 weight of `ws` in one parallel pass, with
 /// each weight's dequantized values written into `outs[i]` (same shape,
 /// C-contiguous, writeable; float16, float32, float64, or int16 holding
-/// bfloat16 bit patterns; overlapping no weight and no other output).
+/// bfloat16 bit patterns, the 16-bit ones clamped to their largest finite
+/// value; overlapping no weight and no other output).
 /// Returns per weight (codes or None, scale, zero_point, k_flips, c_flips,
 /// relative_error, time_ms): relative_error is ||w_hat - w|| / ||w|| of the
 /// stored values (float64 sums), time_ms the time the pass's threads spent
@@ -943,5 +947,7 @@ mod tests {
         let y = f32::from_bits(0x3f81_8000); // halfway, odd below: up
         assert_eq!(<i16 as Store>::store(y), 0x3f82);
         assert_eq!(<i16 as Store>::store(1.0).widen(), 1.0);
+        assert_eq!(<i16 as Store>::store(3.4e38), 0x7f7f);
+        assert_eq!(<i16 as Store>::store(-3.4e38) as u16, 0xff7f);
     }
 }
