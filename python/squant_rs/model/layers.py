@@ -547,7 +547,7 @@ def quantize_into(
     """
     import torch
 
-    from ..torch.adapter import check_torch_weight, to_numpy_f32
+    from ..torch.adapter import check_torch_weight, host_float32, to_numpy_f32
 
     items = list(items)
     in_place: list[tuple[Any, Any]] = []
@@ -568,8 +568,16 @@ def quantize_into(
     out: list[LayerResult | None] = [None] * len(items)
     failure: tuple[int, Exception] | None = None
     dests = _Destinations()
+    arrays: list[np.ndarray] = []
+    for k, i in enumerate(native):
+        try:
+            arrays.append(host_float32(items[i][1]))
+        except (SquantError, UnsupportedDtypeError) as exc:
+            # Raised below, unless a weight before it fails first.
+            failure = (i, type(exc)(f"{items[i][0] or 'weight'}: {exc}"))
+            native = native[:k]
+            break
     if native:
-        arrays = [to_numpy_f32(items[i][1]) for i in native]
         outs = [dests.view(items[i][2]) for i in native]
         start = time.perf_counter()
         try:
