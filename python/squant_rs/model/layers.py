@@ -272,7 +272,9 @@ def quantize_layer_weight(
 # The whole-model pass
 
 
-def copy_model(model: nn.Module, fresh: Sequence[Any]) -> nn.Module:
+def copy_model(
+    model: nn.Module, fresh: Sequence[Any], memo: dict[Any, Any] | None = None
+) -> nn.Module:
     """``copy.deepcopy(model)``, except that every parameter in ``fresh`` is
     not cloned: its copy is a new parameter of the same type, shape, dtype,
     device, strides and ``requires_grad`` whose values are uninitialised
@@ -285,11 +287,15 @@ def copy_model(model: nn.Module, fresh: Sequence[Any]) -> nn.Module:
     dispatch on every attribute; anything else goes through ``deepcopy``
     with the same memo.
 
+    ``memo`` (``deepcopy``'s memo, empty or absent) is filled: it maps the
+    ``id`` of every object of ``model`` that was copied to its copy.
+
     Returns:
         The copy."""
     import torch
 
-    memo: dict[Any, Any] = {}
+    if memo is None:
+        memo = {}
     with torch.no_grad():
         for p in fresh:
             if id(p) not in memo:

@@ -179,11 +179,19 @@ def quantize_model(
     else:
         plan = plan_layers(model, patterns, stacklevel=2)
         sources = [m.weight for _, m in plan.chosen]
-        qmodel = _deepcopy(model, sources)
-        plan = dataclasses.replace(
+        memo: dict[Any, Any] = {}
+        qmodel = _deepcopy(model, sources, memo)
+
+        def in_copy(name: str, m: nn.Module) -> nn.Module:
+            # The memo knows every module copied (unless a custom
+            # __deepcopy__ left it out): no walk down the copy's tree.
+            found = memo.get(id(m))
+            return found if type(found) is type(m) else qmodel.get_submodule(name)
+
+        plan = dataclasses.replace(  # the same layers in the copy
             plan,
-            chosen=[(name, qmodel.get_submodule(name)) for name, _ in plan.chosen],
-            tied=[(name, owner, qmodel.get_submodule(name)) for name, owner, _ in plan.tied],
+            chosen=[(name, in_copy(name, m)) for name, m in plan.chosen],
+            tied=[(name, owner, in_copy(name, m)) for name, owner, m in plan.tied],
         )
     # Activation quantizers go on every distinct module with a quantized
     # weight, tied ones included (a module under two names gets one).
@@ -252,14 +260,17 @@ def quantize_model(
     return qmodel
 
 
-def _deepcopy(model: nn.Module, fresh: Sequence[Any] = ()) -> nn.Module:
+def _deepcopy(
+    model: nn.Module, fresh: Sequence[Any] = (), memo: dict[Any, Any] | None = None
+) -> nn.Module:
     """``copy.deepcopy(model)`` with the parameters in ``fresh`` left
-    uninitialised (:func:`~squant_rs.model.layers.copy_model`), or a clear
+    uninitialised (:func:`~squant_rs.model.layers.copy_model`, which fills
+    ``memo``), or a clear
     error for a model that torch cannot copy (e.g. the old
     ``torch.nn.utils.weight_norm``, whose weight is a computed tensor, or a
     module holding a lock or an open file)."""
     try:
-        return copy_model(model, fresh)
+        return copy_model(model, fresh, memo)
     except Exception as exc:  # deepcopy can fail in many ways; say which
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         hint = ""
