@@ -294,3 +294,26 @@ def test_report_times_add_up_to_at_most_the_wall_time() -> None:
     report = squant_rs.quantize_model(model, threads=2).squant_report
     assert all(r.time_ms > 0 for r in report.layers)
     assert report.total_ms <= report.wall_ms
+
+
+class _OwnCopy(nn.Module):
+    """A module whose own ``__deepcopy__`` ignores the memo."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+
+    def __deepcopy__(self, memo: dict) -> _OwnCopy:
+        new = _OwnCopy()
+        new.conv.load_state_dict(self.conv.state_dict())
+        return new
+
+
+def test_quantize_model_with_a_module_that_copies_itself() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(_OwnCopy(), nn.Linear(3, 2))
+    qmodel = squant_rs.quantize_model(model, wbits=3)
+    for name in ("0.conv", "1"):
+        w = model.get_submodule(name).weight
+        want = squant_rs.quantize_tensor(w, 3).dequantize()
+        assert torch.equal(qmodel.get_submodule(name).weight, want), name
