@@ -325,7 +325,9 @@ class _Copier:
         self.plain: dict[type, bool] = {}
         self.module: Any = nn.Module
         self.tensor: Any = torch.Tensor
+        self.parameter: Any = nn.Parameter
         self.strided = torch.strided
+        self.preserve = torch.preserve_format
 
     def _is_plain(self, cls: Any) -> bool:
         ok = self.plain.get(cls)
@@ -400,6 +402,11 @@ class _Copier:
             new = self._buffer(obj)
             if new is not None:
                 return new
+        elif cls is self.parameter and not obj.__dict__:
+            # Parameter.__deepcopy__ exactly, without deepcopy's dispatch.
+            p = cls(obj.data.clone(memory_format=self.preserve), obj.requires_grad)
+            memo[id(obj)] = p
+            return p
         elif isinstance(obj, self.module) and self._is_plain(cls):
             m = cls.__new__(cls)
             memo[id(obj)] = m
