@@ -4,6 +4,7 @@
 //! released, in the chosen pool -> map errors.
 
 mod error;
+mod io;
 mod model;
 mod pool;
 mod shared;
@@ -389,6 +390,7 @@ fn _squant_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model::quantize_into, m)?)?;
     m.add_function(wrap_pyfunction!(model::dequantize_into, m)?)?;
     m.add_function(wrap_pyfunction!(simd_build, m)?)?;
+    io::register(m)?;
     let py = m.py();
     m.add("SquantError", py.get_type::<error::SquantError>())?;
     m.add(
