@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import numbers
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ..errors import InvalidArgumentError
 from ..tensor.validate import (
@@ -26,7 +25,7 @@ from .activations import (
     _check_s_sigma,
     default_s_sigma,
 )
-from .layers import check_patterns, plan_layers, quantize_layer_weight, relative_error
+from .layers import check_patterns, copy_model, plan_layers, quantize_into
 from .recipe import (
     apply_bias_correction,
     bn_activation_ranges,
@@ -197,7 +196,6 @@ def quantize_model(
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer, got {seed!r}")
     require_torch()
-    import torch
     from torch import nn
 
     if not isinstance(model, nn.Module):
@@ -212,9 +210,33 @@ def quantize_model(
         bn_sigmas=bn_sigmas,
     )
 
-    qmodel = _deepcopy(model)
-    rplan = prepare(qmodel, config)
-    plan = plan_layers(qmodel, patterns, stacklevel=2)
+    # Weights are quantized from the caller's model straight into a copy
+    # that never cloned them, unless the copy's float weights are needed
+    # first (a recipe step: BatchNorm folding, graph analysis; float
+    # calibration): then in place.
+    if not config.is_paper or (abits is not None and calibration == "float"):
+        qmodel = _deepcopy(model)
+        rplan = prepare(qmodel, config)
+        plan = plan_layers(qmodel, patterns, stacklevel=2)
+        sources = [m.weight for _, m in plan.chosen]
+    else:
+        plan = plan_layers(model, patterns, stacklevel=2)
+        sources = [m.weight for _, m in plan.chosen]
+        memo: dict[Any, Any] = {}
+        qmodel = _deepcopy(model, sources, memo)
+        rplan = prepare(qmodel, config)  # the paper recipe: nothing to analyze
+
+        def in_copy(name: str, m: nn.Module) -> nn.Module:
+            # The memo knows every module copied (unless a custom
+            # __deepcopy__ left it out): no walk down the copy's tree.
+            found = memo.get(id(m))
+            return found if type(found) is type(m) else qmodel.get_submodule(name)
+
+        plan = dataclasses.replace(  # the same layers in the copy
+            plan,
+            chosen=[(name, in_copy(name, m)) for name, m in plan.chosen],
+            tied=[(name, owner, in_copy(name, m)) for name, owner, m in plan.tied],
+        )
     # Activation quantizers go on every distinct module with a quantized
     # weight, tied ones included (a module under two names gets one).
     layers = list(plan.chosen)
@@ -236,32 +258,33 @@ def quantize_model(
         if config.act_ranges == "bn" and calibration == "float":
             finish_activation_order(rplan, layers, quantizers, abits)
 
+    # Bias correction needs the float weights after the pass has replaced them.
+    w_floats = (
+        {name: module.weight.detach().clone() for name, module in plan.chosen}
+        if config.bias_correction
+        else {}
+    )
+    items = [(name, src, module.weight) for src, (name, module) in zip(sources, plan.chosen)]
+    results = quantize_into(items, wbits, mode, backend, threads)
     by_name: dict[str, LayerReport] = {}
-    for name, module in plan.chosen:
+    for (name, module), res in zip(plan.chosen, results):
         weight = module.weight
-        w_float = weight.detach().clone() if config.bias_correction else None
-        qt, ms = quantize_layer_weight(name, weight.detach(), wbits, mode, backend, threads)
-        w_hat = qt.dequantize(threads)
-        err = relative_error(weight, w_hat)
-        with torch.no_grad():
-            weight.copy_(w_hat)
-        corrected = w_float is not None and apply_bias_correction(
+        corrected = config.bias_correction and apply_bias_correction(
             rplan,
             name,
             module,
-            w_float,
-            w_hat,
+            w_floats[name],
+            weight.detach(),
             quantizers.get(name) if calibration == "float" else None,
         )
-        del w_hat
         by_name[name] = LayerReport(
             name=name,
             shape=tuple(weight.shape),
             params=weight.numel(),
-            time_ms=ms,
-            rel_error=err,
-            k_flips=qt.k_flips,
-            c_flips=qt.c_flips,
+            time_ms=res.time_ms,
+            rel_error=res.rel_error,
+            k_flips=res.qtensor.k_flips,
+            c_flips=res.qtensor.c_flips,
             bits=wbits,
             kind=type(module).__name__,
             folded=name in rplan.folded,
@@ -306,12 +329,17 @@ def quantize_model(
     return qmodel
 
 
-def _deepcopy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)``, or a clear error for a model that torch
-    cannot copy (e.g. the old ``torch.nn.utils.weight_norm``, whose weight
-    is a computed tensor, or a module holding a lock or an open file)."""
+def _deepcopy(
+    model: nn.Module, fresh: Sequence[Any] = (), memo: dict[Any, Any] | None = None
+) -> nn.Module:
+    """``copy.deepcopy(model)`` with the parameters in ``fresh`` left
+    uninitialised (:func:`~squant_rs.model.layers.copy_model`, which fills
+    ``memo``), or a clear
+    error for a model that torch cannot copy (e.g. the old
+    ``torch.nn.utils.weight_norm``, whose weight is a computed tensor, or a
+    module holding a lock or an open file)."""
     try:
-        return copy.deepcopy(model)
+        return copy_model(model, fresh, memo)
     except Exception as exc:  # deepcopy can fail in many ways; say which
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         hint = ""
