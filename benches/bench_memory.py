@@ -8,7 +8,7 @@ set size (``ru_maxrss``) as the baseline, builds its input a block at a time
 (no temporary larger than a block), runs the call once and reads the peak
 again. ``peak / weight`` is ``(peak - baseline) / weight bytes``: the input
 itself included, like "the call peaks at 1.28x a 1 GiB input". The goal is
-at most 1.5x for quantize_tensor (float32 and float16), and at most one
+at most 1.5x for quantize_tensor and save_quantized (float32 and float16), and at most one
 weight-sized buffer beyond input and output for dequantize (``extra``).
 
 Linux (``ru_maxrss`` in KiB; a child's starts at its parent's size, so the
@@ -34,6 +34,19 @@ import squant_rs
 
 def peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def _status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+def reset_peak() -> int:
+    # Reset the peak to the current resident size (Linux >= 4.0) and return
+    # that size; afterwards peak() reads VmHWM, which the reset lowered.
+    global peak
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    peak = lambda: _status("VmHWM")  # noqa: E731
+    return _status("VmRSS")
 
 IC_K = 256 * 9
 oc = max(1, n_elements // IC_K)
@@ -79,8 +92,24 @@ elif case == "dequantize float32":
 elif case == "dequantize float16":
     qt = quantized(np.float16); out = qt.dequantize()
     sizes = (out.nbytes, qt.codes.nbytes, out.nbytes)
-# Rows for save_quantized, load_quantized and `squant-rs info` belong here:
-# build the input, run the call, set sizes = (weight, input, output) bytes.
+elif case.startswith("save_quantized") or case.startswith("load_quantized"):
+    import os, tempfile
+    dtype = np.float16 if case.endswith("float16") else np.float32
+    path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+    if case.startswith("load_quantized"):
+        w = weight(dtype)
+        squant_rs.save_quantized({"l.weight": w}, path, wbits=4)
+        n = w.nbytes
+        del w
+        base = reset_peak()  # the weight was built and freed before the measured call
+        sd = squant_rs.load_quantized(path)
+        out_t = sd["l.weight"]
+        sizes = (n, os.path.getsize(path), out_t.numel() * out_t.element_size())
+    else:
+        w = weight(dtype)
+        squant_rs.save_quantized({"l.weight": w}, path, wbits=4)
+        sizes = (w.nbytes, w.nbytes, 0)  # the output goes to the file
+    os.remove(path)
 else:
     raise SystemExit(f"unknown case {case!r}")
 delta = peak() - base
@@ -94,6 +123,10 @@ CASES: dict[str, tuple[bool, float | None]] = {
     "quantize_tensor torch float16 (CPU, Rust)": (True, 1.5),
     "dequantize float32": (False, None),
     "dequantize float16": (False, None),
+    "save_quantized float32": (False, 1.5),
+    "save_quantized float16": (False, 1.5),
+    "load_quantized float32": (True, None),
+    "load_quantized float16": (True, None),
 }
 
 

@@ -440,3 +440,21 @@ def test_readme_links_work_on_a_package_index() -> None:
     targets = re.findall(r"\]\(([^)]+)\)", text)
     assert [t for t in targets if not t.startswith(("https://", "http://", "#"))] == []
     assert "docs/algorithm.md" in text
+
+
+def test_blockwise_relative_error_matches_the_full_one() -> None:
+    """save_quantized's report error, taken a block of channels at a time
+    (no weight-sized dequantized copy), equals the one of the whole weight."""
+    from squant_rs.model.layers import quantized_relative_error, relative_error
+
+    w = np.random.default_rng(3).standard_normal((600, 64, 3, 3)).astype(np.float32)
+    for weight in (w, w.astype(np.float16)):
+        qt = squant_rs.quantize_tensor(weight, 4)
+        full = relative_error(weight, qt.dequantize())
+        assert quantized_relative_error(weight, qt) == pytest.approx(full, rel=1e-5)
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(w)
+    qt = squant_rs.quantize_tensor(t, 3)
+    assert quantized_relative_error(t, qt) == pytest.approx(
+        relative_error(t, qt.dequantize()), rel=1e-5
+    )

@@ -67,7 +67,7 @@ from ..model.layers import (
     check_patterns,
     matches_any,
     quantize_layer_weight,
-    relative_error,
+    quantized_relative_error,
     select_layers,
     warn_unmatched,
 )
@@ -364,7 +364,7 @@ def _layer_report(
     name: str, weight: Any, bits: int, mode: str, backend: str, threads: int | None
 ) -> tuple[Any, LayerReport]:
     qt, ms = quantize_layer_weight(name, weight, bits, mode, backend, threads)
-    err = relative_error(weight, qt.dequantize(threads))
+    err = quantized_relative_error(weight, qt, threads)
     shape = tuple(int(d) for d in weight.shape)
     rep = LayerReport(
         name=name,

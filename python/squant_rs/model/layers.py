@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import math
 import re
@@ -73,6 +74,38 @@ def relative_error(w: Any, w_hat: Any) -> float:
     if den > 0:
         return num / den
     return 0.0 if num == 0 else math.inf
+
+
+def quantized_relative_error(w: Any, qt: QuantizedTensor, threads: int | None = None) -> float:
+    """:func:`relative_error` of ``w`` and ``qt.dequantize()``, dequantizing
+    a block of output channels (about ``2^20`` elements) at a time, so no
+    weight-sized dequantized copy is ever held (``save_quantized`` writes
+    codes, not floats). Equal to ``relative_error(w, qt.dequantize())`` up
+    to the order of the float32 sums."""
+    oc = int(w.shape[0]) if len(w.shape) else 1
+    per_channel = max(1, math.prod(int(d) for d in w.shape[1:]))
+    step = max(1, _NORM_CHUNK // per_channel)
+    if step >= oc:
+        return relative_error(w, qt.dequantize(threads))
+    num_sq = den_sq = 0.0
+    for c0 in range(0, oc, step):
+        part = dataclasses.replace(
+            qt,
+            codes=qt.codes[c0 : c0 + step],
+            scale=qt.scale[c0 : c0 + step],
+            zero_point=qt.zero_point[c0 : c0 + step],
+        )
+        w_part = w[c0 : c0 + step]
+        w_hat = part.dequantize(threads)
+        num, den = _norms(w_part, w_hat, exact=False)
+        if not (math.isfinite(num) and math.isfinite(den)) or den < _NORM_TINY:
+            num, den = _norms(w_part, w_hat, exact=True)
+        num_sq += num * num
+        den_sq += den * den
+    num_t, den_t = math.sqrt(num_sq), math.sqrt(den_sq)
+    if den_t > 0:
+        return num_t / den_t
+    return 0.0 if num_t == 0 else math.inf
 
 
 def _norms(w: Any, w_hat: Any, exact: bool) -> tuple[float, float]:
