@@ -38,17 +38,19 @@ def quantize(
     bits: int,
     mode: str,
     threads: int | None = None,
+    quantizer: str = "asymmetric",
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...
 def quantize_many(
     ws: list[npt.NDArray[np.float32]],
     bits: int,
     mode: str,
     threads: int | None = None,
+    quantizer: str = "asymmetric",
 ) -> list[
     tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]
 ]: ...
 def quantize_reference(
-    w: npt.NDArray[np.float32], bits: int, mode: str
+    w: npt.NDArray[np.float32], bits: int, mode: str, quantizer: str = "asymmetric"
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...
 def dequantize(
     codes: npt.NDArray[np.int8],

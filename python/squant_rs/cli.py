@@ -3,8 +3,9 @@
 ::
 
     squant-rs demo [--depth 50] [--wbits 4] [--mode squant] [--threads N] [--out FILE]
-    squant-rs quantize IN OUT [--wbits 4] [--mode squant] [--include PATTERN ...]
-                              [--skip PATTERN ...] [--threads N] [-v | -q]
+    squant-rs quantize IN OUT [--wbits 4] [--mode squant] [--quantizer asymmetric]
+                              [--include PATTERN ...] [--skip PATTERN ...]
+                              [--threads N] [-v | -q]
     squant-rs info FILE [-v]
 
 ``demo`` needs numpy only. ``quantize`` reads a ``.safetensors`` file (numpy
@@ -47,7 +48,7 @@ from .formats.safetensors import (
 from .model import format_bytes, format_table
 from .tensor.batch import quantize_tensors
 from .tensor.quantized import quantize_tensor
-from .tensor.validate import MAX_THREADS, MODES, UnsupportedDtypeError
+from .tensor.validate import MAX_THREADS, MODES, QUANTIZERS, UnsupportedDtypeError
 
 PROG = "squant-rs"
 TORCH_HINT = "pip install 'squant-rs[torch]'"
@@ -246,6 +247,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             [],
             progress,
             wall,
+            args.quantizer,
         )
     finally:
         progress.close()
@@ -261,7 +263,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         ["output", dst],
         ["layers quantized", f"{len(report.layers)} of {len(tensors)} tensors"],
         ["parameters quantized", f"{report.params:,}"],
-        ["bits / mode", f"{args.wbits} / {args.mode}"],
+        ["bits / mode", f"{args.wbits} / {args.mode} ({args.quantizer})"],
         ["quantization time", f"{report.total_ms:.1f} ms (wall {report.wall_ms:.1f} ms)"],
         ["size before", format_bytes(size_in)],
         [
@@ -459,6 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("output", metavar="OUT", help="squant-rs .safetensors file to write")
     q.add_argument("--wbits", type=_bits, default=4, help="weight bits, 2..8 (default 4)")
     q.add_argument("--mode", choices=MODES, default="squant")
+    q.add_argument(
+        "--quantizer",
+        choices=QUANTIZERS,
+        default="asymmetric",
+        help="asymmetric (the paper's, default) or symmetric (zero point 0, for int8 runtimes)",
+    )
     q.add_argument(
         "--include",
         nargs="+",

@@ -61,10 +61,12 @@ from ..model.report import LayerReport, QuantReport
 from ..tensor.packing import codes_per_byte, pack_codes, packed_size, unpack_codes
 from ..tensor.quantized import _is_torch_tensor
 from ..tensor.validate import (
+    QUANTIZERS,
     UnsupportedDtypeError,
     check_backend,
     check_bits,
     check_mode,
+    check_quantizer,
     check_threads,
 )
 from ..torch.adapter import cast_dequantized, require_torch
@@ -400,9 +402,16 @@ def _as_numpy(x: Any) -> np.ndarray:
 
 
 def _quantized_entries(
-    name: str, weight: Any, dtype: str, bits: int, mode: str, backend: str, threads: int | None
+    name: str,
+    weight: Any,
+    dtype: str,
+    bits: int,
+    mode: str,
+    backend: str,
+    threads: int | None,
+    quantizer: str = "asymmetric",
 ) -> tuple[dict[str, RawTensor], dict[str, Any], LayerReport]:
-    qt, ms = quantize_layer_weight(name, weight, bits, mode, backend, threads)
+    qt, ms = quantize_layer_weight(name, weight, bits, mode, backend, threads, quantizer)
     err = relative_error(weight, qt.dequantize())
     codes = np.ascontiguousarray(_as_numpy(qt.codes))
     scale = np.ascontiguousarray(_as_numpy(qt.scale), dtype=np.float32)
@@ -420,6 +429,8 @@ def _quantized_entries(
         "dtype": dtype,
         "codes_per_byte": codes_per_byte(bits),
     }
+    if quantizer != "asymmetric":  # absent: asymmetric (files of earlier versions)
+        meta["quantizer"] = quantizer
     rep = LayerReport(
         name=name,
         shape=shape,
@@ -488,6 +499,7 @@ def _export(
     skipped: list[str],
     progress: ProgressFn | None,
     wall_start: float,
+    quantizer: str = "asymmetric",
 ) -> QuantReport:
     """Quantize ``selected`` (key -> weight to quantize) and write every entry."""
     out: dict[str, RawTensor] = {}
@@ -510,7 +522,9 @@ def _export(
             else:
                 dtype = _dtype_of_numpy(np.asarray(weight).dtype)
                 size_before += np.asarray(weight).nbytes
-            parts, meta, rep = _quantized_entries(key, weight, dtype, bits, mode, backend, threads)
+            parts, meta, rep = _quantized_entries(
+                key, weight, dtype, bits, mode, backend, threads, quantizer
+            )
             for part in parts:
                 if part in entries:
                     raise InvalidArgumentError(
@@ -541,6 +555,7 @@ def _export(
         skipped=skipped,
         size_before=size_before,
         size_after=size_after,
+        quantizer=quantizer,
     )
 
 
@@ -560,6 +575,7 @@ def save_quantized(
     backend: str = "auto",
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    quantizer: str = "asymmetric",
 ) -> QuantReport:
     """Quantize a (float) model or state dict with SQuant and write a packed
     squant-rs safetensors file (format: see the module doc). Returns the
@@ -570,10 +586,14 @@ def save_quantized(
     ``load_quantized(path)`` equals ``quantize_model(model, ...).state_dict()``
     bit for bit. For a state dict (torch tensors or numpy arrays), see
     :func:`select_state_dict` for ``include``/``skip``. Everything else is
-    stored unchanged. The file is written atomically."""
+    stored unchanged. ``quantizer`` (``"asymmetric"`` or ``"symmetric"``, as
+    in :func:`quantize_tensor`) is recorded per tensor in the file's
+    metadata; files without it are asymmetric. The file is written
+    atomically."""
     wall = time.perf_counter()
     bits = check_bits(wbits, "wbits")
     mode = check_mode(mode)
+    quantizer = check_quantizer(quantizer)
     backend = check_backend(backend)
     threads = check_threads(threads)
     patterns = check_patterns(skip, "skip")
@@ -604,7 +624,9 @@ def save_quantized(
             "save_quantized expects a torch.nn.Module or a state dict (a mapping of "
             f"names to tensors), got {type(model_or_state_dict).__name__}"
         )
-    return _export(entries, selected, path, bits, mode, backend, threads, skipped, progress, wall)
+    return _export(
+        entries, selected, path, bits, mode, backend, threads, skipped, progress, wall, quantizer
+    )
 
 
 # --------------------------------------------------------------------------
@@ -623,6 +645,8 @@ class TensorInfo:
     mode: str | None
     #: Bytes stored in the file (codes + scale + zero point when quantized).
     stored_bytes: int
+    #: ``"asymmetric"`` or ``"symmetric"`` for quantized tensors.
+    quantizer: str | None = None
 
     @property
     def numel(self) -> int:
@@ -661,6 +685,7 @@ class _QEntry:
     mode: str
     shape: tuple[int, ...]
     dtype: str
+    quantizer: str = "asymmetric"
 
 
 def _parse_metadata(
@@ -686,8 +711,10 @@ def _parse_metadata(
         try:
             bits, mode = info["bits"], info["mode"]
             shape, dtype = tuple(info["shape"]), info["dtype"]
+            quantizer = info.get("quantizer", "asymmetric")  # older files: asymmetric
             ok = (
-                type(bits) is int
+                quantizer in QUANTIZERS
+                and type(bits) is int
                 and 2 <= bits <= 8
                 and isinstance(mode, str)
                 and len(shape) >= 2
@@ -698,7 +725,7 @@ def _parse_metadata(
             ok = False
         if not ok:
             raise _fail(path, f"corrupt squant-rs metadata for {name!r}")
-        entry = _QEntry(bits, mode, shape, dtype)
+        entry = _QEntry(bits, mode, shape, dtype, quantizer)
         codes = tensors.get(name + CODES)
         scale = tensors.get(name + SCALE)
         zp = tensors.get(name + ZERO_POINT)
@@ -734,7 +761,7 @@ def inspect_quantized(path: str | os.PathLike[str]) -> QuantizedFileInfo:
             name = key[: -len(CODES)]
             q = table[name]
             stored = raw.nbytes + tensors[name + SCALE].nbytes + tensors[name + ZERO_POINT].nbytes
-            infos.append(TensorInfo(name, q.shape, q.dtype, q.bits, q.mode, stored))
+            infos.append(TensorInfo(name, q.shape, q.dtype, q.bits, q.mode, stored, q.quantizer))
         elif key not in parts:
             infos.append(TensorInfo(key, raw.shape, raw.dtype, None, None, raw.nbytes))
     return QuantizedFileInfo(

@@ -123,11 +123,14 @@ def quantize_layer_weight(
     mode: str,
     backend: str,
     threads: int | None,
+    quantizer: str = "asymmetric",
 ) -> tuple[Any, float]:
     """``quantize_tensor`` on one named weight, timed (ms); errors name the layer."""
     start = time.perf_counter()
     try:
-        qt = quantize_tensor(weight, bits, mode, backend=backend, threads=threads)
+        qt = quantize_tensor(
+            weight, bits, mode, backend=backend, threads=threads, quantizer=quantizer
+        )
     except (SquantError, UnsupportedDtypeError) as exc:
         raise type(exc)(f"{name or 'weight'}: {exc}") from exc
     return qt, (time.perf_counter() - start) * 1e3

@@ -13,6 +13,7 @@ from ..tensor.validate import (
     check_backend,
     check_bits,
     check_mode,
+    check_quantizer,
     check_threads,
 )
 from ..torch.adapter import require_torch
@@ -45,6 +46,7 @@ def quantize_model(
     *,
     backend: str = ...,
     threads: int | None = ...,
+    quantizer: str = ...,
     skip: str | Sequence[str] = ...,
     input_shape: Sequence[int] = ...,
     s_sigma: float | None = ...,
@@ -63,6 +65,7 @@ def quantize_model(
     *,
     backend: str = ...,
     threads: int | None = ...,
+    quantizer: str = ...,
     skip: str | Sequence[str] = ...,
     input_shape: Sequence[int] = ...,
     s_sigma: float | None = ...,
@@ -80,6 +83,7 @@ def quantize_model(
     *,
     backend: str = "auto",
     threads: int | None = None,
+    quantizer: str = "asymmetric",
     skip: str | Sequence[str] = (),
     input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE,
     s_sigma: float | None = None,
@@ -92,7 +96,8 @@ def quantize_model(
     Every Conv1d/2d/3d and Linear weight (module names matching a ``skip``
     fnmatch pattern excepted, e.g. ``skip=("fc", "layer4.*")``) is replaced
     by its ``wbits``-bit SQuant dequantized value, same dtype and device.
-    ``mode``, ``backend`` and ``threads`` are as in :func:`quantize_tensor`.
+    ``mode``, ``backend``, ``threads`` and ``quantizer`` are as in
+    :func:`quantize_tensor`.
 
     With ``abits`` (2..8), activation quantizers are added as forward
     pre-hooks and calibrated on one ``U[0,1)`` batch of ``input_shape``
@@ -111,6 +116,7 @@ def quantize_model(
     if abits is not None:
         abits = check_bits(abits, "abits")
     mode = check_mode(mode)
+    quantizer = check_quantizer(quantizer)
     backend = check_backend(backend)
     threads = check_threads(threads)
     patterns = check_patterns(skip, "skip")
@@ -142,7 +148,9 @@ def quantize_model(
     reports: list[LayerReport] = []
     for name, module in layers:
         weight = module.weight
-        qt, ms = quantize_layer_weight(name, weight.detach(), wbits, mode, backend, threads)
+        qt, ms = quantize_layer_weight(
+            name, weight.detach(), wbits, mode, backend, threads, quantizer
+        )
         w_hat = qt.dequantize()
         err = relative_error(weight, w_hat)
         with torch.no_grad():
@@ -158,6 +166,7 @@ def quantize_model(
                 c_flips=qt.c_flips,
                 bits=wbits,
                 kind=type(module).__name__,
+                qtensor=qt,
             )
         )
 
@@ -179,6 +188,7 @@ def quantize_model(
         abits=abits,
         wall_ms=(time.perf_counter() - wall) * 1e3,
         skipped=skipped,
+        quantizer=quantizer,
     )
     # Plain attribute (nn.Module.__setattr__ is typed for tensors/modules only).
     qmodel.__dict__["squant_report"] = report

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..tensor.quantized import QuantizedTensor
 
 
 @dataclass
@@ -24,6 +28,9 @@ class LayerReport:
     act_bits: int | None = None
     #: Activation range ``(x_min, x_max)`` fixed by calibration.
     act_range: tuple[float, float] | None = None
+    #: The layer's quantized weight (codes, scale, zero point), as used by
+    #: the ONNX export; not part of the printed report or of comparisons.
+    qtensor: QuantizedTensor | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -44,6 +51,8 @@ class QuantReport:
     #: Bytes of the input tensors (as stored) and of the written file, for exports.
     size_before: int | None = None
     size_after: int | None = None
+    #: ``"asymmetric"`` (the paper's) or ``"symmetric"``.
+    quantizer: str = "asymmetric"
 
     @property
     def total_ms(self) -> float:
@@ -72,7 +81,9 @@ class QuantReport:
         text = (
             f"{len(self.layers)} layers, {self.params:,} parameters, W{self.wbits}"
             + (f"A{self.abits}" if self.abits is not None else "")
-            + f" {self.mode}: {self.total_ms:.1f} ms (wall {self.wall_ms:.1f} ms), "
+            + f" {self.mode}"
+            + (f" {self.quantizer}" if self.quantizer != "asymmetric" else "")
+            + f": {self.total_ms:.1f} ms (wall {self.wall_ms:.1f} ms), "
             f"mean relative error {self.mean_rel_error:.4f}"
         )
         if self.size_before is not None and self.size_after is not None:

@@ -16,6 +16,7 @@ from .validate import (
     check_backend,
     check_bits,
     check_mode,
+    check_quantizer,
     check_shape,
     check_threads,
 )
@@ -27,7 +28,9 @@ class QuantizedTensor:
 
     Convention (the SQuant release's): per output channel ``o``,
     ``codes = rne(scale[o] * w - zero_point[o])`` refined by CASE flips, and
-    ``w_hat = (codes + zero_point[o]) / scale[o]``. ``scale`` is in levels per
+    ``w_hat = (codes + zero_point[o]) / scale[o]``. With
+    ``quantizer="symmetric"`` the zero point is 0 and the codes lie in
+    ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]``. ``scale`` is in levels per
     unit, i.e. the inverse of the step size that torch calls "scale"; the
     step and torch-style zero point are available as :attr:`step` and
     :attr:`torch_zero_point`.
@@ -44,6 +47,7 @@ class QuantizedTensor:
     dtype: Any
     k_flips: int
     c_flips: int
+    quantizer: str = "asymmetric"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -76,7 +80,8 @@ class QuantizedTensor:
     def __repr__(self) -> str:
         return (
             f"QuantizedTensor(shape={self.shape}, bits={self.bits}, mode={self.mode!r}, "
-            f"dtype={self.dtype}, k_flips={self.k_flips}, c_flips={self.c_flips})"
+            f"quantizer={self.quantizer!r}, dtype={self.dtype}, "
+            f"k_flips={self.k_flips}, c_flips={self.c_flips})"
         )
 
 
@@ -121,12 +126,16 @@ def quantize_tensor(
     *,
     backend: str = "auto",
     threads: int | None = None,
+    quantizer: str = "asymmetric",
 ) -> QuantizedTensor:
     """Quantize one weight of shape ``(OC, IC, *kernel)`` with SQuant.
 
     ``w`` is a numpy array (float16/32/64) or a torch tensor (float16,
     bfloat16, float32, float64, any device). ``bits`` in 2..8; ``mode`` one of
     ``"squant"`` (E+K+C), ``"squant-e"``, ``"squant-k"``, ``"squant-c"``.
+    ``quantizer``: ``"asymmetric"`` (the paper's min/max quantizer) or
+    ``"symmetric"`` (zero point 0, narrow signed range: what int8 runtimes
+    fuse into integer kernels).
     ``backend`` applies to torch input: ``"auto"`` (CUDA -> torch, CPU ->
     Rust), ``"rust"`` or ``"torch"``. ``threads`` sets the Rust thread count
     (default: ``SQUANT_NUM_THREADS`` or all CPUs). The input is never
@@ -134,20 +143,27 @@ def quantize_tensor(
     """
     bits = check_bits(bits)
     mode = check_mode(mode)
+    quantizer = check_quantizer(quantizer)
     backend = check_backend(backend)
     threads = check_threads(threads)
     if _is_torch_tensor(w):
         from ..torch.adapter import quantize_torch_tensor
 
-        return quantize_torch_tensor(w, bits, mode, backend, threads)
+        return quantize_torch_tensor(w, bits, mode, backend, threads, quantizer)
     if type(w).__module__.startswith("torch"):
         raise TypeError("got a torch object but torch is not importable")
     a32, dtype = as_float32_array(w)
-    return from_native(_native.quantize(a32, bits, mode, threads), bits, mode, dtype)
+    res = _native.quantize(a32, bits, mode, threads, quantizer)
+    return from_native(res, bits, mode, dtype, quantizer=quantizer)
 
 
 def from_native(
-    res: tuple[Any, Any, Any, int, int], bits: int, mode: str, dtype: Any, device: Any = None
+    res: tuple[Any, Any, Any, int, int],
+    bits: int,
+    mode: str,
+    dtype: Any,
+    device: Any = None,
+    quantizer: str = "asymmetric",
 ) -> QuantizedTensor:
     """A :class:`QuantizedTensor` from the native ``quantize`` tuple: numpy
     arrays, or torch tensors on ``device`` when one is given."""
@@ -158,4 +174,4 @@ def from_native(
         codes = torch.from_numpy(codes).to(device)
         scale = torch.from_numpy(scale).to(device)
         zp = torch.from_numpy(zp).to(device)
-    return QuantizedTensor(codes, scale, zp, bits, mode, dtype, int(kf), int(cf))
+    return QuantizedTensor(codes, scale, zp, bits, mode, dtype, int(kf), int(cf), quantizer)
