@@ -41,6 +41,7 @@ from .activations import (
     activation_range,
     default_s_sigma,
 )
+from .fold import BatchNormFold, fold_batchnorm
 from .layers import check_patterns, matches_any, relative_error, select_layers
 from .pipeline import activation_quantizers, quantize_model
 from .report import LayerReport, QuantReport, format_bytes, format_table
@@ -50,6 +51,7 @@ __all__ = [
     "DEFAULT_INPUT_SHAPE",
     "S_SIGMA_TABLE",
     "ActivationQuantizer",
+    "BatchNormFold",
     "LayerReport",
     "QuantReport",
     "activation_qparams",
@@ -57,6 +59,7 @@ __all__ = [
     "activation_range",
     "check_patterns",
     "default_s_sigma",
+    "fold_batchnorm",
     "format_bytes",
     "format_table",
     "matches_any",

@@ -26,6 +26,7 @@ from .activations import (
     _check_s_sigma,
     default_s_sigma,
 )
+from .fold import fold_batchnorm
 from .layers import check_patterns, quantize_layer_weight, relative_error, select_layers
 from .report import LayerReport, QuantReport
 
@@ -52,6 +53,7 @@ def quantize_model(
     s_sigma: float | None = ...,
     calibration: str = ...,
     seed: int = ...,
+    fold_bn: bool = ...,
     return_report: Literal[False] = ...,
 ) -> nn.Module: ...
 
@@ -71,6 +73,7 @@ def quantize_model(
     s_sigma: float | None = ...,
     calibration: str = ...,
     seed: int = ...,
+    fold_bn: bool = ...,
     return_report: Literal[True],
 ) -> tuple[nn.Module, QuantReport]: ...
 
@@ -89,6 +92,7 @@ def quantize_model(
     s_sigma: float | None = None,
     calibration: str = "float",
     seed: int = 0,
+    fold_bn: bool = False,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, QuantReport]:
     """A SQuant-quantized deep copy of ``model`` (the original is untouched).
@@ -107,6 +111,11 @@ def quantize_model(
     quantizer, the 8-bit last layer included, as in the release.
     ``calibration`` is ``"float"`` or ``"quantized"`` (see the module doc);
     ``seed`` seeds the calibration noise.
+
+    With ``fold_bn=True`` every BatchNorm that follows a Conv/Linear layer
+    is folded into it first (:func:`~squant_rs.model.fold.fold_batchnorm`:
+    the BN becomes ``nn.Identity``, the layer gets the folded weight and
+    bias), so the quantized weights are the ones an exported graph uses.
 
     The per-layer :class:`QuantReport` is attached as ``qmodel.squant_report``
     and, with ``return_report=True``, returned as ``(qmodel, report)``.
@@ -135,7 +144,12 @@ def quantize_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
+    if not isinstance(fold_bn, bool):
+        raise TypeError(f"fold_bn must be a bool, got {fold_bn!r}")
+
     qmodel = copy.deepcopy(model)
+    if fold_bn:
+        fold_batchnorm(qmodel, inplace=True)
     layers, skipped = select_layers(qmodel, patterns)
 
     quantizers: dict[str, ActivationQuantizer] = {}

@@ -1,0 +1,231 @@
+"""Exact BatchNorm folding into the Conv/Linear layer that produces its input.
+
+For a BatchNorm (eval mode, running statistics) fed only by a Conv1d/2d/3d
+(grouped and depthwise included) or Linear layer, per output channel ``c``::
+
+    k_c  = gamma_c / sqrt(var_c + eps)
+    W'_c = k_c * W_c                     (every weight of output channel c)
+    b'_c = beta_c + (b_c - mu_c) * k_c   (b_c = 0 where the layer has no bias)
+
+so ``BN(layer(x)) == layer'(x)`` exactly (up to float rounding). The BN is
+replaced by ``nn.Identity`` in place, so the layer keeps its module name and
+``state_dict`` key (``<layer>.weight``, plus ``<layer>.bias``).
+
+Each :class:`BatchNormFold` keeps the BN's ``beta`` and ``|gamma|`` per
+channel: the mean and the standard deviation of the folded layer's output
+under the usual assumption that the BN normalizes it (used by the
+``squant+`` recipe for bias correction and activation ranges, see
+``docs/recipe.md``).
+
+The graph is read with ``torch.fx`` symbolic tracing (Conv, Linear and
+BatchNorm modules, subclasses included, are kept as leaves). Where tracing
+fails, consecutive ``(layer, BatchNorm)`` children of ``nn.Sequential``
+containers are folded instead; :attr:`BatchNormFold.via` says which.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch.fx
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class BatchNormFold:
+    """One BatchNorm folded into its producer."""
+
+    #: Module name of the Conv/Linear layer that absorbed the BN.
+    layer: str
+    #: Module name of the BN (now ``nn.Identity``).
+    bn: str
+    #: ``beta`` per output channel: the folded layer's output mean (float64).
+    mean: np.ndarray
+    #: ``|gamma|`` per output channel: the folded layer's output std (float64).
+    std: np.ndarray
+    #: ``"fx"`` (found in the traced graph) or ``"sequential"`` (fallback).
+    via: str = "fx"
+
+
+def _producer_types() -> tuple[type[Any], ...]:
+    from torch import nn
+
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _bn_types() -> tuple[type[Any], ...]:
+    from torch import nn
+
+    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def leaf_types() -> tuple[type[Any], ...]:
+    """Module types kept as single nodes when tracing (subclasses included)."""
+    from torch import nn
+
+    return (
+        *_producer_types(),
+        *_bn_types(),
+        nn.modules.conv._ConvTransposeNd,
+        nn.ReLU,
+        nn.ReLU6,
+        nn.Hardtanh,
+        nn.Identity,
+    )
+
+
+def trace(model: nn.Module) -> torch.fx.Graph | None:
+    """The ``torch.fx`` graph of ``model`` with Conv/Linear/BN/activation
+    modules (subclasses included) as leaves, or ``None`` where symbolic
+    tracing fails (data-dependent control flow and the like)."""
+    import torch.fx
+
+    leaves = leaf_types()
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+
+    try:
+        return _Tracer().trace(model)
+    except Exception:  # any tracing failure: the caller falls back
+        return None
+
+
+def _foldable_bn(bn: nn.Module, producer: nn.Module) -> bool:
+    """Whether ``bn`` (eval semantics from running statistics) can be folded
+    into ``producer`` channel by channel."""
+    from torch import nn
+
+    if not isinstance(bn, _bn_types()) or not isinstance(producer, _producer_types()):
+        return False
+    if bn.running_mean is None or bn.running_var is None:
+        return False  # track_running_stats=False: eval uses batch statistics
+    out = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+    if bn.num_features != out:
+        return False
+    weight = getattr(producer, "weight", None)
+    return isinstance(weight, nn.Parameter) and weight.is_floating_point()
+
+
+def _fx_pairs(model: nn.Module, graph: torch.fx.Graph) -> list[tuple[str, str]]:
+    """``(layer, bn)`` names where the layer's only user is the BN and both
+    modules are called exactly once in the graph."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    pairs: list[tuple[str, str]] = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not node.args:
+            continue
+        src = node.args[0]
+        if getattr(src, "op", None) != "call_module" or len(src.users) != 1:
+            continue
+        bn_name, layer_name = str(node.target), str(src.target)
+        if calls[bn_name] != 1 or calls[layer_name] != 1:
+            continue
+        if _foldable_bn(model.get_submodule(bn_name), model.get_submodule(layer_name)):
+            pairs.append((layer_name, bn_name))
+    return pairs
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(layer, bn)`` names of consecutive children of ``nn.Sequential``s."""
+    from torch import nn
+
+    pairs: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Sequential:
+            continue
+        children = list(module.named_children())
+        for (n0, m0), (n1, m1) in zip(children, children[1:]):
+            if _foldable_bn(m1, m0):
+                prefix = f"{name}." if name else ""
+                pairs.append((prefix + n0, prefix + n1))
+    return pairs
+
+
+def _fold_one(layer: Any, bn: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Fold ``bn`` into ``layer`` in place; ``(beta, |gamma|)`` as float64."""
+    import torch
+    from torch import nn
+
+    weight = layer.weight
+    n = bn.num_features
+    f64 = torch.float64
+    dev = weight.device
+    mu = bn.running_mean.detach().to(device=dev, dtype=f64)
+    var = bn.running_var.detach().to(device=dev, dtype=f64)
+    gamma = (
+        bn.weight.detach().to(device=dev, dtype=f64)
+        if bn.weight is not None
+        else torch.ones(n, dtype=f64, device=dev)
+    )
+    beta = (
+        bn.bias.detach().to(device=dev, dtype=f64)
+        if bn.bias is not None
+        else torch.zeros(n, dtype=f64, device=dev)
+    )
+    k = gamma / torch.sqrt(var + float(bn.eps))
+    bias = layer.bias
+    b = bias.detach().to(f64) if bias is not None else torch.zeros(n, dtype=f64, device=dev)
+    shape = (n,) + (1,) * (weight.dim() - 1)
+    with torch.no_grad():
+        weight.copy_((weight.detach().to(f64) * k.reshape(shape)).to(weight.dtype))
+        new_bias = (beta + (b - mu) * k).to(weight.dtype)
+        if bias is not None:
+            bias.copy_(new_bias.to(bias.dtype))
+        else:
+            layer.bias = nn.Parameter(new_bias, requires_grad=weight.requires_grad)
+    return beta.cpu().numpy(), gamma.abs().cpu().numpy()
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def fold_batchnorm(
+    model: nn.Module, *, inplace: bool = False
+) -> tuple[nn.Module, list[BatchNormFold]]:
+    """Fold every BatchNorm that follows a Conv/Linear layer into it.
+
+    A BN is folded when its producer is a Conv1d/2d/3d or Linear module
+    (subclasses included) whose output feeds only that BN, both are called
+    once, the BN has running statistics and as many features as the layer
+    has output channels. Other BNs are left alone. The folded BNs are
+    replaced by ``nn.Identity``; layers without a bias get one.
+
+    Returns:
+        ``(model, folds)``: the folded model (``model`` itself with
+        ``inplace=True``, else a deep copy) and one :class:`BatchNormFold`
+        per folded BN, in graph order.
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
+    """
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    target = model if inplace else copy.deepcopy(model)
+    graph = trace(target)
+    if graph is not None:
+        pairs, via = _fx_pairs(target, graph), "fx"
+    else:
+        pairs, via = _sequential_pairs(target), "sequential"
+    folds: list[BatchNormFold] = []
+    for layer_name, bn_name in pairs:
+        layer = target.get_submodule(layer_name)
+        bn = target.get_submodule(bn_name)
+        mean, std = _fold_one(layer, bn)
+        _set_submodule(target, bn_name, nn.Identity())
+        folds.append(BatchNormFold(layer_name, bn_name, mean, std, via))
+    return target, folds

@@ -1,0 +1,184 @@
+"""model.fold: exact BatchNorm folding, and quantize_model(fold_bn=)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import squant_rs
+from squant_rs.model.fold import BatchNormFold, fold_batchnorm
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+
+def _randomize_bn(model: nn.Module, seed: int) -> None:
+    """Non-trivial running statistics and affine parameters on every BN."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            n = m.num_features
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(n, generator=gen))
+                m.running_var.copy_(torch.rand(n, generator=gen) * 2 + 0.1)
+                if m.weight is not None:
+                    m.weight.copy_(torch.randn(n, generator=gen))
+                    m.bias.copy_(torch.randn(n, generator=gen))
+
+
+def _assert_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    err = float((a.double() - b.double()).norm() / b.double().norm())
+    assert err <= rel, err
+
+
+CASES = {
+    "conv1d": (
+        lambda bias: nn.Sequential(nn.Conv1d(4, 6, 3, bias=bias), nn.BatchNorm1d(6)),
+        (5, 4, 11),
+    ),
+    "conv2d": (
+        lambda bias: nn.Sequential(nn.Conv2d(3, 8, 3, bias=bias), nn.BatchNorm2d(8)),
+        (2, 3, 9, 9),
+    ),
+    "conv3d": (
+        lambda bias: nn.Sequential(nn.Conv3d(2, 5, (1, 2, 3), bias=bias), nn.BatchNorm3d(5)),
+        (2, 2, 4, 5, 6),
+    ),
+    "grouped": (
+        lambda bias: nn.Sequential(nn.Conv2d(8, 12, 3, groups=4, bias=bias), nn.BatchNorm2d(12)),
+        (2, 8, 7, 7),
+    ),
+    "depthwise": (
+        lambda bias: nn.Sequential(nn.Conv2d(6, 6, 5, groups=6, bias=bias), nn.BatchNorm2d(6)),
+        (2, 6, 9, 9),
+    ),
+    "linear": (lambda bias: nn.Sequential(nn.Linear(7, 9, bias=bias), nn.BatchNorm1d(9)), (16, 7)),
+}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fold_is_exact(case: str, bias: bool) -> None:
+    build, shape = CASES[case]
+    torch.manual_seed(1)
+    model = build(bias).eval()
+    _randomize_bn(model, 2)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x)
+    folded, folds = fold_batchnorm(model)
+    assert len(folds) == 1 and folds[0].layer == "0" and folds[0].bn == "1"
+    assert isinstance(folded[1], nn.Identity)
+    assert isinstance(model[1], nn.modules.batchnorm._BatchNorm)  # original untouched
+    assert folded[0].bias is not None
+    with torch.no_grad():
+        _assert_close(folded(x), ref)
+    bn = model[1]
+    np.testing.assert_array_equal(folds[0].mean, bn.bias.detach().double().numpy())
+    np.testing.assert_array_equal(folds[0].std, bn.weight.detach().double().abs().numpy())
+    assert set(folded.state_dict()) == {"0.weight", "0.bias"}
+
+
+class Block(nn.Module):
+    """conv -> bn -> relu6, a residual add, a BN fed by a non-conv, a conv
+    feeding two users and a functional call: only the first BN folds via fx."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU6()
+        self.bn_after_add = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn(self.conv(x)))
+        y = self.bn_after_add(y + x)
+        z = self.conv2(y)
+        return self.bn2(z) + z  # conv2's output has two users: not foldable
+
+
+def test_fold_graph_rules() -> None:
+    torch.manual_seed(0)
+    model = Block().eval()
+    _randomize_bn(model, 5)
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    folded, folds = fold_batchnorm(model)
+    assert [(f.layer, f.bn, f.via) for f in folds] == [("conv", "bn", "fx")]
+    assert isinstance(folded.bn, nn.Identity)
+    assert isinstance(folded.bn_after_add, nn.BatchNorm2d)
+    assert isinstance(folded.bn2, nn.BatchNorm2d)
+    with torch.no_grad():
+        _assert_close(folded(x), ref)
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow defeats symbolic tracing
+            return self.features(x)
+        return self.features(-x)
+
+
+def test_fold_sequential_fallback() -> None:
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    _randomize_bn(model, 7)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    folded, folds = fold_batchnorm(model)
+    assert [(f.layer, f.bn, f.via) for f in folds] == [("features.0", "features.1", "sequential")]
+    with torch.no_grad():
+        _assert_close(folded(x), ref)
+
+
+def test_fold_leaves_unfoldable_bn_alone() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4, track_running_stats=False),  # eval uses batch statistics
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4, affine=False),  # no affine: gamma = 1, beta = 0
+    ).eval()
+    _randomize_bn(model, 1)
+    folded, folds = fold_batchnorm(model)
+    assert [(f.layer, f.bn) for f in folds] == [("2", "3")]
+    np.testing.assert_array_equal(folds[0].std, np.ones(4))
+    np.testing.assert_array_equal(folds[0].mean, np.zeros(4))
+    assert isinstance(folded[1], nn.BatchNorm2d)
+
+
+def test_fold_inplace_and_type_error() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    out, folds = fold_batchnorm(model, inplace=True)
+    assert out is model and isinstance(model[1], nn.Identity)
+    assert isinstance(folds[0], BatchNormFold)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fold_batchnorm("model")  # type: ignore[arg-type]
+
+
+def test_quantize_model_fold_bn() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)
+    ).eval()
+    _randomize_bn(model, 3)
+    folded_ref, _ = fold_batchnorm(model)
+    q = squant_rs.quantize_model(model, wbits=8, fold_bn=True)
+    assert isinstance(q[1], nn.Identity)
+    assert isinstance(model[1], nn.BatchNorm2d)
+    # the quantized weights are the SQuant codes of the folded weights
+    expect = squant_rs.quantize_tensor(folded_ref[0].weight.detach(), 8).dequantize()
+    torch.testing.assert_close(q[0].weight.detach(), expect, rtol=0, atol=0)
+    torch.testing.assert_close(q[0].bias.detach(), folded_ref[0].bias.detach(), rtol=0, atol=0)
+    plain = squant_rs.quantize_model(model, wbits=8)
+    assert isinstance(plain[1], nn.BatchNorm2d)
+    with pytest.raises(TypeError, match="fold_bn"):
+        squant_rs.quantize_model(model, fold_bn=1)  # type: ignore[call-overload]
