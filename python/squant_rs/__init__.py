@@ -19,6 +19,7 @@ from ._squant_rs import (
     WeightRangeError,
     __version__,
 )
+from .formats.onnx import OnnxFormatError, export_onnx, quantize_onnx
 from .formats.safetensors import FormatError, load_quantized, save_quantized
 from .model import ActivationQuantizer, LayerReport, QuantReport, quantize_model
 from .tensor.batch import quantize_tensors
@@ -33,14 +34,17 @@ __all__ = [
     "InvalidArgumentError",
     "LayerReport",
     "NonFiniteWeightError",
+    "OnnxFormatError",
     "QuantReport",
     "QuantizedTensor",
     "SquantError",
     "UnsupportedDtypeError",
     "WeightRangeError",
     "__version__",
+    "export_onnx",
     "load_quantized",
     "quantize_model",
+    "quantize_onnx",
     "quantize_tensor",
     "quantize_tensors",
     "save_quantized",

@@ -6,11 +6,14 @@
     squant-rs quantize IN OUT [--wbits 4] [--mode squant] [--quantizer asymmetric]
                               [--include PATTERN ...] [--skip PATTERN ...]
                               [--threads N] [-v | -q]
+    squant-rs quantize IN.onnx OUT.onnx [--wbits 4] [--abits 8] [--quantizer symmetric]
+                              [--integer-kernels] [--skip PATTERN ...]
     squant-rs info FILE [-v]
 
 ``demo`` needs numpy only. ``quantize`` reads a ``.safetensors`` file (numpy
 only) or a torch checkpoint (``.pt``/``.pth``, loaded with
-``torch.load(weights_only=True)``; needs torch) and writes a squant-rs file.
+``torch.load(weights_only=True)``; needs torch) and writes a squant-rs file;
+an ``.onnx`` model becomes a QDQ ``.onnx`` model (numpy + onnx, no torch).
 Without module information it quantizes every floating tensor of 2+
 dimensions whose name ends in ``weight``; ``--include``/``--skip`` take
 fnmatch patterns (a skip pattern also matches the name without ``.weight``).
@@ -221,9 +224,39 @@ def load_input(path: str) -> tuple[dict[str, RawTensor], str]:
 # commands
 
 
+def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
+    """``quantize IN.onnx OUT.onnx``: a QDQ ONNX model (numpy + onnx, no torch)."""
+    from .formats.onnx import quantize_onnx
+
+    if not args.output.endswith(".onnx") or not args.input.endswith(".onnx"):
+        raise CliError("ONNX input needs an .onnx output (and the other way round)")
+    if args.include:
+        raise CliError("--include applies to safetensors/torch inputs; use --skip for ONNX")
+    report = quantize_onnx(
+        args.input,
+        args.output,
+        args.wbits,
+        args.abits,
+        args.mode,
+        quantizer=args.quantizer,
+        skip=tuple(args.skip or ()),
+        threads=args.threads,
+        integer_kernels=args.integer_kernels,
+    )
+    if args.verbose:
+        print(report)
+    elif not args.quiet:
+        print(f"{args.output}: {report.summary()}")
+    return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     wall = time.perf_counter()
     src, dst = args.input, args.output
+    if src.endswith(".onnx") or dst.endswith(".onnx"):
+        return _cmd_quantize_onnx(args)
+    if args.abits is not None or args.integer_kernels:
+        raise CliError("--abits and --integer-kernels apply to ONNX models (.onnx)")
     if os.path.isdir(dst):
         raise CliError(f"output is a directory: {dst}")
     tensors, kind = load_input(src)
@@ -457,8 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
         "'weight' (override with --include/--skip) and write a packed squant-rs "
         "safetensors file.",
     )
-    q.add_argument("input", metavar="IN", help=".safetensors file or torch .pt/.pth state dict")
-    q.add_argument("output", metavar="OUT", help="squant-rs .safetensors file to write")
+    q.add_argument(
+        "input", metavar="IN", help=".safetensors file, torch .pt/.pth state dict or .onnx model"
+    )
+    q.add_argument(
+        "output", metavar="OUT", help="squant-rs .safetensors file (or .onnx model) to write"
+    )
     q.add_argument("--wbits", type=_bits, default=4, help="weight bits, 2..8 (default 4)")
     q.add_argument("--mode", choices=MODES, default="squant")
     q.add_argument(
@@ -482,6 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="leave tensors matching these patterns float (tried on the name and on "
         "the name without '.weight')",
+    )
+    q.add_argument(
+        "--abits",
+        type=_bits,
+        default=None,
+        help="ONNX only: activation bits of the quantized layers' inputs (default: float)",
+    )
+    q.add_argument(
+        "--integer-kernels",
+        action="store_true",
+        help="ONNX only (with --abits): Q/DQ on layer outputs too, so onnxruntime runs "
+        "QLinearConv/QGemm (use with --quantizer symmetric)",
     )
     q.add_argument("--threads", type=_positive, default=None, help="Rust thread count")
     g = q.add_mutually_exclusive_group()
