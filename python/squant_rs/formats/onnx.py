@@ -393,26 +393,26 @@ def _rewrite(
 def _output_qdq(
     graph: Any, names: _Names, tensor: str, bits: int, x_min: float, x_max: float
 ) -> None:
-    """A Q/DQ pair on a layer's output, read by all of its consumers: with
+    """A Q/DQ pair on a layer's output, read by all of its readers: with
     DequantizeLinear on the weight and the input, the layer becomes one
     integer kernel (QLinearConv, QGemm). Skipped for graph outputs and for
-    outputs already read only by QuantizeLinear nodes."""
+    outputs read only by QuantizeLinear nodes (the next layer's input pair
+    already does it)."""
     from onnx import helper, numpy_helper
 
     if any(o.name == tensor for o in graph.output):
         return
     readers = [n for n in graph.node if tensor in n.input]
-    if not readers or all(n.op_type == "QuantizeLinear" for n in readers):
+    if all(n.op_type == "QuantizeLinear" for n in readers):
         return
     s, z, _, _ = activation_qparams(x_min, x_max, bits)
-    signed = x_min < 0
     base = tensor.replace(":", "_")
     s_name, z_name = names(f"{base}_out_scale"), names(f"{base}_out_zero_point")
     q, dq = names(f"{base}_out_quantized"), names(f"{base}_out_dequantized")
     graph.initializer.extend(
         [
             numpy_helper.from_array(np.array(np.float32(1.0) / np.float32(s), np.float32), s_name),
-            numpy_helper.from_array(np.array(-z, dtype=np.int8 if signed else np.uint8), z_name),
+            numpy_helper.from_array(np.array(_act_zero_point(z, x_min < 0), dtype=np.int8), z_name),
         ]
     )
     for n in readers:
@@ -420,14 +420,16 @@ def _output_qdq(
             if name == tensor:
                 n.input[i] = dq
     producer = next(i for i, n in enumerate(graph.node) if tensor in n.output)
-    graph.node.insert(
-        producer + 1,
+    for node in (
         helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=names(base + "_DQ")),
-    )
-    graph.node.insert(
-        producer + 1,
         helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q], name=names(base + "_Q")),
-    )
+    ):
+        graph.node.insert(producer + 1, node)
+
+
+def _kernel_outputs(model: Any, layers: list[_Layer]) -> list[str]:
+    """Tensors quantized for integer kernels: the layers' outputs."""
+    return list(dict.fromkeys(layer.node.output[0] for layer in layers))
 
 
 def _index(graph: Any, node: Any) -> int:
@@ -435,6 +437,14 @@ def _index(graph: Any, node: Any) -> int:
         if n is node:
             return i
     raise ValueError("node not in graph")  # pragma: no cover
+
+
+def _act_zero_point(z: float, signed: bool) -> int:
+    """The int8 zero point of an activation: ``-z``, less 128 for unsigned
+    ranges (their codes 0..255 become -128..127; the values are the same).
+    One activation type everywhere lets onnxruntime fuse every layer (its
+    QLinearConv wants the output in the input's type)."""
+    return int(-z) - (0 if signed else 128)
 
 
 def _act_qdq(
@@ -453,12 +463,11 @@ def _act_qdq(
     s, z, qmin, qmax = activation_qparams(x_min, x_max, bits)
     step = np.float32(1.0) / np.float32(s)
     signed = x_min < 0
-    zp_type = np.int8 if signed else np.uint8
     base = src.replace(":", "_")
     s_name, z_name = names(f"{base}_a{bits}_scale"), names(f"{base}_a{bits}_zero_point")
     new_inits += [
         numpy_helper.from_array(np.array(step, dtype=np.float32), s_name),
-        numpy_helper.from_array(np.array(-z, dtype=zp_type), z_name),
+        numpy_helper.from_array(np.array(_act_zero_point(z, signed), dtype=np.int8), z_name),
     ]
     x = src
     if (qmin, qmax) != ((-128, 127) if signed else (0, 255)):
@@ -634,9 +643,10 @@ def write_model(model: Any, path: str, external_data: bool | None = None) -> int
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
                 location=data,
-                size_threshold=1024,
+                size_threshold=0 if external_data else 1024,
             )
-            files.append(data)
+            if os.path.exists(os.path.join(tmp, data)):
+                files.append(data)
         else:
             onnx.save_model(model, staged)
         size = 0
@@ -761,7 +771,7 @@ def quantize_onnx(
         feeds = _input_feeds(model, int(seed), input_shape)
         probes = [layer.node.input[0] for layer in layers]
         if integer_kernels:
-            probes += [layer.node.output[0] for layer in layers]
+            probes += _kernel_outputs(model, layers)
         values = _observe(model, probes, feeds, n_threads)
         for i, (layer, a) in enumerate(zip(layers, values)):
             if i == 0:
@@ -769,8 +779,8 @@ def quantize_onnx(
             bits = 8 if i == len(layers) - 1 else abits
             layer.act = (bits, *sigma_range(a, bits, mult))
         if integer_kernels:
-            for layer, a in zip(layers, values[len(layers) :]):
-                outputs[layer.node.output[0]] = (abits, *sigma_range(a, abits, mult))
+            for t, a in zip(probes[len(layers) :], values[len(layers) :]):
+                outputs[t] = (abits, *sigma_range(a, abits, mult))
     reports = _layer_reports(layers, weights, arrays, order, ms)
     _rewrite(model, list(weights.values()), outputs)
     size_after = write_model(model, out, external_data)
@@ -963,7 +973,7 @@ def export_onnx(
         assert mult is not None
         feeds = _input_feeds(graph_model, int(seed), tuple(inputs[0].shape))
         n_threads = check_threads(threads)
-        tensors = [layer.node.output[0] for layer in layers]
+        tensors = _kernel_outputs(graph_model, layers)
         for t, a in zip(tensors, _observe(graph_model, tensors, feeds, n_threads)):
             outputs[t] = (abits, *sigma_range(a, abits, mult))
     _rewrite(graph_model, list(weights.values()), outputs)
