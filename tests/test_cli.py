@@ -320,11 +320,12 @@ NO_TORCH = textwrap.dedent(
                                            for k, v in sd.items()}})
     assert main(["quantize", "{src}", "{dst}"]) == 0
     assert main(["info", "{dst}"]) == 0
-    assert main(["quantize", "{pt}", "{dst}2"]) == 2
+    assert main(["quantize", "{pt}", "{dst2}"]) == 2
     try:
         squant_rs.load_quantized("{dst}")
     except ImportError as exc:
         assert "pip install 'squant-rs[torch]'" in str(exc)
+        assert "pip install '.[torch]'" in str(exc)
     else:
         raise AssertionError("load_quantized worked without torch")
     """
@@ -334,11 +335,17 @@ NO_TORCH = textwrap.dedent(
 def test_numpy_only_cli(tmp_path) -> None:
     pt = tmp_path / "ckpt.pt"
     torch.save({"w": torch.zeros(2, 2)}, pt)
-    code = NO_TORCH.format(src=tmp_path / "in.safetensors", dst=tmp_path / "out.safetensors", pt=pt)
+    code = NO_TORCH.format(
+        src=tmp_path / "in.safetensors",
+        dst=tmp_path / "out.safetensors",
+        dst2=tmp_path / "out2.safetensors",
+        pt=pt,
+    )
     p = _subprocess(sys.executable, "-c", code)
     assert p.returncode == 0, p.stderr
     assert "ResNet-18 weight shapes" in p.stdout
     assert "needs PyTorch: pip install 'squant-rs[torch]'" in p.stderr
+    assert "from a source checkout: pip install '.[torch]'" in p.stderr
     assert "squant-rs version 1" in p.stdout
     # the file written without torch is read back with torch
     loaded = squant_rs.load_quantized(tmp_path / "out.safetensors")

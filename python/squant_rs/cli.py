@@ -9,6 +9,7 @@
     squant-rs quantize IN.onnx OUT.onnx [--wbits 4] [--abits 8] [--quantizer symmetric]
                               [--integer-kernels] [--skip PATTERN ...]
     squant-rs info FILE [-v]
+    squant-rs --version
 
 ``demo`` needs numpy only. ``quantize`` reads a ``.safetensors`` file (numpy
 only) or a torch checkpoint (``.pt``/``.pth``, loaded with
@@ -16,32 +17,50 @@ only) or a torch checkpoint (``.pt``/``.pth``, loaded with
 an ``.onnx`` model becomes a QDQ ``.onnx`` model (numpy + onnx, no torch).
 Without module information it quantizes every floating tensor of 2+
 dimensions whose name ends in ``weight``; ``--include``/``--skip`` take
-fnmatch patterns (a skip pattern also matches the name without ``.weight``).
+fnmatch patterns (a skip pattern also matches the name without ``.weight``);
+a pattern that matches nothing gets one ``squant-rs: warning: ...`` line.
+``info`` reads only the file's header.
+
+Output files: the format follows the extension (:data:`OUTPUT_FORMATS`;
+today only ``.safetensors``, anything else is refused). The output must not
+be the input (same device and inode); it is written atomically, symlinks
+followed, permissions kept, special files (FIFOs, devices, ``/dev/stdout``)
+refused -- see :mod:`squant_rs.formats.output`. ``--threads N`` overrides
+``SQUANT_NUM_THREADS`` for every step of the command.
 
 Exit status: 0 on success, 2 on bad input (missing, truncated or corrupt
-files, unknown formats, bad options) with one ``squant-rs: error: ...`` line
-on stderr and no output file left behind, 130 when interrupted.
+files, unknown formats, bad options or environment, an output that is the
+input) with one ``squant-rs: error: ...`` line on stderr and no output file
+left behind, 130 when interrupted (SIGTERM and SIGHUP end the process by
+that signal, after removing the temporary file), 141 (quietly) when stdout
+is a pipe closed early, as in ``squant-rs info -v FILE | head``. Names and
+metadata are printed with non-printable characters escaped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import math
 import os
 import re
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 
 import numpy as np
 
-from . import _squant_rs as _native
 from ._shapes import he_weights, resnet_shapes
-from ._squant_rs import SquantError, __version__
+from ._squant_rs import THREADS_ENV_VAR, InvalidArgumentError, SquantError, __version__
+from .formats.output import check_output
 from .formats.safetensors import (
+    FORMAT_NAME,
     FormatError,
+    QuantizedFileInfo,
     RawTensor,
     _export,
     inspect_quantized,
@@ -49,12 +68,22 @@ from .formats.safetensors import (
     select_state_dict,
 )
 from .model import format_bytes, format_table
+from .model.report import QuantReport
 from .tensor.batch import quantize_tensors
 from .tensor.quantized import quantize_tensor
-from .tensor.validate import MAX_THREADS, MODES, QUANTIZERS, UnsupportedDtypeError
+from .tensor.validate import MAX_THREADS, MODES, QUANTIZERS, UnsupportedDtypeError, check_threads
+from .torch.adapter import TORCH_INSTALL_HINT
 
 PROG = "squant-rs"
-TORCH_HINT = "pip install 'squant-rs[torch]'"
+#: Most dimensions a tensor may have (numpy's limit).
+MAX_DIMS = 64
+#: Exit status when stdout is a pipe that was closed early (128 + SIGPIPE).
+EXIT_BROKEN_PIPE = 141
+
+#: Output file extension (lower case) -> the format written there. The CLI
+#: chooses the format by the extension and refuses any other extension; a
+#: new writer adds its extension here and a branch in the command.
+OUTPUT_FORMATS: dict[str, str] = {".safetensors": "safetensors"}
 
 
 class CliError(Exception):
@@ -65,7 +94,28 @@ class _UsageError(CliError):
     pass
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option's help that has a default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" not in text
+            and default is not None
+            and default is not argparse.SUPPRESS
+            and not isinstance(default, bool)
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         raise _UsageError(f"{message} (see '{self.prog} --help')")
 
@@ -92,12 +142,80 @@ def _positive(text: str) -> int:
     return value
 
 
+def printable(text: str, stream: TextIO | None = None) -> str:
+    """``text`` safe for a terminal: non-printable characters (control and
+    escape sequences, newlines, lone surrogates) as ``\\x1b``, ``\\n``,
+    ``\\ud800``...; characters the stream's encoding cannot show as
+    backslash escapes too."""
+    out = "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+    encoding = getattr(stream if stream is not None else sys.stdout, "encoding", None) or "utf-8"
+    try:
+        out.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        try:
+            out = out.encode(encoding, "backslashreplace").decode(encoding)
+        except LookupError:
+            out = out.encode("ascii", "backslashreplace").decode("ascii")
+    return out
+
+
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = f": {exc.filename}" if exc.filename else ""
         return f"{exc.strerror}{where}"
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 400 else text[:397] + "..."
+
+
+def output_format(path: str) -> str:
+    """The format to write at ``path``, chosen by its extension
+    (:data:`OUTPUT_FORMATS`). Raises :class:`CliError` for any other."""
+    suffix = os.path.splitext(path)[1].lower()
+    fmt = OUTPUT_FORMATS.get(suffix)
+    if fmt is None:
+        known = " or ".join(OUTPUT_FORMATS)
+        raise CliError(
+            f"output {path}: the output format is chosen by the file extension and "
+            f"{suffix or 'no extension'!r} is not one squant-rs writes (use {known})"
+        )
+    return fmt
+
+
+@contextlib.contextmanager
+def _thread_count(requested: int | None) -> Iterator[int]:
+    """The command's thread count: ``--threads``, else ``SQUANT_NUM_THREADS``,
+    else all CPUs. A bad environment value is reported as such; while the
+    command runs the environment holds the chosen count, so ``--threads``
+    overrides it for every native call."""
+    if requested is None:
+        try:
+            threads = check_threads(None)
+        except InvalidArgumentError as exc:
+            raise CliError(
+                f"bad {THREADS_ENV_VAR} environment variable ({_one_line(exc)}): "
+                "unset it or pass --threads N"
+            ) from None
+    else:
+        threads = requested
+    previous = os.environ.get(THREADS_ENV_VAR)
+    os.environ[THREADS_ENV_VAR] = str(threads)
+    try:
+        yield threads
+    finally:
+        if previous is None:
+            del os.environ[THREADS_ENV_VAR]
+        else:
+            os.environ[THREADS_ENV_VAR] = previous
+
+
+def _check_output(dst: str, inputs: Sequence[str] = ()) -> str:
+    """Everything about OUT that can be checked before any work: returns its format."""
+    if os.path.isdir(dst):
+        raise CliError(f"output is a directory: {dst}")
+    check_output(dst, inputs=inputs)
+    return output_format(dst)
 
 
 # --------------------------------------------------------------------------
@@ -121,7 +239,7 @@ class Progress:
         bar_w = 24
         filled = bar_w * done // total if total else bar_w
         count = f"{done}/{total}"
-        line = f"[{'#' * filled}{'.' * (bar_w - filled)}] {count} {name}"
+        line = f"[{'#' * filled}{'.' * (bar_w - filled)}] {count} {printable(name, self.stream)}"
         line = line[: max(width - 1, 10)]
         self.stream.write("\r" + line.ljust(max(width - 1, 10)))
         self.stream.flush()
@@ -143,7 +261,7 @@ def _require_torch(what: str) -> Any:
     try:
         import torch
     except ImportError:
-        raise CliError(f"{what} needs PyTorch: {TORCH_HINT}") from None
+        raise CliError(f"{what} needs PyTorch: {TORCH_INSTALL_HINT}") from None
     return torch
 
 
@@ -196,12 +314,26 @@ def _torch_state_dict(path: str) -> dict[str, RawTensor]:
                 f"{path}: checkpoint entry {key!r} is a {type(value).__name__}, not a tensor "
                 "(expected a flat state dict, or a dict with a 'state_dict' key)"
             )
-        out[key] = RawTensor.from_torch(value)
+        if value.is_meta:
+            raise FormatError(
+                f"{path}: checkpoint entry {key!r} is a meta tensor (a shape without "
+                "values): save the checkpoint from a model whose weights are loaded"
+            )
+        try:
+            out[key] = RawTensor.from_torch(value)
+        except (RuntimeError, NotImplementedError) as exc:
+            raise FormatError(
+                f"{path}: cannot read checkpoint entry {key!r} ({_one_line(exc)})"
+            ) from None
     return out
 
 
 def load_input(path: str) -> tuple[dict[str, RawTensor], str]:
-    """The tensors of a ``.safetensors`` file or torch checkpoint, and the kind."""
+    """The tensors of a ``.safetensors`` file or torch checkpoint, and the kind.
+
+    Raises :class:`CliError` for a missing input, a directory, a squant-rs
+    file (already quantized) or a tensor of more than :data:`MAX_DIMS`
+    dimensions, and :class:`FormatError` for anything unreadable."""
     if not os.path.exists(path):
         raise CliError(f"input file not found: {path}")
     if os.path.isdir(path):
@@ -215,9 +347,57 @@ def load_input(path: str) -> tuple[dict[str, RawTensor], str]:
             "torch .pt/.pth checkpoint)"
         )
     if kind == "torch":
-        return _torch_state_dict(path), kind
-    tensors, _ = read_safetensors(path)
+        tensors = _torch_state_dict(path)
+    else:
+        tensors, metadata = read_safetensors(path)
+        if metadata.get("format") == FORMAT_NAME:
+            raise CliError(
+                f"{path} is already a squant-rs file (written by squant-rs "
+                f"{metadata.get('squant_rs_version', '?')}): quantize the original float "
+                f"model instead ('{PROG} info {path}' describes this one)"
+            )
+    for key, t in tensors.items():
+        if len(t.shape) > MAX_DIMS:
+            raise CliError(
+                f"{path}: tensor {key!r} has {len(t.shape)} dimensions; squant-rs handles "
+                f"at most {MAX_DIMS}"
+            )
     return tensors, kind
+
+
+def _unmatched_patterns(
+    tensors: Mapping[str, RawTensor], include: tuple[str, ...] | None, skip: tuple[str, ...]
+) -> list[str]:
+    """One warning per ``--include``/``--skip`` pattern that changes nothing."""
+    with warnings.catch_warnings():
+        # The CLI names unmatched patterns itself, once.
+        warnings.simplefilter("ignore", UserWarning)
+        candidates = len(select_state_dict(tensors, include, ()))
+        notes = [
+            f"--include pattern {pat!r} matches no floating tensor of 2+ dimensions"
+            for pat in include or ()
+            if not select_state_dict(tensors, (pat,), ())
+        ]
+        notes += [
+            f"--skip pattern {pat!r} matches no tensor that would be quantized"
+            for pat in skip
+            if len(select_state_dict(tensors, include, (pat,))) == candidates
+        ]
+    return notes
+
+
+class _StageClock:
+    """Wraps the progress callback of ``_export`` and notes when the last
+    weight is done: the boundary between quantizing and writing."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.quantized_at: float | None = None
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if done >= total and self.quantized_at is None:
+            self.quantized_at = time.perf_counter()
+        self.progress(done, total, name)
 
 
 # --------------------------------------------------------------------------
@@ -251,64 +431,103 @@ def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    wall = time.perf_counter()
     src, dst = args.input, args.output
     if src.endswith(".onnx") or dst.endswith(".onnx"):
         return _cmd_quantize_onnx(args)
     if args.abits is not None or args.integer_kernels:
         raise CliError("--abits and --integer-kernels apply to ONNX models (.onnx)")
-    if os.path.isdir(dst):
-        raise CliError(f"output is a directory: {dst}")
-    tensors, kind = load_input(src)
-    include = tuple(args.include) if args.include else None
-    keys = select_state_dict(tensors, include, tuple(args.skip or ()))
-    if not keys:
-        raise CliError(
-            f"{src}: no tensor to quantize (none is a floating tensor of 2+ dimensions "
-            "matching the include patterns)"
-        )
-    progress = Progress(sys.stderr)
-    try:
-        report = _export(
-            tensors,
-            {k: tensors[k] for k in keys},
-            dst,
-            args.wbits,
-            args.mode,
-            "auto",
-            args.threads,
-            [],
-            progress,
-            wall,
-            args.quantizer,
-        )
-    finally:
-        progress.close()
+    _check_output(dst, inputs=[src])
+    with _thread_count(args.threads) as threads:
+        start = time.perf_counter()
+        tensors, kind = load_input(src)
+        include = tuple(args.include) if args.include else None
+        skip = tuple(args.skip or ())
+        for note in _unmatched_patterns(tensors, include, skip):
+            _message("warning", note)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # reported above
+            keys = select_state_dict(tensors, include, skip)
+        if not keys:
+            raise CliError(
+                f"{src}: no tensor to quantize (none is a floating tensor of 2+ dimensions "
+                "matching the include patterns)"
+            )
+        loaded = time.perf_counter()
+        progress = Progress(sys.stderr)
+        clock = _StageClock(progress)
+        try:
+            report = _export(
+                tensors,
+                {k: tensors[k] for k in keys},
+                dst,
+                args.wbits,
+                args.mode,
+                "auto",
+                threads,
+                [],
+                clock,
+                loaded,
+                args.quantizer,
+            )
+        finally:
+            progress.close()
+        written = time.perf_counter()
     if args.quiet:
         return 0
     if args.verbose:
-        print(report)
+        print(_printable_report(report))
         print()
-    size_in = os.path.getsize(src)
-    assert report.size_after is not None
+    quantized = clock.quantized_at if clock.quantized_at is not None else written
+    assert report.size_after is not None and report.size_before is not None
     rows = [
         ["input", f"{src} ({kind})"],
         ["output", dst],
         ["layers quantized", f"{len(report.layers)} of {len(tensors)} tensors"],
         ["parameters quantized", f"{report.params:,}"],
         ["bits / mode", f"{args.wbits} / {args.mode} ({args.quantizer})"],
-        ["quantization time", f"{report.total_ms:.1f} ms (wall {report.wall_ms:.1f} ms)"],
-        ["size before", format_bytes(size_in)],
         [
-            "size after",
-            f"{format_bytes(report.size_after)} ({report.size_after / max(size_in, 1):.3f}x)",
+            "time",
+            f"load {(loaded - start) * 1e3:.1f} ms, quantize {(quantized - loaded) * 1e3:.1f} ms "
+            f"(SQuant {report.total_ms:.1f} ms), write {(written - quantized) * 1e3:.1f} ms",
         ],
+        *_size_rows(report.size_before, report.size_after),
         ["mean relative error", f"{report.mean_rel_error:.4f}"],
         ["flips (K / C)", f"{report.k_flips:,} / {report.c_flips:,}"],
     ]
-    for label, value in rows:
-        print(f"{label:<22}{value}")
+    _print_rows(rows)
     return 0
+
+
+def _printable_report(report: QuantReport) -> str:
+    """The per-layer table with the names escaped (one line per layer)."""
+    layers = [dataclasses.replace(layer, name=printable(layer.name)) for layer in report.layers]
+    skipped = [printable(name) for name in report.skipped]
+    return str(dataclasses.replace(report, layers=layers, skipped=skipped))
+
+
+def _size_rows(before: int, after: int) -> list[list[str]]:
+    """The size rows ``quantize`` and ``info`` share: "before" is the tensor
+    data in its original dtypes, "after" the squant-rs file."""
+    return [
+        ["size before", f"{format_bytes(before)} (tensor data, original dtypes)"],
+        ["size after", f"{format_bytes(after)} ({after / max(before, 1):.3f}x)"],
+    ]
+
+
+def _print_rows(rows: Sequence[Sequence[str]], width: int = 22) -> None:
+    print("\n".join(f"{label:<{width}}{printable(value)}" for label, value in rows))
+
+
+#: Item sizes of the dtypes a quantized weight can have had.
+_FLOAT_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def _size_before(info: QuantizedFileInfo) -> int:
+    """The tensor data of the model before quantization (as ``quantize`` counts it)."""
+    return sum(
+        t.numel * _FLOAT_ITEMSIZE.get(t.dtype, 4) if t.bits is not None else t.stored_bytes
+        for t in info.tensors
+    )
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -317,52 +536,62 @@ def _cmd_info(args: argparse.Namespace) -> int:
         raise CliError(f"file not found: {path}")
     if os.path.isdir(path):
         raise CliError(f"is a directory, not a file: {path}")
-    info = inspect_quantized(path)
+    info = inspect_quantized(path)  # the header only
     q = info.quantized
     f32 = info.float32_size
     bits = sorted({t.bits for t in q if t.bits is not None})
     modes = sorted({t.mode for t in q if t.mode is not None})
-    print(f"{'file':<22}{info.path} ({format_bytes(info.file_size)})")
-    print(
-        f"{'format':<22}squant-rs version {info.format_version} "
-        f"(written by squant-rs {info.writer_version})"
-    )
-    print(
-        f"{'tensors':<22}{len(info.tensors)} ({len(q)} quantized, "
-        f"{len(info.tensors) - len(q)} stored unchanged)"
-    )
-    print(f"{'bits / mode':<22}{', '.join(map(str, bits)) or '-'} / {', '.join(modes) or '-'}")
-    print(f"{'quantized parameters':<22}{sum(t.numel for t in q):,}")
-    print(
-        f"{'size':<22}{format_bytes(info.file_size)} vs {format_bytes(f32)} as float32 "
-        f"({info.file_size / max(f32, 1):.3f}x)"
-    )
+    rows = [
+        ["file", f"{info.path} ({format_bytes(info.file_size)})"],
+        [
+            "format",
+            f"squant-rs version {info.format_version} (written by squant-rs {info.writer_version})",
+        ],
+        [
+            "tensors",
+            f"{len(info.tensors)} ({len(q)} quantized, "
+            f"{len(info.tensors) - len(q)} stored unchanged)",
+        ],
+        ["bits / mode", f"{', '.join(map(str, bits)) or '-'} / {', '.join(modes) or '-'}"],
+        ["quantized parameters", f"{sum(t.numel for t in q):,}"],
+        *_size_rows(_size_before(info), info.file_size),
+        ["as float32", f"{format_bytes(f32)} ({info.file_size / max(f32, 1):.3f}x)"],
+    ]
+    # Everything is formatted before anything is printed: no partial output.
+    lines = [f"{label:<22}{printable(value)}" for label, value in rows]
     if args.verbose or len(info.tensors) <= 50:
-        print()
-        rows = [
+        lines.append("")
+        table = [
             [
-                t.name,
+                printable(t.name),
                 "x".join(map(str, t.shape)) or "scalar",
-                t.dtype,
+                printable(t.dtype),
                 "-" if t.bits is None else str(t.bits),
-                t.mode or "-",
+                printable(t.mode or "-"),
                 f"{t.stored_bytes:,}",
                 f"{t.stored_bytes / max(t.float32_bytes, 1):.3f}" if t.bits is not None else "-",
             ]
             for t in info.tensors
         ]
         headers = ["tensor", "shape", "dtype", "bits", "mode", "bytes", "ratio"]
-        for line in format_table(headers, rows, right={5, 6}):
-            print(line)
+        lines += format_table(headers, table, right={5, 6})
     else:
-        print(f"\n({len(info.tensors)} tensors; -v lists them)")
+        lines.append(f"\n({len(info.tensors)} tensors; -v lists them)")
+    for line in lines:
+        print(line)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.out:
+        _check_output(args.out)
+    with _thread_count(args.threads) as threads:
+        return _demo(args, threads)
+
+
+def _demo(args: argparse.Namespace, threads: int) -> int:
     shapes = resnet_shapes(args.depth)
     weights = he_weights(shapes, seed=args.seed)
-    threads = _native.resolve_threads(args.threads)
     n_params = sum(w.size for w in weights.values())
     print(
         f"squant-rs {__version__} demo: ResNet-{args.depth} weight shapes ({len(shapes)} layers, "
@@ -381,10 +610,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         for i, (name, w) in enumerate(weights.items()):
             progress(i, len(weights), name)
             t0 = time.perf_counter()
-            qt = quantize_tensor(w, args.wbits, args.mode, threads=args.threads)
+            qt = quantize_tensor(w, args.wbits, args.mode, threads=threads)
             t_sq += time.perf_counter() - t0
             t0 = time.perf_counter()
-            qe = quantize_tensor(w, args.wbits, "squant-e", threads=args.threads)
+            qe = quantize_tensor(w, args.wbits, "squant-e", threads=threads)
             t_e += time.perf_counter() - t0
             kf += qt.k_flips
             cf += qt.c_flips
@@ -413,7 +642,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     wall_ms = (time.perf_counter() - wall) * 1e3
     # The same weights in one call (the whole-model path).
     t0 = time.perf_counter()
-    quantize_tensors(list(weights.values()), args.wbits, args.mode, threads=args.threads)
+    quantize_tensors(list(weights.values()), args.wbits, args.mode, threads=threads)
     t_batch = time.perf_counter() - t0
     rel_sq = math.sqrt(sq_err2 / ref2)
     rel_e = math.sqrt(e_err2 / ref2)
@@ -444,9 +673,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     if args.out:
         raw = {name: RawTensor.from_numpy(w) for name, w in weights.items()}
-        report = _export(
-            raw, raw, args.out, args.wbits, args.mode, "auto", args.threads, [], None, wall
-        )
+        report = _export(raw, raw, args.out, args.wbits, args.mode, "auto", threads, [], None, wall)
         assert report.size_after is not None and report.size_before is not None
         print(
             f"\nwrote {args.out}: {format_bytes(report.size_after)} "
@@ -461,11 +688,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (one sub-parser per command)."""
     parser = _Parser(
         prog=PROG,
         description="SQuant data-free weight quantization (Guo et al., ICLR 2022).",
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -475,12 +703,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize He-initialised ResNet weights of the real shapes with the "
         "Rust core and compare SQuant with nearest rounding.",
     )
-    demo.add_argument("--depth", type=int, choices=(18, 34, 50, 101, 152), default=50)
-    demo.add_argument("--wbits", type=_bits, default=4, help="weight bits, 2..8 (default 4)")
-    demo.add_argument("--mode", choices=MODES, default="squant")
-    demo.add_argument("--threads", type=_positive, default=None)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", metavar="FILE", help="also write the quantized weights here")
+    demo.add_argument(
+        "--depth", type=int, choices=(18, 34, 50, 101, 152), default=50, help="ResNet depth"
+    )
+    _add_quantizer_options(demo)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    demo.add_argument(
+        "--out", metavar="FILE", help="also write the quantized weights here (.safetensors)"
+    )
     demo.set_defaults(func=_cmd_demo)
 
     q = sub.add_parser(
@@ -488,7 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize a .safetensors file or torch checkpoint into a squant-rs file",
         description="Quantize every floating tensor of 2+ dimensions whose name ends in "
         "'weight' (override with --include/--skip) and write a packed squant-rs "
-        "safetensors file.",
+        "safetensors file. OUT must not be IN; its extension chooses the format "
+        f"({', '.join(OUTPUT_FORMATS)}); it is written atomically (symlinks followed, "
+        "permissions kept; FIFOs and devices refused).",
     )
     q.add_argument(
         "input", metavar="IN", help=".safetensors file, torch .pt/.pth state dict or .onnx model"
@@ -496,8 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "output", metavar="OUT", help="squant-rs .safetensors file (or .onnx model) to write"
     )
-    q.add_argument("--wbits", type=_bits, default=4, help="weight bits, 2..8 (default 4)")
-    q.add_argument("--mode", choices=MODES, default="squant")
+    _add_quantizer_options(q)
     q.add_argument(
         "--quantizer",
         choices=QUANTIZERS,
@@ -532,25 +763,66 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX only (with --abits): Q/DQ on layer outputs too, so onnxruntime runs "
         "QLinearConv/QGemm (use with --quantizer symmetric)",
     )
-    q.add_argument("--threads", type=_positive, default=None, help="Rust thread count")
     g = q.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", action="store_true", help="print the per-layer table")
     g.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     q.set_defaults(func=_cmd_quantize)
 
-    info = sub.add_parser("info", help="describe a squant-rs file")
-    info.add_argument("file", metavar="FILE")
+    info = sub.add_parser(
+        "info",
+        help="describe a squant-rs file",
+        description="Describe a squant-rs file: format version, tensors, bits and modes, "
+        "sizes before and after quantization, and (with -v or up to 50 tensors) one row "
+        "per tensor. Reads only the file's header.",
+    )
+    info.add_argument("file", metavar="FILE", help="squant-rs .safetensors file")
     info.add_argument("-v", "--verbose", action="store_true", help="list every tensor")
     info.set_defaults(func=_cmd_info)
     return parser
 
 
+def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that quantizes."""
+    p.add_argument("--wbits", type=_bits, default=4, help="weight bits, 2..8")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="squant",
+        help="squant = E+K+C (the full method), squant-e = nearest rounding, "
+        "squant-k / squant-c = kernel / channel level only",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help=f"Rust worker threads, 1..{MAX_THREADS} (default: ${THREADS_ENV_VAR}, else "
+        f"all CPUs; overrides {THREADS_ENV_VAR})",
+    )
+
+
+def _message(kind: str, text: str) -> None:
+    print(f"{PROG}: {kind}: {printable(text, sys.stderr)}", file=sys.stderr)
+
+
 def _error(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    _message("error", message)
+
+
+def _silence_stdout() -> None:
+    """stdout is a closed pipe: point it at devnull so that the flush at
+    exit does not complain again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (captured): nothing is flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status."""
+    """Run the CLI; returns the exit status (see the module doc)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -561,10 +833,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     try:
         status: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
         return status
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except BrokenPipeError:  # `squant-rs info -v FILE | head`: stop quietly
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except (CliError, SquantError, UnsupportedDtypeError, OSError) as exc:
         _error(_one_line(exc))
         return 2

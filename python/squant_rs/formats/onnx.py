@@ -43,6 +43,7 @@ from ..model.layers import check_patterns, matches_any, relative_error
 from ..model.report import LayerReport, QuantReport
 from ..tensor.batch import quantize_tensors
 from ..tensor.validate import check_bits, check_mode, check_quantizer, check_threads
+from .output import atomic_output, check_output
 from .safetensors import FormatError
 
 if TYPE_CHECKING:
@@ -623,32 +624,35 @@ def sigma_range(a: np.ndarray, bits: int, s_sigma: float) -> tuple[float, float]
 
 
 def write_model(model: Any, path: str, external_data: bool | None = None) -> int:
-    """Write ``model`` to ``path`` atomically (a temporary directory next to
-    it, then ``os.replace``): one file below 2 GB, else the model plus
-    ``<name>.data``. Returns the bytes written."""
+    """Write ``model`` to ``path`` atomically: one file below 2 GB (through
+    :func:`atomic_output`), else the model plus ``<name>.data`` (both staged
+    in a temporary directory next to it, then moved with ``os.replace``,
+    the data first). Returns the bytes written."""
     import onnx
 
+    external = _tensor_bytes(model) >= EXTERNAL_ABOVE if external_data is None else external_data
+    if not external:
+        data = model.SerializeToString()
+        with atomic_output(path) as out:
+            out.write(data)
+        return len(data)
     path = os.path.abspath(path)
     directory, base = os.path.split(path)
-    external = _tensor_bytes(model) >= EXTERNAL_ABOVE if external_data is None else external_data
     tmp = tempfile.mkdtemp(prefix=".squant-onnx-", dir=directory)
     try:
         staged = os.path.join(tmp, base)
         files = [base]
-        if external:
-            data = base + ".data"
-            onnx.save_model(
-                model,
-                staged,
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data,
-                size_threshold=0 if external_data else 1024,
-            )
-            if os.path.exists(os.path.join(tmp, data)):
-                files.append(data)
-        else:
-            onnx.save_model(model, staged)
+        data_name = base + ".data"
+        onnx.save_model(
+            model,
+            staged,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=0 if external_data else 1024,
+        )
+        if os.path.exists(os.path.join(tmp, data_name)):
+            files.append(data_name)
         size = 0
         for f in files:
             size += os.path.getsize(os.path.join(tmp, f))
@@ -670,6 +674,7 @@ def _check_output(out_path: Any, in_path: str | None) -> str:
         raise InvalidArgumentError(f"output directory does not exist: {parent}")
     if in_path is not None and os.path.realpath(out) == os.path.realpath(in_path):
         raise InvalidArgumentError(f"output path equals the input path: {out}")
+    check_output(out, inputs=[in_path] if in_path is not None else [])
     return out
 
 

@@ -24,8 +24,10 @@ weights) is stored unchanged under its own name. ``__metadata__`` holds
 "codes_per_byte": k}}`` in state-dict order (``dtype`` is the original
 dtype as a safetensors dtype name: ``F32``, ``F16``, ``BF16`` or ``F64``).
 
-Files are written atomically (a temporary file in the target directory,
-then ``os.replace``): an error never leaves a partial file behind.
+Files are written atomically by :func:`squant_rs.formats.output.atomic_output`
+(a temporary file in the target directory, then ``os.replace``; symlinks
+followed, permissions kept, special files refused): an error or a signal
+never leaves a partial file behind.
 
 This module reads and writes safetensors itself (numpy only), so the numpy
 API and the CLI work without torch and without the ``safetensors`` package,
@@ -40,7 +42,6 @@ import math
 import os
 import sys
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Union
@@ -70,6 +71,7 @@ from ..tensor.validate import (
     check_threads,
 )
 from ..torch.adapter import cast_dequantized, require_torch
+from .output import atomic_output
 
 if TYPE_CHECKING:
     import torch
@@ -258,31 +260,47 @@ def _fail(path: str | os.PathLike[str], what: str) -> FormatError:
     return FormatError(f"{os.fspath(path)}: {what}")
 
 
-def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, RawTensor], dict[str, str]]:
-    """Read and validate a safetensors file: ``(tensors in header order,
-    metadata)``. Raises :class:`FormatError` for anything that is not a
-    well-formed safetensors file (and ``OSError`` when it cannot be read)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise _fail(path, f"not a safetensors file ({size} bytes, too short for a header)")
-        n = int.from_bytes(head, "little")
-        if n < 2 or n > _MAX_HEADER:
-            raise _fail(path, "not a safetensors file (no valid header length)")
-        if 8 + n > size:
-            raise _fail(
-                path,
-                f"truncated or not a safetensors file (header of {n} bytes, file has {size} bytes)",
-            )
-        raw_header = f.read(n)
-        try:
-            header = json.loads(raw_header.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise _fail(path, "not a safetensors file (header is not valid JSON)") from None
-        if not isinstance(header, dict):
-            raise _fail(path, "not a safetensors file (header is not a JSON object)")
-        data = np.fromfile(f, dtype=np.uint8)
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor as the header describes it: dtype, shape and byte span
+    in the data region."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _read_header(
+    f: IO[bytes], path: str | os.PathLike[str]
+) -> tuple[dict[str, _Entry], dict[str, str], int]:
+    """Read and validate the header of the safetensors file open as ``f``:
+    ``(entries in header order, metadata, size of the data region)``. Reads
+    only the 8-byte length and the JSON header (the data region is checked
+    against the file size, not read)."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise _fail(path, f"not a safetensors file ({size} bytes, too short for a header)")
+    n = int.from_bytes(head, "little")
+    if n < 2 or n > _MAX_HEADER:
+        raise _fail(path, "not a safetensors file (no valid header length)")
+    if 8 + n > size:
+        raise _fail(
+            path,
+            f"truncated or not a safetensors file (header of {n} bytes, file has {size} bytes)",
+        )
+    raw_header = f.read(n)
+    try:
+        header = json.loads(raw_header.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _fail(path, "not a safetensors file (header is not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "not a safetensors file (header is not a JSON object)")
 
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
@@ -290,8 +308,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, RawTensor]
     ):
         raise _fail(path, "corrupt header (__metadata__ must map strings to strings)")
 
-    tensors: dict[str, RawTensor] = {}
-    spans: list[tuple[int, int, str]] = []
+    entries: dict[str, _Entry] = {}
     for key, info in header.items():
         if not isinstance(info, dict):
             raise _fail(path, f"corrupt header entry for {key!r}")
@@ -310,50 +327,40 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, RawTensor]
         begin, end = offsets
         if end - begin != math.prod(shape) * _DTYPES[dtype][0]:
             raise _fail(path, f"corrupt header: tensor {key!r} size does not match its shape")
-        spans.append((begin, end, key))
-        tensors[key] = RawTensor(dtype, tuple(shape), data[begin:end])
+        entries[key] = _Entry(dtype, tuple(shape), begin, end)
 
-    spans.sort()
     pos = 0
-    for begin, end, key in spans:
-        if begin != pos:
+    for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if e.begin != pos:
+            key = next(k for k, v in entries.items() if v is e)
             raise _fail(path, f"corrupt header: data of {key!r} overlaps or leaves a gap")
-        pos = end
-    if data.size < pos:
+        pos = e.end
+    data_size = size - 8 - n
+    if data_size < pos:
         raise _fail(
             path,
-            f"truncated file ({data.size} of {pos} bytes of tensor data present)",
+            f"truncated file ({data_size} of {pos} bytes of tensor data present)",
         )
-    if data.size > pos:
+    if data_size > pos:
         raise _fail(
-            path, f"corrupt file ({data.size - pos} unexpected bytes after the tensor data)"
+            path, f"corrupt file ({data_size - pos} unexpected bytes after the tensor data)"
         )
-    return tensors, dict(metadata)
+    return entries, dict(metadata), pos
 
 
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` via a temporary file in the same directory and
-    ``os.replace``; the temporary file is removed on any error."""
-    target = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(target))
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as exc:
-        # Name the file the user asked for, not the temporary one.
-        raise type(exc)(exc.errno, exc.strerror, target) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, RawTensor], dict[str, str]]:
+    """Read and validate a safetensors file: ``(tensors in header order,
+    metadata)``. Raises :class:`FormatError` for anything that is not a
+    well-formed safetensors file (and ``OSError`` when it cannot be read)."""
+    with open(path, "rb") as f:
+        entries, metadata, data_size = _read_header(f, path)
+        data = np.fromfile(f, dtype=np.uint8, count=data_size)
+    if data.size != data_size:  # the file shrank while being read
+        raise _fail(
+            path, f"truncated file ({data.size} of {data_size} bytes of tensor data present)"
+        )
+    tensors = {k: RawTensor(e.dtype, e.shape, data[e.begin : e.end]) for k, e in entries.items()}
+    return tensors, metadata
 
 
 def write_safetensors(
@@ -387,7 +394,8 @@ def write_safetensors(
         for key in layout:
             f.write(np.ascontiguousarray(tensors[key].data).data)
 
-    _atomic_write(path, write)
+    with atomic_output(path) as f:
+        write(f)
     return 8 + len(blob) + pos
 
 
@@ -589,7 +597,9 @@ def save_quantized(
     stored unchanged. ``quantizer`` (``"asymmetric"`` or ``"symmetric"``, as
     in :func:`quantize_tensor`) is recorded per tensor in the file's
     metadata; files without it are asymmetric. The file is written
-    atomically."""
+    atomically by :func:`squant_rs.formats.output.atomic_output` (symlinks
+    followed, permissions kept; a FIFO or device path raises
+    :class:`InvalidArgumentError`)."""
     wall = time.perf_counter()
     bits = check_bits(wbits, "wbits")
     mode = check_mode(mode)
@@ -689,7 +699,9 @@ class _QEntry:
 
 
 def _parse_metadata(
-    path: str | os.PathLike[str], tensors: Mapping[str, RawTensor], metadata: Mapping[str, str]
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, RawTensor | _Entry],
+    metadata: Mapping[str, str],
 ) -> dict[str, _QEntry]:
     if metadata.get("format") != FORMAT_NAME:
         raise _fail(path, "not a squant-rs file (a safetensors file without squant-rs metadata)")
@@ -750,9 +762,11 @@ def _parse_metadata(
 
 
 def inspect_quantized(path: str | os.PathLike[str]) -> QuantizedFileInfo:
-    """Describe a squant-rs file (no torch needed). Raises :class:`FormatError`
-    for anything that is not a valid squant-rs file."""
-    tensors, metadata = read_safetensors(path)
+    """Describe a squant-rs file (no torch needed). Reads only the header,
+    not the tensor data. Raises :class:`FormatError` for anything that is
+    not a valid squant-rs file."""
+    with open(path, "rb") as f:
+        tensors, metadata, _ = _read_header(f, path)
     table = _parse_metadata(path, tensors, metadata)
     infos: list[TensorInfo] = []
     parts = {n + suffix for n in table for suffix in (CODES, SCALE, ZERO_POINT)}

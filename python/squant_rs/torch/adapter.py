@@ -24,14 +24,18 @@ if TYPE_CHECKING:
     from ..tensor.quantized import QuantizedTensor
 
 
+#: How to get torch: from a package index, or from a source checkout.
+TORCH_INSTALL_HINT = (
+    "pip install 'squant-rs[torch]' (from a source checkout: pip install '.[torch]')"
+)
+
+
 def require_torch() -> Any:
     """Import torch or explain how to get it."""
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - exercised without torch
-        raise ImportError(
-            "this squant_rs feature needs PyTorch: pip install 'squant-rs[torch]'"
-        ) from exc
+        raise ImportError(f"this squant_rs feature needs PyTorch: {TORCH_INSTALL_HINT}") from exc
     return torch
 
 
