@@ -236,9 +236,8 @@ def _prepare(model: Any, where: str) -> Any:
             raise OnnxFormatError(
                 f"{where}: cannot convert opset {opset} to {OPSET} ({msg})"
             ) from None
-    elif opset > OPSET:
-        # Keep the model's own (newer) opset: DequantizeLinear-21 semantics hold.
-        pass
+    # int4 / int16 initializers need IR version 10 (opset 21's).
+    model.ir_version = max(model.ir_version, 10)
     return model
 
 
@@ -429,8 +428,47 @@ def _output_qdq(
 
 
 def _kernel_outputs(model: Any, layers: list[_Layer]) -> list[str]:
-    """Tensors quantized for integer kernels: the layers' outputs."""
-    return list(dict.fromkeys(layer.node.output[0] for layer in layers))
+    """Tensors quantized for integer kernels: each layer's output, or the
+    output of the Relu / Clip that alone reads it (onnxruntime then drops
+    the activation into the QuantizeLinear)."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    out: list[str] = []
+    for layer in layers:
+        t = layer.node.output[0]
+        readers = [n for n in graph.node if t in n.input]
+        if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") and t not in outputs:
+            t = readers[0].output[0]
+        out.append(t)
+    return list(dict.fromkeys(out))
+
+
+def _clip_max(model: Any) -> dict[str, float]:
+    """Upper bounds of Clip outputs whose max is a constant (ReLU6: 6)."""
+    from onnx import numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = a.t
+    out: dict[str, float] = {}
+    for n in model.graph.node:
+        if n.op_type == "Clip" and len(n.input) >= 3 and n.input[2] in consts:
+            v = numpy_helper.to_array(consts[n.input[2]])
+            if v.size == 1 and np.isfinite(v).all():
+                out[n.output[0]] = float(v.reshape(()))
+    return out
+
+
+def _capped(act: tuple[int, float, float], bound: float | None) -> tuple[int, float, float]:
+    """An unsigned range no wider than the Clip before it: the values never
+    exceed the bound, and a range inside it lets onnxruntime drop the Clip."""
+    bits, lo, hi = act
+    if bound is None or lo < 0 or not 0 < bound < hi:
+        return act
+    return bits, lo, bound
 
 
 def _index(graph: Any, node: Any) -> int:
@@ -712,11 +750,13 @@ def quantize_onnx(
     one ``U[0,1)`` batch (``input_shape``, default: the model's input with
     a symbolic batch of 8; ``seed``) run through onnxruntime; the first
     layer's input stays float and the last layer's is 8-bit. With
-    ``integer_kernels=True`` (needs ``abits``) the layers' outputs get Q/DQ
-    pairs too (``abits``, same sigma rule), so that onnxruntime fuses every
-    layer with a quantized input into an integer kernel (QLinearConv, QGemm;
-    use ``quantizer="symmetric"``); that adds one rounding per layer output
-    to what :func:`quantize_model`'s fake-quant model computes. The output is
+    ``integer_kernels=True`` (needs ``abits``) the layers' outputs (after a
+    Relu / Clip that alone reads them) get Q/DQ pairs too (``abits``, same
+    sigma rule), and ranges after a Clip are capped at its maximum (ReLU6:
+    6), so that onnxruntime fuses the layers with a quantized input into
+    integer kernels (QLinearConv, QGemm; use ``quantizer="symmetric"``);
+    that adds one rounding per layer output (and the capped ranges) to what
+    :func:`quantize_model`'s fake-quant model computes. The output is
     one file unless its tensors exceed 2 GB (then ``<out>.data`` too;
     ``external_data`` forces either); it is written atomically, and the
     input is never modified.
@@ -784,8 +824,12 @@ def quantize_onnx(
             bits = 8 if i == len(layers) - 1 else abits
             layer.act = (bits, *sigma_range(a, bits, mult))
         if integer_kernels:
+            bounds = _clip_max(model)
             for t, a in zip(probes[len(layers) :], values[len(layers) :]):
-                outputs[t] = (abits, *sigma_range(a, abits, mult))
+                outputs[t] = _capped((abits, *sigma_range(a, abits, mult)), bounds.get(t))
+            for layer in layers:
+                if layer.act is not None:
+                    layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
     reports = _layer_reports(layers, weights, arrays, order, ms)
     _rewrite(model, list(weights.values()), outputs)
     size_after = write_model(model, out, external_data)
@@ -979,8 +1023,12 @@ def export_onnx(
         feeds = _input_feeds(graph_model, int(seed), tuple(inputs[0].shape))
         n_threads = check_threads(threads)
         tensors = _kernel_outputs(graph_model, layers)
+        bounds = _clip_max(graph_model)
         for t, a in zip(tensors, _observe(graph_model, tensors, feeds, n_threads)):
-            outputs[t] = (abits, *sigma_range(a, abits, mult))
+            outputs[t] = _capped((abits, *sigma_range(a, abits, mult)), bounds.get(t))
+        for layer in layers:
+            if layer.act is not None:
+                layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
     _rewrite(graph_model, list(weights.values()), outputs)
     report.size_before = size_before
     report.size_after = write_model(graph_model, out, external_data)
