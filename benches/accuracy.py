@@ -14,7 +14,7 @@ of the sample images that ship inside scikit-image and scikit-learn:
 * mean KL(float || quantized).
 
 This is agreement with the float model on a small natural-image set, NOT
-ImageNet top-1 accuracy; the paper's ImageNet numbers (SPEC section 6, other
+ImageNet top-1 accuracy; the paper's ImageNet numbers (docs/algorithm.md section 6, other
 models) are printed beside it for orientation only.
 
 One command regenerates everything (markdown table, PNG plot, raw JSON)::
@@ -61,7 +61,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CONFIDENT = 0.5
 
-# SPEC section 6: the paper's ImageNet top-1 (pytorchcv models, real ImageNet).
+# docs/algorithm.md section 6: the paper's ImageNet top-1 (pytorchcv models, real ImageNet).
 PAPER_TOP1: tuple[tuple[str, str, str, str, str], ...] = (
     ("ResNet18", "71.47", "66.14", "70.74", "71.47"),
     ("ResNet50", "77.74", "70.80", "77.05", "77.71"),
@@ -199,7 +199,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"- images: {', '.join(ds['images'])}",
         f"- weights: per-output-channel asymmetric min/max, SQuant ({res['backend']} backend), "
         "all Conv/Linear layers; `squant-e` = nearest rounding with the same quantizer",
-        f"- W/A columns: the data-free activation pipeline (SPEC 5) of "
+        f"- W/A columns: the data-free activation pipeline (docs/algorithm.md section 5) of "
         f"`squant_rs.quantize_model(..., abits=...)`, ranges from one batch of "
         f'{res["calib_batch"]} U[0,1) images (calibration="{res["calibration"]}"); '
         "first layer's input unquantized, last layer's input 8-bit",
@@ -225,7 +225,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         out += _table(configs, modes, r, "kl", _fmt_kl)
         out.append("")
     out += [
-        "## For orientation: the paper's ImageNet top-1 (SPEC section 6)",
+        "## For orientation: the paper's ImageNet top-1 (docs/algorithm.md section 6)",
         "",
         "SQuant, real ImageNet validation set, pytorchcv models (not the models above):",
         "",

@@ -8,7 +8,7 @@ noisy):
   * relative to ``np.copyto`` of the same weights, the memory-bandwidth
     floor (goal <= 2.5x);
   * speed-up over a straightforward per-kernel Python loop implementing
-    SPEC, on one 256x256x3x3 layer (goal >= 1000x).
+    docs/algorithm.md, on one 256x256x3x3 layer (goal >= 1000x).
 
     python benches/bench_core.py [--repeat 7] [--threads N] [--json out.json]
 """
@@ -42,7 +42,7 @@ def nearest_numpy(w: np.ndarray, bits: int = 4) -> np.ndarray:
 
 
 def python_loop_squant(w: np.ndarray, bits: int = 4) -> np.ndarray:
-    """SPEC sections 1-4 (mode "squant") with a plain Python loop over kernels
+    """docs/algorithm.md sections 1-4 (mode "squant") with a plain Python loop over kernels
     and channels; numpy only inside one kernel. The "straightforward" port."""
     oc, ic = w.shape[:2]
     k = int(np.prod(w.shape[2:]))

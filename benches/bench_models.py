@@ -71,7 +71,7 @@ def quant_layers(model: torch.nn.Module) -> list[torch.nn.Conv2d | torch.nn.Line
 
 def nearest_codes(w: np.ndarray, bits: int) -> np.ndarray:
     """Per-output-channel min/max quantizer with nearest rounding: int8 codes
-    (same quantizer as SQuant, SPEC section 1, without the flips; plain NumPy)."""
+    (same quantizer as SQuant, docs/algorithm.md section 1, without the flips; plain NumPy)."""
     w2 = w.reshape(w.shape[0], -1)
     n = 2 ** (bits - 1)
     mx = w2.max(axis=1, keepdims=True)
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ("/'cuda'" if cuda_name else "")
         + " = the same loop with `backend=\"torch\"`; 'nearest' = per-channel min/max "
         "nearest rounding to int8 codes in plain NumPy; 'paper A100' = the SQuant authors' "
-        "GPU times (SPEC section 6). rust / X < 1 means faster than X."
+        "GPU times (docs/algorithm.md section 6). rust / X < 1 means faster than X."
     )
     print("\n" + header + "\n\n" + table)
     print(f"\ntotal {total_s:.0f} s")

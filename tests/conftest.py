@@ -102,7 +102,7 @@ def grid_weight(rng: np.random.Generator, shape, bits: int, p: int = 2) -> np.nd
 
 
 def interior_weight(rng: np.random.Generator, shape, bits: int) -> np.ndarray:
-    """Weights for which clamping can never bind (SPEC section 4 preconditions).
+    """Weights for which clamping can never bind (docs/algorithm.md section 4 preconditions).
 
     Per channel s = 2**p exactly and z is an integer, with the channel min/max
     mapping exactly onto x = tmin / x = tmax (error 0, so they never need a

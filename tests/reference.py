@@ -1,6 +1,6 @@
-"""Plain, slow Python oracle for SQuant weight quantization (SPEC sections 1-4).
+"""Plain, slow Python oracle for SQuant weight quantization (docs/algorithm.md sections 1-4).
 
-It follows /work/shared/SPEC.md line by line and is deliberately written with
+It follows docs/algorithm.md line by line and is deliberately written with
 Python loops over groups so that it shares no structure with the fast
 implementation.  The one deliberate deviation from a naive float sum is the
 CASE group sum S, which is accumulated in fixed point (see ``group_sum``) so
@@ -12,10 +12,10 @@ Public entry point::
         -> (codes int8 w.shape, s float32 (OC,), z float32 (OC,),
             k_changed int, c_changed int)
 
-``quantizer="symmetric"`` replaces section 1 by section 7 (zero point 0,
+``quantizer="symmetric"`` replaces section 1 by the symmetric quantizer (zero point 0,
 ``s = (2^(b-1) - 1) / max|W|``, codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``).
 
-``s`` is SPEC's inverse scale (levels per unit) and ``z`` its zero point, so
+``s`` is docs/algorithm.md's inverse scale (levels per unit) and ``z`` its zero point, so
 ``dequantized = (codes + z) / s``.
 """
 
@@ -56,8 +56,8 @@ def code_bounds(bits: int, quantizer: str = "asymmetric") -> tuple[int, int]:
 
 
 def channel_quantizer(w2: np.ndarray, bits: int, quantizer: str = "asymmetric"):
-    """SPEC section 1: per-output-channel asymmetric min/max quantizer (or
-    section 7's symmetric one).
+    """docs/algorithm.md section 1: per-output-channel asymmetric min/max
+    quantizer (or the symmetric one).
 
     w2 is the float32 weight viewed as (OC, IC*K).  Returns float32 (s, z, x).
     """
@@ -93,7 +93,7 @@ class _State:
     def __init__(self, x: np.ndarray, tmin: int, tmax: int):
         x = x.reshape(-1).astype(F32)
         self.x = x
-        # SPEC section 2: nearest rounding.
+        # docs/algorithm.md section 2: nearest rounding.
         self.r = np.rint(x).astype(F32)
         self.e = (self.r - x).astype(F32)
         r, e = self.r, self.e
@@ -122,7 +122,7 @@ class _State:
 
 
 def case_step(state: _State, group, orders, stats=None) -> int:
-    """SPEC section 3: one CASE step on ``group`` (an int array of ascending
+    """docs/algorithm.md section 3: one CASE step on ``group`` (an int array of ascending
     flat positions) with precomputed ``orders``.  Returns the number of
     elements whose value actually changed."""
     size = len(group)
@@ -167,7 +167,7 @@ def case_step(state: _State, group, orders, stats=None) -> int:
 def squant_reference(
     w: np.ndarray, bits: int, mode: str, *, stats=None, quantizer: str = "asymmetric"
 ):
-    """Quantize ``w`` (ndim >= 2, any float dtype) per SPEC sections 1-4.
+    """Quantize ``w`` (ndim >= 2, any float dtype) per docs/algorithm.md sections 1-4.
 
     Returns (codes int8, s float32 (OC,), z float32 (OC,), k_changed, c_changed).
     If ``stats`` is a dict it is filled with counters useful to check that a

@@ -26,7 +26,7 @@ MODES = squant_rs.MODES
 # (shape, distribution, dtype): same trailing shapes with different OC,
 # Linear, depthwise, conv1d, long kernels (CPU strategy's topk route),
 # 5x5 / 7x7 kernels (deep kernel ranks), several dtypes.
-SPECS = [
+CASES = [
     ((8, 4, 3, 3), "normal", torch.float32),
     ((16, 6), "normal", torch.float32),
     ((5, 4, 3, 3), "grid", torch.float32),
@@ -56,7 +56,7 @@ BITS_MODES = list(itertools.product(range(2, 9), MODES))
 
 def _weights(key: str = "batch-torch", device: str = "cpu") -> list[torch.Tensor]:
     ws = []
-    for i, (shape, dist, dtype) in enumerate(SPECS):
+    for i, (shape, dist, dtype) in enumerate(CASES):
         rng = np.random.default_rng(seed_for(key, i, shape, dist))
         ws.append(torch.from_numpy(make_weight(rng, shape, dist, bits=2 + i % 7)).to(dtype))
     # A non-contiguous weight (a transposed view) in the (6,) group, and one

@@ -477,12 +477,22 @@ def test_tied_and_shared_weights(tmp_path) -> None:
     torch.manual_seed(0)
     model = Tied()
     qmodel, report = squant_rs.quantize_model(model, return_report=True)
-    assert [r.name for r in report.layers] == ["head", "shared"]  # each weight once
+    # One module under three names: quantized once, reported under every name.
+    assert [r.name for r in report.layers] == ["shared", "seq.0", "seq.2"]
+    assert [r.tied_to for r in report.layers] == [None, "shared", "shared"]
+    assert report.params == 36 and len(str(report).splitlines()) == 2 + 3 + 3
+    # A Linear tied to an Embedding stays float (both), with a note.
+    assert report.skipped == ["head"]
+    assert report.notes == [
+        "head: shares its weight with emb.weight (Embedding), which SQuant does not "
+        "quantize; left float"
+    ]
     sd = qmodel.state_dict()
-    want = squant_rs.quantize_tensor(model.head.weight.detach(), 4).dequantize()
-    assert torch.equal(sd["head.weight"], want) and torch.equal(sd["emb.weight"], want)
-    assert torch.equal(sd["seq.0.weight"], sd["shared.weight"])
-    assert torch.equal(sd["seq.2.weight"], sd["shared.weight"])
+    assert torch.equal(sd["head.weight"], model.emb.weight)
+    assert torch.equal(sd["emb.weight"], model.emb.weight)
+    want = squant_rs.quantize_tensor(model.shared.weight.detach(), 4).dequantize()
+    for key in ("shared.weight", "seq.0.weight", "seq.2.weight"):
+        assert torch.equal(sd[key], want)
     path = tmp_path / "tied.safetensors"
     squant_rs.save_quantized(model, path)
     _assert_state_dicts_equal(squant_rs.load_quantized(path), sd)

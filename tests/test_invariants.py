@@ -1,4 +1,4 @@
-"""Property tests for the SPEC section 4 invariants of squant_rs.quantize_tensor."""
+"""Property tests for the docs/algorithm.md section 4 invariants of squant_rs.quantize_tensor."""
 
 from __future__ import annotations
 

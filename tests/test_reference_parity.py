@@ -63,7 +63,7 @@ def assert_parity(w: np.ndarray, bits: int, mode: str) -> None:
 
 
 # --------------------------------------------------------------------------
-# The oracle itself, on examples worked by hand from SPEC.
+# The oracle itself, on examples worked by hand from docs/algorithm.md.
 
 
 def test_reference_hand_worked_conv():

@@ -1,7 +1,7 @@
 """Unit tests of the vectorized torch backend (``squant_rs.torch.backend``).
 
 The oracle below is a plain, slow, loop-over-groups transcription of
-/work/shared/SPEC.md sections 1-4 (with the fixed-point CASE sum), written
+docs/algorithm.md sections 1-4 (with the fixed-point CASE sum), written
 independently of the backend.  Both backend strategies (the CPU one and the
 sync-light one meant for CUDA) run on CPU against it; on a machine with CUDA
 the CUDA entry point is checked too.  ``tests/reference.py`` (another
@@ -28,7 +28,7 @@ F32 = np.float32
 
 
 # --------------------------------------------------------------------------
-# Oracle (SPEC, line by line)
+# Oracle (docs/algorithm.md, line by line)
 # --------------------------------------------------------------------------
 
 
@@ -536,7 +536,7 @@ def test_channel_level_fill_beyond_positive_carries(on_cpu: bool) -> None:
 
 @pytest.mark.parametrize("route", ["float32", "float64-total", "int64-t"])
 def test_dense_decide_routes(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
-    """The dense strategy's shortcuts in SPEC 3 (int64 total -> float32
+    """The dense strategy's shortcuts in docs/algorithm.md section 3 (int64 total -> float32
     directly, t kept as float32) and the exact routes it takes for long
     groups (through float64; int64 t) give the same codes."""
     if route == "float64-total":

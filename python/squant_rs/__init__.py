@@ -10,24 +10,34 @@ Quick start::
     qts = squant_rs.quantize_tensors([w, w[:8]], bits=4)   # many in one call
 """
 
-from __future__ import annotations
-
-from ._squant_rs import (
+# No ``from __future__ import annotations`` here: it would leave a public
+# ``annotations`` name in the package namespace.
+from ._squant_rs import __version__
+from .errors import (
+    FormatError,
     InvalidArgumentError,
     NonFiniteWeightError,
     SquantError,
+    UnsupportedDtypeError,
     WeightRangeError,
-    __version__,
 )
 from .formats.onnx import OnnxFormatError, export_onnx, quantize_onnx
-from .formats.safetensors import FormatError, load_quantized, save_quantized
-from .model import ActivationQuantizer, LayerReport, QuantReport, quantize_model
+from .formats.safetensors import load_quantized, save_quantized, select_state_dict
+from .model import (
+    DEFAULT_INPUT_SHAPE,
+    ActivationQuantizer,
+    LayerReport,
+    QuantReport,
+    default_s_sigma,
+    quantize_model,
+)
 from .tensor.batch import quantize_tensors
 from .tensor.quantized import QuantizedTensor, quantize_tensor
-from .tensor.validate import BACKENDS, MODES, UnsupportedDtypeError
+from .tensor.validate import BACKENDS, MODES
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_INPUT_SHAPE",
     "MODES",
     "ActivationQuantizer",
     "FormatError",
@@ -41,6 +51,7 @@ __all__ = [
     "UnsupportedDtypeError",
     "WeightRangeError",
     "__version__",
+    "default_s_sigma",
     "export_onnx",
     "load_quantized",
     "quantize_model",
@@ -48,4 +59,5 @@ __all__ = [
     "quantize_tensor",
     "quantize_tensors",
     "save_quantized",
+    "select_state_dict",
 ]

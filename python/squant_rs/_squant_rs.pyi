@@ -4,6 +4,12 @@
 import numpy as np
 import numpy.typing as npt
 
+# The exception classes are defined in Python and raised by the native code.
+from squant_rs.errors import InvalidArgumentError as InvalidArgumentError
+from squant_rs.errors import NonFiniteWeightError as NonFiniteWeightError
+from squant_rs.errors import SquantError as SquantError
+from squant_rs.errors import WeightRangeError as WeightRangeError
+
 __all__ = [
     "quantize",
     "quantize_many",
@@ -20,18 +26,6 @@ __all__ = [
 
 __version__: str
 THREADS_ENV_VAR: str
-
-class SquantError(ValueError):
-    """Base class of squant-rs errors about values (a ValueError)."""
-
-class NonFiniteWeightError(SquantError):
-    """The weight holds NaN or infinity; the message names the output channel."""
-
-class WeightRangeError(SquantError):
-    """A channel's values overflow the float32 quantizer."""
-
-class InvalidArgumentError(SquantError):
-    """An argument (bits, mode, shape, threads) is out of range."""
 
 def quantize(
     w: npt.NDArray[np.float32],

@@ -42,6 +42,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Union
@@ -49,7 +50,8 @@ from typing import IO, TYPE_CHECKING, Any, Union
 import numpy as np
 
 from .. import _squant_rs as _native
-from .._squant_rs import InvalidArgumentError, SquantError, __version__
+from .._squant_rs import InvalidArgumentError, __version__
+from ..errors import FormatError
 from ..model.layers import (
     ProgressFn,
     check_patterns,
@@ -57,6 +59,7 @@ from ..model.layers import (
     quantize_layer_weight,
     relative_error,
     select_layers,
+    warn_unmatched,
 )
 from ..model.report import LayerReport, QuantReport
 from ..tensor.packing import codes_per_byte, pack_codes, packed_size, unpack_codes
@@ -98,11 +101,6 @@ CODES, SCALE, ZERO_POINT = ":codes", ":scale", ":zero_point"
 DEFAULT_INCLUDE: tuple[str, ...] = ("*weight",)
 
 _MAX_HEADER = 100 * 1024 * 1024  # as the safetensors library
-
-
-class FormatError(SquantError):
-    """A file is not a (valid) safetensors / squant-rs file: unknown format,
-    truncated, corrupt, or written in an unsupported format version."""
 
 
 # --------------------------------------------------------------------------
@@ -420,7 +418,7 @@ def _quantized_entries(
     quantizer: str = "asymmetric",
 ) -> tuple[dict[str, RawTensor], dict[str, Any], LayerReport]:
     qt, ms = quantize_layer_weight(name, weight, bits, mode, backend, threads, quantizer)
-    err = relative_error(weight, qt.dequantize())
+    err = relative_error(weight, qt.dequantize(threads))
     codes = np.ascontiguousarray(_as_numpy(qt.codes))
     scale = np.ascontiguousarray(_as_numpy(qt.scale), dtype=np.float32)
     zp = np.ascontiguousarray(_as_numpy(qt.zero_point), dtype=np.float32)
@@ -627,6 +625,15 @@ def save_quantized(
             if not isinstance(key, str):
                 raise InvalidArgumentError(f"state dict keys must be strings, got {key!r}")
         keys = select_state_dict(entries, include, patterns)
+        modules = [k[: -len(".weight")] for k in entries if k.endswith(".weight")]
+        warn_unmatched(patterns, [*entries, *modules], "tensor", stacklevel=2)
+        if not keys and not select_state_dict(entries, include, ()):
+            warnings.warn(
+                "the state dict has no tensor to quantize (none is a floating tensor of "
+                "2+ dimensions matching include)",
+                UserWarning,
+                stacklevel=2,
+            )
         selected = {k: entries[k] for k in keys}
         skipped = []
     else:
@@ -801,12 +808,15 @@ def _dequantize(
     zp = tensors[name + ZERO_POINT].to_numpy()
     if not (np.isfinite(scale).all() and (scale > 0).all() and np.isfinite(zp).all()):
         raise _fail(path, f"corrupt scale or zero point for {name!r}")
+    # A bad SQUANT_NUM_THREADS is reported as itself, not as a corrupt file.
+    threads = check_threads(None)
     # The Rust loop behind QuantizedTensor.dequantize: bit-exact with it.
     try:
         w = _native.dequantize(
             codes.reshape(q.shape),
             np.ascontiguousarray(scale, dtype=np.float32),
             np.ascontiguousarray(zp, dtype=np.float32),
+            threads,
         )
     except InvalidArgumentError as exc:
         raise _fail(path, f"corrupt scale or zero point for {name!r} ({exc})") from None

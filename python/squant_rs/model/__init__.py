@@ -1,5 +1,5 @@
 """Model-level SQuant: quantize every Conv/Linear weight of a torch model, and
-optionally add the paper's data-free activation quantizers (SPEC section 5).
+optionally add the paper's data-free activation quantizers (docs/algorithm.md section 5).
 
 This module imports torch lazily, so ``import squant_rs`` works without it.
 
@@ -18,7 +18,7 @@ Activations (``abits=...``)
     batch of ``U[0, 1)`` noise of ``input_shape`` drawn with
     ``torch.rand(input_shape, generator=torch.Generator().manual_seed(seed))``
     (then moved to the model's device and floating dtype), with the sigma
-    rule of SPEC section 5. The first quantized layer to run keeps a float
+    rule of docs/algorithm.md section 5. The first quantized layer to run keeps a float
     input, the last to run gets 8 bits; "first" and "last" are in execution
     order of that pass. A layer that runs more than once is calibrated on
     its first call; a layer that never runs during calibration keeps a float

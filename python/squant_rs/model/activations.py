@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._squant_rs import InvalidArgumentError, SquantError
+from ..errors import InvalidArgumentError, SquantError
 from ..tensor.validate import (
     check_bits,
 )
@@ -46,13 +46,13 @@ def default_s_sigma(bits: int) -> float:
 
 
 # --------------------------------------------------------------------------
-# Activation quantization (SPEC section 5)
+# Activation quantization (docs/algorithm.md section 5)
 
 
 def activation_range(
     signed: bool, sigma: float, a_max: float, bits: int, s_sigma: float
 ) -> tuple[float, float]:
-    """``(x_min, x_max)`` of SPEC section 5 from the calibration statistics
+    """``(x_min, x_max)`` of docs/algorithm.md section 5 from the calibration statistics
     (float32 arithmetic, as the release): ``alpha = s_sigma * sigma``
     (``/ 1.25`` when signed), ``alpha = min(alpha, a_max)`` below 6 bits;
     ``[-alpha, alpha]`` when signed, else ``[0, alpha]``."""
@@ -67,7 +67,7 @@ def activation_range(
 
 
 def activation_qparams(x_min: float, x_max: float, bits: int) -> tuple[float, float, int, int]:
-    """``(s, z, qmin, qmax)`` of the affine scheme of SPEC section 5 (float32):
+    """``(s, z, qmin, qmax)`` of the affine scheme of docs/algorithm.md section 5 (float32):
     ``s = (2^b - 1) / max(x_max - x_min, 1e-8)``, ``z = rne(s * x_min)``
     (``+ 2^(b-1)`` when signed, i.e. ``x_min < 0``)."""
     f32 = np.float32

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import numbers
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, overload
 
-from .._squant_rs import InvalidArgumentError
+from ..errors import InvalidArgumentError
 from ..tensor.validate import (
     check_backend,
     check_bits,
@@ -27,7 +28,7 @@ from .activations import (
     default_s_sigma,
 )
 from .fold import fold_batchnorm
-from .layers import check_patterns, quantize_layer_weight, relative_error, select_layers
+from .layers import check_patterns, plan_layers, quantize_layer_weight, relative_error
 from .report import LayerReport, QuantReport
 
 if TYPE_CHECKING:
@@ -98,16 +99,25 @@ def quantize_model(
     """A SQuant-quantized deep copy of ``model`` (the original is untouched).
 
     Every Conv1d/2d/3d and Linear weight (module names matching a ``skip``
-    fnmatch pattern excepted, e.g. ``skip=("fc", "layer4.*")``) is replaced
+    fnmatch pattern excepted, e.g. ``skip=("conv1", "fc")``) is replaced
     by its ``wbits``-bit SQuant dequantized value, same dtype and device.
     ``mode``, ``backend``, ``threads`` and ``quantizer`` are as in
     :func:`quantize_tensor`.
+    ``ConvTranspose`` layers, parametrized weights and weights without
+    elements (``Linear(0, 4)``) stay float.
+
+    Shared weights: a weight used by several layers (tied parameters) is
+    quantized once and reported under every layer's name. A skip of any of
+    those layers keeps the shared weight float for all of them, and a
+    weight that a Conv/Linear layer shares with another kind of module
+    (e.g. a Linear tied to an Embedding) stays float too; the report notes
+    both.
 
     With ``abits`` (2..8), activation quantizers are added as forward
     pre-hooks and calibrated on one ``U[0,1)`` batch of ``input_shape``
-    (default :data:`DEFAULT_INPUT_SHAPE`, an ImageNet-sized batch of 8;
-    give e.g. ``(8, 784)`` for an MLP). ``s_sigma`` defaults to
-    :func:`default_s_sigma` of ``abits`` and is used for every activation
+    (default ``squant_rs.DEFAULT_INPUT_SHAPE``, an ImageNet-sized batch of
+    8; give e.g. ``(8, 784)`` for an MLP). ``s_sigma`` defaults to
+    ``squant_rs.default_s_sigma(abits)`` and is used for every activation
     quantizer, the 8-bit last layer included, as in the release.
     ``calibration`` is ``"float"`` or ``"quantized"`` (see the module doc);
     ``seed`` seeds the calibration noise.
@@ -119,6 +129,24 @@ def quantize_model(
 
     The per-layer :class:`QuantReport` is attached as ``qmodel.squant_report``
     and, with ``return_report=True``, returned as ``(qmodel, report)``.
+
+    Returns:
+        The quantized copy, or ``(qmodel, report)`` with ``return_report=True``.
+
+    Raises:
+        InvalidArgumentError: an argument out of range; the model cannot be
+            deep-copied (e.g. the old ``torch.nn.utils.weight_norm``); a lazy
+            layer is not initialized; the calibration forward pass fails.
+        NonFiniteWeightError, WeightRangeError: a weight that cannot be
+            quantized (the message names the layer and the channel).
+        UnsupportedDtypeError: a weight of an unsupported dtype.
+        TypeError: ``model`` is not an ``nn.Module``, or an argument has the
+            wrong type.
+        ImportError: torch is not installed.
+
+    Warns:
+        UserWarning: a ``skip`` pattern matches no Conv/Linear layer, or the
+            model has none.
     """
     wall = time.perf_counter()
     wbits = check_bits(wbits, "wbits")
@@ -147,10 +175,18 @@ def quantize_model(
     if not isinstance(fold_bn, bool):
         raise TypeError(f"fold_bn must be a bool, got {fold_bn!r}")
 
-    qmodel = copy.deepcopy(model)
+    qmodel = _deepcopy(model)
     if fold_bn:
         fold_batchnorm(qmodel, inplace=True)
-    layers, skipped = select_layers(qmodel, patterns)
+    plan = plan_layers(qmodel, patterns, stacklevel=2)
+    # Activation quantizers go on every distinct module with a quantized
+    # weight, tied ones included (a module under two names gets one).
+    layers = list(plan.chosen)
+    seen = {id(module) for _, module in layers}
+    for name, _, module in plan.tied:
+        if id(module) not in seen:
+            seen.add(id(module))
+            layers.append((name, module))
 
     quantizers: dict[str, ActivationQuantizer] = {}
     if abits is not None:
@@ -159,41 +195,47 @@ def quantize_model(
         if calibration == "float":
             _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=False)
 
-    reports: list[LayerReport] = []
-    for name, module in layers:
+    by_name: dict[str, LayerReport] = {}
+    for name, module in plan.chosen:
         weight = module.weight
         qt, ms = quantize_layer_weight(
             name, weight.detach(), wbits, mode, backend, threads, quantizer
         )
-        w_hat = qt.dequantize()
+        w_hat = qt.dequantize(threads)
         err = relative_error(weight, w_hat)
         with torch.no_grad():
             weight.copy_(w_hat)
-        reports.append(
-            LayerReport(
-                name=name,
-                shape=tuple(weight.shape),
-                params=weight.numel(),
-                time_ms=ms,
-                rel_error=err,
-                k_flips=qt.k_flips,
-                c_flips=qt.c_flips,
-                bits=wbits,
-                kind=type(module).__name__,
-                qtensor=qt,
-            )
+        del w_hat
+        by_name[name] = LayerReport(
+            name=name,
+            shape=tuple(weight.shape),
+            params=weight.numel(),
+            time_ms=ms,
+            rel_error=err,
+            k_flips=qt.k_flips,
+            c_flips=qt.c_flips,
+            bits=wbits,
+            kind=type(module).__name__,
+            qtensor=qt,
         )
+    for name, owner, module in plan.tied:
+        by_name[name] = dataclasses.replace(
+            by_name[owner], name=name, time_ms=0.0, kind=type(module).__name__, tied_to=owner
+        )
+    # Rows in module order (a tied layer's row where the layer is).
+    order = {name: i for i, (name, _) in enumerate(qmodel.named_modules(remove_duplicate=False))}
+    reports = sorted(by_name.values(), key=lambda r: order[r.name])
 
     if abits is not None:
         if calibration == "quantized":
             _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=True)
-        for (name, module), rep in zip(layers, reports):
+        for name, module in layers:
             q = quantizers[name]
             module.register_forward_pre_hook(q)
             if q.calibrated and q.enabled:
                 assert q.x_min is not None and q.x_max is not None
-                rep.act_range = (q.x_min, q.x_max)
-                rep.act_bits = q.bits
+                by_name[name].act_range = (q.x_min, q.x_max)
+                by_name[name].act_bits = q.bits
 
     report = QuantReport(
         layers=reports,
@@ -201,7 +243,8 @@ def quantize_model(
         mode=mode,
         abits=abits,
         wall_ms=(time.perf_counter() - wall) * 1e3,
-        skipped=skipped,
+        skipped=plan.skipped,
+        notes=plan.notes,
         quantizer=quantizer,
     )
     # Plain attribute (nn.Module.__setattr__ is typed for tensors/modules only).
@@ -209,6 +252,30 @@ def quantize_model(
     if return_report:
         return qmodel, report
     return qmodel
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, or a clear error for a model that torch
+    cannot copy (e.g. the old ``torch.nn.utils.weight_norm``, whose weight
+    is a computed tensor, or a module holding a lock or an open file)."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # deepcopy can fail in many ways; say which
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = ""
+        if any(
+            hasattr(m, "weight_g") and hasattr(m, "weight_v") and not hasattr(m, "parametrizations")
+            for m in model.modules()
+        ):
+            hint = (
+                "; the model uses the old torch.nn.utils.weight_norm: apply "
+                "torch.nn.utils.remove_weight_norm first, or use "
+                "torch.nn.utils.parametrizations.weight_norm"
+            )
+        raise InvalidArgumentError(
+            f"quantize_model works on a deep copy, but this model cannot be deep-copied "
+            f"({type(exc).__name__}: {first}){hint}"
+        ) from exc
 
 
 def activation_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:

@@ -28,6 +28,10 @@ class LayerReport:
     act_bits: int | None = None
     #: Activation range ``(x_min, x_max)`` fixed by calibration.
     act_range: tuple[float, float] | None = None
+    #: For a layer sharing its weight with an earlier layer (tied
+    #: parameters): that layer's name. The weight was quantized once, there;
+    #: this row repeats its result and the totals count it once.
+    tied_to: str | None = None
     #: The layer's quantized weight (codes, scale, zero point), as used by
     #: the ONNX export; not part of the printed report or of comparisons.
     qtensor: QuantizedTensor | None = field(default=None, repr=False, compare=False)
@@ -53,33 +57,41 @@ class QuantReport:
     size_after: int | None = None
     #: ``"asymmetric"`` (the paper's) or ``"symmetric"``.
     quantizer: str = "asymmetric"
+    #: Notes on layers left float for a reason other than a skip pattern
+    #: (shared weights, empty weights).
+    notes: list[str] = field(default_factory=list)
+
+    def _distinct(self) -> list[LayerReport]:
+        """One row per quantized weight (rows of tied layers left out)."""
+        return [layer for layer in self.layers if layer.tied_to is None]
 
     @property
     def total_ms(self) -> float:
-        return sum(layer.time_ms for layer in self.layers)
+        return sum(layer.time_ms for layer in self._distinct())
 
     @property
     def params(self) -> int:
-        return sum(layer.params for layer in self.layers)
+        return sum(layer.params for layer in self._distinct())
 
     @property
     def mean_rel_error(self) -> float:
-        if not self.layers:
+        rows = self._distinct()
+        if not rows:
             return 0.0
-        return sum(layer.rel_error for layer in self.layers) / len(self.layers)
+        return sum(layer.rel_error for layer in rows) / len(rows)
 
     @property
     def k_flips(self) -> int:
-        return sum(layer.k_flips for layer in self.layers)
+        return sum(layer.k_flips for layer in self._distinct())
 
     @property
     def c_flips(self) -> int:
-        return sum(layer.c_flips for layer in self.layers)
+        return sum(layer.c_flips for layer in self._distinct())
 
     def summary(self) -> str:
         """One line: layers, parameters, time, mean error (and sizes)."""
         text = (
-            f"{len(self.layers)} layers, {self.params:,} parameters, W{self.wbits}"
+            f"{len(self._distinct())} layers, {self.params:,} parameters, W{self.wbits}"
             + (f"A{self.abits}" if self.abits is not None else "")
             + f" {self.mode}"
             + (f" {self.quantizer}" if self.quantizer != "asymmetric" else "")
@@ -102,7 +114,8 @@ class QuantReport:
         rows: list[list[str]] = []
         for r in self.layers:
             row = [
-                r.name or "(model)",
+                (r.name or "(model)")
+                + (f" (tied to {r.tied_to})" if r.tied_to is not None else ""),
                 "x".join(str(d) for d in r.shape),
                 f"{r.params:,}",
                 f"{r.time_ms:.2f}",
@@ -120,6 +133,7 @@ class QuantReport:
         lines.append(f"total: {self.summary()}")
         if self.skipped:
             lines.append(f"left float: {', '.join(self.skipped)}")
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 

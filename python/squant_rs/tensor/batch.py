@@ -15,8 +15,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import _squant_rs as _native
-from .._squant_rs import SquantError
-from .quantized import QuantizedTensor, _is_torch_tensor, as_float32_array, from_native
+from ..errors import SquantError
+from .quantized import (
+    QuantizedTensor,
+    _is_torch_tensor,
+    as_float32_array,
+    from_native,
+)
 from .validate import (
     UnsupportedDtypeError,
     check_backend,
@@ -43,8 +48,16 @@ def quantize_tensors(
     tensors, mixed shapes, dtypes and devices) with the same ``bits``,
     ``mode``, ``backend``, ``threads`` and ``quantizer``, and returns the list of
     :class:`QuantizedTensor` that ``quantize_tensor`` would return for each,
-    in order, bit for bit. An error names the weight: ``"weight 3: ..."``.
-    Inputs are never modified.
+    in order, bit for bit. Inputs are never modified.
+
+    Returns:
+        A list of :class:`QuantizedTensor`, one per weight, in order.
+
+    Raises:
+        The exceptions of :func:`quantize_tensor` (``SquantError``
+        subclasses, ``UnsupportedDtypeError``, ``TypeError``,
+        ``MemoryError``), for the first bad weight, with the weight's
+        position in front of the message: ``"weight 3: ..."``.
     """
     bits = check_bits(bits)
     mode = check_mode(mode)
@@ -63,7 +76,7 @@ def quantize_tensors(
     for i, w in enumerate(ws):
         try:
             if _is_torch_tensor(w):
-                from ..torch.adapter import check_torch_weight, to_numpy_f32
+                from ..torch.adapter import check_torch_memory, check_torch_weight, host_float32
 
                 check_torch_weight(w)
                 w = w.detach()
@@ -71,13 +84,14 @@ def quantize_tensors(
                     torch_idx.append(i)
                     torch_ws.append(w)
                     continue
-                a32, dtype, device = to_numpy_f32(w), w.dtype, w.device
+                check_torch_memory(w, False)
+                a32, dtype, device = host_float32(w), w.dtype, w.device
             elif type(w).__module__.startswith("torch"):
                 raise TypeError("got a torch object but torch is not importable")
             else:
                 a32, dtype = as_float32_array(w)
                 device = None
-        except (SquantError, TypeError, UnsupportedDtypeError) as exc:
+        except (SquantError, TypeError, UnsupportedDtypeError, MemoryError) as exc:
             raise with_weight_index(exc, i) from None
         native_idx.append(i)
         native_arrays.append(a32)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._squant_rs import InvalidArgumentError
+from ..errors import InvalidArgumentError
 from .validate import check_bits
 
 

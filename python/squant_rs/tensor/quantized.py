@@ -3,23 +3,36 @@ the dispatch to the torch adapter."""
 
 from __future__ import annotations
 
+import math
+import re
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .. import _squant_rs as _native
-from .._squant_rs import WeightRangeError
+from ..errors import SquantError, WeightRangeError
 from .validate import (
     UnsupportedDtypeError,
     check_backend,
     check_bits,
+    check_memory,
     check_mode,
     check_quantizer,
     check_shape,
     check_threads,
+    dtype_max,
+    grid_error,
+    physical_memory,
 )
+
+#: Weights that need a float32 conversion (float16, bfloat16) are converted
+#: and quantized (and dequantized) in blocks of whole output channels of
+#: about this many elements, so that no full-size float32 copy exists: every
+#: SQuant step is per output channel, so the results are the same.
+BLOCK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,6 +60,9 @@ class QuantizedTensor:
     dtype: Any
     k_flips: int
     c_flips: int
+    #: Whether the grid was already checked finite in ``dtype`` (set by the
+    #: quantize functions; a hand-made instance is checked on dequantize).
+    grid_checked: bool = field(default=False, repr=False)
     quantizer: str = "asymmetric"
 
     @property
@@ -63,19 +79,35 @@ class QuantizedTensor:
         """``-zero_point``: with :attr:`step`, ``w_hat ~= (codes - zp) * step``."""
         return -self.zero_point
 
-    def dequantize(self) -> Any:
-        """Dequantized weight of the input's shape and dtype (and device)."""
+    def dequantize(self, threads: int | None = None) -> Any:
+        """The dequantized weight ``(codes + zero_point[o]) / scale[o]``,
+        computed in float32 and returned in the input's shape, dtype (and
+        device).
+
+        ``threads`` sets the Rust thread count as in :func:`quantize_tensor`
+        (given, ``SQUANT_NUM_THREADS`` is not read). For float16 and bfloat16
+        the values are computed a block of channels at a time, so the only
+        buffer beyond the output is one block of float32 values.
+
+        Returns:
+            A numpy array for numpy codes, else a torch tensor on the codes'
+            device.
+
+        Raises:
+            WeightRangeError: some dequantized value would not be finite in
+                the output dtype (only for a hand-made instance; the quantize
+                functions refuse such weights up front).
+            InvalidArgumentError: ``threads`` (or ``SQUANT_NUM_THREADS``) is
+                out of range.
+        """
+        threads = check_threads(threads)
         if isinstance(self.codes, np.ndarray):
-            out = _native.dequantize(self.codes, self.scale, self.zero_point)
-            if self.dtype == np.float16:
-                # The grid's end points can lie slightly beyond the range
-                # (rounded zero point): clamp instead of overflowing to inf.
-                fmax = np.finfo(np.float16).max
-                np.clip(out, -fmax, fmax, out=out)
-            return out.astype(self.dtype, copy=False)
+            if not self.grid_checked:
+                check_grid(self.scale, self.zero_point, self.bits, self.dtype)
+            return dequantize_array(self.codes, self.scale, self.zero_point, self.dtype, threads)
         from ..torch.adapter import dequantize_torch
 
-        return dequantize_torch(self)
+        return dequantize_torch(self, threads)
 
     def __repr__(self) -> str:
         return (
@@ -90,22 +122,37 @@ def _is_torch_tensor(w: object) -> bool:
     return torch is not None and isinstance(w, torch.Tensor)
 
 
-def as_float32_array(w: object) -> tuple[np.ndarray, np.dtype]:
-    """Validated float32 view of a numpy-like weight (copies only when the
-    dtype or byte order differs), with the original dtype in native order."""
-    a = np.asarray(w)
+def validated_array(w: object) -> np.ndarray:
+    """``w`` as a numpy array of a supported dtype and shape (no copy)."""
+    try:
+        a = np.asarray(w)
+    except ValueError as exc:  # e.g. a nested list deeper than numpy's 64 dimensions
+        raise UnsupportedDtypeError(f"weight is not a numeric array ({exc})") from None
     if a.dtype.kind != "f" or a.dtype.itemsize not in (2, 4, 8):
         raise UnsupportedDtypeError(
             f"weight dtype {a.dtype} is not supported: expected float16, float32 or float64"
         )
     check_shape(a.shape)
-    # float64 beyond float32's range becomes inf here, then fails the
-    # non-finite check with a clear message instead of a numpy warning.
+    check_memory(a.size, 1, physical_memory(), "this machine")
+    return a
+
+
+def to_float32(a: np.ndarray) -> np.ndarray:
+    """A float32 view (or copy, when the dtype or byte order differs) of a
+    validated array; float64 values beyond float32's range are a
+    :class:`WeightRangeError`, whatever the path (no numpy warning)."""
     with np.errstate(over="ignore"):
         a32 = np.asarray(a, dtype=np.float32)
     if a.dtype.itemsize == 8:
         _check_float32_range(a, a32)
-    return a32, a.dtype.newbyteorder("=")
+    return a32
+
+
+def as_float32_array(w: object) -> tuple[np.ndarray, np.dtype]:
+    """Validated float32 view of a numpy-like weight (copies only when the
+    dtype or byte order differs), with the original dtype in native order."""
+    a = validated_array(w)
+    return to_float32(a), a.dtype.newbyteorder("=")
 
 
 def _check_float32_range(a: np.ndarray, a32: np.ndarray) -> None:
@@ -117,6 +164,101 @@ def _check_float32_range(a: np.ndarray, a32: np.ndarray) -> None:
             f"output channel {int(o)}: a float64 value exceeds the float32 range "
             "(squant-rs computes in float32)"
         )
+
+
+def check_grid(scale: Any, zero_point: Any, bits: int, dtype: Any) -> None:
+    """Raise :class:`WeightRangeError` for the first output channel whose
+    dequantized values cannot be finite in ``dtype``: its grid ends
+    ``(tmin + z) / s`` and ``(tmax + z) / s`` (float32; every dequantized
+    value lies between them) are not finite, or, for float16 and bfloat16,
+    lie more than one step ``1 / s`` beyond the dtype's largest value. O(OC).
+
+    The quantize functions never produce such a channel: the core refuses a
+    grid that is not finite in float32, and a grid end lies at most half a
+    step beyond the weight's own range (the zero point is rounded), so for a
+    weight that is finite in its dtype the overshoot is within one step and
+    :meth:`QuantizedTensor.dequantize` clamps it to the dtype's largest value.
+    """
+    fmax = dtype_max(dtype)
+    s = np.asarray(scale, dtype=np.float32)
+    z = np.asarray(zero_point, dtype=np.float32)
+    n = np.float32(1 << (bits - 1))
+    with np.errstate(all="ignore"):
+        reach = np.maximum(np.abs((z - n) / s), np.abs((z + (n - np.float32(1))) / s))
+        ok = np.isfinite(reach) & (s > 0)
+        if fmax != math.inf:
+            ok &= reach - np.float32(1) / s <= fmax
+    if not ok.all():
+        o = int(np.argmin(ok))
+        raise grid_error(o, dtype, float(reach[o]))
+
+
+_CHANNEL = re.compile(r"output channel (\d+)")
+
+
+def shift_channel(exc: SquantError, offset: int) -> SquantError:
+    """``exc`` for a block of channels starting at ``offset``: the channel
+    its message names, counted in the whole weight."""
+    msg = _CHANNEL.sub(lambda m: f"output channel {int(m.group(1)) + offset}", str(exc), count=1)
+    return type(exc)(msg)
+
+
+Native = tuple[Any, Any, Any, int, int]
+
+
+def quantize_blocks(
+    shape: tuple[int, ...],
+    block: Callable[[int, int], np.ndarray],
+    bits: int,
+    mode: str,
+    threads: int | None,
+    quantizer: str = "asymmetric",
+) -> Native:
+    """The native ``quantize`` of a weight given as float32 blocks of whole
+    output channels (``block(c0, c1)``: channels ``c0..c1``), converted one
+    block at a time: the outputs equal one call on the whole weight."""
+    oc = shape[0]
+    per = max(1, BLOCK_ELEMENTS // max(1, int(np.prod(shape[1:], dtype=np.int64))))
+    if per >= oc:
+        res: Native = _native.quantize(block(0, oc), bits, mode, threads, quantizer)
+        return res
+    codes = np.empty(shape, dtype=np.int8)
+    scale = np.empty(oc, dtype=np.float32)
+    zp = np.empty(oc, dtype=np.float32)
+    k_flips = c_flips = 0
+    for c0 in range(0, oc, per):
+        c1 = min(oc, c0 + per)
+        try:
+            q, s, z, kf, cf = _native.quantize(block(c0, c1), bits, mode, threads, quantizer)
+        except SquantError as exc:
+            raise shift_channel(exc, c0) from None
+        codes[c0:c1] = q
+        scale[c0:c1] = s
+        zp[c0:c1] = z
+        k_flips += int(kf)
+        c_flips += int(cf)
+    return codes, scale, zp, k_flips, c_flips
+
+
+def dequantize_array(codes: Any, scale: Any, zero_point: Any, dtype: Any, threads: int) -> Any:
+    """Native dequantization of numpy codes into a numpy array of ``dtype``
+    (float32 directly; other dtypes a block of channels at a time)."""
+    out_dtype = np.dtype(dtype)
+    if out_dtype == np.float32:
+        return _native.dequantize(codes, scale, zero_point, threads)
+    out = np.empty(codes.shape, dtype=out_dtype)
+    fmax = dtype_max(dtype)
+    oc = int(codes.shape[0])
+    per = max(1, BLOCK_ELEMENTS // max(1, int(codes.size) // max(1, oc)))
+    for c0 in range(0, oc, per):
+        c1 = min(oc, c0 + per)
+        block = _native.dequantize(codes[c0:c1], scale[c0:c1], zero_point[c0:c1], threads)
+        if fmax != math.inf:
+            # A grid end can lie up to a step beyond the dtype's largest
+            # value (see check_grid): clamp it instead of overflowing to inf.
+            np.clip(block, -fmax, fmax, out=block)
+        out[c0:c1] = block
+    return out
 
 
 def quantize_tensor(
@@ -138,8 +280,30 @@ def quantize_tensor(
     fuse into integer kernels).
     ``backend`` applies to torch input: ``"auto"`` (CUDA -> torch, CPU ->
     Rust), ``"rust"`` or ``"torch"``. ``threads`` sets the Rust thread count
-    (default: ``SQUANT_NUM_THREADS`` or all CPUs). The input is never
-    modified.
+    (default: ``SQUANT_NUM_THREADS`` or all CPUs; given, the environment is
+    not read). The input is never modified.
+
+    Returns:
+        A :class:`QuantizedTensor`: int8 ``codes`` of ``w``'s shape, per
+        output channel ``scale`` and ``zero_point`` (float32), the flip
+        counts, and ``dequantize()``. numpy arrays for numpy input, torch
+        tensors on ``w``'s device for torch input.
+
+    Raises:
+        NonFiniteWeightError: ``w`` holds NaN or infinity (the message names
+            the output channel and element).
+        WeightRangeError: a channel's values are too large for the float32
+            quantizer (float64 beyond float32's range included), or its
+            dequantized values would not be finite in ``w``'s dtype.
+        InvalidArgumentError: ``bits``, ``mode``, ``backend``, ``threads`` or
+            ``SQUANT_NUM_THREADS`` out of range; ``w`` has fewer than 2 or
+            more than 64 dimensions, no element, or a channel of more than
+            ``2^32 - 1`` elements; ``w`` is a meta tensor.
+        UnsupportedDtypeError: ``w``'s dtype is not a supported float type
+            or its layout is not dense (a ``TypeError``).
+        TypeError: an argument of the wrong type.
+        MemoryError: ``w`` (e.g. a broadcast view) claims more elements than
+            the device's memory could quantize; raised before any work.
     """
     bits = check_bits(bits)
     mode = check_mode(mode)
@@ -152,8 +316,20 @@ def quantize_tensor(
         return quantize_torch_tensor(w, bits, mode, backend, threads, quantizer)
     if type(w).__module__.startswith("torch"):
         raise TypeError("got a torch object but torch is not importable")
-    a32, dtype = as_float32_array(w)
-    res = _native.quantize(a32, bits, mode, threads, quantizer)
+    a = validated_array(w)
+    dtype = a.dtype.newbyteorder("=")
+    if a.dtype.itemsize == 2:
+        # float16: converted a block at a time (no full float32 copy).
+        res = quantize_blocks(
+            a.shape,
+            lambda c0, c1: np.asarray(a[c0:c1], dtype=np.float32),
+            bits,
+            mode,
+            threads,
+            quantizer,
+        )
+    else:
+        res = _native.quantize(to_float32(a), bits, mode, threads, quantizer)
     return from_native(res, bits, mode, dtype, quantizer=quantizer)
 
 
@@ -166,7 +342,8 @@ def from_native(
     quantizer: str = "asymmetric",
 ) -> QuantizedTensor:
     """A :class:`QuantizedTensor` from the native ``quantize`` tuple: numpy
-    arrays, or torch tensors on ``device`` when one is given."""
+    arrays, or torch tensors on ``device`` when one is given. The caller has
+    checked the grid for ``dtype`` (the core does for float32/float64)."""
     codes, scale, zp, kf, cf = res
     if device is not None:
         import torch
@@ -174,4 +351,6 @@ def from_native(
         codes = torch.from_numpy(codes).to(device)
         scale = torch.from_numpy(scale).to(device)
         zp = torch.from_numpy(zp).to(device)
-    return QuantizedTensor(codes, scale, zp, bits, mode, dtype, int(kf), int(cf), quantizer)
+    return QuantizedTensor(
+        codes, scale, zp, bits, mode, dtype, int(kf), int(cf), True, quantizer=quantizer
+    )

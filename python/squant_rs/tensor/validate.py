@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 
-from .._squant_rs import InvalidArgumentError, resolve_threads
+from .._squant_rs import resolve_threads
+from ..errors import InvalidArgumentError, WeightRangeError
+from ..errors import UnsupportedDtypeError as UnsupportedDtypeError
 
 MODES: tuple[str, ...] = ("squant", "squant-e", "squant-k", "squant-c")
 BACKENDS: tuple[str, ...] = ("auto", "rust", "torch")
 QUANTIZERS: tuple[str, ...] = ("asymmetric", "symmetric")
 #: Largest accepted thread count (the Rust side enforces the same bound).
 MAX_THREADS = 1024
-
-
-class UnsupportedDtypeError(TypeError):
-    """The weight's dtype is not a supported floating type."""
 
 
 def check_bits(bits: object, name: str = "bits") -> int:
@@ -58,9 +57,11 @@ def check_backend(backend: object) -> str:
 
 
 def check_threads(threads: object) -> int:
-    """The thread count a call will use: ``threads`` if given, else
-    ``SQUANT_NUM_THREADS``, else the CPU count (errors raised here, once,
-    before any work)."""
+    """The thread count a call will use: ``threads`` if given (then
+    ``SQUANT_NUM_THREADS`` is not read at all), else ``SQUANT_NUM_THREADS``,
+    else the CPU count. Errors are raised here, once, before any work: a bad
+    environment value is an :class:`InvalidArgumentError` naming the
+    variable."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
             raise TypeError(f"threads must be a positive integer or None, got {threads!r}")
@@ -72,14 +73,92 @@ def check_threads(threads: object) -> int:
     return resolve_threads(None)
 
 
+#: Most dimensions a weight may have (numpy's limit; the torch path follows it).
+MAX_DIMS = 64
+
+#: Most elements of one output channel (the Rust core's limit, ``u32::MAX``).
+MAX_CHANNEL_ELEMENTS = 2**32 - 1
+
+
 def check_shape(shape: Sequence[int]) -> None:
+    """The shape rules of every backend: 2..64 dimensions, no zero
+    dimension, at most ``2^32 - 1`` elements per output channel."""
     if len(shape) < 2:
         raise InvalidArgumentError(
             "weight must have at least 2 dimensions (OC, IC, *kernel), "
             f"got {len(shape)} dimension(s) (shape {tuple(shape)})"
         )
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgumentError(
+            f"weight has {len(shape)} dimensions, more than the supported {MAX_DIMS}"
+        )
     if math.prod(shape) == 0:
         raise InvalidArgumentError(f"weight tensor is empty (shape {tuple(shape)})")
+    channel = math.prod(shape[1:])
+    if channel > MAX_CHANNEL_ELEMENTS:
+        raise InvalidArgumentError(
+            f"an output channel holds {channel} elements, more than the supported "
+            f"{MAX_CHANNEL_ELEMENTS}"
+        )
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine (``None`` where unknown)."""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES")
+        size = os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return None
+    return int(pages) * int(size) if pages > 0 and size > 0 else None
+
+
+def check_memory(numel: int, bytes_per_element: int, available: int | None, where: str) -> None:
+    """Raise ``MemoryError`` at once when a weight of ``numel`` elements
+    needs more than ``available`` bytes (``bytes_per_element`` each, a lower
+    bound of the backend's working memory): a broadcast view can claim far
+    more elements than any memory holds, and no backend should start on it."""
+    need = numel * bytes_per_element
+    if available is not None and need > available:
+        raise MemoryError(
+            f"weight of {numel} elements needs at least {need / 2**30:.1f} GiB of working "
+            f"memory, more than the {available / 2**30:.1f} GiB of {where}"
+        )
+
+
+#: Largest finite value of the output dtypes narrower than float32 (float32
+#: and float64 output hold every finite float32).
+_DTYPE_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+
+
+def dtype_name(dtype: object) -> str:
+    """``"float16"``, ``"bfloat16"``, ... for a numpy or torch dtype."""
+    name = getattr(dtype, "name", None)  # numpy dtypes
+    if isinstance(name, str):
+        return name
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def dtype_max(dtype: object) -> float:
+    """The largest finite value of an output dtype narrower than float32,
+    ``inf`` for float32 and float64."""
+    return _DTYPE_MAX.get(dtype_name(dtype), math.inf)
+
+
+def grid_error(channel: int, dtype: object, reach: float) -> WeightRangeError:
+    """The error for an output channel whose dequantization grid (the values
+    ``(q + z) / s`` for every code ``q``) is not finite in the output dtype:
+    the Rust core's message for float32, a dtype-specific one otherwise."""
+    name = dtype_name(dtype)
+    if math.isinf(dtype_max(dtype)) or not math.isfinite(reach):
+        return WeightRangeError(
+            f"output channel {channel}: weight values too large to quantize in float32 "
+            "(scale, zero point or dequantized values overflow)"
+        )
+    return WeightRangeError(
+        f"output channel {channel}: dequantized values overflow {name} (the channel's "
+        f"quantization grid reaches {reach:.6g}, more than one step beyond the largest "
+        f"finite {name})"
+    )
 
 
 def with_weight_index(exc: Exception, index: int) -> Exception:

@@ -4,19 +4,28 @@ vectorized torch implementation (CUDA, or on request)."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import _squant_rs as _native
-from .._squant_rs import (
+from ..errors import (
     InvalidArgumentError,
     NonFiniteWeightError,
     SquantError,
     WeightRangeError,
 )
-from ..tensor.validate import UnsupportedDtypeError, check_shape, with_weight_index
+from ..tensor.validate import (
+    UnsupportedDtypeError,
+    check_memory,
+    check_shape,
+    dtype_max,
+    grid_error,
+    physical_memory,
+    with_weight_index,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -67,28 +76,32 @@ def _check_values_torch(
     quantizer: str = "asymmetric",
 ) -> None:
     """The Rust core's value checks, for the torch path: non-finite weights
-    and channels whose quantizer overflows float32.  Raises the Rust core's
-    error for the first such channel; returns when there is none.  The
-    backend calls it only when its own cheap test flags a channel."""
+    and channels whose quantizer (or dequantized grid) overflows float32.
+    Raises the Rust path's error for the first such channel; returns when
+    there is none.  The backend calls it only when its own cheap test flags
+    a channel."""
     torch = require_torch()
     flat = w32.reshape(w32.shape[0], -1)
     bad = ~torch.isfinite(flat)
     bad_rows = bad.any(dim=1)
     mx = flat.amax(dim=1)
     mn = flat.amin(dim=1)
+    n = float(2 ** (bits - 1))
     if quantizer == "symmetric":
         amax = torch.maximum(mx.abs(), mn.abs())
-        scale = float(2 ** (bits - 1) - 1) / amax.clamp_min(1e-8)
+        scale = (n - 1) / amax.clamp_min(1e-8)
         zp = torch.zeros_like(scale)
     else:
         scale = float(2**bits - 1) / (mx - mn).clamp_min(1e-8)
-        zp = torch.round(scale * mn) + float(2 ** (bits - 1))
+        zp = torch.round(scale * mn) + n
+    reach = torch.maximum(((zp - n) / scale).abs(), ((zp + (n - 1)) / scale).abs())
     overflow = ~(
         torch.isfinite(scale)
         & (scale > 0)
         & torch.isfinite(scale * mn)
         & torch.isfinite(scale * mx)
         & torch.isfinite(zp)
+        & torch.isfinite(reach)
     )
     if bool(bad_rows.any() | overflow.any()):
         rows = bad_rows.nonzero()
@@ -105,10 +118,60 @@ def _check_values_torch(
                 f"(element {i} of that channel)"
             )
         o = int(overflow.nonzero()[0, 0])
-        raise WeightRangeError(
-            f"output channel {o}: weight values too large to quantize in float32 "
-            "(scale or zero point overflows)"
-        )
+        raise grid_error(o, torch.float32, float(reach[o]))
+
+
+def _check_grid_torch(scale: torch.Tensor, zp: torch.Tensor, bits: int, dtype: Any) -> None:
+    """:func:`squant_rs.tensor.quantized.check_grid` for torch tensors."""
+    torch = require_torch()
+    fmax = dtype_max(dtype)
+    n = float(2 ** (bits - 1))
+    s32, z32 = scale.float(), zp.float()
+    reach = ((z32 - n) / s32).abs().maximum(((z32 + (n - 1)) / s32).abs())
+    ok = torch.isfinite(reach) & (s32 > 0)
+    if fmax != math.inf:
+        ok &= reach - 1.0 / s32 <= fmax
+    if not bool(ok.all()):
+        o = int((~ok).nonzero()[0, 0])
+        raise grid_error(o, dtype, float(reach[o]))
+
+
+#: Lower bound of the torch backend's working memory per element (float32
+#: ``x``, ``r`` and their errors, and the codes): the up-front size check.
+TORCH_BYTES_PER_ELEMENT = 9
+
+
+def _device_memory(device: torch.device) -> tuple[int | None, str]:
+    """Total memory of ``device`` in bytes (``None`` where unknown) and its name."""
+    torch = require_torch()
+    if device.type == "cpu":
+        return physical_memory(), "this machine"
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory), f"device {device}"
+    return None, f"device {device}"
+
+
+def check_torch_memory(w: torch.Tensor, use_torch: bool) -> None:
+    """The up-front size check of every backend: ``MemoryError`` at once
+    when the weight (e.g. a broadcast view) cannot fit the working memory."""
+    if use_torch:
+        available, where = _device_memory(w.device)
+        check_memory(w.numel(), TORCH_BYTES_PER_ELEMENT, available, where)
+    else:
+        check_memory(w.numel(), 1, physical_memory(), "this machine")
+
+
+def host_float32(w: torch.Tensor) -> np.ndarray:
+    """A CPU float32 numpy view (or copy) of a checked weight for the Rust
+    core; float64 values beyond float32's range are a
+    :class:`WeightRangeError`, as on the numpy path."""
+    torch = require_torch()
+    if w.dtype == torch.float64:
+        from ..tensor.quantized import to_float32
+
+        host = w.detach().to("cpu").resolve_neg().resolve_conj()
+        return to_float32(host.numpy())
+    return to_numpy_f32(w)
 
 
 def quantize_torch_tensor(
@@ -119,12 +182,13 @@ def quantize_torch_tensor(
     threads: int | None,
     quantizer: str = "asymmetric",
 ) -> QuantizedTensor:
-    from ..tensor.quantized import QuantizedTensor, from_native
+    from ..tensor.quantized import QuantizedTensor, from_native, quantize_blocks
 
     torch = require_torch()
     check_torch_weight(w)
     w = w.detach()
     use_torch = backend == "torch" or (backend == "auto" and w.device.type != "cpu")
+    check_torch_memory(w, use_torch)
     if use_torch:
         from .backend import quantize_torch
 
@@ -136,9 +200,22 @@ def quantize_torch_tensor(
         # The backend flags suspect channels from the quantizer it computes
         # anyway and calls check() after its one host sync.
         codes, scale, zp, kf, cf = quantize_torch(w, bits, mode, check=check, quantizer=quantizer)
-        return QuantizedTensor(codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf), quantizer)
-    # A contiguous float32 CPU tensor is shared with numpy, not copied.
-    res = _native.quantize(to_numpy_f32(w), bits, mode, threads, quantizer)
+        return QuantizedTensor(
+            codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf), True, quantizer=quantizer
+        )
+    if w.element_size() == 2:
+        # float16 / bfloat16: converted a block of channels at a time.
+        res = quantize_blocks(
+            tuple(w.shape),
+            lambda c0, c1: to_numpy_f32(w[c0:c1]),
+            bits,
+            mode,
+            threads,
+            quantizer,
+        )
+    else:
+        # A contiguous float32 CPU tensor is shared with numpy, not copied.
+        res = _native.quantize(host_float32(w), bits, mode, threads, quantizer)
     return from_native(res, bits, mode, w.dtype, w.device, quantizer)
 
 
@@ -197,7 +274,8 @@ def quantize_torch_tensors(
     for j, p in enumerate(by_index):
         try:
             check_torch_weight(ws[p])
-        except (SquantError, UnsupportedDtypeError) as exc:
+            check_torch_memory(ws[p], True)
+        except (SquantError, UnsupportedDtypeError, MemoryError) as exc:
             # One call per weight would reject an earlier bad value first.
             check_values(by_index[:j])
             raise with_weight_index(exc, indices[p]) from None
@@ -244,13 +322,25 @@ def quantize_torch_tensors(
                 ws[p].dtype,
                 int(kfs[0]),
                 int(cfs[0]),
-                quantizer,
+                True,
+                quantizer=quantizer,
             )
             continue
         sizes = [int(ws[p].shape[0]) for p in ps]
         split = (torch.split(t, sizes) for t in (run.codes, run.s, run.z))
         for p, c, sc, z, kf, cf in zip(ps, *split, kfs, cfs):
-            out[p] = QuantizedTensor(c, sc, z, bits, mode, ws[p].dtype, int(kf), int(cf), quantizer)
+            out[p] = QuantizedTensor(
+                c,
+                sc,
+                z,
+                bits,
+                mode,
+                ws[p].dtype,
+                int(kf),
+                int(cf),
+                True,
+                quantizer=quantizer,
+            )
     return [qt for qt in out if qt is not None]
 
 
@@ -281,17 +371,40 @@ def _prefix(index: int) -> Iterator[None]:
         raise with_weight_index(exc, index) from None
 
 
-def dequantize_torch(qt: QuantizedTensor) -> torch.Tensor:
+def dequantize_torch(qt: QuantizedTensor, threads: int) -> torch.Tensor:
+    """:meth:`QuantizedTensor.dequantize` for torch codes (``threads``
+    resolved): the Rust loop on CPU, one torch expression elsewhere."""
     import torch  # present: the codes are a tensor
 
+    from ..tensor.quantized import BLOCK_ELEMENTS
+
     codes: torch.Tensor = qt.codes
+    if not qt.grid_checked:
+        _check_grid_torch(qt.scale, qt.zero_point, qt.bits, qt.dtype)
     if codes.device.type == "cpu":
         # Same IEEE operations in the parallel Rust loop, on zero-copy views.
-        out_np = _native.dequantize(codes.numpy(), qt.scale.numpy(), qt.zero_point.numpy())
-        return cast_dequantized(torch.from_numpy(out_np), qt.dtype)
+        scale, zp = qt.scale.numpy(), qt.zero_point.numpy()
+        if qt.dtype == torch.float32:
+            return torch.from_numpy(_native.dequantize(codes.numpy(), scale, zp, threads))
+        # Other dtypes a block of channels at a time: one float32 block at most.
+        out = torch.empty(codes.shape, dtype=qt.dtype)
+        oc = int(codes.shape[0])
+        per = max(1, BLOCK_ELEMENTS // max(1, codes.numel() // max(1, oc)))
+        for c0 in range(0, oc, per):
+            c1 = min(oc, c0 + per)
+            block = _native.dequantize(codes[c0:c1].numpy(), scale[c0:c1], zp[c0:c1], threads)
+            out[c0:c1].copy_(_clamp_to(torch.from_numpy(block), qt.dtype))
+        return out
     view = (-1,) + (1,) * (codes.dim() - 1)
-    out: torch.Tensor = (codes.to(torch.float32) + qt.zero_point.view(view)) / qt.scale.view(view)
-    return cast_dequantized(out, qt.dtype)
+    w_hat: torch.Tensor = (codes.to(torch.float32) + qt.zero_point.view(view)) / qt.scale.view(view)
+    return _clamp_to(w_hat, qt.dtype).to(qt.dtype)
+
+
+def _clamp_to(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 values clamped in place to a narrower dtype's largest finite
+    value: a grid end can lie up to a step beyond it (see ``check_grid``)."""
+    fmax = dtype_max(dtype)
+    return out if fmax == math.inf else out.clamp_(-fmax, fmax)
 
 
 def cast_dequantized(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Vectorized torch implementation of SQuant weight quantization (SPEC sections 1-4).
+"""Vectorized torch implementation of SQuant weight quantization (docs/algorithm.md sections 1-4).
 
 ``quantize_torch`` runs on the device the weight lives on (CPU or CUDA) and
 gives the same integer codes as the scalar reference, priority ties and
@@ -29,7 +29,7 @@ included (value unchanged, error 0).
 
 Fixed-point CASE sums
 ---------------------
-``S`` is summed in fixed point (SPEC, Rust ``sum.rs``): each term is
+``S`` is summed in fixed point (docs/algorithm.md section 8, Rust ``sum.rs``): each term is
 ``rne(e * 2^F)``, added exactly as int64, so every backend, device and
 thread count gets the same ``S``.
 
@@ -116,11 +116,11 @@ def _group_totals(e: torch.Tensor, frac: int, out: torch.Tensor | None = None) -
 
 
 def _decide(total: torch.Tensor, frac: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC section 3 from the exact fixed-point total: ``(up, t, over)``.
+    """docs/algorithm.md section 3 from the exact fixed-point total: ``(up, t, over)``.
 
     ``up``: S < 0 (S == 0 goes down); ``t``: rne(|S| as float32) as int64;
-    ``over``: t >= |S|.  SPEC clamps t to the group length, which never
-    binds: every |e| <= 1 (<= 0.5 before any flip), so |S| <= length.
+    ``over``: t >= |S|.  t never exceeds the group length: every |e| <= 1
+    (<= 0.5 before any flip), so |S| <= length.
     """
     up, a, t = _abs_sum(total, frac)
     over = t >= a
@@ -204,13 +204,14 @@ def quantize_torch(
     check: Callable[[], None] | None = None,
     quantizer: str = "asymmetric",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """SQuant-quantize ``w`` on its device (SPEC sections 1-4; with
-    ``quantizer="symmetric"`` section 7's quantizer instead of section 1's).
+    """SQuant-quantize ``w`` on its device (docs/algorithm.md sections 1-4;
+    with ``quantizer="symmetric"`` the symmetric quantizer instead of
+    section 1's).
 
     ``w`` must already be validated (non-empty, ``ndim >= 2``, bits in 2..8,
     a known mode).  It is read as float32 and viewed as ``(OC, IC, K)``.
     Returns ``(codes, scale, zero_point, k_changed, c_changed)``: int8 codes
-    of ``w.shape`` on ``w.device``, SPEC's ``s`` and ``z`` as float32
+    of ``w.shape`` on ``w.device``, docs/algorithm.md's ``s`` and ``z`` as float32
     ``(OC,)``, and the numbers of elements whose code the kernel and the
     channel level changed.
 
@@ -416,7 +417,7 @@ def _launch(
     tmin, tmax = (1 - n if symmetric else -n), n - 1
     w2 = w.detach().to(torch.float32).reshape(oc, width)  # read only: may be w itself
 
-    # --- SPEC 1: per-channel quantizer ------------------------------------
+    # --- docs/algorithm.md section 1: per-channel quantizer ---------------
     if on_cpu:  # aminmax over a dim is slow on CPU; one launch on CUDA
         mn, mx = w2.amin(dim=1), w2.amax(dim=1)
     else:
@@ -432,7 +433,7 @@ def _launch(
         z = torch.round(s * mn).add_(float(n))
     bad: torch.Tensor | None = None  # CUDA: read with the flip counts
     if check is not None:
-        suspect = _suspect_channels(s, mx, z)
+        suspect = _suspect_channels(s, z, n)
         if not on_cpu:
             bad = suspect
         elif int(suspect):
@@ -441,7 +442,7 @@ def _launch(
     x = s.unsqueeze(1) * w2  # multiply, then subtract: two roundings
     x.sub_(z.unsqueeze(1))
 
-    # --- SPEC 2: nearest rounding -----------------------------------------
+    # --- docs/algorithm.md section 2: nearest rounding --------------------
     r = torch.round(x)
     run_k = k > 1 and mode in ("squant-k", "squant")
     run_c = mode in ("squant-c", "squant")
@@ -449,7 +450,7 @@ def _launch(
     if run_k or run_c:
         e = r - x  # exact: |e| <= 0.5
 
-        # --- SPEC 3-4: the CASE levels ------------------------------------
+        # --- docs/algorithm.md sections 3-4: the CASE levels ---------
         per_row = segments is not None
         levels: _SparseLevels | _DenseLevels
         if on_cpu:
@@ -468,28 +469,29 @@ def _launch(
     return Launched(codes, s, z, counts, bad, run_k, run_c, segments)
 
 
-def _suspect_channels(s: torch.Tensor, mx: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _suspect_channels(s: torch.Tensor, z: torch.Tensor, n: int) -> torch.Tensor:
     """Number of channels whose quantizer may not be finite (int64, 0-dim).
 
-    ``(s * mx - z) / s`` is NaN or infinite when ``s`` is NaN (a NaN in the
-    channel) or 0 (``mx - mn`` overflowed, infinities included), or when
-    ``s * mx`` or ``z`` (so ``s * mn``) is not finite; for a finite
-    quantizer it is about ``(n - 1) / s``, which overflows only when ``s``
-    is tiny (weights near float32's limit): a false alarm, which the
-    caller's exact check clears.  ``v - v`` is then 0 or NaN.
+    Every grid value ``(q + z) / s`` (``q`` in ``[-n, n - 1]``) is at most
+    ``(|z| + n) / s`` in magnitude, which is NaN when ``s`` is NaN (a NaN in
+    the channel) or ``z`` is not finite, infinite when ``s`` is 0 (``mx -
+    mn`` overflowed, infinities included) or when the grid's ends overflow
+    float32 (weights near float32's limit; the bound may also be a false
+    alarm there, which the caller's exact check clears).  ``v - v`` is then
+    NaN, else 0.
     """
-    v = s * mx
-    v.sub_(z).div_(s)
+    v = z.abs().add_(float(n)).div_(s)
     return torch.count_nonzero(v.sub_(v))
 
 
 def _codes(r: torch.Tensor, tmin: int, tmax: int, shape: torch.Size) -> torch.Tensor:
-    """SPEC 4.4: clamp to ``[tmin, tmax]``, as int8 of the weight's shape."""
+    """docs/algorithm.md section 4, step 4: clamp to ``[tmin, tmax]``, as
+    int8 of the weight's shape."""
     return r.clamp_(tmin, tmax).to(torch.int8).reshape(shape)
 
 
 class _Carry:
-    """The kernel level's carries, one per kernel (SPEC 3).
+    """The kernel level's carries, one per kernel (docs/algorithm.md section 3).
 
     ``local``: position inside the kernel (G,) int64; ``pri``: priority (G,)
     float32; ``up``: True for the up table (G,); ``total``: the channel
@@ -510,7 +512,7 @@ def _priorities(e: torch.Tensor, r: torch.Tensor, tmin: int, tmax: int, buf: tor
 
     ``P = clamp(e, lo, hi)``: lo = 0 where r >= tmax (no up flip), else -1;
     hi = 0 where r <= tmin (no down flip), else 1.  With |e| <= 0.5 and
-    integral r these are SPEC's "x < tmax" / "x > tmin" conditions.
+    integral r these are docs/algorithm.md's "x < tmax" / "x > tmin" conditions.
     """
     torch.sub(r, tmax, out=buf).clamp_(-1.0, 0.0)
     e.clamp_(min=buf)
@@ -622,7 +624,7 @@ class _SparseLevels:
         if not want_carry:
             return changed
 
-        # Carries (SPEC 3).  Over: c = order[t-1], already flipped, goes to
+        # Carries (docs/algorithm.md section 3).  Over: c = order[t-1], already flipped, goes to
         # the opposite table with |its new e|; otherwise c = order[t] goes
         # to dir's table with its unflipped |e|.  S == 0: c = order[last].
         cj = t - over.long()

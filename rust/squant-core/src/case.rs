@@ -76,7 +76,7 @@ fn masked(v: f32, ok: bool) -> f32 {
 }
 
 /// Table entry `(value, error)` of an element for a flip in direction `up`
-/// (SPEC section 2), computed with selects: the direction and the
+/// (docs/algorithm.md section 2), computed with selects: the direction and the
 /// candidate test are coin flips on real weights, so branches mispredict.
 #[inline(always)]
 pub(crate) fn table(x: f32, up: bool, tmin: f32, tmax: f32) -> (f32, f32) {
@@ -101,7 +101,7 @@ fn group_sum(fx: &[i64], e: &[f32], span: std::ops::Range<usize>) -> f64 {
     }
 }
 
-/// Direction, flip count and over flag of one CASE step (SPEC section 3).
+/// Direction, flip count and over flag of one CASE step (docs/algorithm.md section 3).
 #[inline(always)]
 pub(crate) fn step_params(s: f64, len: usize) -> (bool, usize, bool) {
     let up = s < 0.0;

@@ -24,7 +24,8 @@ pub enum SquantError {
     ChannelTooLarge(usize),
     /// A NaN or an infinity in the weights.
     NonFinite { channel: usize, index: usize },
-    /// The channel's range overflows float32 arithmetic of the quantizer.
+    /// The channel's range overflows float32 arithmetic of the quantizer (its
+    /// scale, zero point or the ends of its dequantized grid).
     RangeTooLarge { channel: usize },
 }
 
@@ -70,7 +71,7 @@ impl fmt::Display for SquantError {
             ),
             SquantError::RangeTooLarge { channel } => write!(
                 f,
-                "output channel {channel}: weight values too large to quantize in float32 (scale or zero point overflows)"
+                "output channel {channel}: weight values too large to quantize in float32 (scale, zero point or dequantized values overflow)"
             ),
         }
     }

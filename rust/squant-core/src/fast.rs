@@ -72,7 +72,7 @@ impl Round for SoftRound {
     }
 }
 
-/// The int8 code of a value: `clamp(r, tmin, tmax)` (SPEC 4.4). `r` is an
+/// The int8 code of a value: `clamp(r, tmin, tmax)` (docs/algorithm.md section 4, step 4). `r` is an
 /// integer in a small range, so adding 1.5 * 2^23 puts it in the low
 /// mantissa bits: an integer-only conversion that vectorises.
 #[inline(always)]
@@ -504,7 +504,7 @@ fn channel_flips_elements<S: Simd>(
     Some(changed)
 }
 
-/// Flips element `j` in direction `up` at the channel level (SPEC 2's
+/// Flips element `j` in direction `up` at the channel level (docs/algorithm.md section 2's
 /// table value, computed from its `x`) and writes its code; returns 1 when
 /// the value changed. `cur`: its current value minus its E-level value.
 #[allow(clippy::too_many_arguments)]
@@ -697,7 +697,7 @@ fn kernel_block<R: Round, const K: usize, const CARRY: bool>(
             sum[l] += e as f64;
         }
     }
-    // The step's parameters (SPEC 3), and whether the lane can decide.
+    // The step's parameters (docs/algorithm.md section 3), and whether the lane can decide.
     let tol = K as f32 * 2f32.powi(-21) + 2f32.powi(-20);
     let mut up = [false; L];
     let mut over = [false; L];
@@ -797,7 +797,7 @@ fn kernel_block<R: Round, const K: usize, const CARRY: bool>(
         pos2[l] = l as u32 * K as u32 + i2[l];
         changed[l] = (f1 & c1) as u32 + (f2 & c2) as u32;
         badbits[l] = (bad[l] as u32) << l;
-        // Table errors of the two (SPEC 2: e + sigma, or 0 for a
+        // Table errors of the two (docs/algorithm.md section 2: e + sigma, or 0 for a
         // non-candidate) and the sum after the flips.
         let n1 = if c1 { e1[l] + sg } else { 0.0 };
         let n2 = if c2 { e2[l] + sg } else { 0.0 };
@@ -830,7 +830,7 @@ fn kernel_block<R: Round, const K: usize, const CARRY: bool>(
     out
 }
 
-/// One kernel step by SPEC, with the exact fixed-point sum: the kernels the
+/// One kernel step by docs/algorithm.md, with the exact fixed-point sum: the kernels the
 /// lanes leave. Writes the kernel's codes; returns the number of changed
 /// codes, the carry (signed priority, position in the kernel, current value
 /// minus E-level value; priority 0 when there is none) and the sum of the

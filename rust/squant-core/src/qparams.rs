@@ -1,6 +1,6 @@
-//! Per-output-channel quantizers: the paper's asymmetric min/max one (SPEC
-//! section 1) and the symmetric one for int8 runtimes (SPEC section 7), and
-//! the bit-exact float32 helpers every level uses.
+//! Per-output-channel quantizers: the paper's asymmetric min/max one
+//! (docs/algorithm.md section 1) and the symmetric one for int8 runtimes,
+//! and the bit-exact float32 helpers every level uses.
 
 use std::fmt;
 use std::str::FromStr;
@@ -135,8 +135,8 @@ pub fn min_max(w: &[f32]) -> Result<(f32, f32), usize> {
     Ok((lo, hi))
 }
 
-/// SPEC section 1 (asymmetric) or 7 (symmetric) for one channel whose min
-/// and max are known.
+/// docs/algorithm.md section 1 (asymmetric) or the symmetric quantizer for
+/// one channel whose min and max are known.
 pub fn channel_params(
     mn: f32,
     mx: f32,
@@ -156,11 +156,19 @@ pub fn channel_params(
     };
     let smn = scale * mn;
     let smx = scale * mx;
+    // The ends of the channel's grid, `(tmin + z) / s` and `(tmax + z) / s`,
+    // lie within half a step of `mn` and `mx`; with `mx` or `mn` near
+    // float32's limit they (and so dequantized values) can overflow.
+    let (tmin, tmax) = code_range(bits, quantizer);
+    let lo = (tmin + zero_point) / scale;
+    let hi = (tmax + zero_point) / scale;
     let finite = scale.is_finite()
         && scale > 0.0
         && smn.is_finite()
         && smx.is_finite()
-        && zero_point.is_finite();
+        && zero_point.is_finite()
+        && lo.is_finite()
+        && hi.is_finite();
     if !finite {
         return Err(SquantError::RangeTooLarge { channel });
     }
@@ -263,6 +271,22 @@ mod tests {
             channel_params(-3e38, 3e38, 4, Quantizer::Asymmetric, 1),
             Err(SquantError::RangeTooLarge { channel: 1 })
         );
+    }
+
+    #[test]
+    fn grid_beyond_float32_is_an_error() {
+        // Finite weights whose dequantized grid end overflows float32.
+        assert_eq!(
+            channel_params(0.0, f32::MAX, 2, Quantizer::Asymmetric, 5),
+            Err(SquantError::RangeTooLarge { channel: 5 })
+        );
+        // Scale and zero point are finite here; only the grid end is not.
+        assert_eq!(
+            channel_params(3.4028e38, f32::MAX, 8, Quantizer::Asymmetric, 0),
+            Err(SquantError::RangeTooLarge { channel: 0 })
+        );
+        assert!(channel_params(-f32::MAX, 0.0, 8, Quantizer::Asymmetric, 0).is_ok());
+        assert!(channel_params(0.0, 1e38, 2, Quantizer::Asymmetric, 0).is_ok());
     }
 
     #[test]

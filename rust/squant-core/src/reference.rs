@@ -1,4 +1,4 @@
-//! A deliberately plain scalar implementation of SPEC sections 1-4, kept as
+//! A deliberately plain scalar implementation of docs/algorithm.md sections 1-4, kept as
 //! the test oracle of the fast path in `case.rs` (as ggml keeps
 //! `quantize_row_*_ref`). Full stable sorts, explicit flip tables, no
 //! shortcuts. Slow on purpose; do not optimise.
@@ -7,7 +7,7 @@ use crate::error::SquantError;
 use crate::mode::Mode;
 use crate::qparams::{code_range, params_of, rne, ChannelParams, Quantizer};
 
-/// Up/down flip table of SPEC section 2.
+/// Up/down flip table of docs/algorithm.md section 2.
 struct Table {
     value: Vec<f32>,
     error: Vec<f32>,
@@ -52,7 +52,7 @@ impl State {
         self.e[j] = err;
     }
 
-    /// SPEC section 3 on the positions `group`, with the orders given
+    /// docs/algorithm.md section 3 on the positions `group`, with the orders given
     /// (`up_order`, `down_order`, both as group-local indices).
     fn case_step(&mut self, group: &[usize], up_order: &[usize], down_order: &[usize]) -> usize {
         let s = crate::sum::group_sum(group.iter().map(|&j| self.e[j]), group.len());

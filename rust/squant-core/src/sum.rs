@@ -1,7 +1,7 @@
-//! The CASE group sum `S` (SPEC section 3), made independent of summation
+//! The CASE group sum `S` (docs/algorithm.md section 3), made independent of summation
 //! order.
 //!
-//! SPEC allows accumulating in f32 or f64; both depend on the order of the
+//! docs/algorithm.md section 3 leaves the accumulation open (f32 or f64); both depend on the order of the
 //! additions, so a sequential Rust loop, numpy's pairwise sum and a CUDA
 //! reduction could disagree in the last bit and, once in a long while, round
 //! a group differently. squant-rs instead sums in fixed point: every error

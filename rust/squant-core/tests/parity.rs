@@ -1,4 +1,4 @@
-//! The fast path against the scalar reference, and SPEC section 4's
+//! The fast path against the scalar reference, and docs/algorithm.md section 4's
 //! invariants, on many generated tensors.
 
 use proptest::prelude::*;
@@ -319,7 +319,7 @@ fn run(w: &[f32], layout: Layout, bits: u32, qz: Quantizer, mode: Mode) -> (Vec<
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// SPEC section 4 invariants, on channels whose extremes sit well inside
+    /// docs/algorithm.md section 4 invariants, on channels whose extremes sit well inside
     /// the code range (so enough candidates exist: the channel extremes are
     /// pinned to the quantizer's end points and never need to flip).
     #[test]

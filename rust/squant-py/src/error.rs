@@ -1,35 +1,16 @@
-//! Core errors mapped onto a small Python exception hierarchy. All derive
-//! from `SquantError`, itself a `ValueError`.
+//! Core errors mapped onto squant-rs's Python exception hierarchy (defined
+//! in `squant_rs/errors.py`). All derive from `SquantError`, a `ValueError`.
 
-use pyo3::create_exception;
-use pyo3::exceptions::PyValueError;
 use pyo3::PyErr;
 use squant_core::SquantError as CoreError;
 
-create_exception!(
-    _squant_rs,
-    SquantError,
-    PyValueError,
-    "Base class of squant-rs errors about values (a ValueError)."
-);
-create_exception!(
-    _squant_rs,
-    NonFiniteWeightError,
-    SquantError,
-    "The weight holds NaN or infinity; the message names the output channel."
-);
-create_exception!(
-    _squant_rs,
-    WeightRangeError,
-    SquantError,
-    "A channel's values overflow the float32 quantizer."
-);
-create_exception!(
-    _squant_rs,
-    InvalidArgumentError,
-    SquantError,
-    "An argument (bits, mode, shape, threads) is out of range."
-);
+// The exception classes live in Python (`squant_rs/errors.py`), so that they
+// pickle by reference to `squant_rs` and cross process boundaries; the glue
+// imports them (on first use) instead of defining its own.
+pyo3::import_exception!(squant_rs.errors, SquantError);
+pyo3::import_exception!(squant_rs.errors, NonFiniteWeightError);
+pyo3::import_exception!(squant_rs.errors, WeightRangeError);
+pyo3::import_exception!(squant_rs.errors, InvalidArgumentError);
 
 /// Wrapper so `?` converts core errors in the glue.
 pub struct PyCoreError(pub CoreError);

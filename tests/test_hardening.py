@@ -1,0 +1,442 @@
+"""Issue 9, the tensor / torch / model / bindings half: overflowing grids,
+tied weights, un-copyable models, warnings, threads, picklable exceptions,
+huge views, public names, memory-saving block paths, a self-contained repo."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import pickle
+import re
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import squant_rs
+from squant_rs import _squant_rs as native
+from squant_rs.model.layers import relative_error
+from squant_rs.tensor import quantized as quantized_mod
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+ROOT = Path(__file__).resolve().parent.parent
+ERRORS = (
+    squant_rs.SquantError,
+    squant_rs.NonFiniteWeightError,
+    squant_rs.WeightRangeError,
+    squant_rs.InvalidArgumentError,
+    squant_rs.FormatError,
+    squant_rs.UnsupportedDtypeError,
+)
+
+
+def _linear(weight: np.ndarray, dtype=torch.float32) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.data = torch.from_numpy(weight).to(dtype)
+    return layer
+
+
+# --------------------------------------------------------------------------
+# item 4: dequantized values that would not be finite
+
+
+OVERFLOW = np.array([[1.0, -1.0], [3.4028235e38, 0.0]], np.float32)  # channel 1 overflows
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda w: squant_rs.quantize_tensor(w, 2),
+        lambda w: squant_rs.quantize_tensor(torch.from_numpy(w), 2),
+        lambda w: squant_rs.quantize_tensor(torch.from_numpy(w), 2, backend="torch"),
+        lambda w: squant_rs.quantize_tensors([w], 2),
+        lambda w: squant_rs.quantize_tensors([torch.from_numpy(w)], 2, backend="torch"),
+    ],
+    ids=["numpy", "torch-rust", "torch-torch", "batch-numpy", "batch-torch"],
+)
+def test_grid_beyond_float32_is_a_range_error_on_every_backend(call) -> None:
+    with pytest.raises(squant_rs.WeightRangeError, match="output channel 1: weight values too"):
+        call(OVERFLOW)
+
+
+def test_grid_beyond_float32_through_quantize_model() -> None:
+    for backend in ("rust", "torch"):
+        model = nn.Sequential(_linear(OVERFLOW))
+        with pytest.raises(squant_rs.WeightRangeError, match=r"^0: output channel 1"):
+            squant_rs.quantize_model(model, wbits=2, backend=backend)
+
+
+def test_issue_example_no_longer_dequantizes_to_inf() -> None:
+    with pytest.raises(squant_rs.WeightRangeError, match="output channel 0"):
+        squant_rs.quantize_tensor(np.array([[3.4028235e38, 0.0]], np.float32), 2).dequantize()
+
+
+def test_float16_output_beyond_float16_is_a_range_error() -> None:
+    # Values finite in float32 (about 1e6) but not in float16: a hand-made
+    # QuantizedTensor (the quantize functions never make one).
+    codes = np.array([[0, 127], [-128, 127]], np.int8)
+    scale = np.array([1.0, 1e-4], np.float32)
+    zp = np.array([0.0, 0.0], np.float32)
+    qt = squant_rs.QuantizedTensor(codes, scale, zp, 8, "squant", np.dtype(np.float16), 0, 0)
+    with pytest.raises(squant_rs.WeightRangeError, match="output channel 1: .*overflow float16"):
+        qt.dequantize()
+    tq = squant_rs.QuantizedTensor(
+        torch.from_numpy(codes),
+        torch.from_numpy(scale),
+        torch.from_numpy(zp),
+        8,
+        "squant",
+        torch.float16,
+        0,
+        0,
+    )
+    with pytest.raises(squant_rs.WeightRangeError, match="output channel 1: .*overflow float16"):
+        tq.dequantize()
+    # float32 output of the same values is fine.
+    ok = squant_rs.QuantizedTensor(codes, scale, zp, 8, "squant", np.dtype(np.float32), 0, 0)
+    assert np.isfinite(ok.dequantize()).all()
+
+
+def test_hand_made_grid_beyond_float32_is_a_range_error() -> None:
+    codes = np.array([[1, 1]], np.int8)
+    qt = squant_rs.QuantizedTensor(
+        codes, np.array([1e-45], np.float32), np.zeros(1, np.float32), 4, "squant", np.float32, 0, 0
+    )
+    with pytest.raises(squant_rs.WeightRangeError, match="output channel 0"):
+        qt.dequantize()
+
+
+# --------------------------------------------------------------------------
+# float16 / bfloat16 in blocks of channels (no full float32 copy)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_block_paths_equal_one_call(monkeypatch, dtype: str) -> None:
+    rng = np.random.default_rng(0)
+    w32 = rng.standard_normal((37, 5, 3, 3)).astype(np.float32)
+    tw = torch.from_numpy(w32).to(getattr(torch, dtype))
+    want = squant_rs.quantize_tensor(tw.float(), 4)  # one call on float32 values
+    monkeypatch.setattr(quantized_mod, "BLOCK_ELEMENTS", 2 * 45)  # blocks of 2 channels
+    inputs = [tw] + ([tw.numpy()] if dtype == "float16" else [])
+    for w in inputs:
+        got = squant_rs.quantize_tensor(w, 4)
+        codes = got.codes if isinstance(got.codes, np.ndarray) else got.codes.numpy()
+        assert np.array_equal(codes, want.codes.numpy())
+        assert (got.k_flips, got.c_flips) == (want.k_flips, want.c_flips)
+        back = got.dequantize(threads=1)
+        ref = want.dequantize().to(tw.dtype)
+        back_t = back if isinstance(back, torch.Tensor) else torch.from_numpy(back)
+        assert back_t.dtype == tw.dtype and torch.equal(back_t, ref)
+    # An error in a later block names the channel in the whole weight.
+    bad = tw.clone()
+    bad[7, 1, 1, 1] = float("nan")
+    with pytest.raises(squant_rs.NonFiniteWeightError, match="output channel 7 "):
+        squant_rs.quantize_tensor(bad, 4)
+    if dtype == "float16":
+        with pytest.raises(squant_rs.NonFiniteWeightError, match="output channel 7 "):
+            squant_rs.quantize_tensor(bad.numpy(), 4)
+
+
+# --------------------------------------------------------------------------
+# item 6: tied weights and skip
+
+
+def _tied_pair() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model[2].weight = model[0].weight
+    return model
+
+
+def test_tied_weights_are_quantized_once_and_reported_under_every_name() -> None:
+    model = _tied_pair()
+    qmodel, report = squant_rs.quantize_model(model, return_report=True)
+    assert [(r.name, r.tied_to) for r in report.layers] == [("0", None), ("2", "0")]
+    assert report.layers[0].rel_error == report.layers[1].rel_error
+    assert report.params == 64 and report.k_flips == report.layers[0].k_flips
+    assert qmodel[0].weight is qmodel[2].weight  # still tied in the copy
+    want = squant_rs.quantize_tensor(model[0].weight.detach(), 4).dequantize()
+    assert torch.equal(qmodel[2].weight, want)
+    assert "2 (tied to 0)" in str(report)
+
+
+@pytest.mark.parametrize("skip", ["0", "2"])
+def test_skip_of_any_tied_layer_keeps_the_shared_weight_float(skip: str) -> None:
+    model = _tied_pair()
+    qmodel, report = squant_rs.quantize_model(model, skip=skip, return_report=True)
+    assert report.layers == [] and report.skipped == ["0", "2"]
+    other = "2" if skip == "0" else "0"
+    assert report.notes == [
+        f"{other}: shares its weight with {skip!r}, which is left float; left float"
+    ]
+    assert torch.equal(qmodel[0].weight, model[0].weight)
+    assert torch.equal(qmodel[2].weight, model[0].weight)
+
+
+def test_linear_tied_to_embedding_stays_float() -> None:
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(12, 8)
+            self.body = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 12, bias=False)
+            self.head.weight = self.emb.weight
+
+    model = LM()
+    qmodel, report = squant_rs.quantize_model(model, return_report=True)
+    assert [r.name for r in report.layers] == ["body"]
+    assert report.skipped == ["head"] and "emb.weight (Embedding)" in report.notes[0]
+    assert torch.equal(qmodel.emb.weight, model.emb.weight)
+    assert "note: head: shares its weight with emb.weight" in str(report)
+
+
+# --------------------------------------------------------------------------
+# item 9: un-copyable models, empty layers, too many dimensions
+
+
+def test_old_weight_norm_model_is_a_clear_error() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old API is deprecated
+        model = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 4)))
+    with pytest.raises(squant_rs.InvalidArgumentError, match="cannot be deep-copied.*weight_norm"):
+        squant_rs.quantize_model(model)
+
+
+def test_uncopyable_model_is_a_clear_error() -> None:
+    class Locked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lock = threading.Lock()
+            self.fc = nn.Linear(2, 2)
+
+    with pytest.raises(squant_rs.InvalidArgumentError, match=r"cannot be deep-copied \(TypeError"):
+        squant_rs.quantize_model(Locked())
+
+
+def test_zero_element_linear_is_skipped_with_a_note() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "Initializing zero-element tensors is a no-op"
+        empty = nn.Linear(0, 4)
+    model = nn.Sequential(empty, nn.Linear(4, 3))
+    qmodel, report = squant_rs.quantize_model(model, return_report=True)
+    assert [r.name for r in report.layers] == ["1"]
+    assert report.skipped == ["0"]
+    assert report.notes == ["0: weight of shape (4, 0) has no element, left as is"]
+    assert qmodel[0].weight.shape == (4, 0)
+
+
+def test_more_than_64_dimensions_is_a_clear_error() -> None:
+    t = torch.ones([2, 2] + [1] * 63)
+    for backend in ("rust", "torch"):
+        with pytest.raises(squant_rs.InvalidArgumentError, match="65 dimensions, more than"):
+            squant_rs.quantize_tensor(t, backend=backend)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="weight 1: weight has 65 dim"):
+        squant_rs.quantize_tensors([torch.ones(2, 2), t])
+    deep: object = [[1.0, 2.0]]
+    for _ in range(64):
+        deep = [deep]
+    with pytest.raises(TypeError):  # numpy cannot even hold it
+        squant_rs.quantize_tensor(deep)
+
+
+# --------------------------------------------------------------------------
+# item 11: no numpy warnings, one error class for float64 beyond float32
+
+
+BIG64 = np.array([[1e39, 0.0], [1.0, 2.0]])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: squant_rs.quantize_tensor(BIG64),
+        lambda: squant_rs.quantize_tensor(torch.from_numpy(BIG64)),
+        lambda: squant_rs.quantize_tensor(torch.from_numpy(BIG64), backend="torch"),
+        lambda: squant_rs.quantize_tensors([BIG64]),
+        lambda: squant_rs.quantize_tensors([torch.from_numpy(BIG64)]),
+        lambda: squant_rs.quantize_tensors([torch.from_numpy(BIG64)], backend="torch"),
+        lambda: squant_rs.quantize_model(nn.Sequential(_linear(BIG64, torch.float64))),
+    ],
+    ids=["numpy", "torch-rust", "torch-torch", "batch", "batch-rust", "batch-torch", "model"],
+)
+def test_float64_beyond_float32_is_a_range_error_everywhere(call) -> None:
+    # pytest turns any numpy RuntimeWarning into an error: none may come first.
+    with pytest.raises(squant_rs.WeightRangeError, match="exceeds the float32 range"):
+        call()
+
+
+def test_rel_error_is_finite_for_huge_and_tiny_weights() -> None:
+    rng = np.random.default_rng(1)
+    for magnitude in (1e20, 1e-30, 1.0):
+        w = (rng.standard_normal((16, 64)) * magnitude).astype(np.float32)
+        w_hat = w * np.float32(1.001)
+        want = np.linalg.norm(w_hat.astype(np.float64) - w) / np.linalg.norm(w.astype(np.float64))
+        assert relative_error(w, w_hat) == pytest.approx(want, rel=1e-6)
+        assert relative_error(torch.from_numpy(w), torch.from_numpy(w_hat)) == pytest.approx(
+            want, rel=1e-6
+        )
+    model = nn.Sequential(_linear((rng.standard_normal((8, 8)) * 1e20).astype(np.float32)))
+    _, report = squant_rs.quantize_model(model, return_report=True)
+    assert 0 < report.layers[0].rel_error < 0.2
+
+
+# --------------------------------------------------------------------------
+# item 12: threads= takes precedence over a bad SQUANT_NUM_THREADS
+
+
+def test_explicit_threads_override_a_bad_environment(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SQUANT_NUM_THREADS", "lots")
+    w = np.random.default_rng(2).standard_normal((64, 600)).astype(np.float32)
+    qt = squant_rs.quantize_tensor(w, threads=2)
+    assert qt.dequantize(threads=2).shape == w.shape
+    tq = squant_rs.quantize_tensor(torch.from_numpy(w), threads=2)
+    assert tq.dequantize(threads=2).shape == w.shape
+    model = nn.Sequential(_linear(w))
+    squant_rs.quantize_model(model, threads=2)
+    path = tmp_path / "m.safetensors"
+    squant_rs.save_quantized(model, path, threads=2)
+    # Without threads=, the environment is read and reported as itself.
+    for call in (
+        qt.dequantize,
+        tq.dequantize,
+        lambda: squant_rs.quantize_tensor(w),
+        lambda: squant_rs.load_quantized(path),
+    ):
+        with pytest.raises(squant_rs.InvalidArgumentError, match="SQUANT_NUM_THREADS") as info:
+            call()
+        assert not isinstance(info.value, squant_rs.FormatError)
+
+
+# --------------------------------------------------------------------------
+# item 14: exceptions cross processes
+
+
+def _raise_in_worker() -> None:
+    native.resolve_threads(0)  # raised by the Rust glue
+
+
+def test_exceptions_pickle_with_their_public_module() -> None:
+    for cls in ERRORS:
+        assert cls.__module__ == "squant_rs" and getattr(squant_rs, cls.__name__) is cls
+        back = pickle.loads(pickle.dumps(cls("boom")))
+        assert type(back) is cls and str(back) == "boom"
+    assert native.InvalidArgumentError is squant_rs.InvalidArgumentError
+    with pytest.raises(squant_rs.InvalidArgumentError) as info:
+        _raise_in_worker()
+    back = pickle.loads(pickle.dumps(info.value))
+    assert type(back) is squant_rs.InvalidArgumentError and str(back) == str(info.value)
+
+
+def test_exception_reaches_the_parent_process() -> None:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(_raise_in_worker)
+        with pytest.raises(squant_rs.InvalidArgumentError, match="threads must be"):
+            future.result(timeout=120)
+
+
+# --------------------------------------------------------------------------
+# item 15: huge broadcast views fail up front on every backend
+
+
+def test_huge_broadcast_view_is_a_memory_error_at_once() -> None:
+    view = torch.ones(1, 1).expand(2**28, 2**28)
+    for backend in ("rust", "torch"):
+        with pytest.raises(MemoryError, match="GiB"):
+            squant_rs.quantize_tensor(view, backend=backend)
+    with pytest.raises(MemoryError, match="weight 0: "):
+        squant_rs.quantize_tensors([view], backend="torch")
+    half = torch.ones(1, 1, dtype=torch.float16).expand(2**28, 2**28)
+    with pytest.raises(MemoryError):
+        squant_rs.quantize_tensor(half)
+    with pytest.raises(MemoryError):
+        squant_rs.quantize_tensor(np.broadcast_to(np.float16(1), (2**28, 2**28)))
+
+
+def test_channel_limit_is_checked_before_the_torch_backend_runs() -> None:
+    view = torch.ones(1, 1).expand(2, 2**32)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="more than the supported"):
+        squant_rs.quantize_tensor(view, backend="torch")
+
+
+# --------------------------------------------------------------------------
+# item 18: skip patterns that match nothing, models without layers
+
+
+def test_unmatched_skip_pattern_warns(tmp_path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="skip pattern 'fc' matches no Conv/Linear layer"):
+        squant_rs.quantize_model(model, skip=["fc", "0"])
+    with pytest.warns(UserWarning, match="skip pattern 'features.0.\\*' matches no"):
+        squant_rs.save_quantized(model, tmp_path / "a.safetensors", skip="features.0.*")
+    with pytest.warns(UserWarning, match="skip pattern 'fc' matches no tensor"):
+        squant_rs.save_quantized(model.state_dict(), tmp_path / "b.safetensors", skip="fc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        squant_rs.quantize_model(model, skip=["0", "2"])  # both match: silent
+        squant_rs.save_quantized(model.state_dict(), tmp_path / "c.safetensors", skip="2")
+
+
+def test_model_without_layers_warns(tmp_path) -> None:
+    with pytest.warns(UserWarning, match=r"\(Sequential\) has no Conv1d/2d/3d or Linear layer"):
+        squant_rs.quantize_model(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
+    with pytest.warns(UserWarning, match="state dict has no tensor to quantize"):
+        squant_rs.save_quantized({"bias": torch.ones(3)}, tmp_path / "n.safetensors")
+
+
+# --------------------------------------------------------------------------
+# item 20: the public surface
+
+
+def test_public_names_and_docstrings() -> None:
+    names = dir(squant_rs)
+    assert "annotations" not in names
+    for name in ("DEFAULT_INPUT_SHAPE", "default_s_sigma", "select_state_dict"):
+        assert name in squant_rs.__all__ and hasattr(squant_rs, name)
+    for fn in (squant_rs.quantize_tensor, squant_rs.quantize_tensors, squant_rs.quantize_model):
+        doc = fn.__doc__ or ""
+        assert "Returns:" in doc and "Raises:" in doc, fn.__name__
+    # Every squant_rs.NAME a public docstring mentions exists.
+    for obj in (squant_rs.quantize_model, squant_rs.save_quantized, squant_rs.quantize_tensor):
+        for name in re.findall(r"squant_rs\.(\w+)", obj.__doc__ or ""):
+            assert hasattr(squant_rs, name), name
+
+
+# --------------------------------------------------------------------------
+# item 16: the repository stands alone
+
+
+def _tracked_text_files() -> list[Path]:
+    try:
+        out = subprocess.run(
+            ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    keep = (".md", ".py", ".pyi", ".rs", ".toml", ".sh", ".txt")
+    return [ROOT / p for p in out if p.endswith(keep) and (ROOT / p).is_file()]
+
+
+def test_nothing_points_outside_the_repository() -> None:
+    assert (ROOT / "docs" / "algorithm.md").is_file()
+    # (Written with classes so that this line does not match itself.)
+    pattern = re.compile(r"S[P]EC\b|\.\./shar[e]d|shar[e]d/S|/wor[k]/")
+    offenders = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in _tracked_text_files()
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
+
+
+def test_readme_links_work_on_a_package_index() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    # A relative link or image breaks on a package index page.
+    targets = re.findall(r"\]\(([^)]+)\)", text)
+    assert [t for t in targets if not t.startswith(("https://", "http://", "#"))] == []
+    assert "docs/algorithm.md" in text
