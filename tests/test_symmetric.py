@@ -126,7 +126,7 @@ def test_unknown_quantizer(bad):
 
 
 # --------------------------------------------------------------------------
-# Invariants (SPEC section 4 with the narrow range): the symmetric quantizer
+# Invariants (docs/algorithm.md section 4 with the narrow range): the symmetric quantizer
 # never clamps, so they hold for weights whose largest magnitude maps
 # exactly onto +-(n - 1).
 

@@ -13,7 +13,7 @@ Both share one graph rewrite:
   where squant-rs computes ``(q + z) / s``: the dequantized weights agree
   within one float32 ulp.
 * with ``abits``: a per-tensor ``QuantizeLinear``/``DequantizeLinear`` pair
-  on the input of every quantized layer but the first (SPEC section 5: the
+  on the input of every quantized layer but the first (docs/algorithm.md section 5: the
   first layer's input stays float, the last layer's is 8-bit; below 8 bits
   a ``Clip`` to the b-bit range comes first), and the layer's bias as
   ``DequantizeLinear(int32, a_scale * w_scale[c])`` so that onnxruntime's
@@ -646,7 +646,7 @@ def _observe(model: Any, tensors: list[str], feeds: dict[str, Any], threads: int
 
 
 def sigma_range(a: np.ndarray, bits: int, s_sigma: float) -> tuple[float, float]:
-    """SPEC section 5's range of one calibration tensor (numpy; unbiased std)."""
+    """docs/algorithm.md section 5's range of one calibration tensor (numpy; unbiased std)."""
     a32 = np.asarray(a, dtype=np.float32).ravel()
     signed = bool((a32 < 0).any())
     part = a32 if signed else a32[a32 > 0]

@@ -424,7 +424,7 @@ def _launch(
         mn, mx = torch.aminmax(w2, dim=1)
     # True division (not reciprocal * c): a CPU scalar dividend keeps it
     # one launch on CUDA.
-    if symmetric:  # SPEC 7: s = (n - 1) / max|w|, z = 0
+    if symmetric:  # the symmetric quantizer: s = (n - 1) / max|w|, z = 0
         amax = torch.maximum(mx.abs(), mn.abs())
         s = torch.div(torch.tensor(float(n - 1)), amax.clamp_min_(1e-8))
         z = torch.zeros_like(s)
