@@ -94,7 +94,8 @@ def _check_values_torch(
     else:
         scale = float(2**bits - 1) / (mx - mn).clamp_min(1e-8)
         zp = torch.round(scale * mn) + n
-    reach = torch.maximum(((zp - n) / scale).abs(), ((zp + (n - 1)) / scale).abs())
+    low = n - 1 if quantizer == "symmetric" else n  # -tmin
+    reach = torch.maximum(((zp - low) / scale).abs(), ((zp + (n - 1)) / scale).abs())
     overflow = ~(
         torch.isfinite(scale)
         & (scale > 0)
