@@ -11,7 +11,8 @@ python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
 echo "== cargo fmt / clippy / test"
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --release --quiet -p squant-core
+cargo test --release --quiet -p squant-core -p squant-io -p squant-cli
+cargo build --release --quiet -p squant-cli   # the `squant` binary tests/test_rust_cli.py compares
 
 echo "== ruff / mypy / stubtest"
 python3 -m ruff check python tests benches

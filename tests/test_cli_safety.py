@@ -335,12 +335,22 @@ def _cli(*args: str, **kw) -> subprocess.CompletedProcess[str]:
 
 
 def test_info_with_lone_surrogates_is_clean(tmp_path) -> None:
+    # A lone surrogate cannot be UTF-8: no squant-rs writer produces such a
+    # name (write_safetensors refuses it), and the Rust reader reports a file
+    # whose JSON header escapes one (as Python's json module writes it) in
+    # one clean line.
     path = tmp_path / "s.safetensors"
     meta = dict(SQUANT_META, squant_rs_version="0.1\ud800")
-    write_safetensors(path, {"a\ud800b": RawTensor.from_numpy(np.zeros(3, np.float32))}, meta)
+    header = {
+        "__metadata__": meta,
+        "a\ud800b": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]},
+    }
+    _raw_safetensors(path, header, b"\0" * 12)
     p = _cli("info", str(path))
-    assert p.returncode == 0 and p.stderr == ""
-    assert "a\\ud800b" in p.stdout and "squant-rs 0.1\\ud800" in p.stdout
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and "not valid Unicode (a lone surrogate)" in p.stderr
+    with pytest.raises(squant_rs.InvalidArgumentError, match="UTF-8"):
+        write_safetensors(path, {"a\ud800b": RawTensor.from_numpy(np.zeros(3, np.float32))})
 
 
 def test_weight_of_more_than_64_dims(tmp_path, capsys) -> None:

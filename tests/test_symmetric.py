@@ -247,14 +247,16 @@ def test_quantize_model_and_save_quantized(tmp_path):
         assert torch.equal(loaded[k], v), k
     from squant_rs.formats.safetensors import inspect_quantized, read_safetensors
 
-    meta = json.loads(read_safetensors(path)[1]["quantized"])
-    assert {m["quantizer"] for m in meta.values()} == {SYM}
+    assert read_safetensors(path)[1]["quantizer"] == SYM
+    assert inspect_quantized(path).quantizer == SYM
     assert {t.quantizer for t in inspect_quantized(path).quantized} == {SYM}
     # Files without the key are asymmetric.
     plain = tmp_path / "a.safetensors"
     squant_rs.save_quantized(net, plain, 4)
-    meta = json.loads(read_safetensors(plain)[1]["quantized"])
-    assert all("quantizer" not in m for m in meta.values())
+    meta = read_safetensors(plain)[1]
+    assert "quantizer" not in meta and all(
+        "quantizer" not in m for m in json.loads(meta["quantized"]).values()
+    )
     assert {t.quantizer for t in inspect_quantized(plain).quantized} == {"asymmetric"}
 
 
@@ -271,3 +273,39 @@ def test_cli_quantizer(tmp_path, capsys):
     assert [t.quantizer for t in inspect_quantized(out).quantized] == [SYM]
     assert main(["quantize", str(src), str(out), "--quantizer", "sym"]) == 2
     assert "quantizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("route", ["safetensors", "sharded", "torch"])
+def test_quantizer_on_every_cli_route(tmp_path, route):
+    """--quantizer reaches the file on the Rust checkpoint path (single file
+    and sharded) and on the torch path; loading dequantizes with zero point 0."""
+    from safetensors.numpy import save_file
+
+    from squant_rs.cli import main
+    from squant_rs.formats.safetensors import inspect_quantized
+
+    w = make_weight(np.random.default_rng(1), (6, 4, 3, 3), "normal")
+    src = tmp_path / "in"
+    if route == "sharded":
+        src.mkdir()
+        save_file({"a.weight": w}, src / "model-00001-of-00001.safetensors")
+        index = {"weight_map": {"a.weight": "model-00001-of-00001.safetensors"}}
+        (src / "model.safetensors.index.json").write_text(json.dumps(index))
+        out = tmp_path / "out"
+        files = [out / "model-00001-of-00001.safetensors"]
+    elif route == "torch":
+        src = tmp_path / "in.pt"
+        torch.save({"a.weight": torch.from_numpy(w)}, src)
+        out = tmp_path / "out.safetensors"
+        files = [out]
+    else:
+        src = tmp_path / "in.safetensors"
+        save_file({"a.weight": w}, src)
+        out = tmp_path / "out.safetensors"
+        files = [out]
+    assert main(["quantize", str(src), str(out), "--quantizer", "symmetric", "-q"]) == 0
+    ref = squant_rs.quantize_tensor(w, 4, quantizer=SYM)
+    for f in files:
+        assert inspect_quantized(f).quantizer == SYM
+        got = squant_rs.load_quantized(f)["a.weight"]
+        assert np.array_equal(np.asarray(got), ref.dequantize())

@@ -1,6 +1,10 @@
 """Type stubs of the native module (Rust, PyO3). Kept honest by
 ``python -m mypy.stubtest squant_rs._squant_rs`` in the test script."""
 
+import os
+from collections.abc import Callable
+from typing import final
+
 import numpy as np
 import numpy.typing as npt
 
@@ -16,6 +20,15 @@ __all__ = [
     "quantize_reference",
     "dequantize",
     "resolve_threads",
+    "io_quantize_file",
+    "io_quantize_sharded",
+    "io_is_sharded",
+    "io_inspect",
+    "io_verify",
+    "io_load",
+    "io_read_safetensors",
+    "io_write_safetensors",
+    "QuantizedFileWriter",
     "SquantError",
     "NonFiniteWeightError",
     "WeightRangeError",
@@ -53,3 +66,74 @@ def dequantize(
     threads: int | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def resolve_threads(threads: int | None = None) -> int: ...
+
+# Checkpoint I/O (crate squant-io)
+
+_Layer = tuple[str, list[int], float, float, int, int]
+_Report = tuple[list[_Layer], int, int, int]
+_Progress = Callable[[int, int, str], object]
+_Path = str | os.PathLike[str]
+
+def io_quantize_file(
+    src: _Path,
+    dst: _Path,
+    bits: int,
+    mode: str,
+    include: list[str],
+    skip: list[str],
+    threads: int | None = None,
+    progress: _Progress | None = None,
+    require_selection: bool = True,
+    quantizer: str = "asymmetric",
+) -> _Report: ...
+def io_quantize_sharded(
+    src: _Path,
+    dst: _Path,
+    bits: int,
+    mode: str,
+    include: list[str],
+    skip: list[str],
+    threads: int | None = None,
+    progress: _Progress | None = None,
+    quantizer: str = "asymmetric",
+) -> tuple[_Report, int, int]: ...
+def io_is_sharded(path: _Path) -> bool: ...
+def io_inspect(
+    path: _Path,
+) -> tuple[
+    str, str, int, list[tuple[str, list[int], str, int | None, str | None, int]], bool, str
+]: ...
+def io_verify(path: _Path, threads: int | None = None) -> None: ...
+def io_load(
+    path: _Path, verify: bool = True, threads: int | None = None
+) -> list[tuple[str, str, list[int], npt.NDArray[np.uint8]]]: ...
+def io_read_safetensors(
+    path: _Path, data: bool = True
+) -> tuple[list[tuple[str, str, list[int], npt.NDArray[np.uint8]]], dict[str, str]]: ...
+def io_write_safetensors(
+    path: _Path,
+    tensors: list[tuple[str, str, list[int]]],
+    metadata: list[tuple[str, str]],
+    data: Callable[[int], npt.NDArray[np.uint8]],
+) -> int: ...
+
+@final
+class QuantizedFileWriter:
+    """A squant-rs file written tensor by tensor (atomically)."""
+
+    def __new__(
+        cls,
+        path: _Path,
+        plan: list[tuple[str, str, list[int], int | None, str | None]],
+        quantizer: str = "asymmetric",
+    ) -> QuantizedFileWriter: ...
+    def write_plain(self, index: int, data: npt.NDArray[np.uint8]) -> None: ...
+    def write_quantized(
+        self,
+        index: int,
+        codes: npt.NDArray[np.int8],
+        scale: npt.NDArray[np.float32],
+        zero_point: npt.NDArray[np.float32],
+    ) -> None: ...
+    def finish(self) -> int: ...
+    def abort(self) -> None: ...

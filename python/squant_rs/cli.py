@@ -64,8 +64,11 @@ from .formats.safetensors import (
     RawTensor,
     _export,
     inspect_quantized,
+    is_sharded,
+    quantize_checkpoint,
     read_safetensors,
     select_state_dict,
+    verify_quantized,
 )
 from .model import format_bytes, format_table
 from .model.report import QuantReport
@@ -225,8 +228,9 @@ def _check_output(dst: str, inputs: Sequence[str] = ()) -> str:
 class Progress:
     """A one-line progress bar on ``stream``, drawn only on a terminal."""
 
-    def __init__(self, stream: TextIO, enabled: bool | None = None) -> None:
+    def __init__(self, stream: TextIO, enabled: bool | None = None, unit: str = "") -> None:
         self.stream = stream
+        self.unit = unit  # "bytes": done/total are byte counts
         if enabled is None:
             enabled = bool(getattr(stream, "isatty", lambda: False)())
         self.enabled = enabled
@@ -239,6 +243,8 @@ class Progress:
         bar_w = 24
         filled = bar_w * done // total if total else bar_w
         count = f"{done}/{total}"
+        if self.unit == "bytes":
+            count = f"{format_bytes(done)}/{format_bytes(total)}"
         line = f"[{'#' * filled}{'.' * (bar_w - filled)}] {count} {printable(name, self.stream)}"
         line = line[: max(width - 1, 10)]
         self.stream.write("\r" + line.ljust(max(width - 1, 10)))
@@ -349,7 +355,8 @@ def load_input(path: str) -> tuple[dict[str, RawTensor], str]:
     if kind == "torch":
         tensors = _torch_state_dict(path)
     else:
-        tensors, metadata = read_safetensors(path)
+        # The header only (data=False): quantize_checkpoint maps the data.
+        tensors, metadata = read_safetensors(path, data=False)
         if metadata.get("format") == FORMAT_NAME:
             raise CliError(
                 f"{path} is already a squant-rs file (written by squant-rs "
@@ -436,60 +443,99 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         return _cmd_quantize_onnx(args)
     if args.abits is not None or args.integer_kernels:
         raise CliError("--abits and --integer-kernels apply to ONNX models (.onnx)")
-    _check_output(dst, inputs=[src])
+    sharded = is_sharded(src)
+    if not sharded:
+        _check_output(dst, inputs=[src])
     with _thread_count(args.threads) as threads:
         start = time.perf_counter()
-        tensors, kind = load_input(src)
+        if sharded:
+            tensors: dict[str, RawTensor] = {}
+            kind = "sharded safetensors"
+        else:
+            tensors, kind = load_input(src)
         include = tuple(args.include) if args.include else None
         skip = tuple(args.skip or ())
-        for note in _unmatched_patterns(tensors, include, skip):
+        for note in [] if sharded else _unmatched_patterns(tensors, include, skip):
             _message("warning", note)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # reported above
             keys = select_state_dict(tensors, include, skip)
-        if not keys:
+        if not keys and not sharded:
             raise CliError(
                 f"{src}: no tensor to quantize (none is a floating tensor of 2+ dimensions "
                 "matching the include patterns)"
             )
         loaded = time.perf_counter()
-        progress = Progress(sys.stderr)
-        clock = _StageClock(progress)
-        try:
-            report = _export(
-                tensors,
-                {k: tensors[k] for k in keys},
-                dst,
-                args.wbits,
-                args.mode,
-                "auto",
-                threads,
-                [],
-                clock,
-                loaded,
-                args.quantizer,
-            )
-        finally:
-            progress.close()
+        if kind != "torch":
+            # safetensors files and sharded directories: Rust end to end,
+            # memory-mapped, quantized and written block by block.
+            progress = Progress(sys.stderr, unit="bytes")
+            try:
+                result = quantize_checkpoint(
+                    src,
+                    dst,
+                    args.wbits,
+                    args.mode,
+                    include=include,
+                    skip=skip,
+                    threads=threads,
+                    progress=progress,
+                    quantizer=args.quantizer,
+                )
+            finally:
+                progress.close()
+            report, n_tensors = result.report, result.tensors
+            if sharded:
+                kind = f"sharded safetensors, {result.shards} shards"
+            clock = None
+        else:
+            progress = Progress(sys.stderr)
+            clock = _StageClock(progress)
+            try:
+                report = _export(
+                    tensors,
+                    {k: tensors[k] for k in keys},
+                    dst,
+                    args.wbits,
+                    args.mode,
+                    "auto",
+                    threads,
+                    [],
+                    clock,
+                    loaded,
+                    args.quantizer,
+                )
+            finally:
+                progress.close()
+            n_tensors = len(tensors)
         written = time.perf_counter()
     if args.quiet:
         return 0
     if args.verbose:
         print(_printable_report(report))
         print()
-    quantized = clock.quantized_at if clock.quantized_at is not None else written
     assert report.size_after is not None and report.size_before is not None
+    if clock is None:
+        # Streamed: quantizing and writing interleave, block by block; the
+        # quantize share is the per-layer time, the rest reading and writing.
+        rest = max((written - loaded) * 1e3 - report.total_ms, 0.0)
+        timing = (
+            f"load {(loaded - start) * 1e3:.1f} ms, quantize {report.total_ms:.1f} ms "
+            f"(SQuant {report.total_ms:.1f} ms), write {rest:.1f} ms"
+        )
+    else:
+        quantized = clock.quantized_at if clock.quantized_at is not None else written
+        timing = (
+            f"load {(loaded - start) * 1e3:.1f} ms, quantize {(quantized - loaded) * 1e3:.1f} ms "
+            f"(SQuant {report.total_ms:.1f} ms), write {(written - quantized) * 1e3:.1f} ms"
+        )
     rows = [
         ["input", f"{src} ({kind})"],
         ["output", dst],
-        ["layers quantized", f"{len(report.layers)} of {len(tensors)} tensors"],
+        ["layers quantized", f"{len(report.layers)} of {n_tensors} tensors"],
         ["parameters quantized", f"{report.params:,}"],
         ["bits / mode", f"{args.wbits} / {args.mode} ({args.quantizer})"],
-        [
-            "time",
-            f"load {(loaded - start) * 1e3:.1f} ms, quantize {(quantized - loaded) * 1e3:.1f} ms "
-            f"(SQuant {report.total_ms:.1f} ms), write {(written - quantized) * 1e3:.1f} ms",
-        ],
+        ["time", timing],
         *_size_rows(report.size_before, report.size_after),
         ["mean relative error", f"{report.mean_rel_error:.4f}"],
         ["flips (K / C)", f"{report.k_flips:,} / {report.c_flips:,}"],
@@ -534,9 +580,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     path = args.file
     if not os.path.exists(path):
         raise CliError(f"file not found: {path}")
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_sharded(path):
         raise CliError(f"is a directory, not a file: {path}")
     info = inspect_quantized(path)  # the header only
+    if args.verify:
+        verify_quantized(path)  # every tensor: checksums, codes, scales
     q = info.quantized
     f32 = info.float32_size
     bits = sorted({t.bits for t in q if t.bits is not None})
@@ -557,6 +605,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         *_size_rows(_size_before(info), info.file_size),
         ["as float32", f"{format_bytes(f32)} ({info.file_size / max(f32, 1):.3f}x)"],
     ]
+    if args.verify:
+        rows.append(["verified", "every checksum, code, scale and zero point"])
     # Everything is formatted before anything is printed: no partial output.
     lines = [f"{label:<22}{printable(value)}" for label, value in rows]
     if args.verbose or len(info.tensors) <= 50:
@@ -775,8 +825,15 @@ def build_parser() -> argparse.ArgumentParser:
         "sizes before and after quantization, and (with -v or up to 50 tensors) one row "
         "per tensor. Reads only the file's header.",
     )
-    info.add_argument("file", metavar="FILE", help="squant-rs .safetensors file")
+    info.add_argument(
+        "file", metavar="FILE", help="squant-rs .safetensors file or sharded directory"
+    )
     info.add_argument("-v", "--verbose", action="store_true", help="list every tensor")
+    info.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every tensor and check its checksum, codes, scales and zero points",
+    )
     info.set_defaults(func=_cmd_info)
     return parser
 

@@ -24,33 +24,43 @@ weights) is stored unchanged under its own name. ``__metadata__`` holds
 "codes_per_byte": k}}`` in state-dict order (``dtype`` is the original
 dtype as a safetensors dtype name: ``F32``, ``F16``, ``BF16`` or ``F64``).
 
-Files are written atomically by :func:`squant_rs.formats.output.atomic_output`
-(a temporary file in the target directory, then ``os.replace``; symlinks
-followed, permissions kept, special files refused): an error or a signal
-never leaves a partial file behind.
+``checksums`` (written by this version; files without it still load):
+a JSON object ``{STORED_NAME: "xxxxxxxx"}``, the CRC32C of every stored
+tensor's bytes as 8 hex digits; verified on load (``verify=True``) and by
+``squant-rs info --verify``. ``quantizer`` (optional, default
+``"asymmetric"``). The full description and the version rules are in
+``docs/format.md``.
 
-This module reads and writes safetensors itself (numpy only), so the numpy
-API and the CLI work without torch and without the ``safetensors`` package,
-and a damaged file is reported as :class:`FormatError` rather than as a
-library traceback.
+Files are written atomically (a temporary file in the target directory,
+then a rename, by the Rust writer) under the rules of
+:mod:`squant_rs.formats.output` (output never the input, symlinks followed,
+permissions kept, special files refused, SIGTERM/SIGHUP cleaned up): an error
+or a signal never leaves a partial file behind.
+
+Reading, quantizing from files, packing and writing happen in Rust (crate
+``squant-io`` on the ``safetensors`` crate): files are memory-mapped and
+processed a block at a time, and a damaged file is reported as
+:class:`FormatError`. The numpy API and the CLI need neither torch nor the
+``safetensors`` Python package.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import stat
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
 from .. import _squant_rs as _native
-from .._squant_rs import InvalidArgumentError, __version__
+from .._squant_rs import InvalidArgumentError
 from ..errors import FormatError
 from ..model.layers import (
     ProgressFn,
@@ -62,10 +72,8 @@ from ..model.layers import (
     warn_unmatched,
 )
 from ..model.report import LayerReport, QuantReport
-from ..tensor.packing import codes_per_byte, pack_codes, packed_size, unpack_codes
 from ..tensor.quantized import _is_torch_tensor
 from ..tensor.validate import (
-    QUANTIZERS,
     UnsupportedDtypeError,
     check_backend,
     check_bits,
@@ -73,8 +81,8 @@ from ..tensor.validate import (
     check_quantizer,
     check_threads,
 )
-from ..torch.adapter import cast_dequantized, require_torch
-from .output import atomic_output
+from ..torch.adapter import require_torch
+from .output import _cleanup_on_signals, check_output
 
 if TYPE_CHECKING:
     import torch
@@ -83,14 +91,18 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "CheckpointResult",
     "FormatError",
     "QuantizedFileInfo",
     "RawTensor",
     "TensorInfo",
     "inspect_quantized",
+    "is_sharded",
     "load_quantized",
+    "quantize_checkpoint",
     "read_safetensors",
     "save_quantized",
+    "verify_quantized",
     "write_safetensors",
 ]
 
@@ -99,8 +111,6 @@ FORMAT_VERSION = "1"
 #: Suffixes of the three tensors that hold one quantized weight.
 CODES, SCALE, ZERO_POINT = ":codes", ":scale", ":zero_point"
 DEFAULT_INCLUDE: tuple[str, ...] = ("*weight",)
-
-_MAX_HEADER = 100 * 1024 * 1024  # as the safetensors library
 
 
 # --------------------------------------------------------------------------
@@ -258,107 +268,25 @@ def _fail(path: str | os.PathLike[str], what: str) -> FormatError:
     return FormatError(f"{os.fspath(path)}: {what}")
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """One tensor as the header describes it: dtype, shape and byte span
-    in the data region."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-def _read_header(
-    f: IO[bytes], path: str | os.PathLike[str]
-) -> tuple[dict[str, _Entry], dict[str, str], int]:
-    """Read and validate the header of the safetensors file open as ``f``:
-    ``(entries in header order, metadata, size of the data region)``. Reads
-    only the 8-byte length and the JSON header (the data region is checked
-    against the file size, not read)."""
-    size = os.fstat(f.fileno()).st_size
-    head = f.read(8)
-    if len(head) < 8:
-        raise _fail(path, f"not a safetensors file ({size} bytes, too short for a header)")
-    n = int.from_bytes(head, "little")
-    if n < 2 or n > _MAX_HEADER:
-        raise _fail(path, "not a safetensors file (no valid header length)")
-    if 8 + n > size:
-        raise _fail(
-            path,
-            f"truncated or not a safetensors file (header of {n} bytes, file has {size} bytes)",
-        )
-    raw_header = f.read(n)
-    try:
-        header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _fail(path, "not a safetensors file (header is not valid JSON)") from None
-    if not isinstance(header, dict):
-        raise _fail(path, "not a safetensors file (header is not a JSON object)")
-
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise _fail(path, "corrupt header (__metadata__ must map strings to strings)")
-
-    entries: dict[str, _Entry] = {}
-    for key, info in header.items():
-        if not isinstance(info, dict):
-            raise _fail(path, f"corrupt header entry for {key!r}")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise _fail(path, f"tensor {key!r} has an unsupported dtype {dtype!r}")
-        if not (
-            isinstance(shape, list)
-            and all(type(d) is int and d >= 0 for d in shape)
-            and isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(type(o) is int and o >= 0 for o in offsets)
-            and offsets[0] <= offsets[1]
-        ):
-            raise _fail(path, f"corrupt header entry for {key!r}")
-        begin, end = offsets
-        if end - begin != math.prod(shape) * _DTYPES[dtype][0]:
-            raise _fail(path, f"corrupt header: tensor {key!r} size does not match its shape")
-        entries[key] = _Entry(dtype, tuple(shape), begin, end)
-
-    pos = 0
-    for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
-        if e.begin != pos:
-            key = next(k for k, v in entries.items() if v is e)
-            raise _fail(path, f"corrupt header: data of {key!r} overlaps or leaves a gap")
-        pos = e.end
-    data_size = size - 8 - n
-    if data_size < pos:
-        raise _fail(
-            path,
-            f"truncated file ({data_size} of {pos} bytes of tensor data present)",
-        )
-    if data_size > pos:
-        raise _fail(
-            path, f"corrupt file ({data_size - pos} unexpected bytes after the tensor data)"
-        )
-    return entries, dict(metadata), pos
-
-
-def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, RawTensor], dict[str, str]]:
+def read_safetensors(
+    path: str | os.PathLike[str], *, data: bool = True
+) -> tuple[dict[str, RawTensor], dict[str, str]]:
     """Read and validate a safetensors file: ``(tensors in header order,
-    metadata)``. Raises :class:`FormatError` for anything that is not a
-    well-formed safetensors file (and ``OSError`` when it cannot be read)."""
-    with open(path, "rb") as f:
-        entries, metadata, data_size = _read_header(f, path)
-        data = np.fromfile(f, dtype=np.uint8, count=data_size)
-    if data.size != data_size:  # the file shrank while being read
-        raise _fail(
-            path, f"truncated file ({data.size} of {data_size} bytes of tensor data present)"
-        )
-    tensors = {k: RawTensor(e.dtype, e.shape, data[e.begin : e.end]) for k, e in entries.items()}
-    return tensors, metadata
+    metadata)``. Every tensor's bytes are copied into memory (a helper for
+    small files and tests: the quantize and load paths map the file lazily);
+    with ``data=False`` only the header is read and every ``RawTensor.data``
+    is empty (dtypes and shapes only).
+
+    Returns:
+        The tensors by name and the ``__metadata__`` strings.
+
+    Raises:
+        FormatError: anything that is not a well-formed safetensors file.
+        OSError: the file cannot be read.
+    """
+    entries, metadata = _native.io_read_safetensors(os.fspath(path), data)
+    tensors = {name: RawTensor(dtype, tuple(shape), data) for name, dtype, shape, data in entries}
+    return tensors, dict(metadata)
 
 
 def write_safetensors(
@@ -366,35 +294,61 @@ def write_safetensors(
     tensors: Mapping[str, RawTensor],
     metadata: Mapping[str, str] | None = None,
 ) -> int:
-    """Write a safetensors file atomically; returns its size in bytes.
+    """Write a plain safetensors file atomically (a temporary file in the
+    target directory, then a rename); the header lists the tensors in the
+    given order, their data laid out by decreasing item size so every tensor
+    is aligned to its item size. No checksums are added.
 
-    The header lists the tensors in the given order; their data is laid out
-    by decreasing item size so every tensor is aligned to its item size."""
-    layout = sorted(tensors, key=lambda k: -_DTYPES[tensors[k].dtype][0])
-    offsets: dict[str, tuple[int, int]] = {}
-    pos = 0
-    for key in layout:
-        offsets[key] = (pos, pos + tensors[key].nbytes)
-        pos += tensors[key].nbytes
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    for key, t in tensors.items():
-        if key == "__metadata__":
-            raise InvalidArgumentError("'__metadata__' cannot be a tensor name")
-        header[key] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(offsets[key])}
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)
+    Returns:
+        The file's size in bytes.
 
-    def write(f: IO[bytes]) -> None:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for key in layout:
-            f.write(np.ascontiguousarray(tensors[key].data).data)
+    Raises:
+        InvalidArgumentError: a tensor named ``__metadata__`` or twice.
+        OSError: the file cannot be written (nothing is left behind).
+    """
+    items = [(_utf8_name(key), t.dtype, list(t.shape)) for key, t in tensors.items()]
+    values = list(tensors.values())
+    meta = [(str(k), str(v)) for k, v in (metadata or {}).items()]
 
-    with atomic_output(path) as f:
-        write(f)
-    return 8 + len(blob) + pos
+    def data(i: int) -> np.ndarray:  # asked for tensor by tensor during the write
+        return np.ascontiguousarray(values[i].data, dtype=np.uint8).reshape(-1)
+
+    with _output(path) as target:
+        return int(_native.io_write_safetensors(target, items, meta, data))
+
+
+@contextmanager
+def _output(path: str | os.PathLike[str], inputs: Sequence[str] = ()) -> Iterator[str]:
+    """The output rules of :func:`squant_rs.formats.output.atomic_output` for
+    a file the Rust writer writes (atomically itself): checks ``path``
+    (:func:`~squant_rs.formats.output.check_output`), yields the path to
+    write (symlinks resolved), cleans up on SIGTERM/SIGHUP (the writer's
+    temporary file is removed when the signal interrupts it) and gives a
+    replaced file its permission bits back."""
+    target = check_output(path, inputs=inputs)
+    try:
+        old: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    with _cleanup_on_signals():
+        yield target
+    if old is not None:
+        try:
+            os.chown(target, old.st_uid, old.st_gid)
+        except (OSError, AttributeError):
+            pass  # not root: the file keeps this user's owner
+        os.chmod(target, stat.S_IMODE(old.st_mode))
+
+
+def _utf8_name(key: str) -> str:
+    """``key`` if it can be stored (UTF-8 text), else InvalidArgumentError."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(
+            f"tensor name {key!r} is not valid Unicode text (it cannot be stored as UTF-8)"
+        ) from None
+    return key
 
 
 # --------------------------------------------------------------------------
@@ -407,36 +361,18 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x.detach().cpu().numpy())
 
 
-def _quantized_entries(
+def _layer_report(
     name: str,
     weight: Any,
-    dtype: str,
     bits: int,
     mode: str,
     backend: str,
     threads: int | None,
     quantizer: str = "asymmetric",
-) -> tuple[dict[str, RawTensor], dict[str, Any], LayerReport]:
+) -> tuple[Any, LayerReport]:
     qt, ms = quantize_layer_weight(name, weight, bits, mode, backend, threads, quantizer)
     err = relative_error(weight, qt.dequantize(threads))
-    codes = np.ascontiguousarray(_as_numpy(qt.codes))
-    scale = np.ascontiguousarray(_as_numpy(qt.scale), dtype=np.float32)
-    zp = np.ascontiguousarray(_as_numpy(qt.zero_point), dtype=np.float32)
     shape = tuple(int(d) for d in weight.shape)
-    entries = {
-        name + CODES: RawTensor("U8", (packed_size(codes.size, bits),), pack_codes(codes, bits)),
-        name + SCALE: RawTensor.from_numpy(scale),
-        name + ZERO_POINT: RawTensor.from_numpy(zp),
-    }
-    meta = {
-        "bits": bits,
-        "mode": mode,
-        "shape": list(shape),
-        "dtype": dtype,
-        "codes_per_byte": codes_per_byte(bits),
-    }
-    if quantizer != "asymmetric":  # absent: asymmetric (files of earlier versions)
-        meta["quantizer"] = quantizer
     rep = LayerReport(
         name=name,
         shape=shape,
@@ -448,7 +384,23 @@ def _quantized_entries(
         bits=bits,
         kind="weight",
     )
-    return entries, meta, rep
+    return qt, rep
+
+
+def _describe(value: Any, key: str) -> tuple[str, tuple[int, ...], int]:
+    """(safetensors dtype, shape, stored bytes) of a state-dict value,
+    without copying it."""
+    if isinstance(value, RawTensor):
+        return value.dtype, value.shape, value.nbytes
+    if _is_torch_tensor(value):
+        shape = tuple(int(d) for d in value.shape)
+        return _dtype_of_torch(value), shape, int(value.numel()) * int(value.element_size())
+    if isinstance(value, (np.ndarray, np.generic)):
+        arr = np.asarray(value)
+        return _dtype_of_numpy(arr.dtype), tuple(int(d) for d in arr.shape), int(arr.nbytes)
+    raise InvalidArgumentError(
+        f"state dict entry {key!r} is a {type(value).__name__}, not a tensor or array"
+    )
 
 
 def _float_ndim(value: Any) -> tuple[bool, int, int]:
@@ -507,52 +459,23 @@ def _export(
     wall_start: float,
     quantizer: str = "asymmetric",
 ) -> QuantReport:
-    """Quantize ``selected`` (key -> weight to quantize) and write every entry."""
-    out: dict[str, RawTensor] = {}
-    qmeta: dict[str, Any] = {}
-    layers: list[LayerReport] = []
+    """Quantize ``selected`` (key -> weight to quantize) and write every
+    entry, one tensor at a time, through the Rust writer (codes packed and
+    checksummed there; the file is written atomically)."""
+    plan: list[tuple[str, str, list[int], int | None, str | None]] = []
     size_before = 0
-    total = len(selected)
     for key, value in entries.items():
+        dtype, shape, nbytes = _describe(selected.get(key, value), key)
+        size_before += nbytes
         if key in selected:
-            if progress is not None:
-                progress(len(layers), total, key)
-            weight = selected[key]
-            if isinstance(weight, RawTensor):
-                dtype = weight.dtype
-                size_before += weight.nbytes
-                weight = weight.to_float32()
-            elif _is_torch_tensor(weight):
-                dtype = _dtype_of_torch(weight)
-                size_before += weight.numel() * weight.element_size()
-            else:
-                dtype = _dtype_of_numpy(np.asarray(weight).dtype)
-                size_before += np.asarray(weight).nbytes
-            parts, meta, rep = _quantized_entries(
-                key, weight, dtype, bits, mode, backend, threads, quantizer
-            )
-            for part in parts:
-                if part in entries:
-                    raise InvalidArgumentError(
-                        f"cannot quantize {key!r}: the state dict already has a tensor "
-                        f"named {part!r}"
-                    )
-            out.update(parts)
-            qmeta[key] = meta
-            layers.append(rep)
+            plan.append((_utf8_name(key), dtype, list(shape), bits, mode))
         else:
-            raw = RawTensor.from_any(value, key)
-            size_before += raw.nbytes
-            out[key] = raw
-    if progress is not None:
-        progress(total, total, "")
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "squant_rs_version": __version__,
-        "quantized": json.dumps(qmeta, separators=(",", ":")),
-    }
-    size_after = write_safetensors(path, out, metadata)
+            plan.append((_utf8_name(key), dtype, list(shape), None, None))
+    with _output(path) as target:
+        writer = _native.QuantizedFileWriter(target, plan, quantizer)
+        layers, size_after = _write_all(
+            writer, entries, selected, bits, mode, backend, threads, progress, quantizer
+        )
     return QuantReport(
         layers=layers,
         wbits=bits,
@@ -563,6 +486,48 @@ def _export(
         size_after=size_after,
         quantizer=quantizer,
     )
+
+
+def _write_all(
+    writer: _native.QuantizedFileWriter,
+    entries: Mapping[str, Any],
+    selected: Mapping[str, Any],
+    bits: int,
+    mode: str,
+    backend: str,
+    threads: int | None,
+    progress: ProgressFn | None,
+    quantizer: str,
+) -> tuple[list[LayerReport], int]:
+    """Every entry into ``writer``, quantized or as stored; (layers, file size)."""
+    layers: list[LayerReport] = []
+    total = len(selected)
+    try:
+        for i, (key, value) in enumerate(entries.items()):
+            if key in selected:
+                if progress is not None:
+                    progress(len(layers), total, key)
+                weight = selected[key]
+                if isinstance(weight, RawTensor):
+                    weight = weight.to_float32()
+                qt, rep = _layer_report(key, weight, bits, mode, backend, threads, quantizer)
+                writer.write_quantized(
+                    i,
+                    np.ascontiguousarray(_as_numpy(qt.codes), dtype=np.int8),
+                    np.ascontiguousarray(_as_numpy(qt.scale), dtype=np.float32),
+                    np.ascontiguousarray(_as_numpy(qt.zero_point), dtype=np.float32),
+                )
+                layers.append(rep)
+            else:
+                raw = RawTensor.from_any(value, key)
+                writer.write_plain(i, np.ascontiguousarray(raw.data, dtype=np.uint8))
+        if progress is not None:
+            progress(total, total, "")
+        size_after = int(writer.finish())
+    except BaseException:
+        writer.abort()
+        raise
+    return layers, size_after
 
 
 def _is_module(obj: object) -> bool:
@@ -593,10 +558,10 @@ def save_quantized(
     bit for bit. For a state dict (torch tensors or numpy arrays), see
     :func:`select_state_dict` for ``include``/``skip``. Everything else is
     stored unchanged. ``quantizer`` (``"asymmetric"`` or ``"symmetric"``, as
-    in :func:`quantize_tensor`) is recorded per tensor in the file's
-    metadata; files without it are asymmetric. The file is written
-    atomically by :func:`squant_rs.formats.output.atomic_output` (symlinks
-    followed, permissions kept; a FIFO or device path raises
+    in :func:`quantize_tensor`) is recorded in the file's ``quantizer``
+    metadata key (absent: asymmetric). The file is written atomically by
+    the Rust writer under the rules of :mod:`squant_rs.formats.output`
+    (symlinks followed, permissions kept; a FIFO or device path raises
     :class:`InvalidArgumentError`)."""
     wall = time.perf_counter()
     bits = check_bits(wbits, "wbits")
@@ -647,6 +612,125 @@ def save_quantized(
 
 
 # --------------------------------------------------------------------------
+# Checkpoint files (Rust all the way: memory-mapped, block by block)
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    """What :func:`quantize_checkpoint` did."""
+
+    report: QuantReport
+    #: Tensors in the input (all shards).
+    tensors: int
+    #: Bytes of the input file(s) on disk.
+    input_size: int
+    #: Number of shards (1 for a single file).
+    shards: int
+
+
+def _report_of(
+    raw: Any, bits: int, mode: str, wall_start: float, quantizer: str
+) -> tuple[QuantReport, int]:
+    layers_raw, tensors, size_before, size_after = raw
+    layers = [
+        LayerReport(
+            name=name,
+            shape=tuple(shape),
+            params=math.prod(shape),
+            time_ms=ms,
+            rel_error=err,
+            k_flips=kf,
+            c_flips=cf,
+            bits=bits,
+            kind="weight",
+        )
+        for name, shape, ms, err, kf, cf in layers_raw
+    ]
+    report = QuantReport(
+        layers=layers,
+        wbits=bits,
+        mode=mode,
+        wall_ms=(time.perf_counter() - wall_start) * 1e3,
+        size_before=int(size_before),
+        size_after=int(size_after),
+        quantizer=quantizer,
+    )
+    return report, int(tensors)
+
+
+def is_sharded(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a sharded checkpoint: a directory holding
+    ``model.safetensors.index.json`` (the Hugging Face layout) or that index.
+
+    Returns:
+        ``True`` for a sharded checkpoint.
+    """
+    return bool(_native.io_is_sharded(os.fspath(path)))
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    wbits: int = 4,
+    mode: str = "squant",
+    *,
+    include: Sequence[str] | None = None,
+    skip: Sequence[str] = (),
+    threads: int | None = None,
+    progress: ProgressFn | None = None,
+    quantizer: str = "asymmetric",
+) -> CheckpointResult:
+    """Quantize a safetensors checkpoint on disk into a squant-rs file, or a
+    sharded checkpoint (see :func:`is_sharded`) into the directory ``dst``
+    (one quantized shard per input shard, index rewritten). Everything runs
+    in Rust: tensors are memory-mapped and quantized a block of channels at
+    a time, so memory stays bounded whatever the checkpoint's size; output
+    is written atomically (no partial file or directory on error). Selection
+    as :func:`select_state_dict`. ``progress(done, total, name)`` counts
+    input bytes. ``quantizer`` as in :func:`save_quantized` (recorded in
+    each output file's metadata when symmetric).
+
+    Returns:
+        A :class:`CheckpointResult` with the per-layer report.
+
+    Raises:
+        FormatError: a damaged input file or shard (named in the message).
+        InvalidArgumentError: bad options, nothing to quantize, an output
+            directory that exists and is not empty.
+        NonFiniteWeightError, WeightRangeError: a weight cannot be quantized.
+        OSError: a file cannot be read or written.
+    """
+    wall = time.perf_counter()
+    bits = check_bits(wbits, "wbits")
+    mode = check_mode(mode)
+    quantizer = check_quantizer(quantizer)
+    threads = check_threads(threads)
+    inc = list(check_patterns(include, "include")) if include is not None else []
+    sk = list(check_patterns(skip, "skip"))
+    if is_sharded(src):
+        with _cleanup_on_signals():
+            raw, shards, input_size = _native.io_quantize_sharded(
+                os.fspath(src),
+                os.fspath(dst),
+                bits,
+                mode,
+                inc,
+                sk,
+                threads,
+                progress,
+                quantizer=quantizer,
+            )
+        report, tensors = _report_of(raw, bits, mode, wall, quantizer)
+        return CheckpointResult(report, tensors, int(input_size), int(shards))
+    with _output(dst, inputs=[os.fspath(src)]) as target:
+        raw = _native.io_quantize_file(
+            os.fspath(src), target, bits, mode, inc, sk, threads, progress, quantizer=quantizer
+        )
+    report, tensors = _report_of(raw, bits, mode, wall, quantizer)
+    return CheckpointResult(report, tensors, os.path.getsize(src), 1)
+
+
+# --------------------------------------------------------------------------
 # Import
 
 
@@ -686,6 +770,11 @@ class QuantizedFileInfo:
     format_version: str
     writer_version: str
     tensors: list[TensorInfo]
+    #: Whether every tensor has a CRC32C checksum (files written before
+    #: checksums existed have none).
+    has_checksums: bool = False
+    #: ``"asymmetric"`` (SQuant) or ``"symmetric"``.
+    quantizer: str = "asymmetric"
 
     @property
     def quantized(self) -> list[TensorInfo]:
@@ -696,153 +785,85 @@ class QuantizedFileInfo:
         return sum(t.float32_bytes for t in self.tensors)
 
 
-@dataclass(frozen=True)
-class _QEntry:
-    bits: int
-    mode: str
-    shape: tuple[int, ...]
-    dtype: str
-    quantizer: str = "asymmetric"
-
-
-def _parse_metadata(
-    path: str | os.PathLike[str],
-    tensors: Mapping[str, RawTensor | _Entry],
-    metadata: Mapping[str, str],
-) -> dict[str, _QEntry]:
-    if metadata.get("format") != FORMAT_NAME:
-        raise _fail(path, "not a squant-rs file (a safetensors file without squant-rs metadata)")
-    version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
-        raise _fail(
-            path,
-            f"unsupported squant-rs format version {version!r} "
-            f"(this squant-rs {__version__} reads version {FORMAT_VERSION})",
-        )
-    try:
-        table = json.loads(metadata.get("quantized", "{}"))
-    except (ValueError, RecursionError):
-        raise _fail(path, "corrupt squant-rs metadata (not valid JSON)") from None
-    if not isinstance(table, dict):
-        raise _fail(path, "corrupt squant-rs metadata (not a JSON object)")
-    out: dict[str, _QEntry] = {}
-    for name, info in table.items():
-        try:
-            bits, mode = info["bits"], info["mode"]
-            shape, dtype = tuple(info["shape"]), info["dtype"]
-            quantizer = info.get("quantizer", "asymmetric")  # older files: asymmetric
-            ok = (
-                quantizer in QUANTIZERS
-                and type(bits) is int
-                and 2 <= bits <= 8
-                and isinstance(mode, str)
-                and len(shape) >= 2
-                and all(type(d) is int and d > 0 for d in shape)
-                and dtype in FLOAT_DTYPES
-            )
-        except (TypeError, KeyError):
-            ok = False
-        if not ok:
-            raise _fail(path, f"corrupt squant-rs metadata for {name!r}")
-        entry = _QEntry(bits, mode, shape, dtype, quantizer)
-        codes = tensors.get(name + CODES)
-        scale = tensors.get(name + SCALE)
-        zp = tensors.get(name + ZERO_POINT)
-        if codes is None or scale is None or zp is None:
-            raise _fail(
-                path, f"quantized tensor {name!r} is missing its codes, scale or zero point"
-            )
-        oc = shape[0]
-        if (
-            codes.dtype != "U8"
-            or codes.shape != (packed_size(math.prod(shape), bits),)
-            or scale.dtype != "F32"
-            or scale.shape != (oc,)
-            or zp.dtype != "F32"
-            or zp.shape != (oc,)
-        ):
-            raise _fail(
-                path, f"quantized tensor {name!r} has codes, scale or zero point of the wrong size"
-            )
-        out[name] = entry
-    return out
-
-
 def inspect_quantized(path: str | os.PathLike[str]) -> QuantizedFileInfo:
-    """Describe a squant-rs file (no torch needed). Reads only the header,
-    not the tensor data. Raises :class:`FormatError` for anything that is
-    not a valid squant-rs file."""
-    with open(path, "rb") as f:
-        tensors, metadata, _ = _read_header(f, path)
-    table = _parse_metadata(path, tensors, metadata)
-    infos: list[TensorInfo] = []
-    parts = {n + suffix for n in table for suffix in (CODES, SCALE, ZERO_POINT)}
-    for key, raw in tensors.items():
-        if key.endswith(CODES) and key[: -len(CODES)] in table:
-            name = key[: -len(CODES)]
-            q = table[name]
-            stored = raw.nbytes + tensors[name + SCALE].nbytes + tensors[name + ZERO_POINT].nbytes
-            infos.append(TensorInfo(name, q.shape, q.dtype, q.bits, q.mode, stored, q.quantizer))
-        elif key not in parts:
-            infos.append(TensorInfo(key, raw.shape, raw.dtype, None, None, raw.nbytes))
+    """Describe a squant-rs file or sharded directory from its header(s)
+    alone (no tensor data is read; no torch needed).
+
+    Returns:
+        A :class:`QuantizedFileInfo`.
+
+    Raises:
+        FormatError: anything that is not a valid squant-rs file.
+        OSError: the file cannot be read.
+    """
+    version, writer, size, tensors, checksums, quantizer = _native.io_inspect(os.fspath(path))
+    infos = [
+        TensorInfo(
+            name, tuple(shape), dtype, bits, mode, stored, quantizer if bits is not None else None
+        )
+        for name, shape, dtype, bits, mode, stored in tensors
+    ]
     return QuantizedFileInfo(
         path=os.fspath(path),
-        file_size=os.path.getsize(path),
-        format_version=metadata.get("format_version", ""),
-        writer_version=metadata.get("squant_rs_version", "unknown"),
+        file_size=int(size),
+        format_version=version,
+        writer_version=writer,
         tensors=infos,
+        has_checksums=bool(checksums),
+        quantizer=quantizer,
     )
 
 
-def _dequantize(
-    path: str | os.PathLike[str], name: str, q: _QEntry, tensors: Mapping[str, RawTensor]
-) -> torch.Tensor:
-    require_torch()
-    import torch
+def verify_quantized(path: str | os.PathLike[str], *, threads: int | None = None) -> None:
+    """Check a squant-rs file (or sharded directory) completely: every
+    tensor's checksum, every code, scale and zero point, without keeping
+    anything in memory (``squant-rs info --verify``).
 
-    try:
-        codes = unpack_codes(tensors[name + CODES].data, q.bits, math.prod(q.shape))
-    except InvalidArgumentError as exc:
-        raise _fail(path, f"corrupt codes for {name!r} ({exc})") from None
-    scale = tensors[name + SCALE].to_numpy()
-    zp = tensors[name + ZERO_POINT].to_numpy()
-    if not (np.isfinite(scale).all() and (scale > 0).all() and np.isfinite(zp).all()):
-        raise _fail(path, f"corrupt scale or zero point for {name!r}")
-    # A bad SQUANT_NUM_THREADS is reported as itself, not as a corrupt file.
-    threads = check_threads(None)
-    # The Rust loop behind QuantizedTensor.dequantize: bit-exact with it.
-    try:
-        w = _native.dequantize(
-            codes.reshape(q.shape),
-            np.ascontiguousarray(scale, dtype=np.float32),
-            np.ascontiguousarray(zp, dtype=np.float32),
-            threads,
-        )
-    except InvalidArgumentError as exc:
-        raise _fail(path, f"corrupt scale or zero point for {name!r} ({exc})") from None
-    return cast_dequantized(torch.from_numpy(w), _torch_dtype(q.dtype))
+    Raises:
+        FormatError: naming the first damaged tensor.
+        OSError: the file cannot be read.
+    """
+    _native.io_verify(os.fspath(path), check_threads(threads))
 
 
 def load_quantized(
-    path: str | os.PathLike[str], *, device: str | torch.device | None = None
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    verify: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Read a squant-rs file back as a float state dict (torch tensors, on
-    ``device``, default CPU), ready for ``model.load_state_dict``. The
-    quantized weights equal :func:`quantize_model`'s bit for bit.
+    """Read a squant-rs file (or a sharded directory written by
+    :func:`quantize_checkpoint`) back as a float state dict (torch tensors,
+    on ``device``, default CPU), ready for ``model.load_state_dict``. The
+    quantized weights equal :func:`quantize_model`'s bit for bit. Tensors
+    are memory-mapped and dequantized in Rust one at a time straight into
+    their output buffers. With ``verify`` (default) every tensor's CRC32C
+    checksum is checked as it is read (files written before checksums
+    existed have none and still load).
 
-    Raises :class:`FormatError` when the file is not safetensors, is
-    truncated or corrupt, or has an unsupported format version."""
+    Returns:
+        The state dict, in file order.
+
+    Raises:
+        FormatError: the file is not safetensors, is truncated or corrupt
+            (checksum mismatch, invalid codes, scales or zero points that
+            dequantize to non-finite values), or has an unsupported format
+            version.
+        OSError: the file cannot be read.
+        ImportError: torch is not installed.
+    """
     require_torch()
-    tensors, metadata = read_safetensors(path)
-    table = _parse_metadata(path, tensors, metadata)
-    parts = {n + suffix for n in table for suffix in (CODES, SCALE, ZERO_POINT)}
+    import torch
+
     out: dict[str, torch.Tensor] = {}
-    for key, raw in tensors.items():
-        if key.endswith(CODES) and key[: -len(CODES)] in table:
-            name = key[: -len(CODES)]
-            out[name] = _dequantize(path, name, table[name], tensors)
-        elif key not in parts:
-            out[key] = raw.to_torch()
+    for name, dtype, shape, data in _native.io_load(os.fspath(path), bool(verify)):
+        if data.size == 0:  # (torch cannot view an empty byte array as wider items)
+            out[name] = torch.empty(shape, dtype=_torch_dtype(dtype))
+            continue
+        t = torch.from_numpy(data)
+        if dtype != "U8":
+            t = t.view(_torch_dtype(dtype))
+        out[name] = t.reshape(shape)
     if device is not None:
         out = {k: v.to(device) for k, v in out.items()}
     return out

@@ -4,6 +4,7 @@
 //! released, in the chosen pool -> map errors.
 
 mod error;
+mod io;
 mod pool;
 
 use std::borrow::Cow;
@@ -433,6 +434,7 @@ fn _squant_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_reference, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_threads, m)?)?;
+    io::register(m)?;
     let py = m.py();
     m.add("SquantError", py.get_type::<error::SquantError>())?;
     m.add(

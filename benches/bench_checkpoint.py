@@ -1,0 +1,240 @@
+"""Checkpoints of any size: a synthetic Llama-7B-like sharded checkpoint
+(bf16; per decoder layer q/k/v/o 4096x4096, gate/up 11008x4096, down
+4096x11008; embedding and LM head 32000x4096; Hugging Face layout, shards of
+``--shard-gb`` GB with ``model.safetensors.index.json``) quantized by both
+command lines in subprocesses. Printed, all measured in this one run:
+
+* ``cat``: reading the shards (``cat shards > /dev/null``), the floor;
+* wall time of ``squant quantize DIR OUT`` (Rust CLI) and ``squant-rs
+  quantize DIR OUT`` (Python CLI), and each relative to ``cat`` (goal
+  <= 2x);
+* the peak resident memory of each (``ru_maxrss`` of the child; goal
+  <= 1 GB whatever the checkpoint's size);
+* ``squant-rs info`` (header only) and ``info --verify`` (every tensor);
+* checksum cost: ``load_quantized`` of one output shard with and without
+  ``verify`` (issue goal <= 10 % of the load time).
+
+The page cache is warm for every step (the files were just written, and
+``cat`` runs first), so the ratios compare CPU work with reading from
+memory, the hardest case for the goal.
+
+    python benches/bench_checkpoint.py [--layers 6] [--shard-gb 1] [--dir DIR] [--keep]
+
+``--layers 6`` is about 1.48 B parameters (2.95 GB in bf16); the default is
+the largest layer count that fits the free disk space (input + output + a
+margin), at most 6. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+HIDDEN, INTER, VOCAB = 4096, 11008, 32000
+
+
+def shapes(layers: int) -> list[tuple[str, tuple[int, int]]]:
+    out = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out.append((p + f"self_attn.{n}.weight", (HIDDEN, HIDDEN)))
+        out.append((p + "mlp.gate_proj.weight", (INTER, HIDDEN)))
+        out.append((p + "mlp.up_proj.weight", (INTER, HIDDEN)))
+        out.append((p + "mlp.down_proj.weight", (HIDDEN, INTER)))
+        out.append((p + "input_layernorm.weight", (HIDDEN,)))  # type: ignore[arg-type]
+    out.append(("model.norm.weight", (HIDDEN,)))  # type: ignore[arg-type]
+    out.append(("lm_head.weight", (VOCAB, HIDDEN)))
+    return out
+
+
+def nbytes(shape: tuple[int, ...]) -> int:
+    return 2 * int(np.prod(shape))
+
+
+def write_checkpoint(d: Path, layers: int, shard_bytes: int) -> list[Path]:
+    """Shards of about shard_bytes (a tensor never straddles two)."""
+    rng = np.random.default_rng(0)
+    pool = (rng.standard_normal(1 << 24, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in shapes(layers):
+        if size and size + nbytes(shape) > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += nbytes(shape)
+    files, weight_map = [], {}
+    for j, group in enumerate(groups):
+        fname = f"model-{j + 1:05d}-of-{len(groups):05d}.safetensors"
+        header, pos = {}, 0
+        for name, shape in group:
+            header[name] = {
+                "dtype": "BF16",
+                "shape": list(shape),
+                "data_offsets": [pos, pos + nbytes(shape)],
+            }
+            pos += nbytes(shape)
+            weight_map[name] = fname
+        blob = json.dumps(header).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(d / fname, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            for k, (_, shape) in enumerate(group):
+                left = int(np.prod(shape))
+                off = (k * 7919) % pool.size
+                while left:
+                    n = min(left, pool.size - off)
+                    f.write(pool[off : off + n].tobytes())
+                    left -= n
+                    off = 0
+        files.append(d / fname)
+    total = sum(nbytes(s) for _, s in shapes(layers))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return files
+
+
+# A small process forks the measured command: a child forked straight from
+# this (large) process would inherit its resident size in ru_maxrss.
+_WRAP = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss, file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def timed(argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of a command."""
+    t0 = time.perf_counter()
+    p = subprocess.run(
+        [sys.executable, "-S", "-c", _WRAP, *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed: {p.stderr}")
+    kib = int(p.stderr.strip().splitlines()[-1])
+    return wall, (kib / 1024 if sys.platform != "darwin" else kib / 2**20)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--layers", type=int, default=None, help="decoder layers (default: fit the disk, at most 6)"
+    )
+    ap.add_argument("--shard-gb", type=float, default=1.0)
+    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    args = ap.parse_args()
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="squant-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    layers = args.layers
+    if layers is None:
+        free = shutil.disk_usage(work).free
+        per_layer = sum(nbytes(s) for n, s in shapes(1)) - sum(nbytes(s) for n, s in shapes(0))
+        fixed = sum(nbytes(s) for _, s in shapes(0))
+        layers = 6
+        while layers > 1 and (fixed + layers * per_layer) * 1.5 + (2 << 30) > free:
+            layers -= 1
+    cargo = shutil.which("cargo")
+    if cargo is None:
+        raise SystemExit("needs cargo (builds the Rust CLI)")
+    subprocess.run(
+        [cargo, "build", "--release", "--quiet", "-p", "squant-cli"], cwd=ROOT, check=True
+    )
+    squant = str(ROOT / "target" / "release" / "squant")
+
+    src = work / "ckpt"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    t0 = time.perf_counter()
+    files = write_checkpoint(src, layers, int(args.shard_gb * 1e9))
+    gen = time.perf_counter() - t0
+    total = sum(f.stat().st_size for f in files)
+    params = sum(int(np.prod(s)) for _, s in shapes(layers))
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    print(
+        f"checkpoint: {layers} layers, {params / 1e9:.2f} B parameters, {total / 1e9:.2f} GB "
+        f"bf16 in {len(files)} shards (generated in {gen:.1f} s), work dir {work}"
+    )
+
+    cat = [timed(["cat", *map(str, files)]) for _ in range(2)]  # the first warms the cache
+    t_cat = min(c[0] for c in cat)
+    rows = []
+    for label, argv in (
+        ("squant (Rust CLI)", [squant, "quantize", str(src), str(work / "q_rs"), *threads]),
+        (
+            "squant-rs (Python CLI)",
+            [sys.executable, "-m", "squant_rs", "quantize", str(src), str(work / "q_py"), *threads],
+        ),
+    ):
+        out = Path(argv[3])
+        shutil.rmtree(out, ignore_errors=True)
+        wall, rss = timed(argv)
+        rows.append((label, wall, rss))
+    t_info, rss_info = timed([sys.executable, "-m", "squant_rs", "info", str(work / "q_rs")])
+    t_ver, rss_ver = timed(
+        [sys.executable, "-m", "squant_rs", "info", "--verify", str(work / "q_rs")]
+    )
+    same = all(
+        (work / "q_rs" / f.name).read_bytes() == (work / "q_py" / f.name).read_bytes()
+        for f in files
+    )
+
+    print(f"\n{'step':<26}{'wall s':>9}{'x cat':>8}{'peak RSS MB':>13}")
+    print(f"{'cat shards > /dev/null':<26}{t_cat:>9.2f}{1:>8.2f}{cat[-1][1]:>13.0f}")
+    for label, wall, rss in rows:
+        print(f"{label:<26}{wall:>9.2f}{wall / t_cat:>8.2f}{rss:>13.0f}")
+    print(f"{'info (header only)':<26}{t_info:>9.2f}{t_info / t_cat:>8.2f}{rss_info:>13.0f}")
+    print(f"{'info --verify':<26}{t_ver:>9.2f}{t_ver / t_cat:>8.2f}{rss_ver:>13.0f}")
+    print(f"\nRust and Python outputs byte-identical: {same}")
+    print(f"load average (1 min) during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"quantized size: {sum(p.stat().st_size for p in (work / 'q_rs').iterdir()) / 1e9:.2f} GB"
+    )
+
+    try:
+        import squant_rs
+
+        shard = work / "q_rs" / files[0].name
+        best = {}
+        for verify in (False, True, False, True):
+            t0 = time.perf_counter()
+            sd = squant_rs.load_quantized(shard, verify=verify)
+            dt = time.perf_counter() - t0
+            del sd
+            best[verify] = min(best.get(verify, dt), dt)
+        print(
+            f"load_quantized({files[0].name}): {best[False]:.2f} s without checksums, "
+            f"{best[True]:.2f} s with ({(best[True] / best[False] - 1) * 100:+.1f} %)"
+        )
+    except ImportError:
+        print("(torch not installed: load timing skipped)")
+    if not args.keep:
+        shutil.rmtree(work / "q_rs", ignore_errors=True)
+        shutil.rmtree(work / "q_py", ignore_errors=True)
+        shutil.rmtree(src, ignore_errors=True)
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,759 @@
+//! `squant`: SQuant quantization of safetensors checkpoints (single files
+//! and sharded Hugging Face directories) without Python: the edge-device
+//! tool. Same options, exit codes, messages and output files as the Python
+//! CLI's `squant-rs quantize` / `squant-rs info` on safetensors input.
+//!
+//! Exit status: 0 on success, 2 on bad input (one `squant: error: ...` line
+//! on stderr, no output left behind), 130 when interrupted (SIGINT, SIGTERM
+//! or SIGHUP; the temporary output is removed first).
+
+mod text;
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use squant_core::{Mode, Quantizer};
+use squant_io::format::{Kind, SquantFile};
+use squant_io::{dtype, IoError, Options};
+
+use crate::text::{commas, format_bytes, format_table, report_table, totals};
+
+const PROG: &str = "squant";
+const MAX_THREADS: usize = 1024;
+const THREADS_ENV: &str = "SQUANT_NUM_THREADS";
+
+#[derive(Parser)]
+#[command(
+    name = PROG,
+    version,
+    about = "SQuant data-free weight quantization (Guo et al., ICLR 2022) of safetensors checkpoints."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Quantize a .safetensors file or sharded checkpoint directory into a squant-rs file (or directory)
+    Quantize {
+        /// .safetensors file, or a directory with model.safetensors.index.json
+        #[arg(value_name = "IN")]
+        input: PathBuf,
+        /// squant-rs .safetensors file to write (a directory for sharded input)
+        #[arg(value_name = "OUT")]
+        output: PathBuf,
+        /// weight bits, 2..8
+        #[arg(long, default_value_t = 4, value_parser = parse_bits)]
+        wbits: u32,
+        /// quantization mode
+        #[arg(long, default_value = "squant", value_parser = ["squant", "squant-e", "squant-k", "squant-c"])]
+        mode: String,
+        /// asymmetric (zero point, SQuant's) or symmetric (zero point 0, what int8 runtimes fuse)
+        #[arg(long, default_value = "asymmetric", value_parser = ["asymmetric", "symmetric"])]
+        quantizer: String,
+        /// quantize tensors whose name matches one of these fnmatch patterns (default: '*weight')
+        #[arg(long, num_args = 1.., value_name = "PATTERN", action = clap::ArgAction::Append)]
+        include: Vec<String>,
+        /// leave tensors matching these patterns float (tried on the name and on the name without '.weight')
+        #[arg(long, num_args = 1.., value_name = "PATTERN", action = clap::ArgAction::Append)]
+        skip: Vec<String>,
+        /// thread count (default: SQUANT_NUM_THREADS, else the CPUs)
+        #[arg(long, value_parser = parse_threads)]
+        threads: Option<usize>,
+        /// print the per-layer table
+        #[arg(short, long, conflicts_with = "quiet")]
+        verbose: bool,
+        /// print nothing on success
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Describe a squant-rs file (or sharded directory) from its header
+    Info {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// list every tensor
+        #[arg(short, long)]
+        verbose: bool,
+        /// read every tensor and check its checksum, codes, scales and zero points
+        #[arg(long)]
+        verify: bool,
+    },
+}
+
+fn parse_bits(text: &str) -> Result<u32, String> {
+    let v: i64 = text
+        .parse()
+        .map_err(|_| format!("invalid bit width '{text}'"))?;
+    if !(2..=8).contains(&v) {
+        return Err(format!("bit width must be in 2..8, got {v}"));
+    }
+    Ok(v as u32)
+}
+
+fn parse_threads(text: &str) -> Result<usize, String> {
+    let v: i64 = text
+        .parse()
+        .map_err(|_| format!("invalid positive integer '{text}'"))?;
+    if !(1..=MAX_THREADS as i64).contains(&v) {
+        return Err(format!(
+            "must be a positive integer up to {MAX_THREADS}, got {v}"
+        ));
+    }
+    Ok(v as usize)
+}
+
+/// A user-facing error: one line, exit status 2.
+struct CliError(String);
+
+impl From<IoError> for CliError {
+    fn from(e: IoError) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+fn fail<T>(msg: impl Into<String>) -> Result<T, CliError> {
+    Err(CliError(msg.into()))
+}
+
+fn threads(arg: Option<usize>) -> Result<usize, CliError> {
+    if let Some(n) = arg {
+        return Ok(n);
+    }
+    match std::env::var(THREADS_ENV) {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+            _ => fail(format!(
+                "{THREADS_ENV} must be an integer in 1..={MAX_THREADS}, got {v:?}"
+            )),
+        },
+        Err(_) => Ok(std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)),
+    }
+}
+
+/// "safetensors", "torch" or "unknown", from the first bytes (as the Python CLI).
+fn sniff(path: &Path) -> Result<&'static str, CliError> {
+    let mut head = Vec::with_capacity(9);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(9).read_to_end(&mut head))
+        .map_err(|e| IoError::os(path, e))?;
+    Ok(
+        if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
+            "torch"
+        } else if head.len() == 9 && head[8] == b'{' {
+            "safetensors"
+        } else {
+            "unknown"
+        },
+    )
+}
+
+#[cfg(unix)]
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// What an existing non-regular file is (as the Python CLI names it).
+#[cfg(unix)]
+fn kind_of(ft: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+#[cfg(not(unix))]
+fn kind_of(_ft: &std::fs::FileType) -> &'static str {
+    "not a regular file"
+}
+
+/// The output rules of the Python CLI (`check_output`, `output_format`):
+/// never the input, regular files only (a symlink is written through: its
+/// target is replaced), `.safetensors` only. Returns the path to write and
+/// the permissions to keep.
+fn check_output(
+    dst: &Path,
+    src: &Path,
+) -> Result<(PathBuf, Option<std::fs::Permissions>), CliError> {
+    let name = dst.display();
+    if dst.is_dir() {
+        return fail(format!("output is a directory: {name}"));
+    }
+    let (target, keep) = match std::fs::metadata(dst) {
+        Ok(m) => {
+            if same_file(src, dst) {
+                return fail(format!(
+                    "output {name} is the same file as the input {}: refusing to overwrite the input",
+                    src.display()
+                ));
+            }
+            if !m.is_file() {
+                return fail(format!(
+                    "output {name} is {}; squant-rs writes regular files only (atomically, through a temporary file): write to a file and copy it",
+                    kind_of(&m.file_type())
+                ));
+            }
+            if m.permissions().readonly() {
+                return fail(format!("Permission denied: {name}"));
+            }
+            let real = std::fs::canonicalize(dst).map_err(|e| IoError::os(dst, e))?;
+            (real, Some(m.permissions()))
+        }
+        Err(_) => {
+            let parent = match dst.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if !parent.is_dir() {
+                return fail(format!("No such file or directory: {name}"));
+            }
+            (dst.to_path_buf(), None)
+        }
+    };
+    let suffix = dst
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy().to_lowercase()));
+    if suffix.as_deref() != Some(".safetensors") {
+        let shown = match &suffix {
+            Some(s) => py_repr(s),
+            None => "'no extension'".to_string(),
+        };
+        return fail(format!(
+            "output {name}: the output format is chosen by the file extension and {shown} is not one squant-rs writes (use .safetensors)"
+        ));
+    }
+    Ok((target, keep))
+}
+
+fn py_repr(s: &str) -> String {
+    squant_io::read::repr(s)
+}
+
+/// Python's `printable`: non-printable characters as backslash escapes.
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let code = c as u32;
+        if c == ' ' || !(c.is_control() || c.is_whitespace() || (0xd800..0xe000).contains(&code)) {
+            out.push(c);
+            continue;
+        }
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            _ if code < 0x100 => out.push_str(&format!("\\x{code:02x}")),
+            _ if code < 0x10000 => out.push_str(&format!("\\u{code:04x}")),
+            _ => out.push_str(&format!("\\U{code:08x}")),
+        }
+    }
+    out
+}
+
+fn message(kind: &str, text: &str) {
+    eprintln!("{PROG}: {kind}: {}", printable(text));
+}
+
+fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    if let Ok(style) =
+        ProgressStyle::with_template("[{bar:24}] {binary_bytes}/{binary_total_bytes} {wide_msg}")
+    {
+        bar.set_style(style.progress_chars("#>."));
+    }
+    bar
+}
+
+/// The `--include`/`--skip` patterns that change nothing (one warning each,
+/// as the Python CLI).
+fn unmatched_patterns(
+    entries: &[squant_io::Entry],
+    include: &[String],
+    skip: &[String],
+) -> Vec<String> {
+    let count = |inc: &[String], sk: &[String]| {
+        entries
+            .iter()
+            .filter(|e| squant_io::select::is_selected(e, inc, sk))
+            .count()
+    };
+    let candidates = count(include, &[]);
+    let mut notes: Vec<String> = include
+        .iter()
+        .filter(|p| count(std::slice::from_ref(p), &[]) == 0)
+        .map(|p| {
+            format!(
+                "--include pattern {} matches no floating tensor of 2+ dimensions",
+                py_repr(p)
+            )
+        })
+        .collect();
+    notes.extend(
+        skip.iter()
+            .filter(|p| count(include, std::slice::from_ref(p)) == candidates)
+            .map(|p| {
+                format!(
+                    "--skip pattern {} matches no tensor that would be quantized",
+                    py_repr(p)
+                )
+            }),
+    );
+    notes
+}
+
+const MAX_DIMS: usize = 64;
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_quantize(
+    src: &Path,
+    dst: &Path,
+    bits: u32,
+    mode: &str,
+    quantizer: &str,
+    include: Vec<String>,
+    skip: Vec<String>,
+    n_threads: Option<usize>,
+    verbose: bool,
+    quiet: bool,
+) -> Result<(), CliError> {
+    let sharded = squant_io::is_sharded(src);
+    let mut keep_mode = None;
+    let mut target = dst.to_path_buf();
+    if !sharded {
+        (target, keep_mode) = check_output(dst, src)?;
+    }
+    let n = threads(n_threads)?;
+    let start = Instant::now();
+    let mut kind = "safetensors".to_string();
+    let mut file = None;
+    if !sharded {
+        if !src.exists() {
+            return fail(format!("input file not found: {}", src.display()));
+        }
+        if src.is_dir() {
+            return fail(format!(
+                "input is a directory, not a file: {}",
+                src.display()
+            ));
+        }
+        match sniff(src)? {
+            "torch" => {
+                return fail(format!(
+                    "{}: a torch checkpoint: this tool reads safetensors files only (use the Python CLI, squant-rs quantize)",
+                    src.display()
+                ))
+            }
+            "unknown" if src.extension().is_none_or(|e| e != "safetensors") => {
+                return fail(format!(
+                    "{}: unrecognized input format (expected a .safetensors file or a torch .pt/.pth checkpoint)",
+                    src.display()
+                ))
+            }
+            _ => {}
+        }
+        let f = squant_io::SafetensorsFile::open(src)?;
+        if f.meta("format") == Some(squant_io::format::FORMAT_NAME) {
+            return fail(format!(
+                "{0} is already a squant-rs file (written by squant-rs {1}): quantize the original float model instead ('{PROG} info {0}' describes this one)",
+                src.display(),
+                f.meta("squant_rs_version").unwrap_or("?")
+            ));
+        }
+        if let Some(e) = f.entries.iter().find(|e| e.shape.len() > MAX_DIMS) {
+            return fail(format!(
+                "{}: tensor {} has {} dimensions; squant-rs handles at most {MAX_DIMS}",
+                src.display(),
+                py_repr(&e.name),
+                e.shape.len()
+            ));
+        }
+        for note in unmatched_patterns(&f.entries, &include, &skip) {
+            message("warning", &note);
+        }
+        file = Some(f);
+    } else if !src.exists() {
+        return fail(format!("input file not found: {}", src.display()));
+    }
+    let mode_v: Mode = mode
+        .parse()
+        .map_err(|e: squant_core::SquantError| CliError(e.to_string()))?;
+    let quantizer_v: Quantizer = quantizer
+        .parse()
+        .map_err(|e: squant_core::SquantError| CliError(e.to_string()))?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("squant-{i}"))
+        .build()
+        .map_err(|e| CliError(format!("cannot start {n} threads: {e}")))?;
+    let opts = Options {
+        bits,
+        mode: mode_v,
+        quantizer: quantizer_v,
+        include,
+        skip,
+        pool: Some(std::sync::Arc::new(pool)),
+    };
+    let bar = progress_bar();
+    let mut progress = |done: u64, total: u64, name: &str| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(printable(name));
+        Ok(())
+    };
+    let loaded = Instant::now();
+    let report = match file {
+        None => {
+            let r = squant_io::quantize_sharded(src, dst, &opts, true, &mut progress);
+            bar.finish_and_clear();
+            let r = r?;
+            kind = format!("sharded safetensors, {} shards", r.shards);
+            r.report
+        }
+        Some(file) => {
+            let selected = squant_io::quant::selection(&file, &opts);
+            if !selected.iter().any(|&s| s) {
+                return fail(format!(
+                    "{}: no tensor to quantize (none is a floating tensor of 2+ dimensions matching the include patterns)",
+                    src.display()
+                ));
+            }
+            let total = file.entries.iter().map(|e| e.nbytes() as u64).sum();
+            let r = squant_io::quant::quantize_open(
+                &file,
+                &target,
+                &opts,
+                &selected,
+                &mut progress,
+                0,
+                total,
+            );
+            bar.finish_and_clear();
+            let r = r?;
+            if let Some(perm) = keep_mode {
+                std::fs::set_permissions(&target, perm).map_err(|e| IoError::os(dst, e))?;
+            }
+            r
+        }
+    };
+    let written = Instant::now();
+    if quiet {
+        return Ok(());
+    }
+    let t = totals(&report.layers);
+    if verbose {
+        let wall_ms = (written - loaded).as_secs_f64() * 1e3;
+        let mut layers = report.layers.clone();
+        for l in layers.iter_mut() {
+            l.name = printable(&l.name);
+        }
+        println!(
+            "{}",
+            report_table(
+                &layers,
+                bits,
+                mode,
+                quantizer,
+                wall_ms,
+                report.size_before,
+                report.size_after
+            )
+        );
+        println!();
+    }
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let rows = [
+        ("input", format!("{} ({kind})", src.display())),
+        ("output", dst.display().to_string()),
+        (
+            "layers quantized",
+            format!("{} of {} tensors", report.layers.len(), report.tensors),
+        ),
+        ("parameters quantized", commas(t.params)),
+        ("bits / mode", format!("{bits} / {mode} ({quantizer})")),
+        (
+            "time",
+            format!(
+                "load {:.1} ms, quantize {:.1} ms (SQuant {:.1} ms), write {:.1} ms",
+                ms(loaded - start),
+                t.total_ms,
+                t.total_ms,
+                (ms(written - loaded) - t.total_ms).max(0.0)
+            ),
+        ),
+        (
+            "size before",
+            format!(
+                "{} (tensor data, original dtypes)",
+                format_bytes(report.size_before)
+            ),
+        ),
+        (
+            "size after",
+            format!(
+                "{} ({:.3}x)",
+                format_bytes(report.size_after),
+                report.size_after as f64 / report.size_before.max(1) as f64
+            ),
+        ),
+        ("mean relative error", format!("{:.4}", t.mean_rel_error)),
+        (
+            "flips (K / C)",
+            format!("{} / {}", commas(t.k_flips), commas(t.c_flips)),
+        ),
+    ];
+    for (label, value) in rows {
+        println!("{label:<22}{}", printable(&value));
+    }
+    Ok(())
+}
+
+fn cmd_info(path: &Path, verbose: bool, verify: bool) -> Result<(), CliError> {
+    if !path.exists() {
+        return fail(format!("file not found: {}", path.display()));
+    }
+    if path.is_dir() && !squant_io::is_sharded(path) {
+        return fail(format!("is a directory, not a file: {}", path.display()));
+    }
+    let files: Vec<SquantFile> = squant_io::sharded::open_quantized(path)?;
+    if verify {
+        for f in &files {
+            f.verify()?;
+        }
+    }
+    let tensors: Vec<&squant_io::Logical> = files.iter().flat_map(|f| f.tensors.iter()).collect();
+    let size: u64 = files.iter().map(|f| f.st.size()).sum();
+    let first = &files[0];
+    let f32_bytes = |t: &squant_io::Logical| -> u64 {
+        let numel = t.shape().iter().product::<usize>() as u64;
+        match &t.kind {
+            Kind::Quantized(_) => 4 * numel,
+            Kind::Plain { dtype: d, .. } if dtype::is_float(*d) => 4 * numel,
+            Kind::Plain { .. } => t.stored_bytes as u64,
+        }
+    };
+    let f32_total: u64 = tensors.iter().map(|t| f32_bytes(t)).sum();
+    let q: Vec<_> = tensors
+        .iter()
+        .filter_map(|t| match &t.kind {
+            Kind::Quantized(e) => Some((*t, e)),
+            Kind::Plain { .. } => None,
+        })
+        .collect();
+    let mut bits: Vec<u32> = q.iter().map(|(_, e)| e.bits).collect();
+    bits.sort_unstable();
+    bits.dedup();
+    let mut modes: Vec<&str> = q.iter().map(|(_, e)| e.mode.as_str()).collect();
+    modes.sort_unstable();
+    modes.dedup();
+    let or_dash = |v: Vec<String>| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let params: u64 = q
+        .iter()
+        .map(|(_, e)| e.shape.iter().product::<usize>() as u64)
+        .sum();
+    let before: u64 = tensors
+        .iter()
+        .map(|t| match &t.kind {
+            Kind::Quantized(e) => {
+                e.shape.iter().product::<usize>() as u64 * dtype::item_size(e.dtype) as u64
+            }
+            Kind::Plain { .. } => t.stored_bytes as u64,
+        })
+        .sum();
+    let mut rows = vec![
+        (
+            "file",
+            format!("{} ({})", path.display(), format_bytes(size)),
+        ),
+        (
+            "format",
+            format!(
+                "squant-rs version {} (written by squant-rs {})",
+                first.format_version, first.writer_version
+            ),
+        ),
+        (
+            "tensors",
+            format!(
+                "{} ({} quantized, {} stored unchanged)",
+                tensors.len(),
+                q.len(),
+                tensors.len() - q.len()
+            ),
+        ),
+        (
+            "bits / mode",
+            format!(
+                "{} / {}",
+                or_dash(bits.iter().map(|b| b.to_string()).collect()),
+                or_dash(modes.iter().map(|m| m.to_string()).collect())
+            ),
+        ),
+        ("quantized parameters", commas(params)),
+        (
+            "size before",
+            format!("{} (tensor data, original dtypes)", format_bytes(before)),
+        ),
+        (
+            "size after",
+            format!(
+                "{} ({:.3}x)",
+                format_bytes(size),
+                size as f64 / before.max(1) as f64
+            ),
+        ),
+        (
+            "as float32",
+            format!(
+                "{} ({:.3}x)",
+                format_bytes(f32_total),
+                size as f64 / f32_total.max(1) as f64
+            ),
+        ),
+    ];
+    if verify {
+        rows.push((
+            "verified",
+            "every checksum, code, scale and zero point".to_string(),
+        ));
+    }
+    for (label, value) in rows {
+        println!("{label:<22}{}", printable(&value));
+    }
+    if verbose || tensors.len() <= 50 {
+        println!();
+        let rows: Vec<Vec<String>> = tensors
+            .iter()
+            .map(|t| {
+                let shape: Vec<String> = t.shape().iter().map(|d| d.to_string()).collect();
+                let (b, m) = match &t.kind {
+                    Kind::Quantized(e) => (e.bits.to_string(), e.mode.as_str().to_string()),
+                    Kind::Plain { .. } => ("-".to_string(), "-".to_string()),
+                };
+                let ratio = match &t.kind {
+                    Kind::Quantized(_) => {
+                        format!("{:.3}", t.stored_bytes as f64 / f32_bytes(t).max(1) as f64)
+                    }
+                    Kind::Plain { .. } => "-".to_string(),
+                };
+                vec![
+                    printable(&t.name),
+                    if shape.is_empty() {
+                        "scalar".to_string()
+                    } else {
+                        shape.join("x")
+                    },
+                    dtype::name(t.dtype()).to_string(),
+                    b,
+                    m,
+                    commas(t.stored_bytes as u64),
+                    ratio,
+                ]
+            })
+            .collect();
+        let headers = ["tensor", "shape", "dtype", "bits", "mode", "bytes", "ratio"];
+        for line in format_table(&headers, &rows, &[5, 6]) {
+            println!("{line}");
+        }
+    } else {
+        println!("\n({} tensors; -v lists them)", tensors.len());
+    }
+    Ok(())
+}
+
+fn error_line(message: &str) {
+    let text = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    eprintln!("{PROG}: error: {}", printable(&text));
+}
+
+fn main() -> ExitCode {
+    // SIGINT, SIGTERM, SIGHUP: remove the temporary output, exit 130.
+    let _ = ctrlc::set_handler(|| {
+        squant_io::remove_live_temp_files();
+        eprintln!("{PROG}: error: interrupted");
+        std::process::exit(130);
+    });
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            error_line(&format!("{first} (see '{PROG} --help')"));
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Quantize {
+            input,
+            output,
+            wbits,
+            mode,
+            quantizer,
+            include,
+            skip,
+            threads,
+            verbose,
+            quiet,
+        } => cmd_quantize(
+            &input, &output, wbits, &mode, &quantizer, include, skip, threads, verbose, quiet,
+        ),
+        Command::Info {
+            file,
+            verbose,
+            verify,
+        } => cmd_info(&file, verbose, verify),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError(msg)) => {
+            error_line(&msg);
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The safetensors dtypes squant-rs stores, and conversions of the float
+//! ones to and from float32 (little-endian bytes, any alignment).
+
+pub use safetensors::Dtype;
+
+/// Every dtype a squant-rs file may hold (those torch and numpy know).
+pub const SUPPORTED: [Dtype; 15] = [
+    Dtype::F64,
+    Dtype::F32,
+    Dtype::F16,
+    Dtype::BF16,
+    Dtype::F8_E4M3,
+    Dtype::F8_E5M2,
+    Dtype::I64,
+    Dtype::I32,
+    Dtype::I16,
+    Dtype::I8,
+    Dtype::U64,
+    Dtype::U32,
+    Dtype::U16,
+    Dtype::U8,
+    Dtype::BOOL,
+];
+
+/// The safetensors name of a dtype (`"F32"`, `"BF16"`, ...).
+pub fn name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::F64 => "F64",
+        Dtype::F32 => "F32",
+        Dtype::F16 => "F16",
+        Dtype::BF16 => "BF16",
+        Dtype::F8_E4M3 => "F8_E4M3",
+        Dtype::F8_E5M2 => "F8_E5M2",
+        Dtype::I64 => "I64",
+        Dtype::I32 => "I32",
+        Dtype::I16 => "I16",
+        Dtype::I8 => "I8",
+        Dtype::U64 => "U64",
+        Dtype::U32 => "U32",
+        Dtype::U16 => "U16",
+        Dtype::U8 => "U8",
+        Dtype::BOOL => "BOOL",
+        _ => "unsupported",
+    }
+}
+
+/// The supported dtype of that name.
+pub fn from_name(s: &str) -> Option<Dtype> {
+    SUPPORTED.iter().copied().find(|&d| name(d) == s)
+}
+
+/// Bytes per element of a supported dtype.
+pub fn item_size(d: Dtype) -> usize {
+    d.bitsize() / 8
+}
+
+/// Whether SQuant can quantize tensors of this dtype.
+pub fn is_float(d: Dtype) -> bool {
+    matches!(d, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16)
+}
+
+/// Converts little-endian `src` of float dtype `d` into `dst` (one value
+/// per element; `src.len() == dst.len() * item_size(d)`). float64 values
+/// round to nearest, as numpy's `astype(float32)`.
+pub fn to_f32(d: Dtype, src: &[u8], dst: &mut [f32]) {
+    match d {
+        Dtype::F32 => {
+            for (o, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Dtype::F16 => {
+            for (o, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            }
+        }
+        Dtype::BF16 => {
+            for (o, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+        Dtype::F64 => {
+            for (o, b) in dst.iter_mut().zip(src.chunks_exact(8)) {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                *o = f64::from_le_bytes(a) as f32;
+            }
+        }
+        _ => dst.fill(f32::NAN),
+    }
+}
+
+/// Largest finite float16, where dequantized values are clamped (as torch's
+/// `cast_dequantized`: the grid's end points may lie just beyond the range).
+const F16_MAX: f32 = 65504.0;
+
+/// Writes float32 `v` as dtype `d` (little-endian) into `out`
+/// (`item_size(d)` bytes); returns whether the stored value is finite.
+/// Rounding is to nearest even, as torch's `.to(dtype)`.
+#[inline]
+pub fn store_f32(d: Dtype, v: f32, out: &mut [u8]) -> bool {
+    match d {
+        Dtype::F32 => {
+            out.copy_from_slice(&v.to_le_bytes());
+            v.is_finite()
+        }
+        Dtype::F64 => {
+            out.copy_from_slice(&(v as f64).to_le_bytes());
+            v.is_finite()
+        }
+        Dtype::F16 => {
+            let h = half::f16::from_f32(v.clamp(-F16_MAX, F16_MAX));
+            out.copy_from_slice(&h.to_bits().to_le_bytes());
+            h.is_finite()
+        }
+        Dtype::BF16 => {
+            let h = half::bf16::from_f32(v);
+            out.copy_from_slice(&h.to_bits().to_le_bytes());
+            h.is_finite()
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for d in SUPPORTED {
+            assert_eq!(from_name(name(d)), Some(d));
+        }
+        assert_eq!(from_name("X32"), None);
+        assert_eq!(from_name("C64"), None);
+    }
+
+    #[test]
+    fn conversions() {
+        let mut out = [0f32; 2];
+        let bf: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
+        to_f32(Dtype::BF16, &bf, &mut out);
+        assert_eq!(out, [1.5, -2.0]);
+        let f64s: Vec<u8> = [1e39f64, 0.25]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        to_f32(Dtype::F64, &f64s, &mut out);
+        assert!(out[0].is_infinite() && out[1] == 0.25);
+        let mut b = [0u8; 2];
+        assert!(store_f32(Dtype::F16, 70000.0, &mut b));
+        assert_eq!(half::f16::from_le_bytes(b).to_f32(), 65504.0);
+        assert!(!store_f32(Dtype::BF16, f32::MAX, &mut b));
+    }
+}

@@ -1,0 +1,80 @@
+//! Errors of the I/O layer. Every failure a file or a caller can provoke is
+//! a variant here; nothing in this crate panics on input.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Why reading, quantizing or writing a checkpoint failed.
+#[derive(Debug)]
+pub enum IoError {
+    /// The file is not a (valid) safetensors / squant-rs file. The message
+    /// starts with the file's path.
+    Format(String),
+    /// The operating system refused a read or write of `path`.
+    Os {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Quantizing the tensor `name` failed (the core's error).
+    Quantize {
+        name: String,
+        source: squant_core::SquantError,
+    },
+    /// A tensor's dtype cannot be handled here (e.g. quantizing an integer tensor).
+    UnsupportedDtype(String),
+    /// An argument is out of range or inconsistent.
+    InvalidArgument(String),
+    /// A caller's progress callback asked to stop (the caller knows why).
+    Cancelled,
+}
+
+impl IoError {
+    /// A [`IoError::Format`] error about `path`.
+    pub fn format(path: &Path, what: impl fmt::Display) -> IoError {
+        IoError::Format(format!("{}: {what}", path.display()))
+    }
+
+    /// An [`IoError::Os`] error about `path`.
+    pub fn os(path: &Path, source: std::io::Error) -> IoError {
+        IoError::Os {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl fmt::Display for IoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IoError::Format(msg)
+            | IoError::UnsupportedDtype(msg)
+            | IoError::InvalidArgument(msg) => f.write_str(msg),
+            IoError::Os { path, source } => write!(f, "{}: {}", os_reason(source), path.display()),
+            IoError::Quantize { name, source } => write!(f, "{name}: {source}"),
+            IoError::Cancelled => f.write_str("cancelled"),
+        }
+    }
+}
+
+/// The operating system's reason without Rust's " (os error N)" suffix, as
+/// Python's `strerror` prints it.
+pub fn os_reason(err: &std::io::Error) -> String {
+    let text = err.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+impl std::error::Error for IoError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            IoError::Os { source, .. } => Some(source),
+            IoError::Quantize { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, IoError>;

@@ -1,0 +1,706 @@
+//! The squant-rs file format on top of safetensors (see `docs/format.md`):
+//! strict reading of its metadata, dequantization with checksum
+//! verification, and the writer of packed files.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rayon::prelude::*;
+use serde_json::Value;
+use squant_core::{dequantize_one, ChannelParams, Mode};
+
+use crate::dtype::{self, Dtype};
+use crate::error::{IoError, Result};
+use crate::json;
+use crate::pack::{codes_per_byte, pack_into, packed_size, unpack_into};
+use crate::read::{repr, Entry, SafetensorsFile};
+use crate::write::{Planned, Writer, CHECKSUMS_KEY};
+
+/// `format` metadata value.
+pub const FORMAT_NAME: &str = "squant-rs";
+/// The format version written and read (version rules: `docs/format.md`).
+pub const FORMAT_VERSION: &str = "1";
+/// Suffixes of the three stored tensors of one quantized weight.
+pub const CODES: &str = ":codes";
+pub const SCALE: &str = ":scale";
+pub const ZERO_POINT: &str = ":zero_point";
+const SUFFIXES: [&str; 3] = [CODES, SCALE, ZERO_POINT];
+/// The writer's version, stored as `squant_rs_version`.
+pub const WRITER_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Elements decoded or quantized per block (bounds the scratch memory).
+pub const BLOCK_ELEMS: usize = 1 << 22;
+
+/// How codes map to values (metadata key `quantizer`; absent: asymmetric):
+/// squant-core's quantizer, re-exported.
+pub use squant_core::Quantizer;
+
+/// One quantized weight's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QEntry {
+    pub bits: u32,
+    pub mode: Mode,
+    pub shape: Vec<usize>,
+    /// The original dtype (F32, F16, BF16 or F64), restored on load.
+    pub dtype: Dtype,
+}
+
+/// A tensor of the state dict a file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Plain { dtype: Dtype, shape: Vec<usize> },
+    Quantized(QEntry),
+}
+
+/// One logical tensor of a squant-rs file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logical {
+    pub name: String,
+    pub kind: Kind,
+    /// Bytes stored (codes + scale + zero point when quantized).
+    pub stored_bytes: usize,
+}
+
+impl Logical {
+    /// The dtype it loads as.
+    pub fn dtype(&self) -> Dtype {
+        match &self.kind {
+            Kind::Plain { dtype, .. } => *dtype,
+            Kind::Quantized(q) => q.dtype,
+        }
+    }
+
+    /// The shape it loads as.
+    pub fn shape(&self) -> &[usize] {
+        match &self.kind {
+            Kind::Plain { shape, .. } => shape,
+            Kind::Quantized(q) => &q.shape,
+        }
+    }
+
+    /// Bytes of the loaded tensor.
+    pub fn nbytes(&self) -> usize {
+        self.shape().iter().product::<usize>() * dtype::item_size(self.dtype())
+    }
+}
+
+/// An open, fully checked squant-rs file (header only).
+pub struct SquantFile {
+    pub st: SafetensorsFile,
+    pub tensors: Vec<Logical>,
+    pub quantizer: Quantizer,
+    pub format_version: String,
+    pub writer_version: String,
+    /// Stored tensor name -> CRC32C (`None`: a file written before checksums).
+    pub checksums: Option<HashMap<String, u32>>,
+    /// Pool of the parallel dequantization (`None`: the current pool).
+    pub pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+}
+
+fn mode_of(s: &str) -> Option<Mode> {
+    Mode::ALL.into_iter().find(|m| m.as_str() == s)
+}
+
+fn parse_entry(info: &Value) -> std::result::Result<QEntry, String> {
+    let Value::Object(info) = info else {
+        return Err("not a JSON object".to_string());
+    };
+    let bits = info
+        .get("bits")
+        .and_then(Value::as_u64)
+        .filter(|b| (2..=8).contains(b))
+        .ok_or("bits must be an integer in 2..8")? as u32;
+    let mode_s = info
+        .get("mode")
+        .and_then(Value::as_str)
+        .ok_or("mode must be a string")?;
+    let mode = mode_of(mode_s).ok_or_else(|| format!("unknown mode {}", repr(mode_s)))?;
+    let shape: Vec<usize> = info
+        .get("shape")
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .map(|d| d.as_u64().and_then(|x| usize::try_from(x).ok()))
+                .collect::<Option<Vec<usize>>>()
+        })
+        .filter(|s| s.len() >= 2 && s.iter().all(|&d| d > 0))
+        .ok_or("shape must list 2 or more positive dimensions")?;
+    shape
+        .iter()
+        .try_fold(8usize, |a, &d| a.checked_mul(d))
+        .ok_or("shape is too large")?;
+    let dtype = info
+        .get("dtype")
+        .and_then(Value::as_str)
+        .and_then(dtype::from_name)
+        .filter(|&d| dtype::is_float(d))
+        .ok_or("dtype must be F32, F16, BF16 or F64")?;
+    match info.get("codes_per_byte") {
+        None => {}
+        Some(v) if v.as_u64() == Some(codes_per_byte(bits) as u64) => {}
+        Some(v) => {
+            return Err(format!(
+                "codes_per_byte {v} does not match {bits} bits (expected {})",
+                codes_per_byte(bits)
+            ))
+        }
+    }
+    Ok(QEntry {
+        bits,
+        mode,
+        shape,
+        dtype,
+    })
+}
+
+fn parse_checksums(text: &str) -> std::result::Result<HashMap<String, u32>, String> {
+    let v = json::parse(text)?;
+    let Value::Object(m) = v else {
+        return Err("not a JSON object".to_string());
+    };
+    let mut out = HashMap::with_capacity(m.len());
+    for (k, v) in m {
+        let crc = v
+            .as_str()
+            .filter(|s| s.len() == 8)
+            .and_then(|s| u32::from_str_radix(s, 16).ok())
+            .ok_or_else(|| format!("checksum of {} is not 8 hex digits", repr(&k)))?;
+        out.insert(k, crc);
+    }
+    Ok(out)
+}
+
+/// The name of the quantized weight a stored name belongs to, if it has a
+/// reserved suffix.
+pub fn base_of(name: &str) -> Option<&str> {
+    SUFFIXES.iter().find_map(|s| name.strip_suffix(s))
+}
+
+impl SquantFile {
+    /// Opens and checks a squant-rs file (reads the header only).
+    pub fn open(path: &Path) -> Result<SquantFile> {
+        let st = SafetensorsFile::open(path)?;
+        let fail = |what: String| IoError::format(path, what);
+        if st.meta("format") != Some(FORMAT_NAME) {
+            return Err(fail(
+                "not a squant-rs file (a safetensors file without squant-rs metadata)".to_string(),
+            ));
+        }
+        let version = st.meta("format_version");
+        if version != Some(FORMAT_VERSION) {
+            return Err(fail(format!(
+                "unsupported squant-rs format version {} (this squant-rs {WRITER_VERSION} reads version {FORMAT_VERSION})",
+                version.map_or("None".to_string(), repr)
+            )));
+        }
+        let quantizer = match st.meta("quantizer") {
+            None | Some("asymmetric") => Quantizer::Asymmetric,
+            Some("symmetric") => Quantizer::Symmetric,
+            Some(other) => {
+                return Err(fail(format!(
+                    "corrupt squant-rs metadata (unknown quantizer {})",
+                    repr(other)
+                )))
+            }
+        };
+        let table = match st.meta("quantized") {
+            None => {
+                if let Some(e) = st.entries.iter().find(|e| base_of(&e.name).is_some()) {
+                    return Err(fail(format!(
+                        "corrupt squant-rs metadata (no 'quantized' table, but tensor {} is named like a part of a quantized weight)",
+                        repr(&e.name)
+                    )));
+                }
+                serde_json::Map::new()
+            }
+            Some(text) => match json::parse(text) {
+                Ok(Value::Object(m)) => m,
+                Ok(_) => {
+                    return Err(fail(
+                        "corrupt squant-rs metadata (not a JSON object)".to_string(),
+                    ))
+                }
+                Err(e) if json::is_duplicate(&e) => {
+                    return Err(fail(format!("corrupt squant-rs metadata ({e})")))
+                }
+                Err(_) => {
+                    return Err(fail(
+                        "corrupt squant-rs metadata (not valid JSON)".to_string(),
+                    ))
+                }
+            },
+        };
+        let mut quantized: HashMap<String, QEntry> = HashMap::with_capacity(table.len());
+        for (name, info) in &table {
+            let q = parse_entry(info).map_err(|why| {
+                fail(format!(
+                    "corrupt squant-rs metadata for {} ({why})",
+                    repr(name)
+                ))
+            })?;
+            let part = |s: &str| st.get(&format!("{name}{s}"));
+            let (Some(codes), Some(scale), Some(zp)) = (part(CODES), part(SCALE), part(ZERO_POINT))
+            else {
+                return Err(fail(format!(
+                    "quantized tensor {} is missing its codes, scale or zero point",
+                    repr(name)
+                )));
+            };
+            let numel: usize = q.shape.iter().product();
+            let oc = q.shape[0];
+            let ok = codes.dtype == Dtype::U8
+                && codes.shape == [packed_size(numel, q.bits)]
+                && scale.dtype == Dtype::F32
+                && scale.shape == [oc]
+                && zp.dtype == Dtype::F32
+                && zp.shape == [oc];
+            if !ok {
+                return Err(fail(format!(
+                    "quantized tensor {} has codes, scale or zero point of the wrong size",
+                    repr(name)
+                )));
+            }
+            if st.get(name).is_some() {
+                return Err(fail(format!(
+                    "tensor {} is stored both quantized and unchanged",
+                    repr(name)
+                )));
+            }
+            quantized.insert(name.clone(), q);
+        }
+        let mut tensors = Vec::with_capacity(st.entries.len());
+        for e in &st.entries {
+            if let Some(base) = base_of(&e.name) {
+                let Some(q) = quantized.get(base) else {
+                    return Err(fail(format!(
+                        "corrupt squant-rs metadata (tensor {} is named like a part of a quantized weight, but {} is not in the 'quantized' table)",
+                        repr(&e.name),
+                        repr(base)
+                    )));
+                };
+                if e.name.ends_with(CODES) {
+                    let stored = SUFFIXES
+                        .iter()
+                        .filter_map(|s| st.get(&format!("{base}{s}")))
+                        .map(Entry::nbytes)
+                        .sum();
+                    tensors.push(Logical {
+                        name: base.to_string(),
+                        kind: Kind::Quantized(q.clone()),
+                        stored_bytes: stored,
+                    });
+                }
+            } else {
+                tensors.push(Logical {
+                    name: e.name.clone(),
+                    kind: Kind::Plain {
+                        dtype: e.dtype,
+                        shape: e.shape.clone(),
+                    },
+                    stored_bytes: e.nbytes(),
+                });
+            }
+        }
+        let checksums = match st.meta(CHECKSUMS_KEY) {
+            None => None,
+            Some(text) => {
+                let table = parse_checksums(text).map_err(|why| {
+                    fail(format!(
+                        "corrupt squant-rs metadata (checksum table: {why})"
+                    ))
+                })?;
+                let covers = table.len() == st.entries.len()
+                    && st.entries.iter().all(|e| table.contains_key(&e.name));
+                if !covers {
+                    return Err(fail(
+                        "corrupt squant-rs metadata (the checksum table does not list exactly the stored tensors)"
+                            .to_string(),
+                    ));
+                }
+                Some(table)
+            }
+        };
+        let format_version = FORMAT_VERSION.to_string();
+        let writer_version = st
+            .meta("squant_rs_version")
+            .unwrap_or("unknown")
+            .to_string();
+        Ok(SquantFile {
+            st,
+            tensors,
+            quantizer,
+            format_version,
+            writer_version,
+            checksums,
+            pool: None,
+        })
+    }
+
+    fn check_crc(&self, name: &str, crc: u32) -> Result<()> {
+        match self.checksums.as_ref().and_then(|t| t.get(name)) {
+            Some(&want) if want != crc => Err(IoError::format(
+                self.st.path(),
+                format!(
+                    "checksum mismatch in tensor {} (stored {want:08x}, data has {crc:08x}): the file is corrupt",
+                    repr(name)
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.st.get(name).ok_or_else(|| {
+            IoError::format(self.st.path(), format!("tensor {} is missing", repr(name)))
+        })
+    }
+
+    /// Writes tensor `t` as it loads (its dtype, little-endian, row-major)
+    /// into `out` (`t.nbytes()` bytes), or only checks it when `out` is
+    /// `None`. Checksums are verified when the file has them and `verify`
+    /// is set; codes, scales and zero points are always checked.
+    pub fn load_into(&self, t: &Logical, out: Option<&mut [u8]>, verify: bool) -> Result<()> {
+        if let Some(o) = &out {
+            if o.len() != t.nbytes() {
+                return Err(IoError::InvalidArgument(format!(
+                    "output for {} has {} bytes, expected {}",
+                    repr(&t.name),
+                    o.len(),
+                    t.nbytes()
+                )));
+            }
+        }
+        match &t.kind {
+            Kind::Plain { .. } => self.load_plain(&t.name, out, verify),
+            Kind::Quantized(q) => self.load_quantized(&t.name, q, out, verify),
+        }
+    }
+
+    fn load_plain(&self, name: &str, mut out: Option<&mut [u8]>, verify: bool) -> Result<()> {
+        let e = self.entry(name)?;
+        let mut crc = 0u32;
+        let step = BLOCK_ELEMS * 4;
+        let mut pos = 0;
+        while pos < e.nbytes() {
+            let len = step.min(e.nbytes() - pos);
+            let region = self.st.map(e, pos, len)?;
+            if verify {
+                crc = crc32c::crc32c_append(crc, &region);
+            }
+            if let Some(o) = out.as_deref_mut() {
+                o[pos..pos + len].copy_from_slice(&region);
+            }
+            pos += len;
+        }
+        if verify {
+            self.check_crc(name, crc)?;
+        }
+        Ok(())
+    }
+
+    /// A float32 tensor's values and the CRC32C of its bytes.
+    fn load_f32s(&self, name: &str) -> Result<(Vec<f32>, u32)> {
+        let e = self.entry(name)?;
+        let region = self.st.map_all(e)?;
+        let mut v = vec![0f32; e.numel()];
+        dtype::to_f32(Dtype::F32, &region, &mut v);
+        Ok((v, crc32c::crc32c(&region)))
+    }
+
+    fn load_quantized(
+        &self,
+        name: &str,
+        q: &QEntry,
+        mut out: Option<&mut [u8]>,
+        verify: bool,
+    ) -> Result<()> {
+        let path = self.st.path();
+        let (scale_name, zp_name) = (format!("{name}{SCALE}"), format!("{name}{ZERO_POINT}"));
+        let (scale, scale_crc) = self.load_f32s(&scale_name)?;
+        let (zp, zp_crc) = self.load_f32s(&zp_name)?;
+        let symmetric = self.quantizer == Quantizer::Symmetric;
+        let params_ok = scale
+            .iter()
+            .zip(&zp)
+            .all(|(&s, &z)| s.is_finite() && s > 0.0 && z.is_finite() && (!symmetric || z == 0.0));
+        if !params_ok {
+            return Err(IoError::format(
+                path,
+                format!("corrupt scale or zero point for {}", repr(name)),
+            ));
+        }
+        if verify {
+            self.check_crc(&scale_name, scale_crc)?;
+            self.check_crc(&zp_name, zp_crc)?;
+        }
+        let codes_name = format!("{name}{CODES}");
+        let codes_entry = self.entry(&codes_name)?;
+        let oc = q.shape[0];
+        let g: usize = q.shape[1..].iter().product();
+        let isz = dtype::item_size(q.dtype);
+        // Blocks of a multiple of 4 channels start on a byte of the codes.
+        let per_block = (BLOCK_ELEMS / g).max(1).next_multiple_of(4);
+        let mut codes = Vec::new();
+        let mut scratch = Vec::new();
+        let mut crc = 0u32;
+        let mut packed_pos = 0usize;
+        let mut o0 = 0usize;
+        while o0 < oc {
+            let n_ch = per_block.min(oc - o0);
+            let n = n_ch * g;
+            let last = o0 + n_ch == oc;
+            let nbytes = if last {
+                codes_entry.nbytes() - packed_pos
+            } else {
+                n / codes_per_byte(q.bits)
+            };
+            let region = self.st.map(codes_entry, packed_pos, nbytes)?;
+            if verify {
+                crc = crc32c::crc32c_append(crc, &region);
+            }
+            codes.resize(n, 0i8);
+            unpack_into(&region, q.bits, u8::from(symmetric), &mut codes).map_err(|_| {
+                IoError::format(
+                    path,
+                    format!(
+                        "corrupt codes for {} (packed codes hold values that are not {}-bit codes)",
+                        repr(name),
+                        q.bits
+                    ),
+                )
+            })?;
+            drop(region);
+            let dst: &mut [u8] = match out.as_deref_mut() {
+                Some(o) => &mut o[o0 * g * isz..(o0 + n_ch) * g * isz],
+                None => {
+                    scratch.resize(n * isz, 0u8);
+                    &mut scratch
+                }
+            };
+            let (scale, zp) = (&scale, &zp);
+            let bad = crate::quant::in_pool(self.pool.as_deref(), || {
+                dst.par_chunks_mut(g * isz)
+                    .zip(codes.par_chunks(g))
+                    .enumerate()
+                    .with_min_len((1 << 14) / g + 1)
+                    .filter_map(|(j, (d, qc))| {
+                        let p = ChannelParams {
+                            scale: scale[o0 + j],
+                            zero_point: zp[o0 + j],
+                        };
+                        let ok = match isz {
+                            2 => dequantize_channel::<2>(q.dtype, q.bits, p, qc, d),
+                            4 => dequantize_channel::<4>(q.dtype, q.bits, p, qc, d),
+                            _ => dequantize_channel::<8>(q.dtype, q.bits, p, qc, d),
+                        };
+                        (!ok).then_some(o0 + j)
+                    })
+                    .min()
+            });
+            if let Some(channel) = bad {
+                return Err(IoError::format(
+                    path,
+                    format!(
+                        "corrupt scale or zero point for {} (output channel {channel} dequantizes to values that are not finite in {})",
+                        repr(name),
+                        dtype::name(q.dtype)
+                    ),
+                ));
+            }
+            packed_pos += nbytes;
+            o0 += n_ch;
+        }
+        if verify {
+            self.check_crc(&codes_name, crc)?;
+        }
+        Ok(())
+    }
+
+    /// Checks every tensor (checksums, codes, scales, zero points) without
+    /// keeping anything: `info --verify`.
+    pub fn verify(&self) -> Result<()> {
+        for t in &self.tensors {
+            self.load_into(t, None, true)?;
+        }
+        Ok(())
+    }
+}
+
+/// Dequantizes one channel's codes into `out` (`N`-byte items of `dtype`)
+/// through a table of the channel's 2^bits values (each computed as
+/// `dequantize_one` would: bit-identical, without a division per element).
+/// Returns whether every value written is finite.
+fn dequantize_channel<const N: usize>(
+    dtype: Dtype,
+    bits: u32,
+    p: ChannelParams,
+    codes: &[i8],
+    out: &mut [u8],
+) -> bool {
+    let mut lut = [[0u8; N]; 256];
+    let mut finite = [true; 256];
+    let half = 1i32 << (bits - 1);
+    for q in -half..half {
+        let i = q as i8 as u8 as usize;
+        finite[i] = dtype::store_f32(dtype, dequantize_one(q as i8, p), &mut lut[i]);
+    }
+    let mut ok = true;
+    for (o, &c) in out.chunks_exact_mut(N).zip(codes) {
+        let i = c as u8 as usize;
+        o.copy_from_slice(&lut[i]);
+        ok &= finite[i];
+    }
+    ok
+}
+
+/// A squant-rs file being written: the state dict's tensors in order, each
+/// stored unchanged or quantized (codes packed on the way).
+pub struct SquantWriter {
+    w: Writer,
+    /// Per logical tensor: stored indices (plain: one; quantized: codes,
+    /// scale, zero point) and bits (0 for plain).
+    slots: Vec<(Vec<usize>, u32)>,
+}
+
+impl SquantWriter {
+    /// Plans the file: `tensors` in state-dict order. Names are checked:
+    /// none may end in a reserved suffix or clash with a quantized part.
+    pub fn create(target: &Path, tensors: &[(String, Kind)], quantizer: Quantizer) -> Result<Self> {
+        let mut names: HashMap<&str, usize> = HashMap::with_capacity(tensors.len());
+        for (i, (name, _)) in tensors.iter().enumerate() {
+            if names.insert(name.as_str(), i).is_some() {
+                return Err(IoError::InvalidArgument(format!(
+                    "two tensors are named {}",
+                    repr(name)
+                )));
+            }
+        }
+        let mut planned = Vec::with_capacity(tensors.len() + 8);
+        let mut table = serde_json::Map::new();
+        let mut slots = Vec::with_capacity(tensors.len());
+        for (name, kind) in tensors {
+            match kind {
+                Kind::Plain { dtype, shape } => {
+                    if let Some(base) = base_of(name) {
+                        let why = match names.get(base).map(|&j| &tensors[j].1) {
+                            Some(Kind::Quantized(_)) => format!(
+                                "cannot quantize {}: the state dict already has a tensor named {}",
+                                repr(base),
+                                repr(name)
+                            ),
+                            _ => format!(
+                                "tensor name {} ends in {}, which squant-rs files reserve for quantized weights",
+                                repr(name),
+                                repr(&name[base.len()..])
+                            ),
+                        };
+                        return Err(IoError::InvalidArgument(why));
+                    }
+                    slots.push((vec![planned.len()], 0));
+                    planned.push(Planned {
+                        name: name.clone(),
+                        dtype: *dtype,
+                        shape: shape.clone(),
+                    });
+                }
+                Kind::Quantized(q) => {
+                    if q.shape.len() < 2 || q.shape.contains(&0) || !dtype::is_float(q.dtype) {
+                        return Err(IoError::InvalidArgument(format!(
+                            "cannot quantize {}: not a floating tensor of 2+ dimensions with elements",
+                            repr(name)
+                        )));
+                    }
+                    squant_core::qparams::check_bits(q.bits)
+                        .map_err(|e| IoError::InvalidArgument(e.to_string()))?;
+                    let numel: usize = q.shape.iter().product();
+                    let at = planned.len();
+                    slots.push((vec![at, at + 1, at + 2], q.bits));
+                    planned.push(Planned {
+                        name: format!("{name}{CODES}"),
+                        dtype: Dtype::U8,
+                        shape: vec![packed_size(numel, q.bits)],
+                    });
+                    for s in [SCALE, ZERO_POINT] {
+                        planned.push(Planned {
+                            name: format!("{name}{s}"),
+                            dtype: Dtype::F32,
+                            shape: vec![q.shape[0]],
+                        });
+                    }
+                    table.insert(
+                        name.clone(),
+                        serde_json::json!({
+                            "bits": q.bits,
+                            "mode": q.mode.as_str(),
+                            "shape": q.shape,
+                            "dtype": dtype::name(q.dtype),
+                            "codes_per_byte": codes_per_byte(q.bits),
+                        }),
+                    );
+                }
+            }
+        }
+        let mut metadata = vec![
+            ("format".to_string(), FORMAT_NAME.to_string()),
+            ("format_version".to_string(), FORMAT_VERSION.to_string()),
+            ("squant_rs_version".to_string(), WRITER_VERSION.to_string()),
+            ("quantized".to_string(), Value::Object(table).to_string()),
+        ];
+        if quantizer != Quantizer::Asymmetric {
+            metadata.push(("quantizer".to_string(), quantizer.as_str().to_string()));
+        }
+        let w = Writer::create(target, &planned, &metadata, true)?;
+        Ok(SquantWriter { w, slots })
+    }
+
+    fn slot(&self, i: usize, quantized: bool) -> Result<&(Vec<usize>, u32)> {
+        self.slots
+            .get(i)
+            .filter(|s| (s.1 != 0) == quantized)
+            .ok_or_else(|| {
+                IoError::InvalidArgument(format!(
+                    "tensor {i} is not a {} tensor of this file",
+                    if quantized { "quantized" } else { "plain" }
+                ))
+            })
+    }
+
+    /// Appends raw bytes of plain tensor `i`.
+    pub fn write_plain(&mut self, i: usize, bytes: &[u8]) -> Result<()> {
+        let at = self.slot(i, false)?.0[0];
+        self.w.write(at, bytes)
+    }
+
+    /// Appends codes of quantized tensor `i` (row-major). Every call but the
+    /// last of a tensor must pass a multiple of 4 codes.
+    pub fn write_codes(&mut self, i: usize, codes: &[i8], packed: &mut Vec<u8>) -> Result<()> {
+        let (at, bits) = {
+            let s = self.slot(i, true)?;
+            (s.0[0], s.1)
+        };
+        let lo = -(1i16 << (bits - 1));
+        let hi = (1i16 << (bits - 1)) - 1;
+        if let Some(&q) = codes.iter().find(|&&q| (q as i16) < lo || (q as i16) > hi) {
+            return Err(IoError::InvalidArgument(format!(
+                "codes out of range for {bits} bits: expected values in [{lo}, {hi}], got {q}"
+            )));
+        }
+        packed.clear();
+        pack_into(codes, bits, packed);
+        self.w.write(at, packed)
+    }
+
+    /// Writes the per-channel scale and zero point of quantized tensor `i`.
+    pub fn write_params(&mut self, i: usize, scale: &[f32], zero_point: &[f32]) -> Result<()> {
+        let idx = self.slot(i, true)?.0.clone();
+        for (at, v) in [(idx[1], scale), (idx[2], zero_point)] {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            self.w.write(at, &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Completes the file (see [`Writer::finish`]); returns its size.
+    pub fn finish(self) -> Result<u64> {
+        self.w.finish()
+    }
+}

@@ -1,0 +1,352 @@
+//! Lazy reading of a safetensors file: the header is read and checked
+//! first; tensor data is memory-mapped on demand, one range at a time, and
+//! unmapped when the range is dropped (so resident memory stays bounded by
+//! what the caller holds, not by the file's size).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+
+use memmap2::{Mmap, MmapOptions};
+use serde_json::Value;
+
+use crate::dtype::{self, Dtype};
+use crate::error::{IoError, Result};
+use crate::json;
+
+/// Largest header accepted (as the safetensors library).
+pub const MAX_HEADER: u64 = 100 * 1024 * 1024;
+
+/// One tensor as stored: name, dtype, shape and its byte range in the data
+/// region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub begin: usize,
+    pub end: usize,
+}
+
+impl Entry {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes stored.
+    pub fn nbytes(&self) -> usize {
+        self.end - self.begin
+    }
+}
+
+/// An open, validated safetensors file.
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    path: PathBuf,
+    file: File,
+    data_start: u64,
+    size: u64,
+    header_len: usize,
+    /// Tensors in header order.
+    pub entries: Vec<Entry>,
+    /// `__metadata__`, in header order.
+    pub metadata: Vec<(String, String)>,
+    index: HashMap<String, usize>,
+}
+
+/// A mapped byte range of a tensor (empty ranges map nothing).
+pub struct Region(Option<Mmap>);
+
+impl Deref for Region {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            Some(m) => m,
+            None => &[],
+        }
+    }
+}
+
+/// Python's `repr` of a string, as the messages of the Python reader showed
+/// names (`'fc.weight'`).
+pub fn repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c if (0x80..0xa0).contains(&(c as u32)) => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+fn as_usize_list(v: Option<&Value>) -> Option<Vec<usize>> {
+    v?.as_array()?
+        .iter()
+        .map(|d| d.as_u64().and_then(|x| usize::try_from(x).ok()))
+        .collect()
+}
+
+impl SafetensorsFile {
+    /// Opens `path` and checks its header and layout (no tensor data is read).
+    pub fn open(path: &Path) -> Result<SafetensorsFile> {
+        let fail = |what: String| IoError::format(path, what);
+        let mut file = File::open(path).map_err(|e| IoError::os(path, e))?;
+        let size = file.metadata().map_err(|e| IoError::os(path, e))?.len();
+        if size < 8 {
+            return Err(fail(format!(
+                "not a safetensors file ({size} bytes, too short for a header)"
+            )));
+        }
+        let mut head = [0u8; 8];
+        file.read_exact(&mut head)
+            .map_err(|e| IoError::os(path, e))?;
+        let n = u64::from_le_bytes(head);
+        if !(2..=MAX_HEADER).contains(&n) {
+            return Err(fail(
+                "not a safetensors file (no valid header length)".to_string(),
+            ));
+        }
+        if 8 + n > size {
+            return Err(fail(format!(
+                "truncated or not a safetensors file (header of {n} bytes, file has {size} bytes)"
+            )));
+        }
+        let header_len = n as usize;
+        let mut raw = vec![0u8; header_len];
+        file.read_exact(&mut raw)
+            .map_err(|e| IoError::os(path, e))?;
+        let not_json = || fail("not a safetensors file (header is not valid JSON)".to_string());
+        let text = std::str::from_utf8(&raw).map_err(|_| not_json())?;
+        let header = match json::parse(text) {
+            Ok(v) => v,
+            Err(e) if json::is_duplicate(&e) => {
+                return Err(fail(format!("corrupt header ({e})")));
+            }
+            Err(e)
+                if e.contains("surrogate") || e.contains("unicode") || e.contains("hex escape") =>
+            {
+                return Err(fail(
+                    "corrupt header (a name or value is not valid Unicode (a lone surrogate))"
+                        .to_string(),
+                ));
+            }
+            Err(_) => return Err(not_json()),
+        };
+        let Value::Object(header) = header else {
+            return Err(fail(
+                "not a safetensors file (header is not a JSON object)".to_string(),
+            ));
+        };
+        let mut metadata = Vec::new();
+        let mut entries = Vec::with_capacity(header.len());
+        for (key, info) in &header {
+            if key == "__metadata__" {
+                match info {
+                    Value::Null => {}
+                    Value::Object(m) => {
+                        for (k, v) in m {
+                            let Value::String(v) = v else {
+                                return Err(fail(
+                                    "corrupt header (__metadata__ must map strings to strings)"
+                                        .to_string(),
+                                ));
+                            };
+                            metadata.push((k.clone(), v.clone()));
+                        }
+                    }
+                    _ => {
+                        return Err(fail(
+                            "corrupt header (__metadata__ must map strings to strings)".to_string(),
+                        ))
+                    }
+                }
+                continue;
+            }
+            let bad_entry = || fail(format!("corrupt header entry for {}", repr(key)));
+            let Value::Object(info) = info else {
+                return Err(bad_entry());
+            };
+            let dtype = match info.get("dtype") {
+                Some(Value::String(s)) => dtype::from_name(s).ok_or_else(|| {
+                    fail(format!(
+                        "tensor {} has an unsupported dtype {}",
+                        repr(key),
+                        repr(s)
+                    ))
+                })?,
+                other => {
+                    let shown = other.map_or("None".to_string(), |v| v.to_string());
+                    return Err(fail(format!(
+                        "tensor {} has an unsupported dtype {shown}",
+                        repr(key)
+                    )));
+                }
+            };
+            let shape = as_usize_list(info.get("shape")).ok_or_else(bad_entry)?;
+            let offsets = as_usize_list(info.get("data_offsets")).ok_or_else(bad_entry)?;
+            let [begin, end] = offsets[..] else {
+                return Err(bad_entry());
+            };
+            if begin > end {
+                return Err(bad_entry());
+            }
+            let nbytes = shape
+                .iter()
+                .try_fold(dtype::item_size(dtype), |a, &d| a.checked_mul(d));
+            if nbytes != Some(end - begin) {
+                return Err(fail(format!(
+                    "corrupt header: tensor {} size does not match its shape",
+                    repr(key)
+                )));
+            }
+            entries.push(Entry {
+                name: key.clone(),
+                dtype,
+                shape,
+                begin,
+                end,
+            });
+        }
+        let mut spans: Vec<&Entry> = entries.iter().collect();
+        spans.sort_by_key(|e| (e.begin, e.end));
+        let mut pos = 0usize;
+        for e in &spans {
+            if e.begin != pos {
+                return Err(fail(format!(
+                    "corrupt header: data of {} overlaps or leaves a gap",
+                    repr(&e.name)
+                )));
+            }
+            pos = e.end;
+        }
+        let data_len = size - 8 - n;
+        if data_len < pos as u64 {
+            return Err(fail(format!(
+                "truncated file ({data_len} of {pos} bytes of tensor data present)"
+            )));
+        }
+        if data_len > pos as u64 {
+            return Err(fail(format!(
+                "corrupt file ({} unexpected bytes after the tensor data)",
+                data_len - pos as u64
+            )));
+        }
+        // The safetensors library's own validation, as a second opinion
+        // (it reads the header only; the mapping costs no memory).
+        // SAFETY: the file is opened read-only; a concurrent writer could
+        // change the bytes under us, as with every memory-mapped reader,
+        // which yields wrong values (caught by the checksums), not UB in
+        // this safe-Rust view of plain bytes.
+        let whole = unsafe { Mmap::map(&file) }.map_err(|e| IoError::os(path, e))?;
+        if let Err(e) = safetensors::SafeTensors::read_metadata(&whole) {
+            return Err(fail(format!("corrupt header ({e})")));
+        }
+        drop(whole);
+        let index = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            file,
+            data_start: 8 + n,
+            size,
+            header_len,
+            entries,
+            metadata,
+            index,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The header's length in bytes (without the 8-byte length prefix).
+    pub fn header_len(&self) -> usize {
+        self.header_len
+    }
+
+    /// The tensor stored under `name`.
+    pub fn get(&self, name: &str) -> Option<&Entry> {
+        self.index.get(name).map(|&i| &self.entries[i])
+    }
+
+    /// A metadata value.
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Maps `len` bytes of `entry` from byte `start` of its data.
+    pub fn map(&self, entry: &Entry, start: usize, len: usize) -> Result<Region> {
+        if len == 0 {
+            return Ok(Region(None));
+        }
+        let in_range = start
+            .checked_add(len)
+            .is_some_and(|stop| stop <= entry.nbytes());
+        if !in_range {
+            return Err(IoError::InvalidArgument(format!(
+                "range {start}+{len} outside tensor {}",
+                repr(&entry.name)
+            )));
+        }
+        let offset = self.data_start + (entry.begin + start) as u64;
+        // SAFETY: as in `open`: a read-only mapping of a range the header
+        // check proved to lie inside the file.
+        let map = unsafe { MmapOptions::new().offset(offset).len(len).map(&self.file) }
+            .map_err(|e| IoError::os(&self.path, e))?;
+        Ok(Region(Some(map)))
+    }
+
+    /// Maps a whole tensor.
+    pub fn map_all(&self, entry: &Entry) -> Result<Region> {
+        self.map(entry, 0, entry.nbytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repr_matches_python() {
+        assert_eq!(repr("fc.weight"), "'fc.weight'");
+        assert_eq!(repr("it's"), "\"it's\"");
+        assert_eq!(repr("a\nb\x1b"), "'a\\nb\\x1b'");
+    }
+}

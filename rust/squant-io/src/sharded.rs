@@ -1,0 +1,289 @@
+//! Sharded checkpoints in the Hugging Face layout: a directory with
+//! `model.safetensors.index.json` (`{"metadata": {...}, "weight_map":
+//! {tensor: shard file}}`) and the shard files next to it. Quantized shard
+//! by shard into the same layout (one output shard per input shard, index
+//! rewritten), built in a temporary directory renamed into place at the
+//! end: an error leaves no partial output directory.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{IoError, Result};
+use crate::format::{base_of, Kind, SquantFile, CODES, SCALE, ZERO_POINT};
+use crate::json;
+use crate::quant::{quantize_open, selection, Options, ProgressFn, Report};
+use crate::read::{repr, SafetensorsFile};
+use crate::write::{register_temp, unregister_temp};
+
+/// File name of the index.
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+
+/// A parsed index: its directory and the shard files in order of first use.
+#[derive(Debug, Clone)]
+pub struct ShardIndex {
+    pub dir: PathBuf,
+    pub index_path: PathBuf,
+    pub shards: Vec<String>,
+    /// Tensor name -> shard file, in index order.
+    pub weight_map: Vec<(String, String)>,
+}
+
+/// Whether `path` is a sharded checkpoint (a directory with an index, or
+/// the index file itself).
+pub fn is_sharded(path: &Path) -> bool {
+    (path.is_dir() && path.join(INDEX_NAME).is_file())
+        || path.file_name().is_some_and(|n| n == INDEX_NAME)
+}
+
+/// Reads the index of a directory (or the index file itself).
+pub fn read_index(path: &Path) -> Result<ShardIndex> {
+    let index_path = if path.is_dir() {
+        path.join(INDEX_NAME)
+    } else {
+        path.to_path_buf()
+    };
+    let dir = match index_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let fail = |what: String| IoError::format(&index_path, what);
+    let text = std::fs::read(&index_path).map_err(|e| IoError::os(&index_path, e))?;
+    let text = std::str::from_utf8(&text)
+        .map_err(|_| fail("not a safetensors index (not UTF-8 text)".to_string()))?;
+    let v = json::parse(text).map_err(|e| fail(format!("not a safetensors index ({e})")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| fail("not a safetensors index (no 'weight_map' object)".to_string()))?;
+    let mut shards = Vec::new();
+    let mut seen = HashSet::new();
+    let mut weight_map = Vec::with_capacity(map.len());
+    for (name, shard) in map {
+        let shard = shard
+            .as_str()
+            .ok_or_else(|| fail(format!("shard of {} is not a file name", repr(name))))?;
+        let plain = !shard.is_empty()
+            && shard != "."
+            && shard != ".."
+            && !shard.contains('/')
+            && !shard.contains('\\');
+        if !plain {
+            return Err(fail(format!(
+                "shard {} is not a file name in the index's directory",
+                repr(shard)
+            )));
+        }
+        if seen.insert(shard.to_string()) {
+            shards.push(shard.to_string());
+        }
+        weight_map.push((name.clone(), shard.to_string()));
+    }
+    if shards.is_empty() {
+        return Err(fail("the index lists no tensors".to_string()));
+    }
+    Ok(ShardIndex {
+        dir,
+        index_path,
+        shards,
+        weight_map,
+    })
+}
+
+/// Opens every shard (headers only) and checks that each holds exactly the
+/// tensors the index maps to it.
+pub fn open_shards(index: &ShardIndex) -> Result<Vec<SafetensorsFile>> {
+    let mut by_shard: HashMap<&str, HashSet<&str>> = HashMap::new();
+    for (name, shard) in &index.weight_map {
+        by_shard.entry(shard).or_default().insert(name);
+    }
+    let mut files = Vec::with_capacity(index.shards.len());
+    for shard in &index.shards {
+        let path = index.dir.join(shard);
+        let f = SafetensorsFile::open(&path)?;
+        let names: HashSet<&str> = f.entries.iter().map(|e| e.name.as_str()).collect();
+        let listed = by_shard.get(shard.as_str()).cloned().unwrap_or_default();
+        if names != listed {
+            return Err(IoError::format(
+                &path,
+                "the shard's tensors differ from those the index maps to it",
+            ));
+        }
+        files.push(f);
+    }
+    Ok(files)
+}
+
+/// What [`quantize_sharded`] did: the merged report and the shard count.
+#[derive(Debug, Clone, Default)]
+pub struct ShardedReport {
+    pub report: Report,
+    pub shards: usize,
+    /// Sum of the input shard files' sizes.
+    pub input_size: u64,
+}
+
+/// Removes a temporary directory unless disarmed.
+struct TempDir(Option<PathBuf>);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            unregister_temp(&p);
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
+}
+
+/// Quantizes a sharded checkpoint into `out_dir`, which must not exist or
+/// be an empty directory.
+pub fn quantize_sharded(
+    src: &Path,
+    out_dir: &Path,
+    opts: &Options,
+    require_selection: bool,
+    progress: &mut ProgressFn<'_>,
+) -> Result<ShardedReport> {
+    let index = read_index(src)?;
+    let files = open_shards(&index)?;
+    let selections: Vec<Vec<bool>> = files.iter().map(|f| selection(f, opts)).collect();
+    if require_selection && !selections.iter().flatten().any(|&s| s) {
+        return Err(IoError::InvalidArgument(format!(
+            "{}: no tensor to quantize (none is a floating tensor of 2+ dimensions matching the include patterns)",
+            src.display()
+        )));
+    }
+    if out_dir.exists() {
+        let empty = out_dir.is_dir()
+            && std::fs::read_dir(out_dir)
+                .map_err(|e| IoError::os(out_dir, e))?
+                .next()
+                .is_none();
+        if !empty {
+            return Err(IoError::InvalidArgument(format!(
+                "output directory exists and is not empty: {}",
+                out_dir.display()
+            )));
+        }
+    }
+    let parent = match out_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let base = out_dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".to_string());
+    let tmp = parent.join(format!(".{base}.{:08x}.tmp", std::process::id()));
+    std::fs::create_dir(&tmp).map_err(|e| IoError::os(out_dir, e))?;
+    register_temp(&tmp);
+    let guard = TempDir(Some(tmp.clone()));
+
+    let total: u64 = files
+        .iter()
+        .flat_map(|f| f.entries.iter())
+        .map(|e| e.nbytes() as u64)
+        .sum();
+    let mut done = 0u64;
+    let mut merged = ShardedReport {
+        shards: files.len(),
+        ..ShardedReport::default()
+    };
+    let mut weight_map = Map::new();
+    for ((file, sel), shard) in files.iter().zip(&selections).zip(&index.shards) {
+        let out = tmp.join(shard);
+        let r =
+            quantize_open(file, &out, opts, sel, progress, done, total).map_err(|e| match e {
+                IoError::Quantize { name, source } => IoError::Quantize {
+                    name: format!("{}: {name}", file.path().display()),
+                    source,
+                },
+                other => other,
+            })?;
+        done += r.size_before;
+        merged.input_size += file.size();
+        merged.report.tensors += r.tensors;
+        merged.report.size_before += r.size_before;
+        merged.report.size_after += r.size_after;
+        for (e, &q) in file.entries.iter().zip(sel) {
+            if q {
+                for s in [CODES, SCALE, ZERO_POINT] {
+                    weight_map.insert(format!("{}{s}", e.name), Value::from(shard.as_str()));
+                }
+            } else {
+                weight_map.insert(e.name.clone(), Value::from(shard.as_str()));
+            }
+        }
+        merged.report.layers.extend(r.layers);
+    }
+    let data_size: u64 = index
+        .shards
+        .iter()
+        .map(|s| {
+            SafetensorsFile::open(&tmp.join(s))
+                .map(|f| f.entries.iter().map(|e| e.nbytes() as u64).sum::<u64>())
+        })
+        .sum::<Result<u64>>()?;
+    let mut meta = Map::new();
+    meta.insert("total_size".to_string(), Value::from(data_size));
+    meta.insert(
+        "format".to_string(),
+        Value::from(crate::format::FORMAT_NAME),
+    );
+    let mut doc = Map::new();
+    doc.insert("metadata".to_string(), Value::Object(meta));
+    doc.insert("weight_map".to_string(), Value::Object(weight_map));
+    let text = serde_json::to_string_pretty(&Value::Object(doc))
+        .map_err(|e| IoError::InvalidArgument(e.to_string()))?;
+    let index_out = tmp.join(INDEX_NAME);
+    std::fs::write(&index_out, format!("{text}\n")).map_err(|e| IoError::os(out_dir, e))?;
+    if out_dir.is_dir() {
+        std::fs::remove_dir(out_dir).map_err(|e| IoError::os(out_dir, e))?;
+    }
+    std::fs::rename(&tmp, out_dir).map_err(|e| IoError::os(out_dir, e))?;
+    let mut guard = guard;
+    guard.0 = None;
+    unregister_temp(&tmp);
+    Ok(merged)
+}
+
+/// The squant-rs files of a sharded output (or one file): what
+/// `load_quantized` reads.
+pub fn open_quantized(path: &Path) -> Result<Vec<SquantFile>> {
+    if !is_sharded(path) {
+        return Ok(vec![SquantFile::open(path)?]);
+    }
+    let index = read_index(path)?;
+    let mut files = Vec::with_capacity(index.shards.len());
+    let mut listed: HashMap<&str, &str> = HashMap::new();
+    for (name, shard) in &index.weight_map {
+        listed.insert(name, shard);
+    }
+    for shard in &index.shards {
+        let f = SquantFile::open(&index.dir.join(shard))?;
+        let consistent =
+            f.st.entries
+                .iter()
+                .all(|e| listed.get(e.name.as_str()) == Some(&shard.as_str()))
+                && f.tensors.iter().all(|t| match &t.kind {
+                    Kind::Plain { .. } => base_of(&t.name).is_none(),
+                    Kind::Quantized(_) => true,
+                });
+        if !consistent {
+            return Err(IoError::format(
+                f.st.path(),
+                "the shard's tensors differ from those the index maps to it",
+            ));
+        }
+        files.push(f);
+    }
+    let stored: usize = files.iter().map(|f| f.st.entries.len()).sum();
+    if stored != index.weight_map.len() {
+        return Err(IoError::format(
+            &index.index_path,
+            "the index lists tensors that no shard holds",
+        ));
+    }
+    Ok(files)
+}

@@ -1,0 +1,379 @@
+"""Checkpoint I/O through the Rust crate squant-io: round trips of every
+state dict save_quantized accepts, checksums, strict metadata, non-finite
+dequantization, sharded checkpoints, info --verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import squant_rs
+from squant_rs import FormatError
+from squant_rs.cli import main
+from squant_rs.formats.safetensors import (
+    RawTensor,
+    inspect_quantized,
+    quantize_checkpoint,
+    read_safetensors,
+    verify_quantized,
+    write_safetensors,
+)
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+def _data_start(blob: bytes) -> int:
+    return 8 + int.from_bytes(blob[:8], "little")
+
+
+def _expected(sd: dict[str, object], quantized: set[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
+        out[k] = squant_rs.quantize_tensor(t, 4).dequantize() if k in quantized else t
+    return out
+
+
+def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), k
+
+
+# --------------------------------------------------------------------------
+# every state dict save_quantized accepts round-trips (issue 9 item 5)
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8]
+_DTYPES += [torch.bool, torch.int8, torch.int32]
+
+
+@st.composite
+def _state_dicts(draw: st.DrawFn) -> dict[str, torch.Tensor]:
+    names = draw(
+        st.lists(
+            st.text(min_size=0, max_size=12).filter(lambda s: s != "__metadata__"),
+            min_size=0,
+            max_size=5,
+            unique=True,
+        )
+    )
+    sd = {}
+    for i, name in enumerate(names):
+        key = name + (".weight" if draw(st.booleans()) else "")
+        if key in sd or key == "__metadata__":
+            continue
+        shape = tuple(draw(st.lists(st.integers(0, 5), min_size=0, max_size=4)))
+        dtype = draw(st.sampled_from(_DTYPES))
+        gen = torch.Generator().manual_seed(i)
+        t = (torch.randn(shape, generator=gen) * 3).to(dtype)
+        sd[key] = t
+    return sd
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sd=_state_dicts())
+def test_every_accepted_state_dict_round_trips(tmp_path_factory, sd) -> None:
+    path = tmp_path_factory.mktemp("prop") / "p.safetensors"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "no tensor to quantize"
+            report = squant_rs.save_quantized(sd, path)
+    except squant_rs.InvalidArgumentError as exc:
+        # Only names that cannot be stored are refused.
+        assert "reserve" in str(exc) or "UTF-8" in str(exc), exc
+        assert not path.exists()
+        return
+    quantized = {r.name for r in report.layers}
+    _assert_equal(squant_rs.load_quantized(path), _expected(sd, quantized))
+    verify_quantized(path)
+
+
+def test_zero_element_tensors_round_trip(tmp_path) -> None:
+    sd = {
+        "fc.weight": torch.randn(4, 8),
+        "empty": torch.zeros(0),
+        "e.weight": torch.zeros(0, 5),
+        "s": torch.tensor(2.5, dtype=torch.bfloat16),
+    }
+    path = tmp_path / "e.safetensors"
+    report = squant_rs.save_quantized(sd, path)
+    assert [r.name for r in report.layers] == ["fc.weight"]
+    _assert_equal(squant_rs.load_quantized(path), _expected(sd, {"fc.weight"}))
+
+
+def test_names_that_cannot_be_stored(tmp_path) -> None:
+    path = tmp_path / "n.safetensors"
+    w = torch.randn(3, 4)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="UTF-8"):
+        squant_rs.save_quantized({"a.weight": w, "bad\ud800": torch.zeros(2)}, path)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="reserve"):
+        squant_rs.save_quantized({"a.weight": w, "x:codes": torch.zeros(2)}, path)
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------
+# checksums (issue 9 item 7)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> bytes:
+    torch.manual_seed(0)
+    sd = {
+        "a.weight": torch.randn(6, 5, 3, 3),
+        "a.bias": torch.randn(6),
+        "b.weight": torch.randn(7, 9).half(),
+        "steps": torch.tensor(3),
+    }
+    path = tmp_path_factory.mktemp("good") / "good.safetensors"
+    squant_rs.save_quantized(sd, path, wbits=3)
+    return path.read_bytes()
+
+
+def test_checksums_are_stored(tmp_path, good: bytes) -> None:
+    path = tmp_path / "g.safetensors"
+    path.write_bytes(good)
+    tensors, meta = read_safetensors(path)
+    table = json.loads(meta["checksums"])
+    assert set(table) == set(tensors)
+    assert all(len(v) == 8 for v in table.values())
+    assert inspect_quantized(path).has_checksums
+
+
+def test_data_byte_flips_are_detected(tmp_path, good: bytes) -> None:
+    start = _data_start(good)
+    rng = np.random.default_rng(0)
+    positions = rng.choice(np.arange(start, len(good)), size=120, replace=False)
+    path = tmp_path / "flip.safetensors"
+    for pos in positions:
+        bad = bytearray(good)
+        bad[pos] ^= 1 << int(rng.integers(8))
+        path.write_bytes(bytes(bad))
+        with pytest.raises(FormatError):
+            squant_rs.load_quantized(path)
+        with pytest.raises(FormatError):
+            verify_quantized(path)
+    # and verify=False trusts the data (codes/scales still checked)
+    path.write_bytes(good)
+    squant_rs.load_quantized(path, verify=False)
+
+
+def test_files_without_checksums_still_load(tmp_path, good: bytes) -> None:
+    src = tmp_path / "g.safetensors"
+    src.write_bytes(good)
+    want = squant_rs.load_quantized(src)
+    tensors, meta = read_safetensors(src)
+    del meta["checksums"]  # as written before checksums existed
+    old = tmp_path / "old.safetensors"
+    write_safetensors(old, tensors, meta)
+    _assert_equal(squant_rs.load_quantized(old), want)
+    assert not inspect_quantized(old).has_checksums
+    verify_quantized(old)
+
+
+# --------------------------------------------------------------------------
+# strict metadata (issue 9 item 8) and non-finite dequantization (item 4)
+
+
+def _edited(tmp_path, good: bytes, edit) -> str:
+    src = tmp_path / "src.safetensors"
+    src.write_bytes(good)
+    tensors, meta = read_safetensors(src)
+    tensors, meta = edit(dict(tensors), dict(meta))
+    out = tmp_path / "bad.safetensors"
+    write_safetensors(out, tensors, meta)
+    return str(out)
+
+
+def _q(meta: dict, **change: object) -> dict:
+    q = json.loads(meta["quantized"])
+    q["a.weight"].update(change)
+    meta["quantized"] = json.dumps(q)
+    return meta
+
+
+def _rename_plain(t: dict, m: dict, new: str) -> tuple[dict, dict]:
+    t[new] = t.pop("a.bias")
+    cs = json.loads(m["checksums"])
+    cs[new] = cs.pop("a.bias")
+    m["checksums"] = json.dumps(cs)
+    return t, m
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("unknown_mode", "unknown mode 'nearest'"),
+        ("codes_per_byte", "codes_per_byte 4 does not match 3 bits"),
+        ("no_table", "no 'quantized' table"),
+        ("dup_in_table", "duplicate key"),
+        ("shadow", "stored both quantized and unchanged"),
+        ("orphan_part", "named like a part of a quantized weight"),
+        ("quantizer", "unknown quantizer 'fancy'"),
+        ("checksum_table", "checksum table"),
+        ("tiny_scale", "not finite in F32"),
+        ("f16_range", "not finite in BF16"),
+    ],
+)
+def test_strict_metadata(tmp_path, good: bytes, case: str, match: str) -> None:
+    def edit(t: dict, m: dict) -> tuple[dict, dict]:
+        if case == "unknown_mode":
+            m = _q(m, mode="nearest")
+        elif case == "codes_per_byte":
+            m = _q(m, codes_per_byte=4)
+        elif case == "no_table":
+            del m["quantized"]
+        elif case == "dup_in_table":
+            m["quantized"] = m["quantized"][:-1] + ',"a.weight":{}}'
+        elif case == "shadow":
+            t, m = _rename_plain(t, m, "a.weight")
+        elif case == "orphan_part":
+            t, m = _rename_plain(t, m, "z.weight:scale")
+        elif case == "quantizer":
+            m["quantizer"] = "fancy"
+        elif case == "checksum_table":
+            cs = json.loads(m["checksums"])
+            del cs["a.bias"]
+            m["checksums"] = json.dumps(cs)
+        elif case == "tiny_scale":
+            s = t["a.weight:scale"].to_numpy()
+            s[2] = 1e-45  # (q + z) / s overflows float32 (issue 9 item 4)
+            t["a.weight:scale"] = RawTensor.from_numpy(s)
+            del m["checksums"]
+        elif case == "f16_range":
+            m = _q(m, dtype="BF16")
+            s = t["a.weight:scale"].to_numpy()
+            s[1] = 1e-38
+            t["a.weight:scale"] = RawTensor.from_numpy(s)
+            del m["checksums"]
+        return t, m
+
+    path = _edited(tmp_path, good, edit)
+    with pytest.raises(FormatError, match=match):
+        squant_rs.load_quantized(path)
+    if case not in ("tiny_scale", "f16_range"):
+        with pytest.raises(FormatError, match=match):
+            inspect_quantized(path)
+
+
+def test_duplicate_keys_in_the_header(tmp_path, good: bytes) -> None:
+    n = _data_start(good) - 8
+    header = good[8 : 8 + n].decode().rstrip()
+    assert header.endswith("}")
+    first = header[1 : header.index(',"a.weight:codes"')]
+    dup = ("{" + first + "," + header[1:]).encode()
+    dup += b" " * (-len(dup) % 8)
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(len(dup).to_bytes(8, "little") + dup + good[8 + n :])
+    with pytest.raises(FormatError, match="duplicate key"):
+        squant_rs.load_quantized(path)
+
+
+def test_symmetric_quantizer_files(tmp_path) -> None:
+    from squant_rs._squant_rs import QuantizedFileWriter
+
+    def write(path, zp: float) -> None:
+        w = QuantizedFileWriter(
+            str(path), [("w", "F32", [2, 3], 4, "squant-e")], quantizer="symmetric"
+        )
+        w.write_quantized(
+            0,
+            np.array([[-7, 0, 7], [1, 2, 3]], np.int8),
+            np.array([7.0, 1.0], np.float32),
+            np.array([zp, 0.0], np.float32),
+        )
+        w.finish()
+
+    path = tmp_path / "sym.safetensors"
+    write(path, 0.0)
+    assert inspect_quantized(path).quantizer == "symmetric"
+    got = squant_rs.load_quantized(path)["w"]
+    assert torch.equal(got, torch.tensor([[-1.0, 0.0, 1.0], [1.0, 2.0, 3.0]]))
+    write(path, 1.0)
+    with pytest.raises(FormatError, match="corrupt scale or zero point"):
+        squant_rs.load_quantized(path)
+
+
+# --------------------------------------------------------------------------
+# sharded checkpoints (issue 12 item 2) and info --verify
+
+
+def _sharded(tmp_path, sd: dict[str, torch.Tensor], per_shard: int) -> str:
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    keys = list(sd)
+    groups = [keys[i : i + per_shard] for i in range(0, len(keys), per_shard)]
+    weight_map = {}
+    for j, group in enumerate(groups):
+        name = f"model-{j + 1:05d}-of-{len(groups):05d}.safetensors"
+        safetensors_torch.save_file({k: sd[k].contiguous() for k in group}, str(d / name))
+        weight_map.update({k: name for k in group})
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    return str(d)
+
+
+def _llama_like(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    sd = {"embed.weight": torch.randn(40, 16).to(torch.bfloat16)}
+    for i in range(3):
+        sd[f"layers.{i}.q.weight"] = torch.randn(16, 16).to(torch.bfloat16)
+        sd[f"layers.{i}.up.weight"] = torch.randn(24, 16).to(torch.bfloat16)
+        sd[f"layers.{i}.norm.weight"] = torch.ones(16, dtype=torch.bfloat16)
+    return sd
+
+
+def test_sharded_in_sharded_out_equals_unsharded(tmp_path, capsys) -> None:
+    sd = _llama_like()
+    src = _sharded(tmp_path, sd, per_shard=4)
+    out = tmp_path / "q"
+    assert main(["quantize", src, str(out), "--wbits", "3"]) == 0
+    stdout = capsys.readouterr().out
+    assert "sharded safetensors, 3 shards" in stdout
+    files = sorted(os.listdir(out))
+    assert files == sorted(os.listdir(src))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"]["layers.0.q.weight:codes"] == "model-00001-of-00003.safetensors"
+    single_in = tmp_path / "single.safetensors"
+    safetensors_torch.save_file(sd, str(single_in))
+    single_out = tmp_path / "single_q.safetensors"
+    result = quantize_checkpoint(single_in, single_out, 3)
+    assert len(result.report.layers) == 7
+    _assert_equal(
+        dict(sorted(squant_rs.load_quantized(out).items())),
+        dict(sorted(squant_rs.load_quantized(single_out).items())),
+    )
+    assert main(["info", str(out), "--verify"]) == 0
+    assert "verified" in capsys.readouterr().out
+
+
+def test_corrupt_shard_is_named_and_leaves_no_output(tmp_path, capsys) -> None:
+    src = _sharded(tmp_path, _llama_like(), per_shard=4)
+    shard = Path(src) / "model-00002-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-3])
+    out = tmp_path / "q"
+    assert main(["quantize", src, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model-00002-of-00003.safetensors" in err
+    assert "truncated" in err
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_info_verify_reports_damage(tmp_path, capsys, good: bytes) -> None:
+    path = tmp_path / "g.safetensors"
+    bad = bytearray(good)
+    bad[-5] ^= 0x40
+    path.write_bytes(bytes(bad))
+    assert main(["info", str(path)]) == 0  # the header alone looks fine
+    capsys.readouterr()
+    assert main(["info", str(path), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err or "corrupt" in err

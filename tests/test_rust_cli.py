@@ -1,0 +1,189 @@
+"""The Rust command line (`squant`, crate squant-cli) against the Python CLI:
+byte-identical output files, the same report, messages and exit codes, and
+its own signal cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from squant_rs.formats.safetensors import RawTensor, inspect_quantized, write_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def squant_bin() -> str:
+    cargo = shutil.which("cargo")
+    if cargo is None:
+        pytest.skip("cargo is not installed")
+    subprocess.run(
+        [cargo, "build", "--release", "--quiet", "-p", "squant-cli"],
+        cwd=ROOT,
+        check=True,
+        timeout=1800,
+    )
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    path = target / "release" / ("squant.exe" if os.name == "nt" else "squant")
+    assert path.exists(), path
+    return str(path)
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=300)
+
+
+def _py(*argv: str) -> subprocess.CompletedProcess[str]:
+    return _run(sys.executable, "-m", "squant_rs", *argv)
+
+
+def _untimed(stdout: str) -> list[str]:
+    """The report without its timings (which differ between runs); of the
+    per-layer table's total line only its untimed head (layers, W, mode)."""
+    return [
+        ": ".join(line.split(": ")[:2]) if line.startswith("total:") else line
+        for line in stdout.splitlines()
+        if not line.startswith("time ") and not (line and line.split()[0].endswith(".weight"))
+    ]
+
+
+def _message(stderr: str) -> str:
+    assert stderr.count("\n") == 1, stderr
+    return stderr.split(": error: ", 1)[1]
+
+
+def _checkpoint(path: Path, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    sd = {
+        "conv.weight": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+        "conv.bias": rng.standard_normal(8).astype(np.float32),
+        "fc.weight": rng.standard_normal((5, 7)).astype(np.float16),
+        "head.weight": rng.standard_normal((3, 11)).astype(np.float64),
+        "empty.weight": np.zeros((0, 4), np.float32),
+        "steps": np.array(3, np.int64),
+    }
+    write_safetensors(path, {k: RawTensor.from_numpy(v) for k, v in sd.items()})
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        ["--wbits", "3", "--mode", "squant-k"],
+        ["--wbits", "2", "--skip", "fc"],
+        ["--include", "h*"],
+        ["--quantizer", "symmetric"],
+        ["--wbits", "8", "--mode", "squant-c", "--quantizer", "symmetric"],
+    ],
+)
+def test_same_file_and_report_as_python(tmp_path, squant_bin: str, options: list[str]) -> None:
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    py_out, rs_out = tmp_path / "py.safetensors", tmp_path / "rs.safetensors"
+    p = _py("quantize", str(src), str(py_out), "-v", *options)
+    r = _run(squant_bin, "quantize", str(src), str(rs_out), "-v", *options)
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert py_out.read_bytes() == rs_out.read_bytes()
+    want = "symmetric" if "symmetric" in options else "asymmetric"
+    assert inspect_quantized(rs_out).quantizer == want
+    assert _untimed(p.stdout.replace(str(py_out), "OUT")) == _untimed(
+        r.stdout.replace(str(rs_out), "OUT")
+    )
+    for verify in ([], ["--verify"]):
+        pi = _py("info", str(py_out), *verify)
+        ri = _run(squant_bin, "info", str(py_out), *verify)
+        assert pi.returncode == ri.returncode == 0
+        assert pi.stdout == ri.stdout
+
+
+def test_sharded_same_as_python(tmp_path, squant_bin: str) -> None:
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    weight_map = {}
+    for j in range(2):
+        name = f"model-{j + 1:05d}-of-00002.safetensors"
+        tensors = {
+            f"l{j}.weight": RawTensor.from_numpy(rng.standard_normal((6, 10)).astype(np.float32)),
+            f"l{j}.bias": RawTensor.from_numpy(np.ones(6, np.float32)),
+        }
+        write_safetensors(src / name, tensors)
+        weight_map.update({k: name for k in tensors})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    p = _py("quantize", str(src), str(tmp_path / "py"))
+    r = _run(squant_bin, "quantize", str(src), str(tmp_path / "rs"))
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert "sharded safetensors, 2 shards" in r.stdout
+    names = sorted(os.listdir(tmp_path / "py"))
+    assert names == sorted(os.listdir(tmp_path / "rs"))
+    for n in names:
+        assert (tmp_path / "py" / n).read_bytes() == (tmp_path / "rs" / n).read_bytes(), n
+    # the output directory is not overwritten
+    r = _run(squant_bin, "quantize", str(src), str(tmp_path / "rs"))
+    assert r.returncode == 2 and "not empty" in _message(r.stderr)
+
+
+def test_same_errors_as_python(tmp_path, squant_bin: str) -> None:
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    blob = src.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(blob[:-1])
+    text = tmp_path / "t.safetensors"
+    text.write_text("hello, this is not a model\n")
+    out = tmp_path / "out.safetensors"
+    cases = [
+        ["quantize", str(tmp_path / "missing.safetensors"), str(out)],
+        ["quantize", str(cut), str(out)],
+        ["quantize", str(text), str(out)],
+        ["quantize", str(src), str(out), "--include", "nothing*"],
+        ["quantize", str(src), str(tmp_path)],
+        ["info", str(src)],
+        ["info", str(tmp_path / "missing")],
+        ["quantize", str(src), str(src)],
+        ["quantize", str(src), str(tmp_path / "out.pth")],
+        ["quantize", str(src), str(tmp_path / "nodir" / "o.safetensors")],
+    ]
+    for argv in cases:
+        p, r = _py(*argv), _run(squant_bin, *argv)
+        assert p.returncode == r.returncode == 2, argv
+        assert p.stderr.splitlines()[-1].startswith("squant-rs: error: "), argv
+        # the same lines (warnings, then one error), program name aside
+        assert p.stderr.replace("squant-rs: ", "") == r.stderr.replace("squant: ", ""), argv
+    assert sorted(os.listdir(tmp_path)) == ["cut.safetensors", "in.safetensors", "t.safetensors"]
+    r = _run(squant_bin, "quantize", str(src), str(out), "--wbits", "9")
+    assert r.returncode == 2 and "bit width must be in 2..8" in _message(r.stderr)
+    assert src.read_bytes() == blob
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="POSIX signals")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_removes_the_temporary_file(tmp_path, squant_bin: str, sig: str) -> None:
+    src = tmp_path / "big.safetensors"
+    w = np.random.default_rng(0).standard_normal((2048, 4096)).astype(np.float32)
+    write_safetensors(src, {f"l{i}.weight": RawTensor.from_numpy(w) for i in range(4)})
+    out = tmp_path / "out.safetensors"
+    proc = subprocess.Popen(
+        [squant_bin, "quantize", str(src), str(out), "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not any(n.endswith(".tmp") for n in os.listdir(tmp_path)):
+        assert proc.poll() is None and time.monotonic() < deadline, "no temporary file seen"
+        time.sleep(0.005)
+    proc.send_signal(getattr(signal, sig))
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert sorted(os.listdir(tmp_path)) == ["big.safetensors"]
