@@ -56,7 +56,25 @@ from _accuracy_data import (  # noqa: E402
 )
 
 MODES: tuple[str, ...] = ("squant-e", "squant-k", "squant-c", "squant")
-CONFIGS: tuple[str, ...] = ("W8", "W6", "W5", "W4", "W3", "W8A8", "W6A6", "W4A4")
+CONFIGS: tuple[str, ...] = ("W8", "W6", "W5", "W4", "W3", "W8A8", "W6A6", "W4A8", "W4A4")
+# The squant+ recipe (docs/recipe.md) and its leave-one-out ablations, all
+# with mode="squant": row name -> (quantize_model keyword arguments, configs;
+# None: every --recipe-configs one). The ablations run where the step can
+# matter, to keep the CPU run short.
+ABLATION_CONFIGS: tuple[str, ...] = ("W4", "W6A6")
+RECIPE_ROWS: dict[str, tuple[dict[str, Any], tuple[str, ...] | None]] = {
+    "squant+": ({"recipe": "squant+"}, None),
+    "squant+ w/o BN folding": ({"recipe": "squant+", "fold_bn": False}, ABLATION_CONFIGS),
+    "squant+ w/o bias correction": (
+        {"recipe": "squant+", "bias_correction": False},
+        ABLATION_CONFIGS,
+    ),
+    "squant+ w/o BN ranges": (
+        {"recipe": "squant+", "act_ranges": "sigma"},
+        ("W8A8", "W4A4"),
+    ),
+}
+RECIPE_CONFIGS: tuple[str, ...] = ("W8", "W6", "W4", "W8A8", "W6A6", "W4A8", "W4A4")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CONFIDENT = 0.5
@@ -150,6 +168,13 @@ def logits_of(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch
     return torch.cat(outs)
 
 
+def all_configs(res: dict[str, Any]) -> list[str]:
+    """The configs of the paper rows and of the recipe rows, in table order."""
+    wanted = set(res["configs"]) | set(res.get("recipe_configs", []))
+    order = [c for c in CONFIGS if c in wanted]
+    return order + sorted(wanted - set(order))
+
+
 def _fmt_pct(v: float) -> str:
     return "—" if v != v else f"{100.0 * v:.1f}"
 
@@ -169,7 +194,7 @@ def _table(
 ) -> list[str]:
     lines = ["| method | " + " | ".join(configs) + " |", "|---" * (len(configs) + 1) + "|"]
     for mode in modes:
-        cells = [fmt(results[mode][c][key]) for c in configs]
+        cells = [fmt(results[mode][c][key]) if c in results.get(mode, {}) else "—" for c in configs]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return lines
 
@@ -185,7 +210,8 @@ def paper_table() -> list[str]:
 
 def render_markdown(res: dict[str, Any]) -> str:
     ds = res["dataset"]
-    configs, modes = res["configs"], res["modes"]
+    modes = res["modes"] + res.get("recipe_rows", [])
+    configs = all_configs(res)
     out = [
         "# SQuant on pretrained models: agreement with the float model (offline)",
         "",
@@ -199,6 +225,10 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"- images: {', '.join(ds['images'])}",
         f"- weights: per-output-channel asymmetric min/max, SQuant ({res['backend']} backend), "
         "all Conv/Linear layers; `squant-e` = nearest rounding with the same quantizer",
+        '- `squant+`: `quantize_model(..., recipe="squant+")` (mode squant; BN folding, '
+        "analytic bias correction, BN-statistics activation ranges; docs/recipe.md); "
+        '`w/o X`: the recipe with step X switched off; W/A rows with `act_ranges="bn"` '
+        "need no calibration batch",
         f"- W/A columns: the data-free activation pipeline (docs/algorithm.md section 5) of "
         f"`squant_rs.quantize_model(..., abits=...)`, ranges from one batch of "
         f'{res["calib_batch"]} U[0,1) images (calibration="{res["calibration"]}"); '
@@ -248,17 +278,22 @@ def plot(res: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(
         2, len(names), figsize=(5.5 * len(names), 7.5), squeeze=False, sharex=True
     )
-    colors = dict(zip(MODES, ("tab:gray", "tab:blue", "tab:orange", "tab:red")))
+    colors = dict(
+        zip((*MODES, "squant+"), ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green"))
+    )
     for j, name in enumerate(names):
         r = res["models"][name]["results"]
         ax_a, ax_k = axes[0][j], axes[1][j]
-        for mode in res["modes"]:
+        rows = res["modes"] + [m for m in res.get("recipe_rows", []) if m == "squant+"]
+        for mode in rows:
             col = colors.get(mode)
             for wa, style in ((False, "-"), (True, "--")):
                 pts = sorted(
                     (parse_config(c)[0], r[mode][c])
-                    for c in res["configs"]
+                    for c in all_configs(res)
                     if (parse_config(c)[1] is not None) == wa
+                    and parse_config(c)[1] in (None, parse_config(c)[0])  # W=A lines only
+                    and c in r[mode]
                 )
                 if not pts:
                     continue
@@ -293,8 +328,8 @@ def plot(res: dict[str, Any], path: str) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(
-        f"SQuant vs nearest rounding (squant-e): agreement with the float model on "
-        f"{res['dataset']['n_crops']} crops of sample images (not ImageNet top-1)",
+        "SQuant, nearest rounding (squant-e) and the squant+ recipe: agreement with the "
+        f"float model on {res['dataset']['n_crops']} crops of sample images (not ImageNet top-1)",
         fontsize=10,
     )
     fig.tight_layout(rect=(0.0, 0.07, 1.0, 1.0))
@@ -341,6 +376,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument(
+        "--recipes",
+        nargs="*",
+        default=list(RECIPE_ROWS),
+        choices=list(RECIPE_ROWS),
+        help="squant+ rows (recipe and ablations) to add (default: all; none: --recipes)",
+    )
+    ap.add_argument(
+        "--recipe-configs",
+        nargs="+",
+        default=list(RECIPE_CONFIGS),
+        help="configs of the squant+ rows (default: %(default)s)",
+    )
+    ap.add_argument(
         "--configs",
         nargs="+",
         default=list(CONFIGS),
@@ -382,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
-    for c in args.configs:
+    for c in [*args.configs, *args.recipe_configs]:
         parse_config(c)
     os.makedirs(args.out, exist_ok=True)
     out_md = args.out_md or os.path.join(args.out, "accuracy.md")
@@ -419,6 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "NOT ImageNet top-1",
         "configs": list(args.configs),
         "modes": list(args.modes),
+        "recipe_rows": list(args.recipes),
+        "recipe_configs": list(args.recipe_configs) if args.recipes else [],
         "backend": args.backend,
         "calib_batch": args.calib_batch,
         "calibration": args.calibration,
@@ -462,40 +512,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         sanity = sanity_check(name, ref, meta)
         results: dict[str, dict[str, dict[str, float]]] = {}
-        for mode in args.modes:
-            results[mode] = {}
-            for cfg in args.configs:
-                wbits, abits = parse_config(cfg)
-                t0 = time.perf_counter()
-                qmodel = squant_rs.quantize_model(
-                    model,
-                    wbits=wbits,
-                    abits=abits,
-                    mode=mode,
-                    backend=args.backend,
-                    input_shape=(args.calib_batch, 3, 224, 224),
-                    calibration=args.calibration,
-                    seed=args.seed,
-                )
-                tq = time.perf_counter() - t0
-                if args.channels_last:
-                    qmodel = qmodel.to(memory_format=torch.channels_last)
-                q = logits_of(qmodel, x, args.batch_size)
-                del qmodel
-                agr = top1_agreement(ref, q)
-                conf, _ = confident_agreement(ref, q, CONFIDENT)
-                kl = mean_kl(ref, q)
-                results[mode][cfg] = {
-                    "agreement": agr,
-                    "confident": conf,
-                    "kl": kl,
-                    "quantize_s": tq,
-                }
-                print(
-                    f"  {mode:9s} {cfg:5s} agree {100 * agr:5.1f}%  confident "
-                    f"{100 * conf:5.1f}%  KL {kl:.4f}  (quantize_model {tq:.2f} s)",
-                    flush=True,
-                )
+        jobs: list[tuple[str, str, dict[str, Any]]] = [
+            (mode, cfg, {"mode": mode}) for mode in args.modes for cfg in args.configs
+        ]
+        for row in args.recipes:
+            row_kwargs, row_configs = RECIPE_ROWS[row]
+            for cfg in args.recipe_configs:
+                if row_configs is None or cfg in row_configs:
+                    jobs.append((row, cfg, {"mode": "squant", **row_kwargs}))
+        for row, cfg, kwargs in jobs:
+            results.setdefault(row, {})
+            wbits, abits = parse_config(cfg)
+            t0 = time.perf_counter()
+            qmodel = squant_rs.quantize_model(
+                model,
+                wbits=wbits,
+                abits=abits,
+                backend=args.backend,
+                input_shape=(args.calib_batch, 3, 224, 224),
+                calibration=args.calibration,
+                seed=args.seed,
+                **kwargs,
+            )
+            tq = time.perf_counter() - t0
+            if args.channels_last:
+                qmodel = qmodel.to(memory_format=torch.channels_last)
+            q = logits_of(qmodel, x, args.batch_size)
+            del qmodel
+            agr = top1_agreement(ref, q)
+            conf, _ = confident_agreement(ref, q, CONFIDENT)
+            kl = mean_kl(ref, q)
+            results[row][cfg] = {
+                "agreement": agr,
+                "confident": conf,
+                "kl": kl,
+                "quantize_s": tq,
+            }
+            print(
+                f"  {row:28s} {cfg:5s} agree {100 * agr:5.1f}%  confident "
+                f"{100 * conf:5.1f}%  KL {kl:.4f}  (quantize_model {tq:.2f} s)",
+                flush=True,
+            )
         res["models"][name] = {
             "source": spec.source,
             "layers": len(layers),

@@ -11,7 +11,7 @@ python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
 echo "== cargo fmt / clippy / test"
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --release --quiet -p squant-core -p squant-io -p squant-cli
+cargo test --release --quiet -p squant-core -p squant-io -p squant-cli -p squant-py
 cargo build --release --quiet -p squant-cli   # the `squant` binary tests/test_rust_cli.py compares
 
 echo "== ruff / mypy / stubtest"

@@ -132,6 +132,49 @@ def test_export_matches_fake_quant_small(tmp_path, quantizer, wbits, abits):
         assert {kinds[f"{n}.weight_quantized"] for n in ("c1", "dw", "g", "fc")} == {want_type}
 
 
+class ConvBnRelu6(torch.nn.Module):
+    """Two Conv + BN + ReLU6 blocks and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.b1 = torch.nn.BatchNorm2d(16)
+        self.c2 = torch.nn.Conv2d(16, 8, 3, padding=1)
+        self.b2 = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.relu6(self.b1(self.c1(x)))
+        x = torch.nn.functional.relu6(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_export_with_squant_plus_recipe_matches_fake_quant(tmp_path):
+    torch.manual_seed(0)
+    net = ConvBnRelu6().eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    x = torch.rand(2, 3, 12, 12)
+    path = tmp_path / "m.onnx"
+    rep = squant_rs.export_onnx(net, path, x, 8, 8, recipe="squant+")
+    qm = squant_rs.quantize_model(net, 8, 8, recipe="squant+", input_shape=tuple(x.shape))
+    with torch.no_grad():
+        want = qm(x).numpy()
+    got = run(path, x.numpy())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    assert rep.recipe == "squant+"
+    assert [(r.name, r.folded) for r in rep.layers] == [("c1", True), ("c2", True), ("fc", False)]
+    assert any(r.bias_corrected for r in rep.layers)
+    # The activation ranges (from the BN statistics under squant+) reach the report.
+    assert [r.act_range is not None for r in rep.layers] == [False, True, True]
+    assert ops(path)["BatchNormalization"] == 0
+    assert isinstance(qm.b1, torch.nn.Identity) and isinstance(net.b1, torch.nn.BatchNorm2d)
+
+
 def _dq_values(model: onnx.ModelProto, tmp_path) -> dict[str, np.ndarray]:
     """Every weight DequantizeLinear of ``model`` evaluated by onnxruntime."""
     g = model.graph

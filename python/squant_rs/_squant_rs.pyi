@@ -17,6 +17,9 @@ from squant_rs.errors import WeightRangeError as WeightRangeError
 __all__ = [
     "quantize",
     "quantize_many",
+    "quantize_into",
+    "dequantize_into",
+    "simd_build",
     "quantize_reference",
     "dequantize",
     "resolve_threads",
@@ -56,6 +59,34 @@ def quantize_many(
 ) -> list[
     tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]
 ]: ...
+def quantize_into(
+    ws: list[npt.NDArray[np.float32]],
+    outs: list[npt.NDArray[np.floating] | npt.NDArray[np.int16]],
+    bits: int,
+    mode: str,
+    keep_codes: bool = True,
+    threads: int | None = None,
+    quantizer: str = "asymmetric",
+) -> list[
+    tuple[
+        npt.NDArray[np.int8] | None,
+        npt.NDArray[np.float32],
+        npt.NDArray[np.float32],
+        int,
+        int,
+        float,
+        float,
+    ]
+]: ...
+def dequantize_into(
+    codes: list[npt.NDArray[np.int8]],
+    scales: list[npt.NDArray[np.float32]],
+    zero_points: list[npt.NDArray[np.float32]],
+    outs: list[npt.NDArray[np.floating] | npt.NDArray[np.int16]],
+    ws: list[npt.NDArray[np.float32]] | None = None,
+    threads: int | None = None,
+) -> list[float] | None: ...
+def simd_build() -> str: ...
 def quantize_reference(
     w: npt.NDArray[np.float32], bits: int, mode: str, quantizer: str = "asymmetric"
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...

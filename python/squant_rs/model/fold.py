@@ -151,6 +151,12 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def _vector(t: Any, n: int, default: float) -> np.ndarray:
+    if t is None:
+        return np.full(n, default)
+    return np.asarray(t.detach().cpu().double().numpy(), dtype=np.float64)
+
+
 def _fold_one(layer: Any, bn: Any) -> tuple[np.ndarray, np.ndarray]:
     """Fold ``bn`` into ``layer`` in place; ``(beta, |gamma|)`` as float64."""
     import torch
@@ -158,32 +164,24 @@ def _fold_one(layer: Any, bn: Any) -> tuple[np.ndarray, np.ndarray]:
 
     weight = layer.weight
     n = bn.num_features
-    f64 = torch.float64
-    dev = weight.device
-    mu = bn.running_mean.detach().to(device=dev, dtype=f64)
-    var = bn.running_var.detach().to(device=dev, dtype=f64)
-    gamma = (
-        bn.weight.detach().to(device=dev, dtype=f64)
-        if bn.weight is not None
-        else torch.ones(n, dtype=f64, device=dev)
-    )
-    beta = (
-        bn.bias.detach().to(device=dev, dtype=f64)
-        if bn.bias is not None
-        else torch.zeros(n, dtype=f64, device=dev)
-    )
-    k = gamma / torch.sqrt(var + float(bn.eps))
+    mu = _vector(bn.running_mean, n, 0.0)
+    var = _vector(bn.running_var, n, 1.0)
+    gamma = _vector(bn.weight, n, 1.0)
+    beta = _vector(bn.bias, n, 0.0)
+    k = gamma / np.sqrt(var + float(bn.eps))
     bias = layer.bias
-    b = bias.detach().to(f64) if bias is not None else torch.zeros(n, dtype=f64, device=dev)
+    b = _vector(bias, n, 0.0)
+    new_bias = beta + (b - mu) * k
     shape = (n,) + (1,) * (weight.dim() - 1)
     with torch.no_grad():
-        weight.copy_((weight.detach().to(f64) * k.reshape(shape)).to(weight.dtype))
-        new_bias = (beta + (b - mu) * k).to(weight.dtype)
+        # one multiply per weight in its own dtype; k and the bias in float64
+        weight.mul_(torch.from_numpy(k).to(device=weight.device, dtype=weight.dtype).reshape(shape))
         if bias is not None:
-            bias.copy_(new_bias.to(bias.dtype))
+            bias.copy_(torch.from_numpy(new_bias).to(bias.dtype))
         else:
-            layer.bias = nn.Parameter(new_bias, requires_grad=weight.requires_grad)
-    return beta.cpu().numpy(), gamma.abs().cpu().numpy()
+            t = torch.from_numpy(new_bias).to(device=weight.device, dtype=weight.dtype)
+            layer.bias = nn.Parameter(t, requires_grad=weight.requires_grad)
+    return beta, np.abs(gamma)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -216,16 +214,23 @@ def fold_batchnorm(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     target = model if inplace else copy.deepcopy(model)
-    graph = trace(target)
+    return target, fold_batchnorm_graph(target, trace(target))
+
+
+def fold_batchnorm_graph(model: nn.Module, graph: torch.fx.Graph | None) -> list[BatchNormFold]:
+    """:func:`fold_batchnorm` in place on ``model`` with its traced ``graph``
+    (``None``: the ``nn.Sequential`` fallback). Returns the folds."""
+    from torch import nn
+
     if graph is not None:
-        pairs, via = _fx_pairs(target, graph), "fx"
+        pairs, via = _fx_pairs(model, graph), "fx"
     else:
-        pairs, via = _sequential_pairs(target), "sequential"
+        pairs, via = _sequential_pairs(model), "sequential"
     folds: list[BatchNormFold] = []
     for layer_name, bn_name in pairs:
-        layer = target.get_submodule(layer_name)
-        bn = target.get_submodule(bn_name)
+        layer = model.get_submodule(layer_name)
+        bn = model.get_submodule(bn_name)
         mean, std = _fold_one(layer, bn)
-        _set_submodule(target, bn_name, nn.Identity())
+        _set_submodule(model, bn_name, nn.Identity())
         folds.append(BatchNormFold(layer_name, bn_name, mean, std, via))
-    return target, folds
+    return folds

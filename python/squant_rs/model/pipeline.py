@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import numbers
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ..errors import InvalidArgumentError
 from ..tensor.validate import (
@@ -27,8 +26,14 @@ from .activations import (
     _check_s_sigma,
     default_s_sigma,
 )
-from .fold import fold_batchnorm
-from .layers import check_patterns, plan_layers, quantize_layer_weight, relative_error
+from .layers import check_patterns, copy_model, plan_layers, quantize_into
+from .recipe import (
+    apply_bias_correction,
+    bn_activation_ranges,
+    finish_activation_order,
+    prepare,
+    resolve_recipe,
+)
 from .report import LayerReport, QuantReport
 
 if TYPE_CHECKING:
@@ -54,7 +59,12 @@ def quantize_model(
     s_sigma: float | None = ...,
     calibration: str = ...,
     seed: int = ...,
-    fold_bn: bool = ...,
+    recipe: str = ...,
+    fold_bn: bool | None = ...,
+    bias_correction: bool | None = ...,
+    act_ranges: str | None = ...,
+    weight_range: str | None = ...,
+    bn_sigmas: float | None = ...,
     return_report: Literal[False] = ...,
 ) -> nn.Module: ...
 
@@ -74,7 +84,12 @@ def quantize_model(
     s_sigma: float | None = ...,
     calibration: str = ...,
     seed: int = ...,
-    fold_bn: bool = ...,
+    recipe: str = ...,
+    fold_bn: bool | None = ...,
+    bias_correction: bool | None = ...,
+    act_ranges: str | None = ...,
+    weight_range: str | None = ...,
+    bn_sigmas: float | None = ...,
     return_report: Literal[True],
 ) -> tuple[nn.Module, QuantReport]: ...
 
@@ -93,7 +108,12 @@ def quantize_model(
     s_sigma: float | None = None,
     calibration: str = "float",
     seed: int = 0,
-    fold_bn: bool = False,
+    recipe: str = "paper",
+    fold_bn: bool | None = None,
+    bias_correction: bool | None = None,
+    act_ranges: str | None = None,
+    weight_range: str | None = None,
+    bn_sigmas: float | None = None,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, QuantReport]:
     """A SQuant-quantized deep copy of ``model`` (the original is untouched).
@@ -122,10 +142,26 @@ def quantize_model(
     ``calibration`` is ``"float"`` or ``"quantized"`` (see the module doc);
     ``seed`` seeds the calibration noise.
 
-    With ``fold_bn=True`` every BatchNorm that follows a Conv/Linear layer
-    is folded into it first (:func:`~squant_rs.model.fold.fold_batchnorm`:
-    the BN becomes ``nn.Identity``, the layer gets the folded weight and
-    bias), so the quantized weights are the ones an exported graph uses.
+    ``recipe="paper"`` (default) is the paper's pipeline above;
+    ``recipe="squant+"`` adds the data-free steps of ``docs/recipe.md``
+    (:mod:`squant_rs.model.recipe`). The switches override the recipe's
+    choice one by one (``None``: the recipe's):
+
+    * ``fold_bn``: fold every BatchNorm that follows a Conv/Linear layer into
+      it first (:func:`~squant_rs.model.fold.fold_batchnorm`: the BN becomes
+      ``nn.Identity``, the layer gets the folded weight and bias), so the
+      quantized weights are the ones an exported graph uses;
+    * ``bias_correction``: ``b -= (W_q - W) . E[x]`` with ``E[x]`` from the
+      BatchNorm statistics in front of the layer;
+    * ``act_ranges``: ``"sigma"`` (the paper's rule on noise) or ``"bn"``
+      (``mu -+ bn_sigmas * sigma`` of the BatchNorm statistics, clipped by
+      the activation; the sigma rule where a layer has none);
+    * ``weight_range``: ``"minmax"`` (docs/algorithm.md section 1; the only choice, see
+      ``docs/recipe.md`` step 4).
+
+    Raises:
+        TypeError: an argument of the wrong type.
+        InvalidArgumentError: an unknown choice or an out-of-range value.
 
     The per-layer :class:`QuantReport` is attached as ``qmodel.squant_report``
     and, with ``return_report=True``, returned as ``(qmodel, report)``.
@@ -166,19 +202,47 @@ def quantize_model(
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer, got {seed!r}")
     require_torch()
-    import torch
     from torch import nn
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
-    if not isinstance(fold_bn, bool):
-        raise TypeError(f"fold_bn must be a bool, got {fold_bn!r}")
+    config = resolve_recipe(
+        recipe,
+        fold_bn=fold_bn,
+        bias_correction=bias_correction,
+        act_ranges=act_ranges,
+        weight_range=weight_range,
+        bn_sigmas=bn_sigmas,
+    )
 
-    qmodel = _deepcopy(model)
-    if fold_bn:
-        fold_batchnorm(qmodel, inplace=True)
-    plan = plan_layers(qmodel, patterns, stacklevel=2)
+    # Weights are quantized from the caller's model straight into a copy
+    # that never cloned them, unless the copy's float weights are needed
+    # first (a recipe step: BatchNorm folding, graph analysis; float
+    # calibration): then in place.
+    if not config.is_paper or (abits is not None and calibration == "float"):
+        qmodel = _deepcopy(model)
+        rplan = prepare(qmodel, config)
+        plan = plan_layers(qmodel, patterns, stacklevel=2)
+        sources = [m.weight for _, m in plan.chosen]
+    else:
+        plan = plan_layers(model, patterns, stacklevel=2)
+        sources = [m.weight for _, m in plan.chosen]
+        memo: dict[Any, Any] = {}
+        qmodel = _deepcopy(model, sources, memo)
+        rplan = prepare(qmodel, config)  # the paper recipe: nothing to analyze
+
+        def in_copy(name: str, m: nn.Module) -> nn.Module:
+            # The memo knows every module copied (unless a custom
+            # __deepcopy__ left it out): no walk down the copy's tree.
+            found = memo.get(id(m))
+            return found if type(found) is type(m) else qmodel.get_submodule(name)
+
+        plan = dataclasses.replace(  # the same layers in the copy
+            plan,
+            chosen=[(name, in_copy(name, m)) for name, m in plan.chosen],
+            tied=[(name, owner, in_copy(name, m)) for name, owner, m in plan.tied],
+        )
     # Activation quantizers go on every distinct module with a quantized
     # weight, tied ones included (a module under two names gets one).
     layers = list(plan.chosen)
@@ -192,31 +256,46 @@ def quantize_model(
     if abits is not None:
         mult = sigma_mult if sigma_mult is not None else default_s_sigma(abits)
         quantizers = {name: ActivationQuantizer(name, abits, mult) for name, _ in layers}
-        if calibration == "float":
-            _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=False)
+        noise_layers = layers
+        if config.act_ranges == "bn":
+            noise_layers = bn_activation_ranges(rplan, layers, quantizers, abits)
+        if calibration == "float" and noise_layers:
+            _calibrate(qmodel, noise_layers, quantizers, shape, int(seed), apply=False)
+        if config.act_ranges == "bn" and calibration == "float":
+            finish_activation_order(rplan, layers, quantizers, abits)
 
+    # Bias correction needs the float weights after the pass has replaced them.
+    w_floats = (
+        {name: module.weight.detach().clone() for name, module in plan.chosen}
+        if config.bias_correction
+        else {}
+    )
+    items = [(name, src, module.weight) for src, (name, module) in zip(sources, plan.chosen)]
+    results = quantize_into(items, wbits, mode, backend, threads, quantizer)
     by_name: dict[str, LayerReport] = {}
-    for name, module in plan.chosen:
+    for (name, module), res in zip(plan.chosen, results):
         weight = module.weight
-        qt, ms = quantize_layer_weight(
-            name, weight.detach(), wbits, mode, backend, threads, quantizer
+        corrected = config.bias_correction and apply_bias_correction(
+            rplan,
+            name,
+            module,
+            w_floats[name],
+            weight.detach(),
+            quantizers.get(name) if calibration == "float" else None,
         )
-        w_hat = qt.dequantize(threads)
-        err = relative_error(weight, w_hat)
-        with torch.no_grad():
-            weight.copy_(w_hat)
-        del w_hat
         by_name[name] = LayerReport(
             name=name,
             shape=tuple(weight.shape),
             params=weight.numel(),
-            time_ms=ms,
-            rel_error=err,
-            k_flips=qt.k_flips,
-            c_flips=qt.c_flips,
+            time_ms=res.time_ms,
+            rel_error=res.rel_error,
+            k_flips=res.qtensor.k_flips,
+            c_flips=res.qtensor.c_flips,
             bits=wbits,
             kind=type(module).__name__,
-            qtensor=qt,
+            folded=name in rplan.folded,
+            bias_corrected=corrected,
+            qtensor=res.qtensor,
         )
     for name, owner, module in plan.tied:
         by_name[name] = dataclasses.replace(
@@ -227,8 +306,10 @@ def quantize_model(
     reports = sorted(by_name.values(), key=lambda r: order[r.name])
 
     if abits is not None:
-        if calibration == "quantized":
-            _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=True)
+        if calibration == "quantized" and noise_layers:
+            _calibrate(qmodel, noise_layers, quantizers, shape, int(seed), apply=True)
+        if config.act_ranges == "bn" and calibration == "quantized":
+            finish_activation_order(rplan, layers, quantizers, abits)
         for name, module in layers:
             q = quantizers[name]
             module.register_forward_pre_hook(q)
@@ -236,6 +317,7 @@ def quantize_model(
                 assert q.x_min is not None and q.x_max is not None
                 by_name[name].act_range = (q.x_min, q.x_max)
                 by_name[name].act_bits = q.bits
+                by_name[name].range_source = rplan.range_sources.get(name, "sigma")
 
     report = QuantReport(
         layers=reports,
@@ -246,6 +328,7 @@ def quantize_model(
         skipped=plan.skipped,
         notes=plan.notes,
         quantizer=quantizer,
+        recipe=config.name,
     )
     # Plain attribute (nn.Module.__setattr__ is typed for tensors/modules only).
     qmodel.__dict__["squant_report"] = report
@@ -254,12 +337,17 @@ def quantize_model(
     return qmodel
 
 
-def _deepcopy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)``, or a clear error for a model that torch
-    cannot copy (e.g. the old ``torch.nn.utils.weight_norm``, whose weight
-    is a computed tensor, or a module holding a lock or an open file)."""
+def _deepcopy(
+    model: nn.Module, fresh: Sequence[Any] = (), memo: dict[Any, Any] | None = None
+) -> nn.Module:
+    """``copy.deepcopy(model)`` with the parameters in ``fresh`` left
+    uninitialised (:func:`~squant_rs.model.layers.copy_model`, which fills
+    ``memo``), or a clear
+    error for a model that torch cannot copy (e.g. the old
+    ``torch.nn.utils.weight_norm``, whose weight is a computed tensor, or a
+    module holding a lock or an open file)."""
     try:
-        return copy.deepcopy(model)
+        return copy_model(model, fresh, memo)
     except Exception as exc:  # deepcopy can fail in many ways; say which
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         hint = ""

@@ -28,6 +28,15 @@ class LayerReport:
     act_bits: int | None = None
     #: Activation range ``(x_min, x_max)`` fixed by calibration.
     act_range: tuple[float, float] | None = None
+    #: A BatchNorm was folded into this layer (recipe step ``fold_bn``).
+    folded: bool = False
+    #: The bias was corrected analytically (recipe step ``bias_correction``).
+    bias_corrected: bool = False
+    #: Where ``act_range`` came from: ``"sigma"`` (noise) or the BN
+    #: statistics' path, e.g. ``"bn+relu6"``, ``"add"`` (``None``: float input).
+    range_source: str | None = None
+    #: Mean per-channel clipping of ``[min, max]`` (1.0: the plain range).
+    clip_ratio: float = 1.0
     #: For a layer sharing its weight with an earlier layer (tied
     #: parameters): that layer's name. The weight was quantized once, there;
     #: this row repeats its result and the totals count it once.
@@ -57,6 +66,8 @@ class QuantReport:
     size_after: int | None = None
     #: ``"asymmetric"`` (the paper's) or ``"symmetric"``.
     quantizer: str = "asymmetric"
+    #: The ``quantize_model`` recipe (``"paper"`` or ``"squant+"``).
+    recipe: str = "paper"
     #: Notes on layers left float for a reason other than a skip pattern
     #: (shared weights, empty weights).
     notes: list[str] = field(default_factory=list)
@@ -95,6 +106,7 @@ class QuantReport:
             + (f"A{self.abits}" if self.abits is not None else "")
             + f" {self.mode}"
             + (f" {self.quantizer}" if self.quantizer != "asymmetric" else "")
+            + (f" (recipe {self.recipe})" if self.recipe != "paper" else "")
             + f": {self.total_ms:.1f} ms (wall {self.wall_ms:.1f} ms), "
             f"mean relative error {self.mean_rel_error:.4f}"
         )
@@ -111,6 +123,15 @@ class QuantReport:
         with_act = self.abits is not None
         if with_act:
             headers += ["act", "act range"]
+        with_recipe = any(
+            r.folded
+            or r.bias_corrected
+            or r.clip_ratio != 1.0
+            or r.range_source not in (None, "sigma")
+            for r in self.layers
+        )
+        if with_recipe:
+            headers += ["folded", "bias corr", "range src", "clip"]
         rows: list[list[str]] = []
         for r in self.layers:
             row = [
@@ -128,6 +149,13 @@ class QuantReport:
                 row.append(
                     "-" if r.act_range is None else f"[{r.act_range[0]:.4g}, {r.act_range[1]:.4g}]"
                 )
+            if with_recipe:
+                row += [
+                    "yes" if r.folded else "-",
+                    "yes" if r.bias_corrected else "-",
+                    r.range_source or "-",
+                    f"{r.clip_ratio:.3f}",
+                ]
             rows.append(row)
         lines = format_table(headers, rows, right=set(range(2, 7)))
         lines.append(f"total: {self.summary()}")

@@ -141,6 +141,8 @@ def to_float32(a: np.ndarray) -> np.ndarray:
     """A float32 view (or copy, when the dtype or byte order differs) of a
     validated array; float64 values beyond float32's range are a
     :class:`WeightRangeError`, whatever the path (no numpy warning)."""
+    if a.dtype == np.float32 and a.dtype.isnative:
+        return a
     with np.errstate(over="ignore"):
         a32 = np.asarray(a, dtype=np.float32)
     if a.dtype.itemsize == 8:

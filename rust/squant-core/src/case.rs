@@ -548,6 +548,30 @@ pub fn quantize_channel_isa(
     }
 }
 
+/// The name of the build of the fast path that [`Isa::Best`] runs on this
+/// CPU: `"avx512"`, `"avx2"` or `"baseline"` (x86-64), `"neon"` (aarch64),
+/// `"portable"` elsewhere.
+pub fn best_build() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            "avx512"
+        } else if std::arch::is_x86_feature_detected!("avx2") {
+            "avx2"
+        } else {
+            "baseline"
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "neon"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "portable"
+    }
+}
+
 /// Whether the CPU has everything the AVX-512 build is compiled for.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512() -> bool {
@@ -651,4 +675,21 @@ fn quantize_channel_impl<S: Simd>(
         *q = fast::code_of(r, tmin, tmax);
     }
     Ok((p, flips))
+}
+
+#[cfg(test)]
+mod build_tests {
+    use super::*;
+
+    #[test]
+    fn best_build_names_what_isa_best_runs() {
+        let name = best_build();
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert_eq!(name == "avx512", has_avx512());
+            let avx2 = std::arch::is_x86_feature_detected!("avx2");
+            assert_eq!(name == "baseline", !avx2 && !has_avx512());
+        }
+        assert!(["avx512", "avx2", "baseline", "neon", "portable"].contains(&name));
+    }
 }

@@ -176,8 +176,13 @@ pub fn quantize_sharded(
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".to_string());
     let tmp = parent.join(format!(".{base}.{:08x}.tmp", std::process::id()));
-    std::fs::create_dir(&tmp).map_err(|e| IoError::os(out_dir, e))?;
+    // Registered before it exists, so a signal that arrives right after the
+    // directory appears still finds it.
     register_temp(&tmp);
+    if let Err(e) = std::fs::create_dir(&tmp) {
+        unregister_temp(&tmp);
+        return Err(IoError::os(out_dir, e));
+    }
     let guard = TempDir(Some(tmp.clone()));
 
     let total: u64 = files

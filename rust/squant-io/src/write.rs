@@ -242,12 +242,16 @@ impl Writer {
         }
         let (header, slots) = build_header(tensors, metadata, checksums)?;
         let tmp = temp_path(target);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| IoError::os(target, e))?;
+        // Registered before it exists, so a signal that arrives right after
+        // the file appears still finds it.
         live().push(tmp.clone());
+        let mut file = match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => f,
+            Err(e) => {
+                unregister_temp(&tmp);
+                return Err(IoError::os(target, e));
+            }
+        };
         let mut w = Writer {
             target: target.to_path_buf(),
             tmp,

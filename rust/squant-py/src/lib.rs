@@ -5,7 +5,9 @@
 
 mod error;
 mod io;
+mod model;
 mod pool;
+mod shared;
 
 use std::borrow::Cow;
 
@@ -29,78 +31,8 @@ type Quantized<'py> = (
 );
 
 /// Below this many elements a weight is quantized on the calling thread:
-/// handing it to the pool and back costs about as much as the work.
+/// waking a worker costs about as much as the work.
 const SERIAL_BELOW: usize = 1 << 15;
-
-/// Channels are handed out in chunks of about this many elements.
-const CHUNK_ELEMS: usize = 1 << 14;
-
-/// `squant_core::quantize` by the calling thread and `threads - 1` workers
-/// of `pool`, all taking chunks of channels from one queue. Compared with
-/// `pool.install`, the call is not handed to a worker and back (two
-/// cross-thread wake-ups per call), and a worker that wakes late takes fewer
-/// chunks instead of leaving the others idle at the end. Same results (every
-/// channel is independent); after an error the weight is quantized again
-/// serially, which names the lowest failing channel whatever thread saw what.
-#[allow(clippy::too_many_arguments)]
-fn quantize_shared(
-    pool: &rayon::ThreadPool,
-    threads: usize,
-    data: &[f32],
-    layout: Layout,
-    bits: u32,
-    quantizer: Quantizer,
-    mode: Mode,
-    codes: &mut [i8],
-    scale: &mut [f32],
-    zp: &mut [f32],
-) -> Result<squant_core::Flips, squant_core::SquantError> {
-    layout.check()?;
-    let g = layout.channel_len();
-    let per = (CHUNK_ELEMS / g).max(1);
-    let chunks = data
-        .chunks(per * g)
-        .zip(codes.chunks_mut(per * g))
-        .zip(scale.chunks_mut(per).zip(zp.chunks_mut(per)));
-    let queue = std::sync::Mutex::new(chunks);
-    let total = std::sync::Mutex::new((squant_core::Flips::default(), false));
-    let work = || loop {
-        let next = match queue.lock() {
-            Ok(mut q) => q.next(),
-            Err(_) => return,
-        };
-        let Some(((w, q), (s, z))) = next else {
-            return;
-        };
-        let sub = Layout {
-            oc: s.len(),
-            ..layout
-        };
-        let r = squant_core::quantize_serial(w, sub, bits, quantizer, mode, q, s, z);
-        if let Ok(mut t) = total.lock() {
-            match r {
-                Ok(f) => t.0 = t.0 + f,
-                Err(_) => t.1 = true,
-            }
-        }
-    };
-    pool.in_place_scope(|sc| {
-        for _ in 1..threads {
-            sc.spawn(|_| work());
-        }
-        work();
-    });
-    let (flips, failed) = total
-        .into_inner()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if failed {
-        // Again on this thread alone, which stops at the lowest failing
-        // channel (whatever thread met which first), and would otherwise
-        // leave complete, valid outputs.
-        return squant_core::quantize_serial(data, layout, bits, quantizer, mode, codes, scale, zp);
-    }
-    Ok(flips)
-}
 
 /// The Python tuple of one quantized weight: its codes array and the
 /// core's other outputs moved into numpy arrays (no copy).
@@ -120,8 +52,8 @@ fn to_python<'py>(
     )
 }
 
-/// The buffer of a C-contiguous array made by [`zeros`], to be written.
-fn slice_mut<'a, T: numpy::Element>(
+/// The buffer of a C-contiguous array made by [`empty`], to be written.
+pub(crate) fn slice_mut<'a, T: numpy::Element>(
     rw: &'a mut numpy::PyReadwriteArrayDyn<'_, T>,
 ) -> PyResult<&'a mut [T]> {
     rw.as_slice_mut()
@@ -130,7 +62,7 @@ fn slice_mut<'a, T: numpy::Element>(
 
 /// The layout of a shape, fully checked before anything is copied or
 /// allocated (a broadcast view can claim far more elements than memory).
-fn layout_of(shape: &[usize]) -> PyResult<Layout> {
+pub(crate) fn layout_of(shape: &[usize]) -> PyResult<Layout> {
     let layout = Layout::from_shape(shape).ok_or_else(|| {
         InvalidArgumentError::new_err(format!(
             "weight must have at least 2 dimensions (OC, IC, *kernel), got {} dimension(s)",
@@ -142,7 +74,7 @@ fn layout_of(shape: &[usize]) -> PyResult<Layout> {
 }
 
 /// A zeroed buffer of `n` elements, or `MemoryError` instead of an abort.
-fn alloc<T: Clone + Default>(n: usize) -> PyResult<Vec<T>> {
+pub(crate) fn alloc<T: Clone + Default>(n: usize) -> PyResult<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(n).map_err(|_| {
         PyMemoryError::new_err(format!(
@@ -154,12 +86,12 @@ fn alloc<T: Clone + Default>(n: usize) -> PyResult<Vec<T>> {
     Ok(v)
 }
 
-fn parse_mode(mode: &str) -> PyResult<Mode> {
+pub(crate) fn parse_mode(mode: &str) -> PyResult<Mode> {
     mode.parse::<Mode>()
         .map_err(|e| PyErr::from(PyCoreError(e)))
 }
 
-fn parse_quantizer(quantizer: &str) -> PyResult<Quantizer> {
+pub(crate) fn parse_quantizer(quantizer: &str) -> PyResult<Quantizer> {
     quantizer
         .parse::<Quantizer>()
         .map_err(|e| PyErr::from(PyCoreError(e)))
@@ -167,7 +99,7 @@ fn parse_quantizer(quantizer: &str) -> PyResult<Quantizer> {
 
 /// The buffer as a row-major slice: borrowed when already C-contiguous.
 /// (`as_slice` alone also accepts Fortran order, which is the wrong order.)
-fn row_major<'a, T: numpy::Element + Copy + Default>(
+pub(crate) fn row_major<'a, T: numpy::Element + Copy + Default>(
     a: &'a PyReadonlyArrayDyn<'_, T>,
 ) -> PyResult<Cow<'a, [T]>> {
     if a.is_c_contiguous() {
@@ -203,10 +135,10 @@ fn quantize<'py>(
     let layout = layout_of(&shape)?;
     let threads = pool::resolve_threads(threads)?;
     let data = row_major(&w)?;
-    // The codes array comes from numpy's allocator (zeroed lazily by the
-    // OS, huge pages for large arrays, cached for reuse): far fewer page
-    // faults than a fresh zeroed Vec, and no copy on return.
-    let codes = zeros::<i8>(py, &shape, "int8")?;
+    // The codes array comes from numpy's allocator (huge pages for large
+    // arrays, cached for reuse, nothing zeroed): far fewer page faults than
+    // a fresh zeroed Vec, and no copy on return.
+    let codes = empty::<i8>(py, &shape, "int8")?;
     let mut scale = alloc::<f32>(layout.oc)?;
     let mut zp = alloc::<f32>(layout.oc)?;
     let flips = {
@@ -222,7 +154,7 @@ fn quantize<'py>(
         } else {
             let pool = pool::pool(threads)?;
             py.detach(|| {
-                quantize_shared(
+                shared::quantize_shared(
                     &pool, threads, &data, layout, bits, quantizer, mode, out, &mut scale, &mut zp,
                 )
             })
@@ -272,7 +204,7 @@ fn quantize_many<'py>(
             scale: alloc::<f32>(layout.oc)?,
             zp: alloc::<f32>(layout.oc)?,
         });
-        codes.push(zeros::<i8>(py, &shape, "int8")?);
+        codes.push(empty::<i8>(py, &shape, "int8")?);
     }
     let mut rw: Vec<_> = codes.iter().map(|c| c.readwrite()).collect();
     let mut outs = Vec::with_capacity(rw.len());
@@ -308,24 +240,26 @@ fn quantize_many<'py>(
 }
 
 /// The same exception with "weight {i}: " before its message.
-fn with_index(py: Python<'_>, err: PyErr, i: usize) -> PyErr {
+pub(crate) fn with_index(py: Python<'_>, err: PyErr, i: usize) -> PyErr {
     let msg = format!("weight {i}: {}", err.value(py));
     PyErr::from_type(err.get_type(py), msg)
 }
 
-/// A zeroed C-order numpy array of `shape` (its size already checked by
-/// `layout_of`) and dtype `dtype` (matching `T`). Made by `numpy.zeros`:
-/// numpy's allocator gets lazily zeroed pages from the OS (huge pages for
-/// large arrays) and caches freed ones, far fewer page faults than a fresh
-/// zeroed `Vec`, and it raises `MemoryError` when the allocation fails
-/// (rust-numpy's `PyArray::zeros` would panic).
-fn zeros<'py, T: numpy::Element>(
+/// A C-order numpy array of `shape` (its size already checked by
+/// `layout_of`) and dtype `dtype` (matching `T`), for outputs that are
+/// written in full before Python sees them (on an error they are dropped
+/// unseen). Made by `numpy.empty`: numpy's allocator caches freed blocks
+/// and asks for huge pages for large arrays, nothing is zeroed that is about
+/// to be overwritten, and it raises `MemoryError` when the allocation fails
+/// (rust-numpy's `PyArray::new` would panic). Its pages are then mapped in
+/// one go ([`prefault`]).
+pub(crate) fn empty<'py, T: numpy::Element>(
     py: Python<'py>,
     shape: &[usize],
     dtype: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
     let np = py.import("numpy")?;
-    let arr = np.call_method1("zeros", (shape.to_vec(), dtype))?;
+    let arr = np.call_method1("empty", (shape.to_vec(), dtype))?;
     let arr = arr.cast_into::<PyArrayDyn<T>>()?;
     prefault(
         arr.data().cast::<u8>(),
@@ -339,12 +273,17 @@ fn zeros<'py, T: numpy::Element>(
 /// page during the parallel run (about 3 us each on virtual machines: 18 ms
 /// for the 25 MB of ResNet-50 codes). Best effort: errors (older kernels)
 /// are ignored, and the memory is already valid either way.
-#[cfg(target_os = "linux")]
 fn prefault(ptr: *mut u8, len: usize) {
+    // Below a few pages a system call saves nothing.
+    prefault_pages(ptr, len, 16);
+}
+
+/// [`prefault`] of a buffer of at least `min_pages` pages.
+#[cfg(target_os = "linux")]
+pub(crate) fn prefault_pages(ptr: *mut u8, len: usize, min_pages: usize) {
     const MADV_POPULATE_WRITE: libc::c_int = 23;
     const PAGE: usize = 4096;
-    // Below a few pages a system call saves nothing.
-    if len < 16 * PAGE {
+    if len < min_pages.max(1) * PAGE {
         return;
     }
     let start = (ptr as usize).div_ceil(PAGE) * PAGE;
@@ -358,8 +297,28 @@ fn prefault(ptr: *mut u8, len: usize) {
     }
 }
 
+/// Asks for transparent huge pages for the 2 MiB-aligned part of a buffer
+/// about to be written in full (the kernel then maps, and zeroes, 2 MiB per
+/// fault instead of 4 KiB). Best effort, like [`prefault`]; contents kept.
+#[cfg(target_os = "linux")]
+pub(crate) fn advise_huge(ptr: *mut u8, len: usize) {
+    const HUGE: usize = 2 << 20;
+    let start = (ptr as usize).div_ceil(HUGE) * HUGE;
+    let end = (ptr as usize + len) / HUGE * HUGE;
+    if end > start {
+        // SAFETY: [start, end) lies inside the buffer's own allocation;
+        // MADV_HUGEPAGE only changes how its pages are backed.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
 #[cfg(not(target_os = "linux"))]
-fn prefault(_ptr: *mut u8, _len: usize) {}
+pub(crate) fn advise_huge(_ptr: *mut u8, _len: usize) {}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn prefault_pages(_ptr: *mut u8, _len: usize, _min_pages: usize) {}
 
 /// quantize_reference(w, bits, mode, quantizer="asymmetric")
 /// --
@@ -407,7 +366,7 @@ fn dequantize<'py>(
     let q = row_major(&codes)?;
     let s = scale.as_array().to_vec();
     let z = zero_point.as_array().to_vec();
-    let out = zeros::<f32>(py, &shape, "float32")?;
+    let out = empty::<f32>(py, &shape, "float32")?;
     {
         let mut rw = out.readwrite();
         let dst = slice_mut(&mut rw)?;
@@ -415,6 +374,16 @@ fn dequantize<'py>(
             .map_err(PyCoreError)?;
     }
     Ok(out)
+}
+
+/// simd_build()
+/// --
+///
+/// The build of the core's fast path that runs on this CPU: "avx512",
+/// "avx2" or "baseline" (x86-64), "neon" (aarch64) or "portable".
+#[pyfunction]
+fn simd_build() -> &'static str {
+    squant_core::case::best_build()
 }
 
 /// resolve_threads(threads=None)
@@ -434,6 +403,9 @@ fn _squant_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_reference, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(model::quantize_into, m)?)?;
+    m.add_function(wrap_pyfunction!(model::dequantize_into, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_build, m)?)?;
     io::register(m)?;
     let py = m.py();
     m.add("SquantError", py.get_type::<error::SquantError>())?;

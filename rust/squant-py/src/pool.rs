@@ -3,7 +3,7 @@
 //! (whose copy of the parent's pool has no threads and would deadlock).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use pyo3::PyResult;
 use rayon::{ThreadPool, ThreadPoolBuilder};
@@ -44,10 +44,20 @@ pub fn resolve_threads(threads: Option<usize>) -> PyResult<usize> {
                 "{ENV_VAR} must be an integer in 1..={MAX_THREADS}, got {v:?}"
             ))),
         },
-        Err(_) => Ok(std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)),
+        Err(_) => Ok(cpus()),
     }
+}
+
+/// The number of CPUs available to the process, looked up once:
+/// `available_parallelism` reads the cgroup files and the affinity mask on
+/// every call (tens of microseconds, paid twice per `quantize_tensor`).
+fn cpus() -> usize {
+    static CPUS: OnceLock<usize> = OnceLock::new();
+    *CPUS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
 }
 
 /// The pool for `n` threads, built on first use in this process.

@@ -1,0 +1,709 @@
+"""The data-free ``squant+`` recipe on top of SQuant (see ``docs/recipe.md``).
+
+Every step uses only what is already in the model (no images, no
+back-propagation):
+
+1. **BatchNorm folding** (:mod:`.fold`) before weight quantization.
+2. **Analytic bias correction**: the expected input ``E[x]`` of each
+   quantized layer is read from the BatchNorm in front of it (its output is
+   taken as ``N(beta, gamma^2)`` per channel), pushed through the
+   activation (clipped-normal mean for ReLU/ReLU6/Hardtanh), summed over
+   residual adds, passed through pooling/flatten/dropout; then
+   ``b -= (W_q - W) . E[x]`` per output channel (padding ignored).
+3. **BN-statistics activation ranges**: per-tensor
+   ``[min(0, min_c lo_c), max(0, max_c hi_c)]`` with ``lo, hi`` the clipped
+   ``mu -+ n sigma`` of the same per-channel statistics. Layers whose input
+   has no statistics fall back to the paper's sigma rule on noise.
+4. **Weight range**: the per-channel ``[min, max]`` of docs/algorithm.md (a clipping
+   search that minimizes the weight error after CASE rounding was measured
+   and made MobileNetV2 W4 worse, so it is not offered).
+
+The graph is read with ``torch.fx``; where tracing fails, only folding over
+``nn.Sequential`` runs and every layer falls back to the paper's steps.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._squant_rs import InvalidArgumentError
+from .activations import ActivationQuantizer, activation_qparams
+
+if TYPE_CHECKING:
+    import torch
+    import torch.fx
+    from torch import nn
+
+RECIPES: tuple[str, ...] = ("paper", "squant+")
+ACT_RANGES: tuple[str, ...] = ("sigma", "bn")
+#: Only the per-channel min/max of docs/algorithm.md: a per-channel clipping search after
+#: CASE rounding was measured and lowered agreement (docs/recipe.md, step 4).
+WEIGHT_RANGES: tuple[str, ...] = ("minmax",)
+
+
+def default_bn_sigmas(abits: int) -> float:
+    """The prototype's ``n`` for ``abits``-bit activations (4 from 6 bits up,
+    3 at 5 bits, 2 below); ``bn_sigmas=None`` uses it at 8 bits."""
+    if abits >= 6:
+        return 4.0
+    if abits == 5:
+        return 3.0
+    return 2.0
+
+
+#: Quadrature of the standard normal used by :func:`mse_range`.
+_Z = np.linspace(-6.0, 6.0, 97)
+_ZW = np.exp(-0.5 * _Z * _Z) / np.exp(-0.5 * _Z * _Z).sum()
+#: Widest range :func:`mse_range` considers, in sigmas, and its grid.
+MSE_MAX_SIGMAS = 8.0
+_FRACTIONS = np.linspace(1.0 / 40, 1.0, 40)
+_BINS = 2048
+
+
+def mse_range(stats: ChannelStats, bits: int) -> tuple[float, float]:
+    """Per-tensor range minimizing the expected squared error of ``bits``-bit
+    uniform quantization of the channels' mixture (each channel
+    ``clip(N(mu_c, sigma_c^2), lo, hi)`` with equal weight), data-free.
+
+    Candidates are ``f * [lo8, hi8]`` for 40 fractions ``f`` of the
+    8-sigma range ``[lo8, hi8]`` (:meth:`ChannelStats.tensor_range`); the
+    mixture is a 97-point normal quadrature per channel, binned into 2048
+    bins; the error counts clipping and rounding at the bin centres (the
+    mass at exactly 0, which the grid represents exactly, counts none).
+
+    Returns:
+        ``(x_min, x_max)``.
+    """
+    lo0, hi0 = stats.tensor_range(MSE_MAX_SIGMAS)
+    if not hi0 - lo0 > 0:
+        return lo0, hi0
+    c = stats.mu.shape[0]
+    x = np.clip(stats.mu[:, None] + stats.sigma[:, None] * _Z[None, :], stats.lo, stats.hi)
+    w = np.broadcast_to(_ZW / c, x.shape)
+    nonzero = x != 0
+    xs, ws = x[nonzero], w[nonzero]
+    idx = np.clip(((xs - lo0) * (_BINS / (hi0 - lo0))).astype(np.int64), 0, _BINS - 1)
+    hist = np.bincount(idx, weights=ws, minlength=_BINS)
+    centers = lo0 + (np.arange(_BINS) + 0.5) * ((hi0 - lo0) / _BINS)
+    los, his = lo0 * _FRACTIONS[:, None], hi0 * _FRACTIONS[:, None]
+    step = (his - los) / (2**bits - 1)
+    q = np.clip(np.rint((centers[None, :] - los) / step), 0, 2**bits - 1) * step + los
+    err = (np.square(q - centers[None, :]) * hist[None, :]).sum(axis=1)
+    best = int(np.argmin(err))
+    return float(los[best, 0]), float(his[best, 0])
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """The resolved steps of one :func:`quantize_model` call."""
+
+    name: str = "paper"
+    fold_bn: bool = False
+    bias_correction: bool = False
+    act_ranges: str = "sigma"
+    weight_range: str = "minmax"
+    #: ``n`` of the BN ranges ``mu -+ n sigma``; ``None``: ``n = 4`` at 8
+    #: bits, below that the range that minimizes the expected quantization
+    #: error (:func:`mse_range`).
+    bn_sigmas: float | None = None
+
+    @property
+    def is_paper(self) -> bool:
+        return (
+            not self.fold_bn
+            and not self.bias_correction
+            and self.act_ranges == "sigma"
+            and self.weight_range == "minmax"
+        )
+
+    @property
+    def needs_graph(self) -> bool:
+        return self.bias_correction or self.act_ranges == "bn"
+
+
+#: What each named recipe turns on.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "fold_bn": False,
+        "bias_correction": False,
+        "act_ranges": "sigma",
+        "weight_range": "minmax",
+    },
+    "squant+": {
+        "fold_bn": True,
+        "bias_correction": True,
+        "act_ranges": "bn",
+        "weight_range": "minmax",
+    },
+}
+
+
+def _check_bool(value: object, name: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise TypeError(f"{name} must be a bool or None, got {value!r}")
+
+
+def _check_choice(value: object, name: str, choices: Sequence[str]) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string or None, got {value!r}")
+    if value not in choices:
+        raise InvalidArgumentError(f"unknown {name} {value!r}: expected one of {tuple(choices)}")
+    return value
+
+
+def resolve_recipe(
+    recipe: object,
+    *,
+    fold_bn: object = None,
+    bias_correction: object = None,
+    act_ranges: object = None,
+    weight_range: object = None,
+    bn_sigmas: object = None,
+) -> RecipeConfig:
+    """The steps of ``recipe`` with the explicitly given switches overriding it.
+
+    Returns:
+        the resolved :class:`RecipeConfig`.
+
+    Raises:
+        TypeError: a switch of the wrong type.
+        InvalidArgumentError: an unknown recipe or choice, or ``bn_sigmas``
+            not a positive finite number.
+    """
+    name = _check_choice(recipe, "recipe", RECIPES)
+    if name is None:
+        raise TypeError("recipe must be a string")
+    preset = dict(_PRESETS[name])
+    overrides: dict[str, Any] = {
+        "fold_bn": _check_bool(fold_bn, "fold_bn"),
+        "bias_correction": _check_bool(bias_correction, "bias_correction"),
+        "act_ranges": _check_choice(act_ranges, "act_ranges", ACT_RANGES),
+        "weight_range": _check_choice(weight_range, "weight_range", WEIGHT_RANGES),
+    }
+    preset.update({k: v for k, v in overrides.items() if v is not None})
+    n: float | None = None
+    if bn_sigmas is not None:
+        if isinstance(bn_sigmas, bool) or not isinstance(bn_sigmas, numbers.Real):
+            raise TypeError(f"bn_sigmas must be a positive number or None, got {bn_sigmas!r}")
+        n = float(bn_sigmas)
+        if not (math.isfinite(n) and n > 0):
+            raise InvalidArgumentError(f"bn_sigmas must be a positive finite number, got {n}")
+    return RecipeConfig(name=name, bn_sigmas=n, **preset)
+
+
+# --------------------------------------------------------------------------
+# Per-channel statistics of activations (data-free)
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Per-channel model of an activation: ``clip(N(mu, sigma^2), lo, hi)``
+    (``lo``/``hi`` may be infinite), as float64 arrays."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    lo: float = -math.inf
+    hi: float = math.inf
+    #: Where the statistics come from, e.g. ``"bn+relu6"``, ``"add"``.
+    source: str = "bn"
+
+    def clipped(self, lo: float, hi: float, name: str) -> ChannelStats:
+        return ChannelStats(
+            self.mu, self.sigma, max(self.lo, lo), min(self.hi, hi), f"{self.source}+{name}"
+        )
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of the clipped normal, per channel."""
+        return clipped_normal_moments(self.mu, self.sigma, self.lo, self.hi)
+
+    def mean(self) -> np.ndarray:
+        return self.moments()[0]
+
+    def channel_range(self, n: float) -> tuple[np.ndarray, np.ndarray]:
+        """``clip(mu - n sigma)``, ``clip(mu + n sigma)`` per channel."""
+        low = np.clip(self.mu - n * self.sigma, self.lo, self.hi)
+        high = np.clip(self.mu + n * self.sigma, self.lo, self.hi)
+        return low, high
+
+    def tensor_range(self, n: float) -> tuple[float, float]:
+        """The per-tensor range ``[min(0, min_c lo_c), max(0, max_c hi_c)]``."""
+        low, high = self.channel_range(n)
+        return min(0.0, float(low.min())), max(0.0, float(high.max()))
+
+
+_ERFC = np.frompyfunc(math.erfc, 1, 1)
+
+
+def _ndtr(x: np.ndarray) -> np.ndarray:
+    """Standard normal CDF (infinities allowed)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size > 256:  # one vectorized call for big arrays
+        import torch
+
+        out: np.ndarray = torch.special.ndtr(torch.from_numpy(x)).numpy()
+        return out
+    return 0.5 * np.asarray(_ERFC(-x / math.sqrt(2.0)), dtype=np.float64)
+
+
+def _phi(x: np.ndarray) -> np.ndarray:
+    """Standard normal density (0 at infinities)."""
+    with np.errstate(over="ignore"):
+        out: np.ndarray = np.exp(-0.5 * np.square(x)) / math.sqrt(2 * math.pi)
+    return out
+
+
+def clipped_normal_moments(
+    mu: np.ndarray, sigma: np.ndarray, lo: float, hi: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of ``clip(X, lo, hi)``, ``X ~ N(mu, sigma^2)``
+    per channel. With ``a = (lo - mu) / sigma``, ``b = (hi - mu) / sigma``::
+
+        E = lo Phi(a) + mu (Phi(b) - Phi(a)) + sigma (phi(a) - phi(b)) + hi (1 - Phi(b))
+
+    (after BN + ReLU6: ``lo = 0``, ``hi = 6``, ``mu = beta``, ``sigma = |gamma|``).
+    A channel with ``sigma = 0`` is the constant ``clip(mu)``.
+
+    Returns:
+        ``(mean, std)`` as float64 arrays.
+    """
+    mu = np.asarray(mu, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    flat = sigma <= 0
+    s = np.where(flat, 1.0, sigma)
+    a = (lo - mu) / s
+    b = (hi - mu) / s
+    cdf_a, cdf_b = _ndtr(a), _ndtr(b)
+    pdf_a, pdf_b = _phi(a), _phi(b)
+    inside = cdf_b - cdf_a
+    lo_term = lo * cdf_a if math.isfinite(lo) else np.zeros_like(mu)
+    hi_term = hi * (1 - cdf_b) if math.isfinite(hi) else np.zeros_like(mu)
+    mean = lo_term + mu * inside + s * (pdf_a - pdf_b) + hi_term
+    # E[X^2] over the three pieces
+    a_pdf = np.where(np.isfinite(a), np.nan_to_num(a, posinf=0.0, neginf=0.0) * pdf_a, 0.0)
+    b_pdf = np.where(np.isfinite(b), np.nan_to_num(b, posinf=0.0, neginf=0.0) * pdf_b, 0.0)
+    second = (mu * mu + s * s) * inside + 2 * mu * s * (pdf_a - pdf_b) + s * s * (a_pdf - b_pdf)
+    if math.isfinite(lo):
+        second = second + lo * lo * cdf_a
+    if math.isfinite(hi):
+        second = second + hi * hi * (1 - cdf_b)
+    var = np.maximum(second - mean * mean, 0.0)
+    const = np.clip(mu, lo, hi)
+    return np.where(flat, const, mean), np.where(flat, 0.0, np.sqrt(var))
+
+
+def _add(a: ChannelStats, b: ChannelStats) -> ChannelStats | None:
+    """Sum of two independent channel models (as a normal with the summed
+    moments); ``None`` when the channel counts differ."""
+    if a.mu.shape != b.mu.shape:
+        return None
+    ma, sa = a.moments()
+    mb, sb = b.moments()
+    return ChannelStats(ma + mb, np.sqrt(sa * sa + sb * sb), source="add")
+
+
+# --------------------------------------------------------------------------
+# Graph walk
+
+
+def _activation_bounds(target: Any, node: torch.fx.Node, module: Any) -> tuple[float, float] | None:
+    """Clamp bounds of an elementwise clamp-like activation, else ``None``."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    if module is not None:
+        if isinstance(module, nn.ReLU6):
+            return 0.0, 6.0
+        if isinstance(module, nn.ReLU):
+            return 0.0, math.inf
+        if isinstance(module, nn.Hardtanh):
+            return float(module.min_val), float(module.max_val)
+        return None
+    if target in (F.relu, torch.relu, "relu", "relu_"):
+        return 0.0, math.inf
+    if target is F.relu6:
+        return 0.0, 6.0
+    if target is F.hardtanh:
+        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+        hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
+        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+            return float(lo), float(hi)
+    return None
+
+
+def _is_passthrough(target: Any, module: Any) -> bool:
+    """Ops that keep each channel's values' distribution range and mean
+    (dropout in eval, identity, average pooling, flatten/view/reshape)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    if module is not None:
+        return isinstance(
+            module,
+            (
+                nn.Identity,
+                nn.Dropout,
+                nn.Dropout1d,
+                nn.Dropout2d,
+                nn.Dropout3d,
+                nn.AdaptiveAvgPool1d,
+                nn.AdaptiveAvgPool2d,
+                nn.AdaptiveAvgPool3d,
+                nn.AvgPool1d,
+                nn.AvgPool2d,
+                nn.AvgPool3d,
+                nn.Flatten,
+            ),
+        )
+    return target in (
+        torch.flatten,
+        F.dropout,
+        F.adaptive_avg_pool1d,
+        F.adaptive_avg_pool2d,
+        F.adaptive_avg_pool3d,
+        F.avg_pool1d,
+        F.avg_pool2d,
+        F.avg_pool3d,
+        "flatten",
+        "view",
+        "reshape",
+        "contiguous",
+        "mean",
+        "squeeze",
+    )
+
+
+def analyze(model: nn.Module, graph: torch.fx.Graph) -> dict[str, ChannelStats | None]:
+    """Per call_module node name of a Conv/Linear layer: the statistics of
+    its (first) input, or ``None`` where they are not known. Read from the
+    model's BatchNorms (call before folding)."""
+    from torch import nn
+
+    from .fold import _bn_types, _producer_types
+
+    layers = _producer_types()
+    bns = _bn_types()
+    stats: dict[torch.fx.Node, ChannelStats | None] = {}
+    out: dict[str, ChannelStats | None] = {}
+    counts: dict[str, int] = {}
+
+    def arg_stats(node: torch.fx.Node) -> ChannelStats | None:
+        a = node.args[0] if node.args else None
+        return stats.get(a) if a is not None and hasattr(a, "op") else None  # type: ignore[arg-type]
+
+    for node in graph.nodes:
+        module: Any = None
+        if node.op == "call_module":
+            module = model.get_submodule(str(node.target))
+            if isinstance(module, layers):
+                name = str(node.target)
+                counts[name] = counts.get(name, 0) + 1
+                out[name] = arg_stats(node)
+                stats[node] = None
+                continue
+            if isinstance(module, bns):
+                stats[node] = _bn_stats(module)
+                continue
+        elif node.op not in ("call_function", "call_method"):
+            stats[node] = None
+            continue
+        target = node.target
+        src = arg_stats(node)
+        if (
+            node.op == "call_function"
+            and target in (operator.add, operator.iadd)
+            or (node.op == "call_method" and target in ("add", "add_"))
+        ):
+            a, b = (node.args + (None, None))[:2]
+            sa = stats.get(a) if hasattr(a, "op") else None
+            sb = stats.get(b) if hasattr(b, "op") else None
+            stats[node] = _add(sa, sb) if sa is not None and sb is not None else None
+            continue
+        bounds = _activation_bounds(target, node, module)
+        if bounds is not None:
+            label = type(module).__name__.lower() if module is not None else str(target)
+            label = getattr(target, "__name__", label) if module is None else label
+            stats[node] = src.clipped(bounds[0], bounds[1], label) if src is not None else None
+            continue
+        if isinstance(module, nn.Module) and not _is_passthrough(target, module):
+            stats[node] = None
+            continue
+        stats[node] = src if _is_passthrough(target, module) else None
+    # a layer called more than once has no single input
+    return {k: (v if counts[k] == 1 else None) for k, v in out.items()}
+
+
+def _bn_stats(bn: Any) -> ChannelStats | None:
+    if bn.running_mean is None:
+        return None
+    n = bn.num_features
+    gamma = bn.weight.detach().double().cpu().numpy() if bn.weight is not None else np.ones(n)
+    beta = bn.bias.detach().double().cpu().numpy() if bn.bias is not None else np.zeros(n)
+    return ChannelStats(beta, np.abs(gamma), source="bn")
+
+
+def execution_order(graph: torch.fx.Graph, names: Sequence[str]) -> list[str]:
+    """``names`` in the order the graph first calls them (missing ones dropped)."""
+    wanted = set(names)
+    order: list[str] = []
+    for node in graph.nodes:
+        if node.op == "call_module" and str(node.target) in wanted and node.target not in order:
+            order.append(str(node.target))
+    return order
+
+
+# --------------------------------------------------------------------------
+# The steps on one layer
+
+
+def input_channels(module: Any) -> int:
+    from torch import nn
+
+    return int(module.in_features if isinstance(module, nn.Linear) else module.in_channels)
+
+
+def channel_dot(module: Any, w: torch.Tensor, vec: np.ndarray) -> np.ndarray:
+    """``W . vec`` per output channel (float64): summed over kernel positions
+    (padding ignored); grouped/depthwise convs use their group's input
+    channels of ``vec``."""
+    from torch import nn
+
+    d = w.detach()
+    oc, icg = d.shape[0], d.shape[1]
+    # the sum over kernel positions in the weight's dtype, the rest in float64
+    per_in = np.asarray(d.reshape(oc, icg, -1).sum(dim=2).cpu().double().numpy())
+    e = np.asarray(vec, dtype=np.float64)
+    if isinstance(module, nn.Linear):
+        out: np.ndarray = per_in @ e
+        return out
+    groups = int(module.groups)
+    e_g = np.repeat(e.reshape(groups, icg), oc // groups, axis=0)  # (OC, IC/groups)
+    out = (per_in * e_g).sum(axis=1)
+    return out
+
+
+def bias_shift(module: Any, delta_w: torch.Tensor, mean: np.ndarray) -> np.ndarray:
+    """``(W_q - W) . E[x]`` per output channel (float64), ``delta_w = W_q - W``."""
+    return channel_dot(module, delta_w, mean)
+
+
+def expected_quantized(stats: ChannelStats, q: ActivationQuantizer) -> np.ndarray:
+    """``E[Q(x)]`` per channel for ``x`` of the model ``stats`` and the
+    activation quantizer ``q`` (grid ``(k + z) / s``, ``k`` in ``[qmin, qmax]``).
+
+    A channel whose ``sigma`` is at least two grid steps has a rounding
+    error of mean ~0, so its ``E[Q(x)]`` is the clipped-normal mean with the
+    grid's end points as extra clip bounds. For the narrower channels each
+    level within 17 steps of the channel's mean takes the probability mass
+    that rounds to it (normal CDF differences at the level midpoints).
+    """
+    assert q.scale is not None and q.zero_point is not None
+    s, z = float(q.scale), float(q.zero_point)
+    g_lo, g_hi = (q.qmin + z) / s, (q.qmax + z) / s
+    lo, hi = max(stats.lo, g_lo), min(stats.hi, g_hi)
+    mu, sigma = stats.mu, stats.sigma
+    out, _ = clipped_normal_moments(mu, sigma, lo, hi) if lo < hi else (np.full_like(mu, lo), None)
+    narrow = sigma < 2.0 / s
+    if narrow.any():
+        m, sg = mu[narrow][:, None], np.maximum(sigma[narrow], 1e-30)[:, None]
+        center = np.clip(np.rint(np.clip(m, stats.lo, stats.hi) * s - z), q.qmin, q.qmax)
+        ks = center + np.arange(-17, 18)[None, :]
+        valid = (ks >= q.qmin) & (ks <= q.qmax)
+        upper = np.where(ks >= q.qmax, np.inf, (ks + 0.5 + z) / s)
+        lower = np.where(ks <= q.qmin, -np.inf, (ks - 0.5 + z) / s)
+
+        def cdf(e: np.ndarray) -> np.ndarray:
+            c = _ndtr((e - m) / sg)
+            return np.where(e < stats.lo, 0.0, np.where(e >= stats.hi, 1.0, c))
+
+        p = np.where(valid, cdf(upper) - cdf(lower), 0.0)
+        out = out.copy()
+        out[narrow] = (p * ((ks + z) / s)).sum(axis=1)
+    result: np.ndarray = out
+    return result
+
+
+def correct_bias(module: Any, w_float: torch.Tensor, w_hat: torch.Tensor, mean: np.ndarray) -> None:
+    """``b -= (W_q - W) . E[x]`` in place (a zero bias is added where the
+    layer has none)."""
+    shift_bias(module, bias_shift(module, w_hat - w_float, mean), w_hat)
+
+
+def shift_bias(module: Any, shift: np.ndarray, like: torch.Tensor) -> None:
+    """``b -= shift`` in place (a bias is added where the layer has none)."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        if module.bias is None:
+            t = torch.from_numpy(-shift).to(device=like.device, dtype=like.dtype)
+            module.bias = nn.Parameter(t, requires_grad=module.weight.requires_grad)
+        else:
+            b = module.bias
+            new = b.detach().cpu().double().numpy() - shift
+            b.copy_(torch.from_numpy(new).to(b.dtype))
+
+
+def fix_range(q: ActivationQuantizer, x_min: float, x_max: float, bits: int) -> None:
+    """Give ``q`` the range ``[x_min, x_max]`` at ``bits`` (the affine
+    scheme of docs/algorithm.md section 5)."""
+    q.bits = bits
+    q.signed = x_min < 0
+    q.x_min, q.x_max = float(x_min), float(x_max)
+    q.scale, q.zero_point, q.qmin, q.qmax = activation_qparams(q.x_min, q.x_max, bits)
+
+
+@dataclass
+class RecipePlan:
+    """What the graph analysis found for one model (before quantization)."""
+
+    config: RecipeConfig
+    #: Input statistics per layer name (``None``: not known).
+    stats: dict[str, ChannelStats | None] = field(default_factory=dict)
+    #: Layer names that absorbed a BatchNorm.
+    folded: set[str] = field(default_factory=set)
+    #: Layer names in execution order (empty where tracing failed).
+    order: list[str] = field(default_factory=list)
+    traced: bool = False
+    #: Where each layer's activation range came from (``"bn+relu6"``, ...;
+    #: layers absent here use the sigma rule on noise).
+    range_sources: dict[str, str] = field(default_factory=dict)
+
+    def input_stats(self, name: str, module: Any) -> ChannelStats | None:
+        s = self.stats.get(name)
+        if s is None or s.mu.shape != (input_channels(module),):
+            return None
+        return s
+
+
+def prepare(model: nn.Module, config: RecipeConfig) -> RecipePlan:
+    """Analyze ``model`` (statistics, execution order) and fold its BNs in
+    place as ``config`` says. Returns the :class:`RecipePlan`."""
+    from .fold import fold_batchnorm_graph, trace
+
+    plan = RecipePlan(config)
+    graph = trace(model) if (config.needs_graph or config.fold_bn) else None
+    if graph is not None:
+        plan.traced = True
+        if config.needs_graph:
+            plan.stats = analyze(model, graph)
+        plan.order = execution_order(graph, list(plan.stats))
+    if config.fold_bn:
+        folds = fold_batchnorm_graph(model, graph)
+        plan.folded = {f.layer for f in folds}
+    return plan
+
+
+def apply_bias_correction(
+    plan: RecipePlan,
+    name: str,
+    module: Any,
+    w_float: torch.Tensor,
+    w_hat: torch.Tensor,
+    quantizer: ActivationQuantizer | None = None,
+) -> bool:
+    """Correct ``module``'s bias where its input statistics are known:
+    ``b -= W_q . E[Q(x)] - W . E[x]``, with ``E[Q(x)] = E[x]`` where the
+    input is not quantized (``quantizer`` ``None``, disabled or without a
+    range), i.e. ``b -= (W_q - W) . E[x]``.
+
+    Returns:
+        whether the layer was corrected.
+    """
+    stats = plan.input_stats(name, module)
+    if stats is None:
+        return False
+    mean = stats.mean()
+    if quantizer is not None and quantizer.enabled and quantizer.calibrated:
+        eq = expected_quantized(stats, quantizer)
+        shift = channel_dot(module, w_hat, eq) - channel_dot(module, w_float, mean)
+        shift_bias(module, shift, w_hat)
+    else:
+        correct_bias(module, w_float, w_hat, mean)
+    return True
+
+
+#: Activation bits from which ``bn_sigmas=None`` uses ``n = 4`` instead of
+#: :func:`mse_range` (the normal model's light tails make the MSE optimum
+#: clip too much once rounding noise is small: MobileNetV2 W8A8 90.8 %
+#: agreement with it, 94.1 % with ``n = 4``; docs/recipe.md).
+SIGMA_RULE_FROM_BITS = 8
+
+
+def bn_range(stats: ChannelStats, bits: int, n: float | None) -> tuple[float, float]:
+    """The per-tensor range of a BN-covered input: ``mu -+ n sigma``
+    (:meth:`ChannelStats.tensor_range`); with ``n=None``, ``n = 4`` from
+    :data:`SIGMA_RULE_FROM_BITS` bits up and :func:`mse_range` below."""
+    if n is None:
+        if bits >= SIGMA_RULE_FROM_BITS:
+            return stats.tensor_range(default_bn_sigmas(bits))
+        return mse_range(stats, bits)
+    return stats.tensor_range(n)
+
+
+def bn_activation_ranges(
+    plan: RecipePlan,
+    layers: Sequence[tuple[str, nn.Module]],
+    quantizers: dict[str, ActivationQuantizer],
+    abits: int,
+) -> list[tuple[str, nn.Module]]:
+    """Fix the ranges of the layers whose input statistics are known.
+
+    Returns:
+        the other layers: they get the sigma rule on noise.
+    """
+    n = plan.config.bn_sigmas
+    chosen = {name for name, _ in layers}
+    first = next((name for name in plan.order if name in chosen), None)
+    rest: list[tuple[str, nn.Module]] = []
+    for name, module in layers:
+        stats = plan.input_stats(name, module)
+        if name == first:
+            continue  # float input: needs no range
+        if stats is None:
+            rest.append((name, module))
+            continue
+        x_min, x_max = bn_range(stats, abits, n)
+        fix_range(quantizers[name], x_min, x_max, abits)
+        plan.range_sources[name] = stats.source
+    return rest
+
+
+def finish_activation_order(
+    plan: RecipePlan,
+    layers: Sequence[tuple[str, nn.Module]],
+    quantizers: dict[str, ActivationQuantizer],
+    abits: int,
+) -> None:
+    """First layer to run: float input; last: 8 bits; the others ``abits``
+    (in the traced execution order; without a graph the noise pass's order
+    stands)."""
+    if not plan.traced:
+        return
+    n = plan.config.bn_sigmas
+    order = [name for name in plan.order if name in quantizers]
+    if not order:
+        return
+    first, last = order[0], order[-1]
+    modules = dict(layers)
+    for name, q in quantizers.items():
+        q.enabled = name != first
+        bits = 8 if name == last else abits
+        if name in plan.range_sources and q.bits != bits:
+            stats = plan.input_stats(name, modules[name])
+            assert stats is not None
+            x_min, x_max = bn_range(stats, bits, n)
+            fix_range(q, x_min, x_max, bits)
+        elif q.bits != bits:
+            q.set_bits(bits)

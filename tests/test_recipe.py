@@ -1,0 +1,409 @@
+"""The squant+ recipe: switches, bias correction, BN-statistics ranges, the
+paper recipe unchanged, and the per-layer report."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+
+import squant_rs
+from squant_rs.model.recipe import (
+    ChannelStats,
+    bias_shift,
+    clipped_normal_moments,
+    correct_bias,
+    default_bn_sigmas,
+    expected_quantized,
+    fix_range,
+    mse_range,
+    resolve_recipe,
+)
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, depthwise 3x3, 1x1 project, residual add."""
+
+    def __init__(self, c: int, e: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(c, e, 1, bias=False),
+            nn.BatchNorm2d(e),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False),
+            nn.BatchNorm2d(e),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(e, c, 1, bias=False),
+            nn.BatchNorm2d(c),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+class TinyMobile(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6()
+        )
+        self.proj = nn.Sequential(nn.Conv2d(8, 6, 1, bias=False), nn.BatchNorm2d(6))
+        self.block1 = InvertedResidual(6, 12)
+        self.block2 = InvertedResidual(6, 12)
+        self.head = nn.Sequential(nn.Conv2d(6, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.block1(self.proj(self.stem(x))))
+        x = F.adaptive_avg_pool2d(self.head(x), 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+def _tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = TinyMobile().eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.5 + 0.5)
+    return model
+
+
+LAYERS = [
+    "stem.0",
+    "proj.0",
+    "block1.conv.0",
+    "block1.conv.3",
+    "block1.conv.6",
+    "block2.conv.0",
+    "block2.conv.3",
+    "block2.conv.6",
+    "head.0",
+    "fc",
+]
+SHAPE = (2, 3, 16, 16)
+
+
+# --------------------------------------------------------------------------
+# switches
+
+
+def test_resolve_recipe() -> None:
+    paper = resolve_recipe("paper")
+    assert paper.is_paper and not paper.fold_bn
+    plus = resolve_recipe("squant+")
+    assert (plus.fold_bn, plus.bias_correction, plus.act_ranges) == (True, True, "bn")
+    assert not resolve_recipe("squant+", fold_bn=False).fold_bn
+    assert resolve_recipe("paper", act_ranges="bn", bn_sigmas=3).bn_sigmas == 3.0
+    assert [default_bn_sigmas(b) for b in (4, 5, 6, 8)] == [2.0, 3.0, 4.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"recipe": "squant++"}, squant_rs.InvalidArgumentError, "unknown recipe"),
+        ({"recipe": 1}, TypeError, "recipe"),
+        ({"act_ranges": "data"}, squant_rs.InvalidArgumentError, "act_ranges"),
+        ({"weight_range": "mse"}, squant_rs.InvalidArgumentError, "weight_range"),
+        ({"bias_correction": "yes"}, TypeError, "bias_correction"),
+        ({"bn_sigmas": -1.0}, squant_rs.InvalidArgumentError, "bn_sigmas"),
+        ({"bn_sigmas": math.nan}, squant_rs.InvalidArgumentError, "bn_sigmas"),
+        ({"bn_sigmas": "4"}, TypeError, "bn_sigmas"),
+    ],
+)
+def test_bad_switches(kwargs: dict[str, object], exc: type[Exception], match: str) -> None:
+    with pytest.raises(exc, match=match):
+        squant_rs.quantize_model(_tiny(), **kwargs)  # type: ignore[call-overload]
+
+
+# --------------------------------------------------------------------------
+# recipe="paper" is today's quantize_model, bit for bit
+
+# Digests of the state_dict (names, dtypes, raw bytes, in order) and of the
+# activation bits and ranges of quantize_model(_tiny(), 4, 4, input_shape=SHAPE),
+# made with the code before the recipe existed.
+PAPER_W4A4_DIGEST = "f934ca7b114c1bab88bfc29b894006a6510811de2cdd731640cc426150d166e8"
+PAPER_W4A4_RANGES = "4e3006a075131413736788ab9f513d81ac883a26ca2088b74ad15fbd33653f7e"
+
+
+def _digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(str(v.dtype).encode())
+        h.update(v.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _ranges(report: squant_rs.QuantReport) -> str:
+    """The activation bits and ranges (5 significant digits) of every layer."""
+    rows = [
+        (
+            r.name,
+            r.act_bits,
+            None if r.act_range is None else tuple(f"{v:.5g}" for v in r.act_range),
+        )
+        for r in report.layers
+    ]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+def test_paper_recipe_is_unchanged() -> None:
+    model = _tiny()
+    default, rep_d = squant_rs.quantize_model(model, 4, 4, input_shape=SHAPE, return_report=True)
+    paper, rep_p = squant_rs.quantize_model(
+        model, 4, 4, input_shape=SHAPE, recipe="paper", return_report=True
+    )
+    assert _digest(default) == _digest(paper) == PAPER_W4A4_DIGEST
+    assert [r.act_range for r in rep_d.layers] == [r.act_range for r in rep_p.layers]
+    assert _ranges(rep_p) == PAPER_W4A4_RANGES
+    assert rep_p.recipe == "paper"
+    assert not any(r.folded or r.bias_corrected for r in rep_p.layers)
+    assert {r.range_source for r in rep_p.layers} == {None, "sigma"}
+    assert "folded" not in str(rep_p)
+    x = torch.rand(SHAPE)
+    with torch.no_grad():
+        assert torch.equal(default(x), paper(x))
+
+
+# --------------------------------------------------------------------------
+# clipped-normal moments
+
+
+def test_clipped_normal_moments_match_sampling() -> None:
+    mu = np.array([-1.0, 0.5, 3.0, 7.0, 2.0])
+    sigma = np.array([1.0, 2.0, 1.5, 0.5, 0.0])
+    mean, std = clipped_normal_moments(mu, sigma, 0.0, 6.0)
+    rng = np.random.default_rng(0)
+    x = np.clip(mu + sigma * rng.standard_normal((400_000, 5)), 0.0, 6.0)
+    np.testing.assert_allclose(mean, x.mean(axis=0), atol=5e-3)
+    np.testing.assert_allclose(std, x.std(axis=0), atol=5e-3)
+    # ReLU only (no upper clip) and no clip at all
+    m_relu, _ = clipped_normal_moments(mu, sigma, 0.0, math.inf)
+    np.testing.assert_allclose(
+        m_relu,
+        np.maximum(mu + sigma * rng.standard_normal((400_000, 5)), 0).mean(axis=0),
+        atol=5e-3,
+    )
+    m_id, s_id = clipped_normal_moments(mu, sigma, -math.inf, math.inf)
+    np.testing.assert_allclose(m_id, mu)
+    np.testing.assert_allclose(s_id, sigma)
+
+
+# --------------------------------------------------------------------------
+# bias correction
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv2d(6, 8, 3),
+        nn.Conv2d(6, 9, 3, groups=3),
+        nn.Conv2d(6, 6, 3, groups=6, bias=False),
+        nn.Linear(6, 4),
+        nn.Conv1d(6, 5, 2, bias=False),
+    ],
+    ids=["conv", "grouped", "depthwise", "linear", "conv1d"],
+)
+def test_bias_correction_removes_mean_output_error(layer: nn.Module) -> None:
+    """Inputs from the assumed distribution (clipped normal per channel):
+    the corrected quantized layer's per-channel mean output error is far
+    below the uncorrected one; the opposite sign makes it worse."""
+    torch.manual_seed(0)
+    w = layer.weight.detach().clone()
+    w_hat = squant_rs.quantize_tensor(w, 3, "squant-e").dequantize()
+    stats = ChannelStats(np.linspace(-0.5, 2.0, 6), np.linspace(0.5, 1.5, 6), 0.0, 6.0)
+    mean = stats.mean()
+    rng = np.random.default_rng(1)
+    spatial = {nn.Conv2d: (7, 7), nn.Conv1d: (9,), nn.Linear: ()}[type(layer)]
+    z = rng.standard_normal((4000, 6, *spatial))
+    shape = (1, 6) + (1,) * len(spatial)
+    x = np.clip(stats.mu.reshape(shape) + stats.sigma.reshape(shape) * z, 0.0, 6.0)
+    x_t = torch.from_numpy(x).float()
+
+    def mean_error(bias_shift_sign: float) -> float:
+        q = type(layer).__new__(type(layer))
+        q.__dict__ = {**layer.__dict__, "_parameters": dict(layer._parameters)}
+        q.weight = nn.Parameter(w_hat.clone())
+        if layer.bias is not None:
+            q.bias = nn.Parameter(layer.bias.detach().clone())
+        if bias_shift_sign:
+            correct_bias(q, w, w_hat, mean * bias_shift_sign)
+        with torch.no_grad():
+            ref, out = layer(x_t), q(x_t)
+        dims = [0] + list(range(2, ref.dim()))
+        return float((out - ref).mean(dim=dims).abs().mean())
+
+    plain, corrected, flipped = mean_error(0.0), mean_error(1.0), mean_error(-1.0)
+    assert corrected < 0.2 * plain
+    assert flipped > plain
+
+
+@pytest.mark.parametrize(("bits", "x_min", "x_max"), [(4, 0.0, 3.0), (6, -2.0, 5.0), (8, 0.0, 6.0)])
+def test_expected_quantized_matches_sampling(bits: int, x_min: float, x_max: float) -> None:
+    stats = ChannelStats(
+        np.array([-0.5, 0.05, 1.0, 4.0, 2.0]), np.array([1.0, 0.03, 0.7, 2.0, 0.0]), 0.0, 6.0
+    )
+    q = squant_rs.ActivationQuantizer("x", bits, 1.0)
+    fix_range(q, x_min, x_max, bits)
+    rng = np.random.default_rng(0)
+    x = np.clip(stats.mu + stats.sigma * rng.standard_normal((200_000, 5)), 0.0, 6.0)
+    got = q.quantize(torch.from_numpy(x).float()).double().numpy().mean(axis=0)
+    np.testing.assert_allclose(expected_quantized(stats, q), got, atol=4e-3)
+
+
+def test_bias_shift_depthwise_is_per_channel() -> None:
+    conv = nn.Conv2d(3, 3, 2, groups=3)
+    delta = torch.arange(12, dtype=torch.float32).reshape(3, 1, 2, 2)
+    shift = bias_shift(conv, delta, np.array([1.0, 2.0, -1.0]))
+    np.testing.assert_allclose(shift, [6.0 * 1, 22.0 * 2, 38.0 * -1])
+
+
+def test_recipe_corrects_layers_with_bn_in_front() -> None:
+    model = _tiny()
+    q, rep = squant_rs.quantize_model(model, 4, recipe="squant+", return_report=True)
+    rows = {r.name: r for r in rep.layers}
+    assert [r.name for r in rep.layers] == LAYERS
+    # every conv absorbed its BN; the fc has none
+    assert all(rows[n].folded for n in LAYERS[:-1]) and not rows["fc"].folded
+    # the stem reads the network input (no statistics): not corrected
+    assert not rows["stem.0"].bias_corrected
+    assert all(rows[n].bias_corrected for n in LAYERS[1:])
+    assert all(isinstance(m, nn.Identity) or not isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    assert "bias corr" in str(rep) and rep.recipe == "squant+"
+    assert "(recipe squant+)" in rep.summary()
+    off = squant_rs.quantize_model(model, 4, recipe="squant+", bias_correction=False)
+    # same weights, different biases where corrected
+    assert torch.equal(q.fc.weight, off.fc.weight)
+    assert not torch.equal(q.fc.bias, off.fc.bias)
+    assert torch.equal(q.stem[0].bias, off.stem[0].bias)
+
+
+def test_bias_correction_without_folding_adds_biases() -> None:
+    model = _tiny()
+    q = squant_rs.quantize_model(model, 4, recipe="squant+", fold_bn=False)
+    assert isinstance(q.proj[1], nn.BatchNorm2d)
+    assert q.proj[0].bias is not None and q.stem[0].bias is None
+
+
+# --------------------------------------------------------------------------
+# BN-statistics activation ranges
+
+
+def test_bn_ranges_hand_computed() -> None:
+    model = _tiny()
+    _, rep = squant_rs.quantize_model(
+        model, 8, 4, recipe="squant+", bn_sigmas=2.0, return_report=True
+    )
+    rows = {r.name: r for r in rep.layers}
+
+    def bn(name: str) -> tuple[np.ndarray, np.ndarray]:
+        m = model.get_submodule(name)
+        return m.bias.detach().double().numpy(), m.weight.detach().double().abs().numpy()
+
+    # after BN + ReLU6: [0, max_c min(6, max(0, beta + 2 gamma))]
+    beta, gamma = bn("stem.1")
+    want_hi = float(np.clip(beta + 2 * gamma, 0, 6).max())
+    assert rows["proj.0"].act_range == pytest.approx((0.0, want_hi), rel=1e-6)
+    assert rows["proj.0"].range_source == "bn+relu6"
+    assert rows["proj.0"].act_bits == 4
+    # after a residual add: M = beta_a + beta_b, S = sqrt(gamma_a^2 + gamma_b^2)
+    b1, g1 = bn("proj.1")
+    b2, g2 = bn("block1.conv.7")
+    m, s = b1 + b2, np.sqrt(g1**2 + g2**2)
+    want = (min(0.0, float((m - 2 * s).min())), max(0.0, float((m + 2 * s).max())))
+    assert rows["block2.conv.0"].act_range == pytest.approx(want, rel=1e-6)
+    assert rows["block2.conv.0"].range_source == "add"
+    # first layer: float input; last layer (fc after pooling): 8 bits, n = 4
+    assert rows["stem.0"].act_bits is None and rows["stem.0"].act_range is None
+    beta, gamma = bn("head.1")
+    assert rows["fc"].act_bits == 8
+    assert rows["fc"].act_range == pytest.approx(
+        (0.0, float(np.clip(beta + 2 * gamma, 0, 6).max())), rel=1e-6
+    )
+
+
+def test_default_ranges_mse_below_8_bits() -> None:
+    model = _tiny()
+    _, rep = squant_rs.quantize_model(model, 8, 4, recipe="squant+", return_report=True)
+    rows = {r.name: r for r in rep.layers}
+    bn = model.stem[1]
+    stem = ChannelStats(
+        bn.bias.detach().double().numpy(), bn.weight.detach().double().abs().numpy(), 0.0, 6.0
+    )
+    assert rows["proj.0"].act_range == pytest.approx(mse_range(stem, 4), rel=1e-6)
+    head = model.head[1]
+    out = ChannelStats(
+        head.bias.detach().double().numpy(), head.weight.detach().double().abs().numpy(), 0.0, 6.0
+    )
+    assert rows["fc"].act_bits == 8
+    assert rows["fc"].act_range == pytest.approx(out.tensor_range(4.0), rel=1e-6)
+
+
+def test_mse_range() -> None:
+    # N(0, 1): the MSE-optimal uniform 4-bit range is about +-2.7 sigma (8 bits: wider)
+    std = ChannelStats(np.zeros(1), np.ones(1))
+    lo4, hi4 = mse_range(std, 4)
+    assert lo4 == -hi4 and 2.3 < hi4 < 3.1
+    lo8, hi8 = mse_range(std, 8)
+    assert hi8 > hi4 + 0.5
+    # every channel saturates ReLU6: the whole mass sits at 6, keep it
+    sat = ChannelStats(np.full(3, 10.0), np.ones(3), 0.0, 6.0)
+    assert mse_range(sat, 4) == (0.0, 6.0)
+    # a mixture scaled by 2 gives a range scaled by 2
+    mix = ChannelStats(np.array([0.2, 1.0, 2.0]), np.array([0.5, 1.0, 0.3]), 0.0, math.inf)
+    a, b = mse_range(mix, 6)
+    a2, b2 = mse_range(ChannelStats(2 * mix.mu, 2 * mix.sigma, 0.0, math.inf), 6)
+    assert a == a2 == 0.0 and b2 == pytest.approx(2 * b)
+
+
+def test_bn_ranges_fall_back_to_sigma_rule() -> None:
+    """A layer with no BN in front (after a sigmoid gate) gets the paper's
+    sigma-rule range from noise; the others keep their BN ranges."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.c2 = nn.Conv2d(4, 4, 1)
+            self.c3 = nn.Conv2d(4, 4, 1)
+            self.c4 = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.relu(self.bn(self.c1(x)))
+            y = self.c2(y) * torch.sigmoid(y)
+            return self.c4(self.c3(y))
+
+    torch.manual_seed(0)
+    model = Gated().eval()
+    _, rep = squant_rs.quantize_model(
+        model, 8, 6, recipe="squant+", input_shape=(2, 3, 8, 8), return_report=True
+    )
+    src = {r.name: r.range_source for r in rep.layers}
+    assert src == {"c1": None, "c2": "bn+relu", "c3": "sigma", "c4": "sigma"}
+    bits = {r.name: r.act_bits for r in rep.layers}
+    assert bits == {"c1": None, "c2": 6, "c3": 6, "c4": 8}
+
+
+def test_recipe_output_close_to_float() -> None:
+    """On inputs the BN statistics describe, squant+ at W8A8 stays close to
+    float and closer than the paper's pipeline."""
+    model = _tiny()
+    x = torch.randn(16, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        plus = squant_rs.quantize_model(model, 8, 8, recipe="squant+")(x)
+    err = float((plus - ref).norm() / ref.norm())
+    assert err < 0.05
