@@ -8,9 +8,12 @@ that every backend gets a bit-identical S whatever the summation order.
 
 Public entry point::
 
-    squant_reference(w, bits, mode)
+    squant_reference(w, bits, mode, quantizer="asymmetric")
         -> (codes int8 w.shape, s float32 (OC,), z float32 (OC,),
             k_changed int, c_changed int)
+
+``quantizer="symmetric"`` replaces section 1 by the symmetric quantizer (zero point 0,
+``s = (2^(b-1) - 1) / max|W|``, codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``).
 
 ``s`` is docs/algorithm.md's inverse scale (levels per unit) and ``z`` its zero point, so
 ``dequantized = (codes + z) / s``.
@@ -46,18 +49,30 @@ def group_sum(errors) -> float:
     return float(np.float64(total) * np.float64(2.0**-frac_bits))
 
 
-def channel_quantizer(w2: np.ndarray, bits: int):
-    """docs/algorithm.md section 1: per-output-channel asymmetric min/max quantizer.
+def code_bounds(bits: int, quantizer: str = "asymmetric") -> tuple[int, int]:
+    """[tmin, tmax]: [-n, n - 1] (asymmetric) or [-(n - 1), n - 1] (symmetric)."""
+    n = 2 ** (bits - 1)
+    return (-(n - 1) if quantizer == "symmetric" else -n), n - 1
+
+
+def channel_quantizer(w2: np.ndarray, bits: int, quantizer: str = "asymmetric"):
+    """docs/algorithm.md section 1: per-output-channel asymmetric min/max
+    quantizer (or the symmetric one).
 
     w2 is the float32 weight viewed as (OC, IC*K).  Returns float32 (s, z, x).
     """
     n = 2 ** (bits - 1)
     mx = w2.max(axis=1)
     mn = w2.min(axis=1)
-    levels = F32(2**bits - 1)
-    denom = np.maximum(mx - mn, F32(1e-8))  # float32 subtraction and max
-    s = (levels / denom).astype(F32)  # float32 division
-    z = (np.rint(s * mn) + F32(n)).astype(F32)
+    if quantizer == "symmetric":
+        amax = np.maximum(np.abs(mx), np.abs(mn))
+        s = (F32(n - 1) / np.maximum(amax, F32(1e-8))).astype(F32)
+        z = np.zeros_like(s)
+    else:
+        levels = F32(2**bits - 1)
+        denom = np.maximum(mx - mn, F32(1e-8))  # float32 subtraction and max
+        s = (levels / denom).astype(F32)  # float32 division
+        z = (np.rint(s * mn) + F32(n)).astype(F32)
     # x = s * W - z: a float32 multiply, then a float32 subtract (no FMA).
     prod = (s[:, None] * w2).astype(F32)
     x = (prod - z[:, None]).astype(F32)
@@ -149,7 +164,9 @@ def case_step(state: _State, group, orders, stats=None) -> int:
     return changed
 
 
-def squant_reference(w: np.ndarray, bits: int, mode: str, *, stats=None):
+def squant_reference(
+    w: np.ndarray, bits: int, mode: str, *, stats=None, quantizer: str = "asymmetric"
+):
     """Quantize ``w`` (ndim >= 2, any float dtype) per docs/algorithm.md sections 1-4.
 
     Returns (codes int8, s float32 (OC,), z float32 (OC,), k_changed, c_changed).
@@ -168,11 +185,10 @@ def squant_reference(w: np.ndarray, bits: int, mode: str, *, stats=None):
 
     oc, ic = w32.shape[0], w32.shape[1]
     k = int(np.prod(w32.shape[2:], dtype=np.int64)) if w32.ndim > 2 else 1
-    n = 2 ** (bits - 1)
-    tmin, tmax = -n, n - 1
+    tmin, tmax = code_bounds(bits, quantizer)
 
     with np.errstate(over="ignore", invalid="ignore"):
-        s, z, x = channel_quantizer(w32.reshape(oc, ic * k), bits)
+        s, z, x = channel_quantizer(w32.reshape(oc, ic * k), bits, quantizer)
     bad = ~(np.isfinite(z) & (s > 0) & np.all(np.isfinite(x), axis=1))
     if bad.any():
         o = int(np.flatnonzero(bad)[0])
@@ -205,10 +221,10 @@ def squant_reference(w: np.ndarray, bits: int, mode: str, *, stats=None):
     return codes, s, z, k_changed, c_changed
 
 
-def nearest_reference(w: np.ndarray, bits: int) -> np.ndarray:
+def nearest_reference(w: np.ndarray, bits: int, quantizer: str = "asymmetric") -> np.ndarray:
     """SQuant-E codes computed directly: clamp(rne(s*W - z))."""
     w32 = np.asarray(w).astype(F32)
     oc = w32.shape[0]
-    n = 2 ** (bits - 1)
-    _, _, x = channel_quantizer(w32.reshape(oc, -1), bits)
-    return np.clip(np.rint(x), -n, n - 1).astype(np.int8).reshape(w32.shape)
+    tmin, tmax = code_bounds(bits, quantizer)
+    _, _, x = channel_quantizer(w32.reshape(oc, -1), bits, quantizer)
+    return np.clip(np.rint(x), tmin, tmax).astype(np.int8).reshape(w32.shape)

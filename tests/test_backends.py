@@ -155,8 +155,8 @@ def test_torch_value_errors(monkeypatch: pytest.MonkeyPatch, strategy: str, name
     monkeypatch.setattr(
         tb,
         "quantize_torch",
-        lambda w, bits, mode, *, check=None: tb._quantize(
-            w, bits, mode, on_cpu=strategy == "cpu", check=check
+        lambda w, bits, mode, *, check=None, **kw: tb._quantize(
+            w, bits, mode, on_cpu=strategy == "cpu", check=check, **kw
         ),
     )
     w = _bad_weights()[name]

@@ -155,12 +155,12 @@ def test_grouping_and_order(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, object]] = []
     queue = tb.launch
 
-    def spy(w, bits, mode, segments, *, check=None):
+    def spy(w, bits, mode, segments, *, check=None, **kw):
         if segments is None:
             calls.append(("one", tuple(w.shape)))
         else:
             calls.append(("many", (tuple(w.shape), list(segments))))
-        return queue(w, bits, mode, segments, check=check)
+        return queue(w, bits, mode, segments, check=check, **kw)
 
     monkeypatch.setattr(tb, "launch", spy)
     f32, f16 = torch.float32, torch.float16

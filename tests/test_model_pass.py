@@ -11,7 +11,7 @@ import pytest
 
 import squant_rs
 from squant_rs import _squant_rs as native
-from squant_rs.model.layers import copy_model, dequantize_tensors
+from squant_rs.model.layers import copy_model, dequantize_tensors, quantize_into
 
 from conftest import make_weight, seed_for
 
@@ -215,6 +215,42 @@ def test_quantize_model_writes_every_layout_and_keeps_torch_settings() -> None:
         assert (r.k_flips, r.c_flips) == (qt.k_flips, qt.c_flips)
         want = _rel_error(qt.dequantize().numpy(), w.contiguous().numpy())
         assert r.rel_error == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+@pytest.mark.parametrize("bits", [3, 8])
+def test_quantize_into_symmetric_equals_quantize_tensor(backend: str, bits: int) -> None:
+    ws = [torch.from_numpy(w) for w in _weights(f"sym{bits}")]
+    outs = [torch.empty_like(w) for w in ws]
+    items = [(f"w{i}", w, o) for i, (w, o) in enumerate(zip(ws, outs))]
+    res = quantize_into(items, bits, "squant", backend, 2, "symmetric")
+    for w, out, r in zip(ws, outs, res):
+        qt = squant_rs.quantize_tensor(w, bits, backend=backend, quantizer="symmetric")
+        assert r.qtensor.quantizer == "symmetric"
+        assert torch.equal(r.qtensor.codes, qt.codes)
+        assert torch.equal(r.qtensor.scale, qt.scale)
+        assert torch.equal(r.qtensor.zero_point, torch.zeros_like(qt.zero_point))
+        assert torch.equal(r.qtensor.zero_point, qt.zero_point)
+        assert (r.qtensor.k_flips, r.qtensor.c_flips) == (qt.k_flips, qt.c_flips)
+        assert torch.equal(out, qt.dequantize())
+        assert r.rel_error == pytest.approx(
+            _rel_error(qt.dequantize().numpy(), w.numpy()), rel=1e-6
+        )
+    # ... and differs from the asymmetric pass (the quantizer reaches the core).
+    asym = quantize_into(items, bits, "squant", backend, 2)
+    assert not torch.equal(asym[0].qtensor.codes, res[0].qtensor.codes)
+    # quantize_model: the pass's quantized tensors are the report's.
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Linear(5, 4))
+    qmodel, report = squant_rs.quantize_model(
+        model, bits, backend=backend, quantizer="symmetric", return_report=True
+    )
+    for i, r in zip((0, 1), report.layers):
+        qt = squant_rs.quantize_tensor(
+            model[i].weight, bits, backend=backend, quantizer="symmetric"
+        )
+        assert r.qtensor is not None and r.qtensor.quantizer == "symmetric"
+        assert torch.equal(r.qtensor.codes, qt.codes)
+        assert torch.equal(qmodel[i].weight, qt.dequantize())
 
 
 def test_quantize_model_with_tied_weights_and_float_calibration() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from squant_rs.formats.safetensors import RawTensor, write_safetensors
+from squant_rs.formats.safetensors import RawTensor, inspect_quantized, write_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,12 +47,12 @@ def _py(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def _untimed(stdout: str) -> list[str]:
-    """The report without its timings (which differ between runs)."""
+    """The report without its timings (which differ between runs); of the
+    per-layer table's total line only its untimed head (layers, W, mode)."""
     return [
-        line
+        ": ".join(line.split(": ")[:2]) if line.startswith("total:") else line
         for line in stdout.splitlines()
-        if not line.startswith(("time ", "total:"))
-        and not (line and line.split()[0].endswith(".weight"))
+        if not line.startswith("time ") and not (line and line.split()[0].endswith(".weight"))
     ]
 
 
@@ -81,6 +81,8 @@ def _checkpoint(path: Path, seed: int = 0) -> None:
         ["--wbits", "3", "--mode", "squant-k"],
         ["--wbits", "2", "--skip", "fc"],
         ["--include", "h*"],
+        ["--quantizer", "symmetric"],
+        ["--wbits", "8", "--mode", "squant-c", "--quantizer", "symmetric"],
     ],
 )
 def test_same_file_and_report_as_python(tmp_path, squant_bin: str, options: list[str]) -> None:
@@ -91,6 +93,8 @@ def test_same_file_and_report_as_python(tmp_path, squant_bin: str, options: list
     r = _run(squant_bin, "quantize", str(src), str(rs_out), "-v", *options)
     assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
     assert py_out.read_bytes() == rs_out.read_bytes()
+    want = "symmetric" if "symmetric" in options else "asymmetric"
+    assert inspect_quantized(rs_out).quantizer == want
     assert _untimed(p.stdout.replace(str(py_out), "OUT")) == _untimed(
         r.stdout.replace(str(rs_out), "OUT")
     )

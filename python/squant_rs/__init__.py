@@ -21,6 +21,7 @@ from .errors import (
     UnsupportedDtypeError,
     WeightRangeError,
 )
+from .formats.onnx import OnnxFormatError, export_onnx, quantize_onnx
 from .formats.safetensors import load_quantized, save_quantized, select_state_dict
 from .model import (
     DEFAULT_INPUT_SHAPE,
@@ -43,6 +44,7 @@ __all__ = [
     "InvalidArgumentError",
     "LayerReport",
     "NonFiniteWeightError",
+    "OnnxFormatError",
     "QuantReport",
     "QuantizedTensor",
     "SquantError",
@@ -50,8 +52,10 @@ __all__ = [
     "WeightRangeError",
     "__version__",
     "default_s_sigma",
+    "export_onnx",
     "load_quantized",
     "quantize_model",
+    "quantize_onnx",
     "quantize_tensor",
     "quantize_tensors",
     "save_quantized",

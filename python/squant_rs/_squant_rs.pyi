@@ -48,12 +48,14 @@ def quantize(
     bits: int,
     mode: str,
     threads: int | None = None,
+    quantizer: str = "asymmetric",
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...
 def quantize_many(
     ws: list[npt.NDArray[np.float32]],
     bits: int,
     mode: str,
     threads: int | None = None,
+    quantizer: str = "asymmetric",
 ) -> list[
     tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]
 ]: ...
@@ -64,6 +66,7 @@ def quantize_into(
     mode: str,
     keep_codes: bool = True,
     threads: int | None = None,
+    quantizer: str = "asymmetric",
 ) -> list[
     tuple[
         npt.NDArray[np.int8] | None,
@@ -85,7 +88,7 @@ def dequantize_into(
 ) -> list[float] | None: ...
 def simd_build() -> str: ...
 def quantize_reference(
-    w: npt.NDArray[np.float32], bits: int, mode: str
+    w: npt.NDArray[np.float32], bits: int, mode: str, quantizer: str = "asymmetric"
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...
 def dequantize(
     codes: npt.NDArray[np.int8],
@@ -112,6 +115,7 @@ def io_quantize_file(
     threads: int | None = None,
     progress: _Progress | None = None,
     require_selection: bool = True,
+    quantizer: str = "asymmetric",
 ) -> _Report: ...
 def io_quantize_sharded(
     src: _Path,
@@ -122,6 +126,7 @@ def io_quantize_sharded(
     skip: list[str],
     threads: int | None = None,
     progress: _Progress | None = None,
+    quantizer: str = "asymmetric",
 ) -> tuple[_Report, int, int]: ...
 def io_is_sharded(path: _Path) -> bool: ...
 def io_inspect(

@@ -3,14 +3,18 @@
 ::
 
     squant-rs demo [--depth 50] [--wbits 4] [--mode squant] [--threads N] [--out FILE]
-    squant-rs quantize IN OUT [--wbits 4] [--mode squant] [--include PATTERN ...]
-                              [--skip PATTERN ...] [--threads N] [-v | -q]
+    squant-rs quantize IN OUT [--wbits 4] [--mode squant] [--quantizer asymmetric]
+                              [--include PATTERN ...] [--skip PATTERN ...]
+                              [--threads N] [-v | -q]
+    squant-rs quantize IN.onnx OUT.onnx [--wbits 4] [--abits 8] [--quantizer symmetric]
+                              [--integer-kernels] [--skip PATTERN ...]
     squant-rs info FILE [-v]
     squant-rs --version
 
 ``demo`` needs numpy only. ``quantize`` reads a ``.safetensors`` file (numpy
 only) or a torch checkpoint (``.pt``/``.pth``, loaded with
-``torch.load(weights_only=True)``; needs torch) and writes a squant-rs file.
+``torch.load(weights_only=True)``; needs torch) and writes a squant-rs file;
+an ``.onnx`` model becomes a QDQ ``.onnx`` model (numpy + onnx, no torch).
 Without module information it quantizes every floating tensor of 2+
 dimensions whose name ends in ``weight``; ``--include``/``--skip`` take
 fnmatch patterns (a skip pattern also matches the name without ``.weight``);
@@ -70,7 +74,7 @@ from .model import format_bytes, format_table
 from .model.report import QuantReport
 from .tensor.batch import quantize_tensors
 from .tensor.quantized import quantize_tensor
-from .tensor.validate import MAX_THREADS, MODES, UnsupportedDtypeError, check_threads
+from .tensor.validate import MAX_THREADS, MODES, QUANTIZERS, UnsupportedDtypeError, check_threads
 from .torch.adapter import TORCH_INSTALL_HINT
 
 PROG = "squant-rs"
@@ -407,8 +411,38 @@ class _StageClock:
 # commands
 
 
+def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
+    """``quantize IN.onnx OUT.onnx``: a QDQ ONNX model (numpy + onnx, no torch)."""
+    from .formats.onnx import quantize_onnx
+
+    if not args.output.endswith(".onnx") or not args.input.endswith(".onnx"):
+        raise CliError("ONNX input needs an .onnx output (and the other way round)")
+    if args.include:
+        raise CliError("--include applies to safetensors/torch inputs; use --skip for ONNX")
+    report = quantize_onnx(
+        args.input,
+        args.output,
+        args.wbits,
+        args.abits,
+        args.mode,
+        quantizer=args.quantizer,
+        skip=tuple(args.skip or ()),
+        threads=args.threads,
+        integer_kernels=args.integer_kernels,
+    )
+    if args.verbose:
+        print(report)
+    elif not args.quiet:
+        print(f"{args.output}: {report.summary()}")
+    return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     src, dst = args.input, args.output
+    if src.endswith(".onnx") or dst.endswith(".onnx"):
+        return _cmd_quantize_onnx(args)
+    if args.abits is not None or args.integer_kernels:
+        raise CliError("--abits and --integer-kernels apply to ONNX models (.onnx)")
     sharded = is_sharded(src)
     if not sharded:
         _check_output(dst, inputs=[src])
@@ -446,6 +480,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                     skip=skip,
                     threads=threads,
                     progress=progress,
+                    quantizer=args.quantizer,
                 )
             finally:
                 progress.close()
@@ -468,6 +503,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                     [],
                     clock,
                     loaded,
+                    args.quantizer,
                 )
             finally:
                 progress.close()
@@ -498,7 +534,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         ["output", dst],
         ["layers quantized", f"{len(report.layers)} of {n_tensors} tensors"],
         ["parameters quantized", f"{report.params:,}"],
-        ["bits / mode", f"{args.wbits} / {args.mode}"],
+        ["bits / mode", f"{args.wbits} / {args.mode} ({args.quantizer})"],
         ["time", timing],
         *_size_rows(report.size_before, report.size_after),
         ["mean relative error", f"{report.mean_rel_error:.4f}"],
@@ -736,9 +772,19 @@ def build_parser() -> argparse.ArgumentParser:
         f"({', '.join(OUTPUT_FORMATS)}); it is written atomically (symlinks followed, "
         "permissions kept; FIFOs and devices refused).",
     )
-    q.add_argument("input", metavar="IN", help=".safetensors file or torch .pt/.pth state dict")
-    q.add_argument("output", metavar="OUT", help="squant-rs .safetensors file to write")
+    q.add_argument(
+        "input", metavar="IN", help=".safetensors file, torch .pt/.pth state dict or .onnx model"
+    )
+    q.add_argument(
+        "output", metavar="OUT", help="squant-rs .safetensors file (or .onnx model) to write"
+    )
     _add_quantizer_options(q)
+    q.add_argument(
+        "--quantizer",
+        choices=QUANTIZERS,
+        default="asymmetric",
+        help="asymmetric (the paper's, default) or symmetric (zero point 0, for int8 runtimes)",
+    )
     q.add_argument(
         "--include",
         nargs="+",
@@ -754,6 +800,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="leave tensors matching these patterns float (tried on the name and on "
         "the name without '.weight')",
+    )
+    q.add_argument(
+        "--abits",
+        type=_bits,
+        default=None,
+        help="ONNX only: activation bits of the quantized layers' inputs (default: float)",
+    )
+    q.add_argument(
+        "--integer-kernels",
+        action="store_true",
+        help="ONNX only (with --abits): Q/DQ on layer outputs too, so onnxruntime runs "
+        "QLinearConv/QGemm (use with --quantizer symmetric)",
     )
     g = q.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", action="store_true", help="print the per-layer table")

@@ -78,6 +78,7 @@ from ..tensor.validate import (
     check_backend,
     check_bits,
     check_mode,
+    check_quantizer,
     check_threads,
 )
 from ..torch.adapter import require_torch
@@ -361,9 +362,15 @@ def _as_numpy(x: Any) -> np.ndarray:
 
 
 def _layer_report(
-    name: str, weight: Any, bits: int, mode: str, backend: str, threads: int | None
+    name: str,
+    weight: Any,
+    bits: int,
+    mode: str,
+    backend: str,
+    threads: int | None,
+    quantizer: str = "asymmetric",
 ) -> tuple[Any, LayerReport]:
-    qt, ms = quantize_layer_weight(name, weight, bits, mode, backend, threads)
+    qt, ms = quantize_layer_weight(name, weight, bits, mode, backend, threads, quantizer)
     err = quantized_relative_error(weight, qt, threads)
     shape = tuple(int(d) for d in weight.shape)
     rep = LayerReport(
@@ -450,6 +457,7 @@ def _export(
     skipped: list[str],
     progress: ProgressFn | None,
     wall_start: float,
+    quantizer: str = "asymmetric",
 ) -> QuantReport:
     """Quantize ``selected`` (key -> weight to quantize) and write every
     entry, one tensor at a time, through the Rust writer (codes packed and
@@ -464,9 +472,9 @@ def _export(
         else:
             plan.append((_utf8_name(key), dtype, list(shape), None, None))
     with _output(path) as target:
-        writer = _native.QuantizedFileWriter(target, plan)
+        writer = _native.QuantizedFileWriter(target, plan, quantizer)
         layers, size_after = _write_all(
-            writer, entries, selected, bits, mode, backend, threads, progress
+            writer, entries, selected, bits, mode, backend, threads, progress, quantizer
         )
     return QuantReport(
         layers=layers,
@@ -476,6 +484,7 @@ def _export(
         skipped=skipped,
         size_before=size_before,
         size_after=size_after,
+        quantizer=quantizer,
     )
 
 
@@ -488,6 +497,7 @@ def _write_all(
     backend: str,
     threads: int | None,
     progress: ProgressFn | None,
+    quantizer: str,
 ) -> tuple[list[LayerReport], int]:
     """Every entry into ``writer``, quantized or as stored; (layers, file size)."""
     layers: list[LayerReport] = []
@@ -500,7 +510,7 @@ def _write_all(
                 weight = selected[key]
                 if isinstance(weight, RawTensor):
                     weight = weight.to_float32()
-                qt, rep = _layer_report(key, weight, bits, mode, backend, threads)
+                qt, rep = _layer_report(key, weight, bits, mode, backend, threads, quantizer)
                 writer.write_quantized(
                     i,
                     np.ascontiguousarray(_as_numpy(qt.codes), dtype=np.int8),
@@ -536,6 +546,7 @@ def save_quantized(
     backend: str = "auto",
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    quantizer: str = "asymmetric",
 ) -> QuantReport:
     """Quantize a (float) model or state dict with SQuant and write a packed
     squant-rs safetensors file (format: see the module doc). Returns the
@@ -546,13 +557,16 @@ def save_quantized(
     ``load_quantized(path)`` equals ``quantize_model(model, ...).state_dict()``
     bit for bit. For a state dict (torch tensors or numpy arrays), see
     :func:`select_state_dict` for ``include``/``skip``. Everything else is
-    stored unchanged. The file is written atomically by the Rust writer
-    under the rules of :mod:`squant_rs.formats.output` (symlinks followed,
-    permissions kept; a FIFO or device path raises
+    stored unchanged. ``quantizer`` (``"asymmetric"`` or ``"symmetric"``, as
+    in :func:`quantize_tensor`) is recorded in the file's ``quantizer``
+    metadata key (absent: asymmetric). The file is written atomically by
+    the Rust writer under the rules of :mod:`squant_rs.formats.output`
+    (symlinks followed, permissions kept; a FIFO or device path raises
     :class:`InvalidArgumentError`)."""
     wall = time.perf_counter()
     bits = check_bits(wbits, "wbits")
     mode = check_mode(mode)
+    quantizer = check_quantizer(quantizer)
     backend = check_backend(backend)
     threads = check_threads(threads)
     patterns = check_patterns(skip, "skip")
@@ -592,7 +606,9 @@ def save_quantized(
             "save_quantized expects a torch.nn.Module or a state dict (a mapping of "
             f"names to tensors), got {type(model_or_state_dict).__name__}"
         )
-    return _export(entries, selected, path, bits, mode, backend, threads, skipped, progress, wall)
+    return _export(
+        entries, selected, path, bits, mode, backend, threads, skipped, progress, wall, quantizer
+    )
 
 
 # --------------------------------------------------------------------------
@@ -612,7 +628,9 @@ class CheckpointResult:
     shards: int
 
 
-def _report_of(raw: Any, bits: int, mode: str, wall_start: float) -> tuple[QuantReport, int]:
+def _report_of(
+    raw: Any, bits: int, mode: str, wall_start: float, quantizer: str
+) -> tuple[QuantReport, int]:
     layers_raw, tensors, size_before, size_after = raw
     layers = [
         LayerReport(
@@ -635,6 +653,7 @@ def _report_of(raw: Any, bits: int, mode: str, wall_start: float) -> tuple[Quant
         wall_ms=(time.perf_counter() - wall_start) * 1e3,
         size_before=int(size_before),
         size_after=int(size_after),
+        quantizer=quantizer,
     )
     return report, int(tensors)
 
@@ -659,6 +678,7 @@ def quantize_checkpoint(
     skip: Sequence[str] = (),
     threads: int | None = None,
     progress: ProgressFn | None = None,
+    quantizer: str = "asymmetric",
 ) -> CheckpointResult:
     """Quantize a safetensors checkpoint on disk into a squant-rs file, or a
     sharded checkpoint (see :func:`is_sharded`) into the directory ``dst``
@@ -667,7 +687,8 @@ def quantize_checkpoint(
     a time, so memory stays bounded whatever the checkpoint's size; output
     is written atomically (no partial file or directory on error). Selection
     as :func:`select_state_dict`. ``progress(done, total, name)`` counts
-    input bytes.
+    input bytes. ``quantizer`` as in :func:`save_quantized` (recorded in
+    each output file's metadata when symmetric).
 
     Returns:
         A :class:`CheckpointResult` with the per-layer report.
@@ -682,21 +703,30 @@ def quantize_checkpoint(
     wall = time.perf_counter()
     bits = check_bits(wbits, "wbits")
     mode = check_mode(mode)
+    quantizer = check_quantizer(quantizer)
     threads = check_threads(threads)
     inc = list(check_patterns(include, "include")) if include is not None else []
     sk = list(check_patterns(skip, "skip"))
     if is_sharded(src):
         with _cleanup_on_signals():
             raw, shards, input_size = _native.io_quantize_sharded(
-                os.fspath(src), os.fspath(dst), bits, mode, inc, sk, threads, progress
+                os.fspath(src),
+                os.fspath(dst),
+                bits,
+                mode,
+                inc,
+                sk,
+                threads,
+                progress,
+                quantizer=quantizer,
             )
-        report, tensors = _report_of(raw, bits, mode, wall)
+        report, tensors = _report_of(raw, bits, mode, wall, quantizer)
         return CheckpointResult(report, tensors, int(input_size), int(shards))
     with _output(dst, inputs=[os.fspath(src)]) as target:
         raw = _native.io_quantize_file(
-            os.fspath(src), target, bits, mode, inc, sk, threads, progress
+            os.fspath(src), target, bits, mode, inc, sk, threads, progress, quantizer=quantizer
         )
-    report, tensors = _report_of(raw, bits, mode, wall)
+    report, tensors = _report_of(raw, bits, mode, wall, quantizer)
     return CheckpointResult(report, tensors, os.path.getsize(src), 1)
 
 
@@ -716,6 +746,8 @@ class TensorInfo:
     mode: str | None
     #: Bytes stored in the file (codes + scale + zero point when quantized).
     stored_bytes: int
+    #: ``"asymmetric"`` or ``"symmetric"`` for quantized tensors.
+    quantizer: str | None = None
 
     @property
     def numel(self) -> int:
@@ -766,7 +798,9 @@ def inspect_quantized(path: str | os.PathLike[str]) -> QuantizedFileInfo:
     """
     version, writer, size, tensors, checksums, quantizer = _native.io_inspect(os.fspath(path))
     infos = [
-        TensorInfo(name, tuple(shape), dtype, bits, mode, stored)
+        TensorInfo(
+            name, tuple(shape), dtype, bits, mode, stored, quantizer if bits is not None else None
+        )
         for name, shape, dtype, bits, mode, stored in tensors
     ]
     return QuantizedFileInfo(

@@ -291,11 +291,14 @@ def quantize_layer_weight(
     mode: str,
     backend: str,
     threads: int | None,
+    quantizer: str = "asymmetric",
 ) -> tuple[Any, float]:
     """``quantize_tensor`` on one named weight, timed (ms); errors name the layer."""
     start = time.perf_counter()
     try:
-        qt = quantize_tensor(weight, bits, mode, backend=backend, threads=threads)
+        qt = quantize_tensor(
+            weight, bits, mode, backend=backend, threads=threads, quantizer=quantizer
+        )
     except (SquantError, UnsupportedDtypeError) as exc:
         raise type(exc)(f"{name or 'weight'}: {exc}") from exc
     return qt, (time.perf_counter() - start) * 1e3
@@ -568,6 +571,7 @@ def quantize_into(
     mode: str,
     backend: str,
     threads: int | None,
+    quantizer: str = "asymmetric",
 ) -> list[LayerResult]:
     """Quantize every ``(name, weight, destination)`` and write the weight's
     dequantized value into ``destination`` (a tensor of the weight's shape,
@@ -580,9 +584,10 @@ def quantize_into(
     and computes the relative errors (float64 sums) on the way. The others
     take :func:`quantize_tensor` one at a time; those on the CPU are then
     dequantized into their destinations, errors included, in one native
-    pass too. ``bits``, ``mode``, ``backend`` and ``threads`` must be
-    valid. Every result equals ``quantize_tensor(weight, bits, mode,
-    backend=backend)`` and its ``dequantize()``, bit for bit.
+    pass too. ``bits``, ``mode``, ``backend``, ``threads`` and ``quantizer``
+    must be valid. Every result equals ``quantize_tensor(weight, bits, mode,
+    backend=backend, quantizer=quantizer)`` and its ``dequantize()``, bit
+    for bit.
 
     Returns:
         One :class:`LayerResult` per item, in order.
@@ -627,7 +632,7 @@ def quantize_into(
         outs = [dests.view(items[i][2]) for i in native]
         start = time.perf_counter()
         try:
-            res = _native.quantize_into(arrays, outs, bits, mode, True, threads)
+            res = _native.quantize_into(arrays, outs, bits, mode, True, threads, quantizer)
         except SquantError as exc:
             m = _WEIGHT_INDEX.match(str(exc))
             if m is None:  # pragma: no cover - every per-weight error is indexed
@@ -643,7 +648,9 @@ def quantize_into(
             share = wall / spent if spent > 0 else 0.0
             for i, (codes, scale, zp, kf, cf, err, ms) in zip(native, res):
                 w = items[i][1]
-                qt = from_native((codes, scale, zp, kf, cf), bits, mode, w.dtype, w.device)
+                qt = from_native(
+                    (codes, scale, zp, kf, cf), bits, mode, w.dtype, w.device, quantizer
+                )
                 out[i] = LayerResult(qt, err, ms * share)
             dests.finish()
     done = set(native)
@@ -654,7 +661,7 @@ def quantize_into(
             raise failure[1]
         if i in done:
             continue
-        qt, ms = quantize_layer_weight(name, w.detach(), bits, mode, backend, threads)
+        qt, ms = quantize_layer_weight(name, w.detach(), bits, mode, backend, threads, quantizer)
         if qt.codes.device.type == "cpu" and dst.device.type == "cpu":
             later.append((i, qt, ms))
             continue

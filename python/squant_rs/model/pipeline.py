@@ -13,6 +13,7 @@ from ..tensor.validate import (
     check_backend,
     check_bits,
     check_mode,
+    check_quantizer,
     check_threads,
 )
 from ..torch.adapter import require_torch
@@ -52,6 +53,7 @@ def quantize_model(
     *,
     backend: str = ...,
     threads: int | None = ...,
+    quantizer: str = ...,
     skip: str | Sequence[str] = ...,
     input_shape: Sequence[int] = ...,
     s_sigma: float | None = ...,
@@ -76,6 +78,7 @@ def quantize_model(
     *,
     backend: str = ...,
     threads: int | None = ...,
+    quantizer: str = ...,
     skip: str | Sequence[str] = ...,
     input_shape: Sequence[int] = ...,
     s_sigma: float | None = ...,
@@ -99,6 +102,7 @@ def quantize_model(
     *,
     backend: str = "auto",
     threads: int | None = None,
+    quantizer: str = "asymmetric",
     skip: str | Sequence[str] = (),
     input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE,
     s_sigma: float | None = None,
@@ -117,7 +121,8 @@ def quantize_model(
     Every Conv1d/2d/3d and Linear weight (module names matching a ``skip``
     fnmatch pattern excepted, e.g. ``skip=("conv1", "fc")``) is replaced
     by its ``wbits``-bit SQuant dequantized value, same dtype and device.
-    ``mode``, ``backend`` and ``threads`` are as in :func:`quantize_tensor`.
+    ``mode``, ``backend``, ``threads`` and ``quantizer`` are as in
+    :func:`quantize_tensor`.
     ``ConvTranspose`` layers, parametrized weights and weights without
     elements (``Linear(0, 4)``) stay float.
 
@@ -184,6 +189,7 @@ def quantize_model(
     if abits is not None:
         abits = check_bits(abits, "abits")
     mode = check_mode(mode)
+    quantizer = check_quantizer(quantizer)
     backend = check_backend(backend)
     threads = check_threads(threads)
     patterns = check_patterns(skip, "skip")
@@ -265,7 +271,7 @@ def quantize_model(
         else {}
     )
     items = [(name, src, module.weight) for src, (name, module) in zip(sources, plan.chosen)]
-    results = quantize_into(items, wbits, mode, backend, threads)
+    results = quantize_into(items, wbits, mode, backend, threads, quantizer)
     by_name: dict[str, LayerReport] = {}
     for (name, module), res in zip(plan.chosen, results):
         weight = module.weight
@@ -289,6 +295,7 @@ def quantize_model(
             kind=type(module).__name__,
             folded=name in rplan.folded,
             bias_corrected=corrected,
+            qtensor=res.qtensor,
         )
     for name, owner, module in plan.tied:
         by_name[name] = dataclasses.replace(
@@ -320,6 +327,7 @@ def quantize_model(
         wall_ms=(time.perf_counter() - wall) * 1e3,
         skipped=plan.skipped,
         notes=plan.notes,
+        quantizer=quantizer,
         recipe=config.name,
     )
     # Plain attribute (nn.Module.__setattr__ is typed for tensors/modules only).

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..tensor.quantized import QuantizedTensor
 
 
 @dataclass
@@ -37,6 +41,9 @@ class LayerReport:
     #: parameters): that layer's name. The weight was quantized once, there;
     #: this row repeats its result and the totals count it once.
     tied_to: str | None = None
+    #: The layer's quantized weight (codes, scale, zero point), as used by
+    #: the ONNX export; not part of the printed report or of comparisons.
+    qtensor: QuantizedTensor | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -57,6 +64,8 @@ class QuantReport:
     #: Bytes of the input tensors (as stored) and of the written file, for exports.
     size_before: int | None = None
     size_after: int | None = None
+    #: ``"asymmetric"`` (the paper's) or ``"symmetric"``.
+    quantizer: str = "asymmetric"
     #: The ``quantize_model`` recipe (``"paper"`` or ``"squant+"``).
     recipe: str = "paper"
     #: Notes on layers left float for a reason other than a skip pattern
@@ -96,6 +105,7 @@ class QuantReport:
             f"{len(self._distinct())} layers, {self.params:,} parameters, W{self.wbits}"
             + (f"A{self.abits}" if self.abits is not None else "")
             + f" {self.mode}"
+            + (f" {self.quantizer}" if self.quantizer != "asymmetric" else "")
             + (f" (recipe {self.recipe})" if self.recipe != "paper" else "")
             + f": {self.total_ms:.1f} ms (wall {self.wall_ms:.1f} ms), "
             f"mean relative error {self.mean_rel_error:.4f}"

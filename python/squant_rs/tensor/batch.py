@@ -27,6 +27,7 @@ from .validate import (
     check_backend,
     check_bits,
     check_mode,
+    check_quantizer,
     check_threads,
     with_weight_index,
 )
@@ -39,12 +40,13 @@ def quantize_tensors(
     *,
     backend: str = "auto",
     threads: int | None = None,
+    quantizer: str = "asymmetric",
 ) -> list[QuantizedTensor]:
     """Quantize every weight of ``weights`` with SQuant, in one call.
 
     Accepts what :func:`quantize_tensor` accepts (numpy arrays and torch
     tensors, mixed shapes, dtypes and devices) with the same ``bits``,
-    ``mode``, ``backend`` and ``threads``, and returns the list of
+    ``mode``, ``backend``, ``threads`` and ``quantizer``, and returns the list of
     :class:`QuantizedTensor` that ``quantize_tensor`` would return for each,
     in order, bit for bit. Inputs are never modified.
 
@@ -59,6 +61,7 @@ def quantize_tensors(
     """
     bits = check_bits(bits)
     mode = check_mode(mode)
+    quantizer = check_quantizer(quantizer)
     backend = check_backend(backend)
     threads = check_threads(threads)
     ws = list(weights)
@@ -96,12 +99,14 @@ def quantize_tensors(
         native_devices.append(device)
 
     if native_arrays:
-        results = _native.quantize_many(native_arrays, bits, mode, threads)
+        results = _native.quantize_many(native_arrays, bits, mode, threads, quantizer)
         for i, res, dtype, device in zip(native_idx, results, native_dtypes, native_devices):
-            out[i] = from_native(res, bits, mode, dtype, device)
+            out[i] = from_native(res, bits, mode, dtype, device, quantizer)
     if torch_ws:
         from ..torch.adapter import quantize_torch_tensors
 
-        for i, qt in zip(torch_idx, quantize_torch_tensors(torch_ws, bits, mode, torch_idx)):
+        for i, qt in zip(
+            torch_idx, quantize_torch_tensors(torch_ws, bits, mode, torch_idx, quantizer)
+        ):
             out[i] = qt
     return [qt for qt in out if qt is not None]

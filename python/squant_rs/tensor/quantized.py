@@ -20,6 +20,7 @@ from .validate import (
     check_bits,
     check_memory,
     check_mode,
+    check_quantizer,
     check_shape,
     check_threads,
     dtype_max,
@@ -40,7 +41,9 @@ class QuantizedTensor:
 
     Convention (the SQuant release's): per output channel ``o``,
     ``codes = rne(scale[o] * w - zero_point[o])`` refined by CASE flips, and
-    ``w_hat = (codes + zero_point[o]) / scale[o]``. ``scale`` is in levels per
+    ``w_hat = (codes + zero_point[o]) / scale[o]``. With
+    ``quantizer="symmetric"`` the zero point is 0 and the codes lie in
+    ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]``. ``scale`` is in levels per
     unit, i.e. the inverse of the step size that torch calls "scale"; the
     step and torch-style zero point are available as :attr:`step` and
     :attr:`torch_zero_point`.
@@ -60,6 +63,7 @@ class QuantizedTensor:
     #: Whether the grid was already checked finite in ``dtype`` (set by the
     #: quantize functions; a hand-made instance is checked on dequantize).
     grid_checked: bool = field(default=False, repr=False)
+    quantizer: str = "asymmetric"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -108,7 +112,8 @@ class QuantizedTensor:
     def __repr__(self) -> str:
         return (
             f"QuantizedTensor(shape={self.shape}, bits={self.bits}, mode={self.mode!r}, "
-            f"dtype={self.dtype}, k_flips={self.k_flips}, c_flips={self.c_flips})"
+            f"quantizer={self.quantizer!r}, dtype={self.dtype}, "
+            f"k_flips={self.k_flips}, c_flips={self.c_flips})"
         )
 
 
@@ -209,6 +214,7 @@ def quantize_blocks(
     bits: int,
     mode: str,
     threads: int | None,
+    quantizer: str = "asymmetric",
 ) -> Native:
     """The native ``quantize`` of a weight given as float32 blocks of whole
     output channels (``block(c0, c1)``: channels ``c0..c1``), converted one
@@ -216,7 +222,7 @@ def quantize_blocks(
     oc = shape[0]
     per = max(1, BLOCK_ELEMENTS // max(1, int(np.prod(shape[1:], dtype=np.int64))))
     if per >= oc:
-        res: Native = _native.quantize(block(0, oc), bits, mode, threads)
+        res: Native = _native.quantize(block(0, oc), bits, mode, threads, quantizer)
         return res
     codes = np.empty(shape, dtype=np.int8)
     scale = np.empty(oc, dtype=np.float32)
@@ -225,7 +231,7 @@ def quantize_blocks(
     for c0 in range(0, oc, per):
         c1 = min(oc, c0 + per)
         try:
-            q, s, z, kf, cf = _native.quantize(block(c0, c1), bits, mode, threads)
+            q, s, z, kf, cf = _native.quantize(block(c0, c1), bits, mode, threads, quantizer)
         except SquantError as exc:
             raise shift_channel(exc, c0) from None
         codes[c0:c1] = q
@@ -264,12 +270,16 @@ def quantize_tensor(
     *,
     backend: str = "auto",
     threads: int | None = None,
+    quantizer: str = "asymmetric",
 ) -> QuantizedTensor:
     """Quantize one weight of shape ``(OC, IC, *kernel)`` with SQuant.
 
     ``w`` is a numpy array (float16/32/64) or a torch tensor (float16,
     bfloat16, float32, float64, any device). ``bits`` in 2..8; ``mode`` one of
     ``"squant"`` (E+K+C), ``"squant-e"``, ``"squant-k"``, ``"squant-c"``.
+    ``quantizer``: ``"asymmetric"`` (the paper's min/max quantizer) or
+    ``"symmetric"`` (zero point 0, narrow signed range: what int8 runtimes
+    fuse into integer kernels).
     ``backend`` applies to torch input: ``"auto"`` (CUDA -> torch, CPU ->
     Rust), ``"rust"`` or ``"torch"``. ``threads`` sets the Rust thread count
     (default: ``SQUANT_NUM_THREADS`` or all CPUs; given, the environment is
@@ -299,12 +309,13 @@ def quantize_tensor(
     """
     bits = check_bits(bits)
     mode = check_mode(mode)
+    quantizer = check_quantizer(quantizer)
     backend = check_backend(backend)
     threads = check_threads(threads)
     if _is_torch_tensor(w):
         from ..torch.adapter import quantize_torch_tensor
 
-        return quantize_torch_tensor(w, bits, mode, backend, threads)
+        return quantize_torch_tensor(w, bits, mode, backend, threads, quantizer)
     if type(w).__module__.startswith("torch"):
         raise TypeError("got a torch object but torch is not importable")
     a = validated_array(w)
@@ -312,15 +323,25 @@ def quantize_tensor(
     if a.dtype.itemsize == 2:
         # float16: converted a block at a time (no full float32 copy).
         res = quantize_blocks(
-            a.shape, lambda c0, c1: np.asarray(a[c0:c1], dtype=np.float32), bits, mode, threads
+            a.shape,
+            lambda c0, c1: np.asarray(a[c0:c1], dtype=np.float32),
+            bits,
+            mode,
+            threads,
+            quantizer,
         )
     else:
-        res = _native.quantize(to_float32(a), bits, mode, threads)
-    return from_native(res, bits, mode, dtype)
+        res = _native.quantize(to_float32(a), bits, mode, threads, quantizer)
+    return from_native(res, bits, mode, dtype, quantizer=quantizer)
 
 
 def from_native(
-    res: tuple[Any, Any, Any, int, int], bits: int, mode: str, dtype: Any, device: Any = None
+    res: tuple[Any, Any, Any, int, int],
+    bits: int,
+    mode: str,
+    dtype: Any,
+    device: Any = None,
+    quantizer: str = "asymmetric",
 ) -> QuantizedTensor:
     """A :class:`QuantizedTensor` from the native ``quantize`` tuple: numpy
     arrays, or torch tensors on ``device`` when one is given. The caller has
@@ -332,4 +353,6 @@ def from_native(
         codes = torch.from_numpy(codes).to(device)
         scale = torch.from_numpy(scale).to(device)
         zp = torch.from_numpy(zp).to(device)
-    return QuantizedTensor(codes, scale, zp, bits, mode, dtype, int(kf), int(cf), True)
+    return QuantizedTensor(
+        codes, scale, zp, bits, mode, dtype, int(kf), int(cf), True, quantizer=quantizer
+    )

@@ -14,6 +14,7 @@ from ..errors import UnsupportedDtypeError as UnsupportedDtypeError
 
 MODES: tuple[str, ...] = ("squant", "squant-e", "squant-k", "squant-c")
 BACKENDS: tuple[str, ...] = ("auto", "rust", "torch")
+QUANTIZERS: tuple[str, ...] = ("asymmetric", "symmetric")
 #: Largest accepted thread count (the Rust side enforces the same bound).
 MAX_THREADS = 1024
 
@@ -35,6 +36,18 @@ def check_mode(mode: object) -> str:
             f"unknown mode {mode!r}: expected one of 'squant', 'squant-e', 'squant-k', 'squant-c'"
         )
     return mode
+
+
+def check_quantizer(quantizer: object) -> str:
+    if not isinstance(quantizer, str):
+        raise TypeError(
+            f"quantizer must be a string, one of {QUANTIZERS}, got {type(quantizer).__name__}"
+        )
+    if quantizer not in QUANTIZERS:
+        raise InvalidArgumentError(
+            f"unknown quantizer {quantizer!r}: expected 'asymmetric' or 'symmetric'"
+        )
+    return quantizer
 
 
 def check_backend(backend: object) -> str:

@@ -69,7 +69,12 @@ def check_torch_weight(w: torch.Tensor) -> None:
     check_shape(tuple(w.shape))
 
 
-def _check_values_torch(w32: torch.Tensor, bits: int, original: torch.Tensor | None = None) -> None:
+def _check_values_torch(
+    w32: torch.Tensor,
+    bits: int,
+    original: torch.Tensor | None = None,
+    quantizer: str = "asymmetric",
+) -> None:
     """The Rust core's value checks, for the torch path: non-finite weights
     and channels whose quantizer (or dequantized grid) overflows float32.
     Raises the Rust path's error for the first such channel; returns when
@@ -81,11 +86,16 @@ def _check_values_torch(w32: torch.Tensor, bits: int, original: torch.Tensor | N
     bad_rows = bad.any(dim=1)
     mx = flat.amax(dim=1)
     mn = flat.amin(dim=1)
-    levels = float(2**bits - 1)
     n = float(2 ** (bits - 1))
-    scale = levels / (mx - mn).clamp_min(1e-8)
-    zp = torch.round(scale * mn) + n
-    reach = torch.maximum(((zp - n) / scale).abs(), ((zp + (n - 1)) / scale).abs())
+    if quantizer == "symmetric":
+        amax = torch.maximum(mx.abs(), mn.abs())
+        scale = (n - 1) / amax.clamp_min(1e-8)
+        zp = torch.zeros_like(scale)
+    else:
+        scale = float(2**bits - 1) / (mx - mn).clamp_min(1e-8)
+        zp = torch.round(scale * mn) + n
+    low = n - 1 if quantizer == "symmetric" else n  # -tmin
+    reach = torch.maximum(((zp - low) / scale).abs(), ((zp + (n - 1)) / scale).abs())
     overflow = ~(
         torch.isfinite(scale)
         & (scale > 0)
@@ -166,7 +176,12 @@ def host_float32(w: torch.Tensor) -> np.ndarray:
 
 
 def quantize_torch_tensor(
-    w: torch.Tensor, bits: int, mode: str, backend: str, threads: int | None
+    w: torch.Tensor,
+    bits: int,
+    mode: str,
+    backend: str,
+    threads: int | None,
+    quantizer: str = "asymmetric",
 ) -> QuantizedTensor:
     from ..tensor.quantized import QuantizedTensor, from_native, quantize_blocks
 
@@ -179,12 +194,16 @@ def quantize_torch_tensor(
         from .backend import quantize_torch
 
         def check() -> None:  # the error path only: raises for a bad weight
-            _check_values_torch(w.to(torch.float32), bits, w if w.dtype == torch.float64 else None)
+            _check_values_torch(
+                w.to(torch.float32), bits, w if w.dtype == torch.float64 else None, quantizer
+            )
 
         # The backend flags suspect channels from the quantizer it computes
         # anyway and calls check() after its one host sync.
-        codes, scale, zp, kf, cf = quantize_torch(w, bits, mode, check=check)
-        return QuantizedTensor(codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf), True)
+        codes, scale, zp, kf, cf = quantize_torch(w, bits, mode, check=check, quantizer=quantizer)
+        return QuantizedTensor(
+            codes, scale, zp, bits, mode, w.dtype, int(kf), int(cf), True, quantizer=quantizer
+        )
     if w.element_size() == 2:
         # float16 / bfloat16: converted a block of channels at a time.
         res = quantize_blocks(
@@ -193,11 +212,12 @@ def quantize_torch_tensor(
             bits,
             mode,
             threads,
+            quantizer,
         )
     else:
         # A contiguous float32 CPU tensor is shared with numpy, not copied.
-        res = _native.quantize(host_float32(w), bits, mode, threads)
-    return from_native(res, bits, mode, w.dtype, w.device)
+        res = _native.quantize(host_float32(w), bits, mode, threads, quantizer)
+    return from_native(res, bits, mode, w.dtype, w.device, quantizer)
 
 
 # A batch is cut into passes of at most this many elements (a weight larger
@@ -207,7 +227,11 @@ _MAX_PASS_ELEMENTS = 1 << 24
 
 
 def quantize_torch_tensors(
-    ws: list[torch.Tensor], bits: int, mode: str, indices: list[int]
+    ws: list[torch.Tensor],
+    bits: int,
+    mode: str,
+    indices: list[int],
+    quantizer: str = "asymmetric",
 ) -> list[QuantizedTensor]:
     """``quantize_torch_tensor(w, bits, mode, "torch", None)`` for every
     ``w`` in ``ws``, in few passes of the torch backend.
@@ -243,7 +267,7 @@ def quantize_torch_tensors(
             w = ws[p]
             with _prefix(indices[p]):
                 _check_values_torch(
-                    w.to(torch.float32), bits, w if w.dtype == torch.float64 else None
+                    w.to(torch.float32), bits, w if w.dtype == torch.float64 else None, quantizer
                 )
             pending.discard(p)
 
@@ -273,10 +297,11 @@ def quantize_torch_tensors(
             check_values([p for p in pending if indices[p] <= last])
 
         if len(ps) == 1:
-            run = launch(ws[ps[0]], bits, mode, None, check=check)
+            run = launch(ws[ps[0]], bits, mode, None, check=check, quantizer=quantizer)
         else:
             both = torch.cat([ws[p] for p in ps])
-            run = launch(both, bits, mode, [int(ws[p].shape[0]) for p in ps], check=check)
+            sizes = [int(ws[p].shape[0]) for p in ps]
+            run = launch(both, bits, mode, sizes, check=check, quantizer=quantizer)
             del both
         runs.append((ps, run, check))
     counts = settle([run for _, run, _ in runs])
@@ -290,13 +315,33 @@ def quantize_torch_tensors(
         if len(ps) == 1:
             (p,) = ps
             out[p] = QuantizedTensor(
-                run.codes, run.s, run.z, bits, mode, ws[p].dtype, int(kfs[0]), int(cfs[0]), True
+                run.codes,
+                run.s,
+                run.z,
+                bits,
+                mode,
+                ws[p].dtype,
+                int(kfs[0]),
+                int(cfs[0]),
+                True,
+                quantizer=quantizer,
             )
             continue
         sizes = [int(ws[p].shape[0]) for p in ps]
         split = (torch.split(t, sizes) for t in (run.codes, run.s, run.z))
         for p, c, sc, z, kf, cf in zip(ps, *split, kfs, cfs):
-            out[p] = QuantizedTensor(c, sc, z, bits, mode, ws[p].dtype, int(kf), int(cf), True)
+            out[p] = QuantizedTensor(
+                c,
+                sc,
+                z,
+                bits,
+                mode,
+                ws[p].dtype,
+                int(kf),
+                int(cf),
+                True,
+                quantizer=quantizer,
+            )
     return [qt for qt in out if qt is not None]
 
 

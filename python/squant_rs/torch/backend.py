@@ -197,9 +197,16 @@ def _rev(length: int, device: torch.device) -> torch.Tensor:
 
 
 def quantize_torch(
-    w: torch.Tensor, bits: int, mode: str, *, check: Callable[[], None] | None = None
+    w: torch.Tensor,
+    bits: int,
+    mode: str,
+    *,
+    check: Callable[[], None] | None = None,
+    quantizer: str = "asymmetric",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """SQuant-quantize ``w`` on its device (docs/algorithm.md sections 1-4).
+    """SQuant-quantize ``w`` on its device (docs/algorithm.md sections 1-4;
+    with ``quantizer="symmetric"`` the symmetric quantizer instead of
+    section 1's).
 
     ``w`` must already be validated (non-empty, ``ndim >= 2``, bits in 2..8,
     a known mode).  It is read as float32 and viewed as ``(OC, IC, K)``.
@@ -215,7 +222,7 @@ def quantize_torch(
     channel that really is non-finite they mean nothing.  On CUDA the test
     shares the one host sync that reads the flip counts.
     """
-    return _quantize(w, bits, mode, on_cpu=_strategy_on_cpu(w), check=check)
+    return _quantize(w, bits, mode, on_cpu=_strategy_on_cpu(w), check=check, quantizer=quantizer)
 
 
 def quantize_torch_segments(
@@ -225,6 +232,7 @@ def quantize_torch_segments(
     segments: Sequence[int],
     *,
     check: Callable[[], None] | None = None,
+    quantizer: str = "asymmetric",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
     """``quantize_torch`` for several weights concatenated along dim 0.
 
@@ -235,7 +243,9 @@ def quantize_torch_segments(
     weight alone -- read with the same single host sync.  ``check`` is
     called when a channel of any segment is suspect.
     """
-    return _quantize_segments(w, bits, mode, segments, on_cpu=_strategy_on_cpu(w), check=check)
+    return _quantize_segments(
+        w, bits, mode, segments, on_cpu=_strategy_on_cpu(w), check=check, quantizer=quantizer
+    )
 
 
 def _strategy_on_cpu(w: torch.Tensor) -> bool:
@@ -249,9 +259,10 @@ def _quantize(
     *,
     on_cpu: bool,
     check: Callable[[], None] | None = None,
+    quantizer: str = "asymmetric",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """``quantize_torch`` with the strategy chosen explicitly (see module doc)."""
-    codes, s, z, kc, cc = _run(w, bits, mode, None, on_cpu=on_cpu, check=check)
+    codes, s, z, kc, cc = _run(w, bits, mode, None, on_cpu=on_cpu, check=check, quantizer=quantizer)
     return codes, s, z, kc[0], cc[0]
 
 
@@ -263,6 +274,7 @@ def _quantize_segments(
     *,
     on_cpu: bool,
     check: Callable[[], None] | None = None,
+    quantizer: str = "asymmetric",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
     """``quantize_torch_segments`` with the strategy chosen explicitly."""
     sizes = [int(n) for n in segments]
@@ -270,7 +282,7 @@ def _quantize_segments(
         raise ValueError(
             f"segments {sizes} must be positive row counts adding up to {int(w.shape[0])}"
         )
-    return _run(w, bits, mode, sizes, on_cpu=on_cpu, check=check)
+    return _run(w, bits, mode, sizes, on_cpu=on_cpu, check=check, quantizer=quantizer)
 
 
 def _run(
@@ -281,6 +293,7 @@ def _run(
     *,
     on_cpu: bool,
     check: Callable[[], None] | None,
+    quantizer: str = "asymmetric",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
     """The quantizer; flip counts per segment (None: one, the whole weight).
 
@@ -289,7 +302,7 @@ def _run(
     total each.  The same kernels run either way (a row sum instead of a
     full sum).
     """
-    run = _launch(w, bits, mode, segments, on_cpu=on_cpu, check=check)
+    run = _launch(w, bits, mode, segments, on_cpu=on_cpu, check=check, quantizer=quantizer)
     ((k_changed, c_changed, suspect),) = settle([run])
     if suspect and check is not None:
         check()
@@ -372,6 +385,7 @@ def launch(
     segments: Sequence[int] | None,
     *,
     check: Callable[[], None] | None = None,
+    quantizer: str = "asymmetric",
 ) -> Launched:
     """Queue the quantization of ``w`` (segments: rows per weight of a
     concatenation, or None) without reading anything back; :func:`settle`
@@ -379,7 +393,9 @@ def launch(
     and the caller calls ``check`` for a suspect pass.  (The CPU strategy
     calls ``check`` itself, before its levels.)"""
     sizes = None if segments is None else [int(n) for n in segments]
-    return _launch(w, bits, mode, sizes, on_cpu=_strategy_on_cpu(w), check=check)
+    return _launch(
+        w, bits, mode, sizes, on_cpu=_strategy_on_cpu(w), check=check, quantizer=quantizer
+    )
 
 
 def _launch(
@@ -390,13 +406,15 @@ def _launch(
     *,
     on_cpu: bool,
     check: Callable[[], None] | None,
+    quantizer: str = "asymmetric",
 ) -> Launched:
     """Everything of :func:`_run` up to its host sync."""
     oc, ic = int(w.shape[0]), int(w.shape[1])
     k = math.prod(int(d) for d in w.shape[2:])
     width = ic * k
     n = 2 ** (bits - 1)
-    tmin, tmax = -n, n - 1
+    symmetric = quantizer == "symmetric"
+    tmin, tmax = (1 - n if symmetric else -n), n - 1
     w2 = w.detach().to(torch.float32).reshape(oc, width)  # read only: may be w itself
 
     # --- docs/algorithm.md section 1: per-channel quantizer ---------------
@@ -406,8 +424,13 @@ def _launch(
         mn, mx = torch.aminmax(w2, dim=1)
     # True division (not reciprocal * c): a CPU scalar dividend keeps it
     # one launch on CUDA.
-    s = torch.div(torch.tensor(float(2**bits - 1)), (mx - mn).clamp_min_(1e-8))
-    z = torch.round(s * mn).add_(float(n))
+    if symmetric:  # the symmetric quantizer: s = (n - 1) / max|w|, z = 0
+        amax = torch.maximum(mx.abs(), mn.abs())
+        s = torch.div(torch.tensor(float(n - 1)), amax.clamp_min_(1e-8))
+        z = torch.zeros_like(s)
+    else:
+        s = torch.div(torch.tensor(float(2**bits - 1)), (mx - mn).clamp_min_(1e-8))
+        z = torch.round(s * mn).add_(float(n))
     bad: torch.Tensor | None = None  # CUDA: read with the flip counts
     if check is not None:
         suspect = _suspect_channels(s, z, n)

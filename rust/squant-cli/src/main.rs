@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use squant_core::Mode;
+use squant_core::{Mode, Quantizer};
 use squant_io::format::{Kind, SquantFile};
 use squant_io::{dtype, IoError, Options};
 
@@ -53,6 +53,9 @@ enum Command {
         /// quantization mode
         #[arg(long, default_value = "squant", value_parser = ["squant", "squant-e", "squant-k", "squant-c"])]
         mode: String,
+        /// asymmetric (zero point, SQuant's) or symmetric (zero point 0, what int8 runtimes fuse)
+        #[arg(long, default_value = "asymmetric", value_parser = ["asymmetric", "symmetric"])]
+        quantizer: String,
         /// quantize tensors whose name matches one of these fnmatch patterns (default: '*weight')
         #[arg(long, num_args = 1.., value_name = "PATTERN", action = clap::ArgAction::Append)]
         include: Vec<String>,
@@ -332,6 +335,7 @@ fn cmd_quantize(
     dst: &Path,
     bits: u32,
     mode: &str,
+    quantizer: &str,
     include: Vec<String>,
     skip: Vec<String>,
     n_threads: Option<usize>,
@@ -399,6 +403,9 @@ fn cmd_quantize(
     let mode_v: Mode = mode
         .parse()
         .map_err(|e: squant_core::SquantError| CliError(e.to_string()))?;
+    let quantizer_v: Quantizer = quantizer
+        .parse()
+        .map_err(|e: squant_core::SquantError| CliError(e.to_string()))?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .thread_name(|i| format!("squant-{i}"))
@@ -407,6 +414,7 @@ fn cmd_quantize(
     let opts = Options {
         bits,
         mode: mode_v,
+        quantizer: quantizer_v,
         include,
         skip,
         pool: Some(std::sync::Arc::new(pool)),
@@ -470,6 +478,7 @@ fn cmd_quantize(
                 &layers,
                 bits,
                 mode,
+                quantizer,
                 wall_ms,
                 report.size_before,
                 report.size_after
@@ -486,7 +495,7 @@ fn cmd_quantize(
             format!("{} of {} tensors", report.layers.len(), report.tensors),
         ),
         ("parameters quantized", commas(t.params)),
-        ("bits / mode", format!("{bits} / {mode}")),
+        ("bits / mode", format!("{bits} / {mode} ({quantizer})")),
         (
             "time",
             format!(
@@ -725,13 +734,14 @@ fn main() -> ExitCode {
             output,
             wbits,
             mode,
+            quantizer,
             include,
             skip,
             threads,
             verbose,
             quiet,
         } => cmd_quantize(
-            &input, &output, wbits, &mode, include, skip, threads, verbose, quiet,
+            &input, &output, wbits, &mode, &quantizer, include, skip, threads, verbose, quiet,
         ),
         Command::Info {
             file,

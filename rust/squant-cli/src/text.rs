@@ -102,6 +102,7 @@ pub fn report_table(
     layers: &[LayerStats],
     bits: u32,
     mode: &str,
+    quantizer: &str,
     wall_ms: f64,
     size_before: u64,
     size_after: u64,
@@ -134,6 +135,12 @@ pub fn report_table(
         format!("{:.3}", size_after as f64 / size_before as f64)
     } else {
         "nan".to_string()
+    };
+    // As QuantReport.summary: the quantizer only when not the default.
+    let mode = if quantizer == "asymmetric" {
+        mode.to_string()
+    } else {
+        format!("{mode} {quantizer}")
     };
     lines.push(format!(
         "total: {} layers, {} parameters, W{bits} {mode}: {:.1} ms (wall {wall_ms:.1} ms), mean relative error {:.4}, size {} -> {} ({ratio}x)",

@@ -2,7 +2,7 @@
 //! layer, fast path against the scalar reference and nearest rounding.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use squant_core::{quantize, quantize_ref, Layout, Mode};
+use squant_core::{quantize, quantize_ref, Layout, Mode, Quantizer};
 
 /// Deterministic He-scaled pseudo-normal weights (sum of uniforms).
 fn weights(n: usize, fan_in: usize, seed: u64) -> Vec<f32> {
@@ -37,6 +37,7 @@ fn bench_layer(c: &mut Criterion, name: &str, layout: Layout) {
                     black_box(&w),
                     layout,
                     4,
+                    Quantizer::Asymmetric,
                     mode,
                     &mut codes,
                     &mut scale,
@@ -48,7 +49,7 @@ fn bench_layer(c: &mut Criterion, name: &str, layout: Layout) {
     }
     group.sample_size(10);
     group.bench_function("reference/squant", |b| {
-        b.iter(|| quantize_ref(black_box(&w), layout, 4, Mode::Full).ok())
+        b.iter(|| quantize_ref(black_box(&w), layout, 4, Quantizer::Asymmetric, Mode::Full).ok())
     });
     group.finish();
 }

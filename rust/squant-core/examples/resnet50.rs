@@ -4,7 +4,7 @@
 //! (`ISA=avx2` or `ISA=baseline` times a lower build of the fast path;
 //! `FRESH=1` gives every run new output buffers, page faults included).
 use squant_core::case::Isa;
-use squant_core::{quantize_isa, Layout, Mode};
+use squant_core::{quantize_isa, Layout, Mode, Quantizer};
 use std::time::Instant;
 
 /// (OC, IC, K) of the 54 weights, in model order.
@@ -91,7 +91,8 @@ fn main() {
                 }
                 pool.install(|| {
                     for ((l, w), (q, sc, zp)) in layers.iter().zip(out.iter_mut()) {
-                        let f = quantize_isa(w, *l, 4, mode, q, sc, zp, isa).expect("quantize");
+                        let f = quantize_isa(w, *l, 4, Quantizer::Asymmetric, mode, q, sc, zp, isa)
+                            .expect("quantize");
                         flips = (f.k, f.c);
                     }
                 });

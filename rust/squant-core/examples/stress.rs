@@ -1,12 +1,15 @@
 //! Stress test of the fast builds against the scalar reference: random
 //! tensors from 14 distributions (grids, clamp corners, sums placed at and
 //! near multiples of 0.5, tiny, huge, subnormal, constant, pruned, ...),
-//! K in {1, 2, 3, 4, 5, 6, 7, 9, 11, 25}, bits 2..8, all modes; each is
+//! K in {1, 2, 3, 4, 5, 6, 7, 9, 11, 25}, bits 2..8, all modes, both
+//! quantizers; each is
 //! checked with quantize_isa for every build and with quantize_serial.
 //! `cargo run --release -p squant-core --example stress [SEED] [SECONDS] [DIST]`
 //! (`BOUNDARY=1`: channels at the lane path's length limit). Not part of CI.
 use squant_core::case::Isa;
-use squant_core::{quantize_isa, quantize_ref, quantize_serial, Layout, Mode, SquantError};
+use squant_core::{
+    quantize_isa, quantize_ref, quantize_serial, Layout, Mode, Quantizer, SquantError,
+};
 use std::time::{Duration, Instant};
 
 struct Rng(u64);
@@ -279,22 +282,32 @@ struct Stats {
     fails: u64,
 }
 
-fn run_case(w: &[f32], layout: Layout, bits: u32, mode: Mode, st: &mut Stats, desc: &str) -> bool {
-    let r = quantize_ref(w, layout, bits, mode);
+fn run_case(
+    w: &[f32],
+    layout: Layout,
+    bits: u32,
+    qz: Quantizer,
+    mode: Mode,
+    st: &mut Stats,
+    desc: &str,
+) -> bool {
+    let r = quantize_ref(w, layout, bits, qz, mode);
     let mut ok = true;
     let mut outs = Vec::new();
     for isa in Isa::ALL {
         let mut codes = vec![0i8; layout.len()];
         let mut scale = vec![0f32; layout.oc];
         let mut zp = vec![0f32; layout.oc];
-        let f = quantize_isa(w, layout, bits, mode, &mut codes, &mut scale, &mut zp, isa);
+        let f = quantize_isa(
+            w, layout, bits, qz, mode, &mut codes, &mut scale, &mut zp, isa,
+        );
         outs.push((format!("{isa:?}"), f, codes, scale, zp));
     }
     {
         let mut codes = vec![0i8; layout.len()];
         let mut scale = vec![0f32; layout.oc];
         let mut zp = vec![0f32; layout.oc];
-        let f = quantize_serial(w, layout, bits, mode, &mut codes, &mut scale, &mut zp);
+        let f = quantize_serial(w, layout, bits, qz, mode, &mut codes, &mut scale, &mut zp);
         outs.push(("serial".into(), f, codes, scale, zp));
     }
     st.checks += outs.len() as u64;
@@ -439,12 +452,14 @@ fn main() {
             vec![rng.pick(&[Mode::Full, Mode::C, Mode::K, Mode::Full])]
         };
         for mode in modes {
-            let desc = format!(
-                "seed={seed} oc={oc} ic={ic} k={k} bits={bits} mode={mode} dists={dists:?}"
-            );
-            if !run_case(&w, layout, bits, mode, &mut st, &desc) && st.fails > 30 {
-                println!("too many failures");
-                std::process::exit(1);
+            for qz in Quantizer::ALL {
+                let desc = format!(
+                    "seed={seed} oc={oc} ic={ic} k={k} bits={bits} {qz} mode={mode} dists={dists:?}"
+                );
+                if !run_case(&w, layout, bits, qz, mode, &mut st, &desc) && st.fails > 30 {
+                    println!("too many failures");
+                    std::process::exit(1);
+                }
             }
         }
     }

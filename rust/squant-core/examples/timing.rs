@@ -1,6 +1,6 @@
 //! Quick timing of the fast path on one layer: `cargo run --release --example timing`.
 use squant_core::case::Isa;
-use squant_core::{quantize_isa, Layout, Mode};
+use squant_core::{quantize_isa, Layout, Mode, Quantizer};
 use std::time::Instant;
 
 fn main() {
@@ -51,7 +51,17 @@ fn main() {
         for _ in 0..reps {
             let t = Instant::now();
             pool.install(|| {
-                quantize_isa(&w, layout, 4, mode, &mut codes, &mut scale, &mut zp, isa)
+                quantize_isa(
+                    &w,
+                    layout,
+                    4,
+                    Quantizer::Asymmetric,
+                    mode,
+                    &mut codes,
+                    &mut scale,
+                    &mut zp,
+                    isa,
+                )
             })
             .unwrap();
             best = best.min(t.elapsed().as_secs_f64());

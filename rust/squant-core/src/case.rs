@@ -11,7 +11,7 @@
 use crate::error::SquantError;
 use crate::fast::{self, Simd};
 use crate::mode::Mode;
-use crate::qparams::{channel_params, code_range, rne, ChannelParams};
+use crate::qparams::{channel_params, code_range, rne, ChannelParams, Quantizer};
 use crate::sum;
 
 /// Numbers of elements whose value changed at each level.
@@ -470,16 +470,29 @@ impl Isa {
 /// has (chosen at run time): AVX-512 (with lane kernels written in
 /// intrinsics), AVX2, or the baseline. All of them compute the same IEEE
 /// operations (no FMA contraction), so the results are identical.
+#[allow(clippy::too_many_arguments)]
 pub fn quantize_channel(
     w: &[f32],
     k: usize,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     channel: usize,
     codes: &mut [i8],
     sc: &mut Scratch,
 ) -> Result<(ChannelParams, Flips), SquantError> {
-    quantize_channel_isa(w, &[], k, bits, mode, channel, codes, sc, Isa::Best)
+    quantize_channel_isa(
+        w,
+        &[],
+        k,
+        bits,
+        quantizer,
+        mode,
+        channel,
+        codes,
+        sc,
+        Isa::Best,
+    )
 }
 
 /// [`quantize_channel`] in the build `isa` (or the best one below it that
@@ -492,6 +505,7 @@ pub fn quantize_channel_isa(
     next: &[f32],
     k: usize,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     channel: usize,
     codes: &mut [i8],
@@ -503,29 +517,33 @@ pub fn quantize_channel_isa(
     {
         if isa == Isa::Best && has_avx512() {
             // SAFETY: the CPU supports these features (`has_avx512`).
-            return unsafe { quantize_channel_avx512(w, next, k, bits, mode, channel, codes, sc) };
+            return unsafe {
+                quantize_channel_avx512(w, next, k, bits, quantizer, mode, channel, codes, sc)
+            };
         }
         if isa != Isa::Baseline && std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { quantize_channel_avx2(w, next, k, bits, mode, channel, codes, sc) };
+            return unsafe {
+                quantize_channel_avx2(w, next, k, bits, quantizer, mode, channel, codes, sc)
+            };
         }
         // Baseline x86-64 has no rounding instruction (SSE4.1).
         quantize_channel_impl::<fast::Portable<fast::SoftRound>>(
-            w, next, k, bits, mode, channel, codes, sc,
+            w, next, k, bits, quantizer, mode, channel, codes, sc,
         )
     }
     #[cfg(target_arch = "aarch64")]
     {
         let _ = isa;
         quantize_channel_impl::<fast::Portable<fast::HwRound>>(
-            w, next, k, bits, mode, channel, codes, sc,
+            w, next, k, bits, quantizer, mode, channel, codes, sc,
         )
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         let _ = isa;
         quantize_channel_impl::<fast::Portable<fast::SoftRound>>(
-            w, next, k, bits, mode, channel, codes, sc,
+            w, next, k, bits, quantizer, mode, channel, codes, sc,
         )
     }
 }
@@ -596,12 +614,13 @@ unsafe fn quantize_channel_avx2(
     next: &[f32],
     k: usize,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     channel: usize,
     codes: &mut [i8],
     sc: &mut Scratch,
 ) -> Result<(ChannelParams, Flips), SquantError> {
-    quantize_channel_impl::<fast::Avx2>(w, next, k, bits, mode, channel, codes, sc)
+    quantize_channel_impl::<fast::Avx2>(w, next, k, bits, quantizer, mode, channel, codes, sc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -612,12 +631,13 @@ unsafe fn quantize_channel_avx512(
     next: &[f32],
     k: usize,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     channel: usize,
     codes: &mut [i8],
     sc: &mut Scratch,
 ) -> Result<(ChannelParams, Flips), SquantError> {
-    quantize_channel_impl::<fast::Avx512>(w, next, k, bits, mode, channel, codes, sc)
+    quantize_channel_impl::<fast::Avx512>(w, next, k, bits, quantizer, mode, channel, codes, sc)
 }
 
 /// Quantizes one output channel `w` (`ic * k` values) into `codes`: the
@@ -629,14 +649,15 @@ fn quantize_channel_impl<S: Simd>(
     next: &[f32],
     k: usize,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     channel: usize,
     codes: &mut [i8],
     sc: &mut Scratch,
 ) -> Result<(ChannelParams, Flips), SquantError> {
     let (mn, mx) = S::min_max(w).map_err(|index| SquantError::NonFinite { channel, index })?;
-    let p = channel_params(mn, mx, bits, channel)?;
-    let (tmin, tmax) = code_range(bits);
+    let p = channel_params(mn, mx, bits, quantizer, channel)?;
+    let (tmin, tmax) = code_range(bits, quantizer);
     if let Some(flips) = fast::channel::<S>(w, next, k, p, tmin, tmax, mode, codes, &mut sc.lanes) {
         return Ok((p, flips));
     }

@@ -10,6 +10,8 @@ pub enum SquantError {
     InvalidBits(u32),
     /// Mode string that is none of `squant`, `squant-e`, `squant-k`, `squant-c`.
     UnknownMode(String),
+    /// Quantizer string that is neither `asymmetric` nor `symmetric`.
+    UnknownQuantizer(String),
     /// A dimension of the `(OC, IC, K)` layout is zero.
     EmptyTensor,
     /// Buffer lengths do not match the layout.
@@ -48,6 +50,10 @@ impl fmt::Display for SquantError {
             SquantError::UnknownMode(m) => write!(
                 f,
                 "unknown mode {m:?}: expected one of 'squant', 'squant-e', 'squant-k', 'squant-c'"
+            ),
+            SquantError::UnknownQuantizer(q) => write!(
+                f,
+                "unknown quantizer {q:?}: expected 'asymmetric' or 'symmetric'"
             ),
             SquantError::EmptyTensor => write!(f, "weight tensor is empty (a dimension is 0)"),
             SquantError::ShapeMismatch {

@@ -903,7 +903,7 @@ fn kernel_exact<R: Round>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qparams::{code_range, params_of};
+    use crate::qparams::{code_range, params_of, Quantizer};
 
     /// He-like values from a fixed generator.
     fn weights(n: usize, seed: u64) -> Vec<f32> {
@@ -925,8 +925,8 @@ mod tests {
     }
 
     fn lane_path(w: &[f32], k: usize, mode: Mode) -> Option<Flips> {
-        let p = params_of(w, 4, 0).expect("finite");
-        let (tmin, tmax) = code_range(4);
+        let p = params_of(w, 4, Quantizer::Asymmetric, 0).expect("finite");
+        let (tmin, tmax) = code_range(4, Quantizer::Asymmetric);
         let mut codes = vec![0i8; w.len()];
         let mut ln = Lanes::default();
         channel::<Portable<HwRound>>(w, &[], k, p, tmin, tmax, mode, &mut codes, &mut ln)
@@ -989,8 +989,8 @@ mod tests {
         // maximum at x = 0.6 is the only down candidate; S = 16 > 1.
         let mut w = vec![0.2f32; 40];
         w[39] = 1.2;
-        let p = params_of(&w, 2, 0).expect("finite");
-        let (tmin, tmax) = code_range(2);
+        let p = params_of(&w, 2, Quantizer::Asymmetric, 0).expect("finite");
+        let (tmin, tmax) = code_range(2, Quantizer::Asymmetric);
         let mut codes = vec![0i8; w.len()];
         let mut ln = Lanes::default();
         let r =

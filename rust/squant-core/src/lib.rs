@@ -6,12 +6,13 @@
 //! slices out; parallel over output channels with rayon.
 //!
 //! ```
-//! use squant_core::{quantize, Layout, Mode};
+//! use squant_core::{quantize, Layout, Mode, Quantizer};
 //! let w: Vec<f32> = (0..2 * 3 * 9).map(|i| ((i * 37) % 17) as f32 / 17.0 - 0.5).collect();
 //! let layout = Layout { oc: 2, ic: 3, k: 9 };
 //! let mut codes = vec![0i8; w.len()];
 //! let (mut scale, mut zp) = (vec![0f32; 2], vec![0f32; 2]);
-//! let flips = quantize(&w, layout, 4, Mode::Full, &mut codes, &mut scale, &mut zp).unwrap();
+//! let flips = quantize(&w, layout, 4, Quantizer::Asymmetric, Mode::Full, &mut codes, &mut scale, &mut zp)
+//!     .unwrap();
 //! assert!(codes.iter().all(|&q| (-8..=7).contains(&q)));
 //! # let _ = flips;
 //! ```
@@ -37,7 +38,7 @@ use rayon::prelude::*;
 pub use case::Flips;
 pub use error::SquantError;
 pub use mode::Mode;
-pub use qparams::{dequantize_one, ChannelParams};
+pub use qparams::{dequantize_one, ChannelParams, Quantizer};
 
 /// A weight viewed as `W[o, i, k]`: `oc` output channels, `ic` input
 /// channels (per group), `k` elements per kernel (1 for Linear).
@@ -120,16 +121,19 @@ impl Layout {
 /// saves.
 const MIN_TASK_ELEMS: usize = 16 * 1024;
 
-/// Quantizes `w` (row-major `(oc, ic, k)`) with SQuant: writes int8 codes,
+/// Quantizes `w` (row-major `(oc, ic, k)`) with SQuant and `quantizer`'s
+/// per-channel mapping: writes int8 codes,
 /// per-channel `scale` (levels per unit) and `zero_point`, and returns the
 /// number of elements changed at the K and C levels.
 ///
 /// Errors name the first (lowest) output channel at fault, whatever the
 /// thread count.
+#[allow(clippy::too_many_arguments)]
 pub fn quantize(
     w: &[f32],
     layout: Layout,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     codes: &mut [i8],
     scale: &mut [f32],
@@ -139,6 +143,7 @@ pub fn quantize(
         w,
         layout,
         bits,
+        quantizer,
         mode,
         codes,
         scale,
@@ -154,6 +159,7 @@ pub fn quantize_isa(
     w: &[f32],
     layout: Layout,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     codes: &mut [i8],
     scale: &mut [f32],
@@ -171,19 +177,21 @@ pub fn quantize_isa(
         .enumerate()
         .with_min_len(min_len)
         .map_init(case::Scratch::default, |sc, (o, ((qc, s), z))| {
-            channel_step(w, layout, o, qc, s, z, bits, mode, sc, isa)
+            channel_step(w, layout, o, qc, s, z, bits, quantizer, mode, sc, isa)
         })
         .try_reduce(Flips::default, |a, b| Ok(a + b));
-    result.map_err(|err| first_error(w, g, bits).unwrap_or(err))
+    result.map_err(|err| first_error(w, g, bits, quantizer).unwrap_or(err))
 }
 
 /// [`quantize`] on the calling thread only (no rayon pool involved): for
 /// one thread, or weights too small to be worth handing to a pool. Same
 /// results.
+#[allow(clippy::too_many_arguments)]
 pub fn quantize_serial(
     w: &[f32],
     layout: Layout,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     codes: &mut [i8],
     scale: &mut [f32],
@@ -199,7 +207,20 @@ pub fn quantize_serial(
         .zip(scale.iter_mut())
         .zip(zero_point.iter_mut());
     for (o, ((qc, s), z)) in channels.enumerate() {
-        flips = flips + channel_step(w, layout, o, qc, s, z, bits, mode, &mut sc, case::Isa::Best)?;
+        flips = flips
+            + channel_step(
+                w,
+                layout,
+                o,
+                qc,
+                s,
+                z,
+                bits,
+                quantizer,
+                mode,
+                &mut sc,
+                case::Isa::Best,
+            )?;
     }
     Ok(flips)
 }
@@ -216,6 +237,7 @@ fn channel_step(
     scale: &mut f32,
     zero_point: &mut f32,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     sc: &mut case::Scratch,
     isa: case::Isa,
@@ -223,17 +245,18 @@ fn channel_step(
     let g = layout.channel_len();
     let wc = &w[o * g..(o + 1) * g];
     let next = w.get((o + 1) * g..(o + 2) * g).unwrap_or(&[]);
-    let (p, f) = case::quantize_channel_isa(wc, next, layout.k, bits, mode, o, codes, sc, isa)?;
+    let (p, f) =
+        case::quantize_channel_isa(wc, next, layout.k, bits, quantizer, mode, o, codes, sc, isa)?;
     *scale = p.scale;
     *zero_point = p.zero_point;
     Ok(f)
 }
 
 /// The error of the lowest failing channel (a parallel run may report any).
-fn first_error(w: &[f32], g: usize, bits: u32) -> Option<SquantError> {
+fn first_error(w: &[f32], g: usize, bits: u32, quantizer: Quantizer) -> Option<SquantError> {
     w.chunks(g)
         .enumerate()
-        .find_map(|(o, wc)| qparams::params_of(wc, bits, o).err())
+        .find_map(|(o, wc)| qparams::params_of(wc, bits, quantizer, o).err())
 }
 
 /// Dequantizes codes in place of `out`: `(q + zero_point[o]) / scale[o]`.
@@ -267,6 +290,7 @@ pub fn quantize_ref(
     w: &[f32],
     layout: Layout,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
 ) -> Result<(Vec<i8>, Vec<ChannelParams>, Flips), SquantError> {
     qparams::check_bits(bits)?;
@@ -278,7 +302,7 @@ pub fn quantize_ref(
     let mut flips = Flips::default();
     for (o, wc) in w.chunks(g).enumerate() {
         let (q, p, kf, cf) =
-            reference::quantize_channel_ref(wc, layout.ic, layout.k, bits, mode, o)?;
+            reference::quantize_channel_ref(wc, layout.ic, layout.k, bits, quantizer, mode, o)?;
         codes.extend(q);
         params.push(p);
         flips = flips

@@ -1,7 +1,52 @@
-//! Per-output-channel asymmetric min/max quantizer (docs/algorithm.md section 1) and the
-//! bit-exact float32 helpers every level uses.
+//! Per-output-channel quantizers: the paper's asymmetric min/max one
+//! (docs/algorithm.md section 1) and the symmetric one for int8 runtimes,
+//! and the bit-exact float32 helpers every level uses.
+
+use std::fmt;
+use std::str::FromStr;
 
 use crate::error::SquantError;
+
+/// How a channel's floats map to codes before the CASE levels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Quantizer {
+    /// The paper's: min/max range, zero point, codes in `[-2^(b-1), 2^(b-1) - 1]`.
+    #[default]
+    Asymmetric,
+    /// Zero point 0, `s = (2^(b-1) - 1) / max|w|`, codes in the narrow
+    /// signed range `[-(2^(b-1) - 1), 2^(b-1) - 1]` (what int8 runtimes fuse).
+    Symmetric,
+}
+
+impl Quantizer {
+    /// Both quantizers, the default first.
+    pub const ALL: [Quantizer; 2] = [Quantizer::Asymmetric, Quantizer::Symmetric];
+
+    /// The quantizer's name as used by the Python API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quantizer::Asymmetric => "asymmetric",
+            Quantizer::Symmetric => "symmetric",
+        }
+    }
+}
+
+impl fmt::Display for Quantizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Quantizer {
+    type Err = SquantError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "asymmetric" => Ok(Quantizer::Asymmetric),
+            "symmetric" => Ok(Quantizer::Symmetric),
+            other => Err(SquantError::UnknownQuantizer(other.to_string())),
+        }
+    }
+}
 
 /// `2^23`: every float32 of at least this magnitude is an integer.
 const INT_LIMIT: f32 = 8_388_608.0;
@@ -26,12 +71,16 @@ pub fn rne(x: f32) -> f32 {
     }
 }
 
-/// Integer code range `[tmin, tmax] = [-2^(b-1), 2^(b-1) - 1]` for `bits`
-/// (meaningful for the supported 2..=8; never panics).
+/// Integer code range `[tmin, tmax]` for `bits`: `[-2^(b-1), 2^(b-1) - 1]`
+/// (asymmetric) or `[-(2^(b-1) - 1), 2^(b-1) - 1]` (symmetric). Meaningful
+/// for the supported 2..=8; never panics.
 #[inline]
-pub fn code_range(bits: u32) -> (f32, f32) {
+pub fn code_range(bits: u32, quantizer: Quantizer) -> (f32, f32) {
     let n = 2f32.powi(bits.clamp(1, 31) as i32 - 1);
-    (-n, n - 1.0)
+    match quantizer {
+        Quantizer::Asymmetric => (-n, n - 1.0),
+        Quantizer::Symmetric => (1.0 - n, n - 1.0),
+    }
 }
 
 /// Validate a bit width.
@@ -86,25 +135,33 @@ pub fn min_max(w: &[f32]) -> Result<(f32, f32), usize> {
     Ok((lo, hi))
 }
 
-/// docs/algorithm.md section 1 for one channel whose min and max are known.
+/// docs/algorithm.md section 1 (asymmetric) or the symmetric quantizer for
+/// one channel whose min and max are known.
 pub fn channel_params(
     mn: f32,
     mx: f32,
     bits: u32,
+    quantizer: Quantizer,
     channel: usize,
 ) -> Result<ChannelParams, SquantError> {
     check_bits(bits)?;
-    let levels = ((1u32 << bits) - 1) as f32;
     let n = (1u32 << (bits - 1)) as f32;
-    let scale = levels / (mx - mn).max(1e-8);
+    let (scale, zero_point) = match quantizer {
+        Quantizer::Asymmetric => {
+            let levels = ((1u32 << bits) - 1) as f32;
+            let scale = levels / (mx - mn).max(1e-8);
+            (scale, rne(scale * mn) + n)
+        }
+        Quantizer::Symmetric => ((n - 1.0) / mx.abs().max(mn.abs()).max(1e-8), 0.0),
+    };
     let smn = scale * mn;
     let smx = scale * mx;
-    let zero_point = rne(smn) + n;
     // The ends of the channel's grid, `(tmin + z) / s` and `(tmax + z) / s`,
     // lie within half a step of `mn` and `mx`; with `mx` or `mn` near
     // float32's limit they (and so dequantized values) can overflow.
-    let lo = (zero_point - n) / scale;
-    let hi = (zero_point + (n - 1.0)) / scale;
+    let (tmin, tmax) = code_range(bits, quantizer);
+    let lo = (tmin + zero_point) / scale;
+    let hi = (tmax + zero_point) / scale;
     let finite = scale.is_finite()
         && scale > 0.0
         && smn.is_finite()
@@ -120,9 +177,14 @@ pub fn channel_params(
 
 /// Parameters of one channel straight from its weights.
 #[inline(always)]
-pub fn params_of(w: &[f32], bits: u32, channel: usize) -> Result<ChannelParams, SquantError> {
+pub fn params_of(
+    w: &[f32],
+    bits: u32,
+    quantizer: Quantizer,
+    channel: usize,
+) -> Result<ChannelParams, SquantError> {
     let (mn, mx) = min_max(w).map_err(|index| SquantError::NonFinite { channel, index })?;
-    channel_params(mn, mx, bits, channel)
+    channel_params(mn, mx, bits, quantizer, channel)
 }
 
 /// Dequantize one code: `(q + zero_point) / scale`.
@@ -165,19 +227,48 @@ mod tests {
 
     #[test]
     fn constant_channel_uses_the_epsilon_guard() {
-        let p = channel_params(0.5, 0.5, 4, 0).unwrap();
+        let p = channel_params(0.5, 0.5, 4, Quantizer::Asymmetric, 0).unwrap();
         assert_eq!(p.scale, 15.0f32 / 1e-8);
         assert_eq!(p.zero_point, rne(p.scale * 0.5) + 8.0);
+        let p = channel_params(0.0, 0.0, 4, Quantizer::Symmetric, 0).unwrap();
+        assert_eq!(p.scale, 7.0f32 / 1e-8);
+        assert_eq!(p.zero_point, 0.0);
+    }
+
+    #[test]
+    fn symmetric_scale_uses_the_largest_magnitude() {
+        let p = channel_params(-0.5, 0.25, 8, Quantizer::Symmetric, 0).unwrap();
+        assert_eq!(
+            p,
+            ChannelParams {
+                scale: 127.0 / 0.5,
+                zero_point: 0.0
+            }
+        );
+        let p = channel_params(0.1, 2.0, 2, Quantizer::Symmetric, 0).unwrap();
+        assert_eq!(
+            p,
+            ChannelParams {
+                scale: 1.0 / 2.0,
+                zero_point: 0.0
+            }
+        );
+        assert_eq!(code_range(8, Quantizer::Symmetric), (-127.0, 127.0));
+        assert_eq!(code_range(2, Quantizer::Symmetric), (-1.0, 1.0));
+        assert_eq!(code_range(8, Quantizer::Asymmetric), (-128.0, 127.0));
+        assert_eq!("symmetric".parse::<Quantizer>(), Ok(Quantizer::Symmetric));
+        assert_eq!(Quantizer::default().to_string(), "asymmetric");
+        assert!("sym".parse::<Quantizer>().is_err());
     }
 
     #[test]
     fn huge_constant_channel_is_an_error() {
         assert_eq!(
-            channel_params(1e32, 1e32, 4, 3),
+            channel_params(1e32, 1e32, 4, Quantizer::Asymmetric, 3),
             Err(SquantError::RangeTooLarge { channel: 3 })
         );
         assert_eq!(
-            channel_params(-3e38, 3e38, 4, 1),
+            channel_params(-3e38, 3e38, 4, Quantizer::Asymmetric, 1),
             Err(SquantError::RangeTooLarge { channel: 1 })
         );
     }
@@ -186,16 +277,16 @@ mod tests {
     fn grid_beyond_float32_is_an_error() {
         // Finite weights whose dequantized grid end overflows float32.
         assert_eq!(
-            channel_params(0.0, f32::MAX, 2, 5),
+            channel_params(0.0, f32::MAX, 2, Quantizer::Asymmetric, 5),
             Err(SquantError::RangeTooLarge { channel: 5 })
         );
         // Scale and zero point are finite here; only the grid end is not.
         assert_eq!(
-            channel_params(3.4028e38, f32::MAX, 8, 0),
+            channel_params(3.4028e38, f32::MAX, 8, Quantizer::Asymmetric, 0),
             Err(SquantError::RangeTooLarge { channel: 0 })
         );
-        assert!(channel_params(-f32::MAX, 0.0, 8, 0).is_ok());
-        assert!(channel_params(0.0, 1e38, 2, 0).is_ok());
+        assert!(channel_params(-f32::MAX, 0.0, 8, Quantizer::Asymmetric, 0).is_ok());
+        assert!(channel_params(0.0, 1e38, 2, Quantizer::Asymmetric, 0).is_ok());
     }
 
     #[test]

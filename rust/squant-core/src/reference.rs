@@ -5,7 +5,7 @@
 
 use crate::error::SquantError;
 use crate::mode::Mode;
-use crate::qparams::{code_range, params_of, rne, ChannelParams};
+use crate::qparams::{code_range, params_of, rne, ChannelParams, Quantizer};
 
 /// Up/down flip table of docs/algorithm.md section 2.
 struct Table {
@@ -101,6 +101,7 @@ pub fn quantize_channel_ref(
     ic: usize,
     k: usize,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     channel: usize,
 ) -> Result<(Vec<i8>, ChannelParams, usize, usize), SquantError> {
@@ -111,8 +112,8 @@ pub fn quantize_channel_ref(
             got: w.len(),
         });
     }
-    let p = params_of(w, bits, channel)?;
-    let (tmin, tmax) = code_range(bits);
+    let p = params_of(w, bits, quantizer, channel)?;
+    let (tmin, tmax) = code_range(bits, quantizer);
     let g = w.len();
 
     // SQuant-E and the flip tables.

@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use squant_core::case::Isa;
 use squant_core::{
-    qparams, quantize, quantize_isa, quantize_ref, quantize_serial, Flips, Layout, Mode,
+    qparams, quantize, quantize_isa, quantize_ref, quantize_serial, Flips, Layout, Mode, Quantizer,
 };
 
 /// Small deterministic generator (no dev-dependency on rand).
@@ -81,22 +81,24 @@ fn make(n: usize, g: usize, dist: Dist, rng: &mut Lcg) -> Vec<f32> {
     w
 }
 
-fn check(w: &[f32], layout: Layout, bits: u32, mode: Mode) {
-    let (rc, rp, rf) = quantize_ref(w, layout, bits, mode).expect("reference");
+fn check(w: &[f32], layout: Layout, bits: u32, qz: Quantizer, mode: Mode) {
+    let (rc, rp, rf) = quantize_ref(w, layout, bits, qz, mode).expect("reference");
     // Every build of the fast path (AVX-512, AVX2, baseline on x86-64).
     for isa in Isa::ALL {
         let mut codes = vec![0i8; layout.len()];
         let mut scale = vec![0f32; layout.oc];
         let mut zp = vec![0f32; layout.oc];
-        let f = quantize_isa(w, layout, bits, mode, &mut codes, &mut scale, &mut zp, isa)
-            .expect("fast");
+        let f = quantize_isa(
+            w, layout, bits, qz, mode, &mut codes, &mut scale, &mut zp, isa,
+        )
+        .expect("fast");
         assert_eq!(
             codes, rc,
-            "codes differ: {layout:?} bits {bits} {mode} {isa:?}"
+            "codes differ: {layout:?} bits {bits} {qz} {mode} {isa:?}"
         );
         assert_eq!(
             f, rf,
-            "flip counts differ: {layout:?} bits {bits} {mode} {isa:?}"
+            "flip counts differ: {layout:?} bits {bits} {qz} {mode} {isa:?}"
         );
         for (o, p) in rp.iter().enumerate() {
             assert_eq!(scale[o].to_bits(), p.scale.to_bits());
@@ -107,12 +109,12 @@ fn check(w: &[f32], layout: Layout, bits: u32, mode: Mode) {
     let mut codes = vec![0i8; layout.len()];
     let mut scale = vec![0f32; layout.oc];
     let mut zp = vec![0f32; layout.oc];
-    let f =
-        quantize_serial(w, layout, bits, mode, &mut codes, &mut scale, &mut zp).expect("serial");
+    let f = quantize_serial(w, layout, bits, qz, mode, &mut codes, &mut scale, &mut zp)
+        .expect("serial");
     assert_eq!(
         (codes, f),
         (rc, rf),
-        "serial differs: {layout:?} bits {bits} {mode}"
+        "serial differs: {layout:?} bits {bits} {qz} {mode}"
     );
 }
 
@@ -154,8 +156,10 @@ fn fast_matches_reference_everywhere() {
         ] {
             let w = make(layout.len(), layout.channel_len(), dist, &mut rng);
             for bits in 2..=8 {
-                for mode in Mode::ALL {
-                    check(&w, layout, bits, mode);
+                for qz in Quantizer::ALL {
+                    for mode in Mode::ALL {
+                        check(&w, layout, bits, qz, mode);
+                    }
                 }
             }
         }
@@ -173,7 +177,7 @@ fn grid_inputs_really_tie() {
         k: 9,
     };
     let w = make(layout.len(), layout.channel_len(), Dist::Grid, &mut rng);
-    let p = qparams::params_of(&w[..layout.channel_len()], 4, 0).unwrap();
+    let p = qparams::params_of(&w[..layout.channel_len()], 4, Quantizer::Asymmetric, 0).unwrap();
     let halves = w[..layout.channel_len()]
         .iter()
         .filter(|&&v| {
@@ -196,7 +200,7 @@ fn thread_count_does_not_change_results() {
         k: 9,
     };
     let w = make(layout.len(), layout.channel_len(), Dist::Normal, &mut rng);
-    let run = |n: usize| {
+    let run = |n: usize, qz: Quantizer| {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build()
@@ -205,13 +209,26 @@ fn thread_count_does_not_change_results() {
         let mut scale = vec![0f32; layout.oc];
         let mut zp = vec![0f32; layout.oc];
         let f = pool
-            .install(|| quantize(&w, layout, 4, Mode::Full, &mut codes, &mut scale, &mut zp))
+            .install(|| {
+                quantize(
+                    &w,
+                    layout,
+                    4,
+                    qz,
+                    Mode::Full,
+                    &mut codes,
+                    &mut scale,
+                    &mut zp,
+                )
+            })
             .unwrap();
         (codes, scale, zp, f)
     };
-    let one = run(1);
-    assert_eq!(one, run(2));
-    assert_eq!(one, run(3));
+    for qz in Quantizer::ALL {
+        let one = run(1, qz);
+        assert_eq!(one, run(2, qz));
+        assert_eq!(one, run(3, qz));
+    }
 }
 
 #[test]
@@ -226,7 +243,17 @@ fn errors_name_the_first_bad_channel() {
     w[10 * 72 + 5] = f32::INFINITY;
     let mut codes = vec![0i8; layout.len()];
     let (mut s, mut z) = (vec![0f32; 64], vec![0f32; 64]);
-    let err = quantize(&w, layout, 4, Mode::Full, &mut codes, &mut s, &mut z).unwrap_err();
+    let err = quantize(
+        &w,
+        layout,
+        4,
+        Quantizer::Asymmetric,
+        Mode::Full,
+        &mut codes,
+        &mut s,
+        &mut z,
+    )
+    .unwrap_err();
     assert_eq!(
         err,
         squant_core::SquantError::NonFinite {
@@ -234,23 +261,44 @@ fn errors_name_the_first_bad_channel() {
             index: 5
         }
     );
-    assert!(quantize(&w[1..], layout, 4, Mode::Full, &mut codes, &mut s, &mut z).is_err());
+    assert!(quantize(
+        &w[1..],
+        layout,
+        4,
+        Quantizer::Asymmetric,
+        Mode::Full,
+        &mut codes,
+        &mut s,
+        &mut z
+    )
+    .is_err());
     assert!(quantize(
         &[],
         Layout { oc: 0, ic: 1, k: 1 },
         4,
+        Quantizer::Asymmetric,
         Mode::Full,
         &mut [],
         &mut [],
         &mut []
     )
     .is_err());
-    assert!(quantize(&w, layout, 9, Mode::Full, &mut codes, &mut s, &mut z).is_err());
+    assert!(quantize(
+        &w,
+        layout,
+        9,
+        Quantizer::Asymmetric,
+        Mode::Full,
+        &mut codes,
+        &mut s,
+        &mut z
+    )
+    .is_err());
 }
 
 /// Errors `codes - x` per element of a channel, before clamping could bind.
-fn errors(w: &[f32], codes: &[i8], bits: u32) -> Vec<f32> {
-    let p = qparams::params_of(w, bits, 0).unwrap();
+fn errors(w: &[f32], codes: &[i8], bits: u32, qz: Quantizer) -> Vec<f32> {
+    let p = qparams::params_of(w, bits, qz, 0).unwrap();
     w.iter()
         .zip(codes)
         .map(|(&v, &q)| {
@@ -260,11 +308,11 @@ fn errors(w: &[f32], codes: &[i8], bits: u32) -> Vec<f32> {
         .collect()
 }
 
-fn run(w: &[f32], layout: Layout, bits: u32, mode: Mode) -> (Vec<i8>, Flips) {
+fn run(w: &[f32], layout: Layout, bits: u32, qz: Quantizer, mode: Mode) -> (Vec<i8>, Flips) {
     let mut codes = vec![0i8; layout.len()];
     let mut s = vec![0f32; layout.oc];
     let mut z = vec![0f32; layout.oc];
-    let f = quantize(w, layout, bits, mode, &mut codes, &mut s, &mut z).unwrap();
+    let f = quantize(w, layout, bits, qz, mode, &mut codes, &mut s, &mut z).unwrap();
     (codes, f)
 }
 
@@ -277,29 +325,38 @@ proptest! {
     #[test]
     fn case_invariants(
         oc in 1usize..4, ic in 1usize..24, k in prop::sample::select(vec![1usize, 3, 9, 25]),
-        bits in 3u32..=8, seed in any::<u64>()
+        bits in 3u32..=8, seed in any::<u64>(), qz in prop::sample::select(Quantizer::ALL.to_vec())
     ) {
         let layout = Layout { oc, ic, k };
         let g = layout.channel_len();
         let mut rng = Lcg(seed);
         let w = make(layout.len(), g, Dist::Normal, &mut rng);
-        let (qe, _) = run(&w, layout, bits, Mode::E);
-        let (qk, _) = run(&w, layout, bits, Mode::K);
-        let (qf, _) = run(&w, layout, bits, Mode::Full);
-        let (qc, _) = run(&w, layout, bits, Mode::C);
-        let (tmin, tmax) = qparams::code_range(bits);
+        let (qe, _) = run(&w, layout, bits, qz, Mode::E);
+        let (qk, _) = run(&w, layout, bits, qz, Mode::K);
+        let (qf, _) = run(&w, layout, bits, qz, Mode::Full);
+        let (qc, _) = run(&w, layout, bits, qz, Mode::C);
+        let (tmin, tmax) = qparams::code_range(bits, qz);
         for o in 0..oc {
             let span = o * g..(o + 1) * g;
             let wc = &w[span.clone()];
             for q in [&qe, &qk, &qf, &qc] {
                 prop_assert!(q[span.clone()].iter().all(|&v| (tmin..=tmax).contains(&(v as f32))));
-                let err = errors(wc, &q[span.clone()], bits);
+                let err = errors(wc, &q[span.clone()], bits, qz);
                 prop_assert!(err.iter().all(|e| e.abs() < 1.0 + 1e-4));
             }
-            // Interior elements only: away from the clamped extremes.
-            let interior = |q: &[i8]| q.iter().all(|&v| (v as f32) > tmin && (v as f32) < tmax);
+            // Interior elements only: away from the clamped extremes. The
+            // symmetric quantizer never clamps (|x| <= tmax); its elements
+            // at the bounds are the channel's largest magnitudes, which sit
+            // on the bound with (almost) no error.
+            let e0 = errors(wc, &qe[span.clone()], bits, qz);
+            let interior = |q: &[i8]| {
+                q.iter().zip(&e0).all(|(&v, e)| {
+                    let v = v as f32;
+                    (v > tmin && v < tmax) || (qz == Quantizer::Symmetric && e.abs() < 1e-3)
+                })
+            };
             if k > 1 && interior(&qe[span.clone()]) {
-                let err = errors(wc, &qk[span.clone()], bits);
+                let err = errors(wc, &qk[span.clone()], bits, qz);
                 for kern in err.chunks(k) {
                     prop_assert!(kern.iter().sum::<f32>().abs() <= 0.5 + 1e-4);
                 }
@@ -311,7 +368,7 @@ proptest! {
             }
             if interior(&qe[span.clone()]) {
                 for q in [&qf, &qc] {
-                    let err = errors(wc, &q[span.clone()], bits);
+                    let err = errors(wc, &q[span.clone()], bits, qz);
                     prop_assert!(err.iter().sum::<f32>().abs() <= 0.5 + 1e-3);
                 }
             }
@@ -323,11 +380,12 @@ proptest! {
     fn parity_on_arbitrary_values(
         ic in 1usize..40, k in prop::sample::select(vec![1usize, 2, 3, 9]),
         bits in 2u32..=8, mode in prop::sample::select(Mode::ALL.to_vec()),
+        qz in prop::sample::select(Quantizer::ALL.to_vec()),
         vals in prop::collection::vec(-1e3f32..1e3f32, 1..300)
     ) {
         let g = ic * k;
         let oc = vals.len().div_ceil(g);
         let w: Vec<f32> = (0..oc * g).map(|i| vals[i % vals.len()]).collect();
-        check(&w, Layout { oc, ic, k }, bits, mode);
+        check(&w, Layout { oc, ic, k }, bits, qz, mode);
     }
 }

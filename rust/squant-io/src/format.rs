@@ -30,24 +30,9 @@ pub const WRITER_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Elements decoded or quantized per block (bounds the scratch memory).
 pub const BLOCK_ELEMS: usize = 1 << 22;
 
-/// How codes map to values (metadata key `quantizer`; absent: asymmetric).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quantizer {
-    /// Per-channel min/max with a zero point (SQuant's quantizer).
-    Asymmetric,
-    /// Zero point 0, codes in `[-(2^(b-1) - 1), 2^(b-1) - 1]`.
-    Symmetric,
-}
-
-impl Quantizer {
-    /// The metadata value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Quantizer::Asymmetric => "asymmetric",
-            Quantizer::Symmetric => "symmetric",
-        }
-    }
-}
+/// How codes map to values (metadata key `quantizer`; absent: asymmetric):
+/// squant-core's quantizer, re-exported.
+pub use squant_core::Quantizer;
 
 /// One quantized weight's metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]

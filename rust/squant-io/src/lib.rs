@@ -11,7 +11,8 @@
 //!
 //! ```no_run
 //! use squant_io::{quantize_file, Options};
-//! let opts = Options { bits: 4, mode: squant_core::Mode::Full, include: vec![], skip: vec![],
+//! let opts = Options { bits: 4, mode: squant_core::Mode::Full,
+//!                      quantizer: squant_core::Quantizer::Asymmetric, include: vec![], skip: vec![],
 //!                      pool: None };
 //! let report = quantize_file("model.safetensors".as_ref(), "q4.safetensors".as_ref(), &opts,
 //!                            &mut |_, _, _| Ok(()))?;

@@ -21,6 +21,9 @@ use crate::select::is_selected;
 pub struct Options {
     pub bits: u32,
     pub mode: Mode,
+    /// Asymmetric (zero point) or symmetric (zero point 0); recorded in the
+    /// file's `quantizer` metadata key when symmetric.
+    pub quantizer: Quantizer,
     /// fnmatch patterns of names to quantize (empty: `*weight`).
     pub include: Vec<String>,
     /// fnmatch patterns of names (or module names) to leave float.
@@ -107,7 +110,7 @@ pub fn quantize_open(
             (e.name.clone(), kind)
         })
         .collect();
-    let mut w = SquantWriter::create(dst, &plan, Quantizer::Asymmetric)?;
+    let mut w = SquantWriter::create(dst, &plan, opts.quantizer)?;
     let mut report = Report {
         tensors: src.entries.len(),
         ..Report::default()
@@ -192,7 +195,7 @@ fn quantize_entry(
             wb.par_chunks_mut(1 << 16)
                 .zip(region.par_chunks((1 << 16) * isz))
                 .for_each(|(d, s)| dtype::to_f32(e.dtype, s, d));
-            let f = squant_core::quantize(wb, sub, opts.bits, opts.mode, cb, s, z)?;
+            let f = squant_core::quantize(wb, sub, opts.bits, opts.quantizer, opts.mode, cb, s, z)?;
             let (a, b) = wb
                 .par_chunks(g)
                 .zip(cb.par_chunks(g))

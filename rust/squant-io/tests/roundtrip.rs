@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-use squant_core::{Layout, Mode};
+use squant_core::{Layout, Mode, Quantizer};
 use squant_io::format::Kind;
 use squant_io::{quantize_file, quantize_sharded, IoError, Options, SquantFile};
 
@@ -92,6 +92,7 @@ fn opts(bits: u32) -> Options {
     Options {
         bits,
         mode: Mode::Full,
+        quantizer: Quantizer::Asymmetric,
         include: vec![],
         skip: vec![],
         pool: None,
@@ -116,8 +117,16 @@ fn quantize_and_load_equal_the_core() {
     let (src, dst) = (dir.join("in.safetensors"), dir.join("out.safetensors"));
     let tensors = sample();
     write_st(&src, &tensors);
-    for bits in [2, 3, 4, 8] {
-        let report = quantize_file(&src, &dst, &opts(bits), &mut |_, _, _| Ok(())).unwrap();
+    for (quantizer, bits) in Quantizer::ALL
+        .into_iter()
+        .flat_map(|q| [2, 3, 4, 8].map(|b| (q, b)))
+    {
+        let o = Options {
+            quantizer,
+            ..opts(bits)
+        };
+        let report = quantize_file(&src, &dst, &o, &mut |_, _, _| Ok(())).unwrap();
+        assert_eq!(SquantFile::open(&dst).unwrap().quantizer, quantizer);
         assert_eq!(report.layers.len(), 4);
         assert_eq!(report.size_after, std::fs::metadata(&dst).unwrap().len());
         let loaded = load_all(&dst);
@@ -131,23 +140,36 @@ fn quantize_and_load_equal_the_core() {
                 let layout = Layout::from_shape(shape).unwrap();
                 let mut q = vec![0i8; w.len()];
                 let (mut s, mut z) = (vec![0f32; layout.oc], vec![0f32; layout.oc]);
-                squant_core::quantize(&w, layout, bits, Mode::Full, &mut q, &mut s, &mut z)
-                    .unwrap();
+                squant_core::quantize(
+                    &w,
+                    layout,
+                    bits,
+                    quantizer,
+                    Mode::Full,
+                    &mut q,
+                    &mut s,
+                    &mut z,
+                )
+                .unwrap();
                 let mut want = vec![0f32; w.len()];
                 squant_core::dequantize(&q, layout, &s, &z, &mut want).unwrap();
                 let mut want_bytes = vec![0u8; got.len()];
                 for (o, v) in want_bytes.chunks_exact_mut(isz).zip(&want) {
                     squant_io::dtype::store_f32(*d, *v, o);
                 }
-                assert_eq!(got, &want_bytes, "{name} at {bits} bits");
+                assert_eq!(got, &want_bytes, "{name} at {bits} bits, {quantizer}");
             } else {
                 assert_eq!(got, bytes, "{name}");
             }
         }
     }
-    // Same input, same options: byte-identical output.
+    // Same input, same options (the loop's last): byte-identical output.
     let again = dir.join("again.safetensors");
-    quantize_file(&src, &again, &opts(8), &mut |_, _, _| Ok(())).unwrap();
+    let last = Options {
+        quantizer: Quantizer::Symmetric,
+        ..opts(8)
+    };
+    quantize_file(&src, &again, &last, &mut |_, _, _| Ok(())).unwrap();
     assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&dst).unwrap());
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -29,6 +29,7 @@ impl From<PyCoreError> for PyErr {
             CoreError::RangeTooLarge { .. } => WeightRangeError::new_err(msg),
             CoreError::InvalidBits(_)
             | CoreError::UnknownMode(_)
+            | CoreError::UnknownQuantizer(_)
             | CoreError::EmptyTensor
             | CoreError::ShapeMismatch { .. }
             | CoreError::ChannelTooLarge(_) => InvalidArgumentError::new_err(msg),

@@ -128,6 +128,7 @@ fn options(
     include: Vec<String>,
     skip: Vec<String>,
     threads: Option<usize>,
+    quantizer: &str,
 ) -> PyResult<squant_io::Options> {
     squant_core::qparams::check_bits(bits)
         .map_err(|e| InvalidArgumentError::new_err(e.to_string()))?;
@@ -135,20 +136,21 @@ fn options(
     Ok(squant_io::Options {
         bits,
         mode: mode_of(mode)?,
+        quantizer: quantizer_of(quantizer)?,
         include,
         skip,
         pool: Some(pool::pool(n)?),
     })
 }
 
-/// io_quantize_file(src, dst, bits, mode, include, skip, threads=None, progress=None, require_selection=True)
+/// io_quantize_file(src, dst, bits, mode, include, skip, threads=None, progress=None, require_selection=True, quantizer="asymmetric")
 /// --
 ///
 /// Quantize a safetensors file into a squant-rs file (block by block from a
 /// memory map, written atomically). Returns (layers, tensors, size_before,
 /// size_after), layers as (name, shape, time_ms, rel_error, k_flips, c_flips).
 #[pyfunction]
-#[pyo3(signature = (src, dst, bits, mode, include, skip, threads=None, progress=None, require_selection=true))]
+#[pyo3(signature = (src, dst, bits, mode, include, skip, threads=None, progress=None, require_selection=true, quantizer="asymmetric"))]
 #[allow(clippy::too_many_arguments)]
 pub fn io_quantize_file(
     py: Python<'_>,
@@ -161,8 +163,9 @@ pub fn io_quantize_file(
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
     require_selection: bool,
+    quantizer: &str,
 ) -> PyResult<ReportTuple> {
-    let opts = options(bits, mode, include, skip, threads)?;
+    let opts = options(bits, mode, include, skip, threads, quantizer)?;
     let stash = Mutex::new(None);
     let result = py.detach(|| {
         let mut cb = progress_fn(&progress, &stash);
@@ -182,14 +185,14 @@ pub fn io_quantize_file(
         .map_err(|e| finish_err(py, e, stash))
 }
 
-/// io_quantize_sharded(src, dst, bits, mode, include, skip, threads=None, progress=None)
+/// io_quantize_sharded(src, dst, bits, mode, include, skip, threads=None, progress=None, quantizer="asymmetric")
 /// --
 ///
 /// Quantize a sharded checkpoint (directory with model.safetensors.index.json,
 /// or the index) into the directory dst. Returns (report tuple, shards,
 /// input_size).
 #[pyfunction]
-#[pyo3(signature = (src, dst, bits, mode, include, skip, threads=None, progress=None))]
+#[pyo3(signature = (src, dst, bits, mode, include, skip, threads=None, progress=None, quantizer="asymmetric"))]
 #[allow(clippy::too_many_arguments)]
 pub fn io_quantize_sharded(
     py: Python<'_>,
@@ -201,8 +204,9 @@ pub fn io_quantize_sharded(
     skip: Vec<String>,
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
+    quantizer: &str,
 ) -> PyResult<(ReportTuple, usize, u64)> {
-    let opts = options(bits, mode, include, skip, threads)?;
+    let opts = options(bits, mode, include, skip, threads, quantizer)?;
     let stash = Mutex::new(None);
     let result = py.detach(|| {
         let mut cb = progress_fn(&progress, &stash);

@@ -18,7 +18,7 @@ use numpy::{
 use pyo3::exceptions::PyMemoryError;
 use pyo3::prelude::*;
 use rayon::prelude::*;
-use squant_core::{Layout, Mode};
+use squant_core::{Layout, Mode, Quantizer};
 
 use crate::error::{InvalidArgumentError, PyCoreError};
 
@@ -91,6 +91,12 @@ pub(crate) fn parse_mode(mode: &str) -> PyResult<Mode> {
         .map_err(|e| PyErr::from(PyCoreError(e)))
 }
 
+pub(crate) fn parse_quantizer(quantizer: &str) -> PyResult<Quantizer> {
+    quantizer
+        .parse::<Quantizer>()
+        .map_err(|e| PyErr::from(PyCoreError(e)))
+}
+
 /// The buffer as a row-major slice: borrowed when already C-contiguous.
 /// (`as_slice` alone also accepts Fortran order, which is the wrong order.)
 pub(crate) fn row_major<'a, T: numpy::Element + Copy + Default>(
@@ -108,21 +114,23 @@ pub(crate) fn row_major<'a, T: numpy::Element + Copy + Default>(
     Ok(Cow::Owned(v))
 }
 
-/// quantize(w, bits, mode, threads=None)
+/// quantize(w, bits, mode, threads=None, quantizer="asymmetric")
 /// --
 ///
 /// SQuant-quantize a float32 weight of shape (OC, IC, *kernel). Returns
 /// (codes int8 of w's shape, scale (OC,), zero_point (OC,), k_flips, c_flips).
 #[pyfunction]
-#[pyo3(signature = (w, bits, mode, threads=None))]
+#[pyo3(signature = (w, bits, mode, threads=None, quantizer="asymmetric"))]
 fn quantize<'py>(
     py: Python<'py>,
     w: PyReadonlyArrayDyn<'py, f32>,
     bits: u32,
     mode: &str,
     threads: Option<usize>,
+    quantizer: &str,
 ) -> PyResult<Quantized<'py>> {
     let mode = parse_mode(mode)?;
+    let quantizer = parse_quantizer(quantizer)?;
     let shape = w.shape().to_vec();
     let layout = layout_of(&shape)?;
     let threads = pool::resolve_threads(threads)?;
@@ -139,13 +147,15 @@ fn quantize<'py>(
         if threads == 1 || layout.len() < SERIAL_BELOW {
             // No hand-off to a pool and back (tens of microseconds each way).
             py.detach(|| {
-                squant_core::quantize_serial(&data, layout, bits, mode, out, &mut scale, &mut zp)
+                squant_core::quantize_serial(
+                    &data, layout, bits, quantizer, mode, out, &mut scale, &mut zp,
+                )
             })
         } else {
             let pool = pool::pool(threads)?;
             py.detach(|| {
                 shared::quantize_shared(
-                    &pool, threads, &data, layout, bits, mode, out, &mut scale, &mut zp,
+                    &pool, threads, &data, layout, bits, quantizer, mode, out, &mut scale, &mut zp,
                 )
             })
         }
@@ -162,7 +172,7 @@ struct Job<'a> {
     zp: Vec<f32>,
 }
 
-/// quantize_many(ws, bits, mode, threads=None)
+/// quantize_many(ws, bits, mode, threads=None, quantizer="asymmetric")
 /// --
 ///
 /// quantize() on every float32 weight of a list in one parallel run (the
@@ -170,15 +180,17 @@ struct Job<'a> {
 /// Returns the list of quantize()'s tuples. An error names the weight by
 /// its position: "weight 3: ...".
 #[pyfunction]
-#[pyo3(signature = (ws, bits, mode, threads=None))]
+#[pyo3(signature = (ws, bits, mode, threads=None, quantizer="asymmetric"))]
 fn quantize_many<'py>(
     py: Python<'py>,
     ws: Vec<PyReadonlyArrayDyn<'py, f32>>,
     bits: u32,
     mode: &str,
     threads: Option<usize>,
+    quantizer: &str,
 ) -> PyResult<Vec<Quantized<'py>>> {
     let mode = parse_mode(mode)?;
+    let quantizer = parse_quantizer(quantizer)?;
     squant_core::qparams::check_bits(bits).map_err(PyCoreError)?;
     let pool = pool::pool(pool::resolve_threads(threads)?)?;
     let mut jobs = Vec::with_capacity(ws.len());
@@ -208,6 +220,7 @@ fn quantize_many<'py>(
                         &job.data,
                         job.layout,
                         bits,
+                        quantizer,
                         mode,
                         out,
                         &mut job.scale,
@@ -307,23 +320,26 @@ pub(crate) fn advise_huge(_ptr: *mut u8, _len: usize) {}
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn prefault_pages(_ptr: *mut u8, _len: usize, _min_pages: usize) {}
 
-/// quantize_reference(w, bits, mode)
+/// quantize_reference(w, bits, mode, quantizer="asymmetric")
 /// --
 ///
 /// The scalar Rust reference (slow, sequential): same outputs as quantize().
 #[pyfunction]
+#[pyo3(signature = (w, bits, mode, quantizer="asymmetric"))]
 fn quantize_reference<'py>(
     py: Python<'py>,
     w: PyReadonlyArrayDyn<'py, f32>,
     bits: u32,
     mode: &str,
+    quantizer: &str,
 ) -> PyResult<Quantized<'py>> {
     let mode = parse_mode(mode)?;
+    let quantizer = parse_quantizer(quantizer)?;
     let shape = w.shape().to_vec();
     let layout = layout_of(&shape)?;
     let data = row_major(&w)?;
     let (codes, params, flips) = py
-        .detach(|| squant_core::quantize_ref(&data, layout, bits, mode))
+        .detach(|| squant_core::quantize_ref(&data, layout, bits, quantizer, mode))
         .map_err(PyCoreError)?;
     let scale = params.iter().map(|p| p.scale).collect();
     let zp = params.iter().map(|p| p.zero_point).collect();

@@ -24,11 +24,12 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use rayon::prelude::*;
 use squant_core::case::{self, Flips, Isa, Scratch};
-use squant_core::{dequantize_one, ChannelParams, Layout, Mode, SquantError};
+use squant_core::{dequantize_one, ChannelParams, Layout, Mode, Quantizer, SquantError};
 
 use crate::error::{InvalidArgumentError, PyCoreError};
 use crate::{
-    advise_huge, alloc, empty, layout_of, parse_mode, pool, prefault_pages, row_major, with_index,
+    advise_huge, alloc, empty, layout_of, parse_mode, parse_quantizer, pool, prefault_pages,
+    row_major, with_index,
 };
 
 /// Channels are handed out in chunks of about this many elements.
@@ -249,6 +250,7 @@ fn run_chunk(
     c: Chunk<'_>,
     k: usize,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     wk: &mut Worker,
 ) -> Result<Tally, SquantError> {
@@ -277,6 +279,7 @@ fn run_chunk(
             next,
             k,
             bits,
+            quantizer,
             mode,
             c.first + j,
             qc,
@@ -668,7 +671,7 @@ fn find_overlap(
     None
 }
 
-/// quantize_into(ws, outs, bits, mode, keep_codes=True, threads=None)
+/// quantize_into(ws, outs, bits, mode, keep_codes=True, threads=None, quantizer="asymmetric")
 /// --
 ///
 /// quantize() on every float32 weight of `ws` in one parallel pass, with
@@ -679,9 +682,11 @@ fn find_overlap(
 /// Returns per weight (codes or None, scale, zero_point, k_flips, c_flips,
 /// relative_error, time_ms): relative_error is ||w_hat - w|| / ||w|| of the
 /// stored values (float64 sums), time_ms the time the pass's threads spent
-/// on that weight. An error names the weight by its position: "weight 3: ...".
+/// on that weight. `quantizer`: "asymmetric" (the paper's) or "symmetric".
+/// An error names the weight by its position: "weight 3: ...".
 #[pyfunction]
-#[pyo3(signature = (ws, outs, bits, mode, keep_codes=true, threads=None))]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (ws, outs, bits, mode, keep_codes=true, threads=None, quantizer="asymmetric"))]
 pub fn quantize_into<'py>(
     py: Python<'py>,
     ws: Vec<PyReadonlyArrayDyn<'py, f32>>,
@@ -690,8 +695,10 @@ pub fn quantize_into<'py>(
     mode: &str,
     keep_codes: bool,
     threads: Option<usize>,
+    quantizer: &str,
 ) -> PyResult<Vec<LayerResult<'py>>> {
     let mode = parse_mode(mode)?;
+    let quantizer = parse_quantizer(quantizer)?;
     squant_core::qparams::check_bits(bits).map_err(PyCoreError)?;
     let threads = pool::resolve_threads(threads)?;
     if ws.len() != outs.len() {
@@ -811,7 +818,7 @@ pub fn quantize_into<'py>(
     }
 
     let results = py
-        .detach(|| run_all(chunks, &layouts, bits, mode, threads))
+        .detach(|| run_all(chunks, &layouts, bits, quantizer, mode, threads))
         .map_err(|f| match f {
             Failure::Core(layer, e) => with_index(py, PyCoreError(e).into(), layer),
             Failure::Py(e) => e,
@@ -859,6 +866,7 @@ fn run_all(
     chunks: Vec<Chunk<'_>>,
     layouts: &[Layout],
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     threads: usize,
 ) -> Result<Vec<(usize, Tally)>, Failure> {
@@ -883,7 +891,7 @@ fn run_all(
                 break;
             };
             let layer = c.layer;
-            let r = run_chunk(c, layouts[layer].k, bits, mode, &mut wk);
+            let r = run_chunk(c, layouts[layer].k, bits, quantizer, mode, &mut wk);
             if r.is_err() {
                 failed.store(true, Ordering::Relaxed);
             }

