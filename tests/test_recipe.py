@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import squant_rs
+from squant_rs.model.activations import ActivationQuantizer
+from squant_rs.model.fold import fold_batchnorm
 from squant_rs.model.recipe import (
     ChannelStats,
     bias_shift,
@@ -395,6 +397,17 @@ def test_bn_ranges_fall_back_to_sigma_rule() -> None:
     assert src == {"c1": None, "c2": "bn+relu", "c3": "sigma", "c4": "sigma"}
     bits = {r.name: r.act_bits for r in rep.layers}
     assert bits == {"c1": None, "c2": 6, "c3": 6, "c4": 8}
+    # The noise pass ran the folded float model: c3's range is the sigma
+    # rule on its input there.
+    folded, _ = fold_batchnorm(model)
+    seen: list[torch.Tensor] = []
+    folded.c3.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.rand((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        folded(x)
+    ref = ActivationQuantizer("c3", 6, squant_rs.default_s_sigma(6))
+    ref.observe(seen[0])
+    assert {r.name: r.act_range for r in rep.layers}["c3"] == (ref.x_min, ref.x_max)
 
 
 def test_recipe_output_close_to_float() -> None:

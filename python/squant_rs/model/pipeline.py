@@ -32,6 +32,7 @@ from .recipe import (
     bn_activation_ranges,
     finish_activation_order,
     prepare,
+    prepare_bias_correction,
     resolve_recipe,
 )
 from .report import LayerReport, QuantReport
@@ -217,12 +218,14 @@ def quantize_model(
     )
 
     # Weights are quantized from the caller's model straight into a copy
-    # that never cloned them, unless the copy's float weights are needed
-    # first (a recipe step: BatchNorm folding, graph analysis; float
-    # calibration): then in place.
-    if not config.is_paper or (abits is not None and calibration == "float"):
+    # that never cloned them. The paper's float calibration needs the
+    # copy's float weights first: then the copy is a full one, quantized in
+    # place. The recipe writes the folded weights of the layers it folds
+    # into the copy (they are quantized in place) and quantizes the others
+    # from the caller's model.
+    if config.is_paper and abits is not None and calibration == "float":
         qmodel = _deepcopy(model)
-        rplan = prepare(qmodel, config)
+        rplan = prepare(qmodel, config)  # the paper recipe: nothing to analyze
         plan = plan_layers(qmodel, patterns, stacklevel=2)
         sources = [m.weight for _, m in plan.chosen]
     else:
@@ -230,7 +233,6 @@ def quantize_model(
         sources = [m.weight for _, m in plan.chosen]
         memo: dict[Any, Any] = {}
         qmodel = _deepcopy(model, sources, memo)
-        rplan = prepare(qmodel, config)  # the paper recipe: nothing to analyze
 
         def in_copy(name: str, m: nn.Module) -> nn.Module:
             # The memo knows every module copied (unless a custom
@@ -243,6 +245,13 @@ def quantize_model(
             chosen=[(name, in_copy(name, m)) for name, m in plan.chosen],
             tied=[(name, owner, in_copy(name, m)) for name, owner, m in plan.tied],
         )
+        unset = {id(m.weight): src for src, (_, m) in zip(sources, plan.chosen)}
+        rplan = prepare(qmodel, config, unset)
+        # A folded layer's float weight is the one just written into the copy.
+        sources = [
+            m.weight if id(m) in rplan.folded_modules else src
+            for src, (_, m) in zip(sources, plan.chosen)
+        ]
     # Activation quantizers go on every distinct module with a quantized
     # weight, tied ones included (a module under two names gets one).
     layers = list(plan.chosen)
@@ -259,17 +268,28 @@ def quantize_model(
         noise_layers = layers
         if config.act_ranges == "bn":
             noise_layers = bn_activation_ranges(rplan, layers, quantizers, abits)
+        if calibration == "float" and noise_layers and not config.is_paper:
+            # The noise pass runs the float model: set the copy's weights.
+            _fill_float_weights(plan.chosen, sources)
         if calibration == "float" and noise_layers:
             _calibrate(qmodel, noise_layers, quantizers, shape, int(seed), apply=False)
         if config.act_ranges == "bn" and calibration == "float":
             finish_activation_order(rplan, layers, quantizers, abits)
 
-    # Bias correction needs the float weights after the pass has replaced them.
+    # Bias correction needs the float weights after the pass has replaced
+    # them: the caller's, or (folded, quantized in place) the copy's float
+    # storage, which the pass swaps out of the parameter.
     w_floats = (
-        {name: module.weight.detach().clone() for name, module in plan.chosen}
+        {name: src.detach() for src, (name, _) in zip(sources, plan.chosen)}
         if config.bias_correction
         else {}
     )
+    if config.bias_correction:
+        prepare_bias_correction(
+            rplan,
+            plan.chosen,
+            {name: quantizers.get(name) if calibration == "float" else None for name, _ in layers},
+        )
     items = [(name, src, module.weight) for src, (name, module) in zip(sources, plan.chosen)]
     results = quantize_into(items, wbits, mode, backend, threads, quantizer)
     by_name: dict[str, LayerReport] = {}
@@ -293,7 +313,7 @@ def quantize_model(
             c_flips=res.qtensor.c_flips,
             bits=wbits,
             kind=type(module).__name__,
-            folded=name in rplan.folded,
+            folded=id(module) in rplan.folded_modules,
             bias_corrected=corrected,
             qtensor=res.qtensor,
         )
@@ -335,6 +355,18 @@ def quantize_model(
     if return_report:
         return qmodel, report
     return qmodel
+
+
+def _fill_float_weights(chosen: Sequence[tuple[str, nn.Module]], sources: Sequence[Any]) -> None:
+    """Copy each float source weight into its layer's (not yet set) weight
+    in the copy; weights that are their own source are left as they are."""
+    import torch
+
+    with torch.no_grad():
+        for (_, module), src in zip(chosen, sources):
+            weight: Any = module.weight
+            if src is not weight:
+                weight.copy_(src)
 
 
 def _deepcopy(
