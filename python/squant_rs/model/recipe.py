@@ -503,36 +503,32 @@ def input_channels(module: Any) -> int:
     return int(module.in_features if isinstance(module, nn.Linear) else module.in_channels)
 
 
-def _host64_sums(w: torch.Tensor | np.ndarray) -> np.ndarray:
-    """``w`` summed over its kernel positions, as an ``(OC, IC/groups)``
-    numpy array: float64 sums of the weight's values, without a torch op on
-    the CPU (no thread pool for a few thousand additions); a 1x1 kernel or
-    Linear weight is returned as it is (a view)."""
+def _kernel_sums(w: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``w`` summed over its kernel positions in its own dtype, as an
+    ``(OC, IC/groups)`` numpy array. A 1x1 kernel or Linear weight on the
+    CPU is returned as it is (a view: no torch op, whose thread pool costs
+    milliseconds a call on a busy machine); larger kernels are summed by
+    torch (a few thousand additions for a depthwise layer)."""
     import torch
 
-    if isinstance(w, np.ndarray):
-        oc, icg = int(w.shape[0]), int(w.shape[1])
-        a = w.reshape(oc, icg, -1)
-    else:
-        d = w.detach()
-        oc, icg = int(d.shape[0]), int(d.shape[1])
-        if d.device.type != "cpu" or d.dtype not in (torch.float32, torch.float64):
-            d = d.to(device="cpu", dtype=torch.float64)
-        a = np.asarray(d.numpy()).reshape(oc, icg, -1)
-    if a.shape[2] == 1:
-        return a[:, :, 0]
-    out: np.ndarray = a.sum(axis=2, dtype=np.float64)
+    t = torch.from_numpy(w) if isinstance(w, np.ndarray) else w.detach()
+    oc, icg = int(t.shape[0]), int(t.shape[1])
+    k = t.numel() // max(1, oc * icg)
+    if k == 1 and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return np.asarray(t.numpy()).reshape(oc, icg)
+    out: np.ndarray = t.reshape(oc, icg, -1).sum(dim=2).cpu().double().numpy()
     return out
 
 
 def channel_dot(module: Any, w: torch.Tensor | np.ndarray, vec: np.ndarray) -> np.ndarray:
     """``W . vec`` per output channel (float64): summed over kernel positions
     (padding ignored); grouped/depthwise convs use their group's input
-    channels of ``vec``. The products and sums are float64 (one
-    single-threaded ``einsum``), the weight read in place."""
+    channels of ``vec``. The kernel sums are in the weight's dtype, the
+    products and the sum over input channels in float64 (one single-threaded
+    ``einsum``: no BLAS thread pool)."""
     from torch import nn
 
-    per_in = _host64_sums(w)
+    per_in = _kernel_sums(w)
     oc, icg = per_in.shape
     e = np.asarray(vec, dtype=np.float64)
     groups = 1 if isinstance(module, nn.Linear) else int(module.groups)
