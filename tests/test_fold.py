@@ -178,7 +178,7 @@ def test_quantize_model_fold_bn() -> None:
     expect = squant_rs.quantize_tensor(folded_ref[0].weight.detach(), 8).dequantize()
     torch.testing.assert_close(q[0].weight.detach(), expect, rtol=0, atol=0)
     torch.testing.assert_close(q[0].bias.detach(), folded_ref[0].bias.detach(), rtol=0, atol=0)
-    plain = squant_rs.quantize_model(model, wbits=8)
+    plain = squant_rs.quantize_model(model, wbits=8, recipe="paper")
     assert isinstance(plain[1], nn.BatchNorm2d)
     with pytest.raises(TypeError, match="fold_bn"):
         squant_rs.quantize_model(model, fold_bn=1)  # type: ignore[call-overload]
