@@ -26,8 +26,6 @@ pub const ZERO_POINT: &str = ":zero_point";
 const SUFFIXES: [&str; 3] = [CODES, SCALE, ZERO_POINT];
 /// The writer's version, stored as `squant_rs_version`.
 pub const WRITER_VERSION: &str = env!("CARGO_PKG_VERSION");
-/// Elements decoded or quantized per block (bounds the scratch memory).
-pub const BLOCK_ELEMS: usize = 1 << 22;
 
 /// How codes map to values (metadata key `quantizer`; absent: asymmetric):
 /// squant-core's quantizer, re-exported.
@@ -496,13 +494,20 @@ impl SquantWriter {
         };
         let lo = -(1i16 << (bits - 1));
         let hi = (1i16 << (bits - 1)) - 1;
-        if let Some(&q) = codes.iter().find(|&&q| (q as i16) < lo || (q as i16) > hi) {
+        if let Some(q) = crate::pack::first_out_of_range(codes, lo as i8, hi as i8) {
             return Err(IoError::InvalidArgument(format!(
                 "codes out of range for {bits} bits: expected values in [{lo}, {hi}], got {q}"
             )));
         }
         packed.clear();
         pack_into(codes, bits, packed);
+        self.w.write(at, packed)
+    }
+
+    /// Appends codes of quantized tensor `i` already packed (see
+    /// [`crate::pack::pack_slice`]; the caller guarantees valid codes).
+    pub fn write_packed(&mut self, i: usize, packed: &[u8]) -> Result<()> {
+        let at = self.slot(i, true)?.0[0];
         self.w.write(at, packed)
     }
 
