@@ -319,7 +319,7 @@ fn quantize_entry(
                             z,
                         )
                         .map_err(|err| shift_channel(err, o0 + k * per_task))?;
-                        let (a, b) = error_sums(&sc.w, &sc.codes, g, s, z);
+                        let (a, b) = error_sums(&sc.w, &sc.codes, g, s, z, opts.bits);
                         pack_slice(&sc.codes, opts.bits, pk);
                         Ok((f, a, b))
                     })
@@ -357,23 +357,31 @@ fn quantize_entry(
 }
 
 /// Sums of `(w_hat - w)^2` (the difference taken in float32) and of `w^2`
-/// in float64 over a block of channels, in 8 fixed lanes (element `j` of a
-/// channel goes to lane `j % 8`), the lanes added last in order: the result
-/// depends neither on the thread count nor on the instruction set.
-fn error_sums(w: &[f32], codes: &[i8], g: usize, scale: &[f32], zp: &[f32]) -> (f64, f64) {
+/// in float64 over a block of channels of `bits`-bit codes, in 16 fixed
+/// lanes (element `j` of a channel goes to lane `j % 16`), the lanes added
+/// last in order: the result depends neither on the thread count nor on
+/// the instruction set. `w_hat` is `dequantize_one`'s value.
+fn error_sums(
+    w: &[f32],
+    codes: &[i8],
+    g: usize,
+    scale: &[f32],
+    zp: &[f32],
+    bits: u32,
+) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { error_sums_avx2(w, codes, g, scale, zp) };
+            return unsafe { error_sums_avx2(w, codes, g, scale, zp, bits) };
         }
     }
     error_sums_scalar(w, codes, g, scale, zp)
 }
 
-const LANES: usize = 8;
+const LANES: usize = 16;
 
-/// The last `< 8` elements of a channel, into lanes 0.. (as every build).
+/// Elements `0..len < 16` of a step into lanes `0..len` (as every build).
 #[inline(always)]
 fn error_tail(
     wv: &[f32],
@@ -408,9 +416,11 @@ fn error_sums_scalar(w: &[f32], codes: &[i8], g: usize, scale: &[f32], zp: &[f32
     (err.iter().sum(), norm.iter().sum())
 }
 
-/// [`error_sums_scalar`] with 8 elements per step: the same operations
-/// per lane (float32 add, divide and subtract, float64 square and add; no
-/// fused multiply-add), so bit-identical.
+/// [`error_sums_scalar`] 16 elements per step: the same operations per
+/// lane (float32 add, divide and subtract, float64 square and add; no fused
+/// multiply-add), so bit-identical. Codes of up to 4 bits look their value
+/// up in the channel's table of `dequantize_one` values instead of
+/// dividing (the same values).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn error_sums_avx2(
@@ -419,70 +429,100 @@ unsafe fn error_sums_avx2(
     g: usize,
     scale: &[f32],
     zp: &[f32],
+    bits: u32,
 ) -> (f64, f64) {
     use std::arch::x86_64::*;
-    let (mut e_lo, mut e_hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-    let (mut n_lo, mut n_hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    // Accumulators: [err 0-3, err 4-7, err 8-11, err 12-15] and the same
+    // for the norm.
+    let mut e = [_mm256_setzero_pd(); 4];
+    let mut n = [_mm256_setzero_pd(); 4];
     let mut err = [0f64; LANES];
     let mut norm = [0f64; LANES];
+    let table = bits <= 4;
+    let offset = 1i32 << (bits - 1);
+    let off_v = _mm256_set1_epi32(offset);
+    let seven = _mm256_set1_epi32(7);
     let channels = w.chunks(g).zip(codes.chunks(g)).zip(scale.iter().zip(zp));
     for ((wc, qc), (&s, &z)) in channels {
+        let p = ChannelParams {
+            scale: s,
+            zero_point: z,
+        };
         let (sv, zv) = (_mm256_set1_ps(s), _mm256_set1_ps(z));
+        let mut lut = [0f32; 16];
+        if table {
+            for (u, v) in lut.iter_mut().enumerate().take(1 << bits) {
+                *v = dequantize_one((u as i32 - offset) as i8, p);
+            }
+        }
+        // SAFETY: 8-float loads from an array of 16.
+        let (t_lo, t_hi) = unsafe {
+            (
+                _mm256_loadu_ps(lut.as_ptr()),
+                _mm256_loadu_ps(lut.as_ptr().add(8)),
+            )
+        };
+        let w_hat = |q8: __m128i| {
+            let q = _mm256_cvtepi8_epi32(q8);
+            if table {
+                let u = _mm256_add_epi32(q, off_v);
+                let lo = _mm256_permutevar8x32_ps(t_lo, u);
+                let hi = _mm256_permutevar8x32_ps(t_hi, u);
+                let upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(u, seven));
+                _mm256_blendv_ps(lo, hi, upper)
+            } else {
+                _mm256_div_ps(_mm256_add_ps(_mm256_cvtepi32_ps(q), zv), sv)
+            }
+        };
         let mut wl = wc.chunks_exact(LANES);
         let mut ql = qc.chunks_exact(LANES);
         for (wv, qv) in (&mut wl).zip(&mut ql) {
-            // SAFETY: `wv` holds 8 floats and `qv` 8 bytes (exact chunks);
-            // the loads are unaligned ones.
-            let (q8, x) = unsafe {
-                (
-                    _mm_loadl_epi64(qv.as_ptr().cast()),
-                    _mm256_loadu_ps(wv.as_ptr()),
-                )
-            };
-            let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
-            let d = _mm256_sub_ps(_mm256_div_ps(_mm256_add_ps(q, zv), sv), x);
-            let (d_lo, d_hi) = (
-                _mm256_cvtps_pd(_mm256_castps256_ps128(d)),
-                _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1)),
-            );
-            let (x_lo, x_hi) = (
-                _mm256_cvtps_pd(_mm256_castps256_ps128(x)),
-                _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)),
-            );
-            e_lo = _mm256_add_pd(e_lo, _mm256_mul_pd(d_lo, d_lo));
-            e_hi = _mm256_add_pd(e_hi, _mm256_mul_pd(d_hi, d_hi));
-            n_lo = _mm256_add_pd(n_lo, _mm256_mul_pd(x_lo, x_lo));
-            n_hi = _mm256_add_pd(n_hi, _mm256_mul_pd(x_hi, x_hi));
+            for h in 0..2 {
+                // SAFETY: `wv` holds 16 floats and `qv` 16 bytes (exact
+                // chunks); unaligned loads of 8 of each at 8 * h.
+                let (q8, x) = unsafe {
+                    (
+                        _mm_loadl_epi64(qv.as_ptr().add(8 * h).cast()),
+                        _mm256_loadu_ps(wv.as_ptr().add(8 * h)),
+                    )
+                };
+                let d = _mm256_sub_ps(w_hat(q8), x);
+                let halves = [
+                    (_mm256_castps256_ps128(d), _mm256_castps256_ps128(x)),
+                    (_mm256_extractf128_ps(d, 1), _mm256_extractf128_ps(x, 1)),
+                ];
+                for (k, (d4, x4)) in halves.into_iter().enumerate() {
+                    let (d4, x4) = (_mm256_cvtps_pd(d4), _mm256_cvtps_pd(x4));
+                    e[2 * h + k] = _mm256_add_pd(e[2 * h + k], _mm256_mul_pd(d4, d4));
+                    n[2 * h + k] = _mm256_add_pd(n[2 * h + k], _mm256_mul_pd(x4, x4));
+                }
+            }
         }
         if !wl.remainder().is_empty() {
-            // The tail's lanes are the vectors' lanes 0..: bring them out.
-            // SAFETY: 4-double stores into arrays of 8.
-            unsafe {
-                _mm256_storeu_pd(err.as_mut_ptr(), e_lo);
-                _mm256_storeu_pd(err.as_mut_ptr().add(4), e_hi);
-                _mm256_storeu_pd(norm.as_mut_ptr(), n_lo);
-                _mm256_storeu_pd(norm.as_mut_ptr().add(4), n_hi);
+            // The tail's lanes are the vectors' first lanes: bring them out.
+            for k in 0..4 {
+                // SAFETY: 4-double stores into arrays of 16 at 4 * k.
+                unsafe {
+                    _mm256_storeu_pd(err.as_mut_ptr().add(4 * k), e[k]);
+                    _mm256_storeu_pd(norm.as_mut_ptr().add(4 * k), n[k]);
+                }
             }
-            let p = ChannelParams {
-                scale: s,
-                zero_point: z,
-            };
             error_tail(wl.remainder(), ql.remainder(), p, &mut err, &mut norm);
-            // SAFETY: 4-double loads from arrays of 8.
-            unsafe {
-                e_lo = _mm256_loadu_pd(err.as_ptr());
-                e_hi = _mm256_loadu_pd(err.as_ptr().add(4));
-                n_lo = _mm256_loadu_pd(norm.as_ptr());
-                n_hi = _mm256_loadu_pd(norm.as_ptr().add(4));
+            for k in 0..4 {
+                // SAFETY: 4-double loads from arrays of 16 at 4 * k.
+                unsafe {
+                    e[k] = _mm256_loadu_pd(err.as_ptr().add(4 * k));
+                    n[k] = _mm256_loadu_pd(norm.as_ptr().add(4 * k));
+                }
             }
         }
     }
-    // SAFETY: 4-double stores into arrays of 8.
-    unsafe {
-        _mm256_storeu_pd(err.as_mut_ptr(), e_lo);
-        _mm256_storeu_pd(err.as_mut_ptr().add(4), e_hi);
-        _mm256_storeu_pd(norm.as_mut_ptr(), n_lo);
-        _mm256_storeu_pd(norm.as_mut_ptr().add(4), n_hi);
+    for k in 0..4 {
+        // SAFETY: 4-double stores into arrays of 16 at 4 * k.
+        unsafe {
+            _mm256_storeu_pd(err.as_mut_ptr().add(4 * k), e[k]);
+            _mm256_storeu_pd(norm.as_mut_ptr().add(4 * k), n[k]);
+        }
     }
     (err.iter().sum(), norm.iter().sum())
 }
@@ -513,14 +553,25 @@ mod tests {
             seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
-        for g in [1usize, 3, 7, 8, 9, 17, 64, 100] {
+        for (g, bits) in [1usize, 3, 7, 8, 9, 16, 17, 33, 64, 100]
+            .into_iter()
+            .flat_map(|g| (2..=8u32).map(move |b| (g, b)))
+        {
             let oc = 5;
             let w: Vec<f32> = (0..oc * g).map(|_| rnd()).collect();
-            let codes: Vec<i8> = (0..oc * g).map(|i| ((i * 7) % 16) as i8 - 8).collect();
+            let span = 1usize << bits;
+            let codes: Vec<i8> = (0..oc * g)
+                .map(|i| ((i * 7) % span) as i32 - (span as i32 / 2))
+                .map(|q| q as i8)
+                .collect();
             let scale: Vec<f32> = (0..oc).map(|c| 7.5 + c as f32).collect();
             let zp: Vec<f32> = (0..oc).map(|c| c as f32 - 2.0).collect();
             let a = error_sums_scalar(&w, &codes, g, &scale, &zp);
-            assert_eq!(a, error_sums(&w, &codes, g, &scale, &zp), "g {g}");
+            assert_eq!(
+                a,
+                error_sums(&w, &codes, g, &scale, &zp, bits),
+                "g {g} bits {bits}"
+            );
             // And the plain definition, up to the summation order.
             let (mut e, mut n) = (0f64, 0f64);
             for (j, (&x, &q)) in w.iter().zip(&codes).enumerate() {

@@ -108,14 +108,25 @@ fn temp_path(target: &Path) -> PathBuf {
 /// Writes at least this large start their write-back to disk at once.
 const START_WRITEBACK: usize = 1 << 20;
 
-/// Starts writing `len` bytes at `at` back to disk without waiting
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so that the final `fsync`
-/// finds little left to do while the rest of the file is being computed.
-/// Best effort: an error here changes nothing (the `fsync` still runs).
+/// Starts writing the whole pages of the `len` bytes at `at` back to disk
+/// without waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so that the
+/// final `fsync` finds little left to do while the rest of the file is
+/// being computed. The pages at either end, which the neighbouring writes
+/// share, are left alone: a write into a page under write-back would wait
+/// for it. Best effort: an error here changes nothing (the `fsync` runs).
 #[cfg(target_os = "linux")]
 fn start_writeback(file: &File, at: u64, len: usize) {
     use std::os::fd::AsRawFd;
-    let (Ok(off), Ok(n)) = (libc::off64_t::try_from(at), libc::off64_t::try_from(len)) else {
+    const PAGE: u64 = 4096;
+    let first = at.div_ceil(PAGE) * PAGE;
+    let end = (at + len as u64) / PAGE * PAGE;
+    if end <= first {
+        return;
+    }
+    let (Ok(off), Ok(n)) = (
+        libc::off64_t::try_from(first),
+        libc::off64_t::try_from(end - first),
+    ) else {
         return;
     };
     // SAFETY: a plain system call on a file descriptor we own.
