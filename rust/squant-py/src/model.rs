@@ -379,10 +379,7 @@ unsafe fn write_out_f32_avx2(
     use std::arch::x86_64::*;
     const L: usize = 8;
     let n = w.len().min(codes.len()).min(out.len());
-    let channels = scale
-        .len()
-        .min(zp.len())
-        .min(if g == 0 { 0 } else { n / g });
+    let channels = scale.len().min(zp.len()).min(n.checked_div(g).unwrap_or(0));
     let full = g / L * L;
     let mut e_lo = _mm256_setzero_pd();
     let mut e_hi = _mm256_setzero_pd();
