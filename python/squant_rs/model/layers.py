@@ -208,12 +208,13 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
 
     plan = LayerPlan()
     types = _layer_types()
+    transpose = nn.modules.conv._ConvTransposeNd
     layer_names: list[str] = []
     groups: dict[int, list[tuple[str, nn.Module]]] = {}  # weight id -> candidate layers
     float_ids: dict[int, str] = {}  # weight id -> a layer that keeps it float
     modules = list(model.named_modules(remove_duplicate=False))
     for name, module in modules:
-        is_transpose = isinstance(module, nn.modules.conv._ConvTransposeNd)
+        is_transpose = isinstance(module, transpose)
         if not (is_transpose or isinstance(module, types)):
             continue
         layer_names.append(name)
@@ -228,7 +229,9 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
                 f"layer {name!r} is a lazy module that has not been initialized yet: "
                 "run one forward pass first"
             )
-        if parametrize.is_parametrized(module, "weight") or not isinstance(weight, nn.Parameter):
+        if not isinstance(weight, nn.Parameter) or (
+            _may_be_parametrized(module) and parametrize.is_parametrized(module, "weight")
+        ):
             plan.skipped.append(name)
             continue
         if weight.numel() == 0:
@@ -241,9 +244,19 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
 
     # Uses of a candidate weight outside the Conv/Linear layers' own weights.
     foreign: dict[int, str] = {}
+    plain_named = nn.Module.named_parameters
     for mname, module in modules:
-        own = isinstance(module, types) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
-        for pname, param in module.named_parameters(recurse=False):
+        if type(module).named_parameters is plain_named:
+            # named_parameters(recurse=False) without its generators: the
+            # module's own parameters, None and repeats left out.
+            own_params = module._parameters
+            if not own_params or groups.keys().isdisjoint(map(id, own_params.values())):
+                continue
+            named: Any = _distinct_params(own_params)
+        else:
+            named = module.named_parameters(recurse=False)
+        own = isinstance(module, types) and not isinstance(module, transpose)
+        for pname, param in named:
             if id(param) in groups and not (own and pname == "weight"):
                 label = f"{mname}.{pname}" if mname else pname
                 foreign.setdefault(id(param), f"{label} ({type(module).__name__})")
@@ -276,6 +289,31 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
         )
     warn_unmatched(skip, layer_names, "Conv/Linear layer", stacklevel + 1)
     return plan
+
+
+def _distinct_params(params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``(name, parameter)`` of a module's own parameters as
+    ``named_parameters(recurse=False)`` gives them (``None`` and repeats
+    left out)."""
+    seen: set[int] = set()
+    out = []
+    for pname, param in params.items():
+        if param is None or id(param) in seen:
+            continue
+        seen.add(id(param))
+        out.append((pname, param))
+    return out
+
+
+def _may_be_parametrized(module: Any) -> bool:
+    """False when ``module`` certainly has no ``parametrizations`` attribute
+    (``parametrize.is_parametrized`` would look it up through
+    ``nn.Module.__getattr__``, which builds an exception every time)."""
+    return (
+        "parametrizations" in module._modules
+        or "parametrizations" in module.__dict__
+        or hasattr(type(module), "parametrizations")
+    )
 
 
 def select_layers(
@@ -558,14 +596,16 @@ class _Destinations:
     by :meth:`finish`."""
 
     def __init__(self) -> None:
-        self.back: list[tuple[Any, np.ndarray]] = []
-
-    def view(self, t: Any) -> np.ndarray:
         import torch
 
+        self.back: list[tuple[Any, np.ndarray]] = []
+        self.bf16 = torch.bfloat16
+        self.i16 = torch.int16
+
+    def view(self, t: Any) -> np.ndarray:
         d = t.detach()
-        if d.dtype == torch.bfloat16:
-            d = d.view(torch.int16)
+        if d.dtype is self.bf16:
+            d = d.view(self.i16)
         out: np.ndarray = d.numpy()
         if not out.flags.c_contiguous:
             out = np.empty(out.shape, out.dtype)
@@ -684,8 +724,7 @@ def quantize_into(
             check_torch_weight(w)
         except (SquantError, UnsupportedDtypeError) as exc:
             raise type(exc)(f"{name or 'weight'}: {exc}") from exc
-        on_cpu = w.device.type == "cpu" and dst.device.type == "cpu"
-        if on_cpu and backend != "torch":
+        if backend != "torch" and w.is_cpu and dst.is_cpu:
             native.append(i)
     out: list[LayerResult | None] = [None] * len(items)
     failure: tuple[int, Exception] | None = None

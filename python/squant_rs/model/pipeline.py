@@ -301,9 +301,12 @@ def quantize_model(
         by_name[name] = dataclasses.replace(
             by_name[owner], name=name, time_ms=0.0, kind=type(module).__name__, tied_to=owner
         )
-    # Rows in module order (a tied layer's row where the layer is).
-    order = {name: i for i, (name, _) in enumerate(qmodel.named_modules(remove_duplicate=False))}
-    reports = sorted(by_name.values(), key=lambda r: order[r.name])
+    # Rows in module order (a tied layer's row where the layer is; without
+    # tied layers, plan.chosen's order already is).
+    reports = list(by_name.values())
+    if plan.tied:
+        order = {n: i for i, (n, _) in enumerate(qmodel.named_modules(remove_duplicate=False))}
+        reports.sort(key=lambda r: order[r.name])
 
     if abits is not None:
         if calibration == "quantized" and noise_layers:
