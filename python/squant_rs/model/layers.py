@@ -6,9 +6,7 @@ import copy
 import dataclasses
 import fnmatch
 import gc
-import itertools
 import math
-import operator
 import re
 import time
 import warnings
@@ -426,19 +424,12 @@ class _Copier:
         self.parameter: Any = nn.Parameter
         self.strided = torch.strided
         self.preserve = torch.preserve_format
-        # The hook dictionaries every module has (empty on almost all of
-        # them): copied in one go by :meth:`_module`.
-        proto = nn.Module().__dict__
-        keys = tuple(k for k, v in proto.items() if type(v) is OrderedDict)
-        self.hook_keys = keys
-        self.hook_set = frozenset(keys)
-        self.hooks_of: Any = operator.itemgetter(*keys) if len(keys) > 1 else None
-        self.hook_types = (OrderedDict,) * len(keys)
-        self.no_args = ((),) * len(keys)
+        self.atomic = _ATOMIC
+        self.odict = OrderedDict
         # Module.__setstate__ is __dict__.update plus defaults for keys an
         # old pickle may lack: with all of them there, the update alone.
         self.set_state = nn.Module.__setstate__
-        self.state_keys = frozenset(proto)
+        self.state_keys = frozenset(nn.Module().__dict__)
 
     def _is_plain(self, cls: Any) -> bool:
         ok = self.plain.get(cls)
@@ -484,31 +475,17 @@ class _Copier:
         return new
 
     def copy(self, obj: Any) -> Any:
+        """``copy.deepcopy(obj, self.memo)``. The module tree, its
+        dictionaries, tuples and sets are walked in Rust
+        (``_squant_rs.copy_tree``: plain modules rebuilt as ``deepcopy``
+        would, through ``__getstate__``/``__setstate__``, empty containers
+        and atomic values inline); the rest comes back to :meth:`_other`."""
+        return _native.copy_tree(obj, self)
+
+    def _other(self, obj: Any) -> Any:
+        """A value :meth:`copy` does not walk itself: plain CPU buffers and
+        parameters cloned directly, anything else through ``deepcopy``."""
         cls: Any = type(obj)
-        if cls in _ATOMIC:
-            return obj
-        memo = self.memo
-        y = memo.get(id(obj), memo)
-        if y is not memo:
-            return y
-        if cls is dict or cls is OrderedDict:
-            d: Any = cls()
-            memo[id(obj)] = d
-            for k, v in obj.items():
-                d[k if type(k) is str else self.copy(k)] = v if type(v) in _ATOMIC else self.copy(v)
-            return d
-        if cls is tuple:
-            if all(type(v) in _ATOMIC for v in obj):
-                return obj
-            t = tuple(self.copy(v) for v in obj)
-            if all(a is b for a, b in zip(t, obj)):
-                return obj
-            memo[id(obj)] = t
-            return t
-        if cls is set and all(type(v) in _ATOMIC for v in obj):
-            c = set(obj)
-            memo[id(obj)] = c
-            return c
         if cls is self.tensor:
             new = self._buffer(obj)
             if new is not None:
@@ -516,61 +493,9 @@ class _Copier:
         elif cls is self.parameter and not obj.__dict__:
             # Parameter.__deepcopy__ exactly, without deepcopy's dispatch.
             p = cls(obj.data.clone(memory_format=self.preserve), obj.requires_grad)
-            memo[id(obj)] = p
+            self.memo[id(obj)] = p
             return p
-        elif isinstance(obj, self.module):
-            plain = self.plain.get(cls)
-            if plain is None:
-                plain = self._is_plain(cls)
-            if plain:
-                return self._module(obj, cls)
-        return copy.deepcopy(obj, memo)
-
-    def _module(self, obj: Any, cls: Any) -> Any:
-        """A plain module: ``deepcopy``'s ``__reduce_ex__`` route (a new
-        instance, its ``__getstate__`` -- a copy of ``__dict__`` -- deep-copied
-        and handed to ``__setstate__``), without its generic dispatch."""
-        memo = self.memo
-        m = cls.__new__(cls)
-        memo[id(obj)] = m
-        # The state dict is a fresh temporary: copied without a memo entry.
-        # Atomic values (and the copies below) as they are.
-        new = obj.__getstate__()
-        rest: Any = list(new)
-        hooks = None
-        if self.hooks_of is not None:
-            try:
-                hooks = self.hooks_of(new)
-            except KeyError:
-                hooks = None
-        if (
-            hooks is not None
-            and not any(hooks)
-            and tuple(map(type, hooks)) == self.hook_types
-            and memo.keys().isdisjoint(map(id, hooks))
-        ):
-            # Empty hook dictionaries (the common case): fresh ones, all at
-            # once, each recorded in the memo as deepcopy would.
-            fresh: list[Any] = list(itertools.starmap(OrderedDict, self.no_args))
-            memo.update(zip(map(id, hooks), fresh))
-            new.update(zip(self.hook_keys, fresh))
-            rest = new.keys() - self.hook_set
-        for k in rest:
-            v = new[k]
-            vt = type(v)
-            if vt in _ATOMIC:
-                continue
-            if (vt is dict or vt is OrderedDict or vt is set) and not v and id(v) not in memo:
-                memo[id(v)] = new[k] = vt()  # empty containers, inline
-            elif vt is tuple and all(type(x) in _ATOMIC for x in v):
-                pass  # kernel sizes, strides...: deepcopy keeps them
-            else:
-                new[k] = self.copy(v)
-        if cls.__setstate__ is self.set_state and self.state_keys <= new.keys():
-            m.__dict__.update(new)
-        else:
-            m.__setstate__(new)
-        return m
+        return copy.deepcopy(obj, self.memo)
 
 
 @dataclass(frozen=True, eq=False)

@@ -21,7 +21,9 @@ use numpy::{
     PyReadwriteArrayDyn, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::PyTypeError;
+use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyFrozenSet, PySet, PyString, PyTuple, PyType};
 use rayon::prelude::*;
 use squant_core::case::{self, Flips, Isa, Scratch};
 use squant_core::{dequantize_one, ChannelParams, Layout, Mode, Quantizer, SquantError};
@@ -1029,6 +1031,188 @@ fn run_all(
         }
     }
     Ok(out)
+}
+
+/// What [`copy_tree`] needs from its Python copier (`_Copier` in
+/// `squant_rs.model.layers`), looked up once per call.
+struct CopyCtx<'py> {
+    py: Python<'py>,
+    memo: Bound<'py, PyDict>,
+    atomic: Bound<'py, PyFrozenSet>,
+    plain: Bound<'py, PyDict>,
+    module: Bound<'py, PyAny>,
+    odict: Bound<'py, PyAny>,
+    set_state: Bound<'py, PyAny>,
+    state_keys: Bound<'py, PyFrozenSet>,
+    copier: Bound<'py, PyAny>,
+}
+
+impl<'py> CopyCtx<'py> {
+    fn is_atomic(&self, obj: &Bound<'py, PyAny>) -> PyResult<bool> {
+        self.atomic.contains(obj.get_type())
+    }
+
+    /// `id(obj)`, as the memo's key.
+    fn key(obj: &Bound<'py, PyAny>) -> usize {
+        obj.as_ptr() as usize
+    }
+
+    fn remember(&self, obj: &Bound<'py, PyAny>, copy: &Bound<'py, PyAny>) -> PyResult<()> {
+        self.memo.set_item(Self::key(obj), copy)
+    }
+
+    /// `_Copier.copy`: the same branches in the same order; tensors,
+    /// parameters and everything else go back to the Python copier.
+    fn copy(&self, obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        if self.is_atomic(obj)? {
+            return Ok(obj.clone());
+        }
+        if let Some(y) = self.memo.get_item(Self::key(obj))? {
+            return Ok(y);
+        }
+        let cls = obj.get_type();
+        if obj.is_exact_instance_of::<PyDict>() || cls.is(&self.odict) {
+            let d = cls.call0()?;
+            self.remember(obj, &d)?;
+            let src = obj.cast::<PyDict>()?;
+            for (k, v) in src.iter() {
+                let key = if k.is_exact_instance_of::<PyString>() {
+                    k
+                } else {
+                    self.copy(&k)?
+                };
+                let val = if self.is_atomic(&v)? {
+                    v
+                } else {
+                    self.copy(&v)?
+                };
+                d.set_item(key, val)?;
+            }
+            return Ok(d);
+        }
+        if let Ok(t) = obj.cast_exact::<PyTuple>() {
+            if self.all_atomic(t.iter())? {
+                return Ok(obj.clone());
+            }
+            let mut items = Vec::with_capacity(t.len());
+            let mut same = true;
+            for v in t.iter() {
+                let c = self.copy(&v)?;
+                same &= c.is(&v);
+                items.push(c);
+            }
+            if same {
+                return Ok(obj.clone());
+            }
+            let c = PyTuple::new(self.py, items)?.into_any();
+            self.remember(obj, &c)?;
+            return Ok(c);
+        }
+        if let Ok(s) = obj.cast_exact::<PySet>() {
+            if self.all_atomic(s.iter())? {
+                let c = PySet::new(self.py, s.iter())?.into_any();
+                self.remember(obj, &c)?;
+                return Ok(c);
+            }
+        }
+        if obj.is_instance(&self.module)? && self.is_plain(&cls)? {
+            return self.module(obj, &cls);
+        }
+        self.copier.call_method1("_other", (obj,))
+    }
+
+    fn all_atomic(&self, items: impl Iterator<Item = Bound<'py, PyAny>>) -> PyResult<bool> {
+        for v in items {
+            if !self.is_atomic(&v)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn is_plain(&self, cls: &Bound<'py, PyType>) -> PyResult<bool> {
+        if let Some(ok) = self.plain.get_item(cls)? {
+            return ok.is_truthy();
+        }
+        self.copier.call_method1("_is_plain", (cls,))?.is_truthy()
+    }
+
+    /// `_Copier._module`: a new instance, the module's `__getstate__`
+    /// deep-copied (empty containers inline), then `__setstate__` (a dict
+    /// update when it is `nn.Module`'s and every key it would add is there).
+    fn module(
+        &self,
+        obj: &Bound<'py, PyAny>,
+        cls: &Bound<'py, PyType>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let m = cls.call_method1(intern!(self.py, "__new__"), (cls,))?;
+        self.remember(obj, &m)?;
+        // The state dict is a fresh temporary: copied without a memo entry.
+        let state = obj.call_method0(intern!(self.py, "__getstate__"))?;
+        let new = state.cast::<PyDict>()?;
+        let items: Vec<_> = new.iter().collect();
+        for (k, v) in items {
+            if self.is_atomic(&v)? {
+                continue;
+            }
+            let vt = v.get_type();
+            let container = v.is_exact_instance_of::<PyDict>()
+                || vt.is(&self.odict)
+                || v.is_exact_instance_of::<PySet>();
+            if container && v.len()? == 0 && self.memo.get_item(Self::key(&v))?.is_none() {
+                let c = vt.call0()?;
+                self.remember(&v, &c)?;
+                new.set_item(k, c)?;
+            } else if let Ok(t) = v.cast_exact::<PyTuple>() {
+                if !self.all_atomic(t.iter())? {
+                    new.set_item(k, self.copy(&v)?)?;
+                } // kernel sizes, strides...: deepcopy keeps them
+            } else {
+                new.set_item(k, self.copy(&v)?)?;
+            }
+        }
+        let setstate = cls.getattr(intern!(self.py, "__setstate__"))?;
+        if setstate.is(&self.set_state)
+            && self
+                .state_keys
+                .iter()
+                .all(|k| new.contains(k).unwrap_or(false))
+        {
+            m.getattr(intern!(self.py, "__dict__"))?
+                .call_method1(intern!(self.py, "update"), (new,))?;
+        } else {
+            m.call_method1(intern!(self.py, "__setstate__"), (new,))?;
+        }
+        Ok(m)
+    }
+}
+
+/// copy_tree(obj, copier)
+/// --
+///
+/// `copier.copy(obj)` of `squant_rs.model.layers._Copier`, with the module
+/// tree, its dictionaries, tuples and sets walked here; tensors,
+/// parameters and anything else go to `copier._other`. Uses and fills
+/// `copier.memo` (deepcopy's memo).
+#[pyfunction]
+pub fn copy_tree<'py>(
+    obj: &Bound<'py, PyAny>,
+    copier: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = obj.py();
+    let get = |name: &str| copier.getattr(name);
+    let ctx = CopyCtx {
+        py,
+        memo: get("memo")?.cast_into::<PyDict>()?,
+        atomic: get("atomic")?.cast_into::<PyFrozenSet>()?,
+        plain: get("plain")?.cast_into::<PyDict>()?,
+        module: get("module")?,
+        odict: get("odict")?,
+        set_state: get("set_state")?,
+        state_keys: get("state_keys")?.cast_into::<PyFrozenSet>()?,
+        copier: copier.clone(),
+    };
+    ctx.copy(obj)
 }
 
 #[cfg(test)]
