@@ -353,3 +353,26 @@ def test_quantize_model_with_a_module_that_copies_itself() -> None:
         w = model.get_submodule(name).weight
         want = squant_rs.quantize_tensor(w, 3).dequantize()
         assert torch.equal(qmodel.get_submodule(name).weight, want), name
+
+
+def _double(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+    return out * 2
+
+
+def test_copy_model_keeps_hooks_and_makes_separate_hook_dictionaries() -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 1))
+    model[2].register_forward_hook(_double)
+    c = copy_model(model, [model[0].weight])
+    ref = copy.deepcopy(model)
+    x = torch.rand(1, 2, 5, 5)
+    c[0].weight.data.copy_(model[0].weight)
+    assert torch.equal(c(x), ref(x))  # the hook copied and active
+    for a, b in zip(model.modules(), c.modules()):
+        assert type(a) is type(b) and a is not b
+        assert a.__dict__.keys() == b.__dict__.keys()
+        assert a._forward_hooks is not b._forward_hooks
+    dicts = [id(d) for m in c.modules() for d in m.__dict__.values() if isinstance(d, dict)]
+    assert len(dicts) == len(set(dicts))  # no dictionary shared between modules
+    c[1].register_forward_hook(_double)  # registering on the copy leaves the model alone
+    assert not model[1]._forward_hooks and len(c[2]._forward_hooks) == 1
