@@ -376,3 +376,28 @@ def test_copy_model_keeps_hooks_and_makes_separate_hook_dictionaries() -> None:
     assert len(dicts) == len(set(dicts))  # no dictionary shared between modules
     c[1].register_forward_hook(_double)  # registering on the copy leaves the model alone
     assert not model[1]._forward_hooks and len(c[2]._forward_hooks) == 1
+
+
+def test_quantize_model_warnings_point_at_the_caller() -> None:
+    model = nn.Sequential(nn.Linear(3, 4))
+    with pytest.warns(UserWarning, match="matches no") as rec:
+        squant_rs.quantize_model(model, skip=["nope"])
+    assert rec[0].filename == __file__
+
+
+def test_quantize_model_restores_the_garbage_collector() -> None:
+    import gc
+
+    model = nn.Sequential(nn.Linear(3, 4))
+    assert gc.isenabled()
+    squant_rs.quantize_model(model)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        squant_rs.quantize_model(model)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(squant_rs.InvalidArgumentError):
+        squant_rs.quantize_model(model, wbits=9)
+    assert gc.isenabled()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import functools
 import gc
 import math
 import re
@@ -26,8 +27,13 @@ from ..tensor.validate import (
 )
 
 if TYPE_CHECKING:
+    from typing import ParamSpec, TypeVar  # Python 3.10+, annotations only
+
     import torch
     from torch import nn
+
+    _P = ParamSpec("_P")
+    _R = TypeVar("_R")
 
 #: Progress callback: ``(done, total, name)``.
 ProgressFn = Callable[[int, int, str], None]
@@ -381,6 +387,21 @@ def copy_model(
     return copied
 
 
+def with_gc_paused(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` run with the garbage collector paused (:func:`gc_paused`):
+    for calls that build a model copy and return it, so that the collector
+    does not scan the young copy over and over while it is being built
+    and returned (if the caller drops it at once, its objects are freed
+    before the collector ever looks at them)."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with gc_paused():
+            return fn(*args, **kwargs)
+
+    return run
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector paused for the block (as
@@ -423,7 +444,7 @@ class _Copier:
         self.tensor: Any = torch.Tensor
         self.parameter: Any = nn.Parameter
         self.strided = torch.strided
-        self.preserve = torch.preserve_format
+        self.make_subclass = torch.Tensor._make_subclass
         self.atomic = _ATOMIC
         self.odict = OrderedDict
         # Module.__setstate__ is __dict__.update plus defaults for keys an
@@ -453,8 +474,8 @@ class _Copier:
         ``None``."""
         if (
             t.requires_grad
-            or t.layout != self.strided
-            or t.device.type != "cpu"
+            or t.layout is not self.strided
+            or not t.is_cpu
             or t.is_quantized
             or t.is_conj()
             or t.is_neg()
@@ -464,7 +485,7 @@ class _Copier:
         ):
             return None
         storage = t.untyped_storage()
-        if storage.nbytes() != t.numel() * t.element_size():
+        if storage.nbytes() != t.nbytes:
             return None
         seen = self.memo.setdefault("torch", {})
         if storage._cdata in seen:  # shared with another tensor: deepcopy's way
@@ -491,8 +512,9 @@ class _Copier:
             if new is not None:
                 return new
         elif cls is self.parameter and not obj.__dict__:
-            # Parameter.__deepcopy__ exactly, without deepcopy's dispatch.
-            p = cls(obj.data.clone(memory_format=self.preserve), obj.requires_grad)
+            # Parameter.__deepcopy__ exactly, without deepcopy's dispatch
+            # (Parameter.__new__ of a plain tensor is this _make_subclass).
+            p = self.make_subclass(cls, obj.data.clone(), obj.requires_grad)
             self.memo[id(obj)] = p
             return p
         return copy.deepcopy(obj, self.memo)
