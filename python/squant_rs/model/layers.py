@@ -396,8 +396,15 @@ def with_gc_paused(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 
     @functools.wraps(fn)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with gc_paused():
+        # Not through gc_paused(): its generator's StopIteration, made
+        # after the collector is back, would trigger a scan of the copy.
+        was = gc.isenabled()
+        gc.disable()
+        try:
             return fn(*args, **kwargs)
+        finally:
+            if was:
+                gc.enable()
 
     return run
 
