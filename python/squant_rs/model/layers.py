@@ -12,8 +12,7 @@ import re
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -396,22 +395,14 @@ def with_gc_paused(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 
     @functools.wraps(fn)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        # Not through gc_paused(): its generator's StopIteration, made
-        # after the collector is back, would trigger a scan of the copy.
-        was = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             return fn(*args, **kwargs)
-        finally:
-            if was:
-                gc.enable()
 
     return run
 
 
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector paused for the block (as
+class gc_paused:  # noqa: N801 - used like a function: ``with gc_paused():``
+    """Python's cyclic garbage collector paused for a ``with`` block (as
     :mod:`timeit` does), then restored to the state it had.
 
     Copying a model allocates tens of thousands of containers (each module's
@@ -419,13 +410,16 @@ def gc_paused() -> Iterator[None]:
     700 allocations the collector would scan the young ones again for
     nothing, and every few copies walk every object of the interpreter
     (torch's included) -- most of a copy's time on a ShuffleNet. Nothing
-    is left uncollected: the collector runs again after the block."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
+    is left uncollected: the collector runs again after the block. (A
+    class, not a generator: nothing is allocated once the collector is
+    back, which would make it scan the new copy at once.)"""
+
+    def __enter__(self) -> None:
+        self.was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.was:
             gc.enable()
 
 
