@@ -401,3 +401,14 @@ def test_quantize_model_restores_the_garbage_collector() -> None:
     with pytest.raises(squant_rs.InvalidArgumentError):
         squant_rs.quantize_model(model, wbits=9)
     assert gc.isenabled()
+
+
+def test_copy_model_keeps_a_dictionary_shared_between_modules_shared() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.ReLU(), nn.Linear(2, 2))
+    model[1]._forward_pre_hooks = model[0]._forward_pre_hooks  # one empty dict, two modules
+    c = copy_model(model, [])
+    ref = copy.deepcopy(model)
+    assert ref[0]._forward_pre_hooks is ref[1]._forward_pre_hooks
+    assert c[0]._forward_pre_hooks is c[1]._forward_pre_hooks
+    assert c[0]._forward_pre_hooks is not model[0]._forward_pre_hooks
+    assert c[0]._forward_hooks is not c[1]._forward_hooks

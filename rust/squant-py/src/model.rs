@@ -1033,6 +1033,11 @@ fn run_all(
     Ok(out)
 }
 
+/// References to a value of a module's `__dict__` while [`CopyCtx::module`]
+/// looks at it when nothing else holds it: the `__dict__`, the state copy
+/// and the loop's own.
+const ONLY_HERE: isize = 3;
+
 /// What [`copy_tree`] needs from its Python copier (`_Copier` in
 /// `squant_rs.model.layers`), looked up once per call.
 struct CopyCtx<'py> {
@@ -1159,7 +1164,12 @@ impl<'py> CopyCtx<'py> {
             let container = v.is_exact_instance_of::<PyDict>()
                 || vt.is(&self.odict)
                 || v.is_exact_instance_of::<PySet>();
-            if container && v.len()? == 0 && self.memo.get_item(Self::key(&v))?.is_none() {
+            if container && v.len()? == 0 && v.get_refcnt() <= ONLY_HERE {
+                // Reachable only through this module (its `__dict__`, the
+                // state copy and `v`): no other path can meet it again, so
+                // it needs no memo entry (most hook dictionaries).
+                new.set_item(k, vt.call0()?)?;
+            } else if container && v.len()? == 0 && self.memo.get_item(Self::key(&v))?.is_none() {
                 let c = vt.call0()?;
                 self.remember(&v, &c)?;
                 new.set_item(k, c)?;
