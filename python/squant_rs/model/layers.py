@@ -469,55 +469,19 @@ class _Copier:
             self.plain[cls] = ok
         return ok
 
-    def _buffer(self, t: Any) -> Any:
-        """A plain, dense, contiguous CPU tensor that owns all of its storage:
-        cloned, its storage recorded as ``Tensor.__deepcopy__`` does; else
-        ``None``."""
-        if (
-            t.requires_grad
-            or t.layout is not self.strided
-            or not t.is_cpu
-            or t.is_quantized
-            or t.is_conj()
-            or t.is_neg()
-            or t.storage_offset() != 0
-            or not t.is_contiguous()
-            or t.__dict__
-        ):
-            return None
-        storage = t.untyped_storage()
-        if storage.nbytes() != t.nbytes:
-            return None
-        seen = self.memo.setdefault("torch", {})
-        if storage._cdata in seen:  # shared with another tensor: deepcopy's way
-            return None
-        new = t.clone()
-        seen[storage._cdata] = new.untyped_storage()
-        self.memo[id(t)] = new
-        return new
-
     def copy(self, obj: Any) -> Any:
-        """``copy.deepcopy(obj, self.memo)``. The module tree, its
-        dictionaries, tuples and sets are walked in Rust
-        (``_squant_rs.copy_tree``: plain modules rebuilt as ``deepcopy``
-        would, through ``__getstate__``/``__setstate__``, empty containers
-        and atomic values inline); the rest comes back to :meth:`_other`."""
+        """``copy.deepcopy(obj, self.memo)``, walked in Rust
+        (``_squant_rs.copy_tree``): plain modules rebuilt as ``deepcopy``
+        would, through ``__getstate__``/``__setstate__``, with empty
+        containers and atomic values inline; dictionaries, tuples and sets;
+        parameters as ``Parameter.__deepcopy__`` makes them; plain, dense,
+        contiguous CPU tensors that own all of their storage cloned, their
+        storage recorded in the memo as ``Tensor.__deepcopy__`` does. The
+        rest comes back to :meth:`_other`."""
         return _native.copy_tree(obj, self)
 
     def _other(self, obj: Any) -> Any:
-        """A value :meth:`copy` does not walk itself: plain CPU buffers and
-        parameters cloned directly, anything else through ``deepcopy``."""
-        cls: Any = type(obj)
-        if cls is self.tensor:
-            new = self._buffer(obj)
-            if new is not None:
-                return new
-        elif cls is self.parameter and not obj.__dict__:
-            # Parameter.__deepcopy__ exactly, without deepcopy's dispatch
-            # (Parameter.__new__ of a plain tensor is this _make_subclass).
-            p = self.make_subclass(cls, obj.data.clone(), obj.requires_grad)
-            self.memo[id(obj)] = p
-            return p
+        """What :meth:`copy` does not copy itself: ``deepcopy``."""
         return copy.deepcopy(obj, self.memo)
 
 

@@ -1049,6 +1049,10 @@ struct CopyCtx<'py> {
     odict: Bound<'py, PyAny>,
     set_state: Bound<'py, PyAny>,
     state_keys: Bound<'py, PyFrozenSet>,
+    tensor: Bound<'py, PyAny>,
+    parameter: Bound<'py, PyAny>,
+    strided: Bound<'py, PyAny>,
+    make_subclass: Bound<'py, PyAny>,
     copier: Bound<'py, PyAny>,
 }
 
@@ -1120,10 +1124,74 @@ impl<'py> CopyCtx<'py> {
                 return Ok(c);
             }
         }
-        if obj.is_instance(&self.module)? && self.is_plain(&cls)? {
+        if cls.is(&self.tensor) {
+            if let Some(c) = self.buffer(obj)? {
+                return Ok(c);
+            }
+        } else if cls.is(&self.parameter) {
+            if self.no_dict(obj)? {
+                // Parameter.__deepcopy__ exactly (Parameter.__new__ of a
+                // plain tensor is this _make_subclass).
+                let py = self.py;
+                let data = obj
+                    .getattr(intern!(py, "data"))?
+                    .call_method0(intern!(py, "clone"))?;
+                let rg = obj.getattr(intern!(py, "requires_grad"))?;
+                let p = self.make_subclass.call1((cls, data, rg))?;
+                self.remember(obj, &p)?;
+                return Ok(p);
+            }
+        } else if obj.is_instance(&self.module)? && self.is_plain(&cls)? {
             return self.module(obj, &cls);
         }
         self.copier.call_method1("_other", (obj,))
+    }
+
+    /// An instance `__dict__` that is empty (or absent).
+    fn no_dict(&self, obj: &Bound<'py, PyAny>) -> PyResult<bool> {
+        match obj.getattr(intern!(self.py, "__dict__")) {
+            Ok(d) => Ok(d.len()? == 0),
+            Err(_) => Ok(true),
+        }
+    }
+
+    /// `_Copier._buffer`: a plain, dense, contiguous CPU tensor that owns
+    /// all of its storage, cloned, its storage recorded in the memo as
+    /// `Tensor.__deepcopy__` does; else `None` (deepcopy's way).
+    fn buffer(&self, t: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let py = self.py;
+        let flag = |name: &Bound<'py, PyString>| -> PyResult<bool> { t.getattr(name)?.is_truthy() };
+        let call =
+            |name: &Bound<'py, PyString>| -> PyResult<Bound<'py, PyAny>> { t.call_method0(name) };
+        if flag(intern!(py, "requires_grad"))?
+            || !t.getattr(intern!(py, "layout"))?.is(&self.strided)
+            || !flag(intern!(py, "is_cpu"))?
+            || flag(intern!(py, "is_quantized"))?
+            || call(intern!(py, "is_conj"))?.is_truthy()?
+            || call(intern!(py, "is_neg"))?.is_truthy()?
+            || call(intern!(py, "storage_offset"))?.extract::<i64>()? != 0
+            || !call(intern!(py, "is_contiguous"))?.is_truthy()?
+            || !self.no_dict(t)?
+        {
+            return Ok(None);
+        }
+        let storage = call(intern!(py, "untyped_storage"))?;
+        let nbytes = storage.call_method0(intern!(py, "nbytes"))?;
+        if !nbytes.eq(t.getattr(intern!(py, "nbytes"))?)? {
+            return Ok(None);
+        }
+        let seen = self
+            .memo
+            .call_method1(intern!(py, "setdefault"), ("torch", PyDict::new(py)))?;
+        let seen = seen.cast::<PyDict>()?;
+        let cdata = storage.getattr(intern!(py, "_cdata"))?;
+        if seen.contains(&cdata)? {
+            return Ok(None); // shared with another tensor: deepcopy's way
+        }
+        let new = call(intern!(py, "clone"))?;
+        seen.set_item(cdata, new.call_method0(intern!(py, "untyped_storage"))?)?;
+        self.remember(t, &new)?;
+        Ok(Some(new))
     }
 
     fn all_atomic(&self, items: impl Iterator<Item = Bound<'py, PyAny>>) -> PyResult<bool> {
@@ -1220,6 +1288,10 @@ pub fn copy_tree<'py>(
         odict: get("odict")?,
         set_state: get("set_state")?,
         state_keys: get("state_keys")?.cast_into::<PyFrozenSet>()?,
+        tensor: get("tensor")?,
+        parameter: get("parameter")?,
+        strided: get("strided")?,
+        make_subclass: get("make_subclass")?,
         copier: copier.clone(),
     };
     ctx.copy(obj)
