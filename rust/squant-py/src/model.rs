@@ -1176,8 +1176,12 @@ impl<'py> CopyCtx<'py> {
             return Ok(None);
         }
         let storage = call(intern!(py, "untyped_storage"))?;
-        let nbytes = storage.call_method0(intern!(py, "nbytes"))?;
-        if !nbytes.eq(t.getattr(intern!(py, "nbytes"))?)? {
+        let nbytes = storage
+            .call_method0(intern!(py, "nbytes"))?
+            .extract::<u64>()?;
+        let numel = call(intern!(py, "numel"))?.extract::<u64>()?;
+        let size = call(intern!(py, "element_size"))?.extract::<u64>()?;
+        if numel.checked_mul(size) != Some(nbytes) {
             return Ok(None);
         }
         let seen = self
