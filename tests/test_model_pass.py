@@ -412,3 +412,17 @@ def test_copy_model_keeps_a_dictionary_shared_between_modules_shared() -> None:
     assert c[0]._forward_pre_hooks is c[1]._forward_pre_hooks
     assert c[0]._forward_pre_hooks is not model[0]._forward_pre_hooks
     assert c[0]._forward_hooks is not c[1]._forward_hooks
+
+
+def test_copy_model_of_a_deeply_nested_model() -> None:
+    # Deeper than the native walk goes: the rest is deepcopy's, and the
+    # copy is still a deep copy.
+    inner: nn.Module = nn.Linear(2, 2)
+    for _ in range(150):  # 300 nested values: past the native walk's 200
+        inner = nn.Sequential(inner)
+    c = copy_model(inner, [])
+    a, b = inner, c
+    while isinstance(a, nn.Sequential):
+        assert isinstance(b, nn.Sequential) and a is not b
+        a, b = a[0], b[0]
+    assert torch.equal(a.weight, b.weight) and a.weight is not b.weight

@@ -1054,7 +1054,14 @@ struct CopyCtx<'py> {
     strided: Bound<'py, PyAny>,
     make_subclass: Bound<'py, PyAny>,
     copier: Bound<'py, PyAny>,
+    /// Nesting of [`CopyCtx::copy`] calls (see [`MAX_DEPTH`]).
+    depth: std::cell::Cell<usize>,
 }
+
+/// Deeper than this, values go to `deepcopy` (Python's recursion limit
+/// then applies, as it would without this walk) instead of growing the
+/// native stack.
+const MAX_DEPTH: usize = 200;
 
 impl<'py> CopyCtx<'py> {
     fn is_atomic(&self, obj: &Bound<'py, PyAny>) -> PyResult<bool> {
@@ -1079,6 +1086,18 @@ impl<'py> CopyCtx<'py> {
         if let Some(y) = self.memo.get_item(Self::key(obj))? {
             return Ok(y);
         }
+        let depth = self.depth.get();
+        if depth >= MAX_DEPTH {
+            return self.copier.call_method1("_other", (obj,));
+        }
+        self.depth.set(depth + 1);
+        let out = self.copy_new(obj);
+        self.depth.set(depth);
+        out
+    }
+
+    /// [`CopyCtx::copy`] of a value not copied yet.
+    fn copy_new(&self, obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let cls = obj.get_type();
         if obj.is_exact_instance_of::<PyDict>() || cls.is(&self.odict) {
             let d = cls.call0()?;
@@ -1297,6 +1316,7 @@ pub fn copy_tree<'py>(
         strided: get("strided")?,
         make_subclass: get("make_subclass")?,
         copier: copier.clone(),
+        depth: std::cell::Cell::new(0),
     };
     ctx.copy(obj)
 }
