@@ -4,19 +4,22 @@
 ``--shard-gb`` GB with ``model.safetensors.index.json``) quantized by both
 command lines in subprocesses. Printed, all measured in this one run:
 
-* ``cat``: reading the shards (``cat shards > /dev/null``), the floor;
+* ``cat``: reading the shards (``cat shards > /dev/null``), the floor, from
+  the page cache ("warm") and after evicting the shards from it with
+  ``posix_fadvise(POSIX_FADV_DONTNEED)`` ("cold"; the eviction is checked
+  by timing: a cold read no slower than a warm one is reported);
 * wall time of ``squant quantize DIR OUT`` (Rust CLI) and ``squant-rs
-  quantize DIR OUT`` (Python CLI), and each relative to ``cat`` (goal
-  <= 2x);
+  quantize DIR OUT`` (Python CLI), each warm relative to the warm ``cat``
+  and cold (shards evicted first) relative to the cold ``cat`` (goal
+  <= 2x), and per parameter;
 * the peak resident memory of each (``ru_maxrss`` of the child; goal
   <= 1 GB whatever the checkpoint's size);
-* ``squant-rs info`` (header only) and ``info --verify`` (every tensor);
-* checksum cost: ``load_quantized`` of one output shard with and without
-  ``verify`` (issue goal <= 10 % of the load time).
+* ``squant-rs info`` (header only), ``info --verify`` (every tensor) and
+  ``squant info --verify``;
+* ``load_quantized`` of one output shard with and without ``verify``.
 
-The page cache is warm for every step (the files were just written, and
-``cat`` runs first), so the ratios compare CPU work with reading from
-memory, the hardest case for the goal.
+The warm ratios compare CPU work with reading from memory, the hardest case
+for the goal; the cold ones what a first run after a download sees.
 
     python benches/bench_checkpoint.py [--layers 6] [--shard-gb 1] [--dir DIR] [--keep]
 
@@ -133,6 +136,17 @@ def timed(argv: list[str]) -> tuple[float, float]:
     return wall, (kib / 1024 if sys.platform != "darwin" else kib / 2**20)
 
 
+def evict(files: list[Path]) -> None:
+    """Drops the files' pages from the page cache (written back first)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -176,35 +190,62 @@ def main() -> None:
         f"bf16 in {len(files)} shards (generated in {gen:.1f} s), work dir {work}"
     )
 
-    cat = [timed(["cat", *map(str, files)]) for _ in range(2)]  # the first warms the cache
-    t_cat = min(c[0] for c in cat)
+    cat_argv = ["cat", *map(str, files)]
+    cat = [timed(cat_argv) for _ in range(2)]  # the first warms the cache
+    t_cat, rss_cat = min(c[0] for c in cat), cat[-1][1]
+    can_evict = hasattr(os, "posix_fadvise")  # Linux; elsewhere warm runs only
+    colds = []
+    for _ in range(2 if can_evict else 0):
+        evict(files)
+        colds.append(timed(cat_argv)[0])
+    t_cold = min(colds, default=float("nan"))
     rows = []
-    for label, argv in (
-        ("squant (Rust CLI)", [squant, "quantize", str(src), str(work / "q_rs"), *threads]),
+    q_rs, q_py = work / "q_rs", work / "q_py"
+    for label, out, argv in (
+        ("squant (Rust CLI)", q_rs, [squant, "quantize", str(src), str(q_rs), *threads]),
         (
             "squant-rs (Python CLI)",
-            [sys.executable, "-m", "squant_rs", "quantize", str(src), str(work / "q_py"), *threads],
+            q_py,
+            [sys.executable, "-m", "squant_rs", "quantize", str(src), str(q_py), *threads],
         ),
     ):
-        out = Path(argv[3])
-        shutil.rmtree(out, ignore_errors=True)
-        wall, rss = timed(argv)
-        rows.append((label, wall, rss))
+        for cold in (False, True) if can_evict else (False,):
+            shutil.rmtree(out, ignore_errors=True)
+            if cold:
+                evict(files)
+            else:
+                timed(cat_argv)  # the shards in the page cache again
+            wall, rss = timed(argv)
+            rows.append((label, cold, wall, rss))
     t_info, rss_info = timed([sys.executable, "-m", "squant_rs", "info", str(work / "q_rs")])
     t_ver, rss_ver = timed(
         [sys.executable, "-m", "squant_rs", "info", "--verify", str(work / "q_rs")]
     )
+    t_rver, rss_rver = timed([squant, "info", "--verify", str(work / "q_rs")])
     same = all(
         (work / "q_rs" / f.name).read_bytes() == (work / "q_py" / f.name).read_bytes()
         for f in files
     )
 
-    print(f"\n{'step':<26}{'wall s':>9}{'x cat':>8}{'peak RSS MB':>13}")
-    print(f"{'cat shards > /dev/null':<26}{t_cat:>9.2f}{1:>8.2f}{cat[-1][1]:>13.0f}")
-    for label, wall, rss in rows:
-        print(f"{label:<26}{wall:>9.2f}{wall / t_cat:>8.2f}{rss:>13.0f}")
-    print(f"{'info (header only)':<26}{t_info:>9.2f}{t_info / t_cat:>8.2f}{rss_info:>13.0f}")
-    print(f"{'info --verify':<26}{t_ver:>9.2f}{t_ver / t_cat:>8.2f}{rss_ver:>13.0f}")
+    print(f"\n{'step':<34}{'wall s':>8}{'x cat':>8}{'ns/param':>10}{'peak RSS MB':>13}")
+    print(f"{'cat shards > /dev/null (warm)':<34}{t_cat:>8.2f}{1:>8.2f}{'':>10}{rss_cat:>13.0f}")
+    print(f"{'cat shards > /dev/null (cold)':<34}{t_cold:>8.2f}{1:>8.2f}")
+    for label, cold, wall, rss in rows:
+        ref = t_cold if cold else t_cat
+        name = f"{label}, {'cold' if cold else 'warm'}"
+        print(f"{name:<34}{wall:>8.2f}{wall / ref:>8.2f}{wall / params * 1e9:>10.2f}{rss:>13.0f}")
+    for name, t, rss in (
+        ("squant-rs info (header only)", t_info, rss_info),
+        ("squant-rs info --verify", t_ver, rss_ver),
+        ("squant info --verify (Rust CLI)", t_rver, rss_rver),
+    ):
+        print(f"{name:<34}{t:>8.2f}{t / t_cat:>8.2f}{'':>10}{rss:>13.0f}")
+    print("(x cat: cold runs against the cold read, the rest against the warm one)")
+    if can_evict and t_cold < 1.2 * t_cat:
+        print(
+            f"note: the cold read ({t_cold:.2f} s) is hardly slower than the warm one "
+            f"({t_cat:.2f} s): evicting the shards from the page cache had little effect here"
+        )
     print(f"\nRust and Python outputs byte-identical: {same}")
     print(f"load average (1 min) during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(

@@ -353,3 +353,76 @@ def test_quantize_model_with_a_module_that_copies_itself() -> None:
         w = model.get_submodule(name).weight
         want = squant_rs.quantize_tensor(w, 3).dequantize()
         assert torch.equal(qmodel.get_submodule(name).weight, want), name
+
+
+def _double(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+    return out * 2
+
+
+def test_copy_model_keeps_hooks_and_makes_separate_hook_dictionaries() -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 1))
+    model[2].register_forward_hook(_double)
+    c = copy_model(model, [model[0].weight])
+    ref = copy.deepcopy(model)
+    x = torch.rand(1, 2, 5, 5)
+    c[0].weight.data.copy_(model[0].weight)
+    assert torch.equal(c(x), ref(x))  # the hook copied and active
+    for a, b in zip(model.modules(), c.modules()):
+        assert type(a) is type(b) and a is not b
+        assert a.__dict__.keys() == b.__dict__.keys()
+        assert a._forward_hooks is not b._forward_hooks
+    dicts = [id(d) for m in c.modules() for d in m.__dict__.values() if isinstance(d, dict)]
+    assert len(dicts) == len(set(dicts))  # no dictionary shared between modules
+    c[1].register_forward_hook(_double)  # registering on the copy leaves the model alone
+    assert not model[1]._forward_hooks and len(c[2]._forward_hooks) == 1
+
+
+def test_quantize_model_warnings_point_at_the_caller() -> None:
+    model = nn.Sequential(nn.Linear(3, 4))
+    with pytest.warns(UserWarning, match="matches no") as rec:
+        squant_rs.quantize_model(model, skip=["nope"])
+    assert rec[0].filename == __file__
+
+
+def test_quantize_model_restores_the_garbage_collector() -> None:
+    import gc
+
+    model = nn.Sequential(nn.Linear(3, 4))
+    assert gc.isenabled()
+    squant_rs.quantize_model(model)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        squant_rs.quantize_model(model)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(squant_rs.InvalidArgumentError):
+        squant_rs.quantize_model(model, wbits=9)
+    assert gc.isenabled()
+
+
+def test_copy_model_keeps_a_dictionary_shared_between_modules_shared() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.ReLU(), nn.Linear(2, 2))
+    model[1]._forward_pre_hooks = model[0]._forward_pre_hooks  # one empty dict, two modules
+    c = copy_model(model, [])
+    ref = copy.deepcopy(model)
+    assert ref[0]._forward_pre_hooks is ref[1]._forward_pre_hooks
+    assert c[0]._forward_pre_hooks is c[1]._forward_pre_hooks
+    assert c[0]._forward_pre_hooks is not model[0]._forward_pre_hooks
+    assert c[0]._forward_hooks is not c[1]._forward_hooks
+
+
+def test_copy_model_of_a_deeply_nested_model() -> None:
+    # Deeper than the native walk goes: the rest is deepcopy's, and the
+    # copy is still a deep copy.
+    inner: nn.Module = nn.Linear(2, 2)
+    for _ in range(150):  # 300 nested values: past the native walk's 200
+        inner = nn.Sequential(inner)
+    c = copy_model(inner, [])
+    a, b = inner, c
+    while isinstance(a, nn.Sequential):
+        assert isinstance(b, nn.Sequential) and a is not b
+        a, b = a[0], b[0]
+    assert torch.equal(a.weight, b.weight) and a.weight is not b.weight

@@ -3,7 +3,7 @@
 
 import os
 from collections.abc import Callable
-from typing import final
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +19,7 @@ __all__ = [
     "quantize_many",
     "quantize_into",
     "dequantize_into",
+    "copy_tree",
     "simd_build",
     "quantize_reference",
     "dequantize",
@@ -86,6 +87,7 @@ def dequantize_into(
     ws: list[npt.NDArray[np.float32]] | None = None,
     threads: int | None = None,
 ) -> list[float] | None: ...
+def copy_tree(obj: Any, copier: Any) -> Any: ...
 def simd_build() -> str: ...
 def quantize_reference(
     w: npt.NDArray[np.float32], bits: int, mode: str, quantizer: str = "asymmetric"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import functools
+import gc
 import math
 import re
 import time
@@ -24,8 +26,13 @@ from ..tensor.validate import (
 )
 
 if TYPE_CHECKING:
+    from typing import ParamSpec, TypeVar  # Python 3.10+, annotations only
+
     import torch
     from torch import nn
+
+    _P = ParamSpec("_P")
+    _R = TypeVar("_R")
 
 #: Progress callback: ``(done, total, name)``.
 ProgressFn = Callable[[int, int, str], None]
@@ -204,12 +211,13 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
 
     plan = LayerPlan()
     types = _layer_types()
+    transpose = nn.modules.conv._ConvTransposeNd
     layer_names: list[str] = []
     groups: dict[int, list[tuple[str, nn.Module]]] = {}  # weight id -> candidate layers
     float_ids: dict[int, str] = {}  # weight id -> a layer that keeps it float
     modules = list(model.named_modules(remove_duplicate=False))
     for name, module in modules:
-        is_transpose = isinstance(module, nn.modules.conv._ConvTransposeNd)
+        is_transpose = isinstance(module, transpose)
         if not (is_transpose or isinstance(module, types)):
             continue
         layer_names.append(name)
@@ -224,7 +232,9 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
                 f"layer {name!r} is a lazy module that has not been initialized yet: "
                 "run one forward pass first"
             )
-        if parametrize.is_parametrized(module, "weight") or not isinstance(weight, nn.Parameter):
+        if not isinstance(weight, nn.Parameter) or (
+            _may_be_parametrized(module) and parametrize.is_parametrized(module, "weight")
+        ):
             plan.skipped.append(name)
             continue
         if weight.numel() == 0:
@@ -237,9 +247,19 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
 
     # Uses of a candidate weight outside the Conv/Linear layers' own weights.
     foreign: dict[int, str] = {}
+    plain_named = nn.Module.named_parameters
     for mname, module in modules:
-        own = isinstance(module, types) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
-        for pname, param in module.named_parameters(recurse=False):
+        if type(module).named_parameters is plain_named:
+            # named_parameters(recurse=False) without its generators: the
+            # module's own parameters, None and repeats left out.
+            own_params = module._parameters
+            if not own_params or groups.keys().isdisjoint(map(id, own_params.values())):
+                continue
+            named: Any = _distinct_params(own_params)
+        else:
+            named = module.named_parameters(recurse=False)
+        own = isinstance(module, types) and not isinstance(module, transpose)
+        for pname, param in named:
             if id(param) in groups and not (own and pname == "weight"):
                 label = f"{mname}.{pname}" if mname else pname
                 foreign.setdefault(id(param), f"{label} ({type(module).__name__})")
@@ -272,6 +292,31 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
         )
     warn_unmatched(skip, layer_names, "Conv/Linear layer", stacklevel + 1)
     return plan
+
+
+def _distinct_params(params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``(name, parameter)`` of a module's own parameters as
+    ``named_parameters(recurse=False)`` gives them (``None`` and repeats
+    left out)."""
+    seen: set[int] = set()
+    out = []
+    for pname, param in params.items():
+        if param is None or id(param) in seen:
+            continue
+        seen.add(id(param))
+        out.append((pname, param))
+    return out
+
+
+def _may_be_parametrized(module: Any) -> bool:
+    """False when ``module`` certainly has no ``parametrizations`` attribute
+    (``parametrize.is_parametrized`` would look it up through
+    ``nn.Module.__getattr__``, which builds an exception every time)."""
+    return (
+        "parametrizations" in module._modules
+        or "parametrizations" in module.__dict__
+        or hasattr(type(module), "parametrizations")
+    )
 
 
 def select_layers(
@@ -332,13 +377,50 @@ def copy_model(
 
     if memo is None:
         memo = {}
-    with torch.no_grad():
+    with torch.no_grad(), gc_paused():
         for p in fresh:
             if id(p) not in memo:
                 data = torch.empty_like(p, memory_format=torch.preserve_format)
                 memo[id(p)] = type(p)(data, p.requires_grad)
-    copied: nn.Module = _Copier(memo).copy(model)
+        copied: nn.Module = _Copier(memo).copy(model)
     return copied
+
+
+def with_gc_paused(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` run with the garbage collector paused (:func:`gc_paused`):
+    for calls that build a model copy and return it, so that the collector
+    does not scan the young copy over and over while it is being built
+    and returned (if the caller drops it at once, its objects are freed
+    before the collector ever looks at them)."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with gc_paused():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+class gc_paused:  # noqa: N801 - used like a function: ``with gc_paused():``
+    """Python's cyclic garbage collector paused for a ``with`` block (as
+    :mod:`timeit` does), then restored to the state it had.
+
+    Copying a model allocates tens of thousands of containers (each module's
+    ``__dict__``, hook dictionaries, parameters) that all stay alive: every
+    700 allocations the collector would scan the young ones again for
+    nothing, and every few copies walk every object of the interpreter
+    (torch's included) -- most of a copy's time on a ShuffleNet. Nothing
+    is left uncollected: the collector runs again after the block. (A
+    class, not a generator: nothing is allocated once the collector is
+    back, which would make it scan the new copy at once.)"""
+
+    def __enter__(self) -> None:
+        self.was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.was:
+            gc.enable()
 
 
 #: Values ``deepcopy`` returns as they are.
@@ -363,7 +445,13 @@ class _Copier:
         self.tensor: Any = torch.Tensor
         self.parameter: Any = nn.Parameter
         self.strided = torch.strided
-        self.preserve = torch.preserve_format
+        self.make_subclass = torch.Tensor._make_subclass
+        self.atomic = _ATOMIC
+        self.odict = OrderedDict
+        # Module.__setstate__ is __dict__.update plus defaults for keys an
+        # old pickle may lack: with all of them there, the update alone.
+        self.set_state = nn.Module.__setstate__
+        self.state_keys = frozenset(nn.Module().__dict__)
 
     def _is_plain(self, cls: Any) -> bool:
         ok = self.plain.get(cls)
@@ -381,87 +469,20 @@ class _Copier:
             self.plain[cls] = ok
         return ok
 
-    def _buffer(self, t: Any) -> Any:
-        """A plain, dense, contiguous CPU tensor that owns all of its storage:
-        cloned, its storage recorded as ``Tensor.__deepcopy__`` does; else
-        ``None``."""
-        if (
-            t.requires_grad
-            or t.layout != self.strided
-            or t.device.type != "cpu"
-            or t.is_quantized
-            or t.is_conj()
-            or t.is_neg()
-            or t.storage_offset() != 0
-            or not t.is_contiguous()
-            or t.__dict__
-        ):
-            return None
-        storage = t.untyped_storage()
-        if storage.nbytes() != t.numel() * t.element_size():
-            return None
-        seen = self.memo.setdefault("torch", {})
-        if storage._cdata in seen:  # shared with another tensor: deepcopy's way
-            return None
-        new = t.clone()
-        seen[storage._cdata] = new.untyped_storage()
-        self.memo[id(t)] = new
-        return new
-
     def copy(self, obj: Any) -> Any:
-        cls: Any = type(obj)
-        if cls in _ATOMIC:
-            return obj
-        memo = self.memo
-        y = memo.get(id(obj), memo)
-        if y is not memo:
-            return y
-        if cls is dict or cls is OrderedDict:
-            d: Any = cls()
-            memo[id(obj)] = d
-            for k, v in obj.items():
-                d[k if type(k) is str else self.copy(k)] = v if type(v) in _ATOMIC else self.copy(v)
-            return d
-        if cls is tuple:
-            if all(type(v) in _ATOMIC for v in obj):
-                return obj
-            t = tuple(self.copy(v) for v in obj)
-            if all(a is b for a, b in zip(t, obj)):
-                return obj
-            memo[id(obj)] = t
-            return t
-        if cls is set and all(type(v) in _ATOMIC for v in obj):
-            c = set(obj)
-            memo[id(obj)] = c
-            return c
-        if cls is self.tensor:
-            new = self._buffer(obj)
-            if new is not None:
-                return new
-        elif cls is self.parameter and not obj.__dict__:
-            # Parameter.__deepcopy__ exactly, without deepcopy's dispatch.
-            p = cls(obj.data.clone(memory_format=self.preserve), obj.requires_grad)
-            memo[id(obj)] = p
-            return p
-        elif isinstance(obj, self.module) and self._is_plain(cls):
-            m = cls.__new__(cls)
-            memo[id(obj)] = m
-            # The state dict is a fresh temporary: copied without a memo entry.
-            new = {}
-            for k, v in obj.__getstate__().items():
-                vt = type(v)
-                if vt in _ATOMIC:
-                    new[k] = v
-                elif (vt is OrderedDict or vt is dict) and not v and id(v) not in memo:
-                    # Hook dicts, mostly: the common case, inline.
-                    memo[id(v)] = new[k] = vt()
-                elif vt is tuple and all(type(x) in _ATOMIC for x in v):
-                    new[k] = v  # kernel sizes, strides...: deepcopy keeps them
-                else:
-                    new[k] = self.copy(v)
-            m.__setstate__(new)
-            return m
-        return copy.deepcopy(obj, memo)
+        """``copy.deepcopy(obj, self.memo)``, walked in Rust
+        (``_squant_rs.copy_tree``): plain modules rebuilt as ``deepcopy``
+        would, through ``__getstate__``/``__setstate__``, with empty
+        containers and atomic values inline; dictionaries, tuples and sets;
+        parameters as ``Parameter.__deepcopy__`` makes them; plain, dense,
+        contiguous CPU tensors that own all of their storage cloned, their
+        storage recorded in the memo as ``Tensor.__deepcopy__`` does. The
+        rest comes back to :meth:`_other`."""
+        return _native.copy_tree(obj, self)
+
+    def _other(self, obj: Any) -> Any:
+        """What :meth:`copy` does not copy itself: ``deepcopy``."""
+        return copy.deepcopy(obj, self.memo)
 
 
 @dataclass(frozen=True, eq=False)
@@ -487,14 +508,16 @@ class _Destinations:
     by :meth:`finish`."""
 
     def __init__(self) -> None:
-        self.back: list[tuple[Any, np.ndarray]] = []
-
-    def view(self, t: Any) -> np.ndarray:
         import torch
 
+        self.back: list[tuple[Any, np.ndarray]] = []
+        self.bf16 = torch.bfloat16
+        self.i16 = torch.int16
+
+    def view(self, t: Any) -> np.ndarray:
         d = t.detach()
-        if d.dtype == torch.bfloat16:
-            d = d.view(torch.int16)
+        if d.dtype is self.bf16:
+            d = d.view(self.i16)
         out: np.ndarray = d.numpy()
         if not out.flags.c_contiguous:
             out = np.empty(out.shape, out.dtype)
@@ -613,8 +636,7 @@ def quantize_into(
             check_torch_weight(w)
         except (SquantError, UnsupportedDtypeError) as exc:
             raise type(exc)(f"{name or 'weight'}: {exc}") from exc
-        on_cpu = w.device.type == "cpu" and dst.device.type == "cpu"
-        if on_cpu and backend != "torch":
+        if backend != "torch" and w.is_cpu and dst.is_cpu:
             native.append(i)
     out: list[LayerResult | None] = [None] * len(items)
     failure: tuple[int, Exception] | None = None

@@ -26,7 +26,7 @@ from .activations import (
     _check_s_sigma,
     default_s_sigma,
 )
-from .layers import check_patterns, copy_model, plan_layers, quantize_into
+from .layers import check_patterns, copy_model, plan_layers, quantize_into, with_gc_paused
 from .recipe import (
     apply_bias_correction,
     bn_activation_ranges,
@@ -95,6 +95,7 @@ def quantize_model(
 ) -> tuple[nn.Module, QuantReport]: ...
 
 
+@with_gc_paused  # (its frame: the warnings below use stacklevel=3)
 def quantize_model(
     model: nn.Module,
     wbits: int = 4,
@@ -232,10 +233,10 @@ def quantize_model(
     if config.is_paper and abits is not None and calibration == "float":
         qmodel = _deepcopy(model)
         rplan = prepare(qmodel, config)  # the paper recipe: nothing to analyze
-        plan = plan_layers(qmodel, patterns, stacklevel=2)
+        plan = plan_layers(qmodel, patterns, stacklevel=3)
         sources = [m.weight for _, m in plan.chosen]
     else:
-        plan = plan_layers(model, patterns, stacklevel=2)
+        plan = plan_layers(model, patterns, stacklevel=3)
         sources = [m.weight for _, m in plan.chosen]
         memo: dict[Any, Any] = {}
         qmodel = _deepcopy(model, sources, memo)
@@ -331,9 +332,12 @@ def quantize_model(
         by_name[name] = dataclasses.replace(
             by_name[owner], name=name, time_ms=0.0, kind=type(module).__name__, tied_to=owner
         )
-    # Rows in module order (a tied layer's row where the layer is).
-    order = {name: i for i, (name, _) in enumerate(qmodel.named_modules(remove_duplicate=False))}
-    reports = sorted(by_name.values(), key=lambda r: order[r.name])
+    # Rows in module order (a tied layer's row where the layer is; without
+    # tied layers, plan.chosen's order already is).
+    reports = list(by_name.values())
+    if plan.tied:
+        order = {n: i for i, (n, _) in enumerate(qmodel.named_modules(remove_duplicate=False))}
+        reports.sort(key=lambda r: order[r.name])
 
     if abits is not None:
         if calibration == "quantized" and noise_layers:

@@ -350,9 +350,11 @@ def from_native(
     if device is not None:
         import torch
 
-        codes = torch.from_numpy(codes).to(device)
-        scale = torch.from_numpy(scale).to(device)
-        zp = torch.from_numpy(zp).to(device)
+        codes = torch.from_numpy(codes)
+        scale = torch.from_numpy(scale)
+        zp = torch.from_numpy(zp)
+        if getattr(device, "type", device) != "cpu":
+            codes, scale, zp = codes.to(device), scale.to(device), zp.to(device)
     return QuantizedTensor(
         codes, scale, zp, bits, mode, dtype, int(kf), int(cf), True, quantizer=quantizer
     )

@@ -3,6 +3,7 @@ paths reject the same inputs with the same exceptions and messages."""
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -20,6 +21,8 @@ MAX_THREADS = 1024
 
 
 def check_bits(bits: object, name: str = "bits") -> int:
+    if type(bits) is int and 2 <= bits <= 8:
+        return bits
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
         raise TypeError(f"{name} must be an integer in 2..8, got {bits!r} ({type(bits).__name__})")
     b = int(bits)
@@ -62,6 +65,8 @@ def check_threads(threads: object) -> int:
     else the CPU count. Errors are raised here, once, before any work: a bad
     environment value is an :class:`InvalidArgumentError` naming the
     variable."""
+    if type(threads) is int and 1 <= threads <= MAX_THREADS:
+        return threads
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
             raise TypeError(f"threads must be a positive integer or None, got {threads!r}")
@@ -102,8 +107,10 @@ def check_shape(shape: Sequence[int]) -> None:
         )
 
 
+@functools.cache
 def physical_memory() -> int | None:
-    """Bytes of physical memory of this machine (``None`` where unknown)."""
+    """Bytes of physical memory of this machine (``None`` where unknown),
+    looked up once (two system calls that every quantize call would pay)."""
     try:
         pages = os.sysconf("SC_PHYS_PAGES")
         size = os.sysconf("SC_PAGE_SIZE")

@@ -54,6 +54,9 @@ def _float_dtypes(torch: Any) -> tuple[Any, ...]:
 
 def check_torch_weight(w: torch.Tensor) -> None:
     torch = require_torch()
+    if w.dtype is torch.float32 and w.is_cpu and w.layout is torch.strided and not w.is_nested:
+        check_shape(w.shape)  # the common case, in short
+        return
     if w.layout != torch.strided or w.is_nested:
         raise UnsupportedDtypeError(
             f"weight must be a dense (strided) tensor, got layout {w.layout}"
@@ -424,6 +427,11 @@ def cast_dequantized(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def to_numpy_f32(t: torch.Tensor) -> np.ndarray:
     """A CPU float32 numpy view (or copy, when needed) of a tensor."""
     torch = require_torch()
+    if t.dtype is torch.float32 and t.is_cpu:
+        # Already there (the common case): a negative view is the only lazy
+        # state a real tensor can have.
+        out: np.ndarray = t.detach().resolve_neg().numpy()
+        return out
     # Negative/conjugate views are lazy in torch; numpy needs real values.
     host = t.detach().to(device="cpu", dtype=torch.float32).resolve_neg().resolve_conj()
     return host.numpy()

@@ -5,14 +5,13 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use rayon::prelude::*;
 use serde_json::Value;
-use squant_core::{dequantize_one, ChannelParams, Mode};
+use squant_core::Mode;
 
 use crate::dtype::{self, Dtype};
 use crate::error::{IoError, Result};
 use crate::json;
-use crate::pack::{codes_per_byte, pack_into, packed_size, unpack_into};
+use crate::pack::{codes_per_byte, pack_into, packed_size};
 use crate::read::{repr, Entry, SafetensorsFile};
 use crate::write::{Planned, Writer, CHECKSUMS_KEY};
 
@@ -27,8 +26,6 @@ pub const ZERO_POINT: &str = ":zero_point";
 const SUFFIXES: [&str; 3] = [CODES, SCALE, ZERO_POINT];
 /// The writer's version, stored as `squant_rs_version`.
 pub const WRITER_VERSION: &str = env!("CARGO_PKG_VERSION");
-/// Elements decoded or quantized per block (bounds the scratch memory).
-pub const BLOCK_ELEMS: usize = 1 << 22;
 
 /// How codes map to values (metadata key `quantizer`; absent: asymmetric):
 /// squant-core's quantizer, re-exported.
@@ -335,7 +332,7 @@ impl SquantFile {
         })
     }
 
-    fn check_crc(&self, name: &str, crc: u32) -> Result<()> {
+    pub(crate) fn check_crc(&self, name: &str, crc: u32) -> Result<()> {
         match self.checksums.as_ref().and_then(|t| t.get(name)) {
             Some(&want) if want != crc => Err(IoError::format(
                 self.st.path(),
@@ -348,7 +345,7 @@ impl SquantFile {
         }
     }
 
-    fn entry(&self, name: &str) -> Result<&Entry> {
+    pub(crate) fn entry(&self, name: &str) -> Result<&Entry> {
         self.st.get(name).ok_or_else(|| {
             IoError::format(self.st.path(), format!("tensor {} is missing", repr(name)))
         })
@@ -357,199 +354,17 @@ impl SquantFile {
     /// Writes tensor `t` as it loads (its dtype, little-endian, row-major)
     /// into `out` (`t.nbytes()` bytes), or only checks it when `out` is
     /// `None`. Checksums are verified when the file has them and `verify`
-    /// is set; codes, scales and zero points are always checked.
+    /// is set; codes, scales and zero points are always checked. Several
+    /// tensors at once: [`SquantFile::load_many`] (one parallel pass).
     pub fn load_into(&self, t: &Logical, out: Option<&mut [u8]>, verify: bool) -> Result<()> {
-        if let Some(o) = &out {
-            if o.len() != t.nbytes() {
-                return Err(IoError::InvalidArgument(format!(
-                    "output for {} has {} bytes, expected {}",
-                    repr(&t.name),
-                    o.len(),
-                    t.nbytes()
-                )));
-            }
-        }
-        match &t.kind {
-            Kind::Plain { .. } => self.load_plain(&t.name, out, verify),
-            Kind::Quantized(q) => self.load_quantized(&t.name, q, out, verify),
-        }
-    }
-
-    fn load_plain(&self, name: &str, mut out: Option<&mut [u8]>, verify: bool) -> Result<()> {
-        let e = self.entry(name)?;
-        let mut crc = 0u32;
-        let step = BLOCK_ELEMS * 4;
-        let mut pos = 0;
-        while pos < e.nbytes() {
-            let len = step.min(e.nbytes() - pos);
-            let region = self.st.map(e, pos, len)?;
-            if verify {
-                crc = crc32c::crc32c_append(crc, &region);
-            }
-            if let Some(o) = out.as_deref_mut() {
-                o[pos..pos + len].copy_from_slice(&region);
-            }
-            pos += len;
-        }
-        if verify {
-            self.check_crc(name, crc)?;
-        }
-        Ok(())
-    }
-
-    /// A float32 tensor's values and the CRC32C of its bytes.
-    fn load_f32s(&self, name: &str) -> Result<(Vec<f32>, u32)> {
-        let e = self.entry(name)?;
-        let region = self.st.map_all(e)?;
-        let mut v = vec![0f32; e.numel()];
-        dtype::to_f32(Dtype::F32, &region, &mut v);
-        Ok((v, crc32c::crc32c(&region)))
-    }
-
-    fn load_quantized(
-        &self,
-        name: &str,
-        q: &QEntry,
-        mut out: Option<&mut [u8]>,
-        verify: bool,
-    ) -> Result<()> {
-        let path = self.st.path();
-        let (scale_name, zp_name) = (format!("{name}{SCALE}"), format!("{name}{ZERO_POINT}"));
-        let (scale, scale_crc) = self.load_f32s(&scale_name)?;
-        let (zp, zp_crc) = self.load_f32s(&zp_name)?;
-        let symmetric = self.quantizer == Quantizer::Symmetric;
-        let params_ok = scale
-            .iter()
-            .zip(&zp)
-            .all(|(&s, &z)| s.is_finite() && s > 0.0 && z.is_finite() && (!symmetric || z == 0.0));
-        if !params_ok {
-            return Err(IoError::format(
-                path,
-                format!("corrupt scale or zero point for {}", repr(name)),
-            ));
-        }
-        if verify {
-            self.check_crc(&scale_name, scale_crc)?;
-            self.check_crc(&zp_name, zp_crc)?;
-        }
-        let codes_name = format!("{name}{CODES}");
-        let codes_entry = self.entry(&codes_name)?;
-        let oc = q.shape[0];
-        let g: usize = q.shape[1..].iter().product();
-        let isz = dtype::item_size(q.dtype);
-        // Blocks of a multiple of 4 channels start on a byte of the codes.
-        let per_block = (BLOCK_ELEMS / g).max(1).next_multiple_of(4);
-        let mut codes = Vec::new();
-        let mut scratch = Vec::new();
-        let mut crc = 0u32;
-        let mut packed_pos = 0usize;
-        let mut o0 = 0usize;
-        while o0 < oc {
-            let n_ch = per_block.min(oc - o0);
-            let n = n_ch * g;
-            let last = o0 + n_ch == oc;
-            let nbytes = if last {
-                codes_entry.nbytes() - packed_pos
-            } else {
-                n / codes_per_byte(q.bits)
-            };
-            let region = self.st.map(codes_entry, packed_pos, nbytes)?;
-            if verify {
-                crc = crc32c::crc32c_append(crc, &region);
-            }
-            codes.resize(n, 0i8);
-            unpack_into(&region, q.bits, u8::from(symmetric), &mut codes).map_err(|_| {
-                IoError::format(
-                    path,
-                    format!(
-                        "corrupt codes for {} (packed codes hold values that are not {}-bit codes)",
-                        repr(name),
-                        q.bits
-                    ),
-                )
-            })?;
-            drop(region);
-            let dst: &mut [u8] = match out.as_deref_mut() {
-                Some(o) => &mut o[o0 * g * isz..(o0 + n_ch) * g * isz],
-                None => {
-                    scratch.resize(n * isz, 0u8);
-                    &mut scratch
-                }
-            };
-            let (scale, zp) = (&scale, &zp);
-            let bad = crate::quant::in_pool(self.pool.as_deref(), || {
-                dst.par_chunks_mut(g * isz)
-                    .zip(codes.par_chunks(g))
-                    .enumerate()
-                    .with_min_len((1 << 14) / g + 1)
-                    .filter_map(|(j, (d, qc))| {
-                        let p = ChannelParams {
-                            scale: scale[o0 + j],
-                            zero_point: zp[o0 + j],
-                        };
-                        let ok = match isz {
-                            2 => dequantize_channel::<2>(q.dtype, q.bits, p, qc, d),
-                            4 => dequantize_channel::<4>(q.dtype, q.bits, p, qc, d),
-                            _ => dequantize_channel::<8>(q.dtype, q.bits, p, qc, d),
-                        };
-                        (!ok).then_some(o0 + j)
-                    })
-                    .min()
-            });
-            if let Some(channel) = bad {
-                return Err(IoError::format(
-                    path,
-                    format!(
-                        "corrupt scale or zero point for {} (output channel {channel} dequantizes to values that are not finite in {})",
-                        repr(name),
-                        dtype::name(q.dtype)
-                    ),
-                ));
-            }
-            packed_pos += nbytes;
-            o0 += n_ch;
-        }
-        if verify {
-            self.check_crc(&codes_name, crc)?;
-        }
-        Ok(())
+        self.load_many(vec![(t, out)], verify)
     }
 
     /// Checks every tensor (checksums, codes, scales, zero points) without
-    /// keeping anything: `info --verify`.
+    /// keeping anything, in one parallel pass: `info --verify`.
     pub fn verify(&self) -> Result<()> {
-        for t in &self.tensors {
-            self.load_into(t, None, true)?;
-        }
-        Ok(())
+        self.load_many(self.tensors.iter().map(|t| (t, None)).collect(), true)
     }
-}
-
-/// Dequantizes one channel's codes into `out` (`N`-byte items of `dtype`)
-/// through a table of the channel's 2^bits values (each computed as
-/// `dequantize_one` would: bit-identical, without a division per element).
-/// Returns whether every value written is finite.
-fn dequantize_channel<const N: usize>(
-    dtype: Dtype,
-    bits: u32,
-    p: ChannelParams,
-    codes: &[i8],
-    out: &mut [u8],
-) -> bool {
-    let mut lut = [[0u8; N]; 256];
-    let mut finite = [true; 256];
-    let half = 1i32 << (bits - 1);
-    for q in -half..half {
-        let i = q as i8 as u8 as usize;
-        finite[i] = dtype::store_f32(dtype, dequantize_one(q as i8, p), &mut lut[i]);
-    }
-    let mut ok = true;
-    for (o, &c) in out.chunks_exact_mut(N).zip(codes) {
-        let i = c as u8 as usize;
-        o.copy_from_slice(&lut[i]);
-        ok &= finite[i];
-    }
-    ok
 }
 
 /// A squant-rs file being written: the state dict's tensors in order, each
@@ -679,13 +494,20 @@ impl SquantWriter {
         };
         let lo = -(1i16 << (bits - 1));
         let hi = (1i16 << (bits - 1)) - 1;
-        if let Some(&q) = codes.iter().find(|&&q| (q as i16) < lo || (q as i16) > hi) {
+        if let Some(q) = crate::pack::first_out_of_range(codes, lo as i8, hi as i8) {
             return Err(IoError::InvalidArgument(format!(
                 "codes out of range for {bits} bits: expected values in [{lo}, {hi}], got {q}"
             )));
         }
         packed.clear();
         pack_into(codes, bits, packed);
+        self.w.write(at, packed)
+    }
+
+    /// Appends codes of quantized tensor `i` already packed (see
+    /// [`crate::pack::pack_slice`]; the caller guarantees valid codes).
+    pub fn write_packed(&mut self, i: usize, packed: &[u8]) -> Result<()> {
+        let at = self.slot(i, true)?.0[0];
         self.w.write(at, packed)
     }
 

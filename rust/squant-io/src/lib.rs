@@ -24,6 +24,7 @@ pub mod dtype;
 pub mod error;
 pub mod format;
 pub mod json;
+pub mod load;
 pub mod pack;
 pub mod quant;
 pub mod read;

@@ -327,9 +327,17 @@ impl SafetensorsFile {
         }
         let offset = self.data_start + (entry.begin + start) as u64;
         // SAFETY: as in `open`: a read-only mapping of a range the header
-        // check proved to lie inside the file.
-        let map = unsafe { MmapOptions::new().offset(offset).len(len).map(&self.file) }
-            .map_err(|e| IoError::os(&self.path, e))?;
+        // check proved to lie inside the file. Every caller reads the whole
+        // range, so its pages are mapped in the one system call
+        // (MAP_POPULATE) rather than one fault at a time.
+        let map = unsafe {
+            MmapOptions::new()
+                .offset(offset)
+                .len(len)
+                .populate()
+                .map(&self.file)
+        }
+        .map_err(|e| IoError::os(&self.path, e))?;
         Ok(Region(Some(map)))
     }
 

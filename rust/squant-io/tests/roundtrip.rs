@@ -282,3 +282,78 @@ fn sharded_round_trip_matches_unsharded() {
     assert!(leftovers.is_empty());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A weight of more than one block (16 M elements), many tasks and many
+/// load pieces, with an odd channel length (channels share packed bytes):
+/// the file equals the core's quantization of the whole tensor, does not
+/// depend on the thread count (bytes and report), loads and verifies, and
+/// a flipped byte far into the codes is found.
+#[test]
+fn multi_block_weight_is_exact_and_thread_independent() {
+    let dir = tmpdir("big");
+    let src = dir.join("in.safetensors");
+    let shape = vec![4100usize, 4097];
+    let n: usize = shape.iter().product();
+    let w: Vec<f32> = values(n, 77)
+        .into_iter()
+        .map(|x| half::bf16::from_f32(x).to_f32())
+        .collect();
+    write_st(
+        &src,
+        &vec![(
+            "big.weight".to_string(),
+            Dtype::BF16,
+            shape.clone(),
+            bytes_of(Dtype::BF16, &w),
+        )],
+    );
+    let mut outs = Vec::new();
+    for threads in [1usize, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let o = Options {
+            pool: Some(std::sync::Arc::new(pool)),
+            ..opts(4)
+        };
+        let dst = dir.join(format!("out{threads}.safetensors"));
+        let r = quantize_file(&src, &dst, &o, &mut |_, _, _| Ok(())).unwrap();
+        outs.push((std::fs::read(&dst).unwrap(), r.layers[0].clone(), dst));
+    }
+    assert_eq!(outs[0].0, outs[1].0, "bytes depend on the thread count");
+    let (a, b) = (&outs[0].1, &outs[1].1);
+    assert_eq!(
+        (a.rel_error, a.k_flips, a.c_flips),
+        (b.rel_error, b.k_flips, b.c_flips)
+    );
+    let layout = Layout::from_shape(&shape).unwrap();
+    let mut q = vec![0i8; n];
+    let (mut s, mut z) = (vec![0f32; layout.oc], vec![0f32; layout.oc]);
+    let flips = squant_core::quantize(
+        &w,
+        layout,
+        4,
+        Quantizer::Asymmetric,
+        Mode::Full,
+        &mut q,
+        &mut s,
+        &mut z,
+    )
+    .unwrap();
+    assert_eq!((a.k_flips, a.c_flips), (flips.k, flips.c));
+    let mut want = vec![0f32; n];
+    squant_core::dequantize(&q, layout, &s, &z, &mut want).unwrap();
+    let want_bytes = bytes_of(Dtype::BF16, &want);
+    let dst = &outs[0].2;
+    assert_eq!(load_all(dst)["big.weight"], want_bytes);
+    SquantFile::open(dst).unwrap().verify().unwrap();
+    // A byte of the second block's codes: the combined checksum misses it.
+    let mut bytes = std::fs::read(dst).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x10;
+    std::fs::write(dst, &bytes).unwrap();
+    let err = SquantFile::open(dst).unwrap().verify().unwrap_err();
+    assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -325,19 +325,33 @@ pub fn io_load<'py>(
     let mut out = Vec::new();
     for f in files.iter_mut() {
         f.pool = Some(Arc::clone(&p));
+        // Every output of the file first, then one parallel pass over all
+        // of them (GIL released).
+        let mut arrays = Vec::with_capacity(f.tensors.len());
         for t in &f.tensors {
-            let arr = np
-                .call_method1("empty", (t.nbytes(), "uint8"))?
-                .cast_into::<PyArray1<u8>>()?;
-            {
-                let mut rw = arr.readwrite();
-                let buf = rw
+            arrays.push(
+                np.call_method1("empty", (t.nbytes(), "uint8"))?
+                    .cast_into::<PyArray1<u8>>()?,
+            );
+        }
+        {
+            let mut guards: Vec<_> = arrays.iter().map(|a| a.readwrite()).collect();
+            let mut items = Vec::with_capacity(guards.len());
+            for (t, g) in f.tensors.iter().zip(guards.iter_mut()) {
+                let buf = g
                     .as_slice_mut()
                     .map_err(|e| InvalidArgumentError::new_err(e.to_string()))?;
-                py.detach(|| f.load_into(t, Some(buf), verify))
-                    .map_err(|e| to_py(py, e, &mut None))?;
+                // Fresh memory written in full: 2 MiB pages where the
+                // kernel allows them (fewer, cheaper page faults).
+                crate::advise_huge(buf.as_mut_ptr(), buf.len());
+                items.push((t, Some(buf)));
             }
-            py.check_signals()?;
+            let f = &*f;
+            py.detach(|| f.load_many(items, verify))
+                .map_err(|e| to_py(py, e, &mut None))?;
+        }
+        py.check_signals()?;
+        for (t, arr) in f.tensors.iter().zip(arrays) {
             out.push((
                 t.name.clone(),
                 dtype::name(t.dtype()).to_string(),

@@ -405,6 +405,7 @@ fn _squant_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resolve_threads, m)?)?;
     m.add_function(wrap_pyfunction!(model::quantize_into, m)?)?;
     m.add_function(wrap_pyfunction!(model::dequantize_into, m)?)?;
+    m.add_function(wrap_pyfunction!(model::copy_tree, m)?)?;
     m.add_function(wrap_pyfunction!(simd_build, m)?)?;
     io::register(m)?;
     let py = m.py();
