@@ -513,7 +513,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sanity = sanity_check(name, ref, meta)
         results: dict[str, dict[str, dict[str, float]]] = {}
         jobs: list[tuple[str, str, dict[str, Any]]] = [
-            (mode, cfg, {"mode": mode}) for mode in args.modes for cfg in args.configs
+            (mode, cfg, {"mode": mode, "recipe": "paper"})
+            for mode in args.modes
+            for cfg in args.configs
         ]
         for row in args.recipes:
             row_kwargs, row_configs = RECIPE_ROWS[row]

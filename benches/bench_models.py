@@ -131,7 +131,7 @@ def time_model(
             squant_rs.quantize_tensors(weights, bits)
 
     def api() -> None:
-        squant_rs.quantize_model(model, wbits=bits, backend="rust")
+        squant_rs.quantize_model(model, wbits=bits, backend="rust", recipe="paper")
 
     timings: list[tuple[str, Callable[[], None], int, int]] = [
         ("rust", loop("rust", weights), repeat, 1),

@@ -69,7 +69,7 @@ def test_quantize_safetensors(tmp_path, capsys, model, st_file) -> None:
     rc, stdout, stderr = _run(capsys, "quantize", st_file, out, "--wbits", "3")
     assert rc == 0, stderr
     assert stderr == ""  # no progress bar off a terminal
-    _assert_same_weights(out, squant_rs.quantize_model(model, wbits=3).state_dict())
+    _assert_same_weights(out, squant_rs.quantize_model(model, wbits=3, recipe="paper").state_dict())
     assert "layers quantized      3 of" in stdout
     assert "size after" in stdout and "mean relative error" in stdout
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "out.safetensors"]
@@ -92,7 +92,8 @@ def test_quantize_options(tmp_path, capsys, model, st_file) -> None:
     )
     assert rc == 0
     _assert_same_weights(
-        out, squant_rs.quantize_model(model, mode="squant-e", skip="fc").state_dict()
+        out,
+        squant_rs.quantize_model(model, mode="squant-e", skip="fc", recipe="paper").state_dict(),
     )
     assert "dw.weight" in stdout and "total:" in stdout  # -v: per-layer table
     rc, _, _ = _run(capsys, "quantize", st_file, out, "--include", "conv.*", "dw.*", "--skip", "dw")
@@ -111,7 +112,7 @@ def test_quantize_torch_checkpoint(tmp_path, capsys, model, wrap: bool) -> None:
     out = str(tmp_path / "out.safetensors")
     rc, _, stderr = _run(capsys, "quantize", str(src), out)
     assert rc == 0, stderr
-    _assert_same_weights(out, squant_rs.quantize_model(model).state_dict())
+    _assert_same_weights(out, squant_rs.quantize_model(model, recipe="paper").state_dict())
 
 
 def test_info(tmp_path, capsys, st_file) -> None:

@@ -178,7 +178,57 @@ def test_quantize_model_fold_bn() -> None:
     expect = squant_rs.quantize_tensor(folded_ref[0].weight.detach(), 8).dequantize()
     torch.testing.assert_close(q[0].weight.detach(), expect, rtol=0, atol=0)
     torch.testing.assert_close(q[0].bias.detach(), folded_ref[0].bias.detach(), rtol=0, atol=0)
-    plain = squant_rs.quantize_model(model, wbits=8)
+    plain = squant_rs.quantize_model(model, wbits=8, recipe="paper")
     assert isinstance(plain[1], nn.BatchNorm2d)
     with pytest.raises(TypeError, match="fold_bn"):
         squant_rs.quantize_model(model, fold_bn=1)  # type: ignore[call-overload]
+
+
+def test_fold_skips_tied_weights() -> None:
+    """A layer whose weight another module also holds is not folded (the
+    fold would change the other layer too); the output stays exact."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+            self.b = nn.Conv2d(4, 4, 1)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.bn(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    _randomize_bn(model, 5)
+    x = torch.randn(2, 4, 5, 5)
+    folded, folds = fold_batchnorm(model)
+    assert folds == []
+    assert isinstance(folded.bn, nn.BatchNorm2d)
+    seq = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)).eval()
+    seq[2].weight = seq[0].weight
+    _randomize_bn(seq, 6)
+    from squant_rs.model.fold import fold_batchnorm_graph
+
+    assert fold_batchnorm_graph(seq, None) == []  # the nn.Sequential fallback too
+    with torch.no_grad():
+        _assert_close(folded(x), model(x))
+    q, rep = squant_rs.quantize_model(model, 8, recipe="squant+", return_report=True)
+    assert not any(r.folded for r in rep.layers)
+    assert q.a.weight is q.b.weight
+
+
+def test_quantize_model_squant_plus_leaves_the_model_alone() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 4, 1)
+    ).eval()
+    _randomize_bn(model, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = squant_rs.quantize_model(model, 4, 4, recipe="squant+", input_shape=(2, 3, 8, 8))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(model[1], nn.BatchNorm2d) and model[0].bias is None
+    assert isinstance(q[1], nn.Identity) and q[0].bias is not None

@@ -354,7 +354,7 @@ def test_cnn_with_activations_pickles_and_copies(tmp_path) -> None:
     torch.manual_seed(0)
     model = SmallCNN().train()
     qmodel, report = squant_rs.quantize_model(
-        model, wbits=4, abits=4, input_shape=(4, 3, 16, 16), return_report=True
+        model, wbits=4, abits=4, input_shape=(4, 3, 16, 16), recipe="paper", return_report=True
     )
     assert model.training and qmodel.training  # modes restored after calibration
     assert qmodel.state_dict().keys() == model.state_dict().keys()

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import squant_rs
+from squant_rs.model.activations import ActivationQuantizer
+from squant_rs.model.fold import fold_batchnorm
 from squant_rs.model.recipe import (
     ChannelStats,
     bias_shift,
@@ -161,20 +163,56 @@ def _ranges(report: squant_rs.QuantReport) -> str:
 
 def test_paper_recipe_is_unchanged() -> None:
     model = _tiny()
-    default, rep_d = squant_rs.quantize_model(model, 4, 4, input_shape=SHAPE, return_report=True)
     paper, rep_p = squant_rs.quantize_model(
         model, 4, 4, input_shape=SHAPE, recipe="paper", return_report=True
     )
-    assert _digest(default) == _digest(paper) == PAPER_W4A4_DIGEST
-    assert [r.act_range for r in rep_d.layers] == [r.act_range for r in rep_p.layers]
+    assert _digest(paper) == PAPER_W4A4_DIGEST
     assert _ranges(rep_p) == PAPER_W4A4_RANGES
     assert rep_p.recipe == "paper"
     assert not any(r.folded or r.bias_corrected for r in rep_p.layers)
     assert {r.range_source for r in rep_p.layers} == {None, "sigma"}
     assert "folded" not in str(rep_p)
+
+
+# Digests (state_dict, activation ranges) of quantize_model(_tiny(), w, a,
+# input_shape=SHAPE, recipe="squant+"), made with the recipe's first
+# version (before its cost work): the faster code gives the same bits.
+PLUS_DIGESTS = {
+    (4, 4): (
+        "eb4518afc6189d1b32208b8b439b00fb5854103e32daaa2d3c612d0edbd25586",
+        "7e61427017592516d41132744099d1829d6f3d2d5d53d641bd00bacafd230263",
+    ),
+    (8, 8): (
+        "3659ba31b08499d68a3f0e38bf887146753e728e3fcd894d142c1544bb5d0068",
+        "d637c57ce44a65e8d8892b703ffb41640d2c7f7254bf13cab93274a4ec8bf3e7",
+    ),
+    (4, None): (
+        "a7fe16113c766da44f0a90b64662b6833faaf5f38585c754ee34272f733cf3e2",
+        "d3fb304eb54ab33103b437fec9e0fe4d36d8d42935da659997373922cfb22fd6",
+    ),
+}
+
+
+@pytest.mark.parametrize(("wbits", "abits"), list(PLUS_DIGESTS))
+def test_squant_plus_bits_unchanged(wbits: int, abits: int | None) -> None:
+    q, rep = squant_rs.quantize_model(
+        _tiny(), wbits, abits, input_shape=SHAPE, recipe="squant+", return_report=True
+    )
+    assert (_digest(q), _ranges(rep)) == PLUS_DIGESTS[(wbits, abits)]
+
+
+def test_default_recipe_is_squant_plus() -> None:
+    model = _tiny()
+    default, rep_d = squant_rs.quantize_model(model, 4, 4, input_shape=SHAPE, return_report=True)
+    plus, rep_s = squant_rs.quantize_model(
+        model, 4, 4, input_shape=SHAPE, recipe="squant+", return_report=True
+    )
+    assert rep_d.recipe == "squant+"
+    assert _digest(default) == _digest(plus) != PAPER_W4A4_DIGEST
+    assert [r.act_range for r in rep_d.layers] == [r.act_range for r in rep_s.layers]
     x = torch.rand(SHAPE)
     with torch.no_grad():
-        assert torch.equal(default(x), paper(x))
+        assert torch.equal(default(x), plus(x))
 
 
 # --------------------------------------------------------------------------
@@ -395,6 +433,17 @@ def test_bn_ranges_fall_back_to_sigma_rule() -> None:
     assert src == {"c1": None, "c2": "bn+relu", "c3": "sigma", "c4": "sigma"}
     bits = {r.name: r.act_bits for r in rep.layers}
     assert bits == {"c1": None, "c2": 6, "c3": 6, "c4": 8}
+    # The noise pass ran the folded float model: c3's range is the sigma
+    # rule on its input there.
+    folded, _ = fold_batchnorm(model)
+    seen: list[torch.Tensor] = []
+    folded.c3.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.rand((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        folded(x)
+    ref = ActivationQuantizer("c3", 6, squant_rs.default_s_sigma(6))
+    ref.observe(seen[0])
+    assert {r.name: r.act_range for r in rep.layers}["c3"] == (ref.x_min, ref.x_max)
 
 
 def test_recipe_output_close_to_float() -> None:
@@ -407,3 +456,132 @@ def test_recipe_output_close_to_float() -> None:
         plus = squant_rs.quantize_model(model, 8, 8, recipe="squant+")(x)
     err = float((plus - ref).norm() / ref.norm())
     assert err < 0.05
+
+
+# --------------------------------------------------------------------------
+# the default recipe on models it cannot analyze
+
+
+class _NoBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3)
+        self.c2 = nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c2(F.relu(self.c1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class _Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU())
+        self.c2 = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if float(y.mean()) > 1e9:
+            y = -y
+        return self.c2(y)
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("abits", [None, 6])
+def test_squant_plus_without_bn_is_the_paper(abits: int | None) -> None:
+    """No BatchNorm: nothing to fold, no statistics; every step falls back
+    to the paper's and the result is the paper's, bit for bit."""
+    torch.manual_seed(0)
+    model = _NoBN().eval()
+    shape = (2, 3, 8, 8)
+    plus, rep_s = squant_rs.quantize_model(model, 4, abits, input_shape=shape, return_report=True)
+    paper, rep_p = squant_rs.quantize_model(
+        model, 4, abits, input_shape=shape, recipe="paper", return_report=True
+    )
+    assert rep_s.recipe == "squant+"
+    assert _same(plus, paper)
+    assert [r.act_range for r in rep_s.layers] == [r.act_range for r in rep_p.layers]
+    assert [r.act_bits for r in rep_s.layers] == [r.act_bits for r in rep_p.layers]
+    assert not any(r.folded or r.bias_corrected for r in rep_s.layers)
+
+
+def test_squant_plus_on_an_untraceable_model() -> None:
+    """fx cannot trace it: the BN in the nn.Sequential is still folded, the
+    other steps fall back to the paper's (sigma rule on noise)."""
+    torch.manual_seed(0)
+    model = _Untraceable().eval()
+    q, rep = squant_rs.quantize_model(model, 8, 8, input_shape=(2, 3, 8, 8), return_report=True)
+    rows = {r.name: r for r in rep.layers}
+    assert rows["body.0"].folded and not rows["body.0"].bias_corrected
+    assert rows["c2"].range_source == "sigma" and rows["c2"].act_bits == 8
+    assert isinstance(q.body[1], nn.Identity)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        err = float((q(x) - model(x)).norm() / model(x).norm())
+    assert err < 0.05
+
+
+def test_squant_plus_without_layers() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()).eval()
+    with pytest.warns(UserWarning, match="nothing to quantize"):
+        q, rep = squant_rs.quantize_model(model, 4, 4, return_report=True)
+    assert rep.layers == [] and isinstance(q[0], nn.BatchNorm2d)
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, groups=8, padding=1)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = F.relu(self.pw(self.dw(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("calibration", ["float", "quantized"])
+def test_squant_plus_mixed_ranges_train_mode(calibration: str) -> None:
+    """BN ranges where there is a BN in front, the sigma rule elsewhere; the
+    model's mode is kept, the first layer to run reads floats and the last
+    8 bits; the quantized model pickles."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = _Mixed().train()
+    shape = (4, 3, 16, 16)
+    q, rep = squant_rs.quantize_model(
+        model, 4, 4, input_shape=shape, calibration=calibration, return_report=True
+    )
+    assert model.training and q.training
+    rows = {r.name: r for r in rep.layers}
+    assert rows["conv"].act_range is None and rows["conv"].folded
+    assert rows["dw"].range_source == "bn+relu" and rows["dw"].act_bits == 4
+    assert rows["pw"].range_source == "sigma" and rows["pw"].act_bits == 4
+    assert rows["fc"].range_source == "sigma" and rows["fc"].act_bits == 8
+    q.eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        y = q(x)
+        assert torch.equal(pickle.loads(pickle.dumps(q))(x), y)
+    if calibration == "quantized":
+        # The release's one-pass order: pw's range is the sigma rule on
+        # its input with dw's input quantized (its BN range applied).
+        seen: list[torch.Tensor] = []
+        q.dw.register_forward_hook(lambda m, args, out: seen.append(out))
+        noise = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            q(noise)
+        ref = ActivationQuantizer("pw", 4, squant_rs.default_s_sigma(4))
+        ref.observe(seen[0])
+        assert rows["pw"].act_range == (ref.x_min, ref.x_max)

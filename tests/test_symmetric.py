@@ -231,7 +231,7 @@ def _net() -> torch.nn.Module:
 
 def test_quantize_model_and_save_quantized(tmp_path):
     net = _net()
-    qm, rep = squant_rs.quantize_model(net, 4, quantizer=SYM, return_report=True)
+    qm, rep = squant_rs.quantize_model(net, 4, quantizer=SYM, recipe="paper", return_report=True)
     assert rep.quantizer == SYM and "symmetric" in rep.summary()
     for layer, (name, mod) in zip(rep.layers, [("0", qm[0]), ("3", qm[3])]):
         qt = layer.qtensor

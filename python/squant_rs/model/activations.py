@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -174,21 +174,31 @@ class ActivationQuantizer:
 
 class _Observer:
     """Temporary calibration hook: records the first input of its layer and,
-    with ``apply``, quantizes it at once (the release's one-pass scheme)."""
+    with ``apply``, quantizes it at once (the release's one-pass scheme).
+    A ``fixed`` quantizer already has its range: it is not observed, only
+    applied (and counted, so that the first layer to run is known)."""
 
     def __init__(
-        self, quantizer: ActivationQuantizer, order: list[ActivationQuantizer], apply: bool
+        self,
+        quantizer: ActivationQuantizer,
+        order: list[ActivationQuantizer],
+        apply: bool,
+        fixed: bool = False,
     ) -> None:
         self.quantizer = quantizer
         self.order = order
         self.apply = apply
+        self.fixed = fixed
+        self.seen = False
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         q = self.quantizer
-        if q.sigma is None and args:
+        if not self.seen and (self.fixed or q.sigma is None) and args:
             x = args[0]
             if hasattr(x, "is_floating_point") and x.is_floating_point():
-                q.observe(x)
+                self.seen = True
+                if not self.fixed:
+                    q.observe(x)
                 if not self.order:
                     q.enabled = False
                 self.order.append(q)
@@ -211,14 +221,22 @@ def _calibrate(
     input_shape: tuple[int, ...],
     seed: int,
     apply: bool,
+    fixed: Container[str] = (),
 ) -> None:
+    """One forward pass of ``U[0, 1)`` noise through ``model`` that sets the
+    sigma-rule range of every quantizer of ``layers`` but those named in
+    ``fixed`` (ranges already set: applied with ``apply``, not observed).
+    The first layer to run gets a float input, the last observed one 8 bits."""
     import torch
 
     order: list[ActivationQuantizer] = []
     handles = [
-        module.register_forward_pre_hook(_Observer(quantizers[name], order, apply))
+        module.register_forward_pre_hook(
+            _Observer(quantizers[name], order, apply, fixed=name in fixed)
+        )
         for name, module in layers
     ]
+    fixed_ids = {id(quantizers[name]) for name, _ in layers if name in fixed}
     modes = [(m, m.training) for m in model.modules()]
     device, dtype = _model_device_dtype(model)
     try:
@@ -242,7 +260,8 @@ def _calibrate(
             h.remove()
         for m, training in modes:
             m.training = training
-    if order:
+    observed = [q for q in order if id(q) not in fixed_ids]
+    if order and observed and order[-1] is observed[-1]:
         order[-1].set_bits(8)
 
 

@@ -86,10 +86,21 @@ def trace(model: nn.Module) -> torch.fx.Graph | None:
     import torch.fx
 
     leaves = leaf_types()
+    atoms = (int, float, bool, str, type(None))
 
     class _Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+
+        def create_arg(self, a: Any) -> Any:
+            # The common arguments (a traced value, a number, a flat tuple
+            # of them) without the generic pytree walk; the same nodes.
+            t = type(a)
+            if t is torch.fx.Proxy:
+                return a.node
+            if t in atoms:
+                return a
+            return super().create_arg(a)
 
     try:
         return _Tracer().trace(model)
@@ -113,13 +124,32 @@ def _foldable_bn(bn: nn.Module, producer: nn.Module) -> bool:
     return isinstance(weight, nn.Parameter) and weight.is_floating_point()
 
 
-def _fx_pairs(model: nn.Module, graph: torch.fx.Graph) -> list[tuple[str, str]]:
-    """``(layer, bn)`` names where the layer's only user is the BN and both
-    modules are called exactly once in the graph."""
+def _shared_weights(modules: Any) -> set[int]:
+    """``id``s of the weights that more than one module holds (tied
+    parameters): folding one layer's BN into such a weight would change
+    the other layers too, so those layers are not folded."""
+    owners: dict[int, int] = {}
+    shared: set[int] = set()
+    for module in modules:
+        for param in module.parameters(recurse=False):
+            pid = id(param)
+            if owners.setdefault(pid, id(module)) != id(module):
+                shared.add(pid)
+    return shared
+
+
+def _fx_pairs(
+    model: nn.Module, graph: torch.fx.Graph, modules: dict[str, nn.Module]
+) -> list[tuple[str, str]]:
+    """``(layer, bn)`` names where the layer's only user is the BN, both
+    modules are called exactly once in the graph and the layer's weight is
+    its own (not tied to another module's). ``modules``: ``model``'s
+    ``named_modules()``."""
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    shared: set[int] | None = None
     pairs: list[tuple[str, str]] = []
     for node in graph.nodes:
         if node.op != "call_module" or not node.args:
@@ -130,22 +160,29 @@ def _fx_pairs(model: nn.Module, graph: torch.fx.Graph) -> list[tuple[str, str]]:
         bn_name, layer_name = str(node.target), str(src.target)
         if calls[bn_name] != 1 or calls[layer_name] != 1:
             continue
-        if _foldable_bn(model.get_submodule(bn_name), model.get_submodule(layer_name)):
+        layer = modules[layer_name]
+        if not _foldable_bn(modules[bn_name], layer):
+            continue
+        if shared is None:
+            shared = _shared_weights(modules.values())
+        if id(layer.weight) not in shared:
             pairs.append((layer_name, bn_name))
     return pairs
 
 
 def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(layer, bn)`` names of consecutive children of ``nn.Sequential``s."""
+    """``(layer, bn)`` names of consecutive children of ``nn.Sequential``s
+    (a layer whose weight is tied to another module's excepted)."""
     from torch import nn
 
+    shared = _shared_weights(model.modules())
     pairs: list[tuple[str, str]] = []
     for name, module in model.named_modules():
         if type(module) is not nn.Sequential:
             continue
         children = list(module.named_children())
         for (n0, m0), (n1, m1) in zip(children, children[1:]):
-            if _foldable_bn(m1, m0):
+            if _foldable_bn(m1, m0) and id(m0.weight) not in shared:
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + n0, prefix + n1))
     return pairs
@@ -154,11 +191,30 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
 def _vector(t: Any, n: int, default: float) -> np.ndarray:
     if t is None:
         return np.full(n, default)
-    return np.asarray(t.detach().cpu().double().numpy(), dtype=np.float64)
+    import torch
+
+    d = t.detach()
+    if d.device.type == "cpu" and d.dtype in (torch.float32, torch.float64):
+        return np.asarray(d.numpy(), dtype=np.float64)  # exact, no torch op
+    return np.asarray(d.cpu().double().numpy(), dtype=np.float64)
 
 
-def _fold_one(layer: Any, bn: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Fold ``bn`` into ``layer`` in place; ``(beta, |gamma|)`` as float64."""
+def _numpy_view(t: Any) -> np.ndarray | None:
+    """A numpy view of a CPU float32/float64 tensor, else ``None``."""
+    import torch
+
+    d = t.detach()
+    if d.device.type != "cpu" or d.dtype not in (torch.float32, torch.float64):
+        return None
+    out: np.ndarray = d.numpy()
+    return out
+
+
+def _fold_one(layer: Any, bn: Any, source: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fold ``bn`` into ``layer`` in place; ``(beta, |gamma|)`` as float64.
+    With ``source`` (a tensor of the weight's shape, dtype and device), the
+    layer's weight is overwritten with ``k * source`` instead of scaled by
+    ``k`` (its values are not read)."""
     import torch
     from torch import nn
 
@@ -173,9 +229,17 @@ def _fold_one(layer: Any, bn: Any) -> tuple[np.ndarray, np.ndarray]:
     b = _vector(bias, n, 0.0)
     new_bias = beta + (b - mu) * k
     shape = (n,) + (1,) * (weight.dim() - 1)
+    src = weight if source is None else source
+    # One multiply per weight in its own dtype (numpy on CPU float32/64:
+    # the same correctly rounded products as torch, without torch's thread
+    # pool); k and the bias in float64.
+    dst_np, src_np = _numpy_view(weight), _numpy_view(src)
     with torch.no_grad():
-        # one multiply per weight in its own dtype; k and the bias in float64
-        weight.mul_(torch.from_numpy(k).to(device=weight.device, dtype=weight.dtype).reshape(shape))
+        if dst_np is not None and src_np is not None and dst_np.flags.writeable:
+            np.multiply(src_np, k.astype(dst_np.dtype).reshape(shape), out=dst_np)
+        else:
+            kt = torch.from_numpy(k).to(device=weight.device, dtype=weight.dtype).reshape(shape)
+            torch.mul(src.detach(), kt, out=weight.data)
         if bias is not None:
             bias.copy_(torch.from_numpy(new_bias).to(bias.dtype))
         else:
@@ -184,9 +248,14 @@ def _fold_one(layer: Any, bn: Any) -> tuple[np.ndarray, np.ndarray]:
     return beta, np.abs(gamma)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def _set_submodule(
+    model: nn.Module, name: str, module: nn.Module, modules: dict[str, nn.Module] | None = None
+) -> None:
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    if modules is not None and parent_name in modules:
+        parent = modules[parent_name]
+    else:
+        parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
 
 
@@ -217,20 +286,32 @@ def fold_batchnorm(
     return target, fold_batchnorm_graph(target, trace(target))
 
 
-def fold_batchnorm_graph(model: nn.Module, graph: torch.fx.Graph | None) -> list[BatchNormFold]:
+def fold_batchnorm_graph(
+    model: nn.Module,
+    graph: torch.fx.Graph | None,
+    sources: dict[int, Any] | None = None,
+    modules: dict[str, nn.Module] | None = None,
+) -> list[BatchNormFold]:
     """:func:`fold_batchnorm` in place on ``model`` with its traced ``graph``
-    (``None``: the ``nn.Sequential`` fallback). Returns the folds."""
+    (``None``: the ``nn.Sequential`` fallback). ``sources`` maps the ``id``
+    of a layer weight whose values are not set yet (a copy that was never
+    cloned) to the tensor holding them: a folded layer's weight is then
+    written from it. ``modules``: ``model.named_modules()`` as a dict, where
+    the caller has it. Returns the folds."""
     from torch import nn
 
+    if modules is None:
+        modules = dict(model.named_modules())
     if graph is not None:
-        pairs, via = _fx_pairs(model, graph), "fx"
+        pairs, via = _fx_pairs(model, graph, modules), "fx"
     else:
         pairs, via = _sequential_pairs(model), "sequential"
     folds: list[BatchNormFold] = []
     for layer_name, bn_name in pairs:
-        layer = model.get_submodule(layer_name)
-        bn = model.get_submodule(bn_name)
-        mean, std = _fold_one(layer, bn)
-        _set_submodule(model, bn_name, nn.Identity())
+        layer = modules[layer_name]
+        bn = modules[bn_name]
+        src = sources.get(id(layer.weight)) if sources else None
+        mean, std = _fold_one(layer, bn, src)
+        _set_submodule(model, bn_name, nn.Identity(), modules)
         folds.append(BatchNormFold(layer_name, bn_name, mean, std, via))
     return folds

@@ -205,7 +205,7 @@ def resolve_recipe(
 # Per-channel statistics of activations (data-free)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ChannelStats:
     """Per-channel model of an activation: ``clip(N(mu, sigma^2), lo, hi)``
     (``lo``/``hi`` may be infinite), as float64 arrays."""
@@ -223,8 +223,13 @@ class ChannelStats:
         )
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard deviation of the clipped normal, per channel."""
-        return clipped_normal_moments(self.mu, self.sigma, self.lo, self.hi)
+        """Mean and standard deviation of the clipped normal, per channel
+        (computed once: a residual add and the bias correction both ask)."""
+        cached: tuple[np.ndarray, np.ndarray] | None = self.__dict__.get("_moments")
+        if cached is None:
+            cached = clipped_normal_moments(self.mu, self.sigma, self.lo, self.hi)
+            object.__setattr__(self, "_moments", cached)
+        return cached
 
     def mean(self) -> np.ndarray:
         return self.moments()[0]
@@ -245,13 +250,10 @@ _ERFC = np.frompyfunc(math.erfc, 1, 1)
 
 
 def _ndtr(x: np.ndarray) -> np.ndarray:
-    """Standard normal CDF (infinities allowed)."""
+    """Standard normal CDF (infinities allowed): ``math.erfc`` per element
+    (a few hundred nanoseconds each, and no torch op, whose thread pool
+    costs milliseconds a call on a busy machine)."""
     x = np.asarray(x, dtype=np.float64)
-    if x.size > 256:  # one vectorized call for big arrays
-        import torch
-
-        out: np.ndarray = torch.special.ndtr(torch.from_numpy(x)).numpy()
-        return out
     return 0.5 * np.asarray(_ERFC(-x / math.sqrt(2.0)), dtype=np.float64)
 
 
@@ -263,7 +265,7 @@ def _phi(x: np.ndarray) -> np.ndarray:
 
 
 def clipped_normal_moments(
-    mu: np.ndarray, sigma: np.ndarray, lo: float, hi: float
+    mu: np.ndarray, sigma: np.ndarray, lo: float | np.ndarray, hi: float | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation of ``clip(X, lo, hi)``, ``X ~ N(mu, sigma^2)``
     per channel. With ``a = (lo - mu) / sigma``, ``b = (hi - mu) / sigma``::
@@ -271,34 +273,56 @@ def clipped_normal_moments(
         E = lo Phi(a) + mu (Phi(b) - Phi(a)) + sigma (phi(a) - phi(b)) + hi (1 - Phi(b))
 
     (after BN + ReLU6: ``lo = 0``, ``hi = 6``, ``mu = beta``, ``sigma = |gamma|``).
-    A channel with ``sigma = 0`` is the constant ``clip(mu)``.
+    A channel with ``sigma = 0`` is the constant ``clip(mu)``. ``lo`` and
+    ``hi`` are numbers or per-channel arrays (infinities allowed), so that
+    many layers' channels go through in one call; each channel's result is
+    the same either way.
 
     Returns:
         ``(mean, std)`` as float64 arrays.
     """
     mu = np.asarray(mu, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
+    lo_a = np.broadcast_to(np.asarray(lo, dtype=np.float64), mu.shape)
+    hi_a = np.broadcast_to(np.asarray(hi, dtype=np.float64), mu.shape)
+    lo_fin, hi_fin = np.isfinite(lo_a), np.isfinite(hi_a)
     flat = sigma <= 0
     s = np.where(flat, 1.0, sigma)
-    a = (lo - mu) / s
-    b = (hi - mu) / s
-    cdf_a, cdf_b = _ndtr(a), _ndtr(b)
-    pdf_a, pdf_b = _phi(a), _phi(b)
-    inside = cdf_b - cdf_a
-    lo_term = lo * cdf_a if math.isfinite(lo) else np.zeros_like(mu)
-    hi_term = hi * (1 - cdf_b) if math.isfinite(hi) else np.zeros_like(mu)
-    mean = lo_term + mu * inside + s * (pdf_a - pdf_b) + hi_term
-    # E[X^2] over the three pieces
-    a_pdf = np.where(np.isfinite(a), np.nan_to_num(a, posinf=0.0, neginf=0.0) * pdf_a, 0.0)
-    b_pdf = np.where(np.isfinite(b), np.nan_to_num(b, posinf=0.0, neginf=0.0) * pdf_b, 0.0)
-    second = (mu * mu + s * s) * inside + 2 * mu * s * (pdf_a - pdf_b) + s * s * (a_pdf - b_pdf)
-    if math.isfinite(lo):
-        second = second + lo * lo * cdf_a
-    if math.isfinite(hi):
-        second = second + hi * hi * (1 - cdf_b)
-    var = np.maximum(second - mean * mean, 0.0)
-    const = np.clip(mu, lo, hi)
+    with np.errstate(invalid="ignore", over="ignore"):
+        a = (lo_a - mu) / s
+        b = (hi_a - mu) / s
+        cdf_a, cdf_b = _ndtr(a), _ndtr(b)
+        pdf_a, pdf_b = _phi(a), _phi(b)
+        inside = cdf_b - cdf_a
+        lo_term = np.where(lo_fin, lo_a * cdf_a, 0.0)
+        hi_term = np.where(hi_fin, hi_a * (1 - cdf_b), 0.0)
+        mean = lo_term + mu * inside + s * (pdf_a - pdf_b) + hi_term
+        # E[X^2] over the three pieces
+        a_pdf = np.where(np.isfinite(a), np.nan_to_num(a, posinf=0.0, neginf=0.0) * pdf_a, 0.0)
+        b_pdf = np.where(np.isfinite(b), np.nan_to_num(b, posinf=0.0, neginf=0.0) * pdf_b, 0.0)
+        second = (mu * mu + s * s) * inside + 2 * mu * s * (pdf_a - pdf_b) + s * s * (a_pdf - b_pdf)
+        second = second + np.where(lo_fin, lo_a * lo_a * cdf_a, 0.0)
+        second = second + np.where(hi_fin, hi_a * hi_a * (1 - cdf_b), 0.0)
+        var = np.maximum(second - mean * mean, 0.0)
+        const = np.clip(mu, lo_a, hi_a)
     return np.where(flat, const, mean), np.where(flat, 0.0, np.sqrt(var))
+
+
+def compute_moments(stats: Sequence[ChannelStats]) -> None:
+    """Compute (and cache) :meth:`ChannelStats.moments` of all ``stats`` in
+    one vectorized call (the same values as one call each)."""
+    todo = [st for st in dict.fromkeys(stats) if "_moments" not in st.__dict__]
+    if not todo:
+        return
+    mu = np.concatenate([st.mu for st in todo])
+    sigma = np.concatenate([st.sigma for st in todo])
+    sizes = [st.mu.shape[0] for st in todo]
+    lo = np.repeat([st.lo for st in todo], sizes)
+    hi = np.repeat([st.hi for st in todo], sizes)
+    mean, std = clipped_normal_moments(mu, sigma, lo, hi)
+    cuts = np.cumsum(sizes)[:-1]
+    for st, m, d in zip(todo, np.split(mean, cuts), np.split(std, cuts)):
+        object.__setattr__(st, "_moments", (m, d))
 
 
 def _add(a: ChannelStats, b: ChannelStats) -> ChannelStats | None:
@@ -384,7 +408,9 @@ def _is_passthrough(target: Any, module: Any) -> bool:
     )
 
 
-def analyze(model: nn.Module, graph: torch.fx.Graph) -> dict[str, ChannelStats | None]:
+def analyze(
+    model: nn.Module, graph: torch.fx.Graph, modules: dict[str, nn.Module] | None = None
+) -> dict[str, ChannelStats | None]:
     """Per call_module node name of a Conv/Linear layer: the statistics of
     its (first) input, or ``None`` where they are not known. Read from the
     model's BatchNorms (call before folding)."""
@@ -394,6 +420,8 @@ def analyze(model: nn.Module, graph: torch.fx.Graph) -> dict[str, ChannelStats |
 
     layers = _producer_types()
     bns = _bn_types()
+    if modules is None:
+        modules = dict(model.named_modules())
     stats: dict[torch.fx.Node, ChannelStats | None] = {}
     out: dict[str, ChannelStats | None] = {}
     counts: dict[str, int] = {}
@@ -405,7 +433,7 @@ def analyze(model: nn.Module, graph: torch.fx.Graph) -> dict[str, ChannelStats |
     for node in graph.nodes:
         module: Any = None
         if node.op == "call_module":
-            module = model.get_submodule(str(node.target))
+            module = modules[str(node.target)]
             if isinstance(module, layers):
                 name = str(node.target)
                 counts[name] = counts.get(name, 0) + 1
@@ -445,11 +473,13 @@ def analyze(model: nn.Module, graph: torch.fx.Graph) -> dict[str, ChannelStats |
 
 
 def _bn_stats(bn: Any) -> ChannelStats | None:
+    from .fold import _vector
+
     if bn.running_mean is None:
         return None
     n = bn.num_features
-    gamma = bn.weight.detach().double().cpu().numpy() if bn.weight is not None else np.ones(n)
-    beta = bn.bias.detach().double().cpu().numpy() if bn.bias is not None else np.zeros(n)
+    gamma = _vector(bn.weight, n, 1.0)
+    beta = _vector(bn.bias, n, 0.0)
     return ChannelStats(beta, np.abs(gamma), source="bn")
 
 
@@ -473,27 +503,45 @@ def input_channels(module: Any) -> int:
     return int(module.in_features if isinstance(module, nn.Linear) else module.in_channels)
 
 
-def channel_dot(module: Any, w: torch.Tensor, vec: np.ndarray) -> np.ndarray:
-    """``W . vec`` per output channel (float64): summed over kernel positions
-    (padding ignored); grouped/depthwise convs use their group's input
-    channels of ``vec``."""
-    from torch import nn
+def _kernel_sums(w: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``w`` summed over its kernel positions in its own dtype, as an
+    ``(OC, IC/groups)`` numpy array. A 1x1 kernel or Linear weight on the
+    CPU is returned as it is (a view: no torch op, whose thread pool costs
+    milliseconds a call on a busy machine); larger kernels are summed by
+    torch (a few thousand additions for a depthwise layer)."""
+    import torch
 
-    d = w.detach()
-    oc, icg = d.shape[0], d.shape[1]
-    # the sum over kernel positions in the weight's dtype, the rest in float64
-    per_in = np.asarray(d.reshape(oc, icg, -1).sum(dim=2).cpu().double().numpy())
-    e = np.asarray(vec, dtype=np.float64)
-    if isinstance(module, nn.Linear):
-        out: np.ndarray = per_in @ e
-        return out
-    groups = int(module.groups)
-    e_g = np.repeat(e.reshape(groups, icg), oc // groups, axis=0)  # (OC, IC/groups)
-    out = (per_in * e_g).sum(axis=1)
+    t = torch.from_numpy(w) if isinstance(w, np.ndarray) else w.detach()
+    oc, icg = int(t.shape[0]), int(t.shape[1])
+    k = t.numel() // max(1, oc * icg)
+    if k == 1 and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return np.asarray(t.numpy()).reshape(oc, icg)
+    out: np.ndarray = t.reshape(oc, icg, -1).sum(dim=2).cpu().double().numpy()
     return out
 
 
-def bias_shift(module: Any, delta_w: torch.Tensor, mean: np.ndarray) -> np.ndarray:
+def channel_dot(module: Any, w: torch.Tensor | np.ndarray, vec: np.ndarray) -> np.ndarray:
+    """``W . vec`` per output channel (float64): summed over kernel positions
+    (padding ignored); grouped/depthwise convs use their group's input
+    channels of ``vec``. The kernel sums are in the weight's dtype, the
+    products and the sum over input channels in float64 (one single-threaded
+    ``einsum``: no BLAS thread pool)."""
+    from torch import nn
+
+    per_in = _kernel_sums(w)
+    oc, icg = per_in.shape
+    e = np.asarray(vec, dtype=np.float64)
+    groups = 1 if isinstance(module, nn.Linear) else int(module.groups)
+    if groups == 1:
+        out: np.ndarray = np.einsum("oi,i->o", per_in, e, dtype=np.float64)
+        return out
+    # (groups, OC/groups, IC/groups) against (groups, IC/groups)
+    g = per_in.reshape(groups, oc // groups, icg)
+    out = np.einsum("goi,gi->go", g, e.reshape(groups, icg), dtype=np.float64).reshape(oc)
+    return out
+
+
+def bias_shift(module: Any, delta_w: torch.Tensor | np.ndarray, mean: np.ndarray) -> np.ndarray:
     """``(W_q - W) . E[x]`` per output channel (float64), ``delta_w = W_q - W``."""
     return channel_dot(module, delta_w, mean)
 
@@ -508,36 +556,82 @@ def expected_quantized(stats: ChannelStats, q: ActivationQuantizer) -> np.ndarra
     level within 17 steps of the channel's mean takes the probability mass
     that rounds to it (normal CDF differences at the level midpoints).
     """
-    assert q.scale is not None and q.zero_point is not None
-    s, z = float(q.scale), float(q.zero_point)
-    g_lo, g_hi = (q.qmin + z) / s, (q.qmax + z) / s
-    lo, hi = max(stats.lo, g_lo), min(stats.hi, g_hi)
-    mu, sigma = stats.mu, stats.sigma
-    out, _ = clipped_normal_moments(mu, sigma, lo, hi) if lo < hi else (np.full_like(mu, lo), None)
+    return expected_quantized_many([(stats, q)])[0]
+
+
+def expected_quantized_many(
+    pairs: Sequence[tuple[ChannelStats, ActivationQuantizer]],
+) -> list[np.ndarray]:
+    """:func:`expected_quantized` of every ``(stats, quantizer)`` pair, in
+    one vectorized pass over all their channels (each channel's value is the
+    same as alone)."""
+    if not pairs:
+        return []
+    sizes = [st.mu.shape[0] for st, _ in pairs]
+
+    def per_channel(values: Sequence[float]) -> np.ndarray:
+        return np.repeat(np.asarray(values, dtype=np.float64), sizes)
+
+    for _, q in pairs:
+        assert q.scale is not None and q.zero_point is not None
+    s_l = [float(q.scale) for _, q in pairs]  # type: ignore[arg-type]
+    z_l = [float(q.zero_point) for _, q in pairs]  # type: ignore[arg-type]
+    g_lo = [(q.qmin + z) / s for (_, q), s, z in zip(pairs, s_l, z_l)]
+    g_hi = [(q.qmax + z) / s for (_, q), s, z in zip(pairs, s_l, z_l)]
+    lo_l = [max(st.lo, a) for (st, _), a in zip(pairs, g_lo)]
+    hi_l = [min(st.hi, b) for (st, _), b in zip(pairs, g_hi)]
+    mu = np.concatenate([st.mu for st, _ in pairs])
+    sigma = np.concatenate([st.sigma for st, _ in pairs])
+    s, z = per_channel(s_l), per_channel(z_l)
+    qmin, qmax = per_channel([q.qmin for _, q in pairs]), per_channel([q.qmax for _, q in pairs])
+    slo, shi = per_channel([st.lo for st, _ in pairs]), per_channel([st.hi for st, _ in pairs])
+    lo, hi = per_channel(lo_l), per_channel(hi_l)
+    ok = lo < hi
+    mean, _ = clipped_normal_moments(mu, sigma, np.where(ok, lo, 0.0), np.where(ok, hi, 1.0))
+    out = np.where(ok, mean, lo)
     narrow = sigma < 2.0 / s
     if narrow.any():
         m, sg = mu[narrow][:, None], np.maximum(sigma[narrow], 1e-30)[:, None]
-        center = np.clip(np.rint(np.clip(m, stats.lo, stats.hi) * s - z), q.qmin, q.qmax)
+        sn, zn = s[narrow][:, None], z[narrow][:, None]
+        qmn, qmx = qmin[narrow][:, None], qmax[narrow][:, None]
+        lo_n, hi_n = slo[narrow][:, None], shi[narrow][:, None]
+        center = np.clip(np.rint(np.clip(m, lo_n, hi_n) * sn - zn), qmn, qmx)
         ks = center + np.arange(-17, 18)[None, :]
-        valid = (ks >= q.qmin) & (ks <= q.qmax)
-        upper = np.where(ks >= q.qmax, np.inf, (ks + 0.5 + z) / s)
-        lower = np.where(ks <= q.qmin, -np.inf, (ks - 0.5 + z) / s)
+        valid = (ks >= qmn) & (ks <= qmx)
+        upper = np.where(ks >= qmx, np.inf, (ks + 0.5 + zn) / sn)
+        lower = np.where(ks <= qmn, -np.inf, (ks - 0.5 + zn) / sn)
 
         def cdf(e: np.ndarray) -> np.ndarray:
             c = _ndtr((e - m) / sg)
-            return np.where(e < stats.lo, 0.0, np.where(e >= stats.hi, 1.0, c))
+            return np.where(e < lo_n, 0.0, np.where(e >= hi_n, 1.0, c))
 
         p = np.where(valid, cdf(upper) - cdf(lower), 0.0)
-        out = out.copy()
-        out[narrow] = (p * ((ks + z) / s)).sum(axis=1)
-    result: np.ndarray = out
-    return result
+        out[narrow] = (p * ((ks + zn) / sn)).sum(axis=1)
+    cuts = np.cumsum(sizes)[:-1]
+    return list(np.split(out, cuts))
+
+
+def _difference(w_hat: torch.Tensor, w_float: torch.Tensor) -> torch.Tensor | np.ndarray:
+    """``w_hat - w_float`` in the weights' dtype (numpy for CPU float32/64:
+    the same correctly rounded differences, without torch's thread pool)."""
+    import torch
+
+    a, b = w_hat.detach(), w_float.detach()
+    if (
+        a.device.type == "cpu"
+        and b.device.type == "cpu"
+        and a.dtype == b.dtype
+        and a.dtype in (torch.float32, torch.float64)
+    ):
+        out: np.ndarray = np.subtract(a.numpy(), b.numpy())
+        return out
+    return a - b
 
 
 def correct_bias(module: Any, w_float: torch.Tensor, w_hat: torch.Tensor, mean: np.ndarray) -> None:
     """``b -= (W_q - W) . E[x]`` in place (a zero bias is added where the
     layer has none)."""
-    shift_bias(module, bias_shift(module, w_hat - w_float, mean), w_hat)
+    shift_bias(module, bias_shift(module, _difference(w_hat, w_float), mean), w_hat)
 
 
 def shift_bias(module: Any, shift: np.ndarray, like: torch.Tensor) -> None:
@@ -549,9 +643,14 @@ def shift_bias(module: Any, shift: np.ndarray, like: torch.Tensor) -> None:
         if module.bias is None:
             t = torch.from_numpy(-shift).to(device=like.device, dtype=like.dtype)
             module.bias = nn.Parameter(t, requires_grad=module.weight.requires_grad)
+            return
+        b = module.bias
+        d = b.detach()
+        if d.device.type == "cpu" and d.dtype in (torch.float32, torch.float64):
+            host = d.numpy()  # float64 difference, rounded once to the bias dtype
+            host[...] = (host.astype(np.float64) - shift).astype(host.dtype)
         else:
-            b = module.bias
-            new = b.detach().cpu().double().numpy() - shift
+            new = d.cpu().double().numpy() - shift
             b.copy_(torch.from_numpy(new).to(b.dtype))
 
 
@@ -573,12 +672,16 @@ class RecipePlan:
     stats: dict[str, ChannelStats | None] = field(default_factory=dict)
     #: Layer names that absorbed a BatchNorm.
     folded: set[str] = field(default_factory=set)
+    #: ``id`` of each module that absorbed a BatchNorm.
+    folded_modules: set[int] = field(default_factory=set)
     #: Layer names in execution order (empty where tracing failed).
     order: list[str] = field(default_factory=list)
     traced: bool = False
     #: Where each layer's activation range came from (``"bn+relu6"``, ...;
     #: layers absent here use the sigma rule on noise).
     range_sources: dict[str, str] = field(default_factory=dict)
+    #: ``E[Q(x)]`` per layer name (:func:`prepare_bias_correction`).
+    expected_q: dict[str, np.ndarray] = field(default_factory=dict)
 
     def input_stats(self, name: str, module: Any) -> ChannelStats | None:
         s = self.stats.get(name)
@@ -587,22 +690,54 @@ class RecipePlan:
         return s
 
 
-def prepare(model: nn.Module, config: RecipeConfig) -> RecipePlan:
+def prepare(
+    model: nn.Module, config: RecipeConfig, sources: dict[int, Any] | None = None
+) -> RecipePlan:
     """Analyze ``model`` (statistics, execution order) and fold its BNs in
-    place as ``config`` says. Returns the :class:`RecipePlan`."""
+    place as ``config`` says. ``sources``: see
+    :func:`~squant_rs.model.fold.fold_batchnorm_graph` (the folded layers
+    whose weights are not set yet are written from them). Returns the
+    :class:`RecipePlan`."""
     from .fold import fold_batchnorm_graph, trace
 
     plan = RecipePlan(config)
-    graph = trace(model) if (config.needs_graph or config.fold_bn) else None
+    if not (config.needs_graph or config.fold_bn):
+        return plan  # the paper's steps: nothing to analyze or fold
+    graph = trace(model)
+    modules = dict(model.named_modules())
     if graph is not None:
         plan.traced = True
         if config.needs_graph:
-            plan.stats = analyze(model, graph)
+            plan.stats = analyze(model, graph, modules)
         plan.order = execution_order(graph, list(plan.stats))
     if config.fold_bn:
-        folds = fold_batchnorm_graph(model, graph)
+        folds = fold_batchnorm_graph(model, graph, sources, modules)
         plan.folded = {f.layer for f in folds}
+        plan.folded_modules = {id(modules[f.layer]) for f in folds}
     return plan
+
+
+def _quantizes(quantizer: ActivationQuantizer | None) -> bool:
+    return quantizer is not None and quantizer.enabled and quantizer.calibrated
+
+
+def prepare_bias_correction(
+    plan: RecipePlan,
+    layers: Sequence[tuple[str, nn.Module]],
+    quantizers: dict[str, ActivationQuantizer | None],
+) -> None:
+    """Compute the ``E[x]`` and ``E[Q(x)]`` that :func:`apply_bias_correction`
+    will need for ``layers``, all layers in one vectorized pass (the same
+    values it would compute one layer at a time)."""
+    known = [(name, plan.input_stats(name, module)) for name, module in layers]
+    compute_moments([st for _, st in known if st is not None])
+    pairs: list[tuple[str, ChannelStats, ActivationQuantizer]] = []
+    for name, st in known:
+        q = quantizers.get(name)
+        if st is not None and q is not None and _quantizes(q):
+            pairs.append((name, st, q))
+    values = expected_quantized_many([(st, q) for _, st, q in pairs])
+    plan.expected_q.update({name: v for (name, _, _), v in zip(pairs, values)})
 
 
 def apply_bias_correction(
@@ -616,7 +751,8 @@ def apply_bias_correction(
     """Correct ``module``'s bias where its input statistics are known:
     ``b -= W_q . E[Q(x)] - W . E[x]``, with ``E[Q(x)] = E[x]`` where the
     input is not quantized (``quantizer`` ``None``, disabled or without a
-    range), i.e. ``b -= (W_q - W) . E[x]``.
+    range), i.e. ``b -= (W_q - W) . E[x]``. ``E[Q(x)]`` comes from
+    :func:`prepare_bias_correction` where it ran.
 
     Returns:
         whether the layer was corrected.
@@ -625,8 +761,11 @@ def apply_bias_correction(
     if stats is None:
         return False
     mean = stats.mean()
-    if quantizer is not None and quantizer.enabled and quantizer.calibrated:
-        eq = expected_quantized(stats, quantizer)
+    if _quantizes(quantizer):
+        assert quantizer is not None
+        eq = plan.expected_q.get(name)
+        if eq is None:
+            eq = expected_quantized(stats, quantizer)
         shift = channel_dot(module, w_hat, eq) - channel_dot(module, w_float, mean)
         shift_bias(module, shift, w_hat)
     else:
