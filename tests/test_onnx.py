@@ -343,6 +343,53 @@ def test_mobilenet_integer_kernels_squant_plus(mnv2, tmp_path):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
+def test_quantize_onnx_integer_kernels_and_input(mnv2, tmp_path):
+    """ONNX in (sigma rule through onnxruntime): the same full fusion; a
+    given first-input range quantizes the first layer's input with it."""
+    net, x, d = mnv2
+    kw = {"quantizer": "symmetric", "integer_kernels": True}
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    ra = squant_rs.quantize_onnx(d / "fp32.onnx", a, 8, 8, input_shape=(4, 3, 64, 64), **kw)
+    rb = squant_rs.quantize_onnx(
+        d / "fp32.onnx", b, 8, 8, input_shape=(4, 3, 64, 64), quantize_input=(0.0, 1.0), **kw
+    )
+    assert ra.layers[0].act_bits is None
+    assert rb.layers[0].act_bits == 8 and rb.layers[0].act_range == (0.0, 1.0)
+    ca, cb = optimized_ops(a, tmp_path), optimized_ops(b, tmp_path)
+    assert ca["QLinearConv"] + ca["QGemm"] == 52 and ca["QLinearAdd"] == 10, ca
+    assert cb["QLinearConv"] + cb["QGemm"] == 53 and cb["Conv"] == 0, cb
+    # The first input's Q/DQ is the one extra pair: scale 1/255, zero point 0.
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(b)).graph.initializer}
+    assert inits["input_a8_scale"] == np.float32(1 / 255) and inits["input_a8_zero_point"] == 0
+    ya, yb = run(a, x.numpy()), run(b, x.numpy())
+    assert np.abs(ya - yb).max() < 0.05 * np.abs(ya).max()
+
+
+def test_quantize_input_without_integer_kernels(tmp_path):
+    """quantize_input alone: one more Q/DQ pair, on the first layer's input;
+    the result is the fake-quant model run on the quantized input."""
+    net = small()
+    x = torch.rand(2, 3, 12, 12)
+    path = tmp_path / "m.onnx"
+    rep = squant_rs.export_onnx(
+        net, path, x, 8, 8, quantizer="symmetric", recipe="paper", quantize_input=(0.0, 1.0)
+    )
+    assert ops(path)["QuantizeLinear"] == 4 and rep.layers[0].range_source == "given"
+    xq = (torch.round(x * 255) / 255).float()
+    want = fake_quant(net, xq, 8, 8, "symmetric")
+    np.testing.assert_allclose(run(path, x.numpy()), want, rtol=0, atol=1e-4 * np.abs(want).max())
+    for bad, err in (
+        ((1.0, 2.0), squant_rs.InvalidArgumentError),
+        ((0.0, float("nan")), squant_rs.InvalidArgumentError),
+        ("yes", TypeError),
+    ):
+        with pytest.raises(err):
+            squant_rs.export_onnx(net, tmp_path / "b.onnx", x, 8, 8, quantize_input=bad)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="needs abits"):
+        squant_rs.export_onnx(net, tmp_path / "b.onnx", x, 8, quantize_input=True)
+    assert not (tmp_path / "b.onnx").exists()
+
+
 def test_onnx_in_equals_torch_export(mnv2, tmp_path):
     """quantize_onnx on the float export (BN folded by the exporter) and
     export_onnx (BN folded by squant-rs) agree on the same weights."""

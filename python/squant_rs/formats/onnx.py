@@ -18,6 +18,12 @@ Both share one graph rewrite:
   a ``Clip`` to the b-bit range comes first), and the layer's bias as
   ``DequantizeLinear(int32, a_scale * w_scale[c])`` so that onnxruntime's
   own ``WeightBiasQuantization`` has nothing left to re-quantize.
+  Activations are uint8 (signed ranges with zero point ``128 - z``).
+* with ``integer_kernels``: one ``QuantizeLinear`` right after the producer
+  of every activation tensor between quantized ops (layer outputs, residual
+  Add inputs and outputs, pooling / Flatten paths) and one
+  ``DequantizeLinear`` for its readers, the placement onnxruntime's QDQ
+  fusion turns into QLinearConv / QGemm / QLinearAdd.
 
 onnx and onnxruntime are imported lazily (``pip install 'squant-rs[onnx]'``).
 """
@@ -864,15 +870,24 @@ def quantize_onnx(
     one ``U[0,1)`` batch (``input_shape``, default: the model's input with
     a symbolic batch of 8; ``seed``) run through onnxruntime; the first
     layer's input stays float and the last layer's is 8-bit. With
-    ``integer_kernels=True`` (needs ``abits``) the layers' outputs (after a
-    Relu / Clip that alone reads them) get Q/DQ pairs too (``abits``, same
-    sigma rule), and ranges after a Clip are capped at its maximum (ReLU6:
-    6), so that onnxruntime fuses the layers with a quantized input into
-    integer kernels (QLinearConv, QGemm; use ``quantizer="symmetric"``);
-    that adds one rounding per layer output (and the capped ranges) to what
-    :func:`quantize_model`'s fake-quant model computes. The output is
-    one file unless its tensors exceed 2 GB (then ``<out>.data`` too;
-    ``external_data`` forces either); it is written atomically, and the
+    ``integer_kernels=True`` (needs ``abits``) every activation tensor
+    between quantized ops gets one QuantizeLinear after its producer and one
+    DequantizeLinear for its readers: the layers' outputs (after a Relu /
+    Clip that alone reads them), the inputs and output of residual Adds,
+    pooling and Flatten / Reshape paths (those share their input's range);
+    ranges of tensors that are no layer's input come from the same sigma
+    rule (``abits``), and ranges after a Clip are capped at its maximum
+    (ReLU6: 6). onnxruntime then runs every layer with a quantized input as
+    QLinearConv / QGemm and the Adds as QLinearAdd (use
+    ``quantizer="symmetric"``); that adds one rounding per layer and Add
+    output (and the capped ranges) to what
+    :func:`quantize_model`'s fake-quant model computes.
+    ``quantize_input`` (needs ``abits``): also quantize the first layer's
+    input (the algorithm keeps it float): ``True`` takes the sigma rule on
+    the calibration batch, a ``(lo, hi)`` pair is used as given (e.g. the
+    range of the model's normalized inputs). Activations are uint8 (signed
+    ranges with zero point 128). The output is one file unless its tensors
+    exceed 2 GB (then ``<out>.data`` too; ``external_data`` forces either); it is written atomically, and the
     input is never modified.
 
     Returns:
@@ -1115,9 +1130,13 @@ def export_onnx(
     ``wbits``, ``abits``, ``mode``, ``quantizer``, ``skip``, ``backend``,
     ``threads``, ``s_sigma`` and ``seed`` are :func:`quantize_model`'s;
     ``recipe`` is passed on to it where it has that option;
-    ``integer_kernels`` is :func:`quantize_onnx`'s (the output ranges come
-    from one ``U[0,1)`` batch run through onnxruntime). The model is not
-    modified.
+    ``integer_kernels`` and ``quantize_input`` are :func:`quantize_onnx`'s:
+    the ranges of tensors that are no layer's input come, under a recipe
+    with BN activation ranges (``"squant+"``), from the BatchNorm folded
+    into the layer that produces them (``mu -+ n sigma`` of ``beta``,
+    ``|gamma|``, clipped by its ReLU / ReLU6), else from the sigma rule on
+    :func:`quantize_model`'s calibration batch run through onnxruntime.
+    The model is not modified.
 
     Returns:
         The per-layer :class:`QuantReport` (sizes: float weights and bytes
