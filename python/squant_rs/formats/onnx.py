@@ -887,8 +887,8 @@ def quantize_onnx(
     the calibration batch, a ``(lo, hi)`` pair is used as given (e.g. the
     range of the model's normalized inputs). Activations are uint8 (signed
     ranges with zero point 128). The output is one file unless its tensors
-    exceed 2 GB (then ``<out>.data`` too; ``external_data`` forces either); it is written atomically, and the
-    input is never modified.
+    exceed 2 GB (then ``<out>.data`` too; ``external_data`` forces either);
+    it is written atomically, and the input is never modified.
 
     Returns:
         The per-layer :class:`QuantReport` (``size_before``/``size_after``:
