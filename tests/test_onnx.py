@@ -50,6 +50,7 @@ def optimized_ops(path, tmp_path) -> collections.Counter:
 def float_export(model, x, path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "Constant folding", UserWarning)
         torch.onnx.export(
             model,
             (x,),
@@ -388,6 +389,56 @@ def test_quantize_input_without_integer_kernels(tmp_path):
     with pytest.raises(squant_rs.InvalidArgumentError, match="needs abits"):
         squant_rs.export_onnx(net, tmp_path / "b.onnx", x, 8, quantize_input=True)
     assert not (tmp_path / "b.onnx").exists()
+
+
+class Padded(torch.nn.Module):
+    """EfficientNet-style explicit "same" padding (F.pad) before convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.dw = torch.nn.Conv2d(8, 8, 3, groups=8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.relu6(self.c1(torch.nn.functional.pad(x, (0, 1, 0, 1))))
+        x = torch.nn.functional.relu6(self.dw(torch.nn.functional.pad(x, (1, 1, 1, 1))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_integer_kernels_fold_zero_pads(tmp_path):
+    """A zero Pad before a Conv is folded into the Conv's pads (exactly), so
+    that it is no float op between two integer kernels."""
+    torch.manual_seed(0)
+    net = Padded().eval()
+    x = torch.rand(2, 3, 15, 15)
+    fp32 = tmp_path / "fp32.onnx"
+    float_export(net, x, fp32)
+    assert ops(fp32)["Pad"] == 2
+    for name, write in (
+        ("a", lambda p, **kw: squant_rs.export_onnx(net, p, x, 8, 8, recipe="paper", **kw)),
+        (
+            "b",
+            lambda p, **kw: squant_rs.quantize_onnx(
+                fp32, p, 8, 8, input_shape=(2, 3, 15, 15), **kw
+            ),
+        ),
+    ):
+        path = tmp_path / f"{name}.onnx"
+        write(path, quantizer="symmetric", integer_kernels=True, quantize_input=(0.0, 1.0))
+        assert ops(path)["Pad"] == 0
+        counts = optimized_ops(path, tmp_path)
+        assert counts["QLinearConv"] + counts["QGemm"] == 3 and counts["Pad"] == 0, counts
+        ref = run(
+            path, x.numpy(), graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        np.testing.assert_allclose(run(path, x.numpy()), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+        with torch.no_grad():
+            want = net(x).numpy()
+        assert np.abs(ref - want).max() < 0.1 * np.abs(want).max()
+    # without integer kernels the graph keeps its Pads
+    squant_rs.quantize_onnx(fp32, tmp_path / "c.onnx", 8, 8, input_shape=(2, 3, 15, 15))
+    assert ops(tmp_path / "c.onnx")["Pad"] == 2
 
 
 def test_onnx_in_equals_torch_export(mnv2, tmp_path):
