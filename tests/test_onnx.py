@@ -635,12 +635,21 @@ def test_cli_quantize_onnx(tmp_path, capsys):
     assert main([*args, "--quantizer", "symmetric", "--skip", "s*"]) == 0
     assert "3 layers" in capsys.readouterr().out
     assert ops(out)["DequantizeLinear"] >= 3
+    # --quantize-input: one more Q/DQ pair (the first layer's input)
+    assert main([*args, "-q"]) == 0
+    n_q = ops(out)["QuantizeLinear"]
+    assert main([*args, "--quantize-input", "-q"]) == 0
+    assert ops(out)["QuantizeLinear"] == n_q + 1
+    assert main([*args, "--quantize-input=0,1", "-q"]) == 0
+    assert main([*args, "--quantize-input=1,0", "-q"]) == 2
+    assert "LO <= 0 <= HI" in capsys.readouterr().err
     assert main(["quantize", str(src), str(tmp_path / "q.safetensors")]) == 2
     from safetensors.numpy import save_file
 
     st = tmp_path / "w.safetensors"
     save_file({"a.weight": np.ones((4, 4), np.float32)}, str(st))
     assert main(["quantize", str(st), str(tmp_path / "o.safetensors"), "--abits", "8"]) == 2
+    assert main(["quantize", str(st), str(tmp_path / "o.safetensors"), "--quantize-input"]) == 2
     capsys.readouterr()
 
 
