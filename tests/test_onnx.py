@@ -212,7 +212,7 @@ def test_weights_dequantize_within_one_ulp(tmp_path, wbits, quantizer):
         net.features[2].conv[1][0].weight[:4] += 1.0
     x = torch.rand(1, 3, 32, 32)
     path = tmp_path / "m.onnx"
-    rep = squant_rs.export_onnx(net, path, x, wbits, quantizer=quantizer)
+    rep = squant_rs.export_onnx(net, path, x, wbits, quantizer=quantizer, recipe="paper")
     vals = _dq_values(onnx.load(str(path)), tmp_path)
     assert len(vals) == len(rep.layers)
     for layer in rep.layers:
@@ -459,7 +459,7 @@ def test_onnx_in_equals_torch_export(mnv2, tmp_path):
     x2 = torch.rand(2, 3, 12, 12)
     float_export(net2, x2, tmp_path / "s.onnx")
     squant_rs.quantize_onnx(tmp_path / "s.onnx", a, 4, quantizer="symmetric")
-    squant_rs.export_onnx(net2, b, x2, 4, quantizer="symmetric")
+    squant_rs.export_onnx(net2, b, x2, 4, quantizer="symmetric", recipe="paper")
     ia = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(a)).graph.initializer}
     ib = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(b)).graph.initializer}
     for name in ("c1", "dw", "g", "fc"):
