@@ -33,10 +33,10 @@ Weight-only SQuant models run with ``session.disable_quant_qdq=1`` (the
 weights' DequantizeLinear folded at load time). Latency: ORT CPU, 2
 intra-op threads, batch 1 and 8, the median of
 ``--runs`` (>= 20) interleaved runs per variant (every round runs each
-variant once, so load changes hit all alike); ratios to fp32 from the same
-run. Agreement: top-1 of each variant vs the float torch model on the
-project's crop set (benches/_accuracy_data.py), images normalized as each
-model expects.
+variant once, so load changes hit all alike; every other round in reverse
+order); ratios to fp32 from the same run. Agreement: top-1 of each variant
+vs the float torch model on the project's crop set
+(benches/_accuracy_data.py), images normalized as each model expects.
 
     python benches/bench_onnx.py [--runs 20] [--models mobilenet_v2 efficientnet_lite0]
 """
@@ -202,8 +202,10 @@ def latencies(sessions: dict[str, ort.InferenceSession], batch: int, runs: int) 
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for s in sessions.values():  # warm-up
         s.run(None, {"input": x})
-    for _ in range(runs):
-        for k, s in sessions.items():
+    for i in range(runs):
+        # every other round in reverse order: a variant's place in the round
+        # (after a slow one, say) does not bias it
+        for k, s in list(sessions.items())[:: 1 if i % 2 == 0 else -1]:
             t = time.perf_counter()
             s.run(None, {"input": x})
             times[k].append(time.perf_counter() - t)

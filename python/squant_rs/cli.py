@@ -19,16 +19,16 @@
 only) or a torch checkpoint (``.pt``/``.pth``, loaded with
 ``torch.load(weights_only=True)``; needs torch) and writes a squant-rs file;
 an ``.onnx`` model becomes a QDQ ``.onnx`` model (numpy + onnx, no torch).
-``export`` builds a torch model by calling ``FACTORY()`` from ``MODULE``
-(imported by module path, the current directory first on ``sys.path``),
-loads ``--weights`` with ``torch.load(weights_only=True)`` and
-``load_state_dict(strict=True)``, and writes it as a SQuant-quantized QDQ
-``.onnx`` model (:func:`squant_rs.export_onnx`; needs torch and onnx).
 Without module information it quantizes every floating tensor of 2+
 dimensions whose name ends in ``weight``; ``--include``/``--skip`` take
 fnmatch patterns (a skip pattern also matches the name without ``.weight``);
 a pattern that matches nothing gets one ``squant-rs: warning: ...`` line.
 ``info`` reads only the file's header.
+``export`` builds a torch model by calling ``FACTORY()`` from ``MODULE``
+(imported by module path, the current directory first on ``sys.path``),
+loads ``--weights`` with ``torch.load(weights_only=True)`` and
+``load_state_dict(strict=True)``, and writes it as a SQuant-quantized QDQ
+``.onnx`` model (:func:`squant_rs.export_onnx`; needs torch and onnx).
 
 Output files: the format follows the extension (:data:`OUTPUT_FORMATS`;
 today only ``.safetensors``, anything else is refused). The output must not
