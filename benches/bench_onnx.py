@@ -11,9 +11,17 @@ Variants (all from the fp32 ONNX export, BatchNorm folded by the exporter):
 
 * ``squant W4`` / ``squant W8``: weight-only (asymmetric, the paper's),
   ``quantize_onnx(fp32, out, 4|8)``;
-* ``squant W8A8 sym``: ``quantizer="symmetric", abits=8,
-  integer_kernels=True`` (integer kernels in ORT); ``squant W8A8 asym``
-  the same with the paper's asymmetric quantizer;
+* ``squant W8A8 asym``: ``quantize_onnx(fp32, out, 8, 8,
+  integer_kernels=True)`` with the paper's asymmetric quantizer;
+* ``squant+ W4``: ``export_onnx(model, out, x, 4, recipe="squant+")``
+  (weight-only, BN folded and bias corrected by squant-rs);
+* ``paper W8A8 sym`` / ``squant+ W8A8 sym``: ``export_onnx(model, out, x,
+  8, 8, quantizer="symmetric", integer_kernels=True, recipe=...)``
+  (integer kernels in ORT; ranges of tensors that are no layer's input from
+  the sigma rule on the calibration batch, or under squant+ from the folded
+  BatchNorms); ``+in``: also ``quantize_input=(lo, hi)``, the range of the
+  normalized inputs (``(0 - mean) / std`` .. ``(1 - mean) / std``), so the
+  first layer runs on int8 too (the algorithm keeps its input float);
 * ``ort static W8A8``: ``quantize_static`` (QDQ, per-channel int8 weights,
   uint8 activations) calibrated on as many U[0,1) inputs as SQuant's one
   calibration batch holds (8); ``ort static W4A16``: int4 weights, uint16
@@ -25,10 +33,10 @@ Weight-only SQuant models run with ``session.disable_quant_qdq=1`` (the
 weights' DequantizeLinear folded at load time). Latency: ORT CPU, 2
 intra-op threads, batch 1 and 8, the median of
 ``--runs`` (>= 20) interleaved runs per variant (every round runs each
-variant once, so load changes hit all alike); ratios to fp32 from the same
-run. Agreement: top-1 of each variant vs the float torch model on the
-project's crop set (benches/_accuracy_data.py), images normalized as each
-model expects.
+variant once, so load changes hit all alike; every other round in reverse
+order); ratios to fp32 from the same run. Agreement: top-1 of each variant
+vs the float torch model on the project's crop set
+(benches/_accuracy_data.py), images normalized as each model expects.
 
     python benches/bench_onnx.py [--runs 20] [--models mobilenet_v2 efficientnet_lite0]
 """
@@ -138,20 +146,39 @@ def ort_variants(fp32: str, tmp: str) -> dict[str, str]:
     return out
 
 
-def squant_variants(fp32: str, tmp: str) -> dict[str, str]:
+def squant_variants(
+    fp32: str, tmp: str, model: torch.nn.Module, input_range: tuple[float, float]
+) -> dict[str, str]:
+    """ONNX in (``quantize_onnx`` on the fp32 export: W4, W8, W8A8 asym) and
+    torch in (``export_onnx`` with each recipe: W4 squant+, W8A8 sym)."""
     out: dict[str, str] = {}
     specs: list[tuple[str, dict[str, Any]]] = [
         ("squant W4", {"wbits": 4}),
         ("squant W8", {"wbits": 8}),
-        (
-            "squant W8A8 sym",
-            {"wbits": 8, "abits": 8, "quantizer": "symmetric", "integer_kernels": True},
-        ),
         ("squant W8A8 asym", {"wbits": 8, "abits": 8, "integer_kernels": True}),
     ]
     for name, kw in specs:
         path = os.path.join(tmp, name.replace(" ", "_") + ".onnx")
         squant_rs.quantize_onnx(fp32, path, input_shape=(8, 3, 224, 224), **kw)
+        out[name] = path
+    x = torch.rand(CALIBRATION_INPUTS, 3, 224, 224)  # shape only (the calibration batch's)
+    sym = {"quantizer": "symmetric", "integer_kernels": True}
+    exports: list[tuple[str, dict[str, Any]]] = [
+        ("squant+ W4", {"wbits": 4, "recipe": "squant+"}),
+    ]
+    for recipe in ("paper", "squant+"):
+        exports.append((f"{recipe} W8A8 sym", {"wbits": 8, "abits": 8, "recipe": recipe, **sym}))
+        exports.append(
+            (
+                f"{recipe} W8A8 sym +in",
+                {"wbits": 8, "abits": 8, "recipe": recipe, "quantize_input": input_range, **sym},
+            )
+        )
+    for name, kw in exports:
+        path = os.path.join(tmp, name.replace(" ", "_").replace("+", "p") + ".onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            squant_rs.export_onnx(model, path, x, **kw)
         out[name] = path
     return out
 
@@ -175,8 +202,10 @@ def latencies(sessions: dict[str, ort.InferenceSession], batch: int, runs: int) 
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for s in sessions.values():  # warm-up
         s.run(None, {"input": x})
-    for _ in range(runs):
-        for k, s in sessions.items():
+    for i in range(runs):
+        # every other round in reverse order: a variant's place in the round
+        # (after a slow one, say) does not bias it
+        for k, s in list(sessions.items())[:: 1 if i % 2 == 0 else -1]:
             t = time.perf_counter()
             s.run(None, {"input": x})
             times[k].append(time.perf_counter() - t)
@@ -210,20 +239,27 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = os.path.join(tmp, "fp32.onnx")
             export_fp32(model, fp32)
-            paths = {"fp32": fp32, **squant_variants(fp32, tmp), **ort_variants(fp32, tmp)}
-            sessions = {k: session(p, k in ("squant W4", "squant W8")) for k, p in paths.items()}
+            lo = min((0.0 - m) / d for m, d in zip(spec.mean, spec.std))
+            hi = max((1.0 - m) / d for m, d in zip(spec.mean, spec.std))
+            paths = {
+                "fp32": fp32,
+                **squant_variants(fp32, tmp, model, (lo, hi)),
+                **ort_variants(fp32, tmp),
+            }
+            weight_only = ("squant W4", "squant W8", "squant+ W4")
+            sessions = {k: session(p, k in weight_only) for k, p in paths.items()}
             lat = {b: latencies(sessions, b, args.runs) for b in (1, 8)}
             size = {k: os.path.getsize(p) for k, p in paths.items()}
             xs = x.numpy()
             agree = {k: top1_agreement(ref, logits(s, xs)) for k, s in sessions.items()}
         print(f"\n{name} (fp32 ONNX {size['fp32'] / 2**20:.1f} MiB)")
         print(
-            f"{'variant':<20}{'size':>8}{'lat b1':>9}{'lat b8':>9}{'top-1 agree':>13}"
+            f"{'variant':<22}{'size':>8}{'lat b1':>9}{'lat b8':>9}{'top-1 agree':>13}"
             f"{'ms b1':>8}{'ms b8':>8}"
         )
         for k in paths:
             print(
-                f"{k:<20}{size[k] / size['fp32']:>7.3f}x{lat[1][k] / lat[1]['fp32']:>8.2f}x"
+                f"{k:<22}{size[k] / size['fp32']:>7.3f}x{lat[1][k] / lat[1]['fp32']:>8.2f}x"
                 f"{lat[8][k] / lat[8]['fp32']:>8.2f}x{100 * agree[k]:>12.1f}%"
                 f"{1e3 * lat[1][k]:>8.1f}{1e3 * lat[8][k]:>8.1f}"
             )

@@ -7,7 +7,11 @@
                               [--include PATTERN ...] [--skip PATTERN ...]
                               [--threads N] [-v | -q]
     squant-rs quantize IN.onnx OUT.onnx [--wbits 4] [--abits 8] [--quantizer symmetric]
-                              [--integer-kernels] [--skip PATTERN ...]
+                              [--integer-kernels] [--quantize-input [LO,HI]] [--skip PATTERN ...]
+    squant-rs export MODULE:FACTORY OUT.onnx [--weights STATE_DICT.pth]
+                              [--input-shape 1,3,224,224] [--wbits 4] [--abits 8]
+                              [--quantizer symmetric] [--recipe paper|squant+]
+                              [--integer-kernels] [--quantize-input [LO,HI]] [--skip PATTERN ...]
     squant-rs info FILE [-v]
     squant-rs --version
 
@@ -20,6 +24,11 @@ dimensions whose name ends in ``weight``; ``--include``/``--skip`` take
 fnmatch patterns (a skip pattern also matches the name without ``.weight``);
 a pattern that matches nothing gets one ``squant-rs: warning: ...`` line.
 ``info`` reads only the file's header.
+``export`` builds a torch model by calling ``FACTORY()`` from ``MODULE``
+(imported by module path, the current directory first on ``sys.path``),
+loads ``--weights`` with ``torch.load(weights_only=True)`` and
+``load_state_dict(strict=True)``, and writes it as a SQuant-quantized QDQ
+``.onnx`` model (:func:`squant_rs.export_onnx`; needs torch and onnx).
 
 Output files: the format follows the extension (:data:`OUTPUT_FORMATS`;
 today only ``.safetensors``, anything else is refused). The output must not
@@ -71,6 +80,7 @@ from .formats.safetensors import (
     verify_quantized,
 )
 from .model import format_bytes, format_table
+from .model.recipe import RECIPES
 from .model.report import QuantReport
 from .tensor.batch import quantize_tensors
 from .tensor.quantized import quantize_tensor
@@ -429,6 +439,7 @@ def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
         skip=tuple(args.skip or ()),
         threads=args.threads,
         integer_kernels=args.integer_kernels,
+        quantize_input=args.quantize_input,
     )
     if args.verbose:
         print(report)
@@ -437,12 +448,159 @@ def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _input_range(text: str) -> tuple[float, float]:
+    """``LO,HI`` of ``--quantize-input``."""
+    parts = text.split(",")
+    try:
+        lo, hi = (float(p) for p in parts) if len(parts) == 2 else (math.nan, math.nan)
+    except ValueError:
+        lo = hi = math.nan
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= 0.0 <= hi and lo < hi):
+        raise argparse.ArgumentTypeError(
+            f"expected LO,HI with LO <= 0 <= HI and LO < HI (e.g. -2.2,2.7), got {text!r}"
+        )
+    return lo, hi
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape 1,3,224,224``."""
+    try:
+        dims = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims) or math.prod(dims) > 2**31:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas (e.g. 1,3,224,224), got {text!r}"
+        )
+    return dims
+
+
+def _factory_model(spec: str) -> Any:
+    """``MODULE:FACTORY`` imported and called: the torch model."""
+    import importlib
+
+    torch = _require_torch("export")
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CliError(
+            f"bad factory {spec!r}: expected MODULE:FACTORY, e.g. torchvision.models:mobilenet_v2"
+        )
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises on import
+        raise CliError(f"cannot import {module_name!r} ({_one_line(exc)})") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CliError(f"module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CliError(f"{spec} is a {type(obj).__name__}, not a callable factory")
+    try:
+        model = obj()
+    except Exception as exc:
+        raise CliError(f"{spec}() failed ({type(exc).__name__}: {_one_line(exc)})") from None
+    if not isinstance(model, torch.nn.Module):
+        raise CliError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_weights(model: Any, path: str) -> None:
+    """``--weights``: a state dict loaded strictly into ``model``."""
+    torch = _require_torch("--weights")
+    if not os.path.exists(path):
+        raise CliError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise CliError(f"{path}: is a directory, not a state dict file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad files
+        raise CliError(
+            f"{path}: cannot load torch checkpoint ({_torch_load_reason(exc)})"
+        ) from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CliError(f"{path}: the checkpoint is a {type(obj).__name__}, not a state dict")
+    try:
+        model.load_state_dict(obj, strict=True)
+    except Exception as exc:
+        want, have = set(model.state_dict()), {str(k) for k in obj}
+        missing, unexpected = sorted(want - have), sorted(have - want)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+            why = ", ".join(parts) + " keys"
+        else:
+            why = _one_line(exc)
+        raise CliError(f"{path}: the state dict does not match the model: {why}") from None
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """``export MODULE:FACTORY OUT.onnx``: a torch model as a QDQ ONNX model."""
+    out = args.output
+    if not out.endswith(".onnx"):
+        raise CliError(f"output {out}: export writes an .onnx model (use an .onnx extension)")
+    if os.path.isdir(out):
+        raise CliError(f"output is a directory: {out}")
+    inputs = [args.weights] if args.weights else []
+    if args.weights and os.path.exists(out) and os.path.samefile(out, args.weights):
+        raise CliError(f"output path equals the input path: {out}")
+    check_output(out, inputs=[p for p in inputs if os.path.exists(p)])
+    if (args.integer_kernels or args.quantize_input is not False) and args.abits is None:
+        raise CliError("--integer-kernels and --quantize-input need --abits")
+    torch = _require_torch("export")
+    from .formats.onnx import export_onnx
+
+    model = _factory_model(args.factory)
+    if args.weights:
+        _load_weights(model, args.weights)
+    model.eval()
+    example = torch.rand(args.input_shape, generator=torch.Generator().manual_seed(0))
+    with _thread_count(args.threads) as threads:
+        try:
+            report = export_onnx(
+                model,
+                out,
+                example,
+                args.wbits,
+                args.abits,
+                args.mode,
+                quantizer=args.quantizer,
+                recipe=args.recipe,
+                skip=tuple(args.skip or ()),
+                threads=threads,
+                integer_kernels=args.integer_kernels,
+                quantize_input=args.quantize_input,
+            )
+        except (SquantError, CliError):
+            raise
+        except (RuntimeError, TypeError, ValueError) as exc:
+            shape = ",".join(str(d) for d in args.input_shape)
+            raise CliError(
+                f"export of {args.factory} on input {shape} failed "
+                f"({type(exc).__name__}: {_one_line(exc)})"
+            ) from None
+    if args.verbose:
+        print(report)
+    elif not args.quiet:
+        print(f"{out}: {report.summary()}")
+    return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     src, dst = args.input, args.output
     if src.endswith(".onnx") or dst.endswith(".onnx"):
         return _cmd_quantize_onnx(args)
-    if args.abits is not None or args.integer_kernels:
-        raise CliError("--abits and --integer-kernels apply to ONNX models (.onnx)")
+    if args.abits is not None or args.integer_kernels or args.quantize_input is not False:
+        raise CliError(
+            "--abits, --integer-kernels and --quantize-input apply to ONNX models (.onnx)"
+        )
     sharded = is_sharded(src)
     if not sharded:
         _check_output(dst, inputs=[src])
@@ -801,22 +959,65 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave tensors matching these patterns float (tried on the name and on "
         "the name without '.weight')",
     )
-    q.add_argument(
-        "--abits",
-        type=_bits,
-        default=None,
-        help="ONNX only: activation bits of the quantized layers' inputs (default: float)",
-    )
-    q.add_argument(
-        "--integer-kernels",
-        action="store_true",
-        help="ONNX only (with --abits): Q/DQ on layer outputs too, so onnxruntime runs "
-        "QLinearConv/QGemm (use with --quantizer symmetric)",
-    )
+    _add_onnx_options(q, "ONNX only: ")
     g = q.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", action="store_true", help="print the per-layer table")
     g.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     q.set_defaults(func=_cmd_quantize)
+
+    e = sub.add_parser(
+        "export",
+        help="quantize a torch model (MODULE:FACTORY) and export it as a QDQ .onnx model",
+        description="Build a torch model by calling FACTORY() from MODULE (imported by module "
+        "path, the current directory first), load --weights into it (torch.load with "
+        "weights_only=True, load_state_dict strict), quantize it with SQuant (BatchNorm "
+        "folded first) and write a QDQ ONNX model (opset 21) atomically. Needs torch and onnx.",
+    )
+    e.add_argument(
+        "factory",
+        metavar="MODULE:FACTORY",
+        help="a callable returning the torch.nn.Module, e.g. torchvision.models:mobilenet_v2",
+    )
+    e.add_argument("output", metavar="OUT", help=".onnx model to write")
+    e.add_argument(
+        "--weights",
+        metavar="STATE_DICT",
+        help="torch state dict (.pt/.pth) to load into the model (default: the factory's)",
+    )
+    e.add_argument(
+        "--input-shape",
+        type=_input_shape,
+        default=(1, 3, 224, 224),
+        metavar="N,C,H,W",
+        help="shape of the example input (its batch dimension is exported as dynamic; "
+        "also the calibration batch's shape)",
+    )
+    _add_quantizer_options(e)
+    e.add_argument(
+        "--quantizer",
+        choices=QUANTIZERS,
+        default="asymmetric",
+        help="asymmetric (the paper's, default) or symmetric (zero point 0, for int8 runtimes)",
+    )
+    e.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default=None,
+        help="quantize_model's recipe: paper (the paper's steps) or squant+ (BN ranges, bias "
+        "correction) (default: quantize_model's default)",
+    )
+    e.add_argument(
+        "--skip",
+        nargs="+",
+        action="extend",
+        metavar="PATTERN",
+        help="leave the layers matching these fnmatch patterns (module names) float",
+    )
+    _add_onnx_options(e, "")
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", help="print the per-layer table")
+    g.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    e.set_defaults(func=_cmd_export)
 
     info = sub.add_parser(
         "info",
@@ -836,6 +1037,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(func=_cmd_info)
     return parser
+
+
+def _add_onnx_options(p: argparse.ArgumentParser, prefix: str) -> None:
+    """--abits, --integer-kernels and --quantize-input."""
+    p.add_argument(
+        "--abits",
+        type=_bits,
+        default=None,
+        help=f"{prefix}activation bits of the quantized layers' inputs (default: float)",
+    )
+    p.add_argument(
+        "--integer-kernels",
+        action="store_true",
+        help=f"{prefix}(with --abits) one Q/DQ pair on every activation between quantized "
+        "ops (layer outputs, residual Adds, pooling), so onnxruntime runs QLinearConv/QGemm/"
+        "QLinearAdd (use with --quantizer symmetric)",
+    )
+    p.add_argument(
+        "--quantize-input",
+        nargs="?",
+        type=_input_range,
+        const=True,
+        default=False,
+        metavar="LO,HI",
+        help=f"{prefix}(with --abits) quantize the first layer's input too (the algorithm "
+        "keeps it float): to LO,HI (e.g. the range of the normalized inputs), or without a "
+        "value by the sigma rule on the calibration batch",
+    )
 
 
 def _add_quantizer_options(p: argparse.ArgumentParser) -> None:

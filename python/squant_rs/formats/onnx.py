@@ -18,6 +18,12 @@ Both share one graph rewrite:
   a ``Clip`` to the b-bit range comes first), and the layer's bias as
   ``DequantizeLinear(int32, a_scale * w_scale[c])`` so that onnxruntime's
   own ``WeightBiasQuantization`` has nothing left to re-quantize.
+  Activations are uint8 (signed ranges with zero point ``128 - z``).
+* with ``integer_kernels``: one ``QuantizeLinear`` right after the producer
+  of every activation tensor between quantized ops (layer outputs, residual
+  Add inputs and outputs, pooling / Flatten paths) and one
+  ``DequantizeLinear`` for its readers, the placement onnxruntime's QDQ
+  fusion turns into QLinearConv / QGemm / QLinearAdd.
 
 onnx and onnxruntime are imported lazily (``pip install 'squant-rs[onnx]'``).
 """
@@ -320,11 +326,12 @@ def _drop_initializer(graph: Any, name: str) -> None:
 def _rewrite(
     model: Any,
     weights: list[_Weight],
-    outputs: dict[str, tuple[int, float, float]] | None = None,
+    plan: dict[str, tuple[int, float, float]] | None = None,
 ) -> None:
     """Put the quantized weights, activation Q/DQ pairs and int32 biases into
-    ``model`` (in place); ``outputs``: ranges of layer outputs to quantize
-    too (the integer-kernel form)."""
+    ``model`` (in place). ``plan``: the integer-kernel form, the range of
+    every activation tensor to quantize (:func:`_integer_plan`); without
+    it, a Q/DQ pair on each layer input that has a range."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -365,66 +372,204 @@ def _rewrite(
         for layer in wt.layers:
             layer.node.input[1] = out
             w_scales[id(layer.node)] = step
-    # Activation Q/DQ on the layer inputs (shared by layers reading the same
-    # tensor with the same range), then the int32 biases.
-    acts: dict[tuple[str, int, float, float], tuple[str, float]] = {}
     inits = _initializers(graph)
-    for wt in weights:
-        for layer in wt.layers:
-            if layer.act is None:
-                continue
-            bits, x_min, x_max = layer.act
-            src = layer.node.input[0]
-            key = (src, bits, x_min, x_max)
-            if key not in acts:
-                acts[key] = _act_qdq(graph, names, new_inits, new_nodes, layer, key)
-            out, a_step = acts[key]
-            layer.node.input[0] = out
-            _bias(graph, names, new_inits, layer, inits, a_step, w_scales[id(layer.node)])
-    graph.initializer.extend(new_inits)
-    for node, before in new_nodes:
-        graph.node.insert(_index(graph, before), node)
+    if plan is None:
+        # A Q/DQ pair on each layer input (shared by layers reading the same
+        # tensor with the same range), then the int32 biases.
+        acts: dict[tuple[str, int, float, float], tuple[str, float]] = {}
+        for wt in weights:
+            for layer in wt.layers:
+                if layer.act is None:
+                    continue
+                bits, x_min, x_max = layer.act
+                src = layer.node.input[0]
+                key = (src, bits, x_min, x_max)
+                if key not in acts:
+                    acts[key] = _act_qdq(graph, names, new_inits, new_nodes, layer, key)
+                out, a_step = acts[key]
+                layer.node.input[0] = out
+                _bias(graph, names, new_inits, layer, inits, a_step, w_scales[id(layer.node)])
+        graph.initializer.extend(new_inits)
+        for node, before in new_nodes:
+            graph.node.insert(_index(graph, before), node)
+    else:
+        graph.initializer.extend(new_inits)
+        for node, before in new_nodes:
+            graph.node.insert(_index(graph, before), node)
+        new_inits = []
+        steps: dict[str, float] = {}  # DequantizeLinear output -> step
+        for tensor, (bits, x_min, x_max) in plan.items():
+            done = _tensor_qdq(graph, names, new_inits, tensor, bits, x_min, x_max)
+            if done is not None:
+                steps[done[0]] = done[1]
+        for wt in weights:
+            for layer in wt.layers:
+                in_step = steps.get(layer.node.input[0])
+                if in_step is not None:
+                    step_w = w_scales[id(layer.node)]
+                    _bias(graph, names, new_inits, layer, inits, in_step, step_w)
+        graph.initializer.extend(new_inits)
     for wt in weights:
         _drop_initializer(graph, wt.name)
-    for tensor, (bits, x_min, x_max) in (outputs or {}).items():
-        _output_qdq(graph, names, tensor, bits, x_min, x_max)
 
 
-def _output_qdq(
-    graph: Any, names: _Names, tensor: str, bits: int, x_min: float, x_max: float
-) -> None:
-    """A Q/DQ pair on a layer's output, read by all of its readers: with
-    DequantizeLinear on the weight and the input, the layer becomes one
-    integer kernel (QLinearConv, QGemm). Skipped for graph outputs and for
-    outputs read only by QuantizeLinear nodes (the next layer's input pair
-    already does it)."""
+def _tensor_qdq(
+    graph: Any,
+    names: _Names,
+    new_inits: list[Any],
+    tensor: str,
+    bits: int,
+    x_min: float,
+    x_max: float,
+) -> tuple[str, float] | None:
+    """One QuantizeLinear right after ``tensor``'s producer (a Clip first
+    below 8 bits) and one DequantizeLinear that every reader of ``tensor``
+    reads instead (graph outputs keep the float tensor), the way
+    onnxruntime's QDQ fusion wants them. Returns the DequantizeLinear output
+    and the step ``1/s``, or None when nothing reads the tensor."""
     from onnx import helper, numpy_helper
 
-    if any(o.name == tensor for o in graph.output):
-        return
     readers = [n for n in graph.node if tensor in n.input]
-    if all(n.op_type == "QuantizeLinear" for n in readers):
-        return
-    s, z, _, _ = activation_qparams(x_min, x_max, bits)
+    if not readers:
+        return None
+    s, z, qmin, qmax = activation_qparams(x_min, x_max, bits)
+    step = np.float32(1.0) / np.float32(s)
+    signed = x_min < 0
     base = tensor.replace(":", "_")
-    s_name, z_name = names(f"{base}_out_scale"), names(f"{base}_out_zero_point")
-    q, dq = names(f"{base}_out_quantized"), names(f"{base}_out_dequantized")
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array(np.float32(1.0) / np.float32(s), np.float32), s_name),
-            numpy_helper.from_array(np.array(_act_zero_point(z, x_min < 0), dtype=np.int8), z_name),
-        ]
-    )
+    s_name, z_name = names(f"{base}_a{bits}_scale"), names(f"{base}_a{bits}_zero_point")
+    new_inits += [
+        numpy_helper.from_array(np.array(step, dtype=np.float32), s_name),
+        numpy_helper.from_array(np.array(_act_zero_point(z, signed), dtype=np.uint8), z_name),
+    ]
+    q, dq = names(f"{base}_a{bits}_quantized"), names(f"{base}_a{bits}_dequantized")
     for n in readers:
         for i, name in enumerate(n.input):
             if name == tensor:
                 n.input[i] = dq
-    producer = next(i for i, n in enumerate(graph.node) if tensor in n.output)
-    for node in (
-        helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=names(base + "_DQ")),
-        helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q], name=names(base + "_Q")),
-    ):
-        graph.node.insert(producer + 1, node)
+    nodes = []
+    x = tensor
+    if (qmin, qmax) != ((-128, 127) if signed else (0, 255)):
+        lo, hi = names(f"{base}_a{bits}_lo"), names(f"{base}_a{bits}_hi")
+        new_inits += [
+            numpy_helper.from_array(np.array((qmin + z) * step, dtype=np.float32), lo),
+            numpy_helper.from_array(np.array((qmax + z) * step, dtype=np.float32), hi),
+        ]
+        x = names(f"{base}_a{bits}_clipped")
+        nodes.append(helper.make_node("Clip", [tensor, lo, hi], [x], name=names(base + "_QClip")))
+    nodes.append(
+        helper.make_node("QuantizeLinear", [x, s_name, z_name], [q], name=names(base + "_Q"))
+    )
+    nodes.append(
+        helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=names(base + "_DQ"))
+    )
+    at = next((i + 1 for i, n in enumerate(graph.node) if tensor in n.output), 0)
+    for node in reversed(nodes):
+        graph.node.insert(at, node)
+    return dq, float(step)
+
+
+#: Ops whose quantized form keeps the input's scale and zero point
+#: (onnxruntime drops their Q/DQ pairs and runs them on int8).
+_SAME_QPARAMS = frozenset(
+    {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "MaxPool", "Pad"}
+)
+#: Ops onnxruntime runs on int8 with their own output range.
+_QUANTIZED_OPS = frozenset({"Add", "GlobalAveragePool", "AveragePool"})
+
+
+def _integer_plan(
+    model: Any, layers: list[_Layer]
+) -> tuple[dict[str, tuple[int, float, float] | None], dict[str, str]]:
+    """The activation tensors of the integer-kernel form: every quantized
+    layer's input (its own range) and output (after a Relu / Clip that
+    alone reads it); the inputs and output of an Add whose inputs are all
+    quantized (QLinearAdd), pooling outputs of quantized inputs, and
+    Flatten / Reshape / ... paths between them (one range on both sides).
+
+    Returns:
+        ``(ranges, same)``: ``ranges`` maps each tensor to its known range
+        or None (to be calibrated); ``same`` maps a tensor to the one whose
+        range it shares.
+    """
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    ranges: dict[str, tuple[int, float, float] | None] = {}
+    for layer in layers:
+        if layer.act is not None:
+            ranges.setdefault(layer.node.input[0], layer.act)
+    kernel_outputs = _kernel_outputs(model, layers)
+    same: dict[str, str] = {}
+
+    def known(t: str) -> bool:
+        return t in ranges or t in same
+
+    # A layer output that reaches the next layer only through a Pad /
+    # Reshape / ... takes that layer's input range (one Q/DQ pair on each
+    # side of the op, with the same parameters, lets onnxruntime run it on
+    # int8).
+    outs = set(kernel_outputs)
+    changed = True
+    while changed:
+        changed = False
+        for n in graph.node:
+            if n.op_type in _SAME_QPARAMS and n.input and n.output:
+                x, y = n.input[0], n.output[0]
+                if known(y) and not known(x) and x in outs:
+                    same[x] = y
+                    changed = True
+    for t in kernel_outputs:
+        if not known(t):
+            ranges[t] = None
+
+    def add(t: str) -> None:
+        """A new quantized tensor: the range of the Flatten / ... output it
+        becomes if that has one (the classifier's input), else calibrated."""
+        for r in graph.node:
+            if r.op_type in _SAME_QPARAMS and r.input and r.input[0] == t and known(r.output[0]):
+                same[t] = r.output[0]
+                return
+        ranges[t] = None
+
+    changed = True
+    while changed:
+        changed = False
+        for n in graph.node:
+            if not n.input or not n.output:
+                continue
+            x, y = n.input[0], n.output[0]
+            if n.op_type in _SAME_QPARAMS:
+                if known(x) and not known(y):
+                    same[y] = x
+                    changed = True
+                elif known(y) and not known(x):
+                    p = producers.get(x)
+                    if p is not None and p.op_type in _QUANTIZED_OPS and known(p.input[0]):
+                        same[x] = y
+                        changed = True
+            elif n.op_type in ("GlobalAveragePool", "AveragePool"):
+                if known(x) and not known(y):
+                    add(y)
+                    changed = True
+            elif n.op_type == "Add" and len(n.input) == 2:
+                if all(known(i) for i in n.input) and not known(y):
+                    add(y)
+                    changed = True
+    return ranges, same
+
+
+def _resolve_plan(
+    ranges: dict[str, tuple[int, float, float] | None], same: dict[str, str]
+) -> dict[str, tuple[int, float, float]]:
+    """Every tensor's range, the shared ones from the tensor they follow."""
+    out = {t: r for t, r in ranges.items() if r is not None}
+    pending = dict(same)
+    while pending:
+        done = [t for t, src in pending.items() if src in out]
+        if not done:
+            break  # pragma: no cover - a cycle of shared ranges without a source
+        for t in done:
+            out[t] = out[pending.pop(t)]
+    return out
 
 
 def _kernel_outputs(model: Any, layers: list[_Layer]) -> list[str]:
@@ -443,8 +588,122 @@ def _kernel_outputs(model: Any, layers: list[_Layer]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _constants(model: Any) -> dict[str, Any]:
+    """Initializers and Constant-node outputs by name (TensorProtos)."""
+    consts = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = a.t
+    return consts
+
+
+def _const_value(model: Any, consts: dict[str, Any], tensor: str) -> np.ndarray | None:
+    """The value of ``tensor`` when it depends on constants only (e.g. the
+    Slice / Transpose / Cast chain torch's exporter writes for ``F.pad``'s
+    pads), computed with onnx's reference evaluator; else None."""
+    from onnx import helper, numpy_helper
+
+    if tensor in consts:
+        return np.asarray(numpy_helper.to_array(consts[tensor]))
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {t.name for t in graph.initializer}
+    nodes: list[Any] = []
+    seen: set[str] = set()
+    stack = [tensor]
+    while stack:
+        t = stack.pop()
+        if not t or t in seen or t in inits:
+            continue
+        seen.add(t)
+        n = producers.get(t)
+        if n is None or len(nodes) > 64 or n.op_type in QUANT_OPS:
+            return None  # a graph input (or a long chain): not a constant
+        if n not in nodes:
+            nodes.append(n)
+        stack.extend(n.input)
+    order = [n for n in graph.node if n in nodes]
+    used = {i for n in order for i in n.input}
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        sub = helper.make_graph(
+            order,
+            "const",
+            [],
+            [helper.make_empty_tensor_value_info(tensor)],
+            [t for t in graph.initializer if t.name in used],
+        )
+        m = helper.make_model(sub, opset_imports=model.opset_import)
+        values: list[Any] = list(ReferenceEvaluator(m).run(None, {}))
+    except Exception:
+        return None
+    return np.asarray(values[0])
+
+
+def _fold_pads(model: Any) -> int:
+    """Fold each zero ``Pad`` read only by a Conv into the Conv's ``pads``
+    (exact: the same zeros), as onnxruntime's PadFusion does for float
+    graphs; with Q/DQ pairs between them that fusion cannot happen any more
+    and the Pad would stay a float op between two quantized layers.
+    Returns how many were folded."""
+    from onnx import helper
+
+    graph = model.graph
+    consts = _constants(model)
+    outputs = {o.name for o in graph.output}
+    folded = 0
+    for pad in list(graph.node):
+        if pad.op_type != "Pad" or len(pad.input) < 2 or pad.output[0] in outputs:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
+        if attrs.get("mode", b"constant") not in (b"constant", "constant"):
+            continue
+        if len(pad.input) > 3 and pad.input[3]:
+            continue  # explicit axes
+        pads = _const_value(model, consts, pad.input[1])
+        if pads is None:
+            continue
+        if len(pad.input) > 2 and pad.input[2]:
+            value = _const_value(model, consts, pad.input[2])
+            if value is None or np.any(value != 0):
+                continue
+        readers = [n for n in graph.node if pad.output[0] in n.input]
+        if len(readers) != 1 or readers[0].op_type != "Conv":
+            continue
+        conv = readers[0]
+        if list(conv.input).count(pad.output[0]) != 1 or conv.input[0] != pad.output[0]:
+            continue
+        cattrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        if cattrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        p = pads.astype(np.int64).ravel()
+        rank = p.size // 2
+        spatial = rank - 2
+        if spatial < 1 or p.size != 2 * rank or np.any(p < 0):
+            continue
+        if p[0] or p[1] or p[rank] or p[rank + 1]:
+            continue  # padding of the batch or channel axis
+        old = [int(v) for v in cattrs.get("pads", [0] * (2 * spatial))]
+        if len(old) != 2 * spatial:
+            continue
+        new = [old[i] + int(p[2 + i]) for i in range(spatial)]
+        new += [old[spatial + i] + int(p[rank + 2 + i]) for i in range(spatial)]
+        for i, a in enumerate(conv.attribute):
+            if a.name == "pads":
+                del conv.attribute[i]
+                break
+        conv.attribute.append(helper.make_attribute("pads", new))
+        conv.input[0] = pad.input[0]
+        graph.node.remove(pad)
+        folded += 1
+    return folded
+
+
 def _clip_max(model: Any) -> dict[str, float]:
-    """Upper bounds of Clip outputs whose max is a constant (ReLU6: 6)."""
+    """Upper bounds of Clip outputs whose max is a constant (ReLU6: 6) ..."""
     from onnx import numpy_helper
 
     consts = {t.name: t for t in model.graph.initializer}
@@ -459,6 +718,14 @@ def _clip_max(model: Any) -> dict[str, float]:
             v = numpy_helper.to_array(consts[n.input[2]])
             if v.size == 1 and np.isfinite(v).all():
                 out[n.output[0]] = float(v.reshape(()))
+    # ... and of what a Reshape / Pad (with zeros) / ... makes of them.
+    for n in model.graph.node:
+        if n.op_type in _SAME_QPARAMS and n.input and n.input[0] in out:
+            if n.op_type == "Pad" and len(n.input) > 2 and n.input[2]:
+                value = consts.get(n.input[2])
+                if value is None or np.any(numpy_helper.to_array(value) != 0):
+                    continue
+            out[n.output[0]] = out[n.input[0]]
     return out
 
 
@@ -479,11 +746,13 @@ def _index(graph: Any, node: Any) -> int:
 
 
 def _act_zero_point(z: float, signed: bool) -> int:
-    """The int8 zero point of an activation: ``-z``, less 128 for unsigned
-    ranges (their codes 0..255 become -128..127; the values are the same).
+    """The uint8 zero point of an activation: ``-z``, plus 128 for signed
+    ranges (their codes -128..127 become 0..255; the values are the same).
     One activation type everywhere lets onnxruntime fuse every layer (its
-    QLinearConv wants the output in the input's type)."""
-    return int(-z) - (0 if signed else 128)
+    QLinearConv wants the output in the input's type), and uint8 is the
+    one whose QDQ fusion covers residual Adds too (onnxruntime 1.32 leaves
+    an int8 Add, and the Convs around it, unfused on x86)."""
+    return int(-z) + (128 if signed else 0)
 
 
 def _act_qdq(
@@ -506,7 +775,7 @@ def _act_qdq(
     s_name, z_name = names(f"{base}_a{bits}_scale"), names(f"{base}_a{bits}_zero_point")
     new_inits += [
         numpy_helper.from_array(np.array(step, dtype=np.float32), s_name),
-        numpy_helper.from_array(np.array(_act_zero_point(z, signed), dtype=np.int8), z_name),
+        numpy_helper.from_array(np.array(_act_zero_point(z, signed), dtype=np.uint8), z_name),
     ]
     x = src
     if (qmin, qmax) != ((-128, 127) if signed else (0, 255)):
@@ -734,6 +1003,7 @@ def quantize_onnx(
     input_shape: Sequence[int] | None = None,
     seed: int = 0,
     integer_kernels: bool = False,
+    quantize_input: bool | tuple[float, float] = False,
     external_data: bool | None = None,
 ) -> QuantReport:
     """Quantize the Conv / Gemm / MatMul weights of an ONNX model with SQuant
@@ -750,16 +1020,25 @@ def quantize_onnx(
     one ``U[0,1)`` batch (``input_shape``, default: the model's input with
     a symbolic batch of 8; ``seed``) run through onnxruntime; the first
     layer's input stays float and the last layer's is 8-bit. With
-    ``integer_kernels=True`` (needs ``abits``) the layers' outputs (after a
-    Relu / Clip that alone reads them) get Q/DQ pairs too (``abits``, same
-    sigma rule), and ranges after a Clip are capped at its maximum (ReLU6:
-    6), so that onnxruntime fuses the layers with a quantized input into
-    integer kernels (QLinearConv, QGemm; use ``quantizer="symmetric"``);
-    that adds one rounding per layer output (and the capped ranges) to what
-    :func:`quantize_model`'s fake-quant model computes. The output is
-    one file unless its tensors exceed 2 GB (then ``<out>.data`` too;
-    ``external_data`` forces either); it is written atomically, and the
-    input is never modified.
+    ``integer_kernels=True`` (needs ``abits``) every activation tensor
+    between quantized ops gets one QuantizeLinear after its producer and one
+    DequantizeLinear for its readers: the layers' outputs (after a Relu /
+    Clip that alone reads them), the inputs and output of residual Adds,
+    pooling and Flatten / Reshape paths (those share their input's range);
+    ranges of tensors that are no layer's input come from the same sigma
+    rule (``abits``), and ranges after a Clip are capped at its maximum
+    (ReLU6: 6). onnxruntime then runs every layer with a quantized input as
+    QLinearConv / QGemm and the Adds as QLinearAdd (use
+    ``quantizer="symmetric"``); that adds one rounding per layer and Add
+    output (and the capped ranges) to what
+    :func:`quantize_model`'s fake-quant model computes.
+    ``quantize_input`` (needs ``abits``): also quantize the first layer's
+    input (the algorithm keeps it float): ``True`` takes the sigma rule on
+    the calibration batch, a ``(lo, hi)`` pair is used as given (e.g. the
+    range of the model's normalized inputs). Activations are uint8 (signed
+    ranges with zero point 128). The output is one file unless its tensors
+    exceed 2 GB (then ``<out>.data`` too; ``external_data`` forces either);
+    it is written atomically, and the input is never modified.
 
     Returns:
         The per-layer :class:`QuantReport` (``size_before``/``size_after``:
@@ -785,6 +1064,8 @@ def quantize_onnx(
     where = in_path or "model"
     size_before = _tensor_bytes(model)
     model = _prepare(model, where)
+    if integer_kernels:
+        _fold_pads(model)
     layers, skipped = _find_layers(model, patterns)
     if not layers:
         raise OnnxFormatError(
@@ -810,28 +1091,27 @@ def quantize_onnx(
         weights[layer.weight].layers.append(layer)
     if integer_kernels and abits is None:
         raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
-    outputs: dict[str, tuple[int, float, float]] = {}
+    input_range = _check_quantize_input(quantize_input, abits)
+    plan: dict[str, tuple[int, float, float]] | None = None
     if abits is not None:
         assert mult is not None
         feeds = _input_feeds(model, int(seed), input_shape)
         probes = [layer.node.input[0] for layer in layers]
-        if integer_kernels:
-            probes += _kernel_outputs(model, layers)
         values = _observe(model, probes, feeds, n_threads)
         for i, (layer, a) in enumerate(zip(layers, values)):
             if i == 0:
-                continue  # the first layer's input stays float
+                continue  # the first layer's input stays float (unless quantize_input)
             bits = 8 if i == len(layers) - 1 else abits
             layer.act = (bits, *sigma_range(a, bits, mult))
+        _first_input(model, layers, abits, mult, feeds, input_range)
+        bounds = _clip_max(model)
+        for layer in layers:
+            if layer.act is not None:
+                layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
         if integer_kernels:
-            bounds = _clip_max(model)
-            for t, a in zip(probes[len(layers) :], values[len(layers) :]):
-                outputs[t] = _capped((abits, *sigma_range(a, abits, mult)), bounds.get(t))
-            for layer in layers:
-                if layer.act is not None:
-                    layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
+            plan = _integer_ranges(model, layers, abits, mult, feeds, n_threads, {})
     reports = _layer_reports(layers, weights, arrays, order, ms)
-    _rewrite(model, list(weights.values()), outputs)
+    _rewrite(model, list(weights.values()), plan)
     size_after = write_model(model, out, external_data)
     return QuantReport(
         layers=reports,
@@ -854,6 +1134,80 @@ def _s_sigma(s_sigma: float | None, abits: int | None) -> float | None:
             raise InvalidArgumentError(f"s_sigma must be a positive number, got {s_sigma}")
         return float(s_sigma)
     return default_s_sigma(abits) if abits is not None else None
+
+
+def _check_quantize_input(
+    quantize_input: bool | tuple[float, float], abits: int | None
+) -> bool | tuple[float, float]:
+    """``quantize_input``: False, True, or an explicit ``(lo, hi)`` range."""
+    if isinstance(quantize_input, bool):
+        if quantize_input and abits is None:
+            raise InvalidArgumentError("quantize_input needs abits (quantized activations)")
+        return quantize_input
+    if (
+        isinstance(quantize_input, (tuple, list))
+        and len(quantize_input) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in quantize_input)
+    ):
+        lo, hi = float(quantize_input[0]), float(quantize_input[1])
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= 0.0 <= hi and lo < hi):
+            raise InvalidArgumentError(
+                "quantize_input range must be finite with lo <= 0 <= hi and lo < hi, "
+                f"got {quantize_input}"
+            )
+        if abits is None:
+            raise InvalidArgumentError("quantize_input needs abits (quantized activations)")
+        return lo, hi
+    raise TypeError(f"quantize_input must be a bool or a (lo, hi) pair, got {quantize_input!r}")
+
+
+def _first_input(
+    model: Any,
+    layers: list[_Layer],
+    abits: int,
+    mult: float,
+    feeds: dict[str, Any],
+    input_range: bool | tuple[float, float],
+) -> None:
+    """With ``quantize_input``: a range (8 bits if the layer is also the
+    last) for the layers reading a graph input, from the sigma rule on the
+    calibration batch or the given ``(lo, hi)``."""
+    if input_range is False:
+        return
+    for i, layer in enumerate(layers):
+        src = layer.node.input[0]
+        if layer.act is not None or src not in feeds:
+            continue
+        bits = 8 if i == len(layers) - 1 else abits
+        if isinstance(input_range, tuple):
+            layer.act = (bits, *input_range)
+        else:
+            layer.act = (bits, *sigma_range(feeds[src], bits, mult))
+
+
+def _integer_ranges(
+    model: Any,
+    layers: list[_Layer],
+    abits: int,
+    mult: float,
+    feeds: dict[str, Any],
+    threads: int,
+    known: dict[str, tuple[float, float]],
+) -> dict[str, tuple[int, float, float]]:
+    """The ranges of :func:`_integer_plan`'s tensors: the layers' own, those
+    in ``known`` (BN statistics), else the sigma rule (``abits``) on the
+    calibration batch run through onnxruntime; capped at a ReLU6's 6."""
+    ranges, same = _integer_plan(model, layers)
+    todo = [t for t, r in ranges.items() if r is None and t not in known]
+    values = _observe(model, todo, feeds, threads) if todo else []
+    for t, a in zip(todo, values):
+        ranges[t] = (abits, *sigma_range(a, abits, mult))
+    bounds = _clip_max(model)
+    full: dict[str, tuple[int, float, float] | None] = {}
+    for t, r in ranges.items():
+        r = r if r is not None else (abits, *known[t])
+        full[t] = _capped(r, bounds.get(t))
+    return _resolve_plan(full, same)
 
 
 def _layer_reports(
@@ -912,6 +1266,7 @@ def export_onnx(
     s_sigma: float | None = None,
     seed: int = 0,
     integer_kernels: bool = False,
+    quantize_input: bool | tuple[float, float] = False,
     external_data: bool | None = None,
 ) -> QuantReport:
     """Quantize a torch model with SQuant and export it as a QDQ ONNX model.
@@ -927,9 +1282,13 @@ def export_onnx(
     ``wbits``, ``abits``, ``mode``, ``quantizer``, ``skip``, ``backend``,
     ``threads``, ``s_sigma`` and ``seed`` are :func:`quantize_model`'s;
     ``recipe`` is passed on to it where it has that option;
-    ``integer_kernels`` is :func:`quantize_onnx`'s (the output ranges come
-    from one ``U[0,1)`` batch run through onnxruntime). The model is not
-    modified.
+    ``integer_kernels`` and ``quantize_input`` are :func:`quantize_onnx`'s:
+    the ranges of tensors that are no layer's input come, under a recipe
+    with BN activation ranges (``"squant+"``), from the BatchNorm folded
+    into the layer that produces them (``mu -+ n sigma`` of ``beta``,
+    ``|gamma|``, clipped by its ReLU / ReLU6), else from the sigma rule on
+    :func:`quantize_model`'s calibration batch run through onnxruntime.
+    The model is not modified.
 
     Returns:
         The per-layer :class:`QuantReport` (sizes: float weights and bytes
@@ -947,6 +1306,7 @@ def export_onnx(
     from ..model.pipeline import activation_quantizers, quantize_model
 
     out = _check_output(path, None)
+    input_range = _check_quantize_input(quantize_input, abits)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_input must be a tensor or a tuple of tensors")
@@ -978,6 +1338,8 @@ def export_onnx(
             # The TorchScript exporter announces its deprecation on every call;
             # it is the one that keeps the parameter names (<layer>.weight).
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # F.pad's pads: a strided Slice torch cannot fold (onnxruntime can).
+            warnings.filterwarnings("ignore", "Constant folding", UserWarning)
             torch.onnx.export(
                 qmodel,
                 inputs,
@@ -990,12 +1352,15 @@ def export_onnx(
             )
         graph_model = onnx.load(float_path)
     graph_model = _prepare(graph_model, "exported model")
+    if integer_kernels:
+        _fold_pads(graph_model)
     size_before = _tensor_bytes(graph_model)
     layers, _ = _find_layers(graph_model, ())
     inits = _initializers(graph_model.graph)
     from onnx import numpy_helper
 
     weights: dict[str, _Weight] = {}
+    by_layer: dict[str, list[_Layer]] = {}
     for rep in report.layers:
         qt = rep.qtensor
         if qt is None:  # pragma: no cover - quantize_model fills it
@@ -1008,32 +1373,113 @@ def export_onnx(
             )
         init_name, axis = found
         wt = weights.setdefault(init_name, _Weight(init_name, axis, _as_numpy_qt(qt)))
+        by_layer[rep.name] = [ly for ly in layers if ly.weight == init_name]
         for layer in layers:
             if layer.weight == init_name and layer not in wt.layers:
                 wt.layers.append(layer)
                 if rep.act_range is not None and rep.act_bits is not None:
                     lo, hi = rep.act_range
                     layer.act = (rep.act_bits, lo, hi)
-    outputs: dict[str, tuple[int, float, float]] = {}
-    if integer_kernels:
-        if abits is None:
-            raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
+    if integer_kernels and abits is None:
+        raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
+    plan: dict[str, tuple[int, float, float]] | None = None
+    if abits is not None and (integer_kernels or input_range is not False):
         mult = _s_sigma(s_sigma, abits)
         assert mult is not None
-        feeds = _input_feeds(graph_model, int(seed), tuple(inputs[0].shape))
         n_threads = check_threads(threads)
-        tensors = _kernel_outputs(graph_model, layers)
+        feeds = _input_feeds(graph_model, int(seed), tuple(inputs[0].shape))
+        if len(inputs) == 1:
+            # quantize_model's calibration batch
+            gen = torch.Generator().manual_seed(int(seed))
+            feeds["input"] = torch.rand(tuple(inputs[0].shape), generator=gen).numpy()
+        _first_input(graph_model, layers, abits, mult, feeds, input_range)
+        for rep in report.layers:
+            first = by_layer.get(rep.name, [])
+            if rep.act_bits is None and first and first[0].act is not None:
+                rep.act_bits, lo, hi = first[0].act
+                rep.act_range = (lo, hi)
+                rep.range_source = "given" if isinstance(input_range, tuple) else "sigma"
         bounds = _clip_max(graph_model)
-        for t, a in zip(tensors, _observe(graph_model, tensors, feeds, n_threads)):
-            outputs[t] = _capped((abits, *sigma_range(a, abits, mult)), bounds.get(t))
         for layer in layers:
             if layer.act is not None:
                 layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
-    _rewrite(graph_model, list(weights.values()), outputs)
+        if integer_kernels:
+            known = _bn_output_ranges(model, graph_model, report, by_layer, abits)
+            plan = _integer_ranges(graph_model, layers, abits, mult, feeds, n_threads, known)
+    _rewrite(graph_model, list(weights.values()), plan)
     report.size_before = size_before
     report.size_after = write_model(graph_model, out, external_data)
     report.wall_ms = (time.perf_counter() - wall) * 1e3
     return report
+
+
+def _bn_output_ranges(
+    model: nn.Module,
+    graph_model: Any,
+    report: QuantReport,
+    by_layer: dict[str, list[_Layer]],
+    abits: int,
+) -> dict[str, tuple[float, float]]:
+    """Under a recipe with BN activation ranges (squant+): the ranges of the
+    integer-kernel layer outputs from the BatchNorm folded into each layer
+    (``mu -+ n sigma`` of ``beta``, ``|gamma|``, clipped by a Relu / Clip
+    that alone reads it), by ONNX tensor name. Empty for the paper recipe."""
+    from ..model import recipe as rc
+    from ..model.fold import _fx_pairs, trace
+
+    try:
+        config = rc.resolve_recipe(report.recipe)
+    except Exception:  # pragma: no cover - a recipe name this module does not know
+        return {}
+    if config.act_ranges != "bn":
+        return {}
+    graph = trace(model)
+    if graph is None:
+        return {}
+    bns = dict(_fx_pairs(model, graph))
+    clips = _clip_bounds(graph_model)
+    outputs = {o.name for o in graph_model.graph.output}
+    out: dict[str, tuple[float, float]] = {}
+    for name, onnx_layers in by_layer.items():
+        bn = bns.get(name)
+        stats = rc._bn_stats(model.get_submodule(bn)) if bn is not None else None
+        if stats is None:
+            continue
+        for layer in onnx_layers:
+            t = layer.node.output[0]
+            readers = [n for n in graph_model.graph.node if t in n.input]
+            st = stats
+            if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") and t not in outputs:
+                t = readers[0].output[0]
+                lo, hi = clips.get(t, (-math.inf, math.inf))
+                st = stats.clipped(lo, hi, readers[0].op_type.lower())
+            out[t] = rc.bn_range(st, abits, config.bn_sigmas)
+    return out
+
+
+def _clip_bounds(model: Any) -> dict[str, tuple[float, float]]:
+    """``(lo, hi)`` of every Relu and of Clips with constant bounds."""
+    from onnx import numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = a.t
+    out: dict[str, tuple[float, float]] = {}
+    for n in model.graph.node:
+        if n.op_type == "Relu":
+            out[n.output[0]] = (0.0, math.inf)
+        elif n.op_type == "Clip":
+            b = [-math.inf, math.inf]
+            for k in (1, 2):
+                if len(n.input) > k and n.input[k] in consts:
+                    v = numpy_helper.to_array(consts[n.input[k]])
+                    if v.size == 1 and np.isfinite(v).all():
+                        b[k - 1] = float(v.reshape(()))
+            out[n.output[0]] = (b[0], b[1])
+    return out
 
 
 def _as_numpy_qt(qt: QuantizedTensor) -> QuantizedTensor:

@@ -1,0 +1,176 @@
+"""``squant-rs export MODULE:FACTORY OUT.onnx``: torch models to QDQ ONNX."""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import squant_rs
+from export_models import small
+from squant_rs.cli import main
+
+CPU = ["CPUExecutionProvider"]
+
+
+def run(path, x: np.ndarray, **opts) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    for k, v in opts.items():
+        setattr(so, k, v)
+    sess = ort.InferenceSession(str(path), so, providers=CPU)
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def optimized_ops(path, tmp_path) -> collections.Counter:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=CPU)
+    return collections.Counter(
+        n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+    )
+
+
+@pytest.fixture
+def weights(tmp_path):
+    """A state dict that differs from the factory's own weights."""
+    net = small()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.5)
+    path = tmp_path / "w.pth"
+    torch.save(net.state_dict(), path)
+    return net, path
+
+
+def test_export_equals_api(tmp_path, weights, capsys):
+    net, w = weights
+    out = tmp_path / "m.onnx"
+    args = ["export", "export_models:small", str(out), "--weights", str(w)]
+    opts = ["--input-shape", "2,3,16,16", "--wbits", "8", "--abits", "8"]
+    opts += ["--quantizer", "symmetric", "--recipe", "paper"]
+    assert main([*args, *opts]) == 0
+    assert "4 layers" in capsys.readouterr().out
+    api = tmp_path / "api.onnx"
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    squant_rs.export_onnx(net, api, x, 8, 8, quantizer="symmetric", recipe="paper")
+    y = np.random.default_rng(1).random((3, 3, 16, 16), dtype=np.float32)
+    np.testing.assert_array_equal(run(out, y), run(api, y))  # the --weights were used
+    assert out.read_bytes() == api.read_bytes()
+
+
+def test_export_integer_kernels(tmp_path, weights, capsys):
+    net, w = weights
+    out = tmp_path / "m.onnx"
+    args = ["export", "export_models:small", str(out), "--weights", str(w), "-q"]
+    args += ["--input-shape", "1,3,16,16", "--wbits", "8", "--abits", "8"]
+    args += ["--quantizer", "symmetric", "--recipe", "squant+", "--integer-kernels"]
+    assert main([*args, "--quantize-input", "0,1"]) == 0
+    assert capsys.readouterr().out == ""
+    counts = optimized_ops(out, tmp_path)
+    # every layer (the first too: --quantize-input) and the residual Add fused
+    assert counts["QLinearConv"] + counts["QGemm"] == 4, counts
+    assert counts["QLinearAdd"] == 1 and counts["Conv"] + counts["Add"] == 0, counts
+    x = np.random.default_rng(2).random((2, 3, 16, 16), dtype=np.float32)
+    ref = run(out, x, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    np.testing.assert_allclose(run(out, x), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    assert np.abs(run(out, x) - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_export_without_weights_uses_factory(tmp_path):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "export_models:small", str(out), "--input-shape", "1,3,8,8", "-q"]) == 0
+    x = np.random.default_rng(3).random((1, 3, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        want = small()(torch.from_numpy(x)).numpy()
+    # W4 weights: close to the float model, not equal
+    got = run(out, x)
+    assert np.abs(got - want).max() < 0.5 * np.abs(want).max()
+
+
+def _bad_cases(tmp_path, w):
+    mismatched = tmp_path / "mismatch.pth"
+    sd = small().state_dict()
+    sd.pop("fc.bias")
+    sd["extra.weight"] = torch.zeros(2)
+    torch.save(sd, mismatched)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    shape = ["--input-shape", "1,3,8,8"]
+    return {
+        "no colon": (["export_models", "o.onnx"], "expected MODULE:FACTORY"),
+        "no module": (["no_such_module_xyz:f", "o.onnx"], "cannot import 'no_such_module_xyz'"),
+        "no attribute": (["export_models:nope", "o.onnx"], "has no attribute 'nope'"),
+        "not callable": (["export_models:NOT_CALLABLE", "o.onnx"], "not a callable"),
+        "not a module": (["export_models:not_a_module", "o.onnx"], "not a torch.nn.Module"),
+        "factory raises": (["export_models:broken", "o.onnx"], "no weights for this one"),
+        "missing weights": (
+            ["export_models:small", "o.onnx", "--weights", str(tmp_path / "nope.pth")],
+            "file not found",
+        ),
+        "junk weights": (
+            ["export_models:small", "o.onnx", "--weights", str(tmp_path / "junk.pth")],
+            "cannot load torch checkpoint",
+        ),
+        "mismatched weights": (
+            ["export_models:small", "o.onnx", "--weights", str(mismatched)],
+            "1 missing (e.g. fc.bias), 1 unexpected (e.g. extra.weight) keys",
+        ),
+        "output is input": (
+            ["export_models:small", str(w), "--weights", str(w)],
+            "export writes an .onnx model",
+        ),
+        "bad shape text": (["export_models:small", "o.onnx", "--input-shape", "1,x"], "1,x"),
+        "zero dim": (["export_models:small", "o.onnx", "--input-shape", "1,3,0,8"], "positive"),
+        "wrong shape": (
+            ["export_models:small", "o.onnx", "--input-shape", "1,4,8,8"],
+            "failed (RuntimeError",
+        ),
+        "not onnx": (["export_models:small", "o.safetensors", *shape], ".onnx extension"),
+        "input range": (
+            ["export_models:small", "o.onnx", "--abits", "8", "--quantize-input", "1,2"],
+            "LO <= 0 <= HI",
+        ),
+        "ik needs abits": (["export_models:small", "o.onnx", "--integer-kernels"], "need --abits"),
+    }
+
+
+def test_bad_input_exit_2_one_line_no_output(tmp_path, weights, capsys, monkeypatch):
+    _, w = weights
+    monkeypatch.chdir(tmp_path)
+    for name, (argv, msg) in _bad_cases(tmp_path, w).items():
+        assert main(["export", *argv]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err, (name, err)
+        assert err.startswith("squant-rs: error: "), (name, err)
+        left = sorted(f for f in os.listdir(tmp_path) if f.startswith("o.") or f.startswith("."))
+        assert left == [], (name, left)
+    # the weights file named as output: refused, untouched
+    before = w.read_bytes()
+    onnx_w = tmp_path / "w.onnx"
+    onnx_w.write_bytes(before)
+    assert main(["export", "export_models:small", str(onnx_w), "--weights", str(onnx_w)]) == 2
+    assert "equals the input" in capsys.readouterr().err
+    assert onnx_w.read_bytes() == before
+
+
+def test_user_module_from_current_directory(tmp_path, capsys, monkeypatch):
+    (tmp_path / "my_net_mod.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "lin.onnx"
+    assert main(["export", "my_net_mod:build", str(out), "--input-shape", "2,3,4"]) == 0
+    assert capsys.readouterr().out.startswith(f"{out}: ")
+    x = np.random.default_rng(4).random((2, 3, 4), dtype=np.float32)
+    assert run(out, x).shape == (2, 3)
