@@ -1436,7 +1436,7 @@ def _bn_output_ranges(
     graph = trace(model)
     if graph is None:
         return {}
-    bns = dict(_fx_pairs(model, graph))
+    bns = dict(_fx_pairs(model, graph, dict(model.named_modules())))
     clips = _clip_bounds(graph_model)
     outputs = {o.name for o in graph_model.graph.output}
     out: dict[str, tuple[float, float]] = {}
