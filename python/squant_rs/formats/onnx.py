@@ -1281,7 +1281,8 @@ def export_onnx(
     ``example_input``'s shape), biases int32 (see the module doc).
     ``wbits``, ``abits``, ``mode``, ``quantizer``, ``skip``, ``backend``,
     ``threads``, ``s_sigma`` and ``seed`` are :func:`quantize_model`'s;
-    ``recipe`` is passed on to it where it has that option;
+    ``recipe`` is passed on to it where it has that option (``None``:
+    :func:`quantize_model`'s default, ``"squant+"``);
     ``integer_kernels`` and ``quantize_input`` are :func:`quantize_onnx`'s:
     the ranges of tensors that are no layer's input come, under a recipe
     with BN activation ranges (``"squant+"``), from the BatchNorm folded
