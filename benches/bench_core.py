@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import numpy as np
 import squant_rs
 from squant_rs._shapes import he_weights, resnet_shapes
 
-from _timing import median_ms  # benches/ is the script's directory
+from _timing import median_ms, paired_ratio  # benches/ is the script's directory
 
 
 def nearest_numpy(w: np.ndarray, bits: int = 4) -> np.ndarray:
@@ -164,22 +163,6 @@ def time_load_quantized(
     return t_load, t_read, t_fill
 
 
-def paired_ratio(num: Callable[[], object], den: Callable[[], object], repeat: int) -> float:
-    """Median of ``repeat`` ratios ``time(num) / time(den)``, each from one
-    ``den`` run and the ``num`` run right after it (after one warm-up of each)."""
-    num()
-    den()
-    ratios = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        den()
-        t1 = time.perf_counter()
-        num()
-        t2 = time.perf_counter()
-        ratios.append((t2 - t1) / (t1 - t0))
-    return statistics.median(ratios)
-
-
 def timeit(fn: Callable[[], object], repeat: int) -> float:
     """Median seconds of ``fn`` after one warm-up run."""
     return median_ms(fn, repeat)[0] / 1e3
@@ -211,7 +194,7 @@ def main() -> None:
     t_batch = timeit(batch, args.repeat)
     # The per-weight / batch ratio from interleaved runs (a load change on a
     # shared machine hits both): the median of per-run ratios.
-    per_over_batch = paired_ratio(per_weight, batch, args.repeat)
+    per_over_batch, _ = paired_ratio(per_weight, batch, args.repeat)
     t_e = timeit(
         lambda: [squant_rs.quantize_tensor(w, b, "squant-e", threads=threads) for w in weights],
         args.repeat,

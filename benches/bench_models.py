@@ -41,7 +41,6 @@ import importlib
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -51,7 +50,7 @@ import torch
 
 import squant_rs
 
-from _timing import median_ms  # benches/ is the script's directory
+from _timing import median_ms, paired_ratio  # benches/ is the script's directory
 
 # name -> (pytorchcv module, input size, paper's A100 SQuant time in ms, paper's layer count)
 MODELS: dict[str, tuple[str, int, float | None, int | None]] = {
@@ -160,25 +159,6 @@ def time_model(
     row["quantize_model_over_batch"] = ratio
     row["quantize_model_over_batch_runs"] = ratios
     return row
-
-
-def paired_ratio(
-    num: Callable[[], None], den: Callable[[], None], repeat: int
-) -> tuple[float, list[float]]:
-    """Median of ``repeat`` ratios ``time(num) / time(den)``, each from one
-    ``den`` run and the ``num`` run right after it (after one warm-up of
-    each), and every ratio."""
-    num()
-    den()
-    ratios = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        den()
-        t1 = time.perf_counter()
-        num()
-        t2 = time.perf_counter()
-        ratios.append((t2 - t1) / (t1 - t0))
-    return statistics.median(ratios), ratios
 
 
 def _fmt(v: float | None) -> str:

@@ -445,7 +445,7 @@ const POLY: u32 = 0x82f6_3b78;
 
 /// `a * b` modulo the CRC polynomial (reflected bit order, as zlib's
 /// `multmodp`).
-fn mult_mod_p(a: u32, mut b: u32) -> u32 {
+const fn mult_mod_p(a: u32, mut b: u32) -> u32 {
     let mut m = 1u32 << 31;
     let mut p = 0u32;
     loop {
@@ -468,21 +468,7 @@ const fn x2n_table() -> [u32; 32] {
     t[0] = p;
     let mut k = 1;
     while k < 32 {
-        // p = p * p mod P (const version of `mult_mod_p`).
-        let (a, mut b) = (p, p);
-        let mut m = 1u32 << 31;
-        let mut r = 0u32;
-        loop {
-            if a & m != 0 {
-                r ^= b;
-                if a & (m - 1) == 0 {
-                    break;
-                }
-            }
-            m >>= 1;
-            b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
-        }
-        p = r;
+        p = mult_mod_p(p, p);
         t[k] = p;
         k += 1;
     }
