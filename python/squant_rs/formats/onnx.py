@@ -427,45 +427,19 @@ def _tensor_qdq(
     reads instead (graph outputs keep the float tensor), the way
     onnxruntime's QDQ fusion wants them. Returns the DequantizeLinear output
     and the step ``1/s``, or None when nothing reads the tensor."""
-    from onnx import helper, numpy_helper
 
     readers = [n for n in graph.node if tensor in n.input]
     if not readers:
         return None
-    s, z, qmin, qmax = activation_qparams(x_min, x_max, bits)
-    step = np.float32(1.0) / np.float32(s)
-    signed = x_min < 0
-    base = tensor.replace(":", "_")
-    s_name, z_name = names(f"{base}_a{bits}_scale"), names(f"{base}_a{bits}_zero_point")
-    new_inits += [
-        numpy_helper.from_array(np.array(step, dtype=np.float32), s_name),
-        numpy_helper.from_array(np.array(_act_zero_point(z, signed), dtype=np.uint8), z_name),
-    ]
-    q, dq = names(f"{base}_a{bits}_quantized"), names(f"{base}_a{bits}_dequantized")
+    nodes, dq, step = _qdq_nodes(names, new_inits, tensor, bits, x_min, x_max, "_QClip")
     for n in readers:
         for i, name in enumerate(n.input):
             if name == tensor:
                 n.input[i] = dq
-    nodes = []
-    x = tensor
-    if (qmin, qmax) != ((-128, 127) if signed else (0, 255)):
-        lo, hi = names(f"{base}_a{bits}_lo"), names(f"{base}_a{bits}_hi")
-        new_inits += [
-            numpy_helper.from_array(np.array((qmin + z) * step, dtype=np.float32), lo),
-            numpy_helper.from_array(np.array((qmax + z) * step, dtype=np.float32), hi),
-        ]
-        x = names(f"{base}_a{bits}_clipped")
-        nodes.append(helper.make_node("Clip", [tensor, lo, hi], [x], name=names(base + "_QClip")))
-    nodes.append(
-        helper.make_node("QuantizeLinear", [x, s_name, z_name], [q], name=names(base + "_Q"))
-    )
-    nodes.append(
-        helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=names(base + "_DQ"))
-    )
     at = next((i + 1 for i, n in enumerate(graph.node) if tensor in n.output), 0)
     for node in reversed(nodes):
         graph.node.insert(at, node)
-    return dq, float(step)
+    return dq, step
 
 
 #: Ops whose quantized form keeps the input's scale and zero point
@@ -765,9 +739,28 @@ def _act_qdq(
 ) -> tuple[str, float]:
     """A Q/DQ pair (Clip first below 8 bits) for one activation; returns the
     dequantized tensor's name and the activation step ``1/s``."""
-    from onnx import helper, numpy_helper
 
     src, bits, x_min, x_max = key
+    nodes, dq, step = _qdq_nodes(names, new_inits, src, bits, x_min, x_max, "_Clip")
+    new_nodes += [(node, layer.node) for node in nodes]
+    return dq, step
+
+
+def _qdq_nodes(
+    names: _Names,
+    new_inits: list[Any],
+    src: str,
+    bits: int,
+    x_min: float,
+    x_max: float,
+    clip_suffix: str,
+) -> tuple[list[Any], str, float]:
+    """The nodes of one activation's Q/DQ pair on ``src`` -- a Clip first
+    below 8 bits (its node named ``base + clip_suffix``), QuantizeLinear,
+    DequantizeLinear -- with their initializers appended to ``new_inits``;
+    returns the nodes, the dequantized tensor's name and the step ``1/s``."""
+    from onnx import helper, numpy_helper
+
     s, z, qmin, qmax = activation_qparams(x_min, x_max, bits)
     step = np.float32(1.0) / np.float32(s)
     signed = x_min < 0
@@ -777,6 +770,8 @@ def _act_qdq(
         numpy_helper.from_array(np.array(step, dtype=np.float32), s_name),
         numpy_helper.from_array(np.array(_act_zero_point(z, signed), dtype=np.uint8), z_name),
     ]
+    q, dq = names(f"{base}_a{bits}_quantized"), names(f"{base}_a{bits}_dequantized")
+    nodes = []
     x = src
     if (qmin, qmax) != ((-128, 127) if signed else (0, 255)):
         lo, hi = names(f"{base}_a{bits}_lo"), names(f"{base}_a{bits}_hi")
@@ -784,30 +779,15 @@ def _act_qdq(
             numpy_helper.from_array(np.array((qmin + z) * step, dtype=np.float32), lo),
             numpy_helper.from_array(np.array((qmax + z) * step, dtype=np.float32), hi),
         ]
-        clipped = names(f"{base}_a{bits}_clipped")
-        new_nodes.append(
-            (
-                helper.make_node("Clip", [x, lo, hi], [clipped], name=names(base + "_Clip")),
-                layer.node,
-            )
-        )
-        x = clipped
-    q, dq = names(f"{base}_a{bits}_quantized"), names(f"{base}_a{bits}_dequantized")
-    new_nodes.append(
-        (
-            helper.make_node("QuantizeLinear", [x, s_name, z_name], [q], name=names(base + "_Q")),
-            layer.node,
-        )
+        x = names(f"{base}_a{bits}_clipped")
+        nodes.append(helper.make_node("Clip", [src, lo, hi], [x], name=names(base + clip_suffix)))
+    nodes.append(
+        helper.make_node("QuantizeLinear", [x, s_name, z_name], [q], name=names(base + "_Q"))
     )
-    new_nodes.append(
-        (
-            helper.make_node(
-                "DequantizeLinear", [q, s_name, z_name], [dq], name=names(base + "_DQ")
-            ),
-            layer.node,
-        )
+    nodes.append(
+        helper.make_node("DequantizeLinear", [q, s_name, z_name], [dq], name=names(base + "_DQ"))
     )
-    return dq, float(step)
+    return nodes, dq, float(step)
 
 
 def _bias(
