@@ -47,4 +47,14 @@ def broken() -> Tiny:
     raise ValueError("no weights for this one")
 
 
+class _Indexing(Tiny):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[:, [99]]
+
+
+def indexing() -> Tiny:
+    """A model whose forward fails with an IndexError (not a RuntimeError)."""
+    return _Indexing().eval()
+
+
 NOT_CALLABLE = 3

@@ -133,6 +133,10 @@ def _bad_cases(tmp_path, w):
             ["export_models:small", "o.onnx", "--input-shape", "1,4,8,8"],
             "failed (RuntimeError",
         ),
+        "model fails": (
+            ["export_models:indexing", "o.onnx", *shape],
+            "failed (IndexError: index 99 is out of bounds",
+        ),
         "not onnx": (["export_models:small", "o.safetensors", *shape], ".onnx extension"),
         "input range": (
             ["export_models:small", "o.onnx", "--abits", "8", "--quantize-input", "1,2"],

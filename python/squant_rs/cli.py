@@ -578,9 +578,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 integer_kernels=args.integer_kernels,
                 quantize_input=args.quantize_input,
             )
-        except (SquantError, CliError):
+        except (SquantError, CliError, OSError):
             raise
-        except (RuntimeError, TypeError, ValueError) as exc:
+        except Exception as exc:  # the user's model failed (assert, IndexError, ...)
             shape = ",".join(str(d) for d in args.input_shape)
             raise CliError(
                 f"export of {args.factory} on input {shape} failed "
