@@ -670,3 +670,44 @@ print("ok")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+class _PoolBranch(torch.nn.Module):
+    """A conv output read by a MaxPool (into the next conv) and by another
+    op: the pool's narrower output range must not clip the other reader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x)
+        z = self.c2(torch.nn.functional.max_pool2d(y, 4))
+        return self.fc(torch.cat([z.mean((2, 3)), y.amin((2, 3))], 1))
+
+
+def test_maxpool_input_read_elsewhere_keeps_its_own_range(tmp_path):
+    torch.manual_seed(0)
+    net = _PoolBranch().eval()
+    x = torch.rand(4, 3, 16, 16)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        squant_rs.export_onnx(
+            net, path, x, 8, 8, recipe="paper", quantizer="symmetric", integer_kernels=True
+        )
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
+    dq_in = next(n for n in model.graph.node if n.output[0] == pool.input[0])
+    q_out = next(n for n in model.graph.node if pool.output[0] in n.input)
+    assert dq_in.op_type == "DequantizeLinear" and q_out.op_type == "QuantizeLinear"
+    conv_out_scale = float(inits[dq_in.input[1]])
+    pool_out_scale = float(inits[q_out.input[1]])
+    assert conv_out_scale > pool_out_scale  # the conv output's own, wider range
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+    want = net(x).detach().numpy()
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()

@@ -482,13 +482,25 @@ def _integer_plan(
     # side of the op, with the same parameters, lets onnxruntime run it on
     # int8).
     outs = set(kernel_outputs)
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for t in set(n.input):
+            readers[t] = readers.get(t, 0) + 1
+
+    def shares_back(n: Any, x: str) -> bool:
+        """Whether ``x``, the input of value-keeping op ``n``, may take the
+        range of ``n``'s output: a MaxPool's output range is narrower than
+        its input's, exact for the pool itself (the max of clipped values is
+        the clipped max) but not for another reader of ``x``."""
+        return n.op_type != "MaxPool" or readers.get(x, 0) == 1
+
     changed = True
     while changed:
         changed = False
         for n in graph.node:
             if n.op_type in _SAME_QPARAMS and n.input and n.output:
                 x, y = n.input[0], n.output[0]
-                if known(y) and not known(x) and x in outs:
+                if known(y) and not known(x) and x in outs and shares_back(n, x):
                     same[x] = y
                     changed = True
     for t in kernel_outputs:
@@ -515,7 +527,7 @@ def _integer_plan(
                 if known(x) and not known(y):
                     same[y] = x
                     changed = True
-                elif known(y) and not known(x):
+                elif known(y) and not known(x) and shares_back(n, x):
                     p = producers.get(x)
                     if p is not None and p.op_type in _QUANTIZED_OPS and known(p.input[0]):
                         same[x] = y
