@@ -692,12 +692,7 @@ def _clip_max(model: Any) -> dict[str, float]:
     """Upper bounds of Clip outputs whose max is a constant (ReLU6: 6) ..."""
     from onnx import numpy_helper
 
-    consts = {t.name: t for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = a.t
+    consts = _constants(model)
     out: dict[str, float] = {}
     for n in model.graph.node:
         if n.op_type == "Clip" and len(n.input) >= 3 and n.input[2] in consts:
