@@ -188,6 +188,11 @@ def session(path: str, weight_only: bool) -> ort.InferenceSession:
     so.intra_op_num_threads = 2
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # Many sessions run interleaved in this one process: a session's intra-op
+    # threads spin-wait after each run by default and would steal the CPU
+    # from the next session's run (on 2 vCPUs that doubled or tripled every
+    # latency, unevenly). No spinning: each run has the CPU to itself.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # int4 MatMul/Gemm weights become MatMulNBits: compute in float32.
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if weight_only:
