@@ -1449,12 +1449,7 @@ def _clip_bounds(model: Any) -> dict[str, tuple[float, float]]:
     """``(lo, hi)`` of every Relu and of Clips with constant bounds."""
     from onnx import numpy_helper
 
-    consts = {t.name: t for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = a.t
+    consts = _constants(model)
     out: dict[str, tuple[float, float]] = {}
     for n in model.graph.node:
         if n.op_type == "Relu":

@@ -231,11 +231,7 @@ impl SquantFile {
             } else {
                 n_ch * g / cpb
             };
-            let piece_out = out.take().map(|o| {
-                let (a, b) = o.split_at_mut(n_ch * g * isz);
-                out = Some(b);
-                a
-            });
+            let piece_out = split_front(&mut out, n_ch * g * isz);
             pieces.push(Piece {
                 item,
                 entry,
@@ -316,11 +312,7 @@ fn plan_plain<'a>(
     // An empty tensor still gets a piece (its checksum is that of no bytes).
     loop {
         let len = PIECE_BYTES.min(entry.nbytes() - start);
-        let piece_out = out.take().map(|o| {
-            let (a, b) = o.split_at_mut(len);
-            out = Some(b);
-            a
-        });
+        let piece_out = split_front(&mut out, len);
         pieces.push(Piece {
             item,
             entry,
@@ -438,6 +430,16 @@ fn channels<const N: usize>(
         }
     }
     first_bad
+}
+
+/// The first `n` bytes of the output still to hand out (None when there is
+/// no output); `out` keeps the rest.
+fn split_front<'a>(out: &mut Option<&'a mut [u8]>, n: usize) -> Option<&'a mut [u8]> {
+    out.take().map(|o| {
+        let (a, b) = o.split_at_mut(n);
+        *out = Some(b);
+        a
+    })
 }
 
 /// CRC32C reflected polynomial.
