@@ -31,14 +31,16 @@ Variants (all from the fp32 ONNX export, BatchNorm folded by the exporter):
 
 Weight-only SQuant models run with ``session.disable_quant_qdq=1`` (the
 weights' DequantizeLinear folded at load time). Latency: ORT CPU, 2
-intra-op threads, batch 1 and 8, the median of
-``--runs`` (>= 20) interleaved runs per variant (every round runs each
-variant once, so load changes hit all alike; every other round in reverse
-order); ratios to fp32 from the same run. Agreement: top-1 of each variant
+intra-op threads with ORT's default intra-op spinning (``--no-spinning``
+turns it off), batch 1 and 8, the median of ``--runs`` (>= 20) runs per
+variant, interleaved in rounds: every round runs each variant for
+``--block`` timed runs after one untimed run (so another session's spinning
+threads only meet the untimed run), every other round in reverse order;
+ratios to fp32 from the same run. Agreement: top-1 of each variant
 vs the float torch model on the project's crop set
 (benches/_accuracy_data.py), images normalized as each model expects.
 
-    python benches/bench_onnx.py [--runs 20] [--models mobilenet_v2 efficientnet_lite0]
+    python benches/bench_onnx.py [--runs 20] [--block 5] [--no-spinning] [--models mobilenet_v2 efficientnet_lite0]
 """
 
 from __future__ import annotations
@@ -183,16 +185,16 @@ def squant_variants(
     return out
 
 
-def session(path: str, weight_only: bool) -> ort.InferenceSession:
+def session(path: str, weight_only: bool, spinning: bool) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    # Many sessions run interleaved in this one process: a session's intra-op
-    # threads spin-wait after each run by default and would steal the CPU
-    # from the next session's run (on 2 vCPUs that doubled or tripled every
-    # latency, unevenly). No spinning: each run has the CPU to itself.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spinning:
+        # ORT's intra-op threads spin-wait after each run by default; that is
+        # what a single deployed session gets (and it shortens the many small
+        # integer kernels' hand-offs at batch 1), so it stays on unless asked.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # int4 MatMul/Gemm weights become MatMulNBits: compute in float32.
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if weight_only:
@@ -202,18 +204,23 @@ def session(path: str, weight_only: bool) -> ort.InferenceSession:
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def latencies(sessions: dict[str, ort.InferenceSession], batch: int, runs: int) -> dict[str, float]:
+def latencies(
+    sessions: dict[str, ort.InferenceSession], batch: int, runs: int, block: int
+) -> dict[str, float]:
+    """Median latency per variant over ``runs`` timed runs, taken in rounds:
+    every round runs each variant for ``block`` timed runs after one untimed
+    run (every other round in reverse order), so load changes hit all
+    variants alike, and a previous session's spinning threads (ORT's
+    default) only ever meet the untimed run."""
     x = np.random.default_rng(1).random((batch, 3, 224, 224), dtype=np.float32)
     times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():  # warm-up
-        s.run(None, {"input": x})
-    for i in range(runs):
-        # every other round in reverse order: a variant's place in the round
-        # (after a slow one, say) does not bias it
+    for i in range(-(-runs // block)):
         for k, s in list(sessions.items())[:: 1 if i % 2 == 0 else -1]:
-            t = time.perf_counter()
             s.run(None, {"input": x})
-            times[k].append(time.perf_counter() - t)
+            for _ in range(block):
+                t = time.perf_counter()
+                s.run(None, {"input": x})
+                times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -226,14 +233,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--models", nargs="+", default=list(BUILD))
+    ap.add_argument(
+        "--block", type=int, default=5, help="timed runs per variant per round (after one untimed)"
+    )
+    ap.add_argument(
+        "--no-spinning",
+        action="store_true",
+        help="session.intra_op.allow_spinning=0 (ORT's default is on)",
+    )
     args = ap.parse_args()
     if args.runs < 20:
         ap.error("--runs must be at least 20")
+    if not 1 <= args.block <= args.runs:
+        ap.error("--block must be between 1 and --runs")
     images, _ = load_source_images()
     crops, _ = make_crops(images)
     print(
         f"onnxruntime {ort.__version__}, squant-rs {squant_rs.__version__}, 2 threads, "
-        f"median of {args.runs} interleaved runs; agreement on {len(crops)} crops"
+        f"intra-op spinning {'off' if args.no_spinning else 'on (default)'}, median of "
+        f"{args.runs} runs interleaved in blocks of {args.block}; agreement on {len(crops)} crops"
     )
     for name in args.models:
         spec = MODELS[name]
@@ -252,8 +270,10 @@ def main() -> None:
                 **ort_variants(fp32, tmp),
             }
             weight_only = ("squant W4", "squant W8", "squant+ W4")
-            sessions = {k: session(p, k in weight_only) for k, p in paths.items()}
-            lat = {b: latencies(sessions, b, args.runs) for b in (1, 8)}
+            sessions = {
+                k: session(p, k in weight_only, not args.no_spinning) for k, p in paths.items()
+            }
+            lat = {b: latencies(sessions, b, args.runs, args.block) for b in (1, 8)}
             size = {k: os.path.getsize(p) for k, p in paths.items()}
             xs = x.numpy()
             agree = {k: top1_agreement(ref, logits(s, xs)) for k, s in sessions.items()}
