@@ -13,8 +13,12 @@ of ``--repeat`` runs after a warm-up:
 * ``rust+deq``: the same plus ``.dequantize()`` (float weights back);
 * ``batch``: one ``quantize_tensors(weights, bits)`` call for all of them;
 * ``quantize_model``: ``squant_rs.quantize_model(model, wbits=bits,
-  backend="rust")`` -- the whole public API: deep copy of the model, SQuant,
-  dequantized weights written back, per-layer report (relative error);
+  backend="rust", recipe="paper")`` -- the whole public API: deep copy of
+  the model, SQuant, dequantized weights written back, per-layer report
+  (relative error);
+* ``squant+``: the same with ``recipe="squant+"``, ``quantize_model``'s
+  default (BatchNorm folding and bias correction on top; its ratio to
+  ``batch`` is printed too, for information: the goal is the paper's job);
 * ``quantize_model / batch``: the whole API against the core alone, one
   ``quantize_tensors`` call (goal <= 2x): the median of ``--repeat`` ratios,
   each of one ``batch`` run and the ``quantize_model`` run right after it
@@ -132,11 +136,15 @@ def time_model(
     def api() -> None:
         squant_rs.quantize_model(model, wbits=bits, backend="rust", recipe="paper")
 
+    def api_plus() -> None:  # the default recipe: BN folding and bias correction too
+        squant_rs.quantize_model(model, wbits=bits, backend="rust", recipe="squant+")
+
     timings: list[tuple[str, Callable[[], None], int, int]] = [
         ("rust", loop("rust", weights), repeat, 1),
         ("rust_deq", loop("rust", weights, deq=True), repeat, 1),
         ("batch", batch, repeat, 1),
         ("quantize_model", api, repeat, 1),
+        ("quantize_model_plus", api_plus, repeat, 1),
         ("nearest", nearest, repeat, 1),
     ]
     if not skip_torch_cpu:
@@ -158,6 +166,9 @@ def time_model(
     ratio, ratios = paired_ratio(api, batch, repeat)
     row["quantize_model_over_batch"] = ratio
     row["quantize_model_over_batch_runs"] = ratios
+    ratio, ratios = paired_ratio(api_plus, batch, repeat)
+    row["quantize_model_plus_over_batch"] = ratio
+    row["quantize_model_plus_over_batch_runs"] = ratios
     return row
 
 
@@ -169,7 +180,16 @@ def _fmt(v: float | None) -> str:
 
 def render_table(rows: Sequence[dict[str, Any]], bits: int, cuda_name: str | None) -> str:
     has_torch = any(r.get("torch_cpu_ms") is not None for r in rows)
-    cols = ["model", "layers", "params", "rust ms", "rust+deq ms", "batch ms", "quantize_model ms"]
+    cols = [
+        "model",
+        "layers",
+        "params",
+        "rust ms",
+        "rust+deq ms",
+        "batch ms",
+        "quantize_model ms",
+        "squant+ ms",
+    ]
     if has_torch:
         cols.append("torch-cpu ms")
     if cuda_name:
@@ -178,6 +198,7 @@ def render_table(rows: Sequence[dict[str, Any]], bits: int, cuda_name: str | Non
         "nearest (numpy) ms",
         "rust / nearest",
         "quantize_model / batch",
+        "squant+ / batch",
         "paper A100 ms",
         "rust / A100",
         "quantize_model / A100",
@@ -194,6 +215,7 @@ def render_table(rows: Sequence[dict[str, Any]], bits: int, cuda_name: str | Non
             _fmt(r["rust_deq_ms"]),
             _fmt(r["batch_ms"]),
             _fmt(r["quantize_model_ms"]),
+            _fmt(r["quantize_model_plus_ms"]),
         ]
         if has_torch:
             cells.append(_fmt(r.get("torch_cpu_ms")))
@@ -204,6 +226,7 @@ def render_table(rows: Sequence[dict[str, Any]], bits: int, cuda_name: str | Non
             _fmt(r["nearest_ms"]),
             f"{r['rust_ms'] / r['nearest_ms']:.2f}x",
             f"{r['quantize_model_over_batch']:.2f}x",
+            f"{r['quantize_model_plus_over_batch']:.2f}x",
             "—" if a100 is None else f"{a100:.0f}",
             "—" if a100 is None else f"{r['rust_ms'] / a100:.2f}x",
             "—" if a100 is None else f"{r['quantize_model_ms'] / a100:.2f}x",
@@ -254,7 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratio = row["quantize_model_over_batch"]
         print(
             f"{name}: {row['layers']} layers, rust {row['rust_ms']:.1f} ms, quantize_model "
-            f"{row['quantize_model_ms']:.1f} ms = {ratio:.2f}x quantize_tensors, "
+            f"{row['quantize_model_ms']:.1f} ms = {ratio:.2f}x quantize_tensors "
+            f"(squant+ {row['quantize_model_plus_ms']:.1f} ms = "
+            f"{row['quantize_model_plus_over_batch']:.2f}x), "
             f"torch-cpu {_fmt(row.get('torch_cpu_ms'))} ms, "
             f"nearest {row['nearest_ms']:.1f} ms ({time.perf_counter() - t0:.0f} s)",
             flush=True,
@@ -281,7 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "'rust' = `quantize_tensor(w, bits, backend=\"rust\")` over every Conv/Linear weight "
         "(codes, scales, zero points); 'rust+deq' adds `.dequantize()`; 'batch' is one "
         "`quantize_tensors` call for all of them; 'quantize_model' is "
-        "the whole API (deep copy, SQuant, write-back, per-layer report); 'torch-cpu'"
+        'the whole API with `recipe="paper"` (deep copy, SQuant, write-back, per-layer '
+        "report); 'squant+' the same with the default `recipe=\"squant+\"` (BN folding "
+        "and bias correction too); 'torch-cpu'"
         + ("/'cuda'" if cuda_name else "")
         + " = the same loop with `backend=\"torch\"`; 'nearest' = per-channel min/max "
         "nearest rounding to int8 codes in plain NumPy; 'paper A100' = the SQuant authors' "
