@@ -936,13 +936,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "output", metavar="OUT", help="squant-rs .safetensors file (or .onnx model) to write"
     )
-    _add_quantizer_options(q)
-    q.add_argument(
-        "--quantizer",
-        choices=QUANTIZERS,
-        default="asymmetric",
-        help="asymmetric (the paper's, default) or symmetric (zero point 0, for int8 runtimes)",
-    )
+    _add_quantizer_options(q, quantizer=True)
     q.add_argument(
         "--include",
         nargs="+",
@@ -960,9 +954,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the name without '.weight')",
     )
     _add_onnx_options(q, "ONNX only: ")
-    g = q.add_mutually_exclusive_group()
-    g.add_argument("-v", "--verbose", action="store_true", help="print the per-layer table")
-    g.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    _add_verbosity_options(q)
     q.set_defaults(func=_cmd_quantize)
 
     e = sub.add_parser(
@@ -992,13 +984,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="shape of the example input (its batch dimension is exported as dynamic; "
         "also the calibration batch's shape)",
     )
-    _add_quantizer_options(e)
-    e.add_argument(
-        "--quantizer",
-        choices=QUANTIZERS,
-        default="asymmetric",
-        help="asymmetric (the paper's, default) or symmetric (zero point 0, for int8 runtimes)",
-    )
+    _add_quantizer_options(e, quantizer=True)
     e.add_argument(
         "--recipe",
         choices=RECIPES,
@@ -1014,9 +1000,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave the layers matching these fnmatch patterns (module names) float",
     )
     _add_onnx_options(e, "")
-    g = e.add_mutually_exclusive_group()
-    g.add_argument("-v", "--verbose", action="store_true", help="print the per-layer table")
-    g.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    _add_verbosity_options(e)
     e.set_defaults(func=_cmd_export)
 
     info = sub.add_parser(
@@ -1067,8 +1051,16 @@ def _add_onnx_options(p: argparse.ArgumentParser, prefix: str) -> None:
     )
 
 
-def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that quantizes."""
+def _add_verbosity_options(p: argparse.ArgumentParser) -> None:
+    """-v / -q of the commands that write a quantized model."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", help="print the per-layer table")
+    g.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+
+def _add_quantizer_options(p: argparse.ArgumentParser, quantizer: bool = False) -> None:
+    """Options shared by every command that quantizes (``quantizer``: also
+    ``--quantizer``)."""
     p.add_argument("--wbits", type=_bits, default=4, help="weight bits, 2..8")
     p.add_argument(
         "--mode",
@@ -1085,6 +1077,13 @@ def _add_quantizer_options(p: argparse.ArgumentParser) -> None:
         help=f"Rust worker threads, 1..{MAX_THREADS} (default: ${THREADS_ENV_VAR}, else "
         f"all CPUs; overrides {THREADS_ENV_VAR})",
     )
+    if quantizer:
+        p.add_argument(
+            "--quantizer",
+            choices=QUANTIZERS,
+            default="asymmetric",
+            help="asymmetric (the paper's, default) or symmetric (zero point 0, for int8 runtimes)",
+        )
 
 
 def _message(kind: str, text: str) -> None:
