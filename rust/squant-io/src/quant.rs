@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use squant_core::{dequantize_one, ChannelParams, Flips, Layout, Mode};
@@ -83,10 +83,7 @@ pub fn selection(src: &SafetensorsFile, opts: &Options) -> Vec<bool> {
 /// Quantizes the selected tensors of `src` into `dst` (written atomically).
 /// `offset`/`total` place this file's bytes in a larger progress count.
 ///
-/// The calling thread plans the blocks and maps the input; the pool
-/// converts, quantizes, measures the error and packs a block in one
-/// parallel pass; a writer thread computes the checksums and writes the
-/// packed blocks while the next block is computed.
+/// See [`quantize_files`] for the pipeline.
 pub fn quantize_open(
     src: &SafetensorsFile,
     dst: &Path,
@@ -96,10 +93,348 @@ pub fn quantize_open(
     offset: u64,
     total: u64,
 ) -> Result<Report> {
+    let job = Job { src, dst, selected };
+    let mut reports = quantize_files(&[job], opts, progress, offset, total, false)?;
+    reports
+        .pop()
+        .ok_or_else(|| IoError::InvalidArgument("no report".to_string()))
+}
+
+/// One file of a run of [`quantize_files`].
+pub struct Job<'a> {
+    pub src: &'a SafetensorsFile,
+    pub dst: &'a Path,
+    /// Per tensor of `src`: quantized or copied.
+    pub selected: &'a [bool],
+}
+
+/// Quantizes each job's selected tensors into its `dst` (each written
+/// atomically), one file after the other; a report per file.
+/// `with_path`: a quantization error names the input file too.
+///
+/// Four stages run at once, across file boundaries: a reader thread maps
+/// (and so reads) the next input block while the pool converts, quantizes,
+/// measures the error and packs the current one in one parallel pass
+/// (planned by the calling thread, which also runs the progress callback);
+/// a writer thread computes the checksums and writes the packed blocks,
+/// and completes each file (checksums, `fsync`, rename) while the next
+/// one is computed. Set `SQUANT_TIMINGS=1` for a breakdown of the wall time
+/// on stderr.
+pub fn quantize_files(
+    jobs: &[Job<'_>],
+    opts: &Options,
+    progress: &mut ProgressFn<'_>,
+    offset: u64,
+    total: u64,
+    with_path: bool,
+) -> Result<Vec<Report>> {
+    let started = Instant::now();
+    let plan: Vec<Piece> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(f, job)| pieces(f, job.src, job.selected))
+        .collect();
+    let files: Vec<&SafetensorsFile> = jobs.iter().map(|j| j.src).collect();
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::sync_channel::<ToWriter>(IN_FLIGHT);
+        let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+        let (in_tx, in_rx) = mpsc::sync_channel::<Result<Region>>(READ_AHEAD);
+        let spawn_err = |e| IoError::os(jobs.first().map_or(Path::new("."), |j| j.dst), e);
+        let writer = std::thread::Builder::new()
+            .name("squant-writer".to_string())
+            .spawn_scoped(scope, move || write_loop(rx, back_tx))
+            .map_err(spawn_err)?;
+        let files = &files;
+        let reader = std::thread::Builder::new()
+            .name("squant-reader".to_string())
+            .spawn_scoped(scope, move || read_loop(files, plan, in_tx))
+            .map_err(spawn_err)?;
+        let mut io = Pipe {
+            tx,
+            spare: back_rx,
+            input: in_rx,
+            t: MainTimes::default(),
+        };
+        let mut reports = Vec::with_capacity(jobs.len());
+        let mut done = offset;
+        let mut result = Ok(());
+        for job in jobs {
+            let r = quantize_one(job, opts, progress, done, total, &mut io).map_err(|e| match e {
+                IoError::Quantize { name, source } if with_path => IoError::Quantize {
+                    name: format!("{}: {name}", job.src.path().display()),
+                    source,
+                },
+                other => other,
+            });
+            match r {
+                Ok(report) => {
+                    done += report.size_before;
+                    reports.push(report);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            result = progress(done, total, "");
+        }
+        let t = io.t;
+        drop(io);
+        let read_busy = reader.join().unwrap_or_default();
+        let (sizes, written, wt) = writer
+            .join()
+            .map_err(|_| IoError::InvalidArgument("the writer thread panicked".to_string()))?;
+        // A write error ends the writer first; the compute side then only
+        // sees a closed channel, so the writer's error is the one to report.
+        written?;
+        result?;
+        if sizes.len() != reports.len() {
+            return Err(IoError::InvalidArgument(
+                "the writer completed too few files".to_string(),
+            ));
+        }
+        for (r, size) in reports.iter_mut().zip(sizes) {
+            r.size_after = size;
+        }
+        if std::env::var_os("SQUANT_TIMINGS").is_some_and(|v| v != "0") {
+            let s = |d: Duration| d.as_secs_f64();
+            eprintln!(
+                "squant timings: wall {:.3} s; main thread: plan+create {:.3}, waiting for input {:.3}, \
+                 quantizing {:.3}, waiting for the writer {:.3}; reader busy {:.3}; \
+                 writer busy {:.3} (checksums+writes) + {:.3} (completing files: fsync, rename)",
+                s(started.elapsed()),
+                s(t.create),
+                s(t.input),
+                s(t.compute),
+                s(t.send),
+                s(read_busy),
+                s(wt.write),
+                s(wt.finish),
+            );
+        }
+        Ok(reports)
+    })
+}
+
+/// Where the main thread's time went.
+#[derive(Default, Clone, Copy)]
+struct MainTimes {
+    create: Duration,
+    input: Duration,
+    compute: Duration,
+    send: Duration,
+}
+
+/// Where the writer thread's time went.
+#[derive(Default, Clone, Copy)]
+struct WriterTimes {
+    write: Duration,
+    finish: Duration,
+}
+
+/// One input range: file, tensor, byte start and length.
+type Piece = (usize, usize, usize, usize);
+
+/// The input ranges of file number `f` in the order [`quantize_one`] asks
+/// for them: blocks of channels of each quantized tensor, pieces of each
+/// copied one.
+fn pieces(f: usize, src: &SafetensorsFile, selected: &[bool]) -> Vec<Piece> {
+    let mut out = Vec::new();
+    for (i, (e, &q)) in src.entries.iter().zip(selected).enumerate() {
+        if q {
+            let Some(layout) = Layout::from_shape(&e.shape) else {
+                continue;
+            };
+            if layout.check().is_err() {
+                continue;
+            }
+            let g = layout.channel_len();
+            let isz = dtype::item_size(e.dtype);
+            let (_, per_block) = blocking(g);
+            let mut o0 = 0;
+            while o0 < layout.oc {
+                let n_ch = per_block.min(layout.oc - o0);
+                out.push((f, i, o0 * g * isz, n_ch * g * isz));
+                o0 += n_ch;
+            }
+        } else {
+            let mut pos = 0;
+            while pos < e.nbytes() {
+                let len = PLAIN_BLOCK.min(e.nbytes() - pos);
+                out.push((f, i, pos, len));
+                pos += len;
+            }
+        }
+    }
+    out
+}
+
+/// Channels per task and per block of a tensor with channels of `g`
+/// elements.
+fn blocking(g: usize) -> (usize, usize) {
+    let per_task = (TASK_ELEMS / g).max(1).next_multiple_of(4);
+    let per_block = per_task * (BLOCK_ELEMS / (per_task * g)).max(1);
+    (per_task, per_block)
+}
+
+/// Maps every range of `plan` in turn (the mapping reads it: see
+/// [`SafetensorsFile::map`]), after asking the kernel to start reading the
+/// next one; stops at the first error (sent on) or when the receiver is
+/// gone. Returns the time spent mapping.
+fn read_loop(
+    files: &[&SafetensorsFile],
+    plan: Vec<Piece>,
+    tx: mpsc::SyncSender<Result<Region>>,
+) -> Duration {
+    let mut busy = Duration::ZERO;
+    for (k, &(f, i, start, len)) in plan.iter().enumerate() {
+        let t = Instant::now();
+        if let Some(&(f2, i2, start2, len2)) = plan.get(k + 1) {
+            files[f2].will_need(&files[f2].entries[i2], start2, len2);
+        }
+        let r = files[f].map(&files[f].entries[i], start, len);
+        busy += t.elapsed();
+        let stop = r.is_err();
+        if tx.send(r).is_err() || stop {
+            break;
+        }
+    }
+    busy
+}
+
+/// Input blocks mapped ahead by the reader thread.
+const READ_AHEAD: usize = 1;
+/// Packed blocks and plain data queued for the writer (bounds the memory
+/// held in flight).
+const IN_FLIGHT: usize = 2;
+
+/// What the writer thread is given.
+enum ToWriter {
+    /// The next output file (all messages up to `Finish` are for it).
+    Start(Box<SquantWriter>),
+    Plain(usize, Region),
+    Packed(usize, Vec<u8>),
+    Params(usize, Vec<f32>, Vec<f32>),
+    /// Complete the current file.
+    Finish,
+}
+
+/// The main thread's ends of the reader's and the writer's queues.
+struct Pipe {
+    tx: mpsc::SyncSender<ToWriter>,
+    /// Buffers the writer is done with, to be filled again.
+    spare: mpsc::Receiver<Vec<u8>>,
+    input: mpsc::Receiver<Result<Region>>,
+    t: MainTimes,
+}
+
+impl Pipe {
+    fn send(&mut self, msg: ToWriter) -> Result<()> {
+        let t = Instant::now();
+        // A closed queue: the writer stopped on an error, which the join
+        // reports; this error only stops the compute side.
+        let r = self
+            .tx
+            .send(msg)
+            .map_err(|_| IoError::InvalidArgument("the writer stopped".to_string()));
+        self.t.send += t.elapsed();
+        r
+    }
+
+    fn buffer(&self) -> Vec<u8> {
+        self.spare.try_recv().unwrap_or_default()
+    }
+
+    /// The next input block (in the order of [`pieces`]), checked to be
+    /// `len` bytes.
+    fn next(&mut self, len: usize) -> Result<Region> {
+        let t = Instant::now();
+        let r = self
+            .input
+            .recv()
+            .map_err(|_| IoError::InvalidArgument("the reader stopped".to_string()));
+        self.t.input += t.elapsed();
+        let region = r??;
+        if region.len() != len {
+            return Err(IoError::InvalidArgument(
+                "the reader is out of step".to_string(),
+            ));
+        }
+        Ok(region)
+    }
+}
+
+/// The writer thread: the sizes of the files it completed, and how it
+/// stopped.
+fn write_loop(
+    rx: mpsc::Receiver<ToWriter>,
+    back: mpsc::Sender<Vec<u8>>,
+) -> (Vec<u64>, Result<()>, WriterTimes) {
+    let mut cur: Option<Box<SquantWriter>> = None;
+    let mut sizes = Vec::new();
+    let mut t = WriterTimes::default();
+    let closed = || IoError::InvalidArgument("no output file is open".to_string());
+    for msg in rx {
+        let start = Instant::now();
+        let r = match msg {
+            ToWriter::Start(w) => {
+                cur = Some(w);
+                Ok(())
+            }
+            ToWriter::Finish => match cur.take() {
+                Some(w) => w.finish().map(|size| sizes.push(size)),
+                None => Err(closed()),
+            },
+            ToWriter::Plain(i, region) => match cur.as_mut() {
+                Some(w) => w.write_plain(i, &region),
+                None => Err(closed()),
+            },
+            ToWriter::Packed(i, buf) => {
+                let r = match cur.as_mut() {
+                    Some(w) => w.write_packed(i, &buf),
+                    None => Err(closed()),
+                };
+                // The compute side may have finished already.
+                let _ = back.send(buf);
+                r
+            }
+            ToWriter::Params(i, s, z) => match cur.as_mut() {
+                Some(w) => w.write_params(i, &s, &z),
+                None => Err(closed()),
+            },
+        };
+        let spent = start.elapsed();
+        if cur.is_some() {
+            t.write += spent;
+        } else {
+            t.finish += spent;
+        }
+        if r.is_err() {
+            // Dropping `cur` removes its temporary file.
+            return (sizes, r, t);
+        }
+    }
+    (sizes, Ok(()), t)
+}
+
+/// Quantizes one file's selected tensors into its writer (which the
+/// writer thread then completes).
+fn quantize_one(
+    job: &Job<'_>,
+    opts: &Options,
+    progress: &mut ProgressFn<'_>,
+    offset: u64,
+    total: u64,
+    io: &mut Pipe,
+) -> Result<Report> {
+    let t = Instant::now();
+    let src = job.src;
     let plan: Vec<(String, Kind)> = src
         .entries
         .iter()
-        .zip(selected)
+        .zip(job.selected)
         .map(|(e, &q)| {
             let kind = if q {
                 Kind::Quantized(QEntry {
@@ -117,115 +452,31 @@ pub fn quantize_open(
             (e.name.clone(), kind)
         })
         .collect();
-    let w = SquantWriter::create(dst, &plan, opts.quantizer)?;
-    std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::sync_channel::<ToWriter>(IN_FLIGHT);
-        let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
-        let writer = std::thread::Builder::new()
-            .name("squant-writer".to_string())
-            .spawn_scoped(scope, move || write_loop(w, rx, back_tx))
-            .map_err(|e| IoError::os(dst, e))?;
-        let out = Sink { tx, spare: back_rx };
-        let result = quantize_blocks(src, opts, selected, progress, offset, total, &out);
-        drop(out);
-        let (w, written) = writer
-            .join()
-            .map_err(|_| IoError::InvalidArgument("the writer thread panicked".to_string()))?;
-        // A write error ends the writer first; the compute side then only
-        // sees a closed channel, so the writer's error is the one to report.
-        written?;
-        let mut report = result?;
-        report.size_after = w.finish()?;
-        Ok(report)
-    })
-}
-
-/// Packed blocks and plain data queued for the writer (bounds the memory
-/// held in flight).
-const IN_FLIGHT: usize = 2;
-
-/// What the writer thread is given.
-enum ToWriter {
-    Plain(usize, Region),
-    Packed(usize, Vec<u8>),
-    Params(usize, Vec<f32>, Vec<f32>),
-}
-
-/// The compute side's end of the writer thread's queue.
-struct Sink {
-    tx: mpsc::SyncSender<ToWriter>,
-    /// Buffers the writer is done with, to be filled again.
-    spare: mpsc::Receiver<Vec<u8>>,
-}
-
-impl Sink {
-    fn send(&self, msg: ToWriter) -> Result<()> {
-        // A closed queue: the writer stopped on an error, which the join
-        // reports; this error only stops the compute side.
-        self.tx
-            .send(msg)
-            .map_err(|_| IoError::InvalidArgument("the writer stopped".to_string()))
-    }
-
-    fn buffer(&self) -> Vec<u8> {
-        self.spare.try_recv().unwrap_or_default()
-    }
-}
-
-fn write_loop(
-    mut w: SquantWriter,
-    rx: mpsc::Receiver<ToWriter>,
-    back: mpsc::Sender<Vec<u8>>,
-) -> (SquantWriter, Result<()>) {
-    for msg in rx {
-        let r = match msg {
-            ToWriter::Plain(i, region) => w.write_plain(i, &region),
-            ToWriter::Packed(i, buf) => {
-                let r = w.write_packed(i, &buf);
-                // The compute side may have finished already.
-                let _ = back.send(buf);
-                r
-            }
-            ToWriter::Params(i, s, z) => w.write_params(i, &s, &z),
-        };
-        if r.is_err() {
-            return (w, r);
-        }
-    }
-    (w, Ok(()))
-}
-
-fn quantize_blocks(
-    src: &SafetensorsFile,
-    opts: &Options,
-    selected: &[bool],
-    progress: &mut ProgressFn<'_>,
-    offset: u64,
-    total: u64,
-    out: &Sink,
-) -> Result<Report> {
+    let w = SquantWriter::create(job.dst, &plan, opts.quantizer)?;
+    io.t.create += t.elapsed();
+    io.send(ToWriter::Start(Box::new(w)))?;
     let mut report = Report {
         tensors: src.entries.len(),
         ..Report::default()
     };
     let mut done = offset;
-    for (i, (e, &q)) in src.entries.iter().zip(selected).enumerate() {
+    for (i, (e, &q)) in src.entries.iter().zip(job.selected).enumerate() {
         progress(done, total, &e.name)?;
         if q {
-            report.layers.push(quantize_entry(src, e, i, opts, out)?);
+            report.layers.push(quantize_entry(e, i, opts, io)?);
         } else {
-            let step = PLAIN_BLOCK;
             let mut pos = 0;
             while pos < e.nbytes() {
-                let len = step.min(e.nbytes() - pos);
-                out.send(ToWriter::Plain(i, src.map(e, pos, len)?))?;
+                let len = PLAIN_BLOCK.min(e.nbytes() - pos);
+                let region = io.next(len)?;
+                io.send(ToWriter::Plain(i, region))?;
                 pos += len;
             }
         }
         done += e.nbytes() as u64;
         report.size_before += e.nbytes() as u64;
     }
-    progress(done, total, "")?;
+    io.send(ToWriter::Finish)?;
     Ok(report)
 }
 
@@ -246,10 +497,11 @@ pub fn quantize_file(
 /// task's packed codes start on a byte), about this many.
 const TASK_ELEMS: usize = 1 << 16;
 /// Elements per block: the input range mapped at a time and the packed
-/// codes handed to the writer at once.
-const BLOCK_ELEMS: usize = 1 << 24;
+/// codes handed to the writer at once (a few blocks are in flight: one
+/// being read, one queued, one being quantized).
+const BLOCK_ELEMS: usize = 1 << 22;
 /// Bytes of a plain tensor handed to the writer at once.
-const PLAIN_BLOCK: usize = 1 << 24;
+const PLAIN_BLOCK: usize = 1 << 23;
 
 /// One task's scratch: its channels in float32 and their codes.
 #[derive(Default)]
@@ -258,13 +510,7 @@ struct TaskScratch {
     codes: Vec<i8>,
 }
 
-fn quantize_entry(
-    src: &SafetensorsFile,
-    e: &Entry,
-    i: usize,
-    opts: &Options,
-    out: &Sink,
-) -> Result<LayerStats> {
+fn quantize_entry(e: &Entry, i: usize, opts: &Options, io: &mut Pipe) -> Result<LayerStats> {
     let qerr = |source| IoError::Quantize {
         name: e.name.clone(),
         source,
@@ -275,8 +521,7 @@ fn quantize_entry(
     let g = layout.channel_len();
     let isz = dtype::item_size(e.dtype);
     let cpb = codes_per_byte(opts.bits);
-    let per_task = (TASK_ELEMS / g).max(1).next_multiple_of(4);
-    let per_block = per_task * (BLOCK_ELEMS / (per_task * g)).max(1);
+    let (per_task, per_block) = blocking(g);
     let mut scale = vec![0f32; layout.oc];
     let mut zp = vec![0f32; layout.oc];
     let mut flips = Flips::default();
@@ -286,9 +531,9 @@ fn quantize_entry(
     while o0 < layout.oc {
         let n_ch = per_block.min(layout.oc - o0);
         let n = n_ch * g;
-        let region = src.map(e, o0 * g * isz, n * isz)?;
+        let region = io.next(n * isz)?;
         // Every byte is written by the packing (no clearing needed).
-        let mut packed = out.buffer();
+        let mut packed = io.buffer();
         packed.resize(packed_size(n, opts.bits), 0);
         let start = Instant::now();
         let (s, z) = (&mut scale[o0..o0 + n_ch], &mut zp[o0..o0 + n_ch]);
@@ -334,11 +579,13 @@ fn quantize_entry(
             err2 += a;
             ref2 += b;
         }
-        ms += start.elapsed().as_secs_f64() * 1e3;
-        out.send(ToWriter::Packed(i, packed))?;
+        let spent = start.elapsed();
+        io.t.compute += spent;
+        ms += spent.as_secs_f64() * 1e3;
+        io.send(ToWriter::Packed(i, packed))?;
         o0 += n_ch;
     }
-    out.send(ToWriter::Params(i, scale, zp))?;
+    io.send(ToWriter::Params(i, scale, zp))?;
     let rel_error = if ref2 > 0.0 {
         (err2 / ref2).sqrt()
     } else if err2 == 0.0 {

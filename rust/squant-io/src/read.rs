@@ -341,6 +341,34 @@ impl SafetensorsFile {
         Ok(Region(Some(map)))
     }
 
+    /// Asks the kernel to start reading `len` bytes of `entry` from byte
+    /// `start` of its data into the page cache without waiting
+    /// (`posix_fadvise(POSIX_FADV_WILLNEED)`; a no-op elsewhere and for
+    /// ranges [`SafetensorsFile::map`] would refuse). A hint: errors are
+    /// ignored.
+    pub fn will_need(&self, entry: &Entry, start: usize, len: usize) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let in_range = start
+                .checked_add(len)
+                .is_some_and(|stop| stop <= entry.nbytes());
+            let offset = self.data_start + (entry.begin + start) as u64;
+            if let (true, Ok(off), Ok(n)) = (
+                in_range && len > 0,
+                libc::off_t::try_from(offset),
+                libc::off_t::try_from(len),
+            ) {
+                // SAFETY: a plain system call on a descriptor we own.
+                unsafe {
+                    libc::posix_fadvise(self.file.as_raw_fd(), off, n, libc::POSIX_FADV_WILLNEED);
+                }
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (entry, start, len);
+    }
+
     /// Maps a whole tensor.
     pub fn map_all(&self, entry: &Entry) -> Result<Region> {
         self.map(entry, 0, entry.nbytes())

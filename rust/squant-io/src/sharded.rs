@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use crate::error::{IoError, Result};
 use crate::format::{base_of, Kind, SquantFile, CODES, SCALE, ZERO_POINT};
 use crate::json;
-use crate::quant::{quantize_open, selection, Options, ProgressFn, Report};
+use crate::quant::{quantize_files, selection, Job, Options, ProgressFn, Report};
 use crate::read::{repr, SafetensorsFile};
 use crate::write::{register_temp, unregister_temp};
 
@@ -190,23 +190,27 @@ pub fn quantize_sharded(
         .flat_map(|f| f.entries.iter())
         .map(|e| e.nbytes() as u64)
         .sum();
-    let mut done = 0u64;
     let mut merged = ShardedReport {
         shards: files.len(),
         ..ShardedReport::default()
     };
+    let outs: Vec<PathBuf> = index.shards.iter().map(|s| tmp.join(s)).collect();
+    let jobs: Vec<Job<'_>> = files
+        .iter()
+        .zip(&selections)
+        .zip(&outs)
+        .map(|((src, selected), dst)| Job { src, dst, selected })
+        .collect();
+    // One pipeline over all shards: the next shard is read and quantized
+    // while the previous one is being completed.
+    let reports = quantize_files(&jobs, opts, progress, 0, total, true)?;
     let mut weight_map = Map::new();
-    for ((file, sel), shard) in files.iter().zip(&selections).zip(&index.shards) {
-        let out = tmp.join(shard);
-        let r =
-            quantize_open(file, &out, opts, sel, progress, done, total).map_err(|e| match e {
-                IoError::Quantize { name, source } => IoError::Quantize {
-                    name: format!("{}: {name}", file.path().display()),
-                    source,
-                },
-                other => other,
-            })?;
-        done += r.size_before;
+    for (((file, sel), shard), r) in files
+        .iter()
+        .zip(&selections)
+        .zip(&index.shards)
+        .zip(reports)
+    {
         merged.input_size += file.size();
         merged.report.tensors += r.tensors;
         merged.report.size_before += r.size_before;
