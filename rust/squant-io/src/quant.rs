@@ -153,6 +153,7 @@ pub fn quantize_files(
             tx,
             spare: back_rx,
             input: in_rx,
+            buffers: 0,
             t: MainTimes::default(),
         };
         let mut reports = Vec::with_capacity(jobs.len());
@@ -309,6 +310,8 @@ const READ_AHEAD: usize = 1;
 /// Packed blocks and plain data queued for the writer (bounds the memory
 /// held in flight).
 const IN_FLIGHT: usize = 2;
+/// Packed-code buffers: those queued, one being written, one being filled.
+const BUFFERS: usize = IN_FLIGHT + 2;
 
 /// What the writer thread is given.
 enum ToWriter {
@@ -327,6 +330,8 @@ struct Pipe {
     /// Buffers the writer is done with, to be filled again.
     spare: mpsc::Receiver<Vec<u8>>,
     input: mpsc::Receiver<Result<Region>>,
+    /// Packed-code buffers made so far.
+    buffers: usize,
     t: MainTimes,
 }
 
@@ -343,8 +348,23 @@ impl Pipe {
         r
     }
 
-    fn buffer(&self) -> Vec<u8> {
-        self.spare.try_recv().unwrap_or_default()
+    /// A buffer for packed codes: one the writer is done with if there is
+    /// one; a new one while fewer than [`BUFFERS`] exist; otherwise the
+    /// next one the writer gives back (so buffers are reused, not
+    /// allocated and cleared for every block).
+    fn buffer(&mut self) -> Vec<u8> {
+        if let Ok(b) = self.spare.try_recv() {
+            return b;
+        }
+        if self.buffers < BUFFERS {
+            self.buffers += 1;
+            return Vec::new();
+        }
+        let t = Instant::now();
+        // The writer stopped: the next send reports it.
+        let b = self.spare.recv().unwrap_or_default();
+        self.t.send += t.elapsed();
+        b
     }
 
     /// The next input block (in the order of [`pieces`]), checked to be
@@ -510,6 +530,12 @@ struct TaskScratch {
     codes: Vec<i8>,
 }
 
+thread_local! {
+    /// Each pool thread's scratch, kept from task to task (a scratch per
+    /// rayon split would be allocated and cleared many times per block).
+    static SCRATCH: std::cell::RefCell<TaskScratch> = std::cell::RefCell::default();
+}
+
 fn quantize_entry(e: &Entry, i: usize, opts: &Options, io: &mut Pipe) -> Result<LayerStats> {
     let qerr = |source| IoError::Quantize {
         name: e.name.clone(),
@@ -546,27 +572,29 @@ fn quantize_entry(e: &Entry, i: usize, opts: &Options, io: &mut Pipe) -> Result<
                     .zip(packed.par_chunks_mut(per_task * g / cpb))
                     .zip(s.par_chunks_mut(per_task).zip(z.par_chunks_mut(per_task)))
                     .enumerate()
-                    .map_init(TaskScratch::default, |sc, (k, ((bytes, pk), (s, z)))| {
-                        let n_c = s.len();
-                        let m = n_c * g;
-                        sc.w.resize(m, 0.0);
-                        sc.codes.resize(m, 0);
-                        dtype::to_f32(e.dtype, bytes, &mut sc.w);
-                        let sub = Layout { oc: n_c, ..layout };
-                        let f = squant_core::quantize_serial(
-                            &sc.w,
-                            sub,
-                            opts.bits,
-                            opts.quantizer,
-                            opts.mode,
-                            &mut sc.codes,
-                            s,
-                            z,
-                        )
-                        .map_err(|err| shift_channel(err, o0 + k * per_task))?;
-                        let (a, b) = error_sums(&sc.w, &sc.codes, g, s, z, opts.bits);
-                        pack_slice(&sc.codes, opts.bits, pk);
-                        Ok((f, a, b))
+                    .map(|(k, ((bytes, pk), (s, z)))| {
+                        SCRATCH.with_borrow_mut(|sc| {
+                            let n_c = s.len();
+                            let m = n_c * g;
+                            sc.w.resize(m, 0.0);
+                            sc.codes.resize(m, 0);
+                            dtype::to_f32(e.dtype, bytes, &mut sc.w);
+                            let sub = Layout { oc: n_c, ..layout };
+                            let f = squant_core::quantize_serial(
+                                &sc.w,
+                                sub,
+                                opts.bits,
+                                opts.quantizer,
+                                opts.mode,
+                                &mut sc.codes,
+                                s,
+                                z,
+                            )
+                            .map_err(|err| shift_channel(err, o0 + k * per_task))?;
+                            let (a, b) = error_sums(&sc.w, &sc.codes, g, s, z, opts.bits);
+                            pack_slice(&sc.codes, opts.bits, pk);
+                            Ok((f, a, b))
+                        })
                     })
                     .collect()
             });
