@@ -112,14 +112,16 @@ pub struct Job<'a> {
 /// atomically), one file after the other; a report per file.
 /// `with_path`: a quantization error names the input file too.
 ///
-/// Four stages run at once, across file boundaries: a reader thread maps
-/// (and so reads) the next input block while the pool converts, quantizes,
+/// Four stages run at once, across file boundaries: a reader thread reads
+/// the next input block into a reused buffer (Linux: copied from the page
+/// cache when it is all there, otherwise straight from the device with
+/// `O_DIRECT`; elsewhere mapped) while the pool converts, quantizes,
 /// measures the error and packs the current one in one parallel pass
 /// (planned by the calling thread, which also runs the progress callback);
-/// a writer thread computes the checksums and writes the packed blocks,
-/// and completes each file (checksums, `fsync`, rename) while the next
-/// one is computed. Set `SQUANT_TIMINGS=1` for a breakdown of the wall time
-/// on stderr.
+/// a writer thread computes the checksums and writes the packed blocks
+/// (see [`crate::write::Writer`]), and completes each file (checksums,
+/// `fsync`, rename) while the next one is computed. Set `SQUANT_TIMINGS=1`
+/// for a breakdown of the wall time on stderr.
 pub fn quantize_files(
     jobs: &[Job<'_>],
     opts: &Options,
@@ -139,20 +141,23 @@ pub fn quantize_files(
         let (tx, rx) = mpsc::sync_channel::<ToWriter>(IN_FLIGHT);
         let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
         let (in_tx, in_rx) = mpsc::sync_channel::<Result<Region>>(READ_AHEAD);
+        let (used_tx, used_rx) = mpsc::channel::<Vec<u8>>();
+        let used = used_tx.clone();
         let spawn_err = |e| IoError::os(jobs.first().map_or(Path::new("."), |j| j.dst), e);
         let writer = std::thread::Builder::new()
             .name("squant-writer".to_string())
-            .spawn_scoped(scope, move || write_loop(rx, back_tx))
+            .spawn_scoped(scope, move || write_loop(rx, back_tx, used))
             .map_err(spawn_err)?;
         let files = &files;
         let reader = std::thread::Builder::new()
             .name("squant-reader".to_string())
-            .spawn_scoped(scope, move || read_loop(files, plan, in_tx))
+            .spawn_scoped(scope, move || read_loop(files, plan, in_tx, used_rx))
             .map_err(spawn_err)?;
         let mut io = Pipe {
             tx,
             spare: back_rx,
             input: in_rx,
+            used: used_tx,
             buffers: 0,
             t: MainTimes::default(),
         };
@@ -253,7 +258,7 @@ fn pieces(f: usize, src: &SafetensorsFile, selected: &[bool]) -> Vec<Piece> {
             }
             let g = layout.channel_len();
             let isz = dtype::item_size(e.dtype);
-            let (_, per_block) = blocking(g);
+            let (_, per_block) = blocking(g, isz);
             let mut o0 = 0;
             while o0 < layout.oc {
                 let n_ch = per_block.min(layout.oc - o0);
@@ -273,29 +278,53 @@ fn pieces(f: usize, src: &SafetensorsFile, selected: &[bool]) -> Vec<Piece> {
 }
 
 /// Channels per task and per block of a tensor with channels of `g`
-/// elements.
-fn blocking(g: usize) -> (usize, usize) {
+/// elements of `isz` bytes. Blocks are whole tasks, so the tasks (and so
+/// the results) do not depend on the block size.
+fn blocking(g: usize, isz: usize) -> (usize, usize) {
     let per_task = (TASK_ELEMS / g).max(1).next_multiple_of(4);
-    let per_block = per_task * (BLOCK_ELEMS / (per_task * g)).max(1);
+    let per_block = per_task * (BLOCK_BYTES / (per_task * g * isz)).max(1);
     (per_task, per_block)
 }
 
-/// Maps every range of `plan` in turn (the mapping reads it: see
-/// [`SafetensorsFile::map`]), after asking the kernel to start reading the
-/// next one; stops at the first error (sent on) or when the receiver is
-/// gone. Returns the time spent mapping.
+/// Reads every range of `plan` in turn (Linux: into buffers given back
+/// through `spare`, see [`SafetensorsFile::read`]; elsewhere mapped) and
+/// sends it on; stops at the first error (sent on) or when the receiver is
+/// gone. Returns the time spent reading.
 fn read_loop(
     files: &[&SafetensorsFile],
     plan: Vec<Piece>,
     tx: mpsc::SyncSender<Result<Region>>,
+    spare: mpsc::Receiver<Vec<u8>>,
 ) -> Duration {
     let mut busy = Duration::ZERO;
-    for (k, &(f, i, start, len)) in plan.iter().enumerate() {
+    #[cfg(target_os = "linux")]
+    let mut direct: Vec<Option<Option<std::fs::File>>> = files.iter().map(|_| None).collect();
+    let mut made = 0;
+    for &(f, i, start, len) in &plan {
+        let buf = match spare.try_recv() {
+            Ok(b) => b,
+            Err(_) if made < READ_BUFFERS => {
+                made += 1;
+                Vec::new()
+            }
+            // The others gone: the send below fails.
+            Err(_) => spare.recv().unwrap_or_default(),
+        };
         let t = Instant::now();
-        if let Some(&(f2, i2, start2, len2)) = plan.get(k + 1) {
-            files[f2].will_need(&files[f2].entries[i2], start2, len2);
-        }
-        let r = files[f].map(&files[f].entries[i], start, len);
+        let (src, e) = (files[f], &files[f].entries[i]);
+        #[cfg(target_os = "linux")]
+        let r = src.read(
+            direct[f].get_or_insert_with(|| src.open_direct()),
+            e,
+            start,
+            len,
+            buf,
+        );
+        #[cfg(not(target_os = "linux"))]
+        let r = {
+            drop(buf);
+            src.map(e, start, len)
+        };
         busy += t.elapsed();
         let stop = r.is_err();
         if tx.send(r).is_err() || stop {
@@ -305,13 +334,17 @@ fn read_loop(
     busy
 }
 
-/// Input blocks mapped ahead by the reader thread.
+/// Input blocks read ahead by the reader thread.
 const READ_AHEAD: usize = 1;
 /// Packed blocks and plain data queued for the writer (bounds the memory
 /// held in flight).
 const IN_FLIGHT: usize = 2;
 /// Packed-code buffers: those queued, one being written, one being filled.
 const BUFFERS: usize = IN_FLIGHT + 2;
+/// Input buffers: those queued for the main thread, the one it holds,
+/// plain ones queued for the writer and the one it writes, and the one
+/// being read (so the reader never waits for a buffer that cannot come).
+const READ_BUFFERS: usize = READ_AHEAD + 1 + IN_FLIGHT + 1 + 1;
 
 /// What the writer thread is given.
 enum ToWriter {
@@ -330,6 +363,8 @@ struct Pipe {
     /// Buffers the writer is done with, to be filled again.
     spare: mpsc::Receiver<Vec<u8>>,
     input: mpsc::Receiver<Result<Region>>,
+    /// Input buffers back to the reader.
+    used: mpsc::Sender<Vec<u8>>,
     /// Packed-code buffers made so far.
     buffers: usize,
     t: MainTimes,
@@ -367,6 +402,14 @@ impl Pipe {
         b
     }
 
+    /// Gives an input block's buffer back to the reader.
+    fn done_with(&self, region: Region) {
+        if let Some(b) = region.into_buffer() {
+            // The reader may have finished already.
+            let _ = self.used.send(b);
+        }
+    }
+
     /// The next input block (in the order of [`pieces`]), checked to be
     /// `len` bytes.
     fn next(&mut self, len: usize) -> Result<Region> {
@@ -391,6 +434,7 @@ impl Pipe {
 fn write_loop(
     rx: mpsc::Receiver<ToWriter>,
     back: mpsc::Sender<Vec<u8>>,
+    used: mpsc::Sender<Vec<u8>>,
 ) -> (Vec<u64>, Result<()>, WriterTimes) {
     let mut cur: Option<Box<SquantWriter>> = None;
     let mut sizes = Vec::new();
@@ -407,10 +451,17 @@ fn write_loop(
                 Some(w) => w.finish().map(|size| sizes.push(size)),
                 None => Err(closed()),
             },
-            ToWriter::Plain(i, region) => match cur.as_mut() {
-                Some(w) => w.write_plain(i, &region),
-                None => Err(closed()),
-            },
+            ToWriter::Plain(i, region) => {
+                let r = match cur.as_mut() {
+                    Some(w) => w.write_plain(i, &region),
+                    None => Err(closed()),
+                };
+                if let Some(b) = region.into_buffer() {
+                    // The reader may have finished already.
+                    let _ = used.send(b);
+                }
+                r
+            }
             ToWriter::Packed(i, buf) => {
                 let r = match cur.as_mut() {
                     Some(w) => w.write_packed(i, &buf),
@@ -516,10 +567,10 @@ pub fn quantize_file(
 /// Elements per parallel task: whole channels (a multiple of 4, so that a
 /// task's packed codes start on a byte), about this many.
 const TASK_ELEMS: usize = 1 << 16;
-/// Elements per block: the input range mapped at a time and the packed
-/// codes handed to the writer at once (a few blocks are in flight: one
-/// being read, one queued, one being quantized).
-const BLOCK_ELEMS: usize = 1 << 22;
+/// Input bytes per block: the range read at a time (whole tasks, about
+/// this many bytes), quantized in one parallel pass, its packed codes
+/// handed to the writer at once.
+const BLOCK_BYTES: usize = 1 << 23;
 /// Bytes of a plain tensor handed to the writer at once.
 const PLAIN_BLOCK: usize = 1 << 23;
 
@@ -547,7 +598,7 @@ fn quantize_entry(e: &Entry, i: usize, opts: &Options, io: &mut Pipe) -> Result<
     let g = layout.channel_len();
     let isz = dtype::item_size(e.dtype);
     let cpb = codes_per_byte(opts.bits);
-    let (per_task, per_block) = blocking(g);
+    let (per_task, per_block) = blocking(g, isz);
     let mut scale = vec![0f32; layout.oc];
     let mut zp = vec![0f32; layout.oc];
     let mut flips = Flips::default();
@@ -598,7 +649,7 @@ fn quantize_entry(e: &Entry, i: usize, opts: &Options, io: &mut Pipe) -> Result<
                     })
                     .collect()
             });
-        drop(region);
+        io.done_with(region);
         // In task order: the first failing channel is reported, and the
         // sums do not depend on the thread count.
         for r in results {
