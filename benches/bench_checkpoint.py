@@ -124,13 +124,14 @@ pid = os.fork()
 if pid == 0:
     os.execvp(sys.argv[1], sys.argv[1:])
 _, status, usage = os.wait4(pid, 0)
-print(usage.ru_maxrss, file=sys.stderr)
+print(usage.ru_maxrss, usage.ru_utime + usage.ru_stime, file=sys.stderr)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def timed(argv: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of a command."""
+def timed(argv: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MB, CPU seconds: user + system, all threads)
+    of a command."""
     t0 = time.perf_counter()
     p = subprocess.run(
         [sys.executable, "-S", "-c", _WRAP, *argv],
@@ -141,8 +142,8 @@ def timed(argv: list[str]) -> tuple[float, float]:
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {p.stderr}")
-    kib = int(p.stderr.strip().splitlines()[-1])
-    return wall, (kib / 1024 if sys.platform != "darwin" else kib / 2**20)
+    kib, cpu = p.stderr.strip().splitlines()[-1].split()
+    return wall, (int(kib) / 1024 if sys.platform != "darwin" else int(kib) / 2**20), float(cpu)
 
 
 def evict(files: list[Path]) -> None:
@@ -235,7 +236,8 @@ def main() -> None:
     # Interleaved: each repetition times cat and every command once, warm
     # then cold, so that a change in the machine's load hits all alike; the
     # best of the repetitions is kept.
-    best: dict[tuple[str, bool], tuple[float, float]] = {}
+    best: dict[tuple[str, bool], tuple[float, float, float]] = {}
+    cpus: dict[tuple[str, bool], list[float]] = {}
     cat_rss = 0.0
     for _ in range(args.repeat):
         for cold in (False, True) if can_evict else (False,):
@@ -247,23 +249,24 @@ def main() -> None:
                     evict(files)
                 else:
                     timed(cat_argv)  # the shards in the page cache again
-                wall, rss = timed(argv)
+                wall, rss, cpu = timed(argv)
                 if label == "cat" and not cold:
                     cat_rss = rss
                 key = (label, cold)
-                best[key] = min(best.get(key, (wall, rss)), (wall, rss))
+                best[key] = min(best.get(key, (wall, rss, cpu)), (wall, rss, cpu))
+                cpus.setdefault(key, []).append(cpu)
     t_cat = best[("cat", False)][0]
     t_cold = best[("cat", True)][0] if can_evict else float("nan")
     rows = [
-        (label, cold, *best[(label, cold)])
+        (label, cold, *best[(label, cold)][:2], min(cpus[(label, cold)]))
         for label, _, _ in commands
         for cold in ((False, True) if can_evict else (False,))
     ]
-    t_info, rss_info = timed([sys.executable, "-m", "squant_rs", "info", str(work / "q_rs")])
-    t_ver, rss_ver = timed(
+    t_info, rss_info, _ = timed([sys.executable, "-m", "squant_rs", "info", str(work / "q_rs")])
+    t_ver, rss_ver, _ = timed(
         [sys.executable, "-m", "squant_rs", "info", "--verify", str(work / "q_rs")]
     )
-    t_rver, rss_rver = timed([squant, "info", "--verify", str(work / "q_rs")])
+    t_rver, rss_rver, _ = timed([squant, "info", "--verify", str(work / "q_rs")])
     others = [out for _, out, _ in commands[1:]]
     same = all(
         (q_rs / f.name).read_bytes() == (out / f.name).read_bytes()
@@ -271,13 +274,16 @@ def main() -> None:
         for out in others
     )
 
-    print(f"\n{'step':<34}{'wall s':>8}{'x cat':>8}{'ns/param':>10}{'peak RSS MB':>13}")
+    print(f"\n{'step':<34}{'wall s':>8}{'x cat':>8}{'ns/param':>10}{'peak RSS MB':>13}{'CPU s':>8}")
     print(f"{'cat shards > /dev/null (warm)':<34}{t_cat:>8.2f}{1:>8.2f}{'':>10}{cat_rss:>13.0f}")
     print(f"{'cat shards > /dev/null (cold)':<34}{t_cold:>8.2f}{1:>8.2f}")
-    for label, cold, wall, rss in rows:
+    for label, cold, wall, rss, cpu in rows:
         ref = t_cold if cold else t_cat
         name = f"{label}, {'cold' if cold else 'warm'}"
-        print(f"{name:<34}{wall:>8.2f}{wall / ref:>8.2f}{wall / params * 1e9:>10.2f}{rss:>13.0f}")
+        print(
+            f"{name:<34}{wall:>8.2f}{wall / ref:>8.2f}{wall / params * 1e9:>10.2f}{rss:>13.0f}"
+            f"{cpu:>8.2f}"
+        )
     for name, t, rss in (
         ("squant-rs info (header only)", t_info, rss_info),
         ("squant-rs info --verify", t_ver, rss_ver),
@@ -285,6 +291,10 @@ def main() -> None:
     ):
         print(f"{name:<34}{t:>8.2f}{t / t_cat:>8.2f}{'':>10}{rss:>13.0f}")
     print("(x cat: cold runs against the cold read, the rest against the warm one)")
+    print(
+        "(CPU s: user + system time of the process, all its threads, least of the runs;"
+        " kernel work done elsewhere, e.g. writing back page-cache writes, is not in it)"
+    )
     if can_evict and t_cold < 1.2 * t_cat:
         print(
             f"note: the cold read ({t_cold:.2f} s) is hardly slower than the warm one "

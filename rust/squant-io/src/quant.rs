@@ -16,6 +16,7 @@ use crate::format::{Kind, QEntry, Quantizer, SquantWriter};
 use crate::pack::{codes_per_byte, pack_slice, packed_size};
 use crate::read::{Entry, Region, SafetensorsFile};
 use crate::select::is_selected;
+use crate::write::aligned_like;
 
 /// What to quantize and how.
 #[derive(Debug, Clone)]
@@ -351,7 +352,8 @@ enum ToWriter {
     /// The next output file (all messages up to `Finish` are for it).
     Start(Box<SquantWriter>),
     Plain(usize, Region),
-    Packed(usize, Vec<u8>),
+    /// Packed codes: a range of a buffer.
+    Packed(usize, Vec<u8>, std::ops::Range<usize>),
     Params(usize, Vec<f32>, Vec<f32>),
     /// Complete the current file.
     Finish,
@@ -462,10 +464,13 @@ fn write_loop(
                 }
                 r
             }
-            ToWriter::Packed(i, buf) => {
-                let r = match cur.as_mut() {
-                    Some(w) => w.write_packed(i, &buf),
-                    None => Err(closed()),
+            ToWriter::Packed(i, buf, range) => {
+                let r = match (cur.as_mut(), buf.get(range)) {
+                    (Some(w), Some(bytes)) => w.write_packed(i, bytes),
+                    (Some(_), None) => Err(IoError::InvalidArgument(
+                        "packed range outside its buffer".to_string(),
+                    )),
+                    (None, _) => Err(closed()),
                 };
                 // The compute side may have finished already.
                 let _ = back.send(buf);
@@ -524,6 +529,11 @@ fn quantize_one(
         })
         .collect();
     let w = SquantWriter::create(job.dst, &plan, opts.quantizer)?;
+    // Where each tensor's codes go in the file: packed blocks are laid out
+    // in memory in phase with it (written without a copy).
+    let codes_at: Vec<u64> = (0..plan.len())
+        .map(|i| w.next_codes_offset(i).unwrap_or(0))
+        .collect();
     io.t.create += t.elapsed();
     io.send(ToWriter::Start(Box::new(w)))?;
     let mut report = Report {
@@ -534,7 +544,9 @@ fn quantize_one(
     for (i, (e, &q)) in src.entries.iter().zip(job.selected).enumerate() {
         progress(done, total, &e.name)?;
         if q {
-            report.layers.push(quantize_entry(e, i, opts, io)?);
+            report
+                .layers
+                .push(quantize_entry(e, i, codes_at[i], opts, io)?);
         } else {
             let mut pos = 0;
             while pos < e.nbytes() {
@@ -587,7 +599,15 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<TaskScratch> = std::cell::RefCell::default();
 }
 
-fn quantize_entry(e: &Entry, i: usize, opts: &Options, io: &mut Pipe) -> Result<LayerStats> {
+/// Quantizes tensor `i` of the file (`e`), whose codes start at byte
+/// `codes_at` of the output file.
+fn quantize_entry(
+    e: &Entry,
+    i: usize,
+    codes_at: u64,
+    opts: &Options,
+    io: &mut Pipe,
+) -> Result<LayerStats> {
     let qerr = |source| IoError::Quantize {
         name: e.name.clone(),
         source,
@@ -604,14 +624,18 @@ fn quantize_entry(e: &Entry, i: usize, opts: &Options, io: &mut Pipe) -> Result<
     let mut flips = Flips::default();
     let (mut err2, mut ref2) = (0f64, 0f64);
     let mut ms = 0f64;
+    let mut at = codes_at;
     let mut o0 = 0;
     while o0 < layout.oc {
         let n_ch = per_block.min(layout.oc - o0);
         let n = n_ch * g;
         let region = io.next(n * isz)?;
         // Every byte is written by the packing (no clearing needed).
-        let mut packed = io.buffer();
-        packed.resize(packed_size(n, opts.bits), 0);
+        let mut buf = io.buffer();
+        let n_packed = packed_size(n, opts.bits);
+        let p0 = aligned_like(&mut buf, at, n_packed);
+        let packed = &mut buf[p0..p0 + n_packed];
+        at += n_packed as u64;
         let start = Instant::now();
         let (s, z) = (&mut scale[o0..o0 + n_ch], &mut zp[o0..o0 + n_ch]);
         // Tasks of `per_task` channels: their input bytes, packed bytes
@@ -661,7 +685,7 @@ fn quantize_entry(e: &Entry, i: usize, opts: &Options, io: &mut Pipe) -> Result<
         let spent = start.elapsed();
         io.t.compute += spent;
         ms += spent.as_secs_f64() * 1e3;
-        io.send(ToWriter::Packed(i, packed))?;
+        io.send(ToWriter::Packed(i, buf, p0..p0 + n_packed))?;
         o0 += n_ch;
     }
     io.send(ToWriter::Params(i, scale, zp))?;

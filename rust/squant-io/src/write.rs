@@ -154,6 +154,19 @@ fn write_buffered(file: &mut File, at: u64, bytes: &[u8]) -> std::io::Result<()>
 /// Alignment of direct writes: offsets, lengths and buffer addresses (the
 /// page size, a multiple of every common logical block size).
 const ALIGN: usize = 4096;
+/// See [`Writer::next_offset`].
+pub const WRITE_ALIGN: usize = ALIGN;
+
+/// `n` bytes of `buf` (grown when too small, never cleared) that start at
+/// an address equal to `offset` modulo [`WRITE_ALIGN`]: returns where they
+/// start in `buf`.
+pub fn aligned_like(buf: &mut Vec<u8>, offset: u64, n: usize) -> usize {
+    if buf.len() < n + ALIGN {
+        buf.resize(n + ALIGN, 0);
+    }
+    let phase = (offset % ALIGN as u64) as usize;
+    (phase + ALIGN - buf.as_ptr() as usize % ALIGN) % ALIGN
+}
 /// Bytes staged before a direct write (a multiple of [`ALIGN`]).
 const DIRECT_CHUNK: usize = 8 << 20;
 /// Writes at least this large start a run of direct writes (smaller ones
@@ -232,6 +245,33 @@ impl Direct {
             self.start = pos;
         }
         while !bytes.is_empty() {
+            // Bytes that lie at the same place in a page of memory as in
+            // the file: once the staged partial page is completed, their
+            // whole pages are written straight from the caller's memory
+            // (no copy).
+            let fill = (ALIGN - self.len % ALIGN) % ALIGN;
+            if bytes.as_ptr() as usize % ALIGN == self.len % ALIGN && bytes.len() >= fill + ALIGN {
+                let at = self.pad + self.len;
+                self.buf[at..at + fill].copy_from_slice(&bytes[..fill]);
+                self.len += fill;
+                pos += fill as u64;
+                bytes = &bytes[fill..];
+                if self.len > 0 && !self.flush(plain, self.len)? {
+                    write_buffered(plain, pos, bytes)?;
+                    return Ok(false);
+                }
+                let whole = bytes.len() / ALIGN * ALIGN;
+                let (done, supported) = self.put(pos, &bytes[..whole])?;
+                pos += done as u64;
+                bytes = &bytes[done..];
+                self.start = pos;
+                if !supported {
+                    write_buffered(plain, pos, bytes)?;
+                    self.end = None;
+                    return Ok(false);
+                }
+                continue;
+            }
             let n = (DIRECT_CHUNK - self.len).min(bytes.len());
             let at = self.pad + self.len;
             self.buf[at..at + n].copy_from_slice(&bytes[..n]);
@@ -247,28 +287,35 @@ impl Direct {
         Ok(true)
     }
 
+    /// Writes `data` (at an aligned address, offset and length) at `at`
+    /// directly: the bytes written, and `false` if the file system refused
+    /// (`EINVAL`) before the rest was written.
+    fn put(&self, at: u64, data: &[u8]) -> std::io::Result<(usize, bool)> {
+        use std::os::unix::fs::FileExt;
+        let mut done = 0;
+        while done < data.len() {
+            match self.file.write_at(&data[done..], at + done as u64) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(k) => done += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok((done, false)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((done, true))
+    }
+
     /// Writes the first `n` staged bytes (a multiple of [`ALIGN`]) directly
     /// and keeps the rest staged; `Ok(false)`: not supported, all staged
     /// bytes were written through `plain` instead.
     fn flush(&mut self, plain: &mut File, n: usize) -> std::io::Result<bool> {
-        use std::os::unix::fs::FileExt;
-        let mut done = 0;
-        while done < n {
-            let at = self.start + done as u64;
-            let chunk = &self.buf[self.pad + done..self.pad + n];
-            match self.file.write_at(chunk, at) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(k) => done += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    let rest = &self.buf[self.pad + done..self.pad + self.len];
-                    write_buffered(plain, at, rest)?;
-                    self.len = 0;
-                    self.end = None;
-                    return Ok(false);
-                }
-                Err(e) => return Err(e),
-            }
+        let (done, supported) = self.put(self.start, &self.buf[self.pad..self.pad + n])?;
+        if !supported {
+            let rest = &self.buf[self.pad + done..self.pad + self.len];
+            write_buffered(plain, self.start + done as u64, rest)?;
+            self.len = 0;
+            self.end = None;
+            return Ok(false);
         }
         self.buf
             .copy_within(self.pad + n..self.pad + self.len, self.pad);
@@ -463,6 +510,14 @@ impl Writer {
         self.index.get(name).copied()
     }
 
+    /// File offset of the next byte of tensor `i`'s data. Bytes given to
+    /// [`Writer::write`] from memory at the same offset modulo
+    /// [`WRITE_ALIGN`] (see [`aligned_like`]) are written without a copy.
+    pub fn next_offset(&self, i: usize) -> Option<u64> {
+        let slot = self.slots.get(i)?;
+        Some(self.data_start + slot.begin + slot.written)
+    }
+
     /// The final path.
     pub fn target(&self) -> &Path {
         &self.target
@@ -610,12 +665,21 @@ mod tests {
         // Tensors 0, 3 and 6 (small) are written a byte at a time between
         // the pieces of the others.
         let mut small = [(0usize, 0usize), (3, 0), (6, 0)];
+        let mut staged = Vec::new();
         for i in [1usize, 2, 4, 5] {
             let mut pos = 0;
             let mut step = 4096 * 3 + 1;
             while pos < sizes[i] {
                 let n = step.min(sizes[i] - pos);
-                w.write(i, &data[i][pos..pos + n]).unwrap();
+                if i == 2 {
+                    // From memory in phase with the file: written without
+                    // a copy.
+                    let at = aligned_like(&mut staged, w.next_offset(i).unwrap(), n);
+                    staged[at..at + n].copy_from_slice(&data[i][pos..pos + n]);
+                    w.write(i, &staged[at..at + n]).unwrap();
+                } else {
+                    w.write(i, &data[i][pos..pos + n]).unwrap();
+                }
                 pos += n;
                 step = (step * 5 / 2).min(DIRECT_CHUNK * 3 / 2);
                 for (t, done) in small.iter_mut() {
