@@ -6,6 +6,7 @@
 //! end: an error leaves no partial output directory.
 
 use std::collections::{HashMap, HashSet};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -15,7 +16,7 @@ use crate::format::{base_of, Kind, SquantFile, CODES, SCALE, ZERO_POINT};
 use crate::json;
 use crate::quant::{quantize_files, selection, Job, Options, ProgressFn, Report};
 use crate::read::{repr, SafetensorsFile};
-use crate::write::{register_temp, unregister_temp};
+use crate::write::{parent_of, register_temp, sync_dir, unregister_temp};
 
 /// File name of the index.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
@@ -246,11 +247,21 @@ pub fn quantize_sharded(
     let text = serde_json::to_string_pretty(&Value::Object(doc))
         .map_err(|e| IoError::InvalidArgument(e.to_string()))?;
     let index_out = tmp.join(INDEX_NAME);
-    std::fs::write(&index_out, format!("{text}\n")).map_err(|e| IoError::os(out_dir, e))?;
+    // The index, the shards (synced as they were completed) and the
+    // directory's entries on disk before the directory is renamed into
+    // place, and that rename after.
+    let write_index = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&index_out)?;
+        f.write_all(format!("{text}\n").as_bytes())?;
+        f.sync_all()?;
+        sync_dir(&tmp)
+    };
+    write_index().map_err(|e| IoError::os(out_dir, e))?;
     if out_dir.is_dir() {
         std::fs::remove_dir(out_dir).map_err(|e| IoError::os(out_dir, e))?;
     }
     std::fs::rename(&tmp, out_dir).map_err(|e| IoError::os(out_dir, e))?;
+    sync_dir(parent_of(out_dir)).map_err(|e| IoError::os(out_dir, e))?;
     let mut guard = guard;
     guard.0 = None;
     unregister_temp(&tmp);

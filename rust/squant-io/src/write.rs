@@ -88,6 +88,33 @@ pub fn unregister_temp(path: &Path) {
     live().retain(|p| p != path);
 }
 
+/// The directory `path` is in (`.` for a bare name).
+pub fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Flushes a directory's entries to disk (a rename into it is then
+/// durable). Best effort where the system cannot (a directory that cannot
+/// be opened for reading, a file system without directory sync, not Unix);
+/// an I/O error is reported.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    if let Ok(d) = File::open(dir) {
+        if let Err(e) = d.sync_all() {
+            // EIO: 5 on every Unix.
+            if e.raw_os_error() == Some(5) {
+                return Err(e);
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
 /// The temporary path next to `target`: `.NAME.<unique>.tmp`.
 fn temp_path(target: &Path) -> PathBuf {
     let dir = match target.parent() {
@@ -602,6 +629,8 @@ impl Writer {
         drop(file);
         std::fs::rename(&self.tmp, &target).map_err(|e| IoError::os(&target, e))?;
         live().retain(|p| p != &self.tmp);
+        // The rename itself on disk.
+        sync_dir(parent_of(&target)).map_err(|e| IoError::os(&target, e))?;
         Ok(size)
     }
 }
