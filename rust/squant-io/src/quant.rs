@@ -300,16 +300,37 @@ fn read_loop(
     let mut busy = Duration::ZERO;
     #[cfg(target_os = "linux")]
     let mut direct: Vec<Option<Option<std::fs::File>>> = files.iter().map(|_| None).collect();
-    let mut made = 0;
+    // Buffers handed out and not back yet, and those back in hand.
+    let mut out = 0usize;
+    let mut kept: Vec<Vec<u8>> = Vec::new();
     for &(f, i, start, len) in &plan {
-        let buf = match spare.try_recv() {
-            Ok(b) => b,
-            Err(_) if made < READ_BUFFERS => {
-                made += 1;
-                Vec::new()
+        // A block far above the usual size (a task of a few huge
+        // channels) is read alone: every other buffer back, and freed.
+        let alone = len > 2 * BLOCK_BYTES;
+        let buf = loop {
+            while let Ok(b) = spare.try_recv() {
+                out -= 1;
+                kept.push(b);
             }
-            // The others gone: the send below fails.
-            Err(_) => spare.recv().unwrap_or_default(),
+            if alone && out == 0 {
+                kept.truncate(1);
+            }
+            if !alone || out == 0 {
+                if let Some(b) = kept.pop() {
+                    break b;
+                }
+                if out < READ_BUFFERS {
+                    break Vec::new();
+                }
+            }
+            match spare.recv() {
+                Ok(b) => {
+                    out -= 1;
+                    kept.push(b);
+                }
+                // The others gone: the send below fails.
+                Err(_) => break Vec::new(),
+            }
         };
         let t = Instant::now();
         let (src, e) = (files[f], &files[f].entries[i]);
@@ -327,6 +348,10 @@ fn read_loop(
             src.map(e, start, len)
         };
         busy += t.elapsed();
+        // Only buffers come back (not mappings, not empty ranges).
+        if r.as_ref().is_ok_and(|r| r.is_buffered()) {
+            out += 1;
+        }
         let stop = r.is_err();
         if tx.send(r).is_err() || stop {
             break;

@@ -87,6 +87,11 @@ impl Deref for Region {
 }
 
 impl Region {
+    /// Whether the region is held in a buffer ([`Region::into_buffer`]).
+    pub fn is_buffered(&self) -> bool {
+        matches!(self.0, Inner::Buf { .. })
+    }
+
     /// The buffer of a region read by [`SafetensorsFile::read`], to be
     /// given to the next read.
     pub fn into_buffer(self) -> Option<Vec<u8>> {
