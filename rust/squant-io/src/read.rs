@@ -68,6 +68,7 @@ enum Inner {
     Empty,
     Map(Mmap),
     /// `len` bytes at `at` of `buf`.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     Buf {
         buf: Vec<u8>,
         at: usize,

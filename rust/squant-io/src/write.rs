@@ -195,9 +195,11 @@ pub fn aligned_like(buf: &mut Vec<u8>, offset: u64, n: usize) -> usize {
     (phase + ALIGN - buf.as_ptr() as usize % ALIGN) % ALIGN
 }
 /// Bytes staged before a direct write (a multiple of [`ALIGN`]).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const DIRECT_CHUNK: usize = 8 << 20;
 /// Writes at least this large start a run of direct writes (smaller ones
 /// join a run only when they continue it).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const DIRECT_MIN: usize = 1 << 20;
 
 /// Writes that bypass the page cache: a second descriptor of the temporary
