@@ -22,6 +22,15 @@ The warm ratios compare CPU work with reading from memory, the hardest case
 for the goal; the cold ones what a first run after a download sees.
 
     python benches/bench_checkpoint.py [--layers 6] [--shard-gb 1] [--dir DIR] [--keep]
+        [--reuse] [--repeat N] [--baseline OLD_SQUANT_BINARY] [--no-python]
+
+``--baseline`` times another build of ``squant`` (e.g. a copy of the binary
+before a change) interleaved with this one, on the same checkpoint and
+against the same ``cat``; ``--repeat`` repeats the interleaved sequence and
+keeps each command's best time (the machine's load changes from run to
+run); ``--reuse --keep`` keeps the generated checkpoint in ``--dir`` for
+the next run. ``SQUANT_TIMINGS=1`` makes ``squant`` print where its wall
+time went (reading, quantizing, writing, completing files) on stderr.
 
 ``--layers 6`` is about 1.48 B parameters (2.95 GB in bf16); the default is
 the largest layer count that fits the free disk space (input + output + a
@@ -115,13 +124,14 @@ pid = os.fork()
 if pid == 0:
     os.execvp(sys.argv[1], sys.argv[1:])
 _, status, usage = os.wait4(pid, 0)
-print(usage.ru_maxrss, file=sys.stderr)
+print(usage.ru_maxrss, usage.ru_utime + usage.ru_stime, file=sys.stderr)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def timed(argv: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) of a command."""
+def timed(argv: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MB, CPU seconds: user + system, all threads)
+    of a command."""
     t0 = time.perf_counter()
     p = subprocess.run(
         [sys.executable, "-S", "-c", _WRAP, *argv],
@@ -132,8 +142,8 @@ def timed(argv: list[str]) -> tuple[float, float]:
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {p.stderr}")
-    kib = int(p.stderr.strip().splitlines()[-1])
-    return wall, (kib / 1024 if sys.platform != "darwin" else kib / 2**20)
+    kib, cpu = p.stderr.strip().splitlines()[-1].split()
+    return wall, (int(kib) / 1024 if sys.platform != "darwin" else int(kib) / 2**20), float(cpu)
 
 
 def evict(files: list[Path]) -> None:
@@ -156,6 +166,14 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument(
+        "--reuse", action="store_true", help="reuse a checkpoint generated in --dir before"
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="interleaved repetitions (best kept)")
+    ap.add_argument(
+        "--baseline", default=None, help="another squant binary, timed interleaved with this one"
+    )
+    ap.add_argument("--no-python", action="store_true", help="skip the Python CLI")
     args = ap.parse_args()
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="squant-bench-"))
@@ -177,11 +195,19 @@ def main() -> None:
     squant = str(ROOT / "target" / "release" / "squant")
 
     src = work / "ckpt"
-    shutil.rmtree(src, ignore_errors=True)
-    src.mkdir()
-    t0 = time.perf_counter()
-    files = write_checkpoint(src, layers, int(args.shard_gb * 1e9))
-    gen = time.perf_counter() - t0
+    index_path = src / "model.safetensors.index.json"
+    files = []
+    if args.reuse and index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        if set(weight_map) == {n for n, _ in shapes(layers)}:
+            files = [src / f for f in sorted(set(weight_map.values()))]
+    gen = 0.0
+    if not files or not all(f.is_file() for f in files):
+        shutil.rmtree(src, ignore_errors=True)
+        src.mkdir()
+        t0 = time.perf_counter()
+        files = write_checkpoint(src, layers, int(args.shard_gb * 1e9))
+        gen = time.perf_counter() - t0
     total = sum(f.stat().st_size for f in files)
     params = sum(int(np.prod(s)) for _, s in shapes(layers))
     threads = ["--threads", str(args.threads)] if args.threads else []
@@ -191,49 +217,73 @@ def main() -> None:
     )
 
     cat_argv = ["cat", *map(str, files)]
-    cat = [timed(cat_argv) for _ in range(2)]  # the first warms the cache
-    t_cat, rss_cat = min(c[0] for c in cat), cat[-1][1]
+    timed(cat_argv)  # the shards in the page cache
     can_evict = hasattr(os, "posix_fadvise")  # Linux; elsewhere warm runs only
-    colds = []
-    for _ in range(2 if can_evict else 0):
-        evict(files)
-        colds.append(timed(cat_argv)[0])
-    t_cold = min(colds, default=float("nan"))
-    rows = []
     q_rs, q_py = work / "q_rs", work / "q_py"
-    for label, out, argv in (
-        ("squant (Rust CLI)", q_rs, [squant, "quantize", str(src), str(q_rs), *threads]),
-        (
-            "squant-rs (Python CLI)",
-            q_py,
-            [sys.executable, "-m", "squant_rs", "quantize", str(src), str(q_py), *threads],
-        ),
-    ):
+    commands = [("squant (Rust CLI)", q_rs, [squant, "quantize", str(src), str(q_rs), *threads])]
+    if args.baseline:
+        q_base = work / "q_base"
+        base_argv = [args.baseline, "quantize", str(src), str(q_base), *threads]
+        commands.append(("baseline squant", q_base, base_argv))
+    if not args.no_python:
+        commands.append(
+            (
+                "squant-rs (Python CLI)",
+                q_py,
+                [sys.executable, "-m", "squant_rs", "quantize", str(src), str(q_py), *threads],
+            )
+        )
+    # Interleaved: each repetition times cat and every command once, warm
+    # then cold, so that a change in the machine's load hits all alike; the
+    # best of the repetitions is kept.
+    best: dict[tuple[str, bool], tuple[float, float, float]] = {}
+    cpus: dict[tuple[str, bool], list[float]] = {}
+    cat_rss = 0.0
+    for _ in range(args.repeat):
         for cold in (False, True) if can_evict else (False,):
-            shutil.rmtree(out, ignore_errors=True)
-            if cold:
-                evict(files)
-            else:
-                timed(cat_argv)  # the shards in the page cache again
-            wall, rss = timed(argv)
-            rows.append((label, cold, wall, rss))
-    t_info, rss_info = timed([sys.executable, "-m", "squant_rs", "info", str(work / "q_rs")])
-    t_ver, rss_ver = timed(
+            runs = [("cat", None, cat_argv), *commands]
+            for label, out, argv in runs:
+                if out is not None:
+                    shutil.rmtree(out, ignore_errors=True)
+                if cold:
+                    evict(files)
+                else:
+                    timed(cat_argv)  # the shards in the page cache again
+                wall, rss, cpu = timed(argv)
+                if label == "cat" and not cold:
+                    cat_rss = rss
+                key = (label, cold)
+                best[key] = min(best.get(key, (wall, rss, cpu)), (wall, rss, cpu))
+                cpus.setdefault(key, []).append(cpu)
+    t_cat = best[("cat", False)][0]
+    t_cold = best[("cat", True)][0] if can_evict else float("nan")
+    rows = [
+        (label, cold, *best[(label, cold)][:2], min(cpus[(label, cold)]))
+        for label, _, _ in commands
+        for cold in ((False, True) if can_evict else (False,))
+    ]
+    t_info, rss_info, _ = timed([sys.executable, "-m", "squant_rs", "info", str(work / "q_rs")])
+    t_ver, rss_ver, _ = timed(
         [sys.executable, "-m", "squant_rs", "info", "--verify", str(work / "q_rs")]
     )
-    t_rver, rss_rver = timed([squant, "info", "--verify", str(work / "q_rs")])
+    t_rver, rss_rver, _ = timed([squant, "info", "--verify", str(work / "q_rs")])
+    others = [out for _, out, _ in commands[1:]]
     same = all(
-        (work / "q_rs" / f.name).read_bytes() == (work / "q_py" / f.name).read_bytes()
-        for f in files
+        (q_rs / f.name).read_bytes() == (out / f.name).read_bytes()
+        for f in [*files, src / "model.safetensors.index.json"]
+        for out in others
     )
 
-    print(f"\n{'step':<34}{'wall s':>8}{'x cat':>8}{'ns/param':>10}{'peak RSS MB':>13}")
-    print(f"{'cat shards > /dev/null (warm)':<34}{t_cat:>8.2f}{1:>8.2f}{'':>10}{rss_cat:>13.0f}")
+    print(f"\n{'step':<34}{'wall s':>8}{'x cat':>8}{'ns/param':>10}{'peak RSS MB':>13}{'CPU s':>8}")
+    print(f"{'cat shards > /dev/null (warm)':<34}{t_cat:>8.2f}{1:>8.2f}{'':>10}{cat_rss:>13.0f}")
     print(f"{'cat shards > /dev/null (cold)':<34}{t_cold:>8.2f}{1:>8.2f}")
-    for label, cold, wall, rss in rows:
+    for label, cold, wall, rss, cpu in rows:
         ref = t_cold if cold else t_cat
         name = f"{label}, {'cold' if cold else 'warm'}"
-        print(f"{name:<34}{wall:>8.2f}{wall / ref:>8.2f}{wall / params * 1e9:>10.2f}{rss:>13.0f}")
+        print(
+            f"{name:<34}{wall:>8.2f}{wall / ref:>8.2f}{wall / params * 1e9:>10.2f}{rss:>13.0f}"
+            f"{cpu:>8.2f}"
+        )
     for name, t, rss in (
         ("squant-rs info (header only)", t_info, rss_info),
         ("squant-rs info --verify", t_ver, rss_ver),
@@ -241,12 +291,19 @@ def main() -> None:
     ):
         print(f"{name:<34}{t:>8.2f}{t / t_cat:>8.2f}{'':>10}{rss:>13.0f}")
     print("(x cat: cold runs against the cold read, the rest against the warm one)")
+    print(
+        "(CPU s: user + system time of the process, all its threads, least of the runs;"
+        " kernel work done elsewhere, e.g. writing back page-cache writes, is not in it)"
+    )
     if can_evict and t_cold < 1.2 * t_cat:
         print(
             f"note: the cold read ({t_cold:.2f} s) is hardly slower than the warm one "
             f"({t_cat:.2f} s): evicting the shards from the page cache had little effect here"
         )
-    print(f"\nRust and Python outputs byte-identical: {same}")
+    print(
+        f"\noutputs of {', '.join(label for label, _, _ in commands)} byte-identical: {same}"
+        f" (best of {args.repeat} interleaved runs each)"
+    )
     print(f"load average (1 min) during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(
         f"quantized size: {sum(p.stat().st_size for p in (work / 'q_rs').iterdir()) / 1e9:.2f} GB"
@@ -272,6 +329,7 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(work / "q_rs", ignore_errors=True)
         shutil.rmtree(work / "q_py", ignore_errors=True)
+        shutil.rmtree(work / "q_base", ignore_errors=True)
         shutil.rmtree(src, ignore_errors=True)
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -511,6 +511,13 @@ impl SquantWriter {
         self.w.write(at, packed)
     }
 
+    /// File offset of the next packed byte of quantized tensor `i` (see
+    /// [`Writer::next_offset`]).
+    pub fn next_codes_offset(&self, i: usize) -> Option<u64> {
+        let at = *self.slot(i, true).ok()?.0.first()?;
+        self.w.next_offset(at)
+    }
+
     /// Writes the per-channel scale and zero point of quantized tensor `i`.
     pub fn write_params(&mut self, i: usize, scale: &[f32], zero_point: &[f32]) -> Result<()> {
         let idx = self.slot(i, true)?.0.clone();

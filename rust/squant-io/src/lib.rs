@@ -1,13 +1,14 @@
 //! # squant-io
 //!
 //! Checkpoint I/O for squant-rs, in pure Rust (no Python): safetensors files
-//! read lazily on the `safetensors` crate (header first, tensor data
-//! memory-mapped range by range on demand), weights quantized with
-//! `squant-core` straight from the mapping a block of channels at a time,
-//! codes packed and written as they are produced into an atomically
-//! written squant-rs file with per-tensor CRC32C checksums, and sharded
-//! (Hugging Face layout) checkpoints shard by shard. The format is
-//! described in `docs/format.md`.
+//! read lazily on the `safetensors` crate (header first, tensor data read
+//! or memory-mapped range by range on demand), weights quantized with
+//! `squant-core` a block of channels at a time (the next block read, the
+//! previous one written, while one is quantized), codes packed and written
+//! as they are produced into an atomically written squant-rs file with
+//! per-tensor CRC32C checksums, and sharded (Hugging Face layout)
+//! checkpoints in one pipeline over the shards. The format is described in
+//! `docs/format.md`.
 //!
 //! ```no_run
 //! use squant_io::{quantize_file, Options};

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use squant_core::{dequantize_one, ChannelParams, Flips, Layout, Mode};
@@ -16,6 +16,7 @@ use crate::format::{Kind, QEntry, Quantizer, SquantWriter};
 use crate::pack::{codes_per_byte, pack_slice, packed_size};
 use crate::read::{Entry, Region, SafetensorsFile};
 use crate::select::is_selected;
+use crate::write::aligned_like;
 
 /// What to quantize and how.
 #[derive(Debug, Clone)]
@@ -83,10 +84,7 @@ pub fn selection(src: &SafetensorsFile, opts: &Options) -> Vec<bool> {
 /// Quantizes the selected tensors of `src` into `dst` (written atomically).
 /// `offset`/`total` place this file's bytes in a larger progress count.
 ///
-/// The calling thread plans the blocks and maps the input; the pool
-/// converts, quantizes, measures the error and packs a block in one
-/// parallel pass; a writer thread computes the checksums and writes the
-/// packed blocks while the next block is computed.
+/// See [`quantize_files`] for the pipeline.
 pub fn quantize_open(
     src: &SafetensorsFile,
     dst: &Path,
@@ -96,10 +94,448 @@ pub fn quantize_open(
     offset: u64,
     total: u64,
 ) -> Result<Report> {
+    let job = Job { src, dst, selected };
+    let mut reports = quantize_files(&[job], opts, progress, offset, total, false)?;
+    reports
+        .pop()
+        .ok_or_else(|| IoError::InvalidArgument("no report".to_string()))
+}
+
+/// One file of a run of [`quantize_files`].
+pub struct Job<'a> {
+    pub src: &'a SafetensorsFile,
+    pub dst: &'a Path,
+    /// Per tensor of `src`: quantized or copied.
+    pub selected: &'a [bool],
+}
+
+/// Quantizes each job's selected tensors into its `dst` (each written
+/// atomically), one file after the other; a report per file.
+/// `with_path`: a quantization error names the input file too.
+///
+/// Four stages run at once, across file boundaries: a reader thread reads
+/// the next input block into a reused buffer (Linux: copied from the page
+/// cache when it is all there, otherwise straight from the device with
+/// `O_DIRECT`; elsewhere mapped) while the pool converts, quantizes,
+/// measures the error and packs the current one in one parallel pass
+/// (planned by the calling thread, which also runs the progress callback);
+/// a writer thread computes the checksums and writes the packed blocks
+/// (see [`crate::write::Writer`]), and completes each file (checksums,
+/// `fsync`, rename) while the next one is computed. Set `SQUANT_TIMINGS=1`
+/// for a breakdown of the wall time on stderr.
+pub fn quantize_files(
+    jobs: &[Job<'_>],
+    opts: &Options,
+    progress: &mut ProgressFn<'_>,
+    offset: u64,
+    total: u64,
+    with_path: bool,
+) -> Result<Vec<Report>> {
+    let started = Instant::now();
+    let plan: Vec<Piece> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(f, job)| pieces(f, job.src, job.selected))
+        .collect();
+    let files: Vec<&SafetensorsFile> = jobs.iter().map(|j| j.src).collect();
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::sync_channel::<ToWriter>(IN_FLIGHT);
+        let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+        let (in_tx, in_rx) = mpsc::sync_channel::<Result<Region>>(READ_AHEAD);
+        let (used_tx, used_rx) = mpsc::channel::<Vec<u8>>();
+        let used = used_tx.clone();
+        let spawn_err = |e| IoError::os(jobs.first().map_or(Path::new("."), |j| j.dst), e);
+        let writer = std::thread::Builder::new()
+            .name("squant-writer".to_string())
+            .spawn_scoped(scope, move || write_loop(rx, back_tx, used))
+            .map_err(spawn_err)?;
+        let files = &files;
+        let reader = std::thread::Builder::new()
+            .name("squant-reader".to_string())
+            .spawn_scoped(scope, move || read_loop(files, plan, in_tx, used_rx))
+            .map_err(spawn_err)?;
+        let mut io = Pipe {
+            tx,
+            spare: back_rx,
+            input: in_rx,
+            used: used_tx,
+            buffers: 0,
+            t: MainTimes::default(),
+        };
+        let mut reports = Vec::with_capacity(jobs.len());
+        let mut done = offset;
+        let mut result = Ok(());
+        for job in jobs {
+            let r = quantize_one(job, opts, progress, done, total, &mut io).map_err(|e| match e {
+                IoError::Quantize { name, source } if with_path => IoError::Quantize {
+                    name: format!("{}: {name}", job.src.path().display()),
+                    source,
+                },
+                other => other,
+            });
+            match r {
+                Ok(report) => {
+                    done += report.size_before;
+                    reports.push(report);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            result = progress(done, total, "");
+        }
+        let t = io.t;
+        drop(io);
+        let read_busy = reader.join().unwrap_or_default();
+        let (sizes, written, wt) = writer
+            .join()
+            .map_err(|_| IoError::InvalidArgument("the writer thread panicked".to_string()))?;
+        // A write error ends the writer first; the compute side then only
+        // sees a closed channel, so the writer's error is the one to report.
+        written?;
+        result?;
+        if sizes.len() != reports.len() {
+            return Err(IoError::InvalidArgument(
+                "the writer completed too few files".to_string(),
+            ));
+        }
+        for (r, size) in reports.iter_mut().zip(sizes) {
+            r.size_after = size;
+        }
+        if std::env::var_os("SQUANT_TIMINGS").is_some_and(|v| v != "0") {
+            let s = |d: Duration| d.as_secs_f64();
+            eprintln!(
+                "squant timings: wall {:.3} s; main thread: plan+create {:.3}, waiting for input {:.3}, \
+                 quantizing {:.3}, waiting for the writer {:.3}; reader busy {:.3}; \
+                 writer busy {:.3} (checksums+writes) + {:.3} (completing files: fsync, rename)",
+                s(started.elapsed()),
+                s(t.create),
+                s(t.input),
+                s(t.compute),
+                s(t.send),
+                s(read_busy),
+                s(wt.write),
+                s(wt.finish),
+            );
+        }
+        Ok(reports)
+    })
+}
+
+/// Where the main thread's time went.
+#[derive(Default, Clone, Copy)]
+struct MainTimes {
+    create: Duration,
+    input: Duration,
+    compute: Duration,
+    send: Duration,
+}
+
+/// Where the writer thread's time went.
+#[derive(Default, Clone, Copy)]
+struct WriterTimes {
+    write: Duration,
+    finish: Duration,
+}
+
+/// One input range: file, tensor, byte start and length.
+type Piece = (usize, usize, usize, usize);
+
+/// The input ranges of file number `f` in the order [`quantize_one`] asks
+/// for them: blocks of channels of each quantized tensor, pieces of each
+/// copied one.
+fn pieces(f: usize, src: &SafetensorsFile, selected: &[bool]) -> Vec<Piece> {
+    let mut out = Vec::new();
+    for (i, (e, &q)) in src.entries.iter().zip(selected).enumerate() {
+        if q {
+            let Some(layout) = Layout::from_shape(&e.shape) else {
+                continue;
+            };
+            if layout.check().is_err() {
+                continue;
+            }
+            let g = layout.channel_len();
+            let isz = dtype::item_size(e.dtype);
+            let (_, per_block) = blocking(g, isz);
+            let mut o0 = 0;
+            while o0 < layout.oc {
+                let n_ch = per_block.min(layout.oc - o0);
+                out.push((f, i, o0 * g * isz, n_ch * g * isz));
+                o0 += n_ch;
+            }
+        } else {
+            let mut pos = 0;
+            while pos < e.nbytes() {
+                let len = PLAIN_BLOCK.min(e.nbytes() - pos);
+                out.push((f, i, pos, len));
+                pos += len;
+            }
+        }
+    }
+    out
+}
+
+/// Channels per task and per block of a tensor with channels of `g`
+/// elements of `isz` bytes. Blocks are whole tasks, so the tasks (and so
+/// the results) do not depend on the block size.
+fn blocking(g: usize, isz: usize) -> (usize, usize) {
+    let per_task = (TASK_ELEMS / g).max(1).next_multiple_of(4);
+    let per_block = per_task * (BLOCK_BYTES / (per_task * g * isz)).max(1);
+    (per_task, per_block)
+}
+
+/// Reads every range of `plan` in turn (Linux: into buffers given back
+/// through `spare`, see [`SafetensorsFile::read`]; elsewhere mapped) and
+/// sends it on; stops at the first error (sent on) or when the receiver is
+/// gone. Returns the time spent reading.
+fn read_loop(
+    files: &[&SafetensorsFile],
+    plan: Vec<Piece>,
+    tx: mpsc::SyncSender<Result<Region>>,
+    spare: mpsc::Receiver<Vec<u8>>,
+) -> Duration {
+    let mut busy = Duration::ZERO;
+    #[cfg(target_os = "linux")]
+    let mut direct: Vec<Option<Option<std::fs::File>>> = files.iter().map(|_| None).collect();
+    // Buffers handed out and not back yet, and those back in hand.
+    let mut out = 0usize;
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    for &(f, i, start, len) in &plan {
+        // A block far above the usual size (a task of a few huge
+        // channels) is read alone: every other buffer back, and freed.
+        let alone = len > 2 * BLOCK_BYTES;
+        let buf = loop {
+            while let Ok(b) = spare.try_recv() {
+                out -= 1;
+                kept.push(b);
+            }
+            if alone && out == 0 {
+                kept.truncate(1);
+            }
+            if !alone || out == 0 {
+                if let Some(b) = kept.pop() {
+                    break b;
+                }
+                if out < READ_BUFFERS {
+                    break Vec::new();
+                }
+            }
+            match spare.recv() {
+                Ok(b) => {
+                    out -= 1;
+                    kept.push(b);
+                }
+                // The others gone: the send below fails.
+                Err(_) => break Vec::new(),
+            }
+        };
+        let t = Instant::now();
+        let (src, e) = (files[f], &files[f].entries[i]);
+        #[cfg(target_os = "linux")]
+        let r = src.read(
+            direct[f].get_or_insert_with(|| src.open_direct()),
+            e,
+            start,
+            len,
+            buf,
+        );
+        #[cfg(not(target_os = "linux"))]
+        let r = {
+            drop(buf);
+            src.map(e, start, len)
+        };
+        busy += t.elapsed();
+        // Only buffers come back (not mappings, not empty ranges).
+        if r.as_ref().is_ok_and(|r| r.is_buffered()) {
+            out += 1;
+        }
+        let stop = r.is_err();
+        if tx.send(r).is_err() || stop {
+            break;
+        }
+    }
+    busy
+}
+
+/// Input blocks read ahead by the reader thread.
+const READ_AHEAD: usize = 1;
+/// Packed blocks and plain data queued for the writer (bounds the memory
+/// held in flight).
+const IN_FLIGHT: usize = 2;
+/// Packed-code buffers: those queued, one being written, one being filled.
+const BUFFERS: usize = IN_FLIGHT + 2;
+/// Input buffers: those queued for the main thread, the one it holds,
+/// plain ones queued for the writer and the one it writes, and the one
+/// being read (so the reader never waits for a buffer that cannot come).
+const READ_BUFFERS: usize = READ_AHEAD + 1 + IN_FLIGHT + 1 + 1;
+
+/// What the writer thread is given.
+enum ToWriter {
+    /// The next output file (all messages up to `Finish` are for it).
+    Start(Box<SquantWriter>),
+    Plain(usize, Region),
+    /// Packed codes: a range of a buffer.
+    Packed(usize, Vec<u8>, std::ops::Range<usize>),
+    Params(usize, Vec<f32>, Vec<f32>),
+    /// Complete the current file.
+    Finish,
+}
+
+/// The main thread's ends of the reader's and the writer's queues.
+struct Pipe {
+    tx: mpsc::SyncSender<ToWriter>,
+    /// Buffers the writer is done with, to be filled again.
+    spare: mpsc::Receiver<Vec<u8>>,
+    input: mpsc::Receiver<Result<Region>>,
+    /// Input buffers back to the reader.
+    used: mpsc::Sender<Vec<u8>>,
+    /// Packed-code buffers made so far.
+    buffers: usize,
+    t: MainTimes,
+}
+
+impl Pipe {
+    fn send(&mut self, msg: ToWriter) -> Result<()> {
+        let t = Instant::now();
+        // A closed queue: the writer stopped on an error, which the join
+        // reports; this error only stops the compute side.
+        let r = self
+            .tx
+            .send(msg)
+            .map_err(|_| IoError::InvalidArgument("the writer stopped".to_string()));
+        self.t.send += t.elapsed();
+        r
+    }
+
+    /// A buffer for packed codes: one the writer is done with if there is
+    /// one; a new one while fewer than [`BUFFERS`] exist; otherwise the
+    /// next one the writer gives back (so buffers are reused, not
+    /// allocated and cleared for every block).
+    fn buffer(&mut self) -> Vec<u8> {
+        if let Ok(b) = self.spare.try_recv() {
+            return b;
+        }
+        if self.buffers < BUFFERS {
+            self.buffers += 1;
+            return Vec::new();
+        }
+        let t = Instant::now();
+        // The writer stopped: the next send reports it.
+        let b = self.spare.recv().unwrap_or_default();
+        self.t.send += t.elapsed();
+        b
+    }
+
+    /// Gives an input block's buffer back to the reader.
+    fn done_with(&self, region: Region) {
+        if let Some(b) = region.into_buffer() {
+            // The reader may have finished already.
+            let _ = self.used.send(b);
+        }
+    }
+
+    /// The next input block (in the order of [`pieces`]), checked to be
+    /// `len` bytes.
+    fn next(&mut self, len: usize) -> Result<Region> {
+        let t = Instant::now();
+        let r = self
+            .input
+            .recv()
+            .map_err(|_| IoError::InvalidArgument("the reader stopped".to_string()));
+        self.t.input += t.elapsed();
+        let region = r??;
+        if region.len() != len {
+            return Err(IoError::InvalidArgument(
+                "the reader is out of step".to_string(),
+            ));
+        }
+        Ok(region)
+    }
+}
+
+/// The writer thread: the sizes of the files it completed, and how it
+/// stopped.
+fn write_loop(
+    rx: mpsc::Receiver<ToWriter>,
+    back: mpsc::Sender<Vec<u8>>,
+    used: mpsc::Sender<Vec<u8>>,
+) -> (Vec<u64>, Result<()>, WriterTimes) {
+    let mut cur: Option<Box<SquantWriter>> = None;
+    let mut sizes = Vec::new();
+    let mut t = WriterTimes::default();
+    let closed = || IoError::InvalidArgument("no output file is open".to_string());
+    for msg in rx {
+        let start = Instant::now();
+        let r = match msg {
+            ToWriter::Start(w) => {
+                cur = Some(w);
+                Ok(())
+            }
+            ToWriter::Finish => match cur.take() {
+                Some(w) => w.finish().map(|size| sizes.push(size)),
+                None => Err(closed()),
+            },
+            ToWriter::Plain(i, region) => {
+                let r = match cur.as_mut() {
+                    Some(w) => w.write_plain(i, &region),
+                    None => Err(closed()),
+                };
+                if let Some(b) = region.into_buffer() {
+                    // The reader may have finished already.
+                    let _ = used.send(b);
+                }
+                r
+            }
+            ToWriter::Packed(i, buf, range) => {
+                let r = match (cur.as_mut(), buf.get(range)) {
+                    (Some(w), Some(bytes)) => w.write_packed(i, bytes),
+                    (Some(_), None) => Err(IoError::InvalidArgument(
+                        "packed range outside its buffer".to_string(),
+                    )),
+                    (None, _) => Err(closed()),
+                };
+                // The compute side may have finished already.
+                let _ = back.send(buf);
+                r
+            }
+            ToWriter::Params(i, s, z) => match cur.as_mut() {
+                Some(w) => w.write_params(i, &s, &z),
+                None => Err(closed()),
+            },
+        };
+        let spent = start.elapsed();
+        if cur.is_some() {
+            t.write += spent;
+        } else {
+            t.finish += spent;
+        }
+        if r.is_err() {
+            // Dropping `cur` removes its temporary file.
+            return (sizes, r, t);
+        }
+    }
+    (sizes, Ok(()), t)
+}
+
+/// Quantizes one file's selected tensors into its writer (which the
+/// writer thread then completes).
+fn quantize_one(
+    job: &Job<'_>,
+    opts: &Options,
+    progress: &mut ProgressFn<'_>,
+    offset: u64,
+    total: u64,
+    io: &mut Pipe,
+) -> Result<Report> {
+    let t = Instant::now();
+    let src = job.src;
     let plan: Vec<(String, Kind)> = src
         .entries
         .iter()
-        .zip(selected)
+        .zip(job.selected)
         .map(|(e, &q)| {
             let kind = if q {
                 Kind::Quantized(QEntry {
@@ -117,115 +553,38 @@ pub fn quantize_open(
             (e.name.clone(), kind)
         })
         .collect();
-    let w = SquantWriter::create(dst, &plan, opts.quantizer)?;
-    std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::sync_channel::<ToWriter>(IN_FLIGHT);
-        let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
-        let writer = std::thread::Builder::new()
-            .name("squant-writer".to_string())
-            .spawn_scoped(scope, move || write_loop(w, rx, back_tx))
-            .map_err(|e| IoError::os(dst, e))?;
-        let out = Sink { tx, spare: back_rx };
-        let result = quantize_blocks(src, opts, selected, progress, offset, total, &out);
-        drop(out);
-        let (w, written) = writer
-            .join()
-            .map_err(|_| IoError::InvalidArgument("the writer thread panicked".to_string()))?;
-        // A write error ends the writer first; the compute side then only
-        // sees a closed channel, so the writer's error is the one to report.
-        written?;
-        let mut report = result?;
-        report.size_after = w.finish()?;
-        Ok(report)
-    })
-}
-
-/// Packed blocks and plain data queued for the writer (bounds the memory
-/// held in flight).
-const IN_FLIGHT: usize = 2;
-
-/// What the writer thread is given.
-enum ToWriter {
-    Plain(usize, Region),
-    Packed(usize, Vec<u8>),
-    Params(usize, Vec<f32>, Vec<f32>),
-}
-
-/// The compute side's end of the writer thread's queue.
-struct Sink {
-    tx: mpsc::SyncSender<ToWriter>,
-    /// Buffers the writer is done with, to be filled again.
-    spare: mpsc::Receiver<Vec<u8>>,
-}
-
-impl Sink {
-    fn send(&self, msg: ToWriter) -> Result<()> {
-        // A closed queue: the writer stopped on an error, which the join
-        // reports; this error only stops the compute side.
-        self.tx
-            .send(msg)
-            .map_err(|_| IoError::InvalidArgument("the writer stopped".to_string()))
-    }
-
-    fn buffer(&self) -> Vec<u8> {
-        self.spare.try_recv().unwrap_or_default()
-    }
-}
-
-fn write_loop(
-    mut w: SquantWriter,
-    rx: mpsc::Receiver<ToWriter>,
-    back: mpsc::Sender<Vec<u8>>,
-) -> (SquantWriter, Result<()>) {
-    for msg in rx {
-        let r = match msg {
-            ToWriter::Plain(i, region) => w.write_plain(i, &region),
-            ToWriter::Packed(i, buf) => {
-                let r = w.write_packed(i, &buf);
-                // The compute side may have finished already.
-                let _ = back.send(buf);
-                r
-            }
-            ToWriter::Params(i, s, z) => w.write_params(i, &s, &z),
-        };
-        if r.is_err() {
-            return (w, r);
-        }
-    }
-    (w, Ok(()))
-}
-
-fn quantize_blocks(
-    src: &SafetensorsFile,
-    opts: &Options,
-    selected: &[bool],
-    progress: &mut ProgressFn<'_>,
-    offset: u64,
-    total: u64,
-    out: &Sink,
-) -> Result<Report> {
+    let w = SquantWriter::create(job.dst, &plan, opts.quantizer)?;
+    // Where each tensor's codes go in the file: packed blocks are laid out
+    // in memory in phase with it (written without a copy).
+    let codes_at: Vec<u64> = (0..plan.len())
+        .map(|i| w.next_codes_offset(i).unwrap_or(0))
+        .collect();
+    io.t.create += t.elapsed();
+    io.send(ToWriter::Start(Box::new(w)))?;
     let mut report = Report {
         tensors: src.entries.len(),
         ..Report::default()
     };
     let mut done = offset;
-    for (i, (e, &q)) in src.entries.iter().zip(selected).enumerate() {
+    for (i, (e, &q)) in src.entries.iter().zip(job.selected).enumerate() {
         progress(done, total, &e.name)?;
         if q {
-            report.layers.push(quantize_entry(src, e, i, opts, out)?);
+            report
+                .layers
+                .push(quantize_entry(e, i, codes_at[i], opts, io)?);
         } else {
-            let step = PLAIN_BLOCK;
             let mut pos = 0;
             while pos < e.nbytes() {
-                let len = step.min(e.nbytes() - pos);
-                out.send(ToWriter::Plain(i, src.map(e, pos, len)?))?;
+                let len = PLAIN_BLOCK.min(e.nbytes() - pos);
+                let region = io.next(len)?;
+                io.send(ToWriter::Plain(i, region))?;
                 pos += len;
             }
         }
         done += e.nbytes() as u64;
         report.size_before += e.nbytes() as u64;
     }
-    progress(done, total, "")?;
+    io.send(ToWriter::Finish)?;
     Ok(report)
 }
 
@@ -245,11 +604,12 @@ pub fn quantize_file(
 /// Elements per parallel task: whole channels (a multiple of 4, so that a
 /// task's packed codes start on a byte), about this many.
 const TASK_ELEMS: usize = 1 << 16;
-/// Elements per block: the input range mapped at a time and the packed
-/// codes handed to the writer at once.
-const BLOCK_ELEMS: usize = 1 << 24;
+/// Input bytes per block: the range read at a time (whole tasks, about
+/// this many bytes), quantized in one parallel pass, its packed codes
+/// handed to the writer at once.
+const BLOCK_BYTES: usize = 1 << 23;
 /// Bytes of a plain tensor handed to the writer at once.
-const PLAIN_BLOCK: usize = 1 << 24;
+const PLAIN_BLOCK: usize = 1 << 23;
 
 /// One task's scratch: its channels in float32 and their codes.
 #[derive(Default)]
@@ -258,12 +618,20 @@ struct TaskScratch {
     codes: Vec<i8>,
 }
 
+thread_local! {
+    /// Each pool thread's scratch, kept from task to task (a scratch per
+    /// rayon split would be allocated and cleared many times per block).
+    static SCRATCH: std::cell::RefCell<TaskScratch> = std::cell::RefCell::default();
+}
+
+/// Quantizes tensor `i` of the file (`e`), whose codes start at byte
+/// `codes_at` of the output file.
 fn quantize_entry(
-    src: &SafetensorsFile,
     e: &Entry,
     i: usize,
+    codes_at: u64,
     opts: &Options,
-    out: &Sink,
+    io: &mut Pipe,
 ) -> Result<LayerStats> {
     let qerr = |source| IoError::Quantize {
         name: e.name.clone(),
@@ -275,21 +643,24 @@ fn quantize_entry(
     let g = layout.channel_len();
     let isz = dtype::item_size(e.dtype);
     let cpb = codes_per_byte(opts.bits);
-    let per_task = (TASK_ELEMS / g).max(1).next_multiple_of(4);
-    let per_block = per_task * (BLOCK_ELEMS / (per_task * g)).max(1);
+    let (per_task, per_block) = blocking(g, isz);
     let mut scale = vec![0f32; layout.oc];
     let mut zp = vec![0f32; layout.oc];
     let mut flips = Flips::default();
     let (mut err2, mut ref2) = (0f64, 0f64);
     let mut ms = 0f64;
+    let mut at = codes_at;
     let mut o0 = 0;
     while o0 < layout.oc {
         let n_ch = per_block.min(layout.oc - o0);
         let n = n_ch * g;
-        let region = src.map(e, o0 * g * isz, n * isz)?;
+        let region = io.next(n * isz)?;
         // Every byte is written by the packing (no clearing needed).
-        let mut packed = out.buffer();
-        packed.resize(packed_size(n, opts.bits), 0);
+        let mut buf = io.buffer();
+        let n_packed = packed_size(n, opts.bits);
+        let p0 = aligned_like(&mut buf, at, n_packed);
+        let packed = &mut buf[p0..p0 + n_packed];
+        at += n_packed as u64;
         let start = Instant::now();
         let (s, z) = (&mut scale[o0..o0 + n_ch], &mut zp[o0..o0 + n_ch]);
         // Tasks of `per_task` channels: their input bytes, packed bytes
@@ -301,31 +672,33 @@ fn quantize_entry(
                     .zip(packed.par_chunks_mut(per_task * g / cpb))
                     .zip(s.par_chunks_mut(per_task).zip(z.par_chunks_mut(per_task)))
                     .enumerate()
-                    .map_init(TaskScratch::default, |sc, (k, ((bytes, pk), (s, z)))| {
-                        let n_c = s.len();
-                        let m = n_c * g;
-                        sc.w.resize(m, 0.0);
-                        sc.codes.resize(m, 0);
-                        dtype::to_f32(e.dtype, bytes, &mut sc.w);
-                        let sub = Layout { oc: n_c, ..layout };
-                        let f = squant_core::quantize_serial(
-                            &sc.w,
-                            sub,
-                            opts.bits,
-                            opts.quantizer,
-                            opts.mode,
-                            &mut sc.codes,
-                            s,
-                            z,
-                        )
-                        .map_err(|err| shift_channel(err, o0 + k * per_task))?;
-                        let (a, b) = error_sums(&sc.w, &sc.codes, g, s, z, opts.bits);
-                        pack_slice(&sc.codes, opts.bits, pk);
-                        Ok((f, a, b))
+                    .map(|(k, ((bytes, pk), (s, z)))| {
+                        SCRATCH.with_borrow_mut(|sc| {
+                            let n_c = s.len();
+                            let m = n_c * g;
+                            sc.w.resize(m, 0.0);
+                            sc.codes.resize(m, 0);
+                            dtype::to_f32(e.dtype, bytes, &mut sc.w);
+                            let sub = Layout { oc: n_c, ..layout };
+                            let f = squant_core::quantize_serial(
+                                &sc.w,
+                                sub,
+                                opts.bits,
+                                opts.quantizer,
+                                opts.mode,
+                                &mut sc.codes,
+                                s,
+                                z,
+                            )
+                            .map_err(|err| shift_channel(err, o0 + k * per_task))?;
+                            let (a, b) = error_sums(&sc.w, &sc.codes, g, s, z, opts.bits);
+                            pack_slice(&sc.codes, opts.bits, pk);
+                            Ok((f, a, b))
+                        })
                     })
                     .collect()
             });
-        drop(region);
+        io.done_with(region);
         // In task order: the first failing channel is reported, and the
         // sums do not depend on the thread count.
         for r in results {
@@ -334,11 +707,13 @@ fn quantize_entry(
             err2 += a;
             ref2 += b;
         }
-        ms += start.elapsed().as_secs_f64() * 1e3;
-        out.send(ToWriter::Packed(i, packed))?;
+        let spent = start.elapsed();
+        io.t.compute += spent;
+        ms += spent.as_secs_f64() * 1e3;
+        io.send(ToWriter::Packed(i, buf, p0..p0 + n_packed))?;
         o0 += n_ch;
     }
-    out.send(ToWriter::Params(i, scale, zp))?;
+    io.send(ToWriter::Params(i, scale, zp))?;
     let rel_error = if ref2 > 0.0 {
         (err2 / ref2).sqrt()
     } else if err2 == 0.0 {
@@ -371,6 +746,10 @@ fn error_sums(
 ) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { error_sums_avx512(w, codes, g, scale, zp, bits) };
+        }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
             return unsafe { error_sums_avx2(w, codes, g, scale, zp, bits) };
@@ -412,6 +791,106 @@ fn error_sums_scalar(w: &[f32], codes: &[i8], g: usize, scale: &[f32], zp: &[f32
             error_tail(wv, qv, p, &mut err, &mut norm);
         }
         error_tail(wl.remainder(), ql.remainder(), p, &mut err, &mut norm);
+    }
+    (err.iter().sum(), norm.iter().sum())
+}
+
+/// [`error_sums_scalar`] 16 elements per step in two 8-lane vectors of
+/// doubles, lanes 0-7 and 8-15: the same operations per lane, so
+/// bit-identical. The square and the add are one fused multiply-add: the
+/// square of a float32 value is exact in float64 (24-bit significands), so
+/// fusing it changes no rounding. Codes of up to 4 bits look their value up
+/// in the channel's 16-entry table of `dequantize_one` values (one
+/// permute).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn error_sums_avx512(
+    w: &[f32],
+    codes: &[i8],
+    g: usize,
+    scale: &[f32],
+    zp: &[f32],
+    bits: u32,
+) -> (f64, f64) {
+    use std::arch::x86_64::*;
+    let mut e = [_mm512_setzero_pd(); 2];
+    let mut n = [_mm512_setzero_pd(); 2];
+    let mut err = [0f64; LANES];
+    let mut norm = [0f64; LANES];
+    let table = bits <= 4;
+    let offset = 1i32 << (bits - 1);
+    let off_v = _mm512_set1_epi32(offset);
+    let halves = |v: __m512| {
+        (
+            _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
+                _mm512_castps_pd(v),
+                1,
+            ))),
+        )
+    };
+    let channels = w.chunks(g).zip(codes.chunks(g)).zip(scale.iter().zip(zp));
+    for ((wc, qc), (&s, &z)) in channels {
+        let p = ChannelParams {
+            scale: s,
+            zero_point: z,
+        };
+        let (sv, zv) = (_mm512_set1_ps(s), _mm512_set1_ps(z));
+        let mut lut = [0f32; 16];
+        if table {
+            for (u, v) in lut.iter_mut().enumerate().take(1 << bits) {
+                *v = dequantize_one((u as i32 - offset) as i8, p);
+            }
+        }
+        // SAFETY: a 16-float load from an array of 16.
+        let t = unsafe { _mm512_loadu_ps(lut.as_ptr()) };
+        let mut wl = wc.chunks_exact(LANES);
+        let mut ql = qc.chunks_exact(LANES);
+        for (wv, qv) in (&mut wl).zip(&mut ql) {
+            // SAFETY: `wv` holds 16 floats and `qv` 16 bytes (exact chunks).
+            let (q, x) = unsafe {
+                (
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(qv.as_ptr().cast())),
+                    _mm512_loadu_ps(wv.as_ptr()),
+                )
+            };
+            let w_hat = if table {
+                _mm512_permutexvar_ps(_mm512_add_epi32(q, off_v), t)
+            } else {
+                _mm512_div_ps(_mm512_add_ps(_mm512_cvtepi32_ps(q), zv), sv)
+            };
+            let (d0, d1) = halves(_mm512_sub_ps(w_hat, x));
+            let (x0, x1) = halves(x);
+            e[0] = _mm512_fmadd_pd(d0, d0, e[0]);
+            e[1] = _mm512_fmadd_pd(d1, d1, e[1]);
+            n[0] = _mm512_fmadd_pd(x0, x0, n[0]);
+            n[1] = _mm512_fmadd_pd(x1, x1, n[1]);
+        }
+        if !wl.remainder().is_empty() {
+            // The tail's lanes are the vectors' first lanes: bring them out.
+            for k in 0..2 {
+                // SAFETY: 8-double stores into arrays of 16 at 8 * k.
+                unsafe {
+                    _mm512_storeu_pd(err.as_mut_ptr().add(8 * k), e[k]);
+                    _mm512_storeu_pd(norm.as_mut_ptr().add(8 * k), n[k]);
+                }
+            }
+            error_tail(wl.remainder(), ql.remainder(), p, &mut err, &mut norm);
+            for k in 0..2 {
+                // SAFETY: 8-double loads from arrays of 16 at 8 * k.
+                unsafe {
+                    e[k] = _mm512_loadu_pd(err.as_ptr().add(8 * k));
+                    n[k] = _mm512_loadu_pd(norm.as_ptr().add(8 * k));
+                }
+            }
+        }
+    }
+    for k in 0..2 {
+        // SAFETY: 8-double stores into arrays of 16 at 8 * k.
+        unsafe {
+            _mm512_storeu_pd(err.as_mut_ptr().add(8 * k), e[k]);
+            _mm512_storeu_pd(norm.as_mut_ptr().add(8 * k), n[k]);
+        }
     }
     (err.iter().sum(), norm.iter().sum())
 }
@@ -572,6 +1051,12 @@ mod tests {
                 error_sums(&w, &codes, g, &scale, &zp, bits),
                 "g {g} bits {bits}"
             );
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2.
+                let b = unsafe { error_sums_avx2(&w, &codes, g, &scale, &zp, bits) };
+                assert_eq!(a, b, "avx2: g {g} bits {bits}");
+            }
             // And the plain definition, up to the summation order.
             let (mut e, mut n) = (0f64, 0f64);
             for (j, (&x, &q)) in w.iter().zip(&codes).enumerate() {

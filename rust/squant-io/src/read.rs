@@ -1,7 +1,10 @@
 //! Lazy reading of a safetensors file: the header is read and checked
 //! first; tensor data is memory-mapped on demand, one range at a time, and
-//! unmapped when the range is dropped (so resident memory stays bounded by
-//! what the caller holds, not by the file's size).
+//! unmapped when the range is dropped, or read range by range into reused
+//! buffers (Linux, [`SafetensorsFile::read`]: from the page cache when the
+//! range is all there, otherwise with `O_DIRECT`, which costs the CPU
+//! almost nothing); either way resident memory stays bounded by what the
+//! caller holds, not by the file's size.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -57,18 +60,52 @@ pub struct SafetensorsFile {
     index: HashMap<String, usize>,
 }
 
-/// A mapped byte range of a tensor (empty ranges map nothing).
-pub struct Region(Option<Mmap>);
+/// A byte range of a tensor: mapped ([`SafetensorsFile::map`]) or read
+/// into a buffer ([`SafetensorsFile::read`]); empty ranges hold nothing.
+pub struct Region(Inner);
+
+enum Inner {
+    Empty,
+    Map(Mmap),
+    /// `len` bytes at `at` of `buf`.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    Buf {
+        buf: Vec<u8>,
+        at: usize,
+        len: usize,
+    },
+}
 
 impl Deref for Region {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match &self.0 {
-            Some(m) => m,
-            None => &[],
+            Inner::Empty => &[],
+            Inner::Map(m) => m,
+            Inner::Buf { buf, at, len } => &buf[*at..*at + *len],
         }
     }
 }
+
+impl Region {
+    /// Whether the region is held in a buffer ([`Region::into_buffer`]).
+    pub fn is_buffered(&self) -> bool {
+        matches!(self.0, Inner::Buf { .. })
+    }
+
+    /// The buffer of a region read by [`SafetensorsFile::read`], to be
+    /// given to the next read.
+    pub fn into_buffer(self) -> Option<Vec<u8>> {
+        match self.0 {
+            Inner::Buf { buf, .. } => Some(buf),
+            _ => None,
+        }
+    }
+}
+
+/// Alignment of direct reads: offsets, lengths and buffer addresses.
+#[cfg(target_os = "linux")]
+const ALIGN: usize = 4096;
 
 /// Python's `repr` of a string, as the messages of the Python reader showed
 /// names (`'fc.weight'`).
@@ -314,7 +351,7 @@ impl SafetensorsFile {
     /// Maps `len` bytes of `entry` from byte `start` of its data.
     pub fn map(&self, entry: &Entry, start: usize, len: usize) -> Result<Region> {
         if len == 0 {
-            return Ok(Region(None));
+            return Ok(Region(Inner::Empty));
         }
         let in_range = start
             .checked_add(len)
@@ -338,7 +375,122 @@ impl SafetensorsFile {
                 .map(&self.file)
         }
         .map_err(|e| IoError::os(&self.path, e))?;
-        Ok(Region(Some(map)))
+        Ok(Region(Inner::Map(map)))
+    }
+
+    /// A second descriptor of this file (the same inode, through
+    /// `/proc/self/fd`) that reads with `O_DIRECT`, for
+    /// [`SafetensorsFile::read`]; `None` where that is not possible.
+    #[cfg(target_os = "linux")]
+    pub fn open_direct(&self) -> Option<File> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+            .ok()
+    }
+
+    /// Reads `len` bytes of `entry` from byte `start` of its data into
+    /// `buf` (reused: grown when too small, never cleared). A range whose
+    /// pages are all in the page cache is copied from it; any other is
+    /// read straight from the device through `direct` (from
+    /// [`SafetensorsFile::open_direct`]: no page cache, no copy, little
+    /// CPU time), whole aligned pages around the range; without it (or
+    /// when the file system refuses, which sets it to `None`), with plain
+    /// reads.
+    #[cfg(target_os = "linux")]
+    pub fn read(
+        &self,
+        direct: &mut Option<File>,
+        entry: &Entry,
+        start: usize,
+        len: usize,
+        mut buf: Vec<u8>,
+    ) -> Result<Region> {
+        use std::io::ErrorKind;
+        use std::os::unix::fs::FileExt;
+        if len == 0 {
+            return Ok(Region(Inner::Empty));
+        }
+        let in_range = start
+            .checked_add(len)
+            .is_some_and(|stop| stop <= entry.nbytes());
+        if !in_range {
+            return Err(IoError::InvalidArgument(format!(
+                "range {start}+{len} outside tensor {}",
+                repr(&entry.name)
+            )));
+        }
+        let os = |e| IoError::os(&self.path, e);
+        let offset = self.data_start + (entry.begin + start) as u64;
+        let first = offset / ALIGN as u64 * ALIGN as u64;
+        let skip = (offset - first) as usize;
+        let need = skip + len;
+        let span = need.next_multiple_of(ALIGN);
+        if buf.len() < span + ALIGN {
+            buf.resize(span + ALIGN, 0);
+        }
+        let pad = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+        let dst = &mut buf[pad..pad + span];
+        let mut done = 0usize;
+        // All in the page cache: a copy from memory (as `cat`) below.
+        let from_cache = self.cached(first, need);
+        // Otherwise from the device, whole aligned pages.
+        while !from_cache && done < need && done.is_multiple_of(ALIGN) && pad < ALIGN {
+            let Some(d) = direct.as_ref() else { break };
+            match d.read_at(&mut dst[done..], first + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => *direct = None,
+                Err(e) => return Err(os(e)),
+            }
+        }
+        while done < need {
+            match self.file.read_at(&mut dst[done..need], first + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(os(e)),
+            }
+        }
+        if done < need {
+            return Err(IoError::format(
+                &self.path,
+                "truncated file (it became shorter while being read)",
+            ));
+        }
+        Ok(Region(Inner::Buf {
+            buf,
+            at: pad + skip,
+            len,
+        }))
+    }
+
+    /// Whether all `len` bytes at `offset` (a multiple of the page size)
+    /// are in the page cache: `mincore` on a mapping of them that is never
+    /// read (asking starts no read-ahead, unlike a non-blocking read).
+    /// Errors answer `false`.
+    #[cfg(target_os = "linux")]
+    fn cached(&self, offset: u64, len: usize) -> bool {
+        // SAFETY: as in `open`; the mapping's bytes are never read.
+        let Ok(map) = (unsafe { MmapOptions::new().offset(offset).len(len).map(&self.file) })
+        else {
+            return false;
+        };
+        let mut resident = vec![0u8; len.div_ceil(ALIGN)];
+        // SAFETY: `map` is a live mapping of `len` bytes starting on a page
+        // (`offset` is page-aligned), `resident` has one byte per page.
+        let r = unsafe {
+            libc::mincore(
+                map.as_ptr() as *mut libc::c_void,
+                len,
+                resident.as_mut_ptr(),
+            )
+        };
+        r == 0 && resident.iter().all(|&b| b & 1 == 1)
     }
 
     /// Maps a whole tensor.
@@ -350,6 +502,68 @@ impl SafetensorsFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `read` (from the page cache, from the device with `O_DIRECT`, and
+    /// with plain reads; reusing one buffer) gives the bytes `map` gives,
+    /// for ranges at unaligned offsets.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn read_equals_map() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let dir = std::env::temp_dir().join(format!("squant-io-read-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        let n = 3 * 1024 * 1024 + 5;
+        let header = format!(
+            "{{\"a\":{{\"dtype\":\"U8\",\"shape\":[3],\"data_offsets\":[0,3]}},\
+             \"b\":{{\"dtype\":\"U8\",\"shape\":[{n}],\"data_offsets\":[3,{}]}}}}",
+            n + 3
+        );
+        let data: Vec<u8> = (0..n + 3).map(|i| (i * 131 + i / 4093) as u8).collect();
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(header.as_bytes()).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let st = SafetensorsFile::open(&path).unwrap();
+        let e = st.get("b").unwrap().clone();
+        let ranges = [
+            (0, n),
+            (1, 4096),
+            (4095, 8193),
+            (n - 7, 7),
+            (12345, 2_000_000),
+        ];
+        let mut buf = Vec::new();
+        for evict in [false, true, false] {
+            for use_direct in [true, false] {
+                let mut direct = if use_direct { st.open_direct() } else { None };
+                assert_eq!(direct.is_some(), use_direct);
+                for &(start, len) in &ranges {
+                    if evict {
+                        // SAFETY: a plain system call on our descriptor.
+                        unsafe {
+                            libc::posix_fadvise(
+                                st.file.as_raw_fd(),
+                                0,
+                                0,
+                                libc::POSIX_FADV_DONTNEED,
+                            )
+                        };
+                    }
+                    let r = st.read(&mut direct, &e, start, len, buf).unwrap();
+                    assert!(*r == *st.map(&e, start, len).unwrap(), "{start}+{len}");
+                    assert!(*r == data[3 + start..3 + start + len]);
+                    buf = r.into_buffer().unwrap();
+                }
+            }
+        }
+        assert!(st.read(&mut None, &e, n - 1, 2, buf).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn repr_matches_python() {

@@ -6,6 +6,7 @@
 //! end: an error leaves no partial output directory.
 
 use std::collections::{HashMap, HashSet};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -13,9 +14,9 @@ use serde_json::{Map, Value};
 use crate::error::{IoError, Result};
 use crate::format::{base_of, Kind, SquantFile, CODES, SCALE, ZERO_POINT};
 use crate::json;
-use crate::quant::{quantize_open, selection, Options, ProgressFn, Report};
+use crate::quant::{quantize_files, selection, Job, Options, ProgressFn, Report};
 use crate::read::{repr, SafetensorsFile};
-use crate::write::{register_temp, unregister_temp};
+use crate::write::{parent_of, register_temp, sync_dir, unregister_temp};
 
 /// File name of the index.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
@@ -190,23 +191,27 @@ pub fn quantize_sharded(
         .flat_map(|f| f.entries.iter())
         .map(|e| e.nbytes() as u64)
         .sum();
-    let mut done = 0u64;
     let mut merged = ShardedReport {
         shards: files.len(),
         ..ShardedReport::default()
     };
+    let outs: Vec<PathBuf> = index.shards.iter().map(|s| tmp.join(s)).collect();
+    let jobs: Vec<Job<'_>> = files
+        .iter()
+        .zip(&selections)
+        .zip(&outs)
+        .map(|((src, selected), dst)| Job { src, dst, selected })
+        .collect();
+    // One pipeline over all shards: the next shard is read and quantized
+    // while the previous one is being completed.
+    let reports = quantize_files(&jobs, opts, progress, 0, total, true)?;
     let mut weight_map = Map::new();
-    for ((file, sel), shard) in files.iter().zip(&selections).zip(&index.shards) {
-        let out = tmp.join(shard);
-        let r =
-            quantize_open(file, &out, opts, sel, progress, done, total).map_err(|e| match e {
-                IoError::Quantize { name, source } => IoError::Quantize {
-                    name: format!("{}: {name}", file.path().display()),
-                    source,
-                },
-                other => other,
-            })?;
-        done += r.size_before;
+    for (((file, sel), shard), r) in files
+        .iter()
+        .zip(&selections)
+        .zip(&index.shards)
+        .zip(reports)
+    {
         merged.input_size += file.size();
         merged.report.tensors += r.tensors;
         merged.report.size_before += r.size_before;
@@ -242,11 +247,21 @@ pub fn quantize_sharded(
     let text = serde_json::to_string_pretty(&Value::Object(doc))
         .map_err(|e| IoError::InvalidArgument(e.to_string()))?;
     let index_out = tmp.join(INDEX_NAME);
-    std::fs::write(&index_out, format!("{text}\n")).map_err(|e| IoError::os(out_dir, e))?;
+    // The index, the shards (synced as they were completed) and the
+    // directory's entries on disk before the directory is renamed into
+    // place, and that rename after.
+    let write_index = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&index_out)?;
+        f.write_all(format!("{text}\n").as_bytes())?;
+        f.sync_all()?;
+        sync_dir(&tmp)
+    };
+    write_index().map_err(|e| IoError::os(out_dir, e))?;
     if out_dir.is_dir() {
         std::fs::remove_dir(out_dir).map_err(|e| IoError::os(out_dir, e))?;
     }
     std::fs::rename(&tmp, out_dir).map_err(|e| IoError::os(out_dir, e))?;
+    sync_dir(parent_of(out_dir)).map_err(|e| IoError::os(out_dir, e))?;
     let mut guard = guard;
     guard.0 = None;
     unregister_temp(&tmp);

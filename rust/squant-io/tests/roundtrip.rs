@@ -357,3 +357,65 @@ fn multi_block_weight_is_exact_and_thread_independent() {
     assert!(err.to_string().contains("checksum mismatch"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A weight whose smallest block (4 channels of 2.5 M elements, 20 MB) is
+/// far above the usual 8 MiB: read alone (no read-ahead), between a plain
+/// tensor and a small weight; the result equals the core's quantization.
+#[test]
+fn huge_channels_are_exact() {
+    let dir = tmpdir("huge");
+    let src = dir.join("in.safetensors");
+    let shape = vec![6usize, 2_500_000];
+    let n: usize = shape.iter().product();
+    let w: Vec<f32> = values(n, 5)
+        .into_iter()
+        .map(|x| half::bf16::from_f32(x).to_f32())
+        .collect();
+    let small = values(64 * 48, 9);
+    write_st(
+        &src,
+        &vec![
+            (
+                "a.bias".to_string(),
+                Dtype::BF16,
+                vec![300],
+                bytes_of(Dtype::BF16, &values(300, 3)),
+            ),
+            (
+                "huge.weight".to_string(),
+                Dtype::BF16,
+                shape.clone(),
+                bytes_of(Dtype::BF16, &w),
+            ),
+            (
+                "z.weight".to_string(),
+                Dtype::F32,
+                vec![64, 48],
+                bytes_of(Dtype::F32, &small),
+            ),
+        ],
+    );
+    let dst = dir.join("out.safetensors");
+    quantize_file(&src, &dst, &opts(4), &mut |_, _, _| Ok(())).unwrap();
+    let layout = Layout::from_shape(&shape).unwrap();
+    let mut q = vec![0i8; n];
+    let (mut s, mut z) = (vec![0f32; layout.oc], vec![0f32; layout.oc]);
+    squant_core::quantize(
+        &w,
+        layout,
+        4,
+        Quantizer::Asymmetric,
+        Mode::Full,
+        &mut q,
+        &mut s,
+        &mut z,
+    )
+    .unwrap();
+    let mut want = vec![0f32; n];
+    squant_core::dequantize(&q, layout, &s, &z, &mut want).unwrap();
+    let got = load_all(&dst);
+    assert_eq!(got["huge.weight"], bytes_of(Dtype::BF16, &want));
+    assert_eq!(got["a.bias"], bytes_of(Dtype::BF16, &values(300, 3)));
+    SquantFile::open(&dst).unwrap().verify().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
