@@ -69,6 +69,14 @@ RECIPE_ROWS: dict[str, tuple[dict[str, Any], tuple[str, ...] | None]] = {
         {"recipe": "squant+", "bias_correction": False},
         ABLATION_CONFIGS,
     ),
+    "squant+ w/o weight range search": (
+        {"recipe": "squant+", "weight_range": "minmax"},
+        ("W4", "W4A8"),
+    ),
+    "squant+ w/ weight range search": (
+        {"recipe": "squant+", "weight_range": "bn-mse"},
+        ("W6", "W6A6", "W4A4"),
+    ),
     "squant+ w/o BN ranges": (
         {"recipe": "squant+", "act_ranges": "sigma"},
         ("W8A8", "W4A4"),
@@ -226,8 +234,10 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"- weights: per-output-channel asymmetric min/max, SQuant ({res['backend']} backend), "
         "all Conv/Linear layers; `squant-e` = nearest rounding with the same quantizer",
         '- `squant+`: `quantize_model(..., recipe="squant+")` (mode squant; BN folding, '
-        "analytic bias correction, BN-statistics activation ranges; docs/recipe.md); "
-        '`w/o X`: the recipe with step X switched off; W/A rows with `act_ranges="bn"` '
+        "analytic bias correction, BN-statistics activation ranges, and at <=4-bit weights with "
+        "float or 8-bit activations the input-variance-weighted weight clipping; docs/recipe.md); "
+        "`w/o X`: the recipe with step X switched off (`w/ X`: forced on where the recipe "
+        'leaves it off); W/A rows with `act_ranges="bn"` '
         "need no calibration batch",
         f"- W/A columns: the data-free activation pipeline (docs/algorithm.md section 5) of "
         f"`squant_rs.quantize_model(..., abits=...)`, ranges from one batch of "

@@ -30,10 +30,13 @@ from .layers import check_patterns, copy_model, plan_layers, quantize_into, with
 from .recipe import (
     apply_bias_correction,
     bn_activation_ranges,
+    clip_weight_items,
     finish_activation_order,
+    finish_clip_items,
     prepare,
     prepare_bias_correction,
     resolve_recipe,
+    weight_range_for,
 )
 from .report import LayerReport, QuantReport
 
@@ -164,8 +167,13 @@ def quantize_model(
     * ``act_ranges``: ``"sigma"`` (the paper's rule on noise) or ``"bn"``
       (``mu -+ bn_sigmas * sigma`` of the BatchNorm statistics, clipped by
       the activation; the sigma rule where a layer has none);
-    * ``weight_range``: ``"minmax"`` (docs/algorithm.md section 1; the only choice, see
-      ``docs/recipe.md`` step 4).
+    * ``weight_range``: ``"minmax"`` (docs/algorithm.md section 1), ``"bn-mse"``
+      (per output channel, the clipping ``r [min, max]``, ``r`` in
+      ``1.0, 0.95, ..., 0.5``, whose rounded weights have the least error
+      weighted by the input channels' variances from the BatchNorm
+      statistics; asymmetric quantizer only) or ``"auto"`` (squant+'s:
+      ``"bn-mse"`` at ``wbits <= 4`` with float or 8-bit activations,
+      ``"minmax"`` otherwise); ``docs/recipe.md`` step 4.
 
     Raises:
         TypeError: an argument of the wrong type.
@@ -302,7 +310,13 @@ def quantize_model(
             {name: quantizers.get(name) if calibration == "float" else None for name, _ in layers},
         )
     items = [(name, src, module.weight) for src, (name, module) in zip(sources, plan.chosen)]
+    ratios: dict[str, float] = {}
+    if weight_range_for(config, wbits, abits, quantizer) == "bn-mse":
+        items, swaps, ratios = clip_weight_items(rplan, dict(plan.chosen), items, wbits)
+    else:
+        swaps = []
     results = quantize_into(items, wbits, mode, backend, threads, quantizer)
+    finish_clip_items(swaps)
     by_name: dict[str, LayerReport] = {}
     for (name, module), res in zip(plan.chosen, results):
         weight = module.weight
@@ -326,6 +340,7 @@ def quantize_model(
             kind=type(module).__name__,
             folded=id(module) in rplan.folded_modules,
             bias_corrected=corrected,
+            clip_ratio=ratios.get(name, 1.0),
             qtensor=res.qtensor,
         )
     for name, owner, module in plan.tied:

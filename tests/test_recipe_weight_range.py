@@ -1,0 +1,129 @@
+"""squant+ step 4: the per-channel weight clipping weighted by the input
+channels' variances (``weight_range="bn-mse"``, ``"auto"``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import squant_rs
+from squant_rs.model.recipe import (
+    CLIP_RATIOS,
+    clip_ratios,
+    resolve_recipe,
+    weight_importance,
+    weight_range_for,
+)
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from test_recipe import LAYERS, SHAPE, _digest, _tiny  # noqa: E402
+
+# One row, 2 bits (levels 0..3 steps): with r = 1 the grid 0, 1, 2, 3
+# holds 0 and 3 exactly and rounds the three 1.3s to 1 (error 3 * 0.09);
+# with r = 0.65 the grid 0, 0.65, 1.3, 1.95 holds 0 and 1.3 and clips 3 to
+# 1.95 (error 1.05^2 = 1.1025). Every other ratio of CLIP_RATIOS costs more
+# than r = 1 with equal weights (e.g. r = 0.95: 3 * 0.35^2 + 0.15^2 = 0.39).
+ROW = np.array([[0.0, 1.3, 1.3, 1.3, 3.0]])
+
+
+def test_clip_ratios_hand_computed() -> None:
+    assert CLIP_RATIOS[0] == 1.0 and len(CLIP_RATIOS) == 11
+    # equal weights: the full range
+    assert clip_ratios(ROW, np.ones_like(ROW), 2).tolist() == [1.0]
+    # the 1.3s' inputs vary 1000x more than the outlier's: clip to 0.65
+    imp = np.array([[1.0, 10.0, 10.0, 10.0, 0.01]])
+    assert clip_ratios(ROW, imp, 2)[0] == pytest.approx(0.65)
+    # reversed importance (the outlier's input matters most): keep it
+    imp_rev = np.array([[1.0, 0.01, 0.01, 0.01, 10.0]])
+    assert clip_ratios(ROW, imp_rev, 2).tolist() == [1.0]
+    # rows are independent
+    both = np.concatenate([ROW, ROW])
+    got = clip_ratios(both, np.concatenate([imp_rev, imp]), 2)
+    assert got[0] == 1.0 and got[1] == pytest.approx(0.65)
+
+
+def test_weight_importance_columns() -> None:
+    var = np.array([1.0, 2.0, 3.0, 4.0])
+    dense = weight_importance(nn.Conv2d(4, 2, 2), (2, 4, 2, 2), var)
+    assert dense.shape == (1, 16)  # the same row for every output channel
+    # row-major (OC, IC, kh, kw): each input channel's 4 kernel positions
+    assert dense[0].tolist() == [1.0] * 4 + [2.0] * 4 + [3.0] * 4 + [4.0] * 4
+    dw = weight_importance(nn.Conv2d(4, 4, 3, groups=4), (4, 1, 3, 3), var)
+    assert dw.shape == (4, 9) and dw[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0]
+    grouped = weight_importance(nn.Conv2d(4, 4, 1, groups=2), (4, 2, 1, 1), var)
+    assert grouped.tolist() == [[1.0, 2.0], [1.0, 2.0], [3.0, 4.0], [3.0, 4.0]]
+    lin = weight_importance(nn.Linear(4, 3), (3, 4), var)
+    assert lin.tolist() == [[1.0, 2.0, 3.0, 4.0]]
+    assert weight_importance(nn.Linear(4, 3), (3, 4), None).tolist() == [[1.0] * 4]
+
+
+def test_auto_resolution() -> None:
+    plus = resolve_recipe("squant+")
+    assert plus.weight_range == "auto"
+    assert weight_range_for(plus, 4, None, "asymmetric") == "bn-mse"
+    assert weight_range_for(plus, 3, 8, "asymmetric") == "bn-mse"
+    assert weight_range_for(plus, 4, 4, "asymmetric") == "minmax"
+    assert weight_range_for(plus, 6, None, "asymmetric") == "minmax"
+    assert weight_range_for(plus, 4, None, "symmetric") == "minmax"
+    assert resolve_recipe("paper").weight_range == "minmax"
+    explicit = resolve_recipe("squant+", weight_range="bn-mse")
+    assert weight_range_for(explicit, 8, 4, "asymmetric") == "bn-mse"
+    with pytest.raises(squant_rs.InvalidArgumentError, match="asymmetric"):
+        weight_range_for(explicit, 4, None, "symmetric")
+
+
+def test_quantize_model_clips_only_where_asked() -> None:
+    model = _tiny()
+    before = _digest(model)
+    q, rep = squant_rs.quantize_model(model, 4, input_shape=SHAPE, return_report=True)
+    assert _digest(model) == before  # the caller's model is untouched
+    ratios = {r.name: r.clip_ratio for r in rep.layers}
+    # the stem's input (the image) has no statistics: min/max
+    assert ratios["stem.0"] == 1.0
+    assert all(0.5 <= ratios[n] <= 1.0 for n in LAYERS)
+    assert any(ratios[n] < 1.0 for n in LAYERS)
+    # the report shows the ratio
+    lowest = min(rep.layers, key=lambda r: r.clip_ratio)
+    assert f"{lowest.clip_ratio:.3f}" in str(rep) and "clip" in str(rep)
+    _, rep_mm = squant_rs.quantize_model(
+        model, 4, input_shape=SHAPE, weight_range="minmax", return_report=True
+    )
+    assert all(r.clip_ratio == 1.0 for r in rep_mm.layers)
+    # "auto" at 4-bit activations and at 8-bit weights: min/max, bit for bit
+    for w, a in ((4, 4), (8, None)):
+        auto = squant_rs.quantize_model(model, w, a, input_shape=SHAPE)
+        mm = squant_rs.quantize_model(model, w, a, input_shape=SHAPE, weight_range="minmax")
+        assert _digest(auto) == _digest(mm)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="asymmetric"):
+        squant_rs.quantize_model(model, 4, quantizer="symmetric", weight_range="bn-mse")
+
+
+def test_bias_correction_uses_unclipped_weights() -> None:
+    """The bias correction compares the quantized weight with the float
+    (unclipped) one: on inputs from the assumed distribution the mean
+    output error per channel stays small with clipping."""
+    model = _tiny()
+    q, rep = squant_rs.quantize_model(
+        model, 4, input_shape=SHAPE, weight_range="bn-mse", return_report=True
+    )
+    assert any(r.clip_ratio < 1.0 for r in rep.layers)
+    torch.manual_seed(3)
+    x = torch.randn(64, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        out = q(x)
+        nb = squant_rs.quantize_model(
+            model, 4, input_shape=SHAPE, weight_range="bn-mse", bias_correction=False
+        )(x)
+    err_bc = (out - ref).mean(0).abs().mean()
+    err_nb = (nb - ref).mean(0).abs().mean()
+    assert err_bc < err_nb
+
+
+def test_minmax_is_the_recipe_before() -> None:
+    """``weight_range="minmax"`` gives squant+'s W4 output from before the
+    clipping search, bit for bit (its digest was pinned in test_recipe)."""
+    q = squant_rs.quantize_model(_tiny(), 4, input_shape=SHAPE, weight_range="minmax")
+    assert _digest(q) == "a7fe16113c766da44f0a90b64662b6833faaf5f38585c754ee34272f733cf3e2"
