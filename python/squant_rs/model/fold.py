@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     import torch.fx
     from torch import nn
 
+    from .capture import Graph as CapturedGraph
+
 
 @dataclass(frozen=True)
 class BatchNormFold:
@@ -79,10 +81,28 @@ def leaf_types() -> tuple[type[Any], ...]:
     )
 
 
-def trace(model: nn.Module) -> torch.fx.Graph | None:
+def trace(
+    model: nn.Module, modules: dict[str, nn.Module] | None = None
+) -> torch.fx.Graph | CapturedGraph | None:
+    """The graph of ``model`` with Conv/Linear/BN/activation modules
+    (subclasses included) as leaves: the nodes of the ``torch.fx`` symbolic
+    trace, recorded by the cheaper :func:`~squant_rs.model.capture.capture`
+    where it can mirror ``torch.fx`` (else by ``torch.fx``,
+    :func:`trace_fx`), or ``None`` where symbolic tracing fails
+    (data-dependent control flow and the like). ``modules``: ``model``'s
+    ``named_modules()`` as a dict, where the caller has it."""
+    from .capture import capture
+
+    try:
+        return capture(model, modules)
+    except Exception:  # anything the capture does not mirror: torch.fx decides
+        return trace_fx(model)
+
+
+def trace_fx(model: nn.Module) -> torch.fx.Graph | None:
     """The ``torch.fx`` graph of ``model`` with Conv/Linear/BN/activation
     modules (subclasses included) as leaves, or ``None`` where symbolic
-    tracing fails (data-dependent control flow and the like)."""
+    tracing fails."""
     import torch.fx
 
     leaves = leaf_types()
@@ -139,7 +159,7 @@ def _shared_weights(modules: Any) -> set[int]:
 
 
 def _fx_pairs(
-    model: nn.Module, graph: torch.fx.Graph, modules: dict[str, nn.Module]
+    model: nn.Module, graph: torch.fx.Graph | CapturedGraph, modules: dict[str, nn.Module]
 ) -> list[tuple[str, str]]:
     """``(layer, bn)`` names where the layer's only user is the BN, both
     modules are called exactly once in the graph and the layer's weight is
@@ -288,7 +308,7 @@ def fold_batchnorm(
 
 def fold_batchnorm_graph(
     model: nn.Module,
-    graph: torch.fx.Graph | None,
+    graph: torch.fx.Graph | CapturedGraph | None,
     sources: dict[int, Any] | None = None,
     modules: dict[str, nn.Module] | None = None,
 ) -> list[BatchNormFold]:

@@ -18,8 +18,9 @@ back-propagation):
    search that minimizes the weight error after CASE rounding was measured
    and made MobileNetV2 W4 worse, so it is not offered).
 
-The graph is read with ``torch.fx``; where tracing fails, only folding over
-``nn.Sequential`` runs and every layer falls back to the paper's steps.
+The graph is read as ``torch.fx`` traces it (:mod:`.capture`); where
+tracing fails, only folding over ``nn.Sequential`` runs and every layer
+falls back to the paper's steps.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     import torch
     import torch.fx
     from torch import nn
+
+    from .capture import Graph as CapturedGraph
+    from .capture import Node as CapturedNode
 
 RECIPES: tuple[str, ...] = ("paper", "squant+")
 ACT_RANGES: tuple[str, ...] = ("sigma", "bn")
@@ -338,7 +342,9 @@ def _add(a: ChannelStats, b: ChannelStats) -> ChannelStats | None:
 # Graph walk
 
 
-def _activation_bounds(target: Any, node: torch.fx.Node, module: Any) -> tuple[float, float] | None:
+def _activation_bounds(
+    target: Any, node: torch.fx.Node | CapturedNode, module: Any
+) -> tuple[float, float] | None:
     """Clamp bounds of an elementwise clamp-like activation, else ``None``."""
     import torch
     import torch.nn.functional as F
@@ -408,7 +414,9 @@ def _is_passthrough(target: Any, module: Any) -> bool:
 
 
 def analyze(
-    model: nn.Module, graph: torch.fx.Graph, modules: dict[str, nn.Module] | None = None
+    model: nn.Module,
+    graph: torch.fx.Graph | CapturedGraph,
+    modules: dict[str, nn.Module] | None = None,
 ) -> dict[str, ChannelStats | None]:
     """Per call_module node name of a Conv/Linear layer: the statistics of
     its (first) input, or ``None`` where they are not known. Read from the
@@ -421,13 +429,13 @@ def analyze(
     bns = _bn_types()
     if modules is None:
         modules = dict(model.named_modules())
-    stats: dict[torch.fx.Node, ChannelStats | None] = {}
+    stats: dict[Any, ChannelStats | None] = {}
     out: dict[str, ChannelStats | None] = {}
     counts: dict[str, int] = {}
 
-    def arg_stats(node: torch.fx.Node) -> ChannelStats | None:
+    def arg_stats(node: Any) -> ChannelStats | None:
         a = node.args[0] if node.args else None
-        return stats.get(a) if a is not None and hasattr(a, "op") else None  # type: ignore[arg-type]
+        return stats.get(a) if a is not None and hasattr(a, "op") else None
 
     for node in graph.nodes:
         module: Any = None
@@ -482,7 +490,7 @@ def _bn_stats(bn: Any) -> ChannelStats | None:
     return ChannelStats(beta, np.abs(gamma), source="bn")
 
 
-def execution_order(graph: torch.fx.Graph, names: Sequence[str]) -> list[str]:
+def execution_order(graph: torch.fx.Graph | CapturedGraph, names: Sequence[str]) -> list[str]:
     """``names`` in the order the graph first calls them (missing ones dropped)."""
     wanted = set(names)
     order: list[str] = []
@@ -702,8 +710,8 @@ def prepare(
     plan = RecipePlan(config)
     if not (config.needs_graph or config.fold_bn):
         return plan  # the paper's steps: nothing to analyze or fold
-    graph = trace(model)
     modules = dict(model.named_modules())
+    graph = trace(model, modules)
     if graph is not None:
         plan.traced = True
         if config.needs_graph:
