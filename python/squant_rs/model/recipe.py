@@ -25,6 +25,7 @@ falls back to the paper's steps.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -231,7 +232,10 @@ class ChannelStats:
         (computed once: a residual add and the bias correction both ask)."""
         cached: tuple[np.ndarray, np.ndarray] | None = self.__dict__.get("_moments")
         if cached is None:
-            cached = clipped_normal_moments(self.mu, self.sigma, self.lo, self.hi)
+            if self.lo == -math.inf and self.hi == math.inf:
+                cached = _unclipped_moments(self.mu, self.sigma)
+            if cached is None:
+                cached = clipped_normal_moments(self.mu, self.sigma, self.lo, self.hi)
             object.__setattr__(self, "_moments", cached)
         return cached
 
@@ -311,10 +315,33 @@ def clipped_normal_moments(
     return np.where(flat, const, mean), np.where(flat, 0.0, np.sqrt(var))
 
 
+def _unclipped_moments(mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`clipped_normal_moments` with ``lo = -inf``, ``hi = inf``, bit
+    for bit, without the normal CDF: there ``Phi(a) = 0``, ``Phi(b) = 1``
+    and the densities are 0, so the formulas reduce to
+    ``mean = 0.0 + mu`` and ``E[X^2] = mu^2 + sigma^2`` (the zero terms
+    they add change no bit). ``None`` where a ``mu`` or ``sigma`` is not
+    finite (the general formulas decide there)."""
+    mu = np.asarray(mu, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        return None
+    flat = sigma <= 0
+    s = np.where(flat, 1.0, sigma)
+    mean = 0.0 + mu
+    with np.errstate(over="ignore", invalid="ignore"):
+        var = np.maximum((mu * mu + s * s) - mean * mean, 0.0)
+    return np.where(flat, mu, mean), np.where(flat, 0.0, np.sqrt(var))
+
+
 def compute_moments(stats: Sequence[ChannelStats]) -> None:
     """Compute (and cache) :meth:`ChannelStats.moments` of all ``stats`` in
     one vectorized call (the same values as one call each)."""
     todo = [st for st in dict.fromkeys(stats) if "_moments" not in st.__dict__]
+    for st in todo:
+        if st.lo == -math.inf and st.hi == math.inf:
+            st.moments()  # no normal CDF: cheap alone
+    todo = [st for st in todo if "_moments" not in st.__dict__]
     if not todo:
         return
     mu = np.concatenate([st.mu for st in todo])
@@ -342,27 +369,69 @@ def _add(a: ChannelStats, b: ChannelStats) -> ChannelStats | None:
 # Graph walk
 
 
-def _activation_bounds(
-    target: Any, node: torch.fx.Node | CapturedNode, module: Any
-) -> tuple[float, float] | None:
-    """Clamp bounds of an elementwise clamp-like activation, else ``None``."""
+@functools.cache
+def _graph_tables() -> dict[str, tuple[Any, ...]]:
+    """The module types and call targets the graph walk recognizes (built
+    once: torch is imported lazily)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
+    return {
+        "relu": (F.relu, torch.relu, "relu", "relu_"),
+        "pass_modules": (
+            nn.Identity,
+            nn.Dropout,
+            nn.Dropout1d,
+            nn.Dropout2d,
+            nn.Dropout3d,
+            nn.AdaptiveAvgPool1d,
+            nn.AdaptiveAvgPool2d,
+            nn.AdaptiveAvgPool3d,
+            nn.AvgPool1d,
+            nn.AvgPool2d,
+            nn.AvgPool3d,
+            nn.Flatten,
+        ),
+        "pass_targets": (
+            torch.flatten,
+            F.dropout,
+            F.adaptive_avg_pool1d,
+            F.adaptive_avg_pool2d,
+            F.adaptive_avg_pool3d,
+            F.avg_pool1d,
+            F.avg_pool2d,
+            F.avg_pool3d,
+            "flatten",
+            "view",
+            "reshape",
+            "contiguous",
+            "mean",
+            "squeeze",
+        ),
+        "clamps": (nn.ReLU6, nn.ReLU, nn.Hardtanh, F.relu6, F.hardtanh),
+    }
+
+
+def _activation_bounds(
+    target: Any, node: torch.fx.Node | CapturedNode, module: Any
+) -> tuple[float, float] | None:
+    """Clamp bounds of an elementwise clamp-like activation, else ``None``."""
+    tables = _graph_tables()
+    relu6, relu, hardtanh, f_relu6, f_hardtanh = tables["clamps"]
     if module is not None:
-        if isinstance(module, nn.ReLU6):
+        if isinstance(module, relu6):
             return 0.0, 6.0
-        if isinstance(module, nn.ReLU):
+        if isinstance(module, relu):
             return 0.0, math.inf
-        if isinstance(module, nn.Hardtanh):
+        if isinstance(module, hardtanh):
             return float(module.min_val), float(module.max_val)
         return None
-    if target in (F.relu, torch.relu, "relu", "relu_"):
+    if target in tables["relu"]:
         return 0.0, math.inf
-    if target is F.relu6:
+    if target is f_relu6:
         return 0.0, 6.0
-    if target is F.hardtanh:
+    if target is f_hardtanh:
         lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
         hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
         if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
@@ -373,44 +442,10 @@ def _activation_bounds(
 def _is_passthrough(target: Any, module: Any) -> bool:
     """Ops that keep each channel's values' distribution range and mean
     (dropout in eval, identity, average pooling, flatten/view/reshape)."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
+    tables = _graph_tables()
     if module is not None:
-        return isinstance(
-            module,
-            (
-                nn.Identity,
-                nn.Dropout,
-                nn.Dropout1d,
-                nn.Dropout2d,
-                nn.Dropout3d,
-                nn.AdaptiveAvgPool1d,
-                nn.AdaptiveAvgPool2d,
-                nn.AdaptiveAvgPool3d,
-                nn.AvgPool1d,
-                nn.AvgPool2d,
-                nn.AvgPool3d,
-                nn.Flatten,
-            ),
-        )
-    return target in (
-        torch.flatten,
-        F.dropout,
-        F.adaptive_avg_pool1d,
-        F.adaptive_avg_pool2d,
-        F.adaptive_avg_pool3d,
-        F.avg_pool1d,
-        F.avg_pool2d,
-        F.avg_pool3d,
-        "flatten",
-        "view",
-        "reshape",
-        "contiguous",
-        "mean",
-        "squeeze",
-    )
+        return isinstance(module, tables["pass_modules"])
+    return target in tables["pass_targets"]
 
 
 def analyze(
@@ -437,6 +472,8 @@ def analyze(
         a = node.args[0] if node.args else None
         return stats.get(a) if a is not None and hasattr(a, "op") else None
 
+    called = [modules[str(n.target)] for n in graph.nodes if n.op == "call_module"]
+    bn_stats = _bn_stats_many([m for m in called if isinstance(m, bns)])
     for node in graph.nodes:
         module: Any = None
         if node.op == "call_module":
@@ -448,7 +485,7 @@ def analyze(
                 stats[node] = None
                 continue
             if isinstance(module, bns):
-                stats[node] = _bn_stats(module)
+                stats[node] = bn_stats[id(module)]
                 continue
         elif node.op not in ("call_function", "call_method"):
             stats[node] = None
@@ -488,6 +525,29 @@ def _bn_stats(bn: Any) -> ChannelStats | None:
     gamma = _vector(bn.weight, n, 1.0)
     beta = _vector(bn.bias, n, 0.0)
     return ChannelStats(beta, np.abs(gamma), source="bn")
+
+
+def _bn_stats_many(bns: Sequence[Any]) -> dict[int, ChannelStats | None]:
+    """:func:`_bn_stats` of every BN by ``id`` (the vectors of all of them
+    joined by one ``torch.cat``: the same values)."""
+    from .fold import _vectors
+
+    out: dict[int, ChannelStats | None] = {id(bn): None for bn in bns}
+    todo = list({id(bn): bn for bn in bns if bn.running_mean is not None}.values())
+    if not todo:
+        return out
+    sizes = [int(bn.num_features) for bn in todo]
+    both = _vectors(
+        [bn.weight for bn in todo] + [bn.bias for bn in todo],
+        sizes * 2,
+        [1.0] * len(todo) + [0.0] * len(todo),
+    )
+    cuts = np.cumsum(sizes * 2)[:-1]
+    parts = np.split(both, cuts)
+    for i, bn in enumerate(todo):
+        gamma, beta = parts[i], parts[len(todo) + i]
+        out[id(bn)] = ChannelStats(beta, np.abs(gamma), source="bn")
+    return out
 
 
 def execution_order(graph: torch.fx.Graph | CapturedGraph, names: Sequence[str]) -> list[str]:
