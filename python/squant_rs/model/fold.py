@@ -26,6 +26,7 @@ containers are folded instead; :attr:`BatchNormFold.via` says which.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,18 +55,21 @@ class BatchNormFold:
     via: str = "fx"
 
 
+@functools.cache
 def _producer_types() -> tuple[type[Any], ...]:
     from torch import nn
 
     return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+@functools.cache
 def _bn_types() -> tuple[type[Any], ...]:
     from torch import nn
 
     return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+@functools.cache
 def leaf_types() -> tuple[type[Any], ...]:
     """Module types kept as single nodes when tracing (subclasses included)."""
     from torch import nn
@@ -239,6 +243,8 @@ def _vectors(tensors: list[Any], sizes: list[int], defaults: list[float]) -> np.
 
     if not tensors:
         return np.zeros(0)
+    if all(t is None for t in tensors):
+        return np.repeat(np.asarray(defaults, dtype=np.float64), sizes)
     first = tensors[0]
     if first is not None and first.device.type == "cpu":
         dtype = first.dtype

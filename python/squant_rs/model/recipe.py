@@ -338,10 +338,14 @@ def compute_moments(stats: Sequence[ChannelStats]) -> None:
     """Compute (and cache) :meth:`ChannelStats.moments` of all ``stats`` in
     one vectorized call (the same values as one call each)."""
     todo = [st for st in dict.fromkeys(stats) if "_moments" not in st.__dict__]
-    for st in todo:
-        if st.lo == -math.inf and st.hi == math.inf:
-            st.moments()  # no normal CDF: cheap alone
-    todo = [st for st in todo if "_moments" not in st.__dict__]
+    plain = [st for st in todo if st.lo == -math.inf and st.hi == math.inf]
+    if plain:  # no clipping: the closed form (no normal CDF), all at once
+        moments = _unclipped_moments(
+            np.concatenate([st.mu for st in plain]), np.concatenate([st.sigma for st in plain])
+        )
+        if moments is not None:
+            _store_moments(plain, *moments)
+            todo = [st for st in todo if "_moments" not in st.__dict__]
     if not todo:
         return
     mu = np.concatenate([st.mu for st in todo])
@@ -349,9 +353,13 @@ def compute_moments(stats: Sequence[ChannelStats]) -> None:
     sizes = [st.mu.shape[0] for st in todo]
     lo = np.repeat([st.lo for st in todo], sizes)
     hi = np.repeat([st.hi for st in todo], sizes)
-    mean, std = clipped_normal_moments(mu, sigma, lo, hi)
-    cuts = np.cumsum(sizes)[:-1]
-    for st, m, d in zip(todo, np.split(mean, cuts), np.split(std, cuts)):
+    _store_moments(todo, *clipped_normal_moments(mu, sigma, lo, hi))
+
+
+def _store_moments(stats: list[ChannelStats], mean: np.ndarray, std: np.ndarray) -> None:
+    """Cache each of ``stats``' slice of ``mean``, ``std`` as its moments."""
+    cuts = np.cumsum([st.mu.shape[0] for st in stats])[:-1]
+    for st, m, d in zip(stats, np.split(mean, cuts), np.split(std, cuts)):
         object.__setattr__(st, "_moments", (m, d))
 
 
@@ -564,10 +572,15 @@ def execution_order(graph: torch.fx.Graph | CapturedGraph, names: Sequence[str])
 # The steps on one layer
 
 
-def input_channels(module: Any) -> int:
+@functools.cache
+def _linear() -> type[Any]:
     from torch import nn
 
-    return int(module.in_features if isinstance(module, nn.Linear) else module.in_channels)
+    return nn.Linear
+
+
+def input_channels(module: Any) -> int:
+    return int(module.in_features if isinstance(module, _linear()) else module.in_channels)
 
 
 def _kernel_sums(w: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -593,14 +606,18 @@ def channel_dot(module: Any, w: torch.Tensor | np.ndarray, vec: np.ndarray) -> n
     channels of ``vec``. The kernel sums are in the weight's dtype, the
     products and the sum over input channels in float64 (one single-threaded
     ``einsum``: no BLAS thread pool)."""
-    from torch import nn
-
     per_in = _kernel_sums(w)
     oc, icg = per_in.shape
     e = np.asarray(vec, dtype=np.float64)
-    groups = 1 if isinstance(module, nn.Linear) else int(module.groups)
+    groups = 1 if isinstance(module, _linear()) else int(module.groups)
     if groups == 1:
         out: np.ndarray = np.einsum("oi,i->o", per_in, e, dtype=np.float64)
+        return out
+    if icg == 1:
+        # depthwise: one product per output channel; "+ 0.0" as einsum's
+        # sum into its zeroed output (a -0.0 product gives 0.0): the same bits
+        g1 = per_in.reshape(groups, oc // groups).astype(np.float64, copy=False)
+        out = (g1 * e.reshape(groups, 1) + 0.0).reshape(oc)
         return out
     # (groups, OC/groups, IC/groups) against (groups, IC/groups)
     g = per_in.reshape(groups, oc // groups, icg)
