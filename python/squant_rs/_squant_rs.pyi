@@ -22,6 +22,7 @@ __all__ = [
     "copy_tree",
     "simd_build",
     "normal_cdf",
+    "channel_dots",
     "quantize_reference",
     "dequantize",
     "resolve_threads",
@@ -91,6 +92,11 @@ def dequantize_into(
 def copy_tree(obj: Any, copier: Any) -> Any: ...
 def simd_build() -> str: ...
 def normal_cdf(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]: ...
+def channel_dots(
+    mats: list[npt.NDArray[np.float32]],
+    vecs: list[npt.NDArray[np.float64]],
+    threads: int | None = None,
+) -> list[npt.NDArray[np.float64]]: ...
 def quantize_reference(
     w: npt.NDArray[np.float32], bits: int, mode: str, quantizer: str = "asymmetric"
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...

@@ -30,6 +30,7 @@ from .layers import check_patterns, copy_model, plan_layers, quantize_into, with
 from .recipe import (
     apply_bias_correction,
     bn_activation_ranges,
+    compute_bias_shifts,
     finish_activation_order,
     prepare,
     prepare_bias_correction,
@@ -303,6 +304,21 @@ def quantize_model(
         )
     items = [(name, src, module.weight) for src, (name, module) in zip(sources, plan.chosen)]
     results = quantize_into(items, wbits, mode, backend, threads, quantizer)
+    if config.bias_correction:  # every layer's shift in one pass
+        compute_bias_shifts(
+            rplan,
+            [
+                (
+                    name,
+                    module,
+                    w_floats[name],
+                    module.weight.detach(),
+                    quantizers.get(name) if calibration == "float" else None,
+                )
+                for name, module in plan.chosen
+            ],
+            threads,
+        )
     by_name: dict[str, LayerReport] = {}
     for (name, module), res in zip(plan.chosen, results):
         weight = module.weight

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._squant_rs import InvalidArgumentError, normal_cdf
+from .._squant_rs import InvalidArgumentError, channel_dots, normal_cdf
 from .activations import ActivationQuantizer, activation_qparams
 
 if TYPE_CHECKING:
@@ -766,6 +766,9 @@ class RecipePlan:
     range_sources: dict[str, str] = field(default_factory=dict)
     #: ``E[Q(x)]`` per layer name (:func:`prepare_bias_correction`).
     expected_q: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The bias shift per layer name (:func:`compute_bias_shifts`), taken
+    #: by :func:`apply_bias_correction`.
+    shifts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def input_stats(self, name: str, module: Any) -> ChannelStats | None:
         s = self.stats.get(name)
@@ -824,6 +827,71 @@ def prepare_bias_correction(
     plan.expected_q.update({name: v for (name, _, _), v in zip(pairs, values)})
 
 
+def _native_rows(module: Any, w: torch.Tensor | np.ndarray) -> np.ndarray | None:
+    """``w`` as the C-contiguous float32 ``(OC, IC)`` matrix whose rows
+    :func:`channel_dot` would dot (a view), where the layer has one group,
+    a 1x1 kernel (or is Linear) and the weight is CPU float32; else ``None``."""
+    import torch
+
+    if not isinstance(module, _linear()) and int(module.groups) != 1:
+        return None
+    if isinstance(w, np.ndarray):
+        a = w
+    else:
+        t = w.detach()
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            return None
+        a = t.numpy()
+    oc = int(a.shape[0])
+    if a.dtype != np.float32 or a.ndim < 2 or a.size != oc * int(a.shape[1]):
+        return None
+    rows = a.reshape(oc, int(a.shape[1]))
+    return rows if rows.flags.c_contiguous else None
+
+
+def compute_bias_shifts(
+    plan: RecipePlan,
+    items: Sequence[tuple[str, Any, torch.Tensor, torch.Tensor, ActivationQuantizer | None]],
+    threads: int | None = None,
+) -> None:
+    """The shifts :func:`apply_bias_correction` will subtract, for every
+    ``(name, module, w_float, w_hat, quantizer)`` (after quantization), in
+    ``plan.shifts``: the dot products of all 1x1/Linear layers in one native
+    pass on ``threads`` threads (float64 products and sums, like
+    :func:`channel_dot`, whose ``einsum`` the other layers keep)."""
+    mats: list[np.ndarray] = []
+    vecs: list[np.ndarray] = []
+    terms: dict[str, list[int | np.ndarray]] = {}
+    for name, module, w_float, w_hat, quantizer in items:
+        stats = plan.input_stats(name, module)
+        if stats is None:
+            continue
+        mean = stats.mean()
+        parts: list[tuple[torch.Tensor | np.ndarray, np.ndarray]]
+        if _quantizes(quantizer):
+            assert quantizer is not None
+            eq = plan.expected_q.get(name)
+            if eq is None:
+                eq = expected_quantized(stats, quantizer)
+            parts = [(w_hat, eq), (w_float, mean)]  # shift = W_q . E[Q(x)] - W . E[x]
+        else:
+            parts = [(_difference(w_hat, w_float), mean)]  # shift = (W_q - W) . E[x]
+        values: list[int | np.ndarray] = []
+        for w, vec in parts:
+            rows = _native_rows(module, w)
+            if rows is None:
+                values.append(channel_dot(module, w, vec))
+            else:
+                values.append(len(mats))
+                mats.append(rows)
+                vecs.append(np.ascontiguousarray(vec, dtype=np.float64))
+        terms[name] = values
+    dots = channel_dots(mats, vecs, threads) if mats else []
+    for name, values in terms.items():
+        v = [dots[x] if isinstance(x, int) else x for x in values]
+        plan.shifts[name] = v[0] - v[1] if len(v) == 2 else v[0]
+
+
 def apply_bias_correction(
     plan: RecipePlan,
     name: str,
@@ -836,7 +904,8 @@ def apply_bias_correction(
     ``b -= W_q . E[Q(x)] - W . E[x]``, with ``E[Q(x)] = E[x]`` where the
     input is not quantized (``quantizer`` ``None``, disabled or without a
     range), i.e. ``b -= (W_q - W) . E[x]``. ``E[Q(x)]`` comes from
-    :func:`prepare_bias_correction` where it ran.
+    :func:`prepare_bias_correction` where it ran, the shift from
+    :func:`compute_bias_shifts` where it ran.
 
     Returns:
         whether the layer was corrected.
@@ -844,6 +913,10 @@ def apply_bias_correction(
     stats = plan.input_stats(name, module)
     if stats is None:
         return False
+    shift = plan.shifts.pop(name, None)
+    if shift is not None:  # computed by compute_bias_shifts
+        shift_bias(module, shift, w_hat)
+        return True
     mean = stats.mean()
     if _quantizes(quantizer):
         assert quantizer is not None
