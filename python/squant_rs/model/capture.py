@@ -71,6 +71,10 @@ class Graph:
 _ATOMS: set[type[Any]] = {int, float, bool, str, complex, type(None), type(...)}
 
 
+#: Whether a function is a Tensor method or property, by function.
+_METHODS: dict[Any, bool] = {}
+
+
 class _Capture:
     def __init__(self, model: nn.Module, paths: dict[int, str]) -> None:
         import torch
@@ -83,8 +87,16 @@ class _Capture:
         self.atoms = set(_ATOMS) | {torch.dtype, torch.device, torch.memory_format, torch.layout}
         self.tensor = torch.Tensor
         self.unsupported = (torch._C.ScriptMethod, torch._ops.HigherOrderOperator)
-        self.is_method = torch.overrides.is_tensor_method_or_property
+        self.tensor_method = torch.overrides.is_tensor_method_or_property
         self.leaf_cache: dict[type[Any], bool] = {}
+
+    def is_method(self, func: Any) -> bool:
+        """``torch.overrides.is_tensor_method_or_property`` (which sets up a
+        warnings filter on every call), remembered per function."""
+        known = _METHODS.get(func)
+        if known is None:
+            known = _METHODS[func] = bool(self.tensor_method(func))
+        return known
 
     def arg(self, a: Any, reads: dict[Node, None]) -> Any:
         """``a`` with each value replaced by its node (``torch.fx``'s

@@ -304,9 +304,16 @@ def _fold_all(layers: list[Any], bns: list[Any], sources: list[Any]) -> list[np.
                 kt = torch.from_numpy(k).to(device=weight.device, dtype=weight.dtype)
                 torch.mul(src.detach(), kt.reshape(shape), out=weight.data)
             if bias is not None:
-                bias.copy_(torch.from_numpy(new_bias).to(bias.dtype))
+                host = _numpy_view(bias)
+                if host is not None and host.flags.writeable:
+                    host[...] = new_bias  # rounded once to the bias dtype, as torch's copy_
+                else:
+                    bias.copy_(torch.from_numpy(new_bias).to(bias.dtype))
             else:
-                t = torch.from_numpy(new_bias).to(device=weight.device, dtype=weight.dtype)
+                if dst_np is not None:  # CPU float32/64: numpy's rounding is torch's
+                    t = torch.from_numpy(new_bias.astype(dst_np.dtype))
+                else:
+                    t = torch.from_numpy(new_bias).to(device=weight.device, dtype=weight.dtype)
                 layer.bias = nn.Parameter(t, requires_grad=weight.requires_grad)
             out += [beta[cut], abs_gamma[cut]]
     return out

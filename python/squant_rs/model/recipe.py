@@ -552,9 +552,18 @@ def _bn_stats_many(bns: Sequence[Any]) -> dict[int, ChannelStats | None]:
     )
     cuts = np.cumsum(sizes * 2)[:-1]
     parts = np.split(both, cuts)
+    beta_all = np.concatenate(parts[len(todo) :])
+    sigma_all = np.abs(np.concatenate(parts[: len(todo)]))
+    # Their moments too (no clipping: the closed form; residual adds read them)
+    moments = _unclipped_moments(beta_all, sigma_all)
+    cuts = np.cumsum(sizes)[:-1]
+    betas, sigmas = np.split(beta_all, cuts), np.split(sigma_all, cuts)
+    means, stds = (np.split(moments[0], cuts), np.split(moments[1], cuts)) if moments else ([], [])
     for i, bn in enumerate(todo):
-        gamma, beta = parts[i], parts[len(todo) + i]
-        out[id(bn)] = ChannelStats(beta, np.abs(gamma), source="bn")
+        st = ChannelStats(betas[i], sigmas[i], source="bn")
+        if moments is not None:
+            object.__setattr__(st, "_moments", (means[i], stds[i]))
+        out[id(bn)] = st
     return out
 
 
