@@ -23,6 +23,7 @@ __all__ = [
     "simd_build",
     "normal_cdf",
     "channel_dots",
+    "scale_channels",
     "quantize_reference",
     "dequantize",
     "resolve_threads",
@@ -97,6 +98,12 @@ def channel_dots(
     vecs: list[npt.NDArray[np.float64]],
     threads: int | None = None,
 ) -> list[npt.NDArray[np.float64]]: ...
+def scale_channels(
+    ws: list[npt.NDArray[np.float32]],
+    ks: list[npt.NDArray[np.float32]],
+    outs: list[npt.NDArray[np.float32]],
+    threads: int | None = None,
+) -> None: ...
 def quantize_reference(
     w: npt.NDArray[np.float32], bits: int, mode: str, quantizer: str = "asymmetric"
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...

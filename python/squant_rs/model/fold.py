@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._squant_rs import scale_channels
+
 if TYPE_CHECKING:
     import torch.fx
     from torch import nn
@@ -257,7 +259,9 @@ def _vectors(tensors: list[Any], sizes: list[int], defaults: list[float]) -> np.
     return np.concatenate([_vector(t, n, d) for t, n, d in zip(tensors, sizes, defaults)])
 
 
-def _fold_all(layers: list[Any], bns: list[Any], sources: list[Any]) -> list[np.ndarray]:
+def _fold_all(
+    layers: list[Any], bns: list[Any], sources: list[Any], threads: int | None = None
+) -> list[np.ndarray]:
     """Fold each ``bns[i]`` into ``layers[i]`` in place (:func:`_fold_one`
     of every pair; the per-channel arithmetic of all of them in one pass,
     each value the same as alone). Returns ``beta`` and ``|gamma|`` of each
@@ -285,6 +289,8 @@ def _fold_all(layers: list[Any], bns: list[Any], sources: list[Any]) -> list[np.
     new_all = beta + (_vectors(biases, sizes, [0.0] * len(bns)) - mu) * k_all
     abs_gamma = np.abs(gamma)
     out: list[np.ndarray] = []
+    # CPU float32 weights written from another buffer: one native pass
+    native: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     start = 0
     with torch.no_grad():
         for layer, n, bias, source in zip(layers, sizes, biases, sources):
@@ -294,12 +300,21 @@ def _fold_all(layers: list[Any], bns: list[Any], sources: list[Any]) -> list[np.
             weight = layer.weight
             shape = (n,) + (1,) * (weight.dim() - 1)
             src = weight if source is None else source
-            # One multiply per weight in its own dtype (numpy on CPU float32/64:
-            # the same correctly rounded products as torch, without torch's
-            # thread pool); k and the bias in float64.
+            # One multiply per weight in its own dtype (native or numpy on CPU
+            # float32/64: the same correctly rounded products as torch, without
+            # torch's thread pool); k and the bias in float64.
             dst_np, src_np = _numpy_view(weight), _numpy_view(src)
             if dst_np is not None and src_np is not None and dst_np.flags.writeable:
-                np.multiply(src_np, k.astype(dst_np.dtype).reshape(shape), out=dst_np)
+                k_w = k.astype(dst_np.dtype)
+                if (
+                    dst_np.dtype == np.float32 == src_np.dtype
+                    and dst_np.flags.c_contiguous
+                    and src_np.flags.c_contiguous
+                    and not np.may_share_memory(dst_np, src_np)
+                ):
+                    native.append((src_np, k_w, dst_np))  # all at once below
+                else:
+                    np.multiply(src_np, k_w.reshape(shape), out=dst_np)
             else:
                 kt = torch.from_numpy(k).to(device=weight.device, dtype=weight.dtype)
                 torch.mul(src.detach(), kt.reshape(shape), out=weight.data)
@@ -316,6 +331,13 @@ def _fold_all(layers: list[Any], bns: list[Any], sources: list[Any]) -> list[np.
                     t = torch.from_numpy(new_bias).to(device=weight.device, dtype=weight.dtype)
                 layer.bias = nn.Parameter(t, requires_grad=weight.requires_grad)
             out += [beta[cut], abs_gamma[cut]]
+    if native:
+        srcs, ks, dsts = zip(*native)
+        try:
+            scale_channels(list(srcs), list(ks), list(dsts), threads)
+        except Exception:  # e.g. numpy views the native module may not borrow: numpy
+            for src_np, k_w, dst_np in native:
+                np.multiply(src_np, k_w.reshape((-1,) + (1,) * (src_np.ndim - 1)), out=dst_np)
     return out
 
 
@@ -371,13 +393,15 @@ def fold_batchnorm_graph(
     graph: torch.fx.Graph | CapturedGraph | None,
     sources: dict[int, Any] | None = None,
     modules: dict[str, nn.Module] | None = None,
+    threads: int | None = None,
 ) -> list[BatchNormFold]:
     """:func:`fold_batchnorm` in place on ``model`` with its traced ``graph``
     (``None``: the ``nn.Sequential`` fallback). ``sources`` maps the ``id``
     of a layer weight whose values are not set yet (a copy that was never
     cloned) to the tensor holding them: a folded layer's weight is then
     written from it. ``modules``: ``model.named_modules()`` as a dict, where
-    the caller has it. Returns the folds."""
+    the caller has it. ``threads``: for the weights' products (``None``: as
+    the native module decides). Returns the folds."""
     from torch import nn
 
     if modules is None:
@@ -388,7 +412,7 @@ def fold_batchnorm_graph(
         pairs, via = _sequential_pairs(model), "sequential"
     layers = [modules[layer_name] for layer_name, _ in pairs]
     srcs = [sources.get(id(layer.weight)) if sources else None for layer in layers]
-    values = _fold_all(layers, [modules[bn_name] for _, bn_name in pairs], srcs)
+    values = _fold_all(layers, [modules[bn_name] for _, bn_name in pairs], srcs, threads)
     folds: list[BatchNormFold] = []
     for i, (layer_name, bn_name) in enumerate(pairs):
         _set_submodule(model, bn_name, nn.Identity(), modules)

@@ -254,7 +254,7 @@ def quantize_model(
             tied=[(name, owner, in_copy(name, m)) for name, owner, m in plan.tied],
         )
         unset = {id(m.weight): src for src, (_, m) in zip(sources, plan.chosen)}
-        rplan = prepare(qmodel, config, unset)
+        rplan = prepare(qmodel, config, unset, threads)
         # A folded layer's float weight is the one just written into the copy.
         sources = [
             m.weight if id(m) in rplan.folded_modules else src

@@ -787,13 +787,16 @@ class RecipePlan:
 
 
 def prepare(
-    model: nn.Module, config: RecipeConfig, sources: dict[int, Any] | None = None
+    model: nn.Module,
+    config: RecipeConfig,
+    sources: dict[int, Any] | None = None,
+    threads: int | None = None,
 ) -> RecipePlan:
     """Analyze ``model`` (statistics, execution order) and fold its BNs in
     place as ``config`` says. ``sources``: see
     :func:`~squant_rs.model.fold.fold_batchnorm_graph` (the folded layers
-    whose weights are not set yet are written from them). Returns the
-    :class:`RecipePlan`."""
+    whose weights are not set yet are written from them; ``threads``: for
+    their products). Returns the :class:`RecipePlan`."""
     from .fold import fold_batchnorm_graph, trace
 
     plan = RecipePlan(config)
@@ -807,7 +810,7 @@ def prepare(
             plan.stats = analyze(model, graph, modules)
         plan.order = execution_order(graph, list(plan.stats))
     if config.fold_bn:
-        folds = fold_batchnorm_graph(model, graph, sources, modules)
+        folds = fold_batchnorm_graph(model, graph, sources, modules, threads)
         plan.folded = {f.layer for f in folds}
         plan.folded_modules = {id(modules[f.layer]) for f in folds}
     return plan

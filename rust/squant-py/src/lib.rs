@@ -410,6 +410,7 @@ fn _squant_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_build, m)?)?;
     m.add_function(wrap_pyfunction!(stats::normal_cdf, m)?)?;
     m.add_function(wrap_pyfunction!(stats::channel_dots, m)?)?;
+    m.add_function(wrap_pyfunction!(stats::scale_channels, m)?)?;
     io::register(m)?;
     let py = m.py();
     m.add("SquantError", py.get_type::<error::SquantError>())?;

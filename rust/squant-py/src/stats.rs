@@ -7,8 +7,15 @@
 //!
 //! `channel_dots`: `W . v` per row of many float32 matrices in one parallel
 //! pass (float64 products and sums).
+//!
+//! `scale_channels`: `out = k * w` per output channel of many float32
+//! weights in one parallel pass (BatchNorm folding; the same correctly
+//! rounded products as numpy's).
 
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
+    PyReadwriteArrayDyn, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use rayon::prelude::*;
 
@@ -135,6 +142,82 @@ pub fn channel_dots<'py>(
         outs[i].extend(part);
     }
     Ok(outs.into_iter().map(|o| o.into_pyarray(py)).collect())
+}
+
+/// Channels of one weight: (weights, factors, output, channel length).
+type ScaleTask<'a> = (&'a [f32], &'a [f32], &'a mut [f32], usize);
+
+/// scale_channels(ws, ks, outs, threads=None)
+/// --
+///
+/// `outs[i][c, ...] = ws[i][c, ...] * ks[i][c]` for every float32 weight
+/// `ws[i]` (C-contiguous, output channels first) and float32 factor vector
+/// `ks[i]` (one per output channel), written into `outs[i]` (same shape,
+/// C-contiguous, writeable, separate from every weight), all in one pass on
+/// `threads` threads.
+#[pyfunction]
+#[pyo3(signature = (ws, ks, outs, threads=None))]
+pub fn scale_channels<'py>(
+    py: Python<'py>,
+    ws: Vec<PyReadonlyArrayDyn<'py, f32>>,
+    ks: Vec<PyReadonlyArray1<'py, f32>>,
+    mut outs: Vec<PyReadwriteArrayDyn<'py, f32>>,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let threads = pool::resolve_threads(threads)?;
+    if ws.len() != ks.len() || ws.len() != outs.len() {
+        return Err(InvalidArgumentError::new_err(format!(
+            "got {} weights, {} factor vectors and {} outputs",
+            ws.len(),
+            ks.len(),
+            outs.len()
+        )));
+    }
+    let mut tasks: Vec<ScaleTask<'_>> = Vec::new();
+    for (i, ((w, k), o)) in ws.iter().zip(&ks).zip(outs.iter_mut()).enumerate() {
+        if w.shape() != o.shape() || w.ndim() == 0 || w.shape()[0] != k.len() {
+            return Err(InvalidArgumentError::new_err(format!(
+                "weight {i}: shapes {:?}, {:?} and output {:?} do not match",
+                w.shape(),
+                k.len(),
+                o.shape()
+            )));
+        }
+        let not_contiguous = |what: &str| {
+            InvalidArgumentError::new_err(format!("weight {i}: {what} not C-contiguous"))
+        };
+        let ws_ = w.as_slice().map_err(|_| not_contiguous("weight"))?;
+        let ks_ = k.as_slice().map_err(|_| not_contiguous("factors"))?;
+        let os_ = o.as_slice_mut().map_err(|_| not_contiguous("output"))?;
+        let g = if ks_.is_empty() {
+            0
+        } else {
+            ws_.len() / ks_.len()
+        };
+        let per = (TASK_ELEMS / g.max(1)).max(1);
+        let (mut wr, mut kr, mut or) = (ws_, ks_, os_);
+        while !kr.is_empty() {
+            let m = per.min(kr.len());
+            let (wa, wb) = wr.split_at(m * g);
+            let (ka, kb) = kr.split_at(m);
+            let (oa, ob) = std::mem::take(&mut or).split_at_mut(m * g);
+            tasks.push((wa, ka, oa, g));
+            (wr, kr, or) = (wb, kb, ob);
+        }
+    }
+    let pool = pool::pool(threads)?;
+    py.detach(|| {
+        pool.install(|| {
+            tasks.into_par_iter().for_each(|(w, k, out, g)| {
+                for ((o, x), &f) in out.chunks_mut(g.max(1)).zip(w.chunks(g.max(1))).zip(k) {
+                    for (d, &v) in o.iter_mut().zip(x) {
+                        *d = v * f;
+                    }
+                }
+            })
+        })
+    });
+    Ok(())
 }
 
 #[cfg(test)]
