@@ -101,6 +101,11 @@ pub fn channel_dots<'py>(
                 v.len()
             )));
         }
+        if !m.is_c_contiguous() {
+            return Err(InvalidArgumentError::new_err(format!(
+                "pair {i}: matrix not C-contiguous"
+            )));
+        }
         let ms = m.as_slice().map_err(|_| {
             InvalidArgumentError::new_err(format!("pair {i}: matrix not C-contiguous"))
         })?;
@@ -186,6 +191,12 @@ pub fn scale_channels<'py>(
         let not_contiguous = |what: &str| {
             InvalidArgumentError::new_err(format!("weight {i}: {what} not C-contiguous"))
         };
+        if !w.is_c_contiguous() {
+            return Err(not_contiguous("weight"));
+        }
+        if !o.is_c_contiguous() {
+            return Err(not_contiguous("output"));
+        }
         let ws_ = w.as_slice().map_err(|_| not_contiguous("weight"))?;
         let ks_ = k.as_slice().map_err(|_| not_contiguous("factors"))?;
         let os_ = o.as_slice_mut().map_err(|_| not_contiguous("output"))?;
