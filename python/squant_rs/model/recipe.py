@@ -300,16 +300,20 @@ def clipped_normal_moments(
         b = (hi_a - mu) / s
         cdf_a, cdf_b = _ndtr(a), _ndtr(b)
         pdf_a, pdf_b = _phi(a), _phi(b)
+        # (each product computed once; the same operations in the same order)
         inside = cdf_b - cdf_a
+        above = 1 - cdf_b
+        d_pdf = pdf_a - pdf_b
+        ss = s * s
         lo_term = np.where(lo_fin, lo_a * cdf_a, 0.0)
-        hi_term = np.where(hi_fin, hi_a * (1 - cdf_b), 0.0)
-        mean = lo_term + mu * inside + s * (pdf_a - pdf_b) + hi_term
-        # E[X^2] over the three pieces
-        a_pdf = np.where(np.isfinite(a), np.nan_to_num(a, posinf=0.0, neginf=0.0) * pdf_a, 0.0)
-        b_pdf = np.where(np.isfinite(b), np.nan_to_num(b, posinf=0.0, neginf=0.0) * pdf_b, 0.0)
-        second = (mu * mu + s * s) * inside + 2 * mu * s * (pdf_a - pdf_b) + s * s * (a_pdf - b_pdf)
+        hi_term = np.where(hi_fin, hi_a * above, 0.0)
+        mean = lo_term + mu * inside + s * d_pdf + hi_term
+        # E[X^2] over the three pieces (a * phi(a) is 0 at infinite a)
+        a_pdf = np.where(np.isfinite(a), a * pdf_a, 0.0)
+        b_pdf = np.where(np.isfinite(b), b * pdf_b, 0.0)
+        second = (mu * mu + ss) * inside + 2 * mu * s * d_pdf + ss * (a_pdf - b_pdf)
         second = second + np.where(lo_fin, lo_a * lo_a * cdf_a, 0.0)
-        second = second + np.where(hi_fin, hi_a * hi_a * (1 - cdf_b), 0.0)
+        second = second + np.where(hi_fin, hi_a * hi_a * above, 0.0)
         var = np.maximum(second - mean * mean, 0.0)
         const = np.clip(mu, lo_a, hi_a)
     return np.where(flat, const, mean), np.where(flat, 0.0, np.sqrt(var))
