@@ -39,6 +39,15 @@ def test_channel_dots_are_float64_row_dots() -> None:
             exact = np.array([math.fsum(float(a) * float(b) for a, b in zip(row, v)) for row in m])
             assert g.dtype == np.float64
             np.testing.assert_allclose(g, exact, rtol=1e-12, atol=1e-12)
+    # minus: the rows are the float32 differences
+    subs = [rng.standard_normal(m.shape).astype(np.float32) for m in mats]
+    got = channel_dots(mats, vecs, 2, [subs[0], None, subs[2]])
+    want = channel_dots([mats[0] - subs[0], mats[1], mats[2] - subs[2]], vecs, 1)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    with pytest.raises(InvalidArgumentError, match="to subtract"):
+        channel_dots(mats, vecs, None, [subs[0]])
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        channel_dots(mats[:1], vecs[:1], None, [subs[1]])
     assert channel_dots([], []) == []
     with pytest.raises(InvalidArgumentError, match="2 matrices but 1 vectors"):
         channel_dots(mats[:2], vecs[:1])

@@ -97,6 +97,7 @@ def channel_dots(
     mats: list[npt.NDArray[np.float32]],
     vecs: list[npt.NDArray[np.float64]],
     threads: int | None = None,
+    minus: list[npt.NDArray[np.float32] | None] | None = None,
 ) -> list[npt.NDArray[np.float64]]: ...
 def scale_channels(
     ws: list[npt.NDArray[np.float32]],

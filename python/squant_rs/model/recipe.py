@@ -877,32 +877,43 @@ def compute_bias_shifts(
     :func:`channel_dot`, whose ``einsum`` the other layers keep)."""
     mats: list[np.ndarray] = []
     vecs: list[np.ndarray] = []
+    minus: list[np.ndarray | None] = []
     terms: dict[str, list[int | np.ndarray]] = {}
+
+    def native(rows: np.ndarray, vec: np.ndarray, sub: np.ndarray | None = None) -> int:
+        mats.append(rows)
+        vecs.append(np.ascontiguousarray(vec, dtype=np.float64))
+        minus.append(sub)
+        return len(mats) - 1
+
     for name, module, w_float, w_hat, quantizer in items:
         stats = plan.input_stats(name, module)
         if stats is None:
             continue
         mean = stats.mean()
-        parts: list[tuple[torch.Tensor | np.ndarray, np.ndarray]]
+        values: list[int | np.ndarray] = []
         if _quantizes(quantizer):
             assert quantizer is not None
             eq = plan.expected_q.get(name)
             if eq is None:
                 eq = expected_quantized(stats, quantizer)
-            parts = [(w_hat, eq), (w_float, mean)]  # shift = W_q . E[Q(x)] - W . E[x]
+            # shift = W_q . E[Q(x)] - W . E[x]
+            for w, vec in ((w_hat, eq), (w_float, mean)):
+                rows = _native_rows(module, w)
+                values.append(channel_dot(module, w, vec) if rows is None else native(rows, vec))
         else:
-            parts = [(_difference(w_hat, w_float), mean)]  # shift = (W_q - W) . E[x]
-        values: list[int | np.ndarray] = []
-        for w, vec in parts:
-            rows = _native_rows(module, w)
-            if rows is None:
-                values.append(channel_dot(module, w, vec))
+            # shift = (W_q - W) . E[x], the differences rounded to the weights' dtype
+            hat, flt = _native_rows(module, w_hat), _native_rows(module, w_float)
+            if hat is not None and flt is not None:
+                values.append(native(hat, mean, flt))
             else:
-                values.append(len(mats))
-                mats.append(rows)
-                vecs.append(np.ascontiguousarray(vec, dtype=np.float64))
+                delta = _difference(w_hat, w_float)
+                rows = _native_rows(module, delta)
+                values.append(
+                    channel_dot(module, delta, mean) if rows is None else native(rows, mean)
+                )
         terms[name] = values
-    dots = channel_dots(mats, vecs, threads) if mats else []
+    dots = channel_dots(mats, vecs, threads, minus) if mats else []
     for name, values in terms.items():
         v = [dots[x] if isinstance(x, int) else x for x in values]
         plan.shifts[name] = v[0] - v[1] if len(v) == 2 else v[0]

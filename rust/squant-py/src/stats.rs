@@ -54,35 +54,49 @@ pub fn normal_cdf<'py>(
 /// `sum_i row[i] * v[i]` in float64, over four interleaved partial sums
 /// (added as `(s0 + s1) + (s2 + s3)`, then the tail in order).
 fn dot(row: &[f32], v: &[f64]) -> f64 {
+    dot_with(row.len(), |i| row[i], v)
+}
+
+/// [`dot`] of the float32 differences `a[i] - b[i]` (each rounded to float32).
+fn dot_diff(a: &[f32], b: &[f32], v: &[f64]) -> f64 {
+    dot_with(a.len(), |i| a[i] - b[i], v)
+}
+
+#[inline(always)]
+fn dot_with(n: usize, x: impl Fn(usize) -> f32, v: &[f64]) -> f64 {
     let mut s = [0.0f64; 4];
-    let mut rc = row.chunks_exact(4);
-    let mut vc = v.chunks_exact(4);
-    for (r, x) in (&mut rc).zip(&mut vc) {
-        for k in 0..4 {
-            s[k] += f64::from(r[k]) * x[k];
+    let full = n - n % 4;
+    let mut i = 0;
+    while i < full {
+        for (k, acc) in s.iter_mut().enumerate() {
+            *acc += f64::from(x(i + k)) * v[i + k];
         }
+        i += 4;
     }
     let mut total = (s[0] + s[1]) + (s[2] + s[3]);
-    for (r, x) in rc.remainder().iter().zip(vc.remainder()) {
-        total += f64::from(*r) * x;
+    for (j, vj) in v.iter().enumerate().take(n).skip(full) {
+        total += f64::from(x(j)) * vj;
     }
     total
 }
 
-/// channel_dots(mats, vecs, threads=None)
+/// channel_dots(mats, vecs, threads=None, minus=None)
 /// --
 ///
 /// `mats[i] @ vecs[i]` for every pair: each row of the C-contiguous float32
 /// matrix `mats[i]` (OC, N) times the float64 vector `vecs[i]` (N,), the
-/// products and sums in float64, as a float64 array (OC,). All pairs run in
-/// one pass on `threads` threads (the results do not depend on the count).
+/// products and sums in float64, as a float64 array (OC,). With `minus`
+/// (one matrix of the same shape, or None, per pair), the rows are the
+/// float32 differences `mats[i] - minus[i]`. All pairs run in one pass on
+/// `threads` threads (the results do not depend on the count).
 #[pyfunction]
-#[pyo3(signature = (mats, vecs, threads=None))]
+#[pyo3(signature = (mats, vecs, threads=None, minus=None))]
 pub fn channel_dots<'py>(
     py: Python<'py>,
     mats: Vec<PyReadonlyArray2<'py, f32>>,
     vecs: Vec<PyReadonlyArray1<'py, f64>>,
     threads: Option<usize>,
+    minus: Option<Vec<Option<PyReadonlyArray2<'py, f32>>>>,
 ) -> PyResult<Vec<Bound<'py, PyArray1<f64>>>> {
     let threads = pool::resolve_threads(threads)?;
     if mats.len() != vecs.len() {
@@ -91,6 +105,27 @@ pub fn channel_dots<'py>(
             mats.len(),
             vecs.len()
         )));
+    }
+    let minus = minus.unwrap_or_default();
+    if !minus.is_empty() && minus.len() != mats.len() {
+        return Err(InvalidArgumentError::new_err(format!(
+            "got {} matrices but {} to subtract",
+            mats.len(),
+            minus.len()
+        )));
+    }
+    let mut subs: Vec<Option<&[f32]>> = vec![None; mats.len()];
+    for (i, b) in minus.iter().enumerate() {
+        if let Some(b) = b {
+            if b.shape() != mats[i].shape() || !b.is_c_contiguous() {
+                return Err(InvalidArgumentError::new_err(format!(
+                    "pair {i}: the matrix to subtract must be C-contiguous, of the matrix's shape"
+                )));
+            }
+            subs[i] = Some(b.as_slice().map_err(|_| {
+                InvalidArgumentError::new_err(format!("pair {i}: matrix not C-contiguous"))
+            })?);
+        }
     }
     let mut pairs: Vec<(&[f32], &[f64], usize)> = Vec::with_capacity(mats.len());
     for (i, (m, v)) in mats.iter().zip(&vecs).enumerate() {
@@ -131,9 +166,13 @@ pub fn channel_dots<'py>(
             .map(|&(i, first, n)| {
                 let (m, v, _) = pairs[i];
                 let cols = v.len();
-                (first..first + n)
-                    .map(|r| dot(&m[r * cols..(r + 1) * cols], v))
-                    .collect()
+                let row = |r: usize| r * cols..(r + 1) * cols;
+                match subs[i] {
+                    None => (first..first + n).map(|r| dot(&m[row(r)], v)).collect(),
+                    Some(b) => (first..first + n)
+                        .map(|r| dot_diff(&m[row(r)], &b[row(r)], v))
+                        .collect(),
+                }
             })
             .collect()
     };
@@ -233,7 +272,7 @@ pub fn scale_channels<'py>(
 
 #[cfg(test)]
 mod tests {
-    use super::{cdf, dot};
+    use super::{cdf, dot, dot_diff};
 
     #[test]
     fn dot_sums_in_f64() {
@@ -242,6 +281,9 @@ mod tests {
         let want: f64 = row.iter().zip(&v).map(|(a, b)| f64::from(*a) * b).sum();
         assert!((dot(&row, &v) - want).abs() < 1e-12);
         assert_eq!(dot(&[], &[]), 0.0);
+        let ones = vec![1.0f32; 11];
+        let diff: Vec<f32> = row.iter().map(|a| a - 1.0).collect();
+        assert_eq!(dot_diff(&row, &ones, &v), dot(&diff, &v));
     }
 
     #[test]
