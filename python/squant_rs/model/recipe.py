@@ -360,10 +360,21 @@ def compute_moments(stats: Sequence[ChannelStats]) -> None:
     _store_moments(todo, *clipped_normal_moments(mu, sigma, lo, hi))
 
 
+def _pieces(a: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
+    """``a`` cut into consecutive views of ``sizes`` (``np.split`` without
+    its per-piece overhead)."""
+    out: list[np.ndarray] = []
+    start = 0
+    for n in sizes:
+        out.append(a[start : start + n])
+        start += n
+    return out
+
+
 def _store_moments(stats: list[ChannelStats], mean: np.ndarray, std: np.ndarray) -> None:
     """Cache each of ``stats``' slice of ``mean``, ``std`` as its moments."""
-    cuts = np.cumsum([st.mu.shape[0] for st in stats])[:-1]
-    for st, m, d in zip(stats, np.split(mean, cuts), np.split(std, cuts)):
+    sizes = [st.mu.shape[0] for st in stats]
+    for st, m, d in zip(stats, _pieces(mean, sizes), _pieces(std, sizes)):
         object.__setattr__(st, "_moments", (m, d))
 
 
@@ -554,15 +565,12 @@ def _bn_stats_many(bns: Sequence[Any]) -> dict[int, ChannelStats | None]:
         sizes * 2,
         [1.0] * len(todo) + [0.0] * len(todo),
     )
-    cuts = np.cumsum(sizes * 2)[:-1]
-    parts = np.split(both, cuts)
-    beta_all = np.concatenate(parts[len(todo) :])
-    sigma_all = np.abs(np.concatenate(parts[: len(todo)]))
+    c = sum(sizes)
+    beta_all, sigma_all = both[c:], np.abs(both[:c])
     # Their moments too (no clipping: the closed form; residual adds read them)
     moments = _unclipped_moments(beta_all, sigma_all)
-    cuts = np.cumsum(sizes)[:-1]
-    betas, sigmas = np.split(beta_all, cuts), np.split(sigma_all, cuts)
-    means, stds = (np.split(moments[0], cuts), np.split(moments[1], cuts)) if moments else ([], [])
+    betas, sigmas = _pieces(beta_all, sizes), _pieces(sigma_all, sizes)
+    means, stds = (_pieces(moments[0], sizes), _pieces(moments[1], sizes)) if moments else ([], [])
     for i, bn in enumerate(todo):
         st = ChannelStats(betas[i], sigmas[i], source="bn")
         if moments is not None:
@@ -704,8 +712,7 @@ def expected_quantized_many(
 
         p = np.where(valid, cdf(upper) - cdf(lower), 0.0)
         out[narrow] = (p * ((ks + zn) / sn)).sum(axis=1)
-    cuts = np.cumsum(sizes)[:-1]
-    return list(np.split(out, cuts))
+    return _pieces(out, sizes)
 
 
 def _difference(w_hat: torch.Tensor, w_float: torch.Tensor) -> torch.Tensor | np.ndarray:
