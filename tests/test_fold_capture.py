@@ -236,10 +236,12 @@ def test_capture_records_operators_like_fx() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv2d(2, 2, 1)
+            self.register_buffer("ref", torch.zeros(1, 2, 1, 1))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.conv(x)
-            return (2 * y - y[:, :1]) / (y.mean(dim=1, keepdim=True) + 1)
+            y = (2 * y - y[:, :1]) / (y.mean(dim=1, keepdim=True) + 1)
+            return y + y.new_zeros(self.ref.shape)  # a torch.Size argument
 
     model = Ops()
     graph = cap.capture(model)

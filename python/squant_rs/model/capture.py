@@ -2,22 +2,24 @@
 nodes, without ``torch.fx``'s per-node machinery.
 
 :func:`capture` runs ``type(model).forward`` on symbolic values like
-``torch.fx.Tracer`` does (the same leaf modules, the same ``call_module`` /
-``call_function`` / ``call_method`` / ``output`` records in the same order,
-the same users), and keeps only what the recipe reads: each node's ``op``,
-``target``, ``args``, ``kwargs`` and ``users``. It has no node names, no
-generated code and no ``get_attr`` nodes: a parameter or constant tensor
-used by the forward stays the tensor itself, which the recipe treats alike
-(it carries no statistics and is no layer's output).
+``torch.fx.Tracer`` does (the same leaf modules, the same ``placeholder``,
+``get_attr`` (a parameter read through a module attribute),
+``call_module`` / ``call_function`` / ``call_method`` and ``output``
+records in the same order, the same users), and keeps only what the recipe
+reads: each node's ``op``, ``target``, ``args``, ``kwargs`` and ``users``.
+It has no node names and no generated code, and a buffer or constant tensor
+that ``torch.fx`` would turn into a ``get_attr`` node stays the tensor
+itself (the recipe treats both alike: no statistics, no layer's output).
 
 It is conservative: whatever it does not mirror exactly (a forward with
-default or variadic arguments, a value used in control flow, iterated,
-unpacked or converted to a number, an argument type ``torch.fx`` rejects, a
-function registered with ``torch.fx.wrap`` that it cannot patch, a module
-outside the model) raises :class:`CaptureError`, and the caller traces with
-``torch.fx`` instead (:func:`squant_rs.model.fold.trace`). The
-``torch.fx`` trace of ``torchvision``'s MobileNetV2 took ~9 ms on 2 cores;
-this capture ~2 ms (``docs/recipe.md``, cost).
+default or variadic arguments, a value used in control flow, iterated
+(but for tuple unpacking, as ``torch.fx``), converted to a number, an
+argument type ``torch.fx`` would make a node of or reject, a
+``torch.fx.wrap`` registry it does not know, a module outside the model)
+raises, and the caller traces with ``torch.fx`` instead
+(:func:`squant_rs.model.fold.trace`). On MobileNetV2 the ``torch.fx`` trace
+took ~7.5 ms on the shared 2-core machine, this capture ~1.1 ms
+(``docs/recipe.md``, cost).
 """
 
 from __future__ import annotations
@@ -122,6 +124,11 @@ class _Capture:
             return {k: self.arg(v, reads) for k, v in a.items()}
         if t is slice:
             return slice(self.arg(a.start, reads), self.arg(a.stop, reads), self.arg(a.step, reads))
+        if isinstance(a, tuple):  # torch.Size, a named tuple: stored as torch.fx does
+            items = [self.arg(x, reads) for x in a]
+            return t(*items) if hasattr(a, "_fields") else tuple(items)
+        if isinstance(a, list):
+            return [self.arg(x, reads) for x in a]
         raise CaptureError(f"argument of type {t.__name__}")
 
     def record(self, op: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Node:
