@@ -21,6 +21,9 @@ __all__ = [
     "dequantize_into",
     "copy_tree",
     "simd_build",
+    "normal_cdf",
+    "channel_dots",
+    "scale_channels",
     "quantize_reference",
     "dequantize",
     "resolve_threads",
@@ -89,6 +92,19 @@ def dequantize_into(
 ) -> list[float] | None: ...
 def copy_tree(obj: Any, copier: Any) -> Any: ...
 def simd_build() -> str: ...
+def normal_cdf(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]: ...
+def channel_dots(
+    mats: list[npt.NDArray[np.float32]],
+    vecs: list[npt.NDArray[np.float64]],
+    threads: int | None = None,
+    minus: list[npt.NDArray[np.float32] | None] | None = None,
+) -> list[npt.NDArray[np.float64]]: ...
+def scale_channels(
+    ws: list[npt.NDArray[np.float32]],
+    ks: list[npt.NDArray[np.float32]],
+    outs: list[npt.NDArray[np.float32]],
+    threads: int | None = None,
+) -> None: ...
 def quantize_reference(
     w: npt.NDArray[np.float32], bits: int, mode: str, quantizer: str = "asymmetric"
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...

@@ -26,14 +26,19 @@ containers are folded instead; :attr:`BatchNormFold.via` says which.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._squant_rs import scale_channels
+
 if TYPE_CHECKING:
     import torch.fx
     from torch import nn
+
+    from .capture import Graph as CapturedGraph
 
 
 @dataclass(frozen=True)
@@ -52,18 +57,21 @@ class BatchNormFold:
     via: str = "fx"
 
 
+@functools.cache
 def _producer_types() -> tuple[type[Any], ...]:
     from torch import nn
 
     return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+@functools.cache
 def _bn_types() -> tuple[type[Any], ...]:
     from torch import nn
 
     return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+@functools.cache
 def leaf_types() -> tuple[type[Any], ...]:
     """Module types kept as single nodes when tracing (subclasses included)."""
     from torch import nn
@@ -79,10 +87,28 @@ def leaf_types() -> tuple[type[Any], ...]:
     )
 
 
-def trace(model: nn.Module) -> torch.fx.Graph | None:
+def trace(
+    model: nn.Module, modules: dict[str, nn.Module] | None = None
+) -> torch.fx.Graph | CapturedGraph | None:
+    """The graph of ``model`` with Conv/Linear/BN/activation modules
+    (subclasses included) as leaves: the nodes of the ``torch.fx`` symbolic
+    trace, recorded by the cheaper :func:`~squant_rs.model.capture.capture`
+    where it can mirror ``torch.fx`` (else by ``torch.fx``,
+    :func:`trace_fx`), or ``None`` where symbolic tracing fails
+    (data-dependent control flow and the like). ``modules``: ``model``'s
+    ``named_modules()`` as a dict, where the caller has it."""
+    from .capture import capture
+
+    try:
+        return capture(model, modules)
+    except Exception:  # anything the capture does not mirror: torch.fx decides
+        return trace_fx(model)
+
+
+def trace_fx(model: nn.Module) -> torch.fx.Graph | None:
     """The ``torch.fx`` graph of ``model`` with Conv/Linear/BN/activation
     modules (subclasses included) as leaves, or ``None`` where symbolic
-    tracing fails (data-dependent control flow and the like)."""
+    tracing fails."""
     import torch.fx
 
     leaves = leaf_types()
@@ -131,15 +157,15 @@ def _shared_weights(modules: Any) -> set[int]:
     owners: dict[int, int] = {}
     shared: set[int] = set()
     for module in modules:
-        for param in module.parameters(recurse=False):
-            pid = id(param)
-            if owners.setdefault(pid, id(module)) != id(module):
-                shared.add(pid)
+        mid = id(module)
+        for param in module._parameters.values():  # parameters(recurse=False)
+            if param is not None and owners.setdefault(id(param), mid) != mid:
+                shared.add(id(param))
     return shared
 
 
 def _fx_pairs(
-    model: nn.Module, graph: torch.fx.Graph, modules: dict[str, nn.Module]
+    model: nn.Module, graph: torch.fx.Graph | CapturedGraph, modules: dict[str, nn.Module]
 ) -> list[tuple[str, str]]:
     """``(layer, bn)`` names where the layer's only user is the BN, both
     modules are called exactly once in the graph and the layer's weight is
@@ -210,42 +236,118 @@ def _numpy_view(t: Any) -> np.ndarray | None:
     return out
 
 
+def _vectors(tensors: list[Any], sizes: list[int], defaults: list[float]) -> np.ndarray:
+    """The float64 values of ``tensors`` one after the other (``None``:
+    its ``defaults`` entry repeated to its size). CPU tensors of one float dtype are
+    joined by one ``torch.cat`` (a per-tensor conversion costs ~10 us;
+    the same values: widening to float64 is exact)."""
+    import torch
+
+    if not tensors:
+        return np.zeros(0)
+    if all(t is None for t in tensors):
+        return np.repeat(np.asarray(defaults, dtype=np.float64), sizes)
+    first = tensors[0]
+    if first is not None and first.device.type == "cpu":
+        dtype = first.dtype
+        if dtype in (torch.float32, torch.float64) and all(
+            t is not None and t.dtype == dtype and t.device == first.device for t in tensors
+        ):
+            with torch.no_grad():
+                joined = torch.cat(tensors) if len(tensors) > 1 else first.detach()
+            return np.asarray(joined.numpy(), dtype=np.float64)
+    return np.concatenate([_vector(t, n, d) for t, n, d in zip(tensors, sizes, defaults)])
+
+
+def _fold_all(
+    layers: list[Any], bns: list[Any], sources: list[Any], threads: int | None = None
+) -> list[np.ndarray]:
+    """Fold each ``bns[i]`` into ``layers[i]`` in place (:func:`_fold_one`
+    of every pair; the per-channel arithmetic of all of them in one pass,
+    each value the same as alone). Returns ``beta`` and ``|gamma|`` of each
+    pair, in pair order (``[beta_0, |gamma_0|, beta_1, ...]``)."""
+    import torch
+    from torch import nn
+
+    sizes = [int(bn.num_features) for bn in bns]
+    c = sum(sizes)
+    # mean, var, gamma, beta of every BN, joined (one torch.cat) where they can be
+    mu, var, gamma, beta = np.split(
+        _vectors(
+            [bn.running_mean for bn in bns]
+            + [bn.running_var for bn in bns]
+            + [bn.weight for bn in bns]
+            + [bn.bias for bn in bns],
+            sizes * 4,
+            [0.0] * len(bns) + [1.0] * len(bns) + [1.0] * len(bns) + [0.0] * len(bns),
+        ),
+        [c, 2 * c, 3 * c],
+    )
+    eps = np.repeat(np.array([float(bn.eps) for bn in bns], dtype=np.float64), sizes)
+    k_all = gamma / np.sqrt(var + eps)
+    biases = [layer.bias for layer in layers]
+    new_all = beta + (_vectors(biases, sizes, [0.0] * len(bns)) - mu) * k_all
+    abs_gamma = np.abs(gamma)
+    out: list[np.ndarray] = []
+    # CPU float32 weights written from another buffer: one native pass
+    native: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    start = 0
+    with torch.no_grad():
+        for layer, n, bias, source in zip(layers, sizes, biases, sources):
+            cut = slice(start, start + n)
+            start += n
+            k, new_bias = k_all[cut], new_all[cut]
+            weight = layer.weight
+            shape = (n,) + (1,) * (weight.dim() - 1)
+            src = weight if source is None else source
+            # One multiply per weight in its own dtype (native or numpy on CPU
+            # float32/64: the same correctly rounded products as torch, without
+            # torch's thread pool); k and the bias in float64.
+            dst_np, src_np = _numpy_view(weight), _numpy_view(src)
+            if dst_np is not None and src_np is not None and dst_np.flags.writeable:
+                k_w = k.astype(dst_np.dtype)
+                if (
+                    dst_np.dtype == np.float32 == src_np.dtype
+                    and dst_np.flags.c_contiguous
+                    and src_np.flags.c_contiguous
+                    and not np.may_share_memory(dst_np, src_np)
+                ):
+                    native.append((src_np, k_w, dst_np))  # all at once below
+                else:
+                    np.multiply(src_np, k_w.reshape(shape), out=dst_np)
+            else:
+                kt = torch.from_numpy(k).to(device=weight.device, dtype=weight.dtype)
+                torch.mul(src.detach(), kt.reshape(shape), out=weight.data)
+            if bias is not None:
+                host = _numpy_view(bias)
+                if host is not None and host.flags.writeable:
+                    host[...] = new_bias  # rounded once to the bias dtype, as torch's copy_
+                else:
+                    bias.copy_(torch.from_numpy(new_bias).to(bias.dtype))
+            else:
+                if dst_np is not None:  # CPU float32/64: numpy's rounding is torch's
+                    t = torch.from_numpy(new_bias.astype(dst_np.dtype))
+                else:
+                    t = torch.from_numpy(new_bias).to(device=weight.device, dtype=weight.dtype)
+                layer.bias = nn.Parameter(t, requires_grad=weight.requires_grad)
+            out += [beta[cut], abs_gamma[cut]]
+    if native:
+        srcs, ks, dsts = zip(*native)
+        try:
+            scale_channels(list(srcs), list(ks), list(dsts), threads)
+        except Exception:  # e.g. numpy views the native module may not borrow: numpy
+            for src_np, k_w, dst_np in native:
+                np.multiply(src_np, k_w.reshape((-1,) + (1,) * (src_np.ndim - 1)), out=dst_np)
+    return out
+
+
 def _fold_one(layer: Any, bn: Any, source: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Fold ``bn`` into ``layer`` in place; ``(beta, |gamma|)`` as float64.
     With ``source`` (a tensor of the weight's shape, dtype and device), the
     layer's weight is overwritten with ``k * source`` instead of scaled by
-    ``k`` (its values are not read)."""
-    import torch
-    from torch import nn
-
-    weight = layer.weight
-    n = bn.num_features
-    mu = _vector(bn.running_mean, n, 0.0)
-    var = _vector(bn.running_var, n, 1.0)
-    gamma = _vector(bn.weight, n, 1.0)
-    beta = _vector(bn.bias, n, 0.0)
-    k = gamma / np.sqrt(var + float(bn.eps))
-    bias = layer.bias
-    b = _vector(bias, n, 0.0)
-    new_bias = beta + (b - mu) * k
-    shape = (n,) + (1,) * (weight.dim() - 1)
-    src = weight if source is None else source
-    # One multiply per weight in its own dtype (numpy on CPU float32/64:
-    # the same correctly rounded products as torch, without torch's thread
-    # pool); k and the bias in float64.
-    dst_np, src_np = _numpy_view(weight), _numpy_view(src)
-    with torch.no_grad():
-        if dst_np is not None and src_np is not None and dst_np.flags.writeable:
-            np.multiply(src_np, k.astype(dst_np.dtype).reshape(shape), out=dst_np)
-        else:
-            kt = torch.from_numpy(k).to(device=weight.device, dtype=weight.dtype).reshape(shape)
-            torch.mul(src.detach(), kt, out=weight.data)
-        if bias is not None:
-            bias.copy_(torch.from_numpy(new_bias).to(bias.dtype))
-        else:
-            t = torch.from_numpy(new_bias).to(device=weight.device, dtype=weight.dtype)
-            layer.bias = nn.Parameter(t, requires_grad=weight.requires_grad)
-    return beta, np.abs(gamma)
+    ``k`` (its values are not read), ``k = gamma / sqrt(var + eps)``."""
+    beta, abs_gamma = _fold_all([layer], [bn], [source])
+    return beta, abs_gamma
 
 
 def _set_submodule(
@@ -288,16 +390,18 @@ def fold_batchnorm(
 
 def fold_batchnorm_graph(
     model: nn.Module,
-    graph: torch.fx.Graph | None,
+    graph: torch.fx.Graph | CapturedGraph | None,
     sources: dict[int, Any] | None = None,
     modules: dict[str, nn.Module] | None = None,
+    threads: int | None = None,
 ) -> list[BatchNormFold]:
     """:func:`fold_batchnorm` in place on ``model`` with its traced ``graph``
     (``None``: the ``nn.Sequential`` fallback). ``sources`` maps the ``id``
     of a layer weight whose values are not set yet (a copy that was never
     cloned) to the tensor holding them: a folded layer's weight is then
     written from it. ``modules``: ``model.named_modules()`` as a dict, where
-    the caller has it. Returns the folds."""
+    the caller has it. ``threads``: for the weights' products (``None``: as
+    the native module decides). Returns the folds."""
     from torch import nn
 
     if modules is None:
@@ -306,12 +410,11 @@ def fold_batchnorm_graph(
         pairs, via = _fx_pairs(model, graph, modules), "fx"
     else:
         pairs, via = _sequential_pairs(model), "sequential"
+    layers = [modules[layer_name] for layer_name, _ in pairs]
+    srcs = [sources.get(id(layer.weight)) if sources else None for layer in layers]
+    values = _fold_all(layers, [modules[bn_name] for _, bn_name in pairs], srcs, threads)
     folds: list[BatchNormFold] = []
-    for layer_name, bn_name in pairs:
-        layer = modules[layer_name]
-        bn = modules[bn_name]
-        src = sources.get(id(layer.weight)) if sources else None
-        mean, std = _fold_one(layer, bn, src)
+    for i, (layer_name, bn_name) in enumerate(pairs):
         _set_submodule(model, bn_name, nn.Identity(), modules)
-        folds.append(BatchNormFold(layer_name, bn_name, mean, std, via))
+        folds.append(BatchNormFold(layer_name, bn_name, values[2 * i], values[2 * i + 1], via))
     return folds

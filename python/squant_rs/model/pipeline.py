@@ -31,6 +31,7 @@ from .recipe import (
     apply_bias_correction,
     bn_activation_ranges,
     clip_weight_items,
+    compute_bias_shifts,
     finish_activation_order,
     finish_clip_items,
     prepare,
@@ -261,7 +262,7 @@ def quantize_model(
             tied=[(name, owner, in_copy(name, m)) for name, owner, m in plan.tied],
         )
         unset = {id(m.weight): src for src, (_, m) in zip(sources, plan.chosen)}
-        rplan = prepare(qmodel, config, unset)
+        rplan = prepare(qmodel, config, unset, threads)
         # A folded layer's float weight is the one just written into the copy.
         sources = [
             m.weight if id(m) in rplan.folded_modules else src
@@ -316,7 +317,22 @@ def quantize_model(
     else:
         swaps = []
     results = quantize_into(items, wbits, mode, backend, threads, quantizer)
-    finish_clip_items(swaps)
+    finish_clip_items(swaps)  # before the shifts: they read the quantized weights
+    if config.bias_correction:  # every layer's shift in one pass
+        compute_bias_shifts(
+            rplan,
+            [
+                (
+                    name,
+                    module,
+                    w_floats[name],
+                    module.weight.detach(),
+                    quantizers.get(name) if calibration == "float" else None,
+                )
+                for name, module in plan.chosen
+            ],
+            threads,
+        )
     by_name: dict[str, LayerReport] = {}
     for (name, module), res in zip(plan.chosen, results):
         weight = module.weight

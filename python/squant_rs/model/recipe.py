@@ -20,12 +20,14 @@ back-propagation):
    weighted by each input channel's variance from the same statistics
    (:func:`clip_ratios`); elsewhere the ``[min, max]`` of docs/algorithm.md.
 
-The graph is read with ``torch.fx``; where tracing fails, only folding over
-``nn.Sequential`` runs and every layer falls back to the paper's steps.
+The graph is read as ``torch.fx`` traces it (:mod:`.capture`); where
+tracing fails, only folding over ``nn.Sequential`` runs and every layer
+falls back to the paper's steps.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -35,13 +37,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._squant_rs import InvalidArgumentError
+from .._squant_rs import InvalidArgumentError, channel_dots, normal_cdf
 from .activations import ActivationQuantizer, activation_qparams
 
 if TYPE_CHECKING:
     import torch
     import torch.fx
     from torch import nn
+
+    from .capture import Graph as CapturedGraph
+    from .capture import Node as CapturedNode
 
 RECIPES: tuple[str, ...] = ("paper", "squant+")
 ACT_RANGES: tuple[str, ...] = ("sigma", "bn")
@@ -232,7 +237,10 @@ class ChannelStats:
         (computed once: a residual add and the bias correction both ask)."""
         cached: tuple[np.ndarray, np.ndarray] | None = self.__dict__.get("_moments")
         if cached is None:
-            cached = clipped_normal_moments(self.mu, self.sigma, self.lo, self.hi)
+            if self.lo == -math.inf and self.hi == math.inf:
+                cached = _unclipped_moments(self.mu, self.sigma)
+            if cached is None:
+                cached = clipped_normal_moments(self.mu, self.sigma, self.lo, self.hi)
             object.__setattr__(self, "_moments", cached)
         return cached
 
@@ -251,15 +259,14 @@ class ChannelStats:
         return min(0.0, float(low.min())), max(0.0, float(high.max()))
 
 
-_ERFC = np.frompyfunc(math.erfc, 1, 1)
-
-
 def _ndtr(x: np.ndarray) -> np.ndarray:
-    """Standard normal CDF (infinities allowed): ``math.erfc`` per element
-    (a few hundred nanoseconds each, and no torch op, whose thread pool
-    costs milliseconds a call on a busy machine)."""
+    """Standard normal CDF (infinities allowed): ``0.5 * erfc(-x / sqrt(2))``
+    with the C library's ``erfc`` over the whole array in the native module
+    (bit for bit ``math.erfc`` per element, which it replaced; no torch op,
+    whose thread pool costs milliseconds a call on a busy machine)."""
     x = np.asarray(x, dtype=np.float64)
-    return 0.5 * np.asarray(_ERFC(-x / math.sqrt(2.0)), dtype=np.float64)
+    out: np.ndarray = normal_cdf(np.ascontiguousarray(x).reshape(-1)).reshape(x.shape)
+    return out
 
 
 def _phi(x: np.ndarray) -> np.ndarray:
@@ -298,25 +305,56 @@ def clipped_normal_moments(
         b = (hi_a - mu) / s
         cdf_a, cdf_b = _ndtr(a), _ndtr(b)
         pdf_a, pdf_b = _phi(a), _phi(b)
+        # (each product computed once; the same operations in the same order)
         inside = cdf_b - cdf_a
+        above = 1 - cdf_b
+        d_pdf = pdf_a - pdf_b
+        ss = s * s
         lo_term = np.where(lo_fin, lo_a * cdf_a, 0.0)
-        hi_term = np.where(hi_fin, hi_a * (1 - cdf_b), 0.0)
-        mean = lo_term + mu * inside + s * (pdf_a - pdf_b) + hi_term
-        # E[X^2] over the three pieces
-        a_pdf = np.where(np.isfinite(a), np.nan_to_num(a, posinf=0.0, neginf=0.0) * pdf_a, 0.0)
-        b_pdf = np.where(np.isfinite(b), np.nan_to_num(b, posinf=0.0, neginf=0.0) * pdf_b, 0.0)
-        second = (mu * mu + s * s) * inside + 2 * mu * s * (pdf_a - pdf_b) + s * s * (a_pdf - b_pdf)
+        hi_term = np.where(hi_fin, hi_a * above, 0.0)
+        mean = lo_term + mu * inside + s * d_pdf + hi_term
+        # E[X^2] over the three pieces (a * phi(a) is 0 at infinite a)
+        a_pdf = np.where(np.isfinite(a), a * pdf_a, 0.0)
+        b_pdf = np.where(np.isfinite(b), b * pdf_b, 0.0)
+        second = (mu * mu + ss) * inside + 2 * mu * s * d_pdf + ss * (a_pdf - b_pdf)
         second = second + np.where(lo_fin, lo_a * lo_a * cdf_a, 0.0)
-        second = second + np.where(hi_fin, hi_a * hi_a * (1 - cdf_b), 0.0)
+        second = second + np.where(hi_fin, hi_a * hi_a * above, 0.0)
         var = np.maximum(second - mean * mean, 0.0)
         const = np.clip(mu, lo_a, hi_a)
     return np.where(flat, const, mean), np.where(flat, 0.0, np.sqrt(var))
+
+
+def _unclipped_moments(mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`clipped_normal_moments` with ``lo = -inf``, ``hi = inf``, bit
+    for bit, without the normal CDF: there ``Phi(a) = 0``, ``Phi(b) = 1``
+    and the densities are 0, so the formulas reduce to
+    ``mean = 0.0 + mu`` and ``E[X^2] = mu^2 + sigma^2`` (the zero terms
+    they add change no bit). ``None`` where a ``mu`` or ``sigma`` is not
+    finite (the general formulas decide there)."""
+    mu = np.asarray(mu, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        return None
+    flat = sigma <= 0
+    s = np.where(flat, 1.0, sigma)
+    mean = 0.0 + mu
+    with np.errstate(over="ignore", invalid="ignore"):
+        var = np.maximum((mu * mu + s * s) - mean * mean, 0.0)
+    return np.where(flat, mu, mean), np.where(flat, 0.0, np.sqrt(var))
 
 
 def compute_moments(stats: Sequence[ChannelStats]) -> None:
     """Compute (and cache) :meth:`ChannelStats.moments` of all ``stats`` in
     one vectorized call (the same values as one call each)."""
     todo = [st for st in dict.fromkeys(stats) if "_moments" not in st.__dict__]
+    plain = [st for st in todo if st.lo == -math.inf and st.hi == math.inf]
+    if plain:  # no clipping: the closed form (no normal CDF), all at once
+        moments = _unclipped_moments(
+            np.concatenate([st.mu for st in plain]), np.concatenate([st.sigma for st in plain])
+        )
+        if moments is not None:
+            _store_moments(plain, *moments)
+            todo = [st for st in todo if "_moments" not in st.__dict__]
     if not todo:
         return
     mu = np.concatenate([st.mu for st in todo])
@@ -324,9 +362,24 @@ def compute_moments(stats: Sequence[ChannelStats]) -> None:
     sizes = [st.mu.shape[0] for st in todo]
     lo = np.repeat([st.lo for st in todo], sizes)
     hi = np.repeat([st.hi for st in todo], sizes)
-    mean, std = clipped_normal_moments(mu, sigma, lo, hi)
-    cuts = np.cumsum(sizes)[:-1]
-    for st, m, d in zip(todo, np.split(mean, cuts), np.split(std, cuts)):
+    _store_moments(todo, *clipped_normal_moments(mu, sigma, lo, hi))
+
+
+def _pieces(a: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
+    """``a`` cut into consecutive views of ``sizes`` (``np.split`` without
+    its per-piece overhead)."""
+    out: list[np.ndarray] = []
+    start = 0
+    for n in sizes:
+        out.append(a[start : start + n])
+        start += n
+    return out
+
+
+def _store_moments(stats: list[ChannelStats], mean: np.ndarray, std: np.ndarray) -> None:
+    """Cache each of ``stats``' slice of ``mean``, ``std`` as its moments."""
+    sizes = [st.mu.shape[0] for st in stats]
+    for st, m, d in zip(stats, _pieces(mean, sizes), _pieces(std, sizes)):
         object.__setattr__(st, "_moments", (m, d))
 
 
@@ -344,25 +397,69 @@ def _add(a: ChannelStats, b: ChannelStats) -> ChannelStats | None:
 # Graph walk
 
 
-def _activation_bounds(target: Any, node: torch.fx.Node, module: Any) -> tuple[float, float] | None:
-    """Clamp bounds of an elementwise clamp-like activation, else ``None``."""
+@functools.cache
+def _graph_tables() -> dict[str, tuple[Any, ...]]:
+    """The module types and call targets the graph walk recognizes (built
+    once: torch is imported lazily)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
+    return {
+        "relu": (F.relu, torch.relu, "relu", "relu_"),
+        "pass_modules": (
+            nn.Identity,
+            nn.Dropout,
+            nn.Dropout1d,
+            nn.Dropout2d,
+            nn.Dropout3d,
+            nn.AdaptiveAvgPool1d,
+            nn.AdaptiveAvgPool2d,
+            nn.AdaptiveAvgPool3d,
+            nn.AvgPool1d,
+            nn.AvgPool2d,
+            nn.AvgPool3d,
+            nn.Flatten,
+        ),
+        "pass_targets": (
+            torch.flatten,
+            F.dropout,
+            F.adaptive_avg_pool1d,
+            F.adaptive_avg_pool2d,
+            F.adaptive_avg_pool3d,
+            F.avg_pool1d,
+            F.avg_pool2d,
+            F.avg_pool3d,
+            "flatten",
+            "view",
+            "reshape",
+            "contiguous",
+            "mean",
+            "squeeze",
+        ),
+        "clamps": (nn.ReLU6, nn.ReLU, nn.Hardtanh, F.relu6, F.hardtanh),
+    }
+
+
+def _activation_bounds(
+    target: Any, node: torch.fx.Node | CapturedNode, module: Any
+) -> tuple[float, float] | None:
+    """Clamp bounds of an elementwise clamp-like activation, else ``None``."""
+    tables = _graph_tables()
+    relu6, relu, hardtanh, f_relu6, f_hardtanh = tables["clamps"]
     if module is not None:
-        if isinstance(module, nn.ReLU6):
+        if isinstance(module, relu6):
             return 0.0, 6.0
-        if isinstance(module, nn.ReLU):
+        if isinstance(module, relu):
             return 0.0, math.inf
-        if isinstance(module, nn.Hardtanh):
+        if isinstance(module, hardtanh):
             return float(module.min_val), float(module.max_val)
         return None
-    if target in (F.relu, torch.relu, "relu", "relu_"):
+    if target in tables["relu"]:
         return 0.0, math.inf
-    if target is F.relu6:
+    if target is f_relu6:
         return 0.0, 6.0
-    if target is F.hardtanh:
+    if target is f_hardtanh:
         lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
         hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
         if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
@@ -373,48 +470,16 @@ def _activation_bounds(target: Any, node: torch.fx.Node, module: Any) -> tuple[f
 def _is_passthrough(target: Any, module: Any) -> bool:
     """Ops that keep each channel's values' distribution range and mean
     (dropout in eval, identity, average pooling, flatten/view/reshape)."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
+    tables = _graph_tables()
     if module is not None:
-        return isinstance(
-            module,
-            (
-                nn.Identity,
-                nn.Dropout,
-                nn.Dropout1d,
-                nn.Dropout2d,
-                nn.Dropout3d,
-                nn.AdaptiveAvgPool1d,
-                nn.AdaptiveAvgPool2d,
-                nn.AdaptiveAvgPool3d,
-                nn.AvgPool1d,
-                nn.AvgPool2d,
-                nn.AvgPool3d,
-                nn.Flatten,
-            ),
-        )
-    return target in (
-        torch.flatten,
-        F.dropout,
-        F.adaptive_avg_pool1d,
-        F.adaptive_avg_pool2d,
-        F.adaptive_avg_pool3d,
-        F.avg_pool1d,
-        F.avg_pool2d,
-        F.avg_pool3d,
-        "flatten",
-        "view",
-        "reshape",
-        "contiguous",
-        "mean",
-        "squeeze",
-    )
+        return isinstance(module, tables["pass_modules"])
+    return target in tables["pass_targets"]
 
 
 def analyze(
-    model: nn.Module, graph: torch.fx.Graph, modules: dict[str, nn.Module] | None = None
+    model: nn.Module,
+    graph: torch.fx.Graph | CapturedGraph,
+    modules: dict[str, nn.Module] | None = None,
 ) -> dict[str, ChannelStats | None]:
     """Per call_module node name of a Conv/Linear layer: the statistics of
     its (first) input, or ``None`` where they are not known. Read from the
@@ -427,14 +492,16 @@ def analyze(
     bns = _bn_types()
     if modules is None:
         modules = dict(model.named_modules())
-    stats: dict[torch.fx.Node, ChannelStats | None] = {}
+    stats: dict[Any, ChannelStats | None] = {}
     out: dict[str, ChannelStats | None] = {}
     counts: dict[str, int] = {}
 
-    def arg_stats(node: torch.fx.Node) -> ChannelStats | None:
+    def arg_stats(node: Any) -> ChannelStats | None:
         a = node.args[0] if node.args else None
-        return stats.get(a) if a is not None and hasattr(a, "op") else None  # type: ignore[arg-type]
+        return stats.get(a) if a is not None and hasattr(a, "op") else None
 
+    called = [modules[str(n.target)] for n in graph.nodes if n.op == "call_module"]
+    bn_stats = _bn_stats_many([m for m in called if isinstance(m, bns)])
     for node in graph.nodes:
         module: Any = None
         if node.op == "call_module":
@@ -446,7 +513,7 @@ def analyze(
                 stats[node] = None
                 continue
             if isinstance(module, bns):
-                stats[node] = _bn_stats(module)
+                stats[node] = bn_stats[id(module)]
                 continue
         elif node.op not in ("call_function", "call_method"):
             stats[node] = None
@@ -488,7 +555,36 @@ def _bn_stats(bn: Any) -> ChannelStats | None:
     return ChannelStats(beta, np.abs(gamma), source="bn")
 
 
-def execution_order(graph: torch.fx.Graph, names: Sequence[str]) -> list[str]:
+def _bn_stats_many(bns: Sequence[Any]) -> dict[int, ChannelStats | None]:
+    """:func:`_bn_stats` of every BN by ``id`` (the vectors of all of them
+    joined by one ``torch.cat``: the same values)."""
+    from .fold import _vectors
+
+    out: dict[int, ChannelStats | None] = {id(bn): None for bn in bns}
+    todo = list({id(bn): bn for bn in bns if bn.running_mean is not None}.values())
+    if not todo:
+        return out
+    sizes = [int(bn.num_features) for bn in todo]
+    both = _vectors(
+        [bn.weight for bn in todo] + [bn.bias for bn in todo],
+        sizes * 2,
+        [1.0] * len(todo) + [0.0] * len(todo),
+    )
+    c = sum(sizes)
+    beta_all, sigma_all = both[c:], np.abs(both[:c])
+    # Their moments too (no clipping: the closed form; residual adds read them)
+    moments = _unclipped_moments(beta_all, sigma_all)
+    betas, sigmas = _pieces(beta_all, sizes), _pieces(sigma_all, sizes)
+    means, stds = (_pieces(moments[0], sizes), _pieces(moments[1], sizes)) if moments else ([], [])
+    for i, bn in enumerate(todo):
+        st = ChannelStats(betas[i], sigmas[i], source="bn")
+        if moments is not None:
+            object.__setattr__(st, "_moments", (means[i], stds[i]))
+        out[id(bn)] = st
+    return out
+
+
+def execution_order(graph: torch.fx.Graph | CapturedGraph, names: Sequence[str]) -> list[str]:
     """``names`` in the order the graph first calls them (missing ones dropped)."""
     wanted = set(names)
     order: list[str] = []
@@ -502,10 +598,15 @@ def execution_order(graph: torch.fx.Graph, names: Sequence[str]) -> list[str]:
 # The steps on one layer
 
 
-def input_channels(module: Any) -> int:
+@functools.cache
+def _linear() -> type[Any]:
     from torch import nn
 
-    return int(module.in_features if isinstance(module, nn.Linear) else module.in_channels)
+    return nn.Linear
+
+
+def input_channels(module: Any) -> int:
+    return int(module.in_features if isinstance(module, _linear()) else module.in_channels)
 
 
 def _kernel_sums(w: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -531,14 +632,18 @@ def channel_dot(module: Any, w: torch.Tensor | np.ndarray, vec: np.ndarray) -> n
     channels of ``vec``. The kernel sums are in the weight's dtype, the
     products and the sum over input channels in float64 (one single-threaded
     ``einsum``: no BLAS thread pool)."""
-    from torch import nn
-
     per_in = _kernel_sums(w)
     oc, icg = per_in.shape
     e = np.asarray(vec, dtype=np.float64)
-    groups = 1 if isinstance(module, nn.Linear) else int(module.groups)
+    groups = 1 if isinstance(module, _linear()) else int(module.groups)
     if groups == 1:
         out: np.ndarray = np.einsum("oi,i->o", per_in, e, dtype=np.float64)
+        return out
+    if icg == 1:
+        # depthwise: one product per output channel; "+ 0.0" as einsum's
+        # sum into its zeroed output (a -0.0 product gives 0.0): the same bits
+        g1 = per_in.reshape(groups, oc // groups).astype(np.float64, copy=False)
+        out = (g1 * e.reshape(groups, 1) + 0.0).reshape(oc)
         return out
     # (groups, OC/groups, IC/groups) against (groups, IC/groups)
     g = per_in.reshape(groups, oc // groups, icg)
@@ -612,8 +717,7 @@ def expected_quantized_many(
 
         p = np.where(valid, cdf(upper) - cdf(lower), 0.0)
         out[narrow] = (p * ((ks + zn) / sn)).sum(axis=1)
-    cuts = np.cumsum(sizes)[:-1]
-    return list(np.split(out, cuts))
+    return _pieces(out, sizes)
 
 
 def _difference(w_hat: torch.Tensor, w_float: torch.Tensor) -> torch.Tensor | np.ndarray:
@@ -687,6 +791,9 @@ class RecipePlan:
     range_sources: dict[str, str] = field(default_factory=dict)
     #: ``E[Q(x)]`` per layer name (:func:`prepare_bias_correction`).
     expected_q: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The bias shift per layer name (:func:`compute_bias_shifts`), taken
+    #: by :func:`apply_bias_correction`.
+    shifts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def input_stats(self, name: str, module: Any) -> ChannelStats | None:
         s = self.stats.get(name)
@@ -696,27 +803,30 @@ class RecipePlan:
 
 
 def prepare(
-    model: nn.Module, config: RecipeConfig, sources: dict[int, Any] | None = None
+    model: nn.Module,
+    config: RecipeConfig,
+    sources: dict[int, Any] | None = None,
+    threads: int | None = None,
 ) -> RecipePlan:
     """Analyze ``model`` (statistics, execution order) and fold its BNs in
     place as ``config`` says. ``sources``: see
     :func:`~squant_rs.model.fold.fold_batchnorm_graph` (the folded layers
-    whose weights are not set yet are written from them). Returns the
-    :class:`RecipePlan`."""
+    whose weights are not set yet are written from them; ``threads``: for
+    their products). Returns the :class:`RecipePlan`."""
     from .fold import fold_batchnorm_graph, trace
 
     plan = RecipePlan(config)
     if not (config.needs_graph or config.fold_bn):
         return plan  # the paper's steps: nothing to analyze or fold
-    graph = trace(model)
     modules = dict(model.named_modules())
+    graph = trace(model, modules)
     if graph is not None:
         plan.traced = True
         if config.needs_graph:
             plan.stats = analyze(model, graph, modules)
         plan.order = execution_order(graph, list(plan.stats))
     if config.fold_bn:
-        folds = fold_batchnorm_graph(model, graph, sources, modules)
+        folds = fold_batchnorm_graph(model, graph, sources, modules, threads)
         plan.folded = {f.layer for f in folds}
         plan.folded_modules = {id(modules[f.layer]) for f in folds}
     return plan
@@ -745,6 +855,82 @@ def prepare_bias_correction(
     plan.expected_q.update({name: v for (name, _, _), v in zip(pairs, values)})
 
 
+def _native_rows(module: Any, w: torch.Tensor | np.ndarray) -> np.ndarray | None:
+    """``w`` as the C-contiguous float32 ``(OC, IC)`` matrix whose rows
+    :func:`channel_dot` would dot (a view), where the layer has one group,
+    a 1x1 kernel (or is Linear) and the weight is CPU float32; else ``None``."""
+    import torch
+
+    if not isinstance(module, _linear()) and int(module.groups) != 1:
+        return None
+    if isinstance(w, np.ndarray):
+        a = w
+    else:
+        t = w.detach()
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            return None
+        a = t.numpy()
+    oc = int(a.shape[0])
+    if a.dtype != np.float32 or a.ndim < 2 or a.size != oc * int(a.shape[1]):
+        return None
+    rows = a.reshape(oc, int(a.shape[1]))
+    return rows if rows.flags.c_contiguous else None
+
+
+def compute_bias_shifts(
+    plan: RecipePlan,
+    items: Sequence[tuple[str, Any, torch.Tensor, torch.Tensor, ActivationQuantizer | None]],
+    threads: int | None = None,
+) -> None:
+    """The shifts :func:`apply_bias_correction` will subtract, for every
+    ``(name, module, w_float, w_hat, quantizer)`` (after quantization), in
+    ``plan.shifts``: the dot products of all 1x1/Linear layers in one native
+    pass on ``threads`` threads (float64 products and sums, like
+    :func:`channel_dot`, whose ``einsum`` the other layers keep)."""
+    mats: list[np.ndarray] = []
+    vecs: list[np.ndarray] = []
+    minus: list[np.ndarray | None] = []
+    terms: dict[str, list[int | np.ndarray]] = {}
+
+    def native(rows: np.ndarray, vec: np.ndarray, sub: np.ndarray | None = None) -> int:
+        mats.append(rows)
+        vecs.append(np.ascontiguousarray(vec, dtype=np.float64))
+        minus.append(sub)
+        return len(mats) - 1
+
+    for name, module, w_float, w_hat, quantizer in items:
+        stats = plan.input_stats(name, module)
+        if stats is None:
+            continue
+        mean = stats.mean()
+        values: list[int | np.ndarray] = []
+        if _quantizes(quantizer):
+            assert quantizer is not None
+            eq = plan.expected_q.get(name)
+            if eq is None:
+                eq = expected_quantized(stats, quantizer)
+            # shift = W_q . E[Q(x)] - W . E[x]
+            for w, vec in ((w_hat, eq), (w_float, mean)):
+                rows = _native_rows(module, w)
+                values.append(channel_dot(module, w, vec) if rows is None else native(rows, vec))
+        else:
+            # shift = (W_q - W) . E[x], the differences rounded to the weights' dtype
+            hat, flt = _native_rows(module, w_hat), _native_rows(module, w_float)
+            if hat is not None and flt is not None:
+                values.append(native(hat, mean, flt))
+            else:
+                delta = _difference(w_hat, w_float)
+                rows = _native_rows(module, delta)
+                values.append(
+                    channel_dot(module, delta, mean) if rows is None else native(rows, mean)
+                )
+        terms[name] = values
+    dots = channel_dots(mats, vecs, threads, minus) if mats else []
+    for name, values in terms.items():
+        v = [dots[x] if isinstance(x, int) else x for x in values]
+        plan.shifts[name] = v[0] - v[1] if len(v) == 2 else v[0]
+
+
 def apply_bias_correction(
     plan: RecipePlan,
     name: str,
@@ -757,7 +943,8 @@ def apply_bias_correction(
     ``b -= W_q . E[Q(x)] - W . E[x]``, with ``E[Q(x)] = E[x]`` where the
     input is not quantized (``quantizer`` ``None``, disabled or without a
     range), i.e. ``b -= (W_q - W) . E[x]``. ``E[Q(x)]`` comes from
-    :func:`prepare_bias_correction` where it ran.
+    :func:`prepare_bias_correction` where it ran, the shift from
+    :func:`compute_bias_shifts` where it ran.
 
     Returns:
         whether the layer was corrected.
@@ -765,6 +952,10 @@ def apply_bias_correction(
     stats = plan.input_stats(name, module)
     if stats is None:
         return False
+    shift = plan.shifts.pop(name, None)
+    if shift is not None:  # computed by compute_bias_shifts
+        shift_bias(module, shift, w_hat)
+        return True
     mean = stats.mean()
     if _quantizes(quantizer):
         assert quantizer is not None

@@ -8,6 +8,7 @@ mod io;
 mod model;
 mod pool;
 mod shared;
+mod stats;
 
 use std::borrow::Cow;
 
@@ -407,6 +408,9 @@ fn _squant_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model::dequantize_into, m)?)?;
     m.add_function(wrap_pyfunction!(model::copy_tree, m)?)?;
     m.add_function(wrap_pyfunction!(simd_build, m)?)?;
+    m.add_function(wrap_pyfunction!(stats::normal_cdf, m)?)?;
+    m.add_function(wrap_pyfunction!(stats::channel_dots, m)?)?;
+    m.add_function(wrap_pyfunction!(stats::scale_channels, m)?)?;
     io::register(m)?;
     let py = m.py();
     m.add("SquantError", py.get_type::<error::SquantError>())?;

@@ -1,0 +1,78 @@
+"""The native helpers of the squant+ recipe: normal_cdf (bit for bit
+math.erfc), channel_dots (float64 row dots), scale_channels (BN folding
+products, bit for bit numpy's)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from squant_rs._squant_rs import channel_dots, normal_cdf, scale_channels
+from squant_rs.errors import InvalidArgumentError
+
+
+def test_normal_cdf_is_math_erfc_bit_for_bit() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [rng.standard_normal(20000) * 4, rng.standard_normal(2000) * 40, [0.0, -0.0, 1e-300]]
+    )
+    want = np.array([0.5 * math.erfc(-v / math.sqrt(2.0)) for v in x])
+    got = normal_cdf(x)
+    assert got.dtype == np.float64 and got.shape == x.shape
+    assert np.array_equal(got.view(np.int64), want.view(np.int64))
+    edge = normal_cdf(np.array([np.inf, -np.inf, np.nan]))
+    assert edge[0] == 1.0 and edge[1] == 0.0 and np.isnan(edge[2])
+    assert normal_cdf(np.zeros(0)).shape == (0,)
+
+
+def test_channel_dots_are_float64_row_dots() -> None:
+    rng = np.random.default_rng(1)
+    mats = [
+        rng.standard_normal((oc, ic)).astype(np.float32) for oc, ic in [(7, 13), (300, 96), (2, 1)]
+    ]
+    vecs = [rng.standard_normal(m.shape[1]) for m in mats]
+    for threads in (1, 3):
+        got = channel_dots(mats, vecs, threads)
+        for g, m, v in zip(got, mats, vecs):
+            exact = np.array([math.fsum(float(a) * float(b) for a, b in zip(row, v)) for row in m])
+            assert g.dtype == np.float64
+            np.testing.assert_allclose(g, exact, rtol=1e-12, atol=1e-12)
+    # minus: the rows are the float32 differences
+    subs = [rng.standard_normal(m.shape).astype(np.float32) for m in mats]
+    got = channel_dots(mats, vecs, 2, [subs[0], None, subs[2]])
+    want = channel_dots([mats[0] - subs[0], mats[1], mats[2] - subs[2]], vecs, 1)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    with pytest.raises(InvalidArgumentError, match="to subtract"):
+        channel_dots(mats, vecs, None, [subs[0]])
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        channel_dots(mats[:1], vecs[:1], None, [subs[1]])
+    assert channel_dots([], []) == []
+    with pytest.raises(InvalidArgumentError, match="2 matrices but 1 vectors"):
+        channel_dots(mats[:2], vecs[:1])
+    with pytest.raises(InvalidArgumentError, match="columns"):
+        channel_dots([mats[0]], [vecs[1]])
+    with pytest.raises(InvalidArgumentError, match="C-contiguous"):
+        channel_dots([np.asfortranarray(mats[1])], [vecs[1]])
+
+
+def test_scale_channels_is_numpy_multiply_bit_for_bit() -> None:
+    rng = np.random.default_rng(2)
+    ws = [rng.standard_normal(s).astype(np.float32) for s in [(8, 3, 3, 3), (40, 1, 3, 3), (5, 7)]]
+    ks = [rng.standard_normal(w.shape[0]).astype(np.float32) for w in ws]
+    outs = [np.empty_like(w) for w in ws]
+    before = [w.copy() for w in ws]
+    scale_channels(ws, ks, outs, 2)
+    for w, k, o, b in zip(ws, ks, outs, before):
+        want = w * k.reshape((-1,) + (1,) * (w.ndim - 1))
+        assert np.array_equal(o.view(np.int32), want.view(np.int32))
+        assert np.array_equal(w, b)  # the weights are left alone
+    with pytest.raises(InvalidArgumentError, match="do not match"):
+        scale_channels([ws[0]], [ks[1]], [outs[0]])
+    with pytest.raises(InvalidArgumentError, match="1 weights, 2 factor vectors"):
+        scale_channels([ws[0]], ks[:2], [outs[0]])
+    with pytest.raises(InvalidArgumentError, match="C-contiguous"):
+        scale_channels([np.asfortranarray(ws[2])], [ks[2]], [outs[2]])
+    with pytest.raises(InvalidArgumentError, match="C-contiguous"):
+        scale_channels([ws[2]], [ks[2]], [np.asfortranarray(outs[2])])
