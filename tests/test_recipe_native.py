@@ -76,3 +76,51 @@ def test_scale_channels_is_numpy_multiply_bit_for_bit() -> None:
         scale_channels([np.asfortranarray(ws[2])], [ks[2]], [outs[2]])
     with pytest.raises(InvalidArgumentError, match="C-contiguous"):
         scale_channels([ws[2]], [ks[2]], [np.asfortranarray(outs[2])])
+
+
+@pytest.mark.parametrize("abits", [None, 8])
+def test_pipeline_native_dots_match_einsum_path(
+    abits: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """quantize_model's bias shifts through the native dots (dense layers of
+    any kernel size: each kernel position takes its input channel's value)
+    equal the per-layer einsum path's (kernel sums, then float64 dots) to
+    rounding; the weights are the same bits."""
+    import torch
+    from torch import nn
+
+    import squant_rs
+    from squant_rs.model import recipe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        nn.Conv2d(8, 12, 3, padding=1, bias=False),  # dense 3x3: native now
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.Conv2d(12, 12, (1, 5), padding=(0, 2), groups=3),  # grouped: einsum
+        nn.BatchNorm2d(12),
+        nn.ReLU6(),
+        nn.Flatten(),
+        nn.Linear(12 * 6 * 6, 5),
+    ).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 1.0)
+    kw = {"recipe": "squant+", "input_shape": (2, 3, 6, 6), "backend": "rust"}
+    native = squant_rs.quantize_model(model, 3, abits, **kw).state_dict()
+    monkeypatch.setattr(recipe, "_native_rows", lambda module, w: None)
+    ref = squant_rs.quantize_model(model, 3, abits, **kw).state_dict()
+    assert native.keys() == ref.keys()
+    for k, v in native.items():
+        if k.endswith("weight"):
+            assert torch.equal(v, ref[k]), k
+        else:
+            torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the dense 3x3 layer really was corrected (its bias moved off the fold's)
+    assert not torch.equal(native["3.bias"], torch.zeros(12))

@@ -856,9 +856,9 @@ def prepare_bias_correction(
 
 
 def _native_rows(module: Any, w: torch.Tensor | np.ndarray) -> np.ndarray | None:
-    """``w`` as the C-contiguous float32 ``(OC, IC)`` matrix whose rows
-    :func:`channel_dot` would dot (a view), where the layer has one group,
-    a 1x1 kernel (or is Linear) and the weight is CPU float32; else ``None``."""
+    """``w`` as the C-contiguous float32 ``(OC, IC * K)`` matrix (a view),
+    ``K`` the kernel positions (1 for a 1x1 kernel or Linear), where the
+    layer has one group and the weight is CPU float32; else ``None``."""
     import torch
 
     if not isinstance(module, _linear()) and int(module.groups) != 1:
@@ -870,11 +870,9 @@ def _native_rows(module: Any, w: torch.Tensor | np.ndarray) -> np.ndarray | None
         if t.device.type != "cpu" or t.dtype != torch.float32:
             return None
         a = t.numpy()
-    oc = int(a.shape[0])
-    if a.dtype != np.float32 or a.ndim < 2 or a.size != oc * int(a.shape[1]):
+    if a.dtype != np.float32 or a.ndim < 2 or not a.flags.c_contiguous:
         return None
-    rows = a.reshape(oc, int(a.shape[1]))
-    return rows if rows.flags.c_contiguous else None
+    return a.reshape(int(a.shape[0]), -1)
 
 
 def compute_bias_shifts(
@@ -884,17 +882,22 @@ def compute_bias_shifts(
 ) -> None:
     """The shifts :func:`apply_bias_correction` will subtract, for every
     ``(name, module, w_float, w_hat, quantizer)`` (after quantization), in
-    ``plan.shifts``: the dot products of all 1x1/Linear layers in one native
-    pass on ``threads`` threads (float64 products and sums, like
-    :func:`channel_dot`, whose ``einsum`` the other layers keep)."""
+    ``plan.shifts``: the dot products of all layers with one group in one
+    native pass on ``threads`` threads (float64 products and sums; a larger
+    kernel's positions each take their input channel's value of the
+    vector, so its float32 kernel sums are never rounded), and
+    :func:`channel_dot`'s ``einsum`` for the others (grouped, depthwise)."""
     mats: list[np.ndarray] = []
     vecs: list[np.ndarray] = []
     minus: list[np.ndarray | None] = []
     terms: dict[str, list[int | np.ndarray]] = {}
 
     def native(rows: np.ndarray, vec: np.ndarray, sub: np.ndarray | None = None) -> int:
+        v = np.ascontiguousarray(vec, dtype=np.float64)
+        if rows.shape[1] != v.shape[0]:  # K kernel positions per input channel
+            v = np.repeat(v, rows.shape[1] // v.shape[0])
         mats.append(rows)
-        vecs.append(np.ascontiguousarray(vec, dtype=np.float64))
+        vecs.append(v)
         minus.append(sub)
         return len(mats) - 1
 
