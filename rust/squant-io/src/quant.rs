@@ -165,14 +165,18 @@ pub fn quantize_files(
         let mut reports = Vec::with_capacity(jobs.len());
         let mut done = offset;
         let mut result = Ok(());
-        for job in jobs {
-            let r = quantize_one(job, opts, progress, done, total, &mut io).map_err(|e| match e {
-                IoError::Quantize { name, source } if with_path => IoError::Quantize {
-                    name: format!("{}: {name}", job.src.path().display()),
-                    source,
-                },
-                other => other,
-            });
+        for (k, job) in jobs.iter().enumerate() {
+            let last = k + 1 == jobs.len();
+            let r =
+                quantize_one(job, opts, progress, done, total, last, &mut io).map_err(
+                    |e| match e {
+                        IoError::Quantize { name, source } if with_path => IoError::Quantize {
+                            name: format!("{}: {name}", job.src.path().display()),
+                            source,
+                        },
+                        other => other,
+                    },
+                );
             match r {
                 Ok(report) => {
                     done += report.size_before;
@@ -184,7 +188,7 @@ pub fn quantize_files(
                 }
             }
         }
-        if result.is_ok() {
+        if result.is_ok() && jobs.is_empty() {
             result = progress(done, total, "");
         }
         let t = io.t;
@@ -528,6 +532,7 @@ fn quantize_one(
     progress: &mut ProgressFn<'_>,
     offset: u64,
     total: u64,
+    last: bool,
     io: &mut Pipe,
 ) -> Result<Report> {
     let t = Instant::now();
@@ -583,6 +588,12 @@ fn quantize_one(
         }
         done += e.nbytes() as u64;
         report.size_before += e.nbytes() as u64;
+    }
+    // The last call (where a caller checks for an interrupt) before the
+    // last file is completed: an error there leaves no output, as at any
+    // other call (the writer completes a file only on `Finish`).
+    if last {
+        progress(done, total, "")?;
     }
     io.send(ToWriter::Finish)?;
     Ok(report)
