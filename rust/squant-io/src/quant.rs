@@ -302,8 +302,11 @@ fn read_loop(
     spare: mpsc::Receiver<Vec<u8>>,
 ) -> Duration {
     let mut busy = Duration::ZERO;
+    // The direct-read descriptor of the file being read (the ranges come
+    // file after file): one at a time, not one per file read so far (a
+    // checkpoint of many shards would need twice its shards' descriptors).
     #[cfg(target_os = "linux")]
-    let mut direct: Vec<Option<Option<std::fs::File>>> = files.iter().map(|_| None).collect();
+    let mut direct: Option<(usize, Option<std::fs::File>)> = None;
     // Buffers handed out and not back yet, and those back in hand.
     let mut out = 0usize;
     let mut kept: Vec<Vec<u8>> = Vec::new();
@@ -339,13 +342,17 @@ fn read_loop(
         let t = Instant::now();
         let (src, e) = (files[f], &files[f].entries[i]);
         #[cfg(target_os = "linux")]
-        let r = src.read(
-            direct[f].get_or_insert_with(|| src.open_direct()),
-            e,
-            start,
-            len,
-            buf,
-        );
+        let r = {
+            let d = match &mut direct {
+                Some((g, d)) if *g == f => d,
+                slot => {
+                    // The previous file's descriptor is closed first.
+                    drop(slot.take());
+                    &mut slot.insert((f, src.open_direct())).1
+                }
+            };
+            src.read(d, e, start, len, buf)
+        };
         #[cfg(not(target_os = "linux"))]
         let r = {
             drop(buf);
