@@ -4,6 +4,7 @@
 //! it is produced. Everything runs in the current rayon pool.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -144,21 +145,29 @@ pub fn quantize_files(
         let (in_tx, in_rx) = mpsc::sync_channel::<Result<Region>>(READ_AHEAD);
         let (used_tx, used_rx) = mpsc::channel::<Vec<u8>>();
         let used = used_tx.clone();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let writer_stopped = stopped.clone();
+        let reader_stopped = stopped.clone();
         let spawn_err = |e| IoError::os(jobs.first().map_or(Path::new("."), |j| j.dst), e);
         let writer = std::thread::Builder::new()
             .name("squant-writer".to_string())
-            .spawn_scoped(scope, move || write_loop(rx, back_tx, used))
+            .spawn_scoped(scope, move || {
+                write_loop(rx, back_tx, used, &writer_stopped)
+            })
             .map_err(spawn_err)?;
         let files = &files;
         let reader = std::thread::Builder::new()
             .name("squant-reader".to_string())
-            .spawn_scoped(scope, move || read_loop(files, plan, in_tx, used_rx))
+            .spawn_scoped(scope, move || {
+                read_loop(files, plan, in_tx, used_rx, &reader_stopped)
+            })
             .map_err(spawn_err)?;
         let mut io = Pipe {
             tx,
             spare: back_rx,
             input: in_rx,
             used: used_tx,
+            stopped,
             buffers: 0,
             t: MainTimes::default(),
         };
@@ -300,6 +309,7 @@ fn read_loop(
     plan: Vec<Piece>,
     tx: mpsc::SyncSender<Result<Region>>,
     spare: mpsc::Receiver<Vec<u8>>,
+    stopped: &AtomicBool,
 ) -> Duration {
     let mut busy = Duration::ZERO;
     // The direct-read descriptor of the file being read (the ranges come
@@ -330,12 +340,15 @@ fn read_loop(
                     break Vec::new();
                 }
             }
-            match spare.recv() {
+            match spare.recv_timeout(Duration::from_millis(50)) {
                 Ok(b) => {
                     out -= 1;
                     kept.push(b);
                 }
-                // The others gone: the send below fails.
+                Err(mpsc::RecvTimeoutError::Timeout) if !stopped.load(Ordering::Acquire) => {}
+                // The others gone: the send below fails. The writer
+                // stopped (a buffer it held may be lost): no more waiting,
+                // the compute side stops at its next message to the writer.
                 Err(_) => break Vec::new(),
             }
         };
@@ -403,6 +416,8 @@ struct Pipe {
     input: mpsc::Receiver<Result<Region>>,
     /// Input buffers back to the reader.
     used: mpsc::Sender<Vec<u8>>,
+    /// Set by the writer when it stopped on an error.
+    stopped: Arc<AtomicBool>,
     /// Packed-code buffers made so far.
     buffers: usize,
     t: MainTimes,
@@ -411,12 +426,15 @@ struct Pipe {
 impl Pipe {
     fn send(&mut self, msg: ToWriter) -> Result<()> {
         let t = Instant::now();
-        // A closed queue: the writer stopped on an error, which the join
-        // reports; this error only stops the compute side.
-        let r = self
-            .tx
-            .send(msg)
-            .map_err(|_| IoError::InvalidArgument("the writer stopped".to_string()));
+        // The writer stopped on an error, which the join reports; this
+        // error only stops the compute side (which then sends nothing more
+        // and asks the reader for nothing more).
+        let stopped = || IoError::InvalidArgument("the writer stopped".to_string());
+        let r = if self.stopped.load(Ordering::Acquire) {
+            Err(stopped())
+        } else {
+            self.tx.send(msg).map_err(|_| stopped())
+        };
         self.t.send += t.elapsed();
         r
     }
@@ -469,54 +487,47 @@ impl Pipe {
 
 /// The writer thread: the sizes of the files it completed, and how it
 /// stopped.
+///
+/// After an error (or a panic) it sets `stopped`, removes the file being
+/// written and goes on taking messages until the compute side closes the
+/// queue, only handing their buffers back: an input buffer queued here and
+/// dropped would never reach the reader, which may be waiting for every
+/// buffer to be back (a block read alone) while the compute side waits
+/// for that block: both would wait forever.
 fn write_loop(
     rx: mpsc::Receiver<ToWriter>,
     back: mpsc::Sender<Vec<u8>>,
     used: mpsc::Sender<Vec<u8>>,
+    stopped: &AtomicBool,
 ) -> (Vec<u64>, Result<()>, WriterTimes) {
     let mut cur: Option<Box<SquantWriter>> = None;
     let mut sizes = Vec::new();
     let mut t = WriterTimes::default();
-    let closed = || IoError::InvalidArgument("no output file is open".to_string());
+    let mut failed = Ok(());
     for msg in rx {
-        let start = Instant::now();
-        let r = match msg {
-            ToWriter::Start(w) => {
-                cur = Some(w);
-                Ok(())
-            }
-            ToWriter::Finish => match cur.take() {
-                Some(w) => w.finish().map(|size| sizes.push(size)),
-                None => Err(closed()),
-            },
-            ToWriter::Plain(i, region) => {
-                let r = match cur.as_mut() {
-                    Some(w) => w.write_plain(i, &region),
-                    None => Err(closed()),
-                };
-                if let Some(b) = region.into_buffer() {
-                    // The reader may have finished already.
-                    let _ = used.send(b);
+        if failed.is_err() {
+            match msg {
+                ToWriter::Plain(_, region) => {
+                    if let Some(b) = region.into_buffer() {
+                        let _ = used.send(b);
+                    }
                 }
-                r
+                ToWriter::Packed(_, buf, _) => {
+                    let _ = back.send(buf);
+                }
+                _ => {}
             }
-            ToWriter::Packed(i, buf, range) => {
-                let r = match (cur.as_mut(), buf.get(range)) {
-                    (Some(w), Some(bytes)) => w.write_packed(i, bytes),
-                    (Some(_), None) => Err(IoError::InvalidArgument(
-                        "packed range outside its buffer".to_string(),
-                    )),
-                    (None, _) => Err(closed()),
-                };
-                // The compute side may have finished already.
-                let _ = back.send(buf);
-                r
-            }
-            ToWriter::Params(i, s, z) => match cur.as_mut() {
-                Some(w) => w.write_params(i, &s, &z),
-                None => Err(closed()),
-            },
-        };
+            continue;
+        }
+        let start = Instant::now();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            write_one(msg, &mut cur, &mut sizes, &back, &used)
+        }))
+        .unwrap_or_else(|_| {
+            Err(IoError::InvalidArgument(
+                "the writer thread panicked".to_string(),
+            ))
+        });
         let spent = start.elapsed();
         if cur.is_some() {
             t.write += spent;
@@ -525,10 +536,61 @@ fn write_loop(
         }
         if r.is_err() {
             // Dropping `cur` removes its temporary file.
-            return (sizes, r, t);
+            cur = None;
+            failed = r;
+            stopped.store(true, Ordering::Release);
         }
     }
-    (sizes, Ok(()), t)
+    drop(cur);
+    (sizes, failed, t)
+}
+
+/// Handles one message of [`write_loop`] (buffers handed back).
+fn write_one(
+    msg: ToWriter,
+    cur: &mut Option<Box<SquantWriter>>,
+    sizes: &mut Vec<u64>,
+    back: &mpsc::Sender<Vec<u8>>,
+    used: &mpsc::Sender<Vec<u8>>,
+) -> Result<()> {
+    let closed = || IoError::InvalidArgument("no output file is open".to_string());
+    match msg {
+        ToWriter::Start(w) => {
+            *cur = Some(w);
+            Ok(())
+        }
+        ToWriter::Finish => match cur.take() {
+            Some(w) => w.finish().map(|size| sizes.push(size)),
+            None => Err(closed()),
+        },
+        ToWriter::Plain(i, region) => {
+            let r = match cur.as_mut() {
+                Some(w) => w.write_plain(i, &region),
+                None => Err(closed()),
+            };
+            if let Some(b) = region.into_buffer() {
+                // The reader may have finished already.
+                let _ = used.send(b);
+            }
+            r
+        }
+        ToWriter::Packed(i, buf, range) => {
+            let r = match (cur.as_mut(), buf.get(range)) {
+                (Some(w), Some(bytes)) => w.write_packed(i, bytes),
+                (Some(_), None) => Err(IoError::InvalidArgument(
+                    "packed range outside its buffer".to_string(),
+                )),
+                (None, _) => Err(closed()),
+            };
+            // The compute side may have finished already.
+            let _ = back.send(buf);
+            r
+        }
+        ToWriter::Params(i, s, z) => match cur.as_mut() {
+            Some(w) => w.write_params(i, &s, &z),
+            None => Err(closed()),
+        },
+    }
 }
 
 /// Quantizes one file's selected tensors into its writer (which the
