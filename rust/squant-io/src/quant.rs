@@ -1105,6 +1105,45 @@ fn shift_channel(err: squant_core::SquantError, o0: usize) -> squant_core::Squan
 mod tests {
     use super::*;
 
+    /// After an error the writer hands back the buffers of the messages
+    /// still queued (the reader may be waiting for all of them) and says it
+    /// stopped.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_stopped_writer_hands_queued_buffers_back() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("squant-io-drain-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("in.safetensors");
+        let header = r#"{"a":{"dtype":"U8","shape":[10],"data_offsets":[0,10]}}"#;
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(header.as_bytes()).unwrap();
+        f.write_all(&[7u8; 10]).unwrap();
+        drop(f);
+        let st = SafetensorsFile::open(&path).unwrap();
+        let e = st.get("a").unwrap();
+        let region = || st.read(&mut None, e, 0, 10, Vec::new()).unwrap();
+        let (tx, rx) = mpsc::sync_channel(4);
+        let (back_tx, back_rx) = mpsc::channel();
+        let (used_tx, used_rx) = mpsc::channel();
+        let stopped = AtomicBool::new(false);
+        // No output file is open: the first message fails.
+        tx.send(ToWriter::Plain(0, region())).unwrap();
+        tx.send(ToWriter::Plain(0, region())).unwrap();
+        tx.send(ToWriter::Packed(0, vec![1, 2, 3], 0..3)).unwrap();
+        tx.send(ToWriter::Plain(0, region())).unwrap();
+        drop(tx);
+        let (sizes, r, _) = write_loop(rx, back_tx, used_tx, &stopped);
+        assert!(sizes.is_empty());
+        assert!(r.is_err());
+        assert!(stopped.load(Ordering::Acquire));
+        assert_eq!(used_rx.iter().count(), 3);
+        assert_eq!(back_rx.iter().count(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn error_sums_same_in_every_build() {
         let mut seed = 12345u32;
