@@ -452,8 +452,15 @@ impl Pipe {
             return Vec::new();
         }
         let t = Instant::now();
-        // The writer stopped: the next send reports it.
-        let b = self.spare.recv().unwrap_or_default();
+        // The writer stopped (a buffer it held may be lost, and it may not
+        // end before this side closes the queue): the next send reports it.
+        let b = loop {
+            match self.spare.recv_timeout(Duration::from_millis(50)) {
+                Ok(b) => break b,
+                Err(mpsc::RecvTimeoutError::Timeout) if !self.stopped.load(Ordering::Acquire) => {}
+                Err(_) => break Vec::new(),
+            }
+        };
         self.t.send += t.elapsed();
         b
     }
