@@ -206,8 +206,9 @@ pub fn quantize_files(
         let (sizes, written, wt) = writer
             .join()
             .map_err(|_| IoError::InvalidArgument("the writer thread panicked".to_string()))?;
-        // A write error ends the writer first; the compute side then only
-        // sees a closed channel, so the writer's error is the one to report.
+        // A write error stops the writer first; the compute side then only
+        // sees its flag (or a closed channel), so the writer's error is the
+        // one to report.
         written?;
         result?;
         if sizes.len() != reports.len() {
