@@ -187,3 +187,40 @@ def test_signal_removes_the_temporary_file(tmp_path, squant_bin: str, sig: str) 
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
     assert sorted(os.listdir(tmp_path)) == ["big.safetensors"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE, Linux pipeline")
+def test_write_error_before_a_block_read_alone_does_not_hang(tmp_path, squant_bin: str) -> None:
+    """A write error (here the file size limit, as a full disk) while plain
+    blocks are queued for the writer, with a weight of huge channels next
+    (its block read alone, once every input buffer is back): an error and
+    no output, not a hang (the queued blocks' buffers were dropped, so the
+    reader waited for them forever while the compute side waited for it)."""
+    import resource
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "in.safetensors"
+    sd = {
+        "a.emb": rng.standard_normal(9_500_000).astype(np.float32),
+        "b.weight": rng.standard_normal((4, 2_000_000)).astype(np.float32),
+    }
+    write_safetensors(src, {k: RawTensor.from_numpy(v) for k, v in sd.items()})
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for mib in (12, 16, 20, 24):
+
+        def limit(mib: int = mib) -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (mib << 20, mib << 20))
+
+        out = out_dir / "out.safetensors"
+        r = subprocess.run(
+            [squant_bin, "quantize", "-q", str(src), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=limit,
+        )
+        assert r.returncode == 2, (mib, r.stderr)
+        assert "File too large" in _message(r.stderr), mib
+        assert os.listdir(out_dir) == [], mib

@@ -4,6 +4,7 @@
 //! it is produced. Everything runs in the current rayon pool.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -144,35 +145,47 @@ pub fn quantize_files(
         let (in_tx, in_rx) = mpsc::sync_channel::<Result<Region>>(READ_AHEAD);
         let (used_tx, used_rx) = mpsc::channel::<Vec<u8>>();
         let used = used_tx.clone();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let writer_stopped = stopped.clone();
+        let reader_stopped = stopped.clone();
         let spawn_err = |e| IoError::os(jobs.first().map_or(Path::new("."), |j| j.dst), e);
         let writer = std::thread::Builder::new()
             .name("squant-writer".to_string())
-            .spawn_scoped(scope, move || write_loop(rx, back_tx, used))
+            .spawn_scoped(scope, move || {
+                write_loop(rx, back_tx, used, &writer_stopped)
+            })
             .map_err(spawn_err)?;
         let files = &files;
         let reader = std::thread::Builder::new()
             .name("squant-reader".to_string())
-            .spawn_scoped(scope, move || read_loop(files, plan, in_tx, used_rx))
+            .spawn_scoped(scope, move || {
+                read_loop(files, plan, in_tx, used_rx, &reader_stopped)
+            })
             .map_err(spawn_err)?;
         let mut io = Pipe {
             tx,
             spare: back_rx,
             input: in_rx,
             used: used_tx,
+            stopped,
             buffers: 0,
             t: MainTimes::default(),
         };
         let mut reports = Vec::with_capacity(jobs.len());
         let mut done = offset;
         let mut result = Ok(());
-        for job in jobs {
-            let r = quantize_one(job, opts, progress, done, total, &mut io).map_err(|e| match e {
-                IoError::Quantize { name, source } if with_path => IoError::Quantize {
-                    name: format!("{}: {name}", job.src.path().display()),
-                    source,
-                },
-                other => other,
-            });
+        for (k, job) in jobs.iter().enumerate() {
+            let last = k + 1 == jobs.len();
+            let r =
+                quantize_one(job, opts, progress, done, total, last, &mut io).map_err(
+                    |e| match e {
+                        IoError::Quantize { name, source } if with_path => IoError::Quantize {
+                            name: format!("{}: {name}", job.src.path().display()),
+                            source,
+                        },
+                        other => other,
+                    },
+                );
             match r {
                 Ok(report) => {
                     done += report.size_before;
@@ -184,7 +197,7 @@ pub fn quantize_files(
                 }
             }
         }
-        if result.is_ok() {
+        if result.is_ok() && jobs.is_empty() {
             result = progress(done, total, "");
         }
         let t = io.t;
@@ -193,8 +206,9 @@ pub fn quantize_files(
         let (sizes, written, wt) = writer
             .join()
             .map_err(|_| IoError::InvalidArgument("the writer thread panicked".to_string()))?;
-        // A write error ends the writer first; the compute side then only
-        // sees a closed channel, so the writer's error is the one to report.
+        // A write error stops the writer first; the compute side then only
+        // sees its flag (or a closed channel), so the writer's error is the
+        // one to report.
         written?;
         result?;
         if sizes.len() != reports.len() {
@@ -296,10 +310,14 @@ fn read_loop(
     plan: Vec<Piece>,
     tx: mpsc::SyncSender<Result<Region>>,
     spare: mpsc::Receiver<Vec<u8>>,
+    stopped: &AtomicBool,
 ) -> Duration {
     let mut busy = Duration::ZERO;
+    // The direct-read descriptor of the file being read (the ranges come
+    // file after file): one at a time, not one per file read so far (a
+    // checkpoint of many shards would need twice its shards' descriptors).
     #[cfg(target_os = "linux")]
-    let mut direct: Vec<Option<Option<std::fs::File>>> = files.iter().map(|_| None).collect();
+    let mut direct: Option<(usize, Option<std::fs::File>)> = None;
     // Buffers handed out and not back yet, and those back in hand.
     let mut out = 0usize;
     let mut kept: Vec<Vec<u8>> = Vec::new();
@@ -323,25 +341,32 @@ fn read_loop(
                     break Vec::new();
                 }
             }
-            match spare.recv() {
+            match spare.recv_timeout(Duration::from_millis(50)) {
                 Ok(b) => {
                     out -= 1;
                     kept.push(b);
                 }
-                // The others gone: the send below fails.
+                Err(mpsc::RecvTimeoutError::Timeout) if !stopped.load(Ordering::Acquire) => {}
+                // The others gone: the send below fails. The writer
+                // stopped (a buffer it held may be lost): no more waiting,
+                // the compute side stops at its next message to the writer.
                 Err(_) => break Vec::new(),
             }
         };
         let t = Instant::now();
         let (src, e) = (files[f], &files[f].entries[i]);
         #[cfg(target_os = "linux")]
-        let r = src.read(
-            direct[f].get_or_insert_with(|| src.open_direct()),
-            e,
-            start,
-            len,
-            buf,
-        );
+        let r = {
+            let d = match &mut direct {
+                Some((g, d)) if *g == f => d,
+                slot => {
+                    // The previous file's descriptor is closed first.
+                    drop(slot.take());
+                    &mut slot.insert((f, src.open_direct())).1
+                }
+            };
+            src.read(d, e, start, len, buf)
+        };
         #[cfg(not(target_os = "linux"))]
         let r = {
             drop(buf);
@@ -392,6 +417,8 @@ struct Pipe {
     input: mpsc::Receiver<Result<Region>>,
     /// Input buffers back to the reader.
     used: mpsc::Sender<Vec<u8>>,
+    /// Set by the writer when it stopped on an error.
+    stopped: Arc<AtomicBool>,
     /// Packed-code buffers made so far.
     buffers: usize,
     t: MainTimes,
@@ -400,12 +427,15 @@ struct Pipe {
 impl Pipe {
     fn send(&mut self, msg: ToWriter) -> Result<()> {
         let t = Instant::now();
-        // A closed queue: the writer stopped on an error, which the join
-        // reports; this error only stops the compute side.
-        let r = self
-            .tx
-            .send(msg)
-            .map_err(|_| IoError::InvalidArgument("the writer stopped".to_string()));
+        // The writer stopped on an error, which the join reports; this
+        // error only stops the compute side (which then sends nothing more
+        // and asks the reader for nothing more).
+        let stopped = || IoError::InvalidArgument("the writer stopped".to_string());
+        let r = if self.stopped.load(Ordering::Acquire) {
+            Err(stopped())
+        } else {
+            self.tx.send(msg).map_err(|_| stopped())
+        };
         self.t.send += t.elapsed();
         r
     }
@@ -423,8 +453,15 @@ impl Pipe {
             return Vec::new();
         }
         let t = Instant::now();
-        // The writer stopped: the next send reports it.
-        let b = self.spare.recv().unwrap_or_default();
+        // The writer stopped (a buffer it held may be lost, and it may not
+        // end before this side closes the queue): the next send reports it.
+        let b = loop {
+            match self.spare.recv_timeout(Duration::from_millis(50)) {
+                Ok(b) => break b,
+                Err(mpsc::RecvTimeoutError::Timeout) if !self.stopped.load(Ordering::Acquire) => {}
+                Err(_) => break Vec::new(),
+            }
+        };
         self.t.send += t.elapsed();
         b
     }
@@ -458,54 +495,47 @@ impl Pipe {
 
 /// The writer thread: the sizes of the files it completed, and how it
 /// stopped.
+///
+/// After an error (or a panic) it sets `stopped`, removes the file being
+/// written and goes on taking messages until the compute side closes the
+/// queue, only handing their buffers back: an input buffer queued here and
+/// dropped would never reach the reader, which may be waiting for every
+/// buffer to be back (a block read alone) while the compute side waits
+/// for that block: both would wait forever.
 fn write_loop(
     rx: mpsc::Receiver<ToWriter>,
     back: mpsc::Sender<Vec<u8>>,
     used: mpsc::Sender<Vec<u8>>,
+    stopped: &AtomicBool,
 ) -> (Vec<u64>, Result<()>, WriterTimes) {
     let mut cur: Option<Box<SquantWriter>> = None;
     let mut sizes = Vec::new();
     let mut t = WriterTimes::default();
-    let closed = || IoError::InvalidArgument("no output file is open".to_string());
+    let mut failed = Ok(());
     for msg in rx {
-        let start = Instant::now();
-        let r = match msg {
-            ToWriter::Start(w) => {
-                cur = Some(w);
-                Ok(())
-            }
-            ToWriter::Finish => match cur.take() {
-                Some(w) => w.finish().map(|size| sizes.push(size)),
-                None => Err(closed()),
-            },
-            ToWriter::Plain(i, region) => {
-                let r = match cur.as_mut() {
-                    Some(w) => w.write_plain(i, &region),
-                    None => Err(closed()),
-                };
-                if let Some(b) = region.into_buffer() {
-                    // The reader may have finished already.
-                    let _ = used.send(b);
+        if failed.is_err() {
+            match msg {
+                ToWriter::Plain(_, region) => {
+                    if let Some(b) = region.into_buffer() {
+                        let _ = used.send(b);
+                    }
                 }
-                r
+                ToWriter::Packed(_, buf, _) => {
+                    let _ = back.send(buf);
+                }
+                _ => {}
             }
-            ToWriter::Packed(i, buf, range) => {
-                let r = match (cur.as_mut(), buf.get(range)) {
-                    (Some(w), Some(bytes)) => w.write_packed(i, bytes),
-                    (Some(_), None) => Err(IoError::InvalidArgument(
-                        "packed range outside its buffer".to_string(),
-                    )),
-                    (None, _) => Err(closed()),
-                };
-                // The compute side may have finished already.
-                let _ = back.send(buf);
-                r
-            }
-            ToWriter::Params(i, s, z) => match cur.as_mut() {
-                Some(w) => w.write_params(i, &s, &z),
-                None => Err(closed()),
-            },
-        };
+            continue;
+        }
+        let start = Instant::now();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            write_one(msg, &mut cur, &mut sizes, &back, &used)
+        }))
+        .unwrap_or_else(|_| {
+            Err(IoError::InvalidArgument(
+                "the writer thread panicked".to_string(),
+            ))
+        });
         let spent = start.elapsed();
         if cur.is_some() {
             t.write += spent;
@@ -514,10 +544,61 @@ fn write_loop(
         }
         if r.is_err() {
             // Dropping `cur` removes its temporary file.
-            return (sizes, r, t);
+            cur = None;
+            failed = r;
+            stopped.store(true, Ordering::Release);
         }
     }
-    (sizes, Ok(()), t)
+    drop(cur);
+    (sizes, failed, t)
+}
+
+/// Handles one message of [`write_loop`] (buffers handed back).
+fn write_one(
+    msg: ToWriter,
+    cur: &mut Option<Box<SquantWriter>>,
+    sizes: &mut Vec<u64>,
+    back: &mpsc::Sender<Vec<u8>>,
+    used: &mpsc::Sender<Vec<u8>>,
+) -> Result<()> {
+    let closed = || IoError::InvalidArgument("no output file is open".to_string());
+    match msg {
+        ToWriter::Start(w) => {
+            *cur = Some(w);
+            Ok(())
+        }
+        ToWriter::Finish => match cur.take() {
+            Some(w) => w.finish().map(|size| sizes.push(size)),
+            None => Err(closed()),
+        },
+        ToWriter::Plain(i, region) => {
+            let r = match cur.as_mut() {
+                Some(w) => w.write_plain(i, &region),
+                None => Err(closed()),
+            };
+            if let Some(b) = region.into_buffer() {
+                // The reader may have finished already.
+                let _ = used.send(b);
+            }
+            r
+        }
+        ToWriter::Packed(i, buf, range) => {
+            let r = match (cur.as_mut(), buf.get(range)) {
+                (Some(w), Some(bytes)) => w.write_packed(i, bytes),
+                (Some(_), None) => Err(IoError::InvalidArgument(
+                    "packed range outside its buffer".to_string(),
+                )),
+                (None, _) => Err(closed()),
+            };
+            // The compute side may have finished already.
+            let _ = back.send(buf);
+            r
+        }
+        ToWriter::Params(i, s, z) => match cur.as_mut() {
+            Some(w) => w.write_params(i, &s, &z),
+            None => Err(closed()),
+        },
+    }
 }
 
 /// Quantizes one file's selected tensors into its writer (which the
@@ -528,6 +609,7 @@ fn quantize_one(
     progress: &mut ProgressFn<'_>,
     offset: u64,
     total: u64,
+    last: bool,
     io: &mut Pipe,
 ) -> Result<Report> {
     let t = Instant::now();
@@ -583,6 +665,12 @@ fn quantize_one(
         }
         done += e.nbytes() as u64;
         report.size_before += e.nbytes() as u64;
+    }
+    // The last call (where a caller checks for an interrupt) before the
+    // last file is completed: an error there leaves no output, as at any
+    // other call (the writer completes a file only on `Finish`).
+    if last {
+        progress(done, total, "")?;
     }
     io.send(ToWriter::Finish)?;
     Ok(report)
@@ -1024,6 +1112,45 @@ fn shift_channel(err: squant_core::SquantError, o0: usize) -> squant_core::Squan
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After an error the writer hands back the buffers of the messages
+    /// still queued (the reader may be waiting for all of them) and says it
+    /// stopped.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_stopped_writer_hands_queued_buffers_back() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("squant-io-drain-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("in.safetensors");
+        let header = r#"{"a":{"dtype":"U8","shape":[10],"data_offsets":[0,10]}}"#;
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(header.as_bytes()).unwrap();
+        f.write_all(&[7u8; 10]).unwrap();
+        drop(f);
+        let st = SafetensorsFile::open(&path).unwrap();
+        let e = st.get("a").unwrap();
+        let region = || st.read(&mut None, e, 0, 10, Vec::new()).unwrap();
+        let (tx, rx) = mpsc::sync_channel(4);
+        let (back_tx, back_rx) = mpsc::channel();
+        let (used_tx, used_rx) = mpsc::channel();
+        let stopped = AtomicBool::new(false);
+        // No output file is open: the first message fails.
+        tx.send(ToWriter::Plain(0, region())).unwrap();
+        tx.send(ToWriter::Plain(0, region())).unwrap();
+        tx.send(ToWriter::Packed(0, vec![1, 2, 3], 0..3)).unwrap();
+        tx.send(ToWriter::Plain(0, region())).unwrap();
+        drop(tx);
+        let (sizes, r, _) = write_loop(rx, back_tx, used_tx, &stopped);
+        assert!(sizes.is_empty());
+        assert!(r.is_err());
+        assert!(stopped.load(Ordering::Acquire));
+        assert_eq!(used_rx.iter().count(), 3);
+        assert_eq!(back_rx.iter().count(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn error_sums_same_in_every_build() {

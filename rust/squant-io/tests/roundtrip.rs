@@ -419,3 +419,37 @@ fn huge_channels_are_exact() {
     SquantFile::open(&dst).unwrap().verify().unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A progress callback that stops the work on its last call (the signal
+/// check of a Ctrl-C that arrives after the last tensor) leaves no output:
+/// an existing file at the output path keeps its content, as for an error
+/// at any other call.
+#[test]
+fn an_error_from_the_last_progress_call_leaves_no_output() {
+    let dir = tmpdir("lastprog");
+    let (src, dst) = (dir.join("in.safetensors"), dir.join("out.safetensors"));
+    write_st(&src, &sample());
+    std::fs::write(&dst, b"old output").unwrap();
+    let mut calls = Vec::new();
+    let err = quantize_file(&src, &dst, &opts(4), &mut |done, total, name| {
+        calls.push(name.to_string());
+        if name.is_empty() && done == total {
+            return Err(IoError::InvalidArgument("interrupted".to_string()));
+        }
+        Ok(())
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("interrupted"), "{err}");
+    assert_eq!(calls.last().map(String::as_str), Some(""));
+    assert!(
+        std::fs::read(&dst).unwrap() == b"old output",
+        "the output file was replaced"
+    );
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["in.safetensors", "out.safetensors"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
