@@ -40,7 +40,8 @@ ratios to fp32 from the same run. Agreement: top-1 of each variant
 vs the float torch model on the project's crop set
 (benches/_accuracy_data.py), images normalized as each model expects.
 
-    python benches/bench_onnx.py [--runs 20] [--block 5] [--no-spinning] [--models mobilenet_v2 efficientnet_lite0]
+    python benches/bench_onnx.py [--runs 20] [--block 5] [--no-spinning]
+        [--models mobilenet_v2 efficientnet_lite0]
 """
 
 from __future__ import annotations
