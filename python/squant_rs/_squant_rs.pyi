@@ -24,6 +24,7 @@ __all__ = [
     "normal_cdf",
     "channel_dots",
     "scale_channels",
+    "clip_ratios",
     "quantize_reference",
     "dequantize",
     "resolve_threads",
@@ -105,6 +106,13 @@ def scale_channels(
     outs: list[npt.NDArray[np.float32]],
     threads: int | None = None,
 ) -> None: ...
+def clip_ratios(
+    w: npt.NDArray[np.float32] | npt.NDArray[np.float64],
+    importance: npt.NDArray[np.float32],
+    bits: int,
+    ratios: list[float],
+    threads: int | None = None,
+) -> npt.NDArray[np.float64]: ...
 def quantize_reference(
     w: npt.NDArray[np.float32], bits: int, mode: str, quantizer: str = "asymmetric"
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...

@@ -3,6 +3,7 @@
 //! C-contiguous) -> allocate the outputs -> run the core with the GIL
 //! released, in the chosen pool -> map errors.
 
+mod clip;
 mod error;
 mod io;
 mod model;
@@ -411,6 +412,7 @@ fn _squant_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stats::normal_cdf, m)?)?;
     m.add_function(wrap_pyfunction!(stats::channel_dots, m)?)?;
     m.add_function(wrap_pyfunction!(stats::scale_channels, m)?)?;
+    m.add_function(wrap_pyfunction!(clip::clip_ratios, m)?)?;
     io::register(m)?;
     let py = m.py();
     m.add("SquantError", py.get_type::<error::SquantError>())?;

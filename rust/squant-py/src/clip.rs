@@ -1,0 +1,446 @@
+//! `clip_ratios`: the per-output-channel clip ratio search of the `squant+`
+//! recipe's `weight_range="bn-mse"` (python/squant_rs/model/recipe.py).
+//!
+//! Bit for bit the results of the recipe's former numpy code: the same
+//! float32 and float64 operations element by element, and the error sums
+//! in numpy's own order (numpy 2.x on x86-64): the pairwise sum of
+//! `ndarray.sum` ([`numpy_sum`]) for a full `(OC, N)` importance, the
+//! two-lane sum of `np.einsum` ([`numpy_einsum_dot`]) for one `(1, N)` row,
+//! both in blocks of numpy's 8192-element buffer. Rows run in parallel.
+
+use std::borrow::Cow;
+
+use numpy::{
+    IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods,
+};
+use pyo3::prelude::*;
+use rayon::prelude::*;
+
+use crate::error::{InvalidArgumentError, PyCoreError};
+use crate::{pool, row_major};
+
+/// Rows are handed out in tasks of about this many elements (times ratios).
+const TASK_ELEMS: usize = 1 << 14;
+
+/// Below this many element-ratio steps the call runs on the calling thread.
+const SERIAL_BELOW: usize = 1 << 16;
+
+/// numpy's default buffer size: reductions with a cast sum in blocks of it.
+const NP_BUFSIZE: usize = 8192;
+
+/// numpy's pairwise summation block (`PW_BLOCKSIZE`).
+const PW_BLOCKSIZE: usize = 128;
+
+/// numpy's `pairwise_sum` of float32 values widened to float64.
+fn pairwise(a: &[f32]) -> f64 {
+    let n = a.len();
+    if n < 8 {
+        let mut res = -0.0f64;
+        for &x in a {
+            res += f64::from(x);
+        }
+        res
+    } else if n <= PW_BLOCKSIZE {
+        let mut r = [0.0f64; 8];
+        for (acc, &x) in r.iter_mut().zip(a) {
+            *acc = f64::from(x);
+        }
+        let full = n - n % 8;
+        for block in a[8..full].chunks_exact(8) {
+            for (acc, &x) in r.iter_mut().zip(block) {
+                *acc += f64::from(x);
+            }
+        }
+        let mut res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for &x in &a[full..] {
+            res += f64::from(x);
+        }
+        res
+    } else {
+        let mut n2 = n / 2;
+        n2 -= n2 % 8;
+        pairwise(&a[..n2]) + pairwise(&a[n2..])
+    }
+}
+
+/// `a.sum(dtype=np.float64)` of a float32 row as numpy sums it: pairwise
+/// within each buffer of 8192 elements, the buffers added in order.
+fn numpy_sum(a: &[f32]) -> f64 {
+    let mut out = 0.0f64;
+    for chunk in a.chunks(NP_BUFSIZE) {
+        out += pairwise(chunk);
+    }
+    out
+}
+
+/// One buffer of `np.einsum("on,n->o", k, row, dtype=np.float64)`'s inner
+/// loop (`sum_of_products_contig_contig_outstride0_two` on two float64
+/// lanes, unfused multiply-add): blocks of 8 taken from the back
+/// (elements 6-7, 4-5, 2-3, 0-1), then pairs, the lanes added last.
+fn einsum_lanes(a: &[f32], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 2];
+    let mut blocks_a = a.chunks_exact(8);
+    let mut blocks_b = b.chunks_exact(8);
+    for (xa, xb) in (&mut blocks_a).zip(&mut blocks_b) {
+        for pair in (0..4).rev() {
+            for (lane, s) in acc.iter_mut().enumerate() {
+                let i = 2 * pair + lane;
+                *s += f64::from(xa[i]) * xb[i];
+            }
+        }
+    }
+    for (xa, xb) in blocks_a
+        .remainder()
+        .chunks(2)
+        .zip(blocks_b.remainder().chunks(2))
+    {
+        for (lane, s) in acc.iter_mut().enumerate() {
+            // A missing lane adds 0 * 0 (numpy loads it as zero).
+            let p = match (xa.get(lane), xb.get(lane)) {
+                (Some(&x), Some(&y)) => f64::from(x) * y,
+                _ => 0.0,
+            };
+            *s += p;
+        }
+    }
+    acc[0] + acc[1]
+}
+
+/// `sum_n k[n] * row[n]` in float64 as `np.einsum` sums it: per buffer of
+/// 8192 elements ([`einsum_lanes`]), the buffers added in order.
+fn numpy_einsum_dot(k: &[f32], row: &[f64]) -> f64 {
+    let mut out = 0.0f64;
+    for (kc, rc) in k.chunks(NP_BUFSIZE).zip(row.chunks(NP_BUFSIZE)) {
+        out += einsum_lanes(kc, rc);
+    }
+    out
+}
+
+/// `np.rint` of a float32 (round half to even), NaN and infinities kept.
+#[inline(always)]
+fn rint(t: f32) -> f32 {
+    // Above 2^23 every float32 is an integer; below it, adding 2^23 leaves
+    // no fraction bits, so the addition rounds (to even, the default mode).
+    const TWO23: f32 = 8_388_608.0;
+    let a = t.abs();
+    if a < TWO23 {
+        ((a + TWO23) - TWO23).copysign(t)
+    } else {
+        t
+    }
+}
+
+/// The weights of each element's squared error.
+#[derive(Clone, Copy)]
+enum Importance<'a> {
+    /// One float32 row per output channel, row-major (OC, N).
+    Full(&'a [f32]),
+    /// One row for every output channel, widened to float64.
+    Row(&'a [f64]),
+}
+
+/// The search of one problem: `w` row-major (rows, n), `levels = 2^bits - 1`.
+struct Search<'a, T> {
+    w: &'a [T],
+    n: usize,
+    imp: Importance<'a>,
+    levels: f64,
+    ratios: &'a [f64],
+}
+
+impl<T: Copy + Into<f64>> Search<'_, T> {
+    /// The chosen ratio of row `o`, `u` and `k` being scratch buffers.
+    fn row(&self, o: usize, u: &mut Vec<f32>, k: &mut Vec<f32>) -> f64 {
+        let n = self.n;
+        let x = &self.w[o * n..(o + 1) * n];
+        let Some(&first) = x.first() else {
+            return 1.0; // no weights: nothing to clip
+        };
+        // np.min / np.max: NaN wins.
+        let first: f64 = first.into();
+        let (mut mn, mut mx) = (first, first);
+        for &v in x {
+            let v: f64 = v.into();
+            if v.is_nan() || v < mn {
+                mn = v;
+            }
+            if v.is_nan() || v > mx {
+                mx = v;
+            }
+        }
+        // np.maximum: NaN wins.
+        let d = mx - mn;
+        let width = if d.is_nan() { d } else { d.max(1e-30) };
+        let scale = self.levels / width;
+        let levels = self.levels as f32;
+        u.clear();
+        u.extend(x.iter().map(|&v| ((v.into() - mn) * scale) as f32));
+        k.resize(n, 0.0);
+        let mut best = f64::INFINITY;
+        let mut chosen = 1.0f64;
+        for &r in self.ratios {
+            let off = ((r - 1.0) * mn * scale) as f32;
+            let inv = (1.0 / r) as f32;
+            let err = match self.imp {
+                Importance::Full(imp) => {
+                    let imp = &imp[o * n..(o + 1) * n];
+                    for ((kk, &uu), &w) in k.iter_mut().zip(u.iter()).zip(imp) {
+                        *kk = sq_err(uu, off, inv, levels) * w;
+                    }
+                    numpy_sum(k)
+                }
+                Importance::Row(row) => {
+                    for (kk, &uu) in k.iter_mut().zip(u.iter()) {
+                        *kk = sq_err(uu, off, inv, levels);
+                    }
+                    numpy_einsum_dot(k, row)
+                }
+            };
+            let err = err * (r * r);
+            if err < best {
+                best = err;
+                chosen = r;
+            }
+        }
+        chosen
+    }
+
+    /// The chosen ratios of rows `first..first + count`.
+    fn rows(&self, first: usize, count: usize) -> Vec<f64> {
+        let (mut u, mut k) = (Vec::with_capacity(self.n), Vec::with_capacity(self.n));
+        (first..first + count)
+            .map(|o| self.row(o, &mut u, &mut k))
+            .collect()
+    }
+}
+
+/// `(rint(t) clipped to [0, levels] - t)^2` in float32, `t = (u - off) * inv`.
+#[inline(always)]
+fn sq_err(u: f32, off: f32, inv: f32, levels: f32) -> f32 {
+    let t = (u - off) * inv;
+    let q = rint(t);
+    // np.clip: NaN stays NaN.
+    let q = if q < 0.0 {
+        0.0
+    } else if q > levels {
+        levels
+    } else {
+        q
+    };
+    let e = q - t;
+    e * e
+}
+
+/// A 2-D float32 or float64 weight, borrowed.
+enum Weights<'py> {
+    F32(PyReadonlyArrayDyn<'py, f32>),
+    F64(PyReadonlyArrayDyn<'py, f64>),
+}
+
+impl<'py> Weights<'py> {
+    fn borrow(obj: &Bound<'py, PyAny>) -> PyResult<Weights<'py>> {
+        let busy = |e: numpy::BorrowError| {
+            InvalidArgumentError::new_err(format!("w is borrowed elsewhere ({e})"))
+        };
+        if let Ok(a) = obj.cast::<PyArrayDyn<f64>>() {
+            return Ok(Weights::F64(a.try_readonly().map_err(busy)?));
+        }
+        if let Ok(a) = obj.cast::<PyArrayDyn<f32>>() {
+            return Ok(Weights::F32(a.try_readonly().map_err(busy)?));
+        }
+        let what = match obj.getattr("dtype") {
+            Ok(d) => format!("an array of dtype {d}"),
+            Err(_) => obj.get_type().name()?.to_string(),
+        };
+        Err(InvalidArgumentError::new_err(format!(
+            "w must be a numpy array of float32 or float64, got {what}"
+        )))
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            Weights::F32(a) => a.shape(),
+            Weights::F64(a) => a.shape(),
+        }
+    }
+}
+
+/// clip_ratios(w, importance, bits, ratios, threads=None)
+/// --
+///
+/// Per row `o` of the float32 or float64 weight `w` (OC, N), the ratio `r`
+/// of `ratios` whose grid on `[r min_o, r max_o]` (`2^bits` levels, nearest
+/// rounding, clipped) gives the least `sum_n importance[o, n] (Q(w) - w)^2`,
+/// `importance` float32 of shape (OC, N) or one row (1, N) for every
+/// channel. Ties keep the earlier ratio; 1.0 where no ratio gives a finite
+/// error. Bit for bit the recipe's former numpy code (float32 rounding,
+/// float64 sums in numpy's order). Returns (OC,) float64 ratios.
+#[pyfunction]
+#[pyo3(signature = (w, importance, bits, ratios, threads=None))]
+pub fn clip_ratios<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    importance: PyReadonlyArrayDyn<'py, f32>,
+    bits: u32,
+    ratios: Vec<f64>,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    squant_core::qparams::check_bits(bits).map_err(PyCoreError)?;
+    let threads = pool::resolve_threads(threads)?;
+    if let Some(r) = ratios.iter().find(|r| !(r.is_finite() && **r > 0.0)) {
+        return Err(InvalidArgumentError::new_err(format!(
+            "clip ratios must be finite and positive, got {r}"
+        )));
+    }
+    let w = Weights::borrow(w)?;
+    let (oc, n) = match *w.shape() {
+        [oc, n] => (oc, n),
+        ref s => {
+            return Err(InvalidArgumentError::new_err(format!(
+                "w must be 2-D (OC, N), got shape {s:?}"
+            )))
+        }
+    };
+    let full = match *importance.shape() {
+        [r, c] if c == n && r == oc => true,
+        [1, c] if c == n => false,
+        ref s => {
+            return Err(InvalidArgumentError::new_err(format!(
+                "importance must have shape ({oc}, {n}) or (1, {n}), got {s:?}"
+            )))
+        }
+    };
+    let imp = row_major(&importance)?;
+    let row: Vec<f64> = if full {
+        Vec::new()
+    } else {
+        imp.iter().map(|&v| f64::from(v)).collect()
+    };
+    let imp = if full {
+        Importance::Full(&imp)
+    } else {
+        Importance::Row(&row)
+    };
+    let levels = f64::from((1u32 << bits) - 1);
+    let out = match &w {
+        Weights::F32(a) => run(py, row_major(a)?, n, imp, levels, &ratios, oc, threads),
+        Weights::F64(a) => run(py, row_major(a)?, n, imp, levels, &ratios, oc, threads),
+    }?;
+    Ok(out.into_pyarray(py))
+}
+
+/// The chosen ratio of every row of `w` (row-major, `rows` x `n`), with
+/// the GIL released, on `threads` threads (the same results for every count).
+#[allow(clippy::too_many_arguments)]
+fn run<T: Copy + Into<f64> + Sync>(
+    py: Python<'_>,
+    w: Cow<'_, [T]>,
+    n: usize,
+    imp: Importance<'_>,
+    levels: f64,
+    ratios: &[f64],
+    rows: usize,
+    threads: usize,
+) -> PyResult<Vec<f64>> {
+    let s = Search {
+        w: &w,
+        n,
+        imp,
+        levels,
+        ratios,
+    };
+    let work = rows
+        .saturating_mul(n.max(1))
+        .saturating_mul(ratios.len().max(1));
+    if threads == 1 || work < SERIAL_BELOW {
+        return Ok(py.detach(|| s.rows(0, rows)));
+    }
+    let per = (TASK_ELEMS / n.max(1)).max(1);
+    let tasks: Vec<(usize, usize)> = (0..rows)
+        .step_by(per)
+        .map(|first| (first, per.min(rows - first)))
+        .collect();
+    let pool = pool::pool(threads)?;
+    let parts: Vec<Vec<f64>> = py.detach(|| {
+        pool.install(|| {
+            tasks
+                .par_iter()
+                .map(|&(first, count)| s.rows(first, count))
+                .collect()
+        })
+    });
+    Ok(parts.concat())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{numpy_einsum_dot, numpy_sum, pairwise, rint, Importance, Search};
+
+    #[test]
+    fn rint_rounds_half_to_even() {
+        let cases = [
+            (0.5f32, 0.0f32),
+            (1.5, 2.0),
+            (2.5, 2.0),
+            (-0.5, -0.0),
+            (-1.5, -2.0),
+            (2.4999998, 2.0),
+            (8_388_607.5, 8_388_608.0),
+            (1e30, 1e30),
+        ];
+        for (t, want) in cases {
+            assert_eq!(rint(t).to_bits(), want.to_bits(), "rint({t})");
+            assert_eq!(rint(t), t.round_ties_even());
+        }
+        assert!(rint(f32::NAN).is_nan());
+        assert_eq!(rint(f32::INFINITY), f32::INFINITY);
+    }
+
+    #[test]
+    fn sums_agree_with_plain_sums_on_exact_values() {
+        // Small integers: every order gives the same exact sum.
+        let a: Vec<f32> = (0..20_000).map(|i| (i % 7) as f32).collect();
+        let want: f64 = a.iter().map(|&x| f64::from(x)).sum();
+        assert_eq!(numpy_sum(&a), want);
+        assert_eq!(pairwise(&a[..5]), 10.0);
+        let ones = vec![1.0f64; a.len()];
+        assert_eq!(numpy_einsum_dot(&a, &ones), want);
+        assert_eq!(numpy_einsum_dot(&a[..3], &ones[..3]), 3.0);
+        assert_eq!(numpy_sum(&[]), 0.0);
+    }
+
+    #[test]
+    fn hand_computed_ratios() {
+        // The recipe's test row: 2 bits, grid 0..3 of the full range
+        // rounds the 1.3s; r = 0.65 holds 0 and 1.3 and clips 3.
+        let w = [0.0f64, 1.3, 1.3, 1.3, 3.0];
+        let ratios: Vec<f64> = (0..11).map(|i| 1.0 - 0.05 * f64::from(i)).collect();
+        let imp = [1.0f32, 10.0, 10.0, 10.0, 0.01];
+        let s = Search {
+            w: &w,
+            n: 5,
+            imp: Importance::Full(&imp),
+            levels: 3.0,
+            ratios: &ratios,
+        };
+        let got = s.rows(0, 1);
+        assert_eq!(got.len(), 1);
+        assert!((got[0] - 0.65).abs() < 1e-12, "{got:?}");
+        let row: Vec<f64> = [1.0f32, 0.01, 0.01, 0.01, 10.0].map(f64::from).to_vec();
+        let s = Search {
+            imp: Importance::Row(&row),
+            ..s
+        };
+        assert_eq!(s.rows(0, 1), vec![1.0]);
+        // All-equal and empty rows keep the full range.
+        let flat = [2.0f32; 4];
+        let s = Search {
+            w: &flat,
+            n: 4,
+            imp: Importance::Row(&[1.0; 4]),
+            levels: 15.0,
+            ratios: &ratios,
+        };
+        assert_eq!(s.rows(0, 1), vec![1.0]);
+    }
+}
