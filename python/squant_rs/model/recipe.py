@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._squant_rs import InvalidArgumentError, channel_dots, normal_cdf
+from .._squant_rs import clip_ratios as _clip_ratios
 from .activations import ActivationQuantizer, activation_qparams
 
 if TYPE_CHECKING:
@@ -1098,37 +1099,15 @@ def clip_ratios(
     Returns:
         ``(OC,)`` float64 ratios.
     """
-    x = np.asarray(w, dtype=np.float64)
+    x = np.asarray(w)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    x = np.ascontiguousarray(x)
     imp = np.asarray(importance, dtype=np.float32)
-    mn, mx = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
-    levels = float(2**bits - 1)
-    width = np.maximum(mx - mn, 1e-30)
-    # u in [0, levels]: w in units of the full range's step, from its min
-    u = ((x - mn) * (levels / width)).astype(np.float32)
-    t = np.empty_like(u)
-    k = np.empty_like(u)
-    best = np.full(x.shape[0], np.inf)
-    chosen = np.ones(x.shape[0])
-    for r in ratios:
-        # grid of ratio r: levels k * r + off, off = (r - 1) * mn / step_1
-        off = ((r - 1.0) * mn * (levels / width)).astype(np.float32)
-        np.subtract(u, off, out=t)
-        t *= np.float32(1.0 / r)  # t: position in steps of the clipped grid
-        np.rint(t, out=k)
-        np.clip(k, 0.0, levels, out=k)
-        k -= t
-        k *= k
-        if imp.shape == k.shape:
-            k *= imp
-            err = k.sum(axis=1, dtype=np.float64)
-        else:
-            row = np.broadcast_to(imp, (1, k.shape[1]))[0]
-            err = np.einsum("on,n->o", k, row, dtype=np.float64)
-        err *= r * r  # back to units of the full range's step
-        better = err < best
-        best = np.where(better, err, best)
-        chosen = np.where(better, r, chosen)
-    return chosen
+    if x.ndim == 2 and imp.shape != x.shape:  # one row for every channel
+        imp = np.broadcast_to(imp, (1, x.shape[1]))
+    imp = np.ascontiguousarray(imp)
+    return _clip_ratios(x, imp, bits, [float(r) for r in ratios])
 
 
 def input_variance(plan: RecipePlan, name: str, module: Any) -> np.ndarray | None:
