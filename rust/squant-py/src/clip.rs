@@ -409,6 +409,48 @@ mod tests {
         assert_eq!(numpy_sum(&[]), 0.0);
     }
 
+    /// `a` spread over 2^-30..2^30 (so that the order of the float64
+    /// additions shows in the last bits) and `b`, both float32.
+    fn spread(n: usize) -> (Vec<f32>, Vec<f32>) {
+        let a = (0..n)
+            .map(|i| {
+                let pow = f32::from_bits(((i % 61) as u32 + 127 - 30) << 23);
+                ((i * 7919 % 1013) as f32 / 1013.0) * pow
+            })
+            .collect();
+        let b = (0..n).map(|i| (i * 104_729 % 997) as f32 / 997.0).collect();
+        (a, b)
+    }
+
+    #[test]
+    fn sums_in_numpys_order() {
+        // Pinned from numpy 2.4 (x86-64): with i = np.arange(n),
+        // a = (i*7919 % 1013).astype(np.float32) / np.float32(1013)
+        //     * np.exp2(i % 61 - 30).astype(np.float32),
+        // b = (i*104729 % 997).astype(np.float32) / np.float32(997):
+        // (a*b).sum(dtype=np.float64) and
+        // np.einsum("on,n->o", a[None], b, dtype=np.float64)[0].
+        let pinned = [
+            (300, 0x41E1_0BD1_FB85_A54B_u64, 0x41E1_0BD1_FE0B_5C37_u64),
+            (1100, 0x4201_AC77_12CE_BA70, 0x4201_AC77_13A4_E1DF),
+            (8492, 0x4231_0F85_42E6_72FD, 0x4231_0F85_434E_3B47),
+        ];
+        for (n, sum_bits, einsum_bits) in pinned {
+            let (a, b) = spread(n);
+            let prod: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x * y).collect();
+            let row: Vec<f64> = b.iter().map(|&y| f64::from(y)).collect();
+            assert_eq!(numpy_sum(&prod).to_bits(), sum_bits, "sum, n = {n}");
+            assert_eq!(
+                numpy_einsum_dot(&a, &row).to_bits(),
+                einsum_bits,
+                "einsum, n = {n}"
+            );
+            // ... which a plain sequential sum misses
+            let seq: f64 = a.iter().zip(&row).map(|(&x, y)| f64::from(x) * y).sum();
+            assert_ne!(seq.to_bits(), einsum_bits);
+        }
+    }
+
     #[test]
     fn hand_computed_ratios() {
         // The recipe's test row: 2 bits, grid 0..3 of the full range
