@@ -44,6 +44,99 @@ def test_clip_ratios_hand_computed() -> None:
     assert got[0] == 1.0 and got[1] == pytest.approx(0.65)
 
 
+def _clip_ratios_numpy(
+    w: np.ndarray, importance: np.ndarray, bits: int, ratios: tuple[float, ...] = CLIP_RATIOS
+) -> np.ndarray:
+    """The recipe's former numpy clip_ratios: the reference of the native one."""
+    with np.errstate(over="ignore"):  # all-equal rows: a 1e-30 width
+        return _clip_ratios_numpy_body(w, importance, bits, ratios)
+
+
+def _clip_ratios_numpy_body(
+    w: np.ndarray, importance: np.ndarray, bits: int, ratios: tuple[float, ...]
+) -> np.ndarray:
+    x = np.asarray(w, dtype=np.float64)
+    imp = np.asarray(importance, dtype=np.float32)
+    mn, mx = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    levels = float(2**bits - 1)
+    width = np.maximum(mx - mn, 1e-30)
+    u = ((x - mn) * (levels / width)).astype(np.float32)
+    t = np.empty_like(u)
+    k = np.empty_like(u)
+    best = np.full(x.shape[0], np.inf)
+    chosen = np.ones(x.shape[0])
+    for r in ratios:
+        off = ((r - 1.0) * mn * (levels / width)).astype(np.float32)
+        np.subtract(u, off, out=t)
+        t *= np.float32(1.0 / r)
+        np.rint(t, out=k)
+        np.clip(k, 0.0, levels, out=k)
+        k -= t
+        k *= k
+        if imp.shape == k.shape:
+            k *= imp
+            err = k.sum(axis=1, dtype=np.float64)
+        else:
+            row = np.broadcast_to(imp, (1, k.shape[1]))[0]
+            err = np.einsum("on,n->o", k, row, dtype=np.float64)
+        err *= r * r
+        better = err < best
+        best = np.where(better, err, best)
+        chosen = np.where(better, r, chosen)
+    return chosen
+
+
+def test_clip_ratios_matches_numpy_reference() -> None:
+    """The native clip_ratios gives the numpy code's ratios bit for bit:
+    full (OC, N) and row (1, N) importance, float32 and float64 weights,
+    2..8 bits, one-row weights, all-equal rows, rows longer than numpy's
+    8192-element buffer, and many close ratios (near-ties)."""
+    rng = np.random.default_rng(11)
+    fine = tuple(float(r) for r in np.linspace(1.0, 0.5, 101))
+    shapes = [(1, 9), (1, 144), (32, 27), (96, 9), (24, 144), (7, 1280), (3, 9000), (50, 1)]
+    for case, (oc, n) in enumerate(shapes):
+        for bits in range(2, 9):
+            dtype = np.float32 if (case + bits) % 2 else np.float64
+            scale = [0.01, 1.0, 30.0][(case + bits) % 3]
+            w = (rng.standard_normal((oc, n)) * scale).astype(dtype)
+            w[:, rng.integers(0, n)] *= 8.0  # an outlier column
+            if oc > 1:
+                w[rng.integers(0, oc)] = 0.125 * (bits - 4)  # an all-equal row
+            full = (rng.random((oc, n)) ** 3).astype(np.float32)
+            row = (rng.random((1, n)) * 100.0).astype(np.float32)
+            for imp in (full, row, np.ones((1, n))):
+                for ratios in (CLIP_RATIOS, fine):
+                    want = _clip_ratios_numpy(w, imp, bits, ratios)
+                    got = clip_ratios(w, imp, bits, ratios)
+                    assert got.dtype == np.float64 and got.shape == (oc,)
+                    assert got.tobytes() == want.tobytes(), (oc, n, bits, imp.shape)
+    # a one-row importance given as a 1-D vector, and empty weights
+    w = rng.standard_normal((5, 16))
+    imp1 = rng.random(16).astype(np.float32)
+    assert clip_ratios(w, imp1, 4).tolist() == _clip_ratios_numpy(w, imp1, 4).tolist()
+    assert clip_ratios(np.zeros((0, 16)), np.ones((1, 16)), 4).shape == (0,)
+    assert clip_ratios(np.zeros((3, 0)), np.ones((1, 0)), 4).tolist() == [1.0] * 3
+
+
+def test_clip_ratios_rejects_bad_input() -> None:
+    from squant_rs._squant_rs import clip_ratios as native
+
+    w = np.ones((2, 3))
+    with pytest.raises(squant_rs.InvalidArgumentError, match="2-D"):
+        clip_ratios(np.ones(3), np.ones((1, 3)), 4)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="importance"):
+        native(w, np.ones((3, 3), np.float32), 4, [1.0])
+    with pytest.raises(squant_rs.InvalidArgumentError, match="float32 or float64"):
+        native(np.ones((2, 3), np.int32), np.ones((1, 3), np.float32), 4, [1.0])
+    with pytest.raises(squant_rs.InvalidArgumentError, match="bits"):
+        clip_ratios(w, np.ones((1, 3)), 1)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="ratios"):
+        clip_ratios(w, np.ones((1, 3)), 4, (1.0, 0.0))
+    for bad in (np.ones((1, 4)), np.ones((2, 3, 1))):  # not one row of w's width
+        with pytest.raises(ValueError):
+            clip_ratios(w, bad, 4)
+
+
 def test_weight_importance_columns() -> None:
     var = np.array([1.0, 2.0, 3.0, 4.0])
     dense = weight_importance(nn.Conv2d(4, 2, 2), (2, 4, 2, 2), var)
