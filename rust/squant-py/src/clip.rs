@@ -65,6 +65,7 @@ fn pairwise(a: &[f32]) -> f64 {
 
 /// `a.sum(dtype=np.float64)` of a float32 row as numpy sums it: pairwise
 /// within each buffer of 8192 elements, the buffers added in order.
+#[inline(always)]
 fn numpy_sum(a: &[f32]) -> f64 {
     let mut out = 0.0f64;
     for chunk in a.chunks(NP_BUFSIZE) {
@@ -76,44 +77,70 @@ fn numpy_sum(a: &[f32]) -> f64 {
 /// One buffer of `np.einsum("on,n->o", k, row, dtype=np.float64)`'s inner
 /// loop (`sum_of_products_contig_contig_outstride0_two` on two float64
 /// lanes, unfused multiply-add): blocks of 8 taken from the back
-/// (elements 6-7, 4-5, 2-3, 0-1), then pairs, the lanes added last.
-fn einsum_lanes(a: &[f32], b: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 2];
-    let mut blocks_a = a.chunks_exact(8);
-    let mut blocks_b = b.chunks_exact(8);
-    for (xa, xb) in (&mut blocks_a).zip(&mut blocks_b) {
+/// (elements 6-7, 4-5, 2-3, 0-1), then pairs, the lanes added last. For
+/// `G` rows `ks` of `k` at once: each row's additions in that order, the
+/// rows' chains interleaved (they would otherwise wait on each other).
+#[inline(always)]
+fn einsum_lanes<const G: usize>(ks: [&[f32]; G], b: &[f64]) -> [f64; G] {
+    let mut acc = [[0.0f64; 2]; G];
+    let n = b.len();
+    let full = n - n % 8;
+    let mut i = 0;
+    while i < full {
         for pair in (0..4).rev() {
-            for (lane, s) in acc.iter_mut().enumerate() {
-                let i = 2 * pair + lane;
-                *s += f64::from(xa[i]) * xb[i];
+            for (a, s) in ks.iter().zip(acc.iter_mut()) {
+                for (lane, s) in s.iter_mut().enumerate() {
+                    let j = i + 2 * pair + lane;
+                    *s += f64::from(a[j]) * b[j];
+                }
             }
         }
+        i += 8;
     }
-    for (xa, xb) in blocks_a
-        .remainder()
-        .chunks(2)
-        .zip(blocks_b.remainder().chunks(2))
-    {
-        for (lane, s) in acc.iter_mut().enumerate() {
-            // A missing lane adds 0 * 0 (numpy loads it as zero).
-            let p = match (xa.get(lane), xb.get(lane)) {
-                (Some(&x), Some(&y)) => f64::from(x) * y,
-                _ => 0.0,
-            };
-            *s += p;
+    while i < n {
+        for (a, s) in ks.iter().zip(acc.iter_mut()) {
+            for (lane, s) in s.iter_mut().enumerate() {
+                // A missing lane adds 0 * 0 (numpy loads it as zero).
+                let j = i + lane;
+                *s += if j < n { f64::from(a[j]) * b[j] } else { 0.0 };
+            }
         }
+        i += 2;
     }
-    acc[0] + acc[1]
+    acc.map(|s| s[0] + s[1])
 }
 
-/// `sum_n k[n] * row[n]` in float64 as `np.einsum` sums it: per buffer of
-/// 8192 elements ([`einsum_lanes`]), the buffers added in order.
-fn numpy_einsum_dot(k: &[f32], row: &[f64]) -> f64 {
-    let mut out = 0.0f64;
-    for (kc, rc) in k.chunks(NP_BUFSIZE).zip(row.chunks(NP_BUFSIZE)) {
-        out += einsum_lanes(kc, rc);
+/// `sum_n k[n] * row[n]` in float64 for each of `G` rows `ks` as
+/// `np.einsum` sums it: per buffer of 8192 elements ([`einsum_lanes`]), the
+/// buffers added in order. Every row has `row`'s length.
+#[inline(always)]
+fn numpy_einsum_dots<const G: usize>(ks: [&[f32]; G], row: &[f64]) -> [f64; G] {
+    let mut out = [0.0f64; G];
+    let mut start = 0;
+    while start < row.len() {
+        let end = row.len().min(start + NP_BUFSIZE);
+        let part = einsum_lanes(ks.map(|k| &k[start..end]), &row[start..end]);
+        for (o, p) in out.iter_mut().zip(part) {
+            *o += p;
+        }
+        start = end;
     }
     out
+}
+
+/// Ratios whose einsum sums run together.
+const GROUP: usize = 4;
+
+/// [`numpy_einsum_dots`] of the first `G` rows of `n` elements of `k`.
+#[inline(always)]
+fn dots<const G: usize>(k: &[f32], n: usize, row: &[f64]) -> [f64; G] {
+    numpy_einsum_dots(std::array::from_fn(|j| &k[j * n..(j + 1) * n]), row)
+}
+
+/// [`numpy_einsum_dots`] of one row.
+#[cfg(test)]
+fn numpy_einsum_dot(k: &[f32], row: &[f64]) -> f64 {
+    numpy_einsum_dots([k], row)[0]
 }
 
 /// `np.rint` of a float32 (round half to even), NaN and infinities kept.
@@ -128,6 +155,37 @@ fn rint(t: f32) -> f32 {
     } else {
         t
     }
+}
+
+/// `(np.min(x), np.max(x))` in float64 (NaN where `x` holds one), `None`
+/// for an empty `x`. Eight lanes, so that it vectorises (the order does
+/// not matter: a zero's sign never shows in the ratios).
+#[inline(always)]
+fn min_max<T: Copy + Into<f64>>(x: &[T]) -> Option<(f64, f64)> {
+    let first: f64 = (*x.first()?).into();
+    let (mut mn, mut mx) = ([first; 8], [first; 8]);
+    let mut nan = false;
+    let mut blocks = x.chunks_exact(8);
+    for b in &mut blocks {
+        for (j, &v) in b.iter().enumerate() {
+            let v: f64 = v.into();
+            nan |= v.is_nan();
+            mn[j] = if v < mn[j] { v } else { mn[j] };
+            mx[j] = if v > mx[j] { v } else { mx[j] };
+        }
+    }
+    for &v in blocks.remainder() {
+        let v: f64 = v.into();
+        nan |= v.is_nan();
+        mn[0] = if v < mn[0] { v } else { mn[0] };
+        mx[0] = if v > mx[0] { v } else { mx[0] };
+    }
+    if nan {
+        return Some((f64::NAN, f64::NAN));
+    }
+    let lo = mn.iter().fold(first, |a, &b| if b < a { b } else { a });
+    let hi = mx.iter().fold(first, |a, &b| if b > a { b } else { a });
+    Some((lo, hi))
 }
 
 /// The weights of each element's squared error.
@@ -150,67 +208,97 @@ struct Search<'a, T> {
 
 impl<T: Copy + Into<f64>> Search<'_, T> {
     /// The chosen ratio of row `o`, `u` and `k` being scratch buffers.
+    #[inline(always)]
     fn row(&self, o: usize, u: &mut Vec<f32>, k: &mut Vec<f32>) -> f64 {
         let n = self.n;
         let x = &self.w[o * n..(o + 1) * n];
-        let Some(&first) = x.first() else {
+        let Some((mn, mx)) = min_max(x) else {
             return 1.0; // no weights: nothing to clip
         };
-        // np.min / np.max: NaN wins.
-        let first: f64 = first.into();
-        let (mut mn, mut mx) = (first, first);
-        for &v in x {
-            let v: f64 = v.into();
-            if v.is_nan() || v < mn {
-                mn = v;
-            }
-            if v.is_nan() || v > mx {
-                mx = v;
-            }
-        }
         // np.maximum: NaN wins.
         let d = mx - mn;
         let width = if d.is_nan() { d } else { d.max(1e-30) };
         let scale = self.levels / width;
         let levels = self.levels as f32;
-        u.clear();
-        u.extend(x.iter().map(|&v| ((v.into() - mn) * scale) as f32));
-        k.resize(n, 0.0);
+        u.resize(n, 0.0);
+        for (uu, &v) in u.iter_mut().zip(x) {
+            *uu = ((v.into() - mn) * scale) as f32;
+        }
         let mut best = f64::INFINITY;
         let mut chosen = 1.0f64;
-        for &r in self.ratios {
-            let off = ((r - 1.0) * mn * scale) as f32;
-            let inv = (1.0 / r) as f32;
-            let err = match self.imp {
-                Importance::Full(imp) => {
-                    let imp = &imp[o * n..(o + 1) * n];
-                    for ((kk, &uu), &w) in k.iter_mut().zip(u.iter()).zip(imp) {
-                        *kk = sq_err(uu, off, inv, levels) * w;
-                    }
-                    numpy_sum(k)
-                }
-                Importance::Row(row) => {
-                    for (kk, &uu) in k.iter_mut().zip(u.iter()) {
-                        *kk = sq_err(uu, off, inv, levels);
-                    }
-                    numpy_einsum_dot(k, row)
-                }
-            };
+        let mut pick = |r: f64, err: f64| {
             let err = err * (r * r);
             if err < best {
                 best = err;
                 chosen = r;
             }
+        };
+        // One grid per ratio: `t = (u - off) / r` in its steps.
+        let grid = |r: f64| (((r - 1.0) * mn * scale) as f32, (1.0 / r) as f32);
+        match self.imp {
+            Importance::Full(imp) => {
+                let imp = &imp[o * n..(o + 1) * n];
+                k.resize(n, 0.0);
+                for &r in self.ratios {
+                    let (off, inv) = grid(r);
+                    for ((kk, &uu), &w) in k.iter_mut().zip(u.iter()).zip(imp) {
+                        *kk = sq_err(uu, off, inv, levels) * w;
+                    }
+                    pick(r, numpy_sum(k));
+                }
+            }
+            Importance::Row(row) => {
+                // GROUP ratios at a time, their sums interleaved.
+                k.resize(GROUP * n, 0.0);
+                for rs in self.ratios.chunks(GROUP) {
+                    for (&r, kr) in rs.iter().zip(k.chunks_exact_mut(n.max(1))) {
+                        let (off, inv) = grid(r);
+                        for (kk, &uu) in kr.iter_mut().zip(u.iter()) {
+                            *kk = sq_err(uu, off, inv, levels);
+                        }
+                    }
+                    let errs: &[f64] = match rs.len() {
+                        4 => &dots::<4>(k, n, row),
+                        3 => &dots::<3>(k, n, row),
+                        2 => &dots::<2>(k, n, row),
+                        _ => &dots::<1>(k, n, row),
+                    };
+                    for (&r, &err) in rs.iter().zip(errs) {
+                        pick(r, err);
+                    }
+                }
+            }
         }
         chosen
     }
 
-    /// The chosen ratios of rows `first..first + count`.
+    /// The chosen ratios of rows `first..first + count`: the AVX2 build
+    /// where the CPU has it, else the baseline one (the same operations,
+    /// so the same bits).
     fn rows(&self, first: usize, count: usize) -> Vec<f64> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { self.rows_avx2(first, count) };
+        }
+        self.rows_impl(first, count)
+    }
+
+    /// [`Self::rows_impl`] compiled for AVX2 (wider float32 vectors).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn rows_avx2(&self, first: usize, count: usize) -> Vec<f64> {
+        self.rows_impl(first, count)
+    }
+
+    #[inline(always)]
+    fn rows_impl(&self, first: usize, count: usize) -> Vec<f64> {
         let (mut u, mut k) = (Vec::with_capacity(self.n), Vec::with_capacity(self.n));
-        (first..first + count)
-            .map(|o| self.row(o, &mut u, &mut k))
-            .collect()
+        let mut out = Vec::with_capacity(count);
+        for o in first..first + count {
+            out.push(self.row(o, &mut u, &mut k));
+        }
+        out
     }
 }
 
