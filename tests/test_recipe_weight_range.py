@@ -110,6 +110,16 @@ def test_clip_ratios_matches_numpy_reference() -> None:
                     got = clip_ratios(w, imp, bits, ratios)
                     assert got.dtype == np.float64 and got.shape == (oc,)
                     assert got.tobytes() == want.tobytes(), (oc, n, bits, imp.shape)
+    # non-finite weights and importance, huge and nearly flat rows
+    w = rng.standard_normal((6, 20))
+    w[0, 3], w[1, 5], w[2, 7] = np.nan, np.inf, -np.inf
+    w[3], w[3, 0], w[4] = 1e10, 1e10 + 1e-3, 5e30
+    nan_imp = np.where(rng.random((6, 20)) < 0.1, np.nan, 1.0)
+    for imp in (rng.random((6, 20)), rng.random((1, 20)), nan_imp):
+        for bits in (2, 4, 8):
+            with np.errstate(invalid="ignore"):
+                want = _clip_ratios_numpy(w, imp, bits)
+            assert clip_ratios(w, imp, bits).tobytes() == want.tobytes()
     # a one-row importance given as a 1-D vector, and empty weights
     w = rng.standard_normal((5, 16))
     imp1 = rng.random(16).astype(np.float32)
