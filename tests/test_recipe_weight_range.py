@@ -128,6 +128,17 @@ def test_clip_ratios_matches_numpy_reference() -> None:
     assert clip_ratios(np.zeros((3, 0)), np.ones((1, 0)), 4).tolist() == [1.0] * 3
 
 
+def test_clip_ratios_same_for_every_thread_count() -> None:
+    # big enough for the parallel path (rows split into tasks)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((300, 1152)).astype(np.float32)
+    imp = rng.random((300, 1152)).astype(np.float32)
+    one = clip_ratios(w, imp, 4, threads=1)
+    assert one.tolist() == _clip_ratios_numpy(w, imp, 4).tolist()
+    assert clip_ratios(w, imp, 4, threads=2).tolist() == one.tolist()
+    assert clip_ratios(w, imp, 4, threads=3).tolist() == one.tolist()
+
+
 def test_clip_ratios_rejects_bad_input() -> None:
     from squant_rs._squant_rs import clip_ratios as native
 

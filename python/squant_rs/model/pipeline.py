@@ -313,7 +313,7 @@ def quantize_model(
     items = [(name, src, module.weight) for src, (name, module) in zip(sources, plan.chosen)]
     ratios: dict[str, float] = {}
     if weight_range_for(config, wbits, abits, quantizer) == "bn-mse":
-        items, swaps, ratios = clip_weight_items(rplan, dict(plan.chosen), items, wbits)
+        items, swaps, ratios = clip_weight_items(rplan, dict(plan.chosen), items, wbits, threads)
     else:
         swaps = []
     results = quantize_into(items, wbits, mode, backend, threads, quantizer)

@@ -1085,7 +1085,11 @@ def weight_range_for(config: RecipeConfig, wbits: int, abits: int | None, quanti
 
 
 def clip_ratios(
-    w: np.ndarray, importance: np.ndarray, bits: int, ratios: Sequence[float] = CLIP_RATIOS
+    w: np.ndarray,
+    importance: np.ndarray,
+    bits: int,
+    ratios: Sequence[float] = CLIP_RATIOS,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Per row ``o`` of ``w`` (``(OC, N)``), the ratio ``r`` of ``ratios``
     whose grid on ``[r min_o, r max_o]`` (``2^bits`` levels, nearest
@@ -1094,7 +1098,9 @@ def clip_ratios(
 
     The rounding runs in float32 in units of the full range's step (one
     fused pass per ratio; the grid of ``r`` in those units is
-    ``k r + (1 - r) min / step_1``), the error sums in float64.
+    ``k r + (1 - r) min / step_1``), the error sums in float64. Rows run
+    on ``threads`` threads (``None``: the package's default; the results do
+    not depend on the count).
 
     Returns:
         ``(OC,)`` float64 ratios.
@@ -1107,7 +1113,7 @@ def clip_ratios(
     if x.ndim == 2 and imp.shape != x.shape:  # one row for every channel
         imp = np.broadcast_to(imp, (1, x.shape[1]))
     imp = np.ascontiguousarray(imp)
-    return _clip_ratios(x, imp, bits, [float(r) for r in ratios])
+    return _clip_ratios(x, imp, bits, [float(r) for r in ratios], threads)
 
 
 def input_variance(plan: RecipePlan, name: str, module: Any) -> np.ndarray | None:
@@ -1146,6 +1152,7 @@ def clip_weight_items(
     modules: dict[str, Any],
     items: Sequence[tuple[str, Any, Any]],
     bits: int,
+    threads: int | None = None,
 ) -> tuple[list[tuple[str, Any, Any]], list[tuple[Any, Any]], dict[str, float]]:
     """``weight_range="bn-mse"`` on ``(name, weight, destination)`` items of
     :func:`~squant_rs.model.layers.quantize_into`: each weight
@@ -1156,6 +1163,7 @@ def clip_weight_items(
     weights are not modified. A destination that is its weight is replaced
     by a fresh tensor (the weight keeps its float values for the bias
     correction); :func:`finish_clip_items` makes it the weight's data.
+    ``threads``: the threads of each :func:`clip_ratios` search.
 
     Returns:
         ``(items, swaps, mean ratio per layer name)``.
@@ -1176,7 +1184,7 @@ def clip_weight_items(
             t = t.cpu().double()
         host = np.asarray(t.numpy()).reshape(int(w.shape[0]), -1)
         imp = weight_importance(module, tuple(w.shape), var)
-        r = clip_ratios(host, imp, bits)
+        r = clip_ratios(host, imp, bits, threads=threads)
         mean_ratio[name] = float(r.mean())
         if bool((r == 1.0).all()):
             out.append((name, w, dst))
