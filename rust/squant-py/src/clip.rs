@@ -9,9 +9,11 @@
 //! both in blocks of numpy's 8192-element buffer. Rows run in parallel.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use numpy::{
-    IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use rayon::prelude::*;
@@ -459,6 +461,247 @@ fn run<T: Copy + Into<f64> + Sync>(
         })
     });
     Ok(parts.concat())
+}
+
+/// Rows of at least this many elements in all are clipped per task.
+const CLIP_TASK_ELEMS: usize = 1 << 16;
+
+/// A float32 or float64 element of a weight to clip.
+trait Elem: Copy + Default + Into<f64> + PartialOrd + Send + Sync {
+    /// `np.ndarray.astype` of a float64 to this type.
+    fn from_f64(v: f64) -> Self;
+    /// The bits of the value (for telling NaNs and zeros apart).
+    fn bits(self) -> u64;
+    /// A NaN.
+    fn nan(self) -> bool;
+    /// A quiet NaN.
+    fn is_quiet_nan(self) -> bool;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn from_f64(v: f64) -> f32 {
+        v as f32
+    }
+    #[inline(always)]
+    fn bits(self) -> u64 {
+        u64::from(self.to_bits())
+    }
+    #[inline(always)]
+    fn nan(self) -> bool {
+        self.is_nan()
+    }
+    #[inline(always)]
+    fn is_quiet_nan(self) -> bool {
+        self.is_nan() && self.to_bits() & (1 << 22) != 0
+    }
+}
+
+impl Elem for f64 {
+    #[inline(always)]
+    fn from_f64(v: f64) -> f64 {
+        v
+    }
+    #[inline(always)]
+    fn bits(self) -> u64 {
+        self.to_bits()
+    }
+    #[inline(always)]
+    fn nan(self) -> bool {
+        self.is_nan()
+    }
+    #[inline(always)]
+    fn is_quiet_nan(self) -> bool {
+        self.is_nan() && self.to_bits() & (1 << 51) != 0
+    }
+}
+
+/// `(x.min(), x.max())` of a non-empty row as numpy gives them, or `None`
+/// where numpy's answer depends on its reduction order: a zero bound in a
+/// row that holds zeros of both signs, or a row with NaNs of different
+/// bits or signalling ones (numpy's result is one of them).
+#[inline(always)]
+fn exact_min_max<T: Elem>(x: &[T]) -> Option<(T, T)> {
+    let first = *x.first()?;
+    let (mut mn, mut mx) = ([first; 8], [first; 8]);
+    let mut nan = false;
+    let mut blocks = x.chunks_exact(8);
+    for b in &mut blocks {
+        for (j, &v) in b.iter().enumerate() {
+            nan |= v.nan();
+            mn[j] = if v < mn[j] { v } else { mn[j] };
+            mx[j] = if v > mx[j] { v } else { mx[j] };
+        }
+    }
+    for &v in blocks.remainder() {
+        nan |= v.nan();
+        mn[0] = if v < mn[0] { v } else { mn[0] };
+        mx[0] = if v > mx[0] { v } else { mx[0] };
+    }
+    if nan {
+        // numpy's min and max are then a NaN of the row: unambiguous
+        // where all its NaNs are one quiet NaN.
+        let mut nans = x.iter().filter(|v| v.nan());
+        let n0 = *nans.next()?;
+        let same = n0.is_quiet_nan() && nans.all(|v| v.bits() == n0.bits());
+        return same.then_some((n0, n0));
+    }
+    let lo = mn.iter().fold(first, |a, &b| if b < a { b } else { a });
+    let hi = mx.iter().fold(first, |a, &b| if b > a { b } else { a });
+    let zero = T::from_f64(0.0);
+    if lo == zero || hi == zero {
+        // A zero bound: numpy's has the sign of the row's zeros where
+        // they all have one (then so has ours: it is one of them).
+        let mut zeros = x.iter().filter(|&&v| v == zero);
+        let z0 = *zeros.next()?;
+        if !zeros.all(|v| v.bits() == z0.bits()) {
+            return None;
+        }
+    }
+    Some((lo, hi))
+}
+
+/// `np.clip(x, lo, hi)` of one element: numpy's `_NPY_CLIP`,
+/// `min(max(x, lo), hi)` with a NaN first operand kept.
+#[inline(always)]
+fn clip_one<T: Elem>(x: T, lo: T, hi: T) -> T {
+    let t = if x.nan() || x > lo { x } else { lo };
+    if t.nan() || t < hi {
+        t
+    } else {
+        hi
+    }
+}
+
+/// Clips rows `x` (`n` elements each) into `out` per [`clip_rows`]; false
+/// where some row's bounds are ambiguous ([`exact_min_max`]).
+#[inline(always)]
+fn clip_block<T: Elem>(x: &[T], out: &mut [MaybeUninit<T>], n: usize, ratios: &[f64]) -> bool {
+    for ((row, dst), &r) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)).zip(ratios) {
+        let Some((mn, mx)) = exact_min_max(row) else {
+            return false;
+        };
+        let lo = T::from_f64(r * mn.into());
+        let hi = T::from_f64(r * mx.into());
+        for (d, &v) in dst.iter_mut().zip(row) {
+            d.write(clip_one(v, lo, hi));
+        }
+    }
+    true
+}
+
+/// [`clip_block`] in the widest build the CPU has (the same bits).
+fn clip_block_dispatch<T: Elem>(
+    x: &[T],
+    out: &mut [MaybeUninit<T>],
+    n: usize,
+    ratios: &[f64],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { clip_block_avx2(x, out, n, ratios) };
+    }
+    clip_block(x, out, n, ratios)
+}
+
+/// [`clip_block`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn clip_block_avx2<T: Elem>(x: &[T], out: &mut [MaybeUninit<T>], n: usize, ratios: &[f64]) -> bool {
+    clip_block(x, out, n, ratios)
+}
+
+/// clip_rows(w, ratios, threads=None)
+/// --
+///
+/// The float32 or float64 weight `w` (OC, N) clipped per row `o` to
+/// `[lo_o, hi_o]`, `lo = (ratios[:, None] * w.min(axis=1, keepdims=True))
+/// .astype(w.dtype)` and `hi` likewise with the max: a new C-contiguous
+/// array, bit for bit `np.clip(w, lo, hi)` (NaN propagating as there).
+/// `None` where numpy's `min`/`max` of some row depends on its reduction
+/// order (a zero bound in a row holding zeros of both signs; NaNs of
+/// different bits); the caller then clips with numpy. `ratios`: (OC,)
+/// finite float64. Rows run in parallel on `threads` threads.
+#[pyfunction]
+#[pyo3(signature = (w, ratios, threads=None))]
+pub fn clip_rows<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    ratios: PyReadonlyArrayDyn<'py, f64>,
+    threads: Option<usize>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let threads = pool::resolve_threads(threads)?;
+    let w = Weights::borrow(w)?;
+    let (oc, n) = match *w.shape() {
+        [oc, n] => (oc, n),
+        ref s => {
+            return Err(InvalidArgumentError::new_err(format!(
+                "w must be 2-D (OC, N), got shape {s:?}"
+            )))
+        }
+    };
+    if ratios.shape() != [oc] {
+        return Err(InvalidArgumentError::new_err(format!(
+            "ratios must have shape ({oc},), got {:?}",
+            ratios.shape()
+        )));
+    }
+    let ratios = row_major(&ratios)?;
+    if let Some(r) = ratios.iter().find(|r| !r.is_finite()) {
+        return Err(InvalidArgumentError::new_err(format!(
+            "clip ratios must be finite, got {r}"
+        )));
+    }
+    Ok(match &w {
+        Weights::F32(a) => {
+            clip_all(py, &row_major(a)?, oc, n, &ratios, threads)?.map(|v| v.into_any())
+        }
+        Weights::F64(a) => {
+            clip_all(py, &row_major(a)?, oc, n, &ratios, threads)?.map(|v| v.into_any())
+        }
+    })
+}
+
+/// [`clip_rows`] of `w` (row-major, `oc` x `n`) with the GIL released.
+fn clip_all<'py, T: Elem + numpy::Element>(
+    py: Python<'py>,
+    w: &[T],
+    oc: usize,
+    n: usize,
+    ratios: &[f64],
+    threads: usize,
+) -> PyResult<Option<Bound<'py, PyArray2<T>>>> {
+    let mut out: Vec<T> = Vec::new();
+    out.try_reserve_exact(w.len()).map_err(|_| {
+        pyo3::exceptions::PyMemoryError::new_err(format!("cannot copy {} elements", w.len()))
+    })?;
+    let buf = &mut out.spare_capacity_mut()[..w.len()];
+    let ok = if n == 0 {
+        true
+    } else if threads == 1 || w.len() < 2 * CLIP_TASK_ELEMS {
+        py.detach(|| clip_block_dispatch(w, buf, n, ratios))
+    } else {
+        let per = (CLIP_TASK_ELEMS / n).max(1);
+        let pool = pool::pool(threads)?;
+        py.detach(|| {
+            pool.install(|| {
+                buf.par_chunks_mut(per * n)
+                    .zip(w.par_chunks(per * n))
+                    .zip(ratios.par_chunks(per))
+                    .all(|((dst, src), r)| clip_block_dispatch(src, dst, n, r))
+            })
+        })
+    };
+    if !ok {
+        return Ok(None);
+    }
+    // SAFETY: every row was written (`ok`: no block stopped early; with
+    // `n == 0` there is nothing to write), and the capacity is `w.len()`.
+    unsafe { out.set_len(w.len()) };
+    let arr = numpy::ndarray::Array2::from_shape_vec((oc, n), out)
+        .map_err(|e| InvalidArgumentError::new_err(format!("clip_rows: {e}")))?;
+    Ok(Some(arr.into_pyarray(py)))
 }
 
 #[cfg(test)]
