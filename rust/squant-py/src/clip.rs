@@ -722,7 +722,12 @@ fn clip_all<'py, T: Elem + numpy::Element>(
 
 #[cfg(test)]
 mod tests {
-    use super::{numpy_einsum_dot, numpy_sum, pairwise, rint, Importance, Search};
+    use std::mem::MaybeUninit;
+
+    use super::{
+        clip_block, clip_block_dispatch, exact_min_max, numpy_einsum_dot, numpy_sum, pairwise,
+        rint, Importance, Search,
+    };
 
     #[test]
     fn rint_rounds_half_to_even() {
@@ -885,5 +890,48 @@ mod tests {
             ratios: &ratios,
         };
         assert_eq!(s.rows(0, 1), vec![1.0]);
+    }
+
+    #[test]
+    fn clip_bounds_and_builds() {
+        // numpy's bounds: NaN where the row has one (one quiet NaN), the
+        // zero of the row's one sign; None where numpy's reduction order
+        // would choose.
+        assert_eq!(exact_min_max(&[1.0f32, -2.0, 3.0]), Some((-2.0, 3.0)));
+        let (lo, hi) = exact_min_max(&[-0.0f64, -1.0, -0.0]).unwrap();
+        assert_eq!((lo, hi.to_bits()), (-1.0, (-0.0f64).to_bits()));
+        assert_eq!(exact_min_max(&[0.0f32, -0.0, 1.0]), None);
+        assert_eq!(exact_min_max(&[1.0f32, f32::NAN, -f32::NAN]), None);
+        let (lo, hi) = exact_min_max(&[1.0f32, f32::NAN, 2.0, f32::NAN]).unwrap();
+        assert_eq!(
+            (lo.to_bits(), hi.to_bits()),
+            (f32::NAN.to_bits(), f32::NAN.to_bits())
+        );
+        assert_eq!(exact_min_max::<f32>(&[]), None);
+        // the dispatched build (AVX2 where the CPU has it) and the baseline
+        // one clip alike: r = 0.5 of [-4, 3] is [-2, 1.5]
+        let (rows, n) = (5, 37);
+        let mut x: Vec<f32> = (0..rows * n).map(|i| (i % 8) as f32 - 4.0).collect();
+        x[n + 3] = f32::INFINITY;
+        x[2 * n + 5] = f32::NAN;
+        let ratios = [0.5, 1.0, 0.75, 0.5, 0.9];
+        type Block = fn(&[f32], &mut [MaybeUninit<f32>], usize, &[f64]) -> bool;
+        let run = |f: Block| {
+            let mut out = vec![MaybeUninit::new(0.0f32); rows * n];
+            assert!(f(&x, &mut out, n, &ratios));
+            // SAFETY: every element was written (initialized above, too).
+            out.iter()
+                .map(|v| unsafe { v.assume_init() })
+                .collect::<Vec<f32>>()
+        };
+        let base = run(clip_block);
+        let fast = run(clip_block_dispatch);
+        assert_eq!(
+            base.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(&base[..8], &[-2.0, -2.0, -2.0, -1.0, 0.0, 1.0, 1.5, 1.5]);
+        assert!(base[2 * n..3 * n].iter().all(|v| v.is_nan()));
+        assert_eq!(base[n + 3], f32::INFINITY); // r = 1: [-4, inf]
     }
 }
