@@ -279,8 +279,8 @@ impl<T: Copy + Into<f64>> Search<'_, T> {
     }
 
     /// The chosen ratios of rows `first..first + count`: the AVX-512 build
-    /// where the CPU has it and rows are long, else the AVX2 one, else the baseline one (the
-    /// same operations, so the same bits).
+    /// where the CPU has it and rows are long, else the AVX2 one, else the
+    /// baseline one (the same operations, so the same bits).
     fn rows(&self, first: usize, count: usize) -> Vec<f64> {
         #[cfg(target_arch = "x86_64")]
         if self.n >= AVX512_MIN_N && std::arch::is_x86_feature_detected!("avx512f") {
