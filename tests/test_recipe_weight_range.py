@@ -10,6 +10,7 @@ import squant_rs
 from squant_rs.model.recipe import (
     CLIP_RATIOS,
     clip_ratios,
+    clip_rows,
     resolve_recipe,
     weight_importance,
     weight_range_for,
@@ -156,6 +157,76 @@ def test_clip_ratios_rejects_bad_input() -> None:
     for bad in (np.ones((1, 4)), np.ones((2, 3, 1))):  # not one row of w's width
         with pytest.raises(ValueError):
             clip_ratios(w, bad, 4)
+
+
+def _clip_rows_numpy(w: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """The recipe's former numpy clipping: the reference of the native one."""
+    lo = (r[:, None] * w.min(axis=1, keepdims=True)).astype(w.dtype)
+    hi = (r[:, None] * w.max(axis=1, keepdims=True)).astype(w.dtype)
+    out: np.ndarray = np.clip(w, lo, hi)
+    return out
+
+
+def test_clip_rows_matches_numpy() -> None:
+    """The native clipping gives np.clip's copy bit for bit (dtype, NaN,
+    infinities, zeros of one sign), on every thread count."""
+    from squant_rs._squant_rs import clip_rows as native
+
+    rng = np.random.default_rng(11)
+    for dtype in (np.float32, np.float64):
+        for oc, n in ((1, 1), (7, 3), (33, 141), (300, 520)):  # the last: parallel
+            w = rng.standard_normal((oc, n)).astype(dtype)
+            r = rng.choice([1.0, 0.5, 0.95, 0.65], oc)
+            r[0] = 0.5
+            cases = [w, w.copy(), w.copy(), np.abs(w), -np.abs(w), np.zeros_like(w)]
+            cases[1][rng.random((oc, n)) < 0.02] = np.nan
+            cases[2][rng.random((oc, n)) < 0.02] = np.inf
+            cases[2][rng.random((oc, n)) < 0.02] = -np.inf
+            cases[3][rng.random((oc, n)) < 0.2] = 0.0  # zero minima
+            cases[4][rng.random((oc, n)) < 0.2] = -0.0  # negative zero maxima
+            for x in cases:
+                want = _clip_rows_numpy(x, r)
+                for threads in (1, 2, 3):
+                    got = native(x, r, threads)
+                    assert got is not None
+                    assert got.dtype == want.dtype and got.shape == want.shape
+                    assert got.tobytes() == want.tobytes()
+                assert clip_rows(x, r).tobytes() == want.tobytes()
+    # a strided w (copied row-major first)
+    w = rng.standard_normal((20, 30))[:, ::3]
+    r = np.full(20, 0.7)
+    assert clip_rows(w, r).tobytes() == _clip_rows_numpy(w, r).tobytes()
+    assert native(np.zeros((3, 0), np.float32), np.ones(3)).shape == (3, 0)
+
+
+def test_clip_rows_leaves_ambiguous_rows_to_numpy() -> None:
+    # numpy's min of a row with 0.0 and -0.0 is either, by its reduction
+    # order; NaNs of different bits likewise: the native code declines and
+    # clip_rows falls back to np.clip.
+    from squant_rs._squant_rs import clip_rows as native
+
+    mixed = np.array([[1.0, 0.0, -0.0, 2.0], [-1.0, 3.0, 2.0, 1.0]], np.float32)
+    nans = np.array([[1.0, np.nan, -np.nan, 2.0]])
+    for w in (mixed, nans):
+        r = np.full(w.shape[0], 0.5)
+        assert native(w, r) is None
+        assert clip_rows(w, r).tobytes() == _clip_rows_numpy(w, r).tobytes()
+
+
+def test_clip_rows_rejects_bad_input() -> None:
+    from squant_rs._squant_rs import clip_rows as native
+
+    w = np.ones((2, 3))
+    with pytest.raises(squant_rs.InvalidArgumentError, match="2-D"):
+        native(np.ones(3), np.ones(3))
+    with pytest.raises(squant_rs.InvalidArgumentError, match="ratios"):
+        native(w, np.ones(3))
+    with pytest.raises(squant_rs.InvalidArgumentError, match="finite"):
+        native(w, np.array([1.0, np.nan]))
+    with pytest.raises(squant_rs.InvalidArgumentError, match="float32 or float64"):
+        native(np.ones((2, 3), np.int32), np.ones(2))
+    with pytest.raises(squant_rs.InvalidArgumentError, match="threads"):
+        native(w, np.ones(2), 0)
 
 
 def test_weight_importance_columns() -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "channel_dots",
     "scale_channels",
     "clip_ratios",
+    "clip_rows",
     "quantize_reference",
     "dequantize",
     "resolve_threads",
@@ -113,6 +114,11 @@ def clip_ratios(
     ratios: list[float],
     threads: int | None = None,
 ) -> npt.NDArray[np.float64]: ...
+def clip_rows(
+    w: npt.NDArray[np.float32] | npt.NDArray[np.float64],
+    ratios: npt.NDArray[np.float64],
+    threads: int | None = None,
+) -> npt.NDArray[np.float32] | npt.NDArray[np.float64] | None: ...
 def quantize_reference(
     w: npt.NDArray[np.float32], bits: int, mode: str, quantizer: str = "asymmetric"
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32], npt.NDArray[np.float32], int, int]: ...

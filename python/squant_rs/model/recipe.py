@@ -39,6 +39,7 @@ import numpy as np
 
 from .._squant_rs import InvalidArgumentError, channel_dots, normal_cdf
 from .._squant_rs import clip_ratios as _clip_ratios
+from .._squant_rs import clip_rows as _clip_rows
 from .activations import ActivationQuantizer, activation_qparams
 
 if TYPE_CHECKING:
@@ -1116,6 +1117,23 @@ def clip_ratios(
     return _clip_ratios(x, imp, bits, [float(r) for r in ratios], threads)
 
 
+def clip_rows(w: np.ndarray, ratios: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """``np.clip(w, lo, hi)`` of a float32 or float64 ``w`` (``(OC, N)``)
+    with ``lo = (ratios[:, None] * w.min(axis=1, keepdims=True))
+    .astype(w.dtype)`` and ``hi`` likewise with the max, bit for bit: the
+    native copy on ``threads`` threads, numpy's where its ``min``/``max``
+    of some row depends on the reduction order (zeros of both signs, NaNs
+    of different bits)."""
+    r = np.ascontiguousarray(ratios, dtype=np.float64)
+    out = _clip_rows(w, r, threads)
+    if out is not None:
+        return out
+    lo = (r[:, None] * w.min(axis=1, keepdims=True)).astype(w.dtype)
+    hi = (r[:, None] * w.max(axis=1, keepdims=True)).astype(w.dtype)
+    clipped: np.ndarray = np.clip(w, lo, hi)
+    return clipped
+
+
 def input_variance(plan: RecipePlan, name: str, module: Any) -> np.ndarray | None:
     """``Var[x_i]`` of each input channel of ``module`` from its input
     statistics (clipped-normal variance), ``None`` where they are unknown."""
@@ -1189,9 +1207,7 @@ def clip_weight_items(
         if bool((r == 1.0).all()):
             out.append((name, w, dst))
             continue
-        lo = (r[:, None] * host.min(axis=1, keepdims=True)).astype(host.dtype)
-        hi = (r[:, None] * host.max(axis=1, keepdims=True)).astype(host.dtype)
-        clipped = torch.from_numpy(np.clip(host, lo, hi).reshape(tuple(w.shape)))
+        clipped = torch.from_numpy(clip_rows(host, r, threads).reshape(tuple(w.shape)))
         clipped = clipped.to(dtype=w.dtype, device=w.device)
         if dst is w:
             fresh = torch.empty_like(w)

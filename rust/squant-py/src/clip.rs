@@ -9,9 +9,11 @@
 //! both in blocks of numpy's 8192-element buffer. Rows run in parallel.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use numpy::{
-    IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use rayon::prelude::*;
@@ -127,6 +129,10 @@ fn numpy_einsum_dots<const G: usize>(ks: [&[f32]; G], row: &[f64]) -> [f64; G] {
     }
     out
 }
+
+/// Rows shorter than this run in the AVX2 build even where the CPU has
+/// AVX-512 (measured: 3x slower on rows of 9, a depthwise 3x3 kernel).
+const AVX512_MIN_N: usize = 64;
 
 /// Ratios whose einsum sums run together.
 const GROUP: usize = 4;
@@ -272,15 +278,27 @@ impl<T: Copy + Into<f64>> Search<'_, T> {
         chosen
     }
 
-    /// The chosen ratios of rows `first..first + count`: the AVX2 build
-    /// where the CPU has it, else the baseline one (the same operations,
-    /// so the same bits).
+    /// The chosen ratios of rows `first..first + count`: the AVX-512 build
+    /// where the CPU has it and rows are long, else the AVX2 one, else the
+    /// baseline one (the same operations, so the same bits).
     fn rows(&self, first: usize, count: usize) -> Vec<f64> {
+        #[cfg(target_arch = "x86_64")]
+        if self.n >= AVX512_MIN_N && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { self.rows_avx512(first, count) };
+        }
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
             return unsafe { self.rows_avx2(first, count) };
         }
+        self.rows_impl(first, count)
+    }
+
+    /// [`Self::rows_impl`] compiled for AVX-512F (512-bit vectors).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn rows_avx512(&self, first: usize, count: usize) -> Vec<f64> {
         self.rows_impl(first, count)
     }
 
@@ -461,9 +479,255 @@ fn run<T: Copy + Into<f64> + Sync>(
     Ok(parts.concat())
 }
 
+/// Rows of at least this many elements in all are clipped per task.
+const CLIP_TASK_ELEMS: usize = 1 << 16;
+
+/// A float32 or float64 element of a weight to clip.
+trait Elem: Copy + Default + Into<f64> + PartialOrd + Send + Sync {
+    /// `np.ndarray.astype` of a float64 to this type.
+    fn from_f64(v: f64) -> Self;
+    /// The bits of the value (for telling NaNs and zeros apart).
+    fn bits(self) -> u64;
+    /// A NaN.
+    fn nan(self) -> bool;
+    /// A quiet NaN.
+    fn is_quiet_nan(self) -> bool;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn from_f64(v: f64) -> f32 {
+        v as f32
+    }
+    #[inline(always)]
+    fn bits(self) -> u64 {
+        u64::from(self.to_bits())
+    }
+    #[inline(always)]
+    fn nan(self) -> bool {
+        self.is_nan()
+    }
+    #[inline(always)]
+    fn is_quiet_nan(self) -> bool {
+        self.is_nan() && self.to_bits() & (1 << 22) != 0
+    }
+}
+
+impl Elem for f64 {
+    #[inline(always)]
+    fn from_f64(v: f64) -> f64 {
+        v
+    }
+    #[inline(always)]
+    fn bits(self) -> u64 {
+        self.to_bits()
+    }
+    #[inline(always)]
+    fn nan(self) -> bool {
+        self.is_nan()
+    }
+    #[inline(always)]
+    fn is_quiet_nan(self) -> bool {
+        self.is_nan() && self.to_bits() & (1 << 51) != 0
+    }
+}
+
+/// `(x.min(), x.max())` of a non-empty row as numpy gives them, or `None`
+/// where numpy's answer depends on its reduction order: a zero bound in a
+/// row that holds zeros of both signs, or a row with NaNs of different
+/// bits or signalling ones (numpy's result is one of them).
+#[inline(always)]
+fn exact_min_max<T: Elem>(x: &[T]) -> Option<(T, T)> {
+    let first = *x.first()?;
+    let (mut mn, mut mx) = ([first; 8], [first; 8]);
+    let mut nan = false;
+    let mut blocks = x.chunks_exact(8);
+    for b in &mut blocks {
+        for (j, &v) in b.iter().enumerate() {
+            nan |= v.nan();
+            mn[j] = if v < mn[j] { v } else { mn[j] };
+            mx[j] = if v > mx[j] { v } else { mx[j] };
+        }
+    }
+    for &v in blocks.remainder() {
+        nan |= v.nan();
+        mn[0] = if v < mn[0] { v } else { mn[0] };
+        mx[0] = if v > mx[0] { v } else { mx[0] };
+    }
+    if nan {
+        // numpy's min and max are then a NaN of the row: unambiguous
+        // where all its NaNs are one quiet NaN.
+        let mut nans = x.iter().filter(|v| v.nan());
+        let n0 = *nans.next()?;
+        let same = n0.is_quiet_nan() && nans.all(|v| v.bits() == n0.bits());
+        return same.then_some((n0, n0));
+    }
+    let lo = mn.iter().fold(first, |a, &b| if b < a { b } else { a });
+    let hi = mx.iter().fold(first, |a, &b| if b > a { b } else { a });
+    let zero = T::from_f64(0.0);
+    if lo == zero || hi == zero {
+        // A zero bound: numpy's has the sign of the row's zeros where
+        // they all have one (then so has ours: it is one of them).
+        let mut zeros = x.iter().filter(|&&v| v == zero);
+        let z0 = *zeros.next()?;
+        if !zeros.all(|v| v.bits() == z0.bits()) {
+            return None;
+        }
+    }
+    Some((lo, hi))
+}
+
+/// `np.clip(x, lo, hi)` of one element: numpy's `_NPY_CLIP`,
+/// `min(max(x, lo), hi)` with a NaN first operand kept.
+#[inline(always)]
+fn clip_one<T: Elem>(x: T, lo: T, hi: T) -> T {
+    let t = if x.nan() || x > lo { x } else { lo };
+    if t.nan() || t < hi {
+        t
+    } else {
+        hi
+    }
+}
+
+/// Clips rows `x` (`n` elements each) into `out` per [`clip_rows`]; false
+/// where some row's bounds are ambiguous ([`exact_min_max`]).
+#[inline(always)]
+fn clip_block<T: Elem>(x: &[T], out: &mut [MaybeUninit<T>], n: usize, ratios: &[f64]) -> bool {
+    for ((row, dst), &r) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)).zip(ratios) {
+        let Some((mn, mx)) = exact_min_max(row) else {
+            return false;
+        };
+        let lo = T::from_f64(r * mn.into());
+        let hi = T::from_f64(r * mx.into());
+        for (d, &v) in dst.iter_mut().zip(row) {
+            d.write(clip_one(v, lo, hi));
+        }
+    }
+    true
+}
+
+/// [`clip_block`] in the widest build the CPU has (the same bits).
+fn clip_block_dispatch<T: Elem>(
+    x: &[T],
+    out: &mut [MaybeUninit<T>],
+    n: usize,
+    ratios: &[f64],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { clip_block_avx2(x, out, n, ratios) };
+    }
+    clip_block(x, out, n, ratios)
+}
+
+/// [`clip_block`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn clip_block_avx2<T: Elem>(x: &[T], out: &mut [MaybeUninit<T>], n: usize, ratios: &[f64]) -> bool {
+    clip_block(x, out, n, ratios)
+}
+
+/// clip_rows(w, ratios, threads=None)
+/// --
+///
+/// The float32 or float64 weight `w` (OC, N) clipped per row `o` to
+/// `[lo_o, hi_o]`, `lo = (ratios[:, None] * w.min(axis=1, keepdims=True))
+/// .astype(w.dtype)` and `hi` likewise with the max: a new C-contiguous
+/// array, bit for bit `np.clip(w, lo, hi)` (NaN propagating as there).
+/// `None` where numpy's `min`/`max` of some row depends on its reduction
+/// order (a zero bound in a row holding zeros of both signs; NaNs of
+/// different bits); the caller then clips with numpy. `ratios`: (OC,)
+/// finite float64. Rows run in parallel on `threads` threads.
+#[pyfunction]
+#[pyo3(signature = (w, ratios, threads=None))]
+pub fn clip_rows<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    ratios: PyReadonlyArrayDyn<'py, f64>,
+    threads: Option<usize>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let threads = pool::resolve_threads(threads)?;
+    let w = Weights::borrow(w)?;
+    let (oc, n) = match *w.shape() {
+        [oc, n] => (oc, n),
+        ref s => {
+            return Err(InvalidArgumentError::new_err(format!(
+                "w must be 2-D (OC, N), got shape {s:?}"
+            )))
+        }
+    };
+    if ratios.shape() != [oc] {
+        return Err(InvalidArgumentError::new_err(format!(
+            "ratios must have shape ({oc},), got {:?}",
+            ratios.shape()
+        )));
+    }
+    let ratios = row_major(&ratios)?;
+    if let Some(r) = ratios.iter().find(|r| !r.is_finite()) {
+        return Err(InvalidArgumentError::new_err(format!(
+            "clip ratios must be finite, got {r}"
+        )));
+    }
+    Ok(match &w {
+        Weights::F32(a) => {
+            clip_all(py, &row_major(a)?, oc, n, &ratios, threads)?.map(|v| v.into_any())
+        }
+        Weights::F64(a) => {
+            clip_all(py, &row_major(a)?, oc, n, &ratios, threads)?.map(|v| v.into_any())
+        }
+    })
+}
+
+/// [`clip_rows`] of `w` (row-major, `oc` x `n`) with the GIL released.
+fn clip_all<'py, T: Elem + numpy::Element>(
+    py: Python<'py>,
+    w: &[T],
+    oc: usize,
+    n: usize,
+    ratios: &[f64],
+    threads: usize,
+) -> PyResult<Option<Bound<'py, PyArray2<T>>>> {
+    let mut out: Vec<T> = Vec::new();
+    out.try_reserve_exact(w.len()).map_err(|_| {
+        pyo3::exceptions::PyMemoryError::new_err(format!("cannot copy {} elements", w.len()))
+    })?;
+    let buf = &mut out.spare_capacity_mut()[..w.len()];
+    let ok = if n == 0 {
+        true
+    } else if threads == 1 || w.len() < 2 * CLIP_TASK_ELEMS {
+        py.detach(|| clip_block_dispatch(w, buf, n, ratios))
+    } else {
+        let per = (CLIP_TASK_ELEMS / n).max(1);
+        let pool = pool::pool(threads)?;
+        py.detach(|| {
+            pool.install(|| {
+                buf.par_chunks_mut(per * n)
+                    .zip(w.par_chunks(per * n))
+                    .zip(ratios.par_chunks(per))
+                    .all(|((dst, src), r)| clip_block_dispatch(src, dst, n, r))
+            })
+        })
+    };
+    if !ok {
+        return Ok(None);
+    }
+    // SAFETY: every row was written (`ok`: no block stopped early; with
+    // `n == 0` there is nothing to write), and the capacity is `w.len()`.
+    unsafe { out.set_len(w.len()) };
+    let arr = numpy::ndarray::Array2::from_shape_vec((oc, n), out)
+        .map_err(|e| InvalidArgumentError::new_err(format!("clip_rows: {e}")))?;
+    Ok(Some(arr.into_pyarray(py)))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{numpy_einsum_dot, numpy_sum, pairwise, rint, Importance, Search};
+    use std::mem::MaybeUninit;
+
+    use super::{
+        clip_block, clip_block_dispatch, exact_min_max, numpy_einsum_dot, numpy_sum, pairwise,
+        rint, Importance, Search,
+    };
 
     #[test]
     fn rint_rounds_half_to_even() {
@@ -542,8 +806,9 @@ mod tests {
 
     #[test]
     fn builds_agree() {
-        // The dispatched build (AVX2 where the CPU has it) and the baseline
-        // one give the same ratios on pseudo-random rows.
+        // The dispatched build, the AVX2 and AVX-512 ones (where the CPU
+        // has them) and the baseline one give the same ratios on
+        // pseudo-random rows.
         let mut state = 0x2545_f491_4f6c_dd1d_u64;
         let mut next = move || {
             state ^= state << 13;
@@ -566,7 +831,26 @@ mod tests {
                     ratios: &ratios,
                 };
                 let got = s.rows(0, rows);
-                assert_eq!(got, s.rows_impl(0, rows));
+                let base = s.rows_impl(0, rows);
+                assert_eq!(got, base);
+                #[cfg(target_arch = "x86_64")]
+                for (feature, on) in [
+                    ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+                    ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+                ] {
+                    if !on {
+                        eprintln!("builds_agree: no {feature} on this CPU, not compared");
+                        continue;
+                    }
+                    let built = if feature == "avx2" {
+                        // SAFETY: the CPU supports AVX2, checked above.
+                        unsafe { s.rows_avx2(0, rows) }
+                    } else {
+                        // SAFETY: the CPU supports AVX-512F, checked above.
+                        unsafe { s.rows_avx512(0, rows) }
+                    };
+                    assert_eq!(built, base, "{feature} build, levels {levels}");
+                }
                 // (coarse grids clip some rows)
                 assert!(levels > 100.0 || got.iter().any(|&r| r != 1.0));
             }
@@ -606,5 +890,48 @@ mod tests {
             ratios: &ratios,
         };
         assert_eq!(s.rows(0, 1), vec![1.0]);
+    }
+
+    #[test]
+    fn clip_bounds_and_builds() {
+        // numpy's bounds: NaN where the row has one (one quiet NaN), the
+        // zero of the row's one sign; None where numpy's reduction order
+        // would choose.
+        assert_eq!(exact_min_max(&[1.0f32, -2.0, 3.0]), Some((-2.0, 3.0)));
+        let (lo, hi) = exact_min_max(&[-0.0f64, -1.0, -0.0]).unwrap();
+        assert_eq!((lo, hi.to_bits()), (-1.0, (-0.0f64).to_bits()));
+        assert_eq!(exact_min_max(&[0.0f32, -0.0, 1.0]), None);
+        assert_eq!(exact_min_max(&[1.0f32, f32::NAN, -f32::NAN]), None);
+        let (lo, hi) = exact_min_max(&[1.0f32, f32::NAN, 2.0, f32::NAN]).unwrap();
+        assert_eq!(
+            (lo.to_bits(), hi.to_bits()),
+            (f32::NAN.to_bits(), f32::NAN.to_bits())
+        );
+        assert_eq!(exact_min_max::<f32>(&[]), None);
+        // the dispatched build (AVX2 where the CPU has it) and the baseline
+        // one clip alike: r = 0.5 of [-4, 3] is [-2, 1.5]
+        let (rows, n) = (5, 37);
+        let mut x: Vec<f32> = (0..rows * n).map(|i| (i % 8) as f32 - 4.0).collect();
+        x[n + 3] = f32::INFINITY;
+        x[2 * n + 5] = f32::NAN;
+        let ratios = [0.5, 1.0, 0.75, 0.5, 0.9];
+        type Block = fn(&[f32], &mut [MaybeUninit<f32>], usize, &[f64]) -> bool;
+        let run = |f: Block| {
+            let mut out = vec![MaybeUninit::new(0.0f32); rows * n];
+            assert!(f(&x, &mut out, n, &ratios));
+            // SAFETY: every element was written (initialized above, too).
+            out.iter()
+                .map(|v| unsafe { v.assume_init() })
+                .collect::<Vec<f32>>()
+        };
+        let base = run(clip_block);
+        let fast = run(clip_block_dispatch);
+        assert_eq!(
+            base.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(&base[..8], &[-2.0, -2.0, -2.0, -1.0, 0.0, 1.0, 1.5, 1.5]);
+        assert!(base[2 * n..3 * n].iter().all(|v| v.is_nan()));
+        assert_eq!(base[n + 3], f32::INFINITY); // r = 1: [-4, inf]
     }
 }

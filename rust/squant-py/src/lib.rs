@@ -413,6 +413,7 @@ fn _squant_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stats::channel_dots, m)?)?;
     m.add_function(wrap_pyfunction!(stats::scale_channels, m)?)?;
     m.add_function(wrap_pyfunction!(clip::clip_ratios, m)?)?;
+    m.add_function(wrap_pyfunction!(clip::clip_rows, m)?)?;
     io::register(m)?;
     let py = m.py();
     m.add("SquantError", py.get_type::<error::SquantError>())?;
