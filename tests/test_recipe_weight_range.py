@@ -207,10 +207,33 @@ def test_clip_rows_leaves_ambiguous_rows_to_numpy() -> None:
 
     mixed = np.array([[1.0, 0.0, -0.0, 2.0], [-1.0, 3.0, 2.0, 1.0]], np.float32)
     nans = np.array([[1.0, np.nan, -np.nan, 2.0]])
-    for w in (mixed, nans):
+    cases = [mixed, nans]
+    # NaNs other than np.nan: numpy's min/max give the row's own NaN or
+    # np.nan by row length and position (x86's 0*inf NaN is -nan)
+    for dtype, bits in ((np.float32, [0xFFC00000, 0x7FC12345]), (np.float64, [0xFFF8 << 48])):
+        udt = np.uint32 if dtype == np.float32 else np.uint64
+        for b in bits:
+            for n in (3, 64, 1000):
+                w = np.linspace(-1.0, 1.0, 2 * n).astype(dtype).reshape(2, n)
+                w.view(udt)[0, n // 2] = b
+                cases.append(w)
+    for w in cases:
         r = np.full(w.shape[0], 0.5)
         assert native(w, r) is None
         assert clip_rows(w, r).tobytes() == _clip_rows_numpy(w, r).tobytes()
+
+
+def test_clip_rows_ties_keep_numpys_zero() -> None:
+    from squant_rs._squant_rs import clip_rows as native
+
+    # np.clip keeps the element on a tie of +0 with a -0 bound (and the
+    # other way round); a bound of -0 comes from an underflowing r * min.
+    for dtype, tiny in ((np.float32, -1e-45), (np.float64, -5e-324)):
+        w = np.array([[tiny, 0.0, 1.0], [-1.0, 2.0, -3.0]], dtype)
+        for r in (np.array([0.5, 0.0]), np.array([0.5, 0.5])):
+            want = _clip_rows_numpy(w, r)
+            assert native(w, r, 1).tobytes() == want.tobytes()
+            assert clip_rows(w, r).tobytes() == want.tobytes()
 
 
 def test_clip_rows_rejects_bad_input() -> None:

@@ -15,6 +15,7 @@ use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
     PyUntypedArrayMethods,
 };
+use pyo3::exceptions::PyMemoryError;
 use pyo3::prelude::*;
 use rayon::prelude::*;
 
@@ -421,7 +422,9 @@ pub fn clip_ratios<'py>(
     let row: Vec<f64> = if full {
         Vec::new()
     } else {
-        imp.iter().map(|&v| f64::from(v)).collect()
+        let mut row = alloc_scratch(imp.len())?;
+        row.extend(imp.iter().map(|&v| f64::from(v)));
+        row
     };
     let imp = if full {
         Importance::Full(&imp)
@@ -434,6 +437,18 @@ pub fn clip_ratios<'py>(
         Weights::F64(a) => run(py, row_major(a)?, n, imp, levels, &ratios, oc, threads),
     }?;
     Ok(out.into_pyarray(py))
+}
+
+/// An empty vector with room for `n` elements, or a `MemoryError`.
+fn alloc_scratch<T>(n: usize) -> PyResult<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        PyMemoryError::new_err(format!(
+            "cannot allocate {n} elements of {} bytes of scratch",
+            std::mem::size_of::<T>()
+        ))
+    })?;
+    Ok(v)
 }
 
 /// The chosen ratio of every row of `w` (row-major, `rows` x `n`), with
@@ -449,6 +464,14 @@ fn run<T: Copy + Into<f64> + Sync>(
     rows: usize,
     threads: usize,
 ) -> PyResult<Vec<f64>> {
+    // Each task holds (1 + GROUP) float32 rows of scratch: check up front
+    // that the tasks running at once can have them (a MemoryError, not an
+    // abort inside the pool).
+    let scratch = n
+        .saturating_mul(1 + GROUP)
+        .saturating_mul(threads.clamp(1, rows.max(1)));
+    let probe: Vec<f32> = alloc_scratch(scratch)?;
+    drop(probe);
     let s = Search {
         w: &w,
         n,
@@ -490,8 +513,8 @@ trait Elem: Copy + Default + Into<f64> + PartialOrd + Send + Sync {
     fn bits(self) -> u64;
     /// A NaN.
     fn nan(self) -> bool;
-    /// A quiet NaN.
-    fn is_quiet_nan(self) -> bool;
+    /// The bits of numpy's canonical quiet NaN (`np.nan`) of this type.
+    fn canonical_nan_bits() -> u64;
 }
 
 impl Elem for f32 {
@@ -508,8 +531,8 @@ impl Elem for f32 {
         self.is_nan()
     }
     #[inline(always)]
-    fn is_quiet_nan(self) -> bool {
-        self.is_nan() && self.to_bits() & (1 << 22) != 0
+    fn canonical_nan_bits() -> u64 {
+        0x7fc0_0000
     }
 }
 
@@ -527,8 +550,8 @@ impl Elem for f64 {
         self.is_nan()
     }
     #[inline(always)]
-    fn is_quiet_nan(self) -> bool {
-        self.is_nan() && self.to_bits() & (1 << 51) != 0
+    fn canonical_nan_bits() -> u64 {
+        0x7ff8_0000_0000_0000
     }
 }
 
@@ -555,12 +578,14 @@ fn exact_min_max<T: Elem>(x: &[T]) -> Option<(T, T)> {
         mx[0] = if v > mx[0] { v } else { mx[0] };
     }
     if nan {
-        // numpy's min and max are then a NaN of the row: unambiguous
-        // where all its NaNs are one quiet NaN.
-        let mut nans = x.iter().filter(|v| v.nan());
-        let n0 = *nans.next()?;
-        let same = n0.is_quiet_nan() && nans.all(|v| v.bits() == n0.bits());
-        return same.then_some((n0, n0));
+        // numpy's min and max are then a NaN: the row's own one or the
+        // canonical quiet NaN, by row length and position (its vector
+        // loops make the canonical one). Unambiguous only where every NaN
+        // of the row is the canonical one.
+        let canonical = T::canonical_nan_bits();
+        let all = x.iter().filter(|v| v.nan()).all(|v| v.bits() == canonical);
+        let n0 = *x.iter().find(|v| v.nan())?;
+        return all.then_some((n0, n0));
     }
     let lo = mn.iter().fold(first, |a, &b| if b < a { b } else { a });
     let hi = mx.iter().fold(first, |a, &b| if b > a { b } else { a });
@@ -577,12 +602,14 @@ fn exact_min_max<T: Elem>(x: &[T]) -> Option<(T, T)> {
     Some((lo, hi))
 }
 
-/// `np.clip(x, lo, hi)` of one element: numpy's `_NPY_CLIP`,
-/// `min(max(x, lo), hi)` with a NaN first operand kept.
+/// `np.clip(x, lo, hi)` of one element as numpy 2 computes it:
+/// `min(max(x, lo), hi)` with a NaN first operand kept and, on a tie
+/// (`+0` against `-0`), the first operand (checked against `np.clip` over
+/// all pairs of +-0, +-1, +-inf and NaN).
 #[inline(always)]
 fn clip_one<T: Elem>(x: T, lo: T, hi: T) -> T {
-    let t = if x.nan() || x > lo { x } else { lo };
-    if t.nan() || t < hi {
+    let t = if x.nan() || x >= lo { x } else { lo };
+    if t.nan() || t <= hi {
         t
     } else {
         hi
@@ -689,9 +716,8 @@ fn clip_all<'py, T: Elem + numpy::Element>(
     threads: usize,
 ) -> PyResult<Option<Bound<'py, PyArray2<T>>>> {
     let mut out: Vec<T> = Vec::new();
-    out.try_reserve_exact(w.len()).map_err(|_| {
-        pyo3::exceptions::PyMemoryError::new_err(format!("cannot copy {} elements", w.len()))
-    })?;
+    out.try_reserve_exact(w.len())
+        .map_err(|_| PyMemoryError::new_err(format!("cannot copy {} elements", w.len())))?;
     let buf = &mut out.spare_capacity_mut()[..w.len()];
     let ok = if n == 0 {
         true
@@ -894,7 +920,7 @@ mod tests {
 
     #[test]
     fn clip_bounds_and_builds() {
-        // numpy's bounds: NaN where the row has one (one quiet NaN), the
+        // numpy's bounds: NaN where the row has one (numpy's canonical NaN), the
         // zero of the row's one sign; None where numpy's reduction order
         // would choose.
         assert_eq!(exact_min_max(&[1.0f32, -2.0, 3.0]), Some((-2.0, 3.0)));
@@ -902,6 +928,13 @@ mod tests {
         assert_eq!((lo, hi.to_bits()), (-1.0, (-0.0f64).to_bits()));
         assert_eq!(exact_min_max(&[0.0f32, -0.0, 1.0]), None);
         assert_eq!(exact_min_max(&[1.0f32, f32::NAN, -f32::NAN]), None);
+        // other NaNs: numpy gives the row's own or the canonical one
+        assert_eq!(exact_min_max(&[1.0f32, -f32::NAN, 2.0]), None);
+        assert_eq!(exact_min_max(&[1.0f32, f32::from_bits(0x7fc1_2345)]), None);
+        assert_eq!(
+            exact_min_max(&[f64::from_bits(0x7ff8_0000_0000_0001)]),
+            None
+        );
         let (lo, hi) = exact_min_max(&[1.0f32, f32::NAN, 2.0, f32::NAN]).unwrap();
         assert_eq!(
             (lo.to_bits(), hi.to_bits()),
