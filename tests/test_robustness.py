@@ -87,6 +87,16 @@ def _unaligned(w: np.ndarray) -> np.ndarray:
     return buf.reshape(w.shape)
 
 
+def _record_field(w: np.ndarray) -> np.ndarray:
+    # a field of a packed record array: strides of 1 + itemsize bytes, not
+    # whole elements, and unaligned
+    rec = np.zeros(w.size, [("pad", "u1"), ("w", w.dtype)])
+    rec["w"] = w.reshape(-1)
+    field = rec["w"].reshape(w.shape)
+    assert not field.flags.aligned or w.dtype.itemsize == 1
+    return field
+
+
 # Arrays equal to ``w`` in a non-contiguous or foreign layout.
 LAYOUTS = {
     "fortran": np.asfortranarray,
@@ -96,6 +106,7 @@ LAYOUTS = {
     "big-endian": lambda w: w.astype(w.dtype.newbyteorder(">")),
     "little-endian": lambda w: w.astype(w.dtype.newbyteorder("<")),
     "unaligned": _unaligned,
+    "record-field": _record_field,
 }
 
 

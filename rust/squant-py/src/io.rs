@@ -538,8 +538,8 @@ impl QuantizedFileWriter {
         let c = codes
             .as_slice()
             .map_err(|e| InvalidArgumentError::new_err(e.to_string()))?;
-        let s = scale.as_array().to_vec();
-        let z = zero_point.as_array().to_vec();
+        let s = crate::row_major(&scale)?.into_owned();
+        let z = crate::row_major(&zero_point)?.into_owned();
         self.with(py, |w, packed| {
             w.write_codes(index, c, packed)?;
             w.write_params(index, &s, &z)

@@ -99,21 +99,72 @@ pub(crate) fn parse_quantizer(quantizer: &str) -> PyResult<Quantizer> {
         .map_err(|e| PyErr::from(PyCoreError(e)))
 }
 
-/// The buffer as a row-major slice: borrowed when already C-contiguous.
-/// (`as_slice` alone also accepts Fortran order, which is the wrong order.)
-pub(crate) fn row_major<'a, T: numpy::Element + Copy + Default>(
-    a: &'a PyReadonlyArrayDyn<'_, T>,
+/// The buffer as a row-major slice: borrowed when already C-contiguous
+/// and aligned. (`as_slice` alone also accepts Fortran order, which is the
+/// wrong order.) Arrays that are not aligned to their element type or
+/// whose strides are not whole elements (a field of a packed record array,
+/// a buffer read at an odd offset) are copied element by element from
+/// their bytes: rust-numpy's views assume neither.
+pub(crate) fn row_major<'a, T: numpy::Element + Copy + Default, D: numpy::ndarray::Dimension>(
+    a: &'a numpy::PyReadonlyArray<'_, T, D>,
 ) -> PyResult<Cow<'a, [T]>> {
+    let size = std::mem::size_of::<T>() as isize;
+    let aligned = (a.data() as usize).is_multiple_of(std::mem::align_of::<T>());
+    let whole = a.strides().iter().all(|&st| st % size.max(1) == 0);
+    let mut v: Vec<T> = alloc(0)?;
+    v.try_reserve_exact(a.len())
+        .map_err(|_| PyMemoryError::new_err(format!("cannot copy {} elements", a.len())))?;
+    if !(aligned && whole) {
+        copy_unaligned(a, &mut v);
+        return Ok(Cow::Owned(v));
+    }
     if a.is_c_contiguous() {
         if let Ok(s) = a.as_slice() {
             return Ok(Cow::Borrowed(s));
         }
     }
-    let mut v: Vec<T> = alloc(0)?;
-    v.try_reserve_exact(a.len())
-        .map_err(|_| PyMemoryError::new_err(format!("cannot copy {} elements", a.len())))?;
     v.extend(a.as_array().iter().copied());
     Ok(Cow::Owned(v))
+}
+
+/// Appends `a`'s elements in row-major order to `v`, each read from its
+/// byte offset (`sum index * stride`) without assuming alignment.
+fn copy_unaligned<T: numpy::Element + Copy, D: numpy::ndarray::Dimension>(
+    a: &numpy::PyReadonlyArray<'_, T, D>,
+    v: &mut Vec<T>,
+) {
+    let shape = a.shape();
+    let strides = a.strides();
+    if shape.contains(&0) {
+        return;
+    }
+    let base = a.data() as *const u8;
+    let mut index = vec![0usize; shape.len()];
+    loop {
+        let offset: isize = index
+            .iter()
+            .zip(strides)
+            .map(|(&i, &st)| i as isize * st)
+            .sum();
+        // SAFETY: numpy guarantees that every index within the shape, at
+        // these byte strides from the data pointer, is an element of the
+        // array's buffer, which the read-only borrow keeps alive; the read
+        // makes no alignment assumption.
+        v.push(unsafe { base.offset(offset).cast::<T>().read_unaligned() });
+        // the next index in row-major order
+        let mut d = shape.len();
+        loop {
+            if d == 0 {
+                return;
+            }
+            d -= 1;
+            index[d] += 1;
+            if index[d] < shape[d] {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
 }
 
 /// quantize(w, bits, mode, threads=None, quantizer="asymmetric")
@@ -366,8 +417,8 @@ fn dequantize<'py>(
     let layout = layout_of(&shape)?;
     let pool = pool::pool(pool::resolve_threads(threads)?)?;
     let q = row_major(&codes)?;
-    let s = scale.as_array().to_vec();
-    let z = zero_point.as_array().to_vec();
+    let s = row_major(&scale)?.into_owned();
+    let z = row_major(&zero_point)?.into_owned();
     let out = empty::<f32>(py, &shape, "float32")?;
     {
         let mut rw = out.readwrite();

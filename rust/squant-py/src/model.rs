@@ -652,8 +652,8 @@ pub fn dequantize_into<'py>(
             wd.push(None);
         }
         qs.push(row_major(&codes[i])?);
-        ss.push(scales[i].as_array().to_vec());
-        zs.push(zero_points[i].as_array().to_vec());
+        ss.push(row_major(&scales[i])?.into_owned());
+        zs.push(row_major(&zero_points[i])?.into_owned());
         out_arrays.push(out);
         layouts.push(layout);
     }
