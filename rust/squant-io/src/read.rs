@@ -353,15 +353,7 @@ impl SafetensorsFile {
         if len == 0 {
             return Ok(Region(Inner::Empty));
         }
-        let in_range = start
-            .checked_add(len)
-            .is_some_and(|stop| stop <= entry.nbytes());
-        if !in_range {
-            return Err(IoError::InvalidArgument(format!(
-                "range {start}+{len} outside tensor {}",
-                repr(&entry.name)
-            )));
-        }
+        check_range(entry, start, len)?;
         let offset = self.data_start + (entry.begin + start) as u64;
         // SAFETY: as in `open`: a read-only mapping of a range the header
         // check proved to lie inside the file. Every caller reads the whole
@@ -414,15 +406,7 @@ impl SafetensorsFile {
         if len == 0 {
             return Ok(Region(Inner::Empty));
         }
-        let in_range = start
-            .checked_add(len)
-            .is_some_and(|stop| stop <= entry.nbytes());
-        if !in_range {
-            return Err(IoError::InvalidArgument(format!(
-                "range {start}+{len} outside tensor {}",
-                repr(&entry.name)
-            )));
-        }
+        check_range(entry, start, len)?;
         let os = |e| IoError::os(&self.path, e);
         let offset = self.data_start + (entry.begin + start) as u64;
         let first = offset / ALIGN as u64 * ALIGN as u64;
@@ -496,6 +480,21 @@ impl SafetensorsFile {
     /// Maps a whole tensor.
     pub fn map_all(&self, entry: &Entry) -> Result<Region> {
         self.map(entry, 0, entry.nbytes())
+    }
+}
+
+/// `InvalidArgument` unless bytes `start..start + len` lie within `entry`'s data.
+fn check_range(entry: &Entry, start: usize, len: usize) -> Result<()> {
+    let in_range = start
+        .checked_add(len)
+        .is_some_and(|stop| stop <= entry.nbytes());
+    if in_range {
+        Ok(())
+    } else {
+        Err(IoError::InvalidArgument(format!(
+            "range {start}+{len} outside tensor {}",
+            repr(&entry.name)
+        )))
     }
 }
 

@@ -15,12 +15,11 @@ use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
     PyUntypedArrayMethods,
 };
-use pyo3::exceptions::PyMemoryError;
 use pyo3::prelude::*;
 use rayon::prelude::*;
 
 use crate::error::{InvalidArgumentError, PyCoreError};
-use crate::{pool, row_major};
+use crate::{pool, row_major, with_room};
 
 /// Rows are handed out in tasks of about this many elements (times ratios).
 const TASK_ELEMS: usize = 1 << 14;
@@ -422,7 +421,7 @@ pub fn clip_ratios<'py>(
     let row: Vec<f64> = if full {
         Vec::new()
     } else {
-        let mut row = alloc_scratch(imp.len())?;
+        let mut row = with_room(imp.len())?;
         row.extend(imp.iter().map(|&v| f64::from(v)));
         row
     };
@@ -437,18 +436,6 @@ pub fn clip_ratios<'py>(
         Weights::F64(a) => run(py, row_major(a)?, n, imp, levels, &ratios, oc, threads),
     }?;
     Ok(out.into_pyarray(py))
-}
-
-/// An empty vector with room for `n` elements, or a `MemoryError`.
-fn alloc_scratch<T>(n: usize) -> PyResult<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| {
-        PyMemoryError::new_err(format!(
-            "cannot allocate {n} elements of {} bytes of scratch",
-            std::mem::size_of::<T>()
-        ))
-    })?;
-    Ok(v)
 }
 
 /// The chosen ratio of every row of `w` (row-major, `rows` x `n`), with
@@ -470,7 +457,7 @@ fn run<T: Copy + Into<f64> + Sync>(
     let scratch = n
         .saturating_mul(1 + GROUP)
         .saturating_mul(threads.clamp(1, rows.max(1)));
-    let probe: Vec<f32> = alloc_scratch(scratch)?;
+    let probe: Vec<f32> = with_room(scratch)?;
     drop(probe);
     let s = Search {
         w: &w,
@@ -715,9 +702,7 @@ fn clip_all<'py, T: Elem + numpy::Element>(
     ratios: &[f64],
     threads: usize,
 ) -> PyResult<Option<Bound<'py, PyArray2<T>>>> {
-    let mut out: Vec<T> = Vec::new();
-    out.try_reserve_exact(w.len())
-        .map_err(|_| PyMemoryError::new_err(format!("cannot copy {} elements", w.len())))?;
+    let mut out: Vec<T> = with_room(w.len())?;
     let buf = &mut out.spare_capacity_mut()[..w.len()];
     let ok = if n == 0 {
         true

@@ -77,6 +77,13 @@ pub(crate) fn layout_of(shape: &[usize]) -> PyResult<Layout> {
 
 /// A zeroed buffer of `n` elements, or `MemoryError` instead of an abort.
 pub(crate) fn alloc<T: Clone + Default>(n: usize) -> PyResult<Vec<T>> {
+    let mut v = with_room(n)?;
+    v.resize(n, T::default());
+    Ok(v)
+}
+
+/// An empty vector with room for `n` elements, or a `MemoryError`.
+pub(crate) fn with_room<T>(n: usize) -> PyResult<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(n).map_err(|_| {
         PyMemoryError::new_err(format!(
@@ -84,7 +91,6 @@ pub(crate) fn alloc<T: Clone + Default>(n: usize) -> PyResult<Vec<T>> {
             std::mem::size_of::<T>()
         ))
     })?;
-    v.resize(n, T::default());
     Ok(v)
 }
 
@@ -111,9 +117,7 @@ pub(crate) fn row_major<'a, T: numpy::Element + Copy + Default, D: numpy::ndarra
     let size = std::mem::size_of::<T>() as isize;
     let aligned = (a.data() as usize).is_multiple_of(std::mem::align_of::<T>());
     let whole = a.strides().iter().all(|&st| st % size.max(1) == 0);
-    let mut v: Vec<T> = alloc(0)?;
-    v.try_reserve_exact(a.len())
-        .map_err(|_| PyMemoryError::new_err(format!("cannot copy {} elements", a.len())))?;
+    let mut v: Vec<T> = with_room(a.len())?;
     if !(aligned && whole) {
         copy_unaligned(a, &mut v);
         return Ok(Cow::Owned(v));
