@@ -15,6 +15,7 @@ use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
     PyUntypedArrayMethods,
 };
+use pyo3::exceptions::PyMemoryError;
 use pyo3::prelude::*;
 use rayon::prelude::*;
 
@@ -163,35 +164,42 @@ fn rint(t: f32) -> f32 {
     }
 }
 
-/// `(np.min(x), np.max(x))` in float64 (NaN where `x` holds one), `None`
-/// for an empty `x`. Eight lanes, so that it vectorises (the order does
-/// not matter: a zero's sign never shows in the ratios).
+/// The minimum and maximum of a non-empty `x` by `<` / `>` over eight
+/// lanes (so that it vectorises), and whether `x` holds a NaN (then the
+/// bounds mean nothing); `None` for an empty `x`.
 #[inline(always)]
-fn min_max<T: Copy + Into<f64>>(x: &[T]) -> Option<(f64, f64)> {
-    let first: f64 = (*x.first()?).into();
+fn lane_min_max<T: Copy + PartialOrd>(x: &[T], is_nan: impl Fn(T) -> bool) -> Option<(T, T, bool)> {
+    let first = *x.first()?;
     let (mut mn, mut mx) = ([first; 8], [first; 8]);
     let mut nan = false;
     let mut blocks = x.chunks_exact(8);
     for b in &mut blocks {
         for (j, &v) in b.iter().enumerate() {
-            let v: f64 = v.into();
-            nan |= v.is_nan();
+            nan |= is_nan(v);
             mn[j] = if v < mn[j] { v } else { mn[j] };
             mx[j] = if v > mx[j] { v } else { mx[j] };
         }
     }
     for &v in blocks.remainder() {
-        let v: f64 = v.into();
-        nan |= v.is_nan();
+        nan |= is_nan(v);
         mn[0] = if v < mn[0] { v } else { mn[0] };
         mx[0] = if v > mx[0] { v } else { mx[0] };
     }
-    if nan {
-        return Some((f64::NAN, f64::NAN));
-    }
     let lo = mn.iter().fold(first, |a, &b| if b < a { b } else { a });
     let hi = mx.iter().fold(first, |a, &b| if b > a { b } else { a });
-    Some((lo, hi))
+    Some((lo, hi, nan))
+}
+
+/// `(np.min(x), np.max(x))` in float64 (NaN where `x` holds one), `None`
+/// for an empty `x` (a zero's sign never shows in the ratios).
+#[inline(always)]
+fn min_max<T: Elem>(x: &[T]) -> Option<(f64, f64)> {
+    let (lo, hi, nan) = lane_min_max(x, T::nan)?;
+    Some(if nan {
+        (f64::NAN, f64::NAN)
+    } else {
+        (lo.into(), hi.into())
+    })
 }
 
 /// The weights of each element's squared error.
@@ -212,7 +220,7 @@ struct Search<'a, T> {
     ratios: &'a [f64],
 }
 
-impl<T: Copy + Into<f64>> Search<'_, T> {
+impl<T: Elem> Search<'_, T> {
     /// The chosen ratio of row `o`, `u` and `k` being scratch buffers.
     #[inline(always)]
     fn row(&self, o: usize, u: &mut Vec<f32>, k: &mut Vec<f32>) -> f64 {
@@ -280,8 +288,9 @@ impl<T: Copy + Into<f64>> Search<'_, T> {
 
     /// The chosen ratios of rows `first..first + count`: the AVX-512 build
     /// where the CPU has it and rows are long, else the AVX2 one, else the
-    /// baseline one (the same operations, so the same bits).
-    fn rows(&self, first: usize, count: usize) -> Vec<f64> {
+    /// baseline one (the same operations, so the same bits); `None` where
+    /// the scratch rows cannot be allocated.
+    fn rows(&self, first: usize, count: usize) -> Option<Vec<f64>> {
         #[cfg(target_arch = "x86_64")]
         if self.n >= AVX512_MIN_N && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F, checked just above.
@@ -298,26 +307,29 @@ impl<T: Copy + Into<f64>> Search<'_, T> {
     /// [`Self::rows_impl`] compiled for AVX-512F (512-bit vectors).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    fn rows_avx512(&self, first: usize, count: usize) -> Vec<f64> {
+    fn rows_avx512(&self, first: usize, count: usize) -> Option<Vec<f64>> {
         self.rows_impl(first, count)
     }
 
     /// [`Self::rows_impl`] compiled for AVX2 (wider float32 vectors).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn rows_avx2(&self, first: usize, count: usize) -> Vec<f64> {
+    fn rows_avx2(&self, first: usize, count: usize) -> Option<Vec<f64>> {
         self.rows_impl(first, count)
     }
 
     /// [`Self::rows`] in the build of its caller.
     #[inline(always)]
-    fn rows_impl(&self, first: usize, count: usize) -> Vec<f64> {
-        let (mut u, mut k) = (Vec::with_capacity(self.n), Vec::with_capacity(self.n));
+    fn rows_impl(&self, first: usize, count: usize) -> Option<Vec<f64>> {
+        // the most `row` uses: one row `u`, GROUP rows `k`
+        let (mut u, mut k) = (Vec::new(), Vec::new());
+        u.try_reserve_exact(self.n).ok()?;
+        k.try_reserve_exact(self.n.checked_mul(GROUP)?).ok()?;
         let mut out = Vec::with_capacity(count);
         for o in first..first + count {
             out.push(self.row(o, &mut u, &mut k));
         }
-        out
+        Some(out)
     }
 }
 
@@ -364,10 +376,17 @@ impl<'py> Weights<'py> {
         )))
     }
 
-    fn shape(&self) -> &[usize] {
-        match self {
+    /// `(OC, N)` of a 2-D weight.
+    fn rows_cols(&self) -> PyResult<(usize, usize)> {
+        let shape = match self {
             Weights::F32(a) => a.shape(),
             Weights::F64(a) => a.shape(),
+        };
+        match *shape {
+            [oc, n] => Ok((oc, n)),
+            ref s => Err(InvalidArgumentError::new_err(format!(
+                "w must be 2-D (OC, N), got shape {s:?}"
+            ))),
         }
     }
 }
@@ -400,14 +419,7 @@ pub fn clip_ratios<'py>(
         )));
     }
     let w = Weights::borrow(w)?;
-    let (oc, n) = match *w.shape() {
-        [oc, n] => (oc, n),
-        ref s => {
-            return Err(InvalidArgumentError::new_err(format!(
-                "w must be 2-D (OC, N), got shape {s:?}"
-            )))
-        }
-    };
+    let (oc, n) = w.rows_cols()?;
     let full = match *importance.shape() {
         [r, c] if c == n && r == oc => true,
         [1, c] if c == n => false,
@@ -441,7 +453,7 @@ pub fn clip_ratios<'py>(
 /// The chosen ratio of every row of `w` (row-major, `rows` x `n`), with
 /// the GIL released, on `threads` threads (the same results for every count).
 #[allow(clippy::too_many_arguments)]
-fn run<T: Copy + Into<f64> + Sync>(
+fn run<T: Elem>(
     py: Python<'_>,
     w: Cow<'_, [T]>,
     n: usize,
@@ -451,14 +463,6 @@ fn run<T: Copy + Into<f64> + Sync>(
     rows: usize,
     threads: usize,
 ) -> PyResult<Vec<f64>> {
-    // Each task holds (1 + GROUP) float32 rows of scratch: check up front
-    // that the tasks running at once can have them (a MemoryError, not an
-    // abort inside the pool).
-    let scratch = n
-        .saturating_mul(1 + GROUP)
-        .saturating_mul(threads.clamp(1, rows.max(1)));
-    let probe: Vec<f32> = with_room(scratch)?;
-    drop(probe);
     let s = Search {
         w: &w,
         n,
@@ -469,8 +473,10 @@ fn run<T: Copy + Into<f64> + Sync>(
     let work = rows
         .saturating_mul(n.max(1))
         .saturating_mul(ratios.len().max(1));
+    let no_memory =
+        || PyMemoryError::new_err(format!("cannot allocate the scratch of rows of {n}"));
     if threads == 1 || work < SERIAL_BELOW {
-        return Ok(py.detach(|| s.rows(0, rows)));
+        return py.detach(|| s.rows(0, rows)).ok_or_else(no_memory);
     }
     let per = (TASK_ELEMS / n.max(1)).max(1);
     let tasks: Vec<(usize, usize)> = (0..rows)
@@ -478,7 +484,7 @@ fn run<T: Copy + Into<f64> + Sync>(
         .map(|first| (first, per.min(rows - first)))
         .collect();
     let pool = pool::pool(threads)?;
-    let parts: Vec<Vec<f64>> = py.detach(|| {
+    let parts: Option<Vec<Vec<f64>>> = py.detach(|| {
         pool.install(|| {
             tasks
                 .par_iter()
@@ -486,7 +492,7 @@ fn run<T: Copy + Into<f64> + Sync>(
                 .collect()
         })
     });
-    Ok(parts.concat())
+    Ok(parts.ok_or_else(no_memory)?.concat())
 }
 
 /// Rows of at least this many elements in all are clipped per task.
@@ -548,22 +554,7 @@ impl Elem for f64 {
 /// bits or signalling ones (numpy's result is one of them).
 #[inline(always)]
 fn exact_min_max<T: Elem>(x: &[T]) -> Option<(T, T)> {
-    let first = *x.first()?;
-    let (mut mn, mut mx) = ([first; 8], [first; 8]);
-    let mut nan = false;
-    let mut blocks = x.chunks_exact(8);
-    for b in &mut blocks {
-        for (j, &v) in b.iter().enumerate() {
-            nan |= v.nan();
-            mn[j] = if v < mn[j] { v } else { mn[j] };
-            mx[j] = if v > mx[j] { v } else { mx[j] };
-        }
-    }
-    for &v in blocks.remainder() {
-        nan |= v.nan();
-        mn[0] = if v < mn[0] { v } else { mn[0] };
-        mx[0] = if v > mx[0] { v } else { mx[0] };
-    }
+    let (lo, hi, nan) = lane_min_max(x, T::nan)?;
     if nan {
         // numpy's min and max are then a NaN: the row's own one or the
         // canonical quiet NaN, by row length and position (its vector
@@ -574,8 +565,6 @@ fn exact_min_max<T: Elem>(x: &[T]) -> Option<(T, T)> {
         let n0 = *x.iter().find(|v| v.nan())?;
         return all.then_some((n0, n0));
     }
-    let lo = mn.iter().fold(first, |a, &b| if b < a { b } else { a });
-    let hi = mx.iter().fold(first, |a, &b| if b > a { b } else { a });
     let zero = T::from_f64(0.0);
     if lo == zero || hi == zero {
         // A zero bound: numpy's has the sign of the row's zeros where
@@ -663,14 +652,7 @@ pub fn clip_rows<'py>(
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
     let threads = pool::resolve_threads(threads)?;
     let w = Weights::borrow(w)?;
-    let (oc, n) = match *w.shape() {
-        [oc, n] => (oc, n),
-        ref s => {
-            return Err(InvalidArgumentError::new_err(format!(
-                "w must be 2-D (OC, N), got shape {s:?}"
-            )))
-        }
-    };
+    let (oc, n) = w.rows_cols()?;
     if ratios.shape() != [oc] {
         return Err(InvalidArgumentError::new_err(format!(
             "ratios must have shape ({oc},), got {:?}",
@@ -841,8 +823,8 @@ mod tests {
                     levels,
                     ratios: &ratios,
                 };
-                let got = s.rows(0, rows);
-                let base = s.rows_impl(0, rows);
+                let got = s.rows(0, rows).expect("scratch");
+                let base = s.rows_impl(0, rows).expect("scratch");
                 assert_eq!(got, base);
                 #[cfg(target_arch = "x86_64")]
                 for (feature, on) in [
@@ -860,7 +842,11 @@ mod tests {
                         // SAFETY: the CPU supports AVX-512F, checked above.
                         unsafe { s.rows_avx512(0, rows) }
                     };
-                    assert_eq!(built, base, "{feature} build, levels {levels}");
+                    assert_eq!(
+                        built,
+                        Some(base.clone()),
+                        "{feature} build, levels {levels}"
+                    );
                 }
                 // (coarse grids clip some rows)
                 assert!(levels > 100.0 || got.iter().any(|&r| r != 1.0));
@@ -882,7 +868,7 @@ mod tests {
             levels: 3.0,
             ratios: &ratios,
         };
-        let got = s.rows(0, 1);
+        let got = s.rows(0, 1).expect("scratch");
         assert_eq!(got.len(), 1);
         assert!((got[0] - 0.65).abs() < 1e-12, "{got:?}");
         let row: Vec<f64> = [1.0f32, 0.01, 0.01, 0.01, 10.0].map(f64::from).to_vec();
@@ -890,7 +876,7 @@ mod tests {
             imp: Importance::Row(&row),
             ..s
         };
-        assert_eq!(s.rows(0, 1), vec![1.0]);
+        assert_eq!(s.rows(0, 1), Some(vec![1.0]));
         // All-equal and empty rows keep the full range.
         let flat = [2.0f32; 4];
         let s = Search {
@@ -900,7 +886,7 @@ mod tests {
             levels: 15.0,
             ratios: &ratios,
         };
-        assert_eq!(s.rows(0, 1), vec![1.0]);
+        assert_eq!(s.rows(0, 1), Some(vec![1.0]));
     }
 
     #[test]

@@ -117,17 +117,17 @@ pub(crate) fn row_major<'a, T: numpy::Element + Copy + Default, D: numpy::ndarra
     let size = std::mem::size_of::<T>() as isize;
     let aligned = (a.data() as usize).is_multiple_of(std::mem::align_of::<T>());
     let whole = a.strides().iter().all(|&st| st % size.max(1) == 0);
-    let mut v: Vec<T> = with_room(a.len())?;
-    if !(aligned && whole) {
-        copy_unaligned(a, &mut v);
-        return Ok(Cow::Owned(v));
-    }
-    if a.is_c_contiguous() {
+    if aligned && whole && a.is_c_contiguous() {
         if let Ok(s) = a.as_slice() {
             return Ok(Cow::Borrowed(s));
         }
     }
-    v.extend(a.as_array().iter().copied());
+    let mut v: Vec<T> = with_room(a.len())?;
+    if aligned && whole {
+        v.extend(a.as_array().iter().copied());
+    } else {
+        copy_unaligned(a, &mut v);
+    }
     Ok(Cow::Owned(v))
 }
 
