@@ -57,6 +57,26 @@ def test_channel_dots_are_float64_row_dots() -> None:
         channel_dots([np.asfortranarray(mats[1])], [vecs[1]])
 
 
+def test_channel_dots_sum_order_is_pinned() -> None:
+    """Four float64 lanes (element i into lane i % 4, in order), added as
+    (s0 + s1) + (s2 + s3), then the len % 4 tail in order: the squant+
+    digests depend on these bits, whatever the build vectorizes."""
+    rng = np.random.default_rng(5)
+    for n in (1, 3, 4, 9, 30, 1027):
+        m = (rng.standard_normal((3, n)) * 10.0 ** rng.integers(-6, 6, (3, n))).astype(np.float32)
+        v = rng.standard_normal(n) * 10.0 ** rng.integers(-6, 6, n)
+        got = channel_dots([m], [v], 2)[0]
+        for r in range(3):
+            s = [0.0] * 4
+            full = n - n % 4
+            for i in range(full):
+                s[i % 4] += float(m[r, i]) * float(v[i])
+            total = (s[0] + s[1]) + (s[2] + s[3])
+            for i in range(full, n):
+                total += float(m[r, i]) * float(v[i])
+            assert got[r] == total
+
+
 def test_scale_channels_is_numpy_multiply_bit_for_bit() -> None:
     rng = np.random.default_rng(2)
     ws = [rng.standard_normal(s).astype(np.float32) for s in [(8, 3, 3, 3), (40, 1, 3, 3), (5, 7)]]

@@ -54,28 +54,46 @@ pub fn normal_cdf<'py>(
 /// `sum_i row[i] * v[i]` in float64, over four interleaved partial sums
 /// (added as `(s0 + s1) + (s2 + s3)`, then the tail in order).
 fn dot(row: &[f32], v: &[f64]) -> f64 {
-    dot_with(row.len(), |i| row[i], v)
+    let tail = &row[row.len() - row.len() % 4..];
+    dot_lanes(
+        row.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]),
+        tail.iter().copied(),
+        v,
+    )
 }
 
 /// [`dot`] of the float32 differences `a[i] - b[i]` (each rounded to float32).
 fn dot_diff(a: &[f32], b: &[f32], v: &[f64]) -> f64 {
-    dot_with(a.len(), |i| a[i] - b[i], v)
+    let full = a.len() - a.len() % 4;
+    let quads = a
+        .chunks_exact(4)
+        .zip(b.chunks_exact(4))
+        .map(|(x, y)| [x[0] - y[0], x[1] - y[1], x[2] - y[2], x[3] - y[3]]);
+    let tail = a[full..].iter().zip(&b[full..]).map(|(x, y)| x - y);
+    dot_lanes(quads, tail, v)
 }
 
+/// The shared body: lane `k` of the accumulator adds the products of the
+/// elements `4 i + k` in order (no reassociation, so the compiler keeps the
+/// four lanes in one vector register), then the lanes are added as
+/// `(s0 + s1) + (s2 + s3)` and the last `len % 4` elements (`tail`) in order.
 #[inline(always)]
-fn dot_with(n: usize, x: impl Fn(usize) -> f32, v: &[f64]) -> f64 {
+fn dot_lanes(
+    quads: impl Iterator<Item = [f32; 4]>,
+    tail: impl Iterator<Item = f32>,
+    v: &[f64],
+) -> f64 {
     let mut s = [0.0f64; 4];
-    let full = n - n % 4;
-    let mut i = 0;
-    while i < full {
-        for (k, acc) in s.iter_mut().enumerate() {
-            *acc += f64::from(x(i + k)) * v[i + k];
+    let vq = v.chunks_exact(4);
+    let rest = vq.remainder();
+    for (q, w) in quads.zip(vq) {
+        for k in 0..4 {
+            s[k] += f64::from(q[k]) * w[k];
         }
-        i += 4;
     }
     let mut total = (s[0] + s[1]) + (s[2] + s[3]);
-    for (j, vj) in v.iter().enumerate().take(n).skip(full) {
-        total += f64::from(x(j)) * vj;
+    for (x, w) in tail.zip(rest) {
+        total += f64::from(x) * w;
     }
     total
 }
