@@ -568,7 +568,10 @@ def test_squant_plus_mixed_ranges_train_mode(calibration: str) -> None:
     )
     assert model.training and q.training
     rows = {r.name: r for r in rep.layers}
-    assert rows["conv"].act_range is None and rows["conv"].folded
+    # a BN in training mode is not folded (batch statistics); its beta and
+    # |gamma| still give dw's statistics
+    assert rows["conv"].act_range is None and not rows["conv"].folded
+    assert isinstance(q.bn, nn.BatchNorm2d)
     assert rows["dw"].range_source == "bn+relu" and rows["dw"].act_bits == 4
     assert rows["pw"].range_source == "sigma" and rows["pw"].act_bits == 4
     assert rows["fc"].range_source == "sigma" and rows["fc"].act_bits == 8

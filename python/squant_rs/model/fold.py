@@ -1,7 +1,8 @@
-"""Exact BatchNorm folding into the Conv/Linear layer that produces its input.
+"""Exact BatchNorm folding into the Conv layer that produces its input.
 
-For a BatchNorm (eval mode, running statistics) fed only by a Conv1d/2d/3d
-(grouped and depthwise included) or Linear layer, per output channel ``c``::
+For a BatchNorm (in eval mode, with running statistics) fed only by a
+Conv1d/2d/3d of its own dimension (grouped and depthwise included), per
+output channel ``c``::
 
     k_c  = gamma_c / sqrt(var_c + eps)
     W'_c = k_c * W_c                     (every weight of output channel c)
@@ -17,10 +18,37 @@ under the usual assumption that the BN normalizes it (used by the
 ``squant+`` recipe for bias correction and activation ranges, see
 ``docs/recipe.md``).
 
+What is never folded (the BN stays, the layer keeps its weights):
+
+* a BN after a ``Linear``: the graph carries no shapes, and a BatchNorm
+  normalizes dimension 1, which is the Linear's output features only for
+  2-D input (``Linear`` on ``(N, L, F)`` followed by ``BatchNorm1d(L)``
+  normalizes ``L``); a BN whose dimension is not its Conv's (``Conv2d``
+  then ``BatchNorm1d``) likewise;
+* a BN in training mode (``bn.training``: it normalizes with the batch's
+  statistics, so folding would not be exact in that mode);
+* a BN or layer subclass with a ``forward`` (or a Conv's ``_conv_forward``)
+  of its own, e.g. timm's ``BatchNormAct2d`` or a weight-standardized or
+  LoRA conv: only the stock torch computation is known (a subclass that
+  only adds attributes folds);
+* a pair with hooks that folding would bypass: any forward, forward-pre or
+  backward hook on the BN, a forward or backward hook on the layer (its
+  forward pre-hooks see its input, which folding does not change);
+* a layer whose weight or bias another module also holds (folding would
+  change that module too), or whose weight is parametrized.
+
+A BN reachable under several attribute names is replaced by
+``nn.Identity`` under every one of them.
+
 The graph is read with ``torch.fx`` symbolic tracing (Conv, Linear and
 BatchNorm modules, subclasses included, are kept as leaves). Where tracing
-fails, consecutive ``(layer, BatchNorm)`` children of ``nn.Sequential``
-containers are folded instead; :attr:`BatchNormFold.via` says which.
+fails, consecutive ``(Conv, BatchNorm)`` children of ``nn.Sequential``
+containers are folded instead; :attr:`BatchNormFold.via` says which. That
+fallback assumes the ``nn.Sequential`` runs as a unit (its forward calls
+the children one after the other, nothing else reads the Conv's output):
+a forward that iterates the children itself and keeps the Conv's output
+gets a wrong result from it (what ``torch.onnx``'s exporter, which folds
+such pairs too, assumes as well).
 """
 
 from __future__ import annotations
@@ -134,26 +162,104 @@ def trace_fx(model: nn.Module) -> torch.fx.Graph | None:
         return None
 
 
-def _foldable_bn(bn: nn.Module, producer: nn.Module) -> bool:
-    """Whether ``bn`` (eval semantics from running statistics) can be folded
-    into ``producer`` channel by channel."""
+@functools.cache
+def _bn_convs() -> tuple[tuple[type[Any], type[Any]], ...]:
+    """Each BatchNorm type and the Conv type it folds into."""
     from torch import nn
 
-    if not isinstance(bn, _bn_types()) or not isinstance(producer, _producer_types()):
+    return (
+        (nn.BatchNorm1d, nn.Conv1d),
+        (nn.BatchNorm2d, nn.Conv2d),
+        (nn.BatchNorm3d, nn.Conv3d),
+    )
+
+
+#: Per module type and base types: whether it computes what its torch base does.
+_STOCK: dict[tuple[type[Any], tuple[type[Any], ...]], bool] = {}
+
+
+def is_stock(module: Any, bases: tuple[type[Any], ...]) -> bool:
+    """Whether ``module`` is an instance of one of the torch module types
+    ``bases`` (the first it is one of) that runs that type's computation:
+    its ``forward`` (a Conv's ``_conv_forward`` too) and ``__call__`` are
+    the base's own and no instance attribute replaces ``forward``. A
+    subclass that only adds attributes or overrides other methods (a BN's
+    ``_check_input_dim``) is stock; timm's ``BatchNormAct2d`` or a LoRA
+    conv is not."""
+    t = type(module)
+    key = (t, bases)
+    stock = _STOCK.get(key)
+    if stock is None:
+        from torch import nn
+
+        stock = False
+        for base in bases:
+            if issubclass(t, base):
+                conv = getattr(base, "_conv_forward", None)
+                stock = (
+                    t.forward is base.forward
+                    and t.__call__ is nn.Module.__call__
+                    and (conv is None or getattr(t, "_conv_forward", None) is conv)
+                )
+                break
+        _STOCK[key] = stock
+    return stock and "forward" not in getattr(module, "__dict__", {})
+
+
+#: Hook dictionaries of a BN that folding (the BN replaced by ``nn.Identity``) would drop.
+_BN_HOOKS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+#: Hook dictionaries of a layer that would see the BN's output (or its
+#: gradient) after folding; its forward pre-hooks see its unchanged input.
+_LAYER_HOOKS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _has_hooks(module: Any, names: tuple[str, ...]) -> bool:
+    return any(getattr(module, n, None) for n in names)
+
+
+def _foldable_bn(bn: nn.Module, producer: nn.Module) -> bool:
+    """Whether ``bn`` can be folded into ``producer`` channel by channel,
+    exactly in the mode the model is in (see the module doc for what is
+    not folded)."""
+    from torch import nn
+
+    if not (is_stock(bn, _bn_types()) and is_stock(producer, _producer_types())):
         return False
+    # A BN normalizes dimension 1: the Conv's channels where the dimensions
+    # match; a Linear's features only for 2-D input, which the graph does
+    # not tell.
+    if not any(isinstance(bn, b) and isinstance(producer, c) for b, c in _bn_convs()):
+        return False
+    if bn.training:
+        return False  # normalizes with the batch's statistics
     if bn.running_mean is None or bn.running_var is None:
         return False  # track_running_stats=False: eval uses batch statistics
-    out = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
-    if bn.num_features != out:
+    if bn.num_features != producer.out_channels:
         return False
-    weight = getattr(producer, "weight", None)
+    if _has_hooks(bn, _BN_HOOKS) or _has_hooks(producer, _LAYER_HOOKS):
+        return False
+    # The module's own parameter (a parametrized weight is not one, and is
+    # not computed: reading it runs the parametrization).
+    weight = producer._parameters.get("weight")
     return isinstance(weight, nn.Parameter) and weight.is_floating_point()
 
 
 def _shared_weights(modules: Any) -> set[int]:
-    """``id``s of the weights that more than one module holds (tied
-    parameters): folding one layer's BN into such a weight would change
-    the other layers too, so those layers are not folded."""
+    """``id``s of the parameters that more than one module holds (tied
+    parameters): folding one layer's BN into such a weight or bias would
+    change the other modules too, so those layers are not folded."""
     owners: dict[int, int] = {}
     shared: set[int] = set()
     for module in modules:
@@ -168,9 +274,9 @@ def _fx_pairs(
     model: nn.Module, graph: torch.fx.Graph | CapturedGraph, modules: dict[str, nn.Module]
 ) -> list[tuple[str, str]]:
     """``(layer, bn)`` names where the layer's only user is the BN, both
-    modules are called exactly once in the graph and the layer's weight is
-    its own (not tied to another module's). ``modules``: ``model``'s
-    ``named_modules()``."""
+    modules are called exactly once in the graph, :func:`_foldable_bn`
+    holds and the layer's weight and bias are its own (not tied to another
+    module's). ``modules``: ``model``'s ``named_modules()``."""
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -191,14 +297,22 @@ def _fx_pairs(
             continue
         if shared is None:
             shared = _shared_weights(modules.values())
-        if id(layer.weight) not in shared:
+        if _owns_parameters(layer, shared):
             pairs.append((layer_name, bn_name))
     return pairs
 
 
+def _owns_parameters(layer: Any, shared: set[int]) -> bool:
+    """Whether no other module holds ``layer``'s weight or bias."""
+    bias = layer._parameters.get("bias")
+    return id(layer._parameters["weight"]) not in shared and (
+        bias is None or id(bias) not in shared
+    )
+
+
 def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """``(layer, bn)`` names of consecutive children of ``nn.Sequential``s
-    (a layer whose weight is tied to another module's excepted)."""
+    (a layer whose weight or bias is tied to another module's excepted)."""
     from torch import nn
 
     shared = _shared_weights(model.modules())
@@ -208,7 +322,7 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
             continue
         children = list(module.named_children())
         for (n0, m0), (n1, m1) in zip(children, children[1:]):
-            if _foldable_bn(m1, m0) and id(m0.weight) not in shared:
+            if _foldable_bn(m1, m0) and _owns_parameters(m0, shared):
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + n0, prefix + n1))
     return pairs
@@ -350,27 +464,20 @@ def _fold_one(layer: Any, bn: Any, source: Any = None) -> tuple[np.ndarray, np.n
     return beta, abs_gamma
 
 
-def _set_submodule(
-    model: nn.Module, name: str, module: nn.Module, modules: dict[str, nn.Module] | None = None
-) -> None:
-    parent_name, _, child = name.rpartition(".")
-    if modules is not None and parent_name in modules:
-        parent = modules[parent_name]
-    else:
-        parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def fold_batchnorm(
     model: nn.Module, *, inplace: bool = False
 ) -> tuple[nn.Module, list[BatchNormFold]]:
     """Fold every BatchNorm that follows a Conv/Linear layer into it.
 
-    A BN is folded when its producer is a Conv1d/2d/3d or Linear module
-    (subclasses included) whose output feeds only that BN, both are called
-    once, the BN has running statistics and as many features as the layer
-    has output channels. Other BNs are left alone. The folded BNs are
-    replaced by ``nn.Identity``; layers without a bias get one.
+    A BN is folded when its producer is a Conv1d/2d/3d of the BN's
+    dimension (a stock torch module or a subclass that keeps its forward)
+    whose output feeds only that BN, both are called once, the BN is in
+    eval mode, has running statistics and as many features as the layer
+    has output channels, neither has hooks that folding would bypass and
+    the layer's weight and bias are its own. Other BNs (a BN after a
+    ``Linear`` included) are left alone; the module doc lists why. The
+    folded BNs are replaced by ``nn.Identity`` (under every name that
+    holds them); layers without a bias get one.
 
     Returns:
         ``(model, folds)``: the folded model (``model`` itself with
@@ -414,7 +521,25 @@ def fold_batchnorm_graph(
     srcs = [sources.get(id(layer.weight)) if sources else None for layer in layers]
     values = _fold_all(layers, [modules[bn_name] for _, bn_name in pairs], srcs, threads)
     folds: list[BatchNormFold] = []
+    identities: dict[int, nn.Module] = {}
     for i, (layer_name, bn_name) in enumerate(pairs):
-        _set_submodule(model, bn_name, nn.Identity(), modules)
+        identities[id(modules[bn_name])] = nn.Identity()
         folds.append(BatchNormFold(layer_name, bn_name, values[2 * i], values[2 * i + 1], via))
+    if identities:
+        _replace_everywhere(modules.values(), identities)
     return folds
+
+
+def _replace_everywhere(parents: Any, new: dict[int, nn.Module]) -> None:
+    """Replace each module whose ``id`` is a key of ``new`` by its value
+    under every attribute name that holds it (an alias ``self.norm =
+    self.bn`` included): every ``(parent, name)`` edge of the module tree
+    of ``parents`` (the model's distinct modules)."""
+    edits = [
+        (parent, key, new[id(child)])
+        for parent in parents
+        for key, child in parent._modules.items()
+        if child is not None and id(child) in new
+    ]
+    for parent, key, module in edits:
+        setattr(parent, key, module)
