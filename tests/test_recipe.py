@@ -338,6 +338,171 @@ def test_bias_correction_without_folding_adds_biases() -> None:
     assert q.proj[0].bias is not None and q.stem[0].bias is None
 
 
+def _random_bn(model: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(n, generator=gen))
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen))
+    return model
+
+
+class _Chain(nn.Module):
+    """first -> norm -> act -> second, the norm and act modules given."""
+
+    def __init__(self, first: nn.Module, norm: nn.Module, act: nn.Module, second: nn.Module):
+        super().__init__()
+        self.first, self.norm, self.act, self.second = first, norm, act, second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.act(self.norm(self.first(x))))
+
+
+class _LeakyReLU(nn.ReLU):
+    """A ReLU subclass computing something else: not a clamp at 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x, 0.5)
+
+
+class _BNAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, reduced: its output is not N(beta, gamma^2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(super().forward(x))
+
+
+@pytest.mark.parametrize(
+    ("build", "shape", "has_stats"),
+    [
+        # BN1d statistics never reach a Linear (the channel axis is unknown) ...
+        (
+            lambda: _Chain(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)),
+            (4, 8, 8),
+            False,
+        ),
+        (
+            lambda: _Chain(nn.Conv1d(8, 8, 1), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)),
+            (4, 8, 8),
+            False,
+        ),
+        # ... a BN1d fed by a Linear is no source, for a Conv1d either ...
+        (
+            lambda: _Chain(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Conv1d(8, 4, 1)),
+            (4, 8, 8),
+            False,
+        ),
+        # ... but BN1d after Conv1d feeds a Conv1d as before
+        (
+            lambda: _Chain(nn.Conv1d(8, 8, 1), nn.BatchNorm1d(8), nn.ReLU(), nn.Conv1d(8, 4, 1)),
+            (4, 8, 8),
+            True,
+        ),
+        # subclasses with their own forward are neither a BN nor a clamp
+        (
+            lambda: _Chain(nn.Conv2d(3, 8, 1), _BNAct(8), nn.Identity(), nn.Conv2d(8, 4, 1)),
+            (2, 3, 5, 5),
+            False,
+        ),
+        (
+            lambda: _Chain(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), _LeakyReLU(), nn.Conv2d(8, 4, 1)),
+            (2, 3, 5, 5),
+            False,
+        ),
+        (
+            lambda: _Chain(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)),
+            (2, 3, 5, 5),
+            True,
+        ),
+    ],
+    ids=[
+        "linear-bn1d-linear",
+        "conv1d-bn1d-linear",
+        "linear-bn1d-conv1d",
+        "conv1d-bn1d-conv1d",
+        "bnact-subclass",
+        "relu-subclass",
+        "conv2d-bn2d-conv2d",
+    ],
+)
+def test_statistics_only_where_the_axis_and_forward_are_known(build, shape, has_stats) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = _random_bn(build().eval(), 1)
+    q, rep = squant_rs.quantize_model(
+        model, 4, 4, input_shape=shape, weight_range="minmax", return_report=True
+    )
+    second = rep.layers[-1]
+    assert second.name == "second"
+    assert second.bias_corrected == has_stats
+    assert (second.range_source != "sigma") == has_stats
+    assert not second.folded
+
+
+def test_tied_bias_is_not_corrected() -> None:
+    """Two convs holding one bias: a correction would land in the shared
+    bias and shift the other layer too, so neither is corrected."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn0 = nn.BatchNorm2d(16)
+            self.a = nn.Conv2d(16, 16, 1)
+            self.b = nn.Conv2d(16, 16, 1)
+            self.b.bias = self.a.bias
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.bn0(x))
+            return torch.cat([self.a(x), self.b(x)], 1)
+
+    torch.manual_seed(0)
+    model = _random_bn(Net().eval(), 3)
+    q, rep = squant_rs.quantize_model(model, 3, fold_bn=False, return_report=True)
+    assert [(r.name, r.bias_corrected) for r in rep.layers] == [("a", False), ("b", False)]
+    assert q.a.bias is q.b.bias and torch.equal(q.a.bias, model.a.bias)
+    # the same layers with their own biases are corrected
+    model.b.bias = nn.Parameter(model.a.bias.detach().clone())
+    _, rep = squant_rs.quantize_model(model, 3, fold_bn=False, return_report=True)
+    assert [(r.name, r.bias_corrected) for r in rep.layers] == [("a", True), ("b", True)]
+
+
+def test_tied_weight_report_says_what_was_done() -> None:
+    """Weights tied, biases separate: the owner's bias is corrected, the
+    tied layer's is not, and its report row says so (it copied the owner's)."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn0 = nn.BatchNorm2d(8)
+            self.a = nn.Conv2d(8, 8, 1)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.b = nn.Conv2d(8, 8, 1)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.bn1(self.a(self.bn0(x)))))
+
+    torch.manual_seed(0)
+    model = _random_bn(Tied().eval(), 1)
+    q, rep = squant_rs.quantize_model(model, 4, return_report=True)
+    rows = {r.name: r for r in rep.layers}
+    assert rows["b"].tied_to == "a"
+    assert rows["a"].bias_corrected and not torch.equal(q.a.bias, model.a.bias)
+    assert not rows["b"].bias_corrected and torch.equal(q.b.bias, model.b.bias)
+    assert not rows["a"].folded and not rows["b"].folded
+    # one module under two names: the row of the alias is the owner's
+    alias = _Chain(nn.Identity(), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
+    _random_bn(alias, 2)
+    alias.again = alias.second
+    _, rep = squant_rs.quantize_model(alias, 4, return_report=True)
+    rows = {r.name: r for r in rep.layers}
+    assert rows["again"].tied_to == "second" and rows["second"].bias_corrected
+    assert rows["again"].bias_corrected
+
+
 # --------------------------------------------------------------------------
 # BN-statistics activation ranges
 

@@ -359,9 +359,21 @@ def quantize_model(
             clip_ratio=ratios.get(name, 1.0),
             qtensor=res.qtensor,
         )
+    owners = dict(plan.chosen)
     for name, owner, module in plan.tied:
+        # What was done to this module: the owner's row where it is the
+        # owner's module under another name; a distinct module sharing the
+        # weight keeps its own bias (not corrected) and was not folded.
+        same = module is owners[owner]
+        row = by_name[owner]
         by_name[name] = dataclasses.replace(
-            by_name[owner], name=name, time_ms=0.0, kind=type(module).__name__, tied_to=owner
+            row,
+            name=name,
+            time_ms=0.0,
+            kind=type(module).__name__,
+            tied_to=owner,
+            folded=id(module) in rplan.folded_modules,
+            bias_corrected=row.bias_corrected and same,
         )
     # Rows in module order (a tied layer's row where the layer is; without
     # tied layers, plan.chosen's order already is).

@@ -41,6 +41,7 @@ from .._squant_rs import InvalidArgumentError, channel_dots, normal_cdf
 from .._squant_rs import clip_ratios as _clip_ratios
 from .._squant_rs import clip_rows as _clip_rows
 from .activations import ActivationQuantizer, activation_qparams
+from .fold import is_stock
 
 if TYPE_CHECKING:
     import torch
@@ -228,10 +229,19 @@ class ChannelStats:
     hi: float = math.inf
     #: Where the statistics come from, e.g. ``"bn+relu6"``, ``"add"``.
     source: str = "bn"
+    #: Whether a BatchNorm1d contributed: its channels are dimension 1,
+    #: which a ``Linear`` reading the value takes as its features only for
+    #: 2-D input (unknown to the graph), so a Linear never uses these.
+    bn1d: bool = False
 
     def clipped(self, lo: float, hi: float, name: str) -> ChannelStats:
         return ChannelStats(
-            self.mu, self.sigma, max(self.lo, lo), min(self.hi, hi), f"{self.source}+{name}"
+            self.mu,
+            self.sigma,
+            max(self.lo, lo),
+            min(self.hi, hi),
+            f"{self.source}+{name}",
+            self.bn1d,
         )
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
@@ -392,7 +402,7 @@ def _add(a: ChannelStats, b: ChannelStats) -> ChannelStats | None:
         return None
     ma, sa = a.moments()
     mb, sb = b.moments()
-    return ChannelStats(ma + mb, np.sqrt(sa * sa + sb * sb), source="add")
+    return ChannelStats(ma + mb, np.sqrt(sa * sa + sb * sb), source="add", bn1d=a.bn1d or b.bn1d)
 
 
 # --------------------------------------------------------------------------
@@ -450,6 +460,8 @@ def _activation_bounds(
     tables = _graph_tables()
     relu6, relu, hardtanh, f_relu6, f_hardtanh = tables["clamps"]
     if module is not None:
+        if not is_stock(module, (relu6, relu, hardtanh)):
+            return None  # not one, or a subclass computing something else
         if isinstance(module, relu6):
             return 0.0, 6.0
         if isinstance(module, relu):
@@ -474,7 +486,7 @@ def _is_passthrough(target: Any, module: Any) -> bool:
     (dropout in eval, identity, average pooling, flatten/view/reshape)."""
     tables = _graph_tables()
     if module is not None:
-        return isinstance(module, tables["pass_modules"])
+        return is_stock(module, tables["pass_modules"])
     return target in tables["pass_targets"]
 
 
@@ -485,13 +497,18 @@ def analyze(
 ) -> dict[str, ChannelStats | None]:
     """Per call_module node name of a Conv/Linear layer: the statistics of
     its (first) input, or ``None`` where they are not known. Read from the
-    model's BatchNorms (call before folding)."""
+    model's BatchNorms (call before folding): those that run torch's own
+    BatchNorm (:func:`~squant_rs.model.fold.is_stock`) and whose channel
+    axis is the reader's (a BatchNorm1d fed by a Linear is no source, and
+    a Linear never reads a BatchNorm1d's statistics: see
+    :attr:`ChannelStats.bn1d`)."""
     from torch import nn
 
     from .fold import _bn_types, _producer_types
 
     layers = _producer_types()
     bns = _bn_types()
+    linear = nn.Linear
     if modules is None:
         modules = dict(model.named_modules())
     stats: dict[Any, ChannelStats | None] = {}
@@ -511,11 +528,21 @@ def analyze(
             if isinstance(module, layers):
                 name = str(node.target)
                 counts[name] = counts.get(name, 0) + 1
-                out[name] = arg_stats(node)
+                st = arg_stats(node)
+                out[name] = (
+                    None if st is not None and st.bn1d and isinstance(module, linear) else st
+                )
                 stats[node] = None
                 continue
             if isinstance(module, bns):
-                stats[node] = bn_stats[id(module)]
+                st = bn_stats[id(module)]
+                if st is not None and st.bn1d:
+                    src: Any = node.args[0] if node.args else None
+                    if getattr(src, "op", None) == "call_module" and isinstance(
+                        modules[str(src.target)], linear
+                    ):
+                        st = None  # which axis it normalizes is unknown
+                stats[node] = st if is_stock(module, bns) else None
                 continue
         elif node.op not in ("call_function", "call_method"):
             stats[node] = None
@@ -551,10 +578,12 @@ def _bn_stats(bn: Any) -> ChannelStats | None:
 
     if bn.running_mean is None:
         return None
+    from torch import nn
+
     n = bn.num_features
     gamma = _vector(bn.weight, n, 1.0)
     beta = _vector(bn.bias, n, 0.0)
-    return ChannelStats(beta, np.abs(gamma), source="bn")
+    return ChannelStats(beta, np.abs(gamma), source="bn", bn1d=isinstance(bn, nn.BatchNorm1d))
 
 
 def _bn_stats_many(bns: Sequence[Any]) -> dict[int, ChannelStats | None]:
@@ -578,8 +607,10 @@ def _bn_stats_many(bns: Sequence[Any]) -> dict[int, ChannelStats | None]:
     moments = _unclipped_moments(beta_all, sigma_all)
     betas, sigmas = _pieces(beta_all, sizes), _pieces(sigma_all, sizes)
     means, stds = (_pieces(moments[0], sizes), _pieces(moments[1], sizes)) if moments else ([], [])
+    from torch import nn
+
     for i, bn in enumerate(todo):
-        st = ChannelStats(betas[i], sigmas[i], source="bn")
+        st = ChannelStats(betas[i], sigmas[i], source="bn", bn1d=isinstance(bn, nn.BatchNorm1d))
         if moments is not None:
             object.__setattr__(st, "_moments", (means[i], stds[i]))
         out[id(bn)] = st
@@ -797,11 +828,24 @@ class RecipePlan:
     #: by :func:`apply_bias_correction`.
     shifts: dict[str, np.ndarray] = field(default_factory=dict)
 
+    #: ``id`` of every parameter more than one module holds (found where
+    #: bias correction runs): a bias among them is not corrected, since the
+    #: shift would change the other modules too.
+    shared: set[int] = field(default_factory=set)
+
     def input_stats(self, name: str, module: Any) -> ChannelStats | None:
         s = self.stats.get(name)
         if s is None or s.mu.shape != (input_channels(module),):
             return None
         return s
+
+    def correction_stats(self, name: str, module: Any) -> ChannelStats | None:
+        """:meth:`input_stats` where ``module``'s bias may be corrected
+        (it has none, or no other module holds it), else ``None``."""
+        bias = module._parameters.get("bias")
+        if bias is not None and id(bias) in self.shared:
+            return None
+        return self.input_stats(name, module)
 
 
 def prepare(
@@ -815,12 +859,14 @@ def prepare(
     :func:`~squant_rs.model.fold.fold_batchnorm_graph` (the folded layers
     whose weights are not set yet are written from them; ``threads``: for
     their products). Returns the :class:`RecipePlan`."""
-    from .fold import fold_batchnorm_graph, trace
+    from .fold import _shared_weights, fold_batchnorm_graph, trace
 
     plan = RecipePlan(config)
     if not (config.needs_graph or config.fold_bn):
         return plan  # the paper's steps: nothing to analyze or fold
     modules = dict(model.named_modules())
+    if config.bias_correction:
+        plan.shared = _shared_weights(modules.values())
     graph = trace(model, modules)
     if graph is not None:
         plan.traced = True
@@ -846,7 +892,7 @@ def prepare_bias_correction(
     """Compute the ``E[x]`` and ``E[Q(x)]`` that :func:`apply_bias_correction`
     will need for ``layers``, all layers in one vectorized pass (the same
     values it would compute one layer at a time)."""
-    known = [(name, plan.input_stats(name, module)) for name, module in layers]
+    known = [(name, plan.correction_stats(name, module)) for name, module in layers]
     compute_moments([st for _, st in known if st is not None])
     pairs: list[tuple[str, ChannelStats, ActivationQuantizer]] = []
     for name, st in known:
@@ -904,7 +950,7 @@ def compute_bias_shifts(
         return len(mats) - 1
 
     for name, module, w_float, w_hat, quantizer in items:
-        stats = plan.input_stats(name, module)
+        stats = plan.correction_stats(name, module)
         if stats is None:
             continue
         mean = stats.mean()
@@ -952,9 +998,10 @@ def apply_bias_correction(
     :func:`compute_bias_shifts` where it ran.
 
     Returns:
-        whether the layer was corrected.
+        whether the layer was corrected (not where its input statistics are
+        unknown or another module holds its bias).
     """
-    stats = plan.input_stats(name, module)
+    stats = plan.correction_stats(name, module)
     if stats is None:
         return False
     shift = plan.shifts.pop(name, None)
