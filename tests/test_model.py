@@ -410,3 +410,20 @@ def test_single_layer_model_keeps_float_input() -> None:
     assert report.layers[0].name == "" and report.layers[0].act_bits is None
     x = torch.rand(2, 5)
     assert torch.equal(qmodel(x), F.linear(x, qmodel.weight, qmodel.bias))
+
+
+@pytest.mark.parametrize("recipe", ["paper", "squant+"])
+def test_spectral_norm_in_training_mode_is_not_run(recipe: str) -> None:
+    """Reading a parametrized weight runs the parametrization: in training
+    mode, spectral_norm's power iteration would update the caller's _u/_v.
+    The weight is left float without being read."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Conv2d(3, 8, 3)), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    assert model.training
+    before = _snapshot(model)
+    q, rep = squant_rs.quantize_model(model, 4, recipe=recipe, return_report=True)
+    after = model.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert rep.skipped == ["0"] and [r.name for r in rep.layers] == ["2"]

@@ -221,7 +221,12 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
         if not (is_transpose or isinstance(module, types)):
             continue
         layer_names.append(name)
-        weight = getattr(module, "weight", None)
+        # A parametrized weight is computed on every read (spectral_norm's
+        # power iteration updates its buffers in training mode): not read.
+        parametrized = _may_be_parametrized(module) and parametrize.is_parametrized(
+            module, "weight"
+        )
+        weight = None if parametrized else getattr(module, "weight", None)
         if is_transpose or matches_any(name, skip):
             plan.skipped.append(name)
             if weight is not None:
@@ -232,9 +237,7 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
                 f"layer {name!r} is a lazy module that has not been initialized yet: "
                 "run one forward pass first"
             )
-        if not isinstance(weight, nn.Parameter) or (
-            _may_be_parametrized(module) and parametrize.is_parametrized(module, "weight")
-        ):
+        if parametrized or not isinstance(weight, nn.Parameter):
             plan.skipped.append(name)
             continue
         if weight.numel() == 0:
