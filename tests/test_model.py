@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -427,3 +428,34 @@ def test_spectral_norm_in_training_mode_is_not_run(recipe: str) -> None:
     after = model.state_dict()
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
     assert rep.skipped == ["0"] and [r.name for r in rep.layers] == ["2"]
+
+
+def test_seed_and_return_report_are_checked() -> None:
+    model = ThreeLayer()
+    for seed in (2**64, -(2**63) - 1):
+        for abits in (None, 4):  # checked whether or not a noise pass runs
+            with pytest.raises(squant_rs.InvalidArgumentError, match="seed"):
+                squant_rs.quantize_model(model, 4, abits, input_shape=(2, 6), seed=seed)
+    for seed in (2**64 - 1, -(2**63)):
+        squant_rs.quantize_model(model, 4, 4, input_shape=(2, 6), seed=seed)
+    with pytest.raises(TypeError, match="return_report"):
+        squant_rs.quantize_model(model, 4, return_report="yes")  # type: ignore[call-overload]
+
+
+def test_unallocatable_input_shape_is_explained() -> None:
+    with pytest.raises(squant_rs.InvalidArgumentError, match="input_shape"):
+        squant_rs.quantize_model(
+            ThreeLayer(), 4, 4, input_shape=(2**20, 3, 2**20, 8), recipe="paper"
+        )
+
+
+def test_torchscript_submodule_is_noted() -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(nn.Conv2d(8, 4, 1))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), scripted).eval()
+    q, rep = squant_rs.quantize_model(model, 4, return_report=True)
+    assert [r.name for r in rep.layers] == ["0"]
+    assert len(rep.notes) == 1 and rep.notes[0].startswith("2: a TorchScript module")
+    assert torch.equal(q[2].weight, model[2].weight)  # left float

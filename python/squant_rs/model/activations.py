@@ -241,7 +241,14 @@ def _calibrate(
     device, dtype = _model_device_dtype(model)
     try:
         gen = torch.Generator().manual_seed(seed)
-        x = torch.rand(input_shape, generator=gen).to(device=device, dtype=dtype)
+        try:
+            x = torch.rand(input_shape, generator=gen).to(device=device, dtype=dtype)
+        except (RuntimeError, MemoryError) as exc:  # e.g. the allocator's "can't allocate"
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InvalidArgumentError(
+                f"input_shape {input_shape}: the U[0,1) calibration batch of that shape "
+                f"cannot be made ({type(exc).__name__}: {msg})"
+            ) from exc
         model.eval()
         with torch.no_grad():
             try:

@@ -191,8 +191,10 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
 
     A layer is left float when its module name matches a ``skip`` pattern,
     when it is a ``ConvTranspose``, when its weight is parametrized or not a
-    plain ``nn.Parameter``, or when its weight has no element (e.g.
-    ``Linear(0, 4)``; noted in the report).
+    plain ``nn.Parameter``, when its weight has no element (e.g.
+    ``Linear(0, 4)``; noted in the report), or when it is part of a
+    TorchScript module (``torch.jit.script``/``trace``: noted in the
+    report).
 
     Shared weights: a weight used by several layers (tied parameters, or one
     module reachable under several names) is quantized once and reported
@@ -216,7 +218,21 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
     groups: dict[int, list[tuple[str, nn.Module]]] = {}  # weight id -> candidate layers
     float_ids: dict[int, str] = {}  # weight id -> a layer that keeps it float
     modules = list(model.named_modules(remove_duplicate=False))
+    scripted: list[str] = []  # TorchScript modules (their layers are not nn.Conv2d & co.)
+    script_type = _script_module_type()
     for name, module in modules:
+        if (
+            script_type is not None
+            and isinstance(module, script_type)
+            and not any(name == s or name.startswith(s + ".") or not s for s in scripted)
+        ):
+            scripted.append(name)
+            if any(True for _ in module.parameters()):
+                plan.notes.append(
+                    f"{name or '(model)'}: a TorchScript module ({type(module).__name__}); "
+                    "its layers are not quantized, left float"
+                )
+            continue
         is_transpose = isinstance(module, transpose)
         if not (is_transpose or isinstance(module, types)):
             continue
@@ -295,6 +311,14 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
         )
     warn_unmatched(skip, layer_names, "Conv/Linear layer", stacklevel + 1)
     return plan
+
+
+def _script_module_type() -> type[Any] | None:
+    """``torch.jit.ScriptModule`` (``None`` where torch has none)."""
+    import torch
+
+    jit = getattr(torch, "jit", None)
+    return getattr(jit, "ScriptModule", None)
 
 
 def _distinct_params(params: dict[str, Any]) -> list[tuple[str, Any]]:

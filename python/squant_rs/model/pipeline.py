@@ -129,8 +129,10 @@ def quantize_model(
     by its ``wbits``-bit SQuant dequantized value, same dtype and device.
     ``mode``, ``backend``, ``threads`` and ``quantizer`` are as in
     :func:`quantize_tensor`.
-    ``ConvTranspose`` layers, parametrized weights and weights without
-    elements (``Linear(0, 4)``) stay float.
+    ``ConvTranspose`` layers, parametrized weights, weights without
+    elements (``Linear(0, 4)``) and the layers inside a TorchScript
+    submodule (``torch.jit.script``/``trace``; the report notes it) stay
+    float.
 
     Shared weights: a weight used by several layers (tied parameters) is
     quantized once and reported under every layer's name. A skip of any of
@@ -146,7 +148,8 @@ def quantize_model(
     ``squant_rs.default_s_sigma(abits)`` and is used for every activation
     quantizer, the 8-bit last layer included, as in the release.
     ``calibration`` is ``"float"`` or ``"quantized"`` (see the module doc);
-    ``seed`` seeds the calibration noise.
+    ``seed`` (an integer in ``[-2**63, 2**64 - 1]``, checked whether or
+    not a noise pass runs) seeds the calibration noise.
 
     ``recipe="squant+"`` (the default) adds the data-free steps of
     ``docs/recipe.md`` (:mod:`squant_rs.model.recipe`) to the paper's
@@ -218,6 +221,12 @@ def quantize_model(
     sigma_mult = _check_s_sigma(s_sigma)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer, got {seed!r}")
+    if not -(2**63) <= int(seed) <= 2**64 - 1:
+        raise InvalidArgumentError(
+            f"seed must be in [-2**63, 2**64 - 1] (torch.Generator's range), got {int(seed)}"
+        )
+    if not isinstance(return_report, bool):
+        raise TypeError(f"return_report must be a bool, got {return_report!r}")
     require_torch()
     from torch import nn
 
