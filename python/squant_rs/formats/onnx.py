@@ -1258,9 +1258,10 @@ def export_onnx(
 ) -> QuantReport:
     """Quantize a torch model with SQuant and export it as a QDQ ONNX model.
 
-    BatchNorm layers are folded into the Conv/Linear before them first
-    (``quantize_model(..., fold_bn=True)``), so the quantized weights are
-    the ones the exported graph uses. The model is exported with
+    BatchNorm layers are folded into the Conv before them first
+    (``quantize_model(..., fold_bn=True)``, where folding is exact:
+    ``docs/recipe.md``; a BN after a Linear stays a ``BatchNormalization``
+    node), so the quantized weights are the ones the exported graph uses. The model is exported with
     ``torch.onnx.export`` (TorchScript exporter) on ``example_input``;
     each quantized weight becomes ``DequantizeLinear`` of its SQuant codes
     and, with ``abits``, the layer inputs get the Q/DQ pairs of the ranges

@@ -158,14 +158,18 @@ def quantize_model(
     measured row: README). squant+ reads the graph with ``torch.fx``; where
     a model has no BatchNorm, cannot be traced or has layers without
     statistics in front, those layers get the paper's steps (the report
-    says which). Folding uses the BatchNorms' running statistics, i.e. the
-    copy computes what the model computes in eval mode. The switches
-    override the recipe's choice one by one (``None``: the recipe's):
+    says which). Only BatchNorms in eval mode are folded (with their
+    running statistics), so the copy computes what the model computes in
+    the mode it is in. The switches override the recipe's choice one by
+    one (``None``: the recipe's):
 
-    * ``fold_bn``: fold every BatchNorm that follows a Conv/Linear layer into
-      it first (:func:`~squant_rs.model.fold.fold_batchnorm`: the BN becomes
-      ``nn.Identity``, the layer gets the folded weight and bias), so the
-      quantized weights are the ones an exported graph uses;
+    * ``fold_bn``: fold every BatchNorm that follows a Conv layer of its
+      dimension into it first, where that is exact
+      (:func:`~squant_rs.model.fold.fold_batchnorm` says when: never after
+      a Linear, not for subclasses with their own forward, hooked or
+      tied layers; the BN becomes ``nn.Identity``, the layer gets the
+      folded weight and bias), so the quantized weights are the ones an
+      exported graph uses;
     * ``bias_correction``: ``b -= (W_q - W) . E[x]`` with ``E[x]`` from the
       BatchNorm statistics in front of the layer;
     * ``act_ranges``: ``"sigma"`` (the paper's rule on noise) or ``"bn"``
