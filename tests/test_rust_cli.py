@@ -224,3 +224,97 @@ def test_write_error_before_a_block_read_alone_does_not_hang(tmp_path, squant_bi
         assert r.returncode == 2, (mib, r.stderr)
         assert "File too large" in _message(r.stderr), mib
         assert os.listdir(out_dir) == [], mib
+
+
+def _both(
+    squant_bin: str, *argv: str, cwd: Path | None = None, **kw: object
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """The Python and the Rust CLI on the same arguments."""
+    run = {"capture_output": True, "text": True, "timeout": 300, "cwd": cwd, **kw}
+    p = subprocess.run([sys.executable, "-m", "squant_rs", *argv], **run)  # type: ignore[call-overload]
+    r = subprocess.run([squant_bin, *argv], **run)  # type: ignore[call-overload]
+    return p, r
+
+
+def _same_message(p: subprocess.CompletedProcess[str], r: subprocess.CompletedProcess[str]) -> None:
+    assert p.returncode == r.returncode, (p.stderr, r.stderr)
+    assert p.stderr.replace("squant-rs: ", "") == r.stderr.replace("squant: ", "")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="POSIX symlinks")
+def test_symlinked_outputs_like_python(tmp_path, squant_bin: str) -> None:
+    """A dangling symlink gets its target created (the link kept); a symlink
+    loop is refused (the Rust CLI replaced both with a regular file)."""
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    for tag in ("py", "rs"):
+        (tmp_path / f"link-{tag}.safetensors").symlink_to(f"target-{tag}.safetensors")
+    (tmp_path / "loop-a.safetensors").symlink_to("loop-b.safetensors")
+    (tmp_path / "loop-b.safetensors").symlink_to("loop-a.safetensors")
+    p = _py("quantize", "-q", str(src), str(tmp_path / "link-py.safetensors"))
+    r = _run(squant_bin, "quantize", "-q", str(src), str(tmp_path / "link-rs.safetensors"))
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    for tag in ("py", "rs"):
+        assert (tmp_path / f"link-{tag}.safetensors").is_symlink()
+    assert (tmp_path / "target-py.safetensors").read_bytes() == (
+        tmp_path / "target-rs.safetensors"
+    ).read_bytes()
+    p, r = _both(squant_bin, "quantize", "-q", "in.safetensors", "loop-a.safetensors", cwd=tmp_path)
+    _same_message(p, r)
+    assert r.returncode == 2
+    assert _message(r.stderr) == "Too many levels of symbolic links: loop-a.safetensors\n"
+    assert (tmp_path / "loop-a.safetensors").is_symlink()
+    assert (tmp_path / "loop-b.safetensors").is_symlink()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_read_only_output_like_python(tmp_path, squant_bin: str) -> None:
+    """One rule in both CLIs, access(W_OK): as root a 0444 file is replaced
+    (its mode kept), as another user refused (the Rust CLI went by the mode
+    bits alone and refused it as root)."""
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    for tag in ("py", "rs"):
+        out = tmp_path / f"{tag}.safetensors"
+        out.write_text("old contents")
+        out.chmod(0o444)
+    p = _py("quantize", "-q", str(src), str(tmp_path / "py.safetensors"))
+    r = _run(squant_bin, "quantize", "-q", str(src), str(tmp_path / "rs.safetensors"))
+    assert p.returncode == r.returncode, (p.stderr, r.stderr)
+    assert p.stderr.replace("squant-rs: ", "").replace("py.", "X.") == r.stderr.replace(
+        "squant: ", ""
+    ).replace("rs.", "X.")
+    for tag in ("py", "rs"):
+        out = tmp_path / f"{tag}.safetensors"
+        assert stat_mode(out) == 0o444
+        assert (out.read_bytes() == b"old contents") == (r.returncode == 2)
+    assert r.returncode == (0 if os.access(tmp_path / "rs.safetensors", os.W_OK) else 2)
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE")
+def test_write_error_names_the_output_as_given(tmp_path, squant_bin: str) -> None:
+    """A write error names OUT as the user wrote it (Python named the
+    absolute path it resolved), through a symlink too."""
+    import resource
+
+    w = np.random.default_rng(0).standard_normal((1024, 4096)).astype(np.float32)
+    write_safetensors(tmp_path / "in.safetensors", {"l0.weight": RawTensor.from_numpy(w)})
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.safetensors").symlink_to("sub/real.safetensors")
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    for out in ("out.safetensors", "link.safetensors"):
+        p, r = _both(
+            squant_bin, "quantize", "-q", "in.safetensors", out, cwd=tmp_path, preexec_fn=limit
+        )
+        _same_message(p, r)
+        assert _message(r.stderr) == f"File too large: {out}\n"
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "link.safetensors", "sub"]
+    assert os.listdir(tmp_path / "sub") == []

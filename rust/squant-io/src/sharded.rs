@@ -152,7 +152,7 @@ pub fn quantize_sharded(
     if require_selection && !selections.iter().flatten().any(|&s| s) {
         return Err(IoError::InvalidArgument(format!(
             "{}: no tensor to quantize (none is a floating tensor of 2+ dimensions matching the include patterns)",
-            src.display()
+            crate::error::show_path(src)
         )));
     }
     if out_dir.exists() {
@@ -164,7 +164,7 @@ pub fn quantize_sharded(
         if !empty {
             return Err(IoError::InvalidArgument(format!(
                 "output directory exists and is not empty: {}",
-                out_dir.display()
+                crate::error::show_path(out_dir)
             )));
         }
     }
