@@ -318,3 +318,57 @@ def test_write_error_names_the_output_as_given(tmp_path, squant_bin: str) -> Non
         assert _message(r.stderr) == f"File too large: {out}\n"
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "link.safetensors", "sub"]
     assert os.listdir(tmp_path / "sub") == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_and_device_inputs_are_refused_like_python(tmp_path, squant_bin: str) -> None:
+    """A FIFO or a device as the input: one error line, exit status 2, in
+    both CLIs (quantize and info blocked on a FIFO forever)."""
+    os.mkfifo(tmp_path / "in.safetensors")
+    for argv in (
+        ["quantize", "in.safetensors", "out.safetensors"],
+        ["info", "in.safetensors"],
+        ["info", "--verify", "in.safetensors"],
+        ["quantize", os.devnull, "out.safetensors"],
+        ["info", os.devnull],
+    ):
+        p, r = _both(squant_bin, *argv, cwd=tmp_path, timeout=60)
+        _same_message(p, r)
+        assert r.returncode == 2, argv
+        assert "not a regular file" in _message(r.stderr), argv
+    assert os.listdir(tmp_path) == ["in.safetensors"]
+
+
+def test_one_tensor_in_two_shards_like_python(tmp_path, squant_bin: str) -> None:
+    """info --verify refuses a sharded directory storing a weight twice."""
+    w = np.random.default_rng(0).standard_normal((6, 10)).astype(np.float32)
+    write_safetensors(tmp_path / "a.safetensors", {"l0.weight": RawTensor.from_numpy(w)})
+    write_safetensors(
+        tmp_path / "b.safetensors",
+        {"l0.weight": RawTensor.from_numpy(w * 0), "l1.weight": RawTensor.from_numpy(w)},
+    )
+    q = tmp_path / "q"
+    q.mkdir()
+    assert (
+        _py("quantize", "-q", str(tmp_path / "a.safetensors"), str(q / "s1.safetensors")).returncode
+        == 0
+    )
+    r = _py(
+        "quantize",
+        "-q",
+        str(tmp_path / "b.safetensors"),
+        str(q / "s2.safetensors"),
+        "--include",
+        "l1*",
+    )
+    assert r.returncode == 0, r.stderr
+    parts = (":codes", ":scale", ":zero_point")
+    weight_map = {f"l0.weight{p}": "s1.safetensors" for p in parts}
+    weight_map |= {f"l1.weight{p}": "s2.safetensors" for p in parts}
+    weight_map["l0.weight"] = "s2.safetensors"
+    (q / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for verify in ([], ["--verify"]):
+        p, r = _both(squant_bin, "info", "q", *verify, cwd=tmp_path)
+        _same_message(p, r)
+        assert r.returncode == 2 and r.stdout == ""
+        assert "tensor 'l0.weight' is stored in two shards" in _message(r.stderr)

@@ -418,6 +418,8 @@ fn cmd_quantize(
         if src.is_dir() {
             return fail(format!("input is a directory, not a file: {}", show(src)));
         }
+        // A FIFO or a device would block the read below, or never end.
+        squant_io::read::check_regular(src)?;
         match sniff(src)? {
             "torch" => {
                 return fail(format!(

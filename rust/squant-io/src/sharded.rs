@@ -6,7 +6,7 @@
 //! end: an error leaves no partial output directory.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -50,7 +50,10 @@ pub fn read_index(path: &Path) -> Result<ShardIndex> {
         _ => PathBuf::from("."),
     };
     let fail = |what: String| IoError::format(&index_path, what);
-    let text = std::fs::read(&index_path).map_err(|e| IoError::os(&index_path, e))?;
+    let mut text = Vec::new();
+    crate::read::open_regular(&index_path)?
+        .read_to_end(&mut text)
+        .map_err(|e| IoError::os(&index_path, e))?;
     let text = std::str::from_utf8(&text)
         .map_err(|_| fail("not a safetensors index (not UTF-8 text)".to_string()))?;
     let v = json::parse(text).map_err(|e| fail(format!("not a safetensors index ({e})")))?;
@@ -297,6 +300,25 @@ pub fn open_quantized(path: &Path) -> Result<Vec<SquantFile>> {
             ));
         }
         files.push(f);
+    }
+    // The same logical tensor in two shards (say plain `w` in one and the
+    // parts of a quantized `w` in another): the index's keys differ, but a
+    // reader would keep one of them.
+    let mut owner: HashMap<&str, &str> = HashMap::new();
+    for (f, shard) in files.iter().zip(&index.shards) {
+        for t in &f.tensors {
+            if let Some(first) = owner.insert(&t.name, shard) {
+                return Err(IoError::format(
+                    &index.index_path,
+                    format!(
+                        "tensor {} is stored in two shards, {} and {}",
+                        repr(&t.name),
+                        repr(first),
+                        repr(shard)
+                    ),
+                ));
+            }
+        }
     }
     let stored: usize = files.iter().map(|f| f.st.entries.len()).sum();
     if stored != index.weight_map.len() {
