@@ -372,3 +372,21 @@ def test_one_tensor_in_two_shards_like_python(tmp_path, squant_bin: str) -> None
         _same_message(p, r)
         assert r.returncode == 2 and r.stdout == ""
         assert "tensor 'l0.weight' is stored in two shards" in _message(r.stderr)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["quantize"],
+        ["quantize", "in.safetensors"],
+        ["info"],
+        ["quantize", "--include", "a*", "in.safetensors", "out.safetensors"],
+    ],
+)
+def test_missing_arguments_named_like_python(tmp_path, squant_bin: str, argv: list[str]) -> None:
+    """A usage error names the missing arguments, on one line (the Rust
+    CLI cut clap's message after "were not provided:")."""
+    p, r = _both(squant_bin, *argv, cwd=tmp_path)
+    assert p.returncode == r.returncode == 2
+    assert p.stderr.replace("squant-rs", "squant") == r.stderr
+    assert "are required: " in _message(r.stderr)

@@ -757,6 +757,53 @@ fn error_line(message: &str) {
     eprintln!("{PROG}: error: {}", printable(&text));
 }
 
+/// A usage error as one line, as the Python CLI words it where it can
+/// (missing arguments by name), else clap's message folded into one line;
+/// then where to look: the subcommand's help for the errors of its
+/// arguments (as argparse's subparsers), the program's otherwise.
+fn usage_error(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let text = match (e.kind(), e.get(ContextKind::InvalidArg)) {
+        (ErrorKind::MissingRequiredArgument, Some(ContextValue::Strings(names))) => {
+            let names: Vec<&str> = names
+                .iter()
+                .map(|n| n.trim_start_matches('<').trim_end_matches('>'))
+                .collect();
+            format!("the following arguments are required: {}", names.join(", "))
+        }
+        _ => {
+            let full = e.to_string();
+            let lines: Vec<&str> = full
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            let folded = lines.join(" ");
+            let folded = folded.trim_start_matches("error: ");
+            if folded.is_empty() {
+                "invalid arguments".to_string()
+            } else {
+                folded.to_string()
+            }
+        }
+    };
+    let own = matches!(
+        e.kind(),
+        ErrorKind::MissingRequiredArgument
+            | ErrorKind::InvalidValue
+            | ErrorKind::ValueValidation
+            | ErrorKind::ArgumentConflict
+    );
+    let sub = std::env::args_os()
+        .skip(1)
+        .find(|a| !a.to_string_lossy().starts_with('-'))
+        .filter(|a| a == "quantize" || a == "info");
+    match sub {
+        Some(sub) if own => format!("{text} (see '{PROG} {} --help')", sub.to_string_lossy()),
+        _ => format!("{text} (see '{PROG} --help')"),
+    }
+}
+
 fn main() -> ExitCode {
     // SIGINT, SIGTERM, SIGHUP: remove the temporary output, exit 130.
     let _ = ctrlc::set_handler(|| {
@@ -778,13 +825,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 };
             }
-            let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            error_line(&format!("{first} (see '{PROG} --help')"));
+            error_line(&usage_error(&e));
             return ExitCode::from(2);
         }
     };
