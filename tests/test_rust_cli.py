@@ -390,3 +390,68 @@ def test_missing_arguments_named_like_python(tmp_path, squant_bin: str, argv: li
     assert p.returncode == r.returncode == 2
     assert p.stderr.replace("squant-rs", "squant") == r.stderr
     assert "are required: " in _message(r.stderr)
+
+
+def test_unprintable_names_escaped_like_python(tmp_path, squant_bin: str) -> None:
+    """Names with characters str.isprintable rejects (format characters such
+    as U+202E RIGHT-TO-LEFT OVERRIDE, private use, unassigned, separators):
+    info prints the same escapes in both CLIs (the Rust CLI printed all but
+    control characters raw)."""
+    names = [
+        "rlo\u202efdp.exe.weight",
+        "zw\u200bsp.weight",
+        "soft\u00adhy.weight",
+        "bom\ufeff.weight",
+        "pua\ue000.weight",
+        "unassigned\u0378.weight",
+        "ls\u2028ps\u2029nb\u00a0.weight",
+        "esc\x1b[31m.weight",
+        "caf\u00e9\u4e2d.weight",
+    ]
+    sd = {n: RawTensor.from_numpy(np.full((2, 3), i + 1, np.float32)) for i, n in enumerate(names)}
+    write_safetensors(tmp_path / "in.safetensors", sd)
+    p, r = _both(squant_bin, "quantize", "-v", "in.safetensors", "q.safetensors", cwd=tmp_path)
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert _untimed(p.stdout) == _untimed(r.stdout)
+    p, r = _both(squant_bin, "info", "q.safetensors", cwd=tmp_path)
+    assert p.returncode == r.returncode == 0
+    assert p.stdout == r.stdout
+    assert "rlo\\u202efdp" in r.stdout and "caf\u00e9\u4e2d.weight" in r.stdout
+    assert "\u202e" not in r.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="non-UTF-8 file names")
+def test_non_utf8_paths_shown_like_python(tmp_path, squant_bin: str) -> None:
+    """Bytes of a path that are not UTF-8 are shown as the Python CLI shows
+    them (\\udcff, its surrogate escapes), not as U+FFFD: in reports, in
+    messages of either CLI and in OSError from the Rust reader."""
+    base = os.fsencode(tmp_path)
+    _checkpoint(tmp_path / "in.safetensors")
+    os.rename(base + b"/in.safetensors", base + b"/in\xff.safetensors")
+    ck = base + b"/ck\xfe"
+    os.mkdir(ck)
+    index = {"weight_map": {"w": "s0.safetensors"}}
+    with open(ck + b"/model.safetensors.index.json", "w") as f:
+        json.dump(index, f)
+
+    def both(*argv: bytes) -> tuple[subprocess.CompletedProcess[bytes], ...]:
+        run = {"capture_output": True, "timeout": 300, "cwd": base}
+        py = [os.fsencode(sys.executable), b"-m", b"squant_rs"]
+        return tuple(
+            subprocess.run([*cli, *argv], **run)  # type: ignore[call-overload]
+            for cli in (py, [os.fsencode(squant_bin)])
+        )
+
+    p, r = both(b"quantize", b"in\xff.safetensors", b"out\xfe.safetensors")
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    rows = [[line for line in x.stdout.splitlines() if line.startswith(b"input")] for x in (p, r)]
+    assert rows[0] == rows[1] == [b"input                 in\\udcff.safetensors (safetensors)"]
+    for argv in (
+        [b"quantize", b"missing\xff.safetensors", b"o.safetensors"],
+        [b"info", b"missing\xff.safetensors"],
+        [b"info", b"ck\xfe"],
+    ):
+        p, r = both(*argv)
+        assert p.returncode == r.returncode == 2, argv
+        assert p.stderr.replace(b"squant-rs: ", b"") == r.stderr.replace(b"squant: ", b"")
+        assert b"\\udcf" in r.stderr and b"\xef\xbf\xbd" not in r.stderr, r.stderr

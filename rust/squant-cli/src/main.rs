@@ -7,6 +7,7 @@
 //! on stderr, no output left behind), 130 when interrupted (SIGINT, SIGTERM
 //! or SIGHUP; the temporary output is removed first).
 
+mod printable_table;
 mod text;
 
 use std::io::{IsTerminal, Read};
@@ -311,15 +312,32 @@ fn py_repr(s: &str) -> String {
     squant_io::read::repr(s)
 }
 
-/// Python's `printable`: non-printable characters as backslash escapes.
+/// Python's `str.isprintable` (generated table, [`printable_table`]).
+fn is_printable(c: char) -> bool {
+    let code = c as u32;
+    printable_table::NON_PRINTABLE
+        .binary_search_by(|&(lo, hi)| {
+            if hi < code {
+                std::cmp::Ordering::Less
+            } else if lo > code {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        })
+        .is_err()
+}
+
+/// Python's `printable`: the characters `str.isprintable` rejects as the
+/// backslash escapes of Python's `unicode_escape`.
 fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        let code = c as u32;
-        if c == ' ' || !(c.is_control() || c.is_whitespace() || (0xd800..0xe000).contains(&code)) {
+        if is_printable(c) {
             out.push(c);
             continue;
         }
+        let code = c as u32;
         match c {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
@@ -856,5 +874,30 @@ fn main() -> ExitCode {
             error_line(&msg);
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn escapes_what_python_does_not_print() {
+        // Control, format (RLO, ZWSP, soft hyphen, BOM), private use,
+        // unassigned, line and paragraph separators, non-ASCII spaces.
+        assert_eq!(printable("a\x1b[31m\n"), "a\\x1b[31m\\n");
+        assert_eq!(
+            printable("\u{202e}\u{200b}\u{ad}\u{feff}\u{e000}\u{378}"),
+            "\\u202e\\u200b\\xad\\ufeff\\ue000\\u0378"
+        );
+        assert_eq!(
+            printable("\u{2028}\u{2029}\u{a0}\u{3000}\u{f0000}"),
+            "\\u2028\\u2029\\xa0\\u3000\\U000f0000"
+        );
+        // Printable: the ASCII space, letters of any script, emoji.
+        assert_eq!(
+            printable("a b\u{e9}\u{4e2d}\u{1f600}"),
+            "a b\u{e9}\u{4e2d}\u{1f600}"
+        );
     }
 }
