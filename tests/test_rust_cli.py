@@ -455,3 +455,15 @@ def test_non_utf8_paths_shown_like_python(tmp_path, squant_bin: str) -> None:
         assert p.returncode == r.returncode == 2, argv
         assert p.stderr.replace(b"squant-rs: ", b"") == r.stderr.replace(b"squant: ", b"")
         assert b"\\udcf" in r.stderr and b"\xef\xbf\xbd" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "4.0", "2000", ""])
+def test_bad_thread_environment_like_python(tmp_path, squant_bin: str, value: str) -> None:
+    """A bad SQUANT_NUM_THREADS: the same message from both CLIs."""
+    _checkpoint(tmp_path / "in.safetensors")
+    env = {**os.environ, "SQUANT_NUM_THREADS": value}
+    p, r = _both(squant_bin, "quantize", "in.safetensors", "o.safetensors", cwd=tmp_path, env=env)
+    assert r.returncode == 2
+    _same_message(p, r)
+    assert _message(r.stderr).startswith("bad SQUANT_NUM_THREADS environment variable (")
+    assert os.listdir(tmp_path) == ["in.safetensors"]

@@ -128,8 +128,9 @@ fn threads(arg: Option<usize>) -> Result<usize, CliError> {
     match std::env::var(THREADS_ENV) {
         Ok(v) => match v.trim().parse::<usize>() {
             Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+            // The Python CLI's words.
             _ => fail(format!(
-                "{THREADS_ENV} must be an integer in 1..={MAX_THREADS}, got {v:?}"
+                "bad {THREADS_ENV} environment variable ({THREADS_ENV} must be an integer in 1..={MAX_THREADS}, got {v:?}): unset it or pass --threads N"
             )),
         },
         Err(_) => Ok(std::thread::available_parallelism()
