@@ -152,6 +152,8 @@ def test_same_errors_as_python(tmp_path, squant_bin: str) -> None:
         ["quantize", str(src), str(src)],
         ["quantize", str(src), str(tmp_path / "out.pth")],
         ["quantize", str(src), str(tmp_path / "nodir" / "o.safetensors")],
+        ["quantize", str(tmp_path / "nodir" / "model.safetensors.index.json"), str(out)],
+        ["quantize", str(src), str(tmp_path / "new.safetensors") + "/"],
     ]
     for argv in cases:
         p, r = _py(*argv), _run(squant_bin, *argv)

@@ -614,6 +614,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     with _thread_count(args.threads) as threads:
         start = time.perf_counter()
         if sharded:
+            if not os.path.exists(src):  # an index path in a missing directory
+                raise CliError(f"input file not found: {src}")
             tensors: dict[str, RawTensor] = {}
             kind = "sharded safetensors"
         else:
