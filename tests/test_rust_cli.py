@@ -469,3 +469,52 @@ def test_bad_thread_environment_like_python(tmp_path, squant_bin: str, value: st
     _same_message(p, r)
     assert _message(r.stderr).startswith("bad SQUANT_NUM_THREADS environment variable (")
     assert os.listdir(tmp_path) == ["in.safetensors"]
+
+
+def _sharded_input(src: Path, rows: int = 6, cols: int = 10) -> None:
+    src.mkdir()
+    w = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    write_safetensors(src / "s0.safetensors", {"l0.weight": RawTensor.from_numpy(w)})
+    index = {"weight_map": {"l0.weight": "s0.safetensors"}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX symlinks")
+def test_sharded_outputs_refused_up_front_like_python(tmp_path, squant_bin: str) -> None:
+    """A symlink to an empty directory and '.' as the sharded output: one
+    clear message from both CLIs before any work, nothing changed (they
+    failed at the end with 'Not a directory' / 'Invalid argument')."""
+    _sharded_input(tmp_path / "ck")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "lnk").symlink_to("empty")
+    (tmp_path / "cwd").mkdir()
+    for out, cwd, why in (
+        ("lnk", tmp_path, "is a symbolic link"),
+        (".", tmp_path / "cwd", "names the current or a parent directory"),
+        ("./", tmp_path / "cwd", "names the current or a parent directory"),
+        ("..", tmp_path / "cwd", "names the current or a parent directory"),
+    ):
+        p, r = _both(squant_bin, "quantize", "-q", str(tmp_path / "ck"), out, cwd=cwd)
+        _same_message(p, r)
+        assert r.returncode == 2 and why in _message(r.stderr), out
+    assert sorted(os.listdir(tmp_path)) == ["ck", "cwd", "empty", "lnk"]
+    assert (tmp_path / "lnk").is_symlink()
+    assert os.listdir(tmp_path / "empty") == os.listdir(tmp_path / "cwd") == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE")
+def test_sharded_write_error_names_the_output_shard(tmp_path, squant_bin: str) -> None:
+    """A write error in a sharded run names OUT/SHARD, not the temporary
+    directory (whose name held the PID, so the CLIs' messages differed)."""
+    import resource
+
+    _sharded_input(tmp_path / "ck", 512, 4096)
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    p, r = _both(squant_bin, "quantize", "-q", "ck", "out", cwd=tmp_path, preexec_fn=limit)
+    _same_message(p, r)
+    assert _message(r.stderr) == "File too large: out/s0.safetensors\n"
+    assert os.listdir(tmp_path) == ["ck"]

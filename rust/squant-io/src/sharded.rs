@@ -140,6 +140,15 @@ impl Drop for TempDir {
     }
 }
 
+/// Whether the last component of `path` is `.` or `..` (or there is none:
+/// `/`), trailing slashes aside.
+fn names_a_dot(path: &Path) -> bool {
+    let text = path.to_string_lossy();
+    let trimmed = text.trim_end_matches('/');
+    let last = trimmed.rsplit('/').next().unwrap_or("");
+    last.is_empty() || last == "." || last == ".."
+}
+
 /// Quantizes a sharded checkpoint into `out_dir`, which must not exist or
 /// be an empty directory.
 pub fn quantize_sharded(
@@ -156,6 +165,22 @@ pub fn quantize_sharded(
         return Err(IoError::InvalidArgument(format!(
             "{}: no tensor to quantize (none is a floating tensor of 2+ dimensions matching the include patterns)",
             crate::error::show_path(src)
+        )));
+    }
+    // Decided before any work: the output is built in a temporary
+    // directory next to `out_dir` and renamed onto it, which cannot be done
+    // through a symlink (the link would be replaced) or onto `.`/`..` (the
+    // current directory would be removed under the caller).
+    if names_a_dot(out_dir) {
+        return Err(IoError::InvalidArgument(format!(
+            "output directory {} names the current or a parent directory: give a new or empty directory by its name (the output is renamed into place)",
+            crate::error::show_path(out_dir)
+        )));
+    }
+    if std::fs::symlink_metadata(out_dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(IoError::InvalidArgument(format!(
+            "output directory {} is a symbolic link: give the directory itself (the output is built next to it and renamed into place)",
+            crate::error::show_path(out_dir)
         )));
     }
     if out_dir.exists() {
@@ -207,7 +232,15 @@ pub fn quantize_sharded(
         .collect();
     // One pipeline over all shards: the next shard is read and quantized
     // while the previous one is being completed.
-    let reports = quantize_files(&jobs, opts, progress, 0, total, true)?;
+    // Errors name the output the caller gave, not the temporary directory.
+    let named = |e: IoError| match e {
+        IoError::Os { path, source } => match path.strip_prefix(&tmp) {
+            Ok(rest) => IoError::os(&out_dir.join(rest), source),
+            Err(_) => IoError::Os { path, source },
+        },
+        e => e,
+    };
+    let reports = quantize_files(&jobs, opts, progress, 0, total, true).map_err(named)?;
     let mut weight_map = Map::new();
     for (((file, sel), shard), r) in files
         .iter()
@@ -237,7 +270,8 @@ pub fn quantize_sharded(
             SafetensorsFile::open(&tmp.join(s))
                 .map(|f| f.entries.iter().map(|e| e.nbytes() as u64).sum::<u64>())
         })
-        .sum::<Result<u64>>()?;
+        .sum::<Result<u64>>()
+        .map_err(named)?;
     let mut meta = Map::new();
     meta.insert("total_size".to_string(), Value::from(data_size));
     meta.insert(
