@@ -377,3 +377,59 @@ def test_info_verify_reports_damage(tmp_path, capsys, good: bytes) -> None:
     assert main(["info", str(path), "--verify"]) == 2
     err = capsys.readouterr().err
     assert "checksum mismatch" in err or "corrupt" in err
+
+
+def test_one_tensor_in_two_shards_is_refused(tmp_path, capsys) -> None:
+    """A sharded squant-rs directory holding the same weight twice (plain in
+    one shard, quantized in another: the index's keys differ) is refused by
+    inspect, verify, load and info, naming the tensor and both shards
+    (info listed it twice, load kept one)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 10)).astype(np.float32)
+    write_safetensors(tmp_path / "a.safetensors", {"l0.weight": RawTensor.from_numpy(w)})
+    both = {"l0.weight": np.zeros((6, 10), np.float32), "l1.weight": w}
+    write_safetensors(
+        tmp_path / "b.safetensors", {k: RawTensor.from_numpy(v) for k, v in both.items()}
+    )
+    q = tmp_path / "q"
+    q.mkdir()
+    quantize_checkpoint(tmp_path / "a.safetensors", q / "s1.safetensors")
+    quantize_checkpoint(tmp_path / "b.safetensors", q / "s2.safetensors", include=["l1*"])
+    parts = (":codes", ":scale", ":zero_point")
+    weight_map = {f"l0.weight{p}": "s1.safetensors" for p in parts}
+    weight_map |= {f"l1.weight{p}": "s2.safetensors" for p in parts}
+    weight_map["l0.weight"] = "s2.safetensors"
+    index = {"metadata": {"format": "squant-rs"}, "weight_map": weight_map}
+    (q / "model.safetensors.index.json").write_text(json.dumps(index))
+    match = "tensor 'l0.weight' is stored in two shards, 's1.safetensors' and 's2.safetensors'"
+    for read in (inspect_quantized, verify_quantized, squant_rs.load_quantized):
+        with pytest.raises(FormatError, match=match):
+            read(q)
+    assert main(["info", "--verify", str(q)]) == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_input_is_refused_by_the_api(tmp_path) -> None:
+    """A FIFO given as a file to read is refused at once (every reader
+    blocked on it forever); so is a character device."""
+    fifo = tmp_path / "in.safetensors"
+    os.mkfifo(fifo)
+    out = tmp_path / "out.safetensors"
+    readers = [
+        inspect_quantized,
+        verify_quantized,
+        squant_rs.load_quantized,
+        read_safetensors,
+        lambda p: quantize_checkpoint(p, out),
+    ]
+    for path, kind in ((fifo, "a FIFO"), (Path(os.devnull), "a character device")):
+        for read in readers:
+            with pytest.raises(squant_rs.InvalidArgumentError, match=f"is {kind}, not a regular"):
+                read(path)
+    sharded = tmp_path / "ck"
+    sharded.mkdir()
+    os.mkfifo(sharded / "model.safetensors.index.json")
+    with pytest.raises(squant_rs.InvalidArgumentError, match="is a FIFO, not a regular"):
+        quantize_checkpoint(sharded / "model.safetensors.index.json", tmp_path / "outdir")
+    assert sorted(os.listdir(tmp_path)) == ["ck", "in.safetensors"]

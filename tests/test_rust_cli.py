@@ -152,6 +152,8 @@ def test_same_errors_as_python(tmp_path, squant_bin: str) -> None:
         ["quantize", str(src), str(src)],
         ["quantize", str(src), str(tmp_path / "out.pth")],
         ["quantize", str(src), str(tmp_path / "nodir" / "o.safetensors")],
+        ["quantize", str(tmp_path / "nodir" / "model.safetensors.index.json"), str(out)],
+        ["quantize", str(src), str(tmp_path / "new.safetensors") + "/"],
     ]
     for argv in cases:
         p, r = _py(*argv), _run(squant_bin, *argv)
@@ -224,3 +226,295 @@ def test_write_error_before_a_block_read_alone_does_not_hang(tmp_path, squant_bi
         assert r.returncode == 2, (mib, r.stderr)
         assert "File too large" in _message(r.stderr), mib
         assert os.listdir(out_dir) == [], mib
+
+
+def _both(
+    squant_bin: str, *argv: str, cwd: Path | None = None, **kw: object
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """The Python and the Rust CLI on the same arguments."""
+    run = {"capture_output": True, "text": True, "timeout": 300, "cwd": cwd, **kw}
+    p = subprocess.run([sys.executable, "-m", "squant_rs", *argv], **run)  # type: ignore[call-overload]
+    r = subprocess.run([squant_bin, *argv], **run)  # type: ignore[call-overload]
+    return p, r
+
+
+def _same_message(p: subprocess.CompletedProcess[str], r: subprocess.CompletedProcess[str]) -> None:
+    assert p.returncode == r.returncode, (p.stderr, r.stderr)
+    assert p.stderr.replace("squant-rs: ", "") == r.stderr.replace("squant: ", "")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="POSIX symlinks")
+def test_symlinked_outputs_like_python(tmp_path, squant_bin: str) -> None:
+    """A dangling symlink gets its target created (the link kept); a symlink
+    loop is refused (the Rust CLI replaced both with a regular file)."""
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    for tag in ("py", "rs"):
+        (tmp_path / f"link-{tag}.safetensors").symlink_to(f"target-{tag}.safetensors")
+    (tmp_path / "loop-a.safetensors").symlink_to("loop-b.safetensors")
+    (tmp_path / "loop-b.safetensors").symlink_to("loop-a.safetensors")
+    p = _py("quantize", "-q", str(src), str(tmp_path / "link-py.safetensors"))
+    r = _run(squant_bin, "quantize", "-q", str(src), str(tmp_path / "link-rs.safetensors"))
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    for tag in ("py", "rs"):
+        assert (tmp_path / f"link-{tag}.safetensors").is_symlink()
+    assert (tmp_path / "target-py.safetensors").read_bytes() == (
+        tmp_path / "target-rs.safetensors"
+    ).read_bytes()
+    p, r = _both(squant_bin, "quantize", "-q", "in.safetensors", "loop-a.safetensors", cwd=tmp_path)
+    _same_message(p, r)
+    assert r.returncode == 2
+    assert _message(r.stderr) == "Too many levels of symbolic links: loop-a.safetensors\n"
+    assert (tmp_path / "loop-a.safetensors").is_symlink()
+    assert (tmp_path / "loop-b.safetensors").is_symlink()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_read_only_output_like_python(tmp_path, squant_bin: str) -> None:
+    """One rule in both CLIs, access(W_OK): as root a 0444 file is replaced
+    (its mode kept), as another user refused (the Rust CLI went by the mode
+    bits alone and refused it as root)."""
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    for tag in ("py", "rs"):
+        out = tmp_path / f"{tag}.safetensors"
+        out.write_text("old contents")
+        out.chmod(0o444)
+    p = _py("quantize", "-q", str(src), str(tmp_path / "py.safetensors"))
+    r = _run(squant_bin, "quantize", "-q", str(src), str(tmp_path / "rs.safetensors"))
+    assert p.returncode == r.returncode, (p.stderr, r.stderr)
+    assert p.stderr.replace("squant-rs: ", "").replace("py.", "X.") == r.stderr.replace(
+        "squant: ", ""
+    ).replace("rs.", "X.")
+    for tag in ("py", "rs"):
+        out = tmp_path / f"{tag}.safetensors"
+        assert stat_mode(out) == 0o444
+        assert (out.read_bytes() == b"old contents") == (r.returncode == 2)
+    assert r.returncode == (0 if os.access(tmp_path / "rs.safetensors", os.W_OK) else 2)
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE")
+def test_write_error_names_the_output_as_given(tmp_path, squant_bin: str) -> None:
+    """A write error names OUT as the user wrote it (Python named the
+    absolute path it resolved), through a symlink too."""
+    import resource
+
+    w = np.random.default_rng(0).standard_normal((1024, 4096)).astype(np.float32)
+    write_safetensors(tmp_path / "in.safetensors", {"l0.weight": RawTensor.from_numpy(w)})
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.safetensors").symlink_to("sub/real.safetensors")
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    for out in ("out.safetensors", "link.safetensors"):
+        p, r = _both(
+            squant_bin, "quantize", "-q", "in.safetensors", out, cwd=tmp_path, preexec_fn=limit
+        )
+        _same_message(p, r)
+        assert _message(r.stderr) == f"File too large: {out}\n"
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "link.safetensors", "sub"]
+    assert os.listdir(tmp_path / "sub") == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_and_device_inputs_are_refused_like_python(tmp_path, squant_bin: str) -> None:
+    """A FIFO or a device as the input: one error line, exit status 2, in
+    both CLIs (quantize and info blocked on a FIFO forever)."""
+    os.mkfifo(tmp_path / "in.safetensors")
+    for argv in (
+        ["quantize", "in.safetensors", "out.safetensors"],
+        ["info", "in.safetensors"],
+        ["info", "--verify", "in.safetensors"],
+        ["quantize", os.devnull, "out.safetensors"],
+        ["info", os.devnull],
+    ):
+        p, r = _both(squant_bin, *argv, cwd=tmp_path, timeout=60)
+        _same_message(p, r)
+        assert r.returncode == 2, argv
+        assert "not a regular file" in _message(r.stderr), argv
+    assert os.listdir(tmp_path) == ["in.safetensors"]
+
+
+def test_one_tensor_in_two_shards_like_python(tmp_path, squant_bin: str) -> None:
+    """info --verify refuses a sharded directory storing a weight twice."""
+    w = np.random.default_rng(0).standard_normal((6, 10)).astype(np.float32)
+    write_safetensors(tmp_path / "a.safetensors", {"l0.weight": RawTensor.from_numpy(w)})
+    write_safetensors(
+        tmp_path / "b.safetensors",
+        {"l0.weight": RawTensor.from_numpy(w * 0), "l1.weight": RawTensor.from_numpy(w)},
+    )
+    q = tmp_path / "q"
+    q.mkdir()
+    assert (
+        _py("quantize", "-q", str(tmp_path / "a.safetensors"), str(q / "s1.safetensors")).returncode
+        == 0
+    )
+    r = _py(
+        "quantize",
+        "-q",
+        str(tmp_path / "b.safetensors"),
+        str(q / "s2.safetensors"),
+        "--include",
+        "l1*",
+    )
+    assert r.returncode == 0, r.stderr
+    parts = (":codes", ":scale", ":zero_point")
+    weight_map = {f"l0.weight{p}": "s1.safetensors" for p in parts}
+    weight_map |= {f"l1.weight{p}": "s2.safetensors" for p in parts}
+    weight_map["l0.weight"] = "s2.safetensors"
+    (q / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for verify in ([], ["--verify"]):
+        p, r = _both(squant_bin, "info", "q", *verify, cwd=tmp_path)
+        _same_message(p, r)
+        assert r.returncode == 2 and r.stdout == ""
+        assert "tensor 'l0.weight' is stored in two shards" in _message(r.stderr)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["quantize"],
+        ["quantize", "in.safetensors"],
+        ["info"],
+        ["quantize", "--include", "a*", "in.safetensors", "out.safetensors"],
+    ],
+)
+def test_missing_arguments_named_like_python(tmp_path, squant_bin: str, argv: list[str]) -> None:
+    """A usage error names the missing arguments, on one line (the Rust
+    CLI cut clap's message after "were not provided:")."""
+    p, r = _both(squant_bin, *argv, cwd=tmp_path)
+    assert p.returncode == r.returncode == 2
+    assert p.stderr.replace("squant-rs", "squant") == r.stderr
+    assert "are required: " in _message(r.stderr)
+
+
+def test_unprintable_names_escaped_like_python(tmp_path, squant_bin: str) -> None:
+    """Names with characters str.isprintable rejects (format characters such
+    as U+202E RIGHT-TO-LEFT OVERRIDE, private use, unassigned, separators):
+    info prints the same escapes in both CLIs (the Rust CLI printed all but
+    control characters raw)."""
+    names = [
+        "rlo\u202efdp.exe.weight",
+        "zw\u200bsp.weight",
+        "soft\u00adhy.weight",
+        "bom\ufeff.weight",
+        "pua\ue000.weight",
+        "unassigned\u0378.weight",
+        "ls\u2028ps\u2029nb\u00a0.weight",
+        "esc\x1b[31m.weight",
+        "caf\u00e9\u4e2d.weight",
+    ]
+    sd = {n: RawTensor.from_numpy(np.full((2, 3), i + 1, np.float32)) for i, n in enumerate(names)}
+    write_safetensors(tmp_path / "in.safetensors", sd)
+    p, r = _both(squant_bin, "quantize", "-v", "in.safetensors", "q.safetensors", cwd=tmp_path)
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert _untimed(p.stdout) == _untimed(r.stdout)
+    p, r = _both(squant_bin, "info", "q.safetensors", cwd=tmp_path)
+    assert p.returncode == r.returncode == 0
+    assert p.stdout == r.stdout
+    assert "rlo\\u202efdp" in r.stdout and "caf\u00e9\u4e2d.weight" in r.stdout
+    assert "\u202e" not in r.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="non-UTF-8 file names")
+def test_non_utf8_paths_shown_like_python(tmp_path, squant_bin: str) -> None:
+    """Bytes of a path that are not UTF-8 are shown as the Python CLI shows
+    them (\\udcff, its surrogate escapes), not as U+FFFD: in reports, in
+    messages of either CLI and in OSError from the Rust reader."""
+    base = os.fsencode(tmp_path)
+    _checkpoint(tmp_path / "in.safetensors")
+    os.rename(base + b"/in.safetensors", base + b"/in\xff.safetensors")
+    ck = base + b"/ck\xfe"
+    os.mkdir(ck)
+    index = {"weight_map": {"w": "s0.safetensors"}}
+    with open(ck + b"/model.safetensors.index.json", "w") as f:
+        json.dump(index, f)
+
+    def both(*argv: bytes) -> tuple[subprocess.CompletedProcess[bytes], ...]:
+        run = {"capture_output": True, "timeout": 300, "cwd": base}
+        py = [os.fsencode(sys.executable), b"-m", b"squant_rs"]
+        return tuple(
+            subprocess.run([*cli, *argv], **run)  # type: ignore[call-overload]
+            for cli in (py, [os.fsencode(squant_bin)])
+        )
+
+    p, r = both(b"quantize", b"in\xff.safetensors", b"out\xfe.safetensors")
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    rows = [[line for line in x.stdout.splitlines() if line.startswith(b"input")] for x in (p, r)]
+    assert rows[0] == rows[1] == [b"input                 in\\udcff.safetensors (safetensors)"]
+    for argv in (
+        [b"quantize", b"missing\xff.safetensors", b"o.safetensors"],
+        [b"info", b"missing\xff.safetensors"],
+        [b"info", b"ck\xfe"],
+    ):
+        p, r = both(*argv)
+        assert p.returncode == r.returncode == 2, argv
+        assert p.stderr.replace(b"squant-rs: ", b"") == r.stderr.replace(b"squant: ", b"")
+        assert b"\\udcf" in r.stderr and b"\xef\xbf\xbd" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "4.0", "2000", ""])
+def test_bad_thread_environment_like_python(tmp_path, squant_bin: str, value: str) -> None:
+    """A bad SQUANT_NUM_THREADS: the same message from both CLIs."""
+    _checkpoint(tmp_path / "in.safetensors")
+    env = {**os.environ, "SQUANT_NUM_THREADS": value}
+    p, r = _both(squant_bin, "quantize", "in.safetensors", "o.safetensors", cwd=tmp_path, env=env)
+    assert r.returncode == 2
+    _same_message(p, r)
+    assert _message(r.stderr).startswith("bad SQUANT_NUM_THREADS environment variable (")
+    assert os.listdir(tmp_path) == ["in.safetensors"]
+
+
+def _sharded_input(src: Path, rows: int = 6, cols: int = 10) -> None:
+    src.mkdir()
+    w = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    write_safetensors(src / "s0.safetensors", {"l0.weight": RawTensor.from_numpy(w)})
+    index = {"weight_map": {"l0.weight": "s0.safetensors"}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX symlinks")
+def test_sharded_outputs_refused_up_front_like_python(tmp_path, squant_bin: str) -> None:
+    """A symlink to an empty directory and '.' as the sharded output: one
+    clear message from both CLIs before any work, nothing changed (they
+    failed at the end with 'Not a directory' / 'Invalid argument')."""
+    _sharded_input(tmp_path / "ck")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "lnk").symlink_to("empty")
+    (tmp_path / "cwd").mkdir()
+    for out, cwd, why in (
+        ("lnk", tmp_path, "is a symbolic link"),
+        (".", tmp_path / "cwd", "names the current or a parent directory"),
+        ("./", tmp_path / "cwd", "names the current or a parent directory"),
+        ("..", tmp_path / "cwd", "names the current or a parent directory"),
+    ):
+        p, r = _both(squant_bin, "quantize", "-q", str(tmp_path / "ck"), out, cwd=cwd)
+        _same_message(p, r)
+        assert r.returncode == 2 and why in _message(r.stderr), out
+    assert sorted(os.listdir(tmp_path)) == ["ck", "cwd", "empty", "lnk"]
+    assert (tmp_path / "lnk").is_symlink()
+    assert os.listdir(tmp_path / "empty") == os.listdir(tmp_path / "cwd") == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE")
+def test_sharded_write_error_names_the_output_shard(tmp_path, squant_bin: str) -> None:
+    """A write error in a sharded run names OUT/SHARD, not the temporary
+    directory (whose name held the PID, so the CLIs' messages differed)."""
+    import resource
+
+    _sharded_input(tmp_path / "ck", 512, 4096)
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    p, r = _both(squant_bin, "quantize", "-q", "ck", "out", cwd=tmp_path, preexec_fn=limit)
+    _same_message(p, r)
+    assert _message(r.stderr) == "File too large: out/s0.safetensors\n"
+    assert os.listdir(tmp_path) == ["ck"]

@@ -55,6 +55,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import time
 import warnings
@@ -65,7 +66,7 @@ import numpy as np
 
 from ._shapes import he_weights, resnet_shapes
 from ._squant_rs import THREADS_ENV_VAR, InvalidArgumentError, SquantError, __version__
-from .formats.output import check_output
+from .formats.output import _kind, check_output
 from .formats.safetensors import (
     FORMAT_NAME,
     FormatError,
@@ -354,6 +355,12 @@ def load_input(path: str) -> tuple[dict[str, RawTensor], str]:
         raise CliError(f"input file not found: {path}")
     if os.path.isdir(path):
         raise CliError(f"input is a directory, not a file: {path}")
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        # A FIFO or a device would block the read below, or never end.
+        raise CliError(
+            f"input {path} is {_kind(mode)}, not a regular file: squant-rs reads regular files only"
+        )
     kind = _sniff(path)
     if kind == "unknown" and path.endswith(".safetensors"):
         kind = "safetensors"  # let the reader say what is wrong with it
@@ -607,6 +614,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     with _thread_count(args.threads) as threads:
         start = time.perf_counter()
         if sharded:
+            if not os.path.exists(src):  # an index path in a missing directory
+                raise CliError(f"input file not found: {src}")
             tensors: dict[str, RawTensor] = {}
             kind = "sharded safetensors"
         else:

@@ -331,7 +331,13 @@ def _output(path: str | os.PathLike[str], inputs: Sequence[str] = ()) -> Iterato
     except FileNotFoundError:
         old = None
     with _cleanup_on_signals():
-        yield target
+        try:
+            yield target
+        except OSError as exc:
+            if exc.filename != target:
+                raise
+            # Name the output as the caller gave it, not where its symlinks lead.
+            raise type(exc)(exc.errno, exc.strerror, os.fspath(path)) from None
     if old is not None:
         try:
             os.chown(target, old.st_uid, old.st_gid)

@@ -7,6 +7,7 @@
 //! on stderr, no output left behind), 130 when interrupted (SIGINT, SIGTERM
 //! or SIGHUP; the temporary output is removed first).
 
+mod printable_table;
 mod text;
 
 use std::io::{IsTerminal, Read};
@@ -127,8 +128,9 @@ fn threads(arg: Option<usize>) -> Result<usize, CliError> {
     match std::env::var(THREADS_ENV) {
         Ok(v) => match v.trim().parse::<usize>() {
             Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+            // The Python CLI's words.
             _ => fail(format!(
-                "{THREADS_ENV} must be an integer in 1..={MAX_THREADS}, got {v:?}"
+                "bad {THREADS_ENV} environment variable ({THREADS_ENV} must be an integer in 1..={MAX_THREADS}, got {v:?}): unset it or pass --threads N"
             )),
         },
         Err(_) => Ok(std::thread::available_parallelism()
@@ -190,15 +192,72 @@ fn kind_of(_ft: &std::fs::FileType) -> &'static str {
     "not a regular file"
 }
 
+/// Python's `os.path.splitext(path)[1]`: the extension of the last
+/// component as written (a trailing `/` leaves none; leading dots are not
+/// an extension), `None` when there is none.
+fn py_suffix(path: &Path) -> Option<String> {
+    let text = path.to_string_lossy();
+    let base = text.rsplit('/').next().unwrap_or("");
+    let stem = base.trim_start_matches('.');
+    stem.rfind('.').map(|i| stem[i..].to_lowercase())
+}
+
+/// Where writing `dst` really lands: `dst` with its symlinks followed as
+/// far as they go (a dangling link names its target; as Python's
+/// non-strict `os.path.realpath`). `Ok(None)`: the directory it would be
+/// created in does not exist.
+fn resolve_output(dst: &Path) -> std::io::Result<Option<PathBuf>> {
+    let mut path = dst.to_path_buf();
+    // The kernel's limit on links followed in one lookup.
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let link = std::fs::read_link(&path)?;
+                path = squant_io::write::parent_of(&path).join(link);
+            }
+            Ok(_) => return std::fs::canonicalize(&path).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(name) = path.file_name() else {
+                    return Ok(None);
+                };
+                return match std::fs::canonicalize(squant_io::write::parent_of(&path)) {
+                    Ok(dir) if dir.is_dir() => Ok(Some(dir.join(name))),
+                    _ => Ok(None),
+                };
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::from_raw_os_error(40)) // ELOOP
+}
+
+/// `access(path, W_OK)`: whether this user may write `path` (as Python's
+/// `os.access`: the real user's permissions, root's included).
+#[cfg(unix)]
+fn writable(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a plain system call on a NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
+#[cfg(not(unix))]
+fn writable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| !m.permissions().readonly())
+}
+
 /// The output rules of the Python CLI (`check_output`, `output_format`):
 /// never the input, regular files only (a symlink is written through: its
-/// target is replaced), `.safetensors` only. Returns the path to write and
-/// the permissions to keep.
+/// target is replaced and the link kept; a dangling link gets its target
+/// created), `.safetensors` only. Returns the path to write and the
+/// permissions to keep.
 fn check_output(
     dst: &Path,
     src: &Path,
 ) -> Result<(PathBuf, Option<std::fs::Permissions>), CliError> {
-    let name = dst.display();
+    let name = show(dst);
     if dst.is_dir() {
         return fail(format!("output is a directory: {name}"));
     }
@@ -207,7 +266,7 @@ fn check_output(
             if same_file(src, dst) {
                 return fail(format!(
                     "output {name} is the same file as the input {}: refusing to overwrite the input",
-                    src.display()
+                    show(src)
                 ));
             }
             if !m.is_file() {
@@ -216,26 +275,23 @@ fn check_output(
                     kind_of(&m.file_type())
                 ));
             }
-            if m.permissions().readonly() {
+            let real = std::fs::canonicalize(dst).map_err(|e| IoError::os(dst, e))?;
+            if !writable(&real) {
                 return fail(format!("Permission denied: {name}"));
             }
-            let real = std::fs::canonicalize(dst).map_err(|e| IoError::os(dst, e))?;
             (real, Some(m.permissions()))
         }
-        Err(_) => {
-            let parent = match dst.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            if !parent.is_dir() {
-                return fail(format!("No such file or directory: {name}"));
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Nothing there yet, or a dangling symlink: its target is created.
+            match resolve_output(dst).map_err(|e| IoError::os(dst, e))? {
+                Some(target) => (target, None),
+                None => return fail(format!("No such file or directory: {name}")),
             }
-            (dst.to_path_buf(), None)
         }
+        // A symlink loop, a component that is not a directory...
+        Err(e) => return Err(IoError::os(dst, e).into()),
     };
-    let suffix = dst
-        .extension()
-        .map(|e| format!(".{}", e.to_string_lossy().to_lowercase()));
+    let suffix = py_suffix(dst);
     if suffix.as_deref() != Some(".safetensors") {
         let shown = match &suffix {
             Some(s) => py_repr(s),
@@ -248,19 +304,41 @@ fn check_output(
     Ok((target, keep))
 }
 
+/// A path as the Python CLI prints it (see [`squant_io::error::show_path`]).
+fn show(path: &Path) -> String {
+    squant_io::error::show_path(path)
+}
+
 fn py_repr(s: &str) -> String {
     squant_io::read::repr(s)
 }
 
-/// Python's `printable`: non-printable characters as backslash escapes.
+/// Python's `str.isprintable` (generated table, [`printable_table`]).
+fn is_printable(c: char) -> bool {
+    let code = c as u32;
+    printable_table::NON_PRINTABLE
+        .binary_search_by(|&(lo, hi)| {
+            if hi < code {
+                std::cmp::Ordering::Less
+            } else if lo > code {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        })
+        .is_err()
+}
+
+/// Python's `printable`: the characters `str.isprintable` rejects as the
+/// backslash escapes of Python's `unicode_escape`.
 fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        let code = c as u32;
-        if c == ' ' || !(c.is_control() || c.is_whitespace() || (0xd800..0xe000).contains(&code)) {
+        if is_printable(c) {
             out.push(c);
             continue;
         }
+        let code = c as u32;
         match c {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
@@ -354,25 +432,24 @@ fn cmd_quantize(
     let mut file = None;
     if !sharded {
         if !src.exists() {
-            return fail(format!("input file not found: {}", src.display()));
+            return fail(format!("input file not found: {}", show(src)));
         }
         if src.is_dir() {
-            return fail(format!(
-                "input is a directory, not a file: {}",
-                src.display()
-            ));
+            return fail(format!("input is a directory, not a file: {}", show(src)));
         }
+        // A FIFO or a device would block the read below, or never end.
+        squant_io::read::check_regular(src)?;
         match sniff(src)? {
             "torch" => {
                 return fail(format!(
                     "{}: a torch checkpoint: this tool reads safetensors files only (use the Python CLI, squant-rs quantize)",
-                    src.display()
+                    show(src)
                 ))
             }
             "unknown" if src.extension().is_none_or(|e| e != "safetensors") => {
                 return fail(format!(
                     "{}: unrecognized input format (expected a .safetensors file or a torch .pt/.pth checkpoint)",
-                    src.display()
+                    show(src)
                 ))
             }
             _ => {}
@@ -381,14 +458,14 @@ fn cmd_quantize(
         if f.meta("format") == Some(squant_io::format::FORMAT_NAME) {
             return fail(format!(
                 "{0} is already a squant-rs file (written by squant-rs {1}): quantize the original float model instead ('{PROG} info {0}' describes this one)",
-                src.display(),
+                show(src),
                 f.meta("squant_rs_version").unwrap_or("?")
             ));
         }
         if let Some(e) = f.entries.iter().find(|e| e.shape.len() > MAX_DIMS) {
             return fail(format!(
                 "{}: tensor {} has {} dimensions; squant-rs handles at most {MAX_DIMS}",
-                src.display(),
+                show(src),
                 py_repr(&e.name),
                 e.shape.len()
             ));
@@ -398,7 +475,7 @@ fn cmd_quantize(
         }
         file = Some(f);
     } else if !src.exists() {
-        return fail(format!("input file not found: {}", src.display()));
+        return fail(format!("input file not found: {}", show(src)));
     }
     let mode_v: Mode = mode
         .parse()
@@ -440,7 +517,7 @@ fn cmd_quantize(
             if !selected.iter().any(|&s| s) {
                 return fail(format!(
                     "{}: no tensor to quantize (none is a floating tensor of 2+ dimensions matching the include patterns)",
-                    src.display()
+                    show(src)
                 ));
             }
             let total = file.entries.iter().map(|e| e.nbytes() as u64).sum();
@@ -454,7 +531,12 @@ fn cmd_quantize(
                 total,
             );
             bar.finish_and_clear();
-            let r = r?;
+            // Errors name the output as the user gave it, not where its
+            // symlinks lead.
+            let r = r.map_err(|e| match e {
+                IoError::Os { path, source } if path == target => IoError::os(dst, source),
+                e => e,
+            })?;
             if let Some(perm) = keep_mode {
                 std::fs::set_permissions(&target, perm).map_err(|e| IoError::os(dst, e))?;
             }
@@ -488,8 +570,8 @@ fn cmd_quantize(
     }
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     let rows = [
-        ("input", format!("{} ({kind})", src.display())),
-        ("output", dst.display().to_string()),
+        ("input", format!("{} ({kind})", show(src))),
+        ("output", show(dst)),
         (
             "layers quantized",
             format!("{} of {} tensors", report.layers.len(), report.tensors),
@@ -535,10 +617,10 @@ fn cmd_quantize(
 
 fn cmd_info(path: &Path, verbose: bool, verify: bool) -> Result<(), CliError> {
     if !path.exists() {
-        return fail(format!("file not found: {}", path.display()));
+        return fail(format!("file not found: {}", show(path)));
     }
     if path.is_dir() && !squant_io::is_sharded(path) {
-        return fail(format!("is a directory, not a file: {}", path.display()));
+        return fail(format!("is a directory, not a file: {}", show(path)));
     }
     let files: Vec<SquantFile> = squant_io::sharded::open_quantized(path)?;
     if verify {
@@ -592,10 +674,7 @@ fn cmd_info(path: &Path, verbose: bool, verify: bool) -> Result<(), CliError> {
         })
         .sum();
     let mut rows = vec![
-        (
-            "file",
-            format!("{} ({})", path.display(), format_bytes(size)),
-        ),
+        ("file", format!("{} ({})", show(path), format_bytes(size))),
         (
             "format",
             format!(
@@ -697,6 +776,53 @@ fn error_line(message: &str) {
     eprintln!("{PROG}: error: {}", printable(&text));
 }
 
+/// A usage error as one line, as the Python CLI words it where it can
+/// (missing arguments by name), else clap's message folded into one line;
+/// then where to look: the subcommand's help for the errors of its
+/// arguments (as argparse's subparsers), the program's otherwise.
+fn usage_error(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let text = match (e.kind(), e.get(ContextKind::InvalidArg)) {
+        (ErrorKind::MissingRequiredArgument, Some(ContextValue::Strings(names))) => {
+            let names: Vec<&str> = names
+                .iter()
+                .map(|n| n.trim_start_matches('<').trim_end_matches('>'))
+                .collect();
+            format!("the following arguments are required: {}", names.join(", "))
+        }
+        _ => {
+            let full = e.to_string();
+            let lines: Vec<&str> = full
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            let folded = lines.join(" ");
+            let folded = folded.trim_start_matches("error: ");
+            if folded.is_empty() {
+                "invalid arguments".to_string()
+            } else {
+                folded.to_string()
+            }
+        }
+    };
+    let own = matches!(
+        e.kind(),
+        ErrorKind::MissingRequiredArgument
+            | ErrorKind::InvalidValue
+            | ErrorKind::ValueValidation
+            | ErrorKind::ArgumentConflict
+    );
+    let sub = std::env::args_os()
+        .skip(1)
+        .find(|a| !a.to_string_lossy().starts_with('-'))
+        .filter(|a| a == "quantize" || a == "info");
+    match sub {
+        Some(sub) if own => format!("{text} (see '{PROG} {} --help')", sub.to_string_lossy()),
+        _ => format!("{text} (see '{PROG} --help')"),
+    }
+}
+
 fn main() -> ExitCode {
     // SIGINT, SIGTERM, SIGHUP: remove the temporary output, exit 130.
     let _ = ctrlc::set_handler(|| {
@@ -718,13 +844,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 };
             }
-            let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            error_line(&format!("{first} (see '{PROG} --help')"));
+            error_line(&usage_error(&e));
             return ExitCode::from(2);
         }
     };
@@ -755,5 +875,30 @@ fn main() -> ExitCode {
             error_line(&msg);
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn escapes_what_python_does_not_print() {
+        // Control, format (RLO, ZWSP, soft hyphen, BOM), private use,
+        // unassigned, line and paragraph separators, non-ASCII spaces.
+        assert_eq!(printable("a\x1b[31m\n"), "a\\x1b[31m\\n");
+        assert_eq!(
+            printable("\u{202e}\u{200b}\u{ad}\u{feff}\u{e000}\u{378}"),
+            "\\u202e\\u200b\\xad\\ufeff\\ue000\\u0378"
+        );
+        assert_eq!(
+            printable("\u{2028}\u{2029}\u{a0}\u{3000}\u{f0000}"),
+            "\\u2028\\u2029\\xa0\\u3000\\U000f0000"
+        );
+        // Printable: the ASCII space, letters of any script, emoji.
+        assert_eq!(
+            printable("a b\u{e9}\u{4e2d}\u{1f600}"),
+            "a b\u{e9}\u{4e2d}\u{1f600}"
+        );
     }
 }

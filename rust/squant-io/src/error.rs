@@ -31,7 +31,7 @@ pub enum IoError {
 impl IoError {
     /// A [`IoError::Format`] error about `path`.
     pub fn format(path: &Path, what: impl fmt::Display) -> IoError {
-        IoError::Format(format!("{}: {what}", path.display()))
+        IoError::Format(format!("{}: {what}", show_path(path)))
     }
 
     /// An [`IoError::Os`] error about `path`.
@@ -49,10 +49,32 @@ impl fmt::Display for IoError {
             IoError::Format(msg)
             | IoError::UnsupportedDtype(msg)
             | IoError::InvalidArgument(msg) => f.write_str(msg),
-            IoError::Os { path, source } => write!(f, "{}: {}", os_reason(source), path.display()),
+            IoError::Os { path, source } => write!(f, "{}: {}", os_reason(source), show_path(path)),
             IoError::Quantize { name, source } => write!(f, "{name}: {source}"),
             IoError::Cancelled => f.write_str("cancelled"),
         }
+    }
+}
+
+/// A path as the Python CLI shows it: bytes that are not UTF-8 as the
+/// escapes of the lone surrogates Python decodes them to (`\\udcff` for the
+/// byte 0xff), not as U+FFFD.
+pub fn show_path(path: &Path) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let mut out = String::new();
+        for chunk in path.as_os_str().as_bytes().utf8_chunks() {
+            out.push_str(chunk.valid());
+            for b in chunk.invalid() {
+                out.push_str(&format!("\\udc{b:02x}"));
+            }
+        }
+        out
+    }
+    #[cfg(not(unix))]
+    {
+        path.display().to_string()
     }
 }
 

@@ -180,7 +180,7 @@ pub fn quantize_files(
                 quantize_one(job, opts, progress, done, total, last, &mut io).map_err(
                     |e| match e {
                         IoError::Quantize { name, source } if with_path => IoError::Quantize {
-                            name: format!("{}: {name}", job.src.path().display()),
+                            name: format!("{}: {name}", crate::error::show_path(job.src.path())),
                             source,
                         },
                         other => other,

@@ -147,11 +147,74 @@ fn as_usize_list(v: Option<&Value>) -> Option<Vec<usize>> {
         .collect()
 }
 
+/// What a file that is not a regular file is, as messages name it.
+pub fn kind_of(ft: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_fifo() {
+            return "a FIFO";
+        } else if ft.is_char_device() {
+            return "a character device";
+        } else if ft.is_block_device() {
+            return "a block device";
+        } else if ft.is_socket() {
+            return "a socket";
+        }
+    }
+    if ft.is_dir() {
+        "a directory"
+    } else {
+        "a special file"
+    }
+}
+
+/// The error for an input that is not a regular file (a FIFO or a device
+/// would block or never end).
+pub fn not_regular(path: &Path, ft: &std::fs::FileType) -> IoError {
+    IoError::InvalidArgument(format!(
+        "input {} is {}, not a regular file: squant-rs reads regular files only",
+        crate::error::show_path(path),
+        kind_of(ft)
+    ))
+}
+
+/// Refuses an input that is not a regular file, before anything opens it
+/// (symlinks followed).
+pub fn check_regular(path: &Path) -> Result<()> {
+    let m = std::fs::metadata(path).map_err(|e| IoError::os(path, e))?;
+    if m.is_file() {
+        Ok(())
+    } else {
+        Err(not_regular(path, &m.file_type()))
+    }
+}
+
+/// Opens an input for reading without blocking on a FIFO (`O_NONBLOCK`,
+/// which changes nothing for a regular file) and refuses anything but a
+/// regular file.
+pub fn open_regular(path: &Path) -> Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(|e| IoError::os(path, e))?;
+    let m = file.metadata().map_err(|e| IoError::os(path, e))?;
+    if !m.is_file() {
+        return Err(not_regular(path, &m.file_type()));
+    }
+    Ok(file)
+}
+
 impl SafetensorsFile {
-    /// Opens `path` and checks its header and layout (no tensor data is read).
+    /// Opens `path` and checks its header and layout (no tensor data is
+    /// read). Anything but a regular file is refused.
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
         let fail = |what: String| IoError::format(path, what);
-        let mut file = File::open(path).map_err(|e| IoError::os(path, e))?;
+        let mut file = open_regular(path)?;
         let size = file.metadata().map_err(|e| IoError::os(path, e))?.len();
         if size < 8 {
             return Err(fail(format!(

@@ -6,7 +6,7 @@
 //! end: an error leaves no partial output directory.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -50,7 +50,10 @@ pub fn read_index(path: &Path) -> Result<ShardIndex> {
         _ => PathBuf::from("."),
     };
     let fail = |what: String| IoError::format(&index_path, what);
-    let text = std::fs::read(&index_path).map_err(|e| IoError::os(&index_path, e))?;
+    let mut text = Vec::new();
+    crate::read::open_regular(&index_path)?
+        .read_to_end(&mut text)
+        .map_err(|e| IoError::os(&index_path, e))?;
     let text = std::str::from_utf8(&text)
         .map_err(|_| fail("not a safetensors index (not UTF-8 text)".to_string()))?;
     let v = json::parse(text).map_err(|e| fail(format!("not a safetensors index ({e})")))?;
@@ -137,6 +140,15 @@ impl Drop for TempDir {
     }
 }
 
+/// Whether the last component of `path` is `.` or `..` (or there is none:
+/// `/`), trailing slashes aside.
+fn names_a_dot(path: &Path) -> bool {
+    let text = path.to_string_lossy();
+    let trimmed = text.trim_end_matches('/');
+    let last = trimmed.rsplit('/').next().unwrap_or("");
+    last.is_empty() || last == "." || last == ".."
+}
+
 /// Quantizes a sharded checkpoint into `out_dir`, which must not exist or
 /// be an empty directory.
 pub fn quantize_sharded(
@@ -152,7 +164,23 @@ pub fn quantize_sharded(
     if require_selection && !selections.iter().flatten().any(|&s| s) {
         return Err(IoError::InvalidArgument(format!(
             "{}: no tensor to quantize (none is a floating tensor of 2+ dimensions matching the include patterns)",
-            src.display()
+            crate::error::show_path(src)
+        )));
+    }
+    // Decided before any work: the output is built in a temporary
+    // directory next to `out_dir` and renamed onto it, which cannot be done
+    // through a symlink (the link would be replaced) or onto `.`/`..` (the
+    // current directory would be removed under the caller).
+    if names_a_dot(out_dir) {
+        return Err(IoError::InvalidArgument(format!(
+            "output directory {} names the current or a parent directory: give a new or empty directory by its name (the output is renamed into place)",
+            crate::error::show_path(out_dir)
+        )));
+    }
+    if std::fs::symlink_metadata(out_dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(IoError::InvalidArgument(format!(
+            "output directory {} is a symbolic link: give the directory itself (the output is built next to it and renamed into place)",
+            crate::error::show_path(out_dir)
         )));
     }
     if out_dir.exists() {
@@ -164,7 +192,7 @@ pub fn quantize_sharded(
         if !empty {
             return Err(IoError::InvalidArgument(format!(
                 "output directory exists and is not empty: {}",
-                out_dir.display()
+                crate::error::show_path(out_dir)
             )));
         }
     }
@@ -204,7 +232,15 @@ pub fn quantize_sharded(
         .collect();
     // One pipeline over all shards: the next shard is read and quantized
     // while the previous one is being completed.
-    let reports = quantize_files(&jobs, opts, progress, 0, total, true)?;
+    // Errors name the output the caller gave, not the temporary directory.
+    let named = |e: IoError| match e {
+        IoError::Os { path, source } => match path.strip_prefix(&tmp) {
+            Ok(rest) => IoError::os(&out_dir.join(rest), source),
+            Err(_) => IoError::Os { path, source },
+        },
+        e => e,
+    };
+    let reports = quantize_files(&jobs, opts, progress, 0, total, true).map_err(named)?;
     let mut weight_map = Map::new();
     for (((file, sel), shard), r) in files
         .iter()
@@ -234,7 +270,8 @@ pub fn quantize_sharded(
             SafetensorsFile::open(&tmp.join(s))
                 .map(|f| f.entries.iter().map(|e| e.nbytes() as u64).sum::<u64>())
         })
-        .sum::<Result<u64>>()?;
+        .sum::<Result<u64>>()
+        .map_err(named)?;
     let mut meta = Map::new();
     meta.insert("total_size".to_string(), Value::from(data_size));
     meta.insert(
@@ -297,6 +334,25 @@ pub fn open_quantized(path: &Path) -> Result<Vec<SquantFile>> {
             ));
         }
         files.push(f);
+    }
+    // The same logical tensor in two shards (say plain `w` in one and the
+    // parts of a quantized `w` in another): the index's keys differ, but a
+    // reader would keep one of them.
+    let mut owner: HashMap<&str, &str> = HashMap::new();
+    for (f, shard) in files.iter().zip(&index.shards) {
+        for t in &f.tensors {
+            if let Some(first) = owner.insert(&t.name, shard) {
+                return Err(IoError::format(
+                    &index.index_path,
+                    format!(
+                        "tensor {} is stored in two shards, {} and {}",
+                        repr(&t.name),
+                        repr(first),
+                        repr(shard)
+                    ),
+                ));
+            }
+        }
     }
     let stored: usize = files.iter().map(|f| f.st.entries.len()).sum();
     if stored != index.weight_map.len() {

@@ -37,7 +37,8 @@ fn to_py(py: Python<'_>, err: IoError, cancelled: &mut Option<PyErr>) -> PyErr {
             let errno = source.raw_os_error().unwrap_or(0);
             let reason = squant_io::error::os_reason(&source);
             py.get_type::<PyOSError>()
-                .call1((errno, reason, path.to_string_lossy().into_owned()))
+                // The path as `os.fsdecode` gives it (surrogate escapes, not U+FFFD).
+                .call1((errno, reason, path.into_os_string()))
                 .map(PyErr::from_value)
         }
         IoError::Quantize { source, .. } => Ok(match source {
