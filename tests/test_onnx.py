@@ -573,6 +573,81 @@ def test_external_data_in_and_out(tmp_path):
     np.testing.assert_array_equal(run(out, x), run(one, x))
 
 
+@pytest.mark.parametrize("case", ["renamed model", "output is the data file"])
+def test_external_output_never_replaces_the_inputs_data(tmp_path, capsys, case):
+    """The output (or its .data file) must not be one of the input's external
+    data files: a model saved as m.onnx + m.onnx.data and renamed keeps
+    reading m.onnx.data."""
+    from squant_rs.cli import main
+
+    if case == "renamed model":
+        onnx.save(
+            _gemm_model(),
+            str(tmp_path / "m.onnx"),
+            save_as_external_data=True,
+            location="m.onnx.data",
+            size_threshold=0,
+        )
+        os.rename(tmp_path / "m.onnx", tmp_path / "m_fp32.onnx")
+        src, out, data = tmp_path / "m_fp32.onnx", tmp_path / "m.onnx", tmp_path / "m.onnx.data"
+        kwargs: dict = {"external_data": True}
+        cli_args = None  # the CLI writes external data only above 2 GB
+    else:
+        onnx.save(
+            _gemm_model(),
+            str(tmp_path / "m.onnx"),
+            save_as_external_data=True,
+            location="weights.onnx",
+            size_threshold=0,
+        )
+        src, out, data = tmp_path / "m.onnx", tmp_path / "weights.onnx", tmp_path / "weights.onnx"
+        kwargs = {}
+        cli_args = []
+    before = data.read_bytes()
+    x = np.random.default_rng(1).random((2, 8), dtype=np.float32)
+    want = run(src, x)
+    with pytest.raises(squant_rs.InvalidArgumentError) as err:
+        squant_rs.quantize_onnx(src, out, 8, **kwargs)
+    msg = str(err.value)
+    assert f"external data file {data}" in msg and str(src) in msg, msg
+    if cli_args is not None:
+        assert main(["quantize", str(src), str(out), *cli_args]) == 2
+        assert f"external data file {data}" in capsys.readouterr().err
+    assert data.read_bytes() == before
+    np.testing.assert_array_equal(run(src, x), want)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_external_output_follows_the_output_rules(tmp_path):
+    """With external data the model and its .data file are written like
+    every other output: a symlink is followed (the link stays), an existing
+    file keeps its permission bits, a new one gets 0o666 minus the umask."""
+    import stat
+
+    x = np.random.default_rng(1).random((2, 8), dtype=np.float32)
+    one = tmp_path / "one.onnx"
+    squant_rs.quantize_onnx(_gemm_model(), one, 4)
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "q.onnx", tmp_path / "link.onnx"
+    target.write_bytes(b"old")
+    link.symlink_to("real/q.onnx")
+    squant_rs.quantize_onnx(_gemm_model(), link, 4, external_data=True)
+    assert link.is_symlink() and target.read_bytes() != b"old"
+    np.testing.assert_array_equal(run(link, x), run(one, x))
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "perm.onnx"
+        out.write_bytes(b"x")
+        out.chmod(0o640)
+        squant_rs.quantize_onnx(_gemm_model(), out, 4, external_data=True)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o640
+        assert stat.S_IMODE((tmp_path / "perm.onnx.data").stat().st_mode) == 0o644
+        np.testing.assert_array_equal(run(out, x), run(one, x))
+    finally:
+        os.umask(old)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
 # --------------------------------------------------------------------------
 # Bad input: a SquantError, one line, no output
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -180,13 +179,14 @@ def _default_opset(model: Any) -> int | None:
     return None
 
 
-def _load(model_or_path: Any) -> tuple[Any, str | None]:
-    """A private copy of the model (external data loaded) and its path."""
+def _load(model_or_path: Any) -> tuple[Any, str | None, list[str]]:
+    """A private copy of the model (external data loaded), its path and the
+    external data files it reads (absolute paths)."""
     onnx = require_onnx()
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
-        return model, None
+        return model, None, []
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise TypeError(
             f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}"
@@ -204,13 +204,38 @@ def _load(model_or_path: Any) -> tuple[Any, str | None]:
         ) from None
     if model.ir_version < 3 or not model.HasField("graph") or not model.graph.node:
         raise OnnxFormatError(f"{path}: not an ONNX model (no graph or no IR version)")
+    data_files = _external_files(model, os.path.dirname(os.path.abspath(path)))
     try:
         onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(path))
     except Exception as exc:
         raise OnnxFormatError(
             f"{path}: cannot read its external data ({type(exc).__name__}: {exc})"
         ) from None
-    return model, path
+    return model, path, data_files
+
+
+def _graph_tensors(graph: Any) -> Any:
+    """The initializers of ``graph`` and of its subgraphs (If / Loop / Scan bodies)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("g"):
+                yield from _graph_tensors(a.g)
+            for g in a.graphs:
+                yield from _graph_tensors(g)
+
+
+def _external_files(model: Any, base: str) -> list[str]:
+    """The external data files the initializers of ``model`` name (absolute)."""
+    from onnx import TensorProto
+
+    files: dict[str, None] = {}
+    for t in _graph_tensors(model.graph):
+        if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL:
+            for entry in t.external_data:
+                if entry.key == "location" and entry.value:
+                    files[os.path.normpath(os.path.join(base, entry.value))] = None
+    return list(files)
 
 
 def _prepare(model: Any, where: str) -> Any:
@@ -917,47 +942,69 @@ def sigma_range(a: np.ndarray, bits: int, s_sigma: float) -> tuple[float, float]
 # Output
 
 
-def write_model(model: Any, path: str, external_data: bool | None = None) -> int:
-    """Write ``model`` to ``path`` atomically: one file below 2 GB (through
-    :func:`atomic_output`), else the model plus ``<name>.data`` (both staged
-    in a temporary directory next to it, then moved with ``os.replace``,
-    the data first). Returns the bytes written."""
-    import onnx
+def write_model(
+    model: Any,
+    path: str,
+    external_data: bool | None = None,
+    in_path: str | None = None,
+    data_files: Sequence[str] = (),
+) -> int:
+    """Write ``model`` to ``path`` atomically through :func:`atomic_output`:
+    one file below 2 GB, else the model plus ``<path>.data`` (its tensors of
+    1 KiB or more; every tensor with ``external_data=True``), both under the
+    same output rules (symlinks followed, permissions kept, never the input
+    model ``in_path`` or one of its ``data_files``) and both staged before
+    either replaces its target (the data first). The tensors written to
+    ``<path>.data`` are moved out of ``model`` (the caller's private
+    copy). Returns the bytes written."""
+    from onnx import TensorProto
 
+    name = os.fspath(path)
+    inputs = _input_files(in_path, data_files)
     external = _tensor_bytes(model) >= EXTERNAL_ABOVE if external_data is None else external_data
-    if not external:
+    threshold = 0 if external_data else 1024
+    moved = (
+        [t for t in _graph_tensors(model.graph) if len(t.raw_data) >= max(threshold, 1)]
+        if external
+        else []
+    )
+    if not moved:
         data = model.SerializeToString()
-        with atomic_output(path) as out:
+        with atomic_output(name, inputs=inputs) as out:
             out.write(data)
         return len(data)
-    path = os.path.abspath(path)
-    directory, base = os.path.split(path)
-    tmp = tempfile.mkdtemp(prefix=".squant-onnx-", dir=directory)
-    try:
-        staged = os.path.join(tmp, base)
-        files = [base]
-        data_name = base + ".data"
-        onnx.save_model(
-            model,
-            staged,
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=0 if external_data else 1024,
-        )
-        if os.path.exists(os.path.join(tmp, data_name)):
-            files.append(data_name)
-        size = 0
-        for f in files:
-            size += os.path.getsize(os.path.join(tmp, f))
-        for f in files[1:] + files[:1]:  # the data before the model that names it
-            os.replace(os.path.join(tmp, f), os.path.join(directory, f))
-        return size
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    data_path = name + ".data"
+    location = os.path.basename(name) + ".data"
+    _refuse_inputs([name, data_path], in_path, data_files)
+    with atomic_output(name, inputs=inputs) as out:
+        with atomic_output(data_path, inputs=[*inputs, name]) as data_out:
+            offset = 0
+            for t in moved:
+                raw = t.raw_data
+                data_out.write(raw)
+                del t.external_data[:]
+                t.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", location), ("offset", offset)):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                entry = t.external_data.add()
+                entry.key, entry.value = "length", str(len(raw))
+                offset += len(raw)
+                t.ClearField("raw_data")
+            proto = model.SerializeToString()
+            out.write(proto)
+    return offset + len(proto)
 
 
-def _check_output(out_path: Any, in_path: str | None) -> str:
+def _check_output(
+    out_path: Any,
+    in_path: str | None,
+    data_files: Sequence[str] = (),
+    external_data: bool | None = None,
+) -> str:
+    """The output path, refused when it (or, with ``external_data=True``,
+    its ``.data`` file) is the input model or one of its external data
+    files."""
     if not isinstance(out_path, (str, os.PathLike)):
         raise TypeError(f"out_path must be a path, got {type(out_path).__name__}")
     out = os.fspath(out_path)
@@ -968,8 +1015,35 @@ def _check_output(out_path: Any, in_path: str | None) -> str:
         raise InvalidArgumentError(f"output directory does not exist: {parent}")
     if in_path is not None and os.path.realpath(out) == os.path.realpath(in_path):
         raise InvalidArgumentError(f"output path equals the input path: {out}")
-    check_output(out, inputs=[in_path] if in_path is not None else [])
+    _refuse_inputs([out, out + ".data"] if external_data else [out], in_path, data_files)
+    inputs = _input_files(in_path, data_files)
+    check_output(out, inputs=inputs)
+    if external_data:
+        check_output(out + ".data", inputs=[*inputs, out])
     return out
+
+
+def _input_files(in_path: str | None, data_files: Sequence[str]) -> list[str]:
+    return ([in_path] if in_path is not None else []) + list(data_files)
+
+
+def _refuse_inputs(outputs: Sequence[str], in_path: str | None, data_files: Sequence[str]) -> None:
+    """Refuse an output file that is the input model or one of the external
+    data files it reads (device and inode compared, so links are caught)."""
+    if in_path is None:
+        return
+    named = [(in_path, f"the input {in_path}")]
+    named += [(f, f"the external data file {f} of the input {in_path}") for f in data_files]
+    for out in outputs:
+        for src, what in named:
+            try:
+                same = os.path.samefile(out, src)
+            except OSError:  # one of them does not exist (yet)
+                same = False
+            if same:
+                raise InvalidArgumentError(
+                    f"output {out} is the same file as {what}: refusing to overwrite the input"
+                )
 
 
 # --------------------------------------------------------------------------
@@ -1034,7 +1108,9 @@ def quantize_onnx(
     Raises:
         OnnxFormatError: not an ONNX model, truncated or corrupt, unsupported
             opset, already quantized, no quantizable layer.
-        InvalidArgumentError: bad arguments, output path equal to the input.
+        InvalidArgumentError: bad arguments, an output path (or, with external
+            data, its ``.data`` file) that is the input or one of the
+            external data files the input reads.
         ImportError: onnx (or, with ``abits``, onnxruntime) is missing.
     """
     wall = time.perf_counter()
@@ -1046,8 +1122,8 @@ def quantize_onnx(
     n_threads = check_threads(threads)
     patterns = check_patterns(skip, "skip")
     mult = _s_sigma(s_sigma, abits)
-    model, in_path = _load(model_or_path)
-    out = _check_output(out_path, in_path)
+    model, in_path, data_files = _load(model_or_path)
+    out = _check_output(out_path, in_path, data_files, external_data)
     where = in_path or "model"
     size_before = _tensor_bytes(model)
     model = _prepare(model, where)
@@ -1099,7 +1175,7 @@ def quantize_onnx(
             plan = _integer_ranges(model, layers, abits, mult, feeds, n_threads, {})
     reports = _layer_reports(layers, weights, arrays, order, ms)
     _rewrite(model, list(weights.values()), plan)
-    size_after = write_model(model, out, external_data)
+    size_after = write_model(model, out, external_data, in_path, data_files)
     return QuantReport(
         layers=reports,
         wbits=wbits,
@@ -1293,7 +1369,7 @@ def export_onnx(
 
     from ..model.pipeline import activation_quantizers, quantize_model
 
-    out = _check_output(path, None)
+    out = _check_output(path, None, (), external_data)
     input_range = _check_quantize_input(quantize_input, abits)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
