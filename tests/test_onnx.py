@@ -648,6 +648,182 @@ def test_external_output_follows_the_output_rules(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
 
+class _Tied(torch.nn.Module):
+    """Two bias-free Linears sharing one weight Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8, bias=False)
+        self.b = torch.nn.Linear(8, 8, bias=False)
+        self.b.weight = self.a.weight
+        self.c = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+class _Twice(torch.nn.Module):
+    """A bias-free Linear called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(16, 16, bias=False)
+        self.c = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.a(torch.relu(self.a(x)))))
+
+
+class _EqualBlocks(torch.nn.Module):
+    """Two layers with equal weights and biases (a deepcopy'd block)."""
+
+    def __init__(self, conv: bool) -> None:
+        super().__init__()
+        import copy
+
+        blk = torch.nn.Conv2d(8, 8, 3, padding=1) if conv else torch.nn.Linear(8, 8)
+        self.stem = torch.nn.Conv2d(3, 8, 1) if conv else torch.nn.Linear(3, 8)
+        self.a, self.b = blk, copy.deepcopy(blk)
+        self.head = torch.nn.Linear(8, 2)
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.a(torch.relu(self.stem(x))))))
+        return self.head(h.mean((2, 3)) if self.conv else h)
+
+
+def _float_weights(model) -> list[str]:
+    return [
+        t.name
+        for t in model.graph.initializer
+        if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2
+    ]
+
+
+@pytest.mark.parametrize("case", ["tied", "twice", "equal conv", "equal linear"])
+@pytest.mark.parametrize("wbits,abits", [(4, None), (8, 8)])
+def test_weights_read_through_identity_are_quantized(tmp_path, case, wbits, abits):
+    """torch's exporter merges shared and equal-valued weights into one
+    initializer and feeds the other layers through Identity nodes: every
+    such layer reads the quantized weight (one DequantizeLinear), gets its
+    own activation Q/DQ and int32 bias, and no float weight stays."""
+    torch.manual_seed(0)
+    if case == "tied":
+        net, x = _Tied().eval(), torch.rand(64, 8)
+    elif case == "twice":
+        net, x = _Twice().eval(), torch.rand(64, 16)
+    else:
+        conv = case == "equal conv"
+        net = _EqualBlocks(conv).eval()
+        x = torch.rand(16, 3, 6, 6) if conv else torch.rand(16, 3)
+    path = tmp_path / "m.onnx"
+    kw = {"quantizer": "symmetric", "recipe": "paper"}
+    rep = squant_rs.export_onnx(net, path, x, wbits, abits, **kw)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert _float_weights(model) == []
+    producers = {o: n for n in model.graph.node for o in n.output}
+    layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    # quantize_model keeps the first layer's input float, for every call of it
+    first = [n for n in layers if n.input[1] == layers[0].input[1]] if case == "twice" else []
+    for n in layers:
+        assert producers[n.input[1]].op_type == "DequantizeLinear", n.name
+        if abits is not None and n is not layers[0] and n not in first:
+            assert producers[n.input[0]].op_type == "DequantizeLinear", n.name
+            if len(n.input) > 2:
+                assert producers[n.input[2]].op_type == "DequantizeLinear", n.name
+    shared = {n.input[1] for n in layers}
+    assert len(shared) == len(layers) - 1  # the two users of one weight share its DQ
+    if case.startswith("equal"):  # equal weights: equal codes
+        qa, qb = (next(r.qtensor for r in rep.layers if r.name == k) for k in "ab")
+        assert np.array_equal(qa.codes, qb.codes) and np.array_equal(qa.scale, qb.scale)
+    want = fake_quant(net, x, wbits, abits, "symmetric")
+    got = run(path, x.numpy())
+    tol = 1e-5 if abits is None else 1e-3
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+    # quantize_onnx on torch's float export: the same, and smaller than fp32
+    if case == "twice":
+        fp32, q = tmp_path / "fp32.onnx", tmp_path / "q.onnx"
+        float_export(net, x, fp32)
+        assert ops(fp32)["Identity"] == 1
+        rep = squant_rs.quantize_onnx(fp32, q, wbits, abits, quantizer="symmetric")
+        assert len(rep.layers) == 3
+        model = onnx.load(str(q))
+        onnx.checker.check_model(model, full_check=True)
+        assert _float_weights(model) == [] and ops(q)["Identity"] == 0
+        if abits is None:  # (Q/DQ pairs outweigh a 16x16 weight)
+            assert q.stat().st_size < fp32.stat().st_size
+
+
+def test_shared_activation_qdq_keeps_the_graph_sorted(tmp_path):
+    """A weight shared by MatMuls A and C, and B between them reading C's
+    input: the Q/DQ pair of that input must come before B."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.normal(size=(8, 8)).astype(np.float32) for _ in range(2))
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["t"], name="A"),
+        helper.make_node("MatMul", ["t", "W2"], ["u"], name="B"),
+        helper.make_node("MatMul", ["t", "W1"], ["v"], name="C"),
+        helper.make_node("Add", ["u", "v"], ["s"], name="add"),
+        helper.make_node("MatMul", ["s", "W2"], ["y"], name="D"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    out = tmp_path / "q.onnx"
+    rep = squant_rs.quantize_onnx(m, out, 8, 8)
+    assert [r.act_bits for r in rep.layers] == [None, 8, 8, 8]
+    q = onnx.load(str(out))
+    onnx.checker.check_model(q, full_check=True)
+    seen = set(i.name for i in q.graph.input) | {t.name for t in q.graph.initializer}
+    for n in q.graph.node:
+        assert all(i in seen for i in n.input if i), n.name
+        seen.update(n.output)
+
+
+def test_initializer_read_by_a_subgraph_stays(tmp_path):
+    """An If branch reading the quantized weight W from the outer scope
+    keeps reading the float W; the top-level MatMul reads its
+    DequantizeLinear."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 8)).astype(np.float32)
+    vi = helper.make_tensor_value_info
+    then_g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["ty"])], "then", [], [vi("ty", 1, [2, 8])]
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["ey"])], "else", [], [vi("ey", 1, [2, 8])]
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"], name="top"),
+        helper.make_node("If", ["cond"], ["b"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, [2, 8]), vi("cond", TensorProto.BOOL, [])],
+        [vi("y", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(src))
+    rep = squant_rs.quantize_onnx(src, out, 8)
+    q = onnx.load(str(out))
+    onnx.checker.check_model(q, full_check=True)
+    assert "W" in {t.name for t in q.graph.initializer}
+    x = rng.random((2, 8), dtype=np.float32)
+    sess = ort.InferenceSession(str(out), providers=CPU)
+    got = sess.run(None, {"x": x, "cond": np.array(True)})[0]
+    deq = rep.layers[0].qtensor.dequantize().T
+    np.testing.assert_allclose(got, x @ deq + x @ w, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------
 # Bad input: a SquantError, one line, no output
 

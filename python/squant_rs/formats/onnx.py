@@ -109,7 +109,7 @@ class _Layer:
 
     name: str
     node: Any  # onnx.NodeProto
-    weight: str
+    weight: str  # the initializer, looked up through Identity nodes
     axis: int  # output-channel axis of the weight as stored
     op: str
     act: tuple[int, float, float] | None = None  # (bits, x_min, x_max) of the input
@@ -119,29 +119,49 @@ class _Layer:
 class _Weight:
     """One quantized initializer (shared by every layer in ``layers``)."""
 
-    name: str
+    name: str  # the float initializer it replaces
     axis: int
     qt: QuantizedTensor  # in (OC, ...) layout: the transpose when axis == 1
     layers: list[_Layer] = field(default_factory=list)
+    base: str = ""  # prefix of the new tensors' names (default: ``name``)
 
 
 def _initializers(graph: Any) -> dict[str, Any]:
     return {t.name: t for t in graph.initializer}
 
 
+def _identity_source(producers: dict[str, Any], inits: dict[str, Any], tensor: str) -> str:
+    """The tensor ``tensor`` is a copy of through a chain of Identity nodes
+    (torch's exporter reads a shared or equal-valued weight through one),
+    or ``tensor`` itself."""
+    seen: set[str] = set()
+    while tensor not in inits and tensor not in seen:
+        seen.add(tensor)
+        p = producers.get(tensor)
+        if p is None or p.op_type != "Identity" or not p.input:
+            break
+        tensor = p.input[0]
+    return tensor
+
+
 def _find_layers(model: Any, skip: Sequence[str]) -> tuple[list[_Layer], list[str]]:
-    """The quantizable layers in graph order and the names of those left float."""
+    """The quantizable layers in graph order and the names of those left
+    float. A weight read through Identity nodes counts as the initializer
+    they copy."""
     onnx = require_onnx()
-    inits = _initializers(model.graph)
+    graph = model.graph
+    inits = _initializers(graph)
     layers: list[_Layer] = []
     skipped: list[str] = []
     axes: dict[str, int] = {}
     conflict: set[str] = set()
-    for i, node in enumerate(model.graph.node):
+    producers = {o: n for n in graph.node for o in n.output}
+    for i, node in enumerate(graph.node):
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         name = node.name or f"{node.op_type}_{i}"
-        w = inits.get(node.input[1])
+        read = node.input[1]
+        w = inits.get(_identity_source(producers, inits, read))
         if w is None or w.data_type != onnx.TensorProto.FLOAT:
             continue
         ndim = len(w.dims)
@@ -154,8 +174,9 @@ def _find_layers(model: Any, skip: Sequence[str]) -> tuple[list[_Layer], list[st
                 continue
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             axis = 0 if node.op_type == "Gemm" and trans_b else 1
-        module = w.name[: -len(".weight")] if w.name.endswith(".weight") else w.name
-        if matches_any(name, skip) or matches_any(w.name, skip) or matches_any(module, skip):
+        if matches_any(name, skip) or any(
+            matches_any(t, skip) or matches_any(_module_of(t), skip) for t in {w.name, read}
+        ):
             skipped.append(name)
             continue
         if axes.setdefault(w.name, axis) != axis:
@@ -166,6 +187,10 @@ def _find_layers(model: Any, skip: Sequence[str]) -> tuple[list[_Layer], list[st
         skipped += [layer.name for layer in layers if layer.weight in conflict]
         layers = [layer for layer in layers if layer.weight not in conflict]
     return layers, skipped
+
+
+def _module_of(weight: str) -> str:
+    return weight[: -len(".weight")] if weight.endswith(".weight") else weight
 
 
 # --------------------------------------------------------------------------
@@ -314,12 +339,13 @@ class _Names:
 
     def __init__(self, graph: Any) -> None:
         self.used: set[str] = set()
-        for n in graph.node:
-            self.used.update(n.input)
-            self.used.update(n.output)
-            self.used.add(n.name)
-        for v in (*graph.input, *graph.output, *graph.initializer, *graph.value_info):
-            self.used.add(v.name)
+        for g in _graphs(graph):  # subgraph names too: they may shadow nothing
+            for n in g.node:
+                self.used.update(n.input)
+                self.used.update(n.output)
+                self.used.add(n.name)
+            for v in (*g.input, *g.output, *g.initializer, *g.value_info):
+                self.used.add(v.name)
 
     def __call__(self, base: str) -> str:
         name, i = base, 1
@@ -329,9 +355,93 @@ class _Names:
         return name
 
 
+def _graphs(graph: Any) -> Any:
+    """``graph`` and its subgraphs (If / Loop / Scan bodies), recursively."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("g"):
+                yield from _graphs(a.g)
+            for g in a.graphs:
+                yield from _graphs(g)
+
+
+def _subgraph_reads(node: Any) -> set[str]:
+    """The tensors the subgraphs of ``node`` read (outer-scope ones among them)."""
+    out: set[str] = set()
+    for a in node.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            for sub in _graphs(g):
+                for n in sub.node:
+                    out.update(n.input)
+                out.update(o.name for o in sub.output)
+    return out
+
+
 def _consumers(graph: Any, tensor: str) -> int:
-    n = sum(list(node.input).count(tensor) for node in graph.node)
-    return int(n + sum(o.name == tensor for o in graph.output))
+    """How many times ``tensor`` is read: node inputs and graph outputs of
+    ``graph`` and of its subgraphs (which may read outer-scope tensors)."""
+    n = 0
+    for g in _graphs(graph):
+        n += sum(list(node.input).count(tensor) for node in g.node)
+        n += sum(o.name == tensor for o in g.output)
+    return int(n)
+
+
+def _drop_dead_identities(graph: Any, roots: Sequence[str]) -> None:
+    """Remove the Identity nodes copying one of ``roots`` (directly or
+    through other such nodes) whose outputs nothing reads any more: the
+    copies of a weight whose readers now read its DequantizeLinear."""
+    reads: dict[str, int] = {}
+    for g in _graphs(graph):
+        for n in g.node:
+            for t in n.input:
+                reads[t] = reads.get(t, 0) + 1
+        for o in g.output:
+            reads[o.name] = reads.get(o.name, 0) + 1
+    copies = set(roots)
+    chain = []
+    for n in graph.node:  # graph order: a copy's copy comes after it
+        if n.op_type == "Identity" and n.input and n.input[0] in copies:
+            copies.update(n.output)
+            chain.append(n)
+    for n in reversed(chain):
+        if not any(reads.get(o, 0) for o in n.output):
+            reads[n.input[0]] -= 1
+            graph.node.remove(n)
+
+
+def _toposort(graph: Any) -> None:
+    """Sort ``graph.node`` topologically, keeping the present order wherever
+    it already is one (reads from subgraphs count as inputs)."""
+    import heapq
+
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps: list[set[int]] = []
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, n in enumerate(nodes):
+        reads = set(n.input) | _subgraph_reads(n)
+        d = {producer[t] for t in reads if t in producer and producer[t] != i}
+        deps.append(d)
+        for j in d:
+            users[j].append(i)
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):  # pragma: no cover - a cycle: leave it to the checker
+        return
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
 
 
 def _drop_initializer(graph: Any, name: str) -> None:
@@ -364,6 +474,7 @@ def _rewrite(
     new_inits: list[Any] = []
     new_nodes: list[tuple[Any, Any]] = []  # (node to insert, before this node)
     w_scales: dict[int, np.ndarray] = {}
+    biases: list[str] = []  # float biases replaced by int32 ones
     for wt in weights:
         qt = wt.qt
         codes = np.asarray(qt.codes)
@@ -373,7 +484,7 @@ def _rewrite(
             codes = codes.T
         kind = code_container(qt.bits, zp)
         step = (np.float32(1.0) / scale).astype(np.float32)
-        base = wt.name
+        base = wt.base or wt.name
         c_name, s_name, z_name = (
             names(base + "_quantized"),
             names(base + "_scale"),
@@ -413,7 +524,8 @@ def _rewrite(
                     acts[key] = _act_qdq(graph, names, new_inits, new_nodes, layer, key)
                 out, a_step = acts[key]
                 layer.node.input[0] = out
-                _bias(graph, names, new_inits, layer, inits, a_step, w_scales[id(layer.node)])
+                b = _bias(graph, names, new_inits, layer, inits, a_step, w_scales[id(layer.node)])
+                biases += [b] if b is not None else []
         graph.initializer.extend(new_inits)
         for node, before in new_nodes:
             graph.node.insert(_index(graph, before), node)
@@ -432,10 +544,14 @@ def _rewrite(
                 in_step = steps.get(layer.node.input[0])
                 if in_step is not None:
                     step_w = w_scales[id(layer.node)]
-                    _bias(graph, names, new_inits, layer, inits, in_step, step_w)
+                    b = _bias(graph, names, new_inits, layer, inits, in_step, step_w)
+                    biases += [b] if b is not None else []
         graph.initializer.extend(new_inits)
-    for wt in weights:
-        _drop_initializer(graph, wt.name)
+    replaced = [wt.name for wt in weights] + biases
+    _drop_dead_identities(graph, replaced)
+    for name in dict.fromkeys(replaced):
+        _drop_initializer(graph, name)
+    _toposort(graph)
 
 
 def _tensor_qdq(
@@ -830,20 +946,25 @@ def _bias(
     inits: dict[str, Any],
     a_step: float,
     w_step: np.ndarray,
-) -> None:
-    """The layer's float bias as ``DequantizeLinear(int32, a_step * w_step[c])``."""
+) -> str | None:
+    """The layer's float bias as ``DequantizeLinear(int32, a_step * w_step[c])``
+    (a bias read through Identity nodes too); returns the float bias
+    initializer's name, or None when the bias stays as it is."""
     from onnx import helper, numpy_helper
 
     if layer.op == "MatMul" or len(layer.node.input) < 3:
-        return
-    b = inits.get(layer.node.input[2])
+        return None
+    read = layer.node.input[2]
+    if read not in inits:
+        read = _identity_source({o: n for n in graph.node for o in n.output}, inits, read)
+    b = inits.get(read)
     if b is None or len(b.dims) != 1 or b.dims[0] != w_step.size:
-        return
+        return None
     bias = numpy_helper.to_array(b).astype(np.float32)
     step = (np.float32(a_step) * w_step).astype(np.float32)
     q = np.rint(bias.astype(np.float64) / step.astype(np.float64))
     if not (np.all(step > 0) and np.all(np.abs(q) < 2**31 - 1)):
-        return
+        return None
     base = b.name
     c_name, s_name = names(base + "_quantized"), names(base + "_scale")
     out = names(base + "_dequantized")
@@ -856,7 +977,7 @@ def _bias(
     )
     graph.node.insert(_index(graph, layer.node), node)
     layer.node.input[2] = out
-    _drop_initializer(graph, b.name)
+    return str(b.name)
 
 
 # --------------------------------------------------------------------------
@@ -1421,29 +1542,7 @@ def export_onnx(
     size_before = _tensor_bytes(graph_model)
     layers, _ = _find_layers(graph_model, ())
     inits = _initializers(graph_model.graph)
-    from onnx import numpy_helper
-
-    weights: dict[str, _Weight] = {}
-    by_layer: dict[str, list[_Layer]] = {}
-    for rep in report.layers:
-        qt = rep.qtensor
-        if qt is None:  # pragma: no cover - quantize_model fills it
-            continue
-        found = _match_initializer(layers, inits, rep.name, qt, numpy_helper)
-        if found is None:
-            raise InvalidArgumentError(
-                f"layer {rep.name!r}: its quantized weight is not an initializer of the "
-                "exported graph"
-            )
-        init_name, axis = found
-        wt = weights.setdefault(init_name, _Weight(init_name, axis, _as_numpy_qt(qt)))
-        by_layer[rep.name] = [ly for ly in layers if ly.weight == init_name]
-        for layer in layers:
-            if layer.weight == init_name and layer not in wt.layers:
-                wt.layers.append(layer)
-                if rep.act_range is not None and rep.act_bits is not None:
-                    lo, hi = rep.act_range
-                    layer.act = (rep.act_bits, lo, hi)
+    weights, by_layer = _match_layers(layers, inits, report.layers)
     if integer_kernels and abits is None:
         raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
     plan: dict[str, tuple[int, float, float]] | None = None
@@ -1470,7 +1569,7 @@ def export_onnx(
         if integer_kernels:
             known = _bn_output_ranges(model, graph_model, report, by_layer, abits)
             plan = _integer_ranges(graph_model, layers, abits, mult, feeds, n_threads, known)
-    _rewrite(graph_model, list(weights.values()), plan)
+    _rewrite(graph_model, weights, plan)
     report.size_before = size_before
     report.size_after = write_model(graph_model, out, external_data)
     report.wall_ms = (time.perf_counter() - wall) * 1e3
@@ -1557,20 +1656,144 @@ def _as_numpy_qt(qt: QuantizedTensor) -> QuantizedTensor:
     )
 
 
-def _match_initializer(
-    layers: list[_Layer], inits: dict[str, Any], name: str, qt: QuantizedTensor, nh: Any
-) -> tuple[str, int] | None:
-    """The initializer holding layer ``name``'s dequantized weight: by name
-    (``<name>.weight``), else by value (transposed for MatMul)."""
-    want = _as_numpy_qt(qt).dequantize()
-    candidates = [f"{name}.weight"] + [layer.weight for layer in layers]
-    for init_name in dict.fromkeys(candidates):
-        layer = next((ly for ly in layers if ly.weight == init_name), None)
-        t = inits.get(init_name)
-        if layer is None or t is None:
+def _scope_names(module: str) -> list[str]:
+    """The scope names torch's TorchScript exporter gives the nodes of module
+    ``module`` (``layers.0.conv`` -> ``layers``, ``layers.0``, ``conv``: each
+    module's name from its last non-numeric atom on)."""
+    atoms = module.split(".")
+    out = []
+    for i in range(1, len(atoms) + 1):
+        j = i - 1
+        while j > 0 and atoms[j].isnumeric():
+            j -= 1
+        out.append(".".join(atoms[j:i]))
+    return out
+
+
+def _scope_match(node_name: str, module: str) -> int:
+    """2: ``node_name`` (``/layers/layers.0/conv/Conv``) is a node of
+    ``module``'s scope, 1: of one of its later calls (``/a_1/MatMul``: the
+    exporter numbers repeated scopes), 0: neither."""
+    parts = node_name.split("/")
+    if len(parts) < 3 or parts[0]:
+        return 0
+    scope, want = parts[1:-1], _scope_names(module)
+    if len(scope) != len(want):
+        return 0
+    score = 2
+    for got, w in zip(scope, want):
+        if got != w:
+            if not (got.startswith(w + "_") and got[len(w) + 1 :].isdigit()):
+                return 0
+            score = 1
+    return score
+
+
+def _same_qt(a: QuantizedTensor, b: QuantizedTensor) -> bool:
+    return (
+        a.bits == b.bits
+        and np.array_equal(a.codes, b.codes)
+        and np.array_equal(a.scale, b.scale)
+        and np.array_equal(a.zero_point, b.zero_point)
+    )
+
+
+def _match_layers(
+    layers: list[_Layer], inits: dict[str, Any], reps: list[LayerReport]
+) -> tuple[list[_Weight], dict[str, list[_Layer]]]:
+    """Which graph layers run which quantized layer of the report.
+
+    A graph layer belongs to a report layer when its weight initializer
+    (looked up through Identity nodes: torch's exporter merges equal-valued
+    and shared weights into one initializer) equals the report layer's
+    dequantized weight; among several such report layers, to the one whose
+    module scope the node is in. Graph layers on one initializer share one
+    DequantizeLinear when their quantized weights are the same (equal
+    values quantize to the same codes), else each quantized weight gets its
+    own. The activation range of a graph layer is its report layer's.
+
+    Returns:
+        The quantized weights, and the graph layers of each report layer.
+
+    Raises:
+        InvalidArgumentError: a report layer whose weight no initializer
+            holds.
+    """
+    from onnx import numpy_helper
+
+    values: dict[tuple[str, int], np.ndarray] = {}
+
+    def value(layer: _Layer) -> np.ndarray:
+        key = (layer.weight, layer.axis)
+        if key not in values:
+            a = numpy_helper.to_array(inits[layer.weight])
+            values[key] = a.T if layer.axis == 1 else a
+        return values[key]
+
+    qts: list[QuantizedTensor] = []
+    cands: list[list[_Layer]] = []
+    for rep in reps:
+        if rep.qtensor is None:  # pragma: no cover - quantize_model fills it
+            qts.append(None)  # type: ignore[arg-type]
+            cands.append([])
             continue
-        a = nh.to_array(t)
-        a = a.T if layer.axis == 1 else a
-        if a.shape == want.shape and np.array_equal(a, want):
-            return init_name, layer.axis
-    return None
+        qt = _as_numpy_qt(rep.qtensor)
+        want = qt.dequantize()
+        found = [ly for ly in layers if value(ly).shape == want.shape]
+        found = [ly for ly in found if np.array_equal(value(ly), want)]
+        if not found:
+            raise InvalidArgumentError(
+                f"layer {rep.name!r}: its quantized weight is not an initializer of the "
+                "exported graph"
+            )
+        qts.append(qt)
+        cands.append(found)
+    owner: dict[int, int] = {}  # id(graph layer) -> report index
+    for layer in layers:
+        scored = [
+            (_scope_match(layer.name, rep.name), -i)
+            for i, rep in enumerate(reps)
+            if any(ly is layer for ly in cands[i])
+        ]
+        scored = [sc for sc in scored if sc[0] > 0]
+        if scored:
+            owner[id(layer)] = -max(scored)[1]
+    for layer in layers:
+        if id(layer) in owner:
+            continue
+        which = [i for i in range(len(reps)) if any(ly is layer for ly in cands[i])]
+        if not which:
+            continue  # a weight quantize_model left float
+        first = which[0]
+        if any(
+            not _same_qt(qts[i], qts[first])
+            or (reps[i].act_bits, reps[i].act_range)
+            != (reps[first].act_bits, reps[first].act_range)
+            for i in which[1:]
+        ):
+            warnings.warn(
+                f"node {layer.name!r}: its weight is that of the layers "
+                f"{', '.join(repr(reps[i].name) for i in which)}, quantized or calibrated "
+                f"differently, and its scope names none of them; using {reps[first].name!r}'s",
+                UserWarning,
+                stacklevel=3,
+            )
+        owner[id(layer)] = first
+    weights: list[_Weight] = []
+    by_layer: dict[str, list[_Layer]] = {rep.name: [] for rep in reps}
+    for layer in layers:
+        i = owner.get(id(layer))
+        if i is None:
+            continue
+        rep = reps[i]
+        by_layer[rep.name].append(layer)
+        if rep.act_range is not None and rep.act_bits is not None:
+            layer.act = (rep.act_bits, *rep.act_range)
+        wt = next((w for w in weights if w.name == layer.weight and _same_qt(w.qt, qts[i])), None)
+        if wt is None:
+            shared = any(w.name == layer.weight for w in weights)
+            base = f"{rep.name}.weight" if shared else layer.weight
+            wt = _Weight(layer.weight, layer.axis, qts[i], base=base)
+            weights.append(wt)
+        wt.layers.append(layer)
+    return weights, by_layer
