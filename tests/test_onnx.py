@@ -230,6 +230,63 @@ def test_weights_dequantize_within_one_ulp(tmp_path, wbits, quantizer):
         assert shifted == TensorProto.INT4
 
 
+def _one_input_net(kind: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A first layer with one weight per output channel (every channel
+    constant) and a second one with a channel whose range is tiny against
+    its values (1 + 2^-20 steps)."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        net = torch.nn.Sequential(
+            torch.nn.Linear(1, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+        ).eval()
+        x = torch.rand(2, 1)
+    else:
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 12, 1), torch.nn.ReLU(), torch.nn.Conv2d(12, 4, 1)
+        ).eval()
+        x = torch.rand(2, 1, 4, 4)
+    with torch.no_grad():
+        w = net[2].weight.view(4, -1)
+        w[0] = 1.0
+        w[0, ::3] += 2.0**-20
+        w[0, 1::3] -= 2.0**-19
+    return net, x
+
+
+@pytest.mark.parametrize("path", ["torch", "onnx"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("wbits", range(2, 9))
+def test_constant_channels_export_exactly(tmp_path, path, kind, wbits):
+    """Asymmetric zero points of constant channels (~ w * (2^b - 1) * 1e8)
+    and of channels with a tiny range fit no code type: such channels are
+    written as exact integer multiples of a step with zero point 0; the
+    weights ORT computes are qt.dequantize() within one ulp."""
+    net, x = _one_input_net(kind)
+    out = tmp_path / "q.onnx"
+    if path == "torch":
+        rep = squant_rs.export_onnx(net, out, x, wbits, recipe="paper")
+    else:
+        src = tmp_path / "m.onnx"
+        float_export(net, x, src)
+        rep = squant_rs.quantize_onnx(src, out, wbits)
+    model = onnx.load(str(out))
+    vals = _dq_values(model, tmp_path)
+    assert len(vals) == len(rep.layers) == 2
+    for layer, name in zip(rep.layers, ("0.weight", "2.weight")):
+        want = np.asarray(layer.qtensor.dequantize(), dtype=np.float32)
+        got = vals[name]
+        if got.shape != want.shape:
+            got = got.T
+        ulps = np.abs(got.view(np.int32).astype(np.int64) - want.view(np.int32))
+        assert ulps.max() <= 1, (name, ulps.max())
+    kinds = {t.name: t.data_type for t in model.graph.initializer}
+    # constant channels keep the codes' type; the tiny-range channel needs int32
+    assert kinds["0.weight_quantized"] == (TensorProto.INT4 if wbits <= 4 else TensorProto.INT8)
+    assert kinds["2.weight_quantized"] == TensorProto.INT32
+    assert kinds["2.weight_zero_point"] == TensorProto.INT32
+    np.testing.assert_allclose(run(out, x.numpy()), net(x).detach().numpy(), rtol=0.5, atol=0.5)
+
+
 def test_code_container():
     assert code_container(4, np.array([-8.0, 7.0])) == "INT4"
     assert code_container(2, np.array([9.0])) == "INT8"

@@ -7,7 +7,10 @@ Both share one graph rewrite:
   ``DequantizeLinear(codes, 1/s, -z, axis=<output-channel axis>)``: codes
   ``int4`` at 2-4 bits and ``int8`` at 5-8 bits (opset 21); the zero point
   ``-z`` in the code type where every channel's fits, else in the next
-  container that holds it exactly (int8, int16, int32), codes with it. The
+  container that holds it exactly (int8, int16, int32), codes with it; a
+  channel whose zero point would need a wider type than an exact integer
+  form of its values (constant channels) takes that form, zero point 0
+  (:func:`_weight_encoding`). The
   output-channel axis is 0 for Conv and Gemm with ``transB=1`` and 1 for
   Gemm with ``transB=0`` and MatMul. ONNX computes ``(q - zp) * (1/s)``
   where squant-rs computes ``(q + z) / s``: the dequantized weights agree
@@ -323,6 +326,87 @@ def code_container(bits: int, zero_point: np.ndarray) -> str:
     raise InvalidArgumentError("zero point beyond int32")  # pragma: no cover - |z| < 2^24
 
 
+#: ``q - zp`` is exact in float32 below this magnitude (ORT converts it).
+_EXACT = 2**24
+
+
+def _container_index(lo: np.ndarray, hi: np.ndarray, start: int) -> np.ndarray:
+    """Per channel: the index in :data:`_CONTAINERS` (from ``start``) of the
+    smallest type holding ``[lo, hi]``; ``len(_CONTAINERS)`` for none."""
+    need = np.full(lo.shape, len(_CONTAINERS), dtype=np.int64)
+    for i in reversed(range(start, len(_CONTAINERS))):
+        _, c_lo, c_hi = _CONTAINERS[i]
+        need[(lo >= c_lo) & (hi <= c_hi)] = i
+    return need
+
+
+def _exact_channel(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """Integers ``k`` and a step ``p > 0`` with ``k * p == values`` exactly
+    in float32, ``|k| < 2^24``: ``k`` in {-1, 0, 1} and ``p`` the one
+    magnitude when the nonzero values share it (a constant channel), else
+    ``p`` the largest power of two dividing every value."""
+    v = values.astype(np.float64)
+    nz = np.abs(v[v != 0])
+    if nz.size == 0:
+        return np.zeros(v.shape, np.int64), np.float32(1.0)
+    if np.all(nz == nz[0]):
+        return np.sign(v).astype(np.int64), np.float32(nz[0])
+    mant, exp = np.frexp(nz)  # nz = mant * 2^exp, 0.5 <= mant < 1, 24 bits at most
+    m = np.ldexp(mant, 24).astype(np.int64)
+    low = np.log2(m & -m).astype(np.int64)  # trailing zero bits of each mantissa
+    p = int((exp.astype(np.int64) - 24 + low).min())
+    return np.ldexp(v, -p).astype(np.int64), np.float32(np.ldexp(1.0, p))
+
+
+def _weight_encoding(
+    qt: QuantizedTensor, name: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """The DequantizeLinear form of a quantized weight (``(OC, ...)``
+    layout): ``(codes, step, zero_point, type)``, per channel ``codes``,
+    ``1/s`` and ``-z``, in the smallest type (int4 at 2-4 bits, int8 at 5-8,
+    else int16 / int32) holding every channel's codes and zero point.
+
+    A channel whose zero point would need a type wider than its codes'
+    (with ``(q - zp)`` not exact in float32 above 2^24) and can be written
+    exactly in a narrower one is written as :func:`_exact_channel`'s
+    integers with zero point 0: a constant channel (``Linear(1, N)``, where
+    the range floor of the asymmetric quantizer gives zero points near
+    ``w * (2^b - 1) * 1e8``) as ``+-1`` times its value, so the layer keeps
+    the codes' type. ORT then computes exactly ``qt.dequantize()``."""
+    codes = np.asarray(qt.codes).astype(np.int64)
+    oc = int(codes.shape[0]) if codes.ndim else 0
+    flat = codes.reshape(oc, -1)
+    zp = -np.asarray(qt.zero_point, dtype=np.float64).reshape(-1)
+    step = (np.float32(1.0) / np.asarray(qt.scale, dtype=np.float32)).astype(np.float32)
+    step = step.reshape(-1)
+    start = 0 if qt.bits <= 4 else 1
+    if flat.size == 0:
+        zp_int = zp.astype(np.int64)
+        need = _container_index(zp, zp, start)
+    else:
+        lo = np.minimum(flat.min(axis=1), zp)
+        hi = np.maximum(flat.max(axis=1), zp)
+        need = _container_index(lo, hi, start)
+        need[np.abs(flat - zp[:, None]).max(axis=1) >= _EXACT] = len(_CONTAINERS)
+        zp_int = np.where(need < len(_CONTAINERS), zp, 0).astype(np.int64)
+        wide = np.flatnonzero(need > start)
+        if wide.size:
+            values = np.asarray(qt.dequantize(), dtype=np.float32).reshape(oc, -1)
+            for c in wide:
+                k, p = _exact_channel(values[c])
+                alt = int(
+                    _container_index(
+                        np.array([min(k.min(), 0)]), np.array([max(k.max(), 0)]), start
+                    )[0]
+                )
+                if alt < need[c]:
+                    flat[c], zp_int[c], step[c], need[c] = k, 0, p, alt
+    top = int(need.max()) if need.size else start
+    if top >= len(_CONTAINERS):  # pragma: no cover - _exact_channel's |k| < 2^24 fits int32
+        raise InvalidArgumentError(f"weight {name!r}: its zero points do not fit int32")
+    return flat.reshape(codes.shape), step, zp_int, _CONTAINERS[top][0]
+
+
 def _int_tensor(name: str, values: np.ndarray, kind: str) -> Any:
     from onnx import numpy_helper
 
@@ -476,15 +560,10 @@ def _rewrite(
     w_scales: dict[int, np.ndarray] = {}
     biases: list[str] = []  # float biases replaced by int32 ones
     for wt in weights:
-        qt = wt.qt
-        codes = np.asarray(qt.codes)
-        scale = np.asarray(qt.scale, dtype=np.float32)
-        zp = -np.asarray(qt.zero_point, dtype=np.float32)
+        base = wt.base or wt.name
+        codes, step, zp, kind = _weight_encoding(wt.qt, base)
         if wt.axis == 1:
             codes = codes.T
-        kind = code_container(qt.bits, zp)
-        step = (np.float32(1.0) / scale).astype(np.float32)
-        base = wt.base or wt.name
         c_name, s_name, z_name = (
             names(base + "_quantized"),
             names(base + "_scale"),
@@ -494,7 +573,7 @@ def _rewrite(
         new_inits += [
             _int_tensor(c_name, codes, kind),
             numpy_helper.from_array(step, s_name),
-            _int_tensor(z_name, zp.astype(np.int64), kind),
+            _int_tensor(z_name, zp, kind),
         ]
         dq = helper.make_node(
             "DequantizeLinear",
