@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -911,6 +912,76 @@ def _bad_inputs(tmp_path):
         "quantized": ("quant.onnx", "already quantized"),
         "missing": ("missing.onnx", "not found"),
     }
+
+
+def test_bad_weights_are_named(tmp_path, capsys):
+    """A NaN or an empty weight: the error names the initializer and its
+    node (not an internal index), with the shape as stored."""
+    from squant_rs.cli import main
+
+    rng = np.random.default_rng(0)
+    ws = [rng.normal(size=(8, 8)).astype(np.float32) for _ in range(4)]
+    ws[3][5, 2] = np.nan
+    nodes = [
+        helper.make_node(
+            "MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}"], name=f"mm{i}"
+        )
+        for i in range(4)
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("h3", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)],
+    )
+    src, out = tmp_path / "nan.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(src))
+    msg = "initializer 'w3' (weight of node 'mm3'): weight contains NaN"
+    with pytest.raises(squant_rs.SquantError, match=re.escape(msg)):
+        squant_rs.quantize_onnx(src, out, 4)
+    assert main(["quantize", str(src), str(out)]) == 2
+    assert msg in capsys.readouterr().err
+    ws[3] = np.zeros((8, 0), np.float32)
+    g.initializer[3].CopyFrom(numpy_helper.from_array(ws[3], "w3"))
+    g.output[0].CopyFrom(helper.make_tensor_value_info("h3", TensorProto.FLOAT, [2, 0]))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    msg = "initializer 'w3' (weight of node 'mm3'): weight tensor is empty (shape (8, 0))"
+    with pytest.raises(squant_rs.InvalidArgumentError, match=re.escape(msg)):
+        squant_rs.quantize_onnx(m, out, 4)
+    assert not out.exists()
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x) + y))
+
+
+def test_export_bad_models_say_why(tmp_path):
+    """Nothing to quantize, float16 / float64 models and activations of a
+    multi-input model: clear errors, no output file."""
+    out = tmp_path / "m.onnx"
+    x = torch.rand(2, 3, 12, 12)
+    with pytest.warns(UserWarning, match="nothing to quantize"):
+        with pytest.raises(squant_rs.InvalidArgumentError, match="no layer to quantize"):
+            squant_rs.export_onnx(torch.nn.Sequential(torch.nn.ReLU()), out, x, 4)
+    for dtype in (torch.float16, torch.float64):
+        with pytest.raises(squant_rs.InvalidArgumentError, match=f"c1.weight is {dtype}"):
+            squant_rs.export_onnx(small().to(dtype), out, x.to(dtype), 8)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="input 0 is torch.float64"):
+        squant_rs.export_onnx(small(), out, x.double(), 8)
+    two = _TwoInputs().eval()
+    xy = (torch.rand(2, 4), torch.rand(2, 4))
+    with pytest.raises(squant_rs.InvalidArgumentError, match="takes 2.*abits=None") as err:
+        squant_rs.export_onnx(two, out, xy, 8, 8)
+    assert "input_shape" not in str(err.value)
+    assert not out.exists()
+    squant_rs.export_onnx(two, out, xy, 8)  # weight-only works
 
 
 def test_bad_inputs_api_and_cli(tmp_path, capsys):

@@ -36,6 +36,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._squant_rs import InvalidArgumentError
+from .._squant_rs import InvalidArgumentError, SquantError
 from ..model.activations import activation_qparams, activation_range, default_s_sigma
 from ..model.layers import check_patterns, matches_any, relative_error
 from ..model.report import LayerReport, QuantReport
@@ -1343,11 +1344,24 @@ def quantize_onnx(
     for layer in layers:
         if layer.weight not in axes:
             a = numpy_helper.to_array(inits[layer.weight]).astype(np.float32, copy=False)
+            if a.size == 0:
+                raise InvalidArgumentError(
+                    f"{_weight_label(layers, layer.weight)}: weight tensor is empty "
+                    f"(shape {tuple(a.shape)})"
+                )
             arrays.append(np.ascontiguousarray(a.T) if layer.axis == 1 else a)
             order.append(layer.weight)
             axes[layer.weight] = layer.axis
     start = time.perf_counter()
-    qts = quantize_tensors(arrays, wbits, mode, threads=n_threads, quantizer=quantizer)
+    try:
+        qts = quantize_tensors(arrays, wbits, mode, threads=n_threads, quantizer=quantizer)
+    except SquantError as exc:
+        # "weight {i}: ..." (an index into arrays): name the initializer instead.
+        m = re.match(r"weight (\d+): ", str(exc))
+        if m is None or int(m.group(1)) >= len(order):
+            raise
+        label = _weight_label(layers, order[int(m.group(1))])
+        raise type(exc)(f"{label}: {str(exc)[m.end() :]}") from None
     ms = (time.perf_counter() - start) * 1e3
     weights = {name: _Weight(name, axes[name], qt) for name, qt in zip(order, qts)}
     for layer in layers:
@@ -1387,6 +1401,12 @@ def quantize_onnx(
         size_after=size_after,
         quantizer=quantizer,
     )
+
+
+def _weight_label(layers: list[_Layer], weight: str) -> str:
+    """``initializer 'w' (node 'a', ...)`` for error messages."""
+    nodes = ", ".join(repr(ly.name) for ly in layers if ly.weight == weight)
+    return f"initializer {weight!r} (weight of node {nodes})"
 
 
 def _s_sigma(s_sigma: float | None, abits: int | None) -> float | None:
@@ -1559,8 +1579,9 @@ def export_onnx(
         written).
 
     Raises:
-        InvalidArgumentError: bad arguments, a quantized weight missing from
-            the exported graph.
+        InvalidArgumentError: bad arguments, no layer to quantize, a float16
+            / float64 model, ``abits`` with several inputs, a quantized
+            weight missing from the exported graph.
         ImportError: torch or onnx is missing.
     """
     wall = time.perf_counter()
@@ -1574,6 +1595,13 @@ def export_onnx(
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_input must be a tensor or a tuple of tensors")
+    if abits is not None and len(inputs) > 1:
+        raise InvalidArgumentError(
+            f"abits: quantize_model calibrates the activation ranges on one U[0,1) input, "
+            f"and this model takes {len(inputs)}; export it weight-only (abits=None), or "
+            "export it to ONNX and use quantize_onnx (it calibrates every float32 input)"
+        )
+    _check_float32(model, inputs)
     kwargs: dict[str, Any] = {
         "quantizer": quantizer,
         "skip": skip,
@@ -1593,6 +1621,11 @@ def export_onnx(
         kwargs["recipe"] = recipe
     qmodel, report = quantize_model(model, wbits, abits, mode, **kwargs)
     assert isinstance(report, QuantReport)
+    if not report.layers:
+        raise InvalidArgumentError(
+            f"the model ({type(model).__name__}) has no layer to quantize (no Conv1d/2d/3d "
+            "or Linear layer, or all of them skipped): nothing to export"
+        )
     for hook in activation_quantizers(qmodel).values():
         hook.enabled = False  # the graph gets Q/DQ nodes instead
     qmodel.eval()
@@ -1653,6 +1686,24 @@ def export_onnx(
     report.size_after = write_model(graph_model, out, external_data)
     report.wall_ms = (time.perf_counter() - wall) * 1e3
     return report
+
+
+def _check_float32(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """The exported graph must hold the float32 weights quantize_model
+    dequantizes: a float16 / float64 model (or input) is refused."""
+    import torch
+
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise InvalidArgumentError(
+                f"export_onnx needs a float32 model: {name} is {t.dtype} "
+                "(convert a copy with .float() and pass a float32 example_input)"
+            )
+    for i, t in enumerate(inputs):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise InvalidArgumentError(
+                f"export_onnx needs float32 example inputs: input {i} is {t.dtype}"
+            )
 
 
 def _bn_output_ranges(
