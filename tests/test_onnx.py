@@ -984,6 +984,42 @@ def test_export_bad_models_say_why(tmp_path):
     squant_rs.export_onnx(two, out, xy, 8)  # weight-only works
 
 
+class _Untraceable(torch.nn.Module):
+    """Conv -> BN outside an nn.Sequential with data-dependent control
+    flow: quantize_model cannot fold the BN, torch's exporter does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        if h.mean() > -1:
+            h = h * 1.0
+        return self.fc(h.mean((2, 3)))
+
+
+def test_export_says_why_an_unfolded_bn_fails(tmp_path):
+    torch.manual_seed(0)
+    net = _Untraceable().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2)
+    x = torch.rand(4, 3, 8, 8)
+    out = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's tracer warnings on the branch
+        with pytest.raises(squant_rs.InvalidArgumentError, match="folded a BatchNorm \\(bn\\)"):
+            squant_rs.export_onnx(net, out, x, 8, recipe="paper")
+        assert not out.exists()
+        # what the message suggests works
+        float_export(net, x, tmp_path / "fp32.onnx")
+    rep = squant_rs.quantize_onnx(tmp_path / "fp32.onnx", out, 8)
+    assert len(rep.layers) == 2
+
+
 def test_bad_inputs_api_and_cli(tmp_path, capsys):
     from squant_rs.cli import main
 

@@ -1654,7 +1654,18 @@ def export_onnx(
     size_before = _tensor_bytes(graph_model)
     layers, _ = _find_layers(graph_model, ())
     inits = _initializers(graph_model.graph)
-    weights, by_layer = _match_layers(layers, inits, report.layers)
+    why = ""
+    bns = [
+        n for n, m in qmodel.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+    if bns and not any(n.op_type == "BatchNormalization" for n in graph_model.graph.node):
+        why = (
+            f": torch's exporter folded a BatchNorm ({', '.join(bns[:3])}) into the layers "
+            "that quantize_model could not fold because it cannot trace the model "
+            "(data-dependent control flow?); make the model traceable by torch.fx, or "
+            "export it with torch.onnx.export and quantize the file with quantize_onnx"
+        )
+    weights, by_layer = _match_layers(layers, inits, report.layers, why)
     if integer_kernels and abits is None:
         raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
     plan: dict[str, tuple[int, float, float]] | None = None
@@ -1829,7 +1840,7 @@ def _same_qt(a: QuantizedTensor, b: QuantizedTensor) -> bool:
 
 
 def _match_layers(
-    layers: list[_Layer], inits: dict[str, Any], reps: list[LayerReport]
+    layers: list[_Layer], inits: dict[str, Any], reps: list[LayerReport], why: str = ""
 ) -> tuple[list[_Weight], dict[str, list[_Layer]]]:
     """Which graph layers run which quantized layer of the report.
 
@@ -1847,7 +1858,7 @@ def _match_layers(
 
     Raises:
         InvalidArgumentError: a report layer whose weight no initializer
-            holds.
+            holds (``why`` appended: what the caller knows of the cause).
     """
     from onnx import numpy_helper
 
@@ -1874,7 +1885,7 @@ def _match_layers(
         if not found:
             raise InvalidArgumentError(
                 f"layer {rep.name!r}: its quantized weight is not an initializer of the "
-                "exported graph"
+                f"exported graph{why}"
             )
         qts.append(qt)
         cands.append(found)
