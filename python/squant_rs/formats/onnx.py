@@ -1862,26 +1862,32 @@ def _match_layers(
     """
     from onnx import numpy_helper
 
-    values: dict[tuple[str, int], np.ndarray] = {}
+    def digest(a: np.ndarray) -> tuple[tuple[int, ...], int]:
+        return a.shape, hash((a + np.float32(0.0)).tobytes())  # -0.0 as 0.0
 
-    def value(layer: _Layer) -> np.ndarray:
+    values: dict[tuple[str, int], np.ndarray] = {}
+    by_digest: dict[tuple[tuple[int, ...], int], list[_Layer]] = {}
+    for layer in layers:
         key = (layer.weight, layer.axis)
         if key not in values:
             a = numpy_helper.to_array(inits[layer.weight])
             values[key] = a.T if layer.axis == 1 else a
-        return values[key]
+        by_digest.setdefault(digest(values[key]), []).append(layer)
 
     qts: list[QuantizedTensor] = []
-    cands: list[list[_Layer]] = []
+    cands: list[set[int]] = []  # ids of the graph layers holding each report layer's weight
     for rep in reps:
         if rep.qtensor is None:  # pragma: no cover - quantize_model fills it
             qts.append(None)  # type: ignore[arg-type]
-            cands.append([])
+            cands.append(set())
             continue
         qt = _as_numpy_qt(rep.qtensor)
-        want = qt.dequantize()
-        found = [ly for ly in layers if value(ly).shape == want.shape]
-        found = [ly for ly in found if np.array_equal(value(ly), want)]
+        want = np.asarray(qt.dequantize())
+        found = {
+            id(ly)
+            for ly in by_digest.get(digest(want), [])
+            if np.array_equal(values[(ly.weight, ly.axis)], want)
+        }
         if not found:
             raise InvalidArgumentError(
                 f"layer {rep.name!r}: its quantized weight is not an initializer of the "
@@ -1894,7 +1900,7 @@ def _match_layers(
         scored = [
             (_scope_match(layer.name, rep.name), -i)
             for i, rep in enumerate(reps)
-            if any(ly is layer for ly in cands[i])
+            if id(layer) in cands[i]
         ]
         scored = [sc for sc in scored if sc[0] > 0]
         if scored:
@@ -1902,14 +1908,13 @@ def _match_layers(
     for layer in layers:
         if id(layer) in owner:
             continue
-        which = [i for i in range(len(reps)) if any(ly is layer for ly in cands[i])]
+        which = [i for i in range(len(reps)) if id(layer) in cands[i]]
         if not which:
             continue  # a weight quantize_model left float
         first = which[0]
+        setting = (reps[first].act_bits, reps[first].act_range)
         if any(
-            not _same_qt(qts[i], qts[first])
-            or (reps[i].act_bits, reps[i].act_range)
-            != (reps[first].act_bits, reps[first].act_range)
+            not _same_qt(qts[i], qts[first]) or (reps[i].act_bits, reps[i].act_range) != setting
             for i in which[1:]
         ):
             warnings.warn(
