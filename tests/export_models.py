@@ -58,3 +58,13 @@ def indexing() -> Tiny:
 
 
 NOT_CALLABLE = 3
+
+
+def no_layer() -> torch.nn.Module:
+    """Nothing to quantize."""
+    return torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Flatten())
+
+
+def half() -> Tiny:
+    """A float16 model."""
+    return small().half()

@@ -143,6 +143,7 @@ def _bad_cases(tmp_path, w):
             "LO <= 0 <= HI",
         ),
         "ik needs abits": (["export_models:small", "o.onnx", "--integer-kernels"], "need --abits"),
+        "float16": (["export_models:half", "o.onnx", *shape], "needs a float32 model"),
     }
 
 
@@ -163,6 +164,17 @@ def test_bad_input_exit_2_one_line_no_output(tmp_path, weights, capsys, monkeypa
     assert main(["export", "export_models:small", str(onnx_w), "--weights", str(onnx_w)]) == 2
     assert "equals the input" in capsys.readouterr().err
     assert onnx_w.read_bytes() == before
+
+
+@pytest.mark.filterwarnings("ignore:the model .* has no Conv1d")
+def test_export_of_a_model_without_layers_fails(tmp_path, capsys, monkeypatch):
+    """Nothing to quantize: status 2 and why, as quantize does, not an
+    unquantized file and a size ratio of 'nanx'."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "export_models:no_layer", "o.onnx", "--input-shape", "2,4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no layer to quantize" in err, err
+    assert not (tmp_path / "o.onnx").exists()
 
 
 def test_user_module_from_current_directory(tmp_path, capsys, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -228,6 +229,63 @@ def test_weights_dequantize_within_one_ulp(tmp_path, wbits, quantizer):
         assert shifted == (TensorProto.INT8 if wbits <= 4 else TensorProto.INT16)
     else:
         assert shifted == TensorProto.INT4
+
+
+def _one_input_net(kind: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A first layer with one weight per output channel (every channel
+    constant) and a second one with a channel whose range is tiny against
+    its values (1 + 2^-20 steps)."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        net = torch.nn.Sequential(
+            torch.nn.Linear(1, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+        ).eval()
+        x = torch.rand(2, 1)
+    else:
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 12, 1), torch.nn.ReLU(), torch.nn.Conv2d(12, 4, 1)
+        ).eval()
+        x = torch.rand(2, 1, 4, 4)
+    with torch.no_grad():
+        w = net[2].weight.view(4, -1)
+        w[0] = 1.0
+        w[0, ::3] += 2.0**-20
+        w[0, 1::3] -= 2.0**-19
+    return net, x
+
+
+@pytest.mark.parametrize("path", ["torch", "onnx"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("wbits", range(2, 9))
+def test_constant_channels_export_exactly(tmp_path, path, kind, wbits):
+    """Asymmetric zero points of constant channels (~ w * (2^b - 1) * 1e8)
+    and of channels with a tiny range fit no code type: such channels are
+    written as exact integer multiples of a step with zero point 0; the
+    weights ORT computes are qt.dequantize() within one ulp."""
+    net, x = _one_input_net(kind)
+    out = tmp_path / "q.onnx"
+    if path == "torch":
+        rep = squant_rs.export_onnx(net, out, x, wbits, recipe="paper")
+    else:
+        src = tmp_path / "m.onnx"
+        float_export(net, x, src)
+        rep = squant_rs.quantize_onnx(src, out, wbits)
+    model = onnx.load(str(out))
+    vals = _dq_values(model, tmp_path)
+    assert len(vals) == len(rep.layers) == 2
+    for layer, name in zip(rep.layers, ("0.weight", "2.weight")):
+        want = np.asarray(layer.qtensor.dequantize(), dtype=np.float32)
+        got = vals[name]
+        if got.shape != want.shape:
+            got = got.T
+        ulps = np.abs(got.view(np.int32).astype(np.int64) - want.view(np.int32))
+        assert ulps.max() <= 1, (name, ulps.max())
+    kinds = {t.name: t.data_type for t in model.graph.initializer}
+    # constant channels keep the codes' type; the tiny-range channel needs int32
+    assert kinds["0.weight_quantized"] == (TensorProto.INT4 if wbits <= 4 else TensorProto.INT8)
+    assert kinds["2.weight_quantized"] == TensorProto.INT32
+    assert kinds["2.weight_zero_point"] == TensorProto.INT32
+    np.testing.assert_allclose(run(out, x.numpy()), net(x).detach().numpy(), rtol=0.5, atol=0.5)
 
 
 def test_code_container():
@@ -573,6 +631,257 @@ def test_external_data_in_and_out(tmp_path):
     np.testing.assert_array_equal(run(out, x), run(one, x))
 
 
+@pytest.mark.parametrize("case", ["renamed model", "output is the data file"])
+def test_external_output_never_replaces_the_inputs_data(tmp_path, capsys, case):
+    """The output (or its .data file) must not be one of the input's external
+    data files: a model saved as m.onnx + m.onnx.data and renamed keeps
+    reading m.onnx.data."""
+    from squant_rs.cli import main
+
+    if case == "renamed model":
+        onnx.save(
+            _gemm_model(),
+            str(tmp_path / "m.onnx"),
+            save_as_external_data=True,
+            location="m.onnx.data",
+            size_threshold=0,
+        )
+        os.rename(tmp_path / "m.onnx", tmp_path / "m_fp32.onnx")
+        src, out, data = tmp_path / "m_fp32.onnx", tmp_path / "m.onnx", tmp_path / "m.onnx.data"
+        kwargs: dict = {"external_data": True}
+        cli_args = None  # the CLI writes external data only above 2 GB
+    else:
+        onnx.save(
+            _gemm_model(),
+            str(tmp_path / "m.onnx"),
+            save_as_external_data=True,
+            location="weights.onnx",
+            size_threshold=0,
+        )
+        src, out, data = tmp_path / "m.onnx", tmp_path / "weights.onnx", tmp_path / "weights.onnx"
+        kwargs = {}
+        cli_args = []
+    before = data.read_bytes()
+    x = np.random.default_rng(1).random((2, 8), dtype=np.float32)
+    want = run(src, x)
+    with pytest.raises(squant_rs.InvalidArgumentError) as err:
+        squant_rs.quantize_onnx(src, out, 8, **kwargs)
+    msg = str(err.value)
+    assert f"external data file {data}" in msg and str(src) in msg, msg
+    if cli_args is not None:
+        assert main(["quantize", str(src), str(out), *cli_args]) == 2
+        assert f"external data file {data}" in capsys.readouterr().err
+    assert data.read_bytes() == before
+    np.testing.assert_array_equal(run(src, x), want)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_external_output_follows_the_output_rules(tmp_path):
+    """With external data the model and its .data file are written like
+    every other output: a symlink is followed (the link stays), an existing
+    file keeps its permission bits, a new one gets 0o666 minus the umask."""
+    import stat
+
+    x = np.random.default_rng(1).random((2, 8), dtype=np.float32)
+    one = tmp_path / "one.onnx"
+    squant_rs.quantize_onnx(_gemm_model(), one, 4)
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "q.onnx", tmp_path / "link.onnx"
+    target.write_bytes(b"old")
+    link.symlink_to("real/q.onnx")
+    squant_rs.quantize_onnx(_gemm_model(), link, 4, external_data=True)
+    assert link.is_symlink() and target.read_bytes() != b"old"
+    np.testing.assert_array_equal(run(link, x), run(one, x))
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "perm.onnx"
+        out.write_bytes(b"x")
+        out.chmod(0o640)
+        squant_rs.quantize_onnx(_gemm_model(), out, 4, external_data=True)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o640
+        assert stat.S_IMODE((tmp_path / "perm.onnx.data").stat().st_mode) == 0o644
+        np.testing.assert_array_equal(run(out, x), run(one, x))
+    finally:
+        os.umask(old)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+class _Tied(torch.nn.Module):
+    """Two bias-free Linears sharing one weight Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8, bias=False)
+        self.b = torch.nn.Linear(8, 8, bias=False)
+        self.b.weight = self.a.weight
+        self.c = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+class _Twice(torch.nn.Module):
+    """A bias-free Linear called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(16, 16, bias=False)
+        self.c = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.a(torch.relu(self.a(x)))))
+
+
+class _EqualBlocks(torch.nn.Module):
+    """Two layers with equal weights and biases (a deepcopy'd block)."""
+
+    def __init__(self, conv: bool) -> None:
+        super().__init__()
+        import copy
+
+        blk = torch.nn.Conv2d(8, 8, 3, padding=1) if conv else torch.nn.Linear(8, 8)
+        self.stem = torch.nn.Conv2d(3, 8, 1) if conv else torch.nn.Linear(3, 8)
+        self.a, self.b = blk, copy.deepcopy(blk)
+        self.head = torch.nn.Linear(8, 2)
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.a(torch.relu(self.stem(x))))))
+        return self.head(h.mean((2, 3)) if self.conv else h)
+
+
+def _float_weights(model) -> list[str]:
+    return [
+        t.name
+        for t in model.graph.initializer
+        if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2
+    ]
+
+
+@pytest.mark.parametrize("case", ["tied", "twice", "equal conv", "equal linear"])
+@pytest.mark.parametrize("wbits,abits", [(4, None), (8, 8)])
+def test_weights_read_through_identity_are_quantized(tmp_path, case, wbits, abits):
+    """torch's exporter merges shared and equal-valued weights into one
+    initializer and feeds the other layers through Identity nodes: every
+    such layer reads the quantized weight (one DequantizeLinear), gets its
+    own activation Q/DQ and int32 bias, and no float weight stays."""
+    torch.manual_seed(0)
+    if case == "tied":
+        net, x = _Tied().eval(), torch.rand(64, 8)
+    elif case == "twice":
+        net, x = _Twice().eval(), torch.rand(64, 16)
+    else:
+        conv = case == "equal conv"
+        net = _EqualBlocks(conv).eval()
+        x = torch.rand(16, 3, 6, 6) if conv else torch.rand(16, 3)
+    path = tmp_path / "m.onnx"
+    kw = {"quantizer": "symmetric", "recipe": "paper"}
+    rep = squant_rs.export_onnx(net, path, x, wbits, abits, **kw)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert _float_weights(model) == []
+    producers = {o: n for n in model.graph.node for o in n.output}
+    layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    # quantize_model keeps the first layer's input float, for every call of it
+    first = [n for n in layers if n.input[1] == layers[0].input[1]] if case == "twice" else []
+    for n in layers:
+        assert producers[n.input[1]].op_type == "DequantizeLinear", n.name
+        if abits is not None and n is not layers[0] and n not in first:
+            assert producers[n.input[0]].op_type == "DequantizeLinear", n.name
+            if len(n.input) > 2:
+                assert producers[n.input[2]].op_type == "DequantizeLinear", n.name
+    shared = {n.input[1] for n in layers}
+    assert len(shared) == len(layers) - 1  # the two users of one weight share its DQ
+    if case.startswith("equal"):  # equal weights: equal codes
+        qa, qb = (next(r.qtensor for r in rep.layers if r.name == k) for k in "ab")
+        assert np.array_equal(qa.codes, qb.codes) and np.array_equal(qa.scale, qb.scale)
+    want = fake_quant(net, x, wbits, abits, "symmetric")
+    got = run(path, x.numpy())
+    tol = 1e-5 if abits is None else 1e-3
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+    # quantize_onnx on torch's float export: the same, and smaller than fp32
+    if case == "twice":
+        fp32, q = tmp_path / "fp32.onnx", tmp_path / "q.onnx"
+        float_export(net, x, fp32)
+        assert ops(fp32)["Identity"] == 1
+        rep = squant_rs.quantize_onnx(fp32, q, wbits, abits, quantizer="symmetric")
+        assert len(rep.layers) == 3
+        model = onnx.load(str(q))
+        onnx.checker.check_model(model, full_check=True)
+        assert _float_weights(model) == [] and ops(q)["Identity"] == 0
+        if abits is None:  # (Q/DQ pairs outweigh a 16x16 weight)
+            assert q.stat().st_size < fp32.stat().st_size
+
+
+def test_shared_activation_qdq_keeps_the_graph_sorted(tmp_path):
+    """A weight shared by MatMuls A and C, and B between them reading C's
+    input: the Q/DQ pair of that input must come before B."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.normal(size=(8, 8)).astype(np.float32) for _ in range(2))
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["t"], name="A"),
+        helper.make_node("MatMul", ["t", "W2"], ["u"], name="B"),
+        helper.make_node("MatMul", ["t", "W1"], ["v"], name="C"),
+        helper.make_node("Add", ["u", "v"], ["s"], name="add"),
+        helper.make_node("MatMul", ["s", "W2"], ["y"], name="D"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    out = tmp_path / "q.onnx"
+    rep = squant_rs.quantize_onnx(m, out, 8, 8)
+    assert [r.act_bits for r in rep.layers] == [None, 8, 8, 8]
+    q = onnx.load(str(out))
+    onnx.checker.check_model(q, full_check=True)
+    seen = set(i.name for i in q.graph.input) | {t.name for t in q.graph.initializer}
+    for n in q.graph.node:
+        assert all(i in seen for i in n.input if i), n.name
+        seen.update(n.output)
+
+
+def test_initializer_read_by_a_subgraph_stays(tmp_path):
+    """An If branch reading the quantized weight W from the outer scope
+    keeps reading the float W; the top-level MatMul reads its
+    DequantizeLinear."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 8)).astype(np.float32)
+    vi = helper.make_tensor_value_info
+    then_g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["ty"])], "then", [], [vi("ty", 1, [2, 8])]
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["ey"])], "else", [], [vi("ey", 1, [2, 8])]
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["a"], name="top"),
+        helper.make_node("If", ["cond"], ["b"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, [2, 8]), vi("cond", TensorProto.BOOL, [])],
+        [vi("y", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(src))
+    rep = squant_rs.quantize_onnx(src, out, 8)
+    q = onnx.load(str(out))
+    onnx.checker.check_model(q, full_check=True)
+    assert "W" in {t.name for t in q.graph.initializer}
+    x = rng.random((2, 8), dtype=np.float32)
+    sess = ort.InferenceSession(str(out), providers=CPU)
+    got = sess.run(None, {"x": x, "cond": np.array(True)})[0]
+    deq = rep.layers[0].qtensor.dequantize().T
+    np.testing.assert_allclose(got, x @ deq + x @ w, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------
 # Bad input: a SquantError, one line, no output
 
@@ -603,6 +912,112 @@ def _bad_inputs(tmp_path):
         "quantized": ("quant.onnx", "already quantized"),
         "missing": ("missing.onnx", "not found"),
     }
+
+
+def test_bad_weights_are_named(tmp_path, capsys):
+    """A NaN or an empty weight: the error names the initializer and its
+    node (not an internal index), with the shape as stored."""
+    from squant_rs.cli import main
+
+    rng = np.random.default_rng(0)
+    ws = [rng.normal(size=(8, 8)).astype(np.float32) for _ in range(4)]
+    ws[3][5, 2] = np.nan
+    nodes = [
+        helper.make_node(
+            "MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}"], name=f"mm{i}"
+        )
+        for i in range(4)
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("h3", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)],
+    )
+    src, out = tmp_path / "nan.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(src))
+    msg = "initializer 'w3' (weight of node 'mm3'): weight contains NaN"
+    with pytest.raises(squant_rs.SquantError, match=re.escape(msg)):
+        squant_rs.quantize_onnx(src, out, 4)
+    assert main(["quantize", str(src), str(out)]) == 2
+    assert msg in capsys.readouterr().err
+    ws[3] = np.zeros((8, 0), np.float32)
+    g.initializer[3].CopyFrom(numpy_helper.from_array(ws[3], "w3"))
+    g.output[0].CopyFrom(helper.make_tensor_value_info("h3", TensorProto.FLOAT, [2, 0]))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    msg = "initializer 'w3' (weight of node 'mm3'): weight tensor is empty (shape (8, 0))"
+    with pytest.raises(squant_rs.InvalidArgumentError, match=re.escape(msg)):
+        squant_rs.quantize_onnx(m, out, 4)
+    assert not out.exists()
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x) + y))
+
+
+def test_export_bad_models_say_why(tmp_path):
+    """Nothing to quantize, float16 / float64 models and activations of a
+    multi-input model: clear errors, no output file."""
+    out = tmp_path / "m.onnx"
+    x = torch.rand(2, 3, 12, 12)
+    with pytest.warns(UserWarning, match="nothing to quantize"):
+        with pytest.raises(squant_rs.InvalidArgumentError, match="no layer to quantize"):
+            squant_rs.export_onnx(torch.nn.Sequential(torch.nn.ReLU()), out, x, 4)
+    for dtype in (torch.float16, torch.float64):
+        with pytest.raises(squant_rs.InvalidArgumentError, match=f"c1.weight is {dtype}"):
+            squant_rs.export_onnx(small().to(dtype), out, x.to(dtype), 8)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="input 0 is torch.float64"):
+        squant_rs.export_onnx(small(), out, x.double(), 8)
+    two = _TwoInputs().eval()
+    xy = (torch.rand(2, 4), torch.rand(2, 4))
+    with pytest.raises(squant_rs.InvalidArgumentError, match="takes 2.*abits=None") as err:
+        squant_rs.export_onnx(two, out, xy, 8, 8)
+    assert "input_shape" not in str(err.value)
+    assert not out.exists()
+    squant_rs.export_onnx(two, out, xy, 8)  # weight-only works
+
+
+class _Untraceable(torch.nn.Module):
+    """Conv -> BN outside an nn.Sequential with data-dependent control
+    flow: quantize_model cannot fold the BN, torch's exporter does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        if h.mean() > -1:
+            h = h * 1.0
+        return self.fc(h.mean((2, 3)))
+
+
+def test_export_says_why_an_unfolded_bn_fails(tmp_path):
+    torch.manual_seed(0)
+    net = _Untraceable().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2)
+    x = torch.rand(4, 3, 8, 8)
+    out = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's tracer warnings on the branch
+        with pytest.raises(squant_rs.InvalidArgumentError, match="folded a BatchNorm \\(bn\\)"):
+            squant_rs.export_onnx(net, out, x, 8, recipe="paper")
+        assert not out.exists()
+        # what the message suggests works
+        float_export(net, x, tmp_path / "fp32.onnx")
+    rep = squant_rs.quantize_onnx(tmp_path / "fp32.onnx", out, 8)
+    assert len(rep.layers) == 2
 
 
 def test_bad_inputs_api_and_cli(tmp_path, capsys):

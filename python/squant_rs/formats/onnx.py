@@ -7,7 +7,10 @@ Both share one graph rewrite:
   ``DequantizeLinear(codes, 1/s, -z, axis=<output-channel axis>)``: codes
   ``int4`` at 2-4 bits and ``int8`` at 5-8 bits (opset 21); the zero point
   ``-z`` in the code type where every channel's fits, else in the next
-  container that holds it exactly (int8, int16, int32), codes with it. The
+  container that holds it exactly (int8, int16, int32), codes with it; a
+  channel whose zero point would need a wider type than an exact integer
+  form of its values (constant channels) takes that form, zero point 0
+  (:func:`_weight_encoding`). The
   output-channel axis is 0 for Conv and Gemm with ``transB=1`` and 1 for
   Gemm with ``transB=0`` and MatMul. ONNX computes ``(q - zp) * (1/s)``
   where squant-rs computes ``(q + z) / s``: the dequantized weights agree
@@ -33,7 +36,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import shutil
+import re
 import tempfile
 import time
 import warnings
@@ -43,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._squant_rs import InvalidArgumentError
+from .._squant_rs import InvalidArgumentError, SquantError
 from ..model.activations import activation_qparams, activation_range, default_s_sigma
 from ..model.layers import check_patterns, matches_any, relative_error
 from ..model.report import LayerReport, QuantReport
@@ -110,7 +113,7 @@ class _Layer:
 
     name: str
     node: Any  # onnx.NodeProto
-    weight: str
+    weight: str  # the initializer, looked up through Identity nodes
     axis: int  # output-channel axis of the weight as stored
     op: str
     act: tuple[int, float, float] | None = None  # (bits, x_min, x_max) of the input
@@ -120,29 +123,49 @@ class _Layer:
 class _Weight:
     """One quantized initializer (shared by every layer in ``layers``)."""
 
-    name: str
+    name: str  # the float initializer it replaces
     axis: int
     qt: QuantizedTensor  # in (OC, ...) layout: the transpose when axis == 1
     layers: list[_Layer] = field(default_factory=list)
+    base: str = ""  # prefix of the new tensors' names (default: ``name``)
 
 
 def _initializers(graph: Any) -> dict[str, Any]:
     return {t.name: t for t in graph.initializer}
 
 
+def _identity_source(producers: dict[str, Any], inits: dict[str, Any], tensor: str) -> str:
+    """The tensor ``tensor`` is a copy of through a chain of Identity nodes
+    (torch's exporter reads a shared or equal-valued weight through one),
+    or ``tensor`` itself."""
+    seen: set[str] = set()
+    while tensor not in inits and tensor not in seen:
+        seen.add(tensor)
+        p = producers.get(tensor)
+        if p is None or p.op_type != "Identity" or not p.input:
+            break
+        tensor = p.input[0]
+    return tensor
+
+
 def _find_layers(model: Any, skip: Sequence[str]) -> tuple[list[_Layer], list[str]]:
-    """The quantizable layers in graph order and the names of those left float."""
+    """The quantizable layers in graph order and the names of those left
+    float. A weight read through Identity nodes counts as the initializer
+    they copy."""
     onnx = require_onnx()
-    inits = _initializers(model.graph)
+    graph = model.graph
+    inits = _initializers(graph)
     layers: list[_Layer] = []
     skipped: list[str] = []
     axes: dict[str, int] = {}
     conflict: set[str] = set()
-    for i, node in enumerate(model.graph.node):
+    producers = {o: n for n in graph.node for o in n.output}
+    for i, node in enumerate(graph.node):
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         name = node.name or f"{node.op_type}_{i}"
-        w = inits.get(node.input[1])
+        read = node.input[1]
+        w = inits.get(_identity_source(producers, inits, read))
         if w is None or w.data_type != onnx.TensorProto.FLOAT:
             continue
         ndim = len(w.dims)
@@ -155,8 +178,9 @@ def _find_layers(model: Any, skip: Sequence[str]) -> tuple[list[_Layer], list[st
                 continue
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             axis = 0 if node.op_type == "Gemm" and trans_b else 1
-        module = w.name[: -len(".weight")] if w.name.endswith(".weight") else w.name
-        if matches_any(name, skip) or matches_any(w.name, skip) or matches_any(module, skip):
+        if matches_any(name, skip) or any(
+            matches_any(t, skip) or matches_any(_module_of(t), skip) for t in {w.name, read}
+        ):
             skipped.append(name)
             continue
         if axes.setdefault(w.name, axis) != axis:
@@ -167,6 +191,10 @@ def _find_layers(model: Any, skip: Sequence[str]) -> tuple[list[_Layer], list[st
         skipped += [layer.name for layer in layers if layer.weight in conflict]
         layers = [layer for layer in layers if layer.weight not in conflict]
     return layers, skipped
+
+
+def _module_of(weight: str) -> str:
+    return weight[: -len(".weight")] if weight.endswith(".weight") else weight
 
 
 # --------------------------------------------------------------------------
@@ -180,13 +208,14 @@ def _default_opset(model: Any) -> int | None:
     return None
 
 
-def _load(model_or_path: Any) -> tuple[Any, str | None]:
-    """A private copy of the model (external data loaded) and its path."""
+def _load(model_or_path: Any) -> tuple[Any, str | None, list[str]]:
+    """A private copy of the model (external data loaded), its path and the
+    external data files it reads (absolute paths)."""
     onnx = require_onnx()
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
-        return model, None
+        return model, None, []
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise TypeError(
             f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}"
@@ -204,13 +233,38 @@ def _load(model_or_path: Any) -> tuple[Any, str | None]:
         ) from None
     if model.ir_version < 3 or not model.HasField("graph") or not model.graph.node:
         raise OnnxFormatError(f"{path}: not an ONNX model (no graph or no IR version)")
+    data_files = _external_files(model, os.path.dirname(os.path.abspath(path)))
     try:
         onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(path))
     except Exception as exc:
         raise OnnxFormatError(
             f"{path}: cannot read its external data ({type(exc).__name__}: {exc})"
         ) from None
-    return model, path
+    return model, path, data_files
+
+
+def _graph_tensors(graph: Any) -> Any:
+    """The initializers of ``graph`` and of its subgraphs (If / Loop / Scan bodies)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("g"):
+                yield from _graph_tensors(a.g)
+            for g in a.graphs:
+                yield from _graph_tensors(g)
+
+
+def _external_files(model: Any, base: str) -> list[str]:
+    """The external data files the initializers of ``model`` name (absolute)."""
+    from onnx import TensorProto
+
+    files: dict[str, None] = {}
+    for t in _graph_tensors(model.graph):
+        if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL:
+            for entry in t.external_data:
+                if entry.key == "location" and entry.value:
+                    files[os.path.normpath(os.path.join(base, entry.value))] = None
+    return list(files)
 
 
 def _prepare(model: Any, where: str) -> Any:
@@ -273,6 +327,87 @@ def code_container(bits: int, zero_point: np.ndarray) -> str:
     raise InvalidArgumentError("zero point beyond int32")  # pragma: no cover - |z| < 2^24
 
 
+#: ``q - zp`` is exact in float32 below this magnitude (ORT converts it).
+_EXACT = 2**24
+
+
+def _container_index(lo: np.ndarray, hi: np.ndarray, start: int) -> np.ndarray:
+    """Per channel: the index in :data:`_CONTAINERS` (from ``start``) of the
+    smallest type holding ``[lo, hi]``; ``len(_CONTAINERS)`` for none."""
+    need = np.full(lo.shape, len(_CONTAINERS), dtype=np.int64)
+    for i in reversed(range(start, len(_CONTAINERS))):
+        _, c_lo, c_hi = _CONTAINERS[i]
+        need[(lo >= c_lo) & (hi <= c_hi)] = i
+    return need
+
+
+def _exact_channel(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """Integers ``k`` and a step ``p > 0`` with ``k * p == values`` exactly
+    in float32, ``|k| < 2^24``: ``k`` in {-1, 0, 1} and ``p`` the one
+    magnitude when the nonzero values share it (a constant channel), else
+    ``p`` the largest power of two dividing every value."""
+    v = values.astype(np.float64)
+    nz = np.abs(v[v != 0])
+    if nz.size == 0:
+        return np.zeros(v.shape, np.int64), np.float32(1.0)
+    if np.all(nz == nz[0]):
+        return np.sign(v).astype(np.int64), np.float32(nz[0])
+    mant, exp = np.frexp(nz)  # nz = mant * 2^exp, 0.5 <= mant < 1, 24 bits at most
+    m = np.ldexp(mant, 24).astype(np.int64)
+    low = np.log2(m & -m).astype(np.int64)  # trailing zero bits of each mantissa
+    p = int((exp.astype(np.int64) - 24 + low).min())
+    return np.ldexp(v, -p).astype(np.int64), np.float32(np.ldexp(1.0, p))
+
+
+def _weight_encoding(
+    qt: QuantizedTensor, name: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """The DequantizeLinear form of a quantized weight (``(OC, ...)``
+    layout): ``(codes, step, zero_point, type)``, per channel ``codes``,
+    ``1/s`` and ``-z``, in the smallest type (int4 at 2-4 bits, int8 at 5-8,
+    else int16 / int32) holding every channel's codes and zero point.
+
+    A channel whose zero point would need a type wider than its codes'
+    (with ``(q - zp)`` not exact in float32 above 2^24) and can be written
+    exactly in a narrower one is written as :func:`_exact_channel`'s
+    integers with zero point 0: a constant channel (``Linear(1, N)``, where
+    the range floor of the asymmetric quantizer gives zero points near
+    ``w * (2^b - 1) * 1e8``) as ``+-1`` times its value, so the layer keeps
+    the codes' type. ORT then computes exactly ``qt.dequantize()``."""
+    codes = np.asarray(qt.codes).astype(np.int64)
+    oc = int(codes.shape[0]) if codes.ndim else 0
+    flat = codes.reshape(oc, -1)
+    zp = -np.asarray(qt.zero_point, dtype=np.float64).reshape(-1)
+    step = (np.float32(1.0) / np.asarray(qt.scale, dtype=np.float32)).astype(np.float32)
+    step = step.reshape(-1)
+    start = 0 if qt.bits <= 4 else 1
+    if flat.size == 0:
+        zp_int = zp.astype(np.int64)
+        need = _container_index(zp, zp, start)
+    else:
+        lo = np.minimum(flat.min(axis=1), zp)
+        hi = np.maximum(flat.max(axis=1), zp)
+        need = _container_index(lo, hi, start)
+        need[np.abs(flat - zp[:, None]).max(axis=1) >= _EXACT] = len(_CONTAINERS)
+        zp_int = np.where(need < len(_CONTAINERS), zp, 0).astype(np.int64)
+        wide = np.flatnonzero(need > start)
+        if wide.size:
+            values = np.asarray(qt.dequantize(), dtype=np.float32).reshape(oc, -1)
+            for c in wide:
+                k, p = _exact_channel(values[c])
+                alt = int(
+                    _container_index(
+                        np.array([min(k.min(), 0)]), np.array([max(k.max(), 0)]), start
+                    )[0]
+                )
+                if alt < need[c]:
+                    flat[c], zp_int[c], step[c], need[c] = k, 0, p, alt
+    top = int(need.max()) if need.size else start
+    if top >= len(_CONTAINERS):  # pragma: no cover - _exact_channel's |k| < 2^24 fits int32
+        raise InvalidArgumentError(f"weight {name!r}: its zero points do not fit int32")
+    return flat.reshape(codes.shape), step, zp_int, _CONTAINERS[top][0]
+
+
 def _int_tensor(name: str, values: np.ndarray, kind: str) -> Any:
     from onnx import numpy_helper
 
@@ -289,12 +424,13 @@ class _Names:
 
     def __init__(self, graph: Any) -> None:
         self.used: set[str] = set()
-        for n in graph.node:
-            self.used.update(n.input)
-            self.used.update(n.output)
-            self.used.add(n.name)
-        for v in (*graph.input, *graph.output, *graph.initializer, *graph.value_info):
-            self.used.add(v.name)
+        for g in _graphs(graph):  # subgraph names too: they may shadow nothing
+            for n in g.node:
+                self.used.update(n.input)
+                self.used.update(n.output)
+                self.used.add(n.name)
+            for v in (*g.input, *g.output, *g.initializer, *g.value_info):
+                self.used.add(v.name)
 
     def __call__(self, base: str) -> str:
         name, i = base, 1
@@ -304,9 +440,93 @@ class _Names:
         return name
 
 
+def _graphs(graph: Any) -> Any:
+    """``graph`` and its subgraphs (If / Loop / Scan bodies), recursively."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("g"):
+                yield from _graphs(a.g)
+            for g in a.graphs:
+                yield from _graphs(g)
+
+
+def _subgraph_reads(node: Any) -> set[str]:
+    """The tensors the subgraphs of ``node`` read (outer-scope ones among them)."""
+    out: set[str] = set()
+    for a in node.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            for sub in _graphs(g):
+                for n in sub.node:
+                    out.update(n.input)
+                out.update(o.name for o in sub.output)
+    return out
+
+
 def _consumers(graph: Any, tensor: str) -> int:
-    n = sum(list(node.input).count(tensor) for node in graph.node)
-    return int(n + sum(o.name == tensor for o in graph.output))
+    """How many times ``tensor`` is read: node inputs and graph outputs of
+    ``graph`` and of its subgraphs (which may read outer-scope tensors)."""
+    n = 0
+    for g in _graphs(graph):
+        n += sum(list(node.input).count(tensor) for node in g.node)
+        n += sum(o.name == tensor for o in g.output)
+    return int(n)
+
+
+def _drop_dead_identities(graph: Any, roots: Sequence[str]) -> None:
+    """Remove the Identity nodes copying one of ``roots`` (directly or
+    through other such nodes) whose outputs nothing reads any more: the
+    copies of a weight whose readers now read its DequantizeLinear."""
+    reads: dict[str, int] = {}
+    for g in _graphs(graph):
+        for n in g.node:
+            for t in n.input:
+                reads[t] = reads.get(t, 0) + 1
+        for o in g.output:
+            reads[o.name] = reads.get(o.name, 0) + 1
+    copies = set(roots)
+    chain = []
+    for n in graph.node:  # graph order: a copy's copy comes after it
+        if n.op_type == "Identity" and n.input and n.input[0] in copies:
+            copies.update(n.output)
+            chain.append(n)
+    for n in reversed(chain):
+        if not any(reads.get(o, 0) for o in n.output):
+            reads[n.input[0]] -= 1
+            graph.node.remove(n)
+
+
+def _toposort(graph: Any) -> None:
+    """Sort ``graph.node`` topologically, keeping the present order wherever
+    it already is one (reads from subgraphs count as inputs)."""
+    import heapq
+
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps: list[set[int]] = []
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, n in enumerate(nodes):
+        reads = set(n.input) | _subgraph_reads(n)
+        d = {producer[t] for t in reads if t in producer and producer[t] != i}
+        deps.append(d)
+        for j in d:
+            users[j].append(i)
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):  # pragma: no cover - a cycle: leave it to the checker
+        return
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
 
 
 def _drop_initializer(graph: Any, name: str) -> None:
@@ -339,16 +559,12 @@ def _rewrite(
     new_inits: list[Any] = []
     new_nodes: list[tuple[Any, Any]] = []  # (node to insert, before this node)
     w_scales: dict[int, np.ndarray] = {}
+    biases: list[str] = []  # float biases replaced by int32 ones
     for wt in weights:
-        qt = wt.qt
-        codes = np.asarray(qt.codes)
-        scale = np.asarray(qt.scale, dtype=np.float32)
-        zp = -np.asarray(qt.zero_point, dtype=np.float32)
+        base = wt.base or wt.name
+        codes, step, zp, kind = _weight_encoding(wt.qt, base)
         if wt.axis == 1:
             codes = codes.T
-        kind = code_container(qt.bits, zp)
-        step = (np.float32(1.0) / scale).astype(np.float32)
-        base = wt.name
         c_name, s_name, z_name = (
             names(base + "_quantized"),
             names(base + "_scale"),
@@ -358,7 +574,7 @@ def _rewrite(
         new_inits += [
             _int_tensor(c_name, codes, kind),
             numpy_helper.from_array(step, s_name),
-            _int_tensor(z_name, zp.astype(np.int64), kind),
+            _int_tensor(z_name, zp, kind),
         ]
         dq = helper.make_node(
             "DequantizeLinear",
@@ -388,7 +604,8 @@ def _rewrite(
                     acts[key] = _act_qdq(graph, names, new_inits, new_nodes, layer, key)
                 out, a_step = acts[key]
                 layer.node.input[0] = out
-                _bias(graph, names, new_inits, layer, inits, a_step, w_scales[id(layer.node)])
+                b = _bias(graph, names, new_inits, layer, inits, a_step, w_scales[id(layer.node)])
+                biases += [b] if b is not None else []
         graph.initializer.extend(new_inits)
         for node, before in new_nodes:
             graph.node.insert(_index(graph, before), node)
@@ -407,10 +624,14 @@ def _rewrite(
                 in_step = steps.get(layer.node.input[0])
                 if in_step is not None:
                     step_w = w_scales[id(layer.node)]
-                    _bias(graph, names, new_inits, layer, inits, in_step, step_w)
+                    b = _bias(graph, names, new_inits, layer, inits, in_step, step_w)
+                    biases += [b] if b is not None else []
         graph.initializer.extend(new_inits)
-    for wt in weights:
-        _drop_initializer(graph, wt.name)
+    replaced = [wt.name for wt in weights] + biases
+    _drop_dead_identities(graph, replaced)
+    for name in dict.fromkeys(replaced):
+        _drop_initializer(graph, name)
+    _toposort(graph)
 
 
 def _tensor_qdq(
@@ -805,20 +1026,25 @@ def _bias(
     inits: dict[str, Any],
     a_step: float,
     w_step: np.ndarray,
-) -> None:
-    """The layer's float bias as ``DequantizeLinear(int32, a_step * w_step[c])``."""
+) -> str | None:
+    """The layer's float bias as ``DequantizeLinear(int32, a_step * w_step[c])``
+    (a bias read through Identity nodes too); returns the float bias
+    initializer's name, or None when the bias stays as it is."""
     from onnx import helper, numpy_helper
 
     if layer.op == "MatMul" or len(layer.node.input) < 3:
-        return
-    b = inits.get(layer.node.input[2])
+        return None
+    read = layer.node.input[2]
+    if read not in inits:
+        read = _identity_source({o: n for n in graph.node for o in n.output}, inits, read)
+    b = inits.get(read)
     if b is None or len(b.dims) != 1 or b.dims[0] != w_step.size:
-        return
+        return None
     bias = numpy_helper.to_array(b).astype(np.float32)
     step = (np.float32(a_step) * w_step).astype(np.float32)
     q = np.rint(bias.astype(np.float64) / step.astype(np.float64))
     if not (np.all(step > 0) and np.all(np.abs(q) < 2**31 - 1)):
-        return
+        return None
     base = b.name
     c_name, s_name = names(base + "_quantized"), names(base + "_scale")
     out = names(base + "_dequantized")
@@ -831,7 +1057,7 @@ def _bias(
     )
     graph.node.insert(_index(graph, layer.node), node)
     layer.node.input[2] = out
-    _drop_initializer(graph, b.name)
+    return str(b.name)
 
 
 # --------------------------------------------------------------------------
@@ -917,47 +1143,69 @@ def sigma_range(a: np.ndarray, bits: int, s_sigma: float) -> tuple[float, float]
 # Output
 
 
-def write_model(model: Any, path: str, external_data: bool | None = None) -> int:
-    """Write ``model`` to ``path`` atomically: one file below 2 GB (through
-    :func:`atomic_output`), else the model plus ``<name>.data`` (both staged
-    in a temporary directory next to it, then moved with ``os.replace``,
-    the data first). Returns the bytes written."""
-    import onnx
+def write_model(
+    model: Any,
+    path: str,
+    external_data: bool | None = None,
+    in_path: str | None = None,
+    data_files: Sequence[str] = (),
+) -> int:
+    """Write ``model`` to ``path`` atomically through :func:`atomic_output`:
+    one file below 2 GB, else the model plus ``<path>.data`` (its tensors of
+    1 KiB or more; every tensor with ``external_data=True``), both under the
+    same output rules (symlinks followed, permissions kept, never the input
+    model ``in_path`` or one of its ``data_files``) and both staged before
+    either replaces its target (the data first). The tensors written to
+    ``<path>.data`` are moved out of ``model`` (the caller's private
+    copy). Returns the bytes written."""
+    from onnx import TensorProto
 
+    name = os.fspath(path)
+    inputs = _input_files(in_path, data_files)
     external = _tensor_bytes(model) >= EXTERNAL_ABOVE if external_data is None else external_data
-    if not external:
+    threshold = 0 if external_data else 1024
+    moved = (
+        [t for t in _graph_tensors(model.graph) if len(t.raw_data) >= max(threshold, 1)]
+        if external
+        else []
+    )
+    if not moved:
         data = model.SerializeToString()
-        with atomic_output(path) as out:
+        with atomic_output(name, inputs=inputs) as out:
             out.write(data)
         return len(data)
-    path = os.path.abspath(path)
-    directory, base = os.path.split(path)
-    tmp = tempfile.mkdtemp(prefix=".squant-onnx-", dir=directory)
-    try:
-        staged = os.path.join(tmp, base)
-        files = [base]
-        data_name = base + ".data"
-        onnx.save_model(
-            model,
-            staged,
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=0 if external_data else 1024,
-        )
-        if os.path.exists(os.path.join(tmp, data_name)):
-            files.append(data_name)
-        size = 0
-        for f in files:
-            size += os.path.getsize(os.path.join(tmp, f))
-        for f in files[1:] + files[:1]:  # the data before the model that names it
-            os.replace(os.path.join(tmp, f), os.path.join(directory, f))
-        return size
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    data_path = name + ".data"
+    location = os.path.basename(name) + ".data"
+    _refuse_inputs([name, data_path], in_path, data_files)
+    with atomic_output(name, inputs=inputs) as out:
+        with atomic_output(data_path, inputs=[*inputs, name]) as data_out:
+            offset = 0
+            for t in moved:
+                raw = t.raw_data
+                data_out.write(raw)
+                del t.external_data[:]
+                t.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", location), ("offset", offset)):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                entry = t.external_data.add()
+                entry.key, entry.value = "length", str(len(raw))
+                offset += len(raw)
+                t.ClearField("raw_data")
+            proto = model.SerializeToString()
+            out.write(proto)
+    return offset + len(proto)
 
 
-def _check_output(out_path: Any, in_path: str | None) -> str:
+def _check_output(
+    out_path: Any,
+    in_path: str | None,
+    data_files: Sequence[str] = (),
+    external_data: bool | None = None,
+) -> str:
+    """The output path, refused when it (or, with ``external_data=True``,
+    its ``.data`` file) is the input model or one of its external data
+    files."""
     if not isinstance(out_path, (str, os.PathLike)):
         raise TypeError(f"out_path must be a path, got {type(out_path).__name__}")
     out = os.fspath(out_path)
@@ -968,8 +1216,35 @@ def _check_output(out_path: Any, in_path: str | None) -> str:
         raise InvalidArgumentError(f"output directory does not exist: {parent}")
     if in_path is not None and os.path.realpath(out) == os.path.realpath(in_path):
         raise InvalidArgumentError(f"output path equals the input path: {out}")
-    check_output(out, inputs=[in_path] if in_path is not None else [])
+    _refuse_inputs([out, out + ".data"] if external_data else [out], in_path, data_files)
+    inputs = _input_files(in_path, data_files)
+    check_output(out, inputs=inputs)
+    if external_data:
+        check_output(out + ".data", inputs=[*inputs, out])
     return out
+
+
+def _input_files(in_path: str | None, data_files: Sequence[str]) -> list[str]:
+    return ([in_path] if in_path is not None else []) + list(data_files)
+
+
+def _refuse_inputs(outputs: Sequence[str], in_path: str | None, data_files: Sequence[str]) -> None:
+    """Refuse an output file that is the input model or one of the external
+    data files it reads (device and inode compared, so links are caught)."""
+    if in_path is None:
+        return
+    named = [(in_path, f"the input {in_path}")]
+    named += [(f, f"the external data file {f} of the input {in_path}") for f in data_files]
+    for out in outputs:
+        for src, what in named:
+            try:
+                same = os.path.samefile(out, src)
+            except OSError:  # one of them does not exist (yet)
+                same = False
+            if same:
+                raise InvalidArgumentError(
+                    f"output {out} is the same file as {what}: refusing to overwrite the input"
+                )
 
 
 # --------------------------------------------------------------------------
@@ -1034,7 +1309,9 @@ def quantize_onnx(
     Raises:
         OnnxFormatError: not an ONNX model, truncated or corrupt, unsupported
             opset, already quantized, no quantizable layer.
-        InvalidArgumentError: bad arguments, output path equal to the input.
+        InvalidArgumentError: bad arguments, an output path (or, with external
+            data, its ``.data`` file) that is the input or one of the
+            external data files the input reads.
         ImportError: onnx (or, with ``abits``, onnxruntime) is missing.
     """
     wall = time.perf_counter()
@@ -1046,8 +1323,8 @@ def quantize_onnx(
     n_threads = check_threads(threads)
     patterns = check_patterns(skip, "skip")
     mult = _s_sigma(s_sigma, abits)
-    model, in_path = _load(model_or_path)
-    out = _check_output(out_path, in_path)
+    model, in_path, data_files = _load(model_or_path)
+    out = _check_output(out_path, in_path, data_files, external_data)
     where = in_path or "model"
     size_before = _tensor_bytes(model)
     model = _prepare(model, where)
@@ -1067,11 +1344,24 @@ def quantize_onnx(
     for layer in layers:
         if layer.weight not in axes:
             a = numpy_helper.to_array(inits[layer.weight]).astype(np.float32, copy=False)
+            if a.size == 0:
+                raise InvalidArgumentError(
+                    f"{_weight_label(layers, layer.weight)}: weight tensor is empty "
+                    f"(shape {tuple(a.shape)})"
+                )
             arrays.append(np.ascontiguousarray(a.T) if layer.axis == 1 else a)
             order.append(layer.weight)
             axes[layer.weight] = layer.axis
     start = time.perf_counter()
-    qts = quantize_tensors(arrays, wbits, mode, threads=n_threads, quantizer=quantizer)
+    try:
+        qts = quantize_tensors(arrays, wbits, mode, threads=n_threads, quantizer=quantizer)
+    except SquantError as exc:
+        # "weight {i}: ..." (an index into arrays): name the initializer instead.
+        m = re.match(r"weight (\d+): ", str(exc))
+        if m is None or int(m.group(1)) >= len(order):
+            raise
+        label = _weight_label(layers, order[int(m.group(1))])
+        raise type(exc)(f"{label}: {str(exc)[m.end() :]}") from None
     ms = (time.perf_counter() - start) * 1e3
     weights = {name: _Weight(name, axes[name], qt) for name, qt in zip(order, qts)}
     for layer in layers:
@@ -1099,7 +1389,7 @@ def quantize_onnx(
             plan = _integer_ranges(model, layers, abits, mult, feeds, n_threads, {})
     reports = _layer_reports(layers, weights, arrays, order, ms)
     _rewrite(model, list(weights.values()), plan)
-    size_after = write_model(model, out, external_data)
+    size_after = write_model(model, out, external_data, in_path, data_files)
     return QuantReport(
         layers=reports,
         wbits=wbits,
@@ -1111,6 +1401,12 @@ def quantize_onnx(
         size_after=size_after,
         quantizer=quantizer,
     )
+
+
+def _weight_label(layers: list[_Layer], weight: str) -> str:
+    """``initializer 'w' (node 'a', ...)`` for error messages."""
+    nodes = ", ".join(repr(ly.name) for ly in layers if ly.weight == weight)
+    return f"initializer {weight!r} (weight of node {nodes})"
 
 
 def _s_sigma(s_sigma: float | None, abits: int | None) -> float | None:
@@ -1284,8 +1580,9 @@ def export_onnx(
         written).
 
     Raises:
-        InvalidArgumentError: bad arguments, a quantized weight missing from
-            the exported graph.
+        InvalidArgumentError: bad arguments, no layer to quantize, a float16
+            / float64 model, ``abits`` with several inputs, a quantized
+            weight missing from the exported graph.
         ImportError: torch or onnx is missing.
     """
     wall = time.perf_counter()
@@ -1294,11 +1591,18 @@ def export_onnx(
 
     from ..model.pipeline import activation_quantizers, quantize_model
 
-    out = _check_output(path, None)
+    out = _check_output(path, None, (), external_data)
     input_range = _check_quantize_input(quantize_input, abits)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_input must be a tensor or a tuple of tensors")
+    if abits is not None and len(inputs) > 1:
+        raise InvalidArgumentError(
+            f"abits: quantize_model calibrates the activation ranges on one U[0,1) input, "
+            f"and this model takes {len(inputs)}; export it weight-only (abits=None), or "
+            "export it to ONNX and use quantize_onnx (it calibrates every float32 input)"
+        )
+    _check_float32(model, inputs)
     kwargs: dict[str, Any] = {
         "quantizer": quantizer,
         "skip": skip,
@@ -1318,6 +1622,11 @@ def export_onnx(
         kwargs["recipe"] = recipe
     qmodel, report = quantize_model(model, wbits, abits, mode, **kwargs)
     assert isinstance(report, QuantReport)
+    if not report.layers:
+        raise InvalidArgumentError(
+            f"the model ({type(model).__name__}) has no layer to quantize (no Conv1d/2d/3d "
+            "or Linear layer, or all of them skipped): nothing to export"
+        )
     for hook in activation_quantizers(qmodel).values():
         hook.enabled = False  # the graph gets Q/DQ nodes instead
     qmodel.eval()
@@ -1346,29 +1655,18 @@ def export_onnx(
     size_before = _tensor_bytes(graph_model)
     layers, _ = _find_layers(graph_model, ())
     inits = _initializers(graph_model.graph)
-    from onnx import numpy_helper
-
-    weights: dict[str, _Weight] = {}
-    by_layer: dict[str, list[_Layer]] = {}
-    for rep in report.layers:
-        qt = rep.qtensor
-        if qt is None:  # pragma: no cover - quantize_model fills it
-            continue
-        found = _match_initializer(layers, inits, rep.name, qt, numpy_helper)
-        if found is None:
-            raise InvalidArgumentError(
-                f"layer {rep.name!r}: its quantized weight is not an initializer of the "
-                "exported graph"
-            )
-        init_name, axis = found
-        wt = weights.setdefault(init_name, _Weight(init_name, axis, _as_numpy_qt(qt)))
-        by_layer[rep.name] = [ly for ly in layers if ly.weight == init_name]
-        for layer in layers:
-            if layer.weight == init_name and layer not in wt.layers:
-                wt.layers.append(layer)
-                if rep.act_range is not None and rep.act_bits is not None:
-                    lo, hi = rep.act_range
-                    layer.act = (rep.act_bits, lo, hi)
+    why = ""
+    bns = [
+        n for n, m in qmodel.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+    if bns and not any(n.op_type == "BatchNormalization" for n in graph_model.graph.node):
+        why = (
+            f": torch's exporter folded a BatchNorm ({', '.join(bns[:3])}) into the layers "
+            "that quantize_model could not fold because it cannot trace the model "
+            "(data-dependent control flow?); make the model traceable by torch.fx, or "
+            "export it with torch.onnx.export and quantize the file with quantize_onnx"
+        )
+    weights, by_layer = _match_layers(layers, inits, report.layers, why)
     if integer_kernels and abits is None:
         raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
     plan: dict[str, tuple[int, float, float]] | None = None
@@ -1395,11 +1693,29 @@ def export_onnx(
         if integer_kernels:
             known = _bn_output_ranges(model, graph_model, report, by_layer, abits)
             plan = _integer_ranges(graph_model, layers, abits, mult, feeds, n_threads, known)
-    _rewrite(graph_model, list(weights.values()), plan)
+    _rewrite(graph_model, weights, plan)
     report.size_before = size_before
     report.size_after = write_model(graph_model, out, external_data)
     report.wall_ms = (time.perf_counter() - wall) * 1e3
     return report
+
+
+def _check_float32(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """The exported graph must hold the float32 weights quantize_model
+    dequantizes: a float16 / float64 model (or input) is refused."""
+    import torch
+
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise InvalidArgumentError(
+                f"export_onnx needs a float32 model: {name} is {t.dtype} "
+                "(convert a copy with .float() and pass a float32 example_input)"
+            )
+    for i, t in enumerate(inputs):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise InvalidArgumentError(
+                f"export_onnx needs float32 example inputs: input {i} is {t.dtype}"
+            )
 
 
 def _bn_output_ranges(
@@ -1482,20 +1798,149 @@ def _as_numpy_qt(qt: QuantizedTensor) -> QuantizedTensor:
     )
 
 
-def _match_initializer(
-    layers: list[_Layer], inits: dict[str, Any], name: str, qt: QuantizedTensor, nh: Any
-) -> tuple[str, int] | None:
-    """The initializer holding layer ``name``'s dequantized weight: by name
-    (``<name>.weight``), else by value (transposed for MatMul)."""
-    want = _as_numpy_qt(qt).dequantize()
-    candidates = [f"{name}.weight"] + [layer.weight for layer in layers]
-    for init_name in dict.fromkeys(candidates):
-        layer = next((ly for ly in layers if ly.weight == init_name), None)
-        t = inits.get(init_name)
-        if layer is None or t is None:
+def _scope_names(module: str) -> list[str]:
+    """The scope names torch's TorchScript exporter gives the nodes of module
+    ``module`` (``layers.0.conv`` -> ``layers``, ``layers.0``, ``conv``: each
+    module's name from its last non-numeric atom on)."""
+    atoms = module.split(".")
+    out = []
+    for i in range(1, len(atoms) + 1):
+        j = i - 1
+        while j > 0 and atoms[j].isnumeric():
+            j -= 1
+        out.append(".".join(atoms[j:i]))
+    return out
+
+
+def _scope_match(node_name: str, module: str) -> int:
+    """2: ``node_name`` (``/layers/layers.0/conv/Conv``) is a node of
+    ``module``'s scope, 1: of one of its later calls (``/a_1/MatMul``: the
+    exporter numbers repeated scopes), 0: neither."""
+    parts = node_name.split("/")
+    if len(parts) < 3 or parts[0]:
+        return 0
+    scope, want = parts[1:-1], _scope_names(module)
+    if len(scope) != len(want):
+        return 0
+    score = 2
+    for got, w in zip(scope, want):
+        if got != w:
+            if not (got.startswith(w + "_") and got[len(w) + 1 :].isdigit()):
+                return 0
+            score = 1
+    return score
+
+
+def _same_qt(a: QuantizedTensor, b: QuantizedTensor) -> bool:
+    return (
+        a.bits == b.bits
+        and np.array_equal(a.codes, b.codes)
+        and np.array_equal(a.scale, b.scale)
+        and np.array_equal(a.zero_point, b.zero_point)
+    )
+
+
+def _match_layers(
+    layers: list[_Layer], inits: dict[str, Any], reps: list[LayerReport], why: str = ""
+) -> tuple[list[_Weight], dict[str, list[_Layer]]]:
+    """Which graph layers run which quantized layer of the report.
+
+    A graph layer belongs to a report layer when its weight initializer
+    (looked up through Identity nodes: torch's exporter merges equal-valued
+    and shared weights into one initializer) equals the report layer's
+    dequantized weight; among several such report layers, to the one whose
+    module scope the node is in. Graph layers on one initializer share one
+    DequantizeLinear when their quantized weights are the same (equal
+    values quantize to the same codes), else each quantized weight gets its
+    own. The activation range of a graph layer is its report layer's.
+
+    Returns:
+        The quantized weights, and the graph layers of each report layer.
+
+    Raises:
+        InvalidArgumentError: a report layer whose weight no initializer
+            holds (``why`` appended: what the caller knows of the cause).
+    """
+    from onnx import numpy_helper
+
+    def digest(a: np.ndarray) -> tuple[tuple[int, ...], int]:
+        return a.shape, hash((a + np.float32(0.0)).tobytes())  # -0.0 as 0.0
+
+    values: dict[tuple[str, int], np.ndarray] = {}
+    by_digest: dict[tuple[tuple[int, ...], int], list[_Layer]] = {}
+    for layer in layers:
+        key = (layer.weight, layer.axis)
+        if key not in values:
+            a = numpy_helper.to_array(inits[layer.weight])
+            values[key] = a.T if layer.axis == 1 else a
+        by_digest.setdefault(digest(values[key]), []).append(layer)
+
+    qts: list[QuantizedTensor] = []
+    cands: list[set[int]] = []  # ids of the graph layers holding each report layer's weight
+    for rep in reps:
+        if rep.qtensor is None:  # pragma: no cover - quantize_model fills it
+            qts.append(None)  # type: ignore[arg-type]
+            cands.append(set())
             continue
-        a = nh.to_array(t)
-        a = a.T if layer.axis == 1 else a
-        if a.shape == want.shape and np.array_equal(a, want):
-            return init_name, layer.axis
-    return None
+        qt = _as_numpy_qt(rep.qtensor)
+        want = np.asarray(qt.dequantize())
+        found = {
+            id(ly)
+            for ly in by_digest.get(digest(want), [])
+            if np.array_equal(values[(ly.weight, ly.axis)], want)
+        }
+        if not found:
+            raise InvalidArgumentError(
+                f"layer {rep.name!r}: its quantized weight is not an initializer of the "
+                f"exported graph{why}"
+            )
+        qts.append(qt)
+        cands.append(found)
+    owner: dict[int, int] = {}  # id(graph layer) -> report index
+    for layer in layers:
+        scored = [
+            (_scope_match(layer.name, rep.name), -i)
+            for i, rep in enumerate(reps)
+            if id(layer) in cands[i]
+        ]
+        scored = [sc for sc in scored if sc[0] > 0]
+        if scored:
+            owner[id(layer)] = -max(scored)[1]
+    for layer in layers:
+        if id(layer) in owner:
+            continue
+        which = [i for i in range(len(reps)) if id(layer) in cands[i]]
+        if not which:
+            continue  # a weight quantize_model left float
+        first = which[0]
+        setting = (reps[first].act_bits, reps[first].act_range)
+        if any(
+            not _same_qt(qts[i], qts[first]) or (reps[i].act_bits, reps[i].act_range) != setting
+            for i in which[1:]
+        ):
+            warnings.warn(
+                f"node {layer.name!r}: its weight is that of the layers "
+                f"{', '.join(repr(reps[i].name) for i in which)}, quantized or calibrated "
+                f"differently, and its scope names none of them; using {reps[first].name!r}'s",
+                UserWarning,
+                stacklevel=3,
+            )
+        owner[id(layer)] = first
+    weights: list[_Weight] = []
+    by_layer: dict[str, list[_Layer]] = {rep.name: [] for rep in reps}
+    for layer in layers:
+        i = owner.get(id(layer))
+        if i is None:
+            continue
+        rep = reps[i]
+        by_layer[rep.name].append(layer)
+        if rep.act_range is not None and rep.act_bits is not None:
+            layer.act = (rep.act_bits, *rep.act_range)
+        wt = next((w for w in weights if w.name == layer.weight and _same_qt(w.qt, qts[i])), None)
+        if wt is None:
+            shared = any(w.name == layer.weight for w in weights)
+            base = f"{rep.name}.weight" if shared else layer.weight
+            wt = _Weight(layer.weight, layer.axis, qts[i], base=base)
+            weights.append(wt)
+        wt.layers.append(layer)
+    return weights, by_layer
