@@ -183,6 +183,30 @@ def test_export_with_squant_plus_recipe_matches_fake_quant(tmp_path):
     assert isinstance(qm.b1, torch.nn.Identity) and isinstance(net.b1, torch.nn.BatchNorm2d)
 
 
+def test_export_of_a_model_in_training_mode(tmp_path):
+    """The graph runs in eval mode (its BNs folded by the exporter): a model
+    in training mode exports what its eval mode computes, quantized, and
+    keeps its modes."""
+    torch.manual_seed(0)
+    net = ConvBnRelu6()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    net.train()
+    x = torch.rand(2, 3, 12, 12)
+    path = tmp_path / "m.onnx"
+    rep = squant_rs.export_onnx(net, path, x, 8, recipe="squant+")
+    assert net.training and net.b1.training and isinstance(net.b1, torch.nn.BatchNorm2d)
+    assert [(r.name, r.folded) for r in rep.layers] == [("c1", True), ("c2", True), ("fc", False)]
+    qm = squant_rs.quantize_model(net.eval(), 8, recipe="squant+")
+    net.train()
+    with torch.no_grad():
+        want = qm(x).numpy()
+    got = run(path, x.numpy())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 def _dq_values(model: onnx.ModelProto, tmp_path) -> dict[str, np.ndarray]:
     """Every weight DequantizeLinear of ``model`` evaluated by onnxruntime."""
     g = model.graph

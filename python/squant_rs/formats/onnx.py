@@ -33,6 +33,7 @@ onnx and onnxruntime are imported lazily (``pip install 'squant-rs[onnx]'``).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
@@ -1557,7 +1558,9 @@ def export_onnx(
     BatchNorm layers are folded into the Conv before them first
     (``quantize_model(..., fold_bn=True)``, where folding is exact:
     ``docs/recipe.md``; a BN after a Linear stays a ``BatchNormalization``
-    node), so the quantized weights are the ones the exported graph uses. The model is exported with
+    node), so the quantized weights are the ones the exported graph uses
+    (the graph runs in eval mode: a model in training mode is quantized
+    from an eval-mode copy; its own modes stay). The model is exported with
     ``torch.onnx.export`` (TorchScript exporter) on ``example_input``;
     each quantized weight becomes ``DequantizeLinear`` of its SQuant codes
     and, with ``abits``, the layer inputs get the Q/DQ pairs of the ranges
@@ -1620,7 +1623,14 @@ def export_onnx(
         if "recipe" not in params:
             raise InvalidArgumentError("recipe= needs a quantize_model with recipes")
         kwargs["recipe"] = recipe
-    qmodel, report = quantize_model(model, wbits, abits, mode, **kwargs)
+    source = model
+    if any(m.training for m in model.modules()):
+        # The graph is exported in eval mode, where torch's exporter folds
+        # every BatchNorm: quantize (and fold) what that graph runs, from an
+        # eval-mode copy (quantize_model folds eval-mode BNs only; the
+        # caller's model keeps its modes).
+        source = copy.deepcopy(model).eval()
+    qmodel, report = quantize_model(source, wbits, abits, mode, **kwargs)
     assert isinstance(report, QuantReport)
     if not report.layers:
         raise InvalidArgumentError(
