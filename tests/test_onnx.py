@@ -207,6 +207,30 @@ def test_export_of_a_model_in_training_mode(tmp_path):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+def test_integer_kernel_ranges_of_a_model_in_training_mode(tmp_path):
+    """Integer kernels' output ranges come from the (eval-mode) BNs for a
+    model in training mode too: the same file as from eval mode."""
+    from onnx import numpy_helper
+
+    x = torch.rand(1, 3, 32, 32)
+    scales, outs = {}, {}
+    for mode in ("train", "eval"):
+        net = random_mobilenet_v2(0)
+        net.train(mode == "train")
+        p = tmp_path / f"{mode}.onnx"
+        squant_rs.export_onnx(net, p, x, 4, 8, integer_kernels=True)
+        assert net.training is (mode == "train")
+        g = onnx.load(str(p)).graph
+        scales[mode] = {
+            t.name: numpy_helper.to_array(t).tolist()
+            for t in g.initializer
+            if t.name.endswith("_scale")
+        }
+        outs[mode] = run(p, x.numpy())
+    assert scales["train"] == scales["eval"]
+    np.testing.assert_array_equal(outs["train"], outs["eval"])
+
+
 def _dq_values(model: onnx.ModelProto, tmp_path) -> dict[str, np.ndarray]:
     """Every weight DequantizeLinear of ``model`` evaluated by onnxruntime."""
     g = model.graph
@@ -1025,23 +1049,76 @@ class _Untraceable(torch.nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-def test_export_says_why_an_unfolded_bn_fails(tmp_path):
+class _Conv2dSame(torch.nn.Conv2d):
+    """timm-style: pads for 'same' output, then the stock convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.pad(x, [1, 1, 1, 1])
+        return torch.nn.functional.conv2d(
+            x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups
+        )
+
+
+class _BnAct(torch.nn.BatchNorm2d):
+    """timm-style BatchNormAct2d: the activation inside the BN's forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def _exporter_folds(case: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    net = _Untraceable().eval()
+    if case == "untraceable":
+        net: torch.nn.Module = _Untraceable()
+        conv, bn = net.conv, net.bn
+    else:
+        conv = (
+            _Conv2dSame(3, 8, 3) if case == "conv-subclass" else torch.nn.Conv2d(3, 8, 3, padding=1)
+        )
+        bn = _BnAct(8) if case == "bn-subclass" else torch.nn.BatchNorm2d(8)
+        net = torch.nn.Sequential(conv, bn, torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
     with torch.no_grad():
-        net.bn.running_mean.uniform_(-0.5, 0.5)
-        net.bn.running_var.uniform_(0.5, 2)
-    x = torch.rand(4, 3, 8, 8)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2)
+        if case == "negative-gamma":
+            bn.weight.uniform_(-1.5, -0.5)
+    seen: list[object] = []
+    if case in ("conv-hook", "negative-gamma"):
+        conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))  # reads only
+    if case == "bn-hook":
+        bn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    return net.eval()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["untraceable", "conv-hook", "bn-hook", "conv-subclass", "bn-subclass", "negative-gamma"],
+)
+@pytest.mark.parametrize("wbits", [4, 7])
+def test_export_layers_only_the_exporter_folds(tmp_path, case, wbits):
+    """torch's exporter folds Conv+BN pairs that quantize_model leaves
+    unfolded (hooks, modules with a forward of their own, untraceable
+    models): the graph runs the layer's SQuant codes with each channel's
+    scale times the BN factor, i.e. the fake-quant model."""
+    net = _exporter_folds(case)
+    x = torch.rand(2, 3, 8, 8)
     out = tmp_path / "m.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's tracer warnings on the branch
-        with pytest.raises(squant_rs.InvalidArgumentError, match="folded a BatchNorm \\(bn\\)"):
-            squant_rs.export_onnx(net, out, x, 8, recipe="paper")
-        assert not out.exists()
-        # what the message suggests works
-        float_export(net, x, tmp_path / "fp32.onnx")
-    rep = squant_rs.quantize_onnx(tmp_path / "fp32.onnx", out, 8)
-    assert len(rep.layers) == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = squant_rs.export_onnx(net, out, x, wbits, recipe="paper")
+        qm = squant_rs.quantize_model(net, wbits, recipe="paper", input_shape=tuple(x.shape))
+    assert any("folded a BatchNorm into" in str(w.message) for w in caught)
+    first = rep.layers[0]
+    assert first.folded
+    with torch.no_grad():
+        want = qm(x).numpy()
+    got = run(out, x.numpy())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert ops(out)["BatchNormalization"] == 0
+    # The graph's weight dequantizes to the reported quantized weight.
+    dq = _dq_values(onnx.load(str(out)), tmp_path)
+    graph_w = next(v for k, v in dq.items() if v.shape == tuple(first.shape))
+    np.testing.assert_allclose(graph_w, np.asarray(first.qtensor.dequantize()), rtol=2e-7, atol=0)
 
 
 def test_bad_inputs_api_and_cli(tmp_path, capsys):

@@ -1671,10 +1671,10 @@ def export_onnx(
     ]
     if bns and not any(n.op_type == "BatchNormalization" for n in graph_model.graph.node):
         why = (
-            f": torch's exporter folded a BatchNorm ({', '.join(bns[:3])}) into the layers "
-            "that quantize_model could not fold because it cannot trace the model "
-            "(data-dependent control flow?); make the model traceable by torch.fx, or "
-            "export it with torch.onnx.export and quantize the file with quantize_onnx"
+            f": torch's exporter folded a BatchNorm ({', '.join(bns[:3])}) that quantize_model "
+            "did not fold, and the folded weight is not a per-channel multiple of the "
+            "quantized one; export the float model with torch.onnx.export and quantize the "
+            "file with quantize_onnx"
         )
     weights, by_layer = _match_layers(layers, inits, report.layers, why)
     if integer_kernels and abits is None:
@@ -1701,7 +1701,7 @@ def export_onnx(
             if layer.act is not None:
                 layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
         if integer_kernels:
-            known = _bn_output_ranges(model, graph_model, report, by_layer, abits)
+            known = _bn_output_ranges(source, graph_model, report, by_layer, abits)
             plan = _integer_ranges(graph_model, layers, abits, mult, feeds, n_threads, known)
     _rewrite(graph_model, weights, plan)
     report.size_before = size_before
@@ -1887,6 +1887,7 @@ def _match_layers(
 
     qts: list[QuantizedTensor] = []
     cands: list[set[int]] = []  # ids of the graph layers holding each report layer's weight
+    folded_here: list[str] = []  # layers whose BN only torch's exporter folded
     for rep in reps:
         if rep.qtensor is None:  # pragma: no cover - quantize_model fills it
             qts.append(None)  # type: ignore[arg-type]
@@ -1900,10 +1901,18 @@ def _match_layers(
             if np.array_equal(values[(ly.weight, ly.axis)], want)
         }
         if not found:
-            raise InvalidArgumentError(
-                f"layer {rep.name!r}: its quantized weight is not an initializer of the "
-                f"exported graph{why}"
-            )
+            scaled = _exporter_folded(layers, values, rep.name, qt, want)
+            if scaled is None:
+                raise InvalidArgumentError(
+                    f"layer {rep.name!r}: its quantized weight is not an initializer of the "
+                    f"exported graph{why}"
+                )
+            found, qt = scaled
+            # The graph runs the layer with the BN torch's exporter folded into
+            # it: its SQuant codes with each channel's scale times the BN factor.
+            rep.qtensor = qt
+            rep.folded = True
+            folded_here.append(rep.name)
         qts.append(qt)
         cands.append(found)
     owner: dict[int, int] = {}  # id(graph layer) -> report index
@@ -1949,8 +1958,72 @@ def _match_layers(
         wt = next((w for w in weights if w.name == layer.weight and _same_qt(w.qt, qts[i])), None)
         if wt is None:
             shared = any(w.name == layer.weight for w in weights)
-            base = f"{rep.name}.weight" if shared else layer.weight
+            # (a weight the exporter folded has a generated name: the layer's)
+            own = shared or rep.name in folded_here
+            base = f"{rep.name}.weight" if own else layer.weight
             wt = _Weight(layer.weight, layer.axis, qts[i], base=base)
             weights.append(wt)
         wt.layers.append(layer)
+    if folded_here:
+        warnings.warn(
+            "torch's exporter folded a BatchNorm into "
+            f"{', '.join(repr(n) for n in folded_here)}, which quantize_model left unfolded "
+            "(a hook, a module with a forward of its own, or a model it cannot trace): "
+            "the graph runs their SQuant codes with each channel's scale times the "
+            "BatchNorm's factor",
+            UserWarning,
+            stacklevel=3,
+        )
     return weights, by_layer
+
+
+def _exporter_folded(
+    layers: list[_Layer],
+    values: dict[tuple[str, int], np.ndarray],
+    module: str,
+    qt: QuantizedTensor,
+    want: np.ndarray,
+) -> tuple[set[int], QuantizedTensor] | None:
+    """Where torch's exporter folded a BatchNorm into layer ``module`` that
+    quantize_model did not fold: the graph layers of ``module``'s scope
+    whose weight is ``k_c`` times its dequantized weight ``want`` in every
+    output channel ``c`` (within float32 rounding), and ``qt`` with each
+    channel's scale divided by ``k_c`` (codes and zero point negated where
+    ``k_c < 0``), so that it dequantizes to that weight. ``None`` if no
+    graph layer is such a multiple."""
+    from dataclasses import replace
+
+    oc = int(want.shape[0]) if want.ndim else 0
+    w = want.reshape(oc, -1).astype(np.float64)
+    for layer in layers:
+        if _scope_match(layer.name, module) != 2:
+            continue
+        g = values[(layer.weight, layer.axis)]
+        if g.shape != want.shape:
+            continue
+        g64 = g.reshape(oc, -1).astype(np.float64)
+        at = np.abs(w).argmax(axis=1)
+        pivot = w[np.arange(oc), at]
+        k = np.where(pivot != 0, g64[np.arange(oc), at] / np.where(pivot != 0, pivot, 1), 1.0)
+        if not (np.isfinite(k).all() and (k != 0).all()):
+            continue
+        tol = 4 * np.finfo(np.float32).eps * np.abs(g64).max(axis=1, initial=0.0)
+        if (np.abs(g64 - k[:, None] * w) > tol[:, None] + 1e-30).any():
+            continue
+        sign = np.where(k < 0, -1, 1)
+        shape = (oc,) + (1,) * (np.asarray(qt.codes).ndim - 1)
+        codes = np.asarray(qt.codes).astype(np.int32) * sign.reshape(shape)
+        if codes.size and (codes.min() < -128 or codes.max() > 127):
+            continue  # a negated code -128 (8 bits, k < 0): not an int8 code
+        scale = (np.asarray(qt.scale, dtype=np.float64) / np.abs(k)).astype(np.float32)
+        new = replace(
+            qt,
+            codes=codes.astype(np.int8),
+            scale=scale,
+            zero_point=(np.asarray(qt.zero_point) * sign).astype(np.float32),
+        )
+        got = np.asarray(new.dequantize(), dtype=np.float64).reshape(oc, -1)
+        if (np.abs(got - g64) > tol[:, None] + 1e-30).any():
+            continue
+        return {id(ly) for ly in layers if ly.weight == layer.weight}, new
+    return None
