@@ -90,12 +90,15 @@ def _check_values_torch(
     mx = flat.amax(dim=1)
     mn = flat.amin(dim=1)
     n = float(2 ** (bits - 1))
+    # True division, as in the backend and the Rust core: torch evaluates
+    # ``python_float / tensor`` as ``reciprocal() * c``, which is off where
+    # the reciprocal is subnormal (weights near float32's limit).
     if quantizer == "symmetric":
         amax = torch.maximum(mx.abs(), mn.abs())
-        scale = (n - 1) / amax.clamp_min(1e-8)
+        scale = torch.div(torch.tensor(n - 1), amax.clamp_min(1e-8))
         zp = torch.zeros_like(scale)
     else:
-        scale = float(2**bits - 1) / (mx - mn).clamp_min(1e-8)
+        scale = torch.div(torch.tensor(float(2**bits - 1)), (mx - mn).clamp_min(1e-8))
         zp = torch.round(scale * mn) + n
     low = n - 1 if quantizer == "symmetric" else n  # -tmin
     reach = torch.maximum(((zp - low) / scale).abs(), ((zp + (n - 1)) / scale).abs())
@@ -134,7 +137,7 @@ def _check_grid_torch(scale: torch.Tensor, zp: torch.Tensor, bits: int, dtype: A
     reach = ((z32 - n) / s32).abs().maximum(((z32 + (n - 1)) / s32).abs())
     ok = torch.isfinite(reach) & (s32 > 0)
     if fmax != math.inf:
-        ok &= reach - 1.0 / s32 <= fmax
+        ok &= reach - torch.div(torch.tensor(1.0), s32) <= fmax  # as numpy's 1 / s
     if not bool(ok.all()):
         o = int((~ok).nonzero()[0, 0])
         raise grid_error(o, dtype, float(reach[o]))
