@@ -568,10 +568,15 @@ def save_quantized(
     per-layer :class:`QuantReport` with the sizes before and after.
 
     For an ``nn.Module``, exactly the weights :func:`quantize_model` would
-    quantize with the same ``skip`` are quantized, with the same codes, so
-    ``load_quantized(path)`` equals ``quantize_model(model, ...).state_dict()``
-    bit for bit. For a state dict (torch tensors or numpy arrays), see
-    :func:`select_state_dict` for ``include``/``skip``. Everything else is
+    quantize with the same ``skip`` are quantized, as they are in the model
+    (no BatchNorm folding, bias correction or weight range search), so
+    ``load_quantized(path)`` equals ``quantize_model(model, ...,
+    recipe="paper").state_dict()`` bit for bit. Under quantize_model's
+    default ``recipe="squant+"`` that holds only for a model without
+    BatchNorm: with BatchNorm it folds the BNs into the weights first (so
+    the weights, biases and state-dict keys differ). For a state dict
+    (torch tensors or numpy arrays), see :func:`select_state_dict` for
+    ``include``/``skip``. Everything else is
     stored unchanged. ``quantizer`` (``"asymmetric"`` or ``"symmetric"``, as
     in :func:`quantize_tensor`) is recorded in the file's ``quantizer``
     metadata key (absent: asymmetric). The file is written atomically by
@@ -850,7 +855,8 @@ def load_quantized(
     """Read a squant-rs file (or a sharded directory written by
     :func:`quantize_checkpoint`) back as a float state dict (torch tensors,
     on ``device``, default CPU), ready for ``model.load_state_dict``. The
-    quantized weights equal :func:`quantize_model`'s bit for bit. Tensors
+    quantized weights equal :func:`quantize_model`'s with ``recipe="paper"``
+    bit for bit (see :func:`save_quantized`). Tensors
     are memory-mapped and dequantized in Rust one at a time straight into
     their output buffers. With ``verify`` (default) every tensor's CRC32C
     checksum is checked as it is read (files written before checksums
