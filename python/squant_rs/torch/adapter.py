@@ -386,11 +386,13 @@ def dequantize_torch(qt: QuantizedTensor, threads: int) -> torch.Tensor:
     from ..tensor.quantized import BLOCK_ELEMENTS
 
     codes: torch.Tensor = qt.codes
+    # A hand-made instance's scale may require grad: the values are the same.
+    scale_t, zp_t = qt.scale.detach(), qt.zero_point.detach()
     if not qt.grid_checked:
-        _check_grid_torch(qt.scale, qt.zero_point, qt.bits, qt.dtype)
+        _check_grid_torch(scale_t, zp_t, qt.bits, qt.dtype)
     if codes.device.type == "cpu":
         # Same IEEE operations in the parallel Rust loop, on zero-copy views.
-        scale, zp = qt.scale.numpy(), qt.zero_point.numpy()
+        scale, zp = scale_t.numpy(), zp_t.numpy()
         if qt.dtype == torch.float32:
             return torch.from_numpy(_native.dequantize(codes.numpy(), scale, zp, threads))
         # Other dtypes a block of channels at a time: one float32 block at most.
@@ -403,7 +405,7 @@ def dequantize_torch(qt: QuantizedTensor, threads: int) -> torch.Tensor:
             out[c0:c1].copy_(_clamp_to(torch.from_numpy(block), qt.dtype))
         return out
     view = (-1,) + (1,) * (codes.dim() - 1)
-    w_hat: torch.Tensor = (codes.to(torch.float32) + qt.zero_point.view(view)) / qt.scale.view(view)
+    w_hat: torch.Tensor = (codes.to(torch.float32) + zp_t.view(view)) / scale_t.view(view)
     return _clamp_to(w_hat, qt.dtype).to(qt.dtype)
 
 
