@@ -211,3 +211,89 @@ def test_cuda_large_layers() -> None:
         a = squant_rs.quantize_tensor(w, 4, backend="rust")
         b = squant_rs.quantize_tensor(w.cuda(), 4)
         _assert_same(a, b)
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _near_f32_max() -> dict[str, torch.Tensor]:
+    below = float(np.nextafter(np.float32(F32_MAX), np.float32(0)))
+    return {
+        "max-and-zero": torch.tensor([[F32_MAX, 3e38, 1e38, 0.0], [1.0, -2.0, 0.5, 0.25]]),
+        "max-both-signs": torch.tensor([[F32_MAX, -F32_MAX, 0.0, 1.0]]),
+        "below-max": torch.tensor([[below, 2e38, -1e30, 0.0], [below, below, below, below]]),
+        "negative-max": torch.tensor([[-F32_MAX, -3e38, 0.0, 1e37]]),
+        "half-max": torch.tensor([[F32_MAX / 2, -F32_MAX / 2, 0.0, 1.0]]),
+        # float64 values that round to float32's largest value
+        "float64-to-max": torch.tensor(
+            [[F32_MAX * (1 + 2.0**-26), 3e38, 0.0, -1.0]], dtype=torch.float64
+        ),
+        "conv": torch.tensor([F32_MAX, 1e38, 0.0, -1e38] * 9).reshape(4, 1, 3, 3),
+    }
+
+
+def _outcome(w: torch.Tensor, *args: object, **kw: object) -> tuple[str, object]:
+    """What ``quantize_tensor(w, *args, **kw)`` gives: the error's type and
+    message, or the result's codes, scale and zero point bits and flips."""
+    try:
+        qt = squant_rs.quantize_tensor(w, *args, **kw)  # type: ignore[arg-type]
+    except squant_rs.SquantError as exc:
+        return type(exc).__name__, str(exc)
+    return "ok", (
+        qt.codes.cpu().tolist(),
+        qt.scale.cpu().view(torch.int32).tolist(),
+        qt.zero_point.cpu().view(torch.int32).tolist(),
+        qt.k_flips,
+        qt.c_flips,
+    )
+
+
+@pytest.mark.parametrize("strategy", ["cpu", "dense"])
+@pytest.mark.parametrize("quantizer", ["asymmetric", "symmetric"])
+@pytest.mark.parametrize("name", list(_near_f32_max()))
+def test_backends_agree_at_float32_max(
+    monkeypatch: pytest.MonkeyPatch, strategy: str, quantizer: str, name: str
+) -> None:
+    """Weights at and near float32's largest value: the torch backend (its
+    value check recomputes the scale by true division, bit for bit the Rust
+    core's) quantizes exactly what the Rust backend quantizes, and refuses
+    only what it refuses; one at a time and in a batch."""
+    from squant_rs.torch import backend as tb
+
+    monkeypatch.setattr(
+        tb,
+        "quantize_torch",
+        lambda w, bits, mode, *, check=None, **kw: tb._quantize(
+            w, bits, mode, on_cpu=strategy == "cpu", check=check, **kw
+        ),
+    )
+    w = _near_f32_max()[name]
+    oks = 0
+    for bits in range(2, 9):
+        for mode in ("squant", "rtn"):
+            want = _outcome(w, bits, mode, backend="rust", quantizer=quantizer)
+            got = _outcome(w, bits, mode, backend="torch", quantizer=quantizer)
+            assert got == want, (bits, mode)
+            oks += want[0] == "ok"
+    # mx - mn overflows float32 in these: the asymmetric quantizer refuses them
+    refused = quantizer == "asymmetric" and name in (
+        "max-both-signs",
+        "below-max",
+        "negative-max",
+        "conv",
+    )
+    assert (oks == 0) == refused
+
+
+@pytest.mark.parametrize("quantizer", ["asymmetric", "symmetric"])
+def test_batch_backends_agree_at_float32_max(quantizer: str) -> None:
+    ws = [
+        w
+        for name, w in _near_f32_max().items()
+        if quantizer == "symmetric" or name in ("max-and-zero", "half-max", "float64-to-max")
+    ]
+    for bits in (4, 8):
+        want = squant_rs.quantize_tensors(ws, bits, backend="rust", quantizer=quantizer)
+        got = squant_rs.quantize_tensors(ws, bits, backend="torch", quantizer=quantizer)
+        for a, b in zip(want, got):
+            _assert_same(a, b)

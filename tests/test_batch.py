@@ -150,3 +150,57 @@ def test_large_weight_errors_name_the_lowest_channel(threads):
     # And without errors, the same results at every thread count.
     one = squant_rs.quantize_tensor(w, 4, threads=1)
     _same(squant_rs.quantize_tensor(w, 4, threads=threads), one)
+
+
+def _first_error(ws, **kw):
+    """The error of one call per weight, in order: type and prefixed message."""
+    for i, w in enumerate(ws):
+        try:
+            squant_rs.quantize_tensor(w, 4, **kw)
+        except Exception as exc:
+            return type(exc), f"weight {i}: {exc}"
+    raise AssertionError("no bad weight")
+
+
+_BAD = {
+    "nan": lambda: np.array([[1.0, np.nan], [0.5, 2.0]], np.float32),
+    "too-large": lambda: np.full((2, 3), 1e39, np.float64),
+    "1-d": lambda: np.ones(4, np.float32),
+    "int32": lambda: np.ones((2, 3), np.int32),
+    "empty": lambda: np.zeros((0, 4), np.float32),
+}
+
+
+def _snapshot(w):
+    return (w.numpy() if hasattr(w, "numpy") else w).copy()
+
+
+@pytest.mark.parametrize("late", list(_BAD))
+@pytest.mark.parametrize("early", list(_BAD))
+@pytest.mark.parametrize(
+    "inputs", ["numpy", "torch-rust", "torch-torch", "torch-torch-mixed0", "torch-torch-mixed1"]
+)
+def test_lowest_index_bad_weight_wins(inputs, early, late):
+    """Whatever the kinds of error (a value found while quantizing, or a
+    shape or dtype refused up front), the lowest-index bad weight's error is
+    raised, as one call per weight would raise it, on every route."""
+    good = [w.astype(np.float32) for w in _weights(key="first")][:4]
+    ws = [good[0], good[1], _BAD[early](), good[2], _BAD[late](), good[3]]
+    kw = {}
+    if inputs != "numpy":
+        torch = pytest.importorskip("torch")
+        kw["backend"] = inputs.split("-")[1]
+        ts = [torch.from_numpy(w) for w in ws]
+        # mixed{r}: numpy arrays at the even (r = 0) or odd (r = 1) positions
+        # take the Rust core, the tensors the torch backend
+        r = int(inputs[-1]) if "mixed" in inputs else -1
+        ws = [w if i % 2 == r else t for i, (w, t) in enumerate(zip(ws, ts))]
+    before = [_snapshot(w) for w in ws]
+    want_type, want_msg = _first_error(ws, **kw)
+    assert want_msg.startswith("weight 2: ")
+    with pytest.raises(Exception) as got:
+        squant_rs.quantize_tensors(ws, 4, **kw)
+    assert type(got.value) is want_type
+    assert str(got.value) == want_msg
+    for w, b in zip(ws, before):
+        assert np.array_equal(_snapshot(w), b, equal_nan=True)

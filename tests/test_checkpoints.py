@@ -433,3 +433,47 @@ def test_fifo_input_is_refused_by_the_api(tmp_path) -> None:
     with pytest.raises(squant_rs.InvalidArgumentError, match="is a FIFO, not a regular"):
         quantize_checkpoint(sharded / "model.safetensors.index.json", tmp_path / "outdir")
     assert sorted(os.listdir(tmp_path)) == ["ck", "in.safetensors"]
+
+
+def test_float8_tensors_are_kept_as_they_are(tmp_path, capsys) -> None:
+    """Only float64/32/16 and bfloat16 tensors are quantizable: a float8
+    weight is not selected (it was, and save_quantized then refused it as
+    "not a floating tensor"), and is stored unchanged, the same way by
+    save_quantized, quantize_checkpoint and the CLI."""
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8")
+    g = torch.Generator().manual_seed(8)
+    sd = {
+        "a.weight": torch.randn(4, 6, generator=g),
+        "f8.weight": torch.randn(4, 6, generator=g).to(torch.float8_e4m3fn),
+        "f8b.weight": torch.randn(3, 2, 2, generator=g).to(torch.float8_e5m2),
+        "h.weight": torch.randn(5, 3, generator=g).half(),
+    }
+    assert squant_rs.select_state_dict(sd) == ["a.weight", "h.weight"]
+    assert squant_rs.select_state_dict({"l": np.ones((2, 2), np.longdouble)}, "*") == (
+        ["l"] if np.dtype(np.longdouble).itemsize == 8 else []
+    )
+    before = {k: v.clone() for k, v in sd.items()}
+    saved = tmp_path / "saved.safetensors"
+    report = squant_rs.save_quantized(sd, saved)
+    assert [layer.name for layer in report.layers] == ["a.weight", "h.weight"]
+    for k, v in sd.items():
+        assert torch.equal(v.view(torch.uint8), before[k].view(torch.uint8))
+    loaded = squant_rs.load_quantized(saved)
+    for k in ("f8.weight", "f8b.weight"):
+        assert loaded[k].dtype == sd[k].dtype
+        assert torch.equal(loaded[k].view(torch.uint8), sd[k].view(torch.uint8))
+
+    src = tmp_path / "src.safetensors"
+    write_safetensors(src, {k: RawTensor.from_torch(v) for k, v in sd.items()})
+    ckpt = tmp_path / "ckpt.safetensors"
+    quantize_checkpoint(src, ckpt)
+    cli = tmp_path / "cli.safetensors"
+    assert main(["quantize", str(src), str(cli)]) == 0
+    capsys.readouterr()
+    want = [(t.name, t.dtype, t.bits) for t in inspect_quantized(saved).tensors]
+    assert ("f8.weight", "F8_E4M3", None) in want
+    for path in (ckpt, cli):
+        assert [(t.name, t.dtype, t.bits) for t in inspect_quantized(path).tensors] == want
+        assert path.read_bytes() == saved.read_bytes()

@@ -148,6 +148,29 @@ def test_model_round_trip_equals_quantize_model(tmp_path, bits: int) -> None:
     assert report.size_after == os.path.getsize(path)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_model_with_batchnorm_round_trip_equals_the_paper_recipe(tmp_path, bits: int) -> None:
+    """save_quantized quantizes the weights as they are (it has no recipe):
+    for a model whose BatchNorms the default squant+ recipe folds, the file
+    equals quantize_model(..., recipe="paper"), not the default (as the
+    save_quantized docstring and the README say)."""
+    torch.manual_seed(bits)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)
+    ).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2)
+    path = tmp_path / "bn.safetensors"
+    squant_rs.save_quantized(model, path, wbits=bits)
+    loaded = squant_rs.load_quantized(path)
+    paper = squant_rs.quantize_model(model, wbits=bits, recipe="paper").state_dict()
+    _assert_state_dicts_equal(loaded, paper)
+    default = squant_rs.quantize_model(model, wbits=bits).state_dict()  # squant+
+    assert set(loaded) != set(default)  # the folded BN is gone
+    assert not torch.equal(loaded["0.weight"], default["0.weight"])
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 def test_model_round_trip_dtypes(tmp_path, dtype: str) -> None:
     model = _mixed().to(getattr(torch, dtype))

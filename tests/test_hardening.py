@@ -111,6 +111,101 @@ def test_hand_made_grid_beyond_float32_is_a_range_error() -> None:
         qt.dequantize()
 
 
+def _hand_made_cases() -> dict[str, tuple[object, type, str]]:
+    """name -> (QuantizedTensor, expected exception, message pattern)."""
+    w = np.random.default_rng(5).standard_normal((6, 5, 3)).astype(np.float32)
+    q = squant_rs.quantize_tensor(w, 4)
+    t = squant_rs.quantize_tensor(torch.from_numpy(w), 4)
+    QT = squant_rs.QuantizedTensor
+    f32 = np.dtype(np.float32)
+    err, dt = squant_rs.InvalidArgumentError, squant_rs.UnsupportedDtypeError
+    return {
+        "float64 scale": (
+            QT(q.codes, q.scale.astype(np.float64), q.zero_point, 4, "squant", f32, 0, 0),
+            TypeError,
+            r"QuantizedTensor\.scale must be float32, got float64",
+        ),
+        "int16 codes": (
+            QT(q.codes.astype(np.int16), q.scale, q.zero_point, 4, "squant", f32, 0, 0),
+            TypeError,
+            r"QuantizedTensor\.codes must be int8",
+        ),
+        "codes as a list": (
+            QT(q.codes.tolist(), q.scale, q.zero_point, 4, "squant", f32, 0, 0),
+            TypeError,
+            r"QuantizedTensor\.codes must be a numpy array or a torch tensor, got list",
+        ),
+        "1-d codes": (
+            QT(q.codes[0, 0], q.scale, q.zero_point, 4, "squant", f32, 0, 0),
+            err,
+            r"QuantizedTensor\.codes must have 2\+ dimensions",
+        ),
+        "bits 0": (
+            QT(q.codes, q.scale, q.zero_point, 0, "squant", f32, 0, 0),
+            err,
+            r"QuantizedTensor\.bits must be an integer in 2\.\.8, got 0",
+        ),
+        "bits 9": (
+            QT(q.codes, q.scale, q.zero_point, 9, "squant", f32, 0, 0),
+            err,
+            r"QuantizedTensor\.bits must be an integer in 2\.\.8, got 9",
+        ),
+        "short zero point": (
+            QT(q.codes, q.scale, q.zero_point[:3], 4, "squant", f32, 0, 0),
+            err,
+            r"QuantizedTensor\.zero_point must have shape \(6,\)",
+        ),
+        "int8 output dtype": (
+            QT(q.codes, q.scale, q.zero_point, 4, "squant", np.dtype(np.int8), 0, 0),
+            dt,
+            r"QuantizedTensor\.dtype must be numpy float16, float32 or float64",
+        ),
+        "torch scale with numpy codes": (
+            QT(q.codes, t.scale, q.zero_point, 4, "squant", f32, 0, 0),
+            TypeError,
+            r"QuantizedTensor\.scale must be a numpy array like codes, got Tensor",
+        ),
+        "torch float64 scale": (
+            QT(t.codes, t.scale.double(), t.zero_point, 4, "squant", torch.float32, 0, 0),
+            TypeError,
+            r"QuantizedTensor\.scale must be float32, got torch\.float64",
+        ),
+        "torch numpy output dtype": (
+            QT(t.codes, t.scale, t.zero_point, 4, "squant", f32, 0, 0),
+            dt,
+            r"QuantizedTensor\.dtype must be torch float16, bfloat16, float32 or float64",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_hand_made_cases()))
+def test_hand_made_fields_are_checked_on_dequantize(case: str) -> None:
+    """A hand-made QuantizedTensor with a field of the wrong type or value:
+    a clear error naming the field (it was a bare numpy/pyo3 TypeError, an
+    AttributeError, "negative shift count", or silently wrong output)."""
+    qt, exc, match = _hand_made_cases()[case]
+    with pytest.raises(exc, match=match):
+        qt.dequantize()  # type: ignore[attr-defined]
+
+
+def test_hand_made_scale_requiring_grad_dequantizes() -> None:
+    w = np.random.default_rng(6).standard_normal((4, 3, 3)).astype(np.float32)
+    t = squant_rs.quantize_tensor(torch.from_numpy(w), 4)
+    qt = squant_rs.QuantizedTensor(
+        t.codes,
+        t.scale.clone().requires_grad_(),
+        t.zero_point.clone().requires_grad_(),
+        4,
+        "squant",
+        torch.float32,
+        0,
+        0,
+    )
+    out = qt.dequantize()
+    assert not out.requires_grad
+    assert torch.equal(out, t.dequantize())
+
+
 # --------------------------------------------------------------------------
 # float16 / bfloat16 in blocks of channels (no full float32 copy)
 

@@ -135,6 +135,8 @@ _DTYPES: dict[str, tuple[int, str | None]] = {
     "BOOL": (1, "?"),
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+#: The torch dtypes (names without ``torch.``) of FLOAT_DTYPES.
+_QUANTIZABLE_TORCH = frozenset({"float64", "float32", "float16", "bfloat16"})
 
 _TORCH_NAMES: dict[str, str] = {
     "F64": "float64",
@@ -410,13 +412,18 @@ def _describe(value: Any, key: str) -> tuple[str, tuple[int, ...], int]:
 
 
 def _float_ndim(value: Any) -> tuple[bool, int, int]:
-    """(is floating, ndim, numel) of a tensor-like value."""
+    """(quantizable float dtype, ndim, numel) of a tensor-like value: the
+    float dtypes of :data:`FLOAT_DTYPES` (float64, float32, float16,
+    bfloat16), as the Rust CLI selects them; other floats (float8, numpy's
+    longdouble) are not quantizable and are kept as they are."""
     if isinstance(value, RawTensor):
         return value.is_float, len(value.shape), value.numel
     if _is_torch_tensor(value):
-        return bool(value.is_floating_point()), int(value.dim()), int(value.numel())
+        is_float = str(value.dtype).removeprefix("torch.") in _QUANTIZABLE_TORCH
+        return is_float, int(value.dim()), int(value.numel())
     if isinstance(value, np.ndarray):
-        return value.dtype.kind == "f", value.ndim, int(value.size)
+        is_float = value.dtype.kind == "f" and value.dtype.itemsize in (2, 4, 8)
+        return is_float, value.ndim, int(value.size)
     return False, 0, 0
 
 
@@ -427,9 +434,11 @@ def select_state_dict(
     state_dict: Mapping[str, Any], include: IncludeSpec = None, skip: Sequence[str] = ()
 ) -> list[str]:
     """Keys of a plain state dict that :func:`save_quantized` quantizes: every
-    floating tensor of 2+ dimensions (and at least one element) whose key
-    matches ``include`` (fnmatch patterns, default ``"*weight"``, or a
-    predicate on the key) and matches no ``skip`` pattern. A skip pattern is
+    float64, float32, float16 or bfloat16 tensor of 2+ dimensions (and at
+    least one element; other dtypes, float8 included, are stored as they
+    are) whose key matches ``include`` (fnmatch patterns, default
+    ``"*weight"``, or a predicate on the key) and matches no ``skip``
+    pattern. A skip pattern is
     tried on the key and on the key without its ``.weight`` suffix (the
     module name), so ``skip=("fc",)`` works for models and state dicts."""
     if callable(include):
@@ -559,10 +568,15 @@ def save_quantized(
     per-layer :class:`QuantReport` with the sizes before and after.
 
     For an ``nn.Module``, exactly the weights :func:`quantize_model` would
-    quantize with the same ``skip`` are quantized, with the same codes, so
-    ``load_quantized(path)`` equals ``quantize_model(model, ...).state_dict()``
-    bit for bit. For a state dict (torch tensors or numpy arrays), see
-    :func:`select_state_dict` for ``include``/``skip``. Everything else is
+    quantize with the same ``skip`` are quantized, as they are in the model
+    (no BatchNorm folding, bias correction or weight range search), so
+    ``load_quantized(path)`` equals ``quantize_model(model, ...,
+    recipe="paper").state_dict()`` bit for bit. Under quantize_model's
+    default ``recipe="squant+"`` that holds only for a model without
+    BatchNorm: with BatchNorm it folds the BNs into the weights first (so
+    the weights, biases and state-dict keys differ). For a state dict
+    (torch tensors or numpy arrays), see :func:`select_state_dict` for
+    ``include``/``skip``. Everything else is
     stored unchanged. ``quantizer`` (``"asymmetric"`` or ``"symmetric"``, as
     in :func:`quantize_tensor`) is recorded in the file's ``quantizer``
     metadata key (absent: asymmetric). The file is written atomically by
@@ -841,7 +855,8 @@ def load_quantized(
     """Read a squant-rs file (or a sharded directory written by
     :func:`quantize_checkpoint`) back as a float state dict (torch tensors,
     on ``device``, default CPU), ready for ``model.load_state_dict``. The
-    quantized weights equal :func:`quantize_model`'s bit for bit. Tensors
+    quantized weights equal :func:`quantize_model`'s with ``recipe="paper"``
+    bit for bit (see :func:`save_quantized`). Tensors
     are memory-mapped and dequantized in Rust one at a time straight into
     their output buffers. With ``verify`` (default) every tensor's CRC32C
     checksum is checked as it is read (files written before checksums

@@ -11,6 +11,7 @@ step is per output channel, so both are exact.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -56,8 +57,10 @@ def quantize_tensors(
     Raises:
         The exceptions of :func:`quantize_tensor` (``SquantError``
         subclasses, ``UnsupportedDtypeError``, ``TypeError``,
-        ``MemoryError``), for the first bad weight, with the weight's
-        position in front of the message: ``"weight 3: ..."``.
+        ``MemoryError``), for the first bad weight (the lowest position
+        whose own ``quantize_tensor`` call would raise, whatever the kind of
+        error), with the weight's position in front of the message:
+        ``"weight 3: ..."``.
     """
     bits = check_bits(bits)
     mode = check_mode(mode)
@@ -73,6 +76,11 @@ def quantize_tensors(
     native_devices: list[Any] = []  # None: numpy input; else the torch device
     torch_idx: list[int] = []
     torch_ws: list[Any] = []
+    # The weights are routed up to the first one that fails its shape, dtype
+    # or size check; one call per weight would fail first on a bad value of
+    # an earlier weight, so those are still quantized (which checks their
+    # values) and the error of the lowest-index bad weight is raised.
+    errors: list[tuple[int, Exception]] = []
     for i, w in enumerate(ws):
         try:
             if _is_torch_tensor(w):
@@ -92,21 +100,52 @@ def quantize_tensors(
                 a32, dtype = as_float32_array(w)
                 device = None
         except (SquantError, TypeError, UnsupportedDtypeError, MemoryError) as exc:
-            raise with_weight_index(exc, i) from None
+            errors.append((i, with_weight_index(exc, i)))
+            break
         native_idx.append(i)
         native_arrays.append(a32)
         native_dtypes.append(dtype)
         native_devices.append(device)
 
     if native_arrays:
-        results = _native.quantize_many(native_arrays, bits, mode, threads, quantizer)
-        for i, res, dtype, device in zip(native_idx, results, native_dtypes, native_devices):
-            out[i] = from_native(res, bits, mode, dtype, device, quantizer)
+        try:
+            results = _native.quantize_many(native_arrays, bits, mode, threads, quantizer)
+        except (SquantError, MemoryError) as exc:
+            # quantize_many names the position in its own list: the first bad one
+            k = _weight_of(exc)
+            if k is None or not 0 <= k < len(native_idx):
+                raise
+            i = native_idx[k]
+            errors.append((i, type(exc)(f"weight {i}: {_WEIGHT.sub('', str(exc), count=1)}")))
+        else:
+            for i, res, dtype, device in zip(native_idx, results, native_dtypes, native_devices):
+                out[i] = from_native(res, bits, mode, dtype, device, quantizer)
     if torch_ws:
         from ..torch.adapter import quantize_torch_tensors
 
-        for i, qt in zip(
-            torch_idx, quantize_torch_tensors(torch_ws, bits, mode, torch_idx, quantizer)
-        ):
-            out[i] = qt
+        first = min((i for i, _ in errors), default=len(ws))
+        keep = [p for p, i in enumerate(torch_idx) if i < first]
+        try:
+            qts = quantize_torch_tensors(
+                [torch_ws[p] for p in keep], bits, mode, [torch_idx[p] for p in keep], quantizer
+            )
+        except (SquantError, UnsupportedDtypeError, MemoryError) as exc:
+            at = _weight_of(exc)
+            if at is None:
+                raise
+            errors.append((at, exc))
+        else:
+            for p, qt in zip(keep, qts):
+                out[torch_idx[p]] = qt
+    if errors:
+        raise min(errors, key=lambda e: e[0])[1]
     return [qt for qt in out if qt is not None]
+
+
+_WEIGHT = re.compile(r"^weight (\d+): ")
+
+
+def _weight_of(exc: BaseException) -> int | None:
+    """The position that an error of a call over many weights names."""
+    m = _WEIGHT.match(str(exc))
+    return int(m.group(1)) if m else None

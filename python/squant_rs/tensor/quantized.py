@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import _squant_rs as _native
-from ..errors import SquantError, WeightRangeError
+from ..errors import InvalidArgumentError, SquantError, WeightRangeError
 from .validate import (
     UnsupportedDtypeError,
     check_backend,
@@ -98,9 +98,17 @@ class QuantizedTensor:
                 the output dtype (only for a hand-made instance; the quantize
                 functions refuse such weights up front).
             InvalidArgumentError: ``threads`` (or ``SQUANT_NUM_THREADS``) is
-                out of range.
+                out of range; for a hand-made instance, ``bits`` is not in
+                2..8 or ``scale``/``zero_point`` are not of shape ``(OC,)``.
+            TypeError: for a hand-made instance, a field of the wrong type:
+                ``codes`` must be an int8 numpy array or torch tensor of 2+
+                dimensions, ``scale`` and ``zero_point`` float32 of the same
+                kind (and device), ``dtype`` a float dtype of that kind
+                (:class:`UnsupportedDtypeError`, a ``TypeError``, names it).
         """
         threads = check_threads(threads)
+        if not self.grid_checked:
+            check_fields(self)
         if isinstance(self.codes, np.ndarray):
             if not self.grid_checked:
                 check_grid(self.scale, self.zero_point, self.bits, self.dtype)
@@ -165,6 +173,67 @@ def _check_float32_range(a: np.ndarray, a32: np.ndarray) -> None:
         raise WeightRangeError(
             f"output channel {int(o)}: a float64 value exceeds the float32 range "
             "(squant-rs computes in float32)"
+        )
+
+
+def check_fields(qt: QuantizedTensor) -> None:
+    """The fields of a hand-made :class:`QuantizedTensor` that
+    :meth:`~QuantizedTensor.dequantize` reads: a clear error naming the
+    field, instead of a failure (or silently wrong output) inside it."""
+    check_bits(qt.bits, "QuantizedTensor.bits")
+    codes = qt.codes
+    int8: Any
+    f32: Any
+    if isinstance(codes, np.ndarray):
+        kind, int8, f32 = "numpy array", np.dtype(np.int8), np.dtype(np.float32)
+        same_kind: Callable[[Any], bool] = lambda a: isinstance(a, np.ndarray)  # noqa: E731
+        where: Callable[[Any], str] = lambda a: ""  # noqa: E731
+        try:
+            dtype_ok = np.dtype(qt.dtype) in (np.float16, np.float32, np.float64)
+        except TypeError:
+            dtype_ok = False
+        dtypes = "numpy float16, float32 or float64"
+    elif _is_torch_tensor(codes):
+        import torch
+
+        kind, int8, f32 = "torch tensor", torch.int8, torch.float32
+        same_kind = lambda a: isinstance(a, torch.Tensor)  # noqa: E731
+        where = lambda a: str(a.device)  # noqa: E731
+        dtype_ok = qt.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        dtypes = "torch float16, bfloat16, float32 or float64"
+    else:
+        raise TypeError(
+            "QuantizedTensor.codes must be a numpy array or a torch tensor, got "
+            f"{type(codes).__name__}"
+        )
+    if codes.dtype != int8:
+        raise TypeError(f"QuantizedTensor.codes must be int8, got {codes.dtype}")
+    if codes.ndim < 2:
+        raise InvalidArgumentError(
+            f"QuantizedTensor.codes must have 2+ dimensions (OC, IC, *kernel), got shape "
+            f"{tuple(codes.shape)}"
+        )
+    oc = int(codes.shape[0])
+    for name in ("scale", "zero_point"):
+        v = getattr(qt, name)
+        if not same_kind(v):
+            raise TypeError(
+                f"QuantizedTensor.{name} must be a {kind} like codes, got {type(v).__name__}"
+            )
+        if v.dtype != f32:
+            raise TypeError(f"QuantizedTensor.{name} must be float32, got {v.dtype}")
+        if tuple(v.shape) != (oc,):
+            raise InvalidArgumentError(
+                f"QuantizedTensor.{name} must have shape ({oc},) (one value per output "
+                f"channel), got {tuple(v.shape)}"
+            )
+        if where(v) != where(codes):
+            raise InvalidArgumentError(
+                f"QuantizedTensor.{name} is on {where(v)} but codes are on {where(codes)}"
+            )
+    if not dtype_ok:
+        raise UnsupportedDtypeError(
+            f"QuantizedTensor.dtype must be {dtypes} (the output dtype), got {qt.dtype!r}"
         )
 
 

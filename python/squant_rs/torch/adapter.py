@@ -90,12 +90,15 @@ def _check_values_torch(
     mx = flat.amax(dim=1)
     mn = flat.amin(dim=1)
     n = float(2 ** (bits - 1))
+    # True division, as in the backend and the Rust core: torch evaluates
+    # ``python_float / tensor`` as ``reciprocal() * c``, which is off where
+    # the reciprocal is subnormal (weights near float32's limit).
     if quantizer == "symmetric":
         amax = torch.maximum(mx.abs(), mn.abs())
-        scale = (n - 1) / amax.clamp_min(1e-8)
+        scale = torch.div(torch.tensor(n - 1), amax.clamp_min(1e-8))
         zp = torch.zeros_like(scale)
     else:
-        scale = float(2**bits - 1) / (mx - mn).clamp_min(1e-8)
+        scale = torch.div(torch.tensor(float(2**bits - 1)), (mx - mn).clamp_min(1e-8))
         zp = torch.round(scale * mn) + n
     low = n - 1 if quantizer == "symmetric" else n  # -tmin
     reach = torch.maximum(((zp - low) / scale).abs(), ((zp + (n - 1)) / scale).abs())
@@ -134,7 +137,7 @@ def _check_grid_torch(scale: torch.Tensor, zp: torch.Tensor, bits: int, dtype: A
     reach = ((z32 - n) / s32).abs().maximum(((z32 + (n - 1)) / s32).abs())
     ok = torch.isfinite(reach) & (s32 > 0)
     if fmax != math.inf:
-        ok &= reach - 1.0 / s32 <= fmax
+        ok &= reach - torch.div(torch.tensor(1.0), s32) <= fmax  # as numpy's 1 / s
     if not bool(ok.all()):
         o = int((~ok).nonzero()[0, 0])
         raise grid_error(o, dtype, float(reach[o]))
@@ -383,11 +386,13 @@ def dequantize_torch(qt: QuantizedTensor, threads: int) -> torch.Tensor:
     from ..tensor.quantized import BLOCK_ELEMENTS
 
     codes: torch.Tensor = qt.codes
+    # A hand-made instance's scale may require grad: the values are the same.
+    scale_t, zp_t = qt.scale.detach(), qt.zero_point.detach()
     if not qt.grid_checked:
-        _check_grid_torch(qt.scale, qt.zero_point, qt.bits, qt.dtype)
+        _check_grid_torch(scale_t, zp_t, qt.bits, qt.dtype)
     if codes.device.type == "cpu":
         # Same IEEE operations in the parallel Rust loop, on zero-copy views.
-        scale, zp = qt.scale.numpy(), qt.zero_point.numpy()
+        scale, zp = scale_t.numpy(), zp_t.numpy()
         if qt.dtype == torch.float32:
             return torch.from_numpy(_native.dequantize(codes.numpy(), scale, zp, threads))
         # Other dtypes a block of channels at a time: one float32 block at most.
@@ -400,7 +405,7 @@ def dequantize_torch(qt: QuantizedTensor, threads: int) -> torch.Tensor:
             out[c0:c1].copy_(_clamp_to(torch.from_numpy(block), qt.dtype))
         return out
     view = (-1,) + (1,) * (codes.dim() - 1)
-    w_hat: torch.Tensor = (codes.to(torch.float32) + qt.zero_point.view(view)) / qt.scale.view(view)
+    w_hat: torch.Tensor = (codes.to(torch.float32) + zp_t.view(view)) / scale_t.view(view)
     return _clamp_to(w_hat, qt.dtype).to(qt.dtype)
 
 
