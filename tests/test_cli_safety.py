@@ -434,6 +434,47 @@ def test_bad_thread_environment_is_reported_as_such(tmp_path, capsys, monkeypatc
     assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
 
 
+def test_bad_thread_environment_in_every_threaded_command(tmp_path, capsys, monkeypatch, st_file):
+    """demo, ONNX quantize and info --verify refuse a bad SQUANT_NUM_THREADS
+    in the same words as quantize (ONNX quantize and info --verify said
+    "SQUANT_NUM_THREADS must be ..."); --threads N overrides it."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "fc.weight")
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "fc.weight"], ["y"], transB=1)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [w],
+    )
+    model = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(model))
+    q = tmp_path / "q.safetensors"
+    assert _run(capsys, "quantize", "-q", st_file, q)[0] == 0
+    before = sorted(os.listdir(tmp_path))
+    monkeypatch.setenv("SQUANT_NUM_THREADS", "bad")
+    for argv in (
+        ["demo", "--depth", "18"],
+        ["quantize", model, tmp_path / "out.onnx"],
+        ["info", "--verify", q],
+    ):
+        rc, _, stderr = _run(capsys, *argv)
+        assert rc == 2, (argv, stderr)
+        _one_error_line(stderr, "bad SQUANT_NUM_THREADS environment variable (")
+        assert sorted(os.listdir(tmp_path)) == before
+    for argv in (
+        ["quantize", "-q", "--threads", "2", model, tmp_path / "out.onnx"],
+        ["info", "--verify", "--threads", "2", q],
+    ):
+        rc, _, stderr = _run(capsys, *argv)
+        assert rc == 0, (argv, stderr)
+    assert os.environ["SQUANT_NUM_THREADS"] == "bad"  # restored after the commands
+    rc, out, _ = _run(capsys, "info", q)  # the header only: no threads
+    assert rc == 0 and "verified" not in out
+
+
 # --------------------------------------------------------------------------
 # 13. a closed pipe
 

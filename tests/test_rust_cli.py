@@ -469,6 +469,39 @@ def test_bad_thread_environment_like_python(tmp_path, squant_bin: str, value: st
     _same_message(p, r)
     assert _message(r.stderr).startswith("bad SQUANT_NUM_THREADS environment variable (")
     assert os.listdir(tmp_path) == ["in.safetensors"]
+    # Every command that runs threads: the sharded quantize and info --verify
+    # (the Python CLI said "SQUANT_NUM_THREADS must be ...", the Rust one
+    # ignored the variable and exited 0); --threads N overrides it.
+    _sharded_input(tmp_path / "ck")
+    clean = {k: v for k, v in env.items() if k != "SQUANT_NUM_THREADS"}
+    for src, dst in (("in.safetensors", "q.safetensors"), ("ck", "qck")):
+        subprocess.run(
+            [squant_bin, "quantize", "-q", src, dst], cwd=tmp_path, env=clean, check=True
+        )
+    before = sorted(os.listdir(tmp_path))
+    for argv in (
+        ["quantize", "ck", "out"],
+        ["info", "--verify", "q.safetensors"],
+        ["info", "--verify", "qck"],
+    ):
+        p, r = _both(squant_bin, *argv, cwd=tmp_path, env=env)
+        assert r.returncode == 2, (argv, r.stderr)
+        _same_message(p, r)
+        assert _message(r.stderr).startswith("bad SQUANT_NUM_THREADS environment variable ("), argv
+        if argv[0] == "info":
+            p, r = _both(squant_bin, *argv[:-1], "--threads", "2", argv[-1], cwd=tmp_path, env=env)
+            assert p.returncode == r.returncode == 0, (argv, p.stderr, r.stderr)
+            assert p.stdout == r.stdout and "verified" in r.stdout
+    for cli in ([sys.executable, "-m", "squant_rs"], [squant_bin]):
+        run = subprocess.run(
+            [*cli, "quantize", "-q", "--threads", "2", "ck", "out"], cwd=tmp_path, env=env
+        )
+        assert run.returncode == 0
+        shutil.rmtree(tmp_path / "out")
+    # info without --verify reads only the header: no threads, the variable is not read.
+    p, r = _both(squant_bin, "info", "q.safetensors", cwd=tmp_path, env=env)
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def _sharded_input(src: Path, rows: int = 6, cols: int = 10) -> None:
@@ -490,6 +523,10 @@ def test_sharded_outputs_refused_up_front_like_python(tmp_path, squant_bin: str)
     (tmp_path / "cwd").mkdir()
     for out, cwd, why in (
         ("lnk", tmp_path, "is a symbolic link"),
+        # What tab completion gives: "lnk/" follows the link in a plain
+        # lstat, so every shard was written before "Not a directory: lnk/".
+        ("lnk/", tmp_path, "is a symbolic link"),
+        ("lnk//", tmp_path, "is a symbolic link"),
         (".", tmp_path / "cwd", "names the current or a parent directory"),
         ("./", tmp_path / "cwd", "names the current or a parent directory"),
         ("..", tmp_path / "cwd", "names the current or a parent directory"),

@@ -12,7 +12,7 @@
                               [--input-shape 1,3,224,224] [--wbits 4] [--abits 8]
                               [--quantizer symmetric] [--recipe paper|squant+]
                               [--integer-kernels] [--quantize-input [LO,HI]] [--skip PATTERN ...]
-    squant-rs info FILE [-v]
+    squant-rs info FILE [-v] [--verify [--threads N]]
     squant-rs --version
 
 ``demo`` needs numpy only. ``quantize`` reads a ``.safetensors`` file (numpy
@@ -23,7 +23,7 @@ Without module information it quantizes every floating tensor of 2+
 dimensions whose name ends in ``weight``; ``--include``/``--skip`` take
 fnmatch patterns (a skip pattern also matches the name without ``.weight``);
 a pattern that matches nothing gets one ``squant-rs: warning: ...`` line.
-``info`` reads only the file's header.
+``info`` reads only the file's header (``--verify``: every tensor).
 ``export`` builds a torch model by calling ``FACTORY()`` from ``MODULE``
 (imported by module path, the current directory first on ``sys.path``),
 loads ``--weights`` with ``torch.load(weights_only=True)`` and
@@ -35,7 +35,9 @@ today only ``.safetensors``, anything else is refused). The output must not
 be the input (same device and inode); it is written atomically, symlinks
 followed, permissions kept, special files (FIFOs, devices, ``/dev/stdout``)
 refused -- see :mod:`squant_rs.formats.output`. ``--threads N`` overrides
-``SQUANT_NUM_THREADS`` for every step of the command.
+``SQUANT_NUM_THREADS`` for every step of the command; every command that
+runs threads (``demo``, ``quantize``, ``export``, ``info --verify``) refuses
+a bad ``SQUANT_NUM_THREADS`` with the same message.
 
 Exit status: 0 on success, 2 on bad input (missing, truncated or corrupt
 files, unknown formats, bad options or environment, an output that is the
@@ -436,18 +438,19 @@ def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
         raise CliError("ONNX input needs an .onnx output (and the other way round)")
     if args.include:
         raise CliError("--include applies to safetensors/torch inputs; use --skip for ONNX")
-    report = quantize_onnx(
-        args.input,
-        args.output,
-        args.wbits,
-        args.abits,
-        args.mode,
-        quantizer=args.quantizer,
-        skip=tuple(args.skip or ()),
-        threads=args.threads,
-        integer_kernels=args.integer_kernels,
-        quantize_input=args.quantize_input,
-    )
+    with _thread_count(args.threads) as threads:
+        report = quantize_onnx(
+            args.input,
+            args.output,
+            args.wbits,
+            args.abits,
+            args.mode,
+            quantizer=args.quantizer,
+            skip=tuple(args.skip or ()),
+            threads=threads,
+            integer_kernels=args.integer_kernels,
+            quantize_input=args.quantize_input,
+        )
     if args.verbose:
         print(report)
     elif not args.quiet:
@@ -749,9 +752,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         raise CliError(f"file not found: {path}")
     if os.path.isdir(path) and not is_sharded(path):
         raise CliError(f"is a directory, not a file: {path}")
-    info = inspect_quantized(path)  # the header only
     if args.verify:
-        verify_quantized(path)  # every tensor: checksums, codes, scales
+        # Checked before the file is read, as quantize does: a bad
+        # SQUANT_NUM_THREADS in the CLI's words (--threads overrides it).
+        with _thread_count(args.threads) as threads:
+            info = inspect_quantized(path)  # the header
+            verify_quantized(path, threads=threads)  # every tensor: checksums, codes, scales
+    else:
+        info = inspect_quantized(path)  # the header only: no threads
     q = info.quantized
     f32 = info.float32_size
     bits = sorted({t.bits for t in q if t.bits is not None})
@@ -1028,6 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read every tensor and check its checksum, codes, scales and zero points",
     )
+    _add_threads_option(info, "(with --verify) ")
     info.set_defaults(func=_cmd_info)
     return parser
 
@@ -1067,6 +1076,18 @@ def _add_verbosity_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
 
+def _add_threads_option(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--threads of every command that runs Rust worker threads."""
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help=f"{prefix}Rust worker threads, 1..{MAX_THREADS} (default: ${THREADS_ENV_VAR}, "
+        f"else all CPUs; overrides {THREADS_ENV_VAR})",
+    )
+
+
 def _add_quantizer_options(p: argparse.ArgumentParser, quantizer: bool = False) -> None:
     """Options shared by every command that quantizes (``quantizer``: also
     ``--quantizer``)."""
@@ -1078,14 +1099,7 @@ def _add_quantizer_options(p: argparse.ArgumentParser, quantizer: bool = False) 
         help="squant = E+K+C (the full method), squant-e = nearest rounding, "
         "squant-k / squant-c = kernel / channel level only",
     )
-    p.add_argument(
-        "--threads",
-        type=_positive,
-        default=None,
-        metavar="N",
-        help=f"Rust worker threads, 1..{MAX_THREADS} (default: ${THREADS_ENV_VAR}, else "
-        f"all CPUs; overrides {THREADS_ENV_VAR})",
-    )
+    _add_threads_option(p)
     if quantizer:
         p.add_argument(
             "--quantizer",

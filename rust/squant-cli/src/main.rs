@@ -83,6 +83,9 @@ enum Command {
         /// read every tensor and check its checksum, codes, scales and zero points
         #[arg(long)]
         verify: bool,
+        /// (with --verify) thread count (default: SQUANT_NUM_THREADS, else the CPUs)
+        #[arg(long, value_parser = parse_threads)]
+        threads: Option<usize>,
     },
 }
 
@@ -483,11 +486,7 @@ fn cmd_quantize(
     let quantizer_v: Quantizer = quantizer
         .parse()
         .map_err(|e: squant_core::SquantError| CliError(e.to_string()))?;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .thread_name(|i| format!("squant-{i}"))
-        .build()
-        .map_err(|e| CliError(format!("cannot start {n} threads: {e}")))?;
+    let pool = thread_pool(n)?;
     let opts = Options {
         bits,
         mode: mode_v,
@@ -615,18 +614,37 @@ fn cmd_quantize(
     Ok(())
 }
 
-fn cmd_info(path: &Path, verbose: bool, verify: bool) -> Result<(), CliError> {
+/// A pool of `n` worker threads.
+fn thread_pool(n: usize) -> Result<rayon::ThreadPool, CliError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("squant-{i}"))
+        .build()
+        .map_err(|e| CliError(format!("cannot start {n} threads: {e}")))
+}
+
+fn cmd_info(
+    path: &Path,
+    verbose: bool,
+    verify: bool,
+    n_threads: Option<usize>,
+) -> Result<(), CliError> {
     if !path.exists() {
         return fail(format!("file not found: {}", show(path)));
     }
     if path.is_dir() && !squant_io::is_sharded(path) {
         return fail(format!("is a directory, not a file: {}", show(path)));
     }
+    // Only --verify runs threads: a bad SQUANT_NUM_THREADS is refused
+    // before the file is read, as quantize does (and the Python CLI).
+    let pool = if verify {
+        Some(thread_pool(threads(n_threads)?)?)
+    } else {
+        None
+    };
     let files: Vec<SquantFile> = squant_io::sharded::open_quantized(path)?;
-    if verify {
-        for f in &files {
-            f.verify()?;
-        }
+    if let Some(pool) = &pool {
+        pool.install(|| files.iter().try_for_each(|f| f.verify()))?;
     }
     let tensors: Vec<&squant_io::Logical> = files.iter().flat_map(|f| f.tensors.iter()).collect();
     let size: u64 = files.iter().map(|f| f.st.size()).sum();
@@ -867,7 +885,8 @@ fn main() -> ExitCode {
             file,
             verbose,
             verify,
-        } => cmd_info(&file, verbose, verify),
+            threads,
+        } => cmd_info(&file, verbose, verify, threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

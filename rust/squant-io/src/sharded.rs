@@ -177,7 +177,10 @@ pub fn quantize_sharded(
             crate::error::show_path(out_dir)
         )));
     }
-    if std::fs::symlink_metadata(out_dir).is_ok_and(|m| m.file_type().is_symlink()) {
+    // Trailing slashes dropped first: an lstat of `lnk/` (what tab
+    // completion gives) follows the link.
+    let named: PathBuf = out_dir.components().collect();
+    if std::fs::symlink_metadata(&named).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err(IoError::InvalidArgument(format!(
             "output directory {} is a symbolic link: give the directory itself (the output is built next to it and renamed into place)",
             crate::error::show_path(out_dir)
