@@ -756,3 +756,29 @@ def test_squant_plus_mixed_ranges_train_mode(calibration: str) -> None:
         ref = ActivationQuantizer("pw", 4, squant_rs.default_s_sigma(4))
         ref.observe(seen[0])
         assert rows["pw"].act_range == (ref.x_min, ref.x_max)
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_bn_range_overflowing_float32_names_bn_sigmas(bias_correction: bool) -> None:
+    """bn_sigmas beyond float32 is refused up front; one within it whose
+    range overflows float32 names bn_sigmas and the layer (it crashed with
+    ZeroDivisionError, or gave NaN outputs without bias correction)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 2, 1),
+    ).eval()
+    with torch.no_grad():
+        model[1].weight.fill_(3.0)
+    for n in (1e39, 1e300):
+        with pytest.raises(squant_rs.InvalidArgumentError, match="bn_sigmas"):
+            squant_rs.quantize_model(model, 8, 8, bn_sigmas=n, bias_correction=bias_correction)
+    with pytest.raises(squant_rs.InvalidArgumentError, match=r"layer '2'.*bn_sigmas=3e\+38"):
+        squant_rs.quantize_model(model, 8, 8, bn_sigmas=3e38, bias_correction=bias_correction)
+    # a large range that float32 holds still works
+    q = squant_rs.quantize_model(model, 8, 8, bn_sigmas=1e37, bias_correction=bias_correction)
+    with torch.no_grad():
+        assert bool(torch.isfinite(q(torch.rand(2, 3, 8, 8))).all())

@@ -40,7 +40,7 @@ import numpy as np
 from .._squant_rs import InvalidArgumentError, channel_dots, normal_cdf
 from .._squant_rs import clip_ratios as _clip_ratios
 from .._squant_rs import clip_rows as _clip_rows
-from .activations import ActivationQuantizer, activation_qparams
+from .activations import ActivationQuantizer, check_activation_range, check_positive_f32
 from .fold import is_stock
 
 if TYPE_CHECKING:
@@ -208,9 +208,7 @@ def resolve_recipe(
     if bn_sigmas is not None:
         if isinstance(bn_sigmas, bool) or not isinstance(bn_sigmas, numbers.Real):
             raise TypeError(f"bn_sigmas must be a positive number or None, got {bn_sigmas!r}")
-        n = float(bn_sigmas)
-        if not (math.isfinite(n) and n > 0):
-            raise InvalidArgumentError(f"bn_sigmas must be a positive finite number, got {n}")
+        n = check_positive_f32(bn_sigmas, "bn_sigmas")
     return RecipeConfig(name=name, bn_sigmas=n, **preset)
 
 
@@ -796,13 +794,25 @@ def shift_bias(module: Any, shift: np.ndarray, like: torch.Tensor) -> None:
             b.copy_(torch.from_numpy(new).to(b.dtype))
 
 
-def fix_range(q: ActivationQuantizer, x_min: float, x_max: float, bits: int) -> None:
+def fix_range(
+    q: ActivationQuantizer,
+    x_min: float,
+    x_max: float,
+    bits: int,
+    cause: str = "the BatchNorm statistics",
+) -> None:
     """Give ``q`` the range ``[x_min, x_max]`` at ``bits`` (the affine
-    scheme of docs/algorithm.md section 5)."""
+    scheme of docs/algorithm.md section 5).
+
+    Raises:
+        InvalidArgumentError: the range or its scale does not fit float32
+            (the message names the layer and ``cause``); ``q`` is unchanged.
+    """
+    qparams = check_activation_range(q.name, float(x_min), float(x_max), bits, cause)
     q.bits = bits
     q.signed = x_min < 0
     q.x_min, q.x_max = float(x_min), float(x_max)
-    q.scale, q.zero_point, q.qmin, q.qmax = activation_qparams(q.x_min, q.x_max, bits)
+    q.scale, q.zero_point, q.qmin, q.qmax = qparams
 
 
 @dataclass
@@ -1028,6 +1038,10 @@ def apply_bias_correction(
 SIGMA_RULE_FROM_BITS = 8
 
 
+def _bn_cause(n: float | None) -> str:
+    return "the BatchNorm statistics" if n is None else f"bn_sigmas={n:g}"
+
+
 def bn_range(stats: ChannelStats, bits: int, n: float | None) -> tuple[float, float]:
     """The per-tensor range of a BN-covered input: ``mu -+ n sigma``
     (:meth:`ChannelStats.tensor_range`); with ``n=None``, ``n = 4`` from
@@ -1062,7 +1076,7 @@ def bn_activation_ranges(
             rest.append((name, module))
             continue
         x_min, x_max = bn_range(stats, abits, n)
-        fix_range(quantizers[name], x_min, x_max, abits)
+        fix_range(quantizers[name], x_min, x_max, abits, _bn_cause(n))
         plan.range_sources[name] = stats.source
     return rest
 
@@ -1091,7 +1105,7 @@ def finish_activation_order(
             stats = plan.input_stats(name, modules[name])
             assert stats is not None
             x_min, x_max = bn_range(stats, bits, n)
-            fix_range(q, x_min, x_max, bits)
+            fix_range(q, x_min, x_max, bits, _bn_cause(n))
         elif q.bits != bits:
             q.set_bits(bits)
 
