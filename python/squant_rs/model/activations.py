@@ -265,11 +265,16 @@ def _calibrate(
     seed: int,
     apply: bool,
     fixed: Container[str] = (),
-) -> None:
+) -> list[str]:
     """One forward pass of ``U[0, 1)`` noise through ``model`` that sets the
     sigma-rule range of every quantizer of ``layers`` but those named in
     ``fixed`` (ranges already set: applied with ``apply``, not observed).
-    The first layer to run gets a float input, the last observed one 8 bits."""
+    The first layer to run gets a float input, the last observed one 8 bits.
+
+    Returns:
+        the names of the quantizers of the layers that ran, in the order
+        they first ran.
+    """
     import torch
 
     order: list[ActivationQuantizer] = []
@@ -313,6 +318,7 @@ def _calibrate(
     observed = [q for q in order if id(q) not in fixed_ids]
     if order and observed and order[-1] is observed[-1]:
         order[-1].set_bits(8)
+    return [q.name for q in order]
 
 
 def _check_input_shape(input_shape: object) -> tuple[int, ...]:

@@ -291,6 +291,8 @@ def quantize_model(
             layers.append((name, module))
 
     quantizers: dict[str, ActivationQuantizer] = {}
+    run_order: list[str] = []
+    need_noise = False
     if abits is not None:
         mult = sigma_mult if sigma_mult is not None else default_s_sigma(abits)
         quantizers = {name: ActivationQuantizer(name, abits, mult) for name, _ in layers}
@@ -299,15 +301,22 @@ def quantize_model(
             noise_layers = bn_activation_ranges(rplan, layers, quantizers, abits)
         # The noise pass, where a layer needs it, runs through every layer:
         # those with BN ranges are applied (calibration="quantized"), not
-        # observed, and the first layer to run is known.
+        # observed, and the first layer to run is known. It also runs where
+        # the trace does not know when every layer runs (a layer inside a
+        # module the graph calls as one node): the pass's order decides.
         fixed = set(rplan.range_sources)
-        if calibration == "float" and noise_layers and not config.is_paper:
+        need_noise = bool(noise_layers) or (
+            config.act_ranges == "bn" and not rplan.order_covers([n for n, _ in layers])
+        )
+        if calibration == "float" and need_noise and not config.is_paper:
             # The noise pass runs the float model: set the copy's weights.
             _fill_float_weights(plan.chosen, sources)
-        if calibration == "float" and noise_layers:
-            _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=False, fixed=fixed)
+        if calibration == "float" and need_noise:
+            run_order = _calibrate(
+                qmodel, layers, quantizers, shape, int(seed), apply=False, fixed=fixed
+            )
         if config.act_ranges == "bn" and calibration == "float":
-            finish_activation_order(rplan, layers, quantizers, abits)
+            finish_activation_order(rplan, layers, quantizers, abits, run_order)
 
     # Bias correction needs the float weights after the pass has replaced
     # them: the caller's, or (folded, quantized in place) the copy's float
@@ -396,10 +405,12 @@ def quantize_model(
         reports.sort(key=lambda r: order[r.name])
 
     if abits is not None:
-        if calibration == "quantized" and noise_layers:
-            _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=True, fixed=fixed)
+        if calibration == "quantized" and need_noise:
+            run_order = _calibrate(
+                qmodel, layers, quantizers, shape, int(seed), apply=True, fixed=fixed
+            )
         if config.act_ranges == "bn" and calibration == "quantized":
-            finish_activation_order(rplan, layers, quantizers, abits)
+            finish_activation_order(rplan, layers, quantizers, abits, run_order)
         for name, module in layers:
             q = quantizers[name]
             module.register_forward_pre_hook(q)

@@ -829,6 +829,10 @@ class RecipePlan:
     #: Layer names in execution order (empty where tracing failed).
     order: list[str] = field(default_factory=list)
     traced: bool = False
+    #: Every module the traced graph calls as one node (``call_module``
+    #: targets): a layer inside one of them runs at a time the graph does
+    #: not show (:meth:`order_covers`).
+    called: set[str] = field(default_factory=set)
     #: Where each layer's activation range came from (``"bn+relu6"``, ...;
     #: layers absent here use the sigma rule on noise).
     range_sources: dict[str, str] = field(default_factory=dict)
@@ -842,6 +846,25 @@ class RecipePlan:
     #: bias correction runs): a bias among them is not corrected, since the
     #: shift would change the other modules too.
     shared: set[int] = field(default_factory=set)
+
+    def order_covers(self, names: Sequence[str]) -> bool:
+        """Whether :attr:`order` says when each of ``names`` first runs:
+        not where the trace failed, nor where one of them runs inside a
+        module the graph calls as one node (e.g. a ``torch.nn``
+        container such as ``nn.TransformerEncoderLayer``, whose inner
+        Linears the graph never shows). A layer the graph calls neither
+        itself nor through such a module does not run in the traced
+        forward."""
+        if not self.traced:
+            return False
+        known = set(self.order)
+        for name in names:
+            if name in known:
+                continue
+            parts = name.split(".")
+            if any(".".join(parts[:i]) in self.called for i in range(1, len(parts))):
+                return False
+        return True
 
     def input_stats(self, name: str, module: Any) -> ChannelStats | None:
         s = self.stats.get(name)
@@ -883,6 +906,7 @@ def prepare(
         if config.needs_graph:
             plan.stats = analyze(model, graph, modules)
         plan.order = execution_order(graph, list(plan.stats))
+        plan.called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
     if config.fold_bn:
         folds = fold_batchnorm_graph(model, graph, sources, modules, threads)
         plan.folded = {f.layer for f in folds}
@@ -1059,14 +1083,21 @@ def bn_activation_ranges(
     quantizers: dict[str, ActivationQuantizer],
     abits: int,
 ) -> list[tuple[str, nn.Module]]:
-    """Fix the ranges of the layers whose input statistics are known.
+    """Fix the ranges of the layers whose input statistics are known (but
+    the first layer to run, where :meth:`RecipePlan.order_covers` knows it:
+    its input stays float).
 
     Returns:
         the other layers: they get the sigma rule on noise.
     """
     n = plan.config.bn_sigmas
-    chosen = {name for name, _ in layers}
-    first = next((name for name in plan.order if name in chosen), None)
+    names = [name for name, _ in layers]
+    chosen = set(names)
+    first = (
+        next((name for name in plan.order if name in chosen), None)
+        if plan.order_covers(names)
+        else None
+    )
     rest: list[tuple[str, nn.Module]] = []
     for name, module in layers:
         stats = plan.input_stats(name, module)
@@ -1086,14 +1117,15 @@ def finish_activation_order(
     layers: Sequence[tuple[str, nn.Module]],
     quantizers: dict[str, ActivationQuantizer],
     abits: int,
+    run_order: Sequence[str] = (),
 ) -> None:
     """First layer to run: float input; last: 8 bits; the others ``abits``
-    (in the traced execution order; without a graph the noise pass's order
-    stands)."""
-    if not plan.traced:
-        return
+    (in the traced execution order where it knows every layer,
+    :meth:`RecipePlan.order_covers`; else in ``run_order``, the order in
+    which the noise pass ran the layers)."""
     n = plan.config.bn_sigmas
-    order = [name for name in plan.order if name in quantizers]
+    known = plan.order_covers([name for name, _ in layers])
+    order = [name for name in (plan.order if known else run_order) if name in quantizers]
     if not order:
         return
     first, last = order[0], order[-1]
