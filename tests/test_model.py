@@ -550,3 +550,58 @@ def test_input_with_positive_values_keeps_the_release_cap() -> None:
     q.observe(a)
     assert (q.x_min, q.x_max) == (-0.25, 0.25)
     assert squant_rs.model.activation_range(True, float(a.std()), 0.25, 4, 12.0) == (-0.25, 0.25)
+
+
+class _Alias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 3)
+        self.b_alias = self.b  # the same module under a second name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b2 = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 3)
+        self.b2.weight = self.b.weight  # a distinct module sharing the weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(F.relu(self.b2(F.relu(self.b(F.relu(self.a(x)))))))
+
+
+@pytest.mark.parametrize("recipe", ["paper", "squant+"])
+def test_alias_row_reports_the_modules_quantizer(recipe: str) -> None:
+    """A module under two names has one hook: both rows report it (the
+    alias's row said float input)."""
+    torch.manual_seed(0)
+    qmodel, report = squant_rs.quantize_model(
+        _Alias(), 8, 4, input_shape=(16, 6), recipe=recipe, return_report=True
+    )
+    rows = {r.name: r for r in report.layers}
+    hook = activation_quantizers(qmodel)["b"]
+    for name in ("b", "b_alias"):
+        assert rows[name].act_bits == hook.bits == 4
+        assert rows[name].act_range == (hook.x_min, hook.x_max)
+        assert rows[name].range_source == "sigma"
+    assert rows["b_alias"].tied_to == "b"
+
+
+@pytest.mark.parametrize("recipe", ["paper", "squant+"])
+def test_tied_distinct_module_reports_its_own_quantizer(recipe: str) -> None:
+    torch.manual_seed(0)
+    qmodel, report = squant_rs.quantize_model(
+        _Tied(), 8, 4, input_shape=(16, 6), recipe=recipe, return_report=True
+    )
+    rows = {r.name: r for r in report.layers}
+    hooks = activation_quantizers(qmodel)
+    for name in ("b", "b2"):
+        assert rows[name].act_range == (hooks[name].x_min, hooks[name].x_max)
+    assert rows["b"].act_range != rows["b2"].act_range

@@ -412,13 +412,21 @@ def quantize_model(
         if config.act_ranges == "bn" and calibration == "quantized":
             finish_activation_order(rplan, layers, quantizers, abits, run_order)
         for name, module in layers:
-            q = quantizers[name]
-            module.register_forward_pre_hook(q)
+            module.register_forward_pre_hook(quantizers[name])
+        # Each row reports its module's quantizer: a module under a second
+        # name (an alias) has the one hook of its first name; a distinct
+        # module sharing a weight has its own.
+        hook_of = {id(module): name for name, module in layers}
+        rows = [(name, module) for name, module in plan.chosen]
+        rows += [(name, module) for name, _, module in plan.tied]
+        for name, module in rows:
+            qname = hook_of[id(module)]
+            q = quantizers[qname]
             if q.calibrated and q.enabled:
                 assert q.x_min is not None and q.x_max is not None
                 by_name[name].act_range = (q.x_min, q.x_max)
                 by_name[name].act_bits = q.bits
-                by_name[name].range_source = rplan.range_sources.get(name, "sigma")
+                by_name[name].range_source = rplan.range_sources.get(qname, "sigma")
 
     report = QuantReport(
         layers=reports,
