@@ -605,3 +605,17 @@ def test_tied_distinct_module_reports_its_own_quantizer(recipe: str) -> None:
     for name in ("b", "b2"):
         assert rows[name].act_range == (hooks[name].x_min, hooks[name].x_max)
     assert rows["b"].act_range != rows["b2"].act_range
+
+
+def test_requantizing_an_activation_quantized_model_is_refused() -> None:
+    """A second call with abits stacked a second quantizer on every layer."""
+    qmodel = squant_rs.quantize_model(_mlp(), 8, 4, input_shape=(4, 6))
+    with pytest.raises(squant_rs.InvalidArgumentError, match="already carries squant activation"):
+        squant_rs.quantize_model(qmodel, 8, 4, input_shape=(4, 6))
+    # weights only: allowed, the copy keeps the one quantizer per layer
+    again = squant_rs.quantize_model(qmodel, 8)
+    for module in again.modules():
+        hooks = [
+            h for h in module._forward_pre_hooks.values() if isinstance(h, ActivationQuantizer)
+        ]
+        assert len(hooks) <= 1

@@ -194,7 +194,9 @@ def quantize_model(
         The quantized copy, or ``(qmodel, report)`` with ``return_report=True``.
 
     Raises:
-        InvalidArgumentError: an argument out of range; the model cannot be
+        InvalidArgumentError: an argument out of range; ``abits`` is given
+            and the model already carries activation quantizers (it was
+            quantized with ``abits`` before); the model cannot be
             deep-copied (e.g. the old ``torch.nn.utils.weight_norm``); a lazy
             layer is not initialized; the calibration forward pass fails.
         NonFiniteWeightError, WeightRangeError: a weight that cannot be
@@ -236,6 +238,17 @@ def quantize_model(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if abits is not None:
+        hooked = activation_quantizers(model)
+        if hooked:
+            names = ", ".join(repr(n) for n in list(hooked)[:3]) + (
+                ", ..." if len(hooked) > 3 else ""
+            )
+            raise InvalidArgumentError(
+                f"model already carries squant activation quantizers (on {names}): "
+                "quantize the float model instead (a second call would stack a second "
+                "quantizer on each layer's input)"
+            )
 
     config = resolve_recipe(
         recipe,
