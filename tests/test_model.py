@@ -459,3 +459,163 @@ def test_torchscript_submodule_is_noted() -> None:
     assert [r.name for r in rep.layers] == ["0"]
     assert len(rep.notes) == 1 and rep.notes[0].startswith("2: a TorchScript module")
     assert torch.equal(q[2].weight, model[2].weight)  # left float
+
+
+# --------------------------------------------------------------------------
+# Activation ranges: float32 limits, negative inputs, aliases, re-quantization
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("recipe", ["paper", "squant+"])
+@pytest.mark.parametrize("s_sigma", [1e39, 1e300, 1e-50])
+def test_s_sigma_beyond_float32_is_refused(recipe: str, s_sigma: float) -> None:
+    """The ranges are float32: an s_sigma that float32 makes infinite (or 0)
+    was accepted and gave the range (0, inf), scale 0 and NaN outputs."""
+    with pytest.raises(squant_rs.InvalidArgumentError, match="s_sigma"):
+        squant_rs.quantize_model(_mlp(), 4, 8, input_shape=(4, 6), s_sigma=s_sigma, recipe=recipe)
+
+
+@pytest.mark.parametrize("recipe", ["paper", "squant+"])
+@pytest.mark.parametrize("calibration", ["float", "quantized"])
+def test_range_overflowing_float32_names_s_sigma_and_layer(recipe: str, calibration: str) -> None:
+    """s_sigma within float32 whose product with sigma overflows: a clear
+    error naming s_sigma and the layer, also with warnings as errors (the
+    numpy overflow warning was misreported as a failed forward pass)."""
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight.mul_(100.0)  # layer "4" sees a wide input
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(squant_rs.InvalidArgumentError, match=r"layer '4'.*s_sigma=3e\+38"):
+            squant_rs.quantize_model(
+                model,
+                4,
+                4,
+                input_shape=(4, 6),
+                s_sigma=3e38,
+                recipe=recipe,
+                calibration=calibration,
+            )
+
+
+@pytest.mark.parametrize("abits", [2, 4, 5])
+def test_all_negative_input_keeps_its_sign_below_6_bits(abits: int) -> None:
+    """A layer whose calibration input has no positive value: the cap
+    alpha = min(alpha, max a) made alpha negative and inverted the range
+    (inputs around -10 came out as +9.7). The cap is max|a| there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[1].bias.fill_(-10.0)
+    seen: list[torch.Tensor] = []
+    model[2].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(torch.rand((16, 6), generator=torch.Generator().manual_seed(0)))
+    a = seen[0]
+    assert float(a.max()) < 0
+    qmodel, report = squant_rs.quantize_model(
+        model, 8, abits, input_shape=(16, 6), recipe="paper", return_report=True
+    )
+    q = activation_quantizers(qmodel)["2"]
+    x_min, x_max = report.layers[2].act_range
+    assert x_min < 0 < x_max and x_min == -x_max
+    sigma = float(a.std())
+    alpha = np.float32(q.s_sigma) * np.float32(sigma) / np.float32(1.25)
+    expected = min(alpha, np.float32(float(a.abs().max())))
+    assert x_max == float(expected)
+    out = q.quantize(a)
+    assert bool((out < 0).all())  # the sign survives
+
+
+def test_all_negative_wide_input_range_covers_its_magnitude() -> None:
+    """Where s_sigma * sigma exceeds max|a|, the range is [-max|a|, max|a|]."""
+    q = ActivationQuantizer("x", 4, 12.0)
+    a = -torch.linspace(0.5, 10.0, 101)
+    q.observe(a)
+    assert (q.x_min, q.x_max) == (-10.0, 10.0)
+    out = q.quantize(a)
+    assert bool((out <= 0).all())  # (-0.5 rounds to 0 on the 4-bit grid)
+    assert float(out.min()) <= -9.0
+
+
+def test_input_with_positive_values_keeps_the_release_cap() -> None:
+    """The spec's cases stay bit for bit: a signed input with max a > 0 is
+    capped at max a below 6 bits."""
+    a = torch.cat([-torch.linspace(0.0, 20.0, 50), torch.tensor([0.25])])
+    q = ActivationQuantizer("x", 4, 12.0)
+    q.observe(a)
+    assert (q.x_min, q.x_max) == (-0.25, 0.25)
+    assert squant_rs.model.activation_range(True, float(a.std()), 0.25, 4, 12.0) == (-0.25, 0.25)
+
+
+class _Alias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 3)
+        self.b_alias = self.b  # the same module under a second name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b2 = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 3)
+        self.b2.weight = self.b.weight  # a distinct module sharing the weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(F.relu(self.b2(F.relu(self.b(F.relu(self.a(x)))))))
+
+
+@pytest.mark.parametrize("recipe", ["paper", "squant+"])
+def test_alias_row_reports_the_modules_quantizer(recipe: str) -> None:
+    """A module under two names has one hook: both rows report it (the
+    alias's row said float input)."""
+    torch.manual_seed(0)
+    qmodel, report = squant_rs.quantize_model(
+        _Alias(), 8, 4, input_shape=(16, 6), recipe=recipe, return_report=True
+    )
+    rows = {r.name: r for r in report.layers}
+    hook = activation_quantizers(qmodel)["b"]
+    for name in ("b", "b_alias"):
+        assert rows[name].act_bits == hook.bits == 4
+        assert rows[name].act_range == (hook.x_min, hook.x_max)
+        assert rows[name].range_source == "sigma"
+    assert rows["b_alias"].tied_to == "b"
+
+
+@pytest.mark.parametrize("recipe", ["paper", "squant+"])
+def test_tied_distinct_module_reports_its_own_quantizer(recipe: str) -> None:
+    torch.manual_seed(0)
+    qmodel, report = squant_rs.quantize_model(
+        _Tied(), 8, 4, input_shape=(16, 6), recipe=recipe, return_report=True
+    )
+    rows = {r.name: r for r in report.layers}
+    hooks = activation_quantizers(qmodel)
+    for name in ("b", "b2"):
+        assert rows[name].act_range == (hooks[name].x_min, hooks[name].x_max)
+    assert rows["b"].act_range != rows["b2"].act_range
+
+
+def test_requantizing_an_activation_quantized_model_is_refused() -> None:
+    """A second call with abits stacked a second quantizer on every layer."""
+    qmodel = squant_rs.quantize_model(_mlp(), 8, 4, input_shape=(4, 6))
+    with pytest.raises(squant_rs.InvalidArgumentError, match="already carries squant activation"):
+        squant_rs.quantize_model(qmodel, 8, 4, input_shape=(4, 6))
+    # weights only: allowed, the copy keeps the one quantizer per layer
+    again = squant_rs.quantize_model(qmodel, 8)
+    for module in again.modules():
+        hooks = [
+            h for h in module._forward_pre_hooks.values() if isinstance(h, ActivationQuantizer)
+        ]
+        assert len(hooks) <= 1

@@ -756,3 +756,125 @@ def test_squant_plus_mixed_ranges_train_mode(calibration: str) -> None:
         ref = ActivationQuantizer("pw", 4, squant_rs.default_s_sigma(4))
         ref.observe(seen[0])
         assert rows["pw"].act_range == (ref.x_min, ref.x_max)
+
+
+# --------------------------------------------------------------------------
+# Layers inside a torch.nn container the trace keeps as one call
+
+
+class _EmbedThenEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        # batch_first=False: no fused fast path; linear1/linear2 run as modules
+        self.enc = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc(self.embed(x))
+
+
+class _EncoderThenHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x))
+
+
+@pytest.mark.parametrize(
+    ("cls", "shape", "first", "last"),
+    [
+        (_EmbedThenEncoder, (5, 4, 6), "embed", "enc.linear2"),
+        (_EncoderThenHead, (5, 4, 16), "enc.linear1", "head"),
+    ],
+)
+@pytest.mark.parametrize("calibration", ["float", "quantized"])
+def test_bn_free_model_with_leaf_container_gives_the_paper_result(
+    cls: type[nn.Module], shape: tuple[int, ...], first: str, last: str, calibration: str
+) -> None:
+    """The graph calls the encoder layer as one node and never shows its
+    Linears: its order made the wrong layers first/last (enc.linear2 4 bits
+    instead of 8; head float, enc.linear1 4 bits). The noise pass's order
+    decides there, so a model without BN gives the paper's result."""
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    outs, bits = {}, {}
+    for recipe in ("paper", "squant+"):
+        q, rep = squant_rs.quantize_model(
+            model,
+            8,
+            4,
+            input_shape=shape,
+            recipe=recipe,
+            calibration=calibration,
+            return_report=True,
+        )
+        with torch.no_grad():
+            outs[recipe] = q(x)
+        bits[recipe] = {r.name: r.act_bits for r in rep.layers}
+    assert bits["squant+"] == bits["paper"]
+    assert bits["paper"][first] is None and bits["paper"][last] == 8
+    assert torch.equal(outs["squant+"], outs["paper"])
+
+
+class _EncoderThenBnHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Conv1d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.enc(x).permute(1, 2, 0)))
+
+
+@pytest.mark.parametrize("calibration", ["float", "quantized"])
+def test_bn_ranged_last_layer_after_leaf_container(calibration: str) -> None:
+    """The traced order held only ``head``: it was taken as the first layer
+    (float input) while enc.linear1 ran first. Now enc.linear1 keeps a
+    float input and head, the last to run, gets its 8-bit BN range."""
+    torch.manual_seed(0)
+    model = _EncoderThenBnHead().eval()
+    with torch.no_grad():
+        model.bn.weight.uniform_(0.5, 2.0)
+        model.bn.bias.uniform_(-1.0, 1.0)
+    _, rep = squant_rs.quantize_model(
+        model, 8, 4, input_shape=(5, 4, 8), calibration=calibration, return_report=True
+    )
+    rows = {r.name: r for r in rep.layers}
+    assert rows["enc.linear1"].act_bits is None
+    assert rows["enc.linear2"].act_bits == 4
+    assert rows["head"].act_bits == 8 and rows["head"].range_source == "bn"
+    st = ChannelStats(
+        model.bn.bias.detach().double().numpy(), model.bn.weight.detach().abs().double().numpy()
+    )
+    assert rows["head"].act_range == st.tensor_range(default_bn_sigmas(8))
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_bn_range_overflowing_float32_names_bn_sigmas(bias_correction: bool) -> None:
+    """bn_sigmas beyond float32 is refused up front; one within it whose
+    range overflows float32 names bn_sigmas and the layer (it crashed with
+    ZeroDivisionError, or gave NaN outputs without bias correction)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 2, 1),
+    ).eval()
+    with torch.no_grad():
+        model[1].weight.fill_(3.0)
+    for n in (1e39, 1e300):
+        with pytest.raises(squant_rs.InvalidArgumentError, match="bn_sigmas"):
+            squant_rs.quantize_model(model, 8, 8, bn_sigmas=n, bias_correction=bias_correction)
+    with pytest.raises(squant_rs.InvalidArgumentError, match=r"layer '2'.*bn_sigmas=3e\+38"):
+        squant_rs.quantize_model(model, 8, 8, bn_sigmas=3e38, bias_correction=bias_correction)
+    # a large range that float32 holds still works
+    q = squant_rs.quantize_model(model, 8, 8, bn_sigmas=1e37, bias_correction=bias_correction)
+    with torch.no_grad():
+        assert bool(torch.isfinite(q(torch.rand(2, 3, 8, 8))).all())

@@ -1135,9 +1135,10 @@ def sigma_range(a: np.ndarray, bits: int, s_sigma: float) -> tuple[float, float]
     part = a32 if signed else a32[a32 > 0]
     sigma = float(part.std(ddof=1, dtype=np.float64)) if part.size > 1 else 0.0
     a_max = float(a32.max()) if a32.size else 0.0
-    if not (math.isfinite(sigma) and math.isfinite(a_max)):
+    a_min = float(a32.min()) if a32.size else 0.0
+    if not (math.isfinite(sigma) and math.isfinite(a_max) and math.isfinite(a_min)):
         raise InvalidArgumentError("calibration activation is not finite (NaN or infinity)")
-    return activation_range(signed, sigma, a_max, bits, s_sigma)
+    return activation_range(signed, sigma, a_max, bits, s_sigma, a_min)
 
 
 # --------------------------------------------------------------------------

@@ -50,18 +50,35 @@ def default_s_sigma(bits: int) -> float:
 
 
 def activation_range(
-    signed: bool, sigma: float, a_max: float, bits: int, s_sigma: float
+    signed: bool,
+    sigma: float,
+    a_max: float,
+    bits: int,
+    s_sigma: float,
+    a_min: float | None = None,
 ) -> tuple[float, float]:
     """``(x_min, x_max)`` of docs/algorithm.md section 5 from the calibration statistics
     (float32 arithmetic, as the release): ``alpha = s_sigma * sigma``
     (``/ 1.25`` when signed), ``alpha = min(alpha, a_max)`` below 6 bits;
-    ``[-alpha, alpha]`` when signed, else ``[0, alpha]``."""
+    ``[-alpha, alpha]`` when signed, else ``[0, alpha]``.
+
+    Where that cap would make ``alpha <= 0`` (a signed input with
+    ``a_max <= 0``, which the release leaves undefined: it inverted the
+    range), the cap is ``max(|a_min|, |a_max|)`` instead (``a_min``: the
+    smallest value of the calibration input; without it, ``|a_max|``).
+    The result may be infinite where ``s_sigma * sigma`` overflows
+    float32 (:func:`check_activation_range` refuses it)."""
     f32 = np.float32
-    alpha = f32(s_sigma) * f32(sigma)
-    if signed:
-        alpha = alpha / f32(1.25)
-    if bits < 6:
-        alpha = min(alpha, f32(a_max))
+    with np.errstate(over="ignore"):
+        alpha = f32(s_sigma) * f32(sigma)
+        if signed:
+            alpha = alpha / f32(1.25)
+        if bits < 6:
+            capped = min(alpha, f32(a_max))
+            if signed and capped <= 0:
+                low = abs(f32(a_min)) if a_min is not None else f32(0.0)
+                capped = min(alpha, max(low, abs(f32(a_max))))
+            alpha = capped
     x_min = -alpha if signed else f32(0.0)
     return float(x_min), float(alpha)
 
@@ -69,16 +86,36 @@ def activation_range(
 def activation_qparams(x_min: float, x_max: float, bits: int) -> tuple[float, float, int, int]:
     """``(s, z, qmin, qmax)`` of the affine scheme of docs/algorithm.md section 5 (float32):
     ``s = (2^b - 1) / max(x_max - x_min, 1e-8)``, ``z = rne(s * x_min)``
-    (``+ 2^(b-1)`` when signed, i.e. ``x_min < 0``)."""
+    (``+ 2^(b-1)`` when signed, i.e. ``x_min < 0``). Not finite (or ``s``
+    0) where the range does not fit float32 (:func:`check_activation_range`)."""
     f32 = np.float32
     signed = x_min < 0
-    s = f32(2**bits - 1) / max(f32(x_max) - f32(x_min), f32(1e-8))
-    z = np.rint(s * f32(x_min)) + f32(2 ** (bits - 1) if signed else 0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = f32(2**bits - 1) / max(f32(x_max) - f32(x_min), f32(1e-8))
+        z = np.rint(s * f32(x_min)) + f32(2 ** (bits - 1) if signed else 0)
     if signed:
         qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     else:
         qmin, qmax = 0, 2**bits - 1
     return float(s), float(z), qmin, qmax
+
+
+def check_activation_range(
+    name: str, x_min: float, x_max: float, bits: int, cause: str
+) -> tuple[float, float, int, int]:
+    """:func:`activation_qparams` of ``[x_min, x_max]``, or an
+    :class:`InvalidArgumentError` naming the layer ``name`` and ``cause``
+    (e.g. ``"s_sigma=1e+39"``) where the range or its scale is not finite
+    in float32 or the scale is 0 (the quantizer would give NaN)."""
+    s, z, qmin, qmax = activation_qparams(x_min, x_max, bits)
+    f32max = float(np.finfo(np.float32).max)
+    fits = all(math.isfinite(v) and abs(v) <= f32max for v in (x_min, x_max, s, z))
+    if not (fits and s > 0):
+        raise InvalidArgumentError(
+            f"layer {name!r}: activation range [{x_min:.6g}, {x_max:.6g}] from {cause} "
+            f"does not fit float32 (scale {s:.6g}); use a smaller {cause.split('=')[0]}"
+        )
+    return s, z, qmin, qmax
 
 
 class ActivationQuantizer:
@@ -98,6 +135,9 @@ class ActivationQuantizer:
         self.signed = False
         self.sigma: float | None = None
         self.a_max: float | None = None
+        #: Smallest calibration value (used only where the input has no
+        #: positive value, docs/algorithm.md section 5).
+        self.a_min: float | None = None
         self.x_min: float | None = None
         self.x_max: float | None = None
         self.scale: float | None = None
@@ -121,12 +161,13 @@ class ActivationQuantizer:
             pos = a32[a32 > 0]
             sigma = pos.std() if pos.numel() > 1 else a32.new_zeros(())
         a_max = float(a32.max())
+        a_min = float(a32.min())
         sigma_f = float(sigma)
-        if not (math.isfinite(sigma_f) and math.isfinite(a_max)):
+        if not (math.isfinite(sigma_f) and math.isfinite(a_max) and math.isfinite(a_min)):
             raise InvalidArgumentError(
                 f"layer {self.name!r}: calibration input is not finite (NaN or infinity)"
             )
-        self.signed, self.sigma, self.a_max = signed, sigma_f, a_max
+        self.signed, self.sigma, self.a_max, self.a_min = signed, sigma_f, a_max, a_min
         self._update()
 
     def set_bits(self, bits: int) -> None:
@@ -136,12 +177,14 @@ class ActivationQuantizer:
 
     def _update(self) -> None:
         assert self.sigma is not None and self.a_max is not None
-        self.x_min, self.x_max = activation_range(
-            self.signed, self.sigma, self.a_max, self.bits, self.s_sigma
+        x_min, x_max = activation_range(
+            self.signed, self.sigma, self.a_max, self.bits, self.s_sigma, self.a_min
         )
-        self.scale, self.zero_point, self.qmin, self.qmax = activation_qparams(
-            self.x_min, self.x_max, self.bits
+        qparams = check_activation_range(
+            self.name, x_min, x_max, self.bits, f"s_sigma={self.s_sigma:g}"
         )
+        self.x_min, self.x_max = x_min, x_max
+        self.scale, self.zero_point, self.qmin, self.qmax = qparams
 
     def quantize(self, a: torch.Tensor) -> torch.Tensor:
         import torch
@@ -222,11 +265,16 @@ def _calibrate(
     seed: int,
     apply: bool,
     fixed: Container[str] = (),
-) -> None:
+) -> list[str]:
     """One forward pass of ``U[0, 1)`` noise through ``model`` that sets the
     sigma-rule range of every quantizer of ``layers`` but those named in
     ``fixed`` (ranges already set: applied with ``apply``, not observed).
-    The first layer to run gets a float input, the last observed one 8 bits."""
+    The first layer to run gets a float input, the last observed one 8 bits.
+
+    Returns:
+        the names of the quantizers of the layers that ran, in the order
+        they first ran.
+    """
     import torch
 
     order: list[ActivationQuantizer] = []
@@ -270,6 +318,7 @@ def _calibrate(
     observed = [q for q in order if id(q) not in fixed_ids]
     if order and observed and order[-1] is observed[-1]:
         order[-1].set_bits(8)
+    return [q.name for q in order]
 
 
 def _check_input_shape(input_shape: object) -> tuple[int, ...]:
@@ -290,7 +339,22 @@ def _check_s_sigma(s_sigma: object) -> float | None:
         return None
     if isinstance(s_sigma, bool) or not isinstance(s_sigma, numbers.Real):
         raise TypeError(f"s_sigma must be a positive number or None, got {s_sigma!r}")
-    value = float(s_sigma)
-    if not (math.isfinite(value) and value > 0):
-        raise InvalidArgumentError(f"s_sigma must be a positive finite number, got {value}")
-    return value
+    return check_positive_f32(s_sigma, "s_sigma")
+
+
+def check_positive_f32(value: numbers.Real, name: str) -> float:
+    """``float(value)``, or an :class:`InvalidArgumentError` unless it is a
+    positive finite number that stays positive and finite in float32 (the
+    activation ranges are computed in float32)."""
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise InvalidArgumentError(f"{name} must be a positive finite number, got {v}")
+    with np.errstate(over="ignore", under="ignore"):
+        v32 = np.float32(v)
+    if not (np.isfinite(v32) and v32 > 0):
+        raise InvalidArgumentError(
+            f"{name} must be a positive number that float32 holds (at most "
+            f"{float(np.finfo(np.float32).max):.6g}, not rounding to 0; activation ranges "
+            f"are computed in float32), got {v:g}"
+        )
+    return v

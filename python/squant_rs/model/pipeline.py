@@ -194,7 +194,9 @@ def quantize_model(
         The quantized copy, or ``(qmodel, report)`` with ``return_report=True``.
 
     Raises:
-        InvalidArgumentError: an argument out of range; the model cannot be
+        InvalidArgumentError: an argument out of range; ``abits`` is given
+            and the model already carries activation quantizers (it was
+            quantized with ``abits`` before); the model cannot be
             deep-copied (e.g. the old ``torch.nn.utils.weight_norm``); a lazy
             layer is not initialized; the calibration forward pass fails.
         NonFiniteWeightError, WeightRangeError: a weight that cannot be
@@ -236,6 +238,17 @@ def quantize_model(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if abits is not None:
+        hooked = activation_quantizers(model)
+        if hooked:
+            names = ", ".join(repr(n) for n in list(hooked)[:3]) + (
+                ", ..." if len(hooked) > 3 else ""
+            )
+            raise InvalidArgumentError(
+                f"model already carries squant activation quantizers (on {names}): "
+                "quantize the float model instead (a second call would stack a second "
+                "quantizer on each layer's input)"
+            )
 
     config = resolve_recipe(
         recipe,
@@ -291,6 +304,8 @@ def quantize_model(
             layers.append((name, module))
 
     quantizers: dict[str, ActivationQuantizer] = {}
+    run_order: list[str] = []
+    need_noise = False
     if abits is not None:
         mult = sigma_mult if sigma_mult is not None else default_s_sigma(abits)
         quantizers = {name: ActivationQuantizer(name, abits, mult) for name, _ in layers}
@@ -299,15 +314,22 @@ def quantize_model(
             noise_layers = bn_activation_ranges(rplan, layers, quantizers, abits)
         # The noise pass, where a layer needs it, runs through every layer:
         # those with BN ranges are applied (calibration="quantized"), not
-        # observed, and the first layer to run is known.
+        # observed, and the first layer to run is known. It also runs where
+        # the trace does not know when every layer runs (a layer inside a
+        # module the graph calls as one node): the pass's order decides.
         fixed = set(rplan.range_sources)
-        if calibration == "float" and noise_layers and not config.is_paper:
+        need_noise = bool(noise_layers) or (
+            config.act_ranges == "bn" and not rplan.order_covers([n for n, _ in layers])
+        )
+        if calibration == "float" and need_noise and not config.is_paper:
             # The noise pass runs the float model: set the copy's weights.
             _fill_float_weights(plan.chosen, sources)
-        if calibration == "float" and noise_layers:
-            _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=False, fixed=fixed)
+        if calibration == "float" and need_noise:
+            run_order = _calibrate(
+                qmodel, layers, quantizers, shape, int(seed), apply=False, fixed=fixed
+            )
         if config.act_ranges == "bn" and calibration == "float":
-            finish_activation_order(rplan, layers, quantizers, abits)
+            finish_activation_order(rplan, layers, quantizers, abits, run_order)
 
     # Bias correction needs the float weights after the pass has replaced
     # them: the caller's, or (folded, quantized in place) the copy's float
@@ -396,18 +418,28 @@ def quantize_model(
         reports.sort(key=lambda r: order[r.name])
 
     if abits is not None:
-        if calibration == "quantized" and noise_layers:
-            _calibrate(qmodel, layers, quantizers, shape, int(seed), apply=True, fixed=fixed)
+        if calibration == "quantized" and need_noise:
+            run_order = _calibrate(
+                qmodel, layers, quantizers, shape, int(seed), apply=True, fixed=fixed
+            )
         if config.act_ranges == "bn" and calibration == "quantized":
-            finish_activation_order(rplan, layers, quantizers, abits)
+            finish_activation_order(rplan, layers, quantizers, abits, run_order)
         for name, module in layers:
-            q = quantizers[name]
-            module.register_forward_pre_hook(q)
+            module.register_forward_pre_hook(quantizers[name])
+        # Each row reports its module's quantizer: a module under a second
+        # name (an alias) has the one hook of its first name; a distinct
+        # module sharing a weight has its own.
+        hook_of = {id(module): name for name, module in layers}
+        rows = [(name, module) for name, module in plan.chosen]
+        rows += [(name, module) for name, _, module in plan.tied]
+        for name, module in rows:
+            qname = hook_of[id(module)]
+            q = quantizers[qname]
             if q.calibrated and q.enabled:
                 assert q.x_min is not None and q.x_max is not None
                 by_name[name].act_range = (q.x_min, q.x_max)
                 by_name[name].act_bits = q.bits
-                by_name[name].range_source = rplan.range_sources.get(name, "sigma")
+                by_name[name].range_source = rplan.range_sources.get(qname, "sigma")
 
     report = QuantReport(
         layers=reports,

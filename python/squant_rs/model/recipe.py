@@ -40,7 +40,7 @@ import numpy as np
 from .._squant_rs import InvalidArgumentError, channel_dots, normal_cdf
 from .._squant_rs import clip_ratios as _clip_ratios
 from .._squant_rs import clip_rows as _clip_rows
-from .activations import ActivationQuantizer, activation_qparams
+from .activations import ActivationQuantizer, check_activation_range, check_positive_f32
 from .fold import is_stock
 
 if TYPE_CHECKING:
@@ -208,9 +208,7 @@ def resolve_recipe(
     if bn_sigmas is not None:
         if isinstance(bn_sigmas, bool) or not isinstance(bn_sigmas, numbers.Real):
             raise TypeError(f"bn_sigmas must be a positive number or None, got {bn_sigmas!r}")
-        n = float(bn_sigmas)
-        if not (math.isfinite(n) and n > 0):
-            raise InvalidArgumentError(f"bn_sigmas must be a positive finite number, got {n}")
+        n = check_positive_f32(bn_sigmas, "bn_sigmas")
     return RecipeConfig(name=name, bn_sigmas=n, **preset)
 
 
@@ -796,13 +794,25 @@ def shift_bias(module: Any, shift: np.ndarray, like: torch.Tensor) -> None:
             b.copy_(torch.from_numpy(new).to(b.dtype))
 
 
-def fix_range(q: ActivationQuantizer, x_min: float, x_max: float, bits: int) -> None:
+def fix_range(
+    q: ActivationQuantizer,
+    x_min: float,
+    x_max: float,
+    bits: int,
+    cause: str = "the BatchNorm statistics",
+) -> None:
     """Give ``q`` the range ``[x_min, x_max]`` at ``bits`` (the affine
-    scheme of docs/algorithm.md section 5)."""
+    scheme of docs/algorithm.md section 5).
+
+    Raises:
+        InvalidArgumentError: the range or its scale does not fit float32
+            (the message names the layer and ``cause``); ``q`` is unchanged.
+    """
+    qparams = check_activation_range(q.name, float(x_min), float(x_max), bits, cause)
     q.bits = bits
     q.signed = x_min < 0
     q.x_min, q.x_max = float(x_min), float(x_max)
-    q.scale, q.zero_point, q.qmin, q.qmax = activation_qparams(q.x_min, q.x_max, bits)
+    q.scale, q.zero_point, q.qmin, q.qmax = qparams
 
 
 @dataclass
@@ -819,6 +829,10 @@ class RecipePlan:
     #: Layer names in execution order (empty where tracing failed).
     order: list[str] = field(default_factory=list)
     traced: bool = False
+    #: Every module the traced graph calls as one node (``call_module``
+    #: targets): a layer inside one of them runs at a time the graph does
+    #: not show (:meth:`order_covers`).
+    called: set[str] = field(default_factory=set)
     #: Where each layer's activation range came from (``"bn+relu6"``, ...;
     #: layers absent here use the sigma rule on noise).
     range_sources: dict[str, str] = field(default_factory=dict)
@@ -832,6 +846,25 @@ class RecipePlan:
     #: bias correction runs): a bias among them is not corrected, since the
     #: shift would change the other modules too.
     shared: set[int] = field(default_factory=set)
+
+    def order_covers(self, names: Sequence[str]) -> bool:
+        """Whether :attr:`order` says when each of ``names`` first runs:
+        not where the trace failed, nor where one of them runs inside a
+        module the graph calls as one node (e.g. a ``torch.nn``
+        container such as ``nn.TransformerEncoderLayer``, whose inner
+        Linears the graph never shows). A layer the graph calls neither
+        itself nor through such a module does not run in the traced
+        forward."""
+        if not self.traced:
+            return False
+        known = set(self.order)
+        for name in names:
+            if name in known:
+                continue
+            parts = name.split(".")
+            if any(".".join(parts[:i]) in self.called for i in range(1, len(parts))):
+                return False
+        return True
 
     def input_stats(self, name: str, module: Any) -> ChannelStats | None:
         s = self.stats.get(name)
@@ -873,6 +906,7 @@ def prepare(
         if config.needs_graph:
             plan.stats = analyze(model, graph, modules)
         plan.order = execution_order(graph, list(plan.stats))
+        plan.called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
     if config.fold_bn:
         folds = fold_batchnorm_graph(model, graph, sources, modules, threads)
         plan.folded = {f.layer for f in folds}
@@ -1028,6 +1062,10 @@ def apply_bias_correction(
 SIGMA_RULE_FROM_BITS = 8
 
 
+def _bn_cause(n: float | None) -> str:
+    return "the BatchNorm statistics" if n is None else f"bn_sigmas={n:g}"
+
+
 def bn_range(stats: ChannelStats, bits: int, n: float | None) -> tuple[float, float]:
     """The per-tensor range of a BN-covered input: ``mu -+ n sigma``
     (:meth:`ChannelStats.tensor_range`); with ``n=None``, ``n = 4`` from
@@ -1045,14 +1083,21 @@ def bn_activation_ranges(
     quantizers: dict[str, ActivationQuantizer],
     abits: int,
 ) -> list[tuple[str, nn.Module]]:
-    """Fix the ranges of the layers whose input statistics are known.
+    """Fix the ranges of the layers whose input statistics are known (but
+    the first layer to run, where :meth:`RecipePlan.order_covers` knows it:
+    its input stays float).
 
     Returns:
         the other layers: they get the sigma rule on noise.
     """
     n = plan.config.bn_sigmas
-    chosen = {name for name, _ in layers}
-    first = next((name for name in plan.order if name in chosen), None)
+    names = [name for name, _ in layers]
+    chosen = set(names)
+    first = (
+        next((name for name in plan.order if name in chosen), None)
+        if plan.order_covers(names)
+        else None
+    )
     rest: list[tuple[str, nn.Module]] = []
     for name, module in layers:
         stats = plan.input_stats(name, module)
@@ -1062,7 +1107,7 @@ def bn_activation_ranges(
             rest.append((name, module))
             continue
         x_min, x_max = bn_range(stats, abits, n)
-        fix_range(quantizers[name], x_min, x_max, abits)
+        fix_range(quantizers[name], x_min, x_max, abits, _bn_cause(n))
         plan.range_sources[name] = stats.source
     return rest
 
@@ -1072,14 +1117,15 @@ def finish_activation_order(
     layers: Sequence[tuple[str, nn.Module]],
     quantizers: dict[str, ActivationQuantizer],
     abits: int,
+    run_order: Sequence[str] = (),
 ) -> None:
     """First layer to run: float input; last: 8 bits; the others ``abits``
-    (in the traced execution order; without a graph the noise pass's order
-    stands)."""
-    if not plan.traced:
-        return
+    (in the traced execution order where it knows every layer,
+    :meth:`RecipePlan.order_covers`; else in ``run_order``, the order in
+    which the noise pass ran the layers)."""
     n = plan.config.bn_sigmas
-    order = [name for name in plan.order if name in quantizers]
+    known = plan.order_covers([name for name, _ in layers])
+    order = [name for name in (plan.order if known else run_order) if name in quantizers]
     if not order:
         return
     first, last = order[0], order[-1]
@@ -1091,7 +1137,7 @@ def finish_activation_order(
             stats = plan.input_stats(name, modules[name])
             assert stats is not None
             x_min, x_max = bn_range(stats, bits, n)
-            fix_range(q, x_min, x_max, bits)
+            fix_range(q, x_min, x_max, bits, _bn_cause(n))
         elif q.bits != bits:
             q.set_bits(bits)
 
