@@ -495,6 +495,36 @@ def test_load_missing_file(tmp_path) -> None:
         squant_rs.load_quantized(tmp_path / "missing.safetensors")
 
 
+def test_load_threads(tmp_path, monkeypatch) -> None:
+    """load_quantized takes threads= like every other function (it raised
+    TypeError): the same tensors for any count; bad values raise, a bad
+    SQUANT_NUM_THREADS is read only without threads=."""
+    rng = np.random.default_rng(0)
+    sd = {f"l{i}.weight": rng.standard_normal((16, 24)).astype(np.float32) for i in range(6)}
+    sd["l0.bias"] = rng.standard_normal(16).astype(np.float32)
+    path = tmp_path / "q.safetensors"
+    squant_rs.save_quantized(sd, path, 4)
+    ref = squant_rs.load_quantized(path)
+    for threads in (1, 2, 7):
+        got = squant_rs.load_quantized(path, threads=threads)
+        assert list(got) == list(ref)
+        for key, value in ref.items():
+            assert torch.equal(got[key], value), (threads, key)
+    for bad, exc in (
+        (0, squant_rs.InvalidArgumentError),
+        (-1, squant_rs.InvalidArgumentError),
+        (True, TypeError),
+        ("2", TypeError),
+        (1.5, TypeError),
+    ):
+        with pytest.raises(exc, match="threads"):
+            squant_rs.load_quantized(path, threads=bad)
+    monkeypatch.setenv("SQUANT_NUM_THREADS", "zero")
+    with pytest.raises(squant_rs.InvalidArgumentError, match="SQUANT_NUM_THREADS"):
+        squant_rs.load_quantized(path)
+    assert torch.equal(squant_rs.load_quantized(path, threads=2)["l3.weight"], ref["l3.weight"])
+
+
 def test_raw_tensor_bfloat16_and_scalars() -> None:
     t = torch.randn(3, 5).to(torch.bfloat16)
     raw = RawTensor.from_torch(t)

@@ -851,6 +851,7 @@ def load_quantized(
     *,
     device: str | torch.device | None = None,
     verify: bool = True,
+    threads: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read a squant-rs file (or a sharded directory written by
     :func:`quantize_checkpoint`) back as a float state dict (torch tensors,
@@ -860,7 +861,9 @@ def load_quantized(
     are memory-mapped and dequantized in Rust one at a time straight into
     their output buffers. With ``verify`` (default) every tensor's CRC32C
     checksum is checked as it is read (files written before checksums
-    existed have none and still load).
+    existed have none and still load). ``threads`` (default:
+    ``SQUANT_NUM_THREADS``, else all CPUs) sets how many threads decode
+    the tensors; the result is the same for any count.
 
     Returns:
         The state dict, in file order.
@@ -870,14 +873,16 @@ def load_quantized(
             (checksum mismatch, invalid codes, scales or zero points that
             dequantize to non-finite values), or has an unsupported format
             version.
+        InvalidArgumentError: a bad ``threads`` (or ``SQUANT_NUM_THREADS``).
         OSError: the file cannot be read.
         ImportError: torch is not installed.
     """
+    threads = check_threads(threads)
     require_torch()
     import torch
 
     out: dict[str, torch.Tensor] = {}
-    for name, dtype, shape, data in _native.io_load(os.fspath(path), bool(verify)):
+    for name, dtype, shape, data in _native.io_load(os.fspath(path), bool(verify), threads):
         if data.size == 0:  # (torch cannot view an empty byte array as wider items)
             out[name] = torch.empty(shape, dtype=_torch_dtype(dtype))
             continue
