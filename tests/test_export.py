@@ -13,6 +13,7 @@ from squant_rs import FormatError, SquantError
 from squant_rs.formats.safetensors import (
     RawTensor,
     inspect_quantized,
+    quantize_checkpoint,
     read_safetensors,
     write_safetensors,
 )
@@ -523,6 +524,28 @@ def test_load_threads(tmp_path, monkeypatch) -> None:
     with pytest.raises(squant_rs.InvalidArgumentError, match="SQUANT_NUM_THREADS"):
         squant_rs.load_quantized(path)
     assert torch.equal(squant_rs.load_quantized(path, threads=2)["l3.weight"], ref["l3.weight"])
+
+
+@pytest.mark.parametrize("name", ["y.pth", "y.bin", "noext", "y.safetensors.tmp", ".safetensors"])
+def test_output_extension_rule_of_the_functions(tmp_path, name: str) -> None:
+    """save_quantized and quantize_checkpoint (single file) refuse an output
+    whose extension is not .safetensors, as the README and the CLI say (they
+    wrote it): InvalidArgumentError naming the path, nothing written."""
+    sd = {"a.weight": np.ones((4, 4), np.float32)}
+    src = tmp_path / "in.safetensors"
+    write_safetensors(src, {"a.weight": RawTensor.from_numpy(sd["a.weight"])})
+    out = tmp_path / name
+    rule = "output format is chosen by the file extension"
+    with pytest.raises(squant_rs.InvalidArgumentError, match=rule) as err:
+        squant_rs.save_quantized(sd, out)
+    assert str(out) in str(err.value)
+    with pytest.raises(squant_rs.InvalidArgumentError, match=rule):
+        quantize_checkpoint(src, out)
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+    # Any case of the extension is fine, as in the CLI.
+    squant_rs.save_quantized(sd, tmp_path / "ok.SafeTensors")
+    quantize_checkpoint(src, tmp_path / "ok2.safetensors")
+    assert inspect_quantized(tmp_path / "ok.SafeTensors").tensors[0].bits == 4
 
 
 def test_raw_tensor_bfloat16_and_scalars() -> None:
