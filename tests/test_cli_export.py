@@ -273,3 +273,32 @@ def test_quantize_onnx_warns_for_an_unmatched_skip_pattern(tmp_path):
             tmp_path / "f.onnx", tmp_path / "q.onnx", skip=("nope", "g1")
         )
     assert len(rec) == 1 and report.skipped == ["g1"]
+
+
+def test_readme_install_hints_name_existing_extras() -> None:
+    """The ONNX section's pip commands name extras that exist, and the one
+    for a torch model brings torch (it said 'squant-rs[onnx]', which has none)."""
+    import re
+    import sys
+    from pathlib import Path
+
+    if sys.version_info < (3, 11):
+        pytest.skip("tomllib")
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"
+    ]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Deploy with ONNX", 1)[1].split("\n#", 1)[0]
+    intro = section.split("```", 1)[0]
+    hints = re.findall(r"pip install 'squant-rs\[([a-z,]+)\]'", intro)
+    assert hints, intro
+    for hint in hints:
+        assert all(name in extras for name in hint.split(",")), hint
+    after = intro.split("torch model", 1)[-1]
+    torch_hint = re.search(r"pip install 'squant-rs\[([a-z,]+)\]'", after)
+    assert torch_hint is not None, intro
+    deps = [d for name in torch_hint.group(1).split(",") for d in extras[name]]
+    assert any(d.startswith("torch") for d in deps) and any(d.startswith("onnx") for d in deps)
