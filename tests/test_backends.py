@@ -179,6 +179,20 @@ def test_unknown_backend() -> None:
         squant_rs.quantize_tensor(torch.ones(4, 4), 4, backend="cuda")
 
 
+@pytest.mark.parametrize("backend", [3, None, b"rust", ["rust"]])
+def test_backend_of_the_wrong_type_is_a_type_error(backend: object) -> None:
+    """As mode=3 and quantizer=1 (the README and docstrings say wrongly
+    typed arguments raise TypeError; backend=3 raised InvalidArgumentError)."""
+    w = np.ones((4, 4), np.float32)
+    for call in (
+        lambda: squant_rs.quantize_tensor(w, 4, backend=backend),  # type: ignore[arg-type]
+        lambda: squant_rs.quantize_tensors([w], 4, backend=backend),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match="backend must be a string") as err:
+            call()
+        assert not isinstance(err.value, ValueError)
+
+
 @needs_cuda
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)

@@ -190,3 +190,115 @@ def test_user_module_from_current_directory(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.startswith(f"{out}: ")
     x = np.random.default_rng(4).random((2, 3, 4), dtype=np.float32)
     assert run(out, x).shape == (2, 3)
+
+
+def _cli_stderr(tmp_path, *argv: str) -> tuple[int, str]:
+    """``python -m squant_rs ARGV`` in a subprocess (the real stderr: raw
+    Python warnings show there, not under pytest's warning capture)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHONWARNINGS")}
+    r = subprocess.run(
+        [sys.executable, "-m", "squant_rs", *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": path},
+        timeout=600,
+    )
+    return r.returncode, r.stderr
+
+
+def _float_onnx(path) -> None:
+    """A float ONNX model of two Gemms (layers 'g0' and 'g1')."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w0"], ["h"], name="g0", transB=1),
+        helper.make_node("Gemm", ["h", "w1"], ["y"], name="g1", transB=1),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (6, 8)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 6)).astype(np.float32), "w1"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        inits,
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+
+
+def test_export_and_onnx_quantize_warnings_are_one_line_each(tmp_path):
+    """Warnings of export and ONNX quantize are `squant-rs: warning: ...`
+    lines (they were raw UserWarnings with their source line, and ONNX
+    quantize said nothing of a skip pattern that matches nothing); an error
+    is its one error line alone (export of a model without layers printed
+    the raw warning, its source line and the error)."""
+    shape = ["--input-shape", "1,3,8,8"]
+    rc, err = _cli_stderr(
+        tmp_path, "export", "export_models:no_layer", "o.onnx", "--input-shape", "2,4"
+    )
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("squant-rs: error: ") and "has no layer to quantize" in err, err
+    rc, err = _cli_stderr(
+        tmp_path, "export", "export_models:small", "m.onnx", *shape, "--skip", "nomatch*", "-q"
+    )
+    assert rc == 0, err
+    assert err == "squant-rs: warning: skip pattern 'nomatch*' matches no Conv/Linear layer\n"
+    _float_onnx(tmp_path / "f.onnx")
+    rc, err = _cli_stderr(tmp_path, "quantize", "f.onnx", "q.onnx", "--skip", "nomatch*", "-q")
+    assert rc == 0, err
+    assert err == (
+        "squant-rs: warning: skip pattern 'nomatch*' matches no quantizable "
+        "Conv/Gemm/MatMul layer\n"
+    )
+    # A pattern that skips every layer: no warning, one error line.
+    rc, err = _cli_stderr(tmp_path, "quantize", "f.onnx", "q2.onnx", "--skip", "g*", "nomatch*")
+    assert rc == 2 and err.count("\n") == 1 and "no quantizable layer" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["f.onnx", "m.onnx", "q.onnx"]
+
+
+def test_quantize_onnx_warns_for_an_unmatched_skip_pattern(tmp_path):
+    _float_onnx(tmp_path / "f.onnx")
+    with pytest.warns(UserWarning, match="skip pattern 'nope' matches no quantizable") as rec:
+        report = squant_rs.quantize_onnx(
+            tmp_path / "f.onnx", tmp_path / "q.onnx", skip=("nope", "g1")
+        )
+    assert len(rec) == 1 and report.skipped == ["g1"]
+
+
+def test_readme_install_hints_name_existing_extras() -> None:
+    """The ONNX section's pip commands name extras that exist, and the one
+    for a torch model brings torch (it said 'squant-rs[onnx]', which has none)."""
+    import re
+    import sys
+    from pathlib import Path
+
+    if sys.version_info < (3, 11):
+        pytest.skip("tomllib")
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"
+    ]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Deploy with ONNX", 1)[1].split("\n#", 1)[0]
+    intro = section.split("```", 1)[0]
+    hints = re.findall(r"pip install 'squant-rs\[([a-z,]+)\]'", intro)
+    assert hints, intro
+    for hint in hints:
+        assert all(name in extras for name in hint.split(",")), hint
+    after = intro.split("torch model", 1)[-1]
+    torch_hint = re.search(r"pip install 'squant-rs\[([a-z,]+)\]'", after)
+    assert torch_hint is not None, intro
+    deps = [d for name in torch_hint.group(1).split(",") for d in extras[name]]
+    assert any(d.startswith("torch") for d in deps) and any(d.startswith("onnx") for d in deps)

@@ -13,6 +13,7 @@ from squant_rs import FormatError, SquantError
 from squant_rs.formats.safetensors import (
     RawTensor,
     inspect_quantized,
+    quantize_checkpoint,
     read_safetensors,
     write_safetensors,
 )
@@ -493,6 +494,58 @@ def test_invalid_squant_file(tmp_path, good_file: bytes, case: str, match: str) 
 def test_load_missing_file(tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
         squant_rs.load_quantized(tmp_path / "missing.safetensors")
+
+
+def test_load_threads(tmp_path, monkeypatch) -> None:
+    """load_quantized takes threads= like every other function (it raised
+    TypeError): the same tensors for any count; bad values raise, a bad
+    SQUANT_NUM_THREADS is read only without threads=."""
+    rng = np.random.default_rng(0)
+    sd = {f"l{i}.weight": rng.standard_normal((16, 24)).astype(np.float32) for i in range(6)}
+    sd["l0.bias"] = rng.standard_normal(16).astype(np.float32)
+    path = tmp_path / "q.safetensors"
+    squant_rs.save_quantized(sd, path, 4)
+    ref = squant_rs.load_quantized(path)
+    for threads in (1, 2, 7):
+        got = squant_rs.load_quantized(path, threads=threads)
+        assert list(got) == list(ref)
+        for key, value in ref.items():
+            assert torch.equal(got[key], value), (threads, key)
+    for bad, exc in (
+        (0, squant_rs.InvalidArgumentError),
+        (-1, squant_rs.InvalidArgumentError),
+        (True, TypeError),
+        ("2", TypeError),
+        (1.5, TypeError),
+    ):
+        with pytest.raises(exc, match="threads"):
+            squant_rs.load_quantized(path, threads=bad)
+    monkeypatch.setenv("SQUANT_NUM_THREADS", "zero")
+    with pytest.raises(squant_rs.InvalidArgumentError, match="SQUANT_NUM_THREADS"):
+        squant_rs.load_quantized(path)
+    assert torch.equal(squant_rs.load_quantized(path, threads=2)["l3.weight"], ref["l3.weight"])
+
+
+@pytest.mark.parametrize("name", ["y.pth", "y.bin", "noext", "y.safetensors.tmp", ".safetensors"])
+def test_output_extension_rule_of_the_functions(tmp_path, name: str) -> None:
+    """save_quantized and quantize_checkpoint (single file) refuse an output
+    whose extension is not .safetensors, as the README and the CLI say (they
+    wrote it): InvalidArgumentError naming the path, nothing written."""
+    sd = {"a.weight": np.ones((4, 4), np.float32)}
+    src = tmp_path / "in.safetensors"
+    write_safetensors(src, {"a.weight": RawTensor.from_numpy(sd["a.weight"])})
+    out = tmp_path / name
+    rule = "output format is chosen by the file extension"
+    with pytest.raises(squant_rs.InvalidArgumentError, match=rule) as err:
+        squant_rs.save_quantized(sd, out)
+    assert str(out) in str(err.value)
+    with pytest.raises(squant_rs.InvalidArgumentError, match=rule):
+        quantize_checkpoint(src, out)
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+    # Any case of the extension is fine, as in the CLI.
+    squant_rs.save_quantized(sd, tmp_path / "ok.SafeTensors")
+    quantize_checkpoint(src, tmp_path / "ok2.safetensors")
+    assert inspect_quantized(tmp_path / "ok.SafeTensors").tensors[0].bits == 4
 
 
 def test_raw_tensor_bfloat16_and_scalars() -> None:

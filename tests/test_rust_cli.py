@@ -168,27 +168,70 @@ def test_same_errors_as_python(tmp_path, squant_bin: str) -> None:
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="POSIX signals")
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
 def test_signal_removes_the_temporary_file(tmp_path, squant_bin: str, sig: str) -> None:
+    """As the Python CLI: the temporary output removed, then SIGINT exits 130
+    with 'interrupted', SIGTERM / SIGHUP end the process by that signal
+    (it exited 130 with 'interrupted' for those too)."""
     src = tmp_path / "big.safetensors"
     w = np.random.default_rng(0).standard_normal((2048, 4096)).astype(np.float32)
     write_safetensors(src, {f"l{i}.weight": RawTensor.from_numpy(w) for i in range(4)})
     out = tmp_path / "out.safetensors"
-    proc = subprocess.Popen(
-        [squant_bin, "quantize", str(src), str(out), "--threads", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        proc = subprocess.Popen(
+            [*argv, "quantize", str(src), str(out), "--threads", "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not any(n.endswith(".tmp") for n in os.listdir(tmp_path)):
+            assert proc.poll() is None and time.monotonic() < deadline, "no temporary file seen"
+            time.sleep(0.005)
+        proc.send_signal(getattr(signal, sig))
+        _, stderr = proc.communicate(timeout=60)
+        if sig == "SIGINT":
+            assert proc.returncode == 130, (argv, stderr)
+            assert stderr.endswith(": error: interrupted\n"), (argv, stderr)
+        else:
+            assert proc.returncode == -getattr(signal, sig), (argv, stderr)
+            assert stderr == "", argv
+        assert sorted(os.listdir(tmp_path)) == ["big.safetensors"], argv
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="head, /dev/full")
+def test_closed_stdout_like_python(tmp_path, squant_bin: str) -> None:
+    """`squant info -v FILE | head -1`: status 141 and nothing on stderr, as
+    the Python CLI (it panicked: 'failed printing to stdout: Broken pipe',
+    status 101); a full stdout is one error line and status 2."""
+    path = tmp_path / "many.safetensors"
+    src = {
+        f"layer{i:05d}.a.rather.long.module.name.weight": np.ones((2, 2), np.float32)
+        for i in range(3000)
+    }
+    write_safetensors(
+        tmp_path / "in.safetensors", {k: RawTensor.from_numpy(v) for k, v in src.items()}
     )
-    deadline = time.monotonic() + 60
-    while not any(n.endswith(".tmp") for n in os.listdir(tmp_path)):
-        assert proc.poll() is None and time.monotonic() < deadline, "no temporary file seen"
-        time.sleep(0.005)
-    proc.send_signal(getattr(signal, sig))
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr
-    assert sorted(os.listdir(tmp_path)) == ["big.safetensors"]
+    r = _run(squant_bin, "quantize", "-q", str(tmp_path / "in.safetensors"), str(path))
+    assert r.returncode == 0, r.stderr
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        cli = subprocess.Popen(
+            [*argv, "info", "-v", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert cli.stdout is not None and cli.stderr is not None
+        head = subprocess.run(["head", "-1"], stdin=cli.stdout, capture_output=True, check=False)
+        cli.stdout.close()
+        stderr = cli.stderr.read()
+        cli.stderr.close()
+        assert cli.wait(timeout=120) == 141, (argv, stderr)
+        assert stderr == b"", argv
+        assert head.stdout.startswith(b"file "), argv
+    with open("/dev/full", "w") as full:
+        p, r = _both(
+            squant_bin, "info", str(path), stdout=full, capture_output=False, stderr=subprocess.PIPE
+        )
+    _same_message(p, r)
+    assert r.returncode == 2 and r.stderr == "squant: error: No space left on device\n"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE, Linux pipeline")

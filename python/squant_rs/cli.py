@@ -430,6 +430,25 @@ class _StageClock:
 # commands
 
 
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Warnings raised while the body runs (the library's user warnings,
+    those of the user's model or torch's exporter) become one
+    ``squant-rs: warning: ...`` line each (the same text once), printed when
+    the body succeeds; after an error only its one error line is printed
+    (it names what went wrong; a warning such as "nothing to quantize"
+    would only repeat it)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("default", category=UserWarning)
+        yield
+    shown: set[str] = set()
+    for w in caught:
+        text = _one_line(w.message) if isinstance(w.message, Warning) else str(w.message)
+        if text not in shown:
+            shown.add(text)
+            _message("warning", text)
+
+
 def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
     """``quantize IN.onnx OUT.onnx``: a QDQ ONNX model (numpy + onnx, no torch)."""
     from .formats.onnx import quantize_onnx
@@ -438,7 +457,7 @@ def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
         raise CliError("ONNX input needs an .onnx output (and the other way round)")
     if args.include:
         raise CliError("--include applies to safetensors/torch inputs; use --skip for ONNX")
-    with _thread_count(args.threads) as threads:
+    with _thread_count(args.threads) as threads, _warnings_as_lines():
         report = quantize_onnx(
             args.input,
             args.output,
@@ -564,6 +583,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     check_output(out, inputs=[p for p in inputs if os.path.exists(p)])
     if (args.integer_kernels or args.quantize_input is not False) and args.abits is None:
         raise CliError("--integer-kernels and --quantize-input need --abits")
+    _require_torch("export")
+    with _warnings_as_lines():
+        report = _export_model(args)
+    if args.verbose:
+        print(report)
+    elif not args.quiet:
+        print(f"{out}: {report.summary()}")
+    return 0
+
+
+def _export_model(args: argparse.Namespace) -> QuantReport:
+    """The model of ``export`` built, loaded and exported: its report."""
     torch = _require_torch("export")
     from .formats.onnx import export_onnx
 
@@ -576,7 +607,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         try:
             report = export_onnx(
                 model,
-                out,
+                args.output,
                 example,
                 args.wbits,
                 args.abits,
@@ -596,11 +627,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 f"export of {args.factory} on input {shape} failed "
                 f"({type(exc).__name__}: {_one_line(exc)})"
             ) from None
-    if args.verbose:
-        print(report)
-    elif not args.quiet:
-        print(f"{out}: {report.summary()}")
-    return 0
+    return report
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:

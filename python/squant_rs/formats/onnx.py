@@ -149,10 +149,12 @@ def _identity_source(producers: dict[str, Any], inits: dict[str, Any], tensor: s
     return tensor
 
 
-def _find_layers(model: Any, skip: Sequence[str]) -> tuple[list[_Layer], list[str]]:
+def _find_layers(
+    model: Any, skip: Sequence[str], matched: set[str] | None = None
+) -> tuple[list[_Layer], list[str]]:
     """The quantizable layers in graph order and the names of those left
     float. A weight read through Identity nodes counts as the initializer
-    they copy."""
+    they copy. ``matched`` collects the skip patterns that matched a layer."""
     onnx = require_onnx()
     graph = model.graph
     inits = _initializers(graph)
@@ -179,9 +181,11 @@ def _find_layers(model: Any, skip: Sequence[str]) -> tuple[list[_Layer], list[st
                 continue
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             axis = 0 if node.op_type == "Gemm" and trans_b else 1
-        if matches_any(name, skip) or any(
-            matches_any(t, skip) or matches_any(_module_of(t), skip) for t in {w.name, read}
-        ):
+        names = {name, w.name, read, _module_of(w.name), _module_of(read)}
+        hits = [p for p in skip if any(matches_any(n, (p,)) for n in names)]
+        if hits:
+            if matched is not None:
+                matched.update(hits)
             skipped.append(name)
             continue
         if axes.setdefault(w.name, axis) != axis:
@@ -1278,7 +1282,8 @@ def quantize_onnx(
     file (external data next to it is read). Models below opset 21 are
     converted with ``onnx.version_converter``. ``wbits``, ``mode`` and
     ``quantizer`` are as in :func:`quantize_tensor`; ``skip``: fnmatch
-    patterns tried on node names and weight names. With ``abits`` the
+    patterns tried on node names and weight names (one that matches no
+    quantizable layer gets a ``UserWarning``, as in :func:`quantize_model`). With ``abits`` the
     inputs of the quantized layers get static per-tensor Q/DQ pairs whose
     ranges come from the sigma rule (``s_sigma``, default by ``abits``) on
     one ``U[0,1)`` batch (``input_shape``, default: the model's input with
@@ -1332,7 +1337,15 @@ def quantize_onnx(
     model = _prepare(model, where)
     if integer_kernels:
         _fold_pads(model)
-    layers, skipped = _find_layers(model, patterns)
+    matched: set[str] = set()
+    layers, skipped = _find_layers(model, patterns, matched)
+    for p in patterns:
+        if p not in matched:
+            warnings.warn(
+                f"skip pattern {p!r} matches no quantizable Conv/Gemm/MatMul layer",
+                UserWarning,
+                stacklevel=2,
+            )
     if not layers:
         raise OnnxFormatError(
             f"{where}: no quantizable layer (Conv/Gemm/MatMul with a float32 initializer weight)"

@@ -319,15 +319,42 @@ def write_safetensors(
         return int(_native.io_write_safetensors(target, items, meta, data))
 
 
+#: The extension of every squant-rs file (the CLIs' and the functions'
+#: output rule: the format follows the extension).
+SQUANT_EXTENSION = ".safetensors"
+
+
+def check_squant_extension(path: str | os.PathLike[str]) -> None:
+    """Refuse a squant-rs output whose extension is not ``.safetensors``
+    (any case), in the CLI's words.
+
+    Raises:
+        InvalidArgumentError: naming the path and the rule.
+    """
+    name = os.fspath(path)
+    suffix = os.path.splitext(name)[1]
+    if suffix.lower() != SQUANT_EXTENSION:
+        raise InvalidArgumentError(
+            f"output {name}: the output format is chosen by the file extension and "
+            f"{suffix or 'no extension'!r} is not one squant-rs writes (use {SQUANT_EXTENSION})"
+        )
+
+
 @contextmanager
-def _output(path: str | os.PathLike[str], inputs: Sequence[str] = ()) -> Iterator[str]:
+def _output(
+    path: str | os.PathLike[str], inputs: Sequence[str] = (), *, squant_file: bool = False
+) -> Iterator[str]:
     """The output rules of :func:`squant_rs.formats.output.atomic_output` for
     a file the Rust writer writes (atomically itself): checks ``path``
     (:func:`~squant_rs.formats.output.check_output`), yields the path to
     write (symlinks resolved), cleans up on SIGTERM/SIGHUP (the writer's
     temporary file is removed when the signal interrupts it) and gives a
-    replaced file its permission bits back."""
+    replaced file its permission bits back. ``squant_file``: a squant-rs
+    file, whose path must end in ``.safetensors``
+    (:func:`check_squant_extension`, checked after the rules above)."""
     target = check_output(path, inputs=inputs)
+    if squant_file:
+        check_squant_extension(path)
     try:
         old: os.stat_result | None = os.stat(target)
     except FileNotFoundError:
@@ -486,7 +513,7 @@ def _export(
             plan.append((_utf8_name(key), dtype, list(shape), bits, mode))
         else:
             plan.append((_utf8_name(key), dtype, list(shape), None, None))
-    with _output(path) as target:
+    with _output(path, squant_file=True) as target:
         writer = _native.QuantizedFileWriter(target, plan, quantizer)
         layers, size_after = _write_all(
             writer, entries, selected, bits, mode, backend, threads, progress, quantizer
@@ -582,7 +609,8 @@ def save_quantized(
     metadata key (absent: asymmetric). The file is written atomically by
     the Rust writer under the rules of :mod:`squant_rs.formats.output`
     (symlinks followed, permissions kept; a FIFO or device path raises
-    :class:`InvalidArgumentError`)."""
+    :class:`InvalidArgumentError`, as does a path whose extension is not
+    ``.safetensors``: ``out.pth`` is refused, as by the CLI)."""
     wall = time.perf_counter()
     bits = check_bits(wbits, "wbits")
     mode = check_mode(mode)
@@ -716,7 +744,8 @@ def quantize_checkpoint(
     Raises:
         FormatError: a damaged input file or shard (named in the message).
         InvalidArgumentError: bad options, nothing to quantize, an output
-            directory that exists and is not empty.
+            directory that exists and is not empty, a single-file output
+            whose extension is not ``.safetensors``.
         NonFiniteWeightError, WeightRangeError: a weight cannot be quantized.
         OSError: a file cannot be read or written.
     """
@@ -742,7 +771,7 @@ def quantize_checkpoint(
             )
         report, tensors = _report_of(raw, bits, mode, wall, quantizer)
         return CheckpointResult(report, tensors, int(input_size), int(shards))
-    with _output(dst, inputs=[os.fspath(src)]) as target:
+    with _output(dst, inputs=[os.fspath(src)], squant_file=True) as target:
         raw = _native.io_quantize_file(
             os.fspath(src), target, bits, mode, inc, sk, threads, progress, quantizer=quantizer
         )
@@ -851,6 +880,7 @@ def load_quantized(
     *,
     device: str | torch.device | None = None,
     verify: bool = True,
+    threads: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read a squant-rs file (or a sharded directory written by
     :func:`quantize_checkpoint`) back as a float state dict (torch tensors,
@@ -860,7 +890,9 @@ def load_quantized(
     are memory-mapped and dequantized in Rust one at a time straight into
     their output buffers. With ``verify`` (default) every tensor's CRC32C
     checksum is checked as it is read (files written before checksums
-    existed have none and still load).
+    existed have none and still load). ``threads`` (default:
+    ``SQUANT_NUM_THREADS``, else all CPUs) sets how many threads decode
+    the tensors; the result is the same for any count.
 
     Returns:
         The state dict, in file order.
@@ -870,14 +902,16 @@ def load_quantized(
             (checksum mismatch, invalid codes, scales or zero points that
             dequantize to non-finite values), or has an unsupported format
             version.
+        InvalidArgumentError: a bad ``threads`` (or ``SQUANT_NUM_THREADS``).
         OSError: the file cannot be read.
         ImportError: torch is not installed.
     """
+    threads = check_threads(threads)
     require_torch()
     import torch
 
     out: dict[str, torch.Tensor] = {}
-    for name, dtype, shape, data in _native.io_load(os.fspath(path), bool(verify)):
+    for name, dtype, shape, data in _native.io_load(os.fspath(path), bool(verify), threads):
         if data.size == 0:  # (torch cannot view an empty byte array as wider items)
             out[name] = torch.empty(shape, dtype=_torch_dtype(dtype))
             continue

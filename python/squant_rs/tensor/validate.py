@@ -54,7 +54,11 @@ def check_quantizer(quantizer: object) -> str:
 
 
 def check_backend(backend: object) -> str:
-    if not isinstance(backend, str) or backend not in BACKENDS:
+    if not isinstance(backend, str):
+        raise TypeError(
+            f"backend must be a string, one of {BACKENDS}, got {type(backend).__name__}"
+        )
+    if backend not in BACKENDS:
         raise InvalidArgumentError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
     return backend
 

@@ -4,13 +4,16 @@
 //! CLI's `squant-rs quantize` / `squant-rs info` on safetensors input.
 //!
 //! Exit status: 0 on success, 2 on bad input (one `squant: error: ...` line
-//! on stderr, no output left behind), 130 when interrupted (SIGINT, SIGTERM
-//! or SIGHUP; the temporary output is removed first).
+//! on stderr, no output left behind), 130 when interrupted (SIGINT; the
+//! temporary output is removed first), killed by the signal on SIGTERM or
+//! SIGHUP (after removing the temporary output; 143 / 129 in a shell), 141
+//! (quietly) when stdout is a pipe closed early (`squant info -v F | head`):
+//! all as the Python CLI.
 
 mod printable_table;
 mod text;
 
-use std::io::{IsTerminal, Read};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -26,6 +29,40 @@ use crate::text::{commas, format_bytes, format_table, report_table, totals};
 const PROG: &str = "squant";
 const MAX_THREADS: usize = 1024;
 const THREADS_ENV: &str = "SQUANT_NUM_THREADS";
+/// Exit status when stdout is a pipe that was closed early (128 + SIGPIPE),
+/// as the Python CLI's.
+const EXIT_BROKEN_PIPE: i32 = 141;
+
+/// `println!` that never panics: a closed stdout (`squant info -v F | head`)
+/// ends the process quietly with status 141, any other write error with one
+/// error line and status 2 (as the Python CLI).
+macro_rules! out {
+    () => {
+        write_stdout(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        write_stdout(format_args!($($arg)*))
+    };
+}
+
+fn write_stdout(args: std::fmt::Arguments) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_fmt(args)
+        .and_then(|()| stdout.write_all(b"\n"))
+    {
+        stdout_failed(&e);
+    }
+}
+
+/// stdout could not be written: see [`out!`].
+fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(EXIT_BROKEN_PIPE);
+    }
+    error_line(&squant_io::error::os_reason(e));
+    std::process::exit(2);
+}
 
 #[derive(Parser)]
 #[command(
@@ -553,7 +590,7 @@ fn cmd_quantize(
         for l in layers.iter_mut() {
             l.name = printable(&l.name);
         }
-        println!(
+        out!(
             "{}",
             report_table(
                 &layers,
@@ -565,7 +602,7 @@ fn cmd_quantize(
                 report.size_after
             )
         );
-        println!();
+        out!();
     }
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     let rows = [
@@ -609,7 +646,7 @@ fn cmd_quantize(
         ),
     ];
     for (label, value) in rows {
-        println!("{label:<22}{}", printable(&value));
+        out!("{label:<22}{}", printable(&value));
     }
     Ok(())
 }
@@ -746,10 +783,10 @@ fn cmd_info(
         ));
     }
     for (label, value) in rows {
-        println!("{label:<22}{}", printable(&value));
+        out!("{label:<22}{}", printable(&value));
     }
     if verbose || tensors.len() <= 50 {
-        println!();
+        out!();
         let rows: Vec<Vec<String>> = tensors
             .iter()
             .map(|t| {
@@ -781,10 +818,10 @@ fn cmd_info(
             .collect();
         let headers = ["tensor", "shape", "dtype", "bits", "mode", "bytes", "ratio"];
         for line in format_table(&headers, &rows, &[5, 6]) {
-            println!("{line}");
+            out!("{line}");
         }
     } else {
-        println!("\n({} tensors; -v lists them)", tensors.len());
+        out!("\n({} tensors; -v lists them)", tensors.len());
     }
     Ok(())
 }
@@ -841,13 +878,91 @@ fn usage_error(e: &clap::Error) -> String {
     }
 }
 
+/// The process is interrupted: remove the temporary output, then end as the
+/// Python CLI does: SIGINT with `squant: error: interrupted` and status 130,
+/// SIGTERM and SIGHUP killed by that signal (status 128 + signal in a shell).
+fn on_interrupt(signal: Option<i32>) -> ! {
+    squant_io::remove_live_temp_files();
+    #[cfg(unix)]
+    if let Some(sig) = signal.filter(|&s| s != libc::SIGINT) {
+        // SAFETY: plain system calls: the default action, then the signal
+        // again, to this thread; the default action ends the process.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+        std::process::exit(128 + sig); // not reached
+    }
+    let _ = signal;
+    eprintln!("{PROG}: error: interrupted");
+    std::process::exit(130);
+}
+
+/// SIGINT, SIGTERM, SIGHUP: the handler writes the signal's number to a
+/// pipe; a thread reads it and runs [`on_interrupt`] (not async-signal-safe).
+#[cfg(unix)]
+fn install_signal_handlers() {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    static WRITE_END: AtomicI32 = AtomicI32::new(-1);
+
+    extern "C" fn handler(sig: libc::c_int) {
+        let byte = sig as u8;
+        // SAFETY: write(2) is async-signal-safe; the fd is the pipe's write end.
+        unsafe {
+            libc::write(
+                WRITE_END.load(Ordering::Relaxed),
+                (&byte as *const u8).cast(),
+                1,
+            );
+        }
+    }
+
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe(2) fills the two descriptors of a valid array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return;
+    }
+    let [read_end, write_end] = fds;
+    WRITE_END.store(write_end, Ordering::Relaxed);
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut byte = 0u8;
+            // SAFETY: read(2) of one byte into a valid buffer.
+            let n = unsafe { libc::read(read_end, (&mut byte as *mut u8).cast(), 1) };
+            if n == 1 {
+                on_interrupt(Some(i32::from(byte)));
+            }
+            if n == 0
+                || (n < 0
+                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted)
+            {
+                return;
+            }
+        });
+    if spawned.is_err() {
+        return;
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installs a handler that only calls write(2); SA_RESTART
+        // so that interrupted system calls elsewhere resume.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn install_signal_handlers() {
+    let _ = ctrlc::set_handler(|| on_interrupt(None));
+}
+
 fn main() -> ExitCode {
-    // SIGINT, SIGTERM, SIGHUP: remove the temporary output, exit 130.
-    let _ = ctrlc::set_handler(|| {
-        squant_io::remove_live_temp_files();
-        eprintln!("{PROG}: error: interrupted");
-        std::process::exit(130);
-    });
+    install_signal_handlers();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -888,6 +1003,10 @@ fn main() -> ExitCode {
             threads,
         } => cmd_info(&file, verbose, verify, threads),
     };
+    // A closed pipe shows here, not silently at exit.
+    if let Err(e) = std::io::stdout().flush() {
+        stdout_failed(&e);
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError(msg)) => {
