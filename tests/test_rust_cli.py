@@ -199,6 +199,36 @@ def test_signal_removes_the_temporary_file(tmp_path, squant_bin: str, sig: str) 
         assert sorted(os.listdir(tmp_path)) == ["big.safetensors"], argv
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="POSIX signals")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_signals_ignored_by_the_parent_stay_ignored(tmp_path, squant_bin: str, sig: str) -> None:
+    """As the Python CLI: a signal the parent set to be ignored (`nohup`, a
+    background job) does not stop the run (the Rust CLI installed its
+    handler over SIG_IGN: `nohup squant quantize ...` died on hangup)."""
+    src = tmp_path / "big.safetensors"
+    w = np.random.default_rng(0).standard_normal((2048, 4096)).astype(np.float32)
+    write_safetensors(src, {f"l{i}.weight": RawTensor.from_numpy(w) for i in range(4)})
+    signum = getattr(signal, sig)
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        out = tmp_path / "out.safetensors"
+        proc = subprocess.Popen(
+            [*argv, "quantize", str(src), str(out), "--threads", "1", "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN),
+        )
+        deadline = time.monotonic() + 60
+        while not any(n.endswith(".tmp") for n in os.listdir(tmp_path)):
+            assert proc.poll() is None and time.monotonic() < deadline, "no temporary file seen"
+            time.sleep(0.005)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (argv, stderr)
+        assert out.exists(), argv
+        out.unlink()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="head, /dev/full")
 def test_closed_stdout_like_python(tmp_path, squant_bin: str) -> None:
     """`squant info -v FILE | head -1`: status 141 and nothing on stderr, as

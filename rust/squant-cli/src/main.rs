@@ -944,9 +944,18 @@ fn install_signal_handlers() {
         return;
     }
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: installs a handler that only calls write(2); SA_RESTART
-        // so that interrupted system calls elsewhere resume.
+        // SAFETY: reads the current disposition into a zeroed sigaction, then
+        // installs a handler that only calls write(2); SA_RESTART so that
+        // interrupted system calls elsewhere resume. A signal the parent set
+        // to be ignored (`nohup`, a shell's background job) stays ignored, as
+        // in the Python CLI.
         unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN
+            {
+                continue;
+            }
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = handler as extern "C" fn(libc::c_int) as libc::sighandler_t;
             action.sa_flags = libc::SA_RESTART;
