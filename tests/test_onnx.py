@@ -1066,8 +1066,34 @@ class _BnAct(torch.nn.BatchNorm2d):
         return torch.relu(super().forward(x))
 
 
+class _SharedConvTwoBns(torch.nn.Module):
+    """One conv run on two inputs, each call followed by its own BN
+    (EfficientDet-style shared heads): quantize_model cannot fold either,
+    torch's exporter folds both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn_a = torch.nn.BatchNorm2d(8)
+        self.bn_b = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn_a(self.conv(x)))
+        b = torch.relu(self.bn_b(self.conv(x[:, :, ::2, ::2])))
+        return self.head(a).mean((2, 3)) + self.head(b).mean((2, 3))
+
+
 def _exporter_folds(case: str) -> torch.nn.Module:
     torch.manual_seed(0)
+    if case == "called-twice":
+        twice = _SharedConvTwoBns()
+        with torch.no_grad():
+            for bn in (twice.bn_a, twice.bn_b):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(-1.5, 1.5)
+        return twice.eval()
     if case == "untraceable":
         net: torch.nn.Module = _Untraceable()
         conv, bn = net.conv, net.bn
@@ -1082,8 +1108,10 @@ def _exporter_folds(case: str) -> torch.nn.Module:
         bn.running_var.uniform_(0.5, 2)
         if case == "negative-gamma":
             bn.weight.uniform_(-1.5, -0.5)
+        if case == "zero-gamma":
+            bn.weight[::3] = 0.0
     seen: list[object] = []
-    if case in ("conv-hook", "negative-gamma"):
+    if case in ("conv-hook", "negative-gamma", "zero-gamma"):
         conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))  # reads only
     if case == "bn-hook":
         bn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
@@ -1092,9 +1120,18 @@ def _exporter_folds(case: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize(
     "case",
-    ["untraceable", "conv-hook", "bn-hook", "conv-subclass", "bn-subclass", "negative-gamma"],
+    [
+        "untraceable",
+        "conv-hook",
+        "bn-hook",
+        "conv-subclass",
+        "bn-subclass",
+        "negative-gamma",
+        "zero-gamma",
+        "called-twice",
+    ],
 )
-@pytest.mark.parametrize("wbits", [4, 7])
+@pytest.mark.parametrize("wbits", [4, 8])
 def test_export_layers_only_the_exporter_folds(tmp_path, case, wbits):
     """torch's exporter folds Conv+BN pairs that quantize_model leaves
     unfolded (hooks, modules with a forward of their own, untraceable
@@ -1115,6 +1152,7 @@ def test_export_layers_only_the_exporter_folds(tmp_path, case, wbits):
     got = run(out, x.numpy())
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
     assert ops(out)["BatchNormalization"] == 0
+    assert not _float_weights(onnx.load(str(out))), "a Conv runs a float weight"
     # The graph's weight dequantizes to the reported quantized weight.
     dq = _dq_values(onnx.load(str(out)), tmp_path)
     graph_w = next(v for k, v in dq.items() if v.shape == tuple(first.shape))

@@ -1901,7 +1901,8 @@ def _match_layers(
 
     qts: list[QuantizedTensor] = []
     cands: list[set[int]] = []  # ids of the graph layers holding each report layer's weight
-    folded_here: list[str] = []  # layers whose BN only torch's exporter folded
+    folded_here: list[str] = []  # layers with a BN only torch's exporter folded
+    per_layer: dict[int, QuantizedTensor] = {}  # such graph layers' own quantized weights
     for rep in reps:
         if rep.qtensor is None:  # pragma: no cover - quantize_model fills it
             qts.append(None)  # type: ignore[arg-type]
@@ -1914,21 +1915,46 @@ def _match_layers(
             for ly in by_digest.get(digest(want), [])
             if np.array_equal(values[(ly.weight, ly.axis)], want)
         }
-        if not found:
-            scaled = _exporter_folded(layers, values, rep.name, qt, want)
-            if scaled is None:
-                raise InvalidArgumentError(
-                    f"layer {rep.name!r}: its quantized weight is not an initializer of the "
-                    f"exported graph{why}"
-                )
-            found, qt = scaled
-            # The graph runs the layer with the BN torch's exporter folded into
-            # it: its SQuant codes with each channel's scale times the BN factor.
-            rep.qtensor = qt
-            rep.folded = True
-            folded_here.append(rep.name)
         qts.append(qt)
         cands.append(found)
+    # Graph layers no report layer's weight matches, in a report layer's
+    # scope (any of its calls): torch's exporter folded a BatchNorm into
+    # that call that quantize_model left unfolded (a hook, a module with a
+    # forward of its own, an untraceable model, a layer called twice with a
+    # BN after each call). Each such call runs the layer's SQuant codes with
+    # each channel's scale times that BN's factor.
+    matched = set().union(*cands) if cands else set()
+    for ri, rp in enumerate(reps):
+        if qts[ri] is None:  # pragma: no cover - quantize_model fills it
+            continue
+        want = np.asarray(qts[ri].dequantize())
+        scaled: list[tuple[_Layer, QuantizedTensor]] = []
+        for ly in layers:
+            if id(ly) in matched or _scope_match(ly.name, rp.name) == 0:
+                continue
+            sq = _scaled_codes(values[(ly.weight, ly.axis)], qts[ri], want)
+            if sq is not None:
+                scaled.append((ly, sq))
+        if not scaled:
+            continue
+        for ly, sq in scaled:
+            per_layer[id(ly)] = sq
+            cands[ri].add(id(ly))
+            matched.add(id(ly))
+        folded_here.append(rp.name)
+        rp.folded = True
+        if all(id(ly) in per_layer for ly in layers if id(ly) in cands[ri]):
+            # Every call of the layer runs a folded weight: report its own
+            # scope's (else the first call's).
+            mine = [sq for ly, sq in scaled if _scope_match(ly.name, rp.name) == 2]
+            qts[ri] = mine[0] if mine else scaled[0][1]
+            rp.qtensor = qts[ri]
+    for ri, rp in enumerate(reps):
+        if rp.qtensor is not None and not cands[ri]:
+            raise InvalidArgumentError(
+                f"layer {rp.name!r}: its quantized weight is not an initializer of the "
+                f"exported graph{why}"
+            )
     owner: dict[int, int] = {}  # id(graph layer) -> report index
     for layer in layers:
         scored = [
@@ -1969,13 +1995,14 @@ def _match_layers(
         by_layer[rep.name].append(layer)
         if rep.act_range is not None and rep.act_bits is not None:
             layer.act = (rep.act_bits, *rep.act_range)
-        wt = next((w for w in weights if w.name == layer.weight and _same_qt(w.qt, qts[i])), None)
+        q = per_layer.get(id(layer), qts[i])
+        wt = next((w for w in weights if w.name == layer.weight and _same_qt(w.qt, q)), None)
         if wt is None:
             shared = any(w.name == layer.weight for w in weights)
             # (a weight the exporter folded has a generated name: the layer's)
             own = shared or rep.name in folded_here
             base = f"{rep.name}.weight" if own else layer.weight
-            wt = _Weight(layer.weight, layer.axis, qts[i], base=base)
+            wt = _Weight(layer.weight, layer.axis, q, base=base)
             weights.append(wt)
         wt.layers.append(layer)
     if folded_here:
@@ -1991,53 +2018,54 @@ def _match_layers(
     return weights, by_layer
 
 
-def _exporter_folded(
-    layers: list[_Layer],
-    values: dict[tuple[str, int], np.ndarray],
-    module: str,
-    qt: QuantizedTensor,
-    want: np.ndarray,
-) -> tuple[set[int], QuantizedTensor] | None:
-    """Where torch's exporter folded a BatchNorm into layer ``module`` that
-    quantize_model did not fold: the graph layers of ``module``'s scope
-    whose weight is ``k_c`` times its dequantized weight ``want`` in every
-    output channel ``c`` (within float32 rounding), and ``qt`` with each
-    channel's scale divided by ``k_c`` (codes and zero point negated where
-    ``k_c < 0``), so that it dequantizes to that weight. ``None`` if no
-    graph layer is such a multiple."""
+def _scaled_codes(g: np.ndarray, qt: QuantizedTensor, want: np.ndarray) -> QuantizedTensor | None:
+    """``qt`` re-expressed to dequantize to ``g`` where ``g`` is ``k_c``
+    times its dequantized weight ``want`` in every output channel ``c``
+    (within float32 rounding: a BatchNorm folded into it by torch's
+    exporter): each channel's scale divided by ``|k_c|``; for ``k_c < 0``
+    the codes ``-1 - c`` and zero point ``1 - z`` (``-(c + z)`` without
+    leaving the code range), or ``-c`` where the zero point is 0 (the
+    symmetric quantizer's narrow range stays); a channel with ``k_c = 0``
+    (a zero gamma) codes and zero point 0. ``None`` where ``g`` is no such
+    multiple."""
     from dataclasses import replace
 
+    if g.shape != want.shape:
+        return None
     oc = int(want.shape[0]) if want.ndim else 0
     w = want.reshape(oc, -1).astype(np.float64)
-    for layer in layers:
-        if _scope_match(layer.name, module) != 2:
-            continue
-        g = values[(layer.weight, layer.axis)]
-        if g.shape != want.shape:
-            continue
-        g64 = g.reshape(oc, -1).astype(np.float64)
-        at = np.abs(w).argmax(axis=1)
-        pivot = w[np.arange(oc), at]
-        k = np.where(pivot != 0, g64[np.arange(oc), at] / np.where(pivot != 0, pivot, 1), 1.0)
-        if not (np.isfinite(k).all() and (k != 0).all()):
-            continue
-        tol = 4 * np.finfo(np.float32).eps * np.abs(g64).max(axis=1, initial=0.0)
-        if (np.abs(g64 - k[:, None] * w) > tol[:, None] + 1e-30).any():
-            continue
-        sign = np.where(k < 0, -1, 1)
-        shape = (oc,) + (1,) * (np.asarray(qt.codes).ndim - 1)
-        codes = np.asarray(qt.codes).astype(np.int32) * sign.reshape(shape)
-        if codes.size and (codes.min() < -128 or codes.max() > 127):
-            continue  # a negated code -128 (8 bits, k < 0): not an int8 code
-        scale = (np.asarray(qt.scale, dtype=np.float64) / np.abs(k)).astype(np.float32)
-        new = replace(
-            qt,
-            codes=codes.astype(np.int8),
-            scale=scale,
-            zero_point=(np.asarray(qt.zero_point) * sign).astype(np.float32),
-        )
-        got = np.asarray(new.dequantize(), dtype=np.float64).reshape(oc, -1)
-        if (np.abs(got - g64) > tol[:, None] + 1e-30).any():
-            continue
-        return {id(ly) for ly in layers if ly.weight == layer.weight}, new
-    return None
+    g64 = g.reshape(oc, -1).astype(np.float64)
+    rows = np.arange(oc)
+    at = np.abs(w).argmax(axis=1)
+    pivot = w[rows, at]
+    k = np.where(pivot != 0, g64[rows, at] / np.where(pivot != 0, pivot, 1.0), 1.0)
+    if not np.isfinite(k).all():
+        return None
+    tol = 4 * np.finfo(np.float32).eps * np.abs(g64).max(axis=1, initial=0.0) + 1e-30
+    if (np.abs(g64 - k[:, None] * w) > tol[:, None]).any():
+        return None
+    codes = np.asarray(qt.codes).astype(np.int32).reshape(oc, -1)
+    zp = np.asarray(qt.zero_point, dtype=np.float32).reshape(-1).copy()
+    scale = np.asarray(qt.scale, dtype=np.float64).reshape(-1).copy()
+    for c in np.flatnonzero(k < 0):
+        if zp[c] == 0:
+            codes[c] = -codes[c]
+        else:
+            codes[c] = -1 - codes[c]
+            zp[c] = np.float32(1.0) - zp[c]
+    zero = k == 0
+    codes[zero] = 0
+    zp[zero] = 0.0
+    scale = np.where(zero, scale, scale / np.where(zero, 1.0, np.abs(k)))
+    if codes.size and (codes.min() < -128 or codes.max() > 127):  # pragma: no cover
+        return None
+    new = replace(
+        qt,
+        codes=codes.astype(np.int8).reshape(np.asarray(qt.codes).shape),
+        scale=scale.astype(np.float32),
+        zero_point=zp,
+    )
+    got = np.asarray(new.dequantize(), dtype=np.float64).reshape(oc, -1)
+    if (np.abs(got - g64) > tol[:, None]).any():
+        return None
+    return new
