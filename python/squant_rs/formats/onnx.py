@@ -250,13 +250,8 @@ def _load(model_or_path: Any) -> tuple[Any, str | None, list[str]]:
 
 def _graph_tensors(graph: Any) -> Any:
     """The initializers of ``graph`` and of its subgraphs (If / Loop / Scan bodies)."""
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("g"):
-                yield from _graph_tensors(a.g)
-            for g in a.graphs:
-                yield from _graph_tensors(g)
+    for g in _graphs(graph):
+        yield from g.initializer
 
 
 def _external_files(model: Any, base: str) -> list[str]:
@@ -1927,11 +1922,14 @@ def _match_layers(
     for ri, rp in enumerate(reps):
         if qts[ri] is None:  # pragma: no cover - quantize_model fills it
             continue
+        unmatched = [
+            ly for ly in layers if id(ly) not in matched and _scope_match(ly.name, rp.name) > 0
+        ]
+        if not unmatched:
+            continue
         want = np.asarray(qts[ri].dequantize())
         scaled: list[tuple[_Layer, QuantizedTensor]] = []
-        for ly in layers:
-            if id(ly) in matched or _scope_match(ly.name, rp.name) == 0:
-                continue
+        for ly in unmatched:
             sq = _scaled_codes(values[(ly.weight, ly.axis)], qts[ri], want)
             if sq is not None:
                 scaled.append((ly, sq))
