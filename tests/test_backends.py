@@ -143,14 +143,9 @@ def _bad_weights() -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("strategy", ["cpu", "dense"])
-@pytest.mark.parametrize("name", list(_bad_weights()))
-def test_torch_value_errors(monkeypatch: pytest.MonkeyPatch, strategy: str, name: str) -> None:
-    """The torch path raises exactly what the full value check raises (the
-    backend calls it only when its own per-channel test flags a channel,
-    after the levels on the dense strategy) and leaves the input alone."""
+def _force_strategy(monkeypatch: pytest.MonkeyPatch, strategy: str) -> None:
+    """Make the torch backend take its ``"cpu"`` or ``"dense"`` strategy."""
     from squant_rs.torch import backend as tb
-    from squant_rs.torch.adapter import _check_values_torch
 
     monkeypatch.setattr(
         tb,
@@ -159,6 +154,17 @@ def test_torch_value_errors(monkeypatch: pytest.MonkeyPatch, strategy: str, name
             w, bits, mode, on_cpu=strategy == "cpu", check=check, **kw
         ),
     )
+
+
+@pytest.mark.parametrize("strategy", ["cpu", "dense"])
+@pytest.mark.parametrize("name", list(_bad_weights()))
+def test_torch_value_errors(monkeypatch: pytest.MonkeyPatch, strategy: str, name: str) -> None:
+    """The torch path raises exactly what the full value check raises (the
+    backend calls it only when its own per-channel test flags a channel,
+    after the levels on the dense strategy) and leaves the input alone."""
+    from squant_rs.torch.adapter import _check_values_torch
+
+    _force_strategy(monkeypatch, strategy)
     w = _bad_weights()[name]
     devices = ["cpu"] + (["cuda"] if CUDA else [])
     for device in devices:
@@ -272,15 +278,7 @@ def test_backends_agree_at_float32_max(
     value check recomputes the scale by true division, bit for bit the Rust
     core's) quantizes exactly what the Rust backend quantizes, and refuses
     only what it refuses; one at a time and in a batch."""
-    from squant_rs.torch import backend as tb
-
-    monkeypatch.setattr(
-        tb,
-        "quantize_torch",
-        lambda w, bits, mode, *, check=None, **kw: tb._quantize(
-            w, bits, mode, on_cpu=strategy == "cpu", check=check, **kw
-        ),
-    )
+    _force_strategy(monkeypatch, strategy)
     w = _near_f32_max()[name]
     oks = 0
     for bits in range(2, 9):

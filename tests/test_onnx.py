@@ -686,27 +686,22 @@ def test_external_output_never_replaces_the_inputs_data(tmp_path, capsys, case):
     reading m.onnx.data."""
     from squant_rs.cli import main
 
+    location = "m.onnx.data" if case == "renamed model" else "weights.onnx"
+    onnx.save(
+        _gemm_model(),
+        str(tmp_path / "m.onnx"),
+        save_as_external_data=True,
+        location=location,
+        size_threshold=0,
+    )
+    data = tmp_path / location
     if case == "renamed model":
-        onnx.save(
-            _gemm_model(),
-            str(tmp_path / "m.onnx"),
-            save_as_external_data=True,
-            location="m.onnx.data",
-            size_threshold=0,
-        )
         os.rename(tmp_path / "m.onnx", tmp_path / "m_fp32.onnx")
-        src, out, data = tmp_path / "m_fp32.onnx", tmp_path / "m.onnx", tmp_path / "m.onnx.data"
+        src, out = tmp_path / "m_fp32.onnx", tmp_path / "m.onnx"
         kwargs: dict = {"external_data": True}
         cli_args = None  # the CLI writes external data only above 2 GB
     else:
-        onnx.save(
-            _gemm_model(),
-            str(tmp_path / "m.onnx"),
-            save_as_external_data=True,
-            location="weights.onnx",
-            size_threshold=0,
-        )
-        src, out, data = tmp_path / "m.onnx", tmp_path / "weights.onnx", tmp_path / "weights.onnx"
+        src, out = tmp_path / "m.onnx", data
         kwargs = {}
         cli_args = []
     before = data.read_bytes()
