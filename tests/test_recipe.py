@@ -418,6 +418,35 @@ class _BNAct(nn.BatchNorm2d):
             (2, 3, 5, 5),
             True,
         ),
+        # a Linear on a BN2d's 4-D output reads its last (width) dimension,
+        # not the channels, even where the two sizes agree ...
+        (
+            lambda: _Chain(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Linear(8, 4)),
+            (2, 3, 5, 8),
+            False,
+        ),
+        # ... pooled but not flattened, the same ...
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 8, 1),
+                nn.BatchNorm2d(8),
+                nn.Sequential(nn.ReLU(), nn.AvgPool2d(1)),
+                nn.Linear(8, 4),
+            ),
+            (2, 3, 5, 8),
+            False,
+        ),
+        # ... while after pooling and flattening the features are the channels
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 8, 1),
+                nn.BatchNorm2d(8),
+                nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                nn.Linear(8, 4),
+            ),
+            (2, 3, 5, 5),
+            True,
+        ),
     ],
     ids=[
         "linear-bn1d-linear",
@@ -427,6 +456,9 @@ class _BNAct(nn.BatchNorm2d):
         "bnact-subclass",
         "relu-subclass",
         "conv2d-bn2d-conv2d",
+        "bn2d-linear-on-4d",
+        "bn2d-pool-linear-on-4d",
+        "bn2d-pool-flatten-linear",
     ],
 )
 def test_statistics_only_where_the_axis_and_forward_are_known(build, shape, has_stats) -> None:  # type: ignore[no-untyped-def]

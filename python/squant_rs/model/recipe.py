@@ -32,7 +32,7 @@ import math
 import numbers
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -231,6 +231,11 @@ class ChannelStats:
     #: which a ``Linear`` reading the value takes as its features only for
     #: 2-D input (unknown to the graph), so a Linear never uses these.
     bn1d: bool = False
+    #: Whether the channels are dimension 1 of a tensor that still has
+    #: spatial dimensions (a BatchNorm2d/3d's output, pooled or not, until
+    #: a flatten, view, reshape, squeeze or mean): a ``Linear`` reading it
+    #: would take its last dimension as its features, not the channels.
+    spatial: bool = False
 
     def clipped(self, lo: float, hi: float, name: str) -> ChannelStats:
         return ChannelStats(
@@ -240,7 +245,15 @@ class ChannelStats:
             min(self.hi, hi),
             f"{self.source}+{name}",
             self.bn1d,
+            self.spatial,
         )
+
+    def flattened(self) -> ChannelStats:
+        """The same statistics with :attr:`spatial` cleared (moments kept)."""
+        out = replace(self, spatial=False)
+        if "_moments" in self.__dict__:
+            object.__setattr__(out, "_moments", self.__dict__["_moments"])
+        return out
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation of the clipped normal, per channel
@@ -400,7 +413,13 @@ def _add(a: ChannelStats, b: ChannelStats) -> ChannelStats | None:
         return None
     ma, sa = a.moments()
     mb, sb = b.moments()
-    return ChannelStats(ma + mb, np.sqrt(sa * sa + sb * sb), source="add", bn1d=a.bn1d or b.bn1d)
+    return ChannelStats(
+        ma + mb,
+        np.sqrt(sa * sa + sb * sb),
+        source="add",
+        bn1d=a.bn1d or b.bn1d,
+        spatial=a.spatial or b.spatial,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -447,6 +466,9 @@ def _graph_tables() -> dict[str, tuple[Any, ...]]:
             "mean",
             "squeeze",
         ),
+        # passthrough ops after which the channels may be the last dimension
+        "flatten_modules": (nn.Flatten,),
+        "flatten_targets": (torch.flatten, "flatten", "view", "reshape", "mean", "squeeze"),
         "clamps": (nn.ReLU6, nn.ReLU, nn.Hardtanh, F.relu6, F.hardtanh),
     }
 
@@ -488,6 +510,16 @@ def _is_passthrough(target: Any, module: Any) -> bool:
     return target in tables["pass_targets"]
 
 
+def _flattens(target: Any, module: Any) -> bool:
+    """Whether a passthrough op may leave the channels as the last
+    dimension (flatten, view, reshape, squeeze, mean), after which a
+    ``Linear`` can read them as its features."""
+    tables = _graph_tables()
+    if module is not None:
+        return is_stock(module, tables["flatten_modules"])
+    return target in tables["flatten_targets"]
+
+
 def analyze(
     model: nn.Module,
     graph: torch.fx.Graph | CapturedGraph,
@@ -527,8 +559,13 @@ def analyze(
                 name = str(node.target)
                 counts[name] = counts.get(name, 0) + 1
                 st = arg_stats(node)
+                # A Linear takes its input's last dimension as its features:
+                # never a BatchNorm1d's channels, nor those of a map that
+                # still has spatial dimensions.
                 out[name] = (
-                    None if st is not None and st.bn1d and isinstance(module, linear) else st
+                    None
+                    if st is not None and (st.bn1d or st.spatial) and isinstance(module, linear)
+                    else st
                 )
                 stats[node] = None
                 continue
@@ -566,6 +603,8 @@ def analyze(
         if isinstance(module, nn.Module) and not _is_passthrough(target, module):
             stats[node] = None
             continue
+        if src is not None and src.spatial and _flattens(target, module):
+            src = src.flattened()
         stats[node] = src if _is_passthrough(target, module) else None
     # a layer called more than once has no single input
     return {k: (v if counts[k] == 1 else None) for k, v in out.items()}
@@ -581,7 +620,8 @@ def _bn_stats(bn: Any) -> ChannelStats | None:
     n = bn.num_features
     gamma = _vector(bn.weight, n, 1.0)
     beta = _vector(bn.bias, n, 0.0)
-    return ChannelStats(beta, np.abs(gamma), source="bn", bn1d=isinstance(bn, nn.BatchNorm1d))
+    bn1d = isinstance(bn, nn.BatchNorm1d)
+    return ChannelStats(beta, np.abs(gamma), source="bn", bn1d=bn1d, spatial=not bn1d)
 
 
 def _bn_stats_many(bns: Sequence[Any]) -> dict[int, ChannelStats | None]:
@@ -608,7 +648,8 @@ def _bn_stats_many(bns: Sequence[Any]) -> dict[int, ChannelStats | None]:
     from torch import nn
 
     for i, bn in enumerate(todo):
-        st = ChannelStats(betas[i], sigmas[i], source="bn", bn1d=isinstance(bn, nn.BatchNorm1d))
+        bn1d = isinstance(bn, nn.BatchNorm1d)
+        st = ChannelStats(betas[i], sigmas[i], source="bn", bn1d=bn1d, spatial=not bn1d)
         if moments is not None:
             object.__setattr__(st, "_moments", (means[i], stds[i]))
         out[id(bn)] = st
