@@ -4,6 +4,7 @@
 //! released, in the chosen pool -> map errors.
 
 mod clip;
+mod copy;
 mod error;
 mod io;
 mod model;
@@ -462,7 +463,7 @@ fn _squant_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(resolve_threads, m)?)?;
     m.add_function(wrap_pyfunction!(model::quantize_into, m)?)?;
     m.add_function(wrap_pyfunction!(model::dequantize_into, m)?)?;
-    m.add_function(wrap_pyfunction!(model::copy_tree, m)?)?;
+    m.add_function(wrap_pyfunction!(copy::copy_tree, m)?)?;
     m.add_function(wrap_pyfunction!(simd_build, m)?)?;
     m.add_function(wrap_pyfunction!(stats::normal_cdf, m)?)?;
     m.add_function(wrap_pyfunction!(stats::channel_dots, m)?)?;

@@ -1,0 +1,562 @@
+"""export_onnx: a torch model quantized by :func:`quantize_model`, exported
+with torch's exporter, its graph's layers matched to the quantized ones
+(:func:`_match_layers`) and rewritten. torch is imported inside the
+functions only."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..._squant_rs import InvalidArgumentError
+from ...model.report import LayerReport, QuantReport
+from ...tensor.validate import check_threads
+from .common import require_onnx
+from .graph import _find_layers, _initializers, _Layer, _Weight
+from .load import _prepare, _tensor_bytes
+from .output import _check_output, write_model
+from .plan import _capped, _clip_max, _constants, _fold_pads
+from .quantize import _check_quantize_input, _first_input, _integer_ranges, _s_sigma
+from .ranges import _input_feeds
+from .rewrite import _rewrite
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ...tensor.quantized import QuantizedTensor
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    wbits: int = 4,
+    abits: int | None = None,
+    mode: str = "squant",
+    *,
+    quantizer: str = "asymmetric",
+    recipe: str | None = None,
+    skip: str | Sequence[str] = (),
+    backend: str = "auto",
+    threads: int | None = None,
+    s_sigma: float | None = None,
+    seed: int = 0,
+    integer_kernels: bool = False,
+    quantize_input: bool | tuple[float, float] = False,
+    external_data: bool | None = None,
+) -> QuantReport:
+    """Quantize a torch model with SQuant and export it as a QDQ ONNX model.
+
+    BatchNorm layers are folded into the Conv before them first
+    (``quantize_model(..., fold_bn=True)``, where folding is exact:
+    ``docs/recipe.md``; a BN after a Linear stays a ``BatchNormalization``
+    node), so the quantized weights are the ones the exported graph uses
+    (the graph runs in eval mode: a model in training mode is quantized
+    from an eval-mode copy; its own modes stay). The model is exported with
+    ``torch.onnx.export`` (TorchScript exporter) on ``example_input``;
+    each quantized weight becomes ``DequantizeLinear`` of its SQuant codes
+    and, with ``abits``, the layer inputs get the Q/DQ pairs of the ranges
+    :func:`quantize_model` calibrated (on one ``U[0,1)`` batch of
+    ``example_input``'s shape), biases int32 (see the module doc).
+    ``wbits``, ``abits``, ``mode``, ``quantizer``, ``skip``, ``backend``,
+    ``threads``, ``s_sigma`` and ``seed`` are :func:`quantize_model`'s;
+    ``recipe`` is passed on to it where it has that option (``None``:
+    :func:`quantize_model`'s default, ``"squant+"``);
+    ``integer_kernels`` and ``quantize_input`` are :func:`quantize_onnx`'s:
+    the ranges of tensors that are no layer's input come, under a recipe
+    with BN activation ranges (``"squant+"``), from the BatchNorm folded
+    into the layer that produces them (``mu -+ n sigma`` of ``beta``,
+    ``|gamma|``, clipped by its ReLU / ReLU6), else from the sigma rule on
+    :func:`quantize_model`'s calibration batch run through onnxruntime.
+    The model is not modified.
+
+    Returns:
+        The per-layer :class:`QuantReport` (sizes: float weights and bytes
+        written).
+
+    Raises:
+        InvalidArgumentError: bad arguments, no layer to quantize, a float16
+            / float64 model, ``abits`` with several inputs, a quantized
+            weight missing from the exported graph.
+        ImportError: torch or onnx is missing.
+    """
+    wall = time.perf_counter()
+    onnx = require_onnx()
+    import torch
+
+    from ...model.pipeline import activation_quantizers, quantize_model
+
+    out = _check_output(path, None, (), external_data)
+    input_range = _check_quantize_input(quantize_input, abits)
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError("example_input must be a tensor or a tuple of tensors")
+    if abits is not None and len(inputs) > 1:
+        raise InvalidArgumentError(
+            f"abits: quantize_model calibrates the activation ranges on one U[0,1) input, "
+            f"and this model takes {len(inputs)}; export it weight-only (abits=None), or "
+            "export it to ONNX and use quantize_onnx (it calibrates every float32 input)"
+        )
+    _check_float32(model, inputs)
+    kwargs: dict[str, Any] = {
+        "quantizer": quantizer,
+        "skip": skip,
+        "backend": backend,
+        "threads": threads,
+        "s_sigma": s_sigma,
+        "seed": seed,
+        "input_shape": tuple(inputs[0].shape),
+        "return_report": True,
+    }
+    params = inspect.signature(quantize_model).parameters
+    if "fold_bn" in params:
+        kwargs["fold_bn"] = True
+    if recipe is not None:
+        if "recipe" not in params:
+            raise InvalidArgumentError("recipe= needs a quantize_model with recipes")
+        kwargs["recipe"] = recipe
+    source = model
+    if any(m.training for m in model.modules()):
+        # The graph is exported in eval mode, where torch's exporter folds
+        # every BatchNorm: quantize (and fold) what that graph runs, from an
+        # eval-mode copy (quantize_model folds eval-mode BNs only; the
+        # caller's model keeps its modes).
+        source = copy.deepcopy(model).eval()
+    qmodel, report = quantize_model(source, wbits, abits, mode, **kwargs)
+    assert isinstance(report, QuantReport)
+    if not report.layers:
+        raise InvalidArgumentError(
+            f"the model ({type(model).__name__}) has no layer to quantize (no Conv1d/2d/3d "
+            "or Linear layer, or all of them skipped): nothing to export"
+        )
+    for hook in activation_quantizers(qmodel).values():
+        hook.enabled = False  # the graph gets Q/DQ nodes instead
+    qmodel.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = os.path.join(tmp, "float.onnx")
+        with warnings.catch_warnings():
+            # The TorchScript exporter announces its deprecation on every call;
+            # it is the one that keeps the parameter names (<layer>.weight).
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # F.pad's pads: a strided Slice torch cannot fold (onnxruntime can).
+            warnings.filterwarnings("ignore", "Constant folding", UserWarning)
+            torch.onnx.export(
+                qmodel,
+                inputs,
+                float_path,
+                dynamo=False,
+                opset_version=17,
+                do_constant_folding=True,
+                input_names=[f"input{i}" if i else "input" for i in range(len(inputs))],
+                dynamic_axes={"input": {0: "batch"}},
+            )
+        graph_model = onnx.load(float_path)
+    graph_model = _prepare(graph_model, "exported model")
+    if integer_kernels:
+        _fold_pads(graph_model)
+    size_before = _tensor_bytes(graph_model)
+    layers, _ = _find_layers(graph_model, ())
+    inits = _initializers(graph_model.graph)
+    why = ""
+    bns = [
+        n for n, m in qmodel.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+    if bns and not any(n.op_type == "BatchNormalization" for n in graph_model.graph.node):
+        why = (
+            f": torch's exporter folded a BatchNorm ({', '.join(bns[:3])}) that quantize_model "
+            "did not fold, and the folded weight is not a per-channel multiple of the "
+            "quantized one; export the float model with torch.onnx.export and quantize the "
+            "file with quantize_onnx"
+        )
+    weights, by_layer = _match_layers(layers, inits, report.layers, why)
+    if integer_kernels and abits is None:
+        raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
+    plan: dict[str, tuple[int, float, float]] | None = None
+    if abits is not None and (integer_kernels or input_range is not False):
+        mult = _s_sigma(s_sigma, abits)
+        assert mult is not None
+        n_threads = check_threads(threads)
+        feeds = _input_feeds(graph_model, int(seed), tuple(inputs[0].shape))
+        if len(inputs) == 1:
+            # quantize_model's calibration batch
+            gen = torch.Generator().manual_seed(int(seed))
+            feeds["input"] = torch.rand(tuple(inputs[0].shape), generator=gen).numpy()
+        _first_input(graph_model, layers, abits, mult, feeds, input_range)
+        for rep in report.layers:
+            first = by_layer.get(rep.name, [])
+            if rep.act_bits is None and first and first[0].act is not None:
+                rep.act_bits, lo, hi = first[0].act
+                rep.act_range = (lo, hi)
+                rep.range_source = "given" if isinstance(input_range, tuple) else "sigma"
+        bounds = _clip_max(graph_model)
+        for layer in layers:
+            if layer.act is not None:
+                layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
+        if integer_kernels:
+            known = _bn_output_ranges(source, graph_model, report, by_layer, abits)
+            plan = _integer_ranges(graph_model, layers, abits, mult, feeds, n_threads, known)
+    _rewrite(graph_model, weights, plan)
+    report.size_before = size_before
+    report.size_after = write_model(graph_model, out, external_data)
+    report.wall_ms = (time.perf_counter() - wall) * 1e3
+    return report
+
+
+def _check_float32(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """The exported graph must hold the float32 weights quantize_model
+    dequantizes: a float16 / float64 model (or input) is refused."""
+    import torch
+
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise InvalidArgumentError(
+                f"export_onnx needs a float32 model: {name} is {t.dtype} "
+                "(convert a copy with .float() and pass a float32 example_input)"
+            )
+    for i, t in enumerate(inputs):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise InvalidArgumentError(
+                f"export_onnx needs float32 example inputs: input {i} is {t.dtype}"
+            )
+
+
+def _bn_output_ranges(
+    model: nn.Module,
+    graph_model: Any,
+    report: QuantReport,
+    by_layer: dict[str, list[_Layer]],
+    abits: int,
+) -> dict[str, tuple[float, float]]:
+    """Under a recipe with BN activation ranges (squant+): the ranges of the
+    integer-kernel layer outputs from the BatchNorm folded into each layer
+    (``mu -+ n sigma`` of ``beta``, ``|gamma|``, clipped by a Relu / Clip
+    that alone reads it), by ONNX tensor name. Empty for the paper recipe."""
+    from ...model import recipe as rc
+    from ...model.fold import _fx_pairs, trace
+
+    try:
+        config = rc.resolve_recipe(report.recipe)
+    except Exception:  # pragma: no cover - a recipe name this module does not know
+        return {}
+    if config.act_ranges != "bn":
+        return {}
+    graph = trace(model)
+    if graph is None:
+        return {}
+    bns = dict(_fx_pairs(model, graph, dict(model.named_modules())))
+    clips = _clip_bounds(graph_model)
+    outputs = {o.name for o in graph_model.graph.output}
+    out: dict[str, tuple[float, float]] = {}
+    for name, onnx_layers in by_layer.items():
+        bn = bns.get(name)
+        stats = rc._bn_stats(model.get_submodule(bn)) if bn is not None else None
+        if stats is None:
+            continue
+        for layer in onnx_layers:
+            t = layer.node.output[0]
+            readers = [n for n in graph_model.graph.node if t in n.input]
+            st = stats
+            if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") and t not in outputs:
+                t = readers[0].output[0]
+                lo, hi = clips.get(t, (-math.inf, math.inf))
+                st = stats.clipped(lo, hi, readers[0].op_type.lower())
+            out[t] = rc.bn_range(st, abits, config.bn_sigmas)
+    return out
+
+
+def _clip_bounds(model: Any) -> dict[str, tuple[float, float]]:
+    """``(lo, hi)`` of every Relu and of Clips with constant bounds."""
+    from onnx import numpy_helper
+
+    consts = _constants(model)
+    out: dict[str, tuple[float, float]] = {}
+    for n in model.graph.node:
+        if n.op_type == "Relu":
+            out[n.output[0]] = (0.0, math.inf)
+        elif n.op_type == "Clip":
+            b = [-math.inf, math.inf]
+            for k in (1, 2):
+                if len(n.input) > k and n.input[k] in consts:
+                    v = numpy_helper.to_array(consts[n.input[k]])
+                    if v.size == 1 and np.isfinite(v).all():
+                        b[k - 1] = float(v.reshape(()))
+            out[n.output[0]] = (b[0], b[1])
+    return out
+
+
+def _as_numpy_qt(qt: QuantizedTensor) -> QuantizedTensor:
+    """The same quantized tensor with numpy arrays (torch input gives tensors)."""
+    from dataclasses import replace
+
+    def np_of(t: Any) -> np.ndarray:
+        return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+    return replace(
+        qt,
+        codes=np_of(qt.codes),
+        scale=np_of(qt.scale),
+        zero_point=np_of(qt.zero_point),
+        dtype=np.float32,
+    )
+
+
+def _scope_names(module: str) -> list[str]:
+    """The scope names torch's TorchScript exporter gives the nodes of module
+    ``module`` (``layers.0.conv`` -> ``layers``, ``layers.0``, ``conv``: each
+    module's name from its last non-numeric atom on)."""
+    atoms = module.split(".")
+    out = []
+    for i in range(1, len(atoms) + 1):
+        j = i - 1
+        while j > 0 and atoms[j].isnumeric():
+            j -= 1
+        out.append(".".join(atoms[j:i]))
+    return out
+
+
+def _scope_match(node_name: str, module: str) -> int:
+    """2: ``node_name`` (``/layers/layers.0/conv/Conv``) is a node of
+    ``module``'s scope, 1: of one of its later calls (``/a_1/MatMul``: the
+    exporter numbers repeated scopes), 0: neither."""
+    parts = node_name.split("/")
+    if len(parts) < 3 or parts[0]:
+        return 0
+    scope, want = parts[1:-1], _scope_names(module)
+    if len(scope) != len(want):
+        return 0
+    score = 2
+    for got, w in zip(scope, want):
+        if got != w:
+            if not (got.startswith(w + "_") and got[len(w) + 1 :].isdigit()):
+                return 0
+            score = 1
+    return score
+
+
+def _same_qt(a: QuantizedTensor, b: QuantizedTensor) -> bool:
+    return (
+        a.bits == b.bits
+        and np.array_equal(a.codes, b.codes)
+        and np.array_equal(a.scale, b.scale)
+        and np.array_equal(a.zero_point, b.zero_point)
+    )
+
+
+def _match_layers(
+    layers: list[_Layer], inits: dict[str, Any], reps: list[LayerReport], why: str = ""
+) -> tuple[list[_Weight], dict[str, list[_Layer]]]:
+    """Which graph layers run which quantized layer of the report.
+
+    A graph layer belongs to a report layer when its weight initializer
+    (looked up through Identity nodes: torch's exporter merges equal-valued
+    and shared weights into one initializer) equals the report layer's
+    dequantized weight; among several such report layers, to the one whose
+    module scope the node is in. Graph layers on one initializer share one
+    DequantizeLinear when their quantized weights are the same (equal
+    values quantize to the same codes), else each quantized weight gets its
+    own. The activation range of a graph layer is its report layer's.
+
+    Returns:
+        The quantized weights, and the graph layers of each report layer.
+
+    Raises:
+        InvalidArgumentError: a report layer whose weight no initializer
+            holds (``why`` appended: what the caller knows of the cause).
+    """
+    from onnx import numpy_helper
+
+    def digest(a: np.ndarray) -> tuple[tuple[int, ...], int]:
+        return a.shape, hash((a + np.float32(0.0)).tobytes())  # -0.0 as 0.0
+
+    values: dict[tuple[str, int], np.ndarray] = {}
+    by_digest: dict[tuple[tuple[int, ...], int], list[_Layer]] = {}
+    for layer in layers:
+        key = (layer.weight, layer.axis)
+        if key not in values:
+            a = numpy_helper.to_array(inits[layer.weight])
+            values[key] = a.T if layer.axis == 1 else a
+        by_digest.setdefault(digest(values[key]), []).append(layer)
+
+    qts: list[QuantizedTensor] = []
+    cands: list[set[int]] = []  # ids of the graph layers holding each report layer's weight
+    folded_here: list[str] = []  # layers with a BN only torch's exporter folded
+    per_layer: dict[int, QuantizedTensor] = {}  # such graph layers' own quantized weights
+    for rep in reps:
+        if rep.qtensor is None:  # pragma: no cover - quantize_model fills it
+            qts.append(None)  # type: ignore[arg-type]
+            cands.append(set())
+            continue
+        qt = _as_numpy_qt(rep.qtensor)
+        want = np.asarray(qt.dequantize())
+        found = {
+            id(ly)
+            for ly in by_digest.get(digest(want), [])
+            if np.array_equal(values[(ly.weight, ly.axis)], want)
+        }
+        qts.append(qt)
+        cands.append(found)
+    # Graph layers no report layer's weight matches, in a report layer's
+    # scope (any of its calls): torch's exporter folded a BatchNorm into
+    # that call that quantize_model left unfolded (a hook, a module with a
+    # forward of its own, an untraceable model, a layer called twice with a
+    # BN after each call). Each such call runs the layer's SQuant codes with
+    # each channel's scale times that BN's factor.
+    matched = set().union(*cands) if cands else set()
+    for ri, rp in enumerate(reps):
+        if qts[ri] is None:  # pragma: no cover - quantize_model fills it
+            continue
+        unmatched = [
+            ly for ly in layers if id(ly) not in matched and _scope_match(ly.name, rp.name) > 0
+        ]
+        if not unmatched:
+            continue
+        want = np.asarray(qts[ri].dequantize())
+        scaled: list[tuple[_Layer, QuantizedTensor]] = []
+        for ly in unmatched:
+            sq = _scaled_codes(values[(ly.weight, ly.axis)], qts[ri], want)
+            if sq is not None:
+                scaled.append((ly, sq))
+        if not scaled:
+            continue
+        for ly, sq in scaled:
+            per_layer[id(ly)] = sq
+            cands[ri].add(id(ly))
+            matched.add(id(ly))
+        folded_here.append(rp.name)
+        rp.folded = True
+        if all(id(ly) in per_layer for ly in layers if id(ly) in cands[ri]):
+            # Every call of the layer runs a folded weight: report its own
+            # scope's (else the first call's).
+            mine = [sq for ly, sq in scaled if _scope_match(ly.name, rp.name) == 2]
+            qts[ri] = mine[0] if mine else scaled[0][1]
+            rp.qtensor = qts[ri]
+    for ri, rp in enumerate(reps):
+        if rp.qtensor is not None and not cands[ri]:
+            raise InvalidArgumentError(
+                f"layer {rp.name!r}: its quantized weight is not an initializer of the "
+                f"exported graph{why}"
+            )
+    owner: dict[int, int] = {}  # id(graph layer) -> report index
+    for layer in layers:
+        scored = [
+            (_scope_match(layer.name, rep.name), -i)
+            for i, rep in enumerate(reps)
+            if id(layer) in cands[i]
+        ]
+        scored = [sc for sc in scored if sc[0] > 0]
+        if scored:
+            owner[id(layer)] = -max(scored)[1]
+    for layer in layers:
+        if id(layer) in owner:
+            continue
+        which = [i for i in range(len(reps)) if id(layer) in cands[i]]
+        if not which:
+            continue  # a weight quantize_model left float
+        first = which[0]
+        setting = (reps[first].act_bits, reps[first].act_range)
+        if any(
+            not _same_qt(qts[i], qts[first]) or (reps[i].act_bits, reps[i].act_range) != setting
+            for i in which[1:]
+        ):
+            warnings.warn(
+                f"node {layer.name!r}: its weight is that of the layers "
+                f"{', '.join(repr(reps[i].name) for i in which)}, quantized or calibrated "
+                f"differently, and its scope names none of them; using {reps[first].name!r}'s",
+                UserWarning,
+                stacklevel=3,
+            )
+        owner[id(layer)] = first
+    weights: list[_Weight] = []
+    by_layer: dict[str, list[_Layer]] = {rep.name: [] for rep in reps}
+    for layer in layers:
+        i = owner.get(id(layer))
+        if i is None:
+            continue
+        rep = reps[i]
+        by_layer[rep.name].append(layer)
+        if rep.act_range is not None and rep.act_bits is not None:
+            layer.act = (rep.act_bits, *rep.act_range)
+        q = per_layer.get(id(layer), qts[i])
+        wt = next((w for w in weights if w.name == layer.weight and _same_qt(w.qt, q)), None)
+        if wt is None:
+            shared = any(w.name == layer.weight for w in weights)
+            # (a weight the exporter folded has a generated name: the layer's)
+            own = shared or rep.name in folded_here
+            base = f"{rep.name}.weight" if own else layer.weight
+            wt = _Weight(layer.weight, layer.axis, q, base=base)
+            weights.append(wt)
+        wt.layers.append(layer)
+    if folded_here:
+        warnings.warn(
+            "torch's exporter folded a BatchNorm into "
+            f"{', '.join(repr(n) for n in folded_here)}, which quantize_model left unfolded "
+            "(a hook, a module with a forward of its own, or a model it cannot trace): "
+            "the graph runs their SQuant codes with each channel's scale times the "
+            "BatchNorm's factor",
+            UserWarning,
+            stacklevel=3,
+        )
+    return weights, by_layer
+
+
+def _scaled_codes(g: np.ndarray, qt: QuantizedTensor, want: np.ndarray) -> QuantizedTensor | None:
+    """``qt`` re-expressed to dequantize to ``g`` where ``g`` is ``k_c``
+    times its dequantized weight ``want`` in every output channel ``c``
+    (within float32 rounding: a BatchNorm folded into it by torch's
+    exporter): each channel's scale divided by ``|k_c|``; for ``k_c < 0``
+    the codes ``-1 - c`` and zero point ``1 - z`` (``-(c + z)`` without
+    leaving the code range), or ``-c`` where the zero point is 0 (the
+    symmetric quantizer's narrow range stays); a channel with ``k_c = 0``
+    (a zero gamma) codes and zero point 0. ``None`` where ``g`` is no such
+    multiple."""
+    from dataclasses import replace
+
+    if g.shape != want.shape:
+        return None
+    oc = int(want.shape[0]) if want.ndim else 0
+    w = want.reshape(oc, -1).astype(np.float64)
+    g64 = g.reshape(oc, -1).astype(np.float64)
+    rows = np.arange(oc)
+    at = np.abs(w).argmax(axis=1)
+    pivot = w[rows, at]
+    k = np.where(pivot != 0, g64[rows, at] / np.where(pivot != 0, pivot, 1.0), 1.0)
+    if not np.isfinite(k).all():
+        return None
+    tol = 4 * np.finfo(np.float32).eps * np.abs(g64).max(axis=1, initial=0.0) + 1e-30
+    if (np.abs(g64 - k[:, None] * w) > tol[:, None]).any():
+        return None
+    codes = np.asarray(qt.codes).astype(np.int32).reshape(oc, -1)
+    zp = np.asarray(qt.zero_point, dtype=np.float32).reshape(-1).copy()
+    scale = np.asarray(qt.scale, dtype=np.float64).reshape(-1).copy()
+    for c in np.flatnonzero(k < 0):
+        if zp[c] == 0:
+            codes[c] = -codes[c]
+        else:
+            codes[c] = -1 - codes[c]
+            zp[c] = np.float32(1.0) - zp[c]
+    zero = k == 0
+    codes[zero] = 0
+    zp[zero] = 0.0
+    scale = np.where(zero, scale, scale / np.where(zero, 1.0, np.abs(k)))
+    if codes.size and (codes.min() < -128 or codes.max() > 127):  # pragma: no cover
+        return None
+    new = replace(
+        qt,
+        codes=codes.astype(np.int8).reshape(np.asarray(qt.codes).shape),
+        scale=scale.astype(np.float32),
+        zero_point=zp,
+    )
+    got = np.asarray(new.dequantize(), dtype=np.float64).reshape(oc, -1)
+    if (np.abs(got - g64) > tol[:, None]).any():
+        return None
+    return new

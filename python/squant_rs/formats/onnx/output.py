@@ -1,0 +1,118 @@
+"""Output: the quantized model written atomically (:func:`write_model`), one
+file or with external data, never over the input model or its data files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ..._squant_rs import InvalidArgumentError
+from ..output import atomic_output, check_output
+from .common import EXTERNAL_ABOVE
+from .graph import _graph_tensors
+from .load import _tensor_bytes
+
+
+def write_model(
+    model: Any,
+    path: str,
+    external_data: bool | None = None,
+    in_path: str | None = None,
+    data_files: Sequence[str] = (),
+) -> int:
+    """Write ``model`` to ``path`` atomically through :func:`atomic_output`:
+    one file below 2 GB, else the model plus ``<path>.data`` (its tensors of
+    1 KiB or more; every tensor with ``external_data=True``), both under the
+    same output rules (symlinks followed, permissions kept, never the input
+    model ``in_path`` or one of its ``data_files``) and both staged before
+    either replaces its target (the data first). The tensors written to
+    ``<path>.data`` are moved out of ``model`` (the caller's private
+    copy). Returns the bytes written."""
+    from onnx import TensorProto
+
+    name = os.fspath(path)
+    inputs = _input_files(in_path, data_files)
+    external = _tensor_bytes(model) >= EXTERNAL_ABOVE if external_data is None else external_data
+    threshold = 0 if external_data else 1024
+    moved = (
+        [t for t in _graph_tensors(model.graph) if len(t.raw_data) >= max(threshold, 1)]
+        if external
+        else []
+    )
+    if not moved:
+        data = model.SerializeToString()
+        with atomic_output(name, inputs=inputs) as out:
+            out.write(data)
+        return len(data)
+    data_path = name + ".data"
+    location = os.path.basename(name) + ".data"
+    _refuse_inputs([name, data_path], in_path, data_files)
+    with atomic_output(name, inputs=inputs) as out:
+        with atomic_output(data_path, inputs=[*inputs, name]) as data_out:
+            offset = 0
+            for t in moved:
+                raw = t.raw_data
+                data_out.write(raw)
+                del t.external_data[:]
+                t.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", location), ("offset", offset)):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                entry = t.external_data.add()
+                entry.key, entry.value = "length", str(len(raw))
+                offset += len(raw)
+                t.ClearField("raw_data")
+            proto = model.SerializeToString()
+            out.write(proto)
+    return offset + len(proto)
+
+
+def _check_output(
+    out_path: Any,
+    in_path: str | None,
+    data_files: Sequence[str] = (),
+    external_data: bool | None = None,
+) -> str:
+    """The output path, refused when it (or, with ``external_data=True``,
+    its ``.data`` file) is the input model or one of its external data
+    files."""
+    if not isinstance(out_path, (str, os.PathLike)):
+        raise TypeError(f"out_path must be a path, got {type(out_path).__name__}")
+    out = os.fspath(out_path)
+    if os.path.isdir(out):
+        raise InvalidArgumentError(f"output is a directory: {out}")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise InvalidArgumentError(f"output directory does not exist: {parent}")
+    if in_path is not None and os.path.realpath(out) == os.path.realpath(in_path):
+        raise InvalidArgumentError(f"output path equals the input path: {out}")
+    _refuse_inputs([out, out + ".data"] if external_data else [out], in_path, data_files)
+    inputs = _input_files(in_path, data_files)
+    check_output(out, inputs=inputs)
+    if external_data:
+        check_output(out + ".data", inputs=[*inputs, out])
+    return out
+
+
+def _input_files(in_path: str | None, data_files: Sequence[str]) -> list[str]:
+    return ([in_path] if in_path is not None else []) + list(data_files)
+
+
+def _refuse_inputs(outputs: Sequence[str], in_path: str | None, data_files: Sequence[str]) -> None:
+    """Refuse an output file that is the input model or one of the external
+    data files it reads (device and inode compared, so links are caught)."""
+    if in_path is None:
+        return
+    named = [(in_path, f"the input {in_path}")]
+    named += [(f, f"the external data file {f} of the input {in_path}") for f in data_files]
+    for out in outputs:
+        for src, what in named:
+            try:
+                same = os.path.samefile(out, src)
+            except OSError:  # one of them does not exist (yet)
+                same = False
+            if same:
+                raise InvalidArgumentError(
+                    f"output {out} is the same file as {what}: refusing to overwrite the input"
+                )

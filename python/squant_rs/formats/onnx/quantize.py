@@ -1,0 +1,315 @@
+"""quantize_onnx: ONNX in, QDQ ONNX out (numpy + onnx + onnxruntime; torch is
+never imported)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..._squant_rs import InvalidArgumentError, SquantError
+from ...model.activations import default_s_sigma
+from ...model.layers import check_patterns, relative_error
+from ...model.report import LayerReport, QuantReport
+from ...tensor.batch import quantize_tensors
+from ...tensor.validate import check_bits, check_mode, check_quantizer, check_threads
+from .common import OnnxFormatError
+from .graph import _find_layers, _initializers, _Layer, _Weight
+from .load import _load, _prepare, _tensor_bytes
+from .output import _check_output, write_model
+from .plan import _capped, _clip_max, _fold_pads, _integer_plan, _resolve_plan
+from .ranges import _input_feeds, _observe, sigma_range
+from .rewrite import _rewrite
+
+
+def quantize_onnx(
+    model_or_path: Any,
+    out_path: str | os.PathLike[str],
+    wbits: int = 4,
+    abits: int | None = None,
+    mode: str = "squant",
+    *,
+    quantizer: str = "asymmetric",
+    skip: str | Sequence[str] = (),
+    threads: int | None = None,
+    s_sigma: float | None = None,
+    input_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    integer_kernels: bool = False,
+    quantize_input: bool | tuple[float, float] = False,
+    external_data: bool | None = None,
+) -> QuantReport:
+    """Quantize the Conv / Gemm / MatMul weights of an ONNX model with SQuant
+    and write a QDQ ONNX model (opset 21) to ``out_path``. Needs numpy, onnx
+    and (with ``abits``) onnxruntime; torch is never imported.
+
+    ``model_or_path``: an ``onnx.ModelProto`` or the path of an ``.onnx``
+    file (external data next to it is read). Models below opset 21 are
+    converted with ``onnx.version_converter``. ``wbits``, ``mode`` and
+    ``quantizer`` are as in :func:`quantize_tensor`; ``skip``: fnmatch
+    patterns tried on node names and weight names (one that matches no
+    quantizable layer gets a ``UserWarning``, as in :func:`quantize_model`). With ``abits`` the
+    inputs of the quantized layers get static per-tensor Q/DQ pairs whose
+    ranges come from the sigma rule (``s_sigma``, default by ``abits``) on
+    one ``U[0,1)`` batch (``input_shape``, default: the model's input with
+    a symbolic batch of 8; ``seed``) run through onnxruntime; the first
+    layer's input stays float and the last layer's is 8-bit. With
+    ``integer_kernels=True`` (needs ``abits``) every activation tensor
+    between quantized ops gets one QuantizeLinear after its producer and one
+    DequantizeLinear for its readers: the layers' outputs (after a Relu /
+    Clip that alone reads them), the inputs and output of residual Adds,
+    pooling and Flatten / Reshape paths (those share their input's range);
+    ranges of tensors that are no layer's input come from the same sigma
+    rule (``abits``), and ranges after a Clip are capped at its maximum
+    (ReLU6: 6). onnxruntime then runs every layer with a quantized input as
+    QLinearConv / QGemm and the Adds as QLinearAdd (use
+    ``quantizer="symmetric"``); that adds one rounding per layer and Add
+    output (and the capped ranges) to what
+    :func:`quantize_model`'s fake-quant model computes.
+    ``quantize_input`` (needs ``abits``): also quantize the first layer's
+    input (the algorithm keeps it float): ``True`` takes the sigma rule on
+    the calibration batch, a ``(lo, hi)`` pair is used as given (e.g. the
+    range of the model's normalized inputs). Activations are uint8 (signed
+    ranges with zero point 128). The output is one file unless its tensors
+    exceed 2 GB (then ``<out>.data`` too; ``external_data`` forces either);
+    it is written atomically, and the input is never modified.
+
+    Returns:
+        The per-layer :class:`QuantReport` (``size_before``/``size_after``:
+        tensor bytes of the input and bytes written).
+
+    Raises:
+        OnnxFormatError: not an ONNX model, truncated or corrupt, unsupported
+            opset, already quantized, no quantizable layer.
+        InvalidArgumentError: bad arguments, an output path (or, with external
+            data, its ``.data`` file) that is the input or one of the
+            external data files the input reads.
+        ImportError: onnx (or, with ``abits``, onnxruntime) is missing.
+    """
+    wall = time.perf_counter()
+    wbits = check_bits(wbits, "wbits")
+    if abits is not None:
+        abits = check_bits(abits, "abits")
+    mode = check_mode(mode)
+    quantizer = check_quantizer(quantizer)
+    n_threads = check_threads(threads)
+    patterns = check_patterns(skip, "skip")
+    mult = _s_sigma(s_sigma, abits)
+    model, in_path, data_files = _load(model_or_path)
+    out = _check_output(out_path, in_path, data_files, external_data)
+    where = in_path or "model"
+    size_before = _tensor_bytes(model)
+    model = _prepare(model, where)
+    if integer_kernels:
+        _fold_pads(model)
+    matched: set[str] = set()
+    layers, skipped = _find_layers(model, patterns, matched)
+    for p in patterns:
+        if p not in matched:
+            warnings.warn(
+                f"skip pattern {p!r} matches no quantizable Conv/Gemm/MatMul layer",
+                UserWarning,
+                stacklevel=2,
+            )
+    if not layers:
+        raise OnnxFormatError(
+            f"{where}: no quantizable layer (Conv/Gemm/MatMul with a float32 initializer weight)"
+        )
+    inits = _initializers(model.graph)
+    from onnx import numpy_helper
+
+    order: list[str] = []
+    arrays: list[np.ndarray] = []
+    axes: dict[str, int] = {}
+    for layer in layers:
+        if layer.weight not in axes:
+            a = numpy_helper.to_array(inits[layer.weight]).astype(np.float32, copy=False)
+            if a.size == 0:
+                raise InvalidArgumentError(
+                    f"{_weight_label(layers, layer.weight)}: weight tensor is empty "
+                    f"(shape {tuple(a.shape)})"
+                )
+            arrays.append(np.ascontiguousarray(a.T) if layer.axis == 1 else a)
+            order.append(layer.weight)
+            axes[layer.weight] = layer.axis
+    start = time.perf_counter()
+    try:
+        qts = quantize_tensors(arrays, wbits, mode, threads=n_threads, quantizer=quantizer)
+    except SquantError as exc:
+        # "weight {i}: ..." (an index into arrays): name the initializer instead.
+        m = re.match(r"weight (\d+): ", str(exc))
+        if m is None or int(m.group(1)) >= len(order):
+            raise
+        label = _weight_label(layers, order[int(m.group(1))])
+        raise type(exc)(f"{label}: {str(exc)[m.end() :]}") from None
+    ms = (time.perf_counter() - start) * 1e3
+    weights = {name: _Weight(name, axes[name], qt) for name, qt in zip(order, qts)}
+    for layer in layers:
+        weights[layer.weight].layers.append(layer)
+    if integer_kernels and abits is None:
+        raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
+    input_range = _check_quantize_input(quantize_input, abits)
+    plan: dict[str, tuple[int, float, float]] | None = None
+    if abits is not None:
+        assert mult is not None
+        feeds = _input_feeds(model, int(seed), input_shape)
+        probes = [layer.node.input[0] for layer in layers]
+        values = _observe(model, probes, feeds, n_threads)
+        for i, (layer, a) in enumerate(zip(layers, values)):
+            if i == 0:
+                continue  # the first layer's input stays float (unless quantize_input)
+            bits = 8 if i == len(layers) - 1 else abits
+            layer.act = (bits, *sigma_range(a, bits, mult))
+        _first_input(model, layers, abits, mult, feeds, input_range)
+        bounds = _clip_max(model)
+        for layer in layers:
+            if layer.act is not None:
+                layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
+        if integer_kernels:
+            plan = _integer_ranges(model, layers, abits, mult, feeds, n_threads, {})
+    reports = _layer_reports(layers, weights, arrays, order, ms)
+    _rewrite(model, list(weights.values()), plan)
+    size_after = write_model(model, out, external_data, in_path, data_files)
+    return QuantReport(
+        layers=reports,
+        wbits=wbits,
+        mode=mode,
+        abits=abits,
+        wall_ms=(time.perf_counter() - wall) * 1e3,
+        skipped=skipped,
+        size_before=size_before,
+        size_after=size_after,
+        quantizer=quantizer,
+    )
+
+
+def _weight_label(layers: list[_Layer], weight: str) -> str:
+    """``initializer 'w' (node 'a', ...)`` for error messages."""
+    nodes = ", ".join(repr(ly.name) for ly in layers if ly.weight == weight)
+    return f"initializer {weight!r} (weight of node {nodes})"
+
+
+def _s_sigma(s_sigma: float | None, abits: int | None) -> float | None:
+    if s_sigma is not None:
+        if isinstance(s_sigma, bool) or not isinstance(s_sigma, (int, float)):
+            raise TypeError(f"s_sigma must be a number, got {s_sigma!r}")
+        if not (math.isfinite(s_sigma) and s_sigma > 0):
+            raise InvalidArgumentError(f"s_sigma must be a positive number, got {s_sigma}")
+        return float(s_sigma)
+    return default_s_sigma(abits) if abits is not None else None
+
+
+def _check_quantize_input(
+    quantize_input: bool | tuple[float, float], abits: int | None
+) -> bool | tuple[float, float]:
+    """``quantize_input``: False, True, or an explicit ``(lo, hi)`` range."""
+    if isinstance(quantize_input, bool):
+        if quantize_input and abits is None:
+            raise InvalidArgumentError("quantize_input needs abits (quantized activations)")
+        return quantize_input
+    if (
+        isinstance(quantize_input, (tuple, list))
+        and len(quantize_input) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in quantize_input)
+    ):
+        lo, hi = float(quantize_input[0]), float(quantize_input[1])
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= 0.0 <= hi and lo < hi):
+            raise InvalidArgumentError(
+                "quantize_input range must be finite with lo <= 0 <= hi and lo < hi, "
+                f"got {quantize_input}"
+            )
+        if abits is None:
+            raise InvalidArgumentError("quantize_input needs abits (quantized activations)")
+        return lo, hi
+    raise TypeError(f"quantize_input must be a bool or a (lo, hi) pair, got {quantize_input!r}")
+
+
+def _first_input(
+    model: Any,
+    layers: list[_Layer],
+    abits: int,
+    mult: float,
+    feeds: dict[str, Any],
+    input_range: bool | tuple[float, float],
+) -> None:
+    """With ``quantize_input``: a range (8 bits if the layer is also the
+    last) for the layers reading a graph input, from the sigma rule on the
+    calibration batch or the given ``(lo, hi)``."""
+    if input_range is False:
+        return
+    for i, layer in enumerate(layers):
+        src = layer.node.input[0]
+        if layer.act is not None or src not in feeds:
+            continue
+        bits = 8 if i == len(layers) - 1 else abits
+        if isinstance(input_range, tuple):
+            layer.act = (bits, *input_range)
+        else:
+            layer.act = (bits, *sigma_range(feeds[src], bits, mult))
+
+
+def _integer_ranges(
+    model: Any,
+    layers: list[_Layer],
+    abits: int,
+    mult: float,
+    feeds: dict[str, Any],
+    threads: int,
+    known: dict[str, tuple[float, float]],
+) -> dict[str, tuple[int, float, float]]:
+    """The ranges of :func:`_integer_plan`'s tensors: the layers' own, those
+    in ``known`` (BN statistics), else the sigma rule (``abits``) on the
+    calibration batch run through onnxruntime; capped at a ReLU6's 6."""
+    ranges, same = _integer_plan(model, layers)
+    todo = [t for t, r in ranges.items() if r is None and t not in known]
+    values = _observe(model, todo, feeds, threads) if todo else []
+    for t, a in zip(todo, values):
+        ranges[t] = (abits, *sigma_range(a, abits, mult))
+    bounds = _clip_max(model)
+    full: dict[str, tuple[int, float, float] | None] = {}
+    for t, r in ranges.items():
+        r = r if r is not None else (abits, *known[t])
+        full[t] = _capped(r, bounds.get(t))
+    return _resolve_plan(full, same)
+
+
+def _layer_reports(
+    layers: list[_Layer],
+    weights: dict[str, _Weight],
+    arrays: list[np.ndarray],
+    order: list[str],
+    ms: float,
+) -> list[LayerReport]:
+    by_name = dict(zip(order, arrays))
+    out: list[LayerReport] = []
+    seen: set[str] = set()
+    total = sum(a.size for a in arrays) or 1
+    for layer in layers:
+        wt = weights[layer.weight]
+        first = layer.weight not in seen
+        seen.add(layer.weight)
+        w = by_name[layer.weight]
+        act = layer.act
+        out.append(
+            LayerReport(
+                name=layer.name,
+                shape=tuple(int(d) for d in w.shape),
+                params=int(w.size) if first else 0,
+                time_ms=ms * w.size / total if first else 0.0,
+                rel_error=relative_error(w, wt.qt.dequantize()),
+                k_flips=wt.qt.k_flips if first else 0,
+                c_flips=wt.qt.c_flips if first else 0,
+                bits=wt.qt.bits,
+                kind=layer.op,
+                act_bits=None if act is None else act[0],
+                act_range=None if act is None else (act[1], act[2]),
+                qtensor=wt.qt,
+            )
+        )
+    return out
