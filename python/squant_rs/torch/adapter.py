@@ -389,17 +389,21 @@ def dequantize_torch(qt: QuantizedTensor, threads: int) -> torch.Tensor:
     if not qt.grid_checked:
         _check_grid_torch(scale_t, zp_t, qt.bits, qt.dtype)
     if codes.device.type == "cpu":
-        # Same IEEE operations in the parallel Rust loop, on zero-copy views.
-        scale, zp = scale_t.numpy(), zp_t.numpy()
+        # Same IEEE operations in the parallel Rust loop, on zero-copy views
+        # (a copy of a hand-made instance's negative view: numpy needs the
+        # values themselves).
+        codes_np, scale, zp = (
+            t.resolve_neg().resolve_conj().numpy() for t in (codes, scale_t, zp_t)
+        )
         if qt.dtype == torch.float32:
-            return torch.from_numpy(_native.dequantize(codes.numpy(), scale, zp, threads))
+            return torch.from_numpy(_native.dequantize(codes_np, scale, zp, threads))
         # Other dtypes a block of channels at a time: one float32 block at most.
         out = torch.empty(codes.shape, dtype=qt.dtype)
         oc = int(codes.shape[0])
         per = max(1, BLOCK_ELEMENTS // max(1, codes.numel() // max(1, oc)))
         for c0 in range(0, oc, per):
             c1 = min(oc, c0 + per)
-            block = _native.dequantize(codes[c0:c1].numpy(), scale[c0:c1], zp[c0:c1], threads)
+            block = _native.dequantize(codes_np[c0:c1], scale[c0:c1], zp[c0:c1], threads)
             out[c0:c1].copy_(_clamp_to(torch.from_numpy(block), qt.dtype))
         return out
     view = (-1,) + (1,) * (codes.dim() - 1)
