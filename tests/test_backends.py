@@ -3,6 +3,8 @@ the vectorized torch path, on CPU here and on CUDA where a GPU exists."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -166,18 +168,123 @@ def test_torch_value_errors(monkeypatch: pytest.MonkeyPatch, strategy: str, name
 
     _force_strategy(monkeypatch, strategy)
     w = _bad_weights()[name]
+    # The Rust backend's error: the torch path must raise the very same.
+    with pytest.raises(squant_rs.SquantError) as rust:
+        squant_rs.quantize_tensor(w, 4, backend="rust")
     devices = ["cpu"] + (["cuda"] if CUDA else [])
     for device in devices:
         wd = w.to(device)
         before = wd.clone()
         with pytest.raises(squant_rs.SquantError) as want:
             _check_values_torch(wd.float(), 4, wd if wd.dtype == torch.float64 else None)
+        assert (type(want.value), str(want.value)) == (type(rust.value), str(rust.value))
         for mode in squant_rs.MODES:
             with pytest.raises(squant_rs.SquantError) as got:
                 squant_rs.quantize_tensor(wd, 4, mode, backend="torch")
             assert type(got.value) is type(want.value)
             assert str(got.value) == str(want.value)
         assert torch.equal(wd.view(-1).view(torch.uint8), before.view(-1).view(torch.uint8))
+
+
+_TOO_LARGE = "weight values too large to quantize in float32"
+_F64 = "a float64 value exceeds the float32 range"
+_NONFINITE = "weight contains NaN or infinity in output channel"
+
+
+def _multi_problem_weights() -> dict[str, tuple[torch.Tensor, type[Exception], str]]:
+    """Weights with bad values in several channels (and kinds), each with
+    the error that the rule of squant_rs.tensor.validate gives for the
+    asymmetric quantizer: the lowest channel with any problem; in it a NaN
+    or infinity, then a float64 value beyond float32, then the range."""
+    g = torch.Generator().manual_seed(11)
+    nonfinite, rng_err = squant_rs.NonFiniteWeightError, squant_rs.WeightRangeError
+    out: dict[str, tuple[torch.Tensor, type[Exception], str]] = {}
+
+    def w_(dtype: torch.dtype = torch.float32, shape: tuple[int, ...] = (3, 4)) -> torch.Tensor:
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+    w = w_()
+    w[0], w[2, 1] = 1e32, float("nan")
+    out["f32-range-then-nan"] = (w, rng_err, f"output channel 0: {_TOO_LARGE}")
+    w = w_()
+    w[0, 2], w[1] = float("nan"), 1e32
+    out["f32-nan-then-range"] = (w, nonfinite, f"{_NONFINITE} 0 (element 2 ")
+    w = w_()
+    w[0, 0], w[0, -1], w[1, 3] = 3.4e38, -3.4e38, float("inf")
+    out["f32-near-max-then-inf"] = (w, rng_err, f"output channel 0: {_TOO_LARGE}")
+    w = w_()
+    w[1, 0], w[1, 1], w[1, 3] = 3e38, -3e38, -float("inf")
+    out["f32-range-and-inf-in-one-channel"] = (w, nonfinite, f"{_NONFINITE} 1 (element 3 ")
+    w = w_(torch.float64)
+    w[0, 1], w[1, 2] = float("nan"), 1e300
+    out["f64-nan-then-beyond-f32"] = (w, nonfinite, f"{_NONFINITE} 0 (element 1 ")
+    w = w_(torch.float64)
+    w[0, 1], w[2, 0] = 1e300, float("nan")
+    out["f64-beyond-f32-then-nan"] = (w, rng_err, f"output channel 0: {_F64}")
+    w = w_(torch.float64)
+    w[0, 0], w[0, -1], w[1, 2] = 3.4e38, -3.4e38, 1e300
+    out["f64-range-then-beyond-f32"] = (w, rng_err, f"output channel 0: {_TOO_LARGE}")
+    w = w_(torch.float64)
+    w[1, 0], w[1, 3] = -1e300, float("nan")
+    out["f64-beyond-f32-and-nan-in-one-channel"] = (w, nonfinite, f"{_NONFINITE} 1 (element 3 ")
+    w = w_(torch.float64)
+    w[0], w[0, 2] = 1e32, 1e300
+    out["f64-range-and-beyond-f32-in-one-channel"] = (w, rng_err, f"output channel 0: {_F64}")
+    w = w_(torch.float64, (4, 3, 3, 3))
+    w[1, 0, 0, 1], w[1, 2, 1, 0], w[3, 0, 0, 0] = 1e300, float("nan"), 1e32
+    out["f64-conv"] = (w, nonfinite, f"{_NONFINITE} 1 (element 21 ")
+    w = w_(torch.bfloat16)
+    w[1], w[2, 1] = 1e32, float("nan")
+    out["bf16-range-then-nan"] = (w, rng_err, f"output channel 1: {_TOO_LARGE}")
+    w = w_(torch.float16)
+    w[1, 1], w[0, 3] = float("nan"), float("inf")
+    out["f16-inf-then-nan"] = (w, nonfinite, f"{_NONFINITE} 0 (element 3 ")
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["cpu", "dense"])
+@pytest.mark.parametrize("quantizer", ["asymmetric", "symmetric"])
+@pytest.mark.parametrize("name", list(_multi_problem_weights()))
+def test_backends_agree_on_the_first_bad_channel(
+    monkeypatch: pytest.MonkeyPatch, strategy: str, quantizer: str, name: str
+) -> None:
+    """A weight with bad values in several channels: every path -- the Rust
+    backend (torch and numpy input), the torch backend's two strategies
+    (on CUDA too where there is one), quantize_tensors with either backend
+    ("weight 1: " in front) -- raises the same exception with the same
+    message, the one of the rule in squant_rs.tensor.validate (the Rust
+    backend named another channel than the torch one before, and the
+    float64 check ran over the whole weight before any other)."""
+    from squant_rs.torch import backend as tb
+
+    monkeypatch.setattr(tb, "_ON_CPU", strategy == "cpu")
+    w, kind, message = _multi_problem_weights()[name]
+
+    def error(call: Callable[..., object], *args: object, **kw: object) -> tuple[type, str]:
+        with pytest.raises(squant_rs.SquantError) as exc:
+            call(*args, 4, quantizer=quantizer, **kw)
+        return type(exc.value), str(exc.value)
+
+    def unprefixed(err: tuple[type, str], index: int) -> tuple[type, str]:
+        assert err[1].startswith(f"weight {index}: "), err
+        return err[0], err[1][len(f"weight {index}: ") :]
+
+    want = error(squant_rs.quantize_tensor, w, backend="rust")
+    if quantizer == "asymmetric":
+        assert want[0] is kind and want[1].startswith(message), want
+    got = {}
+    for device in ["cpu"] + (["cuda"] if CUDA else []):
+        wd = w.to(device)
+        got[f"torch-{device}"] = error(squant_rs.quantize_tensor, wd, backend="torch")
+        for backend in ("rust", "torch"):
+            batch = [torch.ones(2, 2, device=device), wd]
+            err = error(squant_rs.quantize_tensors, batch, backend=backend)
+            got[f"batch-{backend}-{device}"] = unprefixed(err, 1)
+    if w.dtype != torch.bfloat16:
+        got["numpy"] = error(squant_rs.quantize_tensor, w.numpy())
+        got["numpy-batch"] = unprefixed(error(squant_rs.quantize_tensors, [w.numpy()]), 0)
+    for path, err in got.items():
+        assert err == want, path
 
 
 def test_unknown_backend() -> None:

@@ -206,6 +206,25 @@ def test_hand_made_scale_requiring_grad_dequantizes() -> None:
     assert torch.equal(out, t.dequantize())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("field", ["codes", "scale", "zero_point"])
+def test_hand_made_negative_views_dequantize(field: str, dtype: str) -> None:
+    """A hand-made instance whose codes, scale or zero point is a negative
+    view (``torch._neg_view``, what ``-t`` may give lazily): the same values
+    as the plain tensors, not "Can't call numpy() on Tensor that has
+    negative bit set" from the CPU path."""
+    w = np.random.default_rng(7).standard_normal((5, 4, 3)).astype(np.float32)
+    t = squant_rs.quantize_tensor(torch.from_numpy(w), 4)
+    fields = {"codes": t.codes, "scale": t.scale, "zero_point": t.zero_point}
+    plain = squant_rs.QuantizedTensor(*fields.values(), 4, "squant", getattr(torch, dtype), 0, 0)
+    fields[field] = torch._neg_view(-fields[field])
+    assert fields[field].is_neg()
+    qt = squant_rs.QuantizedTensor(*fields.values(), 4, "squant", getattr(torch, dtype), 0, 0)
+    out = qt.dequantize()
+    assert out.dtype == getattr(torch, dtype)
+    assert torch.equal(out, plain.dequantize())
+
+
 # --------------------------------------------------------------------------
 # float16 / bfloat16 in blocks of channels (no full float32 copy)
 

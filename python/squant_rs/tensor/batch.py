@@ -93,11 +93,11 @@ def quantize_tensors(
                     torch_ws.append(w)
                     continue
                 check_torch_memory(w, False)
-                a32, dtype, device = host_float32(w), w.dtype, w.device
+                a32, dtype, device = host_float32(w, bits, quantizer), w.dtype, w.device
             elif type(w).__module__.startswith("torch"):
                 raise TypeError("got a torch object but torch is not importable")
             else:
-                a32, dtype = as_float32_array(w)
+                a32, dtype = as_float32_array(w, bits, quantizer)
                 device = None
         except (SquantError, TypeError, UnsupportedDtypeError, MemoryError) as exc:
             errors.append((i, with_weight_index(exc, i)))

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import _squant_rs as _native
-from ..errors import InvalidArgumentError, SquantError, WeightRangeError
+from ..errors import InvalidArgumentError, SquantError
 from .validate import (
     UnsupportedDtypeError,
     check_backend,
@@ -26,6 +26,7 @@ from .validate import (
     dtype_max,
     grid_error,
     physical_memory,
+    value_error,
 )
 
 #: Weights that need a float32 conversion (float16, bfloat16) are converted
@@ -145,35 +146,86 @@ def validated_array(w: object) -> np.ndarray:
     return a
 
 
-def to_float32(a: np.ndarray) -> np.ndarray:
+def to_float32(a: np.ndarray, bits: int | None = None, quantizer: str = "asymmetric") -> np.ndarray:
     """A float32 view (or copy, when the dtype or byte order differs) of a
     validated array; float64 values beyond float32's range are a
-    :class:`WeightRangeError`, whatever the path (no numpy warning)."""
+    :class:`WeightRangeError`, whatever the path (no numpy warning).
+
+    With such a value the error is the one the rule of
+    :mod:`squant_rs.tensor.validate` gives: a NaN or infinity, or (given
+    ``bits`` and ``quantizer``) a float32 range overflow, in a lower output
+    channel is raised instead. Without ``bits`` the range of the lower
+    channels is not checked."""
     if a.dtype == np.float32 and a.dtype.isnative:
         return a
     with np.errstate(over="ignore"):
         a32 = np.asarray(a, dtype=np.float32)
     if a.dtype.itemsize == 8:
-        _check_float32_range(a, a32)
+        _check_float32_range(a, a32, bits, quantizer)
     return a32
 
 
-def as_float32_array(w: object) -> tuple[np.ndarray, np.dtype]:
+def as_float32_array(
+    w: object, bits: int | None = None, quantizer: str = "asymmetric"
+) -> tuple[np.ndarray, np.dtype]:
     """Validated float32 view of a numpy-like weight (copies only when the
-    dtype or byte order differs), with the original dtype in native order."""
+    dtype or byte order differs), with the original dtype in native order;
+    ``bits`` and ``quantizer`` as in :func:`to_float32`."""
     a = validated_array(w)
-    return to_float32(a), a.dtype.newbyteorder("=")
+    return to_float32(a, bits, quantizer), a.dtype.newbyteorder("=")
 
 
-def _check_float32_range(a: np.ndarray, a32: np.ndarray) -> None:
-    """float64 values beyond float32's range: a clear error, not "NaN"."""
+def _check_float32_range(a: np.ndarray, a32: np.ndarray, bits: int | None, quantizer: str) -> None:
+    """float64 values beyond float32's range: a clear error, not "NaN", for
+    the lowest output channel with any bad value (that channel's error)."""
     big = np.isinf(a32) & np.isfinite(a)
-    if big.any():
-        o, *_ = np.unravel_index(int(np.argmax(big)), a.shape)
-        raise WeightRangeError(
-            f"output channel {int(o)}: a float64 value exceeds the float32 range "
-            "(squant-rs computes in float32)"
+    if not big.any():
+        return  # the Rust core checks the rest, in the same order
+    oc = int(a.shape[0])
+    big_rows = big.reshape(oc, -1).any(axis=1)
+    last = int(np.argmax(big_rows))  # the first channel with such a value
+    head = a[: last + 1].reshape(last + 1, -1)  # the channels that may come first
+    bad = ~np.isfinite(head)
+    problem = bad.any(axis=1)
+    problem[last] = True
+    if bits is not None:
+        problem |= _float32_overflow(a32[: last + 1].reshape(last + 1, -1), bits, quantizer)
+    o = int(np.argmax(problem))  # row `last` is a problem: some o <= last is
+    index = int(np.argmax(bad[o])) if bad[o].any() else None
+    raise value_error(o, index, bool(big_rows[o]))
+
+
+def _float32_overflow(rows: np.ndarray, bits: int, quantizer: str) -> np.ndarray:
+    """Per row of finite float32 ``rows``, whether the Rust core's quantizer
+    (``channel_params``) overflows: the same float32 operations, so the same
+    verdict. Rows with a non-finite value may read either way."""
+    f32 = np.float32
+    n = f32(1 << (bits - 1))
+    with np.errstate(all="ignore"):
+        mn = rows.min(axis=1)
+        mx = rows.max(axis=1)
+        if quantizer == "symmetric":
+            amax = np.maximum(np.abs(mx), np.abs(mn))
+            scale = (n - f32(1)) / np.maximum(amax, f32(1e-8))
+            zp = np.zeros_like(scale)
+            tmin = -(n - f32(1))
+        else:
+            scale = f32((1 << bits) - 1) / np.maximum(mx - mn, f32(1e-8))
+            zp = np.rint(scale * mn) + n
+            tmin = -n
+        lo = (tmin + zp) / scale
+        hi = (n - f32(1) + zp) / scale
+        ok = (
+            np.isfinite(scale)
+            & (scale > 0)
+            & np.isfinite(scale * mn)
+            & np.isfinite(scale * mx)
+            & np.isfinite(zp)
+            & np.isfinite(lo)
+            & np.isfinite(hi)
         )
+    out: np.ndarray = ~ok
+    return out
 
 
 def check_fields(qt: QuantizedTensor) -> None:
@@ -400,7 +452,7 @@ def quantize_tensor(
             quantizer,
         )
     else:
-        res = _native.quantize(to_float32(a), bits, mode, threads, quantizer)
+        res = _native.quantize(to_float32(a, bits, quantizer), bits, mode, threads, quantizer)
     return from_native(res, bits, mode, dtype, quantizer=quantizer)
 
 

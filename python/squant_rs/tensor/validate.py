@@ -1,5 +1,24 @@
 """Argument checks shared by every backend, so that the Rust and the torch
-paths reject the same inputs with the same exceptions and messages."""
+paths reject the same inputs with the same exceptions and messages.
+
+Bad weight values follow one rule on every path (the Rust core, the torch
+backend's CPU and CUDA strategies, numpy and torch inputs, and
+``quantize_tensors``, whose message starts with ``"weight i: "``): the
+error names the **lowest-index output channel with any problem**, and
+within that channel the first of, in this order,
+
+1. a NaN or an infinity (:class:`NonFiniteWeightError`, naming the first
+   such element of the channel);
+2. a float64 value beyond float32's range (:class:`WeightRangeError`);
+3. values too large for the float32 quantizer: ``s``, ``s * lo``,
+   ``s * hi``, ``z`` or a grid end ``(tmin + z) / s`` not finite
+   (:class:`WeightRangeError`, :func:`grid_error`).
+
+This is the Rust core's order for float32 (``min_max`` then
+``channel_params``, channel by channel), with the float64 check placed
+where the conversion to float32 would have made the value infinite.
+:func:`value_error` builds the error once that channel is known.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +29,7 @@ import os
 from collections.abc import Sequence
 
 from .._squant_rs import resolve_threads
-from ..errors import InvalidArgumentError, WeightRangeError
+from ..errors import InvalidArgumentError, NonFiniteWeightError, WeightRangeError
 from ..errors import UnsupportedDtypeError as UnsupportedDtypeError
 
 MODES: tuple[str, ...] = ("squant", "squant-e", "squant-k", "squant-c")
@@ -170,6 +189,25 @@ def grid_error(channel: int, dtype: object, reach: float) -> WeightRangeError:
         f"quantization grid reaches {reach:.6g}, more than one step beyond the largest "
         f"finite {name})"
     )
+
+
+def value_error(channel: int, nonfinite_index: int | None, float64_overflow: bool) -> Exception:
+    """The error for ``channel``, the lowest output channel with a bad value
+    (see the module's docstring for the rule): ``nonfinite_index`` is the
+    first NaN or infinity of the channel (``None``: there is none),
+    ``float64_overflow`` whether a float64 value of the channel exceeds
+    float32's range; neither means the float32 quantizer overflows."""
+    if nonfinite_index is not None:
+        return NonFiniteWeightError(
+            f"weight contains NaN or infinity in output channel {channel} "
+            f"(element {nonfinite_index} of that channel)"
+        )
+    if float64_overflow:
+        return WeightRangeError(
+            f"output channel {channel}: a float64 value exceeds the float32 range "
+            "(squant-rs computes in float32)"
+        )
+    return grid_error(channel, "float32", math.inf)
 
 
 def with_weight_index(exc: Exception, index: int) -> Exception:

@@ -11,12 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _squant_rs as _native
-from ..errors import (
-    InvalidArgumentError,
-    NonFiniteWeightError,
-    SquantError,
-    WeightRangeError,
-)
+from ..errors import InvalidArgumentError, SquantError
 from ..tensor.validate import (
     UnsupportedDtypeError,
     check_memory,
@@ -24,6 +19,7 @@ from ..tensor.validate import (
     dtype_max,
     grid_error,
     physical_memory,
+    value_error,
     with_weight_index,
 )
 
@@ -80,9 +76,10 @@ def _check_values_torch(
 ) -> None:
     """The Rust core's value checks, for the torch path: non-finite weights
     and channels whose quantizer (or dequantized grid) overflows float32.
-    Raises the Rust path's error for the first such channel; returns when
-    there is none.  The backend calls it only when its own cheap test flags
-    a channel."""
+    Raises the Rust path's error for the lowest channel with any problem
+    (the rule of :mod:`squant_rs.tensor.validate`; ``original``: the float64
+    weight ``w32`` was converted from); returns when there is none.  The
+    backend calls it only when its own cheap test flags a channel."""
     torch = require_torch()
     flat = w32.reshape(w32.shape[0], -1)
     bad = ~torch.isfinite(flat)
@@ -110,22 +107,20 @@ def _check_values_torch(
         & torch.isfinite(zp)
         & torch.isfinite(reach)
     )
-    if bool(bad_rows.any() | overflow.any()):
-        rows = bad_rows.nonzero()
-        if rows.numel():
-            o = int(rows[0, 0])
-            i = int(bad[o].nonzero()[0, 0])
-            if original is not None and bool(torch.isfinite(original.reshape(flat.shape)[o, i])):
-                raise WeightRangeError(
-                    f"output channel {o}: a float64 value exceeds the float32 range "
-                    "(squant-rs computes in float32)"
-                )
-            raise NonFiniteWeightError(
-                f"weight contains NaN or infinity in output channel {o} "
-                f"(element {i} of that channel)"
-            )
-        o = int(overflow.nonzero()[0, 0])
-        raise grid_error(o, torch.float32, float(reach[o]))
+    problem = bad_rows | overflow
+    if bool(problem.any()):
+        # The rule of squant_rs.tensor.validate: the lowest channel with any
+        # problem; in it NaN/inf, then a float64 overflow, then the range.
+        o = int(problem.nonzero()[0, 0])
+        if original is not None:
+            orig_bad = ~torch.isfinite(original.reshape(flat.shape)[o])
+            f64_big = bool((bad[o] & ~orig_bad).any())  # finite in float64 only
+            row_bad = orig_bad
+        else:
+            f64_big = False
+            row_bad = bad[o]
+        index = int(row_bad.nonzero()[0, 0]) if bool(row_bad.any()) else None
+        raise value_error(o, index, f64_big)
 
 
 def _check_grid_torch(scale: torch.Tensor, zp: torch.Tensor, bits: int, dtype: Any) -> None:
@@ -168,16 +163,19 @@ def check_torch_memory(w: torch.Tensor, use_torch: bool) -> None:
         check_memory(w.numel(), 1, physical_memory(), "this machine")
 
 
-def host_float32(w: torch.Tensor) -> np.ndarray:
+def host_float32(
+    w: torch.Tensor, bits: int | None = None, quantizer: str = "asymmetric"
+) -> np.ndarray:
     """A CPU float32 numpy view (or copy) of a checked weight for the Rust
     core; float64 values beyond float32's range are a
-    :class:`WeightRangeError`, as on the numpy path."""
+    :class:`WeightRangeError`, as on the numpy path (``bits`` and
+    ``quantizer``: see :func:`~squant_rs.tensor.quantized.to_float32`)."""
     torch = require_torch()
     if w.dtype == torch.float64:
         from ..tensor.quantized import to_float32
 
         host = w.detach().to("cpu").resolve_neg().resolve_conj()
-        return to_float32(host.numpy())
+        return to_float32(host.numpy(), bits, quantizer)
     return to_numpy_f32(w)
 
 
@@ -222,7 +220,7 @@ def quantize_torch_tensor(
         )
     else:
         # A contiguous float32 CPU tensor is shared with numpy, not copied.
-        res = _native.quantize(host_float32(w), bits, mode, threads, quantizer)
+        res = _native.quantize(host_float32(w, bits, quantizer), bits, mode, threads, quantizer)
     return from_native(res, bits, mode, w.dtype, w.device, quantizer)
 
 
@@ -391,17 +389,21 @@ def dequantize_torch(qt: QuantizedTensor, threads: int) -> torch.Tensor:
     if not qt.grid_checked:
         _check_grid_torch(scale_t, zp_t, qt.bits, qt.dtype)
     if codes.device.type == "cpu":
-        # Same IEEE operations in the parallel Rust loop, on zero-copy views.
-        scale, zp = scale_t.numpy(), zp_t.numpy()
+        # Same IEEE operations in the parallel Rust loop, on zero-copy views
+        # (a copy of a hand-made instance's negative view: numpy needs the
+        # values themselves).
+        codes_np, scale, zp = (
+            t.resolve_neg().resolve_conj().numpy() for t in (codes, scale_t, zp_t)
+        )
         if qt.dtype == torch.float32:
-            return torch.from_numpy(_native.dequantize(codes.numpy(), scale, zp, threads))
+            return torch.from_numpy(_native.dequantize(codes_np, scale, zp, threads))
         # Other dtypes a block of channels at a time: one float32 block at most.
         out = torch.empty(codes.shape, dtype=qt.dtype)
         oc = int(codes.shape[0])
         per = max(1, BLOCK_ELEMENTS // max(1, codes.numel() // max(1, oc)))
         for c0 in range(0, oc, per):
             c1 = min(oc, c0 + per)
-            block = _native.dequantize(codes[c0:c1].numpy(), scale[c0:c1], zp[c0:c1], threads)
+            block = _native.dequantize(codes_np[c0:c1], scale[c0:c1], zp[c0:c1], threads)
             out[c0:c1].copy_(_clamp_to(torch.from_numpy(block), qt.dtype))
         return out
     view = (-1,) + (1,) * (codes.dim() - 1)
