@@ -283,6 +283,20 @@ def test_backends_agree_on_the_first_bad_channel(
     if w.dtype != torch.bfloat16:
         got["numpy"] = error(squant_rs.quantize_tensor, w.numpy())
         got["numpy-batch"] = unprefixed(error(squant_rs.quantize_tensors, [w.numpy()]), 0)
+    # quantize_model's pass on a layer holding the weight ("w: " in front)
+    layer = torch.nn.Linear(1, 1)
+    layer.weight = torch.nn.Parameter(w, requires_grad=False)
+    for backend in ("rust", "torch"):
+        with pytest.raises(squant_rs.SquantError) as exc:
+            squant_rs.quantize_model(
+                torch.nn.ModuleDict({"w": layer}),
+                4,
+                recipe="paper",
+                backend=backend,
+                quantizer=quantizer,
+            )
+        assert str(exc.value).startswith("w: "), exc.value
+        got[f"model-{backend}"] = (type(exc.value), str(exc.value)[len("w: ") :])
     for path, err in got.items():
         assert err == want, path
 

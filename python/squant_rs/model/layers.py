@@ -671,7 +671,7 @@ def quantize_into(
     arrays: list[np.ndarray] = []
     for k, i in enumerate(native):
         try:
-            arrays.append(host_float32(items[i][1]))
+            arrays.append(host_float32(items[i][1], bits, quantizer))
         except (SquantError, UnsupportedDtypeError) as exc:
             # Raised below, unless a weight before it fails first.
             failure = (i, type(exc)(f"{items[i][0] or 'weight'}: {exc}"))
