@@ -628,3 +628,27 @@ def test_sharded_write_error_names_the_output_shard(tmp_path, squant_bin: str) -
     _same_message(p, r)
     assert _message(r.stderr) == "File too large: out/s0.safetensors\n"
     assert os.listdir(tmp_path) == ["ck"]
+
+
+@pytest.mark.parametrize("length", [128, 384, 0x10080])
+def test_header_length_starting_with_pickle_byte_is_safetensors(
+    tmp_path, squant_bin: str, length: int
+) -> None:
+    """A safetensors header of 128, 384, ... bytes: the file starts with
+    0x80, a pickle's first byte, and both CLIs took it for a torch
+    checkpoint (the Rust one refused it, the Python one loaded it with
+    torch.load); it is quantized as safetensors, the same file by both."""
+    w = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    header = {"fc.weight": {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, w.nbytes]}}
+    text = json.dumps(header).encode()
+    assert len(text) <= length
+    src = tmp_path / "in.safetensors"
+    src.write_bytes(length.to_bytes(8, "little") + text.ljust(length) + w.tobytes())
+    assert src.read_bytes()[:1] == b"\x80"
+    py_out, rs_out = tmp_path / "py.safetensors", tmp_path / "rs.safetensors"
+    p = _py("quantize", str(src), str(py_out))
+    r = _run(squant_bin, "quantize", str(src), str(rs_out))
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert "(torch)" not in p.stdout
+    assert py_out.read_bytes() == rs_out.read_bytes()
+    assert [(t.name, t.bits) for t in inspect_quantized(py_out).tensors] == [("fc.weight", 4)]

@@ -285,15 +285,18 @@ def _require_torch(what: str) -> Any:
 
 
 def _sniff(path: str) -> str:
-    """'safetensors', 'torch' or 'unknown', from the first bytes."""
+    """'safetensors', 'torch' or 'unknown', from the first bytes. The
+    safetensors test comes first: its 8-byte header length can start with
+    the byte 0x80 of a pickle (a header of 128, 384, ... bytes), while
+    neither a zip nor a pickle from ``torch.save`` has ``{`` at byte 8."""
     with open(path, "rb") as f:
         head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
     if head[:4] == b"PK\x03\x04":
         return "torch"  # zip-based torch.save
     if head[:1] == b"\x80":
         return "torch"  # legacy pickle-based torch.save
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
     return "unknown"
 
 

@@ -179,21 +179,22 @@ fn threads(arg: Option<usize>) -> Result<usize, CliError> {
     }
 }
 
-/// "safetensors", "torch" or "unknown", from the first bytes (as the Python CLI).
+/// "safetensors", "torch" or "unknown", from the first bytes (as the Python
+/// CLI). The safetensors test comes first: its 8-byte header length can
+/// start with the byte 0x80 of a pickle (a header of 128, 384, ... bytes),
+/// while neither a zip nor a pickle from `torch.save` has `{` at byte 8.
 fn sniff(path: &Path) -> Result<&'static str, CliError> {
     let mut head = Vec::with_capacity(9);
     std::fs::File::open(path)
         .and_then(|f| f.take(9).read_to_end(&mut head))
         .map_err(|e| IoError::os(path, e))?;
-    Ok(
-        if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
-            "torch"
-        } else if head.len() == 9 && head[8] == b'{' {
-            "safetensors"
-        } else {
-            "unknown"
-        },
-    )
+    Ok(if head.len() == 9 && head[8] == b'{' {
+        "safetensors"
+    } else if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
+        "torch"
+    } else {
+        "unknown"
+    })
 }
 
 #[cfg(unix)]
