@@ -679,6 +679,57 @@ def test_external_data_in_and_out(tmp_path):
     np.testing.assert_array_equal(run(out, x), run(one, x))
 
 
+def test_model_over_2gb_converts_without_its_data(tmp_path, monkeypatch):
+    """onnx's version converter serializes the model, which protobuf refuses
+    at 2 GB: a model whose tensors exceed the 2 GB threshold (here lowered
+    to 4 KiB, with a converter that refuses what protobuf would) is
+    converted without its tensor data, which goes back afterwards."""
+    from squant_rs.formats.onnx import load
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(64, 32)).astype(np.float32)
+    w2 = rng.normal(size=(4, 64)).astype(np.float32)
+    g = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w1"], ["h"], name="g1", transB=1),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "w2"], ["y"], name="g2", transB=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    src = tmp_path / "m.onnx"
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(src), save_as_external_data=True, location="m.data", size_threshold=0)
+    want = tmp_path / "want.onnx"
+    squant_rs.quantize_onnx(src, want, 4)
+
+    real = onnx.version_converter.convert_version
+    limit = 4096
+    seen = []
+
+    def convert(m, version):
+        seen.append(m.ByteSize())
+        if m.ByteSize() >= limit:
+            raise RuntimeError("Failed to serialize proto")
+        return real(m, version)
+
+    monkeypatch.setattr(load, "EXTERNAL_ABOVE", limit)
+    monkeypatch.setattr(onnx.version_converter, "convert_version", convert)
+    out = tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(src, out, 4)
+    assert seen and max(seen) < limit
+    assert onnx.load(str(out)).opset_import[0].version == 21
+    x = rng.random((3, 32), dtype=np.float32)
+    np.testing.assert_array_equal(run(out, x), run(want, x))
+    # An in-memory model that large converts the same way.
+    full = onnx.load(str(src))
+    squant_rs.quantize_onnx(full, out, 4)
+    np.testing.assert_array_equal(run(out, x), run(want, x))
+
+
 @pytest.mark.parametrize("case", ["renamed model", "output is the data file"])
 def test_external_output_never_replaces_the_inputs_data(tmp_path, capsys, case):
     """The output (or its .data file) must not be one of the input's external
