@@ -1272,6 +1272,56 @@ print("ok")
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
+@pytest.mark.parametrize(
+    "missing,wbits,abits",
+    [("onnx", 8, None), ("ml_dtypes", 4, None), ("onnxruntime", 8, 8)],
+)
+def test_missing_packages_are_named_before_any_work(
+    tmp_path, capsys, monkeypatch, missing, wbits, abits
+):
+    """A missing onnx, ml_dtypes (int4 codes) or onnxruntime (abits) is
+    found before any weight is quantized: an ImportError naming the package
+    and how to install it; the CLI prints one error line, exits 2 and
+    writes nothing."""
+    from squant_rs.cli import main
+    from squant_rs.formats.onnx import quantize as quantize_module
+
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(_gemm_model(), str(src))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("weights quantized before the packages were checked")
+
+    monkeypatch.setattr(quantize_module, "quantize_tensors", no_work)
+    monkeypatch.setitem(sys.modules, missing, None)
+    hint = f"needs {missing}: pip install 'squant-rs[onnx]'"
+    with pytest.raises(ImportError, match=re.escape(hint)):
+        squant_rs.quantize_onnx(src, out, wbits, abits)
+    opts = ["--wbits", str(wbits)] + ([] if abits is None else ["--abits", str(abits)])
+    assert main(["quantize", str(src), str(out), *opts]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("squant-rs: error: ") and hint in err, err
+    assert os.listdir(tmp_path) == ["m.onnx"]
+
+
+def test_missing_ml_dtypes_is_not_called_a_missing_onnx(tmp_path):
+    """onnx itself imports ml_dtypes: without it, the error names ml_dtypes."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_gemm_model(), str(src))
+    code = f"""
+import sys
+sys.modules["ml_dtypes"] = None
+from squant_rs.cli import main
+sys.exit(main(["quantize", {str(src)!r}, {str(tmp_path / "q.onnx")!r}, "--wbits", "8"]))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr == (
+        "squant-rs: error: ONNX support needs ml_dtypes: pip install 'squant-rs[onnx]'\n"
+    )
+    assert not (tmp_path / "q.onnx").exists()
+
+
 class _PoolBranch(torch.nn.Module):
     """A conv output read by a MaxPool (into the next conv) and by another
     op: the pool's narrower output range must not clip the other reader."""

@@ -284,6 +284,18 @@ def _require_torch(what: str) -> Any:
     return torch
 
 
+def _require_onnx(wbits: int, runtime: bool) -> None:
+    """Before any work: the packages the ONNX path needs (onnx; ml_dtypes
+    for int4 weights; onnxruntime with ``runtime``), or a CliError naming
+    the one that is missing."""
+    from .formats.onnx.common import require_onnx_packages
+
+    try:
+        require_onnx_packages(int4=wbits <= 4, runtime=runtime)
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _sniff(path: str) -> str:
     """'safetensors', 'torch' or 'unknown', from the first bytes."""
     with open(path, "rb") as f:
@@ -457,6 +469,7 @@ def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
         raise CliError("ONNX input needs an .onnx output (and the other way round)")
     if args.include:
         raise CliError("--include applies to safetensors/torch inputs; use --skip for ONNX")
+    _require_onnx(args.wbits, runtime=args.abits is not None)
     with _thread_count(args.threads) as threads, _warnings_as_lines():
         report = quantize_onnx(
             args.input,
@@ -584,6 +597,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if (args.integer_kernels or args.quantize_input is not False) and args.abits is None:
         raise CliError("--integer-kernels and --quantize-input need --abits")
     _require_torch("export")
+    _require_onnx(args.wbits, runtime=args.abits is not None and args.integer_kernels)
     with _warnings_as_lines():
         report = _export_model(args)
     if args.verbose:

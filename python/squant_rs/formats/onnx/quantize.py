@@ -19,7 +19,7 @@ from ...model.layers import check_patterns, relative_error
 from ...model.report import LayerReport, QuantReport
 from ...tensor.batch import quantize_tensors
 from ...tensor.validate import check_bits, check_mode, check_quantizer, check_threads
-from .common import OnnxFormatError
+from .common import OnnxFormatError, require_onnx_packages
 from .graph import _find_layers, _initializers, _Layer, _Weight
 from .load import _load, _prepare, _tensor_bytes
 from .output import _check_output, write_model
@@ -90,7 +90,8 @@ def quantize_onnx(
         InvalidArgumentError: bad arguments, an output path (or, with external
             data, its ``.data`` file) that is the input or one of the
             external data files the input reads.
-        ImportError: onnx (or, with ``abits``, onnxruntime) is missing.
+        ImportError: onnx (at 2-4 bits ml_dtypes; with ``abits``,
+            onnxruntime) is missing: checked before any work.
     """
     wall = time.perf_counter()
     wbits = check_bits(wbits, "wbits")
@@ -101,6 +102,7 @@ def quantize_onnx(
     n_threads = check_threads(threads)
     patterns = check_patterns(skip, "skip")
     mult = _s_sigma(s_sigma, abits)
+    require_onnx_packages(int4=wbits <= 4, runtime=abits is not None)
     model, in_path, data_files = _load(model_or_path)
     out = _check_output(out_path, in_path, data_files, external_data)
     where = in_path or "model"
