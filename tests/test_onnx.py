@@ -977,6 +977,75 @@ def test_initializer_read_by_a_subgraph_stays(tmp_path):
 
 
 # --------------------------------------------------------------------------
+# Calibration arguments: input_shape, s_sigma, seed
+
+
+def _sym_model(inputs=(("x", ["N", "K"]),)) -> onnx.ModelProto:
+    """Gemm layers on inputs of symbolic shapes (the first input feeds
+    ``g1``, each further one is added to ``g1``'s output)."""
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Gemm", [inputs[0][0], "W1"], ["h0"], name="g1", transB=1)]
+    for i, (name, _) in enumerate(inputs[1:]):
+        nodes.append(helper.make_node("Add", [f"h{i}", name], [f"h{i + 1}"]))
+    last = f"h{len(inputs) - 1}"
+    nodes.append(helper.make_node("Gemm", [last, "W2"], ["y"], name="g2", transB=1))
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi(name, TensorProto.FLOAT, dims) for name, dims in inputs],
+        [vi("y", TensorProto.FLOAT, ["N", 3])],
+        [
+            numpy_helper.from_array(rng.normal(size=(6, 8)).astype(np.float32), "W1"),
+            numpy_helper.from_array(rng.normal(size=(3, 6)).astype(np.float32), "W2"),
+        ],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _no_quantizing(monkeypatch) -> None:
+    """Fail if quantize_onnx gets as far as quantizing the weights."""
+    from squant_rs.formats.onnx import quantize as quantize_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("weights quantized before the arguments were checked")
+
+    monkeypatch.setattr(quantize_module, "quantize_tensors", no_work)
+
+
+@pytest.mark.parametrize(
+    "shape,error,msg",
+    [
+        ((0, 8), squant_rs.InvalidArgumentError, "positive integers"),
+        ((2, -1), squant_rs.InvalidArgumentError, "positive integers"),
+        ((2, 8.0), squant_rs.InvalidArgumentError, "positive integers"),
+        ((2, 3, 7, 7.5), squant_rs.InvalidArgumentError, "positive integers"),
+        ((True, 8), squant_rs.InvalidArgumentError, "positive integers"),
+        ((), squant_rs.InvalidArgumentError, "non-empty"),
+        (5, TypeError, "input_shape must be a sequence"),
+        ("2,8", TypeError, "input_shape must be a sequence"),
+    ],
+)
+def test_input_shape_is_checked_first(tmp_path, monkeypatch, shape, error, msg):
+    """As in quantize_model: a TypeError or InvalidArgumentError naming
+    input_shape before any work (a zero dimension used to calibrate ranges
+    of (0, 0) that zeroed the activations)."""
+    _no_quantizing(monkeypatch)
+    out = tmp_path / "q.onnx"
+    with pytest.raises(error, match=msg) as err:
+        squant_rs.quantize_onnx(_sym_model(), out, 4, 8, input_shape=shape)
+    assert "input_shape" in str(err.value)
+    assert not out.exists()
+
+
+def test_input_shape_too_big_for_numpy(tmp_path):
+    out = tmp_path / "q.onnx"
+    with pytest.raises(squant_rs.InvalidArgumentError, match="calibration batch of shape"):
+        squant_rs.quantize_onnx(_sym_model(), out, 4, 8, input_shape=(2**40, 2**40))
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------
 # Bad input: a SquantError, one line, no output
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..._squant_rs import InvalidArgumentError, SquantError
-from ...model.activations import default_s_sigma
+from ...model.activations import _check_input_shape, default_s_sigma
 from ...model.layers import check_patterns, relative_error
 from ...model.report import LayerReport, QuantReport
 from ...tensor.batch import quantize_tensors
@@ -87,9 +87,13 @@ def quantize_onnx(
     Raises:
         OnnxFormatError: not an ONNX model, truncated or corrupt, unsupported
             opset, already quantized, no quantizable layer.
-        InvalidArgumentError: bad arguments, an output path (or, with external
-            data, its ``.data`` file) that is the input or one of the
-            external data files the input reads.
+        InvalidArgumentError: bad arguments (checked before any work, as in
+            :func:`quantize_model`: e.g. an ``input_shape`` with a dimension
+            below 1), an output path (or, with external data, its ``.data``
+            file) that is the input or one of the external data files the
+            input reads.
+        TypeError: an argument of the wrong type (``input_shape`` not a
+            sequence of integers, ...).
         ImportError: onnx (at 2-4 bits ml_dtypes; with ``abits``,
             onnxruntime) is missing: checked before any work.
     """
@@ -102,6 +106,7 @@ def quantize_onnx(
     n_threads = check_threads(threads)
     patterns = check_patterns(skip, "skip")
     mult = _s_sigma(s_sigma, abits)
+    shape = None if input_shape is None else _check_input_shape(input_shape)
     require_onnx_packages(int4=wbits <= 4, runtime=abits is not None)
     model, in_path, data_files = _load(model_or_path)
     out = _check_output(out_path, in_path, data_files, external_data)
@@ -160,7 +165,7 @@ def quantize_onnx(
     plan: dict[str, tuple[int, float, float]] | None = None
     if abits is not None:
         assert mult is not None
-        feeds = _input_feeds(model, int(seed), input_shape)
+        feeds = _input_feeds(model, int(seed), shape)
         probes = [layer.node.input[0] for layer in layers]
         values = _observe(model, probes, feeds, n_threads)
         for i, (layer, a) in enumerate(zip(layers, values)):

@@ -42,7 +42,14 @@ def _input_feeds(model: Any, seed: int, input_shape: Sequence[int] | None) -> di
                     raise InvalidArgumentError(
                         f"input {v.name!r} has a symbolic dimension {i}: give input_shape="
                     )
-        feeds[v.name] = rng.random(tuple(dims), dtype=np.float32)
+        try:
+            feeds[v.name] = rng.random(tuple(dims), dtype=np.float32)
+        except (MemoryError, ValueError) as exc:  # numpy's "array is too big"
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InvalidArgumentError(
+                f"input {v.name!r}: the U[0,1) calibration batch of shape {tuple(dims)} "
+                f"cannot be made ({type(exc).__name__}: {msg})"
+            ) from None
     return feeds
 
 
