@@ -1038,6 +1038,29 @@ def test_input_shape_is_checked_first(tmp_path, monkeypatch, shape, error, msg):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "value,error,msg",
+    [
+        (1e39, squant_rs.InvalidArgumentError, "float32 holds"),
+        (1e-50, squant_rs.InvalidArgumentError, "float32 holds"),
+        (0.0, squant_rs.InvalidArgumentError, "positive finite"),
+        (float("nan"), squant_rs.InvalidArgumentError, "positive finite"),
+        ("3", TypeError, "positive number"),
+        (True, TypeError, "positive number"),
+    ],
+)
+def test_s_sigma_is_checked_first(tmp_path, monkeypatch, value, error, msg):
+    """As in quantize_model: s_sigma must stay positive and finite in
+    float32 (1e39 failed with 'cannot convert float NaN to integer' after
+    every weight was quantized, 1e-50 gave ranges of zero width)."""
+    _no_quantizing(monkeypatch)
+    out = tmp_path / "q.onnx"
+    with pytest.raises(error, match=msg) as err:
+        squant_rs.quantize_onnx(_sym_model(), out, 4, 8, s_sigma=value, input_shape=(2, 8))
+    assert "s_sigma" in str(err.value)
+    assert not out.exists()
+
+
 def test_input_shape_too_big_for_numpy(tmp_path):
     out = tmp_path / "q.onnx"
     with pytest.raises(squant_rs.InvalidArgumentError, match="calibration batch of shape"):

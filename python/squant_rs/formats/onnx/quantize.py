@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..._squant_rs import InvalidArgumentError, SquantError
-from ...model.activations import _check_input_shape, default_s_sigma
+from ...model.activations import _check_input_shape, _check_s_sigma, default_s_sigma
 from ...model.layers import check_patterns, relative_error
 from ...model.report import LayerReport, QuantReport
 from ...tensor.batch import quantize_tensors
@@ -203,12 +203,12 @@ def _weight_label(layers: list[_Layer], weight: str) -> str:
 
 
 def _s_sigma(s_sigma: float | None, abits: int | None) -> float | None:
-    if s_sigma is not None:
-        if isinstance(s_sigma, bool) or not isinstance(s_sigma, (int, float)):
-            raise TypeError(f"s_sigma must be a number, got {s_sigma!r}")
-        if not (math.isfinite(s_sigma) and s_sigma > 0):
-            raise InvalidArgumentError(f"s_sigma must be a positive number, got {s_sigma}")
-        return float(s_sigma)
+    """``s_sigma`` checked as :func:`quantize_model` checks it (a positive
+    number float32 holds: the ranges are computed in float32), else the
+    default for ``abits``."""
+    mult = _check_s_sigma(s_sigma)
+    if mult is not None:
+        return mult
     return default_s_sigma(abits) if abits is not None else None
 
 
