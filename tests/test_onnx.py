@@ -1061,6 +1061,48 @@ def test_s_sigma_is_checked_first(tmp_path, monkeypatch, value, error, msg):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "value,error,msg",
+    [
+        ("x", TypeError, "seed must be an integer"),
+        (1.5, TypeError, "seed must be an integer"),
+        (True, TypeError, "seed must be an integer"),
+        (2**64, squant_rs.InvalidArgumentError, r"seed must be in \[-2\*\*63, 2\*\*64 - 1\]"),
+        (-(2**63) - 1, squant_rs.InvalidArgumentError, "seed must be in"),
+    ],
+)
+def test_seed_is_checked_first(tmp_path, monkeypatch, value, error, msg):
+    """As in quantize_model: TypeError for a non-integer (1.5 was taken),
+    InvalidArgumentError outside [-2**63, 2**64 - 1], before any work."""
+    _no_quantizing(monkeypatch)
+    out = tmp_path / "q.onnx"
+    with pytest.raises(error, match=msg):
+        squant_rs.quantize_onnx(_sym_model(), out, 4, 8, seed=value, input_shape=(2, 8))
+    assert not out.exists()
+
+
+def test_negative_seeds_count_modulo_2_64(tmp_path):
+    """quantize_model and export_onnx take seeds down to -2**63
+    (torch.Generator counts them modulo 2**64); quantize_onnx (numpy's
+    generator refused them) and export_onnx's integer-kernel calibration
+    take them the same way."""
+    reps = {}
+    for seed in (-1, 2**64 - 1, 0):
+        reps[seed] = squant_rs.quantize_onnx(
+            _sym_model(), tmp_path / "q.onnx", 4, 8, seed=seed, input_shape=(4, 8)
+        )
+    ranges = {seed: [r.act_range for r in rep.layers] for seed, rep in reps.items()}
+    assert ranges[-1] == ranges[2**64 - 1] != ranges[0]
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU()
+    ).eval()
+    x = torch.rand(1, 3, 12, 12)
+    for seed in (-1, 2**64 - 1):
+        out = tmp_path / f"e{seed}.onnx"
+        squant_rs.export_onnx(net, out, x, 8, 8, seed=seed, integer_kernels=True)
+    assert (tmp_path / "e-1.onnx").read_bytes() == (tmp_path / f"e{2**64 - 1}.onnx").read_bytes()
+
+
 def test_input_shape_too_big_for_numpy(tmp_path):
     out = tmp_path / "q.onnx"
     with pytest.raises(squant_rs.InvalidArgumentError, match="calibration batch of shape"):

@@ -14,7 +14,12 @@ from typing import Any
 import numpy as np
 
 from ..._squant_rs import InvalidArgumentError, SquantError
-from ...model.activations import _check_input_shape, _check_s_sigma, default_s_sigma
+from ...model.activations import (
+    _check_input_shape,
+    _check_s_sigma,
+    check_seed,
+    default_s_sigma,
+)
 from ...model.layers import check_patterns, relative_error
 from ...model.report import LayerReport, QuantReport
 from ...tensor.batch import quantize_tensors
@@ -58,7 +63,9 @@ def quantize_onnx(
     inputs of the quantized layers get static per-tensor Q/DQ pairs whose
     ranges come from the sigma rule (``s_sigma``, default by ``abits``) on
     one ``U[0,1)`` batch (``input_shape``, default: the model's input with
-    a symbolic batch of 8; ``seed``) run through onnxruntime; the first
+    a symbolic batch of 8; ``seed``: an integer in ``[-2**63, 2**64 - 1]``
+    as for :func:`quantize_model`, seeding numpy's generator, a negative
+    one modulo ``2**64``) run through onnxruntime; the first
     layer's input stays float and the last layer's is 8-bit. With
     ``integer_kernels=True`` (needs ``abits``) every activation tensor
     between quantized ops gets one QuantizeLinear after its producer and one
@@ -107,6 +114,7 @@ def quantize_onnx(
     patterns = check_patterns(skip, "skip")
     mult = _s_sigma(s_sigma, abits)
     shape = None if input_shape is None else _check_input_shape(input_shape)
+    seed = check_seed(seed)
     require_onnx_packages(int4=wbits <= 4, runtime=abits is not None)
     model, in_path, data_files = _load(model_or_path)
     out = _check_output(out_path, in_path, data_files, external_data)
@@ -165,7 +173,7 @@ def quantize_onnx(
     plan: dict[str, tuple[int, float, float]] | None = None
     if abits is not None:
         assert mult is not None
-        feeds = _input_feeds(model, int(seed), shape)
+        feeds = _input_feeds(model, seed, shape)
         probes = [layer.node.input[0] for layer in layers]
         values = _observe(model, probes, feeds, n_threads)
         for i, (layer, a) in enumerate(zip(layers, values)):

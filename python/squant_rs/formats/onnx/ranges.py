@@ -21,7 +21,8 @@ def _input_feeds(model: Any, seed: int, input_shape: Sequence[int] | None) -> di
 
     inits = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in inits]
-    rng = np.random.default_rng(seed)
+    # A negative seed counts modulo 2**64, as torch.Generator.manual_seed counts it.
+    rng = np.random.default_rng(seed % 2**64)
     feeds: dict[str, Any] = {}
     for v in inputs:
         tt = v.type.tensor_type
