@@ -1038,6 +1038,127 @@ def test_input_shape_is_checked_first(tmp_path, monkeypatch, shape, error, msg):
     assert not out.exists()
 
 
+def _example(message: str, sizes: dict[str, int]):
+    """The ``input_shape=...`` example of an error message, its ``<K>``
+    placeholders replaced by ``sizes``."""
+    import ast
+
+    text = message.split("e.g. input_shape=", 1)[1].split(" with ", 1)[0]
+    for hole, size in sizes.items():
+        text = text.replace(f"<{hole}>", str(size))
+    return ast.literal_eval(text)
+
+
+def test_several_inputs_with_symbolic_dimensions(tmp_path):
+    """input_shape with several inputs: one shape is that of every input of
+    its rank whose fixed dimensions it matches (the others take their sizes
+    by dimension name), a dict gives shapes by name; the error says exactly
+    what to pass (input_shape used to be ignored with several inputs and
+    the error asked for it anyway)."""
+    out = tmp_path / "q.onnx"
+    two = _sym_model((("x", ["N", "K"]), ("m", ["N", "J"])))
+    with pytest.raises(squant_rs.InvalidArgumentError) as err:
+        squant_rs.quantize_onnx(two, out, 4, 8)
+    msg = str(err.value)
+    assert "inputs 'x' (shape [N, K]) and 'm' (shape [N, J])" in msg, msg
+    assert "e.g. input_shape={'x': (8, <K>), 'm': (8, <J>)} with <K>, <J> replaced" in msg, msg
+    shapes = _example(msg, {"K": 8, "J": 6})
+    assert shapes == {"x": (8, 8), "m": (8, 6)}
+    rep = squant_rs.quantize_onnx(two, out, 4, 8, input_shape=shapes)
+    assert rep.layers[1].act_bits == 8
+    # One shape: the input of that rank and fixed dimensions; N follows it,
+    # as it does for an input the dict leaves out.
+    fixed = _sym_model((("x", ["N", "K"]), ("m", ["N", 6])))
+    squant_rs.quantize_onnx(fixed, out, 4, 8, input_shape={"x": (3, 8)})
+    by_dict = squant_rs.quantize_onnx(fixed, out, 4, 8, input_shape={"x": (4, 8), "m": (4, 6)})
+    one = squant_rs.quantize_onnx(fixed, tmp_path / "one.onnx", 4, 8, input_shape=(4, 8))
+    assert [r.act_range for r in one.layers] == [r.act_range for r in by_dict.layers]
+    assert (tmp_path / "one.onnx").read_bytes() == out.read_bytes()
+    with pytest.raises(squant_rs.InvalidArgumentError) as err:
+        squant_rs.quantize_onnx(fixed, out, 4, 8, input_shape=(4, 8, 2))
+    msg = str(err.value)
+    assert "input_shape (4, 8, 2) fits none of the inputs" in msg, msg
+    assert "input_shape={'x': (8, <K>), 'm': (8, 6)}" in msg, msg
+    with pytest.raises(squant_rs.InvalidArgumentError, match="names 'y', which is not an input"):
+        squant_rs.quantize_onnx(fixed, out, 4, 8, input_shape={"y": (4, 8)})
+    # One input: the example is a plain shape.
+    with pytest.raises(squant_rs.InvalidArgumentError) as err:
+        squant_rs.quantize_onnx(_sym_model(), out, 4, 8)
+    assert _example(str(err.value), {"K": 8}) == (8, 8)
+
+
+@pytest.mark.parametrize(
+    "shape,error,msg",
+    [
+        ({"x": (0, 8)}, squant_rs.InvalidArgumentError, r"input_shape\['x'\]: .*positive"),
+        ({"x": 8}, TypeError, r"input_shape\['x'\]: .*sequence"),
+        ({1: (2, 8)}, TypeError, "keys must be input names"),
+        ({}, squant_rs.InvalidArgumentError, "at least one input"),
+    ],
+)
+def test_input_shape_dict_is_checked_first(tmp_path, monkeypatch, shape, error, msg):
+    _no_quantizing(monkeypatch)
+    with pytest.raises(error, match=msg):
+        squant_rs.quantize_onnx(_sym_model(), tmp_path / "q.onnx", 4, 8, input_shape=shape)
+
+
+def test_cli_input_shape(tmp_path, capsys):
+    """quantize --input-shape: the calibration shape of ONNX inputs (one,
+    or NAME=SHAPE each); the errors name the option, not the API keyword."""
+    from safetensors.numpy import save_file
+
+    from squant_rs.cli import main
+
+    src, out, api = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "api.onnx"
+    onnx.save(_sym_model(), str(src))
+    args = ["quantize", str(src), str(out), "--abits", "8", "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "e.g. --input-shape 8,<K> with <K> replaced by its size" in err, err
+    assert "input_shape" not in err and err.count("\n") == 1, err
+    assert main([*args, "--input-shape", "4,8"]) == 0
+    squant_rs.quantize_onnx(src, api, 4, 8, input_shape=(4, 8))
+    assert out.read_bytes() == api.read_bytes()
+    assert main([*args, "--input-shape", "x=4,8"]) == 0
+    assert out.read_bytes() == api.read_bytes()
+    # Several inputs: by name, as the error shows.
+    onnx.save(_sym_model((("x", ["N", "K"]), ("m", ["N", "J"]))), str(src))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "e.g. --input-shape x=8,<K> m=8,<J> with <K>, <J> replaced by sizes" in err, err
+    assert main([*args, "--input-shape", "x=4,8", "m=4,6"]) == 0
+    squant_rs.quantize_onnx(src, api, 4, 8, input_shape={"x": (4, 8), "m": (4, 6)})
+    assert out.read_bytes() == api.read_bytes()
+    assert main([*args, "--input-shape", "4,8,1"]) == 2
+    assert "--input-shape 4,8,1 fits none of the inputs" in capsys.readouterr().err
+    # A shape onnxruntime refuses: the error names the option too.
+    assert main([*args, "--input-shape", "4,8"]) == 2
+    err = capsys.readouterr().err
+    assert "'x' (4, 8), 'm' (4, 8)) failed in onnxruntime" in err, err
+    assert "pass --input-shape matching the model's inputs" in err, err
+    usage = {
+        "--input-shape needs --abits": ["quantize", str(src), str(out), "--input-shape", "4,8"],
+        "one shape (SHAPE), or one per input": [*args, "--input-shape", "4,8", "x=4,8"],
+        "gives input 'x' two shapes": [*args, "--input-shape", "x=4,8", "x=4,8"],
+        "expected NAME=SHAPE with an input name": [*args, "--input-shape", "=4,8"],
+        "expected positive integers": [*args, "--input-shape", "4,0"],
+    }
+    st = tmp_path / "w.safetensors"
+    save_file({"a.weight": np.ones((4, 4), np.float32)}, str(st))
+    usage["apply to ONNX models"] = [
+        "quantize",
+        str(st),
+        str(tmp_path / "o.safetensors"),
+        "--input-shape",
+        "4,8",
+    ]
+    for msg, argv in usage.items():
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err, (argv, err)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 @pytest.mark.parametrize(
     "value,error,msg",
     [

@@ -8,18 +8,13 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..._squant_rs import InvalidArgumentError, SquantError
-from ...model.activations import (
-    _check_input_shape,
-    _check_s_sigma,
-    check_seed,
-    default_s_sigma,
-)
+from ...model.activations import _check_s_sigma, check_seed, default_s_sigma
 from ...model.layers import check_patterns, relative_error
 from ...model.report import LayerReport, QuantReport
 from ...tensor.batch import quantize_tensors
@@ -29,7 +24,7 @@ from .graph import _find_layers, _initializers, _Layer, _Weight
 from .load import _load, _prepare, _tensor_bytes
 from .output import _check_output, write_model
 from .plan import _capped, _clip_max, _fold_pads, _integer_plan, _resolve_plan
-from .ranges import _input_feeds, _observe, sigma_range
+from .ranges import _input_feeds, _observe, check_input_shapes, sigma_range
 from .rewrite import _rewrite
 
 
@@ -44,7 +39,7 @@ def quantize_onnx(
     skip: str | Sequence[str] = (),
     threads: int | None = None,
     s_sigma: float | None = None,
-    input_shape: Sequence[int] | None = None,
+    input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
     integer_kernels: bool = False,
     quantize_input: bool | tuple[float, float] = False,
@@ -62,11 +57,17 @@ def quantize_onnx(
     quantizable layer gets a ``UserWarning``, as in :func:`quantize_model`). With ``abits`` the
     inputs of the quantized layers get static per-tensor Q/DQ pairs whose
     ranges come from the sigma rule (``s_sigma``, default by ``abits``) on
-    one ``U[0,1)`` batch (``input_shape``, default: the model's input with
-    a symbolic batch of 8; ``seed``: an integer in ``[-2**63, 2**64 - 1]``
-    as for :func:`quantize_model`, seeding numpy's generator, a negative
-    one modulo ``2**64``) run through onnxruntime; the first
-    layer's input stays float and the last layer's is 8-bit. With
+    one ``U[0,1)`` batch per model input run through onnxruntime (``seed``:
+    an integer in ``[-2**63, 2**64 - 1]`` as for :func:`quantize_model`,
+    seeding numpy's generator, a negative one modulo ``2**64``); the first
+    layer's input stays float and the last layer's is 8-bit. The batch's
+    shape (``input_shape``): a sequence of positive integers, the shape of
+    the model's input (with several inputs: of every input of that rank
+    whose fixed dimensions it matches; it must fit one), or a dict of input
+    names to shapes. Inputs it does not give take the model's shape: a
+    symbolic dimension named like one of a given input takes that size, a
+    symbolic first (batch) dimension the first given shape's batch (else
+    8); any other symbolic dimension must be given (the error says how). With
     ``integer_kernels=True`` (needs ``abits``) every activation tensor
     between quantized ops gets one QuantizeLinear after its producer and one
     DequantizeLinear for its readers: the layers' outputs (after a Relu /
@@ -113,7 +114,7 @@ def quantize_onnx(
     n_threads = check_threads(threads)
     patterns = check_patterns(skip, "skip")
     mult = _s_sigma(s_sigma, abits)
-    shape = None if input_shape is None else _check_input_shape(input_shape)
+    shape = check_input_shapes(input_shape)
     seed = check_seed(seed)
     require_onnx_packages(int4=wbits <= 4, runtime=abits is not None)
     model, in_path, data_files = _load(model_or_path)
