@@ -1231,6 +1231,90 @@ def test_input_shape_too_big_for_numpy(tmp_path):
     assert not out.exists()
 
 
+def test_layers_left_float_are_reported(tmp_path):
+    """Conv / Gemm / MatMul nodes with a constant operand that is not a
+    weight quantize_onnx quantizes (a Constant node's, a computed one, a
+    3-D MatMul weight, the first operand, a node in an If body) are listed
+    in report.skipped, with the reason in report.notes (they used to stay
+    float unreported)."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape, dtype=np.float32):
+        return rng.normal(size=shape).astype(dtype)
+
+    vi = helper.make_tensor_value_info
+    then_g = helper.make_graph(
+        [helper.make_node("MatMul", ["h0", "W0"], ["t"], name="in_then")],
+        "then",
+        [],
+        [vi("t", TensorProto.FLOAT, [2, 8])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Identity", ["h0"], ["e"])], "else", [], [vi("e", 1, [2, 8])]
+    )
+    const = numpy_helper.from_array(w(8, 8), "c")
+    nodes = [
+        helper.make_node("Gemm", ["x", "W0"], ["h0"], name="g0", transB=1),
+        helper.make_node("Constant", [], ["C"], value=const),
+        helper.make_node("MatMul", ["h0", "C"], ["h1"], name="from_constant"),
+        helper.make_node("Cast", ["W16"], ["W16f"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["h1", "W16f"], ["h2"], name="computed"),
+        helper.make_node("MatMul", ["h2", "W3d"], ["h3"], name="three_d"),
+        helper.make_node("MatMul", ["Wa", "h3"], ["h4"], name="first_operand"),
+        helper.make_node("If", ["cond"], ["h5"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("Transpose", ["h0"], ["h0t"]),
+        helper.make_node("MatMul", ["h0", "h0t"], ["h6"], name="two_activations"),
+        helper.make_node("Gemm", ["h5", "W9"], ["y"], name="last", transB=1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, [2, 8]), vi("cond", TensorProto.BOOL, [])],
+        [
+            vi("y", TensorProto.FLOAT, [2, 3]),
+            vi("h4", TensorProto.FLOAT, [1, 2, 8]),
+            vi("h6", TensorProto.FLOAT, [2, 2]),
+        ],
+        [
+            numpy_helper.from_array(w(8, 8), "W0"),
+            numpy_helper.from_array(w(8, 8, dtype=np.float16), "W16"),
+            numpy_helper.from_array(w(1, 8, 8), "W3d"),
+            numpy_helper.from_array(w(2, 2), "Wa"),
+            numpy_helper.from_array(w(3, 8), "W9"),
+        ],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    out = tmp_path / "q.onnx"
+    rep = squant_rs.quantize_onnx(model, out, 8)
+    assert [r.name for r in rep.layers] == ["g0", "last"]
+    assert rep.skipped == ["from_constant", "computed", "three_d", "first_operand", "in_then"]
+    notes = dict(n.split(": ", 1) for n in rep.notes)
+    assert list(notes) == rep.skipped
+    assert "Constant node ('C')" in notes["from_constant"]
+    assert "computed from initializers by a Cast node" in notes["computed"]
+    assert "'W3d' has 3 dimensions: MatMul weights are quantized when 2-D" in notes["three_d"]
+    assert "constant operand is the first input (A)" in notes["first_operand"]
+    assert "inside a subgraph ('then'" in notes["in_then"]
+    assert all(n.endswith("; left float") for n in rep.notes)
+    text = str(rep)
+    assert "left float: from_constant, computed, three_d, first_operand, in_then" in text
+    assert "note: three_d: its weight 'W3d' has 3 dimensions" in text
+    ort.InferenceSession(str(out), providers=CPU)  # a valid model
+    # Nothing quantizable: the error says why the layers stay float.
+    only = helper.make_graph(
+        [nodes[1], nodes[2]],
+        "g",
+        [vi("h0", TensorProto.FLOAT, [2, 8])],
+        [vi("h1", TensorProto.FLOAT, [2, 8])],
+    )
+    with pytest.raises(squant_rs.OnnxFormatError) as err:
+        squant_rs.quantize_onnx(
+            helper.make_model(only, opset_imports=[helper.make_opsetid("", 21)]), out, 8
+        )
+    assert "no quantizable layer" in str(err.value)
+    assert "from_constant: its weight comes from a Constant node" in str(err.value)
+
+
 # --------------------------------------------------------------------------
 # Bad input: a SquantError, one line, no output
 

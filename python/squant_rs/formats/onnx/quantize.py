@@ -47,7 +47,13 @@ def quantize_onnx(
 ) -> QuantReport:
     """Quantize the Conv / Gemm / MatMul weights of an ONNX model with SQuant
     and write a QDQ ONNX model (opset 21) to ``out_path``. Needs numpy, onnx
-    and (with ``abits``) onnxruntime; torch is never imported.
+    and (with ``abits``) onnxruntime; torch is never imported. The weights
+    are the float32 initializers these nodes of the main graph read as their
+    weight (second) input, 2-D for Gemm and MatMul; a layer whose constant
+    operand is something else (a Constant node's or a computed weight, a
+    first operand, another rank or dtype, a node inside an If / Loop / Scan
+    body) stays float and is listed in the report's ``skipped``, with the
+    reason in its ``notes``.
 
     ``model_or_path``: an ``onnx.ModelProto`` or the path of an ``.onnx``
     file (external data next to it is read). Models below opset 21 are
@@ -125,7 +131,8 @@ def quantize_onnx(
     if integer_kernels:
         _fold_pads(model)
     matched: set[str] = set()
-    layers, skipped = _find_layers(model, patterns, matched)
+    notes: list[str] = []
+    layers, skipped = _find_layers(model, patterns, matched, notes)
     for p in patterns:
         if p not in matched:
             warnings.warn(
@@ -134,8 +141,10 @@ def quantize_onnx(
                 stacklevel=2,
             )
     if not layers:
+        left = f"; {'; '.join(notes[:3])}{'; ...' if len(notes) > 3 else ''}" if notes else ""
         raise OnnxFormatError(
-            f"{where}: no quantizable layer (Conv/Gemm/MatMul with a float32 initializer weight)"
+            f"{where}: no quantizable layer (Conv/Gemm/MatMul with a float32 initializer "
+            f"weight){left}"
         )
     inits = _initializers(model.graph)
     from onnx import numpy_helper
@@ -199,6 +208,7 @@ def quantize_onnx(
         abits=abits,
         wall_ms=(time.perf_counter() - wall) * 1e3,
         skipped=skipped,
+        notes=notes,
         size_before=size_before,
         size_after=size_after,
         quantizer=quantizer,
