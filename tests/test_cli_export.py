@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import os
+import re
+import sys
 
 import numpy as np
 import onnx
@@ -302,3 +304,37 @@ def test_readme_install_hints_name_existing_extras() -> None:
     assert torch_hint is not None, intro
     deps = [d for name in torch_hint.group(1).split(",") for d in extras[name]]
     assert any(d.startswith("torch") for d in deps) and any(d.startswith("onnx") for d in deps)
+
+
+@pytest.mark.parametrize(
+    "missing,opts",
+    [
+        ("onnx", []),
+        ("ml_dtypes", ["--wbits", "4"]),
+        ("onnxruntime", ["--wbits", "8", "--abits", "8", "--integer-kernels"]),
+    ],
+)
+def test_export_names_a_missing_package(tmp_path, capsys, monkeypatch, missing, opts):
+    """A missing onnx, ml_dtypes (int4 codes) or onnxruntime (integer
+    kernels' calibration): one error line naming it and how to install it,
+    exit 2, no output, before the model is quantized (the API raises
+    ImportError)."""
+    import squant_rs.model.pipeline as pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("quantized before the packages were checked")
+
+    monkeypatch.setattr(pipeline, "quantize_model", no_work)
+    monkeypatch.setitem(sys.modules, missing, None)
+    out = tmp_path / "m.onnx"
+    hint = f"needs {missing}: pip install 'squant-rs[onnx]'"
+    args = ["export", "export_models:small", str(out), "--input-shape", "1,3,16,16"]
+    assert main([*args, *opts]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("squant-rs: error: ") and hint in err, err
+    assert not out.exists()
+    with pytest.raises(ImportError, match=re.escape(hint)):
+        squant_rs.export_onnx(
+            small(), out, torch.rand(1, 3, 16, 16), 8 if "8" in opts else 4, 8, integer_kernels=True
+        )
+    assert os.listdir(tmp_path) == []

@@ -679,6 +679,57 @@ def test_external_data_in_and_out(tmp_path):
     np.testing.assert_array_equal(run(out, x), run(one, x))
 
 
+def test_model_over_2gb_converts_without_its_data(tmp_path, monkeypatch):
+    """onnx's version converter serializes the model, which protobuf refuses
+    at 2 GB: a model whose tensors exceed the 2 GB threshold (here lowered
+    to 4 KiB, with a converter that refuses what protobuf would) is
+    converted without its tensor data, which goes back afterwards."""
+    from squant_rs.formats.onnx import load
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(64, 32)).astype(np.float32)
+    w2 = rng.normal(size=(4, 64)).astype(np.float32)
+    g = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w1"], ["h"], name="g1", transB=1),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "w2"], ["y"], name="g2", transB=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    src = tmp_path / "m.onnx"
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(src), save_as_external_data=True, location="m.data", size_threshold=0)
+    want = tmp_path / "want.onnx"
+    squant_rs.quantize_onnx(src, want, 4)
+
+    real = onnx.version_converter.convert_version
+    limit = 4096
+    seen = []
+
+    def convert(m, version):
+        seen.append(m.ByteSize())
+        if m.ByteSize() >= limit:
+            raise RuntimeError("Failed to serialize proto")
+        return real(m, version)
+
+    monkeypatch.setattr(load, "EXTERNAL_ABOVE", limit)
+    monkeypatch.setattr(onnx.version_converter, "convert_version", convert)
+    out = tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(src, out, 4)
+    assert seen and max(seen) < limit
+    assert onnx.load(str(out)).opset_import[0].version == 21
+    x = rng.random((3, 32), dtype=np.float32)
+    np.testing.assert_array_equal(run(out, x), run(want, x))
+    # An in-memory model that large converts the same way.
+    full = onnx.load(str(src))
+    squant_rs.quantize_onnx(full, out, 4)
+    np.testing.assert_array_equal(run(out, x), run(want, x))
+
+
 @pytest.mark.parametrize("case", ["renamed model", "output is the data file"])
 def test_external_output_never_replaces_the_inputs_data(tmp_path, capsys, case):
     """The output (or its .data file) must not be one of the input's external
@@ -923,6 +974,345 @@ def test_initializer_read_by_a_subgraph_stays(tmp_path):
     got = sess.run(None, {"x": x, "cond": np.array(True)})[0]
     deq = rep.layers[0].qtensor.dequantize().T
     np.testing.assert_allclose(got, x @ deq + x @ w, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Calibration arguments: input_shape, s_sigma, seed
+
+
+def _sym_model(inputs=(("x", ["N", "K"]),)) -> onnx.ModelProto:
+    """Gemm layers on inputs of symbolic shapes (the first input feeds
+    ``g1``, each further one is added to ``g1``'s output)."""
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Gemm", [inputs[0][0], "W1"], ["h0"], name="g1", transB=1)]
+    for i, (name, _) in enumerate(inputs[1:]):
+        nodes.append(helper.make_node("Add", [f"h{i}", name], [f"h{i + 1}"]))
+    last = f"h{len(inputs) - 1}"
+    nodes.append(helper.make_node("Gemm", [last, "W2"], ["y"], name="g2", transB=1))
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi(name, TensorProto.FLOAT, dims) for name, dims in inputs],
+        [vi("y", TensorProto.FLOAT, ["N", 3])],
+        [
+            numpy_helper.from_array(rng.normal(size=(6, 8)).astype(np.float32), "W1"),
+            numpy_helper.from_array(rng.normal(size=(3, 6)).astype(np.float32), "W2"),
+        ],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _no_quantizing(monkeypatch) -> None:
+    """Fail if quantize_onnx gets as far as quantizing the weights."""
+    from squant_rs.formats.onnx import quantize as quantize_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("weights quantized before the arguments were checked")
+
+    monkeypatch.setattr(quantize_module, "quantize_tensors", no_work)
+
+
+@pytest.mark.parametrize(
+    "shape,error,msg",
+    [
+        ((0, 8), squant_rs.InvalidArgumentError, "positive integers"),
+        ((2, -1), squant_rs.InvalidArgumentError, "positive integers"),
+        ((2, 8.0), squant_rs.InvalidArgumentError, "positive integers"),
+        ((2, 3, 7, 7.5), squant_rs.InvalidArgumentError, "positive integers"),
+        ((True, 8), squant_rs.InvalidArgumentError, "positive integers"),
+        ((), squant_rs.InvalidArgumentError, "non-empty"),
+        (5, TypeError, "input_shape must be a sequence"),
+        ("2,8", TypeError, "input_shape must be a sequence"),
+    ],
+)
+def test_input_shape_is_checked_first(tmp_path, monkeypatch, shape, error, msg):
+    """As in quantize_model: a TypeError or InvalidArgumentError naming
+    input_shape before any work (a zero dimension used to calibrate ranges
+    of (0, 0) that zeroed the activations)."""
+    _no_quantizing(monkeypatch)
+    out = tmp_path / "q.onnx"
+    with pytest.raises(error, match=msg) as err:
+        squant_rs.quantize_onnx(_sym_model(), out, 4, 8, input_shape=shape)
+    assert "input_shape" in str(err.value)
+    assert not out.exists()
+
+
+def _example(message: str, sizes: dict[str, int]):
+    """The ``input_shape=...`` example of an error message, its ``<K>``
+    placeholders replaced by ``sizes``."""
+    import ast
+
+    text = message.split("e.g. input_shape=", 1)[1].split(" with ", 1)[0]
+    for hole, size in sizes.items():
+        text = text.replace(f"<{hole}>", str(size))
+    return ast.literal_eval(text)
+
+
+def test_several_inputs_with_symbolic_dimensions(tmp_path):
+    """input_shape with several inputs: one shape is that of every input of
+    its rank whose fixed dimensions it matches (the others take their sizes
+    by dimension name), a dict gives shapes by name; the error says exactly
+    what to pass (input_shape used to be ignored with several inputs and
+    the error asked for it anyway)."""
+    out = tmp_path / "q.onnx"
+    two = _sym_model((("x", ["N", "K"]), ("m", ["N", "J"])))
+    with pytest.raises(squant_rs.InvalidArgumentError) as err:
+        squant_rs.quantize_onnx(two, out, 4, 8)
+    msg = str(err.value)
+    assert "inputs 'x' (shape [N, K]) and 'm' (shape [N, J])" in msg, msg
+    assert "e.g. input_shape={'x': (8, <K>), 'm': (8, <J>)} with <K>, <J> replaced" in msg, msg
+    shapes = _example(msg, {"K": 8, "J": 6})
+    assert shapes == {"x": (8, 8), "m": (8, 6)}
+    rep = squant_rs.quantize_onnx(two, out, 4, 8, input_shape=shapes)
+    assert rep.layers[1].act_bits == 8
+    # One shape: the input of that rank and fixed dimensions; N follows it,
+    # as it does for an input the dict leaves out.
+    fixed = _sym_model((("x", ["N", "K"]), ("m", ["N", 6])))
+    squant_rs.quantize_onnx(fixed, out, 4, 8, input_shape={"x": (3, 8)})
+    by_dict = squant_rs.quantize_onnx(fixed, out, 4, 8, input_shape={"x": (4, 8), "m": (4, 6)})
+    one = squant_rs.quantize_onnx(fixed, tmp_path / "one.onnx", 4, 8, input_shape=(4, 8))
+    assert [r.act_range for r in one.layers] == [r.act_range for r in by_dict.layers]
+    assert (tmp_path / "one.onnx").read_bytes() == out.read_bytes()
+    with pytest.raises(squant_rs.InvalidArgumentError) as err:
+        squant_rs.quantize_onnx(fixed, out, 4, 8, input_shape=(4, 8, 2))
+    msg = str(err.value)
+    assert "input_shape (4, 8, 2) fits none of the inputs" in msg, msg
+    assert "input_shape={'x': (8, <K>), 'm': (8, 6)}" in msg, msg
+    with pytest.raises(squant_rs.InvalidArgumentError, match="names 'y', which is not an input"):
+        squant_rs.quantize_onnx(fixed, out, 4, 8, input_shape={"y": (4, 8)})
+    # One input: the example is a plain shape.
+    with pytest.raises(squant_rs.InvalidArgumentError) as err:
+        squant_rs.quantize_onnx(_sym_model(), out, 4, 8)
+    assert _example(str(err.value), {"K": 8}) == (8, 8)
+
+
+@pytest.mark.parametrize(
+    "shape,error,msg",
+    [
+        ({"x": (0, 8)}, squant_rs.InvalidArgumentError, r"input_shape\['x'\]: .*positive"),
+        ({"x": 8}, TypeError, r"input_shape\['x'\]: .*sequence"),
+        ({1: (2, 8)}, TypeError, "keys must be input names"),
+        ({}, squant_rs.InvalidArgumentError, "at least one input"),
+    ],
+)
+def test_input_shape_dict_is_checked_first(tmp_path, monkeypatch, shape, error, msg):
+    _no_quantizing(monkeypatch)
+    with pytest.raises(error, match=msg):
+        squant_rs.quantize_onnx(_sym_model(), tmp_path / "q.onnx", 4, 8, input_shape=shape)
+
+
+def test_cli_input_shape(tmp_path, capsys):
+    """quantize --input-shape: the calibration shape of ONNX inputs (one,
+    or NAME=SHAPE each); the errors name the option, not the API keyword."""
+    from safetensors.numpy import save_file
+
+    from squant_rs.cli import main
+
+    src, out, api = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "api.onnx"
+    onnx.save(_sym_model(), str(src))
+    args = ["quantize", str(src), str(out), "--abits", "8", "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "e.g. --input-shape 8,<K> with <K> replaced by its size" in err, err
+    assert "input_shape" not in err and err.count("\n") == 1, err
+    assert main([*args, "--input-shape", "4,8"]) == 0
+    squant_rs.quantize_onnx(src, api, 4, 8, input_shape=(4, 8))
+    assert out.read_bytes() == api.read_bytes()
+    assert main([*args, "--input-shape", "x=4,8"]) == 0
+    assert out.read_bytes() == api.read_bytes()
+    # Several inputs: by name, as the error shows.
+    onnx.save(_sym_model((("x", ["N", "K"]), ("m", ["N", "J"]))), str(src))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "e.g. --input-shape x=8,<K> m=8,<J> with <K>, <J> replaced by sizes" in err, err
+    assert main([*args, "--input-shape", "x=4,8", "m=4,6"]) == 0
+    squant_rs.quantize_onnx(src, api, 4, 8, input_shape={"x": (4, 8), "m": (4, 6)})
+    assert out.read_bytes() == api.read_bytes()
+    assert main([*args, "--input-shape", "4,8,1"]) == 2
+    assert "--input-shape 4,8,1 fits none of the inputs" in capsys.readouterr().err
+    # A shape onnxruntime refuses: the error names the option too.
+    assert main([*args, "--input-shape", "4,8"]) == 2
+    err = capsys.readouterr().err
+    assert "'x' (4, 8), 'm' (4, 8)) failed in onnxruntime" in err, err
+    assert "pass --input-shape matching the model's inputs" in err, err
+    usage = {
+        "--input-shape needs --abits": ["quantize", str(src), str(out), "--input-shape", "4,8"],
+        "one shape (SHAPE), or one per input": [*args, "--input-shape", "4,8", "x=4,8"],
+        "gives input 'x' two shapes": [*args, "--input-shape", "x=4,8", "x=4,8"],
+        "expected NAME=SHAPE with an input name": [*args, "--input-shape", "=4,8"],
+        "expected positive integers": [*args, "--input-shape", "4,0"],
+    }
+    st = tmp_path / "w.safetensors"
+    save_file({"a.weight": np.ones((4, 4), np.float32)}, str(st))
+    usage["apply to ONNX models"] = [
+        "quantize",
+        str(st),
+        str(tmp_path / "o.safetensors"),
+        "--input-shape",
+        "4,8",
+    ]
+    for msg, argv in usage.items():
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err, (argv, err)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "value,error,msg",
+    [
+        (1e39, squant_rs.InvalidArgumentError, "float32 holds"),
+        (1e-50, squant_rs.InvalidArgumentError, "float32 holds"),
+        (0.0, squant_rs.InvalidArgumentError, "positive finite"),
+        (float("nan"), squant_rs.InvalidArgumentError, "positive finite"),
+        ("3", TypeError, "positive number"),
+        (True, TypeError, "positive number"),
+    ],
+)
+def test_s_sigma_is_checked_first(tmp_path, monkeypatch, value, error, msg):
+    """As in quantize_model: s_sigma must stay positive and finite in
+    float32 (1e39 failed with 'cannot convert float NaN to integer' after
+    every weight was quantized, 1e-50 gave ranges of zero width)."""
+    _no_quantizing(monkeypatch)
+    out = tmp_path / "q.onnx"
+    with pytest.raises(error, match=msg) as err:
+        squant_rs.quantize_onnx(_sym_model(), out, 4, 8, s_sigma=value, input_shape=(2, 8))
+    assert "s_sigma" in str(err.value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "value,error,msg",
+    [
+        ("x", TypeError, "seed must be an integer"),
+        (1.5, TypeError, "seed must be an integer"),
+        (True, TypeError, "seed must be an integer"),
+        (2**64, squant_rs.InvalidArgumentError, r"seed must be in \[-2\*\*63, 2\*\*64 - 1\]"),
+        (-(2**63) - 1, squant_rs.InvalidArgumentError, "seed must be in"),
+    ],
+)
+def test_seed_is_checked_first(tmp_path, monkeypatch, value, error, msg):
+    """As in quantize_model: TypeError for a non-integer (1.5 was taken),
+    InvalidArgumentError outside [-2**63, 2**64 - 1], before any work."""
+    _no_quantizing(monkeypatch)
+    out = tmp_path / "q.onnx"
+    with pytest.raises(error, match=msg):
+        squant_rs.quantize_onnx(_sym_model(), out, 4, 8, seed=value, input_shape=(2, 8))
+    assert not out.exists()
+
+
+def test_negative_seeds_count_modulo_2_64(tmp_path):
+    """quantize_model and export_onnx take seeds down to -2**63
+    (torch.Generator counts them modulo 2**64); quantize_onnx (numpy's
+    generator refused them) and export_onnx's integer-kernel calibration
+    take them the same way."""
+    reps = {}
+    for seed in (-1, 2**64 - 1, 0):
+        reps[seed] = squant_rs.quantize_onnx(
+            _sym_model(), tmp_path / "q.onnx", 4, 8, seed=seed, input_shape=(4, 8)
+        )
+    ranges = {seed: [r.act_range for r in rep.layers] for seed, rep in reps.items()}
+    assert ranges[-1] == ranges[2**64 - 1] != ranges[0]
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU()
+    ).eval()
+    x = torch.rand(1, 3, 12, 12)
+    for seed in (-1, 2**64 - 1):
+        out = tmp_path / f"e{seed}.onnx"
+        squant_rs.export_onnx(net, out, x, 8, 8, seed=seed, integer_kernels=True)
+    assert (tmp_path / "e-1.onnx").read_bytes() == (tmp_path / f"e{2**64 - 1}.onnx").read_bytes()
+
+
+def test_input_shape_too_big_for_numpy(tmp_path):
+    out = tmp_path / "q.onnx"
+    with pytest.raises(squant_rs.InvalidArgumentError, match="calibration batch of shape"):
+        squant_rs.quantize_onnx(_sym_model(), out, 4, 8, input_shape=(2**40, 2**40))
+    assert not out.exists()
+
+
+def test_layers_left_float_are_reported(tmp_path):
+    """Conv / Gemm / MatMul nodes with a constant operand that is not a
+    weight quantize_onnx quantizes (a Constant node's, a computed one, a
+    3-D MatMul weight, the first operand, a node in an If body) are listed
+    in report.skipped, with the reason in report.notes (they used to stay
+    float unreported)."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape, dtype=np.float32):
+        return rng.normal(size=shape).astype(dtype)
+
+    vi = helper.make_tensor_value_info
+    then_g = helper.make_graph(
+        [helper.make_node("MatMul", ["h0", "W0"], ["t"], name="in_then")],
+        "then",
+        [],
+        [vi("t", TensorProto.FLOAT, [2, 8])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Identity", ["h0"], ["e"])], "else", [], [vi("e", 1, [2, 8])]
+    )
+    const = numpy_helper.from_array(w(8, 8), "c")
+    nodes = [
+        helper.make_node("Gemm", ["x", "W0"], ["h0"], name="g0", transB=1),
+        helper.make_node("Constant", [], ["C"], value=const),
+        helper.make_node("MatMul", ["h0", "C"], ["h1"], name="from_constant"),
+        helper.make_node("Cast", ["W16"], ["W16f"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["h1", "W16f"], ["h2"], name="computed"),
+        helper.make_node("MatMul", ["h2", "W3d"], ["h3"], name="three_d"),
+        helper.make_node("MatMul", ["Wa", "h3"], ["h4"], name="first_operand"),
+        helper.make_node("If", ["cond"], ["h5"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("Transpose", ["h0"], ["h0t"]),
+        helper.make_node("MatMul", ["h0", "h0t"], ["h6"], name="two_activations"),
+        helper.make_node("Gemm", ["h5", "W9"], ["y"], name="last", transB=1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, [2, 8]), vi("cond", TensorProto.BOOL, [])],
+        [
+            vi("y", TensorProto.FLOAT, [2, 3]),
+            vi("h4", TensorProto.FLOAT, [1, 2, 8]),
+            vi("h6", TensorProto.FLOAT, [2, 2]),
+        ],
+        [
+            numpy_helper.from_array(w(8, 8), "W0"),
+            numpy_helper.from_array(w(8, 8, dtype=np.float16), "W16"),
+            numpy_helper.from_array(w(1, 8, 8), "W3d"),
+            numpy_helper.from_array(w(2, 2), "Wa"),
+            numpy_helper.from_array(w(3, 8), "W9"),
+        ],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    out = tmp_path / "q.onnx"
+    rep = squant_rs.quantize_onnx(model, out, 8)
+    assert [r.name for r in rep.layers] == ["g0", "last"]
+    assert rep.skipped == ["from_constant", "computed", "three_d", "first_operand", "in_then"]
+    notes = dict(n.split(": ", 1) for n in rep.notes)
+    assert list(notes) == rep.skipped
+    assert "Constant node ('C')" in notes["from_constant"]
+    assert "computed from initializers by a Cast node" in notes["computed"]
+    assert "'W3d' has 3 dimensions: MatMul weights are quantized when 2-D" in notes["three_d"]
+    assert "constant operand is the first input (A)" in notes["first_operand"]
+    assert "inside a subgraph ('then'" in notes["in_then"]
+    assert all(n.endswith("; left float") for n in rep.notes)
+    text = str(rep)
+    assert "left float: from_constant, computed, three_d, first_operand, in_then" in text
+    assert "note: three_d: its weight 'W3d' has 3 dimensions" in text
+    ort.InferenceSession(str(out), providers=CPU)  # a valid model
+    # Nothing quantizable: the error says why the layers stay float.
+    only = helper.make_graph(
+        [nodes[1], nodes[2]],
+        "g",
+        [vi("h0", TensorProto.FLOAT, [2, 8])],
+        [vi("h1", TensorProto.FLOAT, [2, 8])],
+    )
+    with pytest.raises(squant_rs.OnnxFormatError) as err:
+        squant_rs.quantize_onnx(
+            helper.make_model(only, opset_imports=[helper.make_opsetid("", 21)]), out, 8
+        )
+    assert "no quantizable layer" in str(err.value)
+    assert "from_constant: its weight comes from a Constant node" in str(err.value)
 
 
 # --------------------------------------------------------------------------
@@ -1219,6 +1609,56 @@ print("ok")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+@pytest.mark.parametrize(
+    "missing,wbits,abits",
+    [("onnx", 8, None), ("ml_dtypes", 4, None), ("onnxruntime", 8, 8)],
+)
+def test_missing_packages_are_named_before_any_work(
+    tmp_path, capsys, monkeypatch, missing, wbits, abits
+):
+    """A missing onnx, ml_dtypes (int4 codes) or onnxruntime (abits) is
+    found before any weight is quantized: an ImportError naming the package
+    and how to install it; the CLI prints one error line, exits 2 and
+    writes nothing."""
+    from squant_rs.cli import main
+    from squant_rs.formats.onnx import quantize as quantize_module
+
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(_gemm_model(), str(src))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("weights quantized before the packages were checked")
+
+    monkeypatch.setattr(quantize_module, "quantize_tensors", no_work)
+    monkeypatch.setitem(sys.modules, missing, None)
+    hint = f"needs {missing}: pip install 'squant-rs[onnx]'"
+    with pytest.raises(ImportError, match=re.escape(hint)):
+        squant_rs.quantize_onnx(src, out, wbits, abits)
+    opts = ["--wbits", str(wbits)] + ([] if abits is None else ["--abits", str(abits)])
+    assert main(["quantize", str(src), str(out), *opts]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("squant-rs: error: ") and hint in err, err
+    assert os.listdir(tmp_path) == ["m.onnx"]
+
+
+def test_missing_ml_dtypes_is_not_called_a_missing_onnx(tmp_path):
+    """onnx itself imports ml_dtypes: without it, the error names ml_dtypes."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_gemm_model(), str(src))
+    code = f"""
+import sys
+sys.modules["ml_dtypes"] = None
+from squant_rs.cli import main
+sys.exit(main(["quantize", {str(src)!r}, {str(tmp_path / "q.onnx")!r}, "--wbits", "8"]))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr == (
+        "squant-rs: error: ONNX support needs ml_dtypes: pip install 'squant-rs[onnx]'\n"
+    )
+    assert not (tmp_path / "q.onnx").exists()
 
 
 class _PoolBranch(torch.nn.Module):

@@ -8,6 +8,7 @@
                               [--threads N] [-v | -q]
     squant-rs quantize IN.onnx OUT.onnx [--wbits 4] [--abits 8] [--quantizer symmetric]
                               [--integer-kernels] [--quantize-input [LO,HI]] [--skip PATTERN ...]
+                              [--input-shape [NAME=]8,3,224,224 ...]
     squant-rs export MODULE:FACTORY OUT.onnx [--weights STATE_DICT.pth]
                               [--input-shape 1,3,224,224] [--wbits 4] [--abits 8]
                               [--quantizer symmetric] [--recipe paper|squant+]
@@ -284,6 +285,18 @@ def _require_torch(what: str) -> Any:
     return torch
 
 
+def _require_onnx(wbits: int, runtime: bool) -> None:
+    """Before any work: the packages the ONNX path needs (onnx; ml_dtypes
+    for int4 weights; onnxruntime with ``runtime``), or a CliError naming
+    the one that is missing."""
+    from .formats.onnx.common import require_onnx_packages
+
+    try:
+        require_onnx_packages(int4=wbits <= 4, runtime=runtime)
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _sniff(path: str) -> str:
     """'safetensors', 'torch' or 'unknown', from the first bytes. The
     safetensors test comes first: its 8-byte header length can start with
@@ -455,12 +468,17 @@ def _warnings_as_lines() -> Iterator[None]:
 def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
     """``quantize IN.onnx OUT.onnx``: a QDQ ONNX model (numpy + onnx, no torch)."""
     from .formats.onnx import quantize_onnx
+    from .formats.onnx.ranges import cli_spelling
 
     if not args.output.endswith(".onnx") or not args.input.endswith(".onnx"):
         raise CliError("ONNX input needs an .onnx output (and the other way round)")
     if args.include:
         raise CliError("--include applies to safetensors/torch inputs; use --skip for ONNX")
-    with _thread_count(args.threads) as threads, _warnings_as_lines():
+    input_shape = _onnx_input_shape(args.input_shape)
+    if input_shape is not None and args.abits is None:
+        raise CliError("--input-shape needs --abits (it is the calibration batch's shape)")
+    _require_onnx(args.wbits, runtime=args.abits is not None)
+    with _thread_count(args.threads) as threads, _warnings_as_lines(), cli_spelling():
         report = quantize_onnx(
             args.input,
             args.output,
@@ -470,6 +488,7 @@ def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
             quantizer=args.quantizer,
             skip=tuple(args.skip or ()),
             threads=threads,
+            input_shape=input_shape,
             integer_kernels=args.integer_kernels,
             quantize_input=args.quantize_input,
         )
@@ -505,6 +524,44 @@ def _input_shape(text: str) -> tuple[int, ...]:
             f"expected positive integers separated by commas (e.g. 1,3,224,224), got {text!r}"
         )
     return dims
+
+
+def _named_input_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
+    """``--input-shape`` of ``quantize``: ``8,3,224,224`` or ``NAME=8,3,224,224``
+    (the input's name: everything before the last ``=``)."""
+    name, sep, dims = text.rpartition("=")
+    if sep and not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=SHAPE with an input name, got {text!r}")
+    try:
+        shape = _input_shape(dims)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            "expected positive integers separated by commas, optionally after an input's "
+            f"name and '=' (e.g. 8,3,224,224 or input=8,3,224,224), got {text!r}"
+        ) from None
+    return (name if sep else None), shape
+
+
+def _onnx_input_shape(
+    given: Sequence[tuple[str | None, tuple[int, ...]]] | None,
+) -> tuple[int, ...] | dict[str, tuple[int, ...]] | None:
+    """quantize_onnx's ``input_shape`` from the ``--input-shape`` values: one
+    shape, or one per input named."""
+    if not given:
+        return None
+    named = [(n, d) for n, d in given if n is not None]
+    if len(named) != len(given):
+        if len(given) > 1:
+            raise CliError(
+                "--input-shape takes one shape (SHAPE), or one per input (NAME=SHAPE ...)"
+            )
+        return given[0][1]
+    out: dict[str, tuple[int, ...]] = {}
+    for name, dims in named:
+        if name in out:
+            raise CliError(f"--input-shape gives input {name!r} two shapes")
+        out[name] = dims
+    return out
 
 
 def _factory_model(spec: str) -> Any:
@@ -587,6 +644,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if (args.integer_kernels or args.quantize_input is not False) and args.abits is None:
         raise CliError("--integer-kernels and --quantize-input need --abits")
     _require_torch("export")
+    _require_onnx(args.wbits, runtime=args.abits is not None and args.integer_kernels)
     with _warnings_as_lines():
         report = _export_model(args)
     if args.verbose:
@@ -637,9 +695,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     src, dst = args.input, args.output
     if src.endswith(".onnx") or dst.endswith(".onnx"):
         return _cmd_quantize_onnx(args)
-    if args.abits is not None or args.integer_kernels or args.quantize_input is not False:
+    if (
+        args.abits is not None
+        or args.integer_kernels
+        or args.quantize_input is not False
+        or args.input_shape
+    ):
         raise CliError(
-            "--abits, --integer-kernels and --quantize-input apply to ONNX models (.onnx)"
+            "--abits, --integer-kernels, --quantize-input and --input-shape apply to ONNX "
+            "models (.onnx)"
         )
     sharded = is_sharded(src)
     if not sharded:
@@ -1001,6 +1065,17 @@ def build_parser() -> argparse.ArgumentParser:
         "the name without '.weight')",
     )
     _add_onnx_options(q, "ONNX only: ")
+    q.add_argument(
+        "--input-shape",
+        nargs="+",
+        action="extend",
+        type=_named_input_shape,
+        metavar="[NAME=]SHAPE",
+        help="ONNX only: (with --abits) shape of the U[0,1) calibration batch, e.g. 8,3,224,224: "
+        "of the model's input (with several inputs: of every input of that rank whose fixed "
+        "dimensions it matches), or NAME=SHAPE for each input named (default: the model's "
+        "shapes, a symbolic batch dimension as 8)",
+    )
     _add_verbosity_options(q)
     q.set_defaults(func=_cmd_quantize)
 

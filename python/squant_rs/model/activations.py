@@ -334,6 +334,20 @@ def _check_input_shape(input_shape: object) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
+def check_seed(seed: object) -> int:
+    """``int(seed)``: an integer (not a bool) in ``[-2**63, 2**64 - 1]``,
+    the range ``torch.Generator.manual_seed`` takes (negative seeds count
+    modulo ``2**64``); TypeError or InvalidArgumentError otherwise, with
+    :func:`quantize_model`'s messages (it checks ``seed`` inline)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if not -(2**63) <= int(seed) <= 2**64 - 1:
+        raise InvalidArgumentError(
+            f"seed must be in [-2**63, 2**64 - 1] (torch.Generator's range), got {int(seed)}"
+        )
+    return int(seed)
+
+
 def _check_s_sigma(s_sigma: object) -> float | None:
     if s_sigma is None:
         return None

@@ -69,7 +69,8 @@ class QuantReport:
     #: The ``quantize_model`` recipe (``"paper"`` or ``"squant+"``).
     recipe: str = "paper"
     #: Notes on layers left float for a reason other than a skip pattern
-    #: (shared weights, empty weights).
+    #: (shared weights, empty weights; in ONNX models, constant operands
+    #: that are no quantizable weight).
     notes: list[str] = field(default_factory=list)
 
     def _distinct(self) -> list[LayerReport]:

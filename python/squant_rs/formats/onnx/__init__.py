@@ -3,7 +3,8 @@ onnx + onnxruntime, no torch) and out of torch models (:func:`export_onnx`).
 
 Both share one graph rewrite:
 
-* every Conv / Gemm / MatMul weight that is an initializer is replaced by
+* every float32 initializer a Conv / Gemm / MatMul node of the main graph
+  reads as its weight (second) input, 2-D for Gemm and MatMul, is replaced by
   ``DequantizeLinear(codes, 1/s, -z, axis=<output-channel axis>)``: codes
   ``int4`` at 2-4 bits and ``int8`` at 5-8 bits (opset 21); the zero point
   ``-z`` in the code type where every channel's fits, else in the next

@@ -19,8 +19,8 @@ import numpy as np
 
 from ..._squant_rs import InvalidArgumentError
 from ...model.report import LayerReport, QuantReport
-from ...tensor.validate import check_threads
-from .common import require_onnx
+from ...tensor.validate import check_bits, check_threads
+from .common import require_onnx, require_onnx_packages
 from .graph import _find_layers, _initializers, _Layer, _Weight
 from .load import _prepare, _tensor_bytes
 from .output import _check_output, write_model
@@ -88,10 +88,14 @@ def export_onnx(
         InvalidArgumentError: bad arguments, no layer to quantize, a float16
             / float64 model, ``abits`` with several inputs, a quantized
             weight missing from the exported graph.
-        ImportError: torch or onnx is missing.
+        ImportError: torch or onnx is missing (at 2-4 bits ml_dtypes; with
+            ``integer_kernels``, onnxruntime).
     """
     wall = time.perf_counter()
     onnx = require_onnx()
+    require_onnx_packages(
+        int4=check_bits(wbits, "wbits") <= 4, runtime=abits is not None and bool(integer_kernels)
+    )
     import torch
 
     from ...model.pipeline import activation_quantizers, quantize_model

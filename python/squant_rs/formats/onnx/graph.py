@@ -56,34 +56,62 @@ def _identity_source(producers: dict[str, Any], inits: dict[str, Any], tensor: s
 
 
 def _find_layers(
-    model: Any, skip: Sequence[str], matched: set[str] | None = None
+    model: Any,
+    skip: Sequence[str],
+    matched: set[str] | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[list[_Layer], list[str]]:
     """The quantizable layers in graph order and the names of those left
-    float. A weight read through Identity nodes counts as the initializer
-    they copy. ``matched`` collects the skip patterns that matched a layer."""
+    float: skipped ones, and Conv / Gemm / MatMul nodes whose constant
+    operand is not a weight SQuant quantizes (``notes`` gets the reason of
+    each: a weight that is no float32 initializer of the main graph, of the
+    wrong rank, or the first operand; a node inside an If / Loop / Scan
+    body; a weight read along two output-channel axes). A weight read
+    through Identity nodes counts as the initializer they copy.
+    ``matched`` collects the skip patterns that matched a layer."""
     onnx = require_onnx()
     graph = model.graph
     inits = _initializers(graph)
     layers: list[_Layer] = []
     skipped: list[str] = []
+    why: list[str] = []
     axes: dict[str, int] = {}
     conflict: set[str] = set()
     producers = {o: n for n in graph.node for o in n.output}
+
+    def left_float(name: str, reason: str) -> None:
+        skipped.append(name)
+        why.append(f"{name}: {reason}; left float")
+
     for i, node in enumerate(graph.node):
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         name = node.name or f"{node.op_type}_{i}"
         read = node.input[1]
-        w = inits.get(_identity_source(producers, inits, read))
-        if w is None or w.data_type != onnx.TensorProto.FLOAT:
+        source = _identity_source(producers, inits, read)
+        w = inits.get(source)
+        if w is None:
+            reason = _not_an_initializer(node, source, producers, inits)
+            if reason is not None:
+                left_float(name, reason)
+            continue
+        if w.data_type != onnx.TensorProto.FLOAT:
+            kind = onnx.TensorProto.DataType.Name(w.data_type).lower()
+            left_float(name, f"its weight {w.name!r} is {kind}: only float32 weights are quantized")
             continue
         ndim = len(w.dims)
         if node.op_type == "Conv":
             if ndim < 3:
+                left_float(name, f"its weight {w.name!r} has {ndim} dimensions (a Conv's has 3+)")
                 continue
             axis = 0
         else:
             if ndim != 2:
+                left_float(
+                    name,
+                    f"its weight {w.name!r} has {ndim} dimensions: {node.op_type} weights are "
+                    "quantized when 2-D",
+                )
                 continue
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             axis = 0 if node.op_type == "Gemm" and trans_b else 1
@@ -99,9 +127,78 @@ def _find_layers(
         layers.append(_Layer(name, node, w.name, axis, node.op_type))
     if conflict:
         # A weight read along different output-channel axes stays float.
-        skipped += [layer.name for layer in layers if layer.weight in conflict]
+        for layer in layers:
+            if layer.weight in conflict:
+                left_float(
+                    layer.name,
+                    f"its weight {layer.weight!r} is read along different output-channel axes "
+                    "(as a Conv / Gemm(transB=1) and a MatMul / Gemm(transB=0) weight)",
+                )
         layers = [layer for layer in layers if layer.weight not in conflict]
+    subgraphs = list(_graphs(graph))[1:]
+    consts = _graph_constants(model) if subgraphs else set()
+    for g in subgraphs:
+        for i, node in enumerate(g.node):
+            if node.op_type in ("Conv", "Gemm", "MatMul") and any(
+                t in consts for t in node.input[:2]
+            ):
+                left_float(
+                    node.name or f"{g.name}/{node.op_type}_{i}",
+                    f"it is inside a subgraph ({g.name!r}, an If / Loop / Scan body): only the "
+                    "main graph's layers are quantized",
+                )
+    if notes is not None:
+        notes.extend(why)
     return layers, skipped
+
+
+def _not_an_initializer(
+    node: Any, source: str, producers: dict[str, Any], inits: dict[str, Any]
+) -> str | None:
+    """Why ``node``'s weight operand ``source`` (no initializer) stays
+    float, or None where the node has no constant operand (two activations
+    multiplied, a Conv with a computed weight)."""
+    producer = producers.get(source)
+    if producer is not None and producer.op_type == "Constant":
+        return (
+            f"its weight comes from a Constant node ({source!r}): only initializers are quantized"
+        )
+    if producer is not None and _is_constant(producers, inits, source):
+        return (
+            f"its weight {source!r} is computed from initializers by a {producer.op_type} node: "
+            "only initializers are quantized"
+        )
+    if node.op_type in ("MatMul", "Gemm") and _is_constant(producers, inits, node.input[0]):
+        return (
+            "its constant operand is the first input (A); only the second (B) is quantized "
+            "as a weight"
+        )
+    return None
+
+
+def _is_constant(producers: dict[str, Any], inits: dict[str, Any], tensor: str) -> bool:
+    """Whether ``tensor`` depends on initializers and Constant nodes only."""
+    seen: set[str] = set()
+    stack = [tensor]
+    while stack:
+        t = stack.pop()
+        if not t or t in seen or t in inits:
+            continue
+        seen.add(t)
+        n = producers.get(t)
+        if n is None or len(seen) > 256 or any(a.HasField("g") or a.graphs for a in n.attribute):
+            return False  # a graph input (or a long chain, or a subgraph)
+        stack.extend(n.input)
+    return True
+
+
+def _graph_constants(model: Any) -> set[str]:
+    """The initializers and Constant-node outputs of every graph of ``model``."""
+    out: set[str] = set()
+    for g in _graphs(model.graph):
+        out.update(t.name for t in g.initializer)
+        out.update(o for n in g.node if n.op_type == "Constant" for o in n.output)
+    return out
 
 
 def _module_of(weight: str) -> str:

@@ -66,7 +66,9 @@ def _external_files(model: Any, base: str) -> list[str]:
 
 
 def _prepare(model: Any, where: str) -> Any:
-    """Checked, at opset 21, refusing quantized graphs."""
+    """Checked, at opset 21, refusing quantized graphs. A model whose
+    tensors exceed 2 GB is converted without its tensor data (protobuf
+    serializes no more), which goes back afterwards."""
     onnx = require_onnx()
     opset = _default_opset(model)
     newest = onnx.defs.onnx_opset_version()
@@ -87,6 +89,9 @@ def _prepare(model: Any, where: str) -> Any:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise OnnxFormatError(f"{where}: invalid ONNX model ({msg})") from None
     if opset < OPSET:
+        # The converter serializes the model, which protobuf refuses at 2 GB:
+        # a model that large is converted without its tensor data.
+        detached = _detach_data(model) if _tensor_bytes(model) >= EXTERNAL_ABOVE else {}
         try:
             model = onnx.version_converter.convert_version(model, OPSET)
         except Exception as exc:
@@ -94,6 +99,7 @@ def _prepare(model: Any, where: str) -> Any:
             raise OnnxFormatError(
                 f"{where}: cannot convert opset {opset} to {OPSET} ({msg})"
             ) from None
+        _attach_data(model, detached)
     # int4 / int16 initializers need IR version 10 (opset 21's).
     model.ir_version = max(model.ir_version, 10)
     return model
@@ -101,3 +107,44 @@ def _prepare(model: Any, where: str) -> Any:
 
 def _tensor_bytes(model: Any) -> int:
     return sum(len(t.raw_data) + 4 * len(t.float_data) for t in model.graph.initializer)
+
+
+#: ``location`` of the tensors :func:`_detach_data` moved out of a model.
+_DETACHED = "squant-rs-detached:"
+
+
+def _detach_data(model: Any) -> dict[str, bytes]:
+    """Move the raw data of every initializer (subgraphs' too) out of
+    ``model``, leaving an external-data reference to a name no file has;
+    returns the data by that name for :func:`_attach_data`."""
+    from onnx import TensorProto
+
+    out: dict[str, bytes] = {}
+    for t in _graph_tensors(model.graph):
+        if not t.raw_data:
+            continue
+        key = f"{_DETACHED}{len(out)}"
+        out[key] = t.raw_data
+        t.ClearField("raw_data")
+        del t.external_data[:]
+        t.data_location = TensorProto.EXTERNAL
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", key
+    return out
+
+
+def _attach_data(model: Any, detached: dict[str, bytes]) -> None:
+    """Put back the data :func:`_detach_data` moved out (the converter keeps
+    initializers and their external-data references as they are)."""
+    from onnx import TensorProto
+
+    if not detached:
+        return
+    for t in _graph_tensors(model.graph):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        key = next((e.value for e in t.external_data if e.key == "location"), "")
+        if key in detached:
+            t.raw_data = detached.pop(key)
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT

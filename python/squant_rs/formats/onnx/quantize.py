@@ -8,23 +8,23 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..._squant_rs import InvalidArgumentError, SquantError
-from ...model.activations import default_s_sigma
+from ...model.activations import _check_s_sigma, check_seed, default_s_sigma
 from ...model.layers import check_patterns, relative_error
 from ...model.report import LayerReport, QuantReport
 from ...tensor.batch import quantize_tensors
 from ...tensor.validate import check_bits, check_mode, check_quantizer, check_threads
-from .common import OnnxFormatError
+from .common import OnnxFormatError, require_onnx_packages
 from .graph import _find_layers, _initializers, _Layer, _Weight
 from .load import _load, _prepare, _tensor_bytes
 from .output import _check_output, write_model
 from .plan import _capped, _clip_max, _fold_pads, _integer_plan, _resolve_plan
-from .ranges import _input_feeds, _observe, sigma_range
+from .ranges import _input_feeds, _observe, check_input_shapes, sigma_range
 from .rewrite import _rewrite
 
 
@@ -39,7 +39,7 @@ def quantize_onnx(
     skip: str | Sequence[str] = (),
     threads: int | None = None,
     s_sigma: float | None = None,
-    input_shape: Sequence[int] | None = None,
+    input_shape: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
     integer_kernels: bool = False,
     quantize_input: bool | tuple[float, float] = False,
@@ -47,7 +47,13 @@ def quantize_onnx(
 ) -> QuantReport:
     """Quantize the Conv / Gemm / MatMul weights of an ONNX model with SQuant
     and write a QDQ ONNX model (opset 21) to ``out_path``. Needs numpy, onnx
-    and (with ``abits``) onnxruntime; torch is never imported.
+    and (with ``abits``) onnxruntime; torch is never imported. The weights
+    are the float32 initializers these nodes of the main graph read as their
+    weight (second) input, 2-D for Gemm and MatMul; a layer whose constant
+    operand is something else (a Constant node's or a computed weight, a
+    first operand, another rank or dtype, a node inside an If / Loop / Scan
+    body) stays float and is listed in the report's ``skipped``, with the
+    reason in its ``notes``.
 
     ``model_or_path``: an ``onnx.ModelProto`` or the path of an ``.onnx``
     file (external data next to it is read). Models below opset 21 are
@@ -57,9 +63,17 @@ def quantize_onnx(
     quantizable layer gets a ``UserWarning``, as in :func:`quantize_model`). With ``abits`` the
     inputs of the quantized layers get static per-tensor Q/DQ pairs whose
     ranges come from the sigma rule (``s_sigma``, default by ``abits``) on
-    one ``U[0,1)`` batch (``input_shape``, default: the model's input with
-    a symbolic batch of 8; ``seed``) run through onnxruntime; the first
-    layer's input stays float and the last layer's is 8-bit. With
+    one ``U[0,1)`` batch per model input run through onnxruntime (``seed``:
+    an integer in ``[-2**63, 2**64 - 1]`` as for :func:`quantize_model`,
+    seeding numpy's generator, a negative one modulo ``2**64``); the first
+    layer's input stays float and the last layer's is 8-bit. The batch's
+    shape (``input_shape``): a sequence of positive integers, the shape of
+    the model's input (with several inputs: of every input of that rank
+    whose fixed dimensions it matches; it must fit one), or a dict of input
+    names to shapes. Inputs it does not give take the model's shape: a
+    symbolic dimension named like one of a given input takes that size, a
+    symbolic first (batch) dimension the first given shape's batch (else
+    8); any other symbolic dimension must be given (the error says how). With
     ``integer_kernels=True`` (needs ``abits``) every activation tensor
     between quantized ops gets one QuantizeLinear after its producer and one
     DequantizeLinear for its readers: the layers' outputs (after a Relu /
@@ -87,10 +101,15 @@ def quantize_onnx(
     Raises:
         OnnxFormatError: not an ONNX model, truncated or corrupt, unsupported
             opset, already quantized, no quantizable layer.
-        InvalidArgumentError: bad arguments, an output path (or, with external
-            data, its ``.data`` file) that is the input or one of the
-            external data files the input reads.
-        ImportError: onnx (or, with ``abits``, onnxruntime) is missing.
+        InvalidArgumentError: bad arguments (checked before any work, as in
+            :func:`quantize_model`: e.g. an ``input_shape`` with a dimension
+            below 1), an output path (or, with external data, its ``.data``
+            file) that is the input or one of the external data files the
+            input reads.
+        TypeError: an argument of the wrong type (``input_shape`` not a
+            sequence of integers, ...).
+        ImportError: onnx (at 2-4 bits ml_dtypes; with ``abits``,
+            onnxruntime) is missing: checked before any work.
     """
     wall = time.perf_counter()
     wbits = check_bits(wbits, "wbits")
@@ -101,6 +120,9 @@ def quantize_onnx(
     n_threads = check_threads(threads)
     patterns = check_patterns(skip, "skip")
     mult = _s_sigma(s_sigma, abits)
+    shape = check_input_shapes(input_shape)
+    seed = check_seed(seed)
+    require_onnx_packages(int4=wbits <= 4, runtime=abits is not None)
     model, in_path, data_files = _load(model_or_path)
     out = _check_output(out_path, in_path, data_files, external_data)
     where = in_path or "model"
@@ -109,7 +131,8 @@ def quantize_onnx(
     if integer_kernels:
         _fold_pads(model)
     matched: set[str] = set()
-    layers, skipped = _find_layers(model, patterns, matched)
+    notes: list[str] = []
+    layers, skipped = _find_layers(model, patterns, matched, notes)
     for p in patterns:
         if p not in matched:
             warnings.warn(
@@ -118,8 +141,10 @@ def quantize_onnx(
                 stacklevel=2,
             )
     if not layers:
+        left = f"; {'; '.join(notes[:3])}{'; ...' if len(notes) > 3 else ''}" if notes else ""
         raise OnnxFormatError(
-            f"{where}: no quantizable layer (Conv/Gemm/MatMul with a float32 initializer weight)"
+            f"{where}: no quantizable layer (Conv/Gemm/MatMul with a float32 initializer "
+            f"weight){left}"
         )
     inits = _initializers(model.graph)
     from onnx import numpy_helper
@@ -158,7 +183,7 @@ def quantize_onnx(
     plan: dict[str, tuple[int, float, float]] | None = None
     if abits is not None:
         assert mult is not None
-        feeds = _input_feeds(model, int(seed), input_shape)
+        feeds = _input_feeds(model, seed, shape)
         probes = [layer.node.input[0] for layer in layers]
         values = _observe(model, probes, feeds, n_threads)
         for i, (layer, a) in enumerate(zip(layers, values)):
@@ -183,6 +208,7 @@ def quantize_onnx(
         abits=abits,
         wall_ms=(time.perf_counter() - wall) * 1e3,
         skipped=skipped,
+        notes=notes,
         size_before=size_before,
         size_after=size_after,
         quantizer=quantizer,
@@ -196,12 +222,12 @@ def _weight_label(layers: list[_Layer], weight: str) -> str:
 
 
 def _s_sigma(s_sigma: float | None, abits: int | None) -> float | None:
-    if s_sigma is not None:
-        if isinstance(s_sigma, bool) or not isinstance(s_sigma, (int, float)):
-            raise TypeError(f"s_sigma must be a number, got {s_sigma!r}")
-        if not (math.isfinite(s_sigma) and s_sigma > 0):
-            raise InvalidArgumentError(f"s_sigma must be a positive number, got {s_sigma}")
-        return float(s_sigma)
+    """``s_sigma`` checked as :func:`quantize_model` checks it (a positive
+    number float32 holds: the ranges are computed in float32), else the
+    default for ``abits``."""
+    mult = _check_s_sigma(s_sigma)
+    if mult is not None:
+        return mult
     return default_s_sigma(abits) if abits is not None else None
 
 
