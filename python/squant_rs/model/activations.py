@@ -326,7 +326,7 @@ def _check_input_shape(input_shape: object) -> tuple[int, ...]:
         raise TypeError(f"input_shape must be a sequence of positive integers, got {input_shape!r}")
     dims = tuple(input_shape)
     if not dims or not all(
-        isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) > 0 for d in dims
+        not isinstance(d, bool) and isinstance(d, numbers.Integral) and int(d) > 0 for d in dims
     ):
         raise InvalidArgumentError(
             f"input_shape must be a non-empty sequence of positive integers, got {input_shape!r}"

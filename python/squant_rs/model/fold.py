@@ -244,7 +244,7 @@ def _foldable_bn(bn: nn.Module, producer: nn.Module) -> bool:
         return False
     if bn.training:
         return False  # normalizes with the batch's statistics
-    if bn.running_mean is None or bn.running_var is None:
+    if any(getattr(bn, k) is None for k in ("running_mean", "running_var")):
         return False  # track_running_stats=False: eval uses batch statistics
     if bn.num_features != producer.out_channels:
         return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -24,6 +23,7 @@ from .activations import (
     _calibrate,
     _check_input_shape,
     _check_s_sigma,
+    check_seed,
     default_s_sigma,
 )
 from .layers import check_patterns, copy_model, plan_layers, quantize_into, with_gc_paused
@@ -225,12 +225,7 @@ def quantize_model(
         )
     shape = _check_input_shape(input_shape) if abits is not None else ()
     sigma_mult = _check_s_sigma(s_sigma)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
-    if not -(2**63) <= int(seed) <= 2**64 - 1:
-        raise InvalidArgumentError(
-            f"seed must be in [-2**63, 2**64 - 1] (torch.Generator's range), got {int(seed)}"
-        )
+    seed = check_seed(seed)
     if not isinstance(return_report, bool):
         raise TypeError(f"return_report must be a bool, got {return_report!r}")
     require_torch()
@@ -269,7 +264,7 @@ def quantize_model(
         qmodel = _deepcopy(model)
         rplan = prepare(qmodel, config)  # the paper recipe: nothing to analyze
         plan = plan_layers(qmodel, patterns, stacklevel=3)
-        sources = [m.weight for _, m in plan.chosen]
+        sources: list[Any] = [m.weight for _, m in plan.chosen]
     else:
         plan = plan_layers(model, patterns, stacklevel=3)
         sources = [m.weight for _, m in plan.chosen]
@@ -361,7 +356,7 @@ def quantize_model(
                     name,
                     module,
                     w_floats[name],
-                    module.weight.detach(),
+                    _weight(module).detach(),
                     quantizers.get(name) if calibration == "float" else None,
                 )
                 for name, module in plan.chosen
@@ -370,7 +365,7 @@ def quantize_model(
         )
     by_name: dict[str, LayerReport] = {}
     for (name, module), res in zip(plan.chosen, results):
-        weight = module.weight
+        weight = _weight(module)
         corrected = config.bias_correction and apply_bias_correction(
             rplan,
             name,
@@ -457,6 +452,12 @@ def quantize_model(
     if return_report:
         return qmodel, report
     return qmodel
+
+
+def _weight(module: nn.Module) -> Any:
+    """``module.weight`` (a tensor; ``nn.Module.__getattr__`` is typed as
+    returning a tensor or a module)."""
+    return module.weight
 
 
 def _fill_float_weights(chosen: Sequence[tuple[str, nn.Module]], sources: Sequence[Any]) -> None:
