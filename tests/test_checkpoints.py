@@ -303,6 +303,67 @@ def test_symmetric_quantizer_files(tmp_path) -> None:
 
 
 # --------------------------------------------------------------------------
+# the writers refuse what the reader rejects (rust-bugs items 2, 3, 5, 6, 8)
+
+
+def _with_tensor(tmp_path, good: bytes, entry: dict) -> Path:
+    """`good` with one more (empty) tensor `z`, its checksum listed."""
+    n = int.from_bytes(good[:8], "little")
+    header, data = json.loads(good[8 : 8 + n]), good[8 + n :]
+    header["z"] = {**entry, "data_offsets": [len(data), len(data)]}
+    table = json.loads(header["__metadata__"]["checksums"])
+    table["z"] = "00000000"
+    header["__metadata__"]["checksums"] = json.dumps(table)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "z.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [
+        ("F32", [0, 2**63]),
+        ("F32", [0, 2**64 - 1]),
+        ("F32", [0, 2**61]),
+        ("U8", [0, 2**33, 2**33]),
+        ("F64", [2**31, 2**31, 0]),
+    ],
+)
+def test_empty_tensor_with_a_huge_shape_is_corrupt(
+    tmp_path, good: bytes, dtype: str, shape: list[int]
+) -> None:
+    """A tensor of no element whose shape no numpy or torch tensor can have
+    passed every check and crashed load_quantized in torch (TypeError,
+    RuntimeError "Stride calculation overflowed")."""
+    path = _with_tensor(tmp_path, good, {"dtype": dtype, "shape": shape})
+    match = "tensor 'z' has a shape too large to load"
+    readers = [
+        inspect_quantized,
+        verify_quantized,
+        squant_rs.load_quantized,
+        read_safetensors,
+        lambda p: quantize_checkpoint(p, tmp_path / "out.safetensors"),
+    ]
+    for read in readers:
+        with pytest.raises(FormatError, match=match):
+            read(path)
+    assert sorted(os.listdir(tmp_path)) == ["z.safetensors"]
+
+
+@pytest.mark.parametrize("dtype, shape", [("F32", [0, 2**60]), ("U8", [2**31, 2**31, 0])])
+def test_empty_tensor_with_a_large_shape_loads(
+    tmp_path, good: bytes, dtype: str, shape: list[int]
+) -> None:
+    """The limit is numpy's: the largest such shapes still load."""
+    path = _with_tensor(tmp_path, good, {"dtype": dtype, "shape": shape})
+    verify_quantized(path)
+    z = squant_rs.load_quantized(path)["z"]
+    assert list(z.shape) == shape and z.numel() == 0
+
+
+# --------------------------------------------------------------------------
 # sharded checkpoints (issue 12 item 2) and info --verify
 
 

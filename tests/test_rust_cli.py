@@ -652,3 +652,26 @@ def test_header_length_starting_with_pickle_byte_is_safetensors(
     assert "(torch)" not in p.stdout
     assert py_out.read_bytes() == rs_out.read_bytes()
     assert [(t.name, t.bits) for t in inspect_quantized(py_out).tensors] == [("fc.weight", 4)]
+
+
+def test_empty_input_tensor_with_a_huge_shape_refused_like_python(
+    tmp_path, squant_bin: str
+) -> None:
+    """A plain input holding a tensor of shape [0, 2^63] was quantized by
+    both CLIs into a file load_quantized could not read (torch TypeError)."""
+    w = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    header = {
+        "fc.weight": {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, w.nbytes]},
+        "z.weight": {"dtype": "F32", "shape": [0, 2**63], "data_offsets": [w.nbytes, w.nbytes]},
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (tmp_path / "in.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + w.tobytes())
+    p, r = _both(squant_bin, "quantize", "in.safetensors", "q.safetensors", cwd=tmp_path)
+    _same_message(p, r)
+    assert r.returncode == 2
+    assert _message(r.stderr) == (
+        "in.safetensors: corrupt header: tensor 'z.weight' has a shape too large to load"
+        " ([0, 9223372036854775808])\n"
+    )
+    assert os.listdir(tmp_path) == ["in.safetensors"]

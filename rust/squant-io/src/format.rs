@@ -121,10 +121,7 @@ fn parse_entry(info: &Value) -> std::result::Result<QEntry, String> {
         })
         .filter(|s| s.len() >= 2 && s.iter().all(|&d| d > 0))
         .ok_or("shape must list 2 or more positive dimensions")?;
-    shape
-        .iter()
-        .try_fold(8usize, |a, &d| a.checked_mul(d))
-        .ok_or("shape is too large")?;
+    check_shape(&shape)?;
     let dtype = info
         .get("dtype")
         .and_then(Value::as_str)
@@ -147,6 +144,14 @@ fn parse_entry(info: &Value) -> std::result::Result<QEntry, String> {
         shape,
         dtype,
     })
+}
+
+/// The size limit of a quantized weight's shape (whatever its dtype):
+/// as float64 it must be a tensor numpy and torch can make.
+fn check_shape(shape: &[usize]) -> std::result::Result<(), &'static str> {
+    dtype::checked_nbytes(8, shape)
+        .map(|_| ())
+        .ok_or("shape is too large")
 }
 
 fn parse_checksums(text: &str) -> std::result::Result<HashMap<String, u32>, String> {

@@ -314,10 +314,14 @@ impl SafetensorsFile {
             if begin > end {
                 return Err(bad_entry());
             }
-            let nbytes = shape
-                .iter()
-                .try_fold(dtype::item_size(dtype), |a, &d| a.checked_mul(d));
-            if nbytes != Some(end - begin) {
+            let Some(nbytes) = dtype::checked_nbytes(dtype::item_size(dtype), &shape) else {
+                return Err(fail(format!(
+                    "corrupt header: tensor {} has a shape too large to load ({:?})",
+                    repr(key),
+                    shape
+                )));
+            };
+            if nbytes != end - begin {
                 return Err(fail(format!(
                     "corrupt header: tensor {} size does not match its shape",
                     repr(key)

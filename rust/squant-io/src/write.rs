@@ -37,11 +37,9 @@ pub struct Planned {
 }
 
 impl Planned {
-    /// Bytes of its data (`None` on overflow).
+    /// Bytes of its data (`None`: too large, see [`dtype::checked_nbytes`]).
     pub fn nbytes(&self) -> Option<usize> {
-        self.shape
-            .iter()
-            .try_fold(dtype::item_size(self.dtype), |a, &d| a.checked_mul(d))
+        dtype::checked_nbytes(dtype::item_size(self.dtype), &self.shape)
     }
 }
 
