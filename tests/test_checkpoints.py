@@ -297,13 +297,44 @@ def test_symmetric_quantizer_files(tmp_path) -> None:
     assert inspect_quantized(path).quantizer == "symmetric"
     got = squant_rs.load_quantized(path)["w"]
     assert torch.equal(got, torch.tensor([[-1.0, 0.0, 1.0], [1.0, 2.0, 3.0]]))
-    write(path, 1.0)
+    # The writer refuses a zero point the reader would reject ...
+    with pytest.raises(squant_rs.InvalidArgumentError, match="zero point"):
+        write(tmp_path / "bad.safetensors", 1.0)
+    assert not (tmp_path / "bad.safetensors").exists()
+    # ... and the reader rejects it in a file made otherwise.
+    tensors, meta = read_safetensors(path)
+    zp = np.frombuffer(tensors["w:zero_point"].data, np.float32).copy()
+    zp[0] = 1.0
+    tensors["w:zero_point"] = RawTensor.from_numpy(zp)
+    del meta["checksums"]
+    write_safetensors(tmp_path / "bad.safetensors", tensors, meta)
     with pytest.raises(FormatError, match="corrupt scale or zero point"):
-        squant_rs.load_quantized(path)
+        squant_rs.load_quantized(tmp_path / "bad.safetensors")
 
 
 # --------------------------------------------------------------------------
 # the writers refuse what the reader rejects (rust-bugs items 2, 3, 5, 6, 8)
+
+
+@pytest.mark.parametrize("suffix", [":codes", ":scale", ":zero_point"])
+def test_quantized_weight_named_like_a_part_of_another(tmp_path, suffix: str) -> None:
+    """`a` and `a:codes` both quantized: `a:codes` would be stored as a
+    weight and as the codes of `a`; the file was written and then rejected
+    by load_quantized ("stored both quantized and unchanged")."""
+    path = tmp_path / "c.safetensors"
+    w = torch.randn(4, 8)
+    for sd in ({"a": w, "a" + suffix: w}, {"a" + suffix: w, "a": w}):
+        with pytest.raises(
+            squant_rs.InvalidArgumentError,
+            match=f"cannot quantize 'a': the state dict already has a tensor named 'a{suffix}'",
+        ):
+            squant_rs.save_quantized(sd, path, 4, include="*")
+        assert os.listdir(tmp_path) == []
+    # Only the suffixed one quantized: its parts clash with nothing.
+    squant_rs.save_quantized({"a": w, "a" + suffix: w}, path, 4, include="a:*")
+    got = squant_rs.load_quantized(path)
+    assert torch.equal(got["a"], w)
+    assert [t.name for t in inspect_quantized(path).quantized] == ["a" + suffix]
 
 
 def _with_tensor(tmp_path, good: bytes, entry: dict) -> Path:
@@ -361,6 +392,75 @@ def test_empty_tensor_with_a_large_shape_loads(
     verify_quantized(path)
     z = squant_rs.load_quantized(path)["z"]
     assert list(z.shape) == shape and z.numel() == 0
+
+
+def _writer_case(path, case: str) -> None:
+    from squant_rs._squant_rs import QuantizedFileWriter
+
+    f32 = np.float32
+    codes, scale, zp = np.zeros(15, np.int8), np.ones(3, f32), np.zeros(3, f32)
+    shape, quantizer, dtype = [3, 5], "asymmetric", "F32"
+    if case == "huge shape":
+        shape = [1, 2**32, 2**32]
+    elif case == "symmetric -8":
+        quantizer, codes = "symmetric", np.full(15, -8, np.int8)
+    elif case == "16 codes":
+        codes = np.arange(16, dtype=np.int8) - 8
+    elif case == "14 codes":
+        codes = np.zeros(14, np.int8)
+    elif case == "code 8":
+        codes = np.full(15, 8, np.int8)
+    elif case.startswith("scale "):
+        scale[1] = float(case.split()[1])
+    elif case.startswith("zero point "):
+        zp[2] = float(case.split()[2])
+    elif case == "symmetric zero point":
+        quantizer, zp[0] = "symmetric", 0.5
+    elif case == "2 scales":
+        scale = scale[:2]
+    elif case == "not finite":
+        codes, scale[1] = np.full(15, 7, np.int8), 1e-45
+    elif case == "not finite bf16":
+        dtype, codes, scale[1] = "BF16", np.full(15, 7, np.int8), 1e-45
+    w = QuantizedFileWriter(str(path), [("w", dtype, shape, 4, "squant")], quantizer)
+    w.write_quantized(0, codes, scale, zp)
+    w.finish()
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("huge shape", "cannot quantize 'w': shape is too large"),
+        ("symmetric -8", r"codes out of range for 4 bits \(symmetric quantizer\)"),
+        ("16 codes", "16 codes given for its 15 elements"),
+        ("14 codes", "14 codes given for its 15 elements"),
+        ("code 8", "codes out of range for 4 bits"),
+        ("scale -1", "invalid scale or zero point for 'w' \\(output channel 1"),
+        ("scale 0", "invalid scale or zero point"),
+        ("scale nan", "invalid scale or zero point"),
+        ("scale inf", "invalid scale or zero point"),
+        ("zero point nan", "invalid scale or zero point for 'w' \\(output channel 2"),
+        ("zero point -inf", "invalid scale or zero point"),
+        ("symmetric zero point", "0 with the symmetric quantizer"),
+        ("2 scales", "2 scales and 3 zero points given, expected 3 of each"),
+        ("not finite", "output channel 1 dequantizes to values that are not finite in F32"),
+        ("not finite bf16", "not finite in BF16"),
+    ],
+)
+def test_quantized_file_writer_refuses_what_load_rejects(tmp_path, case: str, match: str) -> None:
+    """The native writer wrote files load_quantized rejects (a shape whose
+    element count wrapped around, symmetric code -8, bad scales or zero
+    points, values that dequantize to infinity) and took 16 codes for 15
+    elements; each is refused and nothing is left behind."""
+    with pytest.raises(squant_rs.InvalidArgumentError, match=match):
+        _writer_case(tmp_path / "w.safetensors", case)
+    assert os.listdir(tmp_path) == []
+
+
+def test_quantized_file_writer_accepts_valid_tensors(tmp_path) -> None:
+    path = tmp_path / "ok.safetensors"
+    _writer_case(path, "valid")
+    assert squant_rs.load_quantized(path)["w"].shape == (3, 5)
 
 
 # --------------------------------------------------------------------------

@@ -654,6 +654,45 @@ def test_header_length_starting_with_pickle_byte_is_safetensors(
     assert [(t.name, t.bits) for t in inspect_quantized(py_out).tensors] == [("fc.weight", 4)]
 
 
+def test_quantized_names_that_clash_refused_like_python(tmp_path, squant_bin: str) -> None:
+    """`w` and `w:codes` both quantized (--include '*'): both CLIs wrote the
+    same file, which info and load_quantized then rejected; now both refuse
+    in the same words before writing anything."""
+    w = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    raw = RawTensor.from_numpy(w)
+    write_safetensors(tmp_path / "in.safetensors", {"w": raw, "w:codes": raw})
+    p, r = _both(
+        squant_bin, "quantize", "in.safetensors", "q.safetensors", "--include", "*", cwd=tmp_path
+    )
+    _same_message(p, r)
+    assert r.returncode == 2
+    assert _message(r.stderr) == (
+        "cannot quantize 'w': the state dict already has a tensor named 'w:codes'\n"
+    )
+    assert os.listdir(tmp_path) == ["in.safetensors"]
+    # `w:codes` alone quantized clashes with nothing: the same file, valid.
+    p = _py(
+        "quantize",
+        str(tmp_path / "in.safetensors"),
+        str(tmp_path / "p.safetensors"),
+        "--include",
+        "w:*",
+    )
+    r = _run(
+        squant_bin,
+        "quantize",
+        str(tmp_path / "in.safetensors"),
+        str(tmp_path / "r.safetensors"),
+        "--include",
+        "w:*",
+    )
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert (tmp_path / "p.safetensors").read_bytes() == (tmp_path / "r.safetensors").read_bytes()
+    assert [t.name for t in inspect_quantized(tmp_path / "r.safetensors").quantized] == ["w:codes"]
+    p, r = _both(squant_bin, "info", "--verify", "r.safetensors", cwd=tmp_path)
+    assert p.returncode == r.returncode == 0 and p.stdout == r.stdout
+
+
 def test_empty_input_tensor_with_a_huge_shape_refused_like_python(
     tmp_path, squant_bin: str
 ) -> None:
