@@ -463,6 +463,26 @@ def test_quantized_file_writer_accepts_valid_tensors(tmp_path) -> None:
     assert squant_rs.load_quantized(path)["w"].shape == (3, 5)
 
 
+@pytest.mark.parametrize("elems", [2**61, 2**60])
+def test_safetensors_writer_refuses_data_past_the_file_size_limit(tmp_path, elems: int) -> None:
+    """Four float32 tensors of 2^60 or 2^61 elements: the data offsets
+    overflowed (OSError EINVAL from the write); now a clear error before
+    any file exists."""
+    from squant_rs._squant_rs import io_write_safetensors
+
+    path = tmp_path / "big.safetensors"
+    tensors = [(k, "F32", [elems]) for k in "abcd"]
+    with pytest.raises(squant_rs.InvalidArgumentError, match="tensor 'a' is too large"):
+        io_write_safetensors(str(path), tensors, [], lambda i: np.zeros(8, np.uint8))
+    raw = {k: RawTensor("F32", (elems,), np.zeros(8, np.uint8)) for k in "abcd"}
+    with pytest.raises(squant_rs.InvalidArgumentError, match="is too large"):
+        write_safetensors(path, raw)
+    empty = {"z": RawTensor("F32", (0, 2**63), np.zeros(0, np.uint8))}
+    with pytest.raises(squant_rs.InvalidArgumentError, match="tensor 'z' is too large"):
+        write_safetensors(path, empty)
+    assert os.listdir(tmp_path) == []
+
+
 # --------------------------------------------------------------------------
 # sharded checkpoints (issue 12 item 2) and info --verify
 
