@@ -548,6 +548,27 @@ def test_corrupt_shard_is_named_and_leaves_no_output(tmp_path, capsys) -> None:
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+def test_info_verify_says_when_there_are_no_checksums(tmp_path, capsys, good: bytes) -> None:
+    """On a file without checksums (files written before them) info
+    --verify claimed "every checksum, code, scale and zero point"."""
+    src = tmp_path / "g.safetensors"
+    src.write_bytes(good)
+    assert main(["info", str(src), "--verify"]) == 0
+    assert "verified              every checksum, code, scale and zero point\n" in (
+        capsys.readouterr().out
+    )
+    tensors, meta = read_safetensors(src)
+    del meta["checksums"]
+    old = tmp_path / "old.safetensors"
+    write_safetensors(old, tensors, meta)
+    assert main(["info", str(old), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "checksum," not in out
+    assert (
+        "verified              every code, scale and zero point (no checksums in this file)\n"
+    ) in out
+
+
 def test_info_verify_reports_damage(tmp_path, capsys, good: bytes) -> None:
     path = tmp_path / "g.safetensors"
     bad = bytearray(good)

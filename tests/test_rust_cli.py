@@ -16,7 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from squant_rs.formats.safetensors import RawTensor, inspect_quantized, write_safetensors
+from squant_rs.formats.safetensors import (
+    RawTensor,
+    inspect_quantized,
+    read_safetensors,
+    write_safetensors,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -714,3 +719,44 @@ def test_empty_input_tensor_with_a_huge_shape_refused_like_python(
         " ([0, 9223372036854775808])\n"
     )
     assert os.listdir(tmp_path) == ["in.safetensors"]
+
+
+def test_info_verify_without_checksums_like_python(tmp_path, squant_bin: str) -> None:
+    """info --verify said "every checksum, code, scale and zero point" of a
+    file without checksums (or a sharded directory with a shard without)."""
+    _checkpoint(tmp_path / "in.safetensors")
+    p = _py("quantize", str(tmp_path / "in.safetensors"), str(tmp_path / "q.safetensors"))
+    assert p.returncode == 0, p.stderr
+    tensors, meta = read_safetensors(tmp_path / "q.safetensors")
+    del meta["checksums"]
+    write_safetensors(tmp_path / "old.safetensors", tensors, meta)
+    p, r = _both(squant_bin, "info", "--verify", "old.safetensors", cwd=tmp_path)
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert p.stdout == r.stdout
+    assert (
+        "verified              every code, scale and zero point (no checksums in this file)\n"
+        in (r.stdout)
+    )
+    assert "checksum," not in r.stdout
+    # A sharded directory, one of its two shards without checksums.
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    w = np.random.default_rng(0).standard_normal((6, 10)).astype(np.float32)
+    for j in range(2):
+        write_safetensors(ck / f"s{j}.safetensors", {f"l{j}.weight": RawTensor.from_numpy(w)})
+    index = {"weight_map": {f"l{j}.weight": f"s{j}.safetensors" for j in range(2)}}
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    p = _py("quantize", str(ck), str(tmp_path / "qs"))
+    assert p.returncode == 0, p.stderr
+    shard = "s1.safetensors"
+    tensors, meta = read_safetensors(tmp_path / "qs" / shard)
+    del meta["checksums"]
+    os.remove(tmp_path / "qs" / shard)
+    write_safetensors(tmp_path / "qs" / shard, tensors, meta)
+    p, r = _both(squant_bin, "info", "--verify", "qs", cwd=tmp_path)
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert p.stdout == r.stdout
+    assert "and the checksums of the shards that have them (not all do)\n" in r.stdout
+    p, r = _both(squant_bin, "info", "--verify", "q.safetensors", cwd=tmp_path)
+    assert p.stdout == r.stdout
+    assert "verified              every checksum, code, scale and zero point\n" in r.stdout
