@@ -483,6 +483,33 @@ def test_safetensors_writer_refuses_data_past_the_file_size_limit(tmp_path, elem
     assert os.listdir(tmp_path) == []
 
 
+def test_native_quantize_file_refuses_to_replace_its_input(tmp_path) -> None:
+    """io_quantize_file(S, S) replaced the input with its output (the public
+    functions and the CLIs check first; the native function did not)."""
+    from squant_rs._squant_rs import io_quantize_file
+
+    src = tmp_path / "in.safetensors"
+    w = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    write_safetensors(src, {"fc.weight": RawTensor.from_numpy(w)})
+    blob = src.read_bytes()
+    (tmp_path / "link.safetensors").symlink_to("in.safetensors")
+    os.link(src, tmp_path / "hard.safetensors")
+    for dst in ("in.safetensors", "link.safetensors", "hard.safetensors"):
+        with pytest.raises(
+            squant_rs.InvalidArgumentError,
+            match="is the same file as the input .*: refusing to overwrite the input",
+        ):
+            io_quantize_file(str(src), str(tmp_path / dst), 4, "squant", ["*"], [])
+        assert src.read_bytes() == blob
+    assert sorted(os.listdir(tmp_path)) == [
+        "hard.safetensors",
+        "in.safetensors",
+        "link.safetensors",
+    ]
+    io_quantize_file(str(src), str(tmp_path / "q.safetensors"), 4, "squant", ["*"], [])
+    assert squant_rs.load_quantized(tmp_path / "q.safetensors")["fc.weight"].shape == (4, 8)
+
+
 # --------------------------------------------------------------------------
 # sharded checkpoints (issue 12 item 2) and info --verify
 

@@ -392,6 +392,27 @@ impl SafetensorsFile {
         &self.path
     }
 
+    /// Whether `path` names this very file (the same device and inode,
+    /// symlinks followed; elsewhere the same canonical path): a file that
+    /// must not be written over while it is read.
+    pub fn is_same_file(&self, path: &Path) -> bool {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            match (self.file.metadata(), std::fs::metadata(path)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            matches!(
+                (self.path.canonicalize(), path.canonicalize()),
+                (Ok(a), Ok(b)) if a == b
+            )
+        }
+    }
+
     /// The file's size in bytes.
     pub fn size(&self) -> u64 {
         self.size
