@@ -297,9 +297,217 @@ def test_symmetric_quantizer_files(tmp_path) -> None:
     assert inspect_quantized(path).quantizer == "symmetric"
     got = squant_rs.load_quantized(path)["w"]
     assert torch.equal(got, torch.tensor([[-1.0, 0.0, 1.0], [1.0, 2.0, 3.0]]))
-    write(path, 1.0)
+    # The writer refuses a zero point the reader would reject ...
+    with pytest.raises(squant_rs.InvalidArgumentError, match="zero point"):
+        write(tmp_path / "bad.safetensors", 1.0)
+    assert not (tmp_path / "bad.safetensors").exists()
+    # ... and the reader rejects it in a file made otherwise.
+    tensors, meta = read_safetensors(path)
+    zp = np.frombuffer(tensors["w:zero_point"].data, np.float32).copy()
+    zp[0] = 1.0
+    tensors["w:zero_point"] = RawTensor.from_numpy(zp)
+    del meta["checksums"]
+    write_safetensors(tmp_path / "bad.safetensors", tensors, meta)
     with pytest.raises(FormatError, match="corrupt scale or zero point"):
-        squant_rs.load_quantized(path)
+        squant_rs.load_quantized(tmp_path / "bad.safetensors")
+
+
+# --------------------------------------------------------------------------
+# the writers refuse what the reader rejects (rust-bugs items 2, 3, 5, 6, 8)
+
+
+@pytest.mark.parametrize("suffix", [":codes", ":scale", ":zero_point"])
+def test_quantized_weight_named_like_a_part_of_another(tmp_path, suffix: str) -> None:
+    """`a` and `a:codes` both quantized: `a:codes` would be stored as a
+    weight and as the codes of `a`; the file was written and then rejected
+    by load_quantized ("stored both quantized and unchanged")."""
+    path = tmp_path / "c.safetensors"
+    w = torch.randn(4, 8)
+    for sd in ({"a": w, "a" + suffix: w}, {"a" + suffix: w, "a": w}):
+        with pytest.raises(
+            squant_rs.InvalidArgumentError,
+            match=f"cannot quantize 'a': the state dict already has a tensor named 'a{suffix}'",
+        ):
+            squant_rs.save_quantized(sd, path, 4, include="*")
+        assert os.listdir(tmp_path) == []
+    # Only the suffixed one quantized: its parts clash with nothing.
+    squant_rs.save_quantized({"a": w, "a" + suffix: w}, path, 4, include="a:*")
+    got = squant_rs.load_quantized(path)
+    assert torch.equal(got["a"], w)
+    assert [t.name for t in inspect_quantized(path).quantized] == ["a" + suffix]
+
+
+def _with_tensor(tmp_path, good: bytes, entry: dict) -> Path:
+    """`good` with one more (empty) tensor `z`, its checksum listed."""
+    n = int.from_bytes(good[:8], "little")
+    header, data = json.loads(good[8 : 8 + n]), good[8 + n :]
+    header["z"] = {**entry, "data_offsets": [len(data), len(data)]}
+    table = json.loads(header["__metadata__"]["checksums"])
+    table["z"] = "00000000"
+    header["__metadata__"]["checksums"] = json.dumps(table)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "z.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [
+        ("F32", [0, 2**63]),
+        ("F32", [0, 2**64 - 1]),
+        ("F32", [0, 2**61]),
+        ("U8", [0, 2**33, 2**33]),
+        ("F64", [2**31, 2**31, 0]),
+    ],
+)
+def test_empty_tensor_with_a_huge_shape_is_corrupt(
+    tmp_path, good: bytes, dtype: str, shape: list[int]
+) -> None:
+    """A tensor of no element whose shape no numpy or torch tensor can have
+    passed every check and crashed load_quantized in torch (TypeError,
+    RuntimeError "Stride calculation overflowed")."""
+    path = _with_tensor(tmp_path, good, {"dtype": dtype, "shape": shape})
+    match = "tensor 'z' has a shape too large to load"
+    readers = [
+        inspect_quantized,
+        verify_quantized,
+        squant_rs.load_quantized,
+        read_safetensors,
+        lambda p: quantize_checkpoint(p, tmp_path / "out.safetensors"),
+    ]
+    for read in readers:
+        with pytest.raises(FormatError, match=match):
+            read(path)
+    assert sorted(os.listdir(tmp_path)) == ["z.safetensors"]
+
+
+@pytest.mark.parametrize("dtype, shape", [("F32", [0, 2**60]), ("U8", [2**31, 2**31, 0])])
+def test_empty_tensor_with_a_large_shape_loads(
+    tmp_path, good: bytes, dtype: str, shape: list[int]
+) -> None:
+    """The limit is numpy's: the largest such shapes still load."""
+    path = _with_tensor(tmp_path, good, {"dtype": dtype, "shape": shape})
+    verify_quantized(path)
+    z = squant_rs.load_quantized(path)["z"]
+    assert list(z.shape) == shape and z.numel() == 0
+
+
+def _writer_case(path, case: str) -> None:
+    from squant_rs._squant_rs import QuantizedFileWriter
+
+    f32 = np.float32
+    codes, scale, zp = np.zeros(15, np.int8), np.ones(3, f32), np.zeros(3, f32)
+    shape, quantizer, dtype = [3, 5], "asymmetric", "F32"
+    if case == "huge shape":
+        shape = [1, 2**32, 2**32]
+    elif case == "symmetric -8":
+        quantizer, codes = "symmetric", np.full(15, -8, np.int8)
+    elif case == "16 codes":
+        codes = np.arange(16, dtype=np.int8) - 8
+    elif case == "14 codes":
+        codes = np.zeros(14, np.int8)
+    elif case == "code 8":
+        codes = np.full(15, 8, np.int8)
+    elif case.startswith("scale "):
+        scale[1] = float(case.split()[1])
+    elif case.startswith("zero point "):
+        zp[2] = float(case.split()[2])
+    elif case == "symmetric zero point":
+        quantizer, zp[0] = "symmetric", 0.5
+    elif case == "2 scales":
+        scale = scale[:2]
+    elif case == "not finite":
+        codes, scale[1] = np.full(15, 7, np.int8), 1e-45
+    elif case == "not finite bf16":
+        dtype, codes, scale[1] = "BF16", np.full(15, 7, np.int8), 1e-45
+    w = QuantizedFileWriter(str(path), [("w", dtype, shape, 4, "squant")], quantizer)
+    w.write_quantized(0, codes, scale, zp)
+    w.finish()
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("huge shape", "cannot quantize 'w': shape is too large"),
+        ("symmetric -8", r"codes out of range for 4 bits \(symmetric quantizer\)"),
+        ("16 codes", "16 codes given for its 15 elements"),
+        ("14 codes", "14 codes given for its 15 elements"),
+        ("code 8", "codes out of range for 4 bits"),
+        ("scale -1", "invalid scale or zero point for 'w' \\(output channel 1"),
+        ("scale 0", "invalid scale or zero point"),
+        ("scale nan", "invalid scale or zero point"),
+        ("scale inf", "invalid scale or zero point"),
+        ("zero point nan", "invalid scale or zero point for 'w' \\(output channel 2"),
+        ("zero point -inf", "invalid scale or zero point"),
+        ("symmetric zero point", "0 with the symmetric quantizer"),
+        ("2 scales", "2 scales and 3 zero points given, expected 3 of each"),
+        ("not finite", "output channel 1 dequantizes to values that are not finite in F32"),
+        ("not finite bf16", "not finite in BF16"),
+    ],
+)
+def test_quantized_file_writer_refuses_what_load_rejects(tmp_path, case: str, match: str) -> None:
+    """The native writer wrote files load_quantized rejects (a shape whose
+    element count wrapped around, symmetric code -8, bad scales or zero
+    points, values that dequantize to infinity) and took 16 codes for 15
+    elements; each is refused and nothing is left behind."""
+    with pytest.raises(squant_rs.InvalidArgumentError, match=match):
+        _writer_case(tmp_path / "w.safetensors", case)
+    assert os.listdir(tmp_path) == []
+
+
+def test_quantized_file_writer_accepts_valid_tensors(tmp_path) -> None:
+    path = tmp_path / "ok.safetensors"
+    _writer_case(path, "valid")
+    assert squant_rs.load_quantized(path)["w"].shape == (3, 5)
+
+
+@pytest.mark.parametrize("elems", [2**61, 2**60])
+def test_safetensors_writer_refuses_data_past_the_file_size_limit(tmp_path, elems: int) -> None:
+    """Four float32 tensors of 2^60 or 2^61 elements: the data offsets
+    overflowed (OSError EINVAL from the write); now a clear error before
+    any file exists."""
+    from squant_rs._squant_rs import io_write_safetensors
+
+    path = tmp_path / "big.safetensors"
+    tensors = [(k, "F32", [elems]) for k in "abcd"]
+    with pytest.raises(squant_rs.InvalidArgumentError, match="tensor 'a' is too large"):
+        io_write_safetensors(str(path), tensors, [], lambda i: np.zeros(8, np.uint8))
+    raw = {k: RawTensor("F32", (elems,), np.zeros(8, np.uint8)) for k in "abcd"}
+    with pytest.raises(squant_rs.InvalidArgumentError, match="is too large"):
+        write_safetensors(path, raw)
+    empty = {"z": RawTensor("F32", (0, 2**63), np.zeros(0, np.uint8))}
+    with pytest.raises(squant_rs.InvalidArgumentError, match="tensor 'z' is too large"):
+        write_safetensors(path, empty)
+    assert os.listdir(tmp_path) == []
+
+
+def test_native_quantize_file_refuses_to_replace_its_input(tmp_path) -> None:
+    """io_quantize_file(S, S) replaced the input with its output (the public
+    functions and the CLIs check first; the native function did not)."""
+    from squant_rs._squant_rs import io_quantize_file
+
+    src = tmp_path / "in.safetensors"
+    w = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    write_safetensors(src, {"fc.weight": RawTensor.from_numpy(w)})
+    blob = src.read_bytes()
+    (tmp_path / "link.safetensors").symlink_to("in.safetensors")
+    os.link(src, tmp_path / "hard.safetensors")
+    for dst in ("in.safetensors", "link.safetensors", "hard.safetensors"):
+        with pytest.raises(
+            squant_rs.InvalidArgumentError,
+            match="is the same file as the input .*: refusing to overwrite the input",
+        ):
+            io_quantize_file(str(src), str(tmp_path / dst), 4, "squant", ["*"], [])
+        assert src.read_bytes() == blob
+    assert sorted(os.listdir(tmp_path)) == [
+        "hard.safetensors",
+        "in.safetensors",
+        "link.safetensors",
+    ]
+    io_quantize_file(str(src), str(tmp_path / "q.safetensors"), 4, "squant", ["*"], [])
+    assert squant_rs.load_quantized(tmp_path / "q.safetensors")["fc.weight"].shape == (4, 8)
 
 
 # --------------------------------------------------------------------------
@@ -365,6 +573,27 @@ def test_corrupt_shard_is_named_and_leaves_no_output(tmp_path, capsys) -> None:
     assert err.count("\n") == 1 and "model-00002-of-00003.safetensors" in err
     assert "truncated" in err
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_info_verify_says_when_there_are_no_checksums(tmp_path, capsys, good: bytes) -> None:
+    """On a file without checksums (files written before them) info
+    --verify claimed "every checksum, code, scale and zero point"."""
+    src = tmp_path / "g.safetensors"
+    src.write_bytes(good)
+    assert main(["info", str(src), "--verify"]) == 0
+    assert "verified              every checksum, code, scale and zero point\n" in (
+        capsys.readouterr().out
+    )
+    tensors, meta = read_safetensors(src)
+    del meta["checksums"]
+    old = tmp_path / "old.safetensors"
+    write_safetensors(old, tensors, meta)
+    assert main(["info", str(old), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "checksum," not in out
+    assert (
+        "verified              every code, scale and zero point (no checksums in this file)\n"
+    ) in out
 
 
 def test_info_verify_reports_damage(tmp_path, capsys, good: bytes) -> None:

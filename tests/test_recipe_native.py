@@ -98,6 +98,40 @@ def test_scale_channels_is_numpy_multiply_bit_for_bit() -> None:
         scale_channels([ws[2]], [ks[2]], [np.asfortranarray(outs[2])])
 
 
+def test_scale_channels_refuses_outputs_it_cannot_write() -> None:
+    """An output that is a weight, another output, shares their memory or
+    is read-only raised a PanicException (AlreadyBorrowed, NotWriteable)."""
+    w = np.ones((4, 8), np.float32)
+    k = np.full(4, 2.0, np.float32)
+    busy = "output must be a writeable array not borrowed elsewhere"
+    with pytest.raises(InvalidArgumentError, match=f"weight 0: {busy}"):
+        scale_channels([w], [k], [w])
+    with pytest.raises(InvalidArgumentError, match=f"weight 0: {busy}"):
+        scale_channels([w], [k], [w[::-1]])
+    out = np.zeros((4, 8), np.float32)
+    with pytest.raises(InvalidArgumentError, match=f"weight 1: {busy}"):
+        scale_channels([w, w], [k, k], [out, out])
+    frozen = np.zeros((4, 8), np.float32)
+    frozen.setflags(write=False)
+    with pytest.raises(InvalidArgumentError, match=f"weight 0: {busy}"):
+        scale_channels([w], [k], [frozen])
+    # Two arrays over one buffer: the borrow checks cannot tell.
+    buf = bytearray(2 * w.nbytes)
+    a, b = (np.frombuffer(buf, np.float32, 32).reshape(4, 8) for _ in range(2))
+    with pytest.raises(
+        InvalidArgumentError, match="weight 1: output overlaps the memory of output 0"
+    ):
+        scale_channels([w, w], [k, k], [a, b])
+    wa = np.frombuffer(buf, np.float32, 32).reshape(4, 8)
+    with pytest.raises(
+        InvalidArgumentError, match="weight 0: output overlaps the memory of weight 0"
+    ):
+        scale_channels([wa], [k], [np.frombuffer(buf, np.float32, 32).reshape(4, 8)])
+    assert not out.any() and not frozen.any() and not any(buf)
+    scale_channels([w], [k], [out])
+    assert (out == 2.0).all()
+
+
 @pytest.mark.parametrize("abits", [None, 8])
 def test_pipeline_native_dots_match_einsum_path(
     abits: int | None, monkeypatch: pytest.MonkeyPatch

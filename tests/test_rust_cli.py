@@ -16,7 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from squant_rs.formats.safetensors import RawTensor, inspect_quantized, write_safetensors
+from squant_rs.formats.safetensors import (
+    RawTensor,
+    inspect_quantized,
+    read_safetensors,
+    write_safetensors,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -652,3 +657,106 @@ def test_header_length_starting_with_pickle_byte_is_safetensors(
     assert "(torch)" not in p.stdout
     assert py_out.read_bytes() == rs_out.read_bytes()
     assert [(t.name, t.bits) for t in inspect_quantized(py_out).tensors] == [("fc.weight", 4)]
+
+
+def test_quantized_names_that_clash_refused_like_python(tmp_path, squant_bin: str) -> None:
+    """`w` and `w:codes` both quantized (--include '*'): both CLIs wrote the
+    same file, which info and load_quantized then rejected; now both refuse
+    in the same words before writing anything."""
+    w = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    raw = RawTensor.from_numpy(w)
+    write_safetensors(tmp_path / "in.safetensors", {"w": raw, "w:codes": raw})
+    p, r = _both(
+        squant_bin, "quantize", "in.safetensors", "q.safetensors", "--include", "*", cwd=tmp_path
+    )
+    _same_message(p, r)
+    assert r.returncode == 2
+    assert _message(r.stderr) == (
+        "cannot quantize 'w': the state dict already has a tensor named 'w:codes'\n"
+    )
+    assert os.listdir(tmp_path) == ["in.safetensors"]
+    # `w:codes` alone quantized clashes with nothing: the same file, valid.
+    p = _py(
+        "quantize",
+        str(tmp_path / "in.safetensors"),
+        str(tmp_path / "p.safetensors"),
+        "--include",
+        "w:*",
+    )
+    r = _run(
+        squant_bin,
+        "quantize",
+        str(tmp_path / "in.safetensors"),
+        str(tmp_path / "r.safetensors"),
+        "--include",
+        "w:*",
+    )
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert (tmp_path / "p.safetensors").read_bytes() == (tmp_path / "r.safetensors").read_bytes()
+    assert [t.name for t in inspect_quantized(tmp_path / "r.safetensors").quantized] == ["w:codes"]
+    p, r = _both(squant_bin, "info", "--verify", "r.safetensors", cwd=tmp_path)
+    assert p.returncode == r.returncode == 0 and p.stdout == r.stdout
+
+
+def test_empty_input_tensor_with_a_huge_shape_refused_like_python(
+    tmp_path, squant_bin: str
+) -> None:
+    """A plain input holding a tensor of shape [0, 2^63] was quantized by
+    both CLIs into a file load_quantized could not read (torch TypeError)."""
+    w = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    header = {
+        "fc.weight": {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, w.nbytes]},
+        "z.weight": {"dtype": "F32", "shape": [0, 2**63], "data_offsets": [w.nbytes, w.nbytes]},
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (tmp_path / "in.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + w.tobytes())
+    p, r = _both(squant_bin, "quantize", "in.safetensors", "q.safetensors", cwd=tmp_path)
+    _same_message(p, r)
+    assert r.returncode == 2
+    assert _message(r.stderr) == (
+        "in.safetensors: corrupt header: tensor 'z.weight' has a shape too large to load"
+        " ([0, 9223372036854775808])\n"
+    )
+    assert os.listdir(tmp_path) == ["in.safetensors"]
+
+
+def test_info_verify_without_checksums_like_python(tmp_path, squant_bin: str) -> None:
+    """info --verify said "every checksum, code, scale and zero point" of a
+    file without checksums (or a sharded directory with a shard without)."""
+    _checkpoint(tmp_path / "in.safetensors")
+    p = _py("quantize", str(tmp_path / "in.safetensors"), str(tmp_path / "q.safetensors"))
+    assert p.returncode == 0, p.stderr
+    tensors, meta = read_safetensors(tmp_path / "q.safetensors")
+    del meta["checksums"]
+    write_safetensors(tmp_path / "old.safetensors", tensors, meta)
+    p, r = _both(squant_bin, "info", "--verify", "old.safetensors", cwd=tmp_path)
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert p.stdout == r.stdout
+    assert (
+        "verified              every code, scale and zero point (no checksums in this file)\n"
+        in (r.stdout)
+    )
+    assert "checksum," not in r.stdout
+    # A sharded directory, one of its two shards without checksums.
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    w = np.random.default_rng(0).standard_normal((6, 10)).astype(np.float32)
+    for j in range(2):
+        write_safetensors(ck / f"s{j}.safetensors", {f"l{j}.weight": RawTensor.from_numpy(w)})
+    index = {"weight_map": {f"l{j}.weight": f"s{j}.safetensors" for j in range(2)}}
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    p = _py("quantize", str(ck), str(tmp_path / "qs"))
+    assert p.returncode == 0, p.stderr
+    shard = "s1.safetensors"
+    tensors, meta = read_safetensors(tmp_path / "qs" / shard)
+    del meta["checksums"]
+    os.remove(tmp_path / "qs" / shard)
+    write_safetensors(tmp_path / "qs" / shard, tensors, meta)
+    p, r = _both(squant_bin, "info", "--verify", "qs", cwd=tmp_path)
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert p.stdout == r.stdout
+    assert "and the checksums of the shards that have them (not all do)\n" in r.stdout
+    p, r = _both(squant_bin, "info", "--verify", "q.safetensors", cwd=tmp_path)
+    assert p.stdout == r.stdout
+    assert "verified              every checksum, code, scale and zero point\n" in r.stdout

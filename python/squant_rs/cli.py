@@ -875,7 +875,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ["as float32", f"{format_bytes(f32)} ({info.file_size / max(f32, 1):.3f}x)"],
     ]
     if args.verify:
-        rows.append(["verified", "every checksum, code, scale and zero point"])
+        if info.has_checksums:
+            verified = "every checksum, code, scale and zero point"
+        elif not is_sharded(path):
+            verified = "every code, scale and zero point (no checksums in this file)"
+        else:
+            verified = (
+                "every code, scale and zero point, "
+                "and the checksums of the shards that have them (not all do)"
+            )
+        rows.append(["verified", verified])
     # Everything is formatted before anything is printed: no partial output.
     lines = [f"{label:<22}{printable(value)}" for label, value in rows]
     if args.verbose or len(info.tensors) <= 50:

@@ -305,7 +305,9 @@ def write_safetensors(
         The file's size in bytes.
 
     Raises:
-        InvalidArgumentError: a tensor named ``__metadata__`` or twice.
+        InvalidArgumentError: a tensor named ``__metadata__`` or twice, or
+            too large (a shape numpy could not make, or data past 2^62
+            bytes in all).
         OSError: the file cannot be written (nothing is left behind).
     """
     items = [(_utf8_name(key), t.dtype, list(t.shape)) for key, t in tensors.items()]

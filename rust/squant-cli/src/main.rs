@@ -778,10 +778,14 @@ fn cmd_info(
         ),
     ];
     if verify {
-        rows.push((
-            "verified",
-            "every checksum, code, scale and zero point".to_string(),
-        ));
+        let what = if files.iter().all(|f| f.checksums.is_some()) {
+            "every checksum, code, scale and zero point"
+        } else if !squant_io::is_sharded(path) {
+            "every code, scale and zero point (no checksums in this file)"
+        } else {
+            "every code, scale and zero point, and the checksums of the shards that have them (not all do)"
+        };
+        rows.push(("verified", what.to_string()));
     }
     for (label, value) in rows {
         out!("{label:<22}{}", printable(&value));

@@ -54,6 +54,20 @@ pub fn item_size(d: Dtype) -> usize {
     d.bitsize() / 8
 }
 
+/// Bytes of a tensor of `shape` with items of `item_size` bytes, or `None`
+/// when numpy and torch could not make such a tensor: the item size times
+/// the product of the dimensions, zeros counted as ones, must not exceed
+/// `isize::MAX` (numpy's rule; torch's strides and storage size then fit
+/// its 64-bit integers too). An empty tensor of shape `[0, 2^63]` holds no
+/// byte, yet no reader could make it.
+pub fn checked_nbytes(item_size: usize, shape: &[usize]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(item_size, |a, &d| a.checked_mul(d.max(1)))
+        .filter(|&n| n <= isize::MAX as usize)?;
+    Some(shape.iter().product::<usize>() * item_size)
+}
+
 /// Whether SQuant can quantize tensors of this dtype.
 pub fn is_float(d: Dtype) -> bool {
     matches!(d, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16)
@@ -167,6 +181,22 @@ pub fn store_f32(d: Dtype, v: f32, out: &mut [u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checked_nbytes_refuses_what_numpy_cannot_make() {
+        assert_eq!(checked_nbytes(4, &[3, 5]), Some(60));
+        assert_eq!(checked_nbytes(4, &[]), Some(4));
+        assert_eq!(checked_nbytes(4, &[0, 1 << 20]), Some(0));
+        assert_eq!(checked_nbytes(4, &[0, 1 << 60]), Some(0));
+        assert_eq!(checked_nbytes(1, &[0, isize::MAX as usize]), Some(0));
+        // Zero elements, yet beyond numpy's and torch's limits.
+        assert_eq!(checked_nbytes(4, &[0, 1 << 61]), None);
+        assert_eq!(checked_nbytes(4, &[0, 1 << 63]), None);
+        assert_eq!(checked_nbytes(1, &[0, 1 << 33, 1 << 33]), None);
+        assert_eq!(checked_nbytes(8, &[1 << 31, 1 << 31, 0]), None);
+        assert_eq!(checked_nbytes(4, &[1 << 61]), None);
+        assert_eq!(checked_nbytes(1, &[usize::MAX]), None);
+    }
 
     #[test]
     fn bf16_conversion_matches_scalar() {

@@ -121,10 +121,7 @@ fn parse_entry(info: &Value) -> std::result::Result<QEntry, String> {
         })
         .filter(|s| s.len() >= 2 && s.iter().all(|&d| d > 0))
         .ok_or("shape must list 2 or more positive dimensions")?;
-    shape
-        .iter()
-        .try_fold(8usize, |a, &d| a.checked_mul(d))
-        .ok_or("shape is too large")?;
+    check_shape(&shape)?;
     let dtype = info
         .get("dtype")
         .and_then(Value::as_str)
@@ -147,6 +144,14 @@ fn parse_entry(info: &Value) -> std::result::Result<QEntry, String> {
         shape,
         dtype,
     })
+}
+
+/// The size limit of a quantized weight's shape (whatever its dtype):
+/// as float64 it must be a tensor numpy and torch can make.
+fn check_shape(shape: &[usize]) -> std::result::Result<(), &'static str> {
+    dtype::checked_nbytes(8, shape)
+        .map(|_| ())
+        .ok_or("shape is too large")
 }
 
 fn parse_checksums(text: &str) -> std::result::Result<HashMap<String, u32>, String> {
@@ -368,17 +373,38 @@ impl SquantFile {
 }
 
 /// A squant-rs file being written: the state dict's tensors in order, each
-/// stored unchanged or quantized (codes packed on the way).
+/// stored unchanged or quantized (codes packed on the way). It refuses
+/// anything [`SquantFile::open`] and the loader would reject (names that
+/// clash, shapes too large, codes, scales or zero points that are not
+/// valid), so a file it completes always loads.
 pub struct SquantWriter {
     w: Writer,
-    /// Per logical tensor: stored indices (plain: one; quantized: codes,
-    /// scale, zero point) and bits (0 for plain).
-    slots: Vec<(Vec<usize>, u32)>,
+    slots: Vec<Slot>,
+    quantizer: Quantizer,
+}
+
+/// One logical tensor of a [`SquantWriter`].
+struct Slot {
+    name: String,
+    /// Stored indices (plain: one; quantized: codes, scale, zero point).
+    at: Vec<usize>,
+    /// The quantized weight's metadata (`None`: plain).
+    q: Option<QEntry>,
+    /// Codes given so far (quantized).
+    codes: usize,
+}
+
+impl Slot {
+    fn bits(&self) -> u32 {
+        self.q.as_ref().map_or(0, |q| q.bits)
+    }
 }
 
 impl SquantWriter {
     /// Plans the file: `tensors` in state-dict order. Names are checked:
-    /// none may end in a reserved suffix or clash with a quantized part.
+    /// none may end in a reserved suffix or clash with a quantized part
+    /// (`w` and `w:codes` both quantized would store `w:codes` twice over:
+    /// as a weight and as the codes of `w`).
     pub fn create(target: &Path, tensors: &[(String, Kind)], quantizer: Quantizer) -> Result<Self> {
         let mut names: HashMap<&str, usize> = HashMap::with_capacity(tensors.len());
         for (i, (name, _)) in tensors.iter().enumerate() {
@@ -389,6 +415,19 @@ impl SquantWriter {
                 )));
             }
         }
+        let quantized_base = |base: &str| {
+            matches!(
+                names.get(base).map(|&j| &tensors[j].1),
+                Some(Kind::Quantized(_))
+            )
+        };
+        let clash = |base: &str, name: &str| {
+            IoError::InvalidArgument(format!(
+                "cannot quantize {}: the state dict already has a tensor named {}",
+                repr(base),
+                repr(name)
+            ))
+        };
         let mut planned = Vec::with_capacity(tensors.len() + 8);
         let mut table = serde_json::Map::new();
         let mut slots = Vec::with_capacity(tensors.len());
@@ -396,21 +435,21 @@ impl SquantWriter {
             match kind {
                 Kind::Plain { dtype, shape } => {
                     if let Some(base) = base_of(name) {
-                        let why = match names.get(base).map(|&j| &tensors[j].1) {
-                            Some(Kind::Quantized(_)) => format!(
-                                "cannot quantize {}: the state dict already has a tensor named {}",
-                                repr(base),
-                                repr(name)
-                            ),
-                            _ => format!(
-                                "tensor name {} ends in {}, which squant-rs files reserve for quantized weights",
-                                repr(name),
-                                repr(&name[base.len()..])
-                            ),
-                        };
-                        return Err(IoError::InvalidArgument(why));
+                        if quantized_base(base) {
+                            return Err(clash(base, name));
+                        }
+                        return Err(IoError::InvalidArgument(format!(
+                            "tensor name {} ends in {}, which squant-rs files reserve for quantized weights",
+                            repr(name),
+                            repr(&name[base.len()..])
+                        )));
                     }
-                    slots.push((vec![planned.len()], 0));
+                    slots.push(Slot {
+                        name: name.clone(),
+                        at: vec![planned.len()],
+                        q: None,
+                        codes: 0,
+                    });
                     planned.push(Planned {
                         name: name.clone(),
                         dtype: *dtype,
@@ -418,17 +457,28 @@ impl SquantWriter {
                     });
                 }
                 Kind::Quantized(q) => {
+                    if let Some(base) = base_of(name).filter(|b| quantized_base(b)) {
+                        return Err(clash(base, name));
+                    }
                     if q.shape.len() < 2 || q.shape.contains(&0) || !dtype::is_float(q.dtype) {
                         return Err(IoError::InvalidArgument(format!(
                             "cannot quantize {}: not a floating tensor of 2+ dimensions with elements",
                             repr(name)
                         )));
                     }
+                    check_shape(&q.shape).map_err(|why| {
+                        IoError::InvalidArgument(format!("cannot quantize {}: {why}", repr(name)))
+                    })?;
                     squant_core::qparams::check_bits(q.bits)
                         .map_err(|e| IoError::InvalidArgument(e.to_string()))?;
                     let numel: usize = q.shape.iter().product();
                     let at = planned.len();
-                    slots.push((vec![at, at + 1, at + 2], q.bits));
+                    slots.push(Slot {
+                        name: name.clone(),
+                        at: vec![at, at + 1, at + 2],
+                        q: Some(q.clone()),
+                        codes: 0,
+                    });
                     planned.push(Planned {
                         name: format!("{name}{CODES}"),
                         dtype: Dtype::U8,
@@ -464,13 +514,17 @@ impl SquantWriter {
             metadata.push(("quantizer".to_string(), quantizer.as_str().to_string()));
         }
         let w = Writer::create(target, &planned, &metadata, true)?;
-        Ok(SquantWriter { w, slots })
+        Ok(SquantWriter {
+            w,
+            slots,
+            quantizer,
+        })
     }
 
-    fn slot(&self, i: usize, quantized: bool) -> Result<&(Vec<usize>, u32)> {
+    fn slot(&self, i: usize, quantized: bool) -> Result<&Slot> {
         self.slots
             .get(i)
-            .filter(|s| (s.1 != 0) == quantized)
+            .filter(|s| s.q.is_some() == quantized)
             .ok_or_else(|| {
                 IoError::InvalidArgument(format!(
                     "tensor {i} is not a {} tensor of this file",
@@ -481,46 +535,124 @@ impl SquantWriter {
 
     /// Appends raw bytes of plain tensor `i`.
     pub fn write_plain(&mut self, i: usize, bytes: &[u8]) -> Result<()> {
-        let at = self.slot(i, false)?.0[0];
+        let at = self.slot(i, false)?.at[0];
         self.w.write(at, bytes)
     }
 
-    /// Appends codes of quantized tensor `i` (row-major). Every call but the
-    /// last of a tensor must pass a multiple of 4 codes.
-    pub fn write_codes(&mut self, i: usize, codes: &[i8], packed: &mut Vec<u8>) -> Result<()> {
-        let (at, bits) = {
-            let s = self.slot(i, true)?;
-            (s.0[0], s.1)
-        };
-        let lo = -(1i16 << (bits - 1));
+    /// The range of valid codes of `bits` bits for this file's quantizer
+    /// (the symmetric one never uses -2^(bits-1)).
+    fn code_range(&self, bits: u32) -> (i8, i8) {
+        let lo = -(1i16 << (bits - 1)) + i16::from(self.quantizer == Quantizer::Symmetric);
         let hi = (1i16 << (bits - 1)) - 1;
-        if let Some(q) = crate::pack::first_out_of_range(codes, lo as i8, hi as i8) {
+        (lo as i8, hi as i8)
+    }
+
+    /// Checks `codes` as the next codes of quantized tensor `i`: their
+    /// range, and their count (never more than the weight has; every part
+    /// but the last a multiple of 4 codes).
+    fn check_codes(&self, i: usize, codes: &[i8]) -> Result<()> {
+        let s = self.slot(i, true)?;
+        let bits = s.bits();
+        let (lo, hi) = self.code_range(bits);
+        if let Some(q) = crate::pack::first_out_of_range(codes, lo, hi) {
+            let which = if self.quantizer == Quantizer::Symmetric {
+                " (symmetric quantizer)"
+            } else {
+                ""
+            };
             return Err(IoError::InvalidArgument(format!(
-                "codes out of range for {bits} bits: expected values in [{lo}, {hi}], got {q}"
+                "codes out of range for {bits} bits{which}: expected values in [{lo}, {hi}], got {q}"
             )));
         }
+        let numel: usize = s.q.as_ref().map_or(0, |q| q.shape.iter().product());
+        let given = s.codes + codes.len();
+        if given > numel {
+            return Err(IoError::InvalidArgument(format!(
+                "tensor {}: {given} codes given for its {numel} elements",
+                repr(&s.name)
+            )));
+        }
+        if given < numel && !codes.len().is_multiple_of(4) {
+            return Err(IoError::InvalidArgument(format!(
+                "tensor {}: {} codes given, not a multiple of 4 and not the last of its {numel}",
+                repr(&s.name),
+                codes.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Appends codes of quantized tensor `i` (row-major). Every call but the
+    /// last of a tensor must pass a multiple of 4 codes. Codes out of range
+    /// (including -2^(bits-1) for the symmetric quantizer) and more codes
+    /// than the weight has are refused.
+    pub fn write_codes(&mut self, i: usize, codes: &[i8], packed: &mut Vec<u8>) -> Result<()> {
+        self.check_codes(i, codes)?;
+        let (at, bits) = {
+            let s = &self.slots[i];
+            (s.at[0], s.bits())
+        };
         packed.clear();
         pack_into(codes, bits, packed);
-        self.w.write(at, packed)
+        self.w.write(at, packed)?;
+        self.slots[i].codes += codes.len();
+        Ok(())
     }
 
     /// Appends codes of quantized tensor `i` already packed (see
     /// [`crate::pack::pack_slice`]; the caller guarantees valid codes).
     pub fn write_packed(&mut self, i: usize, packed: &[u8]) -> Result<()> {
-        let at = self.slot(i, true)?.0[0];
+        let at = self.slot(i, true)?.at[0];
         self.w.write(at, packed)
     }
 
     /// File offset of the next packed byte of quantized tensor `i` (see
     /// [`Writer::next_offset`]).
     pub fn next_codes_offset(&self, i: usize) -> Option<u64> {
-        let at = *self.slot(i, true).ok()?.0.first()?;
+        let at = *self.slot(i, true).ok()?.at.first()?;
         self.w.next_offset(at)
     }
 
-    /// Writes the per-channel scale and zero point of quantized tensor `i`.
+    /// Checks the per-channel scale and zero point of quantized tensor `i`
+    /// as the loader does: one of each per output channel, every scale
+    /// finite and positive, every zero point finite (0 for the symmetric
+    /// quantizer).
+    fn check_params(&self, i: usize, scale: &[f32], zero_point: &[f32]) -> Result<()> {
+        let s = self.slot(i, true)?;
+        let oc = s.q.as_ref().map_or(0, |q| q.shape[0]);
+        if scale.len() != oc || zero_point.len() != oc {
+            return Err(IoError::InvalidArgument(format!(
+                "tensor {}: {} scales and {} zero points given, expected {oc} of each (one per output channel)",
+                repr(&s.name),
+                scale.len(),
+                zero_point.len()
+            )));
+        }
+        let symmetric = self.quantizer == Quantizer::Symmetric;
+        let bad = scale.iter().zip(zero_point).position(|(&s, &z)| {
+            !(s.is_finite() && s > 0.0 && z.is_finite() && (!symmetric || z == 0.0))
+        });
+        if let Some(c) = bad {
+            return Err(IoError::InvalidArgument(format!(
+                "invalid scale or zero point for {} (output channel {c}: scale {}, zero point {}): scales must be finite and positive, zero points finite{}",
+                repr(&s.name),
+                scale[c],
+                zero_point[c],
+                if symmetric {
+                    " and 0 with the symmetric quantizer"
+                } else {
+                    ""
+                }
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the per-channel scale and zero point of quantized tensor `i`
+    /// (checked as the loader checks them).
     pub fn write_params(&mut self, i: usize, scale: &[f32], zero_point: &[f32]) -> Result<()> {
-        let idx = self.slot(i, true)?.0.clone();
+        self.check_params(i, scale, zero_point)?;
+        let idx = self.slots[i].at.clone();
         for (at, v) in [(idx[1], scale), (idx[2], zero_point)] {
             let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
             self.w.write(at, &bytes)?;
@@ -528,8 +660,222 @@ impl SquantWriter {
         Ok(())
     }
 
+    /// Writes the whole of quantized tensor `i`: all its codes (row-major)
+    /// and its per-channel scale and zero point, after every check the
+    /// loader makes, the dequantized values included (each must be finite
+    /// in the weight's dtype). `packed` is scratch space.
+    pub fn write_quantized(
+        &mut self,
+        i: usize,
+        codes: &[i8],
+        scale: &[f32],
+        zero_point: &[f32],
+        packed: &mut Vec<u8>,
+    ) -> Result<()> {
+        let s = self.slot(i, true)?;
+        let Some(q) = s.q.as_ref() else {
+            return Err(IoError::InvalidArgument(format!(
+                "tensor {i} is not quantized"
+            )));
+        };
+        let numel: usize = q.shape.iter().product();
+        if s.codes != 0 || codes.len() != numel {
+            return Err(IoError::InvalidArgument(format!(
+                "tensor {}: {} codes given for its {numel} elements",
+                repr(&s.name),
+                s.codes + codes.len()
+            )));
+        }
+        self.check_codes(i, codes)?;
+        self.check_params(i, scale, zero_point)?;
+        // The loader's own check, on the codes as it unpacks them.
+        let offset = 1i16 << (q.bits - 1);
+        packed.clear();
+        packed.extend(codes.iter().map(|&c| (i16::from(c) + offset) as u8));
+        let g = numel / q.shape[0];
+        if let Some(c) = crate::load::dequantize_piece(q, g, scale, zero_point, packed, None) {
+            return Err(IoError::InvalidArgument(format!(
+                "cannot store {}: output channel {c} dequantizes to values that are not finite in {}",
+                repr(&s.name),
+                dtype::name(q.dtype)
+            )));
+        }
+        self.write_codes(i, codes, packed)?;
+        self.write_params(i, scale, zero_point)
+    }
+
     /// Completes the file (see [`Writer::finish`]); returns its size.
     pub fn finish(self) -> Result<u64> {
         self.w.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("squant-io-format-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn weight() -> QEntry {
+        QEntry {
+            bits: 4,
+            mode: Mode::Full,
+            shape: vec![2, 3],
+            dtype: Dtype::F32,
+        }
+    }
+
+    /// The file of `tensors` laid out as `SquantWriter` lays it out, but
+    /// without its name checks (straight through `Writer`); whether the
+    /// reader accepts it (a file that cannot even be laid out, with two
+    /// stored tensors of one name, counts as rejected).
+    fn reader_accepts(path: &Path, tensors: &[(String, Kind)]) -> bool {
+        let mut planned = Vec::new();
+        let mut table = serde_json::Map::new();
+        for (name, kind) in tensors {
+            match kind {
+                Kind::Plain { dtype, shape } => planned.push(Planned {
+                    name: name.clone(),
+                    dtype: *dtype,
+                    shape: shape.clone(),
+                }),
+                Kind::Quantized(q) => {
+                    planned.push(Planned {
+                        name: format!("{name}{CODES}"),
+                        dtype: Dtype::U8,
+                        shape: vec![packed_size(6, q.bits)],
+                    });
+                    for s in [SCALE, ZERO_POINT] {
+                        planned.push(Planned {
+                            name: format!("{name}{s}"),
+                            dtype: Dtype::F32,
+                            shape: vec![2],
+                        });
+                    }
+                    table.insert(
+                        name.clone(),
+                        serde_json::json!({"bits": 4, "mode": "squant", "shape": [2, 3], "dtype": "F32"}),
+                    );
+                }
+            }
+        }
+        let metadata = vec![
+            ("format".to_string(), FORMAT_NAME.to_string()),
+            ("format_version".to_string(), FORMAT_VERSION.to_string()),
+            ("quantized".to_string(), Value::Object(table).to_string()),
+        ];
+        let Ok(mut w) = Writer::create(path, &planned, &metadata, true) else {
+            return false;
+        };
+        for (i, p) in planned.iter().enumerate() {
+            let data = if p.dtype == Dtype::F32 {
+                1f32.to_le_bytes().repeat(p.nbytes().unwrap() / 4)
+            } else {
+                vec![0x88; p.nbytes().unwrap()]
+            };
+            w.write(i, &data).unwrap();
+        }
+        w.finish().unwrap();
+        let ok = SquantFile::open(path).and_then(|f| f.verify()).is_ok();
+        std::fs::remove_file(path).unwrap();
+        ok
+    }
+
+    /// Every state dict over names that end in the reserved suffixes, each
+    /// name absent, plain or quantized, in two orders: `SquantWriter`
+    /// refuses exactly those whose file the reader would reject (it
+    /// wrote `w` and `w:codes` both quantized, which the reader rejects).
+    #[test]
+    fn writer_refuses_exactly_the_name_sets_the_reader_rejects() {
+        let dir = scratch("names");
+        let pool = [
+            "a",
+            "a:codes",
+            "a:scale",
+            "a:codes:zero_point",
+            "a:zero_point:codes",
+        ];
+        let (mut accepted, mut refused) = (0, 0);
+        for combo in 0..3usize.pow(pool.len() as u32) {
+            let mut tensors = Vec::new();
+            let mut c = combo;
+            for name in pool {
+                let kind = match c % 3 {
+                    0 => None,
+                    1 => Some(Kind::Plain {
+                        dtype: Dtype::F32,
+                        shape: vec![2],
+                    }),
+                    _ => Some(Kind::Quantized(weight())),
+                };
+                c /= 3;
+                if let Some(kind) = kind {
+                    tensors.push((name.to_string(), kind));
+                }
+            }
+            for order in 0..2 {
+                if order == 1 {
+                    tensors.reverse();
+                }
+                let path = dir.join("f.safetensors");
+                let want = reader_accepts(&path, &tensors);
+                let got = match SquantWriter::create(&path, &tensors, Quantizer::Asymmetric) {
+                    Ok(w) => {
+                        drop(w);
+                        true
+                    }
+                    Err(IoError::InvalidArgument(_)) => false,
+                    Err(e) => panic!("{e}"),
+                };
+                assert_eq!(got, want, "{tensors:?}");
+                if want {
+                    accepted += 1;
+                } else {
+                    refused += 1;
+                }
+            }
+        }
+        assert!(accepted > 20 && refused > 20, "{accepted} {refused}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Codes given in parts: their count and range are checked as they
+    /// come, the parameters when given; the file then loads.
+    #[test]
+    fn writer_checks_codes_and_parameters() {
+        let dir = scratch("codes");
+        let path = dir.join("f.safetensors");
+        let q = QEntry {
+            shape: vec![2, 5],
+            ..weight()
+        };
+        let plan = [("w".to_string(), Kind::Quantized(q))];
+        let mut w = SquantWriter::create(&path, &plan, Quantizer::Symmetric).unwrap();
+        let mut packed = Vec::new();
+        let err = |r: Result<()>| match r {
+            Err(IoError::InvalidArgument(m)) => m,
+            other => panic!("{:?}", other.map(|_| ())),
+        };
+        assert!(err(w.write_codes(0, &[-8], &mut packed)).contains("[-7, 7], got -8"));
+        assert!(err(w.write_codes(0, &[1, 2, 3], &mut packed)).contains("not a multiple of 4"));
+        w.write_codes(0, &[1, 2, 3, 4], &mut packed).unwrap();
+        assert!(err(w.write_codes(0, &[0; 7], &mut packed)).contains("11 codes given for its 10"));
+        w.write_codes(0, &[-7; 6], &mut packed).unwrap();
+        assert!(err(w.write_params(0, &[1.0, 2.0], &[0.0, 0.5])).contains("channel 1"));
+        assert!(err(w.write_params(0, &[1.0, 0.0], &[0.0, 0.0])).contains("channel 1"));
+        assert!(err(w.write_params(0, &[1.0], &[0.0])).contains("1 scales and 1 zero points"));
+        w.write_params(0, &[1.0, 7.0], &[0.0, 0.0]).unwrap();
+        w.finish().unwrap();
+        let f = SquantFile::open(&path).unwrap();
+        let mut out = vec![0u8; 40];
+        f.load_into(&f.tensors[0], Some(&mut out), true).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

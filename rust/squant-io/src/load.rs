@@ -366,7 +366,7 @@ fn unpack(packed: &[u8], bits: u32, out: &mut [u8]) {
 /// Dequantizes the (valid, unsigned) `codes` of a block of channels into
 /// `out` (or only checks them); returns the first channel of the block
 /// whose values are not all finite in the stored dtype.
-fn dequantize_piece(
+pub(crate) fn dequantize_piece(
     q: &QEntry,
     g: usize,
     scale: &[f32],

@@ -112,7 +112,8 @@ pub struct Job<'a> {
 
 /// Quantizes each job's selected tensors into its `dst` (each written
 /// atomically), one file after the other; a report per file.
-/// `with_path`: a quantization error names the input file too.
+/// `with_path`: a quantization error names the input file too. A `dst`
+/// that is the same file as its `src` is refused before anything is read.
 ///
 /// Four stages run at once, across file boundaries: a reader thread reads
 /// the next input block into a reused buffer (Linux: copied from the page
@@ -132,6 +133,14 @@ pub fn quantize_files(
     total: u64,
     with_path: bool,
 ) -> Result<Vec<Report>> {
+    // No output may replace its input (nothing is read or written yet).
+    if let Some(job) = jobs.iter().find(|j| j.src.is_same_file(j.dst)) {
+        return Err(IoError::InvalidArgument(format!(
+            "output {} is the same file as the input {}: refusing to overwrite the input",
+            crate::error::show_path(job.dst),
+            crate::error::show_path(job.src.path())
+        )));
+    }
     let started = Instant::now();
     let plan: Vec<Piece> = jobs
         .iter()

@@ -314,10 +314,14 @@ impl SafetensorsFile {
             if begin > end {
                 return Err(bad_entry());
             }
-            let nbytes = shape
-                .iter()
-                .try_fold(dtype::item_size(dtype), |a, &d| a.checked_mul(d));
-            if nbytes != Some(end - begin) {
+            let Some(nbytes) = dtype::checked_nbytes(dtype::item_size(dtype), &shape) else {
+                return Err(fail(format!(
+                    "corrupt header: tensor {} has a shape too large to load ({:?})",
+                    repr(key),
+                    shape
+                )));
+            };
+            if nbytes != end - begin {
                 return Err(fail(format!(
                     "corrupt header: tensor {} size does not match its shape",
                     repr(key)
@@ -386,6 +390,27 @@ impl SafetensorsFile {
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether `path` names this very file (the same device and inode,
+    /// symlinks followed; elsewhere the same canonical path): a file that
+    /// must not be written over while it is read.
+    pub fn is_same_file(&self, path: &Path) -> bool {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            match (self.file.metadata(), std::fs::metadata(path)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            matches!(
+                (self.path.canonicalize(), path.canonicalize()),
+                (Ok(a), Ok(b)) if a == b
+            )
+        }
     }
 
     /// The file's size in bytes.

@@ -37,11 +37,9 @@ pub struct Planned {
 }
 
 impl Planned {
-    /// Bytes of its data (`None` on overflow).
+    /// Bytes of its data (`None`: too large, see [`dtype::checked_nbytes`]).
     pub fn nbytes(&self) -> Option<usize> {
-        self.shape
-            .iter()
-            .try_fold(dtype::item_size(self.dtype), |a, &d| a.checked_mul(d))
+        dtype::checked_nbytes(dtype::item_size(self.dtype), &self.shape)
     }
 }
 
@@ -394,8 +392,15 @@ fn build_header(
         let n = tensors[i].nbytes().ok_or_else(|| {
             IoError::InvalidArgument(format!("tensor {} is too large", repr(&tensors[i].name)))
         })? as u64;
-        offsets[i] = (pos, pos + n);
-        pos += n;
+        let end = pos.checked_add(n).filter(|&e| e <= i64::MAX as u64 / 2);
+        let end = end.ok_or_else(|| {
+            IoError::InvalidArgument(format!(
+                "tensor {} is too large: the file would exceed 2^62 bytes",
+                repr(&tensors[i].name)
+            ))
+        })?;
+        offsets[i] = (pos, end);
+        pos = end;
     }
     let mut h = String::from("{");
     let mut crc_pos = Vec::new();

@@ -523,8 +523,10 @@ impl QuantizedFileWriter {
     /// write_quantized(index, codes, scale, zero_point)
     /// --
     ///
-    /// The int8 codes (C order, any shape) and float32 per-channel scale and
-    /// zero point of quantized tensor `index`: packed and written.
+    /// The int8 codes (C order, any shape: all the weight's codes) and
+    /// float32 per-channel scale and zero point of quantized tensor
+    /// `index`: checked as load_quantized checks them (InvalidArgumentError
+    /// otherwise, and the file is dropped), packed and written.
     fn write_quantized(
         &self,
         py: Python<'_>,
@@ -541,10 +543,7 @@ impl QuantizedFileWriter {
             .map_err(|e| InvalidArgumentError::new_err(e.to_string()))?;
         let s = crate::row_major(&scale)?.into_owned();
         let z = crate::row_major(&zero_point)?.into_owned();
-        self.with(py, |w, packed| {
-            w.write_codes(index, c, packed)?;
-            w.write_params(index, &s, &z)
-        })
+        self.with(py, |w, packed| w.write_quantized(index, c, &s, &z, packed))
     }
 
     /// finish()

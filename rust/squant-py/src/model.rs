@@ -757,7 +757,7 @@ fn relative_error(err: f64, norm: f64) -> f64 {
 
 /// The first (lowest) pair of byte ranges that overlap, one of them an
 /// output: `(output index, other index, other is an output)`.
-fn find_overlap(
+pub(crate) fn find_overlap(
     inputs: &[(usize, usize)],
     outputs: &[(usize, usize)],
 ) -> Option<(usize, usize, bool)> {

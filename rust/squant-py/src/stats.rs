@@ -13,8 +13,8 @@
 //! rounded products as numpy's).
 
 use numpy::{
-    IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
-    PyReadwriteArrayDyn, PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyReadonlyArrayDyn, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use rayon::prelude::*;
@@ -215,15 +215,17 @@ type ScaleTask<'a> = (&'a [f32], &'a [f32], &'a mut [f32], usize);
 /// `outs[i][c, ...] = ws[i][c, ...] * ks[i][c]` for every float32 weight
 /// `ws[i]` (C-contiguous, output channels first) and float32 factor vector
 /// `ks[i]` (one per output channel), written into `outs[i]` (same shape,
-/// C-contiguous, writeable, separate from every weight), all in one pass on
-/// `threads` threads.
+/// C-contiguous, writeable, separate from every weight and every other
+/// output), all in one pass on `threads` threads. An output that is not
+/// writeable or shares memory with another array raises
+/// InvalidArgumentError.
 #[pyfunction]
 #[pyo3(signature = (ws, ks, outs, threads=None))]
 pub fn scale_channels<'py>(
     py: Python<'py>,
     ws: Vec<PyReadonlyArrayDyn<'py, f32>>,
     ks: Vec<PyReadonlyArray1<'py, f32>>,
-    mut outs: Vec<PyReadwriteArrayDyn<'py, f32>>,
+    outs: Vec<Bound<'py, PyArrayDyn<f32>>>,
     threads: Option<usize>,
 ) -> PyResult<()> {
     let threads = pool::resolve_threads(threads)?;
@@ -235,7 +237,23 @@ pub fn scale_channels<'py>(
             outs.len()
         )));
     }
+    // Borrowed here, not as arguments: an output that is read-only or
+    // aliases a weight or another output is an error, not a panic.
+    let mut outs = outs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            o.try_readwrite().map_err(|e| {
+                InvalidArgumentError::new_err(format!(
+                    "weight {i}: output must be a writeable array not borrowed elsewhere ({e})"
+                ))
+            })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
     let mut tasks: Vec<ScaleTask<'_>> = Vec::new();
+    // Byte ranges, to refuse outputs sharing memory the borrows above
+    // cannot see (say two arrays over one buffer).
+    let (mut in_ranges, mut out_ranges) = (Vec::new(), Vec::new());
     for (i, ((w, k), o)) in ws.iter().zip(&ks).zip(outs.iter_mut()).enumerate() {
         if w.shape() != o.shape() || w.ndim() == 0 || w.shape()[0] != k.len() {
             return Err(InvalidArgumentError::new_err(format!(
@@ -257,6 +275,8 @@ pub fn scale_channels<'py>(
         let ws_ = w.as_slice().map_err(|_| not_contiguous("weight"))?;
         let ks_ = k.as_slice().map_err(|_| not_contiguous("factors"))?;
         let os_ = o.as_slice_mut().map_err(|_| not_contiguous("output"))?;
+        in_ranges.push((ws_.as_ptr() as usize, std::mem::size_of_val(ws_)));
+        out_ranges.push((os_.as_ptr() as usize, std::mem::size_of_val(os_)));
         let g = if ks_.is_empty() {
             0
         } else {
@@ -272,6 +292,12 @@ pub fn scale_channels<'py>(
             tasks.push((wa, ka, oa, g));
             (wr, kr, or) = (wb, kb, ob);
         }
+    }
+    if let Some((i, j, is_out)) = crate::model::find_overlap(&in_ranges, &out_ranges) {
+        let other = if is_out { "output" } else { "weight" };
+        return Err(InvalidArgumentError::new_err(format!(
+            "weight {i}: output overlaps the memory of {other} {j}: outputs must be separate buffers"
+        )));
     }
     let pool = pool::pool(threads)?;
     py.detach(|| {
