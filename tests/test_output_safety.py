@@ -1,0 +1,284 @@
+"""What a failure or a signal at each step of writing an output leaves
+behind (``squant_rs.formats.output``): the Rust writer's files given their
+permissions before the rename, errors after the rename said to be so,
+errors naming the file."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import squant_rs
+from squant_rs import _squant_rs as native
+from squant_rs.cli import main
+from squant_rs.formats.output import atomic_output
+from squant_rs.formats.safetensors import (
+    RawTensor,
+    inspect_quantized,
+    quantize_checkpoint,
+    write_safetensors,
+)
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX files and signals")
+
+
+def _model(width: int = 16) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(0, 0.3, (width, width)).astype(np.float32)
+    w1 = rng.normal(0, 0.3, (4, width)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w0"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "w1"], ["y"], transB=1),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1")],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+# --------------------------------------------------------------------------
+# 2. the Rust writer's files: permissions before the rename
+
+
+def _state() -> dict[str, np.ndarray]:
+    return {"fc.weight": np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)}
+
+
+class _SignalAfterFinish:
+    """QuantizedFileWriter whose finish() is followed by Ctrl-C (a signal
+    that came while the Rust writer synced and renamed the file)."""
+
+    real = native.QuantizedFileWriter
+
+    def __init__(self, *args) -> None:
+        self.w = self.real(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.w, name)
+
+    def finish(self) -> int:
+        size = self.w.finish()
+        signal.raise_signal(signal.SIGINT)
+        return size
+
+
+def _signal_after(real):
+    def call(*args, **kwargs):
+        result = real(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+        return result
+
+    return call
+
+
+WRITERS = ["write_safetensors", "save_quantized", "quantize_checkpoint", "cli"]
+
+
+def _write(how: str, out: Path, src: Path) -> None:
+    if how == "write_safetensors":
+        write_safetensors(out, {k: RawTensor.from_numpy(v) for k, v in _state().items()})
+    elif how == "save_quantized":
+        squant_rs.save_quantized(_state(), out)
+    elif how == "quantize_checkpoint":
+        quantize_checkpoint(src, out)
+    else:
+        rc = main(["quantize", "-q", str(src), str(out)])
+        if rc == 130:
+            raise KeyboardInterrupt
+        assert rc == 0
+
+
+@pytest.fixture()
+def st_input(tmp_path) -> Path:
+    src = tmp_path / "in" / "in.safetensors"
+    src.parent.mkdir()
+    write_safetensors(src, {k: RawTensor.from_numpy(v) for k, v in _state().items()})
+    return src
+
+
+@pytest.mark.parametrize("how", WRITERS)
+def test_signal_as_the_rust_writer_finishes_leaves_the_output(
+    tmp_path, monkeypatch, st_input, how: str
+) -> None:
+    """Ctrl-C during the Rust writer's sync and rename (raised when it
+    returns): the existing output is untouched, permission bits and all,
+    and no temporary file is left."""
+    out = tmp_path / "out" / "o.safetensors"
+    out.parent.mkdir()
+    out.write_bytes(b"old")
+    out.chmod(0o600)
+    monkeypatch.setattr(native, "QuantizedFileWriter", _SignalAfterFinish)
+    for fn in ("io_write_safetensors", "io_quantize_file"):
+        monkeypatch.setattr(native, fn, _signal_after(getattr(native, fn)))
+    with pytest.raises(KeyboardInterrupt):
+        _write(how, out, st_input)
+    monkeypatch.undo()
+    assert out.read_bytes() == b"old" and stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert os.listdir(out.parent) == ["o.safetensors"]
+
+
+@pytest.mark.parametrize("how", [*WRITERS, "onnx"])
+def test_error_after_the_rename_says_the_output_is_in_place(
+    tmp_path, monkeypatch, capsys, st_input, how: str
+) -> None:
+    """An I/O error syncing the directory after the rename is raised,
+    saying that the new file is in place, which has the old permission
+    bits."""
+    name = "o.onnx" if how == "onnx" else "o.safetensors"
+    out = tmp_path / "out" / name
+    out.parent.mkdir()
+    out.write_bytes(b"old")
+    out.chmod(0o600)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if how == "cli":
+        assert main(["quantize", "-q", str(st_input), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("squant-rs: error: Input/output error") and "in place" in err
+        assert err.rstrip().endswith(str(out))
+    else:
+        with pytest.raises(OSError) as exc:
+            if how == "onnx":
+                squant_rs.quantize_onnx(_model(), out, 4)
+            else:
+                _write(how, out, st_input)
+        assert exc.value.errno == errno.EIO and exc.value.filename == str(out)
+        assert "in place" in str(exc.value)
+    monkeypatch.undo()
+    assert out.read_bytes() != b"old" and stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert os.listdir(out.parent) == [name]
+
+
+def test_signal_during_the_rename_acts_after_it(tmp_path, monkeypatch) -> None:
+    """Ctrl-C while the output is renamed into place: the output is
+    complete, with its permission bits, and KeyboardInterrupt says so."""
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"old")
+    out.chmod(0o640)
+    real_replace = os.replace
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt, match=f"after {out} was written"):
+        squant_rs.save_quantized(_state(), out)
+    monkeypatch.undo()
+    assert inspect_quantized(out).quantized
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640 and os.listdir(tmp_path) == [out.name]
+
+
+# --------------------------------------------------------------------------
+# 4. errors name the file
+
+
+def test_atomic_output_errors_name_the_output(tmp_path, monkeypatch) -> None:
+    """A failed sync or rename of the temporary file names the output."""
+    target = tmp_path / "a.bin"
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def replace(src, dst) -> None:
+        real_replace(src, tmp_path / "missing" / "x")  # ENOENT naming both paths
+
+    for name, fake in (("fsync", fsync), ("replace", replace)):
+        monkeypatch.setattr(os, name, fake)
+        with pytest.raises(OSError) as err, atomic_output(target) as f:
+            f.write(b"data")
+        monkeypatch.undo()
+        assert err.value.filename == str(target) and err.value.filename2 is None, err.value
+        assert os.listdir(tmp_path) == []
+    assert (real_fsync, real_replace) == (os.fsync, os.replace)
+
+
+FSIZE_SCRIPT = textwrap.dedent(
+    """
+    import sys, warnings
+    import numpy as np
+    import squant_rs
+    from onnx import TensorProto, helper, numpy_helper
+    warnings.simplefilter("ignore")
+    w = numpy_helper.from_array(np.ones((128, 64), np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    try:
+        squant_rs.quantize_onnx(model, sys.argv[1], 8, external_data=sys.argv[2] == "pair")
+    except OSError as exc:
+        print(exc.errno, exc.filename, exc.strerror, sep="|")
+    """
+)
+
+
+def _fsize_limit() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+@pytest.mark.parametrize("case", ["one file", "pair"])
+def test_write_errors_name_the_file(tmp_path, case: str) -> None:
+    """A write that fails (the file-size limit stands in for a full disk)
+    names the output."""
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    out = tmp_path / "q.onnx"
+    p = subprocess.run(
+        [sys.executable, "-B", "-c", FSIZE_SCRIPT, str(out), case],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TMPDIR=str(tmpdir)),
+        preexec_fn=_fsize_limit,
+    )
+    assert p.returncode == 0, p.stderr
+    code, filename, reason = p.stdout.strip().split("|")
+    assert int(code) == errno.EFBIG, p.stdout
+    assert filename == str(out) + (".data" if case == "pair" else "")
+    assert os.listdir(tmp_path) == ["tmpdir"]
+
+
+def test_cli_write_error_names_the_file(tmp_path) -> None:
+    src = tmp_path / "m.onnx"
+    m = _model(128)
+    onnx.save(m, str(src))
+    out = tmp_path / "q.onnx"
+    p = subprocess.run(
+        [sys.executable, "-B", "-m", "squant_rs", "quantize", "-q", str(src), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_fsize_limit,
+    )
+    assert p.returncode == 2
+    assert p.stderr == f"squant-rs: error: File too large: {out}\n"
+    assert os.listdir(tmp_path) == ["m.onnx"]
