@@ -1,5 +1,6 @@
 """What a failure or a signal at each step of writing an output leaves
-behind (``squant_rs.formats.output``): the Rust writer's files given their
+behind (``squant_rs.formats.output``): an ONNX model and its ``.data``
+file replaced together or not at all, the Rust writer's files given their
 permissions before the rename, errors after the rename said to be so,
 errors naming the file."""
 
@@ -13,6 +14,8 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,223 @@ def _model(width: int = 16) -> onnx.ModelProto:
         [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1")],
     )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+# --------------------------------------------------------------------------
+# 1. an ONNX model with external data: both files or neither
+
+
+def _run(path: Path) -> np.ndarray:
+    x = np.random.default_rng(1).random((2, 16), dtype=np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def _pair(path: Path) -> tuple[bytes, bytes]:
+    return path.read_bytes(), Path(f"{path}.data").read_bytes()
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+
+
+@pytest.fixture()
+def pairs(tmp_path):
+    """An earlier W8 pair at out/q.onnx (+ .data) and, elsewhere, the W4
+    pair a new run writes."""
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    squant_rs.quantize_onnx(_model(), out, 8, external_data=True)
+    new = tmp_path / "new" / "q.onnx"
+    new.parent.mkdir()
+    squant_rs.quantize_onnx(_model(), new, 4, external_data=True)
+    assert _pair(out) != _pair(new)
+    return out, _pair(out), _run(out), _pair(new)
+
+
+STEPS = [
+    "fsync data",
+    "fsync model",
+    "link",
+    "rename data",
+    "rename model",
+    "sync directory",
+]
+
+
+@needs_proc
+@pytest.mark.parametrize("step", STEPS)
+def test_external_pair_failure_at_any_step(pairs, monkeypatch, step: str) -> None:
+    """A failure at any step of writing the pair leaves the earlier pair as
+    it was (loadable, no temporary file), or, when the directory cannot be
+    synced after both renames, the new pair, saying so."""
+    out, old, old_result, new = pairs
+    data = f"{out}.data"
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+    fired = []
+
+    def fail(code: int) -> OSError:
+        fired.append(step)
+        return OSError(code, os.strerror(code))
+
+    def fsync(fd: int) -> None:
+        where = _fd_path(fd)
+        name = os.path.basename(where)
+        if step == "fsync data" and name.startswith(".q.onnx.data."):
+            raise fail(errno.ENOSPC)
+        if step == "fsync model" and name.startswith(".q.onnx.") and ".data." not in name:
+            raise fail(errno.ENOSPC)
+        if step == "sync directory" and stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise fail(errno.EIO)
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        if step == "rename data" and os.fspath(dst) == data:
+            raise fail(errno.ENOSPC)
+        if step == "rename model" and os.fspath(dst) == str(out):
+            raise fail(errno.ENOSPC)
+        real_replace(src, dst)
+
+    def link(src, dst, **kw) -> None:
+        if step == "link":
+            raise fail(errno.ENOSPC)
+        real_link(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
+    with pytest.raises(OSError) as err:
+        squant_rs.quantize_onnx(_model(), out, 4, external_data=True)
+    monkeypatch.undo()
+    assert fired, f"{step} never happened"
+    assert sorted(os.listdir(out.parent)) == ["q.onnx", "q.onnx.data"]
+    if step == "sync directory":
+        assert _pair(out) == new
+        _run(out)
+        assert err.value.errno == errno.EIO and "in place" in str(err.value)
+    else:
+        assert _pair(out) == old
+        np.testing.assert_array_equal(_run(out), old_result)
+        assert err.value.errno == errno.ENOSPC
+    assert err.value.filename in (str(out), data), err.value
+
+
+@needs_proc
+def test_external_pair_failed_rename_without_an_earlier_pair(tmp_path, monkeypatch) -> None:
+    """The .data file already renamed is removed again when the model's
+    rename fails and there was no earlier output."""
+    out = tmp_path / "q.onnx"
+    real_replace = os.replace
+
+    def replace(src, dst) -> None:
+        if os.fspath(dst) == str(out):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="quota") as err:
+        squant_rs.quantize_onnx(_model(), out, 4, external_data=True)
+    assert err.value.filename == str(out)
+    assert os.listdir(tmp_path) == []
+
+
+def test_signal_between_the_renames_waits_for_both(pairs, monkeypatch) -> None:
+    """Ctrl-C while the pair is renamed into place acts after both renames:
+    the new pair, complete, and KeyboardInterrupt saying it was written."""
+    out, _, _, new = pairs
+    real_replace = os.replace
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        if os.fspath(dst) == f"{out}.data":
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C right after the first rename
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt) as err:
+        squant_rs.quantize_onnx(_model(), out, 4, external_data=True)
+    monkeypatch.undo()
+    assert _pair(out) == new
+    assert sorted(os.listdir(out.parent)) == ["q.onnx", "q.onnx.data"]
+    _run(out)
+    assert str(err.value) == f"after {out}.data and {out} were written"
+
+
+def test_two_writers_of_one_pair_do_not_interleave(pairs) -> None:
+    """The renames of a pair happen under an exclusive flock on the
+    directory: a run that finds it locked waits (its files staged), and the
+    pair on disk always belongs together."""
+    fcntl = pytest.importorskip("fcntl")
+    out, old, _, new = pairs
+    fd = os.open(out.parent, os.O_RDONLY)
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            squant_rs.quantize_onnx(_model(), out, 4, external_data=True)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        t = threading.Thread(target=write)
+        t.start()
+        deadline = time.monotonic() + 60
+        while len(os.listdir(out.parent)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)  # both temporary files
+        time.sleep(0.5)
+        assert t.is_alive() and _pair(out) == old  # waiting for the lock
+    finally:
+        os.close(fd)  # unlocks
+    t.join(60)
+    assert not errors and _pair(out) == new
+    assert sorted(os.listdir(out.parent)) == ["q.onnx", "q.onnx.data"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounts a tmpfs")
+def test_full_disk_keeps_the_earlier_pair(tmp_path) -> None:
+    """A real ENOSPC (a small tmpfs): room for the .data file only."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ref = tmp_path / "ref.onnx"
+    squant_rs.quantize_onnx(_model(64), ref, 4, external_data=True)
+    need = os.path.getsize(f"{ref}.data")
+    pages = -(-need // 4096) * 4096
+
+    def fill(free: int) -> None:
+        st = os.statvfs(mnt)
+        (mnt / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - free))
+
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)])
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        out = mnt / "q.onnx"
+        # (a) no earlier output: nothing is left
+        fill(pages)
+        with pytest.raises(OSError) as err:
+            squant_rs.quantize_onnx(_model(64), out, 4, external_data=True)
+        assert os.listdir(mnt) == ["filler"]
+        assert err.value.errno == errno.ENOSPC and err.value.filename == str(out)
+        # (b) an earlier pair, its .data file held open (a server using it)
+        (mnt / "filler").unlink()
+        squant_rs.quantize_onnx(_model(64), out, 8, external_data=True)
+        old = _pair(out)
+        with open(f"{out}.data", "rb"):
+            fill(pages)
+            with pytest.raises(OSError) as err:
+                squant_rs.quantize_onnx(_model(64), out, 4, external_data=True)
+        assert err.value.errno == errno.ENOSPC
+        assert _pair(out) == old and sorted(os.listdir(mnt)) == ["filler", "q.onnx", "q.onnx.data"]
+        (mnt / "filler").unlink()
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        sess.run(None, {"x": np.ones((1, 64), np.float32)})
+        del sess  # it maps the .data file
+    finally:
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)])  # detached now, freed when unused
 
 
 # --------------------------------------------------------------------------

@@ -18,6 +18,18 @@ The rules, the same for the CLI and the Python API:
   ``KeyboardInterrupt("after NAME was written")``). An error after the
   rename (an I/O error syncing the directory) says that the new file is in
   place.
+- **Several files, staged together.** :func:`atomic_outputs` writes files
+  that belong together (an ONNX model and its ``.data`` file): every
+  temporary file is written and synced before the first rename, the renames
+  follow one another with nothing in between (signals held, and under an
+  exclusive ``flock`` on the directory, so two runs writing the same
+  outputs at once cannot interleave their renames: the last run's files
+  win, as a pair), and a failed rename puts back the files already
+  replaced (kept through a hard link until the end) before the error is
+  raised. What cannot be avoided without swapping a whole directory: a
+  reader that opens the files while the renames happen (microseconds) may
+  see one new file and one old one, and a crash of the machine between the
+  renames leaves them so.
 - **Errors name the output.** An ``OSError`` from creating, writing,
   syncing or renaming the temporary file names the path the caller gave,
   never the temporary file.
@@ -48,14 +60,14 @@ import signal
 import stat
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from types import FrameType
 from typing import Any, BinaryIO, Union
 
 from .._squant_rs import InvalidArgumentError
 
-__all__ = ["atomic_output", "check_output", "staged_output"]
+__all__ = ["atomic_output", "atomic_outputs", "check_output", "staged_output"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -69,6 +81,13 @@ _HELD: tuple[signal.Signals, ...] = (signal.SIGINT, *_SIGNALS)
 
 #: The longest file name most file systems take (bytes).
 _NAME_MAX = 255
+
+#: Errors of ``link`` that mean "no hard links here" (not a failing disk).
+_NO_LINKS = frozenset(
+    getattr(errno, name)
+    for name in ("EPERM", "EOPNOTSUPP", "ENOTSUP", "ENOSYS", "EMLINK", "EXDEV", "EACCES")
+    if hasattr(errno, name)
+)
 
 
 def _kind(mode: int) -> str:
@@ -325,6 +344,22 @@ class _Staged:
         except OSError as exc:
             raise _named(exc, self.name) from None
 
+    def keep_old(self) -> str | None:
+        """Keep the target's current file reachable (a hard link under a
+        temporary name) so that it can be put back: the link, ``""`` when
+        there is no such file, ``None`` when it cannot be kept (no hard links
+        on this file system)."""
+        keep = _temp_path(self.target)
+        try:
+            os.link(self.target, keep)
+        except FileNotFoundError:
+            return ""
+        except OSError as exc:
+            if exc.errno in _NO_LINKS:
+                return None
+            raise _named(exc, self.name) from None
+        return keep
+
     def replace(self) -> None:
         try:
             os.replace(self.tmp, self.target)
@@ -368,16 +403,140 @@ def _sync_directory(directory: str, name: str, done: str) -> None:
         os.close(dfd)
 
 
-def _commit(staged: _Staged) -> None:
-    """Rename the synced temporary file over its target and sync the
-    directory, with signals held."""
-    with _signals_held(f"after {staged.name} was written"):
-        staged.replace()
-        _sync_directory(staged.directory, staged.name, "the new file is in place")
+@contextmanager
+def _directory_locks(directories: Sequence[str]) -> Iterator[None]:
+    """Exclusive ``flock`` locks on ``directories`` (sorted: no deadlock
+    between two writers), held by writers of several files while they
+    rename them. Best effort: where a directory cannot be opened or locked
+    (no ``fcntl``, NFS) the renames run unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fds: list[int] = []
+    try:
+        for directory in sorted(directories):
+            try:
+                fd = os.open(directory, os.O_RDONLY)
+            except OSError:
+                continue
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # releases the lock
+
+
+def _commit(staged: Sequence[_Staged]) -> None:
+    """Rename the synced temporary files over their targets, in order, with
+    signals held (and, for several files, their directories locked); a
+    failed rename puts back the files replaced before it. Then sync the
+    directories."""
+    names = " and ".join(s.name for s in staged)
+    done = "the new file is in place" if len(staged) == 1 else "the new files are in place"
+    directories = sorted({s.directory for s in staged})
+    with ExitStack() as stack:
+        if len(staged) > 1:
+            stack.enter_context(_directory_locks(directories))
+        written = "was written" if len(staged) == 1 else "were written"
+        stack.enter_context(_signals_held(f"after {names} {written}"))
+        replaced: list[tuple[_Staged, str | None]] = []
+        try:
+            for i, s in enumerate(staged):
+                keep = s.keep_old() if i < len(staged) - 1 else ""
+                try:
+                    s.replace()
+                except BaseException:
+                    if keep:
+                        _remove(keep)
+                    raise
+                replaced.append((s, keep))
+        except BaseException as exc:
+            stuck = _put_back(replaced)
+            if stuck and isinstance(exc, OSError):
+                raise type(exc)(
+                    exc.errno,
+                    f"{exc.strerror} ({' and '.join(stuck)} already replaced and could not "
+                    "be put back: the output files do not belong together)",
+                    exc.filename,
+                ) from None
+            raise
+        for _, keep in replaced:
+            if keep:
+                _remove(keep)
+        for directory in directories:
+            first = next(s.name for s in staged if s.directory == directory)
+            _sync_directory(directory, first, done)
+
+
+def _put_back(replaced: list[tuple[_Staged, str | None]]) -> list[str]:
+    """Undo the renames of ``replaced`` (newest first): each kept old file
+    goes back, a target that did not exist is removed. Returns the names
+    that could not be put back."""
+    stuck: list[str] = []
+    for s, keep in reversed(replaced):
+        try:
+            if keep:
+                os.replace(keep, s.target)
+            elif keep == "":
+                os.unlink(s.target)
+            else:
+                stuck.append(s.name)
+        except OSError:
+            stuck.append(s.name)
+    return stuck
 
 
 # --------------------------------------------------------------------------
 # Writers
+
+
+@contextmanager
+def atomic_outputs(
+    paths: Sequence[PathLike], *, inputs: Iterable[PathLike] = ()
+) -> Iterator[list[BinaryIO]]:
+    """Write the files ``paths`` atomically and together: yields one binary
+    file to write into for each.
+
+    On normal exit of the ``with`` block every file is flushed and synced,
+    then each temporary file replaces its target in the order of ``paths``
+    (symlinks followed, permission bits of an existing target kept; the
+    renames with signals held and the directories locked, a failed rename
+    undone: see the module doc). On any exception, and on SIGTERM or SIGHUP
+    before the renames, the temporary files are removed and the targets are
+    untouched. ``inputs``: files the outputs must not be (see
+    :func:`check_output`); no output may be one of the outputs before it.
+
+    Raises what :func:`check_output` raises, and ``OSError`` when a
+    temporary file cannot be created, written, synced or renamed (naming
+    the output, never the temporary file), or when the directory cannot be
+    synced after the renames (saying that the new files are in place)."""
+    names = [os.fspath(p) for p in paths]
+    known = list(inputs)
+    staged = [_Staged(n, [*known, *names[:i]]) for i, n in enumerate(names)]
+    with _cleanup_on_signals():
+        files: list[BinaryIO] = []
+        try:
+            for s in staged:
+                files.append(s.create())
+            yield files
+            for s, f in zip(staged, files):
+                s.sync(f)
+            _commit(staged)
+        except BaseException:
+            for f in files:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            for s in staged:
+                s.discard()
+            raise
 
 
 @contextmanager
@@ -395,22 +554,8 @@ def atomic_output(path: PathLike, *, inputs: Iterable[PathLike] = ()) -> Iterato
     temporary file cannot be created, written, synced or renamed (naming
     ``path``, never the temporary file), or when the directory cannot be
     synced after the rename (saying that the new file is in place)."""
-    staged = _Staged(path, inputs)
-    with _cleanup_on_signals():
-        f: _OutputFile | None = None
-        try:
-            f = staged.create()
-            yield f
-            staged.sync(f)
-            _commit(staged)
-        except BaseException:
-            if f is not None:
-                try:
-                    f.close()
-                except OSError:
-                    pass
-            staged.discard()
-            raise
+    with atomic_outputs([path], inputs=inputs) as files:
+        yield files[0]
 
 
 #: Bytes a writer adds to the name of the file :func:`staged_output` gives
@@ -433,7 +578,7 @@ def staged_output(path: PathLike, *, inputs: Iterable[PathLike] = ()) -> Iterato
         try:
             yield staged.tmp
             staged.adopt()
-            _commit(staged)
+            _commit([staged])
         except OSError as exc:
             staged.discard()
             if exc.filename == staged.tmp:
