@@ -2,7 +2,8 @@
 behind (``squant_rs.formats.output``): an ONNX model and its ``.data``
 file replaced together or not at all, the Rust writer's files given their
 permissions before the rename, errors after the rename said to be so,
-errors naming the file."""
+errors naming the file, temporary files under ``$TMPDIR`` removed on
+SIGTERM / SIGHUP."""
 
 from __future__ import annotations
 
@@ -415,6 +416,75 @@ def test_signal_during_the_rename_acts_after_it(tmp_path, monkeypatch) -> None:
 
 
 # --------------------------------------------------------------------------
+# 3. temporary files under $TMPDIR and signals
+
+SCRATCH_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    import onnx, onnxruntime, squant_rs
+    from onnx import TensorProto, helper, numpy_helper
+
+    def stall(*args, **kwargs):
+        print("ready", flush=True)
+        time.sleep(60)
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    if sys.argv[2] == "export":
+        import torch
+        onnx.load = stall  # reads the exported float model back
+        squant_rs.export_onnx(torch.nn.Linear(4, 4), sys.argv[1], torch.rand(1, 4))
+    else:
+        onnxruntime.InferenceSession = stall  # runs the calibration model
+        squant_rs.quantize_onnx(model, sys.argv[1], 8, abits=8)
+    """
+)
+
+
+def _directories(tmpdir: Path) -> list[Path]:
+    """The directories in ``tmpdir`` (onnxruntime leaves a file there)."""
+    return [p for p in tmpdir.iterdir() if p.is_dir()]
+
+
+@pytest.mark.parametrize(
+    ("what", "sig"),
+    [("export", "SIGTERM"), ("export", "SIGHUP"), ("calibration", "SIGTERM")],
+)
+def test_signal_removes_the_temporary_directory(tmp_path, what: str, sig: str) -> None:
+    """SIGTERM / SIGHUP while export_onnx's float model or quantize_onnx's
+    calibration model is in $TMPDIR: the process ends by the signal and
+    leaves nothing there."""
+    if what == "export":
+        pytest.importorskip("torch")
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    out = tmp_path / "q.onnx"
+    env = dict(os.environ, TMPDIR=str(tmpdir))
+    p = subprocess.Popen(
+        [sys.executable, "-c", SCRATCH_SCRIPT, str(out), what],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n", p.stderr
+        (scratch,) = _directories(tmpdir)
+        assert os.listdir(scratch)  # the temporary model
+        p.send_signal(getattr(signal, sig))
+        _, stderr = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == -getattr(signal, sig), stderr
+    assert _directories(tmpdir) == [] and not out.exists()
+
+
+# --------------------------------------------------------------------------
 # 4. errors name the file
 
 
@@ -453,7 +523,11 @@ FSIZE_SCRIPT = textwrap.dedent(
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128])], [w])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     try:
-        squant_rs.quantize_onnx(model, sys.argv[1], 8, external_data=sys.argv[2] == "pair")
+        if sys.argv[2] == "export":
+            import torch
+            squant_rs.export_onnx(torch.nn.Linear(64, 128), sys.argv[1], torch.rand(1, 64))
+        else:
+            squant_rs.quantize_onnx(model, sys.argv[1], 8, external_data=sys.argv[2] == "pair")
     except OSError as exc:
         print(exc.errno, exc.filename, exc.strerror, sep="|")
     """
@@ -465,10 +539,13 @@ def _fsize_limit() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
 
-@pytest.mark.parametrize("case", ["one file", "pair"])
+@pytest.mark.parametrize("case", ["one file", "pair", "export"])
 def test_write_errors_name_the_file(tmp_path, case: str) -> None:
     """A write that fails (the file-size limit stands in for a full disk)
-    names the output."""
+    names the output; export_onnx's temporary float model under $TMPDIR is
+    named as such."""
+    if case == "export":
+        pytest.importorskip("torch")
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     out = tmp_path / "q.onnx"
@@ -483,8 +560,12 @@ def test_write_errors_name_the_file(tmp_path, case: str) -> None:
     assert p.returncode == 0, p.stderr
     code, filename, reason = p.stdout.strip().split("|")
     assert int(code) == errno.EFBIG, p.stdout
-    assert filename == str(out) + (".data" if case == "pair" else "")
-    assert os.listdir(tmp_path) == ["tmpdir"]
+    if case == "export":
+        assert filename.startswith(str(tmpdir)) and filename.endswith("float.onnx")
+        assert "temporary file under $TMPDIR" in reason
+    else:
+        assert filename == str(out) + (".data" if case == "pair" else "")
+    assert os.listdir(tmp_path) == ["tmpdir"] and _directories(tmpdir) == []
 
 
 def test_cli_write_error_names_the_file(tmp_path) -> None:

@@ -49,6 +49,10 @@ The rules, the same for the CLI and the Python API:
   is refused with ``PermissionError``. A new file gets ``0o666`` minus the
   umask, as with ``open``. Replacing a file that has other hard links
   gives this name a new file; the other names keep the old contents.
+
+:func:`scratch_file` gives the package's temporary files under ``$TMPDIR``
+(the float model ``export_onnx`` exports, ``quantize_onnx``'s calibration
+probe) the same clean-up on SIGTERM and SIGHUP.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ import io
 import os
 import signal
 import stat
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -67,7 +72,7 @@ from typing import Any, BinaryIO, Union
 
 from .._squant_rs import InvalidArgumentError
 
-__all__ = ["atomic_output", "atomic_outputs", "check_output", "staged_output"]
+__all__ = ["atomic_output", "atomic_outputs", "check_output", "scratch_file", "staged_output"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -587,3 +592,21 @@ def staged_output(path: PathLike, *, inputs: Iterable[PathLike] = ()) -> Iterato
         except BaseException:
             staged.discard()
             raise
+
+
+@contextmanager
+def scratch_file(name: str, what: str) -> Iterator[str]:
+    """The path of a scratch file ``name`` in a new private directory under
+    ``$TMPDIR`` (:class:`tempfile.TemporaryDirectory`), removed with all it
+    holds at the end, on an exception and on SIGTERM/SIGHUP (see
+    :func:`_cleanup_on_signals`). An ``OSError`` of the body that names no
+    file (a write that failed: a full ``$TMPDIR``) is raised naming the
+    scratch file, saying that it is ``what``, a temporary file."""
+    with _cleanup_on_signals(), tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        try:
+            yield path
+        except OSError as exc:
+            if exc.filename is not None or exc.errno is None:
+                raise
+            raise _named(exc, path, f"writing {what}, a temporary file under $TMPDIR") from None

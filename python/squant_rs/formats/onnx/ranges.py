@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +10,7 @@ import numpy as np
 
 from ..._squant_rs import InvalidArgumentError
 from ...model.activations import activation_range
+from ..output import scratch_file
 from .common import CALIBRATION_BATCH, EXTERNAL_ABOVE
 from .load import _tensor_bytes
 
@@ -62,8 +61,8 @@ def _observe(model: Any, tensors: list[str], feeds: dict[str, Any], threads: int
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "probe.onnx")
+    # Removed on SIGTERM / SIGHUP too; a full $TMPDIR is named as such.
+    with scratch_file("probe.onnx", "the calibration model") as path:
         import onnx
 
         onnx.save_model(probe, path, save_as_external_data=_tensor_bytes(probe) >= EXTERNAL_ABOVE)
