@@ -44,7 +44,9 @@ Exit status: 0 on success, 2 on bad input (missing, truncated or corrupt
 files, unknown formats, bad options or environment, an output that is the
 input) with one ``squant-rs: error: ...`` line on stderr and no output file
 left behind, 130 when interrupted (SIGTERM and SIGHUP end the process by
-that signal, after removing the temporary file), 141 (quietly) when stdout
+that signal, after removing the temporary file; a signal that comes while
+the output is renamed into place acts after the rename, and then says so:
+``interrupted (after OUT was written)``), 141 (quietly) when stdout
 is a pipe closed early, as in ``squant-rs info -v FILE | head``. Names and
 metadata are printed with non-printable characters escaped.
 """
@@ -1257,8 +1259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return status
-    except KeyboardInterrupt:
-        _error("interrupted")
+    except KeyboardInterrupt as exc:
+        # "(after OUT was written)" when it came while the output was renamed into place
+        _error(f"interrupted ({exc})" if exc.args else "interrupted")
         return 130
     except BrokenPipeError:  # `squant-rs info -v FILE | head`: stop quietly
         _silence_stdout()

@@ -32,10 +32,11 @@ tensor's bytes as 8 hex digits; verified on load (``verify=True``) and by
 ``docs/format.md``.
 
 Files are written atomically (a temporary file in the target directory,
-then a rename, by the Rust writer) under the rules of
-:mod:`squant_rs.formats.output` (output never the input, symlinks followed,
-permissions kept, special files refused, SIGTERM/SIGHUP cleaned up): an error
-or a signal never leaves a partial file behind.
+written and synced by the Rust writer, then given the target's permissions
+and renamed over it: :func:`~squant_rs.formats.output.staged_output`) under
+the rules of :mod:`squant_rs.formats.output` (output never the input,
+symlinks followed, permissions kept, special files refused, SIGTERM/SIGHUP
+cleaned up): an error or a signal never leaves a partial file behind.
 
 Reading, quantizing from files, packing and writing happen in Rust (crate
 ``squant-io`` on the ``safetensors`` crate): files are memory-mapped and
@@ -48,7 +49,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 import sys
 import time
 import warnings
@@ -82,7 +82,7 @@ from ..tensor.validate import (
     check_threads,
 )
 from ..torch.adapter import require_torch
-from .output import _cleanup_on_signals, check_output
+from .output import _cleanup_on_signals, check_output, staged_output
 
 if TYPE_CHECKING:
     import torch
@@ -347,34 +347,19 @@ def _output(
     path: str | os.PathLike[str], inputs: Sequence[str] = (), *, squant_file: bool = False
 ) -> Iterator[str]:
     """The output rules of :func:`squant_rs.formats.output.atomic_output` for
-    a file the Rust writer writes (atomically itself): checks ``path``
-    (:func:`~squant_rs.formats.output.check_output`), yields the path to
-    write (symlinks resolved), cleans up on SIGTERM/SIGHUP (the writer's
-    temporary file is removed when the signal interrupts it) and gives a
-    replaced file its permission bits back. ``squant_file``: a squant-rs
-    file, whose path must end in ``.safetensors``
+    a file the Rust writer writes (atomically itself) through
+    :func:`~squant_rs.formats.output.staged_output`: checks ``path``
+    (:func:`~squant_rs.formats.output.check_output`) and yields the path the
+    writer is to write, a temporary file next to the target; at the end that
+    file gets an existing target's permission bits and replaces it (a
+    signal or error before then leaves the target untouched). ``squant_file``:
+    a squant-rs file, whose path must end in ``.safetensors``
     (:func:`check_squant_extension`, checked after the rules above)."""
-    target = check_output(path, inputs=inputs)
+    check_output(path, inputs=inputs)  # first, as the other outputs' rules
     if squant_file:
         check_squant_extension(path)
-    try:
-        old: os.stat_result | None = os.stat(target)
-    except FileNotFoundError:
-        old = None
-    with _cleanup_on_signals():
-        try:
-            yield target
-        except OSError as exc:
-            if exc.filename != target:
-                raise
-            # Name the output as the caller gave it, not where its symlinks lead.
-            raise type(exc)(exc.errno, exc.strerror, os.fspath(path)) from None
-    if old is not None:
-        try:
-            os.chown(target, old.st_uid, old.st_gid)
-        except (OSError, AttributeError):
-            pass  # not root: the file keeps this user's owner
-        os.chmod(target, stat.S_IMODE(old.st_mode))
+    with staged_output(path, inputs=inputs) as tmp:
+        yield tmp
 
 
 def _utf8_name(key: str) -> str:

@@ -9,7 +9,6 @@ import copy
 import inspect
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import numpy as np
 from ..._squant_rs import InvalidArgumentError
 from ...model.report import LayerReport, QuantReport
 from ...tensor.validate import check_bits, check_threads
+from ..output import scratch_file
 from .common import require_onnx, require_onnx_packages
 from .graph import _find_layers, _initializers, _Layer, _Weight
 from .load import _prepare, _tensor_bytes
@@ -146,8 +146,8 @@ def export_onnx(
     for hook in activation_quantizers(qmodel).values():
         hook.enabled = False  # the graph gets Q/DQ nodes instead
     qmodel.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        float_path = os.path.join(tmp, "float.onnx")
+    # Removed on SIGTERM / SIGHUP too; a full $TMPDIR is named as such.
+    with scratch_file("float.onnx", "the exported float model") as float_path:
         with warnings.catch_warnings():
             # The TorchScript exporter announces its deprecation on every call;
             # it is the one that keeps the parameter names (<layer>.weight).

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..._squant_rs import InvalidArgumentError
-from ..output import atomic_output, check_output
+from ..output import atomic_output, atomic_outputs, check_output
 from .common import EXTERNAL_ABOVE
 from .graph import _graph_tensors
 from .load import _tensor_bytes
@@ -25,8 +25,10 @@ def write_model(
     one file below 2 GB, else the model plus ``<path>.data`` (its tensors of
     1 KiB or more; every tensor with ``external_data=True``), both under the
     same output rules (symlinks followed, permissions kept, never the input
-    model ``in_path`` or one of its ``data_files``) and both staged before
-    either replaces its target (the data first). The tensors written to
+    model ``in_path`` or one of its ``data_files``) and both written and
+    synced before either replaces its target (:func:`atomic_outputs`: the
+    data first, the model right after, with signals held and the directory
+    locked; a failed rename puts the old file back). The tensors written to
     ``<path>.data`` are moved out of ``model`` (the caller's private
     copy). Returns the bytes written."""
     from onnx import TensorProto
@@ -48,23 +50,27 @@ def write_model(
     data_path = name + ".data"
     location = os.path.basename(name) + ".data"
     _refuse_inputs([name, data_path], in_path, data_files)
-    with atomic_output(name, inputs=inputs) as out:
-        with atomic_output(data_path, inputs=[*inputs, name]) as data_out:
-            offset = 0
-            for t in moved:
-                raw = t.raw_data
-                data_out.write(raw)
-                del t.external_data[:]
-                t.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", location), ("offset", offset)):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = key, str(value)
+    check_output(name, inputs=inputs)  # the model's errors before its data file's
+    # Both files are written and synced before either is renamed; then the
+    # .data file replaces its target first and the model right after (a
+    # reader, or a crash, between the two renames finds the old model with
+    # the new data: see atomic_outputs).
+    with atomic_outputs([data_path, name], inputs=inputs) as (data_out, out):
+        offset = 0
+        for t in moved:
+            raw = t.raw_data
+            data_out.write(raw)
+            del t.external_data[:]
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", offset)):
                 entry = t.external_data.add()
-                entry.key, entry.value = "length", str(len(raw))
-                offset += len(raw)
-                t.ClearField("raw_data")
-            proto = model.SerializeToString()
-            out.write(proto)
+                entry.key, entry.value = key, str(value)
+            entry = t.external_data.add()
+            entry.key, entry.value = "length", str(len(raw))
+            offset += len(raw)
+            t.ClearField("raw_data")
+        proto = model.SerializeToString()
+        out.write(proto)
     return offset + len(proto)
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shlex
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -15,6 +13,7 @@ import numpy as np
 
 from ..._squant_rs import InvalidArgumentError
 from ...model.activations import _check_input_shape, activation_range
+from ..output import scratch_file
 from .common import CALIBRATION_BATCH, EXTERNAL_ABOVE
 from .load import _tensor_bytes
 
@@ -267,8 +266,8 @@ def _observe(model: Any, tensors: list[str], feeds: dict[str, Any], threads: int
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "probe.onnx")
+    # Removed on SIGTERM / SIGHUP too; a full $TMPDIR is named as such.
+    with scratch_file("probe.onnx", "the calibration model") as path:
         import onnx
 
         onnx.save_model(probe, path, save_as_external_data=_tensor_bytes(probe) >= EXTERNAL_ABOVE)
