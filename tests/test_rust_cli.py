@@ -628,3 +628,123 @@ def test_sharded_write_error_names_the_output_shard(tmp_path, squant_bin: str) -
     _same_message(p, r)
     assert _message(r.stderr) == "File too large: out/s0.safetensors\n"
     assert os.listdir(tmp_path) == ["ck"]
+
+
+# --------------------------------------------------------------------------
+# Output safety under faults, signals and mount points (both CLIs: the
+# Python CLI writes safetensors and sharded outputs through the same Rust
+# code).
+
+#: An LD_PRELOAD shim: FAULT_FSYNC_DIR=errno makes fsync(2) of a directory
+#: fail, FAULT_RENAME_DIR=errno rename(2) of a directory, FAULT_RENAME_TO=NAME
+#: a rename(2) whose destination ends in "/NAME".
+_FAULT_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+int rename(const char *a, const char *b) {
+    static int (*real)(const char *, const char *);
+    if (!real) real = dlsym(RTLD_NEXT, "rename");
+    const char *e = getenv("FAULT_RENAME_DIR");
+    struct stat st;
+    if (e && stat(a, &st) == 0 && S_ISDIR(st.st_mode)) { errno = atoi(e); return -1; }
+    const char *to = getenv("FAULT_RENAME_TO");
+    if (to) {
+        size_t n = strlen(b), k = strlen(to);
+        if (n > k && b[n - k - 1] == '/' && strcmp(b + n - k, to) == 0) {
+            errno = EDQUOT;
+            return -1;
+        }
+    }
+    return real(a, b);
+}
+int fsync(int fd) {
+    static int (*real)(int);
+    if (!real) real = dlsym(RTLD_NEXT, "fsync");
+    struct stat st;
+    const char *e = getenv("FAULT_FSYNC_DIR");
+    if (e && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) { errno = atoi(e); return -1; }
+    return real(fd);
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def fault_lib(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The shim above, built (Linux with a C compiler only)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not sys.platform.startswith("linux") or cc is None:
+        pytest.skip("needs Linux and a C compiler for the LD_PRELOAD fault shim")
+    d = tmp_path_factory.mktemp("fault")
+    (d / "fault.c").write_text(_FAULT_C)
+    r = subprocess.run(
+        [cc, "-shared", "-fPIC", "-O1", "-o", str(d / "fault.so"), str(d / "fault.c"), "-ldl"],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot build the fault shim: {r.stderr}")
+    return str(d / "fault.so")
+
+
+def _faulty(lib: str, **faults: str) -> dict[str, str]:
+    return {**os.environ, "LD_PRELOAD": lib, **faults}
+
+
+def test_directory_sync_error_after_the_rename(tmp_path, squant_bin: str, fault_lib: str) -> None:
+    """EIO from the sync of the output's directory, after the rename: the
+    new file is in place with the replaced file's mode, and the error says
+    the output was written (the Rust CLI set the mode after the rename, so
+    the file was left 0644, and both CLIs said only 'Input/output error')."""
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    outs = []
+    for name, argv in (("rs", [squant_bin]), ("py", [sys.executable, "-m", "squant_rs"])):
+        d = tmp_path / name
+        d.mkdir()
+        out = d / "out.safetensors"
+        out.write_bytes(b"OLD")
+        out.chmod(0o600)
+        r = subprocess.run(
+            [*argv, "quantize", "-q", str(src), str(out)],
+            capture_output=True,
+            text=True,
+            env=_faulty(fault_lib, FAULT_FSYNC_DIR="5"),
+        )
+        assert r.returncode == 2, (argv, r.stderr)
+        assert _message(r.stderr) == (
+            "the output was written, but its directory could not be synced to disk "
+            f"(Input/output error), so a crash may still undo it: {out}\n"
+        ), argv
+        assert out.read_bytes() != b"OLD", argv
+        assert stat_mode(out) == 0o600, argv
+        assert os.listdir(d) == ["out.safetensors"], argv
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert inspect_quantized(tmp_path / "rs" / "out.safetensors").tensors
+
+
+@pytest.mark.skipif(
+    os.name == "nt" or not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="changing a file's owner needs root",
+)
+def test_replaced_file_keeps_owner_and_mode(tmp_path, squant_bin: str) -> None:
+    """A replaced output keeps its owner, group and mode with both CLIs (the
+    Rust CLI kept only the mode, and set it after the rename)."""
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        out = tmp_path / "out.safetensors"
+        out.write_bytes(b"OLD")
+        os.chown(out, 1234, 5678)
+        out.chmod(0o640)
+        r = subprocess.run([*argv, "quantize", "-q", str(src), str(out)], capture_output=True)
+        assert r.returncode == 0, (argv, r.stderr)
+        st = out.stat()
+        assert (st.st_uid, st.st_gid, stat_mode(out)) == (1234, 5678, 0o640), argv
+        assert out.read_bytes() != b"OLD"
+        out.unlink()

@@ -236,11 +236,15 @@ pub fn quantize_sharded(
     // One pipeline over all shards: the next shard is read and quantized
     // while the previous one is being completed.
     // Errors name the output the caller gave, not the temporary directory.
+    // A shard renamed into the temporary directory whose sync failed is a
+    // plain failure: the output is not in place.
     let named = |e: IoError| match e {
-        IoError::Os { path, source } => match path.strip_prefix(&tmp) {
-            Ok(rest) => IoError::os(&out_dir.join(rest), source),
-            Err(_) => IoError::Os { path, source },
-        },
+        IoError::Os { path, source } | IoError::Unsynced { path, source } => {
+            match path.strip_prefix(&tmp) {
+                Ok(rest) => IoError::os(&out_dir.join(rest), source),
+                Err(_) => IoError::Os { path, source },
+            }
+        }
         e => e,
     };
     let reports = quantize_files(&jobs, opts, progress, 0, total, true).map_err(named)?;
@@ -301,10 +305,13 @@ pub fn quantize_sharded(
         std::fs::remove_dir(out_dir).map_err(|e| IoError::os(out_dir, e))?;
     }
     std::fs::rename(&tmp, out_dir).map_err(|e| IoError::os(out_dir, e))?;
-    sync_dir(parent_of(out_dir)).map_err(|e| IoError::os(out_dir, e))?;
     let mut guard = guard;
     guard.0 = None;
     unregister_temp(&tmp);
+    sync_dir(parent_of(out_dir)).map_err(|e| IoError::Unsynced {
+        path: out_dir.to_path_buf(),
+        source: e,
+    })?;
     Ok(merged)
 }
 

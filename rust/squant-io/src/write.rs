@@ -9,7 +9,10 @@
 //! [`Direct`]): the kernel then neither copies it nor writes it back, which
 //! on a small machine costs as much CPU time as quantizing it. An error, a drop without
 //! [`Writer::finish`] or [`remove_live_temp_files`] (signal handlers) removes
-//! the temporary file: no partial output is ever left behind.
+//! the temporary file: no partial output is ever left behind. Replacing an
+//! existing file keeps its permission bits (and, where allowed, its owner):
+//! they are set on the temporary file before the rename, so the target is
+//! never seen with other permissions.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -133,6 +136,27 @@ fn temp_path(target: &Path) -> PathBuf {
         ^ (u64::from(nanos) << 8)
         ^ COUNTER.fetch_add(1, Ordering::Relaxed);
     dir.join(format!(".{base}.{:012x}.tmp", unique & 0xffff_ffff_ffff))
+}
+
+/// Gives the file (`fd`) being written for `target` the permission bits
+/// and, where allowed, the owner and group of the file it replaces (as the
+/// Python `atomic_output`): owner first, since a change of owner clears the
+/// set-user-ID bits.
+#[cfg(unix)]
+fn copy_permissions(file: &File, old: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: a plain system call on a file descriptor we own. Not root:
+    // the file keeps this user's owner (the error is expected).
+    unsafe {
+        libc::fchown(file.as_raw_fd(), old.uid(), old.gid());
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(old.mode() & 0o7777))
+}
+
+#[cfg(not(unix))]
+fn copy_permissions(file: &File, old: &std::fs::Metadata) -> std::io::Result<()> {
+    file.set_permissions(old.permissions())
 }
 
 /// Writes at least this large start their write-back to disk at once.
@@ -505,6 +529,8 @@ impl Writer {
             )));
         }
         let (header, slots) = build_header(tensors, metadata, checksums)?;
+        // The file it replaces: its permissions are the new file's.
+        let old = std::fs::metadata(target).ok().filter(|m| m.is_file());
         let tmp = temp_path(target);
         // Registered before it exists, so a signal that arrives right after
         // the file appears still finds it.
@@ -526,6 +552,9 @@ impl Writer {
             slots,
             index,
         };
+        if let Some(old) = &old {
+            copy_permissions(&file, old).map_err(|e| IoError::os(target, e))?;
+        }
         let head = (header.len() as u64).to_le_bytes();
         file.write_all(&head)
             .and_then(|_| file.write_all(&header))
@@ -631,8 +660,12 @@ impl Writer {
         drop(file);
         std::fs::rename(&self.tmp, &target).map_err(|e| IoError::os(&target, e))?;
         live().retain(|p| p != &self.tmp);
-        // The rename itself on disk.
-        sync_dir(parent_of(&target)).map_err(|e| IoError::os(&target, e))?;
+        // The rename itself on disk. The output is in place already: a
+        // failure here says so.
+        sync_dir(parent_of(&target)).map_err(|e| IoError::Unsynced {
+            path: target.clone(),
+            source: e,
+        })?;
         Ok(size)
     }
 }
