@@ -748,3 +748,57 @@ def test_replaced_file_keeps_owner_and_mode(tmp_path, squant_bin: str) -> None:
         assert (st.st_uid, st.st_gid, stat_mode(out)) == (1234, 5678, 0o640), argv
         assert out.read_bytes() != b"OLD"
         out.unlink()
+
+
+def _hidden(path: Path) -> list[str]:
+    return sorted(n for n in os.listdir(path) if n.startswith("."))
+
+
+def _many_shards(src: Path, shards: int, rows: int, cols: int) -> None:
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    weight_map = {}
+    for s in range(shards):
+        name = f"s{s:03d}.safetensors"
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        write_safetensors(src / name, {f"l{s}.weight": RawTensor.from_numpy(w)})
+        weight_map[f"l{s}.weight"] = name
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="POSIX signals")
+def test_sharded_signal_at_any_time_leaves_nothing(tmp_path, squant_bin: str) -> None:
+    """SIGINT / SIGTERM at random moments of a sharded run: no temporary
+    directory left, the output either absent or complete, and the run ends
+    as interrupted or (too late to stop it) as a success. (The signal
+    thread removed the temporary directory while the writer thread went on
+    creating shards in it: the directory was often left behind.)"""
+    import random
+
+    _many_shards(tmp_path / "ck", 40, 64, 1024)
+    work = tmp_path / "w"
+    work.mkdir()
+    argv = [squant_bin, "quantize", "-q", "--threads", "2", str(tmp_path / "ck"), str(work / "o")]
+    for _ in range(2):  # the second run timed (warm caches)
+        t = time.monotonic()
+        assert subprocess.run(argv, capture_output=True).returncode == 0
+        full = time.monotonic() - t
+        shutil.rmtree(work / "o")
+    rng = random.Random(0)
+    runs, stop = 0, time.monotonic() + 4
+    while runs < 10 or time.monotonic() < stop:
+        sig = rng.choice([signal.SIGINT, signal.SIGTERM])
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0, full))
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        runs += 1
+        # (An error the clean-up caused, say a shard removed under the
+        # writer, was reported with status 2.)
+        assert proc.returncode in (0, 130, -sig), (proc.returncode, err)
+        assert _hidden(work) == [], (runs, proc.returncode)
+        if (work / "o").exists():
+            # Complete: the signal came after the rename.
+            assert len(os.listdir(work / "o")) == 41
+            shutil.rmtree(work / "o")
+        assert os.listdir(work) == []

@@ -1018,6 +1018,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError(msg)) => {
+            if squant_io::write::cleaning_up() {
+                // A signal's clean-up is under way (the error may be its
+                // doing: a temporary file removed under the writer): the
+                // signal thread ends the process as interrupted.
+                loop {
+                    std::thread::park();
+                }
+            }
             error_line(&msg);
             ExitCode::from(2)
         }

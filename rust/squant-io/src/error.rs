@@ -31,7 +31,9 @@ pub enum IoError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// A caller's progress callback asked to stop (the caller knows why).
+    /// A caller's progress callback asked to stop (the caller knows why),
+    /// or the process is ending ([`crate::write::remove_live_temp_files`]
+    /// ran).
     Cancelled,
 }
 

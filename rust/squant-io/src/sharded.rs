@@ -16,7 +16,7 @@ use crate::format::{base_of, Kind, SquantFile, CODES, SCALE, ZERO_POINT};
 use crate::json;
 use crate::quant::{quantize_files, selection, Job, Options, ProgressFn, Report};
 use crate::read::{repr, SafetensorsFile};
-use crate::write::{parent_of, register_temp, sync_dir, unregister_temp};
+use crate::write::{parent_of, register_temp, sync_dir, unregister_temp, TempSection};
 
 /// File name of the index.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
@@ -134,8 +134,11 @@ struct TempDir(Option<PathBuf>);
 impl Drop for TempDir {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
-            unregister_temp(&p);
+            // Still registered while it is being removed: a signal's
+            // clean-up that comes meanwhile removes it too, and makes sure
+            // it is gone before the process ends.
             let _ = std::fs::remove_dir_all(&p);
+            unregister_temp(&p);
         }
     }
 }
@@ -208,6 +211,7 @@ pub fn quantize_sharded(
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".to_string());
     let tmp = parent.join(format!(".{base}.{:08x}.tmp", std::process::id()));
+    let section = TempSection::enter()?;
     // Registered before it exists, so a signal that arrives right after the
     // directory appears still finds it.
     register_temp(&tmp);
@@ -215,6 +219,7 @@ pub fn quantize_sharded(
         unregister_temp(&tmp);
         return Err(IoError::os(out_dir, e));
     }
+    drop(section);
     let guard = TempDir(Some(tmp.clone()));
 
     let total: u64 = files
@@ -294,13 +299,20 @@ pub fn quantize_sharded(
     // The index, the shards (synced as they were completed) and the
     // directory's entries on disk before the directory is renamed into
     // place, and that rename after.
-    let write_index = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&index_out)?;
-        f.write_all(format!("{text}\n").as_bytes())?;
-        f.sync_all()?;
-        sync_dir(&tmp)
+    let write_index = || -> Result<()> {
+        let _section = TempSection::enter()?;
+        let io = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&index_out)?;
+            f.write_all(format!("{text}\n").as_bytes())?;
+            f.sync_all()?;
+            sync_dir(&tmp)
+        };
+        io().map_err(|e| IoError::os(out_dir, e))
     };
-    write_index().map_err(|e| IoError::os(out_dir, e))?;
+    write_index()?;
+    // A signal's clean-up waits for the rename and the sync (then finds the
+    // output complete, in place).
+    let _section = TempSection::enter()?;
     if out_dir.is_dir() {
         std::fs::remove_dir(out_dir).map_err(|e| IoError::os(out_dir, e))?;
     }

@@ -13,13 +13,18 @@
 //! existing file keeps its permission bits (and, where allowed, its owner):
 //! they are set on the temporary file before the rename, so the target is
 //! never seen with other permissions.
+//!
+//! Temporary paths are created, and renamed into place, inside a
+//! [`TempSection`]: [`remove_live_temp_files`] waits for the sections in
+//! progress and then refuses new ones, so nothing is created in (or
+//! renamed into) a temporary directory while it is being removed.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::dtype::{self, Dtype};
 use crate::error::{IoError, Result};
@@ -61,24 +66,80 @@ struct Slot {
 /// Temporary files being written (removed by [`remove_live_temp_files`]).
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Held shared by every [`TempSection`], exclusively by
+/// [`remove_live_temp_files`].
+static GATE: RwLock<()> = RwLock::new(());
+/// Set by [`remove_live_temp_files`]: no temporary path may be created or
+/// renamed into place any more.
+static CLOSED: AtomicBool = AtomicBool::new(false);
 
 fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
     LIVE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Removes every temporary file still being written; for a signal handler
-/// that is about to end the process. Returns how many were removed.
+/// A section of code that creates registered temporary paths (or entries
+/// inside a registered temporary directory), or renames them into place.
+/// While one is open, [`remove_live_temp_files`] waits; once that has run,
+/// [`TempSection::enter`] fails with [`IoError::Cancelled`]. So a thread
+/// that keeps writing while another one cleans up (a signal) cannot create
+/// a file in a directory being removed, nor rename a temporary file over
+/// its target afterwards. A section must not be entered again by a thread
+/// that holds one.
+pub struct TempSection {
+    _guard: RwLockReadGuard<'static, ()>,
+}
+
+impl TempSection {
+    /// Opens a section; [`IoError::Cancelled`] once
+    /// [`remove_live_temp_files`] has run (the process is ending).
+    pub fn enter() -> Result<TempSection> {
+        let guard = GATE.read().unwrap_or_else(|p| p.into_inner());
+        if CLOSED.load(Ordering::Acquire) {
+            return Err(IoError::Cancelled);
+        }
+        Ok(TempSection { _guard: guard })
+    }
+}
+
+/// Removes every temporary file and directory still being written; for a
+/// signal handler that is about to end the process. It first waits for the
+/// [`TempSection`]s in progress (a rename into place completes, with the
+/// sync of its directory), then makes every later one fail, so that no
+/// thread still running creates anything more. Returns how many paths were
+/// removed.
 pub fn remove_live_temp_files() -> usize {
+    // Set first: an error another thread meets from here on may come from
+    // this clean-up (see [`cleaning_up`]).
+    CLOSED.store(true, Ordering::Release);
+    let _gate = GATE.write().unwrap_or_else(|p| p.into_inner());
     let mut files = live();
     let n = files.len();
-    for f in files.drain(..) {
+    // Newest first: files inside a temporary directory before it.
+    for f in files.drain(..).rev() {
         if f.is_dir() {
-            let _ = std::fs::remove_dir_all(f);
+            // Nothing new appears in it any more (see above), but another
+            // thread may be removing it too (an error's clean-up): its
+            // entries then vanish under this walk, which may stop early.
+            // Gone only once it is not there (the process ends next, in the
+            // middle of the other thread's removal).
+            for _ in 0..100 {
+                if std::fs::remove_dir_all(&f).is_ok() || std::fs::symlink_metadata(&f).is_err() {
+                    break;
+                }
+            }
         } else {
             let _ = std::fs::remove_file(f);
         }
     }
     n
+}
+
+/// Whether [`remove_live_temp_files`] has begun: an error met since then
+/// may be its doing (a temporary file removed under its writer, a section
+/// refused), and the process is about to end by the signal: a caller
+/// should not report it.
+pub fn cleaning_up() -> bool {
+    CLOSED.load(Ordering::Acquire)
 }
 
 /// Registers a temporary file or directory for [`remove_live_temp_files`].
@@ -532,6 +593,7 @@ impl Writer {
         // The file it replaces: its permissions are the new file's.
         let old = std::fs::metadata(target).ok().filter(|m| m.is_file());
         let tmp = temp_path(target);
+        let section = TempSection::enter()?;
         // Registered before it exists, so a signal that arrives right after
         // the file appears still finds it.
         live().push(tmp.clone());
@@ -542,6 +604,7 @@ impl Writer {
                 return Err(IoError::os(target, e));
             }
         };
+        drop(section);
         let mut w = Writer {
             target: target.to_path_buf(),
             #[cfg(target_os = "linux")]
@@ -658,6 +721,9 @@ impl Writer {
             .and_then(|_| file.sync_all())
             .map_err(|e| IoError::os(&target, e))?;
         drop(file);
+        // A signal's clean-up waits for the rename and the sync of the
+        // directory: it then finds the output complete, in place.
+        let _section = TempSection::enter()?;
         std::fs::rename(&self.tmp, &target).map_err(|e| IoError::os(&target, e))?;
         live().retain(|p| p != &self.tmp);
         // The rename itself on disk. The output is in place already: a
