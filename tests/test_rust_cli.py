@@ -802,3 +802,129 @@ def test_sharded_signal_at_any_time_leaves_nothing(tmp_path, squant_bin: str) ->
             assert len(os.listdir(work / "o")) == 41
             shutil.rmtree(work / "o")
         assert os.listdir(work) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/sys/kernel/ns_last_pid"), reason="Linux PIDs")
+def test_sharded_stale_temporary_directory_of_the_same_pid(tmp_path, squant_bin: str) -> None:
+    """A temporary directory left by a killed run whose PID the next run
+    gets (in a container every run gets the same PIDs): the run succeeds.
+    (The name held only the PID: 'File exists: OUT', with OUT absent.)"""
+    _sharded_input(tmp_path / "ck")
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        d = tmp_path / ("rs" if argv == [squant_bin] else "py")
+        d.mkdir()
+        # The old names, for every PID the run may get.
+        last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
+        for pid in range(last + 1, last + 1500):
+            (d / f".out.{pid:08x}.tmp").mkdir()
+            (d / f".out.{pid:08x}.tmp" / "s0.safetensors").write_bytes(b"stale")
+        before = _hidden(d)
+        r = subprocess.run(
+            [*argv, "quantize", "-q", str(tmp_path / "ck"), str(d / "out")],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, (argv, r.stderr)
+        assert sorted(os.listdir(d / "out")) == ["model.safetensors.index.json", "s0.safetensors"]
+        assert _hidden(d) == before
+
+
+def test_sharded_failed_rename_keeps_the_empty_output_directory(
+    tmp_path, squant_bin: str, fault_lib: str
+) -> None:
+    """The final rename fails (EDQUOT): the user's empty output directory is
+    still there, with its mode, and nothing else is left (it was removed
+    before the rename). A successful run keeps its mode too."""
+    _sharded_input(tmp_path / "ck")
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        out = tmp_path / "out"
+        out.mkdir()
+        out.chmod(0o750)
+        r = subprocess.run(
+            [*argv, "quantize", "-q", "ck", "out"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=_faulty(fault_lib, FAULT_RENAME_DIR="122"),
+        )
+        assert r.returncode == 2 and _message(r.stderr) == "Disk quota exceeded: out\n", argv
+        assert sorted(os.listdir(tmp_path)) == ["ck", "out"], argv
+        assert os.listdir(out) == [] and stat_mode(out) == 0o750, argv
+        r = subprocess.run(
+            [*argv, "quantize", "-q", "ck", "out"], capture_output=True, cwd=tmp_path
+        )
+        assert r.returncode == 0, (argv, r.stderr)
+        assert stat_mode(out) == 0o750, argv
+        shutil.rmtree(out)
+
+
+@pytest.fixture(scope="session")
+def mount_namespace() -> None:
+    """Skips unless mounts can be made in a private mount namespace (root,
+    `unshare -m`): they vanish with it."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs Linux, root and unshare")
+    r = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "tmpfs", "/mnt"],
+        capture_output=True,
+    )
+    if r.returncode != 0:
+        pytest.skip("cannot mount in a private mount namespace")
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "bind"])
+def test_sharded_output_on_a_mount_point(
+    tmp_path, squant_bin: str, fault_lib: str, mount_namespace: None, how: str
+) -> None:
+    """An empty output directory that is a mount point (another file system,
+    or a bind mount of the same one: `docker -v host/out:/out`): the output
+    is written into it, the same files as elsewhere; a failure while moving
+    its files in (the index last) leaves it empty. (Every shard was written
+    next to it, then the run failed: 'Device or resource busy: OUT'.)"""
+    _sharded_input(tmp_path / "ck")
+    ref = subprocess.run([squant_bin, "quantize", "-q", "ck", "ref"], cwd=tmp_path)
+    assert ref.returncode == 0
+    (tmp_path / "host").mkdir()
+    mount = (
+        "mount -t tmpfs -o mode=0751 tmpfs out"
+        if how == "tmpfs"
+        else "mount --bind host out && chmod 0751 out"
+    )
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        for d in ("out", "saved", "failed"):
+            shutil.rmtree(tmp_path / d, ignore_errors=True)
+            (tmp_path / d).mkdir()
+        cli = " ".join(f"'{a}'" for a in argv)
+        fault = f"LD_PRELOAD={fault_lib} FAULT_RENAME_TO=model.safetensors.index.json"
+        script = (
+            f"{mount} || exit 99\n"
+            f"{fault} {cli} quantize -q ck out 2> failed/err\n"
+            "echo $? > failed/rc; ls -A out > failed/ls\n"
+            f"{cli} quantize -q ck out || exit $?\n"
+            "stat -c %a out > saved/mode; cp -a out/. saved/\n"
+        )
+        r = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, (argv, r.stderr)
+        assert (tmp_path / "failed" / "rc").read_text() == "2\n", argv
+        err = (tmp_path / "failed" / "err").read_text()
+        assert _message(err) == "Disk quota exceeded: out/model.safetensors.index.json\n", argv
+        assert (tmp_path / "failed" / "ls").read_text() == "", argv
+        saved = tmp_path / "saved"
+        assert (saved / "mode").read_text() == "751\n"
+        (saved / "mode").unlink()
+        assert sorted(os.listdir(saved)) == sorted(os.listdir(tmp_path / "ref")), argv
+        for n in os.listdir(saved):
+            assert (saved / n).read_bytes() == (tmp_path / "ref" / n).read_bytes(), (argv, n)
+        # nothing was written next to it
+        assert sorted(os.listdir(tmp_path)) == ["ck", "failed", "host", "out", "ref", "saved"]
+        assert os.listdir(tmp_path / "out") == []
+        # bind: what was written in the mount point is in the bound directory
+        host = sorted(os.listdir(tmp_path / "host"))
+        assert host == (sorted(os.listdir(tmp_path / "ref")) if how == "bind" else []), argv
+        shutil.rmtree(tmp_path / "host")
+        (tmp_path / "host").mkdir()

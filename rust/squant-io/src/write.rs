@@ -179,12 +179,13 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The temporary path next to `target`: `.NAME.<unique>.tmp`.
-fn temp_path(target: &Path) -> PathBuf {
-    let dir = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+/// A temporary name in `dir` for `target`: `.NAME.<unique>.tmp`, the
+/// unique part made of the process id, the time, a counter and the
+/// standard library's per-process random hash keys (so that another run
+/// with the same process id, in a container, does not pick the same name).
+/// Creating it can still find it taken: the caller then asks again.
+pub fn temp_name(dir: &Path, target: &Path) -> PathBuf {
+    use std::hash::{BuildHasher, Hasher};
     let base = target
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
@@ -193,11 +194,18 @@ fn temp_path(target: &Path) -> PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let unique = (u64::from(std::process::id()) << 32)
-        ^ (u64::from(nanos) << 8)
-        ^ COUNTER.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!(".{base}.{:012x}.tmp", unique & 0xffff_ffff_ffff))
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u32(nanos);
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    dir.join(format!(
+        ".{base}.{:012x}.tmp",
+        h.finish() & 0xffff_ffff_ffff
+    ))
 }
+
+/// Tries of a new temporary name when one is taken.
+pub const TEMP_TRIES: usize = 100;
 
 /// Gives the file (`fd`) being written for `target` the permission bits
 /// and, where allowed, the owner and group of the file it replaces (as the
@@ -592,16 +600,31 @@ impl Writer {
         let (header, slots) = build_header(tensors, metadata, checksums)?;
         // The file it replaces: its permissions are the new file's.
         let old = std::fs::metadata(target).ok().filter(|m| m.is_file());
-        let tmp = temp_path(target);
+        let dir = parent_of(target);
         let section = TempSection::enter()?;
-        // Registered before it exists, so a signal that arrives right after
-        // the file appears still finds it.
-        live().push(tmp.clone());
-        let mut file = match OpenOptions::new().write(true).create_new(true).open(&tmp) {
-            Ok(f) => f,
-            Err(e) => {
-                unregister_temp(&tmp);
-                return Err(IoError::os(target, e));
+        let mut tries = 0;
+        let (tmp, mut file) = loop {
+            let tmp = temp_name(dir, target);
+            // Registered before it exists, so a signal that arrives right
+            // after the file appears still finds it.
+            live().push(tmp.clone());
+            match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+                Ok(f) => break (tmp, f),
+                Err(e) => {
+                    unregister_temp(&tmp);
+                    tries += 1;
+                    if e.kind() == std::io::ErrorKind::AlreadyExists && tries < TEMP_TRIES {
+                        continue;
+                    }
+                    // Taken every time: name the temporary file, whose
+                    // existence is the problem, not the target.
+                    let at = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        &tmp
+                    } else {
+                        target
+                    };
+                    return Err(IoError::os(at, e));
+                }
             }
         };
         drop(section);
