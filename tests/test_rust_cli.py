@@ -760,3 +760,303 @@ def test_info_verify_without_checksums_like_python(tmp_path, squant_bin: str) ->
     p, r = _both(squant_bin, "info", "--verify", "q.safetensors", cwd=tmp_path)
     assert p.stdout == r.stdout
     assert "verified              every checksum, code, scale and zero point\n" in r.stdout
+
+
+# --------------------------------------------------------------------------
+# Output safety under faults, signals and mount points (both CLIs: the
+# Python CLI writes safetensors and sharded outputs through the same Rust
+# code).
+
+#: An LD_PRELOAD shim: FAULT_FSYNC_DIR=errno makes fsync(2) of a directory
+#: fail, FAULT_RENAME_DIR=errno rename(2) of a directory, FAULT_RENAME_TO=NAME
+#: a rename(2) whose destination ends in "/NAME".
+_FAULT_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+int rename(const char *a, const char *b) {
+    static int (*real)(const char *, const char *);
+    if (!real) real = dlsym(RTLD_NEXT, "rename");
+    const char *e = getenv("FAULT_RENAME_DIR");
+    struct stat st;
+    if (e && stat(a, &st) == 0 && S_ISDIR(st.st_mode)) { errno = atoi(e); return -1; }
+    const char *to = getenv("FAULT_RENAME_TO");
+    if (to) {
+        size_t n = strlen(b), k = strlen(to);
+        if (n > k && b[n - k - 1] == '/' && strcmp(b + n - k, to) == 0) {
+            errno = EDQUOT;
+            return -1;
+        }
+    }
+    return real(a, b);
+}
+int fsync(int fd) {
+    static int (*real)(int);
+    if (!real) real = dlsym(RTLD_NEXT, "fsync");
+    struct stat st;
+    const char *e = getenv("FAULT_FSYNC_DIR");
+    if (e && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) { errno = atoi(e); return -1; }
+    return real(fd);
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def fault_lib(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The shim above, built (Linux with a C compiler only)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not sys.platform.startswith("linux") or cc is None:
+        pytest.skip("needs Linux and a C compiler for the LD_PRELOAD fault shim")
+    d = tmp_path_factory.mktemp("fault")
+    (d / "fault.c").write_text(_FAULT_C)
+    r = subprocess.run(
+        [cc, "-shared", "-fPIC", "-O1", "-o", str(d / "fault.so"), str(d / "fault.c"), "-ldl"],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot build the fault shim: {r.stderr}")
+    return str(d / "fault.so")
+
+
+def _faulty(lib: str, **faults: str) -> dict[str, str]:
+    return {**os.environ, "LD_PRELOAD": lib, **faults}
+
+
+def test_directory_sync_error_after_the_rename(tmp_path, squant_bin: str, fault_lib: str) -> None:
+    """EIO from the sync of the output's directory, after the rename: the
+    new file is in place with the replaced file's mode, and the error says
+    the output was written (the Rust CLI set the mode after the rename, so
+    the file was left 0644, and both CLIs said only 'Input/output error')."""
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    outs = []
+    for name, argv in (("rs", [squant_bin]), ("py", [sys.executable, "-m", "squant_rs"])):
+        d = tmp_path / name
+        d.mkdir()
+        out = d / "out.safetensors"
+        out.write_bytes(b"OLD")
+        out.chmod(0o600)
+        r = subprocess.run(
+            [*argv, "quantize", "-q", str(src), str(out)],
+            capture_output=True,
+            text=True,
+            env=_faulty(fault_lib, FAULT_FSYNC_DIR="5"),
+        )
+        assert r.returncode == 2, (argv, r.stderr)
+        assert _message(r.stderr) == (
+            "the output was written, but its directory could not be synced to disk "
+            f"(Input/output error), so a crash may still undo it: {out}\n"
+        ), argv
+        assert out.read_bytes() != b"OLD", argv
+        assert stat_mode(out) == 0o600, argv
+        assert os.listdir(d) == ["out.safetensors"], argv
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert inspect_quantized(tmp_path / "rs" / "out.safetensors").tensors
+
+
+@pytest.mark.skipif(
+    os.name == "nt" or not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="changing a file's owner needs root",
+)
+def test_replaced_file_keeps_owner_and_mode(tmp_path, squant_bin: str) -> None:
+    """A replaced output keeps its owner, group and mode with both CLIs (the
+    Rust CLI kept only the mode, and set it after the rename)."""
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        out = tmp_path / "out.safetensors"
+        out.write_bytes(b"OLD")
+        os.chown(out, 1234, 5678)
+        out.chmod(0o640)
+        r = subprocess.run([*argv, "quantize", "-q", str(src), str(out)], capture_output=True)
+        assert r.returncode == 0, (argv, r.stderr)
+        st = out.stat()
+        assert (st.st_uid, st.st_gid, stat_mode(out)) == (1234, 5678, 0o640), argv
+        assert out.read_bytes() != b"OLD"
+        out.unlink()
+
+
+def _hidden(path: Path) -> list[str]:
+    return sorted(n for n in os.listdir(path) if n.startswith("."))
+
+
+def _many_shards(src: Path, shards: int, rows: int, cols: int) -> None:
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    weight_map = {}
+    for s in range(shards):
+        name = f"s{s:03d}.safetensors"
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        write_safetensors(src / name, {f"l{s}.weight": RawTensor.from_numpy(w)})
+        weight_map[f"l{s}.weight"] = name
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="POSIX signals")
+def test_sharded_signal_at_any_time_leaves_nothing(tmp_path, squant_bin: str) -> None:
+    """SIGINT / SIGTERM at random moments of a sharded run: no temporary
+    directory left, the output either absent or complete, and the run ends
+    as interrupted or (too late to stop it) as a success. (The signal
+    thread removed the temporary directory while the writer thread went on
+    creating shards in it: the directory was often left behind.)"""
+    import random
+
+    _many_shards(tmp_path / "ck", 40, 64, 1024)
+    work = tmp_path / "w"
+    work.mkdir()
+    argv = [squant_bin, "quantize", "-q", "--threads", "2", str(tmp_path / "ck"), str(work / "o")]
+    for _ in range(2):  # the second run timed (warm caches)
+        t = time.monotonic()
+        assert subprocess.run(argv, capture_output=True).returncode == 0
+        full = time.monotonic() - t
+        shutil.rmtree(work / "o")
+    rng = random.Random(0)
+    runs, stop = 0, time.monotonic() + 4
+    while runs < 10 or time.monotonic() < stop:
+        sig = rng.choice([signal.SIGINT, signal.SIGTERM])
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0, full))
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        runs += 1
+        # (An error the clean-up caused, say a shard removed under the
+        # writer, was reported with status 2.)
+        assert proc.returncode in (0, 130, -sig), (proc.returncode, err)
+        assert _hidden(work) == [], (runs, proc.returncode)
+        if (work / "o").exists():
+            # Complete: the signal came after the rename.
+            assert len(os.listdir(work / "o")) == 41
+            shutil.rmtree(work / "o")
+        assert os.listdir(work) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/sys/kernel/ns_last_pid"), reason="Linux PIDs")
+def test_sharded_stale_temporary_directory_of_the_same_pid(tmp_path, squant_bin: str) -> None:
+    """A temporary directory left by a killed run whose PID the next run
+    gets (in a container every run gets the same PIDs): the run succeeds.
+    (The name held only the PID: 'File exists: OUT', with OUT absent.)"""
+    _sharded_input(tmp_path / "ck")
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        d = tmp_path / ("rs" if argv == [squant_bin] else "py")
+        d.mkdir()
+        # The old names, for every PID the run may get.
+        last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
+        for pid in range(last + 1, last + 1500):
+            (d / f".out.{pid:08x}.tmp").mkdir()
+            (d / f".out.{pid:08x}.tmp" / "s0.safetensors").write_bytes(b"stale")
+        before = _hidden(d)
+        r = subprocess.run(
+            [*argv, "quantize", "-q", str(tmp_path / "ck"), str(d / "out")],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, (argv, r.stderr)
+        assert sorted(os.listdir(d / "out")) == ["model.safetensors.index.json", "s0.safetensors"]
+        assert _hidden(d) == before
+
+
+def test_sharded_failed_rename_keeps_the_empty_output_directory(
+    tmp_path, squant_bin: str, fault_lib: str
+) -> None:
+    """The final rename fails (EDQUOT): the user's empty output directory is
+    still there, with its mode, and nothing else is left (it was removed
+    before the rename). A successful run keeps its mode too."""
+    _sharded_input(tmp_path / "ck")
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        out = tmp_path / "out"
+        out.mkdir()
+        out.chmod(0o750)
+        r = subprocess.run(
+            [*argv, "quantize", "-q", "ck", "out"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=_faulty(fault_lib, FAULT_RENAME_DIR="122"),
+        )
+        assert r.returncode == 2 and _message(r.stderr) == "Disk quota exceeded: out\n", argv
+        assert sorted(os.listdir(tmp_path)) == ["ck", "out"], argv
+        assert os.listdir(out) == [] and stat_mode(out) == 0o750, argv
+        r = subprocess.run(
+            [*argv, "quantize", "-q", "ck", "out"], capture_output=True, cwd=tmp_path
+        )
+        assert r.returncode == 0, (argv, r.stderr)
+        assert stat_mode(out) == 0o750, argv
+        shutil.rmtree(out)
+
+
+@pytest.fixture(scope="session")
+def mount_namespace() -> None:
+    """Skips unless mounts can be made in a private mount namespace (root,
+    `unshare -m`): they vanish with it."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs Linux, root and unshare")
+    r = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "tmpfs", "/mnt"],
+        capture_output=True,
+    )
+    if r.returncode != 0:
+        pytest.skip("cannot mount in a private mount namespace")
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "bind"])
+def test_sharded_output_on_a_mount_point(
+    tmp_path, squant_bin: str, fault_lib: str, mount_namespace: None, how: str
+) -> None:
+    """An empty output directory that is a mount point (another file system,
+    or a bind mount of the same one: `docker -v host/out:/out`): the output
+    is written into it, the same files as elsewhere; a failure while moving
+    its files in (the index last) leaves it empty. (Every shard was written
+    next to it, then the run failed: 'Device or resource busy: OUT'.)"""
+    _sharded_input(tmp_path / "ck")
+    ref = subprocess.run([squant_bin, "quantize", "-q", "ck", "ref"], cwd=tmp_path)
+    assert ref.returncode == 0
+    (tmp_path / "host").mkdir()
+    mount = (
+        "mount -t tmpfs -o mode=0751 tmpfs out"
+        if how == "tmpfs"
+        else "mount --bind host out && chmod 0751 out"
+    )
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        for d in ("out", "saved", "failed"):
+            shutil.rmtree(tmp_path / d, ignore_errors=True)
+            (tmp_path / d).mkdir()
+        cli = " ".join(f"'{a}'" for a in argv)
+        fault = f"LD_PRELOAD={fault_lib} FAULT_RENAME_TO=model.safetensors.index.json"
+        script = (
+            f"{mount} || exit 99\n"
+            f"{fault} {cli} quantize -q ck out 2> failed/err\n"
+            "echo $? > failed/rc; ls -A out > failed/ls\n"
+            f"{cli} quantize -q ck out || exit $?\n"
+            "stat -c %a out > saved/mode; cp -a out/. saved/\n"
+        )
+        r = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, (argv, r.stderr)
+        assert (tmp_path / "failed" / "rc").read_text() == "2\n", argv
+        err = (tmp_path / "failed" / "err").read_text()
+        assert _message(err) == "Disk quota exceeded: out/model.safetensors.index.json\n", argv
+        assert (tmp_path / "failed" / "ls").read_text() == "", argv
+        saved = tmp_path / "saved"
+        assert (saved / "mode").read_text() == "751\n"
+        (saved / "mode").unlink()
+        assert sorted(os.listdir(saved)) == sorted(os.listdir(tmp_path / "ref")), argv
+        for n in os.listdir(saved):
+            assert (saved / n).read_bytes() == (tmp_path / "ref" / n).read_bytes(), (argv, n)
+        # nothing was written next to it
+        assert sorted(os.listdir(tmp_path)) == ["ck", "failed", "host", "out", "ref", "saved"]
+        assert os.listdir(tmp_path / "out") == []
+        # bind: what was written in the mount point is in the bound directory
+        host = sorted(os.listdir(tmp_path / "host"))
+        assert host == (sorted(os.listdir(tmp_path / "ref")) if how == "bind" else []), argv
+        shutil.rmtree(tmp_path / "host")
+        (tmp_path / "host").mkdir()

@@ -4,7 +4,9 @@
 //! CLI's `squant-rs quantize` / `squant-rs info` on safetensors input.
 //!
 //! Exit status: 0 on success, 2 on bad input (one `squant: error: ...` line
-//! on stderr, no output left behind), 130 when interrupted (SIGINT; the
+//! on stderr, no output left behind; but when only the sync of the output's
+//! directory after the rename failed, the line says the output was
+//! written), 130 when interrupted (SIGINT; the
 //! temporary output is removed first), killed by the signal on SIGTERM or
 //! SIGHUP (after removing the temporary output; 143 / 129 in a shell), 141
 //! (quietly) when stdout is a pipe closed early (`squant info -v F | head`):
@@ -292,17 +294,15 @@ fn writable(path: &Path) -> bool {
 /// The output rules of the Python CLI (`check_output`, `output_format`):
 /// never the input, regular files only (a symlink is written through: its
 /// target is replaced and the link kept; a dangling link gets its target
-/// created), `.safetensors` only. Returns the path to write and the
-/// permissions to keep.
-fn check_output(
-    dst: &Path,
-    src: &Path,
-) -> Result<(PathBuf, Option<std::fs::Permissions>), CliError> {
+/// created), `.safetensors` only. Returns the path to write (the writer
+/// gives a replaced file's permissions to the new one before it is renamed
+/// into place).
+fn check_output(dst: &Path, src: &Path) -> Result<PathBuf, CliError> {
     let name = show(dst);
     if dst.is_dir() {
         return fail(format!("output is a directory: {name}"));
     }
-    let (target, keep) = match std::fs::metadata(dst) {
+    let target = match std::fs::metadata(dst) {
         Ok(m) => {
             if same_file(src, dst) {
                 return fail(format!(
@@ -320,12 +320,12 @@ fn check_output(
             if !writable(&real) {
                 return fail(format!("Permission denied: {name}"));
             }
-            (real, Some(m.permissions()))
+            real
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // Nothing there yet, or a dangling symlink: its target is created.
             match resolve_output(dst).map_err(|e| IoError::os(dst, e))? {
-                Some(target) => (target, None),
+                Some(target) => target,
                 None => return fail(format!("No such file or directory: {name}")),
             }
         }
@@ -342,7 +342,7 @@ fn check_output(
             "output {name}: the output format is chosen by the file extension and {shown} is not one squant-rs writes (use .safetensors)"
         ));
     }
-    Ok((target, keep))
+    Ok(target)
 }
 
 /// A path as the Python CLI prints it (see [`squant_io::error::show_path`]).
@@ -462,10 +462,9 @@ fn cmd_quantize(
     quiet: bool,
 ) -> Result<(), CliError> {
     let sharded = squant_io::is_sharded(src);
-    let mut keep_mode = None;
     let mut target = dst.to_path_buf();
     if !sharded {
-        (target, keep_mode) = check_output(dst, src)?;
+        target = check_output(dst, src)?;
     }
     let n = threads(n_threads)?;
     let start = Instant::now();
@@ -570,14 +569,14 @@ fn cmd_quantize(
             bar.finish_and_clear();
             // Errors name the output as the user gave it, not where its
             // symlinks lead.
-            let r = r.map_err(|e| match e {
+            r.map_err(|e| match e {
                 IoError::Os { path, source } if path == target => IoError::os(dst, source),
+                IoError::Unsynced { path, source } if path == target => IoError::Unsynced {
+                    path: dst.to_path_buf(),
+                    source,
+                },
                 e => e,
-            })?;
-            if let Some(perm) = keep_mode {
-                std::fs::set_permissions(&target, perm).map_err(|e| IoError::os(dst, e))?;
-            }
-            r
+            })?
         }
     };
     let written = Instant::now();
@@ -1024,6 +1023,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError(msg)) => {
+            if squant_io::write::cleaning_up() {
+                // A signal's clean-up is under way (the error may be its
+                // doing: a temporary file removed under the writer): the
+                // signal thread ends the process as interrupted.
+                loop {
+                    std::thread::park();
+                }
+            }
             error_line(&msg);
             ExitCode::from(2)
         }

@@ -24,7 +24,16 @@ pub enum IoError {
     UnsupportedDtype(String),
     /// An argument is out of range or inconsistent.
     InvalidArgument(String),
-    /// A caller's progress callback asked to stop (the caller knows why).
+    /// The output `path` was written and renamed into place (it is
+    /// complete), but its directory could not be synced to disk afterwards:
+    /// a crash may still undo the rename.
+    Unsynced {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A caller's progress callback asked to stop (the caller knows why),
+    /// or the process is ending ([`crate::write::remove_live_temp_files`]
+    /// ran).
     Cancelled,
 }
 
@@ -50,6 +59,9 @@ impl fmt::Display for IoError {
             | IoError::UnsupportedDtype(msg)
             | IoError::InvalidArgument(msg) => f.write_str(msg),
             IoError::Os { path, source } => write!(f, "{}: {}", os_reason(source), show_path(path)),
+            IoError::Unsynced { path, source } => {
+                write!(f, "{}: {}", unsynced_reason(source), show_path(path))
+            }
             IoError::Quantize { name, source } => write!(f, "{name}: {source}"),
             IoError::Cancelled => f.write_str("cancelled"),
         }
@@ -88,10 +100,19 @@ pub fn os_reason(err: &std::io::Error) -> String {
     }
 }
 
+/// The reason of an [`IoError::Unsynced`] error, without the path (as an
+/// `OSError`'s `strerror`).
+pub fn unsynced_reason(err: &std::io::Error) -> String {
+    format!(
+        "the output was written, but its directory could not be synced to disk ({}), so a crash may still undo it",
+        os_reason(err)
+    )
+}
+
 impl std::error::Error for IoError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            IoError::Os { source, .. } => Some(source),
+            IoError::Os { source, .. } | IoError::Unsynced { source, .. } => Some(source),
             IoError::Quantize { source, .. } => Some(source),
             _ => None,
         }

@@ -2,8 +2,11 @@
 //! `model.safetensors.index.json` (`{"metadata": {...}, "weight_map":
 //! {tensor: shard file}}`) and the shard files next to it. Quantized shard
 //! by shard into the same layout (one output shard per input shard, index
-//! rewritten), built in a temporary directory renamed into place at the
-//! end: an error leaves no partial output directory.
+//! rewritten), built in a temporary directory (`.OUT.<unique>.tmp`) renamed
+//! into place at the end: an error leaves no partial output directory. An
+//! empty output directory that is a mount point cannot be renamed over: the
+//! output is then built in a temporary directory inside it and its files
+//! moved into it at the end, the index last (an error removes those moved).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -16,7 +19,9 @@ use crate::format::{base_of, Kind, SquantFile, CODES, SCALE, ZERO_POINT};
 use crate::json;
 use crate::quant::{quantize_files, selection, Job, Options, ProgressFn, Report};
 use crate::read::{repr, SafetensorsFile};
-use crate::write::{parent_of, register_temp, sync_dir, unregister_temp};
+use crate::write::{
+    parent_of, register_temp, sync_dir, temp_name, unregister_temp, TempSection, TEMP_TRIES,
+};
 
 /// File name of the index.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
@@ -134,8 +139,11 @@ struct TempDir(Option<PathBuf>);
 impl Drop for TempDir {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
-            unregister_temp(&p);
+            // Still registered while it is being removed: a signal's
+            // clean-up that comes meanwhile removes it too, and makes sure
+            // it is gone before the process ends.
             let _ = std::fs::remove_dir_all(&p);
+            unregister_temp(&p);
         }
     }
 }
@@ -149,8 +157,120 @@ fn names_a_dot(path: &Path) -> bool {
     last.is_empty() || last == "." || last == ".."
 }
 
+/// Creates a new temporary directory in `dir` for the output `out_dir`
+/// (`.NAME.<unique>.tmp`, registered for [`crate::remove_live_temp_files`]);
+/// a name already taken (say left by a killed run) is not an error: another
+/// is tried.
+fn create_temp_dir(dir: &Path, out_dir: &Path) -> Result<PathBuf> {
+    let _section = TempSection::enter()?;
+    let mut tries = 0;
+    loop {
+        let tmp = temp_name(dir, out_dir);
+        // Registered before it exists, so a signal that arrives right after
+        // the directory appears still finds it.
+        register_temp(&tmp);
+        match std::fs::create_dir(&tmp) {
+            Ok(()) => return Ok(tmp),
+            Err(e) => {
+                unregister_temp(&tmp);
+                tries += 1;
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    if tries < TEMP_TRIES {
+                        continue;
+                    }
+                    // Name what exists: the temporary directory.
+                    return Err(IoError::os(&tmp, e));
+                }
+                // The output cannot be created there either.
+                return Err(IoError::os(out_dir, e));
+            }
+        }
+    }
+}
+
+/// Whether the directory `dir` is a mount point: on another device than
+/// its parent, or (Linux) the root of a mount, as a bind mount of a
+/// directory of the same file system is. Such a directory cannot be
+/// renamed over (`EBUSY`), nor can anything be renamed into it from
+/// outside (`EXDEV`).
+fn is_mount_point(dir: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(d), Ok(p)) = (std::fs::metadata(dir), std::fs::metadata(dir.join(".."))) {
+            if d.dev() != p.dev() || d.ino() == p.ino() {
+                return true;
+            }
+        }
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        // STATX_ATTR_MOUNT_ROOT (Linux 5.8); older kernels leave it out of
+        // the mask.
+        const MOUNT_ROOT: u64 = 0x2000;
+        if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) {
+            // SAFETY: statx(2) fills a zeroed struct of the right type; the
+            // path is NUL-terminated.
+            let mut st: libc::statx = unsafe { std::mem::zeroed() };
+            let r = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, 0, &mut st) };
+            if r == 0 && st.stx_attributes_mask & MOUNT_ROOT != 0 {
+                return st.stx_attributes & MOUNT_ROOT != 0;
+            }
+        }
+    }
+    let _ = dir;
+    false
+}
+
+/// Gives the directory `dir` the permission bits (and, where allowed, the
+/// owner) of the empty directory it replaces.
+#[cfg(unix)]
+fn copy_dir_permissions(dir: &Path, old: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // Not root: the directory keeps this user's owner (the error is expected).
+    let _ = std::os::unix::fs::chown(dir, Some(old.uid()), Some(old.gid()));
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(old.mode() & 0o7777))
+}
+
+#[cfg(not(unix))]
+fn copy_dir_permissions(dir: &Path, old: &std::fs::Metadata) -> std::io::Result<()> {
+    std::fs::set_permissions(dir, old.permissions())
+}
+
+/// Moves the files `names` of the staging directory `tmp` (inside
+/// `out_dir`) into `out_dir`, in order (the index last, so that the
+/// directory is a checkpoint only once every shard is there), then removes
+/// `tmp` and syncs `out_dir`. On a failure the files already moved are
+/// removed again, newest first: `out_dir` is left empty, as it was. A
+/// signal's clean-up waits until the moves are done (or undone).
+fn move_into(tmp: &Path, out_dir: &Path, names: &[&str]) -> Result<()> {
+    let _section = TempSection::enter()?;
+    let mut moved: Vec<PathBuf> = Vec::with_capacity(names.len());
+    let mut run = || -> Result<()> {
+        for name in names {
+            let dst = out_dir.join(name);
+            std::fs::rename(tmp.join(name), &dst).map_err(|e| IoError::os(&dst, e))?;
+            moved.push(dst);
+        }
+        std::fs::remove_dir(tmp).map_err(|e| IoError::os(out_dir, e))
+    };
+    if let Err(e) = run() {
+        for f in moved.iter().rev() {
+            let _ = std::fs::remove_file(f);
+        }
+        return Err(e);
+    }
+    unregister_temp(tmp);
+    sync_dir(out_dir).map_err(|e| IoError::Unsynced {
+        path: out_dir.to_path_buf(),
+        source: e,
+    })
+}
+
 /// Quantizes a sharded checkpoint into `out_dir`, which must not exist or
-/// be an empty directory.
+/// be an empty directory (see the module's documentation for how it is
+/// written; an empty directory replaced keeps its permissions).
 pub fn quantize_sharded(
     src: &Path,
     out_dir: &Path,
@@ -203,19 +323,14 @@ pub fn quantize_sharded(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let base = out_dir
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".to_string());
-    let tmp = parent.join(format!(".{base}.{:08x}.tmp", std::process::id()));
-    // Registered before it exists, so a signal that arrives right after the
-    // directory appears still finds it.
-    register_temp(&tmp);
-    if let Err(e) = std::fs::create_dir(&tmp) {
-        unregister_temp(&tmp);
-        return Err(IoError::os(out_dir, e));
-    }
-    let guard = TempDir(Some(tmp.clone()));
+    // An existing (empty) directory that is a mount point (`docker -v
+    // host/out:/out`) cannot be replaced by a rename: the output is then
+    // built inside it and its files are moved into it at the end, the index
+    // last.
+    let existing = std::fs::metadata(out_dir).ok().filter(|m| m.is_dir());
+    let in_place = existing.is_some() && is_mount_point(out_dir);
+    let tmp = create_temp_dir(if in_place { out_dir } else { &parent }, out_dir)?;
+    let mut guard = TempDir(Some(tmp.clone()));
 
     let total: u64 = files
         .iter()
@@ -236,11 +351,15 @@ pub fn quantize_sharded(
     // One pipeline over all shards: the next shard is read and quantized
     // while the previous one is being completed.
     // Errors name the output the caller gave, not the temporary directory.
+    // A shard renamed into the temporary directory whose sync failed is a
+    // plain failure: the output is not in place.
     let named = |e: IoError| match e {
-        IoError::Os { path, source } => match path.strip_prefix(&tmp) {
-            Ok(rest) => IoError::os(&out_dir.join(rest), source),
-            Err(_) => IoError::Os { path, source },
-        },
+        IoError::Os { path, source } | IoError::Unsynced { path, source } => {
+            match path.strip_prefix(&tmp) {
+                Ok(rest) => IoError::os(&out_dir.join(rest), source),
+                Err(_) => IoError::Os { path, source },
+            }
+        }
         e => e,
     };
     let reports = quantize_files(&jobs, opts, progress, 0, total, true).map_err(named)?;
@@ -290,21 +409,40 @@ pub fn quantize_sharded(
     // The index, the shards (synced as they were completed) and the
     // directory's entries on disk before the directory is renamed into
     // place, and that rename after.
-    let write_index = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&index_out)?;
-        f.write_all(format!("{text}\n").as_bytes())?;
-        f.sync_all()?;
-        sync_dir(&tmp)
+    let write_index = || -> Result<()> {
+        let _section = TempSection::enter()?;
+        let io = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&index_out)?;
+            f.write_all(format!("{text}\n").as_bytes())?;
+            f.sync_all()?;
+            sync_dir(&tmp)
+        };
+        io().map_err(|e| IoError::os(out_dir, e))
     };
-    write_index().map_err(|e| IoError::os(out_dir, e))?;
-    if out_dir.is_dir() {
-        std::fs::remove_dir(out_dir).map_err(|e| IoError::os(out_dir, e))?;
+    write_index()?;
+    if in_place {
+        let mut names: Vec<&str> = index.shards.iter().map(String::as_str).collect();
+        names.push(INDEX_NAME);
+        move_into(&tmp, out_dir, &names)?;
+        guard.0 = None;
+    } else {
+        // The empty directory it replaces keeps its permissions.
+        if let Some(old) = &existing {
+            copy_dir_permissions(&tmp, old).map_err(|e| IoError::os(out_dir, e))?;
+        }
+        // A signal's clean-up waits for the rename and the sync (then finds
+        // the output complete, in place).
+        let _section = TempSection::enter()?;
+        // rename(2) replaces an empty directory: nothing is removed first,
+        // so a failure leaves an existing `out_dir` as it was.
+        std::fs::rename(&tmp, out_dir).map_err(|e| IoError::os(out_dir, e))?;
+        unregister_temp(&tmp);
+        guard.0 = None;
+        sync_dir(parent_of(out_dir)).map_err(|e| IoError::Unsynced {
+            path: out_dir.to_path_buf(),
+            source: e,
+        })?;
     }
-    std::fs::rename(&tmp, out_dir).map_err(|e| IoError::os(out_dir, e))?;
-    sync_dir(parent_of(out_dir)).map_err(|e| IoError::os(out_dir, e))?;
-    let mut guard = guard;
-    guard.0 = None;
-    unregister_temp(&tmp);
     Ok(merged)
 }
 

@@ -9,14 +9,22 @@
 //! [`Direct`]): the kernel then neither copies it nor writes it back, which
 //! on a small machine costs as much CPU time as quantizing it. An error, a drop without
 //! [`Writer::finish`] or [`remove_live_temp_files`] (signal handlers) removes
-//! the temporary file: no partial output is ever left behind.
+//! the temporary file: no partial output is ever left behind. Replacing an
+//! existing file keeps its permission bits (and, where allowed, its owner):
+//! they are set on the temporary file before the rename, so the target is
+//! never seen with other permissions.
+//!
+//! Temporary paths are created, and renamed into place, inside a
+//! [`TempSection`]: [`remove_live_temp_files`] waits for the sections in
+//! progress and then refuses new ones, so nothing is created in (or
+//! renamed into) a temporary directory while it is being removed.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::dtype::{self, Dtype};
 use crate::error::{IoError, Result};
@@ -56,24 +64,80 @@ struct Slot {
 /// Temporary files being written (removed by [`remove_live_temp_files`]).
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Held shared by every [`TempSection`], exclusively by
+/// [`remove_live_temp_files`].
+static GATE: RwLock<()> = RwLock::new(());
+/// Set by [`remove_live_temp_files`]: no temporary path may be created or
+/// renamed into place any more.
+static CLOSED: AtomicBool = AtomicBool::new(false);
 
 fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
     LIVE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Removes every temporary file still being written; for a signal handler
-/// that is about to end the process. Returns how many were removed.
+/// A section of code that creates registered temporary paths (or entries
+/// inside a registered temporary directory), or renames them into place.
+/// While one is open, [`remove_live_temp_files`] waits; once that has run,
+/// [`TempSection::enter`] fails with [`IoError::Cancelled`]. So a thread
+/// that keeps writing while another one cleans up (a signal) cannot create
+/// a file in a directory being removed, nor rename a temporary file over
+/// its target afterwards. A section must not be entered again by a thread
+/// that holds one.
+pub struct TempSection {
+    _guard: RwLockReadGuard<'static, ()>,
+}
+
+impl TempSection {
+    /// Opens a section; [`IoError::Cancelled`] once
+    /// [`remove_live_temp_files`] has run (the process is ending).
+    pub fn enter() -> Result<TempSection> {
+        let guard = GATE.read().unwrap_or_else(|p| p.into_inner());
+        if CLOSED.load(Ordering::Acquire) {
+            return Err(IoError::Cancelled);
+        }
+        Ok(TempSection { _guard: guard })
+    }
+}
+
+/// Removes every temporary file and directory still being written; for a
+/// signal handler that is about to end the process. It first waits for the
+/// [`TempSection`]s in progress (a rename into place completes, with the
+/// sync of its directory), then makes every later one fail, so that no
+/// thread still running creates anything more. Returns how many paths were
+/// removed.
 pub fn remove_live_temp_files() -> usize {
+    // Set first: an error another thread meets from here on may come from
+    // this clean-up (see [`cleaning_up`]).
+    CLOSED.store(true, Ordering::Release);
+    let _gate = GATE.write().unwrap_or_else(|p| p.into_inner());
     let mut files = live();
     let n = files.len();
-    for f in files.drain(..) {
+    // Newest first: files inside a temporary directory before it.
+    for f in files.drain(..).rev() {
         if f.is_dir() {
-            let _ = std::fs::remove_dir_all(f);
+            // Nothing new appears in it any more (see above), but another
+            // thread may be removing it too (an error's clean-up): its
+            // entries then vanish under this walk, which may stop early.
+            // Gone only once it is not there (the process ends next, in the
+            // middle of the other thread's removal).
+            for _ in 0..100 {
+                if std::fs::remove_dir_all(&f).is_ok() || std::fs::symlink_metadata(&f).is_err() {
+                    break;
+                }
+            }
         } else {
             let _ = std::fs::remove_file(f);
         }
     }
     n
+}
+
+/// Whether [`remove_live_temp_files`] has begun: an error met since then
+/// may be its doing (a temporary file removed under its writer, a section
+/// refused), and the process is about to end by the signal: a caller
+/// should not report it.
+pub fn cleaning_up() -> bool {
+    CLOSED.load(Ordering::Acquire)
 }
 
 /// Registers a temporary file or directory for [`remove_live_temp_files`].
@@ -113,12 +177,13 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The temporary path next to `target`: `.NAME.<unique>.tmp`.
-fn temp_path(target: &Path) -> PathBuf {
-    let dir = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+/// A temporary name in `dir` for `target`: `.NAME.<unique>.tmp`, the
+/// unique part made of the process id, the time, a counter and the
+/// standard library's per-process random hash keys (so that another run
+/// with the same process id, in a container, does not pick the same name).
+/// Creating it can still find it taken: the caller then asks again.
+pub fn temp_name(dir: &Path, target: &Path) -> PathBuf {
+    use std::hash::{BuildHasher, Hasher};
     let base = target
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
@@ -127,10 +192,38 @@ fn temp_path(target: &Path) -> PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let unique = (u64::from(std::process::id()) << 32)
-        ^ (u64::from(nanos) << 8)
-        ^ COUNTER.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!(".{base}.{:012x}.tmp", unique & 0xffff_ffff_ffff))
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u32(nanos);
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    dir.join(format!(
+        ".{base}.{:012x}.tmp",
+        h.finish() & 0xffff_ffff_ffff
+    ))
+}
+
+/// Tries of a new temporary name when one is taken.
+pub const TEMP_TRIES: usize = 100;
+
+/// Gives the file (`fd`) being written for `target` the permission bits
+/// and, where allowed, the owner and group of the file it replaces (as the
+/// Python `atomic_output`): owner first, since a change of owner clears the
+/// set-user-ID bits.
+#[cfg(unix)]
+fn copy_permissions(file: &File, old: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // SAFETY: a plain system call on a file descriptor we own. Not root:
+    // the file keeps this user's owner (the error is expected).
+    unsafe {
+        libc::fchown(file.as_raw_fd(), old.uid(), old.gid());
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(old.mode() & 0o7777))
+}
+
+#[cfg(not(unix))]
+fn copy_permissions(file: &File, old: &std::fs::Metadata) -> std::io::Result<()> {
+    file.set_permissions(old.permissions())
 }
 
 /// Writes at least this large start their write-back to disk at once.
@@ -510,17 +603,36 @@ impl Writer {
             )));
         }
         let (header, slots) = build_header(tensors, metadata, checksums)?;
-        let tmp = temp_path(target);
-        // Registered before it exists, so a signal that arrives right after
-        // the file appears still finds it.
-        live().push(tmp.clone());
-        let mut file = match OpenOptions::new().write(true).create_new(true).open(&tmp) {
-            Ok(f) => f,
-            Err(e) => {
-                unregister_temp(&tmp);
-                return Err(IoError::os(target, e));
+        // The file it replaces: its permissions are the new file's.
+        let old = std::fs::metadata(target).ok().filter(|m| m.is_file());
+        let dir = parent_of(target);
+        let section = TempSection::enter()?;
+        let mut tries = 0;
+        let (tmp, mut file) = loop {
+            let tmp = temp_name(dir, target);
+            // Registered before it exists, so a signal that arrives right
+            // after the file appears still finds it.
+            live().push(tmp.clone());
+            match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+                Ok(f) => break (tmp, f),
+                Err(e) => {
+                    unregister_temp(&tmp);
+                    tries += 1;
+                    if e.kind() == std::io::ErrorKind::AlreadyExists && tries < TEMP_TRIES {
+                        continue;
+                    }
+                    // Taken every time: name the temporary file, whose
+                    // existence is the problem, not the target.
+                    let at = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        &tmp
+                    } else {
+                        target
+                    };
+                    return Err(IoError::os(at, e));
+                }
             }
         };
+        drop(section);
         let mut w = Writer {
             target: target.to_path_buf(),
             #[cfg(target_os = "linux")]
@@ -531,6 +643,9 @@ impl Writer {
             slots,
             index,
         };
+        if let Some(old) = &old {
+            copy_permissions(&file, old).map_err(|e| IoError::os(target, e))?;
+        }
         let head = (header.len() as u64).to_le_bytes();
         file.write_all(&head)
             .and_then(|_| file.write_all(&header))
@@ -634,10 +749,17 @@ impl Writer {
             .and_then(|_| file.sync_all())
             .map_err(|e| IoError::os(&target, e))?;
         drop(file);
+        // A signal's clean-up waits for the rename and the sync of the
+        // directory: it then finds the output complete, in place.
+        let _section = TempSection::enter()?;
         std::fs::rename(&self.tmp, &target).map_err(|e| IoError::os(&target, e))?;
         live().retain(|p| p != &self.tmp);
-        // The rename itself on disk.
-        sync_dir(parent_of(&target)).map_err(|e| IoError::os(&target, e))?;
+        // The rename itself on disk. The output is in place already: a
+        // failure here says so.
+        sync_dir(parent_of(&target)).map_err(|e| IoError::Unsynced {
+            path: target.clone(),
+            source: e,
+        })?;
         Ok(size)
     }
 }

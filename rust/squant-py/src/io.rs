@@ -41,6 +41,13 @@ fn to_py(py: Python<'_>, err: IoError, cancelled: &mut Option<PyErr>) -> PyErr {
                 .call1((errno, reason, path.into_os_string()))
                 .map(PyErr::from_value)
         }
+        IoError::Unsynced { path, source } => {
+            let errno = source.raw_os_error().unwrap_or(0);
+            let reason = squant_io::error::unsynced_reason(&source);
+            py.get_type::<PyOSError>()
+                .call1((errno, reason, path.into_os_string()))
+                .map(PyErr::from_value)
+        }
         IoError::Quantize { source, .. } => Ok(match source {
             squant_core::SquantError::NonFinite { .. } => NonFiniteWeightError::new_err(msg),
             squant_core::SquantError::RangeTooLarge { .. } => WeightRangeError::new_err(msg),
