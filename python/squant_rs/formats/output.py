@@ -399,10 +399,10 @@ def _sync_directory(directory: str, name: str, done: str) -> None:
         os.fsync(dfd)
     except OSError as exc:
         if exc.errno == errno.EIO:
-            raise _named(
-                exc,
-                name,
-                f"syncing the directory after the rename: {done}, but it may not survive a crash",
+            # In the Rust writer's words (squant-io's unsynced_reason).
+            reason = exc.strerror or os.strerror(exc.errno)
+            raise OSError(
+                exc.errno, f"{done} ({reason}), so a crash may still undo it", name
             ) from None
     finally:
         os.close(dfd)
@@ -443,7 +443,11 @@ def _commit(staged: Sequence[_Staged]) -> None:
     failed rename puts back the files replaced before it. Then sync the
     directories."""
     names = " and ".join(s.name for s in staged)
-    done = "the new file is in place" if len(staged) == 1 else "the new files are in place"
+    done = (
+        "the output was written, but its directory could not be synced to disk"
+        if len(staged) == 1
+        else "the outputs were written, but their directory could not be synced to disk"
+    )
     directories = sorted({s.directory for s in staged})
     with ExitStack() as stack:
         if len(staged) > 1:

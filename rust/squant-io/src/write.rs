@@ -71,6 +71,21 @@ static GATE: RwLock<()> = RwLock::new(());
 /// renamed into place any more.
 static CLOSED: AtomicBool = AtomicBool::new(false);
 
+/// Whether [`Writer::finish`] syncs the target's directory after its rename
+/// (see [`leave_directory_sync_to_caller`]).
+static SYNC_AFTER_RENAME: AtomicBool = AtomicBool::new(true);
+
+/// From now on, [`Writer::finish`] leaves the sync of the target's
+/// directory after its rename to the caller: for a program that renames
+/// the finished file once more itself and syncs the directory after that
+/// rename (the Python package, whose writers stage the output under a
+/// temporary name of their own), so that a failing sync is reported once,
+/// for the rename that puts the output in place. The sharded writer syncs
+/// its directories itself either way.
+pub fn leave_directory_sync_to_caller() {
+    SYNC_AFTER_RENAME.store(false, Ordering::SeqCst);
+}
+
 fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
     LIVE.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -756,10 +771,12 @@ impl Writer {
         live().retain(|p| p != &self.tmp);
         // The rename itself on disk. The output is in place already: a
         // failure here says so.
-        sync_dir(parent_of(&target)).map_err(|e| IoError::Unsynced {
-            path: target.clone(),
-            source: e,
-        })?;
+        if SYNC_AFTER_RENAME.load(Ordering::SeqCst) {
+            sync_dir(parent_of(&target)).map_err(|e| IoError::Unsynced {
+                path: target.clone(),
+                source: e,
+            })?;
+        }
         Ok(size)
     }
 }

@@ -456,6 +456,10 @@ fn resolve_threads(threads: Option<usize>) -> PyResult<usize> {
 
 #[pymodule]
 fn _squant_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The package's writers rename every finished file once more (from the
+    // temporary name `formats.output.staged_output` gives the writer) and
+    // sync the directory after that rename themselves.
+    squant_io::write::leave_directory_sync_to_caller();
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_many, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_reference, m)?)?;
