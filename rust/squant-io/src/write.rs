@@ -570,6 +570,14 @@ fn build_header(
     while h.len() % 8 != 0 {
         h.push(' ');
     }
+    if h.len() as u64 > crate::read::MAX_HEADER {
+        return Err(IoError::InvalidArgument(format!(
+            "the file's header would take {} bytes ({} tensors), more than the {} bytes readers accept",
+            h.len(),
+            tensors.len(),
+            crate::read::MAX_HEADER
+        )));
+    }
     let slots = tensors
         .iter()
         .enumerate()
@@ -796,6 +804,38 @@ impl Drop for Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A header longer than readers accept (a state dict of very many
+    /// tensors) is refused before any file exists; one just within is
+    /// built (the writer wrote files its reader then refused).
+    #[test]
+    fn header_over_the_readers_limit_is_refused() {
+        let name = "n".repeat(1000);
+        let planned = |count: usize| -> Vec<Planned> {
+            (0..count)
+                .map(|i| Planned {
+                    name: format!("{name}{i}"),
+                    dtype: Dtype::U8,
+                    shape: vec![1],
+                })
+                .collect()
+        };
+        let per = build_header(&planned(1000), &[], true)
+            .map(|(h, _)| h.len())
+            .expect("a header of 1000 tensors")
+            / 1000;
+        let over = (MAX_HEADER_LEN / per) + 1000;
+        let err = build_header(&planned(over), &[], true).map(|_| ());
+        assert!(
+            matches!(&err, Err(IoError::InvalidArgument(m)) if m.contains("more than the")),
+            "{err:?}"
+        );
+        let within = (MAX_HEADER_LEN / per) - 1000;
+        let (h, _) = build_header(&planned(within), &[], true).expect("within the limit");
+        assert!(h.len() as u64 <= crate::read::MAX_HEADER);
+    }
+
+    const MAX_HEADER_LEN: usize = crate::read::MAX_HEADER as usize;
 
     /// Tensors of sizes around the direct-write thresholds, at unaligned
     /// offsets, each written in uneven pieces, with small writes to other
