@@ -593,3 +593,28 @@ def test_cli_write_error_names_the_file(tmp_path) -> None:
     assert p.returncode == 2
     assert p.stderr == f"squant-rs: error: File too large: {out}\n"
     assert os.listdir(tmp_path) == ["m.onnx"]
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or not __import__("shutil").which("setpriv"),
+    reason="dropping CAP_FSETID needs root and setpriv",
+)
+@pytest.mark.parametrize("mode", [0o4755, 0o2775])
+def test_atomic_output_keeps_set_id_bits_without_cap_fsetid(tmp_path, mode: int) -> None:
+    """A writer without CAP_FSETID (any user but root) clears a file's
+    set-user-ID / set-group-ID bits when it writes to it: atomic_output set
+    the mode before the writes and left 755 / 775."""
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"old")
+    out.chmod(mode)
+    code = (
+        "import sys\n"
+        "from squant_rs.formats.output import atomic_output\n"
+        "with atomic_output(sys.argv[1]) as f:\n"
+        "    f.write(b'new' * 1000)\n"
+    )
+    drop = ["setpriv", "--inh-caps=-fsetid", "--bounding-set=-fsetid"]
+    r = subprocess.run([*drop, sys.executable, "-c", code, str(out)], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == b"new" * 1000
+    assert out.stat().st_mode & 0o7777 == mode

@@ -1060,3 +1060,34 @@ def test_sharded_output_on_a_mount_point(
         assert host == (sorted(os.listdir(tmp_path / "ref")) if how == "bind" else []), argv
         shutil.rmtree(tmp_path / "host")
         (tmp_path / "host").mkdir()
+
+
+@pytest.mark.skipif(
+    os.name == "nt"
+    or not hasattr(os, "geteuid")
+    or os.geteuid() != 0
+    or not shutil.which("setpriv"),
+    reason="dropping CAP_FSETID needs root and setpriv",
+)
+@pytest.mark.parametrize("mode", [0o4755, 0o2775, 0o6755])
+def test_replaced_file_keeps_set_id_bits_without_cap_fsetid(
+    tmp_path, squant_bin: str, mode: int
+) -> None:
+    """A writer without CAP_FSETID (any user but root) clears a file's
+    set-user-ID / set-group-ID bits when it writes to it: the Rust CLI set
+    the mode before writing the temporary file and left 755 / 775; both
+    CLIs keep the replaced file's mode."""
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    drop = ["setpriv", "--inh-caps=-fsetid", "--bounding-set=-fsetid"]
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        out = tmp_path / "out.safetensors"
+        out.write_bytes(b"OLD")
+        out.chmod(mode)
+        r = subprocess.run(
+            [*drop, *argv, "quantize", "-q", str(src), str(out)], capture_output=True
+        )
+        assert r.returncode == 0, (argv, r.stderr)
+        assert out.stat().st_mode & 0o7777 == mode, argv
+        assert out.read_bytes() != b"OLD"
+        out.unlink()

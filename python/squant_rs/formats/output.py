@@ -341,9 +341,13 @@ class _Staged:
             raise _named(exc, self.name) from None
 
     def sync(self, f: BinaryIO) -> None:
-        """Flush, sync and close the temporary file."""
+        """Flush, sync and close the temporary file; the old target's
+        permission bits are set once more after the writes (a write by a
+        process without CAP_FSETID clears set-user-ID and set-group-ID)."""
         try:
             f.flush()
+            if self.old is not None:
+                _copy_permissions(self.tmp, self.old, f.fileno())
             os.fsync(f.fileno())
             f.close()
         except OSError as exc:

@@ -483,6 +483,9 @@ pub struct Writer {
     data_start: u64,
     slots: Vec<Slot>,
     index: HashMap<String, usize>,
+    /// The replaced file's metadata (its owner and mode go to the
+    /// temporary file).
+    old: Option<std::fs::Metadata>,
 }
 
 /// The header of `tensors` laid out by decreasing item size (each tensor
@@ -665,8 +668,9 @@ impl Writer {
             data_start: 8 + header.len() as u64,
             slots,
             index,
+            old,
         };
-        if let Some(old) = &old {
+        if let Some(old) = &w.old {
             copy_permissions(&file, old).map_err(|e| IoError::os(target, e))?;
         }
         let head = (header.len() as u64).to_le_bytes();
@@ -767,6 +771,11 @@ impl Writer {
                     .and_then(|_| file.write_all(hex.as_bytes()))
                     .map_err(|e| IoError::os(&target, e))?;
             }
+        }
+        // The mode once more after the writes: a write by a process without
+        // CAP_FSETID clears set-user-ID and set-group-ID.
+        if let Some(old) = &self.old {
+            copy_permissions(&file, old).map_err(|e| IoError::os(&target, e))?;
         }
         file.flush()
             .and_then(|_| file.sync_all())
