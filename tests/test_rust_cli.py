@@ -1091,3 +1091,34 @@ def test_replaced_file_keeps_set_id_bits_without_cap_fsetid(
         assert out.stat().st_mode & 0o7777 == mode, argv
         assert out.read_bytes() != b"OLD"
         out.unlink()
+
+
+def test_long_output_names_like_python(tmp_path, squant_bin: str) -> None:
+    """An output whose name is legal (252 bytes) but whose temporary name
+    would not be: the Python CLI shortened its temporary name and wrote the
+    file, the Rust CLI failed with 'File name too long' naming the output;
+    both write it now, the same bytes, and a sharded output directory too."""
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    outs = []
+    for tag, argv in (("p", [sys.executable, "-m", "squant_rs"]), ("r", [squant_bin])):
+        out = tmp_path / (tag * 240 + ".safetensors")
+        r = _run(*argv, "quantize", "-q", str(src), str(out))
+        assert r.returncode == 0, (argv, r.stderr)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    write_safetensors(
+        ck / "s0.safetensors",
+        {"l.weight": RawTensor.from_numpy(np.ones((4, 8), np.float32))},
+    )
+    (ck / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"l.weight": "s0.safetensors"}})
+    )
+    for tag, argv in (("q", [sys.executable, "-m", "squant_rs"]), ("s", [squant_bin])):
+        out = tmp_path / (tag * 250)
+        r = _run(*argv, "quantize", "-q", str(ck), str(out))
+        assert r.returncode == 0, (argv, r.stderr)
+        assert sorted(os.listdir(out)) == ["model.safetensors.index.json", "s0.safetensors"]
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []

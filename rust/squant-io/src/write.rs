@@ -199,10 +199,7 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// Creating it can still find it taken: the caller then asks again.
 pub fn temp_name(dir: &Path, target: &Path) -> PathBuf {
     use std::hash::{BuildHasher, Hasher};
-    let base = target
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".to_string());
+    let base = short_base(target);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -211,10 +208,42 @@ pub fn temp_name(dir: &Path, target: &Path) -> PathBuf {
     h.write_u32(std::process::id());
     h.write_u32(nanos);
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    dir.join(format!(
-        ".{base}.{:012x}.tmp",
-        h.finish() & 0xffff_ffff_ffff
-    ))
+    let mut name = std::ffi::OsString::from(".");
+    name.push(&base);
+    name.push(format!(".{:012x}.tmp", h.finish() & 0xffff_ffff_ffff));
+    dir.join(name)
+}
+
+/// The longest file name most file systems take (bytes).
+const NAME_MAX: usize = 255;
+
+/// Bytes [`temp_name`] adds to the target's name (`.`, `.<12 hex>.tmp`).
+const TEMP_ROOM: usize = 18;
+
+/// `target`'s file name, shortened where the temporary name would be
+/// longer than a file name may be (as the Python package shortens its own
+/// temporary names): an output of 250 bytes' name is a legal name whose
+/// temporary name would not be.
+fn short_base(target: &Path) -> std::ffi::OsString {
+    let Some(base) = target.file_name() else {
+        return "out".into();
+    };
+    let keep = NAME_MAX - TEMP_ROOM;
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let bytes = base.as_bytes();
+        std::ffi::OsString::from_vec(bytes[..bytes.len().min(keep)].to_vec())
+    }
+    #[cfg(not(unix))]
+    {
+        let text = base.to_string_lossy();
+        let mut end = text.len().min(keep);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text[..end].into()
+    }
 }
 
 /// Tries of a new temporary name when one is taken.
