@@ -881,6 +881,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
             verified = "every checksum, code, scale and zero point"
         elif not is_sharded(path):
             verified = "every code, scale and zero point (no checksums in this file)"
+        elif not info.some_checksums:
+            verified = "every code, scale and zero point (no checksums in these shards)"
         else:
             verified = (
                 "every code, scale and zero point, "

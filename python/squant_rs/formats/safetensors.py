@@ -811,6 +811,9 @@ class QuantizedFileInfo:
     has_checksums: bool = False
     #: ``"asymmetric"`` (SQuant) or ``"symmetric"``.
     quantizer: str = "asymmetric"
+    #: Whether any tensor has a checksum (of a sharded directory: whether
+    #: any shard has them; :attr:`has_checksums` says whether all do).
+    some_checksums: bool = False
 
     @property
     def quantized(self) -> list[TensorInfo]:
@@ -832,7 +835,7 @@ def inspect_quantized(path: str | os.PathLike[str]) -> QuantizedFileInfo:
         FormatError: anything that is not a valid squant-rs file.
         OSError: the file cannot be read.
     """
-    version, writer, size, tensors, checksums, quantizer = _native.io_inspect(os.fspath(path))
+    version, writer, size, tensors, checksums, quantizer, some = _native.io_inspect(os.fspath(path))
     infos = [
         TensorInfo(
             name, tuple(shape), dtype, bits, mode, stored, quantizer if bits is not None else None
@@ -847,6 +850,7 @@ def inspect_quantized(path: str | os.PathLike[str]) -> QuantizedFileInfo:
         tensors=infos,
         has_checksums=bool(checksums),
         quantizer=quantizer,
+        some_checksums=bool(some),
     )
 
 

@@ -781,6 +781,8 @@ fn cmd_info(
             "every checksum, code, scale and zero point"
         } else if !squant_io::is_sharded(path) {
             "every code, scale and zero point (no checksums in this file)"
+        } else if files.iter().all(|f| f.checksums.is_none()) {
+            "every code, scale and zero point (no checksums in these shards)"
         } else {
             "every code, scale and zero point, and the checksums of the shards that have them (not all do)"
         };

@@ -251,15 +251,16 @@ fn open_all(py: Python<'_>, path: &std::path::Path) -> PyResult<Vec<SquantFile>>
 /// io_inspect(path)
 /// --
 ///
+/// What [`io_inspect`] returns.
+type InspectTuple = (String, String, u64, Vec<TensorInfoTuple>, bool, String, bool);
+
 /// The header of a squant-rs file (or sharded directory): (format_version,
-/// writer_version, file_size, tensors, has_checksums, quantizer), tensors as
-/// (name, shape, dtype, bits or None, mode or None, stored_bytes). No tensor
-/// data is read.
+/// writer_version, file_size, tensors, has_checksums, quantizer,
+/// some_checksums), tensors as (name, shape, dtype, bits or None, mode or
+/// None, stored_bytes); has_checksums: every file has checksums,
+/// some_checksums: at least one does. No tensor data is read.
 #[pyfunction]
-pub fn io_inspect(
-    py: Python<'_>,
-    path: PathBuf,
-) -> PyResult<(String, String, u64, Vec<TensorInfoTuple>, bool, String)> {
+pub fn io_inspect(py: Python<'_>, path: PathBuf) -> PyResult<InspectTuple> {
     let files = open_all(py, &path)?;
     let mut tensors = Vec::new();
     let mut size = 0;
@@ -288,6 +289,7 @@ pub fn io_inspect(
         tensors,
         files.iter().all(|f| f.checksums.is_some()),
         first.quantizer.as_str().to_string(),
+        files.iter().any(|f| f.checksums.is_some()),
     ))
 }
 
