@@ -248,12 +248,20 @@ fn open_all(py: Python<'_>, path: &std::path::Path) -> PyResult<Vec<SquantFile>>
         .map_err(|e| to_py(py, e, &mut None))
 }
 
+/// What [`io_inspect`] returns.
+type InspectTuple = (
+    String,
+    String,
+    u64,
+    Vec<TensorInfoTuple>,
+    bool,
+    String,
+    bool,
+);
+
 /// io_inspect(path)
 /// --
 ///
-/// What [`io_inspect`] returns.
-type InspectTuple = (String, String, u64, Vec<TensorInfoTuple>, bool, String, bool);
-
 /// The header of a squant-rs file (or sharded directory): (format_version,
 /// writer_version, file_size, tensors, has_checksums, quantizer,
 /// some_checksums), tensors as (name, shape, dtype, bits or None, mode or
