@@ -572,3 +572,82 @@ def test_blockwise_relative_error_matches_the_full_one() -> None:
     assert quantized_relative_error(t, qt) == pytest.approx(
         relative_error(t, qt.dequantize()), rel=1e-5
     )
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_checkpoint_entries_named_in_storage_errors(tmp_path) -> None:
+    """Storing a state dict: a negative-bit view (lazily negated, which
+    quantize_tensor takes) is stored by its values (it raised torch's
+    RuntimeError), and entries that cannot be stored -- complex, quantized,
+    meta -- are refused naming the entry (the messages named neither the
+    entry nor, for meta, squant-rs: torch's NotImplementedError)."""
+    torch = pytest.importorskip("torch")
+    w = torch.randn(4, 4)
+    bias = torch.randn(5)
+    out = tmp_path / "x.safetensors"
+    squant_rs.save_quantized({"a.weight": w, "bias": torch._neg_view(-bias)}, out)
+    loaded = squant_rs.load_quantized(out)
+    assert torch.equal(loaded["bias"], bias)
+    bad = {
+        "c": (torch.randn(3, dtype=torch.cfloat), squant_rs.UnsupportedDtypeError),
+        "q": (
+            torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8),
+            squant_rs.UnsupportedDtypeError,
+        ),
+        "m": (torch.empty(4, device="meta"), squant_rs.InvalidArgumentError),
+    }
+    for key, (value, kind) in bad.items():
+        with pytest.raises(kind, match=f"state dict entry '{key}'"):
+            squant_rs.save_quantized({"a.weight": w, key: value}, tmp_path / f"{key}.safetensors")
+        assert not (tmp_path / f"{key}.safetensors").exists()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning")
+def test_checkpoint_cli_messages(tmp_path, capsys) -> None:
+    """The Python CLI on torch checkpoints: a negative-bit entry is read
+    (it was refused); an entry that cannot be stored is named with the
+    file; a non-string key is called a key (it said 'is a Tensor, not a
+    tensor'); a TorchScript archive is called one (torch's truncated text
+    suggested weights_only=False)."""
+    torch = pytest.importorskip("torch")
+    from squant_rs.cli import main
+
+    w = torch.randn(16, 8)
+    torch.save({"a.weight": torch._neg_view(-w)}, tmp_path / "neg.pt")
+    assert main(["quantize", "-q", str(tmp_path / "neg.pt"), str(tmp_path / "n.safetensors")]) == 0
+    want = squant_rs.quantize_tensor(w, 4).dequantize()
+    assert torch.equal(squant_rs.load_quantized(tmp_path / "n.safetensors")["a.weight"], want)
+    cases = {
+        "cplx.pt": ({"a.weight": w, "c": torch.randn(3, dtype=torch.cfloat)}, "entry 'c'"),
+        "key.pt": ({1: w}, "checkpoint key 1 is a int, not a string"),
+    }
+    for name, (obj, text) in cases.items():
+        torch.save(obj, tmp_path / name)
+        assert main(["quantize", "-q", str(tmp_path / name), str(tmp_path / "o.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and text in err and str(tmp_path / name) in err, err
+    torch.jit.save(torch.jit.script(torch.nn.Linear(4, 4)), tmp_path / "ts.pt")
+    assert main(["quantize", "-q", str(tmp_path / "ts.pt"), str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "TorchScript archive" in err and "weights_only=False" not in err, err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_bytes_output_path_is_a_type_error(tmp_path) -> None:
+    """A bytes output path: TypeError, as load_quantized gives (it was an
+    InvalidArgumentError saying b'.safetensors' is not .safetensors)."""
+    with pytest.raises(TypeError, match="output path must be a str"):
+        squant_rs.save_quantized(
+            {"a.weight": np.ones((4, 4), np.float32)},
+            bytes(str(tmp_path / "o.safetensors"), "utf-8"),
+        )
+
+
+def test_quantize_checkpoint_is_public() -> None:
+    """The README names quantize_checkpoint beside save_quantized and
+    load_quantized; it was only in squant_rs.formats.safetensors."""
+    from squant_rs.formats.safetensors import quantize_checkpoint
+
+    assert squant_rs.quantize_checkpoint is quantize_checkpoint
+    assert "quantize_checkpoint" in squant_rs.__all__

@@ -22,7 +22,12 @@ from .errors import (
     WeightRangeError,
 )
 from .formats.onnx import OnnxFormatError, export_onnx, quantize_onnx
-from .formats.safetensors import load_quantized, save_quantized, select_state_dict
+from .formats.safetensors import (
+    load_quantized,
+    quantize_checkpoint,
+    save_quantized,
+    select_state_dict,
+)
 from .model import (
     DEFAULT_INPUT_SHAPE,
     ActivationQuantizer,
@@ -58,6 +63,7 @@ __all__ = [
     "quantize_onnx",
     "quantize_tensor",
     "quantize_tensors",
+    "quantize_checkpoint",
     "save_quantized",
     "select_state_dict",
 ]

@@ -318,6 +318,11 @@ def _sniff(path: str) -> str:
 def _torch_load_reason(exc: BaseException) -> str:
     """A short reason from torch.load's (long, multi-line, ANSI-styled) errors."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "TorchScript archive" in text:
+        return (
+            "it is a TorchScript archive (torch.jit.save), which squant-rs does not read: "
+            "save the model's state_dict() with torch.save instead"
+        )
     if "Weights only load failed" in text:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         what = f" ({found.group(1)})" if found else ""
@@ -346,7 +351,12 @@ def _torch_state_dict(path: str) -> dict[str, RawTensor]:
         )
     out: dict[str, RawTensor] = {}
     for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+        if not isinstance(key, str):
+            raise FormatError(
+                f"{path}: checkpoint key {key!r} is a {type(key).__name__}, not a string "
+                "(expected a flat state dict, or a dict with a 'state_dict' key)"
+            )
+        if not isinstance(value, torch.Tensor):
             raise FormatError(
                 f"{path}: checkpoint entry {key!r} is a {type(value).__name__}, not a tensor "
                 "(expected a flat state dict, or a dict with a 'state_dict' key)"
@@ -358,7 +368,7 @@ def _torch_state_dict(path: str) -> dict[str, RawTensor]:
             )
         try:
             out[key] = RawTensor.from_torch(value)
-        except (RuntimeError, NotImplementedError) as exc:
+        except (RuntimeError, NotImplementedError, UnsupportedDtypeError) as exc:
             raise FormatError(
                 f"{path}: cannot read checkpoint entry {key!r} ({_one_line(exc)})"
             ) from None

@@ -116,8 +116,11 @@ def check_output(path: PathLike, *, inputs: Iterable[PathLike] = ()) -> str:
     existing special file (FIFO, device, socket), ``IsADirectoryError`` when
     it is a directory, ``PermissionError`` when it is an existing file the
     user may not write, and ``OSError`` when it cannot be examined (a
-    symlink loop, for example)."""
+    symlink loop, for example), ``TypeError`` when it is not a ``str`` or
+    ``os.PathLike[str]`` (bytes paths are not taken, as on the read side)."""
     name = os.fspath(path)
+    if not isinstance(name, str):
+        raise TypeError(f"output path must be a str or os.PathLike[str], got {path!r}")
     target = os.path.realpath(name)
     try:
         st = os.stat(name)  # follows symlinks

@@ -212,10 +212,18 @@ class RawTensor:
     @classmethod
     def from_torch(cls, t: torch.Tensor) -> RawTensor:
         torch = require_torch()
-        if t.layout != torch.strided or t.is_quantized:
-            raise UnsupportedDtypeError(f"cannot store a {t.layout} / quantized tensor")
+        if t.is_quantized:
+            raise UnsupportedDtypeError(f"cannot store a quantized tensor ({t.dtype})")
+        if t.layout != torch.strided:
+            raise UnsupportedDtypeError(f"cannot store a {t.layout} tensor")
+        if t.is_meta:
+            raise InvalidArgumentError(
+                "cannot store a meta tensor (a shape without values): load the weights first"
+            )
         name = _dtype_of_torch(t)
-        host = t.detach().to("cpu").contiguous().reshape(-1)
+        # resolve_neg / resolve_conj: a lazily negated view (torch._neg_view,
+        # x.conj().imag) cannot be reinterpreted as bytes as it is.
+        host = t.detach().to("cpu").resolve_neg().resolve_conj().contiguous().reshape(-1)
         if sys.byteorder != "little":  # pragma: no cover
             raise UnsupportedDtypeError("big-endian hosts are not supported")
         data = host.view(torch.uint8).numpy()
@@ -225,10 +233,13 @@ class RawTensor:
     def from_any(cls, value: Any, key: str) -> RawTensor:
         if isinstance(value, RawTensor):
             return value
-        if _is_torch_tensor(value):
-            return cls.from_torch(value)
-        if isinstance(value, (np.ndarray, np.generic)):
-            return cls.from_numpy(np.asarray(value))
+        try:
+            if _is_torch_tensor(value):
+                return cls.from_torch(value)
+            if isinstance(value, (np.ndarray, np.generic)):
+                return cls.from_numpy(np.asarray(value))
+        except (UnsupportedDtypeError, InvalidArgumentError) as exc:
+            raise type(exc)(f"state dict entry {key!r}: {exc}") from None
         raise InvalidArgumentError(
             f"state dict entry {key!r} is a {type(value).__name__}, not a tensor or array"
         )
@@ -494,7 +505,10 @@ def _export(
     plan: list[tuple[str, str, list[int], int | None, str | None]] = []
     size_before = 0
     for key, value in entries.items():
-        dtype, shape, nbytes = _describe(selected.get(key, value), key)
+        try:
+            dtype, shape, nbytes = _describe(selected.get(key, value), key)
+        except UnsupportedDtypeError as exc:
+            raise UnsupportedDtypeError(f"state dict entry {key!r}: {exc}") from None
         size_before += nbytes
         if key in selected:
             plan.append((_utf8_name(key), dtype, list(shape), bits, mode))
