@@ -748,25 +748,20 @@ def test_info_verify_without_checksums_like_python(tmp_path, squant_bin: str) ->
     (ck / "model.safetensors.index.json").write_text(json.dumps(index))
     p = _py("quantize", str(ck), str(tmp_path / "qs"))
     assert p.returncode == 0, p.stderr
-    shard = "s1.safetensors"
-    tensors, meta = read_safetensors(tmp_path / "qs" / shard)
-    del meta["checksums"]
-    os.remove(tmp_path / "qs" / shard)
-    write_safetensors(tmp_path / "qs" / shard, tensors, meta)
-    p, r = _both(squant_bin, "info", "--verify", "qs", cwd=tmp_path)
-    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
-    assert p.stdout == r.stdout
-    assert "and the checksums of the shards that have them (not all do)\n" in r.stdout
-    # ... and with neither shard's checksums, no checksum was verified
-    shard = "s0.safetensors"
-    tensors, meta = read_safetensors(tmp_path / "qs" / shard)
-    del meta["checksums"]
-    os.remove(tmp_path / "qs" / shard)
-    write_safetensors(tmp_path / "qs" / shard, tensors, meta)
-    p, r = _both(squant_bin, "info", "--verify", "qs", cwd=tmp_path)
-    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
-    assert p.stdout == r.stdout
-    assert "every code, scale and zero point (no checksums in these shards)\n" in r.stdout
+    # One shard without checksums, then (... and with neither shard's
+    # checksums, no checksum was verified) both.
+    for shard, said in (
+        ("s1.safetensors", "and the checksums of the shards that have them (not all do)\n"),
+        ("s0.safetensors", "every code, scale and zero point (no checksums in these shards)\n"),
+    ):
+        tensors, meta = read_safetensors(tmp_path / "qs" / shard)
+        del meta["checksums"]
+        os.remove(tmp_path / "qs" / shard)
+        write_safetensors(tmp_path / "qs" / shard, tensors, meta)
+        p, r = _both(squant_bin, "info", "--verify", "qs", cwd=tmp_path)
+        assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+        assert p.stdout == r.stdout
+        assert said in r.stdout
     p, r = _both(squant_bin, "info", "--verify", "q.safetensors", cwd=tmp_path)
     assert p.stdout == r.stdout
     assert "verified              every checksum, code, scale and zero point\n" in r.stdout

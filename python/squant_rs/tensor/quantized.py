@@ -184,48 +184,16 @@ def _check_float32_range(a: np.ndarray, a32: np.ndarray, bits: int | None, quant
     oc = int(a.shape[0])
     big_rows = big.reshape(oc, -1).any(axis=1)
     last = int(np.argmax(big_rows))  # the first channel with such a value
-    head = a[: last + 1].reshape(last + 1, -1)  # the channels that may come first
-    bad = ~np.isfinite(head)
+    if bits is not None and last > 0:
+        # The channels before it hold no such value: the core's own error
+        # for the first bad one among them (NaN or infinity, range), if any.
+        _native.quantize(a32[:last].reshape(last, -1), bits, "squant-e", 1, quantizer)
+    bad = ~np.isfinite(a[: last + 1].reshape(last + 1, -1))
     problem = bad.any(axis=1)
     problem[last] = True
-    if bits is not None:
-        problem |= _float32_overflow(a32[: last + 1].reshape(last + 1, -1), bits, quantizer)
     o = int(np.argmax(problem))  # row `last` is a problem: some o <= last is
     index = int(np.argmax(bad[o])) if bad[o].any() else None
     raise value_error(o, index, bool(big_rows[o]))
-
-
-def _float32_overflow(rows: np.ndarray, bits: int, quantizer: str) -> np.ndarray:
-    """Per row of finite float32 ``rows``, whether the Rust core's quantizer
-    (``channel_params``) overflows: the same float32 operations, so the same
-    verdict. Rows with a non-finite value may read either way."""
-    f32 = np.float32
-    n = f32(1 << (bits - 1))
-    with np.errstate(all="ignore"):
-        mn = rows.min(axis=1)
-        mx = rows.max(axis=1)
-        if quantizer == "symmetric":
-            amax = np.maximum(np.abs(mx), np.abs(mn))
-            scale = (n - f32(1)) / np.maximum(amax, f32(1e-8))
-            zp = np.zeros_like(scale)
-            tmin = -(n - f32(1))
-        else:
-            scale = f32((1 << bits) - 1) / np.maximum(mx - mn, f32(1e-8))
-            zp = np.rint(scale * mn) + n
-            tmin = -n
-        lo = (tmin + zp) / scale
-        hi = (n - f32(1) + zp) / scale
-        ok = (
-            np.isfinite(scale)
-            & (scale > 0)
-            & np.isfinite(scale * mn)
-            & np.isfinite(scale * mx)
-            & np.isfinite(zp)
-            & np.isfinite(lo)
-            & np.isfinite(hi)
-        )
-    out: np.ndarray = ~ok
-    return out
 
 
 def check_fields(qt: QuantizedTensor) -> None:
