@@ -3,7 +3,7 @@ quantized (:func:`_find_layers`), and the walk over a graph's subgraphs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -176,8 +176,18 @@ def _not_an_initializer(
     return None
 
 
-def _is_constant(producers: dict[str, Any], inits: dict[str, Any], tensor: str) -> bool:
-    """Whether ``tensor`` depends on initializers and Constant nodes only."""
+def _constant_nodes(
+    producers: dict[str, Any],
+    inits: Container[str],
+    tensor: str,
+    limit: int,
+    refuse: Callable[[Any], bool],
+) -> list[Any] | None:
+    """The nodes that compute ``tensor`` (in the order the walk back from it
+    meets them) where it depends on initializers and node outputs only;
+    None where the walk meets a graph input, a node ``refuse`` refuses, or
+    more than ``limit`` nodes."""
+    nodes: list[Any] = []
     seen: set[str] = set()
     stack = [tensor]
     while stack:
@@ -186,10 +196,27 @@ def _is_constant(producers: dict[str, Any], inits: dict[str, Any], tensor: str) 
             continue
         seen.add(t)
         n = producers.get(t)
-        if n is None or len(seen) > 256 or any(a.HasField("g") or a.graphs for a in n.attribute):
-            return False  # a graph input (or a long chain, or a subgraph)
+        if n is None or len(nodes) > limit or refuse(n):
+            return None
+        if n not in nodes:
+            nodes.append(n)
         stack.extend(n.input)
-    return True
+    return nodes
+
+
+def _is_constant(producers: dict[str, Any], inits: dict[str, Any], tensor: str) -> bool:
+    """Whether ``tensor`` depends on initializers and Constant nodes only
+    (not through a node with a subgraph; at most 256 nodes)."""
+    return (
+        _constant_nodes(
+            producers,
+            inits,
+            tensor,
+            256,
+            lambda n: any(a.HasField("g") or a.graphs for a in n.attribute),
+        )
+        is not None
+    )
 
 
 def _graph_constants(model: Any) -> set[str]:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .common import QUANT_OPS
-from .graph import _Layer
+from .graph import _constant_nodes, _Layer
 
 #: Ops whose quantized form keeps the input's scale and zero point
 #: (onnxruntime drops their Q/DQ pairs and runs them on int8).
@@ -167,20 +167,9 @@ def _const_value(model: Any, consts: dict[str, Any], tensor: str) -> np.ndarray 
     graph = model.graph
     producers = {o: n for n in graph.node for o in n.output}
     inits = {t.name for t in graph.initializer}
-    nodes: list[Any] = []
-    seen: set[str] = set()
-    stack = [tensor]
-    while stack:
-        t = stack.pop()
-        if not t or t in seen or t in inits:
-            continue
-        seen.add(t)
-        n = producers.get(t)
-        if n is None or len(nodes) > 64 or n.op_type in QUANT_OPS:
-            return None  # a graph input (or a long chain): not a constant
-        if n not in nodes:
-            nodes.append(n)
-        stack.extend(n.input)
+    nodes = _constant_nodes(producers, inits, tensor, 64, lambda n: n.op_type in QUANT_OPS)
+    if nodes is None:
+        return None  # a graph input (or a long chain): not a constant
     order = [n for n in graph.node if n in nodes]
     used = {i for n in order for i in n.input}
     try:
