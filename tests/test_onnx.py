@@ -827,20 +827,29 @@ class _Twice(torch.nn.Module):
 
 
 class _EqualBlocks(torch.nn.Module):
-    """Two layers with equal weights and biases (a deepcopy'd block)."""
+    """Two layers with equal weights and biases (a deepcopy'd block), as
+    attributes ``a`` and ``b`` or (``listed``) the ``nn.ModuleList``
+    ``blocks`` iterated in ``forward``, as in ``nn.TransformerEncoder``
+    (whose node scopes then have no level for the list itself)."""
 
-    def __init__(self, conv: bool) -> None:
+    def __init__(self, conv: bool, listed: bool = False) -> None:
         super().__init__()
         import copy
 
         blk = torch.nn.Conv2d(8, 8, 3, padding=1) if conv else torch.nn.Linear(8, 8)
         self.stem = torch.nn.Conv2d(3, 8, 1) if conv else torch.nn.Linear(3, 8)
-        self.a, self.b = blk, copy.deepcopy(blk)
+        if listed:
+            self.blocks = torch.nn.ModuleList([blk, copy.deepcopy(blk)])
+        else:
+            self.a, self.b = blk, copy.deepcopy(blk)
         self.head = torch.nn.Linear(8, 2)
         self.conv = conv
+        self.listed = listed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.b(torch.relu(self.a(torch.relu(self.stem(x))))))
+        h = torch.relu(self.stem(x))
+        for blk in self.blocks if self.listed else (self.a, self.b):
+            h = torch.relu(blk(h))
         return self.head(h.mean((2, 3)) if self.conv else h)
 
 
@@ -852,25 +861,32 @@ def _float_weights(model) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("case", ["tied", "twice", "equal conv", "equal linear"])
+@pytest.mark.parametrize(
+    "case",
+    ["tied", "twice", "equal conv", "equal linear", "equal conv listed", "equal linear listed"],
+)
 @pytest.mark.parametrize("wbits,abits", [(4, None), (8, 8)])
 def test_weights_read_through_identity_are_quantized(tmp_path, case, wbits, abits):
     """torch's exporter merges shared and equal-valued weights into one
     initializer and feeds the other layers through Identity nodes: every
     such layer reads the quantized weight (one DequantizeLinear), gets its
-    own activation Q/DQ and int32 bias, and no float weight stays."""
+    own activation Q/DQ and int32 bias, and no float weight stays. Each
+    node is matched to its own layer by its scope, also where the layers
+    are items of an ``nn.ModuleList`` (no warning, each its own range)."""
     torch.manual_seed(0)
     if case == "tied":
         net, x = _Tied().eval(), torch.rand(64, 8)
     elif case == "twice":
         net, x = _Twice().eval(), torch.rand(64, 16)
     else:
-        conv = case == "equal conv"
-        net = _EqualBlocks(conv).eval()
+        conv = case.startswith("equal conv")
+        net = _EqualBlocks(conv, case.endswith("listed")).eval()
         x = torch.rand(16, 3, 6, 6) if conv else torch.rand(16, 3)
     path = tmp_path / "m.onnx"
     kw = {"quantizer": "symmetric", "recipe": "paper"}
-    rep = squant_rs.export_onnx(net, path, x, wbits, abits, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rep = squant_rs.export_onnx(net, path, x, wbits, abits, **kw)
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     assert _float_weights(model) == []
@@ -887,7 +903,8 @@ def test_weights_read_through_identity_are_quantized(tmp_path, case, wbits, abit
     shared = {n.input[1] for n in layers}
     assert len(shared) == len(layers) - 1  # the two users of one weight share its DQ
     if case.startswith("equal"):  # equal weights: equal codes
-        qa, qb = (next(r.qtensor for r in rep.layers if r.name == k) for k in "ab")
+        names = ("blocks.0", "blocks.1") if case.endswith("listed") else ("a", "b")
+        qa, qb = (next(r.qtensor for r in rep.layers if r.name == k) for k in names)
         assert np.array_equal(qa.codes, qb.codes) and np.array_equal(qa.scale, qb.scale)
     want = fake_quant(net, x, wbits, abits, "symmetric")
     got = run(path, x.numpy())

@@ -331,20 +331,30 @@ def _scope_names(module: str) -> list[str]:
 def _scope_match(node_name: str, module: str) -> int:
     """2: ``node_name`` (``/layers/layers.0/conv/Conv``) is a node of
     ``module``'s scope, 1: of one of its later calls (``/a_1/MatMul``: the
-    exporter numbers repeated scopes), 0: neither."""
+    exporter numbers repeated scopes), 0: neither. A container level that
+    is not called itself (an ``nn.ModuleList`` or ``nn.ModuleDict``
+    iterated in ``forward``, as in ``nn.TransformerEncoder``: ``layers``
+    before ``layers.0``) may be missing from the node's scope
+    (``/enc/layers.0/linear1/MatMul`` is ``enc.layers.0.linear1``'s)."""
     parts = node_name.split("/")
     if len(parts) < 3 or parts[0]:
         return 0
     scope, want = parts[1:-1], _scope_names(module)
-    if len(scope) != len(want):
-        return 0
     score = 2
-    for got, w in zip(scope, want):
-        if got != w:
-            if not (got.startswith(w + "_") and got[len(w) + 1 :].isdigit()):
-                return 0
+    i = 0
+    for k, w in enumerate(want):
+        got = scope[i] if i < len(scope) else None
+        if got == w:
+            i += 1
+            continue
+        if got is not None and got.startswith(w + "_") and got[len(w) + 1 :].isdigit():
             score = 1
-    return score
+            i += 1
+            continue
+        if k + 1 < len(want) and want[k + 1].startswith(w + "."):
+            continue  # a container level the scope does not have
+        return 0
+    return score if i == len(scope) else 0
 
 
 def _same_qt(a: QuantizedTensor, b: QuantizedTensor) -> bool:
