@@ -461,6 +461,36 @@ def test_torchscript_submodule_is_noted() -> None:
     assert torch.equal(q[2].weight, model[2].weight)  # left float
 
 
+@pytest.mark.parametrize("recipe", ["paper", "squant+"])
+def test_attention_projections_and_uncalled_layers_are_noted(recipe: str) -> None:
+    """nn.MultiheadAttention's in_proj_weight is no Linear layer, and its
+    out_proj Linear is never called (the attention uses its weight
+    directly): the first stays float, the second keeps a float input at
+    abits; both were silent, the report now says so."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q, rep = squant_rs.quantize_model(
+            model, 8, 8, input_shape=(2, 5, 16), recipe=recipe, return_report=True
+        )
+    rows = {r.name: r for r in rep.layers}
+    for i in range(2):
+        attn = f"layers.{i}.self_attn"
+        assert f"{attn}.out_proj" in rows and rows[f"{attn}.out_proj"].act_bits is None
+        proj = f"{attn}.in_proj_weight: "
+        assert any(n.startswith(proj) and "left float" in n for n in rep.notes)
+        assert any(
+            n.startswith(f"{attn}.out_proj: not called during calibration") for n in rep.notes
+        )
+        assert torch.equal(
+            q.get_submodule(attn).in_proj_weight, model.get_submodule(attn).in_proj_weight
+        )
+    assert rows["layers.1.linear1"].act_bits == 8  # layers that run are calibrated
+    assert len(rep.notes) == 4
+
+
 # --------------------------------------------------------------------------
 # Activation ranges: float32 limits, negative inputs, aliases, re-quantization
 

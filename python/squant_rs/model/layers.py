@@ -235,6 +235,8 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
             continue
         is_transpose = isinstance(module, transpose)
         if not (is_transpose or isinstance(module, types)):
+            if isinstance(module, nn.MultiheadAttention):
+                plan.notes += _attention_notes(name, module)
             continue
         layer_names.append(name)
         # A parametrized weight is computed on every read (spectral_norm's
@@ -311,6 +313,20 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
         )
     warn_unmatched(skip, layer_names, "Conv/Linear layer", stacklevel + 1)
     return plan
+
+
+def _attention_notes(name: str, module: Any) -> list[str]:
+    """Notes on an ``nn.MultiheadAttention``'s input projections, which are
+    parameters of the attention module, not Linear layers: left float."""
+    out = []
+    for pname in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        w = getattr(module, pname, None)
+        if w is not None:
+            out.append(
+                f"{name or '(model)'}.{pname}: an input projection of nn.MultiheadAttention "
+                f"{tuple(w.shape)}, not a Conv/Linear layer; left float"
+            )
+    return out
 
 
 def _script_module_type() -> type[Any] | None:

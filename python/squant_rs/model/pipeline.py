@@ -435,6 +435,12 @@ def quantize_model(
                 by_name[name].act_range = (q.x_min, q.x_max)
                 by_name[name].act_bits = q.bits
                 by_name[name].range_source = rplan.range_sources.get(qname, "sigma")
+            elif not q.calibrated:
+                plan.notes.append(
+                    f"{name}: not called during calibration (its forward never ran: e.g. "
+                    "a Linear whose weight another module uses directly, as "
+                    "nn.MultiheadAttention does with out_proj); its input stays float"
+                )
 
     report = QuantReport(
         layers=reports,
