@@ -461,12 +461,82 @@ def test_torchscript_submodule_is_noted() -> None:
     assert torch.equal(q[2].weight, model[2].weight)  # left float
 
 
+class _Attention(nn.Module):
+    """Self-attention (packed ``in_proj_weight``), attention with other
+    key/value sizes (``q_proj_weight``, ``k_proj_weight``,
+    ``v_proj_weight``) and the self-attention module called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.b = nn.MultiheadAttention(16, 2, batch_first=True, kdim=6, vdim=6)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        h = self.a(x, x, x, need_weights=False)[0]
+        h = self.a(h, h, h, need_weights=False)[0]
+        h = self.b(h, m, m, need_weights=False)[0]
+        return self.head(h)
+
+
+ATTENTION_LAYERS = ["a.in_proj", "a.out_proj", "b.q_proj", "b.k_proj", "b.v_proj", "b.out_proj"]
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
 @pytest.mark.parametrize("recipe", ["paper", "squant+"])
-def test_attention_projections_and_uncalled_layers_are_noted(recipe: str) -> None:
-    """nn.MultiheadAttention's in_proj_weight is no Linear layer, and its
-    out_proj Linear is never called (the attention uses its weight
-    directly): the first stays float, the second keeps a float input at
-    abits; both were silent, the report now says so."""
+def test_attention_projections_are_quantized(recipe: str, backend: str) -> None:
+    """nn.MultiheadAttention's input projections are parameters of the
+    attention, not Linear layers: they were left float (a quarter of a
+    transformer layer's weights). Each is now quantized per output channel
+    (a row) as a Linear weight would be, named ``<attention>.in_proj``
+    (``.q_proj``...), and reported; skip patterns apply; the caller's model
+    is unchanged."""
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    before = _snapshot(model)
+    x, m = torch.rand(2, 5, 16), torch.rand(2, 7, 6)
+    q, rep = squant_rs.quantize_model(model, 4, recipe=recipe, backend=backend, return_report=True)
+    assert [r.name for r in rep.layers] == [*ATTENTION_LAYERS, "head"]
+    rows = {r.name: r for r in rep.layers}
+    for name, pname in [
+        ("a.in_proj", "a.in_proj_weight"),
+        ("b.q_proj", "b.q_proj_weight"),
+        ("b.k_proj", "b.k_proj_weight"),
+        ("b.v_proj", "b.v_proj_weight"),
+    ]:
+        w = model.get_parameter(pname)
+        assert rows[name].kind == "MultiheadAttention" and rows[name].shape == tuple(w.shape)
+        qt = squant_rs.quantize_tensor(w, 4, backend=backend)
+        assert torch.equal(q.get_parameter(pname), torch.as_tensor(qt.dequantize()))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert (q(x, m) - model(x, m)).abs().max() > 0
+    q2, rep2 = squant_rs.quantize_model(model, 4, skip=["*.in_proj"], return_report=True)
+    assert "a.in_proj" in rep2.skipped and torch.equal(q2.a.in_proj_weight, model.a.in_proj_weight)
+
+
+def test_attention_projections_save_and_load(tmp_path) -> None:
+    """save_quantized of a model stores the projections quantized, and
+    load_quantized gives quantize_model(recipe="paper")'s state dict."""
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    path = tmp_path / "m.safetensors"
+    rep = squant_rs.save_quantized(model, path, 4)
+    assert {r.name for r in rep.layers} >= {"a.in_proj_weight", "b.k_proj_weight"}
+    q = squant_rs.quantize_model(model, 4, recipe="paper")
+    loaded = squant_rs.load_quantized(path)
+    want = q.state_dict()
+    assert loaded.keys() == want.keys()
+    for k, v in loaded.items():
+        assert torch.equal(v, want[k]), k
+
+
+@pytest.mark.parametrize("recipe", ["paper", "squant+"])
+def test_attention_inputs_and_uncalled_layers_are_noted(recipe: str) -> None:
+    """With abits, an attention's inputs stay float (its projections have
+    no forward of their own to hook), and its out_proj Linear is never
+    called (the attention reads its weight directly), so its input stays
+    float too: both were silent, the report now says so."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
     model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
@@ -478,17 +548,52 @@ def test_attention_projections_and_uncalled_layers_are_noted(recipe: str) -> Non
     rows = {r.name: r for r in rep.layers}
     for i in range(2):
         attn = f"layers.{i}.self_attn"
-        assert f"{attn}.out_proj" in rows and rows[f"{attn}.out_proj"].act_bits is None
-        proj = f"{attn}.in_proj_weight: "
-        assert any(n.startswith(proj) and "left float" in n for n in rep.notes)
-        assert any(
-            n.startswith(f"{attn}.out_proj: not called during calibration") for n in rep.notes
-        )
-        assert torch.equal(
+        for name in (f"{attn}.in_proj", f"{attn}.out_proj"):
+            assert rows[name].act_bits is None
+        proj = f"{attn}.in_proj: an input projection of nn.MultiheadAttention"
+        assert any(n.startswith(proj) and "stays float" in n for n in rep.notes)
+        uncalled = f"{attn}.out_proj: no range, its forward never ran"
+        assert any(n.startswith(uncalled) for n in rep.notes)
+        assert not torch.equal(
             q.get_submodule(attn).in_proj_weight, model.get_submodule(attn).in_proj_weight
         )
     assert rows["layers.1.linear1"].act_bits == 8  # layers that run are calibrated
     assert len(rep.notes) == 4
+
+
+class _KeywordCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(input=torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("recipe", ["paper", "squant+"])
+def test_range_notes_only_where_a_layer_has_no_range(recipe: str) -> None:
+    """The first layer's float input is the algorithm's rule, not a
+    missing range (no note, with or without a noise pass); a layer called
+    with its input as a keyword gets no range and says why."""
+    torch.manual_seed(0)
+    bn = nn.Sequential(
+        nn.Conv1d(3, 8, 3),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Conv1d(8, 8, 3),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Conv1d(8, 4, 1),
+    ).eval()
+    _, rep = squant_rs.quantize_model(
+        bn, 8, 8, input_shape=(2, 3, 16), recipe=recipe, return_report=True
+    )
+    assert rep.notes == [] and rep.layers[0].act_bits is None
+    _, rep = squant_rs.quantize_model(
+        _KeywordCall().eval(), 8, 8, input_shape=(2, 4), recipe=recipe, return_report=True
+    )
+    assert [r.act_bits for r in rep.layers] == [None, None, 8]
+    assert len(rep.notes) == 1 and rep.notes[0].startswith("b: no range, its forward never ran")
 
 
 # --------------------------------------------------------------------------
@@ -649,3 +754,16 @@ def test_requantizing_an_activation_quantized_model_is_refused() -> None:
             h for h in module._forward_pre_hooks.values() if isinstance(h, ActivationQuantizer)
         ]
         assert len(hooks) <= 1
+
+
+def test_save_quantized_report_has_the_notes(tmp_path) -> None:
+    """save_quantized of a model reported what it left float in `skipped`
+    but dropped the reasons quantize_model gives in `notes`."""
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(10, 8), nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head, "fc": nn.Linear(8, 8)})
+    _, want = squant_rs.quantize_model(model, 4, return_report=True)
+    rep = squant_rs.save_quantized(model, tmp_path / "m.safetensors", 4)
+    assert rep.skipped == want.skipped == ["head"]
+    assert rep.notes == want.notes and "shares its weight with emb.weight" in rep.notes[0]

@@ -1717,3 +1717,51 @@ def test_maxpool_input_read_elsewhere_keeps_its_own_range(tmp_path):
     got = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
     want = net(x).detach().numpy()
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
+class _Attentions(torch.nn.Module):
+    """Self-attention (``self_attn``: one MatMul on the packed
+    ``in_proj_weight``) and attention whose query is not its key and value
+    (``cross``: torch's exporter slices its ``in_proj_weight`` at run
+    time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mem = torch.nn.Linear(16, 16)
+        self.cross = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.self_attn(x, x, x, need_weights=False)[0]
+        m = self.mem(x)
+        return self.head(self.cross(h, m, m, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("wbits", [4, 8])
+def test_attention_projections_in_the_export(tmp_path, wbits):
+    """An attention's packed input projection is one MatMul initializer
+    where query, key and value are one tensor: it gets its
+    DequantizeLinear like any layer (axis 1). Where they differ, torch's
+    exporter slices the weight at run time, so there is nothing to
+    quantize in the graph: that projection is quantized again left float
+    (noted, in skipped), and the graph still equals quantize_model's
+    fake-quant model with it skipped."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(_Attentions()).eval()
+    x = torch.rand(2, 5, 16)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        # nn.MultiheadAttention's shape checks convert traced tensors to bools
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        rep = squant_rs.export_onnx(net, path, x, wbits, recipe="paper")
+    names = [r.name for r in rep.layers]
+    assert "0.self_attn.in_proj" in names and "0.cross.in_proj" not in names
+    assert rep.skipped == ["0.cross.in_proj"]
+    assert any(n.startswith("0.cross.in_proj: torch's exporter slices") for n in rep.notes)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert _float_weights(model) == ["0.cross.in_proj_weight"]
+    want = squant_rs.quantize_model(net, wbits, recipe="paper", skip=rep.skipped)(x)
+    got = run(path, x.numpy())
+    np.testing.assert_allclose(got, want.detach().numpy(), rtol=0, atol=1e-5)

@@ -66,9 +66,9 @@ from ..model.layers import (
     ProgressFn,
     check_patterns,
     matches_any,
+    plan_layers,
     quantize_layer_weight,
     quantized_relative_error,
-    select_layers,
     warn_unmatched,
 )
 from ..model.report import LayerReport, QuantReport
@@ -626,7 +626,8 @@ def save_quantized(
                 "include applies to state dicts; for a model use skip= (module name patterns)"
             )
         model: nn.Module = model_or_state_dict  # type: ignore[assignment]
-        layers, skipped = select_layers(model, patterns)
+        plan = plan_layers(model, patterns, stacklevel=2)
+        layers, skipped, notes = plan.chosen, plan.skipped, plan.notes
         chosen = {id(module.weight) for _, module in layers}
         # Every state-dict entry holding a chosen weight: shared modules and
         # tied parameters appear under several names.
@@ -649,15 +650,17 @@ def save_quantized(
                 stacklevel=2,
             )
         selected = {k: entries[k] for k in keys}
-        skipped = []
+        skipped, notes = [], []
     else:
         raise TypeError(
             "save_quantized expects a torch.nn.Module or a state dict (a mapping of "
             f"names to tensors), got {type(model_or_state_dict).__name__}"
         )
-    return _export(
+    report = _export(
         entries, selected, path, bits, mode, backend, threads, skipped, progress, wall, quantizer
     )
+    report.notes = list(notes)
+    return report
 
 
 # --------------------------------------------------------------------------

@@ -187,7 +187,13 @@ class LayerPlan:
 
 
 def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> LayerPlan:
-    """Which Conv1d/2d/3d and Linear weights SQuant quantizes.
+    """Which Conv1d/2d/3d and Linear weights SQuant quantizes, and the input
+    projections of ``nn.MultiheadAttention`` (``in_proj_weight``, or
+    ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``): each is a
+    Linear weight (one row per output channel) that the attention holds as
+    a parameter of its own, planned as the layer ``<attention>.in_proj``
+    (``.q_proj``...), an :class:`AttentionProjection` (not part of the
+    model) over it.
 
     A layer is left float when its module name matches a ``skip`` pattern,
     when it is a ``ConvTranspose``, when its weight is parametrized or not a
@@ -220,6 +226,8 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
     modules = list(model.named_modules(remove_duplicate=False))
     scripted: list[str] = []  # TorchScript modules (their layers are not nn.Conv2d & co.)
     script_type = _script_module_type()
+    # (layer name, layer module, module holding the weight, parameter name)
+    candidates: list[tuple[str, Any, Any, str]] = []
     for name, module in modules:
         if (
             script_type is not None
@@ -233,19 +241,21 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
                     "its layers are not quantized, left float"
                 )
             continue
-        is_transpose = isinstance(module, transpose)
-        if not (is_transpose or isinstance(module, types)):
-            if isinstance(module, nn.MultiheadAttention):
-                plan.notes += _attention_notes(name, module)
-            continue
+        if isinstance(module, (transpose, *types)):
+            candidates.append((name, module, module, "weight"))
+        else:
+            for pname in ATTENTION_PROJECTIONS:
+                if AttentionProjection.applies(module, pname):
+                    short = pname[: -len("_weight")]
+                    proj = AttentionProjection.over(module, pname)
+                    candidates.append((f"{name}.{short}" if name else short, proj, module, pname))
+    for name, module, holder, pname in candidates:
         layer_names.append(name)
         # A parametrized weight is computed on every read (spectral_norm's
         # power iteration updates its buffers in training mode): not read.
-        parametrized = _may_be_parametrized(module) and parametrize.is_parametrized(
-            module, "weight"
-        )
-        weight = None if parametrized else getattr(module, "weight", None)
-        if is_transpose or matches_any(name, skip):
+        parametrized = _may_be_parametrized(holder) and parametrize.is_parametrized(holder, pname)
+        weight = None if parametrized else getattr(holder, pname, None)
+        if isinstance(module, transpose) or matches_any(name, skip):
             plan.skipped.append(name)
             if weight is not None:
                 float_ids.setdefault(id(weight), name)
@@ -266,7 +276,7 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
             continue
         groups.setdefault(id(weight), []).append((name, module))
 
-    # Uses of a candidate weight outside the Conv/Linear layers' own weights.
+    # Uses of a candidate weight outside the layers' own weights.
     foreign: dict[int, str] = {}
     plain_named = nn.Module.named_parameters
     for mname, module in modules:
@@ -279,9 +289,14 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
             named: Any = _distinct_params(own_params)
         else:
             named = module.named_parameters(recurse=False)
-        own = isinstance(module, types) and not isinstance(module, transpose)
+        if isinstance(module, types) and not isinstance(module, transpose):
+            own: tuple[str, ...] = ("weight",)
+        elif isinstance(module, nn.MultiheadAttention):
+            own = ATTENTION_PROJECTIONS
+        else:
+            own = ()
         for pname, param in named:
-            if id(param) in groups and not (own and pname == "weight"):
+            if id(param) in groups and pname not in own:
                 label = f"{mname}.{pname}" if mname else pname
                 foreign.setdefault(id(param), f"{label} ({type(module).__name__})")
 
@@ -315,18 +330,61 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
     return plan
 
 
-def _attention_notes(name: str, module: Any) -> list[str]:
-    """Notes on an ``nn.MultiheadAttention``'s input projections, which are
-    parameters of the attention module, not Linear layers: left float."""
-    out = []
-    for pname in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
-        w = getattr(module, pname, None)
-        if w is not None:
-            out.append(
-                f"{name or '(model)'}.{pname}: an input projection of nn.MultiheadAttention "
-                f"{tuple(w.shape)}, not a Conv/Linear layer; left float"
-            )
-    return out
+#: ``nn.MultiheadAttention``'s input projection weights (``in_proj_weight``
+#: when query, key and value have the embedding's size, else the three
+#: others), each a Linear weight of the attention's own.
+ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+class AttentionProjection:
+    """One input projection of an ``nn.MultiheadAttention`` seen as a
+    Linear layer for quantization: ``weight`` is the attention's parameter
+    itself (``(out_features, in_features)``, one row per output channel),
+    with no bias (bias correction needs input statistics, which an
+    attention's inputs never have here). Not part of the model and never
+    called: the attention computes with the weight, so writing the
+    quantized values into it quantizes the attention.
+
+    ``attention`` is the module and ``param`` the parameter's name."""
+
+    def __init__(self, attention: Any, param: str) -> None:
+        self.attention = attention
+        self.param = param
+        self.bias = None
+
+    @classmethod
+    def over(cls, attention: Any, param: str) -> AttentionProjection:
+        return cls(attention, param)
+
+    @staticmethod
+    def applies(module: Any, param: str) -> bool:
+        """Whether ``module`` is an ``nn.MultiheadAttention`` with the
+        projection weight ``param``."""
+        from torch import nn
+
+        return (
+            isinstance(module, nn.MultiheadAttention) and getattr(module, param, None) is not None
+        )
+
+    @property
+    def weight(self) -> Any:
+        return getattr(self.attention, self.param)
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    def in_copy(self, memo: dict[int, Any]) -> AttentionProjection | None:
+        """The same projection of the attention's copy in ``memo``
+        (``deepcopy``'s), or ``None`` where the memo does not have it."""
+        copied = memo.get(id(self.attention))
+        if copied is None or type(copied) is not type(self.attention):
+            return None
+        return AttentionProjection(copied, self.param)
 
 
 def _script_module_type() -> type[Any] | None:

@@ -26,7 +26,14 @@ from .activations import (
     check_seed,
     default_s_sigma,
 )
-from .layers import check_patterns, copy_model, plan_layers, quantize_into, with_gc_paused
+from .layers import (
+    AttentionProjection,
+    check_patterns,
+    copy_model,
+    plan_layers,
+    quantize_into,
+    with_gc_paused,
+)
 from .recipe import (
     apply_bias_correction,
     bn_activation_ranges,
@@ -124,8 +131,11 @@ def quantize_model(
 ) -> nn.Module | tuple[nn.Module, QuantReport]:
     """A SQuant-quantized deep copy of ``model`` (the original is untouched).
 
-    Every Conv1d/2d/3d and Linear weight (module names matching a ``skip``
-    fnmatch pattern excepted, e.g. ``skip=("conv1", "fc")``) is replaced
+    Every Conv1d/2d/3d and Linear weight, and every input projection of an
+    ``nn.MultiheadAttention`` (``in_proj_weight`` or ``q/k/v_proj_weight``,
+    the layers ``<attention>.in_proj`` / ``.q_proj``...; with ``abits``
+    their inputs stay float, noted), module names matching a ``skip``
+    fnmatch pattern excepted (e.g. ``skip=("conv1", "fc")``), is replaced
     by its ``wbits``-bit SQuant dequantized value, same dtype and device.
     ``mode``, ``backend``, ``threads`` and ``quantizer`` are as in
     :func:`quantize_tensor`.
@@ -271,9 +281,16 @@ def quantize_model(
         memo: dict[Any, Any] = {}
         qmodel = _deepcopy(model, sources, memo)
 
-        def in_copy(name: str, m: nn.Module) -> nn.Module:
+        def in_copy(name: str, m: Any) -> Any:
             # The memo knows every module copied (unless a custom
             # __deepcopy__ left it out): no walk down the copy's tree.
+            if isinstance(m, AttentionProjection):
+                proj = m.in_copy(memo)
+                if proj is None:
+                    proj = AttentionProjection(
+                        qmodel.get_submodule(name.rpartition(".")[0]), m.param
+                    )
+                return proj
             found = memo.get(id(m))
             return found if type(found) is type(m) else qmodel.get_submodule(name)
 
@@ -290,11 +307,12 @@ def quantize_model(
             for src, (_, m) in zip(sources, plan.chosen)
         ]
     # Activation quantizers go on every distinct module with a quantized
-    # weight, tied ones included (a module under two names gets one).
-    layers = list(plan.chosen)
+    # weight, tied ones included (a module under two names gets one), but
+    # an attention's input projections: no forward of their own to hook.
+    layers = [(n, m) for n, m in plan.chosen if not isinstance(m, AttentionProjection)]
     seen = {id(module) for _, module in layers}
     for name, _, module in plan.tied:
-        if id(module) not in seen:
+        if id(module) not in seen and not isinstance(module, AttentionProjection):
             seen.add(id(module))
             layers.append((name, module))
 
@@ -383,7 +401,7 @@ def quantize_model(
             k_flips=res.qtensor.k_flips,
             c_flips=res.qtensor.c_flips,
             bits=wbits,
-            kind=type(module).__name__,
+            kind=_kind(module),
             folded=id(module) in rplan.folded_modules,
             bias_corrected=corrected,
             clip_ratio=ratios.get(name, 1.0),
@@ -400,7 +418,7 @@ def quantize_model(
             row,
             name=name,
             time_ms=0.0,
-            kind=type(module).__name__,
+            kind=_kind(module),
             tied_to=owner,
             folded=id(module) in rplan.folded_modules,
             bias_corrected=row.bias_corrected and same,
@@ -428,6 +446,12 @@ def quantize_model(
         rows = [(name, module) for name, module in plan.chosen]
         rows += [(name, module) for name, _, module in plan.tied]
         for name, module in rows:
+            if isinstance(module, AttentionProjection):
+                plan.notes.append(
+                    f"{name}: an input projection of nn.MultiheadAttention; its input (the "
+                    "attention's query, key or value) stays float"
+                )
+                continue
             qname = hook_of[id(module)]
             q = quantizers[qname]
             if q.calibrated and q.enabled:
@@ -435,11 +459,13 @@ def quantize_model(
                 by_name[name].act_range = (q.x_min, q.x_max)
                 by_name[name].act_bits = q.bits
                 by_name[name].range_source = rplan.range_sources.get(qname, "sigma")
-            elif not q.calibrated:
+            elif q.enabled and not q.calibrated:  # (the first layer's is disabled)
                 plan.notes.append(
-                    f"{name}: not called during calibration (its forward never ran: e.g. "
-                    "a Linear whose weight another module uses directly, as "
-                    "nn.MultiheadAttention does with out_proj); its input stays float"
+                    f"{name}: no range, its forward never ran with a floating-point "
+                    "positional input during calibration (not called: e.g. a Linear whose "
+                    "weight another module uses directly, as nn.MultiheadAttention does "
+                    "with out_proj; or called with its input as a keyword); its input "
+                    "stays float"
                 )
 
     report = QuantReport(
@@ -458,6 +484,14 @@ def quantize_model(
     if return_report:
         return qmodel, report
     return qmodel
+
+
+def _kind(module: Any) -> str:
+    """A layer's kind for its report row: its class name (an attention's
+    input projection: the attention's)."""
+    if isinstance(module, AttentionProjection):
+        return type(module.attention).__name__
+    return type(module).__name__
 
 
 def _weight(module: nn.Module) -> Any:

@@ -916,10 +916,13 @@ class RecipePlan:
     def correction_stats(self, name: str, module: Any) -> ChannelStats | None:
         """:meth:`input_stats` where ``module``'s bias may be corrected
         (it has none, or no other module holds it), else ``None``."""
+        stats = self.input_stats(name, module)
+        if stats is None:
+            return None
         bias = module._parameters.get("bias")
         if bias is not None and id(bias) in self.shared:
             return None
-        return self.input_stats(name, module)
+        return stats
 
 
 def prepare(

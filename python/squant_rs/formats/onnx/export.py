@@ -98,6 +98,7 @@ def export_onnx(
     )
     import torch
 
+    from ...model.layers import check_patterns
     from ...model.pipeline import activation_quantizers, quantize_model
 
     out = _check_output(path, None, (), external_data)
@@ -136,53 +137,75 @@ def export_onnx(
         # eval-mode copy (quantize_model folds eval-mode BNs only; the
         # caller's model keeps its modes).
         source = copy.deepcopy(model).eval()
-    qmodel, report = quantize_model(source, wbits, abits, mode, **kwargs)
-    assert isinstance(report, QuantReport)
-    if not report.layers:
-        raise InvalidArgumentError(
-            f"the model ({type(model).__name__}) has no layer to quantize (no Conv1d/2d/3d "
-            "or Linear layer, or all of them skipped): nothing to export"
-        )
-    for hook in activation_quantizers(qmodel).values():
-        hook.enabled = False  # the graph gets Q/DQ nodes instead
-    qmodel.eval()
-    # Removed on SIGTERM / SIGHUP too; a full $TMPDIR is named as such.
-    with scratch_file("float.onnx", "the exported float model") as float_path:
-        with warnings.catch_warnings():
-            # The TorchScript exporter announces its deprecation on every call;
-            # it is the one that keeps the parameter names (<layer>.weight).
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            # F.pad's pads: a strided Slice torch cannot fold (onnxruntime can).
-            warnings.filterwarnings("ignore", "Constant folding", UserWarning)
-            torch.onnx.export(
-                qmodel,
-                inputs,
-                float_path,
-                dynamo=False,
-                opset_version=17,
-                do_constant_folding=True,
-                input_names=[f"input{i}" if i else "input" for i in range(len(inputs))],
-                dynamic_axes={"input": {0: "batch"}},
+    # An attention's input projection torch's exporter slices at run time
+    # (query is not key and value) is no initializer of the graph: such
+    # projections are quantized again left float (a second pass).
+    projections = _attention_projections(source)
+    sliced: list[str] = []
+    while True:
+        qmodel, report = quantize_model(source, wbits, abits, mode, **kwargs)
+        assert isinstance(report, QuantReport)
+        if not report.layers:
+            raise InvalidArgumentError(
+                f"the model ({type(model).__name__}) has no layer to quantize (no Conv1d/2d/3d "
+                "or Linear layer, or all of them skipped): nothing to export"
             )
-        graph_model = onnx.load(float_path)
-    graph_model = _prepare(graph_model, "exported model")
-    if integer_kernels:
-        _fold_pads(graph_model)
-    size_before = _tensor_bytes(graph_model)
-    layers, _ = _find_layers(graph_model, ())
-    inits = _initializers(graph_model.graph)
-    why = ""
-    bns = [
-        n for n, m in qmodel.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-    ]
-    if bns and not any(n.op_type == "BatchNormalization" for n in graph_model.graph.node):
-        why = (
-            f": torch's exporter folded a BatchNorm ({', '.join(bns[:3])}) that quantize_model "
-            "did not fold, and the folded weight is not a per-channel multiple of the "
-            "quantized one; export the float model with torch.onnx.export and quantize the "
-            "file with quantize_onnx"
+        for hook in activation_quantizers(qmodel).values():
+            hook.enabled = False  # the graph gets Q/DQ nodes instead
+        qmodel.eval()
+        # Removed on SIGTERM / SIGHUP too; a full $TMPDIR is named as such.
+        with scratch_file("float.onnx", "the exported float model") as float_path:
+            with warnings.catch_warnings():
+                # The TorchScript exporter announces its deprecation on every call;
+                # it is the one that keeps the parameter names (<layer>.weight).
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                # F.pad's pads: a strided Slice torch cannot fold (onnxruntime can).
+                warnings.filterwarnings("ignore", "Constant folding", UserWarning)
+                torch.onnx.export(
+                    qmodel,
+                    inputs,
+                    float_path,
+                    dynamo=False,
+                    opset_version=17,
+                    do_constant_folding=True,
+                    input_names=[f"input{i}" if i else "input" for i in range(len(inputs))],
+                    dynamic_axes={"input": {0: "batch"}},
+                )
+            graph_model = onnx.load(float_path)
+        graph_model = _prepare(graph_model, "exported model")
+        if integer_kernels:
+            _fold_pads(graph_model)
+        size_before = _tensor_bytes(graph_model)
+        layers, _ = _find_layers(graph_model, ())
+        inits = _initializers(graph_model.graph)
+        why = ""
+        bns = [
+            n
+            for n, m in qmodel.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+        if bns and not any(n.op_type == "BatchNormalization" for n in graph_model.graph.node):
+            why = (
+                f": torch's exporter folded a BatchNorm ({', '.join(bns[:3])}) that quantize_model "
+                "did not fold, and the folded weight is not a per-channel multiple of the "
+                "quantized one; export the float model with torch.onnx.export and quantize the "
+                "file with quantize_onnx"
+            )
+        try:
+            weights, by_layer = _match_layers(
+                layers, inits, report.layers, why, () if sliced else projections
+            )
+        except _SlicedProjections as exc:
+            sliced = exc.names
+            kwargs["skip"] = (*check_patterns(skip, "skip"), *map(_glob_escape, sliced))
+            continue
+        break
+    for name in sliced:
+        report.notes.append(
+            f"{name}: torch's exporter slices this attention's projection weight at run "
+            "time (its query is not its key and value), so the graph holds no initializer "
+            "to quantize; left float in the ONNX model (quantize_model quantizes it)"
         )
-    weights, by_layer = _match_layers(layers, inits, report.layers, why)
     if integer_kernels and abits is None:
         raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
     plan: dict[str, tuple[int, float, float]] | None = None
@@ -367,7 +390,11 @@ def _same_qt(a: QuantizedTensor, b: QuantizedTensor) -> bool:
 
 
 def _match_layers(
-    layers: list[_Layer], inits: dict[str, Any], reps: list[LayerReport], why: str = ""
+    layers: list[_Layer],
+    inits: dict[str, Any],
+    reps: list[LayerReport],
+    why: str = "",
+    optional: Sequence[str] = (),
 ) -> tuple[list[_Weight], dict[str, list[_Layer]]]:
     """Which graph layers run which quantized layer of the report.
 
@@ -384,8 +411,11 @@ def _match_layers(
         The quantized weights, and the graph layers of each report layer.
 
     Raises:
-        InvalidArgumentError: a report layer whose weight no initializer
-            holds (``why`` appended: what the caller knows of the cause).
+        _SlicedProjections: report layers named in ``optional`` (attention
+            projections) whose weight no initializer holds.
+        InvalidArgumentError: any other report layer whose weight no
+            initializer holds (``why`` appended: what the caller knows of
+            the cause).
     """
     from onnx import numpy_helper
 
@@ -419,6 +449,19 @@ def _match_layers(
         }
         qts.append(qt)
         cands.append(found)
+    # Report layers whose weight no initializer holds whole: torch's
+    # exporter splits an attention's packed input projection into blocks of
+    # rows (query | key and value, or all three) where query is not key.
+    # A block of a weight quantized per output channel is the quantized
+    # block of those channels.
+    taken = set().union(*cands) if cands else set()
+    for ri in range(len(reps)):
+        if qts[ri] is None or cands[ri]:
+            continue
+        for ly, block in _row_blocks(layers, values, taken, qts[ri]):
+            per_layer[id(ly)] = block
+            cands[ri].add(id(ly))
+            taken.add(id(ly))
     # Graph layers no report layer's weight matches, in a report layer's
     # scope (any of its calls): torch's exporter folded a BatchNorm into
     # that call that quantize_model left unfolded (a hook, a module with a
@@ -454,6 +497,9 @@ def _match_layers(
             mine = [sq for ly, sq in scaled if _scope_match(ly.name, rp.name) == 2]
             qts[ri] = mine[0] if mine else scaled[0][1]
             rp.qtensor = qts[ri]
+    missing = [rp.name for ri, rp in enumerate(reps) if rp.qtensor is not None and not cands[ri]]
+    if missing and set(missing) <= set(optional):
+        raise _SlicedProjections(missing)
     for ri, rp in enumerate(reps):
         if rp.qtensor is not None and not cands[ri]:
             raise InvalidArgumentError(
@@ -521,6 +567,75 @@ def _match_layers(
             stacklevel=3,
         )
     return weights, by_layer
+
+
+class _SlicedProjections(Exception):
+    """Attention projections whose weight the exported graph slices at run
+    time (:func:`_match_layers`)."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(", ".join(names))
+        self.names = names
+
+
+def _attention_projections(model: nn.Module) -> list[str]:
+    """The layer names :func:`~squant_rs.model.layers.plan_layers` gives
+    the input projections of ``model``'s ``nn.MultiheadAttention`` modules."""
+    from ...model.layers import ATTENTION_PROJECTIONS, AttentionProjection
+
+    out = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname in ATTENTION_PROJECTIONS:
+            if AttentionProjection.applies(module, pname):
+                short = pname[: -len("_weight")]
+                out.append(f"{name}.{short}" if name else short)
+    return out
+
+
+def _glob_escape(name: str) -> str:
+    """``name`` as an fnmatch pattern that matches it alone."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _row_blocks(
+    layers: list[_Layer],
+    values: dict[tuple[str, int], np.ndarray],
+    taken: set[int],
+    qt: QuantizedTensor,
+) -> list[tuple[_Layer, QuantizedTensor]]:
+    """The graph layers (not in ``taken``) whose weight is a block of
+    consecutive output channels of ``qt``'s dequantized weight, with ``qt``
+    cut to that block; none unless the blocks cover every channel of
+    ``qt``."""
+    from dataclasses import replace
+
+    want = np.asarray(qt.dequantize())
+    if want.ndim < 2:
+        return []
+    first_rows: dict[bytes, list[int]] = {}
+    for r in range(int(want.shape[0])):
+        first_rows.setdefault((want[r] + np.float32(0.0)).tobytes(), []).append(r)
+    found: list[tuple[_Layer, QuantizedTensor]] = []
+    covered = np.zeros(int(want.shape[0]), dtype=bool)
+    for ly in layers:
+        if id(ly) in taken:
+            continue
+        v = values[(ly.weight, ly.axis)]
+        n = int(v.shape[0]) if v.ndim else 0
+        if v.shape[1:] != want.shape[1:] or not 0 < n < want.shape[0]:
+            continue
+        for r in first_rows.get((v[0] + np.float32(0.0)).tobytes(), []):
+            if r + n <= want.shape[0] and np.array_equal(want[r : r + n], v):
+                block = replace(
+                    qt,
+                    codes=qt.codes[r : r + n],
+                    scale=qt.scale[r : r + n],
+                    zero_point=qt.zero_point[r : r + n],
+                )
+                found.append((ly, block))
+                covered[r : r + n] = True
+                break
+    return found if covered.all() else []
 
 
 def _scaled_codes(g: np.ndarray, qt: QuantizedTensor, want: np.ndarray) -> QuantizedTensor | None:
