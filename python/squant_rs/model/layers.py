@@ -243,9 +243,9 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
             continue
         if isinstance(module, (transpose, *types)):
             candidates.append((name, module, module, "weight"))
-        else:
+        elif isinstance(module, nn.MultiheadAttention):
             for pname in ATTENTION_PROJECTIONS:
-                if AttentionProjection.applies(module, pname):
+                if getattr(module, pname, None) is not None:
                     short = pname[: -len("_weight")]
                     proj = AttentionProjection.over(module, pname)
                     candidates.append((f"{name}.{short}" if name else short, proj, module, pname))
