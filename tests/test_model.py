@@ -767,3 +767,75 @@ def test_save_quantized_report_has_the_notes(tmp_path) -> None:
     rep = squant_rs.save_quantized(model, tmp_path / "m.safetensors", 4)
     assert rep.skipped == want.skipped == ["head"]
     assert rep.notes == want.notes and "shares its weight with emb.weight" in rep.notes[0]
+
+
+def test_shared_attention_is_tied() -> None:
+    """One encoder layer used twice (ALBERT-style) and an in_proj_weight
+    tied to a Linear: sorting the report rows looked the projection names
+    up among module names (KeyError)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, rep = squant_rs.quantize_model(nn.Sequential(layer, layer).eval(), 4, return_report=True)
+    assert [(r.name, r.tied_to) for r in rep.layers][3:5] == [
+        ("0.linear2", None),
+        ("1.self_attn.in_proj", "0.self_attn.in_proj"),
+    ]
+    a, lin = nn.MultiheadAttention(16, 2), nn.Linear(16, 48)
+    lin.weight = a.in_proj_weight
+    q, rep = squant_rs.quantize_model(nn.ModuleDict({"a": a, "lin": lin}), 4, return_report=True)
+    assert [(r.name, r.tied_to) for r in rep.layers] == [
+        ("a.in_proj", None),
+        ("a.out_proj", None),
+        ("lin", "a.in_proj"),
+    ]
+    assert q["lin"].weight is q["a"].in_proj_weight
+
+
+class _AttentionFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.l1, self.l2 = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.relu(self.l1(self.attn(x, x, x, need_weights=False)[0])))
+
+
+@pytest.mark.parametrize("calibration", ["float", "quantized"])
+@pytest.mark.parametrize("recipe", ["paper", "squant+"])
+def test_an_attention_first_is_the_first_layer(recipe: str, calibration: str) -> None:
+    """An attention whose projections are quantized is the first quantized
+    layer to run when it runs first: its inputs stay float, and the next
+    layer gets abits (it kept a float input too, silently)."""
+    torch.manual_seed(0)
+    _, rep = squant_rs.quantize_model(
+        _AttentionFirst().eval(),
+        4,
+        4,
+        input_shape=(2, 5, 16),
+        recipe=recipe,
+        calibration=calibration,
+        return_report=True,
+    )
+    assert [(r.name, r.act_bits) for r in rep.layers] == [
+        ("attn.in_proj", None),
+        ("attn.out_proj", None),
+        ("l1", 4),
+        ("l2", 8),
+    ]
+
+
+def test_state_dict_skip_by_projection_layer_name(tmp_path) -> None:
+    """skip=("a.in_proj",) (quantize_model's layer name) works for a state
+    dict too, as the docstring promises for skip=("fc",)."""
+    torch.manual_seed(0)
+    m = nn.ModuleDict({"a": nn.MultiheadAttention(16, 2), "fc": nn.Linear(16, 4)})
+    for src in (m, m.state_dict()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            rep = squant_rs.save_quantized(
+                src, tmp_path / "m.safetensors", 4, skip=["a.in_proj", "fc"]
+            )
+        assert [r.name for r in rep.layers] == ["a.out_proj.weight"]

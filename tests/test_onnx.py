@@ -1765,3 +1765,37 @@ def test_attention_projections_in_the_export(tmp_path, wbits):
     want = squant_rs.quantize_model(net, wbits, recipe="paper", skip=rep.skipped)(x)
     got = run(path, x.numpy())
     np.testing.assert_allclose(got, want.detach().numpy(), rtol=0, atol=1e-5)
+
+
+class _TwinAttentions(torch.nn.Module):
+    """Two attentions with equal weights (b a deepcopy of a) whose query,
+    key and value all differ: torch's exporter folds each projection into
+    constant blocks of output channels and merges b's equal blocks into
+    a's (Identity)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import copy
+
+        self.a = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.b = copy.deepcopy(self.a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x, x + 1, x + 2, need_weights=False)[0]
+        return self.b(h, x + 1, x + 2, need_weights=False)[0]
+
+
+def test_equal_attention_blocks_are_all_quantized(tmp_path):
+    """a's blocks were matched first and claimed b's merged blocks too, so
+    b.in_proj found none, was called sliced at run time and left float."""
+    torch.manual_seed(0)
+    net, x = _TwinAttentions().eval(), torch.rand(2, 5, 16)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        rep = squant_rs.export_onnx(net, path, x, 4, recipe="paper")
+    assert rep.skipped == [] and rep.notes == []
+    assert [r.name for r in rep.layers] == ["a.in_proj", "a.out_proj", "b.in_proj", "b.out_proj"]
+    assert _float_weights(onnx.load(str(path))) == []
+    want = squant_rs.quantize_model(net, 4, recipe="paper")(x).detach().numpy()
+    np.testing.assert_allclose(run(path, x.numpy()), want, rtol=0, atol=1e-5)

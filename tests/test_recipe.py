@@ -819,7 +819,8 @@ class _EncoderThenHead(nn.Module):
     ("cls", "shape", "first", "last"),
     [
         (_EmbedThenEncoder, (5, 4, 6), "embed", "enc.linear2"),
-        (_EncoderThenHead, (5, 4, 16), "enc.linear1", "head"),
+        # the encoder's attention runs first: its projection is the first layer
+        (_EncoderThenHead, (5, 4, 16), "enc.self_attn.in_proj", "head"),
     ],
 )
 @pytest.mark.parametrize("calibration", ["float", "quantized"])
@@ -866,8 +867,9 @@ class _EncoderThenBnHead(nn.Module):
 @pytest.mark.parametrize("calibration", ["float", "quantized"])
 def test_bn_ranged_last_layer_after_leaf_container(calibration: str) -> None:
     """The traced order held only ``head``: it was taken as the first layer
-    (float input) while enc.linear1 ran first. Now enc.linear1 keeps a
-    float input and head, the last to run, gets its 8-bit BN range."""
+    (float input) while the encoder ran first. Now the encoder's attention
+    (its quantized input projection) is the first layer, enc.linear1 gets
+    abits, and head, the last to run, gets its 8-bit BN range."""
     torch.manual_seed(0)
     model = _EncoderThenBnHead().eval()
     with torch.no_grad():
@@ -877,8 +879,8 @@ def test_bn_ranged_last_layer_after_leaf_container(calibration: str) -> None:
         model, 8, 4, input_shape=(5, 4, 8), calibration=calibration, return_report=True
     )
     rows = {r.name: r for r in rep.layers}
-    assert rows["enc.linear1"].act_bits is None
-    assert rows["enc.linear2"].act_bits == 4
+    assert rows["enc.self_attn.in_proj"].act_bits is None
+    assert rows["enc.linear1"].act_bits == 4 and rows["enc.linear2"].act_bits == 4
     assert rows["head"].act_bits == 8 and rows["head"].range_source == "bn"
     st = ChannelStats(
         model.bn.bias.detach().double().numpy(), model.bn.weight.detach().abs().double().numpy()

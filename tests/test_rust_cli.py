@@ -110,6 +110,28 @@ def test_same_file_and_report_as_python(tmp_path, squant_bin: str, options: list
         assert pi.stdout == ri.stdout
 
 
+@pytest.mark.parametrize("skip", ["attn.in_proj", "attn.in_proj_weight", "*in_proj"])
+def test_projection_skip_names_same_as_python(tmp_path, squant_bin: str, skip: str) -> None:
+    """A skip pattern is also tried on the layer name quantize_model gives
+    an attention's projection (attn.in_proj for attn.in_proj_weight) in
+    both CLIs: it matched nothing, with a warning."""
+    rng = np.random.default_rng(2)
+    sd = {
+        "attn.in_proj_weight": rng.standard_normal((12, 4)).astype(np.float32),
+        "attn.in_proj_bias": rng.standard_normal(12).astype(np.float32),
+        "attn.out_proj.weight": rng.standard_normal((4, 4)).astype(np.float32),
+    }
+    src = tmp_path / "in.safetensors"
+    write_safetensors(src, {k: RawTensor.from_numpy(v) for k, v in sd.items()})
+    py_out, rs_out = tmp_path / "py.safetensors", tmp_path / "rs.safetensors"
+    p = _py("quantize", str(src), str(py_out), "--skip", skip)
+    r = _run(squant_bin, "quantize", str(src), str(rs_out), "--skip", skip)
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert p.stderr == r.stderr == ""
+    assert py_out.read_bytes() == rs_out.read_bytes()
+    assert [t.name for t in inspect_quantized(rs_out).quantized] == ["attn.out_proj.weight"]
+
+
 def test_sharded_same_as_python(tmp_path, squant_bin: str) -> None:
     src = tmp_path / "ckpt"
     src.mkdir()

@@ -22,7 +22,8 @@ only) or a torch checkpoint (``.pt``/``.pth``, loaded with
 an ``.onnx`` model becomes a QDQ ``.onnx`` model (numpy + onnx, no torch).
 Without module information it quantizes every floating tensor of 2+
 dimensions whose name ends in ``weight``; ``--include``/``--skip`` take
-fnmatch patterns (a skip pattern also matches the name without ``.weight``);
+fnmatch patterns (a skip pattern also matches the layer name: ``fc`` for
+``fc.weight``, ``attn.in_proj`` for ``attn.in_proj_weight``);
 a pattern that matches nothing gets one ``squant-rs: warning: ...`` line.
 ``info`` reads only the file's header (``--verify``: every tensor).
 ``export`` builds a torch model by calling ``FACTORY()`` from ``MODULE``

@@ -464,8 +464,9 @@ def select_state_dict(
     are) whose key matches ``include`` (fnmatch patterns, default
     ``"*weight"``, or a predicate on the key) and matches no ``skip``
     pattern. A skip pattern is
-    tried on the key and on the key without its ``.weight`` suffix (the
-    module name), so ``skip=("fc",)`` works for models and state dicts."""
+    tried on the key and on its layer name (:func:`layer_name`: the key
+    without ``.weight``, or ``attn.in_proj`` for ``attn.in_proj_weight``),
+    so ``skip=("fc", "attn.in_proj")`` works for models and state dicts."""
     if callable(include):
         pred: Callable[[str], bool] = include
     else:
@@ -479,11 +480,28 @@ def select_state_dict(
         is_float, ndim, numel = _float_ndim(value)
         if not (is_float and ndim >= 2 and numel > 0 and pred(key)):
             continue
-        module = key[: -len(".weight")] if key.endswith(".weight") else key
-        if matches_any(key, skip) or matches_any(module, skip):
+        if matches_any(key, skip) or matches_any(layer_name(key), skip):
             continue
         chosen.append(key)
     return chosen
+
+
+#: An attention's projection weights, stored as ``<attention>.in_proj_weight``
+#: (``q_proj_weight``...): the layer ``quantize_model`` calls ``<attention>.in_proj``.
+_PROJECTION_SUFFIXES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def layer_name(key: str) -> str:
+    """The layer name of a state-dict key, as ``quantize_model`` names the
+    layer: ``fc.weight`` -> ``fc``, ``attn.in_proj_weight`` ->
+    ``attn.in_proj`` (a skip pattern is tried on both the key and this);
+    other keys as they are."""
+    if key.endswith(".weight"):
+        return key[: -len(".weight")]
+    last = key.rpartition(".")[2]
+    if last in _PROJECTION_SUFFIXES:
+        return key[: -len("_weight")]
+    return key
 
 
 def _export(
@@ -640,7 +658,7 @@ def save_quantized(
             if not isinstance(key, str):
                 raise InvalidArgumentError(f"state dict keys must be strings, got {key!r}")
         keys = select_state_dict(entries, include, patterns)
-        modules = [k[: -len(".weight")] for k in entries if k.endswith(".weight")]
+        modules = [layer_name(k) for k in entries if layer_name(k) != k]
         warn_unmatched(patterns, [*entries, *modules], "tensor", stacklevel=2)
         if not keys and not select_state_dict(entries, include, ()):
             warnings.warn(

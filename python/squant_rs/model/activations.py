@@ -248,6 +248,24 @@ class _Observer:
         return q(module, args) if self.apply else None
 
 
+class _Marker:
+    """Calibration hook of a quantized layer without an input quantizer:
+    puts a stand-in quantizer (named like the layer) into the run order the
+    first time the layer runs, so that the first / last layer rules count
+    it."""
+
+    def __init__(self, name: str, order: list[ActivationQuantizer]) -> None:
+        self.quantizer = ActivationQuantizer(name, 8, 1.0)
+        self.quantizer.enabled = False
+        self.order = order
+        self.seen = False
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self.seen:
+            self.seen = True
+            self.order.append(self.quantizer)
+
+
 def _model_device_dtype(model: nn.Module) -> tuple[Any, Any]:
     import torch
 
@@ -265,15 +283,19 @@ def _calibrate(
     seed: int,
     apply: bool,
     fixed: Container[str] = (),
+    markers: Sequence[tuple[str, nn.Module]] = (),
 ) -> list[str]:
     """One forward pass of ``U[0, 1)`` noise through ``model`` that sets the
     sigma-rule range of every quantizer of ``layers`` but those named in
     ``fixed`` (ranges already set: applied with ``apply``, not observed).
     The first layer to run gets a float input, the last observed one 8 bits.
+    ``markers``: ``(name, module)`` of quantized layers without an input
+    quantizer (an attention whose projections are quantized): they count
+    as layers that ran for those two rules.
 
     Returns:
-        the names of the quantizers of the layers that ran, in the order
-        they first ran.
+        the names of the quantizers of the layers that ran (and of the
+        markers), in the order they first ran.
     """
     import torch
 
@@ -284,7 +306,10 @@ def _calibrate(
         )
         for name, module in layers
     ]
+    marks = [_Marker(name, order) for name, _ in markers]
+    handles += [m.register_forward_pre_hook(mk) for (_, m), mk in zip(markers, marks)]
     fixed_ids = {id(quantizers[name]) for name, _ in layers if name in fixed}
+    fixed_ids |= {id(mk.quantizer) for mk in marks}
     modes = [(m, m.training) for m in model.modules()]
     device, dtype = _model_device_dtype(model)
     try:

@@ -184,6 +184,9 @@ class LayerPlan:
     skipped: list[str] = field(default_factory=list)
     #: Why a layer was left float, where the reason is not a skip pattern.
     notes: list[str] = field(default_factory=list)
+    #: Every layer's name (chosen, tied or skipped), in module order (an
+    #: attention's projections where the attention is).
+    names: list[str] = field(default_factory=list)
 
 
 def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> LayerPlan:
@@ -316,6 +319,7 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
         plan.chosen.append((owner, module))
         plan.tied += [(n, owner, m) for n, m in members[1:]]
 
+    plan.names = layer_names
     order = {n: i for i, n in enumerate(layer_names)}
     plan.chosen.sort(key=lambda item: order[item[0]])
     plan.skipped.sort(key=order.__getitem__)

@@ -315,6 +315,15 @@ def quantize_model(
         if id(module) not in seen and not isinstance(module, AttentionProjection):
             seen.add(id(module))
             layers.append((name, module))
+    # The attentions of quantized projections count as layers for the first
+    # and last layer rules.
+    markers: list[tuple[str, Any]] = []
+    for name, module in [*plan.chosen, *((n, m) for n, _, m in plan.tied)]:
+        if isinstance(module, AttentionProjection) and all(
+            module.attention is not a for _, a in markers
+        ):
+            markers.append((name.rpartition(".")[0], module.attention))
+    rplan.markers = {n for n, _ in markers}
 
     quantizers: dict[str, ActivationQuantizer] = {}
     run_order: list[str] = []
@@ -339,7 +348,14 @@ def quantize_model(
             _fill_float_weights(plan.chosen, sources)
         if calibration == "float" and need_noise:
             run_order = _calibrate(
-                qmodel, layers, quantizers, shape, int(seed), apply=False, fixed=fixed
+                qmodel,
+                layers,
+                quantizers,
+                shape,
+                int(seed),
+                apply=False,
+                fixed=fixed,
+                markers=markers,
             )
         if config.act_ranges == "bn" and calibration == "float":
             finish_activation_order(rplan, layers, quantizers, abits, run_order)
@@ -427,13 +443,20 @@ def quantize_model(
     # tied layers, plan.chosen's order already is).
     reports = list(by_name.values())
     if plan.tied:
-        order = {n: i for i, (n, _) in enumerate(qmodel.named_modules(remove_duplicate=False))}
+        order = {n: i for i, n in enumerate(plan.names)}
         reports.sort(key=lambda r: order[r.name])
 
     if abits is not None:
         if calibration == "quantized" and need_noise:
             run_order = _calibrate(
-                qmodel, layers, quantizers, shape, int(seed), apply=True, fixed=fixed
+                qmodel,
+                layers,
+                quantizers,
+                shape,
+                int(seed),
+                apply=True,
+                fixed=fixed,
+                markers=markers,
             )
         if config.act_ranges == "bn" and calibration == "quantized":
             finish_activation_order(rplan, layers, quantizers, abits, run_order)

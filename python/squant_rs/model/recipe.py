@@ -867,8 +867,13 @@ class RecipePlan:
     folded: set[str] = field(default_factory=set)
     #: ``id`` of each module that absorbed a BatchNorm.
     folded_modules: set[int] = field(default_factory=set)
-    #: Layer names in execution order (empty where tracing failed).
+    #: Layer names in execution order (empty where tracing failed), the
+    #: ``nn.MultiheadAttention`` modules' names among them.
     order: list[str] = field(default_factory=list)
+    #: Names of the attentions whose input projections are quantized: they
+    #: count as layers for the first / last layer rules (their inputs stay
+    #: float; set by ``quantize_model``).
+    markers: set[str] = field(default_factory=set)
     traced: bool = False
     #: Every module the traced graph calls as one node (``call_module``
     #: targets): a layer inside one of them runs at a time the graph does
@@ -949,7 +954,10 @@ def prepare(
         plan.traced = True
         if config.needs_graph:
             plan.stats = analyze(model, graph, modules)
-        plan.order = execution_order(graph, list(plan.stats))
+        from torch import nn
+
+        attentions = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
+        plan.order = execution_order(graph, [*plan.stats, *attentions])
         plan.called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
     if config.fold_bn:
         folds = fold_batchnorm_graph(model, graph, sources, modules, threads)
@@ -1138,7 +1146,7 @@ def bn_activation_ranges(
     names = [name for name, _ in layers]
     chosen = set(names)
     first = (
-        next((name for name in plan.order if name in chosen), None)
+        next((name for name in plan.order if name in chosen or name in plan.markers), None)
         if plan.order_covers(names)
         else None
     )
@@ -1169,9 +1177,14 @@ def finish_activation_order(
     which the noise pass ran the layers)."""
     n = plan.config.bn_sigmas
     known = plan.order_covers([name for name, _ in layers])
-    order = [name for name in (plan.order if known else run_order) if name in quantizers]
+    order = [
+        name
+        for name in (plan.order if known else run_order)
+        if name in quantizers or name in plan.markers
+    ]
     if not order:
         return
+    # (an attention running first or last: its inputs stay float anyway)
     first, last = order[0], order[-1]
     modules = dict(layers)
     for name, q in quantizers.items():

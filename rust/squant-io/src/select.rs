@@ -91,7 +91,7 @@ pub fn matches_any(name: &str, patterns: &[String]) -> bool {
 
 /// Whether a stored tensor is quantized: floating, 2+ dimensions, at least
 /// one element, its name matching `include` (default `*weight`) and no
-/// `skip` pattern (tried on the name and on the name without `.weight`).
+/// `skip` pattern (tried on the name and on its [`layer_name`]).
 pub fn is_selected(e: &Entry, include: &[String], skip: &[String]) -> bool {
     if !(dtype::is_float(e.dtype) && e.shape.len() >= 2 && e.numel() > 0) {
         return false;
@@ -104,13 +104,47 @@ pub fn is_selected(e: &Entry, include: &[String], skip: &[String]) -> bool {
     if !included {
         return false;
     }
-    let module = e.name.strip_suffix(".weight").unwrap_or(&e.name);
-    !(matches_any(&e.name, skip) || matches_any(module, skip))
+    !(matches_any(&e.name, skip) || matches_any(layer_name(&e.name), skip))
+}
+
+/// An attention's projection weights, stored as `<attention>.in_proj_weight`
+/// (`q_proj_weight`...): the layer the Python `quantize_model` calls
+/// `<attention>.in_proj`.
+const PROJECTION_SUFFIXES: [&str; 4] = [
+    "in_proj_weight",
+    "q_proj_weight",
+    "k_proj_weight",
+    "v_proj_weight",
+];
+
+/// The layer name of a tensor name, as the Python package's `layer_name`:
+/// `fc.weight` -> `fc`, `attn.in_proj_weight` -> `attn.in_proj`; other
+/// names as they are.
+pub fn layer_name(name: &str) -> &str {
+    if let Some(module) = name.strip_suffix(".weight") {
+        return module;
+    }
+    let last = name.rsplit('.').next().unwrap_or(name);
+    if PROJECTION_SUFFIXES.contains(&last) {
+        return &name[..name.len() - "_weight".len()];
+    }
+    name
 }
 
 #[cfg(test)]
 mod tests {
     use super::fnmatch;
+
+    #[test]
+    fn layer_names_like_python() {
+        use super::layer_name;
+        assert_eq!(layer_name("fc.weight"), "fc");
+        assert_eq!(layer_name("a.in_proj_weight"), "a.in_proj");
+        assert_eq!(layer_name("k_proj_weight"), "k_proj");
+        assert_eq!(layer_name("a.in_proj_bias"), "a.in_proj_bias");
+        assert_eq!(layer_name("a.xin_proj_weight"), "a.xin_proj_weight");
+        assert_eq!(layer_name("weight"), "weight");
+    }
 
     #[test]
     fn fnmatch_like_python() {

@@ -193,7 +193,7 @@ def export_onnx(
             )
         try:
             weights, by_layer = _match_layers(
-                layers, inits, report.layers, why, () if sliced else projections
+                layers, inits, report.layers, why, projections, retry=not sliced
             )
         except _SlicedProjections as exc:
             sliced = exc.names
@@ -394,7 +394,8 @@ def _match_layers(
     inits: dict[str, Any],
     reps: list[LayerReport],
     why: str = "",
-    optional: Sequence[str] = (),
+    projections: Sequence[str] = (),
+    retry: bool = False,
 ) -> tuple[list[_Weight], dict[str, list[_Layer]]]:
     """Which graph layers run which quantized layer of the report.
 
@@ -411,8 +412,9 @@ def _match_layers(
         The quantized weights, and the graph layers of each report layer.
 
     Raises:
-        _SlicedProjections: report layers named in ``optional`` (attention
-            projections) whose weight no initializer holds.
+        _SlicedProjections: with ``retry``, the attention projections
+            (``projections``: their layer names, whose scope is their
+            attention's) whose weight no initializer holds.
         InvalidArgumentError: any other report layer whose weight no
             initializer holds (``why`` appended: what the caller knows of
             the cause).
@@ -454,14 +456,20 @@ def _match_layers(
     # rows (query | key and value, or all three) where query is not key.
     # A block of a weight quantized per output channel is the quantized
     # block of those channels.
+    # (Equal weights' blocks are merged into one initializer like whole
+    # weights: each such report layer takes them all, the scope decides.)
     taken = set().union(*cands) if cands else set()
     for ri in range(len(reps)):
         if qts[ri] is None or cands[ri]:
             continue
         for ly, block in _row_blocks(layers, values, taken, qts[ri]):
-            per_layer[id(ly)] = block
+            per_layer.setdefault(id(ly), block)
             cands[ri].add(id(ly))
-            taken.add(id(ly))
+
+    def scope(i: int) -> str:  # an attention projection runs in its attention's scope
+        name = reps[i].name
+        return name.rpartition(".")[0] if name in projections else name
+
     # Graph layers no report layer's weight matches, in a report layer's
     # scope (any of its calls): torch's exporter folded a BatchNorm into
     # that call that quantize_model left unfolded (a hook, a module with a
@@ -473,7 +481,7 @@ def _match_layers(
         if qts[ri] is None:  # pragma: no cover - quantize_model fills it
             continue
         unmatched = [
-            ly for ly in layers if id(ly) not in matched and _scope_match(ly.name, rp.name) > 0
+            ly for ly in layers if id(ly) not in matched and _scope_match(ly.name, scope(ri)) > 0
         ]
         if not unmatched:
             continue
@@ -494,11 +502,11 @@ def _match_layers(
         if all(id(ly) in per_layer for ly in layers if id(ly) in cands[ri]):
             # Every call of the layer runs a folded weight: report its own
             # scope's (else the first call's).
-            mine = [sq for ly, sq in scaled if _scope_match(ly.name, rp.name) == 2]
+            mine = [sq for ly, sq in scaled if _scope_match(ly.name, scope(ri)) == 2]
             qts[ri] = mine[0] if mine else scaled[0][1]
             rp.qtensor = qts[ri]
     missing = [rp.name for ri, rp in enumerate(reps) if rp.qtensor is not None and not cands[ri]]
-    if missing and set(missing) <= set(optional):
+    if retry and missing and set(missing) <= set(projections):
         raise _SlicedProjections(missing)
     for ri, rp in enumerate(reps):
         if rp.qtensor is not None and not cands[ri]:
@@ -509,7 +517,7 @@ def _match_layers(
     owner: dict[int, int] = {}  # id(graph layer) -> report index
     for layer in layers:
         scored = [
-            (_scope_match(layer.name, rep.name), -i)
+            (_scope_match(layer.name, scope(i)), -i)
             for i, rep in enumerate(reps)
             if id(layer) in cands[i]
         ]
