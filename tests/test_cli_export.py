@@ -146,6 +146,15 @@ def _bad_cases(tmp_path, w):
         ),
         "ik needs abits": (["export_models:small", "o.onnx", "--integer-kernels"], "need --abits"),
         "float16": (["export_models:half", "o.onnx", *shape], "needs a float32 model"),
+        "batch dim beyond the shape": (
+            ["export_models:small", "o.onnx", *shape, "--batch-dim", "4"],
+            "--batch-dim 4: --input-shape 1,3,8,8 has 4 dimensions (0..3); pass one of them, "
+            "or --batch-dim none for static shapes",
+        ),
+        "batch dim text": (
+            ["export_models:small", "o.onnx", *shape, "--batch-dim", "first"],
+            "expected a dimension of the input (an integer, e.g. 0 or 1) or none, got 'first'",
+        ),
     }
 
 
@@ -338,3 +347,31 @@ def test_export_names_a_missing_package(tmp_path, capsys, monkeypatch, missing, 
             small(), out, torch.rand(1, 3, 16, 16), 8 if "8" in opts else 4, 8, integer_kernels=True
         )
     assert os.listdir(tmp_path) == []
+
+
+# nn.MultiheadAttention's shape checks convert traced tensors to bools
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_export_batch_dim(tmp_path, capsys):
+    """--batch-dim: the input dimension the ONNX model takes at any size
+    (default 0; 1 for a sequence-first (L, N, E) transformer, whose
+    sequence was exported as the batch), none for static shapes; the same
+    model as export_onnx(batch_dim=...)."""
+    from export_models import seq_first
+
+    out, api = tmp_path / "m.onnx", tmp_path / "api.onnx"
+    args = ["export", "export_models:seq_first", str(out), "--input-shape", "7,2,16", "-q"]
+    x = torch.rand(7, 2, 16, generator=torch.Generator().manual_seed(0))
+    for given, batch_dim, shape in [
+        ([], 0, ["batch", 2, 16]),
+        (["--batch-dim", "1"], 1, [7, "batch", 16]),
+        (["--batch-dim", "-2"], -2, [7, "batch", 16]),
+        (["--batch-dim", "none"], None, [7, 2, 16]),
+    ]:
+        assert main([*args, *given]) == 0, capsys.readouterr().err
+        sess = ort.InferenceSession(str(out), providers=CPU)
+        assert [i.shape for i in sess.get_inputs()] == [shape]
+        squant_rs.export_onnx(seq_first(), api, x, 4, batch_dim=batch_dim)
+        assert out.read_bytes() == api.read_bytes(), given
+    assert main([*args, "--batch-dim", "1"]) == 0
+    y = np.random.default_rng(5).random((7, 3, 16), dtype=np.float32)
+    assert run(out, y).shape == (7, 3, 16)

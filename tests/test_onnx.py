@@ -1809,3 +1809,159 @@ def test_attention_projections_in_the_export(tmp_path, wbits):
     want = squant_rs.quantize_model(net, wbits, recipe="paper", skip=rep.skipped)(x)
     got = run(path, x.numpy())
     np.testing.assert_allclose(got, want.detach().numpy(), rtol=0, atol=1e-5)
+
+
+def _input_shapes(path) -> list[list[int | str]]:
+    return [i.shape for i in ort.InferenceSession(str(path), providers=CPU).get_inputs()]
+
+
+def _scales(path) -> list[float]:
+    """The activation Q/DQ scales of an export, sorted."""
+    return sorted(
+        float(numpy_helper.to_array(t))
+        for t in onnx.load(str(path)).graph.initializer
+        if t.name.endswith("_scale") and not t.dims and "_a" in t.name
+    )
+
+
+def test_export_batch_dim_of_every_input(tmp_path):
+    """batch_dim (default 0): that dimension of every input is the dynamic
+    'batch' (only the first input's was: a two-input model ran at its
+    example's batch alone). A scalar input has none and stays a scalar."""
+    two = _TwoInputs().eval()
+    path = tmp_path / "two.onnx"
+    squant_rs.export_onnx(two, path, (torch.rand(2, 4), torch.rand(2, 4)), 8)
+    assert _input_shapes(path) == [["batch", 4], ["batch", 4]]
+    x, y = torch.rand(3, 4), torch.rand(3, 4)
+    sess = ort.InferenceSession(str(path), providers=CPU)
+    got = sess.run(None, {"input": x.numpy(), "input1": y.numpy()})[0]
+    want = squant_rs.quantize_model(two, 8)(x, y).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    # per input: a sequence-first input (L, N, E) and an (N, L) weighting
+    net = _SeqFirstWeighted().eval()
+    squant_rs.export_onnx(net, path, (torch.rand(7, 2, 16), torch.rand(2, 7)), 8, batch_dim=(1, 0))
+    assert _input_shapes(path) == [[7, "batch", 16], ["batch", 7]]
+    squant_rs.export_onnx(net, path, (torch.rand(7, 2, 16), torch.rand(2, 7)), 8, batch_dim=None)
+    assert _input_shapes(path) == [[7, 2, 16], [2, 7]]
+    scaled = _Scaled().eval()
+    squant_rs.export_onnx(scaled, path, (torch.rand(2, 4), torch.tensor(2.0)), 8)
+    assert _input_shapes(path) == [["batch", 4], []]
+
+
+class _SeqFirstWeighted(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * w.t().unsqueeze(-1)
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * t
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_export_batch_dim_of_a_sequence_first_model(tmp_path):
+    """A sequence-first transformer (L, N, E): batch_dim=1 exports N as the
+    dynamic batch (batch_dim=0 named the sequence 'batch' and fixed N), and
+    None fully static shapes; the calibration batch (quantize_model's, and
+    the onnxruntime run's for integer_kernels) is the example's shape
+    whichever dimension is symbolic: the same activation ranges."""
+    from export_models import seq_first
+
+    net = seq_first()
+    x = torch.rand(7, 2, 16)
+    want = squant_rs.quantize_model(net, 8, 8, recipe="paper", input_shape=tuple(x.shape))
+    x3 = torch.rand(7, 3, 16)
+    scales = {}
+    shapes = {0: ["batch", 2, 16], 1: [7, "batch", 16], -2: [7, "batch", 16]}
+    for batch_dim, shape in shapes.items():
+        path = tmp_path / f"m{batch_dim}.onnx"
+        squant_rs.export_onnx(net, path, x, 8, 8, recipe="paper", batch_dim=batch_dim)
+        assert _input_shapes(path) == [shape]
+        if batch_dim:
+            got = run(path, x3.numpy())
+            with torch.no_grad():
+                ref = want(x3).numpy()
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    path = tmp_path / "static.onnx"
+    squant_rs.export_onnx(net, path, x, 8, 8, recipe="paper", batch_dim=None)
+    assert _input_shapes(path) == [[7, 2, 16]]
+    with torch.no_grad():
+        ref = want(x).numpy()
+    np.testing.assert_allclose(run(path, x.numpy()), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    kw = {"quantizer": "symmetric", "integer_kernels": True, "quantize_input": True}
+    for batch_dim in (0, 1, None):
+        path = tmp_path / f"ik{batch_dim}.onnx"
+        squant_rs.export_onnx(net, path, x, 8, 8, recipe="paper", batch_dim=batch_dim, **kw)
+        scales[batch_dim] = _scales(path)
+        if batch_dim == 1:
+            assert run(path, x3.numpy()).shape == (7, 3, 16)
+    assert len(scales[0]) > 5 and scales[1] == scales[0] and scales[None] == scales[0]
+
+
+def test_export_batch_dim_is_checked_first(tmp_path):
+    """A batch_dim an input does not have, or of the wrong type: an error
+    before any work, no output."""
+    out = tmp_path / "m.onnx"
+    x, t = torch.rand(2, 4), torch.tensor(2.0)
+    cases = [
+        (_Scaled(), (x, t), 2, squant_rs.InvalidArgumentError,
+         "batch_dim 2: input 0 has 2 dimensions (shape (2, 4)), no dimension 2 to export as the "
+         "batch; pass the batch dimension of each input (None for one without), e.g. "
+         "batch_dim=(0, None), or batch_dim=None for static shapes"),
+        (_Scaled(), (x, t), (0, 0), squant_rs.InvalidArgumentError,
+         "batch_dim 0: input 1 has 0 dimensions (shape ())"),
+        (_Scaled(), (x, t), (0,), squant_rs.InvalidArgumentError,
+         "batch_dim gives 1 dimension for 2 inputs"),
+        (torch.nn.Linear(4, 2), x, -3, squant_rs.InvalidArgumentError,
+         "pass a dimension it has (e.g. batch_dim=0), or batch_dim=None for static shapes"),
+        (torch.nn.Linear(4, 2), x, "1", TypeError, "batch_dim must be an integer"),
+        (torch.nn.Linear(4, 2), x, True, TypeError, "got True"),
+        (torch.nn.Linear(4, 2), x, 1.0, TypeError, "got 1.0"),
+        (_Scaled(), (x, t), (0, "x"), TypeError, "a sequence of one integer or None per input"),
+    ]  # fmt: skip
+    for model, inputs, batch_dim, error, msg in cases:
+        with pytest.raises(error, match=re.escape(msg)):
+            squant_rs.export_onnx(model, out, inputs, 8, batch_dim=batch_dim)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("wbits,abits", [(4, None), (8, 8)])
+def test_static_export_quantizes_a_cross_attentions_blocks(tmp_path, wbits, abits):
+    """batch_dim=None: with static shapes torch's exporter folds a
+    cross-attention's sliced in_proj_weight into constant blocks of output
+    channels (query | key and value); each block gets its own
+    DequantizeLinear of its rows of the quantized weight, nothing stays
+    float, and the graph equals quantize_model's fake-quant model."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(_Attentions()).eval()
+    x = torch.rand(2, 5, 16)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        # nn.MultiheadAttention's shape checks convert traced tensors to bools
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        rep = squant_rs.export_onnx(net, path, x, wbits, abits, recipe="paper", batch_dim=None)
+    assert rep.skipped == [] and "0.cross.in_proj" in [r.name for r in rep.layers]
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert _float_weights(model) == []
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    weights = [
+        inits[n.input[0]]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and len(inits.get(n.input[0], ())) == 2
+    ]
+    # six layers, the cross-attention's projection in two blocks (16 + 32 rows)
+    assert len(weights) == 7 and (16, 32) in weights, weights
+    want = squant_rs.quantize_model(net, wbits, abits, recipe="paper", input_shape=tuple(x.shape))
+    got = run(path, x.numpy())
+    with torch.no_grad():
+        ref = want(x).numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)

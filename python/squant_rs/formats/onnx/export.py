@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import numbers
 import os
 import time
 import warnings
@@ -54,6 +55,7 @@ def export_onnx(
     integer_kernels: bool = False,
     quantize_input: bool | tuple[float, float] = False,
     external_data: bool | None = None,
+    batch_dim: int | Sequence[int | None] | None = 0,
 ) -> QuantReport:
     """Quantize a torch model with SQuant and export it as a QDQ ONNX model.
 
@@ -80,14 +82,28 @@ def export_onnx(
     :func:`quantize_model`'s calibration batch run through onnxruntime.
     The model is not modified.
 
+    ``batch_dim`` is the dimension of the inputs the ONNX model takes at
+    any size, named ``batch`` (the others keep ``example_input``'s sizes):
+    ``0`` (the default) dimension 0 of every input, another integer that
+    dimension of every input (``1`` for a sequence-first model's ``(L, N,
+    E)``; negative counts from the end), a sequence one entry per input
+    (``None`` for an input without a batch, e.g. ``(1, 0)`` for a
+    sequence-first input and an ``(N, L)`` padding mask), or ``None``:
+    fully static shapes. A 0-d input (a scalar) has no batch: an integer
+    ``batch_dim`` leaves it alone.
+
     Returns:
         The per-layer :class:`QuantReport` (sizes: float weights and bytes
         written).
 
     Raises:
-        InvalidArgumentError: bad arguments, no layer to quantize, a float16
-            / float64 model, ``abits`` with several inputs, a quantized
-            weight missing from the exported graph.
+        InvalidArgumentError: bad arguments (a ``batch_dim`` that an input
+            does not have), no layer to quantize, a float16 / float64
+            model, ``abits`` with several inputs, a quantized weight
+            missing from the exported graph.
+        TypeError: an argument of the wrong type (``example_input`` not
+            tensors, ``batch_dim`` not an integer, None or a sequence of
+            them).
         ImportError: torch or onnx is missing (at 2-4 bits ml_dtypes; with
             ``integer_kernels``, onnxruntime).
     """
@@ -106,6 +122,8 @@ def export_onnx(
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_input must be a tensor or a tuple of tensors")
+    input_names = [f"input{i}" if i else "input" for i in range(len(inputs))]
+    dynamic_axes = _dynamic_axes(batch_dim, inputs, input_names)
     if abits is not None and len(inputs) > 1:
         raise InvalidArgumentError(
             f"abits: quantize_model calibrates the activation ranges on one U[0,1) input, "
@@ -168,8 +186,8 @@ def export_onnx(
                     dynamo=False,
                     opset_version=17,
                     do_constant_folding=True,
-                    input_names=[f"input{i}" if i else "input" for i in range(len(inputs))],
-                    dynamic_axes={"input": {0: "batch"}},
+                    input_names=input_names,
+                    dynamic_axes=dynamic_axes,
                 )
             graph_model = onnx.load(float_path)
         graph_model = _prepare(graph_model, "exported model")
@@ -237,6 +255,71 @@ def export_onnx(
     report.size_after = write_model(graph_model, out, external_data)
     report.wall_ms = (time.perf_counter() - wall) * 1e3
     return report
+
+
+def _dynamic_axes(
+    batch_dim: object, inputs: tuple[torch.Tensor, ...], names: list[str]
+) -> dict[str, dict[int, str]] | None:
+    """torch.onnx.export's ``dynamic_axes`` for export_onnx's ``batch_dim``:
+    the batch dimension of each input named ``batch``; None (static
+    shapes) for ``batch_dim=None``. TypeError for a ``batch_dim`` of the
+    wrong type, InvalidArgumentError for one an input does not have."""
+
+    def is_dim(d: object) -> bool:
+        return isinstance(d, numbers.Integral) and not isinstance(d, bool)
+
+    if batch_dim is None:
+        return None
+    if is_dim(batch_dim):
+        # A 0-d input (a scalar) has no batch: it stays as it is.
+        per_input: list[object] = [batch_dim if t.dim() else None for t in inputs]
+    elif isinstance(batch_dim, Sequence) and not isinstance(batch_dim, (str, bytes)):
+        per_input = list(batch_dim)
+        if len(per_input) != len(inputs):
+            raise InvalidArgumentError(
+                f"batch_dim gives {len(per_input)} dimension{'s' if len(per_input) != 1 else ''}"
+                f" for {len(inputs)} input{'s' if len(inputs) != 1 else ''}: pass one per input "
+                "(None for an input without a batch), one integer for every input, or None "
+                "for static shapes"
+            )
+    else:
+        per_input = []
+    if not per_input or not all(d is None or is_dim(d) for d in per_input):
+        raise TypeError(
+            "batch_dim must be an integer (the batch dimension of every input), a sequence of "
+            f"one integer or None per input, or None (static shapes), got {batch_dim!r}"
+        )
+    out: dict[str, dict[int, str]] = {}
+    for i, (name, t, d) in enumerate(zip(names, inputs, per_input)):
+        if d is None:
+            continue
+        dim = int(d)  # type: ignore[call-overload]
+        if not -t.dim() <= dim < t.dim():
+            raise InvalidArgumentError(
+                f"batch_dim {dim}: input {i} has {t.dim()} dimension{'s' if t.dim() != 1 else ''} "
+                f"(shape {tuple(t.shape)}), no dimension {dim} to export as the batch; "
+                f"{_batch_dim_advice(inputs, per_input, i)}"
+            )
+        out[name] = {dim % t.dim(): "batch"}
+    return out
+
+
+def _batch_dim_advice(inputs: tuple[torch.Tensor, ...], per_input: list[object], bad: int) -> str:
+    """What to pass instead of a ``batch_dim`` that input ``bad`` does not
+    have: one of its dimensions, or one per input (the others as asked,
+    ``bad``'s 0, or None for a scalar)."""
+    if len(inputs) == 1:
+        if not inputs[0].dim():
+            return "pass batch_dim=None (a scalar has no batch)"
+        return "pass a dimension it has (e.g. batch_dim=0), or batch_dim=None for static shapes"
+    dims = [
+        ("0" if t.dim() else "None") if i == bad else str(d)
+        for i, (t, d) in enumerate(zip(inputs, per_input))
+    ]
+    return (
+        "pass the batch dimension of each input (None for one without), e.g. "
+        f"batch_dim=({', '.join(dims)}), or batch_dim=None for static shapes"
+    )
 
 
 def _check_float32(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
