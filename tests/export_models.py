@@ -87,3 +87,14 @@ def seq_first() -> SeqFirst:
     """Random weights (seed 0), eval mode."""
     torch.manual_seed(0)
     return SeqFirst().eval()
+
+
+def token_lm() -> torch.nn.Module:
+    """A model of integer token ids: Embedding, Linear, ReLU, Linear."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Embedding(50, 16),
+        torch.nn.Linear(16, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 50),
+    ).eval()

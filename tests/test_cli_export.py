@@ -155,6 +155,19 @@ def _bad_cases(tmp_path, w):
             ["export_models:small", "o.onnx", *shape, "--batch-dim", "first"],
             "expected a dimension of the input (an integer, e.g. 0 or 1) or none, got 'first'",
         ),
+        # calibration errors name --input-shape, not the API's input_shape=
+        "calibration shape": (
+            ["export_models:small", "o.onnx", "--input-shape", "1,4,8,8", "--abits", "8"]
+            + ["--recipe", "paper"],
+            "; pass --input-shape matching the model's input",
+        ),
+        "integer ids": (
+            ["export_models:token_lm", "o.onnx", "--input-shape", "2,9", "--abits", "8"],
+            "nn.Embedding '0' takes integer ids, and U[0,1) noise is float, which no "
+            "--input-shape changes (the example input export makes is such noise too): export "
+            "integer-input models with squant_rs.export_onnx, an integer example_input and "
+            "abits=None",
+        ),
     }
 
 
@@ -166,6 +179,7 @@ def test_bad_input_exit_2_one_line_no_output(tmp_path, weights, capsys, monkeypa
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg in err, (name, err)
         assert err.startswith("squant-rs: error: "), (name, err)
+        assert "input_shape" not in err and "example_input shape" not in err, (name, err)
         left = sorted(f for f in os.listdir(tmp_path) if f.startswith("o.") or f.startswith("."))
         assert left == [], (name, left)
     # the weights file named as output: refused, untouched

@@ -1474,6 +1474,16 @@ def test_export_bad_models_say_why(tmp_path):
     with pytest.raises(squant_rs.InvalidArgumentError, match="takes 2.*abits=None") as err:
         squant_rs.export_onnx(two, out, xy, 8, 8)
     assert "input_shape" not in str(err.value)
+    assert "use quantize_onnx (it calibrates every input on U[0,1) noise; they must all be " in (
+        str(err.value)
+    )
+    # quantize_onnx refuses a model with a non-float input: not recommended then
+    with pytest.raises(squant_rs.InvalidArgumentError, match="takes 2.*abits=None") as err:
+        squant_rs.export_onnx(two, out, (xy[0], torch.ones(2, 4, dtype=torch.int64)), 8, 8)
+    assert str(err.value).endswith(
+        "abits=None): quantize_onnx, which calibrates several inputs, takes float32 inputs "
+        "only (input 1 is torch.int64)"
+    )
     assert not out.exists()
     squant_rs.export_onnx(two, out, xy, 8)  # weight-only works
 
@@ -1965,3 +1975,86 @@ def test_static_export_quantizes_a_cross_attentions_blocks(tmp_path, wbits, abit
     with torch.no_grad():
         ref = want(x).numpy()
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+
+class _TableLookup(torch.nn.Module):
+    """Integer ids indexing a parameter table (no nn.Embedding), two Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(50, 16))
+        self.a = torch.nn.Linear(16, 16)
+        self.b = torch.nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(self.table[ids])))
+
+
+def test_calibration_errors_say_what_to_pass(tmp_path, monkeypatch):
+    """A failed calibration run names what the caller can pass, in its own
+    words: export_onnx's example_input (not quantize_model's input_shape=,
+    which export_onnx has no way to take); for integer ids (an
+    nn.Embedding, an integer example_input) that no shape helps, as U[0,1)
+    noise is float: weight-only instead. One line each."""
+    from export_models import token_lm
+
+    out = tmp_path / "m.onnx"
+    ids = torch.randint(0, 50, (2, 9))
+
+    def error(call, *args, **kwargs) -> str:
+        with pytest.raises(squant_rs.InvalidArgumentError) as err:
+            call(*args, **kwargs)
+        assert not out.exists()
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("calibration "), msg
+        return msg
+
+    msg = error(squant_rs.export_onnx, token_lm(), out, ids, 8, 8)
+    assert "batch of shape (2, 9) (example_input's) failed: nn.Embedding '0' takes integer " in msg
+    assert msg.endswith("which no example_input shape changes; export it weight-only (abits=None)")
+    assert "input_shape" not in msg
+    msg = error(squant_rs.quantize_model, token_lm(), 8, 8, input_shape=(2, 9))
+    assert msg.endswith("which no input_shape= changes; quantize it weight-only (abits=None)")
+    msg = error(squant_rs.export_onnx, _TableLookup(), out, ids, 8, 8, recipe="paper")
+    assert "failed (IndexError: " in msg, msg
+    assert "): the model (example_input is torch.int64) takes integer ids" in msg, msg
+    assert "input_shape" not in msg
+    # a float model the example's shape does not fit
+    msg = error(squant_rs.export_onnx, _TwoLinears(), out, torch.rand(2, 9), 8, 8)
+    assert msg.endswith("; pass an example_input of the shape the model takes (its input)"), msg
+    msg = error(squant_rs.quantize_model, _TwoLinears(), 8, 8, input_shape=(2, 9))
+    assert msg.endswith("; pass input_shape= matching the model's input"), msg
+
+    # export_onnx(integer_kernels=True): onnxruntime's calibration run
+    class Failing:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def run(self, *args, **kwargs):
+            raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(ort, "InferenceSession", Failing)
+    msg = error(
+        squant_rs.export_onnx,
+        small(),
+        out,
+        torch.rand(2, 3, 12, 12),
+        8,
+        8,
+        quantizer="symmetric",
+        integer_kernels=True,
+    )
+    assert msg.endswith(
+        "failed in onnxruntime: pass an example_input of the shape the model takes (its "
+        "input) (no such kernel)"
+    ), msg
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(16, 16)
+        self.b = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))

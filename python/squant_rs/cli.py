@@ -690,13 +690,14 @@ def _export_model(args: argparse.Namespace) -> QuantReport:
     """The model of ``export`` built, loaded and exported: its report."""
     torch = _require_torch("export")
     from .formats.onnx import export_onnx
+    from .formats.onnx.ranges import cli_spelling
 
     model = _factory_model(args.factory)
     if args.weights:
         _load_weights(model, args.weights)
     model.eval()
     example = torch.rand(args.input_shape, generator=torch.Generator().manual_seed(0))
-    with _thread_count(args.threads) as threads:
+    with _thread_count(args.threads) as threads, cli_spelling():
         try:
             report = export_onnx(
                 model,

@@ -5,6 +5,7 @@ functions only."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..._squant_rs import InvalidArgumentError
+from ...model.activations import SHAPE_SPELLING, shape_spelling
 from ...model.report import LayerReport, QuantReport
 from ...tensor.validate import check_bits, check_threads
 from ..output import scratch_file
@@ -100,7 +102,10 @@ def export_onnx(
         InvalidArgumentError: bad arguments (a ``batch_dim`` that an input
             does not have), no layer to quantize, a float16 / float64
             model, ``abits`` with several inputs, a quantized weight
-            missing from the exported graph.
+            missing from the exported graph, a failed calibration run
+            (the message says what to pass: an ``example_input`` of the
+            shape the model takes, or, for integer ids, which U[0,1) noise
+            cannot stand for, ``abits=None``).
         TypeError: an argument of the wrong type (``example_input`` not
             tensors, ``batch_dim`` not an integer, None or a sequence of
             them).
@@ -125,11 +130,7 @@ def export_onnx(
     input_names = [f"input{i}" if i else "input" for i in range(len(inputs))]
     dynamic_axes = _dynamic_axes(batch_dim, inputs, input_names)
     if abits is not None and len(inputs) > 1:
-        raise InvalidArgumentError(
-            f"abits: quantize_model calibrates the activation ranges on one U[0,1) input, "
-            f"and this model takes {len(inputs)}; export it weight-only (abits=None), or "
-            "export it to ONNX and use quantize_onnx (it calibrates every float32 input)"
-        )
+        raise InvalidArgumentError(_several_inputs_message(inputs))
     _check_float32(model, inputs)
     kwargs: dict[str, Any] = {
         "quantizer": quantizer,
@@ -161,7 +162,8 @@ def export_onnx(
     projections = _attention_projections(source)
     sliced: list[str] = []
     while True:
-        qmodel, report = quantize_model(source, wbits, abits, mode, **kwargs)
+        with _calibration_spelling(inputs):
+            qmodel, report = quantize_model(source, wbits, abits, mode, **kwargs)
         assert isinstance(report, QuantReport)
         if not report.layers:
             raise InvalidArgumentError(
@@ -228,33 +230,46 @@ def export_onnx(
         raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
     plan: dict[str, tuple[int, float, float]] | None = None
     if abits is not None and (integer_kernels or input_range is not False):
-        mult = _s_sigma(s_sigma, abits)
-        assert mult is not None
-        n_threads = check_threads(threads)
-        feeds = _input_feeds(graph_model, int(seed), tuple(inputs[0].shape))
-        if len(inputs) == 1:
-            # quantize_model's calibration batch
-            gen = torch.Generator().manual_seed(int(seed))
-            feeds["input"] = torch.rand(tuple(inputs[0].shape), generator=gen).numpy()
-        _first_input(graph_model, layers, abits, mult, feeds, input_range)
-        for rep in report.layers:
-            first = by_layer.get(rep.name, [])
-            if rep.act_bits is None and first and first[0].act is not None:
-                rep.act_bits, lo, hi = first[0].act
-                rep.act_range = (lo, hi)
-                rep.range_source = "given" if isinstance(input_range, tuple) else "sigma"
-        bounds = _clip_max(graph_model)
-        for layer in layers:
-            if layer.act is not None:
-                layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
-        if integer_kernels:
-            known = _bn_output_ranges(source, graph_model, report, by_layer, abits)
-            plan = _integer_ranges(graph_model, layers, abits, mult, feeds, n_threads, known)
+        with _calibration_spelling(inputs):
+            mult = _s_sigma(s_sigma, abits)
+            assert mult is not None
+            n_threads = check_threads(threads)
+            feeds = _input_feeds(graph_model, int(seed), tuple(inputs[0].shape))
+            if len(inputs) == 1:
+                # quantize_model's calibration batch
+                gen = torch.Generator().manual_seed(int(seed))
+                feeds["input"] = torch.rand(tuple(inputs[0].shape), generator=gen).numpy()
+            _first_input(graph_model, layers, abits, mult, feeds, input_range)
+            for rep in report.layers:
+                first = by_layer.get(rep.name, [])
+                if rep.act_bits is None and first and first[0].act is not None:
+                    rep.act_bits, lo, hi = first[0].act
+                    rep.act_range = (lo, hi)
+                    rep.range_source = "given" if isinstance(input_range, tuple) else "sigma"
+            bounds = _clip_max(graph_model)
+            for layer in layers:
+                if layer.act is not None:
+                    layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
+            if integer_kernels:
+                known = _bn_output_ranges(source, graph_model, report, by_layer, abits)
+                plan = _integer_ranges(graph_model, layers, abits, mult, feeds, n_threads, known)
     _rewrite(graph_model, weights, plan)
     report.size_before = size_before
     report.size_after = write_model(graph_model, out, external_data)
     report.wall_ms = (time.perf_counter() - wall) * 1e3
     return report
+
+
+def _calibration_spelling(
+    inputs: tuple[torch.Tensor, ...],
+) -> contextlib.AbstractContextManager[None]:
+    """Calibration errors (quantize_model's forward pass, the onnxruntime
+    run) in export_onnx's words: ``example_input`` sets the shape (the
+    CLI's ``--input-shape`` where the command line calls), and an integer
+    example input is named as what no shape helps."""
+    spelling = "cli" if SHAPE_SPELLING.get() == "cli" else "example"
+    integer = next((str(t.dtype) for t in inputs if not t.is_floating_point()), None)
+    return shape_spelling(spelling, integer)
 
 
 def _dynamic_axes(
@@ -319,6 +334,26 @@ def _batch_dim_advice(inputs: tuple[torch.Tensor, ...], per_input: list[object],
     return (
         "pass the batch dimension of each input (None for one without), e.g. "
         f"batch_dim=({', '.join(dims)}), or batch_dim=None for static shapes"
+    )
+
+
+def _several_inputs_message(inputs: tuple[torch.Tensor, ...]) -> str:
+    """Why export_onnx refuses ``abits`` for a model of several inputs, and
+    what works: weight-only, or quantize_onnx where every input is float
+    (it refuses a model with any other input)."""
+    head = (
+        "abits: quantize_model calibrates the activation ranges on one U[0,1) input, "
+        f"and this model takes {len(inputs)}; export it weight-only (abits=None)"
+    )
+    other = next(((i, t) for i, t in enumerate(inputs) if not t.is_floating_point()), None)
+    if other is None:
+        return (
+            f"{head}, or export the float model with torch.onnx.export and use quantize_onnx "
+            "(it calibrates every input on U[0,1) noise; they must all be float32)"
+        )
+    return (
+        f"{head}: quantize_onnx, which calibrates several inputs, takes float32 inputs only "
+        f"(input {other[0]} is {other[1].dtype})"
     )
 
 
