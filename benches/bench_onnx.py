@@ -198,7 +198,8 @@ def session(path: str, weight_only: bool, spinning: bool) -> ort.InferenceSessio
         # many sessions interleaved in one process on 2 cores they take the
         # CPU from the session being timed, so the bench turns it off.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # int4 MatMul/Gemm weights become MatMulNBits: compute in float32.
+    # int4 and int8 MatMul/Gemm(transB=0) weights with a float input become
+    # MatMulNBits (int8-quantized activations by default): compute in float32.
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if weight_only:
         # Fold the weights' DequantizeLinear into float32 at load time

@@ -68,3 +68,33 @@ def no_layer() -> torch.nn.Module:
 def half() -> Tiny:
     """A float16 model."""
     return small().half()
+
+
+class SeqFirst(torch.nn.Module):
+    """A Linear and a sequence-first transformer layer (``batch_first=False``):
+    its input is ``(L, N, E)``, the batch dimension 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.enc = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc(self.proj(x))
+
+
+def seq_first() -> SeqFirst:
+    """Random weights (seed 0), eval mode."""
+    torch.manual_seed(0)
+    return SeqFirst().eval()
+
+
+def token_lm() -> torch.nn.Module:
+    """A model of integer token ids: Embedding, Linear, ReLU, Linear."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Embedding(50, 16),
+        torch.nn.Linear(16, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 50),
+    ).eval()

@@ -146,6 +146,28 @@ def _bad_cases(tmp_path, w):
         ),
         "ik needs abits": (["export_models:small", "o.onnx", "--integer-kernels"], "need --abits"),
         "float16": (["export_models:half", "o.onnx", *shape], "needs a float32 model"),
+        "batch dim beyond the shape": (
+            ["export_models:small", "o.onnx", *shape, "--batch-dim", "4"],
+            "--batch-dim 4: --input-shape 1,3,8,8 has 4 dimensions (0..3); pass one of them, "
+            "or --batch-dim none for static shapes",
+        ),
+        "batch dim text": (
+            ["export_models:small", "o.onnx", *shape, "--batch-dim", "first"],
+            "expected a dimension of the input (an integer, e.g. 0 or 1) or none, got 'first'",
+        ),
+        # calibration errors name --input-shape, not the API's input_shape=
+        "calibration shape": (
+            ["export_models:small", "o.onnx", "--input-shape", "1,4,8,8", "--abits", "8"]
+            + ["--recipe", "paper"],
+            "; pass --input-shape matching the model's input",
+        ),
+        "integer ids": (
+            ["export_models:token_lm", "o.onnx", "--input-shape", "2,9", "--abits", "8"],
+            "nn.Embedding '0' takes integer ids, and U[0,1) noise is float, which no "
+            "--input-shape changes (the example input export makes is such noise too): export "
+            "integer-input models with squant_rs.export_onnx, an integer example_input and "
+            "abits=None",
+        ),
     }
 
 
@@ -157,6 +179,7 @@ def test_bad_input_exit_2_one_line_no_output(tmp_path, weights, capsys, monkeypa
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg in err, (name, err)
         assert err.startswith("squant-rs: error: "), (name, err)
+        assert "input_shape" not in err and "example_input shape" not in err, (name, err)
         left = sorted(f for f in os.listdir(tmp_path) if f.startswith("o.") or f.startswith("."))
         assert left == [], (name, left)
     # the weights file named as output: refused, untouched
@@ -338,3 +361,31 @@ def test_export_names_a_missing_package(tmp_path, capsys, monkeypatch, missing, 
             small(), out, torch.rand(1, 3, 16, 16), 8 if "8" in opts else 4, 8, integer_kernels=True
         )
     assert os.listdir(tmp_path) == []
+
+
+# nn.MultiheadAttention's shape checks convert traced tensors to bools
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_export_batch_dim(tmp_path, capsys):
+    """--batch-dim: the input dimension the ONNX model takes at any size
+    (default 0; 1 for a sequence-first (L, N, E) transformer, whose
+    sequence was exported as the batch), none for static shapes; the same
+    model as export_onnx(batch_dim=...)."""
+    from export_models import seq_first
+
+    out, api = tmp_path / "m.onnx", tmp_path / "api.onnx"
+    args = ["export", "export_models:seq_first", str(out), "--input-shape", "7,2,16", "-q"]
+    x = torch.rand(7, 2, 16, generator=torch.Generator().manual_seed(0))
+    for given, batch_dim, shape in [
+        ([], 0, ["batch", 2, 16]),
+        (["--batch-dim", "1"], 1, [7, "batch", 16]),
+        (["--batch-dim", "-2"], -2, [7, "batch", 16]),
+        (["--batch-dim", "none"], None, [7, 2, 16]),
+    ]:
+        assert main([*args, *given]) == 0, capsys.readouterr().err
+        sess = ort.InferenceSession(str(out), providers=CPU)
+        assert [i.shape for i in sess.get_inputs()] == [shape]
+        squant_rs.export_onnx(seq_first(), api, x, 4, batch_dim=batch_dim)
+        assert out.read_bytes() == api.read_bytes(), given
+    assert main([*args, "--batch-dim", "1"]) == 0
+    y = np.random.default_rng(5).random((7, 3, 16), dtype=np.float32)
+    assert run(out, y).shape == (7, 3, 16)

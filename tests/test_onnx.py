@@ -28,8 +28,9 @@ CPU = ["CPUExecutionProvider"]
 def run(path, x: np.ndarray, **opts) -> np.ndarray:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
-    # int4 weights on MatMul / Gemm(transB=0) become MatMulNBits, which by
-    # default computes with int8-quantized inputs (accuracy level 4).
+    # int4 and int8 weights on MatMul / Gemm(transB=0) with a float input
+    # become MatMulNBits (ORT 1.32), which by default computes with
+    # int8-quantized inputs (accuracy level 4).
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     for k, v in opts.items():
         setattr(so, k, v)
@@ -119,11 +120,19 @@ def test_export_matches_fake_quant_small(tmp_path, quantizer, wbits, abits):
     rep = squant_rs.export_onnx(net, path, x, wbits, abits, quantizer=quantizer, recipe="paper")
     want = fake_quant(net, x, wbits, abits, quantizer)
     got = run(path, x.numpy())
-    # Activations: ONNX rounds x / (1/s) where the fake-quant model rounds
-    # x * s - z, so a value within an ulp of a rounding boundary can land one
-    # level apart (rare at 8 bits, visible at 6).
+    # With abits the biases are int32, each rounded to a multiple of its step
+    # a_scale * w_scale[c] (so ORT never re-quantizes), where the fake-quant
+    # model keeps the float bias: a layer's output channel moves by up to
+    # half a step, and the next layer's activation quantizer can put a value
+    # one level apart. That is the whole difference, and the tolerance
+    # (measured: 4e-5 of the output range at W8A8, 4e-4 at W4A6) ...
     tol = {None: 1e-5, 8: 1e-4, 6: 5e-3}[abits]
     np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+    if abits is not None:
+        # ... for the same graph with the fake-quant model's float biases put
+        # back equals the fake-quant model to float rounding.
+        got_f = run(_with_float_biases(path, net, x, wbits, abits, quantizer), x.numpy())
+        np.testing.assert_allclose(got_f, want, rtol=0, atol=1e-6 * np.abs(want).max())
     assert [r.name for r in rep.layers] == ["c1", "dw", "g", "fc"]
     counts = ops(path)
     n_act = 0 if abits is None else 3  # the first layer's input stays float
@@ -138,6 +147,40 @@ def test_export_matches_fake_quant_small(tmp_path, quantizer, wbits, abits):
     assert kinds["c1.weight_quantized"] in (want_type, TensorProto.INT8, TensorProto.INT16)
     if quantizer == "symmetric":
         assert {kinds[f"{n}.weight_quantized"] for n in ("c1", "dw", "g", "fc")} == {want_type}
+
+
+def _with_float_biases(path, net, x, wbits, abits, quantizer):
+    """``path``'s model with each int32 bias DequantizeLinear replaced by
+    the float bias of the fake-quant model (:func:`fake_quant`'s)."""
+    qm = squant_rs.quantize_model(
+        net,
+        wbits,
+        abits,
+        quantizer=quantizer,
+        recipe="paper",
+        fold_bn=True,
+        input_shape=tuple(x.shape),
+    )
+    modules = dict(qm.named_modules())
+    model = onnx.load(str(path))
+    g = model.graph
+    dqs = [
+        n
+        for n in g.node
+        if n.op_type == "DequantizeLinear" and n.input[0].endswith(".bias_quantized")
+    ]
+    assert dqs
+    for n in dqs:
+        bias = modules[n.input[0][: -len(".bias_quantized")]].bias.detach().numpy()
+        g.initializer.append(numpy_helper.from_array(bias, n.output[0]))
+        g.node.remove(n)
+    used = {i for n in dqs for i in n.input}
+    kept = [t for t in g.initializer if t.name not in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    out = path.with_name(path.stem + "-float-bias.onnx")
+    onnx.save(model, str(out))
+    return out
 
 
 class ConvBnRelu6(torch.nn.Module):
@@ -378,7 +421,8 @@ def test_mobilenet_w8a8_matches_and_fuses(mnv2, tmp_path):
     got = run(path, x.numpy())
     # onnxruntime and torch sum the convolutions in different orders: a few
     # activations per layer (0.04% at the second) land one 8-bit level apart,
-    # and 53 random layers carry that on (1.5% of the output range here).
+    # and 53 random layers carry that on (1.5% of the output range here; the
+    # int32 biases add little: 1.4% with the float biases put back).
     np.testing.assert_allclose(got, want, rtol=0, atol=3e-2 * np.abs(want).max())
     # The integer-kernel form: every tensor between quantized ops gets one
     # Q/DQ pair (layer outputs, residual Add inputs and outputs, the pooling
@@ -1430,6 +1474,16 @@ def test_export_bad_models_say_why(tmp_path):
     with pytest.raises(squant_rs.InvalidArgumentError, match="takes 2.*abits=None") as err:
         squant_rs.export_onnx(two, out, xy, 8, 8)
     assert "input_shape" not in str(err.value)
+    assert "use quantize_onnx (it calibrates every input on U[0,1) noise; they must all be " in (
+        str(err.value)
+    )
+    # quantize_onnx refuses a model with a non-float input: not recommended then
+    with pytest.raises(squant_rs.InvalidArgumentError, match="takes 2.*abits=None") as err:
+        squant_rs.export_onnx(two, out, (xy[0], torch.ones(2, 4, dtype=torch.int64)), 8, 8)
+    assert str(err.value).endswith(
+        "abits=None): quantize_onnx, which calibrates several inputs, takes float32 inputs "
+        "only (input 1 is torch.int64)"
+    )
     assert not out.exists()
     squant_rs.export_onnx(two, out, xy, 8)  # weight-only works
 
@@ -1799,3 +1853,242 @@ def test_equal_attention_blocks_are_all_quantized(tmp_path):
     assert _float_weights(onnx.load(str(path))) == []
     want = squant_rs.quantize_model(net, 4, recipe="paper")(x).detach().numpy()
     np.testing.assert_allclose(run(path, x.numpy()), want, rtol=0, atol=1e-5)
+
+
+def _input_shapes(path) -> list[list[int | str]]:
+    return [i.shape for i in ort.InferenceSession(str(path), providers=CPU).get_inputs()]
+
+
+def _scales(path) -> list[float]:
+    """The activation Q/DQ scales of an export, sorted."""
+    return sorted(
+        float(numpy_helper.to_array(t))
+        for t in onnx.load(str(path)).graph.initializer
+        if t.name.endswith("_scale") and not t.dims and "_a" in t.name
+    )
+
+
+def test_export_batch_dim_of_every_input(tmp_path):
+    """batch_dim (default 0): that dimension of every input is the dynamic
+    'batch' (only the first input's was: a two-input model ran at its
+    example's batch alone). A scalar input has none and stays a scalar."""
+    two = _TwoInputs().eval()
+    path = tmp_path / "two.onnx"
+    squant_rs.export_onnx(two, path, (torch.rand(2, 4), torch.rand(2, 4)), 8)
+    assert _input_shapes(path) == [["batch", 4], ["batch", 4]]
+    x, y = torch.rand(3, 4), torch.rand(3, 4)
+    sess = ort.InferenceSession(str(path), providers=CPU)
+    got = sess.run(None, {"input": x.numpy(), "input1": y.numpy()})[0]
+    want = squant_rs.quantize_model(two, 8)(x, y).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    # per input: a sequence-first input (L, N, E) and an (N, L) weighting
+    net = _SeqFirstWeighted().eval()
+    squant_rs.export_onnx(net, path, (torch.rand(7, 2, 16), torch.rand(2, 7)), 8, batch_dim=(1, 0))
+    assert _input_shapes(path) == [[7, "batch", 16], ["batch", 7]]
+    squant_rs.export_onnx(net, path, (torch.rand(7, 2, 16), torch.rand(2, 7)), 8, batch_dim=None)
+    assert _input_shapes(path) == [[7, 2, 16], [2, 7]]
+    scaled = _Scaled().eval()
+    squant_rs.export_onnx(scaled, path, (torch.rand(2, 4), torch.tensor(2.0)), 8)
+    assert _input_shapes(path) == [["batch", 4], []]
+
+
+class _SeqFirstWeighted(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * w.t().unsqueeze(-1)
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * t
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_export_batch_dim_of_a_sequence_first_model(tmp_path):
+    """A sequence-first transformer (L, N, E): batch_dim=1 exports N as the
+    dynamic batch (batch_dim=0 named the sequence 'batch' and fixed N), and
+    None fully static shapes; the calibration batch (quantize_model's, and
+    the onnxruntime run's for integer_kernels) is the example's shape
+    whichever dimension is symbolic: the same activation ranges."""
+    from export_models import seq_first
+
+    net = seq_first()
+    x = torch.rand(7, 2, 16)
+    want = squant_rs.quantize_model(net, 8, 8, recipe="paper", input_shape=tuple(x.shape))
+    x3 = torch.rand(7, 3, 16)
+    scales = {}
+    shapes = {0: ["batch", 2, 16], 1: [7, "batch", 16], -2: [7, "batch", 16]}
+    for batch_dim, shape in shapes.items():
+        path = tmp_path / f"m{batch_dim}.onnx"
+        squant_rs.export_onnx(net, path, x, 8, 8, recipe="paper", batch_dim=batch_dim)
+        assert _input_shapes(path) == [shape]
+        if batch_dim:
+            got = run(path, x3.numpy())
+            with torch.no_grad():
+                ref = want(x3).numpy()
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    path = tmp_path / "static.onnx"
+    squant_rs.export_onnx(net, path, x, 8, 8, recipe="paper", batch_dim=None)
+    assert _input_shapes(path) == [[7, 2, 16]]
+    with torch.no_grad():
+        ref = want(x).numpy()
+    np.testing.assert_allclose(run(path, x.numpy()), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    kw = {"quantizer": "symmetric", "integer_kernels": True, "quantize_input": True}
+    for batch_dim in (0, 1, None):
+        path = tmp_path / f"ik{batch_dim}.onnx"
+        squant_rs.export_onnx(net, path, x, 8, 8, recipe="paper", batch_dim=batch_dim, **kw)
+        scales[batch_dim] = _scales(path)
+        if batch_dim == 1:
+            assert run(path, x3.numpy()).shape == (7, 3, 16)
+    assert len(scales[0]) > 5 and scales[1] == scales[0] and scales[None] == scales[0]
+
+
+def test_export_batch_dim_is_checked_first(tmp_path):
+    """A batch_dim an input does not have, or of the wrong type: an error
+    before any work, no output."""
+    out = tmp_path / "m.onnx"
+    x, t = torch.rand(2, 4), torch.tensor(2.0)
+    cases = [
+        (_Scaled(), (x, t), 2, squant_rs.InvalidArgumentError,
+         "batch_dim 2: input 0 has 2 dimensions (shape (2, 4)), no dimension 2 to export as the "
+         "batch; pass the batch dimension of each input (None for one without), e.g. "
+         "batch_dim=(0, None), or batch_dim=None for static shapes"),
+        (_Scaled(), (x, t), (0, 0), squant_rs.InvalidArgumentError,
+         "batch_dim 0: input 1 has 0 dimensions (shape ())"),
+        (_Scaled(), (x, t), (0,), squant_rs.InvalidArgumentError,
+         "batch_dim gives 1 dimension for 2 inputs"),
+        (torch.nn.Linear(4, 2), x, -3, squant_rs.InvalidArgumentError,
+         "pass a dimension it has (e.g. batch_dim=0), or batch_dim=None for static shapes"),
+        (torch.nn.Linear(4, 2), x, "1", TypeError, "batch_dim must be an integer"),
+        (torch.nn.Linear(4, 2), x, True, TypeError, "got True"),
+        (torch.nn.Linear(4, 2), x, 1.0, TypeError, "got 1.0"),
+        (_Scaled(), (x, t), (0, "x"), TypeError, "a sequence of one integer or None per input"),
+    ]  # fmt: skip
+    for model, inputs, batch_dim, error, msg in cases:
+        with pytest.raises(error, match=re.escape(msg)):
+            squant_rs.export_onnx(model, out, inputs, 8, batch_dim=batch_dim)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("wbits,abits", [(4, None), (8, 8)])
+def test_static_export_quantizes_a_cross_attentions_blocks(tmp_path, wbits, abits):
+    """batch_dim=None: with static shapes torch's exporter folds a
+    cross-attention's sliced in_proj_weight into constant blocks of output
+    channels (query | key and value); each block gets its own
+    DequantizeLinear of its rows of the quantized weight, nothing stays
+    float, and the graph equals quantize_model's fake-quant model."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(_Attentions()).eval()
+    x = torch.rand(2, 5, 16)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        # nn.MultiheadAttention's shape checks convert traced tensors to bools
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        rep = squant_rs.export_onnx(net, path, x, wbits, abits, recipe="paper", batch_dim=None)
+    assert rep.skipped == [] and "0.cross.in_proj" in [r.name for r in rep.layers]
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert _float_weights(model) == []
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    weights = [
+        inits[n.input[0]]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and len(inits.get(n.input[0], ())) == 2
+    ]
+    # six layers, the cross-attention's projection in two blocks (16 + 32 rows)
+    assert len(weights) == 7 and (16, 32) in weights, weights
+    want = squant_rs.quantize_model(net, wbits, abits, recipe="paper", input_shape=tuple(x.shape))
+    got = run(path, x.numpy())
+    with torch.no_grad():
+        ref = want(x).numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+
+
+class _TableLookup(torch.nn.Module):
+    """Integer ids indexing a parameter table (no nn.Embedding), two Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(50, 16))
+        self.a = torch.nn.Linear(16, 16)
+        self.b = torch.nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(self.table[ids])))
+
+
+def test_calibration_errors_say_what_to_pass(tmp_path, monkeypatch):
+    """A failed calibration run names what the caller can pass, in its own
+    words: export_onnx's example_input (not quantize_model's input_shape=,
+    which export_onnx has no way to take); for integer ids (an
+    nn.Embedding, an integer example_input) that no shape helps, as U[0,1)
+    noise is float: weight-only instead. One line each."""
+    from export_models import token_lm
+
+    out = tmp_path / "m.onnx"
+    ids = torch.randint(0, 50, (2, 9))
+
+    def error(call, *args, **kwargs) -> str:
+        with pytest.raises(squant_rs.InvalidArgumentError) as err:
+            call(*args, **kwargs)
+        assert not out.exists()
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("calibration "), msg
+        return msg
+
+    msg = error(squant_rs.export_onnx, token_lm(), out, ids, 8, 8)
+    assert "batch of shape (2, 9) (example_input's) failed: nn.Embedding '0' takes integer " in msg
+    assert msg.endswith("which no example_input shape changes; export it weight-only (abits=None)")
+    assert "input_shape" not in msg
+    msg = error(squant_rs.quantize_model, token_lm(), 8, 8, input_shape=(2, 9))
+    assert msg.endswith("which no input_shape= changes; quantize it weight-only (abits=None)")
+    msg = error(squant_rs.export_onnx, _TableLookup(), out, ids, 8, 8, recipe="paper")
+    assert "failed (IndexError: " in msg, msg
+    assert "): the model (example_input is torch.int64) takes integer ids" in msg, msg
+    assert "input_shape" not in msg
+    # a float model the example's shape does not fit
+    msg = error(squant_rs.export_onnx, _TwoLinears(), out, torch.rand(2, 9), 8, 8)
+    assert msg.endswith("; pass an example_input of the shape the model takes (its input)"), msg
+    msg = error(squant_rs.quantize_model, _TwoLinears(), 8, 8, input_shape=(2, 9))
+    assert msg.endswith("; pass input_shape= matching the model's input"), msg
+
+    # export_onnx(integer_kernels=True): onnxruntime's calibration run
+    class Failing:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def run(self, *args, **kwargs):
+            raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(ort, "InferenceSession", Failing)
+    msg = error(
+        squant_rs.export_onnx,
+        small(),
+        out,
+        torch.rand(2, 3, 12, 12),
+        8,
+        8,
+        quantizer="symmetric",
+        integer_kernels=True,
+    )
+    assert msg.endswith(
+        "failed in onnxruntime: pass an example_input of the shape the model takes (its "
+        "input) (no such kernel)"
+    ), msg
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(16, 16)
+        self.b = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))

@@ -10,7 +10,8 @@
                               [--integer-kernels] [--quantize-input [LO,HI]] [--skip PATTERN ...]
                               [--input-shape [NAME=]8,3,224,224 ...]
     squant-rs export MODULE:FACTORY OUT.onnx [--weights STATE_DICT.pth]
-                              [--input-shape 1,3,224,224] [--wbits 4] [--abits 8]
+                              [--input-shape 1,3,224,224] [--batch-dim N|none]
+                              [--wbits 4] [--abits 8]
                               [--quantizer symmetric] [--recipe paper|squant+]
                               [--integer-kernels] [--quantize-input [LO,HI]] [--skip PATTERN ...]
     squant-rs info FILE [-v] [--verify [--threads N]]
@@ -539,6 +540,18 @@ def _input_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _batch_dim(text: str) -> int | None:
+    """``--batch-dim N`` (a dimension of the input, negative from the end) or ``none``."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a dimension of the input (an integer, e.g. 0 or 1) or none, got {text!r}"
+        ) from None
+
+
 def _named_input_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
     """``--input-shape`` of ``quantize``: ``8,3,224,224`` or ``NAME=8,3,224,224``
     (the input's name: everything before the last ``=``)."""
@@ -656,6 +669,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     check_output(out, inputs=[p for p in inputs if os.path.exists(p)])
     if (args.integer_kernels or args.quantize_input is not False) and args.abits is None:
         raise CliError("--integer-kernels and --quantize-input need --abits")
+    rank = len(args.input_shape)
+    if args.batch_dim is not None and not -rank <= args.batch_dim < rank:
+        raise CliError(
+            f"--batch-dim {args.batch_dim}: --input-shape "
+            f"{','.join(map(str, args.input_shape))} has {rank} dimension{'s' if rank > 1 else ''}"
+            f" (0..{rank - 1}); pass one of them, or --batch-dim none for static shapes"
+        )
     _require_torch("export")
     _require_onnx(args.wbits, runtime=args.abits is not None and args.integer_kernels)
     with _warnings_as_lines():
@@ -671,13 +691,14 @@ def _export_model(args: argparse.Namespace) -> QuantReport:
     """The model of ``export`` built, loaded and exported: its report."""
     torch = _require_torch("export")
     from .formats.onnx import export_onnx
+    from .formats.onnx.ranges import cli_spelling
 
     model = _factory_model(args.factory)
     if args.weights:
         _load_weights(model, args.weights)
     model.eval()
     example = torch.rand(args.input_shape, generator=torch.Generator().manual_seed(0))
-    with _thread_count(args.threads) as threads:
+    with _thread_count(args.threads) as threads, cli_spelling():
         try:
             report = export_onnx(
                 model,
@@ -692,6 +713,7 @@ def _export_model(args: argparse.Namespace) -> QuantReport:
                 threads=threads,
                 integer_kernels=args.integer_kernels,
                 quantize_input=args.quantize_input,
+                batch_dim=args.batch_dim,
             )
         except (SquantError, CliError, OSError):
             raise
@@ -1127,8 +1149,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_input_shape,
         default=(1, 3, 224, 224),
         metavar="N,C,H,W",
-        help="shape of the example input (its batch dimension is exported as dynamic; "
-        "also the calibration batch's shape)",
+        help="shape of the example input (its batch dimension, --batch-dim, is exported as "
+        "dynamic; also the calibration batch's shape)",
+    )
+    e.add_argument(
+        "--batch-dim",
+        type=_batch_dim,
+        default=0,
+        metavar="N|none",
+        help="the dimension of the input the ONNX model takes at any size, e.g. 1 for a "
+        "sequence-first (L,N,E) input; none: static shapes (default: 0)",
     )
     _add_quantizer_options(e, quantizer=True)
     e.add_argument(

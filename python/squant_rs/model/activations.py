@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterator, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +31,63 @@ DEFAULT_INPUT_SHAPE: tuple[int, ...] = (8, 3, 224, 224)
 S_SIGMA_TABLE: dict[int, float] = {4: 12.0, 6: 14.0, 8: 25.0}
 
 CALIBRATIONS: tuple[str, ...] = ("float", "quantized")
+
+#: How calibration errors name where the calibration batch's shape comes
+#: from, in the caller's words: ``"api"`` (:func:`quantize_model`,
+#: ``quantize_onnx``: ``input_shape=(8, 16)``), ``"example"``
+#: (``export_onnx``: its ``example_input``'s shape) or ``"cli"`` (the
+#: command line's ``--input-shape 8,16``). Set by :func:`shape_spelling`.
+SHAPE_SPELLING: ContextVar[str] = ContextVar("squant_rs_input_shape_spelling", default="api")
+
+#: ``export_onnx``: the dtype of an example input that is not floating
+#: point (token ids), which U[0,1) calibration noise cannot stand for.
+INTEGER_INPUT: ContextVar[str | None] = ContextVar("squant_rs_integer_input", default=None)
+
+
+@contextlib.contextmanager
+def shape_spelling(spelling: str, integer_input: str | None = None) -> Iterator[None]:
+    """Calibration errors name the shape as ``spelling`` says
+    (:data:`SHAPE_SPELLING`) while the body runs; ``integer_input`` (the
+    dtype of an integer example input) makes them say that no shape helps."""
+    token = SHAPE_SPELLING.set(spelling)
+    itoken = INTEGER_INPUT.set(integer_input)
+    try:
+        yield
+    finally:
+        INTEGER_INPUT.reset(itoken)
+        SHAPE_SPELLING.reset(token)
+
+
+def pass_shape(several: bool = False) -> str:
+    """The advice after a failed calibration run: pass a calibration shape
+    the model takes, in the caller's words (:data:`SHAPE_SPELLING`)."""
+    inputs = "inputs" if several else "input"
+    spelling = SHAPE_SPELLING.get()
+    if spelling == "cli":
+        return f"pass --input-shape matching the model's {inputs}"
+    if spelling == "example":
+        return f"pass an example_input of the shape the model takes (its {inputs})"
+    return f"pass input_shape= matching the model's {inputs}"
+
+
+def _integer_advice(who: str) -> str:
+    """The advice after a failed calibration run where ``who`` (an
+    ``nn.Embedding``, the model of an integer example input) takes integer
+    ids: U[0,1) noise is float, so no shape helps; quantize weight-only."""
+    spelling = SHAPE_SPELLING.get()
+    if spelling == "cli":
+        return (
+            f"{who} takes integer ids, and U[0,1) noise is float, which no --input-shape "
+            "changes (the example input export makes is such noise too): export "
+            "integer-input models with squant_rs.export_onnx, an integer example_input and "
+            "abits=None"
+        )
+    shape = "example_input shape" if spelling == "example" else "input_shape="
+    action = "export" if spelling == "example" else "quantize"
+    return (
+        f"{who} takes integer ids, and the calibration batch is U[0,1) float noise, which no "
+        f"{shape} changes; {action} it weight-only (abits=None)"
+    )
 
 
 def default_s_sigma(bits: int) -> float:
@@ -310,6 +369,13 @@ def _calibrate(
     handles += [m.register_forward_pre_hook(mk) for (_, m), mk in zip(markers, marks)]
     fixed_ids = {id(quantizers[name]) for name, _ in layers if name in fixed}
     fixed_ids |= {id(mk.quantizer) for mk in marks}
+    # An embedding given the float noise: the model takes integer ids.
+    embeddings: list[str] = []
+    handles += [
+        module.register_forward_pre_hook(_FloatIds(name, embeddings))
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+    ]
     modes = [(m, m.training) for m in model.modules()]
     device, dtype = _model_device_dtype(model)
     try:
@@ -330,10 +396,21 @@ def _calibrate(
                 raise
             except Exception as exc:
                 msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                example = " (example_input's)" if SHAPE_SPELLING.get() == "example" else ""
+                integer = INTEGER_INPUT.get()
+                if embeddings:
+                    # the cause is known: the torch error adds nothing
+                    who = f"nn.Embedding {embeddings[0]!r}" if embeddings[0] else "nn.Embedding"
+                    why = ": " + _integer_advice(who)
+                elif integer is not None:
+                    why = f" ({type(exc).__name__}: {msg}): " + _integer_advice(
+                        f"the model (example_input is {integer})"
+                    )
+                else:
+                    why = f" ({type(exc).__name__}: {msg}); {pass_shape()}"
                 raise InvalidArgumentError(
-                    f"calibration forward pass on a U[0,1) batch of shape {input_shape} "
-                    f"failed ({type(exc).__name__}: {msg}); pass input_shape= matching "
-                    "the model's input"
+                    f"calibration forward pass on a U[0,1) batch of shape {input_shape}"
+                    f"{example} failed{why}"
                 ) from exc
     finally:
         for h in handles:
@@ -344,6 +421,20 @@ def _calibrate(
     if order and observed and order[-1] is observed[-1]:
         order[-1].set_bits(8)
     return [q.name for q in order]
+
+
+class _FloatIds:
+    """Forward pre-hook of an embedding during calibration: notes its name
+    where it gets floating-point ids (the U[0,1) noise)."""
+
+    def __init__(self, name: str, seen: list[str]) -> None:
+        self.name = name
+        self.seen = seen
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        ids = args[0] if args else None
+        if getattr(ids, "is_floating_point", lambda: False)():
+            self.seen.append(self.name)
 
 
 def _check_input_shape(input_shape: object) -> tuple[int, ...]:

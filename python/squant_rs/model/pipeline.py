@@ -208,7 +208,10 @@ def quantize_model(
             and the model already carries activation quantizers (it was
             quantized with ``abits`` before); the model cannot be
             deep-copied (e.g. the old ``torch.nn.utils.weight_norm``); a lazy
-            layer is not initialized; the calibration forward pass fails.
+            layer is not initialized; the calibration forward pass fails
+            (the message says to pass a fitting ``input_shape``, or, where
+            an ``nn.Embedding`` got the float noise, that the model takes
+            integer ids no shape helps with: quantize it weight-only).
         NonFiniteWeightError, WeightRangeError: a weight that cannot be
             quantized (the message names the layer and the channel).
         UnsupportedDtypeError: a weight of an unsupported dtype.

@@ -5,9 +5,11 @@ functions only."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
+import numbers
 import os
 import time
 import warnings
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..._squant_rs import InvalidArgumentError
+from ...model.activations import SHAPE_SPELLING, shape_spelling
 from ...model.report import LayerReport, QuantReport
 from ...tensor.validate import check_bits, check_threads
 from ..output import scratch_file
@@ -54,6 +57,7 @@ def export_onnx(
     integer_kernels: bool = False,
     quantize_input: bool | tuple[float, float] = False,
     external_data: bool | None = None,
+    batch_dim: int | Sequence[int | None] | None = 0,
 ) -> QuantReport:
     """Quantize a torch model with SQuant and export it as a QDQ ONNX model.
 
@@ -80,14 +84,31 @@ def export_onnx(
     :func:`quantize_model`'s calibration batch run through onnxruntime.
     The model is not modified.
 
+    ``batch_dim`` is the dimension of the inputs the ONNX model takes at
+    any size, named ``batch`` (the others keep ``example_input``'s sizes):
+    ``0`` (the default) dimension 0 of every input, another integer that
+    dimension of every input (``1`` for a sequence-first model's ``(L, N,
+    E)``; negative counts from the end), a sequence one entry per input
+    (``None`` for an input without a batch, e.g. ``(1, 0)`` for a
+    sequence-first input and an ``(N, L)`` padding mask), or ``None``:
+    fully static shapes. A 0-d input (a scalar) has no batch: an integer
+    ``batch_dim`` leaves it alone.
+
     Returns:
         The per-layer :class:`QuantReport` (sizes: float weights and bytes
         written).
 
     Raises:
-        InvalidArgumentError: bad arguments, no layer to quantize, a float16
-            / float64 model, ``abits`` with several inputs, a quantized
-            weight missing from the exported graph.
+        InvalidArgumentError: bad arguments (a ``batch_dim`` that an input
+            does not have), no layer to quantize, a float16 / float64
+            model, ``abits`` with several inputs, a quantized weight
+            missing from the exported graph, a failed calibration run
+            (the message says what to pass: an ``example_input`` of the
+            shape the model takes, or, for integer ids, which U[0,1) noise
+            cannot stand for, ``abits=None``).
+        TypeError: an argument of the wrong type (``example_input`` not
+            tensors, ``batch_dim`` not an integer, None or a sequence of
+            them).
         ImportError: torch or onnx is missing (at 2-4 bits ml_dtypes; with
             ``integer_kernels``, onnxruntime).
     """
@@ -106,12 +127,10 @@ def export_onnx(
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_input must be a tensor or a tuple of tensors")
+    input_names = [f"input{i}" if i else "input" for i in range(len(inputs))]
+    dynamic_axes = _dynamic_axes(batch_dim, inputs, input_names)
     if abits is not None and len(inputs) > 1:
-        raise InvalidArgumentError(
-            f"abits: quantize_model calibrates the activation ranges on one U[0,1) input, "
-            f"and this model takes {len(inputs)}; export it weight-only (abits=None), or "
-            "export it to ONNX and use quantize_onnx (it calibrates every float32 input)"
-        )
+        raise InvalidArgumentError(_several_inputs_message(inputs))
     _check_float32(model, inputs)
     kwargs: dict[str, Any] = {
         "quantizer": quantizer,
@@ -143,7 +162,8 @@ def export_onnx(
     projections = _attention_projections(source)
     sliced: list[str] = []
     while True:
-        qmodel, report = quantize_model(source, wbits, abits, mode, **kwargs)
+        with _calibration_spelling(inputs):
+            qmodel, report = quantize_model(source, wbits, abits, mode, **kwargs)
         assert isinstance(report, QuantReport)
         if not report.layers:
             raise InvalidArgumentError(
@@ -168,8 +188,8 @@ def export_onnx(
                     dynamo=False,
                     opset_version=17,
                     do_constant_folding=True,
-                    input_names=[f"input{i}" if i else "input" for i in range(len(inputs))],
-                    dynamic_axes={"input": {0: "batch"}},
+                    input_names=input_names,
+                    dynamic_axes=dynamic_axes,
                 )
             graph_model = onnx.load(float_path)
         graph_model = _prepare(graph_model, "exported model")
@@ -210,33 +230,131 @@ def export_onnx(
         raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
     plan: dict[str, tuple[int, float, float]] | None = None
     if abits is not None and (integer_kernels or input_range is not False):
-        mult = _s_sigma(s_sigma, abits)
-        assert mult is not None
-        n_threads = check_threads(threads)
-        feeds = _input_feeds(graph_model, int(seed), tuple(inputs[0].shape))
-        if len(inputs) == 1:
-            # quantize_model's calibration batch
-            gen = torch.Generator().manual_seed(int(seed))
-            feeds["input"] = torch.rand(tuple(inputs[0].shape), generator=gen).numpy()
-        _first_input(graph_model, layers, abits, mult, feeds, input_range)
-        for rep in report.layers:
-            first = by_layer.get(rep.name, [])
-            if rep.act_bits is None and first and first[0].act is not None:
-                rep.act_bits, lo, hi = first[0].act
-                rep.act_range = (lo, hi)
-                rep.range_source = "given" if isinstance(input_range, tuple) else "sigma"
-        bounds = _clip_max(graph_model)
-        for layer in layers:
-            if layer.act is not None:
-                layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
-        if integer_kernels:
-            known = _bn_output_ranges(source, graph_model, report, by_layer, abits)
-            plan = _integer_ranges(graph_model, layers, abits, mult, feeds, n_threads, known)
+        with _calibration_spelling(inputs):
+            mult = _s_sigma(s_sigma, abits)
+            assert mult is not None
+            n_threads = check_threads(threads)
+            feeds = _input_feeds(graph_model, int(seed), tuple(inputs[0].shape))
+            if len(inputs) == 1:
+                # quantize_model's calibration batch
+                gen = torch.Generator().manual_seed(int(seed))
+                feeds["input"] = torch.rand(tuple(inputs[0].shape), generator=gen).numpy()
+            _first_input(graph_model, layers, abits, mult, feeds, input_range)
+            for rep in report.layers:
+                first = by_layer.get(rep.name, [])
+                if rep.act_bits is None and first and first[0].act is not None:
+                    rep.act_bits, lo, hi = first[0].act
+                    rep.act_range = (lo, hi)
+                    rep.range_source = "given" if isinstance(input_range, tuple) else "sigma"
+            bounds = _clip_max(graph_model)
+            for layer in layers:
+                if layer.act is not None:
+                    layer.act = _capped(layer.act, bounds.get(layer.node.input[0]))
+            if integer_kernels:
+                known = _bn_output_ranges(source, graph_model, report, by_layer, abits)
+                plan = _integer_ranges(graph_model, layers, abits, mult, feeds, n_threads, known)
     _rewrite(graph_model, weights, plan)
     report.size_before = size_before
     report.size_after = write_model(graph_model, out, external_data)
     report.wall_ms = (time.perf_counter() - wall) * 1e3
     return report
+
+
+def _calibration_spelling(
+    inputs: tuple[torch.Tensor, ...],
+) -> contextlib.AbstractContextManager[None]:
+    """Calibration errors (quantize_model's forward pass, the onnxruntime
+    run) in export_onnx's words: ``example_input`` sets the shape (the
+    CLI's ``--input-shape`` where the command line calls), and an integer
+    example input is named as what no shape helps."""
+    spelling = "cli" if SHAPE_SPELLING.get() == "cli" else "example"
+    integer = next((str(t.dtype) for t in inputs if not t.is_floating_point()), None)
+    return shape_spelling(spelling, integer)
+
+
+def _dynamic_axes(
+    batch_dim: object, inputs: tuple[torch.Tensor, ...], names: list[str]
+) -> dict[str, dict[int, str]] | None:
+    """torch.onnx.export's ``dynamic_axes`` for export_onnx's ``batch_dim``:
+    the batch dimension of each input named ``batch``; None (static
+    shapes) for ``batch_dim=None``. TypeError for a ``batch_dim`` of the
+    wrong type, InvalidArgumentError for one an input does not have."""
+
+    def is_dim(d: object) -> bool:
+        return isinstance(d, numbers.Integral) and not isinstance(d, bool)
+
+    if batch_dim is None:
+        return None
+    if is_dim(batch_dim):
+        # A 0-d input (a scalar) has no batch: it stays as it is.
+        per_input: list[object] = [batch_dim if t.dim() else None for t in inputs]
+    elif isinstance(batch_dim, Sequence) and not isinstance(batch_dim, (str, bytes)):
+        per_input = list(batch_dim)
+        if len(per_input) != len(inputs):
+            raise InvalidArgumentError(
+                f"batch_dim gives {len(per_input)} dimension{'s' if len(per_input) != 1 else ''}"
+                f" for {len(inputs)} input{'s' if len(inputs) != 1 else ''}: pass one per input "
+                "(None for an input without a batch), one integer for every input, or None "
+                "for static shapes"
+            )
+    else:
+        per_input = []
+    if not per_input or not all(d is None or is_dim(d) for d in per_input):
+        raise TypeError(
+            "batch_dim must be an integer (the batch dimension of every input), a sequence of "
+            f"one integer or None per input, or None (static shapes), got {batch_dim!r}"
+        )
+    out: dict[str, dict[int, str]] = {}
+    for i, (name, t, d) in enumerate(zip(names, inputs, per_input)):
+        if d is None:
+            continue
+        dim = int(d)  # type: ignore[call-overload]
+        if not -t.dim() <= dim < t.dim():
+            raise InvalidArgumentError(
+                f"batch_dim {dim}: input {i} has {t.dim()} dimension{'s' if t.dim() != 1 else ''} "
+                f"(shape {tuple(t.shape)}), no dimension {dim} to export as the batch; "
+                f"{_batch_dim_advice(inputs, per_input, i)}"
+            )
+        out[name] = {dim % t.dim(): "batch"}
+    return out
+
+
+def _batch_dim_advice(inputs: tuple[torch.Tensor, ...], per_input: list[object], bad: int) -> str:
+    """What to pass instead of a ``batch_dim`` that input ``bad`` does not
+    have: one of its dimensions, or one per input (the others as asked,
+    ``bad``'s 0, or None for a scalar)."""
+    if len(inputs) == 1:
+        if not inputs[0].dim():
+            return "pass batch_dim=None (a scalar has no batch)"
+        return "pass a dimension it has (e.g. batch_dim=0), or batch_dim=None for static shapes"
+    dims = [
+        ("0" if t.dim() else "None") if i == bad else str(d)
+        for i, (t, d) in enumerate(zip(inputs, per_input))
+    ]
+    return (
+        "pass the batch dimension of each input (None for one without), e.g. "
+        f"batch_dim=({', '.join(dims)}), or batch_dim=None for static shapes"
+    )
+
+
+def _several_inputs_message(inputs: tuple[torch.Tensor, ...]) -> str:
+    """Why export_onnx refuses ``abits`` for a model of several inputs, and
+    what works: weight-only, or quantize_onnx where every input is float
+    (it refuses a model with any other input)."""
+    head = (
+        "abits: quantize_model calibrates the activation ranges on one U[0,1) input, "
+        f"and this model takes {len(inputs)}; export it weight-only (abits=None)"
+    )
+    other = next(((i, t) for i, t in enumerate(inputs) if not t.is_floating_point()), None)
+    if other is None:
+        return (
+            f"{head}, or export the float model with torch.onnx.export and use quantize_onnx "
+            "(it calibrates every input on U[0,1) noise; they must all be float32)"
+        )
+    return (
+        f"{head}: quantize_onnx, which calibrates several inputs, takes float32 inputs only "
+        f"(input {other[0]} is {other[1].dtype})"
+    )
 
 
 def _check_float32(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:

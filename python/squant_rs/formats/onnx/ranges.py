@@ -6,13 +6,18 @@ import contextlib
 import math
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
-from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
 
 from ..._squant_rs import InvalidArgumentError
-from ...model.activations import _check_input_shape, activation_range
+from ...model.activations import (
+    SHAPE_SPELLING,
+    _check_input_shape,
+    activation_range,
+    pass_shape,
+    shape_spelling,
+)
 from ..output import scratch_file
 from .common import CALIBRATION_BATCH, EXTERNAL_ABOVE
 from .load import _tensor_bytes
@@ -20,21 +25,13 @@ from .load import _tensor_bytes
 #: A calibration shape as quantize_onnx takes it: one shape, or shapes by input name.
 InputShapes = tuple[int, ...] | dict[str, tuple[int, ...]]
 
-#: How error messages spell the calibration shape: ``"api"``
-#: (``input_shape=(8, 16)``) or ``"cli"`` (``--input-shape 8,16``); the
-#: command line sets it (:func:`cli_spelling`) around its quantize_onnx call.
-_SPELLING: ContextVar[str] = ContextVar("squant_rs_input_shape_spelling", default="api")
-
 
 @contextlib.contextmanager
 def cli_spelling() -> Iterator[None]:
     """Error messages name ``--input-shape`` (the CLI's option) instead of
-    ``input_shape=`` while the body runs."""
-    token = _SPELLING.set("cli")
-    try:
+    ``input_shape=`` while the body runs (:data:`SHAPE_SPELLING`)."""
+    with shape_spelling("cli"):
         yield
-    finally:
-        _SPELLING.reset(token)
 
 
 def check_input_shapes(input_shape: object) -> InputShapes | None:
@@ -78,7 +75,7 @@ def _declared_text(dims: list[int | str] | None) -> str:
 
 def _shape_text(dims: Sequence[str]) -> str:
     """One shape as the caller writes it: ``(8, 16)`` or ``8,16``."""
-    if _SPELLING.get() == "cli":
+    if SHAPE_SPELLING.get() == "cli":
         return ",".join(dims)
     one = len(dims) == 1 and dims[0].isdigit()
     return "(" + ", ".join(dims) + ("," if one else "") + ")"
@@ -89,7 +86,7 @@ def _shape_arg(shapes: dict[str, list[str]], several: bool) -> str:
     ``input_shape={'x': (8, 16), ...}`` or ``--input-shape 8,16`` /
     ``--input-shape x=8,16 ...`` (by name where the model has ``several``
     inputs)."""
-    cli = _SPELLING.get() == "cli"
+    cli = SHAPE_SPELLING.get() == "cli"
     if not several:
         (dims,) = shapes.values()
         return ("--input-shape " if cli else "input_shape=") + _shape_text(dims)
@@ -105,7 +102,9 @@ def _shape_arg(shapes: dict[str, list[str]], several: bool) -> str:
 
 
 def _option() -> str:
-    return "--input-shape" if _SPELLING.get() == "cli" else "input_shape="
+    """The calibration shape's argument, as the caller passes it."""
+    spelling = SHAPE_SPELLING.get()
+    return {"cli": "--input-shape", "example": "example_input"}.get(spelling, "input_shape=")
 
 
 def _given_shapes(
@@ -278,8 +277,8 @@ def _observe(model: Any, tensors: list[str], feeds: dict[str, Any], threads: int
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             shapes = ", ".join(f"{k!r} {tuple(v.shape)}" for k, v in feeds.items())
             raise InvalidArgumentError(
-                f"calibration run on U[0,1) input ({shapes}) failed in onnxruntime: pass "
-                f"{_option()} matching the model's input{'s' if len(feeds) > 1 else ''} ({msg})"
+                f"calibration run on U[0,1) input ({shapes}) failed in onnxruntime: "
+                f"{pass_shape(len(feeds) > 1)} ({msg})"
             ) from None
     return list(values)
 
