@@ -2092,3 +2092,76 @@ class _TwoLinears(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("path_kind", ["export_onnx", "quantize_onnx"])
+def test_integer_kernels_keep_skipped_layers_float(tmp_path, path_kind):
+    """A skipped layer between quantized ones read the DequantizeLinear of
+    its input and fed a QuantizeLinear: onnxruntime quantized its float
+    weight itself (int8, nearest) and ran it as a QLinearConv, so the fused
+    graph differed from its own QDQ graph (0.9 % of the output). It now
+    reads the float tensor and stays a float Conv."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    x = torch.rand(4, 3, 16, 16)
+    path = tmp_path / "m.onnx"
+    kw = {"quantizer": "symmetric", "integer_kernels": True}
+    if path_kind == "export_onnx":
+        squant_rs.export_onnx(net, path, x, 8, 8, skip=["2"], **kw)
+    else:
+        float_export(net, x, tmp_path / "f.onnx")
+        squant_rs.quantize_onnx(tmp_path / "f.onnx", path, 8, 8, skip=["/2/*"], **kw)
+    fused = ort.SessionOptions()
+    fused.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got, want = (
+        ort.InferenceSession(str(path), so, providers=CPU).run(None, {"input": x.numpy()})[0]
+        for so in (fused, plain)
+    )
+    opt = onnx.load(str(tmp_path / "opt.onnx"))
+    kinds = collections.Counter(n.op_type for n in opt.graph.node)
+    # the first layer (float input) and the skipped one float, the third integer
+    assert kinds["Conv"] + kinds["FusedConv"] == 2 and kinds["QLinearConv"] == 1
+    assert not any(t.name.endswith("_weight_q") for t in opt.graph.initializer)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+
+
+class _AuxHead(torch.nn.Module):
+    """An auxiliary head that runs in training mode only (torchvision's
+    GoogLeNet / Inception v3 with their default aux_logits=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = torch.nn.Conv2d(3, 8, 3)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.aux = torch.nn.Sequential(torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4))
+        self.head = torch.nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.head(torch.relu(self.bn(self.c(x))))
+        return y + self.aux(x.new_zeros(1, 8, 1, 1)).sum() if self.training else y
+
+
+@pytest.mark.parametrize("abits", [None, 8])
+def test_layers_the_exported_forward_never_runs(tmp_path, abits):
+    """A layer the eval-mode forward never runs is not in the graph: the
+    export failed, blaming a BatchNorm torch's exporter had folded. It is
+    now left out of the report with a note, and the rest is exported."""
+    torch.manual_seed(0)
+    net, x = _AuxHead().eval(), torch.rand(2, 3, 12, 12)
+    path = tmp_path / "m.onnx"
+    rep = squant_rs.export_onnx(net, path, x, 8, abits, quantizer="symmetric", recipe="paper")
+    assert [r.name for r in rep.layers] == ["c", "head"]
+    assert rep.notes == [
+        "aux.0: not run by the exported (eval-mode) forward (e.g. an auxiliary head used in "
+        "training only), so not in the ONNX model"
+    ]
+    want = fake_quant(net, x, 8, abits, "symmetric")
+    tol = 1e-5 if abits is None else 2e-2
+    np.testing.assert_allclose(run(path, x.numpy()), want, rtol=0, atol=tol * np.abs(want).max())

@@ -13,7 +13,7 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -173,6 +173,11 @@ def export_onnx(
         for hook in activation_quantizers(qmodel).values():
             hook.enabled = False  # the graph gets Q/DQ nodes instead
         qmodel.eval()
+        # Which layers the exported (eval-mode) forward runs: one that does
+        # not (a training-only auxiliary head) is not in the graph.
+        called: set[int] = set()
+        watch = [m for m in qmodel.modules() if not isinstance(m, torch.jit.ScriptModule)]
+        handles = [m.register_forward_pre_hook(_recorder(called)) for m in watch]
         # Removed on SIGTERM / SIGHUP too; a full $TMPDIR is named as such.
         with scratch_file("float.onnx", "the exported float model") as float_path:
             with warnings.catch_warnings():
@@ -191,7 +196,14 @@ def export_onnx(
                     input_names=input_names,
                     dynamic_axes=dynamic_axes,
                 )
+            for h in handles:
+                h.remove()
             graph_model = onnx.load(float_path)
+        uncalled = {
+            r.name
+            for r in report.layers
+            if id(_layer_module(qmodel, r.name, projections)) not in called
+        }
         graph_model = _prepare(graph_model, "exported model")
         if integer_kernels:
             _fold_pads(graph_model)
@@ -212,14 +224,25 @@ def export_onnx(
                 "file with quantize_onnx"
             )
         try:
-            weights, by_layer = _match_layers(
-                layers, inits, report.layers, why, projections, retry=not sliced
+            weights, by_layer, unused = _match_layers(
+                layers, inits, report.layers, why, projections, retry=not sliced, uncalled=uncalled
             )
         except _SlicedProjections as exc:
             sliced = exc.names
             kwargs["skip"] = (*check_patterns(skip, "skip"), *map(_glob_escape, sliced))
             continue
         break
+    if unused:
+        report.layers = [r for r in report.layers if r.name not in unused]
+        # (what quantize_model noted about their inputs does not apply)
+        report.notes = [
+            n for n in report.notes if not n.startswith(tuple(f"{u}: " for u in unused))
+        ]
+        report.notes += [
+            f"{name}: not run by the exported (eval-mode) forward (e.g. an auxiliary head "
+            "used in training only), so not in the ONNX model"
+            for name in unused
+        ]
     for name in sliced:
         report.notes.append(
             f"{name}: torch's exporter slices this attention's projection weight at run "
@@ -514,7 +537,8 @@ def _match_layers(
     why: str = "",
     projections: Sequence[str] = (),
     retry: bool = False,
-) -> tuple[list[_Weight], dict[str, list[_Layer]]]:
+    uncalled: Collection[str] = (),
+) -> tuple[list[_Weight], dict[str, list[_Layer]], list[str]]:
     """Which graph layers run which quantized layer of the report.
 
     A graph layer belongs to a report layer when its weight initializer
@@ -527,7 +551,9 @@ def _match_layers(
     own. The activation range of a graph layer is its report layer's.
 
     Returns:
-        The quantized weights, and the graph layers of each report layer.
+        The quantized weights, the graph layers of each report layer, and
+        the report layers named in ``uncalled`` (the exported forward never
+        ran them) whose weight the graph does not hold: not in the graph.
 
     Raises:
         _SlicedProjections: with ``retry``, the attention projections
@@ -624,10 +650,12 @@ def _match_layers(
             qts[ri] = mine[0] if mine else scaled[0][1]
             rp.qtensor = qts[ri]
     missing = [rp.name for ri, rp in enumerate(reps) if rp.qtensor is not None and not cands[ri]]
+    unused = [n for n in missing if n in uncalled]
+    missing = [n for n in missing if n not in uncalled]
     if retry and missing and set(missing) <= set(projections):
         raise _SlicedProjections(missing)
     for ri, rp in enumerate(reps):
-        if rp.qtensor is not None and not cands[ri]:
+        if rp.qtensor is not None and not cands[ri] and rp.name not in unused:
             raise InvalidArgumentError(
                 f"layer {rp.name!r}: its quantized weight is not an initializer of the "
                 f"exported graph{why}"
@@ -692,7 +720,27 @@ def _match_layers(
             UserWarning,
             stacklevel=3,
         )
-    return weights, by_layer
+    return weights, by_layer, unused
+
+
+def _recorder(called: set[int]) -> Callable[..., None]:
+    """A forward pre-hook that records the ``id`` of each module called."""
+
+    def hook(module: Any, args: Any) -> None:
+        called.add(id(module))
+
+    return hook
+
+
+def _layer_module(model: nn.Module, name: str, projections: Sequence[str]) -> Any:
+    """The module whose forward runs report layer ``name``: the layer's,
+    or an attention projection's attention; ``None`` if there is none."""
+    if name in projections:
+        name = name.rpartition(".")[0]
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 class _SlicedProjections(Exception):

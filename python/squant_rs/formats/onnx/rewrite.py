@@ -342,10 +342,14 @@ def _tensor_qdq(
     """One QuantizeLinear right after ``tensor``'s producer (a Clip first
     below 8 bits) and one DequantizeLinear that every reader of ``tensor``
     reads instead (graph outputs keep the float tensor), the way
-    onnxruntime's QDQ fusion wants them. Returns the DequantizeLinear output
-    and the step ``1/s``, or None when nothing reads the tensor."""
+    onnxruntime's QDQ fusion wants them. A layer left float (a Conv / Gemm
+    / MatMul whose weight is a float constant: skipped) keeps reading the
+    float tensor: between a DequantizeLinear and a QuantizeLinear,
+    onnxruntime would quantize its weight itself (nearest rounding, int8)
+    and run it as an integer kernel. Returns the DequantizeLinear output
+    and the step ``1/s``, or None when no other node reads the tensor."""
 
-    readers = [n for n in graph.node if tensor in n.input]
+    readers = [n for n in graph.node if tensor in n.input and not _float_layer(graph, n)]
     if not readers:
         return None
     nodes, dq, step = _qdq_nodes(names, new_inits, tensor, bits, x_min, x_max, "_QClip")
@@ -357,6 +361,22 @@ def _tensor_qdq(
     for node in reversed(nodes):
         graph.node.insert(at, node)
     return dq, step
+
+
+_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def _float_layer(graph: Any, node: Any) -> bool:
+    """Whether ``node`` is a Conv / ConvTranspose / Gemm / MatMul whose
+    weight (second input) is a float initializer or Constant output, i.e.
+    not quantized."""
+    if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
+        return False
+    w = node.input[1]
+    for t in graph.initializer:
+        if t.name == w:
+            return t.data_type in (1, 10, 11, 16)  # float, float16, double, bfloat16
+    return any(n.op_type == "Constant" and w in n.output for n in graph.node)
 
 
 def _index(graph: Any, node: Any) -> int:
