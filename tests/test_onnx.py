@@ -93,8 +93,9 @@ def small(bn: bool = True) -> Small:
     return net
 
 
-def fake_quant(net, x, wbits, abits, quantizer):
-    qm = squant_rs.quantize_model(
+def fake_quant_model(net, x, wbits, abits, quantizer):
+    """quantize_model's fake-quant model, as export_onnx makes it."""
+    return squant_rs.quantize_model(
         net,
         wbits,
         abits,
@@ -103,6 +104,10 @@ def fake_quant(net, x, wbits, abits, quantizer):
         fold_bn=True,
         input_shape=tuple(x.shape),
     )
+
+
+def fake_quant(net, x, wbits, abits, quantizer):
+    qm = fake_quant_model(net, x, wbits, abits, quantizer)
     with torch.no_grad():
         return qm(x).numpy()
 
@@ -152,15 +157,7 @@ def test_export_matches_fake_quant_small(tmp_path, quantizer, wbits, abits):
 def _with_float_biases(path, net, x, wbits, abits, quantizer):
     """``path``'s model with each int32 bias DequantizeLinear replaced by
     the float bias of the fake-quant model (:func:`fake_quant`'s)."""
-    qm = squant_rs.quantize_model(
-        net,
-        wbits,
-        abits,
-        quantizer=quantizer,
-        recipe="paper",
-        fold_bn=True,
-        input_shape=tuple(x.shape),
-    )
+    qm = fake_quant_model(net, x, wbits, abits, quantizer)
     modules = dict(qm.named_modules())
     model = onnx.load(str(path))
     g = model.graph
