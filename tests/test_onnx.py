@@ -1789,6 +1789,20 @@ class _Attentions(torch.nn.Module):
         return self.head(self.cross(h, m, m, need_weights=False)[0])
 
 
+def _export_attentions(tmp_path, wbits, abits=None, **kw):
+    """export_onnx of ``Sequential(_Attentions())`` on a (2, 5, 16) input:
+    ``(net, x, path, report)``."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(_Attentions()).eval()
+    x = torch.rand(2, 5, 16)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        # nn.MultiheadAttention's shape checks convert traced tensors to bools
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        rep = squant_rs.export_onnx(net, path, x, wbits, abits, recipe="paper", **kw)
+    return net, x, path, rep
+
+
 @pytest.mark.parametrize("wbits", [4, 8])
 def test_attention_projections_in_the_export(tmp_path, wbits):
     """An attention's packed input projection is one MatMul initializer
@@ -1798,14 +1812,7 @@ def test_attention_projections_in_the_export(tmp_path, wbits):
     quantize in the graph: that projection is quantized again left float
     (noted, in skipped), and the graph still equals quantize_model's
     fake-quant model with it skipped."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(_Attentions()).eval()
-    x = torch.rand(2, 5, 16)
-    path = tmp_path / "m.onnx"
-    with warnings.catch_warnings():
-        # nn.MultiheadAttention's shape checks convert traced tensors to bools
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        rep = squant_rs.export_onnx(net, path, x, wbits, recipe="paper")
+    net, x, path, rep = _export_attentions(tmp_path, wbits)
     names = [r.name for r in rep.layers]
     assert "0.self_attn.in_proj" in names and "0.cross.in_proj" not in names
     assert rep.skipped == ["0.cross.in_proj"]
@@ -1981,14 +1988,7 @@ def test_static_export_quantizes_a_cross_attentions_blocks(tmp_path, wbits, abit
     channels (query | key and value); each block gets its own
     DequantizeLinear of its rows of the quantized weight, nothing stays
     float, and the graph equals quantize_model's fake-quant model."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(_Attentions()).eval()
-    x = torch.rand(2, 5, 16)
-    path = tmp_path / "m.onnx"
-    with warnings.catch_warnings():
-        # nn.MultiheadAttention's shape checks convert traced tensors to bools
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        rep = squant_rs.export_onnx(net, path, x, wbits, abits, recipe="paper", batch_dim=None)
+    net, x, path, rep = _export_attentions(tmp_path, wbits, abits, batch_dim=None)
     assert rep.skipped == [] and "0.cross.in_proj" in [r.name for r in rep.layers]
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
