@@ -2162,3 +2162,101 @@ def test_layers_the_exported_forward_never_runs(tmp_path, abits):
     want = fake_quant(net, x, 8, abits, "symmetric")
     tol = 1e-5 if abits is None else 2e-2
     np.testing.assert_allclose(run(path, x.numpy()), want, rtol=0, atol=tol * np.abs(want).max())
+
+
+class _FunctionalConv(torch.nn.Module):
+    """A conv whose weight the forward reads directly (F.conv2d), with a
+    BatchNorm after it that torch's exporter folds into it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c0(x))
+        x = torch.nn.functional.conv2d(x, self.conv.weight, self.conv.bias, padding=1)
+        return self.fc(torch.relu(self.bn(x)).mean((2, 3)))
+
+
+def test_a_used_layer_whose_forward_never_runs_is_not_dropped(tmp_path):
+    """A layer whose forward is never called but whose weight the model
+    reads (here with a BN the exporter folds in) is in the graph: it was
+    dropped as 'not run' and left float silently; it is refused with the
+    BN-folding explanation, as before that change."""
+    torch.manual_seed(0)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="layer 'conv'.*folded a BatchNorm"):
+        squant_rs.export_onnx(
+            _FunctionalConv().eval(), tmp_path / "m.onnx", torch.rand(1, 3, 8, 8), 4
+        )
+    assert not (tmp_path / "m.onnx").exists()
+
+
+class _SharedByCopy(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    def __deepcopy__(self, memo):  # deepcopy keeps this very module
+        return self
+
+
+def test_export_leaves_no_hook_when_torch_fails(tmp_path):
+    """The hooks that record which layers the export runs stayed on a
+    module the copy shares with the caller's model when torch's exporter
+    raised."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = torch.nn.Conv2d(3, 4, 1)
+            self.sh = _SharedByCopy()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.sh(self.c(x))
+            if y.sum() > 0:  # data-dependent control flow: the trace goes on
+                raise RuntimeError("the exporter failed")
+            return y
+
+    net = Net().eval()
+    with torch.no_grad():
+        net.c.bias.fill_(1.0)
+    with pytest.raises(Exception, match="the exporter failed"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            squant_rs.export_onnx(net, tmp_path / "m.onnx", torch.rand(1, 3, 4, 4), 4)
+    assert dict(net.sh._forward_pre_hooks) == {}
+
+
+def test_integer_kernels_keep_a_skipped_identity_weight_float(tmp_path):
+    """A skipped layer whose weight torch's exporter reads through an
+    Identity (equal weights merged) still read the DequantizeLinear, and
+    onnxruntime quantized it itself."""
+    import copy
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 1)
+            self.a = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.b = copy.deepcopy(self.a)
+            self.c = torch.nn.Conv2d(8, 8, 1)
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.b(torch.relu(self.a(torch.relu(self.stem(x))))))
+            return self.head(torch.relu(self.c(h)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.onnx"
+    squant_rs.export_onnx(
+        Net().eval(), path, torch.rand(2, 3, 8, 8), 8, 8, skip=("a", "b"),
+        quantizer="symmetric", integer_kernels=True,
+    )  # fmt: skip
+    assert ops(path)["Identity"] == 2  # b's weight and bias
+    kinds = optimized_ops(path, tmp_path)
+    # stem (float input), a and b float; c and head integer
+    assert kinds["QLinearConv"] == 1 and kinds["Conv"] + kinds["FusedConv"] == 3

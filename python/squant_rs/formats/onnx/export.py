@@ -162,7 +162,9 @@ def export_onnx(
     projections = _attention_projections(source)
     sliced: list[str] = []
     while True:
-        with _calibration_spelling(inputs):
+        with _calibration_spelling(inputs), warnings.catch_warnings():
+            if sliced:  # the first pass gave the warnings
+                warnings.simplefilter("ignore", UserWarning)
             qmodel, report = quantize_model(source, wbits, abits, mode, **kwargs)
         assert isinstance(report, QuantReport)
         if not report.layers:
@@ -180,7 +182,7 @@ def export_onnx(
         handles = [m.register_forward_pre_hook(_recorder(called)) for m in watch]
         # Removed on SIGTERM / SIGHUP too; a full $TMPDIR is named as such.
         with scratch_file("float.onnx", "the exported float model") as float_path:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _removing(handles):
                 # The TorchScript exporter announces its deprecation on every call;
                 # it is the one that keeps the parameter names (<layer>.weight).
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -196,14 +198,17 @@ def export_onnx(
                     input_names=input_names,
                     dynamic_axes=dynamic_axes,
                 )
-            for h in handles:
-                h.remove()
             graph_model = onnx.load(float_path)
-        uncalled = {
-            r.name
-            for r in report.layers
-            if id(_layer_module(qmodel, r.name, projections)) not in called
-        }
+        uncalled = _unused_layers(
+            qmodel,
+            inputs,
+            [
+                r.name
+                for r in report.layers
+                if id(_layer_module(qmodel, r.name, projections)) not in called
+            ],
+            projections,
+        )
         graph_model = _prepare(graph_model, "exported model")
         if integer_kernels:
             _fold_pads(graph_model)
@@ -495,10 +500,11 @@ def _scope_names(module: str) -> list[str]:
 def _scope_match(node_name: str, module: str) -> int:
     """2: ``node_name`` (``/layers/layers.0/conv/Conv``) is a node of
     ``module``'s scope, 1: of one of its later calls (``/a_1/MatMul``: the
-    exporter numbers repeated scopes), 0: neither. A container level that
-    is not called itself (an ``nn.ModuleList`` or ``nn.ModuleDict``
+    exporter numbers repeated scopes), 0: neither. A container level of
+    numbered children that is not called itself (an ``nn.ModuleList``
     iterated in ``forward``, as in ``nn.TransformerEncoder``: ``layers``
-    before ``layers.0``) may be missing from the node's scope
+    before ``layers.0``) may be missing from the node's scope (not an
+    ``nn.ModuleDict``'s: its children's names do not show it)
     (``/enc/layers.0/linear1/MatMul`` is ``enc.layers.0.linear1``'s)."""
     parts = node_name.split("/")
     if len(parts) < 3 or parts[0]:
@@ -730,6 +736,64 @@ def _recorder(called: set[int]) -> Callable[..., None]:
         called.add(id(module))
 
     return hook
+
+
+class _removing:  # noqa: N801 - used like a function: ``with _removing(handles):``
+    """Removes hook ``handles`` at the end of a ``with`` block, also on an
+    error (a module shared with the caller's model would keep its hook)."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _unused_layers(
+    model: nn.Module, inputs: tuple[Any, ...], names: list[str], projections: Sequence[str]
+) -> set[str]:
+    """Of the layers ``names`` whose forward the exported (eval-mode)
+    forward never called, those it does not use at all: with their weights
+    set to NaN the model's outputs stay finite (a layer whose weight the
+    model reads directly is used). Empty where the outputs are not finite
+    to begin with; the weights are restored."""
+    import torch
+
+    if not names:
+        return set()
+    weights = []
+    for name in names:
+        module = _layer_module(model, name, projections)
+        if name in projections:
+            param = name.rpartition(".")[2] + "_weight"
+            weights.append(getattr(module, param))
+        else:
+            weights.append(module.weight)
+    saved = [w.detach().clone() for w in weights]
+
+    def finite(out: Any) -> bool:
+        if isinstance(out, torch.Tensor):
+            return not out.is_floating_point() or bool(torch.isfinite(out).all())
+        if isinstance(out, (tuple, list)):
+            return all(finite(o) for o in out)
+        if isinstance(out, dict):
+            return all(finite(o) for o in out.values())
+        return True
+
+    with torch.no_grad():
+        try:
+            if not finite(model(*inputs)):
+                return set()
+            for w in weights:
+                w.fill_(float("nan"))
+            return set(names) if finite(model(*inputs)) else set()
+        finally:
+            for w, v in zip(weights, saved):
+                w.copy_(v)
 
 
 def _layer_module(model: nn.Module, name: str, projections: Sequence[str]) -> Any:

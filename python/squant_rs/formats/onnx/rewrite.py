@@ -368,11 +368,16 @@ _WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 def _float_layer(graph: Any, node: Any) -> bool:
     """Whether ``node`` is a Conv / ConvTranspose / Gemm / MatMul whose
-    weight (second input) is a float initializer or Constant output, i.e.
-    not quantized."""
+    weight (second input, read through Identity nodes) is a float
+    initializer or Constant output, i.e. not quantized."""
     if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
         return False
     w = node.input[1]
+    for _ in range(64):  # through the Identity nodes of a merged weight
+        p = next((n for n in graph.node if w in n.output), None)
+        if p is None or p.op_type != "Identity" or not p.input:
+            break
+        w = p.input[0]
     for t in graph.initializer:
         if t.name == w:
             return t.data_type in (1, 10, 11, 16)  # float, float16, double, bfloat16
