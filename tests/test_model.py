@@ -839,3 +839,13 @@ def test_state_dict_skip_by_projection_layer_name(tmp_path) -> None:
                 src, tmp_path / "m.safetensors", 4, skip=["a.in_proj", "fc"]
             )
         assert [r.name for r in rep.layers] == ["a.out_proj.weight"]
+
+
+def test_calibration_of_a_several_input_model_says_so() -> None:
+    """The calibration passes one U[0,1) tensor: a model whose forward
+    needs more was told to pass input_shape=, which cannot help."""
+    with pytest.raises(squant_rs.InvalidArgumentError) as exc:
+        squant_rs.quantize_model(nn.MultiheadAttention(16, 2).eval(), 8, 8, input_shape=(5, 2, 16))
+    msg = str(exc.value)
+    assert "takes more than one input" in msg and "abits=None" in msg
+    assert "input_shape=" not in msg.split("failed", 1)[1]

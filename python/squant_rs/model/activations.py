@@ -406,6 +406,13 @@ def _calibrate(
                     why = f" ({type(exc).__name__}: {msg}): " + _integer_advice(
                         f"the model (example_input is {integer})"
                     )
+                elif isinstance(exc, TypeError) and not _takes_one_input(model):
+                    why = (
+                        f" ({type(exc).__name__}: {msg}): the model's forward takes more than "
+                        "one input and the calibration passes one tensor; quantize it "
+                        "weight-only (abits=None), or wrap it in a module whose forward takes "
+                        "one tensor"
+                    )
                 else:
                     why = f" ({type(exc).__name__}: {msg}); {pass_shape()}"
                 raise InvalidArgumentError(
@@ -421,6 +428,20 @@ def _calibrate(
     if order and observed and order[-1] is observed[-1]:
         order[-1].set_bits(8)
     return [q.name for q in order]
+
+
+def _takes_one_input(model: nn.Module) -> bool:
+    """Whether ``model(x)`` binds to its forward's signature (True where
+    the signature cannot be read)."""
+    import inspect
+
+    try:
+        inspect.signature(model.forward).bind(object())
+    except TypeError:
+        return False
+    except ValueError:  # pragma: no cover - no signature (a builtin)
+        return True
+    return True
 
 
 class _FloatIds:
