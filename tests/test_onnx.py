@@ -2260,3 +2260,33 @@ def test_integer_kernels_keep_a_skipped_identity_weight_float(tmp_path):
     kinds = optimized_ops(path, tmp_path)
     # stem (float input), a and b float; c and head integer
     assert kinds["QLinearConv"] == 1 and kinds["Conv"] + kinds["FusedConv"] == 3
+
+
+class _AuxAndAttention(torch.nn.Module):
+    """A training-only auxiliary head beside an attention, whose out_proj
+    Linear is never called either (the attention reads its weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.aux = torch.nn.Linear(8, 3)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attn(x, x, x, need_weights=False)[0]
+        return self.aux(h) if self.training else self.head(h)
+
+
+def test_unused_layer_beside_a_weight_read_directly(tmp_path):
+    """Only layers missing from the graph are tested for use, one at a
+    time: the attention's out_proj (not called, but read) made the whole
+    group look used, and the auxiliary head was refused."""
+    torch.manual_seed(0)
+    net, x = _AuxAndAttention().eval(), torch.rand(2, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        rep = squant_rs.export_onnx(net, tmp_path / "m.onnx", x, 8, recipe="paper")
+    assert [r.name for r in rep.layers] == ["attn.in_proj", "attn.out_proj", "head"]
+    assert [n.split(":")[0] for n in rep.notes] == ["aux"]
+    want = squant_rs.quantize_model(net, 8, recipe="paper")(x).detach().numpy()
+    np.testing.assert_allclose(run(tmp_path / "m.onnx", x.numpy()), want, rtol=0, atol=1e-5)

@@ -199,16 +199,11 @@ def export_onnx(
                     dynamic_axes=dynamic_axes,
                 )
             graph_model = onnx.load(float_path)
-        uncalled = _unused_layers(
-            qmodel,
-            inputs,
-            [
-                r.name
-                for r in report.layers
-                if id(_layer_module(qmodel, r.name, projections)) not in called
-            ],
-            projections,
-        )
+        uncalled = {
+            r.name
+            for r in report.layers
+            if id(_layer_module(qmodel, r.name, projections)) not in called
+        }
         graph_model = _prepare(graph_model, "exported model")
         if integer_kernels:
             _fold_pads(graph_model)
@@ -236,6 +231,15 @@ def export_onnx(
             sliced = exc.names
             kwargs["skip"] = (*check_patterns(skip, "skip"), *map(_glob_escape, sliced))
             continue
+        # Not called and not in the graph: unused only where the model does
+        # not read the weight either (else the exporter changed it).
+        really = _unused_layers(qmodel, inputs, unused, projections)
+        for name in unused:
+            if name not in really:
+                raise InvalidArgumentError(
+                    f"layer {name!r}: its quantized weight is not an initializer of the "
+                    f"exported graph{why}"
+                )
         break
     if unused:
         report.layers = [r for r in report.layers if r.name not in unused]
@@ -756,24 +760,13 @@ class _removing:  # noqa: N801 - used like a function: ``with _removing(handles)
 def _unused_layers(
     model: nn.Module, inputs: tuple[Any, ...], names: list[str], projections: Sequence[str]
 ) -> set[str]:
-    """Of the layers ``names`` whose forward the exported (eval-mode)
-    forward never called, those it does not use at all: with their weights
-    set to NaN the model's outputs stay finite (a layer whose weight the
-    model reads directly is used). Empty where the outputs are not finite
-    to begin with; the weights are restored."""
+    """Of the layers ``names`` (whose forward the exported, eval-mode
+    forward never called), those the model does not use at all: with the
+    layer's weight set to NaN the outputs stay finite (one forward pass
+    each; a layer whose weight the model reads directly is used). None
+    where the outputs are not finite to begin with; the weights are
+    restored."""
     import torch
-
-    if not names:
-        return set()
-    weights = []
-    for name in names:
-        module = _layer_module(model, name, projections)
-        if name in projections:
-            param = name.rpartition(".")[2] + "_weight"
-            weights.append(getattr(module, param))
-        else:
-            weights.append(module.weight)
-    saved = [w.detach().clone() for w in weights]
 
     def finite(out: Any) -> bool:
         if isinstance(out, torch.Tensor):
@@ -784,16 +777,24 @@ def _unused_layers(
             return all(finite(o) for o in out.values())
         return True
 
+    out: set[str] = set()
     with torch.no_grad():
-        try:
-            if not finite(model(*inputs)):
-                return set()
-            for w in weights:
-                w.fill_(float("nan"))
-            return set(names) if finite(model(*inputs)) else set()
-        finally:
-            for w, v in zip(weights, saved):
-                w.copy_(v)
+        if not names or not finite(model(*inputs)):
+            return out
+        for name in names:
+            module = _layer_module(model, name, projections)
+            if name in projections:
+                weight = getattr(module, name.rpartition(".")[2] + "_weight")
+            else:
+                weight = module.weight
+            saved = weight.detach().clone()
+            try:
+                weight.fill_(float("nan"))
+                if finite(model(*inputs)):
+                    out.add(name)
+            finally:
+                weight.copy_(saved)
+    return out
 
 
 def _layer_module(model: nn.Module, name: str, projections: Sequence[str]) -> Any:
