@@ -63,6 +63,7 @@ from .. import _squant_rs as _native
 from .._squant_rs import InvalidArgumentError
 from ..errors import FormatError
 from ..model.layers import (
+    ATTENTION_PROJECTIONS,
     ProgressFn,
     check_patterns,
     matches_any,
@@ -486,11 +487,6 @@ def select_state_dict(
     return chosen
 
 
-#: An attention's projection weights, stored as ``<attention>.in_proj_weight``
-#: (``q_proj_weight``...): the layer ``quantize_model`` calls ``<attention>.in_proj``.
-_PROJECTION_SUFFIXES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-
 def layer_name(key: str) -> str:
     """The layer name of a state-dict key, as ``quantize_model`` names the
     layer: ``fc.weight`` -> ``fc``, ``attn.in_proj_weight`` ->
@@ -498,8 +494,8 @@ def layer_name(key: str) -> str:
     other keys as they are."""
     if key.endswith(".weight"):
         return key[: -len(".weight")]
-    last = key.rpartition(".")[2]
-    if last in _PROJECTION_SUFFIXES:
+    # an attention's projection, stored as <attention>.in_proj_weight
+    if key.rpartition(".")[2] in ATTENTION_PROJECTIONS:
         return key[: -len("_weight")]
     return key
 

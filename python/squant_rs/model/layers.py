@@ -249,9 +249,8 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
         elif isinstance(module, nn.MultiheadAttention):
             for pname in ATTENTION_PROJECTIONS:
                 if getattr(module, pname, None) is not None:
-                    short = pname[: -len("_weight")]
-                    proj = AttentionProjection.over(module, pname)
-                    candidates.append((f"{name}.{short}" if name else short, proj, module, pname))
+                    proj = AttentionProjection(module, pname)
+                    candidates.append((proj.layer_name(name), proj, module, pname))
     for name, module, holder, pname in candidates:
         layer_names.append(name)
         # A parametrized weight is computed on every read (spectral_norm's
@@ -343,9 +342,9 @@ ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_
 class AttentionProjection:
     """One input projection of an ``nn.MultiheadAttention`` seen as a
     Linear layer for quantization: ``weight`` is the attention's parameter
-    itself (``(out_features, in_features)``, one row per output channel),
-    with no bias (bias correction needs input statistics, which an
-    attention's inputs never have here). Not part of the model and never
+    itself (``(out_features, in_features)``, one row per output channel;
+    never bias-corrected: an attention's inputs have no statistics here,
+    so no bias or feature counts are read). Not part of the model and never
     called: the attention computes with the weight, so writing the
     quantized values into it quantizes the attention.
 
@@ -354,11 +353,12 @@ class AttentionProjection:
     def __init__(self, attention: Any, param: str) -> None:
         self.attention = attention
         self.param = param
-        self.bias = None
 
-    @classmethod
-    def over(cls, attention: Any, param: str) -> AttentionProjection:
-        return cls(attention, param)
+    def layer_name(self, attention_name: str) -> str:
+        """The layer's name where the attention is ``attention_name``:
+        ``<attention>.in_proj`` for ``in_proj_weight`` (``q_proj``...)."""
+        short = self.param[: -len("_weight")]
+        return f"{attention_name}.{short}" if attention_name else short
 
     @staticmethod
     def applies(module: Any, param: str) -> bool:
@@ -373,22 +373,6 @@ class AttentionProjection:
     @property
     def weight(self) -> Any:
         return getattr(self.attention, self.param)
-
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
-
-    def in_copy(self, memo: dict[int, Any]) -> AttentionProjection | None:
-        """The same projection of the attention's copy in ``memo``
-        (``deepcopy``'s), or ``None`` where the memo does not have it."""
-        copied = memo.get(id(self.attention))
-        if copied is None or type(copied) is not type(self.attention):
-            return None
-        return AttentionProjection(copied, self.param)
 
 
 def _script_module_type() -> type[Any] | None:

@@ -287,13 +287,8 @@ def quantize_model(
         def in_copy(name: str, m: Any) -> Any:
             # The memo knows every module copied (unless a custom
             # __deepcopy__ left it out): no walk down the copy's tree.
-            if isinstance(m, AttentionProjection):
-                proj = m.in_copy(memo)
-                if proj is None:
-                    proj = AttentionProjection(
-                        qmodel.get_submodule(name.rpartition(".")[0]), m.param
-                    )
-                return proj
+            if isinstance(m, AttentionProjection):  # over the attention's copy
+                return AttentionProjection(in_copy(name.rpartition(".")[0], m.attention), m.param)
             found = memo.get(id(m))
             return found if type(found) is type(m) else qmodel.get_submodule(name)
 

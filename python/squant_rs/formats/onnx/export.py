@@ -13,7 +13,7 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -182,7 +182,9 @@ def export_onnx(
         handles = [m.register_forward_pre_hook(_recorder(called)) for m in watch]
         # Removed on SIGTERM / SIGHUP too; a full $TMPDIR is named as such.
         with scratch_file("float.onnx", "the exported float model") as float_path:
-            with warnings.catch_warnings(), _removing(handles):
+            with warnings.catch_warnings(), contextlib.ExitStack() as hooks:
+                for h in handles:  # removed also when the exporter raises
+                    hooks.enter_context(h)
                 # The TorchScript exporter announces its deprecation on every call;
                 # it is the one that keeps the parameter names (<layer>.weight).
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -545,7 +547,7 @@ def _match_layers(
     inits: dict[str, Any],
     reps: list[LayerReport],
     why: str = "",
-    projections: Sequence[str] = (),
+    projections: Mapping[str, tuple[str, str]] | None = None,
     retry: bool = False,
     uncalled: Collection[str] = (),
 ) -> tuple[list[_Weight], dict[str, list[_Layer]], list[str]]:
@@ -567,8 +569,9 @@ def _match_layers(
 
     Raises:
         _SlicedProjections: with ``retry``, the attention projections
-            (``projections``: their layer names, whose scope is their
-            attention's) whose weight no initializer holds.
+            (``projections``: by layer name, the attention's name (their
+            scope) and parameter, :func:`_attention_projections`) whose
+            weight no initializer holds.
         InvalidArgumentError: any other report layer whose weight no
             initializer holds (``why`` appended: what the caller knows of
             the cause).
@@ -622,7 +625,7 @@ def _match_layers(
 
     def scope(i: int) -> str:  # an attention projection runs in its attention's scope
         name = reps[i].name
-        return name.rpartition(".")[0] if name in projections else name
+        return projections[name][0] if projections and name in projections else name
 
     # Graph layers no report layer's weight matches, in a report layer's
     # scope (any of its calls): torch's exporter folded a BatchNorm into
@@ -662,7 +665,7 @@ def _match_layers(
     missing = [rp.name for ri, rp in enumerate(reps) if rp.qtensor is not None and not cands[ri]]
     unused = [n for n in missing if n in uncalled]
     missing = [n for n in missing if n not in uncalled]
-    if retry and missing and set(missing) <= set(projections):
+    if retry and missing and projections and set(missing) <= projections.keys():
         raise _SlicedProjections(missing)
     for ri, rp in enumerate(reps):
         if rp.qtensor is not None and not cands[ri] and rp.name not in unused:
@@ -742,23 +745,11 @@ def _recorder(called: set[int]) -> Callable[..., None]:
     return hook
 
 
-class _removing:  # noqa: N801 - used like a function: ``with _removing(handles):``
-    """Removes hook ``handles`` at the end of a ``with`` block, also on an
-    error (a module shared with the caller's model would keep its hook)."""
-
-    def __init__(self, handles: list[Any]) -> None:
-        self.handles = handles
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def _unused_layers(
-    model: nn.Module, inputs: tuple[Any, ...], names: list[str], projections: Sequence[str]
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    names: list[str],
+    projections: Mapping[str, tuple[str, str]],
 ) -> set[str]:
     """Of the layers ``names`` (whose forward the exported, eval-mode
     forward never called), those the model does not use at all: with the
@@ -783,10 +774,8 @@ def _unused_layers(
             return out
         for name in names:
             module = _layer_module(model, name, projections)
-            if name in projections:
-                weight = getattr(module, name.rpartition(".")[2] + "_weight")
-            else:
-                weight = module.weight
+            param = projections[name][1] if name in projections else "weight"
+            weight = getattr(module, param)
             saved = weight.detach().clone()
             try:
                 weight.fill_(float("nan"))
@@ -797,11 +786,11 @@ def _unused_layers(
     return out
 
 
-def _layer_module(model: nn.Module, name: str, projections: Sequence[str]) -> Any:
+def _layer_module(model: nn.Module, name: str, projections: Mapping[str, tuple[str, str]]) -> Any:
     """The module whose forward runs report layer ``name``: the layer's,
     or an attention projection's attention; ``None`` if there is none."""
     if name in projections:
-        name = name.rpartition(".")[0]
+        name = projections[name][0]
     try:
         return model.get_submodule(name)
     except AttributeError:
@@ -817,18 +806,18 @@ class _SlicedProjections(Exception):
         self.names = names
 
 
-def _attention_projections(model: nn.Module) -> list[str]:
-    """The layer names :func:`~squant_rs.model.layers.plan_layers` gives
-    the input projections of ``model``'s ``nn.MultiheadAttention`` modules."""
+def _attention_projections(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """The input projections of ``model``'s ``nn.MultiheadAttention``
+    modules: the layer name :func:`~squant_rs.model.layers.plan_layers`
+    gives each -> ``(the attention's name, the weight's parameter name)``."""
     from ...model.layers import ATTENTION_PROJECTIONS, AttentionProjection
 
-    out = []
-    for name, module in model.named_modules(remove_duplicate=False):
-        for pname in ATTENTION_PROJECTIONS:
-            if AttentionProjection.applies(module, pname):
-                short = pname[: -len("_weight")]
-                out.append(f"{name}.{short}" if name else short)
-    return out
+    return {
+        AttentionProjection(module, pname).layer_name(name): (name, pname)
+        for name, module in model.named_modules(remove_duplicate=False)
+        for pname in ATTENTION_PROJECTIONS
+        if AttentionProjection.applies(module, pname)
+    }
 
 
 def _glob_escape(name: str) -> str:

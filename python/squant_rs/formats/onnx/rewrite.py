@@ -349,7 +349,11 @@ def _tensor_qdq(
     and run it as an integer kernel. Returns the DequantizeLinear output
     and the step ``1/s``, or None when no other node reads the tensor."""
 
-    readers = [n for n in graph.node if tensor in n.input and not _float_layer(graph, n)]
+    readers = [n for n in graph.node if tensor in n.input]
+    if any(n.op_type in _WEIGHT_OPS for n in readers):
+        producers = {o: n for n in graph.node for o in n.output}
+        inits = _initializers(graph)
+        readers = [n for n in readers if not _float_layer(n, producers, inits)]
     if not readers:
         return None
     nodes, dq, step = _qdq_nodes(names, new_inits, tensor, bits, x_min, x_max, "_QClip")
@@ -366,22 +370,21 @@ def _tensor_qdq(
 _WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
-def _float_layer(graph: Any, node: Any) -> bool:
+#: float, float16, double, bfloat16
+_FLOAT_TYPES = frozenset({1, 10, 11, 16})
+
+
+def _float_layer(node: Any, producers: dict[str, Any], inits: dict[str, Any]) -> bool:
     """Whether ``node`` is a Conv / ConvTranspose / Gemm / MatMul whose
     weight (second input, read through Identity nodes) is a float
     initializer or Constant output, i.e. not quantized."""
     if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
         return False
-    w = node.input[1]
-    for _ in range(64):  # through the Identity nodes of a merged weight
-        p = next((n for n in graph.node if w in n.output), None)
-        if p is None or p.op_type != "Identity" or not p.input:
-            break
-        w = p.input[0]
-    for t in graph.initializer:
-        if t.name == w:
-            return t.data_type in (1, 10, 11, 16)  # float, float16, double, bfloat16
-    return any(n.op_type == "Constant" and w in n.output for n in graph.node)
+    w = _identity_source(producers, inits, node.input[1])
+    if w in inits:
+        return inits[w].data_type in _FLOAT_TYPES
+    p = producers.get(w)
+    return p is not None and p.op_type == "Constant"
 
 
 def _index(graph: Any, node: Any) -> int:
