@@ -869,11 +869,12 @@ class _Twice(torch.nn.Module):
 
 class _EqualBlocks(torch.nn.Module):
     """Two layers with equal weights and biases (a deepcopy'd block), as
-    attributes ``a`` and ``b`` or (``listed``) the ``nn.ModuleList``
-    ``blocks`` iterated in ``forward``, as in ``nn.TransformerEncoder``
-    (whose node scopes then have no level for the list itself)."""
+    attributes ``a`` and ``b``, (``listed``) the ``nn.ModuleList``
+    ``blocks`` iterated in ``forward``, as in ``nn.TransformerEncoder``, or
+    (``keyed``) the items ``a`` and ``b`` of the ``nn.ModuleDict``
+    ``blocks`` (node scopes have no level for the container itself)."""
 
-    def __init__(self, conv: bool, listed: bool = False) -> None:
+    def __init__(self, conv: bool, listed: bool = False, keyed: bool = False) -> None:
         super().__init__()
         import copy
 
@@ -881,15 +882,24 @@ class _EqualBlocks(torch.nn.Module):
         self.stem = torch.nn.Conv2d(3, 8, 1) if conv else torch.nn.Linear(3, 8)
         if listed:
             self.blocks = torch.nn.ModuleList([blk, copy.deepcopy(blk)])
+        elif keyed:
+            self.blocks = torch.nn.ModuleDict({"a": blk, "b": copy.deepcopy(blk)})
         else:
             self.a, self.b = blk, copy.deepcopy(blk)
         self.head = torch.nn.Linear(8, 2)
         self.conv = conv
         self.listed = listed
+        self.keyed = keyed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.stem(x))
-        for blk in self.blocks if self.listed else (self.a, self.b):
+        if self.listed:
+            blocks = list(self.blocks)
+        elif self.keyed:
+            blocks = [self.blocks["a"], self.blocks["b"]]
+        else:
+            blocks = [self.a, self.b]
+        for blk in blocks:
             h = torch.relu(blk(h))
         return self.head(h.mean((2, 3)) if self.conv else h)
 
@@ -904,7 +914,16 @@ def _float_weights(model) -> list[str]:
 
 @pytest.mark.parametrize(
     "case",
-    ["tied", "twice", "equal conv", "equal linear", "equal conv listed", "equal linear listed"],
+    [
+        "tied",
+        "twice",
+        "equal conv",
+        "equal linear",
+        "equal conv listed",
+        "equal linear listed",
+        "equal conv keyed",
+        "equal linear keyed",
+    ],
 )
 @pytest.mark.parametrize("wbits,abits", [(4, None), (8, 8)])
 def test_weights_read_through_identity_are_quantized(tmp_path, case, wbits, abits):
@@ -913,7 +932,8 @@ def test_weights_read_through_identity_are_quantized(tmp_path, case, wbits, abit
     such layer reads the quantized weight (one DequantizeLinear), gets its
     own activation Q/DQ and int32 bias, and no float weight stays. Each
     node is matched to its own layer by its scope, also where the layers
-    are items of an ``nn.ModuleList`` (no warning, each its own range)."""
+    are items of an ``nn.ModuleList`` or ``nn.ModuleDict`` (no warning, each
+    its own range)."""
     torch.manual_seed(0)
     if case == "tied":
         net, x = _Tied().eval(), torch.rand(64, 8)
@@ -921,7 +941,7 @@ def test_weights_read_through_identity_are_quantized(tmp_path, case, wbits, abit
         net, x = _Twice().eval(), torch.rand(64, 16)
     else:
         conv = case.startswith("equal conv")
-        net = _EqualBlocks(conv, case.endswith("listed")).eval()
+        net = _EqualBlocks(conv, case.endswith("listed"), case.endswith("keyed")).eval()
         x = torch.rand(16, 3, 6, 6) if conv else torch.rand(16, 3)
     path = tmp_path / "m.onnx"
     kw = {"quantizer": "symmetric", "recipe": "paper"}
@@ -944,7 +964,9 @@ def test_weights_read_through_identity_are_quantized(tmp_path, case, wbits, abit
     shared = {n.input[1] for n in layers}
     assert len(shared) == len(layers) - 1  # the two users of one weight share its DQ
     if case.startswith("equal"):  # equal weights: equal codes
-        names = ("blocks.0", "blocks.1") if case.endswith("listed") else ("a", "b")
+        names = {"listed": ("blocks.0", "blocks.1"), "keyed": ("blocks.a", "blocks.b")}.get(
+            case.rpartition(" ")[2], ("a", "b")
+        )
         qa, qb = (next(r.qtensor for r in rep.layers if r.name == k) for k in names)
         assert np.array_equal(qa.codes, qb.codes) and np.array_equal(qa.scale, qb.scale)
     want = fake_quant(net, x, wbits, abits, "symmetric")

@@ -227,7 +227,14 @@ def export_onnx(
             )
         try:
             weights, by_layer, unused = _match_layers(
-                layers, inits, report.layers, why, projections, retry=not sliced, uncalled=uncalled
+                layers,
+                inits,
+                report.layers,
+                why,
+                projections,
+                retry=not sliced,
+                uncalled=uncalled,
+                idle={n for n, m in qmodel.named_modules() if id(m) not in called},
             )
         except _SlicedProjections as exc:
             sliced = exc.names
@@ -503,19 +510,21 @@ def _scope_names(module: str) -> list[str]:
     return out
 
 
-def _scope_match(node_name: str, module: str) -> int:
+def _scope_match(node_name: str, module: str, absent: Collection[str] = ()) -> int:
     """2: ``node_name`` (``/layers/layers.0/conv/Conv``) is a node of
     ``module``'s scope, 1: of one of its later calls (``/a_1/MatMul``: the
-    exporter numbers repeated scopes), 0: neither. A container level of
-    numbered children that is not called itself (an ``nn.ModuleList``
-    iterated in ``forward``, as in ``nn.TransformerEncoder``: ``layers``
-    before ``layers.0``) may be missing from the node's scope (not an
-    ``nn.ModuleDict``'s: its children's names do not show it)
-    (``/enc/layers.0/linear1/MatMul`` is ``enc.layers.0.linear1``'s)."""
+    exporter numbers repeated scopes), 0: neither. A level of ``module``'s
+    path whose module is not called itself may be missing from the node's
+    scope: the modules named in ``absent`` (e.g. an ``nn.ModuleDict``:
+    ``/a/conv/Conv`` is ``blocks.a.conv``'s), and a container of numbered
+    children (an ``nn.ModuleList`` iterated in ``forward``, as in
+    ``nn.TransformerEncoder``: ``/enc/layers.0/linear1/MatMul`` is
+    ``enc.layers.0.linear1``'s)."""
     parts = node_name.split("/")
     if len(parts) < 3 or parts[0]:
         return 0
     scope, want = parts[1:-1], _scope_names(module)
+    atoms = module.split(".")
     score = 2
     i = 0
     for k, w in enumerate(want):
@@ -527,7 +536,9 @@ def _scope_match(node_name: str, module: str) -> int:
             score = 1
             i += 1
             continue
-        if k + 1 < len(want) and want[k + 1].startswith(w + "."):
+        if k + 1 < len(want) and (
+            want[k + 1].startswith(w + ".") or ".".join(atoms[: k + 1]) in absent
+        ):
             continue  # a container level the scope does not have
         return 0
     return score if i == len(scope) else 0
@@ -550,6 +561,7 @@ def _match_layers(
     projections: Mapping[str, tuple[str, str]] | None = None,
     retry: bool = False,
     uncalled: Collection[str] = (),
+    idle: Collection[str] = (),
 ) -> tuple[list[_Weight], dict[str, list[_Layer]], list[str]]:
     """Which graph layers run which quantized layer of the report.
 
@@ -561,6 +573,8 @@ def _match_layers(
     DequantizeLinear when their quantized weights are the same (equal
     values quantize to the same codes), else each quantized weight gets its
     own. The activation range of a graph layer is its report layer's.
+    ``idle``: the modules the exported forward never called (no level of
+    a node's scope names them, :func:`_scope_match`).
 
     Returns:
         The quantized weights, the graph layers of each report layer, and
@@ -638,7 +652,9 @@ def _match_layers(
         if qts[ri] is None:  # pragma: no cover - quantize_model fills it
             continue
         unmatched = [
-            ly for ly in layers if id(ly) not in matched and _scope_match(ly.name, scope(ri)) > 0
+            ly
+            for ly in layers
+            if id(ly) not in matched and _scope_match(ly.name, scope(ri), idle) > 0
         ]
         if not unmatched:
             continue
@@ -659,7 +675,7 @@ def _match_layers(
         if all(id(ly) in per_layer for ly in layers if id(ly) in cands[ri]):
             # Every call of the layer runs a folded weight: report its own
             # scope's (else the first call's).
-            mine = [sq for ly, sq in scaled if _scope_match(ly.name, scope(ri)) == 2]
+            mine = [sq for ly, sq in scaled if _scope_match(ly.name, scope(ri), idle) == 2]
             qts[ri] = mine[0] if mine else scaled[0][1]
             rp.qtensor = qts[ri]
     missing = [rp.name for ri, rp in enumerate(reps) if rp.qtensor is not None and not cands[ri]]
@@ -676,7 +692,7 @@ def _match_layers(
     owner: dict[int, int] = {}  # id(graph layer) -> report index
     for layer in layers:
         scored = [
-            (_scope_match(layer.name, scope(i)), -i)
+            (_scope_match(layer.name, scope(i), idle), -i)
             for i, rep in enumerate(reps)
             if id(layer) in cands[i]
         ]
