@@ -495,3 +495,50 @@ def test_fold_skips_training_mode_bn() -> None:
         assert _rel(copy.deepcopy(q).eval()(x), ref_eval) < 0.01
     # in eval mode the same model folds
     assert len(fold_batchnorm(model.eval())[1]) == 1
+
+
+class _Times1(nn.Module):
+    """A parametrization that computes a new tensor on every read."""
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        return b * 1.0
+
+
+def test_fold_skips_a_parametrized_bias() -> None:
+    """A parametrized bias is computed on every read: the folded bias
+    written into it was lost (the BN became nn.Identity, its shift dropped:
+    W8 error 0.77 instead of 0.0024). Such a layer is not folded, as one
+    with a parametrized weight."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    _randomize_bn(model, 1)
+    parametrize.register_parametrization(model[0], "bias", _Times1())
+    x = torch.rand(2, 3, 10, 10)
+    with torch.no_grad():
+        ref = model(x)
+        folded, folds = fold_batchnorm(model)
+        assert folds == [] and isinstance(folded[1], nn.BatchNorm2d)
+        q, rep = squant_rs.quantize_model(model, 8, return_report=True)
+        assert not rep.layers[0].folded and isinstance(q[1], nn.BatchNorm2d)
+        assert _rel(q(x), ref) < 0.01
+
+
+def test_no_bias_correction_into_a_parametrized_bias() -> None:
+    """Bias correction wrote its shift into the parametrization's output (a
+    temporary): the report said bias_corrected=True, the bias never
+    changed. Such a layer is not corrected, and the report says so."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3)).eval()
+    _randomize_bn(model, 1)
+    plain = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3)).eval()
+    plain.load_state_dict(model.state_dict())
+    parametrize.register_parametrization(model[1], "bias", _Times1())
+    _, rep = squant_rs.quantize_model(plain, 4, return_report=True)
+    assert rep.layers[0].bias_corrected  # the same layer with a plain bias is corrected
+    q, rep = squant_rs.quantize_model(model, 4, return_report=True)
+    assert not rep.layers[0].bias_corrected
+    assert torch.equal(q[1].bias, model[1].bias)

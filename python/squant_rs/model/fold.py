@@ -35,7 +35,8 @@ What is never folded (the BN stays, the layer keeps its weights):
   backward hook on the BN, a forward or backward hook on the layer (its
   forward pre-hooks see its input, which folding does not change);
 * a layer whose weight or bias another module also holds (folding would
-  change that module too), or whose weight is parametrized.
+  change that module too), or whose weight or bias is parametrized
+  (``torch.nn.utils.parametrize``: computed on every read).
 
 A BN reachable under several attribute names is replaced by
 ``nn.Identity`` under every one of them.
@@ -253,7 +254,21 @@ def _foldable_bn(bn: nn.Module, producer: nn.Module) -> bool:
     # The module's own parameter (a parametrized weight is not one, and is
     # not computed: reading it runs the parametrization).
     weight = producer._parameters.get("weight")
-    return isinstance(weight, nn.Parameter) and weight.is_floating_point()
+    if not (isinstance(weight, nn.Parameter) and weight.is_floating_point()):
+        return False
+    # Nor a parametrized bias: reading it computes a new tensor, so the
+    # folded bias written into it would be lost.
+    return not is_parametrized(producer, "bias")
+
+
+def is_parametrized(module: Any, name: str) -> bool:
+    """Whether ``module``'s ``name`` is computed by a
+    ``torch.nn.utils.parametrize`` parametrization (reading it gives a new
+    tensor on every read: writing into that changes nothing).
+    ``parametrize.is_parametrized`` without its ``nn.Module.__getattr__``
+    miss on an unparametrized module."""
+    found = module._modules.get("parametrizations") if hasattr(module, "_modules") else None
+    return found is not None and name in found
 
 
 def _shared_weights(modules: Any) -> set[int]:

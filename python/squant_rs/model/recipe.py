@@ -41,7 +41,7 @@ from .._squant_rs import InvalidArgumentError, channel_dots, normal_cdf
 from .._squant_rs import clip_ratios as _clip_ratios
 from .._squant_rs import clip_rows as _clip_rows
 from .activations import ActivationQuantizer, check_activation_range, check_positive_f32
-from .fold import is_stock
+from .fold import is_parametrized, is_stock
 
 if TYPE_CHECKING:
     import torch
@@ -920,12 +920,16 @@ class RecipePlan:
 
     def correction_stats(self, name: str, module: Any) -> ChannelStats | None:
         """:meth:`input_stats` where ``module``'s bias may be corrected
-        (it has none, or no other module holds it), else ``None``."""
+        (it has none, or no other module holds it, and it is not
+        parametrized: a parametrized bias is computed on every read, so a
+        shift written into it would be lost), else ``None``."""
         stats = self.input_stats(name, module)
         if stats is None:
             return None
         bias = module._parameters.get("bias")
         if bias is not None and id(bias) in self.shared:
+            return None
+        if bias is None and is_parametrized(module, "bias"):
             return None
         return stats
 
