@@ -321,6 +321,30 @@ def test_old_weight_norm_model_is_a_clear_error() -> None:
         squant_rs.quantize_model(model)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"recipe": "paper"}, {}, {"fold_bn": False}, {"abits": 8, "input_shape": (2, 3, 5, 5)}],
+    ids=["paper", "squant+", "squant+-no-fold", "squant+-abits"],
+)
+def test_meta_model_is_a_clear_error(kwargs: dict[str, object]) -> None:
+    """A model on the meta device (shapes, no values): squant+ read its
+    BatchNorm statistics before the weight check and raised torch's
+    NotImplementedError ("Cannot copy out of meta tensor"); every recipe
+    now gives the weight check's error first."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)).eval()
+    with pytest.raises(squant_rs.InvalidArgumentError, match="0: weight is a meta tensor"):
+        squant_rs.quantize_model(model, 4, **kwargs)  # type: ignore[arg-type]
+
+
+def test_meta_batchnorm_is_a_clear_error() -> None:
+    """Real weights but a BatchNorm on the meta device: named, not torch's
+    NotImplementedError."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, device="meta")).eval()
+    with pytest.raises(squant_rs.InvalidArgumentError, match="1: BatchNorm .* is a meta tensor"):
+        squant_rs.quantize_model(model, 4)
+
+
 def test_uncopyable_model_is_a_clear_error() -> None:
     class Locked(nn.Module):
         def __init__(self) -> None:

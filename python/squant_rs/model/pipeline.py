@@ -208,7 +208,8 @@ def quantize_model(
             and the model already carries activation quantizers (it was
             quantized with ``abits`` before); the model cannot be
             deep-copied (e.g. the old ``torch.nn.utils.weight_norm``); a lazy
-            layer is not initialized; the calibration forward pass fails
+            layer is not initialized; a layer weight or a BatchNorm's
+            statistics are meta tensors (no values); the calibration forward pass fails
             (the message says to pass a fitting ``input_shape``, or, where
             an ``nn.Embedding`` got the float noise, that the model takes
             integer ids no shape helps with: quantize it weight-only).
@@ -277,9 +278,12 @@ def quantize_model(
         qmodel = _deepcopy(model)
         rplan = prepare(qmodel, config)  # the paper recipe: nothing to analyze
         plan = plan_layers(qmodel, patterns, stacklevel=3)
+        _check_not_meta(plan.chosen)
         sources: list[Any] = [m.weight for _, m in plan.chosen]
     else:
         plan = plan_layers(model, patterns, stacklevel=3)
+        # (before the recipe reads any BatchNorm statistics)
+        _check_not_meta(plan.chosen)
         sources = [m.weight for _, m in plan.chosen]
         memo: dict[Any, Any] = {}
         qmodel = _deepcopy(model, sources, memo)
@@ -519,6 +523,21 @@ def _weight(module: nn.Module) -> Any:
     """``module.weight`` (a tensor; ``nn.Module.__getattr__`` is typed as
     returning a tensor or a module)."""
     return module.weight
+
+
+def _check_not_meta(chosen: Sequence[tuple[str, Any]]) -> None:
+    """Raise the weight check's error for the first layer whose weight is a
+    meta tensor (a model built on ``torch.device("meta")`` and never
+    loaded), before anything reads the model's values.
+
+    Raises:
+        InvalidArgumentError: ``<layer>: weight is a meta tensor: ...``.
+    """
+    for name, module in chosen:
+        if module.weight.is_meta:
+            raise InvalidArgumentError(
+                f"{name or 'weight'}: weight is a meta tensor: it has no values to quantize"
+            )
 
 
 def _fill_float_weights(chosen: Sequence[tuple[str, nn.Module]], sources: Sequence[Any]) -> None:

@@ -951,6 +951,7 @@ def prepare(
     if not (config.needs_graph or config.fold_bn):
         return plan  # the paper's steps: nothing to analyze or fold
     modules = dict(model.named_modules())
+    _check_bn_values(modules)
     if config.bias_correction:
         plan.shared = _shared_weights(modules.values())
     graph = trace(model, modules)
@@ -968,6 +969,28 @@ def prepare(
         plan.folded = {f.layer for f in folds}
         plan.folded_modules = {id(modules[f.layer]) for f in folds}
     return plan
+
+
+def _check_bn_values(modules: dict[str, nn.Module]) -> None:
+    """Raise for a BatchNorm whose statistics or affine parameters are meta
+    tensors (no values to fold or read statistics from; torch's own error
+    would be a ``NotImplementedError`` from the first copy).
+
+    Raises:
+        InvalidArgumentError: naming the BatchNorm and the tensor.
+    """
+    from .fold import _bn_types
+
+    bns = _bn_types()
+    for name, module in modules.items():
+        if not isinstance(module, bns):
+            continue
+        for attr, t in (*module._buffers.items(), *module._parameters.items()):
+            if t is not None and t.is_meta:
+                raise InvalidArgumentError(
+                    f"{name or '(model)'}: BatchNorm {attr} is a meta tensor: it has no "
+                    "values to read"
+                )
 
 
 def _quantizes(quantizer: ActivationQuantizer | None) -> bool:
