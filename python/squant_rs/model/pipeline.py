@@ -553,14 +553,18 @@ def _fill_float_weights(chosen: Sequence[tuple[str, nn.Module]], sources: Sequen
 
 
 def _deepcopy(
-    model: nn.Module, fresh: Sequence[Any] = (), memo: dict[Any, Any] | None = None
+    model: nn.Module,
+    fresh: Sequence[Any] = (),
+    memo: dict[Any, Any] | None = None,
+    who: str = "quantize_model",
 ) -> nn.Module:
     """``copy.deepcopy(model)`` with the parameters in ``fresh`` left
     uninitialised (:func:`~squant_rs.model.layers.copy_model`, which fills
     ``memo``), or a clear
     error for a model that torch cannot copy (e.g. the old
     ``torch.nn.utils.weight_norm``, whose weight is a computed tensor, or a
-    module holding a lock or an open file)."""
+    module holding a lock or an open file); ``who``: the function the
+    message names."""
     try:
         return copy_model(model, fresh, memo)
     except Exception as exc:  # deepcopy can fail in many ways; say which
@@ -576,7 +580,7 @@ def _deepcopy(
                 "torch.nn.utils.parametrizations.weight_norm"
             )
         raise InvalidArgumentError(
-            f"quantize_model works on a deep copy, but this model cannot be deep-copied "
+            f"{who} works on a deep copy, but this model cannot be deep-copied "
             f"({type(exc).__name__}: {first}){hint}"
         ) from exc
 

@@ -6,7 +6,6 @@ functions only."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import math
 import numbers
@@ -101,7 +100,12 @@ def export_onnx(
     Raises:
         InvalidArgumentError: bad arguments (a ``batch_dim`` that an input
             does not have), no layer to quantize, a float16 / float64
-            model, ``abits`` with several inputs, a quantized weight
+            model, a model wrapped in ``nn.DataParallel`` /
+            ``DistributedDataParallel`` or ``torch.compile`` (pass
+            ``model.module`` / ``model._orig_mod``), a model that cannot be
+            deep-copied (in training mode: an eval-mode copy is quantized;
+            e.g. the old ``torch.nn.utils.weight_norm``), ``abits`` with
+            several inputs, a quantized weight
             missing from the exported graph, a failed calibration run
             (the message says what to pass: an ``example_input`` of the
             shape the model takes, or, for integer ids, which U[0,1) noise
@@ -120,7 +124,7 @@ def export_onnx(
     import torch
 
     from ...model.layers import check_patterns
-    from ...model.pipeline import activation_quantizers, quantize_model
+    from ...model.pipeline import _deepcopy, activation_quantizers, quantize_model
 
     out = _check_output(path, None, (), external_data)
     input_range = _check_quantize_input(quantize_input, abits)
@@ -131,6 +135,7 @@ def export_onnx(
     dynamic_axes = _dynamic_axes(batch_dim, inputs, input_names)
     if abits is not None and len(inputs) > 1:
         raise InvalidArgumentError(_several_inputs_message(inputs))
+    _check_not_wrapped(model)
     _check_float32(model, inputs)
     kwargs: dict[str, Any] = {
         "quantizer": quantizer,
@@ -155,7 +160,7 @@ def export_onnx(
         # every BatchNorm: quantize (and fold) what that graph runs, from an
         # eval-mode copy (quantize_model folds eval-mode BNs only; the
         # caller's model keeps its modes).
-        source = copy.deepcopy(model).eval()
+        source = _deepcopy(model, who="export_onnx").eval()
     # An attention's input projection torch's exporter slices at run time
     # (query is not key and value) is no initializer of the graph: such
     # projections are quantized again left float (a second pass).
@@ -395,6 +400,34 @@ def _several_inputs_message(inputs: tuple[torch.Tensor, ...]) -> str:
     return (
         f"{head}: quantize_onnx, which calibrates several inputs, takes float32 inputs only "
         f"(input {other[0]} is {other[1].dtype})"
+    )
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    """A model in a wrapper that torch's ONNX exporter does not export
+    (``nn.DataParallel`` / ``DistributedDataParallel``, a ``torch.compile``
+    ``OptimizedModule``) is refused before any work, naming what to pass
+    instead (its layer names would also carry the wrapper's prefix).
+
+    Raises:
+        InvalidArgumentError: naming the wrapper and the model inside it.
+    """
+    import sys
+
+    from torch import nn
+
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        kind, inner = type(model).__name__, "model.module"
+    else:
+        # torch.compile's wrapper (its module is loaded once torch.compile ran)
+        frame = sys.modules.get("torch._dynamo.eval_frame")
+        optimized = getattr(frame, "OptimizedModule", None)
+        if optimized is None or not isinstance(model, optimized):
+            return
+        kind, inner = f"torch.compile ({type(model).__name__})", "model._orig_mod"
+    raise InvalidArgumentError(
+        f"export_onnx cannot export a model wrapped in {kind}: torch's ONNX exporter does "
+        f"not support the wrapper; pass the wrapped model, {inner}"
     )
 
 

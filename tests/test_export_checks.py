@@ -1,0 +1,124 @@
+"""export_onnx (and ``squant-rs export``) on models it must copy, unwrap
+or refuse: a train-mode model torch cannot deep-copy, models in
+``nn.DataParallel`` / ``torch.compile`` wrappers, a parametrized bias."""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+import squant_rs
+from squant_rs.cli import main
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+nn = torch.nn
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
+
+
+def test_old_weight_norm_train_mode_export_is_a_clear_error(tmp_path) -> None:
+    """A train-mode model is quantized from an eval-mode copy: a model torch
+    cannot deep-copy (the old torch.nn.utils.weight_norm) raised torch's
+    bare RuntimeError there; now quantize_model's clear error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old API is deprecated
+        model = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 4, 3)), nn.Conv2d(4, 4, 1))
+    assert model.training
+    with pytest.raises(
+        squant_rs.InvalidArgumentError, match="export_onnx .*cannot be deep-copied.*weight_norm"
+    ):
+        squant_rs.export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 3, 8, 8))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    return torch.compile(model)  # type: ignore[return-value]
+
+
+WRAPPERS = {
+    "dataparallel": (nn.DataParallel, "DataParallel.*model\\.module"),
+    "compiled": (_compiled, "torch\\.compile.*model\\._orig_mod"),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_wrapped_model_is_refused_before_any_work(tmp_path, monkeypatch, wrapper: str) -> None:
+    """nn.DataParallel and torch.compile's OptimizedModule: the whole
+    quantization ran, then torch's exporter failed with its own error.
+    Now refused first, naming the wrapper and what to pass instead."""
+    wrap, message = WRAPPERS[wrapper]
+    model = wrap(_net())
+    from squant_rs.model import pipeline
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("quantize_model ran")
+
+    monkeypatch.setattr(pipeline, "quantize_model", no_work)
+    with pytest.raises(squant_rs.InvalidArgumentError, match=message):
+        squant_rs.export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 3, 8, 8))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_cli_export_of_a_wrapped_model_is_one_line(tmp_path, capsys, monkeypatch, wrapper) -> None:
+    build = {
+        "dataparallel": "torch.nn.DataParallel(net)",
+        "compiled": "torch.compile(net)",
+    }[wrapper]
+    mod = f"wrapped_{wrapper}_mod"  # (a module name per case: imports are cached)
+    (tmp_path / f"{mod}.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),\n"
+        "                              torch.nn.Conv2d(4, 4, 1)).eval()\n"
+        f"    return {build}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["export", f"{mod}:build", "o.onnx", "--input-shape", "1,3,8,8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("squant-rs: error: "), err
+    assert re.search(WRAPPERS[wrapper][1], err), err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+class _Times1(nn.Module):
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        return b * 1.0
+
+
+def test_export_of_a_conv_with_a_parametrized_bias(tmp_path) -> None:
+    """The BN after a conv whose bias is parametrized was 'folded' into the
+    parametrization's temporary output: the exported model lost the BN's
+    shift. Now that BN is not folded and the export computes the model."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)
+    ).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    parametrize.register_parametrization(model[0], "bias", _Times1())
+    x = torch.rand(2, 3, 10, 10)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = squant_rs.export_onnx(model, path, x, wbits=8)
+    assert not any(r.folded for r in report.layers)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(y - ref).max() < 0.01 * np.abs(ref).max()
