@@ -430,6 +430,45 @@ def test_spectral_norm_in_training_mode_is_not_run(recipe: str) -> None:
     assert rep.skipped == ["0"] and [r.name for r in rep.layers] == ["2"]
 
 
+def test_layers_left_float_by_rule_are_noted(tmp_path) -> None:
+    """ConvTranspose layers and parametrized weights stay float by design:
+    they were in report.skipped with no note, like a caller's own skip.
+    quantize_model and save_quantized note each (a skip pattern's layer is
+    not noted)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    class Times1(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * 1.0
+
+    torch.manual_seed(0)
+    custom = nn.Conv2d(8, 8, 1)
+    parametrize.register_parametrization(custom, "weight", Times1())
+    model = nn.Sequential(
+        weight_norm(nn.Conv2d(3, 8, 3)),
+        nn.ConvTranspose2d(8, 8, 3),
+        spectral_norm(nn.Conv2d(8, 8, 1)),
+        custom,
+        nn.Conv2d(8, 4, 1),
+        nn.ConvTranspose1d(4, 4, 1),
+    ).eval()
+    expected = [
+        "0: parametrized weight (torch.nn.utils.parametrize), not quantized; left float",
+        "1: ConvTranspose2d, not quantized; left float",
+        "2: parametrized weight (torch.nn.utils.parametrize), not quantized; left float",
+        "3: parametrized weight (torch.nn.utils.parametrize), not quantized; left float",
+        "5: ConvTranspose1d, not quantized; left float",
+    ]
+    _, rep = squant_rs.quantize_model(model, 4, return_report=True)
+    assert rep.skipped == ["0", "1", "2", "3", "5"] and [r.name for r in rep.layers] == ["4"]
+    assert rep.notes == expected
+    saved = squant_rs.save_quantized(model, tmp_path / "m.safetensors", 4)
+    assert saved.notes == expected
+    _, rep = squant_rs.quantize_model(model, 4, skip=["1", "2"], return_report=True)
+    assert rep.notes == [expected[0], expected[3], expected[4]]
+
+
 def test_seed_and_return_report_are_checked() -> None:
     model = ThreeLayer()
     for seed in (2**64, -(2**63) - 1):

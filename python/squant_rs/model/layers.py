@@ -201,9 +201,9 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
     A layer is left float when its module name matches a ``skip`` pattern,
     when it is a ``ConvTranspose``, when its weight is parametrized or not a
     plain ``nn.Parameter``, when its weight has no element (e.g.
-    ``Linear(0, 4)``; noted in the report), or when it is part of a
-    TorchScript module (``torch.jit.script``/``trace``: noted in the
-    report).
+    ``Linear(0, 4)``), or when it is part of a TorchScript module
+    (``torch.jit.script``/``trace``); the report notes each of these but
+    the ``skip`` pattern.
 
     Shared weights: a weight used by several layers (tied parameters, or one
     module reachable under several names) is quantized once and reported
@@ -261,6 +261,8 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
             plan.skipped.append(name)
             if weight is not None:
                 float_ids.setdefault(id(weight), name)
+            if not matches_any(name, skip):  # (not the caller's own skip)
+                plan.notes.append(f"{name}: {type(module).__name__}, not quantized; left float")
             continue
         if isinstance(weight, UninitializedParameter):
             raise InvalidArgumentError(
@@ -269,6 +271,14 @@ def plan_layers(model: nn.Module, skip: Sequence[str], stacklevel: int = 2) -> L
             )
         if parametrized or not isinstance(weight, nn.Parameter):
             plan.skipped.append(name)
+            plan.notes.append(
+                f"{name}: parametrized weight (torch.nn.utils.parametrize), not quantized; "
+                "left float"
+                if parametrized
+                else f"{name}: weight is not an nn.Parameter (a tensor computed in the "
+                "forward, e.g. by the old torch.nn.utils.weight_norm), not quantized; "
+                "left float"
+            )
             continue
         if weight.numel() == 0:
             plan.skipped.append(name)

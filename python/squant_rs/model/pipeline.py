@@ -141,8 +141,8 @@ def quantize_model(
     :func:`quantize_tensor`.
     ``ConvTranspose`` layers, parametrized weights, weights without
     elements (``Linear(0, 4)``) and the layers inside a TorchScript
-    submodule (``torch.jit.script``/``trace``; the report notes it) stay
-    float.
+    submodule (``torch.jit.script``/``trace``) stay float; the report
+    notes each of them.
 
     Shared weights: a weight used by several layers (tied parameters) is
     quantized once and reported under every layer's name. A skip of any of
