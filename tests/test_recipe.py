@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -362,6 +363,17 @@ class _Chain(nn.Module):
         return self.second(self.act(self.norm(self.first(x))))
 
 
+class _Fn(nn.Module):
+    """A module computing ``fn`` (traced through: its ops are in the graph)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
 class _LeakyReLU(nn.ReLU):
     """A ReLU subclass computing something else: not a clamp at 0."""
 
@@ -447,6 +459,81 @@ class _BNAct(nn.BatchNorm2d):
             (2, 3, 5, 5),
             True,
         ),
+        # A Linear reads the channels only where an op provably makes them
+        # the last dimension: not the spatial positions of flatten(2) ...
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 16, 3, padding=1),
+                nn.BatchNorm2d(16),
+                nn.Sequential(nn.ReLU(), nn.Flatten(2)),
+                nn.Linear(16, 4),
+            ),
+            (2, 3, 4, 4),
+            False,
+        ),
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 16, 3, padding=1),
+                nn.BatchNorm2d(16),
+                _Fn(lambda x: torch.flatten(torch.relu(x), start_dim=2)),
+                nn.Linear(16, 4),
+            ),
+            (2, 3, 4, 4),
+            False,
+        ),
+        # ... nor a mean over the channels, or over the width alone ...
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 8, 1),
+                nn.BatchNorm2d(8),
+                _Fn(lambda x: x.relu().mean(1)),
+                nn.Linear(8, 4),
+            ),
+            (2, 3, 5, 8),
+            False,
+        ),
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 8, 1),
+                nn.BatchNorm2d(8),
+                _Fn(lambda x: x.relu().mean(-1)),
+                nn.Linear(8, 4),
+            ),
+            (2, 3, 8, 5),
+            False,
+        ),
+        # ... but a mean over both spatial dimensions, a global pool then a
+        # view to (batch, -1), or squeezes of the pooled dimensions
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 8, 1),
+                nn.BatchNorm2d(8),
+                _Fn(lambda x: x.relu().mean((-2, -1))),
+                nn.Linear(8, 4),
+            ),
+            (2, 3, 5, 5),
+            True,
+        ),
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 8, 1),
+                nn.BatchNorm2d(8),
+                _Fn(lambda x: F.adaptive_avg_pool2d(x.relu(), (1, 1)).view(x.size(0), -1)),
+                nn.Linear(8, 4),
+            ),
+            (2, 3, 5, 5),
+            True,
+        ),
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 8, 1),
+                nn.BatchNorm2d(8),
+                _Fn(lambda x: F.adaptive_avg_pool2d(x.relu(), 1).squeeze(-1).squeeze(-1)),
+                nn.Linear(8, 4),
+            ),
+            (2, 3, 5, 5),
+            True,
+        ),
     ],
     ids=[
         "linear-bn1d-linear",
@@ -459,6 +546,13 @@ class _BNAct(nn.BatchNorm2d):
         "bn2d-linear-on-4d",
         "bn2d-pool-linear-on-4d",
         "bn2d-pool-flatten-linear",
+        "bn2d-flatten2-linear",
+        "bn2d-torch-flatten2-linear",
+        "bn2d-channel-mean-linear",
+        "bn2d-width-mean-linear",
+        "bn2d-spatial-mean-linear",
+        "bn2d-pool-view-linear",
+        "bn2d-pool-squeeze-linear",
     ],
 )
 def test_statistics_only_where_the_axis_and_forward_are_known(build, shape, has_stats) -> None:  # type: ignore[no-untyped-def]

@@ -231,11 +231,17 @@ class ChannelStats:
     #: which a ``Linear`` reading the value takes as its features only for
     #: 2-D input (unknown to the graph), so a Linear never uses these.
     bn1d: bool = False
-    #: Whether the channels are dimension 1 of a tensor that still has
-    #: spatial dimensions (a BatchNorm2d/3d's output, pooled or not, until
-    #: a flatten, view, reshape, squeeze or mean): a ``Linear`` reading it
-    #: would take its last dimension as its features, not the channels.
-    spatial: bool = False
+    #: What each dimension of the value holds, where the graph walk can
+    #: tell (``None``: unknown): ``"N"`` the batch, ``"C"`` the channels,
+    #: ``"S"`` a spatial dimension, ``"1"`` a dimension of size 1, ``"X"``
+    #: anything else (e.g. dimensions merged). A BatchNorm2d's output is
+    #: ``("N", "C", "S", "S")``. A ``Linear`` takes its input's last
+    #: dimension as its features: it reads these statistics only where that
+    #: is ``"C"`` (:attr:`features_last`); a Conv reads dimension 1 whatever
+    #: this says. After a reshape, a last ``"C"`` holds the channels in
+    #: order where its size is the channel count (the reader's feature
+    #: count is checked against that: :meth:`RecipePlan.input_stats`).
+    layout: tuple[str, ...] | None = None
 
     def clipped(self, lo: float, hi: float, name: str) -> ChannelStats:
         return ChannelStats(
@@ -245,12 +251,20 @@ class ChannelStats:
             min(self.hi, hi),
             f"{self.source}+{name}",
             self.bn1d,
-            self.spatial,
+            self.layout,
         )
 
-    def flattened(self) -> ChannelStats:
-        """The same statistics with :attr:`spatial` cleared (moments kept)."""
-        out = replace(self, spatial=False)
+    @property
+    def features_last(self) -> bool:
+        """Whether the channels are the last dimension (what a ``Linear``
+        reads as its features): :attr:`layout` ends in its one ``"C"``."""
+        return self.layout is not None and self.layout[-1] == "C" and self.layout.count("C") == 1
+
+    def with_layout(self, layout: tuple[str, ...] | None) -> ChannelStats:
+        """The same statistics with :attr:`layout` replaced (moments kept)."""
+        if layout == self.layout:
+            return self
+        out = replace(self, layout=layout)
         if "_moments" in self.__dict__:
             object.__setattr__(out, "_moments", self.__dict__["_moments"])
         return out
@@ -418,7 +432,7 @@ def _add(a: ChannelStats, b: ChannelStats) -> ChannelStats | None:
         np.sqrt(sa * sa + sb * sb),
         source="add",
         bn1d=a.bn1d or b.bn1d,
-        spatial=a.spatial or b.spatial,
+        layout=a.layout if a.layout == b.layout else None,
     )
 
 
@@ -427,7 +441,7 @@ def _add(a: ChannelStats, b: ChannelStats) -> ChannelStats | None:
 
 
 @functools.cache
-def _graph_tables() -> dict[str, tuple[Any, ...]]:
+def _graph_tables() -> dict[str, Any]:
     """The module types and call targets the graph walk recognizes (built
     once: torch is imported lazily)."""
     import torch
@@ -466,9 +480,26 @@ def _graph_tables() -> dict[str, tuple[Any, ...]]:
             "mean",
             "squeeze",
         ),
-        # passthrough ops after which the channels may be the last dimension
-        "flatten_modules": (nn.Flatten,),
-        "flatten_targets": (torch.flatten, "flatten", "view", "reshape", "mean", "squeeze"),
+        # passthrough ops that change the dimensions (:func:`_layout_after`)
+        "flatten": (torch.flatten, "flatten"),
+        "flatten_module": nn.Flatten,
+        "reshape": ("view", "reshape"),
+        "adaptive_pools": {
+            nn.AdaptiveAvgPool1d: 1,
+            nn.AdaptiveAvgPool2d: 2,
+            nn.AdaptiveAvgPool3d: 3,
+            F.adaptive_avg_pool1d: 1,
+            F.adaptive_avg_pool2d: 2,
+            F.adaptive_avg_pool3d: 3,
+        },
+        "pools": {
+            nn.AvgPool1d: 1,
+            nn.AvgPool2d: 2,
+            nn.AvgPool3d: 3,
+            F.avg_pool1d: 1,
+            F.avg_pool2d: 2,
+            F.avg_pool3d: 3,
+        },
         "clamps": (nn.ReLU6, nn.ReLU, nn.Hardtanh, F.relu6, F.hardtanh),
     }
 
@@ -510,14 +541,139 @@ def _is_passthrough(target: Any, module: Any) -> bool:
     return target in tables["pass_targets"]
 
 
-def _flattens(target: Any, module: Any) -> bool:
-    """Whether a passthrough op may leave the channels as the last
-    dimension (flatten, view, reshape, squeeze, mean), after which a
-    ``Linear`` can read them as its features."""
+#: :func:`_layout_after`'s answer where the op averages the channels
+#: together (their statistics no longer describe any dimension).
+_GONE = ("gone",)
+
+
+def _dims(value: Any, rank: int) -> list[int] | None:
+    """``value`` (an int or a sequence of ints, negative ones counted from
+    the end) as dimensions of a ``rank``-dimensional value, or ``None``
+    where one is not a plain int or is out of range."""
+    items = list(value) if isinstance(value, (tuple, list)) else [value]
+    out: list[int] = []
+    for d in items:
+        if type(d) is not int or not -rank <= d < rank:
+            return None
+        out.append(d % rank)
+    return out
+
+
+def _arg(node: Any, i: int, name: str, default: Any) -> Any:
+    """Argument ``i`` (positional, the input at 0) or ``name`` of a call."""
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _merged(tokens: Sequence[str]) -> str:
+    """The token of dimensions merged into one: ``"1"`` if all are, the one
+    other token if only one is not, else ``"X"``."""
+    rest = [t for t in tokens if t != "1"]
+    if not rest:
+        return "1"
+    return rest[0] if len(rest) == 1 else "X"
+
+
+def _layout_after(
+    node: Any, target: Any, module: Any, layout: tuple[str, ...] | None
+) -> tuple[str, ...] | None:
+    """:attr:`ChannelStats.layout` after a passthrough op (``module`` or
+    call ``target``): ``None`` where it cannot be shown (a ``Linear`` then
+    reads no statistics), :data:`_GONE` where the op averages over the
+    channels. Flatten, view / reshape, squeeze, mean and the pools are
+    followed (dimensions as plain ints only); identity, dropout and
+    ``contiguous`` keep the layout."""
+    if layout is None:
+        return None
     tables = _graph_tables()
+    rank = len(layout)
+    adaptive, k = _pool_dims(target, module)
+    if k:
+        if rank < k + 1 or any(t in ("N", "C") for t in layout[-k:]):
+            return None
+        if not adaptive:
+            return layout[:-k] + ("S",) * k
+        size = module.output_size if module is not None else _arg(node, 1, "output_size", 0)
+        sizes = list(size) if isinstance(size, (tuple, list)) else [size] * k
+        if len(sizes) != k:
+            return None
+        kept = [
+            old if n is None else ("1" if type(n) is int and n == 1 else "S")
+            for old, n in zip(layout[-k:], sizes)
+        ]
+        return layout[:-k] + tuple(kept)
     if module is not None:
-        return is_stock(module, tables["flatten_modules"])
-    return target in tables["flatten_targets"]
+        if isinstance(module, tables["flatten_module"]):
+            start, end = module.start_dim, module.end_dim
+        else:
+            return layout  # identity, dropout
+    elif target in tables["flatten"]:
+        start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
+    elif target in tables["reshape"]:
+        return _reshaped(node, layout)
+    elif target == "mean":
+        dim = _arg(node, 1, "dim", None)
+        if dim is None:
+            return _GONE  # every element averaged together
+        keep = _arg(node, 2, "keepdim", False)
+        dims = _dims(dim, rank)
+        if dims is None or type(keep) is not bool:
+            return None
+        if any(layout[d] == "C" for d in dims):
+            return _GONE
+        if keep:
+            return tuple("1" if d in dims else t for d, t in enumerate(layout))
+        return tuple(t for d, t in enumerate(layout) if d not in dims)
+    elif target == "squeeze":
+        dim = _arg(node, 1, "dim", None)
+        if dim is None:  # every size-1 dimension: more than the "1"s where a size is 1
+            rest = tuple(t for t in layout if t != "1")
+            return rest if rest in (("N", "C"), ("C",)) else None
+        dims = _dims(dim, rank)
+        if dims is None or any(layout[d] != "1" for d in dims):
+            return None  # a dimension that may or may not be removed
+        return tuple(t for d, t in enumerate(layout) if d not in dims)
+    else:
+        return layout  # contiguous, dropout
+    dims = _dims([start, end], rank)
+    if dims is None or dims[0] > dims[1]:
+        return None
+    a, b = dims
+    return layout[:a] + (_merged(layout[a : b + 1]),) + layout[b + 1 :]
+
+
+def _pool_dims(target: Any, module: Any) -> tuple[bool, int]:
+    """``(adaptive, k)`` of a ``k``-d average pool (module or function),
+    ``k = 0`` for anything else."""
+    tables = _graph_tables()
+    for adaptive in (True, False):
+        for key, k in tables["adaptive_pools" if adaptive else "pools"].items():
+            if module is None and target is key:
+                return adaptive, k
+            if module is not None and isinstance(key, type) and isinstance(module, key):
+                return adaptive, k
+    return False, 0
+
+
+def _reshaped(node: Any, layout: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The layout after ``view`` / ``reshape``: known only for a value that
+    holds its samples' channels one after the other (every dimension but
+    the batch and the channels of size 1): its last dimension then holds
+    the channels in order wherever its size is the channel count (a
+    ``Linear`` reading it has that many features, which
+    :meth:`RecipePlan.input_stats` checks), e.g. ``x.view(x.size(0), -1)``
+    after a global pool."""
+    if tuple(t for t in layout if t != "1") not in (("N", "C"), ("C",)):
+        return None
+    shape = node.args[1:] or (node.kwargs.get("shape", node.kwargs.get("size")),)
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    elif len(shape) == 1 and type(shape[0]) is not int:
+        return None  # e.g. a shape computed in the graph: its length is unknown
+    if not shape or any(d is None or isinstance(d, (tuple, list)) for d in shape):
+        return None
+    return ("X",) * (len(shape) - 1) + ("C",)
 
 
 def analyze(
@@ -560,11 +716,13 @@ def analyze(
                 counts[name] = counts.get(name, 0) + 1
                 st = arg_stats(node)
                 # A Linear takes its input's last dimension as its features:
-                # never a BatchNorm1d's channels, nor those of a map that
-                # still has spatial dimensions.
+                # never a BatchNorm1d's channels, nor those of a value whose
+                # last dimension is not shown to be the channels.
                 out[name] = (
                     None
-                    if st is not None and (st.bn1d or st.spatial) and isinstance(module, linear)
+                    if st is not None
+                    and (st.bn1d or not st.features_last)
+                    and isinstance(module, linear)
                     else st
                 )
                 stats[node] = None
@@ -603,11 +761,25 @@ def analyze(
         if isinstance(module, nn.Module) and not _is_passthrough(target, module):
             stats[node] = None
             continue
-        if src is not None and src.spatial and _flattens(target, module):
-            src = src.flattened()
-        stats[node] = src if _is_passthrough(target, module) else None
+        if src is None or not _is_passthrough(target, module):
+            stats[node] = None
+            continue
+        layout = _layout_after(node, target, module, src.layout)
+        stats[node] = None if layout is _GONE else src.with_layout(layout)
     # a layer called more than once has no single input
     return {k: (v if counts[k] == 1 else None) for k, v in out.items()}
+
+
+def _bn_layout(bn: Any) -> tuple[str, ...] | None:
+    """A BatchNorm2d/3d's output: batch, channels, 2 or 3 spatial
+    dimensions (BatchNorm1d's input is 2-D or 3-D: unknown)."""
+    from torch import nn
+
+    if isinstance(bn, nn.BatchNorm2d):
+        return ("N", "C", "S", "S")
+    if isinstance(bn, nn.BatchNorm3d):
+        return ("N", "C", "S", "S", "S")
+    return None
 
 
 def _bn_stats(bn: Any) -> ChannelStats | None:
@@ -621,7 +793,7 @@ def _bn_stats(bn: Any) -> ChannelStats | None:
     gamma = _vector(bn.weight, n, 1.0)
     beta = _vector(bn.bias, n, 0.0)
     bn1d = isinstance(bn, nn.BatchNorm1d)
-    return ChannelStats(beta, np.abs(gamma), source="bn", bn1d=bn1d, spatial=not bn1d)
+    return ChannelStats(beta, np.abs(gamma), source="bn", bn1d=bn1d, layout=_bn_layout(bn))
 
 
 def _bn_stats_many(bns: Sequence[Any]) -> dict[int, ChannelStats | None]:
@@ -649,7 +821,7 @@ def _bn_stats_many(bns: Sequence[Any]) -> dict[int, ChannelStats | None]:
 
     for i, bn in enumerate(todo):
         bn1d = isinstance(bn, nn.BatchNorm1d)
-        st = ChannelStats(betas[i], sigmas[i], source="bn", bn1d=bn1d, spatial=not bn1d)
+        st = ChannelStats(betas[i], sigmas[i], source="bn", bn1d=bn1d, layout=_bn_layout(bn))
         if moments is not None:
             object.__setattr__(st, "_moments", (means[i], stds[i]))
         out[id(bn)] = st
