@@ -841,6 +841,164 @@ def test_external_output_follows_the_output_rules(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
 
+def _externalize(tensor: TensorProto, folder, location: str) -> None:
+    """Move ``tensor``'s data into the file ``folder/location``."""
+    (folder / location).write_bytes(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+
+
+def _model_with_tensors_beside_initializers() -> onnx.ModelProto:
+    """A MatMul layer after an Add of a Constant node's tensor, a MatMul
+    reading a sparse initializer and an If whose then-body adds another
+    Constant's tensor (opset 21)."""
+    rng = np.random.default_rng(3)
+    vi = helper.make_tensor_value_info
+    ws = rng.normal(size=(8, 8)).astype(np.float32)
+    ws[ws < 0.5] = 0
+    idx = np.flatnonzero(ws).astype(np.int64)
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(ws.ravel()[idx], "Ws"), numpy_helper.from_array(idx, "Wi"), [8, 8]
+    )
+    then_g = helper.make_graph(
+        [
+            helper.make_node(
+                "Constant",
+                [],
+                ["bc"],
+                value=numpy_helper.from_array(rng.normal(size=(2, 8)).astype(np.float32), "bval"),
+            ),
+            helper.make_node("Add", ["h2", "bc"], ["t"]),
+        ],
+        "then",
+        [],
+        [vi("t", TensorProto.FLOAT, [2, 8])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Identity", ["h2"], ["e"])], "else", [], [vi("e", 1, [2, 8])]
+    )
+    nodes = [
+        helper.make_node(
+            "Constant",
+            [],
+            ["c"],
+            value=numpy_helper.from_array(rng.normal(size=(2, 8)).astype(np.float32), "cval"),
+        ),
+        helper.make_node("Add", ["x", "c"], ["xa"]),
+        helper.make_node("MatMul", ["xa", "W"], ["h"], name="mm"),
+        helper.make_node("MatMul", ["h", "Ws"], ["h2"], name="mm_sparse"),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, [2, 8]), vi("cond", TensorProto.BOOL, [])],
+        [vi("y", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "W")],
+        sparse_initializer=[sparse],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _run_if_model(path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=CPU)
+    return sess.run(None, {"x": x, "cond": np.array(True)})[0]
+
+
+@pytest.mark.parametrize(
+    "case", ["constant", "constant in an If body", "sparse initializer", "output's .data"]
+)
+def test_output_never_replaces_a_data_file_of_any_tensor(tmp_path, capsys, case):
+    """The external data files of every tensor of the input are protected,
+    not only those of its initializers: a Constant node's tensor (main graph
+    or If body, as onnx.save_model(..., convert_attribute=True) stores
+    them) and a sparse initializer's values; also as the <out>.data file of
+    external_data=True. They used to be overwritten. Such a model is read
+    whole (the sparse initializer's data too)."""
+    from squant_rs.cli import main
+
+    model = _model_with_tensors_beside_initializers()
+    whole = tmp_path / "whole.onnx"
+    onnx.save(model, str(whole))
+    graph = model.graph
+    then_g = next(a.g for a in graph.node[4].attribute if a.name == "then_branch")
+    tensors = {
+        "constant": graph.node[0].attribute[0].t,
+        "constant in an If body": then_g.node[0].attribute[0].t,
+        "sparse initializer": graph.sparse_initializer[0].values,
+    }
+    # .onnx names: the CLI takes no other output
+    if case == "output's .data":
+        data = tmp_path / "q.onnx.data"
+        _externalize(tensors["constant"], tmp_path, data.name)
+    else:
+        data = tmp_path / f"{case.split()[0]}.onnx"
+        _externalize(tensors[case], tmp_path, data.name)
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    before = data.read_bytes()
+    x = np.random.default_rng(1).random((2, 8), dtype=np.float32)
+    if case == "output's .data":
+        out, kwargs = tmp_path / "q.onnx", {"external_data": True}
+    else:
+        out, kwargs = data, {}
+    with pytest.raises(squant_rs.InvalidArgumentError) as err:
+        squant_rs.quantize_onnx(src, out, 8, **kwargs)
+    msg = str(err.value)
+    assert f"external data file {data}" in msg and str(src) in msg, msg
+    if not kwargs:
+        assert main(["quantize", str(src), str(out)]) == 2
+        assert f"external data file {data}" in capsys.readouterr().err
+    assert data.read_bytes() == before
+    assert not (tmp_path / "q.onnx").exists()
+    # Elsewhere it quantizes, reading every tensor's data.
+    q, want = tmp_path / "q2.onnx", tmp_path / "want.onnx"
+    rep = squant_rs.quantize_onnx(src, q, 8)
+    squant_rs.quantize_onnx(whole, want, 8)
+    assert [r.name for r in rep.layers] == ["mm"]
+    np.testing.assert_array_equal(_run_if_model(q, x), _run_if_model(want, x))
+
+
+@pytest.mark.parametrize("what", ["initializers", "constant"])
+def test_in_memory_model_without_its_external_data_is_refused(tmp_path, monkeypatch, what):
+    """An onnx.ModelProto loaded with load_external_data=False (its tensors
+    still name data files, relative to a model file squant-rs does not
+    know) is refused before any work; it used to read the files relative
+    to the current directory, write a model pointing at files not next to
+    it, and could overwrite the data file it reads."""
+    if what == "initializers":
+        onnx.save(
+            _gemm_model(),
+            str(tmp_path / "m.onnx"),
+            save_as_external_data=True,
+            location="w.bin",
+            size_threshold=0,
+        )
+    else:
+        model = _model_with_tensors_beside_initializers()
+        _externalize(model.graph.node[0].attribute[0].t, tmp_path, "w.bin")
+        (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    data = tmp_path / "w.bin"
+    before = data.read_bytes()
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    monkeypatch.chdir(tmp_path)  # where the old code found w.bin
+    for out in (tmp_path / "out.onnx", "w.bin"):
+        with pytest.raises(squant_rs.InvalidArgumentError) as err:
+            squant_rs.quantize_onnx(proto, out, 8)
+        msg = str(err.value)
+        assert "references external data that is not loaded" in msg, msg
+        assert "'w.bin'" in msg and "load_external_data=True" in msg, msg
+    assert data.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "w.bin"]
+    # Loaded with its data, or as a path, it quantizes.
+    whole = onnx.load(str(tmp_path / "m.onnx"))
+    squant_rs.quantize_onnx(whole, tmp_path / "a.onnx", 8)
+    squant_rs.quantize_onnx(tmp_path / "m.onnx", tmp_path / "b.onnx", 8)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
 class _Tied(torch.nn.Module):
     """Two bias-free Linears sharing one weight Parameter."""
 

@@ -247,3 +247,36 @@ def _graph_tensors(graph: Any) -> Any:
     """The initializers of ``graph`` and of its subgraphs (If / Loop / Scan bodies)."""
     for g in _graphs(graph):
         yield from g.initializer
+
+
+def _all_tensors(model: Any) -> Any:
+    """Every TensorProto ``model`` holds, in every graph (If / Loop / Scan
+    bodies and model-local functions' included): initializers, the values
+    and indices of sparse initializers, and node attributes' tensors
+    (a Constant's ``value``, sparse ones too)."""
+    graphs = list(_graphs(model.graph))
+    node_lists = [g.node for g in graphs]
+    for f in model.functions:
+        node_lists.append(f.node)
+        for node in f.node:
+            for a in node.attribute:
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    graphs.extend(_graphs(g))
+                    node_lists.extend(sub.node for sub in _graphs(g))
+    for g in graphs:
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield sp.values
+            yield sp.indices
+    for nodes in node_lists:
+        for node in nodes:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                sparse = ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(
+                    a.sparse_tensors
+                )
+                for sp in sparse:
+                    yield sp.values
+                    yield sp.indices

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..._squant_rs import InvalidArgumentError
 from .common import EXTERNAL_ABOVE, MIN_OPSET, OPSET, QUANT_OPS, OnnxFormatError, require_onnx
-from .graph import _graph_tensors
+from .graph import _all_tensors, _graph_tensors
 
 
 def _default_opset(model: Any) -> int | None:
@@ -22,6 +23,7 @@ def _load(model_or_path: Any) -> tuple[Any, str | None, list[str]]:
     external data files it reads (absolute paths)."""
     onnx = require_onnx()
     if isinstance(model_or_path, onnx.ModelProto):
+        _refuse_unloaded(model_or_path)
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
         return model, None, []
@@ -44,7 +46,12 @@ def _load(model_or_path: Any) -> tuple[Any, str | None, list[str]]:
         raise OnnxFormatError(f"{path}: not an ONNX model (no graph or no IR version)")
     data_files = _external_files(model, os.path.dirname(os.path.abspath(path)))
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(path))
+        # Every tensor: onnx's load_external_data_for_model leaves sparse
+        # ones (initializers and attributes) external.
+        helper = onnx.external_data_helper
+        for t in _all_tensors(model):
+            if helper.uses_external_data(t):
+                helper.load_external_data_for_tensor(t, os.path.dirname(path))
     except Exception as exc:
         raise OnnxFormatError(
             f"{path}: cannot read its external data ({type(exc).__name__}: {exc})"
@@ -53,16 +60,42 @@ def _load(model_or_path: Any) -> tuple[Any, str | None, list[str]]:
 
 
 def _external_files(model: Any, base: str) -> list[str]:
-    """The external data files the initializers of ``model`` name (absolute)."""
+    """The external data files the tensors of ``model`` name (absolute):
+    initializers, sparse initializers and node attributes (a Constant's
+    ``value``), in every graph."""
+    files: dict[str, None] = {}
+    for t in _external_tensors(model):
+        for entry in t.external_data:
+            if entry.key == "location" and entry.value:
+                files[os.path.normpath(os.path.join(base, entry.value))] = None
+    return list(files)
+
+
+def _external_tensors(model: Any) -> list[Any]:
+    """The tensors of ``model`` whose data is in an external file."""
     from onnx import TensorProto
 
-    files: dict[str, None] = {}
-    for t in _graph_tensors(model.graph):
-        if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL:
-            for entry in t.external_data:
-                if entry.key == "location" and entry.value:
-                    files[os.path.normpath(os.path.join(base, entry.value))] = None
-    return list(files)
+    return [
+        t
+        for t in _all_tensors(model)
+        if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL
+    ]
+
+
+def _refuse_unloaded(model: Any) -> None:
+    """Refuse an in-memory model whose tensors still reference external
+    data files (``onnx.load(..., load_external_data=False)``): where those
+    files are is not known (they are relative to the model's file)."""
+    external = _external_tensors(model)
+    if not external:
+        return
+    t = external[0]
+    location = next((e.value for e in t.external_data if e.key == "location"), "")
+    raise InvalidArgumentError(
+        f"the model references external data that is not loaded ({len(external)} "
+        f"tensor{'s' if len(external) > 1 else ''}, e.g. {t.name!r} in {location!r}): pass "
+        "the .onnx file's path, or load it with onnx.load(path, load_external_data=True)"
+    )
 
 
 def _prepare(model: Any, where: str) -> Any:

@@ -55,8 +55,9 @@ def quantize_onnx(
     body) stays float and is listed in the report's ``skipped``, with the
     reason in its ``notes``.
 
-    ``model_or_path``: an ``onnx.ModelProto`` or the path of an ``.onnx``
-    file (external data next to it is read). Models below opset 21 are
+    ``model_or_path``: an ``onnx.ModelProto`` with its tensors' data (not
+    one loaded with ``load_external_data=False``) or the path of an
+    ``.onnx`` file (external data next to it is read). Models below opset 21 are
     converted with ``onnx.version_converter``. ``wbits``, ``mode`` and
     ``quantizer`` are as in :func:`quantize_tensor`; ``skip``: fnmatch
     patterns tried on node names and weight names (one that matches no
@@ -105,7 +106,8 @@ def quantize_onnx(
             :func:`quantize_model`: e.g. an ``input_shape`` with a dimension
             below 1), an output path (or, with external data, its ``.data``
             file) that is the input or one of the external data files the
-            input reads.
+            input reads (of any tensor), an ``onnx.ModelProto`` whose
+            tensors reference external data not loaded.
         TypeError: an argument of the wrong type (``input_shape`` not a
             sequence of integers, ...).
         ImportError: onnx (at 2-4 bits ml_dtypes; with ``abits``,
