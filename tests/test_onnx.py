@@ -591,6 +591,65 @@ def test_integer_kernels_fold_zero_pads(tmp_path):
     assert ops(tmp_path / "c.onnx")["Pad"] == 2
 
 
+@pytest.mark.parametrize("body_reads_pad", [False, True])
+def test_integer_kernels_keep_a_pad_a_subgraph_reads(tmp_path, body_reads_pad):
+    """A zero Pad read by a Conv is not folded into it when an If body
+    reads the Pad's output too (it used to be: the body then read a tensor
+    no node made, and the calibration run failed with a misleading "pass
+    input_shape=" error)."""
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    read = "p" if body_reads_pad else "r1"
+
+    def body(name: str, op: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node(op, [read], [name], keepdims=0)],
+            name,
+            [],
+            [vi(name, TensorProto.FLOAT, [])],
+        )
+
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Pad", ["r1", "pads"], ["p"]),
+        helper.make_node("Conv", ["p", "W2"], ["y"], name="c2"),
+        helper.make_node(
+            "If",
+            ["cond"],
+            ["s"],
+            then_branch=body("t", "ReduceMean"),
+            else_branch=body("e", "ReduceMax"),
+        ),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [vi("y", TensorProto.FLOAT, [1, 4, 6, 6]), vi("s", TensorProto.FLOAT, [])],
+        [
+            numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W1"),
+            numpy_helper.from_array(rng.normal(size=(4, 4, 3, 3)).astype(np.float32), "W2"),
+            numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+            numpy_helper.from_array(np.array(True), "cond"),
+        ],
+    )
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    rep = squant_rs.quantize_onnx(
+        src, out, 8, 8, quantizer="symmetric", integer_kernels=True, quantize_input=(0.0, 1.0)
+    )
+    assert [r.name for r in rep.layers] == ["c1", "c2"]
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert ops(out)["Pad"] == (1 if body_reads_pad else 0)
+    x = rng.random((1, 3, 6, 6), dtype=np.float32)
+    sess = ort.InferenceSession(str(out), providers=CPU)
+    want = ort.InferenceSession(str(src), providers=CPU).run(None, {"x": x})
+    got = sess.run(None, {"x": x})
+    for a, b in zip(got, want):
+        assert np.abs(a - b).max() < 0.05 * np.abs(b).max()
+
+
 def test_onnx_in_equals_torch_export(mnv2, tmp_path):
     """quantize_onnx on the float export (BN folded by the exporter) and
     export_onnx (BN folded by squant-rs) agree on the same weights."""

@@ -249,6 +249,18 @@ def _graph_tensors(graph: Any) -> Any:
         yield from g.initializer
 
 
+def _subgraph_reads(node: Any) -> set[str]:
+    """The tensors the subgraphs of ``node`` read (outer-scope ones among them)."""
+    out: set[str] = set()
+    for a in node.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            for sub in _graphs(g):
+                for n in sub.node:
+                    out.update(n.input)
+                out.update(o.name for o in sub.output)
+    return out
+
+
 def _all_tensors(model: Any) -> Any:
     """Every TensorProto ``model`` holds, in every graph (If / Loop / Scan
     bodies and model-local functions' included): initializers, the values
