@@ -64,9 +64,10 @@ def _find_layers(
     """The quantizable layers in graph order and the names of those left
     float: skipped ones, and Conv / Gemm / MatMul nodes whose constant
     operand is not a weight SQuant quantizes (``notes`` gets the reason of
-    each: a weight that is no float32 initializer of the main graph, of the
-    wrong rank, or the first operand; a node inside an If / Loop / Scan
-    body; a weight read along two output-channel axes). A weight read
+    each: a weight that is no float32 initializer of the main graph (a
+    sparse one included), of the wrong rank, or the first operand; a node
+    inside an If / Loop / Scan body; a weight read along two output-channel
+    axes). A weight read
     through Identity nodes counts as the initializer they copy.
     ``matched`` collects the skip patterns that matched a layer."""
     onnx = require_onnx()
@@ -78,6 +79,8 @@ def _find_layers(
     axes: dict[str, int] = {}
     conflict: set[str] = set()
     producers = {o: n for n in graph.node for o in n.output}
+    # Constants for the walks back from an operand: sparse initializers too.
+    constants = set(inits) | _sparse_names(graph)
 
     def left_float(name: str, reason: str) -> None:
         skipped.append(name)
@@ -91,7 +94,7 @@ def _find_layers(
         source = _identity_source(producers, inits, read)
         w = inits.get(source)
         if w is None:
-            reason = _not_an_initializer(node, source, producers, inits)
+            reason = _not_an_initializer(node, source, producers, constants)
             if reason is not None:
                 left_float(name, reason)
             continue
@@ -153,11 +156,16 @@ def _find_layers(
 
 
 def _not_an_initializer(
-    node: Any, source: str, producers: dict[str, Any], inits: dict[str, Any]
+    node: Any, source: str, producers: dict[str, Any], inits: Container[str]
 ) -> str | None:
     """Why ``node``'s weight operand ``source`` (no initializer) stays
     float, or None where the node has no constant operand (two activations
-    multiplied, a Conv with a computed weight)."""
+    multiplied, a Conv with a computed weight). ``inits``: the names of the
+    initializers, sparse ones included."""
+    if source in inits:
+        return (
+            f"its weight {source!r} is a sparse initializer: only dense initializers are quantized"
+        )
     producer = producers.get(source)
     if producer is not None and producer.op_type == "Constant":
         return (
@@ -204,9 +212,10 @@ def _constant_nodes(
     return nodes
 
 
-def _is_constant(producers: dict[str, Any], inits: dict[str, Any], tensor: str) -> bool:
-    """Whether ``tensor`` depends on initializers and Constant nodes only
-    (not through a node with a subgraph; at most 256 nodes)."""
+def _is_constant(producers: dict[str, Any], inits: Container[str], tensor: str) -> bool:
+    """Whether ``tensor`` depends on initializers (the names in ``inits``)
+    and Constant nodes only (not through a node with a subgraph; at most
+    256 nodes)."""
     return (
         _constant_nodes(
             producers,
@@ -224,6 +233,7 @@ def _graph_constants(model: Any) -> set[str]:
     out: set[str] = set()
     for g in _graphs(model.graph):
         out.update(t.name for t in g.initializer)
+        out.update(_sparse_names(g))
         out.update(o for n in g.node if n.op_type == "Constant" for o in n.output)
     return out
 
@@ -292,3 +302,8 @@ def _all_tensors(model: Any) -> Any:
                 for sp in sparse:
                     yield sp.values
                     yield sp.indices
+
+
+def _sparse_names(graph: Any) -> set[str]:
+    """The names of ``graph``'s sparse initializers."""
+    return {sp.values.name for sp in graph.sparse_initializer}

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..._squant_rs import InvalidArgumentError
 from .common import EXTERNAL_ABOVE, MIN_OPSET, OPSET, QUANT_OPS, OnnxFormatError, require_onnx
-from .graph import _all_tensors, _graph_tensors
+from .graph import _all_tensors, _graph_tensors, _graphs, _sparse_names
 
 
 def _default_opset(model: Any) -> int | None:
@@ -124,7 +124,19 @@ def _prepare(model: Any, where: str) -> Any:
     if opset < OPSET:
         # The converter serializes the model, which protobuf refuses at 2 GB:
         # a model that large is converted without its tensor data.
+        # The converter knows no sparse initializers: it fails on the main
+        # graph's ("Input ... is undefined"), which are graph inputs
+        # meanwhile, and drops those of If / Loop / Scan bodies.
+        inner = sorted(n for g in list(_graphs(model.graph))[1:] for n in _sparse_names(g))
+        if inner:
+            raise OnnxFormatError(
+                f"{where}: cannot convert opset {opset} to {OPSET}: onnx's version converter "
+                "drops the sparse initializers of If / Loop / Scan bodies "
+                f"({', '.join(map(repr, inner[:3]))}{', ...' if len(inner) > 3 else ''}); "
+                f"store them dense, or convert the model to opset {OPSET} first"
+            )
         detached = _detach_data(model) if _tensor_bytes(model) >= EXTERNAL_ABOVE else {}
+        hidden = _hide_sparse(model)
         try:
             model = onnx.version_converter.convert_version(model, OPSET)
         except Exception as exc:
@@ -132,10 +144,44 @@ def _prepare(model: Any, where: str) -> Any:
             raise OnnxFormatError(
                 f"{where}: cannot convert opset {opset} to {OPSET} ({msg})"
             ) from None
+        _restore_sparse(model, hidden)
         _attach_data(model, detached)
     # int4 / int16 initializers need IR version 10 (opset 21's).
     model.ir_version = max(model.ir_version, 10)
     return model
+
+
+def _hide_sparse(model: Any) -> tuple[list[Any], set[str]]:
+    """Move the main graph's sparse initializers out of ``model`` for the
+    version converter, each declared as a graph input (unless it is one
+    already); returns them and the inputs added, for :func:`_restore_sparse`."""
+    from onnx import helper
+
+    graph = model.graph
+    sparse = list(graph.sparse_initializer)
+    inputs = {i.name for i in graph.input}
+    added: set[str] = set()
+    for sp in sparse:
+        name = sp.values.name
+        if name not in inputs:
+            graph.input.append(
+                helper.make_tensor_value_info(name, sp.values.data_type, list(sp.dims))
+            )
+            added.add(name)
+    del graph.sparse_initializer[:]
+    return sparse, added
+
+
+def _restore_sparse(model: Any, hidden: tuple[list[Any], set[str]]) -> None:
+    """Put back what :func:`_hide_sparse` moved out of the (converted) model."""
+    sparse, added = hidden
+    if not sparse:
+        return
+    graph = model.graph
+    keep = [i for i in graph.input if i.name not in added]
+    del graph.input[:]
+    graph.input.extend(keep)
+    graph.sparse_initializer.extend(sparse)
 
 
 def _tensor_bytes(model: Any) -> int:

@@ -50,10 +50,10 @@ def quantize_onnx(
     and (with ``abits``) onnxruntime; torch is never imported. The weights
     are the float32 initializers these nodes of the main graph read as their
     weight (second) input, 2-D for Gemm and MatMul; a layer whose constant
-    operand is something else (a Constant node's or a computed weight, a
-    first operand, another rank or dtype, a node inside an If / Loop / Scan
-    body) stays float and is listed in the report's ``skipped``, with the
-    reason in its ``notes``.
+    operand is something else (a Constant node's, a sparse initializer or a
+    computed weight, a first operand, another rank or dtype, a node inside
+    an If / Loop / Scan body) stays float and is listed in the report's
+    ``skipped``, with the reason in its ``notes``.
 
     ``model_or_path``: an ``onnx.ModelProto`` with its tensors' data (not
     one loaded with ``load_external_data=False``) or the path of an
