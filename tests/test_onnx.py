@@ -1696,6 +1696,31 @@ def test_sparse_initializer_in_a_body_below_opset_21_is_named(tmp_path):
     assert "'Ws'" in msg, msg
 
 
+def test_conv_transpose_is_listed_float(tmp_path):
+    """A ConvTranspose stays float and is listed in report.skipped, with a
+    note, as quantize_model lists it (quantize_onnx used to leave it out of
+    both)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.ConvTranspose2d(4, 4, 3)
+    ).eval()
+    _, want = squant_rs.quantize_model(net, 8, return_report=True)
+    assert want.skipped == ["2"]
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    float_export(net, torch.rand(1, 3, 8, 8), src)
+    rep = squant_rs.quantize_onnx(src, out, 8)
+    assert len(rep.layers) == 1 and rep.layers[0].kind == "Conv"
+    (name,) = rep.skipped
+    assert [n.op_type for n in onnx.load(str(src)).graph.node if n.name == name] == [
+        "ConvTranspose"
+    ]
+    assert rep.notes == [
+        f"{name}: a ConvTranspose (another weight layout): only Conv / Gemm / MatMul weights "
+        "are quantized; left float"
+    ]
+    assert ops(out)["ConvTranspose"] == 1
+
+
 # --------------------------------------------------------------------------
 # Bad input: a SquantError, one line, no output
 

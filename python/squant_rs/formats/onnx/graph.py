@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from ...tensor.quantized import QuantizedTensor
 
 
+#: Ops with a weight operand: ConvTranspose's stays float (another layout).
+_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
 @dataclass
 class _Layer:
     """One Conv/Gemm/MatMul node whose weight is a float32 initializer."""
@@ -67,7 +71,7 @@ def _find_layers(
     each: a weight that is no float32 initializer of the main graph (a
     sparse one included), of the wrong rank, or the first operand; a node
     inside an If / Loop / Scan body; a weight read along two output-channel
-    axes). A weight read
+    axes; a ConvTranspose with a constant weight). A weight read
     through Identity nodes counts as the initializer they copy.
     ``matched`` collects the skip patterns that matched a layer."""
     onnx = require_onnx()
@@ -87,11 +91,19 @@ def _find_layers(
         why.append(f"{name}: {reason}; left float")
 
     for i, node in enumerate(graph.node):
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+        if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
             continue
         name = node.name or f"{node.op_type}_{i}"
         read = node.input[1]
         source = _identity_source(producers, inits, read)
+        if node.op_type == "ConvTranspose":
+            if _is_constant(producers, constants, source):
+                left_float(
+                    name,
+                    "a ConvTranspose (another weight layout): only Conv / Gemm / MatMul weights "
+                    "are quantized",
+                )
+            continue
         w = inits.get(source)
         if w is None:
             reason = _not_an_initializer(node, source, producers, constants)
@@ -142,9 +154,7 @@ def _find_layers(
     consts = _graph_constants(model) if subgraphs else set()
     for g in subgraphs:
         for i, node in enumerate(g.node):
-            if node.op_type in ("Conv", "Gemm", "MatMul") and any(
-                t in consts for t in node.input[:2]
-            ):
+            if node.op_type in _WEIGHT_OPS and any(t in consts for t in node.input[:2]):
                 left_float(
                     node.name or f"{g.name}/{node.op_type}_{i}",
                     f"it is inside a subgraph ({g.name!r}, an If / Loop / Scan body): only the "

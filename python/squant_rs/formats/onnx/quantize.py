@@ -53,7 +53,7 @@ def quantize_onnx(
     operand is something else (a Constant node's, a sparse initializer or a
     computed weight, a first operand, another rank or dtype, a node inside
     an If / Loop / Scan body) stays float and is listed in the report's
-    ``skipped``, with the reason in its ``notes``.
+    ``skipped``, with the reason in its ``notes``; so is a ConvTranspose.
 
     ``model_or_path``: an ``onnx.ModelProto`` with its tensors' data (not
     one loaded with ``load_external_data=False``) or the path of an

@@ -11,7 +11,15 @@ import numpy as np
 
 from ..._squant_rs import InvalidArgumentError
 from ...model.activations import activation_qparams
-from .graph import _graphs, _identity_source, _initializers, _Layer, _subgraph_reads, _Weight
+from .graph import (
+    _WEIGHT_OPS,
+    _graphs,
+    _identity_source,
+    _initializers,
+    _Layer,
+    _subgraph_reads,
+    _Weight,
+)
 
 if TYPE_CHECKING:
     from ...tensor.quantized import QuantizedTensor
@@ -353,9 +361,6 @@ def _tensor_qdq(
     for node in reversed(nodes):
         graph.node.insert(at, node)
     return dq, step
-
-
-_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 #: float, float16, double, bfloat16
