@@ -591,6 +591,65 @@ def test_integer_kernels_fold_zero_pads(tmp_path):
     assert ops(tmp_path / "c.onnx")["Pad"] == 2
 
 
+@pytest.mark.parametrize("body_reads_pad", [False, True])
+def test_integer_kernels_keep_a_pad_a_subgraph_reads(tmp_path, body_reads_pad):
+    """A zero Pad read by a Conv is not folded into it when an If body
+    reads the Pad's output too (it used to be: the body then read a tensor
+    no node made, and the calibration run failed with a misleading "pass
+    input_shape=" error)."""
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    read = "p" if body_reads_pad else "r1"
+
+    def body(name: str, op: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node(op, [read], [name], keepdims=0)],
+            name,
+            [],
+            [vi(name, TensorProto.FLOAT, [])],
+        )
+
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Pad", ["r1", "pads"], ["p"]),
+        helper.make_node("Conv", ["p", "W2"], ["y"], name="c2"),
+        helper.make_node(
+            "If",
+            ["cond"],
+            ["s"],
+            then_branch=body("t", "ReduceMean"),
+            else_branch=body("e", "ReduceMax"),
+        ),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [vi("y", TensorProto.FLOAT, [1, 4, 6, 6]), vi("s", TensorProto.FLOAT, [])],
+        [
+            numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W1"),
+            numpy_helper.from_array(rng.normal(size=(4, 4, 3, 3)).astype(np.float32), "W2"),
+            numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+            numpy_helper.from_array(np.array(True), "cond"),
+        ],
+    )
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    rep = squant_rs.quantize_onnx(
+        src, out, 8, 8, quantizer="symmetric", integer_kernels=True, quantize_input=(0.0, 1.0)
+    )
+    assert [r.name for r in rep.layers] == ["c1", "c2"]
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert ops(out)["Pad"] == (1 if body_reads_pad else 0)
+    x = rng.random((1, 3, 6, 6), dtype=np.float32)
+    sess = ort.InferenceSession(str(out), providers=CPU)
+    want = ort.InferenceSession(str(src), providers=CPU).run(None, {"x": x})
+    got = sess.run(None, {"x": x})
+    for a, b in zip(got, want):
+        assert np.abs(a - b).max() < 0.05 * np.abs(b).max()
+
+
 def test_onnx_in_equals_torch_export(mnv2, tmp_path):
     """quantize_onnx on the float export (BN folded by the exporter) and
     export_onnx (BN folded by squant-rs) agree on the same weights."""
@@ -839,6 +898,164 @@ def test_external_output_follows_the_output_rules(tmp_path):
     finally:
         os.umask(old)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def _externalize(tensor: TensorProto, folder, location: str) -> None:
+    """Move ``tensor``'s data into the file ``folder/location``."""
+    (folder / location).write_bytes(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+
+
+def _model_with_tensors_beside_initializers() -> onnx.ModelProto:
+    """A MatMul layer after an Add of a Constant node's tensor, a MatMul
+    reading a sparse initializer and an If whose then-body adds another
+    Constant's tensor (opset 21)."""
+    rng = np.random.default_rng(3)
+    vi = helper.make_tensor_value_info
+    ws = rng.normal(size=(8, 8)).astype(np.float32)
+    ws[ws < 0.5] = 0
+    idx = np.flatnonzero(ws).astype(np.int64)
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(ws.ravel()[idx], "Ws"), numpy_helper.from_array(idx, "Wi"), [8, 8]
+    )
+    then_g = helper.make_graph(
+        [
+            helper.make_node(
+                "Constant",
+                [],
+                ["bc"],
+                value=numpy_helper.from_array(rng.normal(size=(2, 8)).astype(np.float32), "bval"),
+            ),
+            helper.make_node("Add", ["h2", "bc"], ["t"]),
+        ],
+        "then",
+        [],
+        [vi("t", TensorProto.FLOAT, [2, 8])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Identity", ["h2"], ["e"])], "else", [], [vi("e", 1, [2, 8])]
+    )
+    nodes = [
+        helper.make_node(
+            "Constant",
+            [],
+            ["c"],
+            value=numpy_helper.from_array(rng.normal(size=(2, 8)).astype(np.float32), "cval"),
+        ),
+        helper.make_node("Add", ["x", "c"], ["xa"]),
+        helper.make_node("MatMul", ["xa", "W"], ["h"], name="mm"),
+        helper.make_node("MatMul", ["h", "Ws"], ["h2"], name="mm_sparse"),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, [2, 8]), vi("cond", TensorProto.BOOL, [])],
+        [vi("y", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "W")],
+        sparse_initializer=[sparse],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _run_if_model(path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=CPU)
+    return sess.run(None, {"x": x, "cond": np.array(True)})[0]
+
+
+@pytest.mark.parametrize(
+    "case", ["constant", "constant in an If body", "sparse initializer", "output's .data"]
+)
+def test_output_never_replaces_a_data_file_of_any_tensor(tmp_path, capsys, case):
+    """The external data files of every tensor of the input are protected,
+    not only those of its initializers: a Constant node's tensor (main graph
+    or If body, as onnx.save_model(..., convert_attribute=True) stores
+    them) and a sparse initializer's values; also as the <out>.data file of
+    external_data=True. They used to be overwritten. Such a model is read
+    whole (the sparse initializer's data too)."""
+    from squant_rs.cli import main
+
+    model = _model_with_tensors_beside_initializers()
+    whole = tmp_path / "whole.onnx"
+    onnx.save(model, str(whole))
+    graph = model.graph
+    then_g = next(a.g for a in graph.node[4].attribute if a.name == "then_branch")
+    tensors = {
+        "constant": graph.node[0].attribute[0].t,
+        "constant in an If body": then_g.node[0].attribute[0].t,
+        "sparse initializer": graph.sparse_initializer[0].values,
+    }
+    # .onnx names: the CLI takes no other output
+    if case == "output's .data":
+        data = tmp_path / "q.onnx.data"
+        _externalize(tensors["constant"], tmp_path, data.name)
+    else:
+        data = tmp_path / f"{case.split()[0]}.onnx"
+        _externalize(tensors[case], tmp_path, data.name)
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    before = data.read_bytes()
+    x = np.random.default_rng(1).random((2, 8), dtype=np.float32)
+    if case == "output's .data":
+        out, kwargs = tmp_path / "q.onnx", {"external_data": True}
+    else:
+        out, kwargs = data, {}
+    with pytest.raises(squant_rs.InvalidArgumentError) as err:
+        squant_rs.quantize_onnx(src, out, 8, **kwargs)
+    msg = str(err.value)
+    assert f"external data file {data}" in msg and str(src) in msg, msg
+    if not kwargs:
+        assert main(["quantize", str(src), str(out)]) == 2
+        assert f"external data file {data}" in capsys.readouterr().err
+    assert data.read_bytes() == before
+    assert not (tmp_path / "q.onnx").exists()
+    # Elsewhere it quantizes, reading every tensor's data.
+    q, want = tmp_path / "q2.onnx", tmp_path / "want.onnx"
+    rep = squant_rs.quantize_onnx(src, q, 8)
+    squant_rs.quantize_onnx(whole, want, 8)
+    assert [r.name for r in rep.layers] == ["mm"]
+    np.testing.assert_array_equal(_run_if_model(q, x), _run_if_model(want, x))
+
+
+@pytest.mark.parametrize("what", ["initializers", "constant"])
+def test_in_memory_model_without_its_external_data_is_refused(tmp_path, monkeypatch, what):
+    """An onnx.ModelProto loaded with load_external_data=False (its tensors
+    still name data files, relative to a model file squant-rs does not
+    know) is refused before any work; it used to read the files relative
+    to the current directory, write a model pointing at files not next to
+    it, and could overwrite the data file it reads."""
+    if what == "initializers":
+        onnx.save(
+            _gemm_model(),
+            str(tmp_path / "m.onnx"),
+            save_as_external_data=True,
+            location="w.bin",
+            size_threshold=0,
+        )
+    else:
+        model = _model_with_tensors_beside_initializers()
+        _externalize(model.graph.node[0].attribute[0].t, tmp_path, "w.bin")
+        (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    data = tmp_path / "w.bin"
+    before = data.read_bytes()
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    monkeypatch.chdir(tmp_path)  # where the old code found w.bin
+    for out in (tmp_path / "out.onnx", "w.bin"):
+        with pytest.raises(squant_rs.InvalidArgumentError) as err:
+            squant_rs.quantize_onnx(proto, out, 8)
+        msg = str(err.value)
+        assert "references external data that is not loaded" in msg, msg
+        assert "'w.bin'" in msg and "load_external_data=True" in msg, msg
+    assert data.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "w.bin"]
+    # Loaded with its data, or as a path, it quantizes.
+    whole = onnx.load(str(tmp_path / "m.onnx"))
+    squant_rs.quantize_onnx(whole, tmp_path / "a.onnx", 8)
+    squant_rs.quantize_onnx(tmp_path / "m.onnx", tmp_path / "b.onnx", 8)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
 class _Tied(torch.nn.Module):
@@ -1393,6 +1610,115 @@ def test_layers_left_float_are_reported(tmp_path):
         )
     assert "no quantizable layer" in str(err.value)
     assert "from_constant: its weight comes from a Constant node" in str(err.value)
+
+
+def _sparse_weight_model(opset: int, in_body: bool = False) -> onnx.ModelProto:
+    """MatMul ``mm_sparse`` reads the sparse initializer ``Ws`` (in an If
+    body with ``in_body``), MatMul ``mm`` the dense ``W``."""
+    rng = np.random.default_rng(1)
+    vi = helper.make_tensor_value_info
+    ws = rng.normal(size=(8, 8)).astype(np.float32)
+    ws[ws < 0.5] = 0
+    idx = np.flatnonzero(ws).astype(np.int64)
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(ws.ravel()[idx], "Ws"), numpy_helper.from_array(idx, "Wi"), [8, 8]
+    )
+    w = numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "W")
+    mm_sparse = helper.make_node("MatMul", ["x", "Ws"], ["h"], name="mm_sparse")
+    mm = helper.make_node("MatMul", ["h", "W"], ["y"], name="mm")
+    if not in_body:
+        g = helper.make_graph(
+            [mm_sparse, mm],
+            "g",
+            [vi("x", TensorProto.FLOAT, ["N", 8])],
+            [vi("y", TensorProto.FLOAT, ["N", 4])],
+            [w],
+            sparse_initializer=[sparse],
+        )
+    else:
+        then_g = helper.make_graph(
+            [mm_sparse],
+            "then",
+            [],
+            [vi("h", TensorProto.FLOAT, ["N", 8])],
+            sparse_initializer=[sparse],
+        )
+        else_g = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["e"])], "else", [], [vi("e", 1, ["N", 8])]
+        )
+        g = helper.make_graph(
+            [helper.make_node("If", ["cond"], ["h"], then_branch=then_g, else_branch=else_g), mm],
+            "g",
+            [vi("x", TensorProto.FLOAT, ["N", 8]), vi("cond", TensorProto.BOOL, [])],
+            [vi("y", TensorProto.FLOAT, ["N", 4])],
+            [w],
+        )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [21, 17])
+def test_sparse_initializer_weights_are_listed_float(tmp_path, opset):
+    """A MatMul whose weight is a sparse initializer stays float and is
+    listed in report.skipped with a note (it used to be left out of both);
+    below opset 21 such a model converts (onnx's version converter used to
+    fail with "Input Ws is undefined!") and keeps its sparse initializer."""
+    model = _sparse_weight_model(opset)
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(model, str(src))
+    rep = squant_rs.quantize_onnx(src, out, 8, 8)
+    assert [r.name for r in rep.layers] == ["mm"]
+    assert rep.skipped == ["mm_sparse"]
+    assert rep.notes == [
+        "mm_sparse: its weight 'Ws' is a sparse initializer: only dense initializers are "
+        "quantized; left float"
+    ]
+    q = onnx.load(str(out))
+    assert q.opset_import[0].version == 21
+    assert [sp.values.name for sp in q.graph.sparse_initializer] == ["Ws"]
+    assert [i.name for i in q.graph.input] == ["x"]
+    x = np.random.default_rng(2).random((3, 8), dtype=np.float32)
+    want = run(src, x)
+    assert np.abs(run(out, x) - want).max() < 0.02 * np.abs(want).max()
+
+
+def test_sparse_initializer_in_a_body_below_opset_21_is_named(tmp_path):
+    """onnx's version converter drops the sparse initializers of If / Loop /
+    Scan bodies (the output was an invalid model): such a model below
+    opset 21 is refused, naming them; at opset 21 its layer is listed."""
+    out = tmp_path / "q.onnx"
+    rep = squant_rs.quantize_onnx(_sparse_weight_model(21, in_body=True), out, 8)
+    assert rep.skipped == ["mm_sparse"] and "inside a subgraph ('then'" in rep.notes[0]
+    ort.InferenceSession(str(out), providers=CPU)  # a valid model
+    with pytest.raises(squant_rs.OnnxFormatError) as err:
+        squant_rs.quantize_onnx(_sparse_weight_model(17, in_body=True), out, 8)
+    msg = str(err.value)
+    assert "cannot convert opset 17 to 21" in msg and "sparse initializers" in msg, msg
+    assert "'Ws'" in msg, msg
+
+
+def test_conv_transpose_is_listed_float(tmp_path):
+    """A ConvTranspose stays float and is listed in report.skipped, with a
+    note, as quantize_model lists it (quantize_onnx used to leave it out of
+    both)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.ConvTranspose2d(4, 4, 3)
+    ).eval()
+    _, want = squant_rs.quantize_model(net, 8, return_report=True)
+    assert want.skipped == ["2"]
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    float_export(net, torch.rand(1, 3, 8, 8), src)
+    rep = squant_rs.quantize_onnx(src, out, 8)
+    assert len(rep.layers) == 1 and rep.layers[0].kind == "Conv"
+    (name,) = rep.skipped
+    assert [n.op_type for n in onnx.load(str(src)).graph.node if n.name == name] == [
+        "ConvTranspose"
+    ]
+    assert rep.notes == [
+        f"{name}: a ConvTranspose (another weight layout): only Conv / Gemm / MatMul weights "
+        "are quantized; left float"
+    ]
+    assert ops(out)["ConvTranspose"] == 1
 
 
 # --------------------------------------------------------------------------

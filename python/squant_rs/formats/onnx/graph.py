@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from ...tensor.quantized import QuantizedTensor
 
 
+#: Ops with a weight operand: ConvTranspose's stays float (another layout).
+_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
 @dataclass
 class _Layer:
     """One Conv/Gemm/MatMul node whose weight is a float32 initializer."""
@@ -64,9 +68,10 @@ def _find_layers(
     """The quantizable layers in graph order and the names of those left
     float: skipped ones, and Conv / Gemm / MatMul nodes whose constant
     operand is not a weight SQuant quantizes (``notes`` gets the reason of
-    each: a weight that is no float32 initializer of the main graph, of the
-    wrong rank, or the first operand; a node inside an If / Loop / Scan
-    body; a weight read along two output-channel axes). A weight read
+    each: a weight that is no float32 initializer of the main graph (a
+    sparse one included), of the wrong rank, or the first operand; a node
+    inside an If / Loop / Scan body; a weight read along two output-channel
+    axes; a ConvTranspose with a constant weight). A weight read
     through Identity nodes counts as the initializer they copy.
     ``matched`` collects the skip patterns that matched a layer."""
     onnx = require_onnx()
@@ -78,20 +83,30 @@ def _find_layers(
     axes: dict[str, int] = {}
     conflict: set[str] = set()
     producers = {o: n for n in graph.node for o in n.output}
+    # Constants for the walks back from an operand: sparse initializers too.
+    constants = set(inits) | _sparse_names(graph)
 
     def left_float(name: str, reason: str) -> None:
         skipped.append(name)
         why.append(f"{name}: {reason}; left float")
 
     for i, node in enumerate(graph.node):
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+        if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
             continue
         name = node.name or f"{node.op_type}_{i}"
         read = node.input[1]
         source = _identity_source(producers, inits, read)
+        if node.op_type == "ConvTranspose":
+            if _is_constant(producers, constants, source):
+                left_float(
+                    name,
+                    "a ConvTranspose (another weight layout): only Conv / Gemm / MatMul weights "
+                    "are quantized",
+                )
+            continue
         w = inits.get(source)
         if w is None:
-            reason = _not_an_initializer(node, source, producers, inits)
+            reason = _not_an_initializer(node, source, producers, constants)
             if reason is not None:
                 left_float(name, reason)
             continue
@@ -139,9 +154,7 @@ def _find_layers(
     consts = _graph_constants(model) if subgraphs else set()
     for g in subgraphs:
         for i, node in enumerate(g.node):
-            if node.op_type in ("Conv", "Gemm", "MatMul") and any(
-                t in consts for t in node.input[:2]
-            ):
+            if node.op_type in _WEIGHT_OPS and any(t in consts for t in node.input[:2]):
                 left_float(
                     node.name or f"{g.name}/{node.op_type}_{i}",
                     f"it is inside a subgraph ({g.name!r}, an If / Loop / Scan body): only the "
@@ -153,11 +166,16 @@ def _find_layers(
 
 
 def _not_an_initializer(
-    node: Any, source: str, producers: dict[str, Any], inits: dict[str, Any]
+    node: Any, source: str, producers: dict[str, Any], inits: Container[str]
 ) -> str | None:
     """Why ``node``'s weight operand ``source`` (no initializer) stays
     float, or None where the node has no constant operand (two activations
-    multiplied, a Conv with a computed weight)."""
+    multiplied, a Conv with a computed weight). ``inits``: the names of the
+    initializers, sparse ones included."""
+    if source in inits:
+        return (
+            f"its weight {source!r} is a sparse initializer: only dense initializers are quantized"
+        )
     producer = producers.get(source)
     if producer is not None and producer.op_type == "Constant":
         return (
@@ -204,9 +222,10 @@ def _constant_nodes(
     return nodes
 
 
-def _is_constant(producers: dict[str, Any], inits: dict[str, Any], tensor: str) -> bool:
-    """Whether ``tensor`` depends on initializers and Constant nodes only
-    (not through a node with a subgraph; at most 256 nodes)."""
+def _is_constant(producers: dict[str, Any], inits: Container[str], tensor: str) -> bool:
+    """Whether ``tensor`` depends on initializers (the names in ``inits``)
+    and Constant nodes only (not through a node with a subgraph; at most
+    256 nodes)."""
     return (
         _constant_nodes(
             producers,
@@ -224,6 +243,7 @@ def _graph_constants(model: Any) -> set[str]:
     out: set[str] = set()
     for g in _graphs(model.graph):
         out.update(t.name for t in g.initializer)
+        out.update(_sparse_names(g))
         out.update(o for n in g.node if n.op_type == "Constant" for o in n.output)
     return out
 
@@ -247,3 +267,53 @@ def _graph_tensors(graph: Any) -> Any:
     """The initializers of ``graph`` and of its subgraphs (If / Loop / Scan bodies)."""
     for g in _graphs(graph):
         yield from g.initializer
+
+
+def _subgraph_reads(node: Any) -> set[str]:
+    """The tensors the subgraphs of ``node`` read (outer-scope ones among them)."""
+    out: set[str] = set()
+    for a in node.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            for sub in _graphs(g):
+                for n in sub.node:
+                    out.update(n.input)
+                out.update(o.name for o in sub.output)
+    return out
+
+
+def _all_tensors(model: Any) -> Any:
+    """Every TensorProto ``model`` holds, in every graph (If / Loop / Scan
+    bodies and model-local functions' included): initializers, the values
+    and indices of sparse initializers, and node attributes' tensors
+    (a Constant's ``value``, sparse ones too)."""
+    graphs = list(_graphs(model.graph))
+    node_lists = [g.node for g in graphs]
+    for f in model.functions:
+        node_lists.append(f.node)
+        for node in f.node:
+            for a in node.attribute:
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    graphs.extend(_graphs(g))
+                    node_lists.extend(sub.node for sub in _graphs(g))
+    for g in graphs:
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield sp.values
+            yield sp.indices
+    for nodes in node_lists:
+        for node in nodes:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                sparse = ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(
+                    a.sparse_tensors
+                )
+                for sp in sparse:
+                    yield sp.values
+                    yield sp.indices
+
+
+def _sparse_names(graph: Any) -> set[str]:
+    """The names of ``graph``'s sparse initializers."""
+    return {sp.values.name for sp in graph.sparse_initializer}

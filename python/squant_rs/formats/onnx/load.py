@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..._squant_rs import InvalidArgumentError
 from .common import EXTERNAL_ABOVE, MIN_OPSET, OPSET, QUANT_OPS, OnnxFormatError, require_onnx
-from .graph import _graph_tensors
+from .graph import _all_tensors, _graph_tensors, _graphs, _sparse_names
 
 
 def _default_opset(model: Any) -> int | None:
@@ -22,6 +23,7 @@ def _load(model_or_path: Any) -> tuple[Any, str | None, list[str]]:
     external data files it reads (absolute paths)."""
     onnx = require_onnx()
     if isinstance(model_or_path, onnx.ModelProto):
+        _refuse_unloaded(model_or_path)
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
         return model, None, []
@@ -44,7 +46,12 @@ def _load(model_or_path: Any) -> tuple[Any, str | None, list[str]]:
         raise OnnxFormatError(f"{path}: not an ONNX model (no graph or no IR version)")
     data_files = _external_files(model, os.path.dirname(os.path.abspath(path)))
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(path))
+        # Every tensor: onnx's load_external_data_for_model leaves sparse
+        # ones (initializers and attributes) external.
+        helper = onnx.external_data_helper
+        for t in _all_tensors(model):
+            if helper.uses_external_data(t):
+                helper.load_external_data_for_tensor(t, os.path.dirname(path))
     except Exception as exc:
         raise OnnxFormatError(
             f"{path}: cannot read its external data ({type(exc).__name__}: {exc})"
@@ -53,16 +60,42 @@ def _load(model_or_path: Any) -> tuple[Any, str | None, list[str]]:
 
 
 def _external_files(model: Any, base: str) -> list[str]:
-    """The external data files the initializers of ``model`` name (absolute)."""
+    """The external data files the tensors of ``model`` name (absolute):
+    initializers, sparse initializers and node attributes (a Constant's
+    ``value``), in every graph."""
+    files: dict[str, None] = {}
+    for t in _external_tensors(model):
+        for entry in t.external_data:
+            if entry.key == "location" and entry.value:
+                files[os.path.normpath(os.path.join(base, entry.value))] = None
+    return list(files)
+
+
+def _external_tensors(model: Any) -> list[Any]:
+    """The tensors of ``model`` whose data is in an external file."""
     from onnx import TensorProto
 
-    files: dict[str, None] = {}
-    for t in _graph_tensors(model.graph):
-        if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL:
-            for entry in t.external_data:
-                if entry.key == "location" and entry.value:
-                    files[os.path.normpath(os.path.join(base, entry.value))] = None
-    return list(files)
+    return [
+        t
+        for t in _all_tensors(model)
+        if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL
+    ]
+
+
+def _refuse_unloaded(model: Any) -> None:
+    """Refuse an in-memory model whose tensors still reference external
+    data files (``onnx.load(..., load_external_data=False)``): where those
+    files are is not known (they are relative to the model's file)."""
+    external = _external_tensors(model)
+    if not external:
+        return
+    t = external[0]
+    location = next((e.value for e in t.external_data if e.key == "location"), "")
+    raise InvalidArgumentError(
+        f"the model references external data that is not loaded ({len(external)} "
+        f"tensor{'s' if len(external) > 1 else ''}, e.g. {t.name!r} in {location!r}): pass "
+        "the .onnx file's path, or load it with onnx.load(path, load_external_data=True)"
+    )
 
 
 def _prepare(model: Any, where: str) -> Any:
@@ -91,7 +124,19 @@ def _prepare(model: Any, where: str) -> Any:
     if opset < OPSET:
         # The converter serializes the model, which protobuf refuses at 2 GB:
         # a model that large is converted without its tensor data.
+        # The converter knows no sparse initializers: it fails on the main
+        # graph's ("Input ... is undefined"), which are graph inputs
+        # meanwhile, and drops those of If / Loop / Scan bodies.
+        inner = sorted(n for g in list(_graphs(model.graph))[1:] for n in _sparse_names(g))
+        if inner:
+            raise OnnxFormatError(
+                f"{where}: cannot convert opset {opset} to {OPSET}: onnx's version converter "
+                "drops the sparse initializers of If / Loop / Scan bodies "
+                f"({', '.join(map(repr, inner[:3]))}{', ...' if len(inner) > 3 else ''}); "
+                f"store them dense, or convert the model to opset {OPSET} first"
+            )
         detached = _detach_data(model) if _tensor_bytes(model) >= EXTERNAL_ABOVE else {}
+        hidden = _hide_sparse(model)
         try:
             model = onnx.version_converter.convert_version(model, OPSET)
         except Exception as exc:
@@ -99,10 +144,44 @@ def _prepare(model: Any, where: str) -> Any:
             raise OnnxFormatError(
                 f"{where}: cannot convert opset {opset} to {OPSET} ({msg})"
             ) from None
+        _restore_sparse(model, hidden)
         _attach_data(model, detached)
     # int4 / int16 initializers need IR version 10 (opset 21's).
     model.ir_version = max(model.ir_version, 10)
     return model
+
+
+def _hide_sparse(model: Any) -> tuple[list[Any], set[str]]:
+    """Move the main graph's sparse initializers out of ``model`` for the
+    version converter, each declared as a graph input (unless it is one
+    already); returns them and the inputs added, for :func:`_restore_sparse`."""
+    from onnx import helper
+
+    graph = model.graph
+    sparse = list(graph.sparse_initializer)
+    inputs = {i.name for i in graph.input}
+    added: set[str] = set()
+    for sp in sparse:
+        name = sp.values.name
+        if name not in inputs:
+            graph.input.append(
+                helper.make_tensor_value_info(name, sp.values.data_type, list(sp.dims))
+            )
+            added.add(name)
+    del graph.sparse_initializer[:]
+    return sparse, added
+
+
+def _restore_sparse(model: Any, hidden: tuple[list[Any], set[str]]) -> None:
+    """Put back what :func:`_hide_sparse` moved out of the (converted) model."""
+    sparse, added = hidden
+    if not sparse:
+        return
+    graph = model.graph
+    keep = [i for i in graph.input if i.name not in added]
+    del graph.input[:]
+    graph.input.extend(keep)
+    graph.sparse_initializer.extend(sparse)
 
 
 def _tensor_bytes(model: Any) -> int:

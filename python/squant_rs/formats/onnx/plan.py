@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .common import QUANT_OPS
-from .graph import _constant_nodes, _Layer
+from .graph import _constant_nodes, _Layer, _subgraph_reads
 
 #: Ops whose quantized form keeps the input's scale and zero point
 #: (onnxruntime drops their Q/DQ pairs and runs them on int8).
@@ -190,10 +190,11 @@ def _const_value(model: Any, consts: dict[str, Any], tensor: str) -> np.ndarray 
 
 
 def _fold_pads(model: Any) -> int:
-    """Fold each zero ``Pad`` read only by a Conv into the Conv's ``pads``
-    (exact: the same zeros), as onnxruntime's PadFusion does for float
-    graphs; with Q/DQ pairs between them that fusion cannot happen any more
-    and the Pad would stay a float op between two quantized layers.
+    """Fold each zero ``Pad`` read only by a Conv (no If / Loop / Scan body
+    reads it) into the Conv's ``pads`` (exact: the same zeros), as
+    onnxruntime's PadFusion does for float graphs; with Q/DQ pairs between
+    them that fusion cannot happen any more and the Pad would stay a float
+    op between two quantized layers.
     Returns how many were folded."""
     from onnx import helper
 
@@ -219,6 +220,8 @@ def _fold_pads(model: Any) -> int:
         readers = [n for n in graph.node if pad.output[0] in n.input]
         if len(readers) != 1 or readers[0].op_type != "Conv":
             continue
+        if any(pad.output[0] in _subgraph_reads(n) for n in graph.node):
+            continue  # an If / Loop / Scan body reads it too
         conv = readers[0]
         if list(conv.input).count(pad.output[0]) != 1 or conv.input[0] != pad.output[0]:
             continue

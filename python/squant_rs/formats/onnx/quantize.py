@@ -50,13 +50,14 @@ def quantize_onnx(
     and (with ``abits``) onnxruntime; torch is never imported. The weights
     are the float32 initializers these nodes of the main graph read as their
     weight (second) input, 2-D for Gemm and MatMul; a layer whose constant
-    operand is something else (a Constant node's or a computed weight, a
-    first operand, another rank or dtype, a node inside an If / Loop / Scan
-    body) stays float and is listed in the report's ``skipped``, with the
-    reason in its ``notes``.
+    operand is something else (a Constant node's, a sparse initializer or a
+    computed weight, a first operand, another rank or dtype, a node inside
+    an If / Loop / Scan body) stays float and is listed in the report's
+    ``skipped``, with the reason in its ``notes``; so is a ConvTranspose.
 
-    ``model_or_path``: an ``onnx.ModelProto`` or the path of an ``.onnx``
-    file (external data next to it is read). Models below opset 21 are
+    ``model_or_path``: an ``onnx.ModelProto`` with its tensors' data (not
+    one loaded with ``load_external_data=False``) or the path of an
+    ``.onnx`` file (external data next to it is read). Models below opset 21 are
     converted with ``onnx.version_converter``. ``wbits``, ``mode`` and
     ``quantizer`` are as in :func:`quantize_tensor`; ``skip``: fnmatch
     patterns tried on node names and weight names (one that matches no
@@ -105,7 +106,8 @@ def quantize_onnx(
             :func:`quantize_model`: e.g. an ``input_shape`` with a dimension
             below 1), an output path (or, with external data, its ``.data``
             file) that is the input or one of the external data files the
-            input reads.
+            input reads (of any tensor), an ``onnx.ModelProto`` whose
+            tensors reference external data not loaded.
         TypeError: an argument of the wrong type (``input_shape`` not a
             sequence of integers, ...).
         ImportError: onnx (at 2-4 bits ml_dtypes; with ``abits``,

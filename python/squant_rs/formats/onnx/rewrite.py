@@ -11,7 +11,15 @@ import numpy as np
 
 from ..._squant_rs import InvalidArgumentError
 from ...model.activations import activation_qparams
-from .graph import _graphs, _identity_source, _initializers, _Layer, _Weight
+from .graph import (
+    _WEIGHT_OPS,
+    _graphs,
+    _identity_source,
+    _initializers,
+    _Layer,
+    _subgraph_reads,
+    _Weight,
+)
 
 if TYPE_CHECKING:
     from ...tensor.quantized import QuantizedTensor
@@ -145,18 +153,6 @@ class _Names:
             name, i = f"{base}_{i}", i + 1
         self.used.add(name)
         return name
-
-
-def _subgraph_reads(node: Any) -> set[str]:
-    """The tensors the subgraphs of ``node`` read (outer-scope ones among them)."""
-    out: set[str] = set()
-    for a in node.attribute:
-        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-            for sub in _graphs(g):
-                for n in sub.node:
-                    out.update(n.input)
-                out.update(o.name for o in sub.output)
-    return out
 
 
 def _consumers(graph: Any, tensor: str) -> int:
@@ -365,9 +361,6 @@ def _tensor_qdq(
     for node in reversed(nodes):
         graph.node.insert(at, node)
     return dq, step
-
-
-_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 #: float, float16, double, bfloat16
