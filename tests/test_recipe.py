@@ -534,6 +534,51 @@ class _BNAct(nn.BatchNorm2d):
             (2, 3, 5, 5),
             True,
         ),
+        # a fixed-kernel pool (the CIFAR heads): flattened or viewed per
+        # sample, the Linear's feature count equal to the channels' shows the
+        # pooled map is 1x1 ...
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 8, 1),
+                nn.BatchNorm2d(8),
+                nn.Sequential(nn.ReLU(), nn.AvgPool2d(4), nn.Flatten()),
+                nn.Linear(8, 4),
+            ),
+            (2, 3, 4, 4),
+            True,
+        ),
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 8, 1),
+                nn.BatchNorm2d(8),
+                _Fn(lambda x: F.avg_pool2d(x.relu(), 4).view(x.size(0), -1)),
+                nn.Linear(8, 4),
+            ),
+            (2, 3, 4, 4),
+            True,
+        ),
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 8, 1),
+                nn.BatchNorm2d(8),
+                _Fn(lambda x: F.avg_pool2d(x.relu(), 4).reshape(x.shape[0], -1)),
+                nn.Linear(8, 4),
+            ),
+            (2, 3, 4, 4),
+            True,
+        ),
+        # ... but not a view to (-1, C), which would split a larger map's
+        # positions into rows of C values
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 8, 1),
+                nn.BatchNorm2d(8),
+                _Fn(lambda x: F.avg_pool2d(x.relu(), 4).view(-1, 8)),
+                nn.Linear(8, 4),
+            ),
+            (2, 3, 4, 4),
+            False,
+        ),
     ],
     ids=[
         "linear-bn1d-linear",
@@ -553,6 +598,10 @@ class _BNAct(nn.BatchNorm2d):
         "bn2d-spatial-mean-linear",
         "bn2d-pool-view-linear",
         "bn2d-pool-squeeze-linear",
+        "bn2d-avgpool-flatten-linear",
+        "bn2d-avgpool-view-batch-linear",
+        "bn2d-avgpool-reshape-batch-linear",
+        "bn2d-avgpool-view-channels-linear",
     ],
 )
 def test_statistics_only_where_the_axis_and_forward_are_known(build, shape, has_stats) -> None:  # type: ignore[no-untyped-def]

@@ -241,6 +241,10 @@ class ChannelStats:
     #: this says. After a reshape, a last ``"C"`` holds the channels in
     #: order where its size is the channel count (the reader's feature
     #: count is checked against that: :meth:`RecipePlan.input_stats`).
+    #: ``"C*"``: the channels merged with spatial dimensions of unknown
+    #: size (a flatten after a fixed-kernel pool), which hold the channels
+    #: in order where the size is the channel count (the spatial sizes are
+    #: then 1), as for a last ``"C"``.
     layout: tuple[str, ...] | None = None
 
     def clipped(self, lo: float, hi: float, name: str) -> ChannelStats:
@@ -257,8 +261,10 @@ class ChannelStats:
     @property
     def features_last(self) -> bool:
         """Whether the channels are the last dimension (what a ``Linear``
-        reads as its features): :attr:`layout` ends in its one ``"C"``."""
-        return self.layout is not None and self.layout[-1] == "C" and self.layout.count("C") == 1
+        reads as its features): :attr:`layout` ends in its one ``"C"`` or
+        ``"C*"``."""
+        lay = self.layout
+        return lay is not None and lay[-1] in _CHANNELS and sum(t in _CHANNELS for t in lay) == 1
 
     def with_layout(self, layout: tuple[str, ...] | None) -> ChannelStats:
         """The same statistics with :attr:`layout` replaced (moments kept)."""
@@ -541,6 +547,9 @@ def _is_passthrough(target: Any, module: Any) -> bool:
     return target in tables["pass_targets"]
 
 
+#: The layout tokens that hold the channels (:attr:`ChannelStats.layout`).
+_CHANNELS = ("C", "C*")
+
 #: :func:`_layout_after`'s answer where the op averages the channels
 #: together (their statistics no longer describe any dimension).
 _GONE = ("gone",)
@@ -568,11 +577,16 @@ def _arg(node: Any, i: int, name: str, default: Any) -> Any:
 
 def _merged(tokens: Sequence[str]) -> str:
     """The token of dimensions merged into one: ``"1"`` if all are, the one
-    other token if only one is not, else ``"X"``."""
+    other token if only one is not, ``"C*"`` for the channels and spatial
+    dimensions, else ``"X"``."""
     rest = [t for t in tokens if t != "1"]
     if not rest:
         return "1"
-    return rest[0] if len(rest) == 1 else "X"
+    if len(rest) == 1:
+        return rest[0]
+    if sum(t in _CHANNELS for t in rest) == 1 and all(t in (*_CHANNELS, "S") for t in rest):
+        return "C*"
+    return "X"
 
 
 def _layout_after(
@@ -590,7 +604,7 @@ def _layout_after(
     rank = len(layout)
     adaptive, k = _pool_dims(target, module)
     if k:
-        if rank < k + 1 or any(t in ("N", "C") for t in layout[-k:]):
+        if rank < k + 1 or any(t in ("N", *_CHANNELS) for t in layout[-k:]):
             return None
         if not adaptive:
             return layout[:-k] + ("S",) * k
@@ -620,7 +634,7 @@ def _layout_after(
         dims = _dims(dim, rank)
         if dims is None or type(keep) is not bool:
             return None
-        if any(layout[d] == "C" for d in dims):
+        if any(layout[d] in _CHANNELS for d in dims):
             return _GONE
         if keep:
             return tuple("1" if d in dims else t for d, t in enumerate(layout))
@@ -629,7 +643,7 @@ def _layout_after(
         dim = _arg(node, 1, "dim", None)
         if dim is None:  # every size-1 dimension: more than the "1"s where a size is 1
             rest = tuple(t for t in layout if t != "1")
-            return rest if rest in (("N", "C"), ("C",)) else None
+            return rest if rest in (("N", "C"), ("C",), ("N", "C*"), ("C*",)) else None
         dims = _dims(dim, rank)
         if dims is None or any(layout[d] != "1" for d in dims):
             return None  # a dimension that may or may not be removed
@@ -663,17 +677,43 @@ def _reshaped(node: Any, layout: tuple[str, ...]) -> tuple[str, ...] | None:
     the channels in order wherever its size is the channel count (a
     ``Linear`` reading it has that many features, which
     :meth:`RecipePlan.input_stats` checks), e.g. ``x.view(x.size(0), -1)``
-    after a global pool."""
-    if tuple(t for t in layout if t != "1") not in (("N", "C"), ("C",)):
-        return None
-    shape = node.args[1:] or (node.kwargs.get("shape", node.kwargs.get("size")),)
+    after a global pool. A value that also has spatial dimensions of
+    unknown size (after a fixed-kernel pool) only as ``(batch size, -1)``
+    (``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``): each
+    sample's channels and positions, channel-major (``"C*"``)."""
+    rest = tuple(t for t in layout if t != "1")
+    shape: tuple[Any, ...] = node.args[1:] or (node.kwargs.get("shape", node.kwargs.get("size")),)
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
-    elif len(shape) == 1 and type(shape[0]) is not int:
+    if rest not in (("N", "C"), ("C",)):
+        spatial = rest[:1] == ("N",) and _merged(rest[1:]) == "C*"
+        if spatial and len(shape) == 2 and _is_batch_size(shape[0]) and shape[1] == -1:
+            return ("N", "C*")
+        return None
+    if len(shape) == 1 and type(shape[0]) is not int:
         return None  # e.g. a shape computed in the graph: its length is unknown
     if not shape or any(d is None or isinstance(d, (tuple, list)) for d in shape):
         return None
     return ("X",) * (len(shape) - 1) + ("C",)
+
+
+def _is_batch_size(d: Any) -> bool:
+    """Whether graph value ``d`` is a tensor's dimension 0 (``x.size(0)``,
+    ``x.shape[0]``, ``x.size()[0]``)."""
+    if getattr(d, "op", None) == "call_method" and d.target == "size":
+        return tuple(d.args[1:]) == (0,) or (len(d.args) == 1 and d.kwargs.get("dim") == 0)
+    if getattr(d, "op", None) == "call_function" and d.target is operator.getitem:
+        src, index = d.args[0], d.args[1]
+        if type(index) is not int or index != 0:
+            return False
+        whole_size = getattr(src, "op", None) == "call_method" and src.target == "size"
+        shape = (
+            getattr(src, "op", None) == "call_function"
+            and src.target is getattr
+            and src.args[1:] == ("shape",)
+        )
+        return (whole_size and len(src.args) == 1 and not src.kwargs) or shape
+    return False
 
 
 def analyze(
