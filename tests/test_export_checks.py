@@ -45,9 +45,18 @@ def _compiled(model: nn.Module) -> nn.Module:
     return torch.compile(model)  # type: ignore[return-value]
 
 
+def _compiled_inside(model: nn.Module) -> nn.Module:
+    model[2] = _compiled(model[2])
+    return model
+
+
 WRAPPERS = {
     "dataparallel": (nn.DataParallel, "DataParallel.*model\\.module"),
     "compiled": (_compiled, "torch\\.compile.*model\\._orig_mod"),
+    "compiled submodule": (
+        _compiled_inside,
+        "submodule '2' is wrapped in torch\\.compile.*2\\._orig_mod",
+    ),
 }
 
 
@@ -69,7 +78,7 @@ def test_wrapped_model_is_refused_before_any_work(tmp_path, monkeypatch, wrapper
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+@pytest.mark.parametrize("wrapper", ["dataparallel", "compiled"])
 def test_cli_export_of_a_wrapped_model_is_one_line(tmp_path, capsys, monkeypatch, wrapper) -> None:
     build = {
         "dataparallel": "torch.nn.DataParallel(net)",

@@ -417,18 +417,27 @@ def _check_not_wrapped(model: nn.Module) -> None:
     from torch import nn
 
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        kind, inner = type(model).__name__, "model.module"
-    else:
-        # torch.compile's wrapper (its module is loaded once torch.compile ran)
-        frame = sys.modules.get("torch._dynamo.eval_frame")
-        optimized = getattr(frame, "OptimizedModule", None)
-        if optimized is None or not isinstance(model, optimized):
-            return
-        kind, inner = f"torch.compile ({type(model).__name__})", "model._orig_mod"
-    raise InvalidArgumentError(
-        f"export_onnx cannot export a model wrapped in {kind}: torch's ONNX exporter does "
-        f"not support the wrapper; pass the wrapped model, {inner}"
-    )
+        raise InvalidArgumentError(
+            f"export_onnx cannot export a model wrapped in {type(model).__name__}: torch's "
+            "ONNX exporter does not support the wrapper; pass the wrapped model, model.module"
+        )
+    # torch.compile's wrapper (its module is loaded once torch.compile ran),
+    # around the model or one of its submodules
+    frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(frame, "OptimizedModule", None)
+    if optimized is None:
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, optimized):
+            where = "a model" if not name else f"a model whose submodule {name!r} is"
+            inner = (
+                "model._orig_mod" if not name else f"the model with {name}._orig_mod in its place"
+            )
+            raise InvalidArgumentError(
+                f"export_onnx cannot export {where} wrapped in torch.compile "
+                f"({type(m).__name__}): torch's ONNX exporter does not support the wrapper; "
+                f"pass {inner}"
+            )
 
 
 def _check_float32(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
