@@ -345,6 +345,16 @@ def test_meta_batchnorm_is_a_clear_error() -> None:
         squant_rs.quantize_model(model, 4)
 
 
+@pytest.mark.parametrize("layer", [0, 3])
+def test_meta_bias_is_a_clear_error(layer: int) -> None:
+    """Real weights but a bias on the meta device: named (squant+'s bias
+    correction raised torch's NotImplementedError from its write)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    model[layer].bias = nn.Parameter(torch.empty(4, device="meta"))
+    with pytest.raises(squant_rs.InvalidArgumentError, match=f"{layer}: bias is a meta tensor"):
+        squant_rs.quantize_model(model.eval(), 8)
+
+
 def test_uncopyable_model_is_a_clear_error() -> None:
     class Locked(nn.Module):
         def __init__(self) -> None:

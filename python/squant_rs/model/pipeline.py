@@ -528,7 +528,8 @@ def _weight(module: nn.Module) -> Any:
 def _check_not_meta(chosen: Sequence[tuple[str, Any]]) -> None:
     """Raise the weight check's error for the first layer whose weight is a
     meta tensor (a model built on ``torch.device("meta")`` and never
-    loaded), before anything reads the model's values.
+    loaded), or whose bias is (the recipe's folding and bias correction
+    read it), before anything reads the model's values.
 
     Raises:
         InvalidArgumentError: ``<layer>: weight is a meta tensor: ...``.
@@ -537,6 +538,11 @@ def _check_not_meta(chosen: Sequence[tuple[str, Any]]) -> None:
         if module.weight.is_meta:
             raise InvalidArgumentError(
                 f"{name or 'weight'}: weight is a meta tensor: it has no values to quantize"
+            )
+        bias = getattr(module, "_parameters", {}).get("bias")
+        if bias is not None and bias.is_meta:
+            raise InvalidArgumentError(
+                f"{name or 'layer'}: bias is a meta tensor: it has no values to read"
             )
 
 
