@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..output import check_regular_input
 from .common import EXTERNAL_ABOVE, MIN_OPSET, OPSET, QUANT_OPS, OnnxFormatError, require_onnx
 from .graph import _graph_tensors
 
@@ -34,6 +35,7 @@ def _load(model_or_path: Any) -> tuple[Any, str | None, list[str]]:
         raise OnnxFormatError(f"{path}: file not found")
     if os.path.isdir(path):
         raise OnnxFormatError(f"{path}: is a directory, not an ONNX file")
+    check_regular_input(path)  # a FIFO or a device: refused, not waited on
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
@@ -43,6 +45,8 @@ def _load(model_or_path: Any) -> tuple[Any, str | None, list[str]]:
     if model.ir_version < 3 or not model.HasField("graph") or not model.graph.node:
         raise OnnxFormatError(f"{path}: not an ONNX model (no graph or no IR version)")
     data_files = _external_files(model, os.path.dirname(os.path.abspath(path)))
+    for data_file in data_files:
+        check_regular_input(data_file)
     try:
         onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(path))
     except Exception as exc:
