@@ -62,7 +62,6 @@ import math
 import os
 import re
 import shutil
-import stat
 import sys
 import time
 import warnings
@@ -73,7 +72,7 @@ import numpy as np
 
 from ._shapes import he_weights, resnet_shapes
 from ._squant_rs import THREADS_ENV_VAR, InvalidArgumentError, SquantError, __version__
-from .formats.output import _kind, check_output
+from .formats.output import check_output, check_regular_input
 from .formats.safetensors import (
     FORMAT_NAME,
     FormatError,
@@ -387,12 +386,7 @@ def load_input(path: str) -> tuple[dict[str, RawTensor], str]:
         raise CliError(f"input file not found: {path}")
     if os.path.isdir(path):
         raise CliError(f"input is a directory, not a file: {path}")
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        # A FIFO or a device would block the read below, or never end.
-        raise CliError(
-            f"input {path} is {_kind(mode)}, not a regular file: squant-rs reads regular files only"
-        )
+    check_regular_input(path)  # a FIFO or a device would block the read below, or never end
     kind = _sniff(path)
     if kind == "unknown" and path.endswith(".safetensors"):
         kind = "safetensors"  # let the reader say what is wrong with it
@@ -629,6 +623,11 @@ def _load_weights(model: Any, path: str) -> None:
         raise CliError(f"{path}: file not found")
     if os.path.isdir(path):
         raise CliError(f"{path}: is a directory, not a state dict file")
+    check_regular_input(path)  # a FIFO or a device would block torch.load, or never end
+    if _sniff(path) != "torch":
+        raise CliError(
+            f"{path}: not a torch checkpoint (--weights takes a state dict saved with torch.save)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files
