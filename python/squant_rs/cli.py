@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import re
@@ -95,6 +96,8 @@ from .tensor.validate import MAX_THREADS, MODES, QUANTIZERS, UnsupportedDtypeErr
 from .torch.adapter import TORCH_INSTALL_HINT
 
 PROG = "squant-rs"
+#: The index file of a sharded checkpoint (the Hugging Face layout).
+SHARD_INDEX = "model.safetensors.index.json"
 #: Most dimensions a tensor may have (numpy's limit).
 MAX_DIMS = 64
 #: Exit status when stdout is a pipe that was closed early (128 + SIGPIPE).
@@ -436,6 +439,24 @@ def _unmatched_patterns(
     return notes
 
 
+def _shard_tensors(src: str) -> dict[str, RawTensor] | None:
+    """The tensors (headers only) of every shard of the sharded checkpoint
+    ``src`` (a directory or its index), for :func:`_unmatched_patterns`,
+    read once its quantization (which checked the index and the shards) has
+    succeeded; ``None`` if they cannot be read again."""
+    index = os.path.join(src, SHARD_INDEX) if os.path.isdir(src) else src
+    tensors: dict[str, RawTensor] = {}
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        for shard in dict.fromkeys(weight_map.values()):
+            path = os.path.join(os.path.dirname(index), shard)
+            tensors.update(read_safetensors(path, data=False)[0])
+    except (OSError, ValueError, LookupError, TypeError, AttributeError):
+        return None  # changed since it was quantized
+    return tensors
+
+
 class _StageClock:
     """Wraps the progress callback of ``_export`` and notes when the last
     weight is done: the boundary between quantizing and writing."""
@@ -742,7 +763,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     sharded = is_sharded(src)
     if not sharded:
         _check_output(dst, inputs=[src])
-    with _thread_count(args.threads) as threads:
+    # Warnings (torch's, and the unmatched patterns') only when it succeeds.
+    with _warnings_as_lines(), _thread_count(args.threads) as threads:
         start = time.perf_counter()
         if sharded:
             if not os.path.exists(src):  # an index path in a missing directory
@@ -753,8 +775,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             tensors, kind = load_input(src)
         include = tuple(args.include) if args.include else None
         skip = tuple(args.skip or ())
-        for note in [] if sharded else _unmatched_patterns(tensors, include, skip):
-            _message("warning", note)
+        notes = [] if sharded else _unmatched_patterns(tensors, include, skip)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # reported above
             keys = select_state_dict(tensors, include, skip)
@@ -785,6 +806,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             report, n_tensors = result.report, result.tensors
             if sharded:
                 kind = f"sharded safetensors, {result.shards} shards"
+                shards = _shard_tensors(src)
+                notes = [] if shards is None else _unmatched_patterns(shards, include, skip)
             clock = None
         else:
             progress = Progress(sys.stderr)
@@ -807,6 +830,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                 progress.close()
             n_tensors = len(tensors)
         written = time.perf_counter()
+        for note in notes:
+            _message("warning", note)
     if args.quiet:
         return 0
     if args.verbose:
