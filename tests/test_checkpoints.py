@@ -664,6 +664,75 @@ def test_fifo_input_is_refused_by_the_api(tmp_path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["ck", "in.safetensors"]
 
 
+_ONNX_READ = """
+import sys
+import numpy as np
+import onnx
+import squant_rs
+from onnx import TensorProto, helper, numpy_helper
+
+if sys.argv[1] == "make":  # a MatMul model with its weight in an external data file
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, sys.argv[2], save_as_external_data=True, location="w.data", size_threshold=0)
+else:
+    try:
+        squant_rs.quantize_onnx(sys.argv[2], sys.argv[3])
+    except squant_rs.InvalidArgumentError as exc:
+        print(exc)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_or_device_onnx_input_is_refused(tmp_path) -> None:
+    """README: a FIFO or a device is refused before it is read, not waited
+    on. An ONNX input (or its external data file) that is a FIFO blocked
+    quantize_onnx and `squant-rs quantize` forever, and a link to a device
+    was read as a model (/dev/zero without end). In subprocesses, as a hang
+    would block the test run."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnx")
+    script = tmp_path / "read_onnx.py"
+    script.write_text(_ONNX_READ)
+    os.mkfifo(tmp_path / "fifo.onnx")
+    (tmp_path / "null.onnx").symlink_to(os.devnull)
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    subprocess.run([sys.executable, script, "make", ext / "m.onnx"], check=True, timeout=300)
+    (ext / "w.data").unlink()
+    os.mkfifo(ext / "w.data")
+    cases = [
+        (tmp_path / "fifo.onnx", "a FIFO"),
+        (tmp_path / "null.onnx", "a character device"),
+        (ext / "m.onnx", "a FIFO"),
+    ]
+    for src, kind in cases:
+        shown = ext / "w.data" if src.parent == ext else src
+        want = f"input {shown} is {kind}, not a regular file: squant-rs reads regular files only"
+        out = tmp_path / "out.onnx"
+        api = subprocess.run(
+            [sys.executable, script, "api", src, out], capture_output=True, text=True, timeout=60
+        )
+        assert api.returncode == 0 and api.stdout == want + "\n", (src, api.stderr)
+        cli = subprocess.run(
+            [sys.executable, "-m", "squant_rs", "quantize", src, out],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode == 2 and cli.stderr == f"squant-rs: error: {want}\n", src
+        assert not out.exists()
+
+
 def test_float8_tensors_are_kept_as_they_are(tmp_path, capsys) -> None:
     """Only float64/32/16 and bfloat16 tensors are quantizable: a float8
     weight is not selected (it was, and save_quantized then refused it as

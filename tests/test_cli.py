@@ -287,6 +287,22 @@ def _subprocess(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning")
+def test_torchscript_input_is_one_error_line(tmp_path) -> None:
+    """A TorchScript archive as the input: one error line (torch.load's
+    UserWarning about the archive, and its source line, came first)."""
+    torch = pytest.importorskip("torch")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(3, 3)), tmp_path / "ts.pth")
+    out = tmp_path / "o.safetensors"
+    p = _subprocess(
+        sys.executable, "-m", "squant_rs", "quantize", str(tmp_path / "ts.pth"), str(out)
+    )
+    assert p.returncode == 2
+    _assert_one_error_line(p.stderr, "it is a TorchScript archive (torch.jit.save)")
+    assert not out.exists()
+
+
 def test_subprocess_exit_codes(tmp_path, st_file) -> None:
     out = tmp_path / "o.safetensors"
     p = _subprocess(sys.executable, "-m", "squant_rs", "quantize", str(tmp_path / "nope"), str(out))

@@ -117,9 +117,17 @@ def _bad_cases(tmp_path, w):
             ["export_models:small", "o.onnx", "--weights", str(tmp_path / "nope.pth")],
             "file not found",
         ),
+        # it said "cannot load torch checkpoint (it holds Python objects ...)",
+        # for a text file "(174812789)", a bare KeyError
         "junk weights": (
             ["export_models:small", "o.onnx", "--weights", str(tmp_path / "junk.pth")],
-            "cannot load torch checkpoint",
+            "junk.pth: not a torch checkpoint (--weights takes a state dict saved with torch.save)",
+        ),
+        # it was loaded (empty: "cannot load torch checkpoint"; /dev/zero: read to
+        # the end of memory or "holds Python objects")
+        "device weights": (
+            ["export_models:small", "o.onnx", "--weights", os.devnull],
+            f"input {os.devnull} is a character device, not a regular file",
         ),
         "mismatched weights": (
             ["export_models:small", "o.onnx", "--weights", str(mismatched)],
@@ -189,6 +197,32 @@ def test_bad_input_exit_2_one_line_no_output(tmp_path, weights, capsys, monkeypa
     assert main(["export", "export_models:small", str(onnx_w), "--weights", str(onnx_w)]) == 2
     assert "equals the input" in capsys.readouterr().err
     assert onnx_w.read_bytes() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_weights_are_refused_not_waited_on(tmp_path):
+    """``--weights`` that is a FIFO: one error line at once (torch.load
+    blocked on it forever). In a subprocess, as a hang would block the run."""
+    import subprocess
+
+    os.mkfifo(tmp_path / "w.pth")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    argv = ["export", "export_models:small", "o.onnx", "--weights", "w.pth"]
+    r = subprocess.run(
+        [sys.executable, "-m", "squant_rs", *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": path},
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr == (
+        "squant-rs: error: input w.pth is a FIFO, not a regular file: squant-rs reads regular "
+        "files only\n"
+    )
+    assert os.listdir(tmp_path) == ["w.pth"]
 
 
 @pytest.mark.filterwarnings("ignore:the model .* has no Conv1d")

@@ -685,3 +685,19 @@ def test_quantize_checkpoint_is_public() -> None:
 
     assert squant_rs.quantize_checkpoint is quantize_checkpoint
     assert "quantize_checkpoint" in squant_rs.__all__
+
+
+def test_inspect_and_verify_quantized_are_public(tmp_path) -> None:
+    """docs/format.md and the README name inspect_quantized and
+    verify_quantized beside load_quantized; they were only in
+    squant_rs.formats.safetensors (``from squant_rs import
+    inspect_quantized`` failed)."""
+    from squant_rs.formats import safetensors
+
+    for name in ("inspect_quantized", "verify_quantized"):
+        assert getattr(squant_rs, name) is getattr(safetensors, name)
+        assert name in squant_rs.__all__
+    out = tmp_path / "q.safetensors"
+    squant_rs.save_quantized({"a.weight": np.ones((4, 4), np.float32)}, out)
+    assert [t.name for t in squant_rs.inspect_quantized(out).quantized] == ["a.weight"]
+    squant_rs.verify_quantized(out)

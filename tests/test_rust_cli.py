@@ -159,6 +159,38 @@ def test_sharded_same_as_python(tmp_path, squant_bin: str) -> None:
     assert r.returncode == 2 and "not empty" in _message(r.stderr)
 
 
+def test_sharded_unmatched_patterns_warn_like_a_single_file(tmp_path, squant_bin: str) -> None:
+    """A pattern that matches no tensor of any shard gets one warning line in
+    both CLIs, as for a single file (neither said anything for a sharded
+    checkpoint); a pattern matching in one shard only is no warning. A run
+    that fails prints its one error line only."""
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    weight_map = {}
+    for j in range(2):
+        name = f"model-{j + 1:05d}-of-00002.safetensors"
+        w = RawTensor.from_numpy(rng.standard_normal((6, 10)).astype(np.float32))
+        write_safetensors(src / name, {f"l{j}.weight": w})
+        weight_map[f"l{j}.weight"] = name
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    options = ["-q", "--include", "*weight", "zz*", "--skip", "l1", "typo*"]
+    p = _py("quantize", str(src), str(tmp_path / "py"), *options)
+    r = _run(squant_bin, "quantize", str(src), str(tmp_path / "rs"), *options)
+    assert p.returncode == r.returncode == 0, (p.stderr, r.stderr)
+    assert p.stderr.splitlines() == [
+        "squant-rs: warning: --include pattern 'zz*' matches no floating tensor of 2+ dimensions",
+        "squant-rs: warning: --skip pattern 'typo*' matches no tensor that would be quantized",
+    ]
+    assert p.stderr.replace("squant-rs: ", "") == r.stderr.replace("squant: ", "")
+    for index in (src, src / "model.safetensors.index.json"):
+        p = _py("quantize", str(index), str(tmp_path / "py2"), "--include", "nothing*")
+        r = _run(squant_bin, "quantize", str(index), str(tmp_path / "rs2"), "--include", "nothing*")
+        assert p.returncode == r.returncode == 2
+        assert p.stderr.count("\n") == 1 and "no tensor to quantize" in p.stderr, p.stderr
+        assert p.stderr.replace("squant-rs: ", "") == r.stderr.replace("squant: ", "")
+
+
 def test_same_errors_as_python(tmp_path, squant_bin: str) -> None:
     src = tmp_path / "in.safetensors"
     _checkpoint(src)
@@ -185,8 +217,10 @@ def test_same_errors_as_python(tmp_path, squant_bin: str) -> None:
     for argv in cases:
         p, r = _py(*argv), _run(squant_bin, *argv)
         assert p.returncode == r.returncode == 2, argv
-        assert p.stderr.splitlines()[-1].startswith("squant-rs: error: "), argv
-        # the same lines (warnings, then one error), program name aside
+        # one error line, the same, program name aside (an unmatched pattern's
+        # warning came before it: warnings are printed only when a run succeeds)
+        assert p.stderr.count("\n") == 1, argv
+        assert p.stderr.startswith("squant-rs: error: "), argv
         assert p.stderr.replace("squant-rs: ", "") == r.stderr.replace("squant: ", ""), argv
     assert sorted(os.listdir(tmp_path)) == ["cut.safetensors", "in.safetensors", "t.safetensors"]
     r = _run(squant_bin, "quantize", str(src), str(out), "--wbits", "9")

@@ -23,10 +23,12 @@ from .errors import (
 )
 from .formats.onnx import OnnxFormatError, export_onnx, quantize_onnx
 from .formats.safetensors import (
+    inspect_quantized,
     load_quantized,
     quantize_checkpoint,
     save_quantized,
     select_state_dict,
+    verify_quantized,
 )
 from .model import (
     DEFAULT_INPUT_SHAPE,
@@ -58,6 +60,7 @@ __all__ = [
     "__version__",
     "default_s_sigma",
     "export_onnx",
+    "inspect_quantized",
     "load_quantized",
     "quantize_model",
     "quantize_onnx",
@@ -66,4 +69,5 @@ __all__ = [
     "quantize_checkpoint",
     "save_quantized",
     "select_state_dict",
+    "verify_quantized",
 ]

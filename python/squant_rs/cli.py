@@ -58,11 +58,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import re
 import shutil
-import stat
 import sys
 import time
 import warnings
@@ -73,7 +73,7 @@ import numpy as np
 
 from ._shapes import he_weights, resnet_shapes
 from ._squant_rs import THREADS_ENV_VAR, InvalidArgumentError, SquantError, __version__
-from .formats.output import _kind, check_output
+from .formats.output import check_output, check_regular_input
 from .formats.safetensors import (
     FORMAT_NAME,
     FormatError,
@@ -96,6 +96,8 @@ from .tensor.validate import MAX_THREADS, MODES, QUANTIZERS, UnsupportedDtypeErr
 from .torch.adapter import TORCH_INSTALL_HINT
 
 PROG = "squant-rs"
+#: The index file of a sharded checkpoint (the Hugging Face layout).
+SHARD_INDEX = "model.safetensors.index.json"
 #: Most dimensions a tensor may have (numpy's limit).
 MAX_DIMS = 64
 #: Exit status when stdout is a pipe that was closed early (128 + SIGPIPE).
@@ -387,12 +389,7 @@ def load_input(path: str) -> tuple[dict[str, RawTensor], str]:
         raise CliError(f"input file not found: {path}")
     if os.path.isdir(path):
         raise CliError(f"input is a directory, not a file: {path}")
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        # A FIFO or a device would block the read below, or never end.
-        raise CliError(
-            f"input {path} is {_kind(mode)}, not a regular file: squant-rs reads regular files only"
-        )
+    check_regular_input(path)  # a FIFO or a device would block the read below, or never end
     kind = _sniff(path)
     if kind == "unknown" and path.endswith(".safetensors"):
         kind = "safetensors"  # let the reader say what is wrong with it
@@ -440,6 +437,24 @@ def _unmatched_patterns(
             if len(select_state_dict(tensors, include, (pat,))) == candidates
         ]
     return notes
+
+
+def _shard_tensors(src: str) -> dict[str, RawTensor] | None:
+    """The tensors (headers only) of every shard of the sharded checkpoint
+    ``src`` (a directory or its index), for :func:`_unmatched_patterns`,
+    read once its quantization (which checked the index and the shards) has
+    succeeded; ``None`` if they cannot be read again."""
+    index = os.path.join(src, SHARD_INDEX) if os.path.isdir(src) else src
+    tensors: dict[str, RawTensor] = {}
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        for shard in dict.fromkeys(weight_map.values()):
+            path = os.path.join(os.path.dirname(index), shard)
+            tensors.update(read_safetensors(path, data=False)[0])
+    except (OSError, ValueError, LookupError, TypeError, AttributeError):
+        return None  # changed since it was quantized
+    return tensors
 
 
 class _StageClock:
@@ -629,6 +644,11 @@ def _load_weights(model: Any, path: str) -> None:
         raise CliError(f"{path}: file not found")
     if os.path.isdir(path):
         raise CliError(f"{path}: is a directory, not a state dict file")
+    check_regular_input(path)  # a FIFO or a device would block torch.load, or never end
+    if _sniff(path) != "torch":
+        raise CliError(
+            f"{path}: not a torch checkpoint (--weights takes a state dict saved with torch.save)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files
@@ -743,7 +763,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     sharded = is_sharded(src)
     if not sharded:
         _check_output(dst, inputs=[src])
-    with _thread_count(args.threads) as threads:
+    # Warnings (torch's, and the unmatched patterns') only when it succeeds.
+    with _warnings_as_lines(), _thread_count(args.threads) as threads:
         start = time.perf_counter()
         if sharded:
             if not os.path.exists(src):  # an index path in a missing directory
@@ -754,8 +775,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             tensors, kind = load_input(src)
         include = tuple(args.include) if args.include else None
         skip = tuple(args.skip or ())
-        for note in [] if sharded else _unmatched_patterns(tensors, include, skip):
-            _message("warning", note)
+        notes = [] if sharded else _unmatched_patterns(tensors, include, skip)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # reported above
             keys = select_state_dict(tensors, include, skip)
@@ -786,6 +806,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             report, n_tensors = result.report, result.tensors
             if sharded:
                 kind = f"sharded safetensors, {result.shards} shards"
+                shards = _shard_tensors(src)
+                notes = [] if shards is None else _unmatched_patterns(shards, include, skip)
             clock = None
         else:
             progress = Progress(sys.stderr)
@@ -808,6 +830,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                 progress.close()
             n_tensors = len(tensors)
         written = time.perf_counter()
+        for note in notes:
+            _message("warning", note)
     if args.quiet:
         return 0
     if args.verbose:

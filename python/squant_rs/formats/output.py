@@ -107,6 +107,22 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def check_regular_input(path: str) -> None:
+    """Refuse an existing input that is not a regular file (a FIFO or a
+    device would block the read, or never end) with
+    :class:`~squant_rs.InvalidArgumentError`, before anything opens it
+    (symlinks followed); the message is the one the Rust readers give. A
+    missing path or a directory passes: the caller says what is wrong."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise InvalidArgumentError(
+            f"input {path} is {_kind(mode)}, not a regular file: squant-rs reads regular files only"
+        )
+
+
 def check_output(path: PathLike, *, inputs: Iterable[PathLike] = ()) -> str:
     """Check that ``path`` may be written by :func:`atomic_output`.
 

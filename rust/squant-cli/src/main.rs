@@ -446,6 +446,20 @@ fn unmatched_patterns(
     notes
 }
 
+/// [`unmatched_patterns`] over every shard of a sharded checkpoint, read
+/// once its quantization (which checked the index and the shards) has
+/// succeeded; none if they cannot be read again.
+fn sharded_notes(src: &Path, include: &[String], skip: &[String]) -> Vec<String> {
+    match squant_io::sharded::read_index(src).and_then(|i| squant_io::sharded::open_shards(&i)) {
+        Ok(files) => {
+            let entries: Vec<squant_io::Entry> =
+                files.into_iter().flat_map(|f| f.entries).collect();
+            unmatched_patterns(&entries, include, skip)
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
 const MAX_DIMS: usize = 64;
 
 #[allow(clippy::too_many_arguments)]
@@ -470,6 +484,9 @@ fn cmd_quantize(
     let start = Instant::now();
     let mut kind = "safetensors".to_string();
     let mut file = None;
+    // Printed only when the quantization succeeds (after an error, its one
+    // line says what went wrong), as the Python CLI.
+    let mut notes = Vec::new();
     if !sharded {
         if !src.exists() {
             return fail(format!("input file not found: {}", show(src)));
@@ -510,9 +527,7 @@ fn cmd_quantize(
                 e.shape.len()
             ));
         }
-        for note in unmatched_patterns(&f.entries, &include, &skip) {
-            message("warning", &note);
-        }
+        notes = unmatched_patterns(&f.entries, &include, &skip);
         file = Some(f);
     } else if !src.exists() {
         return fail(format!("input file not found: {}", show(src)));
@@ -546,6 +561,7 @@ fn cmd_quantize(
             bar.finish_and_clear();
             let r = r?;
             kind = format!("sharded safetensors, {} shards", r.shards);
+            notes = sharded_notes(src, &opts.include, &opts.skip);
             r.report
         }
         Some(file) => {
@@ -580,6 +596,9 @@ fn cmd_quantize(
         }
     };
     let written = Instant::now();
+    for note in notes {
+        message("warning", &note);
+    }
     if quiet {
         return Ok(());
     }

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from ..._squant_rs import InvalidArgumentError
+from ..output import check_regular_input
 from .common import EXTERNAL_ABOVE, MIN_OPSET, OPSET, QUANT_OPS, OnnxFormatError, require_onnx
 from .graph import _all_tensors, _graph_tensors, _graphs, _sparse_names
 
@@ -36,6 +37,7 @@ def _load(model_or_path: Any) -> tuple[Any, str | None, list[str]]:
         raise OnnxFormatError(f"{path}: file not found")
     if os.path.isdir(path):
         raise OnnxFormatError(f"{path}: is a directory, not an ONNX file")
+    check_regular_input(path)  # a FIFO or a device: refused, not waited on
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
@@ -45,6 +47,8 @@ def _load(model_or_path: Any) -> tuple[Any, str | None, list[str]]:
     if model.ir_version < 3 or not model.HasField("graph") or not model.graph.node:
         raise OnnxFormatError(f"{path}: not an ONNX model (no graph or no IR version)")
     data_files = _external_files(model, os.path.dirname(os.path.abspath(path)))
+    for data_file in data_files:
+        check_regular_input(data_file)
     try:
         # Every tensor: onnx's load_external_data_for_model leaves sparse
         # ones (initializers and attributes) external.
