@@ -567,6 +567,22 @@ class _BNAct(nn.BatchNorm2d):
             (2, 3, 4, 4),
             True,
         ),
+        # ... nor a view to the size of another value's dimension 0 (here
+        # 4 rows per sample, each a channel's positions)
+        (
+            lambda: _Chain(
+                nn.Conv2d(3, 8, 1),
+                nn.BatchNorm2d(8),
+                _Fn(
+                    lambda x: F.avg_pool2d(x, 2).view(
+                        F.avg_pool2d(x, 2).flatten(2).transpose(1, 2).reshape(-1, 8).size(0), -1
+                    )
+                ),
+                nn.Linear(8, 4),
+            ),
+            (2, 3, 8, 8),
+            False,
+        ),
         # ... but not a view to (-1, C), which would split a larger map's
         # positions into rows of C values
         (
@@ -601,6 +617,7 @@ class _BNAct(nn.BatchNorm2d):
         "bn2d-avgpool-flatten-linear",
         "bn2d-avgpool-view-batch-linear",
         "bn2d-avgpool-reshape-batch-linear",
+        "bn2d-avgpool-view-other-batch-linear",
         "bn2d-avgpool-view-channels-linear",
     ],
 )

@@ -590,14 +590,19 @@ def _merged(tokens: Sequence[str]) -> str:
 
 
 def _layout_after(
-    node: Any, target: Any, module: Any, layout: tuple[str, ...] | None
+    node: Any,
+    target: Any,
+    module: Any,
+    layout: tuple[str, ...] | None,
+    stats: dict[Any, ChannelStats | None] | None = None,
 ) -> tuple[str, ...] | None:
     """:attr:`ChannelStats.layout` after a passthrough op (``module`` or
     call ``target``): ``None`` where it cannot be shown (a ``Linear`` then
     reads no statistics), :data:`_GONE` where the op averages over the
     channels. Flatten, view / reshape, squeeze, mean and the pools are
     followed (dimensions as plain ints only); identity, dropout and
-    ``contiguous`` keep the layout."""
+    ``contiguous`` keep the layout. ``stats``: the walk's statistics so
+    far, by node (:func:`_reshaped` reads their layouts)."""
     if layout is None:
         return None
     tables = _graph_tables()
@@ -625,7 +630,7 @@ def _layout_after(
     elif target in tables["flatten"]:
         start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
     elif target in tables["reshape"]:
-        return _reshaped(node, layout)
+        return _reshaped(node, layout, stats or {})
     elif target == "mean":
         dim = _arg(node, 1, "dim", None)
         if dim is None:
@@ -670,7 +675,9 @@ def _pool_dims(target: Any, module: Any) -> tuple[bool, int]:
     return False, 0
 
 
-def _reshaped(node: Any, layout: tuple[str, ...]) -> tuple[str, ...] | None:
+def _reshaped(
+    node: Any, layout: tuple[str, ...], stats: dict[Any, ChannelStats | None]
+) -> tuple[str, ...] | None:
     """The layout after ``view`` / ``reshape``: known only for a value that
     holds its samples' channels one after the other (every dimension but
     the batch and the channels of size 1): its last dimension then holds
@@ -679,15 +686,18 @@ def _reshaped(node: Any, layout: tuple[str, ...]) -> tuple[str, ...] | None:
     :meth:`RecipePlan.input_stats` checks), e.g. ``x.view(x.size(0), -1)``
     after a global pool. A value that also has spatial dimensions of
     unknown size (after a fixed-kernel pool) only as ``(batch size, -1)``
-    (``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``): each
-    sample's channels and positions, channel-major (``"C*"``)."""
+    (``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``, ``x`` the
+    value or one it was computed from with the batch as dimension 0
+    throughout: :func:`_batch_size_of`): each sample's channels and
+    positions, channel-major (``"C*"``)."""
     rest = tuple(t for t in layout if t != "1")
     shape: tuple[Any, ...] = node.args[1:] or (node.kwargs.get("shape", node.kwargs.get("size")),)
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
     if rest not in (("N", "C"), ("C",)):
         spatial = rest[:1] == ("N",) and _merged(rest[1:]) == "C*"
-        if spatial and len(shape) == 2 and _is_batch_size(shape[0]) and shape[1] == -1:
+        per_sample = len(shape) == 2 and shape[1] == -1 and _batch_size_of(shape[0], node, stats)
+        if spatial and per_sample:
             return ("N", "C*")
         return None
     if len(shape) == 1 and type(shape[0]) is not int:
@@ -697,23 +707,37 @@ def _reshaped(node: Any, layout: tuple[str, ...]) -> tuple[str, ...] | None:
     return ("X",) * (len(shape) - 1) + ("C",)
 
 
-def _is_batch_size(d: Any) -> bool:
-    """Whether graph value ``d`` is a tensor's dimension 0 (``x.size(0)``,
-    ``x.shape[0]``, ``x.size()[0]``)."""
+def _batch_size_of(d: Any, node: Any, stats: dict[Any, ChannelStats | None]) -> bool:
+    """Whether graph value ``d`` is the batch size of ``node``'s input:
+    dimension 0 (``x.size(0)``, ``x.shape[0]``, ``x.size()[0]``) of that
+    input or of a value it was computed from (through first arguments)
+    where every value on the way has statistics with the batch as
+    dimension 0 (a BatchNorm's output, pooled, clamped, ...)."""
+    tensor = None
     if getattr(d, "op", None) == "call_method" and d.target == "size":
-        return tuple(d.args[1:]) == (0,) or (len(d.args) == 1 and d.kwargs.get("dim") == 0)
-    if getattr(d, "op", None) == "call_function" and d.target is operator.getitem:
+        if tuple(d.args[1:]) == (0,) or (len(d.args) == 1 and d.kwargs.get("dim") == 0):
+            tensor = d.args[0]
+    elif getattr(d, "op", None) == "call_function" and d.target is operator.getitem:
         src, index = d.args[0], d.args[1]
-        if type(index) is not int or index != 0:
+        if type(index) is int and index == 0:
+            whole_size = getattr(src, "op", None) == "call_method" and src.target == "size"
+            shape = (
+                getattr(src, "op", None) == "call_function"
+                and src.target is getattr
+                and src.args[1:] == ("shape",)
+            )
+            if (whole_size and len(src.args) == 1 and not src.kwargs) or shape:
+                tensor = src.args[0]
+    if tensor is None:
+        return False
+    value = node.args[0]
+    while True:
+        st = stats.get(value)
+        if st is None or st.layout is None or st.layout[:1] != ("N",):
             return False
-        whole_size = getattr(src, "op", None) == "call_method" and src.target == "size"
-        shape = (
-            getattr(src, "op", None) == "call_function"
-            and src.target is getattr
-            and src.args[1:] == ("shape",)
-        )
-        return (whole_size and len(src.args) == 1 and not src.kwargs) or shape
-    return False
+        if value is tensor:
+            return True
+        value = value.args[0] if value.args and hasattr(value.args[0], "op") else None
 
 
 def analyze(
@@ -804,7 +828,7 @@ def analyze(
         if src is None or not _is_passthrough(target, module):
             stats[node] = None
             continue
-        layout = _layout_after(node, target, module, src.layout)
+        layout = _layout_after(node, target, module, src.layout, stats)
         stats[node] = None if layout is _GONE else src.with_layout(layout)
     # a layer called more than once has no single input
     return {k: (v if counts[k] == 1 else None) for k, v in out.items()}
