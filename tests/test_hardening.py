@@ -355,6 +355,16 @@ def test_meta_bias_is_a_clear_error(layer: int) -> None:
         squant_rs.quantize_model(model.eval(), 8)
 
 
+def test_meta_bias_of_a_skipped_layer_is_not_folded_into() -> None:
+    """A skipped layer with a meta bias and a BatchNorm after it: the BN is
+    not folded into it (folding raised torch's NotImplementedError)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    model[0].bias = nn.Parameter(torch.empty(4, device="meta"))
+    q, rep = squant_rs.quantize_model(model.eval(), 8, skip="0", return_report=True)
+    assert isinstance(q[1], nn.BatchNorm2d) and q[0].bias.is_meta
+    assert [r.name for r in rep.layers] == ["3"]
+
+
 def test_uncopyable_model_is_a_clear_error() -> None:
     class Locked(nn.Module):
         def __init__(self) -> None:

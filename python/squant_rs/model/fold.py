@@ -256,6 +256,9 @@ def _foldable_bn(bn: nn.Module, producer: nn.Module) -> bool:
     weight = producer._parameters.get("weight")
     if not (isinstance(weight, nn.Parameter) and weight.is_floating_point()):
         return False
+    bias = producer._parameters.get("bias")
+    if weight.is_meta or (bias is not None and bias.is_meta):
+        return False  # no values to fold (a chosen layer's are refused by name)
     # Nor a parametrized bias: reading it computes a new tensor, so the
     # folded bias written into it would be lost.
     return not is_parametrized(producer, "bias")
