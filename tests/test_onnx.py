@@ -900,9 +900,11 @@ def test_external_output_follows_the_output_rules(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
 
-def _externalize(tensor: TensorProto, folder, location: str) -> None:
-    """Move ``tensor``'s data into the file ``folder/location``."""
-    (folder / location).write_bytes(tensor.raw_data)
+def _externalize(tensor: TensorProto, folder, location: str, write: bool = True) -> None:
+    """Move ``tensor``'s data into the file ``folder/location`` (``write``:
+    else the data is dropped and the file not made)."""
+    if write:
+        (folder / location).write_bytes(tensor.raw_data)
     tensor.ClearField("raw_data")
     tensor.data_location = TensorProto.EXTERNAL
     entry = tensor.external_data.add()
@@ -1056,6 +1058,21 @@ def test_in_memory_model_without_its_external_data_is_refused(tmp_path, monkeypa
     squant_rs.quantize_onnx(whole, tmp_path / "a.onnx", 8)
     squant_rs.quantize_onnx(tmp_path / "m.onnx", tmp_path / "b.onnx", 8)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("location", ["m.data/x", "a" * 300, "loop"])
+def test_unreadable_external_data_path_is_a_format_error(tmp_path, location) -> None:
+    """An external data location that cannot be looked up (under a regular
+    file, a name too long, a symlink loop) is the model's format error
+    naming it, as before the FIFO check (which raised the bare OSError)."""
+    (tmp_path / "m.data").write_bytes(b"")
+    os.symlink("loop", tmp_path / "loop")
+    model = _gemm_model()
+    _externalize(model.graph.initializer[0], tmp_path, location, write=False)
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(squant_rs.OnnxFormatError, match="m.onnx: .*external data"):
+        squant_rs.quantize_onnx(tmp_path / "m.onnx", tmp_path / "o.onnx", 8)
+    assert not (tmp_path / "o.onnx").exists()
 
 
 class _Tied(torch.nn.Module):

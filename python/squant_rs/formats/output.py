@@ -112,10 +112,12 @@ def check_regular_input(path: str) -> None:
     device would block the read, or never end) with
     :class:`~squant_rs.InvalidArgumentError`, before anything opens it
     (symlinks followed); the message is the one the Rust readers give. A
-    missing path or a directory passes: the caller says what is wrong."""
+    directory, or a path that cannot be looked up (missing, a symlink loop,
+    a name too long, a file used as a directory), passes: the caller's
+    open says what is wrong, in its words."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except OSError:
         return
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
         raise InvalidArgumentError(
