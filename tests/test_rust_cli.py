@@ -1123,6 +1123,103 @@ def test_sharded_output_on_a_mount_point(
         (tmp_path / "host").mkdir()
 
 
+def test_sharded_output_killed_on_a_mount_point_does_not_block_the_next_run(
+    tmp_path, squant_bin: str, mount_namespace: None
+) -> None:
+    """A run into an empty mount point (built in place) killed by SIGKILL
+    leaves its temporary directory inside the output directory: the next run
+    removes it and writes the output. (Every later run, with either CLI, was
+    refused: 'output directory exists and is not empty: out', nothing
+    visible in it.)"""
+    _sharded_input(tmp_path / "ck")
+    assert subprocess.run([squant_bin, "quantize", "-q", "ck", "ref"], cwd=tmp_path).returncode == 0
+    (tmp_path / "host").mkdir()
+    kill = (
+        "import os, signal, squant_rs; squant_rs.quantize_checkpoint('ck', 'out', 4, "
+        "progress=lambda *a: os.kill(os.getpid(), signal.SIGKILL))"
+    )
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        (tmp_path / "log").mkdir()
+        cli = " ".join(f"'{a}'" for a in argv)
+        script = (
+            "mount --bind host out || exit 99\n"
+            f"'{sys.executable}' -c \"{kill}\"; echo $? > log/rc; ls -A out > log/left\n"
+            f"{cli} quantize -q ck out 2> log/err; echo $? > log/rc2\n"
+            "ls -A out > log/ls\n"
+        )
+        (tmp_path / "out").mkdir()
+        r = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, (argv, r.stderr)
+        log = tmp_path / "log"
+        assert (log / "rc").read_text() == f"{128 + signal.SIGKILL}\n"
+        left = (log / "left").read_text().split()
+        assert len(left) == 1 and left[0].startswith(".out."), left  # the killed run's
+        assert (log / "err").read_text() == "", argv
+        assert (log / "rc2").read_text() == "0\n", argv
+        assert (log / "ls").read_text().split() == sorted(os.listdir(tmp_path / "ref")), argv
+        for n in os.listdir(tmp_path / "ref"):
+            ref = (tmp_path / "ref" / n).read_bytes()
+            assert (tmp_path / "host" / n).read_bytes() == ref, (argv, n)
+        for d in ("host", "out", "log"):
+            shutil.rmtree(tmp_path / d)
+        (tmp_path / "host").mkdir()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock(2) on a directory")
+def test_sharded_temporary_directory_inside_the_output(tmp_path, squant_bin: str) -> None:
+    """The output directory holds only the temporary directory of a run
+    that was killed while building it in place (say a mount point, seen
+    here without the mount): it is removed and the output written. One
+    that another run holds (locked) is named; anything else in the
+    directory still makes it 'not empty', and nothing is removed. (Both
+    CLIs said 'output directory exists and is not empty' for each.)"""
+    import fcntl
+
+    _sharded_input(tmp_path / "ck")
+    out = tmp_path / "out"
+    left = out / ".out.0123456789ab.tmp"
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        left.mkdir(parents=True)
+        (left / "s0.safetensors").write_bytes(b"partial")
+        r = subprocess.run(
+            [*argv, "quantize", "-q", "ck", "out"], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert r.returncode == 0, (argv, r.stderr)
+        assert sorted(os.listdir(out)) == ["model.safetensors.index.json", "s0.safetensors"]
+        shutil.rmtree(out)
+        left.mkdir(parents=True)
+        fd = os.open(left, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # this process is the other run
+            r = subprocess.run(
+                [*argv, "quantize", "-q", "ck", "out"],
+                capture_output=True,
+                text=True,
+                cwd=tmp_path,
+            )
+        finally:
+            os.close(fd)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert _message(r.stderr) == (
+            "output directory is being written by another run (its temporary directory "
+            ".out.0123456789ab.tmp is in use): out\n"
+        ), argv
+        assert os.listdir(out) == [left.name]
+        (out / "notes.txt").write_text("mine")
+        r = subprocess.run(
+            [*argv, "quantize", "-q", "ck", "out"], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert r.returncode == 2, (argv, r.stderr)
+        assert _message(r.stderr) == "output directory exists and is not empty: out\n", argv
+        assert sorted(os.listdir(out)) == [left.name, "notes.txt"]
+        shutil.rmtree(out)
+
+
 @pytest.mark.skipif(
     os.name == "nt"
     or not hasattr(os, "geteuid")

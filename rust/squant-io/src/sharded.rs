@@ -7,6 +7,9 @@
 //! empty output directory that is a mount point cannot be renamed over: the
 //! output is then built in a temporary directory inside it and its files
 //! moved into it at the end, the index last (an error removes those moved).
+//! A temporary directory holds a lock
+//! while in use: one that a killed run left inside the output directory is
+//! removed by the next run, which writes the output as if it were not there.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -20,7 +23,8 @@ use crate::json;
 use crate::quant::{quantize_files, selection, Job, Options, ProgressFn, Report};
 use crate::read::{repr, SafetensorsFile};
 use crate::write::{
-    parent_of, register_temp, sync_dir, temp_name, unregister_temp, TempSection, TEMP_TRIES,
+    is_temp_name_of, parent_of, register_temp, sync_dir, temp_name, unregister_temp, TempSection,
+    TEMP_TRIES,
 };
 
 /// File name of the index.
@@ -133,8 +137,9 @@ pub struct ShardedReport {
     pub input_size: u64,
 }
 
-/// Removes a temporary directory unless disarmed.
-struct TempDir(Option<PathBuf>);
+/// Removes a temporary directory unless disarmed; the lock it holds on it
+/// (see [`lock_dir`]) is released after the removal.
+struct TempDir(Option<PathBuf>, #[allow(dead_code)] Option<std::fs::File>);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -157,11 +162,53 @@ fn names_a_dot(path: &Path) -> bool {
     last.is_empty() || last == "." || last == ".."
 }
 
+/// Takes an exclusive lock (`flock(2)`) on the directory `dir`, held until
+/// the file returned is closed, that is at the latest when the process ends
+/// (however it ends, `SIGKILL` included): `Ok(None)` if another process
+/// holds it, an error if it cannot be locked (a file system without locks).
+#[cfg(unix)]
+fn lock_dir(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(dir)?;
+    // SAFETY: a plain system call on a file descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(f));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+#[cfg(not(unix))]
+fn lock_dir(_dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
+/// Whether the open file `f` is the one at `path` now.
+#[cfg(unix)]
+fn is_at(f: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn is_at(_f: &std::fs::File, path: &Path) -> bool {
+    path.is_dir()
+}
+
 /// Creates a new temporary directory in `dir` for the output `out_dir`
-/// (`.NAME.<unique>.tmp`, registered for [`crate::remove_live_temp_files`]);
-/// a name already taken (say left by a killed run) is not an error: another
-/// is tried.
-fn create_temp_dir(dir: &Path, out_dir: &Path) -> Result<PathBuf> {
+/// (`.NAME.<unique>.tmp`, registered for [`crate::remove_live_temp_files`])
+/// and locks it (see [`lock_dir`]; no lock where the file system has
+/// none); a name already taken (say left by a killed run) is not an error:
+/// another is tried, as when another run removing leftovers (see
+/// [`remove_leftovers`]) locked the new directory first.
+fn create_temp_dir(dir: &Path, out_dir: &Path) -> Result<(PathBuf, Option<std::fs::File>)> {
     let _section = TempSection::enter()?;
     let mut tries = 0;
     loop {
@@ -169,23 +216,82 @@ fn create_temp_dir(dir: &Path, out_dir: &Path) -> Result<PathBuf> {
         // Registered before it exists, so a signal that arrives right after
         // the directory appears still finds it.
         register_temp(&tmp);
-        match std::fs::create_dir(&tmp) {
-            Ok(()) => return Ok(tmp),
-            Err(e) => {
+        let made = std::fs::create_dir(&tmp).map(|()| match lock_dir(&tmp) {
+            // Still there once locked: nobody can remove it from now on.
+            Ok(Some(lock)) if is_at(&lock, &tmp) => Some(Some(lock)),
+            // Locked (or removed) first by a run removing leftovers.
+            Ok(_) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            // A file system without locks: used unlocked.
+            Err(_) => Some(None),
+        });
+        match made {
+            Ok(Some(lock)) => return Ok((tmp, lock)),
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
                 unregister_temp(&tmp);
-                tries += 1;
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    if tries < TEMP_TRIES {
-                        continue;
-                    }
-                    // Name what exists: the temporary directory.
-                    return Err(IoError::os(&tmp, e));
-                }
                 // The output cannot be created there either.
                 return Err(IoError::os(out_dir, e));
             }
+            taken => {
+                // Taken, or being removed by another run (which removes it).
+                unregister_temp(&tmp);
+                tries += 1;
+                if tries < TEMP_TRIES {
+                    continue;
+                }
+                // Name what exists: the temporary directory.
+                let e = taken
+                    .err()
+                    .unwrap_or_else(|| std::io::ErrorKind::AlreadyExists.into());
+                return Err(IoError::os(&tmp, e));
+            }
         }
     }
+}
+
+/// Removes what killed runs left in the output directory `out_dir` (built
+/// in place: a mount point): their temporary directories, which no process
+/// holds locked any more. Only when there is nothing else in it (anything
+/// else is left for the emptiness check to report, and nothing is
+/// removed); one that another run holds locked (or that cannot be locked to
+/// tell) is an error naming it.
+fn remove_leftovers(out_dir: &Path) -> Result<()> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(out_dir).map_err(|e| IoError::os(out_dir, e))? {
+        let entry = entry.map_err(|e| IoError::os(out_dir, e))?;
+        let ours = is_temp_name_of(&entry.file_name(), out_dir)
+            && entry.file_type().is_ok_and(|t| t.is_dir());
+        if !ours {
+            return Ok(());
+        }
+        found.push(entry.path());
+    }
+    let mut locked = Vec::with_capacity(found.len());
+    for dir in found {
+        let name = crate::error::show_path(Path::new(dir.file_name().unwrap_or_default()));
+        match lock_dir(&dir) {
+            Ok(Some(lock)) => locked.push((dir, lock)),
+            Ok(None) => {
+                return Err(IoError::InvalidArgument(format!(
+                    "output directory is being written by another run (its temporary directory {name} is in use): {}",
+                    crate::error::show_path(out_dir)
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => {
+                return Err(IoError::InvalidArgument(format!(
+                    "output directory holds the temporary directory {name} of another run, in progress or killed (remove it if no run is writing there): {}",
+                    crate::error::show_path(out_dir)
+                )))
+            }
+        }
+    }
+    // Removed while locked: a run that creates a directory of this name
+    // meanwhile cannot lock it, and tries another.
+    for (dir, _lock) in &locked {
+        std::fs::remove_dir_all(dir).map_err(|e| IoError::os(dir, e))?;
+    }
+    Ok(())
 }
 
 /// Whether the directory `dir` is a mount point: on another device than
@@ -307,6 +413,9 @@ pub fn quantize_sharded(
         )));
     }
     if out_dir.exists() {
+        if out_dir.is_dir() {
+            remove_leftovers(out_dir)?;
+        }
         let empty = out_dir.is_dir()
             && std::fs::read_dir(out_dir)
                 .map_err(|e| IoError::os(out_dir, e))?
@@ -329,8 +438,8 @@ pub fn quantize_sharded(
     // last.
     let existing = std::fs::metadata(out_dir).ok().filter(|m| m.is_dir());
     let in_place = existing.is_some() && is_mount_point(out_dir);
-    let tmp = create_temp_dir(if in_place { out_dir } else { &parent }, out_dir)?;
-    let mut guard = TempDir(Some(tmp.clone()));
+    let (tmp, lock) = create_temp_dir(if in_place { out_dir } else { &parent }, out_dir)?;
+    let mut guard = TempDir(Some(tmp.clone()), lock);
 
     let total: u64 = files
         .iter()

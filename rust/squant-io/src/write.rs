@@ -214,6 +214,22 @@ pub fn temp_name(dir: &Path, target: &Path) -> PathBuf {
     dir.join(name)
 }
 
+/// Whether `name` is a temporary name [`temp_name`] gives for `target`
+/// (`.NAME.<hex digits>.tmp`, in any directory).
+pub fn is_temp_name_of(name: &std::ffi::OsStr, target: &Path) -> bool {
+    let base = short_base(target);
+    let Some(rest) = name
+        .as_encoded_bytes()
+        .strip_prefix(b".")
+        .and_then(|r| r.strip_prefix(base.as_encoded_bytes()))
+        .and_then(|r| r.strip_prefix(b"."))
+        .and_then(|r| r.strip_suffix(b".tmp"))
+    else {
+        return false;
+    };
+    (1..=16).contains(&rest.len()) && rest.iter().all(u8::is_ascii_hexdigit)
+}
+
 /// The longest file name most file systems take (bytes).
 const NAME_MAX: usize = 255;
 
