@@ -1225,6 +1225,61 @@ def test_sharded_temporary_directory_inside_the_output(tmp_path, squant_bin: str
     or not hasattr(os, "geteuid")
     or os.geteuid() != 0
     or not shutil.which("setpriv"),
+    reason="dropping CAP_DAC_OVERRIDE needs root and setpriv",
+)
+def test_sharded_output_directory_in_a_directory_that_is_not_writable(
+    tmp_path, squant_bin: str
+) -> None:
+    """An existing empty output directory the user may write in, inside a
+    directory they may not write in (root without CAP_DAC_OVERRIDE: the
+    permission bits apply): the output is built in place, as on a mount
+    point; a missing one cannot be made, and that is said. (Both CLIs failed
+    with 'Permission denied: OUT', though OUT was writable: the temporary
+    directory is made in its parent.)"""
+    _sharded_input(tmp_path / "ck")
+    assert subprocess.run([squant_bin, "quantize", "-q", "ck", "ref"], cwd=tmp_path).returncode == 0
+    caps = "-dac_override,-dac_read_search"
+    drop = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    ro, out = tmp_path / "ro", tmp_path / "ro" / "out"
+    ro.mkdir()
+    try:
+        for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+            out.mkdir()
+            out.chmod(0o750)
+            ro.chmod(0o555)
+            r = subprocess.run(
+                [*drop, *argv, "quantize", "-q", "ck", "ro/out"],
+                capture_output=True,
+                text=True,
+                cwd=tmp_path,
+            )
+            assert r.returncode == 0, (argv, r.stderr)
+            assert os.listdir(ro) == ["out"] and stat_mode(out) == 0o750, argv
+            assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "ref")), argv
+            for n in os.listdir(out):
+                assert (out / n).read_bytes() == (tmp_path / "ref" / n).read_bytes(), (argv, n)
+            ro.chmod(0o755)
+            shutil.rmtree(out)
+            ro.chmod(0o555)
+            r = subprocess.run(
+                [*drop, *argv, "quantize", "-q", "ck", "ro/out"],
+                capture_output=True,
+                text=True,
+                cwd=tmp_path,
+            )
+            assert r.returncode == 2, (argv, r.stderr)
+            assert _message(r.stderr) == "Permission denied: ro/out\n", argv
+            assert os.listdir(ro) == [], argv
+            ro.chmod(0o755)
+    finally:
+        ro.chmod(0o755)
+
+
+@pytest.mark.skipif(
+    os.name == "nt"
+    or not hasattr(os, "geteuid")
+    or os.geteuid() != 0
+    or not shutil.which("setpriv"),
     reason="dropping CAP_FSETID needs root and setpriv",
 )
 @pytest.mark.parametrize("mode", [0o4755, 0o2775, 0o6755])

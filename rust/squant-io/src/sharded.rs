@@ -6,8 +6,9 @@
 //! into place at the end: an error leaves no partial output directory. An
 //! empty output directory that is a mount point cannot be renamed over: the
 //! output is then built in a temporary directory inside it and its files
-//! moved into it at the end, the index last (an error removes those moved).
-//! A temporary directory holds a lock
+//! moved into it at the end, the index last (an error removes those moved);
+//! so is an existing empty output directory whose parent cannot take the
+//! temporary directory (not writable). A temporary directory holds a lock
 //! while in use: one that a killed run left inside the output directory is
 //! removed by the next run, which writes the output as if it were not there.
 
@@ -435,10 +436,17 @@ pub fn quantize_sharded(
     // An existing (empty) directory that is a mount point (`docker -v
     // host/out:/out`) cannot be replaced by a rename: the output is then
     // built inside it and its files are moved into it at the end, the index
-    // last.
+    // last. So is one whose parent cannot take the temporary directory
+    // (not writable: the rename could not be made there either).
     let existing = std::fs::metadata(out_dir).ok().filter(|m| m.is_dir());
-    let in_place = existing.is_some() && is_mount_point(out_dir);
-    let (tmp, lock) = create_temp_dir(if in_place { out_dir } else { &parent }, out_dir)?;
+    let mut in_place = existing.is_some() && is_mount_point(out_dir);
+    let (tmp, lock) = match create_temp_dir(if in_place { out_dir } else { &parent }, out_dir) {
+        Err(IoError::Os { .. }) if existing.is_some() && !in_place => {
+            in_place = true;
+            create_temp_dir(out_dir, out_dir)?
+        }
+        made => made?,
+    };
     let mut guard = TempDir(Some(tmp.clone()), lock);
 
     let total: u64 = files
