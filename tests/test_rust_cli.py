@@ -646,6 +646,48 @@ def _sharded_input(src: Path, rows: int = 6, cols: int = 10) -> None:
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+def test_squant_rs_inputs_are_refused_in_the_same_words(tmp_path, squant_bin: str) -> None:
+    """A squant-rs output given again as the input, a file or a sharded
+    directory (or its index): both CLIs and quantize_checkpoint refuse it in
+    the same words, naming the file (of a sharded one, its first shard), and
+    write nothing. (Of a sharded one they said 'no tensor to quantize (none
+    is a floating tensor ...)' or "tensor name 'empty.weight:codes' ends in
+    ':codes', which squant-rs files reserve ..."; quantize_checkpoint said
+    the latter of a file too.)"""
+    from squant_rs import InvalidArgumentError, __version__, quantize_checkpoint
+
+    _checkpoint(tmp_path / "in.safetensors")
+    _sharded_input(tmp_path / "ck")  # nothing left to select once quantized
+    big = read_safetensors(tmp_path / "in.safetensors")[0]
+    (tmp_path / "ck2").mkdir()  # a 2-D float tensor left unquantized: selected again
+    parts = {"a.safetensors": ["conv.weight", "conv.bias"], "b.safetensors": list(big)[2:]}
+    for shard, names in parts.items():
+        write_safetensors(tmp_path / "ck2" / shard, {n: big[n] for n in names})
+    index = {"weight_map": {n: shard for shard, names in parts.items() for n in names}}
+    (tmp_path / "ck2" / "model.safetensors.index.json").write_text(json.dumps(index))
+    for src, dst in (("in.safetensors", "q.safetensors"), ("ck", "q1"), ("ck2", "q2")):
+        r = subprocess.run([squant_bin, "quantize", "-q", src, dst], cwd=tmp_path)
+        assert r.returncode == 0
+    cases = [
+        ("q.safetensors", "again.safetensors", "q.safetensors"),
+        ("q1", "again", "q1/s0.safetensors"),
+        ("q1/model.safetensors.index.json", "again", "q1/s0.safetensors"),
+        ("q2", "again", "q2/a.safetensors"),
+    ]
+    for src, dst, named in cases:
+        said = (
+            f"{named} is already a squant-rs file (written by squant-rs {__version__}): "
+            "quantize the original float model instead (the info command describes it)"
+        )
+        p, r = _both(squant_bin, "quantize", "-q", src, dst, cwd=tmp_path)
+        _same_message(p, r)
+        assert r.returncode == 2 and _message(r.stderr) == said + "\n", (src, r.stderr)
+        with pytest.raises(InvalidArgumentError) as exc:
+            quantize_checkpoint(tmp_path / src, tmp_path / dst)
+        assert str(exc.value) == said.replace(named, str(tmp_path / named)), src
+        assert not (tmp_path / dst).exists(), src
+
+
 @pytest.mark.skipif(os.name == "nt", reason="POSIX symlinks")
 def test_sharded_outputs_refused_up_front_like_python(tmp_path, squant_bin: str) -> None:
     """A symlink to an empty directory and '.' as the sharded output: one

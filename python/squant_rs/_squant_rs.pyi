@@ -32,6 +32,7 @@ __all__ = [
     "io_quantize_file",
     "io_quantize_sharded",
     "io_is_sharded",
+    "io_check_input",
     "io_inspect",
     "io_verify",
     "io_load",
@@ -161,6 +162,7 @@ def io_quantize_sharded(
     quantizer: str = "asymmetric",
 ) -> tuple[_Report, int, int]: ...
 def io_is_sharded(path: _Path) -> bool: ...
+def io_check_input(path: _Path) -> None: ...
 def io_inspect(
     path: _Path,
 ) -> tuple[

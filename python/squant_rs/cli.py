@@ -72,10 +72,15 @@ from typing import Any, NoReturn, TextIO
 import numpy as np
 
 from ._shapes import he_weights, resnet_shapes
-from ._squant_rs import THREADS_ENV_VAR, InvalidArgumentError, SquantError, __version__
+from ._squant_rs import (
+    THREADS_ENV_VAR,
+    InvalidArgumentError,
+    SquantError,
+    __version__,
+    io_check_input,
+)
 from .formats.output import check_output, check_regular_input
 from .formats.safetensors import (
-    FORMAT_NAME,
     FormatError,
     QuantizedFileInfo,
     RawTensor,
@@ -382,9 +387,10 @@ def _torch_state_dict(path: str) -> dict[str, RawTensor]:
 def load_input(path: str) -> tuple[dict[str, RawTensor], str]:
     """The tensors of a ``.safetensors`` file or torch checkpoint, and the kind.
 
-    Raises :class:`CliError` for a missing input, a directory, a squant-rs
-    file (already quantized) or a tensor of more than :data:`MAX_DIMS`
-    dimensions, and :class:`FormatError` for anything unreadable."""
+    Raises :class:`CliError` for a missing input, a directory or a tensor of
+    more than :data:`MAX_DIMS` dimensions, :class:`InvalidArgumentError` for
+    a squant-rs file (already quantized) and :class:`FormatError` for
+    anything unreadable."""
     if not os.path.exists(path):
         raise CliError(f"input file not found: {path}")
     if os.path.isdir(path):
@@ -402,13 +408,10 @@ def load_input(path: str) -> tuple[dict[str, RawTensor], str]:
         tensors = _torch_state_dict(path)
     else:
         # The header only (data=False): quantize_checkpoint maps the data.
-        tensors, metadata = read_safetensors(path, data=False)
-        if metadata.get("format") == FORMAT_NAME:
-            raise CliError(
-                f"{path} is already a squant-rs file (written by squant-rs "
-                f"{metadata.get('squant_rs_version', '?')}): quantize the original float "
-                f"model instead ('{PROG} info {path}' describes this one)"
-            )
+        tensors, _ = read_safetensors(path, data=False)
+        # A squant-rs file (already quantized): InvalidArgumentError, in the
+        # words of every quantizing path (the Rust CLI's, a sharded input's).
+        io_check_input(path)
     for key, t in tensors.items():
         if len(t.shape) > MAX_DIMS:
             raise CliError(

@@ -761,9 +761,11 @@ def quantize_checkpoint(
 
     Raises:
         FormatError: a damaged input file or shard (named in the message).
-        InvalidArgumentError: bad options, nothing to quantize, an output
-            directory that exists and is not empty, a single-file output
-            whose extension is not ``.safetensors``.
+        InvalidArgumentError: bad options, nothing to quantize, an input
+            that is already a squant-rs file (or a sharded directory of
+            squant-rs shards: the first is named), an output directory that
+            exists and is not empty, a single-file output whose extension is
+            not ``.safetensors``.
         NonFiniteWeightError, WeightRangeError: a weight cannot be quantized.
         OSError: a file cannot be read or written.
     """

@@ -511,14 +511,8 @@ fn cmd_quantize(
             }
             _ => {}
         }
-        let f = squant_io::SafetensorsFile::open(src)?;
-        if f.meta("format") == Some(squant_io::format::FORMAT_NAME) {
-            return fail(format!(
-                "{0} is already a squant-rs file (written by squant-rs {1}): quantize the original float model instead ('{PROG} info {0}' describes this one)",
-                show(src),
-                f.meta("squant_rs_version").unwrap_or("?")
-            ));
-        }
+        // A squant-rs file is refused here, as by the Python CLI.
+        let f = squant_io::quant::open_input(src)?;
         if let Some(e) = f.entries.iter().find(|e| e.shape.len() > MAX_DIMS) {
             return fail(format!(
                 "{}: tensor {} has {} dimensions; squant-rs handles at most {MAX_DIMS}",

@@ -685,6 +685,23 @@ fn quantize_one(
     Ok(report)
 }
 
+/// Opens the safetensors file `path` to be quantized (headers only): a
+/// squant-rs file, already quantized, is refused by name
+/// ([`IoError::InvalidArgument`]), the same words for a file and for a
+/// shard of a sharded checkpoint (every quantizing path opens its inputs
+/// here).
+pub fn open_input(path: &Path) -> Result<SafetensorsFile> {
+    let file = SafetensorsFile::open(path)?;
+    if file.meta("format") == Some(crate::format::FORMAT_NAME) {
+        return Err(IoError::InvalidArgument(format!(
+            "{} is already a squant-rs file (written by squant-rs {}): quantize the original float model instead (the info command describes it)",
+            crate::error::show_path(path),
+            file.meta("squant_rs_version").unwrap_or("?")
+        )));
+    }
+    Ok(file)
+}
+
 /// Quantizes the safetensors file `src` into the squant-rs file `dst`.
 pub fn quantize_file(
     src: &Path,
@@ -692,7 +709,7 @@ pub fn quantize_file(
     opts: &Options,
     progress: &mut ProgressFn<'_>,
 ) -> Result<Report> {
-    let file = SafetensorsFile::open(src)?;
+    let file = open_input(src)?;
     let selected = selection(&file, opts);
     let total = file.entries.iter().map(|e| e.nbytes() as u64).sum();
     quantize_open(&file, dst, opts, &selected, progress, 0, total)

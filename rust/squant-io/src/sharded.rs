@@ -105,8 +105,9 @@ pub fn read_index(path: &Path) -> Result<ShardIndex> {
     })
 }
 
-/// Opens every shard (headers only) and checks that each holds exactly the
-/// tensors the index maps to it.
+/// Opens every shard (headers only, as inputs to quantize: a squant-rs
+/// shard is refused, see [`crate::quant::open_input`]) and checks that each
+/// holds exactly the tensors the index maps to it.
 pub fn open_shards(index: &ShardIndex) -> Result<Vec<SafetensorsFile>> {
     let mut by_shard: HashMap<&str, HashSet<&str>> = HashMap::new();
     for (name, shard) in &index.weight_map {
@@ -115,7 +116,7 @@ pub fn open_shards(index: &ShardIndex) -> Result<Vec<SafetensorsFile>> {
     let mut files = Vec::with_capacity(index.shards.len());
     for shard in &index.shards {
         let path = index.dir.join(shard);
-        let f = SafetensorsFile::open(&path)?;
+        let f = crate::quant::open_input(&path)?;
         let names: HashSet<&str> = f.entries.iter().map(|e| e.name.as_str()).collect();
         let listed = by_shard.get(shard.as_str()).cloned().unwrap_or_default();
         if names != listed {

@@ -177,7 +177,7 @@ pub fn io_quantize_file(
     let stash = Mutex::new(None);
     let result = py.detach(|| {
         let mut cb = progress_fn(&progress, &stash);
-        let file = squant_io::SafetensorsFile::open(&src)?;
+        let file = squant_io::quant::open_input(&src)?;
         let selected = squant_io::quant::selection(&file, &opts);
         if require_selection && !selected.iter().any(|&s| s) {
             return Err(IoError::InvalidArgument(format!(
@@ -223,6 +223,19 @@ pub fn io_quantize_sharded(
     result
         .map(|r| (report_tuple(r.report), r.shards, r.input_size))
         .map_err(|e| finish_err(py, e, stash))
+}
+
+/// io_check_input(path)
+/// --
+///
+/// Check that path is a safetensors file to quantize (header only): a
+/// squant-rs file (already quantized) raises InvalidArgumentError, in the
+/// words every quantizing path uses (io_quantize_file, io_quantize_sharded).
+#[pyfunction]
+pub fn io_check_input(py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    py.detach(|| squant_io::quant::open_input(&path))
+        .map(drop)
+        .map_err(|e| to_py(py, e, &mut None))
 }
 
 /// io_is_sharded(path)
@@ -592,6 +605,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(io_quantize_file, m)?)?;
     m.add_function(wrap_pyfunction!(io_quantize_sharded, m)?)?;
     m.add_function(wrap_pyfunction!(io_is_sharded, m)?)?;
+    m.add_function(wrap_pyfunction!(io_check_input, m)?)?;
     m.add_function(wrap_pyfunction!(io_inspect, m)?)?;
     m.add_function(wrap_pyfunction!(io_verify, m)?)?;
     m.add_function(wrap_pyfunction!(io_load, m)?)?;
