@@ -775,3 +775,62 @@ def test_float8_tensors_are_kept_as_they_are(tmp_path, capsys) -> None:
     for path in (ckpt, cli):
         assert [(t.name, t.dtype, t.bits) for t in inspect_quantized(path).tensors] == want
         assert path.read_bytes() == saved.read_bytes()
+
+
+_DAEMON_RUN = """
+import os, sys, threading, time, squant_rs
+started = threading.Event()
+def progress(*args):
+    started.set()
+    time.sleep(0.05)  # the run outlives the main thread
+def work():
+    squant_rs.quantize_checkpoint(
+        sys.argv[1], sys.argv[2], 4, threads=1, progress=progress if sys.argv[3] else None
+    )
+threading.Thread(target=work, daemon=True).start()
+if sys.argv[3]:
+    started.wait()
+else:
+    while not os.listdir("."):  # until its temporary output appears
+        time.sleep(0.001)
+print("main exits")
+"""
+
+
+@pytest.mark.parametrize("callback", [True, False])
+@pytest.mark.parametrize("sharded", [True, False])
+def test_run_in_a_daemon_thread_at_exit(tmp_path, sharded: bool, callback: bool) -> None:
+    """quantize_checkpoint still running in a daemon thread when the
+    interpreter exits: the run is stopped, its temporary output removed,
+    and the process ends normally and quietly. (The temporary directory or
+    file was left behind, and without a progress callback the next block's
+    signal check panicked: 'The Python interpreter is not initialized'.)"""
+    import subprocess
+    import sys
+
+    src = tmp_path / "ck"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    weight_map = {}
+    tensors = {}
+    for s in range(8):
+        w = rng.standard_normal((1024, 1024)).astype(np.float32)
+        write_safetensors(src / f"s{s}.safetensors", {f"l{s}.weight": RawTensor.from_numpy(w)})
+        weight_map[f"l{s}.weight"] = f"s{s}.safetensors"
+        tensors[f"l{s}.weight"] = RawTensor.from_numpy(w)
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    if not sharded:
+        write_safetensors(tmp_path / "in.safetensors", tensors)
+    args = [str(src), "out"] if sharded else [str(tmp_path / "in.safetensors"), "out.safetensors"]
+    work = tmp_path / "work"
+    work.mkdir()
+    for _ in range(3):
+        r = subprocess.run(
+            [sys.executable, "-c", _DAEMON_RUN, *args, "1" if callback else ""],
+            capture_output=True,
+            text=True,
+            cwd=work,
+            timeout=120,
+        )
+        assert (r.returncode, r.stdout, r.stderr) == (0, "main exits\n", "")
+        assert os.listdir(work) == []

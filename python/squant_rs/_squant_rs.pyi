@@ -33,6 +33,7 @@ __all__ = [
     "io_quantize_sharded",
     "io_is_sharded",
     "io_check_input",
+    "io_at_exit",
     "io_inspect",
     "io_verify",
     "io_load",
@@ -163,6 +164,7 @@ def io_quantize_sharded(
 ) -> tuple[_Report, int, int]: ...
 def io_is_sharded(path: _Path) -> bool: ...
 def io_check_input(path: _Path) -> None: ...
+def io_at_exit() -> None: ...
 def io_inspect(
     path: _Path,
 ) -> tuple[

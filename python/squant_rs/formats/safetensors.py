@@ -47,6 +47,7 @@ processed a block at a time, and a damaged file is reported as
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import sys
@@ -112,6 +113,10 @@ FORMAT_VERSION = "1"
 #: Suffixes of the three tensors that hold one quantized weight.
 CODES, SCALE, ZERO_POINT = ":codes", ":scale", ":zero_point"
 DEFAULT_INCLUDE: tuple[str, ...] = ("*weight",)
+
+# A quantize_checkpoint still running in a daemon thread when the
+# interpreter exits is stopped and its temporary output removed.
+atexit.register(_native.io_at_exit)
 
 
 # --------------------------------------------------------------------------
@@ -754,7 +759,9 @@ def quantize_checkpoint(
     is written atomically (no partial file or directory on error). Selection
     as :func:`select_state_dict`. ``progress(done, total, name)`` counts
     input bytes. ``quantizer`` as in :func:`save_quantized` (recorded in
-    each output file's metadata when symmetric).
+    each output file's metadata when symmetric). A run still going in a
+    daemon thread when the interpreter exits is stopped there, its
+    temporary output removed.
 
     Returns:
         A :class:`CheckpointResult` with the per-layer report.

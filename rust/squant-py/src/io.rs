@@ -5,6 +5,7 @@
 //! stops a long run (the partial output is removed).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
@@ -83,24 +84,89 @@ fn quantizer_of(name: &str) -> PyResult<Quantizer> {
 
 /// A progress callback for squant-io that re-takes the GIL, checks for
 /// signals (KeyboardInterrupt) and calls `progress(done, total, name)`.
+/// Once the interpreter is exiting ([`io_at_exit`] ran, or it is being
+/// finalized: a daemon thread's run) it stops the run without the GIL.
 fn progress_fn<'a>(
     progress: &'a Option<Py<PyAny>>,
     stash: &'a Mutex<Option<PyErr>>,
 ) -> impl FnMut(u64, u64, &str) -> squant_io::Result<()> + 'a {
     move |done, total, name| {
-        Python::attach(|py| {
+        if squant_io::write::cleaning_up() {
+            return Err(IoError::Cancelled);
+        }
+        let called = Python::try_attach(|py| {
             py.check_signals()?;
             if let Some(cb) = progress {
                 cb.call1(py, (done, total, name))?;
             }
             Ok::<(), PyErr>(())
-        })
-        .map_err(|e| {
-            if let Ok(mut s) = stash.lock() {
-                *s = Some(e);
+        });
+        match called {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => {
+                if let Ok(mut s) = stash.lock() {
+                    *s = Some(e);
+                }
+                Err(IoError::Cancelled)
             }
-            IoError::Cancelled
-        })
+            None => Err(IoError::Cancelled),
+        }
+    }
+}
+
+/// Quantizing runs in progress (the GIL released), in any thread, and the
+/// process they run in (a child forked meanwhile has none).
+static RUNS: AtomicUsize = AtomicUsize::new(0);
+static RUNS_PID: AtomicU32 = AtomicU32::new(0);
+
+struct Run;
+
+impl Run {
+    fn enter() -> Run {
+        RUNS_PID.store(std::process::id(), Ordering::SeqCst);
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        Run
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        RUNS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs the file work `f` with the GIL released. A run that the
+/// interpreter's exit stopped ([`io_at_exit`]: a daemon thread's) does not
+/// come back to Python, which is being finalized: once its clean-up is done
+/// its thread waits for the process to end, as CPython's daemon threads do.
+fn run_detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> squant_io::Result<T> + Send,
+) -> squant_io::Result<T> {
+    py.detach(|| {
+        let run = Run::enter();
+        let result = f();
+        if result.is_err() && squant_io::write::cleaning_up() {
+            drop(run);
+            loop {
+                std::thread::park();
+            }
+        }
+        result
+    })
+}
+
+/// io_at_exit()
+/// --
+///
+/// For atexit: quantizing runs still in progress in other (daemon) threads
+/// when the interpreter exits are stopped, their temporary files and
+/// directories removed (they were left, and the next progress step panicked
+/// in the finalized interpreter). Does nothing when none is running.
+#[pyfunction]
+pub fn io_at_exit(py: Python<'_>) {
+    if RUNS.load(Ordering::SeqCst) > 0 && RUNS_PID.load(Ordering::SeqCst) == std::process::id() {
+        py.detach(squant_io::remove_live_temp_files);
     }
 }
 
@@ -175,7 +241,7 @@ pub fn io_quantize_file(
 ) -> PyResult<ReportTuple> {
     let opts = options(bits, mode, include, skip, threads, quantizer)?;
     let stash = Mutex::new(None);
-    let result = py.detach(|| {
+    let result = run_detached(py, || {
         let mut cb = progress_fn(&progress, &stash);
         let file = squant_io::quant::open_input(&src)?;
         let selected = squant_io::quant::selection(&file, &opts);
@@ -216,7 +282,7 @@ pub fn io_quantize_sharded(
 ) -> PyResult<(ReportTuple, usize, u64)> {
     let opts = options(bits, mode, include, skip, threads, quantizer)?;
     let stash = Mutex::new(None);
-    let result = py.detach(|| {
+    let result = run_detached(py, || {
         let mut cb = progress_fn(&progress, &stash);
         squant_io::quantize_sharded(&src, &dst, &opts, true, &mut cb)
     });
@@ -606,6 +672,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(io_quantize_sharded, m)?)?;
     m.add_function(wrap_pyfunction!(io_is_sharded, m)?)?;
     m.add_function(wrap_pyfunction!(io_check_input, m)?)?;
+    m.add_function(wrap_pyfunction!(io_at_exit, m)?)?;
     m.add_function(wrap_pyfunction!(io_inspect, m)?)?;
     m.add_function(wrap_pyfunction!(io_verify, m)?)?;
     m.add_function(wrap_pyfunction!(io_load, m)?)?;
