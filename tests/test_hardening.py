@@ -711,3 +711,40 @@ def test_inspect_and_verify_quantized_are_public(tmp_path) -> None:
     squant_rs.save_quantized({"a.weight": np.ones((4, 4), np.float32)}, out)
     assert [t.name for t in squant_rs.inspect_quantized(out).quantized] == ["a.weight"]
     squant_rs.verify_quantized(out)
+
+
+def test_file_functions_document_what_they_return_and_raise(tmp_path) -> None:
+    """The classes that inspect_quantized and quantize_checkpoint return are
+    importable from squant_rs (QuantizedFileInfo, TensorInfo and
+    CheckpointResult were only in squant_rs.formats.safetensors), and
+    inspect_quantized / verify_quantized / load_quantized list the
+    InvalidArgumentError they raise for a FIFO, a device or a directory
+    (their docstrings named only FormatError and OSError)."""
+    import re
+
+    from squant_rs.formats import safetensors
+
+    for name in ("QuantizedFileInfo", "TensorInfo", "CheckpointResult"):
+        assert name in squant_rs.__all__ and getattr(squant_rs, name) is getattr(safetensors, name)
+    fns = (
+        squant_rs.inspect_quantized,
+        squant_rs.verify_quantized,
+        squant_rs.load_quantized,
+        squant_rs.quantize_checkpoint,
+    )
+    for fn in fns:
+        doc = fn.__doc__ or ""
+        returns = doc.split("Returns:")[1].split("Raises:")[0] if "Returns:" in doc else ""
+        for cls in re.findall(r":class:`(\w+)`", returns):
+            assert cls in squant_rs.__all__, (fn.__name__, cls)
+        raises = doc.split("Raises:")[1]
+        assert "InvalidArgumentError:" in raises and "FIFO" in raises, fn.__name__
+    (tmp_path / "d").mkdir()
+    for fn in fns[:3]:
+        with pytest.raises(squant_rs.InvalidArgumentError, match="is a directory, not a regular"):
+            fn(tmp_path / "d")
+    out = tmp_path / "q.safetensors"
+    squant_rs.save_quantized({"a.weight": np.ones((4, 4), np.float32)}, out)
+    info = squant_rs.inspect_quantized(out)
+    assert isinstance(info, squant_rs.QuantizedFileInfo)
+    assert all(isinstance(t, squant_rs.TensorInfo) for t in info.tensors)

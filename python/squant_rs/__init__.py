@@ -23,6 +23,9 @@ from .errors import (
 )
 from .formats.onnx import OnnxFormatError, export_onnx, quantize_onnx
 from .formats.safetensors import (
+    CheckpointResult,
+    QuantizedFileInfo,
+    TensorInfo,
     inspect_quantized,
     load_quantized,
     quantize_checkpoint,
@@ -47,14 +50,17 @@ __all__ = [
     "DEFAULT_INPUT_SHAPE",
     "MODES",
     "ActivationQuantizer",
+    "CheckpointResult",
     "FormatError",
     "InvalidArgumentError",
     "LayerReport",
     "NonFiniteWeightError",
     "OnnxFormatError",
     "QuantReport",
+    "QuantizedFileInfo",
     "QuantizedTensor",
     "SquantError",
+    "TensorInfo",
     "UnsupportedDtypeError",
     "WeightRangeError",
     "__version__",

@@ -764,12 +764,14 @@ def quantize_checkpoint(
     temporary output removed.
 
     Returns:
-        A :class:`CheckpointResult` with the per-layer report.
+        A :class:`CheckpointResult` (``squant_rs.CheckpointResult``) with
+        the per-layer report.
 
     Raises:
         FormatError: a damaged input file or shard (named in the message).
         InvalidArgumentError: bad options, nothing to quantize, an input
-            that is already a squant-rs file (or a sharded directory of
+            that is not a regular file (a FIFO, a device, a directory that
+            is not a sharded checkpoint) or already a squant-rs file (or a sharded directory of
             squant-rs shards: the first is named), an output directory that
             exists and is not empty, a single-file output whose extension is
             not ``.safetensors``.
@@ -869,11 +871,14 @@ def inspect_quantized(path: str | os.PathLike[str]) -> QuantizedFileInfo:
     alone (no tensor data is read; no torch needed).
 
     Returns:
-        A :class:`QuantizedFileInfo`.
+        A :class:`QuantizedFileInfo` (``squant_rs.QuantizedFileInfo``), its
+        tensors :class:`TensorInfo` (``squant_rs.TensorInfo``).
 
     Raises:
         FormatError: anything that is not a valid squant-rs file.
-        OSError: the file cannot be read.
+        InvalidArgumentError: a path that is not a regular file (a FIFO, a
+            device, a directory that is not a sharded checkpoint).
+        OSError: the file cannot be read (missing, no permission).
     """
     version, writer, size, tensors, checksums, quantizer, some = _native.io_inspect(os.fspath(path))
     infos = [
@@ -900,8 +905,12 @@ def verify_quantized(path: str | os.PathLike[str], *, threads: int | None = None
     anything in memory (``squant-rs info --verify``).
 
     Raises:
-        FormatError: naming the first damaged tensor.
-        OSError: the file cannot be read.
+        FormatError: anything that is not a valid squant-rs file, or
+            naming the first damaged tensor.
+        InvalidArgumentError: a path that is not a regular file (a FIFO, a
+            device, a directory that is not a sharded checkpoint), or a bad
+            ``threads`` (or ``SQUANT_NUM_THREADS``).
+        OSError: the file cannot be read (missing, no permission).
     """
     _native.io_verify(os.fspath(path), check_threads(threads))
 
@@ -933,8 +942,10 @@ def load_quantized(
             (checksum mismatch, invalid codes, scales or zero points that
             dequantize to non-finite values), or has an unsupported format
             version.
-        InvalidArgumentError: a bad ``threads`` (or ``SQUANT_NUM_THREADS``).
-        OSError: the file cannot be read.
+        InvalidArgumentError: a path that is not a regular file (a FIFO, a
+            device, a directory that is not a sharded checkpoint), or a bad
+            ``threads`` (or ``SQUANT_NUM_THREADS``).
+        OSError: the file cannot be read (missing, no permission).
         ImportError: torch is not installed.
     """
     threads = check_threads(threads)
