@@ -834,3 +834,55 @@ def test_run_in_a_daemon_thread_at_exit(tmp_path, sharded: bool, callback: bool)
         )
         assert (r.returncode, r.stdout, r.stderr) == (0, "main exits\n", "")
         assert os.listdir(work) == []
+
+
+_LATE_RUN = """
+import atexit, os, sys, threading, time
+def late():  # registered before squant_rs's own exit hook: runs after it
+    try:
+        squant_rs.quantize_checkpoint(sys.argv[1], "late.safetensors", 4)
+    except squant_rs.InvalidArgumentError as exc:
+        print("refused:", exc)
+atexit.register(late)
+import squant_rs
+started = threading.Event()
+def progress(*args):
+    started.set()
+    time.sleep(0.05)  # the run outlives the main thread
+threading.Thread(
+    target=lambda: squant_rs.quantize_checkpoint(
+        sys.argv[1], "out.safetensors", 4, threads=1, progress=progress
+    ),
+    daemon=True,
+).start()
+started.wait()
+print("main exits")
+"""
+
+
+def test_run_started_after_the_exit_clean_up_is_refused(tmp_path) -> None:
+    """A daemon thread's run stopped at exit, then another run started by a
+    later atexit handler (in the exiting main thread): it is refused with a
+    message saying why. (Its stopped run parked the main thread, and the
+    process hung, SIGTERM included.)"""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        f"l{s}.weight": RawTensor.from_numpy(rng.standard_normal((1024, 1024)).astype(np.float32))
+        for s in range(8)
+    }
+    write_safetensors(tmp_path / "in.safetensors", tensors)
+    work = tmp_path / "work"
+    work.mkdir()
+    r = subprocess.run(
+        [sys.executable, "-c", _LATE_RUN, str(tmp_path / "in.safetensors")],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("main exits\nrefused: the interpreter is exiting"), r.stdout
+    assert os.listdir(work) == []

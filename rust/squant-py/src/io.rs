@@ -144,6 +144,16 @@ fn run_detached<T: Send>(
     f: impl FnOnce() -> squant_io::Result<T> + Send,
 ) -> squant_io::Result<T> {
     py.detach(|| {
+        // A run started after the exit's clean-up (in a later atexit
+        // handler, in the exiting thread) is refused: no file is written
+        // any more.
+        if squant_io::write::cleaning_up() {
+            return Err(IoError::InvalidArgument(
+                "the interpreter is exiting (runs still in progress were stopped and their \
+                 temporary output removed): no file is written any more"
+                    .into(),
+            ));
+        }
         let run = Run::enter();
         let result = f();
         if result.is_err() && squant_io::write::cleaning_up() {
