@@ -886,3 +886,93 @@ def test_run_started_after_the_exit_clean_up_is_refused(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("main exits\nrefused: the interpreter is exiting"), r.stdout
     assert os.listdir(work) == []
+
+
+_FORKED_RUN = """
+import os, sys, threading, time, squant_rs
+started = threading.Event()
+result = {}
+def progress(*args):
+    started.set()
+    time.sleep(0.02)
+def work():
+    try:
+        result["ok"] = squant_rs.quantize_checkpoint(sys.argv[1], "parent.safetensors", 4,
+                                                      threads=1, progress=progress)
+    except Exception as exc:
+        result["error"] = repr(exc)
+t = threading.Thread(target=work)
+t.start()
+started.wait()
+pid = os.fork()
+if pid == 0:  # the child quantizes something of its own and exits normally
+    squant_rs.quantize_checkpoint(sys.argv[2], "child.safetensors", 4)
+    sys.exit(0)
+os.waitpid(pid, 0)
+t.join()
+print(sorted(result), sorted(os.listdir(".")))
+"""
+
+
+def test_forked_child_leaves_the_parents_run_alone(tmp_path) -> None:
+    """A child forked while its parent quantizes, which runs and finishes a
+    quantization of its own: its exit hook removed the parent's temporary
+    output (inherited in its list of files in progress), and the parent's
+    run failed with a bare FileNotFoundError."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    big = {
+        f"l{s}.weight": RawTensor.from_numpy(rng.standard_normal((1024, 1024)).astype(np.float32))
+        for s in range(8)
+    }
+    write_safetensors(tmp_path / "big.safetensors", big)
+    write_safetensors(tmp_path / "small.safetensors", {"l.weight": big["l0.weight"]})
+    work = tmp_path / "work"
+    work.mkdir()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _FORKED_RUN,
+            *(str(tmp_path / f"{n}.safetensors") for n in ("big", "small")),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "['ok'] ['child.safetensors', 'parent.safetensors']\n", r.stdout
+
+
+def test_run_in_a_daemon_thread_at_exit_beside_torch(tmp_path) -> None:
+    """As test_run_in_a_daemon_thread_at_exit, with torch imported (its
+    finalizers make the interpreter's shutdown slower): the exit hook now
+    waits until the stopped run is out of its progress callback, which was
+    still in Python when the interpreter was finalized (SIGABRT, 'FATAL:
+    exception not rethrown')."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    tensors = {
+        f"l{s}.weight": RawTensor.from_numpy(rng.standard_normal((1024, 1024)).astype(np.float32))
+        for s in range(8)
+    }
+    write_safetensors(tmp_path / "in.safetensors", tensors)
+    work = tmp_path / "work"
+    work.mkdir()
+    for _ in range(3):
+        r = subprocess.run(
+            [sys.executable, "-c", "import torch\n" + _DAEMON_RUN]
+            + [str(tmp_path / "in.safetensors"), "out.safetensors", "1"],
+            capture_output=True,
+            text=True,
+            cwd=work,
+            timeout=120,
+        )
+        assert (r.returncode, r.stdout, r.stderr) == (0, "main exits\n", "")
+        assert os.listdir(work) == []

@@ -61,8 +61,10 @@ struct Slot {
     crc_at: Option<u64>,
 }
 
-/// Temporary files being written (removed by [`remove_live_temp_files`]).
-static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Temporary files being written (removed by [`remove_live_temp_files`]),
+/// with the id of the process that registered each: a child forked while
+/// they were written inherits the list but not the work.
+static LIVE: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// Held shared by every [`TempSection`], exclusively by
 /// [`remove_live_temp_files`].
@@ -86,7 +88,7 @@ pub fn leave_directory_sync_to_caller() {
     SYNC_AFTER_RENAME.store(false, Ordering::SeqCst);
 }
 
-fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+fn live() -> std::sync::MutexGuard<'static, Vec<(u32, PathBuf)>> {
     LIVE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -114,8 +116,9 @@ impl TempSection {
     }
 }
 
-/// Removes every temporary file and directory still being written; for a
-/// signal handler that is about to end the process. It first waits for the
+/// Removes every temporary file and directory this process is still
+/// writing (not those of the process it was forked from); for a signal
+/// handler that is about to end the process. It first waits for the
 /// [`TempSection`]s in progress (a rename into place completes, with the
 /// sync of its directory), then makes every later one fail, so that no
 /// thread still running creates anything more. Returns how many paths were
@@ -126,9 +129,15 @@ pub fn remove_live_temp_files() -> usize {
     CLOSED.store(true, Ordering::Release);
     let _gate = GATE.write().unwrap_or_else(|p| p.into_inner());
     let mut files = live();
-    let n = files.len();
+    let me = std::process::id();
+    let mine: Vec<PathBuf> = files
+        .drain(..)
+        .filter(|(pid, _)| *pid == me)
+        .map(|(_, f)| f)
+        .collect();
+    let n = mine.len();
     // Newest first: files inside a temporary directory before it.
-    for f in files.drain(..).rev() {
+    for f in mine.into_iter().rev() {
         if f.is_dir() {
             // Nothing new appears in it any more (see above), but another
             // thread may be removing it too (an error's clean-up): its
@@ -157,12 +166,12 @@ pub fn cleaning_up() -> bool {
 
 /// Registers a temporary file or directory for [`remove_live_temp_files`].
 pub fn register_temp(path: &Path) {
-    live().push(path.to_path_buf());
+    live().push((std::process::id(), path.to_path_buf()));
 }
 
 /// Forgets a registered temporary path (it was renamed or removed).
 pub fn unregister_temp(path: &Path) {
-    live().retain(|p| p != path);
+    live().retain(|(_, p)| p != path);
 }
 
 /// The directory `path` is in (`.` for a bare name).
@@ -683,7 +692,7 @@ impl Writer {
             let tmp = temp_name(dir, target);
             // Registered before it exists, so a signal that arrives right
             // after the file appears still finds it.
-            live().push(tmp.clone());
+            live().push((std::process::id(), tmp.clone()));
             match OpenOptions::new().write(true).create_new(true).open(&tmp) {
                 Ok(f) => break (tmp, f),
                 Err(e) => {
@@ -830,7 +839,7 @@ impl Writer {
         // directory: it then finds the output complete, in place.
         let _section = TempSection::enter()?;
         std::fs::rename(&self.tmp, &target).map_err(|e| IoError::os(&target, e))?;
-        live().retain(|p| p != &self.tmp);
+        live().retain(|(_, p)| p != &self.tmp);
         // The rename itself on disk. The output is in place already: a
         // failure here says so.
         if SYNC_AFTER_RENAME.load(Ordering::SeqCst) {
@@ -847,7 +856,7 @@ impl Drop for Writer {
     fn drop(&mut self) {
         // Not finished (or finishing failed): remove the temporary file.
         let mut files = live();
-        if let Some(i) = files.iter().position(|p| p == &self.tmp) {
+        if let Some(i) = files.iter().position(|(_, p)| p == &self.tmp) {
             files.swap_remove(i);
             drop(self.file.take());
             let _ = std::fs::remove_file(&self.tmp);

@@ -25,6 +25,10 @@ fn py_class<'py>(py: Python<'py>, module: &str, name: &str) -> PyResult<Bound<'p
 }
 
 /// An I/O error as the Python exception the API documents.
+/// What a file operation refused once the exit's clean-up ran says.
+const EXITING: &str = "the interpreter is exiting (runs still in progress were stopped and \
+                       their temporary output removed): no file is written any more";
+
 fn to_py(py: Python<'_>, err: IoError, cancelled: &mut Option<PyErr>) -> PyErr {
     let msg = err.to_string();
     let made = match err {
@@ -55,9 +59,13 @@ fn to_py(py: Python<'_>, err: IoError, cancelled: &mut Option<PyErr>) -> PyErr {
             _ => InvalidArgumentError::new_err(msg),
         }),
         IoError::InvalidArgument(_) => Ok(InvalidArgumentError::new_err(msg)),
-        IoError::Cancelled => Ok(cancelled
-            .take()
-            .unwrap_or_else(|| InvalidArgumentError::new_err("cancelled"))),
+        IoError::Cancelled => Ok(cancelled.take().unwrap_or_else(|| {
+            InvalidArgumentError::new_err(if squant_io::write::cleaning_up() {
+                EXITING
+            } else {
+                "cancelled"
+            })
+        })),
     };
     made.unwrap_or_else(|e| e)
 }
@@ -123,7 +131,11 @@ struct Run;
 
 impl Run {
     fn enter() -> Run {
-        RUNS_PID.store(std::process::id(), Ordering::SeqCst);
+        let me = std::process::id();
+        if RUNS_PID.swap(me, Ordering::SeqCst) != me {
+            // A child forked during its parent's runs: none of them is its own.
+            RUNS.store(0, Ordering::SeqCst);
+        }
         RUNS.fetch_add(1, Ordering::SeqCst);
         Run
     }
@@ -148,11 +160,7 @@ fn run_detached<T: Send>(
         // handler, in the exiting thread) is refused: no file is written
         // any more.
         if squant_io::write::cleaning_up() {
-            return Err(IoError::InvalidArgument(
-                "the interpreter is exiting (runs still in progress were stopped and their \
-                 temporary output removed): no file is written any more"
-                    .into(),
-            ));
+            return Err(IoError::InvalidArgument(EXITING.into()));
         }
         let run = Run::enter();
         let result = f();
@@ -172,11 +180,20 @@ fn run_detached<T: Send>(
 /// For atexit: quantizing runs still in progress in other (daemon) threads
 /// when the interpreter exits are stopped, their temporary files and
 /// directories removed (they were left, and the next progress step panicked
-/// in the finalized interpreter). Does nothing when none is running.
+/// in the finalized interpreter). It then waits (the GIL released, at most
+/// 10 s) until each has stopped, so that none is still in Python (a
+/// progress callback) when the interpreter is finalized. Does nothing when
+/// none is running.
 #[pyfunction]
 pub fn io_at_exit(py: Python<'_>) {
     if RUNS.load(Ordering::SeqCst) > 0 && RUNS_PID.load(Ordering::SeqCst) == std::process::id() {
-        py.detach(squant_io::remove_live_temp_files);
+        py.detach(|| {
+            squant_io::remove_live_temp_files();
+            let start = std::time::Instant::now();
+            while RUNS.load(Ordering::SeqCst) > 0 && start.elapsed().as_secs() < 10 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        });
     }
 }
 
