@@ -1213,6 +1213,34 @@ def test_sharded_output_killed_on_a_mount_point_does_not_block_the_next_run(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock(2) on a directory")
+def test_sharded_output_directory_is_locked_while_checked(tmp_path, squant_bin: str) -> None:
+    """A run checks an existing output directory and makes its temporary
+    directory under an exclusive lock on the output directory, so two runs
+    started at the same instant into one mount point cannot both find it
+    empty (the reviewer saw both succeed, the second replacing the first's
+    files, in 3 of 300 tries): while another process holds that lock the
+    run waits, creating nothing, and goes on once it is released."""
+    import fcntl
+    import time
+
+    _sharded_input(tmp_path / "ck")
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        run = subprocess.Popen([squant_bin, "quantize", "-q", "ck", "out"], cwd=tmp_path)
+        time.sleep(0.5)
+        assert run.poll() is None
+        assert sorted(os.listdir(tmp_path)) == ["ck", "out"] and os.listdir(out) == []
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        assert run.wait(timeout=60) == 0
+    finally:
+        os.close(fd)
+    assert "model.safetensors.index.json" in os.listdir(out)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock(2) on a directory")
 def test_sharded_temporary_directory_inside_the_output(tmp_path, squant_bin: str) -> None:
     """The output directory holds only the temporary directory of a run
     that was killed while building it in place (say a mount point, seen

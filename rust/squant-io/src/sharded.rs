@@ -184,6 +184,22 @@ fn lock_dir(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
     }
 }
 
+/// [`lock_dir`] on `dir`, waiting (at most 10 s) while another process
+/// holds it; `None` where it cannot be had (no locks on that file system,
+/// or held all that time): the caller goes on without it.
+fn wait_for_lock(dir: &Path) -> Option<std::fs::File> {
+    let start = std::time::Instant::now();
+    loop {
+        match lock_dir(dir) {
+            Ok(Some(f)) => return Some(f),
+            Ok(None) if start.elapsed().as_secs() < 10 => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            _ => return None,
+        }
+    }
+}
+
 #[cfg(not(unix))]
 fn lock_dir(_dir: &Path) -> std::io::Result<Option<std::fs::File>> {
     Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
@@ -414,6 +430,14 @@ pub fn quantize_sharded(
             crate::error::show_path(out_dir)
         )));
     }
+    // Held while OUT is checked and the temporary directory made (inside
+    // it on a mount point): a run starting at the same instant then finds
+    // this one's temporary directory, in use, instead of an empty OUT.
+    let out_lock = if out_dir.is_dir() {
+        wait_for_lock(out_dir)
+    } else {
+        None
+    };
     if out_dir.exists() {
         if out_dir.is_dir() {
             remove_leftovers(out_dir)?;
@@ -448,6 +472,7 @@ pub fn quantize_sharded(
         }
         made => made?,
     };
+    drop(out_lock);
     let mut guard = TempDir(Some(tmp.clone()), lock);
 
     let total: u64 = files
