@@ -3,6 +3,7 @@
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, final
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "io_quantize_file",
     "io_quantize_sharded",
     "io_is_sharded",
+    "io_shard_files",
     "io_check_input",
     "io_at_exit",
     "io_inspect",
@@ -163,6 +165,7 @@ def io_quantize_sharded(
     quantizer: str = "asymmetric",
 ) -> tuple[_Report, int, int]: ...
 def io_is_sharded(path: _Path) -> bool: ...
+def io_shard_files(path: _Path) -> list[Path]: ...
 def io_check_input(path: _Path) -> None: ...
 def io_at_exit() -> None: ...
 def io_inspect(

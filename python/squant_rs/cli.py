@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import re
@@ -78,6 +77,7 @@ from ._squant_rs import (
     SquantError,
     __version__,
     io_check_input,
+    io_shard_files,
 )
 from .formats.output import check_output, check_regular_input
 from .formats.safetensors import (
@@ -101,8 +101,6 @@ from .tensor.validate import MAX_THREADS, MODES, QUANTIZERS, UnsupportedDtypeErr
 from .torch.adapter import TORCH_INSTALL_HINT
 
 PROG = "squant-rs"
-#: The index file of a sharded checkpoint (the Hugging Face layout).
-SHARD_INDEX = "model.safetensors.index.json"
 #: Most dimensions a tensor may have (numpy's limit).
 MAX_DIMS = 64
 #: Exit status when stdout is a pipe that was closed early (128 + SIGPIPE).
@@ -447,15 +445,11 @@ def _shard_tensors(src: str) -> dict[str, RawTensor] | None:
     ``src`` (a directory or its index), for :func:`_unmatched_patterns`,
     read once its quantization (which checked the index and the shards) has
     succeeded; ``None`` if they cannot be read again."""
-    index = os.path.join(src, SHARD_INDEX) if os.path.isdir(src) else src
     tensors: dict[str, RawTensor] = {}
     try:
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        for shard in dict.fromkeys(weight_map.values()):
-            path = os.path.join(os.path.dirname(index), shard)
-            tensors.update(read_safetensors(path, data=False)[0])
-    except (OSError, ValueError, LookupError, TypeError, AttributeError):
+        for path in io_shard_files(src):
+            tensors.update(read_safetensors(os.fspath(path), data=False)[0])
+    except (OSError, ValueError, SquantError):
         return None  # changed since it was quantized
     return tensors
 

@@ -340,6 +340,20 @@ pub fn io_is_sharded(path: PathBuf) -> bool {
     squant_io::is_sharded(&path)
 }
 
+/// io_shard_files(path)
+/// --
+///
+/// The shard files of the sharded checkpoint path (a directory with an
+/// index, or the index), in index order: the index read and checked as
+/// io_quantize_sharded reads it.
+#[pyfunction]
+pub fn io_shard_files(py: Python<'_>, path: PathBuf) -> PyResult<Vec<PathBuf>> {
+    let index = py
+        .detach(|| squant_io::sharded::read_index(&path))
+        .map_err(|e| to_py(py, e, &mut None))?;
+    Ok(index.shards.iter().map(|s| index.dir.join(s)).collect())
+}
+
 type TensorInfoTuple = (
     String,
     Vec<usize>,
@@ -698,6 +712,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(io_quantize_file, m)?)?;
     m.add_function(wrap_pyfunction!(io_quantize_sharded, m)?)?;
     m.add_function(wrap_pyfunction!(io_is_sharded, m)?)?;
+    m.add_function(wrap_pyfunction!(io_shard_files, m)?)?;
     m.add_function(wrap_pyfunction!(io_check_input, m)?)?;
     m.add_function(wrap_pyfunction!(io_at_exit, m)?)?;
     m.add_function(wrap_pyfunction!(io_inspect, m)?)?;
