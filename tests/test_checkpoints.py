@@ -777,6 +777,16 @@ def test_float8_tensors_are_kept_as_they_are(tmp_path, capsys) -> None:
         assert path.read_bytes() == saved.read_bytes()
 
 
+def _eight_weights() -> dict[str, RawTensor]:
+    """Eight 1024x1024 float32 weights ``l0.weight`` ... (32 MB: a run that
+    outlasts the main thread of the tests' exit scripts)."""
+    rng = np.random.default_rng(0)
+    return {
+        f"l{s}.weight": RawTensor.from_numpy(rng.standard_normal((1024, 1024)).astype(np.float32))
+        for s in range(8)
+    }
+
+
 _DAEMON_RUN = """
 import os, sys, threading, time, squant_rs
 started = threading.Event()
@@ -810,14 +820,11 @@ def test_run_in_a_daemon_thread_at_exit(tmp_path, sharded: bool, callback: bool)
 
     src = tmp_path / "ck"
     src.mkdir()
-    rng = np.random.default_rng(0)
+    tensors = _eight_weights()
     weight_map = {}
-    tensors = {}
-    for s in range(8):
-        w = rng.standard_normal((1024, 1024)).astype(np.float32)
-        write_safetensors(src / f"s{s}.safetensors", {f"l{s}.weight": RawTensor.from_numpy(w)})
-        weight_map[f"l{s}.weight"] = f"s{s}.safetensors"
-        tensors[f"l{s}.weight"] = RawTensor.from_numpy(w)
+    for s, (name, t) in enumerate(tensors.items()):
+        write_safetensors(src / f"s{s}.safetensors", {name: t})
+        weight_map[name] = f"s{s}.safetensors"
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     if not sharded:
         write_safetensors(tmp_path / "in.safetensors", tensors)
@@ -868,11 +875,7 @@ def test_run_started_after_the_exit_clean_up_is_refused(tmp_path) -> None:
     import subprocess
     import sys
 
-    rng = np.random.default_rng(0)
-    tensors = {
-        f"l{s}.weight": RawTensor.from_numpy(rng.standard_normal((1024, 1024)).astype(np.float32))
-        for s in range(8)
-    }
+    tensors = _eight_weights()
     write_safetensors(tmp_path / "in.safetensors", tensors)
     work = tmp_path / "work"
     work.mkdir()
@@ -922,11 +925,7 @@ def test_forked_child_leaves_the_parents_run_alone(tmp_path) -> None:
     import subprocess
     import sys
 
-    rng = np.random.default_rng(0)
-    big = {
-        f"l{s}.weight": RawTensor.from_numpy(rng.standard_normal((1024, 1024)).astype(np.float32))
-        for s in range(8)
-    }
+    big = _eight_weights()
     write_safetensors(tmp_path / "big.safetensors", big)
     write_safetensors(tmp_path / "small.safetensors", {"l.weight": big["l0.weight"]})
     work = tmp_path / "work"
@@ -957,11 +956,7 @@ def test_run_in_a_daemon_thread_at_exit_beside_torch(tmp_path) -> None:
     import sys
 
     pytest.importorskip("torch")
-    rng = np.random.default_rng(0)
-    tensors = {
-        f"l{s}.weight": RawTensor.from_numpy(rng.standard_normal((1024, 1024)).astype(np.float32))
-        for s in range(8)
-    }
+    tensors = _eight_weights()
     write_safetensors(tmp_path / "in.safetensors", tensors)
     work = tmp_path / "work"
     work.mkdir()

@@ -911,18 +911,24 @@ def _externalize(tensor: TensorProto, folder, location: str, write: bool = True)
     entry.key, entry.value = "location", location
 
 
+def _sparse_weight(rng: np.random.Generator) -> onnx.SparseTensorProto:
+    """An 8x8 sparse initializer ``Ws`` (indices ``Wi``): the entries of a
+    normal draw from ``rng`` that are at least 0.5."""
+    ws = rng.normal(size=(8, 8)).astype(np.float32)
+    ws[ws < 0.5] = 0
+    idx = np.flatnonzero(ws).astype(np.int64)
+    return helper.make_sparse_tensor(
+        numpy_helper.from_array(ws.ravel()[idx], "Ws"), numpy_helper.from_array(idx, "Wi"), [8, 8]
+    )
+
+
 def _model_with_tensors_beside_initializers() -> onnx.ModelProto:
     """A MatMul layer after an Add of a Constant node's tensor, a MatMul
     reading a sparse initializer and an If whose then-body adds another
     Constant's tensor (opset 21)."""
     rng = np.random.default_rng(3)
     vi = helper.make_tensor_value_info
-    ws = rng.normal(size=(8, 8)).astype(np.float32)
-    ws[ws < 0.5] = 0
-    idx = np.flatnonzero(ws).astype(np.int64)
-    sparse = helper.make_sparse_tensor(
-        numpy_helper.from_array(ws.ravel()[idx], "Ws"), numpy_helper.from_array(idx, "Wi"), [8, 8]
-    )
+    sparse = _sparse_weight(rng)
     then_g = helper.make_graph(
         [
             helper.make_node(
@@ -1634,12 +1640,7 @@ def _sparse_weight_model(opset: int, in_body: bool = False) -> onnx.ModelProto:
     body with ``in_body``), MatMul ``mm`` the dense ``W``."""
     rng = np.random.default_rng(1)
     vi = helper.make_tensor_value_info
-    ws = rng.normal(size=(8, 8)).astype(np.float32)
-    ws[ws < 0.5] = 0
-    idx = np.flatnonzero(ws).astype(np.int64)
-    sparse = helper.make_sparse_tensor(
-        numpy_helper.from_array(ws.ravel()[idx], "Ws"), numpy_helper.from_array(idx, "Wi"), [8, 8]
-    )
+    sparse = _sparse_weight(rng)
     w = numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "W")
     mm_sparse = helper.make_node("MatMul", ["x", "Ws"], ["h"], name="mm_sparse")
     mm = helper.make_node("MatMul", ["h", "W"], ["y"], name="mm")

@@ -1310,6 +1310,15 @@ def test_sharded_output_directory_in_a_directory_that_is_not_writable(
     assert subprocess.run([squant_bin, "quantize", "-q", "ck", "ref"], cwd=tmp_path).returncode == 0
     caps = "-dac_override,-dac_read_search"
     drop = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+    def quantize(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*drop, *argv, "quantize", "-q", "ck", "ro/out"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+
     ro, out = tmp_path / "ro", tmp_path / "ro" / "out"
     ro.mkdir()
     try:
@@ -1317,12 +1326,7 @@ def test_sharded_output_directory_in_a_directory_that_is_not_writable(
             out.mkdir()
             out.chmod(0o750)
             ro.chmod(0o555)
-            r = subprocess.run(
-                [*drop, *argv, "quantize", "-q", "ck", "ro/out"],
-                capture_output=True,
-                text=True,
-                cwd=tmp_path,
-            )
+            r = quantize(argv)
             assert r.returncode == 0, (argv, r.stderr)
             assert os.listdir(ro) == ["out"] and stat_mode(out) == 0o750, argv
             assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "ref")), argv
@@ -1331,12 +1335,7 @@ def test_sharded_output_directory_in_a_directory_that_is_not_writable(
             ro.chmod(0o755)
             shutil.rmtree(out)
             ro.chmod(0o555)
-            r = subprocess.run(
-                [*drop, *argv, "quantize", "-q", "ck", "ro/out"],
-                capture_output=True,
-                text=True,
-                cwd=tmp_path,
-            )
+            r = quantize(argv)
             assert r.returncode == 2, (argv, r.stderr)
             assert _message(r.stderr) == "Permission denied: ro/out\n", argv
             assert os.listdir(ro) == [], argv
