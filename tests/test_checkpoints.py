@@ -843,6 +843,52 @@ def test_run_in_a_daemon_thread_at_exit(tmp_path, sharded: bool, callback: bool)
         assert os.listdir(work) == []
 
 
+_DAEMON_SAVE = """
+import os, sys, threading, time, numpy as np, squant_rs
+rng = np.random.default_rng(0)
+weights = [rng.standard_normal((2048, 2048), dtype=np.float32) for _ in range(8)]
+started = threading.Event()
+def work():
+    started.set()
+    if sys.argv[1] == "save":
+        squant_rs.save_quantized({f"l{i}.weight": w for i, w in enumerate(weights)},
+                                 "out.safetensors", 4)
+    else:
+        squant_rs.quantize_tensors(weights, 4)
+threading.Thread(target=work, daemon=True).start()
+started.wait()
+if sys.argv[1] == "save":
+    while not os.listdir("."):  # until its temporary output appears
+        time.sleep(0.001)
+print("main exits")
+"""
+
+
+@pytest.mark.parametrize("call", ["save", "tensors"])
+def test_native_call_in_a_daemon_thread_at_exit(tmp_path, call: str) -> None:
+    """save_quantized (or quantize_tensors) still running in a daemon thread
+    when the interpreter exits: the process ends normally and quietly, with
+    no temporary file left. (The thread re-took the GIL when its native call
+    returned, CPython ended it with pthread_exit through the extension's
+    frames, and the process aborted: 'FATAL: exception not rethrown', exit
+    status 134, the temporary file left behind.)"""
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for _ in range(3):
+        r = subprocess.run(
+            [sys.executable, "-c", _DAEMON_SAVE, call],
+            capture_output=True,
+            text=True,
+            cwd=work,
+            timeout=120,
+        )
+        assert (r.returncode, r.stdout, r.stderr) == (0, "main exits\n", "")
+        assert os.listdir(work) == []
+
+
 _LATE_RUN = """
 import atexit, os, sys, threading, time
 def late():  # registered before squant_rs's own exit hook: runs after it

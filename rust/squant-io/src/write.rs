@@ -156,6 +156,13 @@ pub fn remove_live_temp_files() -> usize {
     n
 }
 
+/// How many temporary files and directories this process is writing (not
+/// those of the process it was forked from).
+pub fn live_temp_files() -> usize {
+    let me = std::process::id();
+    live().iter().filter(|(pid, _)| *pid == me).count()
+}
+
 /// Whether [`remove_live_temp_files`] has begun: an error met since then
 /// may be its doing (a temporary file removed under its writer, a section
 /// refused), and the process is about to end by the signal: a caller

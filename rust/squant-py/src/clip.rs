@@ -476,7 +476,7 @@ fn run<T: Elem>(
     let no_memory =
         || PyMemoryError::new_err(format!("cannot allocate the scratch of rows of {n}"));
     if threads == 1 || work < SERIAL_BELOW {
-        return py.detach(|| s.rows(0, rows)).ok_or_else(no_memory);
+        return crate::exit::detach(py, || s.rows(0, rows)).ok_or_else(no_memory);
     }
     let per = (TASK_ELEMS / n.max(1)).max(1);
     let tasks: Vec<(usize, usize)> = (0..rows)
@@ -484,7 +484,7 @@ fn run<T: Elem>(
         .map(|first| (first, per.min(rows - first)))
         .collect();
     let pool = pool::pool(threads)?;
-    let parts: Option<Vec<Vec<f64>>> = py.detach(|| {
+    let parts: Option<Vec<Vec<f64>>> = crate::exit::detach(py, || {
         pool.install(|| {
             tasks
                 .par_iter()
@@ -689,11 +689,11 @@ fn clip_all<'py, T: Elem + numpy::Element>(
     let ok = if n == 0 {
         true
     } else if threads == 1 || w.len() < 2 * CLIP_TASK_ELEMS {
-        py.detach(|| clip_block_dispatch(w, buf, n, ratios))
+        crate::exit::detach(py, || clip_block_dispatch(w, buf, n, ratios))
     } else {
         let per = (CLIP_TASK_ELEMS / n).max(1);
         let pool = pool::pool(threads)?;
-        py.detach(|| {
+        crate::exit::detach(py, || {
             pool.install(|| {
                 buf.par_chunks_mut(per * n)
                     .zip(w.par_chunks(per * n))

@@ -147,47 +147,43 @@ impl Drop for Run {
     }
 }
 
-/// Runs the file work `f` with the GIL released. A run that the
-/// interpreter's exit stopped ([`io_at_exit`]: a daemon thread's) does not
-/// come back to Python, which is being finalized: once its clean-up is done
-/// its thread waits for the process to end, as CPython's daemon threads do.
+/// Runs the file work `f` with the GIL released, counted in [`RUNS`]. A
+/// run that the interpreter's exit stopped ([`io_at_exit`]: a daemon
+/// thread's) does not come back to Python, which is being finalized: its
+/// thread parks once its clean-up is done (`crate::exit::detach`).
 fn run_detached<T: Send>(
     py: Python<'_>,
     f: impl FnOnce() -> squant_io::Result<T> + Send,
 ) -> squant_io::Result<T> {
-    py.detach(|| {
+    crate::exit::detach(py, || {
         // A run started after the exit's clean-up (in a later atexit
         // handler, in the exiting thread) is refused: no file is written
         // any more.
         if squant_io::write::cleaning_up() {
             return Err(IoError::InvalidArgument(EXITING.into()));
         }
-        let run = Run::enter();
-        let result = f();
-        if result.is_err() && squant_io::write::cleaning_up() {
-            drop(run);
-            loop {
-                std::thread::park();
-            }
-        }
-        result
+        let _run = Run::enter();
+        f()
     })
 }
 
-/// io_at_exit()
-/// --
-///
-/// For atexit: quantizing runs still in progress in other (daemon) threads
-/// when the interpreter exits are stopped, their temporary files and
-/// directories removed (they were left, and the next progress step panicked
-/// in the finalized interpreter). It then waits (the GIL released, at most
-/// 10 s) until each has stopped, so that none is still in Python (a
-/// progress callback) when the interpreter is finalized. Does nothing when
-/// none is running.
+/// For atexit: marks the interpreter's exit as begun (see `exit.rs`: a
+/// daemon thread inside a native call parks instead of taking the GIL
+/// again). Files still being written by other (daemon) threads are then
+/// removed, and quantizing runs still in progress stopped: a checkpoint run
+/// (its temporary files and directories were left, and its next progress
+/// step panicked in the finalized interpreter) or a `save_quantized` (its
+/// temporary file was left and the process aborted). It then waits (the
+/// GIL released, at most 10 s) until each checkpoint run has stopped, so
+/// that none is still in Python (a progress callback) when the interpreter
+/// is finalized. Does nothing more when nothing is being written.
 #[pyfunction]
 pub fn io_at_exit(py: Python<'_>) {
-    if RUNS.load(Ordering::SeqCst) > 0 && RUNS_PID.load(Ordering::SeqCst) == std::process::id() {
-        py.detach(|| {
+    crate::exit::begin(py);
+    let me = std::process::id();
+    let runs = RUNS.load(Ordering::SeqCst) > 0 && RUNS_PID.load(Ordering::SeqCst) == me;
+    if runs || squant_io::write::live_temp_files() > 0 {
+        crate::exit::detach(py, || {
             squant_io::remove_live_temp_files();
             let start = std::time::Instant::now();
             while RUNS.load(Ordering::SeqCst) > 0 && start.elapsed().as_secs() < 10 {
@@ -326,7 +322,7 @@ pub fn io_quantize_sharded(
 /// words every quantizing path uses (io_quantize_file, io_quantize_sharded).
 #[pyfunction]
 pub fn io_check_input(py: Python<'_>, path: PathBuf) -> PyResult<()> {
-    py.detach(|| squant_io::quant::open_input(&path))
+    crate::exit::detach(py, || squant_io::quant::open_input(&path))
         .map(drop)
         .map_err(|e| to_py(py, e, &mut None))
 }
@@ -348,8 +344,7 @@ pub fn io_is_sharded(path: PathBuf) -> bool {
 /// io_quantize_sharded reads it.
 #[pyfunction]
 pub fn io_shard_files(py: Python<'_>, path: PathBuf) -> PyResult<Vec<PathBuf>> {
-    let index = py
-        .detach(|| squant_io::sharded::read_index(&path))
+    let index = crate::exit::detach(py, || squant_io::sharded::read_index(&path))
         .map_err(|e| to_py(py, e, &mut None))?;
     Ok(index.shards.iter().map(|s| index.dir.join(s)).collect())
 }
@@ -364,7 +359,7 @@ type TensorInfoTuple = (
 );
 
 fn open_all(py: Python<'_>, path: &std::path::Path) -> PyResult<Vec<SquantFile>> {
-    py.detach(|| squant_io::sharded::open_quantized(path))
+    crate::exit::detach(py, || squant_io::sharded::open_quantized(path))
         .map_err(|e| to_py(py, e, &mut None))
 }
 
@@ -434,8 +429,7 @@ pub fn io_verify(py: Python<'_>, path: PathBuf, threads: Option<usize>) -> PyRes
     let mut files = open_all(py, &path)?;
     for f in files.iter_mut() {
         f.pool = Some(Arc::clone(&p));
-        py.detach(|| f.verify())
-            .map_err(|e| to_py(py, e, &mut None))?;
+        crate::exit::detach(py, || f.verify()).map_err(|e| to_py(py, e, &mut None))?;
     }
     Ok(())
 }
@@ -485,7 +479,7 @@ pub fn io_load<'py>(
                 items.push((t, Some(buf)));
             }
             let f = &*f;
-            py.detach(|| f.load_many(items, verify))
+            crate::exit::detach(py, || f.load_many(items, verify))
                 .map_err(|e| to_py(py, e, &mut None))?;
         }
         py.check_signals()?;
@@ -516,8 +510,7 @@ pub fn io_read_safetensors<'py>(
     path: PathBuf,
     data: bool,
 ) -> PyResult<(Vec<RawTuple<'py>>, Bound<'py, PyDict>)> {
-    let f = py
-        .detach(|| squant_io::SafetensorsFile::open(&path))
+    let f = crate::exit::detach(py, || squant_io::SafetensorsFile::open(&path))
         .map_err(|e| to_py(py, e, &mut None))?;
     let mut out = Vec::with_capacity(f.entries.len());
     for e in &f.entries {
@@ -564,8 +557,10 @@ pub fn io_write_safetensors(
             shape: shape.clone(),
         });
     }
-    let mut w = squant_io::Writer::create(&path, &planned, &metadata, false)
-        .map_err(|e| to_py(py, e, &mut None))?;
+    let mut w = crate::exit::detach(py, || {
+        squant_io::Writer::create(&path, &planned, &metadata, false)
+    })
+    .map_err(|e| to_py(py, e, &mut None))?;
     for i in 0..tensors.len() {
         // An exception here (or a signal) drops the writer: no temporary file.
         let arr = data.call1((i,))?.cast_into::<PyArray1<u8>>()?;
@@ -575,8 +570,7 @@ pub fn io_write_safetensors(
             .map_err(|e| InvalidArgumentError::new_err(e.to_string()))?;
         w.write(i, bytes).map_err(|e| to_py(py, e, &mut None))?;
     }
-    py.detach(|| w.finish())
-        .map_err(|e| to_py(py, e, &mut None))
+    crate::exit::detach(py, || w.finish()).map_err(|e| to_py(py, e, &mut None))
 }
 
 /// QuantizedFileWriter(path, plan, quantizer="asymmetric")
@@ -633,7 +627,9 @@ impl QuantizedFileWriter {
             };
             tensors.push((name, kind));
         }
-        let w = SquantWriter::create(&path, &tensors, quantizer)
+        // (the GIL released: a daemon thread that the exit has stranded
+        // parks before it creates the file)
+        let w = crate::exit::detach(py, || SquantWriter::create(&path, &tensors, quantizer))
             .map_err(|e| to_py(py, e, &mut None))?;
         Ok(QuantizedFileWriter {
             inner: Mutex::new(Some(w)),
@@ -694,8 +690,7 @@ impl QuantizedFileWriter {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .ok_or_else(|| InvalidArgumentError::new_err("the writer is closed"))?;
-        py.detach(|| w.finish())
-            .map_err(|e| to_py(py, e, &mut None))
+        crate::exit::detach(py, || w.finish()).map_err(|e| to_py(py, e, &mut None))
     }
 
     /// abort()

@@ -6,6 +6,7 @@
 mod clip;
 mod copy;
 mod error;
+mod exit;
 mod io;
 mod model;
 mod pool;
@@ -204,14 +205,14 @@ fn quantize<'py>(
         let out = slice_mut(&mut rw)?;
         if threads == 1 || layout.len() < SERIAL_BELOW {
             // No hand-off to a pool and back (tens of microseconds each way).
-            py.detach(|| {
+            crate::exit::detach(py, || {
                 squant_core::quantize_serial(
                     &data, layout, bits, quantizer, mode, out, &mut scale, &mut zp,
                 )
             })
         } else {
             let pool = pool::pool(threads)?;
-            py.detach(|| {
+            crate::exit::detach(py, || {
                 shared::quantize_shared(
                     &pool, threads, &data, layout, bits, quantizer, mode, out, &mut scale, &mut zp,
                 )
@@ -269,25 +270,26 @@ fn quantize_many<'py>(
     for r in rw.iter_mut() {
         outs.push(slice_mut(r)?);
     }
-    let results: Vec<Result<squant_core::Flips, squant_core::SquantError>> = py.detach(|| {
-        pool.install(|| {
-            jobs.par_iter_mut()
-                .zip(outs.par_iter_mut())
-                .map(|(job, out)| {
-                    squant_core::quantize(
-                        &job.data,
-                        job.layout,
-                        bits,
-                        quantizer,
-                        mode,
-                        out,
-                        &mut job.scale,
-                        &mut job.zp,
-                    )
-                })
-                .collect()
-        })
-    });
+    let results: Vec<Result<squant_core::Flips, squant_core::SquantError>> =
+        crate::exit::detach(py, || {
+            pool.install(|| {
+                jobs.par_iter_mut()
+                    .zip(outs.par_iter_mut())
+                    .map(|(job, out)| {
+                        squant_core::quantize(
+                            &job.data,
+                            job.layout,
+                            bits,
+                            quantizer,
+                            mode,
+                            out,
+                            &mut job.scale,
+                            &mut job.zp,
+                        )
+                    })
+                    .collect()
+            })
+        });
     drop(rw);
     let mut ret = Vec::with_capacity(results.len());
     for (i, ((res, job), c)) in results.into_iter().zip(jobs).zip(codes).enumerate() {
@@ -396,9 +398,10 @@ fn quantize_reference<'py>(
     let shape = w.shape().to_vec();
     let layout = layout_of(&shape)?;
     let data = row_major(&w)?;
-    let (codes, params, flips) = py
-        .detach(|| squant_core::quantize_ref(&data, layout, bits, quantizer, mode))
-        .map_err(PyCoreError)?;
+    let (codes, params, flips) = crate::exit::detach(py, || {
+        squant_core::quantize_ref(&data, layout, bits, quantizer, mode)
+    })
+    .map_err(PyCoreError)?;
     let scale = params.iter().map(|p| p.scale).collect();
     let zp = params.iter().map(|p| p.zero_point).collect();
     let codes = codes.into_pyarray(py).reshape(shape)?;
@@ -428,8 +431,10 @@ fn dequantize<'py>(
     {
         let mut rw = out.readwrite();
         let dst = slice_mut(&mut rw)?;
-        py.detach(|| pool.install(|| squant_core::dequantize(&q, layout, &s, &z, dst)))
-            .map_err(PyCoreError)?;
+        crate::exit::detach(py, || {
+            pool.install(|| squant_core::dequantize(&q, layout, &s, &z, dst))
+        })
+        .map_err(PyCoreError)?;
     }
     Ok(out)
 }
@@ -454,12 +459,25 @@ fn resolve_threads(threads: Option<usize>) -> PyResult<usize> {
     pool::resolve_threads(threads)
 }
 
+/// Fills, at import, the caches that rust-numpy fills on first use (its
+/// handle on numpy's C API, the shared borrow checker): pyo3 releases the
+/// GIL while it fills them, and a daemon thread that did so for the first
+/// time while the interpreter exits was ended inside this module, which
+/// aborted the process (see `exit.rs`).
+fn warm_up(py: Python<'_>) -> PyResult<()> {
+    let a = empty::<f32>(py, &[1], "float32")?;
+    drop(a.readonly());
+    drop(a.readwrite());
+    Ok(())
+}
+
 #[pymodule]
 fn _squant_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // The package's writers rename every finished file once more (from the
     // temporary name `formats.output.staged_output` gives the writer) and
     // sync the directory after that rename themselves.
     squant_io::write::leave_directory_sync_to_caller();
+    warm_up(m.py())?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_many, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_reference, m)?)?;

@@ -723,10 +723,12 @@ pub fn dequantize_into<'py>(
         }
     }
     let sums: Vec<(usize, f64, f64)> = if threads <= 1 || chunks.len() <= 1 {
-        py.detach(|| chunks.into_iter().map(run_deq_chunk).collect())
+        crate::exit::detach(py, || chunks.into_iter().map(run_deq_chunk).collect())
     } else {
         let pool = pool::pool(threads)?;
-        py.detach(|| pool.install(|| chunks.into_par_iter().map(run_deq_chunk).collect()))
+        crate::exit::detach(py, || {
+            pool.install(|| chunks.into_par_iter().map(run_deq_chunk).collect())
+        })
     };
     if ws.is_none() {
         return Ok(None);
@@ -925,12 +927,13 @@ pub fn quantize_into<'py>(
         }
     }
 
-    let results = py
-        .detach(|| run_all(chunks, &layouts, bits, quantizer, mode, threads))
-        .map_err(|f| match f {
-            Failure::Core(layer, e) => with_index(py, PyCoreError(e).into(), layer),
-            Failure::Py(e) => e,
-        })?;
+    let results = crate::exit::detach(py, || {
+        run_all(chunks, &layouts, bits, quantizer, mode, threads)
+    })
+    .map_err(|f| match f {
+        Failure::Core(layer, e) => with_index(py, PyCoreError(e).into(), layer),
+        Failure::Py(e) => e,
+    })?;
     drop(code_rw);
 
     // Per weight, the chunks' sums in chunk order.

@@ -195,7 +195,7 @@ pub fn channel_dots<'py>(
             .collect()
     };
     let pool = pool::pool(threads)?;
-    let parts = py.detach(|| pool.install(run));
+    let parts = crate::exit::detach(py, || pool.install(run));
     let mut outs: Vec<Vec<f64>> = pairs
         .iter()
         .map(|&(_, _, rows)| Vec::with_capacity(rows))
@@ -300,7 +300,7 @@ pub fn scale_channels<'py>(
         )));
     }
     let pool = pool::pool(threads)?;
-    py.detach(|| {
+    crate::exit::detach(py, || {
         pool.install(|| {
             tasks.into_par_iter().for_each(|(w, k, out, g)| {
                 for ((o, x), &f) in out.chunks_mut(g.max(1)).zip(w.chunks(g.max(1))).zip(k) {
