@@ -5,6 +5,7 @@ huge views, public names, memory-saving block paths, a self-contained repo."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import pickle
 import re
 import subprocess
@@ -19,6 +20,7 @@ import squant_rs
 from squant_rs import _squant_rs as native
 from squant_rs.model.layers import relative_error
 from squant_rs.tensor import quantized as quantized_mod
+from squant_rs.tensor.validate import dtype_max, dtype_name
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -100,6 +102,35 @@ def test_float16_output_beyond_float16_is_a_range_error() -> None:
     # float32 output of the same values is fine.
     ok = squant_rs.QuantizedTensor(codes, scale, zp, 8, "squant", np.dtype(np.float32), 0, 0)
     assert np.isfinite(ok.dequantize()).all()
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.dtype(np.float16), "float16", np.float16, np.half, "f2", "<f2", "e"], ids=repr
+)
+def test_float16_output_in_any_spelling_is_checked_and_clamped(dtype: object) -> None:
+    """Every spelling of float16 that ``np.dtype`` (and so check_fields)
+    takes gets float16's overflow check and clamp: ``np.float16`` was named
+    ``"float16'>"`` and ``"f2"`` ``"f2"``, so dequantize() returned inf."""
+    assert dtype_name(dtype) == "float16" and dtype_max(dtype) == 65504.0
+    codes = np.array([[-8, 7], [0, 1]], np.int8)
+    scale = np.array([1e-4, 1.0], np.float32)  # channel 0 reaches about 8e4
+    qt = squant_rs.QuantizedTensor(codes, scale, np.zeros(2, np.float32), 4, "squant", dtype, 0, 0)
+    with pytest.raises(squant_rs.WeightRangeError, match="output channel 0: .*overflow float16"):
+        qt.dequantize()
+    # A float16 weight at float16's limits: the grid end one step beyond is clamped.
+    q = squant_rs.quantize_tensor(np.array([[65504, -65504, 0, 1]], np.float16), 2)
+    got = dataclasses.replace(q, dtype=dtype, grid_checked=False).dequantize()
+    assert got.dtype == np.float16 and np.array_equal(got, q.dequantize())
+    assert np.isfinite(got).all()
+
+
+def test_dtype_names_of_every_output_dtype() -> None:
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert dtype_name(dtype) == str(dtype).removeprefix("torch.")
+    for name in ("float16", "float32", "float64"):
+        assert dtype_name(np.dtype(name)) == dtype_name(getattr(np, name)) == name
+    assert dtype_max(torch.bfloat16) == float(torch.finfo(torch.bfloat16).max)
+    assert dtype_max(torch.float32) == dtype_max(np.float64) == dtype_max("float32") == np.inf
 
 
 def test_hand_made_grid_beyond_float32_is_a_range_error() -> None:
