@@ -131,8 +131,29 @@ def _is_torch_tensor(w: object) -> bool:
     return torch is not None and isinstance(w, torch.Tensor)
 
 
+def _check_not_torch_object(w: object) -> None:
+    """Refuse a torch object that is not a tensor (its class is in torch's
+    own modules), e.g. a module passed instead of its weight, by name:
+    numpy would make an object array of it (or, for ``torch.Size``, an
+    integer one)."""
+    module = type(w).__module__
+    if module != "torch" and not module.startswith("torch."):
+        return
+    name = f"{module}.{type(w).__qualname__}"
+    torch = sys.modules.get("torch")
+    if torch is None:
+        raise TypeError(f"got a torch object ({name}) but torch is not importable")
+    if isinstance(w, torch.nn.Module):
+        has_weight = isinstance(getattr(w, "weight", None), torch.Tensor)
+        name = f"a {type(w).__name__} module: " + (
+            "pass its .weight" if has_weight else "pass a layer's .weight, or use quantize_model()"
+        )
+    raise UnsupportedDtypeError(f"weight must be a numpy array or torch tensor, got {name}")
+
+
 def validated_array(w: object) -> np.ndarray:
     """``w`` as a numpy array of a supported dtype and shape (no copy)."""
+    _check_not_torch_object(w)
     try:
         a = np.asarray(w)
     except ValueError as exc:  # e.g. a nested list deeper than numpy's 64 dimensions
@@ -391,7 +412,9 @@ def quantize_tensor(
             more than 64 dimensions, no element, or a channel of more than
             ``2^32 - 1`` elements; ``w`` is a meta tensor.
         UnsupportedDtypeError: ``w``'s dtype is not a supported float type
-            or its layout is not dense (a ``TypeError``).
+            or its layout is not dense, or ``w`` is a torch object that is
+            not a tensor, e.g. a module instead of its ``.weight`` (a
+            ``TypeError``).
         TypeError: an argument of the wrong type.
         MemoryError: ``w`` (e.g. a broadcast view) claims more elements than
             the device's memory could quantize; raised before any work.
@@ -405,8 +428,6 @@ def quantize_tensor(
         from ..torch.adapter import quantize_torch_tensor
 
         return quantize_torch_tensor(w, bits, mode, backend, threads, quantizer)
-    if type(w).__module__.startswith("torch"):
-        raise TypeError("got a torch object but torch is not importable")
     a = validated_array(w)
     dtype = a.dtype.newbyteorder("=")
     if a.dtype.itemsize == 2:
