@@ -206,6 +206,23 @@ def _hand_made_cases() -> dict[str, tuple[object, type, str]]:
             dt,
             r"QuantizedTensor\.dtype must be torch float16, bfloat16, float32 or float64",
         ),
+        "meta": (
+            QT(
+                *(a.to("meta") for a in (t.codes, t.scale, t.zero_point)),
+                4,
+                "squant",
+                t.dtype,
+                0,
+                0,
+            ),
+            err,
+            r"QuantizedTensor\.codes is a meta tensor: it has no values to dequantize",
+        ),
+        "meta scale": (
+            QT(t.codes, t.scale.to("meta"), t.zero_point, 4, "squant", t.dtype, 0, 0),
+            err,
+            r"QuantizedTensor\.scale is on meta but codes are on cpu",
+        ),
     }
 
 

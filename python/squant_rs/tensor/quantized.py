@@ -100,7 +100,8 @@ class QuantizedTensor:
                 functions refuse such weights up front).
             InvalidArgumentError: ``threads`` (or ``SQUANT_NUM_THREADS``) is
                 out of range; for a hand-made instance, ``bits`` is not in
-                2..8 or ``scale``/``zero_point`` are not of shape ``(OC,)``.
+                2..8, ``scale``/``zero_point`` are not of shape ``(OC,)`` or
+                on the codes' device, or the codes are a meta tensor.
             TypeError: for a hand-made instance, a field of the wrong type:
                 ``codes`` must be an int8 numpy array or torch tensor of 2+
                 dimensions, ``scale`` and ``zero_point`` float32 of the same
@@ -272,6 +273,10 @@ def check_fields(qt: QuantizedTensor) -> None:
             raise InvalidArgumentError(
                 f"QuantizedTensor.{name} is on {where(v)} but codes are on {where(codes)}"
             )
+    if where(codes) == "meta":
+        raise InvalidArgumentError(
+            "QuantizedTensor.codes is a meta tensor: it has no values to dequantize"
+        )
     if not dtype_ok:
         raise UnsupportedDtypeError(
             f"QuantizedTensor.dtype must be {dtypes} (the output dtype), got {qt.dtype!r}"
