@@ -18,7 +18,7 @@ import pytest
 
 import squant_rs
 from squant_rs import _squant_rs as native
-from squant_rs.model.layers import relative_error
+from squant_rs.model.layers import dequantize_tensors, relative_error
 from squant_rs.tensor import quantized as quantized_mod
 from squant_rs.tensor.validate import dtype_max, dtype_name
 
@@ -119,9 +119,11 @@ def test_float16_output_in_any_spelling_is_checked_and_clamped(dtype: object) ->
         qt.dequantize()
     # A float16 weight at float16's limits: the grid end one step beyond is clamped.
     q = squant_rs.quantize_tensor(np.array([[65504, -65504, 0, 1]], np.float16), 2)
-    got = dataclasses.replace(q, dtype=dtype, grid_checked=False).dequantize()
+    hand = dataclasses.replace(q, dtype=dtype, grid_checked=False)
+    got = hand.dequantize()
     assert got.dtype == np.float16 and np.array_equal(got, q.dequantize())
     assert np.isfinite(got).all()
+    assert np.array_equal(dequantize_tensors([hand])[0].numpy(), got)
 
 
 def test_dtype_names_of_every_output_dtype() -> None:
@@ -236,6 +238,53 @@ def test_hand_made_fields_are_checked_on_dequantize(case: str) -> None:
         qt.dequantize()  # type: ignore[attr-defined]
 
 
+def _refused_cases() -> dict[str, object]:
+    """name -> a hand-made QuantizedTensor that dequantize() refuses: the
+    field cases above, and grids that are not finite in the output dtype."""
+    cases = {name: qt for name, (qt, _, _) in _hand_made_cases().items()}
+    w = np.random.default_rng(8).standard_normal((4, 6)).astype(np.float32)
+    QT = squant_rs.QuantizedTensor
+    for r, f16 in (
+        (squant_rs.quantize_tensor(w, 4), np.float16),
+        (squant_rs.quantize_tensor(torch.from_numpy(w), 4), torch.float16),
+    ):
+        kind = type(r.codes).__name__
+        s, z = r.scale, r.zero_point
+        cases[f"{kind} scale 0"] = QT(r.codes, s * 0, z, 4, "squant", r.dtype, 0, 0)
+        cases[f"{kind} negative scale"] = QT(r.codes, -s, z, 4, "squant", r.dtype, 0, 0)
+        cases[f"{kind} infinite zero point"] = QT(
+            r.codes, s, z + float("inf"), 4, "squant", r.dtype, 0, 0
+        )
+        cases[f"{kind} float16 overflow"] = QT(r.codes, s * 1e-30, z, 4, "squant", f16, 0, 0)
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_refused_cases()))
+def test_dequantize_tensors_refuses_what_dequantize_refuses(case: str) -> None:
+    """dequantize_tensors is dequantize() bit for bit, so a hand-made
+    instance gets its exceptions too (with the weight's position): it
+    checked nothing, and returned inf or wrong values for a zero or negative
+    scale or an infinite zero point, clamped a float16 overflow silently, or
+    failed inside on a field of the wrong type."""
+    bad = _refused_cases()[case]
+    with pytest.raises((TypeError, ValueError)) as want:
+        bad.dequantize()  # type: ignore[attr-defined]
+    ok = squant_rs.quantize_tensor(np.ones((2, 3), np.float32), 4)
+    with pytest.raises((TypeError, ValueError)) as got:
+        dequantize_tensors([ok, bad])  # type: ignore[list-item]
+    assert type(got.value) is type(want.value)
+    assert str(got.value) == f"weight 1: {want.value}"
+
+
+@pytest.mark.parametrize("threads", [True, 0, 1025, 1.5, "2"])
+def test_dequantize_tensors_checks_threads_as_dequantize_does(threads: object) -> None:
+    q = squant_rs.quantize_tensor(torch.randn(4, 6), 4)
+    with pytest.raises((TypeError, ValueError)) as want:
+        q.dequantize(threads=threads)  # type: ignore[arg-type]
+    with pytest.raises(type(want.value), match=f"^{re.escape(str(want.value))}$"):
+        dequantize_tensors([q], threads=threads)  # type: ignore[arg-type]
+
+
 def test_hand_made_scale_requiring_grad_dequantizes() -> None:
     w = np.random.default_rng(6).standard_normal((4, 3, 3)).astype(np.float32)
     t = squant_rs.quantize_tensor(torch.from_numpy(w), 4)
@@ -271,6 +320,8 @@ def test_hand_made_negative_views_dequantize(field: str, dtype: str) -> None:
     out = qt.dequantize()
     assert out.dtype == getattr(torch, dtype)
     assert torch.equal(out, plain.dequantize())
+    (batch,) = dequantize_tensors([qt])  # was torch's RuntimeError from numpy()
+    assert batch.dtype == out.dtype and torch.equal(batch, out)
 
 
 # --------------------------------------------------------------------------

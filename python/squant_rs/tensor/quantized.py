@@ -110,10 +110,8 @@ class QuantizedTensor:
         """
         threads = check_threads(threads)
         if not self.grid_checked:
-            check_fields(self)
+            check_hand_made(self)
         if isinstance(self.codes, np.ndarray):
-            if not self.grid_checked:
-                check_grid(self.scale, self.zero_point, self.bits, self.dtype)
             return dequantize_array(self.codes, self.scale, self.zero_point, self.dtype, threads)
         from ..torch.adapter import dequantize_torch
 
@@ -281,6 +279,21 @@ def check_fields(qt: QuantizedTensor) -> None:
         raise UnsupportedDtypeError(
             f"QuantizedTensor.dtype must be {dtypes} (the output dtype), got {qt.dtype!r}"
         )
+
+
+def check_hand_made(qt: QuantizedTensor) -> None:
+    """Every check :meth:`~QuantizedTensor.dequantize` makes of an instance
+    that the quantize functions did not make (``grid_checked`` false): its
+    fields (:func:`check_fields`), then its grid in its output dtype
+    (:func:`check_grid`, or its torch twin for torch fields). O(OC)."""
+    check_fields(qt)
+    if isinstance(qt.codes, np.ndarray):
+        check_grid(qt.scale, qt.zero_point, qt.bits, qt.dtype)
+    else:
+        from ..torch.adapter import check_grid_torch
+
+        # A hand-made instance's scale may require grad: the values are the same.
+        check_grid_torch(qt.scale.detach(), qt.zero_point.detach(), qt.bits, qt.dtype)
 
 
 def check_grid(scale: Any, zero_point: Any, bits: int, dtype: Any) -> None:
