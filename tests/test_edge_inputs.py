@@ -1,5 +1,6 @@
 """Inputs found by review: broadcast views claiming huge sizes, thread-count
-bounds, exotic torch tensors, float16 grid end points, corrupt headers."""
+bounds, exotic torch tensors, torch objects that are not tensors, float16
+grid end points, corrupt headers."""
 
 from __future__ import annotations
 
@@ -63,6 +64,51 @@ def test_exotic_torch_tensors() -> None:
     a = squant_rs.quantize_tensor(neg, backend="rust")
     b = squant_rs.quantize_tensor(-w, backend="rust")
     assert torch.equal(a.codes, b.codes)
+
+
+class _ArrayLike:
+    """A numpy array-like from a user module whose name starts with "torch"."""
+
+    __module__ = "torchless_utils"
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a = a
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        return np.asarray(self.a, dtype=dtype)
+
+
+def test_array_like_from_a_torch_named_module_quantizes() -> None:
+    """Only torch's own modules ("torch", "torch.*") hold torch objects: an
+    array-like from "torchless_utils" was refused as "torch is not importable"."""
+    w = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
+    want = squant_rs.quantize_tensor(w, 4)
+    got = squant_rs.quantize_tensor(_ArrayLike(w), 4)
+    (batch,) = squant_rs.quantize_tensors([_ArrayLike(w)], 4)
+    for q in (got, batch):
+        assert np.array_equal(q.codes, want.codes) and np.array_equal(q.scale, want.scale)
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (lambda: torch.nn.Conv2d(3, 8, 3), r"a Conv2d module: pass its \.weight"),
+        (
+            lambda: torch.nn.Sequential(torch.nn.Linear(4, 8)),
+            r"a Sequential module: pass a layer's \.weight, or use quantize_model\(\)",
+        ),
+        (lambda: torch.Size([8, 4]), r"torch\.Size"),
+    ],
+    ids=["conv", "sequential", "size"],
+)
+def test_torch_objects_that_are_not_tensors_are_named(make, what: str) -> None:
+    """A module passed instead of its weight (or torch.Size) with torch
+    imported: named, not "got a torch object but torch is not importable"."""
+    msg = "weight must be a numpy array or torch tensor, got " + what + "$"
+    with pytest.raises(squant_rs.UnsupportedDtypeError, match="^" + msg):
+        squant_rs.quantize_tensor(make())
+    with pytest.raises(squant_rs.UnsupportedDtypeError, match="^weight 1: " + msg):
+        squant_rs.quantize_tensors([np.ones((2, 2), np.float32), make()])
 
 
 def test_float16_grid_end_points_stay_finite() -> None:

@@ -77,6 +77,31 @@ def test_pack_rejects_out_of_range_codes() -> None:
         pack_codes(np.array([0.5]), 4)
 
 
+@pytest.mark.parametrize(
+    ("codes", "bits"),
+    [
+        (np.array([65536 + 3], np.int32), 4),  # 3 after an int16 cast
+        (np.array([2**40], np.int64), 8),  # 0 after an int16 cast
+        (np.array([65535], np.uint16), 8),  # -1 after an int16 cast
+        (np.array([0, -(2**31)], np.int32), 2),  # 0 after an int16 cast
+    ],
+    ids=["int32", "int64", "uint16", "int32-negative"],
+)
+def test_pack_range_checks_wide_codes_before_narrowing(codes: np.ndarray, bits: int) -> None:
+    """Codes beyond int16 were cast first, wrapped into range and packed."""
+    lo, hi = int(codes.min()), int(codes.max())
+    with pytest.raises(squant_rs.InvalidArgumentError, match=rf"got \[{lo}, {hi}\]$"):
+        pack_codes(codes, bits)
+
+
+def test_pack_wide_dtypes_in_range_equal_int8() -> None:
+    codes = np.array([-8, 7, 0, 3, -1], np.int8)
+    for dtype in (np.int16, np.int32, np.int64):
+        assert np.array_equal(pack_codes(codes.astype(dtype), 4), pack_codes(codes, 4))
+    unsigned = np.array([0, 7, 3], np.uint64)
+    assert np.array_equal(pack_codes(unsigned, 4), pack_codes(unsigned.astype(np.int8), 4))
+
+
 def test_unpack_rejects_bad_input() -> None:
     with pytest.raises(squant_rs.InvalidArgumentError, match="expected 2"):
         unpack_codes(np.zeros(3, dtype=np.uint8), 4, 4)

@@ -5,6 +5,7 @@ huge views, public names, memory-saving block paths, a self-contained repo."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import pickle
 import re
 import subprocess
@@ -17,8 +18,9 @@ import pytest
 
 import squant_rs
 from squant_rs import _squant_rs as native
-from squant_rs.model.layers import relative_error
+from squant_rs.model.layers import dequantize_tensors, relative_error
 from squant_rs.tensor import quantized as quantized_mod
+from squant_rs.tensor.validate import dtype_max, dtype_name
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -102,6 +104,37 @@ def test_float16_output_beyond_float16_is_a_range_error() -> None:
     assert np.isfinite(ok.dequantize()).all()
 
 
+@pytest.mark.parametrize(
+    "dtype", [np.dtype(np.float16), "float16", np.float16, np.half, "f2", "<f2", "e"], ids=repr
+)
+def test_float16_output_in_any_spelling_is_checked_and_clamped(dtype: object) -> None:
+    """Every spelling of float16 that ``np.dtype`` (and so check_fields)
+    takes gets float16's overflow check and clamp: ``np.float16`` was named
+    ``"float16'>"`` and ``"f2"`` ``"f2"``, so dequantize() returned inf."""
+    assert dtype_name(dtype) == "float16" and dtype_max(dtype) == 65504.0
+    codes = np.array([[-8, 7], [0, 1]], np.int8)
+    scale = np.array([1e-4, 1.0], np.float32)  # channel 0 reaches about 8e4
+    qt = squant_rs.QuantizedTensor(codes, scale, np.zeros(2, np.float32), 4, "squant", dtype, 0, 0)
+    with pytest.raises(squant_rs.WeightRangeError, match="output channel 0: .*overflow float16"):
+        qt.dequantize()
+    # A float16 weight at float16's limits: the grid end one step beyond is clamped.
+    q = squant_rs.quantize_tensor(np.array([[65504, -65504, 0, 1]], np.float16), 2)
+    hand = dataclasses.replace(q, dtype=dtype, grid_checked=False)
+    got = hand.dequantize()
+    assert got.dtype == np.float16 and np.array_equal(got, q.dequantize())
+    assert np.isfinite(got).all()
+    assert np.array_equal(dequantize_tensors([hand])[0].numpy(), got)
+
+
+def test_dtype_names_of_every_output_dtype() -> None:
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert dtype_name(dtype) == str(dtype).removeprefix("torch.")
+    for name in ("float16", "float32", "float64"):
+        assert dtype_name(np.dtype(name)) == dtype_name(getattr(np, name)) == name
+    assert dtype_max(torch.bfloat16) == float(torch.finfo(torch.bfloat16).max)
+    assert dtype_max(torch.float32) == dtype_max(np.float64) == dtype_max("float32") == np.inf
+
+
 def test_hand_made_grid_beyond_float32_is_a_range_error() -> None:
     codes = np.array([[1, 1]], np.int8)
     qt = squant_rs.QuantizedTensor(
@@ -175,6 +208,23 @@ def _hand_made_cases() -> dict[str, tuple[object, type, str]]:
             dt,
             r"QuantizedTensor\.dtype must be torch float16, bfloat16, float32 or float64",
         ),
+        "meta": (
+            QT(
+                *(a.to("meta") for a in (t.codes, t.scale, t.zero_point)),
+                4,
+                "squant",
+                t.dtype,
+                0,
+                0,
+            ),
+            err,
+            r"QuantizedTensor\.codes is a meta tensor: it has no values to dequantize",
+        ),
+        "meta scale": (
+            QT(t.codes, t.scale.to("meta"), t.zero_point, 4, "squant", t.dtype, 0, 0),
+            err,
+            r"QuantizedTensor\.scale is on meta but codes are on cpu",
+        ),
     }
 
 
@@ -186,6 +236,53 @@ def test_hand_made_fields_are_checked_on_dequantize(case: str) -> None:
     qt, exc, match = _hand_made_cases()[case]
     with pytest.raises(exc, match=match):
         qt.dequantize()  # type: ignore[attr-defined]
+
+
+def _refused_cases() -> dict[str, object]:
+    """name -> a hand-made QuantizedTensor that dequantize() refuses: the
+    field cases above, and grids that are not finite in the output dtype."""
+    cases = {name: qt for name, (qt, _, _) in _hand_made_cases().items()}
+    w = np.random.default_rng(8).standard_normal((4, 6)).astype(np.float32)
+    QT = squant_rs.QuantizedTensor
+    for r, f16 in (
+        (squant_rs.quantize_tensor(w, 4), np.float16),
+        (squant_rs.quantize_tensor(torch.from_numpy(w), 4), torch.float16),
+    ):
+        kind = type(r.codes).__name__
+        s, z = r.scale, r.zero_point
+        cases[f"{kind} scale 0"] = QT(r.codes, s * 0, z, 4, "squant", r.dtype, 0, 0)
+        cases[f"{kind} negative scale"] = QT(r.codes, -s, z, 4, "squant", r.dtype, 0, 0)
+        cases[f"{kind} infinite zero point"] = QT(
+            r.codes, s, z + float("inf"), 4, "squant", r.dtype, 0, 0
+        )
+        cases[f"{kind} float16 overflow"] = QT(r.codes, s * 1e-30, z, 4, "squant", f16, 0, 0)
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_refused_cases()))
+def test_dequantize_tensors_refuses_what_dequantize_refuses(case: str) -> None:
+    """dequantize_tensors is dequantize() bit for bit, so a hand-made
+    instance gets its exceptions too (with the weight's position): it
+    checked nothing, and returned inf or wrong values for a zero or negative
+    scale or an infinite zero point, clamped a float16 overflow silently, or
+    failed inside on a field of the wrong type."""
+    bad = _refused_cases()[case]
+    with pytest.raises((TypeError, ValueError)) as want:
+        bad.dequantize()  # type: ignore[attr-defined]
+    ok = squant_rs.quantize_tensor(np.ones((2, 3), np.float32), 4)
+    with pytest.raises((TypeError, ValueError)) as got:
+        dequantize_tensors([ok, bad])  # type: ignore[list-item]
+    assert type(got.value) is type(want.value)
+    assert str(got.value) == f"weight 1: {want.value}"
+
+
+@pytest.mark.parametrize("threads", [True, 0, 1025, 1.5, "2"])
+def test_dequantize_tensors_checks_threads_as_dequantize_does(threads: object) -> None:
+    q = squant_rs.quantize_tensor(torch.randn(4, 6), 4)
+    with pytest.raises((TypeError, ValueError)) as want:
+        q.dequantize(threads=threads)  # type: ignore[arg-type]
+    with pytest.raises(type(want.value), match=f"^{re.escape(str(want.value))}$"):
+        dequantize_tensors([q], threads=threads)  # type: ignore[arg-type]
 
 
 def test_hand_made_scale_requiring_grad_dequantizes() -> None:
@@ -223,6 +320,8 @@ def test_hand_made_negative_views_dequantize(field: str, dtype: str) -> None:
     out = qt.dequantize()
     assert out.dtype == getattr(torch, dtype)
     assert torch.equal(out, plain.dequantize())
+    (batch,) = dequantize_tensors([qt])  # was torch's RuntimeError from numpy()
+    assert batch.dtype == out.dtype and torch.equal(batch, out)
 
 
 # --------------------------------------------------------------------------

@@ -20,9 +20,11 @@ import numpy as np
 
 from .. import _squant_rs as _native
 from ..errors import InvalidArgumentError, SquantError
-from ..tensor.quantized import QuantizedTensor, from_native, quantize_tensor
+from ..tensor.quantized import QuantizedTensor, check_hand_made, from_native, quantize_tensor
 from ..tensor.validate import (
     UnsupportedDtypeError,
+    check_threads,
+    with_weight_index,
 )
 
 if TYPE_CHECKING:
@@ -643,22 +645,31 @@ def dequantize_tensors(
     tensors of each one's dtype, in one parallel native pass: the values are
     written straight into the new tensors (no float32 intermediate, no torch
     op whose speed depends on torch's thread count). Bit-identical to
-    ``dequantize()``.
+    ``dequantize()``, with its checks of ``threads`` and of hand-made
+    instances.
 
     Returns:
         One tensor per quantized tensor, in order.
 
     Raises:
-        SquantError: a malformed quantized tensor (named ``"weight {i}: ..."``).
+        The exceptions of ``dequantize()`` (``SquantError`` subclasses,
+        ``TypeError``), for the first bad quantized tensor, named
+        ``"weight {i}: ..."``.
     """
     import torch
 
     from ..torch.adapter import _float_dtypes
 
+    threads = check_threads(threads)
     dests = _Destinations()
     outs: list[torch.Tensor] = []
     views: list[np.ndarray] = []
-    for qt in qts:
+    for i, qt in enumerate(qts):
+        if not qt.grid_checked:
+            try:
+                check_hand_made(qt)
+            except (SquantError, TypeError) as exc:
+                raise with_weight_index(exc, i) from None
         dtype = qt.dtype
         if not isinstance(dtype, torch.dtype):
             dtype = getattr(torch, np.dtype(dtype).name)
@@ -680,10 +691,12 @@ def dequantize_tensors(
 
 
 def _host(a: Any) -> np.ndarray:
-    """A numpy array of a numpy array or CPU tensor (no copy when possible)."""
+    """A numpy array of a numpy array or CPU tensor (no copy when possible;
+    a copy of a hand-made instance's negative view: numpy needs the values
+    themselves)."""
     if isinstance(a, np.ndarray):
         return a
-    out: np.ndarray = a.detach().numpy()
+    out: np.ndarray = a.detach().resolve_neg().numpy()
     return out
 
 

@@ -94,8 +94,6 @@ def quantize_tensors(
                     continue
                 check_torch_memory(w, False)
                 a32, dtype, device = host_float32(w, bits, quantizer), w.dtype, w.device
-            elif type(w).__module__.startswith("torch"):
-                raise TypeError("got a torch object but torch is not importable")
             else:
                 a32, dtype = as_float32_array(w, bits, quantizer)
                 device = None

@@ -48,13 +48,16 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     flat = np.asarray(codes).reshape(-1)
     if flat.dtype.kind not in "iu":
         raise InvalidArgumentError(f"codes must be integers, got dtype {flat.dtype}")
-    wide = flat.astype(np.int16) + np.int16(offset)
-    if wide.size and (int(wide.min()) < 0 or int(wide.max()) > (1 << bits) - 1):
-        raise InvalidArgumentError(
-            f"codes out of range for {bits} bits: expected values in "
-            f"[{-offset}, {offset - 1}], got [{int(flat.min())}, {int(flat.max())}]"
-        )
-    unsigned = wide.astype(np.uint8)
+    # Range-checked in the codes' own dtype: a cast first would wrap values
+    # beyond int16 (65539 -> 3) into range.
+    if flat.size:
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < -offset or hi > offset - 1:
+            raise InvalidArgumentError(
+                f"codes out of range for {bits} bits: expected values in "
+                f"[{-offset}, {offset - 1}], got [{lo}, {hi}]"
+            )
+    unsigned = (flat.astype(np.int16) + np.int16(offset)).astype(np.uint8)
     if per == 1:
         return unsigned
     pad = (-unsigned.size) % per

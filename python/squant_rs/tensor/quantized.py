@@ -100,7 +100,8 @@ class QuantizedTensor:
                 functions refuse such weights up front).
             InvalidArgumentError: ``threads`` (or ``SQUANT_NUM_THREADS``) is
                 out of range; for a hand-made instance, ``bits`` is not in
-                2..8 or ``scale``/``zero_point`` are not of shape ``(OC,)``.
+                2..8, ``scale``/``zero_point`` are not of shape ``(OC,)`` or
+                on the codes' device, or the codes are a meta tensor.
             TypeError: for a hand-made instance, a field of the wrong type:
                 ``codes`` must be an int8 numpy array or torch tensor of 2+
                 dimensions, ``scale`` and ``zero_point`` float32 of the same
@@ -109,10 +110,8 @@ class QuantizedTensor:
         """
         threads = check_threads(threads)
         if not self.grid_checked:
-            check_fields(self)
+            check_hand_made(self)
         if isinstance(self.codes, np.ndarray):
-            if not self.grid_checked:
-                check_grid(self.scale, self.zero_point, self.bits, self.dtype)
             return dequantize_array(self.codes, self.scale, self.zero_point, self.dtype, threads)
         from ..torch.adapter import dequantize_torch
 
@@ -131,8 +130,29 @@ def _is_torch_tensor(w: object) -> bool:
     return torch is not None and isinstance(w, torch.Tensor)
 
 
+def _check_not_torch_object(w: object) -> None:
+    """Refuse a torch object that is not a tensor (its class is in torch's
+    own modules), e.g. a module passed instead of its weight, by name:
+    numpy would make an object array of it (or, for ``torch.Size``, an
+    integer one)."""
+    module = type(w).__module__
+    if module != "torch" and not module.startswith("torch."):
+        return
+    name = f"{module}.{type(w).__qualname__}"
+    torch = sys.modules.get("torch")
+    if torch is None:
+        raise TypeError(f"got a torch object ({name}) but torch is not importable")
+    if isinstance(w, torch.nn.Module):
+        has_weight = isinstance(getattr(w, "weight", None), torch.Tensor)
+        name = f"a {type(w).__name__} module: " + (
+            "pass its .weight" if has_weight else "pass a layer's .weight, or use quantize_model()"
+        )
+    raise UnsupportedDtypeError(f"weight must be a numpy array or torch tensor, got {name}")
+
+
 def validated_array(w: object) -> np.ndarray:
     """``w`` as a numpy array of a supported dtype and shape (no copy)."""
+    _check_not_torch_object(w)
     try:
         a = np.asarray(w)
     except ValueError as exc:  # e.g. a nested list deeper than numpy's 64 dimensions
@@ -251,10 +271,29 @@ def check_fields(qt: QuantizedTensor) -> None:
             raise InvalidArgumentError(
                 f"QuantizedTensor.{name} is on {where(v)} but codes are on {where(codes)}"
             )
+    if where(codes) == "meta":
+        raise InvalidArgumentError(
+            "QuantizedTensor.codes is a meta tensor: it has no values to dequantize"
+        )
     if not dtype_ok:
         raise UnsupportedDtypeError(
             f"QuantizedTensor.dtype must be {dtypes} (the output dtype), got {qt.dtype!r}"
         )
+
+
+def check_hand_made(qt: QuantizedTensor) -> None:
+    """Every check :meth:`~QuantizedTensor.dequantize` makes of an instance
+    that the quantize functions did not make (``grid_checked`` false): its
+    fields (:func:`check_fields`), then its grid in its output dtype
+    (:func:`check_grid`, or its torch twin for torch fields). O(OC)."""
+    check_fields(qt)
+    if isinstance(qt.codes, np.ndarray):
+        check_grid(qt.scale, qt.zero_point, qt.bits, qt.dtype)
+    else:
+        from ..torch.adapter import check_grid_torch
+
+        # A hand-made instance's scale may require grad: the values are the same.
+        check_grid_torch(qt.scale.detach(), qt.zero_point.detach(), qt.bits, qt.dtype)
 
 
 def check_grid(scale: Any, zero_point: Any, bits: int, dtype: Any) -> None:
@@ -391,7 +430,9 @@ def quantize_tensor(
             more than 64 dimensions, no element, or a channel of more than
             ``2^32 - 1`` elements; ``w`` is a meta tensor.
         UnsupportedDtypeError: ``w``'s dtype is not a supported float type
-            or its layout is not dense (a ``TypeError``).
+            or its layout is not dense, or ``w`` is a torch object that is
+            not a tensor, e.g. a module instead of its ``.weight`` (a
+            ``TypeError``).
         TypeError: an argument of the wrong type.
         MemoryError: ``w`` (e.g. a broadcast view) claims more elements than
             the device's memory could quantize; raised before any work.
@@ -405,8 +446,6 @@ def quantize_tensor(
         from ..torch.adapter import quantize_torch_tensor
 
         return quantize_torch_tensor(w, bits, mode, backend, threads, quantizer)
-    if type(w).__module__.startswith("torch"):
-        raise TypeError("got a torch object but torch is not importable")
     a = validated_array(w)
     dtype = a.dtype.newbyteorder("=")
     if a.dtype.itemsize == 2:

@@ -26,7 +26,10 @@ import functools
 import math
 import numbers
 import os
+import sys
 from collections.abc import Sequence
+
+import numpy as np
 
 from .._squant_rs import resolve_threads
 from ..errors import InvalidArgumentError, NonFiniteWeightError, WeightRangeError
@@ -161,11 +164,14 @@ _DTYPE_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38}
 
 
 def dtype_name(dtype: object) -> str:
-    """``"float16"``, ``"bfloat16"``, ... for a numpy or torch dtype."""
-    name = getattr(dtype, "name", None)  # numpy dtypes
-    if isinstance(name, str):
-        return name
-    return str(dtype).rsplit(".", 1)[-1]
+    """``"float16"``, ``"bfloat16"``, ... for a torch dtype or anything
+    ``np.dtype`` takes (``np.float16``, ``"f2"``, ``"<f2"``, ``"e"`` are all
+    ``"float16"``)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(dtype, torch.dtype):
+        return str(dtype).rsplit(".", 1)[-1]  # "torch.float16"
+    name: str = np.dtype(dtype).name  # type: ignore[call-overload]
+    return name
 
 
 def dtype_max(dtype: object) -> float:

@@ -123,7 +123,7 @@ def _check_values_torch(
         raise value_error(o, index, f64_big)
 
 
-def _check_grid_torch(scale: torch.Tensor, zp: torch.Tensor, bits: int, dtype: Any) -> None:
+def check_grid_torch(scale: torch.Tensor, zp: torch.Tensor, bits: int, dtype: Any) -> None:
     """:func:`squant_rs.tensor.quantized.check_grid` for torch tensors."""
     torch = require_torch()
     fmax = dtype_max(dtype)
@@ -378,7 +378,8 @@ def _prefix(index: int) -> Iterator[None]:
 
 def dequantize_torch(qt: QuantizedTensor, threads: int) -> torch.Tensor:
     """:meth:`QuantizedTensor.dequantize` for torch codes (``threads``
-    resolved): the Rust loop on CPU, one torch expression elsewhere."""
+    resolved, a hand-made instance checked): the Rust loop on CPU, one
+    torch expression elsewhere."""
     import torch  # present: the codes are a tensor
 
     from ..tensor.quantized import BLOCK_ELEMENTS
@@ -386,8 +387,6 @@ def dequantize_torch(qt: QuantizedTensor, threads: int) -> torch.Tensor:
     codes: torch.Tensor = qt.codes
     # A hand-made instance's scale may require grad: the values are the same.
     scale_t, zp_t = qt.scale.detach(), qt.zero_point.detach()
-    if not qt.grid_checked:
-        _check_grid_torch(scale_t, zp_t, qt.bits, qt.dtype)
     if codes.device.type == "cpu":
         # Same IEEE operations in the parallel Rust loop, on zero-copy views
         # (a copy of a hand-made instance's negative view: numpy needs the
