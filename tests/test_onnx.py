@@ -1227,6 +1227,57 @@ def test_weights_read_through_identity_are_quantized(tmp_path, case, wbits, abit
             assert q.stat().st_size < fp32.stat().st_size
 
 
+class _DirectRead(torch.nn.Module):
+    """``fc``'s weight also read directly, outside ``fc``'s forward, on
+    another input (``F.linear(h * 10 - 3, fc.weight)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Linear(8, 8)
+        self.fc = torch.nn.Linear(8, 8)
+        self.out = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(torch.relu(self.stem(x))))
+        return self.out(torch.nn.functional.linear(h * 10.0 - 3.0, self.fc.weight))
+
+
+@pytest.mark.parametrize("quantizer", ["asymmetric", "symmetric"])
+def test_weight_read_outside_its_layer_keeps_a_float_input(tmp_path, quantizer):
+    """A node reading a quantized layer's weight outside the layer's
+    forward (its scope names no report layer) reads the same quantized
+    weight, but its other input stays float, as in the fake-quant model
+    (whose activation quantizer is a pre-hook on the layer): it got the
+    layer's activation Q/DQ, which clipped its input (1.33x the output
+    range off)."""
+    torch.manual_seed(0)
+    net, x = _DirectRead().eval(), torch.rand(16, 8)
+    path = tmp_path / "m.onnx"
+    rep = squant_rs.export_onnx(net, path, x, 8, 8, quantizer=quantizer, recipe="paper")
+    model = onnx.load(str(path))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    (direct,) = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert producers[direct.input[0]].op_type == "Sub"
+    dq = producers[direct.input[1]]
+    assert dq.op_type == "DequantizeLinear"
+    fc = next(r for r in rep.layers if r.name == "fc")
+    assert fc.act_bits == 8  # fc's own call keeps its range
+    codes = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == dq.input[0]))
+    np.testing.assert_array_equal(codes.T, np.asarray(fc.qtensor.codes))
+    assert [n for n in rep.notes if n.startswith("fc: ")] == [
+        f"fc: node {direct.name!r} reads its weight outside its forward (e.g. F.linear(x, "
+        "fc.weight) in another module): it reads the quantized weight with a float input, "
+        "as in quantize_model's fake-quant model, whose activation quantizer is fc's "
+        "pre-hook"
+    ]
+    want = fake_quant(net, x, 8, 8, quantizer)
+    # (fc's int32 bias moves h by up to half a step, times 10 in h * 10 - 3)
+    got = run(path, x.numpy())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
+    got_f = run(_with_float_biases(path, net, x, 8, 8, quantizer), x.numpy())
+    np.testing.assert_allclose(got_f, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
 def test_shared_activation_qdq_keeps_the_graph_sorted(tmp_path):
     """A weight shared by MatMuls A and C, and B between them reading C's
     input: the Q/DQ pair of that input must come before B."""
