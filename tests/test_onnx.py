@@ -376,6 +376,65 @@ def test_constant_channels_export_exactly(tmp_path, path, kind, wbits):
     np.testing.assert_allclose(run(out, x.numpy()), net(x).detach().numpy(), rtol=0.5, atol=0.5)
 
 
+class _Depthwise1x1(torch.nn.Module):
+    """A depthwise 1x1 Conv (one weight per channel: every channel constant)
+    between two layers with quantized inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.scale = torch.nn.Conv2d(16, 16, 1, groups=16)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c0(x))
+        x = torch.relu(self.scale(x))
+        x = torch.relu(self.c2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("path", ["torch", "onnx"])
+@pytest.mark.parametrize("wbits", [4, 8])
+def test_constant_channels_keep_a_fine_bias_step(tmp_path, path, wbits):
+    """Constant channels of the asymmetric quantizer written as +-1 times
+    their value made their int32 bias step a_scale * |w| ~127x coarser
+    than an ordinary channel's (1e-2 of the output range off the fake-quant
+    model at W8A8): they are written as the largest codes their type holds
+    (at least half its maximum) times an exact smaller scale, the weights
+    still exactly qt.dequantize()."""
+    torch.manual_seed(0)
+    net, x = _Depthwise1x1().eval(), torch.rand(8, 3, 12, 12)
+    out = tmp_path / "q.onnx"
+    if path == "torch":
+        rep = squant_rs.export_onnx(net, out, x, wbits, 8, recipe="paper")
+    else:
+        src = tmp_path / "m.onnx"
+        float_export(net, x, src)
+        rep = squant_rs.quantize_onnx(src, out, wbits, 8)
+    model = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    hi = 7 if wbits <= 4 else 127
+    codes = inits["scale.weight_quantized"].astype(np.int64).ravel()
+    assert (inits["scale.weight_zero_point"] == 0).all()
+    assert (np.abs(codes) >= (hi + 1) // 2).all() and codes.max() <= hi, codes
+    layer = next(r for r in rep.layers if "scale" in r.name)  # scale, /scale/Conv
+    want = np.asarray(layer.qtensor.dequantize(), dtype=np.float32)
+    np.testing.assert_array_equal(_dq_values(model, tmp_path)["scale.weight"], want)
+    # each channel's bias step a_scale * w_scale[c] no coarser than a
+    # (2 ** wbits - 1)-level channel of twice its magnitude
+    producers = {o: n for n in model.graph.node for o in n.output}
+    (conv,) = [n for n in model.graph.node if n.input[1:2] == ["scale.weight_dequantized"]]
+    a_scale = inits[producers[conv.input[0]].input[1]]
+    step = inits["scale.bias_scale"]
+    assert (step <= 2 * a_scale * np.abs(want.ravel()) / ((hi + 1) // 2)).all()
+    if path == "torch" and wbits == 8:
+        # README: 2e-5 to 4e-5 of the output range at W8A8
+        want_y = fake_quant(net, x, 8, 8, "asymmetric")
+        got = run(out, x.numpy())
+        np.testing.assert_allclose(got, want_y, rtol=0, atol=1e-4 * np.abs(want_y).max())
+
+
 def test_code_container():
     assert code_container(4, np.array([-8.0, 7.0])) == "INT4"
     assert code_container(2, np.array([9.0])) == "INT8"
