@@ -600,6 +600,106 @@ def test_quantize_input_without_integer_kernels(tmp_path):
     assert not (tmp_path / "b.onnx").exists()
 
 
+class _FirstInput(torch.nn.Module):
+    """A first Conv behind ``reflect`` padding (a Pad node in front), a
+    zero / constant ``F.pad``, or input normalization inside ``forward``."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        mode = "reflect" if case == "reflect" else "zeros"
+        self.c = torch.nn.Conv2d(3, 8, 3, padding=1 if case == "reflect" else 0, padding_mode=mode)
+        self.fc = torch.nn.Linear(8, 2)
+        self.case = case
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.case == "normalized":
+            x = (x - self.mean) / self.std
+        elif self.case.startswith("pad"):
+            x = torch.nn.functional.pad(x, (1, 1, 1, 1), value=float(self.case[3:]))
+        return self.fc(torch.relu(self.c(x)).mean((2, 3)))
+
+
+def _first_input_export(tmp_path, api, case, **kw):
+    torch.manual_seed(0)
+    net, x = _FirstInput(case).eval(), torch.rand(2, 3, 8, 8)
+    out = tmp_path / f"{api}-{case}.onnx"
+    kw = {"quantizer": "symmetric", **kw}
+    if api == "torch":
+        rep = squant_rs.export_onnx(net, out, x, 8, 8, recipe="paper", **kw)
+    else:
+        src = tmp_path / f"{case}-fp32.onnx"
+        float_export(net, x, src)
+        rep = squant_rs.quantize_onnx(src, out, 8, 8, **kw)
+    return rep, out
+
+
+@pytest.mark.parametrize("api", ["torch", "onnx"])
+@pytest.mark.parametrize("case", ["reflect", "pad0.5"])
+@pytest.mark.parametrize("given", [True, (-2.5, 2.5)])
+def test_quantize_input_through_ops_that_keep_its_values(tmp_path, api, case, given):
+    """The first layer reads the model's input through a Pad (reflect mode,
+    or a constant inside the range): quantize_input quantizes the layer's
+    input (it was silently ignored), and with integer kernels the first
+    Conv runs as QLinearConv too."""
+    rep, out = _first_input_export(tmp_path, api, case, quantize_input=given)
+    assert rep.layers[0].act_bits == 8
+    if given is not True:
+        assert rep.layers[0].act_range == given
+    model = onnx.load(str(out))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    (conv,) = [n for n in model.graph.node if n.op_type == "Conv"]
+    dq = producers[conv.input[0]]
+    assert dq.op_type == "DequantizeLinear"
+    assert producers[producers[dq.input[0]].input[0]].op_type == "Pad"
+    rep, out = _first_input_export(tmp_path, api, case, quantize_input=given, integer_kernels=True)
+    counts = optimized_ops(out, tmp_path)
+    assert counts["QLinearConv"] == 1 and counts["Conv"] == 0, counts
+
+
+@pytest.mark.parametrize("api", ["torch", "onnx"])
+@pytest.mark.parametrize("given", [True, (-2.5, 2.5)])
+def test_quantize_input_refused_where_the_first_layer_reads_something_else(
+    tmp_path, capsys, api, given
+):
+    """A first layer reading ``(x - mean) / std`` computed in the graph (or
+    a skipped layer's output): its input is not the model's, so
+    quantize_input (and a Pad constant outside the range) is refused,
+    naming the layer and what it reads; it was silently ignored."""
+    from squant_rs.cli import main
+
+    first = "'c' (node '/c/Conv')" if api == "torch" else "'/c/Conv'"
+    msg = (
+        f"quantize_input: the first layer {first} reads '/Div_output_0' (the output of a "
+        "Div node), not the model's input ('input') or a Pad / Reshape / Transpose / ... of it"
+    )
+    with pytest.raises(squant_rs.InvalidArgumentError, match=re.escape(msg)):
+        _first_input_export(tmp_path, api, "normalized", quantize_input=given)
+    assert not (tmp_path / f"{api}-normalized.onnx").exists()
+    # a skipped first layer: the first quantized one reads its output
+    skip = "c" if api == "torch" else "/c/*"
+    first_q = "'fc' (node '/fc/Gemm')" if api == "torch" else "'/fc/Gemm'"
+    with pytest.raises(
+        squant_rs.InvalidArgumentError,
+        match=re.escape(f"the first layer {first_q} reads '/ReduceMean_output_0' (the output"),
+    ):
+        _first_input_export(tmp_path, api, "reflect", quantize_input=given, skip=skip)
+    if given is True:
+        return
+    msg = f"quantize_input: the first layer {first} reads '/Pad_output_0' (a Pad of 'input', "
+    msg += "the model's input): its padding 5 is outside the range [-2.5, 2.5]"
+    with pytest.raises(squant_rs.InvalidArgumentError, match=re.escape(msg)):
+        _first_input_export(tmp_path, api, "pad5", quantize_input=given)
+    if api == "onnx":  # the CLI: one error line
+        src, out = tmp_path / "normalized-fp32.onnx", tmp_path / "o.onnx"
+        args = ["quantize", str(src), str(out), "--wbits", "8", "--abits", "8"]
+        assert main([*args, "--quantize-input"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error: --quantize-input: the first layer" in err, err
+        assert not out.exists()
+
+
 class Padded(torch.nn.Module):
     """EfficientNet-style explicit "same" padding (F.pad) before convs."""
 

@@ -106,7 +106,9 @@ def export_onnx(
             deep-copied (in training mode: an eval-mode copy is quantized;
             e.g. the old ``torch.nn.utils.weight_norm``), ``abits`` with
             several inputs, a quantized weight
-            missing from the exported graph, a failed calibration run
+            missing from the exported graph, ``quantize_input`` where the
+            first layer does not read the model's input (as for
+            :func:`quantize_onnx`), a failed calibration run
             (the message says what to pass: an ``example_input`` of the
             shape the model takes, or, for integer ids, which U[0,1) noise
             cannot stand for, ``abits=None``).
@@ -286,7 +288,15 @@ def export_onnx(
                 # quantize_model's calibration batch
                 gen = torch.Generator().manual_seed(int(seed))
                 feeds["input"] = torch.rand(tuple(inputs[0].shape), generator=gen).numpy()
-            _first_input(graph_model, layers, abits, mult, feeds, input_range)
+            # (the quantized layers: one left float is no "first layer")
+            ids = {id(ly) for wt in weights for ly in wt.layers}
+            labels = {
+                id(ly): f"{name!r} (node {ly.name!r})"
+                for name, lys in by_layer.items()
+                for ly in lys
+            }
+            quantized = [ly for ly in layers if id(ly) in ids]
+            _first_input(graph_model, quantized, abits, mult, feeds, input_range, labels)
             for rep in report.layers:
                 first = by_layer.get(rep.name, [])
                 if rep.act_bits is None and first and first[0].act is not None:
