@@ -376,6 +376,65 @@ def test_constant_channels_export_exactly(tmp_path, path, kind, wbits):
     np.testing.assert_allclose(run(out, x.numpy()), net(x).detach().numpy(), rtol=0.5, atol=0.5)
 
 
+class _Depthwise1x1(torch.nn.Module):
+    """A depthwise 1x1 Conv (one weight per channel: every channel constant)
+    between two layers with quantized inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.scale = torch.nn.Conv2d(16, 16, 1, groups=16)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c0(x))
+        x = torch.relu(self.scale(x))
+        x = torch.relu(self.c2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("path", ["torch", "onnx"])
+@pytest.mark.parametrize("wbits", [4, 8])
+def test_constant_channels_keep_a_fine_bias_step(tmp_path, path, wbits):
+    """Constant channels of the asymmetric quantizer written as +-1 times
+    their value made their int32 bias step a_scale * |w| ~127x coarser
+    than an ordinary channel's (1e-2 of the output range off the fake-quant
+    model at W8A8): they are written as the largest codes their type holds
+    (at least half its maximum) times an exact smaller scale, the weights
+    still exactly qt.dequantize()."""
+    torch.manual_seed(0)
+    net, x = _Depthwise1x1().eval(), torch.rand(8, 3, 12, 12)
+    out = tmp_path / "q.onnx"
+    if path == "torch":
+        rep = squant_rs.export_onnx(net, out, x, wbits, 8, recipe="paper")
+    else:
+        src = tmp_path / "m.onnx"
+        float_export(net, x, src)
+        rep = squant_rs.quantize_onnx(src, out, wbits, 8)
+    model = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    hi = 7 if wbits <= 4 else 127
+    codes = inits["scale.weight_quantized"].astype(np.int64).ravel()
+    assert (inits["scale.weight_zero_point"] == 0).all()
+    assert (np.abs(codes) >= (hi + 1) // 2).all() and codes.max() <= hi, codes
+    layer = next(r for r in rep.layers if "scale" in r.name)  # scale, /scale/Conv
+    want = np.asarray(layer.qtensor.dequantize(), dtype=np.float32)
+    np.testing.assert_array_equal(_dq_values(model, tmp_path)["scale.weight"], want)
+    # each channel's bias step a_scale * w_scale[c] no coarser than a
+    # (2 ** wbits - 1)-level channel of twice its magnitude
+    producers = {o: n for n in model.graph.node for o in n.output}
+    (conv,) = [n for n in model.graph.node if n.input[1:2] == ["scale.weight_dequantized"]]
+    a_scale = inits[producers[conv.input[0]].input[1]]
+    step = inits["scale.bias_scale"]
+    assert (step <= 2 * a_scale * np.abs(want.ravel()) / ((hi + 1) // 2)).all()
+    if path == "torch" and wbits == 8:
+        # README: 2e-5 to 4e-5 of the output range at W8A8
+        want_y = fake_quant(net, x, 8, 8, "asymmetric")
+        got = run(out, x.numpy())
+        np.testing.assert_allclose(got, want_y, rtol=0, atol=1e-4 * np.abs(want_y).max())
+
+
 def test_code_container():
     assert code_container(4, np.array([-8.0, 7.0])) == "INT4"
     assert code_container(2, np.array([9.0])) == "INT8"
@@ -539,6 +598,106 @@ def test_quantize_input_without_integer_kernels(tmp_path):
     with pytest.raises(squant_rs.InvalidArgumentError, match="needs abits"):
         squant_rs.export_onnx(net, tmp_path / "b.onnx", x, 8, quantize_input=True)
     assert not (tmp_path / "b.onnx").exists()
+
+
+class _FirstInput(torch.nn.Module):
+    """A first Conv behind ``reflect`` padding (a Pad node in front), a
+    zero / constant ``F.pad``, or input normalization inside ``forward``."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        mode = "reflect" if case == "reflect" else "zeros"
+        self.c = torch.nn.Conv2d(3, 8, 3, padding=1 if case == "reflect" else 0, padding_mode=mode)
+        self.fc = torch.nn.Linear(8, 2)
+        self.case = case
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.case == "normalized":
+            x = (x - self.mean) / self.std
+        elif self.case.startswith("pad"):
+            x = torch.nn.functional.pad(x, (1, 1, 1, 1), value=float(self.case[3:]))
+        return self.fc(torch.relu(self.c(x)).mean((2, 3)))
+
+
+def _first_input_export(tmp_path, api, case, **kw):
+    torch.manual_seed(0)
+    net, x = _FirstInput(case).eval(), torch.rand(2, 3, 8, 8)
+    out = tmp_path / f"{api}-{case}.onnx"
+    kw = {"quantizer": "symmetric", **kw}
+    if api == "torch":
+        rep = squant_rs.export_onnx(net, out, x, 8, 8, recipe="paper", **kw)
+    else:
+        src = tmp_path / f"{case}-fp32.onnx"
+        float_export(net, x, src)
+        rep = squant_rs.quantize_onnx(src, out, 8, 8, **kw)
+    return rep, out
+
+
+@pytest.mark.parametrize("api", ["torch", "onnx"])
+@pytest.mark.parametrize("case", ["reflect", "pad0.5"])
+@pytest.mark.parametrize("given", [True, (-2.5, 2.5)])
+def test_quantize_input_through_ops_that_keep_its_values(tmp_path, api, case, given):
+    """The first layer reads the model's input through a Pad (reflect mode,
+    or a constant inside the range): quantize_input quantizes the layer's
+    input (it was silently ignored), and with integer kernels the first
+    Conv runs as QLinearConv too."""
+    rep, out = _first_input_export(tmp_path, api, case, quantize_input=given)
+    assert rep.layers[0].act_bits == 8
+    if given is not True:
+        assert rep.layers[0].act_range == given
+    model = onnx.load(str(out))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    (conv,) = [n for n in model.graph.node if n.op_type == "Conv"]
+    dq = producers[conv.input[0]]
+    assert dq.op_type == "DequantizeLinear"
+    assert producers[producers[dq.input[0]].input[0]].op_type == "Pad"
+    rep, out = _first_input_export(tmp_path, api, case, quantize_input=given, integer_kernels=True)
+    counts = optimized_ops(out, tmp_path)
+    assert counts["QLinearConv"] == 1 and counts["Conv"] == 0, counts
+
+
+@pytest.mark.parametrize("api", ["torch", "onnx"])
+@pytest.mark.parametrize("given", [True, (-2.5, 2.5)])
+def test_quantize_input_refused_where_the_first_layer_reads_something_else(
+    tmp_path, capsys, api, given
+):
+    """A first layer reading ``(x - mean) / std`` computed in the graph (or
+    a skipped layer's output): its input is not the model's, so
+    quantize_input (and a Pad constant outside the range) is refused,
+    naming the layer and what it reads; it was silently ignored."""
+    from squant_rs.cli import main
+
+    first = "'c' (node '/c/Conv')" if api == "torch" else "'/c/Conv'"
+    msg = (
+        f"quantize_input: the first layer {first} reads '/Div_output_0' (the output of a "
+        "Div node), not the model's input ('input') or a Pad / Reshape / Transpose / ... of it"
+    )
+    with pytest.raises(squant_rs.InvalidArgumentError, match=re.escape(msg)):
+        _first_input_export(tmp_path, api, "normalized", quantize_input=given)
+    assert not (tmp_path / f"{api}-normalized.onnx").exists()
+    # a skipped first layer: the first quantized one reads its output
+    skip = "c" if api == "torch" else "/c/*"
+    first_q = "'fc' (node '/fc/Gemm')" if api == "torch" else "'/fc/Gemm'"
+    with pytest.raises(
+        squant_rs.InvalidArgumentError,
+        match=re.escape(f"the first layer {first_q} reads '/ReduceMean_output_0' (the output"),
+    ):
+        _first_input_export(tmp_path, api, "reflect", quantize_input=given, skip=skip)
+    if given is True:
+        return
+    msg = f"quantize_input: the first layer {first} reads '/Pad_output_0' (a Pad of 'input', "
+    msg += "the model's input): its padding 5 is outside the range [-2.5, 2.5]"
+    with pytest.raises(squant_rs.InvalidArgumentError, match=re.escape(msg)):
+        _first_input_export(tmp_path, api, "pad5", quantize_input=given)
+    if api == "onnx":  # the CLI: one error line
+        src, out = tmp_path / "normalized-fp32.onnx", tmp_path / "o.onnx"
+        args = ["quantize", str(src), str(out), "--wbits", "8", "--abits", "8"]
+        assert main([*args, "--quantize-input"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error: --quantize-input: the first layer" in err, err
+        assert not out.exists()
 
 
 class Padded(torch.nn.Module):
@@ -1225,6 +1384,57 @@ def test_weights_read_through_identity_are_quantized(tmp_path, case, wbits, abit
         assert _float_weights(model) == [] and ops(q)["Identity"] == 0
         if abits is None:  # (Q/DQ pairs outweigh a 16x16 weight)
             assert q.stat().st_size < fp32.stat().st_size
+
+
+class _DirectRead(torch.nn.Module):
+    """``fc``'s weight also read directly, outside ``fc``'s forward, on
+    another input (``F.linear(h * 10 - 3, fc.weight)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Linear(8, 8)
+        self.fc = torch.nn.Linear(8, 8)
+        self.out = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(torch.relu(self.stem(x))))
+        return self.out(torch.nn.functional.linear(h * 10.0 - 3.0, self.fc.weight))
+
+
+@pytest.mark.parametrize("quantizer", ["asymmetric", "symmetric"])
+def test_weight_read_outside_its_layer_keeps_a_float_input(tmp_path, quantizer):
+    """A node reading a quantized layer's weight outside the layer's
+    forward (its scope names no report layer) reads the same quantized
+    weight, but its other input stays float, as in the fake-quant model
+    (whose activation quantizer is a pre-hook on the layer): it got the
+    layer's activation Q/DQ, which clipped its input (1.33x the output
+    range off)."""
+    torch.manual_seed(0)
+    net, x = _DirectRead().eval(), torch.rand(16, 8)
+    path = tmp_path / "m.onnx"
+    rep = squant_rs.export_onnx(net, path, x, 8, 8, quantizer=quantizer, recipe="paper")
+    model = onnx.load(str(path))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    (direct,) = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert producers[direct.input[0]].op_type == "Sub"
+    dq = producers[direct.input[1]]
+    assert dq.op_type == "DequantizeLinear"
+    fc = next(r for r in rep.layers if r.name == "fc")
+    assert fc.act_bits == 8  # fc's own call keeps its range
+    codes = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == dq.input[0]))
+    np.testing.assert_array_equal(codes.T, np.asarray(fc.qtensor.codes))
+    assert [n for n in rep.notes if n.startswith("fc: ")] == [
+        f"fc: node {direct.name!r} reads its weight outside its forward (e.g. F.linear(x, "
+        "fc.weight) in another module): it reads the quantized weight with a float input, "
+        "as in quantize_model's fake-quant model, whose activation quantizer is fc's "
+        "pre-hook"
+    ]
+    want = fake_quant(net, x, 8, 8, quantizer)
+    # (fc's int32 bias moves h by up to half a step, times 10 in h * 10 - 3)
+    got = run(path, x.numpy())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
+    got_f = run(_with_float_biases(path, net, x, 8, 8, quantizer), x.numpy())
+    np.testing.assert_allclose(got_f, want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
 def test_shared_activation_qdq_keeps_the_graph_sorted(tmp_path):

@@ -1244,8 +1244,9 @@ def _add_onnx_options(p: argparse.ArgumentParser, prefix: str) -> None:
         default=False,
         metavar="LO,HI",
         help=f"{prefix}(with --abits) quantize the first layer's input too (the algorithm "
-        "keeps it float): to LO,HI (e.g. the range of the normalized inputs), or without a "
-        "value by the sigma rule on the calibration batch",
+        "keeps it float; that layer must read the model's input, directly or through a "
+        "Pad / Reshape / ...): to LO,HI (e.g. the range of the normalized inputs), or "
+        "without a value by the sigma rule on the calibration batch",
     )
 
 

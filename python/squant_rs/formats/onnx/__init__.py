@@ -10,8 +10,9 @@ Both share one graph rewrite:
   ``-z`` in the code type where every channel's fits, else in the next
   container that holds it exactly (int8, int16, int32), codes with it; a
   channel whose zero point would need a wider type than an exact integer
-  form of its values (constant channels) takes that form, zero point 0
-  (:func:`_weight_encoding`). The
+  form of its values (constant channels) takes that form, zero point 0,
+  its codes as large as the type holds (a fine int32 bias step,
+  :func:`_weight_encoding`). The
   output-channel axis is 0 for Conv and Gemm with ``transB=1`` and 1 for
   Gemm with ``transB=0`` and MatMul. ONNX computes ``(q - zp) * (1/s)``
   where squant-rs computes ``(q + z) / s``: the dequantized weights agree

@@ -106,7 +106,9 @@ def export_onnx(
             deep-copied (in training mode: an eval-mode copy is quantized;
             e.g. the old ``torch.nn.utils.weight_norm``), ``abits`` with
             several inputs, a quantized weight
-            missing from the exported graph, a failed calibration run
+            missing from the exported graph, ``quantize_input`` where the
+            first layer does not read the model's input (as for
+            :func:`quantize_onnx`), a failed calibration run
             (the message says what to pass: an ``example_input`` of the
             shape the model takes, or, for integer ids, which U[0,1) noise
             cannot stand for, ``abits=None``).
@@ -240,6 +242,7 @@ def export_onnx(
                 retry=not sliced,
                 uncalled=uncalled,
                 idle={n for n, m in qmodel.named_modules() if id(m) not in called},
+                notes=report.notes,
             )
         except _SlicedProjections as exc:
             sliced = exc.names
@@ -285,7 +288,15 @@ def export_onnx(
                 # quantize_model's calibration batch
                 gen = torch.Generator().manual_seed(int(seed))
                 feeds["input"] = torch.rand(tuple(inputs[0].shape), generator=gen).numpy()
-            _first_input(graph_model, layers, abits, mult, feeds, input_range)
+            # (the quantized layers: one left float is no "first layer")
+            ids = {id(ly) for wt in weights for ly in wt.layers}
+            labels = {
+                id(ly): f"{name!r} (node {ly.name!r})"
+                for name, lys in by_layer.items()
+                for ly in lys
+            }
+            quantized = [ly for ly in layers if id(ly) in ids]
+            _first_input(graph_model, quantized, abits, mult, feeds, input_range, labels)
             for rep in report.layers:
                 first = by_layer.get(rep.name, [])
                 if rep.act_bits is None and first and first[0].act is not None:
@@ -604,6 +615,7 @@ def _match_layers(
     retry: bool = False,
     uncalled: Collection[str] = (),
     idle: Collection[str] = (),
+    notes: list[str] | None = None,
 ) -> tuple[list[_Weight], dict[str, list[_Layer]], list[str]]:
     """Which graph layers run which quantized layer of the report.
 
@@ -617,6 +629,15 @@ def _match_layers(
     own. The activation range of a graph layer is its report layer's.
     ``idle``: the modules the exported forward never called (no level of
     a node's scope names them, :func:`_scope_match`).
+
+    A graph layer whose weight is a report layer's but whose scope names
+    none of them reads that weight outside the layer's forward
+    (``F.linear(x, fc.weight)`` in another module, nn.MultiheadAttention's
+    ``out_proj``): it reads the layer's quantized weight, but its input
+    stays float, as in :func:`quantize_model`'s fake-quant model, whose
+    activation quantizer is a pre-hook on the layer (a note in ``notes``
+    where the layer's own input is quantized). It is none of the report
+    layer's graph layers.
 
     Returns:
         The quantized weights, the graph layers of each report layer, and
@@ -741,6 +762,7 @@ def _match_layers(
         scored = [sc for sc in scored if sc[0] > 0]
         if scored:
             owner[id(layer)] = -max(scored)[1]
+    direct: set[int] = set()  # graph layers reading a weight outside its layer's forward
     for layer in layers:
         if id(layer) in owner:
             continue
@@ -748,19 +770,16 @@ def _match_layers(
         if not which:
             continue  # a weight quantize_model left float
         first = which[0]
-        setting = (reps[first].act_bits, reps[first].act_range)
-        if any(
-            not _same_qt(qts[i], qts[first]) or (reps[i].act_bits, reps[i].act_range) != setting
-            for i in which[1:]
-        ):
+        if any(not _same_qt(qts[i], qts[first]) for i in which[1:]):
             warnings.warn(
                 f"node {layer.name!r}: its weight is that of the layers "
-                f"{', '.join(repr(reps[i].name) for i in which)}, quantized or calibrated "
-                f"differently, and its scope names none of them; using {reps[first].name!r}'s",
+                f"{', '.join(repr(reps[i].name) for i in which)}, quantized differently, "
+                f"and its scope names none of them; using {reps[first].name!r}'s",
                 UserWarning,
                 stacklevel=3,
             )
         owner[id(layer)] = first
+        direct.add(id(layer))
     weights: list[_Weight] = []
     by_layer: dict[str, list[_Layer]] = {rep.name: [] for rep in reps}
     for layer in layers:
@@ -768,9 +787,17 @@ def _match_layers(
         if i is None:
             continue
         rep = reps[i]
-        by_layer[rep.name].append(layer)
-        if rep.act_range is not None and rep.act_bits is not None:
-            layer.act = (rep.act_bits, *rep.act_range)
+        if id(layer) not in direct:
+            by_layer[rep.name].append(layer)
+            if rep.act_range is not None and rep.act_bits is not None:
+                layer.act = (rep.act_bits, *rep.act_range)
+        elif rep.act_bits is not None and notes is not None:
+            notes.append(
+                f"{rep.name}: node {layer.name!r} reads its weight outside its forward (e.g. "
+                f"F.linear(x, {rep.name}.weight) in another module): it reads the quantized "
+                "weight with a float input, as in quantize_model's fake-quant model, whose "
+                f"activation quantizer is {rep.name}'s pre-hook"
+            )
         q = per_layer.get(id(layer), qts[i])
         wt = next((w for w in weights if w.name == layer.weight and _same_qt(w.qt, q)), None)
         if wt is None:

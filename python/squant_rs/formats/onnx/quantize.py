@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..._squant_rs import InvalidArgumentError, SquantError
-from ...model.activations import _check_s_sigma, check_seed, default_s_sigma
+from ...model.activations import SHAPE_SPELLING, _check_s_sigma, check_seed, default_s_sigma
 from ...model.layers import check_patterns, relative_error
 from ...model.report import LayerReport, QuantReport
 from ...tensor.batch import quantize_tensors
@@ -23,7 +23,16 @@ from .common import OnnxFormatError, require_onnx_packages
 from .graph import _find_layers, _initializers, _Layer, _Weight
 from .load import _load, _prepare, _tensor_bytes
 from .output import _check_output, write_model
-from .plan import _capped, _clip_max, _fold_pads, _integer_plan, _resolve_plan
+from .plan import (
+    _SAME_QPARAMS,
+    _capped,
+    _clip_max,
+    _const_value,
+    _constants,
+    _fold_pads,
+    _integer_plan,
+    _resolve_plan,
+)
 from .ranges import _input_feeds, _observe, check_input_shapes, sigma_range
 from .rewrite import _rewrite
 
@@ -90,7 +99,10 @@ def quantize_onnx(
     ``quantize_input`` (needs ``abits``): also quantize the first layer's
     input (the algorithm keeps it float): ``True`` takes the sigma rule on
     the calibration batch, a ``(lo, hi)`` pair is used as given (e.g. the
-    range of the model's normalized inputs). Activations are uint8 (signed
+    range of the model's normalized inputs); the first layer must read the
+    model's input directly or through ops that keep its values (Reshape,
+    Transpose, a reflect or edge Pad, a constant Pad inside the range,
+    ...). Activations are uint8 (signed
     ranges with zero point 128). The output is one file unless its tensors
     exceed 2 GB (then ``<out>.data`` too; ``external_data`` forces either);
     it is written atomically, and the input is never modified.
@@ -107,7 +119,10 @@ def quantize_onnx(
             below 1), an output path (or, with external data, its ``.data``
             file) that is the input or one of the external data files the
             input reads (of any tensor), an ``onnx.ModelProto`` whose
-            tensors reference external data not loaded.
+            tensors reference external data not loaded, ``quantize_input``
+            where the first layer reads something other than the model's
+            input (``(x - mean) / std`` computed in the graph; the message
+            names the layer and what it reads).
         TypeError: an argument of the wrong type (``input_shape`` not a
             sequence of integers, ...).
         ImportError: onnx (at 2-4 bits ml_dtypes; with ``abits``,
@@ -258,6 +273,13 @@ def _check_quantize_input(
     raise TypeError(f"quantize_input must be a bool or a (lo, hi) pair, got {quantize_input!r}")
 
 
+#: Ops whose output holds values of their first input only (reshaped,
+#: reordered, cropped, repeated, a max of them): the model input's range
+#: covers it. A Pad also adds its constant (reflect / edge / wrap modes do
+#: not), which must be inside the range.
+_KEEP_VALUES = _SAME_QPARAMS | {"Identity", "Slice", "Expand", "Tile"}
+
+
 def _first_input(
     model: Any,
     layers: list[_Layer],
@@ -265,21 +287,116 @@ def _first_input(
     mult: float,
     feeds: dict[str, Any],
     input_range: bool | tuple[float, float],
+    labels: Mapping[int, str] | None = None,
 ) -> None:
     """With ``quantize_input``: a range (8 bits if the layer is also the
-    last) for the layers reading a graph input, from the sigma rule on the
-    calibration batch or the given ``(lo, hi)``."""
+    last) for the layers without one (the first layer) whose input is a
+    graph input, directly or through ops that keep its values
+    (:data:`_KEEP_VALUES`: a Pad with reflect / edge / wrap mode, or a
+    constant inside the range), from the sigma rule on that input's
+    calibration batch or the given ``(lo, hi)``.
+
+    Raises:
+        InvalidArgumentError: no layer without a range reads a graph input
+            that way (e.g. ``(x - mean) / std`` computed in the graph): the
+            message names the first of them (``labels``: its name by
+            ``id``, else the node's) and what it reads.
+    """
     if input_range is False:
         return
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consts = _constants(model)
+    refused: tuple[_Layer, str, bool] | None = None  # (layer, why, its input padded)
+    applied = False
     for i, layer in enumerate(layers):
-        src = layer.node.input[0]
-        if layer.act is not None or src not in feeds:
+        if layer.act is not None:
             continue
-        bits = 8 if i == len(layers) - 1 else abits
-        if isinstance(input_range, tuple):
-            layer.act = (bits, *input_range)
+        src, pads, what = _input_source(model, producers, consts, layer.node.input[0], feeds)
+        if src is not None:
+            bits = 8 if i == len(layers) - 1 else abits
+            lo, hi = (
+                input_range
+                if isinstance(input_range, tuple)
+                else sigma_range(feeds[src], bits, mult)
+            )
+            outside = [v for v in pads if not lo <= v <= hi]
+            if not outside:
+                layer.act = (bits, lo, hi)
+                applied = True
+                continue
+            why = f"{what}: its padding {outside[0]:g} is outside the range [{lo:g}, {hi:g}]"
+            if not isinstance(input_range, tuple):
+                why += " (from the sigma rule on the calibration batch)"
         else:
-            layer.act = (bits, *sigma_range(feeds[src], bits, mult))
+            names = ", ".join(repr(n) for n in feeds)
+            why = (
+                f"{what}, not the model's input ({names}) or a Pad / Reshape / Transpose / "
+                "... of it, so the input's range does not apply there"
+            )
+        if refused is None:
+            refused = (layer, why, src is not None)
+    if applied or refused is None:
+        return
+    layer, why, padded = refused
+    label = (labels or {}).get(id(layer), repr(layer.name))
+    cli = SHAPE_SPELLING.get() == "cli"
+    option = "--quantize-input" if cli else "quantize_input"
+    if padded:
+        given = "--quantize-input=LO,HI" if cli else "quantize_input=(lo, hi)"
+        advice = f"pass {given} with a range that holds it, or leave {option} off"
+    else:
+        advice = (
+            f"leave {option} off (that input stays float), or compute what the layer reads "
+            "outside the model (e.g. normalize the input before it)"
+        )
+    raise InvalidArgumentError(f"{option}: the first layer {label} reads {why}; {advice}")
+
+
+def _input_source(
+    model: Any,
+    producers: dict[str, Any],
+    consts: dict[str, Any],
+    tensor: str,
+    feeds: Mapping[str, Any],
+) -> tuple[str | None, list[float], str]:
+    """The graph input whose values ``tensor`` holds (through
+    :data:`_KEEP_VALUES` ops; None if none), the constants the Pads on the
+    way add, and what ``tensor`` is, in words (for errors)."""
+    from onnx import helper
+
+    t, chain, pads = tensor, [], []
+    while t not in feeds:
+        p = producers.get(t)
+        if p is None or p.op_type not in _KEEP_VALUES or not p.input or not p.input[0]:
+            break
+        if p.op_type == "Pad":
+            attrs = {a.name: helper.get_attribute_value(a) for a in p.attribute}
+            mode = attrs.get("mode", b"constant")
+            mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+            if mode == "constant":
+                value = (
+                    _const_value(model, consts, p.input[2])
+                    if len(p.input) > 2 and p.input[2]
+                    else np.zeros(1)
+                )
+                if value is None or value.size != 1:
+                    break  # a constant computed at run time
+                pads.append(float(value.reshape(())))
+            elif mode not in ("reflect", "edge", "wrap"):  # pragma: no cover - other modes
+                break
+        chain.append(p.op_type)
+        t = p.input[0]
+    p = producers.get(t)
+    if t in feeds:
+        made = "the model's input"
+    else:
+        made = f"the output of a {p.op_type} node" if p is not None else "a constant"
+    what = (
+        f"{t!r} ({made})"
+        if not chain
+        else f"{tensor!r} (a {' of a '.join(chain)} of {t!r}, {made})"
+    )
+    return (t if t in feeds else None), pads, what
 
 
 def _integer_ranges(

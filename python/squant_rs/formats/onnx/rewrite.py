@@ -74,6 +74,31 @@ def _exact_channel(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
     return np.ldexp(v, -p).astype(np.int64), np.float32(np.ldexp(1.0, p))
 
 
+def _finer(
+    k: np.ndarray, p: np.float32, values: np.ndarray, lo: int, hi: int
+) -> tuple[np.ndarray, np.float32]:
+    """``k * m`` and ``p / m`` (rounded to float32) for the largest integer
+    ``m`` (of the few tried) with ``k * m`` in ``[lo, hi]`` (and below
+    2^24) and ``(k * m) * (p / m) == values`` exactly in float32; ``(k,
+    p)`` itself where no ``m > 1`` fits. Tried: the 8 largest ``m``, then
+    the largest power of two, which is exact unless ``p / m`` underflows.
+    A finer step ``p`` keeps the int32 bias step ``a_scale * p`` as fine as
+    an ordinary channel's (with ``k = +-1`` it is ~127x coarser at int8)."""
+    k_max, k_min = int(k.max(initial=0)), int(k.min(initial=0))
+    bounds = [min(hi, _EXACT - 1) // k_max] if k_max > 0 else []
+    bounds += [max(lo, 1 - _EXACT) // k_min] if k_min < 0 else []
+    if not bounds or min(bounds) < 2:
+        return k, p
+    top = min(bounds)
+    tries = [*range(top, max(top - 8, 1), -1), 1 << (top.bit_length() - 1)]
+    want = values.astype(np.float32)
+    for m in tries:
+        step = np.float32(np.float64(p) / m)
+        if step > 0 and np.array_equal((k * m).astype(np.float32) * step, want):
+            return k * m, step
+    return k, p
+
+
 def _weight_encoding(
     qt: QuantizedTensor, name: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
@@ -88,7 +113,11 @@ def _weight_encoding(
     integers with zero point 0: a constant channel (``Linear(1, N)``, where
     the range floor of the asymmetric quantizer gives zero points near
     ``w * (2^b - 1) * 1e8``) as ``+-1`` times its value, so the layer keeps
-    the codes' type. ORT then computes exactly ``qt.dequantize()``."""
+    the codes' type; those integers are then scaled up as far as that type
+    holds them (:func:`_finer`: a constant channel as ``+-127`` times
+    ``|w| / 127`` at int8 where that is exact), so that the int32 bias step
+    ``a_scale * (1/s)`` is as fine as an ordinary channel's. ORT then
+    computes exactly ``qt.dequantize()``."""
     codes = np.asarray(qt.codes).astype(np.int64)
     oc = int(codes.shape[0]) if codes.ndim else 0
     flat = codes.reshape(oc, -1)
@@ -116,6 +145,8 @@ def _weight_encoding(
                     )[0]
                 )
                 if alt < need[c]:
+                    _, c_lo, c_hi = _CONTAINERS[alt]
+                    k, p = _finer(k, p, values[c], c_lo, c_hi)
                     flat[c], zp_int[c], step[c], need[c] = k, 0, p, alt
     top = int(need.max()) if need.size else start
     if top >= len(_CONTAINERS):  # pragma: no cover - _exact_channel's |k| < 2^24 fits int32
