@@ -2379,26 +2379,199 @@ def _export_attentions(tmp_path, wbits, abits=None, **kw):
     return net, x, path, rep
 
 
-@pytest.mark.parametrize("wbits", [4, 8])
-def test_attention_projections_in_the_export(tmp_path, wbits):
+def _dequantize_linear_of(model, weight: str):
+    """The DequantizeLinear node of initializer ``weight``'s codes."""
+    return next(
+        n
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] == f"{weight}_quantized"
+    )
+
+
+@pytest.mark.parametrize("wbits,abits", [(4, None), (8, 8)])
+def test_attention_projections_in_the_export(tmp_path, wbits, abits):
     """An attention's packed input projection is one MatMul initializer
     where query, key and value are one tensor: it gets its
     DequantizeLinear like any layer (axis 1). Where they differ, torch's
-    exporter slices the weight at run time, so there is nothing to
-    quantize in the graph: that projection is quantized again left float
-    (noted, in skipped), and the graph still equals quantize_model's
-    fake-quant model with it skipped."""
-    net, x, path, rep = _export_attentions(tmp_path, wbits)
+    exporter (dynamic batch) slices the weight at run time (Slice nodes
+    with computed ends, then Transpose): the whole initializer becomes one
+    DequantizeLinear of its rows (axis 0) that the Slices read, so that
+    projection is quantized too (it was left float, with a note) and the
+    graph equals quantize_model's fake-quant model, at another batch size
+    too; with abits the attention's inputs stay float, as there."""
+    net, x, path, rep = _export_attentions(tmp_path, wbits, abits)
+    names = [r.name for r in rep.layers]
+    assert "0.self_attn.in_proj" in names and "0.cross.in_proj" in names
+    assert rep.skipped == []
+    assert not any("no initializer to quantize" in n for n in rep.notes), rep.notes
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert _float_weights(model) == []
+    dq = _dequantize_linear_of(model, "0.cross.in_proj_weight")
+    assert [a.i for a in dq.attribute if a.name == "axis"] == [0]
+    slices = [n for n in model.graph.node if dq.output[0] in n.input]
+    assert [n.op_type for n in slices] == ["Slice", "Slice"]
+    # the attention's query and key / value stay float (no forward of their
+    # own to hook), as in quantize_model's fake-quant model
+    producers = {o: n for n in model.graph.node for o in n.output}
+    readers = {i: n for n in model.graph.node for i in n.input}
+    for sl in slices:
+        matmul = readers[readers[sl.output[0]].output[0]]
+        assert matmul.op_type == "MatMul"
+        assert producers[matmul.input[0]].op_type != "DequantizeLinear"
+    want = squant_rs.quantize_model(net, wbits, abits, recipe="paper", input_shape=tuple(x.shape))
+    for batch in (2, 3):
+        xb = torch.rand(batch, 5, 16)
+        with torch.no_grad():
+            ref = want(xb).numpy()
+        np.testing.assert_allclose(run(path, xb.numpy()), ref, rtol=0, atol=1e-5)
+
+
+def test_attention_projection_no_layer_reads_is_left_float(tmp_path, monkeypatch):
+    """Where no layer of the exported graph reads an attention's projection
+    weight as an initializer (here: its Slice / Transpose views not
+    followed), export_onnx quantizes again with that projection left float
+    (noted, in skipped), and the graph equals quantize_model's fake-quant
+    model with it skipped."""
+    from squant_rs.formats.onnx import graph
+
+    monkeypatch.setattr(graph, "_VIEW_OPS", frozenset())
+    net, x, path, rep = _export_attentions(tmp_path, 4)
     names = [r.name for r in rep.layers]
     assert "0.self_attn.in_proj" in names and "0.cross.in_proj" not in names
     assert rep.skipped == ["0.cross.in_proj"]
-    assert any(n.startswith("0.cross.in_proj: torch's exporter slices") for n in rep.notes)
+    assert any(
+        n.startswith("0.cross.in_proj: no Conv / Gemm / MatMul") and "left float" in n
+        for n in rep.notes
+    )
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     assert _float_weights(model) == ["0.cross.in_proj_weight"]
-    want = squant_rs.quantize_model(net, wbits, recipe="paper", skip=rep.skipped)(x)
+    want = squant_rs.quantize_model(net, 4, recipe="paper", skip=rep.skipped)(x)
     got = run(path, x.numpy())
     np.testing.assert_allclose(got, want.detach().numpy(), rtol=0, atol=1e-5)
+
+
+def test_weights_read_through_slice_and_transpose(tmp_path):
+    """quantize_onnx: a weight read through Slice / Transpose nodes (with
+    constant or computed starts and ends, on any axis) is the whole
+    initializer, quantized along the axis the Transposes make the layer's
+    output-channel axis; the Slice reads its DequantizeLinear (they were
+    left float: a weight computed from initializers by a Slice node, or no
+    note at all where the ends were computed)."""
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    i64 = [
+        numpy_helper.from_array(np.array([v], dtype=np.int64), n)
+        for n, v in [("two", 2), ("six", 6), ("zero", 0), ("one", 1)]
+    ]
+    nodes = [
+        # columns 2:6 of W (8, 6): output channels of a MatMul weight
+        helper.make_node("Slice", ["W", "two", "six", "one"], ["Ws"]),
+        helper.make_node("MatMul", ["x", "Ws"], ["h"], name="cols"),
+        # rows 0:(3 from the input's shape) of V (5, 4), transposed
+        helper.make_node("Shape", ["x"], ["xs"], start=1, end=2),
+        helper.make_node("Div", ["xs", "two"], ["n4"]),
+        helper.make_node("Sub", ["n4", "one"], ["n3"]),
+        helper.make_node("Slice", ["V", "zero", "n3", "zero"], ["Vs"]),
+        helper.make_node("Transpose", ["Vs"], ["Vt"]),  # the default perm: reversed
+        helper.make_node("MatMul", ["h", "Vt"], ["y"], name="rows"),
+    ]
+    W = rng.normal(size=(8, 6)).astype(np.float32)
+    V = rng.normal(size=(5, 4)).astype(np.float32)
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, ["N", 8])],
+        [vi("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(V, "V"), *i64],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    out = tmp_path / "q.onnx"
+    rep = squant_rs.quantize_onnx(model, out, 8)
+    assert [r.name for r in rep.layers] == ["cols", "rows"]
+    assert rep.skipped == [] and rep.notes == []
+    q = onnx.load(str(out))
+    assert _float_weights(q) == []
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    deq = {}
+    for name, axis, per_channel in [("W", 1, W.T), ("V", 0, V)]:
+        dq = _dequantize_linear_of(q, name)
+        assert [a.i for a in dq.attribute if a.name == "axis"] == [axis]
+        assert [n.op_type for n in q.graph.node if dq.output[0] in n.input] == ["Slice"]
+        qt = squant_rs.quantize_tensor(per_channel, 8)
+        codes = inits[dq.input[0]]
+        np.testing.assert_array_equal(codes.T if axis else codes, qt.codes)
+        deq[name] = np.asarray(qt.dequantize())
+    x = rng.random((3, 8), dtype=np.float32)
+    want = x @ deq["W"].T[:, 2:6] @ deq["V"][:3].T
+    np.testing.assert_allclose(run(out, x), want, rtol=0, atol=1e-5)
+
+
+class _CrossAttention(torch.nn.Module):
+    """A cross-attention on two inputs (query, and key = value), then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.o = torch.nn.Linear(16, 4)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return self.o(self.a(q, kv, kv)[0])
+
+
+def _run2(path, q: torch.Tensor, kv: torch.Tensor) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # as run()
+    sess = ort.InferenceSession(str(path), so, providers=CPU)
+    return sess.run(None, {"input": q.numpy(), "input1": kv.numpy()})[0]
+
+
+def test_sliced_attention_projection_export_and_quantize_onnx(tmp_path):
+    """A cross-attention whose query and key / value are two inputs of
+    dynamic batch: export_onnx quantizes its run-time sliced in_proj_weight
+    (one DequantizeLinear, axis 0, read by the Slices), and quantize_onnx
+    on torch's float export of the model finds the same weight through
+    the Slice / Transpose nodes and writes the same codes; both run as
+    quantize_model's fake-quant model at another batch size."""
+    torch.manual_seed(0)
+    net = _CrossAttention().eval()
+    q, kv = torch.rand(2, 5, 16), torch.rand(2, 7, 16)
+    path, float_path, q_path = tmp_path / "e.onnx", tmp_path / "f.onnx", tmp_path / "q.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = squant_rs.export_onnx(net, path, (q, kv), 4, recipe="paper")
+        torch.onnx.export(
+            net,
+            (q, kv),
+            str(float_path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input", "input1"],
+            dynamic_axes={"input": {0: "batch"}, "input1": {0: "batch"}},
+        )
+    assert [r.name for r in rep.layers] == ["a.in_proj", "a.out_proj", "o"]
+    assert rep.skipped == [] and rep.notes == []
+    rep2 = squant_rs.quantize_onnx(float_path, q_path, 4)
+    assert rep2.skipped == [] and [r.name for r in rep2.layers][:2] == ["/a/MatMul", "/a/MatMul_1"]
+    codes = []
+    for p in (path, q_path):
+        model = onnx.load(str(p))
+        assert _float_weights(model) == []
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        dq = _dequantize_linear_of(model, "a.in_proj_weight")
+        assert [a.i for a in dq.attribute if a.name == "axis"] == [0]
+        assert [n.op_type for n in model.graph.node if dq.output[0] in n.input] == ["Slice"] * 2
+        codes.append([inits[t].astype(np.float32) for t in dq.input])
+    for a, b in zip(*codes):
+        np.testing.assert_array_equal(a, b)
+    want = squant_rs.quantize_model(net, 4, recipe="paper")
+    q3, kv3 = torch.rand(3, 5, 16), torch.rand(3, 7, 16)
+    with torch.no_grad():
+        ref = want(q3, kv3).numpy()
+    for p in (path, q_path):
+        np.testing.assert_allclose(_run2(p, q3, kv3), ref, rtol=0, atol=1e-5)
 
 
 class _TwinAttentions(torch.nn.Module):

@@ -163,9 +163,10 @@ def export_onnx(
         # eval-mode copy (quantize_model folds eval-mode BNs only; the
         # caller's model keeps its modes).
         source = _deepcopy(model, who="export_onnx").eval()
-    # An attention's input projection torch's exporter slices at run time
-    # (query is not key and value) is no initializer of the graph: such
-    # projections are quantized again left float (a second pass).
+    # An attention's input projection whose weight no graph layer reads (as
+    # an initializer, or a Slice / Transpose view of one: torch's exporter
+    # slices a cross-attention's at run time) is quantized again left float
+    # (a second pass).
     projections = _attention_projections(source)
     sliced: list[str] = []
     while True:
@@ -271,9 +272,10 @@ def export_onnx(
         ]
     for name in sliced:
         report.notes.append(
-            f"{name}: torch's exporter slices this attention's projection weight at run "
-            "time (its query is not its key and value), so the graph holds no initializer "
-            "to quantize; left float in the ONNX model (quantize_model quantizes it)"
+            f"{name}: no Conv / Gemm / MatMul of the exported graph reads this attention's "
+            "projection weight as an initializer (directly or through Identity / Slice / "
+            "Transpose nodes), so the graph holds no initializer to quantize; left float in "
+            "the ONNX model (quantize_model quantizes it)"
         )
     if integer_kernels and abits is None:
         raise InvalidArgumentError("integer_kernels=True needs abits (quantized activations)")
@@ -621,7 +623,9 @@ def _match_layers(
 
     A graph layer belongs to a report layer when its weight initializer
     (looked up through Identity nodes: torch's exporter merges equal-valued
-    and shared weights into one initializer) equals the report layer's
+    and shared weights into one initializer; the whole initializer where the
+    layer reads a Slice / Transpose view of it, as a cross-attention's
+    packed projection sliced at run time) equals the report layer's
     dequantized weight; among several such report layers, to the one whose
     module scope the node is in. Graph layers on one initializer share one
     DequantizeLinear when their quantized weights are the same (equal
@@ -883,8 +887,8 @@ def _layer_module(model: nn.Module, name: str, projections: Mapping[str, tuple[s
 
 
 class _SlicedProjections(Exception):
-    """Attention projections whose weight the exported graph slices at run
-    time (:func:`_match_layers`)."""
+    """Attention projections whose weight no layer of the exported graph
+    reads as an initializer (:func:`_match_layers`)."""
 
     def __init__(self, names: list[str]) -> None:
         super().__init__(", ".join(names))

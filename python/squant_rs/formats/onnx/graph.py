@@ -16,6 +16,12 @@ if TYPE_CHECKING:
 
 #: Ops with a weight operand: ConvTranspose's stays float (another layout).
 _WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: Ops a layer may read its weight initializer through (besides Identity):
+#: they keep its rank and compute nothing from its values, so the whole
+#: initializer is quantized and they read its DequantizeLinear (torch's
+#: exporter slices a cross-attention's packed ``in_proj_weight`` at run
+#: time, where the batch is dynamic, and transposes the slices).
+_VIEW_OPS = frozenset({"Slice", "Transpose"})
 
 
 @dataclass
@@ -28,6 +34,10 @@ class _Layer:
     axis: int  # output-channel axis of the weight as stored
     op: str
     act: tuple[int, float, float] | None = None  # (bits, x_min, x_max) of the input
+    # The Slice / Transpose node that reads the initializer (its first
+    # input) where the layer reads a view of it (:data:`_VIEW_OPS`); None:
+    # the layer reads it as its weight input.
+    via: Any = None
 
 
 @dataclass
@@ -59,6 +69,43 @@ def _identity_source(producers: dict[str, Any], inits: dict[str, Any], tensor: s
     return tensor
 
 
+def _view_source(
+    producers: dict[str, Any], inits: dict[str, Any], tensor: str
+) -> tuple[str, Any, list[list[int] | None]] | None:
+    """Where ``tensor`` is a view of an initializer: computed from it by
+    Slice / Transpose nodes (:data:`_VIEW_OPS`, Identity nodes between
+    them), ``(initializer, the node reading it, the Transposes' perms from
+    ``tensor`` back)``; else None (also for a perm that is no permutation
+    of the initializer's axes). The Slices' starts and ends may be
+    anything, computed at run time included."""
+    perms: list[list[int] | None] = []
+    reader = None
+    seen: set[str] = set()
+    while True:
+        tensor = _identity_source(producers, inits, tensor)
+        if tensor in inits:
+            axes = list(range(len(inits[tensor].dims)))
+            if reader is None or any(p is not None and sorted(p) != axes for p in perms):
+                return None
+            return tensor, reader, perms
+        p = producers.get(tensor)
+        if tensor in seen or p is None or p.op_type not in _VIEW_OPS or not p.input:
+            return None
+        seen.add(tensor)
+        if p.op_type == "Transpose":
+            perm = next((list(a.ints) for a in p.attribute if a.name == "perm"), None)
+            perms.append(perm)
+        reader, tensor = p, p.input[0]
+
+
+def _viewed_axis(axis: int, perms: list[list[int] | None], ndim: int) -> int:
+    """The initializer's axis that is ``axis`` of its view through the
+    Transposes of ``perms`` (:func:`_view_source`; ``ndim`` axes)."""
+    for perm in perms:
+        axis = (ndim - 1 - axis) if perm is None else perm[axis]
+    return axis
+
+
 def _find_layers(
     model: Any,
     skip: Sequence[str],
@@ -72,7 +119,10 @@ def _find_layers(
     sparse one included), of the wrong rank, or the first operand; a node
     inside an If / Loop / Scan body; a weight read along two output-channel
     axes; a ConvTranspose with a constant weight). A weight read
-    through Identity nodes counts as the initializer they copy.
+    through Identity nodes counts as the initializer they copy; one read
+    through Slice / Transpose nodes (:func:`_view_source`) as the whole
+    initializer, along the axis the Transposes make its output-channel
+    axis.
     ``matched`` collects the skip patterns that matched a layer."""
     onnx = require_onnx()
     graph = model.graph
@@ -105,6 +155,9 @@ def _find_layers(
                 )
             continue
         w = inits.get(source)
+        view = None if w is not None else _view_source(producers, inits, source)
+        if view is not None:
+            w = inits[view[0]]
         if w is None:
             reason = _not_an_initializer(node, source, producers, constants)
             if reason is not None:
@@ -130,6 +183,8 @@ def _find_layers(
                 continue
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             axis = 0 if node.op_type == "Gemm" and trans_b else 1
+        if view is not None:
+            axis = _viewed_axis(axis, view[2], ndim)
         names = {name, w.name, read, _module_of(w.name), _module_of(read)}
         hits = [p for p in skip if any(matches_any(n, (p,)) for n in names)]
         if hits:
@@ -139,7 +194,8 @@ def _find_layers(
             continue
         if axes.setdefault(w.name, axis) != axis:
             conflict.add(w.name)
-        layers.append(_Layer(name, node, w.name, axis, node.op_type))
+        via = None if view is None else view[1]
+        layers.append(_Layer(name, node, w.name, axis, node.op_type, via=via))
     if conflict:
         # A weight read along different output-channel axes stays float.
         for layer in layers:

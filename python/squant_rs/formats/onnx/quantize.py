@@ -58,7 +58,10 @@ def quantize_onnx(
     and write a QDQ ONNX model (opset 21) to ``out_path``. Needs numpy, onnx
     and (with ``abits``) onnxruntime; torch is never imported. The weights
     are the float32 initializers these nodes of the main graph read as their
-    weight (second) input, 2-D for Gemm and MatMul; a layer whose constant
+    weight (second) input, 2-D for Gemm and MatMul (directly, or through
+    Identity nodes or Slice / Transpose nodes: the whole initializer,
+    quantized along the axis the Transposes make the layer's output-channel
+    axis, its DequantizeLinear read by the node that read it); a layer whose constant
     operand is something else (a Constant node's, a sparse initializer or a
     computed weight, a first operand, another rank or dtype, a node inside
     an If / Loop / Scan body) stays float and is listed in the report's

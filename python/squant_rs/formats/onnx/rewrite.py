@@ -18,6 +18,7 @@ from .graph import (
     _initializers,
     _Layer,
     _subgraph_reads,
+    _view_source,
     _Weight,
 )
 
@@ -306,10 +307,15 @@ def _rewrite(
             name=names(base + "_DQ"),
             axis=wt.axis,
         )
-        first = min(wt.layers, key=lambda layer: _index(graph, layer.node))
-        new_nodes.append((dq, first.node))
+        # (a layer reading a view of the weight: the Slice / Transpose
+        # reading the initializer reads the DequantizeLinear instead)
+        readers = [layer.node if layer.via is None else layer.via for layer in wt.layers]
+        new_nodes.append((dq, min(readers, key=lambda node: _index(graph, node))))
         for layer in wt.layers:
-            layer.node.input[1] = out
+            if layer.via is None:
+                layer.node.input[1] = out
+            else:
+                layer.via.input[0] = out
             w_scales[id(layer.node)] = step
     inits = _initializers(graph)
     if plan is None:
@@ -400,11 +406,15 @@ _FLOAT_TYPES = frozenset({1, 10, 11, 16})
 
 def _float_layer(node: Any, producers: dict[str, Any], inits: dict[str, Any]) -> bool:
     """Whether ``node`` is a Conv / ConvTranspose / Gemm / MatMul whose
-    weight (second input, read through Identity nodes) is a float
-    initializer or Constant output, i.e. not quantized."""
+    weight (second input, read through Identity nodes, or a Slice /
+    Transpose view) is a float initializer or Constant output, i.e. not
+    quantized."""
     if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
         return False
     w = _identity_source(producers, inits, node.input[1])
+    view = None if w in inits else _view_source(producers, inits, w)
+    if view is not None:
+        w = view[0]
     if w in inits:
         return inits[w].data_type in _FLOAT_TYPES
     p = producers.get(w)
