@@ -889,6 +889,61 @@ def test_native_call_in_a_daemon_thread_at_exit(tmp_path, call: str) -> None:
         assert os.listdir(work) == []
 
 
+_LATE_THREADS = """
+import atexit, sys, threading
+import numpy as np
+rng = np.random.default_rng(0)
+weights = [rng.standard_normal((1024, 1024), dtype=np.float32) for _ in range(4)]
+worker = None
+def late():  # registered before squant_rs's own exit hook: runs after it
+    if sys.argv[1] == "thread":  # an ordinary thread started at exit
+        out = []
+        t = threading.Thread(target=lambda: out.append(squant_rs.quantize_tensors(weights, 4)))
+        t.start()
+        t.join()
+        print("late thread:", len(out[0]))
+    else:  # drains a daemon worker still quantizing
+        worker.join()
+        print("worker joined")
+atexit.register(late)
+import squant_rs
+if sys.argv[1] == "daemon":
+    started = threading.Event()
+    def work():
+        started.set()
+        squant_rs.quantize_tensors(weights, 4, threads=1)
+        print("worker done", flush=True)
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    started.wait()
+print("main exits", flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["thread", "daemon"])
+def test_threads_an_atexit_handler_waits_for_finish(tmp_path, case: str) -> None:
+    """After squant_rs's exit hook, an ordinary thread that a later atexit
+    handler starts and joins, and a daemon worker a later atexit handler
+    joins, both finish their native calls (the first version of the exit
+    handling parked them for good: the process hung)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _LATE_THREADS, case],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    want = (
+        "main exits\nlate thread: 4\n"
+        if case == "thread"
+        else "main exits\nworker done\nworker joined\n"
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, want, "")
+
+
 _LATE_RUN = """
 import atexit, os, sys, threading, time
 def late():  # registered before squant_rs's own exit hook: runs after it
