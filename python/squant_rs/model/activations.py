@@ -424,8 +424,10 @@ def _calibrate(
     ``fixed`` (ranges already set: applied with ``apply``, not observed).
     The first layer to run gets a float input, the last observed one 8 bits.
     ``markers``: ``(name, module)`` of quantized layers without an input
-    quantizer (an attention whose projections are quantized): they count
-    as layers that ran for those two rules.
+    quantizer (an attention whose separate projections ``q_proj``... are
+    quantized): they count as layers that ran for those two rules. A
+    quantizer whose ``with_kwargs`` is set (:class:`AttentionInputQuantizer`)
+    is observed through a pre-hook that gets the keyword arguments too.
 
     Returns:
         the names of the quantizers of the layers that ran (and of the
