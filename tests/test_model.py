@@ -572,10 +572,11 @@ def test_attention_projections_save_and_load(tmp_path) -> None:
 
 @pytest.mark.parametrize("recipe", ["paper", "squant+"])
 def test_attention_inputs_and_uncalled_layers_are_noted(recipe: str) -> None:
-    """With abits, an attention's inputs stay float (its projections have
-    no forward of their own to hook), and its out_proj Linear is never
-    called (the attention reads its weight directly), so its input stays
-    float too: both were silent, the report now says so."""
+    """With abits, an attention's out_proj Linear is never called (the
+    attention reads its weight directly), so its input stays float: that
+    was silent, the report now says so. Its packed input projection's
+    inputs are quantized by a pre-hook on the attention (they stayed
+    float, noted), but in the first layer to run."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
     model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
@@ -587,17 +588,17 @@ def test_attention_inputs_and_uncalled_layers_are_noted(recipe: str) -> None:
     rows = {r.name: r for r in rep.layers}
     for i in range(2):
         attn = f"layers.{i}.self_attn"
-        for name in (f"{attn}.in_proj", f"{attn}.out_proj"):
-            assert rows[name].act_bits is None
-        proj = f"{attn}.in_proj: an input projection of nn.MultiheadAttention"
-        assert any(n.startswith(proj) and "stays float" in n for n in rep.notes)
+        assert rows[f"{attn}.out_proj"].act_bits is None
+        assert not any(n.startswith(f"{attn}.in_proj") for n in rep.notes)
         uncalled = f"{attn}.out_proj: no range, its forward never ran"
         assert any(n.startswith(uncalled) for n in rep.notes)
         assert not torch.equal(
             q.get_submodule(attn).in_proj_weight, model.get_submodule(attn).in_proj_weight
         )
+    assert rows["layers.0.self_attn.in_proj"].act_bits is None  # the first layer: float
+    assert rows["layers.1.self_attn.in_proj"].act_bits == 8
     assert rows["layers.1.linear1"].act_bits == 8  # layers that run are calibrated
-    assert len(rep.notes) == 4
+    assert len(rep.notes) == 2
 
 
 class _KeywordCall(nn.Module):
@@ -864,6 +865,92 @@ def test_an_attention_first_is_the_first_layer(recipe: str, calibration: str) ->
         ("l1", 4),
         ("l2", 8),
     ]
+
+
+class _SelfAndCross(nn.Module):
+    """A Linear, a self-attention (query, key and value one tensor) and a
+    cross-attention called with key and value (one tensor) as keywords,
+    then a head."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.pre = nn.Linear(16, 16)
+        self.a = nn.MultiheadAttention(16, 2, batch_first=batch_first)
+        self.c = nn.MultiheadAttention(16, 2, batch_first=batch_first)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        h = self.a(h, h, h, need_weights=False)[0]
+        m = x + 1
+        return self.head(self.c(h, key=m, value=m, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("calibration", ["float", "quantized"])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("recipe", ["paper", "squant+"])
+def test_attention_inputs_are_quantized(recipe: str, batch_first: bool, calibration: str) -> None:
+    """With abits, the query, key and value of an attention whose packed
+    input projection is quantized (positional or keywords) are
+    fake-quantized by one pre-hook on the attention, with the sigma-rule
+    range of the distinct ones pooled (they stayed float); the same tensor
+    is passed where key and value (and query) were one tensor; the report
+    row of in_proj gives the range; out_proj's input stays float."""
+    torch.manual_seed(0)
+    model = _SelfAndCross(batch_first).eval()
+    shape = (2, 5, 16) if batch_first else (5, 2, 16)
+    q, rep = squant_rs.quantize_model(
+        model,
+        8,
+        6,
+        input_shape=shape,
+        recipe=recipe,
+        calibration=calibration,
+        return_report=True,
+    )
+    hooks = activation_quantizers(q)
+    qa, qc = hooks["a.in_proj"], hooks["c.in_proj"]
+    assert (qa.name, qc.name) == ("a.in_proj", "c.in_proj")
+    rows = {r.name: r for r in rep.layers}
+    for name, hook in (("a.in_proj", qa), ("c.in_proj", qc)):
+        assert rows[name].act_bits == 6 and rows[name].act_range == (hook.x_min, hook.x_max)
+        assert rows[name].range_source == "sigma"
+    assert rows["a.out_proj"].act_bits is None and rows["pre"].act_bits is None
+    assert rows["head"].act_bits == 8
+    # the ranges: the sigma rule on the noise pass's (pooled) inputs
+    noise = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    src = model if calibration == "float" else q  # (quantized: q's hooks apply)
+    with torch.no_grad():
+        h = src.pre(noise)
+        h_a = src.a(h, h, h, need_weights=False)[0]
+    for hook, seen in ((qa, h), (qc, torch.cat([h_a.reshape(-1), (noise + 1).reshape(-1)]))):
+        want = ActivationQuantizer("ref", 6, default_s_sigma(6))
+        want.observe(seen)
+        assert (hook.x_min, hook.x_max) == (want.x_min, want.x_max)
+    # the same tensor for key and value, and for all three in self-attention
+    same: list[bool] = []
+
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs = [*args, *(kwargs[k] for k in ("key", "value") if k in kwargs)]
+        same.append(inputs[1] is inputs[2] and (module is q.c or inputs[0] is inputs[1]))
+
+    handles = [m.register_forward_pre_hook(check, with_kwargs=True) for m in (q.a, q.c)]
+    x = torch.rand(shape)
+    with torch.no_grad():
+        got = q(x)
+        for hd in handles:
+            hd.remove()
+        assert same == [True, True]
+        # by hand: the attentions with their hooks off, on quantized inputs
+        qa.enabled = qc.enabled = False
+        float_inputs = q(x)
+        h = q.pre(x)
+        hq = qa.quantize(h)
+        h = q.a(hq, hq, hq, need_weights=False)[0]
+        mq = qc.quantize(x + 1)
+        by_hand = q.head(q.c(qc.quantize(h), mq, mq, need_weights=False)[0])
+    assert torch.equal(got, by_hand)
+    assert not torch.equal(got, float_inputs)
 
 
 def test_state_dict_skip_by_projection_layer_name(tmp_path) -> None:

@@ -2398,7 +2398,8 @@ def test_attention_projections_in_the_export(tmp_path, wbits, abits):
     DequantizeLinear of its rows (axis 0) that the Slices read, so that
     projection is quantized too (it was left float, with a note) and the
     graph equals quantize_model's fake-quant model, at another batch size
-    too; with abits the attention's inputs stay float, as there."""
+    too; with abits the cross-attention's query and key / value (it runs
+    after the first layer) read their Q/DQ pair, as there."""
     net, x, path, rep = _export_attentions(tmp_path, wbits, abits)
     names = [r.name for r in rep.layers]
     assert "0.self_attn.in_proj" in names and "0.cross.in_proj" in names
@@ -2411,17 +2412,106 @@ def test_attention_projections_in_the_export(tmp_path, wbits, abits):
     assert [a.i for a in dq.attribute if a.name == "axis"] == [0]
     slices = [n for n in model.graph.node if dq.output[0] in n.input]
     assert [n.op_type for n in slices] == ["Slice", "Slice"]
-    # the attention's query and key / value stay float (no forward of their
-    # own to hook), as in quantize_model's fake-quant model
+    # with abits, the attention's query and key / value are quantized
     producers = {o: n for n in model.graph.node for o in n.output}
     readers = {i: n for n in model.graph.node for i in n.input}
     for sl in slices:
         matmul = readers[readers[sl.output[0]].output[0]]
         assert matmul.op_type == "MatMul"
-        assert producers[matmul.input[0]].op_type != "DequantizeLinear"
+        quantized = producers[matmul.input[0]].op_type == "DequantizeLinear"
+        assert quantized == (abits is not None)
     want = squant_rs.quantize_model(net, wbits, abits, recipe="paper", input_shape=tuple(x.shape))
     for batch in (2, 3):
         xb = torch.rand(batch, 5, 16)
+        with torch.no_grad():
+            ref = want(xb).numpy()
+        np.testing.assert_allclose(run(path, xb.numpy()), ref, rtol=0, atol=1e-5)
+
+
+class _SelfAndCross(torch.nn.Module):
+    """A Linear (the first layer), a self-attention and a cross-attention
+    whose key and value are one tensor, then a head."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.pre = torch.nn.Linear(16, 16)
+        self.a = torch.nn.MultiheadAttention(16, 2, batch_first=batch_first)
+        self.c = torch.nn.MultiheadAttention(16, 2, batch_first=batch_first)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        h = self.a(h, h, h, need_weights=False)[0]
+        m = x + 1
+        return self.head(self.c(h, m, m, need_weights=False)[0])
+
+
+def _projection_matmuls(model, scope: str) -> list:
+    """The MatMul nodes of module ``scope`` whose weight is a
+    DequantizeLinear's output (directly or through Slice / Transpose /
+    Identity nodes): an attention's input projections."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def dequantized(t: str) -> bool:
+        p = producers.get(t)
+        while p is not None and p.op_type in ("Slice", "Transpose", "Identity"):
+            p = producers.get(p.input[0])
+        return p is not None and p.op_type == "DequantizeLinear"
+
+    return [
+        n
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.name.startswith(f"/{scope}/") and dequantized(n.input[1])
+    ]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("quantizer", ["asymmetric", "symmetric"])
+@pytest.mark.parametrize("recipe", ["paper", "squant+"])
+def test_attention_inputs_in_the_export(tmp_path, recipe, quantizer, batch_first):
+    """W8A8: the MatMuls of an attention's packed input projection (the
+    self-attention's one on the packed weight, the cross-attention's on
+    its run-time slices) read a Q/DQ pair of in_proj's range, as the
+    fake-quant model quantizes query, key and value (they read float
+    inputs); ORT gives the fake-quant model's output at another batch
+    size too."""
+    torch.manual_seed(0)
+    net = _SelfAndCross(batch_first).eval()
+    shape = (2, 5, 16) if batch_first else (5, 2, 16)
+    x = torch.rand(shape)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        rep = squant_rs.export_onnx(
+            net,
+            path,
+            x,
+            8,
+            8,
+            recipe=recipe,
+            quantizer=quantizer,
+            batch_dim=0 if batch_first else 1,
+        )
+    rows = {r.name: r for r in rep.layers}
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert _float_weights(model) == []
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for name, count in (("a.in_proj", 1), ("c.in_proj", 2)):
+        assert rows[name].act_bits == 8
+        lo, hi = rows[name].act_range
+        matmuls = _projection_matmuls(model, name.split(".")[0])
+        assert len(matmuls) == count
+        for mm in matmuls:
+            dq = producers[mm.input[0]]
+            assert dq.op_type == "DequantizeLinear"
+            np.testing.assert_allclose(float(inits[dq.input[1]]), (hi - lo) / 255, rtol=1e-6)
+    want = squant_rs.quantize_model(
+        net, 8, 8, recipe=recipe, quantizer=quantizer, input_shape=tuple(x.shape)
+    )
+    for batch in (2, 3):
+        xb = torch.rand(batch, 5, 16) if batch_first else torch.rand(5, batch, 16)
         with torch.no_grad():
             ref = want(xb).numpy()
         np.testing.assert_allclose(run(path, xb.numpy()), ref, rtol=0, atol=1e-5)

@@ -14,7 +14,11 @@ Weights
 Activations (``abits=...``)
     A per-tensor :class:`ActivationQuantizer` is registered as a forward
     pre-hook on every quantized layer and fake-quantizes the layer's first
-    positional input. Ranges are fixed once, before inference, from one
+    positional input (an ``nn.MultiheadAttention``'s packed input
+    projection ``<attention>.in_proj``: a pre-hook on the attention
+    quantizes its query, key and value with one range, from the distinct
+    ones pooled; ``out_proj``'s input, computed inside the attention's
+    forward, stays float). Ranges are fixed once, before inference, from one
     batch of ``U[0, 1)`` noise of ``input_shape`` drawn with
     ``torch.rand(input_shape, generator=torch.Generator().manual_seed(seed))``
     (then moved to the model's device and floating dtype), with the sigma

@@ -255,6 +255,16 @@ class ActivationQuantizer:
         q = torch.round(a32 * s - z).clamp_(self.qmin, self.qmax)
         return ((q + z) / s).to(a.dtype)
 
+    #: Registered with ``register_forward_pre_hook(..., with_kwargs=True)``
+    #: (its hooks take and return the keyword arguments too).
+    with_kwargs = False
+
+    def calibration_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The tensor whose statistics set the range: the first positional
+        input where it is floating point, else ``None``."""
+        x: Any = args[0] if args else None
+        return x if hasattr(x, "is_floating_point") and x.is_floating_point() else None
+
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if not (self.enabled and self.calibrated and args):
             return None
@@ -271,7 +281,66 @@ class ActivationQuantizer:
             if self.calibrated
             else "uncalibrated"
         )
-        return f"ActivationQuantizer({self.name!r}, bits={self.bits}, {state})"
+        return f"{type(self).__name__}({self.name!r}, bits={self.bits}, {state})"
+
+
+#: ``nn.MultiheadAttention.forward``'s inputs that its input projection reads.
+ATTENTION_INPUTS = ("query", "key", "value")
+
+
+class AttentionInputQuantizer(ActivationQuantizer):
+    """The :class:`ActivationQuantizer` of an ``nn.MultiheadAttention``'s
+    packed input projection (the layer ``<attention>.in_proj``): a forward
+    pre-hook with keyword arguments on the attention that fake-quantizes
+    its ``query``, ``key`` and ``value`` (positional or keywords) with one
+    per-tensor range, set from the statistics of the distinct ones pooled.
+    An input that is the same tensor as an earlier one (self-attention:
+    ``key is value is query``) is quantized once and passed as that same
+    tensor, so torch's checks for ``query is key`` (the packed projection,
+    the fast path) still hold. The attention's ``out_proj`` input is
+    computed inside its forward: it stays float."""
+
+    with_kwargs = True
+
+    @staticmethod
+    def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        """The distinct floating-point tensors among query, key and value."""
+        found: list[Any] = []
+        for i, key in enumerate(ATTENTION_INPUTS):
+            x: Any = args[i] if i < len(args) else kwargs.get(key)
+            if (
+                hasattr(x, "is_floating_point")
+                and x.is_floating_point()
+                and all(x is not y for y in found)
+            ):
+                found.append(x)
+        return found
+
+    def calibration_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        import torch
+
+        found = self._inputs(args, kwargs)
+        if len(found) < 2:
+            return found[0] if found else None
+        return torch.cat([x.detach().reshape(-1).to(torch.float32) for x in found])
+
+    def __call__(  # type: ignore[override]
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if not (self.enabled and self.calibrated):
+            return None
+        found = self._inputs(args, kwargs)
+        if not found:
+            return None
+        done = [(x, self.quantize(x)) for x in found]
+
+        def swap(x: Any) -> Any:
+            return next((q for a, q in done if a is x), x)
+
+        n = min(len(args), len(ATTENTION_INPUTS))
+        new_args = (*(swap(a) for a in args[:n]), *args[n:])
+        new_kwargs = {k: swap(v) if k in ATTENTION_INPUTS[n:] else v for k, v in kwargs.items()}
+        return new_args, new_kwargs
 
 
 class _Observer:
@@ -293,18 +362,24 @@ class _Observer:
         self.fixed = fixed
         self.seen = False
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+    ) -> Any:
         q = self.quantizer
-        if not self.seen and (self.fixed or q.sigma is None) and args:
-            x = args[0]
-            if hasattr(x, "is_floating_point") and x.is_floating_point():
+        if not self.seen and (self.fixed or q.sigma is None):
+            x = q.calibration_input(args, kwargs or {})
+            if x is not None:
                 self.seen = True
                 if not self.fixed:
                     q.observe(x)
                 if not self.order:
                     q.enabled = False
                 self.order.append(q)
-        return q(module, args) if self.apply else None
+        if not self.apply:
+            return None
+        if isinstance(q, AttentionInputQuantizer):
+            return q(module, args, kwargs or {})
+        return q(module, args)
 
 
 class _Marker:
@@ -349,8 +424,10 @@ def _calibrate(
     ``fixed`` (ranges already set: applied with ``apply``, not observed).
     The first layer to run gets a float input, the last observed one 8 bits.
     ``markers``: ``(name, module)`` of quantized layers without an input
-    quantizer (an attention whose projections are quantized): they count
-    as layers that ran for those two rules.
+    quantizer (an attention whose separate projections ``q_proj``... are
+    quantized): they count as layers that ran for those two rules. A
+    quantizer whose ``with_kwargs`` is set (:class:`AttentionInputQuantizer`)
+    is observed through a pre-hook that gets the keyword arguments too.
 
     Returns:
         the names of the quantizers of the layers that ran (and of the
@@ -361,7 +438,8 @@ def _calibrate(
     order: list[ActivationQuantizer] = []
     handles = [
         module.register_forward_pre_hook(
-            _Observer(quantizers[name], order, apply, fixed=name in fixed)
+            _Observer(quantizers[name], order, apply, fixed=name in fixed),
+            with_kwargs=quantizers[name].with_kwargs,
         )
         for name, module in layers
     ]

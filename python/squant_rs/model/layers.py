@@ -358,7 +358,11 @@ class AttentionProjection:
     never bias-corrected: an attention's inputs have no statistics here,
     so no bias or feature counts are read). Not part of the model and never
     called: the attention computes with the weight, so writing the
-    quantized values into it quantizes the attention.
+    quantized values into it quantizes the attention. With ``abits``, the
+    input quantizer of ``in_proj_weight`` is an
+    :class:`~squant_rs.model.activations.AttentionInputQuantizer` hooked on
+    the attention (query, key and value); the separate projections'
+    inputs stay float.
 
     ``attention`` is the module and ``param`` the parameter's name."""
 

@@ -20,6 +20,7 @@ from .activations import (
     CALIBRATIONS,
     DEFAULT_INPUT_SHAPE,
     ActivationQuantizer,
+    AttentionInputQuantizer,
     _calibrate,
     _check_input_shape,
     _check_s_sigma,
@@ -134,7 +135,10 @@ def quantize_model(
     Every Conv1d/2d/3d and Linear weight, and every input projection of an
     ``nn.MultiheadAttention`` (``in_proj_weight`` or ``q/k/v_proj_weight``,
     the layers ``<attention>.in_proj`` / ``.q_proj``...; with ``abits``
-    their inputs stay float, noted), module names matching a ``skip``
+    ``in_proj``'s quantizer is a pre-hook on the attention that quantizes
+    its query, key and value with one range, while the separate
+    projections' inputs and ``out_proj``'s, computed inside the attention's
+    forward, stay float, noted), module names matching a ``skip``
     fnmatch pattern excepted (e.g. ``skip=("conv1", "fc")``), is replaced
     by its ``wbits``-bit SQuant dequantized value, same dtype and device.
     ``mode``, ``backend``, ``threads`` and ``quantizer`` are as in
@@ -309,20 +313,31 @@ def quantize_model(
             for src, (_, m) in zip(sources, plan.chosen)
         ]
     # Activation quantizers go on every distinct module with a quantized
-    # weight, tied ones included (a module under two names gets one), but
-    # an attention's input projections: no forward of their own to hook.
-    layers = [(n, m) for n, m in plan.chosen if not isinstance(m, AttentionProjection)]
+    # weight, tied ones included (a module under two names gets one). An
+    # attention's packed input projection (``<attention>.in_proj``) has no
+    # forward of its own: its quantizer is a pre-hook on the attention
+    # (query, key and value); separate ones (``.q_proj``...) get none.
+    layers = [(n, _hooked(m)) for n, m in plan.chosen if _hooked(m) is not None]
     seen = {id(module) for _, module in layers}
     for name, _, module in plan.tied:
-        if id(module) not in seen and not isinstance(module, AttentionProjection):
-            seen.add(id(module))
-            layers.append((name, module))
-    # The attentions of quantized projections count as layers for the first
-    # and last layer rules.
+        hooked = _hooked(module)
+        if hooked is not None and id(hooked) not in seen:
+            seen.add(id(hooked))
+            layers.append((name, hooked))
+    # The traced order names an attention by its module: it runs as its
+    # in_proj layer.
+    in_proj = {id(m): n for n, m in layers if isinstance(m, nn.MultiheadAttention)}
+    if in_proj and rplan.order:
+        modules = dict(qmodel.named_modules(remove_duplicate=False))
+        rplan.order = [in_proj.get(id(modules.get(n)), n) for n in rplan.order]
+    # The attentions of other quantized projections count as layers for the
+    # first and last layer rules.
     markers: list[tuple[str, Any]] = []
     for name, module in [*plan.chosen, *((n, m) for n, _, m in plan.tied)]:
-        if isinstance(module, AttentionProjection) and all(
-            module.attention is not a for _, a in markers
+        if (
+            isinstance(module, AttentionProjection)
+            and id(module.attention) not in seen
+            and all(module.attention is not a for _, a in markers)
         ):
             markers.append((name.rpartition(".")[0], module.attention))
     rplan.markers = {n for n, _ in markers}
@@ -332,7 +347,14 @@ def quantize_model(
     need_noise = False
     if abits is not None:
         mult = sigma_mult if sigma_mult is not None else default_s_sigma(abits)
-        quantizers = {name: ActivationQuantizer(name, abits, mult) for name, _ in layers}
+        quantizers = {
+            name: (
+                AttentionInputQuantizer
+                if isinstance(module, nn.MultiheadAttention)
+                else ActivationQuantizer
+            )(name, abits, mult)
+            for name, module in layers
+        }
         noise_layers = layers
         if config.act_ranges == "bn":
             noise_layers = bn_activation_ranges(rplan, layers, quantizers, abits)
@@ -463,7 +485,8 @@ def quantize_model(
         if config.act_ranges == "bn" and calibration == "quantized":
             finish_activation_order(rplan, layers, quantizers, abits, run_order)
         for name, module in layers:
-            module.register_forward_pre_hook(quantizers[name])
+            q = quantizers[name]
+            module.register_forward_pre_hook(q, with_kwargs=q.with_kwargs)
         # Each row reports its module's quantizer: a module under a second
         # name (an alias) has the one hook of its first name; a distinct
         # module sharing a weight has its own.
@@ -471,13 +494,15 @@ def quantize_model(
         rows = [(name, module) for name, module in plan.chosen]
         rows += [(name, module) for name, _, module in plan.tied]
         for name, module in rows:
-            if isinstance(module, AttentionProjection):
+            hooked = _hooked(module)
+            if hooked is None:
                 plan.notes.append(
-                    f"{name}: an input projection of nn.MultiheadAttention; its input (the "
-                    "attention's query, key or value) stays float"
+                    f"{name}: a separate input projection of nn.MultiheadAttention (its "
+                    "key / value sizes differ from the query's); its input (the attention's "
+                    "query, key or value) stays float"
                 )
                 continue
-            qname = hook_of[id(module)]
+            qname = hook_of[id(hooked)]
             q = quantizers[qname]
             if q.calibrated and q.enabled:
                 assert q.x_min is not None and q.x_max is not None
@@ -509,6 +534,16 @@ def quantize_model(
     if return_report:
         return qmodel, report
     return qmodel
+
+
+def _hooked(module: Any) -> Any:
+    """The module that carries ``module``'s activation quantizer: itself,
+    an attention's for its packed input projection (``in_proj``), or
+    ``None`` (separate projections ``q_proj``...: no input of their own to
+    quantize)."""
+    if not isinstance(module, AttentionProjection):
+        return module
+    return module.attention if module.param == "in_proj_weight" else None
 
 
 def _kind(module: Any) -> str:
@@ -592,10 +627,14 @@ def _deepcopy(
 
 
 def activation_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:
-    """The :class:`ActivationQuantizer` hooks of a quantized model, by layer name."""
+    """The :class:`ActivationQuantizer` hooks of a quantized model, by layer
+    name (an attention's: ``<attention>.in_proj``, the layer it quantizes
+    the inputs of)."""
     out: dict[str, ActivationQuantizer] = {}
     for name, module in model.named_modules():
         for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, ActivationQuantizer):
+            if isinstance(hook, AttentionInputQuantizer):
+                out[AttentionProjection(module, "in_proj_weight").layer_name(name)] = hook
+            elif isinstance(hook, ActivationQuantizer):
                 out[name] = hook
     return out

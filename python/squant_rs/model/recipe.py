@@ -1104,11 +1104,13 @@ class RecipePlan:
     #: ``id`` of each module that absorbed a BatchNorm.
     folded_modules: set[int] = field(default_factory=set)
     #: Layer names in execution order (empty where tracing failed), the
-    #: ``nn.MultiheadAttention`` modules' names among them.
+    #: ``nn.MultiheadAttention`` modules' names among them (``quantize_model``
+    #: renames one whose ``in_proj`` input quantizer it hooks on the
+    #: attention to that layer's name, ``<attention>.in_proj``).
     order: list[str] = field(default_factory=list)
-    #: Names of the attentions whose input projections are quantized: they
-    #: count as layers for the first / last layer rules (their inputs stay
-    #: float; set by ``quantize_model``).
+    #: Names of the attentions whose separate input projections
+    #: (``q_proj``...) are quantized: they count as layers for the first /
+    #: last layer rules (their inputs stay float; set by ``quantize_model``).
     markers: set[str] = field(default_factory=set)
     traced: bool = False
     #: Every module the traced graph calls as one node (``call_module``
@@ -1447,7 +1449,8 @@ def finish_activation_order(
     ]
     if not order:
         return
-    # (an attention running first or last: its inputs stay float anyway)
+    # (an attention with separate projections running first or last: its
+    # inputs stay float anyway)
     first, last = order[0], order[-1]
     modules = dict(layers)
     for name, q in quantizers.items():
