@@ -46,6 +46,7 @@ def _write_big(path: Path) -> None:
 CHILD = """
 import resource, sys
 import squant_rs.formats.safetensors as sio
+from squant_rs import FormatError
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
@@ -66,7 +67,10 @@ if sys.argv[1] == "quantize":
 elif sys.argv[1] == "save":
     sio.save_quantized({"layer.weight": w}, sys.argv[2], 4, threads=2)
 elif sys.argv[1] == "info":
-    sio.inspect_quantized(sys.argv[2])
+    try:
+        sio.inspect_quantized(sys.argv[2])
+    except FormatError as exc:  # a crafted header, refused: its message
+        print(exc, file=sys.stderr)
 else:
     sio.verify_quantized(sys.argv[2], threads=2)
 peak = max(status("VmHWM"), before)
@@ -75,13 +79,24 @@ print(before, peak)  # KiB
 """
 
 
-def _peak_mib(*argv: str) -> tuple[float, float]:
+def _peak_mib(*argv: str, stderr: list[str] | None = None) -> tuple[float, float]:
     p = subprocess.run(
         [sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, timeout=600
     )
     assert p.returncode == 0, p.stderr
+    if stderr is not None:
+        stderr.append(p.stderr)
     before, after = (int(x) for x in p.stdout.split())
     return before / 1024, after / 1024
+
+
+def _raw_safetensors(path: Path, header: bytes, data: bytes) -> int:
+    """A safetensors file of that header text (padded to 8 bytes) and data;
+    the header's size."""
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + data)
+    return len(header)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="/proc and ru_maxrss in KiB (Linux)")
@@ -111,3 +126,39 @@ def test_save_quantized_holds_no_dequantized_copy(tmp_path, dtype: str) -> None:
     codes_mib = elements / MIB
     # A dequantized float32 copy of the weight alone would add 128 MiB.
     assert peak - base < codes_mib + 0.25 * weight_mib + 48, (base, peak)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc and ru_maxrss in KiB (Linux)")
+@pytest.mark.parametrize("case", ["dims", "tensors"])
+def test_info_memory_follows_the_header(tmp_path, case: str) -> None:
+    """`info` (the header only) of a large header holds a small multiple of
+    the header's size: the header was parsed into a generic JSON tree, tens
+    of bytes per number (a 40 MB header whose shape lists 20 M dimensions
+    took 2.4 GB, and aborted under a memory limit; 100 k small tensors 26
+    times the header), then parsed again."""
+    path = tmp_path / "h.safetensors"
+    if case == "dims":
+        n = 20_000_000
+        shape = b"1," * (n - 1) + b"1"
+        header = b'{"a":{"dtype":"U8","shape":[' + shape + b'],"data_offsets":[0,1]}}'
+        size = _raw_safetensors(path, header, b"\0")
+    else:
+        count = 100_000
+        header = json.dumps(
+            {
+                f"t{i}.weight": {"dtype": "U8", "shape": [2, 2], "data_offsets": [4 * i, 4 * i + 4]}
+                for i in range(count)
+            }
+        ).encode()
+        size = _raw_safetensors(path, header, bytes(4 * count))
+    messages: list[str] = []
+    base, peak = _peak_mib("info", str(path), stderr=messages)
+    assert peak - base < 3 * size / MIB + 16, (base, peak, size)
+    if case == "dims":  # refused as it is read: at most 64 dimensions
+        assert messages == [
+            f"{path}: tensor 'a' has {n} dimensions; squant-rs handles at most 64\n"
+        ]
+    else:
+        assert messages == [
+            f"{path}: not a squant-rs file (a safetensors file without squant-rs metadata)\n"
+        ]

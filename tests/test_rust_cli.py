@@ -715,6 +715,55 @@ def test_sharded_outputs_refused_up_front_like_python(tmp_path, squant_bin: str)
     assert os.listdir(tmp_path / "empty") == os.listdir(tmp_path / "cwd") == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS")
+def test_huge_header_refused_in_bounded_memory(tmp_path, squant_bin: str) -> None:
+    """A 40 MB header (the limit is 100 MiB) whose tensor lists 20 M
+    dimensions: both CLIs refuse it in one line, the Rust one under a 1 GiB
+    address-space limit. The header was parsed into a generic JSON tree
+    (2.4 GB) and parsed again, and the Rust CLI aborted under the limit
+    ('memory allocation of ... bytes failed', SIGABRT)."""
+    import resource
+
+    n = 20_000_000
+    header = b'{"a":{"dtype":"U8","shape":[' + b"1," * (n - 1) + b'1],"data_offsets":[0,1]}}'
+    header += b" " * (-len(header) % 8)
+    src = tmp_path / "dims.safetensors"
+    src.write_bytes(len(header).to_bytes(8, "little") + header + b"\0")
+    said = f"{src}: tensor 'a' has {n} dimensions; squant-rs handles at most 64\n"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    out = tmp_path / "out.safetensors"
+    for argv in (["info", str(src)], ["quantize", str(src), str(out)]):
+        r = subprocess.run(
+            [squant_bin, *argv], capture_output=True, text=True, timeout=300, preexec_fn=limit
+        )
+        assert r.returncode == 2 and _message(r.stderr) == said, (argv, r.stderr[-500:])
+        p = _py(*argv)
+        assert p.returncode == 2 and _message(p.stderr) == said, argv
+    assert sorted(os.listdir(tmp_path)) == ["dims.safetensors"]
+
+
+def test_oversized_index_refused_like_python(tmp_path, squant_bin: str) -> None:
+    """An index over 100 MiB (the header limit) is refused before it is
+    read, in the same words by both CLIs (it was read whole: a sparse 1 GiB
+    index cost 1 GB)."""
+    ck = tmp_path / "ck"
+    _sharded_input(ck)
+    index = ck / "model.safetensors.index.json"
+    os.truncate(index, (100 << 20) + 1)
+    said = (
+        f"{index}: not a safetensors index ({(100 << 20) + 1} bytes: more than the 100 MiB "
+        "an index may have)\n"
+    )
+    for argv in (["info", str(ck)], ["quantize", str(ck), str(tmp_path / "out")]):
+        p, r = _both(squant_bin, *argv)
+        _same_message(p, r)
+        assert r.returncode == 2 and _message(r.stderr) == said, argv
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE")
 def test_sharded_write_error_names_the_output_shard(tmp_path, squant_bin: str) -> None:
     """A write error in a sharded run names OUT/SHARD, not the temporary

@@ -5,14 +5,15 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use serde::de::MapAccess;
 use serde_json::Value;
 use squant_core::Mode;
 
 use crate::dtype::{self, Dtype};
 use crate::error::{IoError, Result};
-use crate::json;
+use crate::json::{self, Ints, Key, Keys, Read, Text, Typed, UInt, UInts, Walk};
 use crate::pack::{codes_per_byte, pack_into, packed_size};
-use crate::read::{repr, Entry, SafetensorsFile};
+use crate::read::{repr, too_many_dims, Entry, SafetensorsFile, MAX_DIMS};
 use crate::write::{Planned, Writer, CHECKSUMS_KEY};
 
 /// `format` metadata value.
@@ -97,45 +98,100 @@ fn mode_of(s: &str) -> Option<Mode> {
     Mode::ALL.into_iter().find(|m| m.as_str() == s)
 }
 
-fn parse_entry(info: &Value) -> std::result::Result<QEntry, String> {
-    let Value::Object(info) = info else {
-        return Err("not a JSON object".to_string());
-    };
+/// The fields of a `quantized` entry as read (`None` for a field that is
+/// missing or not of its type; `codes_per_byte`: the integer, or the value
+/// shown).
+#[derive(Default)]
+struct QFields {
+    bits: Option<u64>,
+    mode: Option<String>,
+    shape: Option<Ints>,
+    dtype: Option<String>,
+    codes_per_byte: Option<std::result::Result<u64, String>>,
+}
+
+/// The `quantized` table: each weight's name and its entry or what is
+/// wrong with it, in table order (`None`: not an object).
+struct TableReader;
+
+impl<'de> Typed<'de> for TableReader {
+    type Out = Option<Vec<(String, std::result::Result<QEntry, String>)>>;
+    fn other(self, _: String) -> Self::Out {
+        None
+    }
+    fn object<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Out, A::Error> {
+        let mut out = Vec::new();
+        let mut keys = Keys::default();
+        while let Some(Key(name)) = map.next_key()? {
+            let entry = map
+                .next_value_seed(Read(QEntryReader))?
+                .ok_or_else(|| "not a JSON object".to_string())
+                .and_then(parse_entry);
+            out.push((name.to_string(), entry));
+            keys.insert(name)?;
+        }
+        Ok(Some(out))
+    }
+}
+
+/// A `quantized` entry: its fields if it is an object.
+struct QEntryReader;
+
+impl<'de> Typed<'de> for QEntryReader {
+    type Out = Option<QFields>;
+    fn other(self, _: String) -> Self::Out {
+        None
+    }
+    fn object<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Out, A::Error> {
+        let mut f = QFields::default();
+        let mut keys = Keys::default();
+        while let Some(Key(key)) = map.next_key()? {
+            match key.as_ref() {
+                "bits" => f.bits = map.next_value_seed(Read(UInt::<false>))?.ok(),
+                "mode" => f.mode = map.next_value_seed(Read(Text::<false>))?.ok(),
+                // Past `MAX_DIMS` dimensions only counted (see `parse_entry`).
+                "shape" => f.shape = map.next_value_seed(Read(UInts(MAX_DIMS)))?,
+                "dtype" => f.dtype = map.next_value_seed(Read(Text::<false>))?.ok(),
+                "codes_per_byte" => {
+                    f.codes_per_byte = Some(map.next_value_seed(Read(UInt::<true>))?)
+                }
+                _ => map.next_value_seed(Walk(None))?,
+            }
+            keys.insert(key)?;
+        }
+        Ok(Some(f))
+    }
+}
+
+fn parse_entry(info: QFields) -> std::result::Result<QEntry, String> {
     let bits = info
-        .get("bits")
-        .and_then(Value::as_u64)
+        .bits
         .filter(|b| (2..=8).contains(b))
         .ok_or("bits must be an integer in 2..8")? as u32;
-    let mode_s = info
-        .get("mode")
-        .and_then(Value::as_str)
-        .ok_or("mode must be a string")?;
-    let mode = mode_of(mode_s).ok_or_else(|| format!("unknown mode {}", repr(mode_s)))?;
-    let shape: Vec<usize> = info
-        .get("shape")
-        .and_then(Value::as_array)
-        .and_then(|a| {
-            a.iter()
-                .map(|d| d.as_u64().and_then(|x| usize::try_from(x).ok()))
-                .collect::<Option<Vec<usize>>>()
-        })
-        .filter(|s| s.len() >= 2 && s.iter().all(|&d| d > 0))
+    let mode_s = info.mode.ok_or("mode must be a string")?;
+    let mode = mode_of(&mode_s).ok_or_else(|| format!("unknown mode {}", repr(&mode_s)))?;
+    let shape = info
+        .shape
+        .filter(|s| s.len >= 2 && !s.zero)
         .ok_or("shape must list 2 or more positive dimensions")?;
+    check_dims(shape.len)?;
+    let shape = shape.values;
     check_shape(&shape)?;
     let dtype = info
-        .get("dtype")
-        .and_then(Value::as_str)
+        .dtype
+        .as_deref()
         .and_then(dtype::from_name)
         .filter(|&d| dtype::is_float(d))
         .ok_or("dtype must be F32, F16, BF16 or F64")?;
-    match info.get("codes_per_byte") {
+    match info.codes_per_byte {
         None => {}
-        Some(v) if v.as_u64() == Some(codes_per_byte(bits) as u64) => {}
+        Some(Ok(v)) if v == codes_per_byte(bits) as u64 => {}
         Some(v) => {
+            let shown = v.map_or_else(|shown| shown, |v| v.to_string());
             return Err(format!(
-                "codes_per_byte {v} does not match {bits} bits (expected {})",
+                "codes_per_byte {shown} does not match {bits} bits (expected {})",
                 codes_per_byte(bits)
-            ))
+            ));
         }
     }
     Ok(QEntry {
@@ -146,29 +202,55 @@ fn parse_entry(info: &Value) -> std::result::Result<QEntry, String> {
     })
 }
 
-/// The size limit of a quantized weight's shape (whatever its dtype):
-/// as float64 it must be a tensor numpy and torch can make.
-fn check_shape(shape: &[usize]) -> std::result::Result<(), &'static str> {
+/// A quantized weight's shape of `n` dimensions: at most [`MAX_DIMS`].
+fn check_dims(n: usize) -> std::result::Result<(), String> {
+    too_many_dims(n).map_or(Ok(()), |why| Err(format!("shape {why}")))
+}
+
+/// The limits of a quantized weight's shape (whatever its dtype): at most
+/// [`MAX_DIMS`] dimensions and, as float64, a tensor numpy and torch can
+/// make.
+fn check_shape(shape: &[usize]) -> std::result::Result<(), String> {
+    check_dims(shape.len())?;
     dtype::checked_nbytes(8, shape)
         .map(|_| ())
-        .ok_or("shape is too large")
+        .ok_or_else(|| "shape is too large".to_string())
+}
+
+/// The `checksums` table: stored name -> CRC32C, or the first entry that
+/// is not 8 hex digits (`None`: not an object).
+struct ChecksumsReader;
+
+impl<'de> Typed<'de> for ChecksumsReader {
+    type Out = Option<std::result::Result<HashMap<String, u32>, String>>;
+    fn other(self, _: String) -> Self::Out {
+        None
+    }
+    fn object<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Out, A::Error> {
+        let mut out = Ok(HashMap::new());
+        let mut keys = Keys::default();
+        while let Some(Key(name)) = map.next_key()? {
+            let crc = map
+                .next_value_seed(Read(Text::<false>))?
+                .ok()
+                .filter(|s| s.len() == 8)
+                .and_then(|s| u32::from_str_radix(&s, 16).ok());
+            if let Ok(table) = &mut out {
+                match crc {
+                    Some(crc) => {
+                        table.insert(name.to_string(), crc);
+                    }
+                    None => out = Err(format!("checksum of {} is not 8 hex digits", repr(&name))),
+                }
+            }
+            keys.insert(name)?;
+        }
+        Ok(Some(out))
+    }
 }
 
 fn parse_checksums(text: &str) -> std::result::Result<HashMap<String, u32>, String> {
-    let v = json::parse(text)?;
-    let Value::Object(m) = v else {
-        return Err("not a JSON object".to_string());
-    };
-    let mut out = HashMap::with_capacity(m.len());
-    for (k, v) in m {
-        let crc = v
-            .as_str()
-            .filter(|s| s.len() == 8)
-            .and_then(|s| u32::from_str_radix(s, 16).ok())
-            .ok_or_else(|| format!("checksum of {} is not 8 hex digits", repr(&k)))?;
-        out.insert(k, crc);
-    }
-    Ok(out)
+    json::parse_with(text, ChecksumsReader)?.ok_or_else(|| "not a JSON object".to_string())?
 }
 
 /// The name of the quantized weight a stored name belongs to, if it has a
@@ -212,11 +294,11 @@ impl SquantFile {
                         repr(&e.name)
                     )));
                 }
-                serde_json::Map::new()
+                Vec::new()
             }
-            Some(text) => match json::parse(text) {
-                Ok(Value::Object(m)) => m,
-                Ok(_) => {
+            Some(text) => match json::parse_with(text, TableReader) {
+                Ok(Some(m)) => m,
+                Ok(None) => {
                     return Err(fail(
                         "corrupt squant-rs metadata (not a JSON object)".to_string(),
                     ))
@@ -232,11 +314,11 @@ impl SquantFile {
             },
         };
         let mut quantized: HashMap<String, QEntry> = HashMap::with_capacity(table.len());
-        for (name, info) in &table {
-            let q = parse_entry(info).map_err(|why| {
+        for (name, q) in table {
+            let q = q.map_err(|why| {
                 fail(format!(
                     "corrupt squant-rs metadata for {} ({why})",
-                    repr(name)
+                    repr(&name)
                 ))
             })?;
             let part = |s: &str| st.get(&format!("{name}{s}"));
@@ -244,7 +326,7 @@ impl SquantFile {
             else {
                 return Err(fail(format!(
                     "quantized tensor {} is missing its codes, scale or zero point",
-                    repr(name)
+                    repr(&name)
                 )));
             };
             let numel: usize = q.shape.iter().product();
@@ -258,16 +340,16 @@ impl SquantFile {
             if !ok {
                 return Err(fail(format!(
                     "quantized tensor {} has codes, scale or zero point of the wrong size",
-                    repr(name)
+                    repr(&name)
                 )));
             }
-            if st.get(name).is_some() {
+            if st.get(&name).is_some() {
                 return Err(fail(format!(
                     "tensor {} is stored both quantized and unchanged",
-                    repr(name)
+                    repr(&name)
                 )));
             }
-            quantized.insert(name.clone(), q);
+            quantized.insert(name, q);
         }
         let mut tensors = Vec::with_capacity(st.entries.len());
         for e in &st.entries {
@@ -785,6 +867,57 @@ mod tests {
         let ok = SquantFile::open(path).and_then(|f| f.verify()).is_ok();
         std::fs::remove_file(path).unwrap();
         ok
+    }
+
+    /// A quantized weight of more than 64 dimensions: the reader refuses its
+    /// table entry as it reads it (however long the shape: it was kept
+    /// whole), the writer refuses to write it; 64 are fine.
+    #[test]
+    fn quantized_shapes_past_64_dims_refused_by_reader_and_writer() {
+        let table = |n: usize| {
+            let dims = ",1".repeat(n - 1);
+            format!(r#"{{"w":{{"bits":4,"mode":"squant","shape":[2{dims}],"dtype":"F32"}}}}"#)
+        };
+        let read = |n: usize| {
+            let mut t = json::parse_with(&table(n), TableReader).unwrap().unwrap();
+            assert_eq!(t.len(), 1);
+            t.remove(0).1.map(|q| q.shape.len())
+        };
+        assert_eq!(read(64), Ok(64));
+        for n in [65, 1_000_000] {
+            let why = format!("shape has {n} dimensions; squant-rs handles at most 64");
+            assert_eq!(read(n), Err(why));
+        }
+        // A zero anywhere is the fault it was.
+        let zero = table(70).replace("1]", "0]");
+        let got = json::parse_with(&zero, TableReader).unwrap().unwrap();
+        assert_eq!(
+            got[0].1,
+            Err("shape must list 2 or more positive dimensions".to_string())
+        );
+        let dir = scratch("dims");
+        for (n, ok) in [(64, true), (65, false)] {
+            let mut q = weight();
+            q.shape = [2]
+                .into_iter()
+                .chain(std::iter::repeat_n(1, n - 1))
+                .collect();
+            let tensors = [("w".to_string(), Kind::Quantized(q))];
+            let r =
+                SquantWriter::create(&dir.join("f.safetensors"), &tensors, Quantizer::Asymmetric);
+            match r {
+                Ok(_) => assert!(ok),
+                Err(e) => assert_eq!(
+                    (ok, e.to_string()),
+                    (
+                        false,
+                        "cannot quantize 'w': shape has 65 dimensions; squant-rs handles at most 64"
+                            .to_string()
+                    )
+                ),
+            }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     /// Every state dict over names that end in the reserved suffixes, each

@@ -8,16 +8,16 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Read;
+use std::io::Read as _;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
 use memmap2::{Mmap, MmapOptions};
-use serde_json::Value;
+use serde::de::MapAccess;
 
 use crate::dtype::{self, Dtype};
 use crate::error::{IoError, Result};
-use crate::json;
+use crate::json::{self, Ints, Key, Keys, Read, Text, Typed, UInts, Walk};
 
 /// Largest header accepted (as the safetensors library).
 pub const MAX_HEADER: u64 = 100 * 1024 * 1024;
@@ -140,11 +140,179 @@ pub fn repr(s: &str) -> String {
     out
 }
 
-fn as_usize_list(v: Option<&Value>) -> Option<Vec<usize>> {
-    v?.as_array()?
-        .iter()
-        .map(|d| d.as_u64().and_then(|x| usize::try_from(x).ok()))
-        .collect()
+/// The most dimensions a tensor may have (numpy's limit): a shape with
+/// more is refused while the header is read, before it is kept.
+pub const MAX_DIMS: usize = 64;
+
+/// Why a shape of `n` dimensions is refused (`has N dimensions; ...`), if
+/// it is.
+pub fn too_many_dims(n: usize) -> Option<String> {
+    (n > MAX_DIMS).then(|| format!("has {n} dimensions; squant-rs handles at most {MAX_DIMS}"))
+}
+
+/// A header as read: its tensors in order and `__metadata__`.
+struct Header {
+    entries: Vec<Entry>,
+    metadata: Vec<(String, String)>,
+}
+
+/// Reads a header: what is wrong with it (`Err`, checked in header order,
+/// as found once the whole header is known to be valid JSON) or its
+/// entries. Each tensor is checked as soon as it is read; after the first
+/// fault the rest is only walked.
+struct HeaderReader;
+
+impl<'de> Typed<'de> for HeaderReader {
+    type Out = std::result::Result<Header, String>;
+    fn other(self, _: String) -> Self::Out {
+        Err("not a safetensors file (header is not a JSON object)".to_string())
+    }
+    fn object<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Out, A::Error> {
+        let mut header = Header {
+            entries: Vec::new(),
+            metadata: Vec::new(),
+        };
+        let mut fault = None;
+        let mut keys = Keys::default();
+        while let Some(Key(key)) = map.next_key()? {
+            if fault.is_some() {
+                map.next_value_seed(Walk(None))?;
+            } else if key == "__metadata__" {
+                match map.next_value_seed(Read(MetadataReader))? {
+                    Some(m) => header.metadata = m,
+                    None => {
+                        fault = Some(
+                            "corrupt header (__metadata__ must map strings to strings)".to_string(),
+                        )
+                    }
+                }
+            } else {
+                match entry(&key, map.next_value_seed(Read(EntryReader))?) {
+                    Ok(e) => header.entries.push(e),
+                    Err(why) => fault = Some(why),
+                }
+            }
+            keys.insert(key)?;
+        }
+        Ok(fault.map_or(Ok(header), Err))
+    }
+}
+
+/// `__metadata__`: `null` (nothing) or an object of strings; anything else
+/// is `None`.
+struct MetadataReader;
+
+impl<'de> Typed<'de> for MetadataReader {
+    type Out = Option<Vec<(String, String)>>;
+    fn other(self, _: String) -> Self::Out {
+        None
+    }
+    fn null(self) -> std::result::Result<Self::Out, Self> {
+        Ok(Some(Vec::new()))
+    }
+    fn object<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Out, A::Error> {
+        let mut out = Some(Vec::new());
+        let mut keys = Keys::default();
+        while let Some(Key(key)) = map.next_key()? {
+            let value = map.next_value_seed(Read(Text::<false>))?;
+            match (&mut out, value) {
+                (Some(out), Ok(v)) => out.push((key.to_string(), v)),
+                _ => out = None,
+            }
+            keys.insert(key)?;
+        }
+        Ok(out)
+    }
+}
+
+/// The fields of a tensor's entry as read (`None` for a field that is
+/// missing or not of its type; `dtype`: the name, or the value shown).
+#[derive(Default)]
+struct Fields {
+    dtype: Option<std::result::Result<String, String>>,
+    shape: Option<Ints>,
+    offsets: Option<Ints>,
+}
+
+/// A tensor's entry: its fields if it is an object.
+struct EntryReader;
+
+impl<'de> Typed<'de> for EntryReader {
+    type Out = Option<Fields>;
+    fn other(self, _: String) -> Self::Out {
+        None
+    }
+    fn object<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Out, A::Error> {
+        let mut f = Fields::default();
+        let mut keys = Keys::default();
+        while let Some(Key(key)) = map.next_key()? {
+            match key.as_ref() {
+                "dtype" => f.dtype = Some(map.next_value_seed(Read(Text::<true>))?),
+                // Past `MAX_DIMS` dimensions only counted (see `entry`).
+                "shape" => f.shape = map.next_value_seed(Read(UInts(MAX_DIMS)))?,
+                "data_offsets" => f.offsets = map.next_value_seed(Read(UInts(2)))?,
+                _ => map.next_value_seed(Walk(None))?,
+            }
+            keys.insert(key)?;
+        }
+        Ok(Some(f))
+    }
+}
+
+/// The entry of tensor `name` from its fields, or what is wrong with it.
+fn entry(name: &str, fields: Option<Fields>) -> std::result::Result<Entry, String> {
+    let bad_entry = || format!("corrupt header entry for {}", repr(name));
+    let Some(f) = fields else {
+        return Err(bad_entry());
+    };
+    let dtype = match f.dtype {
+        Some(Ok(s)) => dtype::from_name(&s).ok_or_else(|| {
+            format!(
+                "tensor {} has an unsupported dtype {}",
+                repr(name),
+                repr(&s)
+            )
+        })?,
+        other => {
+            let shown = other.map_or("None".to_string(), |v| v.unwrap_or_else(|shown| shown));
+            return Err(format!(
+                "tensor {} has an unsupported dtype {shown}",
+                repr(name)
+            ));
+        }
+    };
+    let shape = f.shape.ok_or_else(bad_entry)?;
+    let offsets = f.offsets.ok_or_else(bad_entry)?;
+    let (2, &[begin, end]) = (offsets.len, &offsets.values[..]) else {
+        return Err(bad_entry());
+    };
+    if begin > end {
+        return Err(bad_entry());
+    }
+    if let Some(why) = too_many_dims(shape.len) {
+        return Err(format!("tensor {} {why}", repr(name)));
+    }
+    let shape = shape.values;
+    let Some(nbytes) = dtype::checked_nbytes(dtype::item_size(dtype), &shape) else {
+        return Err(format!(
+            "corrupt header: tensor {} has a shape too large to load ({:?})",
+            repr(name),
+            shape
+        ));
+    };
+    if nbytes != end - begin {
+        return Err(format!(
+            "corrupt header: tensor {} size does not match its shape",
+            repr(name)
+        ));
+    }
+    Ok(Entry {
+        name: name.to_string(),
+        dtype,
+        shape,
+        begin,
+        end,
+    })
 }
 
 /// What a file that is not a regular file is, as messages name it.
@@ -236,13 +404,17 @@ impl SafetensorsFile {
             )));
         }
         let header_len = n as usize;
-        let mut raw = vec![0u8; header_len];
+        let mut raw = Vec::new();
+        raw.try_reserve_exact(header_len)
+            .map_err(|_| IoError::os(path, std::io::ErrorKind::OutOfMemory.into()))?;
+        raw.resize(header_len, 0);
         file.read_exact(&mut raw)
             .map_err(|e| IoError::os(path, e))?;
         let not_json = || fail("not a safetensors file (header is not valid JSON)".to_string());
         let text = std::str::from_utf8(&raw).map_err(|_| not_json())?;
-        let header = match json::parse(text) {
-            Ok(v) => v,
+        let header = match json::parse_with(text, HeaderReader) {
+            Ok(Ok(h)) => h,
+            Ok(Err(why)) => return Err(fail(why)),
             Err(e) if json::is_duplicate(&e) => {
                 return Err(fail(format!("corrupt header ({e})")));
             }
@@ -256,85 +428,8 @@ impl SafetensorsFile {
             }
             Err(_) => return Err(not_json()),
         };
-        let Value::Object(header) = header else {
-            return Err(fail(
-                "not a safetensors file (header is not a JSON object)".to_string(),
-            ));
-        };
-        let mut metadata = Vec::new();
-        let mut entries = Vec::with_capacity(header.len());
-        for (key, info) in &header {
-            if key == "__metadata__" {
-                match info {
-                    Value::Null => {}
-                    Value::Object(m) => {
-                        for (k, v) in m {
-                            let Value::String(v) = v else {
-                                return Err(fail(
-                                    "corrupt header (__metadata__ must map strings to strings)"
-                                        .to_string(),
-                                ));
-                            };
-                            metadata.push((k.clone(), v.clone()));
-                        }
-                    }
-                    _ => {
-                        return Err(fail(
-                            "corrupt header (__metadata__ must map strings to strings)".to_string(),
-                        ))
-                    }
-                }
-                continue;
-            }
-            let bad_entry = || fail(format!("corrupt header entry for {}", repr(key)));
-            let Value::Object(info) = info else {
-                return Err(bad_entry());
-            };
-            let dtype = match info.get("dtype") {
-                Some(Value::String(s)) => dtype::from_name(s).ok_or_else(|| {
-                    fail(format!(
-                        "tensor {} has an unsupported dtype {}",
-                        repr(key),
-                        repr(s)
-                    ))
-                })?,
-                other => {
-                    let shown = other.map_or("None".to_string(), |v| v.to_string());
-                    return Err(fail(format!(
-                        "tensor {} has an unsupported dtype {shown}",
-                        repr(key)
-                    )));
-                }
-            };
-            let shape = as_usize_list(info.get("shape")).ok_or_else(bad_entry)?;
-            let offsets = as_usize_list(info.get("data_offsets")).ok_or_else(bad_entry)?;
-            let [begin, end] = offsets[..] else {
-                return Err(bad_entry());
-            };
-            if begin > end {
-                return Err(bad_entry());
-            }
-            let Some(nbytes) = dtype::checked_nbytes(dtype::item_size(dtype), &shape) else {
-                return Err(fail(format!(
-                    "corrupt header: tensor {} has a shape too large to load ({:?})",
-                    repr(key),
-                    shape
-                )));
-            };
-            if nbytes != end - begin {
-                return Err(fail(format!(
-                    "corrupt header: tensor {} size does not match its shape",
-                    repr(key)
-                )));
-            }
-            entries.push(Entry {
-                name: key.clone(),
-                dtype,
-                shape,
-                begin,
-                end,
-            });
-        }
+        drop(raw);
+        let Header { entries, metadata } = header;
         let mut spans: Vec<&Entry> = entries.iter().collect();
         spans.sort_by_key(|e| (e.begin, e.end));
         let mut pos = 0usize;
@@ -347,6 +442,7 @@ impl SafetensorsFile {
             }
             pos = e.end;
         }
+        drop(spans);
         let data_len = size - 8 - n;
         if data_len < pos as u64 {
             return Err(fail(format!(
@@ -359,17 +455,6 @@ impl SafetensorsFile {
                 data_len - pos as u64
             )));
         }
-        // The safetensors library's own validation, as a second opinion
-        // (it reads the header only; the mapping costs no memory).
-        // SAFETY: the file is opened read-only; a concurrent writer could
-        // change the bytes under us, as with every memory-mapped reader,
-        // which yields wrong values (caught by the checksums), not UB in
-        // this safe-Rust view of plain bytes.
-        let whole = unsafe { Mmap::map(&file) }.map_err(|e| IoError::os(path, e))?;
-        if let Err(e) = safetensors::SafeTensors::read_metadata(&whole) {
-            return Err(fail(format!("corrupt header ({e})")));
-        }
-        drop(whole);
         let index = entries
             .iter()
             .enumerate()
@@ -443,8 +528,11 @@ impl SafetensorsFile {
         }
         check_range(entry, start, len)?;
         let offset = self.data_start + (entry.begin + start) as u64;
-        // SAFETY: as in `open`: a read-only mapping of a range the header
-        // check proved to lie inside the file. Every caller reads the whole
+        // SAFETY: a read-only mapping of a range the header check proved to
+        // lie inside the file. The file is opened read-only; a concurrent
+        // writer could change the bytes under us, as with every
+        // memory-mapped reader, which yields wrong values (caught by the
+        // checksums), not UB in this safe-Rust view of plain bytes. Every caller reads the whole
         // range, so its pages are mapped in the one system call
         // (MAP_POPULATE) rather than one fault at a time.
         let map = unsafe {
@@ -547,7 +635,7 @@ impl SafetensorsFile {
     /// Errors answer `false`.
     #[cfg(target_os = "linux")]
     fn cached(&self, offset: u64, len: usize) -> bool {
-        // SAFETY: as in `open`; the mapping's bytes are never read.
+        // SAFETY: as in `map`; the mapping's bytes are never read.
         let Ok(map) = (unsafe { MmapOptions::new().offset(offset).len(len).map(&self.file) })
         else {
             return false;
@@ -650,6 +738,56 @@ mod tests {
         }
         assert!(st.read(&mut None, &e, n - 1, 2, buf).is_err());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A safetensors file of that header and data in a fresh directory.
+    fn raw_file(tag: &str, header: &str, data: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("squant-io-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    /// A shape past `MAX_DIMS` is refused as the header is read, naming its
+    /// length (it was kept whole, one JSON tree node per dimension, then
+    /// parsed again); other faults of the entry come first, as before.
+    #[test]
+    fn long_shapes_refused_as_read() {
+        let entry = |shape: &str| {
+            format!(r#"{{"a":{{"dtype":"U8","shape":[{shape}],"data_offsets":[0,1]}}}}"#)
+        };
+        let ones = |n: usize| vec!["1"; n].join(",");
+        let open = |header: &str| {
+            let path = raw_file("dims", header, &[0]);
+            let r = SafetensorsFile::open(&path).map(|f| f.entries[0].shape.len());
+            std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+            r.map_err(|e| e.to_string().rsplit(": ").next().unwrap().to_string())
+        };
+        assert_eq!(open(&entry(&ones(64))), Ok(64));
+        let million = entry(&ones(1_000_000));
+        assert_eq!(
+            open(&million).unwrap_err(),
+            "tensor 'a' has 1000000 dimensions; squant-rs handles at most 64"
+        );
+        let header = json::parse_with(&million, HeaderReader).unwrap();
+        assert!(header.is_err());
+        // A bad dimension after the 64th: a corrupt entry, as any bad one.
+        let bad = format!("{},-1", ones(70));
+        assert_eq!(
+            open(&entry(&bad)).unwrap_err(),
+            "corrupt header entry for 'a'"
+        );
+        // Malformed JSON anywhere comes before a fault of an entry.
+        let last = million.len() - 1;
+        let broken = format!(r#"{},"x":{{"a":1,"a":2}}}}"#, &million[..last]);
+        assert!(open(&broken)
+            .unwrap_err()
+            .starts_with("corrupt header (duplicate key \"a\""));
     }
 
     #[test]

@@ -13,14 +13,15 @@
 //! removed by the next run, which writes the output as if it were not there.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::{Read as _, Write};
 use std::path::{Path, PathBuf};
 
+use serde::de::MapAccess;
 use serde_json::{Map, Value};
 
 use crate::error::{IoError, Result};
 use crate::format::{base_of, Kind, SquantFile, CODES, SCALE, ZERO_POINT};
-use crate::json;
+use crate::json::{self, Key, Keys, Read, Text, Typed, Walk};
 use crate::quant::{quantize_files, selection, Job, Options, ProgressFn, Report};
 use crate::read::{repr, SafetensorsFile};
 use crate::write::{
@@ -48,6 +49,54 @@ pub fn is_sharded(path: &Path) -> bool {
         || path.file_name().is_some_and(|n| n == INDEX_NAME)
 }
 
+/// The largest index read (as the largest header): anything bigger is
+/// refused before it is read.
+pub const MAX_INDEX: u64 = crate::read::MAX_HEADER;
+
+/// An index's `weight_map` (tensor -> shard file, `None` where that is not
+/// a string), in index order; `None` when there is no such object.
+struct IndexReader;
+
+impl<'de> Typed<'de> for IndexReader {
+    type Out = Option<Vec<(String, Option<String>)>>;
+    fn other(self, _: String) -> Self::Out {
+        None
+    }
+    fn object<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Out, A::Error> {
+        let mut weight_map = None;
+        let mut keys = Keys::default();
+        while let Some(Key(key)) = map.next_key()? {
+            if key == "weight_map" {
+                weight_map = map.next_value_seed(Read(WeightMapReader))?;
+            } else {
+                map.next_value_seed(Walk(None))?;
+            }
+            keys.insert(key)?;
+        }
+        Ok(weight_map)
+    }
+}
+
+/// The `weight_map` object (see [`IndexReader`]).
+struct WeightMapReader;
+
+impl<'de> Typed<'de> for WeightMapReader {
+    type Out = Option<Vec<(String, Option<String>)>>;
+    fn other(self, _: String) -> Self::Out {
+        None
+    }
+    fn object<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Out, A::Error> {
+        let mut out = Vec::new();
+        let mut keys = Keys::default();
+        while let Some(Key(name)) = map.next_key()? {
+            let shard = map.next_value_seed(Read(Text::<false>))?.ok();
+            out.push((name.to_string(), shard));
+            keys.insert(name)?;
+        }
+        Ok(Some(out))
+    }
+}
+
 /// Reads the index of a directory (or the index file itself).
 pub fn read_index(path: &Path) -> Result<ShardIndex> {
     let index_path = if path.is_dir() {
@@ -60,24 +109,41 @@ pub fn read_index(path: &Path) -> Result<ShardIndex> {
         _ => PathBuf::from("."),
     };
     let fail = |what: String| IoError::format(&index_path, what);
+    let too_large = |size: u64| {
+        fail(format!(
+            "not a safetensors index ({size} bytes: more than the {} MiB an index may have)",
+            MAX_INDEX >> 20
+        ))
+    };
+    let file = crate::read::open_regular(&index_path)?;
+    let size = file
+        .metadata()
+        .map_err(|e| IoError::os(&index_path, e))?
+        .len();
+    if size > MAX_INDEX {
+        return Err(too_large(size));
+    }
     let mut text = Vec::new();
-    crate::read::open_regular(&index_path)?
+    text.try_reserve_exact(size as usize)
+        .map_err(|_| IoError::os(&index_path, std::io::ErrorKind::OutOfMemory.into()))?;
+    // One byte past the limit read at most, should the file grow meanwhile.
+    file.take(MAX_INDEX + 1)
         .read_to_end(&mut text)
         .map_err(|e| IoError::os(&index_path, e))?;
+    if text.len() as u64 > MAX_INDEX {
+        return Err(too_large(text.len() as u64));
+    }
     let text = std::str::from_utf8(&text)
         .map_err(|_| fail("not a safetensors index (not UTF-8 text)".to_string()))?;
-    let v = json::parse(text).map_err(|e| fail(format!("not a safetensors index ({e})")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(Value::as_object)
+    let map = json::parse_with(text, IndexReader)
+        .map_err(|e| fail(format!("not a safetensors index ({e})")))?
         .ok_or_else(|| fail("not a safetensors index (no 'weight_map' object)".to_string()))?;
     let mut shards = Vec::new();
     let mut seen = HashSet::new();
     let mut weight_map = Vec::with_capacity(map.len());
     for (name, shard) in map {
-        let shard = shard
-            .as_str()
-            .ok_or_else(|| fail(format!("shard of {} is not a file name", repr(name))))?;
+        let shard =
+            shard.ok_or_else(|| fail(format!("shard of {} is not a file name", repr(&name))))?;
         let plain = !shard.is_empty()
             && shard != "."
             && shard != ".."
@@ -86,13 +152,13 @@ pub fn read_index(path: &Path) -> Result<ShardIndex> {
         if !plain {
             return Err(fail(format!(
                 "shard {} is not a file name in the index's directory",
-                repr(shard)
+                repr(&shard)
             )));
         }
-        if seen.insert(shard.to_string()) {
-            shards.push(shard.to_string());
+        if seen.insert(shard.clone()) {
+            shards.push(shard.clone());
         }
-        weight_map.push((name.clone(), shard.to_string()));
+        weight_map.push((name, shard));
     }
     if shards.is_empty() {
         return Err(fail("the index lists no tensors".to_string()));
