@@ -690,9 +690,10 @@ def test_squant_rs_inputs_are_refused_in_the_same_words(tmp_path, squant_bin: st
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX symlinks")
 def test_sharded_outputs_refused_up_front_like_python(tmp_path, squant_bin: str) -> None:
-    """A symlink to an empty directory and '.' as the sharded output: one
-    clear message from both CLIs before any work, nothing changed (they
-    failed at the end with 'Not a directory' / 'Invalid argument')."""
+    """A symlink to an empty directory, '.' and the current directory by any
+    other name as the sharded output: one clear message from both CLIs
+    before any work, nothing changed (they failed at the end with 'Not a
+    directory' / 'Invalid argument', or replaced the current directory)."""
     _sharded_input(tmp_path / "ck")
     (tmp_path / "empty").mkdir()
     (tmp_path / "lnk").symlink_to("empty")
@@ -706,6 +707,10 @@ def test_sharded_outputs_refused_up_front_like_python(tmp_path, squant_bin: str)
         (".", tmp_path / "cwd", "names the current or a parent directory"),
         ("./", tmp_path / "cwd", "names the current or a parent directory"),
         ("..", tmp_path / "cwd", "names the current or a parent directory"),
+        # The current directory by another name: it was renamed over, the
+        # caller left in a deleted directory.
+        (str(tmp_path / "cwd"), tmp_path / "cwd", "names the current or a parent directory"),
+        ("../cwd/", tmp_path / "cwd", "names the current or a parent directory"),
     ):
         p, r = _both(squant_bin, "quantize", "-q", str(tmp_path / "ck"), out, cwd=cwd)
         _same_message(p, r)

@@ -199,20 +199,6 @@ fn sniff(path: &Path) -> Result<&'static str, CliError> {
     })
 }
 
-#[cfg(unix)]
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
-}
-
-#[cfg(not(unix))]
-fn same_file(a: &Path, b: &Path) -> bool {
-    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
-}
-
 /// What an existing non-regular file is (as the Python CLI names it).
 #[cfg(unix)]
 fn kind_of(ft: &std::fs::FileType) -> &'static str {
@@ -304,7 +290,7 @@ fn check_output(dst: &Path, src: &Path) -> Result<PathBuf, CliError> {
     }
     let target = match std::fs::metadata(dst) {
         Ok(m) => {
-            if same_file(src, dst) {
+            if squant_io::read::same_file(src, dst) {
                 return fail(format!(
                     "output {name} is the same file as the input {}: refusing to overwrite the input",
                     show(src)

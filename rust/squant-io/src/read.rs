@@ -315,6 +315,22 @@ fn entry(name: &str, fields: Option<Fields>) -> std::result::Result<Entry, Strin
     })
 }
 
+/// Whether `a` and `b` name the same existing file or directory (the same
+/// device and inode, symlinks followed; elsewhere the same canonical path).
+#[cfg(unix)]
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
 /// What a file that is not a regular file is, as messages name it.
 pub fn kind_of(ft: &std::fs::FileType) -> &'static str {
     #[cfg(unix)]

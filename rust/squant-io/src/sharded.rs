@@ -479,9 +479,10 @@ pub fn quantize_sharded(
     }
     // Decided before any work: the output is built in a temporary
     // directory next to `out_dir` and renamed onto it, which cannot be done
-    // through a symlink (the link would be replaced) or onto `.`/`..` (the
-    // current directory would be removed under the caller).
-    if names_a_dot(out_dir) {
+    // through a symlink (the link would be replaced) or onto `.`/`..` or
+    // the current directory by any other name (it would be removed under
+    // the caller).
+    if names_a_dot(out_dir) || crate::read::same_file(out_dir, Path::new(".")) {
         return Err(IoError::InvalidArgument(format!(
             "output directory {} names the current or a parent directory: give a new or empty directory by its name (the output is renamed into place)",
             crate::error::show_path(out_dir)
