@@ -199,8 +199,11 @@ def test_same_errors_as_python(tmp_path, squant_bin: str) -> None:
     cut.write_bytes(blob[:-1])
     text = tmp_path / "t.safetensors"
     text.write_text("hello, this is not a model\n")
+    dot = tmp_path / ".safetensors"  # no extension to Path::extension()
+    dot.write_text("hello, this is not a model\n")
     out = tmp_path / "out.safetensors"
     cases = [
+        ["quantize", str(dot), str(out)],
         ["quantize", str(tmp_path / "missing.safetensors"), str(out)],
         ["quantize", str(cut), str(out)],
         ["quantize", str(text), str(out)],
@@ -222,7 +225,12 @@ def test_same_errors_as_python(tmp_path, squant_bin: str) -> None:
         assert p.stderr.count("\n") == 1, argv
         assert p.stderr.startswith("squant-rs: error: "), argv
         assert p.stderr.replace("squant-rs: ", "") == r.stderr.replace("squant: ", ""), argv
-    assert sorted(os.listdir(tmp_path)) == ["cut.safetensors", "in.safetensors", "t.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == [
+        ".safetensors",
+        "cut.safetensors",
+        "in.safetensors",
+        "t.safetensors",
+    ]
     r = _run(squant_bin, "quantize", str(src), str(out), "--wbits", "9")
     assert r.returncode == 2 and "bit width must be in 2..8" in _message(r.stderr)
     assert src.read_bytes() == blob

@@ -487,7 +487,9 @@ fn cmd_quantize(
                     show(src)
                 ))
             }
-            "unknown" if src.extension().is_none_or(|e| e != "safetensors") => {
+            // The name's end, as the Python CLI tests it: `.safetensors`
+            // (a name Path::extension() finds none in) too.
+            "unknown" if !src.as_os_str().as_encoded_bytes().ends_with(b".safetensors") => {
                 return fail(format!(
                     "{}: unrecognized input format (expected a .safetensors file or a torch .pt/.pth checkpoint)",
                     show(src)
