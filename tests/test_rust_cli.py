@@ -191,6 +191,48 @@ def test_sharded_unmatched_patterns_warn_like_a_single_file(tmp_path, squant_bin
         assert p.stderr.replace("squant-rs: ", "") == r.stderr.replace("squant: ", "")
 
 
+def test_same_usage_errors_as_python(tmp_path, squant_bin: str) -> None:
+    """Bad command lines: one line, status 2 and the same words from both
+    CLIs (argparse's wording; the Rust CLI's clap errors were worded and
+    folded its own way, and without arguments it printed its whole help);
+    integers read as Python's int() reads them, long options abbreviated
+    as argparse allows."""
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    out = str(tmp_path / "out.safetensors")
+    q = ["quantize", str(src), out]
+    cases = [
+        [],
+        [*q, "--wbits", "abc"],
+        [*q, "--wbits", "-1"],
+        [*q, "--wbits", "9"],
+        [*q, "--wbits", "1_0"],
+        [*q, "--threads", "0"],
+        [*q, "--threads", "x"],
+        [*q, "-v", "-q"],
+        [*q, "-q", "-v"],
+        [*q, "--mode", "foo"],
+        [*q, "--quantizer", "foo"],
+        [*q, "--bogus"],
+        ["quantize", str(src)],
+        ["quantize", str(src), ""],
+        ["info", str(src), "-q"],
+        ["info", str(src), "--ver"],
+    ]
+    for argv in cases:
+        p, r = _py(*argv), _run(squant_bin, *argv)
+        assert p.returncode == r.returncode == 2, argv
+        assert p.stderr.count("\n") == 1 and p.stderr.startswith("squant-rs: error: "), argv
+        # (the program's name aside: in the prefix and the help to see)
+        shown = p.stderr.replace("squant-rs: ", "squant: ").replace("'squant-rs ", "'squant ")
+        assert shown == r.stderr, argv
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+    for name, tool in (("py", _py), ("rs", lambda *a: _run(squant_bin, *a))):
+        r = tool("quantize", str(src), str(tmp_path / f"{name}.safetensors"), "--wbit", " 3 ")
+        assert r.returncode == 0, r.stderr
+    assert (tmp_path / "py.safetensors").read_bytes() == (tmp_path / "rs.safetensors").read_bytes()
+
+
 def test_same_errors_as_python(tmp_path, squant_bin: str) -> None:
     src = tmp_path / "in.safetensors"
     _checkpoint(src)

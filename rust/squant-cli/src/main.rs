@@ -70,6 +70,8 @@ fn stdout_failed(e: &std::io::Error) -> ! {
 #[command(
     name = PROG,
     version,
+    disable_help_subcommand = true,
+    infer_long_args = true,
     about = "SQuant data-free weight quantization (Guo et al., ICLR 2022) of safetensors checkpoints."
 )]
 struct Cli {
@@ -85,10 +87,10 @@ enum Command {
         #[arg(value_name = "IN")]
         input: PathBuf,
         /// squant-rs .safetensors file to write (a directory for sharded input)
-        #[arg(value_name = "OUT")]
+        #[arg(value_name = "OUT", value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from))]
         output: PathBuf,
         /// weight bits, 2..8
-        #[arg(long, default_value_t = 4, value_parser = parse_bits)]
+        #[arg(long, default_value_t = 4, value_parser = parse_bits, allow_negative_numbers = true)]
         wbits: u32,
         /// quantization mode
         #[arg(long, default_value = "squant", value_parser = ["squant", "squant-e", "squant-k", "squant-c"])]
@@ -103,7 +105,7 @@ enum Command {
         #[arg(long, num_args = 1.., value_name = "PATTERN", action = clap::ArgAction::Append)]
         skip: Vec<String>,
         /// thread count (default: SQUANT_NUM_THREADS, else the CPUs)
-        #[arg(long, value_parser = parse_threads)]
+        #[arg(long, value_parser = parse_threads, allow_negative_numbers = true)]
         threads: Option<usize>,
         /// print the per-layer table
         #[arg(short, long, conflicts_with = "quiet")]
@@ -123,15 +125,34 @@ enum Command {
         #[arg(long)]
         verify: bool,
         /// (with --verify) thread count (default: SQUANT_NUM_THREADS, else the CPUs)
-        #[arg(long, value_parser = parse_threads)]
+        #[arg(long, value_parser = parse_threads, allow_negative_numbers = true)]
         threads: Option<usize>,
     },
 }
 
+/// An integer as Python's `int()` reads the Python CLI's options:
+/// surrounding whitespace, a sign, and underscores between digits.
+fn python_int(text: &str) -> Option<i64> {
+    let t = text.trim();
+    let (neg, digits) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let ok = !digits.is_empty()
+        && !digits.starts_with('_')
+        && !digits.ends_with('_')
+        && !digits.contains("__")
+        && digits.bytes().all(|b| b.is_ascii_digit() || b == b'_');
+    if !ok {
+        return None;
+    }
+    let v: i64 = digits.replace('_', "").parse().ok()?;
+    Some(if neg { -v } else { v })
+}
+
 fn parse_bits(text: &str) -> Result<u32, String> {
-    let v: i64 = text
-        .parse()
-        .map_err(|_| format!("invalid bit width '{text}'"))?;
+    let v = python_int(text).ok_or_else(|| format!("invalid bit width '{text}'"))?;
     if !(2..=8).contains(&v) {
         return Err(format!("bit width must be in 2..8, got {v}"));
     }
@@ -139,9 +160,7 @@ fn parse_bits(text: &str) -> Result<u32, String> {
 }
 
 fn parse_threads(text: &str) -> Result<usize, String> {
-    let v: i64 = text
-        .parse()
-        .map_err(|_| format!("invalid positive integer '{text}'"))?;
+    let v = python_int(text).ok_or_else(|| format!("invalid positive integer '{text}'"))?;
     if !(1..=MAX_THREADS as i64).contains(&v) {
         return Err(format!(
             "must be a positive integer up to {MAX_THREADS}, got {v}"
@@ -285,6 +304,19 @@ fn writable(path: &Path) -> bool {
 /// into place).
 fn check_output(dst: &Path, src: &Path) -> Result<PathBuf, CliError> {
     let name = show(dst);
+    let suffix = py_suffix(dst);
+    let wrong_extension = || {
+        let shown = match &suffix {
+            Some(s) => py_repr(s),
+            None => "'no extension'".to_string(),
+        };
+        fail(format!(
+            "output {name}: the output format is chosen by the file extension and {shown} is not one squant-rs writes (use .safetensors)"
+        ))
+    };
+    if dst.as_os_str().is_empty() {
+        return wrong_extension(); // (names no file: the extension decides, as in Python)
+    }
     if dst.is_dir() {
         return fail(format!("output is a directory: {name}"));
     }
@@ -318,15 +350,8 @@ fn check_output(dst: &Path, src: &Path) -> Result<PathBuf, CliError> {
         // A symlink loop, a component that is not a directory...
         Err(e) => return Err(IoError::os(dst, e).into()),
     };
-    let suffix = py_suffix(dst);
     if suffix.as_deref() != Some(".safetensors") {
-        let shown = match &suffix {
-            Some(s) => py_repr(s),
-            None => "'no extension'".to_string(),
-        };
-        return fail(format!(
-            "output {name}: the output format is chosen by the file extension and {shown} is not one squant-rs writes (use .safetensors)"
-        ));
+        return wrong_extension();
     }
     Ok(target)
 }
@@ -833,8 +858,62 @@ fn error_line(message: &str) {
 /// (missing arguments by name), else clap's message folded into one line;
 /// then where to look: the subcommand's help for the errors of its
 /// arguments (as argparse's subparsers), the program's otherwise.
+/// An option as argparse names it in messages (`--wbits`, `-q/--quiet`),
+/// from clap's `--wbits <WBITS>`, `--quiet` or `-q`.
+fn argparse_name(clap_name: &str) -> String {
+    use clap::CommandFactory;
+    let flag = clap_name.split([' ', '=']).next().unwrap_or(clap_name);
+    let cli = Cli::command();
+    let found = cli
+        .get_subcommands()
+        .flat_map(|c| c.get_arguments())
+        .find(|a| {
+            a.get_long().is_some_and(|l| flag == format!("--{l}"))
+                || a.get_short().is_some_and(|c| flag == format!("-{c}"))
+        });
+    match found {
+        Some(a) => match (a.get_short(), a.get_long()) {
+            (Some(c), Some(l)) => format!("-{c}/--{l}"),
+            (None, Some(l)) => format!("--{l}"),
+            _ => flag.to_string(),
+        },
+        None => flag.to_string(),
+    }
+}
+
+/// argparse's error for a long option abbreviated to a prefix of several
+/// of the command's options (clap calls it unknown).
+fn ambiguous(arg: &str) -> Option<String> {
+    use clap::CommandFactory;
+    let prefix = arg.split('=').next().unwrap_or(arg).strip_prefix("--")?;
+    let sub = std::env::args_os()
+        .skip(1)
+        .find(|a| !a.to_string_lossy().starts_with('-'))?;
+    let cli = Cli::command();
+    let cmd = cli.find_subcommand(sub)?;
+    let matches: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| format!("--{l}"))
+        .collect();
+    (matches.len() > 1).then(|| {
+        format!(
+            "ambiguous option: --{prefix} could match {}",
+            matches.join(", ")
+        )
+    })
+}
+
 fn usage_error(e: &clap::Error) -> String {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use std::error::Error as _;
+    let string = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    let option = |kind| string(kind).map(argparse_name);
+    // The Python CLI's wording (argparse's) for what both reject.
     let text = match (e.kind(), e.get(ContextKind::InvalidArg)) {
         (ErrorKind::MissingRequiredArgument, Some(ContextValue::Strings(names))) => {
             let names: Vec<&str> = names
@@ -843,6 +922,53 @@ fn usage_error(e: &clap::Error) -> String {
                 .collect();
             format!("the following arguments are required: {}", names.join(", "))
         }
+        (ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand, _) => {
+            "the following arguments are required: COMMAND".to_string()
+        }
+        (ErrorKind::ValueValidation, _) if e.source().is_some() => format!(
+            "argument {}: {}",
+            option(ContextKind::InvalidArg).unwrap_or_default(),
+            e.source().map(|s| s.to_string()).unwrap_or_default()
+        ),
+        (ErrorKind::InvalidValue, _) if e.get(ContextKind::ValidValue).is_some() => {
+            let valid = match e.get(ContextKind::ValidValue) {
+                Some(ContextValue::Strings(v)) => v
+                    .iter()
+                    .map(|v| format!("'{v}'"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                _ => String::new(),
+            };
+            format!(
+                "argument {}: invalid choice: '{}' (choose from {valid})",
+                option(ContextKind::InvalidArg).unwrap_or_default(),
+                string(ContextKind::InvalidValue).unwrap_or_default()
+            )
+        }
+        (ErrorKind::ArgumentConflict, _) => {
+            let prior = match e.get(ContextKind::PriorArg) {
+                Some(ContextValue::String(s)) => Some(s.clone()),
+                Some(ContextValue::Strings(v)) => v.first().cloned(),
+                _ => None,
+            };
+            let (a, b) = (
+                option(ContextKind::InvalidArg).unwrap_or_default(),
+                prior.map(|p| argparse_name(&p)).unwrap_or_default(),
+            );
+            // argparse names the option given second first.
+            format!("argument {b}: not allowed with argument {a}")
+        }
+        (ErrorKind::UnknownArgument, _) => {
+            let arg = string(ContextKind::InvalidArg).unwrap_or_default();
+            match ambiguous(arg) {
+                Some(text) => text,
+                None => format!("unrecognized arguments: {arg}"),
+            }
+        }
+        (ErrorKind::InvalidSubcommand, _) => format!(
+            "argument COMMAND: invalid choice: '{}' (choose from 'quantize', 'info')",
+            string(ContextKind::InvalidSubcommand).unwrap_or_default()
+        ),
         _ => {
             let full = e.to_string();
             let lines: Vec<&str> = full
@@ -859,13 +985,14 @@ fn usage_error(e: &clap::Error) -> String {
             }
         }
     };
-    let own = matches!(
-        e.kind(),
-        ErrorKind::MissingRequiredArgument
-            | ErrorKind::InvalidValue
-            | ErrorKind::ValueValidation
-            | ErrorKind::ArgumentConflict
-    );
+    let own = text.starts_with("ambiguous option")
+        || matches!(
+            e.kind(),
+            ErrorKind::MissingRequiredArgument
+                | ErrorKind::InvalidValue
+                | ErrorKind::ValueValidation
+                | ErrorKind::ArgumentConflict
+        );
     let sub = std::env::args_os()
         .skip(1)
         .find(|a| !a.to_string_lossy().starts_with('-'))
@@ -974,15 +1101,9 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
-                || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            {
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 let _ = e.print();
-                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                    ExitCode::from(2)
-                } else {
-                    ExitCode::SUCCESS
-                };
+                return ExitCode::SUCCESS;
             }
             error_line(&usage_error(&e));
             return ExitCode::from(2);
