@@ -496,6 +496,52 @@ def test_tiny_weight_channels_keep_their_bias(tmp_path, path, k, tiny):
         assert any(n.startswith(("dw", "/dw")) for n in float_bias), rep.notes
 
 
+def _depthwise_graph(bias: np.ndarray) -> onnx.ModelProto:
+    """Conv -> Relu -> 3x3 depthwise Conv with ``bias`` -> Relu -> Conv."""
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3
+    w = rng.uniform(-0.1, 1.0, (4, 1, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"]),
+        helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("Conv", ["ar", "w", "b"], ["h"], group=4),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+        [numpy_helper.from_array(t, n) for t, n in ((w0, "w0"), (w, "w"), (bias, "b"), (w2, "w2"))],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("ik", [False, True])
+def test_bias_codes_leave_room_for_the_integer_sum(tmp_path, ik):
+    """A bias code that fits int32 but not with the products ORT's integer
+    kernel adds to it (int32, wrapping) put the channel's output at the
+    other end of its range: such a bias is a float Add too."""
+    b = np.array([0.1, -0.2, 1.0, 0.05], np.float32)
+    opts = {"integer_kernels": ik, "quantizer": "symmetric"}
+    squant_rs.quantize_onnx(_depthwise_graph(b), tmp_path / "a.onnx", 8, 8, **opts)
+    inits = {
+        t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "a.onnx").graph.initializer
+    }
+    assert inits["w_quantized"].dtype == np.int8  # (an integer kernel)
+    # channel 2's bias code 2^31 - 1000 (+-128: float32 rounding of the bias)
+    b[2] = np.float32((2**31 - 1000) * np.float64(inits["b_scale"][2]))
+    out = tmp_path / "q.onnx"
+    rep = squant_rs.quantize_onnx(_depthwise_graph(b), out, 8, 8, **opts)
+    x = np.random.default_rng(1).random((1, 3, 10, 10)).astype(np.float32)
+    level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = run(out, x, graph_optimization_level=level)
+    np.testing.assert_allclose(run(out, x), want, rtol=0, atol=1e-4 * np.abs(want).max())
+    assert [n for n in rep.notes if "float Add" in n and n.startswith("Conv_2")], rep.notes
+
+
 def test_code_container():
     assert code_container(4, np.array([-8.0, 7.0])) == "INT4"
     assert code_container(2, np.array([9.0])) == "INT8"

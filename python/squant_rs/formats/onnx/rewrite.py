@@ -281,6 +281,15 @@ def _drop_initializer(graph: Any, name: str) -> None:
             break
 
 
+#: The largest ``|x - x_zero_point|`` of a uint8 activation code.
+_ACC_INPUT = 255
+
+#: Per layer: its weight's steps ``1/s`` per channel, rank, and per channel
+#: the bound ``_ACC_INPUT * sum |q - zp|`` of the integer kernel's sum of
+#: products, which it adds to the int32 bias code.
+_WeightSteps = tuple[np.ndarray, int, np.ndarray]
+
+
 def _rewrite(
     model: Any,
     weights: list[_Weight],
@@ -297,7 +306,7 @@ def _rewrite(
     names = _Names(graph)
     new_inits: list[Any] = []
     new_nodes: list[tuple[Any, Any]] = []  # (node to insert, before this node)
-    w_scales: dict[int, tuple[np.ndarray, int]] = {}  # layer -> (w_step, weight rank)
+    w_scales: dict[int, _WeightSteps] = {}
     biases: list[str] = []  # float biases replaced by int32 ones (or an Add's)
     float_biases: list[_Layer] = []
     inits = _initializers(graph)
@@ -313,6 +322,8 @@ def _rewrite(
                 bias = np.abs(numpy_helper.to_array(b).astype(np.float64))
                 ratio = np.maximum(ratio, bias / float(_act_step(*act)))
         codes, step, zp, kind = _weight_encoding(wt.qt, base, ratio)
+        flat = (codes.reshape(oc, -1) if codes.size else np.zeros((oc, 0), np.int64)) - zp[:, None]
+        acc = _ACC_INPUT * np.abs(flat).sum(axis=1, dtype=np.float64)
         if wt.axis == 1:
             codes = codes.T
         c_name, s_name, z_name = (
@@ -342,7 +353,7 @@ def _rewrite(
                 layer.node.input[1] = out
             else:
                 layer.via.input[0] = out
-            w_scales[id(layer.node)] = (step, codes.ndim)
+            w_scales[id(layer.node)] = (step, codes.ndim, acc)
     if plan is None:
         # A Q/DQ pair on each layer input (shared by layers reading the same
         # tensor with the same range), then the int32 biases.
@@ -394,8 +405,10 @@ def _rewrite(
 def float_bias_note(name: str) -> str:
     """The report's note on a layer whose bias :func:`_bias` made a float Add."""
     return (
-        f"{name}: its bias does not fit int32 at the step a_scale * w_scale[c] (a tiny "
-        "weight channel with a normal bias); it is a float Add after the layer, so "
+        f"{name}: its bias does not fit int32 at the step a_scale * w_scale[c] with "
+        "the integer kernel's sum of products (a bias large against its channel's weights, "
+        "e.g. a near-dead channel after BatchNorm folding); it is a float Add after the "
+        "layer, so "
         "onnxruntime runs the layer as a float kernel on its dequantized input and weight "
         "(no integer kernel)"
     )
@@ -560,19 +573,20 @@ def _bias(
     layer: _Layer,
     inits: dict[str, Any],
     a_step: float,
-    w_step: tuple[np.ndarray, int],
+    w_step: _WeightSteps,
 ) -> tuple[str, bool] | None:
     """The layer's float bias as ``DequantizeLinear(int32, a_step * w_step[c])``
-    (a bias read through Identity nodes too); ``w_step``: the weight's
-    steps and rank. Returns the float bias initializer's name and False,
-    or None when the layer has no such bias. Where a channel's code does
-    not fit int32, the bias becomes a float Add of the layer's output and
-    the layer reads none (returns True): left in the layer with a quantized
+    (a bias read through Identity nodes too). Returns the float bias
+    initializer's name and False, or None when the layer has no such bias.
+    Where a channel's code plus its accumulator bound does not fit int32
+    (onnxruntime's integer kernel adds the products to the bias in int32,
+    wrapping), the bias becomes a float Add of the layer's output and the
+    layer reads none (returns True): left in the layer with a quantized
     input and weight, onnxruntime would quantize it to int32 itself,
     saturating, and be off by about the output's whole range."""
     from onnx import helper, numpy_helper
 
-    steps, rank = w_step
+    steps, rank, acc = w_step
     direct = layer.node.input[2:3] and layer.node.input[2] in inits
     producers = {} if direct else {o: n for n in graph.node for o in n.output}
     b = _bias_tensor(producers, inits, layer, steps.size)
@@ -583,7 +597,7 @@ def _bias(
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.rint(bias.astype(np.float64) / step.astype(np.float64))
     base = b.name
-    if not (np.all(step > 0) and np.all(np.abs(q) < 2**31 - 1)):
+    if not (np.all(step > 0) and np.all(np.abs(q) + acc <= 2**31 - 1)):
         if layer.op == "Gemm":  # Y = alpha * A B + beta * C
             beta = next((a.f for a in layer.node.attribute if a.name == "beta"), 1.0)
             bias = (np.float32(beta) * bias).astype(np.float32)
