@@ -225,7 +225,68 @@ def _hand_made_cases() -> dict[str, tuple[object, type, str]]:
             err,
             r"QuantizedTensor\.scale is on meta but codes are on cpu",
         ),
+        # codes beyond the bits range: float16 clamped to 65504 silently,
+        # float32 inf (scale 1e-37), where the grid check passes
+        "codes beyond bits": (
+            QT(
+                np.array([[0, 1], [127, 1]], np.int8),
+                np.full(2, 1e-3, np.float32),
+                np.zeros(2, np.float32),
+                2,
+                "squant",
+                np.dtype(np.float16),
+                0,
+                0,
+            ),
+            err,
+            r"QuantizedTensor\.codes must lie in \[-2, 1\] at bits=2: output channel 1 holds "
+            r"codes in \[1, 127\]",
+        ),
+        "codes beyond bits, float32": (
+            QT(
+                np.array([[127, 1]], np.int8),
+                np.array([1e-37], np.float32),
+                np.zeros(1, np.float32),
+                2,
+                "squant",
+                f32,
+                0,
+                0,
+            ),
+            err,
+            r"QuantizedTensor\.codes must lie in \[-2, 1\] at bits=2: output channel 0 holds "
+            r"codes in \[1, 127\]",
+        ),
+        "torch codes below bits": (
+            QT(_with_code(t.codes, -9), t.scale, t.zero_point, 4, "squant", t.dtype, 0, 0),
+            err,
+            r"QuantizedTensor\.codes must lie in \[-8, 7\] at bits=4: output channel 2 holds "
+            r"codes in \[-9, -?\d+\]",
+        ),
     }
+
+
+def _with_code(codes: torch.Tensor, value: int) -> torch.Tensor:
+    """A copy of ``codes`` with one code of channel 2 set to ``value``."""
+    out = codes.clone()
+    out[2, 1, 0] = value
+    return out
+
+
+def test_quantized_codes_are_not_range_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The O(size) code check is for hand-made instances only."""
+    w = np.random.default_rng(5).standard_normal((6, 5, 3)).astype(np.float32)
+    q, t = squant_rs.quantize_tensor(w, 4), squant_rs.quantize_tensor(torch.from_numpy(w), 4)
+
+    def refuse(codes: object, bits: int) -> None:
+        raise AssertionError("codes checked")
+
+    monkeypatch.setattr(quantized_mod, "check_codes", refuse)
+    q.dequantize()
+    t.dequantize()
+    dequantize_tensors([q, t])
+    with pytest.raises(AssertionError, match="codes checked"):
+        dataclasses.replace(q, grid_checked=False).dequantize()
 
 
 @pytest.mark.parametrize("case", list(_hand_made_cases()))

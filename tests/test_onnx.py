@@ -435,6 +435,113 @@ def test_constant_channels_keep_a_fine_bias_step(tmp_path, path, wbits):
         np.testing.assert_allclose(got, want_y, rtol=0, atol=1e-4 * np.abs(want_y).max())
 
 
+class _NearDeadChannel(torch.nn.Module):
+    """A depthwise Conv (``k`` x ``k``) whose channel 2 has a tiny weight
+    and a normal bias (a BatchNorm-folded near-dead channel), then a Linear
+    whose row 1 does too, between layers with quantized inputs."""
+
+    def __init__(self, k: int, tiny: float) -> None:
+        super().__init__()
+        self.c0 = torch.nn.Conv2d(3, 4, 3)
+        self.dw = torch.nn.Conv2d(4, 4, k, groups=4)
+        self.c2 = torch.nn.Conv2d(4, 4, 3)
+        self.fc = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            if k == 1:
+                self.dw.weight.copy_(torch.tensor([0.5, -0.8, tiny, 0.3]).view(4, 1, 1, 1))
+            else:
+                self.dw.weight[2] *= tiny
+            self.dw.bias.copy_(torch.tensor([0.1, -0.2, 1.0, 0.05]))
+            self.fc.weight[1] *= tiny
+            self.fc.bias.copy_(torch.tensor([0.1, 1.0, -0.1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.dw(torch.relu(self.c0(x))))
+        return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("path", ["torch", "onnx", "onnx-integer"])
+@pytest.mark.parametrize("k,tiny", [(1, 1e-7), (1, 3e-6), (3, 1e-7)])
+def test_tiny_weight_channels_keep_their_bias(tmp_path, path, k, tiny):
+    """A channel whose int32 bias code bias / (a_scale * w_scale[c]) is beyond
+    int32 left the whole layer's bias float, which onnxruntime's optimizer
+    quantized to int32 itself, saturating (the output off by about its whole
+    range): constant channels (k = 1) scale their codes up only as far as
+    the bias code fits, and a layer whose bias still does not fit gets it
+    as a float Add after the layer (with a note), which ORT leaves alone."""
+    torch.manual_seed(0)
+    net, x = _NearDeadChannel(k, tiny).eval(), torch.rand(8, 3, 12, 12)
+    out = tmp_path / "q.onnx"
+    if path == "torch":
+        rep = squant_rs.export_onnx(net, out, x, 8, 8, recipe="paper")
+        want = fake_quant(net, x, 8, 8, "asymmetric")
+    else:
+        src = tmp_path / "m.onnx"
+        float_export(net, x, src)
+        ik = path == "onnx-integer"
+        rep = squant_rs.quantize_onnx(src, out, 8, 8, integer_kernels=ik)
+        level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        want = run(out, x.numpy(), graph_optimization_level=level)
+    got = run(out, x.numpy())
+    # README: 2e-5 to 4e-5 of the output range at W8A8
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    model = onnx.load(str(out))
+    kinds = {t.name: t.data_type for t in model.graph.initializer}
+    float_bias = [n for n in rep.notes if "float Add" in n]
+    if k == 1:  # the constant channels' bias stays int32
+        assert kinds["dw.bias_quantized"] == TensorProto.INT32
+        assert not any(n.startswith(("dw", "/dw")) for n in float_bias)
+    else:
+        assert "dw.bias_quantized" not in kinds and "dw.bias" not in kinds
+        assert any(n.startswith(("dw", "/dw")) for n in float_bias), rep.notes
+
+
+def _depthwise_graph(bias: np.ndarray) -> onnx.ModelProto:
+    """Conv -> Relu -> 3x3 depthwise Conv with ``bias`` -> Relu -> Conv."""
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3
+    w = rng.uniform(-0.1, 1.0, (4, 1, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"]),
+        helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("Conv", ["ar", "w", "b"], ["h"], group=4),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+        [numpy_helper.from_array(t, n) for t, n in ((w0, "w0"), (w, "w"), (bias, "b"), (w2, "w2"))],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("ik", [False, True])
+def test_bias_codes_leave_room_for_the_integer_sum(tmp_path, ik):
+    """A bias code that fits int32 but not with the products ORT's integer
+    kernel adds to it (int32, wrapping) put the channel's output at the
+    other end of its range: such a bias is a float Add too."""
+    b = np.array([0.1, -0.2, 1.0, 0.05], np.float32)
+    opts = {"integer_kernels": ik, "quantizer": "symmetric"}
+    squant_rs.quantize_onnx(_depthwise_graph(b), tmp_path / "a.onnx", 8, 8, **opts)
+    inits = {
+        t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "a.onnx").graph.initializer
+    }
+    assert inits["w_quantized"].dtype == np.int8  # (an integer kernel)
+    # channel 2's bias code 2^31 - 1000 (+-128: float32 rounding of the bias)
+    b[2] = np.float32((2**31 - 1000) * np.float64(inits["b_scale"][2]))
+    out = tmp_path / "q.onnx"
+    rep = squant_rs.quantize_onnx(_depthwise_graph(b), out, 8, 8, **opts)
+    x = np.random.default_rng(1).random((1, 3, 10, 10)).astype(np.float32)
+    level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = run(out, x, graph_optimization_level=level)
+    np.testing.assert_allclose(run(out, x), want, rtol=0, atol=1e-4 * np.abs(want).max())
+    assert [n for n in rep.notes if "float Add" in n and n.startswith("Conv_2")], rep.notes
+
+
 def test_code_container():
     assert code_container(4, np.array([-8.0, 7.0])) == "INT4"
     assert code_container(2, np.array([9.0])) == "INT8"

@@ -101,7 +101,8 @@ class QuantizedTensor:
             InvalidArgumentError: ``threads`` (or ``SQUANT_NUM_THREADS``) is
                 out of range; for a hand-made instance, ``bits`` is not in
                 2..8, ``scale``/``zero_point`` are not of shape ``(OC,)`` or
-                on the codes' device, or the codes are a meta tensor.
+                on the codes' device, the codes are a meta tensor, or some
+                code lies outside ``[-2^(bits-1), 2^(bits-1) - 1]``.
             TypeError: for a hand-made instance, a field of the wrong type:
                 ``codes`` must be an int8 numpy array or torch tensor of 2+
                 dimensions, ``scale`` and ``zero_point`` float32 of the same
@@ -284,9 +285,11 @@ def check_fields(qt: QuantizedTensor) -> None:
 def check_hand_made(qt: QuantizedTensor) -> None:
     """Every check :meth:`~QuantizedTensor.dequantize` makes of an instance
     that the quantize functions did not make (``grid_checked`` false): its
-    fields (:func:`check_fields`), then its grid in its output dtype
-    (:func:`check_grid`, or its torch twin for torch fields). O(OC)."""
+    fields (:func:`check_fields`), its codes (:func:`check_codes`, O(size)),
+    then its grid in its output dtype (:func:`check_grid`, or its torch twin
+    for torch fields, O(OC))."""
     check_fields(qt)
+    check_codes(qt.codes, qt.bits)
     if isinstance(qt.codes, np.ndarray):
         check_grid(qt.scale, qt.zero_point, qt.bits, qt.dtype)
     else:
@@ -294,6 +297,34 @@ def check_hand_made(qt: QuantizedTensor) -> None:
 
         # A hand-made instance's scale may require grad: the values are the same.
         check_grid_torch(qt.scale.detach(), qt.zero_point.detach(), qt.bits, qt.dtype)
+
+
+def check_codes(codes: Any, bits: int) -> None:
+    """Raise :class:`InvalidArgumentError` where ``codes`` (checked by
+    :func:`check_fields`) leave ``bits``' range ``[-2^(bits-1),
+    2^(bits-1) - 1]``, the one :func:`check_grid` bounds and the packed
+    format stores: for the first output channel with such a code, its
+    range. Beyond it the dequantized values are past the grid's ends (a
+    float16 one clamped silently, a float32 one infinite). O(size)."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    oc = int(codes.shape[0])
+    if isinstance(codes, np.ndarray):
+        if codes.size == 0:
+            return
+        rows = codes.reshape(oc, -1)
+        mins, maxs = rows.min(axis=1), rows.max(axis=1)
+    else:
+        if codes.numel() == 0:
+            return
+        rows = codes.reshape(oc, -1)
+        mins, maxs = (v.cpu().numpy() for v in rows.aminmax(dim=1))
+    bad = (mins < lo) | (maxs > hi)
+    if bad.any():
+        o = int(np.argmax(bad))
+        raise InvalidArgumentError(
+            f"QuantizedTensor.codes must lie in [{lo}, {hi}] at bits={bits}: output channel "
+            f"{o} holds codes in [{int(mins[o])}, {int(maxs[o])}]"
+        )
 
 
 def check_grid(scale: Any, zero_point: Any, bits: int, dtype: Any) -> None:

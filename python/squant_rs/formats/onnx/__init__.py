@@ -22,7 +22,9 @@ Both share one graph rewrite:
   first layer's input stays float, the last layer's is 8-bit; below 8 bits
   a ``Clip`` to the b-bit range comes first), and the layer's bias as
   ``DequantizeLinear(int32, a_scale * w_scale[c])`` so that onnxruntime's
-  own ``WeightBiasQuantization`` has nothing left to re-quantize.
+  own ``WeightBiasQuantization`` has nothing left to re-quantize (a bias
+  with a code beyond int32: a float ``Add`` after the layer instead, and a
+  note; that layer gets no integer kernel).
   Activations are uint8 (signed ranges with zero point ``128 - z``).
 * with ``integer_kernels``: one ``QuantizeLinear`` right after the producer
   of every activation tensor between quantized ops (layer outputs, residual

@@ -34,7 +34,7 @@ from .plan import (
     _resolve_plan,
 )
 from .ranges import _input_feeds, _observe, check_input_shapes, sigma_range
-from .rewrite import _rewrite
+from .rewrite import _rewrite, float_bias_note
 
 
 def quantize_onnx(
@@ -219,7 +219,9 @@ def quantize_onnx(
         if integer_kernels:
             plan = _integer_ranges(model, layers, abits, mult, feeds, n_threads, {})
     reports = _layer_reports(layers, weights, arrays, order, ms)
-    _rewrite(model, list(weights.values()), plan)
+    notes += [
+        float_bias_note(layer.name) for layer in _rewrite(model, list(weights.values()), plan)
+    ]
     size_after = write_model(model, out, external_data, in_path, data_files)
     return QuantReport(
         layers=reports,

@@ -75,8 +75,14 @@ def _exact_channel(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
     return np.ldexp(v, -p).astype(np.int64), np.float32(np.ldexp(1.0, p))
 
 
+#: The int32 bias codes :func:`_finer` leaves room for: half of int32's
+#: range, the rest for the float32 rounding of the bias step and for the
+#: integer kernel's accumulator, which adds the products to the bias.
+_BIAS_CODES = 2**30
+
+
 def _finer(
-    k: np.ndarray, p: np.float32, values: np.ndarray, lo: int, hi: int
+    k: np.ndarray, p: np.float32, values: np.ndarray, lo: int, hi: int, bias: float = 0.0
 ) -> tuple[np.ndarray, np.float32]:
     """``k * m`` and ``p / m`` (rounded to float32) for the largest integer
     ``m`` (of the few tried) with ``k * m`` in ``[lo, hi]`` (and below
@@ -84,10 +90,16 @@ def _finer(
     p)`` itself where no ``m > 1`` fits. Tried: the 8 largest ``m``, then
     the largest power of two, which is exact unless ``p / m`` underflows.
     A finer step ``p`` keeps the int32 bias step ``a_scale * p`` as fine as
-    an ordinary channel's (with ``k = +-1`` it is ~127x coarser at int8)."""
+    an ordinary channel's (with ``k = +-1`` it is ~127x coarser at int8).
+    ``bias``: the channel's largest ``|bias| / a_scale`` over the layers
+    reading it with a quantized input (0: none); ``m`` keeps the int32
+    bias code ``bias * m / p`` within :data:`_BIAS_CODES`, as a tiny
+    weight with a normal bias (a BatchNorm-folded near-dead channel) needs."""
     k_max, k_min = int(k.max(initial=0)), int(k.min(initial=0))
     bounds = [min(hi, _EXACT - 1) // k_max] if k_max > 0 else []
     bounds += [max(lo, 1 - _EXACT) // k_min] if k_min < 0 else []
+    if bias > 0 and bounds:
+        bounds.append(int(min(_BIAS_CODES * np.float64(p) / bias, _EXACT)))
     if not bounds or min(bounds) < 2:
         return k, p
     top = min(bounds)
@@ -101,7 +113,7 @@ def _finer(
 
 
 def _weight_encoding(
-    qt: QuantizedTensor, name: str
+    qt: QuantizedTensor, name: str, bias: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """The DequantizeLinear form of a quantized weight (``(OC, ...)``
     layout): ``(codes, step, zero_point, type)``, per channel ``codes``,
@@ -117,7 +129,8 @@ def _weight_encoding(
     the codes' type; those integers are then scaled up as far as that type
     holds them (:func:`_finer`: a constant channel as ``+-127`` times
     ``|w| / 127`` at int8 where that is exact), so that the int32 bias step
-    ``a_scale * (1/s)`` is as fine as an ordinary channel's. ORT then
+    ``a_scale * (1/s)`` is as fine as an ordinary channel's (``bias``: per
+    channel, :func:`_finer`'s ``bias``, which caps that scaling). ORT then
     computes exactly ``qt.dequantize()``."""
     codes = np.asarray(qt.codes).astype(np.int64)
     oc = int(codes.shape[0]) if codes.ndim else 0
@@ -147,7 +160,8 @@ def _weight_encoding(
                 )
                 if alt < need[c]:
                     _, c_lo, c_hi = _CONTAINERS[alt]
-                    k, p = _finer(k, p, values[c], c_lo, c_hi)
+                    b_c = 0.0 if bias is None else float(bias[c])
+                    k, p = _finer(k, p, values[c], c_lo, c_hi, b_c)
                     flat[c], zp_int[c], step[c], need[c] = k, 0, p, alt
     top = int(need.max()) if need.size else start
     if top >= len(_CONTAINERS):  # pragma: no cover - _exact_channel's |k| < 2^24 fits int32
@@ -267,26 +281,49 @@ def _drop_initializer(graph: Any, name: str) -> None:
             break
 
 
+#: The largest ``|x - x_zero_point|`` of a uint8 activation code.
+_ACC_INPUT = 255
+
+#: Per layer: its weight's steps ``1/s`` per channel, rank, and per channel
+#: the bound ``_ACC_INPUT * sum |q - zp|`` of the integer kernel's sum of
+#: products, which it adds to the int32 bias code.
+_WeightSteps = tuple[np.ndarray, int, np.ndarray]
+
+
 def _rewrite(
     model: Any,
     weights: list[_Weight],
     plan: dict[str, tuple[int, float, float]] | None = None,
-) -> None:
+) -> list[_Layer]:
     """Put the quantized weights, activation Q/DQ pairs and int32 biases into
     ``model`` (in place). ``plan``: the integer-kernel form, the range of
     every activation tensor to quantize (:func:`_integer_plan`); without
-    it, a Q/DQ pair on each layer input that has a range."""
+    it, a Q/DQ pair on each layer input that has a range. Returns the
+    layers whose bias became a float Add instead (:func:`_bias`)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
     names = _Names(graph)
     new_inits: list[Any] = []
     new_nodes: list[tuple[Any, Any]] = []  # (node to insert, before this node)
-    w_scales: dict[int, np.ndarray] = {}
-    biases: list[str] = []  # float biases replaced by int32 ones
+    w_scales: dict[int, _WeightSteps] = {}
+    biases: list[str] = []  # float biases replaced by int32 ones (or an Add's)
+    float_biases: list[_Layer] = []
+    inits = _initializers(graph)
+    producers = {o: n for n in graph.node for o in n.output}
     for wt in weights:
         base = wt.base or wt.name
-        codes, step, zp, kind = _weight_encoding(wt.qt, base)
+        oc = int(np.asarray(wt.qt.codes).shape[0]) if np.asarray(wt.qt.codes).ndim else 0
+        ratio = np.zeros(oc)  # per channel: the largest |bias| / a_scale
+        for layer in wt.layers:
+            act = layer.act if plan is None else plan.get(layer.node.input[0])
+            b = _bias_tensor(producers, inits, layer, oc)
+            if act is not None and b is not None:
+                bias = np.abs(numpy_helper.to_array(b).astype(np.float64))
+                ratio = np.maximum(ratio, bias / float(_act_step(*act)))
+        codes, step, zp, kind = _weight_encoding(wt.qt, base, ratio)
+        flat = (codes.reshape(oc, -1) if codes.size else np.zeros((oc, 0), np.int64)) - zp[:, None]
+        acc = _ACC_INPUT * np.abs(flat).sum(axis=1, dtype=np.float64)
         if wt.axis == 1:
             codes = codes.T
         c_name, s_name, z_name = (
@@ -316,8 +353,7 @@ def _rewrite(
                 layer.node.input[1] = out
             else:
                 layer.via.input[0] = out
-            w_scales[id(layer.node)] = step
-    inits = _initializers(graph)
+            w_scales[id(layer.node)] = (step, codes.ndim, acc)
     if plan is None:
         # A Q/DQ pair on each layer input (shared by layers reading the same
         # tensor with the same range), then the int32 biases.
@@ -334,7 +370,8 @@ def _rewrite(
                 out, a_step = acts[key]
                 layer.node.input[0] = out
                 b = _bias(graph, names, new_inits, layer, inits, a_step, w_scales[id(layer.node)])
-                biases += [b] if b is not None else []
+                biases += [b[0]] if b is not None else []
+                float_biases += [layer] if b is not None and b[1] else []
         graph.initializer.extend(new_inits)
         for node, before in new_nodes:
             graph.node.insert(_index(graph, before), node)
@@ -354,13 +391,27 @@ def _rewrite(
                 if in_step is not None:
                     step_w = w_scales[id(layer.node)]
                     b = _bias(graph, names, new_inits, layer, inits, in_step, step_w)
-                    biases += [b] if b is not None else []
+                    biases += [b[0]] if b is not None else []
+                    float_biases += [layer] if b is not None and b[1] else []
         graph.initializer.extend(new_inits)
     replaced = [wt.name for wt in weights] + biases
     _drop_dead_identities(graph, replaced)
     for name in dict.fromkeys(replaced):
         _drop_initializer(graph, name)
     _toposort(graph)
+    return float_biases
+
+
+def float_bias_note(name: str) -> str:
+    """The report's note on a layer whose bias :func:`_bias` made a float Add."""
+    return (
+        f"{name}: its bias does not fit int32 at the step a_scale * w_scale[c] with "
+        "the integer kernel's sum of products (a bias large against its channel's weights, "
+        "e.g. a near-dead channel after BatchNorm folding); it is a float Add after the "
+        "layer, so "
+        "onnxruntime runs the layer as a float kernel on its dequantized input and weight "
+        "(no integer kernel)"
+    )
 
 
 def _tensor_qdq(
@@ -455,6 +506,11 @@ def _act_qdq(
     return dq, step
 
 
+def _act_step(bits: int, x_min: float, x_max: float) -> np.float32:
+    """The step ``1/s`` of an activation's Q/DQ pair (:func:`_qdq_nodes`)."""
+    return np.float32(1.0) / np.float32(activation_qparams(x_min, x_max, bits)[0])
+
+
 def _qdq_nodes(
     names: _Names,
     new_inits: list[Any],
@@ -471,7 +527,7 @@ def _qdq_nodes(
     from onnx import helper, numpy_helper
 
     s, z, qmin, qmax = activation_qparams(x_min, x_max, bits)
-    step = np.float32(1.0) / np.float32(s)
+    step = _act_step(bits, x_min, x_max)
     signed = x_min < 0
     base = src.replace(":", "_")
     s_name, z_name = names(f"{base}_a{bits}_scale"), names(f"{base}_a{bits}_zero_point")
@@ -499,6 +555,17 @@ def _qdq_nodes(
     return nodes, dq, float(step)
 
 
+def _bias_tensor(producers: dict[str, Any], inits: dict[str, Any], layer: _Layer, n: int) -> Any:
+    """The layer's float bias initializer of shape ``(n,)`` (read through
+    Identity nodes too), or None (a MatMul, no bias, another shape)."""
+    if layer.op == "MatMul" or len(layer.node.input) < 3:
+        return None
+    b = inits.get(_identity_source(producers, inits, layer.node.input[2]))
+    if b is None or len(b.dims) != 1 or b.dims[0] != n:
+        return None
+    return b
+
+
 def _bias(
     graph: Any,
     names: _Names,
@@ -506,27 +573,45 @@ def _bias(
     layer: _Layer,
     inits: dict[str, Any],
     a_step: float,
-    w_step: np.ndarray,
-) -> str | None:
+    w_step: _WeightSteps,
+) -> tuple[str, bool] | None:
     """The layer's float bias as ``DequantizeLinear(int32, a_step * w_step[c])``
-    (a bias read through Identity nodes too); returns the float bias
-    initializer's name, or None when the bias stays as it is."""
+    (a bias read through Identity nodes too). Returns the float bias
+    initializer's name and False, or None when the layer has no such bias.
+    Where a channel's code plus its accumulator bound does not fit int32
+    (onnxruntime's integer kernel adds the products to the bias in int32,
+    wrapping), the bias becomes a float Add of the layer's output and the
+    layer reads none (returns True): left in the layer with a quantized
+    input and weight, onnxruntime would quantize it to int32 itself,
+    saturating, and be off by about the output's whole range."""
     from onnx import helper, numpy_helper
 
-    if layer.op == "MatMul" or len(layer.node.input) < 3:
-        return None
-    read = layer.node.input[2]
-    if read not in inits:
-        read = _identity_source({o: n for n in graph.node for o in n.output}, inits, read)
-    b = inits.get(read)
-    if b is None or len(b.dims) != 1 or b.dims[0] != w_step.size:
+    steps, rank, acc = w_step
+    direct = layer.node.input[2:3] and layer.node.input[2] in inits
+    producers = {} if direct else {o: n for n in graph.node for o in n.output}
+    b = _bias_tensor(producers, inits, layer, steps.size)
+    if b is None:
         return None
     bias = numpy_helper.to_array(b).astype(np.float32)
-    step = (np.float32(a_step) * w_step).astype(np.float32)
-    q = np.rint(bias.astype(np.float64) / step.astype(np.float64))
-    if not (np.all(step > 0) and np.all(np.abs(q) < 2**31 - 1)):
-        return None
+    step = (np.float32(a_step) * steps).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint(bias.astype(np.float64) / step.astype(np.float64))
     base = b.name
+    if not (np.all(step > 0) and np.all(np.abs(q) + acc <= 2**31 - 1)):
+        if layer.op == "Gemm":  # Y = alpha * A B + beta * C
+            beta = next((a.f for a in layer.node.attribute if a.name == "beta"), 1.0)
+            bias = (np.float32(beta) * bias).astype(np.float32)
+        else:  # Conv: (N, C, ...) outputs
+            bias = bias.reshape((bias.size,) + (1,) * (rank - 2))
+        a_name, out = names(base + "_channels"), layer.node.output[0]
+        new_inits.append(numpy_helper.from_array(bias, a_name))
+        layer.node.output[0] = names(out + "_without_bias")
+        del layer.node.input[2]
+        node = helper.make_node(
+            "Add", [layer.node.output[0], a_name], [out], name=names(base + "_Add")
+        )
+        graph.node.insert(_index(graph, layer.node) + 1, node)
+        return str(b.name), True
     c_name, s_name = names(base + "_quantized"), names(base + "_scale")
     out = names(base + "_dequantized")
     new_inits += [
@@ -538,4 +623,4 @@ def _bias(
     )
     graph.node.insert(_index(graph, layer.node), node)
     layer.node.input[2] = out
-    return str(b.name)
+    return str(b.name), False
