@@ -440,7 +440,7 @@ class _NearDeadChannel(torch.nn.Module):
     and a normal bias (a BatchNorm-folded near-dead channel), then a Linear
     whose row 1 does too, between layers with quantized inputs."""
 
-    def __init__(self, k: int, tiny: float) -> None:
+    def __init__(self, k: int, tiny: float, bias: float = 1.0) -> None:
         super().__init__()
         self.c0 = torch.nn.Conv2d(3, 4, 3)
         self.dw = torch.nn.Conv2d(4, 4, k, groups=4)
@@ -451,7 +451,7 @@ class _NearDeadChannel(torch.nn.Module):
                 self.dw.weight.copy_(torch.tensor([0.5, -0.8, tiny, 0.3]).view(4, 1, 1, 1))
             else:
                 self.dw.weight[2] *= tiny
-            self.dw.bias.copy_(torch.tensor([0.1, -0.2, 1.0, 0.05]))
+            self.dw.bias.copy_(torch.tensor([0.1, -0.2, bias, 0.05]))
             self.fc.weight[1] *= tiny
             self.fc.bias.copy_(torch.tensor([0.1, 1.0, -0.1]))
 
@@ -494,6 +494,38 @@ def test_tiny_weight_channels_keep_their_bias(tmp_path, path, k, tiny):
     else:
         assert "dw.bias_quantized" not in kinds and "dw.bias" not in kinds
         assert any(n.startswith(("dw", "/dw")) for n in float_bias), rep.notes
+
+
+@pytest.mark.parametrize("path", ["torch", "onnx-integer"])
+@pytest.mark.parametrize("tiny,bias", [(0.0, 1.0), (1e-7, -1.0)])
+def test_near_dead_channels_keep_integer_kernels(tmp_path, path, tiny, bias):
+    """Two near-dead channels whose int32 bias code is beyond int32 keep the
+    layer's int32 bias (and so its integer kernel, which the float-Add
+    fallback loses: 28 of EfficientNet-Lite0's 50 layers): a channel whose
+    codes are all zero takes a step its bias code fits at (its weights are
+    0 at any step), and a negative bias read only by a ReLU / Clip at 0 is
+    clamped (the output is below 0, so 0, either way)."""
+    torch.manual_seed(0)
+    net, x = _NearDeadChannel(3, tiny, bias).eval(), torch.rand(8, 3, 12, 12)
+    out = tmp_path / "q.onnx"
+    if path == "torch":
+        rep = squant_rs.export_onnx(
+            net, out, x, 8, 8, recipe="paper", quantizer="symmetric", integer_kernels=True
+        )
+        want = fake_quant(net, x, 8, 8, "symmetric")
+        atol = 1e-2  # integer kernels round activations once more (README)
+    else:
+        src = tmp_path / "m.onnx"
+        float_export(net, x, src)
+        rep = squant_rs.quantize_onnx(src, out, 8, 8, integer_kernels=True, quantizer="symmetric")
+        level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        want = run(out, x.numpy(), graph_optimization_level=level)
+        atol = 1e-4
+    got = run(out, x.numpy())
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol * np.abs(want).max())
+    kinds = {t.name: t.data_type for t in onnx.load(str(out)).graph.initializer}
+    assert kinds["dw.bias_quantized"] == TensorProto.INT32
+    assert not any(n.startswith(("dw", "/dw")) for n in rep.notes if "float Add" in n)
 
 
 def _depthwise_graph(bias: np.ndarray) -> onnx.ModelProto:

@@ -324,6 +324,13 @@ def _rewrite(
         codes, step, zp, kind = _weight_encoding(wt.qt, base, ratio)
         flat = (codes.reshape(oc, -1) if codes.size else np.zeros((oc, 0), np.int64)) - zp[:, None]
         acc = _ACC_INPUT * np.abs(flat).sum(axis=1, dtype=np.float64)
+        # A channel whose codes are all its zero point dequantizes to 0 at
+        # any step: one large enough for its int32 bias code to fit (a dead
+        # channel after BatchNorm folding, a tiny step and a normal bias).
+        dead = ~flat.any(axis=1) & (ratio > 0)
+        if dead.any():
+            need = (ratio / _BIAS_CODES).astype(np.float32)
+            step = np.where(dead & (need > step), need, step).astype(np.float32)
         if wt.axis == 1:
             codes = codes.T
         c_name, s_name, z_name = (
@@ -566,6 +573,41 @@ def _bias_tensor(producers: dict[str, Any], inits: dict[str, Any], layer: _Layer
     return b
 
 
+def _clamps_negatives(graph: Any, inits: dict[str, Any], tensor: str) -> bool:
+    """Whether every reader of ``tensor`` maps its negative values to 0:
+    ``Relu``, ``Clip`` with a constant minimum of 0 or more, a
+    ``QuantizeLinear`` to uint8 with zero point 0."""
+    from onnx import numpy_helper
+
+    consts = dict(inits)
+    for n in graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = a.t
+
+    def value(name: str) -> np.ndarray | None:
+        t = consts.get(name)
+        return None if t is None else np.asarray(numpy_helper.to_array(t))
+
+    readers = [n for n in graph.node if tensor in n.input]
+    if not readers or tensor in {o.name for o in graph.output}:
+        return False
+    for n in readers:
+        if n.op_type == "Relu":
+            continue
+        if n.op_type == "Clip" and len(n.input) > 1 and n.input[0] == tensor:
+            lo = value(n.input[1])
+            if lo is not None and lo.size == 1 and float(lo) >= 0:
+                continue
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[0] == tensor:
+            zp = value(n.input[2])
+            if zp is not None and zp.dtype == np.uint8 and not zp.any():
+                continue
+        return False
+    return True
+
+
 def _bias(
     graph: Any,
     names: _Names,
@@ -597,7 +639,18 @@ def _bias(
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.rint(bias.astype(np.float64) / step.astype(np.float64))
     base = b.name
-    if not (np.all(step > 0) and np.all(np.abs(q) + acc <= 2**31 - 1)):
+    room = 2**31 - 1 - acc
+    over = ~(np.abs(q) <= room)  # (NaN too)
+    if over.any() and np.all(step > 0) and np.all(bias[over] < 0):
+        # Negative biases past int32 on channels whose outputs only reach
+        # a ReLU / Clip at 0 or an unsigned quantizer at zero point 0:
+        # their output, below -room steps plus at most the products'
+        # bound (acc < room), is negative either way, hence 0 after it;
+        # the code clamped to -room gives the same values.
+        if _clamps_negatives(graph, inits, layer.node.output[0]):
+            q = np.where(over, -room, q)
+            over[:] = False
+    if not (np.all(step > 0) and not over.any()):
         if layer.op == "Gemm":  # Y = alpha * A B + beta * C
             beta = next((a.f for a in layer.node.attribute if a.name == "beta"), 1.0)
             bias = (np.float32(beta) * bias).astype(np.float32)
