@@ -50,6 +50,9 @@ fn state() -> MutexGuard<'static, State> {
 thread_local! {
     /// Whether this thread is one the finalization ends (computed once).
     static DAEMON: Cell<Option<bool>> = const { Cell::new(None) };
+    /// When this thread first waited for the finalization (its [`SETTLE`]
+    /// runs from then, over all its later calls).
+    static WAITING_SINCE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 /// Whether the calling thread is a daemon thread of `threading` or one
@@ -143,10 +146,11 @@ pub fn begin(py: Python<'_>) {
 
 /// For a daemon thread about to take the GIL again (or to start native
 /// work) once the exit has begun: waits for the finalization (then parks
-/// for good) at most [`SETTLE`]. Returns the state's lock, held, for the
-/// caller to count itself as returning.
+/// for good), until [`SETTLE`] after the thread first waited (one wait per
+/// thread, not per call). Returns the state's lock, held, for the caller
+/// to count itself as returning.
 fn settle() -> MutexGuard<'static, State> {
-    let start = Instant::now();
+    let mut start = None;
     loop {
         let st = state();
         if st.exiting.is_none() {
@@ -156,7 +160,14 @@ fn settle() -> MutexGuard<'static, State> {
         if finalizing() {
             park_forever();
         }
-        if start.elapsed() >= SETTLE {
+        let since = *start.get_or_insert_with(|| {
+            WAITING_SINCE.with(|w| {
+                let t = w.get().unwrap_or_else(Instant::now);
+                w.set(Some(t));
+                t
+            })
+        });
+        if since.elapsed() >= SETTLE {
             return state();
         }
         std::thread::sleep(Duration::from_millis(5));
