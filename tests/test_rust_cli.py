@@ -218,6 +218,13 @@ def test_same_usage_errors_as_python(tmp_path, squant_bin: str) -> None:
         ["quantize", str(src), ""],
         ["info", str(src), "-q"],
         ["info", str(src), "--ver"],
+        ["info", str(src), "--verbose=1"],
+        [*q, "--include"],
+        [*q, "--include", "--skip", "x"],
+        [*q, "--wbits"],
+        [*q, "--mode", "-q"],
+        [*q, "--mode", ""],
+        [*q, "--bogus=1"],
     ]
     for argv in cases:
         p, r = _py(*argv), _run(squant_bin, *argv)
@@ -230,7 +237,22 @@ def test_same_usage_errors_as_python(tmp_path, squant_bin: str) -> None:
     for name, tool in (("py", _py), ("rs", lambda *a: _run(squant_bin, *a))):
         r = tool("quantize", str(src), str(tmp_path / f"{name}.safetensors"), "--wbit", " 3 ")
         assert r.returncode == 0, r.stderr
-    assert (tmp_path / "py.safetensors").read_bytes() == (tmp_path / "rs.safetensors").read_bytes()
+        # a repeated option: the last one counts
+        r = tool(
+            "quantize",
+            str(src),
+            str(tmp_path / f"{name}2.safetensors"),
+            "--wbits",
+            "5",
+            "--wbits",
+            "3",
+            "-qq",
+        )
+        assert r.returncode == 0, r.stderr
+    for a, b in (("py", "rs"), ("py", "py2"), ("rs", "rs2")):
+        assert (tmp_path / f"{a}.safetensors").read_bytes() == (
+            tmp_path / f"{b}.safetensors"
+        ).read_bytes()
 
 
 def test_same_errors_as_python(tmp_path, squant_bin: str) -> None:

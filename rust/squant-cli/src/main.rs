@@ -82,6 +82,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Quantize a .safetensors file or sharded checkpoint directory into a squant-rs file (or directory)
+    #[command(args_override_self = true)]
     Quantize {
         /// .safetensors file, or a directory with model.safetensors.index.json
         #[arg(value_name = "IN")]
@@ -115,6 +116,7 @@ enum Command {
         quiet: bool,
     },
     /// Describe a squant-rs file (or sharded directory) from its header
+    #[command(args_override_self = true)]
     Info {
         #[arg(value_name = "FILE")]
         file: PathBuf,
@@ -905,6 +907,22 @@ fn ambiguous(arg: &str) -> Option<String> {
     })
 }
 
+/// Whether clap's empty invalid value for the option `clap_arg` (as
+/// `--wbits <WBITS>`) is a missing one: the option is the command line's
+/// last argument or followed by another option (`--mode ''` is a value).
+fn missing_value(clap_arg: Option<&str>) -> bool {
+    let Some(flag) = clap_arg.and_then(|a| a.split(' ').next()) else {
+        return false;
+    };
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().enumerate().any(|(i, a)| {
+        a == flag
+            && args
+                .get(i + 1)
+                .is_none_or(|next| next.starts_with('-') && python_int(next).is_none())
+    })
+}
+
 fn usage_error(e: &clap::Error) -> String {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     use std::error::Error as _;
@@ -929,6 +947,20 @@ fn usage_error(e: &clap::Error) -> String {
             "argument {}: {}",
             option(ContextKind::InvalidArg).unwrap_or_default(),
             e.source().map(|s| s.to_string()).unwrap_or_default()
+        ),
+        (ErrorKind::InvalidValue, _) if missing_value(string(ContextKind::InvalidArg)) => {
+            let arg = string(ContextKind::InvalidArg).unwrap_or_default();
+            let some = if arg.ends_with("...") {
+                "at least one"
+            } else {
+                "one"
+            };
+            format!("argument {}: expected {some} argument", argparse_name(arg))
+        }
+        (ErrorKind::TooManyValues, _) => format!(
+            "argument {}: ignored explicit argument '{}'",
+            option(ContextKind::InvalidArg).unwrap_or_default(),
+            string(ContextKind::InvalidValue).unwrap_or_default()
         ),
         (ErrorKind::InvalidValue, _) if e.get(ContextKind::ValidValue).is_some() => {
             let valid = match e.get(ContextKind::ValidValue) {
@@ -960,6 +992,9 @@ fn usage_error(e: &clap::Error) -> String {
         }
         (ErrorKind::UnknownArgument, _) => {
             let arg = string(ContextKind::InvalidArg).unwrap_or_default();
+            // argparse names the whole `--name=value` token
+            let given = std::env::args().find(|a| a.starts_with(&format!("{arg}=")));
+            let arg = given.as_deref().unwrap_or(arg);
             match ambiguous(arg) {
                 Some(text) => text,
                 None => format!("unrecognized arguments: {arg}"),
@@ -988,7 +1023,8 @@ fn usage_error(e: &clap::Error) -> String {
     let own = text.starts_with("ambiguous option")
         || matches!(
             e.kind(),
-            ErrorKind::MissingRequiredArgument
+            ErrorKind::TooManyValues
+                | ErrorKind::MissingRequiredArgument
                 | ErrorKind::InvalidValue
                 | ErrorKind::ValueValidation
                 | ErrorKind::ArgumentConflict
