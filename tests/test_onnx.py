@@ -2681,6 +2681,44 @@ def test_attention_projection_no_layer_reads_is_left_float(tmp_path, monkeypatch
     np.testing.assert_allclose(got, want.detach().numpy(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("perm", [[1, 0, 2, 3], [3, 2, 0, 1], None])
+def test_conv_weight_through_a_transpose_stays_float(tmp_path, perm):
+    """A Conv weight stored in another layout and read through a Transpose
+    was quantized along the wrong axis (40 % of the output range off at W8)
+    or written with a per-axis scale of the wrong length (ORT refused the
+    model): such a Conv is left float, with a note, the others quantized."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    stored = w1.transpose(np.argsort(perm)) if perm else w1.transpose()
+    w2 = rng.standard_normal((5, 4, 3, 3)).astype(np.float32)
+    attrs = {} if perm is None else {"perm": perm}
+    nodes = [
+        helper.make_node("Transpose", ["W1s"], ["W1"], **attrs),
+        helper.make_node("Conv", ["x", "W1"], ["h"], name="c1"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "W2"], ["y"], name="c2"),
+    ]
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, [1, 3, 9, 9])],
+        [vi("y", TensorProto.FLOAT, [1, 5, 5, 5])],
+        [numpy_helper.from_array(stored, "W1s"), numpy_helper.from_array(w2, "W2")],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    out = tmp_path / "q.onnx"
+    rep = squant_rs.quantize_onnx(model, out, 8)
+    assert [r.name for r in rep.layers] == ["c2"]
+    assert "c1" in rep.skipped
+    assert any(n.startswith("c1: ") and "Transpose" in n for n in rep.notes), rep.notes
+    x = rng.random((1, 3, 9, 9), dtype=np.float32)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    ref = run(tmp_path / "m.onnx", x)
+    got = run(out, x)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=0.05 * np.abs(ref).max())
+
+
 def test_weights_read_through_slice_and_transpose(tmp_path):
     """quantize_onnx: a weight read through Slice / Transpose nodes (with
     constant or computed starts and ends, on any axis) is the whole

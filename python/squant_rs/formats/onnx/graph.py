@@ -172,6 +172,15 @@ def _find_layers(
             if ndim < 3:
                 left_float(name, f"its weight {w.name!r} has {ndim} dimensions (a Conv's has 3+)")
                 continue
+            if view is not None and view[2]:
+                # (SQuant's kernels and channels are those of the layout the
+                # Conv reads; a 2-D weight's are the same either way)
+                left_float(
+                    name,
+                    f"its weight {w.name!r} reaches it through a Transpose: Conv weights are "
+                    "quantized in their own layout only",
+                )
+                continue
             axis = 0
         else:
             if ndim != 2:

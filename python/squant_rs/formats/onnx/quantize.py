@@ -61,7 +61,8 @@ def quantize_onnx(
     weight (second) input, 2-D for Gemm and MatMul (directly, or through
     Identity nodes or Slice / Transpose nodes: the whole initializer,
     quantized along the axis the Transposes make the layer's output-channel
-    axis, its DequantizeLinear read by the node that read it); a layer whose constant
+    axis, its DequantizeLinear read by the node that read it; a Conv weight
+    through a Transpose stays float, with a note); a layer whose constant
     operand is something else (a Constant node's, a sparse initializer or a
     computed weight, a first operand, another rank or dtype, a node inside
     an If / Loop / Scan body) stays float and is listed in the report's
