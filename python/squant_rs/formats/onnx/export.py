@@ -29,7 +29,7 @@ from .output import _check_output, write_model
 from .plan import _capped, _clip_max, _constants, _fold_pads
 from .quantize import _check_quantize_input, _first_input, _integer_ranges, _s_sigma
 from .ranges import _input_feeds
-from .rewrite import _rewrite, float_bias_note
+from .rewrite import _rewrite, bias_note
 
 if TYPE_CHECKING:
     import torch
@@ -312,11 +312,12 @@ def export_onnx(
             if integer_kernels:
                 known = _bn_output_ranges(source, graph_model, report, by_layer, abits)
                 plan = _integer_ranges(graph_model, layers, abits, mult, feeds, n_threads, known)
-    float_biases = {id(layer) for layer in _rewrite(graph_model, weights, plan)}
+    noted = {(id(layer), kind) for layer, kind in _rewrite(graph_model, weights, plan)}
     report.notes += [
-        float_bias_note(name)
+        bias_note(name, kind)
+        for kind in ("coarse", "float")
         for name, lys in by_layer.items()
-        if any(id(layer) in float_biases for layer in lys)
+        if any((id(layer), kind) in noted for layer in lys)
     ]
     report.size_before = size_before
     report.size_after = write_model(graph_model, out, external_data)

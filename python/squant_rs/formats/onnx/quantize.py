@@ -34,7 +34,7 @@ from .plan import (
     _resolve_plan,
 )
 from .ranges import _input_feeds, _observe, check_input_shapes, sigma_range
-from .rewrite import _rewrite, float_bias_note
+from .rewrite import _rewrite, bias_note
 
 
 def quantize_onnx(
@@ -221,7 +221,7 @@ def quantize_onnx(
             plan = _integer_ranges(model, layers, abits, mult, feeds, n_threads, {})
     reports = _layer_reports(layers, weights, arrays, order, ms)
     notes += [
-        float_bias_note(layer.name) for layer in _rewrite(model, list(weights.values()), plan)
+        bias_note(layer.name, kind) for layer, kind in _rewrite(model, list(weights.values()), plan)
     ]
     size_after = write_model(model, out, external_data, in_path, data_files)
     return QuantReport(

@@ -294,12 +294,13 @@ def _rewrite(
     model: Any,
     weights: list[_Weight],
     plan: dict[str, tuple[int, float, float]] | None = None,
-) -> list[_Layer]:
+) -> list[tuple[_Layer, str]]:
     """Put the quantized weights, activation Q/DQ pairs and int32 biases into
     ``model`` (in place). ``plan``: the integer-kernel form, the range of
     every activation tensor to quantize (:func:`_integer_plan`); without
     it, a Q/DQ pair on each layer input that has a range. Returns the
-    layers whose bias became a float Add instead (:func:`_bias`)."""
+    layers to note (:func:`bias_note`): whose bias became a float Add
+    (:func:`_bias`), or whose near-dead channels were re-rounded."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -308,19 +309,21 @@ def _rewrite(
     new_nodes: list[tuple[Any, Any]] = []  # (node to insert, before this node)
     w_scales: dict[int, _WeightSteps] = {}
     biases: list[str] = []  # float biases replaced by int32 ones (or an Add's)
-    float_biases: list[_Layer] = []
+    notes: list[tuple[_Layer, str]] = []
     inits = _initializers(graph)
     producers = {o: n for n in graph.node for o in n.output}
     for wt in weights:
         base = wt.base or wt.name
         oc = int(np.asarray(wt.qt.codes).shape[0]) if np.asarray(wt.qt.codes).ndim else 0
         ratio = np.zeros(oc)  # per channel: the largest |bias| / a_scale
+        positive = np.zeros(oc, bool)  # a reader's bias is positive
         for layer in wt.layers:
             act = layer.act if plan is None else plan.get(layer.node.input[0])
             b = _bias_tensor(producers, inits, layer, oc)
             if act is not None and b is not None:
-                bias = np.abs(numpy_helper.to_array(b).astype(np.float64))
-                ratio = np.maximum(ratio, bias / float(_act_step(*act)))
+                signed = numpy_helper.to_array(b).astype(np.float64)
+                positive |= signed > 0
+                ratio = np.maximum(ratio, np.abs(signed) / float(_act_step(*act)))
         codes, step, zp, kind = _weight_encoding(wt.qt, base, ratio)
         flat = (codes.reshape(oc, -1) if codes.size else np.zeros((oc, 0), np.int64)) - zp[:, None]
         acc = _ACC_INPUT * np.abs(flat).sum(axis=1, dtype=np.float64)
@@ -331,6 +334,23 @@ def _rewrite(
         if dead.any():
             need = (ratio / _BIAS_CODES).astype(np.float32)
             step = np.where(dead & (need > step), need, step).astype(np.float32)
+        # A near-dead channel (a tiny step, a normal bias) whose int32 bias
+        # code would still pass _BIAS_CODES, zero point 0: its weights are
+        # re-rounded to the coarser step its bias code fits at (they move
+        # by at most half that step; for the ones met, ~1e-8). Not where
+        # _bias clamps the code exactly instead (a negative bias whose
+        # outputs only reach a ReLU / Clip at 0 / unsigned quantizer).
+        need = (ratio * (1 + 1e-6) / _BIAS_CODES).astype(np.float32)
+        clamps = all(_clamps_negatives(graph, inits, ly.node.output[0]) for ly in wt.layers)
+        coarse = (need > step) & ~dead & (zp == 0) & (positive | ~clamps)
+        if coarse.any():
+            rows = codes.reshape(oc, -1)  # (a view: codes changes with it)
+            for c in np.flatnonzero(coarse):
+                rows[c] = np.rint(rows[c] * (np.float64(step[c]) / np.float64(need[c])))
+                step[c] = need[c]
+            flat = rows - zp[:, None]
+            acc = _ACC_INPUT * np.abs(flat).sum(axis=1, dtype=np.float64)
+            notes += [(ly, "coarse") for ly in wt.layers]
         if wt.axis == 1:
             codes = codes.T
         c_name, s_name, z_name = (
@@ -378,7 +398,7 @@ def _rewrite(
                 layer.node.input[0] = out
                 b = _bias(graph, names, new_inits, layer, inits, a_step, w_scales[id(layer.node)])
                 biases += [b[0]] if b is not None else []
-                float_biases += [layer] if b is not None and b[1] else []
+                notes += [(layer, "float")] if b is not None and b[1] else []
         graph.initializer.extend(new_inits)
         for node, before in new_nodes:
             graph.node.insert(_index(graph, before), node)
@@ -399,18 +419,28 @@ def _rewrite(
                     step_w = w_scales[id(layer.node)]
                     b = _bias(graph, names, new_inits, layer, inits, in_step, step_w)
                     biases += [b[0]] if b is not None else []
-                    float_biases += [layer] if b is not None and b[1] else []
+                    notes += [(layer, "float")] if b is not None and b[1] else []
         graph.initializer.extend(new_inits)
     replaced = [wt.name for wt in weights] + biases
     _drop_dead_identities(graph, replaced)
     for name in dict.fromkeys(replaced):
         _drop_initializer(graph, name)
     _toposort(graph)
-    return float_biases
+    return list({(id(ly), kind): (ly, kind) for ly, kind in notes}.values())
 
 
-def float_bias_note(name: str) -> str:
-    """The report's note on a layer whose bias :func:`_bias` made a float Add."""
+def bias_note(name: str, kind: str) -> str:
+    """The report's note on a layer :func:`_rewrite` listed: ``"float"``,
+    its bias made a float Add by :func:`_bias`; ``"coarse"``, near-dead
+    channels of its weight re-rounded so that their int32 bias fits."""
+    if kind == "coarse":
+        return (
+            f"{name}: some near-dead channels (a tiny weight step and a normal bias, e.g. "
+            "after BatchNorm folding) had an int32 bias code beyond int32; their weights are "
+            "re-rounded to the coarser step the code fits at, so they differ from the "
+            "quantized model's by at most half that step (their bias and the integer kernel "
+            "are kept)"
+        )
     return (
         f"{name}: its bias does not fit int32 at the step a_scale * w_scale[c] with "
         "the integer kernel's sum of products (a bias large against its channel's weights, "
