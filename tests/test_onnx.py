@@ -530,6 +530,59 @@ def test_near_dead_channels_keep_integer_kernels(tmp_path, path, tiny, bias):
     assert not any(n.startswith(("dw", "/dw")) for n in rep.notes if "float Add" in n)
 
 
+@pytest.mark.parametrize("ik", [False, True])
+@pytest.mark.parametrize("case", ["gemm-beta", "conv-also-read"])
+def test_negative_bias_clamp_only_where_outputs_clamp(tmp_path, case, ik):
+    """A negative bias past int32 is clamped only on a Conv whose output
+    every reader (before the rewrite) maps to 0 below 0: a Gemm whose
+    negative stored bias is positive through beta = -1 came out 0.015
+    instead of 1.0, and a Conv output read by a ReLU and by another Conv
+    (whose Q/DQ input the check did not see yet) was 62 % of its range off."""
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    if case == "gemm-beta":
+        w = rng.standard_normal((2, 16)).astype(np.float32)
+        w[0] *= 1e-7
+        nodes = [
+            helper.make_node("Gemm", ["x", "W", "b"], ["h"], transB=1, beta=-1.0),
+            helper.make_node("Relu", ["h"], ["y"]),
+        ]
+        inits = [
+            numpy_helper.from_array(w, "W"),
+            numpy_helper.from_array(np.array([-1.0, 0.1], np.float32), "b"),
+        ]
+        ins, shape = [vi("x", TensorProto.FLOAT, [1, 16])], (1, 16)
+        out_vi = [vi("y", TensorProto.FLOAT, [1, 2])]
+    else:
+        wb = rng.standard_normal((4, 4, 1, 1)).astype(np.float32)
+        wa = rng.standard_normal((4, 4, 1, 1)).astype(np.float32)
+        wa[0] = np.abs(wa[0]) * 1e-7
+        nodes = [
+            helper.make_node("Conv", ["x", "Wb"], ["c"], name="C"),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("Conv", ["r", "Wa", "ba"], ["h"], name="A"),
+            helper.make_node("Relu", ["h"], ["y1"]),
+            helper.make_node("Conv", ["h", "Wb"], ["y2"], name="B"),
+        ]
+        ba = np.array([-1.0, 0.1, 0.2, -0.1], np.float32)
+        inits = [numpy_helper.from_array(t, n) for t, n in ((wb, "Wb"), (wa, "Wa"), (ba, "ba"))]
+        ins, shape = [vi("x", TensorProto.FLOAT, [1, 4, 8, 8])], (1, 4, 8, 8)
+        out_vi = [vi(n, TensorProto.FLOAT, [1, 4, 8, 8]) for n in ("y1", "y2")]
+    g = helper.make_graph(nodes, "g", ins, out_vi, inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    x = rng.uniform(0, 1, shape).astype(np.float32)
+    out = tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(model, out, 8, 8, integer_kernels=ik, quantize_input=(0.0, 1.0))
+
+    def every_output(path):
+        sess = ort.InferenceSession(str(path), providers=CPU)
+        return sess.run(None, {"x": x})
+
+    for want, got in zip(every_output(tmp_path / "m.onnx"), every_output(out)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=0.1 * np.abs(want).max())
+
+
 def _depthwise_graph(bias: np.ndarray) -> onnx.ModelProto:
     """Conv -> Relu -> 3x3 depthwise Conv with ``bias`` -> Relu -> Conv."""
     rng = np.random.default_rng(0)

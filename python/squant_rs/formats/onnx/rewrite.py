@@ -284,10 +284,12 @@ def _drop_initializer(graph: Any, name: str) -> None:
 #: The largest ``|x - x_zero_point|`` of a uint8 activation code.
 _ACC_INPUT = 255
 
-#: Per layer: its weight's steps ``1/s`` per channel, rank, and per channel
+#: Per layer: its weight's steps ``1/s`` per channel, rank, per channel
 #: the bound ``_ACC_INPUT * sum |q - zp|`` of the integer kernel's sum of
-#: products, which it adds to the int32 bias code.
-_WeightSteps = tuple[np.ndarray, int, np.ndarray]
+#: products, which it adds to the int32 bias code, and whether the layer is
+#: a Conv whose output only reaches readers that map negatives to 0
+#: (:func:`_clamps_negatives`, on the graph before the rewrite).
+_WeightSteps = tuple[np.ndarray, int, np.ndarray, bool]
 
 
 def _rewrite(
@@ -312,6 +314,14 @@ def _rewrite(
     notes: list[tuple[_Layer, str]] = []
     inits = _initializers(graph)
     producers = {o: n for n in graph.node for o in n.output}
+    # (read before anything is rewritten: Q/DQ pairs added below read the
+    # layers' outputs too)
+    clamping = {
+        ly.node.output[0]
+        for wt in weights
+        for ly in wt.layers
+        if ly.op == "Conv" and _clamps_negatives(graph, inits, ly.node.output[0])
+    }
     for wt in weights:
         base = wt.base or wt.name
         oc = int(np.asarray(wt.qt.codes).shape[0]) if np.asarray(wt.qt.codes).ndim else 0
@@ -341,7 +351,7 @@ def _rewrite(
         # _bias clamps the code exactly instead (a negative bias whose
         # outputs only reach a ReLU / Clip at 0 / unsigned quantizer).
         need = (ratio * (1 + 1e-6) / _BIAS_CODES).astype(np.float32)
-        clamps = all(_clamps_negatives(graph, inits, ly.node.output[0]) for ly in wt.layers)
+        clamps = all(ly.node.output[0] in clamping for ly in wt.layers)
         coarse = (need > step) & ~dead & (zp == 0) & (positive | ~clamps)
         if coarse.any():
             rows = codes.reshape(oc, -1)  # (a view: codes changes with it)
@@ -380,7 +390,7 @@ def _rewrite(
                 layer.node.input[1] = out
             else:
                 layer.via.input[0] = out
-            w_scales[id(layer.node)] = (step, codes.ndim, acc)
+            w_scales[id(layer.node)] = (step, codes.ndim, acc, layer.node.output[0] in clamping)
     if plan is None:
         # A Q/DQ pair on each layer input (shared by layers reading the same
         # tensor with the same range), then the int32 biases.
@@ -623,6 +633,8 @@ def _clamps_negatives(graph: Any, inits: dict[str, Any], tensor: str) -> bool:
     readers = [n for n in graph.node if tensor in n.input]
     if not readers or tensor in {o.name for o in graph.output}:
         return False
+    if any(tensor in _subgraph_reads(n) for n in graph.node):
+        return False  # (an If / Loop body reads it)
     for n in readers:
         if n.op_type == "Relu":
             continue
@@ -658,7 +670,7 @@ def _bias(
     saturating, and be off by about the output's whole range."""
     from onnx import helper, numpy_helper
 
-    steps, rank, acc = w_step
+    steps, rank, acc, clamped = w_step
     direct = layer.node.input[2:3] and layer.node.input[2] in inits
     producers = {} if direct else {o: n for n in graph.node for o in n.output}
     b = _bias_tensor(producers, inits, layer, steps.size)
@@ -671,13 +683,13 @@ def _bias(
     base = b.name
     room = 2**31 - 1 - acc
     over = ~(np.abs(q) <= room)  # (NaN too)
-    if over.any() and np.all(step > 0) and np.all(bias[over] < 0):
-        # Negative biases past int32 on channels whose outputs only reach
-        # a ReLU / Clip at 0 or an unsigned quantizer at zero point 0:
-        # their output, below -room steps plus at most the products'
-        # bound (acc < room), is negative either way, hence 0 after it;
-        # the code clamped to -room gives the same values.
-        if _clamps_negatives(graph, inits, layer.node.output[0]):
+    if clamped and over.any() and np.all(step > 0) and np.all(bias[over] < 0):
+        # Negative biases past int32 on a Conv's channels whose outputs
+        # only reach a ReLU / Clip at 0 or an unsigned quantizer at zero
+        # point 0: their output, below -room steps plus at most the
+        # products' bound (acc < room), is negative either way, hence 0
+        # after it; the code clamped to -room gives the same values.
+        if np.all(acc[over] < 2**30):
             q = np.where(over, -room, q)
             over[:] = False
     if not (np.all(step > 0) and not over.any()):
