@@ -225,6 +225,10 @@ def test_same_usage_errors_as_python(tmp_path, squant_bin: str) -> None:
         [*q, "--mode", "-q"],
         [*q, "--mode", ""],
         [*q, "--bogus=1"],
+        [*q, "--mode", "-1"],
+        [*q, "--include", "-x"],
+        [*q, "--wbits", "99999999999999999999"],
+        [*q, "--threads", "-007"],
     ]
     for argv in cases:
         p, r = _py(*argv), _run(squant_bin, *argv)

@@ -94,16 +94,16 @@ enum Command {
         #[arg(long, default_value_t = 4, value_parser = parse_bits, allow_negative_numbers = true)]
         wbits: u32,
         /// quantization mode
-        #[arg(long, default_value = "squant", value_parser = ["squant", "squant-e", "squant-k", "squant-c"])]
+        #[arg(long, default_value = "squant", value_parser = ["squant", "squant-e", "squant-k", "squant-c"], allow_negative_numbers = true)]
         mode: String,
         /// asymmetric (zero point, SQuant's) or symmetric (zero point 0, what int8 runtimes fuse)
-        #[arg(long, default_value = "asymmetric", value_parser = ["asymmetric", "symmetric"])]
+        #[arg(long, default_value = "asymmetric", value_parser = ["asymmetric", "symmetric"], allow_negative_numbers = true)]
         quantizer: String,
         /// quantize tensors whose name matches one of these fnmatch patterns (default: '*weight')
-        #[arg(long, num_args = 1.., value_name = "PATTERN", action = clap::ArgAction::Append)]
+        #[arg(long, num_args = 1.., value_name = "PATTERN", action = clap::ArgAction::Append, allow_negative_numbers = true)]
         include: Vec<String>,
         /// leave tensors matching these patterns float (tried on the name and on the name without '.weight')
-        #[arg(long, num_args = 1.., value_name = "PATTERN", action = clap::ArgAction::Append)]
+        #[arg(long, num_args = 1.., value_name = "PATTERN", action = clap::ArgAction::Append, allow_negative_numbers = true)]
         skip: Vec<String>,
         /// thread count (default: SQUANT_NUM_THREADS, else the CPUs)
         #[arg(long, value_parser = parse_threads, allow_negative_numbers = true)]
@@ -132,9 +132,10 @@ enum Command {
     },
 }
 
-/// An integer as Python's `int()` reads the Python CLI's options:
-/// surrounding whitespace, a sign, and underscores between digits.
-fn python_int(text: &str) -> Option<i64> {
+/// An integer as Python's `int()` reads the Python CLI's options
+/// (surrounding whitespace, a sign, underscores between digits): its value
+/// (saturated beyond i64) and its decimal text as Python prints it.
+fn python_int(text: &str) -> Option<(i64, String)> {
     let t = text.trim();
     let (neg, digits) = match t.as_bytes().first() {
         Some(b'-') => (true, &t[1..]),
@@ -149,23 +150,34 @@ fn python_int(text: &str) -> Option<i64> {
     if !ok {
         return None;
     }
-    let v: i64 = digits.replace('_', "").parse().ok()?;
-    Some(if neg { -v } else { v })
+    let plain = digits.replace('_', "");
+    let plain = match plain.trim_start_matches('0') {
+        "" => "0",
+        rest => rest,
+    };
+    let v: i64 = plain.parse().unwrap_or(i64::MAX);
+    let shown = if neg && plain != "0" {
+        format!("-{plain}")
+    } else {
+        plain.to_string()
+    };
+    Some((if neg { -v } else { v }, shown))
 }
 
 fn parse_bits(text: &str) -> Result<u32, String> {
-    let v = python_int(text).ok_or_else(|| format!("invalid bit width '{text}'"))?;
+    let (v, shown) = python_int(text).ok_or_else(|| format!("invalid bit width '{text}'"))?;
     if !(2..=8).contains(&v) {
-        return Err(format!("bit width must be in 2..8, got {v}"));
+        return Err(format!("bit width must be in 2..8, got {shown}"));
     }
     Ok(v as u32)
 }
 
 fn parse_threads(text: &str) -> Result<usize, String> {
-    let v = python_int(text).ok_or_else(|| format!("invalid positive integer '{text}'"))?;
+    let (v, shown) =
+        python_int(text).ok_or_else(|| format!("invalid positive integer '{text}'"))?;
     if !(1..=MAX_THREADS as i64).contains(&v) {
         return Err(format!(
-            "must be a positive integer up to {MAX_THREADS}, got {v}"
+            "must be a positive integer up to {MAX_THREADS}, got {shown}"
         ));
     }
     Ok(v as usize)
@@ -907,6 +919,30 @@ fn ambiguous(arg: &str) -> Option<String> {
     })
 }
 
+/// argparse's error where an option-like `arg` follows an option that
+/// takes values, given none (`--include -x`): that option expects them.
+fn expected_before(arg: &str) -> Option<String> {
+    use clap::CommandFactory;
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == arg)?;
+    let prev = args.get(i.checked_sub(1)?)?;
+    let sub = args.iter().skip(1).find(|a| !a.starts_with('-'))?;
+    let cli = Cli::command();
+    let opt = cli.find_subcommand(sub)?.get_arguments().find(|a| {
+        a.get_long().is_some_and(|l| *prev == format!("--{l}"))
+            || a.get_short().is_some_and(|c| *prev == format!("-{c}"))
+    })?;
+    let takes = matches!(
+        opt.get_action(),
+        clap::ArgAction::Set | clap::ArgAction::Append
+    );
+    let many = opt.get_num_args().is_some_and(|r| r.max_values() > 1);
+    takes.then(|| {
+        let some = if many { "at least one" } else { "one" };
+        format!("argument {}: expected {some} argument", argparse_name(prev))
+    })
+}
+
 /// Whether clap's empty invalid value for the option `clap_arg` (as
 /// `--wbits <WBITS>`) is a missing one: the option is the command line's
 /// last argument or followed by another option (`--mode ''` is a value).
@@ -995,7 +1031,7 @@ fn usage_error(e: &clap::Error) -> String {
             // argparse names the whole `--name=value` token
             let given = std::env::args().find(|a| a.starts_with(&format!("{arg}=")));
             let arg = given.as_deref().unwrap_or(arg);
-            match ambiguous(arg) {
+            match ambiguous(arg).or_else(|| expected_before(arg)) {
                 Some(text) => text,
                 None => format!("unrecognized arguments: {arg}"),
             }
@@ -1021,6 +1057,7 @@ fn usage_error(e: &clap::Error) -> String {
         }
     };
     let own = text.starts_with("ambiguous option")
+        || text.ends_with(" argument")
         || matches!(
             e.kind(),
             ErrorKind::TooManyValues
