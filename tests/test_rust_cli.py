@@ -229,6 +229,7 @@ def test_same_usage_errors_as_python(tmp_path, squant_bin: str) -> None:
         [*q, "--include", "-x"],
         [*q, "--wbits", "99999999999999999999"],
         [*q, "--threads", "-007"],
+        ["quantize", "--", str(src), out, "--"],
     ]
     for argv in cases:
         p, r = _py(*argv), _run(squant_bin, *argv)

@@ -900,6 +900,9 @@ fn argparse_name(clap_name: &str) -> String {
 fn ambiguous(arg: &str) -> Option<String> {
     use clap::CommandFactory;
     let prefix = arg.split('=').next().unwrap_or(arg).strip_prefix("--")?;
+    if prefix.is_empty() {
+        return None; // `--` itself
+    }
     let sub = std::env::args_os()
         .skip(1)
         .find(|a| !a.to_string_lossy().starts_with('-'))?;
