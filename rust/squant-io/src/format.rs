@@ -11,7 +11,7 @@ use squant_core::Mode;
 
 use crate::dtype::{self, Dtype};
 use crate::error::{IoError, Result};
-use crate::json::{self, Ints, Key, Keys, Read, Text, Typed, UInt, UInts, Walk};
+use crate::json::{self, Ints, Key, Keys, Pairs, Read, Text, Typed, UInt, UInts, Walk};
 use crate::pack::{codes_per_byte, pack_into, packed_size};
 use crate::read::{repr, too_many_dims, Entry, SafetensorsFile, MAX_DIMS};
 use crate::write::{Planned, Writer, CHECKSUMS_KEY};
@@ -112,35 +112,16 @@ struct QFields {
 
 /// The `quantized` table: each weight's name and its entry or what is
 /// wrong with it, in table order (`None`: not an object).
-struct TableReader;
+const TABLE_READER: Pairs<QEntryReader> = Pairs(QEntryReader);
 
-impl<'de> Typed<'de> for TableReader {
-    type Out = Option<Vec<(String, std::result::Result<QEntry, String>)>>;
-    fn other(self, _: String) -> Self::Out {
-        None
-    }
-    fn object<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Out, A::Error> {
-        let mut out = Vec::new();
-        let mut keys = Keys::default();
-        while let Some(Key(name)) = map.next_key()? {
-            let entry = map
-                .next_value_seed(Read(QEntryReader))?
-                .ok_or_else(|| "not a JSON object".to_string())
-                .and_then(parse_entry);
-            out.push((name.to_string(), entry));
-            keys.insert(name)?;
-        }
-        Ok(Some(out))
-    }
-}
-
-/// A `quantized` entry: its fields if it is an object.
+/// A `quantized` entry, or what is wrong with it.
+#[derive(Clone, Copy)]
 struct QEntryReader;
 
 impl<'de> Typed<'de> for QEntryReader {
-    type Out = Option<QFields>;
+    type Out = std::result::Result<QEntry, String>;
     fn other(self, _: String) -> Self::Out {
-        None
+        Err("not a JSON object".to_string())
     }
     fn object<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Out, A::Error> {
         let mut f = QFields::default();
@@ -159,7 +140,7 @@ impl<'de> Typed<'de> for QEntryReader {
             }
             keys.insert(key)?;
         }
-        Ok(Some(f))
+        Ok(parse_entry(f))
     }
 }
 
@@ -296,7 +277,7 @@ impl SquantFile {
                 }
                 Vec::new()
             }
-            Some(text) => match json::parse_with(text, TableReader) {
+            Some(text) => match json::parse_with(text, TABLE_READER) {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     return Err(fail(
@@ -879,7 +860,7 @@ mod tests {
             format!(r#"{{"w":{{"bits":4,"mode":"squant","shape":[2{dims}],"dtype":"F32"}}}}"#)
         };
         let read = |n: usize| {
-            let mut t = json::parse_with(&table(n), TableReader).unwrap().unwrap();
+            let mut t = json::parse_with(&table(n), TABLE_READER).unwrap().unwrap();
             assert_eq!(t.len(), 1);
             t.remove(0).1.map(|q| q.shape.len())
         };
@@ -890,7 +871,7 @@ mod tests {
         }
         // A zero anywhere is the fault it was.
         let zero = table(70).replace("1]", "0]");
-        let got = json::parse_with(&zero, TableReader).unwrap().unwrap();
+        let got = json::parse_with(&zero, TABLE_READER).unwrap().unwrap();
         assert_eq!(
             got[0].1,
             Err("shape must list 2 or more positive dimensions".to_string())

@@ -249,8 +249,30 @@ impl<'de> Keys<'de> {
     }
 }
 
+/// An object as its `(key, value)` pairs in order, each value read by `R`
+/// (a key seen before is an error, after its value: see [`Keys`]); `None`
+/// for anything else.
+pub struct Pairs<R>(pub R);
+
+impl<'de, R: Typed<'de> + Copy> Typed<'de> for Pairs<R> {
+    type Out = Option<Vec<(String, R::Out)>>;
+    fn other(self, _: String) -> Self::Out {
+        None
+    }
+    fn object<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Out, A::Error> {
+        let mut out = Vec::new();
+        let mut keys = Keys::default();
+        while let Some(Key(name)) = map.next_key()? {
+            out.push((name.to_string(), map.next_value_seed(Read(self.0))?));
+            keys.insert(name)?;
+        }
+        Ok(Some(out))
+    }
+}
+
 /// A string (`Ok`); anything else is `Err` of the value as compact JSON
 /// text when `SHOW` (for a message that shows it), of `""` otherwise.
+#[derive(Clone, Copy)]
 pub struct Text<const SHOW: bool>;
 
 impl<'de, const SHOW: bool> Typed<'de> for Text<SHOW> {

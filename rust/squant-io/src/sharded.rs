@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{IoError, Result};
 use crate::format::{base_of, Kind, SquantFile, CODES, SCALE, ZERO_POINT};
-use crate::json::{self, Key, Keys, Read, Text, Typed, Walk};
+use crate::json::{self, Key, Keys, Pairs, Read, Text, Typed, Walk};
 use crate::quant::{quantize_files, selection, Job, Options, ProgressFn, Report};
 use crate::read::{repr, SafetensorsFile};
 use crate::write::{
@@ -53,12 +53,12 @@ pub fn is_sharded(path: &Path) -> bool {
 /// refused before it is read.
 pub const MAX_INDEX: u64 = crate::read::MAX_HEADER;
 
-/// An index's `weight_map` (tensor -> shard file, `None` where that is not
+/// An index's `weight_map` (tensor -> shard file, `Err` where that is not
 /// a string), in index order; `None` when there is no such object.
 struct IndexReader;
 
 impl<'de> Typed<'de> for IndexReader {
-    type Out = Option<Vec<(String, Option<String>)>>;
+    type Out = Option<Vec<(String, std::result::Result<String, String>)>>;
     fn other(self, _: String) -> Self::Out {
         None
     }
@@ -67,33 +67,13 @@ impl<'de> Typed<'de> for IndexReader {
         let mut keys = Keys::default();
         while let Some(Key(key)) = map.next_key()? {
             if key == "weight_map" {
-                weight_map = map.next_value_seed(Read(WeightMapReader))?;
+                weight_map = map.next_value_seed(Read(Pairs(Text::<false>)))?;
             } else {
                 map.next_value_seed(Walk(None))?;
             }
             keys.insert(key)?;
         }
         Ok(weight_map)
-    }
-}
-
-/// The `weight_map` object (see [`IndexReader`]).
-struct WeightMapReader;
-
-impl<'de> Typed<'de> for WeightMapReader {
-    type Out = Option<Vec<(String, Option<String>)>>;
-    fn other(self, _: String) -> Self::Out {
-        None
-    }
-    fn object<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Out, A::Error> {
-        let mut out = Vec::new();
-        let mut keys = Keys::default();
-        while let Some(Key(name)) = map.next_key()? {
-            let shard = map.next_value_seed(Read(Text::<false>))?.ok();
-            out.push((name.to_string(), shard));
-            keys.insert(name)?;
-        }
-        Ok(Some(out))
     }
 }
 
@@ -143,7 +123,7 @@ pub fn read_index(path: &Path) -> Result<ShardIndex> {
     let mut weight_map = Vec::with_capacity(map.len());
     for (name, shard) in map {
         let shard =
-            shard.ok_or_else(|| fail(format!("shard of {} is not a file name", repr(&name))))?;
+            shard.map_err(|_| fail(format!("shard of {} is not a file name", repr(&name))))?;
         let plain = !shard.is_empty()
             && shard != "."
             && shard != ".."
