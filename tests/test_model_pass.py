@@ -42,7 +42,8 @@ def test_quantize_into_equals_quantize_and_dequantize(mode: str) -> None:
     res = native.quantize_into(ws, outs, 3, mode)
     for w, out, r in zip(ws, outs, res):
         qt = squant_rs.quantize_tensor(w, 3, mode)
-        codes, scale, zp, kf, cf, err, ms = r
+        codes, scale, zp, kf, cf, err, ms, dot = r
+        assert dot is None
         assert codes is not None and np.array_equal(codes, qt.codes)
         assert np.array_equal(scale, qt.scale) and np.array_equal(zp, qt.zero_point)
         assert (kf, cf) == (qt.k_flips, qt.c_flips)

@@ -1,6 +1,7 @@
 """The native helpers of the squant+ recipe: normal_cdf (bit for bit
 math.erfc), channel_dots (float64 row dots), scale_channels (BN folding
-products, bit for bit numpy's)."""
+products, bit for bit numpy's), and the bias-shift dots the quantization
+pass computes itself (quantize_into's ``dots``: channel_dots' bits)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from squant_rs._squant_rs import channel_dots, normal_cdf, scale_channels
+from squant_rs._squant_rs import channel_dots, normal_cdf, quantize_into, scale_channels
 from squant_rs.errors import InvalidArgumentError
 
 
@@ -55,6 +56,93 @@ def test_channel_dots_are_float64_row_dots() -> None:
         channel_dots([mats[0]], [vecs[1]])
     with pytest.raises(InvalidArgumentError, match="C-contiguous"):
         channel_dots([np.asfortranarray(mats[1])], [vecs[1]])
+
+
+def test_channel_dots_grouped_vectors_take_one_segment_per_group() -> None:
+    """A vector of G segments: each group of OC/G consecutive rows takes its
+    own segment (a grouped convolution's input channels), the same bits as
+    one call per group."""
+    rng = np.random.default_rng(2)
+    for oc, cols, groups in [(12, 5, 3), (8, 9, 8), (6, 4, 1), (4, 3, 2)]:
+        m = rng.standard_normal((oc, cols)).astype(np.float32)
+        v = rng.standard_normal(groups * cols)
+        got = channel_dots([m], [v], 2)[0]
+        per = oc // groups
+        want = np.concatenate(
+            [
+                channel_dots([m[g * per : (g + 1) * per]], [v[g * cols : (g + 1) * cols]])[0]
+                for g in range(groups)
+            ]
+        )
+        assert np.array_equal(got, want)
+    m = rng.standard_normal((6, 4)).astype(np.float32)
+    for bad in (5, 16, 0):  # not whole segments; 4 groups do not divide 6 rows; none
+        with pytest.raises(InvalidArgumentError, match="segments"):
+            channel_dots([m], [np.ones(bad)])
+
+
+# (shape, groups): dense 3x3, Linear, grouped, depthwise
+_DOT_WEIGHTS = [((16, 6, 3, 3), 1), ((10, 33), 1), ((12, 2, 1, 5), 3), ((24, 1, 3, 3), 24)]
+
+
+@pytest.mark.parametrize(("shape", "groups"), _DOT_WEIGHTS)
+@pytest.mark.parametrize("with_float", [False, True])
+def test_quantize_into_dots_are_channel_dots_bit_for_bit(
+    shape: tuple[int, ...], groups: int, with_float: bool
+) -> None:
+    """The dots computed as each channel is written equal channel_dots over
+    the written values: ``w_hat . v_hat - w . v_w``, or ``(w_hat - w) .
+    v_hat`` (float32 differences) without ``v_w``; any thread count."""
+    rng = np.random.default_rng(sum(shape) + groups)
+    w = (
+        rng.standard_normal(shape)
+        * np.logspace(-2, 1, shape[0]).reshape(-1, *[1] * (len(shape) - 1))
+    ).astype(np.float32)
+    g = int(np.prod(shape[1:]))
+    v_hat = rng.standard_normal(groups * g)
+    v_w = rng.standard_normal(groups * g) if with_float else None
+    for threads in (1, 2):
+        out = np.empty_like(w)
+        (res,) = quantize_into([w], [out], 4, "squant", True, threads, "asymmetric", [(v_hat, v_w)])
+        dot = res[7]
+        assert dot is not None and dot.dtype == np.float64 and dot.shape == (shape[0],)
+        rows, w_rows = out.reshape(shape[0], -1), w.reshape(shape[0], -1)
+        if v_w is None:
+            want = channel_dots([rows], [v_hat], 1, [w_rows])[0]
+        else:
+            want = channel_dots([rows], [v_hat])[0] - channel_dots([w_rows], [v_w])[0]
+        assert np.array_equal(dot, want)
+
+
+def test_quantize_into_dots_are_checked() -> None:
+    rng = np.random.default_rng(9)
+    ws = [rng.standard_normal((6, 4)).astype(np.float32) for _ in range(2)]
+    outs = [np.empty_like(w) for w in ws]
+    res = quantize_into(ws, outs, 4, "squant", True, None, "asymmetric", [None, (np.ones(4), None)])
+    assert res[0][7] is None and res[1][7] is not None
+    with pytest.raises(InvalidArgumentError, match="2 weights but 1 dot"):
+        quantize_into(ws, outs, 4, "squant", True, None, "asymmetric", [None])
+    with pytest.raises(InvalidArgumentError, match="weight 1: dot vector v_hat has 5 elements"):
+        quantize_into(ws, outs, 4, "squant", True, None, "asymmetric", [None, (np.ones(5), None)])
+    with pytest.raises(InvalidArgumentError, match="weight 0: dot vector v_w"):
+        quantize_into(
+            ws, outs, 4, "squant", True, None, "asymmetric", [(np.ones(4), np.ones(3)), None]
+        )
+    with pytest.raises(InvalidArgumentError, match="v_hat and v_w differ"):
+        quantize_into(
+            ws, outs, 4, "squant", True, None, "asymmetric", [(np.ones(4), np.ones(8)), None]
+        )
+    with pytest.raises(InvalidArgumentError, match="weight 0: dot products need a float32 output"):
+        quantize_into(
+            ws,
+            [np.empty((6, 4)), outs[1]],
+            4,
+            "squant",
+            True,
+            None,
+            "asymmetric",
+            [(np.ones(4), None), None],
+        )
 
 
 def test_channel_dots_sum_order_is_pinned() -> None:
@@ -154,7 +242,7 @@ def test_pipeline_native_dots_match_einsum_path(
         nn.Conv2d(8, 12, 3, padding=1, bias=False),  # dense 3x3: native now
         nn.BatchNorm2d(12),
         nn.ReLU(),
-        nn.Conv2d(12, 12, (1, 5), padding=(0, 2), groups=3),  # grouped: einsum
+        nn.Conv2d(12, 12, (1, 5), padding=(0, 2), groups=3),  # grouped: native now
         nn.BatchNorm2d(12),
         nn.ReLU6(),
         nn.Flatten(),
@@ -178,3 +266,56 @@ def test_pipeline_native_dots_match_einsum_path(
             torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6, msg=k)
     # the dense 3x3 layer really was corrected (its bias moved off the fold's)
     assert not torch.equal(native["3.bias"], torch.zeros(12))
+
+
+@pytest.mark.parametrize("abits", [None, 8])
+def test_pipeline_fused_shifts_equal_the_separate_pass(
+    abits: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """quantize_model's bias shifts computed by the quantization pass itself
+    are the separate channel_dots pass's, bit for bit (dense, grouped,
+    depthwise and Linear layers)."""
+    import torch
+    from torch import nn
+
+    import squant_rs
+    from squant_rs.model import pipeline
+
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),  # depthwise
+        nn.BatchNorm2d(8),
+        nn.ReLU6(),
+        nn.Conv2d(8, 12, 1, groups=2),  # grouped 1x1
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 5),
+    ).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 1.0)
+    kw = {"recipe": "squant+", "input_shape": (2, 3, 6, 6), "backend": "rust"}
+    calls: list[object] = []
+    real = pipeline.fused_shift_vectors
+
+    def spy(*args: object) -> object:
+        got = real(*args)  # type: ignore[arg-type]
+        calls.append(got)
+        return got
+
+    monkeypatch.setattr(pipeline, "fused_shift_vectors", spy)
+    fused, rep = squant_rs.quantize_model(model, 8, abits, return_report=True, **kw)
+    assert sum(c is not None for c in calls) == 3  # every layer but the first
+    monkeypatch.setattr(pipeline, "fused_shift_vectors", lambda *args: None)
+    separate = squant_rs.quantize_model(model, 8, abits, **kw)
+    for (k, v), w in zip(fused.state_dict().items(), separate.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert [r.bias_corrected for r in rep.layers] == [False, True, True, True]

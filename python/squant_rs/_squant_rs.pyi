@@ -77,6 +77,7 @@ def quantize_into(
     keep_codes: bool = True,
     threads: int | None = None,
     quantizer: str = "asymmetric",
+    dots: list[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64] | None] | None] | None = None,
 ) -> list[
     tuple[
         npt.NDArray[np.int8] | None,
@@ -86,6 +87,7 @@ def quantize_into(
         int,
         float,
         float,
+        npt.NDArray[np.float64] | None,
     ]
 ]: ...
 def dequantize_into(

@@ -601,6 +601,9 @@ class LayerResult:
     #: pass's wall time, in proportion to the time the pass's threads spent
     #: on it.
     time_ms: float
+    #: The dot products asked for this weight (``dots`` of
+    #: :func:`quantize_into`), where the native pass computed them.
+    dot: np.ndarray | None = None
 
 
 _WEIGHT_INDEX = re.compile(r"weight (\d+): (.*)", re.S)
@@ -711,6 +714,7 @@ def quantize_into(
     backend: str,
     threads: int | None,
     quantizer: str = "asymmetric",
+    dots: Sequence[tuple[np.ndarray, np.ndarray | None] | None] | None = None,
 ) -> list[LayerResult]:
     """Quantize every ``(name, weight, destination)`` and write the weight's
     dequantized value into ``destination`` (a tensor of the weight's shape,
@@ -727,6 +731,13 @@ def quantize_into(
     must be valid. Every result equals ``quantize_tensor(weight, bits, mode,
     backend=backend, quantizer=quantizer)`` and its ``dequantize()``, bit
     for bit.
+
+    ``dots`` (one entry per item, or ``None``): ``(v_hat, v_w)`` float64
+    vectors of the weight's channel length for an item whose weight and
+    destination are CPU float32: the native pass also computes, per output
+    channel, ``w_hat . v_hat - w . v_w`` (``(w_hat - w) . v_hat`` where
+    ``v_w`` is ``None``) as each channel is written, into the result's
+    ``dot`` (``None`` where the item did not go through the native pass).
 
     Returns:
         One :class:`LayerResult` per item, in order.
@@ -770,7 +781,8 @@ def quantize_into(
         outs = [dests.view(items[i][2]) for i in native]
         start = time.perf_counter()
         try:
-            res = _native.quantize_into(arrays, outs, bits, mode, True, threads, quantizer)
+            asked = None if dots is None else [dots[i] for i in native]
+            res = _native.quantize_into(arrays, outs, bits, mode, True, threads, quantizer, asked)
         except SquantError as exc:
             m = _WEIGHT_INDEX.match(str(exc))
             if m is None:  # pragma: no cover - every per-weight error is indexed
@@ -784,12 +796,12 @@ def quantize_into(
             wall = (time.perf_counter() - start) * 1e3
             spent = sum(r[6] for r in res)
             share = wall / spent if spent > 0 else 0.0
-            for i, (codes, scale, zp, kf, cf, err, ms) in zip(native, res):
+            for i, (codes, scale, zp, kf, cf, err, ms, dot) in zip(native, res):
                 w = items[i][1]
                 qt = from_native(
                     (codes, scale, zp, kf, cf), bits, mode, w.dtype, w.device, quantizer
                 )
-                out[i] = LayerResult(qt, err, ms * share)
+                out[i] = LayerResult(qt, err, ms * share, dot)
             dests.finish()
     done = set(native)
     later: list[tuple[int, QuantizedTensor, float]] = []  # CPU results to dequantize

@@ -42,6 +42,7 @@ from .recipe import (
     compute_bias_shifts,
     finish_activation_order,
     finish_clip_items,
+    fused_shift_vectors,
     prepare,
     prepare_bias_correction,
     resolve_recipe,
@@ -404,7 +405,22 @@ def quantize_model(
         items, swaps, ratios = clip_weight_items(rplan, dict(plan.chosen), items, wbits, threads)
     else:
         swaps = []
-    results = quantize_into(items, wbits, mode, backend, threads, quantizer)
+    dots = None
+    if config.bias_correction and not swaps and backend != "torch":
+        # Most layers' shifts computed by the quantization pass itself, as it
+        # writes each channel (no second pass over the weights).
+        dots = [
+            fused_shift_vectors(
+                rplan,
+                name,
+                module,
+                w_floats[name],
+                _weight(module),
+                quantizers.get(name) if calibration == "float" else None,
+            )
+            for name, module in plan.chosen
+        ]
+    results = quantize_into(items, wbits, mode, backend, threads, quantizer, dots)
     finish_clip_items(swaps)  # before the shifts: they read the quantized weights
     if config.bias_correction:  # every layer's shift in one pass
         compute_bias_shifts(
@@ -420,6 +436,7 @@ def quantize_model(
                 for name, module in plan.chosen
             ],
             threads,
+            {name: res.dot for (name, _), res in zip(plan.chosen, results) if res.dot is not None},
         )
     by_name: dict[str, LayerReport] = {}
     for (name, module), res in zip(plan.chosen, results):

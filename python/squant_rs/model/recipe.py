@@ -1255,13 +1255,11 @@ def prepare_bias_correction(
 
 
 def _native_rows(module: Any, w: torch.Tensor | np.ndarray) -> np.ndarray | None:
-    """``w`` as the C-contiguous float32 ``(OC, IC * K)`` matrix (a view),
-    ``K`` the kernel positions (1 for a 1x1 kernel or Linear), where the
-    layer has one group and the weight is CPU float32; else ``None``."""
+    """``w`` as the C-contiguous float32 ``(OC, IC/groups * K)`` matrix (a
+    view), ``K`` the kernel positions (1 for a 1x1 kernel or Linear), where
+    the weight is CPU float32; else ``None``."""
     import torch
 
-    if not isinstance(module, _linear()) and int(module.groups) != 1:
-        return None
     if isinstance(w, np.ndarray):
         a = w
     else:
@@ -1274,33 +1272,91 @@ def _native_rows(module: Any, w: torch.Tensor | np.ndarray) -> np.ndarray | None
     return a.reshape(int(a.shape[0]), -1)
 
 
+def _row_vector(module: Any, rows: np.ndarray, vec: np.ndarray) -> np.ndarray:
+    """``vec`` (one value per input channel) as the float64 vector of the
+    rows of ``rows`` (:func:`_native_rows` of ``module``'s weight): each of
+    a kernel's positions takes its input channel's value, and a grouped
+    convolution's groups take one segment each (its input channels' values),
+    the layout the native dot products read."""
+    v = np.ascontiguousarray(vec, dtype=np.float64)
+    groups = 1 if isinstance(module, _linear()) else int(module.groups)
+    k = rows.shape[1] * groups // max(1, v.shape[0])  # kernel positions
+    if k != 1:
+        v = np.repeat(v, k)
+    return v
+
+
+def fused_shift_vectors(
+    plan: RecipePlan,
+    name: str,
+    module: Any,
+    w_float: torch.Tensor,
+    dst: torch.Tensor,
+    quantizer: ActivationQuantizer | None,
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The vectors with which the quantization pass itself computes the
+    layer's bias shift as it writes ``dst`` (``dots`` of
+    :func:`~squant_rs.model.layers.quantize_into`), the same bits as
+    :func:`compute_bias_shifts`' native pass: ``(E[Q(x)], E[x])`` for a
+    quantized input, ``(E[x], None)`` otherwise. ``None`` where the layer
+    is not corrected, or that pass would not take it (not CPU float32, not
+    contiguous): :func:`compute_bias_shifts` decides there."""
+    import torch
+
+    stats = plan.correction_stats(name, module)
+    if stats is None:
+        return None
+    rows = _native_rows(module, w_float)
+    if (
+        rows is None
+        or dst.device.type != "cpu"
+        or dst.dtype != torch.float32
+        or not dst.is_contiguous()
+    ):
+        return None
+    mean = stats.mean()
+    if _quantizes(quantizer):
+        assert quantizer is not None
+        eq = plan.expected_q.get(name)
+        if eq is None:
+            eq = expected_quantized(stats, quantizer)
+        return _row_vector(module, rows, eq), _row_vector(module, rows, mean)
+    return _row_vector(module, rows, mean), None
+
+
 def compute_bias_shifts(
     plan: RecipePlan,
     items: Sequence[tuple[str, Any, torch.Tensor, torch.Tensor, ActivationQuantizer | None]],
     threads: int | None = None,
+    fused: dict[str, np.ndarray] | None = None,
 ) -> None:
     """The shifts :func:`apply_bias_correction` will subtract, for every
     ``(name, module, w_float, w_hat, quantizer)`` (after quantization), in
-    ``plan.shifts``: the dot products of all layers with one group in one
+    ``plan.shifts``: the dot products of all CPU float32 layers in one
     native pass on ``threads`` threads (float64 products and sums; a larger
     kernel's positions each take their input channel's value of the
-    vector, so its float32 kernel sums are never rounded), and
-    :func:`channel_dot`'s ``einsum`` for the others (grouped, depthwise)."""
+    vector, so no float32 kernel sum is rounded), and :func:`channel_dot`'s
+    ``einsum`` for the others (other dtypes or devices).
+    ``fused``: the shifts the quantization pass computed already
+    (:func:`fused_shift_vectors`), by layer name."""
+    fused = fused or {}
     mats: list[np.ndarray] = []
     vecs: list[np.ndarray] = []
     minus: list[np.ndarray | None] = []
     terms: dict[str, list[int | np.ndarray]] = {}
 
-    def native(rows: np.ndarray, vec: np.ndarray, sub: np.ndarray | None = None) -> int:
-        v = np.ascontiguousarray(vec, dtype=np.float64)
-        if rows.shape[1] != v.shape[0]:  # K kernel positions per input channel
-            v = np.repeat(v, rows.shape[1] // v.shape[0])
+    def native(
+        module: Any, rows: np.ndarray, vec: np.ndarray, sub: np.ndarray | None = None
+    ) -> int:
         mats.append(rows)
-        vecs.append(v)
+        vecs.append(_row_vector(module, rows, vec))
         minus.append(sub)
         return len(mats) - 1
 
     for name, module, w_float, w_hat, quantizer in items:
+        if name in fused:
+            plan.shifts[name] = fused[name]
+            continue
         stats = plan.correction_stats(name, module)
         if stats is None:
             continue
@@ -1314,17 +1370,19 @@ def compute_bias_shifts(
             # shift = W_q . E[Q(x)] - W . E[x]
             for w, vec in ((w_hat, eq), (w_float, mean)):
                 rows = _native_rows(module, w)
-                values.append(channel_dot(module, w, vec) if rows is None else native(rows, vec))
+                values.append(
+                    channel_dot(module, w, vec) if rows is None else native(module, rows, vec)
+                )
         else:
             # shift = (W_q - W) . E[x], the differences rounded to the weights' dtype
             hat, flt = _native_rows(module, w_hat), _native_rows(module, w_float)
             if hat is not None and flt is not None:
-                values.append(native(hat, mean, flt))
+                values.append(native(module, hat, mean, flt))
             else:
                 delta = _difference(w_hat, w_float)
                 rows = _native_rows(module, delta)
                 values.append(
-                    channel_dot(module, delta, mean) if rows is None else native(rows, mean)
+                    channel_dot(module, delta, mean) if rows is None else native(module, rows, mean)
                 )
         terms[name] = values
     dots = channel_dots(mats, vecs, threads, minus) if mats else []

@@ -36,7 +36,8 @@ use crate::{
 const CHUNK_ELEMS: usize = 1 << 14;
 
 /// One weight's results: codes (when kept), scale, zero point, K and C
-/// flips, relative error, milliseconds spent on it.
+/// flips, relative error, milliseconds spent on it, and the per-channel dot
+/// products asked for it (see [`quantize_into`]'s `dots`).
 type LayerResult<'py> = (
     Option<Bound<'py, PyArrayDyn<i8>>>,
     Bound<'py, PyArray1<f32>>,
@@ -45,6 +46,14 @@ type LayerResult<'py> = (
     u64,
     f64,
     f64,
+    Option<Bound<'py, PyArray1<f64>>>,
+);
+
+/// The vectors of one weight's dot products (see [`quantize_into`]'s
+/// `dots`): `(v_hat, v_w)`.
+type DotVectors<'py> = (
+    PyReadonlyArray1<'py, f64>,
+    Option<PyReadonlyArray1<'py, f64>>,
 );
 
 /// An element type of the output buffers: how a dequantized float32 value
@@ -224,6 +233,43 @@ struct Chunk<'a> {
     scale: &'a mut [f32],
     zp: &'a mut [f32],
     out: Out<'a>,
+    dot: Option<ChunkDots<'a>>,
+}
+
+/// A weight's dot-product vectors as slices, and the channels per segment.
+type DotSegments<'a> = (&'a [f64], Option<&'a [f64]>, usize);
+
+/// The dot products a chunk computes once its channels are written: per
+/// channel `w_hat . hat - w . float`, or `(w_hat - w) . hat` (float32
+/// differences) without `float`; into `out`, one value per channel.
+/// The vectors hold one segment of `g` elements per group of `per_group`
+/// channels (see [`crate::stats::rows_per_segment`]); the chunk's first
+/// channel is the weight's channel `first`.
+struct ChunkDots<'a> {
+    hat: &'a [f64],
+    float: Option<&'a [f64]>,
+    per_group: usize,
+    out: &'a mut [f64],
+}
+
+impl ChunkDots<'_> {
+    /// Fills `out` from the chunk's weights `w` and dequantized values
+    /// `w_hat` (`g` elements per channel, the first one the weight's channel
+    /// `first`), with [`crate::stats::channel_dots`]'s arithmetic: the
+    /// same bits.
+    fn fill(self, w: &[f32], w_hat: &[f32], g: usize, first: usize) {
+        let rows = w.chunks_exact(g).zip(w_hat.chunks_exact(g));
+        for (j, (v, (row, row_hat))) in self.out.iter_mut().zip(rows).enumerate() {
+            let seg = (first + j) / self.per_group * g..((first + j) / self.per_group + 1) * g;
+            *v = match self.float {
+                None => crate::stats::dot_diff(row_hat, row, &self.hat[seg]),
+                Some(f) => {
+                    crate::stats::dot(row_hat, &self.hat[seg.clone()])
+                        - crate::stats::dot(row, &f[seg])
+                }
+            };
+        }
+    }
 }
 
 /// What a chunk contributes to its weight's results.
@@ -291,7 +337,13 @@ fn run_chunk(
         tally.flips = tally.flips + f;
     }
     let (err, norm) = match c.out {
-        Out::F32(o) => write_out_f32(c.w, codes, g, c.scale, c.zp, o),
+        Out::F32(o) => {
+            let sums = write_out_f32(c.w, codes, g, c.scale, c.zp, o);
+            if let Some(d) = c.dot {
+                d.fill(c.w, o, g, c.first);
+            }
+            sums
+        }
         Out::F64(o) => write_out(c.w, codes, g, c.scale, c.zp, o),
         Out::F16(o) => write_out(c.w, codes, g, c.scale, c.zp, o),
         Out::Bf16(o) => write_out(c.w, codes, g, c.scale, c.zp, o),
@@ -746,6 +798,27 @@ pub fn dequantize_into<'py>(
     ))
 }
 
+/// A dot-product vector of a weight with `oc` channels of `g` elements, as
+/// a slice, and how many channels share each of its segments.
+fn dot_vector<'a>(
+    v: &'a PyReadonlyArray1<'_, f64>,
+    what: &str,
+    oc: usize,
+    g: usize,
+) -> PyResult<(&'a [f64], usize)> {
+    let v = v
+        .as_slice()
+        .map_err(|_| InvalidArgumentError::new_err(format!("dot vector {what} not contiguous")))?;
+    match crate::stats::rows_per_segment(oc, g, v.len()) {
+        Some(per_group) => Ok((v, per_group)),
+        None => Err(InvalidArgumentError::new_err(format!(
+            "dot vector {what} has {} elements: not segments of the channel length {g}, \
+             one per equal group of the {oc} channels",
+            v.len()
+        ))),
+    }
+}
+
 /// `||w_hat - w|| / ||w||` from the sums of squares (0 when both are 0).
 fn relative_error(err: f64, norm: f64) -> f64 {
     if norm > 0.0 {
@@ -793,10 +866,17 @@ pub(crate) fn find_overlap(
 /// relative_error, time_ms): relative_error is ||w_hat - w|| / ||w|| of the
 /// stored values (float64 sums), time_ms the time the pass's threads spent
 /// on that weight. `quantizer`: "asymmetric" (the paper's) or "symmetric".
+/// `dots` (None, or one entry per weight: None or `(v_hat, v_w)`, float64
+/// vectors of `G` times the weight's channel length, one segment per group
+/// of `OC / G` consecutive channels, `v_w` may be None; the weight's
+/// output float32): the last result is, per output channel,
+/// `w_hat . v_hat - w . v_w`, or `(w_hat - w) . v_hat` (float32
+/// differences) without `v_w`, computed as each channel is written, with
+/// `channel_dots`'s arithmetic (the same bits); else None.
 /// An error names the weight by its position: "weight 3: ...".
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (ws, outs, bits, mode, keep_codes=true, threads=None, quantizer="asymmetric"))]
+#[pyo3(signature = (ws, outs, bits, mode, keep_codes=true, threads=None, quantizer="asymmetric", dots=None))]
 pub fn quantize_into<'py>(
     py: Python<'py>,
     ws: Vec<PyReadonlyArrayDyn<'py, f32>>,
@@ -806,6 +886,7 @@ pub fn quantize_into<'py>(
     keep_codes: bool,
     threads: Option<usize>,
     quantizer: &str,
+    dots: Option<Vec<Option<DotVectors<'py>>>>,
 ) -> PyResult<Vec<LayerResult<'py>>> {
     let mode = parse_mode(mode)?;
     let quantizer = parse_quantizer(quantizer)?;
@@ -818,9 +899,19 @@ pub fn quantize_into<'py>(
             outs.len()
         )));
     }
+    let dots = dots.unwrap_or_default();
+    if !dots.is_empty() && dots.len() != ws.len() {
+        return Err(InvalidArgumentError::new_err(format!(
+            "got {} weights but {} dot-product entries",
+            ws.len(),
+            dots.len()
+        )));
+    }
     let mut layouts = Vec::with_capacity(ws.len());
     let mut data = Vec::with_capacity(ws.len());
     let mut out_arrays = Vec::with_capacity(ws.len());
+    let mut dot_vecs: Vec<Option<DotSegments<'_>>> = Vec::with_capacity(ws.len());
+    let mut dot_vals: Vec<Option<Vec<f64>>> = Vec::with_capacity(ws.len());
     let mut codes = Vec::with_capacity(ws.len());
     let mut scales = Vec::with_capacity(ws.len());
     let mut zps = Vec::with_capacity(ws.len());
@@ -838,6 +929,43 @@ pub fn quantize_into<'py>(
                 )),
                 i,
             ));
+        }
+        match dots.get(i) {
+            Some(Some((hat, float))) => {
+                let (oc, g) = (layout.oc, layout.channel_len());
+                let (hat, per_group) =
+                    dot_vector(hat, "v_hat", oc, g).map_err(|e| with_index(py, e, i))?;
+                let float = match float {
+                    Some(f) => {
+                        let (f, n) =
+                            dot_vector(f, "v_w", oc, g).map_err(|e| with_index(py, e, i))?;
+                        if n != per_group {
+                            return Err(with_index(
+                                py,
+                                InvalidArgumentError::new_err(
+                                    "dot vectors v_hat and v_w differ in length",
+                                ),
+                                i,
+                            ));
+                        }
+                        Some(f)
+                    }
+                    None => None,
+                };
+                if !matches!(out, OutArray::F32(_)) {
+                    return Err(with_index(
+                        py,
+                        InvalidArgumentError::new_err("dot products need a float32 output"),
+                        i,
+                    ));
+                }
+                dot_vecs.push(Some((hat, float, per_group)));
+                dot_vals.push(Some(vec![0.0; layout.oc]));
+            }
+            _ => {
+                dot_vecs.push(None);
+                dot_vals.push(None);
+            }
         }
         data.push(row_major(w)?);
         out_arrays.push(out);
@@ -892,8 +1020,10 @@ pub fn quantize_into<'py>(
         .zip(code_slices)
         .zip(scales.iter_mut().zip(zps.iter_mut()))
         .zip(&layouts)
+        .zip(dot_vecs.iter().zip(dot_vals.iter_mut()))
         .enumerate();
-    for (layer, ((((w, out), mut q), (s, z)), layout)) in parts {
+    for (layer, (((((w, out), mut q), (s, z)), layout), (vecs, vals))) in parts {
+        let mut vals: Option<&mut [f64]> = vals.as_deref_mut();
         let g = layout.channel_len();
         let per = (CHUNK_ELEMS / g).max(1);
         let (mut w, mut out, mut s, mut z): (&[f32], Out<'_>, &mut [f32], &mut [f32]) =
@@ -913,6 +1043,19 @@ pub fn quantize_into<'py>(
                 }
                 None => None,
             };
+            let dot = match (vecs, vals.take()) {
+                (Some((hat, float, per_group)), Some(v)) => {
+                    let (va, vb) = v.split_at_mut(m);
+                    vals = Some(vb);
+                    Some(ChunkDots {
+                        hat,
+                        float: *float,
+                        per_group: *per_group,
+                        out: va,
+                    })
+                }
+                _ => None,
+            };
             chunks.push(Chunk {
                 layer,
                 first,
@@ -921,6 +1064,7 @@ pub fn quantize_into<'py>(
                 scale: sa,
                 zp: za,
                 out: oa,
+                dot,
             });
             (w, out, s, z) = (wb, ob, sb, zb);
             first += m;
@@ -946,7 +1090,8 @@ pub fn quantize_into<'py>(
         t.nanos += r.nanos;
     }
     let mut ret = Vec::with_capacity(layouts.len());
-    for (((c, s), z), t) in codes.into_iter().zip(scales).zip(zps).zip(tallies) {
+    let rows = codes.into_iter().zip(scales).zip(zps).zip(tallies);
+    for ((((c, s), z), t), d) in rows.zip(dot_vals) {
         ret.push((
             c,
             s.into_pyarray(py),
@@ -955,6 +1100,7 @@ pub fn quantize_into<'py>(
             t.flips.c,
             relative_error(t.err, t.norm),
             t.nanos as f64 / 1e6,
+            d.map(|d| d.into_pyarray(py)),
         ));
     }
     Ok(ret)
