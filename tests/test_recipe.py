@@ -16,6 +16,8 @@ from squant_rs.model.fold import fold_batchnorm
 from squant_rs.model.recipe import (
     ChannelStats,
     bias_shift,
+    bn_range,
+    bn_ranges,
     clipped_normal_moments,
     correct_bias,
     default_bn_sigmas,
@@ -734,6 +736,29 @@ def test_bn_ranges_hand_computed() -> None:
     assert rows["fc"].act_range == pytest.approx(
         (0.0, float(np.clip(beta + 2 * gamma, 0, 6).max())), rel=1e-6
     )
+
+
+def test_bn_ranges_of_many_tensors_are_each_ones_bit_for_bit() -> None:
+    """bn_ranges (all layers' n-sigma ranges in one pass) gives each layer's
+    bn_range exactly: clip bounds finite or not, n given or the default,
+    the MSE range below 8 bits."""
+    rng = np.random.default_rng(7)
+    stats = [
+        ChannelStats(rng.standard_normal(c) * 3, rng.random(c) * 2, lo, hi)
+        for c, lo, hi in [
+            (5, 0.0, 6.0),
+            (1, -math.inf, math.inf),
+            (17, 0.0, math.inf),
+            (3, -1.0, 1.0),
+            (8, 0.0, 6.0),
+        ]
+    ]
+    stats.append(ChannelStats(np.full(4, -3.0), np.zeros(4), 0.0, 6.0))  # all clipped
+    for bits, n in [(8, None), (8, 2.5), (6, 4.0), (4, None), (5, 1.0)]:
+        got = bn_ranges(stats, bits, n)
+        want = [bn_range(st, bits, n) for st in stats]
+        assert [tuple(map(float.hex, g)) for g in got] == [tuple(map(float.hex, w)) for w in want]
+    assert bn_ranges([], 8, None) == []
 
 
 def test_default_ranges_mse_below_8_bits() -> None:
