@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -697,9 +699,6 @@ def test_fifo_or_device_onnx_input_is_refused(tmp_path) -> None:
     quantize_onnx and `squant-rs quantize` forever, and a link to a device
     was read as a model (/dev/zero without end). In subprocesses, as a hang
     would block the test run."""
-    import subprocess
-    import sys
-
     pytest.importorskip("onnx")
     script = tmp_path / "read_onnx.py"
     script.write_text(_ONNX_READ)
@@ -787,6 +786,20 @@ def _eight_weights() -> dict[str, RawTensor]:
     }
 
 
+def _python(
+    code: str, *args: str, cwd: Path, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter with ``args`` (``sys.argv[1:]``)
+    in ``cwd``; stdout and stderr captured as text."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
 _DAEMON_RUN = """
 import os, sys, threading, time, squant_rs
 started = threading.Event()
@@ -815,8 +828,6 @@ def test_run_in_a_daemon_thread_at_exit(tmp_path, sharded: bool, callback: bool)
     and the process ends normally and quietly. (The temporary directory or
     file was left behind, and without a progress callback the next block's
     signal check panicked: 'The Python interpreter is not initialized'.)"""
-    import subprocess
-    import sys
 
     src = tmp_path / "ck"
     src.mkdir()
@@ -832,13 +843,7 @@ def test_run_in_a_daemon_thread_at_exit(tmp_path, sharded: bool, callback: bool)
     work = tmp_path / "work"
     work.mkdir()
     for _ in range(3):
-        r = subprocess.run(
-            [sys.executable, "-c", _DAEMON_RUN, *args, "1" if callback else ""],
-            capture_output=True,
-            text=True,
-            cwd=work,
-            timeout=120,
-        )
+        r = _python(_DAEMON_RUN, *args, "1" if callback else "", cwd=work)
         assert (r.returncode, r.stdout, r.stderr) == (0, "main exits\n", "")
         assert os.listdir(work) == []
 
@@ -872,19 +877,11 @@ def test_native_call_in_a_daemon_thread_at_exit(tmp_path, call: str) -> None:
     returned, CPython ended it with pthread_exit through the extension's
     frames, and the process aborted: 'FATAL: exception not rethrown', exit
     status 134, the temporary file left behind.)"""
-    import subprocess
-    import sys
 
     work = tmp_path / "work"
     work.mkdir()
     for _ in range(3):
-        r = subprocess.run(
-            [sys.executable, "-c", _DAEMON_SAVE, call],
-            capture_output=True,
-            text=True,
-            cwd=work,
-            timeout=120,
-        )
+        r = _python(_DAEMON_SAVE, call, cwd=work)
         assert (r.returncode, r.stdout, r.stderr) == (0, "main exits\n", "")
         assert os.listdir(work) == []
 
@@ -926,16 +923,8 @@ def test_threads_an_atexit_handler_waits_for_finish(tmp_path, case: str) -> None
     handler starts and joins, and a daemon worker a later atexit handler
     joins, both finish their native calls (the first version of the exit
     handling parked them for good: the process hung)."""
-    import subprocess
-    import sys
 
-    r = subprocess.run(
-        [sys.executable, "-c", _LATE_THREADS, case],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=60,
-    )
+    r = _python(_LATE_THREADS, case, cwd=tmp_path, timeout=60)
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
     if case == "thread":
         assert r.stdout == "main exits\nlate thread: 4\n"
@@ -973,20 +962,12 @@ def test_run_started_after_the_exit_clean_up_is_refused(tmp_path) -> None:
     later atexit handler (in the exiting main thread): it is refused with a
     message saying why. (Its stopped run parked the main thread, and the
     process hung, SIGTERM included.)"""
-    import subprocess
-    import sys
 
     tensors = _eight_weights()
     write_safetensors(tmp_path / "in.safetensors", tensors)
     work = tmp_path / "work"
     work.mkdir()
-    r = subprocess.run(
-        [sys.executable, "-c", _LATE_RUN, str(tmp_path / "in.safetensors")],
-        capture_output=True,
-        text=True,
-        cwd=work,
-        timeout=60,
-    )
+    r = _python(_LATE_RUN, str(tmp_path / "in.safetensors"), cwd=work, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("main exits\nrefused: the interpreter is exiting"), r.stdout
     assert os.listdir(work) == []
@@ -1023,25 +1004,14 @@ def test_forked_child_leaves_the_parents_run_alone(tmp_path) -> None:
     quantization of its own: its exit hook removed the parent's temporary
     output (inherited in its list of files in progress), and the parent's
     run failed with a bare FileNotFoundError."""
-    import subprocess
-    import sys
 
     big = _eight_weights()
     write_safetensors(tmp_path / "big.safetensors", big)
     write_safetensors(tmp_path / "small.safetensors", {"l.weight": big["l0.weight"]})
     work = tmp_path / "work"
     work.mkdir()
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _FORKED_RUN,
-            *(str(tmp_path / f"{n}.safetensors") for n in ("big", "small")),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=work,
-        timeout=120,
+    r = _python(
+        _FORKED_RUN, *(str(tmp_path / f"{n}.safetensors") for n in ("big", "small")), cwd=work
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "['ok'] ['child.safetensors', 'parent.safetensors']\n", r.stdout
@@ -1053,8 +1023,6 @@ def test_run_in_a_daemon_thread_at_exit_beside_torch(tmp_path) -> None:
     waits until the stopped run is out of its progress callback, which was
     still in Python when the interpreter was finalized (SIGABRT, 'FATAL:
     exception not rethrown')."""
-    import subprocess
-    import sys
 
     pytest.importorskip("torch")
     tensors = _eight_weights()
@@ -1062,13 +1030,12 @@ def test_run_in_a_daemon_thread_at_exit_beside_torch(tmp_path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     for _ in range(3):
-        r = subprocess.run(
-            [sys.executable, "-c", "import torch\n" + _DAEMON_RUN]
-            + [str(tmp_path / "in.safetensors"), "out.safetensors", "1"],
-            capture_output=True,
-            text=True,
+        r = _python(
+            "import torch\n" + _DAEMON_RUN,
+            str(tmp_path / "in.safetensors"),
+            "out.safetensors",
+            "1",
             cwd=work,
-            timeout=120,
         )
         assert (r.returncode, r.stdout, r.stderr) == (0, "main exits\n", "")
         assert os.listdir(work) == []
