@@ -12,9 +12,11 @@ import pytest
 
 import squant_rs
 from squant_rs.model.activations import ActivationQuantizer
-from squant_rs.model.fold import fold_batchnorm
+from squant_rs.model.capture import capture
+from squant_rs.model.fold import fold_batchnorm, trace_fx
 from squant_rs.model.recipe import (
     ChannelStats,
+    analyze,
     bias_shift,
     clipped_normal_moments,
     correct_bias,
@@ -636,6 +638,84 @@ def test_statistics_only_where_the_axis_and_forward_are_known(build, shape, has_
     assert second.bias_corrected == has_stats
     assert (second.range_source != "sigma") == has_stats
     assert not second.folded
+
+
+class _TwoBN(nn.Module):
+    """first -> BNs a and b of its output -> fn(a, b, mods) -> second: what
+    the graph walk reads through the ops between the BNs and a layer."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], *mods: nn.Module) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 1)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.fn, self.mods = fn, nn.ModuleList(mods)
+        self.second = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(x)
+        return self.second(self.fn(self.bn_a(x), self.bn_b(x), self.mods))
+
+
+@pytest.mark.parametrize(
+    ("fn", "mods", "has_stats"),
+    [
+        (lambda a, b, m: a + b, (), True),
+        (lambda a, b, m: a.add(b), (), True),
+        (lambda a, b, m: a.add(b, alpha=1), (), True),
+        # a + alpha b: not the sum the statistics describe
+        (lambda a, b, m: a.add(b, alpha=-3.0), (), False),
+        (lambda a, b, m: torch.add(a, b, alpha=2.0), (), False),
+        # an average pool that divides by what it sums ...
+        (lambda a, b, m: F.avg_pool2d(F.relu(a), 2), (), True),
+        (lambda a, b, m: F.avg_pool2d(F.relu(a), 3, 2, ceil_mode=True), (), True),
+        (lambda a, b, m: F.avg_pool2d(F.relu(a), 3, 1, 1, count_include_pad=False), (), True),
+        (lambda a, b, m: m[0](F.relu(a)), (nn.AvgPool2d(3, 1, 1, count_include_pad=False),), True),
+        # ... but not by a divisor of its own, nor counting the zero padding
+        (lambda a, b, m: F.avg_pool2d(F.relu(a), 2, divisor_override=1), (), False),
+        (lambda a, b, m: m[0](F.relu(a)), (nn.AvgPool2d(2, divisor_override=1),), False),
+        (lambda a, b, m: F.avg_pool2d(F.relu(a), 3, 1, 1), (), False),
+        (lambda a, b, m: m[0](F.relu(a)), (nn.AvgPool2d(3, 1, 1),), False),
+        # functional dropout drops and rescales unless training=False
+        (lambda a, b, m: F.dropout(F.relu(a), 0.5, training=False), (), True),
+        (lambda a, b, m: F.dropout(F.relu(a), 0.5), (), False),
+    ],
+    ids=[
+        "add",
+        "add-method",
+        "add-alpha-1",
+        "add-alpha",
+        "torch-add-alpha",
+        "avgpool",
+        "avgpool-ceil",
+        "avgpool-padding-excluded",
+        "avgpool-module-padding-excluded",
+        "avgpool-divisor",
+        "avgpool-module-divisor",
+        "avgpool-padding-counted",
+        "avgpool-module-padding-counted",
+        "dropout-eval",
+        "dropout-training",
+    ],
+)
+def test_statistics_only_where_the_values_are_known(fn, mods, has_stats) -> None:  # type: ignore[no-untyped-def]
+    """Arguments that change the values (``alpha``, ``divisor_override``,
+    padding counted in an average, dropout in training) leave the layer
+    without statistics: the sigma rule and no bias correction, not the
+    BNs' ranges."""
+    torch.manual_seed(0)
+    model = _random_bn(_TwoBN(fn, *mods).eval(), 1)
+    modules = dict(model.named_modules())
+    fx_graph = trace_fx(model)
+    assert fx_graph is not None
+    for graph in (capture(model, modules), fx_graph):
+        assert (analyze(model, graph, modules)["second"] is not None) == has_stats
+    q, rep = squant_rs.quantize_model(
+        model, 4, 4, input_shape=(2, 3, 6, 6), weight_range="minmax", return_report=True
+    )
+    second = rep.layers[-1]
+    assert second.name == "second"
+    assert second.bias_corrected == has_stats
+    assert (second.range_source != "sigma") == has_stats
 
 
 def test_tied_bias_is_not_corrected() -> None:

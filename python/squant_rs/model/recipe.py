@@ -507,6 +507,7 @@ def _graph_tables() -> dict[str, Any]:
             F.avg_pool3d: 3,
         },
         "clamps": (nn.ReLU6, nn.ReLU, nn.Hardtanh, F.relu6, F.hardtanh),
+        "dropout": F.dropout,
     }
 
 
@@ -538,13 +539,35 @@ def _activation_bounds(
     return None
 
 
-def _is_passthrough(target: Any, module: Any) -> bool:
+def _is_passthrough(node: Any, target: Any, module: Any) -> bool:
     """Ops that keep each channel's values' distribution range and mean
-    (dropout in eval, identity, average pooling, flatten/view/reshape)."""
+    (dropout in eval, identity, average pooling, flatten/view/reshape),
+    with arguments that do: an average pool that divides by the number of
+    values it sums (no ``divisor_override``, no zero padding counted in
+    the average: ``count_include_pad`` with padding), a functional dropout
+    with ``training=False`` (its default ``True`` drops and rescales)."""
     tables = _graph_tables()
     if module is not None:
-        return is_stock(module, tables["pass_modules"])
-    return target in tables["pass_targets"]
+        if not is_stock(module, tables["pass_modules"]):
+            return False
+    elif target not in tables["pass_targets"]:
+        return False
+    adaptive, k = _pool_dims(target, module)
+    if k and not adaptive:
+        if module is not None:
+            padding, count = module.padding, module.count_include_pad
+            divisor = getattr(module, "divisor_override", None)  # AvgPool1d has none
+        else:
+            padding = _arg(node, 3, "padding", 0)
+            count = _arg(node, 5, "count_include_pad", True)
+            divisor = _arg(node, 6, "divisor_override", None)
+        pads = padding if isinstance(padding, (tuple, list)) else [padding]
+        no_padding = all(type(p) is int and p == 0 for p in pads)
+        return divisor is None and (no_padding or (type(count) is bool and not count))
+    if module is None and target is tables["dropout"]:
+        p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
+        return (type(training) is bool and not training) or (type(p) in (int, float) and p == 0)
+    return True
 
 
 #: The layout tokens that hold the channels (:attr:`ChannelStats.layout`).
@@ -812,8 +835,11 @@ def analyze(
             or (node.op == "call_method" and target in ("add", "add_"))
         ):
             a, b = (node.args + (None, None))[:2]
-            sa = stats.get(a) if hasattr(a, "op") else None
-            sb = stats.get(b) if hasattr(b, "op") else None
+            alpha = node.kwargs.get("alpha", 1)  # a.add(b, alpha=k) is a + k b
+            plain = len(node.args) == 2 and type(alpha) in (int, float) and alpha == 1
+            known = plain and set(node.kwargs) <= {"alpha"}
+            sa = stats.get(a) if known and hasattr(a, "op") else None
+            sb = stats.get(b) if known and hasattr(b, "op") else None
             stats[node] = _add(sa, sb) if sa is not None and sb is not None else None
             continue
         bounds = _activation_bounds(target, node, module)
@@ -822,10 +848,10 @@ def analyze(
             label = getattr(target, "__name__", label) if module is None else label
             stats[node] = src.clipped(bounds[0], bounds[1], label) if src is not None else None
             continue
-        if isinstance(module, nn.Module) and not _is_passthrough(target, module):
+        if isinstance(module, nn.Module) and not _is_passthrough(node, target, module):
             stats[node] = None
             continue
-        if src is None or not _is_passthrough(target, module):
+        if src is None or not _is_passthrough(node, target, module):
             stats[node] = None
             continue
         layout = _layout_after(node, target, module, src.layout, stats)
