@@ -12,9 +12,11 @@ import pytest
 
 import squant_rs
 from squant_rs.model.activations import ActivationQuantizer
-from squant_rs.model.fold import fold_batchnorm
+from squant_rs.model.capture import capture
+from squant_rs.model.fold import fold_batchnorm, trace_fx
 from squant_rs.model.recipe import (
     ChannelStats,
+    analyze,
     bias_shift,
     bn_range,
     bn_ranges,
@@ -638,6 +640,208 @@ def test_statistics_only_where_the_axis_and_forward_are_known(build, shape, has_
     assert second.bias_corrected == has_stats
     assert (second.range_source != "sigma") == has_stats
     assert not second.folded
+
+
+class _TwoBN(nn.Module):
+    """first -> BNs a and b of its output -> fn(a, b, mods) -> second: what
+    the graph walk reads through the ops between the BNs and a layer."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], *mods: nn.Module) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 1)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.fn, self.mods = fn, nn.ModuleList(mods)
+        self.second = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(x)
+        return self.second(self.fn(self.bn_a(x), self.bn_b(x), self.mods))
+
+
+def _iadd(a: torch.Tensor, b: torch.Tensor, m: nn.ModuleList) -> torch.Tensor:
+    a += b  # traced as a + b, the result reassigned (ResNet's `out += identity`)
+    return a
+
+
+def _add_in_place_unused(a: torch.Tensor, b: torch.Tensor, m: nn.ModuleList) -> torch.Tensor:
+    a.add_(b)  # the BN's output is now a + b; its statistics say otherwise
+    return F.relu(a)
+
+
+def _mul_in_place(a: torch.Tensor, b: torch.Tensor, m: nn.ModuleList) -> torch.Tensor:
+    y = F.relu(a)
+    y.mul_(10.0)
+    return y
+
+
+def _mul_view_in_place(a: torch.Tensor, b: torch.Tensor, m: nn.ModuleList) -> torch.Tensor:
+    y = F.relu(a)
+    y.view(-1).mul_(10.0)  # a view shares y's memory
+    return y
+
+
+def _relu_then_input(a: torch.Tensor, b: torch.Tensor, m: nn.ModuleList) -> torch.Tensor:
+    F.relu(a, True)  # positional inplace=True: `a` is clipped in place
+    return a + b
+
+
+def _relu_module_then_input(a: torch.Tensor, b: torch.Tensor, m: nn.ModuleList) -> torch.Tensor:
+    m[0](a)  # nn.ReLU(inplace=True)
+    return a
+
+
+def _relu_method_then_input(a: torch.Tensor, b: torch.Tensor, m: nn.ModuleList) -> torch.Tensor:
+    a.relu_()
+    return a
+
+
+def _out_argument(a: torch.Tensor, b: torch.Tensor, m: nn.ModuleList) -> torch.Tensor:
+    torch.mul(b, 3.0, out=a)
+    return a
+
+
+def _read_before_write(a: torch.Tensor, b: torch.Tensor, m: nn.ModuleList) -> torch.Tensor:
+    s = a + b  # computed before the write: a new tensor, unchanged by it
+    a.mul_(10.0)
+    return s
+
+
+@pytest.mark.parametrize(
+    ("fn", "mods", "has_stats"),
+    [
+        (lambda a, b, m: a + b, (), True),
+        (lambda a, b, m: a.add(b), (), True),
+        (lambda a, b, m: a.add(b, alpha=1), (), True),
+        # a + alpha b: not the sum the statistics describe
+        (lambda a, b, m: a.add(b, alpha=-3.0), (), False),
+        (lambda a, b, m: torch.add(a, b, alpha=2.0), (), False),
+        (lambda a, b, m: a.add_(b), (), True),  # the in-place add's own result is a + b
+        (_iadd, (), True),
+        (_add_in_place_unused, (), False),
+        # an average pool that divides by what it sums ...
+        (lambda a, b, m: F.avg_pool2d(F.relu(a), 2), (), True),
+        (lambda a, b, m: F.avg_pool2d(F.relu(a), 3, 2, ceil_mode=True), (), True),
+        (lambda a, b, m: F.avg_pool2d(F.relu(a), 3, 1, 1, count_include_pad=False), (), True),
+        (lambda a, b, m: m[0](F.relu(a)), (nn.AvgPool2d(3, 1, 1, count_include_pad=False),), True),
+        # ... but not by a divisor of its own, nor counting the zero padding
+        (lambda a, b, m: F.avg_pool2d(F.relu(a), 2, divisor_override=1), (), False),
+        (lambda a, b, m: m[0](F.relu(a)), (nn.AvgPool2d(2, divisor_override=1),), False),
+        (lambda a, b, m: F.avg_pool2d(F.relu(a), 3, 1, 1), (), False),
+        (lambda a, b, m: m[0](F.relu(a)), (nn.AvgPool2d(3, 1, 1),), False),
+        # functional dropout drops and rescales unless training=False
+        (lambda a, b, m: F.dropout(F.relu(a), 0.5, training=False), (), True),
+        (lambda a, b, m: F.dropout(F.relu(a), 0.5), (), False),
+        # a value written in place after it was computed (or a view of it)
+        (_mul_in_place, (), False),
+        (_mul_view_in_place, (), False),
+        (_relu_then_input, (), False),
+        (_relu_module_then_input, (nn.ReLU(inplace=True),), False),
+        (_relu_method_then_input, (), False),
+        (_out_argument, (), False),
+        # ... not before, nor the in-place activation's own result
+        (_read_before_write, (), True),
+        (lambda a, b, m: F.relu(a, inplace=True), (), True),
+        (lambda a, b, m: m[0](a), (nn.ReLU(inplace=True),), True),
+    ],
+    ids=[
+        "add",
+        "add-method",
+        "add-alpha-1",
+        "add-alpha",
+        "torch-add-alpha",
+        "add-in-place-result",
+        "iadd-reassigned",
+        "add-in-place-unused",
+        "avgpool",
+        "avgpool-ceil",
+        "avgpool-padding-excluded",
+        "avgpool-module-padding-excluded",
+        "avgpool-divisor",
+        "avgpool-module-divisor",
+        "avgpool-padding-counted",
+        "avgpool-module-padding-counted",
+        "dropout-eval",
+        "dropout-training",
+        "mul-in-place",
+        "mul-view-in-place",
+        "relu-in-place-then-input",
+        "relu-module-in-place-then-input",
+        "relu-method-then-input",
+        "out-argument",
+        "read-before-write",
+        "relu-in-place-result",
+        "relu-module-in-place-result",
+    ],
+)
+def test_statistics_only_where_the_values_are_known(fn, mods, has_stats) -> None:  # type: ignore[no-untyped-def]
+    """Arguments that change the values (``alpha``, ``divisor_override``,
+    padding counted in an average, dropout in training) and values written
+    in place after they were computed leave the layer without statistics:
+    the sigma rule and no bias correction, not the BNs' ranges."""
+    torch.manual_seed(0)
+    model = _random_bn(_TwoBN(fn, *mods).eval(), 1)
+    modules = dict(model.named_modules())
+    fx_graph = trace_fx(model)
+    assert fx_graph is not None
+    for graph in (capture(model, modules), fx_graph):
+        assert (analyze(model, graph, modules)["second"] is not None) == has_stats
+    q, rep = squant_rs.quantize_model(
+        model, 4, 4, input_shape=(2, 3, 6, 6), weight_range="minmax", return_report=True
+    )
+    second = rep.layers[-1]
+    assert second.name == "second"
+    assert second.bias_corrected == has_stats
+    assert (second.range_source != "sigma") == has_stats
+
+
+class _BasicBlock(nn.Module):
+    """torchvision's ResNet block: one nn.ReLU(inplace=True) called three
+    times, ``out += identity`` reassigned."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+def test_in_place_relu_and_residual_keep_the_statistics() -> None:
+    """The usual in-place ops, whose results are reassigned, change no
+    statistics: each block's input is read (by its conv1 and its residual
+    add) before anything writes into it."""
+    torch.manual_seed(0)
+    model = _random_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
+            _BasicBlock(8),
+            _BasicBlock(8),
+            nn.Conv2d(8, 4, 1),
+        ).eval(),
+        1,
+    )
+    modules = dict(model.named_modules())
+    fx_graph = trace_fx(model)
+    assert fx_graph is not None
+    for graph in (capture(model, modules), fx_graph):
+        stats = analyze(model, graph, modules)
+        assert stats["0"] is None
+        sources = {k: v.source for k, v in stats.items() if v is not None}
+        assert sources == {
+            "3.conv1": "bn+relu",
+            "3.conv2": "bn+relu",
+            "4.conv1": "add+relu",
+            "4.conv2": "bn+relu",
+            "5": "add+relu",
+        }
 
 
 def test_tied_bias_is_not_corrected() -> None:

@@ -28,6 +28,7 @@ falls back to the paper's steps.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 import operator
@@ -454,6 +455,8 @@ def _graph_tables() -> dict[str, Any]:
     import torch.nn.functional as F
     from torch import nn
 
+    from .fold import _bn_types, _producer_types
+
     return {
         "relu": (F.relu, torch.relu, "relu", "relu_"),
         "pass_modules": (
@@ -507,6 +510,26 @@ def _graph_tables() -> dict[str, Any]:
             F.avg_pool3d: 3,
         },
         "clamps": (nn.ReLU6, nn.ReLU, nn.Hardtanh, F.relu6, F.hardtanh),
+        "dropout": F.dropout,
+        # modules whose output is a new tensor (:func:`_fresh`)
+        "fresh_modules": (*_producer_types(), *_bn_types()),
+        # ``operator``'s in-place functions: each writes into its first argument
+        "inplace_operators": (
+            operator.iadd,
+            operator.isub,
+            operator.imul,
+            operator.itruediv,
+            operator.ifloordiv,
+            operator.imod,
+            operator.ipow,
+            operator.imatmul,
+            operator.iand,
+            operator.ior,
+            operator.ixor,
+            operator.ilshift,
+            operator.irshift,
+            operator.setitem,
+        ),
     }
 
 
@@ -538,13 +561,140 @@ def _activation_bounds(
     return None
 
 
-def _is_passthrough(target: Any, module: Any) -> bool:
+def _is_passthrough(node: Any, target: Any, module: Any) -> bool:
     """Ops that keep each channel's values' distribution range and mean
-    (dropout in eval, identity, average pooling, flatten/view/reshape)."""
+    (dropout in eval, identity, average pooling, flatten/view/reshape),
+    with arguments that do: an average pool that divides by the number of
+    values it sums (no ``divisor_override``, no zero padding counted in
+    the average: ``count_include_pad`` with padding), a functional dropout
+    with ``training=False`` (its default ``True`` drops and rescales)."""
     tables = _graph_tables()
     if module is not None:
-        return is_stock(module, tables["pass_modules"])
-    return target in tables["pass_targets"]
+        if not is_stock(module, tables["pass_modules"]):
+            return False
+    elif target not in tables["pass_targets"]:
+        return False
+    adaptive, k = _pool_dims(target, module)
+    if k and not adaptive:
+        if module is not None:
+            padding, count = module.padding, module.count_include_pad
+            divisor = getattr(module, "divisor_override", None)  # AvgPool1d has none
+        else:
+            padding = _arg(node, 3, "padding", 0)
+            count = _arg(node, 5, "count_include_pad", True)
+            divisor = _arg(node, 6, "divisor_override", None)
+        pads = padding if isinstance(padding, (tuple, list)) else [padding]
+        no_padding = all(type(p) is int and p == 0 for p in pads)
+        return divisor is None and (no_padding or (type(count) is bool and not count))
+    if module is None and target is tables["dropout"]:
+        p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
+        return (type(training) is bool and not training) or (type(p) in (int, float) and p == 0)
+    return True
+
+
+@functools.cache
+def _inplace_position(target: Any) -> int | None:
+    """The position of ``target``'s ``inplace`` parameter where it can be
+    passed positionally (``F.relu(x, True)``), else ``None``."""
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):  # no signature (a builtin such as torch.relu_)
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for i, p in enumerate(params):
+        if p.name == "inplace":
+            return i if p.kind in positional else None
+    return None
+
+
+def _written(node: Any, module: Any) -> list[Any]:
+    """The graph values ``node``'s op writes into: its first argument for
+    an in-place op (a Tensor method or function named with a trailing
+    ``_`` (``y.mul_(10)``, ``torch.relu_``), ``operator.iadd`` and the
+    like, a true ``inplace`` argument (``F.relu(x, inplace=True)``) or
+    module attribute (``nn.ReLU(inplace=True)``)), and its ``out=``
+    argument(s). An argument that is itself a graph value counts as true."""
+
+    def true(v: Any) -> bool:
+        return hasattr(v, "op") or (type(v) in (bool, int) and v != 0)
+
+    into: list[Any] = []
+    if "out" in node.kwargs:
+        out = node.kwargs["out"]
+        into = [v for v in (out if isinstance(out, (tuple, list)) else [out]) if hasattr(v, "op")]
+    first = node.args[0] if node.args else None
+    if not hasattr(first, "op"):
+        return into
+    if node.op == "call_module":
+        inplace = true(module.__dict__.get("inplace", False))  # nn.ReLU(inplace=True)
+    else:
+        target = node.target
+        name = target if node.op == "call_method" else getattr(target, "__name__", None)
+        inplace = (isinstance(name, str) and name.endswith("_") and not name.endswith("__")) or (
+            node.op == "call_function" and target in _graph_tables()["inplace_operators"]
+        )
+        if not inplace and "inplace" in node.kwargs:
+            inplace = true(node.kwargs["inplace"])
+        elif not inplace and node.op == "call_function":
+            try:
+                i = _inplace_position(target)
+            except TypeError:  # an unhashable target
+                i = None
+            inplace = i is not None and len(node.args) > i and true(node.args[i])
+    return [first, *into] if inplace else into
+
+
+def _fresh(node: Any, module: Any) -> bool:
+    """Whether ``node``'s op, writing into none of its arguments, returns
+    a new tensor among those :func:`analyze` models: a Conv, Linear or
+    BatchNorm module, a clamp, an add, an average pool, a mean (views such
+    as ``view`` or ``flatten``, identity and dropout may return their
+    input's memory)."""
+    target = node.target
+    if module is not None:
+        if is_stock(module, _graph_tables()["fresh_modules"]):
+            return True
+    elif (node.op == "call_method" and target in ("add", "mean")) or (
+        node.op == "call_function" and target is operator.add
+    ):
+        return True
+    if _activation_bounds(target, node, module) is not None:
+        return True
+    if not _pool_dims(target, module)[1]:
+        return False
+    return module is None or is_stock(module, _graph_tables()["pass_modules"])
+
+
+def _storage(
+    nodes: Any, modules: dict[str, nn.Module]
+) -> tuple[dict[Any, int], dict[Any, Any], dict[Any, list[int]]]:
+    """Which node's memory each graph value may be (part of), and where the
+    ops that write into memory run, for :func:`analyze` to tell a value
+    that an in-place op changed after it was computed. Returns
+    ``(position, root, writes)``: each node's position in ``nodes``; the
+    node whose output's memory it may share (itself for a new tensor
+    (:func:`_fresh`, a placeholder, an attribute); an in-place op's output
+    is what it wrote into; anything else may be a view of its first
+    argument: the assumption that errs on the safe side); per such root,
+    the positions of the ops that write into it (:func:`_written`)."""
+    position: dict[Any, int] = {}
+    root: dict[Any, Any] = {}
+    writes: dict[Any, list[int]] = {}
+    for i, node in enumerate(nodes):
+        position[node] = i
+        root[node] = node
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        module = modules[str(node.target)] if node.op == "call_module" else None
+        into = _written(node, module)
+        for v in into:
+            writes.setdefault(root[v], []).append(i)
+        first = node.args[0] if node.args else None
+        if into:
+            root[node] = root[into[-1]]
+        elif hasattr(first, "op") and not _fresh(node, module):
+            root[node] = root[first]
+    return position, root, writes
 
 
 #: The layout tokens that hold the channels (:attr:`ChannelStats.layout`).
@@ -751,7 +901,10 @@ def analyze(
     BatchNorm (:func:`~squant_rs.model.fold.is_stock`) and whose channel
     axis is the reader's (a BatchNorm1d fed by a Linear is no source, and
     a Linear never reads a BatchNorm1d's statistics: see
-    :attr:`ChannelStats.bn1d`)."""
+    :attr:`ChannelStats.bn1d`). A value that an op wrote into after it was
+    computed (an in-place op on it or on a value that may share its
+    memory, :func:`_storage`) has none for the nodes that read it after
+    that write, nor has any value computed from it."""
     from torch import nn
 
     from .fold import _bn_types, _producer_types
@@ -764,10 +917,19 @@ def analyze(
     stats: dict[Any, ChannelStats | None] = {}
     out: dict[str, ChannelStats | None] = {}
     counts: dict[str, int] = {}
+    position, root, writes = _storage(graph.nodes, modules)
+
+    def read(a: Any, node: Any) -> ChannelStats | None:
+        """The statistics of value ``a`` as ``node`` reads it: none where
+        an op wrote into its memory since it was computed."""
+        st = stats.get(a) if hasattr(a, "op") else None
+        if st is None:
+            return None
+        at = position[node]
+        return None if any(position[a] < w < at for w in writes.get(root[a], ())) else st
 
     def arg_stats(node: Any) -> ChannelStats | None:
-        a = node.args[0] if node.args else None
-        return stats.get(a) if a is not None and hasattr(a, "op") else None
+        return read(node.args[0], node) if node.args else None
 
     called = [modules[str(n.target)] for n in graph.nodes if n.op == "call_module"]
     bn_stats = _bn_stats_many([m for m in called if isinstance(m, bns)])
@@ -812,8 +974,10 @@ def analyze(
             or (node.op == "call_method" and target in ("add", "add_"))
         ):
             a, b = (node.args + (None, None))[:2]
-            sa = stats.get(a) if hasattr(a, "op") else None
-            sb = stats.get(b) if hasattr(b, "op") else None
+            alpha = node.kwargs.get("alpha", 1)  # a.add(b, alpha=k) is a + k b
+            plain = len(node.args) == 2 and type(alpha) in (int, float) and alpha == 1
+            known = plain and set(node.kwargs) <= {"alpha"}
+            sa, sb = (read(a, node), read(b, node)) if known else (None, None)
             stats[node] = _add(sa, sb) if sa is not None and sb is not None else None
             continue
         bounds = _activation_bounds(target, node, module)
@@ -822,10 +986,10 @@ def analyze(
             label = getattr(target, "__name__", label) if module is None else label
             stats[node] = src.clipped(bounds[0], bounds[1], label) if src is not None else None
             continue
-        if isinstance(module, nn.Module) and not _is_passthrough(target, module):
+        if isinstance(module, nn.Module) and not _is_passthrough(node, target, module):
             stats[node] = None
             continue
-        if src is None or not _is_passthrough(target, module):
+        if src is None or not _is_passthrough(node, target, module):
             stats[node] = None
             continue
         layout = _layout_after(node, target, module, src.layout, stats)
