@@ -1177,9 +1177,10 @@ def prepare(
     config: RecipeConfig,
     sources: dict[int, Any] | None = None,
     threads: int | None = None,
+    shared: set[int] | None = None,
 ) -> RecipePlan:
     """Analyze ``model`` (statistics, execution order) and fold its BNs in
-    place as ``config`` says. ``sources``: see
+    place as ``config`` says. ``sources``, ``shared``: see
     :func:`~squant_rs.model.fold.fold_batchnorm_graph` (the folded layers
     whose weights are not set yet are written from them; ``threads``: for
     their products). Returns the :class:`RecipePlan`."""
@@ -1203,7 +1204,7 @@ def prepare(
         plan.order = execution_order(graph, [*plan.stats, *attentions])
         plan.called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
     if config.fold_bn:
-        folds = fold_batchnorm_graph(model, graph, sources, modules, threads)
+        folds = fold_batchnorm_graph(model, graph, sources, modules, threads, shared)
         plan.folded = {f.layer for f in folds}
         plan.folded_modules = {id(modules[f.layer]) for f in folds}
     return plan
