@@ -66,6 +66,33 @@ def test_train_mode_export_refuses_a_module_its_copy_shares(tmp_path) -> None:
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        # export_onnx takes recipe=None (quantize_model's default): its message says so
+        ({"recipe": b"paper"}, TypeError, r"^recipe must be a string or None, got b'paper'$"),
+        ({"recipe": 1}, TypeError, r"^recipe must be a string or None, got 1$"),
+        ({"recipe": "Paper"}, squant_rs.InvalidArgumentError, "unknown recipe 'Paper'"),
+        pytest.param(
+            {"s_sigma": 10**400},
+            squant_rs.InvalidArgumentError,
+            "s_sigma .* too large",
+            id="s_sigma=10**400",
+        ),
+        pytest.param(
+            {"quantize_input": (-(10**400), 1.0)},
+            squant_rs.InvalidArgumentError,
+            "quantize_input range .* too large",
+            id="quantize_input=(-10**400, 1)",
+        ),
+    ],
+)
+def test_export_argument_messages(tmp_path, kwargs, exc, match) -> None:
+    with pytest.raises(exc, match=match):
+        squant_rs.export_onnx(_net(), tmp_path / "m.onnx", torch.rand(1, 3, 8, 8), 8, 8, **kwargs)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def _compiled(model: nn.Module) -> nn.Module:
     torch._logging.set_logs(dynamo=logging.ERROR)
     return torch.compile(model)  # type: ignore[return-value]

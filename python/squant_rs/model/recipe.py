@@ -164,11 +164,15 @@ def _check_bool(value: object, name: str) -> bool | None:
     raise TypeError(f"{name} must be a bool or None, got {value!r}")
 
 
-def _check_choice(value: object, name: str, choices: Sequence[str]) -> str | None:
-    if value is None:
+def _check_choice(
+    value: object, name: str, choices: Sequence[str], optional: bool = True
+) -> str | None:
+    """``value``, one of ``choices``, or ``None`` where ``optional``."""
+    if value is None and optional:
         return None
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string or None, got {value!r}")
+        kind = "a string or None" if optional else "a string"
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
     if value not in choices:
         raise InvalidArgumentError(f"unknown {name} {value!r}: expected one of {tuple(choices)}")
     return value
@@ -193,9 +197,8 @@ def resolve_recipe(
         InvalidArgumentError: an unknown recipe or choice, or ``bn_sigmas``
             not a positive finite number.
     """
-    name = _check_choice(recipe, "recipe", RECIPES)
-    if name is None:
-        raise TypeError("recipe must be a string")
+    name = _check_choice(recipe, "recipe", RECIPES, optional=False)
+    assert name is not None  # (not optional)
     preset = dict(_PRESETS[name])
     overrides: dict[str, Any] = {
         "fold_bn": _check_bool(fold_bn, "fold_bn"),

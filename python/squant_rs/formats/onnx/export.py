@@ -129,9 +129,11 @@ def export_onnx(
 
     from ...model.layers import check_not_shared, check_patterns
     from ...model.pipeline import _deepcopy, activation_quantizers, quantize_model
+    from ...model.recipe import RECIPES, _check_choice
 
     out = _check_output(path, None, (), external_data)
     input_range = _check_quantize_input(quantize_input, abits)
+    recipe = _check_choice(recipe, "recipe", RECIPES)  # (None: quantize_model's default)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_input must be a tensor or a tuple of tensors")
