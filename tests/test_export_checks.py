@@ -40,6 +40,59 @@ def test_old_weight_norm_train_mode_export_is_a_clear_error(tmp_path) -> None:
     assert not (tmp_path / "m.onnx").exists()
 
 
+class _Kept(nn.Sequential):
+    """A module that ``deepcopy`` shares between copies."""
+
+    def __deepcopy__(self, memo: dict) -> _Kept:
+        return self
+
+
+def test_train_mode_export_refuses_a_module_its_copy_shares(tmp_path) -> None:
+    """The eval-mode copy of a train-mode model shared a module whose
+    __deepcopy__ returns itself: .eval() switched the caller's module to
+    eval mode (and quantize_model then overwrote its weights); now a clear
+    error first, the model's modes and weights unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _Kept(nn.ReLU(), nn.Conv2d(4, 4, 1)))
+    assert model.training
+    w = model[1][1].weight.detach().clone()
+    with pytest.raises(
+        squant_rs.InvalidArgumentError,
+        match="module '1' is shared between the model and its deep copy",
+    ):
+        squant_rs.export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 3, 8, 8))
+    assert all(m.training for m in model.modules())
+    assert torch.equal(model[1][1].weight, w)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        # export_onnx takes recipe=None (quantize_model's default): its message says so
+        ({"recipe": b"paper"}, TypeError, r"^recipe must be a string or None, got b'paper'$"),
+        ({"recipe": 1}, TypeError, r"^recipe must be a string or None, got 1$"),
+        ({"recipe": "Paper"}, squant_rs.InvalidArgumentError, "unknown recipe 'Paper'"),
+        pytest.param(
+            {"s_sigma": 10**400},
+            squant_rs.InvalidArgumentError,
+            "s_sigma .* too large",
+            id="s_sigma=10**400",
+        ),
+        pytest.param(
+            {"quantize_input": (-(10**400), 1.0)},
+            squant_rs.InvalidArgumentError,
+            "quantize_input range .* too large",
+            id="quantize_input=(-10**400, 1)",
+        ),
+    ],
+)
+def test_export_argument_messages(tmp_path, kwargs, exc, match) -> None:
+    with pytest.raises(exc, match=match):
+        squant_rs.export_onnx(_net(), tmp_path / "m.onnx", torch.rand(1, 3, 8, 8), 8, 8, **kwargs)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def _compiled(model: nn.Module) -> nn.Module:
     torch._logging.set_logs(dynamo=logging.ERROR)
     return torch.compile(model)  # type: ignore[return-value]

@@ -646,10 +646,20 @@ def _mlp() -> nn.Module:
 
 
 @pytest.mark.parametrize("recipe", ["paper", "squant+"])
-@pytest.mark.parametrize("s_sigma", [1e39, 1e300, 1e-50])
+@pytest.mark.parametrize(
+    "s_sigma",
+    [
+        1e39,
+        1e300,
+        1e-50,
+        pytest.param(10**400, id="10**400"),
+        pytest.param(-(10**400), id="-10**400"),
+    ],
+)
 def test_s_sigma_beyond_float32_is_refused(recipe: str, s_sigma: float) -> None:
     """The ranges are float32: an s_sigma that float32 makes infinite (or 0)
-    was accepted and gave the range (0, inf), scale 0 and NaN outputs."""
+    was accepted and gave the range (0, inf), scale 0 and NaN outputs. (An
+    int beyond float64 raised a bare OverflowError naming no argument.)"""
     with pytest.raises(squant_rs.InvalidArgumentError, match="s_sigma"):
         squant_rs.quantize_model(_mlp(), 4, 8, input_shape=(4, 6), s_sigma=s_sigma, recipe=recipe)
 

@@ -11,6 +11,7 @@ import pytest
 
 import squant_rs
 from squant_rs import _squant_rs as native
+from squant_rs.model.fold import fold_batchnorm
 from squant_rs.model.layers import copy_model, dequantize_tensors, quantize_into
 
 from conftest import make_weight, seed_for
@@ -354,6 +355,151 @@ def test_quantize_model_with_a_module_that_copies_itself() -> None:
         w = model.get_submodule(name).weight
         want = squant_rs.quantize_tensor(w, 3).dequantize()
         assert torch.equal(qmodel.get_submodule(name).weight, want), name
+
+
+class _Kept(nn.Sequential):
+    """A module that ``deepcopy`` shares between copies (its ``__deepcopy__``
+    returns itself)."""
+
+    def __deepcopy__(self, memo: dict) -> _Kept:
+        return self
+
+
+class _ShallowConv(nn.Conv2d):
+    """A conv whose ``__deepcopy__`` is a shallow copy: a new module holding
+    the original's parameter dictionary."""
+
+    def __deepcopy__(self, memo: dict) -> _ShallowConv:
+        return copy.copy(self)
+
+
+class _KeptBN(nn.Module):
+    """A BN in a module ``deepcopy`` shares, after a conv it does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.post = _Kept(nn.BatchNorm2d(4))
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.post(self.conv(x))))
+
+
+def _state(model: nn.Module) -> list[tuple[str, str, object]]:
+    """Everything quantize_model could write into ``model``: modules (their
+    types, hooks and attributes' keys), parameters and buffers (values)."""
+    out: list[tuple[str, str, object]] = []
+    for name, m in model.named_modules():
+        hooks = (len(m._forward_pre_hooks), len(m._forward_hooks), m.training)
+        out.append((name, type(m).__name__, (hooks, sorted(m.__dict__))))
+    out += [(n, "tensor", t.detach().clone()) for n, t in model.state_dict().items()]
+    return out
+
+
+def _same(a: list[tuple[str, str, object]], b: list[tuple[str, str, object]]) -> bool:
+    return len(a) == len(b) and all(
+        x[:2] == y[:2] and (torch.equal(x[2], y[2]) if x[1] == "tensor" else x[2] == y[2])
+        for x, y in zip(a, b)
+    )
+
+
+def _kept_block() -> nn.Module:
+    torch.manual_seed(7)
+    return nn.Sequential(
+        _Kept(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()), nn.Conv2d(8, 2, 1)
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"recipe": "paper"}, "the weight of layer '0.0'"),
+        ({"recipe": "paper", "abits": 8}, "the weight of layer '0.0'"),  # a full copy first
+        ({"recipe": "squant+"}, "the weight of layer '0.0'"),
+        ({"recipe": "squant+", "abits": 8}, "the weight of layer '0.0'"),
+        # skipped, but the BN is still folded into it
+        ({"recipe": "squant+", "skip": "0.0"}, "the weight of layer '0.0'"),
+        ({"fold_bn": True, "bias_correction": False, "skip": "0.0"}, "layer '0.0'"),
+    ],
+)
+def test_quantize_model_refuses_to_write_what_its_copy_shares(
+    kwargs: dict[str, object], match: str
+) -> None:
+    """A module whose __deepcopy__ returns itself is the caller's in the
+    copy: its weights were overwritten with the quantized ones (and under
+    squant+ its BN replaced by Identity); now a clear error before anything
+    is written."""
+    model = _kept_block()
+    before = _state(model)
+    with pytest.raises(squant_rs.InvalidArgumentError, match=f"{match} is shared between"):
+        squant_rs.quantize_model(model, 4, input_shape=(2, 3, 6, 6), **kwargs)  # type: ignore[call-overload]
+    assert _same(_state(model), before)
+    assert type(model[0][1]) is nn.BatchNorm2d
+
+
+def test_quantize_model_refuses_a_copy_sharing_a_parameter() -> None:
+    torch.manual_seed(8)
+    model = nn.Sequential(_ShallowConv(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    before = _state(model)
+    for recipe in ("paper", "squant+"):
+        with pytest.raises(squant_rs.InvalidArgumentError, match="weight of layer '0'"):
+            squant_rs.quantize_model(model, 4, recipe=recipe)
+        assert _same(_state(model), before)
+
+
+def test_quantize_model_refuses_to_replace_a_bn_in_a_shared_module() -> None:
+    """Folding replaces the BN in every module holding it: here one the
+    copy shares with the caller's model (the conv itself is copied)."""
+    torch.manual_seed(9)
+    model = _KeptBN().eval()
+    before = _state(model)
+    match = r"module 'post' \(_Kept, whose BatchNorm is replaced\) is shared"
+    with pytest.raises(squant_rs.InvalidArgumentError, match=match):
+        squant_rs.quantize_model(model, 4)
+    assert _same(_state(model), before)
+    with pytest.raises(squant_rs.InvalidArgumentError, match=match):
+        fold_batchnorm(model)
+    assert _same(_state(model), before)
+    # Nothing written into it without folding: the copy keeps sharing it.
+    q = squant_rs.quantize_model(model, 4, recipe="paper")
+    assert q.post is model.post and q.conv is not model.conv
+    assert _same(_state(model), before)
+
+
+def test_quantize_model_with_a_shared_module_it_does_not_write() -> None:
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _Kept(nn.ReLU()), _Kept(nn.Conv2d(4, 2, 1)))
+    before = _state(model)
+    q = squant_rs.quantize_model(model, 4, skip="2.0", recipe="paper")
+    assert q[1] is model[1] and q[2] is model[2]
+    assert not torch.equal(q[0].weight, model[0].weight)
+    assert _same(_state(model), before)
+    with pytest.raises(squant_rs.InvalidArgumentError, match="weight of layer '2.0'"):
+        squant_rs.quantize_model(model, 4, recipe="paper")
+    assert _same(_state(model), before)
+
+
+def test_a_model_whose_deepcopy_returns_itself() -> None:
+    model = _Kept(nn.Linear(3, 2))
+    before = _state(model)
+    for skip in ((), "0"):
+        with pytest.raises(squant_rs.InvalidArgumentError, match="the model itself is shared"):
+            squant_rs.quantize_model(model, 4, skip=skip, recipe="paper")
+    assert "squant_report" not in model.__dict__ and _same(_state(model), before)
+
+
+def test_copy_model_reports_what_it_shares() -> None:
+    model = _kept_block()
+    shared: set[int] = set()
+    c = copy_model(model, [], shared=shared)
+    kept = model[0]
+    want = {id(m) for m in kept.modules()}
+    want |= {id(t) for t in (*kept.parameters(), *kept.buffers())}
+    assert c[0] is kept and shared == want
+    plain: set[int] = set()
+    copy_model(nn.Sequential(nn.Linear(2, 2), nn.LSTM(2, 2)), [], shared=plain)
+    assert plain == set()
 
 
 def _double(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:

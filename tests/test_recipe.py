@@ -121,6 +121,21 @@ def test_resolve_recipe() -> None:
     [
         ({"recipe": "squant++"}, squant_rs.InvalidArgumentError, "unknown recipe"),
         ({"recipe": 1}, TypeError, "recipe"),
+        # quantize_model takes no recipe=None (export_onnx does): one message
+        ({"recipe": None}, TypeError, r"^recipe must be a string, got None$"),
+        ({"recipe": b"paper"}, TypeError, r"^recipe must be a string, got b'paper'$"),
+        pytest.param(
+            {"bn_sigmas": 10**400},
+            squant_rs.InvalidArgumentError,
+            "bn_sigmas .* too large",
+            id="bn_sigmas=10**400",
+        ),
+        pytest.param(
+            {"bn_sigmas": -(10**400)},
+            squant_rs.InvalidArgumentError,
+            "bn_sigmas .* too large",
+            id="bn_sigmas=-10**400",
+        ),
         ({"act_ranges": "data"}, squant_rs.InvalidArgumentError, "act_ranges"),
         ({"weight_range": "mse"}, squant_rs.InvalidArgumentError, "weight_range"),
         ({"bias_correction": "yes"}, TypeError, "bias_correction"),

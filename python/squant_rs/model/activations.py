@@ -575,15 +575,20 @@ def check_positive_f32(value: numbers.Real, name: str) -> float:
     """``float(value)``, or an :class:`InvalidArgumentError` unless it is a
     positive finite number that stays positive and finite in float32 (the
     activation ranges are computed in float32)."""
-    v = float(value)
+    holds = (
+        f"{name} must be a positive number that float32 holds (at most "
+        f"{float(np.finfo(np.float32).max):.6g}, not rounding to 0; activation ranges "
+        "are computed in float32)"
+    )
+    try:
+        v = float(value)
+    except OverflowError as exc:  # an int or a Fraction beyond float64 (10**400)
+        sign = "negative " if value < 0 else ""
+        raise InvalidArgumentError(f"{holds}, got a {sign}number too large for a float") from exc
     if not (math.isfinite(v) and v > 0):
         raise InvalidArgumentError(f"{name} must be a positive finite number, got {v}")
     with np.errstate(over="ignore", under="ignore"):
         v32 = np.float32(v)
     if not (np.isfinite(v32) and v32 > 0):
-        raise InvalidArgumentError(
-            f"{name} must be a positive number that float32 holds (at most "
-            f"{float(np.finfo(np.float32).max):.6g}, not rounding to 0; activation ranges "
-            f"are computed in float32), got {v:g}"
-        )
+        raise InvalidArgumentError(f"{holds}, got {v:g}")
     return v

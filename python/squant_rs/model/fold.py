@@ -54,14 +54,15 @@ such pairs too, assumes as well).
 
 from __future__ import annotations
 
-import copy
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._squant_rs import scale_channels
+from .layers import check_not_shared, copy_model
 
 if TYPE_CHECKING:
     import torch.fx
@@ -504,13 +505,17 @@ def fold_batchnorm(
 
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module``.
+        InvalidArgumentError: without ``inplace``, the copy shares with
+            ``model`` what a fold would write (a ``__deepcopy__`` that
+            returns ``self``); ``model`` is left unchanged.
     """
     from torch import nn
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    target = model if inplace else copy.deepcopy(model)
-    return target, fold_batchnorm_graph(target, trace(target))
+    shared: set[int] = set()
+    target = model if inplace else copy_model(model, (), shared=shared)
+    return target, fold_batchnorm_graph(target, trace(target), shared=shared)
 
 
 def fold_batchnorm_graph(
@@ -519,6 +524,7 @@ def fold_batchnorm_graph(
     sources: dict[int, Any] | None = None,
     modules: dict[str, nn.Module] | None = None,
     threads: int | None = None,
+    shared: set[int] | None = None,
 ) -> list[BatchNormFold]:
     """:func:`fold_batchnorm` in place on ``model`` with its traced ``graph``
     (``None``: the ``nn.Sequential`` fallback). ``sources`` maps the ``id``
@@ -526,7 +532,11 @@ def fold_batchnorm_graph(
     cloned) to the tensor holding them: a folded layer's weight is then
     written from it. ``modules``: ``model.named_modules()`` as a dict, where
     the caller has it. ``threads``: for the weights' products (``None``: as
-    the native module decides). Returns the folds."""
+    the native module decides). ``shared``: what ``model``, a copy, shares
+    with the original (:func:`~squant_rs.model.layers.copy_model`): the
+    folds are refused, before anything is written, where they would write
+    into one of those (a layer's weight or bias, a module holding a BN).
+    Returns the folds."""
     from torch import nn
 
     if modules is None:
@@ -536,6 +546,8 @@ def fold_batchnorm_graph(
     else:
         pairs, via = _sequential_pairs(model), "sequential"
     layers = [modules[layer_name] for layer_name, _ in pairs]
+    if shared:
+        check_not_shared(shared, _fold_writes(modules, pairs))
     srcs = [sources.get(id(layer.weight)) if sources else None for layer in layers]
     values = _fold_all(layers, [modules[bn_name] for _, bn_name in pairs], srcs, threads)
     folds: list[BatchNormFold] = []
@@ -546,6 +558,28 @@ def fold_batchnorm_graph(
     if identities:
         _replace_everywhere(modules.values(), identities)
     return folds
+
+
+def _fold_writes(
+    modules: dict[str, nn.Module], pairs: list[tuple[str, str]]
+) -> Iterator[tuple[str, Any]]:
+    """What folding ``pairs`` writes (for
+    :func:`~squant_rs.model.layers.check_not_shared`): each layer's weight,
+    its bias (or the layer, where it gets one) and every module holding a
+    folded BN (:func:`_replace_everywhere`)."""
+    for layer_name, _ in pairs:
+        layer = modules[layer_name]
+        yield f"the weight of layer {layer_name!r}", layer.weight
+        bias = getattr(layer, "bias", None)
+        if bias is None:
+            yield f"layer {layer_name!r} ({type(layer).__name__}, which gets a bias)", layer
+        else:
+            yield f"the bias of layer {layer_name!r}", bias
+    bns = {id(modules[bn_name]) for _, bn_name in pairs}
+    for name, parent in modules.items():
+        if any(child is not None and id(child) in bns for child in parent._modules.values()):
+            what = f"module {name!r}" if name else "the model itself"
+            yield f"{what} ({type(parent).__name__}, whose BatchNorm is replaced)", parent
 
 
 def _replace_everywhere(parents: Any, new: dict[int, nn.Module]) -> None:

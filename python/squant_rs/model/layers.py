@@ -12,7 +12,7 @@ import re
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -459,7 +459,10 @@ def quantize_layer_weight(
 
 
 def copy_model(
-    model: nn.Module, fresh: Sequence[Any], memo: dict[Any, Any] | None = None
+    model: nn.Module,
+    fresh: Sequence[Any],
+    memo: dict[Any, Any] | None = None,
+    shared: set[int] | None = None,
 ) -> nn.Module:
     """``copy.deepcopy(model)``, except that every parameter in ``fresh`` is
     not cloned: its copy is a new parameter of the same type, shape, dtype,
@@ -476,6 +479,14 @@ def copy_model(
     ``memo`` (``deepcopy``'s memo, empty or absent) is filled: it maps the
     ``id`` of every object of ``model`` that was copied to its copy.
 
+    ``shared`` (a set, where given) gets the ``id`` of every module,
+    parameter and buffer of the copy's module tree that is ``model``'s own
+    object, not a copy: what a ``__deepcopy__`` that returns ``self`` (or
+    a ``__reduce__`` that keeps the original's parameters) leaves shared.
+    Writing into those would change ``model``: see
+    :func:`check_not_shared`. (Only what ``deepcopy`` copied is looked at:
+    the modules copied here are new, with new parameters and buffers.)
+
     Returns:
         The copy."""
     import torch
@@ -487,8 +498,33 @@ def copy_model(
             if id(p) not in memo:
                 data = torch.empty_like(p, memory_format=torch.preserve_format)
                 memo[id(p)] = type(p)(data, p.requires_grad)
-        copied: nn.Module = _Copier(memo).copy(model)
+        copier = _Copier(memo)
+        copied: nn.Module = copier.copy(model)
+    if shared is not None:
+        shared.update(copier.shared(model))
     return copied
+
+
+def check_not_shared(shared: set[int], written: Iterable[tuple[str, Any]]) -> None:
+    """Raise unless none of ``written`` (``(what, object)`` pairs: the
+    modules, parameters and buffers of a model copy about to be written,
+    ``what`` naming each; ``None`` objects are passed over) is one the copy
+    shares with the original (``shared``, filled by :func:`copy_model`).
+    Nothing is read from ``written`` when nothing is shared.
+
+    Raises:
+        InvalidArgumentError: naming the first shared one.
+    """
+    if not shared:
+        return
+    for what, obj in written:
+        if obj is not None and id(obj) in shared:
+            raise InvalidArgumentError(
+                f"{what} is shared between the model and its deep copy (copy.deepcopy "
+                "returned the original: e.g. a module whose __deepcopy__ returns self): "
+                "writing it in the copy would change the model passed in, which is left "
+                "unchanged; make copy.deepcopy copy it"
+            )
 
 
 def with_gc_paused(fn: Callable[_P, _R]) -> Callable[_P, _R]:
@@ -557,6 +593,11 @@ class _Copier:
         # old pickle may lack: with all of them there, the update alone.
         self.set_state = nn.Module.__setstate__
         self.state_keys = frozenset(nn.Module().__dict__)
+        #: Modules and tensors ``deepcopy`` returned as they were given.
+        self.kept: list[Any] = []
+        #: Modules ``deepcopy`` made (e.g. a ``__deepcopy__`` of their own):
+        #: what they hold may still be the original's.
+        self.made: list[Any] = []
 
     def _is_plain(self, cls: Any) -> bool:
         ok = self.plain.get(cls)
@@ -586,8 +627,39 @@ class _Copier:
         return _native.copy_tree(obj, self)
 
     def _other(self, obj: Any) -> Any:
-        """What :meth:`copy` does not copy itself: ``deepcopy``."""
-        return copy.deepcopy(obj, self.memo)
+        """What :meth:`copy` does not copy itself: ``deepcopy`` (the
+        modules and tensors it returns as they are, or makes, noted for
+        :meth:`shared`)."""
+        out = copy.deepcopy(obj, self.memo)
+        if out is obj:
+            if isinstance(out, (self.module, self.tensor)):
+                self.kept.append(out)
+        elif isinstance(out, self.module):
+            self.made.append(out)
+        return out
+
+    def shared(self, model: nn.Module) -> set[int]:
+        """The ``id`` of every module, parameter and buffer under what
+        ``deepcopy`` returned (:meth:`_other`) that is ``model``'s own:
+        everything under a module kept as it was, and whatever a module
+        ``deepcopy`` made still holds of ``model``'s. (The rest of the copy
+        is new.) Empty, and nothing walked, where ``deepcopy`` kept and
+        made no module."""
+
+        def objects(root: Any) -> Iterator[Any]:
+            if not isinstance(root, self.module):
+                yield root  # a tensor
+                return
+            for m in root.modules():
+                yield m
+                yield from (t for t in m._parameters.values() if t is not None)
+                yield from (t for t in m._buffers.values() if t is not None)
+
+        out = {id(t) for root in self.kept for t in objects(root)}
+        if self.made:
+            own = {id(t) for t in objects(model)}
+            out.update(i for root in self.made for i in map(id, objects(root)) if i in own)
+        return out
 
 
 @dataclass(frozen=True, eq=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ..errors import InvalidArgumentError
@@ -29,6 +29,8 @@ from .activations import (
 )
 from .layers import (
     AttentionProjection,
+    LayerPlan,
+    check_not_shared,
     check_patterns,
     copy_model,
     plan_layers,
@@ -212,7 +214,10 @@ def quantize_model(
         InvalidArgumentError: an argument out of range; ``abits`` is given
             and the model already carries activation quantizers (it was
             quantized with ``abits`` before); the model cannot be
-            deep-copied (e.g. the old ``torch.nn.utils.weight_norm``); a lazy
+            deep-copied (e.g. the old ``torch.nn.utils.weight_norm``), or
+            its deep copy shares with it a module, parameter or buffer the
+            pass would write (a ``__deepcopy__`` that returns ``self``:
+            the message names it; the model is left unchanged); a lazy
             layer is not initialized; a layer weight or a BatchNorm's
             statistics are meta tensors (no values); the calibration forward pass fails
             (the message says to pass a fitting ``input_shape``, or, where
@@ -279,11 +284,16 @@ def quantize_model(
     # place. The recipe writes the folded weights of the layers it folds
     # into the copy (they are quantized in place) and quantizes the others
     # from the caller's model.
+    # What the copy shares with the caller's model (a module whose
+    # __deepcopy__ returns itself): refused where it would be written,
+    # before anything is (check_not_shared).
+    shared: set[int] = set()
     if config.is_paper and abits is not None and calibration == "float":
-        qmodel = _deepcopy(model)
+        qmodel = _deepcopy(model, shared=shared)
         rplan = prepare(qmodel, config)  # the paper recipe: nothing to analyze
         plan = plan_layers(qmodel, patterns, stacklevel=3)
         _check_not_meta(plan.chosen)
+        check_not_shared(shared, _written(qmodel, plan, bias=False, hooks=True))
         sources: list[Any] = [m.weight for _, m in plan.chosen]
     else:
         plan = plan_layers(model, patterns, stacklevel=3)
@@ -291,7 +301,7 @@ def quantize_model(
         _check_not_meta(plan.chosen)
         sources = [m.weight for _, m in plan.chosen]
         memo: dict[Any, Any] = {}
-        qmodel = _deepcopy(model, sources, memo)
+        qmodel = _deepcopy(model, sources, memo, shared=shared)
 
         def in_copy(name: str, m: Any) -> Any:
             # The memo knows every module copied (unless a custom
@@ -306,8 +316,11 @@ def quantize_model(
             chosen=[(name, in_copy(name, m)) for name, m in plan.chosen],
             tied=[(name, owner, in_copy(name, m)) for name, owner, m in plan.tied],
         )
+        check_not_shared(
+            shared, _written(qmodel, plan, bias=config.bias_correction, hooks=abits is not None)
+        )
         unset = {id(m.weight): src for src, (_, m) in zip(sources, plan.chosen)}
-        rplan = prepare(qmodel, config, unset, threads)
+        rplan = prepare(qmodel, config, unset, threads, shared)
         # A folded layer's float weight is the one just written into the copy.
         sources = [
             m.weight if id(m) in rplan.folded_modules else src
@@ -553,6 +566,27 @@ def quantize_model(
     return qmodel
 
 
+def _written(
+    qmodel: nn.Module, plan: LayerPlan, *, bias: bool, hooks: bool
+) -> Iterator[tuple[str, Any]]:
+    """What :func:`quantize_model` writes into its copy ``qmodel`` outside
+    the BatchNorm folding (:func:`~squant_rs.model.fold.fold_batchnorm_graph`
+    checks its own), for :func:`~squant_rs.model.layers.check_not_shared`:
+    the copy itself (its report), each quantized layer's weight, its bias
+    where ``bias`` (bias correction) and, where ``hooks`` (activation
+    quantizers), the module that gets each layer's hook."""
+    yield "the model itself", qmodel
+    for name, module in plan.chosen:
+        yield f"the weight of layer {name!r}", module.weight
+        if bias:
+            yield f"the bias of layer {name!r}", getattr(module, "bias", None)
+    if hooks:
+        for name, module in [*plan.chosen, *((n, m) for n, _, m in plan.tied)]:
+            hooked = _hooked(module)
+            if hooked is not None:
+                yield f"layer {name!r} ({type(hooked).__name__}, which gets a hook)", hooked
+
+
 def _hooked(module: Any) -> Any:
     """The module that carries ``module``'s activation quantizer: itself,
     an attention's for its packed input projection (``in_proj``), or
@@ -615,16 +649,17 @@ def _deepcopy(
     fresh: Sequence[Any] = (),
     memo: dict[Any, Any] | None = None,
     who: str = "quantize_model",
+    shared: set[int] | None = None,
 ) -> nn.Module:
     """``copy.deepcopy(model)`` with the parameters in ``fresh`` left
     uninitialised (:func:`~squant_rs.model.layers.copy_model`, which fills
-    ``memo``), or a clear
+    ``memo`` and ``shared``), or a clear
     error for a model that torch cannot copy (e.g. the old
     ``torch.nn.utils.weight_norm``, whose weight is a computed tensor, or a
     module holding a lock or an open file); ``who``: the function the
     message names."""
     try:
-        return copy_model(model, fresh, memo)
+        return copy_model(model, fresh, memo, shared)
     except Exception as exc:  # deepcopy can fail in many ways; say which
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         hint = ""

@@ -165,11 +165,15 @@ def _check_bool(value: object, name: str) -> bool | None:
     raise TypeError(f"{name} must be a bool or None, got {value!r}")
 
 
-def _check_choice(value: object, name: str, choices: Sequence[str]) -> str | None:
-    if value is None:
+def _check_choice(
+    value: object, name: str, choices: Sequence[str], optional: bool = True
+) -> str | None:
+    """``value``, one of ``choices``, or ``None`` where ``optional``."""
+    if value is None and optional:
         return None
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string or None, got {value!r}")
+        kind = "a string or None" if optional else "a string"
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
     if value not in choices:
         raise InvalidArgumentError(f"unknown {name} {value!r}: expected one of {tuple(choices)}")
     return value
@@ -194,9 +198,8 @@ def resolve_recipe(
         InvalidArgumentError: an unknown recipe or choice, or ``bn_sigmas``
             not a positive finite number.
     """
-    name = _check_choice(recipe, "recipe", RECIPES)
-    if name is None:
-        raise TypeError("recipe must be a string")
+    name = _check_choice(recipe, "recipe", RECIPES, optional=False)
+    assert name is not None  # (not optional)
     preset = dict(_PRESETS[name])
     overrides: dict[str, Any] = {
         "fold_bn": _check_bool(fold_bn, "fold_bn"),
@@ -1341,9 +1344,10 @@ def prepare(
     config: RecipeConfig,
     sources: dict[int, Any] | None = None,
     threads: int | None = None,
+    shared: set[int] | None = None,
 ) -> RecipePlan:
     """Analyze ``model`` (statistics, execution order) and fold its BNs in
-    place as ``config`` says. ``sources``: see
+    place as ``config`` says. ``sources``, ``shared``: see
     :func:`~squant_rs.model.fold.fold_batchnorm_graph` (the folded layers
     whose weights are not set yet are written from them; ``threads``: for
     their products). Returns the :class:`RecipePlan`."""
@@ -1367,7 +1371,7 @@ def prepare(
         plan.order = execution_order(graph, [*plan.stats, *attentions])
         plan.called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
     if config.fold_bn:
-        folds = fold_batchnorm_graph(model, graph, sources, modules, threads)
+        folds = fold_batchnorm_graph(model, graph, sources, modules, threads, shared)
         plan.folded = {f.layer for f in folds}
         plan.folded_modules = {id(modules[f.layer]) for f in folds}
     return plan

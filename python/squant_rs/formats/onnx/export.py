@@ -104,7 +104,9 @@ def export_onnx(
             ``DistributedDataParallel`` or ``torch.compile`` (pass
             ``model.module`` / ``model._orig_mod``), a model that cannot be
             deep-copied (in training mode: an eval-mode copy is quantized;
-            e.g. the old ``torch.nn.utils.weight_norm``), ``abits`` with
+            e.g. the old ``torch.nn.utils.weight_norm``) or whose copy
+            shares a training-mode module with it (a ``__deepcopy__`` that
+            returns ``self``), ``abits`` with
             several inputs, a quantized weight
             missing from the exported graph, ``quantize_input`` where the
             first layer does not read the model's input (as for
@@ -125,11 +127,13 @@ def export_onnx(
     )
     import torch
 
-    from ...model.layers import check_patterns
+    from ...model.layers import check_not_shared, check_patterns
     from ...model.pipeline import _deepcopy, activation_quantizers, quantize_model
+    from ...model.recipe import RECIPES, _check_choice
 
     out = _check_output(path, None, (), external_data)
     input_range = _check_quantize_input(quantize_input, abits)
+    recipe = _check_choice(recipe, "recipe", RECIPES)  # (None: quantize_model's default)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_input must be a tensor or a tuple of tensors")
@@ -162,7 +166,17 @@ def export_onnx(
         # every BatchNorm: quantize (and fold) what that graph runs, from an
         # eval-mode copy (quantize_model folds eval-mode BNs only; the
         # caller's model keeps its modes).
-        source = _deepcopy(model, who="export_onnx").eval()
+        shared: set[int] = set()
+        source = _deepcopy(model, who="export_onnx", shared=shared)
+        check_not_shared(
+            shared,
+            (
+                (f"module {n!r}" if n else "the model itself", m)
+                for n, m in source.named_modules()
+                if m.training
+            ),
+        )
+        source.eval()
     # An attention's input projection whose weight no graph layer reads (as
     # an initializer, or a Slice / Transpose view of one: torch's exporter
     # slices a cross-attention's at run time) is quantized again left float

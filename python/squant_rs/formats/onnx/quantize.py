@@ -267,11 +267,16 @@ def _check_quantize_input(
         and len(quantize_input) == 2
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in quantize_input)
     ):
-        lo, hi = float(quantize_input[0]), float(quantize_input[1])
+        try:
+            lo, hi = float(quantize_input[0]), float(quantize_input[1])
+        except OverflowError:  # an int beyond float64 (10**400): not finite
+            lo = hi = math.inf
+            shown = "a number too large for a float"
+        else:
+            shown = str(quantize_input)
         if not (math.isfinite(lo) and math.isfinite(hi) and lo <= 0.0 <= hi and lo < hi):
             raise InvalidArgumentError(
-                "quantize_input range must be finite with lo <= 0 <= hi and lo < hi, "
-                f"got {quantize_input}"
+                f"quantize_input range must be finite with lo <= 0 <= hi and lo < hi, got {shown}"
             )
         if abits is None:
             raise InvalidArgumentError("quantize_input needs abits (quantized activations)")
