@@ -542,3 +542,95 @@ def test_no_bias_correction_into_a_parametrized_bias() -> None:
     q, rep = squant_rs.quantize_model(model, 4, return_report=True)
     assert not rep.layers[0].bias_corrected
     assert torch.equal(q[1].bias, model[1].bias)
+
+
+class TiedAutoencoder(nn.Module):
+    """The encoder Conv (followed by its BN) also decodes, transposed,
+    through ``F.conv_transpose2d(h, self.enc.weight)``: a ``get_attr``
+    read of the weight in the graph."""
+
+    def __init__(self, read: str = "weight") -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.read = read
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mix(F.relu(self.bn(self.enc(x))))
+        if self.read == "weight":
+            return F.conv_transpose2d(h, self.enc.weight, padding=1)
+        if self.read == "bias":
+            return h + self.enc.bias.view(1, -1, 1, 1)
+        # the parameter itself, not through the attribute (no getattr)
+        weight = next(iter(self.enc.parameters()))
+        return F.conv_transpose2d(h, weight, padding=1)
+
+
+@pytest.mark.parametrize("read", ["weight", "bias", "parameters"])
+def test_fold_skips_a_layer_whose_weight_the_graph_reads(read: str) -> None:
+    """Folding writes the layer's weight and bias: a forward that also reads
+    them directly (a tied decoder) got the folded values (W8 error 5.49
+    instead of 0.005). Such a layer is not folded, by the capture and by
+    torch.fx alike."""
+    from squant_rs.model import capture
+    from squant_rs.model.fold import _fx_pairs, trace_fx
+
+    torch.manual_seed(0)
+    model = TiedAutoencoder(read).eval()
+    _randomize_bn(model, 1)
+    modules = dict(model.named_modules())
+    fx_graph = trace_fx(model)
+    assert fx_graph is not None
+    assert _fx_pairs(model, capture.capture(model), modules) == []
+    assert _fx_pairs(model, fx_graph, modules) == []
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        folded, folds = fold_batchnorm(model)
+        assert folds == [] and isinstance(folded.bn, nn.BatchNorm2d)
+        for kw in ({}, {"fold_bn": True, "bias_correction": False}):
+            q, rep = squant_rs.quantize_model(model, 8, return_report=True, **kw)
+            assert not any(r.folded for r in rep.layers)
+            assert _rel(q(x), ref) < 0.02  # was 5.49
+
+
+class ReadsBN(nn.Module):
+    """A forward that reads its BN's tensors besides calling it."""
+
+    def __init__(self, read: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Conv2d(8, 4, 1)
+        self.read = read
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.fc(F.relu(self.bn(self.conv(x))))
+        if self.read == "weight":  # a network-slimming style penalty
+            return y, self.bn.weight.abs().sum()
+        return y, y.mean() * self.bn.running_var  # a buffer, an argument of the graph
+
+
+@pytest.mark.parametrize("read", ["weight", "running_var"])
+def test_fold_skips_a_bn_whose_tensors_the_graph_reads(read: str) -> None:
+    """The folded model crashed ('Identity' object has no attribute
+    'weight'); a BN whose tensors the graph reads is not folded."""
+    from squant_rs.model import capture
+    from squant_rs.model.fold import _fx_pairs, trace_fx
+
+    torch.manual_seed(0)
+    model = ReadsBN(read).eval()
+    _randomize_bn(model, 1)
+    modules = dict(model.named_modules())
+    fx_graph = trace_fx(model)
+    assert fx_graph is not None
+    assert _fx_pairs(model, capture.capture(model), modules) == []
+    assert _fx_pairs(model, fx_graph, modules) == []
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        q, rep = squant_rs.quantize_model(model, 8, return_report=True)
+        assert not rep.layers[0].folded and isinstance(q.bn, nn.BatchNorm2d)
+        out = q(x)
+        assert _rel(out[0], ref[0]) < 0.01 and _rel(out[1], ref[1]) < 0.01

@@ -36,7 +36,11 @@ What is never folded (the BN stays, the layer keeps its weights):
   forward pre-hooks see its input, which folding does not change);
 * a layer whose weight or bias another module also holds (folding would
   change that module too), or whose weight or bias is parametrized
-  (``torch.nn.utils.parametrize``: computed on every read).
+  (``torch.nn.utils.parametrize``: computed on every read);
+* a pair whose tensors the graph reads directly (``get_attr`` nodes, or
+  the tensor as an argument: a tied decoder's
+  ``F.conv_transpose2d(h, self.enc.weight)`` would read the folded weight,
+  a penalty on ``self.bn.weight`` keeps the BN).
 
 A BN reachable under several attribute names is replaced by
 ``nn.Identity`` under every one of them.
@@ -293,13 +297,15 @@ def _fx_pairs(
 ) -> list[tuple[str, str]]:
     """``(layer, bn)`` names where the layer's only user is the BN, both
     modules are called exactly once in the graph, :func:`_foldable_bn`
-    holds and the layer's weight and bias are its own (not tied to another
-    module's). ``modules``: ``model``'s ``named_modules()``."""
+    holds, the layer's weight and bias are its own (not tied to another
+    module's) and the graph reads none of the pair's tensors directly
+    (:func:`_graph_reads`). ``modules``: ``model``'s ``named_modules()``."""
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     shared: set[int] | None = None
+    reads: set[int] | None = None
     pairs: list[tuple[str, str]] = []
     for node in graph.nodes:
         if node.op != "call_module" or not node.args:
@@ -310,14 +316,65 @@ def _fx_pairs(
         bn_name, layer_name = str(node.target), str(src.target)
         if calls[bn_name] != 1 or calls[layer_name] != 1:
             continue
-        layer = modules[layer_name]
-        if not _foldable_bn(modules[bn_name], layer):
+        layer, bn = modules[layer_name], modules[bn_name]
+        if not _foldable_bn(bn, layer):
             continue
         if shared is None:
             shared = _shared_weights(modules.values())
-        if _owns_parameters(layer, shared):
-            pairs.append((layer_name, bn_name))
+            reads = _graph_reads(model, graph)
+        if not _owns_parameters(layer, shared):
+            continue
+        # Folding writes the layer's weight and bias and removes the BN:
+        # a direct read of either's tensors would see the change.
+        if reads is None or any(id(t) in reads for t in _tensors(layer, bn)):
+            continue
+        pairs.append((layer_name, bn_name))
     return pairs
+
+
+def _tensors(*modules: Any) -> list[Any]:
+    """The parameters and buffers of ``modules`` (not recursing)."""
+    return [
+        t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
+    ]
+
+
+def _graph_reads(model: nn.Module, graph: torch.fx.Graph | CapturedGraph) -> set[int] | None:
+    """``id``s of the tensors ``graph`` reads directly rather than through
+    a module call: the targets of its ``get_attr`` nodes (``torch.fx``'s
+    parameters, buffers and constants; the capture's parameters read
+    through a module attribute) and the tensors among its nodes' arguments
+    (the capture keeps a buffer, a constant or a parameter not read
+    through an attribute, e.g. from ``parameters()``, as the tensor
+    itself). ``None`` where a ``get_attr`` target does not resolve (then
+    any tensor may be read: nothing is folded)."""
+    from torch import Tensor
+
+    reads: set[int] = set()
+    stack: list[Any] = []
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            try:
+                target = functools.reduce(getattr, str(node.target).split("."), model)
+            except AttributeError:
+                return None
+            reads.add(id(target))
+        stack.append(node.args)
+        stack.append(node.kwargs)
+    while stack:
+        a = stack.pop()
+        t = type(a)
+        if t is tuple or t is list:
+            stack.extend(a)
+        elif t is dict:
+            stack.extend(a.values())
+        elif isinstance(a, Tensor):
+            reads.add(id(a))
+        elif t is slice:
+            stack.extend((a.start, a.stop, a.step))
+        elif isinstance(a, (tuple, list)):  # torch.Size, a named tuple
+            stack.extend(a)
+    return reads
 
 
 def _owns_parameters(layer: Any, shared: set[int]) -> bool:
@@ -491,11 +548,12 @@ def fold_batchnorm(
     dimension (a stock torch module or a subclass that keeps its forward)
     whose output feeds only that BN, both are called once, the BN is in
     eval mode, has running statistics and as many features as the layer
-    has output channels, neither has hooks that folding would bypass and
-    the layer's weight and bias are its own. Other BNs (a BN after a
-    ``Linear`` included) are left alone; the module doc lists why. The
-    folded BNs are replaced by ``nn.Identity`` (under every name that
-    holds them); layers without a bias get one.
+    has output channels, neither has hooks that folding would bypass,
+    the layer's weight and bias are its own and the graph reads neither
+    module's tensors directly. Other BNs (a BN after a ``Linear``
+    included) are left alone; the module doc lists why. The folded BNs are
+    replaced by ``nn.Identity`` (under every name that holds them); layers
+    without a bias get one.
 
     Returns:
         ``(model, folds)``: the folded model (``model`` itself with
