@@ -634,3 +634,61 @@ def test_fold_skips_a_bn_whose_tensors_the_graph_reads(read: str) -> None:
         assert not rep.layers[0].folded and isinstance(q.bn, nn.BatchNorm2d)
         out = q(x)
         assert _rel(out[0], ref[0]) < 0.01 and _rel(out[1], ref[1]) < 0.01
+
+
+class ReadsBNAttributes(nn.Module):
+    """A forward that reads a plain attribute of its BN (no graph node)
+    and, when ``untraceable``, the BN's tensors (no graph at all: the
+    ``nn.Sequential`` fallback folds)."""
+
+    def __init__(self, untraceable: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.untraceable = untraceable
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.body(x)
+        y = y.view(y.size(0), self.body[1].num_features // 2, -1)
+        if self.untraceable and x.sum() > 0:  # data-dependent: no graph
+            return y, self.body[1].weight.abs().sum() + self.body[1].running_var.sum()
+        return y, y.new_zeros(()) + self.body[1].eps
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_a_folded_bn_keeps_its_attributes(untraceable: bool) -> None:
+    """The nn.Identity that replaces a folded BN keeps the BN's attributes
+    (num_features, eps, ...) and its tensors as non-persistent buffers: a
+    forward that reads them still runs (it raised AttributeError) and
+    reads the same values; the state dict is the folded model's."""
+    torch.manual_seed(0)
+    model = ReadsBNAttributes(untraceable).eval()
+    _randomize_bn(model, 1)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        folded, folds = fold_batchnorm(model)
+        assert [(f.layer, f.bn, f.via) for f in folds] == [
+            ("body.0", "body.1", "sequential" if untraceable else "fx")
+        ]
+        out = folded(x)  # AttributeError: 'Identity' object has no attribute 'num_features'
+        _assert_close(out[0], ref[0])
+        _assert_close(out[1], ref[1], rel=1e-6)
+        ident, bn = folded.body[1], model.body[1]
+        assert isinstance(ident, nn.Identity) and not ident.training
+        assert (ident.num_features, ident.eps, ident.momentum) == (8, bn.eps, bn.momentum)
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(ident, name), getattr(bn, name))
+        assert list(ident.parameters()) == []
+        assert set(folded.state_dict()) == {"body.0.weight", "body.0.bias"}
+        q, rep = squant_rs.quantize_model(model, 8, return_report=True)
+        assert rep.layers[0].folded
+        out = q(x)
+        assert _rel(out[0], ref[0]) < 0.01 and _rel(out[1], ref[1]) < 1e-6
+    # picklable as before (a whole-model torch.save)
+    import io
+
+    buf = io.BytesIO()
+    torch.save(folded, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert again.body[1].num_features == 8

@@ -10,7 +10,10 @@ output channel ``c``::
 
 so ``BN(layer(x)) == layer'(x)`` exactly (up to float rounding). The BN is
 replaced by ``nn.Identity`` in place, so the layer keeps its module name and
-``state_dict`` key (``<layer>.weight``, plus ``<layer>.bias``).
+``state_dict`` key (``<layer>.weight``, plus ``<layer>.bias``). That
+``nn.Identity`` keeps the BN's attributes (``num_features``, ``eps``, ...)
+and its tensors as non-persistent buffers (the same values, not in the
+``state_dict``): code that reads them still runs.
 
 Each :class:`BatchNormFold` keeps the BN's ``beta`` and ``|gamma|`` per
 channel: the mean and the standard deviation of the folded layer's output
@@ -552,7 +555,8 @@ def fold_batchnorm(
     the layer's weight and bias are its own and the graph reads neither
     module's tensors directly. Other BNs (a BN after a ``Linear``
     included) are left alone; the module doc lists why. The folded BNs are
-    replaced by ``nn.Identity`` (under every name that holds them); layers
+    replaced by ``nn.Identity`` (under every name that holds them; it
+    keeps the BN's attributes and tensors, not as parameters); layers
     without a bias get one.
 
     Returns:
@@ -585,8 +589,6 @@ def fold_batchnorm_graph(
     written from it. ``modules``: ``model.named_modules()`` as a dict, where
     the caller has it. ``threads``: for the weights' products (``None``: as
     the native module decides). Returns the folds."""
-    from torch import nn
-
     if modules is None:
         modules = dict(model.named_modules())
     if graph is not None:
@@ -599,11 +601,40 @@ def fold_batchnorm_graph(
     folds: list[BatchNormFold] = []
     identities: dict[int, nn.Module] = {}
     for i, (layer_name, bn_name) in enumerate(pairs):
-        identities[id(modules[bn_name])] = nn.Identity()
+        identities[id(modules[bn_name])] = _stand_in(modules[bn_name])
         folds.append(BatchNormFold(layer_name, bn_name, values[2 * i], values[2 * i + 1], via))
     if identities:
         _replace_everywhere(modules.values(), identities)
     return folds
+
+
+@functools.cache
+def _module_fields() -> frozenset[str]:
+    """The instance attributes every ``nn.Module`` has (its registries,
+    hooks and ``training``)."""
+    from torch import nn
+
+    return frozenset(vars(nn.Module()))
+
+
+def _stand_in(bn: nn.Module) -> nn.Module:
+    """The ``nn.Identity`` that replaces the folded ``bn``: it keeps ``bn``'s
+    own attributes (``num_features``, ``eps``, ...) and mode, and its
+    parameters and buffers as non-persistent buffers (the same values, not
+    in the state dict nor among the parameters), so that code reading them
+    (not in the graph: a plain attribute, or a forward the fallback folds)
+    still runs and reads what it read."""
+    from torch import nn
+
+    out = nn.Identity()
+    out.training = bn.training
+    internal = _module_fields()
+    for key, value in vars(bn).items():
+        if key not in internal:
+            setattr(out, key, value)
+    for key, t in (*bn._parameters.items(), *bn._buffers.items()):
+        out.register_buffer(key, None if t is None else t.detach(), persistent=False)
+    return out
 
 
 def _replace_everywhere(parents: Any, new: dict[int, nn.Module]) -> None:

@@ -183,9 +183,9 @@ def quantize_model(
       (:func:`~squant_rs.model.fold.fold_batchnorm` says when: never after
       a Linear, not for subclasses with their own forward, hooked or
       tied layers, nor where the forward reads their tensors directly;
-      the BN becomes ``nn.Identity``, the layer gets the folded weight
-      and bias), so the quantized weights are the ones an exported graph
-      uses;
+      the BN becomes ``nn.Identity``, which keeps its attributes, the
+      layer gets the folded weight and bias), so the quantized weights
+      are the ones an exported graph uses;
     * ``bias_correction``: ``b -= (W_q - W) . E[x]`` with ``E[x]`` from the
       BatchNorm statistics in front of the layer;
     * ``act_ranges``: ``"sigma"`` (the paper's rule on noise) or ``"bn"``
