@@ -692,3 +692,76 @@ def test_a_folded_bn_keeps_its_attributes(untraceable: bool) -> None:
     buf.seek(0)
     again = torch.load(buf, weights_only=False)
     assert again.body[1].num_features == 8
+
+
+class UntraceableAlias(nn.Module):
+    """An untraceable model whose Sequential's Conv is also registered
+    earlier under another name (``stem``): ``named_modules`` knows it as
+    ``stem`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.stem = conv
+        self.body = nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return y if x.sum() > 0 else -y  # untraceable by torch.fx
+
+
+class UntraceableShared(nn.Module):
+    """An untraceable model in which one module is a child of two
+    nn.Sequentials: the Conv (``shared="conv"``: each Sequential with its own
+    BN), or the BN (``"bn"``: after its own Conv in ``a``, after a ReLU in
+    ``b``)."""
+
+    def __init__(self, shared: str) -> None:
+        super().__init__()
+        conv, bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        if shared == "conv":
+            self.a = nn.Sequential(conv, bn)
+            self.b = nn.Sequential(conv, nn.BatchNorm2d(8))
+        else:
+            self.a = nn.Sequential(conv, bn)
+            self.b = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # untraceable by torch.fx
+            return self.a(x) - self.b(x)
+        return self.a(x)
+
+
+def test_fold_sequential_fallback_aliases_and_shared_modules() -> None:
+    """The fallback named a pair by the Sequential's children (``body.0``),
+    which ``named_modules`` does not list for an aliased module: KeyError.
+    Pairs are now named as ``named_modules`` names them, and a module that
+    more than one nn.Sequential (or position) holds is not folded (the
+    fallback's "called once"): folding it for one would change the other."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8)
+    model: nn.Module = UntraceableAlias().eval()
+    _randomize_bn(model, 1)
+    with torch.no_grad():
+        ref = model(x)
+        folded, folds = fold_batchnorm(model)
+        assert [(f.layer, f.bn, f.via) for f in folds] == [("stem", "body.1", "sequential")]
+        assert isinstance(folded.body[1], nn.Identity) and folded.stem is folded.body[0]
+        _assert_close(folded(x), ref)
+        q, rep = squant_rs.quantize_model(model, 8, return_report=True)
+        flags = {r.name: r.folded for r in rep.layers}
+        assert flags["stem"] and not flags["body.3"]
+        assert _rel(q(x), ref) < 0.01
+    for shared in ("conv", "bn"):
+        model = UntraceableShared(shared).eval()
+        _randomize_bn(model, 2)
+        with torch.no_grad():
+            ref = model(x)
+            folded, folds = fold_batchnorm(model)
+            assert folds == []
+            assert isinstance(folded.a[1], nn.BatchNorm2d)
+            assert torch.equal(folded(x), ref)
+            for kw in ({}, {"fold_bn": True, "bias_correction": False}):
+                q, rep = squant_rs.quantize_model(model, 8, return_report=True, **kw)
+                assert not any(r.folded for r in rep.layers)
+                assert _rel(q(x), ref) < 0.01

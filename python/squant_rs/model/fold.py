@@ -51,12 +51,14 @@ A BN reachable under several attribute names is replaced by
 The graph is read with ``torch.fx`` symbolic tracing (Conv, Linear and
 BatchNorm modules, subclasses included, are kept as leaves). Where tracing
 fails, consecutive ``(Conv, BatchNorm)`` children of ``nn.Sequential``
-containers are folded instead; :attr:`BatchNormFold.via` says which. That
-fallback assumes the ``nn.Sequential`` runs as a unit (its forward calls
-the children one after the other, nothing else reads the Conv's output):
-a forward that iterates the children itself and keeps the Conv's output
-gets a wrong result from it (what ``torch.onnx``'s exporter, which folds
-such pairs too, assumes as well).
+containers are folded instead; :attr:`BatchNormFold.via` says which (named
+as ``named_modules()`` names them; a Conv or BN that the ``nn.Sequential``
+containers hold more than once is not folded, as one called twice in the
+graph). That fallback assumes the ``nn.Sequential`` runs as a unit (its
+forward calls the children one after the other, nothing else reads the
+Conv's output or weight): a forward that iterates the children itself and
+keeps the Conv's output gets a wrong result from it (what ``torch.onnx``'s
+exporter, which folds such pairs too, assumes as well).
 """
 
 from __future__ import annotations
@@ -388,21 +390,34 @@ def _owns_parameters(layer: Any, shared: set[int]) -> bool:
     )
 
 
-def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(layer, bn)`` names of consecutive children of ``nn.Sequential``s
-    (a layer whose weight or bias is tied to another module's excepted)."""
+def _sequential_pairs(modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
+    """``(layer, bn)`` names (``modules``' names: the model's
+    ``named_modules()``, where an aliased module has its first name) of
+    consecutive children of ``nn.Sequential``s. Excepted: a layer whose
+    weight or bias is tied to another module's, and a pair either of whose
+    modules the ``nn.Sequential``s hold more than once (in two of them, or
+    twice in one: called more than once, as the graph's rule)."""
     from torch import nn
 
-    shared = _shared_weights(model.modules())
+    names = {id(m): name for name, m in modules.items()}
+    seqs = [m for m in modules.values() if type(m) is nn.Sequential]
+    held: dict[int, int] = {}
+    for seq in seqs:
+        for child in seq._modules.values():
+            if child is not None:
+                held[id(child)] = held.get(id(child), 0) + 1
+    shared = _shared_weights(modules.values())
     pairs: list[tuple[str, str]] = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Sequential:
-            continue
-        children = list(module.named_children())
-        for (n0, m0), (n1, m1) in zip(children, children[1:]):
-            if _foldable_bn(m1, m0) and _owns_parameters(m0, shared):
-                prefix = f"{name}." if name else ""
-                pairs.append((prefix + n0, prefix + n1))
+    for seq in seqs:
+        children = [m for m in seq._modules.values() if m is not None]
+        for m0, m1 in zip(children, children[1:]):
+            if (
+                held[id(m0)] == 1
+                and held[id(m1)] == 1
+                and _foldable_bn(m1, m0)
+                and _owns_parameters(m0, shared)
+            ):
+                pairs.append((names[id(m0)], names[id(m1)]))
     return pairs
 
 
@@ -594,7 +609,7 @@ def fold_batchnorm_graph(
     if graph is not None:
         pairs, via = _fx_pairs(model, graph, modules), "fx"
     else:
-        pairs, via = _sequential_pairs(model), "sequential"
+        pairs, via = _sequential_pairs(modules), "sequential"
     layers = [modules[layer_name] for layer_name, _ in pairs]
     srcs = [sources.get(id(layer.weight)) if sources else None for layer in layers]
     values = _fold_all(layers, [modules[bn_name] for _, bn_name in pairs], srcs, threads)
