@@ -542,3 +542,226 @@ def test_no_bias_correction_into_a_parametrized_bias() -> None:
     q, rep = squant_rs.quantize_model(model, 4, return_report=True)
     assert not rep.layers[0].bias_corrected
     assert torch.equal(q[1].bias, model[1].bias)
+
+
+class TiedAutoencoder(nn.Module):
+    """The encoder Conv (followed by its BN) also decodes, transposed,
+    through ``F.conv_transpose2d(h, self.enc.weight)``: a ``get_attr``
+    read of the weight in the graph."""
+
+    def __init__(self, read: str = "weight") -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.read = read
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mix(F.relu(self.bn(self.enc(x))))
+        if self.read == "weight":
+            return F.conv_transpose2d(h, self.enc.weight, padding=1)
+        if self.read == "bias":
+            return h + self.enc.bias.view(1, -1, 1, 1)
+        # the parameter itself, not through the attribute (no getattr)
+        weight = next(iter(self.enc.parameters()))
+        return F.conv_transpose2d(h, weight, padding=1)
+
+
+@pytest.mark.parametrize("read", ["weight", "bias", "parameters"])
+def test_fold_skips_a_layer_whose_weight_the_graph_reads(read: str) -> None:
+    """Folding writes the layer's weight and bias: a forward that also reads
+    them directly (a tied decoder) got the folded values (W8 error 5.49
+    instead of 0.005). Such a layer is not folded, by the capture and by
+    torch.fx alike."""
+    from squant_rs.model import capture
+    from squant_rs.model.fold import _fx_pairs, trace_fx
+
+    torch.manual_seed(0)
+    model = TiedAutoencoder(read).eval()
+    _randomize_bn(model, 1)
+    modules = dict(model.named_modules())
+    fx_graph = trace_fx(model)
+    assert fx_graph is not None
+    assert _fx_pairs(model, capture.capture(model), modules) == []
+    assert _fx_pairs(model, fx_graph, modules) == []
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        folded, folds = fold_batchnorm(model)
+        assert folds == [] and isinstance(folded.bn, nn.BatchNorm2d)
+        for kw in ({}, {"fold_bn": True, "bias_correction": False}):
+            q, rep = squant_rs.quantize_model(model, 8, return_report=True, **kw)
+            assert not any(r.folded for r in rep.layers)
+            assert _rel(q(x), ref) < 0.02  # was 5.49
+
+
+class ReadsBN(nn.Module):
+    """A forward that reads its BN's tensors besides calling it."""
+
+    def __init__(self, read: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Conv2d(8, 4, 1)
+        self.read = read
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.fc(F.relu(self.bn(self.conv(x))))
+        if self.read == "weight":  # a network-slimming style penalty
+            return y, self.bn.weight.abs().sum()
+        return y, y.mean() * self.bn.running_var  # a buffer, an argument of the graph
+
+
+@pytest.mark.parametrize("read", ["weight", "running_var"])
+def test_fold_skips_a_bn_whose_tensors_the_graph_reads(read: str) -> None:
+    """The folded model crashed ('Identity' object has no attribute
+    'weight'); a BN whose tensors the graph reads is not folded."""
+    from squant_rs.model import capture
+    from squant_rs.model.fold import _fx_pairs, trace_fx
+
+    torch.manual_seed(0)
+    model = ReadsBN(read).eval()
+    _randomize_bn(model, 1)
+    modules = dict(model.named_modules())
+    fx_graph = trace_fx(model)
+    assert fx_graph is not None
+    assert _fx_pairs(model, capture.capture(model), modules) == []
+    assert _fx_pairs(model, fx_graph, modules) == []
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        q, rep = squant_rs.quantize_model(model, 8, return_report=True)
+        assert not rep.layers[0].folded and isinstance(q.bn, nn.BatchNorm2d)
+        out = q(x)
+        assert _rel(out[0], ref[0]) < 0.01 and _rel(out[1], ref[1]) < 0.01
+
+
+class ReadsBNAttributes(nn.Module):
+    """A forward that reads a plain attribute of its BN (no graph node)
+    and, when ``untraceable``, the BN's tensors (no graph at all: the
+    ``nn.Sequential`` fallback folds)."""
+
+    def __init__(self, untraceable: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.untraceable = untraceable
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.body(x)
+        y = y.view(y.size(0), self.body[1].num_features // 2, -1)
+        if self.untraceable and x.sum() > 0:  # data-dependent: no graph
+            return y, self.body[1].weight.abs().sum() + self.body[1].running_var.sum()
+        return y, y.new_zeros(()) + self.body[1].eps
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_a_folded_bn_keeps_its_attributes(untraceable: bool) -> None:
+    """The nn.Identity that replaces a folded BN keeps the BN's attributes
+    (num_features, eps, ...) and its tensors as non-persistent buffers: a
+    forward that reads them still runs (it raised AttributeError) and
+    reads the same values; the state dict is the folded model's."""
+    torch.manual_seed(0)
+    model = ReadsBNAttributes(untraceable).eval()
+    _randomize_bn(model, 1)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        folded, folds = fold_batchnorm(model)
+        assert [(f.layer, f.bn, f.via) for f in folds] == [
+            ("body.0", "body.1", "sequential" if untraceable else "fx")
+        ]
+        out = folded(x)  # AttributeError: 'Identity' object has no attribute 'num_features'
+        _assert_close(out[0], ref[0])
+        _assert_close(out[1], ref[1], rel=1e-6)
+        ident, bn = folded.body[1], model.body[1]
+        assert isinstance(ident, nn.Identity) and not ident.training
+        assert (ident.num_features, ident.eps, ident.momentum) == (8, bn.eps, bn.momentum)
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(ident, name), getattr(bn, name))
+        assert list(ident.parameters()) == []
+        assert set(folded.state_dict()) == {"body.0.weight", "body.0.bias"}
+        q, rep = squant_rs.quantize_model(model, 8, return_report=True)
+        assert rep.layers[0].folded
+        out = q(x)
+        assert _rel(out[0], ref[0]) < 0.01 and _rel(out[1], ref[1]) < 1e-6
+    # picklable as before (a whole-model torch.save)
+    import io
+
+    buf = io.BytesIO()
+    torch.save(folded, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert again.body[1].num_features == 8
+
+
+class UntraceableAlias(nn.Module):
+    """An untraceable model whose Sequential's Conv is also registered
+    earlier under another name (``stem``): ``named_modules`` knows it as
+    ``stem`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.stem = conv
+        self.body = nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return y if x.sum() > 0 else -y  # untraceable by torch.fx
+
+
+class UntraceableShared(nn.Module):
+    """An untraceable model in which one module is a child of two
+    nn.Sequentials: the Conv (``shared="conv"``: each Sequential with its own
+    BN), or the BN (``"bn"``: after its own Conv in ``a``, after a ReLU in
+    ``b``)."""
+
+    def __init__(self, shared: str) -> None:
+        super().__init__()
+        conv, bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        if shared == "conv":
+            self.a = nn.Sequential(conv, bn)
+            self.b = nn.Sequential(conv, nn.BatchNorm2d(8))
+        else:
+            self.a = nn.Sequential(conv, bn)
+            self.b = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # untraceable by torch.fx
+            return self.a(x) - self.b(x)
+        return self.a(x)
+
+
+def test_fold_sequential_fallback_aliases_and_shared_modules() -> None:
+    """The fallback named a pair by the Sequential's children (``body.0``),
+    which ``named_modules`` does not list for an aliased module: KeyError.
+    Pairs are now named as ``named_modules`` names them, and a module that
+    more than one nn.Sequential (or position) holds is not folded (the
+    fallback's "called once"): folding it for one would change the other."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8)
+    model: nn.Module = UntraceableAlias().eval()
+    _randomize_bn(model, 1)
+    with torch.no_grad():
+        ref = model(x)
+        folded, folds = fold_batchnorm(model)
+        assert [(f.layer, f.bn, f.via) for f in folds] == [("stem", "body.1", "sequential")]
+        assert isinstance(folded.body[1], nn.Identity) and folded.stem is folded.body[0]
+        _assert_close(folded(x), ref)
+        q, rep = squant_rs.quantize_model(model, 8, return_report=True)
+        flags = {r.name: r.folded for r in rep.layers}
+        assert flags["stem"] and not flags["body.3"]
+        assert _rel(q(x), ref) < 0.01
+    for shared in ("conv", "bn"):
+        model = UntraceableShared(shared).eval()
+        _randomize_bn(model, 2)
+        with torch.no_grad():
+            ref = model(x)
+            folded, folds = fold_batchnorm(model)
+            assert folds == []
+            assert isinstance(folded.a[1], nn.BatchNorm2d)
+            assert torch.equal(folded(x), ref)
+            for kw in ({}, {"fold_bn": True, "bias_correction": False}):
+                q, rep = squant_rs.quantize_model(model, 8, return_report=True, **kw)
+                assert not any(r.folded for r in rep.layers)
+                assert _rel(q(x), ref) < 0.01

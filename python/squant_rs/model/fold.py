@@ -10,7 +10,10 @@ output channel ``c``::
 
 so ``BN(layer(x)) == layer'(x)`` exactly (up to float rounding). The BN is
 replaced by ``nn.Identity`` in place, so the layer keeps its module name and
-``state_dict`` key (``<layer>.weight``, plus ``<layer>.bias``).
+``state_dict`` key (``<layer>.weight``, plus ``<layer>.bias``). That
+``nn.Identity`` keeps the BN's attributes (``num_features``, ``eps``, ...)
+and its tensors as non-persistent buffers (the same values, not in the
+``state_dict``): code that reads them still runs.
 
 Each :class:`BatchNormFold` keeps the BN's ``beta`` and ``|gamma|`` per
 channel: the mean and the standard deviation of the folded layer's output
@@ -36,7 +39,11 @@ What is never folded (the BN stays, the layer keeps its weights):
   forward pre-hooks see its input, which folding does not change);
 * a layer whose weight or bias another module also holds (folding would
   change that module too), or whose weight or bias is parametrized
-  (``torch.nn.utils.parametrize``: computed on every read).
+  (``torch.nn.utils.parametrize``: computed on every read);
+* a pair whose tensors the graph reads directly (``get_attr`` nodes, or
+  the tensor as an argument: a tied decoder's
+  ``F.conv_transpose2d(h, self.enc.weight)`` would read the folded weight,
+  a penalty on ``self.bn.weight`` keeps the BN).
 
 A BN reachable under several attribute names is replaced by
 ``nn.Identity`` under every one of them.
@@ -44,12 +51,14 @@ A BN reachable under several attribute names is replaced by
 The graph is read with ``torch.fx`` symbolic tracing (Conv, Linear and
 BatchNorm modules, subclasses included, are kept as leaves). Where tracing
 fails, consecutive ``(Conv, BatchNorm)`` children of ``nn.Sequential``
-containers are folded instead; :attr:`BatchNormFold.via` says which. That
-fallback assumes the ``nn.Sequential`` runs as a unit (its forward calls
-the children one after the other, nothing else reads the Conv's output):
-a forward that iterates the children itself and keeps the Conv's output
-gets a wrong result from it (what ``torch.onnx``'s exporter, which folds
-such pairs too, assumes as well).
+containers are folded instead; :attr:`BatchNormFold.via` says which (named
+as ``named_modules()`` names them; a Conv or BN that the ``nn.Sequential``
+containers hold more than once is not folded, as one called twice in the
+graph). That fallback assumes the ``nn.Sequential`` runs as a unit (its
+forward calls the children one after the other, nothing else reads the
+Conv's output or weight): a forward that iterates the children itself and
+keeps the Conv's output gets a wrong result from it (what ``torch.onnx``'s
+exporter, which folds such pairs too, assumes as well).
 """
 
 from __future__ import annotations
@@ -294,13 +303,15 @@ def _fx_pairs(
 ) -> list[tuple[str, str]]:
     """``(layer, bn)`` names where the layer's only user is the BN, both
     modules are called exactly once in the graph, :func:`_foldable_bn`
-    holds and the layer's weight and bias are its own (not tied to another
-    module's). ``modules``: ``model``'s ``named_modules()``."""
+    holds, the layer's weight and bias are its own (not tied to another
+    module's) and the graph reads none of the pair's tensors directly
+    (:func:`_graph_reads`). ``modules``: ``model``'s ``named_modules()``."""
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     shared: set[int] | None = None
+    reads: set[int] | None = None
     pairs: list[tuple[str, str]] = []
     for node in graph.nodes:
         if node.op != "call_module" or not node.args:
@@ -311,14 +322,65 @@ def _fx_pairs(
         bn_name, layer_name = str(node.target), str(src.target)
         if calls[bn_name] != 1 or calls[layer_name] != 1:
             continue
-        layer = modules[layer_name]
-        if not _foldable_bn(modules[bn_name], layer):
+        layer, bn = modules[layer_name], modules[bn_name]
+        if not _foldable_bn(bn, layer):
             continue
         if shared is None:
             shared = _shared_weights(modules.values())
-        if _owns_parameters(layer, shared):
-            pairs.append((layer_name, bn_name))
+            reads = _graph_reads(model, graph)
+        if not _owns_parameters(layer, shared):
+            continue
+        # Folding writes the layer's weight and bias and removes the BN:
+        # a direct read of either's tensors would see the change.
+        if reads is None or any(id(t) in reads for t in _tensors(layer, bn)):
+            continue
+        pairs.append((layer_name, bn_name))
     return pairs
+
+
+def _tensors(*modules: Any) -> list[Any]:
+    """The parameters and buffers of ``modules`` (not recursing)."""
+    return [
+        t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
+    ]
+
+
+def _graph_reads(model: nn.Module, graph: torch.fx.Graph | CapturedGraph) -> set[int] | None:
+    """``id``s of the tensors ``graph`` reads directly rather than through
+    a module call: the targets of its ``get_attr`` nodes (``torch.fx``'s
+    parameters, buffers and constants; the capture's parameters read
+    through a module attribute) and the tensors among its nodes' arguments
+    (the capture keeps a buffer, a constant or a parameter not read
+    through an attribute, e.g. from ``parameters()``, as the tensor
+    itself). ``None`` where a ``get_attr`` target does not resolve (then
+    any tensor may be read: nothing is folded)."""
+    from torch import Tensor
+
+    reads: set[int] = set()
+    stack: list[Any] = []
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            try:
+                target = functools.reduce(getattr, str(node.target).split("."), model)
+            except AttributeError:
+                return None
+            reads.add(id(target))
+        stack.append(node.args)
+        stack.append(node.kwargs)
+    while stack:
+        a = stack.pop()
+        t = type(a)
+        if t is tuple or t is list:
+            stack.extend(a)
+        elif t is dict:
+            stack.extend(a.values())
+        elif isinstance(a, Tensor):
+            reads.add(id(a))
+        elif t is slice:
+            stack.extend((a.start, a.stop, a.step))
+        elif isinstance(a, (tuple, list)):  # torch.Size, a named tuple
+            stack.extend(a)
+    return reads
 
 
 def _owns_parameters(layer: Any, shared: set[int]) -> bool:
@@ -329,21 +391,34 @@ def _owns_parameters(layer: Any, shared: set[int]) -> bool:
     )
 
 
-def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(layer, bn)`` names of consecutive children of ``nn.Sequential``s
-    (a layer whose weight or bias is tied to another module's excepted)."""
+def _sequential_pairs(modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
+    """``(layer, bn)`` names (``modules``' names: the model's
+    ``named_modules()``, where an aliased module has its first name) of
+    consecutive children of ``nn.Sequential``s. Excepted: a layer whose
+    weight or bias is tied to another module's, and a pair either of whose
+    modules the ``nn.Sequential``s hold more than once (in two of them, or
+    twice in one: called more than once, as the graph's rule)."""
     from torch import nn
 
-    shared = _shared_weights(model.modules())
+    names = {id(m): name for name, m in modules.items()}
+    seqs = [m for m in modules.values() if type(m) is nn.Sequential]
+    held: dict[int, int] = {}
+    for seq in seqs:
+        for child in seq._modules.values():
+            if child is not None:
+                held[id(child)] = held.get(id(child), 0) + 1
+    shared = _shared_weights(modules.values())
     pairs: list[tuple[str, str]] = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Sequential:
-            continue
-        children = list(module.named_children())
-        for (n0, m0), (n1, m1) in zip(children, children[1:]):
-            if _foldable_bn(m1, m0) and _owns_parameters(m0, shared):
-                prefix = f"{name}." if name else ""
-                pairs.append((prefix + n0, prefix + n1))
+    for seq in seqs:
+        children = [m for m in seq._modules.values() if m is not None]
+        for m0, m1 in zip(children, children[1:]):
+            if (
+                held[id(m0)] == 1
+                and held[id(m1)] == 1
+                and _foldable_bn(m1, m0)
+                and _owns_parameters(m0, shared)
+            ):
+                pairs.append((names[id(m0)], names[id(m1)]))
     return pairs
 
 
@@ -492,11 +567,13 @@ def fold_batchnorm(
     dimension (a stock torch module or a subclass that keeps its forward)
     whose output feeds only that BN, both are called once, the BN is in
     eval mode, has running statistics and as many features as the layer
-    has output channels, neither has hooks that folding would bypass and
-    the layer's weight and bias are its own. Other BNs (a BN after a
-    ``Linear`` included) are left alone; the module doc lists why. The
-    folded BNs are replaced by ``nn.Identity`` (under every name that
-    holds them); layers without a bias get one.
+    has output channels, neither has hooks that folding would bypass,
+    the layer's weight and bias are its own and the graph reads neither
+    module's tensors directly. Other BNs (a BN after a ``Linear``
+    included) are left alone; the module doc lists why. The folded BNs are
+    replaced by ``nn.Identity`` (under every name that holds them; it
+    keeps the BN's attributes and tensors, not as parameters); layers
+    without a bias get one.
 
     Returns:
         ``(model, folds)``: the folded model (``model`` itself with
@@ -537,14 +614,12 @@ def fold_batchnorm_graph(
     folds are refused, before anything is written, where they would write
     into one of those (a layer's weight or bias, a module holding a BN).
     Returns the folds."""
-    from torch import nn
-
     if modules is None:
         modules = dict(model.named_modules())
     if graph is not None:
         pairs, via = _fx_pairs(model, graph, modules), "fx"
     else:
-        pairs, via = _sequential_pairs(model), "sequential"
+        pairs, via = _sequential_pairs(modules), "sequential"
     layers = [modules[layer_name] for layer_name, _ in pairs]
     if shared:
         check_not_shared(shared, _fold_writes(modules, pairs))
@@ -553,7 +628,7 @@ def fold_batchnorm_graph(
     folds: list[BatchNormFold] = []
     identities: dict[int, nn.Module] = {}
     for i, (layer_name, bn_name) in enumerate(pairs):
-        identities[id(modules[bn_name])] = nn.Identity()
+        identities[id(modules[bn_name])] = _stand_in(modules[bn_name])
         folds.append(BatchNormFold(layer_name, bn_name, values[2 * i], values[2 * i + 1], via))
     if identities:
         _replace_everywhere(modules.values(), identities)
@@ -580,6 +655,35 @@ def _fold_writes(
         if any(child is not None and id(child) in bns for child in parent._modules.values()):
             what = f"module {name!r}" if name else "the model itself"
             yield f"{what} ({type(parent).__name__}, whose BatchNorm is replaced)", parent
+
+
+@functools.cache
+def _module_fields() -> frozenset[str]:
+    """The instance attributes every ``nn.Module`` has (its registries,
+    hooks and ``training``)."""
+    from torch import nn
+
+    return frozenset(vars(nn.Module()))
+
+
+def _stand_in(bn: nn.Module) -> nn.Module:
+    """The ``nn.Identity`` that replaces the folded ``bn``: it keeps ``bn``'s
+    own attributes (``num_features``, ``eps``, ...) and mode, and its
+    parameters and buffers as non-persistent buffers (the same values, not
+    in the state dict nor among the parameters), so that code reading them
+    (not in the graph: a plain attribute, or a forward the fallback folds)
+    still runs and reads what it read."""
+    from torch import nn
+
+    out = nn.Identity()
+    out.training = bn.training
+    internal = _module_fields()
+    for key, value in vars(bn).items():
+        if key not in internal:
+            setattr(out, key, value)
+    for key, t in (*bn._parameters.items(), *bn._buffers.items()):
+        out.register_buffer(key, None if t is None else t.detach(), persistent=False)
+    return out
 
 
 def _replace_everywhere(parents: Any, new: dict[int, nn.Module]) -> None:

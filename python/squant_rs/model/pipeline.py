@@ -184,9 +184,10 @@ def quantize_model(
       dimension into it first, where that is exact
       (:func:`~squant_rs.model.fold.fold_batchnorm` says when: never after
       a Linear, not for subclasses with their own forward, hooked or
-      tied layers; the BN becomes ``nn.Identity``, the layer gets the
-      folded weight and bias), so the quantized weights are the ones an
-      exported graph uses;
+      tied layers, nor where the forward reads their tensors directly;
+      the BN becomes ``nn.Identity``, which keeps its attributes, the
+      layer gets the folded weight and bias), so the quantized weights
+      are the ones an exported graph uses;
     * ``bias_correction``: ``b -= (W_q - W) . E[x]`` with ``E[x]`` from the
       BatchNorm statistics in front of the layer;
     * ``act_ranges``: ``"sigma"`` (the paper's rule on noise) or ``"bn"``

@@ -731,9 +731,10 @@ def _match_layers(
     # Graph layers no report layer's weight matches, in a report layer's
     # scope (any of its calls): torch's exporter folded a BatchNorm into
     # that call that quantize_model left unfolded (a hook, a module with a
-    # forward of its own, an untraceable model, a layer called twice with a
-    # BN after each call). Each such call runs the layer's SQuant codes with
-    # each channel's scale times that BN's factor.
+    # forward of its own, a weight the forward also reads, an untraceable
+    # model, a layer called twice with a BN after each call). Each such
+    # call runs the layer's SQuant codes with each channel's scale times
+    # that BN's factor.
     matched = set().union(*cands) if cands else set()
     for ri, rp in enumerate(reps):
         if qts[ri] is None:  # pragma: no cover - quantize_model fills it
@@ -836,7 +837,8 @@ def _match_layers(
         warnings.warn(
             "torch's exporter folded a BatchNorm into "
             f"{', '.join(repr(n) for n in folded_here)}, which quantize_model left unfolded "
-            "(a hook, a module with a forward of its own, or a model it cannot trace): "
+            "(a hook, a module with a forward of its own, a weight the forward also reads "
+            "directly, or a model it cannot trace): "
             "the graph runs their SQuant codes with each channel's scale times the "
             "BatchNorm's factor",
             UserWarning,
