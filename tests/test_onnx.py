@@ -2043,6 +2043,92 @@ def test_layers_left_float_are_reported(tmp_path):
     assert "from_constant: its weight comes from a Constant node" in str(err.value)
 
 
+def _conv_chain_with_computed_weight(weight: str) -> onnx.ModelProto:
+    """Conv c1 -> Relu -> Conv c2 -> Relu -> Conv c3, c2's weight a
+    ``Cast`` of a float16 initializer, a ``Reshape`` of a flat one, a
+    sparse initializer or a Constant node's value (``weight``)."""
+    rng = np.random.default_rng(0)
+
+    def f32(*shape):
+        return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+
+    w2 = f32(8, 8, 3, 3)
+    pre: list = []
+    inits = [numpy_helper.from_array(f32(8, 3, 3, 3), "W1")]
+    sparse = []
+    if weight == "cast":
+        pre = [helper.make_node("Cast", ["W2h"], ["W2"], to=TensorProto.FLOAT)]
+        inits.append(numpy_helper.from_array(w2.astype(np.float16), "W2h"))
+    elif weight == "reshape":
+        pre = [helper.make_node("Reshape", ["W2flat", "shape"], ["W2"])]
+        inits += [
+            numpy_helper.from_array(w2.ravel(), "W2flat"),
+            numpy_helper.from_array(np.array(w2.shape, np.int64), "shape"),
+        ]
+    elif weight == "sparse":
+        idx = np.arange(w2.size, dtype=np.int64)
+        sparse = [
+            helper.make_sparse_tensor(
+                numpy_helper.from_array(w2.ravel(), "W2"),
+                numpy_helper.from_array(idx, "W2_idx"),
+                list(w2.shape),
+            )
+        ]
+    else:
+        pre = [helper.make_node("Constant", [], ["W2"], value=numpy_helper.from_array(w2, "v"))]
+    inits += [
+        numpy_helper.from_array(f32(8), "b1"),
+        numpy_helper.from_array(f32(8), "b2"),
+        numpy_helper.from_array(f32(4, 8, 1, 1), "W3"),
+        numpy_helper.from_array(f32(4), "b3"),
+    ]
+    nodes = pre + [
+        helper.make_node("Conv", ["x", "W1", "b1"], ["y1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["y1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2", "b2"], ["y2"], name="c2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["y2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "W3", "b3"], ["y"], name="c3"),
+    ]
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [vi("y", TensorProto.FLOAT, [2, 4, 8, 8])],
+        inits,
+        sparse_initializer=sparse,
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("weight", ["cast", "reshape", "sparse", "constant"])
+def test_integer_kernels_leave_a_computed_weight_float(tmp_path, weight):
+    """With integer_kernels, a layer whose weight is computed from
+    initializers (a Cast of a float16 one, a Reshape), a sparse initializer
+    or a Constant node's value is left float, and really is: it keeps
+    reading the float tensor. Between a DequantizeLinear and a
+    QuantizeLinear onnxruntime folded the computed weight, quantized it
+    itself and ran the layer as QLinearConv, 2 % of the output range away
+    from what the QDQ graph says (ORT with optimizations off)."""
+    out = tmp_path / "q.onnx"
+    rep = squant_rs.quantize_onnx(
+        _conv_chain_with_computed_weight(weight),
+        out,
+        8,
+        8,
+        quantizer="symmetric",
+        integer_kernels=True,
+    )
+    assert [r.name for r in rep.layers] == ["c1", "c3"] and rep.skipped == ["c2"]
+    model = onnx.load(str(out))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    (c2,) = [n for n in model.graph.node if n.name == "c2"]
+    assert producers[c2.input[0]].op_type == "Relu"  # the float tensor
+    x = np.random.default_rng(1).random((2, 3, 8, 8), dtype=np.float32)
+    want = run(out, x, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    np.testing.assert_allclose(run(out, x), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 def _sparse_weight_model(opset: int, in_body: bool = False) -> onnx.ModelProto:
     """MatMul ``mm_sparse`` reads the sparse initializer ``Ws`` (in an If
     body with ``in_body``), MatMul ``mm`` the dense ``W``."""

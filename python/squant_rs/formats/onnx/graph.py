@@ -291,16 +291,12 @@ def _is_constant(producers: dict[str, Any], inits: Container[str], tensor: str) 
     """Whether ``tensor`` depends on initializers (the names in ``inits``)
     and Constant nodes only (not through a node with a subgraph; at most
     256 nodes)."""
-    return (
-        _constant_nodes(
-            producers,
-            inits,
-            tensor,
-            256,
-            lambda n: any(a.HasField("g") or a.graphs for a in n.attribute),
-        )
-        is not None
-    )
+    return _constant_nodes(producers, inits, tensor, 256, _has_subgraph) is not None
+
+
+def _has_subgraph(node: Any) -> bool:
+    """Whether ``node`` has a subgraph (an If / Loop / Scan)."""
+    return any(a.HasField("g") or a.graphs for a in node.attribute)
 
 
 def _graph_constants(model: Any) -> set[str]:
