@@ -1187,6 +1187,102 @@ def test_model_over_2gb_converts_without_its_data(tmp_path, monkeypatch):
     np.testing.assert_array_equal(run(out, x), run(want, x))
 
 
+def _big_tensor_model(where: str, opset: int) -> onnx.ModelProto:
+    """A Gemm layer ``g1`` and a 16 KiB float tensor ``big`` (the model's
+    other output, through an Add) that is no initializer of the main graph:
+    a Constant node's value, or in an If's then-body a Constant's value or
+    an initializer (``where``)."""
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    value = numpy_helper.from_array(rng.normal(size=(64, 64)).astype(np.float32), "big")
+    w = numpy_helper.from_array(rng.normal(size=(4, 8)).astype(np.float32), "w1")
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["y"], name="g1", transB=1)]
+    inputs = [vi("x", TensorProto.FLOAT, ["N", 8])]
+    if where == "constant":
+        nodes.append(helper.make_node("Constant", [], ["big"], value=value))
+    else:
+        body = (
+            [helper.make_node("Constant", [], ["big"], value=value)]
+            if where == "constant in an If body"
+            else []
+        )
+        then_g = helper.make_graph(
+            [*body, helper.make_node("Identity", ["big"], ["t"])],
+            "then",
+            [],
+            [vi("t", TensorProto.FLOAT, [64, 64])],
+            [] if body else [value],
+        )
+        else_g = helper.make_graph(
+            [helper.make_node("Identity", ["ones"], ["e"])],
+            "else",
+            [],
+            [vi("e", TensorProto.FLOAT, [64, 64])],
+        )
+        nodes.append(
+            helper.make_node("If", ["cond"], ["big"], then_branch=then_g, else_branch=else_g)
+        )
+        inputs.append(vi("cond", TensorProto.BOOL, []))
+    nodes.append(helper.make_node("Add", ["big", "big"], ["z"]))
+    g = helper.make_graph(
+        nodes,
+        "g",
+        inputs,
+        [vi("y", TensorProto.FLOAT, ["N", 4]), vi("z", TensorProto.FLOAT, [64, 64])],
+        [w, numpy_helper.from_array(np.ones((64, 64), np.float32), "ones")],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [21, 17])
+@pytest.mark.parametrize(
+    "where", ["constant", "constant in an If body", "initializer in an If body"]
+)
+def test_tensors_beside_the_main_initializers_count_toward_2gb(tmp_path, monkeypatch, where, opset):
+    """Whether a model is over 2 GB counts every tensor, not only the main
+    graph's initializers: a model whose large tensor was a Constant node's
+    value (or in an If body) was checked and converted in memory, which
+    protobuf refuses at 2 GB ("invalid ONNX model (Failed to serialize
+    proto)"), and written as one file. Here the threshold is 8 KiB, with a
+    checker and a converter that refuse what protobuf would: the big
+    tensor goes to the .data file and the model computes the same."""
+    from squant_rs.formats.onnx import load
+
+    model = _big_tensor_model(where, opset)
+    feeds = {"x": np.random.default_rng(1).random((3, 8), dtype=np.float32)}
+    if where != "constant":
+        feeds["cond"] = np.array(True)
+    want = tmp_path / "want.onnx"
+    squant_rs.quantize_onnx(model, want, 8)
+    assert os.listdir(tmp_path) == ["want.onnx"]
+
+    limit = 8192
+    real_check, real_convert = onnx.checker.check_model, onnx.version_converter.convert_version
+
+    def refuse_big(real):
+        def call(m, *args, **kwargs):
+            if isinstance(m, onnx.ModelProto) and m.ByteSize() >= limit:
+                raise RuntimeError("Failed to serialize proto")
+            return real(m, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(load, "EXTERNAL_ABOVE", limit)
+    monkeypatch.setattr(onnx.checker, "check_model", refuse_big(real_check))
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse_big(real_convert))
+    out = tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(model, out, 8)
+    assert sorted(os.listdir(tmp_path)) == ["q.onnx", "q.onnx.data", "want.onnx"]
+    assert os.path.getsize(out) < 4096
+    q = onnx.load(str(out))
+    assert q.opset_import[0].version == 21
+    sess = ort.InferenceSession(str(out), providers=CPU)
+    got = sess.run(None, feeds)
+    expect = ort.InferenceSession(str(want), providers=CPU).run(None, feeds)
+    for a, b in zip(got, expect):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("case", ["renamed model", "output is the data file"])
 def test_external_output_never_replaces_the_inputs_data(tmp_path, capsys, case):
     """The output (or its .data file) must not be one of the input's external

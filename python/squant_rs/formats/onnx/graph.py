@@ -324,12 +324,6 @@ def _graphs(graph: Any) -> Any:
                 yield from _graphs(g)
 
 
-def _graph_tensors(graph: Any) -> Any:
-    """The initializers of ``graph`` and of its subgraphs (If / Loop / Scan bodies)."""
-    for g in _graphs(graph):
-        yield from g.initializer
-
-
 def _subgraph_reads(node: Any) -> set[str]:
     """The tensors the subgraphs of ``node`` read (outer-scope ones among them)."""
     out: set[str] = set()
@@ -342,11 +336,12 @@ def _subgraph_reads(node: Any) -> set[str]:
     return out
 
 
-def _all_tensors(model: Any) -> Any:
+def _all_tensors(model: Any, sparse: bool = True) -> Any:
     """Every TensorProto ``model`` holds, in every graph (If / Loop / Scan
     bodies and model-local functions' included): initializers, the values
     and indices of sparse initializers, and node attributes' tensors
-    (a Constant's ``value``, sparse ones too)."""
+    (a Constant's ``value``, sparse ones too); with ``sparse=False`` none
+    of a sparse tensor's."""
     graphs = list(_graphs(model.graph))
     node_lists = [g.node for g in graphs]
     for f in model.functions:
@@ -358,7 +353,7 @@ def _all_tensors(model: Any) -> Any:
                     node_lists.extend(sub.node for sub in _graphs(g))
     for g in graphs:
         yield from g.initializer
-        for sp in g.sparse_initializer:
+        for sp in g.sparse_initializer if sparse else ():
             yield sp.values
             yield sp.indices
     for nodes in node_lists:
@@ -367,10 +362,11 @@ def _all_tensors(model: Any) -> Any:
                 if a.HasField("t"):
                     yield a.t
                 yield from a.tensors
-                sparse = ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(
+                if not sparse:
+                    continue
+                for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(
                     a.sparse_tensors
-                )
-                for sp in sparse:
+                ):
                     yield sp.values
                     yield sp.indices
 
