@@ -1121,6 +1121,52 @@ def test_opset_conversion_and_activations(tmp_path):
     assert c["QGemm"] + c["QLinearMatMul"] + c["MatMulIntegerToFloat"] >= 4, c
 
 
+@pytest.mark.parametrize("opset", [22, 25, 28])
+def test_opset_above_21_is_converted_down(tmp_path, opset):
+    """A model above opset 21 is converted to opset 21, as documented: it
+    kept its opset, and at 28 onnxruntime 1.32 could not load the output
+    (no DequantizeLinear(28) kernel) although quantize_onnx reported
+    success."""
+    model = _gemm_model(opset)
+    model.ir_version = 10
+    want, out = tmp_path / "want.onnx", tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(_gemm_model(), want, 8, 8, quantizer="symmetric")
+    squant_rs.quantize_onnx(model, out, 8, 8, quantizer="symmetric")
+    assert [(i.domain, i.version) for i in onnx.load(str(out)).opset_import] == [("", 21)]
+    x = np.random.default_rng(1).random((3, 8), dtype=np.float32)
+    np.testing.assert_array_equal(run(out, x), run(want, x))
+
+
+def test_op_without_an_opset_21_form_is_refused(tmp_path, capsys):
+    """An op (or type) opset 21 does not have cannot be converted down: one
+    line naming the opsets and the op, nothing written."""
+    from squant_rs.cli import main
+
+    g = helper.make_graph(
+        [
+            helper.make_node("RMSNormalization", ["x", "s"], ["n"]),
+            helper.make_node("MatMul", ["n", "w"], ["y"], name="mm"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [
+            numpy_helper.from_array(np.ones(4, np.float32), "s"),
+            numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"),
+        ],
+    )
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]), str(src))
+    with pytest.raises(squant_rs.OnnxFormatError) as err:
+        squant_rs.quantize_onnx(src, out, 8)
+    assert str(err.value) == (
+        f"{src}: cannot convert opset 23 to 21 (No Previous Version of RMSNormalization exists)"
+    )
+    assert main(["quantize", str(src), str(out)]) == 2
+    assert capsys.readouterr().err == f"squant-rs: error: {err.value}\n"
+    assert not out.exists()
+
+
 def test_external_data_in_and_out(tmp_path):
     src = tmp_path / "ext.onnx"
     onnx.save(

@@ -103,7 +103,8 @@ def _refuse_unloaded(model: Any) -> None:
 
 
 def _prepare(model: Any, where: str) -> Any:
-    """Checked, at opset 21, refusing quantized graphs. A model whose
+    """Checked, at opset 21 (converted up or down to it), refusing quantized
+    graphs and ops or types opset 21 does not have. A model whose
     tensors exceed 2 GB is converted without its tensor data (protobuf
     serializes no more), which goes back afterwards."""
     onnx = require_onnx()
@@ -125,7 +126,9 @@ def _prepare(model: Any, where: str) -> Any:
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise OnnxFormatError(f"{where}: invalid ONNX model ({msg})") from None
-    if opset < OPSET:
+    if opset != OPSET:
+        # (down from a newer opset too: the output is opset 21, which every
+        # runtime with int4 QDQ runs; an op or type opset 21 lacks is refused)
         # The converter serializes the model, which protobuf refuses at 2 GB:
         # a model that large is converted without its tensor data.
         # The converter knows no sparse initializers: it fails on the main
@@ -145,6 +148,9 @@ def _prepare(model: Any, where: str) -> Any:
             model = onnx.version_converter.convert_version(model, OPSET)
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            # "/project/onnx/version_converter/...h:23: adapt: Assertion `false`
+            # failed: No Previous Version of X exists": the reason only
+            msg = msg.rpartition("` failed: ")[2] or msg
             raise OnnxFormatError(
                 f"{where}: cannot convert opset {opset} to {OPSET} ({msg})"
             ) from None

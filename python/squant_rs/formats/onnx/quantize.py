@@ -70,8 +70,10 @@ def quantize_onnx(
 
     ``model_or_path``: an ``onnx.ModelProto`` with its tensors' data (not
     one loaded with ``load_external_data=False``) or the path of an
-    ``.onnx`` file (external data next to it is read). Models below opset 21 are
-    converted with ``onnx.version_converter``. ``wbits``, ``mode`` and
+    ``.onnx`` file (external data next to it is read). Models at another
+    opset (7 and up) are converted to 21 with ``onnx.version_converter``,
+    newer ones down (one using an op or type opset 21 lacks is refused,
+    naming it). ``wbits``, ``mode`` and
     ``quantizer`` are as in :func:`quantize_tensor`; ``skip``: fnmatch
     patterns tried on node names and weight names (one that matches no
     quantizable layer gets a ``UserWarning``, as in :func:`quantize_model`). With ``abits`` the
@@ -117,7 +119,8 @@ def quantize_onnx(
 
     Raises:
         OnnxFormatError: not an ONNX model, truncated or corrupt, unsupported
-            opset, already quantized, no quantizable layer.
+            opset (or one onnx cannot convert to 21), already quantized, no
+            quantizable layer.
         InvalidArgumentError: bad arguments (checked before any work, as in
             :func:`quantize_model`: e.g. an ``input_shape`` with a dimension
             below 1), an output path (or, with external data, its ``.data``
