@@ -2407,6 +2407,59 @@ def _bad_inputs(tmp_path):
     }
 
 
+def test_skip_excluding_every_layer_says_so(tmp_path, capsys):
+    """skip patterns that exclude every layer: the error says so (it said
+    "no quantizable layer (Conv/Gemm/MatMul with a float32 initializer
+    weight)" of a model that has five)."""
+    from squant_rs.cli import main
+
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(_gemm_model(), str(src))
+    with pytest.raises(squant_rs.InvalidArgumentError) as err:
+        squant_rs.quantize_onnx(src, out, 8, skip=("g*", "mm", "s*"))
+    assert str(err.value) == (
+        f"{src}: the skip patterns 'g*', 'mm', 's*' exclude every quantizable layer (5: 'g0', "
+        "'mm', 'g2', 's1', 's2'): nothing is left to quantize"
+    )
+    assert main(["quantize", str(src), str(out), "--skip", "*"]) == 2
+    assert capsys.readouterr().err == (
+        f"squant-rs: error: {src}: the --skip pattern '*' excludes every quantizable layer (5: "
+        "'g0', 'mm', 'g2', 's1', 's2'): nothing is left to quantize\n"
+    )
+    assert not out.exists()
+
+
+def test_upper_case_onnx_extension(tmp_path, capsys):
+    """The CLI takes .ONNX as .onnx, as it takes the output's other
+    extensions in any case: it said '.onnx' is not one squant-rs writes
+    (use .safetensors), or that an ONNX input needs an .onnx output."""
+    from squant_rs.cli import main
+
+    src = tmp_path / "m.ONNX"
+    onnx.save(_gemm_model(), str(src))
+    x = np.random.default_rng(1).random((3, 8), dtype=np.float32)
+    want = tmp_path / "want.onnx"
+    squant_rs.quantize_onnx(src, want, 8)
+    for name in ("q.ONNX", "q.onnx"):
+        argv = ["quantize", "-q", str(src), str(tmp_path / name), "--wbits", "8"]
+        assert main(argv) == 0, capsys.readouterr()
+        np.testing.assert_array_equal(run(tmp_path / name, x), run(want, x))
+    assert main(["quantize", str(src), str(tmp_path / "q.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err == "squant-rs: error: ONNX input needs an .onnx output (and the other way round)\n"
+
+
+def test_output_path_ending_with_a_slash_is_refused(tmp_path):
+    """An output path ending with '/' names a directory: refused (a file
+    without the slash was written, and a second run failed with
+    NotADirectoryError)."""
+    for out in (tmp_path / "outdir", tmp_path):
+        for tail in ("/", "/.", "/.."):
+            with pytest.raises(squant_rs.InvalidArgumentError, match="directory"):
+                squant_rs.quantize_onnx(_gemm_model(), f"{out}{tail}", 8)
+    assert os.listdir(tmp_path) == []
+
+
 def test_bad_weights_are_named(tmp_path, capsys):
     """A NaN or an empty weight: the error names the initializer and its
     node (not an internal index), with the shape as stored."""

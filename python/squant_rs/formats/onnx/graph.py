@@ -111,6 +111,7 @@ def _find_layers(
     skip: Sequence[str],
     matched: set[str] | None = None,
     notes: list[str] | None = None,
+    excluded: list[str] | None = None,
 ) -> tuple[list[_Layer], list[str]]:
     """The quantizable layers in graph order and the names of those left
     float: skipped ones, and Conv / Gemm / MatMul nodes whose constant
@@ -123,7 +124,8 @@ def _find_layers(
     through Slice / Transpose nodes (:func:`_view_source`) as the whole
     initializer, along the axis the Transposes make its output-channel
     axis.
-    ``matched`` collects the skip patterns that matched a layer."""
+    ``matched`` collects the skip patterns that matched a layer, and
+    ``excluded`` the names of the layers they matched."""
     onnx = require_onnx()
     graph = model.graph
     inits = _initializers(graph)
@@ -199,6 +201,8 @@ def _find_layers(
         if hits:
             if matched is not None:
                 matched.update(hits)
+            if excluded is not None:
+                excluded.append(name)
             skipped.append(name)
             continue
         if axes.setdefault(w.name, axis) != axis:

@@ -84,14 +84,17 @@ def _check_output(
     data_files: Sequence[str] = (),
     external_data: bool | None = None,
 ) -> str:
-    """The output path, refused when it (or, with ``external_data=True``,
-    its ``.data`` file) is the input model or one of its external data
-    files."""
+    """The output path, refused when it names a directory (one that exists,
+    or a path ending with ``/``) or when it (or, with
+    ``external_data=True``, its ``.data`` file) is the input model or one
+    of its external data files."""
     if not isinstance(out_path, (str, os.PathLike)):
         raise TypeError(f"out_path must be a path, got {type(out_path).__name__}")
     out = os.fspath(out_path)
     if os.path.isdir(out):
         raise InvalidArgumentError(f"output is a directory: {out}")
+    if os.path.basename(out) in ("", ".", ".."):  # "out/": not a file name
+        raise InvalidArgumentError(f"output {out} names a directory, not a file: give a file name")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise InvalidArgumentError(f"output directory does not exist: {parent}")
