@@ -98,6 +98,15 @@ def test_export_without_weights_uses_factory(tmp_path):
     assert np.abs(got - want).max() < 0.5 * np.abs(want).max()
 
 
+def test_export_takes_an_upper_case_onnx_extension(tmp_path):
+    """``export ... m.ONNX`` writes an ONNX model (the .onnx extension in any
+    case, as for the outputs of quantize; it said 'export writes an .onnx
+    model')."""
+    out = tmp_path / "m.ONNX"
+    assert main(["export", "export_models:small", str(out), "--input-shape", "1,3,8,8", "-q"]) == 0
+    onnx.checker.check_model(str(out))
+
+
 def _bad_cases(tmp_path, w):
     mismatched = tmp_path / "mismatch.pth"
     sd = small().state_dict()
@@ -321,7 +330,8 @@ def test_export_and_onnx_quantize_warnings_are_one_line_each(tmp_path):
     )
     # A pattern that skips every layer: no warning, one error line.
     rc, err = _cli_stderr(tmp_path, "quantize", "f.onnx", "q2.onnx", "--skip", "g*", "nomatch*")
-    assert rc == 2 and err.count("\n") == 1 and "no quantizable layer" in err, err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "the --skip pattern 'g*' excludes every quantizable layer" in err, err
     assert sorted(os.listdir(tmp_path)) == ["f.onnx", "m.onnx", "q.onnx"]
 
 

@@ -1161,6 +1161,52 @@ def test_opset_conversion_and_activations(tmp_path):
     assert c["QGemm"] + c["QLinearMatMul"] + c["MatMulIntegerToFloat"] >= 4, c
 
 
+@pytest.mark.parametrize("opset", [22, 25, 28])
+def test_opset_above_21_is_converted_down(tmp_path, opset):
+    """A model above opset 21 is converted to opset 21, as documented: it
+    kept its opset, and at 28 onnxruntime 1.32 could not load the output
+    (no DequantizeLinear(28) kernel) although quantize_onnx reported
+    success."""
+    model = _gemm_model(opset)
+    model.ir_version = 10
+    want, out = tmp_path / "want.onnx", tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(_gemm_model(), want, 8, 8, quantizer="symmetric")
+    squant_rs.quantize_onnx(model, out, 8, 8, quantizer="symmetric")
+    assert [(i.domain, i.version) for i in onnx.load(str(out)).opset_import] == [("", 21)]
+    x = np.random.default_rng(1).random((3, 8), dtype=np.float32)
+    np.testing.assert_array_equal(run(out, x), run(want, x))
+
+
+def test_op_without_an_opset_21_form_is_refused(tmp_path, capsys):
+    """An op (or type) opset 21 does not have cannot be converted down: one
+    line naming the opsets and the op, nothing written."""
+    from squant_rs.cli import main
+
+    g = helper.make_graph(
+        [
+            helper.make_node("RMSNormalization", ["x", "s"], ["n"]),
+            helper.make_node("MatMul", ["n", "w"], ["y"], name="mm"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [
+            numpy_helper.from_array(np.ones(4, np.float32), "s"),
+            numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"),
+        ],
+    )
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]), str(src))
+    with pytest.raises(squant_rs.OnnxFormatError) as err:
+        squant_rs.quantize_onnx(src, out, 8)
+    assert str(err.value) == (
+        f"{src}: cannot convert opset 23 to 21 (No Previous Version of RMSNormalization exists)"
+    )
+    assert main(["quantize", str(src), str(out)]) == 2
+    assert capsys.readouterr().err == f"squant-rs: error: {err.value}\n"
+    assert not out.exists()
+
+
 def test_external_data_in_and_out(tmp_path):
     src = tmp_path / "ext.onnx"
     onnx.save(
@@ -1225,6 +1271,102 @@ def test_model_over_2gb_converts_without_its_data(tmp_path, monkeypatch):
     full = onnx.load(str(src))
     squant_rs.quantize_onnx(full, out, 4)
     np.testing.assert_array_equal(run(out, x), run(want, x))
+
+
+def _big_tensor_model(where: str, opset: int) -> onnx.ModelProto:
+    """A Gemm layer ``g1`` and a 16 KiB float tensor ``big`` (the model's
+    other output, through an Add) that is no initializer of the main graph:
+    a Constant node's value, or in an If's then-body a Constant's value or
+    an initializer (``where``)."""
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    value = numpy_helper.from_array(rng.normal(size=(64, 64)).astype(np.float32), "big")
+    w = numpy_helper.from_array(rng.normal(size=(4, 8)).astype(np.float32), "w1")
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["y"], name="g1", transB=1)]
+    inputs = [vi("x", TensorProto.FLOAT, ["N", 8])]
+    if where == "constant":
+        nodes.append(helper.make_node("Constant", [], ["big"], value=value))
+    else:
+        body = (
+            [helper.make_node("Constant", [], ["big"], value=value)]
+            if where == "constant in an If body"
+            else []
+        )
+        then_g = helper.make_graph(
+            [*body, helper.make_node("Identity", ["big"], ["t"])],
+            "then",
+            [],
+            [vi("t", TensorProto.FLOAT, [64, 64])],
+            [] if body else [value],
+        )
+        else_g = helper.make_graph(
+            [helper.make_node("Identity", ["ones"], ["e"])],
+            "else",
+            [],
+            [vi("e", TensorProto.FLOAT, [64, 64])],
+        )
+        nodes.append(
+            helper.make_node("If", ["cond"], ["big"], then_branch=then_g, else_branch=else_g)
+        )
+        inputs.append(vi("cond", TensorProto.BOOL, []))
+    nodes.append(helper.make_node("Add", ["big", "big"], ["z"]))
+    g = helper.make_graph(
+        nodes,
+        "g",
+        inputs,
+        [vi("y", TensorProto.FLOAT, ["N", 4]), vi("z", TensorProto.FLOAT, [64, 64])],
+        [w, numpy_helper.from_array(np.ones((64, 64), np.float32), "ones")],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [21, 17])
+@pytest.mark.parametrize(
+    "where", ["constant", "constant in an If body", "initializer in an If body"]
+)
+def test_tensors_beside_the_main_initializers_count_toward_2gb(tmp_path, monkeypatch, where, opset):
+    """Whether a model is over 2 GB counts every tensor, not only the main
+    graph's initializers: a model whose large tensor was a Constant node's
+    value (or in an If body) was checked and converted in memory, which
+    protobuf refuses at 2 GB ("invalid ONNX model (Failed to serialize
+    proto)"), and written as one file. Here the threshold is 8 KiB, with a
+    checker and a converter that refuse what protobuf would: the big
+    tensor goes to the .data file and the model computes the same."""
+    from squant_rs.formats.onnx import load
+
+    model = _big_tensor_model(where, opset)
+    feeds = {"x": np.random.default_rng(1).random((3, 8), dtype=np.float32)}
+    if where != "constant":
+        feeds["cond"] = np.array(True)
+    want = tmp_path / "want.onnx"
+    squant_rs.quantize_onnx(model, want, 8)
+    assert os.listdir(tmp_path) == ["want.onnx"]
+
+    limit = 8192
+    real_check, real_convert = onnx.checker.check_model, onnx.version_converter.convert_version
+
+    def refuse_big(real):
+        def call(m, *args, **kwargs):
+            if isinstance(m, onnx.ModelProto) and m.ByteSize() >= limit:
+                raise RuntimeError("Failed to serialize proto")
+            return real(m, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(load, "EXTERNAL_ABOVE", limit)
+    monkeypatch.setattr(onnx.checker, "check_model", refuse_big(real_check))
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse_big(real_convert))
+    out = tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(model, out, 8)
+    assert sorted(os.listdir(tmp_path)) == ["q.onnx", "q.onnx.data", "want.onnx"]
+    assert os.path.getsize(out) < 4096
+    q = onnx.load(str(out))
+    assert q.opset_import[0].version == 21
+    sess = ort.InferenceSession(str(out), providers=CPU)
+    got = sess.run(None, feeds)
+    expect = ort.InferenceSession(str(want), providers=CPU).run(None, feeds)
+    for a, b in zip(got, expect):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("case", ["renamed model", "output is the data file"])
@@ -2083,6 +2225,92 @@ def test_layers_left_float_are_reported(tmp_path):
     assert "from_constant: its weight comes from a Constant node" in str(err.value)
 
 
+def _conv_chain_with_computed_weight(weight: str) -> onnx.ModelProto:
+    """Conv c1 -> Relu -> Conv c2 -> Relu -> Conv c3, c2's weight a
+    ``Cast`` of a float16 initializer, a ``Reshape`` of a flat one, a
+    sparse initializer or a Constant node's value (``weight``)."""
+    rng = np.random.default_rng(0)
+
+    def f32(*shape):
+        return (rng.standard_normal(shape) * 0.3).astype(np.float32)
+
+    w2 = f32(8, 8, 3, 3)
+    pre: list = []
+    inits = [numpy_helper.from_array(f32(8, 3, 3, 3), "W1")]
+    sparse = []
+    if weight == "cast":
+        pre = [helper.make_node("Cast", ["W2h"], ["W2"], to=TensorProto.FLOAT)]
+        inits.append(numpy_helper.from_array(w2.astype(np.float16), "W2h"))
+    elif weight == "reshape":
+        pre = [helper.make_node("Reshape", ["W2flat", "shape"], ["W2"])]
+        inits += [
+            numpy_helper.from_array(w2.ravel(), "W2flat"),
+            numpy_helper.from_array(np.array(w2.shape, np.int64), "shape"),
+        ]
+    elif weight == "sparse":
+        idx = np.arange(w2.size, dtype=np.int64)
+        sparse = [
+            helper.make_sparse_tensor(
+                numpy_helper.from_array(w2.ravel(), "W2"),
+                numpy_helper.from_array(idx, "W2_idx"),
+                list(w2.shape),
+            )
+        ]
+    else:
+        pre = [helper.make_node("Constant", [], ["W2"], value=numpy_helper.from_array(w2, "v"))]
+    inits += [
+        numpy_helper.from_array(f32(8), "b1"),
+        numpy_helper.from_array(f32(8), "b2"),
+        numpy_helper.from_array(f32(4, 8, 1, 1), "W3"),
+        numpy_helper.from_array(f32(4), "b3"),
+    ]
+    nodes = pre + [
+        helper.make_node("Conv", ["x", "W1", "b1"], ["y1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["y1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2", "b2"], ["y2"], name="c2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["y2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "W3", "b3"], ["y"], name="c3"),
+    ]
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [vi("y", TensorProto.FLOAT, [2, 4, 8, 8])],
+        inits,
+        sparse_initializer=sparse,
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("weight", ["cast", "reshape", "sparse", "constant"])
+def test_integer_kernels_leave_a_computed_weight_float(tmp_path, weight):
+    """With integer_kernels, a layer whose weight is computed from
+    initializers (a Cast of a float16 one, a Reshape), a sparse initializer
+    or a Constant node's value is left float, and really is: it keeps
+    reading the float tensor. Between a DequantizeLinear and a
+    QuantizeLinear onnxruntime folded the computed weight, quantized it
+    itself and ran the layer as QLinearConv, 2 % of the output range away
+    from what the QDQ graph says (ORT with optimizations off)."""
+    out = tmp_path / "q.onnx"
+    rep = squant_rs.quantize_onnx(
+        _conv_chain_with_computed_weight(weight),
+        out,
+        8,
+        8,
+        quantizer="symmetric",
+        integer_kernels=True,
+    )
+    assert [r.name for r in rep.layers] == ["c1", "c3"] and rep.skipped == ["c2"]
+    model = onnx.load(str(out))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    (c2,) = [n for n in model.graph.node if n.name == "c2"]
+    assert producers[c2.input[0]].op_type == "Relu"  # the float tensor
+    x = np.random.default_rng(1).random((2, 3, 8, 8), dtype=np.float32)
+    want = run(out, x, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    np.testing.assert_allclose(run(out, x), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 def _sparse_weight_model(opset: int, in_body: bool = False) -> onnx.ModelProto:
     """MatMul ``mm_sparse`` reads the sparse initializer ``Ws`` (in an If
     body with ``in_body``), MatMul ``mm`` the dense ``W``."""
@@ -2217,6 +2445,59 @@ def _bad_inputs(tmp_path):
         "quantized": ("quant.onnx", "already quantized"),
         "missing": ("missing.onnx", "not found"),
     }
+
+
+def test_skip_excluding_every_layer_says_so(tmp_path, capsys):
+    """skip patterns that exclude every layer: the error says so (it said
+    "no quantizable layer (Conv/Gemm/MatMul with a float32 initializer
+    weight)" of a model that has five)."""
+    from squant_rs.cli import main
+
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(_gemm_model(), str(src))
+    with pytest.raises(squant_rs.InvalidArgumentError) as err:
+        squant_rs.quantize_onnx(src, out, 8, skip=("g*", "mm", "s*"))
+    assert str(err.value) == (
+        f"{src}: the skip patterns 'g*', 'mm', 's*' exclude every quantizable layer (5: 'g0', "
+        "'mm', 'g2', 's1', 's2'): nothing is left to quantize"
+    )
+    assert main(["quantize", str(src), str(out), "--skip", "*"]) == 2
+    assert capsys.readouterr().err == (
+        f"squant-rs: error: {src}: the --skip pattern '*' excludes every quantizable layer (5: "
+        "'g0', 'mm', 'g2', 's1', 's2'): nothing is left to quantize\n"
+    )
+    assert not out.exists()
+
+
+def test_upper_case_onnx_extension(tmp_path, capsys):
+    """The CLI takes .ONNX as .onnx, as it takes the output's other
+    extensions in any case: it said '.onnx' is not one squant-rs writes
+    (use .safetensors), or that an ONNX input needs an .onnx output."""
+    from squant_rs.cli import main
+
+    src = tmp_path / "m.ONNX"
+    onnx.save(_gemm_model(), str(src))
+    x = np.random.default_rng(1).random((3, 8), dtype=np.float32)
+    want = tmp_path / "want.onnx"
+    squant_rs.quantize_onnx(src, want, 8)
+    for name in ("q.ONNX", "q.onnx"):
+        argv = ["quantize", "-q", str(src), str(tmp_path / name), "--wbits", "8"]
+        assert main(argv) == 0, capsys.readouterr()
+        np.testing.assert_array_equal(run(tmp_path / name, x), run(want, x))
+    assert main(["quantize", str(src), str(tmp_path / "q.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err == "squant-rs: error: ONNX input needs an .onnx output (and the other way round)\n"
+
+
+def test_output_path_ending_with_a_slash_is_refused(tmp_path):
+    """An output path ending with '/' names a directory: refused (a file
+    without the slash was written, and a second run failed with
+    NotADirectoryError)."""
+    for out in (tmp_path / "outdir", tmp_path):
+        for tail in ("/", "/.", "/.."):
+            with pytest.raises(squant_rs.InvalidArgumentError, match="directory"):
+                squant_rs.quantize_onnx(_gemm_model(), f"{out}{tail}", 8)
+    assert os.listdir(tmp_path) == []
 
 
 def test_bad_weights_are_named(tmp_path, capsys):

@@ -195,6 +195,12 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
+def _is_onnx(path: str) -> bool:
+    """Whether ``path`` has the ``.onnx`` extension (in any case, as
+    :func:`output_format` takes the others)."""
+    return os.path.splitext(path)[1].lower() == ".onnx"
+
+
 def output_format(path: str) -> str:
     """The format to write at ``path``, chosen by its extension
     (:data:`OUTPUT_FORMATS`). Raises :class:`CliError` for any other."""
@@ -496,7 +502,7 @@ def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
     from .formats.onnx import quantize_onnx
     from .formats.onnx.ranges import cli_spelling
 
-    if not args.output.endswith(".onnx") or not args.input.endswith(".onnx"):
+    if not _is_onnx(args.output) or not _is_onnx(args.input):
         raise CliError("ONNX input needs an .onnx output (and the other way round)")
     if args.include:
         raise CliError("--include applies to safetensors/torch inputs; use --skip for ONNX")
@@ -676,7 +682,7 @@ def _load_weights(model: Any, path: str) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     """``export MODULE:FACTORY OUT.onnx``: a torch model as a QDQ ONNX model."""
     out = args.output
-    if not out.endswith(".onnx"):
+    if not _is_onnx(out):
         raise CliError(f"output {out}: export writes an .onnx model (use an .onnx extension)")
     if os.path.isdir(out):
         raise CliError(f"output is a directory: {out}")
@@ -745,7 +751,7 @@ def _export_model(args: argparse.Namespace) -> QuantReport:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     src, dst = args.input, args.output
-    if src.endswith(".onnx") or dst.endswith(".onnx"):
+    if _is_onnx(src) or _is_onnx(dst):
         return _cmd_quantize_onnx(args)
     if (
         args.abits is not None

@@ -111,6 +111,7 @@ def _find_layers(
     skip: Sequence[str],
     matched: set[str] | None = None,
     notes: list[str] | None = None,
+    excluded: list[str] | None = None,
 ) -> tuple[list[_Layer], list[str]]:
     """The quantizable layers in graph order and the names of those left
     float: skipped ones, and Conv / Gemm / MatMul nodes whose constant
@@ -123,7 +124,8 @@ def _find_layers(
     through Slice / Transpose nodes (:func:`_view_source`) as the whole
     initializer, along the axis the Transposes make its output-channel
     axis.
-    ``matched`` collects the skip patterns that matched a layer."""
+    ``matched`` collects the skip patterns that matched a layer, and
+    ``excluded`` the names of the layers they matched."""
     onnx = require_onnx()
     graph = model.graph
     inits = _initializers(graph)
@@ -199,6 +201,8 @@ def _find_layers(
         if hits:
             if matched is not None:
                 matched.update(hits)
+            if excluded is not None:
+                excluded.append(name)
             skipped.append(name)
             continue
         if axes.setdefault(w.name, axis) != axis:
@@ -291,16 +295,12 @@ def _is_constant(producers: dict[str, Any], inits: Container[str], tensor: str) 
     """Whether ``tensor`` depends on initializers (the names in ``inits``)
     and Constant nodes only (not through a node with a subgraph; at most
     256 nodes)."""
-    return (
-        _constant_nodes(
-            producers,
-            inits,
-            tensor,
-            256,
-            lambda n: any(a.HasField("g") or a.graphs for a in n.attribute),
-        )
-        is not None
-    )
+    return _constant_nodes(producers, inits, tensor, 256, _has_subgraph) is not None
+
+
+def _has_subgraph(node: Any) -> bool:
+    """Whether ``node`` has a subgraph (an If / Loop / Scan)."""
+    return any(a.HasField("g") or a.graphs for a in node.attribute)
 
 
 def _graph_constants(model: Any) -> set[str]:
@@ -328,12 +328,6 @@ def _graphs(graph: Any) -> Any:
                 yield from _graphs(g)
 
 
-def _graph_tensors(graph: Any) -> Any:
-    """The initializers of ``graph`` and of its subgraphs (If / Loop / Scan bodies)."""
-    for g in _graphs(graph):
-        yield from g.initializer
-
-
 def _subgraph_reads(node: Any) -> set[str]:
     """The tensors the subgraphs of ``node`` read (outer-scope ones among them)."""
     out: set[str] = set()
@@ -346,11 +340,12 @@ def _subgraph_reads(node: Any) -> set[str]:
     return out
 
 
-def _all_tensors(model: Any) -> Any:
+def _all_tensors(model: Any, sparse: bool = True) -> Any:
     """Every TensorProto ``model`` holds, in every graph (If / Loop / Scan
     bodies and model-local functions' included): initializers, the values
     and indices of sparse initializers, and node attributes' tensors
-    (a Constant's ``value``, sparse ones too)."""
+    (a Constant's ``value``, sparse ones too); with ``sparse=False`` none
+    of a sparse tensor's."""
     graphs = list(_graphs(model.graph))
     node_lists = [g.node for g in graphs]
     for f in model.functions:
@@ -362,7 +357,7 @@ def _all_tensors(model: Any) -> Any:
                     node_lists.extend(sub.node for sub in _graphs(g))
     for g in graphs:
         yield from g.initializer
-        for sp in g.sparse_initializer:
+        for sp in g.sparse_initializer if sparse else ():
             yield sp.values
             yield sp.indices
     for nodes in node_lists:
@@ -371,10 +366,11 @@ def _all_tensors(model: Any) -> Any:
                 if a.HasField("t"):
                     yield a.t
                 yield from a.tensors
-                sparse = ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(
+                if not sparse:
+                    continue
+                for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(
                     a.sparse_tensors
-                )
-                for sp in sparse:
+                ):
                     yield sp.values
                     yield sp.indices
 

@@ -9,7 +9,7 @@ from typing import Any
 from ..._squant_rs import InvalidArgumentError
 from ..output import check_regular_input
 from .common import EXTERNAL_ABOVE, MIN_OPSET, OPSET, QUANT_OPS, OnnxFormatError, require_onnx
-from .graph import _all_tensors, _graph_tensors, _graphs, _sparse_names
+from .graph import _all_tensors, _graphs, _sparse_names
 
 
 def _default_opset(model: Any) -> int | None:
@@ -103,7 +103,8 @@ def _refuse_unloaded(model: Any) -> None:
 
 
 def _prepare(model: Any, where: str) -> Any:
-    """Checked, at opset 21, refusing quantized graphs. A model whose
+    """Checked, at opset 21 (converted up or down to it), refusing quantized
+    graphs and ops or types opset 21 does not have. A model whose
     tensors exceed 2 GB is converted without its tensor data (protobuf
     serializes no more), which goes back afterwards."""
     onnx = require_onnx()
@@ -119,13 +120,15 @@ def _prepare(model: Any, where: str) -> Any:
         raise OnnxFormatError(
             f"{where}: the graph is already quantized ({', '.join(quantized)} nodes)"
         )
-    if _tensor_bytes(model) < EXTERNAL_ABOVE:
+    if not _over_2gb(model):
         try:
             onnx.checker.check_model(model)
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise OnnxFormatError(f"{where}: invalid ONNX model ({msg})") from None
-    if opset < OPSET:
+    if opset != OPSET:
+        # (down from a newer opset too: the output is opset 21, which every
+        # runtime with int4 QDQ runs; an op or type opset 21 lacks is refused)
         # The converter serializes the model, which protobuf refuses at 2 GB:
         # a model that large is converted without its tensor data.
         # The converter knows no sparse initializers: it fails on the main
@@ -139,12 +142,15 @@ def _prepare(model: Any, where: str) -> Any:
                 f"({', '.join(map(repr, inner[:3]))}{', ...' if len(inner) > 3 else ''}); "
                 f"store them dense, or convert the model to opset {OPSET} first"
             )
-        detached = _detach_data(model) if _tensor_bytes(model) >= EXTERNAL_ABOVE else {}
+        detached = _detach_data(model) if _over_2gb(model) else {}
         hidden = _hide_sparse(model)
         try:
             model = onnx.version_converter.convert_version(model, OPSET)
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            # "/project/onnx/version_converter/...h:23: adapt: Assertion `false`
+            # failed: No Previous Version of X exists": the reason only
+            msg = msg.rpartition("` failed: ")[2] or msg
             raise OnnxFormatError(
                 f"{where}: cannot convert opset {opset} to {OPSET} ({msg})"
             ) from None
@@ -189,7 +195,23 @@ def _restore_sparse(model: Any, hidden: tuple[list[Any], set[str]]) -> None:
 
 
 def _tensor_bytes(model: Any) -> int:
-    return sum(len(t.raw_data) + 4 * len(t.float_data) for t in model.graph.initializer)
+    """The bytes of tensor data ``model`` holds: every tensor of every graph
+    (:func:`_all_tensors`: initializers, sparse ones, Constant nodes'
+    values, in If / Loop / Scan bodies too), whatever field holds it."""
+    return sum(
+        len(t.raw_data)
+        + 4 * (len(t.float_data) + len(t.int32_data))
+        + 8 * (len(t.int64_data) + len(t.double_data) + len(t.uint64_data))
+        + sum(len(b) for b in t.string_data)
+        for t in _all_tensors(model)
+    )
+
+
+def _over_2gb(model: Any) -> bool:
+    """Whether ``model``'s tensors take more than protobuf serializes in one
+    message (:data:`EXTERNAL_ABOVE`, less room for the rest): it is then
+    checked, converted and written without its tensor data."""
+    return _tensor_bytes(model) >= EXTERNAL_ABOVE
 
 
 #: ``location`` of the tensors :func:`_detach_data` moved out of a model.
@@ -197,13 +219,14 @@ _DETACHED = "squant-rs-detached:"
 
 
 def _detach_data(model: Any) -> dict[str, bytes]:
-    """Move the raw data of every initializer (subgraphs' too) out of
-    ``model``, leaving an external-data reference to a name no file has;
-    returns the data by that name for :func:`_attach_data`."""
+    """Move the raw data of every tensor (:func:`_all_tensors`: Constant
+    nodes' values and subgraphs' too) out of ``model``, leaving an
+    external-data reference to a name no file has; returns the data by that
+    name for :func:`_attach_data`."""
     from onnx import TensorProto
 
     out: dict[str, bytes] = {}
-    for t in _graph_tensors(model.graph):
+    for t in _all_tensors(model):
         if not t.raw_data:
             continue
         key = f"{_DETACHED}{len(out)}"
@@ -218,12 +241,12 @@ def _detach_data(model: Any) -> dict[str, bytes]:
 
 def _attach_data(model: Any, detached: dict[str, bytes]) -> None:
     """Put back the data :func:`_detach_data` moved out (the converter keeps
-    initializers and their external-data references as they are)."""
+    tensors and their external-data references as they are)."""
     from onnx import TensorProto
 
     if not detached:
         return
-    for t in _graph_tensors(model.graph):
+    for t in _all_tensors(model):
         if t.data_location != TensorProto.EXTERNAL:
             continue
         key = next((e.value for e in t.external_data if e.key == "location"), "")

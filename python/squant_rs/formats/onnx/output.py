@@ -9,9 +9,8 @@ from typing import Any
 
 from ..._squant_rs import InvalidArgumentError
 from ..output import atomic_output, atomic_outputs, check_output
-from .common import EXTERNAL_ABOVE
-from .graph import _graph_tensors
-from .load import _tensor_bytes
+from .graph import _all_tensors
+from .load import _over_2gb
 
 
 def write_model(
@@ -22,10 +21,13 @@ def write_model(
     data_files: Sequence[str] = (),
 ) -> int:
     """Write ``model`` to ``path`` atomically through :func:`atomic_output`:
-    one file below 2 GB, else the model plus ``<path>.data`` (its tensors of
-    1 KiB or more; every tensor with ``external_data=True``), both under the
-    same output rules (symlinks followed, permissions kept, never the input
-    model ``in_path`` or one of its ``data_files``) and both written and
+    one file below 2 GB of tensors (all of them: :func:`_over_2gb`), else
+    the model plus ``<path>.data`` (its tensors of 1 KiB or more, every
+    tensor with ``external_data=True``: initializers and node attributes'
+    tensors such as a Constant's value, in If / Loop / Scan bodies too;
+    sparse tensors stay in the model), both under the same output rules
+    (symlinks followed, permissions kept, never the input model
+    ``in_path`` or one of its ``data_files``) and both written and
     synced before either replaces its target (:func:`atomic_outputs`: the
     data first, the model right after, with signals held and the directory
     locked; a failed rename puts the old file back). The tensors written to
@@ -35,10 +37,12 @@ def write_model(
 
     name = os.fspath(path)
     inputs = _input_files(in_path, data_files)
-    external = _tensor_bytes(model) >= EXTERNAL_ABOVE if external_data is None else external_data
+    external = _over_2gb(model) if external_data is None else external_data
     threshold = 0 if external_data else 1024
+    # (sparse tensors stay in the model: onnx's checker cannot read
+    # external ones, and onnx.save_model keeps them in the model too)
     moved = (
-        [t for t in _graph_tensors(model.graph) if len(t.raw_data) >= max(threshold, 1)]
+        [t for t in _all_tensors(model, sparse=False) if len(t.raw_data) >= max(threshold, 1)]
         if external
         else []
     )
@@ -80,14 +84,17 @@ def _check_output(
     data_files: Sequence[str] = (),
     external_data: bool | None = None,
 ) -> str:
-    """The output path, refused when it (or, with ``external_data=True``,
-    its ``.data`` file) is the input model or one of its external data
-    files."""
+    """The output path, refused when it names a directory (one that exists,
+    or a path ending with ``/``) or when it (or, with
+    ``external_data=True``, its ``.data`` file) is the input model or one
+    of its external data files."""
     if not isinstance(out_path, (str, os.PathLike)):
         raise TypeError(f"out_path must be a path, got {type(out_path).__name__}")
     out = os.fspath(out_path)
     if os.path.isdir(out):
         raise InvalidArgumentError(f"output is a directory: {out}")
+    if os.path.basename(out) in ("", ".", ".."):  # "out/": not a file name
+        raise InvalidArgumentError(f"output {out} names a directory, not a file: give a file name")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise InvalidArgumentError(f"output directory does not exist: {parent}")

@@ -70,8 +70,10 @@ def quantize_onnx(
 
     ``model_or_path``: an ``onnx.ModelProto`` with its tensors' data (not
     one loaded with ``load_external_data=False``) or the path of an
-    ``.onnx`` file (external data next to it is read). Models below opset 21 are
-    converted with ``onnx.version_converter``. ``wbits``, ``mode`` and
+    ``.onnx`` file (external data next to it is read). Models at another
+    opset (7 and up) are converted to 21 with ``onnx.version_converter``,
+    newer ones down (one using an op or type opset 21 lacks is refused,
+    naming it). ``wbits``, ``mode`` and
     ``quantizer`` are as in :func:`quantize_tensor`; ``skip``: fnmatch
     patterns tried on node names and weight names (one that matches no
     quantizable layer gets a ``UserWarning``, as in :func:`quantize_model`). With ``abits`` the
@@ -117,7 +119,8 @@ def quantize_onnx(
 
     Raises:
         OnnxFormatError: not an ONNX model, truncated or corrupt, unsupported
-            opset, already quantized, no quantizable layer.
+            opset (or one onnx cannot convert to 21), already quantized, no
+            quantizable layer.
         InvalidArgumentError: bad arguments (checked before any work, as in
             :func:`quantize_model`: e.g. an ``input_shape`` with a dimension
             below 1), an output path (or, with external data, its ``.data``
@@ -126,7 +129,9 @@ def quantize_onnx(
             tensors reference external data not loaded, ``quantize_input``
             where the first layer reads something other than the model's
             input (``(x - mean) / std`` computed in the graph; the message
-            names the layer and what it reads).
+            names the layer and what it reads), ``skip`` patterns that
+            exclude every quantizable layer (the message names them and
+            the layers), an output path that names a directory.
         TypeError: an argument of the wrong type (``input_shape`` not a
             sequence of integers, ...).
         ImportError: onnx (at 2-4 bits ml_dtypes; with ``abits``,
@@ -153,7 +158,8 @@ def quantize_onnx(
         _fold_pads(model)
     matched: set[str] = set()
     notes: list[str] = []
-    layers, skipped = _find_layers(model, patterns, matched, notes)
+    excluded: list[str] = []
+    layers, skipped = _find_layers(model, patterns, matched, notes, excluded)
     for p in patterns:
         if p not in matched:
             warnings.warn(
@@ -163,6 +169,8 @@ def quantize_onnx(
             )
     if not layers:
         left = f"; {'; '.join(notes[:3])}{'; ...' if len(notes) > 3 else ''}" if notes else ""
+        if excluded:
+            _refuse_all_skipped(where, [p for p in patterns if p in matched], excluded, left)
         raise OnnxFormatError(
             f"{where}: no quantizable layer (Conv/Gemm/MatMul with a float32 initializer "
             f"weight){left}"
@@ -235,6 +243,20 @@ def quantize_onnx(
         size_before=size_before,
         size_after=size_after,
         quantizer=quantizer,
+    )
+
+
+def _refuse_all_skipped(where: str, patterns: list[str], excluded: list[str], left: str) -> None:
+    """Raise the error for ``skip`` patterns that leave no layer to quantize
+    (``excluded``: the layers they matched; ``left``: the notes on the
+    layers left float for other reasons)."""
+    option = "--skip" if SHAPE_SPELLING.get() == "cli" else "skip"
+    many = len(patterns) > 1
+    shown = ", ".join(map(repr, excluded[:5])) + (", ..." if len(excluded) > 5 else "")
+    raise InvalidArgumentError(
+        f"{where}: the {option} pattern{'s' if many else ''} "
+        f"{', '.join(map(repr, patterns))} exclude{'' if many else 's'} every quantizable "
+        f"layer ({len(excluded)}: {shown}): nothing is left to quantize{left}"
     )
 
 

@@ -19,8 +19,8 @@ from ...model.activations import (
     shape_spelling,
 )
 from ..output import scratch_file
-from .common import CALIBRATION_BATCH, EXTERNAL_ABOVE
-from .load import _tensor_bytes
+from .common import CALIBRATION_BATCH
+from .load import _over_2gb
 
 #: A calibration shape as quantize_onnx takes it: one shape, or shapes by input name.
 InputShapes = tuple[int, ...] | dict[str, tuple[int, ...]]
@@ -269,7 +269,7 @@ def _observe(model: Any, tensors: list[str], feeds: dict[str, Any], threads: int
     with scratch_file("probe.onnx", "the calibration model") as path:
         import onnx
 
-        onnx.save_model(probe, path, save_as_external_data=_tensor_bytes(probe) >= EXTERNAL_ABOVE)
+        onnx.save_model(probe, path, save_as_external_data=_over_2gb(probe))
         try:
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
             values = sess.run(tensors, feeds)

@@ -13,10 +13,13 @@ from ..._squant_rs import InvalidArgumentError
 from ...model.activations import activation_qparams
 from .graph import (
     _WEIGHT_OPS,
+    _constant_nodes,
     _graphs,
+    _has_subgraph,
     _identity_source,
     _initializers,
     _Layer,
+    _sparse_names,
     _subgraph_reads,
     _view_source,
     _Weight,
@@ -484,7 +487,8 @@ def _tensor_qdq(
     if any(n.op_type in _WEIGHT_OPS for n in readers):
         producers = {o: n for n in graph.node for o in n.output}
         inits = _initializers(graph)
-        readers = [n for n in readers if not _float_layer(n, producers, inits)]
+        sparse = _sparse_names(graph)
+        readers = [n for n in readers if not _float_layer(n, producers, inits, sparse)]
     if not readers:
         return None
     nodes, dq, step = _qdq_nodes(names, new_inits, tensor, bits, x_min, x_max, "_QClip")
@@ -502,11 +506,17 @@ def _tensor_qdq(
 _FLOAT_TYPES = frozenset({1, 10, 11, 16})
 
 
-def _float_layer(node: Any, producers: dict[str, Any], inits: dict[str, Any]) -> bool:
+def _float_layer(
+    node: Any, producers: dict[str, Any], inits: dict[str, Any], sparse: set[str]
+) -> bool:
     """Whether ``node`` is a Conv / ConvTranspose / Gemm / MatMul whose
     weight (second input, read through Identity nodes, or a Slice /
-    Transpose view) is a float initializer or Constant output, i.e. not
-    quantized."""
+    Transpose view) is a float initializer or a float constant, i.e. not
+    quantized: a Constant node's value, a sparse initializer (``sparse``:
+    their names) or a tensor computed from those and initializers (a Cast
+    of a float16 weight, a Reshape), which onnxruntime folds into an
+    initializer. A weight computed from a DequantizeLinear is a quantized
+    one."""
     if node.op_type not in _WEIGHT_OPS or len(node.input) < 2:
         return False
     w = _identity_source(producers, inits, node.input[1])
@@ -515,8 +525,16 @@ def _float_layer(node: Any, producers: dict[str, Any], inits: dict[str, Any]) ->
         w = view[0]
     if w in inits:
         return inits[w].data_type in _FLOAT_TYPES
-    p = producers.get(w)
-    return p is not None and p.op_type == "Constant"
+    return (
+        _constant_nodes(
+            producers,
+            inits.keys() | sparse,
+            w,
+            256,
+            lambda n: n.op_type == "DequantizeLinear" or _has_subgraph(n),
+        )
+        is not None
+    )
 
 
 def _index(graph: Any, node: Any) -> int:
