@@ -319,3 +319,42 @@ def test_pipeline_fused_shifts_equal_the_separate_pass(
     for (k, v), w in zip(fused.state_dict().items(), separate.state_dict().values()):
         assert torch.equal(v, w), k
     assert [r.bias_corrected for r in rep.layers] == [False, True, True, True]
+
+
+@pytest.mark.parametrize("abits", [None, 8])
+def test_pipeline_fused_shifts_use_the_float_weight_not_its_clipped_copy(
+    abits: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 4-bit weights the weight range search quantizes a clipped copy of
+    a layer's weight; its bias shift still uses the float weight. Here no
+    folded layer is clipped (the first layer has no input statistics), so
+    the clipped Linear is the only one: its shift must not come from the
+    copy the quantization pass read (EfficientNet-Lite0 W4 lost 8 points
+    of agreement that way)."""
+    import torch
+    from torch import nn
+
+    import squant_rs
+    from squant_rs.model import pipeline
+
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
+    bn = model[1]
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.5, 1.0)
+    kw = {"recipe": "squant+", "input_shape": (2, 3, 6, 6), "backend": "rust"}
+    fused, rep = squant_rs.quantize_model(model, 4, abits, return_report=True, **kw)
+    assert rep.layers[-1].clip_ratio < 1.0 and rep.layers[-1].bias_corrected
+    monkeypatch.setattr(pipeline, "fused_shift_vectors", lambda *args: None)
+    separate = squant_rs.quantize_model(model, 4, abits, **kw)
+    for (k, v), w in zip(fused.state_dict().items(), separate.state_dict().values()):
+        assert torch.equal(v, w), k

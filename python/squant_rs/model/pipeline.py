@@ -420,19 +420,23 @@ def quantize_model(
     else:
         swaps = []
     dots = None
-    if config.bias_correction and not swaps and backend != "torch":
+    if config.bias_correction and backend != "torch":
         # Most layers' shifts computed by the quantization pass itself, as it
-        # writes each channel (no second pass over the weights).
+        # writes each channel (no second pass over the weights): where the
+        # weight quantized is the float weight of the correction (not a
+        # clipped copy) and the destination is what the layer will read.
         dots = [
             fused_shift_vectors(
                 rplan,
                 name,
                 module,
                 w_floats[name],
-                _weight(module),
+                dst,
                 quantizers.get(name) if calibration == "float" else None,
             )
-            for name, module in plan.chosen
+            if w is src and dst is _weight(module)
+            else None
+            for (name, w, dst), src, (_, module) in zip(items, sources, plan.chosen)
         ]
     results = quantize_into(items, wbits, mode, backend, threads, quantizer, dots)
     finish_clip_items(swaps)  # before the shifts: they read the quantized weights
