@@ -1320,3 +1320,34 @@ def test_bn_range_overflowing_float32_names_bn_sigmas(bias_correction: bool) -> 
     q = squant_rs.quantize_model(model, 8, 8, bn_sigmas=1e37, bias_correction=bias_correction)
     with torch.no_grad():
         assert bool(torch.isfinite(q(torch.rand(2, 3, 8, 8))).all())
+
+
+def test_a_bias_the_forward_also_reads_is_not_corrected() -> None:
+    """Bias correction shifts a layer's bias in place: where the forward
+    also reads that bias outside the layer, the shift would change that
+    read too, so the bias is left as folded (the report says so)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+            self.enc = nn.Conv2d(8, 8, 1)
+            self.other = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu6(self.bn(self.stem(x)))
+            return self.enc(h) + self.other(h) + self.enc.bias.view(1, -1, 1, 1)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.bias.uniform_(0.5, 1.5)
+    q, rep = squant_rs.quantize_model(
+        model, 4, None, recipe="squant+", input_shape=(1, 3, 8, 8), return_report=True
+    )
+    rows = {r.name: r for r in rep.layers}
+    assert not rows["enc"].bias_corrected and rows["other"].bias_corrected
+    assert torch.equal(q.enc.bias, model.enc.bias)
+    assert not torch.equal(q.other.bias, model.other.bias)

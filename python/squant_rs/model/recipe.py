@@ -1293,9 +1293,10 @@ class RecipePlan:
     #: by :func:`apply_bias_correction`.
     shifts: dict[str, np.ndarray] = field(default_factory=dict)
 
-    #: ``id`` of every parameter more than one module holds (found where
-    #: bias correction runs): a bias among them is not corrected, since the
-    #: shift would change the other modules too.
+    #: ``id`` of every parameter more than one module holds, or that the
+    #: traced forward also reads directly (found where bias correction
+    #: runs): a bias among them is not corrected, since the shift would
+    #: change the other modules or reads too.
     shared: set[int] = field(default_factory=set)
 
     def order_covers(self, names: Sequence[str]) -> bool:
@@ -1351,7 +1352,7 @@ def prepare(
     :func:`~squant_rs.model.fold.fold_batchnorm_graph` (the folded layers
     whose weights are not set yet are written from them; ``threads``: for
     their products). Returns the :class:`RecipePlan`."""
-    from .fold import _shared_weights, fold_batchnorm_graph, trace
+    from .fold import _graph_reads, _shared_weights, fold_batchnorm_graph, trace
 
     plan = RecipePlan(config)
     if not (config.needs_graph or config.fold_bn):
@@ -1363,6 +1364,18 @@ def prepare(
     graph = trace(model, modules)
     if graph is not None:
         plan.traced = True
+        if config.bias_correction:
+            # A bias the forward also reads outside its layer (``h +
+            # self.fc.bias``) is not corrected; where a read does not
+            # resolve, no existing bias is.
+            reads = _graph_reads(model, graph)
+            if reads is None:
+                reads = {
+                    id(m._parameters["bias"])
+                    for m in modules.values()
+                    if m._parameters.get("bias") is not None
+                }
+            plan.shared |= reads
         if config.needs_graph:
             plan.stats = analyze(model, graph, modules)
         from torch import nn
