@@ -1436,11 +1436,16 @@ def prepare_bias_correction(
 
 
 def _native_rows(module: Any, w: torch.Tensor | np.ndarray) -> np.ndarray | None:
-    """``w`` as the C-contiguous float32 ``(OC, IC/groups * K)`` matrix (a
-    view), ``K`` the kernel positions (1 for a 1x1 kernel or Linear), where
-    the weight is CPU float32; else ``None``."""
+    """``w`` as the C-contiguous float32 ``(OC, IC * K)`` matrix (a view),
+    ``K`` the kernel positions (1 for a 1x1 kernel or Linear), where the
+    layer has one group and the weight is CPU float32; else ``None``
+    (grouped and depthwise layers keep :func:`channel_dot`'s float32 kernel
+    sums: their bits are the published tables' ones, which move by a point
+    or so at W/A under an ulp-level change of these biases)."""
     import torch
 
+    if not isinstance(module, _linear()) and int(module.groups) != 1:
+        return None
     if isinstance(w, np.ndarray):
         a = w
     else:
@@ -1453,17 +1458,12 @@ def _native_rows(module: Any, w: torch.Tensor | np.ndarray) -> np.ndarray | None
     return a.reshape(int(a.shape[0]), -1)
 
 
-def _row_vector(module: Any, rows: np.ndarray, vec: np.ndarray) -> np.ndarray:
-    """``vec`` (one value per input channel) as the float64 vector of the
-    rows of ``rows`` (:func:`_native_rows` of ``module``'s weight): each of
-    a kernel's positions takes its input channel's value, and a grouped
-    convolution's groups take one segment each (its input channels' values),
-    the layout the native dot products read."""
+def _row_vector(rows: np.ndarray, vec: np.ndarray) -> np.ndarray:
+    """``vec`` (one value per input channel) as the float64 vector of a row
+    of ``rows``: each of a kernel's positions takes its input channel's value."""
     v = np.ascontiguousarray(vec, dtype=np.float64)
-    groups = 1 if isinstance(module, _linear()) else int(module.groups)
-    k = rows.shape[1] * groups // max(1, v.shape[0])  # kernel positions
-    if k != 1:
-        v = np.repeat(v, k)
+    if rows.shape[1] != v.shape[0]:  # K kernel positions per input channel
+        v = np.repeat(v, rows.shape[1] // v.shape[0])
     return v
 
 
@@ -1480,8 +1480,8 @@ def fused_shift_vectors(
     :func:`~squant_rs.model.layers.quantize_into`), the same bits as
     :func:`compute_bias_shifts`' native pass: ``(E[Q(x)], E[x])`` for a
     quantized input, ``(E[x], None)`` otherwise. ``None`` where the layer
-    is not corrected, or that pass would not take it (not CPU float32, not
-    contiguous): :func:`compute_bias_shifts` decides there."""
+    is not corrected, or that pass would not take it (grouped, not CPU
+    float32, not contiguous): :func:`compute_bias_shifts` decides there."""
     import torch
 
     stats = plan.correction_stats(name, module)
@@ -1501,8 +1501,8 @@ def fused_shift_vectors(
         eq = plan.expected_q.get(name)
         if eq is None:
             eq = expected_quantized(stats, quantizer)
-        return _row_vector(module, rows, eq), _row_vector(module, rows, mean)
-    return _row_vector(module, rows, mean), None
+        return _row_vector(rows, eq), _row_vector(rows, mean)
+    return _row_vector(rows, mean), None
 
 
 def compute_bias_shifts(
@@ -1513,11 +1513,12 @@ def compute_bias_shifts(
 ) -> None:
     """The shifts :func:`apply_bias_correction` will subtract, for every
     ``(name, module, w_float, w_hat, quantizer)`` (after quantization), in
-    ``plan.shifts``: the dot products of all CPU float32 layers in one
-    native pass on ``threads`` threads (float64 products and sums; a larger
-    kernel's positions each take their input channel's value of the
-    vector, so no float32 kernel sum is rounded), and :func:`channel_dot`'s
-    ``einsum`` for the others (other dtypes or devices).
+    ``plan.shifts``: the dot products of all CPU float32 layers with one
+    group in one native pass on ``threads`` threads (float64 products and
+    sums; a larger kernel's positions each take their input channel's value
+    of the vector, so its float32 kernel sums are never rounded), and
+    :func:`channel_dot`'s ``einsum`` for the others (grouped, depthwise,
+    other dtypes or devices).
     ``fused``: the shifts the quantization pass computed already
     (:func:`fused_shift_vectors`), by layer name."""
     fused = fused or {}
@@ -1526,11 +1527,9 @@ def compute_bias_shifts(
     minus: list[np.ndarray | None] = []
     terms: dict[str, list[int | np.ndarray]] = {}
 
-    def native(
-        module: Any, rows: np.ndarray, vec: np.ndarray, sub: np.ndarray | None = None
-    ) -> int:
+    def native(rows: np.ndarray, vec: np.ndarray, sub: np.ndarray | None = None) -> int:
         mats.append(rows)
-        vecs.append(_row_vector(module, rows, vec))
+        vecs.append(_row_vector(rows, vec))
         minus.append(sub)
         return len(mats) - 1
 
@@ -1551,19 +1550,17 @@ def compute_bias_shifts(
             # shift = W_q . E[Q(x)] - W . E[x]
             for w, vec in ((w_hat, eq), (w_float, mean)):
                 rows = _native_rows(module, w)
-                values.append(
-                    channel_dot(module, w, vec) if rows is None else native(module, rows, vec)
-                )
+                values.append(channel_dot(module, w, vec) if rows is None else native(rows, vec))
         else:
             # shift = (W_q - W) . E[x], the differences rounded to the weights' dtype
             hat, flt = _native_rows(module, w_hat), _native_rows(module, w_float)
             if hat is not None and flt is not None:
-                values.append(native(module, hat, mean, flt))
+                values.append(native(hat, mean, flt))
             else:
                 delta = _difference(w_hat, w_float)
                 rows = _native_rows(module, delta)
                 values.append(
-                    channel_dot(module, delta, mean) if rows is None else native(module, rows, mean)
+                    channel_dot(module, delta, mean) if rows is None else native(rows, mean)
                 )
         terms[name] = values
     dots = channel_dots(mats, vecs, threads, minus) if mats else []

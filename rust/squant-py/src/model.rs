@@ -236,37 +236,28 @@ struct Chunk<'a> {
     dot: Option<ChunkDots<'a>>,
 }
 
-/// A weight's dot-product vectors as slices, and the channels per segment.
-type DotSegments<'a> = (&'a [f64], Option<&'a [f64]>, usize);
+/// A weight's dot-product vectors as slices.
+type DotSegments<'a> = (&'a [f64], Option<&'a [f64]>);
 
 /// The dot products a chunk computes once its channels are written: per
 /// channel `w_hat . hat - w . float`, or `(w_hat - w) . hat` (float32
 /// differences) without `float`; into `out`, one value per channel.
-/// The vectors hold one segment of `g` elements per group of `per_group`
-/// channels (see [`crate::stats::rows_per_segment`]); the chunk's first
-/// channel is the weight's channel `first`.
 struct ChunkDots<'a> {
     hat: &'a [f64],
     float: Option<&'a [f64]>,
-    per_group: usize,
     out: &'a mut [f64],
 }
 
 impl ChunkDots<'_> {
     /// Fills `out` from the chunk's weights `w` and dequantized values
-    /// `w_hat` (`g` elements per channel, the first one the weight's channel
-    /// `first`), with [`crate::stats::channel_dots`]'s arithmetic: the
-    /// same bits.
-    fn fill(self, w: &[f32], w_hat: &[f32], g: usize, first: usize) {
+    /// `w_hat` (`g` elements per channel), with
+    /// [`crate::stats::channel_dots`]'s arithmetic: the same bits.
+    fn fill(self, w: &[f32], w_hat: &[f32], g: usize) {
         let rows = w.chunks_exact(g).zip(w_hat.chunks_exact(g));
-        for (j, (v, (row, row_hat))) in self.out.iter_mut().zip(rows).enumerate() {
-            let seg = (first + j) / self.per_group * g..((first + j) / self.per_group + 1) * g;
+        for (v, (row, row_hat)) in self.out.iter_mut().zip(rows) {
             *v = match self.float {
-                None => crate::stats::dot_diff(row_hat, row, &self.hat[seg]),
-                Some(f) => {
-                    crate::stats::dot(row_hat, &self.hat[seg.clone()])
-                        - crate::stats::dot(row, &f[seg])
-                }
+                None => crate::stats::dot_diff(row_hat, row, self.hat),
+                Some(f) => crate::stats::dot(row_hat, self.hat) - crate::stats::dot(row, f),
             };
         }
     }
@@ -340,7 +331,7 @@ fn run_chunk(
         Out::F32(o) => {
             let sums = write_out_f32(c.w, codes, g, c.scale, c.zp, o);
             if let Some(d) = c.dot {
-                d.fill(c.w, o, g, c.first);
+                d.fill(c.w, o, g);
             }
             sums
         }
@@ -798,25 +789,19 @@ pub fn dequantize_into<'py>(
     ))
 }
 
-/// A dot-product vector of a weight with `oc` channels of `g` elements, as
-/// a slice, and how many channels share each of its segments.
-fn dot_vector<'a>(
-    v: &'a PyReadonlyArray1<'_, f64>,
-    what: &str,
-    oc: usize,
-    g: usize,
-) -> PyResult<(&'a [f64], usize)> {
+/// A dot-product vector of `g` elements (a weight's channel length), as a
+/// slice.
+fn dot_vector<'a>(v: &'a PyReadonlyArray1<'_, f64>, what: &str, g: usize) -> PyResult<&'a [f64]> {
     let v = v
         .as_slice()
         .map_err(|_| InvalidArgumentError::new_err(format!("dot vector {what} not contiguous")))?;
-    match crate::stats::rows_per_segment(oc, g, v.len()) {
-        Some(per_group) => Ok((v, per_group)),
-        None => Err(InvalidArgumentError::new_err(format!(
-            "dot vector {what} has {} elements: not segments of the channel length {g}, \
-             one per equal group of the {oc} channels",
+    if v.len() != g {
+        return Err(InvalidArgumentError::new_err(format!(
+            "dot vector {what} has {} elements, expected the channel length {g}",
             v.len()
-        ))),
+        )));
     }
+    Ok(v)
 }
 
 /// `||w_hat - w|| / ||w||` from the sums of squares (0 when both are 0).
@@ -867,8 +852,7 @@ pub(crate) fn find_overlap(
 /// stored values (float64 sums), time_ms the time the pass's threads spent
 /// on that weight. `quantizer`: "asymmetric" (the paper's) or "symmetric".
 /// `dots` (None, or one entry per weight: None or `(v_hat, v_w)`, float64
-/// vectors of `G` times the weight's channel length, one segment per group
-/// of `OC / G` consecutive channels, `v_w` may be None; the weight's
+/// vectors of the weight's channel length, `v_w` may be None; the weight's
 /// output float32): the last result is, per output channel,
 /// `w_hat . v_hat - w . v_w`, or `(w_hat - w) . v_hat` (float32
 /// differences) without `v_w`, computed as each channel is written, with
@@ -932,24 +916,10 @@ pub fn quantize_into<'py>(
         }
         match dots.get(i) {
             Some(Some((hat, float))) => {
-                let (oc, g) = (layout.oc, layout.channel_len());
-                let (hat, per_group) =
-                    dot_vector(hat, "v_hat", oc, g).map_err(|e| with_index(py, e, i))?;
+                let g = layout.channel_len();
+                let hat = dot_vector(hat, "v_hat", g).map_err(|e| with_index(py, e, i))?;
                 let float = match float {
-                    Some(f) => {
-                        let (f, n) =
-                            dot_vector(f, "v_w", oc, g).map_err(|e| with_index(py, e, i))?;
-                        if n != per_group {
-                            return Err(with_index(
-                                py,
-                                InvalidArgumentError::new_err(
-                                    "dot vectors v_hat and v_w differ in length",
-                                ),
-                                i,
-                            ));
-                        }
-                        Some(f)
-                    }
+                    Some(f) => Some(dot_vector(f, "v_w", g).map_err(|e| with_index(py, e, i))?),
                     None => None,
                 };
                 if !matches!(out, OutArray::F32(_)) {
@@ -959,7 +929,7 @@ pub fn quantize_into<'py>(
                         i,
                     ));
                 }
-                dot_vecs.push(Some((hat, float, per_group)));
+                dot_vecs.push(Some((hat, float)));
                 dot_vals.push(Some(vec![0.0; layout.oc]));
             }
             _ => {
@@ -1044,13 +1014,12 @@ pub fn quantize_into<'py>(
                 None => None,
             };
             let dot = match (vecs, vals.take()) {
-                (Some((hat, float, per_group)), Some(v)) => {
+                (Some((hat, float)), Some(v)) => {
                     let (va, vb) = v.split_at_mut(m);
                     vals = Some(vb);
                     Some(ChunkDots {
                         hat,
                         float: *float,
-                        per_group: *per_group,
                         out: va,
                     })
                 }

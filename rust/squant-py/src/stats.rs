@@ -62,22 +62,6 @@ pub(crate) fn dot(row: &[f32], v: &[f64]) -> f64 {
     )
 }
 
-/// How many consecutive rows of a `(rows, cols)` matrix share one segment
-/// of `cols` elements of a vector of `len` elements: the vector holds one
-/// segment per group of rows (`len / cols` groups, 1 for a dense layer,
-/// the convolution's groups otherwise; row `r` takes segment
-/// `r / per_group`). `None` where `len` is not a whole number of segments
-/// that divides the rows evenly.
-pub(crate) fn rows_per_segment(rows: usize, cols: usize, len: usize) -> Option<usize> {
-    if cols == 0 {
-        return (len == 0).then_some(rows.max(1));
-    }
-    if len == 0 || !len.is_multiple_of(cols) || !rows.is_multiple_of(len / cols) {
-        return None;
-    }
-    Some((rows / (len / cols)).max(1))
-}
-
 /// [`dot`] of the float32 differences `a[i] - b[i]` (each rounded to float32).
 pub(crate) fn dot_diff(a: &[f32], b: &[f32], v: &[f64]) -> f64 {
     let full = a.len() - a.len() % 4;
@@ -114,19 +98,12 @@ fn dot_lanes(
     total
 }
 
-/// One matrix of `channel_dots` and its vector: (matrix, vector, rows,
-/// columns, rows per vector segment).
-type DotPair<'a> = (&'a [f32], &'a [f64], usize, usize, usize);
-
 /// channel_dots(mats, vecs, threads=None, minus=None)
 /// --
 ///
 /// `mats[i] @ vecs[i]` for every pair: each row of the C-contiguous float32
 /// matrix `mats[i]` (OC, N) times the float64 vector `vecs[i]` (N,), the
-/// products and sums in float64, as a float64 array (OC,). A vector of
-/// `G * N` elements holds one segment per group of `OC / G` consecutive
-/// rows (a grouped convolution's groups): row `r` takes segment
-/// `r / (OC / G)`. With `minus`
+/// products and sums in float64, as a float64 array (OC,). With `minus`
 /// (one matrix of the same shape, or None, per pair), the rows are the
 /// float32 differences `mats[i] - minus[i]`. All pairs run in one pass on
 /// `threads` threads (the results do not depend on the count).
@@ -168,16 +145,15 @@ pub fn channel_dots<'py>(
             })?);
         }
     }
-    let mut pairs: Vec<DotPair<'_>> = Vec::with_capacity(mats.len());
+    let mut pairs: Vec<(&[f32], &[f64], usize)> = Vec::with_capacity(mats.len());
     for (i, (m, v)) in mats.iter().zip(&vecs).enumerate() {
         let (rows, cols) = (m.shape()[0], m.shape()[1]);
-        let Some(per_group) = rows_per_segment(rows, cols, v.len()) else {
+        if v.len() != cols {
             return Err(InvalidArgumentError::new_err(format!(
-                "pair {i}: the vector's {} elements are not segments of the matrix's {cols} \
-                 columns, one per equal group of its {rows} rows",
+                "pair {i}: matrix has {cols} columns but the vector {} elements",
                 v.len()
             )));
-        };
+        }
         if !m.is_c_contiguous() {
             return Err(InvalidArgumentError::new_err(format!(
                 "pair {i}: matrix not C-contiguous"
@@ -189,12 +165,12 @@ pub fn channel_dots<'py>(
         let vs = v.as_slice().map_err(|_| {
             InvalidArgumentError::new_err(format!("pair {i}: vector not contiguous"))
         })?;
-        pairs.push((ms, vs, rows, cols, per_group));
+        pairs.push((ms, vs, rows));
     }
     // Tasks of whole rows: (pair, first row, row count).
     let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
-    for (i, &(_, _, rows, cols, _)) in pairs.iter().enumerate() {
-        let per = (TASK_ELEMS / cols.max(1)).max(1);
+    for (i, &(_, v, rows)) in pairs.iter().enumerate() {
+        let per = (TASK_ELEMS / v.len().max(1)).max(1);
         let mut first = 0;
         while first < rows {
             let n = per.min(rows - first);
@@ -206,15 +182,13 @@ pub fn channel_dots<'py>(
         tasks
             .par_iter()
             .map(|&(i, first, n)| {
-                let (m, v, _, cols, per_group) = pairs[i];
+                let (m, v, _) = pairs[i];
+                let cols = v.len();
                 let row = |r: usize| r * cols..(r + 1) * cols;
-                let seg = |r: usize| &v[r / per_group * cols..(r / per_group + 1) * cols];
                 match subs[i] {
-                    None => (first..first + n)
-                        .map(|r| dot(&m[row(r)], seg(r)))
-                        .collect(),
+                    None => (first..first + n).map(|r| dot(&m[row(r)], v)).collect(),
                     Some(b) => (first..first + n)
-                        .map(|r| dot_diff(&m[row(r)], &b[row(r)], seg(r)))
+                        .map(|r| dot_diff(&m[row(r)], &b[row(r)], v))
                         .collect(),
                 }
             })
@@ -224,7 +198,7 @@ pub fn channel_dots<'py>(
     let parts = crate::exit::detach(py, || pool.install(run));
     let mut outs: Vec<Vec<f64>> = pairs
         .iter()
-        .map(|&(_, _, rows, _, _)| Vec::with_capacity(rows))
+        .map(|&(_, _, rows)| Vec::with_capacity(rows))
         .collect();
     for (&(i, _, _), part) in tasks.iter().zip(parts) {
         outs[i].extend(part);
