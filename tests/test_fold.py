@@ -595,6 +595,52 @@ def test_fold_skips_a_layer_whose_weight_the_graph_reads(read: str) -> None:
             assert _rel(q(x), ref) < 0.02  # was 5.49
 
 
+class ReadsMetadata(nn.Module):
+    """A forward that reads only metadata of a folded layer's weight (CLIP's
+    ``x.type(self.conv1.weight.dtype)``), or a bias it never uses."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.fc = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "dtype":
+            x = x.type(self.conv1.weight.dtype)
+        elif self.how == "shape":
+            x = x[:, : self.conv1.weight.shape[1]]
+        elif self.how == "size":
+            x = x[:, : self.conv1.weight.size(1)]
+        elif self.how == "unused" and self.conv1.bias is not None:
+            pass
+        return self.fc(F.relu(self.bn1(self.conv1(x))))
+
+
+@pytest.mark.parametrize("how", ["dtype", "shape", "size", "unused"])
+def test_a_metadata_read_of_a_weight_keeps_the_fold(how: str) -> None:
+    """Only reads of values block folding and bias correction: a forward
+    that reads a weight's dtype or shape, or has an unused attribute node,
+    sees nothing folding writes (capture and torch.fx alike)."""
+    from squant_rs.model import capture
+    from squant_rs.model.fold import _fx_pairs, trace_fx
+
+    torch.manual_seed(0)
+    model = ReadsMetadata(how).eval()
+    _randomize_bn(model, 1)
+    modules = dict(model.named_modules())
+    fx_graph = trace_fx(model)
+    assert fx_graph is not None
+    assert _fx_pairs(model, capture.capture(model), modules) == [("conv1", "bn1")]
+    assert _fx_pairs(model, fx_graph, modules) == [("conv1", "bn1")]
+    _, rep = squant_rs.quantize_model(
+        model, 8, input_shape=(2, 3, 8, 8), recipe="squant+", return_report=True
+    )
+    rows = {r.name: r for r in rep.layers}
+    assert rows["conv1"].folded and rows["fc"].bias_corrected
+
+
 class ReadsBN(nn.Module):
     """A forward that reads its BN's tensors besides calling it."""
 

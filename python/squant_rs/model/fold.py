@@ -345,6 +345,30 @@ def _tensors(*modules: Any) -> list[Any]:
     ]
 
 
+#: Tensor attributes and methods that read no values (a tensor's dtype,
+#: shape, ...): a graph node using a weight only through them does not see
+#: what folding or bias correction write into it.
+_METADATA_ATTRS = frozenset(
+    ("dtype", "shape", "device", "ndim", "is_cuda", "layout", "requires_grad", "is_sparse")
+)
+_METADATA_METHODS = frozenset(
+    ("size", "dim", "numel", "nelement", "element_size", "get_device", "is_floating_point")
+)
+
+
+def _reads_metadata(user: Any, node: Any) -> bool:
+    """Whether graph node ``user`` reads only metadata of ``node``'s tensor
+    (``getattr(t, "dtype")``, ``t.size()``, ...)."""
+    import builtins
+
+    args = user.args
+    if not args or args[0] is not node:
+        return False
+    if user.op == "call_function" and user.target is builtins.getattr:
+        return len(args) == 2 and args[1] in _METADATA_ATTRS
+    return user.op == "call_method" and user.target in _METADATA_METHODS
+
+
 def _graph_reads(model: nn.Module, graph: torch.fx.Graph | CapturedGraph) -> set[int] | None:
     """``id``s of the tensors ``graph`` reads directly rather than through
     a module call: the targets of its ``get_attr`` nodes (``torch.fx``'s
@@ -352,13 +376,17 @@ def _graph_reads(model: nn.Module, graph: torch.fx.Graph | CapturedGraph) -> set
     through a module attribute) and the tensors among its nodes' arguments
     (the capture keeps a buffer, a constant or a parameter not read
     through an attribute, e.g. from ``parameters()``, as the tensor
-    itself). ``None`` where a ``get_attr`` target does not resolve (then
+    itself); a ``get_attr`` node nothing uses, or used only for metadata
+    (``w.dtype``, ``w.shape``, ``w.size()``: :func:`_reads_metadata`), is
+    no read. ``None`` where a ``get_attr`` target does not resolve (then
     any tensor may be read: nothing is folded)."""
     from torch import Tensor
 
     reads: set[int] = set()
     stack: list[Any] = []
     for node in graph.nodes:
+        if node.op == "get_attr" and all(_reads_metadata(u, node) for u in node.users):
+            continue  # unused, or only its dtype, shape, ... read: no value seen
         if node.op == "get_attr":
             try:
                 target = functools.reduce(getattr, str(node.target).split("."), model)
