@@ -1222,6 +1222,80 @@ def test_external_data_in_and_out(tmp_path):
     np.testing.assert_array_equal(run(out, x), run(one, x))
 
 
+class _Viewed(torch.nn.Module):
+    """Conv, flatten by view, Linear: torch's exporter makes small Constant
+    nodes of the view's shape and an Unsqueeze's axes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = torch.nn.Conv2d(3, 8, 3)
+        self.fc = torch.nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("api", ["export_onnx", "quantize_onnx"])
+def test_external_data_keeps_small_constants_in_the_model(tmp_path, monkeypatch, api):
+    """external_data=True moved every Constant value of at least one byte
+    to the .data file (the shape a Reshape reads, an If's condition), which
+    onnxruntime refuses ("Cannot parse data from external tensors"): those
+    below 1 KiB stay in the model (the initializers still go), and the
+    model runs from another directory."""
+    torch.manual_seed(0)
+    net = _Viewed().eval()
+    x = torch.rand(2, 3, 8, 8)
+    out = tmp_path / "q.onnx"
+    if api == "export_onnx":
+        squant_rs.export_onnx(net, out, x, wbits=8, external_data=True, batch_dim=0)
+    else:
+        float_export(net, x, tmp_path / "f.onnx")
+        squant_rs.quantize_onnx(tmp_path / "f.onnx", out, 8, external_data=True)
+    m = onnx.load(str(out), load_external_data=False)
+    constants = [n for n in m.graph.node if n.op_type == "Constant"]
+    assert constants, "the export has no Constant node"
+    assert all(a.t.data_location == TensorProto.DEFAULT for n in constants for a in n.attribute)
+    assert any(t.data_location == TensorProto.EXTERNAL for t in m.graph.initializer)
+    monkeypatch.chdir(tmp_path.parent)
+    want = net(x).detach().numpy()
+    np.testing.assert_allclose(run(out, x.numpy()), want, atol=0.05)
+
+
+def test_external_data_keeps_an_if_condition_in_the_model(tmp_path, monkeypatch):
+    """An If whose condition is a one-byte Constant: that value stays in
+    the model (onnxruntime refused the model from another directory)."""
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    tc = numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "tc")
+    then_g = helper.make_graph(
+        [helper.make_node("Add", ["m", "tc"], ["to"])], "then", [], [vi("to", 1, [2, 16])], [tc]
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Identity", ["m"], ["eo"])], "else", [], [vi("eo", 1, [2, 16])]
+    )
+    cond = numpy_helper.from_array(np.array(True), "cv")
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"]),
+            helper.make_node("Constant", [], ["cond"], value=cond),
+            helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
+        ],
+        "g",
+        [vi("x", TensorProto.FLOAT, [2, 16])],
+        [vi("y", TensorProto.FLOAT, [2, 16])],
+        [numpy_helper.from_array(rng.normal(size=(16, 16)).astype(np.float32), "w")],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    out, one = tmp_path / "q.onnx", tmp_path / "one.onnx"
+    squant_rs.quantize_onnx(model, out, 8, external_data=True)
+    squant_rs.quantize_onnx(model, one, 8)
+    assert sorted(os.listdir(tmp_path)) == ["one.onnx", "q.onnx", "q.onnx.data"]
+    monkeypatch.chdir(tmp_path.parent)
+    x = rng.random((2, 16), dtype=np.float32)
+    np.testing.assert_array_equal(run(out, x), run(one, x))
+
+
 def test_model_over_2gb_converts_without_its_data(tmp_path, monkeypatch):
     """onnx's version converter serializes the model, which protobuf refuses
     at 2 GB: a model whose tensors exceed the 2 GB threshold (here lowered
