@@ -1443,6 +1443,37 @@ def test_tensors_beside_the_main_initializers_count_toward_2gb(tmp_path, monkeyp
         np.testing.assert_array_equal(a, b)
 
 
+def test_calibration_model_over_2gb_keeps_no_large_tensor(tmp_path, monkeypatch):
+    """The calibration model (abits) of a model over 2 GB is saved with the
+    external data write_model uses: its Constant values of 1 KiB or more
+    too (they stayed in the .onnx file, which protobuf refuses at 2 GB).
+    Here the threshold is 8 KiB and the Constant 16 KiB."""
+    from squant_rs.formats.onnx import load
+
+    model = _big_tensor_model("constant", 21)
+    feeds = {"x": np.random.default_rng(1).random((3, 8), dtype=np.float32)}
+    want = tmp_path / "want.onnx"
+    squant_rs.quantize_onnx(model, want, 8, abits=8)
+    real = ort.InferenceSession
+    probes = []
+
+    def session(path, *args, **kwargs):
+        if isinstance(path, str) and path.endswith("probe.onnx"):
+            probes.append(os.path.getsize(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(load, "EXTERNAL_ABOVE", 8192)
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    out = tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(model, out, 8, abits=8)
+    assert probes and max(probes) < 4096, probes
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    got = ort.InferenceSession(str(out), providers=CPU).run(None, feeds)
+    expect = ort.InferenceSession(str(want), providers=CPU).run(None, feeds)
+    for a, b in zip(got, expect):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("case", ["renamed model", "output is the data file"])
 def test_external_output_never_replaces_the_inputs_data(tmp_path, capsys, case):
     """The output (or its .data file) must not be one of the input's external

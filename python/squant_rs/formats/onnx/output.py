@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..._squant_rs import InvalidArgumentError
 from ..output import atomic_output, atomic_outputs, check_output
@@ -31,8 +31,6 @@ def write_model(
     locked; a failed rename puts the old file back). The tensors written to
     ``<path>.data`` are moved out of ``model`` (the caller's private
     copy). Returns the bytes written."""
-    from onnx import TensorProto
-
     name = os.fspath(path)
     inputs = _input_files(in_path, data_files)
     external = _over_2gb(model) if external_data is None else external_data
@@ -51,22 +49,32 @@ def write_model(
     # reader, or a crash, between the two renames finds the old model with
     # the new data: see atomic_outputs).
     with atomic_outputs([data_path, name], inputs=inputs) as (data_out, out):
-        offset = 0
-        for t in moved:
-            raw = t.raw_data
-            data_out.write(raw)
-            del t.external_data[:]
-            t.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", offset)):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, str(value)
-            entry = t.external_data.add()
-            entry.key, entry.value = "length", str(len(raw))
-            offset += len(raw)
-            t.ClearField("raw_data")
+        offset = _move_out(moved, location, data_out)
         proto = model.SerializeToString()
         out.write(proto)
     return offset + len(proto)
+
+
+def _move_out(tensors: Sequence[Any], location: str, out: BinaryIO) -> int:
+    """Write the data of ``tensors`` (:func:`_moved_tensors`) to ``out``,
+    one after the other, each replaced in its model by a reference to
+    ``location`` at its offset. Returns the bytes written."""
+    from onnx import TensorProto
+
+    offset = 0
+    for t in tensors:
+        raw = t.raw_data
+        out.write(raw)
+        del t.external_data[:]
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", offset)):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, str(value)
+        entry = t.external_data.add()
+        entry.key, entry.value = "length", str(len(raw))
+        offset += len(raw)
+        t.ClearField("raw_data")
+    return offset
 
 
 def _moved_tensors(model: Any, forced: bool) -> list[Any]:
