@@ -1207,6 +1207,80 @@ def test_op_without_an_opset_21_form_is_refused(tmp_path, capsys):
     assert not out.exists()
 
 
+def _function_model(opset: int, recursive: bool = False) -> onnx.ModelProto:
+    """MatMul, then the model-local function ``local:Scale`` (a Constant
+    times its input, then Relu) twice; ``recursive``: a function that calls
+    itself (onnx's checker refuses it)."""
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    scale = numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "s")
+    body = [
+        helper.make_node("Constant", [], ["c"], value=scale),
+        helper.make_node("Mul", ["a", "c"], ["p"]),
+        helper.make_node("Relu", ["p"], ["b"]),
+    ]
+    if recursive:
+        body = [helper.make_node("Scale", ["a"], ["b"], domain="local")]
+    imports = [helper.make_opsetid("", opset), helper.make_opsetid("local", 1)]
+    fn = helper.make_function("local", "Scale", ["a"], ["b"], body, imports)
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+            helper.make_node("Scale", ["m"], ["h"], domain="local"),
+            helper.make_node("Scale", ["h"], ["y"], domain="local"),
+        ],
+        "g",
+        [vi("x", TensorProto.FLOAT, ["N", 16])],
+        [vi("y", TensorProto.FLOAT, ["N", 16])],
+        [numpy_helper.from_array(rng.normal(size=(16, 16)).astype(np.float32), "w")],
+    )
+    model = helper.make_model(g, opset_imports=imports, functions=[fn])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("size", ["small", "over 2 GB"])
+@pytest.mark.parametrize("opset", [18, 22])
+def test_model_local_functions_survive_opset_conversion(tmp_path, monkeypatch, opset, size):
+    """onnx's version converter drops model.functions: a model converted up
+    or down to opset 21 called functions it no longer had (onnxruntime:
+    'local:Scale(-1) is not a registered function/op'). They are inlined
+    first (in the over-2 GB path too, where the Constant of a function
+    called twice is detached once and put back in both copies), and the
+    output computes what the same model at opset 21 does."""
+    from squant_rs.formats.onnx import load
+
+    want = tmp_path / "want.onnx"
+    squant_rs.quantize_onnx(_function_model(21), want, 8)
+    if size == "over 2 GB":
+        monkeypatch.setattr(load, "EXTERNAL_ABOVE", 512)
+    out = tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(_function_model(opset), out, 8)
+    q = onnx.load(str(out))
+    assert q.opset_import[0].version == 21 and not q.functions
+    onnx.checker.check_model(q)
+    x = np.random.default_rng(1).random((3, 16), dtype=np.float32)
+    np.testing.assert_array_equal(run(out, x), run(want, x))
+
+
+def test_functions_that_cannot_be_inlined_are_refused(tmp_path, monkeypatch):
+    """A model whose functions onnx's inliner refuses (here a recursive
+    one, past the checker, which a model over 2 GB skips) is refused in one
+    line instead of being converted without them."""
+    from squant_rs.formats.onnx import load
+
+    out = tmp_path / "q.onnx"
+    monkeypatch.setattr(load, "EXTERNAL_ABOVE", 512)
+    with pytest.raises(squant_rs.OnnxFormatError) as err:
+        squant_rs.quantize_onnx(_function_model(22, recursive=True), out, 8)
+    msg = str(err.value)
+    assert msg.startswith(
+        "model: cannot convert opset 22 to 21: its model-local functions ('Scale'), which "
+        "onnx's version converter drops, cannot be inlined ("
+    ), msg
+    assert "\n" not in msg and not out.exists()
+
+
 def test_external_data_in_and_out(tmp_path):
     src = tmp_path / "ext.onnx"
     onnx.save(
