@@ -1177,6 +1177,29 @@ def test_opset_above_21_is_converted_down(tmp_path, opset):
     np.testing.assert_array_equal(run(out, x), run(want, x))
 
 
+@pytest.mark.parametrize(
+    ("opset", "ir", "float4"), [(22, 11, False), (21, 14, False), (13, 7, False), (23, 11, True)]
+)
+def test_output_has_the_ir_version_of_opset_21(tmp_path, opset, ir, float4):
+    """The output (opset 21) has IR version 10, the one onnx pairs with
+    opset 21 and which a runtime with opset 21 reads (onnxruntime 1.20:
+    'Unsupported model IR version: 11, max supported IR version: 10'): an
+    input above opset 21 kept its IR version 11 or 12. A model that stores
+    a newer data type (FLOAT4E2M1, IR 11) keeps its IR version."""
+    model = _gemm_model(opset)
+    model.ir_version = ir
+    if float4:  # an initializer no node reads
+        model.graph.initializer.append(
+            helper.make_tensor("f4", TensorProto.FLOAT4E2M1, [2], [0.5, 1.0])
+        )
+    out = tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(model, out, 8)
+    q = onnx.load(str(out))
+    assert q.opset_import[0].version == 21
+    assert q.ir_version == (ir if float4 else 10)
+    onnx.checker.check_model(q, full_check=True)
+
+
 def test_op_without_an_opset_21_form_is_refused(tmp_path, capsys):
     """An op (or type) opset 21 does not have cannot be converted down: one
     line naming the opsets and the op, nothing written."""

@@ -159,9 +159,46 @@ def _prepare(model: Any, where: str) -> Any:
             ) from None
         _restore_sparse(model, hidden)
         _attach_data(model, detached)
-    # int4 / int16 initializers need IR version 10 (opset 21's).
-    model.ir_version = max(model.ir_version, 10)
+    model.ir_version = _ir_version(model)
     return model
+
+
+def _ir_version(model: Any) -> int:
+    """The IR version of the output (at opset 21): the one onnx's
+    ``VERSION_TABLE`` pairs with its opsets, 10 (which int4 / int16
+    initializers need too, and which every runtime with opset 21 reads),
+    lower or higher than ``model``'s (an input above opset 21, or made by a
+    newer onnx); ``model``'s own where it is higher and the model stores
+    what IR version 10 lacks (:func:`_newer_than_ir10`)."""
+    from onnx import helper
+
+    paired = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    return max(paired, model.ir_version) if _newer_than_ir10(model) else paired
+
+
+def _newer_than_ir10(model: Any) -> bool:
+    """Whether ``model`` stores what IR version 10 lacks: a data type after
+    INT4 (FLOAT4E2M1 of IR 11 and later ones) in a tensor or a declared
+    type, anywhere, or a multi-device configuration (IR 11)."""
+    from google.protobuf.message import Message
+    from onnx import TensorProto, TypeProto
+
+    stack = [model]
+    while stack:
+        msg = stack.pop()
+        if isinstance(msg, TensorProto):  # (its data is not walked)
+            if msg.data_type > TensorProto.INT4:
+                return True
+            continue
+        if isinstance(msg, (TypeProto.Tensor, TypeProto.SparseTensor)):
+            if msg.elem_type > TensorProto.INT4:
+                return True
+        elif type(msg).__name__ in ("DeviceConfigurationProto", "NodeDeviceConfigurationProto"):
+            return True
+        for field, value in msg.ListFields():
+            if field.message_type is not None:
+                stack.extend([value] if isinstance(value, Message) else value)
+    return False
 
 
 def _inline_functions(model: Any, refusal: str) -> Any:
