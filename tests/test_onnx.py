@@ -2691,6 +2691,23 @@ def test_upper_case_onnx_extension(tmp_path, capsys):
     assert err == "squant-rs: error: ONNX input needs an .onnx output (and the other way round)\n"
 
 
+def test_a_file_named_dot_onnx_is_onnx(tmp_path, capsys, monkeypatch):
+    """A file named '.onnx' (a hidden file: os.path.splitext finds no
+    extension) is an ONNX model to the CLI, as its name ends in .onnx: it
+    was refused with 'ONNX input needs an .onnx output (and the other way
+    round)'."""
+    from squant_rs.cli import main
+
+    (tmp_path / "sub").mkdir()
+    onnx.save(_gemm_model(), str(tmp_path / "m.onnx"))
+    onnx.save(_gemm_model(), str(tmp_path / "sub" / ".onnx"))
+    monkeypatch.chdir(tmp_path)
+    for src, dst in (("m.onnx", ".onnx"), ("sub/.onnx", "sub/.ONNX")):
+        assert main(["quantize", "-q", src, dst, "--wbits", "8"]) == 0, capsys.readouterr()
+    x = np.random.default_rng(1).random((3, 8), dtype=np.float32)
+    np.testing.assert_array_equal(run("sub/.ONNX", x), run(".onnx", x))
+
+
 def test_output_path_ending_with_a_slash_is_refused(tmp_path):
     """An output path ending with '/' names a directory: refused (a file
     without the slash was written, and a second run failed with
