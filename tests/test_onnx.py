@@ -1177,6 +1177,29 @@ def test_opset_above_21_is_converted_down(tmp_path, opset):
     np.testing.assert_array_equal(run(out, x), run(want, x))
 
 
+@pytest.mark.parametrize(
+    ("opset", "ir", "float4"), [(22, 11, False), (21, 14, False), (13, 7, False), (23, 11, True)]
+)
+def test_output_has_the_ir_version_of_opset_21(tmp_path, opset, ir, float4):
+    """The output (opset 21) has IR version 10, the one onnx pairs with
+    opset 21 and which a runtime with opset 21 reads (onnxruntime 1.20:
+    'Unsupported model IR version: 11, max supported IR version: 10'): an
+    input above opset 21 kept its IR version 11 or 12. A model that stores
+    a newer data type (FLOAT4E2M1, IR 11) keeps its IR version."""
+    model = _gemm_model(opset)
+    model.ir_version = ir
+    if float4:  # an initializer no node reads
+        model.graph.initializer.append(
+            helper.make_tensor("f4", TensorProto.FLOAT4E2M1, [2], [0.5, 1.0])
+        )
+    out = tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(model, out, 8)
+    q = onnx.load(str(out))
+    assert q.opset_import[0].version == 21
+    assert q.ir_version == (ir if float4 else 10)
+    onnx.checker.check_model(q, full_check=True)
+
+
 def test_op_without_an_opset_21_form_is_refused(tmp_path, capsys):
     """An op (or type) opset 21 does not have cannot be converted down: one
     line naming the opsets and the op, nothing written."""
@@ -1207,6 +1230,80 @@ def test_op_without_an_opset_21_form_is_refused(tmp_path, capsys):
     assert not out.exists()
 
 
+def _function_model(opset: int, recursive: bool = False) -> onnx.ModelProto:
+    """MatMul, then the model-local function ``local:Scale`` (a Constant
+    times its input, then Relu) twice; ``recursive``: a function that calls
+    itself (onnx's checker refuses it)."""
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    scale = numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "s")
+    body = [
+        helper.make_node("Constant", [], ["c"], value=scale),
+        helper.make_node("Mul", ["a", "c"], ["p"]),
+        helper.make_node("Relu", ["p"], ["b"]),
+    ]
+    if recursive:
+        body = [helper.make_node("Scale", ["a"], ["b"], domain="local")]
+    imports = [helper.make_opsetid("", opset), helper.make_opsetid("local", 1)]
+    fn = helper.make_function("local", "Scale", ["a"], ["b"], body, imports)
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+            helper.make_node("Scale", ["m"], ["h"], domain="local"),
+            helper.make_node("Scale", ["h"], ["y"], domain="local"),
+        ],
+        "g",
+        [vi("x", TensorProto.FLOAT, ["N", 16])],
+        [vi("y", TensorProto.FLOAT, ["N", 16])],
+        [numpy_helper.from_array(rng.normal(size=(16, 16)).astype(np.float32), "w")],
+    )
+    model = helper.make_model(g, opset_imports=imports, functions=[fn])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("size", ["small", "over 2 GB"])
+@pytest.mark.parametrize("opset", [18, 22])
+def test_model_local_functions_survive_opset_conversion(tmp_path, monkeypatch, opset, size):
+    """onnx's version converter drops model.functions: a model converted up
+    or down to opset 21 called functions it no longer had (onnxruntime:
+    'local:Scale(-1) is not a registered function/op'). They are inlined
+    first (in the over-2 GB path too, where the Constant of a function
+    called twice is detached once and put back in both copies), and the
+    output computes what the same model at opset 21 does."""
+    from squant_rs.formats.onnx import load
+
+    want = tmp_path / "want.onnx"
+    squant_rs.quantize_onnx(_function_model(21), want, 8)
+    if size == "over 2 GB":
+        monkeypatch.setattr(load, "EXTERNAL_ABOVE", 512)
+    out = tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(_function_model(opset), out, 8)
+    q = onnx.load(str(out))
+    assert q.opset_import[0].version == 21 and not q.functions
+    onnx.checker.check_model(q)
+    x = np.random.default_rng(1).random((3, 16), dtype=np.float32)
+    np.testing.assert_array_equal(run(out, x), run(want, x))
+
+
+def test_functions_that_cannot_be_inlined_are_refused(tmp_path, monkeypatch):
+    """A model whose functions onnx's inliner refuses (here a recursive
+    one, past the checker, which a model over 2 GB skips) is refused in one
+    line instead of being converted without them."""
+    from squant_rs.formats.onnx import load
+
+    out = tmp_path / "q.onnx"
+    monkeypatch.setattr(load, "EXTERNAL_ABOVE", 512)
+    with pytest.raises(squant_rs.OnnxFormatError) as err:
+        squant_rs.quantize_onnx(_function_model(22, recursive=True), out, 8)
+    msg = str(err.value)
+    assert msg.startswith(
+        "model: cannot convert opset 22 to 21: its model-local functions ('Scale'), which "
+        "onnx's version converter drops, cannot be inlined ("
+    ), msg
+    assert "\n" not in msg and not out.exists()
+
+
 def test_external_data_in_and_out(tmp_path):
     src = tmp_path / "ext.onnx"
     onnx.save(
@@ -1219,6 +1316,80 @@ def test_external_data_in_and_out(tmp_path):
     x = np.random.default_rng(1).random((2, 8), dtype=np.float32)
     one = tmp_path / "one.onnx"
     squant_rs.quantize_onnx(src, one, 4)
+    np.testing.assert_array_equal(run(out, x), run(one, x))
+
+
+class _Viewed(torch.nn.Module):
+    """Conv, flatten by view, Linear: torch's exporter makes small Constant
+    nodes of the view's shape and an Unsqueeze's axes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = torch.nn.Conv2d(3, 8, 3)
+        self.fc = torch.nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("api", ["export_onnx", "quantize_onnx"])
+def test_external_data_keeps_small_constants_in_the_model(tmp_path, monkeypatch, api):
+    """external_data=True moved every Constant value of at least one byte
+    to the .data file (the shape a Reshape reads, an If's condition), which
+    onnxruntime refuses ("Cannot parse data from external tensors"): those
+    below 1 KiB stay in the model (the initializers still go), and the
+    model runs from another directory."""
+    torch.manual_seed(0)
+    net = _Viewed().eval()
+    x = torch.rand(2, 3, 8, 8)
+    out = tmp_path / "q.onnx"
+    if api == "export_onnx":
+        squant_rs.export_onnx(net, out, x, wbits=8, external_data=True, batch_dim=0)
+    else:
+        float_export(net, x, tmp_path / "f.onnx")
+        squant_rs.quantize_onnx(tmp_path / "f.onnx", out, 8, external_data=True)
+    m = onnx.load(str(out), load_external_data=False)
+    constants = [n for n in m.graph.node if n.op_type == "Constant"]
+    assert constants, "the export has no Constant node"
+    assert all(a.t.data_location == TensorProto.DEFAULT for n in constants for a in n.attribute)
+    assert any(t.data_location == TensorProto.EXTERNAL for t in m.graph.initializer)
+    monkeypatch.chdir(tmp_path.parent)
+    want = net(x).detach().numpy()
+    np.testing.assert_allclose(run(out, x.numpy()), want, atol=0.05)
+
+
+def test_external_data_keeps_an_if_condition_in_the_model(tmp_path, monkeypatch):
+    """An If whose condition is a one-byte Constant: that value stays in
+    the model (onnxruntime refused the model from another directory)."""
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    tc = numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "tc")
+    then_g = helper.make_graph(
+        [helper.make_node("Add", ["m", "tc"], ["to"])], "then", [], [vi("to", 1, [2, 16])], [tc]
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Identity", ["m"], ["eo"])], "else", [], [vi("eo", 1, [2, 16])]
+    )
+    cond = numpy_helper.from_array(np.array(True), "cv")
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"]),
+            helper.make_node("Constant", [], ["cond"], value=cond),
+            helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
+        ],
+        "g",
+        [vi("x", TensorProto.FLOAT, [2, 16])],
+        [vi("y", TensorProto.FLOAT, [2, 16])],
+        [numpy_helper.from_array(rng.normal(size=(16, 16)).astype(np.float32), "w")],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    out, one = tmp_path / "q.onnx", tmp_path / "one.onnx"
+    squant_rs.quantize_onnx(model, out, 8, external_data=True)
+    squant_rs.quantize_onnx(model, one, 8)
+    assert sorted(os.listdir(tmp_path)) == ["one.onnx", "q.onnx", "q.onnx.data"]
+    monkeypatch.chdir(tmp_path.parent)
+    x = rng.random((2, 16), dtype=np.float32)
     np.testing.assert_array_equal(run(out, x), run(one, x))
 
 
@@ -1364,6 +1535,37 @@ def test_tensors_beside_the_main_initializers_count_toward_2gb(tmp_path, monkeyp
     assert q.opset_import[0].version == 21
     sess = ort.InferenceSession(str(out), providers=CPU)
     got = sess.run(None, feeds)
+    expect = ort.InferenceSession(str(want), providers=CPU).run(None, feeds)
+    for a, b in zip(got, expect):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_calibration_model_over_2gb_keeps_no_large_tensor(tmp_path, monkeypatch):
+    """The calibration model (abits) of a model over 2 GB is saved with the
+    external data write_model uses: its Constant values of 1 KiB or more
+    too (they stayed in the .onnx file, which protobuf refuses at 2 GB).
+    Here the threshold is 8 KiB and the Constant 16 KiB."""
+    from squant_rs.formats.onnx import load
+
+    model = _big_tensor_model("constant", 21)
+    feeds = {"x": np.random.default_rng(1).random((3, 8), dtype=np.float32)}
+    want = tmp_path / "want.onnx"
+    squant_rs.quantize_onnx(model, want, 8, abits=8)
+    real = ort.InferenceSession
+    probes = []
+
+    def session(path, *args, **kwargs):
+        if isinstance(path, str) and path.endswith("probe.onnx"):
+            probes.append(os.path.getsize(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(load, "EXTERNAL_ABOVE", 8192)
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    out = tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(model, out, 8, abits=8)
+    assert probes and max(probes) < 4096, probes
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    got = ort.InferenceSession(str(out), providers=CPU).run(None, feeds)
     expect = ort.InferenceSession(str(want), providers=CPU).run(None, feeds)
     for a, b in zip(got, expect):
         np.testing.assert_array_equal(a, b)
@@ -2487,6 +2689,23 @@ def test_upper_case_onnx_extension(tmp_path, capsys):
     assert main(["quantize", str(src), str(tmp_path / "q.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err == "squant-rs: error: ONNX input needs an .onnx output (and the other way round)\n"
+
+
+def test_a_file_named_dot_onnx_is_onnx(tmp_path, capsys, monkeypatch):
+    """A file named '.onnx' (a hidden file: os.path.splitext finds no
+    extension) is an ONNX model to the CLI, as its name ends in .onnx: it
+    was refused with 'ONNX input needs an .onnx output (and the other way
+    round)'."""
+    from squant_rs.cli import main
+
+    (tmp_path / "sub").mkdir()
+    onnx.save(_gemm_model(), str(tmp_path / "m.onnx"))
+    onnx.save(_gemm_model(), str(tmp_path / "sub" / ".onnx"))
+    monkeypatch.chdir(tmp_path)
+    for src, dst in (("m.onnx", ".onnx"), ("sub/.onnx", "sub/.ONNX")):
+        assert main(["quantize", "-q", src, dst, "--wbits", "8"]) == 0, capsys.readouterr()
+    x = np.random.default_rng(1).random((3, 8), dtype=np.float32)
+    np.testing.assert_array_equal(run("sub/.ONNX", x), run(".onnx", x))
 
 
 def test_output_path_ending_with_a_slash_is_refused(tmp_path):

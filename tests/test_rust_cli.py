@@ -305,6 +305,40 @@ def test_same_errors_as_python(tmp_path, squant_bin: str) -> None:
     assert src.read_bytes() == blob
 
 
+def test_onnx_models_point_to_the_python_cli(tmp_path, squant_bin: str) -> None:
+    """The Rust CLI quantizes safetensors files only; an ONNX input or
+    output (a name ending in .onnx, in any case, as the Python CLI takes
+    it) is refused in one line naming the Python CLI, which quantizes it.
+    It said "'.onnx' is not one squant-rs writes (use .safetensors)" (the
+    Python CLI writes it), or 'unrecognized input format'."""
+    src = tmp_path / "in.safetensors"
+    _checkpoint(src)
+    for name in ("m.onnx", "M.ONNX", ".onnx"):
+        (tmp_path / name).write_bytes(b"\x08\x07")
+    said_in = (
+        "an ONNX model: this tool reads safetensors files only (use the Python CLI, squant-rs "
+        "quantize)"
+    )
+    said_out = (
+        "an ONNX model: this tool writes safetensors files only (use the Python CLI, squant-rs "
+        "quantize, on an ONNX input)"
+    )
+    cases = [
+        (["m.onnx", "o.onnx"], f"m.onnx: {said_in}"),
+        (["M.ONNX", "o.ONNX"], f"M.ONNX: {said_in}"),
+        (["m.onnx", "o.safetensors"], f"m.onnx: {said_in}"),
+        ([".onnx", "o.safetensors"], f".onnx: {said_in}"),
+        (["in.safetensors", "o.onnx"], f"output o.onnx: {said_out}"),
+        (["in.safetensors", "sub/.Onnx"], f"output sub/.Onnx: {said_out}"),
+    ]
+    for argv, said in cases:
+        r = subprocess.run(
+            [squant_bin, "quantize", *argv], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert r.returncode == 2 and _message(r.stderr) == said + "\n", (argv, r.stderr)
+    assert sorted(os.listdir(tmp_path)) == [".onnx", "M.ONNX", "in.safetensors", "m.onnx"]
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="POSIX signals")
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
 def test_signal_removes_the_temporary_file(tmp_path, squant_bin: str, sig: str) -> None:

@@ -196,9 +196,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _is_onnx(path: str) -> bool:
-    """Whether ``path`` has the ``.onnx`` extension (in any case, as
-    :func:`output_format` takes the others)."""
-    return os.path.splitext(path)[1].lower() == ".onnx"
+    """Whether ``path``'s name ends in ``.onnx`` (in any case, as
+    :func:`output_format` takes the others; a file named ``.onnx`` too,
+    which has no extension to ``os.path.splitext``)."""
+    return path.lower().endswith(".onnx")
 
 
 def output_format(path: str) -> str:

@@ -264,6 +264,15 @@ fn py_suffix(path: &Path) -> Option<String> {
     stem.rfind('.').map(|i| stem[i..].to_lowercase())
 }
 
+/// Whether `path` names an ONNX model: its name ends in `.onnx`, in any
+/// case (the Python CLI's `_is_onnx`, which quantizes those).
+fn is_onnx(path: &Path) -> bool {
+    path.as_os_str()
+        .as_encoded_bytes()
+        .to_ascii_lowercase()
+        .ends_with(b".onnx")
+}
+
 /// Where writing `dst` really lands: `dst` with its symlinks followed as
 /// far as they go (a dangling link names its target; as Python's
 /// non-strict `os.path.realpath`). `Ok(None)`: the directory it would be
@@ -498,6 +507,20 @@ fn cmd_quantize(
     verbose: bool,
     quiet: bool,
 ) -> Result<(), CliError> {
+    // (the Python CLI quantizes ONNX models: its words, not "not one
+    // squant-rs writes" or "unrecognized input format")
+    if is_onnx(src) {
+        return fail(format!(
+            "{}: an ONNX model: this tool reads safetensors files only (use the Python CLI, squant-rs quantize)",
+            show(src)
+        ));
+    }
+    if is_onnx(dst) {
+        return fail(format!(
+            "output {}: an ONNX model: this tool writes safetensors files only (use the Python CLI, squant-rs quantize, on an ONNX input)",
+            show(dst)
+        ));
+    }
     let sharded = squant_io::is_sharded(src);
     let mut target = dst.to_path_buf();
     if !sharded {

@@ -144,6 +144,9 @@ def _prepare(model: Any, where: str) -> Any:
             )
         detached = _detach_data(model) if _over_2gb(model) else {}
         hidden = _hide_sparse(model)
+        # The converter drops model-local functions: they are inlined first.
+        if model.functions:
+            model = _inline_functions(model, f"{where}: cannot convert opset {opset} to {OPSET}: ")
         try:
             model = onnx.version_converter.convert_version(model, OPSET)
         except Exception as exc:
@@ -156,9 +159,69 @@ def _prepare(model: Any, where: str) -> Any:
             ) from None
         _restore_sparse(model, hidden)
         _attach_data(model, detached)
-    # int4 / int16 initializers need IR version 10 (opset 21's).
-    model.ir_version = max(model.ir_version, 10)
+    model.ir_version = _ir_version(model)
     return model
+
+
+def _ir_version(model: Any) -> int:
+    """The IR version of the output (at opset 21): the one onnx's
+    ``VERSION_TABLE`` pairs with its opsets, 10 (which int4 / int16
+    initializers need too, and which every runtime with opset 21 reads),
+    lower or higher than ``model``'s (an input above opset 21, or made by a
+    newer onnx); ``model``'s own where it is higher and the model stores
+    what IR version 10 lacks (:func:`_newer_than_ir10`)."""
+    from onnx import helper
+
+    paired = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    return max(paired, model.ir_version) if _newer_than_ir10(model) else paired
+
+
+def _newer_than_ir10(model: Any) -> bool:
+    """Whether ``model`` stores what IR version 10 lacks: a data type after
+    INT4 (FLOAT4E2M1 of IR 11 and later ones) in a tensor or a declared
+    type, anywhere, or a multi-device configuration (IR 11)."""
+    from google.protobuf.message import Message
+    from onnx import TensorProto, TypeProto
+
+    stack = [model]
+    while stack:
+        msg = stack.pop()
+        if isinstance(msg, TensorProto):  # (its data is not walked)
+            if msg.data_type > TensorProto.INT4:
+                return True
+            continue
+        if isinstance(msg, (TypeProto.Tensor, TypeProto.SparseTensor)):
+            if msg.elem_type > TensorProto.INT4:
+                return True
+        elif type(msg).__name__ in ("DeviceConfigurationProto", "NodeDeviceConfigurationProto"):
+            return True
+        for field, value in msg.ListFields():
+            if field.message_type is not None:
+                stack.extend([value] if isinstance(value, Message) else value)
+    return False
+
+
+def _inline_functions(model: Any, refusal: str) -> Any:
+    """``model`` with every call of its model-local functions replaced by
+    their bodies (onnx's inliner, the bodies converted to the model's
+    opset), for onnx's version converter, which drops ``model.functions``
+    (its output then calls functions it lacks). Raises
+    :class:`OnnxFormatError` starting with ``refusal`` where they cannot
+    be inlined (the checker, skipped over 2 GB, refuses most such models
+    before)."""
+    import onnx.inliner
+
+    try:
+        return onnx.inliner.inline_local_functions(model, convert_version=True)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = msg.rpartition("` failed: ")[2] or msg
+        names = sorted({f.name for f in model.functions})
+        raise OnnxFormatError(
+            f"{refusal}its model-local functions ({', '.join(map(repr, names[:3]))}"
+            f"{', ...' if len(names) > 3 else ''}), which onnx's version converter drops, "
+            f"cannot be inlined ({msg})"
+        ) from None
 
 
 def _hide_sparse(model: Any) -> tuple[list[Any], set[str]]:
@@ -250,7 +313,7 @@ def _attach_data(model: Any, detached: dict[str, bytes]) -> None:
         if t.data_location != TensorProto.EXTERNAL:
             continue
         key = next((e.value for e in t.external_data if e.key == "location"), "")
-        if key in detached:
-            t.raw_data = detached.pop(key)
+        if key in detached:  # (twice where an inlined function is called twice)
+            t.raw_data = detached[key]
             del t.external_data[:]
             t.data_location = TensorProto.DEFAULT

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..._squant_rs import InvalidArgumentError
 from ..output import atomic_output, atomic_outputs, check_output
@@ -22,30 +22,19 @@ def write_model(
 ) -> int:
     """Write ``model`` to ``path`` atomically through :func:`atomic_output`:
     one file below 2 GB of tensors (all of them: :func:`_over_2gb`), else
-    the model plus ``<path>.data`` (its tensors of 1 KiB or more, every
-    tensor with ``external_data=True``: initializers and node attributes'
-    tensors such as a Constant's value, in If / Loop / Scan bodies too;
-    sparse tensors stay in the model), both under the same output rules
-    (symlinks followed, permissions kept, never the input model
-    ``in_path`` or one of its ``data_files``) and both written and
-    synced before either replaces its target (:func:`atomic_outputs`: the
+    the model plus ``<path>.data`` (:func:`_moved_tensors`: its tensors of
+    1 KiB or more, every initializer with ``external_data=True``), both
+    under the same output rules (symlinks followed, permissions kept,
+    never the input model ``in_path`` or one of its ``data_files``) and
+    both written and synced before either replaces its target (:func:`atomic_outputs`: the
     data first, the model right after, with signals held and the directory
     locked; a failed rename puts the old file back). The tensors written to
     ``<path>.data`` are moved out of ``model`` (the caller's private
     copy). Returns the bytes written."""
-    from onnx import TensorProto
-
     name = os.fspath(path)
     inputs = _input_files(in_path, data_files)
     external = _over_2gb(model) if external_data is None else external_data
-    threshold = 0 if external_data else 1024
-    # (sparse tensors stay in the model: onnx's checker cannot read
-    # external ones, and onnx.save_model keeps them in the model too)
-    moved = (
-        [t for t in _all_tensors(model, sparse=False) if len(t.raw_data) >= max(threshold, 1)]
-        if external
-        else []
-    )
+    moved = _moved_tensors(model, forced=bool(external_data)) if external else []
     if not moved:
         data = model.SerializeToString()
         with atomic_output(name, inputs=inputs) as out:
@@ -60,22 +49,53 @@ def write_model(
     # reader, or a crash, between the two renames finds the old model with
     # the new data: see atomic_outputs).
     with atomic_outputs([data_path, name], inputs=inputs) as (data_out, out):
-        offset = 0
-        for t in moved:
-            raw = t.raw_data
-            data_out.write(raw)
-            del t.external_data[:]
-            t.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", offset)):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, str(value)
-            entry = t.external_data.add()
-            entry.key, entry.value = "length", str(len(raw))
-            offset += len(raw)
-            t.ClearField("raw_data")
+        offset = _move_out(moved, location, data_out)
         proto = model.SerializeToString()
         out.write(proto)
     return offset + len(proto)
+
+
+def _move_out(tensors: Sequence[Any], location: str, out: BinaryIO) -> int:
+    """Write the data of ``tensors`` (:func:`_moved_tensors`) to ``out``,
+    one after the other, each replaced in its model by a reference to
+    ``location`` at its offset. Returns the bytes written."""
+    from onnx import TensorProto
+
+    offset = 0
+    for t in tensors:
+        raw = t.raw_data
+        out.write(raw)
+        del t.external_data[:]
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", offset)):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, str(value)
+        entry = t.external_data.add()
+        entry.key, entry.value = "length", str(len(raw))
+        offset += len(raw)
+        t.ClearField("raw_data")
+    return offset
+
+
+def _moved_tensors(model: Any, forced: bool) -> list[Any]:
+    """The tensors :func:`write_model` moves to the ``.data`` file: those
+    of 1 KiB or more (onnx.save_model's ``size_threshold``), initializers
+    and node attributes' tensors (a Constant's value, ``convert_attribute``)
+    in every graph (If / Loop / Scan bodies, model-local functions); with
+    ``forced`` (``external_data=True``) every initializer of at least one
+    byte too. Smaller Constant values stay in the model whatever
+    ``forced`` says: torch's exporter makes them of the shapes and axes
+    Reshape / Unsqueeze / Slice read, and of If conditions, which
+    onnxruntime needs in the model itself ("Cannot parse data from
+    external tensors"). Sparse tensors stay in the model: onnx's checker
+    cannot read external ones, and onnx.save_model keeps them in the model
+    too."""
+    least = 1 if forced else 1024
+    initializers = _all_tensors(model, sparse=False, attributes=False)
+    attributes = _all_tensors(model, sparse=False, initializers=False)
+    return [t for t in initializers if len(t.raw_data) >= least] + [
+        t for t in attributes if len(t.raw_data) >= 1024
+    ]
 
 
 def _check_output(

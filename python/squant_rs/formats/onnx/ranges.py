@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from ...model.activations import (
 from ..output import scratch_file
 from .common import CALIBRATION_BATCH
 from .load import _over_2gb
+from .output import _move_out, _moved_tensors
 
 #: A calibration shape as quantize_onnx takes it: one shape, or shapes by input name.
 InputShapes = tuple[int, ...] | dict[str, tuple[int, ...]]
@@ -269,7 +271,12 @@ def _observe(model: Any, tensors: list[str], feeds: dict[str, Any], threads: int
     with scratch_file("probe.onnx", "the calibration model") as path:
         import onnx
 
-        onnx.save_model(probe, path, save_as_external_data=_over_2gb(probe))
+        # Over 2 GB, the tensors write_model moves out (Constant values too).
+        moved = _moved_tensors(probe, forced=False) if _over_2gb(probe) else []
+        if moved:
+            with open(path + ".data", "wb") as data:
+                _move_out(moved, os.path.basename(path) + ".data", data)
+        onnx.save_model(probe, path)
         try:
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
             values = sess.run(tensors, feeds)
