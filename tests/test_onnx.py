@@ -1304,16 +1304,75 @@ def test_functions_that_cannot_be_inlined_are_refused(tmp_path, monkeypatch):
     assert "\n" not in msg and not out.exists()
 
 
+def _reshape_model() -> onnx.ModelProto:
+    """MatMul by a 64x32 weight (2 KiB at 8 bits, 1 KiB at 4), then a
+    Reshape whose shape is an int64 initializer, as other tools (torch's
+    dynamo exporter among them) store it."""
+    w = np.random.default_rng(0).normal(0, 0.3, (64, 32)).astype(np.float32)
+    shape = np.array([0, 4, 8], np.int64)
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            helper.make_node("Reshape", ["h", "shape"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(shape, "shape")],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _assert_moved_from_1kib(path) -> None:
+    """Every initializer of the model at ``path`` (every graph's) is in its
+    .data file if it has 1 KiB or more, else in the model itself."""
+    from squant_rs.formats.onnx.graph import _graphs
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = [t for g in _graphs(m.graph) for t in g.initializer]
+    moved = {t.name for t in inits if t.data_location == TensorProto.EXTERNAL}
+    length = {t.name: int(e.value) for t in inits for e in t.external_data if e.key == "length"}
+    big = {t.name for t in inits if max(len(t.raw_data), length.get(t.name, 0)) >= 1024}
+    assert big and moved == big, (moved, big)
+
+
+@pytest.mark.parametrize("wbits", [8, 4])
+def test_external_data_keeps_small_initializers_in_the_model(tmp_path, monkeypatch, wbits):
+    """external_data=True moved every initializer to the .data file, the
+    int64 shape a Reshape reads too, which onnxruntime refuses ("Cannot
+    parse data from external tensors"): as in onnx.save_model
+    (size_threshold=1024) only those of 1 KiB or more move, and the model
+    runs from another directory."""
+    out, one = tmp_path / "q.onnx", tmp_path / "one.onnx"
+    squant_rs.quantize_onnx(_reshape_model(), out, wbits, external_data=True)
+    squant_rs.quantize_onnx(_reshape_model(), one, wbits)
+    assert sorted(os.listdir(tmp_path)) == ["one.onnx", "q.onnx", "q.onnx.data"]
+    _assert_moved_from_1kib(out)
+    monkeypatch.chdir(tmp_path.parent)
+    x = np.random.default_rng(1).random((2, 64), dtype=np.float32)
+    np.testing.assert_array_equal(run(out, x), run(one, x))
+
+
+def test_external_data_of_a_small_model_is_one_file(tmp_path):
+    """external_data=True with no tensor of 1 KiB or more writes the model
+    alone, as onnx.save_model does."""
+    out = tmp_path / "q.onnx"
+    squant_rs.quantize_onnx(_gemm_model(), out, 8, external_data=True)
+    assert os.listdir(tmp_path) == ["q.onnx"]
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
 def test_external_data_in_and_out(tmp_path):
     src = tmp_path / "ext.onnx"
     onnx.save(
-        _gemm_model(), str(src), save_as_external_data=True, location="ext.bin", size_threshold=0
+        _reshape_model(), str(src), save_as_external_data=True, location="ext.bin", size_threshold=0
     )
     out = tmp_path / "out" / "q.onnx"
     out.parent.mkdir()
     squant_rs.quantize_onnx(src, out, 4, external_data=True)
     assert sorted(os.listdir(out.parent)) == ["q.onnx", "q.onnx.data"]
-    x = np.random.default_rng(1).random((2, 8), dtype=np.float32)
+    _assert_moved_from_1kib(out)
+    x = np.random.default_rng(1).random((2, 64), dtype=np.float32)
     one = tmp_path / "one.onnx"
     squant_rs.quantize_onnx(src, one, 4)
     np.testing.assert_array_equal(run(out, x), run(one, x))
@@ -1338,8 +1397,8 @@ def test_external_data_keeps_small_constants_in_the_model(tmp_path, monkeypatch,
     """external_data=True moved every Constant value of at least one byte
     to the .data file (the shape a Reshape reads, an If's condition), which
     onnxruntime refuses ("Cannot parse data from external tensors"): those
-    below 1 KiB stay in the model (the initializers still go), and the
-    model runs from another directory."""
+    below 1 KiB stay in the model (as the initializers below 1 KiB do), and
+    the model runs from another directory."""
     torch.manual_seed(0)
     net = _Viewed().eval()
     x = torch.rand(2, 3, 8, 8)
@@ -1353,7 +1412,7 @@ def test_external_data_keeps_small_constants_in_the_model(tmp_path, monkeypatch,
     constants = [n for n in m.graph.node if n.op_type == "Constant"]
     assert constants, "the export has no Constant node"
     assert all(a.t.data_location == TensorProto.DEFAULT for n in constants for a in n.attribute)
-    assert any(t.data_location == TensorProto.EXTERNAL for t in m.graph.initializer)
+    _assert_moved_from_1kib(out)
     monkeypatch.chdir(tmp_path.parent)
     want = net(x).detach().numpy()
     np.testing.assert_allclose(run(out, x.numpy()), want, atol=0.05)
@@ -1361,7 +1420,8 @@ def test_external_data_keeps_small_constants_in_the_model(tmp_path, monkeypatch,
 
 def test_external_data_keeps_an_if_condition_in_the_model(tmp_path, monkeypatch):
     """An If whose condition is a one-byte Constant: that value stays in
-    the model (onnxruntime refused the model from another directory)."""
+    the model (onnxruntime refused the model from another directory); the
+    1 KiB weight goes to the .data file."""
     rng = np.random.default_rng(0)
     vi = helper.make_tensor_value_info
     tc = numpy_helper.from_array(rng.normal(size=16).astype(np.float32), "tc")
@@ -1379,9 +1439,9 @@ def test_external_data_keeps_an_if_condition_in_the_model(tmp_path, monkeypatch)
             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
         ],
         "g",
-        [vi("x", TensorProto.FLOAT, [2, 16])],
+        [vi("x", TensorProto.FLOAT, [2, 64])],
         [vi("y", TensorProto.FLOAT, [2, 16])],
-        [numpy_helper.from_array(rng.normal(size=(16, 16)).astype(np.float32), "w")],
+        [numpy_helper.from_array(rng.normal(size=(64, 16)).astype(np.float32), "w")],
     )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     out, one = tmp_path / "q.onnx", tmp_path / "one.onnx"
@@ -1389,7 +1449,7 @@ def test_external_data_keeps_an_if_condition_in_the_model(tmp_path, monkeypatch)
     squant_rs.quantize_onnx(model, one, 8)
     assert sorted(os.listdir(tmp_path)) == ["one.onnx", "q.onnx", "q.onnx.data"]
     monkeypatch.chdir(tmp_path.parent)
-    x = rng.random((2, 16), dtype=np.float32)
+    x = rng.random((2, 64), dtype=np.float32)
     np.testing.assert_array_equal(run(out, x), run(one, x))
 
 
@@ -1617,14 +1677,14 @@ def test_external_output_follows_the_output_rules(tmp_path):
     file keeps its permission bits, a new one gets 0o666 minus the umask."""
     import stat
 
-    x = np.random.default_rng(1).random((2, 8), dtype=np.float32)
+    x = np.random.default_rng(1).random((2, 64), dtype=np.float32)
     one = tmp_path / "one.onnx"
-    squant_rs.quantize_onnx(_gemm_model(), one, 4)
+    squant_rs.quantize_onnx(_reshape_model(), one, 4)
     (tmp_path / "real").mkdir()
     target, link = tmp_path / "real" / "q.onnx", tmp_path / "link.onnx"
     target.write_bytes(b"old")
     link.symlink_to("real/q.onnx")
-    squant_rs.quantize_onnx(_gemm_model(), link, 4, external_data=True)
+    squant_rs.quantize_onnx(_reshape_model(), link, 4, external_data=True)
     assert link.is_symlink() and target.read_bytes() != b"old"
     np.testing.assert_array_equal(run(link, x), run(one, x))
     old = os.umask(0o022)
@@ -1632,7 +1692,7 @@ def test_external_output_follows_the_output_rules(tmp_path):
         out = tmp_path / "perm.onnx"
         out.write_bytes(b"x")
         out.chmod(0o640)
-        squant_rs.quantize_onnx(_gemm_model(), out, 4, external_data=True)
+        squant_rs.quantize_onnx(_reshape_model(), out, 4, external_data=True)
         assert stat.S_IMODE(out.stat().st_mode) == 0o640
         assert stat.S_IMODE((tmp_path / "perm.onnx.data").stat().st_mode) == 0o644
         np.testing.assert_array_equal(run(out, x), run(one, x))

@@ -40,7 +40,9 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX files and signals")
 
 
-def _model(width: int = 16) -> onnx.ModelProto:
+def _model(width: int = 64) -> onnx.ModelProto:
+    """Two Gemms; at the default width w0 quantized to 4 bits is 2 KiB, so
+    external data (tensors of 1 KiB or more) has a .data file."""
     rng = np.random.default_rng(0)
     w0 = rng.normal(0, 0.3, (width, width)).astype(np.float32)
     w1 = rng.normal(0, 0.3, (4, width)).astype(np.float32)
@@ -64,7 +66,7 @@ def _model(width: int = 16) -> onnx.ModelProto:
 
 
 def _run(path: Path) -> np.ndarray:
-    x = np.random.default_rng(1).random((2, 16), dtype=np.float32)
+    x = np.random.default_rng(1).random((2, 64), dtype=np.float32)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": x})[0]
 
@@ -241,7 +243,7 @@ def test_full_disk_keeps_the_earlier_pair(tmp_path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     ref = tmp_path / "ref.onnx"
-    squant_rs.quantize_onnx(_model(64), ref, 4, external_data=True)
+    squant_rs.quantize_onnx(_model(), ref, 4, external_data=True)
     need = os.path.getsize(f"{ref}.data")
     pages = -(-need // 4096) * 4096
 
@@ -257,17 +259,17 @@ def test_full_disk_keeps_the_earlier_pair(tmp_path) -> None:
         # (a) no earlier output: nothing is left
         fill(pages)
         with pytest.raises(OSError) as err:
-            squant_rs.quantize_onnx(_model(64), out, 4, external_data=True)
+            squant_rs.quantize_onnx(_model(), out, 4, external_data=True)
         assert os.listdir(mnt) == ["filler"]
         assert err.value.errno == errno.ENOSPC and err.value.filename == str(out)
         # (b) an earlier pair, its .data file held open (a server using it)
         (mnt / "filler").unlink()
-        squant_rs.quantize_onnx(_model(64), out, 8, external_data=True)
+        squant_rs.quantize_onnx(_model(), out, 8, external_data=True)
         old = _pair(out)
         with open(f"{out}.data", "rb"):
             fill(pages)
             with pytest.raises(OSError) as err:
-                squant_rs.quantize_onnx(_model(64), out, 4, external_data=True)
+                squant_rs.quantize_onnx(_model(), out, 4, external_data=True)
         assert err.value.errno == errno.ENOSPC
         assert _pair(out) == old and sorted(os.listdir(mnt)) == ["filler", "q.onnx", "q.onnx.data"]
         (mnt / "filler").unlink()

@@ -340,16 +340,12 @@ def _subgraph_reads(node: Any) -> set[str]:
     return out
 
 
-def _all_tensors(
-    model: Any, sparse: bool = True, initializers: bool = True, attributes: bool = True
-) -> Any:
+def _all_tensors(model: Any, sparse: bool = True) -> Any:
     """Every TensorProto ``model`` holds, in every graph (If / Loop / Scan
     bodies and model-local functions' included): initializers, the values
     and indices of sparse initializers, and node attributes' tensors
     (a Constant's ``value``, sparse ones too); with ``sparse=False`` none
-    of a sparse tensor's, with ``initializers=False`` or
-    ``attributes=False`` none of the (sparse) initializers or none of the
-    attributes' tensors."""
+    of a sparse tensor's."""
     graphs = list(_graphs(model.graph))
     node_lists = [g.node for g in graphs]
     for f in model.functions:
@@ -359,12 +355,12 @@ def _all_tensors(
                 for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
                     graphs.extend(_graphs(g))
                     node_lists.extend(sub.node for sub in _graphs(g))
-    for g in graphs if initializers else ():
+    for g in graphs:
         yield from g.initializer
         for sp in g.sparse_initializer if sparse else ():
             yield sp.values
             yield sp.indices
-    for nodes in node_lists if attributes else ():
+    for nodes in node_lists:
         for node in nodes:
             for a in node.attribute:
                 if a.HasField("t"):

@@ -23,7 +23,7 @@ def write_model(
     """Write ``model`` to ``path`` atomically through :func:`atomic_output`:
     one file below 2 GB of tensors (all of them: :func:`_over_2gb`), else
     the model plus ``<path>.data`` (:func:`_moved_tensors`: its tensors of
-    1 KiB or more, every initializer with ``external_data=True``), both
+    1 KiB or more; ``external_data`` forces either), both
     under the same output rules (symlinks followed, permissions kept,
     never the input model ``in_path`` or one of its ``data_files``) and
     both written and synced before either replaces its target (:func:`atomic_outputs`: the
@@ -34,7 +34,7 @@ def write_model(
     name = os.fspath(path)
     inputs = _input_files(in_path, data_files)
     external = _over_2gb(model) if external_data is None else external_data
-    moved = _moved_tensors(model, forced=bool(external_data)) if external else []
+    moved = _moved_tensors(model) if external else []
     if not moved:
         data = model.SerializeToString()
         with atomic_output(name, inputs=inputs) as out:
@@ -77,25 +77,19 @@ def _move_out(tensors: Sequence[Any], location: str, out: BinaryIO) -> int:
     return offset
 
 
-def _moved_tensors(model: Any, forced: bool) -> list[Any]:
+def _moved_tensors(model: Any) -> list[Any]:
     """The tensors :func:`write_model` moves to the ``.data`` file: those
     of 1 KiB or more (onnx.save_model's ``size_threshold``), initializers
     and node attributes' tensors (a Constant's value, ``convert_attribute``)
-    in every graph (If / Loop / Scan bodies, model-local functions); with
-    ``forced`` (``external_data=True``) every initializer of at least one
-    byte too. Smaller Constant values stay in the model whatever
-    ``forced`` says: torch's exporter makes them of the shapes and axes
-    Reshape / Unsqueeze / Slice read, and of If conditions, which
+    in every graph (If / Loop / Scan bodies, model-local functions), with
+    ``external_data=True`` as over 2 GB. Smaller ones stay in the model:
+    the shapes and axes Reshape / Unsqueeze / Slice read (initializers, or
+    Constants as torch's exporter makes them) and If conditions, which
     onnxruntime needs in the model itself ("Cannot parse data from
     external tensors"). Sparse tensors stay in the model: onnx's checker
     cannot read external ones, and onnx.save_model keeps them in the model
     too."""
-    least = 1 if forced else 1024
-    initializers = _all_tensors(model, sparse=False, attributes=False)
-    attributes = _all_tensors(model, sparse=False, initializers=False)
-    return [t for t in initializers if len(t.raw_data) >= least] + [
-        t for t in attributes if len(t.raw_data) >= 1024
-    ]
+    return [t for t in _all_tensors(model, sparse=False) if len(t.raw_data) >= 1024]
 
 
 def _check_output(

@@ -110,7 +110,8 @@ def quantize_onnx(
     Transpose, a reflect or edge Pad, a constant Pad inside the range,
     ...). Activations are uint8 (signed
     ranges with zero point 128). The output is one file unless its tensors
-    exceed 2 GB (then ``<out>.data`` too; ``external_data`` forces either);
+    exceed 2 GB (then ``<out>.data`` too, with the tensors of 1 KiB or
+    more; ``external_data`` forces either);
     it is written atomically, and the input is never modified.
 
     Returns:

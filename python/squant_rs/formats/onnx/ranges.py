@@ -272,7 +272,7 @@ def _observe(model: Any, tensors: list[str], feeds: dict[str, Any], threads: int
         import onnx
 
         # Over 2 GB, the tensors write_model moves out (Constant values too).
-        moved = _moved_tensors(probe, forced=False) if _over_2gb(probe) else []
+        moved = _moved_tensors(probe) if _over_2gb(probe) else []
         if moved:
             with open(path + ".data", "wb") as data:
                 _move_out(moved, os.path.basename(path) + ".data", data)
