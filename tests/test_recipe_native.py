@@ -58,7 +58,9 @@ def test_channel_dots_are_float64_row_dots() -> None:
         channel_dots([np.asfortranarray(mats[1])], [vecs[1]])
 
 
-@pytest.mark.parametrize("shape", [(16, 6, 3, 3), (10, 33), (12, 1, 5)])
+@pytest.mark.parametrize(
+    "shape", [(16, 6, 3, 3), (10, 33), (12, 1, 5), (7, 5), (13, 3, 3, 3), (1, 9), (6000, 3)]
+)
 @pytest.mark.parametrize("with_float", [False, True])
 def test_quantize_into_dots_are_channel_dots_bit_for_bit(
     shape: tuple[int, ...], with_float: bool

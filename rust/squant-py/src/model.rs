@@ -253,12 +253,30 @@ impl ChunkDots<'_> {
     /// `w_hat` (`g` elements per channel), with
     /// [`crate::stats::channel_dots`]'s arithmetic: the same bits.
     fn fill(self, w: &[f32], w_hat: &[f32], g: usize) {
-        let rows = w.chunks_exact(g).zip(w_hat.chunks_exact(g));
-        for (v, (row, row_hat)) in self.out.iter_mut().zip(rows) {
-            *v = match self.float {
-                None => crate::stats::dot_diff(row_hat, row, self.hat),
-                Some(f) => crate::stats::dot(row_hat, self.hat) - crate::stats::dot(row, f),
-            };
+        use crate::stats::{dot_diff, dot_diff_two, dot_two};
+        let hat = self.hat;
+        match self.float {
+            Some(f) => {
+                let rows = w.chunks_exact(g).zip(w_hat.chunks_exact(g));
+                for (v, (row, row_hat)) in self.out.iter_mut().zip(rows) {
+                    let (a, b) = dot_two(row_hat, hat, row, f);
+                    *v = a - b;
+                }
+            }
+            None => {
+                // Two channels a loop (independent sums, the same bits).
+                let pairs = w.chunks_exact(2 * g).zip(w_hat.chunks_exact(2 * g));
+                let mut outs = self.out.chunks_exact_mut(2);
+                for (o, (r, h)) in (&mut outs).zip(pairs) {
+                    (o[0], o[1]) = dot_diff_two(&h[..g], &r[..g], &h[g..], &r[g..], hat);
+                }
+                if let [last] = outs.into_remainder() {
+                    let n = w.len().min(w_hat.len());
+                    if n >= g {
+                        *last = dot_diff(&w_hat[n - g..n], &w[n - g..n], hat);
+                    }
+                }
+            }
         }
     }
 }

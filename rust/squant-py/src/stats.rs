@@ -73,6 +73,90 @@ pub(crate) fn dot_diff(a: &[f32], b: &[f32], v: &[f64]) -> f64 {
     dot_lanes(quads, tail, v)
 }
 
+/// `(dot(a, va), dot(b, vb))` for rows of one length, in one loop: the two
+/// sums' dependency chains interleave (twice the throughput of two calls
+/// on rows in cache), each with [`dot`]'s lanes and order: the same bits.
+pub(crate) fn dot_two(a: &[f32], va: &[f64], b: &[f32], vb: &[f64]) -> (f64, f64) {
+    if a.len() != b.len() {
+        return (dot(a, va), dot(b, vb));
+    }
+    let full = a.len() - a.len() % 4;
+    lanes_two(
+        a.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]),
+        a[full..].iter().copied(),
+        va,
+        b.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]),
+        b[full..].iter().copied(),
+        vb,
+    )
+}
+
+/// `(dot_diff(a1, b1, v), dot_diff(a2, b2, v))` for rows of one length, in
+/// one loop (see [`dot_two`]): the same bits as two calls.
+pub(crate) fn dot_diff_two(
+    a1: &[f32],
+    b1: &[f32],
+    a2: &[f32],
+    b2: &[f32],
+    v: &[f64],
+) -> (f64, f64) {
+    if a1.len() != a2.len() {
+        return (dot_diff(a1, b1, v), dot_diff(a2, b2, v));
+    }
+    let full = a1.len() - a1.len() % 4;
+    lanes_two(
+        diff_quads(a1, b1),
+        diff_tail(a1, b1, full),
+        v,
+        diff_quads(a2, b2),
+        diff_tail(a2, b2, full),
+        v,
+    )
+}
+
+/// The float32 differences `a[i] - b[i]` four at a time.
+fn diff_quads<'a>(a: &'a [f32], b: &'a [f32]) -> impl Iterator<Item = [f32; 4]> + 'a {
+    a.chunks_exact(4)
+        .zip(b.chunks_exact(4))
+        .map(|(x, y)| [x[0] - y[0], x[1] - y[1], x[2] - y[2], x[3] - y[3]])
+}
+
+/// The float32 differences `a[i] - b[i]` from `full` on.
+fn diff_tail<'a>(a: &'a [f32], b: &'a [f32], full: usize) -> impl Iterator<Item = f32> + 'a {
+    a[full..].iter().zip(&b[full..]).map(|(x, y)| x - y)
+}
+
+/// Two [`dot_lanes`] in one loop (the quads of both rows equal in number).
+#[inline(always)]
+fn lanes_two(
+    q1: impl Iterator<Item = [f32; 4]>,
+    t1: impl Iterator<Item = f32>,
+    v1: &[f64],
+    q2: impl Iterator<Item = [f32; 4]>,
+    t2: impl Iterator<Item = f32>,
+    v2: &[f64],
+) -> (f64, f64) {
+    let mut s = [0.0f64; 4];
+    let mut u = [0.0f64; 4];
+    let (w1, w2) = (v1.chunks_exact(4), v2.chunks_exact(4));
+    let (r1, r2) = (w1.remainder(), w2.remainder());
+    for ((a, x), (b, y)) in q1.zip(w1).zip(q2.zip(w2)) {
+        for k in 0..4 {
+            s[k] += f64::from(a[k]) * x[k];
+            u[k] += f64::from(b[k]) * y[k];
+        }
+    }
+    let mut first = (s[0] + s[1]) + (s[2] + s[3]);
+    for (e, w) in t1.zip(r1) {
+        first += f64::from(e) * w;
+    }
+    let mut second = (u[0] + u[1]) + (u[2] + u[3]);
+    for (e, w) in t2.zip(r2) {
+        second += f64::from(e) * w;
+    }
+    (first, second)
+}
+
 /// The shared body: lane `k` of the accumulator adds the products of the
 /// elements `4 i + k` in order (no reassociation, so the compiler keeps the
 /// four lanes in one vector register), then the lanes are added as
@@ -316,7 +400,7 @@ pub fn scale_channels<'py>(
 
 #[cfg(test)]
 mod tests {
-    use super::{cdf, dot, dot_diff};
+    use super::{cdf, dot, dot_diff, dot_diff_two, dot_two};
 
     #[test]
     fn dot_sums_in_f64() {
@@ -328,6 +412,29 @@ mod tests {
         let ones = vec![1.0f32; 11];
         let diff: Vec<f32> = row.iter().map(|a| a - 1.0).collect();
         assert_eq!(dot_diff(&row, &ones, &v), dot(&diff, &v));
+    }
+
+    #[test]
+    fn paired_dots_are_single_dots_bit_for_bit() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state % 20001) as f64 - 10000.0) * 1e-3 * (1 + state % 97) as f64
+        };
+        for n in 0..19 {
+            let mut row = || (0..n).map(|_| next() as f32).collect::<Vec<f32>>();
+            let (a, b, c, d) = (row(), row(), row(), row());
+            let mut vec = || (0..n).map(|_| next()).collect::<Vec<f64>>();
+            let (va, vb) = (vec(), vec());
+            let (x, y) = dot_two(&a, &va, &b, &vb);
+            assert_eq!(x.to_bits(), dot(&a, &va).to_bits(), "n = {n}");
+            assert_eq!(y.to_bits(), dot(&b, &vb).to_bits(), "n = {n}");
+            let (x, y) = dot_diff_two(&a, &b, &c, &d, &va);
+            assert_eq!(x.to_bits(), dot_diff(&a, &b, &va).to_bits(), "n = {n}");
+            assert_eq!(y.to_bits(), dot_diff(&c, &d, &va).to_bits(), "n = {n}");
+        }
     }
 
     #[test]
