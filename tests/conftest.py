@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import zlib
 
@@ -138,3 +139,13 @@ def x_of(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray
     w3 = w32.reshape(oc, ic, -1)
     prod = (scale.astype(np.float32)[:, None, None] * w3).astype(np.float32)
     return (prod - zero_point.astype(np.float32)[:, None, None]).astype(np.float32)
+
+
+def default_signal_handlers() -> None:
+    """``preexec_fn`` of the signal tests' child processes: the default
+    SIGHUP / SIGTERM / SIGINT dispositions, whatever the test run inherited
+    (``nohup`` ignores SIGHUP, and an ignored signal stays ignored in the
+    children, which then never see what the tests send)."""
+    for name in ("SIGHUP", "SIGTERM", "SIGINT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)

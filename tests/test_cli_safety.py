@@ -27,6 +27,8 @@ from squant_rs.cli import OUTPUT_FORMATS, Progress, build_parser, main, printabl
 from squant_rs.formats.output import atomic_output, check_output
 from squant_rs.formats.safetensors import RawTensor, write_safetensors
 
+from conftest import default_signal_handlers
+
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -274,6 +276,7 @@ def test_signal_during_write_removes_the_temporary_file(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_signal_handlers,
     )
     try:
         assert p.stdout is not None and p.stdout.readline() == "writing\n"

@@ -33,6 +33,8 @@ from squant_rs.formats.safetensors import (
     write_safetensors,
 )
 
+from conftest import default_signal_handlers
+
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -483,6 +485,7 @@ def test_signal_removes_the_temporary_directory(tmp_path, what: str, sig: str) -
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=default_signal_handlers,
     )
     try:
         assert p.stdout is not None and p.stdout.readline() == "ready\n", p.stderr

@@ -23,6 +23,8 @@ from squant_rs.formats.safetensors import (
     write_safetensors,
 )
 
+from conftest import default_signal_handlers
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -355,6 +357,7 @@ def test_signal_removes_the_temporary_file(tmp_path, squant_bin: str, sig: str) 
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=default_signal_handlers,
         )
         deadline = time.monotonic() + 60
         while not any(n.endswith(".tmp") for n in os.listdir(tmp_path)):
