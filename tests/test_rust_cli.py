@@ -1572,3 +1572,53 @@ def test_long_output_names_like_python(tmp_path, squant_bin: str) -> None:
         assert r.returncode == 0, (argv, r.stderr)
         assert sorted(os.listdir(out)) == ["model.safetensors.index.json", "s0.safetensors"]
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []
+
+
+def _file_size_limit() -> None:
+    """``preexec_fn``: a 50 KiB file-size limit with SIGXFSZ's default
+    action (what a shell's ``ulimit -f 50`` gives; Python itself starts
+    with SIGXFSZ ignored, and children inherit that)."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50 * 1024, resource.RLIM_INFINITY))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="POSIX file-size limit")
+def test_file_size_limit_is_an_error_that_leaves_nothing(tmp_path, squant_bin: str) -> None:
+    """Past `ulimit -f`, both CLIs report 'File too large' (status 2) and
+    leave no partial or temporary file. (The Rust CLI was killed by SIGXFSZ,
+    status 153, and left a partial .tmp file or temporary directory.)"""
+    src = tmp_path / "in.safetensors"
+    w = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)
+    write_safetensors(src, {"l.weight": RawTensor.from_numpy(w)})
+    _sharded_input(tmp_path / "ck", rows=256, cols=1024)
+    before = sorted(os.listdir(tmp_path))
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        for inp, out in (("in.safetensors", "q.safetensors"), ("ck", "qdir")):
+            r = subprocess.run(
+                [*argv, "quantize", "-q", inp, out],
+                capture_output=True,
+                text=True,
+                cwd=tmp_path,
+                preexec_fn=_file_size_limit,
+            )
+            assert r.returncode == 2, (argv, inp, r.returncode, r.stderr)
+            assert _message(r.stderr).startswith("File too large: "), (argv, r.stderr)
+            assert sorted(os.listdir(tmp_path)) == before, (argv, inp)
+
+
+def test_sharded_output_that_is_a_file_is_named_so(tmp_path, squant_bin: str) -> None:
+    """A regular file given as the output directory of a sharded input is
+    refused as not a directory (it was called 'not empty'), untouched."""
+    _sharded_input(tmp_path / "ck")
+    (tmp_path / "outfile").write_bytes(b"mine")
+    for argv in ([squant_bin], [sys.executable, "-m", "squant_rs"]):
+        r = subprocess.run(
+            [*argv, "quantize", "-q", "ck", "outfile"], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert r.returncode == 2, (argv, r.stderr)
+        assert _message(r.stderr) == (
+            "output directory exists and is not a directory: outfile\n"
+        ), argv
+        assert (tmp_path / "outfile").read_bytes() == b"mine"

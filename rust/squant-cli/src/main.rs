@@ -1194,7 +1194,23 @@ fn install_signal_handlers() {
     let _ = ctrlc::set_handler(|| on_interrupt(None));
 }
 
+/// A write past the file-size limit (`ulimit -f`) fails with `EFBIG`, an
+/// ordinary error that removes the temporary output, instead of killing
+/// the process by SIGXFSZ with the partial file left behind (Python ignores
+/// SIGXFSZ at start-up, so the Python CLI already behaved so).
+#[cfg(unix)]
+fn ignore_file_size_signal() {
+    // SAFETY: a plain system call setting a disposition.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+#[cfg(not(unix))]
+fn ignore_file_size_signal() {}
+
 fn main() -> ExitCode {
+    ignore_file_size_signal();
     install_signal_handlers();
     let cli = match Cli::try_parse() {
         Ok(c) => c,

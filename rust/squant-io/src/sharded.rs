@@ -485,6 +485,12 @@ pub fn quantize_sharded(
     } else {
         None
     };
+    if out_dir.exists() && !out_dir.is_dir() {
+        return Err(IoError::InvalidArgument(format!(
+            "output directory exists and is not a directory: {}",
+            crate::error::show_path(out_dir)
+        )));
+    }
     if out_dir.exists() {
         if out_dir.is_dir() {
             remove_leftovers(out_dir)?;
