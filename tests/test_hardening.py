@@ -263,6 +263,43 @@ def _hand_made_cases() -> dict[str, tuple[object, type, str]]:
             r"QuantizedTensor\.codes must lie in \[-8, 7\] at bits=4: output channel 2 holds "
             r"codes in \[-9, -?\d+\]",
         ),
+        # scales and zero points that overflow nothing were called "too large
+        # to quantize in float32"; sparse fields failed inside torch
+        "negative scale": (
+            QT(
+                q.codes,
+                np.where(np.arange(6) == 3, -1.0, q.scale).astype(np.float32),
+                q.zero_point,
+                4,
+                "squant",
+                f32,
+                0,
+                0,
+            ),
+            squant_rs.WeightRangeError,
+            r"^output channel 3: scale -1\.0 is not a positive finite number$",
+        ),
+        "zero torch scale": (
+            QT(t.codes, t.scale * 0, t.zero_point, 4, "squant", t.dtype, 0, 0),
+            squant_rs.WeightRangeError,
+            r"^output channel 0: scale 0\.0 is not a positive finite number$",
+        ),
+        "nan zero point": (
+            QT(q.codes, q.scale, np.full(6, np.nan, np.float32), 4, "squant", f32, 0, 0),
+            squant_rs.WeightRangeError,
+            r"^output channel 0: zero point nan is not finite$",
+        ),
+        "sparse torch codes": (
+            QT(t.codes.to_sparse(), t.scale, t.zero_point, 4, "squant", t.dtype, 0, 0),
+            err,
+            r"QuantizedTensor\.codes must be a dense \(strided\) tensor, got layout "
+            r"torch\.sparse_coo",
+        ),
+        "sparse torch scale": (
+            QT(t.codes, t.scale.to_sparse(), t.zero_point, 4, "squant", t.dtype, 0, 0),
+            err,
+            r"QuantizedTensor\.scale must be a dense \(strided\) tensor",
+        ),
     }
 
 

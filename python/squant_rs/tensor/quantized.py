@@ -276,6 +276,15 @@ def check_fields(qt: QuantizedTensor) -> None:
         raise InvalidArgumentError(
             "QuantizedTensor.codes is a meta tensor: it has no values to dequantize"
         )
+    if kind == "torch tensor":
+        import torch
+
+        for name in ("codes", "scale", "zero_point"):
+            layout = getattr(qt, name).layout
+            if layout != torch.strided:
+                raise InvalidArgumentError(
+                    f"QuantizedTensor.{name} must be a dense (strided) tensor, got layout {layout}"
+                )
     if not dtype_ok:
         raise UnsupportedDtypeError(
             f"QuantizedTensor.dtype must be {dtypes} (the output dtype), got {qt.dtype!r}"
@@ -351,7 +360,9 @@ def check_grid(scale: Any, zero_point: Any, bits: int, dtype: Any) -> None:
             ok &= reach - np.float32(1) / s <= fmax
     if not ok.all():
         o = int(np.argmin(ok))
-        raise grid_error(o, dtype, float(reach[o]))
+        raise grid_error(
+            o, dtype, float(reach[o]), float(s.reshape(-1)[o]), float(z.reshape(-1)[o])
+        )
 
 
 _CHANNEL = re.compile(r"output channel (\d+)")

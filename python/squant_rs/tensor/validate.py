@@ -180,10 +180,27 @@ def dtype_max(dtype: object) -> float:
     return _DTYPE_MAX.get(dtype_name(dtype), math.inf)
 
 
-def grid_error(channel: int, dtype: object, reach: float) -> WeightRangeError:
+def grid_error(
+    channel: int,
+    dtype: object,
+    reach: float,
+    scale: float | None = None,
+    zero_point: float | None = None,
+) -> WeightRangeError:
     """The error for an output channel whose dequantization grid (the values
     ``(q + z) / s`` for every code ``q``) is not finite in the output dtype:
-    the Rust core's message for float32, a dtype-specific one otherwise."""
+    the Rust core's message for float32, a dtype-specific one otherwise.
+    ``scale`` / ``zero_point``: the channel's (float32) values where known:
+    a scale that is not positive and finite, or a zero point that is not
+    finite, is named as such (a hand-made tensor; nothing overflowed)."""
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        return WeightRangeError(
+            f"output channel {channel}: scale {scale!r} is not a positive finite number"
+        )
+    if zero_point is not None and not math.isfinite(zero_point):
+        return WeightRangeError(
+            f"output channel {channel}: zero point {zero_point!r} is not finite"
+        )
     name = dtype_name(dtype)
     if math.isinf(dtype_max(dtype)) or not math.isfinite(reach):
         return WeightRangeError(

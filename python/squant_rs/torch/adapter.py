@@ -135,7 +135,7 @@ def check_grid_torch(scale: torch.Tensor, zp: torch.Tensor, bits: int, dtype: An
         ok &= reach - torch.div(torch.tensor(1.0), s32) <= fmax  # as numpy's 1 / s
     if not bool(ok.all()):
         o = int((~ok).nonzero()[0, 0])
-        raise grid_error(o, dtype, float(reach[o]))
+        raise grid_error(o, dtype, float(reach[o]), float(s32[o]), float(z32[o]))
 
 
 #: Lower bound of the torch backend's working memory per element (float32
