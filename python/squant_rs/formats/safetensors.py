@@ -645,6 +645,9 @@ def save_quantized(
                 "include applies to state dicts; for a model use skip= (module name patterns)"
             )
         model: nn.Module = model_or_state_dict  # type: ignore[assignment]
+        from ..model.pipeline import check_float_model
+
+        check_float_model(model, "save_quantized")
         plan = plan_layers(model, patterns, stacklevel=2)
         layers, skipped, notes = plan.chosen, plan.skipped, plan.notes
         chosen = {id(module.weight) for _, module in layers}

@@ -683,6 +683,32 @@ def _deepcopy(
         ) from exc
 
 
+def check_float_model(model: nn.Module, what: str) -> None:
+    """Raise where ``model`` is already quantized: the model
+    :func:`quantize_model` returned (its ``squant_report`` attribute), or a
+    model carrying squant activation quantizers. ``what`` (e.g.
+    ``"save_quantized"``) quantizes float models: its weights would be
+    quantized a second time, and activation quantizers (forward pre-hooks)
+    are in no file it writes.
+
+    Raises:
+        InvalidArgumentError: naming what was found.
+    """
+    hooked = bool(activation_quantizers(model))
+    if "squant_report" in vars(model):
+        found = "is the output of quantize_model (its weights are quantized already)"
+    elif hooked:
+        found = "carries squant activation quantizers (it was quantized with abits)"
+    else:
+        return
+    lost = " and its activation quantizers lost" if hooked else ""
+    raise InvalidArgumentError(
+        f"model {found}: {what} quantizes a float model, so its weights would be "
+        f"quantized a second time{lost}; pass the float model to {what}, or keep the "
+        f"quantized one with torch.save"
+    )
+
+
 def activation_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:
     """The :class:`ActivationQuantizer` hooks of a quantized model, by layer
     name (an attention's: ``<attention>.in_proj``, the layer it quantizes

@@ -128,7 +128,12 @@ def export_onnx(
     import torch
 
     from ...model.layers import check_not_shared, check_patterns
-    from ...model.pipeline import _deepcopy, activation_quantizers, quantize_model
+    from ...model.pipeline import (
+        _deepcopy,
+        activation_quantizers,
+        check_float_model,
+        quantize_model,
+    )
     from ...model.recipe import RECIPES, _check_choice
 
     out = _check_output(path, None, (), external_data)
@@ -142,6 +147,7 @@ def export_onnx(
     if abits is not None and len(inputs) > 1:
         raise InvalidArgumentError(_several_inputs_message(inputs))
     _check_not_wrapped(model)
+    check_float_model(model, "export_onnx")
     _check_float32(model, inputs)
     kwargs: dict[str, Any] = {
         "quantizer": quantizer,
