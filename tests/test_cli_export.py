@@ -161,7 +161,10 @@ def _bad_cases(tmp_path, w):
             ["export_models:small", "o.onnx", "--abits", "8", "--quantize-input", "1,2"],
             "LO <= 0 <= HI",
         ),
-        "ik needs abits": (["export_models:small", "o.onnx", "--integer-kernels"], "need --abits"),
+        "ik needs abits": (
+            ["export_models:small", "o.onnx", "--integer-kernels"],
+            "--integer-kernels needs --abits",
+        ),
         "float16": (["export_models:half", "o.onnx", *shape], "needs a float32 model"),
         "batch dim beyond the shape": (
             ["export_models:small", "o.onnx", *shape, "--batch-dim", "4"],
@@ -281,14 +284,14 @@ def _cli_stderr(tmp_path, *argv: str) -> tuple[int, str]:
     return r.returncode, r.stderr
 
 
-def _float_onnx(path) -> None:
-    """A float ONNX model of two Gemms (layers 'g0' and 'g1')."""
+def _float_onnx(path, prefix: str = "") -> None:
+    """A float ONNX model of two Gemms (layers 'g0' and 'g1', after ``prefix``)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     nodes = [
-        helper.make_node("Gemm", ["x", "w0"], ["h"], name="g0", transB=1),
-        helper.make_node("Gemm", ["h", "w1"], ["y"], name="g1", transB=1),
+        helper.make_node("Gemm", ["x", "w0"], ["h"], name=f"{prefix}g0", transB=1),
+        helper.make_node("Gemm", ["h", "w1"], ["y"], name=f"{prefix}g1", transB=1),
     ]
     inits = [
         numpy_helper.from_array(rng.normal(0, 0.3, (6, 8)).astype(np.float32), "w0"),
@@ -433,3 +436,70 @@ def test_export_batch_dim(tmp_path, capsys):
     assert main([*args, "--batch-dim", "1"]) == 0
     y = np.random.default_rng(5).random((7, 3, 16), dtype=np.float32)
     assert run(out, y).shape == (7, 3, 16)
+
+
+def test_onnx_quantize_and_export_print_names_and_paths_escaped(tmp_path, capsys):
+    """ONNX quantize and export print layer names and the output path with
+    control characters escaped, as the safetensors path does: they printed
+    them raw (an ESC in a node name or OUT reached the terminal, a newline in
+    OUT split the summary line)."""
+    _float_onnx(tmp_path / "f.onnx", prefix="\x1b[32m")
+    assert main(["quantize", str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[32mg0" in out and "\\x1b[32mg1" in out, out
+    odd = tmp_path / "o\x1b[31m\n.onnx"
+    assert main(["quantize", str(tmp_path / "f.onnx"), str(odd)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{tmp_path}/o\\x1b[31m\\n.onnx: 2 layers") and out.count("\n") == 1
+    odd = tmp_path / "e\x1b[31m\n.onnx"
+    shape = ["--input-shape", "1,3,8,8"]
+    assert main(["export", "export_models:small", str(odd), *shape]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{tmp_path}/e\\x1b[31m\\n.onnx: ") and out.count("\n") == 1, out
+
+
+def test_activation_options_without_abits_are_named_in_cli_words(tmp_path, capsys):
+    """ONNX quantize with --integer-kernels or --quantize-input but no
+    --abits names the options given, as export does: it said
+    'integer_kernels=True needs abits' (the Python API's words)."""
+    _float_onnx(tmp_path / "f.onnx")
+    said = {
+        ("--integer-kernels",): "--integer-kernels needs --abits",
+        ("--quantize-input",): "--quantize-input needs --abits",
+        ("--integer-kernels", "--quantize-input"): (
+            "--integer-kernels and --quantize-input need --abits"
+        ),
+    }
+    for opts, msg in said.items():
+        for argv in (
+            ["quantize", str(tmp_path / "f.onnx"), str(tmp_path / "o.onnx")],
+            ["export", "export_models:small", str(tmp_path / "o.onnx")],
+        ):
+            assert main([*argv, *opts]) == 2
+            err = capsys.readouterr().err
+            assert err == f"squant-rs: error: {msg} (quantized activations)\n", (argv, err)
+    assert os.listdir(tmp_path) == ["f.onnx"]
+
+
+def test_an_onnx_output_needs_an_onnx_input(tmp_path, capsys, monkeypatch):
+    """A safetensors file or a sharded directory quantized to an .onnx
+    output is refused saying the output needs an ONNX input, as the Rust
+    CLI names the output: it said 'ONNX input needs an .onnx output (and the
+    other way round)' of an input that is not ONNX."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    for src in ("m.safetensors", "."):
+        assert main(["quantize", src, "o.onnx"]) == 2
+        assert capsys.readouterr().err == (
+            "squant-rs: error: output o.onnx: an ONNX model: quantize writes one from an ONNX "
+            f"input only ({src} is not one; squant-rs export makes one from a torch model)\n"
+        )
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_export_help_says_the_default_of_batch_dim_once(capsys):
+    """``export --help`` said '(default: 0) (default: 0)' of --batch-dim."""
+    assert main(["export", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "none: static shapes (default: 0) --" in text, text
+    assert text.count("(default: 0)") == 1, text

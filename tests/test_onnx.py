@@ -2748,7 +2748,8 @@ def test_upper_case_onnx_extension(tmp_path, capsys):
         np.testing.assert_array_equal(run(tmp_path / name, x), run(want, x))
     assert main(["quantize", str(src), str(tmp_path / "q.safetensors")]) == 2
     err = capsys.readouterr().err
-    assert err == "squant-rs: error: ONNX input needs an .onnx output (and the other way round)\n"
+    want = f"ONNX input needs an .onnx output (got {tmp_path / 'q.safetensors'})"
+    assert err == f"squant-rs: error: {want}\n"
 
 
 def test_a_file_named_dot_onnx_is_onnx(tmp_path, capsys, monkeypatch):

@@ -503,13 +503,19 @@ def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
     from .formats.onnx import quantize_onnx
     from .formats.onnx.ranges import cli_spelling
 
-    if not _is_onnx(args.output) or not _is_onnx(args.input):
-        raise CliError("ONNX input needs an .onnx output (and the other way round)")
+    if not _is_onnx(args.input):
+        raise CliError(
+            f"output {args.output}: an ONNX model: quantize writes one from an ONNX input only "
+            f"({args.input} is not one; squant-rs export makes one from a torch model)"
+        )
+    if not _is_onnx(args.output):
+        raise CliError(f"ONNX input needs an .onnx output (got {args.output})")
     if args.include:
         raise CliError("--include applies to safetensors/torch inputs; use --skip for ONNX")
     input_shape = _onnx_input_shape(args.input_shape)
     if input_shape is not None and args.abits is None:
         raise CliError("--input-shape needs --abits (it is the calibration batch's shape)")
+    _check_abits_options(args)
     _require_onnx(args.wbits, runtime=args.abits is not None)
     with _thread_count(args.threads) as threads, _warnings_as_lines(), cli_spelling():
         report = quantize_onnx(
@@ -526,10 +532,26 @@ def _cmd_quantize_onnx(args: argparse.Namespace) -> int:
             quantize_input=args.quantize_input,
         )
     if args.verbose:
-        print(report)
+        print(_printable_report(report))
     elif not args.quiet:
-        print(f"{args.output}: {report.summary()}")
+        print(f"{printable(args.output)}: {report.summary()}")
     return 0
+
+
+def _check_abits_options(args: argparse.Namespace) -> None:
+    """``--integer-kernels`` and ``--quantize-input`` without ``--abits``:
+    refused in the options' words (not the Python API's)."""
+    given = [
+        name
+        for name, on in (
+            ("--integer-kernels", args.integer_kernels),
+            ("--quantize-input", args.quantize_input is not False),
+        )
+        if on
+    ]
+    if given and args.abits is None:
+        need = "needs" if len(given) == 1 else "need"
+        raise CliError(f"{' and '.join(given)} {need} --abits (quantized activations)")
 
 
 def _input_range(text: str) -> tuple[float, float]:
@@ -691,8 +713,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.weights and os.path.exists(out) and os.path.samefile(out, args.weights):
         raise CliError(f"output path equals the input path: {out}")
     check_output(out, inputs=[p for p in inputs if os.path.exists(p)])
-    if (args.integer_kernels or args.quantize_input is not False) and args.abits is None:
-        raise CliError("--integer-kernels and --quantize-input need --abits")
+    _check_abits_options(args)
     rank = len(args.input_shape)
     if args.batch_dim is not None and not -rank <= args.batch_dim < rank:
         raise CliError(
@@ -705,9 +726,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     with _warnings_as_lines():
         report = _export_model(args)
     if args.verbose:
-        print(report)
+        print(_printable_report(report))
     elif not args.quiet:
-        print(f"{out}: {report.summary()}")
+        print(f"{printable(out)}: {report.summary()}")
     return 0
 
 
@@ -1186,7 +1207,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N|none",
         help="the dimension of the input the ONNX model takes at any size, e.g. 1 for a "
-        "sequence-first (L,N,E) input; none: static shapes (default: 0)",
+        "sequence-first (L,N,E) input; none: static shapes",
     )
     _add_quantizer_options(e, quantizer=True)
     e.add_argument(
