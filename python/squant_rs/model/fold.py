@@ -686,29 +686,23 @@ def _fold_writes(
 
 
 @functools.cache
-def _module_fields() -> frozenset[str]:
-    """The instance attributes every ``nn.Module`` has (its registries,
-    hooks and ``training``)."""
+def _module_fields() -> dict[str, Any]:
+    """The instance fields every fresh ``nn.Module`` has (its registries,
+    hooks and ``training``), by name, with their initial values
+    (``nn.Identity()`` sets no others)."""
     from torch import nn
 
-    return frozenset(vars(nn.Module()))
+    return dict(vars(nn.Module()))
 
 
 def _fresh_module_fields() -> dict[str, Any]:
-    """The instance fields ``nn.Identity()`` sets, each registry (dict, set,
-    list) a new empty copy: what a fresh module has, without the ~10 us of
+    """:func:`_module_fields` with each registry (dict, set, list) a new
+    empty copy: what a fresh module has, without the ~10 us of
     ``nn.Module.__init__``."""
     return {
         k: (type(v)() if isinstance(v, (dict, set, list)) else v)
-        for k, v in _identity_fields().items()
+        for k, v in _module_fields().items()
     }
-
-
-@functools.cache
-def _identity_fields() -> dict[str, Any]:
-    from torch import nn
-
-    return dict(vars(nn.Identity()))
 
 
 def _stand_in(bn: nn.Module) -> nn.Module:

@@ -1324,6 +1324,18 @@ class RecipePlan:
             return None
         return s
 
+    def expected_input(
+        self, name: str, stats: ChannelStats, quantizer: ActivationQuantizer | None
+    ) -> np.ndarray | None:
+        """``E[Q(x)]`` of layer ``name``'s input (``stats``) where
+        ``quantizer`` quantizes it (:func:`prepare_bias_correction`'s value,
+        else computed), ``None`` where the input stays float."""
+        if not _quantizes(quantizer):
+            return None
+        assert quantizer is not None
+        eq = self.expected_q.get(name)
+        return expected_quantized(stats, quantizer) if eq is None else eq
+
     def correction_stats(self, name: str, module: Any) -> ChannelStats | None:
         """:meth:`input_stats` where ``module``'s bias may be corrected
         (it has none, or no other module holds it, and it is not
@@ -1496,11 +1508,8 @@ def fused_shift_vectors(
     ):
         return None
     mean = stats.mean()
-    if _quantizes(quantizer):
-        assert quantizer is not None
-        eq = plan.expected_q.get(name)
-        if eq is None:
-            eq = expected_quantized(stats, quantizer)
+    eq = plan.expected_input(name, stats, quantizer)
+    if eq is not None:
         return _row_vector(rows, eq), _row_vector(rows, mean)
     return _row_vector(rows, mean), None
 
@@ -1542,11 +1551,8 @@ def compute_bias_shifts(
             continue
         mean = stats.mean()
         values: list[int | np.ndarray] = []
-        if _quantizes(quantizer):
-            assert quantizer is not None
-            eq = plan.expected_q.get(name)
-            if eq is None:
-                eq = expected_quantized(stats, quantizer)
+        eq = plan.expected_input(name, stats, quantizer)
+        if eq is not None:
             # shift = W_q . E[Q(x)] - W . E[x]
             for w, vec in ((w_hat, eq), (w_float, mean)):
                 rows = _native_rows(module, w)
@@ -1596,11 +1602,8 @@ def apply_bias_correction(
         shift_bias(module, shift, w_hat)
         return True
     mean = stats.mean()
-    if _quantizes(quantizer):
-        assert quantizer is not None
-        eq = plan.expected_q.get(name)
-        if eq is None:
-            eq = expected_quantized(stats, quantizer)
+    eq = plan.expected_input(name, stats, quantizer)
+    if eq is not None:
         shift = channel_dot(module, w_hat, eq) - channel_dot(module, w_float, mean)
         shift_bias(module, shift, w_hat)
     else:
