@@ -27,6 +27,18 @@ def _randomize_bn(model: nn.Module, seed: int) -> None:
                     m.bias.copy_(torch.randn(n, generator=gen))
 
 
+def _pairs_by_both_tracers(model: nn.Module) -> tuple[list[tuple[str, str]], ...]:
+    """The (layer, BN) pairs folding would take, from the capture's graph
+    and from torch.fx's."""
+    from squant_rs.model import capture
+    from squant_rs.model.fold import _fx_pairs, trace_fx
+
+    modules = dict(model.named_modules())
+    fx_graph = trace_fx(model)
+    assert fx_graph is not None
+    return _fx_pairs(model, capture.capture(model), modules), _fx_pairs(model, fx_graph, modules)
+
+
 def _assert_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
     err = float((a.double() - b.double()).norm() / b.double().norm())
     assert err <= rel, err
@@ -573,17 +585,10 @@ def test_fold_skips_a_layer_whose_weight_the_graph_reads(read: str) -> None:
     them directly (a tied decoder) got the folded values (W8 error 5.49
     instead of 0.005). Such a layer is not folded, by the capture and by
     torch.fx alike."""
-    from squant_rs.model import capture
-    from squant_rs.model.fold import _fx_pairs, trace_fx
-
     torch.manual_seed(0)
     model = TiedAutoencoder(read).eval()
     _randomize_bn(model, 1)
-    modules = dict(model.named_modules())
-    fx_graph = trace_fx(model)
-    assert fx_graph is not None
-    assert _fx_pairs(model, capture.capture(model), modules) == []
-    assert _fx_pairs(model, fx_graph, modules) == []
+    assert _pairs_by_both_tracers(model) == ([], [])
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         ref = model(x)
@@ -623,17 +628,10 @@ def test_a_metadata_read_of_a_weight_keeps_the_fold(how: str) -> None:
     """Only reads of values block folding and bias correction: a forward
     that reads a weight's dtype or shape, or has an unused attribute node,
     sees nothing folding writes (capture and torch.fx alike)."""
-    from squant_rs.model import capture
-    from squant_rs.model.fold import _fx_pairs, trace_fx
-
     torch.manual_seed(0)
     model = ReadsMetadata(how).eval()
     _randomize_bn(model, 1)
-    modules = dict(model.named_modules())
-    fx_graph = trace_fx(model)
-    assert fx_graph is not None
-    assert _fx_pairs(model, capture.capture(model), modules) == [("conv1", "bn1")]
-    assert _fx_pairs(model, fx_graph, modules) == [("conv1", "bn1")]
+    assert _pairs_by_both_tracers(model) == ([("conv1", "bn1")], [("conv1", "bn1")])
     _, rep = squant_rs.quantize_model(
         model, 8, input_shape=(2, 3, 8, 8), recipe="squant+", return_report=True
     )
@@ -662,17 +660,10 @@ class ReadsBN(nn.Module):
 def test_fold_skips_a_bn_whose_tensors_the_graph_reads(read: str) -> None:
     """The folded model crashed ('Identity' object has no attribute
     'weight'); a BN whose tensors the graph reads is not folded."""
-    from squant_rs.model import capture
-    from squant_rs.model.fold import _fx_pairs, trace_fx
-
     torch.manual_seed(0)
     model = ReadsBN(read).eval()
     _randomize_bn(model, 1)
-    modules = dict(model.named_modules())
-    fx_graph = trace_fx(model)
-    assert fx_graph is not None
-    assert _fx_pairs(model, capture.capture(model), modules) == []
-    assert _fx_pairs(model, fx_graph, modules) == []
+    assert _pairs_by_both_tracers(model) == ([], [])
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         ref = model(x)

@@ -195,6 +195,20 @@ def test_scale_channels_refuses_outputs_it_cannot_write() -> None:
     assert (out == 2.0).all()
 
 
+def _randomize_bns(model: object) -> None:
+    """Running statistics and affine parameters away from their defaults on
+    every BatchNorm2d of ``model``, from torch's global generator."""
+    from torch import nn
+
+    assert isinstance(model, nn.Module)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 1.0)
+
+
 @pytest.mark.parametrize("abits", [None, 8])
 def test_pipeline_native_dots_match_einsum_path(
     abits: int | None, monkeypatch: pytest.MonkeyPatch
@@ -223,12 +237,7 @@ def test_pipeline_native_dots_match_einsum_path(
         nn.Flatten(),
         nn.Linear(12 * 6 * 6, 5),
     ).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 1.0)
+    _randomize_bns(model)
     kw = {"recipe": "squant+", "input_shape": (2, 3, 6, 6), "backend": "rust"}
     native = squant_rs.quantize_model(model, 3, abits, **kw).state_dict()
     monkeypatch.setattr(recipe, "_native_rows", lambda module, w: None)
@@ -271,12 +280,7 @@ def test_pipeline_fused_shifts_equal_the_separate_pass(
         nn.Flatten(),
         nn.Linear(12, 5),
     ).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 1.0)
+    _randomize_bns(model)
     kw = {"recipe": "squant+", "input_shape": (2, 3, 6, 6), "backend": "rust"}
     calls: list[object] = []
     real = pipeline.fused_shift_vectors
@@ -323,11 +327,7 @@ def test_pipeline_fused_shifts_use_the_float_weight_not_its_clipped_copy(
         nn.Flatten(),
         nn.Linear(16, 10),
     ).eval()
-    bn = model[1]
-    bn.running_mean.uniform_(-1, 1)
-    bn.running_var.uniform_(0.5, 2)
-    bn.weight.data.uniform_(0.5, 1.5)
-    bn.bias.data.uniform_(-0.5, 1.0)
+    _randomize_bns(model)
     kw = {"recipe": "squant+", "input_shape": (2, 3, 6, 6), "backend": "rust"}
     fused, rep = squant_rs.quantize_model(model, 4, abits, return_report=True, **kw)
     assert rep.layers[-1].clip_ratio < 1.0 and rep.layers[-1].bias_corrected
