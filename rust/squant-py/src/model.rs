@@ -237,7 +237,7 @@ struct Chunk<'a> {
 }
 
 /// A weight's dot-product vectors as slices.
-type DotSegments<'a> = (&'a [f64], Option<&'a [f64]>);
+type DotSlices<'a> = (&'a [f64], Option<&'a [f64]>);
 
 /// The dot products a chunk computes once its channels are written: per
 /// channel `w_hat . hat - w . float`, or `(w_hat - w) . hat` (float32
@@ -912,7 +912,7 @@ pub fn quantize_into<'py>(
     let mut layouts = Vec::with_capacity(ws.len());
     let mut data = Vec::with_capacity(ws.len());
     let mut out_arrays = Vec::with_capacity(ws.len());
-    let mut dot_vecs: Vec<Option<DotSegments<'_>>> = Vec::with_capacity(ws.len());
+    let mut dot_vecs: Vec<Option<DotSlices<'_>>> = Vec::with_capacity(ws.len());
     let mut dot_vals: Vec<Option<Vec<f64>>> = Vec::with_capacity(ws.len());
     let mut codes = Vec::with_capacity(ws.len());
     let mut scales = Vec::with_capacity(ws.len());

@@ -54,23 +54,12 @@ pub fn normal_cdf<'py>(
 /// `sum_i row[i] * v[i]` in float64, over four interleaved partial sums
 /// (added as `(s0 + s1) + (s2 + s3)`, then the tail in order).
 pub(crate) fn dot(row: &[f32], v: &[f64]) -> f64 {
-    let tail = &row[row.len() - row.len() % 4..];
-    dot_lanes(
-        row.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]),
-        tail.iter().copied(),
-        v,
-    )
+    dot_lanes(quads(row), tail(row), v)
 }
 
 /// [`dot`] of the float32 differences `a[i] - b[i]` (each rounded to float32).
 pub(crate) fn dot_diff(a: &[f32], b: &[f32], v: &[f64]) -> f64 {
-    let full = a.len() - a.len() % 4;
-    let quads = a
-        .chunks_exact(4)
-        .zip(b.chunks_exact(4))
-        .map(|(x, y)| [x[0] - y[0], x[1] - y[1], x[2] - y[2], x[3] - y[3]]);
-    let tail = a[full..].iter().zip(&b[full..]).map(|(x, y)| x - y);
-    dot_lanes(quads, tail, v)
+    dot_lanes(diff_quads(a, b), diff_tail(a, b), v)
 }
 
 /// `(dot(a, va), dot(b, vb))` for rows of one length, in one loop: the two
@@ -80,15 +69,7 @@ pub(crate) fn dot_two(a: &[f32], va: &[f64], b: &[f32], vb: &[f64]) -> (f64, f64
     if a.len() != b.len() {
         return (dot(a, va), dot(b, vb));
     }
-    let full = a.len() - a.len() % 4;
-    lanes_two(
-        a.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]),
-        a[full..].iter().copied(),
-        va,
-        b.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]),
-        b[full..].iter().copied(),
-        vb,
-    )
+    lanes_two(quads(a), tail(a), va, quads(b), tail(b), vb)
 }
 
 /// `(dot_diff(a1, b1, v), dot_diff(a2, b2, v))` for rows of one length, in
@@ -103,15 +84,24 @@ pub(crate) fn dot_diff_two(
     if a1.len() != a2.len() {
         return (dot_diff(a1, b1, v), dot_diff(a2, b2, v));
     }
-    let full = a1.len() - a1.len() % 4;
     lanes_two(
         diff_quads(a1, b1),
-        diff_tail(a1, b1, full),
+        diff_tail(a1, b1),
         v,
         diff_quads(a2, b2),
-        diff_tail(a2, b2, full),
+        diff_tail(a2, b2),
         v,
     )
+}
+
+/// The elements of `row` four at a time (the last `len % 4` left out).
+fn quads(row: &[f32]) -> impl Iterator<Item = [f32; 4]> + '_ {
+    row.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]])
+}
+
+/// The last `len % 4` elements of `row`.
+fn tail(row: &[f32]) -> impl Iterator<Item = f32> + '_ {
+    row[row.len() - row.len() % 4..].iter().copied()
 }
 
 /// The float32 differences `a[i] - b[i]` four at a time.
@@ -121,8 +111,9 @@ fn diff_quads<'a>(a: &'a [f32], b: &'a [f32]) -> impl Iterator<Item = [f32; 4]> 
         .map(|(x, y)| [x[0] - y[0], x[1] - y[1], x[2] - y[2], x[3] - y[3]])
 }
 
-/// The float32 differences `a[i] - b[i]` from `full` on.
-fn diff_tail<'a>(a: &'a [f32], b: &'a [f32], full: usize) -> impl Iterator<Item = f32> + 'a {
+/// The float32 differences `a[i] - b[i]` of `a`'s last `len % 4` elements.
+fn diff_tail<'a>(a: &'a [f32], b: &'a [f32]) -> impl Iterator<Item = f32> + 'a {
+    let full = a.len() - a.len() % 4;
     a[full..].iter().zip(&b[full..]).map(|(x, y)| x - y)
 }
 
